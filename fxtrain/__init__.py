@@ -1,0 +1,14 @@
+"""fxtrain: functional training for PyTorch, in the style of flax, optax, orbax and clu."""
+
+from . import callbacks as callbacks
+from . import optim as optim
+from . import random as random
+from . import struct as struct
+from .callbacks.core import Control as Control
+from .callbacks.core import Event as Event
+from .state import TrainState as TrainState
+from .step import make_eval_step as make_eval_step
+from .step import make_train_step as make_train_step
+from .tree import tree_digest as tree_digest
+
+__version__ = "0.1.0"

@@ -1,0 +1,25 @@
+"""Functional optimizers in the optax style: ``GradientTransformation(init, update)`` pairs."""
+
+from .aliases import adam, adamw, lion, rmsprop, sgd
+from .base import (GradientTransformation, Schedule, apply_updates, chain, global_norm, identity,
+                   tree_map)
+from .schedules import (constant_schedule, cosine_decay_schedule, exponential_decay,
+                        join_schedules, linear_schedule, warmup_cosine_decay_schedule)
+from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLionState,
+                         ScaleByRmsState, TraceState, add_decayed_weights, clip_by_global_norm,
+                         scale, scale_by_adam, scale_by_learning_rate, scale_by_lion, scale_by_rms,
+                         scale_by_schedule, trace)
+from .wrappers import (ApplyIfFiniteState, InjectHyperparamsState, MultiStepsState, all_finite,
+                       apply_if_finite, inject_hyperparams, learning_rate, multi_steps)
+
+__all__ = [
+    "GradientTransformation", "Schedule", "apply_updates", "chain", "global_norm", "identity",
+    "tree_map", "sgd", "adam", "adamw", "lion", "rmsprop", "constant_schedule",
+    "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
+    "warmup_cosine_decay_schedule", "ScaleByAdamState", "ScaleByLearningRateState",
+    "ScaleByLionState", "ScaleByRmsState", "TraceState", "add_decayed_weights",
+    "clip_by_global_norm", "scale", "scale_by_adam", "scale_by_learning_rate", "scale_by_lion",
+    "scale_by_rms", "scale_by_schedule", "trace", "ApplyIfFiniteState", "InjectHyperparamsState",
+    "MultiStepsState", "all_finite", "apply_if_finite", "inject_hyperparams", "learning_rate",
+    "multi_steps",
+]

@@ -1,0 +1,84 @@
+"""Popular optimizers, each a ``chain`` of transforms (a catalogue, like optax's alias.py).
+
+Defaults follow ``torch.optim`` so that code ported from it behaves the same.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import GradientTransformation, ScalarOrSchedule, chain
+from .transforms import (Mask, add_decayed_weights, scale_by_adam, scale_by_learning_rate,
+                         scale_by_lion, scale_by_rms, trace)
+
+__all__ = ["sgd", "adam", "adamw", "lion", "rmsprop"]
+
+Hyper = float | torch.Tensor
+
+
+def _maybe(enabled: bool, transform: GradientTransformation) -> tuple[GradientTransformation, ...]:
+    return (transform,) if enabled else ()
+
+
+def _nonzero(x: Hyper) -> bool:
+    return isinstance(x, torch.Tensor) or x != 0
+
+
+def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool = False,
+        weight_decay: Hyper = 0.0) -> GradientTransformation:
+    """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``.
+
+    g <- g + wd p;  t <- g + momentum t;  p <- p - lr (t, or g + momentum t with Nesterov)
+    """
+    if nesterov and not _nonzero(momentum):
+        raise ValueError("sgd(nesterov=True) needs momentum > 0")
+    return chain(
+        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
+        *_maybe(_nonzero(momentum), trace(momentum, nesterov)),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+         weight_decay: Hyper = 0.0) -> GradientTransformation:
+    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``."""
+    return chain(
+        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
+        scale_by_adam(b1, b2, eps),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+          weight_decay: Hyper = 1e-2, mask: Mask = None) -> GradientTransformation:
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
+
+    p <- p - lr (adam(g) + wd p); ``mask(name, p)`` picks the parameters that decay.
+    """
+    return chain(
+        scale_by_adam(b1, b2, eps),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
+         weight_decay: Hyper = 0.0, mask: Mask = None) -> GradientTransformation:
+    """Lion: p <- p - lr (sign(b1 m + (1 - b1) g) + wd p). Use a 3-10x smaller lr than AdamW."""
+    return chain(
+        scale_by_lion(b1, b2),
+        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay, mask)),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1e-8,
+            momentum: Hyper = 0.0, centered: bool = False,
+            weight_decay: Hyper = 0.0) -> GradientTransformation:
+    """RMSprop as ``torch.optim.RMSprop`` (``decay`` is its ``alpha``)."""
+    return chain(
+        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
+        scale_by_rms(decay, eps, centered),
+        *_maybe(_nonzero(momentum), trace(momentum)),
+        scale_by_learning_rate(learning_rate),
+    )

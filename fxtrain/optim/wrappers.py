@@ -1,0 +1,163 @@
+"""Transforms that wrap other transforms: run-time hyperparameters, accumulation, skipping.
+
+All three choose between branches with ``torch.where`` on whole trees, so they stay one graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import torch.utils._pytree as pytree
+
+from .base import GradientTransformation, first_leaf, tree_map, tree_select, tree_zeros_like
+from .transforms import ScaleByLearningRateState
+
+__all__ = [
+    "InjectHyperparamsState", "MultiStepsState", "ApplyIfFiniteState",
+    "inject_hyperparams", "multi_steps", "apply_if_finite", "learning_rate", "all_finite",
+]
+
+
+class InjectHyperparamsState(NamedTuple):
+    count: torch.Tensor
+    hyperparams: dict[str, torch.Tensor]
+    inner_state: Any
+
+
+def _is_numeric(value: Any) -> bool:
+    return callable(value) or isinstance(value, int | float | torch.Tensor) and not isinstance(
+        value, bool)
+
+
+def inject_hyperparams(factory: Callable[..., GradientTransformation], *,
+                       static_args: Sequence[str] = ()) -> Callable[..., GradientTransformation]:
+    """Makes ``factory``'s numeric arguments 0-d tensors in the optimizer state.
+
+    A number is stored once; a schedule is evaluated at each update. A callback can then set
+    ``opt_state.hyperparams['learning_rate']`` to a new tensor without a recompile.
+
+    Example::
+
+        tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.01)
+    """
+
+    def wrapped(**kwargs: Any) -> GradientTransformation:
+        numeric = {k: v for k, v in kwargs.items() if k not in static_args and _is_numeric(v)}
+        static = {k: v for k, v in kwargs.items() if k not in numeric}
+        if not numeric:
+            raise ValueError(f"inject_hyperparams({factory.__name__}) got no numeric "
+                             "hyperparameter to inject")
+
+        def values(count, stored, dtype):
+            return {k: v(count).to(dtype) if callable(v) else stored[k] for k, v in numeric.items()}
+
+        def init(params):
+            leaf = first_leaf(params)
+            dtype = torch.float64 if leaf.dtype == torch.float64 else torch.float32
+            count = torch.zeros((), dtype=torch.int64, device=leaf.device)
+            stored = {k: torch.as_tensor(v(count) if callable(v) else v, dtype=dtype,
+                                         device=leaf.device).clone() for k, v in numeric.items()}
+            return InjectHyperparamsState(count, stored, factory(**static, **stored).init(params))
+
+        def update(updates, state, params=None):
+            dtype = next(iter(state.hyperparams.values())).dtype
+            hparams = values(state.count, state.hyperparams, dtype)
+            updates, inner = factory(**static, **hparams).update(updates, state.inner_state, params)
+            return updates, InjectHyperparamsState(state.count + 1, hparams, inner)
+
+        return GradientTransformation(init, update)
+
+    return wrapped
+
+
+class MultiStepsState(NamedTuple):
+    mini_step: torch.Tensor
+    gradient_step: torch.Tensor
+    inner_state: Any
+    acc_grads: Any
+
+
+def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformation:
+    """Gradient accumulation: applies ``tx`` to the mean of ``every_k`` gradients.
+
+    The other ``every_k - 1`` calls return zero updates and leave ``tx``'s state untouched.
+    """
+    if every_k < 1:
+        raise ValueError(f"multi_steps needs every_k >= 1, got {every_k}")
+
+    def init(params):
+        zero = torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
+        return MultiStepsState(zero, zero.clone(), tx.init(params), tree_zeros_like(params))
+
+    def update(updates, state, params=None):
+        acc = tree_map(lambda a, g: a + g, state.acc_grads, updates)
+        emit = state.mini_step == every_k - 1
+        mean = tree_map(lambda a: a / every_k, acc)
+        inner_updates, inner = tx.update(mean, state.inner_state, params)
+        new_state = MultiStepsState(
+            torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
+            state.gradient_step + emit.to(torch.int64),
+            tree_select(emit, inner, state.inner_state),
+            tree_select(emit, tree_zeros_like(acc), acc),
+        )
+        return tree_select(emit, inner_updates, tree_zeros_like(inner_updates)), new_state
+
+    return GradientTransformation(init, update)
+
+
+class ApplyIfFiniteState(NamedTuple):
+    notfinite_count: torch.Tensor   # consecutive non-finite updates
+    last_finite: torch.Tensor       # whether the last update was finite
+    total_notfinite: torch.Tensor   # all non-finite updates so far
+    inner_state: Any
+
+
+def all_finite(tree: Any) -> torch.Tensor:
+    """A 0-d bool tensor: every element of every leaf is finite."""
+    return torch.stack([torch.isfinite(leaf).all() for leaf in pytree.tree_leaves(tree)]).all()
+
+
+def apply_if_finite(tx: GradientTransformation,
+                    max_consecutive_errors: int | None = None) -> GradientTransformation:
+    """Skips updates whose gradients hold NaN or inf, counting them in the state.
+
+    After ``max_consecutive_errors`` skips in a row the update is applied anyway, so a run that
+    has truly diverged shows it; ``None`` skips for ever.
+    """
+
+    def init(params):
+        zero = torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
+        return ApplyIfFiniteState(zero, torch.ones((), dtype=torch.bool, device=zero.device),
+                                  zero.clone(), tx.init(params))
+
+    def update(updates, state, params=None):
+        finite = all_finite(updates)
+        apply = finite if max_consecutive_errors is None else (
+            finite | (state.notfinite_count >= max_consecutive_errors))
+        inner_updates, inner = tx.update(updates, state.inner_state, params)
+        new_state = ApplyIfFiniteState(
+            torch.where(finite, torch.zeros_like(state.notfinite_count), state.notfinite_count + 1),
+            finite,
+            state.total_notfinite + (~finite).to(torch.int64),
+            tree_select(apply, inner, state.inner_state),
+        )
+        return tree_select(apply, inner_updates, tree_zeros_like(inner_updates)), new_state
+
+    return GradientTransformation(init, update)
+
+
+def learning_rate(opt_state: Any) -> torch.Tensor | None:
+    """The learning rate recorded in ``opt_state`` (injected or last used), or None."""
+    if isinstance(opt_state, InjectHyperparamsState) and opt_state.hyperparams and \
+            "learning_rate" in opt_state.hyperparams:
+        return opt_state.hyperparams["learning_rate"]
+    if isinstance(opt_state, ScaleByLearningRateState):
+        return opt_state.learning_rate
+    if isinstance(opt_state, tuple | list):
+        for sub in opt_state:
+            found = learning_rate(sub)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,196 @@
+"""Pure train and eval steps built on ``torch.func``.
+
+``make_train_step(loss_fn)`` returns ``train_step(state, batch) -> (state, metrics)``: gradients
+by ``torch.func.grad_and_value`` over ``state.apply`` (``functional_call``), the update by the
+functional optimizer, randomness from ``state.rng`` and the step counter. It compiles as is with
+``torch.compile(train_step, fullgraph=True)``: one graph, no recompiles, no host syncs.
+
+Errors in a compiled step reach you wrapped by Dynamo, with fxtrain's message inside; call the
+step once without compiling to see them plain.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.func import grad_and_value
+
+from . import random
+from .callbacks.core import Event, fold
+from .optim.base import global_norm
+from .optim.wrappers import learning_rate
+from .state import TrainState
+
+__all__ = ["make_train_step", "make_eval_step", "gradient_statistics"]
+
+LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
+_EVAL_STREAM = 0x5EED
+
+
+class _BatchGuard:
+    """Remembers the first batch's structure and dtypes; later batches must match them."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self.first: tuple | None = None
+
+        # Runs for real while Dynamo traces (and on every eager call), so it can remember.
+        @torch.compiler.assume_constant_result
+        def check_signature(signature: tuple) -> bool:
+            if self.first is None:
+                self.first = signature
+            elif signature != self.first:
+                raise ValueError(
+                    f"{self.where}: this batch differs from the first one in structure or "
+                    f"dtype.\n  first: {_describe(self.first)}\n  now:   {_describe(signature)}")
+            return True
+
+        self.check_signature = check_signature
+
+    def __call__(self, batch: Any) -> None:
+        flat, _ = pytree.tree_flatten_with_path(batch)
+        self.check_signature(tuple(
+            (pytree.keystr(path), str(leaf.dtype) if isinstance(leaf, torch.Tensor) else
+             type(leaf).__name__, leaf.ndim if isinstance(leaf, torch.Tensor) else -1)
+            for path, leaf in flat))
+
+
+def _describe(signature: tuple) -> str:
+    return ", ".join(f"{path or 'batch'}: {dtype}" + (f"[{ndim}d]" if ndim >= 0 else "")
+                     for path, dtype, ndim in signature) or "(no leaves)"
+
+
+def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
+            type(loss).__name__
+        raise TypeError(f"loss_fn must return a 0-d loss tensor or (loss, aux dict); it returned "
+                        f"{what}. Reduce the loss, e.g. with .mean()")
+    if not loss.is_floating_point():
+        raise TypeError(f"loss_fn returned a {loss.dtype} loss; it must be floating point")
+    if aux is not None and not isinstance(aux, Mapping):
+        raise TypeError(f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
+    return loss, dict(aux or {})
+
+
+def _set_training(module: torch.nn.Module, training: bool) -> bool:
+    was = module.training
+    module.train(training)
+    return was
+
+
+def gradient_statistics(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean."""
+    norms = torch.stack(torch._foreach_norm(list(grads.values())))
+    stats = {f"grad_norm/{name}": n for name, n in zip(grads, norms.unbind())}
+    return {**stats, "grad_norm_max": norms.max(), "grad_norm_min": norms.min(),
+            "grad_norm_mean": norms.mean()}
+
+
+def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:
+    metrics = {"loss": loss, "grad_norm": global_norm(grads)}
+    lr = learning_rate(opt_state)
+    if lr is not None:
+        metrics["learning_rate"] = lr
+    if grad_stats:
+        metrics.update(gradient_statistics(grads))
+    clash = sorted(metrics.keys() & aux.keys())
+    if clash:
+        raise ValueError(f"loss_fn's aux uses reserved metric names {clash}; rename them")
+    return {**metrics, **aux}
+
+
+def _control_metrics(control) -> dict[str, torch.Tensor]:
+    flags = {"stop": control.stop, "save": control.save, "evaluate": control.evaluate,
+             "log": control.log}
+    return {f"control/{k}": torch.as_tensor(v) for k, v in flags.items()}
+
+
+def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
+                    grad_stats: bool = False) -> Callable[[TrainState, Any], tuple]:
+    """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
+
+    Args:
+      loss_fn: ``loss_fn(state, params, batch) -> loss`` or ``(loss, aux)``; ``loss`` a 0-d
+        float tensor, ``aux`` a dict of 0-d tensors reported as metrics. Run the model with
+        ``state.apply(params, inputs)``.
+      callbacks: tensor-only callbacks folded on a "step_end" event inside the step; their
+        merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors).
+      grad_stats: also report per-parameter gradient norms and their max/min/mean.
+
+    Returns:
+      ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
+      optimizer records one) and the aux values, all 0-d tensors.
+
+    Example::
+
+        def loss_fn(state, params, batch):
+            x, y = batch
+            return F.cross_entropy(state.apply(params, x), y)
+
+        train_step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+        state, metrics = train_step(state, (x, y))
+    """
+    callbacks = tuple(callbacks)
+    guard = _BatchGuard("train_step")
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        guard(batch)
+        key = random.step_key(state.rng, state.step)
+
+        def compute(params):
+            inner = state.with_private_buffers()
+            was = _set_training(state.module, True)
+            try:
+                with random.keyed(key):
+                    loss, aux = _split_loss(loss_fn(inner, params, batch))
+            finally:
+                _set_training(state.module, was)
+            return loss, (aux, inner.buffers or {})  # functorch's aux holds tensors, not None
+
+        grads, (loss, (aux, buffers)) = grad_and_value(compute, has_aux=True)(state.params)
+        new = state.apply_gradients(grads).replace(buffers=buffers or None)
+        metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
+        if callbacks:
+            new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
+            metrics.update(_control_metrics(control))
+        return new, metrics
+
+    return train_step
+
+
+def _eval_metrics(out: Any) -> dict[str, Any]:
+    if isinstance(out, Mapping):
+        return dict(out)
+    loss, aux = _split_loss(out)
+    return {"loss": loss, **aux}
+
+
+def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str, Any]]:
+    """Builds the pure ``eval_step(state, batch) -> metrics``.
+
+    ``metrics_fn(state, params, batch)`` (so a ``loss_fn`` can be reused) or
+    ``metrics_fn(state, batch)`` returns a dict of metrics, a 0-d loss, or ``(loss, aux)``.
+    The module runs in eval mode, without gradients, with randomness keyed on the state.
+    """
+    takes_params = len(inspect.signature(metrics_fn).parameters) >= 3
+    guard = _BatchGuard("eval_step")
+
+    def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
+        guard(batch)
+        key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
+        was = _set_training(state.module, False)
+        try:
+            with torch.no_grad(), random.keyed(key):
+                out = metrics_fn(state, state.params, batch) if takes_params else \
+                    metrics_fn(state, batch)
+        finally:
+            _set_training(state.module, was)
+        return _eval_metrics(out)
+
+    return eval_step

@@ -1,0 +1,83 @@
+"""Frozen dataclasses that are pytrees for torch's pytree and for optree.
+
+A ``@struct.dataclass`` class is an immutable value: its data fields are pytree children, its
+``field(static=True)`` fields are part of the tree structure (never leaves), and ``replace``
+returns a new value. Registration with torch's pytree is what Dynamo traces inside compiled
+code; registration with optree (namespace ``"fxtrain"``) serves host-side utilities.
+
+Example::
+
+    @struct.dataclass
+    class Point:
+        x: torch.Tensor
+        label: str = struct.field(static=True, default="p")
+
+    p = Point(torch.zeros(()))
+    q = p.replace(x=torch.ones(()))      # p is unchanged
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, TypeVar
+
+import optree
+import torch.utils._pytree as torch_pytree
+
+__all__ = ["dataclass", "field", "OPTREE_NAMESPACE"]
+
+OPTREE_NAMESPACE = "fxtrain"
+T = TypeVar("T")
+
+
+def field(*, static: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field; ``static=True`` makes it part of the tree structure, not a leaf."""
+    metadata = {**kwargs.pop("metadata", {}), "static": static}
+    return dataclasses.field(metadata=metadata, **kwargs)
+
+
+def _replace(self: T, **changes: Any) -> T:
+    """Returns a copy with ``changes`` applied; the original is never mutated."""
+    return dataclasses.replace(self, **changes)
+
+
+def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
+    """Makes ``cls`` a frozen dataclass registered as a pytree node with torch and optree."""
+    if cls is None:
+        return lambda c: dataclass(c, kw_only=kw_only)
+    cls = dataclasses.dataclass(frozen=True, kw_only=kw_only)(cls)
+    fields = dataclasses.fields(cls)
+    data = tuple(f.name for f in fields if not f.metadata.get("static", False))
+    meta = tuple(f.name for f in fields if f.metadata.get("static", False))
+
+    def flatten(obj):
+        return [getattr(obj, n) for n in data], tuple(getattr(obj, n) for n in meta)
+
+    def unflatten(children, static_values):
+        obj = object.__new__(cls)
+        for name, value in zip(data, children):
+            object.__setattr__(obj, name, value)
+        for name, value in zip(meta, static_values):
+            object.__setattr__(obj, name, value)
+        return obj
+
+    def flatten_with_keys(obj):
+        children, context = flatten(obj)
+        return [(torch_pytree.GetAttrKey(n), c) for n, c in zip(data, children)], context
+
+    torch_pytree.register_pytree_node(
+        cls,
+        flatten,
+        lambda children, context: unflatten(children, context),
+        serialized_type_name=f"{cls.__module__}.{cls.__qualname__}",
+        flatten_with_keys_fn=flatten_with_keys,
+    )
+    optree.register_pytree_node(
+        cls,
+        lambda obj: (*flatten(obj), data),
+        lambda context, children: unflatten(children, context),
+        path_entry_type=optree.GetAttrEntry,
+        namespace=OPTREE_NAMESPACE,
+    )
+    cls.replace = _replace
+    return cls

@@ -1,0 +1,71 @@
+"""Host-side tree utilities: paths, structure checks and the state digest."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["leaves_with_paths", "check_same_structure", "tree_digest"]
+
+
+def _path_str(path: tuple) -> str:
+    return "".join(str(k) for k in path) or "<root>"
+
+
+def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
+    """``[(path, leaf), ...]`` in torch pytree order, paths like ``.params['w']``."""
+    flat, _ = pytree.tree_flatten_with_path(tree)
+    return [(_path_str(path), leaf) for path, leaf in flat]
+
+
+def _describe_mismatch(expected: Any, got: Any) -> str:
+    want = {p: leaf for p, leaf in leaves_with_paths(expected)}
+    have = {p: leaf for p, leaf in leaves_with_paths(got)}
+    lines = [f"  missing: {p}" for p in want if p not in have]
+    lines += [f"  unexpected: {p}" for p in have if p not in want]
+    for p in want.keys() & have.keys():
+        a, b = want[p], have[p]
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            lines.append(f"  shape of {p}: expected {tuple(a.shape)}, got {tuple(b.shape)}")
+    return "\n".join(sorted(lines)) or "  (same paths, different node types)"
+
+
+def check_same_structure(expected: Any, got: Any, what: str) -> None:
+    """Raises ValueError listing missing, unexpected and reshaped paths if the trees differ."""
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    g_leaves, g_spec = pytree.tree_flatten(got)
+    same = e_spec == g_spec and all(
+        not isinstance(a, torch.Tensor) or a.shape == b.shape for a, b in zip(e_leaves, g_leaves)
+    )
+    if not same:
+        raise ValueError(f"{what} does not match the parameter tree:\n"
+                         f"{_describe_mismatch(expected, got)}")
+
+
+def _leaf_bytes(leaf: Any) -> tuple[str, tuple[int, ...], bytes]:
+    if isinstance(leaf, torch.Tensor):
+        t = leaf.detach().to("cpu").contiguous()
+        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return str(t.dtype), tuple(t.shape), raw.numpy().tobytes()
+    if isinstance(leaf, np.ndarray | np.generic):
+        arr = np.ascontiguousarray(leaf)
+        return str(arr.dtype), arr.shape, arr.tobytes()
+    return type(leaf).__name__, (), repr(leaf).encode()
+
+
+def tree_digest(tree: Any) -> str:
+    """sha256 over every leaf's path, dtype, shape and bytes, in path order.
+
+    Two states have the same digest exactly when they hold the same values bit for bit, so a
+    resumed run can be compared with an uninterrupted one.
+    """
+    h = hashlib.sha256()
+    for path, leaf in leaves_with_paths(tree):
+        dtype, shape, raw = _leaf_bytes(leaf)
+        h.update(f"{path}|{dtype}|{shape}|{len(raw)}|".encode())
+        h.update(raw)
+    return h.hexdigest()
