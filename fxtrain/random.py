@@ -1,11 +1,18 @@
 """Counter-based randomness derived from a key tensor, so a step's randomness is a pure function.
 
-Inside a train step, ``keyed(key)`` routes torch's random functions (dropout and its variants,
-``rand``/``randn`` and their ``_like`` forms, ``bernoulli``) to a stateless hash of
-(key, call index, element index). The key of a step is ``step_key(state.rng, state.step)``, so
-two runs with the same seed draw the same masks, and a resumed run draws what an uninterrupted
-run would have drawn. Random functions that are not covered raise, instead of silently reading
-torch's global generator. Eager and compiled steps produce identical numbers.
+Inside a train step, ``keyed(key)`` routes dropout (``F.dropout`` and its 1d/2d/3d forms, so
+``nn.Dropout*``) and ``torch.bernoulli`` to a stateless hash of (key, call index, element
+index). The key of a step is ``step_key(state.rng, state.step)``, so two runs with the same seed
+draw the same masks, and a resumed run draws what an uninterrupted run would have drawn. The
+masks are integer hashing, so eager and compiled steps draw identical bits.
+
+Other random functions that PyTorch lets a mode intercept (``multinomial``, ``Tensor.normal_``,
+``rrelu``...) raise instead of silently reading torch's global generator. Factory functions
+(``torch.rand``, ``randn``, ``rand_like``...) are invisible to modes under ``torch.compile``;
+for noise in a loss function draw it explicitly::
+
+    key = fx.random.step_key(state.rng, state.step)
+    noise = fx.random.normal(fx.random.fold_in(key, 1), x.shape)
 """
 
 from __future__ import annotations
@@ -69,13 +76,6 @@ def _arg(args, kwargs, index, name, default):
     return kwargs[name] if name in kwargs else (args[index] if len(args) > index else default)
 
 
-def _shape(args, kwargs) -> tuple[int, ...]:
-    size = kwargs.get("size", args)
-    if len(size) == 1 and isinstance(size[0], (tuple, list, torch.Size)):
-        size = size[0]
-    return tuple(int(s) for s in size)
-
-
 def _dropout(x, p, training, key, mask_shape):
     if not training or p == 0.0:
         return x
@@ -89,17 +89,18 @@ def _feature_mask_shape(x: torch.Tensor, batched_ndim: int) -> tuple[int, ...]:
 
 
 _DROPOUTS = {F.dropout: None, F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}
+# Random functions a mode sees both eagerly and under torch.compile, that we do not cover.
 _UNSUPPORTED = {
-    torch.randint, torch.randperm, torch.normal, torch.multinomial, torch.poisson,
-    torch.randint_like, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu, F.gumbel_softmax,
-    torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.bernoulli_, torch.Tensor.random_,
+    torch.multinomial, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
+    F.gumbel_softmax, torch.Tensor.multinomial, torch.Tensor.uniform_, torch.Tensor.normal_,
+    torch.Tensor.bernoulli_, torch.Tensor.bernoulli, torch.Tensor.random_,
     torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
     torch.Tensor.log_normal_, torch.bernoulli,
 }
 
 
 class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Routes torch's random functions to counter-based draws from ``key``.
+    """Routes dropout and ``bernoulli`` to counter-based draws from ``key``.
 
     Each random call inside the context gets its own key ``fold_in(key, i)`` for its call index
     ``i``, so the draws depend only on the key and the program, never on global state.
@@ -122,13 +123,6 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
             training = bool(_arg(args, kwargs, 2, "training", True))
             mask = x.shape if _DROPOUTS[func] is None else _feature_mask_shape(x, _DROPOUTS[func])
             return _dropout(x, p, training, self._next_key(), mask)
-        if func in (torch.rand, torch.randn):
-            draw = uniform if func is torch.rand else normal
-            return draw(self._next_key(), _shape(args, kwargs), kwargs.get("dtype") or torch.float32)
-        if func in (torch.rand_like, torch.randn_like):
-            draw = uniform if func is torch.rand_like else normal
-            x = args[0]
-            return draw(self._next_key(), x.shape, kwargs.get("dtype") or x.dtype)
         if func is torch.bernoulli and len(args) == 1 and not kwargs:
             probs = args[0]
             return (uniform(self._next_key(), probs.shape, probs.dtype) < probs).to(probs.dtype)

@@ -1,0 +1,38 @@
+"""Models, batches and counters shared by the tests."""
+
+import torch
+import torch._dynamo
+import torch.nn.functional as F
+from torch import nn
+
+
+def mlp(sizes=(8, 16, 4), dropout=0.0, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers += [nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
+    return nn.Sequential(*layers)
+
+
+def convnet(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                         nn.Dropout(0.25), nn.Linear(4 * 6 * 6, 10))
+
+
+def xent(state, params, batch):
+    x, y = batch
+    logits = state.apply(params, x)
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def classification_batch(n=16, features=8, classes=4, seed=0, image=False):
+    g = torch.Generator().manual_seed(seed)
+    shape = (n, 1, 8, 8) if image else (n, features)
+    return torch.randn(shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def graph_count():
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
