@@ -1,0 +1,140 @@
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxtrain as fx
+from helpers import classification_batch, convnet, mlp, xent
+
+
+def _snapshot(state):
+    return [t.clone() for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)]
+
+
+def _unchanged(state, snapshot):
+    leaves = [t for t in pytree.tree_leaves(state) if isinstance(t, torch.Tensor)]
+    return all(torch.equal(a, b) for a, b in zip(leaves, snapshot))
+
+
+def test_create_copies_params_and_buffers():
+    model = convnet()
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-3), seed=3)
+    assert state.step.dtype == torch.int64 and state.step.ndim == 0 and int(state.step) == 0
+    assert set(state.params) == {n for n, _ in model.named_parameters()}
+    assert set(state.buffers) == {n for n, _ in model.named_buffers()}
+    for name, p in model.named_parameters():
+        assert torch.equal(state.params[name], p) and not state.params[name].requires_grad
+        assert state.params[name].data_ptr() != p.data_ptr()
+    assert state.data is None and state.callbacks is None
+
+
+def test_frozen_parameters_become_buffers():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+    assert "0.weight" in state.buffers and "0.weight" not in state.params
+
+
+def test_no_trainable_parameters_is_a_clear_error():
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fx.TrainState.create(nn.ReLU(), fx.optim.sgd(0.1))
+    model = mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fx.TrainState.create(model, fx.optim.sgd(0.1))
+    with pytest.raises(TypeError, match="nn.Module"):
+        fx.TrainState.create(lambda x: x, fx.optim.sgd(0.1))
+
+
+def test_step_updates_batchnorm_buffers_and_never_mutates_the_old_state():
+    state = fx.TrainState.create(convnet(), fx.optim.adam(1e-2))
+    before = _snapshot(state)
+    step = fx.make_train_step(xent)
+    new, _ = step(state, classification_batch(image=True))
+    assert _unchanged(state, before)
+    assert int(new.buffers["1.num_batches_tracked"]) == 1
+    assert not torch.equal(new.buffers["1.running_mean"], state.buffers["1.running_mean"])
+    assert int(new.step) == 1
+
+
+def test_apply_does_not_touch_state_buffers_in_train_mode():
+    state = fx.TrainState.create(convnet(), fx.optim.adam(1e-2))
+    before = _snapshot(state)
+    state.module.train()
+    state.apply(state.params, classification_batch(image=True)[0])
+    assert _unchanged(state, before)
+
+
+def _run(seed, steps, state=None):
+    state = state or fx.TrainState.create(mlp(dropout=0.5), fx.optim.adam(1e-2), seed=seed)
+    step = fx.make_train_step(xent)
+    for i in range(steps):
+        state, _ = step(state, classification_batch(seed=i))
+    return state
+
+
+def test_dropout_is_a_function_of_seed_and_step():
+    assert fx.tree_digest(_run(0, 6)) == fx.tree_digest(_run(0, 6))
+    assert fx.tree_digest(_run(0, 6)) != fx.tree_digest(_run(1, 6))
+
+
+def test_resume_from_leaves_is_identical_to_uninterrupted():
+    full = _run(0, 8)
+    half = _run(0, 4)
+    leaves, spec = pytree.tree_flatten(half)
+    rebuilt = pytree.tree_unflatten([t if t is None else t.clone() for t in leaves], spec)
+    steps = fx.make_train_step(xent)
+    for i in range(4, 8):
+        rebuilt, _ = steps(rebuilt, classification_batch(seed=i))
+    assert fx.tree_digest(rebuilt) == fx.tree_digest(full)
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 6), min_size=1, max_size=3), st.sampled_from(["sgd", "adamw", "lion"]))
+def test_step_keeps_the_tree_structure(hidden, opt):
+    tx = {"sgd": fx.optim.sgd(0.1, momentum=0.9), "adamw": fx.optim.adamw(1e-3),
+          "lion": fx.optim.lion(1e-3)}[opt]
+    state = fx.TrainState.create(mlp((8, *hidden, 4)), tx)
+    new, metrics = fx.make_train_step(xent)(state, classification_batch())
+    assert pytree.tree_structure(new) == pytree.tree_structure(state)
+    assert all(v.ndim == 0 for v in metrics.values())
+
+
+def test_apply_gradients_rejects_gradients_of_another_tree():
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
+    grads = {k: torch.zeros_like(v) for k, v in state.params.items()}
+    grads["extra"] = grads.pop("0.weight")
+    with pytest.raises(ValueError, match=r"missing: \['0.weight'\]"):
+        state.apply_gradients(grads)
+
+
+def test_optimizer_state_from_another_model_is_a_clear_error():
+    state = fx.TrainState.create(mlp((8, 16, 4)), fx.optim.adam(0.1))
+    other = fx.TrainState.create(mlp((8, 32, 4)), fx.optim.adam(0.1))
+    bad = state.replace(opt_state=other.opt_state)
+    with pytest.raises(ValueError, match="shape of"):
+        fx.make_train_step(xent)(bad, classification_batch())
+
+
+def test_no_empty_containers_in_a_fresh_state():
+    """Regression guard for DESIGN principle 5: absent parts are None, never {} or ()."""
+    state = fx.TrainState.create(mlp(), fx.optim.adamw(1e-3))
+
+    def walk(node):
+        if isinstance(node, dict | list | tuple):
+            assert len(node) > 0, "empty container in TrainState"
+            for v in (node.values() if isinstance(node, dict) else node):
+                walk(v)
+
+    walk(pytree.tree_flatten(state)[0])
+    walk(state.opt_state)
+    assert state.buffers is None and state.callbacks is None and state.data is None
+
+
+def test_empty_dict_next_to_0d_tensors_still_compiles():
+    """The torch 2.13 Dynamo pitfall of DESIGN principle 5 must not break a compiled step."""
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1)).replace(callbacks={}, data={})
+    step = torch.compile(fx.make_train_step(xent), fullgraph=True, backend="eager")
+    new, _ = step(state, classification_batch())
+    assert int(new.step) == 1 and new.callbacks == {}
