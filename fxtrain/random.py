@@ -88,15 +88,17 @@ def _feature_mask_shape(x: torch.Tensor, batched_ndim: int) -> tuple[int, ...]:
     return (*x.shape[: x.ndim - spatial], *([1] * spatial))
 
 
-_DROPOUTS = {F.dropout: None, F.dropout1d: 3, F.dropout2d: 4, F.dropout3d: 5}
+# (function, batched ndim of its channel mask or None for elementwise). Tuples scanned with `is`
+# keep Dynamo's guards to one per entry instead of one per torch function the step calls.
+_DROPOUTS = ((F.dropout, None), (F.dropout1d, 3), (F.dropout2d, 4), (F.dropout3d, 5))
 # Random functions a mode sees both eagerly and under torch.compile, that we do not cover.
-_UNSUPPORTED = {
+_UNSUPPORTED = (
     torch.multinomial, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
     F.gumbel_softmax, torch.Tensor.multinomial, torch.Tensor.uniform_, torch.Tensor.normal_,
     torch.Tensor.bernoulli_, torch.Tensor.bernoulli, torch.Tensor.random_,
     torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
-    torch.Tensor.log_normal_, torch.bernoulli,
-}
+    torch.Tensor.log_normal_,
+)
 
 
 class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.no_grad
@@ -117,16 +119,19 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func in _DROPOUTS:
-            x = args[0]
-            p = float(_arg(args, kwargs, 1, "p", 0.5))
-            training = bool(_arg(args, kwargs, 2, "training", True))
-            mask = x.shape if _DROPOUTS[func] is None else _feature_mask_shape(x, _DROPOUTS[func])
-            return _dropout(x, p, training, self._next_key(), mask)
-        if func is torch.bernoulli and len(args) == 1 and not kwargs:
+        for dropout, ndim in _DROPOUTS:
+            if func is dropout:
+                x = args[0]
+                p = float(_arg(args, kwargs, 1, "p", 0.5))
+                training = bool(_arg(args, kwargs, 2, "training", True))
+                mask = x.shape if ndim is None else _feature_mask_shape(x, ndim)
+                return _dropout(x, p, training, self._next_key(), mask)
+        if func is torch.bernoulli:
+            if len(args) != 1 or kwargs:
+                raise NotImplementedError("fxtrain: only torch.bernoulli(probs) is keyed in a step")
             probs = args[0]
             return (uniform(self._next_key(), probs.shape, probs.dtype) < probs).to(probs.dtype)
-        if func in _UNSUPPORTED:
+        if any(func is f for f in _UNSUPPORTED):
             raise NotImplementedError(
                 f"fxtrain: {getattr(func, '__qualname__', func)} inside a train step would read "
                 "torch's global generator, which makes the step impure. Draw from "

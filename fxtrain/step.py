@@ -21,7 +21,7 @@ from torch.func import grad_and_value
 
 from . import random
 from .callbacks.core import Event, fold
-from .optim.base import global_norm
+from .optim.base import global_norm, squared_norms
 from .optim.wrappers import learning_rate
 from .state import TrainState
 
@@ -79,14 +79,19 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
 
 
 def _set_training(module: torch.nn.Module, training: bool) -> bool:
+    """Puts ``module`` in train or eval mode if it is not already; returns the old mode.
+
+    Left alone when already right, so a compiled step has no side effects to replay.
+    """
     was = module.training
-    module.train(training)
+    if was != training:
+        module.train(training)
     return was
 
 
 def gradient_statistics(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean."""
-    norms = torch.stack(torch._foreach_norm(list(grads.values())))
+    norms = torch.sqrt(torch.stack(squared_norms(list(grads.values()))))
     stats = {f"grad_norm/{name}": n for name, n in zip(grads, norms.unbind())}
     return {**stats, "grad_norm_max": norms.max(), "grad_norm_min": norms.min(),
             "grad_norm_mean": norms.mean()}

@@ -37,8 +37,19 @@ def field(*, static: bool = False, **kwargs: Any) -> Any:
 
 
 def _replace(self: T, **changes: Any) -> T:
-    """Returns a copy with ``changes`` applied; the original is never mutated."""
-    return dataclasses.replace(self, **changes)
+    """Returns a copy with ``changes`` applied; the original is never mutated.
+
+    Copies the fields by name rather than calling ``dataclasses.replace``: inside compiled code
+    that keeps Dynamo's guards to one tuple instead of every field's metadata.
+    """
+    names = type(self).__struct_fields__
+    unknown = changes.keys() - set(names)
+    if unknown:
+        raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
+    obj = object.__new__(type(self))
+    for name in names:
+        object.__setattr__(obj, name, changes[name] if name in changes else getattr(self, name))
+    return obj
 
 
 def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
@@ -79,5 +90,6 @@ def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
         path_entry_type=optree.GetAttrEntry,
         namespace=OPTREE_NAMESPACE,
     )
+    cls.__struct_fields__ = data + meta
     cls.replace = _replace
     return cls

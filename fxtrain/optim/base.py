@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 
 __all__ = [
     "GradientTransformation", "chain", "identity", "apply_updates", "global_norm", "tree_map",
-    "tree_zeros_like", "tree_select", "first_leaf", "Schedule", "ScalarOrSchedule",
+    "tree_zeros_like", "tree_select", "first_leaf", "squared_norms", "Schedule", "ScalarOrSchedule",
 ]
 
 Params = Any
@@ -35,10 +35,19 @@ class GradientTransformation(NamedTuple):
 def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     """``fn`` over the tensor leaves of ``tree`` (and the matching leaves of ``rest``).
 
-    Other leaves (``None`` marks an absent state) pass through from ``tree`` unchanged.
+    Other leaves (``None`` marks an absent state) pass through from ``tree`` unchanged. A flat
+    dict of tensors (the parameter layout) takes a direct path: fewer guards when compiled.
     """
+    if type(tree) is dict and all(type(r) is dict and r.keys() == tree.keys() for r in rest):
+        return {k: _apply(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
     return pytree.tree_map(lambda x, *xs: fn(x, *xs) if isinstance(x, torch.Tensor) else x,
                            tree, *rest)
+
+
+def _apply(fn: Callable, x: Any, *xs: Any) -> Any:
+    if isinstance(x, torch.Tensor):
+        return fn(x, *xs)
+    return tree_map(fn, x, *xs)
 
 
 def tree_zeros_like(tree: Any) -> Any:
@@ -100,6 +109,9 @@ def global_norm(tree: Any) -> torch.Tensor:
     leaves = pytree.tree_leaves(tree)
     if not leaves:
         raise ValueError("global_norm of an empty tree")
-    acc = torch.promote_types(leaves[0].dtype, torch.float32)
-    norms = torch._foreach_norm([leaf.to(acc) for leaf in leaves])
-    return torch.linalg.vector_norm(torch.stack(norms))
+    return torch.sqrt(sum(squared_norms(leaves)))
+
+
+def squared_norms(leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each leaf's sum of squares in float32 or wider (plain reductions that Inductor fuses)."""
+    return [leaf.to(torch.promote_types(leaf.dtype, torch.float32)).square().sum() for leaf in leaves]

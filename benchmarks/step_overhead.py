@@ -1,0 +1,164 @@
+"""Steps per second of one training step, four ways, interleaved in one run (one torch thread).
+
+(a) eager: nn.Module + torch.optim.AdamW(foreach=True)
+(b) eager: nn.Module + torch.optim.AdamW(fused=True)
+(c) a hand-written functional step (functional_call + grad + AdamW maths) under torch.compile
+(d) fxtrain: make_train_step + fx.optim.adamw under torch.compile(fullgraph=True)
+
+Run: python benchmarks/step_overhead.py [--rounds 7] [--steps 200] [--smoke]
+Prints steps/s per variant (median over rounds) and ratios against (a).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad_and_value
+
+import fxtrain as fx
+
+SIZES = {"tiny": ((64, 64, 10), 32), "large": ((784, 512, 512, 10), 128)}
+LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
+
+
+def make_mlp(sizes):
+    torch.manual_seed(0)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
+    return nn.Sequential(*layers)
+
+
+def make_batches(sizes, batch, n=8):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch,), generator=g))
+            for _ in range(n)]
+
+
+def eager_variant(sizes, fused):
+    model = make_mlp(sizes)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD,
+                            **({"fused": True} if fused else {"foreach": True}))
+
+    def step(batch):
+        x, y = batch
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return step
+
+
+def handwritten_variant(sizes):
+    model = make_mlp(sizes)
+    params = {k: v.detach().clone() for k, v in model.named_parameters()}
+    state = {"t": torch.zeros((), dtype=torch.int64),
+             "m": {k: torch.zeros_like(v) for k, v in params.items()},
+             "v": {k: torch.zeros_like(v) for k, v in params.items()}}
+
+    def loss_fn(p, x, y):
+        return F.cross_entropy(functional_call(model, p, (x,)), y)
+
+    @torch.compile(fullgraph=True)
+    def compiled(p, s, x, y):
+        g, loss = grad_and_value(loss_fn)(p, x, y)
+        t = s["t"] + 1
+        bc1 = 1 - torch.pow(torch.tensor(B1), t.float())
+        bc2 = 1 - torch.pow(torch.tensor(B2), t.float())
+        m = {k: torch.lerp(s["m"][k], g[k], 1 - B1) for k in p}
+        v = {k: s["v"][k] * B2 + (1 - B2) * g[k] * g[k] for k in p}
+        new = {k: p[k] - LR * ((m[k] / bc1) / (torch.sqrt(v[k]) / torch.sqrt(bc2) + EPS) + WD * p[k])
+               for k in p}
+        return new, {"t": t, "m": m, "v": v}, loss
+
+    holder = [params, state]
+
+    def step(batch):
+        holder[0], holder[1], loss = compiled(holder[0], holder[1], *batch)
+        return loss
+
+    return step
+
+
+def fxtrain_variant(sizes):
+    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
+
+    def loss_fn(state, params, batch):
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y)
+
+    train_step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    holder = [state]
+
+    def step(batch):
+        holder[0], metrics = train_step(holder[0], batch)
+        return metrics["loss"]
+
+    return step
+
+
+VARIANTS = {
+    "a_eager_foreach": lambda s: eager_variant(s, fused=False),
+    "b_eager_fused": lambda s: eager_variant(s, fused=True),
+    "c_handwritten_compiled": handwritten_variant,
+    "d_fxtrain_compiled": fxtrain_variant,
+}
+
+
+def time_steps(step, batches, steps):
+    start = time.perf_counter()
+    for i in range(steps):
+        step(batches[i % len(batches)])
+    return steps / (time.perf_counter() - start)
+
+
+def measure(size, rounds, steps, variants=VARIANTS):
+    sizes, batch = SIZES[size]
+    batches = make_batches(sizes, batch)
+    steps_fns = {name: make(sizes) for name, make in variants.items()}
+    for fn in steps_fns.values():  # warm-up and compile
+        time_steps(fn, batches, 20)
+    rates = {name: [] for name in steps_fns}
+    for _ in range(rounds):  # interleaved: every round times every variant
+        for name, fn in steps_fns.items():
+            rates[name].append(time_steps(fn, batches, steps))
+    return {name: statistics.median(r) for name, r in rates.items()}
+
+
+def report(size, med):
+    base = med["a_eager_foreach"]
+    print(f"\n{size}: {SIZES[size]}")
+    print(f"{'variant':26s} {'steps/s':>10s} {'vs (a)':>8s}")
+    for name, rate in med.items():
+        print(f"{name:26s} {rate:10.0f} {rate / base:8.2f}x")
+    d, c = med["d_fxtrain_compiled"], med["c_handwritten_compiled"]
+    print(f"(d) / (c) = {d / c:.3f}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
+    parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rounds, args.steps, args.sizes = 1, 5, ["tiny"]
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, fxtrain {fx.__version__}, threads {torch.get_num_threads()}")
+    results = {}
+    for size in args.sizes:
+        results[size] = measure(size, args.rounds, args.steps)
+        report(size, results[size])
+    return results
+
+
+if __name__ == "__main__":
+    main()
