@@ -1,0 +1,26 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_demo_runs_as_a_module():
+    out = subprocess.run([sys.executable, "-m", "fxtrain", "demo", "--steps", "30", "--no-compile"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert "held-out accuracy" in out.stdout
+
+
+@pytest.mark.slow
+def test_step_overhead_benchmark_smoke():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import step_overhead
+        results = step_overhead.main(["--smoke"])
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert set(results["tiny"]) == set(step_overhead.VARIANTS)
+    assert all(rate > 0 for rate in results["tiny"].values())
