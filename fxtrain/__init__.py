@@ -1,6 +1,7 @@
 """fxtrain: functional training for PyTorch, in the style of flax, optax, orbax and clu."""
 
 from . import callbacks as callbacks
+from . import data as data
 from . import optim as optim
 from . import random as random
 from . import struct as struct
