@@ -39,6 +39,12 @@ class DataPosition:
 
 
 def _tensor_source(data: Any) -> tuple[int, Callable[[torch.Tensor], Any]] | None:
+    """Columns: a tensor, or a tuple/dict of tensors indexed along their first dimension.
+
+    A list is a dataset of examples, never columns: ``[img1, img2]`` batches images.
+    """
+    if not isinstance(data, torch.Tensor | tuple | Mapping):
+        return None
     leaves, spec = pytree.tree_flatten(data)
     if not leaves or not all(isinstance(t, torch.Tensor) for t in leaves):
         return None
@@ -58,6 +64,7 @@ def _dataset_source(data: Any, collate: Callable) -> tuple[int, Callable[[torch.
     except TypeError as e:
         raise TypeError(f"Batches needs a dataset with __len__; {type(data).__name__} has none "
                         "(an iterable-style dataset has no random access to shuffle)") from e
+    # idx is a CPU index tensor from randperm/arange: no device sync; datasets want Python ints.
     return n, lambda idx: collate([data[i] for i in idx.tolist()])
 
 
@@ -79,10 +86,11 @@ class Batches:
                  drop_last: bool = True, collate: Callable | None = None):
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
-        source = _tensor_source(data) if not isinstance(data, torch.utils.data.Dataset) else None
+        source = _tensor_source(data)
         self.size, self._take = source or _dataset_source(
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self._epoch_order: tuple[int, torch.Tensor] | None = None  # cache of order(epoch)
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
                              + (" with drop_last=True" if drop_last else ""))
@@ -112,8 +120,10 @@ class Batches:
         if not 0 <= index < len(self):
             raise ValueError(f"Batches: position index {index} is outside this stream's "
                              f"{len(self)} batches per epoch (was the data or batch size changed?)")
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            self._epoch_order = (epoch, self.order(epoch))  # one permutation per epoch, not batch
         start = index * self.batch_size
-        batch = self._take(self.order(epoch)[start:start + self.batch_size])
+        batch = self._take(self._epoch_order[1][start:start + self.batch_size])
         done = index + 1 == len(self)
         new = DataPosition(torch.tensor(epoch + done, dtype=torch.int64),
                            torch.tensor(0 if done else index + 1, dtype=torch.int64))

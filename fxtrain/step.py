@@ -21,7 +21,7 @@ from torch.func import grad_and_value
 
 from . import random
 from .callbacks.core import Event, fold
-from .optim.base import global_norm, squared_norms
+from .optim.base import squared_norms
 from .optim.wrappers import learning_rate
 from .state import TrainState
 
@@ -89,31 +89,38 @@ def _set_training(module: torch.nn.Module, training: bool) -> bool:
     return was
 
 
-def gradient_statistics(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean."""
-    norms = torch.sqrt(torch.stack(squared_norms(list(grads.values()))))
+def gradient_statistics(grads: dict[str, torch.Tensor],
+                        squared: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean.
+
+    ``squared`` may pass in ``squared_norms`` of the gradients when they are already computed.
+    """
+    squared = squared_norms(list(grads.values())) if squared is None else squared
+    norms = torch.sqrt(torch.stack(squared))
     stats = {f"grad_norm/{name}": n for name, n in zip(grads, norms.unbind())}
     return {**stats, "grad_norm_max": norms.max(), "grad_norm_min": norms.min(),
             "grad_norm_mean": norms.mean()}
 
 
 def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:
-    metrics = {"loss": loss, "grad_norm": global_norm(grads)}
+    squared = squared_norms(list(grads.values()))
+    metrics = {"loss": loss, "grad_norm": torch.sqrt(sum(squared))}
     lr = learning_rate(opt_state)
     if lr is not None:
         metrics["learning_rate"] = lr
     if grad_stats:
-        metrics.update(gradient_statistics(grads))
+        metrics.update(gradient_statistics(grads, squared))
     clash = sorted(metrics.keys() & aux.keys())
     if clash:
         raise ValueError(f"loss_fn's aux uses reserved metric names {clash}; rename them")
     return {**metrics, **aux}
 
 
-def _control_metrics(control) -> dict[str, torch.Tensor]:
+def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:
     flags = {"stop": control.stop, "save": control.save, "evaluate": control.evaluate,
              "log": control.log}
-    return {f"control/{k}": torch.as_tensor(v) for k, v in flags.items()}
+    return {f"control/{k}": torch.as_tensor(v, dtype=torch.bool, device=device)
+            for k, v in flags.items()}
 
 
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
@@ -163,7 +170,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
-            metrics.update(_control_metrics(control))
+            metrics.update(_control_metrics(control, loss.device))
         return new, metrics
 
     return train_step

@@ -95,3 +95,20 @@ def test_position_in_the_state_does_not_recompile_the_step():
             batch, position, _ = data.next(state.data)
             state, _ = step(state.replace(data=position), batch)
     assert graph_count() == 1 and int(state.data.epoch) == 2 and int(state.data.index) == 2
+
+
+def test_a_list_of_example_tensors_is_batched_by_example():
+    images = [torch.full((3, 4, 4), float(i)) for i in range(6)]  # first dim 3 is not a batch dim
+    data = fx.data.Batches(images, batch_size=2, shuffle=False)
+    batch, _, _ = data.next(data.init())
+    assert batch.shape == (2, 3, 4, 4) and batch[1].max() == 1.0
+
+
+def test_positions_from_any_epoch_in_any_order():
+    data = fx.data.Batches(torch.arange(12), batch_size=4, seed=2)
+    fresh = lambda e, i: fx.data.Batches(torch.arange(12), 4, seed=2).next(  # noqa: E731
+        fx.data.DataPosition(torch.tensor(e), torch.tensor(i)))[0]
+    for e, i in [(3, 1), (0, 2), (3, 0), (1, 2), (0, 0)]:
+        got, _, _ = data.next(fx.data.DataPosition(torch.tensor(e), torch.tensor(i)))
+        assert torch.equal(got, fresh(e, i))
+        assert torch.equal(got, data.order(e)[4 * i:4 * i + 4])

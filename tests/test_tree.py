@@ -1,0 +1,29 @@
+import pytest
+import torch
+
+import fxtrain as fx
+from fxtrain.tree import check_same_structure
+
+
+def test_flat_dicts_of_same_shapes_pass():
+    check_same_structure({"a": torch.zeros(2), "b": torch.zeros(3)},
+                         {"a": torch.ones(2), "b": torch.ones(3)}, "x")
+
+
+def test_nested_mismatch_under_equal_top_level_keys_is_caught():
+    expected = {"a": {"w": torch.zeros(2)}, "b": torch.zeros(3)}
+    got = {"a": {"v": torch.zeros(2)}, "b": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"missing: \['a'\]\['w'\]"):
+        check_same_structure(expected, got, "the state")
+    with pytest.raises(ValueError, match="shape"):
+        check_same_structure(expected, {"a": {"w": torch.zeros(5)}, "b": torch.zeros(3)}, "s")
+
+
+def test_tree_digest_sees_every_bit():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    b = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor(3)}
+    assert fx.tree_digest(a) == fx.tree_digest(b)
+    b["w"] = torch.tensor([1.0, 2.0000002])
+    assert fx.tree_digest(a) != fx.tree_digest(b)
+    assert fx.tree_digest(a) != fx.tree_digest({"w": a["w"].double(), "n": a["n"]})
+    assert fx.tree_digest({"h": torch.ones(2, dtype=torch.bfloat16)})
