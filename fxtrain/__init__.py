@@ -7,6 +7,8 @@ from . import random as random
 from . import struct as struct
 from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
+from .loop import Interrupted as Interrupted
+from .loop import fit as fit
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step

@@ -15,7 +15,9 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+import logging
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,7 +25,8 @@ import torch.utils._pytree as pytree
 
 from . import struct
 
-__all__ = ["DataPosition", "Batches"]
+__all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "LoaderStream",
+           "as_stream"]
 
 
 @struct.dataclass
@@ -90,6 +93,7 @@ class Batches:
         self.size, self._take = source or _dataset_source(
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.repeats = True  # epochs follow one another until the loop stops
         self._epoch_order: tuple[int, torch.Tensor] | None = None  # cache of order(epoch)
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
@@ -129,6 +133,9 @@ class Batches:
                            torch.tensor(0 if done else index + 1, dtype=torch.int64))
         return batch, new, done
 
+    def epoch(self, position: DataPosition) -> int:
+        return int(position.epoch)
+
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
         position = self.init()
@@ -136,3 +143,136 @@ class Batches:
             batch, position, _ = self.next(position)
             yield batch
 
+
+
+_END = object()
+
+
+class IterableStream:
+    """Any re-iterable (a list of batches, a ``DataLoader``) as a stream with a position.
+
+    The position is a ``DataPosition``: each epoch is one pass over ``iter(data)``. Resuming at
+    index ``i`` opens a new pass and skips ``i`` batches, which is exact only when the iterable
+    yields the same batches on every pass (no unseeded shuffling); prefer ``Batches``, or a
+    ``StatefulDataLoader``, for exact resume. A one-shot iterator ends training when it is
+    exhausted.
+    """
+
+    def __init__(self, data: Iterable):
+        if not isinstance(data, Iterable) or isinstance(data, str | bytes):
+            raise TypeError(f"fit: data must be fx.data.Batches, a StatefulDataLoader or an "
+                            f"iterable of batches; got {type(data).__name__}")
+        self.data = data
+        self.batch_size = None
+        self.repeats = not isinstance(data, Iterator)  # a one-shot iterator ends by itself
+        self._it: Any = None
+        self._at: tuple[int, int] | None = None  # the position the open iterator stands at
+        self._ahead: Any = _END
+
+    def __len__(self) -> int:
+        return len(self.data)  # TypeError when the iterable has no length
+
+    def init(self) -> DataPosition:
+        return DataPosition.start()
+
+    def epoch(self, position: DataPosition) -> int:
+        return int(position.epoch)
+
+    def _open(self, epoch: int, index: int) -> None:
+        if index:
+            logging.getLogger("fxtrain").info("resuming: skipping %d batches of epoch %d",
+                                              index, epoch)
+        self._it = iter(self.data)
+        for _ in range(index):
+            next(self._it)
+        self._ahead, self._at = next(self._it, _END), (epoch, index)
+
+    def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
+        """The batch at ``position``; StopIteration when there is none (the data ran out)."""
+        if not isinstance(position, DataPosition):
+            raise TypeError(f"an iterable data stream needs a DataPosition in state.data, got "
+                            f"{type(position).__name__}")
+        epoch, index = int(position.epoch), int(position.index)
+        if self._at != (epoch, index):
+            self._open(epoch, index)
+        batch = self._ahead
+        if batch is _END:
+            raise StopIteration
+        self._ahead = next(self._it, _END)
+        done = self._ahead is _END
+        new = (epoch + 1, 0) if done else (epoch, index + 1)
+        self._at = None if done else new
+        return batch, DataPosition(*(torch.tensor(v, dtype=torch.int64) for v in new)), done
+
+
+@struct.dataclass
+class LoaderPosition:
+    """Where a ``StatefulDataLoader`` stands: the epoch and the loader's own ``state_dict()``."""
+
+    epoch: torch.Tensor
+    loader: Any = None
+
+
+class LoaderStream:
+    """torchdata's ``StatefulDataLoader``, with its ``state_dict()`` kept in ``state.data``.
+
+    Exact within an epoch; across epochs as exact as the loader's sampler is (a shuffling
+    sampler needs a seeded ``generator``).
+    """
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.batch_size = loader.batch_size
+        self.repeats = True
+        self._it: Any = None
+        self._last: Any = None  # the position this stream produced last
+        self._ahead: Any = _END
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def init(self) -> LoaderPosition:
+        return LoaderPosition(torch.zeros((), dtype=torch.int64))
+
+    def epoch(self, position: LoaderPosition) -> int:
+        return int(position.epoch)
+
+    def _open(self, position: LoaderPosition | None) -> dict:
+        if position is not None and position.loader is not None:
+            self.loader.load_state_dict(position.loader)
+        self._it = iter(self.loader)
+        snapshot = self.loader.state_dict()
+        self._ahead = next(self._it, _END)
+        return snapshot
+
+    def next(self, position: LoaderPosition) -> tuple[Any, LoaderPosition, bool]:
+        if not isinstance(position, LoaderPosition):
+            raise TypeError(f"a StatefulDataLoader stream needs a LoaderPosition in state.data, "
+                            f"got {type(position).__name__}")
+        if position is not self._last:
+            self._open(position)
+        batch = self._ahead
+        if batch is _END:
+            raise StopIteration
+        self._ahead = next(self._it, _END)
+        done = self._ahead is _END
+        if done:  # start the next epoch now, and keep the loader's state at its start
+            new = LoaderPosition(position.epoch + 1, self._open(None))
+        else:
+            new = LoaderPosition(position.epoch, self.loader.state_dict())
+        self._last = new
+        return batch, new, done
+
+
+def _is_stateful_loader(data: Any) -> bool:
+    module = sys.modules.get("torchdata.stateful_dataloader")
+    return module is not None and isinstance(data, module.StatefulDataLoader)
+
+
+def as_stream(data: Any) -> Any:
+    """``data`` as a stream with ``init``, ``next(position)`` and ``epoch(position)``."""
+    if isinstance(data, Batches | IterableStream | LoaderStream):
+        return data
+    if _is_stateful_loader(data):
+        return LoaderStream(data)
+    return IterableStream(data)

@@ -20,12 +20,12 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import random
-from .callbacks.core import Event, fold
-from .optim.base import squared_norms
+from .callbacks.core import Callback, Event, fold, name_of
+from .optim.base import squared_norms, tree_map
 from .optim.wrappers import learning_rate
 from .state import TrainState
 
-__all__ = ["make_train_step", "make_eval_step", "gradient_statistics"]
+__all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "revert_update"]
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
@@ -116,6 +116,35 @@ def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Te
     return {**metrics, **aux}
 
 
+def _check_step_callbacks(callbacks: tuple) -> None:
+    for cb in callbacks:
+        if not callable(cb):
+            raise TypeError(f"make_train_step: callback {cb!r} is not callable")
+        if isinstance(cb, Callback) and cb.host:
+            raise ValueError(
+                f"callback {name_of(cb)} does IO or reads the clock, so it cannot run inside the "
+                "compiled step; pass it to fx.fit(..., callbacks=[...]) instead")
+        if isinstance(cb, Callback) and "step_end" not in cb.kinds:
+            raise ValueError(
+                f"callback {name_of(cb)} reacts to {cb.kinds}, but inside the step there are "
+                "only step_end events; run it in fx.fit(..., callbacks=[...]) instead")
+
+
+def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
+    """``new`` with the params, buffers and optimizer state of ``old`` where ``skip`` holds.
+
+    ``skip`` is a Python bool (decided on the host) or a 0-d bool tensor (no sync).
+    """
+    if skip is False:
+        return new
+    if skip is True:
+        return new.replace(params=old.params, buffers=old.buffers, opt_state=old.opt_state)
+    keep = lambda a, b: torch.where(skip, b, a)  # noqa: E731
+    return new.replace(params=tree_map(keep, new.params, old.params),
+                       buffers=tree_map(keep, new.buffers, old.buffers),
+                       opt_state=tree_map(keep, new.opt_state, old.opt_state))
+
+
 def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:
     flags = {"stop": control.stop, "save": control.save, "evaluate": control.evaluate,
              "log": control.log}
@@ -132,8 +161,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         float tensor, ``aux`` a dict of 0-d tensors reported as metrics. Run the model with
         ``state.apply(params, inputs)``.
       callbacks: tensor-only callbacks folded on a "step_end" event inside the step; their
-        merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors).
-      grad_stats: also report per-parameter gradient norms and their max/min/mean.
+        merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors), and a
+        ``skip`` control discards the step's update. Callbacks that do IO are refused.
+      grad_stats: also report per-parameter gradient norms and their max/min/mean (turned on
+        when a callback such as ``grad_monitor`` needs them).
 
     Returns:
       ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
@@ -149,6 +180,8 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         state, metrics = train_step(state, (x, y))
     """
     callbacks = tuple(callbacks)
+    _check_step_callbacks(callbacks)
+    grad_stats = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
     guard = _BatchGuard("train_step")
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
@@ -170,6 +203,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
+            new = revert_update(state, new, control.skip)
             metrics.update(_control_metrics(control, loss.device))
         return new, metrics
 

@@ -1,8 +1,32 @@
-"""Callbacks: pure functions ``(state, event) -> (state, control)``."""
+"""Callbacks: pure functions ``(state, event) -> (state, control)``, and the built-in catalogue.
 
+Callbacks that only do tensor maths (``early_stopping``, ``nan_guard``, ``grad_monitor``, ``ema``,
+``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
+the host (``fit(callbacks=...)``); those that do IO or read the clock run on the host only.
+"""
+
+from .combinators import as_callback as as_callback
+from .combinators import every as every
+from .combinators import every_secs as every_secs
+from .combinators import lambda_callback as lambda_callback
+from .combinators import on as on
+from .combinators import on_steps as on_steps
+from .combinators import rank_zero as rank_zero
+from .core import EVENT_KINDS as EVENT_KINDS
 from .core import Callback as Callback
 from .core import Control as Control
 from .core import Event as Event
 from .core import callback_state as callback_state
 from .core import fold as fold
+from .core import init as init
 from .core import init_states as init_states
+from .early_stopping import early_stopping as early_stopping
+from .ema import ema as ema
+from .ema import with_ema_params as with_ema_params
+from .grad_monitor import grad_monitor as grad_monitor
+from .monitors import lr_monitor as lr_monitor
+from .monitors import memory_monitor as memory_monitor
+from .monitors import throughput as throughput
+from .nan_guard import nan_guard as nan_guard
+from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
+from .timer import timer as timer

@@ -1,10 +1,12 @@
 """The callback protocol: events, controls, and the fold.
 
-A callback is a function ``(state, event) -> (state, control)``. A stateful callback is a
-``Callback`` value: a ``name`` (its key in ``state.callbacks``), an ``init(state)`` giving its
-initial state, and the function. The loop folds callbacks left to right after each event and
-merges their controls with ``|``. Controls hold Python bools on the host and 0-d bool tensors
-inside a compiled step; ``|`` works for both.
+A callback is a function ``(state, event) -> (state, control)``; a plain function or lambda is
+one, and one that only observes may return None. A stateful callback is a ``Callback`` value: a ``name`` (its key in ``state.callbacks``,
+stable across checkpoints), an ``init(state)`` giving its initial state, and the function.
+The loop folds callbacks left to right after each event and merges their controls with ``|``.
+
+Controls hold Python bools on the host and 0-d bool tensors when computed with tensor maths
+(inside a compiled step, or on the host without a sync); ``|`` works for both.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import torch
-
 from .. import struct
 
-__all__ = ["EVENT_KINDS", "Event", "Control", "Callback", "fold", "init_states", "callback_state"]
+__all__ = ["EVENT_KINDS", "Event", "Control", "Callback", "fold", "init_states", "init",
+           "callback_state", "name_of"]
 
 EVENT_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "checkpoint", "train_end")
 
@@ -38,59 +39,108 @@ class Event:
 
 @struct.dataclass
 class Control:
-    """What callbacks ask the loop to do. ``a | b`` asks for everything either asks for."""
+    """What callbacks ask the loop to do. ``a | b`` asks for everything either asks for.
+
+    ``stop`` ends training, ``save`` writes a checkpoint, ``evaluate`` runs evaluation, ``log``
+    asks logging callbacks to write now. ``skip`` discards the update of the step just taken
+    (params, buffers and optimizer state go back to their values before it), as ``nan_guard``
+    does for a non-finite step.
+    """
 
     stop: Any = False
     save: Any = False
     evaluate: Any = False
     log: Any = False
+    skip: Any = False
 
     def __or__(self, other: Control) -> Control:
         if not isinstance(other, Control):
             return NotImplemented
-        return Control(*(a | b for a, b in zip(_flags(self), _flags(other))))
+        return Control(*(a | b for a, b in zip(flags(self), flags(other))))
 
 
-def _flags(c: Control) -> tuple:
-    return c.stop, c.save, c.evaluate, c.log
+def flags(c: Control) -> tuple:
+    return c.stop, c.save, c.evaluate, c.log, c.skip
 
 
 @dataclasses.dataclass(frozen=True)
 class Callback:
-    """A named, stateful callback: ``fn(state, event) -> (state, control)``, state from ``init``."""
+    """A callback with a name, optional state and a declared reach.
+
+    Attributes:
+      name: the key of its state in ``state.callbacks``.
+      init: ``init(state) -> callback state``, or None for a callback without state.
+      fn: ``fn(state, event) -> (state, control)``.
+      kinds: the event kinds it reacts to; the fold skips it on others.
+      host: it does IO (or reads the clock), so it runs only in ``fit``, never inside a step.
+      grad_stats: it reads the per-parameter gradient norms of the step's metrics.
+    """
 
     name: str
-    init: Callable[[Any], Any]
+    init: Callable[[Any], Any] | None
     fn: Callable[[Any, Event], tuple[Any, Control]]
+    kinds: tuple[str, ...] = EVENT_KINDS
+    host: bool = False
+    grad_stats: bool = False
+
+    def __post_init__(self):
+        unknown = set(self.kinds) - set(EVENT_KINDS)
+        if unknown:
+            raise ValueError(f"callback {self.name!r}: unknown event kinds {sorted(unknown)}")
 
     def __call__(self, state, event):
         return self.fn(state, event)
 
 
+def name_of(cb: Callable) -> str:
+    """A readable name for error messages."""
+    if isinstance(cb, Callback):
+        return repr(cb.name)
+    return getattr(cb, "__qualname__", None) or repr(cb)
+
+
 def callback_state(state: Any, name: str) -> Any:
     """The state of the callback called ``name``."""
-    return state.callbacks[name]
+    states = state.callbacks or {}
+    if name not in states:
+        raise KeyError(
+            f"no callback state named {name!r} in state.callbacks (have {sorted(states)}); "
+            "create the state with TrainState.create(..., callbacks=[...]) or "
+            "fx.callbacks.init(callbacks, state)")
+    return states[name]
+
+
+def _stateful(callbacks: Sequence[Callable]) -> list[Callback]:
+    found: dict[str, Callback] = {}
+    for cb in callbacks:
+        if isinstance(cb, Callback) and cb.init is not None:
+            if cb.name in found:
+                raise ValueError(
+                    f"two callbacks are named {cb.name!r}; names are checkpoint keys, so give "
+                    "the second one an explicit name=...")
+            found[cb.name] = cb
+    return list(found.values())
 
 
 def init_states(callbacks: Sequence[Callable], state: Any) -> dict[str, Any] | None:
     """``{name: init(state)}`` for the stateful callbacks; duplicate names are an error."""
-    states: dict[str, Any] = {}
-    for cb in callbacks:
-        if isinstance(cb, Callback):
-            if cb.name in states:
-                raise ValueError(
-                    f"two callbacks are named {cb.name!r}; names are checkpoint keys, so give "
-                    "the second one an explicit name=...")
-            states[cb.name] = cb.init(state)
-    return states or None
+    return {cb.name: cb.init(state) for cb in _stateful(callbacks)} or None
 
 
-def _check_result(cb: Callable, result: Any) -> tuple[Any, Control]:
+def init(callbacks: Sequence[Callable], state: Any) -> Any:
+    """``state`` with an initial state for each stateful callback that has none yet."""
+    existing = dict(state.callbacks or {})
+    missing = {cb.name: cb.init(state) for cb in _stateful(callbacks) if cb.name not in existing}
+    return state.replace(callbacks={**existing, **missing}) if missing else state
+
+
+def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
+    if result is None:  # an observer (a print in a notebook) changes nothing
+        return state, Control()
     ok = isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Control)
     if not ok:
-        name = getattr(cb, "name", getattr(cb, "__qualname__", repr(cb)))
-        raise TypeError(f"callback {name} returned {type(result).__name__}; a callback must "
-                        "return (state, fx.Control(...))")
+        raise TypeError(f"callback {name_of(cb)} returned {type(result).__name__}; a callback "
+                        "must return (state, fx.Control(...)), or None to change nothing")
     return result
 
 
@@ -98,7 +148,8 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
     """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left."""
     control = Control()
     for cb in callbacks:
-        state, c = _check_result(cb, cb(state, event))
+        if isinstance(cb, Callback) and event.kind not in cb.kinds:
+            continue
+        state, c = _check_result(cb, state, cb(state, event))
         control = control | c
     return state, control
-

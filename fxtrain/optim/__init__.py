@@ -10,7 +10,8 @@ from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLion
                          scale, scale_by_adam, scale_by_learning_rate, scale_by_lion, scale_by_rms,
                          scale_by_schedule, trace)
 from .wrappers import (ApplyIfFiniteState, InjectHyperparamsState, MultiStepsState, all_finite,
-                       apply_if_finite, inject_hyperparams, learning_rate, multi_steps)
+                       apply_if_finite, inject_hyperparams, injected_hyperparams, learning_rate,
+                       map_hyperparams, multi_steps)
 
 __all__ = [
     "GradientTransformation", "Schedule", "apply_updates", "chain", "global_norm", "identity",
@@ -21,5 +22,5 @@ __all__ = [
     "clip_by_global_norm", "scale", "scale_by_adam", "scale_by_learning_rate", "scale_by_lion",
     "scale_by_rms", "scale_by_schedule", "trace", "ApplyIfFiniteState", "InjectHyperparamsState",
     "MultiStepsState", "all_finite", "apply_if_finite", "inject_hyperparams", "learning_rate",
-    "multi_steps",
+    "multi_steps", "injected_hyperparams", "map_hyperparams",
 ]

@@ -17,6 +17,7 @@ from .transforms import ScaleByLearningRateState
 __all__ = [
     "InjectHyperparamsState", "MultiStepsState", "ApplyIfFiniteState",
     "inject_hyperparams", "multi_steps", "apply_if_finite", "learning_rate", "all_finite",
+    "injected_hyperparams", "map_hyperparams",
 ]
 
 
@@ -161,3 +162,43 @@ def learning_rate(opt_state: Any) -> torch.Tensor | None:
             if found is not None:
                 return found
     return None
+
+
+def injected_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
+    """The hyperparameters injected anywhere in ``opt_state`` (the first of each name)."""
+    if isinstance(opt_state, InjectHyperparamsState):
+        return {**injected_hyperparams(opt_state.inner_state), **opt_state.hyperparams}
+    found: dict[str, torch.Tensor] = {}
+    if isinstance(opt_state, tuple | list):
+        for sub in reversed(opt_state):
+            found.update(injected_hyperparams(sub))
+    return found
+
+
+def map_hyperparams(opt_state: Any, name: str, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``opt_state`` with ``fn`` applied to every injected hyperparameter called ``name``.
+
+    Raises KeyError when none is injected, naming the ones that are.
+
+    Example::
+
+        opt_state = map_hyperparams(state.opt_state, "learning_rate", lambda lr: lr * 0.5)
+    """
+    if name not in injected_hyperparams(opt_state):
+        raise KeyError(f"no injected hyperparameter {name!r} in the optimizer state (injected: "
+                       f"{sorted(injected_hyperparams(opt_state))}); build the optimizer with "
+                       f"fx.optim.inject_hyperparams(...)({name}=...)")
+    return _map_injected(opt_state, name, fn)
+
+
+def _map_injected(opt_state: Any, name: str, fn: Callable) -> Any:
+    if isinstance(opt_state, InjectHyperparamsState):
+        hp = opt_state.hyperparams
+        hp = {**hp, name: fn(hp[name])} if name in hp else hp
+        return opt_state._replace(hyperparams=hp,
+                                  inner_state=_map_injected(opt_state.inner_state, name, fn))
+    if isinstance(opt_state, tuple) and type(opt_state) is not tuple:  # a NamedTuple state
+        return type(opt_state)(*(_map_injected(s, name, fn) for s in opt_state))
+    if isinstance(opt_state, tuple | list):
+        return type(opt_state)(_map_injected(s, name, fn) for s in opt_state)
+    return opt_state

@@ -1,0 +1,167 @@
+"""Combinators: when a callback runs. Periodicity is a predicate, separate from the action.
+
+``every(n, cb)`` and ``on_steps(steps, cb)`` work on the host (Python step numbers) and inside
+a compiled step (tensor step numbers: the callback always runs and its result is kept with
+``torch.where``, so there is no branch and no sync). ``every_secs`` reads the clock, so it runs
+on the host only; its clock is injectable for deterministic tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Collection
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .core import EVENT_KINDS, Callback, Control, Event, flags, name_of
+
+__all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
+           "select_tree"]
+
+
+def as_callback(cb: Callable) -> Callback:
+    """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it)."""
+    if isinstance(cb, Callback):
+        return cb
+    if not callable(cb):
+        raise TypeError(f"a callback must be callable (state, event) -> (state, control); got "
+                        f"{type(cb).__name__}")
+    return Callback(name=name_of(cb), init=None, fn=cb)
+
+
+def select_tree(cond: torch.Tensor, new: Any, old: Any, who: str) -> Any:
+    """``new`` where ``cond`` else ``old``, leaf by leaf; untouched leaves are kept as they are."""
+    new_leaves, new_spec = pytree.tree_flatten(new)
+    old_leaves, old_spec = pytree.tree_flatten(old)
+    if new_spec != old_spec:
+        raise ValueError(f"callback {who} changed the structure of the state; under a periodic "
+                         "combinator inside a step it must keep it")
+    out = []
+    for a, b in zip(new_leaves, old_leaves):
+        if a is b or not isinstance(a, torch.Tensor):
+            out.append(a)
+        else:
+            out.append(torch.where(cond, a, b))
+    return pytree.tree_unflatten(out, new_spec)
+
+
+def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
+    """Runs ``inner`` on step_end events that are ``due`` (a bool, or a 0-d bool tensor)."""
+
+    def fn(state, event):
+        if event.kind != "step_end":
+            return inner(state, event)
+        now = due(event)
+        if isinstance(now, torch.Tensor):
+            new, control = inner(state, event)
+            return select_tree(now, new, state, name_of(inner)), Control(
+                *(f & now if isinstance(f, torch.Tensor) or f else False for f in flags(control)))
+        return inner(state, event) if now else (state, Control())
+
+    return fn
+
+
+def every(n: int, cb: Callable) -> Callback:
+    """Runs ``cb`` on step_end events at steps that are multiples of ``n``.
+
+    Events of other kinds reach ``cb`` unchanged. The wrapped callback keeps ``cb``'s name and
+    state, so wrapping does not change checkpoints.
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"every: n must be a positive int, got {n!r}")
+    inner = as_callback(cb)
+    return dataclasses.replace(inner, fn=_gated(inner, lambda e: e.step % n == 0))
+
+
+def on_steps(steps: Collection[int], cb: Callable) -> Callback:
+    """Runs ``cb`` on step_end events at the given steps (other kinds reach it unchanged)."""
+    wanted = sorted({int(s) for s in steps})
+    inner = as_callback(cb)
+
+    def due(event):
+        if isinstance(event.step, torch.Tensor):
+            return (event.step == torch.tensor(wanted, device=event.step.device)).any()
+        return event.step in wanted
+
+    return dataclasses.replace(inner, fn=_gated(inner, due))
+
+
+def every_secs(seconds: float, cb: Callable, *,
+               time_fn: Callable[[], float] = time.monotonic) -> Callback:
+    """Runs ``cb`` on a step_end at most once per ``seconds`` of ``time_fn`` (host only).
+
+    The first run is ``seconds`` after the first event it sees. Events of other kinds reach
+    ``cb`` unchanged.
+    """
+    if seconds <= 0:
+        raise ValueError(f"every_secs: seconds must be > 0, got {seconds}")
+    inner = as_callback(cb)
+    last: list[float] = []  # the time of the last run; host-only, not part of the state
+
+    def due(event):
+        now = time_fn()
+        if not last:
+            last.append(now)
+        if now - last[0] >= seconds:
+            last[0] = now
+            return True
+        return False
+
+    gated = _gated(inner, due)
+
+    def fn(state, event):
+        if not last:
+            last.append(time_fn())
+        return gated(state, event)
+
+    return dataclasses.replace(inner, fn=fn, host=True)
+
+
+def on(kind: str, cb: Callable) -> Callback:
+    """Runs ``cb`` only on events of ``kind``."""
+    if kind not in EVENT_KINDS:
+        raise ValueError(f"on: unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
+    inner = as_callback(cb)
+    return dataclasses.replace(inner, kinds=tuple(k for k in inner.kinds if k == kind))
+
+
+def _rank() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def rank_zero(cb: Callable) -> Callback:
+    """Runs ``cb`` on rank 0 only (every process when torch.distributed is not initialized)."""
+    inner = as_callback(cb)
+
+    def fn(state, event):
+        return inner(state, event) if _rank() == 0 else (state, Control())
+
+    return dataclasses.replace(inner, fn=fn)
+
+
+def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Callback:
+    """A stateless callback from one function per event kind: ``on_step_end=f`` and so on.
+
+    Each hook is ``f(state, event)`` and returns ``(state, control)``, or None to change nothing.
+
+    Example::
+
+        cb = lambda_callback(on_train_end=lambda s, e: print("done at", e.step))
+    """
+    table = {}
+    for key, fn in hooks.items():
+        kind = key.removeprefix("on_")
+        if not key.startswith("on_") or kind not in EVENT_KINDS:
+            raise ValueError(f"lambda_callback: unknown hook {key!r}; use on_<kind> with kind in "
+                             f"{EVENT_KINDS}")
+        table[kind] = fn
+
+    def fn(state, event):
+        out = table[event.kind](state, event)
+        return (state, Control()) if out is None else out
+
+    return Callback(name=name, init=None, fn=fn, kinds=tuple(table))

@@ -1,0 +1,120 @@
+"""``early_stopping``: stop when a monitored metric stops improving; optionally restore the best.
+
+The counters are tensors in the state, updated with ``torch.where``, so the same callback runs on
+the host (watching evaluation) or inside the compiled step (watching a step metric) without a
+sync. The update is flax's ``EarlyStopping.update`` shape: a new value plus a flag.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import struct
+from .core import Callback, Control, callback_state
+
+__all__ = ["EarlyStoppingState", "early_stopping", "monitored_value", "improvement"]
+
+
+@struct.dataclass
+class EarlyStoppingState:
+    """``best`` value so far, evaluations since it (``wait``), ``stopped``, the step of the best
+    value, and (with ``restore_best``) the parameters at that step."""
+
+    best: torch.Tensor
+    wait: torch.Tensor
+    stopped: torch.Tensor
+    best_step: torch.Tensor
+    best_params: dict[str, torch.Tensor] | None = None
+
+
+def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
+    """``event.metrics[monitor]`` as a float64 tensor; a clear error if it is missing."""
+    metrics = event.metrics or {}
+    if monitor not in metrics:
+        raise KeyError(f"monitored metric {monitor!r} is not in the {event.kind} metrics; "
+                       f"available: {sorted(metrics)}")
+    return torch.as_tensor(metrics[monitor], dtype=torch.float64, device=device)
+
+
+def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
+                min_delta: float) -> torch.Tensor:
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does)."""
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _check(mode: str, patience: int, min_delta: float) -> None:
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+    if patience < 0 or min_delta < 0:
+        raise ValueError(f"patience and min_delta must be >= 0, got {patience}, {min_delta}")
+
+
+def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: float = 0.0,
+                   mode: str = "min", restore_best: bool = False, event: str = "eval_end",
+                   name: str = "early_stopping") -> Callback:
+    """Stops after ``patience`` events in a row in which ``monitor`` did not improve.
+
+    Args:
+      monitor: the metric to watch in the events' metrics.
+      patience: how many events in a row without improvement stop training.
+      min_delta: the smallest change that counts as an improvement.
+      mode: "min" (lower is better) or "max".
+      restore_best: keep the best parameters in the callback state and put them back when it
+        stops and at train end (costs one copy of the parameters).
+      event: the event kind it watches: "eval_end" (on the host, in ``fit``) or "step_end"
+        (a step metric, also inside a compiled step).
+      name: the key of its state in ``state.callbacks``.
+
+    Once stopped it keeps asking to stop, and inside a step it also asks to skip further
+    updates, so the parameters stay where it stopped until the loop reads the flag.
+
+    Example::
+
+        callbacks = [fx.callbacks.early_stopping("loss", patience=3, restore_best=True)]
+    """
+    _check(mode, patience, min_delta)
+
+    def init(state):
+        device = state.step.device
+        best_params = ({k: v.clone() for k, v in state.params.items()} if restore_best else None)
+        return EarlyStoppingState(
+            best=torch.tensor(float("inf") if mode == "min" else float("-inf"),
+                              dtype=torch.float64, device=device),
+            wait=torch.zeros((), dtype=torch.int64, device=device),
+            stopped=torch.zeros((), dtype=torch.bool, device=device),
+            best_step=torch.full((), -1, dtype=torch.int64, device=device),
+            best_params=best_params)
+
+    def restore(state, when: torch.Tensor, es: EarlyStoppingState):
+        params = {k: torch.where(when, es.best_params[k], v) for k, v in state.params.items()}
+        return state.replace(params=params)
+
+    def update(state, ev):
+        es = callback_state(state, name)
+        value = monitored_value(ev, monitor, es.best.device)
+        active = ~es.stopped
+        better = improvement(value, es.best, mode, min_delta) & active
+        wait = torch.where(better, 0, torch.where(active, es.wait + 1, es.wait))
+        stop_now = active & ~better & (wait >= patience)
+        step = torch.as_tensor(ev.step, dtype=torch.int64, device=es.best.device)
+        new = EarlyStoppingState(
+            best=torch.where(better, value, es.best), wait=wait, stopped=es.stopped | stop_now,
+            best_step=torch.where(better, step, es.best_step),
+            best_params=None if es.best_params is None else {
+                k: torch.where(better, state.params[k], v) for k, v in es.best_params.items()})
+        if restore_best:
+            state = restore(state, stop_now, new)
+        state = state.replace(callbacks={**state.callbacks, name: new})
+        skip = es.stopped if ev.kind == "step_end" else False
+        return state, Control(stop=new.stopped, skip=skip)
+
+    def fn(state, ev):
+        if ev.kind == "train_end":  # restore_best only: back to the best, if there was one
+            es = callback_state(state, name)
+            return restore(state, es.best_step >= 0, es), Control()
+        return update(state, ev)
+
+    kinds = (event, "train_end") if restore_best else (event,)
+    return Callback(name=name, init=init, fn=fn, kinds=kinds)

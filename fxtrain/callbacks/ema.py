@@ -1,0 +1,59 @@
+"""``ema``: an exponential moving average of the parameters, kept in the state.
+
+``ema_params <- decay * ema_params + (1 - decay) * params`` after each step (tensor maths, so it
+runs inside the compiled step or on the host). ``with_ema_params(state)`` swaps the average in,
+for evaluation or export.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .core import Callback, Control, callback_state
+
+__all__ = ["ema", "with_ema_params"]
+
+
+def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
+    """Keeps ``state.callbacks[name]``: the moving average of the floating-point parameters.
+
+    Args:
+      decay: weight of the old average per update, in [0, 1).
+      every: update every ``every`` steps.
+      name: the key of its state in ``state.callbacks``.
+
+    Example::
+
+        cb = fx.callbacks.ema(0.99)
+        eval_metrics = eval_step(fx.callbacks.with_ema_params(state), batch)
+    """
+    if not 0.0 <= decay < 1.0:
+        raise ValueError(f"ema: decay must be in [0, 1), got {decay}")
+    if every < 1:
+        raise ValueError(f"ema: every must be >= 1, got {every}")
+
+    def init(state):
+        return {k: v.detach().clone() for k, v in state.params.items() if v.is_floating_point()}
+
+    def fn(state, event):
+        avg = callback_state(state, name)
+        weight = 1.0 - decay
+        if isinstance(event.step, torch.Tensor):
+            weight = torch.where(event.step % every == 0, weight, 0.0) if every > 1 else weight
+        elif event.step % every:
+            return state, Control()
+        new = {k: torch.lerp(v, state.params[k].to(v.dtype), _like(weight, v))
+               for k, v in avg.items()}
+        return state.replace(callbacks={**state.callbacks, name: new}), Control()
+
+    return Callback(name=name, init=init, fn=fn, kinds=("step_end",))
+
+
+def _like(weight, v: torch.Tensor):
+    return weight.to(device=v.device, dtype=v.dtype) if isinstance(weight, torch.Tensor) else weight
+
+
+def with_ema_params(state, name: str = "ema"):
+    """``state`` with the moving-average parameters in place of the trained ones."""
+    avg = callback_state(state, name)
+    return state.replace(params={**state.params, **avg})

@@ -1,0 +1,136 @@
+"""Host monitors: learning rate, throughput and memory, read when due and published.
+
+Each publishes to a writer (``write_scalars``) or, without one, to the ``fxtrain`` logger. They
+keep no state in the pytree: their readings describe this process, not the run.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..optim.wrappers import injected_hyperparams, learning_rate
+from .core import Callback, Control
+from .report import publish, read_floats
+
+__all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
+
+
+def _check_every(every: int, who: str) -> None:
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"{who}: every must be a positive int, got {every!r}")
+
+
+def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor") -> Callback:
+    """Publishes the learning rate and the other injected hyperparameters every ``every`` steps.
+
+    Example::
+
+        fx.fit(state, step, data, callbacks=[fx.callbacks.lr_monitor(10)], max_steps=100)
+    """
+    _check_every(every, "lr_monitor")
+
+    def fn(state, event):
+        if event.step % every:
+            return state, Control()
+        values = {f"hparams/{k}": v for k, v in injected_hyperparams(state.opt_state).items()}
+        lr = learning_rate(state.opt_state)
+        if lr is not None:
+            values["learning_rate"] = lr
+        if values:
+            publish(writer, event.step, read_floats(values), what="optimizer")
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("step_end",), host=True)
+
+
+def throughput(every: int = 50, *, batch_size: int | None = None,
+               tokens_per_batch: int | None = None, writer: Any = None,
+               time_fn: Callable[[], float] = time.perf_counter,
+               name: str = "throughput") -> Callback:
+    """Steps, samples and tokens per second over each window of ``every`` steps.
+
+    Reading the clock alone would time how fast steps are queued on an accelerator, so at the
+    end of each window it waits for the step (one sync per window).
+
+    Args:
+      every: steps per window.
+      batch_size: samples per step (default: what ``fit`` reports for its data).
+      tokens_per_batch: tokens per step, to report tokens/s.
+      writer: where readings go (default the log).
+      time_fn: the clock (injectable for tests).
+    """
+    _check_every(every, "throughput")
+    window: dict[str, Any] = {}  # start time and step of the current window (this process)
+
+    def fn(state, event):
+        if event.kind == "train_begin":
+            size = batch_size or (event.metrics or {}).get("batch_size")
+            window.update(time=time_fn(), step=event.step, batch_size=size)
+            return state, Control()
+        if event.step % every or not window:
+            return state, Control()
+        _wait_for(event.metrics)
+        now = time_fn()
+        steps, seconds = event.step - window["step"], max(now - window["time"], 1e-12)
+        rates = {"throughput/steps_per_sec": steps / seconds}
+        if window["batch_size"]:
+            rates["throughput/samples_per_sec"] = steps * window["batch_size"] / seconds
+        if tokens_per_batch:
+            rates["throughput/tokens_per_sec"] = steps * tokens_per_batch / seconds
+        window.update(time=now, step=event.step)
+        publish(writer, event.step, rates, what="throughput")
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end"), host=True)
+
+
+def _wait_for(metrics) -> None:
+    """Blocks until the step that produced ``metrics`` has run (one read of one value)."""
+    for value in (metrics or {}).values():
+        if isinstance(value, torch.Tensor):
+            value.reshape(-1)[:1].tolist()
+            return
+
+
+def process_memory() -> dict[str, float]:
+    """This process's resident memory, and CUDA allocated/peak/reserved when in use, in MiB."""
+    mib = 2.0 ** 20
+    out = {"memory/cpu_rss_mib": _rss_bytes() / mib}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["memory/cuda_allocated_mib"] = torch.cuda.memory_allocated() / mib
+        out["memory/cuda_peak_mib"] = torch.cuda.max_memory_allocated() / mib
+        out["memory/cuda_reserved_mib"] = torch.cuda.memory_reserved() / mib
+    return out
+
+
+def _rss_bytes() -> float:
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        return float(psutil.Process().memory_info().rss)
+    try:
+        with open("/proc/self/statm") as f:
+            return float(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource  # peak, not current, where /proc is missing (macOS reports bytes)
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def memory_monitor(every: int = 100, *, writer: Any = None,
+                   name: str = "memory_monitor") -> Callback:
+    """Publishes CPU RSS (and CUDA allocated/peak/reserved on GPU) every ``every`` steps."""
+    _check_every(every, "memory_monitor")
+
+    def fn(state, event):
+        if event.kind == "train_end" or event.step % every == 0:
+            publish(writer, event.step, process_memory(), what="memory")
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("step_end", "train_end"), host=True)

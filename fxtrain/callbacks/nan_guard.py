@@ -1,0 +1,71 @@
+"""``nan_guard``: a non-finite loss or gradient never reaches the parameters.
+
+On a step whose loss or gradient norm is NaN or infinite, the update is discarded (params,
+buffers and optimizer state go back to their values before the step, through ``Control.skip``)
+and counted; with ``action="stop"`` training also stops. The flag is a tensor, so the guard
+runs inside the compiled step without a sync; the state the loop holds is never poisoned, so a
+checkpoint written afterwards is clean.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import struct
+from .core import Callback, Control, callback_state
+
+__all__ = ["NanGuardState", "nan_guard", "is_finite_step"]
+
+
+@struct.dataclass
+class NanGuardState:
+    """``skipped``: non-finite steps so far; ``flagged``: whether the last step was one."""
+
+    skipped: torch.Tensor
+    flagged: torch.Tensor
+
+
+def is_finite_step(metrics) -> torch.Tensor:
+    """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite."""
+    if "loss" not in (metrics or {}):
+        raise KeyError(f"nan_guard needs the step's 'loss' metric; available: {sorted(metrics or {})}")
+    ok = torch.isfinite(torch.as_tensor(metrics["loss"]))
+    if "grad_norm" in metrics:
+        ok = ok & torch.isfinite(torch.as_tensor(metrics["grad_norm"]))
+    return ok
+
+
+def nan_guard(action: str = "stop", *, max_skips: int | None = None,
+              name: str = "nan_guard") -> Callback:
+    """Discards non-finite steps, and stops (``"stop"``) or carries on (``"skip"``).
+
+    Args:
+      action: "stop" ends training at the first non-finite step; "skip" skips the update and
+        counts it.
+      max_skips: with "skip", stop once this many steps were skipped in total.
+      name: the key of its state in ``state.callbacks``.
+
+    Example::
+
+        train_step = fx.make_train_step(loss_fn, callbacks=[fx.callbacks.nan_guard("skip")])
+    """
+    if action not in ("stop", "skip"):
+        raise ValueError(f"nan_guard: action must be 'stop' or 'skip', got {action!r}")
+    if max_skips is not None and (action != "skip" or max_skips < 1):
+        raise ValueError("nan_guard: max_skips needs action='skip' and a value >= 1")
+
+    def init(state):
+        device = state.step.device
+        return NanGuardState(torch.zeros((), dtype=torch.int64, device=device),
+                             torch.zeros((), dtype=torch.bool, device=device))
+
+    def fn(state, event):
+        guard = callback_state(state, name)
+        bad = ~is_finite_step(event.metrics).to(guard.flagged.device)
+        new = NanGuardState(guard.skipped + bad.long(), bad)
+        stop = bad if action == "stop" else (
+            new.skipped >= max_skips if max_skips is not None else False)
+        state = state.replace(callbacks={**state.callbacks, name: new})
+        return state, Control(stop=stop, skip=bad)
+
+    return Callback(name=name, init=init, fn=fn, kinds=("step_end",))

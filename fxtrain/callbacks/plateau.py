@@ -1,0 +1,89 @@
+"""``reduce_lr_on_plateau``: lower the learning rate when a metric stops improving.
+
+The learning rate must be an injected hyperparameter
+(``fx.optim.inject_hyperparams(fx.optim.adam)(learning_rate=1e-3)``); the callback scales
+``opt_state.hyperparams["learning_rate"]`` in the state, so the compiled step picks the new value
+up without a recompile. A learning rate injected as a schedule is recomputed at every update
+and would undo the change: inject a number.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import struct
+from ..optim.wrappers import injected_hyperparams, map_hyperparams
+from .core import Callback, Control, callback_state
+from .early_stopping import improvement, monitored_value
+
+__all__ = ["PlateauState", "reduce_lr_on_plateau"]
+
+
+@struct.dataclass
+class PlateauState:
+    """Best value, events since it, remaining cooldown, and how many reductions so far."""
+
+    best: torch.Tensor
+    wait: torch.Tensor
+    cooldown: torch.Tensor
+    reductions: torch.Tensor
+
+
+def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience: int = 10,
+                         min_delta: float = 0.0, mode: str = "min", cooldown: int = 0,
+                         min_lr: float = 0.0, event: str = "eval_end",
+                         name: str = "reduce_lr_on_plateau") -> Callback:
+    """Multiplies the learning rate by ``factor`` when ``monitor`` stops improving.
+
+    Counts as ``torch.optim.lr_scheduler.ReduceLROnPlateau`` with ``threshold_mode="abs"``:
+    the rate drops on the event after ``patience`` events in a row without improvement.
+
+    Args:
+      monitor: the metric to watch; mode "min" or "max"; min_delta as in ``early_stopping``.
+      factor: the multiplier, in (0, 1).
+      patience: events without improvement that are tolerated.
+      cooldown: events to wait after a reduction before counting again.
+      min_lr: the learning rate never goes below this.
+      event: "eval_end" (host) or "step_end" (also inside a compiled step).
+      name: the key of its state in ``state.callbacks``.
+
+    Example::
+
+        tx = fx.optim.inject_hyperparams(fx.optim.adam)(learning_rate=1e-3)
+        callbacks = [fx.callbacks.reduce_lr_on_plateau("loss", factor=0.5, patience=2)]
+    """
+    if not 0.0 < factor < 1.0:
+        raise ValueError(f"reduce_lr_on_plateau: factor must be in (0, 1), got {factor}")
+    if mode not in ("min", "max") or patience < 0 or cooldown < 0:
+        raise ValueError("reduce_lr_on_plateau: mode must be 'min'/'max', patience and "
+                         "cooldown >= 0")
+
+    def init(state):
+        injected_lr = injected_hyperparams(state.opt_state).get("learning_rate")
+        if injected_lr is None:
+            map_hyperparams(state.opt_state, "learning_rate", lambda x: x)  # raises, naming why
+        zero = torch.zeros((), dtype=torch.int64, device=state.step.device)
+        inf = float("inf") if mode == "min" else float("-inf")
+        return PlateauState(torch.tensor(inf, dtype=torch.float64, device=state.step.device),
+                            zero, zero.clone(), zero.clone())
+
+    def fn(state, ev):
+        ps = callback_state(state, name)
+        value = monitored_value(ev, monitor, ps.best.device)
+        better = improvement(value, ps.best, mode, min_delta)
+        wait = torch.where(better, 0, ps.wait + 1)
+        cooling = ps.cooldown > 0
+        wait = torch.where(cooling, 0, wait)
+        reduce = wait > patience
+        new = PlateauState(torch.where(better, value, ps.best), torch.where(reduce, 0, wait),
+                           torch.where(reduce, cooldown, ps.cooldown - cooling.long()),
+                           ps.reductions + reduce.long())
+
+        def scaled(lr):
+            return torch.where(reduce, (lr * factor).clamp_min(min_lr), lr)
+
+        state = state.replace(opt_state=map_hyperparams(state.opt_state, "learning_rate", scaled),
+                              callbacks={**state.callbacks, name: new})
+        return state, Control()
+
+    return Callback(name=name, init=init, fn=fn, kinds=(event,))

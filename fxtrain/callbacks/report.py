@@ -1,0 +1,40 @@
+"""Where host monitors send their readings: a writer with ``write_scalars``, else the log.
+
+A writer is anything with clu's ``write_scalars(step, mapping)`` (fxtrain's writers, clu's).
+Without one, readings go to the ``fxtrain`` logger as one line.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+__all__ = ["publish", "read_floats", "logger"]
+
+logger = logging.getLogger("fxtrain")
+
+
+def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
+    """Python floats of 0-d tensors and numbers, with one device sync for all tensors."""
+    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    by_device: dict[torch.device, list[str]] = {}
+    for k, t in tensors.items():
+        by_device.setdefault(t.device, []).append(k)
+    for keys in by_device.values():  # one sync per device
+        stacked = torch.stack([tensors[k].detach().reshape(()).to(torch.float64) for k in keys])
+        out.update(zip(keys, stacked.tolist()))
+    return {k: out[k] for k in values}
+
+
+def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:
+    """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``."""
+    if writer is not None:
+        writer.write_scalars(step, dict(scalars))
+        return
+    if logger.isEnabledFor(logging.INFO):
+        text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+        logger.info("step %d %s: %s", step, what, text)

@@ -1,0 +1,44 @@
+"""``timer``: stop training when a time budget is spent.
+
+The elapsed training time lives in the state (``state.callbacks[name]["elapsed"]``, seconds),
+so a resumed run keeps counting against the same budget. It is written at least once a second
+and at every event other than step_end; the clock is injectable for tests.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from .core import Callback, Control, callback_state
+
+__all__ = ["timer"]
+
+
+def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
+          name: str = "timer") -> Callback:
+    """Asks to stop once training has run ``max_seconds`` in total (over resumes too).
+
+    Example::
+
+        fx.fit(state, step, data, callbacks=[fx.callbacks.timer(3600)], max_epochs=100)
+    """
+    if not max_seconds > 0:
+        raise ValueError(f"timer: max_seconds must be > 0, got {max_seconds}")
+    clock: dict[str, float] = {}  # this process: when it began, the state's elapsed then
+
+    def init(state):
+        return {"elapsed": 0.0}
+
+    def fn(state, event):
+        if event.kind == "train_begin" or not clock:
+            clock.update(begin=time_fn(), base=callback_state(state, name)["elapsed"], saved=0.0)
+        now = time_fn()
+        elapsed = clock["base"] + now - clock["begin"]
+        over = elapsed >= max_seconds
+        if over or event.kind != "step_end" or now - clock["saved"] >= 1.0:
+            clock["saved"] = now
+            state = state.replace(callbacks={**state.callbacks, name: {"elapsed": elapsed}})
+        return state, Control(stop=over)
+
+    return Callback(name=name, init=init, fn=fn, host=True)

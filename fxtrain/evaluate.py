@@ -1,0 +1,91 @@
+"""``evaluate``: run an eval step over a dataset and average its metrics on device.
+
+The eval step returns a dict whose values are 0-d tensors (averaged over examples, weighting
+each batch by its size: the first dimension of its first tensor) or ``fx.metrics`` values
+(merged with their own rule), or a whole ``fx.metrics.Collection``. Nothing is read back to the
+host here; the result is a dict of 0-d tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+__all__ = ["evaluate", "batch_size_of"]
+
+
+def batch_size_of(batch: Any) -> int:
+    """The first dimension of the batch's first tensor with one (1 if it has none)."""
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.ndim:
+            return leaf.shape[0]
+    return 1
+
+
+class _Mean:
+    """A running weighted sum and weight, kept on device."""
+
+    def __init__(self, value: torch.Tensor, weight: int):
+        self.total, self.weight = value.detach().to(torch.float32) * weight, weight
+
+    def merge(self, value: torch.Tensor, weight: int) -> None:
+        self.total = self.total + value.detach().to(torch.float32) * weight
+        self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight
+
+
+def _accumulate(acc: dict, out: Mapping, weight: int) -> None:
+    from .metrics import Metric
+    for key, value in out.items():
+        if isinstance(value, Metric):
+            acc[key] = value if key not in acc else acc[key].merge(value)
+        elif isinstance(value, torch.Tensor | float | int) and not isinstance(value, bool):
+            value = torch.as_tensor(value)
+            if value.ndim:
+                raise ValueError(f"eval metric {key!r} has shape {tuple(value.shape)}; reduce it "
+                                 "to a 0-d tensor or return an fx.metrics value")
+            if key in acc:
+                acc[key].merge(value, weight)
+            else:
+                acc[key] = _Mean(value, weight)
+        else:
+            raise TypeError(f"eval metric {key!r} is a {type(value).__name__}; expected a 0-d "
+                            "tensor, a number or an fx.metrics value")
+
+
+def _computed(acc: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in acc.items():
+        result = value.compute()
+        if isinstance(result, Mapping):  # a Collection inside the dict
+            out.update({f"{key}/{k}": v for k, v in result.items()})
+        else:
+            out[key] = result
+    return out
+
+
+def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch.Tensor]:
+    """Runs ``eval_step(state, batch)`` over ``data``; returns the averaged metrics."""
+    from .metrics import Metric
+    acc: dict[str, Any] = {}
+    collection = None
+    for batch in data:
+        out = eval_step(state, batch)
+        if isinstance(out, Metric):  # a whole Collection (or one metric)
+            collection = out if collection is None else collection.merge(out)
+        elif isinstance(out, Mapping):
+            _accumulate(acc, out, batch_size_of(batch))
+        else:
+            raise TypeError(f"eval_step returned {type(out).__name__}; expected a dict of "
+                            "metrics or an fx.metrics value")
+    if collection is None and not acc:
+        raise ValueError("evaluation data yielded no batches")
+    if collection is not None:
+        result = collection.compute()
+        return dict(result) if isinstance(result, Mapping) else {"value": result}
+    return _computed(acc)

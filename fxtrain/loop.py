@@ -1,0 +1,227 @@
+"""``fit``: the training loop. Take a batch, step, fold the callbacks, honour the control.
+
+The loop runs on the host. The compiled step returns device tensors; the loop never reads them
+per step. Control flags computed with tensors (inside the step, or by host callbacks doing
+tensor maths) are read together, in one sync, every ``sync_every`` steps and at every eval,
+epoch and checkpoint boundary. So a stop raised inside the step takes effect up to
+``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
+updates of those extra steps, so the parameters stay where they stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+
+from .callbacks.core import Callback, Control, Event, flags, fold, init
+from .data import as_stream
+from .evaluate import evaluate
+from .step import revert_update
+
+__all__ = ["fit", "Interrupted"]
+
+_CONTROLS = ("control/stop", "control/save", "control/evaluate", "control/log")
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during ``fit``: raised after train_end, with the last ``state`` attached."""
+
+    def __init__(self, state: Any):
+        super().__init__("training interrupted; the state at the interruption is in .state")
+        self.state = state
+
+
+class _Flags:
+    """Control flags waiting to be read: Python bools at once, tensors in one later sync."""
+
+    def __init__(self):
+        self.now, self.tensors = Control(), []
+
+    def add(self, control: Control) -> None:
+        values = flags(control)[:4]
+        if any(isinstance(v, torch.Tensor) for v in values):
+            self.tensors.append(torch.stack([torch.as_tensor(v, device=_device(values))
+                                             for v in values]))
+        else:
+            self.now = self.now | Control(*values)
+
+    def add_step(self, metrics: dict) -> None:
+        if "control/stop" in metrics:  # the in-step callbacks' flags
+            self.tensors.append(torch.stack([metrics[k] for k in _CONTROLS]))
+
+    def urgent(self) -> bool:
+        return bool(self.now.stop or self.now.save or self.now.evaluate)
+
+    def read(self) -> Control:
+        if self.tensors:  # one sync for every pending flag
+            pending = torch.stack([t.to(self.tensors[0].device) for t in self.tensors])
+            self.now = self.now | Control(*pending.any(dim=0).tolist())
+        out, self.now, self.tensors = self.now, Control(), []
+        return out
+
+
+def _device(values) -> torch.device:
+    return next(v.device for v in values if isinstance(v, torch.Tensor))
+
+
+def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) -> None:
+    for label, value in (("max_steps", max_steps), ("max_epochs", max_epochs),
+                         ("eval_every", eval_every), ("sync_every", sync_every)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"fit: {label} must be a positive int or None, got {value!r}")
+    if (eval_step is None) != (eval_data is None):
+        raise ValueError("fit: eval_step and eval_data go together; pass both or neither")
+    if eval_every is not None and eval_step is None:
+        raise ValueError("fit: eval_every needs eval_step and eval_data")
+
+
+def _step_fn(train_step: Callable, host_names: frozenset) -> Callable:
+    """Calls the step without the data position and the host callbacks' states.
+
+    Those are host values (Python numbers, loader state): keeping them out of the compiled step
+    keeps its inputs' structure fixed, so it never recompiles because of them.
+    """
+
+    def run(state, batch, position):
+        host = {k: v for k, v in (state.callbacks or {}).items() if k in host_names}
+        inner = state.replace(data=None, callbacks={
+            k: v for k, v in state.callbacks.items() if k not in host} or None) \
+            if host else state.replace(data=None)
+        new, metrics = train_step(inner, batch)
+        callbacks = {**(new.callbacks or {}), **host} or None if host else new.callbacks
+        return new.replace(data=position, callbacks=callbacks), metrics
+
+    return run
+
+
+def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every) -> dict[str, Any]:
+    """What train_begin tells the callbacks about the run."""
+    def length(x):
+        try:
+            return len(x)
+        except TypeError:
+            return None
+    return {"max_steps": max_steps, "max_epochs": max_epochs,
+            "steps_per_epoch": length(stream), "batch_size": stream.batch_size,
+            "eval_batches": None if eval_data is None else length(eval_data),
+            # torch.compile marks what it returns with the function it wraps
+            "compiled": getattr(train_step, "_torchdynamo_orig_callable", None) is not None,
+            "sync_every": sync_every}
+
+
+def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Callable] = (),
+        max_steps: int | None = None, max_epochs: int | None = None,
+        eval_step: Callable | None = None, eval_data: Iterable | None = None,
+        eval_every: int | None = None, checkpoint: Any = None, sync_every: int = 50) -> Any:
+    """Trains ``state`` with ``train_step`` on ``data`` and returns the final state.
+
+    Args:
+      state: a ``TrainState``; its ``data`` field holds the stream's position (set on the first
+        call) and ``callbacks`` the host callbacks' states (initialised when missing).
+      train_step: ``(state, batch) -> (state, metrics)``, usually compiled.
+      data: ``fx.data.Batches`` (exact resume), a torchdata ``StatefulDataLoader`` (its
+        ``state_dict()`` is kept in the state) or any iterable of batches.
+      callbacks: host callbacks, folded after every event.
+      max_steps: stop when ``state.step`` reaches this (counted over resumes).
+      max_epochs: stop when this many epochs of ``data`` are done.
+      eval_step, eval_data: evaluation, every ``eval_every`` steps (default: at each epoch end)
+        and on ``control.evaluate``; batch metrics are averaged on device.
+      eval_every: steps between evaluations.
+      checkpoint: a manager with ``save(state, metrics=None, force=False)``: saves on
+        ``control.save``, at the end and on Ctrl-C.
+      sync_every: steps between reads of tensor control flags (one sync each).
+
+    Returns:
+      The state after the last step. Ctrl-C delivers train_end, saves, and raises
+      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
+
+    Example::
+
+        state = fx.fit(state, train_step, fx.data.Batches((x, y), 64), max_epochs=5,
+                       callbacks=[fx.callbacks.progress_bar()])
+    """
+    _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every)
+    callbacks = tuple(callbacks)
+    stream = as_stream(data)
+    if max_steps is None and max_epochs is None and stream.repeats:
+        raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
+    state = init(callbacks, state)
+    if state.data is None:
+        state = state.replace(data=stream.init())
+    host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
+    run_step = _step_fn(train_step, host_names)
+    step, epoch = int(state.step), stream.epoch(state.data)
+    pending = _Flags()
+    state, c = fold(callbacks, state, Event("train_begin", step, epoch, _plan(
+        stream, max_steps, max_epochs, eval_data, train_step, sync_every)))
+    pending.add(c)
+
+    def emit(kind, metrics=None):
+        nonlocal state
+        state, c = fold(callbacks, state, Event(kind, step, epoch, metrics))
+        pending.add(c)
+
+    def run_eval():
+        emit("eval_end", evaluate(eval_step, state, eval_data))
+
+    def save():
+        if checkpoint is not None:
+            checkpoint.save(state, force=True)
+            emit("checkpoint", {"step": step, "path": str(getattr(checkpoint, "directory", ""))})
+
+    reason, log_next = ("stopped" if pending.read().stop else None), False
+    try:
+        while reason is None:
+            reason = _limit(step, epoch, max_steps, max_epochs)
+            if reason:
+                break
+            try:
+                batch, position, epoch_done = stream.next(state.data)
+            except StopIteration:
+                reason = "data_exhausted"
+                break
+            before = state
+            state, metrics = run_step(state, batch, position)
+            step += 1
+            pending.add_step(metrics)
+            if log_next:
+                metrics["control/log"], log_next = True, False
+            state, c = fold(callbacks, state, Event("step_end", step, epoch, metrics))
+            state = revert_update(before, state, c.skip)
+            pending.add(c)
+            eval_due = eval_step is not None and (
+                step % eval_every == 0 if eval_every else epoch_done)
+            boundary = (eval_due or epoch_done or step % sync_every == 0 or pending.urgent()
+                        or _limit(step, epoch + epoch_done, max_steps, max_epochs))
+            if not boundary:
+                continue
+            control = pending.read()
+            if eval_due or control.evaluate:
+                run_eval()
+            if epoch_done:
+                emit("epoch_end")
+                epoch += 1
+            control = control | pending.read()
+            if control.save:
+                save()
+            log_next = bool(control.log)
+            if control.stop or pending.read().stop:
+                reason = "stopped"
+                break
+    except KeyboardInterrupt as e:
+        emit("train_end", {"reason": "interrupted"})
+        save()
+        raise Interrupted(state) from e
+    emit("train_end", {"reason": reason})
+    save()
+    return state
+
+
+def _limit(step: int, epoch: int, max_steps, max_epochs) -> str | None:
+    if max_steps is not None and step >= max_steps:
+        return "max_steps"
+    if max_epochs is not None and epoch >= max_epochs:
+        return "max_epochs"
+    return None
