@@ -2,6 +2,7 @@
 
 from . import callbacks as callbacks
 from . import data as data
+from . import metrics as metrics
 from . import optim as optim
 from . import random as random
 from . import struct as struct

@@ -254,12 +254,13 @@ class LoaderStream:
         batch = self._ahead
         if batch is _END:
             raise StopIteration
+        after = self.loader.state_dict()  # before the look-ahead below moves the loader on
         self._ahead = next(self._it, _END)
         done = self._ahead is _END
         if done:  # start the next epoch now, and keep the loader's state at its start
             new = LoaderPosition(position.epoch + 1, self._open(None))
         else:
-            new = LoaderPosition(position.epoch, self.loader.state_dict())
+            new = LoaderPosition(position.epoch, after)
         self._last = new
         return batch, new, done
 

@@ -31,9 +31,9 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
         return {"elapsed": 0.0}
 
     def fn(state, event):
-        if event.kind == "train_begin" or not clock:
-            clock.update(begin=time_fn(), base=callback_state(state, name)["elapsed"], saved=0.0)
         now = time_fn()
+        if event.kind == "train_begin" or not clock:
+            clock.update(begin=now, base=callback_state(state, name)["elapsed"], saved=now)
         elapsed = clock["base"] + now - clock["begin"]
         over = elapsed >= max_seconds
         if over or event.kind != "step_end" or now - clock["saved"] >= 1.0:

@@ -1,0 +1,398 @@
+"""Metric values in the style of clu's ``metrics``: frozen pytrees that merge.
+
+A metric is a small frozen value of tensors. ``from_model_output(**outputs)`` makes one from a
+batch, ``merge`` adds two together, ``compute`` turns the sums into the number. Every leaf is a
+tensor and ``empty()`` has the same structure and dtypes as a real value, so metrics leave a
+``torch.compile(fullgraph=True)`` eval step and merge on the device with no host sync and no
+recompiles. Accumulators are float32 (float64 for float64 inputs); counts are int64. To merge
+inside a compiled step on an accelerator, start from ``empty(device=...)`` on that device.
+
+Example::
+
+    Metrics = fx.metrics.Collection.create(
+        loss=fx.metrics.Average.from_output("loss"), accuracy=fx.metrics.Accuracy)
+
+    @torch.compile(fullgraph=True)
+    def eval_step(x, y):
+        logits = model(x)
+        loss = F.cross_entropy(logits, y, reduction="none")
+        return Metrics.single_from_model_output(loss=loss, logits=logits, labels=y)
+
+    totals = Metrics.empty()
+    for x, y in batches:
+        totals = totals.merge(eval_step(x, y))
+    totals.compute()           # {"loss": tensor(...), "accuracy": tensor(...)}
+"""
+
+from __future__ import annotations
+
+import functools
+import keyword
+import warnings
+from typing import Any
+
+import torch
+
+from . import struct
+
+__all__ = ["Metric", "Average", "Std", "LastValue", "Accuracy", "Collection", "from_torchmetrics"]
+
+
+class Metric:
+    """Interface: ``empty``, ``from_model_output``, ``merge`` and ``compute``."""
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        """The value that ``merge`` leaves unchanged (same structure as a real one)."""
+        raise NotImplementedError(f"{cls.__qualname__} must define empty()")
+
+    @classmethod
+    def from_model_output(cls, **outputs):
+        """The metric of one batch of model outputs."""
+        raise NotImplementedError(f"{cls.__qualname__} must define from_model_output()")
+
+    def merge(self, other):
+        """The metric of both ``self``'s and ``other``'s data."""
+        raise NotImplementedError(f"{type(self).__qualname__} must define merge()")
+
+    def compute(self):
+        """The final number (a 0-d tensor)."""
+        raise NotImplementedError(f"{type(self).__qualname__} must define compute()")
+
+    @classmethod
+    def from_output(cls, name: str) -> type:
+        """A subclass whose ``from_model_output(**outputs)`` reads ``outputs[name]``.
+
+        ``outputs["mask"]``, when given, is passed on, except for a 0-d output (a batch-level
+        value such as a mean loss), where it is dropped. The class is cached per ``(cls, name)``.
+
+        Example::
+
+            Loss = fx.metrics.Average.from_output("loss")
+            Loss.from_model_output(loss=torch.tensor(0.5), logits=logits).compute()
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"from_output: name must be a str, got {type(name).__name__}")
+        return _from_output_class(cls, name)
+
+    def _check_same_type(self, other: Any) -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(self).__qualname__} with "
+                            f"{type(other).__qualname__}; merge values of the same metric class")
+
+
+@functools.cache
+def _from_output_class(base: type, name: str) -> type:
+    class FromOutput(base):
+        @classmethod
+        def from_model_output(cls, **outputs):
+            if name not in outputs:
+                raise KeyError(f"{cls.__qualname__}: no model output named {name!r}; "
+                               f"got {sorted(outputs)}")
+            values, mask = torch.as_tensor(outputs[name]), outputs.get("mask")
+            return super().from_model_output(values, mask=None if values.ndim == 0 else mask)
+
+    FromOutput.__name__ = f"{base.__name__}_{name}"
+    FromOutput.__qualname__ = f"{base.__qualname__}.from_output({name!r})"
+    FromOutput.__module__ = base.__module__
+    return struct.dataclass(FromOutput)
+
+
+def _masked(values: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``values`` in the accumulator dtype and a bool mask of the same shape."""
+    values = torch.as_tensor(values)
+    values = values.to(torch.float64 if values.dtype == torch.float64 else torch.float32)
+    if mask is None:
+        return values, torch.ones_like(values, dtype=torch.bool)
+    mask = torch.as_tensor(mask, device=values.device)
+    if mask.shape != values.shape[:mask.ndim]:
+        raise ValueError(f"mask of shape {tuple(mask.shape)} does not match the leading shape "
+                         f"of values {tuple(values.shape)}")
+    mask = mask.to(torch.bool).reshape(mask.shape + (1,) * (values.ndim - mask.ndim))
+    return values, mask.expand(values.shape)
+
+
+def _sums(values: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The masked sum of ``values`` and the count of elements that were kept."""
+    values, mask = _masked(values, mask)
+    return torch.where(mask, values, 0).sum(), mask.sum()
+
+
+def _zeros(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((), device=device, dtype=dtype), torch.zeros((), device=device,
+                                                                    dtype=torch.int64)
+
+
+@struct.dataclass
+class Average(Metric):
+    """The mean of every (unmasked) element seen; an empty Average computes to NaN (0 / 0).
+
+    Example::
+
+        m = Average.from_model_output(torch.tensor([1.0, 2.0]))
+        m.merge(Average.from_model_output(torch.tensor(6.0))).compute()   # tensor(3.)
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        return cls(*_zeros(device, dtype))
+
+    @classmethod
+    def from_model_output(cls, values, mask=None, **unused):
+        """Args: values (any shape); mask, a prefix of ``values.shape``. Other outputs ignored."""
+        del unused
+        return cls(*_sums(values, mask))
+
+    def merge(self, other):
+        self._check_same_type(other)
+        return type(self)(self.total + other.total, self.count + other.count)
+
+    def compute(self):
+        return self.total / self.count
+
+
+@struct.dataclass
+class Std(Metric):
+    """The population standard deviation of every element seen; empty computes to NaN.
+
+    Keeps ``(mean, m2, count)`` with ``m2`` the sum of squared deviations, merged with Chan's
+    parallel formula ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n`` (stable for large means).
+
+    Example::
+
+        Std.from_model_output(torch.tensor([1.0, 3.0])).compute()   # tensor(1.)
+    """
+
+    mean: torch.Tensor
+    m2: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        mean, count = _zeros(device, dtype)
+        return cls(mean, mean.clone(), count)
+
+    @classmethod
+    def from_model_output(cls, values, mask=None, **unused):
+        """Args: values (any shape); mask, a prefix of ``values.shape``. Other outputs ignored."""
+        del unused
+        values, mask = _masked(values, mask)
+        count = mask.sum()
+        mean = torch.where(mask, values, 0).sum() / count.clamp_min(1).to(values.dtype)
+        return cls(mean, torch.where(mask, (values - mean) ** 2, 0).sum(), count)
+
+    def merge(self, other):
+        self._check_same_type(other)
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        weight = other.count.to(delta.dtype) / count.clamp_min(1).to(delta.dtype)
+        m2 = self.m2 + other.m2 + delta * delta * self.count.to(delta.dtype) * weight
+        return type(self)(self.mean + delta * weight, m2, count)
+
+    def compute(self):
+        return torch.sqrt(self.m2 / self.count)
+
+
+@struct.dataclass
+class LastValue(Metric):
+    """The mean of the most recent non-empty batch; merging keeps ``other`` unless it is empty.
+
+    Example::
+
+        a, b = LastValue.from_model_output(torch.tensor(1.0)), LastValue.empty()
+        a.merge(b).compute()   # tensor(1.)
+    """
+
+    total: torch.Tensor
+    count: torch.Tensor
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        return cls(*_zeros(device, dtype))
+
+    @classmethod
+    def from_model_output(cls, values, mask=None, **unused):
+        """Args: values (any shape); mask, a prefix of ``values.shape``. Other outputs ignored."""
+        del unused
+        return cls(*_sums(values, mask))
+
+    def merge(self, other):
+        self._check_same_type(other)
+        newer = other.count > 0
+        return type(self)(torch.where(newer, other.total, self.total),
+                          torch.where(newer, other.count, self.count))
+
+    def compute(self):
+        return self.total / self.count
+
+
+@struct.dataclass
+class Accuracy(Average):
+    """The fraction of ``logits.argmax(-1) == labels``; an Average of 0/1 values."""
+
+    @classmethod
+    def from_model_output(cls, logits, labels, mask=None, **unused):
+        """Args: logits (..., classes); integer labels (...); mask, a prefix of labels.shape."""
+        del unused
+        if logits.ndim != labels.ndim + 1 or logits.shape[:-1] != labels.shape:
+            raise ValueError(f"Accuracy: logits {tuple(logits.shape)} must be labels' shape "
+                             f"{tuple(labels.shape)} plus a class dimension")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"Accuracy: labels must be integer class ids, got {labels.dtype}")
+        return cls(*_sums(logits.argmax(-1) == labels, mask))
+
+
+@struct.dataclass
+class Collection(Metric):
+    """Several named metrics that are made, merged and computed together.
+
+    Make a collection class with ``Collection.create(name=MetricClass, ...)``; every metric
+    receives all model outputs and reads the ones it needs.
+    """
+
+    _metrics = {}  # name -> metric class; set by create()
+
+    @classmethod
+    def create(cls, **metrics: type) -> type:
+        """A Collection class with one field per ``name=MetricClass`` (cached per arguments).
+
+        Example::
+
+            Metrics = Collection.create(accuracy=Accuracy, loss=Average.from_output("loss"))
+        """
+        for name, metric in metrics.items():
+            if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
+                raise ValueError(f"Collection.create: {name!r} is not a usable field name")
+            if not (isinstance(metric, type) and issubclass(metric, Metric)):
+                raise TypeError(f"Collection.create: {name}={metric!r} is not a Metric class")
+        return _collection_class(tuple(metrics.items()))
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        return cls(**{n: m.empty(device=device, dtype=dtype) for n, m in cls._metrics.items()})
+
+    @classmethod
+    def single_from_model_output(cls, **outputs):
+        """Each metric's ``from_model_output(**outputs)``, as one Collection value."""
+        return cls(**{n: m.from_model_output(**outputs) for n, m in cls._metrics.items()})
+
+    from_model_output = single_from_model_output
+
+    def merge(self, other):
+        self._check_same_type(other)
+        return type(self)(**{n: getattr(self, n).merge(getattr(other, n)) for n in self._metrics})
+
+    def compute(self) -> dict[str, Any]:
+        """A dict from each metric's name to its ``compute()``."""
+        return {n: getattr(self, n).compute() for n in self._metrics}
+
+
+@functools.cache
+def _collection_class(items: tuple) -> type:
+    fields = dict(items)
+    title = ", ".join(f"{n}={m.__qualname__}" for n, m in items)
+    namespace = {"__annotations__": fields, "_metrics": fields, "__module__": __name__,
+                 "__qualname__": f"Collection.create({title})"}
+    return struct.dataclass(type("Collection", (Collection,), namespace))
+
+
+def from_torchmetrics(metric: Any) -> type:
+    """A host-side Metric class backed by a ``torchmetrics.Metric``'s states.
+
+    ``from_model_output(preds, target, mask=None)`` runs ``update`` on a fresh copy of ``metric``
+    (rows where ``mask`` is False are dropped); ``merge`` reduces the states as declared
+    (``dist_reduce_fx`` sum, mean (weighted by updates), max, min or cat); ``compute`` loads the
+    states into a copy and calls its ``compute``. Needs torchmetrics (an optional dependency).
+
+    Example::
+
+        Acc = fx.metrics.from_torchmetrics(torchmetrics.classification.MulticlassAccuracy(10))
+        Acc.from_model_output(logits, labels).merge(...).compute()
+    """
+    try:
+        import torchmetrics
+        from torchmetrics.utilities import (dim_zero_cat, dim_zero_max, dim_zero_mean,
+                                            dim_zero_min, dim_zero_sum)
+    except ImportError as err:
+        raise ImportError("fx.metrics.from_torchmetrics needs torchmetrics: "
+                          "pip install torchmetrics") from err
+    if not isinstance(metric, torchmetrics.Metric):
+        raise TypeError(f"from_torchmetrics: expected a torchmetrics.Metric, got "
+                        f"{type(metric).__name__}")
+    known = {dim_zero_sum: "sum", dim_zero_mean: "mean", dim_zero_max: "max",
+             dim_zero_min: "min", dim_zero_cat: "cat"}
+    template = metric.clone()
+    template.reset()
+    kinds = {}
+    for name, fn in template._reductions.items():  # torchmetrics keeps no public accessor
+        if fn not in known:
+            raise ValueError(f"from_torchmetrics: state {name!r} of {type(metric).__name__} has "
+                             f"reduction {fn!r}; only sum, mean, max, min and cat are supported")
+        kinds[name] = known[fn]
+    cls = struct.dataclass(type("TorchMetric", (_TorchMetric,), {
+        "__annotations__": {}, "__module__": __name__,
+        "__qualname__": f"from_torchmetrics({type(metric).__name__})"}))
+    cls._template, cls._kinds = template, kinds
+    return cls
+
+
+def _tuple_lists(states: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in states.items()}
+
+
+@struct.dataclass
+class _TorchMetric(Metric):
+    """States of a torchmetrics metric (lists as tuples) and how many updates made them."""
+
+    states: dict
+    updates: torch.Tensor
+    _template = None
+    _kinds = {}
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=None):
+        del dtype  # the torchmetrics metric fixes its own dtypes
+        states = {k: v.to(device) if isinstance(v, torch.Tensor) else ()
+                  for k, v in cls._template.metric_state.items()}
+        return cls(states, torch.zeros((), dtype=torch.int64, device=device))
+
+    @classmethod
+    def from_model_output(cls, preds, target, mask=None, **unused):
+        """Args: preds and target as the torchmetrics ``update`` takes them; mask per row."""
+        del unused
+        if mask is not None:
+            preds, target = preds[mask.to(torch.bool)], target[mask.to(torch.bool)]
+        fresh = cls._template.clone()
+        fresh.update(preds, target)
+        return cls(_tuple_lists(fresh.metric_state), torch.ones((), dtype=torch.int64))
+
+    def merge(self, other):
+        self._check_same_type(other)
+        merged = {k: _reduce(self._kinds[k], a, other.states[k], self.updates, other.updates)
+                  for k, a in self.states.items()}
+        return type(self)(merged, self.updates + other.updates)
+
+    def compute(self):
+        fresh = self._template.clone()
+        for name, value in self.states.items():
+            setattr(fresh, name, list(value) if isinstance(value, tuple) else value)
+        with warnings.catch_warnings():
+            if self.updates > 0:  # the states are real; torchmetrics only counts its own updates
+                warnings.filterwarnings("ignore", message=".*before the ``update``")
+            return fresh.compute()
+
+
+def _reduce(kind: str, a: Any, b: Any, n_a: torch.Tensor, n_b: torch.Tensor) -> Any:
+    if kind == "sum":
+        return a + b
+    if kind == "max":
+        return torch.maximum(a, b)
+    if kind == "min":
+        return torch.minimum(a, b)
+    if kind == "cat":
+        return (*a, *b) if isinstance(a, tuple) else torch.cat([a, b])
+    total = (n_a + n_b).clamp_min(1)  # "mean": weight each side by its number of updates
+    return (a * n_a + b * n_b) / total
