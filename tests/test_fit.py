@@ -4,13 +4,11 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
 import fxtrain as fx
-from fxtrain.callbacks import Callback
 from helpers import mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))

@@ -29,4 +29,6 @@ from .monitors import memory_monitor as memory_monitor
 from .monitors import throughput as throughput
 from .nan_guard import nan_guard as nan_guard
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
+from .progress import progress_bar as progress_bar
+from .summary import summary as summary
 from .timer import timer as timer

@@ -7,7 +7,6 @@ sync. The update is flax's ``EarlyStopping.update`` shape: a new value plus a fl
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 

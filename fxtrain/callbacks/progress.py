@@ -1,0 +1,205 @@
+"""``progress_bar``: tqdm bars for training and the current epoch, and a line per evaluation.
+
+The bars are ephemeral host objects held in the callback's closure, never in the state; they
+are re-created on every train_begin, so a resumed run starts its bar at the resumed step.
+On most steps a step_end costs a comparison and tqdm's ``update``: the metrics are read from
+the device (one sync for all of them) only on the first step, every ``refresh_every`` steps,
+and at train_end, so the values shown lag the bar by up to ``refresh_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from tqdm.auto import tqdm
+
+from .combinators import _rank
+from .core import Callback, Control
+from .report import read_floats
+
+__all__ = ["progress_bar"]
+
+_NOTHING = Control()  # shared: building a Control costs more than the rest of a quiet step
+_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "train_end")
+
+
+def _ema(old: float | None, new: float, smoothing: float) -> float:
+    """``smoothing * old + (1 - smoothing) * new``; a first or non-finite value starts afresh."""
+    if old is None or not (math.isfinite(old) and math.isfinite(new)):
+        return new
+    return smoothing * old + (1.0 - smoothing) * new
+
+
+def _total(info: Mapping[str, Any]) -> int | None:
+    """The step the run ends at: the nearer of max_steps and steps_per_epoch * max_epochs."""
+    max_steps, epochs, per_epoch = (info.get(k) for k in
+                                    ("max_steps", "max_epochs", "steps_per_epoch"))
+    ends = [max_steps] if max_steps is not None else []
+    if epochs is not None and per_epoch is not None:
+        ends.append(epochs * per_epoch)
+    return min(ends) if ends else None
+
+
+def _format(values: Mapping[str, float], sep: str = ", ") -> str:
+    return sep.join(f"{n}={v:.4g}" for n, v in values.items())
+
+
+def _epoch_desc(epoch: int, info: Mapping[str, Any]) -> str:
+    epochs = info.get("max_epochs")
+    return f"epoch {epoch + 1}" + (f"/{epochs}" if epochs is not None else "")
+
+
+class _Display:
+    """The settings, open bars and smoothed values of one progress bar (host only, mutable)."""
+
+    __slots__ = ("names", "smoothing", "refresh_every", "leave", "file", "out", "train",
+                 "epoch", "info", "metrics", "ema", "next_refresh", "refreshed_at")
+
+    def __init__(self, names, smoothing, refresh_every, leave, file):
+        self.names, self.smoothing, self.refresh_every = names, smoothing, refresh_every
+        self.leave, self.file, self.out = leave, file, sys.stderr
+        self.train = self.epoch = self.metrics = None
+        self.info, self.ema = {}, {}
+        self.next_refresh = self.refreshed_at = -1
+
+
+def _close(d: _Display) -> None:
+    for bar in (d.epoch, d.train):
+        if bar is not None:
+            bar.close()
+    d.train = d.epoch = d.metrics = None
+
+
+def _begin(d: _Display, event) -> None:
+    """Opens the training bar at the event's step, and the epoch bar when epochs have a size."""
+    _close(d)
+    if _rank() != 0:
+        return
+    d.out, d.info = d.file or sys.stderr, dict(event.metrics or {})
+    d.ema, d.next_refresh, d.refreshed_at = {}, event.step + 1, -1
+    d.train = tqdm(total=_total(d.info), initial=event.step, desc="train", leave=d.leave,
+                   file=d.out, dynamic_ncols=True)
+    per_epoch = d.info.get("steps_per_epoch")
+    if per_epoch:
+        done = min(max(event.step - event.epoch * per_epoch, 0), per_epoch)
+        d.epoch = tqdm(total=per_epoch, initial=done, desc=_epoch_desc(event.epoch, d.info),
+                       leave=False, file=d.out, dynamic_ncols=True)
+
+
+def _refresh(d: _Display, step: int) -> None:
+    """Reads the shown metrics (one sync), smooths them and sets the training bar's postfix."""
+    values = list(read_floats({n: _lookup(d.metrics, n) for n in d.names}).values())
+    d.ema = {n: _ema(d.ema.get(n), v, d.smoothing) for n, v in zip(d.names, values)}
+    d.train.set_postfix_str(_format(d.ema), refresh=False)
+    d.refreshed_at = step
+    d.next_refresh = (step // d.refresh_every + 1) * d.refresh_every
+
+
+def _epoch_end(d: _Display, event) -> None:
+    """Starts the epoch bar over for the next epoch (the last one stays full)."""
+    epochs = d.info.get("max_epochs")
+    if d.epoch is None or (epochs is not None and event.epoch + 1 >= epochs):
+        return
+    d.epoch.set_description(_epoch_desc(event.epoch + 1, d.info), refresh=False)
+    d.epoch.reset(total=d.info["steps_per_epoch"])  # redraws
+
+
+def _eval_end(d: _Display, event) -> None:
+    """Writes one line with the evaluation's metrics above the bars."""
+    if _rank() != 0 or not event.metrics:
+        return
+    values = read_floats(event.metrics)
+    tqdm.write(f"eval @ step {event.step}: {_format(values, sep=' ')}",
+               file=d.file or sys.stderr)
+
+
+def _end(d: _Display, event) -> None:
+    """Shows the last metrics and the final step, says why training ended early, closes."""
+    if d.train is None:
+        return
+    if d.metrics is not None and d.refreshed_at != event.step:
+        _refresh(d, event.step)
+    d.train.update(event.step - d.train.n)
+    reason = (event.metrics or {}).get("reason")
+    if reason not in (None, "max_steps", "max_epochs"):
+        tqdm.write(f"training ended at step {event.step}: {reason}", file=d.out)
+    _close(d)
+
+
+_HOOKS = {"train_begin": _begin, "epoch_end": _epoch_end, "eval_end": _eval_end,
+          "train_end": _end}
+
+
+def _step_end(d: _Display, event) -> None:
+    """The per-step path: a comparison and tqdm's update, a refresh when one is due."""
+    d.metrics = event.metrics
+    if event.step >= d.next_refresh:
+        _refresh(d, event.step)
+    taken = event.step - d.train.n
+    if d.epoch is not None:
+        d.epoch.update(taken)
+    d.train.update(taken)
+
+
+def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3,
+                 refresh_every: int = 10, leave: bool = True, file: TextIO | None = None,
+                 name: str = "progress_bar") -> Callback:
+    """A host callback showing training progress with tqdm (widgets in notebooks).
+
+    A training bar counts steps up to max_steps (or steps_per_epoch * max_epochs) with the
+    smoothed metrics as its postfix; an epoch bar counts the steps of the current epoch when
+    steps_per_epoch is known; each evaluation writes one line with its metrics. Only rank 0
+    shows anything.
+
+    Args:
+      metric: the step metric(s) to show: a name or a sequence of names.
+      smoothing: weight of the past in the exponential moving average of the shown values,
+        in [0, 1): ``shown = smoothing * shown + (1 - smoothing) * value``; 0 shows raw values.
+      refresh_every: read the metrics from the device every this many steps.
+      leave: keep the training bar on screen after training.
+      file: where the bars go (default ``sys.stderr``); notebook widgets ignore it.
+      name: the callback's name.
+
+    Returns:
+      A stateless host ``Callback``.
+
+    Example::
+
+        state = fx.fit(state, train_step, data, max_steps=1000,
+                       callbacks=[fx.callbacks.progress_bar(["loss", "accuracy"])])
+    """
+    names = _metric_names(metric)
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"progress_bar: smoothing must be in [0, 1), got {smoothing}")
+    if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
+        raise ValueError(f"progress_bar: refresh_every must be a positive int, got "
+                         f"{refresh_every!r}")
+    d = _Display(names, smoothing, refresh_every, leave, file)
+
+    def fn(state, event):
+        if event.kind == "step_end":
+            if d.train is not None:  # None before train_begin and on ranks other than 0
+                _step_end(d, event)
+        else:
+            _HOOKS[event.kind](d, event)
+        return state, _NOTHING
+
+    return Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True)
+
+
+def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:
+    names = (metric,) if isinstance(metric, str) else tuple(metric)
+    if not names or not all(isinstance(n, str) and n for n in names):
+        raise ValueError(f"progress_bar: metric must be a name or a non-empty sequence of "
+                         f"names, got {metric!r}")
+    return names
+
+
+def _lookup(metrics: Mapping[str, Any] | None, name: str) -> Any:
+    if not metrics or name not in metrics:
+        raise ValueError(f"progress_bar: no metric {name!r} in the step's metrics; available: "
+                         f"{sorted(metrics or {})}. Pass metric=... with names from those.")
+    return metrics[name]

@@ -1,0 +1,200 @@
+"""``summary``: a table of the run at train_begin (model, parameters, optimizer, data, devices).
+
+Rendered with rich, which draws box tables in terminals and HTML in notebooks. Everything is
+read from the ``TrainState`` and the train_begin event; the callback has no state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, TextIO
+
+import torch
+
+from ..optim import learning_rate
+from .combinators import _rank
+from .core import Callback, Control
+
+__all__ = ["summary", "parameter_counts", "describe_optimizer"]
+
+
+def _numel_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
+    tensors = list(tensors)
+    return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)
+
+
+def parameter_counts(state: Any) -> dict[str, int]:
+    """Element counts and bytes of a state's parameters and buffers.
+
+    Frozen parameters (``requires_grad=False`` in the module) live in ``state.buffers`` and are
+    told apart from true buffers by the module's parameter names.
+
+    Args:
+      state: a ``TrainState``.
+
+    Returns:
+      ``{"total", "trainable", "frozen", "buffers", "param_bytes", "buffer_bytes"}``; total is
+      trainable + frozen.
+
+    Example::
+
+        parameter_counts(fx.TrainState.create(nn.Linear(8, 4), tx))["trainable"]  # 36
+    """
+    names = {n for n, _ in state.module.named_parameters()}
+    buffers = state.buffers or {}
+    trainable, trainable_bytes = _numel_bytes(state.params.values())
+    frozen, frozen_bytes = _numel_bytes(v for k, v in buffers.items() if k in names)
+    other, other_bytes = _numel_bytes(v for k, v in buffers.items() if k not in names)
+    return {"total": trainable + frozen, "trainable": trainable, "frozen": frozen,
+            "buffers": other, "param_bytes": trainable_bytes + frozen_bytes,
+            "buffer_bytes": other_bytes}
+
+
+def _by_submodule(state: Any) -> list[tuple[str, str, int, int, int]]:
+    """(name, type, parameters, trainable, buffers) per top-level submodule that holds any."""
+    names = {n for n, _ in state.module.named_parameters()}
+    counts: dict[str, list[int]] = {}
+    for tensors, trainable in ((state.params, True), (state.buffers or {}, False)):
+        for key, t in tensors.items():
+            row = counts.setdefault(key.split(".", 1)[0] if "." in key else "", [0, 0, 0])
+            is_param = trainable or key in names
+            row[0 if is_param else 2] += t.numel()
+            row[1] += t.numel() if trainable else 0
+    children = dict(state.module.named_children())
+    order = [*children, ""]
+    return [(name or "(own)", type(children.get(name, state.module)).__name__, *counts[name])
+            for name in order if name in counts]
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def describe_optimizer(opt_state: Any) -> str:
+    """A readable outline of an optimizer from the types in its state.
+
+    A transform's NamedTuple or dataclass state ``ScaleByAdamState`` reads ``scale_by_adam``;
+    a chain's tuple reads ``chain(...)``; a wrapper shows the states it holds in parentheses.
+    Transforms without state (None) do not show.
+
+    Args:
+      opt_state: ``state.opt_state``.
+
+    Returns:
+      The outline, e.g. ``"chain(scale_by_adam, scale_by_learning_rate)"``; "" if nothing shows.
+
+    Example::
+
+        describe_optimizer(fx.optim.adam(1e-3).init(params))
+    """
+    if type(opt_state) in (tuple, list):
+        parts = [p for p in map(describe_optimizer, opt_state) if p]
+        return parts[0] if len(parts) == 1 else f"chain({', '.join(parts)})" if parts else ""
+    if isinstance(opt_state, tuple):
+        children = tuple(opt_state)
+    elif dataclasses.is_dataclass(opt_state) and not isinstance(opt_state, type):
+        children = tuple(getattr(opt_state, f.name) for f in dataclasses.fields(opt_state))
+    else:
+        return ""
+    name = _snake(type(opt_state).__name__.removesuffix("State"))
+    inner = [p for p in map(describe_optimizer, children) if p]
+    return f"{name}({', '.join(inner)})" if inner else name
+
+
+def _world_size() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _distinct(values: Iterable[Any]) -> str:
+    return ", ".join(sorted({str(v).removeprefix("torch.") for v in values}))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _show(value: Any) -> str:
+    return "-" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(
+        value, bool) else str(value)
+
+
+def _sections(state: Any, event: Any) -> dict[str, dict[str, str]]:
+    """The summary's rows, grouped by section."""
+    counts, info = parameter_counts(state), event.metrics or {}
+    lr = learning_rate(state.opt_state)
+    params = state.params.values()
+    return {
+        "Model": {"model": type(state.module).__name__, "parameters": _show(counts["total"]),
+                  "trainable": _show(counts["trainable"]), "frozen": _show(counts["frozen"]),
+                  "buffers": _show(counts["buffers"]),
+                  "parameter memory": _size(counts["param_bytes"]),
+                  "buffer memory": _size(counts["buffer_bytes"])},
+        "Optimizer": {"optimizer": describe_optimizer(state.opt_state) or "-",
+                      "learning rate": "-" if lr is None else f"{float(lr):.4g}"},
+        "Data": {k.replace("_", " "): _show(info.get(k))
+                 for k in ("steps_per_epoch", "batch_size", "eval_batches")},
+        "Run": {**{k.replace("_", " "): _show(info.get(k))
+                   for k in ("max_steps", "max_epochs", "sync_every", "compiled")},
+                "start step": _show(event.step), "start epoch": _show(event.epoch)},
+        "Hardware": {"device": _distinct(t.device for t in params),
+                     "dtype": _distinct(t.dtype for t in params),
+                     "world size": _show(_world_size())},
+    }
+
+
+def _render(sections: Mapping[str, Mapping[str, str]], rows: list, file: TextIO | None):
+    from rich.console import Console
+    from rich.table import Table
+
+    main = Table(title="Training summary", show_header=False, title_justify="left")
+    main.add_column(style="bold")
+    main.add_column()
+    main.add_column(overflow="fold")
+    for i, (section, entries) in enumerate(sections.items()):
+        if i:
+            main.add_section()
+        for j, (key, value) in enumerate(entries.items()):
+            main.add_row(section if j == 0 else "", key, value)
+    parts = Table(title="Parameters by submodule", title_justify="left")
+    for column in ("submodule", "type", "parameters", "trainable", "buffers"):
+        parts.add_column(column, justify="left" if column in ("submodule", "type") else "right")
+    for name, kind, *numbers in rows:
+        parts.add_row(name, kind, *map(_show, numbers))
+    console = Console() if file is None else Console(file=file, force_jupyter=False)
+    console.print(main, parts)
+
+
+def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
+    """A host callback that prints a summary of the run at train_begin (rank 0 only).
+
+    Shows the model class, parameter counts (total, trainable, frozen, buffers) and memory, a
+    second table of parameters per top-level submodule, the optimizer (from its state types)
+    and learning rate, the data and run settings from the train_begin event, device, dtype,
+    world size, and the step and epoch the run starts at (non-zero when resumed).
+
+    Args:
+      file: where to print (default standard output, or a notebook cell's HTML output).
+      name: the callback's name.
+
+    Returns:
+      A stateless host ``Callback``.
+
+    Example::
+
+        state = fx.fit(state, train_step, data, max_steps=1000,
+                       callbacks=[fx.callbacks.summary(), fx.callbacks.progress_bar()])
+    """
+
+    def fn(state, event):
+        if _rank() == 0:
+            _render(_sections(state, event), _by_submodule(state), file)
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("train_begin",), host=True)
