@@ -28,7 +28,11 @@ from .monitors import lr_monitor as lr_monitor
 from .monitors import memory_monitor as memory_monitor
 from .monitors import throughput as throughput
 from .nan_guard import nan_guard as nan_guard
+from .hf import hf_callback as hf_callback
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
+from .profiler import explain_step as explain_step
+from .profiler import find_graph_breaks as find_graph_breaks
+from .profiler import profiler as profiler
 from .progress import progress_bar as progress_bar
 from .summary import summary as summary
 from .timer import timer as timer

@@ -1,0 +1,234 @@
+"""Performance callbacks: the torch profiler over a window of steps, and a graph-break finder.
+
+``profiler`` records a few steps with ``torch.profiler`` and writes Chrome/TensorBoard traces;
+``find_graph_breaks`` reads Dynamo's counters after the first compiled step and reports graph
+breaks and recompiles; ``explain_step`` runs ``torch._dynamo.explain`` on an uncompiled step.
+All three are host-only: they read clocks, counters and files.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch._dynamo
+
+from .core import Callback, Control
+
+__all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
+
+logger = logging.getLogger("fxtrain")
+
+
+def _make_logdir(logdir: str | os.PathLike) -> str:
+    path = os.fspath(logdir)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"profiler: cannot create logdir {path!r}: {e.strerror or e}") from e
+    return path
+
+
+def _trace_writer(logdir: str) -> Callable[[Any], None]:
+    """An ``on_trace_ready`` handler: one ``<host>_<pid>.<ns>.pt.trace.json`` per window.
+
+    The name is the one ``torch.profiler.tensorboard_trace_handler`` uses, so TensorBoard's
+    profiler plugin reads ``logdir``; Perfetto and chrome://tracing open the file itself.
+    """
+    worker = f"{socket.gethostname()}_{os.getpid()}"
+
+    def write(prof) -> None:
+        path = os.path.join(logdir, f"{worker}.{time.time_ns()}.pt.trace.json")
+        prof.export_chrome_trace(path)
+        logger.info("profiler: trace of step %d written to %s (open it in ui.perfetto.dev, or "
+                    "run tensorboard --logdir %s)", prof.step_num, path, logdir)
+
+    return write
+
+
+def profiler(logdir: str | os.PathLike, *, wait: int = 1, warmup: int = 1, active: int = 3,
+             repeat: int = 1, record_shapes: bool = False, profile_memory: bool = False,
+             with_stack: bool = False, name: str = "profiler") -> Callback:
+    """Profiles the train loop with ``torch.profiler`` on a ``wait/warmup/active`` schedule.
+
+    The profiler starts at train_begin and advances one schedule step per step_end: it skips
+    ``wait`` steps, warms up for ``warmup``, records ``active`` steps and writes their trace
+    into ``logdir``; this cycle runs ``repeat`` times (0: until training ends). At train_end it
+    stops; a window cut short by the end of training is still written. Each trace is announced
+    on the ``fxtrain`` logger. The open profiler is not part of the state: a resumed run
+    profiles again from its own first step.
+
+    Args:
+      logdir: directory of the traces (created at train_begin).
+      wait, warmup, active, repeat: the ``torch.profiler.schedule``.
+      record_shapes, profile_memory, with_stack: passed to ``torch.profiler.profile``.
+      name: the callback's name.
+
+    Returns:
+      A host ``Callback`` without state.
+
+    Example::
+
+        fx.fit(state, step, data, callbacks=[profiler("runs/prof", wait=5, active=10)])
+    """
+    for arg, value, least in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1),
+                              ("repeat", repeat, 0)):
+        if not isinstance(value, int) or value < least:
+            raise ValueError(f"profiler: {arg} must be an int >= {least}, got {value!r}")
+    schedule = torch.profiler.schedule(wait=wait, warmup=warmup, active=active, repeat=repeat)
+    running: list[torch.profiler.profile] = []  # the open profiler; host-only, not state
+
+    def stop() -> None:
+        if running:
+            running.pop().stop()
+
+    def start() -> None:
+        stop()
+        prof = torch.profiler.profile(
+            activities=sorted(torch.profiler.supported_activities(), key=str),
+            schedule=schedule, on_trace_ready=_trace_writer(_make_logdir(logdir)),
+            record_shapes=record_shapes, profile_memory=profile_memory, with_stack=with_stack)
+        prof.start()
+        running.append(prof)
+
+    def fn(state, event):
+        if event.kind == "train_begin":
+            start()
+        elif event.kind == "step_end" and running:
+            running[0].step()
+        elif event.kind == "train_end":
+            stop()
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end", "train_end"),
+                    host=True)
+
+
+def _first_line(reason: str) -> str:
+    return reason.strip().splitlines()[0] if reason.strip() else "(no reason given)"
+
+
+def _counts() -> tuple[collections.Counter, int]:
+    counters = torch._dynamo.utils.counters
+    return collections.Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
+
+
+def _describe_breaks(breaks: collections.Counter) -> str:
+    return "; ".join(f"{n}x {_first_line(reason)}" for reason, n in breaks.most_common())
+
+
+def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_breaks") -> Callback:
+    """Reports the graph breaks and recompiles of a ``torch.compile``-d train step.
+
+    At train_begin it notes Dynamo's counters (``torch._dynamo.utils.counters``). After the
+    first step it logs the graph breaks Dynamo met (with their reasons) and how many graphs it
+    compiled; at train_end it logs the graphs compiled since the first step (recompiles: a
+    fully traced, stable step has none) and any later breaks. The counters are global to the
+    process, so a compiled eval step counts too. A step compiled with ``fullgraph=True`` fails
+    at its first break instead; this callback is for ``fullgraph=False`` runs.
+
+    Args:
+      raise_on_break: raise a RuntimeError when the first step had graph breaks.
+      name: the callback's name.
+
+    Returns:
+      A host ``Callback`` without state.
+
+    Example::
+
+        step = torch.compile(fx.make_train_step(loss_fn))    # fullgraph=False: breaks allowed
+        fx.fit(state, step, data, callbacks=[find_graph_breaks(raise_on_break=True)])
+    """
+    seen: dict[str, Any] = {}  # counters at train_begin and after the first step; host-only
+
+    def first_step() -> None:
+        breaks, graphs = _counts()
+        new_breaks = breaks - seen["breaks"]
+        seen.update(after_first=(breaks, graphs))
+        if not new_breaks:
+            logger.info("find_graph_breaks: no graph breaks in the first step (%d graphs "
+                        "compiled)", graphs - seen["graphs"])
+            return
+        message = (f"find_graph_breaks: Dynamo counted {sum(new_breaks.values())} graph "
+                   f"break(s) in the first step, {graphs - seen['graphs']} graphs compiled: "
+                   f"{_describe_breaks(new_breaks)}")
+        logger.warning(message)
+        if raise_on_break:
+            raise RuntimeError(message + " (use fx.callbacks.explain_step(train_step, state, "
+                               "batch) on the uncompiled step for the source lines)")
+
+    def last_step() -> None:
+        breaks, graphs = _counts()
+        breaks0, graphs0 = seen.get("after_first", (seen["breaks"], seen["graphs"]))
+        recompiles, later = graphs - graphs0, breaks - breaks0
+        log = logger.warning if recompiles or later else logger.info
+        log("find_graph_breaks: %d graphs compiled after the first step (recompiles)%s",
+            recompiles, f"; later graph breaks: {_describe_breaks(later)}" if later else "")
+
+    def fn(state, event):
+        if event.kind == "train_begin":
+            seen.clear()
+            seen["breaks"], seen["graphs"] = _counts()
+        elif event.kind == "step_end" and seen and "after_first" not in seen:
+            first_step()
+        elif event.kind == "train_end" and seen:
+            last_step()
+        return state, Control()
+
+    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end", "train_end"),
+                    host=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepReport:
+    """What ``torch._dynamo.explain`` found in a step: graphs, breaks and where they happen."""
+
+    graph_count: int
+    break_count: int
+    reasons: tuple[str, ...]
+
+    def __str__(self) -> str:
+        lines = [f"{self.graph_count} graph(s), {self.break_count} graph break(s)"]
+        lines += [f"  break {i + 1}: {r}" for i, r in enumerate(self.reasons)]
+        return "\n".join(lines)
+
+
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep,
+                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+
+
+def _user_frame(stack: list) -> str:
+    """The innermost frame outside torch and fxtrain: the user's line that broke the graph."""
+    user = [f for f in stack if not f.filename.startswith(_LIBRARY_DIRS)]
+    frame = (user or stack or [None])[-1]
+    return "" if frame is None else f" at {frame.filename}:{frame.lineno} in {frame.name}"
+
+
+def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
+    """Runs ``torch._dynamo.explain`` on one call of an uncompiled ``train_step``.
+
+    It traces (and runs) the step once, and returns the number of graphs and the reason and
+    source line of each graph break. Dynamo's caches are reset before and after
+    (``torch._dynamo.reset``), so compiled functions compile again on their next call.
+
+    Args:
+      train_step: the step as ``make_train_step`` returned it, not ``torch.compile``-d.
+      state, batch: the arguments of one call.
+
+    Returns:
+      A ``StepReport``; ``print(report)`` gives one line per break.
+
+    Example::
+
+        print(explain_step(fx.make_train_step(loss_fn), state, batch))
+    """
+    out = torch._dynamo.explain(train_step)(state, batch)
+    reasons = tuple(_first_line(r.reason) + _user_frame(r.user_stack) for r in out.break_reasons)
+    return StepReport(out.graph_count, out.graph_break_count, reasons)

@@ -1,0 +1,208 @@
+import json
+import sys
+
+import pytest
+import torch
+from helpers import mlp
+
+import fxtrain as fx
+from fxtrain.callbacks.core import Control, Event, fold
+from fxtrain.callbacks.hf import hf_callback
+
+transformers = pytest.importorskip("transformers")
+
+EARLY = {"metric_for_best_model": "eval_loss", "load_best_model_at_end": True}
+
+
+def _state(*callbacks):
+    return fx.TrainState.create(mlp(), fx.optim.sgd(0.1), callbacks=callbacks)
+
+
+def _begin(cb, state, **plan):
+    return fold([cb], state, Event("train_begin", 0, 0, {"max_steps": None, **plan}))
+
+
+def _evaluate(cb, state, step, loss):
+    return fold([cb], state, Event("eval_end", step, 0, {"loss": torch.tensor(loss)}))
+
+
+class Recorder(transformers.TrainerCallback):
+    """Records (hook, global_step) and the logs and metrics it is given."""
+
+    def __init__(self):
+        self.seen, self.logs, self.metrics = [], [], []
+
+    def _note(self, hook, state):
+        self.seen.append((hook, state.global_step))
+
+    def on_train_begin(self, args, state, control, **kw):
+        self._note("on_train_begin", state)
+
+    def on_epoch_begin(self, args, state, control, **kw):
+        self._note("on_epoch_begin", state)
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._note("on_step_begin", state)
+
+    def on_step_end(self, args, state, control, **kw):
+        self._note("on_step_end", state)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        self._note("on_log", state)
+        self.logs.append(dict(logs))
+
+    def on_evaluate(self, args, state, control, metrics=None, **kw):
+        self._note("on_evaluate", state)
+        self.metrics.append(dict(metrics))
+
+    def on_epoch_end(self, args, state, control, **kw):
+        self._note("on_epoch_end", state)
+
+    def on_save(self, args, state, control, **kw):
+        self._note("on_save", state)
+
+    def on_train_end(self, args, state, control, **kw):
+        self._note("on_train_end", state)
+
+
+def test_early_stopping_stops_at_the_right_eval():
+    cb = hf_callback(transformers.EarlyStoppingCallback(early_stopping_patience=2), args=EARLY)
+    assert cb.name == "hf_EarlyStoppingCallback" and cb.host
+    state, _ = _begin(cb, _state(cb))
+    stops = []
+    for i, loss in enumerate([1.0, 0.8, 0.9, 0.85]):
+        state, control = _evaluate(cb, state, 10 * (i + 1), loss)
+        stops.append(control.stop)
+    assert stops == [False, False, False, True]  # two evals without improving on 0.8
+    saved = state.callbacks["hf_EarlyStoppingCallback"]
+    assert saved["trainer_state"]["best_metric"] == pytest.approx(0.8)
+    assert saved["trainer_state"]["best_global_step"] == 20
+    assert saved["callback"]["attributes"]["early_stopping_patience_counter"] >= 2
+
+
+def test_early_stopping_patience_survives_a_round_trip():
+    def fresh():
+        return hf_callback(transformers.EarlyStoppingCallback(early_stopping_patience=2),
+                           args=EARLY)
+
+    first = fresh()
+    state, _ = _begin(first, _state(first))
+    for step, loss in [(10, 1.0), (20, 0.8), (30, 0.9)]:  # one eval without improvement
+        state, control = _evaluate(first, state, step, loss)
+    assert not control.stop
+    kept = json.loads(json.dumps(state.callbacks))  # as a checkpoint would store it
+
+    again = fresh()  # a new process: fresh callback objects, state from the checkpoint
+    state = _state(again).replace(callbacks=kept)
+    state, _ = _begin(again, state)
+    state, control = _evaluate(again, state, 40, 0.85)  # worse than 0.8: second strike
+    assert control.stop
+    kept = state.callbacks["hf_EarlyStoppingCallback"]["trainer_state"]
+    assert kept["best_metric"] == pytest.approx(0.8)
+
+    unrestored = fresh()  # the same eval without the saved state does not stop
+    state, _ = _begin(unrestored, _state(unrestored))
+    assert not _evaluate(unrestored, state, 40, 0.85)[1].stop
+
+
+def test_hooks_arrive_in_order_with_float_logs():
+    rec = Recorder()
+    cb = hf_callback(rec, log_every=2)
+    state, _ = _begin(cb, _state(cb), max_epochs=2, steps_per_epoch=2)
+    for step in (1, 2):
+        metrics = {"loss": torch.tensor(0.5 * step), "control/stop": torch.tensor(False)}
+        state, _ = fold([cb], state, Event("step_end", step, 0, metrics))
+    state, _ = _evaluate(cb, state, 2, 0.25)
+    state, _ = fold([cb], state, Event("epoch_end", 2, 0))
+    state, _ = fold([cb], state, Event("checkpoint", 2, 1, {"step": 2, "path": "/ckpt/2"}))
+    state, _ = fold([cb], state, Event("train_end", 2, 1, {"reason": "max_steps"}))
+    assert rec.seen == [
+        ("on_train_begin", 0), ("on_epoch_begin", 0),
+        ("on_step_begin", 1), ("on_step_end", 1),
+        ("on_step_begin", 2), ("on_step_end", 2), ("on_log", 2),
+        ("on_log", 2), ("on_evaluate", 2),
+        ("on_epoch_end", 2), ("on_epoch_begin", 2),
+        ("on_save", 2), ("on_train_end", 2)]
+    assert rec.logs[0] == {"loss": 1.0, "epoch": 1.0}
+    assert type(rec.logs[0]["loss"]) is float
+    assert rec.metrics == [{"eval_loss": 0.25}]
+
+
+def test_no_epoch_begin_after_the_last_epoch():
+    rec = Recorder()
+    cb = hf_callback(rec)
+    state, _ = _begin(cb, _state(cb), max_epochs=1)
+    fold([cb], state, Event("epoch_end", 5, 0))
+    assert [h for h, _ in rec.seen] == ["on_train_begin", "on_epoch_begin", "on_epoch_end"]
+
+
+def test_metrics_are_not_read_between_logs():
+    rec = Recorder()
+    cb = hf_callback(rec, log_every=50)
+    state, _ = _begin(cb, _state(cb))
+    unreadable = {"loss": torch.empty((), device="meta")}  # reading it would raise
+    fold([cb], state, Event("step_end", 1, 0, unreadable))
+    assert rec.logs == [] and ("on_step_end", 1) in rec.seen
+    with pytest.raises(Exception):
+        fold([cb], state, Event("step_end", 50, 0, unreadable))
+
+
+class Asker(transformers.TrainerCallback):
+    """Sets each control flag at a chosen step."""
+
+    def on_step_end(self, args, state, control, **kw):
+        control.should_save = state.global_step == 2
+        control.should_evaluate = state.global_step == 3
+        control.should_log = state.global_step == 4
+        control.should_training_stop = state.global_step == 5
+
+
+def test_control_flags_become_fx_controls_once():
+    cb = hf_callback(Asker())
+    state, _ = _begin(cb, _state(cb))
+    controls = []
+    for step in range(1, 6):
+        state, c = fold([cb], state, Event("step_end", step, 0, {"loss": torch.tensor(1.0)}))
+        controls.append(c)
+        if step == 2:  # the save was handed over at step_end; an eval in the same step
+            assert _evaluate(cb, state, step, 1.0)[1] == Control()  # does not ask again
+    assert controls == [Control(), Control(save=True), Control(evaluate=True), Control(log=True),
+                        Control(stop=True)]
+    state, c = _evaluate(cb, state, 5, 1.0)
+    assert c == Control(stop=True)  # stop stays asked for; save/evaluate/log were handed over
+
+
+def test_user_training_arguments_pass_through(tmp_path):
+    rec = Recorder()
+    args = {"output_dir": str(tmp_path), "metric_for_best_model": "accuracy",
+            "greater_is_better": True}
+    cb = hf_callback(rec, args=args, name="rec")
+    state, _ = _begin(cb, _state(cb))
+    for step, acc in [(1, 0.5), (2, 0.7), (3, 0.6)]:
+        state, _ = fold([cb], state, Event("eval_end", step, 0, {"accuracy": torch.tensor(acc)}))
+    assert state.callbacks["rec"]["trainer_state"]["best_metric"] == pytest.approx(0.7)
+    assert state.callbacks["rec"]["callback"] is None  # Recorder is not an ExportableState
+
+
+def test_missing_best_metric_is_a_clear_error():
+    cb = hf_callback(Recorder(), args={"metric_for_best_model": "eval_bleu"})
+    state, _ = _begin(cb, _state(cb))
+    with pytest.raises(KeyError, match="eval_bleu.*eval_loss"):
+        _evaluate(cb, state, 1, 0.5)
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(TypeError, match="TrainerCallback"):
+        hf_callback(lambda s, e: None)
+    with pytest.raises(TypeError, match="no_such_field"):
+        hf_callback(Recorder(), args={"no_such_field": 1})
+    with pytest.raises(TypeError, match="args must be"):
+        hf_callback(Recorder(), args=42)
+    with pytest.raises(ValueError, match="log_every"):
+        hf_callback(Recorder(), log_every=0)
+
+
+def test_missing_transformers_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(ImportError, match=r"pip install fxtrain\[hf\]"):
+        hf_callback(object())
