@@ -41,10 +41,17 @@ class DataPosition:
         return cls(torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64))
 
 
-def _tensor_source(data: Any) -> tuple[int, Callable[[torch.Tensor], Any]] | None:
+_GATHER_LIMIT = 256 * 2**20  # bytes: smaller tensor data is permuted once per epoch
+
+Take = Callable[[torch.Tensor], Callable[[int, int], Any]]  # epoch order -> (start, stop) -> batch
+
+
+def _tensor_source(data: Any) -> tuple[int, Take] | None:
     """Columns: a tensor, or a tuple/dict of tensors indexed along their first dimension.
 
-    A list is a dataset of examples, never columns: ``[img1, img2]`` batches images.
+    A list is a dataset of examples, never columns: ``[img1, img2]`` batches images. Data up to
+    256 MiB is gathered in epoch order once per epoch and batches are slices of it (views);
+    larger data is indexed batch by batch.
     """
     if not isinstance(data, torch.Tensor | tuple | Mapping):
         return None
@@ -55,10 +62,18 @@ def _tensor_source(data: Any) -> tuple[int, Callable[[torch.Tensor], Any]] | Non
     if len(sizes) != 1 or None in sizes:
         shapes = [tuple(t.shape) for t in leaves]
         raise ValueError(f"Batches: all tensors need the same first dimension, got shapes {shapes}")
-    return sizes.pop(), lambda idx: pytree.tree_unflatten([t[idx] for t in leaves], spec)
+    small = sum(t.numel() * t.element_size() for t in leaves) <= _GATHER_LIMIT
+
+    def epoch_take(order: torch.Tensor | None) -> Callable[[int, int], Any]:
+        if order is None or small:
+            columns = leaves if order is None else [t[order] for t in leaves]
+            return lambda a, b: pytree.tree_unflatten([t[a:b] for t in columns], spec)
+        return lambda a, b: pytree.tree_unflatten([t[order[a:b]] for t in leaves], spec)
+
+    return sizes.pop(), epoch_take
 
 
-def _dataset_source(data: Any, collate: Callable) -> tuple[int, Callable[[torch.Tensor], Any]]:
+def _dataset_source(data: Any, collate: Callable) -> tuple[int, Take]:
     if not isinstance(data, Sequence | torch.utils.data.Dataset) or isinstance(data, str):
         raise TypeError(f"Batches needs tensors, a dict/tuple of tensors, or a map-style dataset "
                         f"(__len__ and __getitem__); got {type(data).__name__}")
@@ -67,15 +82,20 @@ def _dataset_source(data: Any, collate: Callable) -> tuple[int, Callable[[torch.
     except TypeError as e:
         raise TypeError(f"Batches needs a dataset with __len__; {type(data).__name__} has none "
                         "(an iterable-style dataset has no random access to shuffle)") from e
-    # idx is a CPU index tensor from randperm/arange: no device sync; datasets want Python ints.
-    return n, lambda idx: collate([data[i] for i in idx.tolist()])
+
+    def epoch_take(order: torch.Tensor | None) -> Callable[[int, int], Any]:
+        indices = list(range(n)) if order is None else order.tolist()  # CPU: no device sync
+        return lambda a, b: collate([data[i] for i in indices[a:b]])
+
+    return n, epoch_take
 
 
 class Batches:
     """Batches of ``data``: a tensor, a dict/tuple of tensors, or a map-style dataset.
 
     Args:
-      data: tensors sharing their first dimension (indexed directly, no copies per example), or
+      data: tensors sharing their first dimension (up to 256 MiB they are permuted once per
+        epoch and batches are views of that copy; larger ones are indexed per batch), or
         a dataset with ``__len__`` and ``__getitem__`` (examples joined by ``collate``).
       batch_size: examples per batch.
       shuffle: a new permutation each epoch, derived from ``(seed, epoch)``; else in order.
@@ -94,7 +114,9 @@ class Batches:
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.repeats = True  # epochs follow one another until the loop stops
-        self._epoch_order: tuple[int, torch.Tensor] | None = None  # cache of order(epoch)
+        self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
+        self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
+        self._index = [torch.tensor(i, dtype=torch.int64) for i in range(len(self))]
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
                              + (" with drop_last=True" if drop_last else ""))
@@ -120,17 +142,24 @@ class Batches:
         if not isinstance(position, DataPosition):
             raise TypeError(f"Batches.next needs a DataPosition (state.data), got "
                             f"{type(position).__name__}; start with state.replace(data=batches.init())")
-        epoch, index = int(position.epoch), int(position.index)
+        if self._last is not None and position is self._last[0]:
+            epoch, index = self._last[1:]  # the position this stream made: no tensor reads
+        else:
+            epoch, index = int(position.epoch), int(position.index)
         if not 0 <= index < len(self):
             raise ValueError(f"Batches: position index {index} is outside this stream's "
                              f"{len(self)} batches per epoch (was the data or batch size changed?)")
-        if self._epoch_order is None or self._epoch_order[0] != epoch:
-            self._epoch_order = (epoch, self.order(epoch))  # one permutation per epoch, not batch
+        if self._epoch is None or self._epoch[0] != epoch:  # once per epoch
+            order = self.order(epoch) if self.shuffle else None
+            self._epoch = (epoch, torch.tensor(epoch, dtype=torch.int64), self._take(order))
         start = index * self.batch_size
-        batch = self._take(self._epoch_order[1][start:start + self.batch_size])
+        batch = self._epoch[2](start, start + self.batch_size)
         done = index + 1 == len(self)
-        new = DataPosition(torch.tensor(epoch + done, dtype=torch.int64),
-                           torch.tensor(0 if done else index + 1, dtype=torch.int64))
+        if done:
+            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])
+        else:
+            new = DataPosition(self._epoch[1], self._index[index + 1])
+        self._last = (new, epoch + done, 0 if done else index + 1)
         return batch, new, done
 
     def epoch(self, position: DataPosition) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .callbacks.core import Callback, Control, Event, flags, fold, init
+from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .data import as_stream
 from .evaluate import evaluate
 from .step import revert_update
@@ -40,6 +40,8 @@ class _Flags:
         self.now, self.tensors = Control(), []
 
     def add(self, control: Control) -> None:
+        if control is NOTHING:
+            return
         values = flags(control)[:4]
         if any(isinstance(v, torch.Tensor) for v in values):
             self.tensors.append(torch.stack([torch.as_tensor(v, device=_device(values))

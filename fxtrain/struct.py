@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, TypeVar
 
 import optree
+import torch
 import torch.utils._pytree as torch_pytree
 
 __all__ = ["dataclass", "field", "OPTREE_NAMESPACE"]
@@ -42,13 +43,18 @@ def _replace(self: T, **changes: Any) -> T:
     Copies the fields by name rather than calling ``dataclasses.replace``: inside compiled code
     that keeps Dynamo's guards to one tuple instead of every field's metadata.
     """
-    names = type(self).__struct_fields__
-    unknown = changes.keys() - set(names)
-    if unknown:
-        raise TypeError(f"{type(self).__name__} has no field(s) {sorted(unknown)}")
-    obj = object.__new__(type(self))
-    for name in names:
-        object.__setattr__(obj, name, changes[name] if name in changes else getattr(self, name))
+    cls = type(self)
+    if not changes.keys() <= cls.__struct_field_set__:
+        unknown = changes.keys() - cls.__struct_field_set__
+        raise TypeError(f"{cls.__name__} has no field(s) {sorted(unknown)}")
+    obj = object.__new__(cls)
+    if torch.compiler.is_compiling():
+        for name in cls.__struct_fields__:
+            object.__setattr__(obj, name, changes[name] if name in changes else getattr(self, name))
+    else:  # on the host, per step in the loop: a dict copy is several times faster
+        fields = obj.__dict__
+        fields.update(self.__dict__)
+        fields.update(changes)
     return obj
 
 
@@ -91,5 +97,6 @@ def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
         namespace=OPTREE_NAMESPACE,
     )
     cls.__struct_fields__ = data + meta
+    cls.__struct_field_set__ = frozenset(data + meta)
     cls.replace = _replace
     return cls

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .core import EVENT_KINDS, Callback, Control, Event, flags, name_of
+from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, name_of
 
 __all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
            "select_tree"]
@@ -59,7 +59,7 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
             new, control = inner(state, event)
             return select_tree(now, new, state, name_of(inner)), Control(
                 *(f & now if isinstance(f, torch.Tensor) or f else False for f in flags(control)))
-        return inner(state, event) if now else (state, Control())
+        return inner(state, event) if now else (state, NOTHING)
 
     return fn
 
@@ -138,7 +138,7 @@ def rank_zero(cb: Callable) -> Callback:
     inner = as_callback(cb)
 
     def fn(state, event):
-        return inner(state, event) if _rank() == 0 else (state, Control())
+        return inner(state, event) if _rank() == 0 else (state, NOTHING)
 
     return dataclasses.replace(inner, fn=fn)
 
@@ -162,6 +162,6 @@ def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Call
 
     def fn(state, event):
         out = table[event.kind](state, event)
-        return (state, Control()) if out is None else out
+        return (state, NOTHING) if out is None else out
 
     return Callback(name=name, init=None, fn=fn, kinds=tuple(table))

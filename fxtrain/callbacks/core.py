@@ -56,7 +56,19 @@ class Control:
     def __or__(self, other: Control) -> Control:
         if not isinstance(other, Control):
             return NotImplemented
+        if _asks_nothing(other):
+            return self
+        if _asks_nothing(self):
+            return other
         return Control(*(a | b for a, b in zip(flags(self), flags(other))))
+
+
+NOTHING = Control()  # the control that asks for nothing (shared: building one costs ~0.5 us)
+
+
+def _asks_nothing(c: Control) -> bool:
+    return c is NOTHING or (c.stop is False and c.save is False and c.evaluate is False
+                            and c.log is False and c.skip is False)
 
 
 def flags(c: Control) -> tuple:
@@ -136,7 +148,7 @@ def init(callbacks: Sequence[Callable], state: Any) -> Any:
 
 def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
     if result is None:  # an observer (a print in a notebook) changes nothing
-        return state, Control()
+        return state, NOTHING
     ok = isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Control)
     if not ok:
         raise TypeError(f"callback {name_of(cb)} returned {type(result).__name__}; a callback "
@@ -146,7 +158,7 @@ def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
 
 def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, Control]:
     """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left."""
-    control = Control()
+    control = NOTHING
     for cb in callbacks:
         if isinstance(cb, Callback) and event.kind not in cb.kinds:
             continue

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import struct
-from .core import Callback, Control, callback_state
+from .core import Callback, Control, NOTHING, callback_state
 
 __all__ = ["EarlyStoppingState", "early_stopping", "monitored_value", "improvement"]
 
@@ -112,7 +112,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
     def fn(state, ev):
         if ev.kind == "train_end":  # restore_best only: back to the best, if there was one
             es = callback_state(state, name)
-            return restore(state, es.best_step >= 0, es), Control()
+            return restore(state, es.best_step >= 0, es), NOTHING
         return update(state, ev)
 
     kinds = (event, "train_end") if restore_best else (event,)

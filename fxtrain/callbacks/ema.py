@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import Callback, Control, callback_state
+from .core import Callback, NOTHING, callback_state
 
 __all__ = ["ema", "with_ema_params"]
 
@@ -41,10 +41,10 @@ def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
         if isinstance(event.step, torch.Tensor):
             weight = torch.where(event.step % every == 0, weight, 0.0) if every > 1 else weight
         elif event.step % every:
-            return state, Control()
+            return state, NOTHING
         new = {k: torch.lerp(v, state.params[k].to(v.dtype), _like(weight, v))
                for k, v in avg.items()}
-        return state.replace(callbacks={**state.callbacks, name: new}), Control()
+        return state.replace(callbacks={**state.callbacks, name: new}), NOTHING
 
     return Callback(name=name, init=init, fn=fn, kinds=("step_end",))
 

@@ -16,7 +16,7 @@ import torch
 
 from .. import struct
 from .combinators import select_tree
-from .core import Callback, Control, callback_state
+from .core import Callback, NOTHING, callback_state
 from .report import logger, publish, read_floats
 
 __all__ = ["GradMonitorState", "grad_monitor"]
@@ -106,13 +106,13 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
     def fn(state, event):
         on_host = isinstance(event.step, int)
         if on_host and event.step % every:
-            return state, Control()
+            return state, NOTHING
         new_state, new = update(state, event)
         if on_host:
             report(event.step, new)
         elif every > 1:  # inside a step: keep the update only on due steps, without a branch
             new_state = select_tree(event.step % every == 0, new_state, state, name)
-        return new_state, Control()
+        return new_state, NOTHING
 
     return Callback(name=name, init=init, fn=fn, kinds=("step_end",), grad_stats=per_layer)
 

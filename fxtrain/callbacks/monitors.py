@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from ..optim.wrappers import injected_hyperparams, learning_rate
-from .core import Callback, Control
+from .core import Callback, NOTHING
 from .report import publish, read_floats
 
 __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
@@ -36,14 +36,14 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
 
     def fn(state, event):
         if event.step % every:
-            return state, Control()
+            return state, NOTHING
         values = {f"hparams/{k}": v for k, v in injected_hyperparams(state.opt_state).items()}
         lr = learning_rate(state.opt_state)
         if lr is not None:
             values["learning_rate"] = lr
         if values:
             publish(writer, event.step, read_floats(values), what="optimizer")
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("step_end",), host=True)
 
@@ -71,9 +71,9 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
         if event.kind == "train_begin":
             size = batch_size or (event.metrics or {}).get("batch_size")
             window.update(time=time_fn(), step=event.step, batch_size=size)
-            return state, Control()
+            return state, NOTHING
         if event.step % every or not window:
-            return state, Control()
+            return state, NOTHING
         _wait_for(event.metrics)
         now = time_fn()
         steps, seconds = event.step - window["step"], max(now - window["time"], 1e-12)
@@ -84,7 +84,7 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
             rates["throughput/tokens_per_sec"] = steps * tokens_per_batch / seconds
         window.update(time=now, step=event.step)
         publish(writer, event.step, rates, what="throughput")
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end"), host=True)
 
@@ -131,6 +131,6 @@ def memory_monitor(every: int = 100, *, writer: Any = None,
     def fn(state, event):
         if event.kind == "train_end" or event.step % every == 0:
             publish(writer, event.step, process_memory(), what="memory")
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("step_end", "train_end"), host=True)

@@ -13,7 +13,7 @@ import torch
 
 from .. import struct
 from ..optim.wrappers import injected_hyperparams, map_hyperparams
-from .core import Callback, Control, callback_state
+from .core import Callback, NOTHING, callback_state
 from .early_stopping import improvement, monitored_value
 
 __all__ = ["PlateauState", "reduce_lr_on_plateau"]
@@ -84,6 +84,6 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
 
         state = state.replace(opt_state=map_hyperparams(state.opt_state, "learning_rate", scaled),
                               callbacks={**state.callbacks, name: new})
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=init, fn=fn, kinds=(event,))

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from .core import Callback, Control
+from .core import Callback, NOTHING
 
 __all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
 
@@ -105,7 +105,7 @@ def profiler(logdir: str | os.PathLike, *, wait: int = 1, warmup: int = 1, activ
             running[0].step()
         elif event.kind == "train_end":
             stop()
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end", "train_end"),
                     host=True)
@@ -180,7 +180,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
             first_step()
         elif event.kind == "train_end" and seen:
             last_step()
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end", "train_end"),
                     host=True)

@@ -17,12 +17,11 @@ from typing import Any, TextIO
 from tqdm.auto import tqdm
 
 from .combinators import _rank
-from .core import Callback, Control
+from .core import NOTHING, Callback
 from .report import read_floats
 
 __all__ = ["progress_bar"]
 
-_NOTHING = Control()  # shared: building a Control costs more than the rest of a quiet step
 _KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "train_end")
 
 
@@ -185,7 +184,7 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
                 _step_end(d, event)
         else:
             _HOOKS[event.kind](d, event)
-        return state, _NOTHING
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True)
 

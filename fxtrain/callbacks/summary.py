@@ -15,7 +15,7 @@ import torch
 
 from ..optim import learning_rate
 from .combinators import _rank
-from .core import Callback, Control
+from .core import Callback, NOTHING
 
 __all__ = ["summary", "parameter_counts", "describe_optimizer"]
 
@@ -195,6 +195,6 @@ def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
     def fn(state, event):
         if _rank() == 0:
             _render(_sections(state, event), _by_submodule(state), file)
-        return state, Control()
+        return state, NOTHING
 
     return Callback(name=name, init=None, fn=fn, kinds=("train_begin",), host=True)

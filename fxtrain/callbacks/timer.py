@@ -10,9 +10,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .core import Callback, Control, callback_state
+from .core import NOTHING, Callback, Control, callback_state
 
 __all__ = ["timer"]
+
+_STOP = Control(stop=True)
 
 
 def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
@@ -39,6 +41,6 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
         if over or event.kind != "step_end" or now - clock["saved"] >= 1.0:
             clock["saved"] = now
             state = state.replace(callbacks={**state.callbacks, name: {"elapsed": elapsed}})
-        return state, Control(stop=over)
+        return state, (_STOP if over else NOTHING)
 
     return Callback(name=name, init=init, fn=fn, host=True)
