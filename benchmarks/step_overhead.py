@@ -5,6 +5,13 @@
 (c) a hand-written functional step (functional_call + grad + AdamW maths) under torch.compile
 (d) fxtrain: make_train_step + fx.optim.adamw under torch.compile(fullgraph=True)
 
+and the cost of the host loop around (d), on the same data stream (fx.data.Batches):
+(e) a bare Python loop: batch, position = data.next(position); state = step(state, batch)
+(f) fx.fit with no callbacks
+(g) fx.fit with the standard host set: progress_bar, summary, throughput, lr_monitor, timer
+fit runs are timed as the difference of a long and a short run, so its one-off start-up
+(summary table, bars) does not count per step.
+
 Run: python benchmarks/step_overhead.py [--rounds 7] [--steps 200] [--smoke]
 Prints steps/s per variant (median over rounds) and ratios against (a).
 """
@@ -12,6 +19,7 @@ Prints steps/s per variant (median over rounds) and ratios against (a).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -112,6 +120,66 @@ VARIANTS = {
 }
 
 
+def loop_setup(sizes, batch):
+    """A compiled fxtrain step, its state, and a Batches stream of 64 batches."""
+    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
+
+    def loss_fn(state, params, batch):
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y)
+
+    g = torch.Generator().manual_seed(0)
+    n = batch * 64
+    data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
+                            torch.randint(0, sizes[-1], (n,), generator=g)), batch)
+    return state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data
+
+
+def host_callbacks():
+    sink = open(os.devnull, "w")  # noqa: SIM115 - the bars and the table write somewhere quiet
+    return [fx.callbacks.progress_bar(file=sink), fx.callbacks.summary(file=sink),
+            fx.callbacks.throughput(), fx.callbacks.lr_monitor(), fx.callbacks.timer(1e9)]
+
+
+def loop_variants(sizes, batch):
+    """Each returns seconds per step over ``steps`` steps."""
+    state, step, data = loop_setup(sizes, batch)
+    holder = [state]
+
+    def bare(steps):
+        state, position = holder[0].replace(data=None, callbacks=None), data.init()
+        start = time.perf_counter()
+        for _ in range(steps):
+            batch, position, _ = data.next(position)
+            state, _ = step(state, batch)
+        holder[0] = state
+        return (time.perf_counter() - start) / steps
+
+    def fit(callbacks):
+        def run(n):
+            state = holder[0].replace(data=None, callbacks=None)
+            start = time.perf_counter()
+            holder[0] = fx.fit(state, step, data, callbacks=callbacks(),
+                               max_steps=int(state.step) + n)
+            return time.perf_counter() - start
+
+        return lambda steps: (run(steps + steps // 4) - run(steps // 4)) / steps
+
+    return {"e_bare_loop": bare, "f_fit": fit(list), "g_fit_host_callbacks": fit(host_callbacks)}
+
+
+def measure_loops(size, rounds, steps):
+    sizes, batch = SIZES[size]
+    runs = loop_variants(sizes, batch)
+    for run in runs.values():
+        run(20)
+    per_step = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            per_step[name].append(run(steps))
+    return {name: 1.0 / statistics.median(t) for name, t in per_step.items()}
+
+
 def time_steps(step, batches, steps):
     start = time.perf_counter()
     for i in range(steps):
@@ -140,6 +208,10 @@ def report(size, med):
         print(f"{name:26s} {rate:10.0f} {rate / base:8.2f}x")
     d, c = med["d_fxtrain_compiled"], med["c_handwritten_compiled"]
     print(f"(d) / (c) = {d / c:.3f}")
+    if "e_bare_loop" in med:
+        e = med["e_bare_loop"]
+        for name in ("f_fit", "g_fit_host_callbacks"):
+            print(f"({name[0]}) time per step / (e) = {e / med[name]:.3f}")
 
 
 def main(argv=None):
@@ -156,6 +228,8 @@ def main(argv=None):
     results = {}
     for size in args.sizes:
         results[size] = measure(size, args.rounds, args.steps)
+        if size == "tiny":  # the loop's cost matters where steps are short
+            results[size].update(measure_loops(size, args.rounds, args.steps * 2))
         report(size, results[size])
     return results
 

@@ -43,7 +43,7 @@ def last_line(text):
 
 def test_bar_counts_to_max_steps_and_shows_the_last_loss(state):
     out = io.StringIO()
-    cbs = [progress_bar(smoothing=0.0, refresh_every=5, file=out)]
+    cbs = [progress_bar(smoothing=0.0, refresh_every=5, min_interval=0, file=out)]
     fold(cbs, state, begin(max_steps=20))
     run_steps(cbs, state, range(1, 21), lambda s: {"loss": torch.tensor(1.0 / s)})
     fold(cbs, state, end(20))
@@ -54,7 +54,7 @@ def test_bar_counts_to_max_steps_and_shows_the_last_loss(state):
 
 def test_postfix_is_an_ema_over_the_refreshed_steps(state):
     out = io.StringIO()
-    cbs = [progress_bar(smoothing=0.5, refresh_every=4, file=out)]
+    cbs = [progress_bar(smoothing=0.5, refresh_every=4, min_interval=0, file=out)]
     fold(cbs, state, begin(max_steps=8))
     run_steps(cbs, state, range(1, 9), lambda s: {"loss": torch.tensor(float(s))})
     fold(cbs, state, end(8))
@@ -66,7 +66,7 @@ def test_postfix_is_an_ema_over_the_refreshed_steps(state):
 
 def test_train_end_shows_the_metrics_of_the_last_step(state):
     out = io.StringIO()
-    cbs = [progress_bar(smoothing=0.0, refresh_every=10, file=out)]
+    cbs = [progress_bar(smoothing=0.0, refresh_every=10, min_interval=0, file=out)]
     fold(cbs, state, begin(max_steps=100))
     run_steps(cbs, state, range(1, 16), lambda s: {"loss": torch.tensor(float(s))})
     fold(cbs, state, end(15, "data_exhausted"))  # the last refresh was at step 10
@@ -75,7 +75,7 @@ def test_train_end_shows_the_metrics_of_the_last_step(state):
 
 def test_several_metrics_are_shown(state):
     out = io.StringIO()
-    cbs = [progress_bar(["loss", "accuracy"], smoothing=0.0, refresh_every=2, file=out)]
+    cbs = [progress_bar(["loss", "accuracy"], smoothing=0.0, refresh_every=2, min_interval=0, file=out)]
     fold(cbs, state, begin(max_steps=4))
     run_steps(cbs, state, range(1, 5),
               lambda s: {"loss": torch.tensor(0.5), "accuracy": torch.tensor(0.75)})
@@ -116,7 +116,7 @@ def test_missing_metric_is_a_clear_error(state):
 
 
 def test_steps_between_refreshes_do_not_read_the_metrics(state):
-    cbs = [progress_bar(refresh_every=10, file=io.StringIO())]
+    cbs = [progress_bar(refresh_every=10, min_interval=0, file=io.StringIO())]
     fold(cbs, state, begin(max_steps=10))
     run_steps(cbs, state, [1], lambda s: {"loss": torch.tensor(1.0)})
     run_steps(cbs, state, range(2, 10), lambda s: {})  # no "loss": fine, nothing is read
@@ -270,3 +270,18 @@ def test_summary_only_reacts_to_train_begin(state):
     fold([cb], state, Event("step_end", 1, 0, {"loss": torch.tensor(1.0)}))
     fold([cb], state, end(1))
     assert out.getvalue() == ""
+
+
+def test_fast_steps_read_the_metrics_at_most_once_per_interval(monkeypatch):
+    import fxtrain.callbacks.progress as progress
+    reads, now = [], [0.0]
+    real = progress.read_floats
+    monkeypatch.setattr(progress, "read_floats", lambda values: reads.append(1) or real(values))
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    cb = progress_bar(refresh_every=1, min_interval=1.0, file=io.StringIO())
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
+    fold([cb], state, Event("train_begin", 0, 0, {"max_steps": 100}))
+    for step in range(1, 21):
+        now[0] = step * 0.25  # four steps a second
+        fold([cb], state, Event("step_end", step, 0, {"loss": 1.0}))
+    assert len(reads) == 5  # steps 1, 5, 9, 13, 17: one read per second of steps

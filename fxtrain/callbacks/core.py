@@ -86,6 +86,8 @@ class Callback:
       kinds: the event kinds it reacts to; the fold skips it on others.
       host: it does IO (or reads the clock), so it runs only in ``fit``, never inside a step.
       grad_stats: it reads the per-parameter gradient norms of the step's metrics.
+      period: on the host, the fold calls it on step_end only at multiples of ``period``
+        (a cheap skip for monitors that act every N steps; use ``every`` for in-step gating).
     """
 
     name: str
@@ -94,6 +96,7 @@ class Callback:
     kinds: tuple[str, ...] = EVENT_KINDS
     host: bool = False
     grad_stats: bool = False
+    period: int = 1
 
     def __post_init__(self):
         unknown = set(self.kinds) - set(EVENT_KINDS)
@@ -160,8 +163,15 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
     """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left."""
     control = NOTHING
     for cb in callbacks:
-        if isinstance(cb, Callback) and event.kind not in cb.kinds:
-            continue
-        state, c = _check_result(cb, state, cb(state, event))
-        control = control | c
+        if isinstance(cb, Callback):
+            if event.kind not in cb.kinds or (
+                    cb.period > 1 and event.kind == "step_end" and type(event.step) is int
+                    and event.step % cb.period):
+                continue
+            result = cb.fn(state, event)
+        else:
+            result = cb(state, event)
+        state, c = _check_result(cb, state, result)
+        if c is not NOTHING:
+            control = control | c
     return state, control

@@ -45,7 +45,7 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
             publish(writer, event.step, read_floats(values), what="optimizer")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("step_end",), host=True)
+    return Callback(name=name, init=None, fn=fn, kinds=("step_end",), host=True, period=every)
 
 
 def throughput(every: int = 50, *, batch_size: int | None = None,
@@ -86,7 +86,8 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
         publish(writer, event.step, rates, what="throughput")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end"), host=True)
+    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end"), host=True,
+                    period=every)
 
 
 def _wait_for(metrics) -> None:
@@ -133,4 +134,5 @@ def memory_monitor(every: int = 100, *, writer: Any = None,
             publish(writer, event.step, process_memory(), what="memory")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("step_end", "train_end"), host=True)
+    return Callback(name=name, init=None, fn=fn, kinds=("step_end", "train_end"), host=True,
+                    period=every)

@@ -2,14 +2,15 @@
 
 The bars are ephemeral host objects held in the callback's closure, never in the state; they
 are re-created on every train_begin, so a resumed run starts its bar at the resumed step.
-On most steps a step_end costs a comparison and tqdm's ``update``: the metrics are read from
-the device (one sync for all of them) only on the first step, every ``refresh_every`` steps,
-and at train_end, so the values shown lag the bar by up to ``refresh_every`` steps.
+On most steps a step_end costs one comparison: the bars move, and the metrics are read from the
+device (one sync for all of them), only on the first step, every ``refresh_every`` steps (but at
+most once per ``min_interval`` seconds), at epoch ends and at train_end. So the display lags training by up to ``refresh_every`` steps.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
@@ -55,7 +56,8 @@ class _Display:
     """The settings, open bars and smoothed values of one progress bar (host only, mutable)."""
 
     __slots__ = ("names", "smoothing", "refresh_every", "leave", "file", "out", "train",
-                 "epoch", "info", "metrics", "ema", "next_refresh", "refreshed_at")
+                 "epoch", "info", "metrics", "ema", "next_refresh", "refreshed_at", "min_interval",
+                 "read_at")
 
     def __init__(self, names, smoothing, refresh_every, leave, file):
         self.names, self.smoothing, self.refresh_every = names, smoothing, refresh_every
@@ -63,6 +65,7 @@ class _Display:
         self.train = self.epoch = self.metrics = None
         self.info, self.ema = {}, {}
         self.next_refresh = self.refreshed_at = -1
+        self.min_interval, self.read_at = 0.0, -math.inf
 
 
 def _close(d: _Display) -> None:
@@ -99,6 +102,8 @@ def _refresh(d: _Display, step: int) -> None:
 
 def _epoch_end(d: _Display, event) -> None:
     """Starts the epoch bar over for the next epoch (the last one stays full)."""
+    if d.train is not None:
+        _advance(d, event.step)
     epochs = d.info.get("max_epochs")
     if d.epoch is None or (epochs is not None and event.epoch + 1 >= epochs):
         return
@@ -121,7 +126,7 @@ def _end(d: _Display, event) -> None:
         return
     if d.metrics is not None and d.refreshed_at != event.step:
         _refresh(d, event.step)
-    d.train.update(event.step - d.train.n)
+    _advance(d, event.step)
     reason = (event.metrics or {}).get("reason")
     if reason not in (None, "max_steps", "max_epochs"):
         tqdm.write(f"training ended at step {event.step}: {reason}", file=d.out)
@@ -132,20 +137,29 @@ _HOOKS = {"train_begin": _begin, "epoch_end": _epoch_end, "eval_end": _eval_end,
           "train_end": _end}
 
 
-def _step_end(d: _Display, event) -> None:
-    """The per-step path: a comparison and tqdm's update, a refresh when one is due."""
-    d.metrics = event.metrics
-    if event.step >= d.next_refresh:
-        _refresh(d, event.step)
-    taken = event.step - d.train.n
+def _advance(d: _Display, step: int) -> None:
+    taken = step - d.train.n
     if d.epoch is not None:
         d.epoch.update(taken)
     d.train.update(taken)
 
 
+def _step_end(d: _Display, event) -> None:
+    """The per-step path: a comparison; the bars move (and metrics are read) when due."""
+    d.metrics = event.metrics
+    if event.step >= d.next_refresh:
+        now = time.monotonic()
+        if now - d.read_at < d.min_interval:  # fast steps: at most one read per interval
+            d.next_refresh += d.refresh_every
+            return
+        d.read_at = now
+        _refresh(d, event.step)
+        _advance(d, event.step)
+
+
 def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3,
-                 refresh_every: int = 10, leave: bool = True, file: TextIO | None = None,
-                 name: str = "progress_bar") -> Callback:
+                 refresh_every: int = 10, min_interval: float = 0.1, leave: bool = True,
+                 file: TextIO | None = None, name: str = "progress_bar") -> Callback:
     """A host callback showing training progress with tqdm (widgets in notebooks).
 
     A training bar counts steps up to max_steps (or steps_per_epoch * max_epochs) with the
@@ -157,7 +171,8 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
       metric: the step metric(s) to show: a name or a sequence of names.
       smoothing: weight of the past in the exponential moving average of the shown values,
         in [0, 1): ``shown = smoothing * shown + (1 - smoothing) * value``; 0 shows raw values.
-      refresh_every: read the metrics from the device every this many steps.
+      refresh_every: read the metrics from the device every this many steps...
+      min_interval: ...but at most once per this many seconds (fast steps skip reads).
       leave: keep the training bar on screen after training.
       file: where the bars go (default ``sys.stderr``); notebook widgets ignore it.
       name: the callback's name.
@@ -177,6 +192,7 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
         raise ValueError(f"progress_bar: refresh_every must be a positive int, got "
                          f"{refresh_every!r}")
     d = _Display(names, smoothing, refresh_every, leave, file)
+    d.min_interval = min_interval
 
     def fn(state, event):
         if event.kind == "step_end":
