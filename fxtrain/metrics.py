@@ -197,7 +197,7 @@ class Std(Metric):
 
 
 @struct.dataclass
-class LastValue(Metric):
+class LastValue(Average):
     """The mean of the most recent non-empty batch; merging keeps ``other`` unless it is empty.
 
     Example::
@@ -206,27 +206,11 @@ class LastValue(Metric):
         a.merge(b).compute()   # tensor(1.)
     """
 
-    total: torch.Tensor
-    count: torch.Tensor
-
-    @classmethod
-    def empty(cls, *, device=None, dtype=torch.float32):
-        return cls(*_zeros(device, dtype))
-
-    @classmethod
-    def from_model_output(cls, values, mask=None, **unused):
-        """Args: values (any shape); mask, a prefix of ``values.shape``. Other outputs ignored."""
-        del unused
-        return cls(*_sums(values, mask))
-
     def merge(self, other):
         self._check_same_type(other)
         newer = other.count > 0
         return type(self)(torch.where(newer, other.total, self.total),
                           torch.where(newer, other.count, self.count))
-
-    def compute(self):
-        return self.total / self.count
 
 
 @struct.dataclass
