@@ -116,7 +116,8 @@ class Batches:
         self.repeats = True  # epochs follow one another until the loop stops
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
-        self._index = [torch.tensor(i, dtype=torch.int64) for i in range(len(self))]
+        # index tensors shared by the positions this stream makes (immutable values)
+        self._index = [torch.tensor(i, dtype=torch.int64) for i in range(min(len(self), 2**16))]
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
                              + (" with drop_last=True" if drop_last else ""))
@@ -158,12 +159,14 @@ class Batches:
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])
         else:
-            new = DataPosition(self._epoch[1], self._index[index + 1])
+            new = DataPosition(self._epoch[1], self._index_tensor(index + 1))
         self._last = (new, epoch + done, 0 if done else index + 1)
         return batch, new, done
 
-    def epoch(self, position: DataPosition) -> int:
-        return int(position.epoch)
+    def _index_tensor(self, index: int) -> torch.Tensor:
+        if index < len(self._index):
+            return self._index[index]
+        return torch.tensor(index, dtype=torch.int64)
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -171,7 +174,6 @@ class Batches:
         for _ in range(len(self)):
             batch, position, _ = self.next(position)
             yield batch
-
 
 
 _END = object()
@@ -195,7 +197,7 @@ class IterableStream:
         self.batch_size = None
         self.repeats = not isinstance(data, Iterator)  # a one-shot iterator ends by itself
         self._it: Any = None
-        self._at: tuple[int, int] | None = None  # the position the open iterator stands at
+        self._last: DataPosition | None = None  # the position this stream made last
         self._ahead: Any = _END
 
     def __len__(self) -> int:
@@ -204,9 +206,6 @@ class IterableStream:
     def init(self) -> DataPosition:
         return DataPosition.start()
 
-    def epoch(self, position: DataPosition) -> int:
-        return int(position.epoch)
-
     def _open(self, epoch: int, index: int) -> None:
         if index:
             logging.getLogger("fxtrain").info("resuming: skipping %d batches of epoch %d",
@@ -214,24 +213,27 @@ class IterableStream:
         self._it = iter(self.data)
         for _ in range(index):
             next(self._it)
-        self._ahead, self._at = next(self._it, _END), (epoch, index)
+        self._ahead = next(self._it, _END)
 
     def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
         """The batch at ``position``; StopIteration when there is none (the data ran out)."""
         if not isinstance(position, DataPosition):
             raise TypeError(f"an iterable data stream needs a DataPosition in state.data, got "
                             f"{type(position).__name__}")
-        epoch, index = int(position.epoch), int(position.index)
-        if self._at != (epoch, index):
-            self._open(epoch, index)
+        if position is not self._last:  # a new run or a resume: reopen where it points
+            self._open(int(position.epoch), int(position.index))
         batch = self._ahead
         if batch is _END:
             raise StopIteration
         self._ahead = next(self._it, _END)
         done = self._ahead is _END
-        new = (epoch + 1, 0) if done else (epoch, index + 1)
-        self._at = None if done else new
-        return batch, DataPosition(*(torch.tensor(v, dtype=torch.int64) for v in new)), done
+        epoch = position.epoch + 1 if done else position.epoch
+        index = torch.zeros((), dtype=torch.int64) if done else position.index + 1
+        if done:
+            self._it = iter(self.data)  # the next epoch is a new pass
+            self._ahead = next(self._it, _END)
+        self._last = DataPosition(epoch, index)
+        return batch, self._last, done
 
 
 @struct.dataclass
@@ -262,9 +264,6 @@ class LoaderStream:
 
     def init(self) -> LoaderPosition:
         return LoaderPosition(torch.zeros((), dtype=torch.int64))
-
-    def epoch(self, position: LoaderPosition) -> int:
-        return int(position.epoch)
 
     def _open(self, position: LoaderPosition | None) -> dict:
         if position is not None and position.loader is not None:
@@ -300,7 +299,10 @@ def _is_stateful_loader(data: Any) -> bool:
 
 
 def as_stream(data: Any) -> Any:
-    """``data`` as a stream with ``init``, ``next(position)`` and ``epoch(position)``."""
+    """``data`` as a stream: ``init()``, ``next(position)``, ``batch_size``, ``repeats``.
+
+    Every position has an ``epoch`` (a 0-d CPU int64 tensor).
+    """
     if isinstance(data, Batches | IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):

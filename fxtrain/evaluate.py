@@ -14,6 +14,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .metrics import Average, Metric
+
 __all__ = ["evaluate", "batch_size_of"]
 
 
@@ -25,37 +27,28 @@ def batch_size_of(batch: Any) -> int:
     return 1
 
 
-class _Mean:
-    """A running weighted sum and weight, kept on device."""
-
-    def __init__(self, value: torch.Tensor, weight: int):
-        self.total, self.weight = value.detach().to(torch.float32) * weight, weight
-
-    def merge(self, value: torch.Tensor, weight: int) -> None:
-        self.total = self.total + value.detach().to(torch.float32) * weight
-        self.weight += weight
-
-    def compute(self) -> torch.Tensor:
-        return self.total / self.weight
+def _weighted(value: torch.Tensor, weight: int) -> Average:
+    """A batch's 0-d mean as an ``Average`` of ``weight`` examples."""
+    value = value.detach().to(torch.promote_types(value.dtype, torch.float32))
+    return Average(value * weight, torch.full((), weight, dtype=torch.int64, device=value.device))
 
 
 def _accumulate(acc: dict, out: Mapping, weight: int) -> None:
-    from .metrics import Metric
     for key, value in out.items():
-        if isinstance(value, Metric):
-            acc[key] = value if key not in acc else acc[key].merge(value)
-        elif isinstance(value, torch.Tensor | float | int) and not isinstance(value, bool):
-            value = torch.as_tensor(value)
-            if value.ndim:
-                raise ValueError(f"eval metric {key!r} has shape {tuple(value.shape)}; reduce it "
-                                 "to a 0-d tensor or return an fx.metrics value")
-            if key in acc:
-                acc[key].merge(value, weight)
-            else:
-                acc[key] = _Mean(value, weight)
-        else:
-            raise TypeError(f"eval metric {key!r} is a {type(value).__name__}; expected a 0-d "
-                            "tensor, a number or an fx.metrics value")
+        if not isinstance(value, Metric):
+            value = _as_average(key, value, weight)
+        acc[key] = value if key not in acc else acc[key].merge(value)
+
+
+def _as_average(key: str, value: Any, weight: int) -> Average:
+    if not isinstance(value, torch.Tensor | float | int) or isinstance(value, bool):
+        raise TypeError(f"eval metric {key!r} is a {type(value).__name__}; expected a 0-d "
+                        "tensor, a number or an fx.metrics value")
+    value = torch.as_tensor(value)
+    if value.ndim:
+        raise ValueError(f"eval metric {key!r} has shape {tuple(value.shape)}; reduce it "
+                         "to a 0-d tensor or return an fx.metrics value")
+    return _weighted(value, weight)
 
 
 def _computed(acc: dict) -> dict[str, torch.Tensor]:
@@ -71,7 +64,6 @@ def _computed(acc: dict) -> dict[str, torch.Tensor]:
 
 def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch.Tensor]:
     """Runs ``eval_step(state, batch)`` over ``data``; returns the averaged metrics."""
-    from .metrics import Metric
     acc: dict[str, Any] = {}
     collection = None
     for batch in data:

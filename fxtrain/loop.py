@@ -34,38 +34,41 @@ class Interrupted(KeyboardInterrupt):
 
 
 class _Flags:
-    """Control flags waiting to be read: Python bools at once, tensors in one later sync."""
+    """Control flags waiting to be read: Python bools at once, tensors in one later sync.
+
+    Tensor flags are only collected per step; stacking and reducing them waits for ``read``.
+    """
 
     def __init__(self):
-        self.now, self.tensors = Control(), []
+        self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
 
     def add(self, control: Control) -> None:
         if control is NOTHING:
             return
         values = flags(control)[:4]
-        if any(isinstance(v, torch.Tensor) for v in values):
-            self.tensors.append(torch.stack([torch.as_tensor(v, device=_device(values))
-                                             for v in values]))
-        else:
-            self.now = self.now | Control(*values)
+        for pending, value in zip(self.tensors, values):
+            if isinstance(value, torch.Tensor):
+                pending.append(value)
+        self.now = self.now | Control(*(v if v is True else False for v in values))
 
     def add_step(self, metrics: dict) -> None:
         if "control/stop" in metrics:  # the in-step callbacks' flags
-            self.tensors.append(torch.stack([metrics[k] for k in _CONTROLS]))
+            for pending, key in zip(self.tensors, _CONTROLS):
+                pending.append(metrics[key])
 
     def urgent(self) -> bool:
         return bool(self.now.stop or self.now.save or self.now.evaluate)
 
     def read(self) -> Control:
-        if self.tensors:  # one sync for every pending flag
-            pending = torch.stack([t.to(self.tensors[0].device) for t in self.tensors])
-            self.now = self.now | Control(*pending.any(dim=0).tolist())
-        out, self.now, self.tensors = self.now, Control(), []
+        fields = [i for i, pending in enumerate(self.tensors) if pending]
+        if fields:  # one sync for every pending flag
+            device = self.tensors[fields[0]][0].device
+            anys = torch.stack([torch.stack([t.to(device) for t in self.tensors[i]]).any()
+                                for i in fields])
+            read = dict(zip(fields, anys.tolist()))
+            self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
+        out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
         return out
-
-
-def _device(values) -> torch.device:
-    return next(v.device for v in values if isinstance(v, torch.Tensor))
 
 
 def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) -> None:
@@ -87,13 +90,14 @@ def _step_fn(train_step: Callable, host_names: frozenset) -> Callable:
     """
 
     def run(state, batch, position):
-        host = {k: v for k, v in (state.callbacks or {}).items() if k in host_names}
-        inner = state.replace(data=None, callbacks={
-            k: v for k, v in state.callbacks.items() if k not in host} or None) \
-            if host else state.replace(data=None)
-        new, metrics = train_step(inner, batch)
-        callbacks = {**(new.callbacks or {}), **host} or None if host else new.callbacks
-        return new.replace(data=position, callbacks=callbacks), metrics
+        states = state.callbacks or {}
+        host = {k: states[k] for k in host_names if k in states}
+        if not host:
+            new, metrics = train_step(state.replace(data=None), batch)
+            return new.replace(data=position), metrics
+        inner = {k: v for k, v in states.items() if k not in host} or None
+        new, metrics = train_step(state.replace(data=None, callbacks=inner), batch)
+        return new.replace(data=position, callbacks={**(new.callbacks or {}), **host}), metrics
 
     return run
 
@@ -154,7 +158,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         state = state.replace(data=stream.init())
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names)
-    step, epoch = int(state.step), stream.epoch(state.data)
+    step, epoch = int(state.step), int(state.data.epoch)
     pending = _Flags()
     state, c = fold(callbacks, state, Event("train_begin", step, epoch, _plan(
         stream, max_steps, max_epochs, eval_data, train_step, sync_every)))

@@ -21,7 +21,7 @@ from torch.func import grad_and_value
 
 from . import random
 from .callbacks.core import Callback, Event, fold, name_of
-from .optim.base import squared_norms, tree_map
+from .optim.base import squared_norms, tree_select
 from .optim.wrappers import learning_rate
 from .state import TrainState
 
@@ -139,10 +139,9 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
         return new
     if skip is True:
         return new.replace(params=old.params, buffers=old.buffers, opt_state=old.opt_state)
-    keep = lambda a, b: torch.where(skip, b, a)  # noqa: E731
-    return new.replace(params=tree_map(keep, new.params, old.params),
-                       buffers=tree_map(keep, new.buffers, old.buffers),
-                       opt_state=tree_map(keep, new.opt_state, old.opt_state))
+    return new.replace(params=tree_select(skip, old.params, new.params),
+                       buffers=tree_select(skip, old.buffers, new.buffers),
+                       opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
 def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:

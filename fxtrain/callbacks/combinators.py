@@ -9,6 +9,7 @@ on the host only; its clock is injectable for deterministic tests.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Collection
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, name_of
+from .. import distributed
+from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
 __all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
            "select_tree"]
@@ -53,13 +55,13 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
 
     def fn(state, event):
         if event.kind != "step_end":
-            return inner(state, event)
+            return fold((inner,), state, event)
         now = due(event)
-        if isinstance(now, torch.Tensor):
-            new, control = inner(state, event)
+        if isinstance(now, torch.Tensor):  # inside a step: run it, keep its result where due
+            new, control = fold((inner,), state, event)
             return select_tree(now, new, state, name_of(inner)), Control(
                 *(f & now if isinstance(f, torch.Tensor) or f else False for f in flags(control)))
-        return inner(state, event) if now else (state, NOTHING)
+        return fold((inner,), state, event) if now else (state, NOTHING)
 
     return fn
 
@@ -68,12 +70,17 @@ def every(n: int, cb: Callable) -> Callback:
     """Runs ``cb`` on step_end events at steps that are multiples of ``n``.
 
     Events of other kinds reach ``cb`` unchanged. The wrapped callback keeps ``cb``'s name and
-    state, so wrapping does not change checkpoints.
+    state, so wrapping does not change checkpoints. On the host the fold skips it between due
+    steps without calling it (``Callback.period``); inside a step it runs every step and its
+    result is kept only on due steps.
     """
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"every: n must be a positive int, got {n!r}")
     inner = as_callback(cb)
-    return dataclasses.replace(inner, fn=_gated(inner, lambda e: e.step % n == 0))
+    if n == 1:
+        return inner
+    return dataclasses.replace(inner, fn=_gated(inner, lambda e: e.step % n == 0),
+                               period=math.lcm(n, inner.period))
 
 
 def on_steps(steps: Collection[int], cb: Callable) -> Callback:
@@ -103,8 +110,6 @@ def every_secs(seconds: float, cb: Callable, *,
 
     def due(event):
         now = time_fn()
-        if not last:
-            last.append(now)
         if now - last[0] >= seconds:
             last[0] = now
             return True
@@ -128,17 +133,12 @@ def on(kind: str, cb: Callable) -> Callback:
     return dataclasses.replace(inner, kinds=tuple(k for k in inner.kinds if k == kind))
 
 
-def _rank() -> int:
-    dist = torch.distributed
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
 def rank_zero(cb: Callable) -> Callback:
     """Runs ``cb`` on rank 0 only (every process when torch.distributed is not initialized)."""
     inner = as_callback(cb)
 
     def fn(state, event):
-        return inner(state, event) if _rank() == 0 else (state, NOTHING)
+        return inner(state, event) if distributed.rank() == 0 else (state, NOTHING)
 
     return dataclasses.replace(inner, fn=fn)
 

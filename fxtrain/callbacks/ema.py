@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import combinators
 from .core import Callback, NOTHING, callback_state
 
 __all__ = ["ema", "with_ema_params"]
@@ -29,28 +30,15 @@ def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
     """
     if not 0.0 <= decay < 1.0:
         raise ValueError(f"ema: decay must be in [0, 1), got {decay}")
-    if every < 1:
-        raise ValueError(f"ema: every must be >= 1, got {every}")
-
     def init(state):
         return {k: v.detach().clone() for k, v in state.params.items() if v.is_floating_point()}
 
     def fn(state, event):
         avg = callback_state(state, name)
-        weight = 1.0 - decay
-        if isinstance(event.step, torch.Tensor):
-            weight = torch.where(event.step % every == 0, weight, 0.0) if every > 1 else weight
-        elif event.step % every:
-            return state, NOTHING
-        new = {k: torch.lerp(v, state.params[k].to(v.dtype), _like(weight, v))
-               for k, v in avg.items()}
+        new = {k: torch.lerp(v, state.params[k].to(v.dtype), 1.0 - decay) for k, v in avg.items()}
         return state.replace(callbacks={**state.callbacks, name: new}), NOTHING
 
-    return Callback(name=name, init=init, fn=fn, kinds=("step_end",))
-
-
-def _like(weight, v: torch.Tensor):
-    return weight.to(device=v.device, dtype=v.dtype) if isinstance(weight, torch.Tensor) else weight
+    return combinators.every(every, Callback(name, init, fn, kinds=("step_end",)))
 
 
 def with_ema_params(state, name: str = "ema"):

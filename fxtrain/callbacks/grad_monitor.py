@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from .. import struct
-from .combinators import select_tree
+from . import combinators
 from .core import Callback, NOTHING, callback_state
 from .report import logger, publish, read_floats
 
@@ -72,9 +72,6 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
 
         train_step = fx.make_train_step(loss_fn, callbacks=[fx.callbacks.grad_monitor(10)])
     """
-    if every < 1:
-        raise ValueError(f"grad_monitor: every must be >= 1, got {every}")
-
     def init(state):
         device = state.step.device
         zero = torch.zeros((), dtype=torch.float32, device=device)
@@ -104,15 +101,10 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
         publish(writer, step, floats, what="gradients")
 
     def fn(state, event):
-        on_host = isinstance(event.step, int)
-        if on_host and event.step % every:
-            return state, NOTHING
         new_state, new = update(state, event)
-        if on_host:
+        if isinstance(event.step, int):  # on the host: warn and publish as well
             report(event.step, new)
-        elif every > 1:  # inside a step: keep the update only on due steps, without a branch
-            new_state = select_tree(event.step % every == 0, new_state, state, name)
         return new_state, NOTHING
 
-    return Callback(name=name, init=init, fn=fn, kinds=("step_end",), grad_stats=per_layer)
+    return combinators.every(every, Callback(name, init, fn, kinds=("step_end",), grad_stats=per_layer))
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from .combinators import _rank
+from .. import distributed
 from .core import Callback, Control, callback_state
 from .report import read_floats
 
@@ -140,8 +140,8 @@ def _train_begin(s: _Session, state, event) -> Control:
     s.state.num_train_epochs = plan.get("max_epochs") or 0
     s.state.train_batch_size = plan.get("batch_size")
     s.state.global_step, s.state.epoch = event.step, float(event.epoch)
-    s.state.is_world_process_zero = _rank() == 0
-    s.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", _rank())) == 0
+    s.state.is_world_process_zero = distributed.rank() == 0
+    s.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", distributed.rank())) == 0
     s.control.should_training_stop = False
     s.hook(s.cb.on_train_begin)
     s.control.should_epoch_stop = False

@@ -14,15 +14,11 @@ from typing import Any
 import torch
 
 from ..optim.wrappers import injected_hyperparams, learning_rate
-from .core import Callback, NOTHING
+from . import combinators
+from .core import NOTHING, Callback
 from .report import publish, read_floats
 
 __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
-
-
-def _check_every(every: int, who: str) -> None:
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"{who}: every must be a positive int, got {every!r}")
 
 
 def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor") -> Callback:
@@ -32,11 +28,8 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
 
         fx.fit(state, step, data, callbacks=[fx.callbacks.lr_monitor(10)], max_steps=100)
     """
-    _check_every(every, "lr_monitor")
 
     def fn(state, event):
-        if event.step % every:
-            return state, NOTHING
         values = {f"hparams/{k}": v for k, v in injected_hyperparams(state.opt_state).items()}
         lr = learning_rate(state.opt_state)
         if lr is not None:
@@ -45,7 +38,7 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
             publish(writer, event.step, read_floats(values), what="optimizer")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("step_end",), host=True, period=every)
+    return combinators.every(every, Callback(name, None, fn, kinds=("step_end",), host=True))
 
 
 def throughput(every: int = 50, *, batch_size: int | None = None,
@@ -64,7 +57,6 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
       writer: where readings go (default the log).
       time_fn: the clock (injectable for tests).
     """
-    _check_every(every, "throughput")
     window: dict[str, Any] = {}  # start time and step of the current window (this process)
 
     def fn(state, event):
@@ -72,7 +64,7 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
             size = batch_size or (event.metrics or {}).get("batch_size")
             window.update(time=time_fn(), step=event.step, batch_size=size)
             return state, NOTHING
-        if event.step % every or not window:
+        if not window:
             return state, NOTHING
         _wait_for(event.metrics)
         now = time_fn()
@@ -86,8 +78,8 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
         publish(writer, event.step, rates, what="throughput")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("train_begin", "step_end"), host=True,
-                    period=every)
+    return combinators.every(every, Callback(name, None, fn, kinds=("train_begin", "step_end"),
+                                             host=True))
 
 
 def _wait_for(metrics) -> None:
@@ -127,12 +119,10 @@ def _rss_bytes() -> float:
 def memory_monitor(every: int = 100, *, writer: Any = None,
                    name: str = "memory_monitor") -> Callback:
     """Publishes CPU RSS (and CUDA allocated/peak/reserved on GPU) every ``every`` steps."""
-    _check_every(every, "memory_monitor")
 
     def fn(state, event):
-        if event.kind == "train_end" or event.step % every == 0:
-            publish(writer, event.step, process_memory(), what="memory")
+        publish(writer, event.step, process_memory(), what="memory")
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("step_end", "train_end"), host=True,
-                    period=every)
+    return combinators.every(every, Callback(name, None, fn, kinds=("step_end", "train_end"),
+                                             host=True))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import struct
-from ..optim.wrappers import injected_hyperparams, map_hyperparams
+from ..optim.wrappers import injected_hyperparam, map_hyperparams
 from .core import Callback, NOTHING, callback_state
 from .early_stopping import improvement, monitored_value
 
@@ -59,9 +59,7 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
                          "cooldown >= 0")
 
     def init(state):
-        injected_lr = injected_hyperparams(state.opt_state).get("learning_rate")
-        if injected_lr is None:
-            map_hyperparams(state.opt_state, "learning_rate", lambda x: x)  # raises, naming why
+        injected_hyperparam(state.opt_state, "learning_rate")  # raises, naming what to do
         zero = torch.zeros((), dtype=torch.int64, device=state.step.device)
         inf = float("inf") if mode == "min" else float("-inf")
         return PlateauState(torch.tensor(inf, dtype=torch.float64, device=state.step.device),

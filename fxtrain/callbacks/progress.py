@@ -4,7 +4,8 @@ The bars are ephemeral host objects held in the callback's closure, never in the
 are re-created on every train_begin, so a resumed run starts its bar at the resumed step.
 On most steps a step_end costs one comparison: the bars move, and the metrics are read from the
 device (one sync for all of them), only on the first step, every ``refresh_every`` steps (but at
-most once per ``min_interval`` seconds), at epoch ends and at train_end. So the display lags training by up to ``refresh_every`` steps.
+most once per ``min_interval`` seconds), at epoch ends and at train_end. So the display lags
+training by up to ``refresh_every`` steps.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
-from .combinators import _rank
+from .. import distributed
 from .core import NOTHING, Callback
-from .report import read_floats
+from .report import format_scalars, read_floats
 
 __all__ = ["progress_bar"]
 
@@ -43,10 +44,6 @@ def _total(info: Mapping[str, Any]) -> int | None:
     return min(ends) if ends else None
 
 
-def _format(values: Mapping[str, float], sep: str = ", ") -> str:
-    return sep.join(f"{n}={v:.4g}" for n, v in values.items())
-
-
 def _epoch_desc(epoch: int, info: Mapping[str, Any]) -> str:
     epochs = info.get("max_epochs")
     return f"epoch {epoch + 1}" + (f"/{epochs}" if epochs is not None else "")
@@ -59,13 +56,13 @@ class _Display:
                  "epoch", "info", "metrics", "ema", "next_refresh", "refreshed_at", "min_interval",
                  "read_at")
 
-    def __init__(self, names, smoothing, refresh_every, leave, file):
+    def __init__(self, names, smoothing, refresh_every, min_interval, leave, file):
         self.names, self.smoothing, self.refresh_every = names, smoothing, refresh_every
         self.leave, self.file, self.out = leave, file, sys.stderr
         self.train = self.epoch = self.metrics = None
         self.info, self.ema = {}, {}
         self.next_refresh = self.refreshed_at = -1
-        self.min_interval, self.read_at = 0.0, -math.inf
+        self.min_interval, self.read_at = min_interval, -math.inf
 
 
 def _close(d: _Display) -> None:
@@ -78,7 +75,7 @@ def _close(d: _Display) -> None:
 def _begin(d: _Display, event) -> None:
     """Opens the training bar at the event's step, and the epoch bar when epochs have a size."""
     _close(d)
-    if _rank() != 0:
+    if distributed.rank() != 0:
         return
     d.out, d.info = d.file or sys.stderr, dict(event.metrics or {})
     d.ema, d.next_refresh, d.refreshed_at = {}, event.step + 1, -1
@@ -95,7 +92,7 @@ def _refresh(d: _Display, step: int) -> None:
     """Reads the shown metrics (one sync), smooths them and sets the training bar's postfix."""
     values = list(read_floats({n: _lookup(d.metrics, n) for n in d.names}).values())
     d.ema = {n: _ema(d.ema.get(n), v, d.smoothing) for n, v in zip(d.names, values)}
-    d.train.set_postfix_str(_format(d.ema), refresh=False)
+    d.train.set_postfix_str(format_scalars(d.ema, sep=", "), refresh=False)
     d.refreshed_at = step
     d.next_refresh = (step // d.refresh_every + 1) * d.refresh_every
 
@@ -113,10 +110,10 @@ def _epoch_end(d: _Display, event) -> None:
 
 def _eval_end(d: _Display, event) -> None:
     """Writes one line with the evaluation's metrics above the bars."""
-    if _rank() != 0 or not event.metrics:
+    if distributed.rank() != 0 or not event.metrics:
         return
     values = read_floats(event.metrics)
-    tqdm.write(f"eval @ step {event.step}: {_format(values, sep=' ')}",
+    tqdm.write(f"eval @ step {event.step}: {format_scalars(values)}",
                file=d.file or sys.stderr)
 
 
@@ -191,8 +188,7 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
     if isinstance(refresh_every, bool) or not isinstance(refresh_every, int) or refresh_every < 1:
         raise ValueError(f"progress_bar: refresh_every must be a positive int, got "
                          f"{refresh_every!r}")
-    d = _Display(names, smoothing, refresh_every, leave, file)
-    d.min_interval = min_interval
+    d = _Display(names, smoothing, refresh_every, min_interval, leave, file)
 
     def fn(state, event):
         if event.kind == "step_end":

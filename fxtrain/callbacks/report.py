@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["publish", "read_floats", "logger"]
+__all__ = ["publish", "read_floats", "format_scalars", "logger"]
 
 logger = logging.getLogger("fxtrain")
 
@@ -36,5 +36,9 @@ def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) 
         writer.write_scalars(step, dict(scalars))
         return
     if logger.isEnabledFor(logging.INFO):
-        text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-        logger.info("step %d %s: %s", step, what, text)
+        logger.info("step %d %s: %s", step, what, format_scalars(scalars))
+
+
+def format_scalars(scalars: Mapping[str, float], sep: str = " ") -> str:
+    """``name=value`` pairs with 4 significant digits."""
+    return sep.join(f"{k}={v:.4g}" for k, v in scalars.items())

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import torch
 
 from ..optim import learning_rate
-from .combinators import _rank
+from .. import distributed
 from .core import Callback, NOTHING
 
 __all__ = ["summary", "parameter_counts", "describe_optimizer"]
@@ -103,11 +103,6 @@ def describe_optimizer(opt_state: Any) -> str:
     return f"{name}({', '.join(inner)})" if inner else name
 
 
-def _world_size() -> int:
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _distinct(values: Iterable[Any]) -> str:
     return ", ".join(sorted({str(v).removeprefix("torch.") for v in values}))
 
@@ -145,7 +140,7 @@ def _sections(state: Any, event: Any) -> dict[str, dict[str, str]]:
                 "start step": _show(event.step), "start epoch": _show(event.epoch)},
         "Hardware": {"device": _distinct(t.device for t in params),
                      "dtype": _distinct(t.dtype for t in params),
-                     "world size": _show(_world_size())},
+                     "world size": _show(distributed.world_size())},
     }
 
 
@@ -193,7 +188,7 @@ def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
     """
 
     def fn(state, event):
-        if _rank() == 0:
+        if distributed.rank() == 0:
             _render(_sections(state, event), _by_submodule(state), file)
         return state, NOTHING
 

@@ -17,7 +17,7 @@ from .transforms import ScaleByLearningRateState
 __all__ = [
     "InjectHyperparamsState", "MultiStepsState", "ApplyIfFiniteState",
     "inject_hyperparams", "multi_steps", "apply_if_finite", "learning_rate", "all_finite",
-    "injected_hyperparams", "map_hyperparams",
+    "injected_hyperparams", "injected_hyperparam", "map_hyperparams",
 ]
 
 
@@ -184,11 +184,18 @@ def map_hyperparams(opt_state: Any, name: str, fn: Callable[[torch.Tensor], torc
 
         opt_state = map_hyperparams(state.opt_state, "learning_rate", lambda lr: lr * 0.5)
     """
-    if name not in injected_hyperparams(opt_state):
-        raise KeyError(f"no injected hyperparameter {name!r} in the optimizer state (injected: "
-                       f"{sorted(injected_hyperparams(opt_state))}); build the optimizer with "
-                       f"fx.optim.inject_hyperparams(...)({name}=...)")
+    injected_hyperparam(opt_state, name)  # raises when there is none
     return _map_injected(opt_state, name, fn)
+
+
+def injected_hyperparam(opt_state: Any, name: str) -> torch.Tensor:
+    """The injected hyperparameter ``name``; KeyError naming the injected ones if absent."""
+    found = injected_hyperparams(opt_state)
+    if name not in found:
+        raise KeyError(f"no injected hyperparameter {name!r} in the optimizer state (injected: "
+                       f"{sorted(found)}); build the optimizer with "
+                       f"fx.optim.inject_hyperparams(...)({name}=...)")
+    return found[name]
 
 
 def _map_injected(opt_state: Any, name: str, fn: Callable) -> Any:
