@@ -1,6 +1,7 @@
 """fxtrain: functional training for PyTorch, in the style of flax, optax, orbax and clu."""
 
 from . import callbacks as callbacks
+from . import checkpoint as checkpoint
 from . import data as data
 from . import metrics as metrics
 from . import optim as optim

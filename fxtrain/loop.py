@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
+import warnings
 
 import torch
 
 from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
+from .callbacks.nan_guard import flagged
 from .data import as_stream
 from .evaluate import evaluate
 from .step import revert_update
@@ -120,7 +122,8 @@ def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every) -> d
 def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Callable] = (),
         max_steps: int | None = None, max_epochs: int | None = None,
         eval_step: Callable | None = None, eval_data: Iterable | None = None,
-        eval_every: int | None = None, checkpoint: Any = None, sync_every: int = 50) -> Any:
+        eval_every: int | None = None, checkpoint: Any = None, sync_every: int = 50,
+        resume: bool = True) -> Any:
     """Trains ``state`` with ``train_step`` on ``data`` and returns the final state.
 
     Args:
@@ -135,9 +138,14 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       eval_step, eval_data: evaluation, every ``eval_every`` steps (default: at each epoch end)
         and on ``control.evaluate``; batch metrics are averaged on device.
       eval_every: steps between evaluations.
-      checkpoint: a manager with ``save(state, metrics=None, force=False)``: saves on
-        ``control.save``, at the end and on Ctrl-C.
+      checkpoint: an ``fx.checkpoint.CheckpointManager`` (or an object with its ``save``,
+        ``wait``, ``latest_step`` and ``restore``): training resumes from its latest checkpoint,
+        and it saves on ``control.save`` (see ``fx.callbacks.checkpoint``), at the end and on
+        Ctrl-C, with the metrics of an evaluation at the same step; never a state that
+        ``nan_guard`` flagged.
       sync_every: steps between reads of tensor control flags (one sync each).
+      resume: with ``checkpoint``, start from its latest checkpoint when there is one (and say
+        so); False starts from ``state``.
 
     Returns:
       The state after the last step. Ctrl-C delivers train_end, saves, and raises
@@ -156,6 +164,8 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     state = init(callbacks, state)
     if state.data is None:
         state = state.replace(data=stream.init())
+    if checkpoint is not None and resume:
+        state = _resume(checkpoint, state)
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names)
     step, epoch = int(state.step), int(state.data.epoch)
@@ -169,13 +179,23 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         state, c = fold(callbacks, state, Event(kind, step, epoch, metrics))
         pending.add(c)
 
+    last_eval = (None, None)  # (step, metrics) of the latest evaluation
+
     def run_eval():
-        emit("eval_end", evaluate(eval_step, state, eval_data))
+        nonlocal last_eval
+        last_eval = (step, evaluate(eval_step, state, eval_data))
+        emit("eval_end", last_eval[1])
 
     def save():
-        if checkpoint is not None:
-            checkpoint.save(state, force=True)
-            emit("checkpoint", {"step": step, "path": str(getattr(checkpoint, "directory", ""))})
+        if checkpoint is None:
+            return
+        if flagged(state):
+            warnings.warn(f"fit: not saving step {step}: nan_guard flagged it as non-finite",
+                          stacklevel=3)
+            return
+        metrics = last_eval[1] if last_eval[0] == step else None
+        if checkpoint.save(state, metrics, force=True):
+            emit("checkpoint", {"step": step, "path": str(checkpoint.directory / str(step))})
 
     reason, log_next = ("stopped" if pending.read().stop else None), False
     try:
@@ -219,10 +239,27 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     except KeyboardInterrupt as e:
         emit("train_end", {"reason": "interrupted"})
         save()
+        _wait(checkpoint)
         raise Interrupted(state) from e
     emit("train_end", {"reason": reason})
     save()
+    _wait(checkpoint)
     return state
+
+
+def _resume(checkpoint: Any, state: Any) -> Any:
+    """``state`` restored from the checkpoint's latest step, when there is one beyond it."""
+    latest = checkpoint.latest_step()
+    if latest is None or latest == int(state.step):
+        return state
+    print(f"fxtrain: resuming from the checkpoint of step {latest} in {checkpoint.directory}",
+          flush=True)
+    return checkpoint.restore(state, latest)
+
+
+def _wait(checkpoint: Any) -> None:
+    if checkpoint is not None:
+        checkpoint.wait()  # the final save is on disk when fit returns
 
 
 def _limit(step: int, epoch: int, max_steps, max_epochs) -> str | None:

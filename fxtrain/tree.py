@@ -9,17 +9,18 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["leaves_with_paths", "check_same_structure", "tree_digest"]
+__all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest"]
 
 
-def _path_str(path: tuple) -> str:
+def path_str(path: tuple) -> str:
+    """A key path as text, like ``.params['w']`` (``<root>`` for the root)."""
     return "".join(str(k) for k in path) or "<root>"
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in torch pytree order, paths like ``.params['w']``."""
     flat, _ = pytree.tree_flatten_with_path(tree)
-    return [(_path_str(path), leaf) for path, leaf in flat]
+    return [(path_str(path), leaf) for path, leaf in flat]
 
 
 def _describe_mismatch(expected: Any, got: Any) -> str:

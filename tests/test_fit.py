@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,13 +29,22 @@ def recorder(log):
 
 
 class FakeManager:
-    directory = "/nowhere"
+    """The manager protocol fit uses, recording the saved steps."""
+
+    directory = Path("/nowhere")
 
     def __init__(self):
         self.saved = []
 
     def save(self, state, metrics=None, force=False):
         self.saved.append(int(state.step))
+        return True
+
+    def latest_step(self):
+        return None
+
+    def wait(self):
+        pass
 
 
 def test_events_arrive_in_order_with_evaluation_each_epoch():
@@ -226,10 +236,11 @@ sys.path.insert(0, {tests!r})
 import torch, fxtrain as fx
 from helpers import mlp, xent
 
-class Manager:
-    directory = "mem"
+class Manager(fx.checkpoint.CheckpointManager):
     def save(self, state, metrics=None, force=False):
+        saved = super().save(state, metrics, force)
         print("saved", int(state.step), flush=True)
+        return saved
 
 def slow(state, event):
     if event.kind == "step_end":
@@ -242,7 +253,7 @@ x = torch.randn(64, 8); y = (x[:, 0] > 0).long()
 state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
 try:
     fx.fit(state, fx.make_train_step(xent), fx.data.Batches((x, y), 16), max_steps=10_000,
-           callbacks=[slow], checkpoint=Manager())
+           callbacks=[slow], checkpoint=Manager({ckpt!r}))
 except KeyboardInterrupt as e:
     print("interrupted at", int(e.state.step), flush=True)
     raise
@@ -252,7 +263,7 @@ except KeyboardInterrupt as e:
 @pytest.mark.slow
 def test_ctrl_c_delivers_train_end_saves_and_reraises(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(CTRL_C.format(tests=os.path.dirname(__file__)))
+    script.write_text(CTRL_C.format(tests=os.path.dirname(__file__), ckpt=str(tmp_path / "ckpt")))
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     lines = []
     for line in proc.stdout:
@@ -264,3 +275,7 @@ def test_ctrl_c_delivers_train_end_saves_and_reraises(tmp_path):
     end = lines.index("train_end interrupted")
     step = int(lines[end - 1].split()[1])
     assert lines[end + 1:end + 3] == [f"saved {step}", f"interrupted at {step}"]
+    template = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
+    saved = fx.checkpoint.restore(tmp_path / "ckpt", like=template.replace(
+        data=fx.data.DataPosition.start()))
+    assert int(saved.step) == step  # the interrupted state is on disk

@@ -12,6 +12,7 @@ from .combinators import lambda_callback as lambda_callback
 from .combinators import on as on
 from .combinators import on_steps as on_steps
 from .combinators import rank_zero as rank_zero
+from .checkpoint import checkpoint as checkpoint
 from .core import EVENT_KINDS as EVENT_KINDS
 from .core import Callback as Callback
 from .core import Control as Control

@@ -86,7 +86,7 @@ class Callback:
       kinds: the event kinds it reacts to; the fold skips it on others.
       host: it does IO (or reads the clock), so it runs only in ``fit``, never inside a step.
       grad_stats: it reads the per-parameter gradient norms of the step's metrics.
-      period: set by ``every(n, ...)``: on the host the fold calls it on step_end only at
+      period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold calls it on step_end only at
         multiples of ``period``, so a periodic callback costs nothing between its steps.
     """
 

@@ -14,7 +14,7 @@ import torch
 from .. import struct
 from .core import Callback, Control, callback_state
 
-__all__ = ["NanGuardState", "nan_guard", "is_finite_step"]
+__all__ = ["NanGuardState", "nan_guard", "is_finite_step", "flagged"]
 
 
 @struct.dataclass
@@ -69,3 +69,9 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
         return state, Control(stop=stop, skip=bad)
 
     return Callback(name=name, init=init, fn=fn, kinds=("step_end",))
+
+
+def flagged(state) -> bool:
+    """Whether a ``nan_guard`` in ``state`` flagged the last step (one read of device flags)."""
+    flags = [s.flagged for s in (state.callbacks or {}).values() if isinstance(s, NanGuardState)]
+    return bool(torch.stack([f.cpu() for f in flags]).any()) if flags else False

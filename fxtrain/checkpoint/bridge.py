@@ -1,0 +1,231 @@
+"""The bridge between a state pytree and what orbax stores: numpy arrays plus JSON metadata.
+
+``encode(state)`` flattens the state in torch pytree order into ``{key: np.ndarray}`` (zero-copy
+views of contiguous CPU tensors; bfloat16 and float8 through an integer view and ``ml_dtypes``)
+and a JSON-able description of every leaf: its path, kind, dtype and shape. Zero-size tensors and
+Python numbers and strings live in the JSON only. ``plan`` matches a checkpoint's leaves with a
+template's and lists every difference before anything is read; ``decode`` builds the new state
+on the template's devices. Nothing here imports orbax.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils._pytree as pytree
+
+from ..tree import path_str
+
+__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "encode", "plan", "decode"]
+
+FORMAT = "fxtrain.checkpoint/1"
+
+# torch dtypes numpy lacks: stored as an integer view, typed with ml_dtypes on disk
+_VIEWED = {torch.bfloat16: (torch.int16, "bfloat16"),
+           torch.float8_e4m3fn: (torch.uint8, "float8_e4m3fn"),
+           torch.float8_e5m2: (torch.uint8, "float8_e5m2")}
+_NUMPY_INT = {torch.int16: np.int16, torch.uint8: np.uint8}
+_PYTHON = (bool, int, float, str, type(None))
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint and the template differ; the message lists every differing path."""
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown tensor dtype {name!r} in the checkpoint")
+    return dtype
+
+
+def _tensor_array(t: torch.Tensor, path: str) -> np.ndarray:
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous().resolve_conj().resolve_neg()
+    if t.dtype in _VIEWED:
+        import ml_dtypes
+        as_int, name = _VIEWED[t.dtype]
+        return t.view(as_int).numpy().view(getattr(ml_dtypes, name))
+    try:
+        return t.numpy()
+    except TypeError as e:
+        raise TypeError(f"cannot checkpoint {path}: numpy has no dtype for {t.dtype}") from e
+
+
+def _python_value(x: Any) -> dict[str, Any]:
+    # floats as hex: exact, and NaN and inf stay valid JSON
+    return {"type": type(x).__name__, "value": x.hex() if type(x) is float else x}
+
+
+def _from_python_value(v: dict[str, Any]) -> Any:
+    return float.fromhex(v["value"]) if v["type"] == "float" else v["value"]
+
+
+def _entry(path: str, key: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray | None]:
+    """The JSON description of one leaf, and the array to store for it (None: JSON only)."""
+    if isinstance(leaf, torch.Tensor):
+        entry = {"path": path, "kind": "tensor", "dtype": _dtype_name(leaf.dtype),
+                 "shape": list(leaf.shape), "device": str(leaf.device)}
+        if leaf.numel() == 0:
+            return entry, None  # orbax refuses zero-size arrays; the shape says it all
+        return {**entry, "key": key}, _tensor_array(leaf, path)
+    if isinstance(leaf, np.ndarray | np.generic):
+        arr = np.asarray(leaf)  # numpy scalars become 0-d arrays
+        arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
+        entry = {"path": path, "kind": "ndarray", "dtype": arr.dtype.name, "shape": list(arr.shape)}
+        if arr.dtype.hasobject:
+            raise TypeError(f"cannot checkpoint {path}: numpy object arrays are not supported")
+        return (entry, None) if arr.size == 0 else ({**entry, "key": key}, arr)
+    if type(leaf) in _PYTHON:
+        return {"path": path, "kind": "python", **_python_value(leaf)}, None
+    raise TypeError(f"cannot checkpoint {path}: a {type(leaf).__name__} is not a tensor, a numpy "
+                    "array, a number or a string")
+
+
+def callback_names(state: Any) -> list[str]:
+    """The names in ``state.callbacks`` (empty for other trees)."""
+    return sorted(getattr(state, "callbacks", None) or {})
+
+
+def encode(state: Any, *, metadata: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """``(arrays, meta)``: the arrays to store, keyed ``"00000"``..., and the JSON description."""
+    arrays, leaves = {}, []
+    for i, (keypath, leaf) in enumerate(pytree.tree_flatten_with_path(state)[0]):
+        entry, arr = _entry(path_str(keypath), f"{i:05d}", leaf)
+        section, callback = _section(keypath)
+        entry = {**entry, "section": section, **({"callback": callback} if callback else {})}
+        leaves.append(entry)
+        if arr is not None:
+            arrays[entry["key"]] = arr
+    meta = {"format": FORMAT, "root": type(state).__name__, "callbacks": callback_names(state),
+            "leaves": leaves, "metadata": metadata or {}}
+    return arrays, meta
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How a template's leaves are filled: ``load`` from the checkpoint (template leaf, entry) or
+    ``keep`` the template's; the callbacks ``dropped`` and ``added`` against the checkpoint."""
+
+    spec: Any
+    sources: list[tuple[str, Any, dict | None]]  # (path, template leaf, entry or None to keep)
+    dropped: list[str]
+    added: list[str]
+
+    @property
+    def keys(self) -> list[str]:
+        return [e["key"] for _, _, e in self.sources if e is not None and "key" in e]
+
+
+def _section(keypath: tuple) -> tuple[str, str | None]:
+    """The top-level name of a path, and the callback name for paths under ``.callbacks``."""
+    if not keypath:
+        return "", None
+    head = keypath[0]
+    name = getattr(head, "name", getattr(head, "key", getattr(head, "idx", "")))
+    if name == "callbacks" and len(keypath) > 1:
+        return str(name), str(getattr(keypath[1], "key", ""))
+    return str(name), None
+
+
+def _leaf_problem(path: str, leaf: Any, entry: dict, cast: bool) -> str | None:
+    kind = entry["kind"]
+    if isinstance(leaf, torch.Tensor):
+        if kind != "tensor":
+            return f"  kind of {path}: checkpoint has a {kind} value, the template a tensor"
+        if list(leaf.shape) != entry["shape"]:
+            return (f"  shape of {path}: checkpoint {tuple(entry['shape'])}, "
+                    f"template {tuple(leaf.shape)}")
+        if _dtype_name(leaf.dtype) != entry["dtype"] and not cast:
+            return (f"  dtype of {path}: checkpoint {entry['dtype']}, template "
+                    f"{_dtype_name(leaf.dtype)} (pass cast=True to convert)")
+        return None
+    if isinstance(leaf, np.ndarray | np.generic):
+        if kind != "ndarray" or list(np.shape(leaf)) != entry["shape"]:
+            return f"  {path}: checkpoint has {kind} {entry.get('shape')}, template a numpy array"
+        return None
+    if kind != "python":
+        return f"  kind of {path}: checkpoint has a {kind}, the template a {type(leaf).__name__}"
+    return None
+
+
+def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
+         cast: bool = False) -> Plan:
+    """Matches the checkpoint's leaves to ``like``'s by path; raises listing every difference.
+
+    ``only`` names top-level fields (``"params"``, ``"buffers"``, ...) to take from the
+    checkpoint; the rest come from ``like``. Callbacks in the checkpoint but not in ``like`` are
+    dropped; those only in ``like`` keep its (initial) state.
+    """
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"not an fxtrain checkpoint (format {meta.get('format')!r}, "
+                         f"expected {FORMAT!r})")
+    flat, spec = pytree.tree_flatten_with_path(like)
+    saved = {e["path"]: e for e in meta["leaves"]}
+    names, ours = set(meta.get("callbacks", [])), set(callback_names(like))
+    dropped, added = sorted(names - ours), sorted(ours - names)
+    wanted = None if only is None else set(only)
+    problems, sources, used = [], [], set()
+
+    def taken(keypath) -> bool:
+        section, callback = _section(keypath)
+        return (wanted is None or section in wanted) and callback not in added
+
+    for keypath, leaf in flat:
+        path = path_str(keypath)
+        if not taken(keypath):
+            sources.append((path, leaf, None))
+        elif path not in saved:
+            problems.append(f"  missing from the checkpoint: {path}")
+        else:
+            used.add(path)
+            problem = _leaf_problem(path, leaf, saved[path], cast)
+            problems += [problem] if problem else []
+            sources.append((path, leaf, saved[path]))
+    for entry in meta["leaves"]:
+        section, callback = entry.get("section"), entry.get("callback")
+        if (entry["path"] not in used and callback not in dropped
+                and (wanted is None or section in wanted)):
+            problems.append(f"  unexpected in the checkpoint: {entry['path']}")
+    if problems:
+        raise CheckpointMismatchError(
+            "the checkpoint does not match the template state:\n" + "\n".join(sorted(problems)))
+    return Plan(spec, sources, dropped, added)
+
+
+def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor) -> torch.Tensor:
+    dtype = _torch_dtype(entry["dtype"])
+    if arr is None:
+        t = torch.empty(entry["shape"], dtype=dtype)
+    elif dtype in _VIEWED:
+        as_int = _VIEWED[dtype][0]
+        t = torch.from_numpy(np.ascontiguousarray(arr).view(_NUMPY_INT[as_int])).view(dtype)
+    else:
+        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+    return t.to(device=like.device, dtype=like.dtype)
+
+
+def _leaf_from(arr: np.ndarray | None, entry: dict, like: Any) -> Any:
+    if entry["kind"] == "tensor":
+        return _tensor_from(arr, entry, like)
+    if entry["kind"] == "ndarray":
+        return np.zeros(entry["shape"], entry["dtype"]) if arr is None else arr
+    return _from_python_value(entry)
+
+
+def decode(p: Plan, load: Callable[[list[str]], dict[str, np.ndarray]]) -> Any:
+    """The new state: ``load(keys)`` reads the needed arrays; the template fills the rest."""
+    arrays = load(p.keys) if p.keys else {}
+    leaves = [leaf if e is None else _leaf_from(arrays.get(e.get("key")), e, leaf)
+              for _, leaf, e in p.sources]
+    return pytree.tree_unflatten(leaves, p.spec)

@@ -1,0 +1,296 @@
+"""``CheckpointManager``: numbered checkpoints of the whole state, on orbax's CheckpointManager.
+
+Each checkpoint is a directory named by the state's step, holding the state's arrays and a JSON
+description (``fx.checkpoint.bridge``). orbax writes it under a temporary name and renames it into
+place when complete, so a process killed mid-save leaves the previous checkpoints as they were and
+nothing that ``latest_step()`` would return; leftovers are removed when a manager opens the
+directory. Retention is orbax's preservation policies: the latest ``keep_latest`` together with the
+best ``keep_best`` by ``best_metric``, so the newest checkpoint is never deleted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import bridge, store
+
+__all__ = ["CheckpointManager", "save", "restore"]
+
+
+def _floats(metrics: Mapping | None) -> dict[str, float]:
+    """JSON-able metrics: tensors and numbers as floats (one read for device tensors)."""
+    out = {}
+    for k, v in (metrics or {}).items():
+        if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, int | float):
+            out[str(k)] = float(v)
+    return out
+
+
+def _check(keep_latest, keep_best, best_metric, best_mode, save_interval_steps) -> None:
+    if not isinstance(keep_latest, int) or keep_latest < 1:
+        raise ValueError(f"keep_latest must be an int >= 1 (the newest checkpoint is always "
+                         f"kept), got {keep_latest!r}")
+    if not isinstance(keep_best, int) or keep_best < 0:
+        raise ValueError(f"keep_best must be an int >= 0, got {keep_best!r}")
+    if keep_best and not best_metric:
+        raise ValueError("keep_best needs best_metric: the name of the metric that ranks "
+                         "checkpoints")
+    if best_mode not in ("min", "max"):
+        raise ValueError(f"best_mode must be 'min' or 'max', got {best_mode!r}")
+    if save_interval_steps is not None and (not isinstance(save_interval_steps, int)
+                                            or save_interval_steps < 1):
+        raise ValueError(f"save_interval_steps must be a positive int, got {save_interval_steps!r}")
+
+
+class CheckpointManager:
+    """Saves and restores numbered checkpoints of a ``TrainState`` in ``directory``.
+
+    Args:
+      directory: where the checkpoints go, one subdirectory per step (created on the first save).
+      keep_latest: how many of the newest checkpoints to keep (at least 1).
+      keep_best: how many of the best checkpoints by ``best_metric`` to keep as well.
+      best_metric: the metric (a key of ``save``'s ``metrics``) that ranks checkpoints.
+      best_mode: "min" or "max": which way is better.
+      async_save: write in a background thread; ``save`` returns once the arrays are captured.
+      save_interval_steps: with it, ``save`` skips steps that are not a multiple of it unless
+        ``force=True``.
+      metadata: JSON-able values stored with every checkpoint (the run's configuration).
+
+    Example::
+
+        with fx.checkpoint.CheckpointManager("ckpt", keep_latest=2, keep_best=1,
+                                             best_metric="loss") as manager:
+            state = fx.fit(state, train_step, data, checkpoint=manager, ...)
+            best = manager.restore(like=state, step=manager.best_step())
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep_latest: int = 2, keep_best: int = 0,
+                 best_metric: str | None = None, best_mode: str = "min", async_save: bool = True,
+                 save_interval_steps: int | None = None, metadata: Mapping | None = None):
+        _check(keep_latest, keep_best, best_metric, best_mode, save_interval_steps)
+        self.directory = Path(directory).expanduser().absolute()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"checkpoint directory {self.directory} is a file")
+        self.keep_latest, self.keep_best = keep_latest, keep_best
+        self.best_metric, self.best_mode = best_metric, best_mode
+        self.async_save, self.save_interval_steps = async_save, save_interval_steps
+        self.metadata = dict(metadata or {})
+        self._orbax = None
+        self._in_flight: Path | None = None
+
+    # -- orbax -----------------------------------------------------------------------------
+
+    def _best_value(self, metrics: Mapping) -> float:
+        return float(metrics[self.best_metric])
+
+    def _manager(self):
+        """orbax's manager, made on first use (so ``import fxtrain`` never imports orbax)."""
+        if self._orbax is None:
+            ocp = store.orbax()
+            from orbax.checkpoint import checkpoint_managers as policies
+            keep = [policies.LatestN(n=self.keep_latest)]
+            if self.keep_best:
+                keep.append(policies.BestN(get_metric_fn=self._best_value, n=self.keep_best,
+                                           reverse=self.best_mode == "min",
+                                           keep_checkpoints_without_metrics=False))
+            options = ocp.CheckpointManagerOptions(
+                preservation_policy=policies.AnyPreservationPolicy(keep),
+                # best_fn only makes orbax write each step's metrics, which BestN reads back
+                best_fn=self._best_value if self.keep_best else None, best_mode=self.best_mode,
+                enable_async_checkpointing=self.async_save, create=False,
+                cleanup_tmp_directories=True,
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._durable))
+            self._orbax = ocp.CheckpointManager(self.directory, options=options,
+                                                item_handlers=store.handlers())
+        return self._orbax
+
+    def _durable(self) -> None:
+        if self._in_flight is not None and self._in_flight.exists():
+            store.fsync_tree(self._in_flight)
+        self._in_flight = None
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def _writable(self) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(f"cannot create the checkpoint directory {self.directory}: {e}") from e
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"cannot save: the checkpoint directory {self.directory} is "
+                                  "not writable")
+
+    def _ranking(self, metrics: dict[str, float]) -> dict[str, float] | None:
+        """The metrics orbax ranks by: None when the best metric is absent or not finite."""
+        if not self.keep_best or not math.isfinite(metrics.get(self.best_metric, math.nan)):
+            return None
+        return metrics
+
+    def save(self, state: Any, metrics: Mapping | None = None, force: bool = False) -> bool:
+        """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
+
+        A step already on disk is never overwritten (a resumed run reaching it again, or the end
+        of a run right after a periodic save): the call returns False. ``metrics`` (numbers or
+        0-d tensors) are stored with it and rank it for ``keep_best``. ``force`` saves even off
+        ``save_interval_steps``.
+        """
+        step = int(state.step)
+        if self.save_interval_steps and step % self.save_interval_steps and not force:
+            return False
+        self.wait()  # one save in flight at a time; raises if the previous one failed
+        if step in self.all_steps():
+            return False
+        floats = _floats(metrics)
+        arrays, meta = bridge.encode(state)
+        meta = store.meta_for(state, meta, floats, self.metadata)
+        self._writable()
+        manager = self._manager()
+        self._in_flight = self.directory / str(step)
+        try:
+            manager.save(step, args=store.composite(arrays, meta), metrics=self._ranking(floats),
+                         force=True)
+        except Exception as e:
+            raise OSError(f"saving the checkpoint of step {step} in {self.directory} failed: "
+                          f"{e}") from e
+        if not self.async_save:
+            self._durable()
+        return True
+
+    def wait(self) -> None:
+        """Blocks until the save in flight is written and flushed to disk."""
+        if self._orbax is None:
+            return
+        try:
+            self._orbax.wait_until_finished()
+        except Exception as e:
+            step = self._in_flight.name if self._in_flight else "?"
+            self._in_flight = None
+            raise OSError(f"writing the checkpoint of step {step} in {self.directory} failed "
+                          f"(the older checkpoints are intact): {e}") from e
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def all_steps(self) -> list[int]:
+        """The steps of the finished checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir()
+                      if p.name.isdigit() and store.is_checkpoint(p))
+
+    def latest_step(self) -> int | None:
+        """The newest finished checkpoint's step, or None."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The step whose ``best_metric`` is best among the kept checkpoints, or None."""
+        if not self.best_metric:
+            raise ValueError("best_step needs a manager made with best_metric")
+        ranked = [(m[self.best_metric], s) for s in self.all_steps()
+                  if math.isfinite((m := self.metrics(s)).get(self.best_metric, math.nan))]
+        if not ranked:
+            return None
+        return (min if self.best_mode == "min" else max)(ranked)[1]
+
+    def _step_path(self, step: int | None) -> Path:
+        self.wait()
+        if not self.directory.exists():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no fxtrain checkpoints in {self.directory} (it holds: "
+                                    f"{store.describe_directory(self.directory)})")
+        if step is None:
+            return self.directory / str(steps[-1])
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
+                                    f"available steps: {steps}")
+        return self.directory / str(step)
+
+    def info(self, step: int | None = None) -> dict:
+        """The JSON description of a checkpoint: leaves, step, time, metrics, metadata."""
+        return store.read_meta(self._step_path(step))
+
+    def metrics(self, step: int) -> dict[str, float]:
+        """The metrics saved with the checkpoint of ``step``."""
+        return self.info(step).get("metrics", {})
+
+    def restore(self, like: Any, step: int | None = None, *, only: Sequence[str] | None = None,
+                cast: bool = False) -> Any:
+        """A new state shaped like ``like`` from the checkpoint of ``step`` (default: latest).
+
+        Args:
+          like: the template: its structure, and its tensors' devices and dtypes.
+          step: which checkpoint; None for the latest.
+          only: top-level fields to take from the checkpoint (``("params", "buffers")`` to
+            evaluate or fine-tune with another optimizer); the rest stay ``like``'s.
+          cast: convert tensors whose dtype differs from the template's instead of refusing.
+
+        Callbacks saved but absent from ``like`` are dropped with a warning; callbacks only in
+        ``like`` keep its state (their ``init``). Any other difference raises
+        ``CheckpointMismatchError`` listing the paths, before anything is read.
+        """
+        return restore(self._step_path(step), like, only=only, cast=cast)
+
+    # -- lifetime --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Waits for the save in flight and releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            if self._orbax is not None:
+                self._orbax.close()
+                self._orbax = None
+
+    def __enter__(self) -> CheckpointManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return (f"CheckpointManager({str(self.directory)!r}, keep_latest={self.keep_latest}, "
+                f"keep_best={self.keep_best}, best_metric={self.best_metric!r})")
+
+
+def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
+         metadata: Mapping | None = None) -> Path:
+    """Writes one checkpoint of ``state`` at ``path`` (a new directory), synchronously.
+
+    Refuses to replace an existing path, so nothing saved is ever overwritten.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; fx.checkpoint.save never overwrites "
+                              "(choose a new path, or use a CheckpointManager)")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot save at {path}: {path.parent} does not exist")
+    arrays, meta = bridge.encode(state)
+    store.write(path, arrays, store.meta_for(state, meta, _floats(metrics), dict(metadata or {})))
+    return path
+
+
+def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = None,
+            cast: bool = False) -> Any:
+    """A new state shaped like ``like`` from the checkpoint at ``path``.
+
+    ``path`` is one checkpoint (from ``fx.checkpoint.save`` or a manager's step directory) or a
+    manager's directory (its latest checkpoint). ``only`` and ``cast`` as in
+    ``CheckpointManager.restore``.
+    """
+    path = Path(path).expanduser().absolute()
+    if path.is_dir() and not store.is_checkpoint(path):
+        return CheckpointManager(path).restore(like, only=only, cast=cast)
+    state, p = store.restore_from(path, like, only=only, cast=cast)
+    if p.dropped:
+        warnings.warn(f"restoring {path}: dropped the saved state of callbacks that are no "
+                      f"longer present: {', '.join(p.dropped)}", stacklevel=2)
+    return state
