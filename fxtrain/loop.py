@@ -145,10 +145,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         ``nan_guard`` flagged.
       sync_every: steps between reads of tensor control flags (one sync each).
       resume: with ``checkpoint``, start from its latest checkpoint when there is one (and say
-        so); False starts from ``state``.
+        so); False refuses a directory with later checkpoints than ``state`` (two runs would mix).
 
     Returns:
-      The state after the last step. Ctrl-C delivers train_end, saves, and raises
+      The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
 
     Example::
@@ -164,8 +164,8 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     state = init(callbacks, state)
     if state.data is None:
         state = state.replace(data=stream.init())
-    if checkpoint is not None and resume:
-        state = _resume(checkpoint, state)
+    if checkpoint is not None:
+        state = _resume(checkpoint, state, resume)
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names)
     step, epoch = int(state.step), int(state.data.epoch)
@@ -237,21 +237,27 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                 reason = "stopped"
                 break
     except KeyboardInterrupt as e:
-        emit("train_end", {"reason": "interrupted"})
         save()
+        emit("train_end", {"reason": "interrupted"})
         _wait(checkpoint)
         raise Interrupted(state) from e
-    emit("train_end", {"reason": reason})
+    # saved before train_end, which may change the state (early_stopping's restore_best): the
+    # checkpoint is where training stood, so resuming from it continues the same run
     save()
+    emit("train_end", {"reason": reason})
     _wait(checkpoint)
     return state
 
 
-def _resume(checkpoint: Any, state: Any) -> Any:
+def _resume(checkpoint: Any, state: Any, resume: bool) -> Any:
     """``state`` restored from the checkpoint's latest step, when there is one beyond it."""
     latest = checkpoint.latest_step()
-    if latest is None or latest == int(state.step):
+    if latest is None or latest <= int(state.step):
         return state
+    if not resume:
+        raise ValueError(f"fit: {checkpoint.directory} holds checkpoints up to step {latest}, "
+                         f"ahead of this state (step {int(state.step)}); resume=True continues "
+                         "from them, or give a new directory")
     print(f"fxtrain: resuming from the checkpoint of step {latest} in {checkpoint.directory}",
           flush=True)
     return checkpoint.restore(state, latest)

@@ -58,7 +58,7 @@ def check_same_structure(expected: Any, got: Any, what: str) -> None:
 def _leaf_bytes(leaf: Any) -> tuple[str, tuple[int, ...], bytes]:
     if isinstance(leaf, torch.Tensor):
         t = leaf.detach().to("cpu").contiguous()
-        raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        raw = t.reshape(-1).view(torch.uint8)  # the bytes of any dtype, numpy's or not
         return str(t.dtype), tuple(t.shape), raw.numpy().tobytes()
     if isinstance(leaf, np.ndarray | np.generic):
         arr = np.ascontiguousarray(leaf)

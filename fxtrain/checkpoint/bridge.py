@@ -207,11 +207,16 @@ def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor) -> tor
     dtype = _torch_dtype(entry["dtype"])
     if arr is None:
         t = torch.empty(entry["shape"], dtype=dtype)
-    elif dtype in _VIEWED:
-        as_int = _VIEWED[dtype][0]
-        t = torch.from_numpy(np.ascontiguousarray(arr).view(_NUMPY_INT[as_int])).view(dtype)
     else:
-        t = torch.from_numpy(arr if arr.flags.writeable else arr.copy())
+        if not (arr.flags.c_contiguous and arr.flags.writeable):
+            arr = arr.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        if dtype in _VIEWED:
+            t = torch.from_numpy(arr.view(_NUMPY_INT[_VIEWED[dtype][0]])).view(dtype)
+        else:
+            t = torch.from_numpy(arr)
+    if list(t.shape) != entry["shape"]:
+        raise ValueError(f"{entry['path']}: the stored array has shape {tuple(t.shape)}, its "
+                         f"description {tuple(entry['shape'])}; the checkpoint is damaged")
     return t.to(device=like.device, dtype=like.dtype)
 
 

@@ -106,7 +106,8 @@ class CheckpointManager:
                 best_fn=self._best_value if self.keep_best else None, best_mode=self.best_mode,
                 enable_async_checkpointing=self.async_save, create=False,
                 cleanup_tmp_directories=True,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._durable))
+                async_options=ocp.AsyncOptions(post_finalization_callback=self._durable)
+                if self.async_save else None)
             self._orbax = ocp.CheckpointManager(self.directory, options=options,
                                                 item_handlers=store.handlers())
         return self._orbax
@@ -137,7 +138,8 @@ class CheckpointManager:
         """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
 
         A step already on disk is never overwritten (a resumed run reaching it again, or the end
-        of a run right after a periodic save): the call returns False. ``metrics`` (numbers or
+        of a run right after a periodic save): the call returns False. A step older than the
+        latest checkpoint is refused (ValueError): it would mix two runs in one directory. ``metrics`` (numbers or
         0-d tensors) are stored with it and rank it for ``keep_best``. ``force`` saves even off
         ``save_interval_steps``.
         """
@@ -145,8 +147,13 @@ class CheckpointManager:
         if self.save_interval_steps and step % self.save_interval_steps and not force:
             return False
         self.wait()  # one save in flight at a time; raises if the previous one failed
-        if step in self.all_steps():
+        steps = self.all_steps()
+        if step in steps:
             return False
+        if steps and step < steps[-1]:
+            raise ValueError(f"cannot save step {step} in {self.directory}: it already holds a "
+                             f"later checkpoint (step {steps[-1]}), so this state is from "
+                             "another run; resume from it, or use a new directory")
         floats = _floats(metrics)
         arrays, meta = bridge.encode(state)
         meta = store.meta_for(state, meta, floats, self.metadata)

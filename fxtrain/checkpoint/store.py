@@ -45,11 +45,13 @@ def _checkpointer():
 
 def is_checkpoint(path: Path) -> bool:
     """Whether ``path`` is a finished fxtrain checkpoint (orbax renames it into place last)."""
-    return (path / META).is_dir() and (path / STATE).is_dir()
+    return (path / META).is_dir()
 
 
 def describe_directory(path: Path) -> str:
     """A few of ``path``'s entries, for error messages."""
+    if not path.is_dir():
+        return "a file, not a directory"
     names = sorted(p.name for p in path.iterdir())
     shown = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
     return shown or "nothing"
@@ -90,7 +92,10 @@ def meta_for(state: Any, arrays_meta: dict, metrics: dict | None, metadata: dict
 def composite(arrays: dict, meta: dict):
     """orbax's save arguments for one checkpoint."""
     ocp = orbax()
-    return ocp.args.Composite(**{STATE: ocp.args.PyTreeSave(arrays), META: ocp.args.JsonSave(meta)})
+    items = {META: ocp.args.JsonSave(meta)}
+    if arrays:  # orbax refuses an empty tree; a state of Python values only has no array item
+        items[STATE] = ocp.args.PyTreeSave(arrays)
+    return ocp.args.Composite(**items)
 
 
 def write(path: Path, arrays: dict, meta: dict) -> None:

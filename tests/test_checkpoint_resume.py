@@ -1,0 +1,111 @@
+"""Resuming through fit: every stateful callback's state survives a checkpoint and carries on."""
+
+import pytest
+import torch
+
+import fxtrain as fx
+from fxtrain.checkpoint import CheckpointManager
+from helpers import mlp, xent
+
+X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] + X[:, 1] > 0).long()
+
+
+def data():
+    return fx.data.Batches((X, Y), 16, shuffle=True, seed=3)
+
+
+eval_step = fx.make_eval_step(xent)
+
+
+def run(in_step, host, steps, manager=None, *, resume=True, eval_every=4, tx=None):
+    """A fresh process's view: new model, new state, new step function."""
+    tx = tx or fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-2)
+    state = fx.TrainState.create(mlp((8, 16, 2), dropout=0.2), tx, callbacks=in_step)
+    step = fx.make_train_step(xent, callbacks=in_step)
+    return fx.fit(state, step, data(), callbacks=host, max_steps=steps, checkpoint=manager,
+                  eval_step=eval_step, eval_data=[(X[:48], Y[:48])], eval_every=eval_every,
+                  resume=resume)
+
+
+IN_STEP = {
+    "early_stopping(step_end)": lambda: [fx.callbacks.early_stopping(
+        "loss", patience=100, event="step_end", restore_best=True)],
+    "nan_guard": lambda: [fx.callbacks.nan_guard("skip")],
+    "grad_monitor": lambda: [fx.callbacks.grad_monitor(3)],
+    "ema": lambda: [fx.callbacks.ema(0.9)],
+    "reduce_lr_on_plateau(step_end)": lambda: [fx.callbacks.every(
+        5, fx.callbacks.reduce_lr_on_plateau("loss", patience=1, event="step_end"))],
+}
+HOST = {
+    "early_stopping": lambda: [fx.callbacks.early_stopping("loss", patience=100,
+                                                           restore_best=True)],
+    "reduce_lr_on_plateau": lambda: [fx.callbacks.reduce_lr_on_plateau("loss", patience=1)],
+    "checkpoint policy": lambda: [fx.callbacks.checkpoint(monitor="loss")],
+    "ema on the host": lambda: [fx.callbacks.ema(0.9)],
+}
+
+
+@pytest.mark.parametrize("where,name", [("step", n) for n in IN_STEP] + [("host", n) for n in HOST])
+def test_each_stateful_callback_survives_a_resume(tmp_path, where, name):
+    make = IN_STEP[name] if where == "step" else HOST[name]
+    cbs = lambda: (make(), []) if where == "step" else ([], make())  # noqa: E731
+    whole = run(*cbs(), 20)
+    with CheckpointManager(tmp_path) as m:
+        first = run(*cbs(), 10, m)
+        assert m.latest_step() == 10
+    saved_state = first.callbacks
+    with CheckpointManager(tmp_path) as m:
+        restored = m.restore(like=fx.TrainState.create(
+            mlp((8, 16, 2), dropout=0.2), fx.optim.inject_hyperparams(fx.optim.adamw)(
+                learning_rate=1e-2), callbacks=cbs()[0] + cbs()[1]).replace(data=first.data))
+        assert fx.tree_digest(restored.callbacks) == fx.tree_digest(saved_state)
+        resumed = run(*cbs(), 20, m)
+    assert fx.tree_digest(resumed) == fx.tree_digest(whole)
+
+
+def test_early_stopping_patience_counts_on_across_a_resume(tmp_path):
+    # evaluation on a fixed batch after a learning rate of 0: the loss never improves
+    frozen = fx.optim.inject_hyperparams(fx.optim.sgd)(learning_rate=0.0)
+    stop = lambda: [fx.callbacks.early_stopping("loss", patience=3)]  # noqa: E731
+    with CheckpointManager(tmp_path) as m:
+        first = run([], stop(), 12, m, eval_every=4, tx=frozen)  # evals at 4, 8, 12
+    es = first.callbacks["early_stopping"]
+    assert int(es.wait) == 2 and not bool(es.stopped)
+    with CheckpointManager(tmp_path) as m:
+        end = run([], stop(), 100, m, eval_every=4, tx=frozen)
+    assert int(end.step) == 16  # one more evaluation without improvement: patience 3 reached
+    assert bool(end.callbacks["early_stopping"].stopped)
+
+
+def test_fit_resumes_says_so_and_can_be_told_not_to(tmp_path, capsys):
+    with CheckpointManager(tmp_path) as m:
+        run([], [], 6, m)
+        assert "resuming" not in capsys.readouterr().out
+        assert int(run([], [], 9, m).step) == 9
+        assert f"resuming from the checkpoint of step 6 in {tmp_path}" in capsys.readouterr().out
+        assert m.all_steps() == [6, 9]
+        with pytest.raises(ValueError, match="holds checkpoints up to step 9"):
+            run([], [], 3, m, resume=False)
+        with pytest.raises(ValueError, match="cannot save step 3 .* later checkpoint"):
+            m.save(run([], [], 3))
+        assert m.all_steps() == [6, 9]
+
+
+def test_fit_saves_periodically_and_on_improvement_with_best_retention(tmp_path):
+    policy = [fx.callbacks.checkpoint(every=5, monitor="loss")]
+    with CheckpointManager(tmp_path, keep_latest=1, keep_best=1, best_metric="loss") as m:
+        end = run([], policy, 20, m)
+        steps = m.all_steps()
+        best = end.callbacks["checkpoint"]
+        assert int(best.best_step) in steps and 20 in steps
+        assert m.metrics(int(best.best_step))["loss"] == pytest.approx(float(best.best))
+
+
+def test_fit_never_saves_a_state_nan_guard_flagged(tmp_path):
+    state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
+    guard = [fx.callbacks.nan_guard("stop")]
+    bad = [(X[:16], Y[:16]), (torch.full((16, 8), float("nan")), Y[:16])]
+    with CheckpointManager(tmp_path) as m, pytest.warns(UserWarning, match="nan_guard flagged"):
+        fx.fit(state, fx.make_train_step(xent), bad, callbacks=guard, max_epochs=1, checkpoint=m)
+        assert m.all_steps() == []
