@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest"]
+__all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest", "digest_items"]
 
 
 def path_str(path: tuple) -> str:
@@ -66,15 +67,19 @@ def _leaf_bytes(leaf: Any) -> tuple[str, tuple[int, ...], bytes]:
     return type(leaf).__name__, (), repr(leaf).encode()
 
 
+def digest_items(items: Iterable[tuple[str, str, tuple[int, ...], bytes]]) -> str:
+    """sha256 over ``(path, dtype, shape, raw bytes)`` records, in the order given."""
+    h = hashlib.sha256()
+    for path, dtype, shape, raw in items:
+        h.update(f"{path}|{dtype}|{tuple(shape)}|{len(raw)}|".encode())
+        h.update(raw)
+    return h.hexdigest()
+
+
 def tree_digest(tree: Any) -> str:
     """sha256 over every leaf's path, dtype, shape and bytes, in path order.
 
     Two states have the same digest exactly when they hold the same values bit for bit, so a
     resumed run can be compared with an uninterrupted one.
     """
-    h = hashlib.sha256()
-    for path, leaf in leaves_with_paths(tree):
-        dtype, shape, raw = _leaf_bytes(leaf)
-        h.update(f"{path}|{dtype}|{shape}|{len(raw)}|".encode())
-        h.update(raw)
-    return h.hexdigest()
+    return digest_items((path, *_leaf_bytes(leaf)) for path, leaf in leaves_with_paths(tree))

@@ -67,7 +67,8 @@ def _python_value(x: Any) -> dict[str, Any]:
     return {"type": type(x).__name__, "value": x.hex() if type(x) is float else x}
 
 
-def _from_python_value(v: dict[str, Any]) -> Any:
+def python_leaf(v: dict[str, Any]) -> Any:
+    """The Python value a ``"python"`` leaf entry describes."""
     return float.fromhex(v["value"]) if v["type"] == "float" else v["value"]
 
 
@@ -225,7 +226,7 @@ def _leaf_from(arr: np.ndarray | None, entry: dict, like: Any) -> Any:
         return _tensor_from(arr, entry, like)
     if entry["kind"] == "ndarray":
         return np.zeros(entry["shape"], entry["dtype"]) if arr is None else arr
-    return _from_python_value(entry)
+    return python_leaf(entry)
 
 
 def decode(p: Plan, load: Callable[[list[str]], dict[str, np.ndarray]]) -> Any:

@@ -14,6 +14,7 @@ import math
 import os
 import warnings
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ class CheckpointManager:
       keep_best: how many of the best checkpoints by ``best_metric`` to keep as well.
       best_metric: the metric (a key of ``save``'s ``metrics``) that ranks checkpoints.
       best_mode: "min" or "max": which way is better.
-      async_save: write in a background thread; ``save`` returns once the arrays are captured.
+      async_save: write on a background thread; ``save`` returns once the arrays are captured.
       save_interval_steps: with it, ``save`` skips steps that are not a multiple of it unless
         ``force=True``.
       metadata: JSON-able values stored with every checkpoint (the run's configuration).
@@ -83,7 +84,8 @@ class CheckpointManager:
         self.async_save, self.save_interval_steps = async_save, save_interval_steps
         self.metadata = dict(metadata or {})
         self._orbax = None
-        self._in_flight: Path | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._pending: tuple[int, Future] | None = None
 
     # -- orbax -----------------------------------------------------------------------------
 
@@ -91,7 +93,12 @@ class CheckpointManager:
         return float(metrics[self.best_metric])
 
     def _manager(self):
-        """orbax's manager, made on first use (so ``import fxtrain`` never imports orbax)."""
+        """orbax's manager, made on first use (so ``import fxtrain`` never imports orbax).
+
+        It saves synchronously: ``async_save`` runs it on this manager's own writer thread, so
+        the training loop waits only for ``bridge.encode`` (zero-copy views of CPU tensors),
+        not for orbax's per-save setup, copies or the deletion of old checkpoints.
+        """
         if self._orbax is None:
             ocp = store.orbax()
             from orbax.checkpoint import checkpoint_managers as policies
@@ -104,18 +111,10 @@ class CheckpointManager:
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 # best_fn only makes orbax write each step's metrics, which BestN reads back
                 best_fn=self._best_value if self.keep_best else None, best_mode=self.best_mode,
-                enable_async_checkpointing=self.async_save, create=False,
-                cleanup_tmp_directories=True,
-                async_options=ocp.AsyncOptions(post_finalization_callback=self._durable)
-                if self.async_save else None)
+                enable_async_checkpointing=False, create=False, cleanup_tmp_directories=True)
             self._orbax = ocp.CheckpointManager(self.directory, options=options,
                                                 item_handlers=store.handlers())
         return self._orbax
-
-    def _durable(self) -> None:
-        if self._in_flight is not None and self._in_flight.exists():
-            store.fsync_tree(self._in_flight)
-        self._in_flight = None
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -134,14 +133,28 @@ class CheckpointManager:
             return None
         return metrics
 
+    def _write(self, step: int, arrays: dict, meta: dict, ranking: dict | None) -> None:
+        """Writes one checkpoint (orbax: a temporary name renamed into place) and flushes it."""
+        try:
+            self._manager().save(step, args=store.composite(arrays, meta), metrics=ranking,
+                                 force=True)
+            store.fsync_tree(self.directory / str(step))
+        except Exception as e:
+            raise OSError(f"writing the checkpoint of step {step} in {self.directory} failed "
+                          f"(the older checkpoints are intact): {e}") from e
+
     def save(self, state: Any, metrics: Mapping | None = None, force: bool = False) -> bool:
         """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
 
+        With ``async_save`` the write happens on a background thread: ``save`` returns once the
+        state's arrays are captured (views of CPU tensors, copies of device tensors), so the
+        state must not be modified in place until ``wait()``; fxtrain's steps never do.
+
         A step already on disk is never overwritten (a resumed run reaching it again, or the end
         of a run right after a periodic save): the call returns False. A step older than the
-        latest checkpoint is refused (ValueError): it would mix two runs in one directory. ``metrics`` (numbers or
-        0-d tensors) are stored with it and rank it for ``keep_best``. ``force`` saves even off
-        ``save_interval_steps``.
+        latest checkpoint is refused (ValueError): it would mix two runs in one directory.
+        ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
+        ``force`` saves even off ``save_interval_steps``.
         """
         step = int(state.step)
         if self.save_interval_steps and step % self.save_interval_steps and not force:
@@ -158,29 +171,21 @@ class CheckpointManager:
         arrays, meta = bridge.encode(state)
         meta = store.meta_for(state, meta, floats, self.metadata)
         self._writable()
-        manager = self._manager()
-        self._in_flight = self.directory / str(step)
-        try:
-            manager.save(step, args=store.composite(arrays, meta), metrics=self._ranking(floats),
-                         force=True)
-        except Exception as e:
-            raise OSError(f"saving the checkpoint of step {step} in {self.directory} failed: "
-                          f"{e}") from e
+        job = (step, arrays, meta, self._ranking(floats))
         if not self.async_save:
-            self._durable()
+            self._write(*job)
+            return True
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="fxtrain-checkpoint")
+        self._pending = (step, self._writer.submit(self._write, *job))
         return True
 
     def wait(self) -> None:
-        """Blocks until the save in flight is written and flushed to disk."""
-        if self._orbax is None:
-            return
-        try:
-            self._orbax.wait_until_finished()
-        except Exception as e:
-            step = self._in_flight.name if self._in_flight else "?"
-            self._in_flight = None
-            raise OSError(f"writing the checkpoint of step {step} in {self.directory} failed "
-                          f"(the older checkpoints are intact): {e}") from e
+        """Blocks until the save in flight is written and flushed to disk; raises its error."""
+        if self._pending is not None:
+            _, future = self._pending
+            self._pending = None
+            future.result()
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -249,10 +254,13 @@ class CheckpointManager:
     # -- lifetime --------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Waits for the save in flight and releases orbax's threads."""
+        """Waits for the save in flight and releases the writer thread and orbax."""
         try:
             self.wait()
         finally:
+            if self._writer is not None:
+                self._writer.shutdown()
+                self._writer = None
             if self._orbax is not None:
                 self._orbax.close()
                 self._orbax = None

@@ -82,8 +82,8 @@ def kill_points():
     if not n:
         return CI_KILLS
     rng = random.Random(n)
-    return [(rng.randrange(1, 40), rng.choice(["step_end", "step_end", "checkpoint"]))
-            if i % 3 else (rng.choice(range(6, 40, 6)), "checkpoint") for i in range(n)]
+    return [(rng.randrange(1, 40), "step_end") if i % 3 else
+            (rng.choice(range(6, 40, 6)), "checkpoint") for i in range(n)]
 
 
 @pytest.mark.slow

@@ -1,0 +1,94 @@
+"""What a checkpoint directory holds, without a template state: the checkpoints (step, metrics,
+size, age), one checkpoint's tree (paths, dtypes, shapes) and its digest.
+
+The digest is ``fx.tree_digest`` of the state the checkpoint restores to, computed from the
+stored bytes: restoring into the right template and hashing gives the same string.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..tree import digest_items
+from . import bridge, store
+
+__all__ = ["checkpoint_paths", "summary", "leaf_rows", "digest", "format_size", "format_age"]
+
+
+def checkpoint_paths(directory: str | Path) -> list[Path]:
+    """The finished checkpoints under ``directory`` (a manager's) or ``directory`` itself."""
+    directory = Path(directory).expanduser().absolute()
+    if not directory.exists():
+        raise FileNotFoundError(f"{directory} does not exist")
+    if store.is_checkpoint(directory):
+        return [directory]
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is not a directory")
+    found = [p for p in directory.iterdir() if p.name.isdigit() and store.is_checkpoint(p)]
+    if not found:
+        raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
+                                f"{store.describe_directory(directory)})")
+    return sorted(found, key=lambda p: int(p.name))
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def summary(path: Path) -> dict[str, Any]:
+    """Step, metrics, bytes on disk and save time of the checkpoint at ``path``."""
+    meta = store.read_meta(path)
+    return {"path": path, "step": meta.get("step"), "metrics": meta.get("metrics", {}),
+            "size": _size(path), "time": meta.get("time"), "meta": meta}
+
+
+def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
+    """``(path, dtype, shape)`` for every leaf; Python values show their value."""
+    rows = []
+    for e in meta["leaves"]:
+        if e["kind"] == "python":
+            rows.append((e["path"], e["type"], repr(bridge.python_leaf(e))))
+        else:
+            rows.append((e["path"], e["dtype"], str(tuple(e["shape"]))))
+    return rows
+
+
+def _record(entry: dict, arrays: dict[str, np.ndarray]) -> tuple[str, str, tuple, bytes]:
+    """What ``tree_digest`` hashes for the leaf this entry restores to."""
+    if entry["kind"] == "python":
+        value = bridge.python_leaf(entry)
+        return entry["path"], type(value).__name__, (), repr(value).encode()
+    arr = arrays.get(entry.get("key"))
+    raw = b"" if arr is None else np.ascontiguousarray(arr).tobytes()
+    dtype = f"torch.{entry['dtype']}" if entry["kind"] == "tensor" else entry["dtype"]
+    return entry["path"], dtype, tuple(entry["shape"]), raw
+
+
+def digest(path: Path) -> str:
+    """``fx.tree_digest`` of the state the checkpoint at ``path`` restores to."""
+    meta = store.read_meta(path)
+    keys = store.saved_keys(meta)
+    arrays = store.read_arrays(path, keys, keys) if keys else {}
+    return digest_items(_record(e, arrays) for e in meta["leaves"])
+
+
+def format_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+def format_age(saved_at: float | None, now: float | None = None) -> str:
+    if saved_at is None:
+        return "?"
+    seconds = max(0.0, (now or time.time()) - saved_at)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit} ago"
+    return f"{seconds:.0f}s ago"
