@@ -25,3 +25,15 @@ def test_step_overhead_benchmark_smoke():
     assert set(results["tiny"]) == set(step_overhead.VARIANTS) | {
             "e_bare_loop", "f_fit", "g_fit_host_callbacks"}
     assert all(rate > 0 for rate in results["tiny"].values())
+
+
+@pytest.mark.slow
+def test_checkpoint_benchmark_smoke():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import checkpoint as bench
+        results = bench.main(["--smoke"])
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    (times,) = results.values()
+    assert times and all(t > 0 for t in times.values())
