@@ -115,6 +115,10 @@ def test_partial_restore_of_params_into_a_state_with_another_optimizer(tmp_path)
     assert fx.tree_digest(back.params) == fx.tree_digest(state.params)
     assert fx.tree_digest(back.opt_state) == fx.tree_digest(other.opt_state)
     assert int(back.step) == 0  # only what was asked for
+    with pytest.raises(ValueError, match=r"only='params': expected a sequence"):
+        fx.checkpoint.restore(tmp_path / "c", like=other, only="params")
+    with pytest.raises(ValueError, match=r"top-level fields \['buffers', 'callbacks'"):
+        fx.checkpoint.restore(tmp_path / "c", like=other, only=("parms",))
 
 
 def test_resuming_with_a_changed_callback_list(tmp_path):
@@ -177,6 +181,11 @@ def test_manager_round_trip_latest_and_by_step_and_never_overwrites(tmp_path):
         assert m.info(3)["metadata"] == {"lr": 0.01}
         with pytest.raises(FileNotFoundError, match=r"step 2 .* available steps: \[1, 3\]"):
             m.restore(like=a, step=2)
+
+
+def test_manager_save_needs_a_step(tmp_path):
+    with pytest.raises(TypeError, match="numbers checkpoints by state.step; a dict has none"):
+        CheckpointManager(tmp_path).save({"w": torch.ones(1)})
 
 
 def test_save_interval_and_force(tmp_path):

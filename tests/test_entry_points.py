@@ -1,3 +1,4 @@
+import importlib
 import subprocess
 import sys
 from pathlib import Path
@@ -14,14 +15,19 @@ def test_demo_runs_as_a_module():
     assert "held-out accuracy" in out.stdout
 
 
-@pytest.mark.slow
-def test_step_overhead_benchmark_smoke():
+def smoke(script):
+    """Runs ``benchmarks/<script>.py --smoke``; returns the module and its results."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        import step_overhead
-        results = step_overhead.main(["--smoke"])
+        module = importlib.import_module(script)
+        return module, module.main(["--smoke"])
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_step_overhead_benchmark_smoke():
+    step_overhead, results = smoke("step_overhead")
     assert set(results["tiny"]) == set(step_overhead.VARIANTS) | {
             "e_bare_loop", "f_fit", "g_fit_host_callbacks"}
     assert all(rate > 0 for rate in results["tiny"].values())
@@ -29,11 +35,6 @@ def test_step_overhead_benchmark_smoke():
 
 @pytest.mark.slow
 def test_checkpoint_benchmark_smoke():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import checkpoint as bench
-        results = bench.main(["--smoke"])
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    _, results = smoke("checkpoint")
     (times,) = results.values()
     assert times and all(t > 0 for t in times.values())

@@ -176,6 +176,11 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
     names, ours = set(meta.get("callbacks", [])), set(callback_names(like))
     dropped, added = sorted(names - ours), sorted(ours - names)
     wanted = None if only is None else set(only)
+    if wanted is not None:
+        sections = {_section(keypath)[0] for keypath, _ in flat}
+        if isinstance(only, str) or wanted - sections:
+            raise ValueError(f"only={only!r}: expected a sequence of the template's top-level "
+                             f"fields {sorted(sections)}")
     problems, sources, used = [], [], set()
 
     def taken(keypath) -> bool:

@@ -156,6 +156,10 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
+        if not isinstance(getattr(state, "step", None), torch.Tensor | int):
+            raise TypeError(f"CheckpointManager.save numbers checkpoints by state.step; a "
+                            f"{type(state).__name__} has none (use fx.checkpoint.save(path, "
+                            "tree) for other trees)")
         step = int(state.step)
         if self.save_interval_steps and step % self.save_interval_steps and not force:
             return False
