@@ -109,3 +109,24 @@ def test_fit_never_saves_a_state_nan_guard_flagged(tmp_path):
     with CheckpointManager(tmp_path) as m, pytest.warns(UserWarning, match="nan_guard flagged"):
         fx.fit(state, fx.make_train_step(xent), bad, callbacks=guard, max_epochs=1, checkpoint=m)
         assert m.all_steps() == []
+
+
+def test_host_states_of_plain_python_values_survive(tmp_path):
+    now = [100.0]
+    timer = lambda: [fx.callbacks.timer(1000.0, time_fn=lambda: now[0])]  # noqa: E731
+    at_save = []
+
+    def clock_and_watch(state, event):
+        now[0] += 1.5
+        if event.kind == "checkpoint":  # the state just saved
+            at_save.append(state.callbacks["timer"]["elapsed"])
+
+    with CheckpointManager(tmp_path) as m:
+        first = run([], [clock_and_watch] + timer(), 6, m)  # sees the state before the timer
+        (elapsed,) = at_save
+        assert elapsed > 0
+        template = fx.TrainState.create(mlp((8, 16, 2), dropout=0.2), fx.optim.inject_hyperparams(
+            fx.optim.adamw)(learning_rate=1e-2), callbacks=timer()).replace(data=first.data)
+        back = m.restore(like=template)
+    assert type(back.callbacks["timer"]["elapsed"]) is float
+    assert back.callbacks["timer"]["elapsed"] == elapsed  # exact, and counting on from there
