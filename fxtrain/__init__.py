@@ -3,6 +3,7 @@
 from . import callbacks as callbacks
 from . import checkpoint as checkpoint
 from . import data as data
+from . import logging as logging
 from . import metrics as metrics
 from . import optim as optim
 from . import random as random

@@ -1,0 +1,10 @@
+"""Writers with clu's ``MetricWriter`` methods: ``write_scalars``, ``write_images``,
+``write_videos``, ``write_audios``, ``write_texts``, ``write_histograms``, ``write_hparams``,
+``flush``, ``close``. Any object with these methods is a writer (clu's included)."""
+
+from .compose import AsyncWriter as AsyncWriter
+from .compose import MultiWriter as MultiWriter
+from .console import ConsoleWriter as ConsoleWriter
+from .jsonl import JsonlWriter as JsonlWriter
+from .jsonl import read_jsonl as read_jsonl
+from .tensorboard import TensorBoardWriter as TensorBoardWriter

@@ -1,0 +1,130 @@
+"""Writers that wrap writers: ``MultiWriter`` fans out, ``AsyncWriter`` moves writing to a thread.
+
+Any object with clu's ``MetricWriter`` methods is a writer, so these wrap clu's writers too.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+__all__ = ["MultiWriter", "AsyncWriter", "WRITE_METHODS"]
+
+WRITE_METHODS = ("write_scalars", "write_images", "write_videos", "write_audios", "write_texts",
+                 "write_histograms", "write_hparams")
+
+
+class MultiWriter:
+    """Writes every event to each of ``writers``, in order."""
+
+    def __init__(self, writers: Sequence[Any]):
+        self.writers = tuple(writers)
+
+    def _each(self, method: str, *args, **kwargs) -> None:
+        for w in self.writers:
+            getattr(w, method)(*args, **kwargs)
+
+    def write_scalars(self, step, mapping):
+        self._each("write_scalars", step, mapping)
+
+    def write_images(self, step, mapping):
+        self._each("write_images", step, mapping)
+
+    def write_videos(self, step, mapping):
+        self._each("write_videos", step, mapping)
+
+    def write_audios(self, step, mapping, *, sample_rate):
+        self._each("write_audios", step, mapping, sample_rate=sample_rate)
+
+    def write_texts(self, step, mapping):
+        self._each("write_texts", step, mapping)
+
+    def write_histograms(self, step, mapping, num_buckets=None):
+        self._each("write_histograms", step, mapping, num_buckets=num_buckets)
+
+    def write_hparams(self, hparams):
+        self._each("write_hparams", hparams)
+
+    def flush(self):
+        self._each("flush")
+
+    def close(self):
+        self._each("close")
+
+
+class AsyncWriter:
+    """Runs ``writer``'s writes on one worker thread, in order.
+
+    The caller never waits for the disk. Values are handed over as they are: tensors are read by
+    the worker (device tensors are copied to the host first by the wrapped writer). An error in
+    the worker is raised again on the next call; ``flush`` waits until everything queued is
+    written.
+    """
+
+    def __init__(self, writer: Any, max_queue: int = 1000):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(max_queue)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="fxtrain-writer", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                if self._error is None:
+                    job()
+            except BaseException as e:  # kept for the caller's next call
+                self._error = e
+            finally:
+                self._queue.task_done()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"AsyncWriter: writing with {type(self.writer).__name__} "
+                               f"failed: {error}") from error
+
+    def _submit(self, fn: Callable, *args, **kwargs) -> None:
+        self._raise()
+        if not self._thread.is_alive():
+            raise RuntimeError("AsyncWriter is closed")
+        self._queue.put(lambda: fn(*args, **kwargs))
+
+    def write_scalars(self, step, mapping):
+        self._submit(self.writer.write_scalars, step, dict(mapping))
+
+    def write_images(self, step, mapping):
+        self._submit(self.writer.write_images, step, dict(mapping))
+
+    def write_videos(self, step, mapping):
+        self._submit(self.writer.write_videos, step, dict(mapping))
+
+    def write_audios(self, step, mapping, *, sample_rate):
+        self._submit(self.writer.write_audios, step, dict(mapping), sample_rate=sample_rate)
+
+    def write_texts(self, step, mapping):
+        self._submit(self.writer.write_texts, step, dict(mapping))
+
+    def write_histograms(self, step, mapping, num_buckets=None):
+        self._submit(self.writer.write_histograms, step, dict(mapping), num_buckets=num_buckets)
+
+    def write_hparams(self, hparams):
+        self._submit(self.writer.write_hparams, dict(hparams))
+
+    def flush(self):
+        """Waits until every queued write is done, then flushes the wrapped writer."""
+        self._submit(self.writer.flush)
+        self._queue.join()
+        self._raise()
+
+    def close(self):
+        if self._thread.is_alive():
+            self._submit(self.writer.close)
+            self._queue.put(None)
+            self._thread.join()
+        self._raise()

@@ -1,0 +1,72 @@
+"""``ConsoleWriter``: readable lines through the ``fxtrain`` logger (or any logger)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from .values import as_array, image_batch, scalars, video_batch
+
+__all__ = ["ConsoleWriter"]
+
+
+def _format(x: float) -> str:
+    return f"{x:.6g}"
+
+
+class ConsoleWriter:
+    """Writes each event as one line at ``level`` (INFO) to ``logger`` (``fxtrain``).
+
+    Example::
+
+        logging.basicConfig(level=logging.INFO)
+        writer = fx.logging.ConsoleWriter()   # step 10 | loss=0.25 | accuracy=0.9
+    """
+
+    def __init__(self, logger: logging.Logger | str = "fxtrain", level: int = logging.INFO):
+        self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
+        self.level = level
+
+    def _line(self, step, text: str) -> None:
+        self.logger.log(self.level, "%s", text if step is None else f"step {step} | {text}")
+
+    def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
+        values = scalars(mapping)
+        self._line(step, " | ".join(f"{k}={_format(v)}" for k, v in values.items()))
+
+    def _shapes(self, step, what: str, arrays: Mapping[str, Any]) -> None:
+        self._line(step, f"{what}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+
+    def write_images(self, step: int, mapping: Mapping[str, Any]) -> None:
+        self._shapes(step, "images", {k: image_batch(k, v) for k, v in mapping.items()})
+
+    def write_videos(self, step: int, mapping: Mapping[str, Any]) -> None:
+        self._shapes(step, "videos", {k: video_batch(k, v) for k, v in mapping.items()})
+
+    def write_audios(self, step: int, mapping: Mapping[str, Any], *, sample_rate: int) -> None:
+        self._shapes(step, f"audio at {sample_rate} Hz", {k: as_array(v) for k, v in mapping.items()})
+
+    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None:
+        for k, v in mapping.items():
+            self._line(step, f"{k}: {v}")
+
+    def write_histograms(self, step: int, mapping: Mapping[str, Any],
+                         num_buckets: int | None = None) -> None:
+        del num_buckets
+        parts = []
+        for k, v in mapping.items():
+            arr = as_array(v).astype("float64")
+            parts.append(f"{k} mean={_format(arr.mean())} std={_format(arr.std())}"
+                         if arr.size else f"{k} (empty)")
+        self._line(step, "histograms: " + ", ".join(parts))
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._line(None, "hparams: " + ", ".join(f"{k}={v}" for k, v in hparams.items()))
+
+    def flush(self) -> None:
+        for handler in self.logger.handlers:
+            handler.flush()
+
+    def close(self) -> None:
+        self.flush()

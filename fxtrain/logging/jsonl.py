@@ -1,0 +1,102 @@
+"""``JsonlWriter``: one JSON object per line, appended and flushed at every write.
+
+Each line is ``{"step", "time", "kind", "values"}``. A process killed mid-write loses at most the
+line being written; ``read_jsonl`` skips an incomplete last line. Arrays (images, videos, audio,
+histograms) are summarised by shape and range, not stored: the TensorBoard writer keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .values import as_array, image_batch, scalars, video_batch
+
+__all__ = ["JsonlWriter", "read_jsonl"]
+
+
+def _json_number(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)  # "nan", "inf": strict JSON has no NaN
+
+
+def _summary(arr) -> dict[str, Any]:
+    arr = as_array(arr)
+    finite = arr[...].astype("float64")
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype),
+            "min": _json_number(float(finite.min())) if arr.size else None,
+            "max": _json_number(float(finite.max())) if arr.size else None}
+
+
+class JsonlWriter:
+    """Appends events to ``path`` (parent directories are created).
+
+    Example::
+
+        writer = fx.logging.JsonlWriter("runs/exp1/metrics.jsonl")
+        writer.write_scalars(10, {"loss": 0.25})
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise OSError(f"JsonlWriter: cannot open {self.path} for appending: {e}") from e
+
+    def _write(self, step: int | None, kind: str, values: Any) -> None:
+        line = json.dumps({"step": None if step is None else int(step), "time": time.time(),
+                           "kind": kind, "values": values}, allow_nan=False)
+        self._file.write(line + "\n")  # one write per event, then to the OS at once
+        self._file.flush()
+
+    def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
+        self._write(step, "scalars", {k: _json_number(v) for k, v in scalars(mapping).items()})
+
+    def write_images(self, step: int, mapping: Mapping[str, Any]) -> None:
+        self._write(step, "images", {k: _summary(image_batch(k, v)) for k, v in mapping.items()})
+
+    def write_videos(self, step: int, mapping: Mapping[str, Any]) -> None:
+        self._write(step, "videos", {k: _summary(video_batch(k, v)) for k, v in mapping.items()})
+
+    def write_audios(self, step: int, mapping: Mapping[str, Any], *, sample_rate: int) -> None:
+        self._write(step, "audios", {k: {**_summary(v), "sample_rate": sample_rate}
+                                     for k, v in mapping.items()})
+
+    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None:
+        self._write(step, "texts", {k: str(v) for k, v in mapping.items()})
+
+    def write_histograms(self, step: int, mapping: Mapping[str, Any],
+                         num_buckets: int | None = None) -> None:
+        del num_buckets  # the summary has no buckets
+        self._write(step, "histograms", {k: _summary(v) for k, v in mapping.items()})
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self._write(None, "hparams", json.loads(json.dumps(dict(hparams), default=str)))
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
+    """The events in ``path``; an incomplete last line (a crash mid-write) is skipped."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line:
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # the torn last line of a killed process
+                return
+            raise ValueError(f"{path}: line {i + 1} is not JSON") from None

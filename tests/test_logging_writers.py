@@ -1,0 +1,171 @@
+"""fx.logging writers: TensorBoard files read back with tensorboard's own reader, JSONL lines,
+console lines, and the wrapping writers."""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import fxtrain as fx
+
+pytest.importorskip("tensorboardX")
+event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+
+
+def read_tensorboard(logdir):
+    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"images": 0,
+                                                                      "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def test_tensorboard_scalars_images_histograms_texts_hparams_read_back(tmp_path):
+    w = fx.logging.TensorBoardWriter(tmp_path / "tb")
+    w.write_scalars(1, {"loss": torch.tensor(0.5), "lr": 1e-3})
+    w.write_scalars(3, {"loss": np.float32(0.25)})
+    w.write_images(3, {"grid": torch.rand(2, 8, 6, 3), "one": np.zeros((5, 4, 1), np.uint8)})
+    w.write_histograms(3, {"w": torch.randn(1000)}, num_buckets=10)
+    w.write_texts(4, {"sample": "hello fxtrain"})
+    w.write_hparams({"lr": 1e-3, "layers": 2, "act": "relu"})
+    w.close()
+    acc = read_tensorboard(tmp_path / "tb")
+    loss = [(e.step, e.value) for e in acc.Scalars("loss")]
+    assert loss == [(1, 0.5), (3, 0.25)]
+    assert acc.Scalars("lr")[0].value == pytest.approx(1e-3)
+    (grid,) = acc.Images("grid")  # the batch tiled into one image, side by side
+    assert (grid.step, grid.width, grid.height) == (3, 12, 8)
+    assert (acc.Images("one")[0].width, acc.Images("one")[0].height) == (4, 5)
+    histo = acc.Histograms("w")[0]
+    assert histo.step == 3 and histo.histogram_value.num == 1000
+    tags = acc.Tags()["tensors"]
+    assert any(t.startswith("sample") for t in tags)
+    text = acc.Tensors(next(t for t in tags if t.startswith("sample")))[0]
+    assert b"hello fxtrain" in text.tensor_proto.string_val[0]
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" in plugins and b"relu" in plugins["_hparams_/session_start_info"]
+
+
+def test_tensorboard_figures_audio_and_config(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([0, 1], [1, 0])
+    w = fx.logging.TensorBoardWriter(tmp_path)
+    w.write_images(7, {"curve": fig})
+    w.write_audios(7, {"tone": torch.sin(torch.arange(800) / 5.0)}, sample_rate=8000)
+    w.write_config({"lr": 0.01, "model": {"width": 64}})
+    w.write_videos(8, {"clip": torch.rand(1, 5, 6, 7, 3)})
+    with pytest.raises(ValueError, match="video 'bad' has shape"):
+        w.write_videos(8, {"bad": torch.rand(5, 6, 7, 3)})
+    w.close()
+    plt.close(fig)
+    acc = read_tensorboard(tmp_path)
+    assert acc.Images("curve")[0].step == 7
+    assert acc.Audio("tone")[0].sample_rate == 8000
+    assert any(t.startswith("config") for t in acc.Tags()["tensors"])
+    (clip,) = acc.Images("clip")
+    assert (clip.step, clip.width, clip.height) == (8, 7, 6)
+    assert clip.encoded_image_string.startswith(b"GIF")
+
+
+def test_bad_images_and_scalars_name_the_key(tmp_path):
+    w = fx.logging.TensorBoardWriter(tmp_path)
+    with pytest.raises(ValueError, match="image 'x' has shape \\(4, 4\\)"):
+        w.write_images(0, {"x": torch.zeros(4, 4)})
+    with pytest.raises(ValueError, match="image 'x' has 5 channels"):
+        w.write_images(0, {"x": torch.zeros(4, 4, 5)})
+    with pytest.raises(ValueError, match="scalar 'v' has shape \\(3,\\)"):
+        w.write_scalars(0, {"v": torch.zeros(3)})
+    with pytest.warns(UserWarning, match="logged scalar 'bad_loss' is nan"):
+        w.write_scalars(1, {"bad_loss": float("nan")})
+    w.close()
+    assert np.isnan(read_tensorboard(tmp_path).Scalars("bad_loss")[0].value)  # written, not dropped
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="cannot create the log directory"):
+        fx.logging.TensorBoardWriter(tmp_path / "file" / "tb")
+
+
+def test_jsonl_lines_and_reader(tmp_path):
+    w = fx.logging.JsonlWriter(tmp_path / "logs" / "m.jsonl")
+    with pytest.warns(UserWarning, match="'inf' is inf"):
+        w.write_scalars(2, {"loss": torch.tensor(0.5), "inf": float("inf")})
+    w.write_texts(2, {"s": "hi"})
+    w.write_images(2, {"img": torch.zeros(3, 3, 1)})
+    w.write_hparams({"lr": 0.1, "obj": object})
+    w.close()
+    events = list(fx.logging.read_jsonl(tmp_path / "logs" / "m.jsonl"))
+    assert [e["kind"] for e in events] == ["scalars", "texts", "images", "hparams"]
+    assert events[0]["step"] == 2 and events[0]["values"] == {"loss": 0.5, "inf": "inf"}
+    assert events[2]["values"]["img"]["shape"] == [1, 3, 3, 1]
+
+
+KILLED = """
+import os, signal, sys, torch
+import fxtrain as fx
+w = fx.logging.JsonlWriter(sys.argv[1])
+for step in range(100000):
+    w.write_scalars(step, {"loss": 1.0 / (step + 1), "text": 0.0})
+    if step == 200:
+        print("ready", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_jsonl_survives_sigkill(tmp_path):
+    script = tmp_path / "w.py"
+    script.write_text(KILLED)
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "m.jsonl")],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    events = list(fx.logging.read_jsonl(tmp_path / "m.jsonl"))
+    assert len(events) > 200
+    assert [e["step"] for e in events] == list(range(len(events)))
+
+
+def test_console_writer_lines(caplog):
+    w = fx.logging.ConsoleWriter()
+    with caplog.at_level(logging.INFO, logger="fxtrain"):
+        w.write_scalars(5, {"loss": 0.25, "acc": torch.tensor(0.5)})
+        w.write_texts(5, {"sample": "abc"})
+    assert "step 5 | loss=0.25 | acc=0.5" in caplog.text and "step 5 | sample: abc" in caplog.text
+
+
+class Recorder:
+    def __init__(self, fail_on=None):
+        self.calls, self.fail_on = [], fail_on
+
+    def __getattr__(self, name):
+        if not name.startswith(("write_", "flush", "close")):
+            raise AttributeError(name)
+
+        def record(*args, **kwargs):
+            if name == self.fail_on:
+                raise OSError("disk gone")
+            self.calls.append((name, args))
+        return record
+
+
+def test_multi_and_async_writers():
+    a, b = Recorder(), Recorder()
+    w = fx.logging.AsyncWriter(fx.logging.MultiWriter([a, b]))
+    for step in range(20):
+        w.write_scalars(step, {"x": step})
+    w.write_audios(3, {"a": np.zeros(4)}, sample_rate=16000)
+    w.flush()
+    assert [c[1][0] for c in a.calls if c[0] == "write_scalars"] == list(range(20))
+    assert a.calls == b.calls
+    w.close()
+    assert a.calls[-1][0] == "close"
+    bad = fx.logging.AsyncWriter(Recorder(fail_on="write_texts"))
+    bad.write_texts(0, {"t": "x"})
+    with pytest.raises(RuntimeError, match="writing with Recorder failed: disk gone"):
+        bad.flush()
+    bad.close()
