@@ -10,7 +10,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest", "digest_items"]
+__all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest", "digest_items",
+           "leaf_record"]
 
 
 def path_str(path: tuple) -> str:
@@ -56,15 +57,17 @@ def check_same_structure(expected: Any, got: Any, what: str) -> None:
                          f"{_describe_mismatch(expected, got)}")
 
 
-def _leaf_bytes(leaf: Any) -> tuple[str, tuple[int, ...], bytes]:
+def leaf_record(path: str, leaf: Any) -> tuple[str, str, tuple[int, ...], bytes]:
+    """What the digest hashes for one leaf: ``(path, dtype, shape, raw bytes)``."""
     if isinstance(leaf, torch.Tensor):
         t = leaf.detach().to("cpu").contiguous()
         raw = t.reshape(-1).view(torch.uint8)  # the bytes of any dtype, numpy's or not
-        return str(t.dtype), tuple(t.shape), raw.numpy().tobytes()
+        return path, str(t.dtype), tuple(t.shape), raw.numpy().tobytes()
     if isinstance(leaf, np.ndarray | np.generic):
-        arr = np.ascontiguousarray(leaf)
-        return str(arr.dtype), arr.shape, arr.tobytes()
-    return type(leaf).__name__, (), repr(leaf).encode()
+        arr = np.asarray(leaf)  # (np.ascontiguousarray would make 0-d arrays 1-d)
+        arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
+        return path, str(arr.dtype), arr.shape, arr.tobytes()
+    return path, type(leaf).__name__, (), repr(leaf).encode()
 
 
 def digest_items(items: Iterable[tuple[str, str, tuple[int, ...], bytes]]) -> str:
@@ -82,4 +85,4 @@ def tree_digest(tree: Any) -> str:
     Two states have the same digest exactly when they hold the same values bit for bit, so a
     resumed run can be compared with an uninterrupted one.
     """
-    return digest_items((path, *_leaf_bytes(leaf)) for path, leaf in leaves_with_paths(tree))
+    return digest_items(leaf_record(path, leaf) for path, leaf in leaves_with_paths(tree))

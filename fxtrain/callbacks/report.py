@@ -10,6 +10,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 __all__ = ["publish", "read_floats", "format_scalars", "logger"]
@@ -18,16 +19,26 @@ logger = logging.getLogger("fxtrain")
 
 
 def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
-    """Python floats of 0-d tensors and numbers, with one device sync for all tensors."""
+    """Python floats of one-element tensors and numbers, with one device sync for all tensors."""
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
-    out = {k: float(v) for k, v in values.items() if k not in tensors}
+    out = {k: _number(k, v) for k, v in values.items() if k not in tensors}
     by_device: dict[torch.device, list[str]] = {}
     for k, t in tensors.items():
+        if t.numel() != 1:
+            raise ValueError(f"scalar {k!r} has shape {tuple(t.shape)}; expected one number "
+                             "per key (many values are a histogram)")
         by_device.setdefault(t.device, []).append(k)
     for keys in by_device.values():  # one sync per device
         stacked = torch.stack([tensors[k].detach().reshape(()).to(torch.float64) for k in keys])
         out.update(zip(keys, stacked.tolist()))
     return {k: out[k] for k in values}
+
+
+def _number(key: str, value: Any) -> float:
+    arr = np.asarray(value)
+    if arr.size != 1 or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"scalar {key!r} must be one number, got {type(value).__name__}")
+    return float(arr.reshape(()))
 
 
 def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:

@@ -25,10 +25,9 @@ __all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "encode", "plan", "decod
 FORMAT = "fxtrain.checkpoint/1"
 
 # torch dtypes numpy lacks: stored as an integer view, typed with ml_dtypes on disk
-_VIEWED = {torch.bfloat16: (torch.int16, "bfloat16"),
-           torch.float8_e4m3fn: (torch.uint8, "float8_e4m3fn"),
-           torch.float8_e5m2: (torch.uint8, "float8_e5m2")}
-_NUMPY_INT = {torch.int16: np.int16, torch.uint8: np.uint8}
+_VIEWED = {torch.bfloat16: (torch.int16, np.int16, "bfloat16"),
+           torch.float8_e4m3fn: (torch.uint8, np.uint8, "float8_e4m3fn"),
+           torch.float8_e5m2: (torch.uint8, np.uint8, "float8_e5m2")}
 _PYTHON = (bool, int, float, str, type(None))
 
 
@@ -54,7 +53,7 @@ def _tensor_array(t: torch.Tensor, path: str) -> np.ndarray:
     t = t.contiguous().resolve_conj().resolve_neg()
     if t.dtype in _VIEWED:
         import ml_dtypes
-        as_int, name = _VIEWED[t.dtype]
+        as_int, _, name = _VIEWED[t.dtype]
         return t.view(as_int).numpy().view(getattr(ml_dtypes, name))
     try:
         return t.numpy()
@@ -98,7 +97,7 @@ def callback_names(state: Any) -> list[str]:
     return sorted(getattr(state, "callbacks", None) or {})
 
 
-def encode(state: Any, *, metadata: dict | None = None) -> tuple[dict[str, np.ndarray], dict]:
+def encode(state: Any) -> tuple[dict[str, np.ndarray], dict]:
     """``(arrays, meta)``: the arrays to store, keyed ``"00000"``..., and the JSON description."""
     arrays, leaves = {}, []
     for i, (keypath, leaf) in enumerate(pytree.tree_flatten_with_path(state)[0]):
@@ -109,19 +108,18 @@ def encode(state: Any, *, metadata: dict | None = None) -> tuple[dict[str, np.nd
         if arr is not None:
             arrays[entry["key"]] = arr
     meta = {"format": FORMAT, "root": type(state).__name__, "callbacks": callback_names(state),
-            "leaves": leaves, "metadata": metadata or {}}
+            "leaves": leaves}
     return arrays, meta
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How a template's leaves are filled: ``load`` from the checkpoint (template leaf, entry) or
-    ``keep`` the template's; the callbacks ``dropped`` and ``added`` against the checkpoint."""
+    """How a template's leaves are filled: each from its checkpoint entry, or (entry None) kept
+    from the template; ``dropped``: saved callbacks the template no longer has."""
 
     spec: Any
     sources: list[tuple[str, Any, dict | None]]  # (path, template leaf, entry or None to keep)
     dropped: list[str]
-    added: list[str]
 
     @property
     def keys(self) -> list[str]:
@@ -206,10 +204,10 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
     if problems:
         raise CheckpointMismatchError(
             "the checkpoint does not match the template state:\n" + "\n".join(sorted(problems)))
-    return Plan(spec, sources, dropped, added)
+    return Plan(spec, sources, dropped)
 
 
-def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor) -> torch.Tensor:
+def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor | None) -> torch.Tensor:
     dtype = _torch_dtype(entry["dtype"])
     if arr is None:
         t = torch.empty(entry["shape"], dtype=dtype)
@@ -217,16 +215,18 @@ def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor) -> tor
         if not (arr.flags.c_contiguous and arr.flags.writeable):
             arr = arr.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
         if dtype in _VIEWED:
-            t = torch.from_numpy(arr.view(_NUMPY_INT[_VIEWED[dtype][0]])).view(dtype)
+            t = torch.from_numpy(arr.view(_VIEWED[dtype][1])).view(dtype)
         else:
             t = torch.from_numpy(arr)
     if list(t.shape) != entry["shape"]:
         raise ValueError(f"{entry['path']}: the stored array has shape {tuple(t.shape)}, its "
                          f"description {tuple(entry['shape'])}; the checkpoint is damaged")
-    return t.to(device=like.device, dtype=like.dtype)
+    return t if like is None else t.to(device=like.device, dtype=like.dtype)
 
 
-def _leaf_from(arr: np.ndarray | None, entry: dict, like: Any) -> Any:
+def leaf_value(arr: np.ndarray | None, entry: dict, like: Any = None) -> Any:
+    """The leaf an entry stores (``arr``: its array, if it has one), on ``like``'s device and in
+    its dtype when given, else as stored (CPU)."""
     if entry["kind"] == "tensor":
         return _tensor_from(arr, entry, like)
     if entry["kind"] == "ndarray":
@@ -237,6 +237,6 @@ def _leaf_from(arr: np.ndarray | None, entry: dict, like: Any) -> Any:
 def decode(p: Plan, load: Callable[[list[str]], dict[str, np.ndarray]]) -> Any:
     """The new state: ``load(keys)`` reads the needed arrays; the template fills the rest."""
     arrays = load(p.keys) if p.keys else {}
-    leaves = [leaf if e is None else _leaf_from(arrays.get(e.get("key")), e, leaf)
+    leaves = [leaf if e is None else leaf_value(arrays.get(e.get("key")), e, leaf)
               for _, leaf, e in p.sources]
     return pytree.tree_unflatten(leaves, p.spec)

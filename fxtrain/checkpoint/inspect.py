@@ -11,9 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..tree import digest_items
+from ..tree import digest_items, leaf_record
 from . import bridge, store
 
 __all__ = ["checkpoint_paths", "summary", "leaf_rows", "digest", "format_size", "format_age"]
@@ -57,23 +55,14 @@ def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _record(entry: dict, arrays: dict[str, np.ndarray]) -> tuple[str, str, tuple, bytes]:
-    """What ``tree_digest`` hashes for the leaf this entry restores to."""
-    if entry["kind"] == "python":
-        value = bridge.python_leaf(entry)
-        return entry["path"], type(value).__name__, (), repr(value).encode()
-    arr = arrays.get(entry.get("key"))
-    raw = b"" if arr is None else np.ascontiguousarray(arr).tobytes()
-    dtype = f"torch.{entry['dtype']}" if entry["kind"] == "tensor" else entry["dtype"]
-    return entry["path"], dtype, tuple(entry["shape"]), raw
-
-
 def digest(path: Path) -> str:
-    """``fx.tree_digest`` of the state the checkpoint at ``path`` restores to."""
+    """``fx.tree_digest`` of the state the checkpoint at ``path`` restores to: the stored leaves,
+    rebuilt on the CPU in their stored dtypes, hashed as ``tree_digest`` hashes leaves."""
     meta = store.read_meta(path)
     keys = store.saved_keys(meta)
     arrays = store.read_arrays(path, keys, keys) if keys else {}
-    return digest_items(_record(e, arrays) for e in meta["leaves"])
+    return digest_items(leaf_record(e["path"], bridge.leaf_value(arrays.get(e.get("key")), e))
+                        for e in meta["leaves"])
 
 
 def format_size(n: int) -> str:

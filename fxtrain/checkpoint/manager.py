@@ -20,18 +20,17 @@ from typing import Any
 
 import torch
 
+from ..callbacks.report import read_floats
 from . import bridge, store
 
 __all__ = ["CheckpointManager", "save", "restore"]
 
 
 def _floats(metrics: Mapping | None) -> dict[str, float]:
-    """JSON-able metrics: tensors and numbers as floats (one read for device tensors)."""
-    out = {}
-    for k, v in (metrics or {}).items():
-        if isinstance(v, torch.Tensor) and v.numel() == 1 or isinstance(v, int | float):
-            out[str(k)] = float(v)
-    return out
+    """JSON-able metrics: the one-number tensors and numbers among ``metrics``, as floats."""
+    numbers = {str(k): v for k, v in (metrics or {}).items()
+               if isinstance(v, int | float) or isinstance(v, torch.Tensor) and v.numel() == 1}
+    return read_floats(numbers)
 
 
 def _check(keep_latest, keep_best, best_metric, best_mode, save_interval_steps) -> None:

@@ -10,10 +10,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["MultiWriter", "AsyncWriter", "WRITE_METHODS"]
+__all__ = ["MultiWriter", "AsyncWriter"]
 
-WRITE_METHODS = ("write_scalars", "write_images", "write_videos", "write_audios", "write_texts",
-                 "write_histograms", "write_hparams")
 
 
 class MultiWriter:

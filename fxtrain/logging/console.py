@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from ..callbacks.report import format_scalars
 from .values import as_array, image_batch, scalars, video_batch
 
 __all__ = ["ConsoleWriter"]
@@ -32,8 +33,7 @@ class ConsoleWriter:
         self.logger.log(self.level, "%s", text if step is None else f"step {step} | {text}")
 
     def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
-        values = scalars(mapping)
-        self._line(step, " | ".join(f"{k}={_format(v)}" for k, v in values.items()))
+        self._line(step, format_scalars(scalars(mapping), sep=" | "))
 
     def _shapes(self, step, what: str, arrays: Mapping[str, Any]) -> None:
         self._line(step, f"{what}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))

@@ -26,10 +26,9 @@ def _json_number(x: float) -> float | str:
 
 def _summary(arr) -> dict[str, Any]:
     arr = as_array(arr)
-    finite = arr[...].astype("float64")
     return {"shape": list(arr.shape), "dtype": str(arr.dtype),
-            "min": _json_number(float(finite.min())) if arr.size else None,
-            "max": _json_number(float(finite.max())) if arr.size else None}
+            "min": _json_number(float(arr.min())) if arr.size else None,
+            "max": _json_number(float(arr.max())) if arr.size else None}
 
 
 class JsonlWriter:

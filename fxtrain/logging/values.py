@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..callbacks.report import read_floats
+
 __all__ = ["as_array", "scalars", "image_batch", "video_batch"]
 
 _warned: set[str] = set()
@@ -27,37 +29,14 @@ def as_array(value: Any) -> np.ndarray:
 
 
 def scalars(mapping: Mapping[str, Any]) -> dict[str, float]:
-    """``{key: float}``; a non-finite value is kept (as NaN or inf) and warned about once per key.
-
-    Device tensors are read together, in one transfer per device.
-    """
-    tensors = {k: v for k, v in mapping.items() if isinstance(v, torch.Tensor)}
-    read: dict[str, float] = {}
-    by_device: dict[torch.device, list[str]] = {}
-    for k, v in tensors.items():
-        if v.numel() != 1:
-            raise ValueError(f"scalar {k!r} has shape {tuple(v.shape)}; write_scalars takes one "
-                             "number per key (use write_histograms for many)")
-        by_device.setdefault(v.device, []).append(k)
-    for keys in by_device.values():
-        values = torch.stack([tensors[k].detach().reshape(()).double() for k in keys]).tolist()
-        read.update(zip(keys, values))
-    out = {}
-    for k, v in mapping.items():
-        x = read[k] if k in read else _number(k, v)
+    """``{key: float}`` (device tensors read in one transfer per device); a non-finite value is
+    kept (as NaN or inf) and warned about once per key."""
+    out = read_floats(mapping)
+    for k, x in out.items():
         if not math.isfinite(x) and k not in _warned:
             _warned.add(k)
             warnings.warn(f"logged scalar {k!r} is {x}; it is written as is", stacklevel=3)
-        out[k] = x
     return out
-
-
-def _number(key: str, value: Any) -> float:
-    arr = np.asarray(value)
-    if arr.size != 1 or not np.issubdtype(arr.dtype, np.number) and arr.dtype != bool:
-        raise ValueError(f"scalar {key!r} must be one number, got {type(value).__name__} "
-                         f"{getattr(arr, 'shape', '')}")
-    return float(arr.reshape(()))
 
 
 def _pixels(key: str, arr: np.ndarray, what: str) -> np.ndarray:
