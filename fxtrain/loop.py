@@ -59,7 +59,7 @@ class _Flags:
                 pending.append(metrics[key])
 
     def urgent(self) -> bool:
-        return bool(self.now.stop or self.now.save or self.now.evaluate)
+        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log)
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-__all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "keyed"]
+__all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical", "keyed"]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -70,6 +70,14 @@ def normal(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torc
     u1 = 1.0 - uniform(key, shape, torch.float32, stream=1)  # in (0, 1], so log is finite
     u2 = uniform(key, shape, torch.float32, stream=2)
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
+
+
+def categorical(key: torch.Tensor, logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Indices drawn from ``softmax(logits)`` along ``dim`` (Gumbel-max), int64, with ``dim``
+    removed: the keyed counterpart of ``torch.multinomial`` for sampling tokens."""
+    u = uniform(key, logits.shape, torch.float32, stream=3)
+    gumbel = -torch.log(-torch.log(u.clamp_min(2.0 ** -24)))  # u in (0, 1): finite
+    return torch.argmax(logits.to(torch.float32) + gumbel, dim=dim)
 
 
 def _arg(args, kwargs, index, name, default):

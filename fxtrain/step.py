@@ -25,7 +25,8 @@ from .optim.base import squared_norms, tree_select
 from .optim.wrappers import learning_rate
 from .state import TrainState
 
-__all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "revert_update"]
+__all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "gradient_histograms",
+           "revert_update"]
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
@@ -78,7 +79,7 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss, dict(aux or {})
 
 
-def _set_training(module: torch.nn.Module, training: bool) -> bool:
+def set_training(module: torch.nn.Module, training: bool) -> bool:
     """Puts ``module`` in train or eval mode if it is not already; returns the old mode.
 
     Left alone when already right, so a compiled step has no side effects to replay.
@@ -102,6 +103,30 @@ def gradient_statistics(grads: dict[str, torch.Tensor],
             "grad_norm_mean": norms.mean()}
 
 
+HISTOGRAM_BINS = 64
+
+
+def gradient_histograms(grads: dict[str, torch.Tensor],
+                        bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
+    """Per-parameter gradient histograms as ``grad_hist/<name>``: a float32 tensor
+    ``[lo, hi, count_1, ..., count_bins]`` with ``bins`` equal bins over ``[lo, hi]``, the
+    gradient's range. Fixed shapes and tensor maths only, so it compiles into the step's graph.
+    Non-finite entries are left out (with none finite, ``lo > hi`` and the counts are 0)."""
+    out = {}
+    for name, g in grads.items():
+        flat = g.detach().reshape(-1).to(torch.float32)
+        finite = torch.isfinite(flat)
+        lo = torch.where(finite, flat, torch.inf).min()
+        hi = torch.where(finite, flat, -torch.inf).max()
+        width = torch.clamp(hi - lo, min=torch.finfo(torch.float32).tiny)
+        scaled = torch.where(finite, (flat - lo) / width * bins, 0.0)
+        index = torch.clamp(scaled.to(torch.int64), 0, bins - 1)
+        counts = torch.zeros(bins, dtype=torch.float32, device=flat.device).index_add(
+            0, index, finite.to(torch.float32))
+        out[f"grad_hist/{name}"] = torch.cat([torch.stack([lo, hi]), counts])
+    return out
+
+
 def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:
     squared = squared_norms(list(grads.values()))
     metrics = {"loss": loss, "grad_norm": torch.sqrt(sum(squared))}
@@ -110,6 +135,8 @@ def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Te
         metrics["learning_rate"] = lr
     if grad_stats:
         metrics.update(gradient_statistics(grads, squared))
+    if grad_stats == "histograms":
+        metrics.update(gradient_histograms(grads))
     clash = sorted(metrics.keys() & aux.keys())
     if clash:
         raise ValueError(f"loss_fn's aux uses reserved metric names {clash}; rename them")
@@ -152,7 +179,7 @@ def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
-                    grad_stats: bool = False) -> Callable[[TrainState, Any], tuple]:
+                    grad_stats: bool | str = False) -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -162,8 +189,11 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
       callbacks: tensor-only callbacks folded on a "step_end" event inside the step; their
         merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors), and a
         ``skip`` control discards the step's update. Callbacks that do IO are refused.
-      grad_stats: also report per-parameter gradient norms and their max/min/mean (turned on
-        when a callback such as ``grad_monitor`` needs them).
+      grad_stats: True also reports per-parameter gradient norms (``grad_norm/<name>``) and
+        their max/min/mean (turned on when a callback such as ``grad_monitor`` needs them);
+        ``"histograms"`` adds per-parameter gradient histograms (``grad_hist/<name>``, see
+        ``gradient_histograms``) for ``model_watch``. They cost a pass over the gradients per
+        step (about 10% of a tiny MLP's step on CPU, little on larger models).
 
     Returns:
       ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
@@ -180,6 +210,9 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     """
     callbacks = tuple(callbacks)
     _check_step_callbacks(callbacks)
+    if grad_stats not in (False, True, "histograms"):
+        raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
+                         f"{grad_stats!r}")
     grad_stats = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
     guard = _BatchGuard("train_step")
 
@@ -189,12 +222,12 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
         def compute(params):
             inner = state.with_private_buffers()
-            was = _set_training(state.module, True)
+            was = set_training(state.module, True)
             try:
                 with random.keyed(key):
                     loss, aux = _split_loss(loss_fn(inner, params, batch))
             finally:
-                _set_training(state.module, was)
+                set_training(state.module, was)
             return loss, (aux, inner.buffers or {})  # functorch's aux holds tensors, not None
 
         grads, (loss, (aux, buffers)) = grad_and_value(compute, has_aux=True)(state.params)
@@ -229,13 +262,13 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         guard(batch)
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
-        was = _set_training(state.module, False)
+        was = set_training(state.module, False)
         try:
             with torch.no_grad(), random.keyed(key):
                 out = metrics_fn(state, state.params, batch) if takes_params else \
                     metrics_fn(state, batch)
         finally:
-            _set_training(state.module, was)
+            set_training(state.module, was)
         return _eval_metrics(out)
 
     return eval_step

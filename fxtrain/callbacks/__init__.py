@@ -3,6 +3,8 @@
 Callbacks that only do tensor maths (``early_stopping``, ``nan_guard``, ``grad_monitor``, ``ema``,
 ``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
 the host (``fit(callbacks=...)``); those that do IO or read the clock run on the host only.
+The logging callbacks (``log_metrics``, ``log_eval_metrics``, ``log_hparams``, ``model_watch``,
+``log_media``, ``text_samples``) write to any writer with clu's methods, on rank 0 only.
 """
 
 from .combinators import as_callback as as_callback
@@ -30,6 +32,12 @@ from .monitors import memory_monitor as memory_monitor
 from .monitors import throughput as throughput
 from .nan_guard import nan_guard as nan_guard
 from .hf import hf_callback as hf_callback
+from .hparams import log_hparams as log_hparams
+from .log_metrics import log_eval_metrics as log_eval_metrics
+from .log_metrics import log_metrics as log_metrics
+from .media import log_media as log_media
+from .media import text_samples as text_samples
+from .model_watch import model_watch as model_watch
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
 from .profiler import explain_step as explain_step
 from .profiler import find_graph_breaks as find_graph_breaks

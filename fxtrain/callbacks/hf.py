@@ -37,7 +37,7 @@ import torch
 
 from .. import distributed
 from .core import Callback, Control, callback_state
-from .report import read_floats
+from .report import loggable, read_floats
 
 __all__ = ["hf_callback"]
 
@@ -158,9 +158,7 @@ def _step_end(s: _Session, event, log_every: int) -> Control:
     s.hook(s.cb.on_step_end)
     asked = s.requests()
     if asked.log or event.step % log_every == 0:  # the only read of the metrics: one sync
-        metrics = {k: v for k, v in (event.metrics or {}).items()
-                   if not k.startswith("control/")}
-        s.log(read_floats(metrics))
+        s.log(read_floats(loggable(event.metrics)))
     return asked | s.requests()
 
 

@@ -13,9 +13,19 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["publish", "read_floats", "format_scalars", "logger"]
+__all__ = ["publish", "read_floats", "format_scalars", "logger", "loggable",
+           "check_writer"]
 
 logger = logging.getLogger("fxtrain")
+
+
+_NOT_LOGGED = ("control/", "grad_hist/")  # the loop's flags; model_watch's histograms
+
+
+def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The step metrics that are logged as numbers: all but the in-step control flags and the
+    gradient histograms (``grad_hist/*``, written by ``model_watch``)."""
+    return {k: v for k, v in (metrics or {}).items() if not k.startswith(_NOT_LOGGED)}
 
 
 def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
@@ -53,3 +63,12 @@ def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) 
 def format_scalars(scalars: Mapping[str, float], sep: str = " ") -> str:
     """``name=value`` pairs with 4 significant digits."""
     return sep.join(f"{k}={v:.4g}" for k, v in scalars.items())
+
+
+def check_writer(writer: Any, who: str, *methods: str) -> None:
+    """Raises a TypeError naming what ``writer`` lacks of ``methods``."""
+    missing = [m for m in methods if not callable(getattr(writer, m, None))]
+    if missing:
+        raise TypeError(f"{who}: {type(writer).__name__} is not a writer: it has no "
+                        f"{', '.join(missing)} (use fx.logging.TensorBoardWriter, JsonlWriter, "
+                        "ConsoleWriter, or any clu MetricWriter)")

@@ -7,4 +7,7 @@ from .compose import MultiWriter as MultiWriter
 from .console import ConsoleWriter as ConsoleWriter
 from .jsonl import JsonlWriter as JsonlWriter
 from .jsonl import read_jsonl as read_jsonl
+from .media import Audio as Audio
 from .tensorboard import TensorBoardWriter as TensorBoardWriter
+from .values import Histogram as Histogram
+from .wandb import WandbWriter as WandbWriter

@@ -13,34 +13,38 @@ from typing import Any
 __all__ = ["MultiWriter", "AsyncWriter"]
 
 
-
 class MultiWriter:
     """Writes every event to each of ``writers``, in order."""
 
     def __init__(self, writers: Sequence[Any]):
         self.writers = tuple(writers)
 
+    @property
+    def binned_histograms(self) -> bool:
+        """Whether every writer takes ``fx.logging.Histogram`` values."""
+        return all(getattr(w, "binned_histograms", False) for w in self.writers)
+
     def _each(self, method: str, *args, **kwargs) -> None:
         for w in self.writers:
             getattr(w, method)(*args, **kwargs)
 
-    def write_scalars(self, step, mapping):
-        self._each("write_scalars", step, mapping)
+    def write_scalars(self, step, scalars):
+        self._each("write_scalars", step, scalars)
 
-    def write_images(self, step, mapping):
-        self._each("write_images", step, mapping)
+    def write_images(self, step, images):
+        self._each("write_images", step, images)
 
-    def write_videos(self, step, mapping):
-        self._each("write_videos", step, mapping)
+    def write_videos(self, step, videos):
+        self._each("write_videos", step, videos)
 
-    def write_audios(self, step, mapping, *, sample_rate):
-        self._each("write_audios", step, mapping, sample_rate=sample_rate)
+    def write_audios(self, step, audios, *, sample_rate):
+        self._each("write_audios", step, audios, sample_rate=sample_rate)
 
-    def write_texts(self, step, mapping):
-        self._each("write_texts", step, mapping)
+    def write_texts(self, step, texts):
+        self._each("write_texts", step, texts)
 
-    def write_histograms(self, step, mapping, num_buckets=None):
-        self._each("write_histograms", step, mapping, num_buckets=num_buckets)
+    def write_histograms(self, step, arrays, num_buckets=None):
+        self._each("write_histograms", step, arrays, num_buckets=num_buckets)
 
     def write_hparams(self, hparams):
         self._each("write_hparams", hparams)
@@ -68,6 +72,11 @@ class AsyncWriter:
         self._thread = threading.Thread(target=self._work, name="fxtrain-writer", daemon=True)
         self._thread.start()
 
+    @property
+    def binned_histograms(self) -> bool:
+        """Whether the wrapped writer takes ``fx.logging.Histogram`` values."""
+        return getattr(self.writer, "binned_histograms", False)
+
     def _work(self) -> None:
         while True:
             job = self._queue.get()
@@ -93,23 +102,23 @@ class AsyncWriter:
             raise RuntimeError("AsyncWriter is closed")
         self._queue.put(lambda: fn(*args, **kwargs))
 
-    def write_scalars(self, step, mapping):
-        self._submit(self.writer.write_scalars, step, dict(mapping))
+    def write_scalars(self, step, scalars):
+        self._submit(self.writer.write_scalars, step, dict(scalars))
 
-    def write_images(self, step, mapping):
-        self._submit(self.writer.write_images, step, dict(mapping))
+    def write_images(self, step, images):
+        self._submit(self.writer.write_images, step, dict(images))
 
-    def write_videos(self, step, mapping):
-        self._submit(self.writer.write_videos, step, dict(mapping))
+    def write_videos(self, step, videos):
+        self._submit(self.writer.write_videos, step, dict(videos))
 
-    def write_audios(self, step, mapping, *, sample_rate):
-        self._submit(self.writer.write_audios, step, dict(mapping), sample_rate=sample_rate)
+    def write_audios(self, step, audios, *, sample_rate):
+        self._submit(self.writer.write_audios, step, dict(audios), sample_rate=sample_rate)
 
-    def write_texts(self, step, mapping):
-        self._submit(self.writer.write_texts, step, dict(mapping))
+    def write_texts(self, step, texts):
+        self._submit(self.writer.write_texts, step, dict(texts))
 
-    def write_histograms(self, step, mapping, num_buckets=None):
-        self._submit(self.writer.write_histograms, step, dict(mapping), num_buckets=num_buckets)
+    def write_histograms(self, step, arrays, num_buckets=None):
+        self._submit(self.writer.write_histograms, step, dict(arrays), num_buckets=num_buckets)
 
     def write_hparams(self, hparams):
         self._submit(self.writer.write_hparams, dict(hparams))

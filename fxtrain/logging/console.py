@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..callbacks.report import format_scalars
-from .values import as_array, image_batch, scalars, video_batch
+from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
 __all__ = ["ConsoleWriter"]
 
@@ -25,6 +25,8 @@ class ConsoleWriter:
         writer = fx.logging.ConsoleWriter()   # step 10 | loss=0.25 | accuracy=0.9
     """
 
+    binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+
     def __init__(self, logger: logging.Logger | str = "fxtrain", level: int = logging.INFO):
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
         self.level = level
@@ -32,33 +34,37 @@ class ConsoleWriter:
     def _line(self, step, text: str) -> None:
         self.logger.log(self.level, "%s", text if step is None else f"step {step} | {text}")
 
-    def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._line(step, format_scalars(scalars(mapping), sep=" | "))
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._line(step, format_scalars(scalar_values(scalars), sep=" | "))
 
     def _shapes(self, step, what: str, arrays: Mapping[str, Any]) -> None:
         self._line(step, f"{what}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
 
-    def write_images(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._shapes(step, "images", {k: image_batch(k, v) for k, v in mapping.items()})
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        self._shapes(step, "images", {k: image_batch(k, v) for k, v in images.items()})
 
-    def write_videos(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._shapes(step, "videos", {k: video_batch(k, v) for k, v in mapping.items()})
+    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+        self._shapes(step, "videos", {k: video_batch(k, v) for k, v in videos.items()})
 
-    def write_audios(self, step: int, mapping: Mapping[str, Any], *, sample_rate: int) -> None:
-        self._shapes(step, f"audio at {sample_rate} Hz", {k: as_array(v) for k, v in mapping.items()})
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        self._shapes(step, f"audio at {sample_rate} Hz",
+                     {k: as_array(v) for k, v in audios.items()})
 
-    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None:
-        for k, v in mapping.items():
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        for k, v in texts.items():
             self._line(step, f"{k}: {v}")
 
-    def write_histograms(self, step: int, mapping: Mapping[str, Any],
-                         num_buckets: int | None = None) -> None:
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: int | Mapping[str, int] | None = None) -> None:
         del num_buckets
         parts = []
-        for k, v in mapping.items():
-            arr = as_array(v).astype("float64")
-            parts.append(f"{k} mean={_format(arr.mean())} std={_format(arr.std())}"
-                         if arr.size else f"{k} (empty)")
+        for k, v in arrays.items():
+            if isinstance(v, Histogram):
+                n, mean, std = v.moments()
+            else:
+                arr = as_array(v).astype("float64")
+                n, mean, std = arr.size, (arr.mean() if arr.size else 0), arr.std()
+            parts.append(f"{k} mean={_format(mean)} std={_format(std)}" if n else f"{k} (empty)")
         self._line(step, "histograms: " + ", ".join(parts))
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:

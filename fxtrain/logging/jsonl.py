@@ -2,7 +2,8 @@
 
 Each line is ``{"step", "time", "kind", "values"}``. A process killed mid-write loses at most the
 line being written; ``read_jsonl`` skips an incomplete last line. Arrays (images, videos, audio,
-histograms) are summarised by shape and range, not stored: the TensorBoard writer keeps them.
+raw histograms) are summarised by shape and range, not stored: the TensorBoard writer keeps
+them. A binned ``fx.logging.Histogram`` is small, so its edges and counts are stored.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .values import as_array, image_batch, scalars, video_batch
+from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
 __all__ = ["JsonlWriter", "read_jsonl"]
 
@@ -31,6 +32,10 @@ def _summary(arr) -> dict[str, Any]:
             "max": _json_number(float(arr.max())) if arr.size else None}
 
 
+def _binned(h: Histogram) -> dict[str, Any]:
+    return {"edges": [_json_number(x) for x in h.edges.tolist()], "counts": h.counts.tolist()}
+
+
 class JsonlWriter:
     """Appends events to ``path`` (parent directories are created).
 
@@ -39,6 +44,8 @@ class JsonlWriter:
         writer = fx.logging.JsonlWriter("runs/exp1/metrics.jsonl")
         writer.write_scalars(10, {"loss": 0.25})
     """
+
+    binned_histograms = True  # write_histograms takes fx.logging.Histogram values
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -54,26 +61,28 @@ class JsonlWriter:
         self._file.write(line + "\n")  # one write per event, then to the OS at once
         self._file.flush()
 
-    def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._write(step, "scalars", {k: _json_number(v) for k, v in scalars(mapping).items()})
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._write(step, "scalars",
+                    {k: _json_number(v) for k, v in scalar_values(scalars).items()})
 
-    def write_images(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._write(step, "images", {k: _summary(image_batch(k, v)) for k, v in mapping.items()})
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        self._write(step, "images", {k: _summary(image_batch(k, v)) for k, v in images.items()})
 
-    def write_videos(self, step: int, mapping: Mapping[str, Any]) -> None:
-        self._write(step, "videos", {k: _summary(video_batch(k, v)) for k, v in mapping.items()})
+    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+        self._write(step, "videos", {k: _summary(video_batch(k, v)) for k, v in videos.items()})
 
-    def write_audios(self, step: int, mapping: Mapping[str, Any], *, sample_rate: int) -> None:
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
         self._write(step, "audios", {k: {**_summary(v), "sample_rate": sample_rate}
-                                     for k, v in mapping.items()})
+                                     for k, v in audios.items()})
 
-    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None:
-        self._write(step, "texts", {k: str(v) for k, v in mapping.items()})
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        self._write(step, "texts", {k: str(v) for k, v in texts.items()})
 
-    def write_histograms(self, step: int, mapping: Mapping[str, Any],
-                         num_buckets: int | None = None) -> None:
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: int | Mapping[str, int] | None = None) -> None:
         del num_buckets  # the summary has no buckets
-        self._write(step, "histograms", {k: _summary(v) for k, v in mapping.items()})
+        self._write(step, "histograms", {k: _binned(v) if isinstance(v, Histogram) else
+                                         _summary(v) for k, v in arrays.items()})
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         self._write(None, "hparams", json.loads(json.dumps(dict(hparams), default=str)))

@@ -2,69 +2,50 @@
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import wave
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .values import as_array, image_batch, scalars, video_batch
+from .media import figure_pixels, gif_bytes, is_figure, wav_bytes
+from .values import (Histogram, as_array, audio_batch, buckets, image_batch, markdown_table,
+                     scalar_values, video_batch)
 
 __all__ = ["TensorBoardWriter"]
 
 
-def _is_figure(value: Any) -> bool:
-    return type(value).__module__.startswith("matplotlib") and type(value).__name__ == "Figure"
-
-
 def _audio_summary(name: str, clip: np.ndarray, sample_rate: int):
-    """A TensorBoard audio summary of a mono clip in [-1, 1], as 16-bit PCM WAV (with the
-    standard library's ``wave``: tensorboardX's own needs ``soundfile``)."""
+    """A TensorBoard audio summary of a mono clip, as 16-bit PCM WAV (with the standard
+    library: tensorboardX's own needs ``soundfile``)."""
     from tensorboardX.proto.summary_pb2 import Summary
-    pcm = (np.clip(np.nan_to_num(clip), -1, 1) * 32767).astype("<i2")
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as f:
-        f.setnchannels(1)
-        f.setsampwidth(2)
-        f.setframerate(sample_rate)
-        f.writeframes(pcm.tobytes())
-    audio = Summary.Audio(sample_rate=sample_rate, num_channels=1, length_frames=len(pcm),
-                          encoded_audio_string=buffer.getvalue(), content_type="audio/wav")
+    audio = Summary.Audio(sample_rate=sample_rate, num_channels=1, length_frames=len(clip),
+                          encoded_audio_string=wav_bytes(clip, sample_rate),
+                          content_type="audio/wav")
     return Summary(value=[Summary.Value(tag=name, audio=audio)])
 
 
 def _gif_summary(name: str, frames: np.ndarray, fps: int):
     """A TensorBoard image summary holding an animated GIF of ``[T, H, W, C]`` uint8 frames
     (what tensorboardX writes through moviepy; here through Pillow)."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise ImportError("write_videos needs Pillow (pip install pillow)") from e
     from tensorboardX.proto.summary_pb2 import Summary
-    t, h, w, c = frames.shape
-    mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
-    images = [Image.fromarray(f[..., 0] if c == 1 else f, mode) for f in frames]
-    buffer = io.BytesIO()
-    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:],
-                   duration=max(1, round(1000 / fps)), loop=0)
-    image = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=buffer.getvalue())
+    _, h, w, c = frames.shape
+    image = Summary.Image(height=h, width=w, colorspace=c,
+                          encoded_image_string=gif_bytes(frames, fps))
     return Summary(value=[Summary.Value(tag=name, image=image)])
-
-
-def _markdown_table(mapping: Mapping[str, Any]) -> str:
-    rows = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in mapping.items())
-    return "| key | value |\n|---|---|\n" + rows
 
 
 class TensorBoardWriter:
     """Writes to a TensorBoard event file in ``logdir`` (created if needed).
 
     Images are ``[N, H, W, C]`` or ``[H, W, C]`` (floats in [0, 1] or uint8) or matplotlib
-    figures; videos ``[N, T, H, W, C]``; audio ``[N, T]`` or ``[T]`` in [-1, 1].
+    figures; videos ``[N, T, H, W, C]``; audio ``[N, T]`` or ``[T]`` in [-1, 1]; histograms
+    raw values or ``fx.logging.Histogram`` (already binned).
+
+    Writes are synchronous (tensorboardX's summaries, written by this thread), so ``flush``
+    means on disk; wrap it in ``fx.logging.AsyncWriter`` to write from a worker thread.
 
     Example::
 
@@ -72,57 +53,73 @@ class TensorBoardWriter:
         writer.write_scalars(100, {"train/loss": loss})
     """
 
+    binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+
     def __init__(self, logdir: str | os.PathLike, *, fps: int = 4):
-        from tensorboardX import SummaryWriter
+        from tensorboardX.event_file_writer import EventsWriter
         self.logdir = Path(logdir)
         try:
             self.logdir.mkdir(parents=True, exist_ok=True)
+            self._events = EventsWriter(str(self.logdir / "events"))
         except OSError as e:
             raise OSError(f"TensorBoardWriter: cannot create the log directory {self.logdir}: "
                           f"{e}") from e
         self.fps = fps
-        self._writer = SummaryWriter(str(self.logdir), flush_secs=10)
+        self._closed = False
 
-    def write_scalars(self, step: int, mapping: Mapping[str, Any]) -> None:
-        for k, v in scalars(mapping).items():
-            self._writer.add_scalar(k, v, int(step))
+    def _add(self, summary, step: int | None = None) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+        if self._closed:
+            raise RuntimeError(f"TensorBoardWriter for {self.logdir} is closed")
+        event = Event(summary=summary, wall_time=time.time())
+        if step is not None:
+            event.step = int(step)
+        self._events.write_event(event)
 
-    def write_images(self, step: int, mapping: Mapping[str, Any]) -> None:
-        for k, v in mapping.items():
-            if _is_figure(v):
-                self._writer.add_figure(k, v, int(step), close=False)
-            else:
-                self._writer.add_images(k, image_batch(k, v), int(step), dataformats="NHWC")
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        from tensorboardX.summary import scalar
+        for k, v in scalar_values(scalars).items():
+            self._add(scalar(k, v), step)
 
-    def write_videos(self, step: int, mapping: Mapping[str, Any]) -> None:
-        for k, v in mapping.items():
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        from tensorboardX.summary import image
+        for k, v in images.items():
+            pixels = figure_pixels(v, close=False) if is_figure(v) else image_batch(k, v)
+            self._add(image(k, pixels, dataformats="HWC" if pixels.ndim == 3 else "NHWC"), step)
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+        for k, v in videos.items():
             for i, clip in enumerate(video_batch(k, v)):
-                name = k if i == 0 else f"{k}/{i}"
-                self._writer._get_file_writer().add_summary(
-                    _gif_summary(name, clip, self.fps), int(step))
+                self._add(_gif_summary(k if i == 0 else f"{k}/{i}", clip, self.fps), step)
 
-    def write_audios(self, step: int, mapping: Mapping[str, Any], *, sample_rate: int) -> None:
-        for k, v in mapping.items():
-            clips = as_array(v).astype(np.float32)
-            clips = clips[None] if clips.ndim == 1 else clips
-            if clips.ndim != 2:
-                raise ValueError(f"audio {k!r} has shape {clips.shape}; expected [N, T] or [T]")
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        for k, v in audios.items():
+            clips = audio_batch(k, v)
             for i, clip in enumerate(clips):
                 name = k if len(clips) == 1 else f"{k}/{i}"
-                self._writer._get_file_writer().add_summary(
-                    _audio_summary(name, clip, sample_rate), int(step))
+                self._add(_audio_summary(name, clip, sample_rate), step)
 
-    def write_texts(self, step: int, mapping: Mapping[str, str]) -> None:
-        for k, v in mapping.items():
-            self._writer.add_text(k, str(v), int(step))
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        from tensorboardX.summary import text
+        for k, v in texts.items():
+            self._add(text(k, str(v)), step)
 
-    def write_histograms(self, step: int, mapping: Mapping[str, Any],
-                         num_buckets: int | None = None) -> None:
-        for k, v in mapping.items():
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: int | Mapping[str, int] | None = None) -> None:
+        from tensorboardX.summary import histogram, histogram_raw
+        for k, v in arrays.items():
+            if isinstance(v, Histogram):
+                centres = v.centres
+                self._add(histogram_raw(
+                    k, min=float(v.edges[0]), max=float(v.edges[-1]), num=float(v.counts.sum()),
+                    sum=float((centres * v.counts).sum()),
+                    sum_squares=float((centres ** 2 * v.counts).sum()),
+                    bucket_limits=v.edges[1:].tolist(), bucket_counts=v.counts.tolist()), step)
+                continue
             arr = as_array(v).astype(np.float64).reshape(-1)
             if arr.size == 0:
                 raise ValueError(f"histogram {k!r} is empty")
-            self._writer.add_histogram(k, arr, int(step), bins=num_buckets or "tensorflow")
+            self._add(histogram(k, arr, buckets(num_buckets, k) or "tensorflow"), step)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """The run's hyperparameters, for TensorBoard's HPARAMS tab, in this run's event file."""
@@ -130,16 +127,21 @@ class TensorBoardWriter:
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v)
                 for k, v in hparams.items()}
         for summary in hparams_summary(flat, {}):
-            self._writer._get_file_writer().add_summary(summary)
+            self._add(summary)
 
     def write_config(self, config: Mapping[str, Any]) -> None:
         """Records the run's configuration: hyperparameters and a markdown table under
         ``config``."""
         self.write_hparams(config)
-        self._writer.add_text("config", _markdown_table(config), 0)
+        self.write_texts(0, {"config": markdown_table(config)})
 
     def flush(self) -> None:
-        self._writer.flush()
+        """Everything written so far is in the event file when this returns."""
+        if not self._closed:
+            self._events.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if not self._closed:
+            self._events.flush()
+            self._events.close()
+            self._closed = True

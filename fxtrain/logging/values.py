@@ -3,6 +3,8 @@ checks every writer shares: finite scalars, image and video shapes."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import warnings
 from collections.abc import Mapping
@@ -13,7 +15,8 @@ import torch
 
 from ..callbacks.report import read_floats
 
-__all__ = ["as_array", "scalars", "image_batch", "video_batch"]
+__all__ = ["as_array", "scalar_values", "image_batch", "video_batch", "audio_batch", "Histogram",
+           "markdown_table", "buckets"]
 
 _warned: set[str] = set()
 
@@ -28,7 +31,7 @@ def as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def scalars(mapping: Mapping[str, Any]) -> dict[str, float]:
+def scalar_values(mapping: Mapping[str, Any]) -> dict[str, float]:
     """``{key: float}`` (device tensors read in one transfer per device); a non-finite value is
     kept (as NaN or inf) and warned about once per key."""
     out = read_floats(mapping)
@@ -59,9 +62,90 @@ def image_batch(key: str, value: Any) -> np.ndarray:
     return _pixels(key, arr, "image")
 
 
+def audio_batch(key: str, value: Any) -> np.ndarray:
+    """``[N, T]`` float32 clips from ``[N, T]`` or ``[T]`` (values in [-1, 1])."""
+    clips = as_array(value).astype(np.float32)
+    clips = clips[None] if clips.ndim == 1 else clips
+    if clips.ndim != 2:
+        raise ValueError(f"audio {key!r} has shape {clips.shape}; expected [N, T] or [T]")
+    return clips
+
+
 def video_batch(key: str, value: Any) -> np.ndarray:
     """``[N, T, H, W, C]`` uint8 (floats in [0, 1])."""
     arr = as_array(value)
     if arr.ndim != 5:
         raise ValueError(f"video {key!r} has shape {arr.shape}; expected [N, T, H, W, C]")
     return _pixels(key, arr, "video")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Histogram:
+    """A histogram binned where the values live (on device): ``counts[i]`` values fell in
+    ``[edges[i], edges[i + 1])``. fxtrain's writers take it in ``write_histograms`` wherever
+    they take raw values, so a large tensor never has to be copied to the host to be plotted.
+    """
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+    def __post_init__(self):
+        edges = np.asarray(self.edges, dtype=np.float64).reshape(-1)
+        counts = np.asarray(self.counts, dtype=np.float64).reshape(-1)
+        if len(edges) != len(counts) + 1 or len(counts) == 0:
+            raise ValueError(f"Histogram needs len(edges) == len(counts) + 1 >= 2, got "
+                             f"{len(edges)} edges and {len(counts)} counts")
+        object.__setattr__(self, "edges", edges)
+        object.__setattr__(self, "counts", counts)
+
+    @classmethod
+    def from_packed(cls, packed: Any) -> Histogram:
+        """From ``[lo, hi, count_1, ..., count_n]`` (``fx.step.gradient_histograms``): n equal
+        bins over ``[lo, hi]``."""
+        packed = as_array(packed).astype(np.float64).reshape(-1)
+        lo, hi, counts = packed[0], packed[1], packed[2:]
+        if not lo <= hi:  # no finite value was counted
+            lo = hi = 0.0
+        return cls(np.linspace(lo, hi, len(counts) + 1), counts)
+
+    @property
+    def centres(self) -> np.ndarray:
+        return (self.edges[:-1] + self.edges[1:]) / 2
+
+    def moments(self) -> tuple[float, float, float]:
+        """(count, mean, standard deviation), taking each value at its bin's centre."""
+        n = float(self.counts.sum())
+        if n == 0:
+            return 0.0, math.nan, math.nan
+        mean = float((self.centres * self.counts).sum() / n)
+        var = float((((self.centres - mean) ** 2) * self.counts).sum() / n)
+        return n, mean, math.sqrt(var)
+
+    def samples(self, max_samples: int = 100_000) -> np.ndarray:
+        """Bin centres repeated by count (scaled down to about ``max_samples`` values): for
+        writers that only bin raw values themselves, such as clu's."""
+        counts = self.counts
+        total = counts.sum()
+        if total > max_samples:
+            counts = counts * (max_samples / total)
+        return np.repeat(self.centres, np.round(counts).astype(np.int64))
+
+
+def buckets(num_buckets: int | Mapping[str, int] | None, key: str) -> int | None:
+    """The bucket count for ``key``: clu passes one int for all keys or a mapping per key."""
+    if isinstance(num_buckets, Mapping):
+        return num_buckets.get(key)
+    return num_buckets
+
+
+def markdown_table(rows: Mapping[str, Any] | np.ndarray) -> str:
+    """A markdown table of ``{key: value}`` or of a 2-D array (rows by columns)."""
+    if isinstance(rows, Mapping):
+        body = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in rows.items())
+        return "| key | value |\n|---|---|\n" + body
+    arr = np.asarray(rows)
+    head = "| |" + "".join(f" {j} |" for j in range(arr.shape[1])) + "\n"
+    rule = "|---|" + "---|" * arr.shape[1] + "\n"
+    body = "\n".join(f"| **{i}** |" + "".join(f" {x:.6g} |" for x in row)
+                     for i, row in enumerate(arr.tolist()))
+    return head + rule + body

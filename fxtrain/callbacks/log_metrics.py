@@ -1,0 +1,187 @@
+"""``log_metrics`` and ``log_eval_metrics``: step and evaluation metrics to a writer.
+
+``log_metrics`` keeps each step's metric tensors as they come (no device work, no sync) and,
+every ``every`` steps, averages them on device and reads the averages in one transfer: one
+host sync per interval. Writers get Python floats, so any writer works (clu's included).
+
+Open intervals are also written when a checkpoint is saved and at train_end, so a run resumed
+from any checkpoint writes the same values at the same steps as the uninterrupted run,
+although the window itself is not part of the state.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..logging.values import as_array, markdown_table, scalar_values
+from .combinators import rank_zero
+from .core import NOTHING, Callback
+from .report import check_writer, loggable
+
+__all__ = ["log_metrics", "log_eval_metrics"]
+
+_COLLAPSE = 256  # steps kept as separate tensors before they are summed on device
+
+
+class _Window:
+    """The step metrics of the current interval, kept on device until written."""
+
+    def __init__(self):
+        self.pending: list[Mapping[str, Any]] = []
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.pending or self.counts)
+
+    def add(self, metrics: Mapping[str, Any]) -> None:
+        self.pending.append(metrics)
+        if len(self.pending) >= _COLLAPSE:
+            self._collapse()
+
+    def _collapse(self) -> None:
+        keys = dict.fromkeys(k for m in self.pending for k in loggable(m))
+        for k in keys:
+            values = [m[k] for m in self.pending if k in m]
+            total = _sum(k, values)
+            self.sums[k] = total if k not in self.sums else self.sums[k] + total
+            self.counts[k] = self.counts.get(k, 0) + len(values)
+        self.pending = []
+
+    def take(self) -> dict[str, torch.Tensor]:
+        """The interval's means (0-d tensors, nothing read yet); the window starts again."""
+        self._collapse()
+        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return means
+
+
+def _sum(key: str, values: list) -> torch.Tensor:
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+    tensors = [torch.as_tensor(v, device=device) for v in values]
+    bad = next((t for t in tensors if t.numel() != 1), None)
+    if bad is not None:
+        raise ValueError(f"log_metrics: step metric {key!r} has shape {tuple(bad.shape)}; step "
+                         "metrics must be one number each (0-d tensors)")
+    return torch.stack([t.reshape(()) for t in tensors]).to(torch.float32).sum()
+
+
+def _size(value: Any) -> int:
+    return int(np.prod(tuple(getattr(value, "shape", ()))))
+
+
+def _eval_scalars(metrics: Mapping[str, Any], who: str, warned: set) -> dict[str, Any]:
+    out = {}
+    for k, v in (metrics or {}).items():
+        if _size(v) != 1:
+            if k not in warned:
+                warned.add(k)
+                warnings.warn(f"{who}: eval metric {k!r} has shape {tuple(v.shape)}, not one "
+                              "number; log_eval_metrics writes it (per class, or as a table)",
+                              stacklevel=4)
+            continue
+        out[k] = v
+    return out
+
+
+def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
+                eval_prefix: str | None = "eval/", name: str = "log_metrics") -> Callback:
+    """Writes step metrics averaged over every ``every`` steps, and each evaluation's metrics.
+
+    Step metrics (loss, grad_norm, learning_rate, the loss function's aux values...) are
+    averaged on device over the interval and read in one transfer when it ends; nothing is
+    read between. A ``Control(log=True)`` from another callback writes the open interval at
+    the next step. Runs on rank 0 only.
+
+    Args:
+      writer: any writer with ``write_scalars`` (fxtrain's, clu's); it is flushed at train_end,
+        not closed.
+      every: steps per interval.
+      train_prefix: prepended to step metric names.
+      eval_prefix: prepended to eval metric names; None leaves evaluations to other callbacks
+        (``log_eval_metrics``).
+      name: the callback's name.
+
+    Example::
+
+        writer = fx.logging.TensorBoardWriter("runs/exp1")
+        fx.fit(state, step, data, callbacks=[fx.callbacks.log_metrics(writer, every=50)], ...)
+    """
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"log_metrics: every must be a positive int, got {every!r}")
+    check_writer(writer, "log_metrics", "write_scalars")
+    window = _Window()
+    warned: set[str] = set()
+
+    def write(step: int) -> None:
+        if window:  # the interval's means, read in one transfer
+            means = window.take()
+            writer.write_scalars(step, scalar_values({train_prefix + k: v
+                                                      for k, v in means.items()}))
+
+    def fn(state, event):
+        kind = event.kind
+        if kind == "step_end":
+            window.add(event.metrics or {})
+            if event.step % every == 0 or (event.metrics or {}).get("control/log") is True:
+                write(event.step)
+        elif kind == "eval_end":
+            if eval_prefix is not None:
+                values = _eval_scalars(event.metrics, "log_metrics", warned)
+                if values:
+                    writer.write_scalars(event.step, scalar_values({eval_prefix + k: v
+                                                              for k, v in values.items()}))
+        elif kind in ("checkpoint", "train_end"):
+            write(event.step)  # the open interval: a resumed run starts a new one here too
+            if kind == "train_end":
+                writer.flush()
+        elif kind == "train_begin":  # a new fit call starts a new interval
+            window.take()
+        return state, NOTHING
+
+    return rank_zero(Callback(name, None, fn, host=True, kinds=(
+        "train_begin", "step_end", "eval_end", "checkpoint", "train_end")))
+
+
+def log_eval_metrics(writer: Any, *, prefix: str = "eval/",
+                     name: str = "log_eval_metrics") -> Callback:
+    """Writes each evaluation's metrics, one entry per metric, whatever their shape.
+
+    Numbers (and ``fx.metrics`` values that compute to one) are scalars; a vector (per-class
+    accuracy) is one scalar per index, ``<name>/<i>``; a matrix (a confusion matrix) is a
+    markdown table under ``<name>`` and a grey-scale image scaled to its maximum; higher ranks
+    are histograms. A Collection's metrics arrive as ``<collection key>/<metric>``. Runs on
+    rank 0 only.
+    """
+    check_writer(writer, "log_eval_metrics", "write_scalars", "write_texts", "write_images",
+                  "write_histograms")
+
+    def fn(state, event):
+        numbers, texts, images, hists = {}, {}, {}, {}
+        for k, v in (event.metrics or {}).items():
+            key = prefix + k
+            if _size(v) == 1:
+                numbers[key] = v
+                continue
+            arr = as_array(v).astype(np.float64)
+            if arr.ndim == 1:
+                numbers.update({f"{key}/{i}": x for i, x in enumerate(arr.tolist())})
+            elif arr.ndim == 2:
+                texts[key] = markdown_table(arr)
+                top = np.nanmax(np.abs(arr)) if arr.size else 0.0
+                images[key] = (np.abs(arr) / top if top > 0 else np.zeros_like(arr))[..., None]
+            else:
+                hists[key] = arr
+        for method, values in (("write_scalars", scalar_values(numbers)), ("write_texts", texts),
+                               ("write_images", images), ("write_histograms", hists)):
+            if values:
+                getattr(writer, method)(event.step, values)
+        return state, NOTHING
+
+    return rank_zero(Callback(name, None, fn, kinds=("eval_end",), host=True))
+

@@ -1,0 +1,154 @@
+"""``log_media`` and ``text_samples``: what the model makes, written every N steps.
+
+Both call user code with the current state in inference mode (``torch.no_grad`` and the module
+in eval mode, restored afterwards) on the host, at due steps only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..logging.media import Audio, figure_pixels, is_figure
+from ..logging.values import Histogram
+from ..step import set_training
+from .combinators import every as every_n
+from .combinators import rank_zero
+from .core import NOTHING, Callback
+from .report import check_writer
+
+__all__ = ["log_media", "text_samples"]
+
+
+@contextlib.contextmanager
+def inference(state: Any):
+    """``torch.no_grad`` with ``state.module`` in eval mode (its mode is restored after)."""
+    was = set_training(state.module, False)
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        set_training(state.module, was)
+
+
+def _sort(name: str, value: Any, groups: dict) -> None:
+    """Puts ``value`` in the writer call that takes its kind."""
+    if isinstance(value, str):
+        groups["texts"][name] = value
+    elif is_figure(value):
+        groups["images"][name] = figure_pixels(value)
+    elif isinstance(value, Audio):
+        groups.setdefault(("audios", value.sample_rate), {})[name] = value.data
+    elif isinstance(value, Histogram):
+        groups["histograms"][name] = value
+    elif isinstance(value, int | float | torch.Tensor | np.ndarray | np.number):
+        ndim = np.ndim(value) if not isinstance(value, torch.Tensor) else value.ndim
+        if ndim == 0:
+            groups["scalars"][name] = value
+        elif ndim == 2:  # one grey-scale image
+            groups["images"][name] = value[..., None]
+        elif ndim in (3, 4):
+            groups["images"][name] = value
+        elif ndim == 5:
+            groups["videos"][name] = value
+        else:
+            raise ValueError(
+                f"log_media: {name!r} has shape {tuple(np.shape(value))}, which is ambiguous; "
+                "images are [H, W], [H, W, C] or [N, H, W, C], videos [N, T, H, W, C]; wrap "
+                "audio in fx.logging.Audio(x, sample_rate) and raw values in "
+                "fx.logging.Histogram")
+    else:
+        raise TypeError(f"log_media: {name!r} is a {type(value).__name__}; expected an image or "
+                        "video array, a matplotlib figure, a str, a number, fx.logging.Audio "
+                        "or fx.logging.Histogram")
+
+
+def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 500, *,
+              name: str = "log_media") -> Callback:
+    """Every ``every`` steps calls ``fn(state) -> {name: value}`` and writes each value with
+    the writer method for its kind.
+
+    Values: ``[H, W]``, ``[H, W, C]`` or ``[N, H, W, C]`` arrays or tensors are images (floats
+    in [0, 1] or uint8), ``[N, T, H, W, C]`` videos, matplotlib figures images (drawn, then
+    closed), ``str`` texts, numbers scalars, ``fx.logging.Audio`` audio and
+    ``fx.logging.Histogram`` histograms. ``fn`` runs under ``torch.no_grad`` with the module in
+    eval mode. Runs on rank 0 only.
+
+    Example::
+
+        def samples(state):
+            with torch.no_grad():
+                images = state.apply(state.params, noise).clamp(0, 1)   # [N, H, W, C]
+            return {"samples": images, "confusion": confusion_figure(state)}
+
+        fx.callbacks.log_media(writer, samples, every=1000)
+    """
+    if not callable(fn):
+        raise TypeError(f"log_media: fn must be callable fn(state) -> dict, got {fn!r}")
+
+    def call(state, event):
+        with inference(state):
+            out = fn(state)
+        if not isinstance(out, Mapping):
+            raise TypeError(f"log_media: fn returned {type(out).__name__}; it must return a "
+                            "dict of {name: image | video | figure | text | audio | number}")
+        groups: dict = {"scalars": {}, "images": {}, "videos": {}, "texts": {}, "histograms": {}}
+        for key, value in out.items():
+            _sort(str(key), value, groups)
+        for kind, values in groups.items():
+            if not values:
+                continue
+            if isinstance(kind, tuple):
+                writer.write_audios(event.step, values, sample_rate=kind[1])
+            else:
+                getattr(writer, f"write_{kind}")(event.step, values)
+        return state, NOTHING
+
+    check_writer(writer, "log_media", "write_images", "write_texts", "write_scalars")
+    return rank_zero(every_n(every, Callback(name, None, call, kinds=("step_end",), host=True)))
+
+
+def text_samples(writer: Any, generate_fn: Callable[[Any, str], str], prompts: Sequence[str],
+                 every: int = 500, *, prefix: str = "samples/",
+                 name: str = "text_samples") -> Callback:
+    """Every ``every`` steps writes ``prompt + generate_fn(state, prompt)`` for each prompt, as
+    texts ``<prefix><i>``.
+
+    ``generate_fn`` runs under ``torch.no_grad`` with the module in eval mode. For samples that
+    are the same in a resumed run, draw them from the state's key, e.g.
+    ``fx.random.categorical(fx.random.fold_in(fx.random.step_key(state.rng, state.step), i),
+    logits)``. Runs on rank 0 only.
+
+    Example::
+
+        def generate(state, prompt):
+            ...  # encode, run state.apply(state.params, tokens), sample, decode
+            return completion
+
+        fx.callbacks.text_samples(writer, generate, ["The weather", "Once upon"], every=500)
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"text_samples: prompts must be a non-empty list of str, got {prompts!r}")
+    if not callable(generate_fn):
+        raise TypeError("text_samples: generate_fn must be callable generate_fn(state, prompt)")
+    check_writer(writer, "text_samples", "write_texts")
+
+    def call(state, event):
+        texts = {}
+        with inference(state):
+            for i, prompt in enumerate(prompts):
+                completion = generate_fn(state, prompt)
+                if not isinstance(completion, str):
+                    raise TypeError(f"text_samples: generate_fn returned "
+                                    f"{type(completion).__name__} for prompt {prompt!r}; it "
+                                    "must return the generated text (str)")
+                texts[f"{prefix}{i}"] = prompt + completion
+        writer.write_texts(event.step, texts)
+        return state, NOTHING
+
+    return rank_zero(every_n(every, Callback(name, None, call, kinds=("step_end",), host=True)))

@@ -1,0 +1,107 @@
+"""``WandbWriter``: clu's writer methods on Weights & Biases (the optional ``wandb`` extra)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .media import gif_bytes, is_figure, wav_bytes
+from .values import Histogram, as_array, audio_batch, buckets, image_batch, scalar_values, video_batch
+
+__all__ = ["WandbWriter"]
+
+
+def _wandb():
+    try:
+        import wandb
+    except ImportError as e:
+        raise ImportError("WandbWriter needs wandb: pip install 'fxtrain[wandb]'") from e
+    return wandb
+
+
+class WandbWriter:
+    """Writes to a wandb run: one it starts (``wandb.init(project=..., **init_kwargs)``) and
+    finishes on ``close``, or ``run=`` one you started (left running on ``close``).
+
+    Steps are wandb's ``step``: wandb drops (with a warning) anything logged at a step below
+    one already logged. ``mode="offline"`` writes under ``dir`` without a network.
+
+    Example::
+
+        writer = fx.logging.WandbWriter("my-project", name="exp1", config=vars(args))
+    """
+
+    binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+
+    def __init__(self, project: str | None = None, *, run: Any = None, fps: int = 4,
+                 **init_kwargs: Any):
+        self._wandb = _wandb()
+        if run is not None and (project is not None or init_kwargs):
+            raise ValueError("WandbWriter: pass either run= or wandb.init's arguments, not both")
+        self._owned = run is None
+        self.run = run if run is not None else self._wandb.init(project=project, **init_kwargs)
+        self.fps = fps
+
+    def _log(self, step: int, values: dict[str, Any]) -> None:
+        if values:
+            self.run.log(values, step=int(step))
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        self._log(step, scalar_values(scalars))
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        wb = self._wandb
+        self._log(step, {k: wb.Image(v) if is_figure(v) else
+                         [wb.Image(img) for img in image_batch(k, v)]
+                         for k, v in images.items()})
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+        wb = self._wandb
+        self._log(step, {k: [wb.Video(io.BytesIO(gif_bytes(clip, self.fps)), format="gif")
+                             for clip in video_batch(k, v)] for k, v in videos.items()})
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        # wandb encodes numpy audio with soundfile; WAV files of our own need nothing more
+        wb = self._wandb
+        out = {}
+        for k, v in audios.items():
+            clips = audio_batch(k, v)
+            for i, clip in enumerate(clips):  # one key per clip: lists of clips need soundfile
+                path = f"{self.run.dir}/audio-{int(step)}-{k.replace('/', '_')}-{i}.wav"
+                with open(path, "wb") as f:
+                    f.write(wav_bytes(clip, sample_rate))
+                out[k if len(clips) == 1 else f"{k}/{i}"] = wb.Audio(path, sample_rate=sample_rate)
+        self._log(step, out)
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        wb = self._wandb
+        self._log(step, {k: wb.Table(columns=["text"], data=[[str(v)]])
+                         for k, v in texts.items()})
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: int | Mapping[str, int] | None = None) -> None:
+        wb = self._wandb
+        out = {}
+        for k, v in arrays.items():
+            if isinstance(v, Histogram):
+                out[k] = wb.Histogram(np_histogram=(v.counts.tolist(), v.edges.tolist()))
+            else:
+                arr = as_array(v).astype(np.float64).reshape(-1)
+                if arr.size == 0:
+                    raise ValueError(f"histogram {k!r} is empty")
+                out[k] = wb.Histogram(arr, num_bins=min(buckets(num_buckets, k) or 64, 512))
+        self._log(step, out)
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        self.run.config.update(dict(hparams), allow_val_change=True)
+
+    def flush(self) -> None:
+        pass  # wandb streams every log call to its own writer process
+
+    def close(self) -> None:
+        if self._owned and self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,134 @@
+"""Writers from the optional extras: WandbWriter in wandb's offline mode (read back from the
+run's .wandb file), and clu's writers wrapping fxtrain's inside fit (clu needs TensorFlow, so
+that test runs in its own process)."""
+
+import json
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import fxtrain as fx
+
+
+def wandb_records(run_dir):
+    """The protobuf records of an offline run: a 7-byte header (":W&B", magic, version), then
+    LevelDB-log records in 32 KiB blocks (crc32c, length, type; FULL=1, FIRST=2, MIDDLE=3,
+    LAST=4)."""
+    from wandb.proto import wandb_internal_pb2
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, chunk, records = 7, b"", []
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+        chunk += data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    writer = fx.logging.WandbWriter("fxtrain-test", mode="offline", dir=str(tmp_path), name="t")
+    state = fx.TrainState.create(torch.nn.Linear(4, 2), fx.optim.sgd(0.1))
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    step = fx.make_train_step(lambda s, p, b: ((s.apply(p, b[0]) - b[1]) ** 2).mean())
+    fx.fit(state, step, fx.data.Batches((x, y), 8), max_steps=4, callbacks=[
+        fx.callbacks.log_metrics(writer, every=2),
+        fx.callbacks.log_hparams(writer, {"lr": 0.1, "model": {"width": 4}}),
+        fx.callbacks.model_watch(writer, log="parameters", every=4)])
+    writer.write_images(5, {"img": np.zeros((2, 4, 4, 3))})
+    writer.write_videos(5, {"video": np.zeros((1, 3, 4, 4, 3))})
+    writer.write_audios(5, {"tone": np.zeros(100)}, sample_rate=8000)
+    writer.write_texts(5, {"note": "hello"})
+    writer.close()
+    records = wandb_records(tmp_path)
+    for _ in range(100):  # wandb's service may still be writing the file when finish returns
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            break
+        time.sleep(0.1)
+        records = wandb_records(tmp_path)
+    history, config = {}, {}
+    for r in records:
+        kind = r.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                     for i in r.history.item}
+            history[items["_step"]] = items
+        elif kind == "config":
+            config.update({u.key: json.loads(u.value_json) for u in r.config.update})
+    assert config["lr"] == 0.1 and config["model.width"] == 4
+    assert sorted(history) == [0, 2, 4, 5]  # 0: log_hparams' config table
+    assert isinstance(history[2]["train/loss"], float) and "train/grad_norm" in history[4]
+    assert history[4]["parameters/weight/_type"] == "histogram"
+    assert sum(history[4]["parameters/weight/values"]) == 8  # the 2x4 weight, binned
+    assert history[5]["img/_type"] == "images/separated" and history[5]["img/count"] == 2
+    assert history[5]["video/_type"] == "videos"
+    assert history[5]["tone/_type"] == "audio-file"
+    assert history[5]["note/_type"] == "table-file"
+
+
+def test_wandb_writer_bad_input():
+    pytest.importorskip("wandb")
+    with pytest.raises(ValueError, match="either run= or wandb.init's arguments"):
+        fx.logging.WandbWriter("p", run=object())
+
+
+CLU_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    from absl import logging
+    from clu import metric_writers
+    import fxtrain as fx
+
+    logging.set_verbosity(logging.INFO)  # clu's LoggingWriter logs at INFO
+
+    path = sys.argv[1]
+    jsonl = fx.logging.JsonlWriter(path)
+    writer = metric_writers.MultiWriter([metric_writers.AsyncWriter(jsonl),
+                                         metric_writers.LoggingWriter()])
+    state = fx.TrainState.create(torch.nn.Linear(4, 2), fx.optim.sgd(0.1))
+    x, y = torch.randn(32, 4), torch.randn(32, 2)
+    step = fx.make_train_step(lambda s, p, b: ((s.apply(p, b[0]) - b[1]) ** 2).mean())
+    fx.fit(state, step, fx.data.Batches((x, y), 8), max_steps=10, callbacks=[
+        fx.callbacks.log_metrics(writer, every=5),
+        fx.callbacks.log_hparams(writer, {"lr": 0.1}),
+        fx.callbacks.model_watch(writer, log="parameters", every=10)])
+    writer.close()
+    print("clu ok")
+""")
+
+
+@pytest.mark.slow
+def test_clu_writers_wrap_fxtrain_writers_inside_fit(tmp_path):
+    probe = subprocess.run([sys.executable, "-c", "import clu.metric_writers"],
+                           capture_output=True, text=True)
+    if probe.returncode:
+        pytest.skip("clu.metric_writers does not import here (it needs TensorFlow: install "
+                    f"fxtrain[clu]): {probe.stderr.strip().splitlines()[-1:]}")
+    out = subprocess.run([sys.executable, "-c", CLU_SCRIPT, str(tmp_path / "m.jsonl")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "clu ok" in out.stdout, out.stderr[-3000:]
+    events = list(fx.logging.read_jsonl(tmp_path / "m.jsonl"))
+    kinds = [(e["step"], e["kind"]) for e in events]
+    assert kinds == [(None, "hparams"), (0, "texts"), (5, "scalars"), (10, "scalars"),
+                     (10, "scalars"), (10, "histograms")]  # metrics, then model_watch's
+    assert set(events[2]["values"]) >= {"train/loss", "train/grad_norm"}
+    assert set(events[4]["values"]) == {"parameters/norm/weight", "parameters/norm/bias"}
+    assert events[5]["values"]["parameters/weight"]["shape"] == [8]  # samples for clu's bins
+    assert "train/loss" in out.stderr  # clu's LoggingWriter, through absl logging
