@@ -9,6 +9,9 @@ and the cost of the host loop around (d), on the same data stream (fx.data.Batch
 (e) a bare Python loop: batch, position = data.next(position); state = step(state, batch)
 (f) fx.fit with no callbacks
 (g) fx.fit with the standard host set: progress_bar, summary, throughput, lr_monitor, timer
+(h) fx.fit with log_metrics(TensorBoardWriter, every=50) + model_watch(every=500), its step
+    built with grad_stats=True (the per-layer gradient norms model_watch writes): logging's cost
+    against (f)
 fit runs are timed as the difference of a long and a short run, so its one-off start-up
 (summary table, bars) does not count per step.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -120,19 +124,19 @@ VARIANTS = {
 }
 
 
+def _loss(state, params, batch):
+    x, y = batch
+    return F.cross_entropy(state.apply(params, x), y)
+
+
 def loop_setup(sizes, batch):
     """A compiled fxtrain step, its state, and a Batches stream of 64 batches."""
     state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-
-    def loss_fn(state, params, batch):
-        x, y = batch
-        return F.cross_entropy(state.apply(params, x), y)
-
     g = torch.Generator().manual_seed(0)
     n = batch * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    return state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data
+    return state, torch.compile(fx.make_train_step(_loss), fullgraph=True), data
 
 
 def host_callbacks():
@@ -165,7 +169,25 @@ def loop_variants(sizes, batch):
 
         return lambda steps: (run(steps + steps // 4) - run(steps // 4)) / steps
 
-    return {"e_bare_loop": bare, "f_fit": fit(list), "g_fit_host_callbacks": fit(host_callbacks)}
+    return {"e_bare_loop": bare, "f_fit": fit(list), "g_fit_host_callbacks": fit(host_callbacks),
+            "h_fit_logging": logging_variant(holder, data)}
+
+
+def logging_variant(holder, data):
+    """fit with log_metrics + model_watch writing TensorBoard files to a temporary folder."""
+    logdir = tempfile.mkdtemp(prefix="fxtrain-bench-")
+    writer = fx.logging.TensorBoardWriter(logdir)
+    step = torch.compile(fx.make_train_step(_loss, grad_stats=True), fullgraph=True)
+    callbacks = [fx.callbacks.log_metrics(writer, every=50),
+                 fx.callbacks.model_watch(writer, every=500)]
+
+    def run(n):
+        state = holder[0].replace(data=None, callbacks=None)
+        start = time.perf_counter()
+        holder[0] = fx.fit(state, step, data, callbacks=callbacks, max_steps=int(state.step) + n)
+        return time.perf_counter() - start
+
+    return lambda steps: (run(steps + steps // 4) - run(steps // 4)) / steps
 
 
 def measure_loops(size, rounds, steps):
@@ -210,8 +232,9 @@ def report(size, med):
     print(f"(d) / (c) = {d / c:.3f}")
     if "e_bare_loop" in med:
         e = med["e_bare_loop"]
-        for name in ("f_fit", "g_fit_host_callbacks"):
+        for name in ("f_fit", "g_fit_host_callbacks", "h_fit_logging"):
             print(f"({name[0]}) time per step / (e) = {e / med[name]:.3f}")
+        print(f"(h) time per step / (f) = {med['f_fit'] / med['h_fit_logging']:.3f}")
 
 
 def main(argv=None):
