@@ -11,6 +11,7 @@ although the window itself is not part of the state.
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 
 from ..logging.values import as_array, markdown_table, scalar_values
+from .. import distributed
 from .combinators import rank_zero
 from .core import NOTHING, Callback
 from .report import check_writer, loggable
@@ -45,13 +47,14 @@ class _Window:
             self._collapse()
 
     def _collapse(self) -> None:
-        keys = dict.fromkeys(k for m in self.pending for k in loggable(m))
-        for k in keys:
-            values = [m[k] for m in self.pending if k in m]
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        for k in loggable(dict.fromkeys(itertools.chain.from_iterable(pending))):
+            values = [m[k] for m in pending if k in m]
             total = _sum(k, values)
             self.sums[k] = total if k not in self.sums else self.sums[k] + total
             self.counts[k] = self.counts.get(k, 0) + len(values)
-        self.pending = []
 
     def take(self) -> dict[str, torch.Tensor]:
         """The interval's means (0-d tensors, nothing read yet); the window starts again."""
@@ -62,6 +65,12 @@ class _Window:
 
 
 def _sum(key: str, values: list) -> torch.Tensor:
+    try:  # the common case, 0-d tensors of one dtype and device: one op
+        stacked = torch.stack(values)
+    except (TypeError, RuntimeError):
+        stacked = None
+    if stacked is not None and stacked.ndim == 1:
+        return stacked.to(torch.float32).sum()
     device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
     tensors = [torch.as_tensor(v, device=device) for v in values]
     bad = next((t for t in tensors if t.numel() != 1), None)
@@ -117,6 +126,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
     check_writer(writer, "log_metrics", "write_scalars")
     window = _Window()
     warned: set[str] = set()
+    writing = [distributed.rank() == 0]  # set again at train_begin: rank 0 writes
 
     def write(step: int) -> None:
         if window:  # the interval's means, read in one transfer
@@ -126,7 +136,12 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
 
     def fn(state, event):
         kind = event.kind
-        if kind == "step_end":
+        if kind == "train_begin":  # a new fit call starts a new interval
+            window.take()
+            writing[0] = distributed.rank() == 0
+        if not writing[0]:
+            return state, NOTHING
+        if kind == "step_end":  # the per-step path: keep the metrics, nothing else
             window.add(event.metrics or {})
             if event.step % every == 0 or (event.metrics or {}).get("control/log") is True:
                 write(event.step)
@@ -140,12 +155,11 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
             write(event.step)  # the open interval: a resumed run starts a new one here too
             if kind == "train_end":
                 writer.flush()
-        elif kind == "train_begin":  # a new fit call starts a new interval
-            window.take()
         return state, NOTHING
 
-    return rank_zero(Callback(name, None, fn, host=True, kinds=(
-        "train_begin", "step_end", "eval_end", "checkpoint", "train_end")))
+    # rank 0 only, decided at train_begin rather than per step (rank_zero's check, hoisted)
+    return Callback(name, None, fn, host=True, kinds=(
+        "train_begin", "step_end", "eval_end", "checkpoint", "train_end"))
 
 
 def log_eval_metrics(writer: Any, *, prefix: str = "eval/",

@@ -77,9 +77,11 @@ class TensorBoardWriter:
         self._events.write_event(event)
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        from tensorboardX.summary import scalar
-        for k, v in scalar_values(scalars).items():
-            self._add(scalar(k, v), step)
+        """All of ``scalars`` in one event (TensorBoard's simple values)."""
+        from tensorboardX.proto.summary_pb2 import Summary
+        values = [Summary.Value(tag=k, simple_value=v) for k, v in scalar_values(scalars).items()]
+        if values:
+            self._add(Summary(value=values), step)
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         from tensorboardX.summary import image
