@@ -29,7 +29,7 @@ def smoke(script):
 def test_step_overhead_benchmark_smoke():
     step_overhead, results = smoke("step_overhead")
     assert set(results["tiny"]) == set(step_overhead.VARIANTS) | {
-            "e_bare_loop", "f_fit", "g_fit_host_callbacks"}
+            "e_bare_loop", "f_fit", "g_fit_host_callbacks", "h_fit_logging"}
     assert all(rate > 0 for rate in results["tiny"].values())
 
 
