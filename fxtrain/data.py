@@ -90,6 +90,19 @@ def _dataset_source(data: Any, collate: Callable) -> tuple[int, Take]:
     return n, epoch_take
 
 
+def _shard(shard: tuple[int, int] | bool | None) -> tuple[int, int]:
+    if shard is None:
+        from . import distributed
+        return distributed.rank(), distributed.world_size()
+    if shard is False:
+        return 0, 1
+    ok = isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(x, int) for x in shard)
+    if not ok or not 0 <= shard[0] < shard[1]:
+        raise ValueError(f"Batches: shard must be (rank, world_size) with 0 <= rank < "
+                         f"world_size, None or False; got {shard!r}")
+    return shard
+
+
 class Batches:
     """Batches of ``data``: a tensor, a dict/tuple of tensors, or a map-style dataset.
 
@@ -103,12 +116,21 @@ class Batches:
       drop_last: drop the last batch of an epoch when it is short (keeps shapes static, so a
         compiled step never sees a new shape).
       collate: joins a list of examples into a batch (default ``torch.utils.data.default_collate``).
+      shard: ``(rank, world_size)``: under data parallelism each epoch's order is cut into
+        global batches of ``world_size * batch_size`` examples and rank ``r`` takes the ``r``-th
+        ``batch_size`` of each, so the ranks see disjoint examples and together exactly what one
+        process with the global batch would. None (default): this process's rank and world
+        size when torch.distributed is initialized; False: every rank reads everything.
+        ``batch_size`` is per rank. Without ``drop_last`` the last global batch of an epoch may
+        leave some ranks a short or empty batch (fine for evaluation, which weighs by size).
     """
 
     def __init__(self, data: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
-                 drop_last: bool = True, collate: Callable | None = None):
+                 drop_last: bool = True, collate: Callable | None = None,
+                 shard: tuple[int, int] | bool | None = None):
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
+        self.rank, self.world_size = _shard(shard)
         source = _tensor_source(data)
         self.size, self._take = source or _dataset_source(
             data, collate or torch.utils.data.default_collate)
@@ -120,11 +142,12 @@ class Batches:
         self._index = [torch.tensor(i, dtype=torch.int64) for i in range(min(len(self), 2**16))]
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
-                             + (" with drop_last=True" if drop_last else ""))
+                             + (f" on each of {self.world_size} ranks" if self.world_size > 1
+                                else "") + (" with drop_last=True" if drop_last else ""))
 
     def __len__(self) -> int:
-        """Batches per epoch."""
-        full, rest = divmod(self.size, self.batch_size)
+        """Batches per epoch (on this rank)."""
+        full, rest = divmod(self.size, self.batch_size * self.world_size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def init(self) -> DataPosition:
@@ -153,8 +176,8 @@ class Batches:
         if self._epoch is None or self._epoch[0] != epoch:  # once per epoch
             order = self.order(epoch) if self.shuffle else None
             self._epoch = (epoch, torch.tensor(epoch, dtype=torch.int64), self._take(order))
-        start = index * self.batch_size
-        batch = self._epoch[2](start, start + self.batch_size)
+        start = (index * self.world_size + self.rank) * self.batch_size
+        batch = self._epoch[2](start, min(start + self.batch_size, self.size))
         done = index + 1 == len(self)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])

@@ -1,21 +1,110 @@
-"""Where this process stands in a torch.distributed job (rank 0 of 1 when there is none)."""
+"""Where this process stands in a torch.distributed job, and the few collectives fxtrain uses.
+
+Without an initialized process group every function here is the single-process identity:
+rank 0 of 1, no communication. ``init()`` sets up the group from torchrun's environment.
+"""
 
 from __future__ import annotations
 
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 
-__all__ = ["rank", "world_size"]
+__all__ = ["rank", "world_size", "initialized", "init", "agree", "broadcast", "barrier",
+           "all_gather", "mean_in_step", "DEFAULT_TIMEOUT"]
+
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
 
-def _initialized() -> bool:
+def initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def rank() -> int:
     """This process's rank, 0 without an initialized process group."""
-    return torch.distributed.get_rank() if _initialized() else 0
+    return torch.distributed.get_rank() if initialized() else 0
 
 
 def world_size() -> int:
     """The number of processes, 1 without an initialized process group."""
-    return torch.distributed.get_world_size() if _initialized() else 1
+    return torch.distributed.get_world_size() if initialized() else 1
+
+
+def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
+    """Joins the job torchrun started (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``... in the
+    environment); returns whether this is a multi-process run.
+
+    ``backend`` defaults to nccl with CUDA and gloo otherwise; with CUDA each process takes the
+    GPU of its ``LOCAL_RANK``. A collective that waits longer than ``timeout`` (a rank died or
+    hangs) raises instead of blocking for ever. Without torchrun's variables (or with one
+    process) nothing is initialized.
+    """
+    if initialized():
+        return world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timeout)
+    return True
+
+
+def _device() -> torch.device:
+    """Where the collectives' small host-side tensors live for this backend."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(flags: Sequence[bool]) -> list[bool]:
+    """Each flag true on any rank is true on all (one small all-reduce)."""
+    if world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([int(bool(f)) for f in flags], dtype=torch.int32, device=_device())
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return [bool(x) for x in t.tolist()]
+
+
+def broadcast(obj: Any, src: int = 0) -> Any:
+    """``obj`` from rank ``src`` on every rank (pickled)."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src, device=_device())
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (pickled)."""
+    if world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        torch.distributed.barrier()
+
+
+def mean_in_step(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The mean over ranks of each tensor, with one functional all-reduce per dtype: traceable,
+    so it compiles into a step's graph (``torch.compile(fullgraph=True)``) without a sync."""
+    import torch.distributed._functional_collectives as funcol
+    n = world_size()
+    out: list[torch.Tensor | None] = [None] * len(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault(t.dtype, []).append(i)
+    for indices in groups.values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])
+        total = funcol.all_reduce(flat, "sum", torch.distributed.group.WORLD)
+        mean = total / n
+        for i, part in zip(indices, mean.split([tensors[i].numel() for i in indices])):
+            out[i] = part.reshape(tensors[i].shape)
+    return out

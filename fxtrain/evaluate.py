@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from . import distributed
 from .metrics import Average, Metric
 
 __all__ = ["evaluate", "batch_size_of"]
@@ -62,11 +63,33 @@ def _computed(acc: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def _across_ranks(acc: dict, collection: Any) -> tuple[dict, Any]:
+    """Every rank's unreduced metrics merged in rank order, on every rank (one all-gather):
+    each metric merges by its own rule, so averages weigh each rank by its examples."""
+    device = next((leaf.device for leaf in pytree.tree_leaves((acc, collection))
+                   if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
+    to = lambda tree, d: pytree.tree_map(  # noqa: E731
+        lambda x: x.to(d) if isinstance(x, torch.Tensor) else x, tree)
+    merged_acc, merged = {}, None
+    for part_acc, part in distributed.all_gather(to((acc, collection), "cpu")):
+        for key, value in part_acc.items():
+            merged_acc[key] = value if key not in merged_acc else merged_acc[key].merge(value)
+        if part is not None:
+            merged = part if merged is None else merged.merge(part)
+    return to(merged_acc, device), to(merged, device)
+
+
 def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch.Tensor]:
-    """Runs ``eval_step(state, batch)`` over ``data``; returns the averaged metrics."""
+    """Runs ``eval_step(state, batch)`` over ``data``; returns the averaged metrics.
+
+    Under torch.distributed each rank evaluates its data (a sharded ``fx.data.Batches``) and
+    the metrics are merged across ranks, so every rank returns the same values.
+    """
     acc: dict[str, Any] = {}
     collection = None
     for batch in data:
+        if batch_size_of(batch) == 0:  # a rank's empty share of a short last batch
+            continue
         out = eval_step(state, batch)
         if isinstance(out, Metric):  # a whole Collection (or one metric)
             collection = out if collection is None else collection.merge(out)
@@ -75,6 +98,8 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
         else:
             raise TypeError(f"eval_step returned {type(out).__name__}; expected a dict of "
                             "metrics or an fx.metrics value")
+    if distributed.world_size() > 1:
+        acc, collection = _across_ranks(acc, collection)
     if collection is None and not acc:
         raise ValueError("evaluation data yielded no batches")
     if collection is not None:

@@ -1,7 +1,10 @@
 """``fit``: the training loop. Take a batch, step, fold the callbacks, honour the control.
 
 The loop runs on the host. The compiled step returns device tensors; the loop never reads them
-per step. Control flags computed with tensors (inside the step, or by host callbacks doing
+per step. Under torch.distributed (one process per rank, as torchrun starts them) every rank runs
+the same loop in lockstep: control flags are read at the same steps on every rank and agreed
+(a flag any rank raises holds on all, so every rank stops at the same step), evaluation metrics
+are merged across ranks, and checkpoints are written by rank 0 and restored by all. Control flags computed with tensors (inside the step, or by host callbacks doing
 tensor maths) are read together, in one sync, every ``sync_every`` steps and at every eval,
 epoch and checkpoint boundary. So a stop raised inside the step takes effect up to
 ``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
@@ -10,12 +13,14 @@ updates of those extra steps, so the parameters stay where they stopped.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 import warnings
 
 import torch
 
+from . import distributed
 from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .callbacks.nan_guard import flagged
 from .data import as_stream
@@ -41,8 +46,14 @@ class _Flags:
     Tensor flags are only collected per step; stacking and reducing them waits for ``read``.
     """
 
-    def __init__(self):
+    def __init__(self, agree: bool = False):
         self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
+        self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
+        self.rank_consistent = False  # a request every rank made this step (see _tracked)
+
+    def add_now(self, control: Control) -> None:
+        """A request from a callback that decides alike on every rank: acted on at once."""
+        self.rank_consistent = self.rank_consistent or any(v is True for v in flags(control)[:4])
 
     def add(self, control: Control) -> None:
         if control is NOTHING:
@@ -59,6 +70,10 @@ class _Flags:
                 pending.append(metrics[key])
 
     def urgent(self) -> bool:
+        """A host callback asked for something now (one rank's wish cannot start a collective
+        read alone, so several ranks wait for the next boundary)."""
+        if self.agree:
+            return self.rank_consistent
         return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log)
 
     def read(self) -> Control:
@@ -70,7 +85,31 @@ class _Flags:
             read = dict(zip(fields, anys.tolist()))
             self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
         out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
+        self.rank_consistent = False
+        if self.agree:  # a flag any rank raised holds on every rank
+            out = Control(*distributed.agree(flags(out)[:4]))
         return out
+
+
+def _tracked(callbacks: tuple, pending: _Flags) -> tuple:
+    """``callbacks`` with the requests of those that decide alike on every rank reported to
+    ``pending``, so the ranks act on them at once rather than at the next boundary.
+
+    Those are the ``Callback`` values that do no IO and read no clock (``host=False``): pure
+    functions of the state and the event, which are the same on every rank (gradients and
+    metrics are averaged in the step, evaluations merged). A plain function, or a host
+    callback (a timer), may decide differently per rank; its requests wait for a boundary.
+    """
+    def track(cb: Callback) -> Callback:
+        def fn(state, event):
+            out = cb.fn(state, event)
+            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Control):
+                pending.add_now(out[1])
+            return out
+        return dataclasses.replace(cb, fn=fn)
+
+    return tuple(track(cb) if isinstance(cb, Callback) and not cb.host else cb
+                 for cb in callbacks)
 
 
 def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) -> None:
@@ -169,7 +208,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names)
     step, epoch = int(state.step), int(state.data.epoch)
-    pending = _Flags()
+    agree = distributed.world_size() > 1
+    pending = _Flags(agree=agree)
+    if agree:
+        callbacks = _tracked(callbacks, pending)
     state, c = fold(callbacks, state, Event("train_begin", step, epoch, _plan(
         stream, max_steps, max_epochs, eval_data, train_step, sync_every)))
     pending.add(c)

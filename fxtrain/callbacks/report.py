@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import distributed
+
 __all__ = ["publish", "read_floats", "format_scalars", "logger", "loggable",
            "check_writer"]
 
@@ -52,7 +54,10 @@ def _number(key: str, value: Any) -> float:
 
 
 def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:
-    """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``."""
+    """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``; on
+    rank 0 only under torch.distributed."""
+    if distributed.rank() != 0:
+        return
     if writer is not None:
         writer.write_scalars(step, dict(scalars))
         return

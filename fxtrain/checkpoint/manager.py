@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..callbacks.report import read_floats
+from .. import distributed
 from . import bridge, store
 
 __all__ = ["CheckpointManager", "save", "restore"]
@@ -110,7 +111,11 @@ class CheckpointManager:
                 preservation_policy=policies.AnyPreservationPolicy(keep),
                 # best_fn only makes orbax write each step's metrics, which BestN reads back
                 best_fn=self._best_value if self.keep_best else None, best_mode=self.best_mode,
-                enable_async_checkpointing=False, create=False, cleanup_tmp_directories=True)
+                enable_async_checkpointing=False, create=False, cleanup_tmp_directories=True,
+                # one writer: under torch.distributed only rank 0 makes this manager, and each
+                # process is its own single-process JAX runtime, so orbax never coordinates
+                multiprocessing_options=ocp.options.MultiprocessingOptions(
+                    primary_host=0, active_processes={0}))
             self._orbax = ocp.CheckpointManager(self.directory, options=options,
                                                 item_handlers=store.handlers())
         return self._orbax
@@ -145,6 +150,9 @@ class CheckpointManager:
     def save(self, state: Any, metrics: Mapping | None = None, force: bool = False) -> bool:
         """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
 
+        Under torch.distributed every rank calls it: rank 0 writes (the state is the same on
+        every rank) and all ranks return its answer, or raise its error.
+
         With ``async_save`` the write happens on a background thread: ``save`` returns once the
         state's arrays are captured (views of CPU tensors, copies of device tensors), so the
         state must not be modified in place until ``wait()``; fxtrain's steps never do.
@@ -155,6 +163,23 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
+        if distributed.world_size() == 1:
+            return self._save(state, metrics, force)
+        outcome: Any = None
+        if distributed.rank() == 0:
+            try:
+                outcome = self._save(state, metrics, force)
+            except Exception as e:
+                outcome = f"{type(e).__name__}: {e}"
+                distributed.broadcast(outcome)
+                raise
+        outcome = distributed.broadcast(outcome)
+        if isinstance(outcome, str):
+            raise RuntimeError(f"rank 0 could not save the checkpoint in {self.directory}: "
+                               f"{outcome}")
+        return outcome
+
+    def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
         if not isinstance(getattr(state, "step", None), torch.Tensor | int):
             raise TypeError(f"CheckpointManager.save numbers checkpoints by state.step; a "
                             f"{type(state).__name__} has none (use fx.checkpoint.save(path, "
@@ -162,7 +187,7 @@ class CheckpointManager:
         step = int(state.step)
         if self.save_interval_steps and step % self.save_interval_steps and not force:
             return False
-        self.wait()  # one save in flight at a time; raises if the previous one failed
+        self._wait_here()  # one save in flight at a time; raises if the previous one failed
         steps = self.all_steps()
         if step in steps:
             return False
@@ -184,7 +209,27 @@ class CheckpointManager:
         return True
 
     def wait(self) -> None:
-        """Blocks until the save in flight is written and flushed to disk; raises its error."""
+        """Blocks until the save in flight is written and flushed to disk; raises its error.
+
+        Under torch.distributed every rank calls it, and all return once rank 0's save is on
+        disk (or raise its error).
+        """
+        if distributed.world_size() == 1:
+            return self._wait_here()
+        error = None
+        try:
+            self._wait_here()
+        except Exception as e:
+            error = e
+        status = distributed.broadcast(None if error is None else f"{type(error).__name__}: "
+                                       f"{error}")
+        if error is not None:
+            raise error
+        if status is not None:
+            raise RuntimeError(f"rank 0 could not finish the checkpoint in {self.directory}: "
+                               f"{status}")
+
+    def _wait_here(self) -> None:
         if self._pending is not None:
             _, future = self._pending
             self._pending = None
@@ -215,7 +260,7 @@ class CheckpointManager:
         return (min if self.best_mode == "min" else max)(ranked)[1]
 
     def _step_path(self, step: int | None) -> Path:
-        self.wait()
+        self._wait_here()
         if not self.directory.exists():
             raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
         steps = self.all_steps()
@@ -251,7 +296,11 @@ class CheckpointManager:
         Callbacks saved but absent from ``like`` are dropped with a warning; callbacks only in
         ``like`` keep its state (their ``init``). Any other difference raises
         ``CheckpointMismatchError`` listing the paths, before anything is read.
+
+        Under torch.distributed every rank calls it: they wait for rank 0's save in flight,
+        then each reads the same checkpoint.
         """
+        self.wait()
         return restore(self._step_path(step), like, only=only, cast=cast)
 
     # -- lifetime --------------------------------------------------------------------------

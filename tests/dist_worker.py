@@ -1,0 +1,121 @@
+"""Scenarios run in each process of a 2-process CPU (gloo) job by tests/test_distributed.py,
+through torch.multiprocessing or torchrun. Each writes its results under ``out``."""
+
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(__file__))
+from helpers import classification_batch, mlp  # noqa: E402
+
+import fxtrain as fx  # noqa: E402
+
+X, Y = classification_batch(n=256, seed=3)
+
+
+def loss_fn(state, params, batch):
+    x, y = batch
+    logits = state.apply(params, x)
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def bn_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 4))
+
+
+def train(out, compiled=False, batch=16, steps=12, buffers="mean", model="mlp"):
+    """Data parallel training; a single process (world 1) takes the doubled global batch."""
+    net = bn_model() if model == "bn" else mlp(sizes=(8, 16, 4))
+    state = fx.TrainState.create(net, fx.optim.adamw(1e-2))
+    step = fx.make_train_step(loss_fn, buffers=buffers)
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
+    state = fx.fit(state, step, fx.data.Batches((X, Y), batch, seed=1), max_steps=steps)
+    torch.save({"params": state.params, "buffers": state.buffers,
+                "digest": fx.tree_digest(state.replace(data=None)),
+                "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
+               f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def early_stop(out):
+    """Each rank evaluates its half of the eval data; early stopping sees the merged loss."""
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.5))
+    stops = []
+    cb = fx.callbacks.early_stopping("loss", patience=1, min_delta=10.0)  # stops at 2nd eval
+    record = fx.callbacks.lambda_callback(
+        on_eval_end=lambda s, e: stops.append((e.step, float(e.metrics["loss"]))))
+    final = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=1),
+                   max_steps=100, eval_step=fx.make_eval_step(loss_fn), eval_every=5,
+                   eval_data=fx.data.Batches((X[:100], Y[:100]), 16, shuffle=False,
+                                             drop_last=False),
+                   callbacks=[cb, record])
+    torch.save({"evals": stops, "step": int(final.step)}, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def host_stop(out):
+    """Only rank 1 asks to stop (a clock, say): every rank stops at the same step."""
+    ask = lambda s, e: (s, fx.Control(stop=e.kind == "step_end" and e.step == 7  # noqa: E731
+                                      and fx.distributed.rank() == 1))
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.1))
+    final = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16), max_steps=50,
+                   sync_every=4, callbacks=[ask])
+    torch.save({"step": int(final.step)}, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def resumable(out, ckpt, steps=30, sleep=0.0):
+    """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``."""
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4), dropout=0.2), fx.optim.adamw(1e-2))
+    writer = fx.logging.JsonlWriter(f"{out}/log.jsonl")
+    slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
+    with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
+        final = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=2),
+                       max_steps=steps, checkpoint=manager, callbacks=[
+                           fx.callbacks.checkpoint(every=5), slow,
+                           fx.callbacks.log_metrics(writer, every=5)])
+    writer.close()
+    with open(f"{out}/digest{fx.distributed.rank()}.txt", "w") as f:
+        f.write(fx.tree_digest(final.replace(data=None)))
+
+
+def failing(out):
+    """Rank 1 raises at step 3; rank 0 would wait at the next collective."""
+    def boom(s, e):
+        if e.kind == "step_end" and e.step == 3 and fx.distributed.rank() == 1:
+            raise RuntimeError("rank 1 exploded at step 3")
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.1))
+    fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16), max_steps=50,
+           sync_every=2, callbacks=[boom])
+
+
+SCENARIOS = {"train": train, "early_stop": early_stop, "host_stop": host_stop,
+             "resumable": resumable, "failing": failing}
+
+
+def spawned(rank, world, port, name, args, kwargs):
+    """torch.multiprocessing entry point: join the group, run the scenario."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    fx.distributed.init()
+    try:
+        SCENARIOS[name](*args, **kwargs)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... dist_worker.py
+    torch.set_num_threads(1)
+    fx.distributed.init()
+    name, *rest = sys.argv[1:]
+    kwargs = dict(arg.split("=", 1) for arg in rest if "=" in arg)
+    args = [arg for arg in rest if "=" not in arg]
+    if "sleep" in kwargs:
+        kwargs["sleep"] = float(kwargs["sleep"])
+    if "steps" in kwargs:
+        kwargs["steps"] = int(kwargs["steps"])
+    SCENARIOS[name](*args, **kwargs)

@@ -1,0 +1,158 @@
+"""Data parallel training on torch.distributed: 2 CPU processes (gloo), started with
+torch.multiprocessing or torchrun; the scenarios are in tests/dist_worker.py."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fxtrain as fx
+
+sys.path.insert(0, os.path.dirname(__file__))
+import dist_worker  # noqa: E402
+
+HERE = Path(__file__).parent
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(name, *args, **kwargs):
+    mp.spawn(dist_worker.spawned, args=(2, free_port(), name, args, kwargs), nprocs=2)
+
+
+def results(out):
+    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+
+
+# ---- sharded data (no processes needed) ------------------------------------------------------
+
+def test_batches_shard_the_global_batch_across_ranks():
+    x = torch.arange(100)
+    single = fx.data.Batches(x, 20, seed=4)
+    ranks = [fx.data.Batches(x, 10, seed=4, shard=(r, 2)) for r in (0, 1)]
+    assert len(single) == len(ranks[0]) == len(ranks[1]) == 5
+    pos = [single.init(), ranks[0].init(), ranks[1].init()]
+    for _ in range(12):  # across epochs
+        (whole, pos[0], _), (a, pos[1], _), (b, pos[2], _) = (
+            s.next(p) for s, p in zip([single, *ranks], pos))
+        assert torch.equal(torch.cat([a, b]), whole)  # rank 0 the first half, rank 1 the second
+
+
+def test_sharded_eval_batches_cover_every_example_once():
+    x = torch.arange(45)
+    parts = [torch.cat(list(fx.data.Batches(x, 10, shuffle=False, drop_last=False,
+                                            shard=(r, 2)))) for r in (0, 1)]
+    assert sorted(torch.cat(parts).tolist()) == list(range(45))
+    with pytest.raises(ValueError, match="shard must be \\(rank, world_size\\)"):
+        fx.data.Batches(x, 10, shard=(2, 2))
+    with pytest.raises(ValueError, match="make no batch of 30 on each of 2 ranks"):
+        fx.data.Batches(x, 30, shard=(0, 2))
+
+
+def test_data_parallel_needs_a_process_group():
+    with pytest.raises(ValueError, match="needs an initialized process group"):
+        fx.make_train_step(dist_worker.loss_fn, data_parallel=True)
+    with pytest.raises(ValueError, match="buffers must be 'mean' or 'local'"):
+        fx.make_train_step(dist_worker.loss_fn, buffers="sum")
+
+
+# ---- two processes ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, compiled):
+    spawn("train", str(tmp_path), compiled=compiled, batch=16)
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"]  # the ranks hold bit-identical states
+    if compiled:
+        assert r0["graphs"] == 1  # the all-reduce is inside the one graph
+    (tmp_path / "single").mkdir()
+    dist_worker.train(str(tmp_path / "single"), batch=32)  # this process: world size 1
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for k, p in single["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_batchnorm_buffers_are_averaged_or_kept_local(tmp_path):
+    (tmp_path / "mean").mkdir()
+    (tmp_path / "local").mkdir()
+    spawn("train", str(tmp_path / "mean"), model="bn", steps=4)
+    spawn("train", str(tmp_path / "local"), model="bn", steps=4, buffers="local")
+    mean, local = results(tmp_path / "mean"), results(tmp_path / "local")
+    assert mean[0]["digest"] == mean[1]["digest"]
+    key = "1.running_mean"
+    assert not torch.equal(local[0]["buffers"][key], local[1]["buffers"][key])
+    torch.testing.assert_close(mean[0]["buffers"][key],
+                               (local[0]["buffers"][key] + local[1]["buffers"][key]) / 2)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(tmp_path):
+    spawn("early_stop", str(tmp_path))
+    r0, r1 = results(tmp_path)
+    assert r0 == r1 and r0["step"] == 10 and [s for s, _ in r0["evals"]] == [5, 10]
+    # the merged eval loss is the loss over all 100 examples (each rank evaluated its half)
+    assert len(r0["evals"]) == 2
+
+
+@pytest.mark.slow
+def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(tmp_path):
+    spawn("host_stop", str(tmp_path))
+    assert [r["step"] for r in results(tmp_path)] == [8, 8]  # asked at 7, read at 8
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_fails_the_job_with_its_error(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(mp.ProcessRaisedException, match="rank 1 exploded at step 3"):
+        spawn("failing", str(tmp_path))
+    assert time.monotonic() - start < 120  # no hang until the collective timeout
+
+
+def torchrun(*args, timeout=300, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={free_port()}", str(HERE / "dist_worker.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
+    whole = torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))
+    out, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, out[-3000:]
+    digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in (0, 1)}
+    assert len(digests) == 1
+    steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
+    assert steps == [5, 10, 15, 20, 25, 30]  # logs written once: by rank 0 only
+    assert fx.checkpoint.CheckpointManager(tmp_path / "a" / "ckpt").all_steps() == [20, 25, 30]
+
+    ckpt = tmp_path / "b" / "ckpt"
+    run = torchrun("resumable", str(tmp_path / "b"), str(ckpt), "sleep=0.05")
+    deadline = time.monotonic() + 200
+    while not (ckpt / "10").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    psutil = pytest.importorskip("psutil")
+    ranks = psutil.Process(run.pid).children(recursive=True)  # torchrun starts them in their
+    for proc in [psutil.Process(run.pid), *ranks]:             # own sessions
+        proc.send_signal(signal.SIGKILL)
+    run.communicate()
+    assert 10 <= fx.checkpoint.CheckpointManager(ckpt).latest_step() < 30
+    resumed = torchrun("resumable", str(tmp_path / "b"), str(ckpt))
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert "resuming from the checkpoint of step" in out
+    assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
