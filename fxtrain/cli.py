@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
+
 __all__ = ["main"]
 
 
@@ -65,8 +67,14 @@ def _inspect(directory: str, step: int | None, digest: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
+        from . import distributed
         from .demo import run_demo
-        return run_demo(steps=args.steps, seed=args.seed, compile=not args.no_compile)
+        distributed.init()  # under torchrun: join the job (data parallel); else nothing
+        try:
+            return run_demo(steps=args.steps, seed=args.seed, compile=not args.no_compile)
+        finally:
+            if distributed.initialized():
+                torch.distributed.destroy_process_group()
     if args.command == "inspect":
         return _inspect(args.directory, args.step, args.digest)
     return 2

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import optim
+from . import distributed, optim
 from .state import TrainState
 from .step import make_eval_step, make_train_step
 
@@ -50,17 +50,20 @@ def run_demo(steps: int = 300, seed: int = 0, compile: bool = True, batch_size: 
         train_step = torch.compile(train_step, fullgraph=True)
         eval_step = torch.compile(eval_step, fullgraph=True)
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    rank, world = distributed.rank(), distributed.world_size()
+    order = order[rank::world]  # under torchrun each rank takes its share (data parallel step)
+    say = print if rank == 0 else (lambda *a, **k: None)
     start = time.perf_counter()
     for i in range(steps):
-        idx = order[(i * batch_size) % len(x):][:batch_size]
+        idx = order[(i * batch_size) % len(order):][:batch_size]
         if len(idx) < batch_size:
             idx = order[:batch_size]
         state, metrics = train_step(state, (x[idx], y[idx]))
         if (i + 1) % max(1, steps // 6) == 0 or i + 1 == steps:
-            print(f"step {i + 1:5d}  loss {float(metrics['loss']):.4f}  "
+            say(f"step {i + 1:5d}  loss {float(metrics['loss']):.4f}  "
                   f"lr {float(metrics['learning_rate']):.2e}")
     elapsed = time.perf_counter() - start
     final = eval_step(state, (x_test, y_test))
-    print(f"held-out accuracy {float(final['accuracy']):.3f}, loss {float(final['loss']):.4f}; "
+    say(f"held-out accuracy {float(final['accuracy']):.3f}, loss {float(final['loss']):.4f}; "
           f"{steps} steps in {elapsed:.1f}s ({steps / elapsed:.0f} steps/s incl. compile)")
     return 0
