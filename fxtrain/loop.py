@@ -1,14 +1,16 @@
 """``fit``: the training loop. Take a batch, step, fold the callbacks, honour the control.
 
 The loop runs on the host. The compiled step returns device tensors; the loop never reads them
-per step. Under torch.distributed (one process per rank, as torchrun starts them) every rank runs
-the same loop in lockstep: control flags are read at the same steps on every rank and agreed
-(a flag any rank raises holds on all, so every rank stops at the same step), evaluation metrics
-are merged across ranks, and checkpoints are written by rank 0 and restored by all. Control flags computed with tensors (inside the step, or by host callbacks doing
+per step. Control flags computed with tensors (inside the step, or by host callbacks doing
 tensor maths) are read together, in one sync, every ``sync_every`` steps and at every eval,
 epoch and checkpoint boundary. So a stop raised inside the step takes effect up to
 ``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
 updates of those extra steps, so the parameters stay where they stopped.
+
+Under torch.distributed (one process per rank, as torchrun starts them) every rank runs the
+same loop in lockstep: control flags are read at the same steps on every rank and agreed (a
+flag any rank raises holds on all, so every rank stops at the same step), evaluation metrics
+are merged across ranks, and checkpoints are written by rank 0 and restored by all.
 """
 
 from __future__ import annotations
