@@ -10,7 +10,6 @@ Run: python benchmarks/distributed.py [--rounds 3] [--steps 300] [--sizes tiny l
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -20,26 +19,9 @@ import time
 
 import torch
 import torch.multiprocessing as mp
-import torch.nn.functional as F
-from torch import nn
 
 import fxtrain as fx
-
-SIZES = {"tiny": ((64, 64, 10), 32), "large": ((784, 512, 512, 10), 128)}
-
-
-def _loss(state, params, batch):
-    x, y = batch
-    return F.cross_entropy(state.apply(params, x), y)
-
-
-def _mlp(sizes):
-    torch.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
-
+from common import SIZES, arguments, cross_entropy, make_mlp
 
 def _worker(rank, world, port, size, steps, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
@@ -52,8 +34,8 @@ def _worker(rank, world, port, size, steps, out):
     n = batch * world * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    step = torch.compile(fx.make_train_step(_loss), fullgraph=True)
-    state = fx.TrainState.create(_mlp(sizes), fx.optim.adamw(1e-3))
+    step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
+    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(1e-3))
     state = fx.fit(state, step, data, max_steps=20)  # compile and warm up
     fx.distributed.barrier()
     start = time.perf_counter()
@@ -82,14 +64,7 @@ def samples_per_sec(world: int, size: str, steps: int) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
-    parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.steps, args.sizes = 1, 5, ["tiny"]
+    args = arguments(__doc__, argv, rounds=3, steps=300)
     print(f"torch {torch.__version__}, fxtrain {fx.__version__}, {os.cpu_count()} CPUs, "
           "1 thread per process, gloo")
     results = {}

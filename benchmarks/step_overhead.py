@@ -21,7 +21,6 @@ Prints steps/s per variant (median over rounds) and ratios against (a).
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -29,21 +28,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call, grad_and_value
 
 import fxtrain as fx
+from common import SIZES, arguments, cross_entropy, make_mlp
 
-SIZES = {"tiny": ((64, 64, 10), 32), "large": ((784, 512, 512, 10), 128)}
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
-
-
-def make_mlp(sizes):
-    torch.manual_seed(0)
-    layers = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
-    return nn.Sequential(*layers)
 
 
 def make_batches(sizes, batch, n=8):
@@ -101,12 +91,7 @@ def handwritten_variant(sizes):
 
 def fxtrain_variant(sizes):
     state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-
-    def loss_fn(state, params, batch):
-        x, y = batch
-        return F.cross_entropy(state.apply(params, x), y)
-
-    train_step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    train_step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
     holder = [state]
 
     def step(batch):
@@ -124,11 +109,6 @@ VARIANTS = {
 }
 
 
-def _loss(state, params, batch):
-    x, y = batch
-    return F.cross_entropy(state.apply(params, x), y)
-
-
 def loop_setup(sizes, batch):
     """A compiled fxtrain step, its state, and a Batches stream of 64 batches."""
     state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
@@ -136,7 +116,7 @@ def loop_setup(sizes, batch):
     n = batch * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    return state, torch.compile(fx.make_train_step(_loss), fullgraph=True), data
+    return state, torch.compile(fx.make_train_step(cross_entropy), fullgraph=True), data
 
 
 def host_callbacks():
@@ -177,7 +157,7 @@ def logging_variant(holder, data):
     """fit with log_metrics + model_watch writing TensorBoard files to a temporary folder."""
     logdir = tempfile.mkdtemp(prefix="fxtrain-bench-")
     writer = fx.logging.TensorBoardWriter(logdir)
-    step = torch.compile(fx.make_train_step(_loss, grad_stats=True), fullgraph=True)
+    step = torch.compile(fx.make_train_step(cross_entropy, grad_stats=True), fullgraph=True)
     callbacks = [fx.callbacks.log_metrics(writer, every=50),
                  fx.callbacks.model_watch(writer, every=500)]
 
@@ -238,14 +218,7 @@ def report(size, med):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES))
-    parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works")
-    args = parser.parse_args(argv)
-    if args.smoke:
-        args.rounds, args.steps, args.sizes = 1, 5, ["tiny"]
+    args = arguments(__doc__, argv, rounds=7, steps=200)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, fxtrain {fx.__version__}, threads {torch.get_num_threads()}")
     results = {}
