@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import struct
+from . import distributed, struct
 
 __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "LoaderStream",
            "as_stream"]
@@ -92,7 +92,6 @@ def _dataset_source(data: Any, collate: Callable) -> tuple[int, Take]:
 
 def _shard(shard: tuple[int, int] | bool | None) -> tuple[int, int]:
     if shard is None:
-        from . import distributed
         return distributed.rank(), distributed.world_size()
     if shard is False:
         return 0, 1

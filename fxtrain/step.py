@@ -26,7 +26,7 @@ from .optim.wrappers import learning_rate
 from .state import TrainState
 
 __all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "gradient_histograms",
-           "revert_update"]
+           "histograms", "revert_update"]
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
@@ -106,15 +106,16 @@ def gradient_statistics(grads: dict[str, torch.Tensor],
 HISTOGRAM_BINS = 64
 
 
-def gradient_histograms(grads: dict[str, torch.Tensor],
-                        bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
-    """Per-parameter gradient histograms as ``grad_hist/<name>``: a float32 tensor
-    ``[lo, hi, count_1, ..., count_bins]`` with ``bins`` equal bins over ``[lo, hi]``, the
-    gradient's range. Fixed shapes and tensor maths only, so it compiles into the step's graph.
-    Non-finite entries are left out (with none finite, ``lo > hi`` and the counts are 0)."""
+def histograms(tensors: dict[str, torch.Tensor],
+               bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
+    """A histogram of each tensor, packed as a float32 tensor ``[lo, hi, count_1, ...,
+    count_bins]`` with ``bins`` equal bins over ``[lo, hi]``, the tensor's range. Fixed shapes
+    and tensor maths only, so it compiles into a step's graph and reads nothing to the host
+    (``fx.logging.Histogram.from_packed`` unpacks it). Non-finite entries are left out (with
+    none finite, ``lo > hi`` and the counts are 0)."""
     out = {}
-    for name, g in grads.items():
-        flat = g.detach().reshape(-1).to(torch.float32)
+    for name, t in tensors.items():
+        flat = t.detach().reshape(-1).to(torch.float32)
         finite = torch.isfinite(flat)
         lo = torch.where(finite, flat, torch.inf).min()
         hi = torch.where(finite, flat, -torch.inf).max()
@@ -123,8 +124,14 @@ def gradient_histograms(grads: dict[str, torch.Tensor],
         index = torch.clamp(scaled.to(torch.int64), 0, bins - 1)
         counts = torch.zeros(bins, dtype=torch.float32, device=flat.device).index_add(
             0, index, finite.to(torch.float32))
-        out[f"grad_hist/{name}"] = torch.cat([torch.stack([lo, hi]), counts])
+        out[name] = torch.cat([torch.stack([lo, hi]), counts])
     return out
+
+
+def gradient_histograms(grads: dict[str, torch.Tensor],
+                        bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
+    """``histograms`` of the gradients, as the step's ``grad_hist/<name>`` metrics."""
+    return {f"grad_hist/{k}": v for k, v in histograms(grads, bins).items()}
 
 
 def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:

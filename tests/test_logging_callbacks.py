@@ -1,9 +1,7 @@
 """The logging callbacks inside fit, read back from real TensorBoard and JSONL files:
 log_metrics, log_eval_metrics, log_hparams, model_watch, log_media, text_samples."""
 
-import json
 import tarfile
-import warnings
 
 import numpy as np
 import pytest

@@ -2,7 +2,6 @@
 console lines, and the wrapping writers."""
 
 import logging
-import os
 import signal
 import subprocess
 import sys

@@ -134,13 +134,23 @@ def on(kind: str, cb: Callable) -> Callback:
 
 
 def rank_zero(cb: Callable) -> Callback:
-    """Runs ``cb`` on rank 0 only (every process when torch.distributed is not initialized)."""
+    """Runs ``cb`` on rank 0 only (every process when torch.distributed is not initialized).
+
+    The rank is looked up at each train_begin (and at the first event, outside ``fit``), not
+    per event: a logging callback called every step pays one comparison for it.
+    """
     inner = as_callback(cb)
+    on_rank_zero: list[bool] = []
 
     def fn(state, event):
-        return inner(state, event) if distributed.rank() == 0 else (state, NOTHING)
+        if event.kind == "train_begin" or not on_rank_zero:
+            on_rank_zero[:] = [distributed.rank() == 0]
+        if not on_rank_zero[0] or event.kind not in inner.kinds:
+            return state, NOTHING
+        return inner(state, event)
 
-    return dataclasses.replace(inner, fn=fn)
+    kinds = inner.kinds if "train_begin" in inner.kinds else ("train_begin", *inner.kinds)
+    return dataclasses.replace(inner, fn=fn, kinds=kinds)
 
 
 def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Callback:

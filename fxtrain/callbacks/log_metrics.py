@@ -20,7 +20,6 @@ import numpy as np
 import torch
 
 from ..logging.values import as_array, markdown_table, scalar_values
-from .. import distributed
 from .combinators import rank_zero
 from .core import NOTHING, Callback
 from .report import check_writer, loggable
@@ -126,7 +125,6 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
     check_writer(writer, "log_metrics", "write_scalars")
     window = _Window()
     warned: set[str] = set()
-    writing = [distributed.rank() == 0]  # set again at train_begin: rank 0 writes
 
     def write(step: int) -> None:
         if window:  # the interval's means, read in one transfer
@@ -138,10 +136,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
         kind = event.kind
         if kind == "train_begin":  # a new fit call starts a new interval
             window.take()
-            writing[0] = distributed.rank() == 0
-        if not writing[0]:
-            return state, NOTHING
-        if kind == "step_end":  # the per-step path: keep the metrics, nothing else
+        elif kind == "step_end":  # the per-step path: keep the metrics, nothing else
             window.add(event.metrics or {})
             if event.step % every == 0 or (event.metrics or {}).get("control/log") is True:
                 write(event.step)
@@ -157,9 +152,8 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
                 writer.flush()
         return state, NOTHING
 
-    # rank 0 only, decided at train_begin rather than per step (rank_zero's check, hoisted)
-    return Callback(name, None, fn, host=True, kinds=(
-        "train_begin", "step_end", "eval_end", "checkpoint", "train_end"))
+    return rank_zero(Callback(name, None, fn, host=True, kinds=(
+        "train_begin", "step_end", "eval_end", "checkpoint", "train_end")))
 
 
 def log_eval_metrics(writer: Any, *, prefix: str = "eval/",

@@ -16,7 +16,7 @@ import torch
 
 from ..logging.values import Histogram
 from ..optim.base import squared_norms
-from ..step import HISTOGRAM_BINS, gradient_histograms
+from ..step import histograms
 from .combinators import every as every_n
 from .combinators import rank_zero
 from .core import NOTHING, Callback
@@ -73,8 +73,7 @@ def model_watch(writer: Any, log: str = "gradients", every: int = 500, *,
             params = {k: v.detach() for k, v in state.params.items()}
             squared = squared_norms(list(params.values()))
             norms.update({f"parameters/norm/{k}": torch.sqrt(s) for k, s in zip(params, squared)})
-            hists.update({f"parameters/{k.removeprefix('grad_hist/')}": v for k, v in
-                          gradient_histograms(params, HISTOGRAM_BINS).items()})
+            hists.update({f"parameters/{k}": v for k, v in histograms(params).items()})
         if log in ("gradients", "all"):
             grad_norms, grad_hists = gradients(event.metrics or {})
             norms.update({f"gradients/norm/{k}": v for k, v in grad_norms.items()})

@@ -163,21 +163,7 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
-        if distributed.world_size() == 1:
-            return self._save(state, metrics, force)
-        outcome: Any = None
-        if distributed.rank() == 0:
-            try:
-                outcome = self._save(state, metrics, force)
-            except Exception as e:
-                outcome = f"{type(e).__name__}: {e}"
-                distributed.broadcast(outcome)
-                raise
-        outcome = distributed.broadcast(outcome)
-        if isinstance(outcome, str):
-            raise RuntimeError(f"rank 0 could not save the checkpoint in {self.directory}: "
-                               f"{outcome}")
-        return outcome
+        return self._on_rank_zero(lambda: self._save(state, metrics, force), "save")
 
     def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
         if not isinstance(getattr(state, "step", None), torch.Tensor | int):
@@ -214,20 +200,27 @@ class CheckpointManager:
         Under torch.distributed every rank calls it, and all return once rank 0's save is on
         disk (or raise its error).
         """
+        self._on_rank_zero(self._wait_here, "finish")
+
+    def _on_rank_zero(self, fn, what: str) -> Any:
+        """``fn()`` on rank 0, the writer; every rank returns its result or raises its error
+        (one broadcast). Without a process group, just ``fn()``."""
         if distributed.world_size() == 1:
-            return self._wait_here()
-        error = None
-        try:
-            self._wait_here()
-        except Exception as e:
-            error = e
-        status = distributed.broadcast(None if error is None else f"{type(error).__name__}: "
-                                       f"{error}")
+            return fn()
+        result, error = None, None
+        if distributed.rank() == 0:
+            try:
+                result = fn()
+            except Exception as e:
+                error = e
+        message = None if error is None else f"{type(error).__name__}: {error}"
+        result, message = distributed.broadcast((result, message))
         if error is not None:
             raise error
-        if status is not None:
-            raise RuntimeError(f"rank 0 could not finish the checkpoint in {self.directory}: "
-                               f"{status}")
+        if message is not None:
+            raise RuntimeError(f"rank 0 could not {what} the checkpoint in {self.directory}: "
+                               f"{message}")
+        return result
 
     def _wait_here(self) -> None:
         if self._pending is not None:

@@ -111,12 +111,11 @@ class TensorBoardWriter:
         from tensorboardX.summary import histogram, histogram_raw
         for k, v in arrays.items():
             if isinstance(v, Histogram):
-                centres = v.centres
+                num, total, squares = v.sums()
                 self._add(histogram_raw(
-                    k, min=float(v.edges[0]), max=float(v.edges[-1]), num=float(v.counts.sum()),
-                    sum=float((centres * v.counts).sum()),
-                    sum_squares=float((centres ** 2 * v.counts).sum()),
-                    bucket_limits=v.edges[1:].tolist(), bucket_counts=v.counts.tolist()), step)
+                    k, min=float(v.edges[0]), max=float(v.edges[-1]), num=num, sum=total,
+                    sum_squares=squares, bucket_limits=v.edges[1:].tolist(),
+                    bucket_counts=v.counts.tolist()), step)
                 continue
             arr = as_array(v).astype(np.float64).reshape(-1)
             if arr.size == 0:

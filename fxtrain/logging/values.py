@@ -100,7 +100,7 @@ class Histogram:
 
     @classmethod
     def from_packed(cls, packed: Any) -> Histogram:
-        """From ``[lo, hi, count_1, ..., count_n]`` (``fx.step.gradient_histograms``): n equal
+        """From ``[lo, hi, count_1, ..., count_n]`` (``fxtrain.step.histograms``): n equal
         bins over ``[lo, hi]``."""
         packed = as_array(packed).astype(np.float64).reshape(-1)
         lo, hi, counts = packed[0], packed[1], packed[2:]
@@ -112,14 +112,19 @@ class Histogram:
     def centres(self) -> np.ndarray:
         return (self.edges[:-1] + self.edges[1:]) / 2
 
+    def sums(self) -> tuple[float, float, float]:
+        """(count, sum, sum of squares), taking each value at its bin's centre."""
+        centres = self.centres
+        return (float(self.counts.sum()), float((centres * self.counts).sum()),
+                float((centres ** 2 * self.counts).sum()))
+
     def moments(self) -> tuple[float, float, float]:
         """(count, mean, standard deviation), taking each value at its bin's centre."""
-        n = float(self.counts.sum())
+        n, total, squares = self.sums()
         if n == 0:
             return 0.0, math.nan, math.nan
-        mean = float((self.centres * self.counts).sum() / n)
-        var = float((((self.centres - mean) ** 2) * self.counts).sum() / n)
-        return n, mean, math.sqrt(var)
+        mean = total / n
+        return n, mean, math.sqrt(max(squares / n - mean * mean, 0.0))
 
     def samples(self, max_samples: int = 100_000) -> np.ndarray:
         """Bin centres repeated by count (scaled down to about ``max_samples`` values): for
