@@ -140,7 +140,9 @@ def _step_fn(train_step: Callable, host_names: frozenset) -> Callable:
             return new.replace(data=position), metrics
         inner = {k: v for k, v in states.items() if k not in host} or None
         new, metrics = train_step(state.replace(data=None, callbacks=inner), batch)
-        return new.replace(data=position, callbacks={**(new.callbacks or {}), **host}), metrics
+        stepped = new.callbacks or {}  # back in the state's order, so its structure is stable
+        callbacks = {k: host[k] if k in host else stepped[k] for k in states}
+        return new.replace(data=position, callbacks=callbacks), metrics
 
     return run
 

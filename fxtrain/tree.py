@@ -80,9 +80,11 @@ def digest_items(items: Iterable[tuple[str, str, tuple[int, ...], bytes]]) -> st
 
 
 def tree_digest(tree: Any) -> str:
-    """sha256 over every leaf's path, dtype, shape and bytes, in path order.
+    """sha256 over every leaf's path, dtype, shape and bytes, in sorted path order.
 
     Two states have the same digest exactly when they hold the same values bit for bit, so a
-    resumed run can be compared with an uninterrupted one.
+    resumed run can be compared with an uninterrupted one. Like dict equality, it does not
+    depend on the order in which a dict's keys were inserted.
     """
-    return digest_items(leaf_record(path, leaf) for path, leaf in leaves_with_paths(tree))
+    leaves = sorted(leaves_with_paths(tree), key=lambda item: item[0])
+    return digest_items(leaf_record(path, leaf) for path, leaf in leaves)

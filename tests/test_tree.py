@@ -27,3 +27,11 @@ def test_tree_digest_sees_every_bit():
     assert fx.tree_digest(a) != fx.tree_digest(b)
     assert fx.tree_digest(a) != fx.tree_digest({"w": a["w"].double(), "n": a["n"]})
     assert fx.tree_digest({"h": torch.ones(2, dtype=torch.bfloat16)})
+
+
+def test_tree_digest_ignores_dict_insertion_order_like_dict_equality():
+    a = {"w": torch.tensor([1.0, 2.0]), "n": {"x": torch.tensor(3), "y": torch.tensor(4)}}
+    b = {"n": {"y": torch.tensor(4), "x": torch.tensor(3)}, "w": torch.tensor([1.0, 2.0])}
+    assert fx.tree_digest(a) == fx.tree_digest(b)
+    assert fx.tree_digest(a) != fx.tree_digest({**b, "n": {"x": torch.tensor(4),
+                                                           "y": torch.tensor(3)}})

@@ -62,7 +62,7 @@ def digest(path: Path) -> str:
     keys = store.saved_keys(meta)
     arrays = store.read_arrays(path, keys, keys) if keys else {}
     return digest_items(leaf_record(e["path"], bridge.leaf_value(arrays.get(e.get("key")), e))
-                        for e in meta["leaves"])
+                        for e in sorted(meta["leaves"], key=lambda e: e["path"]))
 
 
 def format_size(n: int) -> str:
