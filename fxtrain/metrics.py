@@ -26,6 +26,7 @@ Example::
 
 from __future__ import annotations
 
+import copyreg
 import functools
 import keyword
 import warnings
@@ -35,7 +36,23 @@ import torch
 
 from . import struct
 
-__all__ = ["Metric", "Average", "Std", "LastValue", "Accuracy", "Collection", "from_torchmetrics"]
+__all__ = ["Metric", "Average", "Std", "LastValue", "Accuracy", "ConfusionMatrix", "Collection",
+           "from_torchmetrics"]
+
+
+class _Made(type):
+    """The metaclass of metric classes made by a factory (``from_output``, ``for_classes``,
+    ``Collection.create``): such a class pickles as the cached factory call that makes it, so
+    its values travel between processes (evaluation merges them across ranks)."""
+
+    _recipe: tuple = ()
+
+
+def _remake(factory, *args):
+    return factory(*args)
+
+
+copyreg.pickle(_Made, lambda cls: (_remake, cls._recipe))
 
 
 class Metric:
@@ -83,7 +100,9 @@ class Metric:
 
 @functools.cache
 def _from_output_class(base: type, name: str) -> type:
-    class FromOutput(base):
+    class FromOutput(base, metaclass=_Made):
+        _recipe = (_from_output_class, base, name)
+
         @classmethod
         def from_model_output(cls, **outputs):
             if name not in outputs:
@@ -230,6 +249,76 @@ class Accuracy(Average):
 
 
 @struct.dataclass
+class ConfusionMatrix(Metric):
+    """Counts of (true class, predicted class) pairs: ``counts[i, j]`` examples of class ``i``
+    were predicted as ``j``. Make the class for ``n`` classes with ``for_classes(n)``.
+
+    ``compute()`` is the float32 ``[n, n]`` count matrix; ``log_eval_metrics`` writes it as a
+    table and an image. Counting is a one-hot product, so it compiles into an eval step.
+
+    Example::
+
+        Confusion = fx.metrics.ConfusionMatrix.for_classes(10)
+        Confusion.from_model_output(logits, labels).compute()   # [10, 10]
+    """
+
+    counts: torch.Tensor
+    num_classes = 0  # set by for_classes
+
+    @classmethod
+    def for_classes(cls, num_classes: int) -> type:
+        """The ConfusionMatrix class for ``num_classes`` classes (cached per number)."""
+        if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 2:
+            raise ValueError(f"ConfusionMatrix.for_classes: num_classes must be an int >= 2, "
+                             f"got {num_classes!r}")
+        return _confusion_class(num_classes)
+
+    @classmethod
+    def _classes(cls) -> int:
+        if not cls.num_classes:
+            raise TypeError("ConfusionMatrix needs its number of classes: use "
+                            "fx.metrics.ConfusionMatrix.for_classes(n)")
+        return cls.num_classes
+
+    @classmethod
+    def empty(cls, *, device=None, dtype=torch.float32):
+        del dtype  # counts are int64
+        n = cls._classes()
+        return cls(torch.zeros((n, n), dtype=torch.int64, device=device))
+
+    @classmethod
+    def from_model_output(cls, logits, labels, mask=None, **unused):
+        """Args: logits (..., classes); integer labels (...); mask, a prefix of labels.shape."""
+        del unused
+        n = cls._classes()
+        if logits.shape[-1] != n or logits.shape[:-1] != labels.shape:
+            raise ValueError(f"ConfusionMatrix({n}): logits {tuple(logits.shape)} must be labels' "
+                             f"shape {tuple(labels.shape)} plus a class dimension of {n}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"ConfusionMatrix: labels must be integer class ids, got {labels.dtype}")
+        keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else _masked(
+            labels, mask)[1].reshape(labels.shape)
+        true = torch.nn.functional.one_hot(labels.reshape(-1), n) * keep.reshape(-1, 1)
+        pred = torch.nn.functional.one_hot(logits.argmax(-1).reshape(-1), n)
+        return cls(true.T @ pred)
+
+    def merge(self, other):
+        self._check_same_type(other)
+        return type(self)(self.counts + other.counts)
+
+    def compute(self):
+        return self.counts.to(torch.float32)
+
+
+@functools.cache
+def _confusion_class(num_classes: int) -> type:
+    namespace = {"__annotations__": {}, "num_classes": num_classes, "__module__": __name__,
+                 "__qualname__": f"ConfusionMatrix.for_classes({num_classes})",
+                 "_recipe": (_confusion_class, num_classes)}
+    return struct.dataclass(_Made("ConfusionMatrix", (ConfusionMatrix,), namespace))
+
+
+@struct.dataclass
 class Collection(Metric):
     """Several named metrics that are made, merged and computed together.
 
@@ -279,8 +368,9 @@ def _collection_class(items: tuple) -> type:
     fields = dict(items)
     title = ", ".join(f"{n}={m.__qualname__}" for n, m in items)
     namespace = {"__annotations__": fields, "_metrics": fields, "__module__": __name__,
-                 "__qualname__": f"Collection.create({title})"}
-    return struct.dataclass(type("Collection", (Collection,), namespace))
+                 "__qualname__": f"Collection.create({title})",
+                 "_recipe": (_collection_class, items)}
+    return struct.dataclass(_Made("Collection", (Collection,), namespace))
 
 
 def from_torchmetrics(metric: Any) -> type:

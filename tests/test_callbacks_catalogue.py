@@ -66,6 +66,19 @@ def test_restore_best_puts_back_the_best_params_bit_exactly():
     assert all(torch.equal(end.params[k], snapshots[2][k]) for k in end.params)
 
 
+def test_a_stopped_early_stopping_stops_again_at_train_begin():
+    """A run resumed from a checkpoint saved after the stop ends at once (fit reads the stop
+    that train_begin asks for before its first step)."""
+    cb = fx.callbacks.early_stopping("loss", patience=1)
+    state = host_state(cb)
+    _, control = fold([cb], state, fx.Event("train_begin", 0, 0, {}))
+    assert not bool(control.stop)
+    state, stops = evals(cb, [1.0, 2.0], state)
+    assert stops == [False, True]
+    _, control = fold([cb], state, fx.Event("train_begin", 20, 0, {}))
+    assert bool(control.stop)
+
+
 def test_missing_monitor_names_the_available_metrics():
     cb = fx.callbacks.early_stopping("val_loss")
     with pytest.raises(KeyError, match=r"'val_loss' is not in the eval_end metrics; available: \['accuracy', 'loss'\]"):

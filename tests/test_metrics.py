@@ -320,3 +320,61 @@ def test_collection_create_rejects_bad_fields():
         M.Collection.create(loss=M.Average.empty())
     with pytest.raises(ValueError, match="not a usable field name"):
         M.Collection.create(**{"my loss": M.Average})
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 3), st.booleans()), max_size=30),
+       st.integers(1, 4))
+@settings(max_examples=40, deadline=None)
+def test_confusion_matrix_counts_pairs_over_masked_batches(rows, parts):
+    """Merged over any split into batches, counts[i, j] is the number of unmasked examples of
+    class i predicted as j."""
+    Confusion = M.ConfusionMatrix.for_classes(4)
+    expected = torch.zeros(4, 4)
+    for true, pred, keep in rows:
+        expected[true, pred] += keep
+    total = Confusion.empty()
+    for part in range(parts):
+        chunk = rows[part::parts]
+        labels = torch.tensor([t for t, _, _ in chunk], dtype=torch.int64)
+        logits = torch.nn.functional.one_hot(torch.tensor([p for _, p, _ in chunk],
+                                                          dtype=torch.int64), 4).float()
+        mask = torch.tensor([k for _, _, k in chunk], dtype=torch.bool)
+        total = total.merge(Confusion.from_model_output(logits.reshape(-1, 4), labels, mask=mask))
+    assert torch.equal(total.compute(), expected)
+
+
+def test_confusion_matrix_in_a_compiled_collection_and_its_errors():
+    Metrics = M.Collection.create(accuracy=M.Accuracy,
+                                  confusion=M.ConfusionMatrix.for_classes(4))
+    assert M.ConfusionMatrix.for_classes(4) is M.ConfusionMatrix.for_classes(4)
+    x, y = classification_batch(n=16)
+    model = mlp()
+    step = torch.compile(lambda x, y: Metrics.single_from_model_output(logits=model(x), labels=y),
+                         fullgraph=True)
+    with torch.no_grad():
+        out = step(x, y).merge(Metrics.empty()).compute()
+    counts = out["confusion"]
+    assert counts.shape == (4, 4) and counts.sum() == 16
+    assert float(counts.trace() / 16) == pytest.approx(float(out["accuracy"]))
+    with pytest.raises(TypeError, match="for_classes"):
+        M.ConfusionMatrix.empty()
+    with pytest.raises(ValueError, match="num_classes must be an int >= 2"):
+        M.ConfusionMatrix.for_classes(1)
+    with pytest.raises(ValueError, match="class dimension of 3"):
+        M.ConfusionMatrix.for_classes(3).from_model_output(torch.zeros(4, 10), torch.zeros(4).long())
+    with pytest.raises(TypeError, match="integer class ids"):
+        M.ConfusionMatrix.for_classes(3).from_model_output(torch.zeros(4, 3), torch.zeros(4))
+
+
+def test_metric_values_of_factory_made_classes_pickle_as_the_same_class():
+    """Evaluation under torch.distributed sends metric values between ranks with pickle."""
+    import pickle
+    Loss = M.Average.from_output("loss")
+    Confusion = M.ConfusionMatrix.for_classes(4)
+    Metrics = M.Collection.create(loss=Loss, accuracy=M.Accuracy, confusion=Confusion)
+    x, y = classification_batch(n=8)
+    logits = mlp()(x).detach()
+    value = Metrics.single_from_model_output(loss=torch.tensor(0.5), logits=logits, labels=y)
+    back = pickle.loads(pickle.dumps(value))
+    assert type(back) is Metrics and type(back.loss) is Loss and type(back.confusion) is Confusion
+    assert_same(back.merge(value), value.merge(value), exact=True)

@@ -66,7 +66,8 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         (a step metric, also inside a compiled step).
       name: the key of its state in ``state.callbacks``.
 
-    Once stopped it keeps asking to stop, and inside a step it also asks to skip further
+    Once stopped it keeps asking to stop, at train_begin too (a run resumed from a checkpoint
+    saved after the stop ends at once), and inside a step it also asks to skip further
     updates, so the parameters stay where it stopped until the loop reads the flag.
 
     Example::
@@ -110,10 +111,12 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         return state, Control(stop=new.stopped, skip=skip)
 
     def fn(state, ev):
+        if ev.kind == "train_begin":  # resumed from a run that had stopped: it stays stopped
+            return state, Control(stop=callback_state(state, name).stopped)
         if ev.kind == "train_end":  # restore_best only: back to the best, if there was one
             es = callback_state(state, name)
             return restore(state, es.best_step >= 0, es), NOTHING
         return update(state, ev)
 
-    kinds = (event, "train_end") if restore_best else (event,)
+    kinds = ("train_begin", event) + (("train_end",) if restore_best else ())
     return Callback(name=name, init=init, fn=fn, kinds=kinds)

@@ -112,8 +112,9 @@ def _eval_end(d: _Display, event) -> None:
     """Writes one line with the evaluation's metrics above the bars."""
     if distributed.rank() != 0 or not event.metrics:
         return
-    values = read_floats(event.metrics)
-    tqdm.write(f"eval @ step {event.step}: {format_scalars(values)}",
+    numbers = {k: v for k, v in event.metrics.items()  # a matrix (confusion) is not shown
+               if math.prod(getattr(v, "shape", ())) == 1}
+    tqdm.write(f"eval @ step {event.step}: {format_scalars(read_floats(numbers))}",
                file=d.file or sys.stderr)
 
 
