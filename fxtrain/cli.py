@@ -7,16 +7,46 @@ import sys
 
 import torch
 
+from .demo.tasks import MODELS
+
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a small model end to end")
-    demo.add_argument("--steps", type=int, default=300)
+    demo = sub.add_parser(
+        "demo", help="train a model on real data with the standard callbacks",
+        description="Trains a small model on data that ships with its dependencies "
+                    "(scikit-learn's digits, Python's own docstrings) with the compiled "
+                    "functional step and the standard callbacks; writes TensorBoard and JSONL "
+                    "logs, checkpoints, figures and a loss curve under --workdir.")
+    demo.add_argument("--model", choices=MODELS, default="mlp",
+                      help="mlp or cnn: classify digits; charlm: a character language model")
+    demo.add_argument("--workdir", help="where everything goes (default runs/demo-<model>)")
+    demo.add_argument("--steps", type=int, help="training steps (default: the model's own)")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-compile", action="store_true", help="run the step eagerly")
+    demo.add_argument("--resume", action="store_true",
+                      help="continue from the latest checkpoint in --workdir")
+    demo.add_argument("--batch-size", type=int, help="examples per step (per process)")
+    demo.add_argument("--lr", type=float, help="peak learning rate of the warmup-cosine schedule")
+    demo.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    demo.add_argument("--log-every", type=int, default=25,
+                      help="steps per logged interval (metrics, learning rate, throughput)")
+    demo.add_argument("--checkpoint-every", type=int, default=250,
+                      help="steps between periodic checkpoints")
+    demo.add_argument("--keep-best", type=int, default=2,
+                      help="best checkpoints kept besides the latest two")
+    demo.add_argument("--early-stopping-patience", type=int, default=5,
+                      help="evaluations without a lower loss before stopping")
+    demo.add_argument("--early-stopping-min-delta", type=float, default=0.0,
+                      help="the smallest decrease of the loss that counts")
+    demo.add_argument("--grad-monitor-every", type=int, default=100,
+                      help="steps between gradient-norm readings")
+    demo.add_argument("--media-every", type=int, default=500,
+                      help="steps between prediction figures or text samples")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bar")
+    demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
     inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")
     inspect.add_argument("directory", help="a CheckpointManager's directory, or one checkpoint")
     inspect.add_argument("--step", type=int, help="show this checkpoint's tree")
@@ -68,10 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from . import distributed
-        from .demo import run_demo
+        from .demo.job import DemoConfig, main as demo_main
         distributed.init()  # under torchrun: join the job (data parallel); else nothing
         try:
-            return run_demo(steps=args.steps, seed=args.seed, compile=not args.no_compile)
+            return demo_main(DemoConfig(
+                model=args.model, workdir=args.workdir, steps=args.steps, seed=args.seed,
+                resume=args.resume, batch_size=args.batch_size, lr=args.lr,
+                eval_every=args.eval_every, log_every=args.log_every,
+                checkpoint_every=args.checkpoint_every, keep_best=args.keep_best,
+                early_stopping_patience=args.early_stopping_patience,
+                early_stopping_min_delta=args.early_stopping_min_delta,
+                grad_monitor_every=args.grad_monitor_every, media_every=args.media_every,
+                progress=not args.no_progress, compile=not args.no_compile))
         finally:
             if distributed.initialized():
                 torch.distributed.destroy_process_group()

@@ -6,4 +6,6 @@ python3.11 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q torch==2.13.0
 .venv/bin/python -m pip install -q -e ".[test]"
+# the Jupyter kernel the notebook tests execute in: this venv's Python
+.venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fxtrain)" >/dev/null
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,194 @@
+"""The demo's three tasks: a model, its data, its loss and metrics, and what it shows.
+
+``--model mlp`` and ``--model cnn`` classify scikit-learn's 8x8 digits; ``--model charlm`` is a
+character-level language model of text from Python's standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import metrics, random
+from ..callbacks.core import Callback
+from ..callbacks.media import inference, log_media, text_samples
+from . import data, figures
+
+__all__ = ["Task", "make_task", "MODELS"]
+
+MODELS = ("mlp", "cnn", "charlm")
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """Everything the demo needs to know about one model and its data."""
+
+    name: str
+    description: str
+    model: nn.Module
+    train: tuple[torch.Tensor, torch.Tensor]
+    test: tuple[torch.Tensor, torch.Tensor]
+    loss_fn: Callable  # (state, params, batch) -> (loss, aux)
+    eval_fn: Callable  # (state, batch) -> metrics
+    media: Callable[[Any, int], Callback]  # (writer, every) -> a logging callback
+    final: Callable[[Any, Path], list[str]]  # (state, workdir) -> lines; writes final figures
+    steps: int
+    batch_size: int
+    lr: float
+    best_metric: str  # ranks checkpoints for keep_best
+    best_mode: str
+    headline: str  # the metric the demo ends with
+    target: float | None = None  # the headline value a default run reaches
+
+
+# -- digits ----------------------------------------------------------------------------------
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.GELU(), nn.Dropout(0.2),
+                         nn.Linear(256, 256), nn.GELU(), nn.Dropout(0.2), nn.Linear(256, 10))
+
+
+def _cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(),
+        nn.Conv2d(32, 32, 3, padding=1), nn.BatchNorm2d(32), nn.GELU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.GELU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Dropout(0.2), nn.Linear(64 * 2 * 2, 10))
+
+
+Confusion = metrics.ConfusionMatrix.for_classes(10)
+
+
+def _classify(state, params, batch):
+    x, y = batch
+    logits = state.apply(params, x)
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def _classify_eval(state, batch):
+    x, y = batch
+    logits = state.apply(state.params, x)
+    return {"loss": F.cross_entropy(logits, y),
+            "accuracy": (logits.argmax(-1) == y).float().mean(),
+            "confusion": Confusion.from_model_output(logits, y)}
+
+
+def _digit_figures(state, test, shown: int = 32) -> dict[str, Any]:
+    x, y = test
+    with inference(state):
+        logits = state.apply(state.params, x)
+    predicted, counts = logits.argmax(-1), Confusion.from_model_output(logits, y).compute()
+    return {"predictions": figures.prediction_grid(x[:shown, 0].numpy(), predicted[:shown].tolist(),
+                                                   y[:shown].tolist()),
+            "confusion": figures.confusion_figure(counts.numpy(),
+                                                  f"held-out digits, step {int(state.step)}")}
+
+
+def _digits_task(name: str, seed: int) -> Task:
+    train, test = data.digits(seed)
+
+    def final(state, workdir: Path) -> list[str]:
+        lines = []
+        for key, fig in _digit_figures(state, test).items():
+            path = workdir / f"{key}.png"
+            fig.savefig(path)
+            lines.append(f"{key:<13} {path}")
+        return lines
+
+    model = _mlp() if name == "mlp" else _cnn()
+    return Task(
+        name=name, model=model, train=train, test=test,
+        description=(f"{'an MLP' if name == 'mlp' else 'a CNN'} on scikit-learn's 8x8 handwritten "
+                     f"digits ({len(train[1])} train, {len(test[1])} held out)"),
+        loss_fn=_classify, eval_fn=_classify_eval,
+        media=lambda writer, every: log_media(writer, lambda s: _digit_figures(s, test), every),
+        final=final, steps=1500 if name == "mlp" else 1000, batch_size=64, lr=3e-3,
+        best_metric="accuracy", best_mode="max", headline="accuracy", target=0.95)
+
+
+# -- character-level language model ----------------------------------------------------------
+
+
+class CharLM(nn.Module):
+    """The next character from the previous ``context``: embeddings, then an MLP."""
+
+    def __init__(self, vocab: int, context: int = 32, embed: int = 24, width: int = 512):
+        super().__init__()
+        self.context = context
+        self.embed = nn.Embedding(vocab, embed)
+        self.mlp = nn.Sequential(nn.Linear(context * embed, width), nn.GELU(), nn.Dropout(0.1),
+                                 nn.Linear(width, width), nn.GELU(), nn.Linear(width, vocab))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # [B, context] -> [B, vocab]
+        return self.mlp(self.embed(tokens).flatten(1))
+
+
+PROMPTS = ("Return the ", "The ", "If the ")
+
+
+def _charlm_task(seed: int) -> Task:
+    text = data.stdlib_text()
+    codec = data.CharCodec(text)
+    ids = codec.encode(text)
+    cut = int(len(ids) * 0.9)
+    model = CharLM(len(codec))
+    train = data.char_windows(ids[:cut], model.context)
+    test = data.char_windows(ids[cut:], model.context)
+    pad = codec.index[" "]
+
+    def loss_fn(state, params, batch):
+        x, y = batch
+        logits = state.apply(params, x)
+        return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+    def eval_fn(state, batch):
+        x, y = batch
+        logits = state.apply(state.params, x)
+        loss = F.cross_entropy(logits, y)
+        return {"loss": loss, "bits_per_char": loss / math.log(2),
+                "accuracy": (logits.argmax(-1) == y).float().mean()}
+
+    def generate(state, prompt: str, length: int = 160, temperature: float = 0.7) -> str:
+        """Samples ``length`` characters; the keys come from the state, so a resumed run
+        writes the same samples."""
+        tokens = codec.encode(prompt).tolist()
+        key = random.fold_in(random.step_key(state.rng, state.step), len(prompt))
+        for i in range(length):
+            context = torch.tensor([([pad] * model.context + tokens)[-model.context:]])
+            logits = state.apply(state.params, context)[0] / temperature
+            tokens.append(int(random.categorical(random.fold_in(key, i), logits)))
+        return codec.decode(tokens[len(prompt):])
+
+    def final(state, workdir: Path) -> list[str]:
+        with inference(state):
+            samples = [p + generate(state, p) for p in PROMPTS]
+        path = workdir / "samples.txt"
+        path.write_text("\n\n---\n\n".join(samples) + "\n", encoding="utf-8")
+        return [f"{'samples':<13} {path}", "", "sample:", samples[0]]
+
+    return Task(
+        name="charlm", model=model, train=train, test=test,
+        description=(f"a character-level language model of the standard library's docstrings "
+                     f"({len(train[1]):,} train, {len(test[1]):,} held-out characters, "
+                     f"{len(codec)} symbols)"),
+        loss_fn=loss_fn, eval_fn=eval_fn,
+        media=lambda writer, every: text_samples(writer, generate, PROMPTS, every),
+        final=final, steps=2000, batch_size=128, lr=2e-3,
+        best_metric="loss", best_mode="min", headline="bits_per_char")
+
+
+def make_task(name: str, seed: int) -> Task:
+    """The task of ``--model name``; its model is initialised from ``seed``."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    with torch.random.fork_rng(devices=[]):  # the model's initialisation, without side effects
+        torch.manual_seed(seed)
+        return _charlm_task(seed) if name == "charlm" else _digits_task(name, seed)

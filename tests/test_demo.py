@@ -1,0 +1,190 @@
+"""``fxtrain demo``: what it writes, its flags, its refusals, and exact resume after a kill."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from fxtrain import cli
+from fxtrain.checkpoint import inspect
+from fxtrain.demo import figures
+from fxtrain.logging import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--no-progress", "--no-compile", "--eval-every", "20", "--checkpoint-every", "20",
+         "--log-every", "10", "--media-every", "30", "--grad-monitor-every", "20"]
+
+
+def demo(capsys, workdir, *flags):
+    """Runs ``fxtrain demo`` in this process; returns (exit status, stdout, stderr)."""
+    status = cli.main(["demo", "--workdir", str(workdir), *flags])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def digest_of(stdout: str) -> str:
+    (digest,) = re.findall(r"state digest: ([0-9a-f]{64})", stdout)
+    return digest
+
+
+def listing(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+def tensorboard_tags(logdir: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(logdir), size_guidance={"images": 0, "tensors": 0, "scalars": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+def test_mlp_demo_writes_logs_checkpoints_figures_and_reports(tmp_path, capsys):
+    status, out, _ = demo(capsys, tmp_path, "--steps", "60", *QUICK)
+    assert status == 0
+    for name in ("metrics.jsonl", "loss_curve.png", "predictions.png", "confusion.png"):
+        assert (tmp_path / name).is_file() and str(tmp_path / name) in out
+    assert f"tensorboard --logdir {tmp_path / 'tensorboard'}" in out
+    kept = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert kept[-1] == 60 and set(kept) <= {20, 40, 60}  # the latest two and the best two
+    assert re.search(r"best accuracy at step (20|40|60)", out)
+    assert Image.open(tmp_path / "loss_curve.png").size[0] > 100
+    curves = figures.read_curves(tmp_path / "metrics.jsonl", ["train/loss", "eval/loss"])
+    assert curves["train/loss"][0] == [10, 20, 30, 40, 50, 60]
+    assert curves["eval/loss"][0] == [20, 40, 60]
+    scalars = {k for e in read_jsonl(tmp_path / "metrics.jsonl") if e["kind"] == "scalars"
+               for k in e["values"]}
+    assert {"train/accuracy", "eval/accuracy", "learning_rate", "throughput/steps_per_sec",
+            "grad_norm/1.weight"} <= scalars
+    tags = tensorboard_tags(tmp_path / "tensorboard")
+    assert {"predictions", "confusion", "eval/confusion"} <= set(tags["images"])
+    final = re.search(r"final held-out metrics \(step 60\): loss ([\d.]+)  accuracy ([\d.]+)", out)
+    assert final and 0.5 < float(final.group(2)) <= 1
+    assert "steps/s" in out and len(digest_of(out)) == 64
+
+
+@pytest.mark.parametrize("model, words", [("cnn", ["accuracy"]),
+                                          ("charlm", ["bits_per_char", "samples"])])
+def test_cnn_and_charlm_demos(tmp_path, capsys, model, words):
+    status, out, _ = demo(capsys, tmp_path, "--model", model, "--steps", "30", *QUICK)
+    assert status == 0 and all(w in out for w in words)
+    assert "state digest" in out
+    if model == "charlm":
+        samples = (tmp_path / "samples.txt").read_text()
+        assert samples.startswith("Return the ") and len(samples) > 3 * 160
+        texts = [e for e in read_jsonl(tmp_path / "metrics.jsonl")
+                 if e["kind"] == "texts" and "samples/0" in e["values"]]
+        assert [e["step"] for e in texts] == [30]
+        assert texts[0]["values"]["samples/0"].startswith("Return the ")
+    else:  # BatchNorm statistics travel in the state, and so in its checkpoints
+        leaves = inspect.summary(inspect.checkpoint_paths(tmp_path / "checkpoints")[-1])
+        paths = [leaf["path"] for leaf in leaves["meta"]["leaves"]]
+        assert any(p.startswith(".buffers") and "running_mean" in p for p in paths)
+
+
+def test_demo_refuses_a_workdir_with_a_run_and_changes_nothing(tmp_path, capsys):
+    assert demo(capsys, tmp_path, "--steps", "20", *QUICK)[0] == 0
+    before = listing(tmp_path)
+    status, out, err = demo(capsys, tmp_path, "--steps", "20", *QUICK)
+    assert status == 2 and "already holds a run" in err and "--resume" in err
+    status, out, err = demo(capsys, tmp_path, "--steps", "40", "--resume", *QUICK)
+    assert status == 2 and "--steps 20 (now 40)" in err
+    status, out, err = demo(capsys, tmp_path, "--model", "cnn", "--steps", "20", "--resume",
+                            *QUICK)
+    assert status == 2 and "--model 'mlp' (now 'cnn')" in err
+    assert listing(tmp_path) == before
+
+
+def test_demo_rejects_bad_flags(tmp_path, capsys):
+    status, _, err = demo(capsys, tmp_path / "w", "--steps", "0", *QUICK)
+    assert status == 2 and "--steps must be >= 1" in err
+    (tmp_path / "file").write_text("x")
+    status, _, err = demo(capsys, tmp_path / "file", "--steps", "5", *QUICK)
+    assert status == 2 and "is a file" in err
+    assert not (tmp_path / "w").exists()
+
+
+def test_resume_of_a_finished_run_trains_no_further(tmp_path, capsys):
+    status, first, _ = demo(capsys, tmp_path, "--steps", "40", *QUICK)
+    status, again, _ = demo(capsys, tmp_path, "--steps", "40", "--resume", *QUICK)
+    assert status == 0 and "no new steps" in again
+    assert digest_of(again) == digest_of(first)
+
+
+def test_early_stopped_run_resumed_stays_stopped(tmp_path, capsys):
+    flags = ["--steps", "400", "--early-stopping-patience", "1",
+             "--early-stopping-min-delta", "10", *QUICK]  # no evaluation improves by 10
+    status, first, err = demo(capsys, tmp_path, *flags)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert status == 0 and steps[-1] == 40  # stopped at the second evaluation
+    status, again, _ = demo(capsys, tmp_path, *flags, "--resume")
+    assert "no new steps" in again and digest_of(again) == digest_of(first)
+
+
+def run_cli(workdir, *flags, **kwargs):
+    return subprocess.Popen([sys.executable, "-m", "fxtrain", "demo", "--workdir", str(workdir),
+                             "--no-progress", *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+
+
+def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
+    deadline = time.monotonic() + timeout
+    while not (directory / str(step)).is_dir():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path):
+    """The promise: SIGKILL after a checkpoint, --resume, and the run is bit for bit the same
+    (compiled steps, every callback, logs)."""
+    flags = ["--steps", "240", "--eval-every", "40", "--checkpoint-every", "80",
+             "--log-every", "20", "--media-every", "120"]
+    whole = run_cli(tmp_path / "whole", *flags)
+    out, err = whole.communicate(timeout=600)
+    assert whole.returncode == 0, err[-3000:]
+
+    killed = run_cli(tmp_path / "split", *flags)
+    wait_for_checkpoint(killed, tmp_path / "split" / "checkpoints", 80)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    steps = [int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()
+             if p.name.isdigit()]
+    assert 80 in steps and max(steps) < 240
+    resumed = run_cli(tmp_path / "split", *flags, "--resume")
+    out2, err2 = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err2[-3000:]
+    assert "resuming from the checkpoint of step" in out2
+    assert digest_of(out2) == digest_of(out)
+    keys = ["train/loss", "eval/loss", "eval/accuracy"]
+    assert (figures.read_curves(tmp_path / "split" / "metrics.jsonl", keys)
+            == figures.read_curves(tmp_path / "whole" / "metrics.jsonl", keys))
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
+    proc = run_cli(tmp_path, "--steps", "100000", "--checkpoint-every", "50", "--no-compile",
+                   "--eval-every", "50")
+    wait_for_checkpoint(proc, tmp_path / "checkpoints", 50)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    (stopped,) = re.findall(r"interrupted at step (\d+)", out)
+    assert (tmp_path / "checkpoints" / stopped).is_dir()
+    assert f"fxtrain demo --workdir {tmp_path} --steps 100000" in out and "--resume" in out
+
+
+@pytest.mark.slow
+def test_default_demo_reaches_its_stated_accuracy(tmp_path):
+    """The README's demo, with its default flags: at least 95% on the held-out digits."""
+    proc = run_cli(tmp_path, env={**os.environ, "PYTHONHASHSEED": "0"})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    accuracy = float(re.search(r"final held-out metrics.*accuracy ([\d.]+)", out).group(1))
+    assert accuracy >= 0.95 and "target: accuracy >= 0.95: met" in out
