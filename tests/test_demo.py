@@ -66,6 +66,9 @@ def test_mlp_demo_writes_logs_checkpoints_figures_and_reports(tmp_path, capsys):
     final = re.search(r"final held-out metrics \(step 60\): loss ([\d.]+)  accuracy ([\d.]+)", out)
     assert final and 0.5 < float(final.group(2)) <= 1
     assert "steps/s" in out and len(digest_of(out)) == 64
+    assert cli.main(["inspect", str(tmp_path), "--step", "60", "--digest"]) == 0  # the workdir
+    shown = capsys.readouterr().out
+    assert "accuracy=" in shown and ".params['1.weight']" in shown and "digest (step 60)" in shown
 
 
 @pytest.mark.parametrize("model, words", [("cnn", ["accuracy"]),

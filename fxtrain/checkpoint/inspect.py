@@ -18,7 +18,8 @@ __all__ = ["checkpoint_paths", "summary", "leaf_rows", "digest", "format_size", 
 
 
 def checkpoint_paths(directory: str | Path) -> list[Path]:
-    """The finished checkpoints under ``directory`` (a manager's) or ``directory`` itself."""
+    """The finished checkpoints under ``directory`` (a manager's, or a run's workdir holding a
+    ``checkpoints`` folder), or ``directory`` itself."""
     directory = Path(directory).expanduser().absolute()
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
@@ -27,6 +28,8 @@ def checkpoint_paths(directory: str | Path) -> list[Path]:
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory")
     found = [p for p in directory.iterdir() if p.name.isdigit() and store.is_checkpoint(p)]
+    if not found and (directory / "checkpoints").is_dir():  # a run's workdir (fxtrain demo's)
+        return checkpoint_paths(directory / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
                                 f"{store.describe_directory(directory)})")
