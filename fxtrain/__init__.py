@@ -10,6 +10,7 @@ from . import random as random
 from . import struct as struct
 from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
+from .evaluation import evaluate as evaluate
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit
 from .state import TrainState as TrainState

@@ -26,7 +26,7 @@ from . import distributed
 from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .callbacks.nan_guard import flagged
 from .data import as_stream
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .step import revert_update
 
 __all__ = ["fit", "Interrupted"]

@@ -279,3 +279,13 @@ def test_ctrl_c_delivers_train_end_saves_and_reraises(tmp_path):
     saved = fx.checkpoint.restore(tmp_path / "ckpt", like=template.replace(
         data=fx.data.DataPosition.start()))
     assert int(saved.step) == step  # the interrupted state is on disk
+
+
+def test_fx_evaluate_averages_over_examples_across_uneven_batches():
+    x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
+    y = (x[:, 0] > 0).long()
+    state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
+    eval_step = fx.make_eval_step(xent)
+    got = fx.evaluate(eval_step, state, [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])])
+    whole = eval_step(state, (x, y))
+    torch.testing.assert_close(got["loss"], whole["loss"])

@@ -18,7 +18,7 @@ import torch
 from .. import callbacks as cb
 from .. import distributed, optim
 from ..checkpoint import CheckpointManager
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from ..data import Batches
 from ..logging import JsonlWriter, MultiWriter, TensorBoardWriter
 from ..loop import Interrupted, fit
