@@ -130,3 +130,27 @@ def test_host_states_of_plain_python_values_survive(tmp_path):
         back = m.restore(like=template)
     assert type(back.callbacks["timer"]["elapsed"]) is float
     assert back.callbacks["timer"]["elapsed"] == elapsed  # exact, and counting on from there
+
+
+def test_restoring_a_fit_checkpoint_into_a_fresh_state(tmp_path):
+    """A fresh TrainState has no data position: a full restore says how to give it one, a
+    params-only restore needs none, and dropping callbacks that were not asked for is silent;
+    warnings point at the caller's line."""
+    import warnings
+    manager = CheckpointManager(tmp_path, async_save=False)
+    run([], HOST["early_stopping"](), 8, manager)
+    fresh = fx.TrainState.create(mlp((8, 16, 2), dropout=0.2), fx.optim.sgd(0.1))
+    with pytest.raises(fx.checkpoint.CheckpointMismatchError, match=r"batches\.init\(\)"):
+        manager.restore(like=fresh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        params_only = manager.restore(like=fresh, only=("params",))
+    assert int(params_only.step) == 0 and not torch.equal(params_only.params["0.weight"],
+                                                          fresh.params["0.weight"])
+    like = fresh.replace(data=data().init(), opt_state=None)
+    with pytest.warns(UserWarning, match="early_stopping") as caught:
+        fx.checkpoint.restore(tmp_path, like=like, only=("params", "data", "callbacks"))
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match="early_stopping") as caught:
+        manager.restore(like=like, only=("params", "data", "callbacks"))
+    assert caught[0].filename == __file__

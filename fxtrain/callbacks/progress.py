@@ -10,13 +10,17 @@ training by up to ``refresh_every`` steps.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import time
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
-from tqdm.auto import tqdm
+if importlib.util.find_spec("ipywidgets") is not None:
+    from tqdm.auto import tqdm  # widgets in notebooks
+else:  # tqdm.auto would warn in every notebook that widgets are missing; text bars work there
+    from tqdm.std import tqdm
 
 from .. import distributed
 from .core import NOTHING, Callback

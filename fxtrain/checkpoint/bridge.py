@@ -172,8 +172,10 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
     flat, spec = pytree.tree_flatten_with_path(like)
     saved = {e["path"]: e for e in meta["leaves"]}
     names, ours = set(meta.get("callbacks", [])), set(callback_names(like))
-    dropped, added = sorted(names - ours), sorted(ours - names)
     wanted = None if only is None else set(only)
+    dropped, added = sorted(names - ours), sorted(ours - names)
+    if wanted is not None and "callbacks" not in wanted:
+        dropped = []  # not asked for, so nothing is dropped
     if wanted is not None:
         sections = {_section(keypath)[0] for keypath, _ in flat}
         if isinstance(only, str) or wanted - sections:
@@ -181,13 +183,15 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
                              f"fields {sorted(sections)}")
     problems, sources, used = [], [], set()
 
-    def taken(keypath) -> bool:
+    def taken(keypath, leaf) -> bool:
         section, callback = _section(keypath)
+        if section == "callbacks" and callback is None and leaf is None and names:
+            return False  # a template without callbacks: the saved ones are all dropped
         return (wanted is None or section in wanted) and callback not in added
 
     for keypath, leaf in flat:
         path = path_str(keypath)
-        if not taken(keypath):
+        if not taken(keypath, leaf):
             sources.append((path, leaf, None))
         elif path not in saved:
             problems.append(f"  missing from the checkpoint: {path}")
@@ -202,8 +206,14 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
                 and (wanted is None or section in wanted)):
             problems.append(f"  unexpected in the checkpoint: {entry['path']}")
     if problems:
+        hint = ""
+        if getattr(like, "data", 0) is None and any(".data." in p for p in problems):
+            hint = ("\n(the checkpoint holds a data stream's position, which fit saves; a fresh "
+                    "TrainState has none: restore into state.replace(data=batches.init()) to "
+                    "resume the stream, or pass only=('params', ...) to take part of it)")
         raise CheckpointMismatchError(
-            "the checkpoint does not match the template state:\n" + "\n".join(sorted(problems)))
+            "the checkpoint does not match the template state:\n" + "\n".join(sorted(problems))
+            + hint)
     return Plan(spec, sources, dropped)
 
 

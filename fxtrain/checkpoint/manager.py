@@ -294,7 +294,7 @@ class CheckpointManager:
         then each reads the same checkpoint.
         """
         self.wait()
-        return restore(self._step_path(step), like, only=only, cast=cast)
+        return _restore(self._step_path(step), like, only, cast)
 
     # -- lifetime --------------------------------------------------------------------------
 
@@ -348,9 +348,17 @@ def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = 
     """
     path = Path(path).expanduser().absolute()
     if path.is_dir() and not store.is_checkpoint(path):
-        return CheckpointManager(path).restore(like, only=only, cast=cast)
+        manager = CheckpointManager(path)
+        manager.wait()
+        return _restore(manager._step_path(None), like, only, cast)
+    return _restore(path, like, only, cast)
+
+
+def _restore(path: Path, like: Any, only, cast: bool) -> Any:
+    """``restore`` of one checkpoint, for ``restore`` and ``CheckpointManager.restore``: its
+    warning points at their caller's line."""
     state, p = store.restore_from(path, like, only=only, cast=cast)
     if p.dropped:
         warnings.warn(f"restoring {path}: dropped the saved state of callbacks that are no "
-                      f"longer present: {', '.join(p.dropped)}", stacklevel=2)
+                      f"longer present: {', '.join(p.dropped)}", stacklevel=3)
     return state
