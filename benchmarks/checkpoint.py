@@ -49,6 +49,7 @@ from torch import nn
 import fxtrain as fx
 from fxtrain.checkpoint import store
 from fxtrain.tree import leaves_with_paths
+from common import cpu_model, filesystem
 
 LAYERS = 8
 # the checkpoint issue's targets: row -> the most it may take, as a ratio to its torch row
@@ -369,30 +370,6 @@ def report(megabytes: float, bench: Bench, rounds: int) -> None:
     notes = fsync_note(bench)
     if notes:
         print("\n" + "\n".join(notes))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
-
-
-def filesystem(path: Path) -> str:
-    """The type, device and options of the mount holding ``path`` (from /proc/mounts): a
-    ``discard`` option, for one, makes deleting old checkpoints slow."""
-    best = ("", "?", "?", "?")
-    try:
-        for line in Path("/proc/mounts").read_text().splitlines():
-            device, mount, kind, options = line.split()[:4]
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best[0]):
-                best = (mount, kind, device, options)
-    except OSError:
-        pass
-    return f"{best[1]} on {best[2]} at {best[0]} ({best[3]})"
 
 
 def header(root: Path) -> None:

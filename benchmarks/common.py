@@ -1,14 +1,17 @@
-"""What the step benchmarks share: the MLP sizes, the model, the loss and the common flags."""
+"""What the benchmarks share: the MLP sizes, the model, the data, the loss, the common flags and
+a description of the machine."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 SIZES = {"tiny": ((64, 64, 10), 32), "large": ((784, 512, 512, 10), 128)}  # layers, batch
+LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2  # AdamW, the same in every variant
 
 
 def make_mlp(sizes):
@@ -18,6 +21,13 @@ def make_mlp(sizes):
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
         layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(sizes) - 2 else [])
     return nn.Sequential(*layers)
+
+
+def make_batches(sizes, batch, n=8):
+    """``n`` fixed random batches ``(x, y)`` for the MLP of ``sizes``, seeded."""
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(batch, sizes[0], generator=g),
+             torch.randint(0, sizes[-1], (batch,), generator=g)) for _ in range(n)]
 
 
 def cross_entropy(state, params, batch):
@@ -37,3 +47,28 @@ def arguments(doc: str, argv, *, rounds: int, steps: int) -> argparse.Namespace:
     if args.smoke:
         args.rounds, args.steps, args.sizes = 1, 5, ["tiny"]
     return args
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def filesystem(path: Path) -> str:
+    """The type, device and options of the mount holding ``path`` (from /proc/mounts): a
+    ``discard`` option, for one, makes deleting old checkpoints slow."""
+    best = ("", "?", "?", "?")
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            device, mount, kind, options = line.split()[:4]
+            if str(path.resolve()).startswith(mount) and len(mount) > len(best[0]):
+                best = (mount, kind, device, options)
+    except OSError:
+        pass
+    return f"{best[1]} on {best[2]} at {best[0]} ({best[3]})"

@@ -21,31 +21,27 @@ Prints steps/s per variant (median over rounds) and ratios against (a).
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import statistics
 import tempfile
 import time
 
 import torch
+import torch._dynamo
 import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
 import fxtrain as fx
-from common import SIZES, arguments, cross_entropy, make_mlp
-
-LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-2
+from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_batches, make_mlp
 
 
-def make_batches(sizes, batch, n=8):
-    g = torch.Generator().manual_seed(0)
-    return [(torch.randn(batch, sizes[0], generator=g), torch.randint(0, sizes[-1], (batch,), generator=g))
-            for _ in range(n)]
-
-
-def eager_variant(sizes, fused):
+def eager_variant(sizes, **options):
+    """nn.Module + torch.optim.AdamW; ``options`` pick its implementation (foreach, fused)."""
     model = make_mlp(sizes)
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD,
-                            **({"fused": True} if fused else {"foreach": True}))
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(B1, B2), eps=EPS, weight_decay=WD,
+                            **options)
 
     def step(batch):
         x, y = batch
@@ -102,7 +98,7 @@ def fxtrain_variant(sizes):
 
 
 VARIANTS = {
-    "a_eager_foreach": lambda s: eager_variant(s, fused=False),
+    "a_eager_foreach": lambda s: eager_variant(s, foreach=True),
     "b_eager_fused": lambda s: eager_variant(s, fused=True),
     "c_handwritten_compiled": handwritten_variant,
     "d_fxtrain_compiled": fxtrain_variant,
@@ -156,6 +152,7 @@ def loop_variants(sizes, batch):
 def logging_variant(holder, data):
     """fit with log_metrics + model_watch writing TensorBoard files to a temporary folder."""
     logdir = tempfile.mkdtemp(prefix="fxtrain-bench-")
+    atexit.register(shutil.rmtree, logdir, ignore_errors=True)
     writer = fx.logging.TensorBoardWriter(logdir)
     step = torch.compile(fx.make_train_step(cross_entropy, grad_stats=True), fullgraph=True)
     callbacks = [fx.callbacks.log_metrics(writer, every=50),
@@ -223,6 +220,8 @@ def main(argv=None):
     print(f"torch {torch.__version__}, fxtrain {fx.__version__}, threads {torch.get_num_threads()}")
     results = {}
     for size in args.sizes:
+        # as in a fresh process: otherwise the second size's steps recompile with dynamic shapes
+        torch._dynamo.reset()
         results[size] = measure(size, args.rounds, args.steps)
         if size == "tiny":  # the loop's cost matters where steps are short
             results[size].update(measure_loops(size, args.rounds, args.steps * 2))

@@ -1,0 +1,108 @@
+"""Smoke runs of benchmarks/ (tiny sizes, a few steps): every script works, every variant and
+every row of the report is there. The full runs are `benchmarks/run_all.py`, never run here."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def imported(script):
+    """``benchmarks/<script>.py`` as a module (the scripts import each other by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def files_under(folder: Path) -> dict[str, int]:
+    """Every file under ``folder`` but Python's bytecode caches, with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file() and "__pycache__" not in p.parts}
+
+
+@pytest.fixture(scope="module")
+def run_all(tmp_path_factory):
+    """``run_all.py --smoke --out <tmp>`` once for the tests below: (record, out folder)."""
+    out = tmp_path_factory.mktemp("bench")
+    before = files_under(BENCHMARKS)
+    record = imported("run_all").main(["--smoke", "--out", str(out)])
+    assert files_under(BENCHMARKS) == before, "run_all --smoke --out wrote into benchmarks/"
+    return record, out
+
+
+def results_of(record, name):
+    bench = record["benchmarks"][name]
+    assert "failed" not in bench, bench.get("failed")
+    return bench["results"]
+
+
+@pytest.mark.slow
+def test_peers_benchmark_smoke():
+    peers = imported("peers")
+    threads = torch.get_num_threads()
+    results = peers.main(["--smoke"])
+    assert torch.get_num_threads() == threads  # one_core() gives the thread count back
+    assert set(results) == {"tiny"}
+    assert set(results["tiny"]) == set(peers.VARIANTS)
+    assert all(m["steps_per_sec"] > 0 and m["cpu_use"] > 0 for m in results["tiny"].values())
+
+
+@pytest.mark.slow
+def test_step_overhead_benchmark_smoke(run_all):
+    results = results_of(run_all[0], "step_overhead")
+    assert set(results["tiny"]) == set(imported("step_overhead").VARIANTS) | {
+            "e_bare_loop", "f_fit", "g_fit_host_callbacks", "h_fit_logging"}
+    assert all(rate > 0 for rate in results["tiny"].values())
+
+
+@pytest.mark.slow
+def test_checkpoint_benchmark_smoke(run_all):
+    (times,) = results_of(run_all[0], "checkpoint").values()
+    assert times and all(t > 0 for t in times.values())
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_smoke(run_all):
+    results = results_of(run_all[0], "distributed")
+    assert set(results["tiny"]) == {"1", "2", "efficiency"}
+    assert all(v > 0 for v in results["tiny"].values())
+
+
+@pytest.mark.slow
+def test_run_all_writes_every_section_and_row(run_all):
+    record, out = run_all
+    assert set(record["benchmarks"]) == set(imported("run_all").BENCHMARKS)
+    text = (out / "RESULTS.md").read_text()
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "did not produce results" not in text
+    report = imported("report")
+    for section in ("fxtrain against its peers", "Step overhead", "Host loop and callbacks",
+                    "Logging callbacks", "Checkpoints", "Data parallel scaling"):
+        assert f"## {section}" in text
+    for label in report.PEERS.values():
+        assert f"| {label} |" in text
+    for row in ("| tiny MLP 64-64-10 (batch 32) | 1.00x", "| (e) bare Python loop",
+                "| (g) `fx.fit`", "| 1 MB |", "| tiny MLP 64-64-10 (batch per rank 32) |"):
+        assert row in text
+    for target in ("2.5x a plain eager loop", ">= 3x Lightning", "ahead of Ignite",
+                   "JAX + optax against fxtrain", "(g) at most 5%", "at most 5% over (f)",
+                   "fx_async_blocking at 1 MB"):
+        assert target in text
+    assert "torch " in text and "pytorch-lightning " in text and "jax " in text
+    assert "](results.png)" in text
+
+
+@pytest.mark.slow
+def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
+    record, out = run_all
+    (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
+    imported("run_all").main(["--report-only", "--out", str(tmp_path)])
+    assert (tmp_path / "RESULTS.md").read_text() == (out / "RESULTS.md").read_text()
+    assert (tmp_path / "results.png").exists()
