@@ -167,15 +167,20 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
              f"metrics       {workdir / 'metrics.jsonl'}"]
     curve = figures.loss_curve(workdir / "metrics.jsonl", workdir / "loss_curve.png",
                                f"fxtrain demo --model {config.model}")
-    steps, best = manager.all_steps(), manager.best_step()
+    steps, best_saved = manager.all_steps(), manager.best_step()
     lines += [f"checkpoints   {manager.directory}: steps {steps}"
-              + (f", best {task.best_metric} at step {best}" if best is not None else ""),
+              + (f", best {task.best_metric} at step {best_saved}" if best_saved is not None
+                 else ""),
               f"              (fxtrain inspect {manager.directory})",
               f"loss curve    {curve}", *task.final(state, workdir)]
     print(f"\noutputs in {workdir}:", *("  " + line for line in lines), sep="\n")
     numbers = {k: float(v) for k, v in final.items() if v.numel() == 1}
     shown = "  ".join(f"{k} {v:.4f}" for k, v in numbers.items())
-    print(f"\nfinal held-out metrics (step {int(state.step)}): {shown}")
+    stopping = (state.callbacks or {}).get("early_stopping")
+    best = -1 if stopping is None else int(stopping.best_step)
+    restored = (f", parameters of step {best}: early stopping's best"
+                if 0 <= best != int(state.step) else "")
+    print(f"\nfinal held-out metrics (step {int(state.step)}{restored}): {shown}")
     if task.target is not None and config.steps >= task.steps:
         met = numbers[task.headline] >= task.target
         print(f"target: {task.headline} >= {task.target}: {'met' if met else 'NOT MET'}")

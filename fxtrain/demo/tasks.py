@@ -172,7 +172,7 @@ def _charlm_task(seed: int) -> Task:
             samples = [p + generate(state, p) for p in PROMPTS]
         path = workdir / "samples.txt"
         path.write_text("\n\n---\n\n".join(samples) + "\n", encoding="utf-8")
-        return [f"{'samples':<13} {path}", "", "sample:", samples[0]]
+        return [f"{'samples':<13} {path}", f"{'a sample':<13} {' '.join(samples[0].split())}"]
 
     return Task(
         name="charlm", model=model, train=train, test=test,
