@@ -144,11 +144,6 @@ def _charlm_task(seed: int) -> Task:
     test = data.char_windows(ids[cut:], model.context)
     pad = codec.index[" "]
 
-    def loss_fn(state, params, batch):
-        x, y = batch
-        logits = state.apply(params, x)
-        return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
-
     def eval_fn(state, batch):
         x, y = batch
         logits = state.apply(state.params, x)
@@ -179,7 +174,7 @@ def _charlm_task(seed: int) -> Task:
         description=(f"a character-level language model of the standard library's docstrings "
                      f"({len(train[1]):,} train, {len(test[1]):,} held-out characters, "
                      f"{len(codec)} symbols)"),
-        loss_fn=loss_fn, eval_fn=eval_fn,
+        loss_fn=_classify, eval_fn=eval_fn,  # the next character is a class
         media=lambda writer, every: text_samples(writer, generate, PROMPTS, every),
         final=final, steps=2000, batch_size=128, lr=2e-3,
         best_metric="loss", best_mode="min", headline="bits_per_char")
