@@ -52,7 +52,12 @@ def _remake(factory, *args):
     return factory(*args)
 
 
-copyreg.pickle(_Made, lambda cls: (_remake, cls._recipe))
+def _reduce_made(cls: type):
+    """The factory call for a factory-made class; a user's subclass of one pickles by name."""
+    return (_remake, cls._recipe) if "_recipe" in vars(cls) else cls.__qualname__
+
+
+copyreg.pickle(_Made, _reduce_made)
 
 
 class Metric:
@@ -298,9 +303,10 @@ class ConfusionMatrix(Metric):
             raise TypeError(f"ConfusionMatrix: labels must be integer class ids, got {labels.dtype}")
         keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else _masked(
             labels, mask)[1].reshape(labels.shape)
+        # float matmul (CUDA has no int64 one), exact: a batch's counts stay far below 2**24
         true = torch.nn.functional.one_hot(labels.reshape(-1), n) * keep.reshape(-1, 1)
         pred = torch.nn.functional.one_hot(logits.argmax(-1).reshape(-1), n)
-        return cls(true.T @ pred)
+        return cls((true.T.float() @ pred.float()).round().long())
 
     def merge(self, other):
         self._check_same_type(other)

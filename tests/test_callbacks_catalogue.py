@@ -59,11 +59,12 @@ def test_restore_best_puts_back_the_best_params_bit_exactly():
         snapshots[i] = {k: v.clone() for k, v in state.params.items()}
         state, control = fold([cb], state, fx.Event("eval_end", i, 0, {"loss": loss}))
     assert bool(control.stop)
-    for k, v in state.params.items():
-        assert torch.equal(v, snapshots[2][k])  # the params of the best evaluation
+    for k, v in state.params.items():  # the stop keeps the evaluated params (fit saves them,
+        assert torch.equal(v, snapshots[3][k])  # with that evaluation's metrics)...
     moved = state.replace(params={k: v * 7 for k, v in state.params.items()})
     end, _ = fold([cb], moved, fx.Event("train_end", 4, 0, {"reason": "max_steps"}))
-    assert all(torch.equal(end.params[k], snapshots[2][k]) for k in end.params)
+    assert all(torch.equal(end.params[k], snapshots[2][k]) for k in end.params)  # ...train_end
+    # puts back the params of the best evaluation
 
 
 def test_a_stopped_early_stopping_stops_again_at_train_begin():

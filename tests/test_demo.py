@@ -104,10 +104,23 @@ def test_demo_refuses_a_workdir_with_a_run_and_changes_nothing(tmp_path, capsys)
     assert listing(tmp_path) == before
 
 
+def test_demo_refuses_a_workdir_with_logs_but_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text("")  # a run killed before its first checkpoint
+    status, _, err = demo(capsys, tmp_path, "--steps", "20", *QUICK)
+    assert status == 2 and "logs of an earlier run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
+    status, out, _ = demo(capsys, tmp_path, "--steps", "1", "--resume", *QUICK)
+    assert status == 0 and "starting at step 0" in out and "(step 1" in out
+
+
 def test_demo_rejects_bad_flags(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
     status, _, err = demo(capsys, tmp_path / "w", "--steps", "0", *QUICK)
     assert status == 2 and "--steps must be >= 1" in err
-    (tmp_path / "file").write_text("x")
+    status, _, err = demo(capsys, tmp_path / "w", "--batch-size", "5000", *QUICK)
+    assert status == 2 and "larger than the 1438 training examples" in err
+    status, _, err = demo(capsys, tmp_path / "file" / "sub", "--steps", "5", *QUICK)
+    assert status == 2 and "cannot create --workdir" in err
     status, _, err = demo(capsys, tmp_path / "file", "--steps", "5", *QUICK)
     assert status == 2 and "is a file" in err
     assert not (tmp_path / "w").exists()

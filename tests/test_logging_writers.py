@@ -168,3 +168,17 @@ def test_multi_and_async_writers():
     with pytest.raises(RuntimeError, match="writing with Recorder failed: disk gone"):
         bad.flush()
     bad.close()
+
+
+def test_jsonl_writer_reopened_after_a_torn_line_cuts_it_and_appends_cleanly(tmp_path):
+    path = tmp_path / "m.jsonl"
+    w = fx.logging.JsonlWriter(path)
+    w.write_scalars(1, {"loss": 1.0})
+    w.close()
+    with open(path, "a") as f:
+        f.write('{"step": 2, "time": 1, "ki')  # a process killed mid-write
+    with pytest.warns(UserWarning, match="incomplete line"):
+        w = fx.logging.JsonlWriter(path)
+    w.write_scalars(2, {"loss": 0.5})
+    w.close()
+    assert [e["step"] for e in fx.logging.read_jsonl(path)] == [1, 2]

@@ -378,3 +378,17 @@ def test_metric_values_of_factory_made_classes_pickle_as_the_same_class():
     back = pickle.loads(pickle.dumps(value))
     assert type(back) is Metrics and type(back.loss) is Loss and type(back.confusion) is Confusion
     assert_same(back.merge(value), value.merge(value), exact=True)
+
+
+class SummedLoss(M.Average.from_output("loss")):
+    """A user's subclass of a factory-made metric (clu's pattern): pickles as itself."""
+
+    def compute(self):
+        return self.total
+
+
+def test_a_subclass_of_a_factory_made_metric_pickles_as_the_subclass():
+    import pickle
+    value = SummedLoss.from_model_output(loss=torch.tensor([1.0, 3.0]))
+    back = pickle.loads(pickle.dumps(value))
+    assert type(back) is SummedLoss and float(back.compute()) == 4.0

@@ -60,14 +60,15 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
       patience: how many events in a row without improvement stop training.
       min_delta: the smallest change that counts as an improvement.
       mode: "min" (lower is better) or "max".
-      restore_best: keep the best parameters in the callback state and put them back when it
-        stops and at train end (costs one copy of the parameters).
+      restore_best: keep the best parameters in the callback state and put them back at train
+        end (costs one copy of the parameters). Not at the stop itself: ``fit`` saves the state
+        it stopped in, with the metrics of that state's evaluation, and resumes from it.
       event: the event kind it watches: "eval_end" (on the host, in ``fit``) or "step_end"
         (a step metric, also inside a compiled step).
       name: the key of its state in ``state.callbacks``.
 
-    Once stopped it keeps asking to stop, at train_begin too (a run resumed from a checkpoint
-    saved after the stop ends at once), and inside a step it also asks to skip further
+    Once stopped it keeps asking to stop, on the host at train_begin too (a run resumed from a
+    checkpoint saved after the stop ends at once), and inside a step it also asks to skip further
     updates, so the parameters stay where it stopped until the loop reads the flag.
 
     Example::
@@ -104,8 +105,6 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
             best_step=torch.where(better, step, es.best_step),
             best_params=None if es.best_params is None else {
                 k: torch.where(better, state.params[k], v) for k, v in es.best_params.items()})
-        if restore_best:
-            state = restore(state, stop_now, new)
         state = state.replace(callbacks={**state.callbacks, name: new})
         skip = es.stopped if ev.kind == "step_end" else False
         return state, Control(stop=new.stopped, skip=skip)

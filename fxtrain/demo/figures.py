@@ -80,13 +80,15 @@ def loss_curve(jsonl: str | Path, png: str | Path, title: str,
     """Plots ``keys`` from the run's JSONL log against the step and saves a PNG at ``png``."""
     fig = _figure(6.0, 3.6)
     ax = fig.add_subplot()
-    for key, (steps, values) in read_curves(jsonl, keys).items():
-        if steps:
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3,
-                    label=key)
-    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log")
+    curves = {k: v for k, v in read_curves(jsonl, keys).items() if v[0]}
+    for key, (steps, values) in curves.items():
+        ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+    ax.set(xlabel="step", ylabel="loss", title=title, yscale="log" if curves else "linear")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if curves:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "nothing logged yet", ha="center", va="center", transform=ax.transAxes)
     png = Path(png)
     tmp = png.with_name(png.name + ".tmp.png")
     fig.savefig(tmp)

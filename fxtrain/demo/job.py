@@ -8,6 +8,7 @@ exactly with ``--resume``, and ends with where everything went and the final met
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -30,8 +31,10 @@ from .tasks import MODELS, Task, make_task
 
 __all__ = ["DemoConfig", "DemoError", "run_demo"]
 
-# flags that define the run: a resume must use the same ones (the others are free to change)
-RUN_FLAGS = ("model", "steps", "seed", "batch_size", "lr")
+# flags that decide the trained state: a resume must use the same ones (the others, how often
+# it logs, checkpoints, monitors or draws, are free to change)
+RUN_FLAGS = ("model", "steps", "seed", "batch_size", "lr", "eval_every",
+             "early_stopping_patience", "early_stopping_min_delta")
 
 
 class DemoError(Exception):
@@ -65,7 +68,7 @@ class DemoConfig:
         return dataclasses.replace(
             self, steps=self.steps or task.steps, batch_size=self.batch_size or task.batch_size,
             lr=self.lr if self.lr is not None else task.lr,
-            workdir=self.workdir or f"runs/demo-{self.model}")
+            workdir=f"runs/demo-{self.model}" if self.workdir is None else self.workdir)
 
 
 def _check(config: DemoConfig) -> None:
@@ -82,6 +85,16 @@ def _check(config: DemoConfig) -> None:
             raise DemoError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(config, name)}")
     if config.lr is not None and not config.lr > 0:
         raise DemoError(f"--lr must be > 0, got {config.lr}")
+    if config.workdir is not None and not config.workdir.strip():
+        raise DemoError("--workdir is empty")
+
+
+def _check_task(config: DemoConfig, task: Task) -> None:
+    """The checks that need the data: a batch must fit in the training set."""
+    examples = len(task.train[1])
+    if config.batch_size * distributed.world_size() > examples:
+        raise DemoError(f"--batch-size {config.batch_size} (x {distributed.world_size()} "
+                        f"processes) is larger than the {examples} training examples")
 
 
 def _manager(config: DemoConfig, task: Task) -> CheckpointManager:
@@ -90,18 +103,26 @@ def _manager(config: DemoConfig, task: Task) -> CheckpointManager:
     if workdir.exists() and not workdir.is_dir():
         raise DemoError(f"--workdir {workdir} is a file, not a directory")
     run = {k: getattr(config, k) for k in RUN_FLAGS}
+    logs = [name for name in ("metrics.jsonl", "tensorboard") if (workdir / name).exists()]
     manager = CheckpointManager(workdir / "checkpoints", keep_latest=2, keep_best=config.keep_best,
                                 best_metric=task.best_metric, best_mode=task.best_mode,
                                 metadata={"demo": run})
     latest = manager.latest_step() if manager.directory.is_dir() else None
     if latest is None:
+        if logs and not config.resume:
+            raise DemoError(f"{workdir} holds the logs of an earlier run ({', '.join(logs)}) but "
+                            "no checkpoint; --resume starts it again from step 0 and appends to "
+                            "its logs, or give another --workdir. Nothing was changed.")
         if config.resume:
             _say(f"--resume: no checkpoint in {manager.directory} yet; starting at step 0")
         return manager
     if not config.resume:
         raise DemoError(f"{workdir} already holds a run (checkpoints up to step {latest}); "
                         "--resume continues it, or give another --workdir. Nothing was changed.")
-    saved = manager.info(latest).get("metadata", {}).get("demo", {})
+    saved = manager.info(latest).get("metadata", {}).get("demo")
+    if saved is None:
+        raise DemoError(f"--resume: the checkpoints in {manager.directory} were not written by "
+                        "fxtrain demo; give another --workdir. Nothing was changed.")
     differ = [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {run[k]!r})"
               for k in RUN_FLAGS if saved.get(k) != run[k]]
     if differ:
@@ -138,8 +159,8 @@ def _callbacks(config: DemoConfig, task: Task, writer: Any, clock: dict) -> list
         *([cb.progress_bar(["loss", "accuracy"])] if config.progress else []),
         cb.early_stopping("loss", patience=config.early_stopping_patience,
                           min_delta=config.early_stopping_min_delta, restore_best=True),
-        cb.checkpoint(every=config.checkpoint_every, monitor=task.best_metric,
-                      mode=task.best_mode),
+        cb.checkpoint(every=config.checkpoint_every, mode=task.best_mode,
+                      monitor=task.best_metric if config.keep_best else None),
         cb.grad_monitor(config.grad_monitor_every, writer=writer),
         cb.lr_monitor(config.log_every, writer=writer),
         cb.throughput(config.log_every, writer=writer),
@@ -152,8 +173,9 @@ def _callbacks(config: DemoConfig, task: Task, writer: Any, clock: dict) -> list
 
 
 def _optimizer(config: DemoConfig):
+    warmup = min(max(1, config.steps // 20), config.steps - 1)  # 0 for a one-step run
     schedule = optim.warmup_cosine_decay_schedule(
-        0.0, config.lr, warmup_steps=max(1, config.steps // 20), decay_steps=config.steps,
+        0.0, config.lr, warmup_steps=warmup, decay_steps=config.steps,
         end_value=config.lr * 0.01)
     return optim.chain(optim.clip_by_global_norm(1.0),
                        optim.adamw(schedule, weight_decay=1e-4))
@@ -169,8 +191,8 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
                                f"fxtrain demo --model {config.model}")
     steps, best_saved = manager.all_steps(), manager.best_step()
     lines += [f"checkpoints   {manager.directory}: steps {steps}"
-              + (f", best {task.best_metric} at step {best_saved}" if best_saved is not None
-                 else ""),
+              + (f", best {task.best_metric} at step {best_saved}"
+                 if config.keep_best and best_saved is not None else ""),
               f"              (fxtrain inspect {manager.directory})",
               f"loss curve    {curve}", *task.final(state, workdir)]
     print(f"\noutputs in {workdir}:", *("  " + line for line in lines), sep="\n")
@@ -192,7 +214,8 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
               "evaluation and checkpoint")
     else:
         print(f"time: {wall:.1f} s in all (no new steps)")
-    print(f"state digest: {tree_digest(state)}")
+    print(f"state digest: {tree_digest(state)} (the final state fit returned; `fxtrain inspect "
+          "--digest` shows a checkpoint's)")
 
 
 def run_demo(config: DemoConfig) -> int:
@@ -201,9 +224,13 @@ def run_demo(config: DemoConfig) -> int:
     _check(config)
     task = make_task(config.model, config.seed)
     config = config.resolved(task)
+    _check_task(config, task)
     manager = _manager(config, task)
     workdir = Path(config.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DemoError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
     _say(f"fxtrain demo: {task.description}; {config.steps} steps of {config.batch_size}"
          + (f" per process on {distributed.world_size()}" if distributed.world_size() > 1 else ""))
 
@@ -215,7 +242,9 @@ def run_demo(config: DemoConfig) -> int:
         train_step = torch.compile(train_step, fullgraph=True)
         eval_step = torch.compile(eval_step, fullgraph=True)
     data = Batches(task.train, config.batch_size, seed=config.seed)
-    eval_data = [task.test]  # one batch: the held-out set is small
+    # one batch of the whole held-out set (it is small); under torchrun each rank takes its share
+    share = -(-len(task.test[1]) // distributed.world_size())
+    eval_data = Batches(task.test, share, shuffle=False, drop_last=False)
     writer, clock = _writer(workdir), {}
     try:
         state = fit(state, train_step, data, max_steps=config.steps, eval_step=eval_step,
@@ -236,7 +265,7 @@ def run_demo(config: DemoConfig) -> int:
 def _flags(config: DemoConfig) -> str:
     """The command-line flags that repeat ``config`` (for the resume hint)."""
     defaults = DemoConfig()
-    out = [f"--workdir {config.workdir}"]
+    out = [f"--workdir {shlex.quote(config.workdir)}"]
     for field in dataclasses.fields(DemoConfig):
         name, value = field.name, getattr(config, field.name)
         if name in ("workdir", "resume") or value == getattr(defaults, name):

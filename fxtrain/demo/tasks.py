@@ -30,7 +30,6 @@ MODELS = ("mlp", "cnn", "charlm")
 class Task:
     """Everything the demo needs to know about one model and its data."""
 
-    name: str
     description: str
     model: nn.Module
     train: tuple[torch.Tensor, torch.Tensor]
@@ -105,7 +104,7 @@ def _digits_task(name: str, seed: int) -> Task:
 
     model = _mlp() if name == "mlp" else _cnn()
     return Task(
-        name=name, model=model, train=train, test=test,
+        model=model, train=train, test=test,
         description=(f"{'an MLP' if name == 'mlp' else 'a CNN'} on scikit-learn's 8x8 handwritten "
                      f"digits ({len(train[1])} train, {len(test[1])} held out)"),
         loss_fn=_classify, eval_fn=_classify_eval,
@@ -135,6 +134,7 @@ PROMPTS = ("Return the ", "The ", "If the ")
 
 
 def _charlm_task(seed: int) -> Task:
+    del seed  # the corpus and its split are fixed; the seed initialises the model (make_task)
     text = data.stdlib_text()
     codec = data.CharCodec(text)
     ids = codec.encode(text)
@@ -170,7 +170,7 @@ def _charlm_task(seed: int) -> Task:
         return [f"{'samples':<13} {path}", f"{'a sample':<13} {' '.join(samples[0].split())}"]
 
     return Task(
-        name="charlm", model=model, train=train, test=test,
+        model=model, train=train, test=test,
         description=(f"a character-level language model of the standard library's docstrings "
                      f"({len(train[1]):,} train, {len(test[1]):,} held-out characters, "
                      f"{len(codec)} symbols)"),

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,22 @@ def _binned(h: Histogram) -> dict[str, Any]:
     return {"edges": [_json_number(x) for x in h.edges.tolist()], "counts": h.counts.tolist()}
 
 
+def _drop_torn_line(path: Path) -> None:
+    """Cuts an incomplete last line (a process killed mid-write) off an existing log, so that
+    appending starts on a line of its own."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        keep = f.read().rfind(b"\n") + 1
+        f.truncate(keep)
+    warnings.warn(f"JsonlWriter: {path} ended in an incomplete line (a writer killed "
+                  "mid-write); it was cut off before appending", stacklevel=3)
+
+
 class JsonlWriter:
     """Appends events to ``path`` (parent directories are created).
 
@@ -51,6 +68,7 @@ class JsonlWriter:
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _drop_torn_line(self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         except OSError as e:
             raise OSError(f"JsonlWriter: cannot open {self.path} for appending: {e}") from e
