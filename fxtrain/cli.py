@@ -24,27 +24,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", choices=MODELS, default="mlp",
                       help="mlp or cnn: classify digits; charlm: a character language model")
     demo.add_argument("--workdir", help="where everything goes (default runs/demo-<model>)")
-    demo.add_argument("--steps", type=int, help="training steps (default: the model's own)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--steps", type=int,
+                      help="training steps (default: mlp 1500, cnn 1000, charlm 2000)")
+    demo.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
     demo.add_argument("--resume", action="store_true",
                       help="continue from the latest checkpoint in --workdir")
-    demo.add_argument("--batch-size", type=int, help="examples per step (per process)")
-    demo.add_argument("--lr", type=float, help="peak learning rate of the warmup-cosine schedule")
-    demo.add_argument("--eval-every", type=int, default=100, help="steps between evaluations")
+    demo.add_argument("--batch-size", type=int,
+                      help="examples per step, per process (default: 64, charlm 128)")
+    demo.add_argument("--lr", type=float, help="peak learning rate of the warmup-cosine "
+                      "schedule (default: 3e-3, charlm 2e-3)")
+    demo.add_argument("--eval-every", type=int, default=100,
+                      help="steps between evaluations (default %(default)s)")
     demo.add_argument("--log-every", type=int, default=25,
-                      help="steps per logged interval (metrics, learning rate, throughput)")
+                      help="steps per logged interval of metrics, learning rate and "
+                      "throughput (default %(default)s)")
     demo.add_argument("--checkpoint-every", type=int, default=250,
-                      help="steps between periodic checkpoints")
+                      help="steps between periodic checkpoints (default %(default)s)")
     demo.add_argument("--keep-best", type=int, default=2,
-                      help="best checkpoints kept besides the latest two")
+                      help="best checkpoints kept besides the latest two (default %(default)s)")
     demo.add_argument("--early-stopping-patience", type=int, default=5,
-                      help="evaluations without a lower loss before stopping")
+                      help="evaluations without a lower loss before stopping (default %(default)s)")
     demo.add_argument("--early-stopping-min-delta", type=float, default=0.0,
-                      help="the smallest decrease of the loss that counts")
+                      help="the smallest decrease of the loss that counts (default %(default)s)")
     demo.add_argument("--grad-monitor-every", type=int, default=100,
-                      help="steps between gradient-norm readings")
+                      help="steps between gradient-norm readings (default %(default)s)")
     demo.add_argument("--media-every", type=int, default=500,
-                      help="steps between prediction figures or text samples")
+                      help="steps between prediction figures or text samples (default %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
     inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")

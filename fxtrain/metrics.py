@@ -300,7 +300,8 @@ class ConfusionMatrix(Metric):
             raise ValueError(f"ConfusionMatrix({n}): logits {tuple(logits.shape)} must be labels' "
                              f"shape {tuple(labels.shape)} plus a class dimension of {n}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"ConfusionMatrix: labels must be integer class ids, got {labels.dtype}")
+            raise TypeError(f"ConfusionMatrix: labels must be integer class ids, got "
+                            f"{labels.dtype}")
         keep = torch.ones_like(labels, dtype=torch.bool) if mask is None else _masked(
             labels, mask)[1].reshape(labels.shape)
         # float matmul (CUDA has no int64 one), exact: a batch's counts stay far below 2**24
