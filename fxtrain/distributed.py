@@ -6,6 +6,7 @@ rank 0 of 1, no communication. ``init()`` sets up the group from torchrun's envi
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from collections.abc import Sequence
@@ -40,7 +41,7 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
     ``backend`` defaults to nccl with CUDA and gloo otherwise; with CUDA each process takes the
     GPU of its ``LOCAL_RANK``. A collective that waits longer than ``timeout`` (a rank died or
     hangs) raises instead of blocking for ever. Without torchrun's variables (or with one
-    process) nothing is initialized.
+    process) nothing is initialized. The group is left at exit if the program has not left it.
     """
     if initialized():
         return world_size() > 1
@@ -50,7 +51,16 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     torch.distributed.init_process_group(backend or ("nccl" if cuda else "gloo"), timeout=timeout)
+    atexit.register(_leave)
     return True
+
+
+def _leave() -> None:
+    """At exit, leaves the group ``init`` joined, unless the program did: a process group left
+    to the interpreter's teardown can abort the process (gloo: "terminate called without an
+    active exception") after a run that succeeded."""
+    if initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _device() -> torch.device:

@@ -92,7 +92,12 @@ def failing(out):
            sync_every=2, callbacks=[boom])
 
 
-SCENARIOS = {"train": train, "early_stop": early_stop, "host_stop": host_stop,
+def exits(out):
+    """Returns without leaving the group (the __main__ block checks fxtrain leaves it)."""
+    del out
+
+
+SCENARIOS = {"exits": exits, "train": train, "early_stop": early_stop, "host_stop": host_stop,
              "resumable": resumable, "failing": failing}
 
 
@@ -109,6 +114,9 @@ def spawned(rank, world, port, name, args, kwargs):
 
 
 if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ... dist_worker.py
+    import atexit
+    atexit.register(lambda: print(f"after fxtrain's exit handler: group left = "
+                                  f"{not torch.distributed.is_initialized()}", flush=True))
     torch.set_num_threads(1)
     fx.distributed.init()
     name, *rest = sys.argv[1:]

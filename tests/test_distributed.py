@@ -132,6 +132,16 @@ def torchrun(*args, timeout=300, **popen):
 
 
 @pytest.mark.slow
+def test_the_group_init_joined_is_left_at_exit(tmp_path):
+    """A program that never calls destroy_process_group still leaves the group before the
+    interpreter tears down (gloo's threads outliving it can abort a finished run)."""
+    job = torchrun("exits", str(tmp_path))
+    out, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, out[-3000:]
+    assert out.count("after fxtrain's exit handler: group left = True") == 2, out[-3000:]
+
+
+@pytest.mark.slow
 def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
     whole = torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))
     out, _ = whole.communicate(timeout=300)
