@@ -5,11 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from .demo.tasks import MODELS
+from .callbacks.report import format_scalars
+from .demo.job import DemoConfig
+from .demo.job import main as demo_main
+from .demo.tasks import DEFAULTS, MODELS
 
 __all__ = ["main"]
+
+# the demo's numeric flags: a DemoConfig field each, with what it sets
+_KNOBS = {
+    "eval_every": "steps between evaluations",
+    "log_every": "steps per logged interval of metrics, learning rate and throughput",
+    "checkpoint_every": "steps between periodic checkpoints",
+    "keep_best": "best checkpoints kept besides the latest two",
+    "early_stopping_patience": "evaluations without a lower loss before stopping",
+    "early_stopping_min_delta": "the smallest decrease of the loss that counts",
+    "grad_monitor_every": "steps between gradient-norm readings",
+    "media_every": "steps between prediction figures or text samples",
+}
+
+
+def _per_model(flag: str) -> str:
+    return ", ".join(f"{model} {values[flag]:g}" for model, values in DEFAULTS.items())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,35 +38,22 @@ def _parser() -> argparse.ArgumentParser:
                     "(scikit-learn's digits, Python's own docstrings) with the compiled "
                     "functional step and the standard callbacks; writes TensorBoard and JSONL "
                     "logs, checkpoints, figures and a loss curve under --workdir.")
-    demo.add_argument("--model", choices=MODELS, default="mlp",
+    demo.add_argument("--model", choices=MODELS, default=DemoConfig.model,
                       help="mlp or cnn: classify digits; charlm: a character language model")
     demo.add_argument("--workdir", help="where everything goes (default runs/demo-<model>)")
-    demo.add_argument("--steps", type=int,
-                      help="training steps (default: mlp 1500, cnn 1000, charlm 2000)")
-    demo.add_argument("--seed", type=int, default=0, help="(default %(default)s)")
+    demo.add_argument("--steps", type=int, help=f"training steps (default: {_per_model('steps')})")
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed, help="(default %(default)s)")
     demo.add_argument("--resume", action="store_true",
                       help="continue from the latest checkpoint in --workdir")
     demo.add_argument("--batch-size", type=int,
-                      help="examples per step, per process (default: 64, charlm 128)")
+                      help=f"examples per step, per process (default: {_per_model('batch_size')})")
     demo.add_argument("--lr", type=float, help="peak learning rate of the warmup-cosine "
-                      "schedule (default: 3e-3, charlm 2e-3)")
-    demo.add_argument("--eval-every", type=int, default=100,
-                      help="steps between evaluations (default %(default)s)")
-    demo.add_argument("--log-every", type=int, default=25,
-                      help="steps per logged interval of metrics, learning rate and "
-                      "throughput (default %(default)s)")
-    demo.add_argument("--checkpoint-every", type=int, default=250,
-                      help="steps between periodic checkpoints (default %(default)s)")
-    demo.add_argument("--keep-best", type=int, default=2,
-                      help="best checkpoints kept besides the latest two (default %(default)s)")
-    demo.add_argument("--early-stopping-patience", type=int, default=5,
-                      help="evaluations without a lower loss before stopping (default %(default)s)")
-    demo.add_argument("--early-stopping-min-delta", type=float, default=0.0,
-                      help="the smallest decrease of the loss that counts (default %(default)s)")
-    demo.add_argument("--grad-monitor-every", type=int, default=100,
-                      help="steps between gradient-norm readings (default %(default)s)")
-    demo.add_argument("--media-every", type=int, default=500,
-                      help="steps between prediction figures or text samples (default %(default)s)")
+                      f"schedule (default: {_per_model('lr')})")
+    defaults = DemoConfig()
+    for name, help in _KNOBS.items():  # each with DemoConfig's default
+        value = getattr(defaults, name)
+        demo.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
+                          help=f"{help} (default {value})")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
     inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")
@@ -76,7 +80,7 @@ def _inspect(directory: str, step: int | None, digest: bool) -> int:
     for column in ("step", "metrics", "size", "saved"):
         table.add_column(column, justify="right" if column in ("step", "size") else "left")
     for r in rows:
-        metrics = ", ".join(f"{k}={v:.4g}" for k, v in sorted(r["metrics"].items()))
+        metrics = format_scalars(dict(sorted(r["metrics"].items())), sep=", ")
         table.add_row(str(r["step"]), metrics or "-", ins.format_size(r["size"]),
                       ins.format_age(r["time"]))
     console.print(table)
@@ -103,21 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
         from . import distributed
-        from .demo.job import DemoConfig, main as demo_main
-        distributed.init()  # under torchrun: join the job (data parallel); else nothing
-        try:
-            return demo_main(DemoConfig(
-                model=args.model, workdir=args.workdir, steps=args.steps, seed=args.seed,
-                resume=args.resume, batch_size=args.batch_size, lr=args.lr,
-                eval_every=args.eval_every, log_every=args.log_every,
-                checkpoint_every=args.checkpoint_every, keep_best=args.keep_best,
-                early_stopping_patience=args.early_stopping_patience,
-                early_stopping_min_delta=args.early_stopping_min_delta,
-                grad_monitor_every=args.grad_monitor_every, media_every=args.media_every,
-                progress=not args.no_progress, compile=not args.no_compile))
-        finally:
-            if distributed.initialized():
-                torch.distributed.destroy_process_group()
+        distributed.init()  # under torchrun: join the job (and leave it at exit); else nothing
+        given = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__}
+        return demo_main(DemoConfig(**given, progress=not args.no_progress,
+                                    compile=not args.no_compile))
     if args.command == "inspect":
         return _inspect(args.directory, args.step, args.digest)
     return 2

@@ -18,6 +18,7 @@ import torch
 
 from .. import callbacks as cb
 from .. import distributed, optim
+from ..callbacks.report import read_floats
 from ..checkpoint import CheckpointManager
 from ..evaluation import evaluate
 from ..data import Batches
@@ -107,7 +108,7 @@ def _manager(config: DemoConfig, task: Task) -> CheckpointManager:
     manager = CheckpointManager(workdir / "checkpoints", keep_latest=2, keep_best=config.keep_best,
                                 best_metric=task.best_metric, best_mode=task.best_mode,
                                 metadata={"demo": run})
-    latest = manager.latest_step() if manager.directory.is_dir() else None
+    latest = manager.latest_step()
     if latest is None:
         if logs and not config.resume:
             raise DemoError(f"{workdir} holds the logs of an earlier run ({', '.join(logs)}) but "
@@ -194,9 +195,9 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
               + (f", best {task.best_metric} at step {best_saved}"
                  if config.keep_best and best_saved is not None else ""),
               f"              (fxtrain inspect {manager.directory})",
-              f"loss curve    {curve}", *task.final(state, workdir)]
+              f"loss curve    {curve}", *task.final(state, final, workdir)]
     print(f"\noutputs in {workdir}:", *("  " + line for line in lines), sep="\n")
-    numbers = {k: float(v) for k, v in final.items() if v.numel() == 1}
+    numbers = read_floats({k: v for k, v in final.items() if v.numel() == 1})  # one sync
     shown = "  ".join(f"{k} {v:.4f}" for k, v in numbers.items())
     stopping = (state.callbacks or {}).get("early_stopping")
     best = -1 if stopping is None else int(stopping.best_step)
