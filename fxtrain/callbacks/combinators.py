@@ -18,10 +18,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from .. import distributed
+from ..optim.base import tree_select
 from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
-__all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
-           "select_tree"]
+__all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback"]
 
 
 def as_callback(cb: Callable) -> Callback:
@@ -34,20 +34,10 @@ def as_callback(cb: Callable) -> Callback:
     return Callback(name=name_of(cb), init=None, fn=cb)
 
 
-def select_tree(cond: torch.Tensor, new: Any, old: Any, who: str) -> Any:
-    """``new`` where ``cond`` else ``old``, leaf by leaf; untouched leaves are kept as they are."""
-    new_leaves, new_spec = pytree.tree_flatten(new)
-    old_leaves, old_spec = pytree.tree_flatten(old)
-    if new_spec != old_spec:
+def _check_structure(new: Any, old: Any, who: str) -> None:
+    if pytree.tree_structure(new) != pytree.tree_structure(old):
         raise ValueError(f"callback {who} changed the structure of the state; under a periodic "
                          "combinator inside a step it must keep it")
-    out = []
-    for a, b in zip(new_leaves, old_leaves):
-        if a is b or not isinstance(a, torch.Tensor):
-            out.append(a)
-        else:
-            out.append(torch.where(cond, a, b))
-    return pytree.tree_unflatten(out, new_spec)
 
 
 def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
@@ -59,7 +49,8 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
         now = due(event)
         if isinstance(now, torch.Tensor):  # inside a step: run it, keep its result where due
             new, control = fold((inner,), state, event)
-            return select_tree(now, new, state, name_of(inner)), Control(
+            _check_structure(new, state, name_of(inner))
+            return tree_select(now, new, state), Control(
                 *(f & now if isinstance(f, torch.Tensor) or f else False for f in flags(control)))
         return fold((inner,), state, event) if now else (state, NOTHING)
 

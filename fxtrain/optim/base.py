@@ -55,8 +55,9 @@ def tree_zeros_like(tree: Any) -> Any:
 
 
 def tree_select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
-    """Leafwise ``torch.where(pred, a, b)``: a branch-free choice between two trees."""
-    return tree_map(lambda a, b: torch.where(pred, a, b), on_true, on_false)
+    """Leafwise ``torch.where(pred, a, b)``: a branch-free choice between two trees (a leaf
+    that is the same tensor in both is kept as it is)."""
+    return tree_map(lambda a, b: a if a is b else torch.where(pred, a, b), on_true, on_false)
 
 
 def first_leaf(tree: Any) -> torch.Tensor:
