@@ -266,14 +266,17 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
         del state
         return copy.deepcopy(initial)
 
+    last = [None]  # the value this callback last left in a state: no need to compare it
+
     def fn(state, event):
         saved = callback_state(state, name)
-        if saved != session.export():  # a restored (or different) run: take its values
+        if saved is not last[0] and saved != session.export():  # a restored or different run
             session.restore(saved)
         control = _dispatch(session, state, event, log_every)
         new = session.export()
         if new != saved:
             state = state.replace(callbacks={**state.callbacks, name: new})
+        last[0] = callback_state(state, name)
         return state, control
 
     return Callback(name=name, init=init, fn=fn, host=True)
