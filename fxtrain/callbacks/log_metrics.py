@@ -22,7 +22,7 @@ import torch
 from ..logging.values import as_array, markdown_table, scalar_values
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .report import check_writer, loggable
+from .report import check_writer, is_number, loggable
 
 __all__ = ["log_metrics", "log_eval_metrics"]
 
@@ -79,14 +79,10 @@ def _sum(key: str, values: list) -> torch.Tensor:
     return torch.stack([t.reshape(()) for t in tensors]).to(torch.float32).sum()
 
 
-def _size(value: Any) -> int:
-    return int(np.prod(tuple(getattr(value, "shape", ()))))
-
-
 def _eval_scalars(metrics: Mapping[str, Any], who: str, warned: set) -> dict[str, Any]:
     out = {}
     for k, v in (metrics or {}).items():
-        if _size(v) != 1:
+        if not is_number(v):
             if k not in warned:
                 warned.add(k)
                 warnings.warn(f"{who}: eval metric {k!r} has shape {tuple(v.shape)}, not one "
@@ -173,7 +169,7 @@ def log_eval_metrics(writer: Any, *, prefix: str = "eval/",
         numbers, texts, images, hists = {}, {}, {}, {}
         for k, v in (event.metrics or {}).items():
             key = prefix + k
-            if _size(v) == 1:
+            if is_number(v):
                 numbers[key] = v
                 continue
             arr = as_array(v).astype(np.float64)

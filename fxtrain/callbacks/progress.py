@@ -24,7 +24,7 @@ else:  # tqdm.auto would warn in every notebook that widgets are missing; text b
 
 from .. import distributed
 from .core import NOTHING, Callback
-from .report import format_scalars, read_floats
+from .report import format_scalars, is_number, read_floats
 
 __all__ = ["progress_bar"]
 
@@ -116,8 +116,7 @@ def _eval_end(d: _Display, event) -> None:
     """Writes one line with the evaluation's metrics above the bars."""
     if distributed.rank() != 0 or not event.metrics:
         return
-    numbers = {k: v for k, v in event.metrics.items()  # a matrix (confusion) is not shown
-               if math.prod(getattr(v, "shape", ())) == 1}
+    numbers = {k: v for k, v in event.metrics.items() if is_number(v)}  # not a matrix
     tqdm.write(f"eval @ step {event.step}: {format_scalars(read_floats(numbers))}",
                file=d.file or sys.stderr)
 

@@ -30,6 +30,14 @@ def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (metrics or {}).items() if not k.startswith(_NOT_LOGGED)}
 
 
+def is_number(value: Any) -> bool:
+    """Whether a metric is one number (a 0-d or one-element tensor or array, an int or a
+    float), not a vector or a matrix (per-class values, a confusion matrix)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() == 1
+    return isinstance(value, int | float | np.number | np.ndarray) and np.size(value) == 1
+
+
 def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
     """Python floats of one-element tensors and numbers, with one device sync for all tensors."""
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..callbacks.report import read_floats
+from ..callbacks.report import is_number, read_floats
 from .. import distributed
 from . import bridge, store
 
@@ -29,8 +29,7 @@ __all__ = ["CheckpointManager", "save", "restore"]
 
 def _floats(metrics: Mapping | None) -> dict[str, float]:
     """JSON-able metrics: the one-number tensors and numbers among ``metrics``, as floats."""
-    numbers = {str(k): v for k, v in (metrics or {}).items()
-               if isinstance(v, int | float) or isinstance(v, torch.Tensor) and v.numel() == 1}
+    numbers = {str(k): v for k, v in (metrics or {}).items() if is_number(v)}
     return read_floats(numbers)
 
 
