@@ -87,8 +87,7 @@ def model_watch(writer: Any, log: str = "gradients", every: int = 500, *,
             writer.write_histograms(event.step, binned)
         return state, NOTHING
 
-    return rank_zero(every_n(every, Callback(name, None, fn, kinds=("step_end",), host=True,
-                                             grad_stats=log != "parameters")))
+    return rank_zero(every_n(every, Callback(name, None, fn, kinds=("step_end",), host=True)))
 
 
 def _read(norms: dict[str, torch.Tensor], hists: dict[str, torch.Tensor]) -> tuple[dict, dict]:
