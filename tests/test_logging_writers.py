@@ -182,3 +182,17 @@ def test_jsonl_writer_reopened_after_a_torn_line_cuts_it_and_appends_cleanly(tmp
     w.write_scalars(2, {"loss": 0.5})
     w.close()
     assert [e["step"] for e in fx.logging.read_jsonl(path)] == [1, 2]
+
+
+def test_every_writer_takes_a_matplotlib_figure_as_an_image(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(2, 1), dpi=50)
+    fig.add_subplot().plot([0, 1])
+    jsonl = fx.logging.JsonlWriter(tmp_path / "m.jsonl")
+    for writer in (fx.logging.ConsoleWriter(), jsonl, fx.logging.TensorBoardWriter(tmp_path)):
+        writer.write_images(1, {"fig": fig})
+    jsonl.close()
+    (event,) = fx.logging.read_jsonl(tmp_path / "m.jsonl")
+    assert event["values"]["fig"]["shape"] == [1, 50, 100, 3]

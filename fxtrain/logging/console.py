@@ -63,7 +63,8 @@ class ConsoleWriter:
                 n, mean, std = v.moments()
             else:
                 arr = as_array(v).astype("float64")
-                n, mean, std = arr.size, (arr.mean() if arr.size else 0), arr.std()
+                n = arr.size
+                mean, std = (arr.mean(), arr.std()) if n else (0.0, 0.0)
             parts.append(f"{k} mean={_format(mean)} std={_format(std)}" if n else f"{k} (empty)")
         self._line(step, "histograms: " + ", ".join(parts))
 

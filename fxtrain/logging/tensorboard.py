@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from .media import figure_pixels, gif_bytes, is_figure, wav_bytes
-from .values import (Histogram, as_array, audio_batch, buckets, image_batch, markdown_table,
-                     scalar_values, video_batch)
+from .media import gif_bytes, wav_bytes
+from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
+                     markdown_table, scalar_values, video_batch)
 
 __all__ = ["TensorBoardWriter"]
 
@@ -86,8 +86,7 @@ class TensorBoardWriter:
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         from tensorboardX.summary import image
         for k, v in images.items():
-            pixels = figure_pixels(v, close=False) if is_figure(v) else image_batch(k, v)
-            self._add(image(k, pixels, dataformats="HWC" if pixels.ndim == 3 else "NHWC"), step)
+            self._add(image(k, image_batch(k, v), dataformats="NHWC"), step)
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
         for k, v in videos.items():
@@ -117,10 +116,8 @@ class TensorBoardWriter:
                     sum_squares=squares, bucket_limits=v.edges[1:].tolist(),
                     bucket_counts=v.counts.tolist()), step)
                 continue
-            arr = as_array(v).astype(np.float64).reshape(-1)
-            if arr.size == 0:
-                raise ValueError(f"histogram {k!r} is empty")
-            self._add(histogram(k, arr, buckets(num_buckets, k) or "tensorflow"), step)
+            self._add(histogram(k, histogram_values(k, v), buckets(num_buckets, k) or
+                                "tensorflow"), step)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
         """The run's hyperparameters, for TensorBoard's HPARAMS tab, in this run's event file."""

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..callbacks.report import read_floats
+from .media import figure_pixels, is_figure
 
 __all__ = ["as_array", "scalar_values", "image_batch", "video_batch", "audio_batch", "Histogram",
            "markdown_table", "buckets"]
@@ -52,7 +53,10 @@ def _pixels(key: str, arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def image_batch(key: str, value: Any) -> np.ndarray:
-    """``[N, H, W, C]`` uint8 from ``[N, H, W, C]`` or ``[H, W, C]`` (floats in [0, 1])."""
+    """``[N, H, W, C]`` uint8 from ``[N, H, W, C]`` or ``[H, W, C]`` (floats in [0, 1]) or a
+    matplotlib figure (drawn, left open: the caller owns it)."""
+    if is_figure(value):
+        return figure_pixels(value, close=False)[None]
     arr = as_array(value)
     if arr.ndim == 3:
         arr = arr[None]
@@ -60,6 +64,14 @@ def image_batch(key: str, value: Any) -> np.ndarray:
         raise ValueError(f"image {key!r} has shape {arr.shape}; expected [N, H, W, C] or "
                          "[H, W, C] (channels last)")
     return _pixels(key, arr, "image")
+
+
+def histogram_values(key: str, value: Any) -> np.ndarray:
+    """Raw values to bin, flat float64; an empty histogram is an error naming ``key``."""
+    arr = as_array(value).astype(np.float64).reshape(-1)
+    if arr.size == 0:
+        raise ValueError(f"histogram {key!r} is empty")
+    return arr
 
 
 def audio_batch(key: str, value: Any) -> np.ndarray:

@@ -6,10 +6,9 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from .media import gif_bytes, is_figure, wav_bytes
-from .values import Histogram, as_array, audio_batch, buckets, image_batch, scalar_values, video_batch
+from .media import gif_bytes, wav_bytes
+from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
+                     scalar_values, video_batch)
 
 __all__ = ["WandbWriter"]
 
@@ -54,8 +53,7 @@ class WandbWriter:
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         wb = self._wandb
-        self._log(step, {k: wb.Image(v) if is_figure(v) else
-                         [wb.Image(img) for img in image_batch(k, v)]
+        self._log(step, {k: [wb.Image(img) for img in image_batch(k, v)]
                          for k, v in images.items()})
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
@@ -89,10 +87,8 @@ class WandbWriter:
             if isinstance(v, Histogram):
                 out[k] = wb.Histogram(np_histogram=(v.counts.tolist(), v.edges.tolist()))
             else:
-                arr = as_array(v).astype(np.float64).reshape(-1)
-                if arr.size == 0:
-                    raise ValueError(f"histogram {k!r} is empty")
-                out[k] = wb.Histogram(arr, num_bins=min(buckets(num_buckets, k) or 64, 512))
+                out[k] = wb.Histogram(histogram_values(k, v),
+                                      num_bins=min(buckets(num_buckets, k) or 64, 512))
         self._log(step, out)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
