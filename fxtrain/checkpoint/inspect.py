@@ -27,13 +27,13 @@ def checkpoint_paths(directory: str | Path) -> list[Path]:
         return [directory]
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory")
-    found = [p for p in directory.iterdir() if p.name.isdigit() and store.is_checkpoint(p)]
+    found = store.steps(directory)
     if not found and (directory / "checkpoints").is_dir():  # a run's workdir (fxtrain demo's)
         return checkpoint_paths(directory / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
                                 f"{store.describe_directory(directory)})")
-    return sorted(found, key=lambda p: int(p.name))
+    return [directory / str(step) for step in found]
 
 
 def _size(path: Path) -> int:

@@ -231,10 +231,7 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """The steps of the finished checkpoints, oldest first."""
-        if not self.directory.is_dir():
-            return []
-        return sorted(int(p.name) for p in self.directory.iterdir()
-                      if p.name.isdigit() and store.is_checkpoint(p))
+        return store.steps(self.directory)
 
     def latest_step(self) -> int | None:
         """The newest finished checkpoint's step, or None."""

@@ -54,6 +54,14 @@ def is_checkpoint(path: Path) -> bool:
     return (path / META).is_dir()
 
 
+def steps(directory: Path) -> list[int]:
+    """The steps of the finished checkpoints in a manager's ``directory``, oldest first."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and is_checkpoint(p))
+
+
 def describe_directory(path: Path) -> str:
     """A few of ``path``'s entries, for error messages."""
     if not path.is_dir():
