@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from . import distributed
 from .metrics import Average, Metric
+from .optim.base import tree_map
 
 __all__ = ["evaluate", "batch_size_of"]
 
@@ -68,8 +69,7 @@ def _across_ranks(acc: dict, collection: Any) -> tuple[dict, Any]:
     each metric merges by its own rule, so averages weigh each rank by its examples."""
     device = next((leaf.device for leaf in pytree.tree_leaves((acc, collection))
                    if isinstance(leaf, torch.Tensor)), torch.device("cpu"))
-    to = lambda tree, d: pytree.tree_map(  # noqa: E731
-        lambda x: x.to(d) if isinstance(x, torch.Tensor) else x, tree)
+    to = lambda tree, d: tree_map(lambda x: x.to(d), tree)  # noqa: E731
     merged_acc, merged = {}, None
     for part_acc, part in distributed.all_gather(to((acc, collection), "cpu")):
         for key, value in part_acc.items():
@@ -88,13 +88,14 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
     acc: dict[str, Any] = {}
     collection = None
     for batch in data:
-        if batch_size_of(batch) == 0:  # a rank's empty share of a short last batch
+        size = batch_size_of(batch)
+        if size == 0:  # a rank's empty share of a short last batch
             continue
         out = eval_step(state, batch)
         if isinstance(out, Metric):  # a whole Collection (or one metric)
             collection = out if collection is None else collection.merge(out)
         elif isinstance(out, Mapping):
-            _accumulate(acc, out, batch_size_of(batch))
+            _accumulate(acc, out, size)
         else:
             raise TypeError(f"eval_step returned {type(out).__name__}; expected a dict of "
                             "metrics or an fx.metrics value")
