@@ -48,6 +48,7 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain.checkpoint import store
+from fxtrain.checkpoint.store import fsync_tree  # the original, not the counted one (ManagerFsyncs)
 from fxtrain.tree import leaves_with_paths
 from common import cpu_model, filesystem
 
@@ -101,16 +102,6 @@ def files_under(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     return [Path(root) / name for root, _, names in os.walk(path) for name in names]
-
-
-def fsync_tree(path: Path) -> None:
-    """Every file and directory under ``path``, and ``path``'s parent (the rename), flushed."""
-    for file in files_under(path):
-        fsync_path(file)
-    if path.is_dir():
-        for root, _, _ in os.walk(path):
-            fsync_path(Path(root))
-    fsync_path(path.parent)
 
 
 def evict(path: Path) -> None:
