@@ -399,7 +399,7 @@ def from_torchmetrics(metric: Any) -> type:
                                             dim_zero_min, dim_zero_sum)
     except ImportError as err:
         raise ImportError("fx.metrics.from_torchmetrics needs torchmetrics: "
-                          "pip install torchmetrics") from err
+                          "pip install 'fxtrain[metrics]'") from err
     if not isinstance(metric, torchmetrics.Metric):
         raise TypeError(f"from_torchmetrics: expected a torchmetrics.Metric, got "
                         f"{type(metric).__name__}")

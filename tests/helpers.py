@@ -1,5 +1,12 @@
-"""Models, batches and counters shared by the tests."""
+"""Models, batches, counters and the optional-extra import shared by the tests."""
 
+import contextlib
+import importlib
+import os
+import signal
+import subprocess
+
+import pytest
 import torch
 import torch._dynamo
 import torch.nn.functional as F
@@ -36,3 +43,35 @@ def classification_batch(n=16, features=8, classes=4, seed=0, image=False):
 
 def graph_count():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+# Set by .ci/run: a test whose optional extra is missing fails instead of skipping, so a broken
+# install cannot make tests vanish silently (tests/conftest.py also turns any skip into a failure).
+REQUIRE_EXTRAS = os.environ.get("FXTRAIN_REQUIRE_EXTRAS") == "1"
+
+
+def extra(module: str):
+    """``module`` from an optional extra, for the test that needs it: a skip when it is not
+    installed, or an ImportError under ``FXTRAIN_REQUIRE_EXTRAS=1``."""
+    if REQUIRE_EXTRAS:
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen):
+    """``proc``, killed with every process under it when the block ends and it is still running,
+    so a test that fails or times out leaves no child behind (torchrun's ranks included)."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            try:
+                import psutil
+                family = [*psutil.Process(proc.pid).children(recursive=True)]
+            except Exception:  # psutil missing, or the process just ended
+                family = []
+            for p in [proc, *family]:
+                with contextlib.suppress(Exception):
+                    p.send_signal(signal.SIGKILL)
+            proc.wait()

@@ -1,15 +1,14 @@
 import json
-import sys
 
 import pytest
 import torch
-from helpers import mlp
+from helpers import extra, mlp
 
 import fxtrain as fx
 from fxtrain.callbacks.core import Control, Event, fold
 from fxtrain.callbacks.hf import hf_callback
 
-transformers = pytest.importorskip("transformers")
+transformers = extra("transformers")  # every test here needs it (the extra-less error: test_extras)
 
 EARLY = {"metric_for_best_model": "eval_loss", "load_best_model_at_end": True}
 
@@ -200,9 +199,3 @@ def test_bad_inputs_are_clear_errors():
         hf_callback(Recorder(), args=42)
     with pytest.raises(ValueError, match="log_every"):
         hf_callback(Recorder(), log_every=0)
-
-
-def test_missing_transformers_names_the_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(ImportError, match=r"pip install fxtrain\[hf\]"):
-        hf_callback(object())

@@ -1,9 +1,10 @@
 """fx.checkpoint: bit-exact round trips, restore into templates, retention, and bad input."""
 
-import contextlib
+import errno
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,38 +230,42 @@ def test_unsupported_leaves_are_named(tmp_path):
         fx.checkpoint.save(tmp_path / "c", {"x": torch.zeros(1)})
 
 
-@contextlib.contextmanager
-def read_only(path):
-    """``path`` made read-only; for root (who ignores permissions) the immutable attribute."""
-    if os.geteuid() != 0:
-        path.chmod(0o500)
-        undo = lambda: path.chmod(0o700)  # noqa: E731
-    else:
-        if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
-            pytest.skip("cannot make a directory read-only here (root without chattr)")
-        undo = lambda: subprocess.run(["chattr", "-i", str(path)], check=True)  # noqa: E731
-    try:
-        yield
-    finally:
-        undo()
+def _refuse(*args, **kwargs):
+    raise PermissionError(errno.EACCES, "Permission denied")
 
 
-def test_a_read_only_directory_raises_keeps_older_checkpoints_and_recovers(tmp_path):
+@pytest.mark.parametrize("where", ["check", "write"])
+def test_a_directory_that_refuses_writes_raises_keeps_older_checkpoints_and_recovers(
+        tmp_path, monkeypatch, where):
+    """EACCES is faked (root ignores permissions, and chattr is not everywhere): either the
+    directory looks read-only to the manager's check, or the write itself is refused midway."""
     state = make_state()
     with CheckpointManager(tmp_path / "ck", keep_latest=1) as m:
         m.save(at_step(state, 1))
         m.wait()
-        with read_only(tmp_path / "ck"), pytest.raises(OSError, match="not writable|failed"):
-            m.save(at_step(state, 2))
-            m.wait()
+        with monkeypatch.context() as patch:
+            if where == "check":
+                real = os.access
+                patch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) ==
+                              m.directory else real(path, mode, **kw))
+            else:
+                patch.setattr(m._manager(), "save", _refuse)
+            with pytest.raises(OSError, match="not writable" if where == "check" else
+                               "step 2 .* failed \\(the older checkpoints are intact\\)"):
+                m.save(at_step(state, 2))
+                m.wait()
         assert m.all_steps() == [1]
         assert fx.tree_digest(m.restore(like=state)) == fx.tree_digest(at_step(state, 1))
         assert m.save(at_step(state, 3))  # writable again: saving works again
         m.wait()
         assert m.all_steps() == [3]
+
+
+def test_a_directory_that_cannot_be_created_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
     with pytest.raises(OSError, match="cannot create the checkpoint directory"):
-        (tmp_path / "file").write_text("x")
-        CheckpointManager(tmp_path / "file" / "sub").save(state)
+        CheckpointManager(tmp_path / "file" / "sub").save(make_state())
+    assert (tmp_path / "file").read_text() == "x"
 
 
 FULL_DISK = """

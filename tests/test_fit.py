@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from helpers import mlp, xent
+from helpers import extra, mlp, reaped, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] > 0).long()
@@ -84,11 +84,17 @@ def test_eval_metrics_are_averaged_over_examples():
         return {"mean_x0": batch[0][:, 0].mean(), "acc": fx.metrics.Accuracy.from_model_output(
             logits=state.apply(state.params, batch[0]), labels=batch[1])}
 
+    def record(s, e):
+        got.update(e.metrics, state=s)
+
     fx.fit(state, step, fx.data.Batches((X, Y), 32), max_steps=1, eval_every=1,
            eval_step=fx.make_eval_step(mean_x), eval_data=eval_data,
-           callbacks=[fx.callbacks.on("eval_end", lambda s, e: got.update(e.metrics))])
+           callbacks=[fx.callbacks.on("eval_end", record)])
     assert float(got["mean_x0"]) == pytest.approx(float(X[:50, 0].mean()), abs=1e-6)
-    assert 0.0 <= float(got["acc"]) <= 1.0
+    whole = fx.make_eval_step(  # the evaluated state's accuracy over all 50 examples at once
+        lambda s, b: {"acc": (s.apply(s.params, b[0]).argmax(-1) == b[1]).float().mean()})(
+        got["state"], (X[:50], Y[:50]))["acc"]
+    assert float(got["acc"]) == pytest.approx(float(whole), abs=1e-6)
 
 
 def test_resumed_fit_equals_an_uninterrupted_one():
@@ -200,7 +206,7 @@ def test_iterables_resume_by_skipping_and_iterators_end_by_themselves():
 
 
 def test_stateful_dataloader_keeps_its_state_in_the_state():
-    sdl = pytest.importorskip("torchdata.stateful_dataloader")
+    sdl = extra("torchdata.stateful_dataloader")
 
     def loader():
         return sdl.StatefulDataLoader(torch.utils.data.TensorDataset(X, Y), batch_size=16,
@@ -264,13 +270,14 @@ except KeyboardInterrupt as e:
 def test_ctrl_c_delivers_train_end_saves_and_reraises(tmp_path):
     script = tmp_path / "run.py"
     script.write_text(CTRL_C.format(tests=os.path.dirname(__file__), ckpt=str(tmp_path / "ckpt")))
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
     lines = []
-    for line in proc.stdout:
-        lines.append(line.strip())
-        if line.startswith("step 5"):
-            proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=60)
+    with reaped(subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
+                                 text=True)) as proc:
+        for line in proc.stdout:
+            lines.append(line.strip())
+            if line.startswith("step 5"):
+                proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
     assert proc.returncode != 0  # KeyboardInterrupt propagated
     end = lines.index("train_end interrupted")
     step = int(lines[end - 2].split()[1])

@@ -7,18 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import classification_batch, graph_count, mlp, xent
+from helpers import classification_batch, extra, graph_count, mlp, xent
 from torch.overrides import TorchFunctionMode
 
 import fxtrain as fx
 from fxtrain.step import gradient_histograms
 
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
-
 X, Y = classification_batch(n=64, seed=1)
 
 
 def read_tb(logdir):
+    """The run in ``logdir`` read back with tensorboard's own reader (the clu extra's)."""
+    event_accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
     acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={
         "images": 0, "tensors": 0, "scalars": 0, "histograms": 0})
     acc.Reload()
@@ -163,7 +163,7 @@ def test_log_metrics_bad_input():
 # ---- log_eval_metrics -----------------------------------------------------------------------------
 
 def test_log_eval_metrics_writes_scalars_per_class_values_and_matrices(tmp_path):
-    torchmetrics = pytest.importorskip("torchmetrics")
+    torchmetrics = extra("torchmetrics")
     per_class = fx.metrics.from_torchmetrics(
         torchmetrics.classification.MulticlassAccuracy(num_classes=4, average=None))
     confusion = fx.metrics.from_torchmetrics(
@@ -341,7 +341,7 @@ def test_model_watch_gives_foreign_writers_samples():
 # ---- log_media and text_samples -----------------------------------------------------------------
 
 def test_log_media_writes_each_kind_with_its_method(tmp_path):
-    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib = extra("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     seen = {}

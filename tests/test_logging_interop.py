@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers import extra
 
 import fxtrain as fx
 
@@ -42,7 +43,7 @@ def wandb_records(run_dir):
 
 
 def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+    extra("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     writer = fx.logging.WandbWriter("fxtrain-test", mode="offline", dir=str(tmp_path), name="t")
     state = fx.TrainState.create(torch.nn.Linear(4, 2), fx.optim.sgd(0.1))
@@ -84,7 +85,7 @@ def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
 
 
 def test_wandb_writer_bad_input():
-    pytest.importorskip("wandb")
+    extra("wandb")
     with pytest.raises(ValueError, match="either run= or wandb.init's arguments"):
         fx.logging.WandbWriter("p", run=object())
 

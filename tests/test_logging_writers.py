@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-import fxtrain as fx
+from helpers import extra, reaped
 
-pytest.importorskip("tensorboardX")
-event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+import fxtrain as fx
 
 
 def read_tensorboard(logdir):
+    """The run in ``logdir`` read back with tensorboard's own reader (the clu extra's)."""
+    event_accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
     acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"images": 0,
                                                                       "tensors": 0})
     acc.Reload()
@@ -50,7 +51,7 @@ def test_tensorboard_scalars_images_histograms_texts_hparams_read_back(tmp_path)
 
 
 def test_tensorboard_figures_audio_and_config(tmp_path):
-    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib = extra("matplotlib")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(2, 2))
@@ -119,11 +120,11 @@ for step in range(100000):
 def test_jsonl_survives_sigkill(tmp_path):
     script = tmp_path / "w.py"
     script.write_text(KILLED)
-    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path / "m.jsonl")],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    with reaped(subprocess.Popen([sys.executable, str(script), str(tmp_path / "m.jsonl")],
+                                 stdout=subprocess.PIPE, text=True)) as proc:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
     events = list(fx.logging.read_jsonl(tmp_path / "m.jsonl"))
     assert len(events) > 200
     assert [e["step"] for e in events] == list(range(len(events)))
