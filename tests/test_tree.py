@@ -26,7 +26,22 @@ def test_tree_digest_sees_every_bit():
     b["w"] = torch.tensor([1.0, 2.0000002])
     assert fx.tree_digest(a) != fx.tree_digest(b)
     assert fx.tree_digest(a) != fx.tree_digest({"w": a["w"].double(), "n": a["n"]})
-    assert fx.tree_digest({"h": torch.ones(2, dtype=torch.bfloat16)})
+
+
+@pytest.mark.parametrize("dtype,bits", [(torch.float32, torch.int32), (torch.bfloat16, torch.int16)])
+def test_tree_digest_changes_with_every_single_bit_flip(dtype, bits):
+    x = torch.tensor([1.5, -2.25], dtype=dtype)
+    digest = fx.tree_digest({"x": x})
+    assert len(digest) == 64 and int(digest, 16) >= 0  # a sha256 in hex
+    width = torch.iinfo(bits).bits
+    seen = {digest}
+    for i in range(x.numel()):
+        for bit in range(width):
+            flipped = x.view(bits).clone()
+            flipped[i] ^= torch.tensor(1, dtype=bits) << bit
+            seen.add(fx.tree_digest({"x": flipped.view(dtype)}))
+    assert len(seen) == 1 + x.numel() * width  # each flip gives its own digest
+    assert fx.tree_digest({"x": x.view(bits)}) != digest  # the same bytes as another dtype
 
 
 def test_tree_digest_ignores_dict_insertion_order_like_dict_equality():
