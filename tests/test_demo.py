@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import reaped
 from PIL import Image
 
 from fxtrain import cli
@@ -163,19 +164,19 @@ def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path):
     (compiled steps, every callback, logs)."""
     flags = ["--steps", "240", "--eval-every", "40", "--checkpoint-every", "80",
              "--log-every", "20", "--media-every", "120"]
-    whole = run_cli(tmp_path / "whole", *flags)
-    out, err = whole.communicate(timeout=600)
+    with reaped(run_cli(tmp_path / "whole", *flags)) as whole:
+        out, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err[-3000:]
 
-    killed = run_cli(tmp_path / "split", *flags)
-    wait_for_checkpoint(killed, tmp_path / "split" / "checkpoints", 80)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    with reaped(run_cli(tmp_path / "split", *flags)) as killed:
+        wait_for_checkpoint(killed, tmp_path / "split" / "checkpoints", 80)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
     steps = [int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()
              if p.name.isdigit()]
     assert 80 in steps and max(steps) < 240
-    resumed = run_cli(tmp_path / "split", *flags, "--resume")
-    out2, err2 = resumed.communicate(timeout=600)
+    with reaped(run_cli(tmp_path / "split", *flags, "--resume")) as resumed:
+        out2, err2 = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err2[-3000:]
     assert "resuming from the checkpoint of step" in out2
     assert digest_of(out2) == digest_of(out)
@@ -186,11 +187,11 @@ def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
-    proc = run_cli(tmp_path, "--steps", "100000", "--checkpoint-every", "50", "--no-compile",
-                   "--eval-every", "50")
-    wait_for_checkpoint(proc, tmp_path / "checkpoints", 50)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    with reaped(run_cli(tmp_path, "--steps", "100000", "--checkpoint-every", "50",
+                        "--no-compile", "--eval-every", "50")) as proc:
+        wait_for_checkpoint(proc, tmp_path / "checkpoints", 50)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-3000:]
     (stopped,) = re.findall(r"interrupted at step (\d+)", out)
     assert (tmp_path / "checkpoints" / stopped).is_dir()
@@ -200,8 +201,8 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
 @pytest.mark.slow
 def test_default_demo_reaches_its_stated_accuracy(tmp_path):
     """The README's demo, with its default flags: at least 95% on the held-out digits."""
-    proc = run_cli(tmp_path, env={**os.environ, "PYTHONHASHSEED": "0"})
-    out, err = proc.communicate(timeout=600)
+    with reaped(run_cli(tmp_path, env={**os.environ, "PYTHONHASHSEED": "0"})) as proc:
+        out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     accuracy = float(re.search(r"final held-out metrics.*accuracy ([\d.]+)", out).group(1))
     assert accuracy >= 0.95 and "target: accuracy >= 0.95: met" in out

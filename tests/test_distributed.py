@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import fxtrain as fx
+from helpers import extra, mlp, reaped
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dist_worker  # noqa: E402
@@ -60,6 +62,33 @@ def test_sharded_eval_batches_cover_every_example_once():
         fx.data.Batches(x, 30, shard=(0, 2))
 
 
+def test_evaluation_merged_across_ranks_weighs_each_rank_by_its_examples(monkeypatch):
+    """Two ranks with unequal shares (70 and 30 examples), the gather faked in one process:
+    the merged metrics are those of all 100 examples, as if one process had evaluated them."""
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.1))
+    X, Y = dist_worker.X[:100], dist_worker.Y[:100]
+
+    def metrics(s, b):
+        logits = s.apply(s.params, b[0])
+        return {"loss": F.cross_entropy(logits, b[1]),
+                "acc": fx.metrics.Accuracy.from_model_output(logits=logits, labels=b[1])}
+
+    eval_step = fx.make_eval_step(metrics)
+    whole, rank0, rank1 = (list(fx.data.Batches((X[lo:hi], Y[lo:hi]), 16, shuffle=False,
+                                                drop_last=False))
+                           for lo, hi in [(0, 100), (0, 70), (70, 100)])
+    whole = fx.evaluate(eval_step, state, whole)
+    sent = []
+    monkeypatch.setattr(fx.distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(fx.distributed, "all_gather", lambda obj: sent.append(obj) or [obj])
+    fx.evaluate(eval_step, state, rank1)  # rank 1: what it sends
+    monkeypatch.setattr(fx.distributed, "all_gather", lambda obj: [obj, sent[0]])
+    merged = fx.evaluate(eval_step, state, rank0)  # rank 0, gathering both
+    assert merged.keys() == whole.keys()
+    for k in whole:
+        torch.testing.assert_close(merged[k], whole[k], rtol=1e-6, atol=1e-7)
+
+
 def test_data_parallel_needs_a_process_group():
     with pytest.raises(ValueError, match="needs an initialized process group"):
         fx.make_train_step(dist_worker.loss_fn, data_parallel=True)
@@ -102,9 +131,14 @@ def test_batchnorm_buffers_are_averaged_or_kept_local(tmp_path):
 def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(tmp_path):
     spawn("early_stop", str(tmp_path))
     r0, r1 = results(tmp_path)
-    assert r0 == r1 and r0["step"] == 10 and [s for s, _ in r0["evals"]] == [5, 10]
-    # the merged eval loss is the loss over all 100 examples (each rank evaluated its half)
-    assert len(r0["evals"]) == 2
+    assert r0["step"] == r1["step"] == 10
+    assert [(s, m) for s, m, _ in r0["evals"]] == [(s, m) for s, m, _ in r1["evals"]]
+    assert [s for s, _, _ in r0["evals"]] == [5, 10]
+    # each rank evaluated its own share (70 and 30 of 100 examples): the merged loss is the
+    # loss over all 100, so the ranks' losses weigh 0.7 and 0.3, not half each
+    for (_, merged, local0), (_, _, local1) in zip(r0["evals"], r1["evals"]):
+        assert merged == pytest.approx(0.7 * local0 + 0.3 * local1, rel=1e-5)
+        assert abs(merged - (local0 + local1) / 2) > 1e-3
 
 
 @pytest.mark.slow
@@ -115,12 +149,10 @@ def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(tmp_path):
 
 @pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_with_its_error(tmp_path):
-    start = time.monotonic()
-    job = torchrun("failing", str(tmp_path))
-    out, _ = job.communicate(timeout=300)
+    with reaped(torchrun("failing", str(tmp_path))) as job:
+        out, _ = job.communicate(timeout=300)  # rank 0 fails too (its peer is gone): no hang
     assert job.returncode != 0
     assert "RuntimeError: rank 1 exploded at step 3" in out  # the rank's own traceback
-    assert time.monotonic() - start < 120  # rank 0 fails too (its peer is gone): no hang
 
 
 def torchrun(*args, timeout=300, **popen):
@@ -135,16 +167,17 @@ def torchrun(*args, timeout=300, **popen):
 def test_the_group_init_joined_is_left_at_exit(tmp_path):
     """A program that never calls destroy_process_group still leaves the group before the
     interpreter tears down (gloo's threads outliving it can abort a finished run)."""
-    job = torchrun("exits", str(tmp_path))
-    out, _ = job.communicate(timeout=120)
+    with reaped(torchrun("exits", str(tmp_path))) as job:
+        out, _ = job.communicate(timeout=120)
     assert job.returncode == 0, out[-3000:]
     assert out.count("after fxtrain's exit handler: group left = True") == 2, out[-3000:]
 
 
 @pytest.mark.slow
 def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
-    whole = torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))
-    out, _ = whole.communicate(timeout=300)
+    psutil = extra("psutil")
+    with reaped(torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))) as whole:
+        out, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, out[-3000:]
     digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in (0, 1)}
     assert len(digests) == 1
@@ -153,18 +186,17 @@ def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_pa
     assert fx.checkpoint.CheckpointManager(tmp_path / "a" / "ckpt").all_steps() == [20, 25, 30]
 
     ckpt = tmp_path / "b" / "ckpt"
-    run = torchrun("resumable", str(tmp_path / "b"), str(ckpt), "sleep=0.05")
-    deadline = time.monotonic() + 200
-    while not (ckpt / "10").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    psutil = pytest.importorskip("psutil")
-    ranks = psutil.Process(run.pid).children(recursive=True)  # torchrun starts them in their
-    for proc in [psutil.Process(run.pid), *ranks]:             # own sessions
-        proc.send_signal(signal.SIGKILL)
-    run.communicate()
+    with reaped(torchrun("resumable", str(tmp_path / "b"), str(ckpt), "sleep=0.05")) as run:
+        deadline = time.monotonic() + 200
+        while not (ckpt / "10").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ranks = psutil.Process(run.pid).children(recursive=True)  # torchrun starts them in
+        for proc in [psutil.Process(run.pid), *ranks]:            # their own sessions
+            proc.send_signal(signal.SIGKILL)
+        run.communicate()
     assert 10 <= fx.checkpoint.CheckpointManager(ckpt).latest_step() < 30
-    resumed = torchrun("resumable", str(tmp_path / "b"), str(ckpt))
-    out, _ = resumed.communicate(timeout=300)
+    with reaped(torchrun("resumable", str(tmp_path / "b"), str(ckpt))) as resumed:
+        out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from the checkpoint of step" in out
     assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
