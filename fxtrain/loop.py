@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from . import distributed
+from . import distributed, donation
 from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .callbacks.nan_guard import flagged
 from .data import as_stream
@@ -125,26 +125,55 @@ def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) 
         raise ValueError("fit: eval_every needs eval_step and eval_data")
 
 
-def _step_fn(train_step: Callable, host_names: frozenset) -> Callable:
-    """Calls the step without the data position and the host callbacks' states.
+def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Callable:
+    """Calls the step without the data position and the host callbacks' states, letting steps
+    built with ``donate=None`` donate when ``donates``.
 
-    Those are host values (Python numbers, loader state): keeping them out of the compiled step
-    keeps its inputs' structure fixed, so it never recompiles because of them.
+    The data position and host states are host values (Python numbers, loader state): keeping
+    them out of the compiled step keeps its inputs' structure fixed, so it never recompiles
+    because of them.
     """
+
+    def call(state, batch):
+        was = donation.fit_donating(donates)
+        try:
+            return train_step(state, batch)
+        finally:
+            donation.fit_donating(was)
 
     def run(state, batch, position):
         states = state.callbacks or {}
         host = {k: states[k] for k in host_names if k in states}
         if not host:
-            new, metrics = train_step(state.replace(data=None), batch)
+            new, metrics = call(state.replace(data=None), batch)
             return new.replace(data=position), metrics
         inner = {k: v for k, v in states.items() if k not in host} or None
-        new, metrics = train_step(state.replace(data=None, callbacks=inner), batch)
+        new, metrics = call(state.replace(data=None, callbacks=inner), batch)
         stepped = new.callbacks or {}  # back in the state's order, so its structure is stable
         callbacks = {k: host[k] if k in host else stepped[k] for k in states}
         return new.replace(data=position, callbacks=callbacks), metrics
 
     return run
+
+
+def _donates(callbacks: tuple) -> bool:
+    """Whether fit may donate each step's state: not when a host callback may skip a step
+    (undoing it needs the old values)."""
+    return not any(isinstance(cb, Callback) and cb.skips and "step_end" in cb.kinds
+                   for cb in callbacks)
+
+
+def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
+    """``state`` with the update of the step just taken undone where ``skip`` holds."""
+    if skip is False:
+        return state
+    if donated:
+        raise ValueError(
+            f"fit: a host callback asked to skip step {step}, but fit donated that step's state "
+            "(its old values are gone); make it a Callback with skips=True (fit then keeps "
+            "each step's old state), or run it inside the step: make_train_step(..., "
+            "callbacks=[...])")
+    return revert_update(before, state, skip)
 
 
 def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every) -> dict[str, Any]:
@@ -200,18 +229,22 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                        callbacks=[fx.callbacks.progress_bar()])
     """
     _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every)
+    donation.check_live(state, "fit")
     callbacks = tuple(callbacks)
     stream = as_stream(data)
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
+    given = state
     state = init(callbacks, state)
     if state.data is None:
         state = state.replace(data=stream.init())
     if checkpoint is not None:
         state = _resume(checkpoint, state, resume)
+    donates = _donates(callbacks)
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
-    run_step = _step_fn(train_step, host_names)
+    run_step = _step_fn(train_step, host_names, donates)
     step, epoch = int(state.step), int(state.data.epoch)
+    first = step
     agree = distributed.world_size() > 1
     pending = _Flags(agree=agree)
     if agree:
@@ -261,7 +294,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
             if log_next:
                 metrics["control/log"], log_next = True, False
             state, c = fold(callbacks, state, Event("step_end", step, epoch, metrics))
-            state = revert_update(before, state, c.skip)
+            state = _undo(before, state, c.skip, donates, step)
             pending.add(c)
             eval_due = eval_step is not None and (
                 step % eval_every == 0 if eval_every else epoch_done)
@@ -287,6 +320,9 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         emit("train_end", {"reason": "interrupted"})
         _wait(checkpoint)
         raise Interrupted(state) from e
+    finally:
+        if step > first and state.step is given.step:  # donated: given's tensors were reused
+            donation.mark(given)
     # saved before train_end, which may change the state (early_stopping's restore_best): the
     # checkpoint is where training stood, so resuming from it continues the same run
     save()

@@ -1,9 +1,19 @@
-"""``TrainState``: the whole training run as one immutable pytree value."""
+"""``TrainState``: the whole training run as one immutable pytree value.
+
+The parameters and buffers live in the state only. ``TrainState.create`` copies them out of the
+model and keeps a weightless *skeleton* of it (the same module structure, its tensors on the
+meta device) to run through ``torch.func.functional_call``: the state holds the one copy of the
+weights that training updates, and the model passed in is left as it was (drop your reference
+to free its weights).
+"""
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
+import warnings
 
 import torch
 from torch import nn
@@ -11,21 +21,62 @@ from torch.func import functional_call
 
 from . import random, struct
 from .callbacks.core import init_states
+from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
 from .tree import check_same_structure
 
 __all__ = ["TrainState"]
 
 
-def _clone_all(tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
-    return None if tensors is None else {k: v.clone() for k, v in tensors.items()}
+class StepBuffers(dict):
+    """Buffers that one forward inside a train step owns (fresh clones): ``apply`` hands them to
+    the module as they are, so in-place updates (BatchNorm statistics) land in that copy and
+    the step reads them back as the new buffers. Any other buffers are cloned per ``apply``."""
+
+
+def with_step_buffers(state: TrainState) -> TrainState:
+    """``state`` with its buffers cloned into a ``StepBuffers`` that ``apply`` may update."""
+    if state.buffers is None:
+        return state
+    return state.replace(buffers=StepBuffers({k: v.clone() for k, v in state.buffers.items()}))
+
+
+def _meta_like(t: torch.Tensor) -> torch.Tensor:
+    meta = torch.empty_like(t, device="meta")
+    return nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) \
+        else meta
+
+
+def _refuse_direct_call(module: nn.Module, args: Any) -> None:
+    del args
+    first = next(itertools.chain(module.parameters(), module.buffers()), None)
+    if first is not None and first.is_meta:
+        raise RuntimeError(
+            f"this {type(module).__name__} is the weightless skeleton of a TrainState (its "
+            "tensors are on the meta device); run it with state.apply(state.params, ...), whose "
+            "weights are the trained ones")
+
+
+def skeleton(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are on the meta device (no storage;
+    tied tensors stay tied), for ``functional_call``. Calling it directly is a clear error."""
+    memo = {id(t): _meta_like(t) for t in itertools.chain(model.parameters(), model.buffers())}
+    try:
+        out = copy.deepcopy(model, memo)
+    except Exception as e:  # a module holding something deepcopy cannot copy
+        warnings.warn(f"TrainState.create: {type(model).__name__} cannot be copied without its "
+                      f"weights ({e}); the state uses the model itself, which keeps a second "
+                      "copy of the initial weights", stacklevel=3)
+        return model
+    out.register_forward_pre_hook(_refuse_direct_call)
+    return out
 
 
 @struct.dataclass(kw_only=True)
 class TrainState:
     """Step counter, parameters, buffers, optimizer state, RNG key, data position and callback
-    states, as one frozen value. ``module`` and ``tx`` are static: part of the structure, not
-    leaves, and never saved in checkpoints.
+    states, as one frozen value. ``module`` (a weightless skeleton of the model) and ``tx`` are
+    static: part of the structure, not leaves, and never saved in checkpoints.
 
     Example::
 
@@ -43,15 +94,16 @@ class TrainState:
     callbacks: dict[str, Any] | None = None
     module: nn.Module = struct.field(static=True, repr=False)
     tx: GradientTransformation = struct.field(static=True, repr=False)
-    # True only for the private copy a train step hands to the loss function: its buffers are
-    # fresh clones that the module may update in place (BatchNorm statistics).
-    owns_buffers: bool = struct.field(static=True, default=False, repr=False)
 
     @classmethod
     def create(cls, model: nn.Module, tx: GradientTransformation, *, seed: int = 0,
                callbacks: Sequence[Callable] = ()) -> TrainState:
         """A fresh state: copies of ``model``'s trainable parameters and of its buffers (frozen
-        parameters count as buffers), ``tx.init(params)``, step 0 and the key of ``seed``."""
+        parameters count as buffers), ``tx.init(params)``, step 0 and the key of ``seed``.
+
+        ``model`` itself is not changed; the state keeps a weightless skeleton of it
+        (``state.module``), so the copies in the state are the only weights it holds.
+        """
         if not isinstance(model, nn.Module):
             raise TypeError(f"TrainState.create needs an nn.Module, got {type(model).__name__}")
         params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -67,24 +119,23 @@ class TrainState:
             buffers=buffers or None,
             opt_state=tx.init(params),
             rng=random.seed_key(seed, device),
-            module=model,
+            module=skeleton(model),
             tx=tx,
         )
         return state.replace(callbacks=init_states(callbacks, state))
 
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """Runs the module with ``params`` and this state's buffers; the state is not changed."""
-        buffers = self.buffers if self.owns_buffers else _clone_all(self.buffers)
+        buffers = self.buffers
+        if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
+            buffers = {k: v.clone() for k, v in buffers.items()}
         tensors = params if buffers is None else {**params, **buffers}
         return functional_call(self.module, tensors, args, kwargs)
 
     def apply_gradients(self, grads: dict[str, torch.Tensor]) -> TrainState:
         """One optimizer update: a new state with step + 1, new params and optimizer state."""
+        check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
         return self.replace(step=self.step + 1, params=apply_updates(self.params, updates),
                             opt_state=opt_state)
-
-    def with_private_buffers(self) -> TrainState:
-        """A copy whose buffers are fresh clones that ``apply`` may update in place."""
-        return self.replace(buffers=_clone_all(self.buffers), owns_buffers=True)

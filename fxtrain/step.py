@@ -19,11 +19,11 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import distributed, random
+from . import distributed, donation, random
 from .callbacks.core import Callback, Event, fold, name_of
 from .optim.base import squared_norms, tree_select
 from .optim.wrappers import learning_rate
-from .state import TrainState
+from .state import TrainState, with_step_buffers
 
 __all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "gradient_histograms",
            "histograms", "revert_update"]
@@ -214,7 +214,8 @@ def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool)
 
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
-                    buffers: str = "mean") -> Callable[[TrainState, Any], tuple]:
+                    buffers: str = "mean", donate: bool | None = None,
+                    ) -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -263,20 +264,21 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     rank = distributed.rank() if parallel else 0
 
     def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        donation.check_live(state, "train_step")
         guard(batch)
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
 
         def compute(params):
-            inner = state.with_private_buffers()
+            inner = with_step_buffers(state)
             was = set_training(state.module, True)
             try:
                 with random.keyed(key):
                     loss, aux = _split_loss(loss_fn(inner, params, batch))
             finally:
                 set_training(state.module, was)
-            return loss, (aux, inner.buffers or {})  # functorch's aux holds tensors, not None
+            return loss, (aux, dict(inner.buffers or {}))  # functorch: plain dicts, no None
 
         grads, (loss, (aux, new_buffers)) = grad_and_value(compute, has_aux=True)(state.params)
         if parallel:
@@ -288,6 +290,8 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
             new = revert_update(state, new, control.skip)
             metrics.update(_control_metrics(control, loss.device))
+        if donate or (donate is None and donation.fit_donates()):
+            new = donation.donate(state, new)
         return new, metrics
 
     return train_step
@@ -311,6 +315,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     guard = _BatchGuard("eval_step")
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
+        donation.check_live(state, "eval_step")
         guard(batch)
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
         was = set_training(state.module, False)

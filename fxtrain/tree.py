@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from .donation import check_live
+
 __all__ = ["path_str", "leaves_with_paths", "check_same_structure", "tree_digest", "digest_items",
            "leaf_record"]
 
@@ -86,5 +88,6 @@ def tree_digest(tree: Any) -> str:
     resumed run can be compared with an uninterrupted one. Like dict equality, it does not
     depend on the order in which a dict's keys were inserted.
     """
+    check_live(tree, "tree_digest")
     leaves = sorted(leaves_with_paths(tree), key=lambda item: item[0])
     return digest_items(leaf_record(path, leaf) for path, leaf in leaves)

@@ -1,3 +1,6 @@
+import gc
+import weakref
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
@@ -28,6 +31,38 @@ def test_create_copies_params_and_buffers():
         assert torch.equal(state.params[name], p) and not state.params[name].requires_grad
         assert state.params[name].data_ptr() != p.data_ptr()
     assert state.data is None and state.callbacks is None
+
+
+class Tied(nn.Module):
+    """An embedding and an output layer sharing one weight (as GPT-2's lm_head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 4)
+        self.out = nn.Linear(4, 10, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, tokens):
+        return self.out(self.embed(tokens))
+
+
+def test_the_state_holds_the_only_weights_and_its_module_is_a_skeleton():
+    model = Tied()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())  # untouched
+    skeleton = state.module
+    assert skeleton is not model and type(skeleton) is Tied
+    assert all(p.is_meta for p in skeleton.parameters())  # no storage
+    assert skeleton.out.weight is skeleton.embed.weight and list(state.params) == ["embed.weight"]
+    tokens = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(state.apply(state.params, tokens), model(tokens))
+    with pytest.raises(RuntimeError, match="weightless skeleton of a TrainState.*state.apply"):
+        skeleton(tokens)
+    weight = weakref.ref(model.embed.weight)
+    del model
+    gc.collect()
+    assert weight() is None  # the state keeps no reference to the model's own tensors
 
 
 def test_frozen_parameters_become_buffers():

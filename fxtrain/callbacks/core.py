@@ -86,6 +86,8 @@ class Callback:
       kinds: the event kinds it reacts to; the fold skips it on others.
       host: it does IO (or reads the clock), so it runs only in ``fit``, never inside a step.
       grad_stats: it reads the per-parameter gradient norms of the step's metrics.
+      skips: it may ask to skip the step just taken (``Control.skip`` on step_end); run by
+        ``fit`` on the host, it makes ``fit`` keep each step's old state instead of donating it.
       period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold calls it on step_end only at
         multiples of ``period``, so a periodic callback costs nothing between its steps.
     """
@@ -97,6 +99,7 @@ class Callback:
     host: bool = False
     grad_stats: bool = False
     period: int = 1
+    skips: bool = False
 
     def __post_init__(self):
         unknown = set(self.kinds) - set(EVENT_KINDS)

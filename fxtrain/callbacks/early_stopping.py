@@ -118,4 +118,4 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         return update(state, ev)
 
     kinds = ("train_begin", event) + (("train_end",) if restore_best else ())
-    return Callback(name=name, init=init, fn=fn, kinds=kinds)
+    return Callback(name=name, init=init, fn=fn, kinds=kinds, skips=event == "step_end")

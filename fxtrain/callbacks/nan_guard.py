@@ -68,7 +68,7 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
         state = state.replace(callbacks={**state.callbacks, name: new})
         return state, Control(stop=stop, skip=bad)
 
-    return Callback(name=name, init=init, fn=fn, kinds=("step_end",))
+    return Callback(name=name, init=init, fn=fn, kinds=("step_end",), skips=True)
 
 
 def flagged(state) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from ..donation import check_live
 from ..tree import path_str
 
 __all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "encode", "plan", "decode"]
@@ -99,6 +100,7 @@ def callback_names(state: Any) -> list[str]:
 
 def encode(state: Any) -> tuple[dict[str, np.ndarray], dict]:
     """``(arrays, meta)``: the arrays to store, keyed ``"00000"``..., and the JSON description."""
+    check_live(state, "saving a checkpoint")
     arrays, leaves = {}, []
     for i, (keypath, leaf) in enumerate(pytree.tree_flatten_with_path(state)[0]):
         entry, arr = _entry(path_str(keypath), f"{i:05d}", leaf)

@@ -95,7 +95,8 @@ class CheckpointManager:
         """orbax's manager, made on first use (so ``import fxtrain`` never imports orbax).
 
         It saves synchronously: ``async_save`` runs it on this manager's own writer thread, so
-        the training loop waits only for ``bridge.encode`` (zero-copy views of CPU tensors),
+        the training loop waits only for ``bridge.encode`` and a copy of its arrays (the next
+        step may overwrite the state's tensors in place: see ``fx.donation``),
         not for orbax's per-save setup, copies or the deletion of old checkpoints.
         """
         if self._orbax is None:
@@ -153,8 +154,8 @@ class CheckpointManager:
         every rank) and all ranks return its answer, or raise its error.
 
         With ``async_save`` the write happens on a background thread: ``save`` returns once the
-        state's arrays are captured (views of CPU tensors, copies of device tensors), so the
-        state must not be modified in place until ``wait()``; fxtrain's steps never do.
+        state's arrays are copied to host memory (a snapshot, released when the write is done),
+        so a donating step may overwrite the state in place right after.
 
         A step already on disk is never overwritten (a resumed run reaching it again, or the end
         of a run right after a periodic save): the call returns False. A step older than the
@@ -184,10 +185,12 @@ class CheckpointManager:
         arrays, meta = bridge.encode(state)
         meta = store.meta_for(state, meta, floats, self.metadata)
         self._writable()
-        job = (step, arrays, meta, self._ranking(floats))
         if not self.async_save:
-            self._write(*job)
+            self._write(step, arrays, meta, self._ranking(floats))
             return True
+        # a snapshot: encode's arrays are views of the state's CPU tensors, which the next step
+        # may overwrite in place (buffer donation) while this save is still being written
+        job = (step, {k: a.copy() for k, a in arrays.items()}, meta, self._ranking(floats))
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="fxtrain-checkpoint")
         self._pending = (step, self._writer.submit(self._write, *job))

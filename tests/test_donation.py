@@ -1,0 +1,128 @@
+"""Buffer donation: a donating step writes the next state into the old one's storage, the old
+state refuses every later use, and checkpoints never see a later step's values."""
+
+import threading
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from helpers import classification_batch, convnet, graph_count, mlp, xent
+
+import fxtrain as fx
+from fxtrain.donation import DonatedError
+
+DONATED = "donated to a train step.*use the state the step returned"
+
+
+def _state(callbacks=(), model=mlp, **kw):
+    return fx.TrainState.create(model(**kw), fx.optim.adamw(1e-2, weight_decay=1e-2), seed=0,
+                                callbacks=callbacks)
+
+
+def _storage(state):
+    """The addresses of the state's step, parameter, buffer and optimizer-state tensors."""
+    leaves = pytree.tree_leaves((state.step, state.params, state.buffers, state.opt_state))
+    return [t.data_ptr() for t in leaves if isinstance(t, torch.Tensor)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_donated_state_raises_on_every_use_and_the_result_equals_a_pure_step(compiled,
+                                                                              tmp_path):
+    batch = classification_batch(image=True, classes=10)
+    donating = fx.make_train_step(xent, donate=True)
+    if compiled:
+        donating = torch.compile(donating, fullgraph=True, backend="eager")
+    old = _state(model=convnet)
+    expected, _ = fx.make_train_step(xent)(old, batch)  # a pure step leaves `old` usable
+    storage = _storage(old)
+    new, _ = donating(old, batch)
+    assert fx.tree_digest(new) == fx.tree_digest(expected)  # the values of a pure step...
+    assert _storage(new) == storage  # ...written into the old state's tensors
+    uses = [lambda: old.params["0.weight"], lambda: list(old.params), lambda: old.step + 1,
+            lambda: int(old.step), lambda: old.opt_state[0],
+            lambda: fx.tree_digest(old), lambda: fx.checkpoint.save(tmp_path / "c", old),
+            lambda: fx.make_train_step(xent)(old, batch), lambda: old.apply_gradients({})]
+    for use in uses:
+        with pytest.raises(DonatedError, match=DONATED):
+            use()
+    with pytest.raises(Exception, match="donated to a train step"):
+        donating(old, batch)
+    assert not (tmp_path / "c").exists()
+
+
+def test_donation_with_in_step_callbacks_equals_pure_steps_in_one_graph():
+    """early_stopping keeps the best parameters (selected from the old ones), nan_guard may
+    revert a step, ema follows the parameters: donating gives the values of pure steps, in one
+    graph that never recompiles."""
+    cbs = [fx.callbacks.early_stopping("loss", patience=2, event="step_end", restore_best=True),
+           fx.callbacks.nan_guard("skip"), fx.callbacks.ema(0.9)]
+    batches = [classification_batch(seed=i) for i in range(6)]
+    pure_step = fx.make_train_step(xent, callbacks=cbs)
+    step = torch.compile(fx.make_train_step(xent, callbacks=cbs, donate=True), fullgraph=True,
+                         backend="eager")
+    pure, state = _state(cbs, dropout=0.1), _state(cbs, dropout=0.1)
+    for i in range(12):
+        pure, _ = pure_step(pure, batches[i % 6])
+        with torch._dynamo.config.patch(error_on_recompile=i > 0):
+            state, _ = step(state, batches[i % 6])
+    assert graph_count() == 1
+    assert fx.tree_digest(state) == fx.tree_digest(pure)
+    assert bool(state.callbacks["early_stopping"].stopped)  # the skip path was taken too
+
+
+def test_an_async_checkpoint_never_saves_a_later_steps_values(tmp_path, monkeypatch):
+    """Save, then step (overwriting the state in place) while the write is held back: the
+    checkpoint holds the saved step's bytes."""
+    step = fx.make_train_step(xent, donate=True)
+    state, _ = step(_state(), classification_batch())
+    saved = fx.tree_digest(state)
+    release = threading.Event()
+    manager = fx.checkpoint.CheckpointManager(tmp_path, async_save=True)
+    write = manager._write
+    monkeypatch.setattr(manager, "_write", lambda *a: (release.wait(30), write(*a)))
+    assert manager.save(state)
+    for i in range(3):  # the saved state's tensors now hold steps 2, 3, 4
+        state, _ = step(state, classification_batch(seed=i))
+    release.set()
+    manager.wait()
+    restored = manager.restore(like=state)
+    assert int(restored.step) == 1 and fx.tree_digest(restored) == saved
+
+
+def test_fit_donates_its_state_and_equals_pure_steps():
+    data = fx.data.Batches(classification_batch(n=64, seed=1), 16, seed=0)
+    start = _state(dropout=0.1)
+    storage = _storage(start)
+    step = torch.compile(fx.make_train_step(xent), fullgraph=True, backend="eager")
+    end = fx.fit(start, step, data, max_steps=10)
+    assert _storage(end) == storage  # trained in the storage of the state fit was given
+    with pytest.raises(DonatedError, match=DONATED):
+        start.params["0.weight"]
+    pure = _state(dropout=0.1)
+    pure_step = fx.make_train_step(xent, donate=False)
+    position = data.init()
+    for _ in range(10):
+        batch, position, _ = data.next(position)
+        pure, _ = pure_step(pure, batch)
+    assert fx.tree_digest(end.replace(data=None)) == fx.tree_digest(pure)
+
+
+def test_a_host_callback_that_skips_turns_donation_off_in_fit():
+    """A host callback that may skip a step (early_stopping on step_end) needs the step's old
+    values, so fit keeps them: the skip still reverts, as without donation."""
+    es = fx.callbacks.early_stopping("loss", patience=1, min_delta=100.0, event="step_end")
+    data = fx.data.Batches(classification_batch(n=160, seed=1), 16, seed=0)
+    start = _state()
+    end = fx.fit(start, fx.make_train_step(xent), data, max_steps=20, callbacks=[es],
+                 sync_every=5)
+    assert int(end.step) == 5  # stopped at step 2, read at 5: steps 3-5 were undone
+    two = fx.fit(_state(), fx.make_train_step(xent), data, max_steps=2)
+    assert fx.tree_digest(end.params) == fx.tree_digest(two.params)
+    fx.tree_digest(start)  # not donated: still usable
+
+
+def test_a_skip_from_a_plain_host_function_under_donation_is_a_clear_error():
+    skip = lambda s, e: (s, fx.Control(skip=e.kind == "step_end" and e.step == 2))  # noqa: E731
+    data = fx.data.Batches(classification_batch(n=64, seed=1), 16, seed=0)
+    with pytest.raises(ValueError, match="asked to skip step 2, but fit donated that step.s state"):
+        fx.fit(_state(), fx.make_train_step(xent), data, max_steps=5, callbacks=[skip])
