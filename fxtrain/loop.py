@@ -28,6 +28,7 @@ from .callbacks.nan_guard import flagged
 from .data import as_stream
 from .evaluation import evaluate
 from .step import revert_update
+from .unguarded import Unguarded, is_compiled
 
 __all__ = ["fit", "Interrupted"]
 
@@ -127,17 +128,20 @@ def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) 
 
 def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Callable:
     """Calls the step without the data position and the host callbacks' states, letting steps
-    built with ``donate=None`` donate when ``donates``.
+    built with ``donate=None`` donate when ``donates``; a compiled step skips Dynamo's guards
+    once that is safe (see ``fxtrain.unguarded``).
 
     The data position and host states are host values (Python numbers, loader state): keeping
     them out of the compiled step keeps its inputs' structure fixed, so it never recompiles
     because of them.
     """
 
+    step = Unguarded(train_step)
+
     def call(state, batch):
         was = donation.fit_donating(donates)
         try:
-            return train_step(state, batch)
+            return step(state, batch)
         finally:
             donation.fit_donating(was)
 
@@ -186,8 +190,7 @@ def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every) -> d
     return {"max_steps": max_steps, "max_epochs": max_epochs,
             "steps_per_epoch": length(stream), "batch_size": stream.batch_size,
             "eval_batches": None if eval_data is None else length(eval_data),
-            # torch.compile marks what it returns with the function it wraps
-            "compiled": getattr(train_step, "_torchdynamo_orig_callable", None) is not None,
+            "compiled": is_compiled(train_step),
             "sync_every": sync_every}
 
 

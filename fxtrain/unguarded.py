@@ -1,0 +1,66 @@
+"""Calling a compiled train step without Dynamo re-checking its guards on the whole state.
+
+Before each call of a compiled function Dynamo checks its guards: one or more per tensor of the
+state (shape, dtype, device, strides...) and per piece of its structure. On a tiny model that is
+a fifth of the step. ``fit`` knows what can really change from one step to the next: the batch
+(a short last batch, another dtype) and, in principle, the state's structure. So ``Unguarded``
+makes the first call with the guards (compiling as usual), checks once that the step returns a
+state of the structure it was given (then every later input has it too), and afterwards skips
+the guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, during the call only)
+whenever the batch has the shapes, dtypes and devices of that first call. Any other batch goes
+through the guards, recompiling or picking another compiled graph as Dynamo decides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+try:  # torch >= 2.6: the stance a compiled call reads when it starts
+    from torch._dynamo.eval_frame import DynamoStance, _set_stance
+    _SKIP_GUARDS = DynamoStance("default", skip_guard_eval_unsafe=True)
+except ImportError:  # older torch: every call checks its guards
+    _set_stance = _SKIP_GUARDS = None
+
+__all__ = ["Unguarded", "is_compiled"]
+
+_OFF = ()  # a signature no batch has: the fast path is off
+
+
+def is_compiled(fn: Callable) -> bool:
+    """Whether ``fn`` is what ``torch.compile`` returned (it marks it with what it wraps)."""
+    return getattr(fn, "_torchdynamo_orig_callable", None) is not None
+
+
+def _signature(batch: Any) -> tuple:
+    return tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else
+                 (type(leaf), leaf) for leaf in pytree.tree_leaves(batch))
+
+
+class Unguarded:
+    """``step(state, batch)`` that skips Dynamo's guards once it is safe (see the module)."""
+
+    def __init__(self, step: Callable):
+        self.step = step
+        on = _SKIP_GUARDS is not None and is_compiled(step)
+        self.warm: tuple | None = None if on else _OFF  # the first call's batch signature
+
+    def __call__(self, state: Any, batch: Any) -> tuple:
+        if self.warm is _OFF:
+            return self.step(state, batch)
+        if self.warm is None:
+            structure = pytree.tree_structure(state)  # before the step: it may donate the state
+            out = self.step(state, batch)
+            stable = structure == pytree.tree_structure(out[0])
+            self.warm = _signature(batch) if stable else _OFF
+            return out
+        if _signature(batch) != self.warm:
+            return self.step(state, batch)
+        before = _set_stance(_SKIP_GUARDS)
+        try:
+            return self.step(state, batch)
+        finally:
+            _set_stance(before)
