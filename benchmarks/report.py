@@ -525,7 +525,42 @@ def chart(record: dict, path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = (header, peers, step_overhead, host_loop, logging_rows, checkpoints, data_parallel)
+MEMORY = {  # variant -> its row label
+    "eager": "eager: nn.Module + backward + torch.optim.AdamW(foreach=True), the baseline",
+    "compiled": "torch.compile(model) + torch.compile'd AdamW(foreach=True).step()",
+    "fx_fit": "**fxtrain: fx.fit, compiled step (donates)**",
+    "fx_pure": "fxtrain compiled step in a user loop, donate=False",
+}
+
+
+def memory(record: dict) -> list[str]:
+    bench = record["benchmarks"].get("memory", {"argv": []})
+    lines = ["## Memory per trained parameter (`benchmarks/memory.py`)", "",
+             command("memory", bench), ""]
+    res = results(record, "memory")
+    if res is None:
+        return lines + failure(record, "memory")
+    ratio = lambda r: "n/a" if r["ratio_to_eager"] is None else x(r["ratio_to_eager"])  # noqa: E731
+    rows = [[MEMORY[v], f"{r['bytes_per_param']:.1f}", ratio(r)] for v, r in res["rows"].items()]
+    fit = res["rows"]["fx_fit"]["ratio_to_eager"] or float("nan")
+    where = "CPU resident set size (peak)" if res["device"] == "cpu" else \
+        "`torch.cuda.max_memory_allocated`"
+    return lines + [
+        f"AdamW on a stack of Linear({res['width']}, {res['width']}) layers, batch 16, 5 steps; "
+        f"each variant in its own process, at depths {res['depths'][0]} and {res['depths'][1]}. "
+        f"The figure is the slope of the {where} over the two depths, per parameter, so the "
+        "interpreter, the imports and the compile caches cancel out.", "",
+        *table(["variant", "bytes per parameter", "vs eager"], rows), "",
+        f"Target: `fx.fit`'s compiled step at most 1.1x the eager loop: {met(fit <= 1.1)} "
+        f"({x(fit)}). `fit` donates each step's state: the step writes the new parameters and "
+        "AdamW moments into the old ones' storage. Parameters, two moments and a full set of "
+        "gradients would be 16 bytes per float32 parameter; one graph for forward, backward and "
+        "update need not hold every gradient at once, which the eager loop does until `step()`. "
+        "Without donation (the last row) a step holds the old and the new state at once.", ""]
+
+
+SECTIONS = (header, peers, step_overhead, host_loop, logging_rows, checkpoints, data_parallel,
+            memory)
 
 
 def write(record: dict, folder: Path) -> None:

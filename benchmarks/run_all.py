@@ -33,6 +33,7 @@ BENCHMARKS = {
     "step_overhead": ["--rounds", "7", "--steps", "300"],
     "checkpoint": ["--sizes", "10,400,1300", "--rounds", "3"],
     "distributed": ["--rounds", "3", "--steps", "300"],
+    "memory": ["--width", "2048", "--depths", "6", "12"],
 }
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",
             "orbax-checkpoint", "safetensors", "tqdm", "rich")

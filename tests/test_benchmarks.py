@@ -76,6 +76,14 @@ def test_distributed_benchmark_smoke(run_all):
 
 
 @pytest.mark.slow
+def test_memory_benchmark_smoke(run_all):
+    results = results_of(run_all[0], "memory")
+    assert set(results["rows"]) == set(imported("memory").VARIANTS)
+    for row in results["rows"].values():
+        assert all(run["peak_bytes"] > 0 and run["params"] > 0 for run in row["runs"])
+
+
+@pytest.mark.slow
 def test_run_all_writes_every_section_and_row(run_all):
     record, out = run_all
     assert set(record["benchmarks"]) == set(imported("run_all").BENCHMARKS)
@@ -84,9 +92,10 @@ def test_run_all_writes_every_section_and_row(run_all):
     assert "did not produce results" not in text
     report = imported("report")
     for section in ("fxtrain against its peers", "Step overhead", "Host loop and callbacks",
-                    "Logging callbacks", "Checkpoints", "Data parallel scaling"):
+                    "Logging callbacks", "Checkpoints", "Data parallel scaling",
+                    "Memory per trained parameter"):
         assert f"## {section}" in text
-    for label in report.PEERS.values():
+    for label in [*report.PEERS.values(), *report.MEMORY.values()]:
         assert f"| {label} |" in text
     for row in ("| tiny MLP 64-64-10 (batch 32) | 1.00x", "| (e) bare Python loop",
                 "| (g) `fx.fit`", "| 1 MB |", "| tiny MLP 64-64-10 (batch per rank 32) |"):
