@@ -3,6 +3,7 @@
 from . import callbacks as callbacks
 from . import checkpoint as checkpoint
 from . import data as data
+from . import donation as donation
 from . import logging as logging
 from . import metrics as metrics
 from . import optim as optim
@@ -10,6 +11,7 @@ from . import random as random
 from . import struct as struct
 from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
+from .donation import DonatedError as DonatedError
 from .evaluation import evaluate as evaluate
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit
