@@ -7,6 +7,22 @@ epoch and checkpoint boundary. So a stop raised inside the step takes effect up 
 ``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
 updates of those extra steps, so the parameters stay where they stopped.
 
+K steps per call: a step built with ``make_train_step(..., steps_per_call=K)`` takes K stacked
+batches. ``fit`` then takes K batches from the stream, stacks them (``torch.stack`` per leaf),
+calls the step once and advances ``step`` by K. The host sees only call boundaries:
+- host callbacks get one step_end per call, at the call's last step, with that step's metrics
+  (its ``control/*`` flags OR-ed over the K steps);
+- the run must start at a multiple of K (``state.step``, after resuming), and ``max_steps``,
+  ``eval_every``, the ``steps_per_epoch`` of data with a length and the period of every
+  periodic host callback (``every(n, ...)``, ``checkpoint(every=n)``) must be multiples of K,
+  else a ValueError names both numbers; data without a length whose epoch ends inside a
+  group of K is the same error, when it happens;
+- tensor flags are read at the end of each call that reaches or passes a multiple of
+  ``sync_every`` (so any ``sync_every`` works; the lag is up to ``sync_every + K - 1`` steps);
+- a host callback that may skip a step (``skips=True``) is refused: skip inside the step.
+Every call boundary is an ordinary state (positions count batches), so checkpoints and resumes
+work as with single steps.
+
 Under torch.distributed (one process per rank, as torchrun starts them) every rank runs the
 same loop in lockstep: control flags are read at the same steps on every rank and agreed (a
 flag any rank raises holds on all, so every rank stops at the same step), evaluation metrics
@@ -21,18 +37,17 @@ from typing import Any
 import warnings
 
 import torch
+import torch.utils._pytree as pytree
 
 from . import distributed, donation
 from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .callbacks.nan_guard import flagged
 from .data import as_stream
 from .evaluation import evaluate
-from .step import revert_update
+from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
 
 __all__ = ["fit", "Interrupted"]
-
-_CONTROLS = ("control/stop", "control/save", "control/evaluate", "control/log")
 
 
 class Interrupted(KeyboardInterrupt):
@@ -69,7 +84,7 @@ class _Flags:
 
     def add_step(self, metrics: dict) -> None:
         if "control/stop" in metrics:  # the in-step callbacks' flags
-            for pending, key in zip(self.tensors, _CONTROLS):
+            for pending, key in zip(self.tensors, CONTROL_METRICS):
                 pending.append(metrics[key])
 
     def urgent(self) -> bool:
@@ -126,6 +141,57 @@ def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) 
         raise ValueError("fit: eval_every needs eval_step and eval_data")
 
 
+def _length(x: Any) -> int | None:
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
+def _steps_per_call(train_step: Callable) -> int:
+    """The K of a step made by ``make_train_step(..., steps_per_call=K)`` (1 for any other),
+    compiled or not."""
+    return getattr(getattr(train_step, "_torchdynamo_orig_callable", train_step),
+                   "steps_per_call", 1)
+
+
+def _check_calls(k: int, start: int, max_steps, eval_every, stream, callbacks: tuple) -> None:
+    """The rules for K steps per call (see the module): intervals at call boundaries."""
+    if k == 1:
+        return
+    periodic = [(f"the period of host callback {cb.name}", cb.period) for cb in callbacks
+                if isinstance(cb, Callback) and cb.period > 1 and "step_end" in cb.kinds]
+    for label, value in [("the start step (state.step)", start), ("max_steps", max_steps),
+                         ("eval_every", eval_every), ("steps_per_epoch", _length(stream)),
+                         *periodic]:
+        if value is not None and value % k:
+            raise ValueError(f"fit: {label} is {value}, not a multiple of the step's "
+                             f"steps_per_call={k}; with {k} steps per call the host only sees "
+                             f"every {k}th step")
+    for cb in callbacks:
+        if isinstance(cb, Callback) and cb.skips and "step_end" in cb.kinds:
+            raise ValueError(
+                f"fit: host callback {cb.name} may skip a step, but the step takes "
+                f"steps_per_call={k} steps per call; pass it to make_train_step(..., "
+                "callbacks=[...]) instead, where it skips single steps")
+
+
+def _take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
+    """The next ``k`` batches stacked along a new first dimension (one batch when ``k`` is 1),
+    the position after them, and whether they ended an epoch (only the last may)."""
+    if k == 1:
+        return stream.next(position)
+    batches = []
+    for i in range(k):
+        batch, position, epoch_done = stream.next(position)
+        batches.append(batch)
+        if epoch_done and i < k - 1:
+            raise ValueError(f"fit: an epoch of the data ended after batch {i + 1} of a call "
+                             f"of steps_per_call={k}; make the batches per epoch a multiple "
+                             f"of {k}")
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches), position, epoch_done
+
+
 def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Callable:
     """Calls the step without the data position and the host callbacks' states, letting steps
     built with ``donate=None`` donate when ``donates``; a compiled step skips Dynamo's guards
@@ -180,18 +246,13 @@ def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
     return revert_update(before, state, skip)
 
 
-def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every) -> dict[str, Any]:
+def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every, k) -> dict[str, Any]:
     """What train_begin tells the callbacks about the run."""
-    def length(x):
-        try:
-            return len(x)
-        except TypeError:
-            return None
     return {"max_steps": max_steps, "max_epochs": max_epochs,
-            "steps_per_epoch": length(stream), "batch_size": stream.batch_size,
-            "eval_batches": None if eval_data is None else length(eval_data),
+            "steps_per_epoch": _length(stream), "batch_size": stream.batch_size,
+            "eval_batches": None if eval_data is None else _length(eval_data),
             "compiled": is_compiled(train_step),
-            "sync_every": sync_every}
+            "sync_every": sync_every, "steps_per_call": k}
 
 
 def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Callable] = (),
@@ -222,6 +283,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       resume: with ``checkpoint``, start from its latest checkpoint when there is one (and say
         so); False refuses a directory with later checkpoints than ``state`` (two runs would mix).
 
+    A step made with ``make_train_step(..., steps_per_call=K)`` gets K stacked batches per call
+    and host callbacks one step_end per call; the rules (intervals that are multiples of K) are
+    in this module's docstring.
+
     Returns:
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
@@ -247,13 +312,15 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names, donates)
     step, epoch = int(state.step), int(state.data.epoch)
+    k = _steps_per_call(train_step)
+    _check_calls(k, step, max_steps, eval_every, stream, callbacks)
     first = step
     agree = distributed.world_size() > 1
     pending = _Flags(agree=agree)
     if agree:
         callbacks = _tracked(callbacks, pending)
     state, c = fold(callbacks, state, Event("train_begin", step, epoch, _plan(
-        stream, max_steps, max_epochs, eval_data, train_step, sync_every)))
+        stream, max_steps, max_epochs, eval_data, train_step, sync_every, k)))
     pending.add(c)
 
     def emit(kind, metrics=None):
@@ -286,13 +353,13 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
             if reason:
                 break
             try:
-                batch, position, epoch_done = stream.next(state.data)
+                batch, position, epoch_done = _take(stream, state.data, k)
             except StopIteration:
                 reason = "data_exhausted"
                 break
             before = state
             state, metrics = run_step(state, batch, position)
-            step += 1
+            step += k
             pending.add_step(metrics)
             if log_next:
                 metrics["control/log"], log_next = True, False
@@ -301,7 +368,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
             pending.add(c)
             eval_due = eval_step is not None and (
                 step % eval_every == 0 if eval_every else epoch_done)
-            boundary = (eval_due or epoch_done or step % sync_every == 0 or pending.urgent()
+            boundary = (eval_due or epoch_done or step % sync_every < k or pending.urgent()
                         or _limit(step, epoch + epoch_done, max_steps, max_epochs))
             if not boundary:
                 continue

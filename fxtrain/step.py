@@ -215,7 +215,7 @@ def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool)
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
-                    ) -> Callable[[TrainState, Any], tuple]:
+                    steps_per_call: int = 1) -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -238,6 +238,16 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         running statistics) over ranks after each step, so the state stays the same on every
         rank and any rank's checkpoint is the run's; ``"local"`` keeps each rank's own (rank
         0's are the ones checkpointed).
+      donate: True writes the new state into the given state's storage and marks the given
+        state donated (see ``fxtrain.donation``); None donates when ``fx.fit`` runs the step.
+      steps_per_call: K > 1 makes a step that takes K stacked batches (every leaf with a
+        leading dimension K, as ``torch.stack`` of K batches gives) and takes K single steps
+        on them in one call, unrolled into one compiled graph: each inner step keys its
+        randomness on its own step number and folds the in-step callbacks (a skip undoes that
+        inner step only), so K steps per call give exactly the state of K calls of the
+        single step. It returns the state after K steps and the metrics of the last one, its
+        ``control/*`` flags OR-ed over the K steps. ``fx.fit`` reads ``.steps_per_call`` off
+        the step (compiled or not) and feeds it K batches per call (see ``fx.fit``).
 
     Returns:
       ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
@@ -262,9 +272,12 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     guard = _BatchGuard("train_step")
 
     rank = distributed.rank() if parallel else 0
+    if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
+            steps_per_call < 1:
+        raise ValueError(f"make_train_step: steps_per_call must be a positive int, got "
+                         f"{steps_per_call!r}")
 
-    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        donation.check_live(state, "train_step")
+    def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         guard(batch)
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
@@ -290,11 +303,59 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
             new = revert_update(state, new, control.skip)
             metrics.update(_control_metrics(control, loss.device))
-        if donate or (donate is None and donation.fit_donates()):
-            new = donation.donate(state, new)
         return new, metrics
 
-    return train_step
+    def donated(state: TrainState, new: TrainState) -> TrainState:
+        if donate or (donate is None and donation.fit_donates()):
+            return donation.donate(state, new)
+        return new
+
+    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        donation.check_live(state, "train_step")
+        new, metrics = one_step(state, batch)
+        return donated(state, new), metrics
+
+    if steps_per_call == 1:
+        return train_step
+
+    def train_steps(state: TrainState, batches: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        donation.check_live(state, "train_step")
+        _check_stacked(batches, steps_per_call)
+        new, flags = state, None
+        for batch in _unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
+            new, metrics = one_step(new, batch)
+            if callbacks:
+                now = [metrics[k] for k in CONTROL_METRICS]
+                flags = now if flags is None else [a | b for a, b in zip(flags, now)]
+        if callbacks:
+            metrics.update(zip(CONTROL_METRICS, flags))
+        return donated(state, new), metrics
+
+    train_steps.steps_per_call = steps_per_call  # read by fx.fit (K batches per call)
+    return train_steps
+
+
+# the in-step callbacks' merged control, as metrics (fx.fit reads them)
+CONTROL_METRICS = ("control/stop", "control/save", "control/evaluate", "control/log")
+
+
+def _unstack(batches: Any) -> list:
+    """The batches stacked in ``batches``, in order (each leaf unbound along dimension 0)."""
+    leaves, spec = pytree.tree_flatten(batches)
+    return [pytree.tree_unflatten(list(parts), spec)
+            for parts in zip(*(leaf.unbind(0) for leaf in leaves))]
+
+
+def _check_stacked(batches: Any, k: int) -> None:
+    """Every leaf of ``batches`` is a tensor with a leading dimension ``k``."""
+    for path, leaf in pytree.tree_flatten_with_path(batches)[0]:
+        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0 or leaf.shape[0] != k:
+            what = f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else \
+                type(leaf).__name__
+            raise ValueError(
+                f"train_step(steps_per_call={k}) takes {k} stacked batches (each leaf with a "
+                f"leading dimension {k}, e.g. torch.stack of {k} batches); "
+                f"{pytree.keystr(path) or 'batch'} has {what}")
 
 
 def _eval_metrics(out: Any) -> dict[str, Any]:

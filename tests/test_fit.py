@@ -71,7 +71,7 @@ def test_train_begin_describes_the_run_and_train_end_says_why():
     fx.fit(state, step, fx.data.Batches((X, Y), 32), callbacks=[cb], max_steps=4, sync_every=2)
     assert seen["train_begin"] == {"max_steps": 4, "max_epochs": None, "steps_per_epoch": 3,
                                    "batch_size": 32, "eval_batches": None, "compiled": False,
-                                   "sync_every": 2}
+                                   "sync_every": 2, "steps_per_call": 1}
     assert seen["train_end"] == {"reason": "max_steps"}
 
 
