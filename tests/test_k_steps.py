@@ -181,3 +181,18 @@ def test_k_steps_donate_like_a_single_step():
     assert _storage(end) == storage and int(end.step) == 8
     with pytest.raises(DonatedError, match="donated to a train step"):
         start.params["0.weight"]
+
+
+def test_fit_with_k_steps_reads_in_step_flags_at_the_call_passing_sync_every():
+    """sync_every=5, K=4, 16 batches per epoch: a stop raised at step 6 is read at the end of
+    the call that passes step 5 (step 8), not at the next multiple of 5 that is a call end (20)
+    or the epoch end (16); the steps after the stop were skipped inside the step."""
+    def stop_at_6(state, event):
+        return state, fx.Control(stop=event.step >= 6, skip=event.step > 6)
+
+    step = fx.make_train_step(xent, callbacks=[stop_at_6], steps_per_call=K)
+    data = fx.data.Batches((X, Y), 8)
+    end = fx.fit(_state([stop_at_6], dropout=0.0), step, data, max_steps=64, sync_every=5)
+    assert int(end.step) == 8
+    ref = fx.fit(_state(dropout=0.0), fx.make_train_step(xent), data, max_steps=6)
+    assert all(torch.equal(end.params[k], ref.params[k]) for k in ref.params)
