@@ -22,6 +22,7 @@ PEERS = {  # variant -> its row label
     "fxtrain_step": "fxtrain compiled step in a bare loop (no fit)",
     "fxtrain": "**fxtrain: fx.fit + standard callbacks**",
     "fxtrain_nan_guard": "fxtrain: the same + nan_guard in the step",
+    "fxtrain_k8": "fxtrain: fx.fit + standard callbacks, 8 steps per compiled call",
     "lightning": "Lightning Trainer, defaults",
     "lightning_bare": "Lightning Trainer, bare",
     "ignite": "Ignite create_supervised_trainer",
