@@ -187,6 +187,7 @@ def peer_targets(res: dict) -> list[str]:
             f"- fxtrain ahead of Ignite: {met(fx_ > t['ignite'])} ({x(fx_ / t['ignite'])}).",
         ]
     lines += [f"- JAX + optax against fxtrain (standard callbacks): {jax_lead(rate)}.", ""]
+    lines += lean_targets(rate)
     if "large" in rate:
         g = rate["large"]
         lines += [f"On the larger MLP (no target there) fxtrain runs at "
@@ -194,6 +195,21 @@ def peer_targets(res: dict) -> list[str]:
                   f"{x(g['fxtrain'] / g['lightning'])} Lightning with defaults and "
                   f"{x(g['fxtrain'] / g['ignite'])} Ignite.", ""]
     return lines
+
+
+def lean_targets(rate: dict) -> list[str]:
+    """The lean-step issue's per-step targets."""
+    lines = ["Targets (lean-step issue: the same run):", ""]
+    for size, r in rate.items():
+        fit = r["fxtrain"] / r["torch_compile"]
+        lines.append(f"- {NAMES[size]} MLP, `fx.fit` + standard callbacks >= the hand-written "
+                     f"compiled step: {met(fit >= 1)} ({x(fit)})"
+                     + (f"; with 8 steps per call ahead of JAX + optax: "
+                        f"{met(r['fxtrain_k8'] > r['jax_optax'])} "
+                        f"({x(r['fxtrain_k8'] / r['jax_optax'])} JAX's rate, "
+                        f"{x(r['fxtrain_k8'] / r['eager'])} eager)."
+                        if "fxtrain_k8" in r and size == "tiny" else "."))
+    return lines + [""]
 
 
 def jax_lead(rate: dict) -> str:
