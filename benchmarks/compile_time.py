@@ -1,0 +1,352 @@
+"""Cold and warm compile time of a training step: fxtrain's against torch.compile of the model.
+
+Each variant trains the same model (a 2-layer GPT-2 from transformers by default: ``n_layer=2,
+n_head=2, n_embd=64, vocab_size=256, n_positions=64``, eager attention, batch 8 x 64 tokens,
+AdamW with lr 1e-3 and weight decay 1e-2) and runs in its own fresh process:
+
+- fxtrain: ``torch.compile(fx.make_train_step(loss_fn), fullgraph=True)`` over
+  ``fx.TrainState.create(model, fx.optim.adamw(1e-3))``, with GPT-2's dropout (0.1), and again
+  with dropout 0.0 (and, on request, with ``fx.optim.sgd``: the optimizer's share);
+- the baseline, torch.compile(model) + ``torch.optim.AdamW`` whose ``step()`` is compiled too
+  (the recipe of PyTorch's compiled-optimizer tutorial); the same with an eager ``step()``, and
+  the baseline with dropout 0.0.
+
+Cold: the process starts with an empty ``TORCHINDUCTOR_CACHE_DIR`` of its own, so nothing is
+cached. Warm: a second process of the same variant reuses that directory (Inductor's FX graph
+cache and AOTAutograd's cache hit; Dynamo traces again). Each process reports its imports
+(torch, transformers, fxtrain), its first step from before the call to the end of the step
+(compilation included) in wall time and in CPU time of the process and its compile workers
+(steadier than wall time on a shared machine), how long after its start it was ready (first step
+done), ``torch._dynamo.utils.compile_times`` summed per phase, the graphs Dynamo made, Inductor's
+generated kernels, the C++ sources in its cache directory, and a steady step's time. Rounds
+rotate the order of the variants; the table shows medians, and ratios against the baseline in the
+same mode (cold or warm).
+
+Needs transformers (fxtrain[hf]) and, for the CPU times, psutil (fxtrain[monitor]).
+
+Run: .venv/bin/python benchmarks/compile_time.py [--rounds 1] [--variants ...] [--out FILE]
+     [--smoke]   (--smoke: a small MLP with dropout instead of GPT-2, fxtrain and the baseline
+                  only: well under a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LR, WD = 1e-3, 1e-2
+GPT2 = dict(n_layer=2, n_head=2, n_embd=64, vocab_size=256, n_positions=64)
+BATCH, TOKENS = 8, 64
+BASELINE = "torch_compiled_adamw"
+VARIANTS = {
+    "fxtrain": "fxtrain step, dropout 0.1",
+    "fxtrain_nodropout": "fxtrain step, dropout 0.0",
+    "torch_compiled_adamw": "torch.compile(model) + compiled AdamW.step()",
+    "torch_eager_adamw": "torch.compile(model) + eager AdamW.step()",
+    "torch_compiled_adamw_nodropout": "the same as torch_compiled_adamw, dropout 0.0",
+}
+# For the breakdown, not run by default: the optimizer's share of fxtrain's step.
+EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0"}
+SMOKE = ["fxtrain", "torch_compiled_adamw"]
+# phases of torch._dynamo.utils.compile_times worth a column (seconds summed over graphs)
+PHASES = ("_compile.compile_inner", "bytecode_tracing", "OutputGraph.call_user_compiler",
+          "create_aot_dispatcher_function", "compile_fx_inner", "GraphLowering.run",
+          "Scheduler.__init__", "Scheduler.codegen", "PythonWrapperCodegen.generate",
+          "async_compile.wait", "compile_file", "PyCodeCache.load_by_key_path")
+
+
+# ---------------------------------------------------------------- the child process's side
+
+
+def gpt2(dropout: float):
+    """The GPT-2 every GPT-2 variant trains (seeded), and a batch of token ids."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(**GPT2, resid_pdrop=dropout, embd_pdrop=dropout,
+                                     attn_pdrop=dropout, use_cache=False, bos_token_id=0,
+                                     eos_token_id=0, attn_implementation="eager")
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"  # otherwise transformers guesses it on each call, and warns
+    batch = torch.randint(0, GPT2["vocab_size"], (BATCH, TOKENS),
+                          generator=torch.Generator().manual_seed(0))
+    return model, batch
+
+
+def gpt2_loss(state, params, batch):
+    """fxtrain's loss function for GPT-2: transformers' own causal-LM loss."""
+    return state.apply(params, input_ids=batch, labels=batch).loss
+
+
+def mlp_loss(state, params, batch):
+    import torch.nn.functional as F
+
+    x, y = batch
+    return F.cross_entropy(state.apply(params, x), y)
+
+
+class _Module:
+    """Stands in for fxtrain's state in the loss functions above: ``apply`` runs ``forward``."""
+
+    def __init__(self, forward):
+        self.forward = forward
+
+    def apply(self, params, *args, **kwargs):
+        del params
+        return self.forward(*args, **kwargs)
+
+
+def mlp(dropout: float):
+    """The smoke model: 32-64-10 with dropout between, and a batch."""
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Dropout(dropout), nn.Linear(64, 10))
+    g = torch.Generator().manual_seed(0)
+    return model, (torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
+
+
+def fxtrain_step(model, loss, optimizer: str):
+    import torch
+
+    import fxtrain as fx
+
+    tx = fx.optim.sgd(LR) if optimizer == "sgd" else fx.optim.adamw(LR, weight_decay=WD)
+    state = fx.TrainState.create(model, tx)
+    step = torch.compile(fx.make_train_step(loss), fullgraph=True)
+    holder = [state]
+
+    def run(batch):
+        holder[0], metrics = step(holder[0], batch)
+        return metrics["loss"]
+
+    return run
+
+
+def torch_step(model, loss, compiled_optimizer: bool):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
+    forward = _Module(torch.compile(model))
+    opt_step = torch.compile(opt.step) if compiled_optimizer else opt.step
+
+    def run(batch):
+        opt.zero_grad(set_to_none=True)
+        out = loss(forward, None, batch)
+        out.backward()
+        opt_step()
+        return out.detach()
+
+    return run
+
+
+def build(variant: str, kind: str):
+    dropout = 0.0 if variant.endswith("nodropout") else 0.1
+    model, batch = (gpt2 if kind == "gpt2" else mlp)(dropout)
+    model.train()
+    loss = gpt2_loss if kind == "gpt2" else mlp_loss
+    if variant.startswith("fxtrain"):
+        return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw"), batch
+    return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
+
+
+def cache_files(cache: Path) -> dict[str, int]:
+    """How many C++ sources, shared objects and Python modules Inductor left in ``cache``."""
+    files = [p for p in cache.rglob("*") if p.is_file()]
+    return {"cpp": sum(p.suffix == ".cpp" for p in files),
+            "so": sum(p.suffix == ".so" for p in files),
+            "py": sum(p.suffix == ".py" for p in files), "files": len(files)}
+
+
+def process_tree_cpu() -> float:
+    """CPU seconds used so far by this process, its threads and its children (Inductor's
+    compile workers and the compilers they ran): less sensitive than wall time to other jobs
+    on a shared machine. 0.0 without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return 0.0
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:4])  # user, system, and those of children already reaped
+    for child_process in me.children(recursive=True):
+        try:
+            total += sum(child_process.cpu_times()[:4])
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def child(variant: str, kind: str, cache: str, spawned: float, out: str) -> None:
+    """One measurement in this fresh process: imports, build, first step, a few more steps."""
+    start = time.time()
+    import torch
+    import torch._dynamo.utils as dynamo_utils
+    import torch._inductor.metrics as inductor_metrics
+
+    if kind == "gpt2":
+        import transformers  # noqa: F401 - its import is part of what a user pays
+    import fxtrain  # noqa: F401
+    imported = time.time()
+    torch.set_num_threads(1)
+    step, batch = build(variant, kind)
+    cpu, before = process_tree_cpu(), time.time()
+    loss = step(batch)
+    first, cpu = time.time(), process_tree_cpu() - cpu
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        step(batch)
+        times.append(time.perf_counter() - t)
+    phases = {k: sum(v) for k, v in dynamo_utils.compilation_time_metrics.items()}
+    record = {
+        "variant": variant, "loss": float(loss),
+        "startup_s": start - spawned, "import_s": imported - start, "build_s": before - imported,
+        "first_step_s": first - before, "first_step_cpu_s": cpu, "ready_s": first - spawned,
+        "step_s": min(times), "load": os.getloadavg()[0],
+        "graphs": graphs, "recompiled": dynamo_utils.counters["stats"]["unique_graphs"] != graphs,
+        "phases": phases,
+        "generated_kernels": inductor_metrics.generated_kernel_count,
+        "counters": {group: dict(dynamo_utils.counters[group])
+                     for group in ("inductor", "aot_autograd", "graph_break")},
+        "cache_files": cache_files(Path(cache)),
+    }
+    Path(out).write_text(json.dumps(record))
+
+
+# ---------------------------------------------------------------- the parent's side
+
+
+def spawn(variant: str, kind: str, cache: Path, env_extra: dict | None = None) -> dict:
+    """``child`` in a fresh interpreter with ``cache`` as Inductor's cache; its record."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "record.json"
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), **(env_extra or {})}
+        argv = [sys.executable, str(Path(__file__).resolve()), "--child", variant, kind,
+                str(cache), repr(time.time()), str(out)]
+        done = subprocess.run(argv, env=env, cwd=Path(__file__).resolve().parents[1])
+        if done.returncode:
+            return {"variant": variant, "failed": f"exit code {done.returncode}"}
+        return json.loads(out.read_text())
+
+
+def measure(variants, kind: str, rounds: int, warm: set[str]) -> dict:
+    """``{variant: {"cold": [records], "warm": [records]}}``, order rotated every round."""
+    results = {v: {"cold": [], "warm": []} for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[:r % len(variants)]
+        for variant in order:
+            with tempfile.TemporaryDirectory(prefix="fxtrain-compile-") as cache:
+                for mode in ("cold", "warm") if variant in warm else ("cold",):
+                    record = spawn(variant, kind, Path(cache))
+                    results[variant][mode].append(record)
+                    print(f"  round {r + 1} {variant:32s} {mode}: " + (
+                        record.get("failed") or f"first step {record['first_step_s']:.1f} s "
+                        f"(ready {record['ready_s']:.1f} s, import {record['import_s']:.1f} s)"),
+                        flush=True)
+    return results
+
+
+def median_of(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if "failed" not in r]
+    return statistics.median(values) if values else None
+
+
+def summary(results: dict) -> dict:
+    """Medians per variant and mode, and the first-step ratios against the baseline in the same
+    mode (cold or warm)."""
+    out = {}
+    for variant, modes in results.items():
+        out[variant] = {}
+        for mode, records in modes.items():
+            if not records:
+                continue
+            ok = [r for r in records if "failed" not in r]
+            row = {k: median_of(records, k) for k in
+                   ("first_step_s", "first_step_cpu_s", "ready_s", "import_s", "step_s", "graphs",
+                    "generated_kernels")}
+            if ok:
+                row["phases"] = {p: statistics.median(r["phases"].get(p, 0.0) for r in ok)
+                                 for p in sorted({p for r in ok for p in r["phases"]})}
+                row["cache_files"] = ok[0]["cache_files"]
+                row["recompiled"] = any(r["recompiled"] for r in ok)
+            out[variant][mode] = row
+    for variant, modes in out.items():
+        for mode, row in modes.items():
+            base = out.get(BASELINE, {}).get(mode, {})
+            for key, ratio in (("first_step_s", "vs_baseline"),
+                               ("first_step_cpu_s", "cpu_vs_baseline")):
+                if base.get(key) and row.get(key) is not None:
+                    row[ratio] = row[key] / base[key]
+    return out
+
+
+def table(summ: dict) -> str:
+    """The summary as text: one row per variant and mode."""
+    lines = [f"{'variant':31s} {'mode':5s} {'1st step':>8s} {'vs base':>7s} {'CPU':>7s} "
+             f"{'vs base':>7s} {'ready':>6s} {'import':>6s} {'graphs':>6s} {'kernels':>7s} "
+             f"{'.cpp':>4s} {'step ms':>7s}"]
+    for variant, modes in summ.items():
+        for mode, row in modes.items():
+            if row.get("first_step_s") is None:
+                lines.append(f"{variant:31s} {mode:5s} failed")
+                continue
+            lines.append(
+                f"{variant:31s} {mode:5s} {row['first_step_s']:7.1f}s "
+                f"{row.get('vs_baseline', float('nan')):6.2f}x {row['first_step_cpu_s']:6.1f}s "
+                f"{row.get('cpu_vs_baseline', float('nan')):6.2f}x {row['ready_s']:5.1f}s "
+                f"{row['import_s']:5.1f}s {row['graphs']:6.0f} {row['generated_kernels']:7.0f} "
+                f"{row.get('cache_files', {}).get('cpp', 0):4d} {row['step_s'] * 1e3:7.1f}")
+    lines.append("\nphases, cold (s, summed over graphs; torch._dynamo.utils.compile_times):")
+    for variant, modes in summ.items():
+        phases = modes.get("cold", {}).get("phases", {})
+        lines.append(f"  {variant}: " + ", ".join(
+            f"{p} {phases[p]:.1f}" for p in PHASES if p in phases))
+    return "\n".join(lines)
+
+
+def arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=[*VARIANTS, *EXTRA])
+    parser.add_argument("--warm", nargs="*", default=["fxtrain", BASELINE], choices=list(VARIANTS),
+                        help="variants measured a second time on their warm cache")
+    parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the small MLP instead of GPT-2; fxtrain (cold and warm) and the "
+                        "baseline only, one round")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    """Measures the variants; returns ``{"model", "summary", "records"}``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--child"]:
+        return child(argv[1], argv[2], argv[3], float(argv[4]), argv[5])
+    args = arguments(argv)
+    kind = "mlp" if args.smoke else "gpt2"
+    if args.smoke:
+        args.rounds, args.variants, args.warm = 1, SMOKE, ["fxtrain"]
+    print(f"compile time, {kind}, {args.rounds} round(s), {os.cpu_count()} cores, "
+          f"load {os.getloadavg()[0]:.2f}", flush=True)
+    results = measure(args.variants, kind, args.rounds, set(args.warm))
+    record = {"model": kind, "gpt2": GPT2 if kind == "gpt2" else None, "rounds": args.rounds,
+              "summary": summary(results), "records": results}
+    print(table(record["summary"]))
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+if __name__ == "__main__":
+    main()
