@@ -6,6 +6,13 @@ index). The key of a step is ``step_key(state.rng, state.step)``, so two runs wi
 draw the same masks, and a resumed run draws what an uninterrupted run would have drawn. The
 masks are integer hashing, so eager and compiled steps draw identical bits.
 
+Keys are derived (``fold_in``) by operators of their own (``torch.ops.fxtrain.fold_in*``), which
+the compiler calls instead of inlining: a draw reads its key from a buffer, and its kernel holds a
+single hash round of the element index. Inlined, the chain of hashes from the run's key to a
+draw's grew the kernels' expressions exponentially, and a 2-layer GPT-2 step compiled 4-5 times
+slower with dropout than without. A compiled step pays one such call for its step key and one
+per 16 random calls.
+
 Other random functions that PyTorch lets a mode intercept (``multinomial``, ``Tensor.normal_``,
 ``rrelu``...) raise instead of silently reading torch's global generator. Factory functions
 (``torch.rand``, ``randn``, ``rand_like``...) are invisible to modes under ``torch.compile``;
@@ -20,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
@@ -28,6 +36,7 @@ __all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical"
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_BLOCK = 16  # keys a `keyed` context derives per operator call
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
@@ -43,9 +52,59 @@ def seed_key(seed: int, device: torch.device | str | None = None) -> torch.Tenso
     return _mix32(torch.tensor(int(seed) & _MASK32, dtype=torch.int64, device=device) + _GOLDEN)
 
 
+def _fold(key, data):
+    return _mix32(_mix32(key + _GOLDEN) ^ (data & _MASK32))
+
+
+def _run(fn, *tensors: torch.Tensor) -> torch.Tensor:
+    """``fn(*tensors)``, in numpy for plain CPU tensors (zero-copy): the key maths is a few dozen
+    operations on a handful of elements, which numpy runs 3x faster than torch dispatches them."""
+    if all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors):
+        return torch.from_numpy(np.asarray(fn(*(t.numpy() for t in tensors))))
+    return fn(*tensors)
+
+
+@torch.library.custom_op("fxtrain::fold_in", mutates_args=())
+def _fold_in(key: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+    return _run(_fold, key, data)
+
+
+@torch.library.custom_op("fxtrain::fold_in_range", mutates_args=())
+def _fold_in_range(key: torch.Tensor, start: int, count: int) -> torch.Tensor:
+    # fold_in(key, start + i) for i < count, on a new last axis; constants need no tensor input
+    # (each would be a compiled kernel of its own)
+    data = torch.arange(start, start + count, dtype=torch.int64, device=key.device)
+    return _run(lambda k, d: _fold(k[..., None], d), key, data)
+
+
+@torch.library.custom_op("fxtrain::stream_key", mutates_args=())
+def _stream_key(key: torch.Tensor, stream: int) -> torch.Tensor:
+    return _run(lambda k: _mix32(k + stream * _GOLDEN), key)
+
+
+@_fold_in.register_fake
+def _(key, data):
+    shape = torch.broadcast_shapes(key.shape, data.shape)
+    return torch.empty(shape, dtype=torch.int64, device=key.device)
+
+
+@_fold_in_range.register_fake
+def _(key, start, count):
+    del start
+    return key.new_empty((*key.shape, count))
+
+
+@_stream_key.register_fake
+def _(key, stream):
+    del stream
+    return torch.empty_like(key)
+
+
 def fold_in(key: torch.Tensor, data: torch.Tensor | int) -> torch.Tensor:
     """A new key that depends on ``key`` and ``data`` (an int or an int64 tensor)."""
-    return _mix32(_mix32(key + _GOLDEN) ^ (torch.as_tensor(data, device=key.device) & _MASK32))
+    if isinstance(data, torch.Tensor):
+        return _fold_in(key, data.to(device=key.device, dtype=torch.int64))
+    return _fold_in_range(key, int(data), 1)[..., 0]
 
 
 def step_key(rng: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -53,11 +112,24 @@ def step_key(rng: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return fold_in(rng, step)
 
 
-def _bits(key: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Tensor:
+def _hash(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """32 random bits per element of ``shape`` from a 32-bit ``key``, as int64: the element index
+    spread by a Weyl multiplier, then a xorshift-multiply round with the key mixed in before and
+    within it. One round (of two for keys) and int64 maths that never overflows keep it short in
+    a compiled kernel and equal, bit for bit, to the eager result."""
     numel = math.prod(shape)
     index = torch.arange(numel, dtype=torch.int64, device=key.device)
-    stream_key = _mix32(key + stream * _GOLDEN)
-    return _mix32(_mix32(index ^ stream_key) + stream_key).reshape(tuple(shape))
+    if numel > 1 << 32:  # indices repeat every 2**32 elements
+        index = index & _MASK32
+    x = ((index * 0x61C88647) & _MASK32) ^ key
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ key ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
+    return (x ^ (x >> 16)).reshape(tuple(shape))
+
+
+def _bits(key: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Tensor:
+    """``_hash`` for any int64 key (only its low 32 bits count) and ``stream``."""
+    return _hash((_stream_key(key, stream) if stream else key) & _MASK32, shape)
 
 
 def uniform(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32, stream: int = 0):
@@ -85,9 +157,11 @@ def _arg(args, kwargs, index, name, default):
 
 
 def _dropout(x, p, training, key, mask_shape):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
         return x
-    keep = uniform(key, mask_shape) >= p
+    keep = _hash(key, mask_shape) >= math.ceil(p * 2.0**32)  # drop with probability p
     return torch.where(keep, x / (1.0 - p), torch.zeros_like(x))
 
 
@@ -109,6 +183,12 @@ _UNSUPPORTED = (
 )
 
 
+def _is_python_tensor_method(func) -> bool:
+    """A method of ``torch.Tensor`` written in Python (torch/_tensor.py: split, unflatten...)."""
+    return (getattr(func, "__module__", None) == "torch._tensor"
+            and getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func)
+
+
 class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.no_grad
     """Routes dropout and ``bernoulli`` to counter-based draws from ``key``.
 
@@ -120,10 +200,15 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         super().__init__()
         self.key = key
         self.calls = 0
+        self.block: torch.Tensor | None = None
 
     def _next_key(self) -> torch.Tensor:
+        """``fold_in(key, calls)``, derived 16 at a time (one operator call for 16 draws)."""
         self.calls += 1
-        return fold_in(self.key, self.calls)
+        offset = (self.calls - 1) % _BLOCK
+        if offset == 0:
+            self.block = _fold_in_range(self.key, self.calls, _BLOCK)
+        return self.block[..., offset]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -139,10 +224,15 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                 raise NotImplementedError("fxtrain: only torch.bernoulli(probs) is keyed in a step")
             probs = args[0]
             return (uniform(self._next_key(), probs.shape, probs.dtype) < probs).to(probs.dtype)
-        if any(func is f for f in _UNSUPPORTED):
-            raise NotImplementedError(
-                f"fxtrain: {getattr(func, '__qualname__', func)} inside a train step would read "
-                "torch's global generator, which makes the step impure. Draw from "
-                "fxtrain.random.uniform/normal with a key derived from state.rng instead."
-            )
+        for unsupported in _UNSUPPORTED:  # a loop: Dynamo traces it faster than any(...)
+            if func is unsupported:
+                raise NotImplementedError(
+                    f"fxtrain: {getattr(func, '__qualname__', func)} inside a train step would "
+                    "read torch's global generator, which makes the step impure. Draw from "
+                    "fxtrain.random.uniform/normal with a key derived from state.rng instead."
+                )
+        if _is_python_tensor_method(func) and args and isinstance(args[0], torch.Tensor):
+            # as the method call it was: passed on as a function, Dynamo fails on some of these
+            # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses
+            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
