@@ -15,14 +15,12 @@ when ``fx.fit`` calls the step, which gives its old states up after every step.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["DonatedError", "Donated", "donate", "mark", "check_live", "fit_donates", "fit_donating", "donating"]
+__all__ = ["DonatedError", "Donated", "donate", "mark", "check_live", "fit_donates", "fit_donating"]
 
 # The fields a step donates; ``rng`` is never written and ``data`` is the host's.
 DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")
@@ -147,13 +145,3 @@ def fit_donating(on: bool) -> bool:
     """Sets what ``fit_donates`` answers; returns the previous answer."""
     was, _Fit.donates = _Fit.donates, on
     return was
-
-
-@contextlib.contextmanager
-def donating(on: bool) -> Iterator[None]:
-    """Within the block, steps built with ``donate=None`` donate when ``on`` (as in ``fit``)."""
-    was = fit_donating(bool(on))
-    try:
-        yield
-    finally:
-        fit_donating(was)

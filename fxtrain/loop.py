@@ -168,12 +168,10 @@ def _check_calls(k: int, start: int, max_steps, eval_every, stream, callbacks: t
             raise ValueError(f"fit: {label} is {value}, not a multiple of the step's "
                              f"steps_per_call={k}; with {k} steps per call the host only sees "
                              f"every {k}th step")
-    for cb in callbacks:
-        if isinstance(cb, Callback) and cb.skips and "step_end" in cb.kinds:
-            raise ValueError(
-                f"fit: host callback {cb.name} may skip a step, but the step takes "
-                f"steps_per_call={k} steps per call; pass it to make_train_step(..., "
-                "callbacks=[...]) instead, where it skips single steps")
+    for cb in _skipping(callbacks):
+        raise ValueError(f"fit: host callback {cb.name} may skip a step, but the step takes "
+                         f"steps_per_call={k} steps per call; pass it to make_train_step(..., "
+                         "callbacks=[...]) instead, where it skips single steps")
 
 
 def _take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
@@ -226,11 +224,11 @@ def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Call
     return run
 
 
-def _donates(callbacks: tuple) -> bool:
-    """Whether fit may donate each step's state: not when a host callback may skip a step
-    (undoing it needs the old values)."""
-    return not any(isinstance(cb, Callback) and cb.skips and "step_end" in cb.kinds
-                   for cb in callbacks)
+def _skipping(callbacks: tuple) -> list[Callback]:
+    """The host callbacks that may skip a step (undoing it needs the step's old values, so fit
+    does not donate, and it cannot undo one inner step of K)."""
+    return [cb for cb in callbacks if isinstance(cb, Callback) and cb.skips
+            and "step_end" in cb.kinds]
 
 
 def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
@@ -308,7 +306,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         state = state.replace(data=stream.init())
     if checkpoint is not None:
         state = _resume(checkpoint, state, resume)
-    donates = _donates(callbacks)
+    donates = not _skipping(callbacks)
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names, donates)
     step, epoch = int(state.step), int(state.data.epoch)

@@ -20,7 +20,7 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import distributed, donation, random
-from .callbacks.core import Callback, Event, fold, name_of
+from .callbacks.core import Callback, Event, flags, fold, name_of
 from .optim.base import squared_norms, tree_select
 from .optim.wrappers import learning_rate
 from .state import TrainState, with_step_buffers
@@ -178,11 +178,13 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
                        opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
+# the in-step callbacks' merged control, as metrics (fx.fit reads them)
+CONTROL_METRICS = ("control/stop", "control/save", "control/evaluate", "control/log")
+
+
 def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:
-    flags = {"stop": control.stop, "save": control.save, "evaluate": control.evaluate,
-             "log": control.log}
-    return {f"control/{k}": torch.as_tensor(v, dtype=torch.bool, device=device)
-            for k, v in flags.items()}
+    return {key: torch.as_tensor(v, dtype=torch.bool, device=device)
+            for key, v in zip(CONTROL_METRICS, flags(control))}
 
 
 def _data_parallel(wanted: bool | None, buffers: str) -> bool:
@@ -321,22 +323,18 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     def train_steps(state: TrainState, batches: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
         _check_stacked(batches, steps_per_call)
-        new, flags = state, None
+        new, merged = state, None
         for batch in _unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
             new, metrics = one_step(new, batch)
             if callbacks:
                 now = [metrics[k] for k in CONTROL_METRICS]
-                flags = now if flags is None else [a | b for a, b in zip(flags, now)]
+                merged = now if merged is None else [a | b for a, b in zip(merged, now)]
         if callbacks:
-            metrics.update(zip(CONTROL_METRICS, flags))
+            metrics.update(zip(CONTROL_METRICS, merged))
         return donated(state, new), metrics
 
     train_steps.steps_per_call = steps_per_call  # read by fx.fit (K batches per call)
     return train_steps
-
-
-# the in-step callbacks' merged control, as metrics (fx.fit reads them)
-CONTROL_METRICS = ("control/stop", "control/save", "control/evaluate", "control/log")
 
 
 def _unstack(batches: Any) -> list:
