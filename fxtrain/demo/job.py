@@ -227,6 +227,7 @@ def run_demo(config: DemoConfig) -> int:
     config = config.resolved(task)
     _check_task(config, task)
     manager = _manager(config, task)
+    distributed.barrier()  # every rank has looked at the workdir before rank 0 writes logs in it
     workdir = Path(config.workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
