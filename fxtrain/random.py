@@ -121,7 +121,11 @@ def _hash(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     index = torch.arange(numel, dtype=torch.int64, device=key.device)
     if numel > 1 << 32:  # indices repeat every 2**32 elements
         index = index & _MASK32
-    x = ((index * 0x61C88647) & _MASK32) ^ key
+    # the multiplier is read off the key (key >> 40 is 0: keys are 32-bit) so that Inductor
+    # keeps a tensor multiply: it folds arange * constant into an index expression, which its
+    # Triton code types int32, and 0x61C88647 * index overflows that (a compile error on CUDA)
+    weyl = (key >> 40) + 0x61C88647
+    x = ((index * weyl) & _MASK32) ^ key
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ key ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
     return (x ^ (x >> 16)).reshape(tuple(shape))

@@ -73,3 +73,22 @@ def test_explicit_draws_compile_bit_identically_for_uniform():
     f = lambda key: random.uniform(random.fold_in(key, 1), (8, 8))  # noqa: E731
     key = random.seed_key(5)
     assert torch.equal(f(key), torch.compile(f, fullgraph=True)(key))
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_keyed_dropout_compiles_for_cuda_and_matches_the_cpu():
+    """Inductor's Triton code once typed the element hash's arange * multiplier as int32 (a
+    compile error); the masks on the GPU, eager and compiled, equal the CPU's."""
+    def f(key, x):
+        with random.keyed(key):
+            y = F.dropout(x, 0.5)
+        return y, y.relu().sum(0)  # a reduction over the mask: the kernel that failed
+
+    key, x = random.seed_key(11), torch.randn(64, 32)
+    cpu = f(key, x)
+    gpu = f(key.cuda(), x.cuda())
+    compiled = torch.compile(f, fullgraph=True)(key.cuda(), x.cuda())
+    for out in (gpu, compiled):
+        assert torch.equal(out[0].cpu(), cpu[0])
+        torch.testing.assert_close(out[1].cpu(), cpu[1])
