@@ -11,6 +11,7 @@ Variants:
   compiled    torch.compile(model) + a torch.compile'd AdamW(foreach=True).step()
   fx_fit      fx.fit with torch.compile(fx.make_train_step(loss)) (donates: the default)
   fx_pure     a user loop over the same compiled step built with donate=False
+  fx_graphs   fx.fit with fx.cuda_graphed of the compiled step (GPU only)
 
 Run: .venv/bin/python benchmarks/memory.py [--width 2048] [--depths 6 12] [--smoke]
 """
@@ -25,7 +26,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("eager", "compiled", "fx_fit", "fx_pure")
+VARIANTS = ("eager", "compiled", "fx_fit", "fx_pure", "fx_graphs")
 LR, WD, STEPS, BATCH = 1e-3, 1e-2, 5, 16
 
 
@@ -65,7 +66,9 @@ def _run(variant: str, width: int, depth: int, device: str) -> dict:
         step = fx.make_train_step(lambda s, p, b: loss_of(s.apply(p, b[0]), b[1]),
                                   donate=False if variant == "fx_pure" else None)
         step = torch.compile(step, fullgraph=True)
-        if variant == "fx_fit":
+        if variant == "fx_graphs":
+            step = fx.cuda_graphed(step)
+        if variant in ("fx_fit", "fx_graphs"):
             state = fx.fit(state, step, [batch] * STEPS, max_epochs=1)
         else:
             for _ in range(STEPS):
@@ -91,12 +94,14 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--depths", type=int, nargs=2, default=[6, 12])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=None)
     parser.add_argument("--device", default="cuda" if _cuda() else "cpu")
     parser.add_argument("--smoke", action="store_true", help="tiny run to check the script works")
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.depths = 64, [1, 2]
+    if args.variants is None:  # CUDA graphs need a GPU
+        args.variants = [v for v in VARIANTS if args.device == "cuda" or v != "fx_graphs"]
     rows = {}
     for variant in args.variants:  # the depths of one variant back to back, variants in turn
         low, high = (measure(variant, args.width, d, args.device) for d in args.depths)

@@ -547,6 +547,7 @@ MEMORY = {  # variant -> its row label
     "compiled": "torch.compile(model) + torch.compile'd AdamW(foreach=True).step()",
     "fx_fit": "**fxtrain: fx.fit, compiled step (donates)**",
     "fx_pure": "fxtrain compiled step in a user loop, donate=False",
+    "fx_graphs": "fxtrain: fx.fit, fx.cuda_graphed(compiled step) (GPU only)",
 }
 
 
@@ -576,8 +577,46 @@ def memory(record: dict) -> list[str]:
         "Without donation (the last row) a step holds the old and the new state at once.", ""]
 
 
+def compile_time(record: dict) -> list[str]:
+    bench = record["benchmarks"].get("compile_time", {"argv": []})
+    lines = ["## Compile time (`benchmarks/compile_time.py`)", "",
+             command("compile_time", bench), ""]
+    res = results(record, "compile_time")
+    if res is None:
+        return lines + failure(record, "compile_time")
+    summ = res["summary"]
+    fx_cold = summ.get("fxtrain", {}).get("cold", {}).get("vs_baseline")
+    fx_warm = summ.get("fxtrain", {}).get("warm", {}).get("ready_s")
+    model = "a 2-layer GPT-2 from its config (8 x 64 tokens)" if res["model"] == "gpt2" else \
+        "a small MLP (--smoke)"
+    done = lambda v, limit: "not measured" if v is None else met(v <= limit)  # noqa: E731
+    return lines + [
+        f"The train step of {model}, each variant in a fresh process with its own Inductor "
+        "cache (cold), then again on that cache (warm); medians of "
+        f"{res['rounds']} round(s). `1st step` is the first call, compilation included; "
+        "`ready` counts from the process's start (imports included); ratios are against "
+        "`torch.compile(model)` + a compiled `AdamW.step()` in the same mode.", "",
+        "```", compile_table(summ), "```", "",
+        f"Targets: cold compile at most 1.5x the baseline: {done(fx_cold, 1.5)} "
+        f"({'n/a' if fx_cold is None else x(fx_cold)}); a warm process ready to step in at most "
+        f"5 s: {done(fx_warm, 5.0)} ({'n/a' if fx_warm is None else f'{fx_warm:.1f} s'}).", ""]
+
+
+def compile_table(summ: dict) -> str:
+    import compile_time as module  # the script's own text table
+    return module.table(summ)
+
+
+def gpu(record: dict) -> list[str]:
+    """The GPU record written by hand from runs on a lent GPU (benchmarks/gpu/RESULTS.md): CI
+    and this report's machine have none."""
+    del record
+    path = Path(__file__).resolve().parent / "gpu" / "RESULTS.md"
+    return path.read_text().rstrip().splitlines() + [""] if path.exists() else []
+
+
 SECTIONS = (header, peers, step_overhead, host_loop, logging_rows, checkpoints, data_parallel,
-            memory)
+            memory, compile_time, gpu)
 
 
 def write(record: dict, folder: Path) -> None:

@@ -34,6 +34,7 @@ BENCHMARKS = {
     "checkpoint": ["--sizes", "10,400,1300", "--rounds", "3"],
     "distributed": ["--rounds", "3", "--steps", "300"],
     "memory": ["--width", "2048", "--depths", "6", "12"],
+    "compile_time": ["--rounds", "1"],
 }
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",
             "orbax-checkpoint", "safetensors", "tqdm", "rich")

@@ -13,6 +13,7 @@ from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
 from .donation import DonatedError as DonatedError
 from .evaluation import evaluate as evaluate
+from .graphs import cuda_graphed as cuda_graphed
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit
 from .state import TrainState as TrainState

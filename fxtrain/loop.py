@@ -44,6 +44,7 @@ from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
 from .callbacks.nan_guard import flagged
 from .data import as_stream
 from .evaluation import evaluate
+from .graphs import CudaGraphed
 from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
 
@@ -249,8 +250,9 @@ def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every, k) -
     return {"max_steps": max_steps, "max_epochs": max_epochs,
             "steps_per_epoch": _length(stream), "batch_size": stream.batch_size,
             "eval_batches": None if eval_data is None else _length(eval_data),
-            "compiled": is_compiled(train_step),
-            "sync_every": sync_every, "steps_per_call": k}
+            "compiled": is_compiled(getattr(train_step, "__wrapped__", train_step)),
+            "sync_every": sync_every, "steps_per_call": k,
+            **({"cuda_graphs": True} if isinstance(train_step, CudaGraphed) else {})}
 
 
 def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Callable] = (),
@@ -307,6 +309,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     if checkpoint is not None:
         state = _resume(checkpoint, state, resume)
     donates = not _skipping(callbacks)
+    if not donates and isinstance(train_step, CudaGraphed):
+        raise ValueError(f"fit: host callback {_skipping(callbacks)[0].name} may skip a step, "
+                         "but this step always donates its state (cuda_graphed), so the step "
+                         "cannot be undone; pass the callback to make_train_step(..., "
+                         "callbacks=[...]), where it skips inside the step")
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     run_step = _step_fn(train_step, host_names, donates)
     step, epoch = int(state.step), int(state.data.epoch)

@@ -136,7 +136,8 @@ def _sections(state: Any, event: Any) -> dict[str, dict[str, str]]:
         "Data": {k.replace("_", " "): _show(info.get(k))
                  for k in ("steps_per_epoch", "batch_size", "eval_batches")},
         "Run": {**{k.replace("_", " "): _show(info.get(k))
-                   for k in ("max_steps", "max_epochs", "sync_every", "compiled")},
+                   for k in ("max_steps", "max_epochs", "sync_every", "steps_per_call", "compiled",
+                             "cuda_graphs")},
                 "start step": _show(event.step), "start epoch": _show(event.epoch)},
         "Hardware": {"device": _distinct(t.device for t in params),
                      "dtype": _distinct(t.dtype for t in params),
