@@ -40,8 +40,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, donation
-from .callbacks.core import NOTHING, Callback, Control, Event, flags, fold, init
-from .callbacks.nan_guard import flagged
+from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_reporting, init,
+                             save_veto)
 from .data import as_stream
 from .evaluation import evaluate
 from .graphs import CudaGraphed
@@ -68,13 +68,12 @@ class _Flags:
     def __init__(self, agree: bool = False):
         self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
         self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
-        self.rank_consistent = False  # a request every rank made this step (see _tracked)
+        self.rank_consistent = False  # a request every rank made this step
 
-    def add_now(self, control: Control) -> None:
-        """A request from a callback that decides alike on every rank: acted on at once."""
-        self.rank_consistent = self.rank_consistent or any(v is True for v in flags(control)[:4])
-
-    def add(self, control: Control) -> None:
+    def add(self, control: Control, alike: bool = False) -> None:
+        """A fold's control; ``alike``: it holds a request from a callback that decides alike
+        on every rank (see ``fold_reporting``), which the ranks act on at once."""
+        self.rank_consistent = self.rank_consistent or alike
         if control is NOTHING:
             return
         values = flags(control)[:4]
@@ -108,27 +107,6 @@ class _Flags:
         if self.agree:  # a flag any rank raised holds on every rank
             out = Control(*distributed.agree(flags(out)[:4]))
         return out
-
-
-def _tracked(callbacks: tuple, pending: _Flags) -> tuple:
-    """``callbacks`` with the requests of those that decide alike on every rank reported to
-    ``pending``, so the ranks act on them at once rather than at the next boundary.
-
-    Those are the ``Callback`` values that do no IO and read no clock (``host=False``): pure
-    functions of the state and the event, which are the same on every rank (gradients and
-    metrics are averaged in the step, evaluations merged). A plain function, or a host
-    callback (a timer), may decide differently per rank; its requests wait for a boundary.
-    """
-    def track(cb: Callback) -> Callback:
-        def fn(state, event):
-            out = cb.fn(state, event)
-            if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], Control):
-                pending.add_now(out[1])
-            return out
-        return dataclasses.replace(cb, fn=fn)
-
-    return tuple(track(cb) if isinstance(cb, Callback) and not cb.host else cb
-                 for cb in callbacks)
 
 
 def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) -> None:
@@ -315,95 +293,128 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                          "cannot be undone; pass the callback to make_train_step(..., "
                          "callbacks=[...]), where it skips inside the step")
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
-    run_step = _step_fn(train_step, host_names, donates)
-    step, epoch = int(state.step), int(state.data.epoch)
-    k = _steps_per_call(train_step)
-    _check_calls(k, step, max_steps, eval_every, stream, callbacks)
-    first = step
-    agree = distributed.world_size() > 1
-    pending = _Flags(agree=agree)
-    if agree:
-        callbacks = _tracked(callbacks, pending)
-    state, c = fold(callbacks, state, Event("train_begin", step, epoch, _plan(
-        stream, max_steps, max_epochs, eval_data, train_step, sync_every, k)))
-    pending.add(c)
-
-    def emit(kind, metrics=None):
-        nonlocal state
-        state, c = fold(callbacks, state, Event(kind, step, epoch, metrics))
-        pending.add(c)
-
-    last_eval = (None, None)  # (step, metrics) of the latest evaluation
-
-    def run_eval():
-        nonlocal last_eval
-        last_eval = (step, evaluate(eval_step, state, eval_data))
-        emit("eval_end", last_eval[1])
-
-    def save():
-        if checkpoint is None:
-            return
-        if flagged(state):
-            warnings.warn(f"fit: not saving step {step}: nan_guard flagged it as non-finite",
-                          stacklevel=3)
-            return
-        metrics = last_eval[1] if last_eval[0] == step else None
-        if checkpoint.save(state, metrics, force=True):
-            emit("checkpoint", {"step": step, "path": str(checkpoint.directory / str(step))})
-
-    reason, log_next = ("stopped" if pending.read().stop else None), False
+    k, first = _steps_per_call(train_step), int(state.step)
+    _check_calls(k, first, max_steps, eval_every, stream, callbacks)
+    run = _Run(state, first, callbacks, stream, _step_fn(train_step, host_names, donates),
+               donates, k, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
+               eval_step, eval_data)
+    run.emit("train_begin", _plan(stream, max_steps, max_epochs, eval_data, train_step,
+                                  sync_every, k))
+    reason = "stopped" if run.pending.read().stop else None
     try:
         while reason is None:
-            reason = _limit(step, epoch, max_steps, max_epochs)
-            if reason:
-                break
-            try:
-                batch, position, epoch_done = _take(stream, state.data, k)
-            except StopIteration:
-                reason = "data_exhausted"
-                break
-            before = state
-            state, metrics = run_step(state, batch, position)
-            step += k
-            pending.add_step(metrics)
-            if log_next:
-                metrics["control/log"], log_next = True, False
-            state, c = fold(callbacks, state, Event("step_end", step, epoch, metrics))
-            state = _undo(before, state, c.skip, donates, step)
-            pending.add(c)
-            eval_due = eval_step is not None and (
-                step % eval_every == 0 if eval_every else epoch_done)
-            boundary = (eval_due or epoch_done or step % sync_every < k or pending.urgent()
-                        or _limit(step, epoch + epoch_done, max_steps, max_epochs))
-            if not boundary:
-                continue
-            control = pending.read()
-            if eval_due or control.evaluate:
-                run_eval()
-            if epoch_done:
-                emit("epoch_end")
-                epoch += 1
-            control = control | pending.read()
-            if control.save:
-                save()
-            log_next = bool(control.log)
-            if control.stop or pending.read().stop:
-                reason = "stopped"
-                break
+            reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
     except KeyboardInterrupt as e:
-        save()
-        emit("train_end", {"reason": "interrupted"})
+        run.save()
+        run.emit("train_end", {"reason": "interrupted"})
         _wait(checkpoint)
-        raise Interrupted(state) from e
+        raise Interrupted(run.state) from e
     finally:
-        if step > first and state.step is given.step:  # donated: given's tensors were reused
+        if run.step > first and run.state.step is given.step:  # donated: given's tensors reused
             donation.mark(given)
     # saved before train_end, which may change the state (early_stopping's restore_best): the
     # checkpoint is where training stood, so resuming from it continues the same run
-    save()
-    emit("train_end", {"reason": reason})
+    run.save()
+    run.emit("train_end", {"reason": reason})
     _wait(checkpoint)
-    return state
+    return run.state
+
+
+@dataclasses.dataclass(frozen=True)
+class _Schedule:
+    """When a run stops, evaluates and reads its flags."""
+
+    max_steps: int | None
+    max_epochs: int | None
+    eval_every: int | None
+    sync_every: int
+
+    def limit(self, step: int, epoch: int) -> str | None:
+        """Why the run ends at ``step`` and ``epoch``, or None."""
+        if self.max_steps is not None and step >= self.max_steps:
+            return "max_steps"
+        if self.max_epochs is not None and epoch >= self.max_epochs:
+            return "max_epochs"
+        return None
+
+
+class _Run:
+    """One ``fit`` call in motion: the state, the step and epoch counters, the control flags
+    waiting to be read, and the parts of the loop that move them: ``call`` (the next K batches
+    through the step, then step_end) and ``boundary`` (read the flags, then evaluate, end the
+    epoch, save, stop), with ``emit``, ``evaluate`` and ``save`` beneath them."""
+
+    def __init__(self, state, step, callbacks, stream, run_step, donates, k, schedule,
+                 checkpoint, eval_step, eval_data):
+        self.state, self.callbacks, self.stream, self.run_step = state, callbacks, stream, run_step
+        self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
+        self.eval_step, self.eval_data = eval_step, eval_data
+        self.step, self.epoch = step, int(state.data.epoch)
+        self.pending = _Flags(agree=distributed.world_size() > 1)
+        self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
+        self.log_next, self.epoch_done = False, False
+
+    def emit(self, kind: str, metrics: dict | None = None) -> Control:
+        self.state, control, alike = fold_reporting(
+            self.callbacks, self.state, Event(kind, self.step, self.epoch, metrics))
+        self.pending.add(control, alike)
+        return control
+
+    def call(self) -> str | None:
+        """The next K batches through the step, then step_end (and the undo of a step a host
+        callback skipped); "data_exhausted" when the data ran out."""
+        try:
+            batch, position, self.epoch_done = _take(self.stream, self.state.data, self.k)
+        except StopIteration:
+            return "data_exhausted"
+        before = self.state
+        self.state, metrics = self.run_step(self.state, batch, position)
+        self.step += self.k
+        self.pending.add_step(metrics)
+        if self.log_next:
+            metrics["control/log"], self.log_next = True, False
+        control = self.emit("step_end", metrics)
+        self.state = _undo(before, self.state, control.skip, self.donates, self.step)
+        return None
+
+    def boundary(self) -> str | None:
+        """At an eval, epoch, sync or limit boundary (or on an urgent request): one read of the
+        pending flags, then evaluation, epoch_end, a save and the stop they ask for."""
+        schedule, epoch_done = self.schedule, self.epoch_done
+        eval_due = self.eval_step is not None and (
+            self.step % schedule.eval_every == 0 if schedule.eval_every else epoch_done)
+        if not (eval_due or epoch_done or self.step % schedule.sync_every < self.k
+                or self.pending.urgent() or schedule.limit(self.step, self.epoch + epoch_done)):
+            return None
+        control = self.pending.read()
+        if eval_due or control.evaluate:
+            self.evaluate()
+        if epoch_done:
+            self.emit("epoch_end")
+            self.epoch += 1
+        control = control | self.pending.read()
+        if control.save:
+            self.save()
+        self.log_next = bool(control.log)
+        return "stopped" if control.stop or self.pending.read().stop else None
+
+    def evaluate(self) -> None:
+        self.last_eval = (self.step, evaluate(self.eval_step, self.state, self.eval_data))
+        self.emit("eval_end", self.last_eval[1])
+
+    def save(self) -> None:
+        """A checkpoint of the state now, with the metrics of an evaluation at this step; never
+        a state a callback vetoes (``nan_guard`` after a non-finite step)."""
+        if self.checkpoint is None:
+            return
+        veto = save_veto(self.state)
+        if veto:
+            warnings.warn(f"fit: not saving step {self.step}: {veto}", stacklevel=3)
+            return
+        metrics = self.last_eval[1] if self.last_eval[0] == self.step else None
+        if self.checkpoint.save(self.state, metrics, force=True):
+            self.emit("checkpoint", {"step": self.step,
+                                     "path": str(self.checkpoint.directory / str(self.step))})
 
 
 def _resume(checkpoint: Any, state: Any, resume: bool) -> Any:
@@ -423,11 +434,3 @@ def _resume(checkpoint: Any, state: Any, resume: bool) -> Any:
 def _wait(checkpoint: Any) -> None:
     if checkpoint is not None:
         checkpoint.wait()  # the final save is on disk when fit returns
-
-
-def _limit(step: int, epoch: int, max_steps, max_epochs) -> str | None:
-    if max_steps is not None and step >= max_steps:
-        return "max_steps"
-    if max_epochs is not None and epoch >= max_epochs:
-        return "max_epochs"
-    return None

@@ -169,3 +169,40 @@ def test_a_plain_lambda_runs_inside_the_step():
     state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
     state, metrics = fx.make_train_step(xent, callbacks=[cb])(state, classification_batch())
     assert bool(metrics["control/stop"]) and not bool(metrics["control/save"])
+
+
+def test_fold_reports_requests_from_callbacks_that_decide_alike_on_every_rank():
+    """Only a Callback with host=False asking outright (a Python True) counts: a plain function
+    or a host callback may decide differently per rank, and a tensor flag needs a read."""
+    from fxtrain.callbacks.core import fold_reporting
+
+    def asking(**control):
+        return lambda state, event: (state, fx.Control(**control))
+
+    pure = Callback("pure", None, asking(save=True))
+    host = Callback("host", None, asking(stop=True), host=True)
+    tensor = Callback("tensor", None, asking(stop=torch.tensor(True)))
+    skip = Callback("skip", None, asking(skip=True))
+    for callbacks, alike in [([pure], True), ([asking(stop=True)], False), ([host], False),
+                             ([tensor], False), ([skip], False), ([host, tensor, pure], True)]:
+        state, control, reported = fold_reporting(callbacks, (), EVENT)
+        assert reported is alike, callbacks
+        assert (state, control) == fold(callbacks, (), EVENT)
+
+
+def test_save_veto_reads_every_vetoing_callback_state_and_names_it():
+    from fxtrain.callbacks.core import save_veto
+
+    class Vetoing:
+        def __init__(self, flag):
+            self.flag = flag
+
+        def save_veto(self):
+            return self.flag, "too early"
+
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
+    assert save_veto(state) is None
+    state = state.replace(callbacks={"a": Vetoing(torch.tensor(False)), "b": 3})
+    assert save_veto(state) is None
+    state = state.replace(callbacks={"a": Vetoing(torch.tensor(False)), "b": Vetoing(True)})
+    assert save_veto(state) == "b flagged it as too early"

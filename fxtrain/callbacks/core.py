@@ -15,6 +15,8 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import torch
+
 from .. import struct
 
 __all__ = ["EVENT_KINDS", "Event", "Control", "Callback", "fold", "init_states", "init",
@@ -164,7 +166,23 @@ def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
 
 def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, Control]:
     """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left."""
-    control = NOTHING
+    state, control, _ = fold_reporting(callbacks, state, event)
+    return state, control
+
+
+def _decides_alike(cb: Callable) -> bool:
+    """Whether ``cb`` decides alike on every rank: a ``Callback`` that does no IO and reads no
+    clock (``host=False``) is a pure function of the state and the event, which are the same on
+    every rank (gradients and metrics are averaged in the step, evaluations merged)."""
+    return isinstance(cb, Callback) and not cb.host
+
+
+def fold_reporting(callbacks: Sequence[Callable], state: Any,
+                   event: Event) -> tuple[Any, Control, bool]:
+    """``fold``, also reporting whether a callback that decides alike on every rank asked for
+    ``stop``, ``save``, ``evaluate`` or ``log`` outright (a Python ``True``): several ranks can
+    act on such a request at once, where one rank's wish must wait for a collective read."""
+    control, alike = NOTHING, False
     for cb in callbacks:
         if isinstance(cb, Callback):
             if event.kind not in cb.kinds or (
@@ -177,4 +195,18 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
         state, c = _check_result(cb, state, result)
         if c is not NOTHING:
             control = control | c
-    return state, control
+            alike = alike or (_decides_alike(cb) and any(v is True for v in flags(c)[:4]))
+    return state, control, alike
+
+
+def save_veto(state: Any) -> str | None:
+    """Why ``state`` must not be checkpointed, or None. A callback state vetoes with a method
+    ``save_veto() -> (flag, reason)`` (``flag`` a bool or a 0-d bool tensor); the tensor flags
+    are read together, in one sync."""
+    vetoes = [(name, *s.save_veto()) for name, s in (state.callbacks or {}).items()
+              if callable(getattr(s, "save_veto", None))]
+    if not vetoes:
+        return None
+    read = torch.stack([torch.as_tensor(flag).cpu() for _, flag, _ in vetoes]).tolist()
+    return next((f"{name} flagged it as {why}" for (name, _, why), on in zip(vetoes, read) if on),
+                None)

@@ -24,6 +24,10 @@ class NanGuardState:
     skipped: torch.Tensor
     flagged: torch.Tensor
 
+    def save_veto(self) -> tuple[torch.Tensor, str]:
+        """``fit`` never checkpoints a state whose last step was non-finite."""
+        return self.flagged, "non-finite"
+
 
 def is_finite_step(metrics) -> torch.Tensor:
     """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite."""
