@@ -127,11 +127,21 @@ def _length(x: Any) -> int | None:
         return None
 
 
+def _made(train_step: Callable) -> Callable:
+    """The function ``make_train_step`` made, under ``torch.compile`` and ``cuda_graphed``."""
+    while hasattr(train_step, "__wrapped__"):
+        train_step = train_step.__wrapped__
+    return train_step
+
+
 def _steps_per_call(train_step: Callable) -> int:
-    """The K of a step made by ``make_train_step(..., steps_per_call=K)`` (1 for any other),
-    compiled or not."""
-    return getattr(getattr(train_step, "_torchdynamo_orig_callable", train_step),
-                   "steps_per_call", 1)
+    """The K of a step made by ``make_train_step(..., steps_per_call=K)`` (1 for any other)."""
+    return getattr(_made(train_step), "steps_per_call", 1)
+
+
+def _in_step_callbacks(train_step: Callable) -> tuple:
+    """The callbacks folded inside a step made by ``make_train_step(..., callbacks=[...])``."""
+    return getattr(_made(train_step), "in_step_callbacks", ())
 
 
 def _check_calls(k: int, start: int, max_steps, eval_every, stream, callbacks: tuple) -> None:
@@ -228,7 +238,8 @@ def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every, k) -
     return {"max_steps": max_steps, "max_epochs": max_epochs,
             "steps_per_epoch": _length(stream), "batch_size": stream.batch_size,
             "eval_batches": None if eval_data is None else _length(eval_data),
-            "compiled": is_compiled(getattr(train_step, "__wrapped__", train_step)),
+            "compiled": is_compiled(train_step.__wrapped__ if isinstance(train_step, CudaGraphed)
+                                    else train_step),
             "sync_every": sync_every, "steps_per_call": k,
             **({"cuda_graphs": True} if isinstance(train_step, CudaGraphed) else {})}
 
@@ -281,7 +292,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
     given = state
-    state = init(callbacks, state)
+    state = init((*_in_step_callbacks(train_step), *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
     if checkpoint is not None:

@@ -226,7 +226,9 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         ``state.apply(params, inputs)``.
       callbacks: tensor-only callbacks folded on a "step_end" event inside the step; their
         merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors), and a
-        ``skip`` control discards the step's update. Callbacks that do IO are refused.
+        ``skip`` control discards the step's update. Callbacks that do IO are refused. Their
+        states must be in the state: ``fx.fit`` adds the missing ones; in your own loop pass
+        them to ``TrainState.create(..., callbacks=...)`` or ``fx.callbacks.init``.
       grad_stats: True also reports per-parameter gradient norms (``grad_norm/<name>``) and
         their max/min/mean (turned on when a callback such as ``grad_monitor`` needs them);
         ``"histograms"`` adds per-parameter gradient histograms (``grad_hist/<name>``, see
@@ -317,6 +319,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         new, metrics = one_step(state, batch)
         return donated(state, new), metrics
 
+    train_step.in_step_callbacks = callbacks  # fx.fit initialises their states when missing
     if steps_per_call == 1:
         return train_step
 
@@ -334,6 +337,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         return donated(state, new), metrics
 
     train_steps.steps_per_call = steps_per_call  # read by fx.fit (K batches per call)
+    train_steps.in_step_callbacks = callbacks
     return train_steps
 
 

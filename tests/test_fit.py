@@ -296,3 +296,28 @@ def test_fx_evaluate_averages_over_examples_across_uneven_batches():
     got = fx.evaluate(eval_step, state, [(x[:4], y[:4]), (x[4:8], y[4:8]), (x[8:], y[8:])])
     whole = eval_step(state, (x, y))
     torch.testing.assert_close(got["loss"], whole["loss"])
+
+
+def test_fit_initialises_the_states_of_the_steps_own_callbacks():
+    """In-step callbacks are listed once, in make_train_step: fit adds their missing states (a
+    state made without them works), compiled or not, and reports a compiled step as such."""
+    in_step = [fx.callbacks.ema(0.9), fx.callbacks.nan_guard("skip")]
+    plans = []
+
+    def plan(state, event):
+        if event.kind == "train_begin":
+            plans.append(event.metrics["compiled"])
+
+    for compiled in (False, True):
+        state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adamw(1e-2))
+        assert state.callbacks is None
+        step = fx.make_train_step(xent, callbacks=in_step)
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend="eager")
+        state = fx.fit(state, step, fx.data.Batches((X, Y), 32), max_steps=4, callbacks=[plan])
+        assert set(state.callbacks) == {"ema", "nan_guard"}
+        assert int(state.step) == 4 and int(state.callbacks["nan_guard"].skipped) == 0
+    assert plans == [False, True]
+    with pytest.raises(KeyError, match="no callback state named 'ema'"):  # own loop: init first
+        fx.make_train_step(xent, callbacks=in_step)(
+            fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adamw(1e-2)), (X[:32], Y[:32]))
