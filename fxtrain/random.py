@@ -1,8 +1,11 @@
 """Counter-based randomness derived from a key tensor, so a step's randomness is a pure function.
 
-Inside a train step, ``keyed(key)`` routes dropout (``F.dropout`` and its 1d/2d/3d forms, so
-``nn.Dropout*``) and ``torch.bernoulli`` to a stateless hash of (key, call index, element
-index). The key of a step is ``step_key(state.rng, state.step)``, so two runs with the same seed
+Inside a train step, ``keyed(key)`` routes every random op a mode can see to a stateless hash of
+(key, call index, element index): dropout (``F.dropout``, its 1d/2d/3d forms, ``alpha_dropout``,
+``feature_alpha_dropout``, ``torch.native_dropout``, so every ``nn.Dropout*``), the attention
+dropout of ``F.scaled_dot_product_attention`` (transformers' default attention; with dropout
+it runs as the math of SDPA's reference, which the compiler fuses), ``F.rrelu`` and
+``torch.bernoulli``. The key of a step is ``step_key(state.rng, state.step)``, so two runs with the same seed
 draw the same masks, and a resumed run draws what an uninterrupted run would have drawn. The
 masks are integer hashing, so eager and compiled steps draw identical bits.
 
@@ -13,10 +16,12 @@ draw's grew the kernels' expressions exponentially, and a 2-layer GPT-2 step com
 slower with dropout than without. A compiled step pays one such call for its step key and one
 per 16 random calls.
 
-Other random functions that PyTorch lets a mode intercept (``multinomial``, ``Tensor.normal_``,
-``rrelu``...) raise instead of silently reading torch's global generator. Factory functions
-(``torch.rand``, ``randn``, ``rand_like``...) are invisible to modes under ``torch.compile``;
-for noise in a loss function draw it explicitly::
+Other random functions (``multinomial``, ``Tensor.normal_``, ``randint``, ``randperm``...)
+raise an error that names them and the keyed way to draw instead, as does
+``nn.MultiheadAttention`` with dropout in training (its dropout runs inside a function that no
+mode can see into). Factory functions (``torch.rand``, ``randn``, ``randint``...) raise when the
+step runs eagerly but are invisible to modes under ``torch.compile``; for noise in a loss
+function draw it explicitly::
 
     key = fx.random.step_key(state.rng, state.step)
     noise = fx.random.normal(fx.random.fold_in(key, 1), x.shape)
@@ -169,6 +174,68 @@ def _dropout(x, p, training, key, mask_shape):
     return torch.where(keep, x / (1.0 - p), torch.zeros_like(x))
 
 
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
+              "enable_gqa")
+
+
+def _attention(key: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` with its attention dropout drawn from ``key``: the
+    math of its documented reference (scores, masks, softmax, dropout, weighted values), which
+    the compiler fuses. Without dropout the call goes to torch's own kernels unchanged."""
+    bound = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
+    unknown = bound.keys() - set(_SDPA_ARGS)
+    if unknown:
+        raise TypeError(f"scaled_dot_product_attention got unexpected arguments {sorted(unknown)}")
+    q, k, v = bound["query"], bound["key"], bound["value"]
+    mask, p, causal = bound.get("attn_mask"), float(bound.get("dropout_p", 0.0)), \
+        bound.get("is_causal", False)
+    scale, gqa = bound.get("scale"), bound.get("enable_gqa", False)
+    if p == 0.0:
+        return F.scaled_dot_product_attention(*args, **kwargs)
+    if causal and mask is not None:
+        raise ValueError("scaled_dot_product_attention: pass attn_mask or is_causal, not both")
+    if gqa:
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
+        v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if causal:
+        length, source = q.size(-2), k.size(-2)
+        mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask)
+    weights = torch.softmax(scores, dim=-1)
+    return _dropout(weights, p, True, key, weights.shape) @ v
+
+
+_SELU_ALPHA = -1.7580993408473766  # -scale * alpha of SELU: where alpha dropout sends a drop
+
+
+def _alpha_dropout(x, p, training, key, mask_shape):
+    """Dropout that keeps SELU's mean and variance: dropped values go to SELU's negative
+    saturation, then an affine map restores the moments (as ``F.alpha_dropout``)."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0:
+        return x
+    if p == 1.0:
+        return torch.zeros_like(x)
+    keep = _hash(key, mask_shape) >= math.ceil(p * 2.0**32)
+    a = ((1.0 - p) * (1.0 + p * _SELU_ALPHA**2)) ** -0.5
+    b = -a * _SELU_ALPHA * p
+    return torch.where(keep, x, torch.full_like(x, _SELU_ALPHA)) * a + b
+
+
+def _rrelu(x, lower, upper, training, key):
+    """Randomized leaky ReLU: negative inputs scaled by a slope drawn uniformly from
+    [lower, upper] per element in training, by their mean otherwise (as ``F.rrelu``)."""
+    if not training:
+        return F.leaky_relu(x, (lower + upper) / 2)
+    slope = lower + (upper - lower) * uniform(key, x.shape, x.dtype, stream=4)
+    return torch.where(x >= 0, x, x * slope)
+
+
 def _feature_mask_shape(x: torch.Tensor, batched_ndim: int) -> tuple[int, ...]:
     spatial = batched_ndim - 2
     return (*x.shape[: x.ndim - spatial], *([1] * spatial))
@@ -177,14 +244,42 @@ def _feature_mask_shape(x: torch.Tensor, batched_ndim: int) -> tuple[int, ...]:
 # (function, batched ndim of its channel mask or None for elementwise). Tuples scanned with `is`
 # keep Dynamo's guards to one per entry instead of one per torch function the step calls.
 _DROPOUTS = ((F.dropout, None), (F.dropout1d, 3), (F.dropout2d, 4), (F.dropout3d, 5))
-# Random functions a mode sees both eagerly and under torch.compile, that we do not cover.
+_ALPHA_DROPOUTS = ((F.alpha_dropout, None), (F.feature_alpha_dropout, 0))
+# Random functions a mode sees, eagerly and under torch.compile, that have no keyed version
+# here, with what to use instead.
 _UNSUPPORTED = (
-    torch.multinomial, torch.poisson, F.alpha_dropout, F.feature_alpha_dropout, F.rrelu,
-    F.gumbel_softmax, torch.Tensor.multinomial, torch.Tensor.uniform_, torch.Tensor.normal_,
-    torch.Tensor.bernoulli_, torch.Tensor.bernoulli, torch.Tensor.random_,
-    torch.Tensor.exponential_, torch.Tensor.geometric_, torch.Tensor.cauchy_,
-    torch.Tensor.log_normal_,
+    (torch.multinomial, "fx.random.categorical(key, logits)"),
+    (torch.Tensor.multinomial, "fx.random.categorical(key, logits)"),
+    (F.gumbel_softmax, "fx.random.uniform(key, shape) turned into Gumbel noise"),
+    (torch.poisson, "a sampler built on fx.random.uniform"),
+    (torch.Tensor.uniform_, "fx.random.uniform(key, shape)"),
+    (torch.Tensor.normal_, "fx.random.normal(key, shape)"),
+    (torch.Tensor.bernoulli_, "torch.bernoulli(probs), which is keyed"),
+    (torch.Tensor.bernoulli, "torch.bernoulli(probs), which is keyed"),
+    (torch.Tensor.random_, "fx.random.uniform(key, shape) scaled and floored"),
+    (torch.Tensor.exponential_, "-log(fx.random.uniform(key, shape)) / rate"),
+    (torch.Tensor.geometric_, "a sampler built on fx.random.uniform"),
+    (torch.Tensor.cauchy_, "a sampler built on fx.random.uniform"),
+    (torch.Tensor.log_normal_, "exp(fx.random.normal(key, shape))"),
+    (torch.randint, "fx.random.uniform(key, shape) scaled and floored"),
+    (torch.randperm, "torch.argsort(fx.random.uniform(key, (n,)))"),
+    (torch.rand, "fx.random.uniform(key, shape)"),
+    (torch.randn, "fx.random.normal(key, shape)"),
+    (torch.rand_like, "fx.random.uniform(key, x.shape)"),
+    (torch.randn_like, "fx.random.normal(key, x.shape)"),
+    (torch.randint_like, "fx.random.uniform(key, x.shape) scaled and floored"),
+    (torch.normal, "fx.random.normal(key, shape) * std + mean"),
 )
+
+
+def _name(func) -> str:
+    """``func`` as a user writes it: torch.randint, torch.Tensor.normal_, F.gumbel_softmax."""
+    name = getattr(func, "__name__", repr(func))
+    for prefix, namespace in (("torch.", torch), ("torch.Tensor.", torch.Tensor),
+                              ("torch.nn.functional.", F)):
+        if getattr(namespace, name, None) is func:
+            return prefix + name
+    return getattr(func, "__qualname__", name)
 
 
 def _is_python_tensor_method(func) -> bool:
@@ -223,18 +318,49 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                 training = bool(_arg(args, kwargs, 2, "training", True))
                 mask = x.shape if ndim is None else _feature_mask_shape(x, ndim)
                 return _dropout(x, p, training, self._next_key(), mask)
+        for dropout, ndim in _ALPHA_DROPOUTS:
+            if func is dropout:
+                x = args[0]
+                p = float(_arg(args, kwargs, 1, "p", 0.5))
+                training = bool(_arg(args, kwargs, 2, "training", False))
+                mask = x.shape if ndim is None else (*x.shape[:2], *([1] * (x.ndim - 2)))
+                return _alpha_dropout(x, p, training, self._next_key(), mask)
+        if func is torch.native_dropout:
+            x, p, train = args[0], float(_arg(args, kwargs, 1, "p", 0.5)), \
+                _arg(args, kwargs, 2, "train", True)
+            if train is False:
+                return x.clone(), torch.ones_like(x, dtype=torch.bool)
+            keep = _hash(self._next_key(), x.shape) >= math.ceil(p * 2.0**32)
+            return torch.where(keep, x / (1.0 - p), torch.zeros_like(x)), keep
+        if func is F.rrelu:
+            x = args[0]
+            lower = float(_arg(args, kwargs, 1, "lower", 1.0 / 8))
+            upper = float(_arg(args, kwargs, 2, "upper", 1.0 / 3))
+            training = bool(_arg(args, kwargs, 3, "training", False))
+            return _rrelu(x, lower, upper, training, self._next_key())
+        if func is F.scaled_dot_product_attention:
+            return _attention(self._next_key(), args, kwargs)
+        if func is F.multi_head_attention_forward and \
+                float(_arg(args, kwargs, 10, "dropout_p", 0.0)) > 0.0 and \
+                _arg(args, kwargs, 13, "training", True):
+            # its dropout runs inside it, where no mode sees it: refused rather than unkeyed
+            raise NotImplementedError(
+                "fxtrain: nn.MultiheadAttention(dropout > 0) inside a train step would draw its "
+                "attention dropout from torch's global generator. Build it with dropout=0.0 and "
+                "apply nn.Dropout to its output, or write the attention with "
+                "F.scaled_dot_product_attention(q, k, v, dropout_p=p), whose dropout is keyed.")
         if func is torch.bernoulli:
             if len(args) != 1 or kwargs:
                 raise NotImplementedError("fxtrain: only torch.bernoulli(probs) is keyed in a step")
             probs = args[0]
             return (uniform(self._next_key(), probs.shape, probs.dtype) < probs).to(probs.dtype)
-        for unsupported in _UNSUPPORTED:  # a loop: Dynamo traces it faster than any(...)
+        for unsupported, instead in _UNSUPPORTED:  # a loop: Dynamo traces it faster than any()
             if func is unsupported:
                 raise NotImplementedError(
-                    f"fxtrain: {getattr(func, '__qualname__', func)} inside a train step would "
-                    "read torch's global generator, which makes the step impure. Draw from "
-                    "fxtrain.random.uniform/normal with a key derived from state.rng instead."
-                )
+                    f"fxtrain: {_name(func)} inside a train step would "
+                    "read torch's global generator, which makes the step impure. Draw from a "
+                    f"key derived from state.rng instead: {instead}, with key = "
+                    "fx.random.fold_in(fx.random.step_key(state.rng, state.step), n).")
         if _is_python_tensor_method(func) and args and isinstance(args[0], torch.Tensor):
             # as the method call it was: passed on as a function, Dynamo fails on some of these
             # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses

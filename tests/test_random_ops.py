@@ -1,0 +1,151 @@
+"""Every random op inside a step is keyed or refused, never drawn from torch's global generator.
+
+A keyed op: the same key gives the same bits twice, another key other bits, reseeding torch's
+generator changes nothing, and a compiled call draws the eager call's mask. A refused op: a
+NotImplementedError that names the op and what to use instead."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxtrain import random
+
+X = torch.randn(64, 16, 6, 6, generator=torch.Generator().manual_seed(0))
+QKV = tuple(torch.randn(2, 4, 12, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
+
+
+torch.manual_seed(0)
+MHA = nn.MultiheadAttention(6, 2, dropout=0.0, batch_first=True)  # built outside: init is random
+
+
+def _mha(x):
+    return MHA(x, x, x)[0]
+
+
+KEYED = {
+    "dropout": lambda x: F.dropout(x, 0.3),
+    "dropout2d": lambda x: F.dropout2d(x, 0.3),
+    "alpha_dropout": lambda x: F.alpha_dropout(x, 0.3, training=True),
+    "feature_alpha_dropout": lambda x: F.feature_alpha_dropout(x, 0.3, training=True),
+    "native_dropout": lambda x: torch.native_dropout(x, 0.3, True)[0],
+    "rrelu": lambda x: F.rrelu(x, training=True),
+    "bernoulli": lambda x: torch.bernoulli(x.sigmoid()),
+    "sdpa": lambda x: F.scaled_dot_product_attention(*QKV, dropout_p=0.3),
+    "sdpa_causal": lambda x: F.scaled_dot_product_attention(*QKV, dropout_p=0.3, is_causal=True),
+    "sdpa_mask": lambda x: F.scaled_dot_product_attention(
+        *QKV, attn_mask=torch.ones(12, 12, dtype=torch.bool).tril(), dropout_p=0.3),
+    "mha_no_dropout_then_dropout": lambda x: F.dropout(_mha(x[:, :5, 0]), 0.3),
+}
+
+
+def _draw(op, seed):
+    with random.keyed(random.seed_key(seed)):
+        return KEYED[op](X)
+
+
+@pytest.mark.parametrize("op", list(KEYED))
+def test_keyed_op_is_pure(op):
+    torch.manual_seed(0)
+    a = _draw(op, 1)
+    torch.manual_seed(1)  # torch's generator plays no part
+    assert torch.equal(a, _draw(op, 1))
+    assert not torch.equal(a, _draw(op, 2))
+
+
+@pytest.mark.parametrize("op", [op for op in KEYED if not op.startswith("mha")])
+def test_keyed_op_compiled_draws_the_eager_mask(op):
+    def f(key, x):
+        with random.keyed(key):
+            return KEYED[op](x)
+
+    key = random.seed_key(3)
+    eager, compiled = f(key, X), torch.compile(f, fullgraph=True)(key, X)
+    assert torch.equal(eager == 0, compiled == 0)  # the same elements dropped
+    torch.testing.assert_close(compiled, eager)  # values: the compiler may round differently
+
+
+def test_keyed_rates_and_moments():
+    x = torch.randn(400_000)
+    with random.keyed(random.seed_key(0)):
+        alpha = F.alpha_dropout(x, 0.2, training=True)
+        out, keep = torch.native_dropout(x, 0.25, True)
+        slopes = F.rrelu(-torch.ones(100_000), 0.1, 0.3, training=True).neg()
+    assert abs(float(alpha.mean())) < 0.01 and abs(float(alpha.std()) - 1) < 0.01  # SELU's
+    assert abs(float(keep.float().mean()) - 0.75) < 0.01
+    assert torch.equal(out, torch.where(keep, x / 0.75, 0.0))
+    assert 0.1 <= float(slopes.min()) and float(slopes.max()) <= 0.3
+    assert abs(float(slopes.mean()) - 0.2) < 0.002
+
+
+def test_sdpa_dropout_matches_torch_without_dropout_and_drops_attention_weights():
+    with random.keyed(random.seed_key(0)):
+        plain = F.scaled_dot_product_attention(*QKV, is_causal=True)
+        p1 = F.scaled_dot_product_attention(*QKV, dropout_p=1.0, is_causal=True)
+    assert torch.equal(plain, F.scaled_dot_product_attention(*QKV, is_causal=True))
+    assert torch.equal(p1, torch.zeros_like(p1))  # every weight dropped
+
+
+MHA_DROPOUT = nn.MultiheadAttention(4, 2, dropout=0.1)
+
+
+@pytest.mark.parametrize("call, name, instead", [
+    (lambda: torch.multinomial(torch.ones(4), 2), "torch.multinomial", "categorical"),
+    (lambda: torch.ones(3).multinomial(1), "torch.Tensor.multinomial", "categorical"),
+    (lambda: torch.randint(0, 5, (3,)), "torch.randint", "uniform"),
+    (lambda: torch.randperm(5), "torch.randperm", "argsort"),
+    (lambda: torch.rand(3), "torch.rand", "uniform"),
+    (lambda: torch.randn(3), "torch.randn", "normal"),
+    (lambda: torch.normal(torch.zeros(3), 1.0), "torch.normal", "normal"),
+    (lambda: torch.zeros(3).normal_(), "torch.Tensor.normal_", "normal"),
+    (lambda: torch.zeros(3).uniform_(), "torch.Tensor.uniform_", "uniform"),
+    (lambda: torch.zeros(3).exponential_(), "torch.Tensor.exponential_", "log"),
+    (lambda: torch.poisson(torch.ones(3)), "torch.poisson", "uniform"),
+    (lambda: F.gumbel_softmax(torch.ones(3)), "torch.nn.functional.gumbel_softmax", "uniform"),
+    (lambda: MHA_DROPOUT(*[torch.ones(3, 1, 4)] * 3), "MultiheadAttention",
+     "scaled_dot_product_attention"),
+])
+def test_unkeyed_random_ops_are_refused_by_name(call, name, instead):
+    with random.keyed(random.seed_key(0)), pytest.raises(NotImplementedError) as info:
+        call()
+    assert name in str(info.value) and instead in str(info.value)
+    assert "global generator" in str(info.value)
+
+
+def test_multihead_attention_without_dropout_or_in_eval_runs():
+    mha = nn.MultiheadAttention(4, 2, dropout=0.1)
+    x = torch.ones(3, 1, 4)
+    expected = mha.eval()(x, x, x)[0]
+    with random.keyed(random.seed_key(0)):
+        assert torch.equal(mha(x, x, x)[0], expected)
+        mha.train()
+        mha.dropout = 0.0
+        mha(x, x, x)
+
+
+def test_transformers_gpt2_with_sdpa_attention_dropout_is_a_pure_step():
+    """transformers' default attention is SDPA: with attention dropout, two calls of a step on
+    the same state and batch gave different losses before SDPA was keyed."""
+    import fxtrain as fx
+    from helpers import extra
+
+    transformers = extra("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64,
+                                     n_positions=32, attn_implementation="sdpa",
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.5)
+    state = fx.TrainState.create(transformers.GPT2LMHeadModel(config), fx.optim.adamw(1e-3))
+    ids = torch.randint(0, 64, (4, 32), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(state, params, batch):
+        logits = state.apply(params, batch, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 64), batch[:, 1:].reshape(-1))
+
+    step = fx.make_train_step(loss_fn)
+    first, again = step(state, ids), step(state, ids)
+    assert torch.equal(first[1]["loss"], again[1]["loss"])
+    assert fx.tree_digest(first[0]) == fx.tree_digest(again[0])
+    compiled = torch.compile(step, fullgraph=True)(state, ids)
+    torch.testing.assert_close(compiled[1]["loss"], first[1]["loss"])
+    next_step = step(state.replace(step=state.step + 1), ids)
+    assert not torch.equal(next_step[1]["loss"], first[1]["loss"])  # another step, other masks
