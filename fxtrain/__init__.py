@@ -13,6 +13,9 @@ from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
 from .donation import DonatedError as DonatedError
 from .evaluation import evaluate as evaluate
+from .export import load_safetensors as load_safetensors
+from .export import save_safetensors as save_safetensors
+from .export import trained_module as trained_module
 from .graphs import cuda_graphed as cuda_graphed
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit

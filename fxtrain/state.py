@@ -47,14 +47,14 @@ def _meta_like(t: torch.Tensor) -> torch.Tensor:
         else meta
 
 
-def _refuse_direct_call(module: nn.Module, args: Any) -> None:
+def refuse_direct_call(module: nn.Module, args: Any) -> None:
     del args
     first = next(itertools.chain(module.parameters(), module.buffers()), None)
     if first is not None and first.is_meta:
         raise RuntimeError(
             f"this {type(module).__name__} is the weightless skeleton of a TrainState (its "
-            "tensors are on the meta device); run it with state.apply(state.params, ...), whose "
-            "weights are the trained ones")
+            "tensors are on the meta device); run it with state.apply(state.params, ...), or "
+            "take the trained model out with fx.trained_module(state)")
 
 
 def skeleton(model: nn.Module) -> nn.Module:
@@ -68,7 +68,7 @@ def skeleton(model: nn.Module) -> nn.Module:
                       f"weights ({e}); the state uses the model itself, which keeps a second "
                       "copy of the initial weights", stacklevel=3)
         return model
-    out.register_forward_pre_hook(_refuse_direct_call)
+    out.register_forward_pre_hook(refuse_direct_call)
     return out
 
 
