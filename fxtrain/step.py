@@ -65,13 +65,26 @@ def _describe(signature: tuple) -> str:
                      for path, dtype, ndim in signature) or "(no leaves)"
 
 
+def _model_output_loss(out: Any) -> Any:
+    """The ``.loss`` of a model's output object (a transformers ``ModelOutput``), else ``out``."""
+    if isinstance(out, (torch.Tensor, tuple)) or not hasattr(out, "loss"):
+        return out
+    if out.loss is None:
+        raise TypeError(f"loss_fn returned a {type(out).__name__} whose .loss is None; pass "
+                        "labels=... to the model (transformers computes the loss then), or "
+                        "compute a loss from its logits")
+    return out.loss
+
+
 def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = _model_output_loss(out)
     loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
             type(loss).__name__
-        raise TypeError(f"loss_fn must return a 0-d loss tensor or (loss, aux dict); it returned "
-                        f"{what}. Reduce the loss, e.g. with .mean()")
+        raise TypeError(f"loss_fn must return a 0-d loss tensor, (loss, aux dict) or an object "
+                        f"with a .loss (a transformers ModelOutput); it returned {what}. Reduce "
+                        "the loss, e.g. with .mean()")
     if not loss.is_floating_point():
         raise TypeError(f"loss_fn returned a {loss.dtype} loss; it must be floating point")
     if aux is not None and not isinstance(aux, Mapping):
@@ -361,6 +374,7 @@ def _check_stacked(batches: Any, k: int) -> None:
 
 
 def _eval_metrics(out: Any) -> dict[str, Any]:
+    out = _model_output_loss(out)  # a ModelOutput is a Mapping of logits too: its loss only
     if isinstance(out, Mapping):
         return dict(out)
     loss, aux = _split_loss(out)
