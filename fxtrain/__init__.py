@@ -22,6 +22,7 @@ from .loop import fit as fit
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
+from .step import to_device as to_device
 from .tree import tree_digest as tree_digest
 
 __version__ = "0.1.0"

@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from . import distributed
 from .metrics import Average, Metric
 from .optim.base import tree_map
+from .step import to_device
 
 __all__ = ["evaluate", "batch_size_of"]
 
@@ -91,7 +92,7 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
         size = batch_size_of(batch)
         if size == 0:  # a rank's empty share of a short last batch
             continue
-        out = eval_step(state, batch)
+        out = eval_step(state, to_device(batch, state.step.device))
         if isinstance(out, Metric):  # a whole Collection (or one metric)
             collection = out if collection is None else collection.merge(out)
         elif isinstance(out, Mapping):

@@ -45,7 +45,7 @@ from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_repo
 from .data import as_stream
 from .evaluation import evaluate
 from .graphs import CudaGraphed
-from .step import CONTROL_METRICS, revert_update
+from .step import CONTROL_METRICS, revert_update, to_device
 from .unguarded import Unguarded, is_compiled
 
 __all__ = ["fit", "Interrupted"]
@@ -361,6 +361,7 @@ class _Run:
         self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
         self.eval_step, self.eval_data = eval_step, eval_data
         self.step, self.epoch = step, int(state.data.epoch)
+        self.device = state.step.device  # where batches go
         self.pending = _Flags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
@@ -379,6 +380,7 @@ class _Run:
         except StopIteration:
             return "data_exhausted"
         before = self.state
+        batch = to_device(batch, self.device)
         self.state, metrics = self.run_step(self.state, batch, position)
         self.step += self.k
         self.pending.add_step(metrics)

@@ -60,6 +60,28 @@ class _BatchGuard:
             for path, leaf in flat))
 
 
+def check_batch_device(batch: Any, device: torch.device, where: str) -> None:
+    """A clear error when a tensor of ``batch`` is on another device than the state (``fx.fit``
+    moves batches there; a loop of your own must)."""
+    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.device != device:
+            raise ValueError(
+                f"{where}: the batch's {pytree.keystr(path) or 'tensor'} is on {leaf.device}, "
+                f"the state on {device}; move the batch there (for example with "
+                f"batch = fx.to_device(batch, {str(device)!r}); fx.fit does it for you)")
+
+
+def to_device(batch: Any, device: torch.device | str) -> Any:
+    """``batch`` with every tensor on ``device`` (copied without blocking where the source
+    allows it: pinned CPU memory to a GPU); tensors already there and other leaves as they are."""
+    device = torch.device(device)
+    leaves = pytree.tree_leaves(batch)
+    if all(not isinstance(t, torch.Tensor) or t.device == device for t in leaves):
+        return batch
+    return pytree.tree_map(lambda t: t.to(device, non_blocking=True)
+                           if isinstance(t, torch.Tensor) and t.device != device else t, batch)
+
+
 def _describe(signature: tuple) -> str:
     return ", ".join(f"{path or 'batch'}: {dtype}" + (f"[{ndim}d]" if ndim >= 0 else "")
                      for path, dtype, ndim in signature) or "(no leaves)"
@@ -296,6 +318,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
     def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         guard(batch)
+        check_batch_device(batch, state.step.device, "train_step")
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
@@ -394,6 +417,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
         guard(batch)
+        check_batch_device(batch, state.step.device, "eval_step")
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
         was = set_training(state.module, False)
         try:

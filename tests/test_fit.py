@@ -321,3 +321,29 @@ def test_fit_initialises_the_states_of_the_steps_own_callbacks():
     with pytest.raises(KeyError, match="no callback state named 'ema'"):  # own loop: init first
         fx.make_train_step(xent, callbacks=in_step)(
             fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adamw(1e-2)), (X[:32], Y[:32]))
+
+
+def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypatch):
+    """fit and evaluate move each batch to the state's device; a step given a batch on another
+    device says which tensor is where. (No second device here: the state's is faked as meta.)"""
+    from fxtrain import step as step_module
+
+    moved = []
+    real = step_module.to_device
+
+    def recording(batch, device):
+        moved.append(str(device))
+        return real(batch, device)
+
+    monkeypatch.setattr("fxtrain.loop.to_device", recording)
+    monkeypatch.setattr("fxtrain.evaluation.to_device", recording)
+    state, step = setup()
+    data = fx.data.Batches((X, Y), 32)
+    fx.fit(state, step, data, max_steps=3, eval_step=fx.make_eval_step(xent), eval_data=[(X, Y)],
+           eval_every=3)
+    assert moved == ["cpu"] * 4  # three steps and one eval batch
+    batch = (X[:4].to("meta"), Y[:4].to("meta"))
+    with pytest.raises(ValueError, match=r"batch's \[0\] is on meta, the state on cpu"):
+        step(fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1)), batch)
+    same = (X[:4], Y[:4])
+    assert fx.to_device(same, "cpu") is same  # nothing to move: the same value
