@@ -7,6 +7,7 @@ from . import donation as donation
 from . import logging as logging
 from . import metrics as metrics
 from . import optim as optim
+from . import precision as precision
 from . import random as random
 from . import struct as struct
 from .callbacks.core import Control as Control

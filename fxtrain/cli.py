@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
         value = getattr(defaults, name)
         demo.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                           help=f"{help} (default {value})")
+    demo.add_argument("--precision", choices=("32", "bf16-mixed", "16-mixed"),
+                      default=DemoConfig.precision,
+                      help="the step's precision policy (default %(default)s)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
     inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")

@@ -139,6 +139,12 @@ def _steps_per_call(train_step: Callable) -> int:
     return getattr(_made(train_step), "steps_per_call", 1)
 
 
+def _precision(train_step: Callable) -> dict[str, str]:
+    """``{"precision": name}`` for a step with a mixed-precision policy, else nothing."""
+    precision = getattr(_made(train_step), "precision", "32")
+    return {} if precision == "32" else {"precision": precision}
+
+
 def _in_step_callbacks(train_step: Callable) -> tuple:
     """The callbacks folded inside a step made by ``make_train_step(..., callbacks=[...])``."""
     return getattr(_made(train_step), "in_step_callbacks", ())
@@ -241,6 +247,7 @@ def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every, k) -
             "compiled": is_compiled(train_step.__wrapped__ if isinstance(train_step, CudaGraphed)
                                     else train_step),
             "sync_every": sync_every, "steps_per_call": k,
+            **_precision(train_step),
             **({"cuda_graphs": True} if isinstance(train_step, CudaGraphed) else {})}
 
 

@@ -20,9 +20,12 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import distributed, donation, random
-from .callbacks.core import Callback, Event, flags, fold, name_of
+from .callbacks.core import Callback, Event, callback_state, flags, fold, name_of
 from .optim.base import squared_norms, tree_select
 from .optim.wrappers import learning_rate
+from .precision import LOSS_SCALE
+from .precision import loss_scale as default_loss_scale
+from .precision import policy as precision_policy
 from .state import TrainState, with_step_buffers
 
 __all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "gradient_histograms",
@@ -252,7 +255,8 @@ def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool)
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
-                    steps_per_call: int = 1) -> Callable[[TrainState, Any], tuple]:
+                    steps_per_call: int = 1,
+                    precision: str = "32") -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -288,9 +292,16 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         ``control/*`` flags OR-ed over the K steps. ``fx.fit`` reads ``.steps_per_call`` off
         the step (compiled or not) and feeds it K batches per call (see ``fx.fit``).
 
+      precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"bf16-true"``, as Lightning
+        names them (see ``fxtrain.precision``): autocast for the forward and backward, float32
+        master parameters and optimizer state, and for ``"16-mixed"`` dynamic loss scaling
+        whose state is ``state.callbacks["loss_scale"]`` (``fx.fit`` creates it; pass
+        ``fx.precision.loss_scale(...)`` in ``callbacks`` for other settings).
+
     Returns:
       ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
-      optimizer records one) and the aux values, all 0-d tensors.
+      optimizer records one), ``loss_scale`` under ``"16-mixed"`` and the aux values, all 0-d
+      tensors.
 
     Example::
 
@@ -301,7 +312,11 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         train_step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
         state, metrics = train_step(state, (x, y))
     """
+    mixed = precision_policy(precision)
     callbacks = tuple(callbacks)
+    if mixed.scaled and not any(isinstance(cb, Callback) and cb.name == LOSS_SCALE
+                                for cb in callbacks):
+        callbacks = (default_loss_scale(), *callbacks)
     _check_step_callbacks(callbacks)
     if grad_stats not in (False, True, "histograms"):
         raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
@@ -317,8 +332,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                          f"{steps_per_call!r}")
 
     def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        mixed.check(state.params)
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
+        scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
@@ -327,18 +344,29 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             inner = with_step_buffers(state)
             was = set_training(state.module, True)
             try:
-                with random.keyed(key):
+                with random.keyed(key), mixed.autocast(state.step.device):
                     loss, aux = _split_loss(loss_fn(inner, params, batch))
             finally:
                 set_training(state.module, was)
-            return loss, (aux, dict(inner.buffers or {}))  # functorch: plain dicts, no None
+            if mixed.compute_dtype is not None:
+                loss = loss.float()  # the loss and its metric in float32
+            scaled = loss if scaler is None else loss * scaler.scale
+            return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        grads, (loss, (aux, new_buffers)) = grad_and_value(compute, has_aux=True)(state.params)
+        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(
+            state.params)
+        if scaler is not None:  # unscaled before anything reads them (clipping included)
+            grads = {k: g / scaler.scale for k, g in grads.items()}
         if parallel:
             grads, loss, aux, new_buffers = _rank_means(grads, loss, aux, new_buffers,
                                                         buffers == "mean")
         new = state.apply_gradients(grads).replace(buffers=new_buffers or None)
         metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
+        if scaler is not None:  # a non-finite step is skipped, and the scale follows
+            finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
+            new = revert_update(state, new, ~finite)
+            new = new.replace(callbacks={**new.callbacks, LOSS_SCALE: scaler.update(finite)})
+            metrics["loss_scale"] = scaler.scale
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
             new = revert_update(state, new, control.skip)
@@ -356,6 +384,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         return donated(state, new), metrics
 
     train_step.in_step_callbacks = callbacks  # fx.fit initialises their states when missing
+    train_step.precision = precision
     if steps_per_call == 1:
         return train_step
 
@@ -374,6 +403,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
     train_steps.steps_per_call = steps_per_call  # read by fx.fit (K batches per call)
     train_steps.in_step_callbacks = callbacks
+    train_steps.precision = precision
     return train_steps
 
 

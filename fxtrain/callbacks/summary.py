@@ -138,6 +138,7 @@ def _sections(state: Any, event: Any) -> dict[str, dict[str, str]]:
         "Run": {**{k.replace("_", " "): _show(info.get(k))
                    for k in ("max_steps", "max_epochs", "sync_every", "steps_per_call", "compiled",
                              "cuda_graphs")},
+                "precision": _show(info.get("precision", "32")),
                 "start step": _show(event.step), "start epoch": _show(event.epoch)},
         "Hardware": {"device": _distinct(t.device for t in params),
                      "dtype": _distinct(t.dtype for t in params),

@@ -63,6 +63,7 @@ class DemoConfig:
     media_every: int = 500
     progress: bool = True
     compile: bool = True
+    precision: str = "32"
 
     def resolved(self, task: Task) -> DemoConfig:
         """The config with the task's defaults filled in and the workdir chosen."""
@@ -238,7 +239,8 @@ def run_demo(config: DemoConfig) -> int:
 
     in_step = [cb.nan_guard("stop")]  # tensor maths: runs inside the compiled step
     state = TrainState.create(task.model, _optimizer(config), seed=config.seed, callbacks=in_step)
-    train_step = make_train_step(task.loss_fn, callbacks=in_step, grad_stats=True)
+    train_step = make_train_step(task.loss_fn, callbacks=in_step, grad_stats=True,
+                                 precision=config.precision)
     eval_step = make_eval_step(task.eval_fn)
     if config.compile:
         train_step = torch.compile(train_step, fullgraph=True)

@@ -1,0 +1,127 @@
+"""Mixed precision as a policy of the train step, named as Lightning names them.
+
+- ``"32"``: everything in the parameters' dtype (the default).
+- ``"bf16-mixed"``: the forward and backward run under ``torch.autocast`` in bfloat16; the
+  parameters, gradients and optimizer state stay float32 (the master copy is the state).
+- ``"16-mixed"``: the same in float16, with dynamic loss scaling (flax's ``DynamicScale``,
+  torch's ``GradScaler``): the loss is multiplied by a scale before differentiating, the
+  gradients are divided by it before the optimizer (so clipping sees true gradients), a step
+  with a non-finite gradient is skipped (parameters and optimizer state unchanged) and halves
+  the scale, and ``growth_interval`` finite steps in a row double it. The scale, the run of
+  finite steps and the count of skipped steps live in the state
+  (``state.callbacks["loss_scale"]``), so a checkpoint carries them and a resume continues
+  exactly.
+- ``"bf16-true"``: the parameters themselves are bfloat16 (make the state from
+  ``model.to(torch.bfloat16)``); no autocast, no float32 copy.
+
+All of it is tensor maths inside the one compiled graph: no host syncs, no graph breaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any
+
+import torch
+
+from . import struct
+from .callbacks.core import Callback
+
+__all__ = ["PRECISIONS", "Policy", "policy", "LossScale", "loss_scale"]
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+LOSS_SCALE = "loss_scale"  # the name of the loss scale's state in state.callbacks
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """What a precision name means for the step."""
+
+    name: str
+    compute_dtype: torch.dtype | None  # autocast's dtype, or None for no autocast
+    scaled: bool  # dynamic loss scaling
+    param_dtype: torch.dtype | None  # the dtype the parameters must have, or None for any
+
+    def autocast(self, device: torch.device) -> Any:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.compute_dtype)
+
+    def check(self, params: dict[str, torch.Tensor]) -> None:
+        """A clear error for parameters this policy cannot train."""
+        floats = {k: v.dtype for k, v in params.items() if v.is_floating_point()}
+        if self.param_dtype is not None:
+            wrong = {k: d for k, d in floats.items() if d != self.param_dtype}
+            if wrong:
+                name, dtype = next(iter(wrong.items()))
+                raise ValueError(
+                    f"precision={self.name!r} trains {self.param_dtype} parameters, but {name} "
+                    f"is {dtype}; make the state from model.to({self.param_dtype}), or use "
+                    "'bf16-mixed' to keep float32 parameters")
+        elif self.compute_dtype is not None:
+            low = {k: d for k, d in floats.items() if d in (torch.float16, torch.bfloat16)}
+            if low:
+                name, dtype = next(iter(low.items()))
+                raise ValueError(
+                    f"precision={self.name!r} keeps float32 master parameters, but {name} is "
+                    f"{dtype}; make the state from the float32 model, or use 'bf16-true'")
+
+
+def policy(name: str) -> Policy:
+    """The ``Policy`` called ``name`` (one of ``PRECISIONS``)."""
+    policies = {
+        "32": Policy("32", None, False, None),
+        "bf16-mixed": Policy("bf16-mixed", torch.bfloat16, False, None),
+        "16-mixed": Policy("16-mixed", torch.float16, True, None),
+        "bf16-true": Policy("bf16-true", None, False, torch.bfloat16),
+    }
+    if name not in policies:
+        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))} (as "
+                         f"Lightning names them), got {name!r}")
+    return policies[name]
+
+
+@struct.dataclass
+class LossScale:
+    """Dynamic loss scaling's state: the ``scale``, ``good_steps`` (finite steps since the
+    scale last changed) and ``skipped`` (non-finite steps so far)."""
+
+    scale: torch.Tensor
+    good_steps: torch.Tensor
+    skipped: torch.Tensor
+    growth_interval: int = struct.field(static=True, default=2000)
+    growth: float = struct.field(static=True, default=2.0)
+    backoff: float = struct.field(static=True, default=0.5)
+
+    def update(self, finite: torch.Tensor) -> LossScale:
+        """The state after a step whose gradients were ``finite`` (a 0-d bool tensor)."""
+        good = self.good_steps + 1
+        grow = finite & (good >= self.growth_interval)
+        scale = torch.where(finite, torch.where(grow, self.scale * self.growth, self.scale),
+                            self.scale * self.backoff)
+        good = torch.where(finite & ~grow, good, torch.zeros_like(good))
+        return self.replace(scale=scale, good_steps=good, skipped=self.skipped + (~finite).long())
+
+
+def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth: float = 2.0,
+               backoff: float = 0.5) -> Callback:
+    """The loss scale's state for a ``"16-mixed"`` step (``make_train_step`` adds it to the
+    step's callbacks, so ``fx.fit`` creates its state; in your own loop pass it to
+    ``TrainState.create(..., callbacks=[...])``). The settings live in its state."""
+    if not init_scale > 0 or growth_interval < 1 or not growth > 1 or not 0 < backoff < 1:
+        raise ValueError("loss_scale: init_scale > 0, growth_interval >= 1, growth > 1 and "
+                         f"0 < backoff < 1 are needed, got {init_scale}, {growth_interval}, "
+                         f"{growth}, {backoff}")
+
+    def init(state):
+        device = state.step.device
+        return LossScale(torch.tensor(float(init_scale), device=device),
+                         torch.zeros((), dtype=torch.int64, device=device),
+                         torch.zeros((), dtype=torch.int64, device=device),
+                         growth_interval=growth_interval, growth=growth, backoff=backoff)
+
+    def fn(state, event):  # the step updates the scale itself: an observer that does nothing
+        return None
+
+    return Callback(name=LOSS_SCALE, init=init, fn=fn, kinds=("step_end",))
