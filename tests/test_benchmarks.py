@@ -117,3 +117,15 @@ def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
     imported("run_all").main(["--report-only", "--out", str(tmp_path)])
     assert (tmp_path / "RESULTS.md").read_text() == (out / "RESULTS.md").read_text()
     assert (tmp_path / "results.png").exists()
+
+
+@pytest.mark.slow
+def test_transformer_benchmark_smoke():
+    """benchmarks/transformer.py (not in run_all: minutes per variant at full size) runs its
+    variants in their own processes and compares bf16-mixed's loss curve with float32's."""
+    record = imported("transformer").main(["--smoke", "--curve", "20", "--device", "cpu",
+                                           "--variants", "eager", "fx_fit"])
+    assert set(record["rows"]) == {"eager", "fx_fit"}
+    for row in record["rows"].values():
+        assert row["tokens_per_s"] > 0 and row["peak_bytes"] > 0 and row["params"] > 0
+    assert 0 <= record["curve"]["max_gap"] < 0.5
