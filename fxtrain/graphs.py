@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import donation
+from .unguarded import _signature
 
 __all__ = ["cuda_graphed"]
 
@@ -37,11 +38,6 @@ def _tensors(tree: Any) -> tuple[list, list, Any]:
     tensors = [(pytree.keystr(p), v) for p, v in flat if isinstance(v, torch.Tensor)]
     others = [v for _, v in flat if not isinstance(v, torch.Tensor)]
     return tensors, others, spec
-
-
-def _signature(batch: Any) -> tuple:
-    return tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else
-                 (type(leaf), leaf) for leaf in pytree.tree_leaves(batch))
 
 
 class CudaGraphed:

@@ -165,13 +165,23 @@ def _arg(args, kwargs, index, name, default):
     return kwargs[name] if name in kwargs else (args[index] if len(args) > index else default)
 
 
-def _dropout(x, p, training, key, mask_shape):
+def _check_p(p: float) -> None:
     if not 0.0 <= p <= 1.0:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+
+
+def _keep(key, mask_shape, p) -> torch.Tensor:
+    """The mask of elements a dropout of probability ``p`` keeps (each dropped with
+    probability ``p``)."""
+    _check_p(p)
+    return _hash(key, mask_shape) >= math.ceil(p * 2.0**32)
+
+
+def _dropout(x, p, training, key, mask_shape):
     if not training or p == 0.0:
+        _check_p(p)
         return x
-    keep = _hash(key, mask_shape) >= math.ceil(p * 2.0**32)  # drop with probability p
-    return torch.where(keep, x / (1.0 - p), torch.zeros_like(x))
+    return torch.where(_keep(key, mask_shape, p), x / (1.0 - p), torch.zeros_like(x))
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -215,13 +225,12 @@ _SELU_ALPHA = -1.7580993408473766  # -scale * alpha of SELU: where alpha dropout
 def _alpha_dropout(x, p, training, key, mask_shape):
     """Dropout that keeps SELU's mean and variance: dropped values go to SELU's negative
     saturation, then an affine map restores the moments (as ``F.alpha_dropout``)."""
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0:
+        _check_p(p)
         return x
+    keep = _keep(key, mask_shape, p)
     if p == 1.0:
         return torch.zeros_like(x)
-    keep = _hash(key, mask_shape) >= math.ceil(p * 2.0**32)
     a = ((1.0 - p) * (1.0 + p * _SELU_ALPHA**2)) ** -0.5
     b = -a * _SELU_ALPHA * p
     return torch.where(keep, x, torch.full_like(x, _SELU_ALPHA)) * a + b
@@ -330,7 +339,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                 _arg(args, kwargs, 2, "train", True)
             if train is False:
                 return x.clone(), torch.ones_like(x, dtype=torch.bool)
-            keep = _hash(self._next_key(), x.shape) >= math.ceil(p * 2.0**32)
+            keep = _keep(self._next_key(), x.shape, p)
             return torch.where(keep, x / (1.0 - p), torch.zeros_like(x)), keep
         if func is F.rrelu:
             x = args[0]
