@@ -17,13 +17,13 @@ from .evaluation import evaluate as evaluate
 from .export import load_safetensors as load_safetensors
 from .export import save_safetensors as save_safetensors
 from .export import trained_module as trained_module
+from .feed import to_device as to_device
 from .graphs import cuda_graphed as cuda_graphed
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
-from .step import to_device as to_device
 from .tree import tree_digest as tree_digest
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, struct
+from .feed import to_device
 
 __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "LoaderStream",
            "as_stream"]
@@ -46,12 +47,13 @@ _GATHER_LIMIT = 256 * 2**20  # bytes: smaller tensor data is permuted once per e
 Take = Callable[[torch.Tensor], Callable[[int, int], Any]]  # epoch order -> (start, stop) -> batch
 
 
-def _tensor_source(data: Any) -> tuple[int, Take] | None:
+def _tensor_source(data: Any, device: torch.device | None) -> tuple[int, Take] | None:
     """Columns: a tensor, or a tuple/dict of tensors indexed along their first dimension.
 
     A list is a dataset of examples, never columns: ``[img1, img2]`` batches images. Data up to
     256 MiB is gathered in epoch order once per epoch and batches are slices of it (views);
-    larger data is indexed batch by batch.
+    larger data is indexed batch by batch. With a ``device``, data up to 256 MiB moves there
+    once (no copy per batch).
     """
     if not isinstance(data, torch.Tensor | tuple | Mapping):
         return None
@@ -63,6 +65,8 @@ def _tensor_source(data: Any) -> tuple[int, Take] | None:
         shapes = [tuple(t.shape) for t in leaves]
         raise ValueError(f"Batches: all tensors need the same first dimension, got shapes {shapes}")
     small = sum(t.numel() * t.element_size() for t in leaves) <= _GATHER_LIMIT
+    if small and device is not None:
+        leaves = [t.to(device) for t in leaves]
 
     def epoch_take(order: torch.Tensor | None) -> Callable[[int, int], Any]:
         if order is None or small:
@@ -122,15 +126,21 @@ class Batches:
         size when torch.distributed is initialized; False: every rank reads everything.
         ``batch_size`` is per rank. Without ``drop_last`` the last global batch of an epoch may
         leave some ranks a short or empty batch (fine for evaluation, which weighs by size).
+      device: where the batches come out (for a loop of your own; ``fit`` moves batches to the
+        state's device anyway). Tensor data up to 256 MiB moves there once, at construction;
+        other batches are copied one by one (page-locked first for a GPU). The position stays
+        on the CPU.
     """
 
     def __init__(self, data: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
                  drop_last: bool = True, collate: Callable | None = None,
-                 shard: tuple[int, int] | bool | None = None):
+                 shard: tuple[int, int] | bool | None = None,
+                 device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
         self.rank, self.world_size = _shard(shard)
-        source = _tensor_source(data)
+        self.device = None if device is None else torch.device(device)
+        source = _tensor_source(data, self.device)
         self.size, self._take = source or _dataset_source(
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -177,6 +187,8 @@ class Batches:
             self._epoch = (epoch, torch.tensor(epoch, dtype=torch.int64), self._take(order))
         start = (index * self.world_size + self.rank) * self.batch_size
         batch = self._epoch[2](start, min(start + self.batch_size, self.size))
+        if self.device is not None:
+            batch = to_device(batch, self.device, pin=True)
         done = index + 1 == len(self)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])

@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from . import distributed
 from .metrics import Average, Metric
 from .optim.base import tree_map
-from .step import to_device
+from .feed import to_device
 
 __all__ = ["evaluate", "batch_size_of"]
 

@@ -44,8 +44,9 @@ from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_repo
                              save_veto)
 from .data import as_stream
 from .evaluation import evaluate
+from .feed import Feed, prefetches
 from .graphs import CudaGraphed
-from .step import CONTROL_METRICS, revert_update, to_device
+from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
 
 __all__ = ["fit", "Interrupted"]
@@ -263,7 +264,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         call) and ``callbacks`` the host callbacks' states (initialised when missing).
       train_step: ``(state, batch) -> (state, metrics)``, usually compiled.
       data: ``fx.data.Batches`` (exact resume), a torchdata ``StatefulDataLoader`` (its
-        ``state_dict()`` is kept in the state) or any iterable of batches.
+        ``state_dict()`` is kept in the state) or any iterable of batches. Each batch goes to
+        the state's device (``fx.to_device``); on CUDA the next call's batches are taken,
+        page-locked and copied on a side stream while the step runs (one call ahead; a
+        one-shot iterator may so lose one batch to a stop that callbacks ask for).
       callbacks: host callbacks, folded after every event.
       max_steps: stop when ``state.step`` reaches this (counted over resumes).
       max_epochs: stop when this many epochs of ``data`` are done.
@@ -368,7 +372,8 @@ class _Run:
         self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
         self.eval_step, self.eval_data = eval_step, eval_data
         self.step, self.epoch = step, int(state.data.epoch)
-        self.device = state.step.device  # where batches go
+        device = state.step.device  # where batches go
+        self.feed = Feed(lambda position: _take(stream, position, k), device, prefetches(device))
         self.pending = _Flags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
@@ -383,13 +388,14 @@ class _Run:
         """The next K batches through the step, then step_end (and the undo of a step a host
         callback skipped); "data_exhausted" when the data ran out."""
         try:
-            batch, position, self.epoch_done = _take(self.stream, self.state.data, self.k)
+            batch, position, self.epoch_done = self.feed.take(self.state.data)
         except StopIteration:
             return "data_exhausted"
         before = self.state
-        batch = to_device(batch, self.device)
         self.state, metrics = self.run_step(self.state, batch, position)
         self.step += self.k
+        if not self.schedule.limit(self.step, self.epoch + self.epoch_done):
+            self.feed.prefetch(position)  # the next call's batches, while this one runs
         self.pending.add_step(metrics)
         if self.log_next:
             metrics["control/log"], self.log_next = True, False

@@ -74,17 +74,6 @@ def check_batch_device(batch: Any, device: torch.device, where: str) -> None:
                 f"batch = fx.to_device(batch, {str(device)!r}); fx.fit does it for you)")
 
 
-def to_device(batch: Any, device: torch.device | str) -> Any:
-    """``batch`` with every tensor on ``device`` (copied without blocking where the source
-    allows it: pinned CPU memory to a GPU); tensors already there and other leaves as they are."""
-    device = torch.device(device)
-    leaves = pytree.tree_leaves(batch)
-    if all(not isinstance(t, torch.Tensor) or t.device == device for t in leaves):
-        return batch
-    return pytree.tree_map(lambda t: t.to(device, non_blocking=True)
-                           if isinstance(t, torch.Tensor) and t.device != device else t, batch)
-
-
 def _describe(signature: tuple) -> str:
     return ", ".join(f"{path or 'batch'}: {dtype}" + (f"[{ndim}d]" if ndim >= 0 else "")
                      for path, dtype, ndim in signature) or "(no leaves)"

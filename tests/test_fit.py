@@ -326,16 +326,16 @@ def test_fit_initialises_the_states_of_the_steps_own_callbacks():
 def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypatch):
     """fit and evaluate move each batch to the state's device; a step given a batch on another
     device says which tensor is where. (No second device here: the state's is faked as meta.)"""
-    from fxtrain import step as step_module
+    from fxtrain import feed
 
     moved = []
-    real = step_module.to_device
+    real = feed.to_device
 
     def recording(batch, device):
         moved.append(str(device))
         return real(batch, device)
 
-    monkeypatch.setattr("fxtrain.loop.to_device", recording)
+    monkeypatch.setattr("fxtrain.feed.to_device", recording)
     monkeypatch.setattr("fxtrain.evaluation.to_device", recording)
     state, step = setup()
     data = fx.data.Batches((X, Y), 32)
