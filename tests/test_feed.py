@@ -108,3 +108,18 @@ def test_batches_come_out_on_the_device_asked_for_with_the_position_on_the_cpu()
     examples = [(X[i], Y[i]) for i in range(96)]  # a dataset: copied batch by batch
     batch = next(iter(fx.data.Batches(examples, 16, device="meta")))
     assert batch[0].device.type == "meta" and batch[0].shape == (16, 8)
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_batches_copied_ahead_on_a_side_stream_train_the_same_bits(monkeypatch):
+    def run(ahead):
+        monkeypatch.setattr("fxtrain.loop.prefetches", lambda device: ahead)
+        state = fx.TrainState.create(mlp((8, 16, 2), dropout=0.1).cuda(), fx.optim.adamw(1e-2))
+        step = torch.compile(fx.make_train_step(xent), fullgraph=True)
+        return fx.fit(state, step, fx.data.Batches((X, Y), 16), max_steps=12)
+
+    plain, ahead = run(False), run(True)
+    for a, b in zip(torch.utils._pytree.tree_leaves(plain.params),
+                    torch.utils._pytree.tree_leaves(ahead.params)):
+        assert a.device.type == "cuda" and torch.equal(a, b)
