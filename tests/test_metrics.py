@@ -8,6 +8,7 @@ from helpers import classification_batch, extra, graph_count, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import fxtrain as fx
 import fxtrain.metrics as M
 from fxtrain import struct
 
@@ -281,10 +282,79 @@ def test_torchmetrics_adapter_errors(torchmetrics):
 
     with pytest.raises(ValueError, match="state 'odd'.*sum, mean, max, min and cat"):
         M.from_torchmetrics(Stacked())
+
+    class Growing(torchmetrics.Metric):
+        def __init__(self):
+            super().__init__()
+            self.add_state("seen", torch.zeros(0), dist_reduce_fx="sum")
+
+        def update(self, preds, target):
+            self.seen = preds - target
+
+        def compute(self):
+            return self.seen.sum()
+
+    with pytest.raises(ValueError, match=r"changed state 'seen' from \(0,\).*fixed states"):
+        M.from_torchmetrics(Growing()).from_model_output(torch.ones(3), torch.zeros(3))
     one = M.from_torchmetrics(torchmetrics.MeanSquaredError())
     other = M.from_torchmetrics(torchmetrics.MeanSquaredError())
     with pytest.raises(TypeError, match="cannot merge"):
         one.empty().merge(other.empty())
+
+
+def _torchmetrics_inputs(name, logits, labels):
+    """The (preds, target) that torchmetrics metric ``name`` takes, from a classifier's output."""
+    return {"MulticlassAccuracy": (logits, labels),
+            "MeanSquaredError": (logits[:, 0], labels.float()),
+            "BinaryF1Score": (logits[:, 0], labels % 2),  # logits: torchmetrics applies sigmoid
+            "MeanMetric": (logits[:, 0], (labels + 1).float()),  # values and weights
+            "BinaryAUROC": (logits[:, 0].sigmoid(), labels % 2)}[name]
+
+
+@pytest.mark.parametrize("make", [
+    lambda tm: tm.classification.MulticlassAccuracy(num_classes=4),
+    lambda tm: tm.MeanSquaredError(),
+    lambda tm: tm.classification.BinaryF1Score(),
+    lambda tm: tm.MeanMetric(),
+    lambda tm: tm.classification.BinaryAUROC(thresholds=8),  # binned: fixed-size states
+], ids=["multiclass_accuracy", "mse", "binary_f1", "mean", "binned_auroc"])
+def test_torchmetrics_adapter_in_a_compiled_eval_step_equals_torchmetrics(make, torchmetrics):
+    Adapted, reference = M.from_torchmetrics(make(torchmetrics)), make(torchmetrics)
+    name = type(reference).__name__
+
+    def metrics_fn(state, batch):
+        x, y, mask = batch
+        preds, target = _torchmetrics_inputs(name, state.apply(state.params, x), y)
+        return {"metric": Adapted.from_model_output(preds, target, mask=mask)}
+
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
+    data = [(*classification_batch(n=9, seed=s), torch.arange(9) % 3 != s % 3) for s in range(4)]
+    eval_step = torch.compile(fx.make_eval_step(metrics_fn), fullgraph=True)
+    merge = torch.compile(lambda total, value: total.merge(value), fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        evaluated = fx.evaluate(eval_step, state, data)
+        assert graph_count() == 1
+        total = Adapted.empty()
+        for batch in data:
+            total = merge(total, eval_step(state, batch)["metric"])
+    assert graph_count() == 2
+    with torch.no_grad():
+        for x, y, mask in data:
+            preds, target = _torchmetrics_inputs(name, state.apply(state.params, x), y)
+            reference.update(preds[mask], target[mask])
+    expected = reference.compute()
+    assert torch.equal(evaluated["metric"], expected) and torch.equal(total.compute(), expected)
+
+
+def test_torchmetrics_list_states_are_refused_inside_a_compiled_step(torchmetrics):
+    Adapted = M.from_torchmetrics(torchmetrics.classification.BinaryAUROC())
+    preds, target = torch.rand(6, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 2
+    step = torch.compile(lambda p, t: Adapted.from_model_output(p, t), fullgraph=True)
+    with pytest.raises(Exception, match=r"list states \['preds', 'target'\].*thresholds=N"):
+        step(preds, target)
+    reference = torchmetrics.classification.BinaryAUROC()
+    reference.update(preds, target)
+    assert torch.equal(Adapted.from_model_output(preds, target).compute(), reference.compute())
 
 
 # ---- bad input --------------------------------------------------------------------------------
