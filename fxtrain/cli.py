@@ -39,7 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                     "functional step and the standard callbacks; writes TensorBoard and JSONL "
                     "logs, checkpoints, figures and a loss curve under --workdir.")
     demo.add_argument("--model", choices=MODELS, default=DemoConfig.model,
-                      help="mlp or cnn: classify digits; charlm: a character language model")
+                      help="mlp or cnn: classify digits; charlm: a character language model; "
+                           "transformer: a small GPT of the same text")
     demo.add_argument("--workdir", help="where everything goes (default runs/demo-<model>)")
     demo.add_argument("--steps", type=int, help=f"training steps (default: {_per_model('steps')})")
     demo.add_argument("--seed", type=int, default=DemoConfig.seed, help="(default %(default)s)")
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
         demo.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                           help=f"{help} (default {value})")
     demo.add_argument("--precision", choices=("32", "bf16-mixed", "16-mixed"),
-                      default=DemoConfig.precision,
-                      help="the step's precision policy (default %(default)s)")
+                      help="the step's precision policy (default: 32; transformer: bf16-mixed "
+                           "where the machine has native bfloat16, else 32)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
     inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")

@@ -92,6 +92,50 @@ def test_cnn_and_charlm_demos(tmp_path, capsys, model, words):
         assert any(p.startswith(".buffers") and "running_mean" in p for p in paths)
 
 
+def test_transformer_demo_generates_from_the_trained_module_and_exports_its_weights(
+        tmp_path, capsys):
+    """A GPT with keyed SDPA attention dropout: keyed text samples while training, then the
+    trained module out of the state generates, and its weights go to safetensors."""
+    import torch
+
+    import fxtrain as fx
+    from fxtrain.demo import tasks
+
+    status, out, _ = demo(capsys, tmp_path, "--model", "transformer", "--steps", "30",
+                          "--batch-size", "8", *QUICK)
+    assert status == 0 and "bits_per_char" in out and "SDPA attention" in out
+    samples = (tmp_path / "samples.txt").read_text().split("\n\n---\n\n")
+    assert [s.split(" ")[0] for s in samples] == ["Return", "The", "If"]
+    assert all(len(s) >= 160 for s in samples)
+    texts = [e for e in read_jsonl(tmp_path / "metrics.jsonl")
+             if e["kind"] == "texts" and "samples/0" in e["values"]]
+    assert [e["step"] for e in texts] == [30]
+    # the weights file holds the model that wrote samples.txt: loaded into a fresh state of the
+    # same task, its trained module generates the same first sample
+    task = tasks.make_task("transformer", 1)  # other initial weights, all replaced by the file
+    fresh = fx.TrainState.create(task.model, fx.optim.sgd(0.1))
+    loaded = fx.load_safetensors(tmp_path / "model.safetensors", like=fresh)
+    module = fx.trained_module(loaded).eval()
+    assert module.head.weight is module.tokens.weight  # tied weights stay tied
+    from fxtrain.demo import data
+    codec = data.CharCodec(data.stdlib_text())
+    ids = module.generate(codec.encode("Return the ")[None], 160, 0.7,
+                          generator=torch.Generator().manual_seed(0))
+    assert codec.decode(ids[0]) == samples[0].rstrip("\n")
+
+
+def test_transformer_demo_under_bf16_mixed_resumes_only_with_the_same_precision(tmp_path,
+                                                                                capsys):
+    flags = ["--model", "transformer", "--steps", "4", "--batch-size", "8", *QUICK,
+             "--eval-every", "4", "--checkpoint-every", "4", "--media-every", "100"]
+    status, out, _ = demo(capsys, tmp_path, *flags, "--precision", "bf16-mixed")
+    assert status == 0 and "precision bf16-mixed" in out
+    final = re.search(r"final held-out metrics \(step 4[^)]*\): loss ([\d.]+)", out)
+    assert final and 0 < float(final.group(1)) < 10
+    status, _, err = demo(capsys, tmp_path, *flags, "--precision", "32", "--resume")
+    assert status == 2 and "--precision 'bf16-mixed' (now '32')" in err
+
+
 def test_demo_refuses_a_workdir_with_a_run_and_changes_nothing(tmp_path, capsys):
     assert demo(capsys, tmp_path, "--steps", "20", *QUICK)[0] == 0
     before = listing(tmp_path)
@@ -158,23 +202,36 @@ def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
         time.sleep(0.05)
 
 
+KILLED_RUNS = {  # model -> (its flags, the checkpoint step to kill after)
+    # compiled steps, every callback, logs
+    "mlp": (["--steps", "240", "--eval-every", "40", "--checkpoint-every", "80",
+             "--log-every", "20", "--media-every", "120"], 80),
+    # a GPT with keyed SDPA attention dropout and keyed text samples (eager: its compile would
+    # take a minute per process here; the compiled step's keyed dropout is pure, as
+    # test_random_ops shows)
+    "transformer": (["--model", "transformer", "--steps", "60", "--batch-size", "8",
+                     "--no-compile", "--eval-every", "20", "--checkpoint-every", "20",
+                     "--log-every", "10", "--media-every", "30"], 20),
+}
+
+
 @pytest.mark.slow
-def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path):
+@pytest.mark.parametrize("model", list(KILLED_RUNS))
+def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path, model):
     """The promise: SIGKILL after a checkpoint, --resume, and the run is bit for bit the same
-    (compiled steps, every callback, logs)."""
-    flags = ["--steps", "240", "--eval-every", "40", "--checkpoint-every", "80",
-             "--log-every", "20", "--media-every", "120"]
+    (every callback, logs)."""
+    flags, kill_after = KILLED_RUNS[model]
     with reaped(run_cli(tmp_path / "whole", *flags)) as whole:
         out, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err[-3000:]
 
     with reaped(run_cli(tmp_path / "split", *flags)) as killed:
-        wait_for_checkpoint(killed, tmp_path / "split" / "checkpoints", 80)
+        wait_for_checkpoint(killed, tmp_path / "split" / "checkpoints", kill_after)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
     steps = [int(p.name) for p in (tmp_path / "split" / "checkpoints").iterdir()
              if p.name.isdigit()]
-    assert 80 in steps and max(steps) < 240
+    assert kill_after in steps and max(steps) < int(flags[flags.index("--steps") + 1])
     with reaped(run_cli(tmp_path / "split", *flags, "--resume")) as resumed:
         out2, err2 = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err2[-3000:]

@@ -26,7 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ("01_quickstart.ipynb", "02_callbacks.ipynb", "03_functional_restore.ipynb",
-            "04_compiled_benchmark.ipynb")
+            "04_compiled_benchmark.ipynb", "05_transformer.ipynb")
 KERNEL = "python3"
 CELL_TIMEOUT_S = 300  # the first torch.compile in a cold cache takes tens of seconds on 2 cores
 # Not files a notebook writes: tool caches, the environment and version control.

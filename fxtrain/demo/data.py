@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["digits", "stdlib_text", "CharCodec", "char_windows"]
+__all__ = ["digits", "stdlib_text", "CharCodec", "char_windows", "char_sequences"]
 
 # pure-Python standard library modules whose docstrings make the character model's corpus
 TEXT_MODULES = ("this", "argparse", "textwrap", "functools", "dataclasses", "json.decoder",
@@ -99,3 +99,12 @@ def char_windows(ids: torch.Tensor, context: int) -> tuple[torch.Tensor, torch.T
     """Every ``context`` characters and the one after them: ``([N, context], [N])``."""
     windows = ids.unfold(0, context + 1, 1)
     return windows[:, :-1].contiguous(), windows[:, -1].contiguous()
+
+
+def char_sequences(ids: torch.Tensor, length: int,
+                   stride: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of ``length`` characters every ``stride`` (default ``length``) and the same
+    windows one character on, the next-character targets at every position:
+    ``([N, length], [N, length])``."""
+    windows = ids.unfold(0, length + 1, stride or length)
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()

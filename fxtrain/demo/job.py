@@ -28,14 +28,14 @@ from ..state import TrainState
 from ..step import make_eval_step, make_train_step
 from ..tree import tree_digest
 from . import figures
-from .tasks import MODELS, Task, make_task
+from .tasks import MODELS, Task, make_task, native_bf16
 
 __all__ = ["DemoConfig", "DemoError", "run_demo"]
 
 # flags that decide the trained state: a resume must use the same ones (the others, how often
 # it logs, checkpoints, monitors or draws, are free to change)
 RUN_FLAGS = ("model", "steps", "seed", "batch_size", "lr", "eval_every",
-             "early_stopping_patience", "early_stopping_min_delta")
+             "early_stopping_patience", "early_stopping_min_delta", "precision")
 
 
 class DemoError(Exception):
@@ -63,13 +63,14 @@ class DemoConfig:
     media_every: int = 500
     progress: bool = True
     compile: bool = True
-    precision: str = "32"
+    precision: str | None = None
 
     def resolved(self, task: Task) -> DemoConfig:
         """The config with the task's defaults filled in and the workdir chosen."""
         return dataclasses.replace(
             self, steps=self.steps or task.steps, batch_size=self.batch_size or task.batch_size,
             lr=self.lr if self.lr is not None else task.lr,
+            precision=self.precision or task.precision,
             workdir=f"runs/demo-{self.model}" if self.workdir is None else self.workdir)
 
 
@@ -225,7 +226,7 @@ def run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
     _check(config)
     task = make_task(config.model, config.seed)
-    config = config.resolved(task)
+    chosen, config = config.precision, config.resolved(task)
     _check_task(config, task)
     manager = _manager(config, task)
     distributed.barrier()  # every rank has looked at the workdir before rank 0 writes logs in it
@@ -235,7 +236,11 @@ def run_demo(config: DemoConfig) -> int:
     except OSError as e:
         raise DemoError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
     _say(f"fxtrain demo: {task.description}; {config.steps} steps of {config.batch_size}"
-         + (f" per process on {distributed.world_size()}" if distributed.world_size() > 1 else ""))
+         + (f" per process on {distributed.world_size()}" if distributed.world_size() > 1 else "")
+         + ("" if config.precision == "32" else f", precision {config.precision}"))
+    if config.model == "transformer" and chosen is None and not native_bf16():
+        _say("precision 32: this machine has no native bfloat16, where bf16-mixed is emulated "
+             "and slower than float32 (--precision bf16-mixed uses it anyway)")
 
     in_step = [cb.nan_guard("stop")]  # tensor maths: runs inside the compiled step
     state = TrainState.create(task.model, _optimizer(config), seed=config.seed, callbacks=in_step)

@@ -1,7 +1,9 @@
 """The demo's three tasks: a model, its data, its loss and metrics, and what it shows.
 
 ``--model mlp`` and ``--model cnn`` classify scikit-learn's 8x8 digits; ``--model charlm`` is a
-character-level language model of text from Python's standard library.
+character-level language model of text from Python's standard library, and ``--model
+transformer`` a small GPT of the same text (SDPA attention with dropout, bf16-mixed where the
+machine computes bfloat16 natively), whose trained module comes back out to generate.
 """
 
 from __future__ import annotations
@@ -19,14 +21,17 @@ from torch import nn
 from .. import metrics, random
 from ..callbacks.core import Callback
 from ..callbacks.media import inference, log_media, text_samples
+from ..export import save_safetensors, trained_module
 from . import data, figures
+from .gpt import GPT
 
 __all__ = ["Task", "make_task", "MODELS", "DEFAULTS"]
 
 # each model's run flags when not given: a default run of each finishes in under a minute
 DEFAULTS = {"mlp": {"steps": 1500, "batch_size": 64, "lr": 3e-3},
             "cnn": {"steps": 1000, "batch_size": 64, "lr": 3e-3},
-            "charlm": {"steps": 2000, "batch_size": 128, "lr": 2e-3}}
+            "charlm": {"steps": 2000, "batch_size": 128, "lr": 2e-3},
+            "transformer": {"steps": 1000, "batch_size": 32, "lr": 3e-3}}
 MODELS = tuple(DEFAULTS)
 
 
@@ -49,6 +54,7 @@ class Task:
     best_mode: str
     headline: str  # the metric the demo ends with
     target: float | None = None  # the headline value a default run reaches
+    precision: str = "32"  # the step's precision policy unless --precision says otherwise
 
 
 # -- digits ----------------------------------------------------------------------------------
@@ -186,10 +192,82 @@ def _charlm_task() -> Task:
         headline="bits_per_char")
 
 
+# -- a small GPT -----------------------------------------------------------------------------
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bfloat16 natively (a CUDA GPU that supports it, or a CPU
+    with AVX512-BF16 or AMX); elsewhere bf16-mixed is emulated, and slower than float32."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return True
+    capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
+
+
+def _sequence_loss(state, params, batch):
+    x, y = batch
+    logits = state.apply(params, x).float()
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return loss, {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def _transformer_task(seed: int) -> Task:
+    text = data.stdlib_text()
+    codec = data.CharCodec(text)
+    ids = codec.encode(text)
+    cut = int(len(ids) * 0.9)
+    model = GPT(len(codec), context=64, width=128, layers=2, heads=4, dropout=0.1)
+    train = data.char_sequences(ids[:cut], model.context, stride=model.context // 2)
+    test = data.char_sequences(ids[cut:], model.context)
+
+    def eval_fn(state, batch):
+        loss, aux = _sequence_loss(state, state.params, batch)
+        return {"loss": loss, "bits_per_char": loss / math.log(2), **aux}
+
+    def sample(state, prompt: str, length: int = 160, temperature: float = 0.7) -> str:
+        """During training: keyed samples from the state (a resumed run writes the same)."""
+        tokens = codec.encode(prompt).tolist()
+        key = random.fold_in(random.step_key(state.rng, state.step), len(prompt))
+        for i in range(length):
+            logits = state.apply(state.params, torch.tensor([tokens[-model.context:]]))
+            tokens.append(int(random.categorical(random.fold_in(key, i),
+                                                 logits[0, -1].float() / temperature)))
+        return codec.decode(tokens[len(prompt):])
+
+    def final(state, metrics: dict, workdir: Path) -> list[str]:
+        """The trained module out of the state: it generates, and its weights go to
+        safetensors."""
+        del metrics  # printed by the job
+        trained = trained_module(state).eval()
+        generator = torch.Generator().manual_seed(seed)
+        samples = [codec.decode(trained.generate(codec.encode(p)[None], 160, 0.7,
+                                                 generator=generator)[0]) for p in PROMPTS]
+        path = workdir / "samples.txt"
+        path.write_text("\n\n---\n\n".join(samples) + "\n", encoding="utf-8")
+        weights = save_safetensors(state, workdir / "model.safetensors",
+                                   metadata={"vocabulary": "".join(codec.chars)})
+        return [f"{'samples':<13} {path} (fx.trained_module(state).generate)",
+                f"{'weights':<13} {weights} (fx.save_safetensors)",
+                f"{'a sample':<13} {' '.join(samples[0].split())}"]
+
+    return Task(
+        model=model, train=train, test=test,
+        description=(f"a GPT ({sum(p.numel() for p in model.parameters()):,} parameters: 2 "
+                     f"layers, width 128, SDPA attention with dropout, context 64) of the "
+                     f"standard library's docstrings ({cut:,} train, {len(ids) - cut:,} "
+                     f"held-out characters, {len(codec)} symbols)"),
+        loss_fn=_sequence_loss, eval_fn=eval_fn,
+        media=lambda writer, every: text_samples(writer, sample, PROMPTS, every),
+        final=final, **DEFAULTS["transformer"], best_metric="loss", best_mode="min",
+        headline="bits_per_char", precision="bf16-mixed" if native_bf16() else "32")
+
+
 def make_task(name: str, seed: int) -> Task:
     """The task of ``--model name``; its model is initialised from ``seed``."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):  # the model's initialisation, without side effects
         torch.manual_seed(seed)
+        if name == "transformer":
+            return _transformer_task(seed)
         return _charlm_task() if name == "charlm" else _digits_task(name, seed)
