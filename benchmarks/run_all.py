@@ -7,8 +7,9 @@ description of the machine; results.json keeps them, so ``--report-only`` can re
 without measuring again.
 
 Run: .venv/bin/python benchmarks/run_all.py [--smoke] [--out DIR] [--report-only]
-(the full run took 5.5 minutes on a quiet 2-core machine; --smoke runs every script with its
-own --smoke in well under a minute; --out defaults to this folder).
+[--only NAME[,NAME]] (--smoke runs every script with its own --smoke; --out defaults to this
+folder; --only runs the named scripts and keeps the other entries of --out's results.json, and
+the report says which were rerun, when).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ BENCHMARKS = {
     "distributed": ["--rounds", "3", "--steps", "300"],
     "memory": ["--width", "2048", "--depths", "6", "12"],
     "compile_time": ["--rounds", "1"],
+    "transformer": ["--depths", "2", "4", "--steps", "20", "--curve", "320"],
 }
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",
             "orbax-checkpoint", "safetensors", "tqdm", "rich")
@@ -89,13 +91,44 @@ def arguments(argv) -> argparse.Namespace:
                         "and results.json go (default: this folder)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite RESULTS.md and results.png from --out's results.json")
-    return parser.parse_args(argv)
+    parser.add_argument("--only", type=lambda s: s.split(","), default=None,
+                        metavar="NAME[,NAME]", help="run these and keep the other results")
+    args = parser.parse_args(argv)
+    unknown = set(args.only or ()) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"--only: no benchmark {', '.join(sorted(unknown))} (there are "
+                     f"{', '.join(BENCHMARKS)})")
+    return args
+
+
+def run(names: list[str], smoke: bool) -> tuple[dict, float]:
+    """Runs the named benchmarks in turn: their entries and the seconds it took."""
+    entries, start = {}, time.perf_counter()
+    for name in names:
+        full = BENCHMARKS[name]
+        print(f"\n=== {name} {' '.join(['--smoke'] if smoke else full)}", flush=True)
+        entries[name] = run_child(name, ["--smoke"] if smoke else full)
+    return entries, time.perf_counter() - start
+
+
+def rerun(record: dict, names: list[str], smoke: bool, argv: list[str]) -> dict:
+    """``record`` with the named benchmarks run again; ``record["updates"]`` says when."""
+    if smoke != record.get("smoke", False):
+        sys.exit(f"--only{' --smoke' * smoke} would mix smoke and full results in one report; "
+                 "use another --out")
+    update = {"command": " ".join([".venv/bin/python benchmarks/run_all.py", *argv]),
+              "benchmarks": names, "machine": machine()}
+    entries, update["seconds"] = run(names, smoke)
+    update["machine"]["load_after"] = os.getloadavg()
+    return {**record, "benchmarks": {**record["benchmarks"], **entries},
+            "updates": [*record.get("updates", []), update]}
 
 
 def main(argv=None) -> dict:
     """Runs the benchmarks (unless --report-only) and writes the report; returns the record:
     ``{"machine", "command", "seconds", "benchmarks": {name: {"argv", "seconds", "results" or
-    "failed"}}}``."""
+    "failed"}}}``, and ``"updates"``: ``[{"command", "benchmarks", "machine", "seconds"}]`` for
+    each --only run merged into it."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child"]:
         return child(argv[1], argv[2], argv[3:])
@@ -104,22 +137,23 @@ def main(argv=None) -> dict:
     import report
 
     args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "results.json"
     if args.report_only:
-        record = json.loads((args.out / "results.json").read_text())
+        record = json.loads(saved.read_text())
+    elif args.only and saved.exists():
+        record = rerun(json.loads(saved.read_text()), args.only, args.smoke, argv)
     else:
         record = {"machine": machine(), "smoke": args.smoke,
-                  "command": " ".join([".venv/bin/python benchmarks/run_all.py", *argv]),
-                  "benchmarks": {}}
-        start = time.perf_counter()
-        for name, full in BENCHMARKS.items():
-            print(f"\n=== {name} {' '.join(['--smoke'] if args.smoke else full)}", flush=True)
-            record["benchmarks"][name] = run_child(name, ["--smoke"] if args.smoke else full)
-        record["seconds"] = time.perf_counter() - start
+                  "command": " ".join([".venv/bin/python benchmarks/run_all.py", *argv])}
+        record["benchmarks"], record["seconds"] = run(args.only or list(BENCHMARKS), args.smoke)
         record["machine"]["load_after"] = os.getloadavg()
-        (args.out / "results.json").write_text(json.dumps(record, indent=1) + "\n")
+    if not args.report_only:
+        saved.write_text(json.dumps(record, indent=1) + "\n")
     report.write(record, args.out)
+    seconds = record["updates"][-1]["seconds"] if args.only and "updates" in record else \
+        record["seconds"]
     print(f"\nwrote {args.out / 'RESULTS.md'} and {args.out / 'results.png'} "
-          f"({record['seconds'] / 60:.1f} min of benchmarks)")
+          f"({seconds / 60:.1f} min of benchmarks)")
     return record
 
 

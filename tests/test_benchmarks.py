@@ -93,10 +93,11 @@ def test_run_all_writes_every_section_and_row(run_all):
     report = imported("report")
     for section in ("fxtrain against its peers", "Step overhead", "Host loop and callbacks",
                     "Logging callbacks", "Checkpoints", "Data parallel scaling",
-                    "Memory per trained parameter", "Compile time", "On a GPU"):
+                    "Memory per trained parameter", "Compile time", "A GPT-2 transformer",
+                    "On a GPU"):
         assert f"## {section}" in text
     cpu_memory = [label for v, label in report.MEMORY.items() if v != "fx_graphs"]  # GPU only
-    for label in [*report.PEERS.values(), *cpu_memory]:
+    for label in [*report.PEERS.values(), *cpu_memory, *report.TRANSFORMER.values()]:
         assert f"| {label} |" in text
     assert "Targets: cold compile at most 1.5x the baseline" in text
     for row in ("| tiny MLP 64-64-10 (batch 32) | 1.00x", "| (e) bare Python loop",
@@ -104,10 +105,14 @@ def test_run_all_writes_every_section_and_row(run_all):
         assert row in text
     for target in ("2.5x a plain eager loop", ">= 3x Lightning", "ahead of Ignite",
                    "JAX + optax against fxtrain", "(g) at most 5%", "at most 5% over (f)",
-                   "fx_async_blocking at 1 MB"):
+                   "fx_async_blocking at 1 MB", ">= 1.0x the compiled loop's tokens/s",
+                   "at most 1.1x the compiled loop's memory per parameter",
+                   "loss curve within noise of float32's", "| float32, other order |"):
         assert target in text
     assert "torch " in text and "pytorch-lightning " in text and "jax " in text
     assert "](results.png)" in text
+    if not report.GPU_TRANSFORMER.exists():
+        assert "MFU): **not measured**" in text
 
 
 @pytest.mark.slow
@@ -120,12 +125,36 @@ def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
 
 
 @pytest.mark.slow
-def test_transformer_benchmark_smoke():
-    """benchmarks/transformer.py (not in run_all: minutes per variant at full size) runs its
-    variants in their own processes and compares bf16-mixed's loss curve with float32's."""
-    record = imported("transformer").main(["--smoke", "--curve", "20", "--device", "cpu",
-                                           "--variants", "eager", "fx_fit"])
-    assert set(record["rows"]) == {"eager", "fx_fit"}
-    for row in record["rows"].values():
-        assert row["tokens_per_s"] > 0 and row["peak_bytes"] > 0 and row["params"] > 0
-    assert 0 <= record["curve"]["max_gap"] < 0.5
+def test_transformer_benchmark_smoke(run_all):
+    """Every variant at both depths, each in its own process; the slopes; bf16-mixed's loss
+    curve against float32's and against the noise floor (float32 in another order)."""
+    results = results_of(run_all[0], "transformer")
+    assert set(results["rows"]) == set(imported("transformer").VARIANTS)
+    for row in results["rows"].values():
+        assert [run["layers"] for run in row["runs"]] == results["depths"]
+        for run in row["runs"]:
+            assert run["tokens_per_s"] > 0 and run["params"] > 0
+            assert run["peak_bytes"] >= run["step_peak_bytes"] > 0
+        assert len(row["tokens_vs_compiled"]) == 2 and "step_memory_vs_eager" in row
+    curve = results["curve"]
+    assert len(curve["curve_32"]) == len(curve["curve_bf16"]) == curve["passes"] >= 1
+    assert 0 <= curve["max_gap"] < 0.5 and curve["noise_max_gap"] >= 0
+
+
+@pytest.mark.slow
+def test_only_reruns_the_named_benchmarks_and_keeps_the_rest(run_all, tmp_path, monkeypatch):
+    record, out = run_all
+    (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
+    module = imported("run_all")
+    again = {**record["benchmarks"]["memory"], "seconds": 1.5}
+    monkeypatch.setattr(module, "run_child", lambda name, argv: again)
+    merged = module.main(["--only", "memory", "--smoke", "--out", str(tmp_path)])
+    assert merged["benchmarks"] == {**record["benchmarks"], "memory": again}
+    assert merged["seconds"] == record["seconds"] and merged["updates"][0]["benchmarks"] == [
+        "memory"]
+    header = (tmp_path / "RESULTS.md").read_text().split("\n## ")[0]
+    assert "run_all.py --only memory --smoke" in header and "reran memory on" in header
+    with pytest.raises(SystemExit, match="mix smoke and full"):
+        module.main(["--only", "memory", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        module.main(["--only", "no_such_benchmark", "--out", str(tmp_path)])
