@@ -222,7 +222,22 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
 
 
 def run_demo(config: DemoConfig) -> int:
-    """Runs the demo; returns the process exit status (130 when interrupted)."""
+    """Runs the demo; returns the process exit status (130 when interrupted).
+
+    Under torch's deterministic algorithms (restored after): without them Inductor compiles an
+    embedding's backward to atomic adds whose order varies from run to run, and a resumed run
+    would not end bit for bit where an uninterrupted one does.
+    """
+    was = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        return _run_demo(config)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def _run_demo(config: DemoConfig) -> int:
     start = time.perf_counter()
     _check(config)
     task = make_task(config.model, config.seed)
