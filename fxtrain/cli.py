@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .callbacks.report import format_scalars
+from .logging.numbers import format_scalars
 from .demo.job import DemoConfig
 from .demo.job import main as demo_main
 from .demo.tasks import DEFAULTS, MODELS

@@ -17,7 +17,8 @@ import torch
 from .. import struct
 from . import combinators
 from .core import Callback, NOTHING, callback_state
-from .report import logger, publish, read_floats
+from ..logging.numbers import read_floats
+from .report import logger, publish
 
 __all__ = ["GradMonitorState", "grad_monitor"]
 

@@ -37,7 +37,8 @@ import torch
 
 from .. import distributed
 from .core import Callback, Control, callback_state
-from .report import loggable, read_floats
+from ..logging.numbers import read_floats
+from .report import loggable
 
 __all__ = ["hf_callback"]
 

@@ -22,7 +22,8 @@ import torch
 from ..logging.values import as_array, markdown_table, scalar_values
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .report import check_writer, is_number, loggable
+from ..logging.numbers import is_number
+from .report import check_writer, loggable
 
 __all__ = ["log_metrics", "log_eval_metrics"]
 

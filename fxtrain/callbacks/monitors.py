@@ -16,7 +16,8 @@ import torch
 from ..optim.wrappers import injected_hyperparams, learning_rate
 from . import combinators
 from .core import NOTHING, Callback
-from .report import publish, read_floats
+from ..logging.numbers import read_floats
+from .report import publish
 
 __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
 

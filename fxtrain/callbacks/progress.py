@@ -24,7 +24,7 @@ else:  # tqdm.auto would warn in every notebook that widgets are missing; text b
 
 from .. import distributed
 from .core import NOTHING, Callback
-from .report import format_scalars, is_number, read_floats
+from ..logging.numbers import format_scalars, is_number, read_floats
 
 __all__ = ["progress_bar"]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..callbacks.report import is_number, read_floats
+from ..logging.numbers import is_number, read_floats
 from .. import distributed
 from . import bridge, store
 

@@ -18,7 +18,7 @@ import torch
 
 from .. import callbacks as cb
 from .. import distributed, optim
-from ..callbacks.report import read_floats
+from ..logging.numbers import read_floats
 from ..checkpoint import CheckpointManager
 from ..evaluation import evaluate
 from ..data import Batches

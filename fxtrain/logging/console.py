@@ -6,7 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from ..callbacks.report import format_scalars
+from .numbers import format_scalars
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
 __all__ = ["ConsoleWriter"]

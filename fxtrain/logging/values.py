@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..callbacks.report import read_floats
+from .numbers import read_floats
 from .media import figure_pixels, is_figure
 
 __all__ = ["as_array", "scalar_values", "image_batch", "video_batch", "audio_batch", "Histogram",
