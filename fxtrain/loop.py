@@ -368,7 +368,7 @@ class _Run:
 
     def __init__(self, state, step, callbacks, stream, run_step, donates, k, schedule,
                  checkpoint, eval_step, eval_data):
-        self.state, self.callbacks, self.stream, self.run_step = state, callbacks, stream, run_step
+        self.state, self.callbacks, self.run_step = state, callbacks, run_step
         self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
         self.eval_step, self.eval_data = eval_step, eval_data
         self.step, self.epoch = step, int(state.data.epoch)

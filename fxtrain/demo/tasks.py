@@ -128,6 +128,17 @@ def _digits_task(name: str, seed: int) -> Task:
         headline="accuracy", target=0.95)
 
 
+def _text_eval(loss_fn: Callable) -> Callable:
+    """A language model's eval step function: ``loss_fn``'s loss and metrics, and bits per
+    character."""
+
+    def eval_fn(state, batch):
+        loss, aux = loss_fn(state, state.params, batch)
+        return {"loss": loss, "bits_per_char": loss / math.log(2), **aux}
+
+    return eval_fn
+
+
 # -- character-level language model ----------------------------------------------------------
 
 
@@ -158,10 +169,6 @@ def _charlm_task() -> Task:
     test = data.char_windows(ids[cut:], model.context)
     pad = codec.index[" "]
 
-    def eval_fn(state, batch):
-        loss, aux = _classify(state, state.params, batch)
-        return {"loss": loss, "bits_per_char": loss / math.log(2), **aux}
-
     def generate(state, prompt: str, length: int = 160, temperature: float = 0.7) -> str:
         """Samples ``length`` characters; the keys come from the state, so a resumed run
         writes the same samples."""
@@ -186,7 +193,7 @@ def _charlm_task() -> Task:
         description=(f"a character-level language model of the standard library's docstrings "
                      f"({len(train[1]):,} train, {len(test[1]):,} held-out characters, "
                      f"{len(codec)} symbols)"),
-        loss_fn=_classify, eval_fn=eval_fn,  # the next character is a class
+        loss_fn=_classify, eval_fn=_text_eval(_classify),  # the next character is a class
         media=lambda writer, every: text_samples(writer, generate, PROMPTS, every),
         final=final, **DEFAULTS["charlm"], best_metric="loss", best_mode="min",
         headline="bits_per_char")
@@ -220,10 +227,6 @@ def _transformer_task(seed: int) -> Task:
     train = data.char_sequences(ids[:cut], model.context, stride=model.context // 2)
     test = data.char_sequences(ids[cut:], model.context)
 
-    def eval_fn(state, batch):
-        loss, aux = _sequence_loss(state, state.params, batch)
-        return {"loss": loss, "bits_per_char": loss / math.log(2), **aux}
-
     def sample(state, prompt: str, length: int = 160, temperature: float = 0.7) -> str:
         """During training: keyed samples from the state (a resumed run writes the same)."""
         tokens = codec.encode(prompt).tolist()
@@ -256,7 +259,7 @@ def _transformer_task(seed: int) -> Task:
                      f"layers, width 128, SDPA attention with dropout, context 64) of the "
                      f"standard library's docstrings ({cut:,} train, {len(ids) - cut:,} "
                      f"held-out characters, {len(codec)} symbols)"),
-        loss_fn=_sequence_loss, eval_fn=eval_fn,
+        loss_fn=_sequence_loss, eval_fn=_text_eval(_sequence_loss),
         media=lambda writer, every: text_samples(writer, sample, PROMPTS, every),
         final=final, **DEFAULTS["transformer"], best_metric="loss", best_mode="min",
         headline="bits_per_char", precision="bf16-mixed" if native_bf16() else "32")
