@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch._dynamo.utils
 import torch.nn.functional as F
 from torch import nn
 from torch._inductor.utils import run_and_get_code
@@ -49,16 +48,15 @@ def test_keys_come_from_operator_calls_one_per_16_draws():
     assert "fxtrain.stream_key" not in code
 
 
-def python_codegen_seconds(model) -> float:
-    """Inductor's Python-side lowering and code generation for ``model``'s compiled step: where
-    inlined hash chains blew up (C++ compilation and Dynamo tracing are left out)."""
+def generated_code(model) -> str:
+    """The code Inductor generates for ``model``'s compiled step: where inlined hash chains blew
+    up. Read, not timed, so that a busy machine cannot fail the test (the seconds are measured in
+    benchmarks/compile_time.py)."""
     state = fx.TrainState.create(model, fx.optim.adamw(1e-3))
     step = torch.compile(fx.make_train_step(chained_dropout_loss(0)), fullgraph=True)
-    metrics = torch._dynamo.utils.compilation_time_metrics
-    before = {k: sum(metrics.get(k, [])) for k in ("GraphLowering.run", "Scheduler.codegen")}
     with torch._inductor.config.patch(NO_CACHES):
-        step(state, batch())
-    return sum(sum(metrics.get(k, [])) - t for k, t in before.items())
+        _, sources = run_and_get_code(step, state, batch())
+    return "\n".join(sources)
 
 
 def mlp(dropout: float) -> nn.Module:
@@ -69,11 +67,15 @@ def mlp(dropout: float) -> nn.Module:
 
 @pytest.mark.slow
 def test_dropout_adds_little_to_code_generation():
-    plain = python_codegen_seconds(mlp(0.0))
+    plain = generated_code(mlp(0.0))
     torch._dynamo.reset()
-    with_dropout = python_codegen_seconds(mlp(0.1))
-    # measured: about 1.2x; the hash chain inlined into every kernel took 10x and more
-    assert with_dropout < 2.0 * plain + 0.5, (with_dropout, plain)
+    with_dropout = generated_code(mlp(0.1))
+    # measured: 1386 lines against 1137 (1.2x); the hash chain inlined into every kernel
+    # multiplied the generated code, and its compile time by 10 and more
+    assert len(with_dropout.splitlines()) < 1.5 * len(plain.splitlines())
+    # each of the two masks is one hash round (0x7FEB352D its multiplier), drawn in the forward
+    # and again in the backward; deriving the keys adds none (it runs in fxtrain's operators)
+    assert with_dropout.count(str(0x7FEB352D)) <= 2 * 2
 
 
 @pytest.mark.slow
