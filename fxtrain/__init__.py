@@ -3,13 +3,18 @@
 from . import callbacks as callbacks
 from . import checkpoint as checkpoint
 from . import data as data
+from . import debug as debug
+from . import distributed as distributed
 from . import donation as donation
 from . import logging as logging
 from . import metrics as metrics
 from . import optim as optim
 from . import precision as precision
 from . import random as random
+from . import stats as stats
 from . import struct as struct
+from . import tree as tree
+from ._version import __version__ as __version__
 from .callbacks.core import Control as Control
 from .callbacks.core import Event as Event
 from .donation import DonatedError as DonatedError
@@ -26,4 +31,14 @@ from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
 from .tree import tree_digest as tree_digest
 
-__version__ = "0.1.0"
+__all__ = [
+    # the state, the step, the loop
+    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "Event", "Control",
+    "Interrupted", "DonatedError",
+    # moving data and models in and out
+    "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
+    "tree_digest",
+    # the packages
+    "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "metrics",
+    "optim", "precision", "random", "stats", "struct", "tree",
+]

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["rank", "world_size", "initialized", "init", "agree", "broadcast", "barrier",
-           "all_gather", "mean_in_step", "DEFAULT_TIMEOUT"]
+__all__ = ["rank", "world_size", "initialized", "init", "is_rank_zero", "rank_zero",
+           "rank_zero_then_broadcast", "agree", "broadcast", "barrier", "all_gather",
+           "mean_in_step", "DEFAULT_TIMEOUT"]
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 
 
 def initialized() -> bool:
+    """Whether a torch.distributed process group is up (``init()`` or the user set one up)."""
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
@@ -32,6 +35,49 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes, 1 without an initialized process group."""
     return torch.distributed.get_world_size() if initialized() else 1
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is rank 0, the one that writes (every process is, alone)."""
+    return rank() == 0
+
+
+def rank_zero(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run on rank 0 only; elsewhere the call does nothing and returns None.
+
+    The function form of ``fx.callbacks.rank_zero``: for host work inside a callback that
+    must itself run on every rank (a stateful monitor whose readings only rank 0 writes).
+    """
+
+    @functools.wraps(fn)
+    def on_rank_zero(*args, **kwargs):
+        return fn(*args, **kwargs) if is_rank_zero() else None
+
+    return on_rank_zero
+
+
+def rank_zero_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
+    """``fn()`` on rank 0; every rank returns its result or raises its error (one broadcast).
+
+    For work only rank 0 may do but every rank must wait on and agree about, such as writing a
+    checkpoint. Without a process group, just ``fn()``. Another rank raises a RuntimeError
+    naming ``what`` (rank 0 failed to ``what``) and rank 0's error.
+    """
+    if world_size() == 1:
+        return fn()
+    result, error = None, None
+    if is_rank_zero():
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    message = None if error is None else f"{type(error).__name__}: {error}"
+    result, message = broadcast((result, message))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not {what}: {message}")
+    return result
 
 
 def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEOUT) -> bool:
@@ -98,6 +144,7 @@ def all_gather(obj: Any) -> list[Any]:
 
 
 def barrier() -> None:
+    """Waits until every rank gets here (nothing to wait for alone)."""
     if world_size() > 1:
         torch.distributed.barrier()
 

@@ -15,9 +15,9 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed
-from .metrics import Average, Metric
-from .optim.base import tree_map
 from .feed import to_device
+from .metrics import Average, Metric
+from .tree import tree_map
 
 __all__ = ["evaluate", "batch_size_of"]
 

@@ -14,7 +14,7 @@ calls the step once and advances ``step`` by K. The host sees only call boundari
   (its ``control/*`` flags OR-ed over the K steps);
 - the run must start at a multiple of K (``state.step``, after resuming), and ``max_steps``,
   ``eval_every``, the ``steps_per_epoch`` of data with a length and the period of every
-  periodic host callback (``every(n, ...)``, ``checkpoint(every=n)``) must be multiples of K,
+  periodic host callback (``every(n, ...)``, ``checkpoint_policy(every=n)``) must be multiples of K,
   else a ValueError names both numbers; data without a length whose epoch ends inside a
   group of K is the same error, when it happens;
 - tensor flags are read at the end of each call that reaches or passes a multiple of
@@ -276,7 +276,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       eval_every: steps between evaluations.
       checkpoint: an ``fx.checkpoint.CheckpointManager`` (or an object with its ``save``,
         ``wait``, ``latest_step`` and ``restore``): training resumes from its latest checkpoint,
-        and it saves on ``control.save`` (see ``fx.callbacks.checkpoint``), at the end and on
+        and it saves on ``control.save`` (see ``fx.callbacks.checkpoint_policy``), at the end and on
         Ctrl-C, with the metrics of an evaluation at the same step; never a state that
         ``nan_guard`` flagged.
       sync_every: steps between reads of tensor control flags (one sync each).

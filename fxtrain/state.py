@@ -57,6 +57,17 @@ def refuse_direct_call(module: nn.Module, args: Any) -> None:
             "take the trained model out with fx.trained_module(state)")
 
 
+def set_training(module: torch.nn.Module, training: bool) -> bool:
+    """Puts ``module`` in train or eval mode if it is not already; returns the old mode.
+
+    Left alone when already right, so a compiled step has no side effects to replay.
+    """
+    was = module.training
+    if was != training:
+        module.train(training)
+    return was
+
+
 def skeleton(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are on the meta device (no storage;
     tied tensors stay tied), for ``functional_call``. Calling it directly is a clear error."""

@@ -20,16 +20,17 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import distributed, donation, random
-from .callbacks.core import Callback, Event, callback_state, flags, fold, name_of
-from .optim.base import squared_norms, tree_select
+from .callbacks.core import (Callback, Event, callback_state, flags, fold, name_of,
+                             set_callback_state)
 from .optim.wrappers import learning_rate
 from .precision import LOSS_SCALE
 from .precision import loss_scale as default_loss_scale
 from .precision import policy as precision_policy
-from .state import TrainState, with_step_buffers
+from .state import TrainState, set_training, with_step_buffers
+from .stats import gradient_histograms, gradient_statistics
+from .tree import squared_norms, tree_select
 
-__all__ = ["make_train_step", "make_eval_step", "gradient_statistics", "gradient_histograms",
-           "histograms", "revert_update"]
+__all__ = ["make_train_step", "make_eval_step", "revert_update"]
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
@@ -104,61 +105,6 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if aux is not None and not isinstance(aux, Mapping):
         raise TypeError(f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
     return loss, dict(aux or {})
-
-
-def set_training(module: torch.nn.Module, training: bool) -> bool:
-    """Puts ``module`` in train or eval mode if it is not already; returns the old mode.
-
-    Left alone when already right, so a compiled step has no side effects to replay.
-    """
-    was = module.training
-    if was != training:
-        module.train(training)
-    return was
-
-
-def gradient_statistics(grads: dict[str, torch.Tensor],
-                        squared: list[torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean.
-
-    ``squared`` may pass in ``squared_norms`` of the gradients when they are already computed.
-    """
-    squared = squared_norms(list(grads.values())) if squared is None else squared
-    norms = torch.sqrt(torch.stack(squared))
-    stats = {f"grad_norm/{name}": n for name, n in zip(grads, norms.unbind())}
-    return {**stats, "grad_norm_max": norms.max(), "grad_norm_min": norms.min(),
-            "grad_norm_mean": norms.mean()}
-
-
-HISTOGRAM_BINS = 64
-
-
-def histograms(tensors: dict[str, torch.Tensor],
-               bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
-    """A histogram of each tensor, packed as a float32 tensor ``[lo, hi, count_1, ...,
-    count_bins]`` with ``bins`` equal bins over ``[lo, hi]``, the tensor's range. Fixed shapes
-    and tensor maths only, so it compiles into a step's graph and reads nothing to the host
-    (``fx.logging.Histogram.from_packed`` unpacks it). Non-finite entries are left out (with
-    none finite, ``lo > hi`` and the counts are 0)."""
-    out = {}
-    for name, t in tensors.items():
-        flat = t.detach().reshape(-1).to(torch.float32)
-        finite = torch.isfinite(flat)
-        lo = torch.where(finite, flat, torch.inf).min()
-        hi = torch.where(finite, flat, -torch.inf).max()
-        width = torch.clamp(hi - lo, min=torch.finfo(torch.float32).tiny)
-        scaled = torch.where(finite, (flat - lo) / width * bins, 0.0)
-        index = torch.clamp(scaled.to(torch.int64), 0, bins - 1)
-        counts = torch.zeros(bins, dtype=torch.float32, device=flat.device).index_add(
-            0, index, finite.to(torch.float32))
-        out[name] = torch.cat([torch.stack([lo, hi]), counts])
-    return out
-
-
-def gradient_histograms(grads: dict[str, torch.Tensor],
-                        bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
-    """``histograms`` of the gradients, as the step's ``grad_hist/<name>`` metrics."""
-    return {f"grad_hist/{k}": v for k, v in histograms(grads, bins).items()}
 
 
 def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:
@@ -354,7 +300,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
             finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
             new = revert_update(state, new, ~finite)
-            new = new.replace(callbacks={**new.callbacks, LOSS_SCALE: scaler.update(finite)})
+            new = set_callback_state(new, LOSS_SCALE, scaler.update(finite))
             metrics["loss_scale"] = scaler.scale
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))

@@ -79,7 +79,7 @@ def resumable(out, ckpt, steps=30, sleep=0.0):
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
         final = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=2),
                        max_steps=steps, checkpoint=manager, callbacks=[
-                           fx.callbacks.checkpoint(every=5), slow,
+                           fx.callbacks.checkpoint_policy(every=5), slow,
                            fx.callbacks.log_metrics(writer, every=5)])
     writer.close()
     with open(f"{out}/digest{fx.distributed.rank()}.txt", "w") as f:

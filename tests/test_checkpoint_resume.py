@@ -41,7 +41,7 @@ HOST = {
     "early_stopping": lambda: [fx.callbacks.early_stopping("loss", patience=100,
                                                            restore_best=True)],
     "reduce_lr_on_plateau": lambda: [fx.callbacks.reduce_lr_on_plateau("loss", patience=1)],
-    "checkpoint policy": lambda: [fx.callbacks.checkpoint(monitor="loss")],
+    "checkpoint policy": lambda: [fx.callbacks.checkpoint_policy(monitor="loss")],
     "ema on the host": lambda: [fx.callbacks.ema(0.9)],
 }
 
@@ -93,7 +93,7 @@ def test_fit_resumes_says_so_and_can_be_told_not_to(tmp_path, capsys):
 
 
 def test_fit_saves_periodically_and_on_improvement_with_best_retention(tmp_path):
-    policy = [fx.callbacks.checkpoint(every=5, monitor="loss")]
+    policy = [fx.callbacks.checkpoint_policy(every=5, monitor="loss")]
     with CheckpointManager(tmp_path, keep_latest=1, keep_best=1, best_metric="loss") as m:
         end = run([], policy, 20, m)
         steps = m.all_steps()

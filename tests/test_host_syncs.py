@@ -193,7 +193,7 @@ def standard_callbacks(tmp_path, events):
         fx.callbacks.progress_bar(["loss", "accuracy"], refresh_every=10, min_interval=0.0,
                                   file=io.StringIO()),
         fx.callbacks.early_stopping("loss", patience=1000, restore_best=True),
-        fx.callbacks.checkpoint(every=100, monitor="loss"),
+        fx.callbacks.checkpoint_policy(every=100, monitor="loss"),
         fx.callbacks.grad_monitor(100, writer=writer),
         fx.callbacks.lr_monitor(25, writer=writer),
         fx.callbacks.throughput(25, writer=writer),

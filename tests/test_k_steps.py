@@ -138,7 +138,7 @@ def test_bad_combinations_get_clear_errors():
     with pytest.raises(ValueError, match=named("the period of host callback tick", 6)):
         fit(callbacks=[fx.callbacks.every(6, tick)])
     with pytest.raises(ValueError, match=named("the period of host callback checkpoint", 10)):
-        fit(callbacks=[fx.callbacks.checkpoint(every=10)])
+        fit(callbacks=[fx.callbacks.checkpoint_policy(every=10)])
     two = fx.fit(_state(), fx.make_train_step(xent), data, max_steps=2)
     with pytest.raises(ValueError, match=named(r"the start step \(state.step\)", 2)):
         fit(state=two)

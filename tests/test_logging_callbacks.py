@@ -11,7 +11,7 @@ from helpers import classification_batch, extra, graph_count, mlp, xent
 from syncs import HostReads
 
 import fxtrain as fx
-from fxtrain.step import gradient_histograms
+from fxtrain.stats import gradient_histograms
 
 X, Y = classification_batch(n=64, seed=1)
 
@@ -100,7 +100,7 @@ def test_log_metrics_writes_when_another_callback_asks(tmp_path):
 def test_log_metrics_after_a_resume_writes_what_the_uninterrupted_run_wrote(tmp_path):
     def run(directory, limits):
         writer = fx.logging.JsonlWriter(tmp_path / f"{directory}.jsonl")
-        callbacks = [fx.callbacks.checkpoint(every=6), fx.callbacks.log_metrics(writer, every=4)]
+        callbacks = [fx.callbacks.checkpoint_policy(every=6), fx.callbacks.log_metrics(writer, every=4)]
         with fx.checkpoint.CheckpointManager(tmp_path / directory, async_save=False) as mgr:
             for limit in limits:  # each fit call starts from the latest checkpoint
                 state, step = setup(dropout=0.2)  # a fresh template: fit donates its state

@@ -103,6 +103,7 @@ CLU_SCRIPT = textwrap.dedent("""
     jsonl = fx.logging.JsonlWriter(path)
     writer = metric_writers.MultiWriter([metric_writers.AsyncWriter(jsonl),
                                          metric_writers.LoggingWriter()])
+    assert isinstance(writer, fx.logging.Writer)  # clu's writers qualify, knowing nothing of it
     state = fx.TrainState.create(torch.nn.Linear(4, 2), fx.optim.sgd(0.1))
     x, y = torch.randn(32, 4), torch.randn(32, 2)
     step = fx.make_train_step(lambda s, p, b: ((s.apply(p, b[0]) - b[1]) ** 2).mean())

@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .. import distributed
-from ..optim.base import tree_select
+from ..tree import tree_select
 from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
 __all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback"]
@@ -57,6 +57,16 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
     return fn
 
 
+def periodic(n: int, who: str, arg: str = "every") -> Callable[[Any], Any]:
+    """The predicate "``step`` is a multiple of ``n``" (a bool, or a 0-d bool tensor for a tensor
+    step), after checking that ``n`` is a positive int; ``who`` and ``arg`` name it in the error.
+    ``every`` gates callbacks with it; callbacks that act on every step but write periodically
+    (``log_metrics``) test it themselves."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{who}: {arg} must be a positive int, got {n!r}")
+    return lambda step: step % n == 0
+
+
 def every(n: int, cb: Callable) -> Callback:
     """Runs ``cb`` on step_end events at steps that are multiples of ``n``.
 
@@ -65,12 +75,11 @@ def every(n: int, cb: Callable) -> Callback:
     steps without calling it (``Callback.period``); inside a step it runs every step and its
     result is kept only on due steps.
     """
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"every: n must be a positive int, got {n!r}")
+    due = periodic(n, "every", "n")
     inner = as_callback(cb)
     if n == 1:
         return inner
-    return dataclasses.replace(inner, fn=_gated(inner, lambda e: e.step % n == 0),
+    return dataclasses.replace(inner, fn=_gated(inner, lambda e: due(e.step)),
                                period=math.lcm(n, inner.period))
 
 
@@ -135,7 +144,7 @@ def rank_zero(cb: Callable) -> Callback:
 
     def fn(state, event):
         if event.kind == "train_begin" or not on_rank_zero:
-            on_rank_zero[:] = [distributed.rank() == 0]
+            on_rank_zero[:] = [distributed.is_rank_zero()]
         if not on_rank_zero[0] or event.kind not in inner.kinds:
             return state, NOTHING
         return inner(state, event)

@@ -20,7 +20,7 @@ import torch
 from .. import struct
 
 __all__ = ["EVENT_KINDS", "Event", "Control", "Callback", "fold", "init_states", "init",
-           "callback_state", "name_of"]
+           "callback_state", "set_callback_state", "name_of"]
 
 EVENT_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "checkpoint", "train_end")
 
@@ -128,6 +128,12 @@ def callback_state(state: Any, name: str) -> Any:
             "create the state with TrainState.create(..., callbacks=[...]) or "
             "fx.callbacks.init(callbacks, state)")
     return states[name]
+
+
+def set_callback_state(state: Any, name: str, value: Any) -> Any:
+    """``state`` with the callback called ``name`` holding ``value`` (a new state; the pair of
+    ``callback_state``)."""
+    return state.replace(callbacks={**(state.callbacks or {}), name: value})
 
 
 def _stateful(callbacks: Sequence[Callable]) -> list[Callback]:

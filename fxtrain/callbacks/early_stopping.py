@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import struct
-from .core import Callback, Control, NOTHING, callback_state
+from .core import Callback, Control, NOTHING, callback_state, set_callback_state
 
 __all__ = ["EarlyStoppingState", "early_stopping", "monitored_value", "improvement"]
 
@@ -105,7 +105,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
             best_step=torch.where(better, step, es.best_step),
             best_params=None if es.best_params is None else {
                 k: torch.where(better, state.params[k], v) for k, v in es.best_params.items()})
-        state = state.replace(callbacks={**state.callbacks, name: new})
+        state = set_callback_state(state, name, new)
         skip = es.stopped if ev.kind == "step_end" else False
         return state, Control(stop=new.stopped, skip=skip)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from . import combinators
-from .core import Callback, NOTHING, callback_state
+from .core import Callback, NOTHING, callback_state, set_callback_state
 
 __all__ = ["ema", "with_ema_params"]
 
@@ -36,7 +36,7 @@ def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
     def fn(state, event):
         avg = callback_state(state, name)
         new = {k: torch.lerp(v, state.params[k].to(v.dtype), 1.0 - decay) for k, v in avg.items()}
-        return state.replace(callbacks={**state.callbacks, name: new}), NOTHING
+        return set_callback_state(state, name, new), NOTHING
 
     return combinators.every(every, Callback(name, init, fn, kinds=("step_end",)))
 

@@ -16,9 +16,9 @@ import torch
 
 from .. import struct
 from . import combinators
-from .core import Callback, NOTHING, callback_state
+from .core import Callback, NOTHING, callback_state, set_callback_state
 from ..logging.numbers import read_floats
-from .report import logger, publish
+from .publish import logger, publish
 
 __all__ = ["GradMonitorState", "grad_monitor"]
 
@@ -90,7 +90,7 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
         low = (stacked < vanishing).any()
         high = ~(stacked <= exploding).all()
         new = GradMonitorState(norms, gm.vanishing + low.long(), gm.exploding + high.long())
-        return state.replace(callbacks={**state.callbacks, name: new}), new
+        return set_callback_state(state, name, new), new
 
     def report(step: int, new: GradMonitorState) -> None:
         floats = read_floats(new.norms)

@@ -30,15 +30,16 @@ import copy
 import dataclasses
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
 from .. import distributed
-from .core import Callback, Control, callback_state
 from ..logging.numbers import read_floats
-from .report import loggable
+from .combinators import periodic
+from .core import Callback, Control, callback_state, set_callback_state
+from .publish import loggable
 
 __all__ = ["hf_callback"]
 
@@ -141,7 +142,7 @@ def _train_begin(s: _Session, state, event) -> Control:
     s.state.num_train_epochs = plan.get("max_epochs") or 0
     s.state.train_batch_size = plan.get("batch_size")
     s.state.global_step, s.state.epoch = event.step, float(event.epoch)
-    s.state.is_world_process_zero = distributed.rank() == 0
+    s.state.is_world_process_zero = distributed.is_rank_zero()
     s.state.is_local_process_zero = int(os.environ.get("LOCAL_RANK", distributed.rank())) == 0
     s.control.should_training_stop = False
     s.hook(s.cb.on_train_begin)
@@ -150,7 +151,7 @@ def _train_begin(s: _Session, state, event) -> Control:
     return s.requests()
 
 
-def _step_end(s: _Session, event, log_every: int) -> Control:
+def _step_end(s: _Session, event, due: Callable[[int], bool]) -> Control:
     s.state.global_step = event.step
     s.state.epoch = (event.step / s.steps_per_epoch if s.steps_per_epoch
                      else float(event.epoch))
@@ -158,7 +159,7 @@ def _step_end(s: _Session, event, log_every: int) -> Control:
     s.hook(s.cb.on_step_begin)
     s.hook(s.cb.on_step_end)
     asked = s.requests()
-    if asked.log or event.step % log_every == 0:  # the only read of the metrics: one sync
+    if asked.log or due(event.step):  # the only read of the metrics: one sync
         s.log(read_floats(loggable(event.metrics)))
     return asked | s.requests()
 
@@ -206,11 +207,11 @@ def _checkpoint(s: _Session, event) -> Control:
     return s.requests()
 
 
-def _dispatch(s: _Session, state, event, log_every: int) -> Control:
+def _dispatch(s: _Session, state, event, due: Callable[[int], bool]) -> Control:
     if event.kind == "train_begin":
         return _train_begin(s, state, event)
     if event.kind == "step_end":
-        return _step_end(s, event, log_every)
+        return _step_end(s, event, due)
     if event.kind == "eval_end":
         return _eval_end(s, event)
     if event.kind == "epoch_end":
@@ -255,8 +256,7 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
     if not isinstance(cb, tf.TrainerCallback):
         raise TypeError("hf_callback: cb must be a transformers.TrainerCallback instance, got "
                         f"{type(cb).__name__}")
-    if not isinstance(log_every, int) or log_every < 1:
-        raise ValueError(f"hf_callback: log_every must be a positive int, got {log_every!r}")
+    due = periodic(log_every, "hf_callback", "log_every")
     training_args, own_args = _training_arguments(args, log_every)
     session = _Session(cb, training_args, tf.TrainerState(logging_steps=log_every),
                        tf.TrainerControl(), own_args)
@@ -273,10 +273,10 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
         saved = callback_state(state, name)
         if saved is not last[0] and saved != session.export():  # a restored or different run
             session.restore(saved)
-        control = _dispatch(session, state, event, log_every)
+        control = _dispatch(session, state, event, due)
         new = session.export()
         if new != saved:
-            state = state.replace(callbacks={**state.callbacks, name: new})
+            state = set_callback_state(state, name, new)
         last[0] = callback_state(state, name)
         return state, control
 

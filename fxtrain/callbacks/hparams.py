@@ -16,7 +16,7 @@ import torch
 from ..logging.values import markdown_table
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .report import check_writer
+from ..logging.writer import check_writer
 
 __all__ = ["log_hparams", "flatten_config", "archive_code", "SOURCE_SUFFIXES"]
 

@@ -19,11 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..logging.values import as_array, markdown_table, scalar_values
-from .combinators import rank_zero
-from .core import NOTHING, Callback
 from ..logging.numbers import is_number
-from .report import check_writer, loggable
+from ..logging.values import as_array, markdown_table, scalar_values
+from .combinators import periodic, rank_zero
+from .core import NOTHING, Callback
+from ..logging.writer import check_writer
+from .publish import loggable
 
 __all__ = ["log_metrics", "log_eval_metrics"]
 
@@ -117,8 +118,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
         writer = fx.logging.TensorBoardWriter("runs/exp1")
         fx.fit(state, step, data, callbacks=[fx.callbacks.log_metrics(writer, every=50)], ...)
     """
-    if not isinstance(every, int) or every < 1:
-        raise ValueError(f"log_metrics: every must be a positive int, got {every!r}")
+    due = periodic(every, "log_metrics")
     check_writer(writer, "log_metrics", "write_scalars")
     window = _Window()
     warned: set[str] = set()
@@ -135,7 +135,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
             window.take()
         elif kind == "step_end":  # the per-step path: keep the metrics, nothing else
             window.add(event.metrics or {})
-            if event.step % every == 0 or (event.metrics or {}).get("control/log") is True:
+            if due(event.step) or (event.metrics or {}).get("control/log") is True:
                 write(event.step)
         elif kind == "eval_end":
             if eval_prefix is not None:

@@ -15,11 +15,11 @@ import torch
 
 from ..logging.media import Audio, figure_pixels, is_figure
 from ..logging.values import Histogram
-from ..step import set_training
+from ..state import set_training
 from .combinators import every as every_n
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .report import check_writer
+from ..logging.writer import check_writer
 
 __all__ = ["log_media", "text_samples"]
 

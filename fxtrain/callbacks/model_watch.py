@@ -15,12 +15,12 @@ from typing import Any
 import torch
 
 from ..logging.values import Histogram
-from ..optim.base import squared_norms
-from ..step import histograms
+from ..stats import histograms
+from ..tree import squared_norms
 from .combinators import every as every_n
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .report import check_writer
+from ..logging.writer import check_writer, takes_binned_histograms
 
 __all__ = ["model_watch"]
 
@@ -80,7 +80,7 @@ def model_watch(writer: Any, log: str = "gradients", every: int = 500, *,
             hists.update({f"gradients/{k}": v for k, v in grad_hists.items()})
         norm_values, packed = _read(norms, hists)  # one transfer
         binned = {k: Histogram.from_packed(v) for k, v in packed.items()}
-        if not getattr(writer, "binned_histograms", False):
+        if not takes_binned_histograms(writer):
             binned = {k: h.samples() for k, h in binned.items()}
         writer.write_scalars(event.step, norm_values)
         if binned:

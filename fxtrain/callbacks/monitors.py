@@ -17,7 +17,7 @@ from ..optim.wrappers import injected_hyperparams, learning_rate
 from . import combinators
 from .core import NOTHING, Callback
 from ..logging.numbers import read_floats
-from .report import publish
+from .publish import publish
 
 __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .. import struct
-from .core import Callback, Control, callback_state
+from .core import Callback, Control, callback_state, set_callback_state
 
 __all__ = ["NanGuardState", "nan_guard", "is_finite_step", "flagged"]
 
@@ -69,7 +69,7 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
         new = NanGuardState(guard.skipped + bad.long(), bad)
         stop = bad if action == "stop" else (
             new.skipped >= max_skips if max_skips is not None else False)
-        state = state.replace(callbacks={**state.callbacks, name: new})
+        state = set_callback_state(state, name, new)
         return state, Control(stop=stop, skip=bad)
 
     return Callback(name=name, init=init, fn=fn, kinds=("step_end",), skips=True)

@@ -13,7 +13,7 @@ import torch
 
 from .. import struct
 from ..optim.wrappers import injected_hyperparam, map_hyperparams
-from .core import Callback, NOTHING, callback_state
+from .core import Callback, NOTHING, callback_state, set_callback_state
 from .early_stopping import improvement, monitored_value
 
 __all__ = ["PlateauState", "reduce_lr_on_plateau"]
@@ -80,8 +80,8 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
         def scaled(lr):
             return torch.where(reduce, (lr * factor).clamp_min(min_lr), lr)
 
-        state = state.replace(opt_state=map_hyperparams(state.opt_state, "learning_rate", scaled),
-                              callbacks={**state.callbacks, name: new})
+        state = state.replace(opt_state=map_hyperparams(state.opt_state, "learning_rate", scaled))
+        state = set_callback_state(state, name, new)
         return state, NOTHING
 
     return Callback(name=name, init=init, fn=fn, kinds=(event,))

@@ -22,9 +22,9 @@ if importlib.util.find_spec("ipywidgets") is not None:
 else:  # tqdm.auto would warn in every notebook that widgets are missing; text bars work there
     from tqdm.std import tqdm
 
-from .. import distributed
-from .core import NOTHING, Callback
 from ..logging.numbers import format_scalars, is_number, read_floats
+from .combinators import rank_zero
+from .core import NOTHING, Callback
 
 __all__ = ["progress_bar"]
 
@@ -79,8 +79,6 @@ def _close(d: _Display) -> None:
 def _begin(d: _Display, event) -> None:
     """Opens the training bar at the event's step, and the epoch bar when epochs have a size."""
     _close(d)
-    if distributed.rank() != 0:
-        return
     d.out, d.info = d.file or sys.stderr, dict(event.metrics or {})
     d.ema, d.next_refresh, d.refreshed_at = {}, event.step + 1, -1
     d.train = tqdm(total=_total(d.info), initial=event.step, desc="train", leave=d.leave,
@@ -114,7 +112,7 @@ def _epoch_end(d: _Display, event) -> None:
 
 def _eval_end(d: _Display, event) -> None:
     """Writes one line with the evaluation's metrics above the bars."""
-    if distributed.rank() != 0 or not event.metrics:
+    if not event.metrics:
         return
     numbers = {k: v for k, v in event.metrics.items() if is_number(v)}  # not a matrix
     tqdm.write(f"eval @ step {event.step}: {format_scalars(read_floats(numbers))}",
@@ -196,13 +194,13 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
 
     def fn(state, event):
         if event.kind == "step_end":
-            if d.train is not None:  # None before train_begin and on ranks other than 0
+            if d.train is not None:  # None before train_begin
                 _step_end(d, event)
         else:
             _HOOKS[event.kind](d, event)
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True)
+    return rank_zero(Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True))
 
 
 def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:

@@ -13,9 +13,10 @@ from typing import Any, TextIO
 
 import torch
 
-from ..optim import learning_rate
 from .. import distributed
-from .core import Callback, NOTHING
+from ..optim.wrappers import learning_rate
+from .combinators import rank_zero
+from .core import NOTHING, Callback
 
 __all__ = ["summary", "parameter_counts", "describe_optimizer"]
 
@@ -190,8 +191,7 @@ def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
     """
 
     def fn(state, event):
-        if distributed.rank() == 0:
-            _render(_sections(state, event), _by_submodule(state), file)
+        _render(_sections(state, event), _by_submodule(state), file)
         return state, NOTHING
 
-    return Callback(name=name, init=None, fn=fn, kinds=("train_begin",), host=True)
+    return rank_zero(Callback(name=name, init=None, fn=fn, kinds=("train_begin",), host=True))

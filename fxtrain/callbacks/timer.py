@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from .core import NOTHING, Callback, Control, callback_state
+from .core import NOTHING, Callback, Control, callback_state, set_callback_state
 
 __all__ = ["timer"]
 
@@ -40,7 +40,7 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
         over = elapsed >= max_seconds
         if over or event.kind != "step_end" or now - clock["saved"] >= 1.0:
             clock["saved"] = now
-            state = state.replace(callbacks={**state.callbacks, name: {"elapsed": elapsed}})
+            state = set_callback_state(state, name, {"elapsed": elapsed})
         return state, (_STOP if over else NOTHING)
 
     return Callback(name=name, init=init, fn=fn, host=True)

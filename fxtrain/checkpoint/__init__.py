@@ -8,3 +8,5 @@ from .bridge import CheckpointMismatchError as CheckpointMismatchError
 from .manager import CheckpointManager as CheckpointManager
 from .manager import restore as restore
 from .manager import save as save
+
+__all__ = ["CheckpointManager", "save", "restore", "CheckpointMismatchError"]

@@ -205,24 +205,9 @@ class CheckpointManager:
         self._on_rank_zero(self._wait_here, "finish")
 
     def _on_rank_zero(self, fn, what: str) -> Any:
-        """``fn()`` on rank 0, the writer; every rank returns its result or raises its error
-        (one broadcast). Without a process group, just ``fn()``."""
-        if distributed.world_size() == 1:
-            return fn()
-        result, error = None, None
-        if distributed.rank() == 0:
-            try:
-                result = fn()
-            except Exception as e:
-                error = e
-        message = None if error is None else f"{type(error).__name__}: {error}"
-        result, message = distributed.broadcast((result, message))
-        if error is not None:
-            raise error
-        if message is not None:
-            raise RuntimeError(f"rank 0 could not {what} the checkpoint in {self.directory}: "
-                               f"{message}")
-        return result
+        """``fn()`` on rank 0, the writer; every rank returns its result or raises its error."""
+        return distributed.rank_zero_then_broadcast(fn, f"{what} the checkpoint in "
+                                                        f"{self.directory}")
 
     def _wait_here(self) -> None:
         if self._pending is not None:

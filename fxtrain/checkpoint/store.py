@@ -96,7 +96,7 @@ def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.n
 
 def meta_for(state: Any, arrays_meta: dict, metrics: dict | None, metadata: dict | None) -> dict:
     """The JSON item: the bridge's leaf table plus step, time, versions, metrics and metadata."""
-    from .. import __version__
+    from .._version import __version__
     return {**arrays_meta, "step": int(state.step) if hasattr(state, "step") else None,
             "time": time.time(), "fxtrain_version": __version__,
             "torch_version": torch.__version__, "metrics": metrics or {},

@@ -135,14 +135,14 @@ def _manager(config: DemoConfig, task: Task) -> CheckpointManager:
     return manager
 
 
+@distributed.rank_zero
 def _say(*args: Any) -> None:
-    if distributed.rank() == 0:
-        print(*args, flush=True)
+    print(*args, flush=True)
 
 
 def _writer(workdir: Path):
     """TensorBoard and JSONL on rank 0; elsewhere a writer with nothing behind it."""
-    if distributed.rank() != 0:
+    if not distributed.is_rank_zero():
         return MultiWriter([])
     return MultiWriter([TensorBoardWriter(workdir / "tensorboard"),
                         JsonlWriter(workdir / "metrics.jsonl")])
@@ -162,8 +162,8 @@ def _callbacks(config: DemoConfig, task: Task, writer: Any, clock: dict) -> list
         *([cb.progress_bar(["loss", "accuracy"])] if config.progress else []),
         cb.early_stopping("loss", patience=config.early_stopping_patience,
                           min_delta=config.early_stopping_min_delta, restore_best=True),
-        cb.checkpoint(every=config.checkpoint_every, mode=task.best_mode,
-                      monitor=task.best_metric if config.keep_best else None),
+        cb.checkpoint_policy(every=config.checkpoint_every, mode=task.best_mode,
+                             monitor=task.best_metric if config.keep_best else None),
         cb.grad_monitor(config.grad_monitor_every, writer=writer),
         cb.lr_monitor(config.log_every, writer=writer),
         cb.throughput(config.log_every, writer=writer),
@@ -281,8 +281,7 @@ def _run_demo(config: DemoConfig) -> int:
     finally:
         writer.close()
     final = evaluate(eval_step, state, eval_data)
-    if distributed.rank() == 0:
-        _report(config, task, state, final, clock, start, manager)
+    distributed.rank_zero(_report)(config, task, state, final, clock, start, manager)
     return 0
 
 

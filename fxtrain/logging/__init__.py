@@ -1,6 +1,7 @@
 """Writers with clu's ``MetricWriter`` methods: ``write_scalars``, ``write_images``,
 ``write_videos``, ``write_audios``, ``write_texts``, ``write_histograms``, ``write_hparams``,
-``flush``, ``close``. Any object with these methods is a writer (clu's included)."""
+``flush``, ``close``. ``Writer`` declares them as a protocol: any object with these methods is a
+writer (clu's included)."""
 
 from .compose import AsyncWriter as AsyncWriter
 from .compose import MultiWriter as MultiWriter
@@ -11,3 +12,7 @@ from .media import Audio as Audio
 from .tensorboard import TensorBoardWriter as TensorBoardWriter
 from .values import Histogram as Histogram
 from .wandb import WandbWriter as WandbWriter
+from .writer import Writer as Writer
+
+__all__ = ["Writer", "TensorBoardWriter", "JsonlWriter", "ConsoleWriter", "WandbWriter",
+           "MultiWriter", "AsyncWriter", "Histogram", "Audio", "read_jsonl"]

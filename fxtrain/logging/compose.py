@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .writer import takes_binned_histograms
+
 __all__ = ["MultiWriter", "AsyncWriter"]
 
 
@@ -22,7 +24,7 @@ class MultiWriter:
     @property
     def binned_histograms(self) -> bool:
         """Whether every writer takes ``fx.logging.Histogram`` values."""
-        return all(getattr(w, "binned_histograms", False) for w in self.writers)
+        return all(takes_binned_histograms(w) for w in self.writers)
 
     def _each(self, method: str, *args, **kwargs) -> None:
         for w in self.writers:
@@ -75,7 +77,7 @@ class AsyncWriter:
     @property
     def binned_histograms(self) -> bool:
         """Whether the wrapped writer takes ``fx.logging.Histogram`` values."""
-        return getattr(self.writer, "binned_histograms", False)
+        return takes_binned_histograms(self.writer)
 
     def _work(self) -> None:
         while True:

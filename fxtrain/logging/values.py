@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .numbers import read_floats
+from ..stats import unpack_histogram
 from .media import figure_pixels, is_figure
+from .numbers import read_floats
 
 __all__ = ["as_array", "scalar_values", "image_batch", "video_batch", "audio_batch", "Histogram",
            "markdown_table", "buckets"]
@@ -112,13 +113,9 @@ class Histogram:
 
     @classmethod
     def from_packed(cls, packed: Any) -> Histogram:
-        """From ``[lo, hi, count_1, ..., count_n]`` (``fxtrain.step.histograms``): n equal
+        """From ``[lo, hi, count_1, ..., count_n]`` (``fxtrain.stats.histograms``): n equal
         bins over ``[lo, hi]``."""
-        packed = as_array(packed).astype(np.float64).reshape(-1)
-        lo, hi, counts = packed[0], packed[1], packed[2:]
-        if not lo <= hi:  # no finite value was counted
-            lo = hi = 0.0
-        return cls(np.linspace(lo, hi, len(counts) + 1), counts)
+        return cls(*unpack_histogram(as_array(packed)))
 
     @property
     def centres(self) -> np.ndarray:

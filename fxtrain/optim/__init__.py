@@ -1,8 +1,10 @@
 """Functional optimizers in the optax style: ``GradientTransformation(init, update)`` pairs."""
 
+import warnings as _warnings
+
+from ..tree import global_norm
 from .aliases import adam, adamw, lion, rmsprop, sgd
-from .base import (GradientTransformation, Schedule, apply_updates, chain, global_norm, identity,
-                   tree_map)
+from .base import GradientTransformation, Schedule, apply_updates, chain, identity
 from .schedules import (constant_schedule, cosine_decay_schedule, exponential_decay,
                         join_schedules, linear_schedule, warmup_cosine_decay_schedule)
 from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLionState,
@@ -15,7 +17,7 @@ from .wrappers import (ApplyIfFiniteState, InjectHyperparamsState, MultiStepsSta
 
 __all__ = [
     "GradientTransformation", "Schedule", "apply_updates", "chain", "global_norm", "identity",
-    "tree_map", "sgd", "adam", "adamw", "lion", "rmsprop", "constant_schedule",
+    "sgd", "adam", "adamw", "lion", "rmsprop", "constant_schedule",
     "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
     "warmup_cosine_decay_schedule", "ScaleByAdamState", "ScaleByLearningRateState",
     "ScaleByLionState", "ScaleByRmsState", "TraceState", "add_decayed_weights",
@@ -24,3 +26,12 @@ __all__ = [
     "MultiStepsState", "all_finite", "apply_if_finite", "inject_hyperparams", "learning_rate",
     "multi_steps", "injected_hyperparams", "map_hyperparams",
 ]
+
+
+def __getattr__(name: str):
+    if name == "tree_map":  # tree maths moved to fx.tree; kept for one release
+        _warnings.warn("fx.optim.tree_map moved to fx.tree.tree_map", DeprecationWarning,
+                       stacklevel=2)
+        from ..tree import tree_map
+        return tree_map
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

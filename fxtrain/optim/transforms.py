@@ -11,9 +11,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-from ..tree import check_same_structure
-from .base import (GradientTransformation, ScalarOrSchedule, first_leaf, global_norm, tree_map,
-                   tree_zeros_like)
+from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
+from .base import GradientTransformation, ScalarOrSchedule
 
 __all__ = [
     "ScaleByAdamState", "TraceState", "ScaleByRmsState", "ScaleByLionState", "ScaleByLearningRateState",

@@ -11,7 +11,8 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils._pytree as pytree
 
-from .base import GradientTransformation, first_leaf, tree_map, tree_select, tree_zeros_like
+from ..tree import first_leaf, tree_map, tree_select, tree_zeros_like
+from .base import GradientTransformation
 from .transforms import ScaleByLearningRateState
 
 __all__ = [

@@ -31,7 +31,7 @@ schedule = fx.optim.warmup_cosine_decay_schedule(0.0, 3e-2, warmup_steps=5, deca
 tx = fx.optim.adamw(schedule, weight_decay=0.01)
 in_step = [fx.callbacks.ema(0.9), fx.callbacks.grad_monitor(4)]
 host = [fx.callbacks.early_stopping("loss", patience=20, restore_best=True),
-        fx.callbacks.checkpoint(every=6)]
+        fx.callbacks.checkpoint_policy(every=6)]
 
 
 def loss_fn(state, params, batch):

@@ -1,4 +1,5 @@
-"""Performance callbacks: the torch profiler over a window of steps, and a graph-break finder.
+"""Debugging tools (``fx.debug``): the torch profiler over a window of steps, a graph-break
+finder, and Dynamo's explanation of a step.
 
 ``profiler`` records a few steps with ``torch.profiler`` and writes Chrome/TensorBoard traces;
 ``find_graph_breaks`` reads Dynamo's counters after the first compiled step and reports graph
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from .core import Callback, NOTHING
+from .callbacks.core import NOTHING, Callback
 
 __all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
 
@@ -161,7 +162,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
                    f"{_describe_breaks(new_breaks)}")
         logger.warning(message)
         if raise_on_break:
-            raise RuntimeError(message + " (use fx.callbacks.explain_step(train_step, state, "
+            raise RuntimeError(message + " (use fx.debug.explain_step(train_step, state, "
                                "batch) on the uncompiled step for the source lines)")
 
     def last_step() -> None:
@@ -201,7 +202,7 @@ class StepReport:
 
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep,
-                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)
+                 os.path.dirname(os.path.abspath(__file__)) + os.sep)  # fxtrain/
 
 
 def _user_frame(stack: list) -> str:

@@ -1,4 +1,5 @@
-"""Where host monitors send their readings: a writer with ``write_scalars``, else the log.
+"""Where host monitors send their readings: a writer with ``write_scalars``, else the log;
+and which step metrics are logged as numbers.
 
 A writer is anything with clu's ``write_scalars(step, mapping)`` (fxtrain's writers, clu's).
 Without one, readings go to the ``fxtrain`` logger as one line.
@@ -13,7 +14,7 @@ from typing import Any
 from .. import distributed
 from ..logging.numbers import format_scalars
 
-__all__ = ["publish", "logger", "loggable", "check_writer"]
+__all__ = ["publish", "logger", "loggable"]
 
 logger = logging.getLogger("fxtrain")
 
@@ -27,22 +28,12 @@ def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     return {k: v for k, v in (metrics or {}).items() if not k.startswith(_NOT_LOGGED)}
 
 
+@distributed.rank_zero
 def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:
     """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``; on
     rank 0 only under torch.distributed."""
-    if distributed.rank() != 0:
-        return
     if writer is not None:
         writer.write_scalars(step, dict(scalars))
         return
     if logger.isEnabledFor(logging.INFO):
         logger.info("step %d %s: %s", step, what, format_scalars(scalars))
-
-
-def check_writer(writer: Any, who: str, *methods: str) -> None:
-    """Raises a TypeError naming what ``writer`` lacks of ``methods``."""
-    missing = [m for m in methods if not callable(getattr(writer, m, None))]
-    if missing:
-        raise TypeError(f"{who}: {type(writer).__name__} is not a writer: it has no "
-                        f"{', '.join(missing)} (use fx.logging.TensorBoardWriter, JsonlWriter, "
-                        "ConsoleWriter, or any clu MetricWriter)")

@@ -9,7 +9,7 @@ from helpers import classification_batch, mlp, xent
 
 import fxtrain as fx
 from fxtrain.callbacks.core import Control, Event, fold
-from fxtrain.callbacks.profiler import explain_step, find_graph_breaks, profiler
+from fxtrain.debug import explain_step, find_graph_breaks, profiler
 
 
 def _state():
@@ -139,7 +139,7 @@ def test_find_graph_breaks_counts_recompiles(caplog):
 def test_explain_step_finds_the_break_and_its_line():
     report = explain_step(fx.make_train_step(_breaking_loss), _state(), classification_batch())
     assert report.graph_count >= 2 and report.break_count >= 1
-    assert any("item()" in r and "test_callbacks_profiler.py" in r for r in report.reasons)
+    assert any("item()" in r and "test_debug.py" in r for r in report.reasons)
     assert "graph break" in str(report)
 
 

@@ -1,11 +1,11 @@
-"""``checkpoint``: when to save. It asks ``fit`` for a save; ``fit``'s manager writes.
+"""``checkpoint_policy``: when to save. It asks ``fit`` for a save; ``fit``'s manager writes.
 
 The policy is a pure callback, like any other: every ``every`` steps, and after an evaluation
 whose ``monitor`` metric improved (the best value so far lives in its state, so a resumed run
 knows it). ``fit(..., checkpoint=manager)`` carries out the saves, passing that evaluation's
 metrics so the manager's ``keep_best`` retention ranks the checkpoint; it also saves on any
 callback's ``Control(save=True)``, at the end of training and on Ctrl-C, and never saves a state
-that ``nan_guard`` flagged.
+that ``nan_guard`` flagged. (``fx.callbacks.checkpoint`` is its old name, kept for one release.)
 """
 
 from __future__ import annotations
@@ -13,10 +13,14 @@ from __future__ import annotations
 import torch
 
 from .. import struct
-from .core import Callback, Control, NOTHING, callback_state
+from . import combinators
+from .combinators import every as every_n
+from .core import Callback, Control, NOTHING, callback_state, set_callback_state
 from .early_stopping import improvement, monitored_value
 
-__all__ = ["CheckpointPolicyState", "checkpoint"]
+__all__ = ["CheckpointPolicyState", "checkpoint_policy"]
+
+_SAVE = Control(save=True)
 
 
 @struct.dataclass
@@ -27,8 +31,8 @@ class CheckpointPolicyState:
     best_step: torch.Tensor
 
 
-def checkpoint(every: int | None = None, *, monitor: str | None = None, mode: str = "min",
-               min_delta: float = 0.0, name: str = "checkpoint") -> Callback:
+def checkpoint_policy(every: int | None = None, *, monitor: str | None = None, mode: str = "min",
+                      min_delta: float = 0.0, name: str = "checkpoint") -> Callback:
     """Asks for a checkpoint every ``every`` steps and whenever ``monitor`` improves.
 
     Args:
@@ -44,14 +48,16 @@ def checkpoint(every: int | None = None, *, monitor: str | None = None, mode: st
         manager = fx.checkpoint.CheckpointManager(dir, keep_latest=2, keep_best=1,
                                                   best_metric="loss")
         fx.fit(state, step, data, eval_step=..., eval_data=..., checkpoint=manager,
-               callbacks=[fx.callbacks.checkpoint(every=500, monitor="loss")])
+               callbacks=[fx.callbacks.checkpoint_policy(every=500, monitor="loss")])
     """
     if every is None and monitor is None:
-        raise ValueError("checkpoint: pass every=N, monitor=<metric>, or both")
-    if every is not None and (not isinstance(every, int) or every < 1):
-        raise ValueError(f"checkpoint: every must be a positive int, got {every!r}")
+        raise ValueError("checkpoint_policy: pass every=N, monitor=<metric>, or both")
     if mode not in ("min", "max"):
-        raise ValueError(f"checkpoint: mode must be 'min' or 'max', got {mode!r}")
+        raise ValueError(f"checkpoint_policy: mode must be 'min' or 'max', got {mode!r}")
+    if every is not None:
+        combinators.periodic(every, "checkpoint_policy")  # names this callback in the error
+    periodic = every_n(every, Callback(name, None, lambda state, event: (state, _SAVE),
+                                       kinds=("step_end",))) if every is not None else None
 
     def init(state):
         device = state.step.device
@@ -60,9 +66,6 @@ def checkpoint(every: int | None = None, *, monitor: str | None = None, mode: st
                          device=device),
             torch.full((), -1, dtype=torch.int64, device=device))
 
-    def on_step(state, event):
-        return state, Control(save=event.step % every == 0) if every else NOTHING
-
     def on_eval(state, event):
         policy = callback_state(state, name)
         value = monitored_value(event, monitor, policy.best.device)
@@ -70,12 +73,14 @@ def checkpoint(every: int | None = None, *, monitor: str | None = None, mode: st
         step = torch.as_tensor(event.step, dtype=torch.int64, device=policy.best.device)
         new = CheckpointPolicyState(torch.where(better, value, policy.best),
                                     torch.where(better, step, policy.best_step))
-        return state.replace(callbacks={**state.callbacks, name: new}), Control(save=better)
+        return set_callback_state(state, name, new), Control(save=better)
 
     def fn(state, event):
-        return on_eval(state, event) if event.kind == "eval_end" else on_step(state, event)
+        if event.kind == "eval_end":
+            return on_eval(state, event)
+        return periodic.fn(state, event) if periodic is not None else (state, NOTHING)
 
     kinds = (("step_end",) if every else ()) + (("eval_end",) if monitor else ())
     # period: on the host the fold calls it on step_end only at multiples of every
     return Callback(name=name, init=init if monitor else None, fn=fn, kinds=kinds,
-                    period=every or 1)
+                    period=periodic.period if periodic is not None else 1)

@@ -1,0 +1,73 @@
+"""What a writer is: clu's ``MetricWriter`` methods, declared as a ``typing.Protocol``.
+
+Any object with these methods is a writer: fxtrain's (``TensorBoardWriter``, ``JsonlWriter``,
+``ConsoleWriter``, ``WandbWriter``, ``MultiWriter``, ``AsyncWriter``) and clu's own, which know
+nothing of this class. Structural typing, so nothing has to inherit from it; ``isinstance``
+checks the methods are there (not their signatures).
+
+Capability flags, optional attributes a writer may set:
+
+- ``binned_histograms`` (bool, default False): ``write_histograms`` also takes
+  ``fx.logging.Histogram`` values (binned on the device, so a large tensor is never copied to
+  the host). Callbacks send other writers bin-centre samples instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms"]
+
+
+@runtime_checkable
+class Writer(Protocol):
+    """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface)."""
+
+    def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+        """Writes numbers (Python, numpy or 0-d tensors), one series per key."""
+
+    def write_images(self, step: int, images: Mapping[str, Any]) -> None:
+        """Writes images, ``[N, H, W, C]`` or ``[H, W, C]``, floats in [0, 1] or uint8."""
+
+    def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
+        """Writes videos, ``[N, T, H, W, C]``, floats in [0, 1] or uint8."""
+
+    def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
+        """Writes audio clips, ``[N, T]`` or ``[T]``, values in [-1, 1]."""
+
+    def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+        """Writes text (markdown where the backend renders it)."""
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                         num_buckets: int | Mapping[str, int] | None = None) -> None:
+        """Writes histograms of raw values (and of ``Histogram`` values where
+        ``binned_histograms`` is set); ``num_buckets`` is one count, or one per key."""
+
+    def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+        """Writes the run's hyperparameters, once."""
+
+    def flush(self) -> None:
+        """Makes everything written so far durable (on disk, or sent)."""
+
+    def close(self) -> None:
+        """Flushes and releases the writer; it is not used after."""
+
+
+WRITER_METHODS = tuple(name for name in Writer.__dict__ if name.startswith(("write_", "flush",
+                                                                              "close")))
+
+
+def check_writer(writer: Any, who: str, *methods: str) -> None:
+    """Raises a TypeError naming what ``writer`` lacks of ``methods`` (all of ``Writer``'s when
+    none are given); ``who`` names the caller in the message."""
+    missing = [m for m in (methods or WRITER_METHODS) if not callable(getattr(writer, m, None))]
+    if missing:
+        raise TypeError(f"{who}: {type(writer).__name__} is not a writer: it has no "
+                        f"{', '.join(missing)} (use fx.logging.TensorBoardWriter, JsonlWriter, "
+                        "ConsoleWriter, or any clu MetricWriter)")
+
+
+def takes_binned_histograms(writer: Any) -> bool:
+    """Whether ``writer`` declares the ``binned_histograms`` capability."""
+    return bool(getattr(writer, "binned_histograms", False))
