@@ -49,6 +49,15 @@ def failure(record: dict, name: str) -> list[str]:
     return [f"**This benchmark did not produce results in this run: {why}.**", ""]
 
 
+def opening(record: dict, name: str, title: str) -> tuple[list[str], dict | None]:
+    """A section's heading and command, and ``name``'s results; without results the lines end
+    with why, and the results are None."""
+    bench = record["benchmarks"].get(name, {"argv": []})
+    lines = [f"## {title} (`benchmarks/{name}.py`)", "", command(name, bench), ""]
+    res = results(record, name)
+    return (lines if res is not None else lines + failure(record, name)), res
+
+
 def x(value: float) -> str:
     return f"{value:.2f}x"
 
@@ -119,11 +128,9 @@ def updated(update: dict) -> str:
 
 
 def peers(record: dict) -> list[str]:
-    lines = ["## fxtrain against its peers (`benchmarks/peers.py`)", "",
-             command("peers", record["benchmarks"].get("peers", {"argv": []})), ""]
-    res = results(record, "peers")
+    lines, res = opening(record, "peers", "fxtrain against its peers")
     if res is None:
-        return lines + failure(record, "peers")
+        return lines
     sizes = [s for s in SIZES if s in res]
     rows = []
     for name, label in PEERS.items():
@@ -288,12 +295,9 @@ def peer_costs(res: dict) -> list[str]:
 
 
 def step_overhead(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("step_overhead", {"argv": []})
-    lines = ["## Step overhead (`benchmarks/step_overhead.py`)", "", command("step_overhead",
-                                                                              bench), ""]
-    res = results(record, "step_overhead")
+    lines, res = opening(record, "step_overhead", "Step overhead")
     if res is None:
-        return lines + failure(record, "step_overhead")
+        return lines
     lines += [
         "Variants: (a) eager nn.Module + `torch.optim.AdamW(foreach=True)`; (b) the same with "
         "`fused=True`; (c) a hand-written functional step (`functional_call` + "
@@ -418,12 +422,9 @@ def logging_rows(record: dict) -> list[str]:
 
 
 def checkpoints(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("checkpoint", {"argv": []})
-    lines = ["## Checkpoints (`benchmarks/checkpoint.py`)", "", command("checkpoint", bench),
-             ""]
-    res = results(record, "checkpoint")
+    lines, res = opening(record, "checkpoint", "Checkpoints")
     if res is None:
-        return lines + failure(record, "checkpoint")
+        return lines
     rows, verdicts = [], []
     for size, m in sorted(res.items(), key=lambda kv: float(kv[0])):
         label = f"{float(size):g} MB"
@@ -486,12 +487,9 @@ CHECKPOINT_PROSE = [
 
 
 def data_parallel(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("distributed", {"argv": []})
-    lines = ["## Data parallel scaling (`benchmarks/distributed.py`)", "",
-             command("distributed", bench), ""]
-    res = results(record, "distributed")
+    lines, res = opening(record, "distributed", "Data parallel scaling")
     if res is None:
-        return lines + failure(record, "distributed")
+        return lines
     step_ms = {s: SIZES[s][1] / r["1"] * 1e3 for s, r in res.items()}
     rows = [[MODELS[s].replace("batch", "batch per rank"), f"{r['1']:.0f} samples/s",
              f"{r['2']:.0f} samples/s", f"**{r['efficiency']:.2f}**"]
@@ -563,12 +561,9 @@ MEMORY = {  # variant -> its row label
 
 
 def memory(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("memory", {"argv": []})
-    lines = ["## Memory per trained parameter (`benchmarks/memory.py`)", "",
-             command("memory", bench), ""]
-    res = results(record, "memory")
+    lines, res = opening(record, "memory", "Memory per trained parameter")
     if res is None:
-        return lines + failure(record, "memory")
+        return lines
     ratio = lambda r: "n/a" if r["ratio_to_eager"] is None else x(r["ratio_to_eager"])  # noqa: E731
     rows = [[MEMORY[v], f"{r['bytes_per_param']:.1f}", ratio(r)] for v, r in res["rows"].items()]
     fit = res["rows"]["fx_fit"]["ratio_to_eager"] or float("nan")
@@ -589,12 +584,9 @@ def memory(record: dict) -> list[str]:
 
 
 def compile_time(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("compile_time", {"argv": []})
-    lines = ["## Compile time (`benchmarks/compile_time.py`)", "",
-             command("compile_time", bench), ""]
-    res = results(record, "compile_time")
+    lines, res = opening(record, "compile_time", "Compile time")
     if res is None:
-        return lines + failure(record, "compile_time")
+        return lines
     summ = res["summary"]
     fx_cold = summ.get("fxtrain", {}).get("cold", {}).get("vs_baseline")
     fx_warm = summ.get("fxtrain", {}).get("warm", {}).get("ready_s")
@@ -627,12 +619,9 @@ GPU_TRANSFORMER = Path(__file__).resolve().parent / "gpu" / "transformer.json"
 
 
 def transformer(record: dict) -> list[str]:
-    bench = record["benchmarks"].get("transformer", {"argv": []})
-    lines = ["## A GPT-2 transformer (`benchmarks/transformer.py`)", "",
-             command("transformer", bench), ""]
-    res = results(record, "transformer")
+    lines, res = opening(record, "transformer", "A GPT-2 transformer")
     if res is None:
-        return lines + failure(record, "transformer")
+        return lines
     c, (low, high) = res["config"], res["depths"]
     lines += [
         f"transformers' GPT-2 from its config (width {c['width']}, {c['heads']} heads, "
