@@ -271,8 +271,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       callbacks: host callbacks, folded after every event.
       max_steps: stop when ``state.step`` reaches this (counted over resumes).
       max_epochs: stop when this many epochs of ``data`` are done.
-      eval_step, eval_data: evaluation, every ``eval_every`` steps (default: at each epoch end)
-        and on ``control.evaluate``; batch metrics are averaged on device.
+      eval_step: ``(state, batch) -> metrics``, run over ``eval_data`` every ``eval_every``
+        steps (default: at each epoch end) and on ``control.evaluate``; batch metrics are
+        averaged on device.
+      eval_data: the evaluation batches, an iterable that can be read again for each evaluation.
       eval_every: steps between evaluations.
       checkpoint: an ``fx.checkpoint.CheckpointManager`` (or an object with its ``save``,
         ``wait``, ``latest_step`` and ``restore``): training resumes from its latest checkpoint,
