@@ -16,11 +16,18 @@ import torch
 from torch import nn
 
 import fxtrain
+from helpers import extra
 
 PACKAGE = Path(fxtrain.__file__).resolve().parent
 SKIPPED = {"fxtrain.__main__"}  # runs the command line on import
 SKIPPED_PACKAGES = ("fxtrain.demo",)  # the demo job: tested by test_demo.py
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+# examples that import an optional extra: skipped without it (failed under
+# FXTRAIN_REQUIRE_EXTRAS=1, as every test that needs an extra)
+NEEDS = {
+    "fxtrain.metrics.from_torchmetrics": "torchmetrics",
+    "fxtrain.logging.wandb.WandbWriter": "wandb",
+}
 
 # Files another change is converting; each still holds an ``Example::`` block. Empty this set
 # as they are converted (the test below also fails on a file listed here that has none left).
@@ -87,6 +94,8 @@ CASES = _cases()
 
 @pytest.mark.parametrize("test", CASES)
 def test_docstring_examples(test, tmp_path, monkeypatch):
+    if test.name in NEEDS:
+        extra(NEEDS[test.name])
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     report = []
