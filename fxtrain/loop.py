@@ -293,10 +293,26 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
 
-    Example::
-
-        state = fx.fit(state, train_step, fx.data.Batches((x, y), 64), max_epochs=5,
-                       callbacks=[fx.callbacks.progress_bar()])
+    Example:
+        >>> x = torch.randn(64, 3)
+        >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> state = fx.TrainState.create(nn.Linear(3, 1), fx.optim.sgd(0.2), seed=0)
+        >>> train_step = fx.make_train_step(loss_fn)  # torch.compile it (fullgraph=True) for speed
+        >>> def report(state, event):  # a host callback: a plain function of (state, event)
+        ...     if event.kind == "epoch_end":
+        ...         print("epoch", event.epoch, "step", int(state.step))
+        >>> state = fx.fit(state, train_step, fx.data.Batches((x, y), 16, seed=0), max_epochs=5,
+        ...                callbacks=[report])
+        epoch 0 step 4
+        epoch 1 step 8
+        epoch 2 step 12
+        epoch 3 step 16
+        epoch 4 step 20
+        >>> float(loss_fn(state, state.params, (x, y))) < 0.01
+        True
     """
     _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every)
     donation.check_live(state, "fit")
