@@ -6,7 +6,7 @@ never recompiles; they live on the CPU, so reading them never syncs with an acce
 ``e`` visits the examples in ``randperm(n)`` drawn from a generator seeded with (seed, e), so a
 run resumed at any position yields exactly the batches an uninterrupted run would have.
 
-Example:
+Examples:
     >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
     >>> data = fx.data.Batches((x, y), batch_size=4, seed=0)
     >>> position = data.init()
@@ -39,7 +39,7 @@ __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "Loade
 class DataPosition:
     """Where a ``Batches`` stream stands: ``epoch`` and the ``index`` of the next batch in it.
 
-    Example:
+    Examples:
         >>> position = fx.data.Batches(torch.arange(6), 2).init()
         >>> position
         DataPosition(epoch=tensor(0), index=tensor(0))
@@ -142,7 +142,7 @@ class Batches:
         other batches are copied one by one (page-locked first for a GPU). The position stays
         on the CPU.
 
-    Example:
+    Examples:
         >>> data = fx.data.Batches({"x": torch.arange(5)}, batch_size=2, shuffle=False,
         ...                        drop_last=False)
         >>> len(data), [batch["x"].tolist() for batch in data]

@@ -29,7 +29,7 @@ DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")
 class DonatedError(RuntimeError):
     """A donated state (or one of its fields) was used after the step that took it.
 
-    Example:
+    Examples:
         >>> def loss_fn(state, params, batch):
         ...     return state.apply(params, batch).square().mean()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))

@@ -25,7 +25,7 @@ __all__ = ["evaluate", "batch_size_of"]
 def batch_size_of(batch: Any) -> int:
     """The first dimension of the batch's first tensor with one (1 if it has none).
 
-    Example:
+    Examples:
         >>> from fxtrain.evaluation import batch_size_of
         >>> batch_size_of({"ids": torch.zeros(8, 128, dtype=torch.long), "step": 3})
         8
@@ -92,7 +92,7 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
     Under torch.distributed each rank evaluates its data (a sharded ``fx.data.Batches``) and
     the metrics are merged across ranks, so every rank returns the same values.
 
-    Example:
+    Examples:
         >>> x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
         >>> state = fx.TrainState.create(nn.Linear(3, 2), fx.optim.sgd(0.1))
         >>> def metrics_fn(state, batch):

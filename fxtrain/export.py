@@ -35,7 +35,7 @@ def trained_module(state: Any) -> nn.Module:
     and buffers (copies: later steps never change it), tied weights tied, in the training mode
     the model had. Trainable parameters keep ``requires_grad=True``, frozen ones ``False``.
 
-    Example:
+    Examples:
         >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
         >>> state = fx.TrainState.create(model, fx.optim.sgd(0.1))
         >>> del model  # the state holds the only weights
@@ -83,7 +83,7 @@ def save_safetensors(state: Any, path: str | os.PathLike, *,
     model with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``
     (``strict=False`` for the tied names the file holds once).
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
@@ -115,7 +115,7 @@ def load_safetensors(path: str | os.PathLike, like: Any) -> Any:
     devices, in their dtypes); every name must be there with its shape and dtype, else a
     ValueError lists what differs. The optimizer state, step and the rest are ``like``'s.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> trained = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), seed=0)

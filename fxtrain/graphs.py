@@ -158,7 +158,7 @@ def cuda_graphed(train_step: Callable, *, warmup: int = 2) -> Callable[[Any, Any
     returned step always donates the state it is given. ``fx.fit`` runs it like any step
     (K steps per call included); a host callback that skips steps cannot be used with it.
 
-    Example:
+    Examples:
         On a machine with a CUDA GPU (the lines marked ``+SKIP`` are not run by the test suite,
         whose machines have none):
 

@@ -293,7 +293,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
 
-    Example:
+    Examples:
         >>> x = torch.randn(64, 3)
         >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
         >>> def loss_fn(state, params, batch):

@@ -7,7 +7,7 @@ tensor and ``empty()`` has the same structure and dtypes as a real value, so met
 recompiles. Accumulators are float32 (float64 for float64 inputs); counts are int64. To merge
 inside a compiled step on an accelerator, start from ``empty(device=...)`` on that device.
 
-Example:
+Examples:
     >>> import torch.nn.functional as F
     >>> model = nn.Linear(4, 3)
     >>> Metrics = fx.metrics.Collection.create(
@@ -90,7 +90,7 @@ class Metric:
         ``outputs["mask"]``, when given, is passed on, except for a 0-d output (a batch-level
         value such as a mean loss), where it is dropped. The class is cached per ``(cls, name)``.
 
-        Example:
+        Examples:
             >>> Loss = fx.metrics.Average.from_output("loss")
             >>> outputs = {"loss": torch.tensor([0.5, 1.5]), "logits": torch.zeros(2, 3)}
             >>> Loss.from_model_output(**outputs).compute()
@@ -154,7 +154,7 @@ def _zeros(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 class Average(Metric):
     """The mean of every (unmasked) element seen; an empty Average computes to NaN (0 / 0).
 
-    Example:
+    Examples:
         >>> m = fx.metrics.Average.from_model_output(torch.tensor([1.0, 2.0]))
         >>> m.merge(fx.metrics.Average.from_model_output(torch.tensor(6.0))).compute()
         tensor(3.)
@@ -193,7 +193,7 @@ class Std(Metric):
     Keeps ``(mean, m2, count)`` with ``m2`` the sum of squared deviations, merged with Chan's
     parallel formula ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n`` (stable for large means).
 
-    Example:
+    Examples:
         >>> fx.metrics.Std.from_model_output(torch.tensor([1.0, 3.0])).compute()
         tensor(1.)
     """
@@ -232,7 +232,7 @@ class Std(Metric):
 class LastValue(Average):
     """The mean of the most recent non-empty batch; merging keeps ``other`` unless it is empty.
 
-    Example:
+    Examples:
         >>> a = fx.metrics.LastValue.from_model_output(torch.tensor(1.0))
         >>> b = fx.metrics.LastValue.empty()
         >>> a.merge(b).compute(), b.merge(a).compute()
@@ -250,7 +250,7 @@ class LastValue(Average):
 class Accuracy(Average):
     """The fraction of ``logits.argmax(-1) == labels``; an Average of 0/1 values.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 2.0]])
         >>> fx.metrics.Accuracy.from_model_output(logits, torch.tensor([0, 1, 1, 1])).compute()
         tensor(0.7500)
@@ -276,7 +276,7 @@ class ConfusionMatrix(Metric):
     ``compute()`` is the float32 ``[n, n]`` count matrix; ``log_eval_metrics`` writes it as a
     table and an image. Counting is a one-hot product, so it compiles into an eval step.
 
-    Example:
+    Examples:
         >>> Confusion = fx.metrics.ConfusionMatrix.for_classes(3)
         >>> logits = torch.eye(3)[torch.tensor([0, 2, 2, 1])]  # predictions 0, 2, 2, 1
         >>> Confusion.from_model_output(logits, torch.tensor([0, 1, 2, 1])).compute()
@@ -357,7 +357,7 @@ class Collection(Metric):
     def create(cls, **metrics: type) -> type:
         """A Collection class with one field per ``name=MetricClass`` (cached per arguments).
 
-        Example:
+        Examples:
             >>> Metrics = fx.metrics.Collection.create(accuracy=fx.metrics.Accuracy,
             ...                                        loss=fx.metrics.Average.from_output("loss"))
             >>> m = Metrics.single_from_model_output(logits=torch.tensor([[1.0, 0.0]]),
@@ -421,7 +421,7 @@ def from_torchmetrics(metric: Any) -> type:
     fix (a binned ``BinaryAUROC(thresholds=100)`` has fixed-size states). ``merge`` is plain
     tensor arithmetic and compiles as well.
 
-    Example:
+    Examples:
         >>> import torchmetrics
         >>> accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
         >>> Acc = fx.metrics.from_torchmetrics(accuracy)

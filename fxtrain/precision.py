@@ -71,7 +71,7 @@ class Policy:
 def policy(name: str) -> Policy:
     """The ``Policy`` called ``name`` (one of ``PRECISIONS``).
 
-    Example:
+    Examples:
         >>> fx.precision.policy("bf16-mixed")
         Policy(name='bf16-mixed', compute_dtype=torch.bfloat16, scaled=False, param_dtype=None)
         >>> fx.precision.policy("16-mixed").scaled
@@ -94,7 +94,7 @@ class LossScale:
     """Dynamic loss scaling's state: the ``scale``, ``good_steps`` (finite steps since the
     scale last changed) and ``skipped`` (non-finite steps so far).
 
-    Example:
+    Examples:
         >>> from fxtrain.precision import LossScale
         >>> zero = torch.tensor(0)
         >>> scale = LossScale(torch.tensor(1024.0), zero, zero, growth_interval=2)
@@ -129,7 +129,7 @@ def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth:
     step's callbacks, so ``fx.fit`` creates its state; in your own loop pass it to
     ``TrainState.create(..., callbacks=[...])``). The settings live in its state.
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
         ...                              callbacks=[fx.precision.loss_scale(init_scale=256.0)])
         >>> state.callbacks["loss_scale"].scale

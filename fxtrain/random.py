@@ -23,7 +23,7 @@ mode can see into). Factory functions (``torch.rand``, ``randn``, ``randint``...
 step runs eagerly but are invisible to modes under ``torch.compile``; for noise in a loss
 function draw it explicitly from the step's key, as in the example.
 
-Example:
+Examples:
     >>> state = fx.TrainState.create(nn.Linear(3, 1), fx.optim.sgd(0.1), seed=0)
     >>> key = fx.random.step_key(state.rng, state.step)
     >>> noise = fx.random.normal(fx.random.fold_in(key, 1), (2, 3))
@@ -59,7 +59,7 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def seed_key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """The 0-d int64 key for ``seed``.
 
-    Example:
+    Examples:
         >>> fx.random.seed_key(0).dtype, fx.random.seed_key(0).shape
         (torch.int64, torch.Size([]))
         >>> bool(fx.random.seed_key(0) == fx.random.seed_key(1))
@@ -119,7 +119,7 @@ def _(key, stream):
 def fold_in(key: torch.Tensor, data: torch.Tensor | int) -> torch.Tensor:
     """A new key that depends on ``key`` and ``data`` (an int or an int64 tensor).
 
-    Example:
+    Examples:
         >>> key = fx.random.seed_key(0)
         >>> a, b = fx.random.fold_in(key, 1), fx.random.fold_in(key, torch.tensor(1))
         >>> bool(a == b), bool(a == fx.random.fold_in(key, 2))
@@ -133,7 +133,7 @@ def fold_in(key: torch.Tensor, data: torch.Tensor | int) -> torch.Tensor:
 def step_key(rng: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """The key for one step: a pure function of the run's key and the step counter.
 
-    Example:
+    Examples:
         >>> rng = fx.random.seed_key(0)
         >>> k0 = fx.random.step_key(rng, torch.tensor(0))
         >>> k1 = fx.random.step_key(rng, torch.tensor(1))
@@ -170,7 +170,7 @@ def _bits(key: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Ten
 def uniform(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32, stream: int = 0):
     """Uniform samples in [0, 1) with 24 bits of resolution.
 
-    Example:
+    Examples:
         >>> u = fx.random.uniform(fx.random.seed_key(0), (1000,))
         >>> bool(u.min() >= 0), bool(u.max() < 1), round(float(u.mean()), 1)
         (True, True, 0.5)
@@ -181,7 +181,7 @@ def uniform(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32, stream
 def normal(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
     """Standard normal samples by Box-Muller: sqrt(-2 ln u1) cos(2 pi u2).
 
-    Example:
+    Examples:
         >>> z = fx.random.normal(fx.random.seed_key(0), (10000,))
         >>> round(float(z.mean()), 1), round(float(z.std()), 1)
         (0.0, 1.0)
@@ -195,7 +195,7 @@ def categorical(key: torch.Tensor, logits: torch.Tensor, dim: int = -1) -> torch
     """Indices drawn from ``softmax(logits)`` along ``dim`` (Gumbel-max), int64, with ``dim``
     removed: the keyed counterpart of ``torch.multinomial`` for sampling tokens.
 
-    Example:
+    Examples:
         >>> logits = torch.tensor([[0.0, 10.0, 0.0], [10.0, 0.0, 0.0]])
         >>> fx.random.categorical(fx.random.seed_key(0), logits)
         tensor([1, 0])

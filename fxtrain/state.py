@@ -78,7 +78,7 @@ class TrainState:
     states, as one frozen value. ``module`` (a weightless skeleton of the model) and ``tx`` are
     static: part of the structure, not leaves, and never saved in checkpoints.
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), seed=0)
         >>> int(state.step), sorted(state.params)
         (0, ['bias', 'weight'])
@@ -107,7 +107,7 @@ class TrainState:
         ``model`` itself is not changed; the state keeps a weightless skeleton of it
         (``state.module``), so the copies in the state are the only weights it holds.
 
-        Example:
+        Examples:
             >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
             >>> state = fx.TrainState.create(model, fx.optim.adamw(1e-3), seed=0)
             >>> sorted(state.params)
@@ -140,7 +140,7 @@ class TrainState:
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """Runs the module with ``params`` and this state's buffers; the state is not changed.
 
-        Example:
+        Examples:
             >>> state = fx.TrainState.create(nn.Linear(3, 2), fx.optim.sgd(0.1))
             >>> state.apply(state.params, torch.ones(4, 3)).shape
             torch.Size([4, 2])
@@ -157,7 +157,7 @@ class TrainState:
     def apply_gradients(self, grads: dict[str, torch.Tensor]) -> TrainState:
         """One optimizer update: a new state with step + 1, new params and optimizer state.
 
-        Example:
+        Examples:
             >>> state = fx.TrainState.create(nn.Linear(1, 1, bias=False), fx.optim.sgd(0.5))
             >>> state = state.replace(params={"weight": torch.tensor([[1.0]])})
             >>> new = state.apply_gradients({"weight": torch.tensor([[2.0]])})

@@ -5,7 +5,7 @@ A ``@struct.dataclass`` class is an immutable value: its data fields are pytree 
 returns a new value. Registration with torch's pytree is what Dynamo traces inside compiled
 code; registration with optree (namespace ``"fxtrain"``) serves host-side utilities.
 
-Example:
+Examples:
     >>> from fxtrain import struct
     >>> @struct.dataclass
     ... class Point:
@@ -37,7 +37,7 @@ T = TypeVar("T")
 def field(*, static: bool = False, **kwargs: Any) -> Any:
     """A dataclass field; ``static=True`` makes it part of the tree structure, not a leaf.
 
-    Example:
+    Examples:
         >>> from fxtrain import struct
         >>> @struct.dataclass
         ... class Scaled:
@@ -74,7 +74,7 @@ def _replace(self: T, **changes: Any) -> T:
 def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
     """Makes ``cls`` a frozen dataclass registered as a pytree node with torch and optree.
 
-    Example:
+    Examples:
         >>> from fxtrain import struct
         >>> @struct.dataclass
         ... class Counter:

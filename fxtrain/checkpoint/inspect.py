@@ -21,7 +21,7 @@ def checkpoint_paths(directory: str | Path) -> list[Path]:
     """The finished checkpoints under ``directory`` (a manager's, or a run's workdir holding a
     ``checkpoints`` folder), or ``directory`` itself.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> from fxtrain.checkpoint import inspect
         >>> tmp = tempfile.TemporaryDirectory()
@@ -65,7 +65,7 @@ def summary(path: Path) -> dict[str, Any]:
 def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
     """``(path, dtype, shape)`` for every leaf; Python values show their value.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> from fxtrain.checkpoint import inspect
         >>> tmp = tempfile.TemporaryDirectory()
@@ -97,7 +97,7 @@ def digest(path: Path) -> str:
     """``fx.tree_digest`` of the state the checkpoint at ``path`` restores to: the stored leaves,
     rebuilt on the CPU in their stored dtypes, hashed as ``tree_digest`` hashes leaves.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> from fxtrain.checkpoint import inspect
         >>> tmp = tempfile.TemporaryDirectory()
@@ -117,7 +117,7 @@ def digest(path: Path) -> str:
 def format_size(n: int) -> str:
     """``n`` bytes for people: B, KB, MB or GB with one decimal.
 
-    Example:
+    Examples:
         >>> from fxtrain.checkpoint.inspect import format_size
         >>> format_size(512), format_size(1536), format_size(3 * 2**30)
         ('512 B', '1.5 KB', '3.0 GB')
@@ -132,7 +132,7 @@ def format_size(n: int) -> str:
 def format_age(saved_at: float | None, now: float | None = None) -> str:
     """How long ago ``saved_at`` (a ``time.time()``) was, in the largest unit that fits.
 
-    Example:
+    Examples:
         >>> from fxtrain.checkpoint.inspect import format_age
         >>> format_age(1000.0, now=1042.0), format_age(0.0, now=7200.0), format_age(None)
         ('42s ago', '2.0h ago', '?')

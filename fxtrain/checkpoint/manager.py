@@ -63,7 +63,7 @@ class CheckpointManager:
         ``force=True``.
       metadata: JSON-able values stored with every checkpoint (the run's configuration).
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> x, y = torch.randn(32, 2), torch.randn(32, 1)
@@ -340,7 +340,7 @@ def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
 
     Refuses to replace an existing path, so nothing saved is ever overwritten.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3), seed=0)
@@ -374,7 +374,7 @@ def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = 
     manager's directory (its latest checkpoint). ``only`` and ``cast`` as in
     ``CheckpointManager.restore``.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3), seed=0)

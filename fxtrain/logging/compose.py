@@ -16,7 +16,7 @@ __all__ = ["MultiWriter", "AsyncWriter"]
 class MultiWriter:
     """Writes every event to each of ``writers``, in order.
 
-    Example:
+    Examples:
         >>> import logging, pathlib, sys, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> logger = logging.getLogger("fxtrain.example")
@@ -81,7 +81,7 @@ class AsyncWriter:
     the worker is raised again on the next call; ``flush`` waits until everything queued is
     written.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"

@@ -19,7 +19,7 @@ def _format(x: float) -> str:
 class ConsoleWriter:
     """Writes each event as one line at ``level`` (INFO) to ``logger`` (``fxtrain``).
 
-    Example:
+    Examples:
         >>> import logging, sys
         >>> logger = logging.getLogger("fxtrain.example")
         >>> logger.addHandler(logging.StreamHandler(sys.stdout))

@@ -56,7 +56,7 @@ def _drop_torn_line(path: Path) -> None:
 class JsonlWriter:
     """Appends events to ``path`` (parent directories are created).
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"
@@ -122,7 +122,7 @@ class JsonlWriter:
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
     """The events in ``path``; an incomplete last line (a crash mid-write) is skipped.
 
-    Example:
+    Examples:
         >>> import pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"

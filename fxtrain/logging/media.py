@@ -17,7 +17,7 @@ class Audio:
     """A clip ``[T]`` or clips ``[N, T]`` in [-1, 1], sampled at ``sample_rate`` Hz (for
     ``fx.callbacks.log_media``, where a bare 1-D array would be ambiguous).
 
-    Example:
+    Examples:
         >>> import math
         >>> clip = torch.sin(torch.arange(8000) * 2 * math.pi * 440 / 8000)
         >>> fx.logging.Audio(clip, sample_rate=8000).sample_rate

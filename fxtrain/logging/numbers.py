@@ -16,7 +16,7 @@ def is_number(value: Any) -> bool:
     """Whether a metric is one number (a 0-d or one-element tensor or array, an int or a
     float), not a vector or a matrix (per-class values, a confusion matrix).
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.numbers import is_number
         >>> is_number(torch.tensor(0.5)), is_number(3), is_number(torch.ones(10))
         (True, True, False)
@@ -29,7 +29,7 @@ def is_number(value: Any) -> bool:
 def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
     """Python floats of one-element tensors and numbers, with one device sync for all tensors.
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.numbers import read_floats
         >>> read_floats({"loss": torch.tensor(0.25), "lr": 1e-3})
         {'loss': 0.25, 'lr': 0.001}
@@ -58,7 +58,7 @@ def _number(key: str, value: Any) -> float:
 def format_scalars(scalars: Mapping[str, float], sep: str = " ") -> str:
     """``name=value`` pairs with 4 significant digits.
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.numbers import format_scalars
         >>> format_scalars({"loss": 0.123456, "lr": 0.001})
         'loss=0.1235 lr=0.001'

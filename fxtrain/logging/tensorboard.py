@@ -47,7 +47,7 @@ class TensorBoardWriter:
     Writes are synchronous (tensorboardX's summaries, written by this thread), so ``flush``
     means on disk; wrap it in ``fx.logging.AsyncWriter`` to write from a worker thread.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> writer = fx.logging.TensorBoardWriter(tmp.name)

@@ -28,7 +28,7 @@ class WandbWriter:
     Steps are wandb's ``step``: wandb drops (with a warning) anything logged at a step below
     one already logged. ``mode="offline"`` writes under ``dir`` without a network.
 
-    Example:
+    Examples:
         >>> writer = fx.logging.WandbWriter("my-project", name="exp1", mode="disabled")
         >>> writer.write_scalars(10, {"loss": torch.tensor(0.25)})
         >>> writer.close()

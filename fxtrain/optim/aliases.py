@@ -30,7 +30,7 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
 
     g <- g + wd p;  t <- g + momentum t;  p <- p - lr (t, or g + momentum t with Nesterov)
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> grads = {"w": torch.tensor([0.5, 0.5])}
         >>> tx = fx.optim.sgd(0.1, momentum=0.9)
@@ -52,7 +52,7 @@ def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, ep
          weight_decay: Hyper = 0.0) -> GradientTransformation:
     """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> tx = fx.optim.adam(0.1)
         >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
@@ -72,7 +72,7 @@ def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
 
     p <- p - lr (adam(g) + wd p); ``mask(name, p)`` picks the parameters that decay.
 
-    Example:
+    Examples:
         >>> params = {"weight": torch.ones(2), "bias": torch.ones(2)}
         >>> tx = fx.optim.adamw(0.1, weight_decay=0.5, mask=lambda name, p: name != "bias")
         >>> grads = {"weight": torch.zeros(2), "bias": torch.zeros(2)}
@@ -91,7 +91,7 @@ def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
          weight_decay: Hyper = 0.0, mask: Mask = None) -> GradientTransformation:
     """Lion: p <- p - lr (sign(b1 m + (1 - b1) g) + wd p). Use a 3-10x smaller lr than AdamW.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> tx = fx.optim.lion(0.01)
         >>> updates, _ = tx.update({"w": torch.tensor([0.3, -0.001])}, tx.init(params), params)
@@ -110,7 +110,7 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1
             weight_decay: Hyper = 0.0) -> GradientTransformation:
     """RMSprop as ``torch.optim.RMSprop`` (``decay`` is its ``alpha``).
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> tx = fx.optim.rmsprop(0.01, decay=0.9)
         >>> updates, _ = tx.update({"w": torch.tensor([1.0, -1.0])}, tx.init(params), params)

@@ -26,7 +26,7 @@ def _f64(count: torch.Tensor) -> torch.Tensor:
 def constant_schedule(value: float) -> Schedule:
     """lr(t) = value.
 
-    Example:
+    Examples:
         >>> fx.optim.constant_schedule(0.1)(torch.tensor(1000))
         tensor(0.1000, dtype=torch.float64)
     """
@@ -37,7 +37,7 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int,
                     transition_begin: int = 0) -> Schedule:
     """Moves linearly from ``init_value`` to ``end_value`` over ``transition_steps`` steps.
 
-    Example:
+    Examples:
         >>> schedule = fx.optim.linear_schedule(1.0, 0.0, transition_steps=4)
         >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(6)]
         [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
@@ -56,7 +56,7 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
                           exponent: float = 1.0) -> Schedule:
     """lr(t) = init ((1 - alpha) (0.5 (1 + cos(pi min(t, T) / T)))^exponent + alpha).
 
-    Example:
+    Examples:
         >>> schedule = fx.optim.cosine_decay_schedule(1.0, decay_steps=4)
         >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(6)]
         [1.0, 0.85, 0.5, 0.15, 0.0, 0.0]
@@ -76,7 +76,7 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
                       end_value: float | None = None) -> Schedule:
     """lr(t) = init * decay_rate^(t / transition_steps), clipped at ``end_value``.
 
-    Example:
+    Examples:
         >>> schedule = fx.optim.exponential_decay(1.0, transition_steps=2, decay_rate=0.5,
         ...                                       end_value=0.3)
         >>> [round(float(schedule(torch.tensor(t))), 3) for t in range(5)]
@@ -99,7 +99,7 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
     """``schedules[i]`` from ``boundaries[i-1]`` on, each fed the count since its boundary.
 
-    Example:
+    Examples:
         >>> schedule = fx.optim.join_schedules(
         ...     [fx.optim.constant_schedule(1.0), fx.optim.linear_schedule(0.5, 0.0, 2)],
         ...     boundaries=[2])
@@ -126,7 +126,7 @@ def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_st
 
     ``decay_steps`` counts the whole schedule, warm-up included (as in optax).
 
-    Example:
+    Examples:
         >>> schedule = fx.optim.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2,
         ...                                                  decay_steps=6)
         >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(7)]

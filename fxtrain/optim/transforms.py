@@ -50,7 +50,7 @@ def _check_state(state_tree: Any, updates: Any, transform: str) -> None:
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """u -> step_size * u.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.scale(-0.5)
         >>> tx.update({"w": torch.tensor([2.0, 4.0])}, tx.init(None))[0]
         {'w': tensor([-1., -2.])}
@@ -80,7 +80,7 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(2)}
         >>> tx = fx.optim.scale_by_adam()
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
@@ -116,7 +116,7 @@ class TraceState(NamedTuple):
 def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransformation:
     """Momentum: t <- g + decay t; u = t, or g + decay t with Nesterov.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(1)}
         >>> tx = fx.optim.trace(0.9)
         >>> state = tx.init(params)
@@ -148,7 +148,7 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
                  centered: bool = False) -> GradientTransformation:
     """RMSprop's direction: v <- decay v + (1 - decay) g^2; u = g / (sqrt(v - m^2) + eps).
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(2)}
         >>> tx = fx.optim.scale_by_rms(decay=0.75)
         >>> tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(params))[0]["w"]
@@ -182,7 +182,7 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9,
                   b2: float | torch.Tensor = 0.99) -> GradientTransformation:
     """Lion (Chen et al., 2023): u = sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(3)}
         >>> tx = fx.optim.scale_by_lion()
         >>> tx.update({"w": torch.tensor([0.2, -0.1, 0.0])}, tx.init(params))[0]["w"]
@@ -220,7 +220,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
     ``mask`` is a predicate on the parameter's name and value, or a dict of bools by name;
     the parameters must then be a flat dict, as ``TrainState.params`` is.
 
-    Example:
+    Examples:
         >>> params = {"weight": torch.tensor([2.0]), "bias": torch.tensor([2.0])}
         >>> tx = fx.optim.add_decayed_weights(0.1, mask=lambda name, p: name == "weight")
         >>> grads = {"weight": torch.tensor([1.0]), "bias": torch.tensor([1.0])}
@@ -251,7 +251,7 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
     """Scales all updates by min(1, max_norm / ||u||) so that their global norm is <= max_norm.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.clip_by_global_norm(1.0)
         >>> grads = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}
         >>> updates, _ = tx.update(grads, tx.init(None))
@@ -285,7 +285,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
                            flip_sign: bool = True) -> GradientTransformation:
     """u -> -lr u (or lr u without ``flip_sign``); ``lr`` a number, 0-d tensor or schedule.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(1)}
         >>> tx = fx.optim.scale_by_learning_rate(fx.optim.linear_schedule(1.0, 0.5, 1))
         >>> state = tx.init(params)
@@ -317,7 +317,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
 def scale_by_schedule(schedule: Callable[[torch.Tensor], torch.Tensor]) -> GradientTransformation:
     """u -> schedule(count) u, without flipping the sign.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(1)}
         >>> tx = fx.optim.scale_by_schedule(fx.optim.constant_schedule(0.25))
         >>> tx.update({"w": torch.tensor([2.0])}, tx.init(params))[0]["w"]

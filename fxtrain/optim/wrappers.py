@@ -39,7 +39,7 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], *,
     A number is stored once; a schedule is evaluated at each update. A callback can then set
     ``opt_state.hyperparams['learning_rate']`` to a new tensor without a recompile.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-3, weight_decay=0.01)
         >>> opt_state = tx.init({"w": torch.zeros(2)})
         >>> fx.optim.injected_hyperparams(opt_state)
@@ -87,7 +87,7 @@ def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformat
 
     The other ``every_k - 1`` calls return zero updates and leave ``tx``'s state untouched.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(1)}
         >>> tx = fx.optim.multi_steps(fx.optim.sgd(1.0), every_k=2)
         >>> state = tx.init(params)
@@ -130,7 +130,7 @@ class ApplyIfFiniteState(NamedTuple):
 def all_finite(tree: Any) -> torch.Tensor:
     """A 0-d bool tensor: every element of every leaf is finite.
 
-    Example:
+    Examples:
         >>> fx.optim.all_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])})
         tensor(False)
     """
@@ -144,7 +144,7 @@ def apply_if_finite(tx: GradientTransformation,
     After ``max_consecutive_errors`` skips in a row the update is applied anyway, so a run that
     has truly diverged shows it; ``None`` skips for ever.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(1)}
         >>> tx = fx.optim.apply_if_finite(fx.optim.sgd(1.0))
         >>> grads = {"w": torch.tensor([float("inf")])}
@@ -177,7 +177,7 @@ def apply_if_finite(tx: GradientTransformation,
 def learning_rate(opt_state: Any) -> torch.Tensor | None:
     """The learning rate recorded in ``opt_state`` (injected or last used), or None.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.adamw(fx.optim.linear_schedule(1e-3, 0.0, 10))
         >>> opt_state = tx.init({"w": torch.zeros(1)})
         >>> fx.optim.learning_rate(opt_state)
@@ -199,7 +199,7 @@ def learning_rate(opt_state: Any) -> torch.Tensor | None:
 def injected_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
     """The hyperparameters injected anywhere in ``opt_state`` (the first of each name).
 
-    Example:
+    Examples:
         >>> tx = fx.optim.inject_hyperparams(fx.optim.sgd)(learning_rate=0.1, momentum=0.9)
         >>> sorted(fx.optim.injected_hyperparams(tx.init({"w": torch.zeros(1)})))
         ['learning_rate', 'momentum']
@@ -218,7 +218,7 @@ def map_hyperparams(opt_state: Any, name: str, fn: Callable[[torch.Tensor], torc
 
     Raises KeyError when none is injected, naming the ones that are.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-3)
         >>> opt_state = tx.init({"w": torch.zeros(1)})
         >>> opt_state = fx.optim.map_hyperparams(opt_state, "learning_rate", lambda lr: lr * 0.5)
