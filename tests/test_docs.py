@@ -49,6 +49,12 @@ def test_readme_links_point_at_files():
     assert not missing, f"README links to missing files: {missing}"
 
 
+def test_getting_started_shows_the_readme_example():
+    example = re.search(r"```python\n.*?```", README.read_text("utf-8"), re.S).group(0)
+    page = (ROOT / "docs" / "getting-started.md").read_text("utf-8")
+    assert example in page, "docs/getting-started.md must hold the README's example as it is"
+
+
 def test_readme_example_runs(tmp_path):
     """Runs the README's ``fx.fit`` example with fewer steps. Dynamo is off here so the test
     takes seconds; the compiled step itself is tested in test_step.py and test_fit.py."""
