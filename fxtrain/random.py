@@ -346,6 +346,16 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     Each random call inside the context gets its own key ``fold_in(key, i)`` for its call index
     ``i``, so the draws depend only on the key and the program, never on global state.
+
+    Examples:
+        >>> import torch.nn.functional as F
+        >>> key = fx.random.seed_key(0)
+        >>> with fx.random.keyed(key):
+        ...     a = F.dropout(torch.ones(6), 0.5)
+        >>> with fx.random.keyed(key):
+        ...     b = F.dropout(torch.ones(6), 0.5)
+        >>> torch.equal(a, b), sorted(set(a.tolist()))
+        (True, [0.0, 2.0])
     """
 
     def __init__(self, key: torch.Tensor):
