@@ -6,11 +6,16 @@ never recompiles; they live on the CPU, so reading them never syncs with an acce
 ``e`` visits the examples in ``randperm(n)`` drawn from a generator seeded with (seed, e), so a
 run resumed at any position yields exactly the batches an uninterrupted run would have.
 
-Example::
-
-    data = fx.data.Batches((x, y), batch_size=32, seed=0)
-    state = state.replace(data=data.init())
-    batch, position, epoch_done = data.next(state.data)
+Examples:
+    >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
+    >>> data = fx.data.Batches((x, y), batch_size=4, seed=0)
+    >>> position = data.init()
+    >>> batch, position, epoch_done = data.next(position)
+    >>> batch[1], int(position.epoch), int(position.index), epoch_done
+    (tensor([4, 1, 7, 5]), 0, 1, False)
+    >>> batch, position, epoch_done = data.next(position)
+    >>> int(position.epoch), int(position.index), epoch_done
+    (1, 0, True)
 """
 
 from __future__ import annotations
@@ -32,7 +37,13 @@ __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "Loade
 
 @struct.dataclass
 class DataPosition:
-    """Where a ``Batches`` stream stands: ``epoch`` and the ``index`` of the next batch in it."""
+    """Where a ``Batches`` stream stands: ``epoch`` and the ``index`` of the next batch in it.
+
+    Examples:
+        >>> position = fx.data.Batches(torch.arange(6), 2).init()
+        >>> position
+        DataPosition(epoch=tensor(0), index=tensor(0))
+    """
 
     epoch: torch.Tensor
     index: torch.Tensor
@@ -130,6 +141,17 @@ class Batches:
         state's device anyway). Tensor data up to 256 MiB moves there once, at construction;
         other batches are copied one by one (page-locked first for a GPU). The position stays
         on the CPU.
+
+    Examples:
+        >>> data = fx.data.Batches({"x": torch.arange(5)}, batch_size=2, shuffle=False,
+        ...                        drop_last=False)
+        >>> len(data), [batch["x"].tolist() for batch in data]
+        (3, [[0, 1], [2, 3], [4]])
+        >>> shuffled = fx.data.Batches(torch.arange(6), batch_size=3, seed=1)
+        >>> shuffled.order(0)  # epoch 0's order: a function of (seed, epoch) alone
+        tensor([4, 1, 0, 3, 2, 5])
+        >>> shuffled.order(0).equal(fx.data.Batches(torch.arange(6), 3, seed=1).order(0))
+        True
     """
 
     def __init__(self, data: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,

@@ -27,7 +27,18 @@ DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")
 
 
 class DonatedError(RuntimeError):
-    """A donated state (or one of its fields) was used after the step that took it."""
+    """A donated state (or one of its fields) was used after the step that took it.
+
+    Examples:
+        >>> def loss_fn(state, params, batch):
+        ...     return state.apply(params, batch).square().mean()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> new, metrics = fx.make_train_step(loss_fn, donate=True)(state, torch.ones(4, 2))
+        >>> int(new.step)
+        1
+        >>> state.params
+        <donated params>
+    """
 
 
 class Donated:

@@ -23,7 +23,13 @@ __all__ = ["evaluate", "batch_size_of"]
 
 
 def batch_size_of(batch: Any) -> int:
-    """The first dimension of the batch's first tensor with one (1 if it has none)."""
+    """The first dimension of the batch's first tensor with one (1 if it has none).
+
+    Examples:
+        >>> from fxtrain.evaluation import batch_size_of
+        >>> batch_size_of({"ids": torch.zeros(8, 128, dtype=torch.long), "step": 3})
+        8
+    """
     for leaf in pytree.tree_leaves(batch):
         if isinstance(leaf, torch.Tensor) and leaf.ndim:
             return leaf.shape[0]
@@ -85,6 +91,17 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
 
     Under torch.distributed each rank evaluates its data (a sharded ``fx.data.Batches``) and
     the metrics are merged across ranks, so every rank returns the same values.
+
+    Examples:
+        >>> x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
+        >>> state = fx.TrainState.create(nn.Linear(3, 2), fx.optim.sgd(0.1))
+        >>> def metrics_fn(state, batch):
+        ...     x, y = batch
+        ...     return {"accuracy": (state.apply(state.params, x).argmax(-1) == y).float().mean()}
+        >>> data = fx.data.Batches((x, y), 4, shuffle=False, drop_last=False)  # 4, 4 and 2
+        >>> metrics = fx.evaluate(fx.make_eval_step(metrics_fn), state, data)
+        >>> metrics["accuracy"].shape, len(data)
+        (torch.Size([]), 3)
     """
     acc: dict[str, Any] = {}
     collection = None

@@ -35,11 +35,17 @@ def trained_module(state: Any) -> nn.Module:
     and buffers (copies: later steps never change it), tied weights tied, in the training mode
     the model had. Trainable parameters keep ``requires_grad=True``, frozen ones ``False``.
 
-    Example::
-
-        model = fx.trained_module(state).eval()
-        model.generate(ids)                      # a transformers model
-        model.save_pretrained("out/")            # config.json + model.safetensors
+    Examples:
+        >>> model = nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.1))
+        >>> state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+        >>> del model  # the state holds the only weights
+        >>> grads = {name: torch.ones_like(p) for name, p in state.params.items()}
+        >>> state = state.apply_gradients(grads)
+        >>> model = fx.trained_module(state).eval()
+        >>> type(model).__name__, torch.equal(model[0].weight, state.params["0.weight"])
+        ('Sequential', True)
+        >>> model(torch.zeros(1, 2)).shape
+        torch.Size([1, 2])
     """
     check_live(state, "trained_module")
     skeleton = state.module
@@ -76,6 +82,19 @@ def save_safetensors(state: Any, path: str | os.PathLike, *,
     whole or not at all. Load it with ``load_safetensors(path, like=state)``, or into the
     model with ``model.load_state_dict(safetensors.torch.load_file(path), strict=False)``
     (``strict=False`` for the tied names the file holds once).
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> path = fx.save_safetensors(state, pathlib.Path(tmp.name) / "model.safetensors")
+        >>> path.name
+        'model.safetensors'
+        >>> from safetensors import safe_open
+        >>> with safe_open(str(path), framework="pt") as f:
+        ...     print(sorted(f.keys()), f.metadata()["fxtrain_step"])
+        ['bias', 'weight'] 0
+        >>> tmp.cleanup()
     """
     check_live(state, "save_safetensors")
     from safetensors.torch import save_file
@@ -94,7 +113,24 @@ def save_safetensors(state: Any, path: str | os.PathLike, *,
 def load_safetensors(path: str | os.PathLike, like: Any) -> Any:
     """``like`` with its parameters and buffers read from a ``.safetensors`` file (on their
     devices, in their dtypes); every name must be there with its shape and dtype, else a
-    ValueError lists what differs. The optimizer state, step and the rest are ``like``'s."""
+    ValueError lists what differs. The optimizer state, step and the rest are ``like``'s.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> trained = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), seed=0)
+        >>> path = fx.save_safetensors(trained, pathlib.Path(tmp.name) / "model.safetensors")
+        >>> fresh = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3))
+        >>> loaded = fx.load_safetensors(path, like=fresh)
+        >>> torch.equal(loaded.params["weight"], trained.params["weight"]), int(loaded.step)
+        (True, 0)
+        >>> fx.load_safetensors(path, like=fx.TrainState.create(nn.Linear(3, 1), fx.optim.sgd(0.1)))
+        Traceback (most recent call last):
+            ...
+        ValueError: load_safetensors: .../model.safetensors does not hold this state's weights;
+        weight: (1, 2) F32 in the file, (1, 3) torch.float32 in the state
+        >>> tmp.cleanup()
+    """
     check_live(like, "load_safetensors")
     from safetensors import safe_open
 

@@ -28,9 +28,13 @@ def to_device(batch: Any, device: torch.device | str, *, pin: bool = False) -> A
       pin: page-lock CPU tensors first when the device is a GPU, so the copy runs
         asynchronously; ``fit`` does this for the batches it takes ahead.
 
-    Example::
-
-        batch = fx.to_device(batch, state.step.device)
+    Examples:
+        >>> batch = {"x": torch.ones(2, 3), "label": "cat"}
+        >>> moved = fx.to_device(batch, "meta")  # any device: "cuda", state.step.device...
+        >>> moved["x"].device, moved["label"]
+        (device(type='meta'), 'cat')
+        >>> fx.to_device(batch, "cpu") is batch  # already there: the same object
+        True
     """
     device = torch.device(device)
     leaves = pytree.tree_leaves(batch)

@@ -158,10 +158,21 @@ def cuda_graphed(train_step: Callable, *, warmup: int = 2) -> Callable[[Any, Any
     returned step always donates the state it is given. ``fx.fit`` runs it like any step
     (K steps per call included); a host callback that skips steps cannot be used with it.
 
-    Example::
+    Examples:
+        On a machine with a CUDA GPU (the lines marked ``+SKIP`` are not run by the test suite,
+        whose machines have none):
 
-        step = fx.cuda_graphed(torch.compile(fx.make_train_step(loss_fn), fullgraph=True))
-        state = fx.fit(state, step, data, max_steps=1000)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x, y = torch.randn(64, 3), torch.randn(64, 1)
+        >>> model = nn.Linear(3, 1)
+        >>> state = fx.TrainState.create(model.cuda(), fx.optim.sgd(0.1))  # doctest: +SKIP
+        >>> step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+        >>> step = fx.cuda_graphed(step)  # doctest: +SKIP
+        >>> state = fx.fit(state, step, fx.data.Batches((x, y), 16), max_steps=8)  # doctest: +SKIP
+        >>> int(state.step)  # doctest: +SKIP
+        8
     """
     if not isinstance(warmup, int) or isinstance(warmup, bool) or warmup < 1:
         raise ValueError(f"cuda_graphed: warmup must be a positive int (the first call "

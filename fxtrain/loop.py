@@ -271,8 +271,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       callbacks: host callbacks, folded after every event.
       max_steps: stop when ``state.step`` reaches this (counted over resumes).
       max_epochs: stop when this many epochs of ``data`` are done.
-      eval_step, eval_data: evaluation, every ``eval_every`` steps (default: at each epoch end)
-        and on ``control.evaluate``; batch metrics are averaged on device.
+      eval_step: ``(state, batch) -> metrics``, run over ``eval_data`` every ``eval_every``
+        steps (default: at each epoch end) and on ``control.evaluate``; batch metrics are
+        averaged on device.
+      eval_data: the evaluation batches, an iterable that can be read again for each evaluation.
       eval_every: steps between evaluations.
       checkpoint: an ``fx.checkpoint.CheckpointManager`` (or an object with its ``save``,
         ``wait``, ``latest_step`` and ``restore``): training resumes from its latest checkpoint,
@@ -291,10 +293,26 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
 
-    Example::
-
-        state = fx.fit(state, train_step, fx.data.Batches((x, y), 64), max_epochs=5,
-                       callbacks=[fx.callbacks.progress_bar()])
+    Examples:
+        >>> x = torch.randn(64, 3)
+        >>> y = x @ torch.tensor([[1.0], [-2.0], [0.5]])
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> state = fx.TrainState.create(nn.Linear(3, 1), fx.optim.sgd(0.2), seed=0)
+        >>> train_step = fx.make_train_step(loss_fn)  # torch.compile it (fullgraph=True) for speed
+        >>> def report(state, event):  # a host callback: a plain function of (state, event)
+        ...     if event.kind == "epoch_end":
+        ...         print("epoch", event.epoch, "step", int(state.step))
+        >>> state = fx.fit(state, train_step, fx.data.Batches((x, y), 16, seed=0), max_epochs=5,
+        ...                callbacks=[report])
+        epoch 0 step 4
+        epoch 1 step 8
+        epoch 2 step 12
+        epoch 3 step 16
+        epoch 4 step 20
+        >>> float(loss_fn(state, state.params, (x, y))) < 0.01
+        True
     """
     _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every)
     donation.check_live(state, "fit")

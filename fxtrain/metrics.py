@@ -7,21 +7,23 @@ tensor and ``empty()`` has the same structure and dtypes as a real value, so met
 recompiles. Accumulators are float32 (float64 for float64 inputs); counts are int64. To merge
 inside a compiled step on an accelerator, start from ``empty(device=...)`` on that device.
 
-Example::
-
-    Metrics = fx.metrics.Collection.create(
-        loss=fx.metrics.Average.from_output("loss"), accuracy=fx.metrics.Accuracy)
-
-    @torch.compile(fullgraph=True)
-    def eval_step(x, y):
-        logits = model(x)
-        loss = F.cross_entropy(logits, y, reduction="none")
-        return Metrics.single_from_model_output(loss=loss, logits=logits, labels=y)
-
-    totals = Metrics.empty()
-    for x, y in batches:
-        totals = totals.merge(eval_step(x, y))
-    totals.compute()           # {"loss": tensor(...), "accuracy": tensor(...)}
+Examples:
+    >>> import torch.nn.functional as F
+    >>> model = nn.Linear(4, 3)
+    >>> Metrics = fx.metrics.Collection.create(
+    ...     loss=fx.metrics.Average.from_output("loss"), accuracy=fx.metrics.Accuracy)
+    >>> def eval_step(x, y):  # compiles with torch.compile(fullgraph=True) as it is
+    ...     logits = model(x)
+    ...     loss = F.cross_entropy(logits, y, reduction="none")
+    ...     return Metrics.single_from_model_output(loss=loss, logits=logits, labels=y)
+    >>> totals = Metrics.empty()
+    >>> with torch.no_grad():
+    ...     for x, y in [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]:
+    ...         totals = totals.merge(eval_step(x, y))
+    >>> sorted(totals.compute())
+    ['accuracy', 'loss']
+    >>> int(totals.accuracy.count)
+    24
 """
 
 from __future__ import annotations
@@ -88,10 +90,11 @@ class Metric:
         ``outputs["mask"]``, when given, is passed on, except for a 0-d output (a batch-level
         value such as a mean loss), where it is dropped. The class is cached per ``(cls, name)``.
 
-        Example::
-
-            Loss = fx.metrics.Average.from_output("loss")
-            Loss.from_model_output(loss=torch.tensor(0.5), logits=logits).compute()
+        Examples:
+            >>> Loss = fx.metrics.Average.from_output("loss")
+            >>> outputs = {"loss": torch.tensor([0.5, 1.5]), "logits": torch.zeros(2, 3)}
+            >>> Loss.from_model_output(**outputs).compute()
+            tensor(1.)
         """
         if not isinstance(name, str):
             raise TypeError(f"from_output: name must be a str, got {type(name).__name__}")
@@ -151,10 +154,15 @@ def _zeros(device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
 class Average(Metric):
     """The mean of every (unmasked) element seen; an empty Average computes to NaN (0 / 0).
 
-    Example::
-
-        m = Average.from_model_output(torch.tensor([1.0, 2.0]))
-        m.merge(Average.from_model_output(torch.tensor(6.0))).compute()   # tensor(3.)
+    Examples:
+        >>> m = fx.metrics.Average.from_model_output(torch.tensor([1.0, 2.0]))
+        >>> m.merge(fx.metrics.Average.from_model_output(torch.tensor(6.0))).compute()
+        tensor(3.)
+        >>> values, mask = torch.tensor([1.0, 9.0]), torch.tensor([True, False])
+        >>> fx.metrics.Average.from_model_output(values, mask=mask).compute()
+        tensor(1.)
+        >>> fx.metrics.Average.empty().compute()
+        tensor(nan)
     """
 
     total: torch.Tensor
@@ -185,9 +193,9 @@ class Std(Metric):
     Keeps ``(mean, m2, count)`` with ``m2`` the sum of squared deviations, merged with Chan's
     parallel formula ``m2 = m2_a + m2_b + delta**2 * n_a * n_b / n`` (stable for large means).
 
-    Example::
-
-        Std.from_model_output(torch.tensor([1.0, 3.0])).compute()   # tensor(1.)
+    Examples:
+        >>> fx.metrics.Std.from_model_output(torch.tensor([1.0, 3.0])).compute()
+        tensor(1.)
     """
 
     mean: torch.Tensor
@@ -224,10 +232,11 @@ class Std(Metric):
 class LastValue(Average):
     """The mean of the most recent non-empty batch; merging keeps ``other`` unless it is empty.
 
-    Example::
-
-        a, b = LastValue.from_model_output(torch.tensor(1.0)), LastValue.empty()
-        a.merge(b).compute()   # tensor(1.)
+    Examples:
+        >>> a = fx.metrics.LastValue.from_model_output(torch.tensor(1.0))
+        >>> b = fx.metrics.LastValue.empty()
+        >>> a.merge(b).compute(), b.merge(a).compute()
+        (tensor(1.), tensor(1.))
     """
 
     def merge(self, other):
@@ -239,7 +248,13 @@ class LastValue(Average):
 
 @struct.dataclass
 class Accuracy(Average):
-    """The fraction of ``logits.argmax(-1) == labels``; an Average of 0/1 values."""
+    """The fraction of ``logits.argmax(-1) == labels``; an Average of 0/1 values.
+
+    Examples:
+        >>> logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.0], [0.0, 2.0]])
+        >>> fx.metrics.Accuracy.from_model_output(logits, torch.tensor([0, 1, 1, 1])).compute()
+        tensor(0.7500)
+    """
 
     @classmethod
     def from_model_output(cls, logits, labels, mask=None, **unused):
@@ -261,10 +276,13 @@ class ConfusionMatrix(Metric):
     ``compute()`` is the float32 ``[n, n]`` count matrix; ``log_eval_metrics`` writes it as a
     table and an image. Counting is a one-hot product, so it compiles into an eval step.
 
-    Example::
-
-        Confusion = fx.metrics.ConfusionMatrix.for_classes(10)
-        Confusion.from_model_output(logits, labels).compute()   # [10, 10]
+    Examples:
+        >>> Confusion = fx.metrics.ConfusionMatrix.for_classes(3)
+        >>> logits = torch.eye(3)[torch.tensor([0, 2, 2, 1])]  # predictions 0, 2, 2, 1
+        >>> Confusion.from_model_output(logits, torch.tensor([0, 1, 2, 1])).compute()
+        tensor([[1., 0., 0.],
+                [0., 1., 1.],
+                [0., 0., 1.]])
     """
 
     counts: torch.Tensor
@@ -339,9 +357,14 @@ class Collection(Metric):
     def create(cls, **metrics: type) -> type:
         """A Collection class with one field per ``name=MetricClass`` (cached per arguments).
 
-        Example::
-
-            Metrics = Collection.create(accuracy=Accuracy, loss=Average.from_output("loss"))
+        Examples:
+            >>> Metrics = fx.metrics.Collection.create(accuracy=fx.metrics.Accuracy,
+            ...                                        loss=fx.metrics.Average.from_output("loss"))
+            >>> m = Metrics.single_from_model_output(logits=torch.tensor([[1.0, 0.0]]),
+            ...                                      labels=torch.tensor([0]),
+            ...                                      loss=torch.tensor(0.25))
+            >>> m.compute()
+            {'accuracy': tensor(1.), 'loss': tensor(0.2500)}
         """
         for name, metric in metrics.items():
             if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
@@ -398,10 +421,14 @@ def from_torchmetrics(metric: Any) -> type:
     fix (a binned ``BinaryAUROC(thresholds=100)`` has fixed-size states). ``merge`` is plain
     tensor arithmetic and compiles as well.
 
-    Example::
-
-        Acc = fx.metrics.from_torchmetrics(torchmetrics.classification.MulticlassAccuracy(10))
-        Acc.from_model_output(logits, labels).merge(...).compute()
+    Examples:
+        >>> import torchmetrics
+        >>> accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
+        >>> Acc = fx.metrics.from_torchmetrics(accuracy)
+        >>> first = Acc.from_model_output(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+        >>> second = Acc.from_model_output(torch.tensor([2]), torch.tensor([2]))
+        >>> first.merge(second).compute()
+        tensor(0.7500)
     """
     try:
         import torchmetrics

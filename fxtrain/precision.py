@@ -69,7 +69,14 @@ class Policy:
 
 
 def policy(name: str) -> Policy:
-    """The ``Policy`` called ``name`` (one of ``PRECISIONS``)."""
+    """The ``Policy`` called ``name`` (one of ``PRECISIONS``).
+
+    Examples:
+        >>> fx.precision.policy("bf16-mixed")
+        Policy(name='bf16-mixed', compute_dtype=torch.bfloat16, scaled=False, param_dtype=None)
+        >>> fx.precision.policy("16-mixed").scaled
+        True
+    """
     policies = {
         "32": Policy("32", None, False, None),
         "bf16-mixed": Policy("bf16-mixed", torch.bfloat16, False, None),
@@ -85,7 +92,19 @@ def policy(name: str) -> Policy:
 @struct.dataclass
 class LossScale:
     """Dynamic loss scaling's state: the ``scale``, ``good_steps`` (finite steps since the
-    scale last changed) and ``skipped`` (non-finite steps so far)."""
+    scale last changed) and ``skipped`` (non-finite steps so far).
+
+    Examples:
+        >>> from fxtrain.precision import LossScale
+        >>> zero = torch.tensor(0)
+        >>> scale = LossScale(torch.tensor(1024.0), zero, zero, growth_interval=2)
+        >>> scale = scale.update(torch.tensor(False))  # a non-finite step halves the scale
+        >>> scale.scale, scale.skipped
+        (tensor(512.), tensor(1))
+        >>> scale = scale.update(torch.tensor(True)).update(torch.tensor(True))  # 2 finite: doubled
+        >>> scale.scale, scale.good_steps
+        (tensor(1024.), tensor(0))
+    """
 
     scale: torch.Tensor
     good_steps: torch.Tensor
@@ -108,7 +127,14 @@ def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth:
                backoff: float = 0.5) -> Callback:
     """The loss scale's state for a ``"16-mixed"`` step (``make_train_step`` adds it to the
     step's callbacks, so ``fx.fit`` creates its state; in your own loop pass it to
-    ``TrainState.create(..., callbacks=[...])``). The settings live in its state."""
+    ``TrainState.create(..., callbacks=[...])``). The settings live in its state.
+
+    Examples:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
+        ...                              callbacks=[fx.precision.loss_scale(init_scale=256.0)])
+        >>> state.callbacks["loss_scale"].scale
+        tensor(256.)
+    """
     if not init_scale > 0 or growth_interval < 1 or not growth > 1 or not 0 < backoff < 1:
         raise ValueError("loss_scale: init_scale > 0, growth_interval >= 1, growth > 1 and "
                          f"0 < backoff < 1 are needed, got {init_scale}, {growth_interval}, "

@@ -21,10 +21,14 @@ raise an error that names them and the keyed way to draw instead, as does
 ``nn.MultiheadAttention`` with dropout in training (its dropout runs inside a function that no
 mode can see into). Factory functions (``torch.rand``, ``randn``, ``randint``...) raise when the
 step runs eagerly but are invisible to modes under ``torch.compile``; for noise in a loss
-function draw it explicitly::
+function draw it explicitly from the step's key, as in the example.
 
-    key = fx.random.step_key(state.rng, state.step)
-    noise = fx.random.normal(fx.random.fold_in(key, 1), x.shape)
+Examples:
+    >>> state = fx.TrainState.create(nn.Linear(3, 1), fx.optim.sgd(0.1), seed=0)
+    >>> key = fx.random.step_key(state.rng, state.step)
+    >>> noise = fx.random.normal(fx.random.fold_in(key, 1), (2, 3))
+    >>> noise.shape, bool(noise.equal(fx.random.normal(fx.random.fold_in(key, 1), (2, 3))))
+    (torch.Size([2, 3]), True)
 """
 
 from __future__ import annotations
@@ -53,7 +57,14 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def seed_key(seed: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """The 0-d int64 key for ``seed``."""
+    """The 0-d int64 key for ``seed``.
+
+    Examples:
+        >>> fx.random.seed_key(0).dtype, fx.random.seed_key(0).shape
+        (torch.int64, torch.Size([]))
+        >>> bool(fx.random.seed_key(0) == fx.random.seed_key(1))
+        False
+    """
     return _mix32(torch.tensor(int(seed) & _MASK32, dtype=torch.int64, device=device) + _GOLDEN)
 
 
@@ -106,14 +117,29 @@ def _(key, stream):
 
 
 def fold_in(key: torch.Tensor, data: torch.Tensor | int) -> torch.Tensor:
-    """A new key that depends on ``key`` and ``data`` (an int or an int64 tensor)."""
+    """A new key that depends on ``key`` and ``data`` (an int or an int64 tensor).
+
+    Examples:
+        >>> key = fx.random.seed_key(0)
+        >>> a, b = fx.random.fold_in(key, 1), fx.random.fold_in(key, torch.tensor(1))
+        >>> bool(a == b), bool(a == fx.random.fold_in(key, 2))
+        (True, False)
+    """
     if isinstance(data, torch.Tensor):
         return _fold_in(key, data.to(device=key.device, dtype=torch.int64))
     return _fold_in_range(key, int(data), 1)[..., 0]
 
 
 def step_key(rng: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """The key for one step: a pure function of the run's key and the step counter."""
+    """The key for one step: a pure function of the run's key and the step counter.
+
+    Examples:
+        >>> rng = fx.random.seed_key(0)
+        >>> k0 = fx.random.step_key(rng, torch.tensor(0))
+        >>> k1 = fx.random.step_key(rng, torch.tensor(1))
+        >>> bool(k0 == fx.random.step_key(rng, torch.tensor(0))), bool(k0 == k1)
+        (True, False)
+    """
     return fold_in(rng, step)
 
 
@@ -142,12 +168,24 @@ def _bits(key: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Ten
 
 
 def uniform(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32, stream: int = 0):
-    """Uniform samples in [0, 1) with 24 bits of resolution."""
+    """Uniform samples in [0, 1) with 24 bits of resolution.
+
+    Examples:
+        >>> u = fx.random.uniform(fx.random.seed_key(0), (1000,))
+        >>> bool(u.min() >= 0), bool(u.max() < 1), round(float(u.mean()), 1)
+        (True, True, 0.5)
+    """
     return ((_bits(key, shape, stream) >> 8).to(torch.float32) * (1.0 / (1 << 24))).to(dtype)
 
 
 def normal(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
-    """Standard normal samples by Box-Muller: sqrt(-2 ln u1) cos(2 pi u2)."""
+    """Standard normal samples by Box-Muller: sqrt(-2 ln u1) cos(2 pi u2).
+
+    Examples:
+        >>> z = fx.random.normal(fx.random.seed_key(0), (10000,))
+        >>> round(float(z.mean()), 1), round(float(z.std()), 1)
+        (0.0, 1.0)
+    """
     u1 = 1.0 - uniform(key, shape, torch.float32, stream=1)  # in (0, 1], so log is finite
     u2 = uniform(key, shape, torch.float32, stream=2)
     return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)).to(dtype)
@@ -155,7 +193,13 @@ def normal(key: torch.Tensor, shape: Sequence[int], dtype=torch.float32) -> torc
 
 def categorical(key: torch.Tensor, logits: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Indices drawn from ``softmax(logits)`` along ``dim`` (Gumbel-max), int64, with ``dim``
-    removed: the keyed counterpart of ``torch.multinomial`` for sampling tokens."""
+    removed: the keyed counterpart of ``torch.multinomial`` for sampling tokens.
+
+    Examples:
+        >>> logits = torch.tensor([[0.0, 10.0, 0.0], [10.0, 0.0, 0.0]])
+        >>> fx.random.categorical(fx.random.seed_key(0), logits)
+        tensor([1, 0])
+    """
     u = uniform(key, logits.shape, torch.float32, stream=3)
     gumbel = -torch.log(-torch.log(u.clamp_min(2.0 ** -24)))  # u in (0, 1): finite
     return torch.argmax(logits.to(torch.float32) + gumbel, dim=dim)
@@ -302,6 +346,16 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     Each random call inside the context gets its own key ``fold_in(key, i)`` for its call index
     ``i``, so the draws depend only on the key and the program, never on global state.
+
+    Examples:
+        >>> import torch.nn.functional as F
+        >>> key = fx.random.seed_key(0)
+        >>> with fx.random.keyed(key):
+        ...     a = F.dropout(torch.ones(6), 0.5)
+        >>> with fx.random.keyed(key):
+        ...     b = F.dropout(torch.ones(6), 0.5)
+        >>> torch.equal(a, b), sorted(set(a.tolist()))
+        (True, [0.0, 2.0])
     """
 
     def __init__(self, key: torch.Tensor):

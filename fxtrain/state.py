@@ -89,11 +89,14 @@ class TrainState:
     states, as one frozen value. ``module`` (a weightless skeleton of the model) and ``tx`` are
     static: part of the structure, not leaves, and never saved in checkpoints.
 
-    Example::
-
-        state = TrainState.create(model, fx.optim.adamw(1e-3), seed=0)
-        logits = state.apply(state.params, x)
-        state = state.apply_gradients(grads)
+    Examples:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), seed=0)
+        >>> int(state.step), sorted(state.params)
+        (0, ['bias', 'weight'])
+        >>> grads = {name: torch.ones_like(p) for name, p in state.params.items()}
+        >>> new = state.apply_gradients(grads)
+        >>> int(new.step), int(state.step)
+        (1, 0)
     """
 
     step: torch.Tensor
@@ -114,6 +117,16 @@ class TrainState:
 
         ``model`` itself is not changed; the state keeps a weightless skeleton of it
         (``state.module``), so the copies in the state are the only weights it holds.
+
+        Examples:
+            >>> model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+            >>> state = fx.TrainState.create(model, fx.optim.adamw(1e-3), seed=0)
+            >>> sorted(state.params)
+            ['0.bias', '0.weight', '1.bias', '1.weight', '2.bias', '2.weight']
+            >>> sorted(state.buffers)  # BatchNorm's statistics
+            ['1.num_batches_tracked', '1.running_mean', '1.running_var']
+            >>> state.step, state.rng.dtype
+            (tensor(0), torch.int64)
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"TrainState.create needs an nn.Module, got {type(model).__name__}")
@@ -136,7 +149,16 @@ class TrainState:
         return state.replace(callbacks=init_states(callbacks, state))
 
     def apply(self, params: dict[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        """Runs the module with ``params`` and this state's buffers; the state is not changed."""
+        """Runs the module with ``params`` and this state's buffers; the state is not changed.
+
+        Examples:
+            >>> state = fx.TrainState.create(nn.Linear(3, 2), fx.optim.sgd(0.1))
+            >>> state.apply(state.params, torch.ones(4, 3)).shape
+            torch.Size([4, 2])
+            >>> zeros = {name: torch.zeros_like(p) for name, p in state.params.items()}
+            >>> state.apply(zeros, torch.ones(1, 3))
+            tensor([[0., 0.]])
+        """
         buffers = self.buffers
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
             buffers = {k: v.clone() for k, v in buffers.items()}
@@ -144,7 +166,15 @@ class TrainState:
         return functional_call(self.module, tensors, args, kwargs)
 
     def apply_gradients(self, grads: dict[str, torch.Tensor]) -> TrainState:
-        """One optimizer update: a new state with step + 1, new params and optimizer state."""
+        """One optimizer update: a new state with step + 1, new params and optimizer state.
+
+        Examples:
+            >>> state = fx.TrainState.create(nn.Linear(1, 1, bias=False), fx.optim.sgd(0.5))
+            >>> state = state.replace(params={"weight": torch.tensor([[1.0]])})
+            >>> new = state.apply_gradients({"weight": torch.tensor([[2.0]])})
+            >>> new.params["weight"], int(new.step), state.params["weight"]
+            (tensor([[0.]]), 1, tensor([[1.]]))
+        """
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         updates, opt_state = self.tx.update(grads, self.opt_state, self.params)

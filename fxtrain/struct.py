@@ -5,15 +5,18 @@ A ``@struct.dataclass`` class is an immutable value: its data fields are pytree 
 returns a new value. Registration with torch's pytree is what Dynamo traces inside compiled
 code; registration with optree (namespace ``"fxtrain"``) serves host-side utilities.
 
-Example::
-
-    @struct.dataclass
-    class Point:
-        x: torch.Tensor
-        label: str = struct.field(static=True, default="p")
-
-    p = Point(torch.zeros(()))
-    q = p.replace(x=torch.ones(()))      # p is unchanged
+Examples:
+    >>> from fxtrain import struct
+    >>> @struct.dataclass
+    ... class Point:
+    ...     x: torch.Tensor
+    ...     label: str = struct.field(static=True, default="p")
+    >>> p = Point(torch.zeros(()))
+    >>> q = p.replace(x=torch.ones(()))
+    >>> p.x, q.x, q.label
+    (tensor(0.), tensor(1.), 'p')
+    >>> torch.utils._pytree.tree_leaves(q)
+    [tensor(1.)]
 """
 
 from __future__ import annotations
@@ -32,7 +35,17 @@ T = TypeVar("T")
 
 
 def field(*, static: bool = False, **kwargs: Any) -> Any:
-    """A dataclass field; ``static=True`` makes it part of the tree structure, not a leaf."""
+    """A dataclass field; ``static=True`` makes it part of the tree structure, not a leaf.
+
+    Examples:
+        >>> from fxtrain import struct
+        >>> @struct.dataclass
+        ... class Scaled:
+        ...     value: torch.Tensor
+        ...     factor: float = struct.field(static=True, default=2.0)
+        >>> torch.utils._pytree.tree_leaves(Scaled(torch.ones(2)))
+        [tensor([1., 1.])]
+    """
     metadata = {**kwargs.pop("metadata", {}), "static": static}
     return dataclasses.field(metadata=metadata, **kwargs)
 
@@ -59,7 +72,21 @@ def _replace(self: T, **changes: Any) -> T:
 
 
 def dataclass(cls: type[T] | None = None, *, kw_only: bool = False) -> Any:
-    """Makes ``cls`` a frozen dataclass registered as a pytree node with torch and optree."""
+    """Makes ``cls`` a frozen dataclass registered as a pytree node with torch and optree.
+
+    Examples:
+        >>> from fxtrain import struct
+        >>> @struct.dataclass
+        ... class Counter:
+        ...     count: torch.Tensor
+        >>> c = Counter(torch.tensor(0))
+        >>> c.replace(count=c.count + 1)
+        Counter(count=tensor(1))
+        >>> c.count = 1
+        Traceback (most recent call last):
+            ...
+        dataclasses.FrozenInstanceError: cannot assign to field 'count'
+    """
     if cls is None:
         return lambda c: dataclass(c, kw_only=kw_only)
     cls = dataclasses.dataclass(frozen=True, kw_only=kw_only)(cls)

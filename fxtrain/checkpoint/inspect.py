@@ -19,7 +19,22 @@ __all__ = ["checkpoint_paths", "summary", "leaf_rows", "digest", "format_size", 
 
 def checkpoint_paths(directory: str | Path) -> list[Path]:
     """The finished checkpoints under ``directory`` (a manager's, or a run's workdir holding a
-    ``checkpoints`` folder), or ``directory`` itself."""
+    ``checkpoints`` folder), or ``directory`` itself.
+
+    Examples:
+        >>> import tempfile
+        >>> from fxtrain.checkpoint import inspect
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> with fx.checkpoint.CheckpointManager(tmp.name, async_save=False) as manager:
+        ...     manager.save(state)
+        ...     manager.save(state.replace(step=state.step + 5))
+        True
+        True
+        >>> [p.name for p in inspect.checkpoint_paths(tmp.name)]
+        ['0', '5']
+        >>> tmp.cleanup()
+    """
     directory = Path(directory).expanduser().absolute()
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
@@ -48,7 +63,27 @@ def summary(path: Path) -> dict[str, Any]:
 
 
 def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
-    """``(path, dtype, shape)`` for every leaf; Python values show their value."""
+    """``(path, dtype, shape)`` for every leaf; Python values show their value.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> from fxtrain.checkpoint import inspect
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> path = fx.checkpoint.save(pathlib.Path(tmp.name) / "ckpt", state)
+        >>> for row in inspect.leaf_rows(inspect.summary(path)["meta"]):
+        ...     print(*row)
+        .step int64 ()
+        .params['weight'] float32 (1, 2)
+        .params['bias'] float32 (1,)
+        .buffers NoneType None
+        .opt_state[0].count int64 ()
+        .opt_state[0].learning_rate float32 ()
+        .rng int64 ()
+        .data NoneType None
+        .callbacks NoneType None
+        >>> tmp.cleanup()
+    """
     rows = []
     for e in meta["leaves"]:
         if e["kind"] == "python":
@@ -60,7 +95,18 @@ def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
 
 def digest(path: Path) -> str:
     """``fx.tree_digest`` of the state the checkpoint at ``path`` restores to: the stored leaves,
-    rebuilt on the CPU in their stored dtypes, hashed as ``tree_digest`` hashes leaves."""
+    rebuilt on the CPU in their stored dtypes, hashed as ``tree_digest`` hashes leaves.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> from fxtrain.checkpoint import inspect
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3))
+        >>> path = fx.checkpoint.save(pathlib.Path(tmp.name) / "ckpt", state)
+        >>> inspect.digest(path) == fx.tree_digest(state)  # no template needed
+        True
+        >>> tmp.cleanup()
+    """
     meta = store.read_meta(path)
     keys = store.saved_keys(meta)
     arrays = store.read_arrays(path, keys, keys) if keys else {}
@@ -69,6 +115,13 @@ def digest(path: Path) -> str:
 
 
 def format_size(n: int) -> str:
+    """``n`` bytes for people: B, KB, MB or GB with one decimal.
+
+    Examples:
+        >>> from fxtrain.checkpoint.inspect import format_size
+        >>> format_size(512), format_size(1536), format_size(3 * 2**30)
+        ('512 B', '1.5 KB', '3.0 GB')
+    """
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -77,6 +130,13 @@ def format_size(n: int) -> str:
 
 
 def format_age(saved_at: float | None, now: float | None = None) -> str:
+    """How long ago ``saved_at`` (a ``time.time()``) was, in the largest unit that fits.
+
+    Examples:
+        >>> from fxtrain.checkpoint.inspect import format_age
+        >>> format_age(1000.0, now=1042.0), format_age(0.0, now=7200.0), format_age(None)
+        ('42s ago', '2.0h ago', '?')
+    """
     if saved_at is None:
         return "?"
     seconds = max(0.0, (now or time.time()) - saved_at)

@@ -63,12 +63,26 @@ class CheckpointManager:
         ``force=True``.
       metadata: JSON-able values stored with every checkpoint (the run's configuration).
 
-    Example::
-
-        with fx.checkpoint.CheckpointManager("ckpt", keep_latest=2, keep_best=1,
-                                             best_metric="loss") as manager:
-            state = fx.fit(state, train_step, data, checkpoint=manager, ...)
-            best = manager.restore(like=state, step=manager.best_step())
+    Examples:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> x, y = torch.randn(32, 2), torch.randn(32, 1)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> with fx.checkpoint.CheckpointManager(tmp.name, keep_latest=2, keep_best=1,
+        ...                                      best_metric="loss") as manager:
+        ...     state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((x, y), 8),
+        ...                    max_steps=8, eval_step=fx.make_eval_step(loss_fn), eval_every=2,
+        ...                    eval_data=fx.data.Batches((x, y), 16, shuffle=False),
+        ...                    checkpoint=manager, callbacks=[fx.callbacks.checkpoint(every=2)])
+        ...     print(manager.all_steps(), manager.latest_step())
+        ...     best = manager.restore(like=state, step=manager.best_step())
+        [6, 8] 8
+        >>> int(best.step) == manager.best_step()
+        True
+        >>> tmp.cleanup()
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep_latest: int = 2, keep_best: int = 0,
@@ -310,6 +324,21 @@ def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
     """Writes one checkpoint of ``state`` at ``path`` (a new directory), synchronously.
 
     Refuses to replace an existing path, so nothing saved is ever overwritten.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3), seed=0)
+        >>> path = pathlib.Path(tmp.name) / "final"
+        >>> path = fx.checkpoint.save(path, state, metadata={"lr": 1e-3})
+        >>> path.name, sorted(p.name for p in path.iterdir())[:1]
+        ('final', ['_CHECKPOINT_METADATA'])
+        >>> fx.checkpoint.save(path, state)
+        Traceback (most recent call last):
+            ...
+        FileExistsError: .../final already exists; fx.checkpoint.save never overwrites (choose a
+        new path, or use a CheckpointManager)
+        >>> tmp.cleanup()
     """
     path = Path(path).expanduser().absolute()
     if path.exists():
@@ -329,6 +358,30 @@ def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = 
     ``path`` is one checkpoint (from ``fx.checkpoint.save`` or a manager's step directory) or a
     manager's directory (its latest checkpoint). ``only`` and ``cast`` as in
     ``CheckpointManager.restore``.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3), seed=0)
+        >>> path = fx.checkpoint.save(pathlib.Path(tmp.name) / "ckpt", state)
+        >>> template = fx.TrainState.create(nn.Linear(2, 1), fx.optim.adamw(1e-3), seed=1)
+        >>> restored = fx.checkpoint.restore(path, like=template)
+        >>> fx.tree_digest(restored) == fx.tree_digest(state)
+        True
+        >>> other = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))  # another optimizer
+        >>> weights = fx.checkpoint.restore(path, like=other, only=("params",))
+        >>> torch.equal(weights.params["weight"], state.params["weight"])
+        True
+        >>> wider = fx.TrainState.create(nn.Linear(3, 1), fx.optim.adamw(1e-3))
+        >>> fx.checkpoint.restore(path, like=wider)
+        Traceback (most recent call last):
+            ...
+        fxtrain.checkpoint.bridge.CheckpointMismatchError: the checkpoint does not match the
+        template state:
+          shape of .opt_state[0].mu['weight']: checkpoint (1, 2), template (1, 3)
+          shape of .opt_state[0].nu['weight']: checkpoint (1, 2), template (1, 3)
+          shape of .params['weight']: checkpoint (1, 2), template (1, 3)
+        >>> tmp.cleanup()
     """
     path = Path(path).expanduser().absolute()
     if path.is_dir() and not store.is_checkpoint(path):

@@ -16,7 +16,24 @@ __all__ = ["MultiWriter", "AsyncWriter"]
 
 
 class MultiWriter:
-    """Writes every event to each of ``writers``, in order."""
+    """Writes every event to each of ``writers``, in order.
+
+    Examples:
+        >>> import logging, pathlib, sys, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> logger = logging.getLogger("fxtrain.example")
+        >>> logger.addHandler(logging.StreamHandler(sys.stdout))
+        >>> logger.setLevel(logging.INFO)
+        >>> logger.propagate = False
+        >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"
+        >>> writer = fx.logging.MultiWriter([fx.logging.ConsoleWriter(logger),
+        ...                                  fx.logging.JsonlWriter(path)])
+        >>> writer.write_scalars(5, {"loss": 0.5})
+        step 5 | loss=0.5
+        >>> writer.close()
+        >>> logger.handlers.clear()
+        >>> tmp.cleanup()
+    """
 
     def __init__(self, writers: Sequence[Any]):
         self.writers = tuple(writers)
@@ -65,6 +82,19 @@ class AsyncWriter:
     the worker (device tensors are copied to the host first by the wrapped writer). An error in
     the worker is raised again on the next call; ``flush`` waits until everything queued is
     written.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"
+        >>> writer = fx.logging.AsyncWriter(fx.logging.JsonlWriter(path))
+        >>> for step in range(3):
+        ...     writer.write_scalars(step, {"loss": 1.0 / (step + 1)})
+        >>> writer.flush()
+        >>> [event["step"] for event in fx.logging.read_jsonl(path)]
+        [0, 1, 2]
+        >>> writer.close()
+        >>> tmp.cleanup()
     """
 
     def __init__(self, writer: Any, max_queue: int = 1000):

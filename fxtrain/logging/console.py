@@ -19,10 +19,18 @@ def _format(x: float) -> str:
 class ConsoleWriter:
     """Writes each event as one line at ``level`` (INFO) to ``logger`` (``fxtrain``).
 
-    Example::
-
-        logging.basicConfig(level=logging.INFO)
-        writer = fx.logging.ConsoleWriter()   # step 10 | loss=0.25 | accuracy=0.9
+    Examples:
+        >>> import logging, sys
+        >>> logger = logging.getLogger("fxtrain.example")
+        >>> logger.addHandler(logging.StreamHandler(sys.stdout))
+        >>> logger.setLevel(logging.INFO)
+        >>> logger.propagate = False
+        >>> writer = fx.logging.ConsoleWriter(logger)
+        >>> writer.write_scalars(10, {"loss": torch.tensor(0.25), "accuracy": 0.9})
+        step 10 | loss=0.25 | accuracy=0.9
+        >>> writer.write_texts(10, {"sample": "Return the"})
+        step 10 | sample: Return the
+        >>> logger.handlers.clear()
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values

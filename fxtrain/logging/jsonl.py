@@ -56,10 +56,16 @@ def _drop_torn_line(path: Path) -> None:
 class JsonlWriter:
     """Appends events to ``path`` (parent directories are created).
 
-    Example::
-
-        writer = fx.logging.JsonlWriter("runs/exp1/metrics.jsonl")
-        writer.write_scalars(10, {"loss": 0.25})
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"
+        >>> writer = fx.logging.JsonlWriter(path)
+        >>> writer.write_scalars(10, {"loss": torch.tensor(0.25)})
+        >>> writer.close()
+        >>> [(e["step"], e["kind"], e["values"]) for e in fx.logging.read_jsonl(path)]
+        [(10, 'scalars', {'loss': 0.25})]
+        >>> tmp.cleanup()
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values
@@ -114,7 +120,17 @@ class JsonlWriter:
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """The events in ``path``; an incomplete last line (a crash mid-write) is skipped."""
+    """The events in ``path``; an incomplete last line (a crash mid-write) is skipped.
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> path = pathlib.Path(tmp.name) / "metrics.jsonl"
+        >>> _ = path.write_text('{"step": 1, "loss": 0.5}\\n{"step": 2, "lo')  # a crash mid-write
+        >>> list(fx.logging.read_jsonl(path))
+        [{'step': 1, 'loss': 0.5}]
+        >>> tmp.cleanup()
+    """
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     for i, line in enumerate(lines):

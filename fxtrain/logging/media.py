@@ -15,7 +15,18 @@ __all__ = ["Audio", "is_figure", "figure_pixels", "gif_bytes", "wav_bytes"]
 @dataclasses.dataclass(frozen=True)
 class Audio:
     """A clip ``[T]`` or clips ``[N, T]`` in [-1, 1], sampled at ``sample_rate`` Hz (for
-    ``fx.callbacks.log_media``, where a bare 1-D array would be ambiguous)."""
+    ``fx.callbacks.log_media``, where a bare 1-D array would be ambiguous).
+
+    Examples:
+        >>> import math
+        >>> clip = torch.sin(torch.arange(8000) * 2 * math.pi * 440 / 8000)
+        >>> fx.logging.Audio(clip, sample_rate=8000).sample_rate
+        8000
+        >>> fx.logging.Audio(clip, sample_rate=0)
+        Traceback (most recent call last):
+            ...
+        ValueError: Audio: sample_rate must be a positive int, got 0
+    """
 
     data: Any
     sample_rate: int

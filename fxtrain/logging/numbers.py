@@ -14,14 +14,26 @@ __all__ = ["is_number", "read_floats", "format_scalars"]
 
 def is_number(value: Any) -> bool:
     """Whether a metric is one number (a 0-d or one-element tensor or array, an int or a
-    float), not a vector or a matrix (per-class values, a confusion matrix)."""
+    float), not a vector or a matrix (per-class values, a confusion matrix).
+
+    Examples:
+        >>> from fxtrain.logging.numbers import is_number
+        >>> is_number(torch.tensor(0.5)), is_number(3), is_number(torch.ones(10))
+        (True, True, False)
+    """
     if isinstance(value, torch.Tensor):
         return value.numel() == 1
     return isinstance(value, int | float | np.number | np.ndarray) and np.size(value) == 1
 
 
 def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
-    """Python floats of one-element tensors and numbers, with one device sync for all tensors."""
+    """Python floats of one-element tensors and numbers, with one device sync for all tensors.
+
+    Examples:
+        >>> from fxtrain.logging.numbers import read_floats
+        >>> read_floats({"loss": torch.tensor(0.25), "lr": 1e-3})
+        {'loss': 0.25, 'lr': 0.001}
+    """
     tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
     out = {k: _number(k, v) for k, v in values.items() if k not in tensors}
     by_device: dict[torch.device, list[str]] = {}
@@ -44,5 +56,11 @@ def _number(key: str, value: Any) -> float:
 
 
 def format_scalars(scalars: Mapping[str, float], sep: str = " ") -> str:
-    """``name=value`` pairs with 4 significant digits."""
+    """``name=value`` pairs with 4 significant digits.
+
+    Examples:
+        >>> from fxtrain.logging.numbers import format_scalars
+        >>> format_scalars({"loss": 0.123456, "lr": 0.001})
+        'loss=0.1235 lr=0.001'
+    """
     return sep.join(f"{k}={v:.4g}" for k, v in scalars.items())

@@ -47,10 +47,16 @@ class TensorBoardWriter:
     Writes are synchronous (tensorboardX's summaries, written by this thread), so ``flush``
     means on disk; wrap it in ``fx.logging.AsyncWriter`` to write from a worker thread.
 
-    Example::
-
-        writer = fx.logging.TensorBoardWriter("runs/exp1")
-        writer.write_scalars(100, {"train/loss": loss})
+    Examples:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = fx.logging.TensorBoardWriter(tmp.name)
+        >>> writer.write_scalars(100, {"train/loss": torch.tensor(0.25)})
+        >>> writer.write_images(100, {"inputs": torch.rand(2, 8, 8, 3)})
+        >>> writer.close()
+        >>> len(list(writer.logdir.glob("events*")))
+        1
+        >>> tmp.cleanup()
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values

@@ -28,9 +28,10 @@ class WandbWriter:
     Steps are wandb's ``step``: wandb drops (with a warning) anything logged at a step below
     one already logged. ``mode="offline"`` writes under ``dir`` without a network.
 
-    Example::
-
-        writer = fx.logging.WandbWriter("my-project", name="exp1", config=vars(args))
+    Examples:
+        >>> writer = fx.logging.WandbWriter("my-project", name="exp1", mode="disabled")
+        >>> writer.write_scalars(10, {"loss": torch.tensor(0.25)})
+        >>> writer.close()
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values

@@ -29,6 +29,15 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
     """SGD with optional (Nesterov) momentum and L2 weight decay, as ``torch.optim.SGD``.
 
     g <- g + wd p;  t <- g + momentum t;  p <- p - lr (t, or g + momentum t with Nesterov)
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> grads = {"w": torch.tensor([0.5, 0.5])}
+        >>> tx = fx.optim.sgd(0.1, momentum=0.9)
+        >>> opt_state = tx.init(params)
+        >>> updates, opt_state = tx.update(grads, opt_state, params)
+        >>> fx.optim.apply_updates(params, updates)
+        {'w': tensor([ 0.9500, -2.0500])}
     """
     if nesterov and not _nonzero(momentum):
         raise ValueError("sgd(nesterov=True) needs momentum > 0")
@@ -41,7 +50,15 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
 
 def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
          weight_decay: Hyper = 0.0) -> GradientTransformation:
-    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``."""
+    """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.adam(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # the first step moves each weight by the learning rate
+        tensor([-0.1000,  0.1000])
+    """
     return chain(
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
         scale_by_adam(b1, b2, eps),
@@ -54,6 +71,14 @@ def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
 
     p <- p - lr (adam(g) + wd p); ``mask(name, p)`` picks the parameters that decay.
+
+    Examples:
+        >>> params = {"weight": torch.ones(2), "bias": torch.ones(2)}
+        >>> tx = fx.optim.adamw(0.1, weight_decay=0.5, mask=lambda name, p: name != "bias")
+        >>> grads = {"weight": torch.zeros(2), "bias": torch.zeros(2)}
+        >>> updates, _ = tx.update(grads, tx.init(params), params)
+        >>> updates  # only the masked-in weight decays: -lr * wd * p
+        {'weight': tensor([-0.0500, -0.0500]), 'bias': tensor([-0., -0.])}
     """
     return chain(
         scale_by_adam(b1, b2, eps),
@@ -64,7 +89,15 @@ def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
 
 def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
          weight_decay: Hyper = 0.0, mask: Mask = None) -> GradientTransformation:
-    """Lion: p <- p - lr (sign(b1 m + (1 - b1) g) + wd p). Use a 3-10x smaller lr than AdamW."""
+    """Lion: p <- p - lr (sign(b1 m + (1 - b1) g) + wd p). Use a 3-10x smaller lr than AdamW.
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.lion(0.01)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.3, -0.001])}, tx.init(params), params)
+        >>> updates["w"]  # the sign of the interpolated gradient, times -lr
+        tensor([-0.0100,  0.0100])
+    """
     return chain(
         scale_by_lion(b1, b2),
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay, mask)),
@@ -75,7 +108,15 @@ def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
 def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1e-8,
             momentum: Hyper = 0.0, centered: bool = False,
             weight_decay: Hyper = 0.0) -> GradientTransformation:
-    """RMSprop as ``torch.optim.RMSprop`` (``decay`` is its ``alpha``)."""
+    """RMSprop as ``torch.optim.RMSprop`` (``decay`` is its ``alpha``).
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.rmsprop(0.01, decay=0.9)
+        >>> updates, _ = tx.update({"w": torch.tensor([1.0, -1.0])}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.0316,  0.0316])
+    """
     return chain(
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
         scale_by_rms(decay, eps, centered),

@@ -24,13 +24,24 @@ def _f64(count: torch.Tensor) -> torch.Tensor:
 
 
 def constant_schedule(value: float) -> Schedule:
-    """lr(t) = value."""
+    """lr(t) = value.
+
+    Examples:
+        >>> fx.optim.constant_schedule(0.1)(torch.tensor(1000))
+        tensor(0.1000, dtype=torch.float64)
+    """
     return lambda count: torch.full((), float(value), dtype=torch.float64, device=count.device)
 
 
 def linear_schedule(init_value: float, end_value: float, transition_steps: int,
                     transition_begin: int = 0) -> Schedule:
-    """Moves linearly from ``init_value`` to ``end_value`` over ``transition_steps`` steps."""
+    """Moves linearly from ``init_value`` to ``end_value`` over ``transition_steps`` steps.
+
+    Examples:
+        >>> schedule = fx.optim.linear_schedule(1.0, 0.0, transition_steps=4)
+        >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(6)]
+        [1.0, 0.75, 0.5, 0.25, 0.0, 0.0]
+    """
     if transition_steps <= 0:
         return constant_schedule(init_value)
 
@@ -43,7 +54,13 @@ def linear_schedule(init_value: float, end_value: float, transition_steps: int,
 
 def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.0,
                           exponent: float = 1.0) -> Schedule:
-    """lr(t) = init ((1 - alpha) (0.5 (1 + cos(pi min(t, T) / T)))^exponent + alpha)."""
+    """lr(t) = init ((1 - alpha) (0.5 (1 + cos(pi min(t, T) / T)))^exponent + alpha).
+
+    Examples:
+        >>> schedule = fx.optim.cosine_decay_schedule(1.0, decay_steps=4)
+        >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(6)]
+        [1.0, 0.85, 0.5, 0.15, 0.0, 0.0]
+    """
     if decay_steps <= 0:
         raise ValueError(f"cosine_decay_schedule needs decay_steps > 0, got {decay_steps}")
 
@@ -57,7 +74,14 @@ def cosine_decay_schedule(init_value: float, decay_steps: int, alpha: float = 0.
 
 def exponential_decay(init_value: float, transition_steps: int, decay_rate: float,
                       end_value: float | None = None) -> Schedule:
-    """lr(t) = init * decay_rate^(t / transition_steps), clipped at ``end_value``."""
+    """lr(t) = init * decay_rate^(t / transition_steps), clipped at ``end_value``.
+
+    Examples:
+        >>> schedule = fx.optim.exponential_decay(1.0, transition_steps=2, decay_rate=0.5,
+        ...                                       end_value=0.3)
+        >>> [round(float(schedule(torch.tensor(t))), 3) for t in range(5)]
+        [1.0, 0.707, 0.5, 0.354, 0.3]
+    """
     if transition_steps <= 0:
         raise ValueError(f"exponential_decay needs transition_steps > 0, got {transition_steps}")
 
@@ -73,7 +97,15 @@ def exponential_decay(init_value: float, transition_steps: int, decay_rate: floa
 
 
 def join_schedules(schedules: Sequence[Schedule], boundaries: Sequence[int]) -> Schedule:
-    """``schedules[i]`` from ``boundaries[i-1]`` on, each fed the count since its boundary."""
+    """``schedules[i]`` from ``boundaries[i-1]`` on, each fed the count since its boundary.
+
+    Examples:
+        >>> schedule = fx.optim.join_schedules(
+        ...     [fx.optim.constant_schedule(1.0), fx.optim.linear_schedule(0.5, 0.0, 2)],
+        ...     boundaries=[2])
+        >>> [float(schedule(torch.tensor(t))) for t in range(5)]
+        [1.0, 1.0, 0.5, 0.25, 0.0]
+    """
     if len(boundaries) != len(schedules) - 1:
         raise ValueError(f"join_schedules needs len(boundaries) == len(schedules) - 1, got "
                          f"{len(boundaries)} boundaries for {len(schedules)} schedules")
@@ -93,6 +125,12 @@ def warmup_cosine_decay_schedule(init_value: float, peak_value: float, warmup_st
     """Linear warm-up from ``init_value`` to ``peak_value``, then cosine decay to ``end_value``.
 
     ``decay_steps`` counts the whole schedule, warm-up included (as in optax).
+
+    Examples:
+        >>> schedule = fx.optim.warmup_cosine_decay_schedule(0.0, 1.0, warmup_steps=2,
+        ...                                                  decay_steps=6)
+        >>> [round(float(schedule(torch.tensor(t))), 2) for t in range(7)]
+        [0.0, 0.5, 1.0, 0.85, 0.5, 0.15, 0.0]
     """
     if decay_steps <= warmup_steps:
         raise ValueError(f"decay_steps ({decay_steps}) must exceed warmup_steps ({warmup_steps})")

@@ -47,7 +47,13 @@ def _check_state(state_tree: Any, updates: Any, transform: str) -> None:
 
 
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
-    """u -> step_size * u."""
+    """u -> step_size * u.
+
+    Examples:
+        >>> tx = fx.optim.scale(-0.5)
+        >>> tx.update({"w": torch.tensor([2.0, 4.0])}, tx.init(None))[0]
+        {'w': tensor([-1., -2.])}
+    """
 
     def init(params):
         del params
@@ -72,6 +78,13 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    Examples:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = fx.optim.scale_by_adam()
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
+        >>> updates["w"], int(state.count)
+        (tensor([ 1.0000, -1.0000]), 1)
     """
 
     def init(params):
@@ -100,7 +113,17 @@ class TraceState(NamedTuple):
 
 
 def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransformation:
-    """Momentum: t <- g + decay t; u = t, or g + decay t with Nesterov."""
+    """Momentum: t <- g + decay t; u = t, or g + decay t with Nesterov.
+
+    Examples:
+        >>> params = {"w": torch.zeros(1)}
+        >>> tx = fx.optim.trace(0.9)
+        >>> state = tx.init(params)
+        >>> for g in (1.0, 1.0):
+        ...     updates, state = tx.update({"w": torch.tensor([g])}, state)
+        >>> updates["w"]  # 1 + 0.9 * 1
+        tensor([1.9000])
+    """
 
     def init(params):
         return TraceState(tree_zeros_like(params))
@@ -122,7 +145,14 @@ class ScaleByRmsState(NamedTuple):
 
 def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor = 1e-8,
                  centered: bool = False) -> GradientTransformation:
-    """RMSprop's direction: v <- decay v + (1 - decay) g^2; u = g / (sqrt(v - m^2) + eps)."""
+    """RMSprop's direction: v <- decay v + (1 - decay) g^2; u = g / (sqrt(v - m^2) + eps).
+
+    Examples:
+        >>> params = {"w": torch.zeros(2)}
+        >>> tx = fx.optim.scale_by_rms(decay=0.75)
+        >>> tx.update({"w": torch.tensor([1.0, -2.0])}, tx.init(params))[0]["w"]
+        tensor([ 2., -2.])
+    """
 
     def init(params):
         return ScaleByRmsState(tree_zeros_like(params), tree_zeros_like(params) if centered else None)
@@ -149,7 +179,14 @@ class ScaleByLionState(NamedTuple):
 
 def scale_by_lion(b1: float | torch.Tensor = 0.9,
                   b2: float | torch.Tensor = 0.99) -> GradientTransformation:
-    """Lion (Chen et al., 2023): u = sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g."""
+    """Lion (Chen et al., 2023): u = sign(b1 m + (1 - b1) g); m <- b2 m + (1 - b2) g.
+
+    Examples:
+        >>> params = {"w": torch.zeros(3)}
+        >>> tx = fx.optim.scale_by_lion()
+        >>> tx.update({"w": torch.tensor([0.2, -0.1, 0.0])}, tx.init(params))[0]["w"]
+        tensor([ 1., -1.,  0.])
+    """
 
     def init(params):
         return ScaleByLionState(tree_zeros_like(params))
@@ -181,6 +218,13 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
 
     ``mask`` is a predicate on the parameter's name and value, or a dict of bools by name;
     the parameters must then be a flat dict, as ``TrainState.params`` is.
+
+    Examples:
+        >>> params = {"weight": torch.tensor([2.0]), "bias": torch.tensor([2.0])}
+        >>> tx = fx.optim.add_decayed_weights(0.1, mask=lambda name, p: name == "weight")
+        >>> grads = {"weight": torch.tensor([1.0]), "bias": torch.tensor([1.0])}
+        >>> tx.update(grads, tx.init(params), params)[0]
+        {'weight': tensor([1.2000]), 'bias': tensor([1.])}
     """
     selected = _mask_fn(mask)
 
@@ -204,7 +248,15 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
 
 
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
-    """Scales all updates by min(1, max_norm / ||u||) so that their global norm is <= max_norm."""
+    """Scales all updates by min(1, max_norm / ||u||) so that their global norm is <= max_norm.
+
+    Examples:
+        >>> tx = fx.optim.clip_by_global_norm(1.0)
+        >>> grads = {"a": torch.tensor([3.0]), "b": torch.tensor([4.0])}
+        >>> updates, _ = tx.update(grads, tx.init(None))
+        >>> updates, fx.optim.global_norm(updates)
+        ({'a': tensor([0.6000]), 'b': tensor([0.8000])}, tensor(1.))
+    """
 
     def init(params):
         del params
@@ -230,7 +282,18 @@ def _rate(lr: ScalarOrSchedule, count: torch.Tensor) -> float | torch.Tensor:
 
 def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
                            flip_sign: bool = True) -> GradientTransformation:
-    """u -> -lr u (or lr u without ``flip_sign``); ``lr`` a number, 0-d tensor or schedule."""
+    """u -> -lr u (or lr u without ``flip_sign``); ``lr`` a number, 0-d tensor or schedule.
+
+    Examples:
+        >>> params = {"w": torch.zeros(1)}
+        >>> tx = fx.optim.scale_by_learning_rate(fx.optim.linear_schedule(1.0, 0.5, 1))
+        >>> state = tx.init(params)
+        >>> for _ in range(2):
+        ...     updates, state = tx.update({"w": torch.tensor([2.0])}, state)
+        ...     print(updates["w"])
+        tensor([-2.])
+        tensor([-1.])
+    """
     sign = -1.0 if flip_sign else 1.0
 
     def init(params):
@@ -251,5 +314,12 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
 
 
 def scale_by_schedule(schedule: Callable[[torch.Tensor], torch.Tensor]) -> GradientTransformation:
-    """u -> schedule(count) u, without flipping the sign."""
+    """u -> schedule(count) u, without flipping the sign.
+
+    Examples:
+        >>> params = {"w": torch.zeros(1)}
+        >>> tx = fx.optim.scale_by_schedule(fx.optim.constant_schedule(0.25))
+        >>> tx.update({"w": torch.tensor([2.0])}, tx.init(params))[0]["w"]
+        tensor([0.5000])
+    """
     return scale_by_learning_rate(schedule, flip_sign=False)

@@ -40,9 +40,11 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], *,
     A number is stored once; a schedule is evaluated at each update. A callback can then set
     ``opt_state.hyperparams['learning_rate']`` to a new tensor without a recompile.
 
-    Example::
-
-        tx = inject_hyperparams(adamw)(learning_rate=1e-3, weight_decay=0.01)
+    Examples:
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-3, weight_decay=0.01)
+        >>> opt_state = tx.init({"w": torch.zeros(2)})
+        >>> fx.optim.injected_hyperparams(opt_state)
+        {'learning_rate': tensor(0.0010), 'weight_decay': tensor(0.0100)}
     """
 
     def wrapped(**kwargs: Any) -> GradientTransformation:
@@ -85,6 +87,16 @@ def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformat
     """Gradient accumulation: applies ``tx`` to the mean of ``every_k`` gradients.
 
     The other ``every_k - 1`` calls return zero updates and leave ``tx``'s state untouched.
+
+    Examples:
+        >>> params = {"w": torch.zeros(1)}
+        >>> tx = fx.optim.multi_steps(fx.optim.sgd(1.0), every_k=2)
+        >>> state = tx.init(params)
+        >>> for g in (1.0, 3.0):
+        ...     updates, state = tx.update({"w": torch.tensor([g])}, state, params)
+        ...     print(updates["w"])
+        tensor([0.])
+        tensor([-2.])
     """
     if every_k < 1:
         raise ValueError(f"multi_steps needs every_k >= 1, got {every_k}")
@@ -117,7 +129,12 @@ class ApplyIfFiniteState(NamedTuple):
 
 
 def all_finite(tree: Any) -> torch.Tensor:
-    """A 0-d bool tensor: every element of every leaf is finite."""
+    """A 0-d bool tensor: every element of every leaf is finite.
+
+    Examples:
+        >>> fx.optim.all_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])})
+        tensor(False)
+    """
     return torch.stack([torch.isfinite(leaf).all() for leaf in pytree.tree_leaves(tree)]).all()
 
 
@@ -127,6 +144,14 @@ def apply_if_finite(tx: GradientTransformation,
 
     After ``max_consecutive_errors`` skips in a row the update is applied anyway, so a run that
     has truly diverged shows it; ``None`` skips for ever.
+
+    Examples:
+        >>> params = {"w": torch.zeros(1)}
+        >>> tx = fx.optim.apply_if_finite(fx.optim.sgd(1.0))
+        >>> grads = {"w": torch.tensor([float("inf")])}
+        >>> updates, state = tx.update(grads, tx.init(params), params)
+        >>> updates["w"], int(state.notfinite_count)
+        (tensor([0.]), 1)
     """
 
     def init(params):
@@ -151,7 +176,14 @@ def apply_if_finite(tx: GradientTransformation,
 
 
 def learning_rate(opt_state: Any) -> torch.Tensor | None:
-    """The learning rate recorded in ``opt_state`` (injected or last used), or None."""
+    """The learning rate recorded in ``opt_state`` (injected or last used), or None.
+
+    Examples:
+        >>> tx = fx.optim.adamw(fx.optim.linear_schedule(1e-3, 0.0, 10))
+        >>> opt_state = tx.init({"w": torch.zeros(1)})
+        >>> fx.optim.learning_rate(opt_state)
+        tensor(0.0010)
+    """
     if isinstance(opt_state, InjectHyperparamsState) and opt_state.hyperparams and \
             "learning_rate" in opt_state.hyperparams:
         return opt_state.hyperparams["learning_rate"]
@@ -166,7 +198,13 @@ def learning_rate(opt_state: Any) -> torch.Tensor | None:
 
 
 def injected_hyperparams(opt_state: Any) -> dict[str, torch.Tensor]:
-    """The hyperparameters injected anywhere in ``opt_state`` (the first of each name)."""
+    """The hyperparameters injected anywhere in ``opt_state`` (the first of each name).
+
+    Examples:
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.sgd)(learning_rate=0.1, momentum=0.9)
+        >>> sorted(fx.optim.injected_hyperparams(tx.init({"w": torch.zeros(1)})))
+        ['learning_rate', 'momentum']
+    """
     if isinstance(opt_state, InjectHyperparamsState):
         return {**injected_hyperparams(opt_state.inner_state), **opt_state.hyperparams}
     found: dict[str, torch.Tensor] = {}
@@ -181,9 +219,12 @@ def map_hyperparams(opt_state: Any, name: str, fn: Callable[[torch.Tensor], torc
 
     Raises KeyError when none is injected, naming the ones that are.
 
-    Example::
-
-        opt_state = map_hyperparams(state.opt_state, "learning_rate", lambda lr: lr * 0.5)
+    Examples:
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-3)
+        >>> opt_state = tx.init({"w": torch.zeros(1)})
+        >>> opt_state = fx.optim.map_hyperparams(opt_state, "learning_rate", lambda lr: lr * 0.5)
+        >>> fx.optim.learning_rate(opt_state)
+        tensor(0.0005)
     """
     injected_hyperparam(opt_state, name)  # raises when there is none
     return _map_injected(opt_state, name, fn)
