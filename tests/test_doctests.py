@@ -33,7 +33,7 @@ NEEDS = {
 # as they are converted (the test below also fails on a file listed here that has none left).
 PENDING = {
     "step.py",
-    "callbacks/checkpoint.py",
+    "callbacks/checkpoint_policy.py",
     "callbacks/combinators.py",
     "callbacks/early_stopping.py",
     "callbacks/ema.py",
@@ -45,7 +45,7 @@ PENDING = {
     "callbacks/monitors.py",
     "callbacks/nan_guard.py",
     "callbacks/plateau.py",
-    "callbacks/profiler.py",
+    "debug.py",
     "callbacks/progress.py",
     "callbacks/summary.py",
     "callbacks/timer.py",

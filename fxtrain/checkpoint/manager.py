@@ -76,7 +76,8 @@ class CheckpointManager:
         ...     state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((x, y), 8),
         ...                    max_steps=8, eval_step=fx.make_eval_step(loss_fn), eval_every=2,
         ...                    eval_data=fx.data.Batches((x, y), 16, shuffle=False),
-        ...                    checkpoint=manager, callbacks=[fx.callbacks.checkpoint(every=2)])
+        ...                    checkpoint=manager,
+        ...                    callbacks=[fx.callbacks.checkpoint_policy(every=2)])
         ...     print(manager.all_steps(), manager.latest_step())
         ...     best = manager.restore(like=state, step=manager.best_step())
         [6, 8] 8
@@ -177,7 +178,8 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
-        return self._on_rank_zero(lambda: self._save(state, metrics, force), "save")
+        return distributed.rank_zero_then_broadcast(
+            lambda: self._save(state, metrics, force), f"save the checkpoint in {self.directory}")
 
     def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
         if not isinstance(getattr(state, "step", None), torch.Tensor | int):
@@ -216,12 +218,8 @@ class CheckpointManager:
         Under torch.distributed every rank calls it, and all return once rank 0's save is on
         disk (or raise its error).
         """
-        self._on_rank_zero(self._wait_here, "finish")
-
-    def _on_rank_zero(self, fn, what: str) -> Any:
-        """``fn()`` on rank 0, the writer; every rank returns its result or raises its error."""
-        return distributed.rank_zero_then_broadcast(fn, f"{what} the checkpoint in "
-                                                        f"{self.directory}")
+        distributed.rank_zero_then_broadcast(
+            self._wait_here, f"finish the checkpoint in {self.directory}")
 
     def _wait_here(self) -> None:
         if self._pending is not None:
