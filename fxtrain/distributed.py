@@ -125,6 +125,10 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
     GPU of its ``LOCAL_RANK``. A collective that waits longer than ``timeout`` (a rank died or
     hangs) raises instead of blocking for ever. Without torchrun's variables (or with one
     process) nothing is initialized. The group is left at exit if the program has not left it.
+
+    Example:
+        >>> fx.distributed.init()  # not started by torchrun: one process, no group to join
+        False
     """
     if initialized():
         return world_size() > 1
