@@ -75,9 +75,27 @@ def profiler(logdir: str | os.PathLike, *, wait: int = 1, warmup: int = 1, activ
     Returns:
       A host ``Callback`` without state.
 
-    Example::
+    Example:
+        Skip one step, warm up on one, record the next two:
 
-        fx.fit(state, step, data, callbacks=[profiler("runs/prof", wait=5, active=10)])
+        >>> import json, os, tempfile
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> with tempfile.TemporaryDirectory() as logdir:
+        ...     prof = fx.debug.profiler(logdir, wait=1, warmup=1, active=2)
+        ...     state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=5,
+        ...                    callbacks=[prof])
+        ...     [trace] = os.listdir(logdir)  # open it in ui.perfetto.dev or TensorBoard
+        ...     with open(os.path.join(logdir, trace)) as f:
+        ...         events = json.load(f)["traceEvents"]
+        >>> trace.endswith(".pt.trace.json")
+        True
+        >>> sorted({e["name"] for e in events if e.get("name", "").startswith("ProfilerStep")})
+        ['ProfilerStep#2', 'ProfilerStep#3']
     """
     for arg, value, least in (("wait", wait, 0), ("warmup", warmup, 0), ("active", active, 1),
                               ("repeat", repeat, 0)):
@@ -142,10 +160,33 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
     Returns:
       A host ``Callback`` without state.
 
-    Example::
+    Example:
+        A ``print`` in the loss breaks the graph. Dynamo alone finds breaks, so this compiles
+        with a light backend; the reports go to the ``fxtrain`` logger, shown here:
 
-        step = torch.compile(fx.make_train_step(loss_fn))    # fullgraph=False: breaks allowed
-        fx.fit(state, step, data, callbacks=[find_graph_breaks(raise_on_break=True)])
+        >>> import logging, sys
+        >>> log = logging.getLogger("fxtrain")
+        >>> show = logging.StreamHandler(sys.stdout)
+        >>> log.addHandler(show)
+        >>> log.setLevel(logging.INFO)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     loss = ((state.apply(params, x) - y) ** 2).mean()
+        ...     print("computing the loss")  # not traceable: a graph break
+        ...     return loss
+        >>> x = torch.randn(16, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> step = torch.compile(fx.make_train_step(loss_fn), backend="aot_eager")
+        >>> state = fx.fit(state, step, data, max_steps=2,
+        ...                callbacks=[fx.debug.find_graph_breaks()])  # raise_on_break=True raises
+        computing the loss
+        find_graph_breaks: Dynamo counted ... graph break(s) in the first step, ... graphs
+        compiled: ...
+        computing the loss
+        find_graph_breaks: 0 graphs compiled after the first step (recompiles)
+        >>> log.removeHandler(show)
+        >>> log.setLevel(logging.NOTSET)
     """
     seen: dict[str, Any] = {}  # counters at train_begin and after the first step; host-only
 
@@ -226,9 +267,22 @@ def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
     Returns:
       A ``StepReport``; ``print(report)`` gives one line per break.
 
-    Example::
-
-        print(explain_step(fx.make_train_step(loss_fn), state, batch))
+    Example:
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     loss = ((state.apply(params, x) - y) ** 2).mean()
+        ...     print("computing the loss")  # not traceable: a graph break
+        ...     return loss
+        >>> x = torch.randn(4, 2)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> report = fx.debug.explain_step(fx.make_train_step(loss_fn), state,
+        ...                                (x, x.sum(1, keepdim=True)))
+        computing the loss
+        >>> report.graph_count, report.break_count
+        (2, 1)
+        >>> print(report)
+        2 graph(s), 1 graph break(s)
+          break 1: ... at <doctest ...>:4 in loss_fn
     """
     out = torch._dynamo.explain(train_step)(state, batch)
     reasons = tuple(_first_line(r.reason) + _user_frame(r.user_stack) for r in out.break_reasons)

@@ -2,6 +2,14 @@
 
 Without an initialized process group every function here is the single-process identity:
 rank 0 of 1, no communication. ``init()`` sets up the group from torchrun's environment.
+
+Example:
+    >>> fx.distributed.rank(), fx.distributed.world_size(), fx.distributed.initialized()
+    (0, 1, False)
+    >>> fx.distributed.agree([False, True])  # any rank's True holds on all; alone, as given
+    [False, True]
+    >>> fx.distributed.broadcast({"seed": 7}), fx.distributed.all_gather(3)
+    ({'seed': 7}, [3])
 """
 
 from __future__ import annotations
@@ -38,7 +46,12 @@ def world_size() -> int:
 
 
 def is_rank_zero() -> bool:
-    """Whether this process is rank 0, the one that writes (every process is, alone)."""
+    """Whether this process is rank 0, the one that writes (every process is, alone).
+
+    Example:
+        >>> fx.distributed.is_rank_zero()  # a single process is rank 0 of 1
+        True
+    """
     return rank() == 0
 
 
@@ -47,6 +60,15 @@ def rank_zero(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     The function form of ``fx.callbacks.rank_zero``: for host work inside a callback that
     must itself run on every rank (a stateful monitor whose readings only rank 0 writes).
+
+    Example:
+        >>> @fx.distributed.rank_zero
+        ... def report(step, loss):
+        ...     print(f"step {step}: loss {loss:.2f}")
+        ...     return "written"
+        >>> report(10, 0.25)  # on other ranks: nothing printed, None returned
+        step 10: loss 0.25
+        'written'
     """
 
     @functools.wraps(fn)
@@ -62,6 +84,21 @@ def rank_zero_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
     For work only rank 0 may do but every rank must wait on and agree about, such as writing a
     checkpoint. Without a process group, just ``fn()``. Another rank raises a RuntimeError
     naming ``what`` (rank 0 failed to ``what``) and rank 0's error.
+
+    Example:
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     def write():  # only rank 0 touches the disk; every rank gets the path
+        ...         path = os.path.join(d, "config.json")
+        ...         with open(path, "w") as f:
+        ...             f.write("{}")
+        ...         return os.path.basename(path)
+        ...     fx.distributed.rank_zero_then_broadcast(write, "write the config")
+        'config.json'
+        >>> fx.distributed.rank_zero_then_broadcast(lambda: 1 / 0, "divide")  # raised on every rank
+        Traceback (most recent call last):
+        ...
+        ZeroDivisionError: division by zero
     """
     if world_size() == 1:
         return fn()
@@ -88,6 +125,10 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
     GPU of its ``LOCAL_RANK``. A collective that waits longer than ``timeout`` (a rank died or
     hangs) raises instead of blocking for ever. Without torchrun's variables (or with one
     process) nothing is initialized. The group is left at exit if the program has not left it.
+
+    Example:
+        >>> fx.distributed.init()  # not started by torchrun: one process, no group to join
+        False
     """
     if initialized():
         return world_size() > 1

@@ -18,6 +18,12 @@ def gradient_statistics(grads: dict[str, torch.Tensor],
     """Per-parameter gradient norms (``grad_norm/<name>``) and their max, min and mean.
 
     ``squared`` may pass in ``squared_norms`` of the gradients when they are already computed.
+
+    Example:
+        >>> grads = {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([0.0])}
+        >>> fx.stats.gradient_statistics(grads)
+        {'grad_norm/weight': tensor(5.), 'grad_norm/bias': tensor(0.),
+         'grad_norm_max': tensor(5.), 'grad_norm_min': tensor(0.), 'grad_norm_mean': tensor(2.5000)}
     """
     squared = squared_norms(list(grads.values())) if squared is None else squared
     norms = torch.sqrt(torch.stack(squared))
@@ -35,7 +41,17 @@ def histograms(tensors: dict[str, torch.Tensor],
     count_bins]`` with ``bins`` equal bins over ``[lo, hi]``, the tensor's range. Fixed shapes
     and tensor maths only, so it compiles into a step's graph and reads nothing to the host
     (``fx.logging.Histogram.from_packed`` unpacks it). Non-finite entries are left out (with
-    none finite, ``lo > hi`` and the counts are 0)."""
+    none finite, ``lo > hi`` and the counts are 0).
+
+    Example:
+        >>> t = torch.tensor([0.0, 0.1, 0.5, 1.0, float("nan")])
+        >>> packed = fx.stats.histograms({"w": t}, bins=4)["w"]
+        >>> packed  # lo, hi, then 4 counts; the NaN is not counted
+        tensor([0., 1., 2., 0., 1., 1.])
+        >>> edges, counts = fx.stats.unpack_histogram(packed)
+        >>> edges.tolist(), counts.tolist()
+        ([0.0, 0.25, 0.5, 0.75, 1.0], [2.0, 0.0, 1.0, 1.0])
+    """
     out = {}
     for name, t in tensors.items():
         flat = t.detach().reshape(-1).to(torch.float32)
@@ -53,13 +69,28 @@ def histograms(tensors: dict[str, torch.Tensor],
 
 def gradient_histograms(grads: dict[str, torch.Tensor],
                         bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
-    """``histograms`` of the gradients, as the step's ``grad_hist/<name>`` metrics."""
+    """``histograms`` of the gradients, as the step's ``grad_hist/<name>`` metrics.
+
+    Example:
+        >>> grads = {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([0.0])}
+        >>> fx.stats.gradient_histograms(grads, bins=2)
+        {'grad_hist/weight': tensor([3., 4., 1., 1.]), 'grad_hist/bias': tensor([0., 0., 1., 0.])}
+    """
     return {f"grad_hist/{k}": v for k, v in histograms(grads, bins).items()}
 
 
 def unpack_histogram(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(edges, counts)`` from a packed ``[lo, hi, count_1, ..., count_n]`` (float64): n equal
-    bins over ``[lo, hi]``; with nothing counted, ``lo > hi`` and the edges are all 0."""
+    bins over ``[lo, hi]``; with nothing counted, ``lo > hi`` and the edges are all 0.
+
+    Example:
+        >>> edges, counts = fx.stats.unpack_histogram([-1.0, 1.0, 3.0, 5.0])
+        >>> edges.tolist(), counts.tolist()
+        ([-1.0, 0.0, 1.0], [3.0, 5.0])
+        >>> empty = fx.stats.histograms({"w": torch.full((3,), float("inf"))}, bins=2)["w"]
+        >>> [x.tolist() for x in fx.stats.unpack_histogram(empty)]
+        [[0.0, 0.0, 0.0], [0.0, 0.0]]
+    """
     packed = np.asarray(packed, dtype=np.float64).reshape(-1)
     lo, hi, counts = packed[0], packed[1], packed[2:]
     if not lo <= hi:  # no finite value was counted

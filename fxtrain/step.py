@@ -141,6 +141,17 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
     """``new`` with the params, buffers and optimizer state of ``old`` where ``skip`` holds.
 
     ``skip`` is a Python bool (decided on the host) or a 0-d bool tensor (no sync).
+
+    Example:
+        >>> from fxtrain.step import revert_update
+        >>> old = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> grads = {k: torch.ones_like(p) for k, p in old.params.items()}
+        >>> new = old.apply_gradients(grads)
+        >>> kept = revert_update(old, new, torch.tensor(True))  # decided on device
+        >>> torch.equal(kept.params["bias"], old.params["bias"]), int(kept.step)  # step counts
+        (True, 1)
+        >>> torch.equal(revert_update(old, new, False).params["bias"], new.params["bias"])
+        True
     """
     if skip is False:
         return new
@@ -238,14 +249,33 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
       optimizer records one), ``loss_scale`` under ``"16-mixed"`` and the aux values, all 0-d
       tensors.
 
-    Example::
+    Example:
+        >>> import torch.nn.functional as F
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     logits = state.apply(params, x)
+        ...     accuracy = (logits.argmax(-1) == y).float().mean()
+        ...     return F.cross_entropy(logits, y), {"accuracy": accuracy}  # (loss, aux)
+        >>> x = torch.randn(8, 2)
+        >>> y = (x[:, 0] > 0).long()
+        >>> state = fx.TrainState.create(nn.Linear(2, 2), fx.optim.adam(0.1))
+        >>> train_step = fx.make_train_step(loss_fn)  # then torch.compile(..., fullgraph=True)
+        >>> state, first = train_step(state, (x, y))
+        >>> for _ in range(4):
+        ...     state, metrics = train_step(state, (x, y))
+        >>> sorted(metrics), int(state.step)
+        (['accuracy', 'grad_norm', 'learning_rate', 'loss'], 5)
+        >>> metrics["loss"].shape, bool(metrics["loss"] < first["loss"])  # 0-d tensors
+        (torch.Size([]), True)
 
-        def loss_fn(state, params, batch):
-            x, y = batch
-            return F.cross_entropy(state.apply(params, x), y)
+        In-step callbacks (their states created with the state) report their merged control:
 
-        train_step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
-        state, metrics = train_step(state, (x, y))
+        >>> guard = fx.callbacks.nan_guard()
+        >>> state = fx.TrainState.create(nn.Linear(2, 2), fx.optim.adam(0.1), callbacks=[guard])
+        >>> state, metrics = fx.make_train_step(loss_fn, callbacks=[guard])(state, (x, y))
+        >>> {k: v for k, v in metrics.items() if k.startswith("control/")}
+        {'control/stop': tensor(False), 'control/save': tensor(False),
+         'control/evaluate': tensor(False), 'control/log': tensor(False)}
     """
     mixed = precision_policy(precision)
     callbacks = tuple(callbacks)
@@ -375,6 +405,26 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     ``metrics_fn(state, params, batch)`` (so a ``loss_fn`` can be reused) or
     ``metrics_fn(state, batch)`` returns a dict of metrics, a 0-d loss, or ``(loss, aux)``.
     The module runs in eval mode, without gradients, with randomness keyed on the state.
+
+    Example:
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = state.replace(params={"weight": torch.tensor([[1.0, 1.0]]),
+        ...                               "bias": torch.tensor([0.0])})
+        >>> batch = (torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[3.0], [6.0]]))
+        >>> fx.make_eval_step(loss_fn)(state, batch)  # reuses the loss_fn: {"loss": ...}
+        {'loss': tensor(0.5000)}
+        >>> def metrics_fn(state, batch):  # or a dict of metrics
+        ...     x, y = batch
+        ...     error = (state.apply(state.params, x) - y).abs()
+        ...     return {"mae": error.mean(), "max_error": error.max()}
+        >>> eval_step = fx.make_eval_step(metrics_fn)
+        >>> eval_step(state, batch)
+        {'mae': tensor(0.5000), 'max_error': tensor(1.)}
+        >>> fx.evaluate(eval_step, state, [batch, batch])  # averaged over batches
+        {'mae': tensor(0.5000), 'max_error': tensor(1.)}
     """
     takes_params = len(inspect.signature(metrics_fn).parameters) >= 3
     guard = _BatchGuard("eval_step")

@@ -22,6 +22,15 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
 
     Other leaves (``None`` marks an absent state) pass through from ``tree`` unchanged. A flat
     dict of tensors (the parameter layout) takes a direct path: fewer guards when compiled.
+
+    Example:
+        >>> params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
+        >>> fx.tree.tree_map(lambda p: 2 * p, params)
+        {'w': tensor([2., 4.]), 'b': tensor([1.])}
+        >>> fx.tree.tree_map(lambda p, g: p - 0.1 * g, params, params)  # leaves side by side
+        {'w': tensor([0.9000, 1.8000]), 'b': tensor([0.4500])}
+        >>> fx.tree.tree_map(torch.neg, (torch.ones(1), None))  # None passes through
+        (tensor([-1.]), None)
     """
     if type(tree) is dict and all(type(r) is dict and r.keys() == tree.keys() for r in rest):
         return {k: _apply(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
@@ -36,13 +45,26 @@ def _apply(fn: Callable, x: Any, *xs: Any) -> Any:
 
 
 def tree_zeros_like(tree: Any) -> Any:
-    """``tree`` with every tensor leaf replaced by zeros of its shape and dtype."""
+    """``tree`` with every tensor leaf replaced by zeros of its shape and dtype.
+
+    Example:
+        >>> fx.tree.tree_zeros_like({"w": torch.ones(2, dtype=torch.float64), "n": None})
+        {'w': tensor([0., 0.], dtype=torch.float64), 'n': None}
+    """
     return tree_map(torch.zeros_like, tree)
 
 
 def tree_select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``torch.where(pred, a, b)``: a branch-free choice between two trees (a leaf
-    that is the same tensor in both is kept as it is)."""
+    that is the same tensor in both is kept as it is).
+
+    Example:
+        >>> new, old = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([0.0, 0.0])}
+        >>> fx.tree.tree_select(torch.tensor(True), new, old)
+        {'w': tensor([1., 2.])}
+        >>> fx.tree.tree_select(torch.tensor(False), new, old)  # no branch, no host sync
+        {'w': tensor([0., 0.])}
+    """
     return tree_map(lambda a, b: a if a is b else torch.where(pred, a, b), on_true, on_false)
 
 
@@ -55,7 +77,14 @@ def first_leaf(tree: Any) -> torch.Tensor:
 
 
 def global_norm(tree: Any) -> torch.Tensor:
-    """sqrt(sum of squares of every leaf), accumulated in float32 or wider."""
+    """sqrt(sum of squares of every leaf), accumulated in float32 or wider.
+
+    Example:
+        >>> fx.tree.global_norm({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])})
+        tensor(5.)
+        >>> fx.tree.global_norm([torch.full((2,), 300.0, dtype=torch.float16)])  # 300**2 > fp16 max
+        tensor(424.2641)
+    """
     leaves = pytree.tree_leaves(tree)
     if not leaves:
         raise ValueError("global_norm of an empty tree")
@@ -73,7 +102,24 @@ def path_str(path: tuple) -> str:
 
 
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
-    """``[(path, leaf), ...]`` in torch pytree order, paths like ``.params['w']``."""
+    """``[(path, leaf), ...]`` in torch pytree order, paths like ``.params['w']``.
+
+    Example:
+        >>> fx.tree.leaves_with_paths({"params": {"w": torch.zeros(2)}, "step": torch.tensor(3)})
+        [("['params']['w']", tensor([0., 0.])), ("['step']", tensor(3))]
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> for path, leaf in fx.tree.leaves_with_paths(state):  # None: a field left empty
+        ...     print(path, None if leaf is None else tuple(leaf.shape))
+        .step ()
+        .params['weight'] (1, 2)
+        .params['bias'] (1,)
+        .buffers None
+        .opt_state[0].count ()
+        .opt_state[0].learning_rate ()
+        .rng ()
+        .data None
+        .callbacks None
+    """
     flat, _ = pytree.tree_flatten_with_path(tree)
     return [(path_str(path), leaf) for path, leaf in flat]
 
@@ -97,7 +143,19 @@ def _same_leaf(a: Any, b: Any) -> bool:
 
 
 def check_same_structure(expected: Any, got: Any, what: str) -> None:
-    """Raises ValueError listing missing, unexpected and reshaped paths if the trees differ."""
+    """Raises ValueError listing missing, unexpected and reshaped paths if the trees differ.
+
+    Example:
+        >>> params = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
+        >>> fx.tree.check_same_structure(params, {"w": torch.ones(2, 3), "b": torch.ones(3)},
+        ...                              "the gradients")  # same paths and shapes: silent
+        >>> fx.tree.check_same_structure(params, {"w": torch.ones(3, 2)}, "the gradients")
+        Traceback (most recent call last):
+        ...
+        ValueError: the gradients does not match the parameter tree:
+          missing: ['b']
+          shape of ['w']: expected (2, 3), got (3, 2)
+    """
     if type(expected) is dict and type(got) is dict and expected.keys() == got.keys() and all(
             isinstance(expected[k], torch.Tensor) and _same_leaf(expected[k], got[k])
             for k in expected):
@@ -138,6 +196,16 @@ def tree_digest(tree: Any) -> str:
     Two states have the same digest exactly when they hold the same values bit for bit, so a
     resumed run can be compared with an uninterrupted one. Like dict equality, it does not
     depend on the order in which a dict's keys were inserted.
+
+    Example:
+        >>> a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
+        >>> digest = fx.tree_digest(a)
+        >>> len(digest), digest == fx.tree_digest({"b": torch.tensor([0.0]), "w": a["w"].clone()})
+        (64, True)
+        >>> fx.tree_digest({**a, "b": torch.tensor([-0.0])}) == digest  # bits, not values
+        False
+        >>> fx.tree_digest({**a, "b": torch.tensor([0.0], dtype=torch.float64)}) == digest
+        False
     """
     check_live(tree, "tree_digest")
     leaves = sorted(leaves_with_paths(tree), key=lambda item: item[0])

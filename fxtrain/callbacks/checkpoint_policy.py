@@ -43,12 +43,31 @@ def checkpoint_policy(every: int | None = None, *, monitor: str | None = None, m
       min_delta: the smallest change that counts as an improvement.
       name: the key of its state in ``state.callbacks``.
 
-    Example::
+    Example:
+        A save every 5 steps and at each better evaluation (every 2 steps); with a learning
+        rate far too high only the first evaluation is the best, and the manager keeps it:
 
-        manager = fx.checkpoint.CheckpointManager(dir, keep_latest=2, keep_best=1,
-                                                  best_metric="loss")
-        fx.fit(state, step, data, eval_step=..., eval_data=..., checkpoint=manager,
-               callbacks=[fx.callbacks.checkpoint_policy(every=500, monitor="loss")])
+        >>> import tempfile
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> policy = fx.callbacks.checkpoint_policy(every=5, monitor="loss")
+        >>> saved = fx.callbacks.on("checkpoint", lambda s, e: print("saved", e.metrics["step"]))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(1.5))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     with fx.checkpoint.CheckpointManager(d, keep_latest=2, keep_best=1,
+        ...                                          best_metric="loss") as manager:
+        ...         state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
+        ...                        max_steps=10, eval_step=fx.make_eval_step(loss_fn),
+        ...                        eval_data=[batch], eval_every=2, checkpoint=manager,
+        ...                        callbacks=[policy, saved])
+        ...         print(manager.all_steps(), manager.best_step())
+        saved 2
+        saved 5
+        saved 10
+        [2, 5, 10] 2
     """
     if every is None and monitor is None:
         raise ValueError("checkpoint_policy: pass every=N, monitor=<metric>, or both")

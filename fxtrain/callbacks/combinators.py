@@ -25,7 +25,17 @@ __all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callbac
 
 
 def as_callback(cb: Callable) -> Callback:
-    """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it)."""
+    """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it).
+
+    Example:
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> cb = fx.callbacks.as_callback(show)
+        >>> cb.name, cb.init, cb.host, cb.kinds == fx.callbacks.EVENT_KINDS
+        ('show', None, False, True)
+        >>> fx.callbacks.as_callback(cb) is cb
+        True
+    """
     if isinstance(cb, Callback):
         return cb
     if not callable(cb):
@@ -74,6 +84,23 @@ def every(n: int, cb: Callable) -> Callback:
     state, so wrapping does not change checkpoints. On the host the fold skips it between due
     steps without calling it (``Callback.period``); inside a step it runs every step and its
     result is kept only on due steps.
+
+    Example:
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=6,
+        ...                callbacks=[fx.callbacks.every(2, show)])
+        train_begin 0
+        step_end 2
+        step_end 4
+        step_end 6
+        train_end 6
     """
     due = periodic(n, "every", "n")
     inner = as_callback(cb)
@@ -84,7 +111,19 @@ def every(n: int, cb: Callable) -> Callback:
 
 
 def on_steps(steps: Collection[int], cb: Callable) -> Callback:
-    """Runs ``cb`` on step_end events at the given steps (other kinds reach it unchanged)."""
+    """Runs ``cb`` on step_end events at the given steps (other kinds reach it unchanged).
+
+    Example:
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> cb = fx.callbacks.on_steps([1, 10], show)
+        >>> for step in range(1, 12):
+        ...     _ = fx.callbacks.fold([cb], None, fx.Event("step_end", step))
+        step_end 1
+        step_end 10
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_end", 11))
+        train_end 11
+    """
     wanted = sorted({int(s) for s in steps})
     inner = as_callback(cb)
 
@@ -102,6 +141,19 @@ def every_secs(seconds: float, cb: Callable, *,
 
     The first run is ``seconds`` after the first event it sees. Events of other kinds reach
     ``cb`` unchanged.
+
+    Example:
+        With a fake clock, steps of 25 s, and a report at most once a minute:
+
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> now = [0.0]
+        >>> cb = fx.callbacks.every_secs(60, show, time_fn=lambda: now[0])
+        >>> for step in range(1, 8):
+        ...     now[0] += 25.0
+        ...     _ = fx.callbacks.fold([cb], None, fx.Event("step_end", step))
+        step_end 4
+        step_end 7
     """
     if seconds <= 0:
         raise ValueError(f"every_secs: seconds must be > 0, got {seconds}")
@@ -126,7 +178,18 @@ def every_secs(seconds: float, cb: Callable, *,
 
 
 def on(kind: str, cb: Callable) -> Callback:
-    """Runs ``cb`` only on events of ``kind``."""
+    """Runs ``cb`` only on events of ``kind``.
+
+    Example:
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> cb = fx.callbacks.on("eval_end", show)
+        >>> cb.kinds
+        ('eval_end',)
+        >>> for kind in ("step_end", "eval_end", "train_end"):
+        ...     _ = fx.callbacks.fold([cb], None, fx.Event(kind, 5))
+        eval_end 5
+    """
     if kind not in EVENT_KINDS:
         raise ValueError(f"on: unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
     inner = as_callback(cb)
@@ -138,6 +201,13 @@ def rank_zero(cb: Callable) -> Callback:
 
     The rank is looked up at each train_begin (and at the first event, outside ``fit``), not
     per event: a logging callback called every step pays one comparison for it.
+
+    Example:
+        >>> def show(state, event):
+        ...     print(event.kind, event.step)
+        >>> cb = fx.callbacks.rank_zero(show)
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("step_end", 3))  # elsewhere: nothing
+        step_end 3
     """
     inner = as_callback(cb)
     on_rank_zero: list[bool] = []
@@ -158,9 +228,16 @@ def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Call
 
     Each hook is ``f(state, event)`` and returns ``(state, control)``, or None to change nothing.
 
-    Example::
-
-        cb = lambda_callback(on_train_end=lambda s, e: print("done at", e.step))
+    Example:
+        >>> cb = fx.callbacks.lambda_callback(
+        ...     on_train_end=lambda s, e: print("done at", e.step),
+        ...     on_eval_end=lambda s, e: (s, fx.Control(stop=e.metrics["loss"] < 0.1)))
+        >>> cb.kinds
+        ('train_end', 'eval_end')
+        >>> fx.callbacks.fold([cb], None, fx.Event("eval_end", 100, metrics={"loss": 0.05}))
+        (None, Control(stop=True, save=False, evaluate=False, log=False, skip=False))
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_end", 100))
+        done at 100
     """
     table = {}
     for key, fn in hooks.items():

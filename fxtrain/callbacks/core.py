@@ -27,7 +27,18 @@ EVENT_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "checkpoint",
 
 @struct.dataclass
 class Event:
-    """Something that happened in the loop; ``metrics`` is a dict of 0-d tensors or numbers."""
+    """Something that happened in the loop; ``metrics`` is a dict of 0-d tensors or numbers.
+
+    Example:
+        >>> event = fx.Event("step_end", step=10, metrics={"loss": torch.tensor(0.5)})
+        >>> event.kind, event.step, event.epoch, event.metrics["loss"]
+        ('step_end', 10, 0, tensor(0.5000))
+        >>> fx.Event("step_begin")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown event kind 'step_begin'; expected one of ('train_begin', 'step_end',
+        'eval_end', 'epoch_end', 'checkpoint', 'train_end')
+    """
 
     kind: str = struct.field(static=True)
     step: Any = 0
@@ -47,6 +58,16 @@ class Control:
     asks logging callbacks to write now. ``skip`` discards the update of the step just taken
     (params, buffers and optimizer state go back to their values before it), as ``nan_guard``
     does for a non-finite step.
+
+    Example:
+        >>> fx.Control(save=True) | fx.Control(stop=True)
+        Control(stop=True, save=True, evaluate=False, log=False, skip=False)
+
+        Flags computed with tensors stay tensors (no sync); the loop reads them in batches:
+
+        >>> loss = torch.tensor(float("nan"))
+        >>> fx.Control(stop=~torch.isfinite(loss)) | fx.Control(log=True)
+        Control(stop=tensor(True), save=False, evaluate=False, log=True, skip=False)
     """
 
     stop: Any = False
@@ -92,6 +113,25 @@ class Callback:
         ``fit`` on the host, it makes ``fit`` keep each step's old state instead of donating it.
       period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold calls it on step_end only at
         multiples of ``period``, so a periodic callback costs nothing between its steps.
+
+    Example:
+        A callback that counts steps in its state, a tensor, so it also runs inside a step:
+
+        >>> def count(state, event):
+        ...     n = fx.callbacks.callback_state(state, "steps_seen")
+        ...     return fx.callbacks.set_callback_state(state, "steps_seen", n + 1), fx.Control()
+        >>> counter = fx.callbacks.Callback("steps_seen", init=lambda state: torch.tensor(0),
+        ...                                 fn=count, kinds=("step_end",))
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=3,
+        ...                callbacks=[counter])  # fit creates its state
+        >>> state.callbacks
+        {'steps_seen': tensor(3)}
     """
 
     name: str
@@ -120,7 +160,18 @@ def name_of(cb: Callable) -> str:
 
 
 def callback_state(state: Any, name: str) -> Any:
-    """The state of the callback called ``name``."""
+    """The state of the callback called ``name``.
+
+    Example:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
+        ...                              callbacks=[fx.callbacks.nan_guard()])
+        >>> fx.callbacks.callback_state(state, "nan_guard")
+        NanGuardState(skipped=tensor(0), flagged=tensor(False))
+        >>> fx.callbacks.callback_state(state, "ema")
+        Traceback (most recent call last):
+        ...
+        KeyError: "no callback state named 'ema' in state.callbacks (have ['nan_guard']); ..."
+    """
     states = state.callbacks or {}
     if name not in states:
         raise KeyError(
@@ -132,7 +183,14 @@ def callback_state(state: Any, name: str) -> Any:
 
 def set_callback_state(state: Any, name: str, value: Any) -> Any:
     """``state`` with the callback called ``name`` holding ``value`` (a new state; the pair of
-    ``callback_state``)."""
+    ``callback_state``).
+
+    Example:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> new = fx.callbacks.set_callback_state(state, "best", torch.tensor(0.25))
+        >>> fx.callbacks.callback_state(new, "best"), state.callbacks  # state is unchanged
+        (tensor(0.2500), None)
+    """
     return state.replace(callbacks={**(state.callbacks or {}), name: value})
 
 
@@ -149,12 +207,38 @@ def _stateful(callbacks: Sequence[Callable]) -> list[Callback]:
 
 
 def init_states(callbacks: Sequence[Callable], state: Any) -> dict[str, Any] | None:
-    """``{name: init(state)}`` for the stateful callbacks; duplicate names are an error."""
+    """``{name: init(state)}`` for the stateful callbacks; duplicate names are an error.
+
+    Example:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> fx.callbacks.init_states([fx.callbacks.nan_guard(), print], state)  # print: no state
+        {'nan_guard': NanGuardState(skipped=tensor(0), flagged=tensor(False))}
+        >>> fx.callbacks.init_states([fx.callbacks.ema(0.9), fx.callbacks.ema(0.99)], state)
+        Traceback (most recent call last):
+        ...
+        ValueError: two callbacks are named 'ema'; names are checkpoint keys, so give the second
+        one an explicit name=...
+        >>> sorted(fx.callbacks.init_states([fx.callbacks.ema(0.9),
+        ...                                  fx.callbacks.ema(0.99, name="ema_slow")], state))
+        ['ema', 'ema_slow']
+    """
     return {cb.name: cb.init(state) for cb in _stateful(callbacks)} or None
 
 
 def init(callbacks: Sequence[Callable], state: Any) -> Any:
-    """``state`` with an initial state for each stateful callback that has none yet."""
+    """``state`` with an initial state for each stateful callback that has none yet.
+
+    For a loop of your own (``fx.fit`` does this itself); states already there are kept.
+
+    Example:
+        >>> guard = fx.callbacks.nan_guard()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.callbacks.init([guard], state)
+        >>> before = state.callbacks["nan_guard"]
+        >>> state = fx.callbacks.init([guard, fx.callbacks.ema()], state)
+        >>> sorted(state.callbacks), state.callbacks["nan_guard"] is before
+        (['ema', 'nan_guard'], True)
+    """
     existing = dict(state.callbacks or {})
     missing = {cb.name: cb.init(state) for cb in _stateful(callbacks) if cb.name not in existing}
     return state.replace(callbacks={**existing, **missing}) if missing else state
@@ -171,7 +255,22 @@ def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
 
 
 def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, Control]:
-    """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left."""
+    """Runs ``callbacks`` left to right on ``event``; each sees the state the previous left.
+
+    Returns the last state and the controls merged with ``|``; a callback that returns None
+    changes nothing.
+
+    Example:
+        >>> def show(state, event):  # an observer
+        ...     print("saw", event.kind, "at step", event.step)
+        >>> def stop_at_2(state, event):
+        ...     return state, fx.Control(stop=event.step >= 2)
+        >>> def save_always(state, event):
+        ...     return state, fx.Control(save=True)
+        >>> fx.callbacks.fold([show, stop_at_2, save_always], None, fx.Event("step_end", 2))
+        saw step_end at step 2
+        (None, Control(stop=True, save=True, evaluate=False, log=False, skip=False))
+    """
     state, control, _ = fold_reporting(callbacks, state, event)
     return state, control
 

@@ -29,7 +29,18 @@ class EarlyStoppingState:
 
 
 def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
-    """``event.metrics[monitor]`` as a float64 tensor; a clear error if it is missing."""
+    """``event.metrics[monitor]`` as a float64 tensor; a clear error if it is missing.
+
+    Example:
+        >>> from fxtrain.callbacks.early_stopping import monitored_value
+        >>> event = fx.Event("eval_end", 10, metrics={"loss": 0.5})
+        >>> monitored_value(event, "loss", torch.device("cpu"))
+        tensor(0.5000, dtype=torch.float64)
+        >>> monitored_value(event, "accuracy", torch.device("cpu"))
+        Traceback (most recent call last):
+        ...
+        KeyError: "monitored metric 'accuracy' is not in the eval_end metrics; available: ['loss']"
+    """
     metrics = event.metrics or {}
     if monitor not in metrics:
         raise KeyError(f"monitored metric {monitor!r} is not in the {event.kind} metrics; "
@@ -39,7 +50,18 @@ def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
 
 def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
                 min_delta: float) -> torch.Tensor:
-    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does)."""
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does).
+
+    Example:
+        >>> from fxtrain.callbacks.early_stopping import improvement
+        >>> best = torch.tensor(1.0)
+        >>> improvement(torch.tensor(0.95), best, "min", 0.1)  # better, but by less than 0.1
+        tensor(False)
+        >>> improvement(torch.tensor(0.85), best, "min", 0.1)
+        tensor(True)
+        >>> improvement(torch.tensor(float("nan")), best, "min", 0.0)
+        tensor(False)
+    """
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
@@ -71,9 +93,27 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
     checkpoint saved after the stop ends at once), and inside a step it also asks to skip further
     updates, so the parameters stay where it stopped until the loop reads the flag.
 
-    Example::
+    Example:
+        Evaluate after every step with a learning rate far too high: the evaluation loss only
+        grows after the first, so training stops after two evaluations without improvement,
+        and ``restore_best`` puts the best parameters back at the end:
 
-        callbacks = [fx.callbacks.early_stopping("loss", patience=3, restore_best=True)]
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> eval_step = fx.make_eval_step(loss_fn)
+        >>> stop = fx.callbacks.early_stopping("loss", patience=2, restore_best=True)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(1.5))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
+        ...                max_steps=100, eval_step=eval_step, eval_data=[batch], eval_every=1,
+        ...                callbacks=[stop])
+        >>> es = fx.callbacks.callback_state(state, "early_stopping")
+        >>> int(state.step), bool(es.stopped), int(es.best_step)
+        (3, True, 1)
+        >>> float(fx.evaluate(eval_step, state, [batch])["loss"]) == float(es.best)
+        True
     """
     _check(mode, patience, min_delta)
 

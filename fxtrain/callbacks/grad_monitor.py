@@ -69,9 +69,38 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
     Returns:
       A callback whose state holds ``norms`` and the ``vanishing``/``exploding`` step counts.
 
-    Example::
+    Example:
+        Inside the step, where it turns the per-layer norms on:
 
-        train_step = fx.make_train_step(loss_fn, callbacks=[fx.callbacks.grad_monitor(10)])
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(8, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> monitor = fx.callbacks.grad_monitor(2)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), callbacks=[monitor])
+        >>> train_step = fx.make_train_step(loss_fn, callbacks=[monitor])
+        >>> for _ in range(4):
+        ...     state, metrics = train_step(state, batch)
+        >>> gm = fx.callbacks.callback_state(state, "grad_monitor")
+        >>> sorted(gm.norms)
+        ['grad_norm', 'grad_norm/bias', 'grad_norm/weight', 'grad_norm_max', 'grad_norm_mean',
+         'grad_norm_min']
+        >>> torch.equal(gm.norms["grad_norm"], metrics["grad_norm"])  # step 4's
+        True
+        >>> int(gm.vanishing), int(gm.exploding)  # steps with alerts
+        (0, 0)
+
+        On the host (the step built with ``grad_stats=True``) it also publishes the norms:
+
+        >>> class Show:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, sorted(scalars)[:3])
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn, grad_stats=True), [batch] * 4,
+        ...                max_epochs=1, callbacks=[fx.callbacks.grad_monitor(2, writer=Show())])
+        2 ['grad_norm', 'grad_norm/bias', 'grad_norm/weight']
+        4 ['grad_norm', 'grad_norm/bias', 'grad_norm/weight']
     """
     def init(state):
         device = state.step.device

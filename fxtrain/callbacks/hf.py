@@ -246,11 +246,27 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
     Returns:
       A host ``Callback`` whose state is a dict of Python values.
 
-    Example::
+    Example:
+        transformers' early stopping on a run whose learning rate is far too high: the
+        evaluation loss grows after the first, so it stops after two evaluations.
 
-        stop = hf_callback(transformers.EarlyStoppingCallback(early_stopping_patience=3),
-                           args={"metric_for_best_model": "eval_loss"})
-        state = fx.fit(state, step, data, callbacks=[stop], eval_step=..., eval_every=100)
+        >>> import transformers
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> patience = transformers.EarlyStoppingCallback(early_stopping_patience=2)
+        >>> stop = fx.callbacks.hf_callback(patience, args={"metric_for_best_model": "eval_loss"})
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(1.5))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
+        ...                max_steps=100, eval_step=fx.make_eval_step(loss_fn),
+        ...                eval_data=[batch], eval_every=1, callbacks=[stop])
+        >>> int(state.step)
+        3
+        >>> saved = fx.callbacks.callback_state(state, "hf_EarlyStoppingCallback")  # checkpointed
+        >>> saved["callback"]["attributes"], saved["trainer_state"]["best_global_step"]
+        ({'early_stopping_patience_counter': 2}, 1)
     """
     tf = _transformers()
     if not isinstance(cb, tf.TrainerCallback):

@@ -31,6 +31,18 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, bool | int | floa
 
     Numbers, strings and bools stay as they are; 0-d tensors become numbers; anything else
     (lists, None, devices, dtypes) becomes its JSON or ``str`` text.
+
+    Example:
+        >>> import dataclasses
+        >>> from fxtrain.callbacks.hparams import flatten_config
+        >>> @dataclasses.dataclass
+        ... class Model:
+        ...     width: int = 256
+        ...     layers: tuple = (64, 64)
+        ...     device: torch.device = torch.device("cpu")
+        >>> flatten_config({"lr": 1e-3, "model": Model(), "seed": torch.tensor(7), "note": None})
+        {'lr': 0.001, 'model.width': 256, 'model.layers': '[64, 64]', 'model.device': 'cpu',
+         'seed': 7, 'note': 'null'}
     """
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
         config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
@@ -94,6 +106,21 @@ def archive_code(code_dir: str | os.PathLike, dest_dir: str | os.PathLike, step:
     virtual environments, build outputs and ``dest_dir`` itself are skipped. An existing
     archive is never replaced: a second one at the same step gets ``-1``, ``-2``... The
     archive appears complete or not at all (written under a temporary name, then renamed).
+
+    Example:
+        >>> import tarfile, tempfile
+        >>> from pathlib import Path
+        >>> from fxtrain.callbacks.hparams import archive_code
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     code = Path(d, "code")
+        ...     (code / "__pycache__").mkdir(parents=True)
+        ...     for name in ("train.py", "config.yaml", "data.bin", "__pycache__/train.pyc"):
+        ...         _ = (code / name).write_text("...")
+        ...     first = archive_code(code, Path(d, "run"), step=100)
+        ...     again = archive_code(code, Path(d, "run"), step=100)
+        ...     with tarfile.open(first) as tar:
+        ...         print(first.name, again.name, sorted(tar.getnames()))
+        code-step100.tar.gz code-step100-1.tar.gz ['config.yaml', 'train.py']
     """
     root, dest = Path(code_dir), Path(dest_dir)
     if not root.is_dir():
@@ -124,9 +151,36 @@ def log_hparams(writer: Any, config: Any, code_dir: str | os.PathLike | None = N
     archive's name is recorded as the ``code_archive`` hyperparameter. A resumed run writes
     both again, at its own step: its code may have changed. Runs on rank 0 only.
 
-    Example::
+    Example:
+        >>> class Show:
+        ...     def write_hparams(self, hparams):
+        ...         print(hparams)
+        ...     def write_texts(self, step, texts):
+        ...         print(texts["config"])
+        >>> config = {"lr": 1e-3, "model": {"width": 256}}
+        >>> cb = fx.callbacks.log_hparams(Show(), config)
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_begin", 0))  # fx.fit sends it
+        {'lr': 0.001, 'model.width': 256}
+        | key | value |
+        |---|---|
+        | lr | 0.001 |
+        | model.width | 256 |
 
-        fx.callbacks.log_hparams(writer, {"lr": 1e-3, "model": {"width": 256}}, code_dir=".")
+        With ``code_dir``, the code goes next to the writer's file:
+
+        >>> import os, tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     os.makedirs(f"{d}/code")
+        ...     with open(f"{d}/code/train.py", "w") as f:
+        ...         _ = f.write("print('training')")
+        ...     writer = fx.logging.JsonlWriter(f"{d}/run/metrics.jsonl")
+        ...     cb = fx.callbacks.log_hparams(writer, config, code_dir=f"{d}/code")
+        ...     _ = fx.callbacks.fold([cb], None, fx.Event("train_begin", 0))
+        ...     writer.close()
+        ...     print(sorted(os.listdir(f"{d}/run")))
+        ...     print(next(fx.logging.read_jsonl(f"{d}/run/metrics.jsonl"))["values"])
+        ['code-step0.tar.gz', 'metrics.jsonl']
+        {'lr': 0.001, 'model.width': 256, 'code_archive': 'code-step0.tar.gz'}
     """
     check_writer(writer, "log_hparams", "write_hparams", "write_texts")
     flat = flatten_config(config)  # bad configs fail here, not at train_begin

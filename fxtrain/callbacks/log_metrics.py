@@ -113,10 +113,26 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
         (``log_eval_metrics``).
       name: the callback's name.
 
-    Example::
-
-        writer = fx.logging.TensorBoardWriter("runs/exp1")
-        fx.fit(state, step, data, callbacks=[fx.callbacks.log_metrics(writer, every=50)], ...)
+    Example:
+        >>> import tempfile
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     writer = fx.logging.JsonlWriter(f"{d}/metrics.jsonl")  # or TensorBoardWriter
+        ...     state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
+        ...                    max_steps=4, eval_step=fx.make_eval_step(loss_fn),
+        ...                    eval_data=[batch], eval_every=4,
+        ...                    callbacks=[fx.callbacks.log_metrics(writer, every=2)])
+        ...     writer.close()
+        ...     for line in fx.logging.read_jsonl(f"{d}/metrics.jsonl"):
+        ...         print(line["step"], sorted(line["values"]))
+        2 ['train/grad_norm', 'train/learning_rate', 'train/loss']
+        4 ['train/grad_norm', 'train/learning_rate', 'train/loss']
+        4 ['eval/loss']
     """
     due = periodic(every, "log_metrics")
     check_writer(writer, "log_metrics", "write_scalars")
@@ -162,6 +178,27 @@ def log_eval_metrics(writer: Any, *, prefix: str = "eval/",
     markdown table under ``<name>`` and a grey-scale image scaled to its maximum; higher ranks
     are histograms. A Collection's metrics arrive as ``<collection key>/<metric>``. Runs on
     rank 0 only.
+
+    Example:
+        >>> class Show:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, {k: round(v, 4) for k, v in scalars.items()})
+        ...     def write_texts(self, step, texts):
+        ...         print(texts["eval/confusion"])
+        ...     def write_images(self, step, images):
+        ...         print({k: v.shape for k, v in images.items()})
+        ...     def write_histograms(self, step, arrays, num_buckets=None):
+        ...         pass
+        >>> metrics = {"loss": torch.tensor(0.25), "recall": torch.tensor([0.8, 1.0]),
+        ...            "confusion": torch.tensor([[4, 1], [0, 5]])}
+        >>> cb = fx.callbacks.log_eval_metrics(Show())
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("eval_end", 100, metrics=metrics))
+        100 {'eval/loss': 0.25, 'eval/recall/0': 0.8, 'eval/recall/1': 1.0}
+        | | 0 | 1 |
+        |---|---|---|
+        | **0** | 4 | 1 |
+        | **1** | 0 | 5 |
+        {'eval/confusion': (2, 2, 1)}
     """
     check_writer(writer, "log_eval_metrics", "write_scalars", "write_texts", "write_images",
                   "write_histograms")

@@ -78,14 +78,37 @@ def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 
     ``fx.logging.Histogram`` histograms. ``fn`` runs under ``torch.no_grad`` with the module in
     eval mode. Runs on rank 0 only.
 
-    Example::
+    Example:
+        The model's output over a grid of inputs, as a grey-scale image, with a number and a
+        text:
 
-        def samples(state):
-            with torch.no_grad():
-                images = state.apply(state.params, noise).clamp(0, 1)   # [N, H, W, C]
-            return {"samples": images, "confusion": confusion_figure(state)}
-
-        fx.callbacks.log_media(writer, samples, every=1000)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> class Show:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, "scalars", sorted(scalars))
+        ...     def write_images(self, step, images):
+        ...         print(step, "images", {k: tuple(v.shape) for k, v in images.items()})
+        ...     def write_texts(self, step, texts):
+        ...         print(step, "texts", texts)
+        >>> axis = torch.linspace(-1, 1, 8)
+        >>> grid = torch.cartesian_prod(axis, axis)  # [64, 2]
+        >>> def media(state):  # no_grad, module in eval mode
+        ...     surface = torch.sigmoid(state.apply(state.params, grid)).reshape(8, 8)  # [H, W]
+        ...     return {"surface": surface, "surface_mean": surface.mean(),
+        ...             "note": f"step {int(state.step)}"}
+        >>> x = torch.randn(32, 2)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn),
+        ...                fx.data.Batches((x, x.sum(1, keepdim=True)), 4), max_steps=4,
+        ...                callbacks=[fx.callbacks.log_media(Show(), media, every=2)])
+        2 scalars ['surface_mean']
+        2 images {'surface': (8, 8, 1)}
+        2 texts {'note': 'step 2'}
+        4 scalars ['surface_mean']
+        4 images {'surface': (8, 8, 1)}
+        4 texts {'note': 'step 4'}
     """
     if not callable(fn):
         raise TypeError(f"log_media: fn must be callable fn(state) -> dict, got {fn!r}")
@@ -123,13 +146,23 @@ def text_samples(writer: Any, generate_fn: Callable[[Any, str], str], prompts: S
     ``fx.random.categorical(fx.random.fold_in(fx.random.step_key(state.rng, state.step), i),
     logits)``. Runs on rank 0 only.
 
-    Example::
+    Example:
+        A "calculator" model that adds two numbers, completing prompts (a language model
+        would encode the prompt, run ``state.apply``, sample and decode):
 
-        def generate(state, prompt):
-            ...  # encode, run state.apply(state.params, tokens), sample, decode
-            return completion
-
-        fx.callbacks.text_samples(writer, generate, ["The weather", "Once upon"], every=500)
+        >>> class Show:
+        ...     def write_texts(self, step, texts):
+        ...         print(step, texts)
+        >>> def generate(state, prompt):  # no_grad, module in eval mode
+        ...     a, b = (float(n) for n in prompt.rstrip(" =").split(" + "))
+        ...     total = state.apply(state.params, torch.tensor([[a, b]]))
+        ...     return f" {total.item():.1f}"
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = state.replace(params={"weight": torch.tensor([[1.0, 1.0]]),
+        ...                               "bias": torch.tensor([0.0])})  # trained, say
+        >>> cb = fx.callbacks.text_samples(Show(), generate, ["1 + 2 =", "0.5 + 4 ="], every=100)
+        >>> _ = fx.callbacks.fold([cb], state, fx.Event("step_end", 100))  # fx.fit sends these
+        100 {'samples/0': '1 + 2 = 3.0', 'samples/1': '0.5 + 4 = 4.5'}
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):

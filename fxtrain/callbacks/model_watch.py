@@ -44,6 +44,26 @@ def model_watch(writer: Any, log: str = "gradients", every: int = 500, *,
     Gradients need the step built with ``make_train_step(..., grad_stats=True)`` (norms); with
     ``grad_stats="histograms"`` their histograms are written too, and without it a warning says
     so once.
+
+    Example:
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> class Show:
+        ...     binned_histograms = True  # takes fx.logging.Histogram values
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, sorted(scalars))
+        ...     def write_histograms(self, step, arrays, num_buckets=None):
+        ...         print(step, {k: type(v).__name__ for k, v in arrays.items()})
+        >>> x = torch.randn(32, 2)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> train_step = fx.make_train_step(loss_fn, grad_stats="histograms")
+        >>> state = fx.fit(state, train_step, fx.data.Batches((x, x.sum(1, keepdim=True)), 4),
+        ...                max_steps=2, callbacks=[fx.callbacks.model_watch(Show(), "all", 2)])
+        2 ['gradients/norm/bias', 'gradients/norm/weight', 'parameters/norm/bias',
+           'parameters/norm/weight']
+        2 {'parameters/weight': 'Histogram', 'parameters/bias': 'Histogram',
+           'gradients/weight': 'Histogram', 'gradients/bias': 'Histogram'}
     """
     if log not in _LOG:
         raise ValueError(f"model_watch: log must be one of {_LOG}, got {log!r}")

@@ -25,9 +25,30 @@ __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
 def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor") -> Callback:
     """Publishes the learning rate and the other injected hyperparameters every ``every`` steps.
 
-    Example::
+    Example:
+        A learning rate decaying linearly from 0.1 to 0 over 4 steps (the rate each update
+        used), and an optimizer with injected hyperparameters:
 
-        fx.fit(state, step, data, callbacks=[fx.callbacks.lr_monitor(10)], max_steps=100)
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> class Show:  # a writer; without one, readings go to the fxtrain logger
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, {k: round(v, 4) for k, v in scalars.items()})
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> train_step = fx.make_train_step(loss_fn)
+        >>> tx = fx.optim.sgd(fx.optim.linear_schedule(0.1, 0.0, transition_steps=4))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), tx)
+        >>> state = fx.fit(state, train_step, data, max_steps=4,
+        ...                callbacks=[fx.callbacks.lr_monitor(2, writer=Show())])
+        2 {'learning_rate': 0.075}
+        4 {'learning_rate': 0.025}
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.adam)(learning_rate=0.1, b1=0.8)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), tx)
+        >>> state = fx.fit(state, train_step, data, max_steps=2,
+        ...                callbacks=[fx.callbacks.lr_monitor(2, writer=Show())])
+        2 {'hparams/learning_rate': 0.1, 'hparams/b1': 0.8, 'learning_rate': 0.1}
     """
 
     def fn(state, event):
@@ -57,6 +78,29 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
       tokens_per_batch: tokens per step, to report tokens/s.
       writer: where readings go (default the log).
       time_fn: the clock (injectable for tests).
+
+    Example:
+        On a fake clock where each reading is 0.5 s after the last, windows of 2 steps:
+
+        >>> import itertools
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> class Show:  # a writer; without one, readings go to the fxtrain logger
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, {k: round(v, 4) for k, v in scalars.items()})
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> clock = itertools.count(0.0, 0.5)
+        >>> speed = fx.callbacks.throughput(2, tokens_per_batch=4 * 128, writer=Show(),
+        ...                                 time_fn=lambda: next(clock))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=4,
+        ...                callbacks=[speed])
+        2 {'throughput/steps_per_sec': 4.0, 'throughput/samples_per_sec': 16.0,
+           'throughput/tokens_per_sec': 2048.0}
+        4 {'throughput/steps_per_sec': 4.0, 'throughput/samples_per_sec': 16.0,
+           'throughput/tokens_per_sec': 2048.0}
     """
     window: dict[str, Any] = {}  # start time and step of the current window (this process)
 
@@ -92,7 +136,15 @@ def _wait_for(metrics) -> None:
 
 
 def process_memory() -> dict[str, float]:
-    """This process's resident memory, and CUDA allocated/peak/reserved when in use, in MiB."""
+    """This process's resident memory, and CUDA allocated/peak/reserved when in use, in MiB.
+
+    Example:
+        >>> from fxtrain.callbacks.monitors import process_memory
+        >>> process_memory()  # and memory/cuda_* once CUDA is in use
+        {'memory/cpu_rss_mib': ...}
+        >>> process_memory()["memory/cpu_rss_mib"] > 0
+        True
+    """
     mib = 2.0 ** 20
     out = {"memory/cpu_rss_mib": _rss_bytes() / mib}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -119,7 +171,26 @@ def _rss_bytes() -> float:
 
 def memory_monitor(every: int = 100, *, writer: Any = None,
                    name: str = "memory_monitor") -> Callback:
-    """Publishes CPU RSS (and CUDA allocated/peak/reserved on GPU) every ``every`` steps."""
+    """Publishes CPU RSS (and CUDA allocated/peak/reserved on GPU) every ``every`` steps.
+
+    Also at train_end, so a run's last reading is its final size.
+
+    Example:
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> class Show:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, sorted(scalars))
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=5,
+        ...                callbacks=[fx.callbacks.memory_monitor(2, writer=Show())])
+        2 ['memory/cpu_rss_mib']
+        4 ['memory/cpu_rss_mib']
+        5 ['memory/cpu_rss_mib']
+    """
 
     def fn(state, event):
         publish(writer, event.step, process_memory(), what="memory")

@@ -30,7 +30,15 @@ class NanGuardState:
 
 
 def is_finite_step(metrics) -> torch.Tensor:
-    """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite."""
+    """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite.
+
+    Example:
+        >>> from fxtrain.callbacks.nan_guard import is_finite_step
+        >>> is_finite_step({"loss": torch.tensor(0.5), "grad_norm": torch.tensor(1.0)})
+        tensor(True)
+        >>> is_finite_step({"loss": torch.tensor(0.5), "grad_norm": torch.tensor(float("inf"))})
+        tensor(False)
+    """
     if "loss" not in (metrics or {}):
         raise KeyError(f"nan_guard needs the step's 'loss' metric; available: {sorted(metrics or {})}")
     ok = torch.isfinite(torch.as_tensor(metrics["loss"]))
@@ -49,9 +57,22 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
       max_skips: with "skip", stop once this many steps were skipped in total.
       name: the key of its state in ``state.callbacks``.
 
-    Example::
+    Example:
+        A batch with a NaN target: its step is skipped, the others train.
 
-        train_step = fx.make_train_step(loss_fn, callbacks=[fx.callbacks.nan_guard("skip")])
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(4, 2)
+        >>> good, bad = (x, x.sum(1, keepdim=True)), (x, torch.full((4, 1), float("nan")))
+        >>> guard = fx.callbacks.nan_guard("skip")
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), callbacks=[guard])
+        >>> train_step = fx.make_train_step(loss_fn, callbacks=[guard])
+        >>> state = fx.fit(state, train_step, [good, bad, good], max_epochs=1)
+        >>> fx.callbacks.callback_state(state, "nan_guard")
+        NanGuardState(skipped=tensor(1), flagged=tensor(False))
+        >>> int(state.step), all(bool(p.isfinite().all()) for p in state.params.values())
+        (3, True)
     """
     if action not in ("stop", "skip"):
         raise ValueError(f"nan_guard: action must be 'stop' or 'skip', got {action!r}")
@@ -76,6 +97,17 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
 
 
 def flagged(state) -> bool:
-    """Whether a ``nan_guard`` in ``state`` flagged the last step (one read of device flags)."""
+    """Whether a ``nan_guard`` in ``state`` flagged the last step (one read of device flags).
+
+    Example:
+        >>> from fxtrain.callbacks.nan_guard import NanGuardState, flagged
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
+        ...                              callbacks=[fx.callbacks.nan_guard("skip")])
+        >>> flagged(state)
+        False
+        >>> bad = NanGuardState(skipped=torch.tensor(1), flagged=torch.tensor(True))
+        >>> flagged(fx.callbacks.set_callback_state(state, "nan_guard", bad))
+        True
+    """
     flags = [s.flagged for s in (state.callbacks or {}).values() if isinstance(s, NanGuardState)]
     return bool(torch.stack([f.cpu() for f in flags]).any()) if flags else False

@@ -47,10 +47,23 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
       event: "eval_end" (host) or "step_end" (also inside a compiled step).
       name: the key of its state in ``state.callbacks``.
 
-    Example::
+    Example:
+        Evaluation losses that stop improving after the second, fed to the callback directly
+        (``fx.fit`` does this at each evaluation):
 
-        tx = fx.optim.inject_hyperparams(fx.optim.adam)(learning_rate=1e-3)
-        callbacks = [fx.callbacks.reduce_lr_on_plateau("loss", factor=0.5, patience=2)]
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.adam)(learning_rate=1e-3)
+        >>> plateau = fx.callbacks.reduce_lr_on_plateau("loss", factor=0.5, patience=1)
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), tx, callbacks=[plateau])
+        >>> for step, loss in enumerate([1.0, 0.8, 0.8, 0.9, 0.8, 0.8], start=1):
+        ...     event = fx.Event("eval_end", step, metrics={"loss": loss})
+        ...     state, _ = fx.callbacks.fold([plateau], state, event)
+        ...     print(step, loss, f"{float(fx.optim.learning_rate(state.opt_state)):.2g}")
+        1 1.0 0.001
+        2 0.8 0.001
+        3 0.8 0.001
+        4 0.9 0.0005
+        5 0.8 0.0005
+        6 0.8 0.00025
     """
     if not 0.0 < factor < 1.0:
         raise ValueError(f"reduce_lr_on_plateau: factor must be in (0, 1), got {factor}")

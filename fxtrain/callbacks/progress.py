@@ -179,10 +179,25 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
     Returns:
       A stateless host ``Callback``.
 
-    Example::
+    Example:
+        Two epochs of 8 steps with an evaluation at each epoch end. The ``...`` stand for the
+        bars' redraws (with terminal control codes), their timings and the values shown:
 
-        state = fx.fit(state, train_step, data, max_steps=1000,
-                       callbacks=[fx.callbacks.progress_bar(["loss", "accuracy"])])
+        >>> import sys
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> batch = (x, x.sum(1, keepdim=True))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> bar = fx.callbacks.progress_bar(["loss", "grad_norm"], file=sys.stdout)
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
+        ...                max_epochs=2, eval_step=fx.make_eval_step(loss_fn),
+        ...                eval_data=[batch], callbacks=[bar])
+        train:   0%| ...
+        ...eval @ step 8: loss=...
+        ...eval @ step 16: loss=...
+        ...train: 100%|...| 16/16 [..., loss=..., grad_norm=...]
     """
     names = _metric_names(metric)
     if not 0.0 <= smoothing < 1.0:

@@ -24,14 +24,32 @@ _NOT_LOGGED = ("control/", "grad_hist/")  # the loop's flags; model_watch's hist
 
 def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """The step metrics that are logged as numbers: all but the in-step control flags and the
-    gradient histograms (``grad_hist/*``, written by ``model_watch``)."""
+    gradient histograms (``grad_hist/*``, written by ``model_watch``).
+
+    Example:
+        >>> from fxtrain.callbacks.publish import loggable
+        >>> metrics = {"loss": torch.tensor(0.5), "control/stop": torch.tensor(False),
+        ...            "grad_hist/weight": torch.zeros(66)}
+        >>> loggable(metrics)
+        {'loss': tensor(0.5000)}
+    """
     return {k: v for k, v in (metrics or {}).items() if not k.startswith(_NOT_LOGGED)}
 
 
 @distributed.rank_zero
 def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:
     """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``; on
-    rank 0 only under torch.distributed."""
+    rank 0 only under torch.distributed.
+
+    Example:
+        >>> from fxtrain.callbacks.publish import publish
+        >>> class Show:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, scalars)
+        >>> publish(Show(), 10, {"memory/cpu_rss_mib": 512.0}, what="memory")
+        10 {'memory/cpu_rss_mib': 512.0}
+        >>> publish(None, 10, {"memory/cpu_rss_mib": 512.0}, what="memory")  # to the log
+    """
     if writer is not None:
         writer.write_scalars(step, dict(scalars))
         return

@@ -39,9 +39,13 @@ def parameter_counts(state: Any) -> dict[str, int]:
       ``{"total", "trainable", "frozen", "buffers", "param_bytes", "buffer_bytes"}``; total is
       trainable + frozen.
 
-    Example::
-
-        parameter_counts(fx.TrainState.create(nn.Linear(8, 4), tx))["trainable"]  # 36
+    Example:
+        >>> from fxtrain.callbacks.summary import parameter_counts
+        >>> model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
+        >>> _ = model[0].bias.requires_grad_(False)  # a frozen parameter
+        >>> parameter_counts(fx.TrainState.create(model, fx.optim.sgd(0.1)))
+        {'total': 44, 'trainable': 40, 'frozen': 4, 'buffers': 9, 'param_bytes': 176,
+         'buffer_bytes': 40}
     """
     names = {n for n, _ in state.module.named_parameters()}
     buffers = state.buffers or {}
@@ -86,9 +90,14 @@ def describe_optimizer(opt_state: Any) -> str:
     Returns:
       The outline, e.g. ``"chain(scale_by_adam, scale_by_learning_rate)"``; "" if nothing shows.
 
-    Example::
-
-        describe_optimizer(fx.optim.adam(1e-3).init(params))
+    Example:
+        >>> from fxtrain.callbacks.summary import describe_optimizer
+        >>> params = {"w": torch.zeros(2)}
+        >>> describe_optimizer(fx.optim.adam(1e-3).init(params))
+        'chain(scale_by_adam, scale_by_learning_rate)'
+        >>> tx = fx.optim.inject_hyperparams(fx.optim.sgd)(learning_rate=0.1, momentum=0.9)
+        >>> describe_optimizer(tx.init(params))
+        'inject_hyperparams(chain(trace, scale_by_learning_rate))'
     """
     if type(opt_state) in (tuple, list):
         parts = [p for p in map(describe_optimizer, opt_state) if p]
@@ -184,10 +193,51 @@ def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
     Returns:
       A stateless host ``Callback``.
 
-    Example::
-
-        state = fx.fit(state, train_step, data, max_steps=1000,
-                       callbacks=[fx.callbacks.summary(), fx.callbacks.progress_bar()])
+    Example:
+        >>> import sys
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.BatchNorm1d(4), nn.Linear(4, 1))
+        >>> state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+        >>> x = torch.randn(32, 2)
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn),
+        ...                fx.data.Batches((x, x.sum(1, keepdim=True)), 4), max_steps=2,
+        ...                callbacks=[fx.callbacks.summary(file=sys.stdout)])
+        Training summary
+        ┌───────────┬──────────────────┬────────────────────────┐
+        │ Model     │ model            │ Sequential             │
+        │           │ parameters       │ 25                     │
+        │           │ trainable        │ 25                     │
+        │           │ frozen           │ 0                      │
+        │           │ buffers          │ 9                      │
+        │           │ parameter memory │ 100 B                  │
+        │           │ buffer memory    │ 40 B                   │
+        ├───────────┼──────────────────┼────────────────────────┤
+        │ Optimizer │ optimizer        │ scale_by_learning_rate │
+        │           │ learning rate    │ 0.1                    │
+        ├───────────┼──────────────────┼────────────────────────┤
+        │ Data      │ steps per epoch  │ 8                      │
+        │           │ batch size       │ 4                      │
+        │           │ eval batches     │ -                      │
+        ├───────────┼──────────────────┼────────────────────────┤
+        │ Run       │ max steps        │ 2                      │
+        ...
+        │           │ start step       │ 0                      │
+        │           │ start epoch      │ 0                      │
+        ├───────────┼──────────────────┼────────────────────────┤
+        │ Hardware  │ device           │ cpu                    │
+        │           │ dtype            │ float32                │
+        │           │ world size       │ 1                      │
+        └───────────┴──────────────────┴────────────────────────┘
+        Parameters by submodule
+        ┏━━━━━━━━━━━┳━━━━━━━━━━━━━┳━━━━━━━━━━━━┳━━━━━━━━━━━┳━━━━━━━━━┓
+        ┃ submodule ┃ type        ┃ parameters ┃ trainable ┃ buffers ┃
+        ┡━━━━━━━━━━━╇━━━━━━━━━━━━━╇━━━━━━━━━━━━╇━━━━━━━━━━━╇━━━━━━━━━┩
+        │ 0         │ Linear      │         12 │        12 │       0 │
+        │ 2         │ BatchNorm1d │          8 │         8 │       9 │
+        │ 3         │ Linear      │          5 │         5 │       0 │
+        └───────────┴─────────────┴────────────┴───────────┴─────────┘
     """
 
     def fn(state, event):

@@ -21,9 +21,25 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
           name: str = "timer") -> Callback:
     """Asks to stop once training has run ``max_seconds`` in total (over resumes too).
 
-    Example::
+    Example:
+        A fake clock on which 10 s pass between events, and a budget of 25 s:
 
-        fx.fit(state, step, data, callbacks=[fx.callbacks.timer(3600)], max_epochs=100)
+        >>> import itertools
+        >>> def loss_fn(state, params, batch):
+        ...     x, y = batch
+        ...     return ((state.apply(params, x) - y) ** 2).mean()
+        >>> x = torch.randn(32, 2)
+        >>> data = fx.data.Batches((x, x.sum(1, keepdim=True)), 4)
+        >>> clock = itertools.count(0.0, 10.0)
+        >>> timer = fx.callbacks.timer(25, time_fn=lambda: next(clock))
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> train_step = fx.make_train_step(loss_fn)
+        >>> state = fx.fit(state, train_step, data, max_steps=100, callbacks=[timer])
+        >>> int(state.step), state.callbacks["timer"]  # train_end read the clock too
+        (3, {'elapsed': 40.0})
+        >>> state = fx.fit(state, train_step, data, max_steps=100, callbacks=[timer])
+        >>> int(state.step)  # a resumed run counts against the same budget: none left
+        3
     """
     if not max_seconds > 0:
         raise ValueError(f"timer: max_seconds must be > 0, got {max_seconds}")

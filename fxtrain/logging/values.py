@@ -24,7 +24,14 @@ _warned: set[str] = set()
 
 
 def as_array(value: Any) -> np.ndarray:
-    """A numpy array of ``value`` (a tensor on any device, an array or a number)."""
+    """A numpy array of ``value`` (a tensor on any device, an array or a number).
+
+    Example:
+        >>> from fxtrain.logging.values import as_array
+        >>> a = as_array(torch.tensor([0.5, 2.0], dtype=torch.bfloat16))  # numpy has no bf16
+        >>> a.tolist(), a.dtype
+        ([0.5, 2.0], dtype('float32'))
+    """
     if isinstance(value, torch.Tensor):
         value = value.detach()
         if value.dtype == torch.bfloat16 or value.dtype.is_floating_point and value.itemsize < 4:
@@ -35,7 +42,13 @@ def as_array(value: Any) -> np.ndarray:
 
 def scalar_values(mapping: Mapping[str, Any]) -> dict[str, float]:
     """``{key: float}`` (device tensors read in one transfer per device); a non-finite value is
-    kept (as NaN or inf) and warned about once per key."""
+    kept (as NaN or inf) and warned about once per key.
+
+    Example:
+        >>> from fxtrain.logging.values import scalar_values
+        >>> scalar_values({"loss": torch.tensor(0.25), "epoch": 3})
+        {'loss': 0.25, 'epoch': 3.0}
+    """
     out = read_floats(mapping)
     for k, x in out.items():
         if not math.isfinite(x) and k not in _warned:
@@ -55,7 +68,19 @@ def _pixels(key: str, arr: np.ndarray, what: str) -> np.ndarray:
 
 def image_batch(key: str, value: Any) -> np.ndarray:
     """``[N, H, W, C]`` uint8 from ``[N, H, W, C]`` or ``[H, W, C]`` (floats in [0, 1]) or a
-    matplotlib figure (drawn, left open: the caller owns it)."""
+    matplotlib figure (drawn, left open: the caller owns it).
+
+    Example:
+        >>> from fxtrain.logging.values import image_batch
+        >>> images = image_batch("samples", torch.full((8, 8, 3), 0.5))
+        >>> images.shape, images.dtype, int(images.max())
+        ((1, 8, 8, 3), dtype('uint8'), 128)
+        >>> image_batch("samples", torch.zeros(3, 8, 8))  # channels first
+        Traceback (most recent call last):
+        ...
+        ValueError: image 'samples' has 8 channels (last axis of shape (1, 3, 8, 8)); expected
+        1, 3 or 4 (channels last)
+    """
     if is_figure(value):
         return figure_pixels(value, close=False)[None]
     arr = as_array(value)
@@ -97,6 +122,16 @@ class Histogram:
     """A histogram binned where the values live (on device): ``counts[i]`` values fell in
     ``[edges[i], edges[i + 1])``. fxtrain's writers take it in ``write_histograms`` wherever
     they take raw values, so a large tensor never has to be copied to the host to be plotted.
+
+    Example:
+        >>> h = fx.logging.Histogram(edges=[0.0, 1.0, 2.0], counts=[3, 1])
+        >>> h.centres.tolist(), h.counts.tolist()
+        ([0.5, 1.5], [3.0, 1.0])
+        >>> count, mean, std = h.moments()  # each value taken at its bin's centre
+        >>> count, mean, round(std, 4)
+        (4.0, 0.75, 0.433)
+        >>> h.samples().tolist()  # for writers that bin raw values themselves
+        [0.5, 0.5, 0.5, 1.5]
     """
 
     edges: np.ndarray
@@ -114,7 +149,15 @@ class Histogram:
     @classmethod
     def from_packed(cls, packed: Any) -> Histogram:
         """From ``[lo, hi, count_1, ..., count_n]`` (``fxtrain.stats.histograms``): n equal
-        bins over ``[lo, hi]``."""
+        bins over ``[lo, hi]``.
+
+        Example:
+            >>> weights = torch.tensor([0.0, 1.0, 1.5, 2.0])
+            >>> packed = fx.stats.histograms({"w": weights}, bins=2)["w"]  # binned on device
+            >>> h = fx.logging.Histogram.from_packed(packed)
+            >>> h.edges.tolist(), h.counts.tolist()
+            ([0.0, 1.0, 2.0], [1.0, 3.0])
+        """
         return cls(*unpack_histogram(as_array(packed)))
 
     @property
@@ -153,7 +196,21 @@ def buckets(num_buckets: int | Mapping[str, int] | None, key: str) -> int | None
 
 
 def markdown_table(rows: Mapping[str, Any] | np.ndarray) -> str:
-    """A markdown table of ``{key: value}`` or of a 2-D array (rows by columns)."""
+    """A markdown table of ``{key: value}`` or of a 2-D array (rows by columns).
+
+    Example:
+        >>> from fxtrain.logging.values import markdown_table
+        >>> print(markdown_table({"lr": 0.001, "model": "mlp"}))
+        | key | value |
+        |---|---|
+        | lr | 0.001 |
+        | model | "mlp" |
+        >>> print(markdown_table(torch.tensor([[5, 1], [0, 4]]).numpy()))  # a confusion matrix
+        | | 0 | 1 |
+        |---|---|---|
+        | **0** | 5 | 1 |
+        | **1** | 0 | 4 |
+    """
     if isinstance(rows, Mapping):
         body = "\n".join(f"| {k} | {json.dumps(v, default=str)} |" for k, v in rows.items())
         return "| key | value |\n|---|---|\n" + body

@@ -22,7 +22,35 @@ __all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms"
 
 @runtime_checkable
 class Writer(Protocol):
-    """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface)."""
+    """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface).
+
+    Example:
+        A class with the nine methods is a writer, without inheriting from this one:
+
+        >>> class PrintWriter:
+        ...     def write_scalars(self, step, scalars):
+        ...         print(step, dict(scalars))
+        ...     def write_images(self, step, images): pass
+        ...     def write_videos(self, step, videos): pass
+        ...     def write_audios(self, step, audios, *, sample_rate): pass
+        ...     def write_texts(self, step, texts): pass
+        ...     def write_histograms(self, step, arrays, num_buckets=None): pass
+        ...     def write_hparams(self, hparams): pass
+        ...     def flush(self): pass
+        ...     def close(self): pass
+        >>> isinstance(PrintWriter(), fx.logging.Writer)
+        True
+        >>> PrintWriter().write_scalars(10, {"loss": 0.25})
+        10 {'loss': 0.25}
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     writer = fx.logging.JsonlWriter(f"{d}/metrics.jsonl")
+        ...     print(isinstance(writer, fx.logging.Writer))
+        ...     writer.close()
+        True
+        >>> isinstance(object(), fx.logging.Writer)
+        False
+    """
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Writes numbers (Python, numpy or 0-d tensors), one series per key."""
@@ -60,7 +88,19 @@ WRITER_METHODS = tuple(name for name in Writer.__dict__ if name.startswith(("wri
 
 def check_writer(writer: Any, who: str, *methods: str) -> None:
     """Raises a TypeError naming what ``writer`` lacks of ``methods`` (all of ``Writer``'s when
-    none are given); ``who`` names the caller in the message."""
+    none are given); ``who`` names the caller in the message.
+
+    Example:
+        >>> from fxtrain.logging.writer import check_writer
+        >>> class Scalars:
+        ...     def write_scalars(self, step, scalars): pass
+        >>> check_writer(Scalars(), "log_metrics", "write_scalars")  # enough for log_metrics
+        >>> check_writer(Scalars(), "log_hparams", "write_hparams", "write_texts")
+        Traceback (most recent call last):
+        ...
+        TypeError: log_hparams: Scalars is not a writer: it has no write_hparams, write_texts
+        (use fx.logging.TensorBoardWriter, JsonlWriter, ConsoleWriter, or any clu MetricWriter)
+    """
     missing = [m for m in (methods or WRITER_METHODS) if not callable(getattr(writer, m, None))]
     if missing:
         raise TypeError(f"{who}: {type(writer).__name__} is not a writer: it has no "
@@ -69,5 +109,11 @@ def check_writer(writer: Any, who: str, *methods: str) -> None:
 
 
 def takes_binned_histograms(writer: Any) -> bool:
-    """Whether ``writer`` declares the ``binned_histograms`` capability."""
+    """Whether ``writer`` declares the ``binned_histograms`` capability.
+
+    Example:
+        >>> from fxtrain.logging.writer import takes_binned_histograms
+        >>> takes_binned_histograms(fx.logging.JsonlWriter), takes_binned_histograms(object())
+        (True, False)
+    """
     return bool(getattr(writer, "binned_histograms", False))

@@ -25,14 +25,40 @@ ScalarOrSchedule = float | torch.Tensor | Schedule
 
 
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``."""
+    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``.
+
+    Example:
+        A transform of your own is two pure functions; this one keeps the sign of each
+        gradient and counts its updates in a tensor:
+
+        >>> def scale_by_sign():
+        ...     def init(params):
+        ...         del params
+        ...         return torch.zeros((), dtype=torch.int64)  # its state: a step count
+        ...     def update(grads, count, params=None):
+        ...         del params
+        ...         return fx.tree.tree_map(torch.sign, grads), count + 1
+        ...     return fx.optim.GradientTransformation(init, update)
+        >>> tx = scale_by_sign()
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> count = tx.init(params)
+        >>> tx.update({"w": torch.tensor([0.3, -4.0])}, count, params)
+        ({'w': tensor([ 1., -1.])}, tensor(1))
+    """
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
 
 
 def identity() -> GradientTransformation:
-    """Passes updates through unchanged."""
+    """Passes updates through unchanged.
+
+    Example:
+        >>> tx = fx.optim.identity()
+        >>> state = tx.init({"w": torch.zeros(2)})  # None: no state
+        >>> tx.update({"w": torch.tensor([3.0, 4.0])}, state)
+        ({'w': tensor([3., 4.])}, None)
+    """
 
     def init(params):
         del params
@@ -46,7 +72,21 @@ def identity() -> GradientTransformation:
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
-    """Applies ``transforms`` in order; the state is the tuple of their states."""
+    """Applies ``transforms`` in order; the state is the tuple of their states.
+
+    Example:
+        Clip the gradient's global norm to 1, then take a step of -0.5 times it (the
+        optimizers in ``fx.optim`` are chains like this one):
+
+        >>> tx = fx.optim.chain(fx.optim.clip_by_global_norm(1.0), fx.optim.scale(-0.5))
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> state = tx.init(params)
+        >>> state  # one state per transform; these two have none
+        (None, None)
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, state, params)
+        >>> updates  # [3, 4] has norm 5: clipped to [0.6, 0.8], then scaled
+        {'w': tensor([-0.3000, -0.4000])}
+    """
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -65,5 +105,14 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
-    """``params + updates``, keeping each parameter's dtype."""
+    """``params + updates``, keeping each parameter's dtype.
+
+    Example:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> fx.optim.apply_updates(params, {"w": torch.tensor([-0.3, -0.4])})
+        {'w': tensor([ 0.7000, -2.4000])}
+        >>> fx.optim.apply_updates({"w": torch.ones(1, dtype=torch.bfloat16)},
+        ...                        {"w": torch.tensor([0.5])})  # a float32 update, bf16 param
+        {'w': tensor([1.5000], dtype=torch.bfloat16)}
+    """
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
