@@ -68,14 +68,19 @@ def profiler(logdir: str | os.PathLike, *, wait: int = 1, warmup: int = 1, activ
 
     Args:
       logdir: directory of the traces (created at train_begin).
-      wait, warmup, active, repeat: the ``torch.profiler.schedule``.
-      record_shapes, profile_memory, with_stack: passed to ``torch.profiler.profile``.
+      wait: steps skipped before each window (``torch.profiler.schedule``'s).
+      warmup: steps traced but not recorded, after ``wait``.
+      active: steps recorded in each window.
+      repeat: windows to record (0: until training ends).
+      record_shapes: passed to ``torch.profiler.profile``.
+      profile_memory: passed to ``torch.profiler.profile``.
+      with_stack: passed to ``torch.profiler.profile``.
       name: the callback's name.
 
     Returns:
       A host ``Callback`` without state.
 
-    Example:
+    Examples:
         Skip one step, warm up on one, record the next two:
 
         >>> import json, os, tempfile
@@ -160,7 +165,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
     Returns:
       A host ``Callback`` without state.
 
-    Example:
+    Examples:
         A ``print`` in the loss breaks the graph. Dynamo alone finds breaks, so this compiles
         with a light backend; the reports go to the ``fxtrain`` logger, shown here:
 
@@ -262,12 +267,13 @@ def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
 
     Args:
       train_step: the step as ``make_train_step`` returned it, not ``torch.compile``-d.
-      state, batch: the arguments of one call.
+      state: the state of that call.
+      batch: the batch of that call.
 
     Returns:
       A ``StepReport``; ``print(report)`` gives one line per break.
 
-    Example:
+    Examples:
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     loss = ((state.apply(params, x) - y) ** 2).mean()

@@ -3,7 +3,7 @@
 Without an initialized process group every function here is the single-process identity:
 rank 0 of 1, no communication. ``init()`` sets up the group from torchrun's environment.
 
-Example:
+Examples:
     >>> fx.distributed.rank(), fx.distributed.world_size(), fx.distributed.initialized()
     (0, 1, False)
     >>> fx.distributed.agree([False, True])  # any rank's True holds on all; alone, as given
@@ -48,7 +48,7 @@ def world_size() -> int:
 def is_rank_zero() -> bool:
     """Whether this process is rank 0, the one that writes (every process is, alone).
 
-    Example:
+    Examples:
         >>> fx.distributed.is_rank_zero()  # a single process is rank 0 of 1
         True
     """
@@ -61,7 +61,7 @@ def rank_zero(fn: Callable[..., Any]) -> Callable[..., Any]:
     The function form of ``fx.callbacks.rank_zero``: for host work inside a callback that
     must itself run on every rank (a stateful monitor whose readings only rank 0 writes).
 
-    Example:
+    Examples:
         >>> @fx.distributed.rank_zero
         ... def report(step, loss):
         ...     print(f"step {step}: loss {loss:.2f}")
@@ -85,7 +85,7 @@ def rank_zero_then_broadcast(fn: Callable[[], Any], what: str) -> Any:
     checkpoint. Without a process group, just ``fn()``. Another rank raises a RuntimeError
     naming ``what`` (rank 0 failed to ``what``) and rank 0's error.
 
-    Example:
+    Examples:
         >>> import os, tempfile
         >>> with tempfile.TemporaryDirectory() as d:
         ...     def write():  # only rank 0 touches the disk; every rank gets the path
@@ -126,7 +126,7 @@ def init(backend: str | None = None, timeout: datetime.timedelta = DEFAULT_TIMEO
     hangs) raises instead of blocking for ever. Without torchrun's variables (or with one
     process) nothing is initialized. The group is left at exit if the program has not left it.
 
-    Example:
+    Examples:
         >>> fx.distributed.init()  # not started by torchrun: one process, no group to join
         False
     """

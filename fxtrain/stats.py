@@ -19,7 +19,7 @@ def gradient_statistics(grads: dict[str, torch.Tensor],
 
     ``squared`` may pass in ``squared_norms`` of the gradients when they are already computed.
 
-    Example:
+    Examples:
         >>> grads = {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([0.0])}
         >>> fx.stats.gradient_statistics(grads)
         {'grad_norm/weight': tensor(5.), 'grad_norm/bias': tensor(0.),
@@ -43,7 +43,7 @@ def histograms(tensors: dict[str, torch.Tensor],
     (``fx.logging.Histogram.from_packed`` unpacks it). Non-finite entries are left out (with
     none finite, ``lo > hi`` and the counts are 0).
 
-    Example:
+    Examples:
         >>> t = torch.tensor([0.0, 0.1, 0.5, 1.0, float("nan")])
         >>> packed = fx.stats.histograms({"w": t}, bins=4)["w"]
         >>> packed  # lo, hi, then 4 counts; the NaN is not counted
@@ -71,7 +71,7 @@ def gradient_histograms(grads: dict[str, torch.Tensor],
                         bins: int = HISTOGRAM_BINS) -> dict[str, torch.Tensor]:
     """``histograms`` of the gradients, as the step's ``grad_hist/<name>`` metrics.
 
-    Example:
+    Examples:
         >>> grads = {"weight": torch.tensor([[3.0, 4.0]]), "bias": torch.tensor([0.0])}
         >>> fx.stats.gradient_histograms(grads, bins=2)
         {'grad_hist/weight': tensor([3., 4., 1., 1.]), 'grad_hist/bias': tensor([0., 0., 1., 0.])}
@@ -83,7 +83,7 @@ def unpack_histogram(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(edges, counts)`` from a packed ``[lo, hi, count_1, ..., count_n]`` (float64): n equal
     bins over ``[lo, hi]``; with nothing counted, ``lo > hi`` and the edges are all 0.
 
-    Example:
+    Examples:
         >>> edges, counts = fx.stats.unpack_histogram([-1.0, 1.0, 3.0, 5.0])
         >>> edges.tolist(), counts.tolist()
         ([-1.0, 0.0, 1.0], [3.0, 5.0])

@@ -142,7 +142,7 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
 
     ``skip`` is a Python bool (decided on the host) or a 0-d bool tensor (no sync).
 
-    Example:
+    Examples:
         >>> from fxtrain.step import revert_update
         >>> old = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> grads = {k: torch.ones_like(p) for k, p in old.params.items()}
@@ -249,7 +249,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
       optimizer records one), ``loss_scale`` under ``"16-mixed"`` and the aux values, all 0-d
       tensors.
 
-    Example:
+    Examples:
         >>> import torch.nn.functional as F
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
@@ -406,7 +406,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     ``metrics_fn(state, batch)`` returns a dict of metrics, a 0-d loss, or ``(loss, aux)``.
     The module runs in eval mode, without gradients, with randomness keyed on the state.
 
-    Example:
+    Examples:
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     return ((state.apply(params, x) - y) ** 2).mean()

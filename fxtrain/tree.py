@@ -23,7 +23,7 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
     Other leaves (``None`` marks an absent state) pass through from ``tree`` unchanged. A flat
     dict of tensors (the parameter layout) takes a direct path: fewer guards when compiled.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.5])}
         >>> fx.tree.tree_map(lambda p: 2 * p, params)
         {'w': tensor([2., 4.]), 'b': tensor([1.])}
@@ -47,7 +47,7 @@ def _apply(fn: Callable, x: Any, *xs: Any) -> Any:
 def tree_zeros_like(tree: Any) -> Any:
     """``tree`` with every tensor leaf replaced by zeros of its shape and dtype.
 
-    Example:
+    Examples:
         >>> fx.tree.tree_zeros_like({"w": torch.ones(2, dtype=torch.float64), "n": None})
         {'w': tensor([0., 0.], dtype=torch.float64), 'n': None}
     """
@@ -58,7 +58,7 @@ def tree_select(pred: torch.Tensor, on_true: Any, on_false: Any) -> Any:
     """Leafwise ``torch.where(pred, a, b)``: a branch-free choice between two trees (a leaf
     that is the same tensor in both is kept as it is).
 
-    Example:
+    Examples:
         >>> new, old = {"w": torch.tensor([1.0, 2.0])}, {"w": torch.tensor([0.0, 0.0])}
         >>> fx.tree.tree_select(torch.tensor(True), new, old)
         {'w': tensor([1., 2.])}
@@ -79,7 +79,7 @@ def first_leaf(tree: Any) -> torch.Tensor:
 def global_norm(tree: Any) -> torch.Tensor:
     """sqrt(sum of squares of every leaf), accumulated in float32 or wider.
 
-    Example:
+    Examples:
         >>> fx.tree.global_norm({"a": torch.tensor([3.0, 0.0]), "b": torch.tensor([4.0])})
         tensor(5.)
         >>> fx.tree.global_norm([torch.full((2,), 300.0, dtype=torch.float16)])  # 300**2 > fp16 max
@@ -104,7 +104,7 @@ def path_str(path: tuple) -> str:
 def leaves_with_paths(tree: Any) -> list[tuple[str, Any]]:
     """``[(path, leaf), ...]`` in torch pytree order, paths like ``.params['w']``.
 
-    Example:
+    Examples:
         >>> fx.tree.leaves_with_paths({"params": {"w": torch.zeros(2)}, "step": torch.tensor(3)})
         [("['params']['w']", tensor([0., 0.])), ("['step']", tensor(3))]
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
@@ -145,7 +145,7 @@ def _same_leaf(a: Any, b: Any) -> bool:
 def check_same_structure(expected: Any, got: Any, what: str) -> None:
     """Raises ValueError listing missing, unexpected and reshaped paths if the trees differ.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.zeros(2, 3), "b": torch.zeros(3)}
         >>> fx.tree.check_same_structure(params, {"w": torch.ones(2, 3), "b": torch.ones(3)},
         ...                              "the gradients")  # same paths and shapes: silent
@@ -197,7 +197,7 @@ def tree_digest(tree: Any) -> str:
     resumed run can be compared with an uninterrupted one. Like dict equality, it does not
     depend on the order in which a dict's keys were inserted.
 
-    Example:
+    Examples:
         >>> a = {"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([0.0])}
         >>> digest = fx.tree_digest(a)
         >>> len(digest), digest == fx.tree_digest({"b": torch.tensor([0.0]), "w": a["w"].clone()})

@@ -199,3 +199,11 @@ def test_bad_inputs_are_clear_errors():
         hf_callback(Recorder(), args=42)
     with pytest.raises(ValueError, match="log_every"):
         hf_callback(Recorder(), log_every=0)
+
+
+def test_making_the_callback_leaves_no_directory_behind(tmp_path, monkeypatch):
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    for _ in range(3):
+        cb = hf_callback(transformers.TrainerCallback())
+        _begin(cb, _state(cb))
+    assert not list(tmp_path.iterdir())  # it once made a directory per call, never removed

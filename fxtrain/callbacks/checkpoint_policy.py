@@ -43,7 +43,7 @@ def checkpoint_policy(every: int | None = None, *, monitor: str | None = None, m
       min_delta: the smallest change that counts as an improvement.
       name: the key of its state in ``state.callbacks``.
 
-    Example:
+    Examples:
         A save every 5 steps and at each better evaluation (every 2 steps); with a learning
         rate far too high only the first evaluation is the best, and the manager keeps it:
 

@@ -27,7 +27,7 @@ __all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callbac
 def as_callback(cb: Callable) -> Callback:
     """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it).
 
-    Example:
+    Examples:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> cb = fx.callbacks.as_callback(show)
@@ -85,7 +85,7 @@ def every(n: int, cb: Callable) -> Callback:
     steps without calling it (``Callback.period``); inside a step it runs every step and its
     result is kept only on due steps.
 
-    Example:
+    Examples:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> def loss_fn(state, params, batch):
@@ -113,7 +113,7 @@ def every(n: int, cb: Callable) -> Callback:
 def on_steps(steps: Collection[int], cb: Callable) -> Callback:
     """Runs ``cb`` on step_end events at the given steps (other kinds reach it unchanged).
 
-    Example:
+    Examples:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> cb = fx.callbacks.on_steps([1, 10], show)
@@ -142,7 +142,7 @@ def every_secs(seconds: float, cb: Callable, *,
     The first run is ``seconds`` after the first event it sees. Events of other kinds reach
     ``cb`` unchanged.
 
-    Example:
+    Examples:
         With a fake clock, steps of 25 s, and a report at most once a minute:
 
         >>> def show(state, event):
@@ -180,7 +180,7 @@ def every_secs(seconds: float, cb: Callable, *,
 def on(kind: str, cb: Callable) -> Callback:
     """Runs ``cb`` only on events of ``kind``.
 
-    Example:
+    Examples:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> cb = fx.callbacks.on("eval_end", show)
@@ -202,7 +202,7 @@ def rank_zero(cb: Callable) -> Callback:
     The rank is looked up at each train_begin (and at the first event, outside ``fit``), not
     per event: a logging callback called every step pays one comparison for it.
 
-    Example:
+    Examples:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> cb = fx.callbacks.rank_zero(show)
@@ -228,7 +228,7 @@ def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Call
 
     Each hook is ``f(state, event)`` and returns ``(state, control)``, or None to change nothing.
 
-    Example:
+    Examples:
         >>> cb = fx.callbacks.lambda_callback(
         ...     on_train_end=lambda s, e: print("done at", e.step),
         ...     on_eval_end=lambda s, e: (s, fx.Control(stop=e.metrics["loss"] < 0.1)))

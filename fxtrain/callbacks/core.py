@@ -29,7 +29,7 @@ EVENT_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "checkpoint",
 class Event:
     """Something that happened in the loop; ``metrics`` is a dict of 0-d tensors or numbers.
 
-    Example:
+    Examples:
         >>> event = fx.Event("step_end", step=10, metrics={"loss": torch.tensor(0.5)})
         >>> event.kind, event.step, event.epoch, event.metrics["loss"]
         ('step_end', 10, 0, tensor(0.5000))
@@ -59,7 +59,7 @@ class Control:
     (params, buffers and optimizer state go back to their values before it), as ``nan_guard``
     does for a non-finite step.
 
-    Example:
+    Examples:
         >>> fx.Control(save=True) | fx.Control(stop=True)
         Control(stop=True, save=True, evaluate=False, log=False, skip=False)
 
@@ -114,7 +114,7 @@ class Callback:
       period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold calls it on step_end only at
         multiples of ``period``, so a periodic callback costs nothing between its steps.
 
-    Example:
+    Examples:
         A callback that counts steps in its state, a tensor, so it also runs inside a step:
 
         >>> def count(state, event):
@@ -162,7 +162,7 @@ def name_of(cb: Callable) -> str:
 def callback_state(state: Any, name: str) -> Any:
     """The state of the callback called ``name``.
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
         ...                              callbacks=[fx.callbacks.nan_guard()])
         >>> fx.callbacks.callback_state(state, "nan_guard")
@@ -185,7 +185,7 @@ def set_callback_state(state: Any, name: str, value: Any) -> Any:
     """``state`` with the callback called ``name`` holding ``value`` (a new state; the pair of
     ``callback_state``).
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> new = fx.callbacks.set_callback_state(state, "best", torch.tensor(0.25))
         >>> fx.callbacks.callback_state(new, "best"), state.callbacks  # state is unchanged
@@ -209,7 +209,7 @@ def _stateful(callbacks: Sequence[Callable]) -> list[Callback]:
 def init_states(callbacks: Sequence[Callable], state: Any) -> dict[str, Any] | None:
     """``{name: init(state)}`` for the stateful callbacks; duplicate names are an error.
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> fx.callbacks.init_states([fx.callbacks.nan_guard(), print], state)  # print: no state
         {'nan_guard': NanGuardState(skipped=tensor(0), flagged=tensor(False))}
@@ -230,7 +230,7 @@ def init(callbacks: Sequence[Callable], state: Any) -> Any:
 
     For a loop of your own (``fx.fit`` does this itself); states already there are kept.
 
-    Example:
+    Examples:
         >>> guard = fx.callbacks.nan_guard()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> state = fx.callbacks.init([guard], state)
@@ -260,7 +260,7 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
     Returns the last state and the controls merged with ``|``; a callback that returns None
     changes nothing.
 
-    Example:
+    Examples:
         >>> def show(state, event):  # an observer
         ...     print("saw", event.kind, "at step", event.step)
         >>> def stop_at_2(state, event):

@@ -31,7 +31,7 @@ class EarlyStoppingState:
 def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
     """``event.metrics[monitor]`` as a float64 tensor; a clear error if it is missing.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.early_stopping import monitored_value
         >>> event = fx.Event("eval_end", 10, metrics={"loss": 0.5})
         >>> monitored_value(event, "loss", torch.device("cpu"))
@@ -52,7 +52,7 @@ def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
                 min_delta: float) -> torch.Tensor:
     """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does).
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.early_stopping import improvement
         >>> best = torch.tensor(1.0)
         >>> improvement(torch.tensor(0.95), best, "min", 0.1)  # better, but by less than 0.1
@@ -93,7 +93,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
     checkpoint saved after the stop ends at once), and inside a step it also asks to skip further
     updates, so the parameters stay where it stopped until the loop reads the flag.
 
-    Example:
+    Examples:
         Evaluate after every step with a learning rate far too high: the evaluation loss only
         grows after the first, so training stops after two evaluations without improvement,
         and ``restore_best`` puts the best parameters back at the end:

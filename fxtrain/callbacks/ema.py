@@ -23,7 +23,7 @@ def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
       every: update every ``every`` steps.
       name: the key of its state in ``state.callbacks``.
 
-    Example:
+    Examples:
         Inside the step (it does tensor maths only; on the host, pass it to ``fx.fit``):
 
         >>> def loss_fn(state, params, batch):
@@ -59,7 +59,7 @@ def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
 def with_ema_params(state, name: str = "ema"):
     """``state`` with the moving-average parameters in place of the trained ones.
 
-    Example:
+    Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
         ...                              callbacks=[fx.callbacks.ema()])
         >>> average = {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}

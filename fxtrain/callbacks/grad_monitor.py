@@ -69,7 +69,7 @@ def grad_monitor(every: int = 1, *, per_layer: bool = True, vanishing: float = 1
     Returns:
       A callback whose state holds ``norms`` and the ``vanishing``/``exploding`` step counts.
 
-    Example:
+    Examples:
         Inside the step, where it turns the per-layer norms on:
 
         >>> def loss_fn(state, params, batch):

@@ -77,7 +77,9 @@ def _training_arguments(overrides: Any, log_every: int) -> tuple[Any, bool]:
                         f"TrainingArguments, got {type(overrides).__name__}")
     kw = {"report_to": "none", "eval_strategy": "steps", "save_strategy": "steps",
           "logging_steps": log_every, **(overrides or {})}
-    kw.setdefault("output_dir", tempfile.mkdtemp(prefix="fxtrain_hf_"))
+    # a name only: TrainingArguments wants one, fxtrain never writes there (and making a
+    # directory per call, as mkdtemp did, left one behind each time)
+    kw.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "fxtrain_hf_unused"))
     args = tf.TrainingArguments.__new__(tf.TrainingArguments)
     _place(args, torch.device("cpu"))
     try:
@@ -246,7 +248,7 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
     Returns:
       A host ``Callback`` whose state is a dict of Python values.
 
-    Example:
+    Examples:
         transformers' early stopping on a run whose learning rate is far too high: the
         evaluation loss grows after the first, so it stops after two evaluations.
 

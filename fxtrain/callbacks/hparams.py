@@ -32,7 +32,7 @@ def flatten_config(config: Any, prefix: str = "") -> dict[str, bool | int | floa
     Numbers, strings and bools stay as they are; 0-d tensors become numbers; anything else
     (lists, None, devices, dtypes) becomes its JSON or ``str`` text.
 
-    Example:
+    Examples:
         >>> import dataclasses
         >>> from fxtrain.callbacks.hparams import flatten_config
         >>> @dataclasses.dataclass
@@ -107,7 +107,7 @@ def archive_code(code_dir: str | os.PathLike, dest_dir: str | os.PathLike, step:
     archive is never replaced: a second one at the same step gets ``-1``, ``-2``... The
     archive appears complete or not at all (written under a temporary name, then renamed).
 
-    Example:
+    Examples:
         >>> import tarfile, tempfile
         >>> from pathlib import Path
         >>> from fxtrain.callbacks.hparams import archive_code
@@ -151,7 +151,7 @@ def log_hparams(writer: Any, config: Any, code_dir: str | os.PathLike | None = N
     archive's name is recorded as the ``code_archive`` hyperparameter. A resumed run writes
     both again, at its own step: its code may have changed. Runs on rank 0 only.
 
-    Example:
+    Examples:
         >>> class Show:
         ...     def write_hparams(self, hparams):
         ...         print(hparams)

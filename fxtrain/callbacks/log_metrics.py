@@ -113,7 +113,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
         (``log_eval_metrics``).
       name: the callback's name.
 
-    Example:
+    Examples:
         >>> import tempfile
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
@@ -179,7 +179,7 @@ def log_eval_metrics(writer: Any, *, prefix: str = "eval/",
     are histograms. A Collection's metrics arrive as ``<collection key>/<metric>``. Runs on
     rank 0 only.
 
-    Example:
+    Examples:
         >>> class Show:
         ...     def write_scalars(self, step, scalars):
         ...         print(step, {k: round(v, 4) for k, v in scalars.items()})

@@ -78,7 +78,7 @@ def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 
     ``fx.logging.Histogram`` histograms. ``fn`` runs under ``torch.no_grad`` with the module in
     eval mode. Runs on rank 0 only.
 
-    Example:
+    Examples:
         The model's output over a grid of inputs, as a grey-scale image, with a number and a
         text:
 
@@ -146,7 +146,7 @@ def text_samples(writer: Any, generate_fn: Callable[[Any, str], str], prompts: S
     ``fx.random.categorical(fx.random.fold_in(fx.random.step_key(state.rng, state.step), i),
     logits)``. Runs on rank 0 only.
 
-    Example:
+    Examples:
         A "calculator" model that adds two numbers, completing prompts (a language model
         would encode the prompt, run ``state.apply``, sample and decode):
 

@@ -45,7 +45,7 @@ def model_watch(writer: Any, log: str = "gradients", every: int = 500, *,
     ``grad_stats="histograms"`` their histograms are written too, and without it a warning says
     so once.
 
-    Example:
+    Examples:
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     return ((state.apply(params, x) - y) ** 2).mean()

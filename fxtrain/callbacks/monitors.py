@@ -25,7 +25,7 @@ __all__ = ["lr_monitor", "throughput", "memory_monitor", "process_memory"]
 def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor") -> Callback:
     """Publishes the learning rate and the other injected hyperparameters every ``every`` steps.
 
-    Example:
+    Examples:
         A learning rate decaying linearly from 0.1 to 0 over 4 steps (the rate each update
         used), and an optimizer with injected hyperparameters:
 
@@ -79,7 +79,7 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
       writer: where readings go (default the log).
       time_fn: the clock (injectable for tests).
 
-    Example:
+    Examples:
         On a fake clock where each reading is 0.5 s after the last, windows of 2 steps:
 
         >>> import itertools
@@ -138,7 +138,7 @@ def _wait_for(metrics) -> None:
 def process_memory() -> dict[str, float]:
     """This process's resident memory, and CUDA allocated/peak/reserved when in use, in MiB.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.monitors import process_memory
         >>> process_memory()  # and memory/cuda_* once CUDA is in use
         {'memory/cpu_rss_mib': ...}
@@ -175,7 +175,7 @@ def memory_monitor(every: int = 100, *, writer: Any = None,
 
     Also at train_end, so a run's last reading is its final size.
 
-    Example:
+    Examples:
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     return ((state.apply(params, x) - y) ** 2).mean()

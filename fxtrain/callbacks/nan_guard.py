@@ -32,7 +32,7 @@ class NanGuardState:
 def is_finite_step(metrics) -> torch.Tensor:
     """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.nan_guard import is_finite_step
         >>> is_finite_step({"loss": torch.tensor(0.5), "grad_norm": torch.tensor(1.0)})
         tensor(True)
@@ -57,7 +57,7 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
       max_skips: with "skip", stop once this many steps were skipped in total.
       name: the key of its state in ``state.callbacks``.
 
-    Example:
+    Examples:
         A batch with a NaN target: its step is skipped, the others train.
 
         >>> def loss_fn(state, params, batch):
@@ -99,7 +99,7 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
 def flagged(state) -> bool:
     """Whether a ``nan_guard`` in ``state`` flagged the last step (one read of device flags).
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.nan_guard import NanGuardState, flagged
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
         ...                              callbacks=[fx.callbacks.nan_guard("skip")])

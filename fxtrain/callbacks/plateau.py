@@ -47,7 +47,7 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
       event: "eval_end" (host) or "step_end" (also inside a compiled step).
       name: the key of its state in ``state.callbacks``.
 
-    Example:
+    Examples:
         Evaluation losses that stop improving after the second, fed to the callback directly
         (``fx.fit`` does this at each evaluation):
 

@@ -179,7 +179,7 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
     Returns:
       A stateless host ``Callback``.
 
-    Example:
+    Examples:
         Two epochs of 8 steps with an evaluation at each epoch end. The ``...`` stand for the
         bars' redraws (with terminal control codes), their timings and the values shown:
 

@@ -26,7 +26,7 @@ def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
     """The step metrics that are logged as numbers: all but the in-step control flags and the
     gradient histograms (``grad_hist/*``, written by ``model_watch``).
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.publish import loggable
         >>> metrics = {"loss": torch.tensor(0.5), "control/stop": torch.tensor(False),
         ...            "grad_hist/weight": torch.zeros(66)}
@@ -41,7 +41,7 @@ def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) 
     """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``; on
     rank 0 only under torch.distributed.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.publish import publish
         >>> class Show:
         ...     def write_scalars(self, step, scalars):

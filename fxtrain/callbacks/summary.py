@@ -39,7 +39,7 @@ def parameter_counts(state: Any) -> dict[str, int]:
       ``{"total", "trainable", "frozen", "buffers", "param_bytes", "buffer_bytes"}``; total is
       trainable + frozen.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.summary import parameter_counts
         >>> model = nn.Sequential(nn.Linear(8, 4), nn.BatchNorm1d(4))
         >>> _ = model[0].bias.requires_grad_(False)  # a frozen parameter
@@ -90,7 +90,7 @@ def describe_optimizer(opt_state: Any) -> str:
     Returns:
       The outline, e.g. ``"chain(scale_by_adam, scale_by_learning_rate)"``; "" if nothing shows.
 
-    Example:
+    Examples:
         >>> from fxtrain.callbacks.summary import describe_optimizer
         >>> params = {"w": torch.zeros(2)}
         >>> describe_optimizer(fx.optim.adam(1e-3).init(params))
@@ -193,7 +193,7 @@ def summary(*, file: TextIO | None = None, name: str = "summary") -> Callback:
     Returns:
       A stateless host ``Callback``.
 
-    Example:
+    Examples:
         >>> import sys
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch

@@ -21,7 +21,7 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
           name: str = "timer") -> Callback:
     """Asks to stop once training has run ``max_seconds`` in total (over resumes too).
 
-    Example:
+    Examples:
         A fake clock on which 10 s pass between events, and a budget of 25 s:
 
         >>> import itertools

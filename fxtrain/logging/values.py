@@ -26,7 +26,7 @@ _warned: set[str] = set()
 def as_array(value: Any) -> np.ndarray:
     """A numpy array of ``value`` (a tensor on any device, an array or a number).
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.values import as_array
         >>> a = as_array(torch.tensor([0.5, 2.0], dtype=torch.bfloat16))  # numpy has no bf16
         >>> a.tolist(), a.dtype
@@ -44,7 +44,7 @@ def scalar_values(mapping: Mapping[str, Any]) -> dict[str, float]:
     """``{key: float}`` (device tensors read in one transfer per device); a non-finite value is
     kept (as NaN or inf) and warned about once per key.
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.values import scalar_values
         >>> scalar_values({"loss": torch.tensor(0.25), "epoch": 3})
         {'loss': 0.25, 'epoch': 3.0}
@@ -70,7 +70,7 @@ def image_batch(key: str, value: Any) -> np.ndarray:
     """``[N, H, W, C]`` uint8 from ``[N, H, W, C]`` or ``[H, W, C]`` (floats in [0, 1]) or a
     matplotlib figure (drawn, left open: the caller owns it).
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.values import image_batch
         >>> images = image_batch("samples", torch.full((8, 8, 3), 0.5))
         >>> images.shape, images.dtype, int(images.max())
@@ -123,7 +123,7 @@ class Histogram:
     ``[edges[i], edges[i + 1])``. fxtrain's writers take it in ``write_histograms`` wherever
     they take raw values, so a large tensor never has to be copied to the host to be plotted.
 
-    Example:
+    Examples:
         >>> h = fx.logging.Histogram(edges=[0.0, 1.0, 2.0], counts=[3, 1])
         >>> h.centres.tolist(), h.counts.tolist()
         ([0.5, 1.5], [3.0, 1.0])
@@ -151,7 +151,7 @@ class Histogram:
         """From ``[lo, hi, count_1, ..., count_n]`` (``fxtrain.stats.histograms``): n equal
         bins over ``[lo, hi]``.
 
-        Example:
+        Examples:
             >>> weights = torch.tensor([0.0, 1.0, 1.5, 2.0])
             >>> packed = fx.stats.histograms({"w": weights}, bins=2)["w"]  # binned on device
             >>> h = fx.logging.Histogram.from_packed(packed)
@@ -198,7 +198,7 @@ def buckets(num_buckets: int | Mapping[str, int] | None, key: str) -> int | None
 def markdown_table(rows: Mapping[str, Any] | np.ndarray) -> str:
     """A markdown table of ``{key: value}`` or of a 2-D array (rows by columns).
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.values import markdown_table
         >>> print(markdown_table({"lr": 0.001, "model": "mlp"}))
         | key | value |

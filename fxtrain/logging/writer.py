@@ -24,7 +24,7 @@ __all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms"
 class Writer(Protocol):
     """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface).
 
-    Example:
+    Examples:
         A class with the nine methods is a writer, without inheriting from this one:
 
         >>> class PrintWriter:
@@ -90,7 +90,7 @@ def check_writer(writer: Any, who: str, *methods: str) -> None:
     """Raises a TypeError naming what ``writer`` lacks of ``methods`` (all of ``Writer``'s when
     none are given); ``who`` names the caller in the message.
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.writer import check_writer
         >>> class Scalars:
         ...     def write_scalars(self, step, scalars): pass
@@ -111,7 +111,7 @@ def check_writer(writer: Any, who: str, *methods: str) -> None:
 def takes_binned_histograms(writer: Any) -> bool:
     """Whether ``writer`` declares the ``binned_histograms`` capability.
 
-    Example:
+    Examples:
         >>> from fxtrain.logging.writer import takes_binned_histograms
         >>> takes_binned_histograms(fx.logging.JsonlWriter), takes_binned_histograms(object())
         (True, False)

@@ -27,7 +27,7 @@ ScalarOrSchedule = float | torch.Tensor | Schedule
 class GradientTransformation(NamedTuple):
     """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``.
 
-    Example:
+    Examples:
         A transform of your own is two pure functions; this one keeps the sign of each
         gradient and counts its updates in a tensor:
 
@@ -53,7 +53,7 @@ class GradientTransformation(NamedTuple):
 def identity() -> GradientTransformation:
     """Passes updates through unchanged.
 
-    Example:
+    Examples:
         >>> tx = fx.optim.identity()
         >>> state = tx.init({"w": torch.zeros(2)})  # None: no state
         >>> tx.update({"w": torch.tensor([3.0, 4.0])}, state)
@@ -74,7 +74,7 @@ def identity() -> GradientTransformation:
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
     """Applies ``transforms`` in order; the state is the tuple of their states.
 
-    Example:
+    Examples:
         Clip the gradient's global norm to 1, then take a step of -0.5 times it (the
         optimizers in ``fx.optim`` are chains like this one):
 
@@ -107,7 +107,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 def apply_updates(params: Params, updates: Updates) -> Params:
     """``params + updates``, keeping each parameter's dtype.
 
-    Example:
+    Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> fx.optim.apply_updates(params, {"w": torch.tensor([-0.3, -0.4])})
         {'w': tensor([ 0.7000, -2.4000])}
