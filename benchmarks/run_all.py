@@ -1,8 +1,9 @@
 """Runs every benchmark in this folder, then rewrites RESULTS.md and results.png from the results.
 
 Each script runs in its own process, one after the other (so JAX's thread settings, Dynamo's
-caches and the checkpoint files of one never touch another); its ``main(argv)`` returns its
-results, which come back as JSON. The report (report.py) is written from those results and a
+caches and the checkpoint files of one never touch another, and no measurement shares the
+machine; ``--smoke`` runs two at a time, as its numbers are not reported); its ``main(argv)``
+returns its results, which come back as JSON. The report (report.py) is written from those results and a
 description of the machine; results.json keeps them, so ``--report-only`` can rewrite the report
 without measuring again.
 
@@ -25,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,6 +40,7 @@ BENCHMARKS = {
     "compile_time": ["--rounds", "1"],
     "transformer": ["--depths", "2", "4", "--steps", "20", "--curve", "320"],
 }
+SMOKE_JOBS = 2  # smoke runs side by side (the CI machine has 2 cores)
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",
             "orbax-checkpoint", "safetensors", "tqdm", "rich")
 
@@ -62,19 +65,23 @@ def machine() -> dict:
             "load_before": os.getloadavg(), "temp_fs": filesystem(Path(tempfile.gettempdir()))}
 
 
-def run_child(name: str, argv: list[str]) -> dict:
-    """``benchmarks/<name>.py``'s ``main(argv)`` in a fresh process; its results, and how long
-    it took (or why it failed)."""
+def run_child(name: str, argv: list[str], capture: bool = False) -> tuple[dict, str]:
+    """``benchmarks/<name>.py``'s ``main(argv)`` in a fresh process: its entry (its results, and
+    how long it took, or why it failed) and, with ``capture``, its output (else it is printed
+    as it comes)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "results.json"
         start = time.perf_counter()
         done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", name,
-                               str(out), *argv], cwd=HERE.parent)
+                               str(out), *argv], cwd=HERE.parent, text=True,
+                              stdout=subprocess.PIPE if capture else None,
+                              stderr=subprocess.STDOUT if capture else None)
         seconds = time.perf_counter() - start
         if done.returncode:
             return {"argv": argv, "seconds": seconds,
-                    "failed": f"exit code {done.returncode} (its output is above)"}
-        return {"argv": argv, "seconds": seconds, "results": json.loads(out.read_text())}
+                    "failed": f"exit code {done.returncode} (its output is above)"}, done.stdout
+        return ({"argv": argv, "seconds": seconds, "results": json.loads(out.read_text())},
+                done.stdout)
 
 
 def child(name: str, out: str, argv: list[str]) -> None:
@@ -102,12 +109,20 @@ def arguments(argv) -> argparse.Namespace:
 
 
 def run(names: list[str], smoke: bool) -> tuple[dict, float]:
-    """Runs the named benchmarks in turn: their entries and the seconds it took."""
+    """Runs the named benchmarks in turn (smoke runs, which time nothing that is reported, two
+    at a time, the longest first): their entries and the seconds it took."""
     entries, start = {}, time.perf_counter()
+    if smoke:
+        with ThreadPoolExecutor(SMOKE_JOBS) as pool:
+            running = {name: pool.submit(run_child, name, ["--smoke"], True)
+                       for name in sorted(names, key=list(BENCHMARKS).index, reverse=True)}
+            for name in names:
+                entries[name], output = running[name].result()
+                print(f"\n=== {name} --smoke\n{output}", end="", flush=True)
+        return entries, time.perf_counter() - start
     for name in names:
-        full = BENCHMARKS[name]
-        print(f"\n=== {name} {' '.join(['--smoke'] if smoke else full)}", flush=True)
-        entries[name] = run_child(name, ["--smoke"] if smoke else full)
+        print(f"\n=== {name} {' '.join(BENCHMARKS[name])}", flush=True)
+        entries[name], _ = run_child(name, BENCHMARKS[name])
     return entries, time.perf_counter() - start
 
 

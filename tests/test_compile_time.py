@@ -1,10 +1,7 @@
 """What keyed randomness costs the compiler: a step derives its keys with fxtrain's own operators,
 once, and dropout adds little to compiling a step (its inlined hash chains once made a 2-layer
-GPT-2 step compile 5x slower). The measurements: benchmarks/compile_time.py."""
-
-import importlib
-import sys
-from pathlib import Path
+GPT-2 step compile 5x slower). The measurements: benchmarks/compile_time.py (its smoke run is
+checked in test_benchmarks.py)."""
 
 import pytest
 import torch
@@ -14,7 +11,6 @@ from torch._inductor.utils import run_and_get_code
 
 import fxtrain as fx
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 NO_CACHES = {"fx_graph_cache": False}
 
 
@@ -76,22 +72,6 @@ def test_dropout_adds_little_to_code_generation():
     # each of the two masks is one hash round (0x7FEB352D its multiplier), drawn in the forward
     # and again in the backward; deriving the keys adds none (it runs in fxtrain's operators)
     assert with_dropout.count(str(0x7FEB352D)) <= 2 * 2
-
-
-@pytest.mark.slow
-def test_compile_time_benchmark_smoke(tmp_path):
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        bench = importlib.import_module("compile_time")
-    finally:
-        sys.path.remove(str(BENCHMARKS))
-    record = bench.main(["--smoke", "--out", str(tmp_path / "out.json")])
-    summary = record["summary"]
-    assert set(summary) == set(bench.SMOKE)
-    fxtrain = summary["fxtrain"]
-    assert fxtrain["cold"]["graphs"] == 1 and not fxtrain["cold"]["recompiled"]
-    assert fxtrain["warm"]["first_step_s"] < fxtrain["cold"]["first_step_s"]
-    assert (tmp_path / "out.json").exists()
 
 
 def test_python_tensor_methods_compile_and_cache_under_keyed():
