@@ -258,7 +258,7 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
 
 @pytest.mark.slow
 def test_default_demo_reaches_its_stated_accuracy(tmp_path):
-    """The README's demo, with its default flags: at least 95% on the held-out digits."""
+    """The demo (docs/demo.md), with its default flags: at least 95% on the held-out digits."""
     with reaped(run_cli(tmp_path, env={**os.environ, "PYTHONHASHSEED": "0"})) as proc:
         out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]

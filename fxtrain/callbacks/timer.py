@@ -46,6 +46,7 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
     clock: dict[str, float] = {}  # this process: when it began, the state's elapsed then
 
     def init(state):
+        del state
         return {"elapsed": 0.0}
 
     def fn(state, event):
