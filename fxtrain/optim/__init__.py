@@ -5,8 +5,12 @@ import warnings as _warnings
 from ..tree import global_norm
 from .aliases import adam, adamw, lion, rmsprop, sgd
 from .base import GradientTransformation, Schedule, apply_updates, chain, identity
-from .schedules import (constant_schedule, cosine_decay_schedule, exponential_decay,
-                        join_schedules, linear_schedule, warmup_cosine_decay_schedule)
+from .schedules import (constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
+                        exponential_decay, join_schedules, linear_onecycle_schedule,
+                        linear_schedule, piecewise_constant_schedule,
+                        piecewise_interpolate_schedule, polynomial_schedule, sgdr_schedule,
+                        warmup_constant_schedule, warmup_cosine_decay_schedule,
+                        warmup_exponential_decay_schedule)
 from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLionState,
                          ScaleByRmsState, TraceState, add_decayed_weights, clip_by_global_norm,
                          scale, scale_by_adam, scale_by_learning_rate, scale_by_lion, scale_by_rms,
@@ -19,7 +23,10 @@ __all__ = [
     "GradientTransformation", "Schedule", "apply_updates", "chain", "global_norm", "identity",
     "sgd", "adam", "adamw", "lion", "rmsprop", "constant_schedule",
     "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
-    "warmup_cosine_decay_schedule", "ScaleByAdamState", "ScaleByLearningRateState",
+    "warmup_cosine_decay_schedule", "cosine_onecycle_schedule", "linear_onecycle_schedule",
+    "piecewise_constant_schedule", "piecewise_interpolate_schedule", "polynomial_schedule",
+    "sgdr_schedule", "warmup_constant_schedule", "warmup_exponential_decay_schedule",
+    "ScaleByAdamState", "ScaleByLearningRateState",
     "ScaleByLionState", "ScaleByRmsState", "TraceState", "add_decayed_weights",
     "clip_by_global_norm", "scale", "scale_by_adam", "scale_by_learning_rate", "scale_by_lion",
     "scale_by_rms", "scale_by_schedule", "trace", "ApplyIfFiniteState", "InjectHyperparamsState",
