@@ -13,6 +13,8 @@ from fxtrain import optim
 from helpers import extra, graph_count
 
 STEPS = 60
+MASK = {"w": True, "b": False, "s": True}  # a dict of bools by name: a mask for optax and us
+OTHER = {"w": False, "b": True, "s": True}
 
 
 def _params(dtype=torch.float64):
@@ -51,6 +53,20 @@ OPTAX = {
     "radam_args": (lambda: optim.radam(0.02, b2=0.9, eps_root=1e-6, threshold=4.5, nesterov=True),
                    lambda o: o.radam(0.02, b2=0.9, eps_root=1e-6, threshold=4.5, nesterov=True)),
     "scale_by_radam": (lambda: optim.scale_by_radam(), lambda o: o.scale_by_radam()),
+    "clip": (lambda: optim.chain(optim.clip(0.5), optim.scale(-0.1)),
+             lambda o: o.chain(o.clip(0.5), o.scale(-0.1))),
+    "lamb": (lambda: optim.lamb(0.02, weight_decay=0.1), lambda o: o.lamb(0.02, weight_decay=0.1)),
+    "lamb_masked": (lambda: optim.lamb(0.02, eps_root=1e-6, weight_decay=0.1, mask=MASK),
+                    lambda o: o.lamb(0.02, eps_root=1e-6, weight_decay=0.1, mask=MASK)),
+    "scale_by_trust_ratio": (
+        lambda: optim.chain(optim.scale_by_trust_ratio(0.1, 0.5, 1e-3), optim.scale(-0.01)),
+        lambda o: o.chain(o.scale_by_trust_ratio(0.1, 0.5, 1e-3), o.scale(-0.01))),
+    "lars": (lambda: optim.lars(0.5, weight_decay=0.1), lambda o: o.lars(0.5, weight_decay=0.1)),
+    "lars_masked": (
+        lambda: optim.lars(0.5, weight_decay=0.1, weight_decay_mask=MASK, trust_coefficient=0.01,
+                           eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True),
+        lambda o: o.lars(0.5, weight_decay=0.1, weight_decay_mask=MASK, trust_coefficient=0.01,
+                         eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True)),
 }
 
 
@@ -102,6 +118,22 @@ def test_equals_optax_in_float64(name, x64):
     assert moved > 1e-3, f"{name} hardly moved the parameters ({moved:.3g})"
     diff = _max_diff(a, b)
     assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {STEPS} steps"
+
+
+def test_zero_nans_equals_optax(x64):
+    optax = extra("optax")
+    params = _params()
+    grads = _grads(params)
+    for i, grad in enumerate(grads[::3]):
+        grad["w"][i % 5, i % 3] = float("nan")
+    ours = optim.chain(optim.zero_nans(), optim.scale(-0.1))
+    theirs = optax.chain(optax.zero_nans(), optax.scale(-0.1))
+    diff = _max_diff(_run_fx(ours, params, grads), _run_optax(theirs, params, grads))
+    assert diff <= 1e-7
+    _, (state, _) = ours.update(grads[0], ours.init(params), params)
+    _, (ref_state, _) = theirs.update(_to_jax(grads[0]), theirs.init(_to_jax(params)))
+    assert {k: bool(v) for k, v in state.found_nan.items()} == {
+        k: bool(v) for k, v in ref_state.found_nan.items()} == {"w": True, "b": False, "s": False}
 
 
 # name -> (ours, torch's), with torch's arguments mapped explicitly to optax's names
@@ -157,6 +189,9 @@ ALIASES = {
     "amsgrad": lambda: optim.amsgrad(0.02),
     "nadamw": lambda: optim.nadamw(0.02),
     "radam": lambda: optim.radam(0.02),
+    "lamb": lambda: optim.lamb(0.02, weight_decay=0.1),
+    "lars": lambda: optim.lars(0.1, weight_decay=0.1),
+    "clip_zero_nans": lambda: optim.chain(optim.zero_nans(), optim.clip(0.1), optim.sgd(0.1)),
 }
 
 
@@ -173,12 +208,12 @@ def test_compiles_to_one_graph_without_recompiling(name):
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True, backend="eager")
     state = tx.init(params)
-    params, state = compiled(params, state, grads[0])
+    ours, state = compiled(params, state, grads[0])
     with torch._dynamo.config.patch(error_on_recompile=True):
         for grad in grads[1:]:
-            params, state = compiled(params, state, grad)
+            ours, state = compiled(ours, state, grad)
     assert graph_count() == 1
-    assert int(state[-1].count) == 3  # the learning rate's step count
+    assert _max_diff(ours, _run_fx(tx, params, grads)) <= 1e-6
 
 
 @pytest.mark.parametrize("name", ALIASES)
@@ -205,6 +240,11 @@ def test_state_survives_a_checkpoint(name, tmp_path):
     (lambda: optim.radam(0.1, eps=-1.0), "radam: eps"),
     (lambda: optim.scale_by_rss(eps=-1.0), "scale_by_rss: eps"),
     (lambda: optim.scale_by_radam(b2=1.5), "scale_by_radam: b2"),
+    (lambda: optim.clip(-1.0), "clip: max_delta"),
+    (lambda: optim.lamb(0.1, b1=1.0), "lamb: b1"),
+    (lambda: optim.lamb(-0.1), "lamb: learning_rate"),
+    (lambda: optim.lars(0.1, momentum=-0.9), "lars: momentum"),
+    (lambda: optim.lars(0.1, trust_coefficient=-1.0), "lars: trust_coefficient"),
 ])
 def test_bad_settings_are_refused_by_name(make, match):
     with pytest.raises(ValueError, match=match):

@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .transforms import (Mask, _betas, _non_negative, add_decayed_weights, scale_by_adam,
-                         scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate, scale_by_lion,
-                         scale_by_radam, scale_by_rms, scale_by_rss, trace)
+from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weights,
+                         scale_by_adam, scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate,
+                         scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
+                         scale_by_trust_ratio, trace)
 
 __all__ = ["sgd", "adam", "adamw", "lion", "rmsprop", "adagrad", "adamax", "amsgrad", "nadamw",
-           "radam"]
+           "radam", "lamb", "lars"]
 
 Hyper = float | torch.Tensor
 
@@ -231,3 +232,70 @@ def radam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
     _betas("radam", b1=b1, b2=b2)
     return chain(scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
                  scale_by_learning_rate(learning_rate))
+
+
+def lamb(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-6,
+         eps_root: Hyper = 0.0, weight_decay: Hyper = 0.0,
+         mask: Mask = None) -> GradientTransformation:
+    """LAMB (You et al., 2020): AdamW's step, rescaled per parameter by ||p|| / ||step||.
+
+    p <- p - lr ||p|| / ||r|| r, where r = adam(g) + wd p; ``mask(name, p)`` picks the
+    parameters that decay.
+
+    Examples:
+        >>> params = {"w": torch.tensor([3.0, 4.0])}
+        >>> tx = fx.optim.lamb(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # Adam's first step [1, -1], scaled to lr * ||p|| = 0.5
+        tensor([-0.3536,  0.3536])
+    """
+    _non_negative("lamb", learning_rate=learning_rate, eps=eps, eps_root=eps_root,
+                  weight_decay=weight_decay)
+    _betas("lamb", b1=b1, b2=b2)
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_trust_ratio(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def _only_where(mask: Mask, transform: GradientTransformation) -> GradientTransformation:
+    """A stateless ``transform`` applied to the parameters ``mask(name, p)`` selects."""
+    selected = _mask_fn(mask)
+
+    def update(updates, state, params=None):
+        changed, state = transform.update(updates, state, params)
+        return {k: changed[k] if selected(k, params[k]) else u for k, u in updates.items()}, state
+
+    return GradientTransformation(transform.init, update)
+
+
+def lars(learning_rate: ScalarOrSchedule, weight_decay: Hyper = 0.0,
+         weight_decay_mask: Mask | bool = True, trust_coefficient: Hyper = 0.001,
+         eps: Hyper = 0.0, trust_ratio_mask: Mask | bool = True, momentum: Hyper = 0.9,
+         nesterov: bool = False) -> GradientTransformation:
+    """LARS (You et al., 2017): momentum SGD on layer-wise rescaled steps.
+
+    r = g + wd p;  t <- -lr trust_coefficient ||p|| / ||r|| r + momentum t;  p <- p + t
+
+    Each mask is ``True`` (every parameter, optax's default) or, as in ``adamw``, a predicate
+    ``mask(name, p)`` or a dict of bools by name.
+
+    Examples:
+        >>> params = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])}
+        >>> tx = fx.optim.lars(1.0, trust_ratio_mask=lambda name, p: name != "b")
+        >>> grads = {"w": torch.tensor([0.0, 1.0]), "b": torch.tensor([0.5])}
+        >>> tx.update(grads, tx.init(params), params)[0]  # w: -0.001 * 5 / 1; b: plain SGD
+        {'w': tensor([ 0.0000, -0.0050]), 'b': tensor([-0.5000])}
+    """
+    _non_negative("lars", learning_rate=learning_rate, weight_decay=weight_decay,
+                  trust_coefficient=trust_coefficient, eps=eps, momentum=momentum)
+    decay_mask = None if weight_decay_mask is True else weight_decay_mask
+    trust_ratio = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
+    return chain(
+        add_decayed_weights(weight_decay, decay_mask),
+        trust_ratio if trust_ratio_mask is True else _only_where(trust_ratio_mask, trust_ratio),
+        scale_by_learning_rate(learning_rate),
+        trace(momentum, nesterov),
+    )

@@ -20,6 +20,7 @@ __all__ = [
     "clip_by_global_norm", "scale_by_learning_rate", "scale_by_schedule",
     "ScaleByRssState", "ScaleByAdamaxState", "ScaleByAmsgradState", "ScaleByRadamState",
     "scale_by_rss", "scale_by_adamax", "scale_by_amsgrad", "scale_by_radam",
+    "ZeroNansState", "clip", "zero_nans", "scale_by_trust_ratio",
 ]
 
 
@@ -547,5 +548,94 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
             return torch.where(rho >= threshold, r.to(m.dtype) * adam, m_hat)
 
         return tree_map(direction, mu, nu, updates), ScaleByRadamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
+    """Clips each element of the updates to [-max_delta, max_delta].
+
+    Examples:
+        >>> tx = fx.optim.clip(1.0)
+        >>> tx.update({"w": torch.tensor([0.5, -3.0, 2.0])}, tx.init(None))[0]
+        {'w': tensor([ 0.5000, -1.0000,  1.0000])}
+    """
+    _non_negative("clip", max_delta=max_delta)
+
+    def init(params):
+        del params
+        return None
+
+    def update(updates, state, params=None):
+        del params
+        return tree_map(lambda u: torch.clamp(u, -_scalar(max_delta, u), _scalar(max_delta, u)),
+                        updates), state
+
+    return GradientTransformation(init, update)
+
+
+class ZeroNansState(NamedTuple):
+    found_nan: Any  # per parameter, a 0-d bool: whether the last update held a NaN
+
+
+def zero_nans() -> GradientTransformation:
+    """Replaces NaNs in the updates with 0, recording per parameter whether it found one.
+
+    Examples:
+        >>> tx = fx.optim.zero_nans()
+        >>> params = {"w": torch.zeros(2), "b": torch.zeros(1)}
+        >>> grads = {"w": torch.tensor([1.0, float("nan")]), "b": torch.tensor([2.0])}
+        >>> updates, state = tx.update(grads, tx.init(params))
+        >>> updates
+        {'w': tensor([1., 0.]), 'b': tensor([2.])}
+        >>> state.found_nan
+        {'w': tensor(True), 'b': tensor(False)}
+    """
+
+    def init(params):
+        return ZeroNansState(tree_map(
+            lambda p: torch.zeros((), dtype=torch.bool, device=p.device), params))
+
+    def update(updates, state, params=None):
+        del state, params  # the state only reports; each update starts afresh
+        found_nan = tree_map(lambda u: torch.isnan(u).any(), updates)
+        out = tree_map(lambda u: torch.where(torch.isnan(u), torch.zeros_like(u), u), updates)
+        return out, ZeroNansState(found_nan)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_trust_ratio(min_norm: float | torch.Tensor = 0.0,
+                         trust_coefficient: float | torch.Tensor = 1.0,
+                         eps: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """The layer-wise trust ratio of LARS and LAMB (You et al., 2017; 2020).
+
+    u -> u * trust_coefficient ||p|| / (||u|| + eps), norms at least ``min_norm``, per parameter;
+    the ratio is 1 where either norm is 0 (a parameter that would never move otherwise).
+
+    Examples:
+        >>> tx = fx.optim.scale_by_trust_ratio()
+        >>> params = {"w": torch.tensor([3.0, 4.0]), "z": torch.zeros(2)}
+        >>> grads = {"w": torch.tensor([0.0, 0.5]), "z": torch.tensor([1.0, 1.0])}
+        >>> tx.update(grads, tx.init(params), params)[0]  # ||w|| / ||g|| = 5 / 0.5
+        {'w': tensor([0., 5.]), 'z': tensor([1., 1.])}
+    """
+    _non_negative("scale_by_trust_ratio", min_norm=min_norm, trust_coefficient=trust_coefficient,
+                  eps=eps)
+
+    def init(params):
+        del params
+        return None
+
+    def scaled(u, p):
+        param_norm = torch.clamp(torch.linalg.vector_norm(p), min=_scalar(min_norm, p))
+        update_norm = torch.clamp(torch.linalg.vector_norm(u), min=_scalar(min_norm, u))
+        ratio = _scalar(trust_coefficient, p) * param_norm / (update_norm + _scalar(eps, u))
+        return u * torch.where((param_norm == 0) | (update_norm == 0), 1.0, ratio).to(u.dtype)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs params; call update(grads, state, params)")
+        return tree_map(scaled, updates, params), state
 
     return GradientTransformation(init, update)
