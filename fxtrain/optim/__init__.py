@@ -3,7 +3,8 @@
 import warnings as _warnings
 
 from ..tree import global_norm
-from .aliases import adam, adamw, lion, rmsprop, sgd
+from .aliases import (adagrad, adam, adamax, adamw, amsgrad, lamb, lars, lion, nadamw, radam,
+                      rmsprop, sgd)
 from .base import GradientTransformation, Schedule, apply_updates, chain, identity
 from .schedules import (constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
                         exponential_decay, join_schedules, linear_onecycle_schedule,
@@ -11,10 +12,13 @@ from .schedules import (constant_schedule, cosine_decay_schedule, cosine_onecycl
                         piecewise_interpolate_schedule, polynomial_schedule, sgdr_schedule,
                         warmup_constant_schedule, warmup_cosine_decay_schedule,
                         warmup_exponential_decay_schedule)
-from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLionState,
-                         ScaleByRmsState, TraceState, add_decayed_weights, clip_by_global_norm,
-                         scale, scale_by_adam, scale_by_learning_rate, scale_by_lion, scale_by_rms,
-                         scale_by_schedule, trace)
+from .transforms import (ScaleByAdamaxState, ScaleByAdamState, ScaleByAmsgradState,
+                         ScaleByLearningRateState, ScaleByLionState, ScaleByRadamState,
+                         ScaleByRmsState, ScaleByRssState, TraceState, ZeroNansState,
+                         add_decayed_weights, clip, clip_by_global_norm, scale, scale_by_adam,
+                         scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate, scale_by_lion,
+                         scale_by_radam, scale_by_rms, scale_by_rss, scale_by_schedule,
+                         scale_by_trust_ratio, trace, zero_nans)
 from .wrappers import (ApplyIfFiniteState, InjectHyperparamsState, MultiStepsState, all_finite,
                        apply_if_finite, inject_hyperparams, injected_hyperparams, learning_rate,
                        map_hyperparams, multi_steps)
@@ -32,6 +36,10 @@ __all__ = [
     "scale_by_rms", "scale_by_schedule", "trace", "ApplyIfFiniteState", "InjectHyperparamsState",
     "MultiStepsState", "all_finite", "apply_if_finite", "inject_hyperparams", "learning_rate",
     "multi_steps", "injected_hyperparams", "map_hyperparams",
+    "adagrad", "adamax", "amsgrad", "nadamw", "radam", "ScaleByRssState", "ScaleByAdamaxState",
+    "ScaleByAmsgradState", "ScaleByRadamState", "scale_by_rss", "scale_by_adamax",
+    "scale_by_amsgrad", "scale_by_radam", "lamb", "lars", "ZeroNansState", "clip", "zero_nans",
+    "scale_by_trust_ratio",
 ]
 
 

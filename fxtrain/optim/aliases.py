@@ -8,10 +8,13 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .transforms import (Mask, add_decayed_weights, scale_by_adam, scale_by_learning_rate,
-                         scale_by_lion, scale_by_rms, trace)
+from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weights,
+                         scale_by_adam, scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate,
+                         scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
+                         scale_by_trust_ratio, trace)
 
-__all__ = ["sgd", "adam", "adamw", "lion", "rmsprop"]
+__all__ = ["sgd", "adam", "adamw", "lion", "rmsprop", "adagrad", "adamax", "amsgrad", "nadamw",
+           "radam", "lamb", "lars"]
 
 Hyper = float | torch.Tensor
 
@@ -49,8 +52,10 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
 
 
 def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
-         weight_decay: Hyper = 0.0) -> GradientTransformation:
+         weight_decay: Hyper = 0.0, *, nesterov: bool = False) -> GradientTransformation:
     """Adam with L2 weight decay added to the gradient, as ``torch.optim.Adam``.
+
+    ``nesterov=True`` gives NAdam (Dozat, 2016) with optax's constant momentum.
 
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
@@ -61,7 +66,7 @@ def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, ep
     """
     return chain(
         *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
-        scale_by_adam(b1, b2, eps),
+        scale_by_adam(b1, b2, eps, nesterov=nesterov),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -122,4 +127,175 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1
         scale_by_rms(decay, eps, centered),
         *_maybe(_nonzero(momentum), trace(momentum)),
         scale_by_learning_rate(learning_rate),
+    )
+
+
+def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: Hyper = 0.1,
+            eps: Hyper = 1e-7) -> GradientTransformation:
+    """Adagrad (Duchi et al., 2011): p <- p - lr g / sqrt(sum of g^2 + eps).
+
+    optax's defaults and maths: the sum starts at 0.1 and eps sits inside the root;
+    ``torch.optim.Adagrad`` starts at 0 and uses ``sqrt(sum) + 1e-10`` (and has ``lr_decay``).
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.adagrad(0.1, initial_accumulator_value=0.0, eps=0.0)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # the first step moves each weight by the learning rate
+        tensor([-0.1000,  0.1000])
+        >>> fx.optim.adagrad(-0.1)
+        Traceback (most recent call last):
+            ...
+        ValueError: adagrad: learning_rate must be >= 0, got -0.1
+    """
+    _non_negative("adagrad", learning_rate=learning_rate,
+                  initial_accumulator_value=initial_accumulator_value, eps=eps)
+    return chain(scale_by_rss(initial_accumulator_value, eps),
+                 scale_by_learning_rate(learning_rate))
+
+
+def adamax(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999,
+           eps: Hyper = 1e-8) -> GradientTransformation:
+    """Adamax (Kingma & Ba, 2014): p <- p - lr (m / (1 - b1^t)) / max(b2 u, |g| + eps).
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.adamax(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.1000,  0.1000])
+    """
+    _non_negative("adamax", learning_rate=learning_rate, eps=eps)
+    _betas("adamax", b1=b1, b2=b2)
+    return chain(scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate))
+
+
+def amsgrad(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999,
+            eps: Hyper = 1e-8, eps_root: Hyper = 0.0, bias_correction_mu: bool = True,
+            bias_correction_nu: bool = True) -> GradientTransformation:
+    """AMSGrad (Reddi et al., 2018): Adam over the running maximum of the corrected ``v``.
+
+    optax's maths: the maximum is of ``v / (1 - b2^t)``, where ``torch.optim.Adam(amsgrad=True)``
+    takes the maximum of ``v`` (see ``scale_by_amsgrad``).
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.amsgrad(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]
+        tensor([-0.1000,  0.1000])
+    """
+    _non_negative("amsgrad", learning_rate=learning_rate, eps=eps, eps_root=eps_root)
+    _betas("amsgrad", b1=b1, b2=b2)
+    return chain(scale_by_amsgrad(b1, b2, eps, eps_root, bias_correction_mu, bias_correction_nu),
+                 scale_by_learning_rate(learning_rate))
+
+
+def nadamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+           eps_root: Hyper = 0.0, weight_decay: Hyper = 1e-4, mask: Mask = None, *,
+           nesterov: bool = True) -> GradientTransformation:
+    """NAdamW (Dozat, 2016; Loshchilov & Hutter, 2019): p <- p - lr (nadam(g) + wd p).
+
+    optax's default weight decay (1e-4) and constant momentum; ``torch.optim.NAdam`` decays
+    nothing by default and warms its momentum up (``momentum_decay``).
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.nadamw(0.1, weight_decay=0.0)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # the look-ahead makes the first step 1 + b1 / (1 + b1) times Adam's
+        tensor([-0.1474,  0.1474])
+    """
+    _non_negative("nadamw", learning_rate=learning_rate, eps=eps, eps_root=eps_root,
+                  weight_decay=weight_decay)
+    _betas("nadamw", b1=b1, b2=b2)
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root, nesterov=nesterov),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def radam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
+          eps_root: Hyper = 0.0, threshold: Hyper = 5.0, *,
+          nesterov: bool = False) -> GradientTransformation:
+    """RAdam (Liu et al., 2020): Adam whose adaptive step is rectified while ``v`` is uncertain.
+
+    Examples:
+        >>> params = {"w": torch.tensor([1.0, -2.0])}
+        >>> tx = fx.optim.radam(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # the first steps are momentum SGD
+        tensor([-0.0500,  0.3000])
+    """
+    _non_negative("radam", learning_rate=learning_rate, eps=eps, eps_root=eps_root)
+    _betas("radam", b1=b1, b2=b2)
+    return chain(scale_by_radam(b1, b2, eps, eps_root, threshold, nesterov=nesterov),
+                 scale_by_learning_rate(learning_rate))
+
+
+def lamb(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-6,
+         eps_root: Hyper = 0.0, weight_decay: Hyper = 0.0,
+         mask: Mask = None) -> GradientTransformation:
+    """LAMB (You et al., 2020): AdamW's step, rescaled per parameter by ||p|| / ||step||.
+
+    p <- p - lr ||p|| / ||r|| r, where r = adam(g) + wd p; ``mask(name, p)`` picks the
+    parameters that decay.
+
+    Examples:
+        >>> params = {"w": torch.tensor([3.0, 4.0])}
+        >>> tx = fx.optim.lamb(0.1)
+        >>> updates, _ = tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)
+        >>> updates["w"]  # Adam's first step [1, -1], scaled to lr * ||p|| = 0.5
+        tensor([-0.3536,  0.3536])
+    """
+    _non_negative("lamb", learning_rate=learning_rate, eps=eps, eps_root=eps_root,
+                  weight_decay=weight_decay)
+    _betas("lamb", b1=b1, b2=b2)
+    return chain(
+        scale_by_adam(b1, b2, eps, eps_root),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_trust_ratio(),
+        scale_by_learning_rate(learning_rate),
+    )
+
+
+def _only_where(mask: Mask, transform: GradientTransformation) -> GradientTransformation:
+    """A stateless ``transform`` applied to the parameters ``mask(name, p)`` selects."""
+    selected = _mask_fn(mask)
+
+    def update(updates, state, params=None):
+        changed, state = transform.update(updates, state, params)
+        return {k: changed[k] if selected(k, params[k]) else u for k, u in updates.items()}, state
+
+    return GradientTransformation(transform.init, update)
+
+
+def lars(learning_rate: ScalarOrSchedule, weight_decay: Hyper = 0.0,
+         weight_decay_mask: Mask | bool = True, trust_coefficient: Hyper = 0.001,
+         eps: Hyper = 0.0, trust_ratio_mask: Mask | bool = True, momentum: Hyper = 0.9,
+         nesterov: bool = False) -> GradientTransformation:
+    """LARS (You et al., 2017): momentum SGD on layer-wise rescaled steps.
+
+    r = g + wd p;  t <- -lr trust_coefficient ||p|| / ||r|| r + momentum t;  p <- p + t
+
+    Each mask is ``True`` (every parameter, optax's default) or, as in ``adamw``, a predicate
+    ``mask(name, p)`` or a dict of bools by name.
+
+    Examples:
+        >>> params = {"w": torch.tensor([3.0, 4.0]), "b": torch.tensor([1.0])}
+        >>> tx = fx.optim.lars(1.0, trust_ratio_mask=lambda name, p: name != "b")
+        >>> grads = {"w": torch.tensor([0.0, 1.0]), "b": torch.tensor([0.5])}
+        >>> tx.update(grads, tx.init(params), params)[0]  # w: -0.001 * 5 / 1; b: plain SGD
+        {'w': tensor([ 0.0000, -0.0050]), 'b': tensor([-0.5000])}
+    """
+    _non_negative("lars", learning_rate=learning_rate, weight_decay=weight_decay,
+                  trust_coefficient=trust_coefficient, eps=eps, momentum=momentum)
+    decay_mask = None if weight_decay_mask is True else weight_decay_mask
+    trust_ratio = scale_by_trust_ratio(trust_coefficient=trust_coefficient, eps=eps)
+    return chain(
+        add_decayed_weights(weight_decay, decay_mask),
+        trust_ratio if trust_ratio_mask is True else _only_where(trust_ratio_mask, trust_ratio),
+        scale_by_learning_rate(learning_rate),
+        trace(momentum, nesterov),
     )

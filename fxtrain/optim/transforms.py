@@ -18,6 +18,9 @@ __all__ = [
     "ScaleByAdamState", "TraceState", "ScaleByRmsState", "ScaleByLionState", "ScaleByLearningRateState",
     "scale", "scale_by_adam", "scale_by_rms", "scale_by_lion", "trace", "add_decayed_weights",
     "clip_by_global_norm", "scale_by_learning_rate", "scale_by_schedule",
+    "ScaleByRssState", "ScaleByAdamaxState", "ScaleByAmsgradState", "ScaleByRadamState",
+    "scale_by_rss", "scale_by_adamax", "scale_by_amsgrad", "scale_by_radam",
+    "ZeroNansState", "clip", "zero_nans", "scale_by_trust_ratio",
 ]
 
 
@@ -46,6 +49,20 @@ def _check_state(state_tree: Any, updates: Any, transform: str) -> None:
     check_same_structure(updates, state_tree, f"the state of {transform}")
 
 
+def _non_negative(owner: str, **values: Any) -> None:
+    """Refuses a negative number (tensors and schedules are the caller's to check)."""
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not value >= 0:
+            raise ValueError(f"{owner}: {name} must be >= 0, got {value}")
+
+
+def _betas(owner: str, **values: Any) -> None:
+    """Refuses a decay rate outside [0, 1)."""
+    for name, value in values.items():
+        if isinstance(value, (int, float)) and not 0 <= value < 1:
+            raise ValueError(f"{owner}: {name} must be in [0, 1), got {value}")
+
+
 def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     """u -> step_size * u.
 
@@ -66,6 +83,16 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def _mu_hat(m: torch.Tensor, g: torch.Tensor, b1: float | torch.Tensor, count: torch.Tensor,
+            nesterov: bool) -> torch.Tensor:
+    """m / (1 - b1^t), or with Nesterov b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)."""
+    bc1 = _bias_correction(b1, count, m).to(m.dtype)
+    if not nesterov:
+        return m / bc1
+    bc1_next = _bias_correction(b1, count + 1, m).to(m.dtype)
+    return _scalar(b1, m) * m / bc1_next + (1 - _scalar(b1, m)) * g / bc1
+
+
 class ScaleByAdamState(NamedTuple):
     count: torch.Tensor
     mu: Any
@@ -73,11 +100,13 @@ class ScaleByAdamState(NamedTuple):
 
 
 def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
-                  eps: float | torch.Tensor = 1e-8) -> GradientTransformation:
-    """Adam's direction (Kingma & Ba, 2014).
+                  eps: float | torch.Tensor = 1e-8, eps_root: float | torch.Tensor = 0.0, *,
+                  nesterov: bool = False) -> GradientTransformation:
+    """Adam's direction (Kingma & Ba, 2014), or NAdam's with ``nesterov`` (Dozat, 2016).
 
     m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
-    u = (m / (1 - b1^t)) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    u = m_hat / (sqrt(v / (1 - b2^t) + eps_root) + eps), where m_hat = m / (1 - b1^t), or with
+    Nesterov m_hat = b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t) (as optax).
 
     Examples:
         >>> params = {"w": torch.zeros(2)}
@@ -98,12 +127,14 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
                       state.nu, updates)
 
-        def direction(m, v):
-            bc1 = _bias_correction(b1, count, m).to(m.dtype)
+        def direction(m, v, g):
             bc2 = _bias_correction(b2, count, m).to(m.dtype)
-            return (m / bc1) / (torch.sqrt(v) / torch.sqrt(bc2) + _scalar(eps, m))
+            m_hat = _mu_hat(m, g, b1, count, nesterov)
+            # sqrt(v_hat + eps_root), written so that eps_root = 0 gives torch's rounding
+            v_root = torch.sqrt(v + _scalar(eps_root, v) * bc2) / torch.sqrt(bc2)
+            return m_hat / (v_root + _scalar(eps, m))
 
-        return tree_map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
+        return tree_map(direction, mu, nu, updates), ScaleByAdamState(count, mu, nu)
 
     return GradientTransformation(init, update)
 
@@ -323,3 +354,288 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], torch.Tensor]) -> Gradi
         tensor([0.5000])
     """
     return scale_by_learning_rate(schedule, flip_sign=False)
+
+
+class ScaleByRssState(NamedTuple):
+    sum_of_squares: Any
+
+
+def scale_by_rss(initial_accumulator_value: float | torch.Tensor = 0.1,
+                 eps: float | torch.Tensor = 1e-7) -> GradientTransformation:
+    """Adagrad's direction (Duchi et al., 2011), as optax's ``scale_by_rss``.
+
+    s <- s + g^2;  u = g / sqrt(s + eps) where s > 0, else 0
+
+    ``torch.optim.Adagrad`` starts ``s`` at 0 and divides by ``sqrt(s) + eps`` (eps 1e-10); this
+    keeps optax's start of 0.1 and its eps inside the root.
+
+    Examples:
+        >>> tx = fx.optim.scale_by_rss(initial_accumulator_value=0.0, eps=0.0)
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, -4.0])}, tx.init(params))
+        >>> updates["w"], state.sum_of_squares["w"]
+        (tensor([ 1., -1.]), tensor([ 9., 16.]))
+    """
+    _non_negative("scale_by_rss", initial_accumulator_value=initial_accumulator_value, eps=eps)
+
+    def init(params):
+        return ScaleByRssState(tree_map(
+            lambda p: torch.full_like(p, float(initial_accumulator_value)), params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.sum_of_squares, updates, "scale_by_rss")
+        sum_of_squares = tree_map(lambda s, g: s + g * g, state.sum_of_squares, updates)
+        out = tree_map(lambda g, s: torch.where(s > 0, g * torch.rsqrt(s + _scalar(eps, s)), 0.0),
+                       updates, sum_of_squares)
+        return out, ScaleByRssState(sum_of_squares)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAdamaxState(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+    nu: Any  # the decaying infinity norm of the gradients
+
+
+def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                    eps: float | torch.Tensor = 1e-8) -> GradientTransformation:
+    """Adamax's direction (Kingma & Ba, 2014, section 7): Adam with the infinity norm.
+
+    m <- b1 m + (1 - b1) g;  u_inf <- max(b2 u_inf, |g| + eps);  u = (m / (1 - b1^t)) / u_inf
+
+    Examples:
+        >>> tx = fx.optim.scale_by_adamax()
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
+        >>> updates["w"], state.nu["w"]
+        (tensor([ 1.0000, -1.0000]), tensor([0.5000, 2.0000]))
+    """
+    _betas("scale_by_adamax", b1=b1, b2=b2)
+    _non_negative("scale_by_adamax", eps=eps)
+
+    def init(params):
+        return ScaleByAdamaxState(_count(params), tree_zeros_like(params), tree_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.mu, updates, "scale_by_adamax")
+        count = state.count + 1
+        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
+        nu = tree_map(lambda u, g: torch.maximum(_scalar(b2, g) * u, g.abs() + _scalar(eps, g)),
+                      state.nu, updates)
+        out = tree_map(lambda m, u: m / _bias_correction(b1, count, m).to(m.dtype) / u, mu, nu)
+        return out, ScaleByAdamaxState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByAmsgradState(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+    nu_max: Any  # the largest bias-corrected nu seen so far
+
+
+def scale_by_amsgrad(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                     eps: float | torch.Tensor = 1e-8, eps_root: float | torch.Tensor = 0.0,
+                     bias_correction_mu: bool = True,
+                     bias_correction_nu: bool = True) -> GradientTransformation:
+    """AMSGrad's direction (Reddi et al., 2018): Adam whose denominator never shrinks.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    v_max <- max(v_max, v / (1 - b2^t));  u = (m / (1 - b1^t)) / (sqrt(v_max + eps_root) + eps)
+
+    As optax, the maximum is taken over the bias-corrected ``v``; ``torch.optim.Adam(amsgrad=True)``
+    takes it over the raw ``v`` and corrects afterwards, so the two agree only while the corrected
+    ``v`` grows (or with ``b2=0``). ``bias_correction_mu`` / ``bias_correction_nu`` turn off the
+    division by ``1 - b1^t`` / ``1 - b2^t``.
+
+    Examples:
+        >>> tx = fx.optim.scale_by_amsgrad(b2=0.0)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> for g in (4.0, 1.0):
+        ...     updates, state = tx.update({"w": torch.tensor([g])}, state)
+        >>> state.nu_max["w"], updates["w"]  # the denominator remembers 4^2
+        (tensor([16.]), tensor([0.6053]))
+    """
+    _betas("scale_by_amsgrad", b1=b1, b2=b2)
+    _non_negative("scale_by_amsgrad", eps=eps, eps_root=eps_root)
+
+    def init(params):
+        return ScaleByAmsgradState(_count(params), tree_zeros_like(params), tree_zeros_like(params),
+                                   tree_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.mu, updates, "scale_by_amsgrad")
+        count = state.count + 1
+        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
+        nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
+                      state.nu, updates)
+
+        def corrected(beta, enabled):
+            return lambda x: x / _bias_correction(beta, count, x).to(x.dtype) if enabled else x
+
+        mu_hat = tree_map(corrected(b1, bias_correction_mu), mu)
+        nu_hat = tree_map(corrected(b2, bias_correction_nu), nu)
+        nu_max = tree_map(torch.maximum, state.nu_max, nu_hat)
+        out = tree_map(lambda m, v: m / (torch.sqrt(v + _scalar(eps_root, v)) + _scalar(eps, m)),
+                       mu_hat, nu_max)
+        return out, ScaleByAmsgradState(count, mu, nu, nu_max)
+
+    return GradientTransformation(init, update)
+
+
+class ScaleByRadamState(NamedTuple):
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+
+
+def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.999,
+                   eps: float | torch.Tensor = 1e-8, eps_root: float | torch.Tensor = 0.0,
+                   threshold: float | torch.Tensor = 5.0, *,
+                   nesterov: bool = False) -> GradientTransformation:
+    """Rectified Adam's direction (Liu et al., 2020).
+
+    rho_inf = 2 / (1 - b2) - 1;  rho_t = rho_inf - 2 t b2^t / (1 - b2^t)
+    r_t = sqrt((rho_t - 4) (rho_t - 2) rho_inf / ((rho_inf - 4) (rho_inf - 2) rho_t))
+    u = r_t m_hat / (sqrt(v_hat + eps_root) + eps) once rho_t >= threshold, else u = m_hat
+
+    ``torch.optim.RAdam`` divides by ``sqrt(v) + eps`` before the bias correction of ``v``
+    (an eps larger by ``1 / sqrt(1 - b2^t)``); this keeps optax's placement.
+
+    Examples:
+        >>> tx = fx.optim.scale_by_radam()
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> for _ in range(6):
+        ...     updates, state = tx.update({"w": torch.tensor([2.0])}, state)
+        ...     print(updates["w"])  # momentum alone until rho_t reaches 5, then rectified
+        tensor([2.0000])
+        tensor([2.0000])
+        tensor([2.0000])
+        tensor([2.0000])
+        tensor([2.0000])
+        tensor([0.0257])
+    """
+    _betas("scale_by_radam", b1=b1, b2=b2)
+    _non_negative("scale_by_radam", eps=eps, eps_root=eps_root)
+
+    def init(params):
+        return ScaleByRadamState(_count(params), tree_zeros_like(params), tree_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.mu, updates, "scale_by_radam")
+        count = state.count + 1
+        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
+        nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
+                      state.nu, updates)
+
+        def direction(m, v, g):
+            bc2 = _bias_correction(b2, count, m)  # 1 - b2^t, in float32 or wider
+            t = count.to(bc2.dtype)
+            rho_inf = 2 / (1 - _scalar(b2, bc2)) - 1
+            rho = rho_inf - 2 * t * (1 - bc2) / bc2
+            r = torch.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+            m_hat = _mu_hat(m, g, b1, count, nesterov)
+            v_hat = v / bc2.to(v.dtype)
+            adam = m_hat / (torch.sqrt(v_hat + _scalar(eps_root, v)) + _scalar(eps, m))
+            return torch.where(rho >= threshold, r.to(m.dtype) * adam, m_hat)
+
+        return tree_map(direction, mu, nu, updates), ScaleByRadamState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
+    """Clips each element of the updates to [-max_delta, max_delta].
+
+    Examples:
+        >>> tx = fx.optim.clip(1.0)
+        >>> tx.update({"w": torch.tensor([0.5, -3.0, 2.0])}, tx.init(None))[0]
+        {'w': tensor([ 0.5000, -1.0000,  1.0000])}
+    """
+    _non_negative("clip", max_delta=max_delta)
+
+    def init(params):
+        del params
+        return None
+
+    def update(updates, state, params=None):
+        del params
+        return tree_map(lambda u: torch.clamp(u, -_scalar(max_delta, u), _scalar(max_delta, u)),
+                        updates), state
+
+    return GradientTransformation(init, update)
+
+
+class ZeroNansState(NamedTuple):
+    found_nan: Any  # per parameter, a 0-d bool: whether the last update held a NaN
+
+
+def zero_nans() -> GradientTransformation:
+    """Replaces NaNs in the updates with 0, recording per parameter whether it found one.
+
+    Examples:
+        >>> tx = fx.optim.zero_nans()
+        >>> params = {"w": torch.zeros(2), "b": torch.zeros(1)}
+        >>> grads = {"w": torch.tensor([1.0, float("nan")]), "b": torch.tensor([2.0])}
+        >>> updates, state = tx.update(grads, tx.init(params))
+        >>> updates
+        {'w': tensor([1., 0.]), 'b': tensor([2.])}
+        >>> state.found_nan
+        {'w': tensor(True), 'b': tensor(False)}
+    """
+
+    def init(params):
+        return ZeroNansState(tree_map(
+            lambda p: torch.zeros((), dtype=torch.bool, device=p.device), params))
+
+    def update(updates, state, params=None):
+        del state, params  # the state only reports; each update starts afresh
+        found_nan = tree_map(lambda u: torch.isnan(u).any(), updates)
+        out = tree_map(lambda u: torch.where(torch.isnan(u), torch.zeros_like(u), u), updates)
+        return out, ZeroNansState(found_nan)
+
+    return GradientTransformation(init, update)
+
+
+def scale_by_trust_ratio(min_norm: float | torch.Tensor = 0.0,
+                         trust_coefficient: float | torch.Tensor = 1.0,
+                         eps: float | torch.Tensor = 0.0) -> GradientTransformation:
+    """The layer-wise trust ratio of LARS and LAMB (You et al., 2017; 2020).
+
+    u -> u * trust_coefficient ||p|| / (||u|| + eps), norms at least ``min_norm``, per parameter;
+    the ratio is 1 where either norm is 0 (a parameter that would never move otherwise).
+
+    Examples:
+        >>> tx = fx.optim.scale_by_trust_ratio()
+        >>> params = {"w": torch.tensor([3.0, 4.0]), "z": torch.zeros(2)}
+        >>> grads = {"w": torch.tensor([0.0, 0.5]), "z": torch.tensor([1.0, 1.0])}
+        >>> tx.update(grads, tx.init(params), params)[0]  # ||w|| / ||g|| = 5 / 0.5
+        {'w': tensor([0., 5.]), 'z': tensor([1., 1.])}
+    """
+    _non_negative("scale_by_trust_ratio", min_norm=min_norm, trust_coefficient=trust_coefficient,
+                  eps=eps)
+
+    def init(params):
+        del params
+        return None
+
+    def scaled(u, p):
+        param_norm = torch.clamp(torch.linalg.vector_norm(p), min=_scalar(min_norm, p))
+        update_norm = torch.clamp(torch.linalg.vector_norm(u), min=_scalar(min_norm, u))
+        ratio = _scalar(trust_coefficient, p) * param_norm / (update_norm + _scalar(eps, u))
+        return u * torch.where((param_norm == 0) | (update_norm == 0), 1.0, ratio).to(u.dtype)
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_trust_ratio needs params; call update(grads, state, params)")
+        return tree_map(scaled, updates, params), state
+
+    return GradientTransformation(init, update)

@@ -1,0 +1,251 @@
+"""The optimizers that bring fx.optim toward optax's breadth: each equals optax's over a run in
+float64, and torch.optim's where torch has the same optimizer; each compiles to one graph, keeps
+its state through a checkpoint, and refuses bad settings by name."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fxtrain as fx
+from fxtrain import optim
+
+from helpers import extra, graph_count
+
+STEPS = 60
+MASK = {"w": True, "b": False, "s": True}  # a dict of bools by name: a mask for optax and us
+OTHER = {"w": False, "b": True, "s": True}
+
+
+def _params(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(5, 3, generator=g, dtype=dtype),
+            "b": torch.randn(3, generator=g, dtype=dtype),
+            "s": torch.randn((), generator=g, dtype=dtype)}
+
+
+def _grads(params, steps=STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+            for _ in range(steps)]
+
+
+# name -> (ours, optax's), both given the optax module; the arguments are optax's names
+OPTAX = {
+    "adagrad": (lambda: optim.adagrad(0.1), lambda o: o.adagrad(0.1)),
+    "adagrad_args": (lambda: optim.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-3),
+                     lambda o: o.adagrad(0.05, initial_accumulator_value=0.0, eps=1e-3)),
+    "scale_by_rss": (lambda: optim.scale_by_rss(), lambda o: o.scale_by_rss()),
+    "adamax": (lambda: optim.adamax(0.02, b1=0.8, b2=0.99), lambda o: o.adamax(0.02, b1=0.8, b2=0.99)),
+    "scale_by_adamax": (lambda: optim.scale_by_adamax(), lambda o: o.scale_by_adamax()),
+    "amsgrad": (lambda: optim.amsgrad(0.02, b2=0.9), lambda o: o.amsgrad(0.02, b2=0.9)),
+    "amsgrad_no_correction": (
+        lambda: optim.amsgrad(0.02, eps_root=1e-6, bias_correction_mu=False, bias_correction_nu=False),
+        lambda o: o.amsgrad(0.02, eps_root=1e-6, bias_correction_mu=False, bias_correction_nu=False)),
+    "scale_by_amsgrad": (lambda: optim.scale_by_amsgrad(), lambda o: o.scale_by_amsgrad()),
+    "nadamw": (lambda: optim.nadamw(0.02, weight_decay=0.1), lambda o: o.nadamw(0.02, weight_decay=0.1)),
+    "nadamw_plain": (lambda: optim.nadamw(0.02, eps_root=1e-6, nesterov=False),
+                     lambda o: o.nadamw(0.02, eps_root=1e-6, nesterov=False)),
+    "adam_nesterov": (lambda: optim.adam(0.02, nesterov=True), lambda o: o.adam(0.02, nesterov=True)),
+    "scale_by_adam_nesterov": (lambda: optim.scale_by_adam(b1=0.8, eps_root=1e-8, nesterov=True),
+                               lambda o: o.scale_by_adam(b1=0.8, eps_root=1e-8, nesterov=True)),
+    "radam": (lambda: optim.radam(0.02), lambda o: o.radam(0.02)),
+    "radam_args": (lambda: optim.radam(0.02, b2=0.9, eps_root=1e-6, threshold=4.5, nesterov=True),
+                   lambda o: o.radam(0.02, b2=0.9, eps_root=1e-6, threshold=4.5, nesterov=True)),
+    "scale_by_radam": (lambda: optim.scale_by_radam(), lambda o: o.scale_by_radam()),
+    "clip": (lambda: optim.chain(optim.clip(0.5), optim.scale(-0.1)),
+             lambda o: o.chain(o.clip(0.5), o.scale(-0.1))),
+    "lamb": (lambda: optim.lamb(0.02, weight_decay=0.1), lambda o: o.lamb(0.02, weight_decay=0.1)),
+    "lamb_masked": (lambda: optim.lamb(0.02, eps_root=1e-6, weight_decay=0.1, mask=MASK),
+                    lambda o: o.lamb(0.02, eps_root=1e-6, weight_decay=0.1, mask=MASK)),
+    "scale_by_trust_ratio": (
+        lambda: optim.chain(optim.scale_by_trust_ratio(0.1, 0.5, 1e-3), optim.scale(-0.01)),
+        lambda o: o.chain(o.scale_by_trust_ratio(0.1, 0.5, 1e-3), o.scale(-0.01))),
+    "lars": (lambda: optim.lars(0.5, weight_decay=0.1), lambda o: o.lars(0.5, weight_decay=0.1)),
+    "lars_masked": (
+        lambda: optim.lars(0.5, weight_decay=0.1, weight_decay_mask=MASK, trust_coefficient=0.01,
+                           eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True),
+        lambda o: o.lars(0.5, weight_decay=0.1, weight_decay_mask=MASK, trust_coefficient=0.01,
+                         eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True)),
+}
+
+
+def _to_jax(tree):
+    jnp = extra("jax.numpy")
+    return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
+
+
+def _run_optax(ref, params, grads):
+    optax = extra("optax")
+    theirs = _to_jax(params)
+    state = ref.init(theirs)
+    for grad in grads:
+        updates, state = ref.update(_to_jax(grad), state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in theirs.items()}
+
+
+def _run_fx(tx, params, grads):
+    state = tx.init(params)
+    for grad in grads:
+        updates, state = tx.update(grad, state, params)
+        params = optim.apply_updates(params, updates)
+    return params
+
+
+def _max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.fixture(scope="module")
+def x64():
+    jax = extra("jax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
+@pytest.mark.parametrize("name", OPTAX)
+def test_equals_optax_in_float64(name, x64):
+    optax = extra("optax")
+    ours, theirs = OPTAX[name]
+    params = _params()
+    grads = _grads(params)
+    a, b = _run_fx(ours(), params, grads), _run_optax(theirs(optax), params, grads)
+    assert all(b[k].dtype == torch.float64 for k in b)
+    moved = _max_diff(a, params)
+    assert moved > 1e-3, f"{name} hardly moved the parameters ({moved:.3g})"
+    diff = _max_diff(a, b)
+    assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {STEPS} steps"
+
+
+def test_zero_nans_equals_optax(x64):
+    optax = extra("optax")
+    params = _params()
+    grads = _grads(params)
+    for i, grad in enumerate(grads[::3]):
+        grad["w"][i % 5, i % 3] = float("nan")
+    ours = optim.chain(optim.zero_nans(), optim.scale(-0.1))
+    theirs = optax.chain(optax.zero_nans(), optax.scale(-0.1))
+    diff = _max_diff(_run_fx(ours, params, grads), _run_optax(theirs, params, grads))
+    assert diff <= 1e-7
+    _, (state, _) = ours.update(grads[0], ours.init(params), params)
+    _, (ref_state, _) = theirs.update(_to_jax(grads[0]), theirs.init(_to_jax(params)))
+    assert {k: bool(v) for k, v in state.found_nan.items()} == {
+        k: bool(v) for k, v in ref_state.found_nan.items()} == {"w": True, "b": False, "s": False}
+
+
+# name -> (ours, torch's), with torch's arguments mapped explicitly to optax's names
+TORCH = {
+    # torch: sum starts at initial_accumulator_value, u = g / (sqrt(sum) + eps); eps=0 both ways
+    "adagrad": (lambda: optim.adagrad(0.1, initial_accumulator_value=0.1, eps=0.0),
+                lambda p: torch.optim.Adagrad(p, lr=0.1, initial_accumulator_value=0.1, eps=0.0)),
+    "adamax": (lambda: optim.adamax(0.02, b1=0.8, b2=0.99, eps=1e-8),
+               lambda p: torch.optim.Adamax(p, lr=0.02, betas=(0.8, 0.99), eps=1e-8)),
+    # torch takes the max of v before its bias correction, optax after: equal when b2 = 0
+    "amsgrad": (lambda: optim.amsgrad(0.02, b1=0.9, b2=0.0, eps=1e-8),
+                lambda p: torch.optim.Adam(p, lr=0.02, betas=(0.9, 0.0), eps=1e-8, amsgrad=True)),
+    # torch's momentum schedule b1 (1 - 0.5 * 0.96^(t momentum_decay)) is optax's constant b1
+    # when momentum_decay is huge; its decoupled decay p <- p (1 - lr wd) is optax's lr wd p
+    "nadamw": (lambda: optim.nadamw(0.02, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1),
+               lambda p: torch.optim.NAdam(p, lr=0.02, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=0.1, momentum_decay=1e9,
+                                           decoupled_weight_decay=True)),
+    # torch's eps sits outside the bias correction of v: eps=0 both ways
+    "radam": (lambda: optim.radam(0.02, b1=0.9, b2=0.999, eps=0.0),
+              lambda p: torch.optim.RAdam(p, lr=0.02, betas=(0.9, 0.999), eps=0.0)),
+}
+
+
+def _run_torch(make_opt, params, grads):
+    tensors = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(tensors["w"].dtype)  # NAdam keeps its momentum product in this dtype
+    try:
+        opt = make_opt(list(tensors.values()))
+        for grad in grads:
+            for k, t in tensors.items():
+                t.grad = grad[k].clone()
+            opt.step()
+    finally:
+        torch.set_default_dtype(before)
+    return {k: v.detach() for k, v in tensors.items()}
+
+
+@pytest.mark.parametrize("name", TORCH)
+@pytest.mark.parametrize("dtype,steps,tol", [(torch.float32, 5, 1e-6), (torch.float64, STEPS, 1e-10)])
+def test_parity_with_torch_optim(name, dtype, steps, tol):
+    ours, theirs = TORCH[name]
+    params = _params(dtype)
+    grads = _grads(params, steps)
+    diff = _max_diff(_run_fx(ours(), params, grads), _run_torch(theirs, params, grads))
+    assert diff <= tol, f"{name}: max |dparam| vs torch.optim = {diff:.3g} after {steps} steps"
+
+
+ALIASES = {
+    "adagrad": lambda: optim.adagrad(0.1),
+    "adamax": lambda: optim.adamax(0.02),
+    "amsgrad": lambda: optim.amsgrad(0.02),
+    "nadamw": lambda: optim.nadamw(0.02),
+    "radam": lambda: optim.radam(0.02),
+    "lamb": lambda: optim.lamb(0.02, weight_decay=0.1),
+    "lars": lambda: optim.lars(0.1, weight_decay=0.1),
+    "clip_zero_nans": lambda: optim.chain(optim.zero_nans(), optim.clip(0.1), optim.sgd(0.1)),
+}
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_compiles_to_one_graph_without_recompiling(name):
+    tx = ALIASES[name]()
+    params = _params(torch.float32)
+    grads = _grads(params, 3)
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    state = tx.init(params)
+    ours, state = compiled(params, state, grads[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for grad in grads[1:]:
+            ours, state = compiled(ours, state, grad)
+    assert graph_count() == 1
+    assert _max_diff(ours, _run_fx(tx, params, grads)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_state_survives_a_checkpoint(name, tmp_path):
+    torch.manual_seed(0)
+    state = fx.TrainState.create(nn.Linear(3, 2), ALIASES[name]())
+    grads = {k: torch.randn_like(v) for k, v in state.params.items()}
+    state = state.apply_gradients(grads)
+    fx.checkpoint.save(tmp_path / "ckpt", state)
+    restored = fx.checkpoint.restore(tmp_path / "ckpt", like=fx.TrainState.create(
+        nn.Linear(3, 2), ALIASES[name]()))
+    assert fx.tree_digest(restored) == fx.tree_digest(state)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: optim.adagrad(-0.1), "adagrad: learning_rate"),
+    (lambda: optim.adagrad(0.1, eps=-1.0), "adagrad: eps"),
+    (lambda: optim.adagrad(0.1, initial_accumulator_value=-1.0), "adagrad: initial_accumulator_value"),
+    (lambda: optim.adamax(0.1, b1=1.0), "adamax: b1"),
+    (lambda: optim.adamax(0.1, eps=-1e-8), "adamax: eps"),
+    (lambda: optim.amsgrad(-1.0), "amsgrad: learning_rate"),
+    (lambda: optim.amsgrad(0.1, b2=-0.1), "amsgrad: b2"),
+    (lambda: optim.nadamw(0.1, weight_decay=-1.0), "nadamw: weight_decay"),
+    (lambda: optim.radam(0.1, eps=-1.0), "radam: eps"),
+    (lambda: optim.scale_by_rss(eps=-1.0), "scale_by_rss: eps"),
+    (lambda: optim.scale_by_radam(b2=1.5), "scale_by_radam: b2"),
+    (lambda: optim.clip(-1.0), "clip: max_delta"),
+    (lambda: optim.lamb(0.1, b1=1.0), "lamb: b1"),
+    (lambda: optim.lamb(-0.1), "lamb: learning_rate"),
+    (lambda: optim.lars(0.1, momentum=-0.9), "lars: momentum"),
+    (lambda: optim.lars(0.1, trust_coefficient=-1.0), "lars: trust_coefficient"),
+])
+def test_bad_settings_are_refused_by_name(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
