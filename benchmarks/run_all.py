@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -114,12 +114,13 @@ def run(names: list[str], smoke: bool) -> tuple[dict, float]:
     entries, start = {}, time.perf_counter()
     if smoke:
         with ThreadPoolExecutor(SMOKE_JOBS) as pool:
-            running = {name: pool.submit(run_child, name, ["--smoke"], True)
+            running = {pool.submit(run_child, name, ["--smoke"], True): name
                        for name in sorted(names, key=list(BENCHMARKS).index, reverse=True)}
-            for name in names:
-                entries[name], output = running[name].result()
-                print(f"\n=== {name} --smoke\n{output}", end="", flush=True)
-        return entries, time.perf_counter() - start
+            for done in as_completed(running):  # each one's output as soon as it ends
+                entry, output = done.result()
+                print(f"\n=== {running[done]} --smoke\n{output}", end="", flush=True)
+                entries[running[done]] = entry
+        return {name: entries[name] for name in names}, time.perf_counter() - start
     for name in names:
         print(f"\n=== {name} {' '.join(BENCHMARKS[name])}", flush=True)
         entries[name], _ = run_child(name, BENCHMARKS[name])

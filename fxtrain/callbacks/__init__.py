@@ -67,11 +67,11 @@ _MOVED = {"checkpoint": ("fxtrain.callbacks", "checkpoint_policy"),
 
 
 def __getattr__(name: str):
-    if name in _MOVED:
+    if name in _MOVED:  # imported by name, late: fx.debug sits above the callbacks
         import importlib
 
         module, new = _MOVED[name]
-        _warnings.warn(f"fx.callbacks.{name} is now {module.replace('fxtrain', 'fx')}.{new}; "
-                       "the old name goes in the next release", DeprecationWarning, stacklevel=2)
+        _warnings.warn(f"fx.callbacks.{name} is now {module.replace('fxtrain', 'fx')}.{new} "
+                       "(the old name is deprecated)", DeprecationWarning, stacklevel=2)
         return getattr(importlib.import_module(module), new)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -245,12 +245,16 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
       name: the callback's name; default ``hf_<class name>``.
       log_every: steps between on_log calls with the train metrics.
 
+    Unless ``args`` sets ``output_dir``, it names a directory that is never created: fxtrain
+    writes nothing there, and a wrapped callback that writes files should be given its own.
+
     Returns:
       A host ``Callback`` whose state is a dict of Python values.
 
     Examples:
         transformers' early stopping on a run whose learning rate is far too high: the
-        evaluation loss grows after the first, so it stops after two evaluations.
+        evaluation loss grows after the first, so it stops at step 3, after two evaluations
+        without improvement.
 
         >>> import transformers
         >>> def loss_fn(state, params, batch):
