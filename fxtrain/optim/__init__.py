@@ -6,6 +6,8 @@ from ..tree import global_norm
 from .aliases import (adagrad, adam, adamax, adamw, amsgrad, lamb, lars, lion, nadamw, radam,
                       rmsprop, sgd)
 from .base import GradientTransformation, Schedule, apply_updates, chain, identity
+from .groups import (MaskedState, MultiTransformState, PartitionState, masked,
+                     multi_transform, partition, set_to_zero)
 from .schedules import (constant_schedule, cosine_decay_schedule, cosine_onecycle_schedule,
                         exponential_decay, join_schedules, linear_onecycle_schedule,
                         linear_schedule, piecewise_constant_schedule,
@@ -39,7 +41,8 @@ __all__ = [
     "adagrad", "adamax", "amsgrad", "nadamw", "radam", "ScaleByRssState", "ScaleByAdamaxState",
     "ScaleByAmsgradState", "ScaleByRadamState", "scale_by_rss", "scale_by_adamax",
     "scale_by_amsgrad", "scale_by_radam", "lamb", "lars", "ZeroNansState", "clip", "zero_nans",
-    "scale_by_trust_ratio",
+    "scale_by_trust_ratio", "MultiTransformState", "PartitionState", "MaskedState",
+    "multi_transform", "partition", "masked", "set_to_zero",
 ]
 
 
