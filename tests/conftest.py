@@ -5,6 +5,7 @@ import types
 import pytest
 import torch
 import torch._dynamo
+from helpers import extra
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -46,3 +47,13 @@ def pytest_runtest_makereport(item, call):
 def pytest_make_collect_report(collector):
     outcome = yield
     _strict(outcome.get_result())
+
+
+@pytest.fixture(scope="module")
+def x64():
+    """JAX in float64 for the module's tests (its setting restored after)."""
+    jax = extra("jax")
+    before = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", before)

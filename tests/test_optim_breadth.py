@@ -2,7 +2,6 @@
 float64, and torch.optim's where torch has the same optimizer; each compiles to one graph, keeps
 its state through a checkpoint, and refuses bad settings by name."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -10,24 +9,11 @@ from torch import nn
 import fxtrain as fx
 from fxtrain import optim
 
+import optax_parity as parity
 from helpers import extra, graph_count
 
-STEPS = 60
 MASK = {"w": True, "b": False, "s": True}  # a dict of bools by name: a mask for optax and us
 OTHER = {"w": False, "b": True, "s": True}
-
-
-def _params(dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(5, 3, generator=g, dtype=dtype),
-            "b": torch.randn(3, generator=g, dtype=dtype),
-            "s": torch.randn((), generator=g, dtype=dtype)}
-
-
-def _grads(params, steps=STEPS):
-    g = torch.Generator().manual_seed(1)
-    return [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
-            for _ in range(steps)]
 
 
 # name -> (ours, optax's), both given the optax module; the arguments are optax's names
@@ -70,68 +56,32 @@ OPTAX = {
 }
 
 
-def _to_jax(tree):
-    jnp = extra("jax.numpy")
-    return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
-
-
-def _run_optax(ref, params, grads):
-    optax = extra("optax")
-    theirs = _to_jax(params)
-    state = ref.init(theirs)
-    for grad in grads:
-        updates, state = ref.update(_to_jax(grad), state, theirs)
-        theirs = optax.apply_updates(theirs, updates)
-    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in theirs.items()}
-
-
-def _run_fx(tx, params, grads):
-    state = tx.init(params)
-    for grad in grads:
-        updates, state = tx.update(grad, state, params)
-        params = optim.apply_updates(params, updates)
-    return params
-
-
-def _max_diff(a, b):
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def x64():
-    jax = extra("jax")
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
-
-
 @pytest.mark.parametrize("name", OPTAX)
 def test_equals_optax_in_float64(name, x64):
     optax = extra("optax")
     ours, theirs = OPTAX[name]
-    params = _params()
-    grads = _grads(params)
-    a, b = _run_fx(ours(), params, grads), _run_optax(theirs(optax), params, grads)
+    params = parity.params()
+    grads = parity.grads(params)
+    a, b = parity.run_fx(ours(), params, grads), parity.run_optax(theirs(optax), params, grads)
     assert all(b[k].dtype == torch.float64 for k in b)
-    moved = _max_diff(a, params)
+    moved = parity.max_diff(a, params)
     assert moved > 1e-3, f"{name} hardly moved the parameters ({moved:.3g})"
-    diff = _max_diff(a, b)
-    assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {STEPS} steps"
+    diff = parity.max_diff(a, b)
+    assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {parity.STEPS} steps"
 
 
 def test_zero_nans_equals_optax(x64):
     optax = extra("optax")
-    params = _params()
-    grads = _grads(params)
+    params = parity.params()
+    grads = parity.grads(params)
     for i, grad in enumerate(grads[::3]):
         grad["w"][i % 5, i % 3] = float("nan")
     ours = optim.chain(optim.zero_nans(), optim.scale(-0.1))
     theirs = optax.chain(optax.zero_nans(), optax.scale(-0.1))
-    diff = _max_diff(_run_fx(ours, params, grads), _run_optax(theirs, params, grads))
+    diff = parity.max_diff(parity.run_fx(ours, params, grads), parity.run_optax(theirs, params, grads))
     assert diff <= 1e-7
     _, (state, _) = ours.update(grads[0], ours.init(params), params)
-    _, (ref_state, _) = theirs.update(_to_jax(grads[0]), theirs.init(_to_jax(params)))
+    _, (ref_state, _) = theirs.update(parity.to_jax(grads[0]), theirs.init(parity.to_jax(params)))
     assert {k: bool(v) for k, v in state.found_nan.items()} == {
         k: bool(v) for k, v in ref_state.found_nan.items()} == {"w": True, "b": False, "s": False}
 
@@ -174,12 +124,12 @@ def _run_torch(make_opt, params, grads):
 
 
 @pytest.mark.parametrize("name", TORCH)
-@pytest.mark.parametrize("dtype,steps,tol", [(torch.float32, 5, 1e-6), (torch.float64, STEPS, 1e-10)])
+@pytest.mark.parametrize("dtype,steps,tol", [(torch.float32, 5, 1e-6), (torch.float64, parity.STEPS, 1e-10)])
 def test_parity_with_torch_optim(name, dtype, steps, tol):
     ours, theirs = TORCH[name]
-    params = _params(dtype)
-    grads = _grads(params, steps)
-    diff = _max_diff(_run_fx(ours(), params, grads), _run_torch(theirs, params, grads))
+    params = parity.params(dtype)
+    grads = parity.grads(params, steps)
+    diff = parity.max_diff(parity.run_fx(ours(), params, grads), _run_torch(theirs, params, grads))
     assert diff <= tol, f"{name}: max |dparam| vs torch.optim = {diff:.3g} after {steps} steps"
 
 
@@ -198,8 +148,8 @@ ALIASES = {
 @pytest.mark.parametrize("name", ALIASES)
 def test_compiles_to_one_graph_without_recompiling(name):
     tx = ALIASES[name]()
-    params = _params(torch.float32)
-    grads = _grads(params, 3)
+    params = parity.params(torch.float32)
+    grads = parity.grads(params, 3)
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -213,7 +163,7 @@ def test_compiles_to_one_graph_without_recompiling(name):
         for grad in grads[1:]:
             ours, state = compiled(ours, state, grad)
     assert graph_count() == 1
-    assert _max_diff(ours, _run_fx(tx, params, grads)) <= 1e-6
+    assert parity.max_diff(ours, parity.run_fx(tx, params, grads)) <= 1e-6
 
 
 @pytest.mark.parametrize("name", ALIASES)

@@ -2,66 +2,16 @@
 two groups equal torch.optim's param groups, frozen parameters stay bitwise unchanged, one graph
 under torch.compile, the state survives a checkpoint, and bad labels are refused by name."""
 
-import numpy as np
 import pytest
 import torch
 
 import fxtrain as fx
 from fxtrain import optim
 
+import optax_parity as parity
 from helpers import classification_batch, extra, graph_count, mlp, xent
 
-STEPS = 60
 LABELS = {"w": "a", "b": "b", "s": "a"}
-
-
-def _params(dtype=torch.float64):
-    g = torch.Generator().manual_seed(0)
-    return {"w": torch.randn(5, 3, generator=g, dtype=dtype),
-            "b": torch.randn(3, generator=g, dtype=dtype),
-            "s": torch.randn((), generator=g, dtype=dtype)}
-
-
-def _grads(params, steps=STEPS):
-    g = torch.Generator().manual_seed(1)
-    return [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
-            for _ in range(steps)]
-
-
-def _to_jax(tree):
-    jnp = extra("jax.numpy")
-    return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
-
-
-def _run_optax(ref, params, grads):
-    optax = extra("optax")
-    theirs = _to_jax(params)
-    state = ref.init(theirs)
-    for grad in grads:
-        updates, state = ref.update(_to_jax(grad), state, theirs)
-        theirs = optax.apply_updates(theirs, updates)
-    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in theirs.items()}
-
-
-def _run_fx(tx, params, grads):
-    state = tx.init(params)
-    for grad in grads:
-        updates, state = tx.update(grad, state, params)
-        params = optim.apply_updates(params, updates)
-    return params
-
-
-def _max_diff(a, b):
-    return max(float((a[k] - b[k]).abs().max()) for k in a)
-
-
-@pytest.fixture(scope="module")
-def x64():
-    jax = extra("jax")
-    before = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", before)
 
 
 def _by_label(name, p):  # the same labels as LABELS, from a predicate
@@ -95,24 +45,24 @@ OPTAX = {
 def test_equals_optax_in_float64(name, x64):
     optax = extra("optax")
     ours, theirs = OPTAX[name]
-    params = _params()
-    grads = _grads(params)
-    a, b = _run_fx(ours(), params, grads), _run_optax(theirs(optax), params, grads)
+    params = parity.params()
+    grads = parity.grads(params)
+    a, b = parity.run_fx(ours(), params, grads), parity.run_optax(theirs(optax), params, grads)
     assert all(b[k].dtype == torch.float64 for k in b)
-    assert _max_diff(a, params) > 1e-3, f"{name} hardly moved the parameters"
-    diff = _max_diff(a, b)
-    assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {STEPS} steps"
+    assert parity.max_diff(a, params) > 1e-3, f"{name} hardly moved the parameters"
+    diff = parity.max_diff(a, b)
+    assert diff <= 1e-7, f"{name}: max |dparam| vs optax = {diff:.3g} after {parity.STEPS} steps"
 
 
 def test_state_holds_each_group_alone():
     tx = OPTAX["adam_sgd"][0]()
-    state = tx.init(_params())
+    state = tx.init(parity.params())
     assert isinstance(state, optim.MultiTransformState)
     assert list(state.inner_states) == ["a", "b"]
     assert set(state.inner_states["a"][0].mu) == {"w", "s"}   # adam's moments: group a only
     assert optim.PartitionState is optim.MultiTransformState
     masked = optim.masked(optim.scale_by_adam(), {"w": True, "b": False, "s": False})
-    assert set(masked.init(_params()).inner_state.mu) == {"w"}
+    assert set(masked.init(parity.params()).inner_state.mu) == {"w"}
 
 
 def test_frozen_group_is_bitwise_unchanged_through_train_steps():
@@ -129,8 +79,8 @@ def test_frozen_group_is_bitwise_unchanged_through_train_steps():
 
 
 def test_parity_with_torch_optim_param_groups():
-    params = _params(torch.float32)
-    grads = _grads(params, 5)
+    params = parity.params(torch.float32)
+    grads = parity.grads(params, 5)
     tensors = {k: v.clone().requires_grad_(True) for k, v in params.items()}
     opt = torch.optim.AdamW([
         {"params": [tensors["w"], tensors["s"]], "lr": 0.02},
@@ -142,7 +92,7 @@ def test_parity_with_torch_optim_param_groups():
         opt.step()
     tx = optim.multi_transform({"a": optim.adamw(0.02, weight_decay=0.1),
                                 "b": optim.adamw(0.005, weight_decay=0.1)}, LABELS)
-    diff = _max_diff(_run_fx(tx, params, grads), {k: v.detach() for k, v in tensors.items()})
+    diff = parity.max_diff(parity.run_fx(tx, params, grads), {k: v.detach() for k, v in tensors.items()})
     assert diff <= 1e-6, f"max |dparam| vs torch.optim param groups = {diff:.3g}"
 
 
@@ -151,8 +101,8 @@ def test_compiles_to_one_graph_without_recompiling():
         {"a": optim.masked(optim.adamw(0.02), lambda name, p: p.ndim == 2),
          "b": optim.sgd(0.1, 0.9), "frozen": optim.set_to_zero()},
         {"w": "a", "b": "b", "s": "frozen"})
-    params = _params(torch.float32)
-    grads = _grads(params, 3)
+    params = parity.params(torch.float32)
+    grads = parity.grads(params, 3)
 
     def step(params, state, grads):
         updates, state = tx.update(grads, state, params)
@@ -166,7 +116,7 @@ def test_compiles_to_one_graph_without_recompiling():
         for grad in grads[1:]:
             ours, state = compiled(ours, state, grad)
     assert graph_count() == 1
-    assert _max_diff(ours, _run_fx(tx, params, grads)) <= 1e-6
+    assert parity.max_diff(ours, parity.run_fx(tx, params, grads)) <= 1e-6
     assert torch.equal(ours["s"], params["s"])
 
 
@@ -204,7 +154,7 @@ def test_state_survives_a_checkpoint(tmp_path):
 ])
 def test_bad_labels_are_refused_by_name(make, match):
     with pytest.raises(ValueError, match=match):
-        make().init(_params())
+        make().init(parity.params())
 
 
 def test_bad_inputs_are_refused():
@@ -216,4 +166,4 @@ def test_bad_inputs_are_refused():
     other = optim.multi_transform({"a": optim.sgd(0.1), "b": optim.sgd(0.1), "c": optim.sgd(0.1)},
                                   lambda name, p: {"w": "a", "b": "b", "s": "c"}[name])
     with pytest.raises(ValueError, match="another optimizer"):
-        tx.update(_grads(_params(), 1)[0], other.init(_params()), _params())
+        tx.update(parity.grads(parity.params(), 1)[0], other.init(parity.params()), parity.params())

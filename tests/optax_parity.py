@@ -1,0 +1,51 @@
+"""What the optax-parity tests share: one small parameter dict, its gradients, and one optimizer
+run through optax and through fx.optim from the same start (the ``x64`` fixture, in
+conftest.py, turns JAX's float64 on)."""
+
+import numpy as np
+import torch
+
+from fxtrain import optim
+from helpers import extra
+
+STEPS = 60
+
+
+def params(dtype=torch.float64):
+    g = torch.Generator().manual_seed(0)
+    return {"w": torch.randn(5, 3, generator=g, dtype=dtype),
+            "b": torch.randn(3, generator=g, dtype=dtype),
+            "s": torch.randn((), generator=g, dtype=dtype)}
+
+
+def grads(params, steps=STEPS):
+    g = torch.Generator().manual_seed(1)
+    return [{k: torch.randn(v.shape, generator=g, dtype=v.dtype) for k, v in params.items()}
+            for _ in range(steps)]
+
+
+def to_jax(tree):
+    jnp = extra("jax.numpy")
+    return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
+
+
+def run_optax(ref, params, grads):
+    optax = extra("optax")
+    theirs = to_jax(params)
+    state = ref.init(theirs)
+    for grad in grads:
+        updates, state = ref.update(to_jax(grad), state, theirs)
+        theirs = optax.apply_updates(theirs, updates)
+    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in theirs.items()}
+
+
+def run_fx(tx, params, grads):
+    state = tx.init(params)
+    for grad in grads:
+        updates, state = tx.update(grad, state, params)
+        params = optim.apply_updates(params, updates)
+    return params
+
+
+def max_diff(a, b):
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
