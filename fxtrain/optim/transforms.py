@@ -83,6 +83,12 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
+def _moments(updates, mu, nu, b1, b2):
+    """Adam's moments: ``mu <- b1 mu + (1 - b1) g`` and ``nu <- b2 nu + (1 - b2) g^2``."""
+    return (tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), mu, updates),
+            tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g, nu, updates))
+
+
 def _mu_hat(m: torch.Tensor, g: torch.Tensor, b1: float | torch.Tensor, count: torch.Tensor,
             nesterov: bool) -> torch.Tensor:
     """m / (1 - b1^t), or with Nesterov b1 m / (1 - b1^(t+1)) + (1 - b1) g / (1 - b1^t)."""
@@ -123,9 +129,7 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         del params
         _check_state(state.mu, updates, "scale_by_adam")
         count = state.count + 1
-        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
-        nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
-                      state.nu, updates)
+        mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
 
         def direction(m, v, g):
             bc2 = _bias_correction(b2, count, m).to(m.dtype)
@@ -472,9 +476,7 @@ def scale_by_amsgrad(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 
         del params
         _check_state(state.mu, updates, "scale_by_amsgrad")
         count = state.count + 1
-        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
-        nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
-                      state.nu, updates)
+        mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
 
         def corrected(beta, enabled):
             return lambda x: x / _bias_correction(beta, count, x).to(x.dtype) if enabled else x
@@ -532,9 +534,7 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         del params
         _check_state(state.mu, updates, "scale_by_radam")
         count = state.count + 1
-        mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), state.mu, updates)
-        nu = tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g,
-                      state.nu, updates)
+        mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
 
         def direction(m, v, g):
             bc2 = _bias_correction(b2, count, m)  # 1 - b2^t, in float32 or wider
