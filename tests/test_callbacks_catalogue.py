@@ -243,3 +243,36 @@ def test_tensor_callbacks_compile_into_one_graph_over_200_steps():
     for _ in range(5):
         eager, _ = eager_step(eager, batch)
     assert int(eager.callbacks["grad_monitor"].vanishing) == 0
+
+
+@pytest.mark.parametrize("tensor_step", [False, True], ids=["host", "in_step"])
+def test_checkpoint_policy_asks_for_a_save_exactly_every_n_steps(tensor_step):
+    policy = fx.callbacks.checkpoint_policy(every=3)
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1), callbacks=[policy])
+    asked = []
+    for step in range(1, 8):
+        event = fx.Event("step_end", torch.tensor(step) if tensor_step else step, 0, {})
+        state, control = fold([policy], state, event)
+        asked.append(bool(control.save))
+    assert [s for s, a in zip(range(1, 8), asked) if a] == [3, 6]
+
+
+def test_publish_and_rank_zero_functions_do_nothing_off_rank_zero(monkeypatch, caplog):
+    from fxtrain import distributed
+    from fxtrain.callbacks.publish import publish
+
+    written = []
+
+    class Writer:
+        def write_scalars(self, step, scalars):
+            written.append((step, dict(scalars)))
+
+    publish(Writer(), 1, {"a": 1.0}, what="test")
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    publish(Writer(), 2, {"a": 2.0}, what="test")
+    with caplog.at_level(logging.INFO, logger="fxtrain"):
+        publish(None, 3, {"a": 3.0}, what="test")
+    assert written == [(1, {"a": 1.0})] and not caplog.records
+    assert distributed.rank_zero(lambda: "ran")() is None
+    monkeypatch.setattr(distributed, "rank", lambda: 0)
+    assert distributed.rank_zero(lambda: "ran")() == "ran"
