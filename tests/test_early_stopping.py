@@ -82,13 +82,25 @@ def test_hf_parity_on_the_docstring_sequence():
 @settings(max_examples=60, deadline=None)
 @given(values=st.lists(st.sampled_from([0.5, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0]),
                        min_size=1, max_size=12),
-       patience=st.integers(1, 4), threshold=st.sampled_from([0.0, 0.05, 0.1, 0.15]),
+       patience=st.integers(1, 4),
+       threshold=st.sampled_from([0.0, 0.05, 0.1, 0.15, 0.25, 0.5]),
        greater=st.booleans())
 def test_transformers_mode_stops_where_transformers_does(values, patience, threshold, greater):
     cb = fx.callbacks.early_stopping(patience=patience, min_delta=threshold,
                                      mode="max" if greater else "min",
                                      min_delta_mode="transformers")
     assert first(stops(cb, values)[0]) == hf_first_stop(values, patience, threshold, greater)
+
+
+@pytest.mark.parametrize("values, threshold, expected", [
+    ([1.0, 0.95], 0.05, None),  # |0.95 - 1.0| = 0.050000000000000044 > 0.05: an improvement
+    ([1.0, 0.75], 0.25, 20),    # exactly 0.25 apart: not more than the threshold
+])
+def test_transformers_mode_rounds_at_the_edge_as_transformers_does(values, threshold, expected):
+    cb = fx.callbacks.early_stopping(patience=1, min_delta=threshold,
+                                     min_delta_mode="transformers")
+    assert hf_first_stop(values, 1, threshold, greater=False) == expected
+    assert first(stops(cb, values)[0]) == expected
 
 
 def lightning_first_stop(values, patience, min_delta, mode, check_finite):
@@ -115,6 +127,16 @@ def test_keras_mode_and_check_finite_stop_where_lightning_does(values, patience,
                                      check_finite=check_finite)
     assert first(stops(cb, values)[0]) == lightning_first_stop(values, patience, min_delta,
                                                                mode, check_finite)
+
+
+@pytest.mark.parametrize("values, min_delta, expected", [
+    ([0.2, 0.15], 0.05, 20),  # 0.15 + 0.05 == 0.2: no improvement (0.2 - 0.05 would say one)
+    ([1.0, 0.95], 0.05, 20),  # 0.95 + 0.05 == 1.0: none either (transformers says one)
+])
+def test_keras_mode_rounds_at_the_edge_as_lightning_does(values, min_delta, expected):
+    cb = fx.callbacks.early_stopping(patience=1, min_delta=min_delta)
+    assert lightning_first_stop(values, 1, min_delta, "min", False) == expected
+    assert first(stops(cb, values)[0]) == expected
 
 
 def test_check_finite_stops_at_once_and_keeps_the_best():
