@@ -34,6 +34,7 @@ from .hf import hf_callback as hf_callback
 from .hparams import log_hparams as log_hparams
 from .log_metrics import log_eval_metrics as log_eval_metrics
 from .log_metrics import log_metrics as log_metrics
+from .loss_spike import loss_spike as loss_spike
 from .media import log_media as log_media
 from .media import text_samples as text_samples
 from .model_watch import model_watch as model_watch
@@ -57,6 +58,7 @@ __all__ = [
     "hf_callback", "log_hparams", "log_eval_metrics", "log_metrics", "log_media",
     "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
     "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
+    "loss_spike",
 ]
 
 # old names, kept for one release: (new home, its name there)
