@@ -72,6 +72,15 @@ def test_no_false_positive_on_smooth_or_noisy_decreasing_losses():
         assert not any(flags)
 
 
+def test_min_rise_spares_small_bumps_of_a_very_smooth_loss():
+    flat = [1.0 + 1e-6 * (i % 3) for i in range(20)]
+    bump = flat + [1.01, 1.2]  # 10 000 std above, but 1 % above the mean; then 20 %
+    flags, _ = host_flags(fx.callbacks.loss_spike(window=10), bump)
+    assert [i for i, f in enumerate(flags) if f] == [21]
+    flags, _ = host_flags(fx.callbacks.loss_spike(window=10, min_rise=0.0), bump)
+    assert [i for i, f in enumerate(flags) if f] == [20, 21]
+
+
 def test_no_false_positive_while_a_real_model_trains():
     cb = fx.callbacks.loss_spike(window=20, action="skip")
     state = fx.TrainState.create(mlp(), fx.optim.adam(1e-2), callbacks=[cb])
