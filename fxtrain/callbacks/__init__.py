@@ -45,6 +45,9 @@ from .nan_guard import nan_guard as nan_guard
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
 from .progress import progress_bar as progress_bar
 from .summary import summary as summary
+from .swa import swa as swa
+from .swa import update_bn as update_bn
+from .swa import with_swa_params as with_swa_params
 from .timer import timer as timer
 
 __all__ = [
@@ -58,7 +61,7 @@ __all__ = [
     "hf_callback", "log_hparams", "log_eval_metrics", "log_metrics", "log_media",
     "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
     "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
-    "loss_spike",
+    "loss_spike", "swa", "with_swa_params", "update_bn",
 ]
 
 # old names, kept for one release: (new home, its name there)
