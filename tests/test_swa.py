@@ -98,12 +98,21 @@ def bn_model():
                          nn.Flatten(), nn.Linear(4 * 6 * 6, 8), nn.BatchNorm1d(8))
 
 
-def test_update_bn_equals_torch_update_bn():
+@pytest.mark.parametrize("batches", [5, 0])  # none: the statistics are reset, as torch's are
+def test_update_bn_equals_torch_update_bn(batches):
     model = bn_model()
     g = torch.Generator().manual_seed(1)
-    data = [(torch.randn(6, 1, 8, 8, generator=g) * 3 + 1, torch.zeros(6)) for _ in range(5)]
+    data = [(torch.randn(6, 1, 8, 8, generator=g) * 3 + 1, torch.zeros(6))
+            for _ in range(batches)]
     state = fx.TrainState.create(model, fx.optim.sgd(0.1))
-    model.eval()  # torch's update_bn puts it back in the mode it found it in
+    def moved(b):  # running statistics that are not the reset values
+        return b + 0.5 if b.is_floating_point() else b + 3
+    state = state.replace(buffers={k: moved(v) for k, v in state.buffers.items()})
+    with torch.no_grad():  # the same in the reference
+        for b in model.buffers():
+            b.copy_(moved(b))
+    model.eval()  # both put the model back in the mode they found it in
+    state.module.eval()
     reference = copy.deepcopy(model)
     torch_update_bn(data, reference)
     new = fx.callbacks.update_bn(state, data)
@@ -111,9 +120,9 @@ def test_update_bn_equals_torch_update_bn():
     assert set(new.buffers) == set(expected)
     for name, buf in new.buffers.items():
         torch.testing.assert_close(buf, expected[name], rtol=1e-6, atol=1e-6, msg=name)
-    assert int(new.buffers["1.num_batches_tracked"]) == 5
-    assert int(state.buffers["1.num_batches_tracked"]) == 0  # the given state is unchanged
-    assert state.module[1].momentum == 0.3 and state.module[1].training  # put back
+    assert int(new.buffers["1.num_batches_tracked"]) == batches
+    assert float(state.buffers["1.running_var"][0]) == 1.5  # the given state is unchanged
+    assert state.module[1].momentum == 0.3 and not state.module.training  # put back
 
 
 def test_update_bn_without_batchnorm_changes_nothing():
