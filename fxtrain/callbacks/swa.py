@@ -124,8 +124,8 @@ def _first(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def update_bn(state, data: Iterable[Any],
-              forward: Callable[[Any, Any], Any] | None = None):
+def update_bn(state: Any, data: Iterable[Any],
+              forward: Callable[[Any, Any], Any] | None = None) -> Any:
     """``state`` with BatchNorm running statistics recomputed for ``state.params`` by one pass
     over ``data`` (``torch.optim.swa_utils.update_bn``: statistics reset, then averaged with
     equal weight over the batches, the module in train mode).
