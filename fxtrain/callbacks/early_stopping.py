@@ -51,10 +51,8 @@ def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
 
 def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
                 min_delta: float) -> torch.Tensor:
-    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does).
-
-    Computed as Keras and Lightning do (``value + min_delta < best`` in "min" mode), so the
-    rounding at the edge matches theirs.
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does), computed
+    as ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does (``value < best - min_delta``).
 
     Examples:
         >>> from fxtrain.callbacks.early_stopping import improvement
@@ -66,7 +64,14 @@ def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
         >>> improvement(torch.tensor(float("nan")), best, "min", 0.0)
         tensor(False)
     """
-    return value + min_delta < best if mode == "min" else value - min_delta > best
+    return value < best - min_delta if mode == "min" else value > best + min_delta
+
+
+def _beats(value: torch.Tensor, reference: torch.Tensor, mode: str,
+           min_delta: float) -> torch.Tensor:
+    """``improvement`` computed as Keras and Lightning do (``value + min_delta < reference``),
+    so the rounding at the edge of ``min_delta`` matches theirs."""
+    return value + min_delta < reference if mode == "min" else value - min_delta > reference
 
 
 _MIN_DELTA_MODES = ("keras", "transformers")
@@ -91,12 +96,12 @@ def _judge(value: torch.Tensor, es: EarlyStoppingState, mode: str, min_delta: fl
     patience (it beats the best by more than ``min_delta``, and the baseline when there is one).
     """
     if min_delta_mode == "keras":
-        patient = new_best = improvement(value, es.best, mode, min_delta)
+        patient = new_best = _beats(value, es.best, mode, min_delta)
     else:  # transformers: np.less(value, best) and abs(value - best) > threshold
-        new_best = improvement(value, es.best, mode, 0.0)
+        new_best = _beats(value, es.best, mode, 0.0)
         patient = new_best & ((value - es.best).abs() > min_delta)
     if baseline is not None:
-        patient = patient & improvement(value, torch.full_like(value, baseline), mode, min_delta)
+        patient = patient & _beats(value, torch.full_like(value, baseline), mode, min_delta)
     return new_best, patient
 
 
