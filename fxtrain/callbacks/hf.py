@@ -302,4 +302,5 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None,
         last[0] = callback_state(state, name)
         return state, control
 
-    return Callback(name=name, init=init, fn=fn, host=True)
+    return Callback(name=name, init=init, fn=fn, host=True, kinds=(
+        "train_begin", "step_end", "eval_end", "epoch_end", "checkpoint", "train_end"))
