@@ -46,11 +46,12 @@ from .data import as_stream
 from .evaluation import evaluate
 from .feed import Feed, prefetches
 from .means import Means
+from .preemption import Preempted, on_sigterm
 from .graphs import CudaGraphed
 from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
 
-__all__ = ["fit", "Interrupted"]
+__all__ = ["fit", "Interrupted", "Preempted"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -71,6 +72,8 @@ class _Flags:
         self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
         self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
         self.rank_consistent = False  # a request every rank made this step
+        self.signalled = False  # this process got SIGTERM (set by the handler)
+        self.preempted = False  # a read found SIGTERM on some rank: every rank stops (and saves)
 
     def add(self, control: Control, alike: bool = False) -> None:
         """A fold's control; ``alike``: it holds a request from a callback that decides alike
@@ -94,7 +97,8 @@ class _Flags:
         read alone, so several ranks wait for the next boundary)."""
         if self.agree:
             return self.rank_consistent
-        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log)
+        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
+                    or self.signalled)
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]
@@ -106,8 +110,13 @@ class _Flags:
             self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
         out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
         self.rank_consistent = False
+        preempted = self.signalled
         if self.agree:  # a flag any rank raised holds on every rank
-            out = Control(*distributed.agree(flags(out)[:4]))
+            *agreed, preempted = distributed.agree([*flags(out)[:4], preempted])
+            out = Control(*agreed)
+        if preempted:  # stop; fit then saves, as at any end
+            self.preempted = True
+            out = out | Control(stop=True)
         return out
 
 
@@ -292,7 +301,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
 
     Returns:
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
-      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
+      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``. SIGTERM (a
+      scheduler's preemption) stops every rank at the next flag read, saves, delivers train_end
+      (reason ``"preempted"``) and raises ``fx.Preempted`` (a SystemExit with code 143; see
+      ``fxtrain.preemption``). An error delivers the exception event and train_end, then is
+      raised again.
 
     Examples:
         >>> x = torch.randn(64, 3)
@@ -339,28 +352,34 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     run = _Run(state, first, callbacks, stream, _step_fn(train_step, host_names, donates),
                donates, k, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
                eval_step, eval_data)
-    try:
-        reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, train_step,
-                                 sync_every, k))
-        while reason is None:
-            reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
-    except KeyboardInterrupt as e:
+    with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
+        try:
+            reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, train_step,
+                                     sync_every, k))
+            while reason is None:
+                reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
+        except KeyboardInterrupt as e:
+            run.save()
+            run.emit("train_end", {"reason": "interrupted"})
+            _wait(checkpoint)
+            raise Interrupted(run.state) from e
+        except Exception as e:
+            run.fail(e)
+            _wait(checkpoint)
+            raise
+        finally:
+            if run.step > first and run.state.step is given.step:  # donated: given's reused
+                donation.mark(given)
+        # saved before train_end, which may change the state (early_stopping's restore_best):
+        # the checkpoint is where training stood, so resuming from it continues the same run
         run.save()
-        run.emit("train_end", {"reason": "interrupted"})
+        preempted = run.pending.preempted
+        run.emit("train_end", {"reason": "preempted" if preempted else reason})
         _wait(checkpoint)
-        raise Interrupted(run.state) from e
-    except Exception as e:
-        run.fail(e)
-        _wait(checkpoint)
-        raise
-    finally:
-        if run.step > first and run.state.step is given.step:  # donated: given's tensors reused
-            donation.mark(given)
-    # saved before train_end, which may change the state (early_stopping's restore_best): the
-    # checkpoint is where training stood, so resuming from it continues the same run
-    run.save()
-    run.emit("train_end", {"reason": reason})
-    _wait(checkpoint)
+        if preempted:  # no rank leaves (and has its launcher end the others) before all saved
+            distributed.barrier()
+    if preempted:
+        raise Preempted(run.state)
     return run.state
 
 
@@ -412,6 +431,10 @@ class _Run:
             Event(kind, self.step, self.epoch, metrics, error))
         self.pending.add(control, alike)
         return control
+
+    def signalled(self) -> None:
+        """SIGTERM arrived (called by the signal handler: it only raises a flag)."""
+        self.pending.signalled = True
 
     def begin(self, plan: dict) -> str | None:
         """train_begin, and what its callbacks ask for: an evaluation, a save (of the state

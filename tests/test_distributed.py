@@ -174,7 +174,7 @@ def test_the_group_init_joined_is_left_at_exit(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
+def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(tmp_path):
     psutil = extra("psutil")
     with reaped(torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))) as whole:
         out, _ = whole.communicate(timeout=300)
@@ -200,3 +200,24 @@ def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_pa
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from the checkpoint of step" in out
     assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+
+    # SIGTERM to rank 1 alone: the ranks agree at the next flag read, both save and exit 143
+    ckpt = tmp_path / "c" / "ckpt"
+    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt), "sleep=0.05")) as run:
+        deadline = time.monotonic() + 200
+        while not (ckpt / "10").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ranks = psutil.Process(run.pid).children(recursive=True)
+        rank1 = next(p for p in ranks if "resumable" in " ".join(p.cmdline())
+                     and p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=120)
+    assert "exitcode  : 143" in out, out[-3000:]  # rank 1's own exit, after both saved
+    assert not (tmp_path / "c" / "digest0.txt").exists()  # neither rank finished the run
+    stopped = fx.checkpoint.CheckpointManager(ckpt).latest_step()
+    assert 10 <= stopped < 30
+    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt))) as resumed:
+        out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from the checkpoint of step {stopped}" in out
+    assert {(tmp_path / "c" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
