@@ -1,6 +1,7 @@
 """Data parallel training on torch.distributed: 2 CPU processes (gloo), started with
 torch.multiprocessing or torchrun; the scenarios are in tests/dist_worker.py."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -221,3 +222,29 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming from the checkpoint of step {stopped}" in out
     assert {(tmp_path / "c" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_job(tmp_path):
+    """Two torchrun agents of one process each, as two machines would run them: they find each
+    other through the c10d rendezvous store and train like torchrun's two local processes."""
+    port = free_port()
+    cmd = lambda node: [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+        "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
+        "--rdzv_id=fxtrain-test", str(HERE / "dist_worker.py"), "train", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(reaped(subprocess.Popen(
+            cmd(node), env=env, start_new_session=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))) for node in (0, 1)]
+        outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"]  # one job: gradients averaged across the two nodes
+    single = tmp_path / "single"
+    single.mkdir()
+    dist_worker.train(str(single), batch=32)  # one process with the global batch
+    expected = torch.load(single / "rank0.pt")
+    for k, p in expected["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
