@@ -124,7 +124,9 @@ def count_step_flops(loss_fn: Callable[..., Any], state: Any, batch: Any) -> int
     batch = to_device(batch, device) if device is not None else batch
 
     def loss(params):
-        out = loss_fn(state, params, batch)
+        # views, not leaves: FlopCounterMode's module hooks fail on a leaf fed to a submodule
+        # (a learned input, latents, queries) under torch.func.grad
+        out = loss_fn(state, {k: v.view_as(v) for k, v in params.items()}, batch)
         return out[0] if isinstance(out, tuple) else out  # (loss, aux): the loss
 
     counter = FlopCounterMode(display=False)

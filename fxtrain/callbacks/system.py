@@ -2,7 +2,7 @@
 
 Readings come from psutil when it is installed (``pip install 'fxtrain[monitor]'``), else from
 Linux's ``/proc`` (``/proc/stat``, ``/proc/meminfo``, ``/proc/self/statm``); the process's CPU
-time comes from ``os.times`` everywhere. Where neither is there (macOS without psutil) the
+time comes from ``time.process_time`` everywhere. Where neither is there (macOS without psutil) the
 machine-wide readings are left out, not guessed. GPU readings need CUDA in use in this process;
 ``torch.cuda.utilization`` needs NVIDIA's ``pynvml`` (``pip install nvidia-ml-py``) and is left
 out without it. Nothing here touches a tensor of the run, so no reading waits for the device.
@@ -10,7 +10,6 @@ out without it. Nothing here touches a tensor of the run, so no reading waits fo
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -73,9 +72,8 @@ def _machine_ram(psutil) -> tuple[float, float] | None:
 
 def cpu_sample() -> CpuSample:
     """The clocks now (machine CPU time from psutil or ``/proc/stat``; None where unknown)."""
-    times = os.times()
     busy, total = _machine_cpu(_psutil())
-    return CpuSample(time.monotonic(), times.user + times.system, busy, total)
+    return CpuSample(time.monotonic(), time.process_time(), busy, total)
 
 
 def _gpu(device: int) -> dict[str, float]:
