@@ -30,6 +30,8 @@ from .core import set_callback_state as set_callback_state
 from .early_stopping import early_stopping as early_stopping
 from .ema import ema as ema
 from .ema import with_ema_params as with_ema_params
+from .flops import count_step_flops as count_step_flops
+from .flops import device_peak_flops as device_peak_flops
 from .grad_monitor import grad_monitor as grad_monitor
 from .hf import hf_callback as hf_callback
 from .hparams import log_hparams as log_hparams
@@ -45,6 +47,7 @@ from .nan_guard import nan_guard as nan_guard
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
 from .progress import progress_bar as progress_bar
 from .summary import summary as summary
+from .system import system_monitor as system_monitor
 from .timer import timer as timer
 
 __all__ = [
@@ -59,6 +62,7 @@ __all__ = [
     "hf_callback", "log_hparams", "log_eval_metrics", "log_metrics", "log_media",
     "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
     "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
+    "count_step_flops", "device_peak_flops", "system_monitor",
 ]
 
 # old names, kept for one release: (new home, its name there)
