@@ -10,7 +10,7 @@ from fxtrain.callbacks.hf import hf_callback
 
 transformers = extra("transformers")  # every test here needs it (the extra-less error: test_extras)
 
-EARLY = {"metric_for_best_model": "eval_loss", "load_best_model_at_end": True}
+EARLY = {"metric_for_best_model": "eval_loss"}
 
 
 def _state(*callbacks):
@@ -207,3 +207,174 @@ def test_making_the_callback_leaves_no_directory_behind(tmp_path, monkeypatch):
         cb = hf_callback(transformers.TrainerCallback())
         _begin(cb, _state(cb))
     assert not list(tmp_path.iterdir())  # it once made a directory per call, never removed
+
+
+# -- the objects the hooks get: model, optimizer, lr_scheduler --------------------------------
+
+def _regression(n=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    return x, x[:, :4] * 2 - 1
+
+
+def _mse(state, params, batch):
+    x, y = batch
+    return ((state.apply(params, x) - y) ** 2).mean()
+
+
+def _fit(state, *callbacks, steps=4, **kw):
+    return fx.fit(state, fx.make_train_step(_mse), fx.data.Batches(_regression(), 4),
+                  max_steps=steps, callbacks=callbacks, **kw)
+
+
+class SavePretrained(transformers.TrainerCallback):
+    """Saves the model the Trainer's way at the end of training."""
+
+    def __init__(self, directory):
+        self.directory = directory
+
+    def on_train_end(self, args, state, control, model=None, **kw):
+        model.save_pretrained(self.directory)
+
+
+def test_a_callback_can_save_pretrained_and_the_weights_load_back(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32,
+                                     n_positions=16)
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-2))
+    ids = torch.randint(0, 32, (8, 16), generator=torch.Generator().manual_seed(0))
+
+    def loss_fn(state, params, batch):
+        return state.apply(params, batch, labels=batch, use_cache=False)
+
+    state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(ids, 4), max_steps=3,
+                   callbacks=[hf_callback(SavePretrained(tmp_path / "model"))])
+    loaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "model")
+    weights = dict(loaded.named_parameters())
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == (16, 48)
+    for key, value in state.params.items():  # the trained weights, not the initial ones
+        torch.testing.assert_close(weights[key], value, rtol=0, atol=0)
+    initial = dict(model.named_parameters())["transformer.wte.weight"]
+    assert not torch.equal(weights["transformer.wte.weight"], initial)
+
+
+class Reads(transformers.TrainerCallback):
+    """Reads the optimizer's learning rate, the scheduler's and the model's class per step."""
+
+    def __init__(self, touch_model=True):
+        self.lrs, self.last_lrs, self.models, self.touch_model = [], [], [], touch_model
+
+    def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, model=None,
+                    **kw):
+        self.lrs.append(optimizer.param_groups[0]["lr"])
+        self.last_lrs.append(lr_scheduler.get_last_lr()[0])
+        assert len(optimizer.param_groups[0]["params"]) == 4  # mlp: two weights, two biases
+        if self.touch_model:
+            self.models.append((isinstance(model, torch.nn.Sequential), model[0].weight.shape))
+
+
+def test_hooks_see_the_learning_rate_and_the_model():
+    reads = Reads()
+    tx = fx.optim.sgd(fx.optim.linear_schedule(0.1, 0.0, transition_steps=4))
+    _fit(fx.TrainState.create(mlp(), tx), hf_callback(reads), steps=4)
+    assert reads.lrs == pytest.approx([0.1, 0.075, 0.05, 0.025])  # the rate each update used
+    assert reads.last_lrs == reads.lrs
+    assert reads.models == [(True, (16, 8))] * 4
+
+
+def test_the_model_is_built_only_when_a_hook_uses_it(monkeypatch):
+    built = []
+    real = fx.trained_module
+    monkeypatch.setattr("fxtrain.callbacks.hf_views.trained_module",
+                        lambda state: built.append(int(state.step)) or real(state))
+    _fit(_state(), hf_callback(Reads(touch_model=False)), steps=3)
+    assert built == []  # three steps, no copy of the weights
+    _fit(_state(), hf_callback(Reads(touch_model=True)), steps=3)
+    assert built == [1, 2, 3]  # once per event that touched it
+
+
+# -- load_best_model_at_end -----------------------------------------------------------------
+
+BEST = {"load_best_model_at_end": True, "metric_for_best_model": "loss"}
+
+
+class SeesTheEnd(transformers.TrainerCallback):
+    def on_train_end(self, args, state, control, model=None, **kw):
+        self.weight = model[0].weight.detach().clone()
+
+
+def _diverging(tmp_path, args, **manager):
+    """lr 1.5 on this problem: the evaluation loss grows after the first step."""
+    manager = fx.checkpoint.CheckpointManager(tmp_path, async_save=False, **manager)
+    end = SeesTheEnd()
+    cb = hf_callback(end, args=args, checkpoint=manager)
+    batch = _regression()
+    state = fx.fit(fx.TrainState.create(mlp(), fx.optim.sgd(1.5)), fx.make_train_step(_mse),
+                   fx.data.Batches(batch, 4), max_steps=5, eval_step=fx.make_eval_step(_mse),
+                   eval_data=[batch], eval_every=1, checkpoint=manager,
+                   callbacks=[cb, fx.callbacks.checkpoint_policy(every=1)])
+    return state, manager, end
+
+
+def test_load_best_model_at_end_restores_the_best_checkpoint(tmp_path):
+    state, manager, end = _diverging(tmp_path, BEST, keep_best=1, best_metric="loss")
+    losses = {s: manager.metrics(s).get("loss") for s in manager.all_steps()}
+    best = manager.best_step()
+    assert best < 5 and losses[best] < losses[5]  # the run got worse: the best is earlier
+    saved = manager.restore(state, best)
+    assert int(state.step) == 5  # the weights go back, the count stays (as the Trainer's)
+    for key in state.params:
+        assert torch.equal(state.params[key], saved.params[key])
+    assert torch.equal(end.weight, saved.params["0.weight"])  # on_train_end sees the best
+    assert fx.callbacks.callback_state(state, "hf_SeesTheEnd")["trainer_state"][
+        "best_model_checkpoint"] == str(manager.directory / str(best))
+
+
+def test_without_load_best_the_final_weights_stay(tmp_path):
+    state, manager, _ = _diverging(tmp_path, {"metric_for_best_model": "loss"},
+                                   keep_best=1, best_metric="loss")
+    final = manager.restore(state, 5)
+    assert all(torch.equal(state.params[k], final.params[k]) for k in state.params)
+
+
+def test_load_best_model_at_end_needs_a_manager_that_keeps_the_best(tmp_path):
+    with pytest.raises(ValueError, match=r"checkpoint=manager.*keep_best=1, best_metric='loss'"):
+        hf_callback(Recorder(), args=BEST)
+    plain = fx.checkpoint.CheckpointManager(tmp_path)
+    with pytest.raises(ValueError, match=r"keep_best=0 by best_metric=None"):
+        hf_callback(Recorder(), args=BEST, checkpoint=plain)
+    other = fx.checkpoint.CheckpointManager(tmp_path, keep_best=1, best_metric="accuracy",
+                                            best_mode="max")
+    with pytest.raises(ValueError, match=r"ranks checkpoints by 'loss' \(min\).*'accuracy'"):
+        hf_callback(Recorder(), args=BEST, checkpoint=other)
+    accuracy = {**BEST, "metric_for_best_model": "eval_accuracy"}  # greater is better
+    hf_callback(Recorder(), args=accuracy, checkpoint=other)  # matches: accepted
+
+
+def test_load_best_without_a_saved_best_warns_and_keeps_the_weights(tmp_path):
+    manager = fx.checkpoint.CheckpointManager(tmp_path, async_save=False, keep_best=1,
+                                              best_metric="loss")
+    cb = hf_callback(Recorder(), args=BEST, checkpoint=manager)
+    batch = _regression()
+    with pytest.warns(UserWarning, match=r"no checkpoint was saved at the best evaluation"):
+        state = fx.fit(fx.TrainState.create(mlp(), fx.optim.sgd(1.5)),
+                       fx.make_train_step(_mse), fx.data.Batches(batch, 4), max_steps=5,
+                       eval_step=fx.make_eval_step(_mse), eval_data=[batch], eval_every=1,
+                       checkpoint=manager, callbacks=[cb])  # one save, at the end
+    assert manager.all_steps() == [5] and int(state.step) == 5
+
+
+# -- should_epoch_stop ----------------------------------------------------------------------
+
+class EndsEpochs(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        control.should_epoch_stop = True
+
+
+def test_should_epoch_stop_warns_once_that_fit_cannot_honour_it():
+    with pytest.warns(UserWarning, match="should_epoch_stop") as caught:
+        state = _fit(_state(), hf_callback(EndsEpochs()), steps=6)
+    assert int(state.step) == 6  # the run went on
+    assert sum("should_epoch_stop" in str(w.message) for w in caught) == 1
