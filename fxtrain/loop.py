@@ -43,6 +43,7 @@ from . import distributed, donation
 from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_reporting, init,
                              save_veto)
 from .data import as_stream
+from .epoch_means import EpochMeans
 from .evaluation import evaluate
 from .feed import Feed, prefetches
 from .graphs import CudaGraphed
@@ -338,10 +339,9 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     run = _Run(state, first, callbacks, stream, _step_fn(train_step, host_names, donates),
                donates, k, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
                eval_step, eval_data)
-    run.emit("train_begin", _plan(stream, max_steps, max_epochs, eval_data, train_step,
-                                  sync_every, k))
-    reason = "stopped" if run.pending.read().stop else None
     try:
+        reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, train_step,
+                                 sync_every, k))
         while reason is None:
             reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
     except KeyboardInterrupt as e:
@@ -349,6 +349,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         run.emit("train_end", {"reason": "interrupted"})
         _wait(checkpoint)
         raise Interrupted(run.state) from e
+    except Exception as e:
+        run.fail(e)
+        _wait(checkpoint)
+        raise
     finally:
         if run.step > first and run.state.step is given.step:  # donated: given's tensors reused
             donation.mark(given)
@@ -395,26 +399,74 @@ class _Run:
         self.pending = _Flags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
+        self.epoch_metrics: EpochMeans | None = None  # None: the epoch has not begun
+        self.epoch_eval: dict | None = None  # the epoch's latest evaluation
+        self.before_step = tuple(cb for cb in callbacks  # those that asked for step_begin
+                                 if isinstance(cb, Callback) and "step_begin" in cb.kinds)
+        self.in_step = False  # inside the step call (its state may be donated half-way)
 
-    def emit(self, kind: str, metrics: dict | None = None) -> Control:
+    def emit(self, kind: str, metrics: dict | None = None, *, error=None,
+             callbacks: tuple | None = None) -> Control:
         self.state, control, alike = fold_reporting(
-            self.callbacks, self.state, Event(kind, self.step, self.epoch, metrics))
+            self.callbacks if callbacks is None else callbacks, self.state,
+            Event(kind, self.step, self.epoch, metrics, error))
         self.pending.add(control, alike)
         return control
+
+    def begin(self, plan: dict) -> str | None:
+        """train_begin, and what its callbacks ask for: an evaluation, a save (of the state
+        training starts from), a log at the first step, a stop."""
+        self.emit("train_begin", plan)
+        control = self.pending.read()
+        if control.evaluate:
+            self.evaluate()
+        if control.save:
+            self.save()
+        self.log_next = bool(control.log)
+        return "stopped" if control.stop or self.pending.read().stop else None
+
+    def fail(self, error: Exception) -> None:
+        """An error ends the run: the exception event (a save it asks for is made when the
+        state is whole and one process runs), then train_end; the caller re-raises ``error``,
+        with a note when a callback failed on the way."""
+        try:
+            control = self.emit("exception", error=error)
+            self.pending = _Flags()  # no collective reads now: another rank may be gone
+            if bool(control.save):
+                why = ("it was raised inside a step that may have donated the state"
+                       if self.in_step and self.donates else
+                       "other ranks cannot join the save" if distributed.world_size() > 1
+                       else None)
+                if why is None:
+                    self.save()
+                else:
+                    warnings.warn(f"fit: not saving after the error at step {self.step}: {why}",
+                                  stacklevel=3)
+            self.emit("train_end", {"reason": "error"})
+        except Exception as e:  # the run's own error matters more
+            error.add_note(f"fxtrain: a callback raised {e!r} while handling this error")
 
     def call(self) -> str | None:
         """The next K batches through the step, then step_end (and the undo of a step a host
         callback skipped); "data_exhausted" when the data ran out."""
+        if self.epoch_metrics is None:
+            self.epoch_metrics, self.epoch_eval = EpochMeans(), None
+            self.emit("epoch_begin")
         try:
             batch, position, self.epoch_done = self.feed.take(self.state.data)
         except StopIteration:
             return "data_exhausted"
+        if self.before_step:
+            self.emit("step_begin", callbacks=self.before_step)
         before = self.state
+        self.in_step = True
         self.state, metrics = self.run_step(self.state, batch, position)
+        self.in_step = False
         self.step += self.k
         if not self.schedule.limit(self.step, self.epoch + self.epoch_done):
             self.feed.prefetch(position)  # the next call's batches, while this one runs
         self.pending.add_step(metrics)
+        self.epoch_metrics.add(metrics)
         if self.log_next:
             metrics["control/log"], self.log_next = True, False
         control = self.emit("step_end", metrics)
@@ -434,8 +486,9 @@ class _Run:
         if eval_due or control.evaluate:
             self.evaluate()
         if epoch_done:
-            self.emit("epoch_end")
-            self.epoch += 1
+            self.emit("epoch_end", {**self.epoch_metrics.means(), **{
+                f"eval/{k}": v for k, v in (self.epoch_eval or {}).items()}})
+            self.epoch, self.epoch_metrics = self.epoch + 1, None
         control = control | self.pending.read()
         if control.save:
             self.save()
@@ -443,7 +496,12 @@ class _Run:
         return "stopped" if control.stop or self.pending.read().stop else None
 
     def evaluate(self) -> None:
+        if self.eval_step is None:
+            warnings.warn(f"fit: a callback asked for an evaluation at step {self.step}, but "
+                          "fit has no eval_step and eval_data to run", stacklevel=3)
+            return
         self.last_eval = (self.step, evaluate(self.eval_step, self.state, self.eval_data))
+        self.epoch_eval = self.last_eval[1]
         self.emit("eval_end", self.last_eval[1])
 
     def save(self) -> None:

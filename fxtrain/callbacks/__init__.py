@@ -17,6 +17,7 @@ from .combinators import lambda_callback as lambda_callback
 from .combinators import on as on
 from .combinators import on_steps as on_steps
 from .combinators import rank_zero as rank_zero
+from .core import DEFAULT_KINDS as DEFAULT_KINDS
 from .core import EVENT_KINDS as EVENT_KINDS
 from .core import Callback as Callback
 from .core import Control as Control
@@ -48,7 +49,8 @@ from .timer import timer as timer
 
 __all__ = [
     # the protocol
-    "Callback", "Control", "Event", "EVENT_KINDS", "fold", "init", "init_states",
+    "Callback", "Control", "Event", "EVENT_KINDS", "DEFAULT_KINDS", "fold", "init",
+    "init_states",
     "callback_state", "set_callback_state",
     # when a callback runs
     "every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
