@@ -331,8 +331,21 @@ def test_load_best_model_at_end_needs_a_manager_that_keeps_the_best(tmp_path):
                                             best_mode="max")
     with pytest.raises(ValueError, match=r"ranks checkpoints by 'loss' \(min\).*'accuracy'"):
         hf_callback(Recorder(), args=BEST, checkpoint=other)
+    unkept = fx.checkpoint.CheckpointManager(tmp_path, keep_best=0, best_metric="loss")
+    with pytest.raises(ValueError, match=r"keep_best=0 by best_metric='loss'"):
+        hf_callback(Recorder(), args=BEST, checkpoint=unkept)
     accuracy = {**BEST, "metric_for_best_model": "eval_accuracy"}  # greater is better
     hf_callback(Recorder(), args=accuracy, checkpoint=other)  # matches: accepted
+
+
+def test_the_best_model_checkpoint_is_the_saved_best_steps():
+    cb = hf_callback(Recorder(), args={"metric_for_best_model": "loss"}, name="rec")
+    state, _ = _begin(cb, _state(cb))
+    for step, loss in [(2, 0.5), (3, 0.7)]:
+        state, _ = _evaluate(cb, state, step, loss)
+        state, _ = fold([cb], state, Event("checkpoint", step, 0,
+                                           {"step": step, "path": f"/ckpt/{step}"}))
+        assert state.callbacks["rec"]["trainer_state"]["best_model_checkpoint"] == "/ckpt/2"
 
 
 def test_load_best_without_a_saved_best_warns_and_keeps_the_weights(tmp_path):
