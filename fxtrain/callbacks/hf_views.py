@@ -1,6 +1,6 @@
-"""What a Hugging Face callback's hooks get as ``model``, ``optimizer`` and ``lr_scheduler``.
+"""What a Hugging Face callback's hooks get: ``args``, ``model``, ``optimizer``, ``lr_scheduler``.
 
-fxtrain keeps the weights and the optimizer state in the ``TrainState``; these are read-only
+``training_arguments`` builds the ``TrainingArguments`` without ``accelerate``. fxtrain keeps the weights and the optimizer state in the ``TrainState``; these are read-only
 views of one state, built when a hook first touches them (``hf_callback`` makes new ones for
 each event, so no hook pays for what it does not read):
 
@@ -15,14 +15,58 @@ each event, so no hook pays for what it does not read):
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import tempfile
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from ..export import trained_module
 from ..logging.numbers import read_floats
 from ..optim.wrappers import injected_hyperparams, learning_rate
 
-__all__ = ["LazyModule", "OptimizerView", "SchedulerView"]
+__all__ = ["LazyModule", "OptimizerView", "SchedulerView", "place", "training_arguments",
+           "transformers_module", "views"]
+
+
+def transformers_module():
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("fx.callbacks.hf_callback needs the transformers package: "
+                          "pip install fxtrain[hf]") from e
+    return transformers
+
+
+def place(args: Any, device: torch.device) -> None:
+    """Gives ``args`` a device without ``accelerate``: its device set-up is a cached property,
+    so a value in the instance dict is used instead of running it (no process group, no
+    ``accelerate`` import). fxtrain places tensors itself; these fields are for reading."""
+    args.__dict__.update(_setup_devices=device, _n_gpu=int(device.type == "cuda"),
+                         distributed_state=None)
+
+
+def training_arguments(overrides: Any, log_every: int) -> tuple[Any, bool]:
+    """``TrainingArguments`` from ``overrides`` (a mapping, or a ready instance kept as is)."""
+    tf = transformers_module()
+    if isinstance(overrides, tf.TrainingArguments):
+        return overrides, False
+    if overrides is not None and not isinstance(overrides, Mapping):
+        raise TypeError("hf_callback: args must be a dict of TrainingArguments fields or a "
+                        f"TrainingArguments, got {type(overrides).__name__}")
+    kw = {"report_to": "none", "eval_strategy": "steps", "save_strategy": "steps",
+          "logging_steps": log_every, **(overrides or {})}
+    # a name only: TrainingArguments wants one, fxtrain never writes there (and making a
+    # directory per call, as mkdtemp did, left one behind each time)
+    kw.setdefault("output_dir", os.path.join(tempfile.gettempdir(), "fxtrain_hf_unused"))
+    args = tf.TrainingArguments.__new__(tf.TrainingArguments)
+    place(args, torch.device("cpu"))
+    try:
+        args.__init__(**kw)
+    except TypeError as e:
+        raise TypeError(f"hf_callback: bad TrainingArguments field in args: {e}") from e
+    return args, True
 
 
 class LazyModule:
