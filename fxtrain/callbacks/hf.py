@@ -193,7 +193,7 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None, log_every
     training_args, own_args = training_arguments(args, log_every)
     _check_best(training_args, checkpoint)
     session = Session(cb, training_args, tf.TrainerState(logging_steps=log_every),
-                       tf.TrainerControl(), own_args, checkpoint)
+                      tf.TrainerControl(), own_args, checkpoint)
     initial = session.export()
     name = name or f"hf_{type(cb).__name__}"
 
