@@ -43,9 +43,9 @@ from . import distributed, donation
 from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_reporting, init,
                              save_veto)
 from .data import as_stream
-from .epoch_means import EpochMeans
 from .evaluation import evaluate
 from .feed import Feed, prefetches
+from .means import Means
 from .graphs import CudaGraphed
 from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
@@ -399,7 +399,7 @@ class _Run:
         self.pending = _Flags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
-        self.epoch_metrics: EpochMeans | None = None  # None: the epoch has not begun
+        self.epoch_metrics: Means | None = None  # None: the epoch has not begun
         self.epoch_eval: dict | None = None  # the epoch's latest evaluation
         self.before_step = tuple(cb for cb in callbacks  # those that asked for step_begin
                                  if isinstance(cb, Callback) and "step_begin" in cb.kinds)
@@ -450,7 +450,7 @@ class _Run:
         """The next K batches through the step, then step_end (and the undo of a step a host
         callback skipped); "data_exhausted" when the data ran out."""
         if self.epoch_metrics is None:
-            self.epoch_metrics, self.epoch_eval = EpochMeans(), None
+            self.epoch_metrics, self.epoch_eval = Means(), None
             self.emit("epoch_begin")
         try:
             batch, position, self.epoch_done = self.feed.take(self.state.data)
@@ -486,7 +486,7 @@ class _Run:
         if eval_due or control.evaluate:
             self.evaluate()
         if epoch_done:
-            self.emit("epoch_end", {**self.epoch_metrics.means(), **{
+            self.emit("epoch_end", {**self.epoch_metrics.take(), **{
                 f"eval/{k}": v for k, v in (self.epoch_eval or {}).items()}})
             self.epoch, self.epoch_metrics = self.epoch + 1, None
         control = control | self.pending.read()

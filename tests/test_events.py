@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from fxtrain.epoch_means import EpochMeans
+from fxtrain.means import Means
 from helpers import mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
@@ -103,8 +103,8 @@ def test_epoch_end_carries_the_epochs_mean_training_metrics_and_its_last_evaluat
     assert float(ends[1]["loss"]) < float(ends[0]["loss"])
 
 
-def test_epoch_means_fold_long_epochs_and_skip_what_is_not_a_float_scalar():
-    means, values = EpochMeans(), torch.randn(200, generator=torch.Generator().manual_seed(1))
+def test_epoch_means_fold_long_epochs_and_leave_out_flags_and_shaped_metrics():
+    means, values = Means(collapse=64), torch.randn(200, generator=torch.Generator().manual_seed(1))
     for i, v in enumerate(values):
         metrics = {"loss": v, "steps": torch.tensor(i), "hist": torch.ones(3), "lr": 0.5,
                    "control/stop": torch.tensor(False), "flag": True}
@@ -112,8 +112,8 @@ def test_epoch_means_fold_long_epochs_and_skip_what_is_not_a_float_scalar():
             metrics["accuracy"] = v.abs()
         means.add(metrics)
     assert len(means.pending) < 64  # folded into sums as it went
-    out = means.means()
-    assert sorted(out) == ["accuracy", "loss", "lr"]
+    out = means.take()
+    assert sorted(out) == ["accuracy", "flag", "loss", "lr", "steps"]
     torch.testing.assert_close(out["loss"], values.mean())
     torch.testing.assert_close(out["accuracy"], values[1::2].abs().mean())
     assert float(out["lr"]) == 0.5

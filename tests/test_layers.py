@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "struct", "donation", "tree", "stats", "epoch_means", "random", "distributed",
+    ("_version", "struct", "donation", "tree", "stats", "means", "random", "distributed",
      "logging.numbers"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, the callback protocol
     ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "callbacks.core",
