@@ -491,16 +491,16 @@ def _fit_run(settings, tmp_path):
     if "eval_every" in settings:
         evaluation = {"eval_step": fx.make_eval_step(_mse),
                       "eval_data": fx.data.Batches(_regression(4), 2, shuffle=False)}
-    saving = {}
+    saving, callbacks = {}, [cb]
     if save_every:
         saving = {"checkpoint": fx.checkpoint.CheckpointManager(tmp_path, async_save=False)}
-        cb = [cb, fx.callbacks.checkpoint_policy(every=save_every)]
+        callbacks.append(fx.callbacks.checkpoint_policy(every=save_every))
     tx = fx.optim.multi_steps(fx.optim.sgd(0.01), every_k=k)
     state = fx.fit(fx.TrainState.create(mlp(), tx), fx.make_train_step(_mse),
-                   fx.data.Batches((x, y), 2), callbacks=cb if save_every else [cb],
+                   fx.data.Batches((x, y), 2), callbacks=callbacks,
                    **settings, **evaluation, **saving)
-    fold([cb[0] if save_every else cb], state,
-         Event("predict_end", int(state.step), 0, {"batches": 3}))  # fx.predict's event
+    fx.predict(lambda state, x: state.apply(state.params, x), state,
+               fx.data.Batches(_regression(6)[0], 2, shuffle=False), callbacks=[cb])
     return seen.seen
 
 
@@ -546,9 +546,10 @@ def test_an_error_calls_no_more_hooks_as_in_the_trainer():
     # the Trainer's train() raises without on_epoch_end or on_train_end; so does fit's
 
 
-def test_predict_end_calls_a_prediction_step_per_batch_then_on_predict():
+def test_predict_calls_a_prediction_step_per_batch_then_on_predict():
     rec = Sequence()
-    cb = hf_callback(rec)
-    state, _ = _begin(cb, _state(cb))
-    state, _ = fold([cb], state, Event("predict_end", 0, 0, {"batches": 2}))
-    assert rec.seen[-3:] == [("on_prediction_step", 0)] * 2 + [("on_predict", 0)]
+    x = _regression(5)[0]  # batches of 2, 2 and 1
+    fx.predict(lambda state, x: state.apply(state.params, x), _state(),
+               fx.data.Batches(x, 2, shuffle=False, drop_last=False),
+               callbacks=[hf_callback(rec)])  # a state fit never ran with it: no hf state
+    assert rec.seen == [("on_prediction_step", 0)] * 3 + [("on_predict", 0)]

@@ -27,7 +27,8 @@ train_end       on_epoch_end if the last epoch stopped part-way (the Trainer end
                 best checkpoint's weights back (``load_best_model_at_end``), on_train_end
 exception       none: the Trainer calls no hook when training raises, nor on_train_end (so
                 the train_end of an error or a Ctrl-C calls none either)
-predict_end     on_prediction_step once per batch, on_predict (``fx.predict``)
+predict_end     on_prediction_step once per batch, on_predict with ``{"test_batches": n}``
+                (``fx.predict``)
 ==============  ===============================================================================
 
 Where fxtrain has no event at the Trainer's place, the hook runs at the nearest place that keeps
