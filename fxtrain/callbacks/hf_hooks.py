@@ -261,19 +261,19 @@ def _predict_end(s: Session, event) -> Control:
     return s.requests()
 
 
+_HANDLERS = {"epoch_begin": _epoch_begin, "step_begin": _step_begin, "eval_end": _eval_end,
+             "epoch_end": _epoch_end, "checkpoint": _checkpoint, "predict_end": _predict_end}
+
+
 def dispatch(s: Session, state, event, due: Callable[[int], bool]) -> tuple[Any, Control]:
-    kind = event.kind
-    if kind == "train_end":
+    """Calls the hooks ``event`` asks for; returns the state (train_end may restore the best
+    weights) and the control's requests."""
+    if event.kind == "train_end":
         return _train_end(s, state, event)
-    if kind == "train_begin":
+    if event.kind == "train_begin":
         return state, _train_begin(s, state, event)
-    if kind == "exception":  # the Trainer has no hook for it
-        return state, NOTHING
-    handlers = {"epoch_begin": _epoch_begin, "step_begin": _step_begin,
-                "eval_end": _eval_end, "epoch_end": _epoch_end, "checkpoint": _checkpoint,
-                "predict_end": _predict_end}
-    if kind == "step_end":
+    if event.kind == "step_end":
         return state, _step_end(s, event, due)
-    return state, handlers[kind](s, event)
-
-
+    if event.kind == "exception":  # the Trainer has no hook for it
+        return state, NOTHING
+    return state, _HANDLERS[event.kind](s, event)
