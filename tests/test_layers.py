@@ -15,12 +15,12 @@ FLOORS = (
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, the callback protocol
     ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "callbacks.core",
      "callbacks.combinators"),
-    # the state
-    ("state", "precision"),
+    # the state, and the trained module out of it
+    ("state", "precision", "export"),
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "graphs", "data", "evaluation", "predict", "export"),
+    ("step", "graphs", "data", "evaluation", "predict"),
     # the loop, and the tools that look at steps and loops
     ("loop", "debug"),
     # the applications and the public surface
