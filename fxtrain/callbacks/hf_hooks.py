@@ -33,10 +33,6 @@ _CLEARS = {"on_train_begin": ("should_training_stop",), "on_epoch_begin": ("shou
            "on_evaluate": ("should_evaluate",), "on_save": ("should_save",),
            "on_log": ("should_log",)}
 _NO_OBJECTS = {"processing_class": None, "train_dataloader": None, "eval_dataloader": None}
-# should_epoch_stop needs fit to end an epoch before its data does: a Control field end_epoch
-# (the loop ends the epoch at its next boundary: epoch_end, then the next epoch's data); until
-# the loop has one, hf_callback warns instead
-_ENDS_EPOCH = "end_epoch" in {f.name for f in dataclasses.fields(Control)}
 # ends without the Trainer's _finalize_training: its train() raised
 _ABORTED = ("error", "interrupted")
 
@@ -104,9 +100,8 @@ class Session:
         out = Control(stop=bool(c.should_training_stop), save=bool(c.should_save),
                       evaluate=bool(c.should_evaluate), log=bool(c.should_log))
         c.should_save = c.should_evaluate = c.should_log = False
-        if c.should_epoch_stop and _ENDS_EPOCH:  # handed over once, like save
-            c.should_epoch_stop = False
-            return out | Control(end_epoch=True)
+        # should_epoch_stop would need fit to end an epoch before its data does (it has no
+        # such control), so it is refused, once, with what to do instead
         if c.should_epoch_stop and not self.warned:
             self.warned = True
             warnings.warn(f"hf_callback: {type(self.cb).__name__} set should_epoch_stop, which "
