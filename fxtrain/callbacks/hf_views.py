@@ -1,8 +1,9 @@
 """What a Hugging Face callback's hooks get: ``args``, ``model``, ``optimizer``, ``lr_scheduler``.
 
 ``training_arguments`` builds the ``TrainingArguments`` without ``accelerate``. fxtrain keeps
-the weights and the optimizer state in the ``TrainState``; these are read-only views of one state, built when a hook first touches them (``hf_callback`` makes new ones for
-each event, so no hook pays for what it does not read):
+the weights and the optimizer state in the ``TrainState``; these are read-only views of one
+state, built when a hook first touches them (``hf_callback`` makes new ones for each event, so
+no hook pays for what it does not read):
 
 - ``LazyModule``: ``fx.trained_module(state)`` (a copy of the weights) on first use; it passes
   ``isinstance`` checks for the model's class, so ``model.save_pretrained(dir)`` and
