@@ -26,6 +26,8 @@ from .feed import to_device as to_device
 from .graphs import cuda_graphed as cuda_graphed
 from .loop import Interrupted as Interrupted
 from .loop import fit as fit
+from .predict import predict as predict
+from .preemption import Preempted as Preempted
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
@@ -33,8 +35,8 @@ from .tree import tree_digest as tree_digest
 
 __all__ = [
     # the state, the step, the loop
-    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "Event", "Control",
-    "Interrupted", "DonatedError",
+    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "predict", "Event",
+    "Control", "Interrupted", "Preempted", "DonatedError",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",

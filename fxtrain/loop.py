@@ -45,11 +45,13 @@ from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_repo
 from .data import as_stream
 from .evaluation import evaluate
 from .feed import Feed, prefetches
+from .means import Means
+from .preemption import Preempted, on_sigterm
 from .graphs import CudaGraphed
 from .step import CONTROL_METRICS, revert_update
 from .unguarded import Unguarded, is_compiled
 
-__all__ = ["fit", "Interrupted"]
+__all__ = ["fit", "Interrupted", "Preempted"]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -70,6 +72,8 @@ class _Flags:
         self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
         self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
         self.rank_consistent = False  # a request every rank made this step
+        self.signalled = False  # this process got SIGTERM (set by the handler)
+        self.preempted = False  # a read found SIGTERM on some rank: every rank stops (and saves)
 
     def add(self, control: Control, alike: bool = False) -> None:
         """A fold's control; ``alike``: it holds a request from a callback that decides alike
@@ -93,7 +97,8 @@ class _Flags:
         read alone, so several ranks wait for the next boundary)."""
         if self.agree:
             return self.rank_consistent
-        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log)
+        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
+                    or self.signalled)
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]
@@ -105,8 +110,13 @@ class _Flags:
             self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
         out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
         self.rank_consistent = False
+        preempted = self.signalled
         if self.agree:  # a flag any rank raised holds on every rank
-            out = Control(*distributed.agree(flags(out)[:4]))
+            *agreed, preempted = distributed.agree([*flags(out)[:4], preempted])
+            out = Control(*agreed)
+        if preempted:  # stop; fit then saves, as at any end
+            self.preempted = True
+            out = out | Control(stop=True)
         return out
 
 
@@ -291,7 +301,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
 
     Returns:
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
-      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``.
+      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``. SIGTERM (a
+      scheduler's preemption) stops every rank at the next flag read, saves, delivers train_end
+      (reason ``"preempted"``) and raises ``fx.Preempted`` (a SystemExit with code 143; see
+      ``fxtrain.preemption``). An error delivers the exception event and train_end, then is
+      raised again.
 
     Examples:
         >>> x = torch.randn(64, 3)
@@ -338,25 +352,34 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     run = _Run(state, first, callbacks, stream, _step_fn(train_step, host_names, donates),
                donates, k, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
                eval_step, eval_data)
-    run.emit("train_begin", _plan(stream, max_steps, max_epochs, eval_data, train_step,
-                                  sync_every, k))
-    reason = "stopped" if run.pending.read().stop else None
-    try:
-        while reason is None:
-            reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
-    except KeyboardInterrupt as e:
+    with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
+        try:
+            reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, train_step,
+                                     sync_every, k))
+            while reason is None:
+                reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
+        except KeyboardInterrupt as e:
+            run.save()
+            run.emit("train_end", {"reason": "interrupted"})
+            _wait(checkpoint)
+            raise Interrupted(run.state) from e
+        except Exception as e:
+            run.fail(e)
+            _wait(checkpoint)
+            raise
+        finally:
+            if run.step > first and run.state.step is given.step:  # donated: given's reused
+                donation.mark(given)
+        # saved before train_end, which may change the state (early_stopping's restore_best):
+        # the checkpoint is where training stood, so resuming from it continues the same run
         run.save()
-        run.emit("train_end", {"reason": "interrupted"})
+        preempted = run.pending.preempted
+        run.emit("train_end", {"reason": "preempted" if preempted else reason})
         _wait(checkpoint)
-        raise Interrupted(run.state) from e
-    finally:
-        if run.step > first and run.state.step is given.step:  # donated: given's tensors reused
-            donation.mark(given)
-    # saved before train_end, which may change the state (early_stopping's restore_best): the
-    # checkpoint is where training stood, so resuming from it continues the same run
-    run.save()
-    run.emit("train_end", {"reason": reason})
-    _wait(checkpoint)
+        if preempted:  # no rank leaves (and has its launcher end the others) before all saved
+            distributed.barrier()
+    if preempted:
+        raise Preempted(run.state)
     return run.state
 
 
@@ -395,26 +418,78 @@ class _Run:
         self.pending = _Flags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
+        self.epoch_metrics: Means | None = None  # None: the epoch has not begun
+        self.epoch_eval: dict | None = None  # the epoch's latest evaluation
+        self.before_step = tuple(cb for cb in callbacks  # those that asked for step_begin
+                                 if isinstance(cb, Callback) and "step_begin" in cb.kinds)
+        self.in_step = False  # inside the step call (its state may be donated half-way)
 
-    def emit(self, kind: str, metrics: dict | None = None) -> Control:
+    def emit(self, kind: str, metrics: dict | None = None, *, error=None,
+             callbacks: tuple | None = None) -> Control:
         self.state, control, alike = fold_reporting(
-            self.callbacks, self.state, Event(kind, self.step, self.epoch, metrics))
+            self.callbacks if callbacks is None else callbacks, self.state,
+            Event(kind, self.step, self.epoch, metrics, error))
         self.pending.add(control, alike)
         return control
+
+    def signalled(self) -> None:
+        """SIGTERM arrived (called by the signal handler: it only raises a flag)."""
+        self.pending.signalled = True
+
+    def begin(self, plan: dict) -> str | None:
+        """train_begin, and what its callbacks ask for: an evaluation, a save (of the state
+        training starts from), a log at the first step, a stop."""
+        self.emit("train_begin", plan)
+        control = self.pending.read()
+        if control.evaluate:
+            self.evaluate()
+        if control.save:
+            self.save()
+        self.log_next = bool(control.log)
+        return "stopped" if control.stop or self.pending.read().stop else None
+
+    def fail(self, error: Exception) -> None:
+        """An error ends the run: the exception event (a save it asks for is made when the
+        state is whole and one process runs), then train_end; the caller re-raises ``error``,
+        with a note when a callback failed on the way."""
+        try:
+            control = self.emit("exception", error=error)
+            self.pending = _Flags()  # no collective reads now: another rank may be gone
+            if bool(control.save):
+                why = ("it was raised inside a step that may have donated the state"
+                       if self.in_step and self.donates else
+                       "other ranks cannot join the save" if distributed.world_size() > 1
+                       else None)
+                if why is None:
+                    self.save()
+                else:
+                    warnings.warn(f"fit: not saving after the error at step {self.step}: {why}",
+                                  stacklevel=3)
+            self.emit("train_end", {"reason": "error"})
+        except Exception as e:  # the run's own error matters more
+            error.add_note(f"fxtrain: a callback raised {e!r} while handling this error")
 
     def call(self) -> str | None:
         """The next K batches through the step, then step_end (and the undo of a step a host
         callback skipped); "data_exhausted" when the data ran out."""
+        if self.epoch_metrics is None:
+            self.epoch_metrics, self.epoch_eval = Means(), None
+            self.emit("epoch_begin")
         try:
             batch, position, self.epoch_done = self.feed.take(self.state.data)
         except StopIteration:
             return "data_exhausted"
+        if self.before_step:
+            self.emit("step_begin", callbacks=self.before_step)
         before = self.state
+        self.in_step = True
         self.state, metrics = self.run_step(self.state, batch, position)
+        self.in_step = False
         self.step += self.k
         if not self.schedule.limit(self.step, self.epoch + self.epoch_done):
             self.feed.prefetch(position)  # the next call's batches, while this one runs
         self.pending.add_step(metrics)
+        self.epoch_metrics.add(metrics)
         if self.log_next:
             metrics["control/log"], self.log_next = True, False
         control = self.emit("step_end", metrics)
@@ -434,8 +509,9 @@ class _Run:
         if eval_due or control.evaluate:
             self.evaluate()
         if epoch_done:
-            self.emit("epoch_end")
-            self.epoch += 1
+            self.emit("epoch_end", {**self.epoch_metrics.take(), **{
+                f"eval/{k}": v for k, v in (self.epoch_eval or {}).items()}})
+            self.epoch, self.epoch_metrics = self.epoch + 1, None
         control = control | self.pending.read()
         if control.save:
             self.save()
@@ -443,7 +519,12 @@ class _Run:
         return "stopped" if control.stop or self.pending.read().stop else None
 
     def evaluate(self) -> None:
+        if self.eval_step is None:
+            warnings.warn(f"fit: a callback asked for an evaluation at step {self.step}, but "
+                          "fit has no eval_step and eval_data to run", stacklevel=3)
+            return
         self.last_eval = (self.step, evaluate(self.eval_step, self.state, self.eval_data))
+        self.epoch_eval = self.last_eval[1]
         self.emit("eval_end", self.last_eval[1])
 
     def save(self) -> None:

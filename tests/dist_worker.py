@@ -113,13 +113,24 @@ def failing(out):
            sync_every=2, callbacks=[boom])
 
 
+def predicting(out):
+    """Each rank predicts its share of 45 examples (batches of 4 per rank: the last global
+    batch leaves rank 0 a short one and rank 1 an empty one)."""
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.1))
+    predict_fn = lambda s, x: {"logits": s.apply(s.params, x), "row": x[:, 0]}  # noqa: E731
+    out_ = fx.predict(predict_fn, state, fx.data.Batches(X[:45], 4, shuffle=False,
+                                                         drop_last=False))
+    torch.save({"out": out_, "params": state.params}, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def exits(out):
     """Returns without leaving the group (the __main__ block checks fxtrain leaves it)."""
     del out
 
 
 SCENARIOS = {"exits": exits, "train": train, "early_stop": early_stop, "host_stop": host_stop,
-             "timed_saves": timed_saves, "resumable": resumable, "failing": failing}
+             "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
+             "predicting": predicting}
 
 
 def spawned(rank, world, port, name, args, kwargs):

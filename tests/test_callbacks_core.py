@@ -60,8 +60,8 @@ def test_tensor_controls_merge_with_bools():
 
 
 def test_unknown_event_kind_is_an_error():
-    with pytest.raises(ValueError, match="unknown event kind 'step_begin'"):
-        fx.Event("step_begin", 0, 0)
+    with pytest.raises(ValueError, match="unknown event kind 'step_start'"):
+        fx.Event("step_start", 0, 0)
     with pytest.raises(ValueError, match="unknown event kinds"):
         Callback("x", None, lambda s, e: (s, fx.Control()), kinds=("batch_end",))
 

@@ -1,6 +1,7 @@
 """Data parallel training on torch.distributed: 2 CPU processes (gloo), started with
 torch.multiprocessing or torchrun; the scenarios are in tests/dist_worker.py."""
 
+import contextlib
 import os
 import signal
 import socket
@@ -181,9 +182,19 @@ def test_the_group_init_joined_is_left_at_exit(tmp_path):
     assert out.count("after fxtrain's exit handler: group left = True") == 2, out[-3000:]
 
 
-@pytest.mark.slow
-def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_path):
+def rank_of(torchrun_job, rank):
+    """The process of ``rank`` under a torchrun job (its agent starts them in their own
+    sessions)."""
     psutil = extra("psutil")
+    family = psutil.Process(torchrun_job.pid).children(recursive=True)
+    return next(p for p in family if "dist_worker.py" in " ".join(p.cmdline())
+                and p.environ().get("RANK") == str(rank))
+
+
+@pytest.mark.slow
+def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(tmp_path):
+    """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
+    either, torchrun resumes to the uninterrupted run's digest."""
     with reaped(torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))) as whole:
         out, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, out[-3000:]
@@ -198,13 +209,57 @@ def test_two_process_run_killed_and_resumed_matches_the_uninterrupted_run(tmp_pa
         deadline = time.monotonic() + 200
         while not (ckpt / "10").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        ranks = psutil.Process(run.pid).children(recursive=True)  # torchrun starts them in
-        for proc in [psutil.Process(run.pid), *ranks]:            # their own sessions
-            proc.send_signal(signal.SIGKILL)
-        run.communicate()
+        rank_of(run, 1).send_signal(signal.SIGKILL)  # one rank dies: the job ends, no hang
+        killed = time.monotonic()
+        run.communicate(timeout=120)
+    assert run.returncode != 0 and time.monotonic() - killed < 30
     assert 10 <= fx.checkpoint.CheckpointManager(ckpt).latest_step() < 30
     with reaped(torchrun("resumable", str(tmp_path / "b"), str(ckpt))) as resumed:
         out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from the checkpoint of step" in out
     assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+
+    # SIGTERM to rank 1 alone: the ranks agree at the next flag read, both save and exit 143
+    ckpt = tmp_path / "c" / "ckpt"
+    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt), "sleep=0.05")) as run:
+        deadline = time.monotonic() + 200
+        while not (ckpt / "10").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        rank_of(run, 1).send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=120)
+    assert "exitcode  : 143" in out, out[-3000:]  # rank 1's own exit, after both saved
+    assert not (tmp_path / "c" / "digest0.txt").exists()  # neither rank finished the run
+    stopped = fx.checkpoint.CheckpointManager(ckpt).latest_step()
+    assert 10 <= stopped < 30
+    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt))) as resumed:
+        out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from the checkpoint of step {stopped}" in out
+    assert {(tmp_path / "c" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_job(tmp_path):
+    """Two torchrun agents of one process each, as two machines would run them: they find each
+    other through the c10d rendezvous store and train like torchrun's two local processes."""
+    port = free_port()
+    cmd = lambda node: [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+        "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
+        "--rdzv_id=fxtrain-test", str(HERE / "dist_worker.py"), "train", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(reaped(subprocess.Popen(
+            cmd(node), env=env, start_new_session=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))) for node in (0, 1)]
+        outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"]  # one job: gradients averaged across the two nodes
+    single = tmp_path / "single"
+    single.mkdir()
+    dist_worker.train(str(single), batch=32)  # one process with the global batch
+    expected = torch.load(single / "rank0.pt")
+    for k, p in expected["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)

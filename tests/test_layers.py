@@ -10,17 +10,17 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "struct", "donation", "tree", "stats", "random", "distributed",
-     "logging.numbers"),
+    ("_version", "struct", "donation", "tree", "stats", "means", "random", "distributed",
+     "preemption", "logging.numbers"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, the callback protocol
     ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "callbacks.core",
      "callbacks.combinators"),
-    # the state
-    ("state", "precision"),
+    # the state, and the trained module out of it
+    ("state", "precision", "export"),
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "graphs", "data", "evaluation", "export"),
+    ("step", "graphs", "data", "evaluation", "predict"),
     # the loop, and the tools that look at steps and loops
     ("loop", "debug"),
     # the applications and the public surface

@@ -53,8 +53,8 @@ def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
         fx.callbacks.log_metrics(writer, every=2),
         fx.callbacks.log_hparams(writer, {"lr": 0.1, "model": {"width": 4}}),
         fx.callbacks.model_watch(writer, log="parameters", every=4)])
-    writer.write_images(5, {"img": np.zeros((2, 4, 4, 3))})
-    writer.write_videos(5, {"video": np.zeros((1, 3, 4, 4, 3))})
+    writer.write_images(5, {"img": fx.logging.Captioned(np.zeros((2, 4, 4, 3)), ["a", "b"])})
+    writer.write_videos(5, {"video": fx.logging.Captioned(np.zeros((1, 3, 4, 4, 3)), "still")})
     writer.write_audios(5, {"tone": np.zeros(100)}, sample_rate=8000)
     writer.write_texts(5, {"note": "hello"})
     writer.close()
@@ -79,7 +79,9 @@ def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
     assert history[4]["parameters/weight/_type"] == "histogram"
     assert sum(history[4]["parameters/weight/values"]) == 8  # the 2x4 weight, binned
     assert history[5]["img/_type"] == "images/separated" and history[5]["img/count"] == 2
+    assert history[5]["img/captions"] == ["a", "b"]  # wandb.Image's own caption field
     assert history[5]["video/_type"] == "videos"
+    assert [v["caption"] for v in history[5]["video/videos"]] == ["still"]
     assert history[5]["tone/_type"] == "audio-file"
     assert history[5]["note/_type"] == "table-file"
 

@@ -17,6 +17,7 @@ from .combinators import lambda_callback as lambda_callback
 from .combinators import on as on
 from .combinators import on_steps as on_steps
 from .combinators import rank_zero as rank_zero
+from .core import DEFAULT_KINDS as DEFAULT_KINDS
 from .core import EVENT_KINDS as EVENT_KINDS
 from .core import Callback as Callback
 from .core import Control as Control
@@ -29,6 +30,8 @@ from .core import set_callback_state as set_callback_state
 from .early_stopping import early_stopping as early_stopping
 from .ema import ema as ema
 from .ema import with_ema_params as with_ema_params
+from .flops import count_step_flops as count_step_flops
+from .flops import device_peak_flops as device_peak_flops
 from .grad_monitor import grad_monitor as grad_monitor
 from .hf import hf_callback as hf_callback
 from .hparams import log_hparams as log_hparams
@@ -48,11 +51,13 @@ from .summary import summary as summary
 from .swa import swa as swa
 from .swa import update_bn as update_bn
 from .swa import with_swa_params as with_swa_params
+from .system import system_monitor as system_monitor
 from .timer import timer as timer
 
 __all__ = [
     # the protocol
-    "Callback", "Control", "Event", "EVENT_KINDS", "fold", "init", "init_states",
+    "Callback", "Control", "Event", "EVENT_KINDS", "DEFAULT_KINDS", "fold", "init",
+    "init_states",
     "callback_state", "set_callback_state",
     # when a callback runs
     "every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback",
@@ -61,6 +66,7 @@ __all__ = [
     "hf_callback", "log_hparams", "log_eval_metrics", "log_metrics", "log_media",
     "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
     "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
+    "count_step_flops", "device_peak_flops", "system_monitor",
     "loss_spike", "swa", "with_swa_params", "update_bn",
 ]
 

@@ -31,7 +31,7 @@ def as_callback(cb: Callable) -> Callback:
         >>> def show(state, event):
         ...     print(event.kind, event.step)
         >>> cb = fx.callbacks.as_callback(show)
-        >>> cb.name, cb.init, cb.host, cb.kinds == fx.callbacks.EVENT_KINDS
+        >>> cb.name, cb.init, cb.host, cb.kinds == fx.callbacks.DEFAULT_KINDS
         ('show', None, False, True)
         >>> fx.callbacks.as_callback(cb) is cb
         True
@@ -97,6 +97,7 @@ def every(n: int, cb: Callable) -> Callback:
         >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=6,
         ...                callbacks=[fx.callbacks.every(2, show)])
         train_begin 0
+        epoch_begin 0
         step_end 2
         step_end 4
         step_end 6
@@ -192,8 +193,9 @@ def on(kind: str, cb: Callable) -> Callback:
     """
     if kind not in EVENT_KINDS:
         raise ValueError(f"on: unknown event kind {kind!r}; expected one of {EVENT_KINDS}")
-    inner = as_callback(cb)
-    return dataclasses.replace(inner, kinds=tuple(k for k in inner.kinds if k == kind))
+    if not isinstance(cb, Callback):  # a plain function: any kind, step_begin included
+        return dataclasses.replace(as_callback(cb), kinds=(kind,))
+    return dataclasses.replace(cb, kinds=tuple(k for k in cb.kinds if k == kind))
 
 
 def rank_zero(cb: Callable) -> Callback:

@@ -19,35 +19,64 @@ import torch
 
 from .. import struct
 
-__all__ = ["EVENT_KINDS", "Event", "Control", "Callback", "fold", "init_states", "init",
-           "callback_state", "set_callback_state", "name_of"]
+__all__ = ["EVENT_KINDS", "DEFAULT_KINDS", "Event", "Control", "Callback", "fold", "init_states",
+           "init", "callback_state", "set_callback_state", "name_of"]
 
-EVENT_KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "checkpoint", "train_end")
+EVENT_KINDS = ("train_begin", "epoch_begin", "step_begin", "step_end", "eval_end", "epoch_end",
+               "checkpoint", "train_end", "exception", "predict_end")
+# what a Callback reacts to unless it names its kinds: all but step_begin, which costs a fold
+# before every step and so goes only to the callbacks that ask for it by name
+DEFAULT_KINDS = tuple(k for k in EVENT_KINDS if k != "step_begin")
 
 
 @struct.dataclass
 class Event:
     """Something that happened in the loop; ``metrics`` is a dict of 0-d tensors or numbers.
 
+    The kinds, in the order ``fx.fit`` sends them:
+
+    ===========  =================================================================================
+    train_begin  once per ``fit`` call; metrics: the run's plan (max_steps, steps_per_epoch, ...)
+    epoch_begin  before the first step of each epoch the call trains in (a resumed run's first
+                 epoch included, though it began before); metrics None
+    step_begin   before each step call, ``step`` the count before it; host only, and sent only to
+                 a ``Callback`` that names it in ``kinds`` (a fold before every step costs time)
+    step_end     after each step call, with the step's metrics
+    eval_end     after an evaluation, with its metrics
+    epoch_end    at the end of an epoch, with the mean over its step_end events of each float
+                 0-d training metric and, as ``eval/<name>``, the epoch's last evaluation
+    checkpoint   after a save; metrics ``{"step", "path"}``
+    train_end    last; metrics ``{"reason": ...}`` (``"error"`` after an exception event)
+    exception    when an error (not Ctrl-C) ends the run, before train_end: ``error`` holds it
+    predict_end  after ``fx.predict``'s last batch; metrics ``{"batches": n}``
+    ===========  =================================================================================
+
     Examples:
         >>> event = fx.Event("step_end", step=10, metrics={"loss": torch.tensor(0.5)})
         >>> event.kind, event.step, event.epoch, event.metrics["loss"]
         ('step_end', 10, 0, tensor(0.5000))
-        >>> fx.Event("step_begin")
+        >>> fx.Event("exception", 3, error=ValueError("bad batch")).error
+        ValueError('bad batch')
+        >>> fx.Event("step_start")
         Traceback (most recent call last):
         ...
-        ValueError: unknown event kind 'step_begin'; expected one of ('train_begin', 'step_end',
-        'eval_end', 'epoch_end', 'checkpoint', 'train_end')
+        ValueError: unknown event kind 'step_start'; expected one of ('train_begin',
+        'epoch_begin', 'step_begin', 'step_end', 'eval_end', 'epoch_end', 'checkpoint',
+        'train_end', 'exception', 'predict_end')
     """
 
     kind: str = struct.field(static=True)
     step: Any = 0
     epoch: Any = 0
     metrics: Mapping[str, Any] | None = None
+    error: BaseException | None = struct.field(static=True, default=None)
 
     def __post_init__(self):
         if self.kind not in EVENT_KINDS:
             raise ValueError(f"unknown event kind {self.kind!r}; expected one of {EVENT_KINDS}")
+        if (self.error is not None) != (self.kind == "exception"):
+            raise ValueError("an exception event holds its error (Event('exception', ..., "
+                             "error=e)), and only an exception event has one")
 
 
 @struct.dataclass
@@ -106,7 +135,8 @@ class Callback:
       name: the key of its state in ``state.callbacks``.
       init: ``init(state) -> callback state``, or None for a callback without state.
       fn: ``fn(state, event) -> (state, control)``.
-      kinds: the event kinds it reacts to; the fold skips it on others.
+      kinds: the event kinds it reacts to; the fold skips it on others. The default is every
+        kind but ``step_begin`` (``DEFAULT_KINDS``): name that one to get it.
       host: it does IO (or reads the clock), so it runs only in ``fit``, never inside a step.
       grad_stats: it reads the per-parameter gradient norms of the step's metrics.
       skips: it may ask to skip the step just taken (``Control.skip`` on step_end); run by
@@ -137,7 +167,7 @@ class Callback:
     name: str
     init: Callable[[Any], Any] | None
     fn: Callable[[Any, Event], tuple[Any, Control]]
-    kinds: tuple[str, ...] = EVENT_KINDS
+    kinds: tuple[str, ...] = DEFAULT_KINDS
     host: bool = False
     grad_stats: bool = False
     period: int = 1
@@ -295,8 +325,10 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any,
                     and event.step % cb.period):
                 continue
             result = cb.fn(state, event)
-        else:
+        elif event.kind != "step_begin":  # a plain function reacts to DEFAULT_KINDS
             result = cb(state, event)
+        else:
+            continue
         state, c = _check_result(cb, state, result)
         if c is not NOTHING:
             control = control | c

@@ -11,7 +11,6 @@ although the window itself is not part of the state.
 
 from __future__ import annotations
 
-import itertools
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -21,64 +20,12 @@ import torch
 
 from ..logging.numbers import is_number
 from ..logging.values import as_array, markdown_table, scalar_values
+from ..logging.writer import check_writer
+from ..means import Means
 from .combinators import periodic, rank_zero
 from .core import NOTHING, Callback
-from ..logging.writer import check_writer
-from .publish import loggable
 
 __all__ = ["log_metrics", "log_eval_metrics"]
-
-_COLLAPSE = 256  # steps kept as separate tensors before they are summed on device
-
-
-class _Window:
-    """The step metrics of the current interval, kept on device until written."""
-
-    def __init__(self):
-        self.pending: list[Mapping[str, Any]] = []
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.pending or self.counts)
-
-    def add(self, metrics: Mapping[str, Any]) -> None:
-        self.pending.append(metrics)
-        if len(self.pending) >= _COLLAPSE:
-            self._collapse()
-
-    def _collapse(self) -> None:
-        pending, self.pending = self.pending, []
-        if not pending:
-            return
-        for k in loggable(dict.fromkeys(itertools.chain.from_iterable(pending))):
-            values = [m[k] for m in pending if k in m]
-            total = _sum(k, values)
-            self.sums[k] = total if k not in self.sums else self.sums[k] + total
-            self.counts[k] = self.counts.get(k, 0) + len(values)
-
-    def take(self) -> dict[str, torch.Tensor]:
-        """The interval's means (0-d tensors, nothing read yet); the window starts again."""
-        self._collapse()
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
-        self.sums, self.counts = {}, {}
-        return means
-
-
-def _sum(key: str, values: list) -> torch.Tensor:
-    try:  # the common case, 0-d tensors of one dtype and device: one op
-        stacked = torch.stack(values)
-    except (TypeError, RuntimeError):
-        stacked = None
-    if stacked is not None and stacked.ndim == 1:
-        return stacked.to(torch.float32).sum()
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-    tensors = [torch.as_tensor(v, device=device) for v in values]
-    bad = next((t for t in tensors if t.numel() != 1), None)
-    if bad is not None:
-        raise ValueError(f"log_metrics: step metric {key!r} has shape {tuple(bad.shape)}; step "
-                         "metrics must be one number each (0-d tensors)")
-    return torch.stack([t.reshape(()) for t in tensors]).to(torch.float32).sum()
 
 
 def _eval_scalars(metrics: Mapping[str, Any], who: str, warned: set) -> dict[str, Any]:
@@ -136,7 +83,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
     """
     due = periodic(every, "log_metrics")
     check_writer(writer, "log_metrics", "write_scalars")
-    window = _Window()
+    window = Means(who="log_metrics")
     warned: set[str] = set()
 
     def write(step: int) -> None:

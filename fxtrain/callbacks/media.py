@@ -13,13 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..logging.media import Audio, figure_pixels, is_figure
-from ..logging.values import Histogram
+from ..logging.media import (Audio, Captioned, caption_list, caption_markdown, figure_pixels,
+                             is_figure)
+from ..logging.values import Histogram, image_batch, video_batch
 from ..state import set_training
 from .combinators import every as every_n
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from ..logging.writer import check_writer
+from ..logging.writer import check_writer, takes_captions
 
 __all__ = ["log_media", "text_samples"]
 
@@ -35,9 +36,34 @@ def inference(state: Any):
         set_training(state.module, was)
 
 
+def _groups() -> dict:
+    return {"scalars": {}, "images": {}, "videos": {}, "texts": {}, "histograms": {}}
+
+
+def _is_caption(x: Any) -> bool:
+    return isinstance(x, str) or (isinstance(x, list | tuple) and bool(x) and
+                                  all(isinstance(c, str) for c in x))
+
+
+def _sort_captioned(name: str, value: Captioned, groups: dict) -> None:
+    """Puts a captioned image or video in its group, still captioned."""
+    inner = _groups()
+    _sort(name, value.value, inner)
+    kind = next(k for k, v in inner.items() if v)
+    if kind not in ("images", "videos"):
+        what = kind if isinstance(kind, str) else "audios"
+        raise TypeError(f"log_media: {name!r} has a caption, but only images and videos take "
+                        f"one; its value is one of the {what}")
+    groups[kind][name] = Captioned(inner[kind][name], value.caption)
+
+
 def _sort(name: str, value: Any, groups: dict) -> None:
     """Puts ``value`` in the writer call that takes its kind."""
-    if isinstance(value, str):
+    if isinstance(value, tuple) and len(value) == 2 and _is_caption(value[1]):
+        value = Captioned(*value)  # (image, caption)
+    if isinstance(value, Captioned):
+        _sort_captioned(name, value, groups)
+    elif isinstance(value, str):
         groups["texts"][name] = value
     elif is_figure(value):
         groups["images"][name] = figure_pixels(value)
@@ -64,7 +90,20 @@ def _sort(name: str, value: Any, groups: dict) -> None:
     else:
         raise TypeError(f"log_media: {name!r} is a {type(value).__name__}; expected an image or "
                         "video array, a matplotlib figure, a str, a number, fx.logging.Audio "
-                        "or fx.logging.Histogram")
+                        "or fx.logging.Histogram (images and videos with a caption as "
+                        "(value, caption) or fx.logging.Captioned)")
+
+
+def _captions_as_texts(groups: dict) -> None:
+    """For a writer without the ``captions`` capability: each caption becomes a text
+    ``<name>/caption`` beside its bare image or video."""
+    for kind, batch in (("images", image_batch), ("videos", video_batch)):
+        for name, value in groups[kind].items():
+            if isinstance(value, Captioned):
+                caption = value.caption if isinstance(value.caption, str) else caption_list(
+                    name, value.caption, len(batch(name, value.value)))
+                groups[kind][name] = value.value
+                groups["texts"][f"{name}/caption"] = caption_markdown(caption)
 
 
 def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 500, *,
@@ -77,6 +116,11 @@ def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 
     closed), ``str`` texts, numbers scalars, ``fx.logging.Audio`` audio and
     ``fx.logging.Histogram`` histograms. ``fn`` runs under ``torch.no_grad`` with the module in
     eval mode. Runs on rank 0 only.
+
+    An image or video (or figure) may come with a caption, as a pair ``(value, caption)`` or
+    ``fx.logging.Captioned(value, caption)``: one ``str``, or a list of one per image of a
+    batch. Writers with the ``captions`` capability (fxtrain's) get it with the image; for
+    others (clu's) it is written as a text ``<name>/caption`` at the same step.
 
     Examples:
         The model's output over a grid of inputs, as a grey-scale image, with a number and a
@@ -119,9 +163,11 @@ def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 
         if not isinstance(out, Mapping):
             raise TypeError(f"log_media: fn returned {type(out).__name__}; it must return a "
                             "dict of {name: image | video | figure | text | audio | number}")
-        groups: dict = {"scalars": {}, "images": {}, "videos": {}, "texts": {}, "histograms": {}}
+        groups = _groups()
         for key, value in out.items():
             _sort(str(key), value, groups)
+        if not takes_captions(writer):
+            _captions_as_texts(groups)
         for kind, values in groups.items():
             if not values:
                 continue

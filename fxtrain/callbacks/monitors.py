@@ -16,6 +16,7 @@ import torch
 from ..optim.wrappers import injected_hyperparams, learning_rate
 from . import combinators
 from .core import NOTHING, Callback
+from .flops import device_peak_flops
 from ..logging.numbers import read_floats
 from .publish import publish
 
@@ -64,18 +65,31 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
 
 
 def throughput(every: int = 50, *, batch_size: int | None = None,
-               tokens_per_batch: int | None = None, writer: Any = None,
+               tokens_per_batch: int | None = None, flops_per_step: float | None = None,
+               peak_flops: float | None = None, writer: Any = None,
                time_fn: Callable[[], float] = time.perf_counter,
                name: str = "throughput") -> Callback:
-    """Steps, samples and tokens per second over each window of ``every`` steps.
+    """Steps, samples, tokens and FLOPs per second over each window of ``every`` steps, and the
+    model FLOPs utilisation (MFU).
 
     Reading the clock alone would time how fast steps are queued on an accelerator, so at the
     end of each window it waits for the step (one sync per window).
+
+    With ``flops_per_step`` (from ``fx.callbacks.count_step_flops``, counted once before the
+    run: a compiled step cannot be counted) it reports ``throughput/flops_per_sec``, and
+    ``throughput/mfu`` = FLOP/s / peak FLOP/s. The peak is ``peak_flops``, or else the bf16
+    dense peak of the GPU the state's parameters live on (``fx.callbacks.device_peak_flops``,
+    a table of known GPUs). A CPU has no such table entry (its peak depends on the core count,
+    the vector units and the clock), so on a CPU without ``peak_flops`` the MFU is left out
+    rather than guessed; so it is on a GPU the table does not know.
 
     Args:
       every: steps per window.
       batch_size: samples per step (default: what ``fit`` reports for its data).
       tokens_per_batch: tokens per step, to report tokens/s.
+      flops_per_step: FLOPs of one step, to report FLOP/s and MFU.
+      peak_flops: the device's peak FLOP/s, for MFU (default: looked up for known GPUs in
+        bf16; pass ``fx.callbacks.device_peak_flops(dtype=torch.float32)`` for a float32 run).
       writer: where readings go (default the log).
       time_fn: the clock (injectable for tests).
 
@@ -101,13 +115,33 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
            'throughput/tokens_per_sec': 2048.0}
         4 {'throughput/steps_per_sec': 4.0, 'throughput/samples_per_sec': 16.0,
            'throughput/tokens_per_sec': 2048.0}
+
+        FLOP/s and MFU, with the FLOPs of one step counted beforehand and a peak given (on a
+        known GPU the peak is looked up):
+
+        >>> flops = fx.callbacks.count_step_flops(loss_fn, state, next(iter(data)))
+        >>> flops  # 2 * 4 * 2 * 1 forward, the weight's gradient as much again
+        32
+        >>> clock = itertools.count(0.0, 0.5)
+        >>> speed = fx.callbacks.throughput(2, flops_per_step=flops, peak_flops=256.0,
+        ...                                 writer=Show(), time_fn=lambda: next(clock))
+        >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=6,
+        ...                callbacks=[speed])  # on from step 4
+        6 {'throughput/steps_per_sec': 4.0, 'throughput/samples_per_sec': 16.0,
+           'throughput/flops_per_sec': 128.0, 'throughput/mfu': 0.5}
     """
+    _check_positive("flops_per_step", flops_per_step)
+    _check_positive("peak_flops", peak_flops)
+    if peak_flops is not None and flops_per_step is None:
+        raise ValueError("throughput: peak_flops needs flops_per_step (the FLOPs of one step, "
+                         "from fx.callbacks.count_step_flops) to compute the MFU")
     window: dict[str, Any] = {}  # start time and step of the current window (this process)
 
     def fn(state, event):
         if event.kind == "train_begin":
             size = batch_size or (event.metrics or {}).get("batch_size")
-            window.update(time=time_fn(), step=event.step, batch_size=size)
+            peak = peak_flops or (flops_per_step and _peak_of(state))
+            window.update(time=time_fn(), step=event.step, batch_size=size, peak=peak)
             return state, NOTHING
         if not window:
             return state, NOTHING
@@ -119,12 +153,28 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
             rates["throughput/samples_per_sec"] = steps * window["batch_size"] / seconds
         if tokens_per_batch:
             rates["throughput/tokens_per_sec"] = steps * tokens_per_batch / seconds
+        if flops_per_step:
+            rates["throughput/flops_per_sec"] = steps * flops_per_step / seconds
+            if window["peak"]:
+                rates["throughput/mfu"] = rates["throughput/flops_per_sec"] / window["peak"]
         window.update(time=now, step=event.step)
         publish(writer, event.step, rates, what="throughput")
         return state, NOTHING
 
     return combinators.every(every, Callback(name, None, fn, kinds=("train_begin", "step_end"),
                                              host=True))
+
+
+def _check_positive(what: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)
+                              or not value > 0):
+        raise ValueError(f"throughput: {what} must be a positive number, got {value!r}")
+
+
+def _peak_of(state) -> float | None:
+    """The bf16 peak FLOP/s of the GPU holding the state's parameters (None on a CPU)."""
+    leaves = list(state.params.values()) if state.params else []
+    return device_peak_flops(leaves[0].device) if leaves else None
 
 
 def _wait_for(metrics) -> None:

@@ -1,5 +1,5 @@
-"""Where host monitors send their readings: a writer with ``write_scalars``, else the log;
-and which step metrics are logged as numbers.
+"""Where host monitors send their readings: a writer with ``write_scalars``, else the log.
+(Which step metrics are logged as numbers is ``fxtrain.means.loggable``, kept here too.)
 
 A writer is anything with clu's ``write_scalars(step, mapping)`` (fxtrain's writers, clu's).
 Without one, readings go to the ``fxtrain`` logger as one line.
@@ -13,27 +13,11 @@ from typing import Any
 
 from .. import distributed
 from ..logging.numbers import format_scalars
+from ..means import loggable as loggable
 
 __all__ = ["publish", "logger", "loggable"]
 
 logger = logging.getLogger("fxtrain")
-
-
-_NOT_LOGGED = ("control/", "grad_hist/")  # the loop's flags; model_watch's histograms
-
-
-def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The step metrics that are logged as numbers: all but the in-step control flags and the
-    gradient histograms (``grad_hist/*``, written by ``model_watch``).
-
-    Examples:
-        >>> from fxtrain.callbacks.publish import loggable
-        >>> metrics = {"loss": torch.tensor(0.5), "control/stop": torch.tensor(False),
-        ...            "grad_hist/weight": torch.zeros(66)}
-        >>> loggable(metrics)
-        {'loss': tensor(0.5000)}
-    """
-    return {k: v for k, v in (metrics or {}).items() if not k.startswith(_NOT_LOGGED)}
 
 
 @distributed.rank_zero

@@ -60,4 +60,5 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
             state = set_callback_state(state, name, {"elapsed": elapsed})
         return state, (_STOP if over else NOTHING)
 
-    return Callback(name=name, init=init, fn=fn, host=True)
+    return Callback(name=name, init=init, fn=fn, host=True, kinds=(
+        "train_begin", "step_end", "eval_end", "epoch_end", "checkpoint", "train_end"))

@@ -9,10 +9,11 @@ from .console import ConsoleWriter as ConsoleWriter
 from .jsonl import JsonlWriter as JsonlWriter
 from .jsonl import read_jsonl as read_jsonl
 from .media import Audio as Audio
+from .media import Captioned as Captioned
 from .tensorboard import TensorBoardWriter as TensorBoardWriter
 from .values import Histogram as Histogram
 from .wandb import WandbWriter as WandbWriter
 from .writer import Writer as Writer
 
 __all__ = ["Writer", "TensorBoardWriter", "JsonlWriter", "ConsoleWriter", "WandbWriter",
-           "MultiWriter", "AsyncWriter", "Histogram", "Audio", "read_jsonl"]
+           "MultiWriter", "AsyncWriter", "Histogram", "Audio", "Captioned", "read_jsonl"]

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .writer import takes_binned_histograms
+from .writer import takes_binned_histograms, takes_captions
 
 __all__ = ["MultiWriter", "AsyncWriter"]
 
@@ -42,6 +42,11 @@ class MultiWriter:
     def binned_histograms(self) -> bool:
         """Whether every writer takes ``fx.logging.Histogram`` values."""
         return all(takes_binned_histograms(w) for w in self.writers)
+
+    @property
+    def captions(self) -> bool:
+        """Whether every writer takes ``fx.logging.Captioned`` images and videos."""
+        return all(takes_captions(w) for w in self.writers)
 
     def _each(self, method: str, *args, **kwargs) -> None:
         for w in self.writers:
@@ -108,6 +113,11 @@ class AsyncWriter:
     def binned_histograms(self) -> bool:
         """Whether the wrapped writer takes ``fx.logging.Histogram`` values."""
         return takes_binned_histograms(self.writer)
+
+    @property
+    def captions(self) -> bool:
+        """Whether the wrapped writer takes ``fx.logging.Captioned`` images and videos."""
+        return takes_captions(self.writer)
 
     def _work(self) -> None:
         while True:

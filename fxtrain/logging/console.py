@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from .media import caption_list, uncaptioned
 from .numbers import format_scalars
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
@@ -14,6 +15,10 @@ __all__ = ["ConsoleWriter"]
 
 def _format(x: float) -> str:
     return f"{x:.6g}"
+
+
+def _quoted(caption: str | list[str]) -> str:
+    return repr(caption)
 
 
 class ConsoleWriter:
@@ -30,10 +35,13 @@ class ConsoleWriter:
         step 10 | loss=0.25 | accuracy=0.9
         >>> writer.write_texts(10, {"sample": "Return the"})
         step 10 | sample: Return the
+        >>> writer.write_images(10, {"digit": fx.logging.Captioned(torch.rand(8, 8, 1), "a 3")})
+        step 10 | images: digit [1, 8, 8, 1] 'a 3'
         >>> logger.handlers.clear()
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+    captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, logger: logging.Logger | str = "fxtrain", level: int = logging.INFO):
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
@@ -45,14 +53,27 @@ class ConsoleWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._line(step, format_scalars(scalar_values(scalars), sep=" | "))
 
-    def _shapes(self, step, what: str, arrays: Mapping[str, Any]) -> None:
-        self._line(step, f"{what}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items()))
+    def _shapes(self, step, what: str, arrays: Mapping[str, Any], captions=None) -> None:
+        captions = captions or {}
+        self._line(step, f"{what}: " + ", ".join(
+            f"{k} {list(v.shape)}" + (f" {_quoted(captions[k])}" if k in captions else "")
+            for k, v in arrays.items()))
+
+    def _media(self, step, what: str, values: Mapping[str, Any], batch) -> None:
+        arrays, captions = {}, {}
+        for k, v in values.items():
+            v, caption = uncaptioned(v)
+            arrays[k] = batch(k, v)
+            if caption is not None:
+                captions[k] = caption if isinstance(caption, str) else \
+                    caption_list(k, caption, len(arrays[k]))
+        self._shapes(step, what, arrays, captions)
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-        self._shapes(step, "images", {k: image_batch(k, v) for k, v in images.items()})
+        self._media(step, "images", images, image_batch)
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
-        self._shapes(step, "videos", {k: video_batch(k, v) for k, v in videos.items()})
+        self._media(step, "videos", videos, video_batch)
 
     def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
         self._shapes(step, f"audio at {sample_rate} Hz",

@@ -3,7 +3,9 @@
 Each line is ``{"step", "time", "kind", "values"}``. A process killed mid-write loses at most the
 line being written; ``read_jsonl`` skips an incomplete last line. Arrays (images, videos, audio,
 raw histograms) are summarised by shape and range, not stored: the TensorBoard writer keeps
-them. A binned ``fx.logging.Histogram`` is small, so its edges and counts are stored.
+them. A binned ``fx.logging.Histogram`` is small, so its edges and counts are stored. An
+``fx.logging.Captioned`` image or video keeps its caption in its summary (``"caption"``: a str,
+or a list of one per item).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from .media import caption_list, uncaptioned
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
 __all__ = ["JsonlWriter", "read_jsonl"]
@@ -31,6 +34,17 @@ def _summary(arr) -> dict[str, Any]:
     return {"shape": list(arr.shape), "dtype": str(arr.dtype),
             "min": _json_number(float(arr.min())) if arr.size else None,
             "max": _json_number(float(arr.max())) if arr.size else None}
+
+
+def _media(key: str, value: Any, batch) -> dict[str, Any]:
+    """The summary of an image or video batch, with its caption (a list: one per item)."""
+    value, caption = uncaptioned(value)
+    arr = batch(key, value)
+    out = _summary(arr)
+    if caption is not None:
+        out["caption"] = caption if isinstance(caption, str) else \
+            caption_list(key, caption, len(arr))
+    return out
 
 
 def _binned(h: Histogram) -> dict[str, Any]:
@@ -69,6 +83,7 @@ class JsonlWriter:
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+    captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -90,10 +105,10 @@ class JsonlWriter:
                     {k: _json_number(v) for k, v in scalar_values(scalars).items()})
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
-        self._write(step, "images", {k: _summary(image_batch(k, v)) for k, v in images.items()})
+        self._write(step, "images", {k: _media(k, v, image_batch) for k, v in images.items()})
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
-        self._write(step, "videos", {k: _summary(video_batch(k, v)) for k, v in videos.items()})
+        self._write(step, "videos", {k: _media(k, v, video_batch) for k, v in videos.items()})
 
     def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
         self._write(step, "audios", {k: {**_summary(v), "sample_rate": sample_rate}

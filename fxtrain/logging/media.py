@@ -1,15 +1,18 @@
-"""Media values for writers: audio clips with their sample rate, matplotlib figures as pixels."""
+"""Media values for writers: audio clips with their sample rate, captioned images and videos,
+matplotlib figures as pixels."""
 
 from __future__ import annotations
 
 import dataclasses
 import io
 import wave
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-__all__ = ["Audio", "is_figure", "figure_pixels", "gif_bytes", "wav_bytes"]
+__all__ = ["Audio", "Captioned", "uncaptioned", "caption_list", "caption_markdown", "is_figure",
+           "figure_pixels", "gif_bytes", "wav_bytes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +37,70 @@ class Audio:
     def __post_init__(self):
         if not isinstance(self.sample_rate, int) or self.sample_rate <= 0:
             raise ValueError(f"Audio: sample_rate must be a positive int, got {self.sample_rate!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Captioned:
+    """An image or video (or a batch of them) with its caption: one ``str`` for the whole
+    value, or one per item of a batch (``[N, H, W, C]`` images, ``[N, T, H, W, C]`` videos).
+
+    Writers that declare ``captions = True`` (all of fxtrain's) take it in ``write_images``
+    and ``write_videos``; ``fx.callbacks.log_media`` writes the caption beside the image as a
+    text ``<name>/caption`` for writers that do not (clu's).
+
+    Examples:
+        >>> import pathlib, tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> writer = fx.logging.JsonlWriter(pathlib.Path(tmp.name) / "metrics.jsonl")
+        >>> digits = torch.rand(2, 8, 8, 1)
+        >>> writer.write_images(10, {"digits": fx.logging.Captioned(digits, ["3", "7"])})
+        >>> writer.close()
+        >>> [e["values"]["digits"]["caption"] for e in fx.logging.read_jsonl(writer.path)]
+        [['3', '7']]
+        >>> tmp.cleanup()
+        >>> fx.logging.Captioned(digits, 3)
+        Traceback (most recent call last):
+            ...
+        TypeError: Captioned: caption must be a str or a list of str (one per image), got 3
+    """
+
+    value: Any
+    caption: str | Sequence[str]
+
+    def __post_init__(self):
+        caption = self.caption
+        if not isinstance(caption, str):
+            if not isinstance(caption, Sequence) or not caption or \
+                    not all(isinstance(c, str) for c in caption):
+                raise TypeError("Captioned: caption must be a str or a list of str (one per "
+                                f"image), got {caption!r}")
+            object.__setattr__(self, "caption", tuple(caption))
+
+
+def uncaptioned(value: Any) -> tuple[Any, str | tuple[str, ...] | None]:
+    """``(value, caption)`` of a ``Captioned``; ``(value, None)`` of anything else."""
+    if isinstance(value, Captioned):
+        return value.value, value.caption
+    return value, None
+
+
+def caption_list(key: str, caption: str | Sequence[str], n: int) -> list[str]:
+    """One caption per item of a batch of ``n``: a ``str`` for each, or the list checked to
+    be ``n`` long (a ValueError naming ``key`` otherwise)."""
+    if isinstance(caption, str):
+        return [caption] * n
+    if len(caption) != n:
+        raise ValueError(f"{key!r} has {n} images or videos but {len(caption)} captions; give "
+                         "one caption (a str) or one per item")
+    return list(caption)
+
+
+def caption_markdown(caption: str | Sequence[str]) -> str:
+    """A caption as markdown text: a ``str`` as it is, a list as ``- i: caption`` lines (the
+    order of a batch's items: row by row in TensorBoard's grid)."""
+    if isinstance(caption, str):
+        return caption
+    return "\n".join(f"- {i}: {c}" for i, c in enumerate(caption))
 
 
 def is_figure(value: Any) -> bool:

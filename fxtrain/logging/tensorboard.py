@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from .media import gif_bytes, wav_bytes
+from .media import caption_list, caption_markdown, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      markdown_table, scalar_values, video_batch)
 
@@ -44,6 +44,12 @@ class TensorBoardWriter:
     figures; videos ``[N, T, H, W, C]``; audio ``[N, T]`` or ``[T]`` in [-1, 1]; histograms
     raw values or ``fx.logging.Histogram`` (already binned).
 
+    Images and videos may be ``fx.logging.Captioned``: the caption is written at the same step
+    as a text ``<name>/caption`` (a list for a batch, in grid order), which TensorBoard's Text
+    tab shows step by step. TensorBoard's image summaries have no caption field, and the
+    description in a tag's summary metadata is read from the tag's first event only (one per
+    tag, not per step), so a caption that changes with the step could not live there.
+
     Writes are synchronous (tensorboardX's summaries, written by this thread), so ``flush``
     means on disk; wrap it in ``fx.logging.AsyncWriter`` to write from a worker thread.
 
@@ -60,6 +66,7 @@ class TensorBoardWriter:
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+    captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, logdir: str | os.PathLike, *, fps: int = 4):
         from tensorboardX.event_file_writer import EventsWriter
@@ -89,15 +96,27 @@ class TensorBoardWriter:
         if values:
             self._add(Summary(value=values), step)
 
+    def _caption(self, step: int, key: str, caption, n: int) -> None:
+        from tensorboardX.summary import text
+        if caption is not None:
+            caption = caption if isinstance(caption, str) else caption_list(key, caption, n)
+            self._add(text(f"{key}/caption", caption_markdown(caption)), step)
+
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         from tensorboardX.summary import image
         for k, v in images.items():
-            self._add(image(k, image_batch(k, v), dataformats="NHWC"), step)
+            v, caption = uncaptioned(v)
+            batch = image_batch(k, v)
+            self._add(image(k, batch, dataformats="NHWC"), step)
+            self._caption(step, k, caption, len(batch))
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
         for k, v in videos.items():
-            for i, clip in enumerate(video_batch(k, v)):
+            v, caption = uncaptioned(v)
+            clips = video_batch(k, v)
+            for i, clip in enumerate(clips):
                 self._add(_gif_summary(k if i == 0 else f"{k}/{i}", clip, self.fps), step)
+            self._caption(step, k, caption, len(clips))
 
     def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
         for k, v in audios.items():

@@ -6,7 +6,7 @@ import io
 from collections.abc import Mapping
 from typing import Any
 
-from .media import gif_bytes, wav_bytes
+from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      scalar_values, video_batch)
 
@@ -19,6 +19,14 @@ def _wandb():
     except ImportError as e:
         raise ImportError("WandbWriter needs wandb: pip install 'fxtrain[wandb]'") from e
     return wandb
+
+
+def _captioned(key: str, value: Any, batch) -> list[tuple[Any, str | None]]:
+    """The items of an image or video batch, each with its caption (wandb's own field)."""
+    value, caption = uncaptioned(value)
+    items = batch(key, value)
+    captions = [None] * len(items) if caption is None else caption_list(key, caption, len(items))
+    return list(zip(items, captions))
 
 
 class WandbWriter:
@@ -35,6 +43,7 @@ class WandbWriter:
     """
 
     binned_histograms = True  # write_histograms takes fx.logging.Histogram values
+    captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, project: str | None = None, *, run: Any = None, fps: int = 4,
                  **init_kwargs: Any):
@@ -54,13 +63,14 @@ class WandbWriter:
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         wb = self._wandb
-        self._log(step, {k: [wb.Image(img) for img in image_batch(k, v)]
+        self._log(step, {k: [wb.Image(img, caption=c) for img, c in _captioned(k, v, image_batch)]
                          for k, v in images.items()})
 
     def write_videos(self, step: int, videos: Mapping[str, Any]) -> None:
         wb = self._wandb
-        self._log(step, {k: [wb.Video(io.BytesIO(gif_bytes(clip, self.fps)), format="gif")
-                             for clip in video_batch(k, v)] for k, v in videos.items()})
+        self._log(step, {k: [wb.Video(io.BytesIO(gif_bytes(clip, self.fps)), format="gif",
+                                      caption=c) for clip, c in _captioned(k, v, video_batch)]
+                         for k, v in videos.items()})
 
     def write_audios(self, step: int, audios: Mapping[str, Any], *, sample_rate: int) -> None:
         # wandb encodes numpy audio with soundfile; WAV files of our own need nothing more

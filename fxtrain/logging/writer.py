@@ -10,6 +10,8 @@ Capability flags, optional attributes a writer may set:
 - ``binned_histograms`` (bool, default False): ``write_histograms`` also takes
   ``fx.logging.Histogram`` values (binned on the device, so a large tensor is never copied to
   the host). Callbacks send other writers bin-centre samples instead.
+- ``captions`` (bool, default False): ``write_images`` and ``write_videos`` also take
+  ``fx.logging.Captioned`` values. ``log_media`` writes other writers' captions as texts.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms"]
+__all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms",
+           "takes_captions"]
 
 
 @runtime_checkable
@@ -117,3 +120,15 @@ def takes_binned_histograms(writer: Any) -> bool:
         (True, False)
     """
     return bool(getattr(writer, "binned_histograms", False))
+
+
+def takes_captions(writer: Any) -> bool:
+    """Whether ``writer`` declares the ``captions`` capability (takes ``fx.logging.Captioned``
+    images and videos).
+
+    Examples:
+        >>> from fxtrain.logging.writer import takes_captions
+        >>> takes_captions(fx.logging.TensorBoardWriter), takes_captions(object())
+        (True, False)
+    """
+    return bool(getattr(writer, "captions", False))
