@@ -1,7 +1,7 @@
 """Callbacks: pure functions ``(state, event) -> (state, control)``, and the built-in catalogue.
 
 Callbacks that only do tensor maths (``early_stopping``, ``nan_guard``, ``grad_monitor``, ``ema``,
-``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
+``swa``, ``loss_spike``, ``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
 the host (``fit(callbacks=...)``); those that do IO or read the clock run on the host only.
 The logging callbacks (``log_metrics``, ``log_eval_metrics``, ``log_hparams``, ``model_watch``,
 ``log_media``, ``text_samples``) write to any ``fx.logging.Writer``, on rank 0 only.

@@ -94,7 +94,8 @@ def loss_spike(monitor: str = "loss", *, window: int = 100, threshold: float = 6
       threshold: how many standard deviations above the window's mean make a spike.
       min_rise: and by how much of the mean's magnitude at least (0.1: 10 % above it), so that
         a very smooth loss, whose deviation is tiny, does not flag every small bump.
-      action: on a spike, "log" asks the logging callbacks to write now (``Control(log=...)``)
+      action: on a spike, "log" asks the logging callbacks to write (``Control(log=...)``;
+        from inside a step ``fit`` reads it with the other flags, every ``sync_every`` steps)
         and changes nothing else; "skip" discards the step's update (params, buffers and
         optimizer state go back to their values before the step, as ``nan_guard`` does);
         "stop" discards it and stops training.
