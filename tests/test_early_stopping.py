@@ -170,6 +170,38 @@ def test_baseline_stops_a_run_that_never_beats_it_within_patience():
     assert first(stops(up, [0.3, 0.4, 0.45])[0]) == 30
 
 
+def keras_first_stop(values, patience, baseline, monkeypatch):
+    """Keras's own EarlyStopping(baseline=...) on the values, one epoch per value."""
+    monkeypatch.setenv("KERAS_BACKEND", "torch")  # not TensorFlow, which runs in subprocesses
+    keras = extra("keras")
+    cb = keras.callbacks.EarlyStopping(monitor="loss", patience=patience, mode="min",
+                                       baseline=baseline)
+    model = types.SimpleNamespace(stop_training=False)
+    cb.set_model(model)
+    cb.on_train_begin()
+    for epoch, v in enumerate(values):
+        cb.on_epoch_end(epoch, {"loss": v})
+        if model.stop_training:
+            return 10 * (epoch + 1)
+    return None
+
+
+@pytest.mark.parametrize("values, expected, keras_differs", [
+    ([1.0, 1.1, 1.2], 20, False),           # above the baseline and never better
+    ([0.7, 0.75, 0.72, 0.71], 30, False),   # below it at once, then no better
+    ([1.0, 0.9, 0.85, 0.9, 0.95], 20, True),  # better each time, above it: Keras runs on
+])
+def test_baseline_against_keras(values, expected, keras_differs, monkeypatch):
+    """Keras checks the patience only on an epoch that does not improve the best (as the
+    docstring says); where that matters it stops later than this callback."""
+    ours = first(stops(fx.callbacks.early_stopping(patience=2, baseline=0.8), values)[0])
+    theirs = keras_first_stop(values, 2, 0.8, monkeypatch)
+    assert ours == expected
+    assert (theirs != ours) == keras_differs
+    if keras_differs:
+        assert theirs == 40  # 0.9 does not improve on 0.85: the patience is checked there
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"min_delta_mode": "hf"}, "min_delta_mode must be one of"),
     ({"baseline": float("nan")}, "baseline must be a finite number"),
