@@ -152,6 +152,17 @@ def test_check_finite_stops_at_once_and_keeps_the_best():
     assert asked == [20] and float(state.callbacks["early_stopping"].best) == 0.5
 
 
+def test_check_finite_inside_a_step_skips_the_non_finite_update():
+    cb = fx.callbacks.early_stopping(patience=3, check_finite=True, event="step_end")
+    state = fx.TrainState.create(torch.nn.Linear(1, 1), fx.optim.sgd(0.1), callbacks=[cb])
+    step = fx.make_train_step(loss_fn, callbacks=[cb])
+    state, _ = step(state, torch.ones(4, 1))
+    before = {k: v.clone() for k, v in state.params.items()}
+    state, metrics = step(state, torch.full((4, 1), float("nan")))
+    assert bool(metrics["control/stop"]) and bool(state.callbacks["early_stopping"].stopped)
+    assert all(torch.equal(state.params[k], before[k]) for k in before)
+
+
 def test_baseline_stops_a_run_that_never_beats_it_within_patience():
     # improving every evaluation, but never below the baseline 0.8: three events, then stop
     assert first(stops(fx.callbacks.early_stopping(patience=3, baseline=0.8), LOSSES)[0]) == 30

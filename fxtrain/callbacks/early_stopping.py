@@ -126,8 +126,9 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         events stops. (Keras checks the patience only on events that do not improve the
         best, so a run that improves slowly above its baseline runs on; here every event counts.)
       check_finite: stop at once when the monitored value is NaN or infinite (Lightning's
-        ``check_finite``; such a value changes neither the best nor the count). Off by
-        default: a NaN then counts as an event without improvement.
+        ``check_finite``; such a value changes neither the best nor the count, and inside a
+        step its update is skipped). Off by default: a NaN then counts as an event without
+        improvement.
       restore_best: keep the best parameters in the callback state and put them back at train
         end (costs one copy of the parameters). Not at the stop itself: ``fit`` saves the state
         it stopped in, with the metrics of that state's evaluation, and resumes from it.
@@ -232,7 +233,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
             best_params=None if es.best_params is None else {
                 k: torch.where(new_best, state.params[k], v) for k, v in es.best_params.items()})
         state = set_callback_state(state, name, new)
-        skip = es.stopped if ev.kind == "step_end" else False
+        skip = (es.stopped | broken) if ev.kind == "step_end" else False
         return state, Control(stop=new.stopped, skip=skip)
 
     def fn(state, ev):
