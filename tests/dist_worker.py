@@ -71,6 +71,23 @@ def host_stop(out):
     torch.save({"step": int(final.step)}, f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def timed_saves(out, ckpt):
+    """A save every 60 s, each rank on its own fake clock (25 s a step on rank 0, 40 s on
+    rank 1): each rank's own clock runs out at different steps; the saves happen at the same."""
+    rank = fx.distributed.rank()
+    clock, pace = [0.0], 25.0 if rank == 0 else 40.0
+    tick = fx.callbacks.lambda_callback(
+        on_step_end=lambda s, e: clock.__setitem__(0, clock[0] + pace))
+    saved = []
+    seen = fx.callbacks.lambda_callback(on_checkpoint=lambda s, e: saved.append(e.step))
+    policy = fx.callbacks.checkpoint_policy(every_secs=60, time_fn=lambda: clock[0])
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.sgd(0.1))
+    with fx.checkpoint.CheckpointManager(ckpt, keep_latest=10, async_save=False) as manager:
+        fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16), max_steps=10,
+               sync_every=4, checkpoint=manager, callbacks=[tick, policy, seen])
+    torch.save({"saved": saved}, f"{out}/rank{rank}.pt")
+
+
 def resumable(out, ckpt, steps=30, sleep=0.0):
     """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``."""
     state = fx.TrainState.create(mlp(sizes=(8, 16, 4), dropout=0.2), fx.optim.adamw(1e-2))
@@ -112,7 +129,8 @@ def exits(out):
 
 
 SCENARIOS = {"exits": exits, "train": train, "early_stop": early_stop, "host_stop": host_stop,
-             "resumable": resumable, "failing": failing, "predicting": predicting}
+             "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
+             "predicting": predicting}
 
 
 def spawned(rank, world, port, name, args, kwargs):

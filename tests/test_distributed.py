@@ -149,6 +149,14 @@ def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(tmp_path):
 
 
 @pytest.mark.slow
+def test_timed_checkpoints_happen_at_the_same_steps_on_every_rank(tmp_path):
+    spawn("timed_saves", str(tmp_path), str(tmp_path / "ckpt"))
+    # rank 1's clock runs out at step 2, rank 0's at 3: both save at the agreed read of step 4
+    # (sync_every=4) and restart their clocks there; then 6 and 7, read at 8; 10 is the end
+    assert [r["saved"] for r in results(tmp_path)] == [[4, 8, 10], [4, 8, 10]]
+
+
+@pytest.mark.slow
 def test_a_rank_that_raises_fails_the_job_with_its_error(tmp_path):
     with reaped(torchrun("failing", str(tmp_path))) as job:
         out, _ = job.communicate(timeout=300)  # rank 0 fails too (its peer is gone): no hang

@@ -1,7 +1,7 @@
 """Callbacks: pure functions ``(state, event) -> (state, control)``, and the built-in catalogue.
 
 Callbacks that only do tensor maths (``early_stopping``, ``nan_guard``, ``grad_monitor``, ``ema``,
-``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
+``swa``, ``loss_spike``, ``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
 the host (``fit(callbacks=...)``); those that do IO or read the clock run on the host only.
 The logging callbacks (``log_metrics``, ``log_eval_metrics``, ``log_hparams``, ``model_watch``,
 ``log_media``, ``text_samples``) write to any ``fx.logging.Writer``, on rank 0 only.
@@ -37,6 +37,7 @@ from .hf import hf_callback as hf_callback
 from .hparams import log_hparams as log_hparams
 from .log_metrics import log_eval_metrics as log_eval_metrics
 from .log_metrics import log_metrics as log_metrics
+from .loss_spike import loss_spike as loss_spike
 from .media import log_media as log_media
 from .media import text_samples as text_samples
 from .model_watch import model_watch as model_watch
@@ -47,6 +48,9 @@ from .nan_guard import nan_guard as nan_guard
 from .plateau import reduce_lr_on_plateau as reduce_lr_on_plateau
 from .progress import progress_bar as progress_bar
 from .summary import summary as summary
+from .swa import swa as swa
+from .swa import update_bn as update_bn
+from .swa import with_swa_params as with_swa_params
 from .system import system_monitor as system_monitor
 from .timer import timer as timer
 
@@ -63,6 +67,7 @@ __all__ = [
     "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
     "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
     "count_step_flops", "device_peak_flops", "system_monitor",
+    "loss_spike", "swa", "with_swa_params", "update_bn",
 ]
 
 # old names, kept for one release: (new home, its name there)

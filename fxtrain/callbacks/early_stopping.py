@@ -7,6 +7,7 @@ sync. The update is flax's ``EarlyStopping.update`` shape: a new value plus a fl
 
 from __future__ import annotations
 
+import math
 
 import torch
 
@@ -50,7 +51,8 @@ def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
 
 def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
                 min_delta: float) -> torch.Tensor:
-    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does).
+    """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does), computed
+    as ``torch.optim.lr_scheduler.ReduceLROnPlateau`` does (``value < best - min_delta``).
 
     Examples:
         >>> from fxtrain.callbacks.early_stopping import improvement
@@ -65,15 +67,48 @@ def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
     return value < best - min_delta if mode == "min" else value > best + min_delta
 
 
-def _check(mode: str, patience: int, min_delta: float) -> None:
+def _beats(value: torch.Tensor, reference: torch.Tensor, mode: str,
+           min_delta: float) -> torch.Tensor:
+    """``improvement`` computed as Keras and Lightning do (``value + min_delta < reference``),
+    so the rounding at the edge of ``min_delta`` matches theirs."""
+    return value + min_delta < reference if mode == "min" else value - min_delta > reference
+
+
+_MIN_DELTA_MODES = ("keras", "transformers")
+
+
+def _check(mode: str, patience: int, min_delta: float, min_delta_mode: str,
+           baseline: float | None) -> None:
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
     if patience < 0 or min_delta < 0:
         raise ValueError(f"patience and min_delta must be >= 0, got {patience}, {min_delta}")
+    if min_delta_mode not in _MIN_DELTA_MODES:
+        raise ValueError(f"min_delta_mode must be one of {_MIN_DELTA_MODES}, got "
+                         f"{min_delta_mode!r}")
+    if baseline is not None and not math.isfinite(baseline):
+        raise ValueError(f"baseline must be a finite number or None, got {baseline!r}")
+
+
+def _judge(value: torch.Tensor, es: EarlyStoppingState, mode: str, min_delta: float,
+           min_delta_mode: str, baseline: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(new_best, patient)``: whether ``value`` becomes the best, and whether it resets the
+    patience (it beats the best by more than ``min_delta``, and the baseline when there is one).
+    """
+    if min_delta_mode == "keras":
+        patient = new_best = _beats(value, es.best, mode, min_delta)
+    else:  # transformers: np.less(value, best) and abs(value - best) > threshold
+        new_best = _beats(value, es.best, mode, 0.0)
+        patient = new_best & ((value - es.best).abs() > min_delta)
+    if baseline is not None:
+        patient = patient & _beats(value, torch.full_like(value, baseline), mode, min_delta)
+    return new_best, patient
 
 
 def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: float = 0.0,
-                   mode: str = "min", restore_best: bool = False, event: str = "eval_end",
+                   mode: str = "min", min_delta_mode: str = "keras",
+                   baseline: float | None = None, check_finite: bool = False,
+                   restore_best: bool = False, event: str = "eval_end",
                    name: str = "early_stopping") -> Callback:
     """Stops after ``patience`` events in a row in which ``monitor`` did not improve.
 
@@ -82,6 +117,18 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
       patience: how many events in a row without improvement stop training.
       min_delta: the smallest change that counts as an improvement.
       mode: "min" (lower is better) or "max".
+      min_delta_mode: what ``min_delta`` gates (see below): "keras" (the default; Keras's,
+        Lightning's and flax's ``min_delta``) or "transformers" (Hugging Face's
+        ``EarlyStoppingCallback(early_stopping_threshold=...)``).
+      baseline: a value the metric must beat (by more than ``min_delta``, as Keras's
+        ``baseline``): an event resets the patience only when it improves on the best *and*
+        beats the baseline, so a run that does not beat the baseline within ``patience``
+        events stops. (Keras checks the patience only on events that do not improve the
+        best, so a run that improves slowly above its baseline runs on; here every event counts.)
+      check_finite: stop at once when the monitored value is NaN or infinite (Lightning's
+        ``check_finite``; such a value changes neither the best nor the count, and inside a
+        step its update is skipped). Off by default: a NaN then counts as an event without
+        improvement.
       restore_best: keep the best parameters in the callback state and put them back at train
         end (costs one copy of the parameters). Not at the stop itself: ``fit`` saves the state
         it stopped in, with the metrics of that state's evaluation, and resumes from it.
@@ -89,11 +136,45 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         (a step metric, also inside a compiled step).
       name: the key of its state in ``state.callbacks``.
 
+    The two ``min_delta_mode`` rules differ in when the best value moves:
+
+    - "keras": the best moves only on an improvement by more than ``min_delta``, and such an
+      improvement resets the patience. A slow steady descent of ``min_delta / 2`` per event
+      still resets it every other event, measured from the last real improvement.
+    - "transformers": the best follows every strict improvement, however small; the patience
+      resets only on an improvement by more than ``min_delta`` over the previous best. The
+      same slow descent never resets it.
+
+    With ``min_delta=0.05``, ``patience=3`` and an evaluation every 10 steps of the losses
+    1.00, 0.97, 0.94, 0.91, 0.88, 0.89, 0.90, 0.91: "keras" takes 0.94 (beats 1.00 by 0.06)
+    and 0.88 (beats 0.94 by 0.06) as improvements and stops at step 80, three evaluations
+    after 0.88; "transformers" moves its best to 0.97, 0.94, 0.91 but never by more than 0.05,
+    so it stops at step 40. (With ``min_delta=0`` the two are the same rule.)
+
     Once stopped it keeps asking to stop, on the host at train_begin too (a run resumed from a
     checkpoint saved after the stop ends at once), and inside a step it also asks to skip further
     updates, so the parameters stay where it stopped until the loop reads the flag.
 
     Examples:
+        The sequence above, folded by hand (what ``fit`` does after each evaluation):
+
+        >>> losses = [1.00, 0.97, 0.94, 0.91, 0.88, 0.89, 0.90, 0.91]
+        >>> def first_stop(cb):
+        ...     state = fx.callbacks.init([cb], fx.TrainState.create(nn.Linear(2, 1),
+        ...                                                          fx.optim.sgd(0.1)))
+        ...     for step, loss in zip(range(10, 90, 10), losses):
+        ...         event = fx.Event("eval_end", step, metrics={"loss": loss})
+        ...         state, control = fx.callbacks.fold([cb], state, event)
+        ...         if control.stop:
+        ...             return step
+        >>> first_stop(fx.callbacks.early_stopping(patience=3, min_delta=0.05))
+        80
+        >>> first_stop(fx.callbacks.early_stopping(patience=3, min_delta=0.05,
+        ...                                        min_delta_mode="transformers"))
+        40
+        >>> first_stop(fx.callbacks.early_stopping(patience=3, baseline=0.8))  # never below it
+        30
+
         Evaluate after every step with a learning rate far too high: the evaluation loss only
         grows after the first, so training stops after two evaluations without improvement,
         and ``restore_best`` puts the best parameters back at the end:
@@ -115,7 +196,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         >>> float(fx.evaluate(eval_step, state, [batch])["loss"]) == float(es.best)
         True
     """
-    _check(mode, patience, min_delta)
+    _check(mode, patience, min_delta, min_delta_mode, baseline)
 
     def init(state):
         device = state.step.device
@@ -136,17 +217,23 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         es = callback_state(state, name)
         value = monitored_value(ev, monitor, es.best.device)
         active = ~es.stopped
-        better = improvement(value, es.best, mode, min_delta) & active
-        wait = torch.where(better, 0, torch.where(active, es.wait + 1, es.wait))
-        stop_now = active & ~better & (wait >= patience)
+        if check_finite:  # a non-finite value stops at once and changes nothing else
+            finite = torch.isfinite(value)
+            active, broken = active & finite, active & ~finite
+        else:
+            broken = torch.zeros_like(active)
+        new_best, patient = _judge(value, es, mode, min_delta, min_delta_mode, baseline)
+        new_best, patient = new_best & active, patient & active
+        wait = torch.where(patient, 0, torch.where(active, es.wait + 1, es.wait))
+        stop_now = broken | (active & ~patient & (wait >= patience))
         step = torch.as_tensor(ev.step, dtype=torch.int64, device=es.best.device)
         new = EarlyStoppingState(
-            best=torch.where(better, value, es.best), wait=wait, stopped=es.stopped | stop_now,
-            best_step=torch.where(better, step, es.best_step),
+            best=torch.where(new_best, value, es.best), wait=wait,
+            stopped=es.stopped | stop_now, best_step=torch.where(new_best, step, es.best_step),
             best_params=None if es.best_params is None else {
-                k: torch.where(better, state.params[k], v) for k, v in es.best_params.items()})
+                k: torch.where(new_best, state.params[k], v) for k, v in es.best_params.items()})
         state = set_callback_state(state, name, new)
-        skip = es.stopped if ev.kind == "step_end" else False
+        skip = (es.stopped | broken) if ev.kind == "step_end" else False
         return state, Control(stop=new.stopped, skip=skip)
 
     def fn(state, ev):
