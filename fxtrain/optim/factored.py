@@ -32,7 +32,8 @@ class FactoredState(NamedTuple):
 def _decay_rate_pow(i: torch.Tensor, exponent: float | torch.Tensor = 0.8) -> torch.Tensor:
     """Adafactor's second-moment decay at step ``i`` (from 0): 1 - (i + 1)^-exponent.
 
-    In float32, as optax (whose float32 power can differ from torch's by one rounding).
+    In float32, as optax (``torch.optim.Adafactor`` takes it in float64: a difference of
+    about 1e-8 after 60 steps in float64).
     """
     return 1.0 - (i + 1).to(torch.float32) ** (-exponent)
 
