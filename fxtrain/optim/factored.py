@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
@@ -43,7 +42,8 @@ def _factored_dims(shape: torch.Size, factored: bool,
     """The second largest and the largest axis, or None when the tensor is not factored."""
     if not factored or len(shape) < 2:
         return None
-    order = np.argsort(tuple(shape))  # as optax, so that ties pick the same axes
+    # stable, as numpy's argsort in optax for up to 16 axes, so that ties pick the same axes
+    order = sorted(range(len(shape)), key=lambda axis: shape[axis])
     if shape[order[-2]] < min_dim_size_to_factor:
         return None
     return int(order[-2]), int(order[-1])

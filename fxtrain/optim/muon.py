@@ -50,19 +50,19 @@ DimNums = MuonDimensionNumbers | Mapping[str, MuonDimensionNumbers | None] | Cal
 
 def _axes(x: torch.Tensor, dim_nums: MuonDimensionNumbers) -> tuple[tuple[int, ...], ...]:
     def norm(axes):
-        return tuple(a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes))
+        return tuple([a % x.ndim for a in ((axes,) if isinstance(axes, int) else axes)])
 
     reduction, output = norm(dim_nums.reduction_axis), norm(dim_nums.output_axis)
     if set(reduction) & set(output):
         raise ValueError(f"muon: reduction axes {reduction} and output axes {output} overlap "
                          f"for a parameter of shape {tuple(x.shape)}")
-    batch = tuple(a for a in range(x.ndim) if a not in reduction + output)
+    batch = tuple([a for a in range(x.ndim) if a not in reduction + output])
     return batch, reduction, output
 
 
 def _fans(x: torch.Tensor, dim_nums: MuonDimensionNumbers) -> tuple[int, int]:
     _, reduction, output = _axes(x, dim_nums)
-    return math.prod(x.shape[a] for a in reduction), math.prod(x.shape[a] for a in output)
+    return math.prod([x.shape[a] for a in reduction]), math.prod([x.shape[a] for a in output])
 
 
 def _ns_step(x, coeffs, first, preconditioning, eps):
@@ -107,11 +107,11 @@ def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs: Sequence = _DEFA
         raise ValueError(f"muon: preconditioning must be one of {_PRECONDITIONINGS}, got "
                          f"{preconditioning!r}")
     steps = [ns_coeffs] * ns_steps if not isinstance(ns_coeffs[0], Sequence) else list(ns_coeffs)
-    batch, reduction, output = _axes(x, dimension_numbers or MuonDimensionNumbers())
+    dims = dimension_numbers or MuonDimensionNumbers()
+    batch, reduction, output = _axes(x, dims)
     perm = batch + reduction + output
     shape = [x.shape[a] for a in perm]
-    flat = x.permute(perm).reshape(math.prod(shape[:len(batch)]), math.prod(
-        x.shape[a] for a in reduction), math.prod(x.shape[a] for a in output))
+    flat = x.permute(perm).reshape(math.prod(shape[:len(batch)]), *_fans(x, dims))
     wide = flat.shape[1] <= flat.shape[2]
     y = flat if wide else flat.transpose(-1, -2)
     if preconditioning == "frobenius":

@@ -149,8 +149,8 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
 
 
 def _sum_of_squares(tree: Any) -> torch.Tensor:
-    return sum(torch.sum(leaf.to(torch.promote_types(leaf.dtype, torch.float32)) ** 2)
-               for leaf in pytree.tree_leaves(tree))
+    return sum([torch.sum(leaf.to(torch.promote_types(leaf.dtype, torch.float32)) ** 2)
+                for leaf in pytree.tree_leaves(tree)])
 
 
 def skip_large_updates(updates: Any, gradient_step: torch.Tensor, params: Any,
@@ -189,7 +189,7 @@ def skip_not_finite(updates: Any, gradient_step: torch.Tensor,
         (tensor(True), tensor(1))
     """
     del gradient_step, params
-    num = sum(torch.sum(~torch.isfinite(leaf)) for leaf in pytree.tree_leaves(updates))
+    num = sum([torch.sum(~torch.isfinite(leaf)) for leaf in pytree.tree_leaves(updates)])
     return num > 0, {"should_skip": num > 0, "num_not_finite": num}
 
 
