@@ -76,8 +76,8 @@ def scale_by_factored_rms(factored: bool = True, decay_rate: float | torch.Tenso
         >>> tx = fx.optim.scale_by_factored_rms(min_dim_size_to_factor=2)
         >>> params = {"w": torch.zeros(2, 3)}
         >>> state = tx.init(params)
-        >>> state.v_row["w"].shape, state.v_col["w"].shape  # 3 + 2 numbers for 6 weights
-        (torch.Size([3]), torch.Size([2]))
+        >>> state.v_row["w"].shape, state.v_col["w"].shape  # 2 + 3 numbers for 6 weights
+        (torch.Size([2]), torch.Size([3]))
         >>> updates, state = tx.update({"w": torch.full((2, 3), 4.0)}, state, params)
         >>> updates["w"]
         tensor([[1., 1., 1.],

@@ -96,9 +96,9 @@ def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs: Sequence = _DEFA
 
     Examples:
         >>> x = torch.tensor([[3.0, 0.0], [0.0, 0.1]])
-        >>> fx.optim.orthogonalize_via_newton_schulz(x)  # both directions near 1
-        tensor([[0.7653, 0.0000],
-                [0.0000, 0.8686]])
+        >>> fx.optim.orthogonalize_via_newton_schulz(x)  # singular values 3 and 0.1: both near 1
+        tensor([[0.6970, 0.0000],
+                [0.0000, 1.1288]])
     """
     if x.ndim != 2 and dimension_numbers is None:
         raise ValueError(f"orthogonalize_via_newton_schulz needs a matrix or dimension_numbers; "
@@ -179,9 +179,9 @@ def scale_by_muon(ns_coeffs: Sequence | str = _DEFAULT_NS_COEFFS, ns_steps: int 
         >>> params = {"w": torch.zeros(2, 2)}
         >>> updates, state = tx.update({"w": torch.tensor([[2.0, 0.0], [0.0, 0.1]])},
         ...                            tx.init(params))
-        >>> updates["w"]
-        tensor([[0.7653, 0.0000],
-                [0.0000, 0.8686]])
+        >>> updates["w"]  # singular values 2 and 0.1 in, both near 1 out
+        tensor([[0.6978, 0.0000],
+                [0.0000, 0.7578]])
     """
     ns_coeffs = _check_coeffs("scale_by_muon", ns_coeffs, ns_steps)
     _betas("scale_by_muon", beta=beta)
@@ -274,9 +274,9 @@ def muon(learning_rate: ScalarOrSchedule, ns_coeffs: Sequence | str = _DEFAULT_N
         >>> tx = fx.optim.muon(0.1)
         >>> grads = {"weight": torch.tensor([[1.0, 0.0], [0.0, 1.0]]), "bias": torch.ones(2)}
         >>> updates, state = tx.update(grads, tx.init(params), params)
-        >>> updates["weight"]  # -lr NS(I): the identity is already orthogonal (up to NS)
-        tensor([[-0.0877, -0.0000],
-                [-0.0000, -0.0877]])
+        >>> updates["weight"]  # -lr NS(I): five Newton-Schulz steps take I to about 1.1 I
+        tensor([[-0.1108, -0.0000],
+                [-0.0000, -0.1108]])
         >>> updates["bias"]  # AdamW's first (Nesterov) step
         tensor([-0.1474, -0.1474])
     """
