@@ -127,6 +127,17 @@ def test_skip_large_updates_skips_what_optax_skips(x64):
     assert abs(float(state.skip_state["norm_squared"]) - float(ref.skip_state["norm_squared"])) < 1e-9
 
 
+def test_skip_large_updates_skips_nan_and_inf_as_optax(x64):
+    optax = extra("optax")
+    for bad in (float("nan"), float("inf")):
+        grads = {"w": torch.tensor([bad, 0.0], dtype=torch.float64)}
+        skip, info = optim.skip_large_updates(grads, torch.tensor(0), None, max_squared_norm=1.0)
+        ref, _ = optax.skip_large_updates(parity.to_jax(grads), 0, None, max_squared_norm=1.0)
+        assert bool(skip) is bool(ref) is True
+    small = {"w": torch.tensor([0.5, 0.5], dtype=torch.float64)}
+    assert not bool(optim.skip_large_updates(small, torch.tensor(0), None, 1.0)[0])
+
+
 def test_skip_not_finite_equals_optax(x64):
     optax = extra("optax")
     params = parity.params()
