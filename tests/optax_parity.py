@@ -35,12 +35,14 @@ def to_torch(tree):
 
 def run_optax_with_state(ref, params, grads, wrap=lambda p: p):
     """optax's final params and state (JAX values); ``wrap`` makes optax's params from ours
-    (``optax.LookaheadParams.init_synced`` for lookahead)."""
-    optax = extra("optax")
+    (``optax.LookaheadParams.init_synced`` for lookahead). The update is jitted: the same maths,
+    traced once instead of dispatched op by op (lax.cond in eager JAX retraces every call)."""
+    jax, optax = extra("jax"), extra("optax")
     theirs = wrap(to_jax(params))
     state = ref.init(theirs)
+    update = jax.jit(ref.update)
     for grad in grads:
-        updates, state = ref.update(to_jax(grad), state, theirs)
+        updates, state = update(to_jax(grad), state, theirs)
         theirs = optax.apply_updates(theirs, updates)
     return theirs, state
 
