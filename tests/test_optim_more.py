@@ -14,6 +14,7 @@ from fxtrain import optim
 
 import optax_parity as parity
 from helpers import extra, graph_count
+from syncs import HostReads
 
 F64 = "float64"  # optax's accumulators in float64, given as a dtype name for either library
 LABELS = {"w": True, "b": False, "s": True}
@@ -293,6 +294,19 @@ def test_compiles_to_one_graph_without_recompiling(name):
             ours, state = compiled(ours, state, grad)
     assert graph_count() == 1
     assert parity.max_diff(ours, parity.run_fx(tx, params, grads)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_updates_read_nothing_back_to_the_host(name):
+    tx = ALIASES[name]()
+    params = parity.params(torch.float32)
+    grads = parity.grads(params, 3)
+    state = tx.init(params)
+    with HostReads() as reads:
+        for grad in grads:
+            updates, state = tx.update(grad, state, params)
+            params = optim.apply_updates(params, updates)
+    assert reads.count == 0, reads.report()
 
 
 @pytest.mark.parametrize("name", ALIASES)
