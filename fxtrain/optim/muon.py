@@ -19,8 +19,8 @@ from ..tree import tree_map
 from .aliases import nadamw
 from .base import GradientTransformation, ScalarOrSchedule, chain
 from .groups import multi_transform
-from .transforms import (Mask, _betas, _bias_correction, _check_state, _count, _non_negative,
-                         _scalar, add_decayed_weights, scale_by_learning_rate)
+from .transforms import (Mask, _betas, _check_state, _count, _mu_hat, _non_negative, _scalar,
+                         add_decayed_weights, scale_by_learning_rate)
 
 __all__ = ["MuonDimensionNumbers", "MuonState", "orthogonalize_via_newton_schulz",
            "scale_by_muon", "muon"]
@@ -43,7 +43,7 @@ class MuonDimensionNumbers(NamedTuple):
     output_axis: Sequence[int] | int = 1
 
 
-TORCH_LAYOUT = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
+_TORCH_LAYOUT = MuonDimensionNumbers(reduction_axis=1, output_axis=0)
 DimNums = MuonDimensionNumbers | Mapping[str, MuonDimensionNumbers | None] | Callable[
     [str, torch.Tensor], MuonDimensionNumbers | None]
 
@@ -127,7 +127,7 @@ def orthogonalize_via_newton_schulz(x: torch.Tensor, ns_coeffs: Sequence = _DEFA
 def _resolve(spec: DimNums | None, name: str, p: torch.Tensor) -> MuonDimensionNumbers | None:
     """The dimension numbers of one parameter: None (not a Muon parameter) or a spec."""
     if spec is None:
-        return TORCH_LAYOUT if p.ndim == 2 else None
+        return _TORCH_LAYOUT if p.ndim == 2 else None
     if isinstance(spec, MuonDimensionNumbers):
         return spec
     return spec[name] if isinstance(spec, Mapping) else spec(name, p)
@@ -207,11 +207,7 @@ def scale_by_muon(ns_coeffs: Sequence | str = _DEFAULT_NS_COEFFS, ns_steps: int 
                 raise ValueError(f"scale_by_muon: parameter {name!r} of shape {tuple(g.shape)} "
                                  "is not a matrix and has no weight_dimension_numbers (muon() "
                                  "gives such parameters AdamW)")
-            if nesterov:
-                m_hat = (_scalar(beta, m) * m / _bias_correction(beta, count + 1, m).to(m.dtype)
-                         + (1 - _scalar(beta, g)) * g / _bias_correction(beta, count, g).to(g.dtype))
-            else:
-                m_hat = m / _bias_correction(beta, count, m).to(m.dtype)
+            m_hat = _mu_hat(m, g, beta, count, nesterov)  # Adam's and NAdam's m_hat
             o = orthogonalize_via_newton_schulz(m_hat, ns_coeffs, ns_steps, preconditioning,
                                                 eps, spec)
             return torch.sum(m_hat * o) * o if adaptive else o

@@ -97,6 +97,8 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
     ``should_skip_update_fn(updates, gradient_step, params) -> (skip, skip_state)`` (optax's
     ``MultiSteps`` argument, e.g. ``skip_large_updates`` or ``skip_not_finite``) rejects a
     mini-step: zero updates, and the state as if it never happened, but for ``skip_state``.
+    Unlike optax's ``MultiSteps``, the gradients are summed in their own dtype (optax keeps a
+    running mean, in float32 by default) and ``every_k`` is a number, not a schedule.
 
     Examples:
         >>> params = {"w": torch.zeros(1)}
