@@ -29,22 +29,38 @@ def to_jax(tree):
     return {k: jnp.asarray(v.numpy()) for k, v in tree.items()}
 
 
-def run_optax(ref, params, grads):
-    optax = extra("optax")
-    theirs = to_jax(params)
+def to_torch(tree):
+    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in tree.items()}
+
+
+def run_optax_with_state(ref, params, grads, wrap=lambda p: p):
+    """optax's final params and state (JAX values); ``wrap`` makes optax's params from ours
+    (``optax.LookaheadParams.init_synced`` for lookahead). The update is jitted: the same maths,
+    traced once instead of dispatched op by op (lax.cond in eager JAX retraces every call)."""
+    jax, optax = extra("jax"), extra("optax")
+    theirs = wrap(to_jax(params))
     state = ref.init(theirs)
+    update = jax.jit(ref.update)
     for grad in grads:
-        updates, state = ref.update(to_jax(grad), state, theirs)
+        updates, state = update(to_jax(grad), state, theirs)
         theirs = optax.apply_updates(theirs, updates)
-    return {k: torch.from_numpy(np.asarray(v).copy()) for k, v in theirs.items()}
+    return theirs, state
 
 
-def run_fx(tx, params, grads):
+def run_optax(ref, params, grads):
+    return to_torch(run_optax_with_state(ref, params, grads)[0])
+
+
+def run_fx_with_state(tx, params, grads):
     state = tx.init(params)
     for grad in grads:
         updates, state = tx.update(grad, state, params)
         params = optim.apply_updates(params, updates)
-    return params
+    return params, state
+
+
+def run_fx(tx, params, grads):
+    return run_fx_with_state(tx, params, grads)[0]
 
 
 def max_diff(a, b):

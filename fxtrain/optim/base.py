@@ -116,3 +116,17 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         {'w': tensor([1.5000], dtype=torch.bfloat16)}
     """
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+
+
+def _find_state(opt_state: Any, kind: type) -> Any:
+    """The first state of type ``kind`` inside ``opt_state`` (through tuples, lists and dicts,
+    so inside chains, wrappers and groups), or None."""
+    if isinstance(opt_state, kind):
+        return opt_state
+    children = opt_state.values() if isinstance(opt_state, dict) else (
+        opt_state if isinstance(opt_state, tuple | list) else ())
+    for child in children:
+        found = _find_state(child, kind)
+        if found is not None:
+            return found
+    return None

@@ -20,7 +20,7 @@ __all__ = [
     "clip_by_global_norm", "scale_by_learning_rate", "scale_by_schedule",
     "ScaleByRssState", "ScaleByAdamaxState", "ScaleByAmsgradState", "ScaleByRadamState",
     "scale_by_rss", "scale_by_adamax", "scale_by_amsgrad", "scale_by_radam",
-    "ZeroNansState", "clip", "zero_nans", "scale_by_trust_ratio",
+    "ZeroNansState", "clip", "zero_nans", "scale_by_trust_ratio", "EmaState", "ema",
 ]
 
 
@@ -169,6 +169,46 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransf
         new = tree_map(lambda t, g: g + _scalar(decay, g) * t, state.trace, updates)
         out = tree_map(lambda t, g: g + _scalar(decay, g) * t, new, updates) if nesterov else new
         return out, TraceState(new)
+
+    return GradientTransformation(init, update)
+
+
+class EmaState(NamedTuple):
+    count: torch.Tensor
+    ema: Any
+
+
+def ema(decay: float | torch.Tensor, debias: bool = True,
+        accumulator_dtype: torch.dtype | None = None) -> GradientTransformation:
+    """An exponential moving average of the updates: e <- decay e + (1 - decay) u; u = e.
+
+    With ``debias`` the output is ``e / (1 - decay^t)``. ``accumulator_dtype`` is the dtype
+    ``e`` is stored in (default: the parameters'). ``trace`` sums instead: t <- u + decay t.
+
+    Examples:
+        >>> tx = fx.optim.ema(0.5, debias=False)
+        >>> state = tx.init({"w": torch.zeros(1)})
+        >>> for g in (4.0, 4.0):
+        ...     updates, state = tx.update({"w": torch.tensor([g])}, state)
+        ...     print(updates["w"])
+        tensor([2.])
+        tensor([3.])
+    """
+    _betas("ema", decay=decay)
+
+    def init(params):
+        return EmaState(_count(params), tree_map(
+            lambda p: torch.zeros_like(p, dtype=accumulator_dtype or p.dtype), params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.ema, updates, "ema")
+        count = state.count + 1
+        new = tree_map(lambda e, g: (1 - _scalar(decay, g)) * g + _scalar(decay, g) * e,
+                       state.ema, updates)
+        out = tree_map(lambda e: e / _bias_correction(decay, count, e).to(e.dtype),
+                       new) if debias else new
+        return out, EmaState(count, tree_map(lambda e, old: e.to(old.dtype), new, state.ema))
 
     return GradientTransformation(init, update)
 

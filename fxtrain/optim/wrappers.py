@@ -18,7 +18,8 @@ from .transforms import ScaleByLearningRateState
 __all__ = [
     "InjectHyperparamsState", "MultiStepsState", "ApplyIfFiniteState",
     "inject_hyperparams", "multi_steps", "apply_if_finite", "learning_rate", "all_finite",
-    "injected_hyperparams", "injected_hyperparam", "map_hyperparams",
+    "injected_hyperparams", "injected_hyperparam", "map_hyperparams", "skip_large_updates",
+    "skip_not_finite",
 ]
 
 
@@ -81,12 +82,23 @@ class MultiStepsState(NamedTuple):
     gradient_step: torch.Tensor
     inner_state: Any
     acc_grads: Any
+    skip_state: Any = None  # what should_skip_update_fn last reported (None without one)
 
 
-def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformation:
+ShouldSkipUpdateFunction = Callable[[Any, torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+def multi_steps(tx: GradientTransformation, every_k: int, *,
+                should_skip_update_fn: ShouldSkipUpdateFunction | None = None
+                ) -> GradientTransformation:
     """Gradient accumulation: applies ``tx`` to the mean of ``every_k`` gradients.
 
     The other ``every_k - 1`` calls return zero updates and leave ``tx``'s state untouched.
+    ``should_skip_update_fn(updates, gradient_step, params) -> (skip, skip_state)`` (optax's
+    ``MultiSteps`` argument, e.g. ``skip_large_updates`` or ``skip_not_finite``) rejects a
+    mini-step: zero updates, and the state as if it never happened, but for ``skip_state``.
+    Unlike optax's ``MultiSteps``, the gradients are summed in their own dtype (optax keeps a
+    running mean, in float32 by default) and ``every_k`` is a number, not a schedule.
 
     Examples:
         >>> params = {"w": torch.zeros(1)}
@@ -101,11 +113,23 @@ def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformat
     if every_k < 1:
         raise ValueError(f"multi_steps needs every_k >= 1, got {every_k}")
 
+    def should_skip(updates, gradient_step, params):
+        if should_skip_update_fn is None:
+            return None, None
+        skip, skip_state = should_skip_update_fn(updates, gradient_step, params)
+        if not isinstance(skip, torch.Tensor) or skip.dtype != torch.bool or skip.ndim != 0:
+            raise ValueError("multi_steps: should_skip_update_fn must return a 0-d bool tensor "
+                             f"first, got {skip!r}")
+        return skip, skip_state
+
     def init(params):
         zero = torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
-        return MultiStepsState(zero, zero.clone(), tx.init(params), tree_zeros_like(params))
+        _, skip_state = should_skip(tree_zeros_like(params), zero, params)
+        return MultiStepsState(zero, zero.clone(), tx.init(params), tree_zeros_like(params),
+                               skip_state)
 
     def update(updates, state, params=None):
+        skip, skip_state = should_skip(updates, state.gradient_step, params)
         acc = tree_map(lambda a, g: a + g, state.acc_grads, updates)
         emit = state.mini_step == every_k - 1
         mean = tree_map(lambda a: a / every_k, acc)
@@ -115,10 +139,60 @@ def multi_steps(tx: GradientTransformation, every_k: int) -> GradientTransformat
             state.gradient_step + emit.to(torch.int64),
             tree_select(emit, inner, state.inner_state),
             tree_select(emit, tree_zeros_like(acc), acc),
+            skip_state,
         )
-        return tree_select(emit, inner_updates, tree_zeros_like(inner_updates)), new_state
+        out = tree_select(emit, inner_updates, tree_zeros_like(inner_updates))
+        if skip is None:
+            return out, new_state
+        return (tree_select(skip, tree_zeros_like(out), out),
+                tree_select(skip, state._replace(skip_state=skip_state), new_state))
 
     return GradientTransformation(init, update)
+
+
+def _sum_of_squares(tree: Any) -> torch.Tensor:
+    return sum([torch.sum(leaf.to(torch.promote_types(leaf.dtype, torch.float32)) ** 2)
+                for leaf in pytree.tree_leaves(tree)])
+
+
+def skip_large_updates(updates: Any, gradient_step: torch.Tensor, params: Any,
+                       max_squared_norm: float | torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """A ``should_skip_update_fn`` for ``multi_steps``: skip when ||updates||^2 is not below
+    ``max_squared_norm`` (NaN included), as optax's.
+
+    Bind ``max_squared_norm`` with ``functools.partial``. Returns ``(should_skip,
+    {"should_skip": ..., "norm_squared": ...})``, the dict kept as ``MultiStepsState.skip_state``.
+
+    Examples:
+        >>> import functools
+        >>> skip = functools.partial(fx.optim.skip_large_updates, max_squared_norm=10.0)
+        >>> tx = fx.optim.multi_steps(fx.optim.sgd(1.0), every_k=1, should_skip_update_fn=skip)
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([3.0, 4.0])}, tx.init(params), params)
+        >>> updates["w"], state.skip_state
+        (tensor([0., 0.]), {'should_skip': tensor(True), 'norm_squared': tensor(25.)})
+    """
+    del gradient_step, params
+    norm_sq = _sum_of_squares(updates)
+    should_skip = ~(norm_sq < max_squared_norm)
+    return should_skip, {"should_skip": should_skip, "norm_squared": norm_sq}
+
+
+def skip_not_finite(updates: Any, gradient_step: torch.Tensor,
+                    params: Any) -> tuple[torch.Tensor, dict]:
+    """A ``should_skip_update_fn`` for ``multi_steps``: skip updates holding NaN or inf.
+
+    Returns ``(should_skip, {"should_skip": ..., "num_not_finite": ...})``, as optax's.
+
+    Examples:
+        >>> skip, info = fx.optim.skip_not_finite({"w": torch.tensor([1.0, float("nan")])},
+        ...                                       torch.tensor(0), None)
+        >>> skip, info["num_not_finite"]
+        (tensor(True), tensor(1))
+    """
+    del gradient_step, params
+    num = sum([torch.sum(~torch.isfinite(leaf)) for leaf in pytree.tree_leaves(updates)])
+    return num > 0, {"should_skip": num > 0, "num_not_finite": num}
 
 
 class ApplyIfFiniteState(NamedTuple):
