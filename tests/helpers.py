@@ -5,6 +5,7 @@ import importlib
 import os
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -75,3 +76,22 @@ def reaped(proc: subprocess.Popen):
                 with contextlib.suppress(Exception):
                     p.send_signal(signal.SIGKILL)
             proc.wait()
+
+
+class FakeManager:
+    """The checkpoint-manager protocol ``fit`` uses, recording the steps it is asked to save."""
+
+    directory = Path("/nowhere")
+
+    def __init__(self):
+        self.saved = []
+
+    def save(self, state, metrics=None, force=False):
+        self.saved.append(int(state.step))
+        return True
+
+    def latest_step(self):
+        return None
+
+    def wait(self):
+        pass

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from fxtrain import optim
-from helpers import extra
+from helpers import extra, graph_count
 
 STEPS = 60
 
@@ -65,3 +65,38 @@ def run_fx(tx, params, grads):
 
 def max_diff(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def run_compiled(tx, params, grads):
+    """``run_fx`` through one ``torch.compile(fullgraph=True)``'d update (the eager backend):
+    asserts it is one graph that never recompiles over ``grads``; returns the final params."""
+    def step(params, state, grad):
+        updates, state = tx.update(grad, state, params)
+        return optim.apply_updates(params, updates), state
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    state = tx.init(params)
+    params, state = compiled(params, state, grads[0])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for grad in grads[1:]:
+            params, state = compiled(params, state, grad)
+    assert graph_count() == 1
+    return params
+
+
+def checkpoint_round_trip(make_tx, module, directory):
+    """A ``TrainState`` of ``module`` with ``make_tx()`` after two updates, saved and restored
+    into a fresh one: asserts the restored state is bit-identical; returns it."""
+    import fxtrain as fx
+
+    torch.manual_seed(0)
+    state = fx.TrainState.create(module(), make_tx())
+    grads = {k: torch.randn_like(v) for k, v in state.params.items()}
+    state = state.apply_gradients(grads).apply_gradients(grads)
+    fx.checkpoint.save(directory / "ckpt", state)
+    restored = fx.checkpoint.restore(directory / "ckpt",
+                                     like=fx.TrainState.create(module(), make_tx()))
+    assert fx.tree_digest(restored) == fx.tree_digest(state)
+    assert type(restored.opt_state) is type(state.opt_state)
+    return restored

@@ -6,7 +6,7 @@ import torch
 
 import fxtrain as fx
 from fxtrain.means import Means
-from helpers import mlp, xent
+from helpers import FakeManager, mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] > 0).long()
@@ -21,23 +21,6 @@ def kinds_seen(log):
     def cb(state, event):
         log.append((event.kind, event.step, event.epoch))
     return cb
-
-
-class Manager:
-    """The manager protocol fit uses, recording the saved steps."""
-
-    def __init__(self, directory):
-        self.directory, self.saved = directory, []
-
-    def save(self, state, metrics=None, force=False):
-        self.saved.append(int(state.step))
-        return True
-
-    def latest_step(self):
-        return None
-
-    def wait(self):
-        pass
 
 
 def test_epoch_begin_opens_each_epoch_and_the_one_a_resumed_run_continues():
@@ -133,7 +116,7 @@ def test_an_error_is_delivered_as_an_exception_event_then_train_end_then_raised(
             errors.append(event.error)
             return state, fx.Control(save=True)
 
-    manager = Manager(tmp_path)
+    manager = FakeManager()
     state, step = setup()
     with pytest.raises(RuntimeError, match="the data source broke") as raised:
         fx.fit(state, step, batches(), callbacks=[kinds_seen(log), on_error],
@@ -168,7 +151,7 @@ def test_every_request_made_at_train_begin_is_honoured(tmp_path):
         if event.kind == "step_end" and not first_step:
             first_step.update(log=event.metrics.get("control/log"))
 
-    manager = Manager(tmp_path)
+    manager = FakeManager()
     state, step = setup()
     fx.fit(state, step, fx.data.Batches((X, Y), 32), max_steps=2, checkpoint=manager,
            callbacks=[asks, kinds_seen(log)],

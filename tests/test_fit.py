@@ -4,13 +4,12 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import fxtrain as fx
-from helpers import extra, mlp, reaped, xent
+from helpers import FakeManager, extra, mlp, reaped, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] > 0).long()
@@ -26,25 +25,6 @@ def recorder(log):
     def cb(state, event):
         log.append((event.kind, event.step, event.epoch))
     return cb
-
-
-class FakeManager:
-    """The manager protocol fit uses, recording the saved steps."""
-
-    directory = Path("/nowhere")
-
-    def __init__(self):
-        self.saved = []
-
-    def save(self, state, metrics=None, force=False):
-        self.saved.append(int(state.step))
-        return True
-
-    def latest_step(self):
-        return None
-
-    def wait(self):
-        pass
 
 
 def test_events_arrive_in_order_with_evaluation_each_epoch():

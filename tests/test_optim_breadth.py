@@ -6,11 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-import fxtrain as fx
 from fxtrain import optim
 
 import optax_parity as parity
-from helpers import extra, graph_count
+from helpers import extra
 
 MASK = {"w": True, "b": False, "s": True}  # a dict of bools by name: a mask for optax and us
 OTHER = {"w": False, "b": True, "s": True}
@@ -150,32 +149,13 @@ def test_compiles_to_one_graph_without_recompiling(name):
     tx = ALIASES[name]()
     params = parity.params(torch.float32)
     grads = parity.grads(params, 3)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optim.apply_updates(params, updates), state
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    state = tx.init(params)
-    ours, state = compiled(params, state, grads[0])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for grad in grads[1:]:
-            ours, state = compiled(ours, state, grad)
-    assert graph_count() == 1
+    ours = parity.run_compiled(tx, params, grads)
     assert parity.max_diff(ours, parity.run_fx(tx, params, grads)) <= 1e-6
 
 
 @pytest.mark.parametrize("name", ALIASES)
 def test_state_survives_a_checkpoint(name, tmp_path):
-    torch.manual_seed(0)
-    state = fx.TrainState.create(nn.Linear(3, 2), ALIASES[name]())
-    grads = {k: torch.randn_like(v) for k, v in state.params.items()}
-    state = state.apply_gradients(grads)
-    fx.checkpoint.save(tmp_path / "ckpt", state)
-    restored = fx.checkpoint.restore(tmp_path / "ckpt", like=fx.TrainState.create(
-        nn.Linear(3, 2), ALIASES[name]()))
-    assert fx.tree_digest(restored) == fx.tree_digest(state)
+    parity.checkpoint_round_trip(ALIASES[name], lambda: nn.Linear(3, 2), tmp_path)
 
 
 @pytest.mark.parametrize("make,match", [

@@ -9,7 +9,7 @@ import fxtrain as fx
 from fxtrain import optim
 
 import optax_parity as parity
-from helpers import classification_batch, extra, graph_count, mlp, xent
+from helpers import classification_batch, extra, mlp, xent
 
 LABELS = {"w": "a", "b": "b", "s": "a"}
 
@@ -103,19 +103,7 @@ def test_compiles_to_one_graph_without_recompiling():
         {"w": "a", "b": "b", "s": "frozen"})
     params = parity.params(torch.float32)
     grads = parity.grads(params, 3)
-
-    def step(params, state, grads):
-        updates, state = tx.update(grads, state, params)
-        return optim.apply_updates(params, updates), state
-
-    torch._dynamo.reset()
-    compiled = torch.compile(step, fullgraph=True, backend="eager")
-    state = tx.init(params)
-    ours, state = compiled(params, state, grads[0])
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        for grad in grads[1:]:
-            ours, state = compiled(ours, state, grad)
-    assert graph_count() == 1
+    ours = parity.run_compiled(tx, params, grads)
     assert parity.max_diff(ours, parity.run_fx(tx, params, grads)) <= 1e-6
     assert torch.equal(ours["s"], params["s"])
 
@@ -128,13 +116,7 @@ def test_state_survives_a_checkpoint(tmp_path):
             lambda name, p: "frozen" if name == "2.weight" else (
                 "biases" if name.endswith("bias") else "weights"))
 
-    torch.manual_seed(0)
-    state = fx.TrainState.create(mlp(), make())
-    grads = {k: torch.randn_like(v) for k, v in state.params.items()}
-    state = state.apply_gradients(grads).apply_gradients(grads)
-    fx.checkpoint.save(tmp_path / "ckpt", state)
-    restored = fx.checkpoint.restore(tmp_path / "ckpt", like=fx.TrainState.create(mlp(), make()))
-    assert fx.tree_digest(restored) == fx.tree_digest(state)
+    restored = parity.checkpoint_round_trip(make, mlp, tmp_path)
     assert isinstance(restored.opt_state, optim.MultiTransformState)
 
 

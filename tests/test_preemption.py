@@ -3,33 +3,15 @@ process; two ranks, one of them terminated, then resumed, in tests/test_distribu
 
 import os
 import signal
-from pathlib import Path
 
 import pytest
 import torch
 
 import fxtrain as fx
-from helpers import mlp, xent
+from helpers import FakeManager, mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] > 0).long()
-
-
-class Manager:
-    directory = Path("/nowhere")
-
-    def __init__(self):
-        self.saved = []
-
-    def save(self, state, metrics=None, force=False):
-        self.saved.append(int(state.step))
-        return True
-
-    def latest_step(self):
-        return None
-
-    def wait(self):
-        pass
 
 
 def needs_default_sigterm():
@@ -39,7 +21,7 @@ def needs_default_sigterm():
 
 def test_sigterm_saves_the_step_it_arrives_at_and_raises_preempted_with_code_143():
     needs_default_sigterm()
-    ends, manager = [], Manager()
+    ends, manager = [], FakeManager()
 
     def terminate_at_3(state, event):
         if event.kind == "step_end" and event.step == 3:
