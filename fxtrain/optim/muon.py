@@ -19,7 +19,7 @@ from ..tree import tree_map
 from .aliases import nadamw
 from .base import GradientTransformation, ScalarOrSchedule, chain
 from .groups import multi_transform
-from .transforms import (Mask, _betas, _check_state, _count, _mu_hat, _non_negative, _scalar,
+from .transforms import (Mask, _betas, _check_state, _count, _ema, _mu_hat, _non_negative,
                          add_decayed_weights, scale_by_learning_rate)
 
 __all__ = ["MuonDimensionNumbers", "MuonState", "orthogonalize_via_newton_schulz",
@@ -198,8 +198,7 @@ def scale_by_muon(ns_coeffs: Sequence | str = _DEFAULT_NS_COEFFS, ns_steps: int 
         del params
         _check_state(state.mu, updates, "scale_by_muon")
         count = state.count + 1
-        mu = tree_map(lambda m, g: (1 - _scalar(beta, g)) * g + _scalar(beta, g) * m,
-                      state.mu, updates)
+        mu = _ema(updates, state.mu, beta)
 
         def direction(name, m, g):
             spec = _resolve(weight_dimension_numbers, name, g)

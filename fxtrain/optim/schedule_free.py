@@ -18,8 +18,8 @@ from ..tree import first_leaf, tree_map
 from .base import GradientTransformation, ScalarOrSchedule, _find_state, chain
 from .aliases import sgd
 from .schedules import warmup_constant_schedule
-from .transforms import (_betas, _bias_correction, _check_state, _count, _non_negative, _scalar,
-                         add_decayed_weights, scale_by_learning_rate)
+from .transforms import (_betas, _bias_correction, _check_state, _count, _ema_of_squares,
+                         _non_negative, _scalar, add_decayed_weights, scale_by_learning_rate)
 
 __all__ = ["ScheduleFreeState", "schedule_free", "schedule_free_eval_params",
            "schedule_free_sgd", "schedule_free_adamw"]
@@ -180,8 +180,7 @@ def _scale_by_rms_debiased(decay, eps) -> GradientTransformation:
     def update(updates, state, params=None):
         del params
         count = state.count + 1
-        nu = tree_map(lambda v, g: v * _scalar(decay, g) + (1 - _scalar(decay, g)) * g * g,
-                      state.nu, updates)
+        nu = _ema_of_squares(updates, state.nu, decay)
         out = tree_map(lambda g, v: g / (torch.sqrt(v / _bias_correction(decay, count, v).to(
             v.dtype)) + _scalar(eps, g)), updates, nu)
         return out, ScaleByRmsWithCountState(count, nu)

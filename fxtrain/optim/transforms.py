@@ -86,7 +86,19 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
 def _moments(updates, mu, nu, b1, b2):
     """Adam's moments: ``mu <- b1 mu + (1 - b1) g`` and ``nu <- b2 nu + (1 - b2) g^2``."""
     return (tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b1, g)), mu, updates),
-            tree_map(lambda v, g: v * _scalar(b2, g) + (1 - _scalar(b2, g)) * g * g, nu, updates))
+            _ema_of_squares(updates, nu, b2))
+
+
+def _ema(updates, averages, decay):
+    """``avg <- decay avg + (1 - decay) g`` per leaf (optax's first-order update_moment)."""
+    return tree_map(lambda m, g: (1 - _scalar(decay, g)) * g + _scalar(decay, g) * m,
+                    averages, updates)
+
+
+def _ema_of_squares(updates, averages, decay):
+    """``avg <- decay avg + (1 - decay) g^2`` per leaf (a second moment, as RMSProp keeps)."""
+    return tree_map(lambda v, g: v * _scalar(decay, g) + (1 - _scalar(decay, g)) * g * g,
+                    averages, updates)
 
 
 def _mu_hat(m: torch.Tensor, g: torch.Tensor, b1: float | torch.Tensor, count: torch.Tensor,
@@ -204,8 +216,7 @@ def ema(decay: float | torch.Tensor, debias: bool = True,
         del params
         _check_state(state.ema, updates, "ema")
         count = state.count + 1
-        new = tree_map(lambda e, g: (1 - _scalar(decay, g)) * g + _scalar(decay, g) * e,
-                       state.ema, updates)
+        new = _ema(updates, state.ema, decay)
         out = tree_map(lambda e: e / _bias_correction(decay, count, e).to(e.dtype),
                        new) if debias else new
         return out, EmaState(count, tree_map(lambda e, old: e.to(old.dtype), new, state.ema))
@@ -235,8 +246,7 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
     def update(updates, state, params=None):
         del params
         _check_state(state.nu, updates, "scale_by_rms")
-        nu = tree_map(lambda v, g: v * _scalar(decay, g) + (1 - _scalar(decay, g)) * g * g,
-                      state.nu, updates)
+        nu = _ema_of_squares(updates, state.nu, decay)
         if centered:
             mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(decay, g)), state.mu, updates)
             var = tree_map(lambda v, m: v - m * m, nu, mu)
