@@ -113,7 +113,9 @@ def system_usage(since: CpuSample | None = None) -> tuple[dict[str, float], CpuS
     out: dict[str, float] = {}
     if since is not None and now.wall > since.wall:
         if now.total is not None and since.total is not None and now.total > since.total:
-            out["system/cpu_percent"] = 100.0 * (now.busy - since.busy) / (now.total - since.total)
+            # clamped, as psutil.cpu_percent does: a VM's idle counter can step back a tick
+            share = (now.busy - since.busy) / (now.total - since.total)
+            out["system/cpu_percent"] = 100.0 * min(max(share, 0.0), 1.0)
         out["system/process_cpu_percent"] = 100.0 * (now.process - since.process) / (
             now.wall - since.wall)
     out["system/process_rss_mib"] = _rss_bytes() / MIB
