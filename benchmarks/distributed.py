@@ -1,9 +1,13 @@
-"""Data parallel scaling on CPU: 2 processes (gloo) against 1, at the same batch per rank.
+"""Data parallel scaling on CPU: 2 processes (gloo) against 1, at the same batch per rank,
+fxtrain beside torch's DistributedDataParallel.
 
-Each process runs ``fx.fit`` with a compiled ``make_train_step`` (gradients averaged over ranks
-inside the graph) on its shard of ``fx.data.Batches``, one torch thread per process. Rounds
-alternate 1 and 2 processes; each times ``--steps`` steps after a warm-up (compile) run.
-Scaling efficiency = samples/s with 2 processes / (2 x samples/s with 1).
+fxtrain: each process runs ``fx.fit`` with a compiled ``make_train_step`` (gradients averaged
+over ranks inside the graph) on its shard of ``fx.data.Batches``. torch DDP: the same MLP in
+``DistributedDataParallel`` (bucketed all-reduces overlapped with the backward), eager or with
+the model ``torch.compile``'d, and ``torch.optim.AdamW``, on the same shards. One torch thread
+per process. Each round runs every variant with 1 and then 2 processes, interleaved; each times
+``--steps`` steps after a warm-up (compile) of 20. Scaling efficiency = samples/s with 2
+processes / (2 x samples/s with 1).
 
 Run: python benchmarks/distributed.py [--rounds 3] [--steps 300] [--sizes tiny large] [--smoke]
 """
@@ -21,9 +25,49 @@ import torch
 import torch.multiprocessing as mp
 
 import fxtrain as fx
-from common import SIZES, arguments, cross_entropy, make_mlp
+from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_mlp
 
-def _worker(rank, world, port, size, steps, out):
+VARIANTS = ("fxtrain", "ddp_eager", "ddp_compiled")
+
+
+def _fxtrain(state_args, data, steps):
+    """Seconds for ``steps`` steps of fx.fit, after 20 to compile and warm up."""
+    step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
+    state = fx.TrainState.create(*state_args)
+    state = fx.fit(state, step, data, max_steps=20)
+    fx.distributed.barrier()
+    start = time.perf_counter()
+    fx.fit(state, step, data, max_steps=20 + steps)
+    fx.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _ddp(model, data, steps, compiled):
+    """Seconds for ``steps`` steps of a DistributedDataParallel loop, after 20 of warm-up."""
+    if fx.distributed.world_size() > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    forward = torch.compile(model) if compiled else model
+    opt = torch.optim.AdamW(model.parameters(), LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
+    batches = list(data)
+
+    def one(i):
+        x, y = batches[i % len(batches)]
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for i in range(20):
+        one(i)
+    fx.distributed.barrier()
+    start = time.perf_counter()
+    for i in range(steps):
+        one(i)
+    fx.distributed.barrier()
+    return time.perf_counter() - start
+
+
+def _worker(rank, world, port, size, steps, out, variant):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -34,14 +78,11 @@ def _worker(rank, world, port, size, steps, out):
     n = batch * world * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
-    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(1e-3))
-    state = fx.fit(state, step, data, max_steps=20)  # compile and warm up
-    fx.distributed.barrier()
-    start = time.perf_counter()
-    state = fx.fit(state, step, data, max_steps=20 + steps)
-    fx.distributed.barrier()
-    elapsed = time.perf_counter() - start
+    if variant == "fxtrain":
+        elapsed = _fxtrain((make_mlp(sizes), fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS,
+                                                       weight_decay=WD)), data, steps)
+    else:
+        elapsed = _ddp(make_mlp(sizes), data, steps, compiled=variant == "ddp_compiled")
     if rank == 0:
         with open(out, "w") as f:
             f.write(str(steps * batch * world / elapsed))
@@ -55,10 +96,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def samples_per_sec(world: int, size: str, steps: int) -> float:
+def samples_per_sec(world: int, size: str, steps: int, variant: str = "fxtrain") -> float:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rate")
-        mp.spawn(_worker, args=(world, _port(), size, steps, out), nprocs=world)
+        mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
         with open(out) as f:
             return float(f.read())
 
@@ -69,14 +110,20 @@ def main(argv=None):
           "1 thread per process, gloo")
     results = {}
     for size in args.sizes:
-        rates = {1: [], 2: []}
+        rates = {(v, w): [] for v in VARIANTS for w in (1, 2)}
         for _ in range(args.rounds):
-            for world in (1, 2):
-                rates[world].append(samples_per_sec(world, size, args.steps))
-        one, two = (statistics.median(rates[w]) for w in (1, 2))
-        results[size] = {"1": one, "2": two, "efficiency": two / (2 * one)}
-        print(f"{size} {SIZES[size]}: 1 process {one:.0f} samples/s, 2 processes {two:.0f} "
-              f"samples/s, scaling efficiency {two / (2 * one):.2f}")
+            for variant in VARIANTS:
+                for world in (1, 2):
+                    rates[variant, world].append(samples_per_sec(world, size, args.steps,
+                                                                 variant))
+        rows = {}
+        for variant in VARIANTS:
+            one, two = (statistics.median(rates[variant, w]) for w in (1, 2))
+            rows[variant] = {"1": one, "2": two, "efficiency": two / (2 * one)}
+            print(f"{size} {SIZES[size]} {variant}: 1 process {one:.0f} samples/s, 2 processes "
+                  f"{two:.0f} samples/s, scaling efficiency {two / (2 * one):.2f}")
+        # fxtrain's row at the top level (as before), torch DDP's under its names
+        results[size] = {**rows["fxtrain"], **{v: rows[v] for v in VARIANTS[1:]}}
     return results
 
 

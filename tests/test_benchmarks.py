@@ -92,9 +92,10 @@ def test_checkpoint_benchmark_smoke(run_all):
 
 @pytest.mark.slow
 def test_distributed_benchmark_smoke(run_all):
-    results = results_of(run_all[0], "distributed")
-    assert set(results["tiny"]) == {"1", "2", "efficiency"}
-    assert all(v > 0 for v in results["tiny"].values())
+    results = results_of(run_all[0], "distributed")["tiny"]
+    assert set(results) == {"1", "2", "efficiency", "ddp_eager", "ddp_compiled"}
+    for row in (results, results["ddp_eager"], results["ddp_compiled"]):
+        assert all(row[k] > 0 for k in ("1", "2", "efficiency"))
 
 
 @pytest.mark.slow
@@ -123,7 +124,8 @@ def test_run_all_writes_every_section_and_row(run_all):
         assert f"| {label} |" in text
     assert "Targets: cold compile at most 1.5x the baseline" in text
     for row in ("| tiny MLP 64-64-10 (batch 32) | 1.00x", "| (e) bare Python loop",
-                "| (g) `fx.fit`", "| 1 MB |", "| tiny MLP 64-64-10 (batch per rank 32) |"):
+                "| (g) `fx.fit`", "| 1 MB |", "| tiny MLP 64-64-10 (batch per rank 32) |",
+                "| torch DDP, compiled model |"):
         assert row in text
     for target in ("2.5x a plain eager loop", ">= 3x Lightning", "ahead of Ignite",
                    "JAX + optax against fxtrain", "(g) at most 5%", "at most 5% over (f)",
