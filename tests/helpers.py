@@ -95,3 +95,10 @@ class FakeManager:
 
     def wait(self):
         pass
+
+
+def sigint_back():
+    """For ``Popen(preexec_fn=...)``: the child gets SIGINT's default action back. A background
+    job of a non-interactive shell starts with SIGINT ignored, and Python then never raises
+    KeyboardInterrupt, so a Ctrl-C test would wait for ever wherever the suite ran that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

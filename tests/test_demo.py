@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import reaped
+from helpers import reaped, sigint_back
 from PIL import Image
 
 from fxtrain import cli
@@ -192,7 +192,8 @@ def test_early_stopped_run_resumed_stays_stopped(tmp_path, capsys):
 def run_cli(workdir, *flags, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "fxtrain", "demo", "--workdir", str(workdir),
                              "--no-progress", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, **kwargs)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=sigint_back, **kwargs)
 
 
 def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from helpers import FakeManager, extra, mlp, reaped, xent
+from helpers import FakeManager, extra, mlp, reaped, sigint_back, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
 Y = (X[:, 0] > 0).long()
@@ -252,7 +252,7 @@ def test_ctrl_c_delivers_train_end_saves_and_reraises(tmp_path):
     script.write_text(CTRL_C.format(tests=os.path.dirname(__file__), ckpt=str(tmp_path / "ckpt")))
     lines = []
     with reaped(subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE,
-                                 text=True)) as proc:
+                                 text=True, preexec_fn=sigint_back)) as proc:
         for line in proc.stdout:
             lines.append(line.strip())
             if line.startswith("step 5"):
