@@ -11,6 +11,7 @@ from . import metrics as metrics
 from . import optim as optim
 from . import precision as precision
 from . import random as random
+from . import sharding as sharding
 from . import stats as stats
 from . import struct as struct
 from . import tree as tree
@@ -28,6 +29,7 @@ from .loop import Interrupted as Interrupted
 from .loop import fit as fit
 from .predict import predict as predict
 from .preemption import Preempted as Preempted
+from .sharding import shard as shard
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
@@ -35,12 +37,12 @@ from .tree import tree_digest as tree_digest
 
 __all__ = [
     # the state, the step, the loop
-    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "predict", "Event",
+    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "predict", "shard", "Event",
     "Control", "Interrupted", "Preempted", "DonatedError",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",
     # the packages
     "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "metrics",
-    "optim", "precision", "random", "stats", "struct", "tree",
+    "optim", "precision", "random", "sharding", "stats", "struct", "tree",
 ]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .donation import check_live
+from .sharding import gathered
 from .state import refuse_direct_call
 
 __all__ = ["trained_module", "save_safetensors", "load_safetensors"]
@@ -27,7 +28,7 @@ __all__ = ["trained_module", "save_safetensors", "load_safetensors"]
 
 def _weights(state: Any) -> dict[str, torch.Tensor]:
     """Every trained parameter and buffer of ``state`` by name."""
-    return {**state.params, **(state.buffers or {})}
+    return gathered({**state.params, **(state.buffers or {})})  # a sharded state's, whole
 
 
 def trained_module(state: Any) -> nn.Module:

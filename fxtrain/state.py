@@ -23,6 +23,7 @@ from . import random, struct
 from .callbacks.core import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
+from .sharding import gathered
 from .tree import check_same_structure
 
 __all__ = ["TrainState"]
@@ -159,6 +160,7 @@ class TrainState:
             >>> state.apply(zeros, torch.ones(1, 3))
             tensor([[0., 0.]])
         """
+        params = gathered(params)  # a sharded state's parameters, whole (fxtrain.sharding)
         buffers = self.buffers
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
             buffers = {k: v.clone() for k, v in buffers.items()}

@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import distributed, donation, random
+from . import distributed, donation, random, sharding
 from .callbacks.core import (Callback, Event, callback_state, flags, fold, name_of,
                              set_callback_state)
 from .optim.wrappers import learning_rate
@@ -184,14 +184,16 @@ def _data_parallel(wanted: bool | None, buffers: str) -> bool:
 def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool):
     """Gradients, loss and aux averaged over ranks in one functional all-reduce per dtype
     (and float buffers when ``mean_buffers``): every rank then takes the same update and sees
-    the same metrics, so in-step callbacks decide alike everywhere."""
+    the same metrics, so in-step callbacks decide alike everywhere. Gradients already averaged
+    onto their shards (DTensors, see ``fxtrain.sharding``) are left as they are."""
     aux = {k: torch.as_tensor(v) for k, v in aux.items()}
     float_aux = [k for k, v in aux.items() if v.is_floating_point()]
     float_bufs = [k for k, v in buffers.items() if mean_buffers and v.is_floating_point()]
-    tensors = [*grads.values(), loss, *(aux[k] for k in float_aux),
+    whole = [k for k, g in grads.items() if not sharding.is_dtensor(g)]
+    tensors = [*(grads[k] for k in whole), loss, *(aux[k] for k in float_aux),
                *(buffers[k] for k in float_bufs)]
     means = iter(distributed.mean_in_step(tensors))
-    grads = {k: next(means) for k in grads}
+    grads = {**grads, **{k: next(means) for k in whole}}
     loss = next(means)
     aux = {**aux, **{k: next(means) for k in float_aux}}
     buffers = {**buffers, **{k: next(means) for k in float_bufs}}
@@ -301,6 +303,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
+        sharded = sharding.is_sharded(state.params)
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
@@ -318,8 +321,13 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
+        # a sharded state's parameters are gathered whole for the forward and backward, and
+        # each gradient is averaged back onto this rank's shard (fxtrain.sharding)
         grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(
-            state.params)
+            sharding.gathered(state.params))
+        if sharded:
+            grads = {k: sharding.reduce_scatter_like(g, state.params[k])
+                     for k, g in grads.items()}
         if scaler is not None:  # unscaled before anything reads them (clipping included)
             grads = {k: g / scaler.scale for k, g in grads.items()}
         if parallel:
@@ -327,8 +335,11 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                                                         buffers == "mean")
         new = state.apply_gradients(grads).replace(buffers=new_buffers or None)
         metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
+        if sharded:  # norms over shards: reduced over the ranks into plain 0-d tensors
+            metrics = {k: sharding.gather_tensor(v) for k, v in metrics.items()}
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
-            finite = torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
+            finite = torch.stack([sharding.gather_tensor(torch.isfinite(g).all())
+                                  for g in grads.values()]).all()
             new = revert_update(state, new, ~finite)
             new = set_callback_state(new, LOSS_SCALE, scaler.update(finite))
             metrics["loss_scale"] = scaler.scale

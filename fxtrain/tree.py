@@ -12,6 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .donation import check_live
+from .sharding import gathered
 
 __all__ = ["tree_map", "tree_zeros_like", "tree_select", "global_norm", "leaves_with_paths",
            "check_same_structure", "tree_digest"]
@@ -208,5 +209,6 @@ def tree_digest(tree: Any) -> str:
         False
     """
     check_live(tree, "tree_digest")
+    tree = gathered(tree)  # a sharded state's digest is its whole values' (every rank calls)
     leaves = sorted(leaves_with_paths(tree), key=lambda item: item[0])
     return digest_items(leaf_record(path, leaf) for path, leaf in leaves)

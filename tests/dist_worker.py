@@ -42,6 +42,33 @@ def train(out, compiled=False, batch=16, steps=12, buffers="mean", model="mlp"):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True):
+    """Training with the state sharded over the ranks (fx.shard): an MLP whose 17-row layer
+    splits unevenly, an optimizer with a global-norm clip, an in-step callback."""
+    net = mlp(sizes=(8, 17, 4))
+    tx = fx.optim.chain(fx.optim.clip_by_global_norm(0.5), fx.optim.adamw(1e-2))
+    state = fx.TrainState.create(net, tx, callbacks=[fx.callbacks.nan_guard()])
+    whole = fx.sharding.local_nbytes((state.params, state.opt_state))
+    if shard and fx.distributed.world_size() > 1:
+        state = fx.shard(state)
+    step = fx.make_train_step(loss_fn, precision=precision, grad_stats=True,
+                              callbacks=[fx.callbacks.nan_guard()])
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
+    losses = []
+    record = fx.callbacks.lambda_callback(
+        on_step_end=lambda s, e: losses.append(float(e.metrics["grad_norm"])))
+    state = fx.fit(state, step, fx.data.Batches((X, Y), batch, seed=1), max_steps=steps,
+                   callbacks=[record], eval_step=fx.make_eval_step(loss_fn), eval_every=5,
+                   eval_data=fx.data.Batches((X, Y), 64, shuffle=False))
+    torch.save({"params": fx.sharding.gathered(state.params), "grad_norms": losses,
+                "digest": fx.tree_digest(state.replace(data=None)),
+                "sharded": fx.sharding.is_sharded(state),
+                "local": [fx.sharding.local_nbytes(x) for x in (state.params, state.opt_state)],
+                "whole": whole, "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
+               f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def early_stop(out):
     """Each rank evaluates its own, unequal share of the eval data (70 and 30 of 100 examples);
     early stopping sees the merged loss, which weighs each rank by its examples."""
@@ -128,7 +155,7 @@ def exits(out):
     del out
 
 
-SCENARIOS = {"exits": exits, "train": train, "early_stop": early_stop, "host_stop": host_stop,
+SCENARIOS = {"exits": exits, "train": train, "sharded": sharded, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting}
 
