@@ -19,9 +19,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..donation import check_live
+from ..sharding import is_dtensor, is_sharded
 from ..tree import path_str
 
-__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "encode", "plan", "decode"]
+__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "table", "encode", "plan", "decode"]
 
 FORMAT = "fxtrain.checkpoint/1"
 
@@ -72,14 +73,15 @@ def python_leaf(v: dict[str, Any]) -> Any:
     return float.fromhex(v["value"]) if v["type"] == "float" else v["value"]
 
 
-def _entry(path: str, key: str, leaf: Any) -> tuple[dict[str, Any], np.ndarray | None]:
-    """The JSON description of one leaf, and the array to store for it (None: JSON only)."""
+def _entry(path: str, key: str, leaf: Any) -> tuple[dict[str, Any], Any]:
+    """The JSON description of one leaf, and the value to store for it: the tensor itself
+    (a DTensor stays one), a C-contiguous numpy array, or None (JSON only)."""
     if isinstance(leaf, torch.Tensor):
         entry = {"path": path, "kind": "tensor", "dtype": _dtype_name(leaf.dtype),
                  "shape": list(leaf.shape), "device": str(leaf.device)}
         if leaf.numel() == 0:
             return entry, None  # orbax refuses zero-size arrays; the shape says it all
-        return {**entry, "key": key}, _tensor_array(leaf, path)
+        return {**entry, "key": key}, leaf
     if isinstance(leaf, np.ndarray | np.generic):
         arr = np.asarray(leaf)  # numpy scalars become 0-d arrays
         arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
@@ -98,19 +100,33 @@ def callback_names(state: Any) -> list[str]:
     return sorted(getattr(state, "callbacks", None) or {})
 
 
-def encode(state: Any) -> tuple[dict[str, np.ndarray], dict]:
-    """``(arrays, meta)``: the arrays to store, keyed ``"00000"``..., and the JSON description."""
+def table(state: Any) -> tuple[dict[str, Any], dict]:
+    """``(values, meta)``: the leaves to store (tensors as they are, numpy arrays), keyed
+    ``"00000"``..., and the JSON description of every leaf."""
     check_live(state, "saving a checkpoint")
-    arrays, leaves = {}, []
+    values, leaves = {}, []
     for i, (keypath, leaf) in enumerate(pytree.tree_flatten_with_path(state)[0]):
-        entry, arr = _entry(path_str(keypath), f"{i:05d}", leaf)
+        entry, value = _entry(path_str(keypath), f"{i:05d}", leaf)
         section, callback = _section(keypath)
         entry = {**entry, "section": section, **({"callback": callback} if callback else {})}
         leaves.append(entry)
-        if arr is not None:
-            arrays[entry["key"]] = arr
+        if value is not None:
+            values[entry["key"]] = value
     meta = {"format": FORMAT, "root": type(state).__name__, "callbacks": callback_names(state),
             "leaves": leaves}
+    return values, meta
+
+
+def encode(state: Any) -> tuple[dict[str, np.ndarray], dict]:
+    """``(arrays, meta)``: ``table`` with the tensors as numpy arrays (what orbax stores)."""
+    values, meta = table(state)
+    if is_sharded(state):
+        raise ValueError("a sharded state (fx.shard) is saved by every rank into a sharded "
+                         "checkpoint, not as numpy arrays: use fx.checkpoint.save or a "
+                         "CheckpointManager on every rank")
+    paths = {e["key"]: e["path"] for e in meta["leaves"] if "key" in e}
+    arrays = {k: _tensor_array(v, paths[k]) if isinstance(v, torch.Tensor) else v
+              for k, v in values.items()}
     return arrays, meta
 
 
@@ -219,10 +235,13 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
     return Plan(spec, sources, dropped)
 
 
-def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor | None) -> torch.Tensor:
+def _tensor_from(arr: np.ndarray | torch.Tensor | None, entry: dict,
+                 like: torch.Tensor | None) -> torch.Tensor:
     dtype = _torch_dtype(entry["dtype"])
     if arr is None:
         t = torch.empty(entry["shape"], dtype=dtype)
+    elif isinstance(arr, torch.Tensor):  # read by torch.distributed.checkpoint
+        t = arr
     else:
         if not (arr.flags.c_contiguous and arr.flags.writeable):
             arr = arr.copy(order="C")  # (np.ascontiguousarray would make 0-d arrays 1-d)
@@ -233,7 +252,13 @@ def _tensor_from(arr: np.ndarray | None, entry: dict, like: torch.Tensor | None)
     if list(t.shape) != entry["shape"]:
         raise ValueError(f"{entry['path']}: the stored array has shape {tuple(t.shape)}, its "
                          f"description {tuple(entry['shape'])}; the checkpoint is damaged")
-    return t if like is None else t.to(device=like.device, dtype=like.dtype)
+    if like is None:
+        return t
+    if is_dtensor(like) and not is_dtensor(t):  # a whole tensor for a sharded template
+        from torch.distributed.tensor import distribute_tensor
+        t = t.to(dtype=like.dtype)  # every rank holds it: each keeps its shard, no traffic
+        return distribute_tensor(t, like.device_mesh, like.placements, src_data_rank=None)
+    return t.to(device=like.device, dtype=like.dtype)
 
 
 def leaf_value(arr: np.ndarray | None, entry: dict, like: Any = None) -> Any:
@@ -246,8 +271,9 @@ def leaf_value(arr: np.ndarray | None, entry: dict, like: Any = None) -> Any:
     return python_leaf(entry)
 
 
-def decode(p: Plan, load: Callable[[list[str]], dict[str, np.ndarray]]) -> Any:
-    """The new state: ``load(keys)`` reads the needed arrays; the template fills the rest."""
+def decode(p: Plan, load: Callable[[list[str]], dict[str, Any]]) -> Any:
+    """The new state: ``load(keys)`` reads the needed arrays (or tensors); the template fills
+    the rest."""
     arrays = load(p.keys) if p.keys else {}
     leaves = [leaf if e is None else leaf_value(arrays.get(e.get("key")), e, leaf)
               for _, leaf, e in p.sources]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 
 from ..logging.numbers import is_number, read_floats
-from .. import distributed
-from . import bridge, store
+from .. import distributed, sharding
+from . import bridge, shards, store
 
 __all__ = ["CheckpointManager", "save", "restore"]
 
@@ -178,18 +179,24 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
+        if sharding.is_sharded(state):
+            return self._save_sharded(state, metrics, force)
         return distributed.rank_zero_then_broadcast(
             lambda: self._save(state, metrics, force), f"save the checkpoint in {self.directory}")
 
-    def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
+    def _step_to_save(self, state: Any, force: bool) -> int | None:
+        """The step ``state`` would be saved as, or None when ``save`` skips it."""
         if not isinstance(getattr(state, "step", None), torch.Tensor | int):
             raise TypeError(f"CheckpointManager.save numbers checkpoints by state.step; a "
                             f"{type(state).__name__} has none (use fx.checkpoint.save(path, "
                             "tree) for other trees)")
         step = int(state.step)
         if self.save_interval_steps and step % self.save_interval_steps and not force:
-            return False
-        self._wait_here()  # one save in flight at a time; raises if the previous one failed
+            return None
+        return step
+
+    def _admit(self, step: int) -> bool:
+        """Whether ``step`` is new here; refuses one older than the latest checkpoint."""
         steps = self.all_steps()
         if step in steps:
             return False
@@ -197,10 +204,48 @@ class CheckpointManager:
             raise ValueError(f"cannot save step {step} in {self.directory}: it already holds a "
                              f"later checkpoint (step {steps[-1]}), so this state is from "
                              "another run; resume from it, or use a new directory")
+        self._writable()
+        return True
+
+    def _save_sharded(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
+        """Every rank writes its shards (``fxtrain.checkpoint.shards``), synchronously."""
+        step = self._step_to_save(state, force)
+        if step is None:
+            return False
+        self.wait()
+        if not distributed.rank_zero_then_broadcast(
+                lambda: self._admit(step), f"save the checkpoint in {self.directory}"):
+            return False
+        floats = _floats(metrics)
+        values, meta = bridge.table(state)
+        meta = store.meta_for(state, meta, floats, self.metadata)
+        shards.write(self.directory / str(step), values, meta, finish=self._retain)
+        return True
+
+    def _retain(self) -> None:
+        """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
+        ``keep_best`` (what orbax's policies do for the checkpoints it writes)."""
+        steps = self.all_steps()
+        keep = set(steps[-self.keep_latest:])
+        if self.keep_best:
+            ranked = sorted((m[self.best_metric], s) for s in steps if math.isfinite(
+                (m := self.metrics(s)).get(self.best_metric, math.nan)))
+            best = ranked if self.best_mode == "min" else ranked[::-1]
+            keep |= {s for _, s in best[:self.keep_best]}
+        for s in steps:
+            if s not in keep:
+                shutil.rmtree(self.directory / str(s))
+
+    def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
+        step = self._step_to_save(state, force)
+        if step is None:
+            return False
+        self._wait_here()  # one save in flight at a time; raises if the previous one failed
+        if not self._admit(step):
+            return False
         floats = _floats(metrics)
         arrays, meta = bridge.encode(state)
         meta = store.meta_for(state, meta, floats, self.metadata)
-        self._writable()
         if not self.async_save:
             self._write(step, arrays, meta, self._ranking(floats))
             return True
@@ -339,11 +384,21 @@ def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
         >>> tmp.cleanup()
     """
     path = Path(path).expanduser().absolute()
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; fx.checkpoint.save never overwrites "
-                              "(choose a new path, or use a CheckpointManager)")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot save at {path}: {path.parent} does not exist")
+
+    def check() -> None:
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; fx.checkpoint.save never overwrites "
+                                  "(choose a new path, or use a CheckpointManager)")
+        if not path.parent.is_dir():
+            raise FileNotFoundError(f"cannot save at {path}: {path.parent} does not exist")
+
+    if sharding.is_sharded(state):  # every rank writes its shards
+        distributed.rank_zero_then_broadcast(check, f"save at {path}")
+        values, meta = bridge.table(state)
+        shards.write(path, values, store.meta_for(state, meta, _floats(metrics),
+                                                  dict(metadata or {})))
+        return path
+    check()
     arrays, meta = bridge.encode(state)
     store.write(path, arrays, store.meta_for(state, meta, _floats(metrics), dict(metadata or {})))
     return path

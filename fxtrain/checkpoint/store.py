@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import bridge
+from . import bridge, shards
 
 __all__ = ["STATE", "META", "orbax", "handlers", "is_checkpoint", "read_meta", "read_arrays",
            "write", "fsync_tree", "describe_directory"]
@@ -50,8 +50,9 @@ def _checkpointer():
 
 
 def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a finished fxtrain checkpoint (orbax renames it into place last)."""
-    return (path / META).is_dir()
+    """Whether ``path`` is a finished fxtrain checkpoint: orbax's or a sharded one (both are
+    renamed into place last)."""
+    return (path / META).is_dir() or shards.is_sharded_checkpoint(path)
 
 
 def steps(directory: Path) -> list[int]:
@@ -78,13 +79,19 @@ def read_meta(path: Path) -> dict:
     if not is_checkpoint(path):
         raise ValueError(f"{path} is not an fxtrain checkpoint (it holds: "
                          f"{describe_directory(path)})")
+    if shards.is_sharded_checkpoint(path):
+        return shards.read_meta(path)
     ocp = orbax()
     meta = _checkpointer().restore(path, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
     return meta[META]
 
 
 def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.ndarray]:
-    """The arrays ``keys`` of the checkpoint at ``path`` (``saved``: all the keys it holds)."""
+    """The arrays ``keys`` of the checkpoint at ``path`` (``saved``: all the keys it holds);
+    a sharded checkpoint's tensors come whole, as tensors."""
+    if shards.is_sharded_checkpoint(path):
+        entries = {e["key"]: e for e in shards.read_meta(path)["leaves"] if e.get("key") in keys}
+        return shards.read(path, entries)
     ocp = orbax()
     as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
     partial = set(keys) != set(saved)
@@ -142,5 +149,10 @@ def restore_from(path: Path, like: Any, *, only=None, cast: bool = False) -> tup
     """Reads the checkpoint at ``path`` into a state shaped like ``like``."""
     meta = read_meta(path)
     p = bridge.plan(meta, like, only=only, cast=cast)
-    state = bridge.decode(p, lambda keys: read_arrays(path, keys, saved_keys(meta)))
-    return state, p
+    if shards.is_sharded_checkpoint(path):  # each template DTensor reads its own shards
+        wanted = {e["key"]: (e, leaf) for _, leaf, e in p.sources if e is not None and "key" in e}
+        load = lambda keys: shards.read(  # noqa: E731
+            path, {k: wanted[k][0] for k in keys}, {k: wanted[k][1] for k in keys})
+    else:
+        load = lambda keys: read_arrays(path, keys, saved_keys(meta))  # noqa: E731
+    return bridge.decode(p, load), p

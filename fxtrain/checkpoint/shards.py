@@ -1,0 +1,139 @@
+"""Sharded checkpoints of a sharded state (``fx.shard``), on ``torch.distributed.checkpoint``.
+
+Every rank writes its own shards, in parallel, and nothing is gathered: a checkpoint directory
+holds ``shards/`` (torch.distributed.checkpoint's files: one ``__<rank>_0.distcp`` per rank and
+a ``.metadata``; a tensor whole on every rank is written once, by one of them) and
+``fxtrain.json``, the same leaf table as an orbax checkpoint (``fxtrain.checkpoint.bridge``)
+with the step, metrics and metadata. It is written under ``<name>.fxtrain-tmp`` and renamed into
+place by rank 0 once every rank's shards and the table are on disk, so a job killed mid-save
+leaves nothing that looks finished.
+
+Reading needs no process group and restores onto any number of ranks: the template's DTensors
+take their own shards (resharded from however many ranks wrote them), its plain tensors the
+whole values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import distributed
+
+__all__ = ["SHARDS", "TABLE", "TMP", "STORAGE", "is_sharded_checkpoint", "read_meta", "write",
+           "read"]
+
+SHARDS, TABLE, TMP = "shards", "fxtrain.json", ".fxtrain-tmp"
+STORAGE = "torch.distributed.checkpoint"
+
+
+def is_sharded_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a finished sharded checkpoint (its table is written last)."""
+    return (path / TABLE).is_file()
+
+
+def read_meta(path: Path) -> dict:
+    """The JSON table of the sharded checkpoint at ``path``."""
+    with open(path / TABLE) as f:
+        return json.load(f)
+
+
+def _alone() -> bool:
+    """Whether there is no process group: torch.distributed.checkpoint then reads and writes
+    as one process (it warns that it assumes so; here that is the intent)."""
+    if distributed.initialized():
+        return False
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    return True
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _stored(value: Any) -> torch.Tensor:
+    """What torch.distributed.checkpoint stores for a leaf: a tensor (numpy arrays as tensors)."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value.detach()
+
+
+def write(path: Path, values: dict[str, Any], meta: dict,
+          finish: Callable[[], None] | None = None) -> None:
+    """Writes the sharded checkpoint ``path`` from every rank (a collective).
+
+    ``values``: this rank's leaves by key (``bridge.table``); ``meta``: the JSON table, written
+    by rank 0. ``finish`` runs on rank 0 after the rename (retention). An error on any rank
+    raises on every rank, naming the checkpoint, and leaves the older checkpoints intact.
+    """
+    import torch.distributed.checkpoint as dcp
+    tmp = path.with_name(path.name + TMP)
+
+    def start() -> None:
+        if tmp.exists():  # left by a job killed while writing this checkpoint
+            shutil.rmtree(tmp)
+        (tmp / SHARDS).mkdir(parents=True)
+
+    distributed.rank_zero_then_broadcast(start, f"create {tmp}")
+    state_dict = {k: _stored(v) for k, v in values.items()}
+    writer = dcp.FileSystemWriter(tmp / SHARDS, sync_files=True)
+    try:
+        dcp.save(state_dict, storage_writer=writer, no_dist=_alone())
+    except Exception as e:
+        raise OSError(f"writing the sharded checkpoint {path} failed (the older checkpoints are "
+                      f"intact): {e}") from e
+
+    def done() -> None:
+        with open(tmp / TABLE, "w") as f:
+            json.dump({**meta, "storage": STORAGE, "world_size": distributed.world_size()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync(tmp / SHARDS)
+        _fsync(tmp)
+        os.rename(tmp, path)
+        _fsync(path.parent)
+        if finish is not None:
+            finish()
+
+    distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+
+
+def _target(entry: dict, like: Any) -> torch.Tensor:
+    """An empty tensor for torch.distributed.checkpoint to read ``entry`` into: a DTensor laid
+    out as ``like`` (this rank's shard only) or a whole CPU tensor, in the saved dtype."""
+    from ..sharding import is_dtensor
+    from .bridge import _torch_dtype
+    dtype = torch.from_numpy(np.empty(0, entry["dtype"])).dtype if entry["kind"] == "ndarray" \
+        else _torch_dtype(entry["dtype"])
+    if is_dtensor(like):
+        return torch.empty_like(like, dtype=dtype)
+    return torch.empty(entry["shape"], dtype=dtype)
+
+
+def read(path: Path, entries: dict[str, dict], likes: dict[str, Any] | None = None
+         ) -> dict[str, Any]:
+    """The leaves ``entries`` (key -> table entry) of the sharded checkpoint at ``path``.
+
+    ``likes`` maps keys to template leaves: a DTensor there is read as its own shards. Without a
+    process group every value is read whole; with one, every rank must call it.
+    """
+    import torch.distributed.checkpoint as dcp
+    likes = likes or {}
+    targets = {k: _target(e, likes.get(k)) for k, e in entries.items()}
+    try:
+        dcp.load(targets, checkpoint_id=path / SHARDS, no_dist=_alone())
+    except Exception as e:
+        raise ValueError(f"cannot read the sharded checkpoint {path}: {e}") from e
+    return {k: t.numpy() if entries[k]["kind"] == "ndarray" else t for k, t in targets.items()}
