@@ -69,6 +69,34 @@ def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True)
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def sharded_saves(out, ckpt, restore_only="no"):
+    """A sharded run saving every 4 steps (keep 2) and a one-off save at the end, or (with
+    ``restore_only="yes"``) the restore of what it saved onto a sharded template."""
+    make = lambda: fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2))  # noqa
+    data = fx.data.Batches((X, Y), 16, seed=1)
+    rank = fx.distributed.rank()
+    if restore_only == "yes":
+        like = fx.shard(make().replace(data=data.init()))
+        latest = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)
+        final = fx.checkpoint.restore(f"{out}/final", like=like)
+        torch.save({"latest": fx.tree_digest(latest), "final": fx.tree_digest(final),
+                    "local": tuple(latest.params["0.weight"].to_local().shape)},
+                   f"{out}/restored{rank}.pt")
+        return
+    with fx.checkpoint.CheckpointManager(ckpt, keep_latest=2) as manager:
+        state = fx.fit(fx.shard(make()), fx.make_train_step(loss_fn), data, max_steps=12,
+                       checkpoint=manager, callbacks=[fx.callbacks.checkpoint_policy(every=4)])
+        steps = manager.all_steps()
+    fx.checkpoint.save(f"{out}/final", state)
+    try:
+        fx.checkpoint.save(f"{out}/final", state)
+        again = "saved twice"
+    except Exception as e:  # every rank hears of it, rank 0 with the original error
+        again = f"{type(e).__name__}: {e}"
+    torch.save({"digest": fx.tree_digest(state), "steps": steps, "again": again},
+               f"{out}/rank{rank}.pt")
+
+
 def early_stop(out):
     """Each rank evaluates its own, unequal share of the eval data (70 and 30 of 100 examples);
     early stopping sees the merged loss, which weighs each rank by its examples."""
@@ -115,9 +143,12 @@ def timed_saves(out, ckpt):
     torch.save({"saved": saved}, f"{out}/rank{rank}.pt")
 
 
-def resumable(out, ckpt, steps=30, sleep=0.0):
-    """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``."""
-    state = fx.TrainState.create(mlp(sizes=(8, 16, 4), dropout=0.2), fx.optim.adamw(1e-2))
+def resumable(out, ckpt, steps=30, sleep=0.0, shard="no"):
+    """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``. With
+    ``shard="yes"`` the state is sharded (fx.shard), so are its checkpoints."""
+    state = fx.TrainState.create(mlp(sizes=(8, 17, 4), dropout=0.2), fx.optim.adamw(1e-2))
+    if shard == "yes":
+        state = fx.shard(state)
     writer = fx.logging.JsonlWriter(f"{out}/log.jsonl")
     slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
@@ -155,7 +186,8 @@ def exits(out):
     del out
 
 
-SCENARIOS = {"exits": exits, "train": train, "sharded": sharded, "early_stop": early_stop, "host_stop": host_stop,
+SCENARIOS = {"exits": exits, "train": train, "sharded": sharded,
+             "sharded_saves": sharded_saves, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting}
 

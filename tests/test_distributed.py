@@ -192,10 +192,16 @@ def rank_of(torchrun_job, rank):
 
 
 @pytest.mark.slow
-def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("shard", ["no", "yes"], ids=["replicated", "sharded"])
+def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(
+        tmp_path, shard):
     """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
-    either, torchrun resumes to the uninterrupted run's digest."""
-    with reaped(torchrun("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))) as whole:
+    either, torchrun resumes to the uninterrupted run's digest. Sharded: the state is fx.shard's
+    and each rank writes its own shards of every checkpoint."""
+    def job(*args):
+        return torchrun(*args, f"shard={shard}")
+
+    with reaped(job("resumable", str(tmp_path / "a"), str(tmp_path / "a" / "ckpt"))) as whole:
         out, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, out[-3000:]
     digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in (0, 1)}
@@ -205,7 +211,7 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     assert fx.checkpoint.CheckpointManager(tmp_path / "a" / "ckpt").all_steps() == [20, 25, 30]
 
     ckpt = tmp_path / "b" / "ckpt"
-    with reaped(torchrun("resumable", str(tmp_path / "b"), str(ckpt), "sleep=0.05")) as run:
+    with reaped(job("resumable", str(tmp_path / "b"), str(ckpt), "sleep=0.05")) as run:
         deadline = time.monotonic() + 200
         while not (ckpt / "10").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -214,7 +220,7 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         run.communicate(timeout=120)
     assert run.returncode != 0 and time.monotonic() - killed < 30
     assert 10 <= fx.checkpoint.CheckpointManager(ckpt).latest_step() < 30
-    with reaped(torchrun("resumable", str(tmp_path / "b"), str(ckpt))) as resumed:
+    with reaped(job("resumable", str(tmp_path / "b"), str(ckpt))) as resumed:
         out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert "resuming from the checkpoint of step" in out
@@ -222,7 +228,7 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
 
     # SIGTERM to rank 1 alone: the ranks agree at the next flag read, both save and exit 143
     ckpt = tmp_path / "c" / "ckpt"
-    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt), "sleep=0.05")) as run:
+    with reaped(job("resumable", str(tmp_path / "c"), str(ckpt), "sleep=0.05")) as run:
         deadline = time.monotonic() + 200
         while not (ckpt / "10").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -232,11 +238,13 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     assert not (tmp_path / "c" / "digest0.txt").exists()  # neither rank finished the run
     stopped = fx.checkpoint.CheckpointManager(ckpt).latest_step()
     assert 10 <= stopped < 30
-    with reaped(torchrun("resumable", str(tmp_path / "c"), str(ckpt))) as resumed:
+    with reaped(job("resumable", str(tmp_path / "c"), str(ckpt))) as resumed:
         out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming from the checkpoint of step {stopped}" in out
     assert {(tmp_path / "c" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+
+
 
 
 @pytest.mark.slow

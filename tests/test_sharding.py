@@ -4,13 +4,16 @@
 import pytest
 import torch
 
-import fxtrain as fx
 import dist_worker
+import fxtrain as fx
+import fxtrain.checkpoint.store
+import fxtrain.cli
+from helpers import mlp
 from test_distributed import results, spawn
 
-pytestmark = pytest.mark.slow
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, compiled):
     spawn("sharded", str(tmp_path), compiled=compiled, batch=16)
@@ -28,6 +31,7 @@ def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, com
     torch.testing.assert_close(r0["grad_norms"], single["grad_norms"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(tmp_path):
     spawn("sharded", str(tmp_path), steps=2)
     for r in results(tmp_path):
@@ -35,6 +39,7 @@ def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(tmp_path)
         assert 0.45 * r["whole"] <= held <= 0.6 * r["whole"], (held, r["whole"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path, precision):
     (tmp_path / "sharded").mkdir()
@@ -46,3 +51,49 @@ def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path, 
     assert sharded["sharded"] and not replicated["sharded"]
     for k, p in replicated["params"].items():
         torch.testing.assert_close(sharded["params"][k], p, rtol=1e-4, atol=1e-5)
+
+
+def stored_chunks(path, leaf):
+    """The shapes of the pieces torch.distributed.checkpoint stored for ``leaf``."""
+    import torch.distributed.checkpoint as dcp
+    key = next(e["key"] for e in fxtrain.checkpoint.store.read_meta(path)["leaves"]
+               if e["path"] == leaf)
+    chunks = dcp.FileSystemReader(path / "shards").read_metadata().state_dict_metadata[key].chunks
+    return [tuple(c.sizes) for c in chunks]
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    spawn("sharded_saves", str(tmp_path), str(ckpt))
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"] and r0["steps"] == [8, 12]  # retention: the latest 2
+    assert "FileExistsError" in r0["again"] and "already exists" in r1["again"]
+    for path in (ckpt / "12", tmp_path / "final"):  # each rank wrote its own shards
+        assert all((path / "shards" / f"__{r}_0.distcp").stat().st_size for r in (0, 1))
+        assert stored_chunks(path, ".params['0.weight']") == [(9, 8), (8, 8)]
+
+    make = lambda: fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2))  # noqa
+    like = make().replace(data=fx.data.Batches(dist_worker.X, 16, seed=1).init())
+    alone = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)  # one process, no group
+    assert not fx.sharding.is_sharded(alone) and fx.tree_digest(alone) == r0["digest"]
+    assert fx.tree_digest(fx.checkpoint.restore(tmp_path / "final", like=like)) == r0["digest"]
+    assert fx.cli.main(["inspect", str(ckpt), "--digest"]) == 0
+    assert f"digest (step 12): {r0['digest']}" in capsys.readouterr().out
+
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")
+    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]
+    assert {r["latest"] for r in restored} == {r["final"] for r in restored} == {r0["digest"]}
+    assert [r["local"] for r in restored] == [(9, 8), (8, 8)]  # 17 rows, resharded on load
+
+    wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
+    with pytest.raises(fx.checkpoint.CheckpointMismatchError) as error:
+        fx.checkpoint.restore(ckpt, like=wider.replace(data=like.data))
+    assert "shape of .params['0.weight']: checkpoint (17, 8), template (18, 8)" in str(error.value)
+    assert "missing from the checkpoint: .params['4.weight']" in str(error.value)
+
+
+def test_shard_without_a_process_group_says_how_to_start_one():
+    state = fx.TrainState.create(mlp(), fx.optim.adamw(1e-2))
+    with pytest.raises(RuntimeError, match="torchrun and call fx.distributed.init"):
+        fx.shard(state)
