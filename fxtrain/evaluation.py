@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from . import distributed
 from .feed import to_device
 from .metrics import Average, Metric
+from .sharding import with_whole_params
 from .tree import tree_map
 
 __all__ = ["evaluate", "batch_size_of"]
@@ -105,6 +106,7 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
     """
     acc: dict[str, Any] = {}
     collection = None
+    state = with_whole_params(state)  # a sharded state's, gathered once for all batches
     for batch in data:
         size = batch_size_of(batch)
         if size == 0:  # a rank's empty share of a short last batch

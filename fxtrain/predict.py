@@ -20,6 +20,7 @@ import torch.utils._pytree as pytree
 from . import distributed, donation, random
 from .callbacks.core import Event, fold
 from .evaluation import batch_size_of
+from .sharding import with_whole_params
 from .feed import to_device
 from .state import set_training
 from .tree import tree_map
@@ -96,6 +97,7 @@ def predict(predict_fn: Callable[[Any, Any], Any], state: Any, data: Iterable, *
         tensor or a pytree (dict, tuple, list) of tensors, one row per example
     """
     donation.check_live(state, "predict")
+    state = with_whole_params(state)  # a sharded state's, gathered once for all batches
     device = state.step.device
     key = random.fold_in(random.step_key(state.rng, state.step), _PREDICT_STREAM)
     outputs: list = []  # one entry per batch: its outputs, or None for an empty share

@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from . import distributed
 
 __all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "gather_tensor",
-           "reduce_scatter_like", "local_nbytes"]
+           "with_whole_params", "reduce_scatter_like", "local_nbytes"]
 
 
 def is_dtensor(x: Any) -> bool:
@@ -111,6 +111,13 @@ def gathered(tree: Any) -> Any:
     if not is_sharded(tree):
         return tree
     return pytree.tree_map(gather_tensor, tree)
+
+
+def with_whole_params(state: Any) -> Any:
+    """``state`` with its parameters gathered whole once, for a loop over batches whose count
+    may differ between ranks (evaluation, prediction): a gather per batch would then be a
+    collective that some ranks never reach."""
+    return state.replace(params=gathered(state.params)) if is_sharded(state.params) else state
 
 
 def reduce_scatter_like(grad: torch.Tensor, param: Any) -> Any:

@@ -61,7 +61,12 @@ def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True)
     state = fx.fit(state, step, fx.data.Batches((X, Y), batch, seed=1), max_steps=steps,
                    callbacks=[record], eval_step=fx.make_eval_step(loss_fn), eval_every=5,
                    eval_data=fx.data.Batches((X, Y), 64, shuffle=False))
+    module = fx.trained_module(state)  # whole weights, a plain module
+    predicted = fx.predict(lambda s, b: s.apply(s.params, b[0]), state,
+                           fx.data.Batches((X[:40], Y[:40]), 8, shuffle=False, drop_last=False))
     torch.save({"params": fx.sharding.gathered(state.params), "grad_norms": losses,
+                "module": {k: v.detach() for k, v in module.state_dict().items()},
+                "predicted": predicted,
                 "digest": fx.tree_digest(state.replace(data=None)),
                 "sharded": fx.sharding.is_sharded(state),
                 "local": [fx.sharding.local_nbytes(x) for x in (state.params, state.opt_state)],

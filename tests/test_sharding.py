@@ -27,6 +27,8 @@ def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, com
     assert not single["sharded"]
     for k, p in single["params"].items():
         torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r0["module"][k], r0["params"][k])  # fx.trained_module: whole
+    torch.testing.assert_close(r0["predicted"], single["predicted"], rtol=1e-4, atol=1e-5)
     # grad_norm (a norm over the shards, reduced over the ranks) is the whole gradient's
     torch.testing.assert_close(r0["grad_norms"], single["grad_norms"], rtol=1e-5, atol=1e-6)
 
