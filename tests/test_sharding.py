@@ -12,13 +12,14 @@ from helpers import mlp
 from test_distributed import results, spawn
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, compiled):
     spawn("sharded", str(tmp_path), compiled=compiled, batch=16)
     r0, r1 = results(tmp_path)
     assert r0["sharded"] and r0["digest"] == r1["digest"]  # the ranks agree bit for bit
+    for r in (r0, r1):  # each rank holds about half the parameters and optimizer state
+        assert 0.45 * r["whole"] <= sum(r["local"]) <= 0.6 * r["whole"], (r["local"], r["whole"])
     if compiled:
         assert r0["graphs"] == 1  # gather, reduce-scatter and optimizer in the one graph
     (tmp_path / "single").mkdir()
@@ -34,21 +35,12 @@ def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, com
 
 
 @pytest.mark.slow
-def test_each_rank_holds_about_half_the_parameters_and_optimizer_state(tmp_path):
-    spawn("sharded", str(tmp_path), steps=2)
-    for r in results(tmp_path):
-        held = sum(r["local"])
-        assert 0.45 * r["whole"] <= held <= 0.6 * r["whole"], (held, r["whole"])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
-def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path, precision):
+def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path):
+    precision = "16-mixed"  # autocast, and loss scaling whose finite check spans the shards
     (tmp_path / "sharded").mkdir()
     (tmp_path / "replicated").mkdir()
     spawn("sharded", str(tmp_path / "sharded"), precision=precision)
-    spawn("sharded", str(tmp_path / "replicated"), precision=precision,
-          shard=False)
+    spawn("sharded", str(tmp_path / "replicated"), precision=precision, shard=False)
     sharded, replicated = results(tmp_path / "sharded")[0], results(tmp_path / "replicated")[0]
     assert sharded["sharded"] and not replicated["sharded"]
     for k, p in replicated["params"].items():
