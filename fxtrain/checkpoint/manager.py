@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -101,6 +101,7 @@ class CheckpointManager:
         self._orbax = None
         self._writer: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None
+        self._pending_shards: Callable[[], None] | None = None  # a sharded save in flight
 
     # -- orbax -----------------------------------------------------------------------------
 
@@ -167,7 +168,9 @@ class CheckpointManager:
         """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
 
         Under torch.distributed every rank calls it: rank 0 writes (the state is the same on
-        every rank) and all ranks return its answer, or raise its error.
+        every rank) and all ranks return its answer, or raise its error. A sharded state
+        (``fx.shard``) is written by every rank, each its own shards, with
+        torch.distributed.checkpoint (see ``fxtrain.checkpoint.shards``).
 
         With ``async_save`` the write happens on a background thread: ``save`` returns once the
         state's arrays are copied to host memory (a snapshot, released when the write is done),
@@ -208,7 +211,8 @@ class CheckpointManager:
         return True
 
     def _save_sharded(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
-        """Every rank writes its shards (``fxtrain.checkpoint.shards``), synchronously."""
+        """Every rank writes its shards (``fxtrain.checkpoint.shards``); with ``async_save``
+        in the background, completed by the next ``save``, ``wait`` or ``restore``."""
         step = self._step_to_save(state, force)
         if step is None:
             return False
@@ -219,7 +223,8 @@ class CheckpointManager:
         floats = _floats(metrics)
         values, meta = bridge.table(state)
         meta = store.meta_for(state, meta, floats, self.metadata)
-        shards.write(self.directory / str(step), values, meta, finish=self._retain)
+        self._pending_shards = shards.write(self.directory / str(step), values, meta,
+                                            finish=self._retain, background=self.async_save)
         return True
 
     def _retain(self) -> None:
@@ -263,6 +268,9 @@ class CheckpointManager:
         Under torch.distributed every rank calls it, and all return once rank 0's save is on
         disk (or raise its error).
         """
+        if self._pending_shards is not None:  # every rank has it: sharded saves are collective
+            complete, self._pending_shards = self._pending_shards, None
+            complete()
         distributed.rank_zero_then_broadcast(
             self._wait_here, f"finish the checkpoint in {self.directory}")
 

@@ -15,6 +15,7 @@ whole values.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -70,13 +71,25 @@ def _stored(value: Any) -> torch.Tensor:
     return value.detach()
 
 
+@functools.cache
+def _background_group():
+    """A gloo group of its own for the collectives of saves written in the background, so they
+    never interleave with the training's on the default group (made once, by every rank)."""
+    return torch.distributed.new_group(backend="gloo")
+
+
 def write(path: Path, values: dict[str, Any], meta: dict,
-          finish: Callable[[], None] | None = None) -> None:
+          finish: Callable[[], None] | None = None,
+          background: bool = False) -> Callable[[], None] | None:
     """Writes the sharded checkpoint ``path`` from every rank (a collective).
 
     ``values``: this rank's leaves by key (``bridge.table``); ``meta``: the JSON table, written
     by rank 0. ``finish`` runs on rank 0 after the rename (retention). An error on any rank
     raises on every rank, naming the checkpoint, and leaves the older checkpoints intact.
+
+    ``background``: returns once this rank's shards are copied (the state may change in place
+    right after), with the write going on in a thread; the returned ``complete()``, called by
+    every rank, waits for it and puts the checkpoint in place.
     """
     import torch.distributed.checkpoint as dcp
     tmp = path.with_name(path.name + TMP)
@@ -86,14 +99,9 @@ def write(path: Path, values: dict[str, Any], meta: dict,
             shutil.rmtree(tmp)
         (tmp / SHARDS).mkdir(parents=True)
 
-    distributed.rank_zero_then_broadcast(start, f"create {tmp}")
-    state_dict = {k: _stored(v) for k, v in values.items()}
-    writer = dcp.FileSystemWriter(tmp / SHARDS, sync_files=True)
-    try:
-        dcp.save(state_dict, storage_writer=writer, no_dist=_alone())
-    except Exception as e:
-        raise OSError(f"writing the sharded checkpoint {path} failed (the older checkpoints are "
-                      f"intact): {e}") from e
+    def failed(e: Exception) -> OSError:
+        return OSError(f"writing the sharded checkpoint {path} failed (the older checkpoints "
+                       f"are intact): {e}")
 
     def done() -> None:
         with open(tmp / TABLE, "w") as f:
@@ -107,7 +115,28 @@ def write(path: Path, values: dict[str, Any], meta: dict,
         if finish is not None:
             finish()
 
-    distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+    distributed.rank_zero_then_broadcast(start, f"create {tmp}")
+    writer = dcp.FileSystemWriter(tmp / SHARDS, sync_files=True)
+    if not background or _alone():
+        try:
+            dcp.save({k: _stored(v) for k, v in values.items()}, storage_writer=writer,
+                     no_dist=_alone())
+        except Exception as e:
+            raise failed(e) from e
+        distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+        return None
+    snapshot = {k: _stored(v).clone() for k, v in values.items()}  # a donating step's next
+    future = dcp.async_save(snapshot, storage_writer=writer,  # write can't reach these
+                            process_group=_background_group())
+
+    def complete() -> None:
+        try:
+            future.result()
+        except Exception as e:
+            raise failed(e) from e
+        distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+
+    return complete
 
 
 def _target(entry: dict, like: Any) -> torch.Tensor:
