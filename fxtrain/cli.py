@@ -102,6 +102,9 @@ def _inspect(directory: str, step: int | None, digest: bool) -> int:
         console.print(tree)
         if chosen["meta"].get("metadata"):
             console.print(f"metadata: {chosen['meta']['metadata']}")
+        if chosen["meta"].get("world_size"):  # a sharded checkpoint (fxtrain.checkpoint.shards)
+            console.print(f"sharded: written by {chosen['meta']['world_size']} ranks with "
+                          f"{chosen['meta']['storage']}")
     if digest:
         print(f"digest (step {chosen['step']}): {ins.digest(chosen['path'])}")  # unwrapped
     return 0
