@@ -535,8 +535,8 @@ def data_parallel(record: dict) -> list[str]:
         "gradient, which gloo runs as an all-reduce): for the tiny MLP's 4 parameter tensors, "
         "11 gloo collectives a step against DP's 1 (counted with torch.profiler during "
         "development: 4 all-gathers, 4 reduce-scatters, 3 all-reduces), so at this latency "
-        "it pays several times DP's communication for its memory saving. On GPUs with NCCL the same code path applies "
-        "(not measured here: no GPU was used).", ""]
+        "it pays several times DP's communication for its memory saving. On GPUs with NCCL the "
+        "same code path applies (not measured here: no GPU was used).", ""]
 
 
 def shard_memory(res: dict) -> list[str]:
