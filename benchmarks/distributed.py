@@ -1,19 +1,28 @@
 """Data parallel scaling on CPU: 2 processes (gloo) against 1, at the same batch per rank,
-fxtrain beside torch's DistributedDataParallel.
+fxtrain (replicated and sharded) beside torch's DistributedDataParallel.
 
 fxtrain: each process runs ``fx.fit`` with a compiled ``make_train_step`` (gradients averaged
-over ranks inside the graph) on its shard of ``fx.data.Batches``. torch DDP: the same MLP in
-``DistributedDataParallel`` (bucketed all-reduces overlapped with the backward), eager or with
-the model ``torch.compile``'d, and ``torch.optim.AdamW``, on the same shards. One torch thread
-per process. Each round runs every variant with 1 and then 2 processes, interleaved; each times
-``--steps`` steps after a warm-up (compile) of 20. Scaling efficiency = samples/s with 2
-processes / (2 x samples/s with 1).
+over ranks inside the graph) on its shard of ``fx.data.Batches``. fxtrain sharded: the same, with
+``fx.shard`` applied to the state after ``TrainState.create`` (parameters and AdamW moments split
+over the ranks; the step gathers the parameters and reduce-scatters the gradients). torch DDP:
+the same MLP in ``DistributedDataParallel`` (bucketed all-reduces overlapped with the backward),
+eager or with the model ``torch.compile``'d, and ``torch.optim.AdamW``, on the same shards. One
+torch thread per process. Each round runs every variant with 1 and then 2 processes,
+interleaved; each times ``--steps`` steps after a warm-up (compile) of 20. Scaling efficiency =
+samples/s with 2 processes / (2 x samples/s with 1).
+
+A single process starts no process group, so there is nothing to shard over: the sharded
+variant runs with 2 processes only, and its efficiency divides by the unsharded fxtrain's
+1-process samples/s (the same step on the whole state). Memory: the bytes of parameters and
+optimizer state one rank holds (``fx.sharding.local_nbytes``, the largest over the ranks) in
+the sharded 2-process run, over those of the 1-process fxtrain state.
 
 Run: python benchmarks/distributed.py [--rounds 3] [--steps 300] [--sizes tiny large] [--smoke]
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import statistics
@@ -27,19 +36,29 @@ import torch.multiprocessing as mp
 import fxtrain as fx
 from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_mlp
 
-VARIANTS = ("fxtrain", "ddp_eager", "ddp_compiled")
+VARIANTS = ("fxtrain", "fxtrain_sharded", "ddp_eager", "ddp_compiled")
+WORLDS = {"fxtrain_sharded": (2,)}  # variant -> its process counts, if not (1, 2)
+SHARD_TARGET = 0.6  # per-rank state bytes on 2 ranks / on 1 process, at most
 
 
-def _fxtrain(state_args, data, steps):
-    """Seconds for ``steps`` steps of fx.fit, after 20 to compile and warm up."""
+def worlds(variant: str) -> tuple[int, ...]:
+    return WORLDS.get(variant, (1, 2))
+
+
+def _fxtrain(state_args, data, steps, shard):
+    """Seconds for ``steps`` steps of fx.fit, after 20 to compile and warm up, and the bytes
+    of parameters and optimizer state this rank holds at the end."""
     step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
     state = fx.TrainState.create(*state_args)
+    if shard:
+        state = fx.shard(state)
     state = fx.fit(state, step, data, max_steps=20)
     fx.distributed.barrier()
     start = time.perf_counter()
-    fx.fit(state, step, data, max_steps=20 + steps)
+    state = fx.fit(state, step, data, max_steps=20 + steps)
     fx.distributed.barrier()
-    return time.perf_counter() - start
+    elapsed = time.perf_counter() - start
+    return elapsed, fx.sharding.local_nbytes((state.params, state.opt_state))
 
 
 def _ddp(model, data, steps, compiled):
@@ -78,14 +97,15 @@ def _worker(rank, world, port, size, steps, out, variant):
     n = batch * world * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    if variant == "fxtrain":
-        elapsed = _fxtrain((make_mlp(sizes), fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS,
-                                                       weight_decay=WD)), data, steps)
+    state_bytes = None
+    if variant.startswith("fxtrain"):
+        tx = fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
+        elapsed, state_bytes = _fxtrain((make_mlp(sizes), tx), data, steps,
+                                        shard=variant == "fxtrain_sharded")
     else:
         elapsed = _ddp(make_mlp(sizes), data, steps, compiled=variant == "ddp_compiled")
-    if rank == 0:
-        with open(out, "w") as f:
-            f.write(str(steps * batch * world / elapsed))
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump({"rate": steps * batch * world / elapsed, "state_bytes": state_bytes}, f)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -96,12 +116,31 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def samples_per_sec(world: int, size: str, steps: int, variant: str = "fxtrain") -> float:
+def run(world: int, size: str, steps: int, variant: str = "fxtrain") -> tuple[float, int | None]:
+    """Samples/s of ``variant`` with ``world`` processes (rank 0's clock), and the largest
+    bytes of parameters and optimizer state a rank held (None for the DDP variants)."""
     with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, "rate")
+        out = os.path.join(tmp, "rank")
         mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
-        with open(out) as f:
-            return float(f.read())
+        ranks = []
+        for rank in range(world):
+            with open(f"{out}.{rank}") as f:
+                ranks.append(json.load(f))
+    held = [r["state_bytes"] for r in ranks]
+    return ranks[0]["rate"], None if None in held else max(held)
+
+
+def scaling(rates: dict) -> dict:
+    """Each variant's median samples/s with 1 and 2 processes and its scaling efficiency (the
+    sharded variant's 1-process figure is the unsharded fxtrain's)."""
+    rows = {}
+    for variant in VARIANTS:
+        base = variant if 1 in worlds(variant) else "fxtrain"
+        one, two = statistics.median(rates[base, 1]), statistics.median(rates[variant, 2])
+        rows[variant] = {"1": one, "2": two, "efficiency": two / (2 * one)}
+        if base != variant:
+            rows[variant]["1_from"] = base
+    return rows
 
 
 def main(argv=None):
@@ -110,20 +149,27 @@ def main(argv=None):
           "1 thread per process, gloo")
     results = {}
     for size in args.sizes:
-        rates = {(v, w): [] for v in VARIANTS for w in (1, 2)}
+        rates = {(v, w): [] for v in VARIANTS for w in worlds(v)}
+        held = {}  # (variant, world) -> bytes of params + optimizer state per rank
         for _ in range(args.rounds):
             for variant in VARIANTS:
-                for world in (1, 2):
-                    rates[variant, world].append(samples_per_sec(world, size, args.steps,
-                                                                 variant))
-        rows = {}
-        for variant in VARIANTS:
-            one, two = (statistics.median(rates[variant, w]) for w in (1, 2))
-            rows[variant] = {"1": one, "2": two, "efficiency": two / (2 * one)}
-            print(f"{size} {SIZES[size]} {variant}: 1 process {one:.0f} samples/s, 2 processes "
-                  f"{two:.0f} samples/s, scaling efficiency {two / (2 * one):.2f}")
-        # fxtrain's row at the top level (as before), torch DDP's under its names
-        results[size] = {**rows["fxtrain"], **{v: rows[v] for v in VARIANTS[1:]}}
+                for world in worlds(variant):
+                    rate, held[variant, world] = run(world, size, args.steps, variant)
+                    rates[variant, world].append(rate)
+        rows = scaling(rates)
+        for variant, row in rows.items():
+            print(f"{size} {SIZES[size]} {variant}: 1 process {row['1']:.0f} samples/s"
+                  f"{' (' + row['1_from'] + ')' if '1_from' in row else ''}, 2 processes "
+                  f"{row['2']:.0f} samples/s, scaling efficiency {row['efficiency']:.2f}")
+        whole, sharded = held["fxtrain", 1], held["fxtrain_sharded", 2]
+        memory = {"unsharded_1": whole, "sharded_2": sharded, "replicated_2": held["fxtrain", 2],
+                  "ratio": sharded / whole, "target": SHARD_TARGET}
+        print(f"{size} {SIZES[size]} params + optimizer state per rank: {whole} bytes in 1 "
+              f"process, {sharded} sharded on 2 ranks: {sharded / whole:.3f} (target <= "
+              f"{SHARD_TARGET})")
+        # fxtrain's row at the top level (as before), the others under their names
+        results[size] = {**rows["fxtrain"], **{v: rows[v] for v in VARIANTS[1:]},
+                         "state_memory": memory}
     return results
 
 

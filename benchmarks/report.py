@@ -491,22 +491,24 @@ def data_parallel(record: dict) -> list[str]:
     if res is None:
         return lines
     step_ms = {s: SIZES[s][1] / r["1"] * 1e3 for s, r in res.items()}
-    names = {"fxtrain": "fxtrain DP", "ddp_eager": "torch DDP, eager",
-             "ddp_compiled": "torch DDP, compiled model"}
+    names = {"fxtrain": "fxtrain DP", "fxtrain_sharded": "fxtrain sharded (`fx.shard`)",
+             "ddp_eager": "torch DDP, eager", "ddp_compiled": "torch DDP, compiled model"}
     rows = []
     for s, r in res.items():
         for variant, name in names.items():
             row = r if variant == "fxtrain" else r.get(variant)
-            if row is None:  # a record from before the DDP rows
+            if row is None:  # a record from before this variant's rows
                 continue
-            versus = r["2"] / row["2"]
-            rows.append([MODELS[s].replace("batch", "batch per rank"), name,
-                         f"{row['1']:.0f} samples/s", f"{row['2']:.0f} samples/s",
-                         f"**{row['efficiency']:.2f}**",
-                         "" if variant == "fxtrain" else f"{versus:.2f}x"])
+            one = f"{row['1']:.0f} samples/s" + (" (fxtrain DP's)" if "1_from" in row else "")
+            rows.append([MODELS[s].replace("batch", "batch per rank"), name, one,
+                         f"{row['2']:.0f} samples/s", f"**{row['efficiency']:.2f}**",
+                         "" if variant == "fxtrain" else f"{r['2'] / row['2']:.2f}x"])
     return lines + [
         "fxtrain: each process runs `fx.fit` with a compiled `make_train_step` (gradients "
-        "averaged inside the graph) on its shard of `fx.data.Batches`. torch DDP: the same MLP "
+        "averaged inside the graph) on its shard of `fx.data.Batches`. fxtrain sharded: the "
+        "same, with `fx.shard` applied to the state after `TrainState.create` (parameters and "
+        "AdamW moments split over the ranks; the step all-gathers the parameters and "
+        "reduce-scatters the gradients inside the graph). torch DDP: the same MLP "
         "in `DistributedDataParallel` (bucketed all-reduces overlapped with the backward), eager "
         "or with the model compiled, and `torch.optim.AdamW`, on the same shards. One torch "
         "thread per process, gloo over loopback; each round runs every variant with 1 and then "
@@ -515,8 +517,11 @@ def data_parallel(record: dict) -> list[str]:
                 "scaling efficiency", "fxtrain's 2-process samples/s vs this"], rows), "",
         "Efficiency divides by each variant's own 1-process speed, so a faster single process "
         "(fxtrain's compiled step against DDP's loop) shows as lower efficiency at the same "
-        "2-process throughput; the last column compares the 2-process throughputs directly.",
-        "",
+        "2-process throughput; the last column compares the 2-process throughputs directly. "
+        "A single process starts no process group, so there is nothing to shard over: the "
+        "sharded variant runs with 2 processes only, and its efficiency divides by fxtrain "
+        "DP's 1-process speed (the same step on the whole state).", "",
+        *shard_memory(res),
         "Scaling efficiency = 2-process samples/s / (2 x 1-process samples/s). What bounds it "
         "here is gloo's latency on this kind of VM: a bare `dist.all_reduce` between two "
         "processes took about 1.6 ms whether it carried 5 thousand or 1 million floats "
@@ -525,8 +530,35 @@ def data_parallel(record: dict) -> list[str]:
             f"the {NAMES[s]} MLP's step takes {t:.2f} ms" for s, t in step_ms.items())
         + ", so an all-reduce per step weighs most on the tiny one; two processes also share "
         "the two cores with gloo's own threads. fxtrain issues one all-reduce per step and dtype "
-        "(gradients, loss and metrics together); on GPUs with NCCL the same code path applies "
-        "(not measured here: no GPU was used).", ""]
+        "(gradients, loss and metrics together); the sharded step issues collectives per "
+        "parameter tensor (an all-gather of each before the forward, a reduce-scatter of each "
+        "gradient, which gloo runs as an all-reduce): for the tiny MLP's 4 parameter tensors, "
+        "11 gloo collectives a step against DP's 1 (counted with torch.profiler during "
+        "development: 4 all-gathers, 4 reduce-scatters, 3 all-reduces), so at this latency "
+        "it pays several times DP's communication for its memory saving. On GPUs with NCCL the "
+        "same code path applies (not measured here: no GPU was used).", ""]
+
+
+def shard_memory(res: dict) -> list[str]:
+    """The sharded state's bytes per rank against the whole state's, per model size."""
+    sizes = {s: r["state_memory"] for s, r in res.items() if "state_memory" in r}
+    if not sizes:  # a record from before the sharded rows
+        return []
+    rows = [[MODELS[s].replace("batch", "batch per rank"), f"{m['unsharded_1']:,}",
+             f"{m['sharded_2']:,}", f"**{m['ratio']:.3f}**", met(m["ratio"] <= m["target"])]
+            for s, m in sizes.items()]
+    target = next(iter(sizes.values()))["target"]
+    return [
+        "Memory of the sharded state: the bytes of parameters and AdamW state (moments and "
+        "count) one rank holds at the end of the timed run "
+        "(`fx.sharding.local_nbytes((state.params, state.opt_state))`, the larger of the two "
+        "ranks), sharded over 2 ranks, against the whole state in 1 process. Target: at most "
+        f"{target}.", "",
+        *table(["model (batch per rank)", "bytes per rank, 1 process",
+                "bytes per rank, sharded on 2", "ratio", f"target <= {target}"], rows), "",
+        "The ratio is a little above 0.5 where a tensor splits unevenly or stays whole (the "
+        "0-d step count is replicated); the step's transient peak still holds the gathered "
+        "parameters and full gradients once (not counted here).", ""]
 
 
 # -- the chart and the file -----------------------------------------------------------------

@@ -93,9 +93,14 @@ def test_checkpoint_benchmark_smoke(run_all):
 @pytest.mark.slow
 def test_distributed_benchmark_smoke(run_all):
     results = results_of(run_all[0], "distributed")["tiny"]
-    assert set(results) == {"1", "2", "efficiency", "ddp_eager", "ddp_compiled"}
-    for row in (results, results["ddp_eager"], results["ddp_compiled"]):
+    variants = ("fxtrain_sharded", "ddp_eager", "ddp_compiled")
+    assert set(results) == {"1", "2", "efficiency", "state_memory", *variants}
+    for row in (results, *(results[v] for v in variants)):
         assert all(row[k] > 0 for k in ("1", "2", "efficiency"))
+    assert results["fxtrain_sharded"]["1"] == results["1"]  # no group to shard over in one
+    memory = results["state_memory"]
+    assert memory["replicated_2"] == memory["unsharded_1"]  # DP holds the whole state
+    assert memory["ratio"] == memory["sharded_2"] / memory["unsharded_1"] <= memory["target"]
 
 
 @pytest.mark.slow
@@ -125,7 +130,8 @@ def test_run_all_writes_every_section_and_row(run_all):
     assert "Targets: cold compile at most 1.5x the baseline" in text
     for row in ("| tiny MLP 64-64-10 (batch 32) | 1.00x", "| (e) bare Python loop",
                 "| (g) `fx.fit`", "| 1 MB |", "| tiny MLP 64-64-10 (batch per rank 32) |",
-                "| torch DDP, compiled model |"):
+                "| torch DDP, compiled model |", "| fxtrain sharded (`fx.shard`) |",
+                "| bytes per rank, sharded on 2 |"):
         assert row in text
     for target in ("2.5x a plain eager loop", ">= 3x Lightning", "ahead of Ignite",
                    "JAX + optax against fxtrain", "(g) at most 5%", "at most 5% over (f)",
