@@ -30,7 +30,8 @@ import torch.utils._pytree as pytree
 from . import distributed
 
 __all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "gather_tensor",
-           "with_whole_params", "reduce_scatter_like", "local_nbytes"]
+           "with_whole_params", "gather_params", "reduce_scatter_grads", "replicated_like",
+           "local_nbytes"]
 
 
 def is_dtensor(x: Any) -> bool:
@@ -120,14 +121,106 @@ def with_whole_params(state: Any) -> Any:
     return state.replace(params=gathered(state.params)) if is_sharded(state.params) else state
 
 
-def reduce_scatter_like(grad: torch.Tensor, param: Any) -> Any:
-    """A full-size gradient of this rank, averaged over the ranks into ``param``'s layout (a
-    reduce-scatter onto each rank's shard; an all-reduce for a replicated parameter)."""
-    if not is_dtensor(param):
-        return grad
-    from torch.distributed.tensor import DTensor, Partial
-    partial = DTensor.from_local(grad, param.device_mesh, [Partial("avg")], run_check=False)
-    return partial.redistribute(param.device_mesh, param.placements)
+def _rows(n: int, world: int) -> int:
+    """Rows per shard of a dimension of ``n`` split over ``world`` ranks (``torch.chunk``'s,
+    as ``Shard(0)`` lays them out: the last ranks may hold fewer, or none)."""
+    return -(-n // world)
+
+
+def _by_dtype(params: dict[str, Any]) -> dict[tuple, list[str]]:
+    """The names of the parameters sharded ``Shard(0)`` on a 1-D mesh, by (mesh, dtype): each
+    group moves in one collective. Others (your own placements) are left to DTensor."""
+    from torch.distributed.tensor import Shard
+    groups: dict[tuple, list[str]] = {}
+    for k, p in params.items():
+        if is_dtensor(p) and p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),) \
+                and p.ndim >= 1 and p.shape[0] > 0:
+            groups.setdefault((p.device_mesh, p.dtype), []).append(k)
+    return groups
+
+
+def _flat_pieces(p: Any, rows: int) -> tuple[int, tuple[int, ...]]:
+    """Elements per rank of ``p``'s padded shard, and the shape of one row."""
+    inner = tuple(p.shape[1:])
+    return rows * max(1, int(torch.Size(inner).numel())), inner
+
+
+def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The whole parameters, for the forward and backward inside a step: the ``Shard(0)``
+    DTensors of each dtype in one all-gather (each shard padded to the same rows, as FSDP
+    does), replicated ones as they are, any other DTensor by ``full_tensor``."""
+    import torch.distributed._functional_collectives as funcol
+    out = {k: p.full_tensor() if is_dtensor(p) else p for k, p in params.items()
+           if k not in {n for names in _by_dtype(params).values() for n in names}}
+    for (mesh, _), names in _by_dtype(params).items():
+        world, pieces = mesh.size(), []
+        for k in names:
+            p = params[k]
+            rows = _rows(p.shape[0], world)
+            local = p.to_local().reshape(-1)
+            size, _ = _flat_pieces(p, rows)
+            pieces.append(torch.nn.functional.pad(local, (0, size - local.numel())))
+        flat = funcol.all_gather_single(torch.cat(pieces), 0, mesh).view(world, -1)
+        at = 0
+        for k in names:
+            p = params[k]
+            rows = _rows(p.shape[0], world)
+            size, inner = _flat_pieces(p, rows)
+            whole = flat[:, at:at + size].reshape(world * rows, *inner)[:p.shape[0]]
+            out[k] = whole
+            at += size
+    return {k: out[k] for k in params}
+
+
+def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:
+    """Each rank's whole gradients, averaged over the ranks onto ``params``' shards: the
+    ``Shard(0)`` ones of each dtype in one reduce-scatter; a replicated DTensor's gradient is
+    left whole (the step averages it with the loss); any other DTensor by DTensor's own
+    redistribution of ``Partial("avg")``."""
+    import torch.distributed._functional_collectives as funcol
+    from torch.distributed.tensor import DTensor, Partial, Replicate
+    groups = _by_dtype(params)
+    grouped = {n for names in groups.values() for n in names}
+    out = {}
+    for k, g in grads.items():
+        p = params[k]
+        if k in grouped or not is_dtensor(p) or all(isinstance(x, Replicate)
+                                                     for x in p.placements):
+            out[k] = g
+        else:
+            partial = DTensor.from_local(g, p.device_mesh, [Partial("avg")], run_check=False)
+            out[k] = partial.redistribute(p.device_mesh, p.placements)
+    for (mesh, _), names in groups.items():
+        world, rank, columns = mesh.size(), mesh.get_local_rank(), []
+        for k in names:
+            p = params[k]
+            rows = _rows(p.shape[0], world)
+            size, _ = _flat_pieces(p, rows)
+            g = grads[k].reshape(-1)
+            g = torch.nn.functional.pad(g, (0, world * size - g.numel()))
+            columns.append(g.view(world, size))
+        mine = funcol.reduce_scatter_single(torch.cat(columns, 1).reshape(-1), "sum", 0, mesh)
+        mine = mine / world
+        at = 0
+        for k in names:
+            p = params[k]
+            rows = _rows(p.shape[0], world)
+            size, inner = _flat_pieces(p, rows)
+            held = max(0, min(p.shape[0], (rank + 1) * rows) - rank * rows)
+            local = mine[at:at + size].reshape(rows, *inner)[:held]
+            out[k] = DTensor.from_local(local, mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())
+            at += size
+    return out
+
+
+def replicated_like(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:
+    """``grads`` with the whole gradient of each replicated DTensor parameter made a
+    replicated DTensor like it (after the step has averaged it over the ranks)."""
+    from torch.distributed.tensor import DTensor
+    return {k: DTensor.from_local(g, params[k].device_mesh, params[k].placements,
+                                  run_check=False)
+            if is_dtensor(params[k]) and not is_dtensor(g) else g for k, g in grads.items()}
 
 
 def local_nbytes(tree: Any) -> int:

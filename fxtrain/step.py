@@ -304,6 +304,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         check_batch_device(batch, state.step.device, "train_step")
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
         sharded = sharding.is_sharded(state.params)
+        if sharded and data_parallel is False:
+            raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
+                             "(fx.shard): sharding is data parallel, each rank on its share of "
+                             "the batch; leave data_parallel unset")
         key = random.step_key(state.rng, state.step)
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
@@ -323,16 +327,17 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
         # a sharded state's parameters are gathered whole for the forward and backward, and
         # each gradient is averaged back onto this rank's shard (fxtrain.sharding)
-        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(
-            sharding.gathered(state.params))
+        whole = sharding.gather_params(state.params) if sharded else state.params
+        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(whole)
         if sharded:
-            grads = {k: sharding.reduce_scatter_like(g, state.params[k])
-                     for k, g in grads.items()}
+            grads = sharding.reduce_scatter_grads(grads, state.params)
         if scaler is not None:  # unscaled before anything reads them (clipping included)
             grads = {k: g / scaler.scale for k, g in grads.items()}
         if parallel:
             grads, loss, aux, new_buffers = _rank_means(grads, loss, aux, new_buffers,
                                                         buffers == "mean")
+        if sharded:
+            grads = sharding.replicated_like(grads, state.params)
         new = state.apply_gradients(grads).replace(buffers=new_buffers or None)
         metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
         if sharded:  # norms over shards: reduced over the ranks into plain 0-d tensors
