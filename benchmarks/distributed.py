@@ -15,7 +15,10 @@ A single process starts no process group, so there is nothing to shard over: the
 variant runs with 2 processes only, and its efficiency divides by the unsharded fxtrain's
 1-process samples/s (the same step on the whole state). Memory: the bytes of parameters and
 optimizer state one rank holds (``fx.sharding.local_nbytes``, the largest over the ranks) in
-the sharded 2-process run, over those of the 1-process fxtrain state.
+the sharded 2-process run, over those of the 1-process fxtrain state. Save: the bytes one rank
+writes when the final state is saved with ``fx.checkpoint.save`` (sharded: its own shard file,
+rank 0 also the metadata; the largest over the ranks), over those of the 1-process (orbax,
+whole) checkpoint.
 
 Run: python benchmarks/distributed.py [--rounds 3] [--steps 300] [--sizes tiny large] [--smoke]
 """
@@ -29,6 +32,7 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
@@ -45,9 +49,11 @@ def worlds(variant: str) -> tuple[int, ...]:
     return WORLDS.get(variant, (1, 2))
 
 
-def _fxtrain(state_args, data, steps, shard):
-    """Seconds for ``steps`` steps of fx.fit, after 20 to compile and warm up, and the bytes
-    of parameters and optimizer state this rank holds at the end."""
+def _fxtrain(state_args, data, steps, shard, ckpt):
+    """Seconds for ``steps`` steps of fx.fit, after 20 to compile and warm up, the bytes of
+    parameters and optimizer state this rank holds at the end, and the bytes this rank writes
+    to save that state with ``fx.checkpoint.save`` (None for replicated data parallel, where
+    rank 0 writes the whole state as one process does)."""
     step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
     state = fx.TrainState.create(*state_args)
     if shard:
@@ -58,7 +64,22 @@ def _fxtrain(state_args, data, steps, shard):
     state = fx.fit(state, step, data, max_steps=20 + steps)
     fx.distributed.barrier()
     elapsed = time.perf_counter() - start
-    return elapsed, fx.sharding.local_nbytes((state.params, state.opt_state))
+    written = _bytes_written(state, ckpt) if shard or fx.distributed.world_size() == 1 else None
+    return elapsed, fx.sharding.local_nbytes((state.params, state.opt_state)), written
+
+
+def _bytes_written(state, path: str) -> int:
+    """Saves ``state`` at ``path``; the bytes of the files this rank wrote: a whole (orbax)
+    checkpoint's, or of a sharded one this rank's shard file (rank 0 also writes the DCP
+    metadata and fxtrain's leaf table)."""
+    path = Path(fx.checkpoint.save(path, state))
+    if not fx.sharding.is_sharded(state):
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    rank = fx.distributed.rank()
+    mine = [path / "shards" / f"__{rank}_0.distcp"]
+    if rank == 0:
+        mine += [path / "shards" / ".metadata", path / "fxtrain.json"]
+    return sum(f.stat().st_size for f in mine)
 
 
 def _ddp(model, data, steps, compiled):
@@ -97,15 +118,17 @@ def _worker(rank, world, port, size, steps, out, variant):
     n = batch * world * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    state_bytes = None
+    state_bytes = written = None
     if variant.startswith("fxtrain"):
         tx = fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
-        elapsed, state_bytes = _fxtrain((make_mlp(sizes), tx), data, steps,
-                                        shard=variant == "fxtrain_sharded")
+        elapsed, state_bytes, written = _fxtrain(
+            (make_mlp(sizes), tx), data, steps, shard=variant == "fxtrain_sharded",
+            ckpt=os.path.join(os.path.dirname(out), "checkpoint"))
     else:
         elapsed = _ddp(make_mlp(sizes), data, steps, compiled=variant == "ddp_compiled")
     with open(f"{out}.{rank}", "w") as f:
-        json.dump({"rate": steps * batch * world / elapsed, "state_bytes": state_bytes}, f)
+        json.dump({"rate": steps * batch * world / elapsed, "state_bytes": state_bytes,
+                   "written": written}, f)
     if world > 1:
         torch.distributed.destroy_process_group()
 
@@ -116,9 +139,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, size: str, steps: int, variant: str = "fxtrain") -> tuple[float, int | None]:
-    """Samples/s of ``variant`` with ``world`` processes (rank 0's clock), and the largest
-    bytes of parameters and optimizer state a rank held (None for the DDP variants)."""
+def run(world: int, size: str, steps: int, variant: str = "fxtrain") -> tuple:
+    """Samples/s of ``variant`` with ``world`` processes (rank 0's clock), the largest bytes of
+    parameters and optimizer state a rank held, and the largest bytes a rank wrote to save the
+    state (None where not measured: DDP, replicated data parallel)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank")
         mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
@@ -126,8 +150,12 @@ def run(world: int, size: str, steps: int, variant: str = "fxtrain") -> tuple[fl
         for rank in range(world):
             with open(f"{out}.{rank}") as f:
                 ranks.append(json.load(f))
-    held = [r["state_bytes"] for r in ranks]
-    return ranks[0]["rate"], None if None in held else max(held)
+
+    def largest(key):
+        values = [r[key] for r in ranks]
+        return None if None in values else max(values)
+
+    return ranks[0]["rate"], largest("state_bytes"), largest("written")
 
 
 def scaling(rates: dict) -> dict:
@@ -151,10 +179,12 @@ def main(argv=None):
     for size in args.sizes:
         rates = {(v, w): [] for v in VARIANTS for w in worlds(v)}
         held = {}  # (variant, world) -> bytes of params + optimizer state per rank
+        written = {}  # (variant, world) -> bytes a rank writes to save the state
         for _ in range(args.rounds):
             for variant in VARIANTS:
                 for world in worlds(variant):
-                    rate, held[variant, world] = run(world, size, args.steps, variant)
+                    rate, held[variant, world], written[variant, world] = run(
+                        world, size, args.steps, variant)
                     rates[variant, world].append(rate)
         rows = scaling(rates)
         for variant, row in rows.items():
@@ -167,9 +197,15 @@ def main(argv=None):
         print(f"{size} {SIZES[size]} params + optimizer state per rank: {whole} bytes in 1 "
               f"process, {sharded} sharded on 2 ranks: {sharded / whole:.3f} (target <= "
               f"{SHARD_TARGET})")
+        full, mine = written["fxtrain", 1], written["fxtrain_sharded", 2]
+        save = {"full_1": full, "sharded_2": mine, "ratio": mine / full,
+                "target": SHARD_TARGET}
+        print(f"{size} {SIZES[size]} bytes a rank writes to save the state: {full} in 1 "
+              f"process (whole), {mine} sharded on 2 ranks: {mine / full:.3f} (target <= "
+              f"{SHARD_TARGET})")
         # fxtrain's row at the top level (as before), the others under their names
         results[size] = {**rows["fxtrain"], **{v: rows[v] for v in VARIANTS[1:]},
-                         "state_memory": memory}
+                         "state_memory": memory, "save_bytes": save}
     return results
 
 

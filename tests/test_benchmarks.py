@@ -94,13 +94,15 @@ def test_checkpoint_benchmark_smoke(run_all):
 def test_distributed_benchmark_smoke(run_all):
     results = results_of(run_all[0], "distributed")["tiny"]
     variants = ("fxtrain_sharded", "ddp_eager", "ddp_compiled")
-    assert set(results) == {"1", "2", "efficiency", "state_memory", *variants}
+    assert set(results) == {"1", "2", "efficiency", "state_memory", "save_bytes", *variants}
     for row in (results, *(results[v] for v in variants)):
         assert all(row[k] > 0 for k in ("1", "2", "efficiency"))
     assert results["fxtrain_sharded"]["1"] == results["1"]  # no group to shard over in one
     memory = results["state_memory"]
     assert memory["replicated_2"] == memory["unsharded_1"]  # DP holds the whole state
     assert memory["ratio"] == memory["sharded_2"] / memory["unsharded_1"] <= memory["target"]
+    save = results["save_bytes"]
+    assert save["ratio"] == save["sharded_2"] / save["full_1"] and save["sharded_2"] > 0
 
 
 @pytest.mark.slow
