@@ -20,8 +20,8 @@ import torch.utils._pytree as pytree
 from . import distributed, donation, random
 from .callbacks.core import Event, fold
 from .evaluation import batch_size_of
-from .sharding import with_whole_params
 from .feed import to_device
+from .sharding import with_whole_params
 from .state import set_training
 from .tree import tree_map
 

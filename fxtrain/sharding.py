@@ -21,6 +21,7 @@ shards with ``torch.distributed.checkpoint``, and a checkpoint restores onto any
 from __future__ import annotations
 
 import functools
+import math
 import sys
 from typing import Any
 
@@ -121,10 +122,13 @@ def with_whole_params(state: Any) -> Any:
     return state.replace(params=gathered(state.params)) if is_sharded(state.params) else state
 
 
-def _rows(n: int, world: int) -> int:
-    """Rows per shard of a dimension of ``n`` split over ``world`` ranks (``torch.chunk``'s,
-    as ``Shard(0)`` lays them out: the last ranks may hold fewer, or none)."""
-    return -(-n // world)
+def _layout(p: Any, world: int) -> tuple[int, int, tuple[int, ...]]:
+    """Rows of each rank's shard of ``p`` padded to the same size (``Shard(0)`` splits as
+    ``torch.chunk`` does: the last ranks may hold fewer rows, or none), its elements, and the
+    shape of one row."""
+    rows = -(-p.shape[0] // world)
+    inner = tuple(p.shape[1:])
+    return rows, rows * math.prod(inner), inner
 
 
 def _by_dtype(params: dict[str, Any]) -> dict[tuple, list[str]]:
@@ -139,37 +143,28 @@ def _by_dtype(params: dict[str, Any]) -> dict[tuple, list[str]]:
     return groups
 
 
-def _flat_pieces(p: Any, rows: int) -> tuple[int, tuple[int, ...]]:
-    """Elements per rank of ``p``'s padded shard, and the shape of one row."""
-    inner = tuple(p.shape[1:])
-    return rows * max(1, int(torch.Size(inner).numel())), inner
-
-
 def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The whole parameters, for the forward and backward inside a step: the ``Shard(0)``
     DTensors of each dtype in one all-gather (each shard padded to the same rows, as FSDP
     does), replicated ones as they are, any other DTensor by ``full_tensor``."""
     import torch.distributed._functional_collectives as funcol
-    out = {k: p.full_tensor() if is_dtensor(p) else p for k, p in params.items()
-           if k not in {n for names in _by_dtype(params).values() for n in names}}
-    for (mesh, _), names in _by_dtype(params).items():
-        world, pieces = mesh.size(), []
+    groups = _by_dtype(params)
+    grouped = {k for names in groups.values() for k in names}
+    out = {k: p if k in grouped else gather_tensor(p) for k, p in params.items()}
+    for (mesh, _), names in groups.items():
+        world = mesh.size()
+        pieces = []
         for k in names:
-            p = params[k]
-            rows = _rows(p.shape[0], world)
-            local = p.to_local().reshape(-1)
-            size, _ = _flat_pieces(p, rows)
+            local = params[k].to_local().reshape(-1)
+            _, size, _ = _layout(params[k], world)
             pieces.append(torch.nn.functional.pad(local, (0, size - local.numel())))
         flat = funcol.all_gather_single(torch.cat(pieces), 0, mesh).view(world, -1)
         at = 0
         for k in names:
-            p = params[k]
-            rows = _rows(p.shape[0], world)
-            size, inner = _flat_pieces(p, rows)
-            whole = flat[:, at:at + size].reshape(world * rows, *inner)[:p.shape[0]]
-            out[k] = whole
+            rows, size, inner = _layout(params[k], world)
+            out[k] = flat[:, at:at + size].reshape(world * rows, *inner)[:params[k].shape[0]]
             at += size
-    return {k: out[k] for k in params}
+    return out
 
 
 def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:
@@ -180,32 +175,28 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
     import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor, Partial, Replicate
     groups = _by_dtype(params)
-    grouped = {n for names in groups.values() for n in names}
-    out = {}
-    for k, g in grads.items():
-        p = params[k]
-        if k in grouped or not is_dtensor(p) or all(isinstance(x, Replicate)
-                                                     for x in p.placements):
-            out[k] = g
-        else:
-            partial = DTensor.from_local(g, p.device_mesh, [Partial("avg")], run_check=False)
+    grouped = {k for names in groups.values() for k in names}
+    out = dict(grads)
+    for k, p in params.items():
+        if is_dtensor(p) and k not in grouped and not all(
+                isinstance(x, Replicate) for x in p.placements):
+            partial = DTensor.from_local(grads[k], p.device_mesh, [Partial("avg")],
+                                         run_check=False)
             out[k] = partial.redistribute(p.device_mesh, p.placements)
     for (mesh, _), names in groups.items():
-        world, rank, columns = mesh.size(), mesh.get_local_rank(), []
+        world, rank = mesh.size(), mesh.get_local_rank()
+        columns = []  # row r: what rank r's shards receive
         for k in names:
-            p = params[k]
-            rows = _rows(p.shape[0], world)
-            size, _ = _flat_pieces(p, rows)
+            _, size, _ = _layout(params[k], world)
             g = grads[k].reshape(-1)
-            g = torch.nn.functional.pad(g, (0, world * size - g.numel()))
-            columns.append(g.view(world, size))
-        mine = funcol.reduce_scatter_single(torch.cat(columns, 1).reshape(-1), "sum", 0, mesh)
-        mine = mine / world
+            columns.append(torch.nn.functional.pad(g, (0, world * size - g.numel()))
+                           .view(world, size))
+        mine = funcol.reduce_scatter_single(torch.cat(columns, 1).reshape(-1), "sum", 0,
+                                            mesh) / world
         at = 0
         for k in names:
             p = params[k]
-            rows = _rows(p.shape[0], world)
-            size, inner = _flat_pieces(p, rows)
+            rows, size, inner = _layout(p, world)
             held = max(0, min(p.shape[0], (rank + 1) * rows) - rank * rows)
             local = mine[at:at + size].reshape(rows, *inner)[:held]
             out[k] = DTensor.from_local(local, mesh, p.placements, run_check=False,

@@ -115,8 +115,8 @@ def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Te
         metrics["learning_rate"] = lr
     if grad_stats:
         metrics.update(gradient_statistics(grads, squared))
-    if grad_stats == "histograms":
-        metrics.update(gradient_histograms(grads))
+    if grad_stats == "histograms":  # of a sharded state's whole gradients (a gather)
+        metrics.update(gradient_histograms(sharding.gathered(grads)))
     clash = sorted(metrics.keys() & aux.keys())
     if clash:
         raise ValueError(f"loss_fn's aux uses reserved metric names {clash}; rename them")

@@ -51,7 +51,7 @@ def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True)
     whole = fx.sharding.local_nbytes((state.params, state.opt_state))
     if shard and fx.distributed.world_size() > 1:
         state = fx.shard(state)
-    step = fx.make_train_step(loss_fn, precision=precision, grad_stats=True,
+    step = fx.make_train_step(loss_fn, precision=precision, grad_stats="histograms",
                               callbacks=[fx.callbacks.nan_guard()])
     if compiled:
         step = torch.compile(step, fullgraph=True)
