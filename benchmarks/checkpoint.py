@@ -48,6 +48,7 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain.checkpoint import store
+from fxtrain.checkpoint.files import fsync_path
 from fxtrain.checkpoint.store import fsync_tree  # the original, not the counted one (ManagerFsyncs)
 from fxtrain.tree import leaves_with_paths
 from common import cpu_model, filesystem
@@ -88,14 +89,6 @@ def same_tensors(expected: dict, got: dict) -> bool:
 
 
 # -- files ----------------------------------------------------------------------------------
-
-
-def fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def files_under(path: Path) -> list[Path]:

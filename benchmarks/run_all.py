@@ -136,8 +136,10 @@ def rerun(record: dict, names: list[str], smoke: bool, argv: list[str]) -> dict:
               "benchmarks": names, "machine": machine()}
     entries, update["seconds"] = run(names, smoke)
     update["machine"]["load_after"] = os.getloadavg()
+    earlier = [{**u, "benchmarks": [b for b in u["benchmarks"] if b not in names]}
+               for u in record.get("updates", [])]  # their sections are this run's now
     return {**record, "benchmarks": {**record["benchmarks"], **entries},
-            "updates": [*record.get("updates", []), update]}
+            "updates": [*(u for u in earlier if u["benchmarks"]), update]}
 
 
 def main(argv=None) -> dict:

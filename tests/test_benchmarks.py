@@ -186,6 +186,10 @@ def test_only_reruns_the_named_benchmarks_and_keeps_the_rest(run_all, tmp_path, 
         "memory"]
     header = (tmp_path / "RESULTS.md").read_text().split("\n## ")[0]
     assert "run_all.py --only memory --smoke" in header and "reran memory on" in header
+    again_later = module.main(["--only", "memory", "--smoke", "--out", str(tmp_path)])
+    assert [u["benchmarks"] for u in again_later["updates"]] == [["memory"]]  # the latest only
+    header = (tmp_path / "RESULTS.md").read_text().split("\n## ")[0]
+    assert header.count("reran memory on") == 1
     with pytest.raises(SystemExit, match="mix smoke and full"):
         module.main(["--only", "memory", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .. import distributed
+from .files import fsync_path
 
 __all__ = ["SHARDS", "TABLE", "TMP", "STORAGE", "is_sharded_checkpoint", "read_meta", "write",
            "read"]
@@ -54,14 +55,6 @@ def _alone() -> bool:
         return False
     warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     return True
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _stored(value: Any) -> torch.Tensor:
@@ -108,10 +101,10 @@ def write(path: Path, values: dict[str, Any], meta: dict,
             json.dump({**meta, "storage": STORAGE, "world_size": distributed.world_size()}, f)
             f.flush()
             os.fsync(f.fileno())
-        _fsync(tmp / SHARDS)
-        _fsync(tmp)
+        fsync_path(tmp / SHARDS)
+        fsync_path(tmp)
         os.rename(tmp, path)
-        _fsync(path.parent)
+        fsync_path(path.parent)
         if finish is not None:
             finish()
 

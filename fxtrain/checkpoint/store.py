@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import bridge, shards
+from .files import fsync_path
 
 __all__ = ["STATE", "META", "orbax", "handlers", "is_checkpoint", "read_meta", "read_arrays",
            "write", "fsync_tree", "describe_directory"]
@@ -126,19 +127,12 @@ def write(path: Path, arrays: dict, meta: dict) -> None:
 
 
 def fsync_tree(path: Path) -> None:
-    """Flushes every file and directory under ``path`` to disk."""
+    """Flushes every file and directory under ``path`` to disk, and ``path``'s parent (the
+    rename into place)."""
     for root, _, files in os.walk(path):
         for name in files + ["."]:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-    fd = os.open(path.parent, os.O_RDONLY)  # the rename into place
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+            fsync_path(os.path.join(root, name))
+    fsync_path(path.parent)
 
 
 def saved_keys(meta: dict) -> list[str]:
