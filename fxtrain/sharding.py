@@ -23,6 +23,8 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,39 +70,76 @@ def _placements(t: torch.Tensor) -> list:
     return [Shard(0)] if t.ndim >= 1 else [Replicate()]
 
 
-def shard(state: Any, mesh: Any = None) -> Any:
+def _like(values: Any, template: Any, mesh: Any, what: str) -> Any:
+    """``values`` with each leaf whose ``template`` leaf is a DTensor distributed like it."""
+    from torch.distributed.tensor import distribute_tensor
+    flat, spec = pytree.tree_flatten(values)
+    like, like_spec = pytree.tree_flatten(template)
+    if spec != like_spec:
+        raise ValueError(f"fx.shard: {what} does not have the structure its init gives on the "
+                         "sharded parameters; shard the state TrainState.create made")
+    return pytree.tree_unflatten([distribute_tensor(v, mesh, t.placements) if is_dtensor(t)
+                                  else v for v, t in zip(flat, like)], spec)
+
+
+def _warn_parameter_copies(callbacks: dict, params: dict) -> None:
+    """Warns about whole callback tensors shaped like a parameter: copies of the parameters
+    (an average, the best weights) that would meet the sharded ones in a callback."""
+    shapes = {(tuple(p.shape), p.dtype): k for k, p in params.items() if p.ndim >= 1}
+    for path, leaf in pytree.tree_flatten_with_path(callbacks)[0]:
+        key = (tuple(leaf.shape), leaf.dtype) if isinstance(leaf, torch.Tensor) else None
+        if key in shapes and not is_dtensor(leaf):
+            warnings.warn(
+                f"fx.shard: state.callbacks{pytree.keystr(path)} is a whole tensor shaped like "
+                f"the parameter {shapes[key]!r}; if the callback keeps copies of the parameters, "
+                "pass it to fx.shard(state, callbacks=[...]) so its state is sharded too, or "
+                "create its state after sharding (fx.fit creates the missing ones)",
+                stacklevel=3)
+            return
+
+
+def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -> Any:
     """``state`` with its parameters and their optimizer state sharded across the ranks.
 
     Every rank calls it with its state; rank 0's values are the ones scattered, so ranks that
     built their models differently still start alike. The optimizer state is matched to the
     parameters through ``state.tx.init``: its leaves that ``init`` makes from a parameter are
     sharded like that parameter; counts, schedules and other small leaves stay whole.
-    Callback states and buffers stay whole (replicated) on every rank.
+    Buffers stay whole (replicated) on every rank, and so do callback states, except those of
+    ``callbacks``, matched through their ``init`` as the optimizer state is (the parameter
+    copies of ``swa`` or ``early_stopping(restore_best=True)``).
 
     Args:
       state: a ``TrainState`` (not already sharded).
       mesh: a 1-D ``DeviceMesh``; default ``fx.sharding.mesh()``, every rank.
+      callbacks: callbacks whose states in ``state.callbacks`` are sharded like their ``init``
+        on the sharded parameters. Callback states created after sharding (``fx.fit`` creates
+        the missing ones) are sharded already.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
       rank's rows, ``.full_tensor()`` (a collective: every rank calls it) the whole parameter.
     """
     from torch.distributed.tensor import distribute_tensor
+
+    from .callbacks.core import init_states
     if is_sharded(state.params):
         raise ValueError("fx.shard: this state is already sharded")
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim != 1:
         raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
-    template = state.tx.init(params)  # which optimizer leaves follow a parameter's layout
-    flat, spec = pytree.tree_flatten(state.opt_state)
-    like, like_spec = pytree.tree_flatten(template)
-    if spec != like_spec:
-        raise ValueError("fx.shard: the optimizer state does not have the structure "
-                         "state.tx.init gives; shard the state its TrainState.create made")
-    opt = [distribute_tensor(leaf, mesh, t.placements) if is_dtensor(t) else leaf
-           for leaf, t in zip(flat, like)]
-    return state.replace(params=params, opt_state=pytree.tree_unflatten(opt, spec))
+    # which optimizer leaves follow a parameter's layout: those tx.init makes from one
+    new = state.replace(params=params, opt_state=_like(
+        state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
+    states = dict(state.callbacks or {})
+    for name, template in (init_states(callbacks, new.replace(callbacks=None)) or {}).items():
+        if name not in states:
+            raise ValueError(f"fx.shard: callbacks=[...] names {name!r}, which has no state in "
+                             f"state.callbacks (it has {sorted(states)})")
+        states[name] = _like(states[name], template, mesh, f"state.callbacks[{name!r}]")
+    _warn_parameter_copies(states, state.params)
+    return new.replace(callbacks=states or state.callbacks)
 
 
 def gather_tensor(t: Any) -> Any:

@@ -102,6 +102,33 @@ def sharded_saves(out, ckpt, restore_only="no"):
                f"{out}/rank{rank}.pt")
 
 
+def sharded_callbacks(out):
+    """Callbacks that keep copies of the parameters (swa, restore-best early stopping) on a
+    sharded state: their states made after sharding (by fit), or before and passed to fx.shard,
+    train alike; made before and not passed, fx.shard warns."""
+    import warnings
+
+    def run(order):
+        swa = fx.callbacks.swa(start=4, every=2)
+        best = fx.callbacks.early_stopping("loss", patience=100, restore_best=True)
+        before = [swa, best] if order != "after" else []
+        state = fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2),
+                                     callbacks=before)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = fx.shard(state, callbacks=before if order == "passed" else ())
+        if order == "not passed":
+            return [str(w.message) for w in caught]
+        state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=1),
+                       max_steps=12, callbacks=[swa, best], eval_step=fx.make_eval_step(loss_fn),
+                       eval_every=4, eval_data=fx.data.Batches((X, Y), 64, shuffle=False))
+        average = fx.callbacks.with_swa_params(state).params["0.weight"]
+        return fx.tree_digest(state), fx.sharding.is_dtensor(average)
+
+    torch.save({order: run(order) for order in ("after", "passed", "not passed")},
+               f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def early_stop(out):
     """Each rank evaluates its own, unequal share of the eval data (70 and 30 of 100 examples);
     early stopping sees the merged loss, which weighs each rank by its examples."""
@@ -192,7 +219,7 @@ def exits(out):
 
 
 SCENARIOS = {"exits": exits, "train": train, "sharded": sharded,
-             "sharded_saves": sharded_saves, "early_stop": early_stop, "host_stop": host_stop,
+             "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting}
 

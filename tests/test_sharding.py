@@ -47,6 +47,15 @@ def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path):
         torch.testing.assert_close(sharded["params"][k], p, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_callbacks_that_copy_the_parameters_are_sharded_with_them(tmp_path):
+    spawn("sharded_callbacks", str(tmp_path))
+    r0, r1 = results(tmp_path)
+    assert r0["after"] == r0["passed"] == r1["passed"] and r0["after"][1]  # swa: a DTensor
+    assert any("state.callbacks['swa']" in w and "fx.shard(state, callbacks=[...])" in w
+               for w in r0["not passed"])
+
+
 def stored_chunks(path, leaf):
     """The shapes of the pieces torch.distributed.checkpoint stored for ``leaf``."""
     import torch.distributed.checkpoint as dcp
