@@ -121,8 +121,6 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
       rank's rows, ``.full_tensor()`` (a collective: every rank calls it) the whole parameter.
     """
     from torch.distributed.tensor import distribute_tensor
-
-    from .callbacks.core import init_states
     if is_sharded(state.params):
         raise ValueError("fx.shard: this state is already sharded")
     mesh = mesh if mesh is not None else globals()["mesh"]()
@@ -133,7 +131,12 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
     new = state.replace(params=params, opt_state=_like(
         state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
     states = dict(state.callbacks or {})
-    for name, template in (init_states(callbacks, new.replace(callbacks=None)) or {}).items():
+    for cb in callbacks:  # fx.callbacks' Callback: a name and an init (duck-typed: no import)
+        name, init = getattr(cb, "name", None), getattr(cb, "init", None)
+        if init is None:
+            raise TypeError(f"fx.shard: callbacks=[...] takes stateful callbacks (with an "
+                            f"init); {cb!r} has none")
+        template = init(new.replace(callbacks=None))
         if name not in states:
             raise ValueError(f"fx.shard: callbacks=[...] names {name!r}, which has no state in "
                              f"state.callbacks (it has {sorted(states)})")
