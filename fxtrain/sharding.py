@@ -33,7 +33,8 @@ import torch.utils._pytree as pytree
 from . import distributed
 
 __all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "gather_tensor",
-           "with_whole_params", "gather_params", "reduce_scatter_grads", "replicated_like",
+           "with_whole_params", "gather_params", "reduce_scatter_grads", "local_parts",
+           "replicated_like",
            "local_nbytes"]
 
 
@@ -245,6 +246,24 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
                                         shape=p.shape, stride=p.stride())
             at += size
     return out
+
+
+def local_parts(grads: dict[str, Any], finite: bool = False) -> list[torch.Tensor]:
+    """This rank's part of each gradient's sum of squares, as plain float32 0-d tensors whose
+    sum over the ranks is the whole gradient's (a shard's own; a gradient whole on every rank
+    counted on rank 0 only), and with ``finite`` also this rank's count of non-finite values
+    (summed: zero when every gradient is finite)."""
+    from .tree import squared_norms
+    locals_ = [g.to_local() if is_dtensor(g) else g for g in grads.values()]
+    whole = [not is_dtensor(g) or all(p.is_replicate() for p in g.placements)
+             for g in grads.values()]
+    first = distributed.rank() == 0
+    parts = [sq if first or not w else torch.zeros_like(sq)
+             for sq, w in zip(squared_norms(locals_), whole)]
+    if finite:
+        bad = [(~torch.isfinite(t)).sum() for t, w in zip(locals_, whole) if first or not w]
+        parts.append(torch.stack(bad).sum().float() if bad else locals_[0].new_zeros(()))
+    return parts
 
 
 def replicated_like(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:

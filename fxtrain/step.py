@@ -107,8 +107,9 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return loss, dict(aux or {})
 
 
-def _step_metrics(loss, aux, grads, opt_state, grad_stats) -> dict[str, torch.Tensor]:
-    squared = squared_norms(list(grads.values()))
+def _step_metrics(loss, aux, grads, opt_state, grad_stats,
+                  squared: list | None = None) -> dict[str, torch.Tensor]:
+    squared = squared_norms(list(grads.values())) if squared is None else squared
     metrics = {"loss": loss, "grad_norm": torch.sqrt(sum(squared))}
     lr = learning_rate(opt_state)
     if lr is not None:
@@ -181,23 +182,26 @@ def _data_parallel(wanted: bool | None, buffers: str) -> bool:
     return active if wanted is None else bool(wanted)
 
 
-def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool):
+def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool,
+                sums: list = ()):
     """Gradients, loss and aux averaged over ranks in one functional all-reduce per dtype
     (and float buffers when ``mean_buffers``): every rank then takes the same update and sees
     the same metrics, so in-step callbacks decide alike everywhere. Gradients already averaged
-    onto their shards (DTensors, see ``fxtrain.sharding``) are left as they are."""
+    onto their shards (DTensors, see ``fxtrain.sharding``) are left as they are; ``sums``
+    (float32 0-d tensors) ride along and come back summed over the ranks."""
     aux = {k: torch.as_tensor(v) for k, v in aux.items()}
     float_aux = [k for k, v in aux.items() if v.is_floating_point()]
     float_bufs = [k for k, v in buffers.items() if mean_buffers and v.is_floating_point()]
     whole = [k for k, g in grads.items() if not sharding.is_dtensor(g)]
     tensors = [*(grads[k] for k in whole), loss, *(aux[k] for k in float_aux),
-               *(buffers[k] for k in float_bufs)]
+               *(buffers[k] for k in float_bufs), *sums]
     means = iter(distributed.mean_in_step(tensors))
     grads = {**grads, **{k: next(means) for k in whole}}
     loss = next(means)
     aux = {**aux, **{k: next(means) for k in float_aux}}
     buffers = {**buffers, **{k: next(means) for k in float_bufs}}
-    return grads, loss, aux, buffers
+    sums = [next(means) * distributed.world_size() for _ in sums]
+    return grads, loss, aux, buffers, sums
 
 
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
@@ -333,18 +337,23 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             grads = sharding.reduce_scatter_grads(grads, state.params)
         if scaler is not None:  # unscaled before anything reads them (clipping included)
             grads = {k: g / scaler.scale for k, g in grads.items()}
+        # a sharded state's gradient norms (and non-finite count) are this rank's parts,
+        # summed over the ranks in the all-reduce that averages the loss: no collective more
+        parts = sharding.local_parts(grads, finite=scaler is not None) if sharded else []
         if parallel:
-            grads, loss, aux, new_buffers = _rank_means(grads, loss, aux, new_buffers,
-                                                        buffers == "mean")
+            grads, loss, aux, new_buffers, parts = _rank_means(
+                grads, loss, aux, new_buffers, buffers == "mean", sums=parts)
+        squared = None
         if sharded:
             grads = sharding.replicated_like(grads, state.params)
+            squared = parts[:len(grads)]
         new = state.apply_gradients(grads).replace(buffers=new_buffers or None)
-        metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats)
-        if sharded:  # norms over shards: reduced over the ranks into plain 0-d tensors
+        metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats, squared)
+        if sharded:  # any DTensor left (a norm taken another way): reduced into a plain tensor
             metrics = {k: sharding.gather_tensor(v) for k, v in metrics.items()}
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
-            finite = torch.stack([sharding.gather_tensor(torch.isfinite(g).all())
-                                  for g in grads.values()]).all()
+            finite = parts[-1] == 0 if sharded else torch.stack(
+                [torch.isfinite(g).all() for g in grads.values()]).all()
             new = revert_update(state, new, ~finite)
             new = set_callback_state(new, LOSS_SCALE, scaler.update(finite))
             metrics["loss_scale"] = scaler.scale

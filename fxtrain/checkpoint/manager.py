@@ -102,6 +102,7 @@ class CheckpointManager:
         self._writer: ThreadPoolExecutor | None = None
         self._pending: tuple[int, Future] | None = None
         self._pending_shards: Callable[[], None] | None = None  # a sharded save in flight
+        self._group = None  # the process group sharded saves are written in the background on
 
     # -- orbax -----------------------------------------------------------------------------
 
@@ -223,8 +224,11 @@ class CheckpointManager:
         floats = _floats(metrics)
         values, meta = bridge.table(state)
         meta = store.meta_for(state, meta, floats, self.metadata)
+        if self.async_save and self._group is None and distributed.initialized():
+            self._group = shards.background_group()  # every rank, at the same save
         self._pending_shards = shards.write(self.directory / str(step), values, meta,
-                                            finish=self._retain, background=self.async_save)
+                                            finish=self._retain,
+                                            background=self._group if self.async_save else None)
         return True
 
     def _retain(self) -> None:
@@ -358,6 +362,10 @@ class CheckpointManager:
             if self._orbax is not None:
                 self._orbax.close()
                 self._orbax = None
+            if self._group is not None:  # gloo threads must not outlive the interpreter
+                if distributed.initialized():
+                    torch.distributed.destroy_process_group(self._group)
+                self._group = None
 
     def __enter__(self) -> CheckpointManager:
         return self

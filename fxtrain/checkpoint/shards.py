@@ -15,7 +15,6 @@ whole values.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -30,8 +29,8 @@ import torch
 from .. import distributed
 from .files import fsync_path
 
-__all__ = ["SHARDS", "TABLE", "TMP", "STORAGE", "is_sharded_checkpoint", "read_meta", "write",
-           "read"]
+__all__ = ["SHARDS", "TABLE", "TMP", "STORAGE", "is_sharded_checkpoint", "read_meta",
+           "background_group", "write", "read"]
 
 SHARDS, TABLE, TMP = "shards", "fxtrain.json", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
@@ -64,25 +63,27 @@ def _stored(value: Any) -> torch.Tensor:
     return value.detach()
 
 
-@functools.cache
-def _background_group():
+def background_group() -> Any:
     """A gloo group of its own for the collectives of saves written in the background, so they
-    never interleave with the training's on the default group (made once, by every rank)."""
+    never interleave with the training's on the default group (every rank makes it, in the same
+    order; its owner destroys it with ``torch.distributed.destroy_process_group``: a gloo group
+    left to the interpreter's teardown can abort the process)."""
     return torch.distributed.new_group(backend="gloo")
 
 
 def write(path: Path, values: dict[str, Any], meta: dict,
           finish: Callable[[], None] | None = None,
-          background: bool = False) -> Callable[[], None] | None:
+          background: Any = None) -> Callable[[], None] | None:
     """Writes the sharded checkpoint ``path`` from every rank (a collective).
 
     ``values``: this rank's leaves by key (``bridge.table``); ``meta``: the JSON table, written
     by rank 0. ``finish`` runs on rank 0 after the rename (retention). An error on any rank
     raises on every rank, naming the checkpoint, and leaves the older checkpoints intact.
 
-    ``background``: returns once this rank's shards are copied (the state may change in place
-    right after), with the write going on in a thread; the returned ``complete()``, called by
-    every rank, waits for it and puts the checkpoint in place.
+    ``background``: a process group (``background_group()``) to write in a thread with:
+    returns once this rank's shards are copied (the state may change in place right after);
+    the returned ``complete()``, called by every rank, waits for the write and puts the
+    checkpoint in place.
     """
     import torch.distributed.checkpoint as dcp
     tmp = path.with_name(path.name + TMP)
@@ -110,7 +111,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
 
     distributed.rank_zero_then_broadcast(start, f"create {tmp}")
     writer = dcp.FileSystemWriter(tmp / SHARDS, sync_files=True)
-    if not background or _alone():
+    if background is None or _alone():
         try:
             dcp.save({k: _stored(v) for k, v in values.items()}, storage_writer=writer,
                      no_dist=_alone())
@@ -120,7 +121,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
         return None
     snapshot = {k: _stored(v).clone() for k, v in values.items()}  # a donating step's next
     future = dcp.async_save(snapshot, storage_writer=writer,  # write can't reach these
-                            process_group=_background_group())
+                            process_group=background)
 
     def complete() -> None:
         try:
