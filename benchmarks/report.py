@@ -532,9 +532,10 @@ def data_parallel(record: dict) -> list[str]:
         "the two cores with gloo's own threads. fxtrain issues one all-reduce per step and dtype "
         "(gradients, loss and metrics together); the sharded step one all-gather of the "
         "parameters and one reduce-scatter of the gradients per dtype (each shard padded to "
-        "the same rows, as FSDP does; gloo runs a reduce-scatter as an all-reduce), plus the "
-        "all-reduces of the loss and of the gradient norm, so at this latency it pays about "
-        "three times DP's communication for its memory saving. On GPUs with NCCL the "
+        "the same rows, as FSDP does; gloo runs a reduce-scatter as an all-reduce), plus one "
+        "small all-reduce (the loss, the metrics and each rank's part of the gradient norm "
+        "together), so at this latency it pays about three times DP's communication for its "
+        "memory saving. On GPUs with NCCL the "
         "same code path applies (not measured here: no GPU was used).", ""]
 
 
