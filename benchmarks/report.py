@@ -539,15 +539,20 @@ def data_parallel(record: dict) -> list[str]:
         "same code path applies (not measured here: no GPU was used).", ""]
 
 
+def _ratio_rows(res: dict, key: str, whole: str, part: str) -> tuple[list, float | None]:
+    """The rows of one per-rank ratio table (model, whole bytes, sharded bytes, ratio, met) and
+    its target, from each model size's ``res[size][key]``; no rows for older records."""
+    sizes = {s: r[key] for s, r in res.items() if key in r}
+    rows = [[MODELS[s].replace("batch", "batch per rank"), f"{m[whole]:,}", f"{m[part]:,}",
+             f"**{m['ratio']:.3f}**", met(m["ratio"] <= m["target"])] for s, m in sizes.items()]
+    return rows, next(iter(sizes.values()))["target"] if sizes else None
+
+
 def shard_memory(res: dict) -> list[str]:
     """The sharded state's bytes per rank against the whole state's, per model size."""
-    sizes = {s: r["state_memory"] for s, r in res.items() if "state_memory" in r}
-    if not sizes:  # a record from before the sharded rows
+    rows, target = _ratio_rows(res, "state_memory", "unsharded_1", "sharded_2")
+    if not rows:  # a record from before the sharded rows
         return []
-    rows = [[MODELS[s].replace("batch", "batch per rank"), f"{m['unsharded_1']:,}",
-             f"{m['sharded_2']:,}", f"**{m['ratio']:.3f}**", met(m["ratio"] <= m["target"])]
-            for s, m in sizes.items()]
-    target = next(iter(sizes.values()))["target"]
     return [
         "Memory of the sharded state: the bytes of parameters and AdamW state (moments and "
         "count) one rank holds at the end of the timed run "
@@ -563,13 +568,9 @@ def shard_memory(res: dict) -> list[str]:
 
 def save_bytes(res: dict) -> list[str]:
     """The bytes a rank writes to save the sharded state against a whole checkpoint's."""
-    sizes = {s: r["save_bytes"] for s, r in res.items() if "save_bytes" in r}
-    if not sizes:  # a record from before the sharded checkpoints
+    rows, target = _ratio_rows(res, "save_bytes", "full_1", "sharded_2")
+    if not rows:  # a record from before the sharded checkpoints
         return []
-    rows = [[MODELS[s].replace("batch", "batch per rank"), f"{m['full_1']:,}",
-             f"{m['sharded_2']:,}", f"**{m['ratio']:.3f}**", met(m["ratio"] <= m["target"])]
-            for s, m in sizes.items()]
-    target = next(iter(sizes.values()))["target"]
     return [
         "Sharded checkpoints: the bytes one rank writes when the final state is saved with "
         "`fx.checkpoint.save` (sharded on 2 ranks: its own `__<rank>_0.distcp`, rank 0 also "
