@@ -37,9 +37,19 @@ def _scalar(x: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor
     return x.to(like.dtype) if isinstance(x, torch.Tensor) else x
 
 
+def _wide(device: torch.device) -> torch.dtype:
+    """float64, where the device has it (MPS has none: float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor, like: torch.Tensor):
-    """1 - beta ** count, computed in float32 or wider."""
-    dtype = _acc_dtype(like)
+    """1 - beta ** count in float64, as ``torch.optim`` computes it on the host.
+
+    In float32 the rounding of beta itself puts 1 - 0.999 off by 1.3e-5 relative, and every
+    float32 Adam step came out that much smaller than torch's. Callers round the result, or its
+    square root, to their dtype once. A 0-d tensor op: one graph, no recompile as count grows.
+    """
+    dtype = _wide(like.device)
     base = beta.to(dtype) if isinstance(beta, torch.Tensor) else torch.tensor(beta, dtype=dtype,
                                                                                device=like.device)
     return 1 - torch.pow(base, count.to(dtype))
@@ -144,10 +154,12 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
 
         def direction(m, v, g):
-            bc2 = _bias_correction(b2, count, m).to(m.dtype)
+            bc2 = _bias_correction(b2, count, m)
             m_hat = _mu_hat(m, g, b1, count, nesterov)
-            # sqrt(v_hat + eps_root), written so that eps_root = 0 gives torch's rounding
-            v_root = torch.sqrt(v + _scalar(eps_root, v) * bc2) / torch.sqrt(bc2)
+            # sqrt(v_hat + eps_root), written so that eps_root = 0 gives torch's rounding:
+            # sqrt(v) / sqrt(1 - b2^t), that square root taken in float64
+            v_root = (torch.sqrt(v + _scalar(eps_root, v) * bc2.to(m.dtype))
+                      / torch.sqrt(bc2).to(m.dtype))
             return m_hat / (v_root + _scalar(eps, m))
 
         return tree_map(direction, mu, nu, updates), ScaleByAdamState(count, mu, nu)
@@ -587,7 +599,7 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
 
         def direction(m, v, g):
-            bc2 = _bias_correction(b2, count, m)  # 1 - b2^t, in float32 or wider
+            bc2 = _bias_correction(b2, count, m)  # 1 - b2^t, in float64
             t = count.to(bc2.dtype)
             rho_inf = 2 / (1 - _scalar(b2, bc2)) - 1
             rho = rho_inf - 2 * t * (1 - bc2) / bc2
