@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Reruns the numerically sensitive test files under each CPU kernel set this machine can run,
+# the nearest thing here to another CPU of our kind: ATen's (and Inductor's) vector ISA through
+# ATEN_CPU_CAPABILITY, and, for the scalar set, MKL's and oneDNN's portable code paths too.
+# Each kernel set gets its own TORCHINDUCTOR_CACHE_DIR: a cache shared across sets loads one
+# set's compiled kernels under another (a crash, or compiled dropout masks unlike eager ones).
+# Usage: bash scripts/portability.sh [pytest args...]   (needs the .venv scripts/test.sh makes)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+files=(tests/test_step_reference.py tests/test_optim.py tests/test_optim_breadth.py
+       tests/test_optim_more.py tests/test_precision.py tests/test_random.py
+       tests/test_random_ops.py tests/test_step.py
+       tests/test_demo.py::test_transformer_demo_generates_from_the_trained_module_and_exports_its_weights)
+sets=("default MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=SSE41" "avx2")
+grep -qw avx512f /proc/cpuinfo 2>/dev/null && sets+=("avx512")
+status=0
+for set in "${sets[@]}"; do
+    read -r capability extra <<<"$set"
+    cache=$(mktemp -d -t "fxtrain-inductor-$capability-XXXX")
+    echo "=== ATEN_CPU_CAPABILITY=$capability ${extra:-} (Inductor cache $cache)"
+    start=$SECONDS
+    env ATEN_CPU_CAPABILITY="$capability" $extra TORCHINDUCTOR_CACHE_DIR="$cache" \
+        .venv/bin/python -m pytest -q -p no:cacheprovider "${files[@]}" "$@" || status=1
+    echo "=== $capability: $((SECONDS - start)) s"
+    rm -rf "$cache"
+done
+exit $status
