@@ -476,7 +476,7 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         >>> params = {"w": torch.zeros(2)}
         >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
         >>> updates["w"], state.nu["w"]
-        (tensor([ 1.0000, -1.0000]), tensor([0.5000, 2.0000]))
+        (tensor([ 1., -1.]), tensor([0.5000, 2.0000]))
     """
     _betas("scale_by_adamax", b1=b1, b2=b2)
     _non_negative("scale_by_adamax", eps=eps)
@@ -579,12 +579,12 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         >>> for _ in range(6):
         ...     updates, state = tx.update({"w": torch.tensor([2.0])}, state)
         ...     print(updates["w"])  # momentum alone until rho_t reaches 5, then rectified
-        tensor([2.0000])
-        tensor([2.0000])
-        tensor([2.0000])
-        tensor([2.0000])
-        tensor([2.0000])
-        tensor([0.0257])
+        tensor([2.])
+        tensor([2.])
+        tensor([2.])
+        tensor([2.])
+        tensor([2.])
+        tensor([0.0258])
     """
     _betas("scale_by_radam", b1=b1, b2=b2)
     _non_negative("scale_by_radam", eps=eps, eps_root=eps_root)
