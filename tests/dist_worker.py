@@ -129,6 +129,23 @@ def sharded_callbacks(out):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def sharded_exit(out):
+    """A short sharded run that ends as programs do (``spawned`` destroys the group): the last
+    exit handler (registered first) records the threads still alive then, gloo's included."""
+    import atexit
+    rank = fx.distributed.rank()  # the group is gone by then
+
+    def record():
+        names = [open(f"/proc/self/task/{t}/comm").read().strip()
+                 for t in os.listdir("/proc/self/task")]
+        with open(f"{out}/threads{rank}.txt", "w") as f:
+            f.write("\n".join(names))
+
+    atexit.register(record)
+    state = fx.shard(fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2)))
+    fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=1), max_steps=2)
+
+
 def early_stop(out):
     """Each rank evaluates its own, unequal share of the eval data (70 and 30 of 100 examples);
     early stopping sees the merged loss, which weighs each rank by its examples."""
@@ -219,7 +236,8 @@ def exits(out):
 
 
 SCENARIOS = {"exits": exits, "train": train, "sharded": sharded,
-             "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks, "early_stop": early_stop, "host_stop": host_stop,
+             "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
+             "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting}
 

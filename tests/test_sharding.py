@@ -97,6 +97,17 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     assert "missing from the checkpoint: .params['4.weight']" in str(error.value)
 
 
+def test_a_sharded_run_leaves_no_gloo_thread_to_the_interpreters_exit(tmp_path):
+    """DTensor's caches keep the mesh, and so the gloo group, past destroy_process_group; left
+    to the interpreter's finalization, a gloo worker freeing its last work there aborted the
+    process now and then (SIGABRT after a run that succeeded). fxtrain destroys the group at
+    exit, before finalization: by the last exit handler no gloo thread is left."""
+    spawn("sharded_exit", str(tmp_path))
+    for rank in (0, 1):
+        names = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
+
+
 def test_shard_without_a_process_group_says_how_to_start_one():
     state = fx.TrainState.create(mlp(), fx.optim.adamw(1e-2))
     with pytest.raises(RuntimeError, match="torchrun and call fx.distributed.init"):
