@@ -42,6 +42,22 @@ def wandb_records(run_dir):
     return records
 
 
+def finished_wandb_records(run_dir):
+    """The run's records once wandb's service has written its exit record: the service may
+    still be writing the file when finish returns: not there yet (ValueError from the glob), its
+    last record half written (a protobuf DecodeError), or the exit record still to come."""
+    from google.protobuf.message import DecodeError
+    for _ in range(100):
+        try:
+            records = wandb_records(run_dir)
+        except (DecodeError, ValueError):
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        time.sleep(0.1)
+    raise AssertionError(f"wandb wrote no complete run under {run_dir} in 10 s")
+
+
 def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
     extra("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -58,12 +74,7 @@ def test_wandb_writer_offline_writes_every_kind(tmp_path, monkeypatch):
     writer.write_audios(5, {"tone": np.zeros(100)}, sample_rate=8000)
     writer.write_texts(5, {"note": "hello"})
     writer.close()
-    records = wandb_records(tmp_path)
-    for _ in range(100):  # wandb's service may still be writing the file when finish returns
-        if any(r.WhichOneof("record_type") == "exit" for r in records):
-            break
-        time.sleep(0.1)
-        records = wandb_records(tmp_path)
+    records = finished_wandb_records(tmp_path)
     history, config = {}, {}
     for r in records:
         kind = r.WhichOneof("record_type")
