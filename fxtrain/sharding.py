@@ -72,8 +72,7 @@ def _release_group(mesh: Any) -> None:
     active exception", SIGABRT after a run that succeeded: 1 exit in 12-40 of a 2-rank sharded
     run under load, found with a core dump). Destroyed here, the group joins its workers first.
     """
-    if distributed.initialized():
-        torch.distributed.destroy_process_group()
+    distributed._leave()  # fx.distributed's own exit handler, which may run after this one
     getattr(mesh, "_pg_registry", {}).clear()
 
 

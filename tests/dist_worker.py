@@ -4,6 +4,7 @@ through torch.multiprocessing or torchrun. Each writes its results under ``out``
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -136,8 +137,8 @@ def sharded_exit(out):
     rank = fx.distributed.rank()  # the group is gone by then
 
     def record():
-        names = [open(f"/proc/self/task/{t}/comm").read().strip()
-                 for t in os.listdir("/proc/self/task")]
+        tasks = Path("/proc/self/task")
+        names = [(tasks / t / "comm").read_text().strip() for t in os.listdir(tasks)]
         with open(f"{out}/threads{rank}.txt", "w") as f:
             f.write("\n".join(names))
 
