@@ -4,6 +4,7 @@ a description of the machine."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -36,6 +37,23 @@ def cross_entropy(state, params, batch):
     return F.cross_entropy(state.apply(params, x), y)
 
 
+BACKEND = "FXTRAIN_BENCH_BACKEND"  # torch.compile's backend in this process and its children
+
+
+def backend() -> str:
+    """torch.compile's backend for the timed variants: Inductor, or ``aot_eager`` in a
+    ``--smoke`` run (``use_smoke_backend``): Dynamo and AOTAutograd trace as in the real run, but
+    Inductor generates and compiles no kernels. A smoke run checks that a script works and
+    reports every row; cold Inductor compiles were most of its time (the transformer smoke took
+    230 s, 84 s without them), and the test suite compiles these models with Inductor elsewhere."""
+    return os.environ.get(BACKEND, "inductor")
+
+
+def use_smoke_backend() -> None:
+    """Makes ``backend()`` ``aot_eager`` here and in the processes this one starts."""
+    os.environ[BACKEND] = "aot_eager"
+
+
 def arguments(doc: str, argv, *, rounds: int, steps: int) -> argparse.Namespace:
     """``--rounds --steps --sizes --smoke``; ``--smoke`` is one round of 5 steps, tiny only."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
@@ -46,6 +64,7 @@ def arguments(doc: str, argv, *, rounds: int, steps: int) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:
         args.rounds, args.steps, args.sizes = 1, 5, ["tiny"]
+        use_smoke_backend()
     return args
 
 

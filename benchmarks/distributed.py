@@ -38,7 +38,7 @@ import torch
 import torch.multiprocessing as mp
 
 import fxtrain as fx
-from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_mlp
+from common import B1, B2, EPS, LR, SIZES, WD, arguments, backend, cross_entropy, make_mlp
 
 VARIANTS = ("fxtrain", "fxtrain_sharded", "ddp_eager", "ddp_compiled")
 WORLDS = {"fxtrain_sharded": (2,)}  # variant -> its process counts, if not (1, 2)
@@ -54,7 +54,7 @@ def _fxtrain(state_args, data, steps, shard, ckpt):
     parameters and optimizer state this rank holds at the end, and the bytes this rank writes
     to save that state with ``fx.checkpoint.save`` (None for replicated data parallel, where
     rank 0 writes the whole state as one process does)."""
-    step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
+    step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True, backend=backend())
     state = fx.TrainState.create(*state_args)
     if shard:
         state = fx.shard(state)
@@ -86,7 +86,7 @@ def _ddp(model, data, steps, compiled):
     """Seconds for ``steps`` steps of a DistributedDataParallel loop, after 20 of warm-up."""
     if fx.distributed.world_size() > 1:
         model = torch.nn.parallel.DistributedDataParallel(model)
-    forward = torch.compile(model) if compiled else model
+    forward = torch.compile(model, backend=backend()) if compiled else model
     opt = torch.optim.AdamW(model.parameters(), LR, betas=(B1, B2), eps=EPS, weight_decay=WD)
     batches = list(data)
 

@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from common import backend, use_smoke_backend
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("eager", "compiled", "fx_fit", "fx_pure", "fx_graphs")
 LR, WD, STEPS, BATCH = 1e-3, 1e-2, 5, 16
@@ -54,8 +56,8 @@ def _run(variant: str, width: int, depth: int, device: str) -> dict:
 
     if variant in ("eager", "compiled"):
         opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD, foreach=True)
-        forward = torch.compile(model) if variant == "compiled" else model
-        update = torch.compile(opt.step) if variant == "compiled" else opt.step
+        forward = torch.compile(model, backend=backend()) if variant == "compiled" else model
+        update = torch.compile(opt.step, backend=backend()) if variant == "compiled" else opt.step
         for _ in range(STEPS):
             opt.zero_grad(set_to_none=True)
             loss_of(forward(batch[0]), batch[1]).backward()
@@ -65,7 +67,7 @@ def _run(variant: str, width: int, depth: int, device: str) -> dict:
         del model  # the state holds the weights; drop the model's own
         step = fx.make_train_step(lambda s, p, b: loss_of(s.apply(p, b[0]), b[1]),
                                   donate=False if variant == "fx_pure" else None)
-        step = torch.compile(step, fullgraph=True)
+        step = torch.compile(step, fullgraph=True, backend=backend())
         if variant == "fx_graphs":
             step = fx.cuda_graphed(step)
         if variant in ("fx_fit", "fx_graphs"):
@@ -100,6 +102,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         args.width, args.depths = 64, [1, 2]
+        use_smoke_backend()
     if args.variants is None:  # CUDA graphs need a GPU
         args.variants = [v for v in VARIANTS if args.device == "cuda" or v != "fx_graphs"]
     rows = {}

@@ -65,7 +65,8 @@ import torch._dynamo
 import torch.nn.functional as F
 
 import fxtrain as fx
-from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_batches, make_mlp
+from common import (B1, B2, EPS, LR, SIZES, WD, arguments, backend, cross_entropy, make_batches,
+                    make_mlp)
 from step_overhead import eager_variant, fxtrain_variant, handwritten_variant
 
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"  # XLA has no flag for its own pool's size
@@ -177,7 +178,7 @@ def fxtrain_fit(sizes, batches, in_step=(), steps_per_call: int = 1) -> Run:
     tx = fx.optim.adamw(LR, B1, B2, EPS, WD)
     holder = [fx.TrainState.create(make_mlp(sizes), tx, callbacks=in_step)]
     step = torch.compile(fx.make_train_step(cross_entropy, callbacks=in_step, steps_per_call=k),
-                         fullgraph=True)
+                         fullgraph=True, backend=backend())
     data = Cycle(batches)
 
     def run_once(n: int) -> Timing:

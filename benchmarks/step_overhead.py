@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad_and_value
 
 import fxtrain as fx
-from common import B1, B2, EPS, LR, SIZES, WD, arguments, cross_entropy, make_batches, make_mlp
+from common import (B1, B2, EPS, LR, SIZES, WD, arguments, backend, cross_entropy, make_batches,
+                    make_mlp)
 
 
 def eager_variant(sizes, **options):
@@ -64,7 +65,7 @@ def handwritten_variant(sizes):
     def loss_fn(p, x, y):
         return F.cross_entropy(functional_call(model, p, (x,)), y)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=backend())
     def compiled(p, s, x, y):
         g, loss = grad_and_value(loss_fn)(p, x, y)
         t = s["t"] + 1
@@ -87,7 +88,8 @@ def handwritten_variant(sizes):
 
 def fxtrain_variant(sizes):
     state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-    train_step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True)
+    train_step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True,
+                               backend=backend())
     holder = [state]
 
     def step(batch):
@@ -112,7 +114,8 @@ def loop_setup(sizes, batch):
     n = batch * 64
     data = fx.data.Batches((torch.randn(n, sizes[0], generator=g),
                             torch.randint(0, sizes[-1], (n,), generator=g)), batch)
-    return state, torch.compile(fx.make_train_step(cross_entropy), fullgraph=True), data
+    return state, torch.compile(fx.make_train_step(cross_entropy), fullgraph=True,
+                                backend=backend()), data
 
 
 def host_callbacks():
@@ -154,7 +157,8 @@ def logging_variant(holder, data):
     logdir = tempfile.mkdtemp(prefix="fxtrain-bench-")
     atexit.register(shutil.rmtree, logdir, ignore_errors=True)
     writer = fx.logging.TensorBoardWriter(logdir)
-    step = torch.compile(fx.make_train_step(cross_entropy, grad_stats=True), fullgraph=True)
+    step = torch.compile(fx.make_train_step(cross_entropy, grad_stats=True), fullgraph=True,
+                         backend=backend())
     callbacks = [fx.callbacks.log_metrics(writer, every=50),
                  fx.callbacks.model_watch(writer, every=500)]
 

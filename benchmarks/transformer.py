@@ -35,7 +35,8 @@ change of data order alone does).
 Run: python benchmarks/transformer.py [--depths 2 4] [--steps 20] [--curve 320] [--smoke]
      [--device cpu] [--precision 32] [--peak-tflops 989] [--out FILE.json]
 (with --curve 320 on the 2-core VM: 3.3 min when Inductor's on-disk cache holds the graphs,
-9.4 min when it is empty: compiling dominates; --smoke: 1.5 min on a warm cache).
+9.4 min when it is empty: compiling dominates; --smoke compiles with aot_eager, see
+common.backend: 84 s with an empty cache).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import backend, use_smoke_backend
 
 VARIANTS = ("eager", "compiled", "fx_fit")
 LR, WD = 3e-4, 0.1
@@ -73,7 +76,7 @@ def _fx_step(precision):
     import fxtrain as fx
     return torch.compile(fx.make_train_step(
         lambda s, p, ids: _loss(s.apply(p, ids, use_cache=False).logits, ids),
-        precision=precision), fullgraph=True)
+        precision=precision), fullgraph=True, backend=backend())
 
 
 # -- memory ---------------------------------------------------------------------------------
@@ -106,8 +109,8 @@ def _loop(variant, model, batches, precision, device):
     """The eager or compiled loop's step function of the step index."""
     import torch
     opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD, foreach=True)
-    forward = torch.compile(model) if variant == "compiled" else model
-    update = torch.compile(opt.step) if variant == "compiled" else opt.step
+    forward = torch.compile(model, backend=backend()) if variant == "compiled" else model
+    update = torch.compile(opt.step, backend=backend()) if variant == "compiled" else opt.step
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
 
     def step(i):
@@ -279,6 +282,7 @@ def arguments(argv):
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
+        use_smoke_backend()
         args.depths, args.width, args.heads, args.seq, args.batch = [1, 2], 32, 2, 16, 2
         args.steps, args.warmup, args.curve = 3, 1, min(args.curve, 2 * PATTERNS) or PATTERNS
         args.curve_layers, args.curve_width, args.curve_seq, args.curve_batch = 1, 32, 16, 2

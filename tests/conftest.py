@@ -7,7 +7,14 @@ import torch
 import torch._dynamo
 from helpers import extra
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist each worker gets its share of the cores (two workers on a 2-core machine
+# would otherwise run four threads on two cores).
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+# and the processes tests start (demo runs, notebooks, ranks): OpenMP threads spin while they
+# wait, so two processes with two threads each on two cores run several times slower
+os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
 # tensorboard's reader imports TensorFlow when it is installed (the clu extra installs it);
 # this module is tensorboard's own switch for its TensorFlow-free build. TensorFlow runs only

@@ -10,6 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# one worker runs them all under pytest-xdist (--dist loadgroup): they share one smoke run
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
