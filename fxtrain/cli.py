@@ -65,13 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--step", type=int, help="show this checkpoint's tree")
     inspect.add_argument("--digest", action="store_true",
                          help="print fx.tree_digest of the restored state")
+    inspect.add_argument("--verify", action="store_true",
+                         help="read every checkpoint completely (every array, its checksum)")
     return parser
 
 
-def _inspect(directory: str, step: int | None, digest: bool) -> int:
+def _inspect(directory: str, step: int | None, digest: bool, verify: bool = False) -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from .checkpoint import DamagedCheckpointError
     from .checkpoint import inspect as ins
     console = Console(highlight=False)
     try:
@@ -79,19 +82,26 @@ def _inspect(directory: str, step: int | None, digest: bool) -> int:
     except OSError as e:
         print(f"fxtrain inspect: {e}", file=sys.stderr)
         return 1
-    rows = [ins.summary(p) for p in paths]
+    rows = [ins.summary(p, verify) for p in paths]
     table = Table(title=f"checkpoints in {directory}")
-    for column in ("step", "metrics", "size", "saved"):
+    for column in ("step", "metrics", "size", "saved", "status"):
         table.add_column(column, justify="right" if column in ("step", "size") else "left")
     for r in rows:
         metrics = format_scalars(dict(sorted(r["metrics"].items())), sep=", ")
+        status = (f"DAMAGED: {r['damaged']}" if r["damaged"] else "verified" if verify
+                  else "ok")
         table.add_row(str(r["step"]), metrics or "-", ins.format_size(r["size"]),
-                      ins.format_age(r["time"]))
+                      ins.format_age(r["time"]), status)
     console.print(table)
+    bad = [r for r in rows if r["damaged"]]
+    for r in bad:
+        print(f"fxtrain inspect: {r['path']} is damaged: {r['damaged']}", file=sys.stderr)
     chosen = rows[-1] if step is None else next((r for r in rows if r["step"] == step), None)
     if chosen is None:
         print(f"fxtrain inspect: no checkpoint of step {step}; steps: "
               f"{[r['step'] for r in rows]}", file=sys.stderr)
+        return 1
+    if chosen["damaged"]:
         return 1
     if step is not None:
         tree = Table(title=f"step {step}: {chosen['path']}")
@@ -106,8 +116,12 @@ def _inspect(directory: str, step: int | None, digest: bool) -> int:
             console.print(f"sharded: written by {chosen['meta']['world_size']} ranks with "
                           f"{chosen['meta']['storage']}")
     if digest:
-        print(f"digest (step {chosen['step']}): {ins.digest(chosen['path'])}")  # unwrapped
-    return 0
+        try:
+            print(f"digest (step {chosen['step']}): {ins.digest(chosen['path'])}")  # unwrapped
+        except DamagedCheckpointError as e:
+            print(f"fxtrain inspect: {e}", file=sys.stderr)
+            return 1
+    return 1 if bad else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main(DemoConfig(**given, progress=not args.no_progress,
                                     compile=not args.no_compile))
     if args.command == "inspect":
-        return _inspect(args.directory, args.step, args.digest)
+        return _inspect(args.directory, args.step, args.digest, args.verify)
     return 2
 
 

@@ -138,7 +138,12 @@ def load_safetensors(path: str | os.PathLike, like: Any) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_safetensors: no file {path}")
-    with safe_open(str(path), framework="pt") as f:
+    try:
+        opened = safe_open(str(path), framework="pt")
+    except Exception as e:  # safetensors' own errors name neither the file nor the fix
+        raise ValueError(f"load_safetensors: {path} is not a readable safetensors file "
+                         f"(truncated or damaged?): {type(e).__name__}: {e}") from e
+    with opened as f:
         names = set(f.keys())
         expected = _weights(like)
         missing, unexpected = sorted(expected.keys() - names), sorted(names - expected.keys())

@@ -39,9 +39,10 @@ import warnings
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed, donation
+from . import distributed, donation, traced_errors
+from .checkpoint.store import DamagedCheckpointError
 from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_reporting, init,
-                             save_veto)
+                             save_veto, stop_reasons)
 from .data import as_stream
 from .evaluation import evaluate
 from .feed import Feed, prefetches
@@ -74,6 +75,8 @@ class _Flags:
         self.rank_consistent = False  # a request every rank made this step
         self.signalled = False  # this process got SIGTERM (set by the handler)
         self.preempted = False  # a read found SIGTERM on some rank: every rank stops (and saves)
+        self.losses: list[torch.Tensor] = []  # the steps' losses since the last read
+        self.nonfinite_loss = False  # a read found a NaN or infinite loss among them
 
     def add(self, control: Control, alike: bool = False) -> None:
         """A fold's control; ``alike``: it holds a request from a callback that decides alike
@@ -91,6 +94,8 @@ class _Flags:
         if "control/stop" in metrics:  # the in-step callbacks' flags
             for pending, key in zip(self.tensors, CONTROL_METRICS):
                 pending.append(metrics[key])
+        if isinstance(metrics.get("loss"), torch.Tensor):
+            self.losses.append(metrics["loss"])
 
     def urgent(self) -> bool:
         """A host callback asked for something now (one rank's wish cannot start a collective
@@ -102,12 +107,17 @@ class _Flags:
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]
-        if fields:  # one sync for every pending flag
+        if fields:  # one sync for every pending flag, and whether a loss since was not finite
             device = self.tensors[fields[0]][0].device
-            anys = torch.stack([torch.stack([t.to(device) for t in self.tensors[i]]).any()
-                                for i in fields])
-            read = dict(zip(fields, anys.tolist()))
+            anys = [torch.stack([t.to(device) for t in self.tensors[i]]).any() for i in fields]
+            if self.losses:
+                losses = torch.cat([loss.detach().reshape(-1).to(device) for loss in self.losses])
+                anys.append(~torch.isfinite(losses).all())
+            read = torch.stack(anys).tolist()
+            self.nonfinite_loss = self.nonfinite_loss or (bool(self.losses) and read[-1])
+            read = dict(zip(fields, read))
             self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
+        self.losses = []  # a boundary without a read (no flag pending) does not look at them
         out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
         self.rank_consistent = False
         preempted = self.signalled
@@ -212,6 +222,8 @@ def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Call
         was = donation.fit_donating(donates)
         try:
             return step(state, batch)
+        except Exception as e:  # fxtrain's (or the model's) error first, not the compiler's
+            traced_errors.reraise(e, "the train step")
         finally:
             donation.fit_donating(was)
 
@@ -374,7 +386,12 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         # the checkpoint is where training stood, so resuming from it continues the same run
         run.save()
         preempted = run.pending.preempted
-        run.emit("train_end", {"reason": "preempted" if preempted else reason})
+        end = {"reason": "preempted" if preempted else reason}
+        if reason == "stopped" and not preempted:
+            end["stopped_by"] = run.stopped_by()
+            if distributed.is_rank_zero():
+                print(f"fxtrain: stopped at step {run.step} by {end['stopped_by']}", flush=True)
+        run.emit("train_end", end)
         _wait(checkpoint)
         if preempted:  # no rank leaves (and has its launcher end the others) before all saved
             distributed.barrier()
@@ -423,12 +440,14 @@ class _Run:
         self.before_step = tuple(cb for cb in callbacks  # those that asked for step_begin
                                  if isinstance(cb, Callback) and "step_begin" in cb.kinds)
         self.in_step = False  # inside the step call (its state may be donated half-way)
+        self.stoppers: list[str] = []  # host callbacks that asked to stop outright
+        self.warned_nonfinite = False
 
     def emit(self, kind: str, metrics: dict | None = None, *, error=None,
              callbacks: tuple | None = None) -> Control:
         self.state, control, alike = fold_reporting(
             self.callbacks if callbacks is None else callbacks, self.state,
-            Event(kind, self.step, self.epoch, metrics, error))
+            Event(kind, self.step, self.epoch, metrics, error), self.stoppers)
         self.pending.add(control, alike)
         return control
 
@@ -513,10 +532,33 @@ class _Run:
                 f"eval/{k}": v for k, v in (self.epoch_eval or {}).items()}})
             self.epoch, self.epoch_metrics = self.epoch + 1, None
         control = control | self.pending.read()
+        self.warn_nonfinite()
         if control.save:
             self.save()
         self.log_next = bool(control.log)
         return "stopped" if control.stop or self.pending.read().stop else None
+
+    def warn_nonfinite(self) -> None:
+        """Once per run: a read found a loss that was not finite (read with the flags, at a
+        boundary that reads them anyway)."""
+        if self.pending.nonfinite_loss and not self.warned_nonfinite:
+            self.warned_nonfinite = True
+            guarded = any(callable(getattr(s, "save_veto", None))  # nan_guard: it skips them
+                          for s in (self.state.callbacks or {}).values())
+            if distributed.is_rank_zero() and not guarded:
+                warnings.warn(
+                    f"fit: the loss was NaN or infinite at a step before step {self.step}; "
+                    "checkpoints of non-finite parameters are not saved (the last finite one "
+                    "stays the latest). fx.callbacks.nan_guard('skip') discards such steps, "
+                    "nan_guard('stop') ends the run at the first", RuntimeWarning, stacklevel=4)
+
+    def stopped_by(self) -> str:
+        """Which callbacks stopped the run, and why (their states' ``stop_reason``; the host
+        callbacks that asked outright)."""
+        said = [f"{name}: {why}" for name, why in stop_reasons(self.state)]
+        said += [f"{name} asked to stop" for name in dict.fromkeys(self.stoppers)
+                 if not any(s.startswith(f"{name}: ") for s in said)]
+        return "; ".join(said) or "a callback asked to stop"
 
     def evaluate(self) -> None:
         if self.eval_step is None:
@@ -551,9 +593,39 @@ def _resume(checkpoint: Any, state: Any, resume: bool) -> Any:
         raise ValueError(f"fit: {checkpoint.directory} holds checkpoints up to step {latest}, "
                          f"ahead of this state (step {int(state.step)}); resume=True continues "
                          "from them, or give a new directory")
+    try:
+        restored = checkpoint.restore(state, latest)
+    except DamagedCheckpointError as e:
+        restored, latest = _fall_back(checkpoint, state, latest, e)
     print(f"fxtrain: resuming from the checkpoint of step {latest} in {checkpoint.directory}",
           flush=True)
-    return checkpoint.restore(state, latest)
+    return restored
+
+
+def _fall_back(checkpoint: Any, state: Any, damaged: int,
+               error: DamagedCheckpointError) -> tuple[Any, int]:
+    """The newest readable checkpoint older than the ``damaged`` one, and its step; the damaged
+    ones are set aside (renamed, kept) so the run can write their steps again."""
+    bad = [damaged]
+    older = [s for s in getattr(checkpoint, "all_steps", lambda: [])() if int(state.step) < s
+             < damaged]
+    for step in reversed(older):
+        try:
+            restored = checkpoint.restore(state, step)
+        except DamagedCheckpointError:
+            bad.append(step)
+            continue
+        kept = [str(checkpoint.set_aside(s)) for s in bad] if hasattr(
+            checkpoint, "set_aside") else []
+        if distributed.is_rank_zero():
+            warnings.warn(f"fit: {str(error).split('. The other checkpoints')[0]}; resuming "
+                          f"from step {step}, the newest readable checkpoint"
+                          + (f" (the damaged ones are kept as {', '.join(kept)})" if kept else ""),
+                          RuntimeWarning, stacklevel=4)
+        return restored, step
+    raise DamagedCheckpointError(f"fit cannot resume: {error}; no older checkpoint here is "
+                                 "readable either (pass resume=False and a new directory to "
+                                 "start over)") from error
 
 
 def _wait(checkpoint: Any) -> None:

@@ -28,6 +28,7 @@ from .precision import loss_scale as default_loss_scale
 from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
 from .stats import gradient_histograms, gradient_statistics
+from .traced_errors import fail
 from .tree import squared_norms, tree_select
 
 __all__ = ["make_train_step", "make_eval_step", "revert_update"]
@@ -49,9 +50,9 @@ class _BatchGuard:
             if self.first is None:
                 self.first = signature
             elif signature != self.first:
-                raise ValueError(
-                    f"{self.where}: this batch differs from the first one in structure or "
-                    f"dtype.\n  first: {_describe(self.first)}\n  now:   {_describe(signature)}")
+                fail(ValueError,
+                     f"{self.where}: this batch differs from the first one in structure or "
+                     f"dtype.\n  first: {_describe(self.first)}\n  now:   {_describe(signature)}")
             return True
 
         self.check_signature = check_signature
@@ -85,7 +86,7 @@ def _model_output_loss(out: Any) -> Any:
     if isinstance(out, (torch.Tensor, tuple)) or not hasattr(out, "loss"):
         return out
     if out.loss is None:
-        raise TypeError(f"loss_fn returned a {type(out).__name__} whose .loss is None; pass "
+        fail(TypeError, f"loss_fn returned a {type(out).__name__} whose .loss is None; pass "
                         "labels=... to the model (transformers computes the loss then), or "
                         "compute a loss from its logits")
     return out.loss
@@ -97,13 +98,13 @@ def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
             type(loss).__name__
-        raise TypeError(f"loss_fn must return a 0-d loss tensor, (loss, aux dict) or an object "
+        fail(TypeError, f"loss_fn must return a 0-d loss tensor, (loss, aux dict) or an object "
                         f"with a .loss (a transformers ModelOutput); it returned {what}. Reduce "
                         "the loss, e.g. with .mean()")
     if not loss.is_floating_point():
-        raise TypeError(f"loss_fn returned a {loss.dtype} loss; it must be floating point")
+        fail(TypeError, f"loss_fn returned a {loss.dtype} loss; it must be floating point")
     if aux is not None and not isinstance(aux, Mapping):
-        raise TypeError(f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
+        fail(TypeError, f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
     return loss, dict(aux or {})
 
 
@@ -120,7 +121,7 @@ def _step_metrics(loss, aux, grads, opt_state, grad_stats,
         metrics.update(gradient_histograms(sharding.gathered(grads)))
     clash = sorted(metrics.keys() & aux.keys())
     if clash:
-        raise ValueError(f"loss_fn's aux uses reserved metric names {clash}; rename them")
+        fail(ValueError, f"loss_fn's aux uses reserved metric names {clash}; rename them")
     return {**metrics, **aux}
 
 

@@ -36,8 +36,10 @@ def is_compiled(fn: Callable) -> bool:
 
 
 def _signature(batch: Any) -> tuple:
-    return tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor) else
-                 (type(leaf), leaf) for leaf in pytree.tree_leaves(batch))
+    """The batch's structure and its leaves' shapes, dtypes and devices (values for others)."""
+    leaves, spec = pytree.tree_flatten(batch)
+    return spec, tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
+                       else (type(leaf), leaf) for leaf in leaves)
 
 
 class Unguarded:

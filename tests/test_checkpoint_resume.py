@@ -154,3 +154,80 @@ def test_restoring_a_fit_checkpoint_into_a_fresh_state(tmp_path):
     with pytest.warns(UserWarning, match="early_stopping") as caught:
         manager.restore(like=like, only=("params", "data", "callbacks"))
     assert caught[0].filename == __file__
+
+
+@pytest.mark.parametrize("where", ["in the step", "on the host"])
+def test_a_callback_added_on_resume_starts_from_its_init_and_a_removed_one_is_dropped(tmp_path,
+                                                                                       where):
+    """A run saved without callbacks resumes with nan_guard added (its state is its init); the
+    run saved with it resumes without it, dropping its state with a warning that names it."""
+    guard = lambda: [fx.callbacks.nan_guard("skip")]  # noqa: E731
+    with CheckpointManager(tmp_path / "plain", async_save=False) as m:
+        run([], [], 8, m)
+        added = run(*((guard(), []) if where == "in the step" else ([], guard())), 16, m)
+        assert int(added.step) == 16 and m.all_steps() == [8, 16]
+        assert int(added.callbacks["nan_guard"].skipped) == 0  # counted from its init
+    with CheckpointManager(tmp_path / "guarded", async_save=False) as m:
+        run([], guard(), 8, m)
+        with pytest.warns(UserWarning, match="no longer present: nan_guard"):
+            dropped = run([], [], 16, m)
+        assert int(dropped.step) == 16 and not dropped.callbacks
+
+
+def nan_at(step, steps):
+    """``steps`` batches, the one of ``step`` (1-based) all NaN."""
+    batches = [(X[16 * (i % 6):16 * (i % 6 + 1)], Y[16 * (i % 6):16 * (i % 6 + 1)])
+               for i in range(steps)]
+    batches[step - 1] = (torch.full((16, 8), float("nan")), batches[step - 1][1])
+    return batches
+
+
+def test_a_run_gone_nan_never_replaces_the_last_finite_checkpoint(tmp_path):
+    """NaN input at step 23 with no nan_guard, keep_latest=2, saves every 5 steps: the steps
+    from 25 on are not saved, retention keeps 15 and 20, fit warns, and a resume from step 20
+    trains on."""
+    every5 = [fx.callbacks.checkpoint_policy(every=5)]
+    # an in-step callback that does not guard: its flags are read every sync_every steps, and
+    # the losses are checked in that read (a fit that reads nothing checks nothing: the
+    # manager's refusal is then the warning)
+    watcher = [fx.callbacks.early_stopping("loss", patience=1000, event="step_end")]
+    state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adam(1e-2), callbacks=watcher)
+    step = fx.make_train_step(xent, callbacks=watcher)
+    with CheckpointManager(tmp_path, keep_latest=2, async_save=False) as m:
+        with pytest.warns(RuntimeWarning) as caught:
+            end = fx.fit(state, step, nan_at(23, 35), callbacks=every5, max_epochs=1,
+                         checkpoint=m, sync_every=5)
+        assert int(end.step) == 35 and not torch.isfinite(end.params["0.weight"]).all()
+        assert m.all_steps() == [15, 20]
+        said = [str(w.message) for w in caught]
+        assert any("loss was NaN or infinite at a step before step 25" in s for s in said), said
+        assert any("not saving step 25" in s and ".params['0.weight']" in s
+                   and "the latest checkpoint stays step 20" in s for s in said), said
+        fresh = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adam(1e-2), callbacks=watcher)
+        good = [b for i, b in enumerate(nan_at(23, 35)) if i != 22] + [(X[:16], Y[:16])]
+        resumed = fx.fit(fresh, step, good, callbacks=every5, max_epochs=1, checkpoint=m)
+        assert int(resumed.step) == 35 and torch.isfinite(resumed.params["0.weight"]).all()
+        assert m.all_steps() == [30, 35]
+
+
+def test_a_run_a_callback_stops_says_which_and_why(tmp_path, capsys):
+    state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adam(1e-2),
+                                 callbacks=[fx.callbacks.nan_guard("stop")])
+    step = fx.make_train_step(xent, callbacks=[fx.callbacks.nan_guard("stop")])
+    ends = []
+    watch = lambda s, e: ends.append(e.metrics) if e.kind == "train_end" else None  # noqa: E731
+    with CheckpointManager(tmp_path, async_save=False) as m:
+        end = fx.fit(state, step, nan_at(23, 35), callbacks=[watch], max_epochs=1, checkpoint=m,
+                     sync_every=5)
+        assert m.all_steps() == [25] and torch.isfinite(end.params["0.weight"]).all()
+    out = capsys.readouterr().out
+    assert ("fxtrain: stopped at step 25 by nan_guard: a step's loss or gradient norm was not "
+            "finite (its update was discarded)") in out, out
+    assert ends[-1]["reason"] == "stopped" and ends[-1]["stopped_by"].startswith("nan_guard")
+
+    def host_stop(s, e):
+        return s, fx.Control(stop=e.kind == "step_end" and e.step == 3)
+    plain = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.adam(1e-2))
+    fx.fit(plain, fx.make_train_step(xent), nan_at(23, 35), callbacks=[host_stop], max_epochs=1)
+    out = capsys.readouterr().out
+    assert "fxtrain: stopped at step 3 by " in out and "host_stop asked to stop" in out, out

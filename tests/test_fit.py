@@ -128,7 +128,8 @@ def test_the_time_budget_stops_the_run():
                  callbacks=[fx.callbacks.timer(5, time_fn=lambda: float(next(clock))),
                             fx.callbacks.on("train_end", lambda s, e: seen.append(e.metrics))])
     # one tick per event read by the timer: train_begin, steps, and the epoch_end at step 3
-    assert int(end.step) == 4 and seen == [{"reason": "stopped"}]
+    assert int(end.step) == 4 and seen == [{"reason": "stopped",
+                                            "stopped_by": "timer asked to stop"}]
     assert end.callbacks["timer"]["elapsed"] >= 5.0
 
 

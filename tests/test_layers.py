@@ -11,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "struct", "donation", "tree", "stats", "means", "random", "distributed",
+     "traced_errors",
      "sharding", "preemption", "logging.numbers"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, the callback protocol
     ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "callbacks.core",

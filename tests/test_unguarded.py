@@ -58,3 +58,20 @@ def test_an_eager_step_or_a_structure_change_keeps_the_guards(fast_calls):
     for batch in list(data)[:3]:
         state, _ = call(state, batch)
     assert fast_calls == []
+
+
+def test_a_batch_of_another_structure_takes_the_guarded_path_and_is_named(fast_calls):
+    """Same leaves (shapes, dtypes) in another structure: the fast path compared leaves only and
+    met Dynamo's 'Recompilation triggered with skip_guard_eval_unsafe stance'; now it is the
+    guarded path's message."""
+    x, y = classification_batch(n=48, seed=2)
+
+    def loss(state, params, batch):
+        batch = (batch["x"], batch["y"]) if isinstance(batch, dict) else batch
+        return xent(state, params, batch)
+
+    step = torch.compile(fx.make_train_step(loss), fullgraph=True, backend="eager")
+    batches = [(x[:16], y[:16]), (x[16:32], y[16:32]), {"x": x[32:], "y": y[32:]}]
+    with pytest.raises(ValueError, match="this batch differs from the first one in structure"):
+        fx.fit(fx.TrainState.create(mlp(), fx.optim.sgd(0.1)), step, batches, max_epochs=1)
+    assert sum(fast_calls[::2]) == 1  # the second batch only

@@ -312,11 +312,12 @@ def _decides_alike(cb: Callable) -> bool:
     return isinstance(cb, Callback) and not cb.host
 
 
-def fold_reporting(callbacks: Sequence[Callable], state: Any,
-                   event: Event) -> tuple[Any, Control, bool]:
+def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
+                   stoppers: list[str] | None = None) -> tuple[Any, Control, bool]:
     """``fold``, also reporting whether a callback that decides alike on every rank asked for
     ``stop``, ``save``, ``evaluate`` or ``log`` outright (a Python ``True``): several ranks can
-    act on such a request at once, where one rank's wish must wait for a collective read."""
+    act on such a request at once, where one rank's wish must wait for a collective read. The
+    names of the callbacks that asked to stop outright are appended to ``stoppers``."""
     control, alike = NOTHING, False
     for cb in callbacks:
         if isinstance(cb, Callback):
@@ -333,17 +334,33 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any,
         if c is not NOTHING:
             control = control | c
             alike = alike or (_decides_alike(cb) and any(v is True for v in flags(c)[:4]))
+            if c.stop is True and stoppers is not None:
+                stoppers.append(cb.name if isinstance(cb, Callback) else name_of(cb))
     return state, control, alike
+
+
+def _read_flags(state: Any, method: str) -> list[tuple[str, str]]:
+    """``(name, why)`` of each callback state whose ``method() -> (flag, why)`` holds; the
+    tensor flags are read together, in one sync."""
+    asked = [(name, *getattr(s, method)()) for name, s in (state.callbacks or {}).items()
+             if callable(getattr(s, method, None))]
+    if not asked:
+        return []
+    read = torch.stack([torch.as_tensor(flag).cpu() for _, flag, _ in asked]).tolist()
+    return [(name, why() if callable(why) else why) for (name, _, why), on in zip(asked, read)
+            if on]
+
+
+def stop_reasons(state: Any) -> list[tuple[str, str]]:
+    """``(name, why)`` of the callbacks whose state says it stopped the run: a callback state
+    tells with a method ``stop_reason() -> (flag, why)`` (``flag`` a bool or a 0-d bool
+    tensor; ``why`` a string, or a function making one, called only when the flag holds)."""
+    return _read_flags(state, "stop_reason")
 
 
 def save_veto(state: Any) -> str | None:
     """Why ``state`` must not be checkpointed, or None. A callback state vetoes with a method
     ``save_veto() -> (flag, reason)`` (``flag`` a bool or a 0-d bool tensor); the tensor flags
     are read together, in one sync."""
-    vetoes = [(name, *s.save_veto()) for name, s in (state.callbacks or {}).items()
-              if callable(getattr(s, "save_veto", None))]
-    if not vetoes:
-        return None
-    read = torch.stack([torch.as_tensor(flag).cpu() for _, flag, _ in vetoes]).tolist()
-    return next((f"{name} flagged it as {why}" for (name, _, why), on in zip(vetoes, read) if on),
+    return next((f"{name} flagged it as {why}" for name, why in _read_flags(state, "save_veto")),
                 None)

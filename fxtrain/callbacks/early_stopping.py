@@ -28,6 +28,11 @@ class EarlyStoppingState:
     best_step: torch.Tensor
     best_params: dict[str, torch.Tensor] | None = None
 
+    def stop_reason(self):
+        """What ``fit`` says when a run it stopped ends (read only then)."""
+        return self.stopped, lambda: (f"no improvement since step {int(self.best_step)} "
+                                      f"(best {float(self.best):.6g})")
+
 
 def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
     """``event.metrics[monitor]`` as a float64 tensor; a clear error if it is missing.
@@ -190,6 +195,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         >>> state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
         ...                max_steps=100, eval_step=eval_step, eval_data=[batch], eval_every=1,
         ...                callbacks=[stop])
+        fxtrain: stopped at step 3 by early_stopping: no improvement since step 1 (best ...)
         >>> es = fx.callbacks.callback_state(state, "early_stopping")
         >>> int(state.step), bool(es.stopped), int(es.best_step)
         (3, True, 1)

@@ -158,6 +158,7 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None, log_every
         >>> state = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches(batch, 4),
         ...                max_steps=100, eval_step=fx.make_eval_step(loss_fn),
         ...                eval_data=[batch], eval_every=1, callbacks=[stop])
+        fxtrain: stopped at step 3 by hf_EarlyStoppingCallback asked to stop
         >>> int(state.step)
         3
         >>> saved = fx.callbacks.callback_state(state, "hf_EarlyStoppingCallback")  # checkpointed

@@ -28,6 +28,11 @@ class NanGuardState:
         """``fit`` never checkpoints a state whose last step was non-finite."""
         return self.flagged, "non-finite"
 
+    def stop_reason(self) -> tuple[torch.Tensor, str]:
+        """What ``fit`` says when a run stopped while this guard had skipped steps."""
+        return self.skipped > 0, ("a step's loss or gradient norm was not finite (its update "
+                                  "was discarded)")
+
 
 def is_finite_step(metrics) -> torch.Tensor:
     """Whether the step's ``loss`` (and ``grad_norm``, when reported) are finite.

@@ -35,9 +35,11 @@ def timer(max_seconds: float, *, time_fn: Callable[[], float] = time.monotonic,
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> train_step = fx.make_train_step(loss_fn)
         >>> state = fx.fit(state, train_step, data, max_steps=100, callbacks=[timer])
+        fxtrain: stopped at step 3 by timer asked to stop
         >>> int(state.step), state.callbacks["timer"]  # train_end read the clock too
         (3, {'elapsed': 40.0})
         >>> state = fx.fit(state, train_step, data, max_steps=100, callbacks=[timer])
+        fxtrain: stopped at step 3 by timer asked to stop
         >>> int(state.step)  # a resumed run counts against the same budget: none left
         3
     """

@@ -6,6 +6,7 @@ orbax (and jax) are imported on the first save or restore, never by ``import fxt
 
 from .bridge import CheckpointMismatchError as CheckpointMismatchError
 from .manager import CheckpointManager as CheckpointManager
+from .store import DamagedCheckpointError as DamagedCheckpointError
 from .manager import restore as restore
 from .manager import save as save
 

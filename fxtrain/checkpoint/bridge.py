@@ -22,7 +22,8 @@ from ..donation import check_live
 from ..sharding import is_dtensor, is_sharded
 from ..tree import path_str
 
-__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "table", "encode", "plan", "decode"]
+__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "table", "encode", "nonfinite", "plan",
+           "decode"]
 
 FORMAT = "fxtrain.checkpoint/1"
 
@@ -130,6 +131,32 @@ def encode(state: Any) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, meta
 
 
+WEIGHTS = ("params", "buffers")  # the sections a model is made of
+
+
+def nonfinite(values: dict[str, Any], meta: dict) -> list[str]:
+    """The paths of the model's floating-point leaves (``WEIGHTS``) holding a NaN or an
+    infinity, from ``table``'s or ``encode``'s output: numpy arrays are checked on the host;
+    tensors (a sharded state's: this rank's shards) in one read."""
+    entries = [e for e in meta["leaves"] if e.get("section") in WEIGHTS and "key" in e
+               and e["kind"] in ("tensor", "ndarray")]
+    found, tensors = [], []
+    for e in entries:
+        value = values[e["key"]]
+        if isinstance(value, torch.Tensor):
+            local = value.to_local() if is_dtensor(value) else value
+            if local.is_floating_point() or local.is_complex():
+                tensors.append((e["path"], torch.isfinite(local).all()))
+        elif np.issubdtype(value.dtype, np.inexact) or value.dtype.name in (
+                "bfloat16", "float8_e4m3fn", "float8_e5m2"):
+            if not np.isfinite(value).all():
+                found.append(e["path"])
+    if tensors:
+        finite = torch.stack([t.to(tensors[0][1].device) for _, t in tensors]).tolist()
+        found += [path for (path, _), ok in zip(tensors, finite) if not ok]
+    return found
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How a template's leaves are filled: each from its checkpoint entry, or (entry None) kept
@@ -203,7 +230,8 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
 
     def taken(keypath, leaf) -> bool:
         section, callback = _section(keypath)
-        if section == "callbacks" and callback is None and leaf is None and names:
+        if section == "callbacks" and callback is None and leaf is None and (
+                names or path_str(keypath) not in saved):
             return False  # a template without callbacks: the saved ones are all dropped
         return (wanted is None or section in wanted) and callback not in added
 
@@ -220,6 +248,8 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
             sources.append((path, leaf, saved[path]))
     for entry in meta["leaves"]:
         section, callback = entry.get("section"), entry.get("callback")
+        if section == "callbacks" and callback is None and entry["kind"] == "python":
+            continue  # a checkpoint without callback states: the template's keep their init
         if (entry["path"] not in used and callback not in dropped
                 and (wanted is None or section in wanted)):
             problems.append(f"  unexpected in the checkpoint: {entry['path']}")

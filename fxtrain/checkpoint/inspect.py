@@ -55,11 +55,18 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def summary(path: Path) -> dict[str, Any]:
-    """Step, metrics, bytes on disk and save time of the checkpoint at ``path``."""
-    meta = store.read_meta(path)
+def summary(path: Path, verify: bool = False) -> dict[str, Any]:
+    """Step, metrics, bytes on disk and save time of the checkpoint at ``path``, and
+    ``damaged``: why it cannot be read, or None (``verify``: every array read and checked, not
+    only its description)."""
+    try:
+        meta = store.verify(path) if verify else store.read_meta(path)
+    except store.DamagedCheckpointError as e:
+        step = int(path.name) if path.name.isdigit() else None
+        return {"path": path, "step": step, "metrics": {}, "size": _size(path), "time": None,
+                "meta": None, "damaged": str(e).split(" is damaged: ", 1)[-1]}
     return {"path": path, "step": meta.get("step"), "metrics": meta.get("metrics", {}),
-            "size": _size(path), "time": meta.get("time"), "meta": meta}
+            "size": _size(path), "time": meta.get("time"), "meta": meta, "damaged": None}
 
 
 def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
@@ -107,9 +114,7 @@ def digest(path: Path) -> str:
         True
         >>> tmp.cleanup()
     """
-    meta = store.read_meta(path)
-    keys = store.saved_keys(meta)
-    arrays = store.read_arrays(path, keys, keys) if keys else {}
+    meta, arrays = store.read_all(path)
     return digest_items(leaf_record(e["path"], bridge.leaf_value(arrays.get(e.get("key")), e))
                         for e in sorted(meta["leaves"], key=lambda e: e["path"]))
 

@@ -5,7 +5,9 @@ description (``fx.checkpoint.bridge``). orbax writes it under a temporary name a
 place when complete, so a process killed mid-save leaves the previous checkpoints as they were and
 nothing that ``latest_step()`` would return; leftovers are removed when a manager opens the
 directory. Retention is orbax's preservation policies: the latest ``keep_latest`` together with the
-best ``keep_best`` by ``best_metric``, so the newest checkpoint is never deleted.
+best ``keep_best`` by ``best_metric``, so the newest checkpoint is never deleted. A state whose
+parameters are not finite is never saved, so retention never deletes the last finite checkpoint
+for the checkpoints of a diverged run.
 """
 
 from __future__ import annotations
@@ -103,6 +105,7 @@ class CheckpointManager:
         self._pending: tuple[int, Future] | None = None
         self._pending_shards: Callable[[], None] | None = None  # a sharded save in flight
         self._group = None  # the process group sharded saves are written in the background on
+        self._leftovers = False  # retention failed to delete a checkpoint: retry at the next save
 
     # -- orbax -----------------------------------------------------------------------------
 
@@ -158,12 +161,32 @@ class CheckpointManager:
     def _write(self, step: int, arrays: dict, meta: dict, ranking: dict | None) -> None:
         """Writes one checkpoint (orbax: a temporary name renamed into place) and flushes it."""
         try:
-            self._manager().save(step, args=store.composite(arrays, meta), metrics=ranking,
-                                 force=True)
+            self._manager().save(step, args=store.composite(
+                arrays, store.with_checksums(arrays, meta)), metrics=ranking, force=True)
+        except Exception as e:
+            if not store.is_checkpoint(self.directory / str(step)):
+                raise OSError(f"writing the checkpoint of step {step} in {self.directory} "
+                              f"failed (the older checkpoints are intact): {e}") from e
+            self._retention_failed(step, e)  # orbax wrote it, then failed to delete old ones
+        else:
+            if self._leftovers:  # what orbax failed to delete before (it does not try again)
+                self._leftovers = False
+                self._retain()
+        try:
             store.fsync_tree(self.directory / str(step))
         except Exception as e:
-            raise OSError(f"writing the checkpoint of step {step} in {self.directory} failed "
-                          f"(the older checkpoints are intact): {e}") from e
+            raise OSError(f"flushing the checkpoint of step {step} in {self.directory} to disk "
+                          f"failed: {e}") from e
+
+    def _retention_failed(self, step: int, error: Exception) -> None:
+        """Retention could not delete an older checkpoint: the new one is saved, so training
+        goes on; the old ones stay on disk until a later save deletes them."""
+        self._leftovers = True
+        warnings.warn(f"CheckpointManager: step {step} is saved in {self.directory}, but "
+                      f"deleting older checkpoints beyond keep_latest={self.keep_latest}"
+                      f"{f' and keep_best={self.keep_best}' if self.keep_best else ''} failed "
+                      f"({type(error).__name__}: {error}); they stay on disk, and a later save "
+                      "tries again", RuntimeWarning, stacklevel=2)
 
     def save(self, state: Any, metrics: Mapping | None = None, force: bool = False) -> bool:
         """Saves ``state`` as the checkpoint of its step; returns whether it wrote one.
@@ -178,7 +201,10 @@ class CheckpointManager:
         so a donating step may overwrite the state in place right after.
 
         A step already on disk is never overwritten (a resumed run reaching it again, or the end
-        of a run right after a periodic save): the call returns False. A step older than the
+        of a run right after a periodic save): the call returns False. Neither is a state whose
+        parameters or buffers hold a NaN or an infinity (it returns False with a warning):
+        saved, it would become the latest checkpoint, and retention would delete the last
+        finite ones. A step older than the
         latest checkpoint is refused (ValueError): it would mix two runs in one directory.
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
@@ -223,6 +249,11 @@ class CheckpointManager:
             return False
         floats = _floats(metrics)
         values, meta = bridge.table(state)
+        bad = bridge.nonfinite(values, meta)  # each rank its shards; any rank's holds for all
+        if distributed.agree([bool(bad)])[0]:
+            if distributed.is_rank_zero():
+                self._refuse(step, bad or ["a shard of another rank"])
+            return False
         meta = store.meta_for(state, meta, floats, self.metadata)
         if self.async_save and self._group is None and distributed.initialized():
             self._group = shards.background_group()  # every rank, at the same save
@@ -230,6 +261,19 @@ class CheckpointManager:
                                             finish=self._retain,
                                             background=self._group if self.async_save else None)
         return True
+
+    def _refuse(self, step: int, bad: list[str]) -> None:
+        """Warns that the state of ``step`` is not saved: its weights are not finite. Saving it
+        would make it the latest checkpoint, and retention would delete the finite ones."""
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        latest = self.latest_step()
+        kept = (f"the latest checkpoint stays step {latest}" if latest is not None
+                else "no checkpoint was saved before it")
+        warnings.warn(f"CheckpointManager: not saving step {step} in {self.directory}: its "
+                      f"parameters are not finite ({bad[0]}{more}), and a checkpoint of them "
+                      f"could only resume the failure; {kept}. To go on past non-finite steps, "
+                      "train with fx.callbacks.nan_guard('skip') (or 'stop')",
+                      RuntimeWarning, stacklevel=4)
 
     def _retain(self) -> None:
         """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
@@ -243,7 +287,10 @@ class CheckpointManager:
             keep |= {s for _, s in best[:self.keep_best]}
         for s in steps:
             if s not in keep:
-                shutil.rmtree(self.directory / str(s))
+                try:
+                    shutil.rmtree(self.directory / str(s))
+                except OSError as e:
+                    self._retention_failed(steps[-1], e)
 
     def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
         step = self._step_to_save(state, force)
@@ -254,6 +301,10 @@ class CheckpointManager:
             return False
         floats = _floats(metrics)
         arrays, meta = bridge.encode(state)
+        bad = bridge.nonfinite(arrays, meta)  # on the host copy: no device read
+        if bad:
+            self._refuse(step, bad)
+            return False
         meta = store.meta_for(state, meta, floats, self.metadata)
         if not self.async_save:
             self._write(step, arrays, meta, self._ranking(floats))
@@ -262,6 +313,10 @@ class CheckpointManager:
         # may overwrite in place (buffer donation) while this save is still being written
         job = (step, {k: a.copy() for k, a in arrays.items()}, meta, self._ranking(floats))
         if self._writer is None:
+            # orbax (and jax) imported here, not on the writer: an import on another thread
+            # while Dynamo iterates sys.modules (compiling) failed the compile with
+            # 'dictionary changed size during iteration'
+            self._manager()
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="fxtrain-checkpoint")
         self._pending = (step, self._writer.submit(self._write, *job))
         return True
@@ -347,7 +402,37 @@ class CheckpointManager:
         then each reads the same checkpoint.
         """
         self.wait()
-        return _restore(self._step_path(step), like, only, cast)
+        path = self._step_path(step)
+        try:
+            return _restore(path, like, only, cast)
+        except store.DamagedCheckpointError as e:
+            others = [s for s in self.all_steps() if s != int(path.name)]
+            raise store.DamagedCheckpointError(
+                f"{e}. The other checkpoints in {self.directory}: steps {others} (restore(like, "
+                "step=...) reads one; fit resumes from the newest readable one; verify(step) "
+                "reads one completely)") from e
+
+    def verify(self, step: int | None = None) -> dict:
+        """Reads the checkpoint of ``step`` (default: latest) completely: its description, every
+        array and their checksums. Returns its description, or raises
+        ``DamagedCheckpointError`` naming what failed."""
+        self.wait()
+        return store.verify(self._step_path(step))
+
+    def set_aside(self, step: int) -> Path:
+        """Renames the (damaged) checkpoint of ``step`` to ``<step>.damaged`` (kept for a look,
+        no longer a checkpoint here), so the run can write that step again; returns the new path.
+        Under torch.distributed every rank calls it; rank 0 renames."""
+        def rename() -> Path:
+            old, new = self.directory / str(step), self.directory / f"{step}.damaged"
+            n = 1
+            while new.exists():
+                n += 1
+                new = self.directory / f"{step}.damaged.{n}"
+            old.rename(new)
+            return new
+        return distributed.rank_zero_then_broadcast(rename, f"set aside step {step} in "
+                                                            f"{self.directory}")
 
     # -- lifetime --------------------------------------------------------------------------
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,71 @@ import torch
 from . import bridge, shards
 from .files import fsync_path
 
-__all__ = ["STATE", "META", "orbax", "handlers", "is_checkpoint", "read_meta", "read_arrays",
-           "write", "fsync_tree", "describe_directory"]
+__all__ = ["STATE", "META", "DamagedCheckpointError", "orbax", "handlers", "is_checkpoint",
+           "read_meta", "read_arrays", "with_checksums", "verify_arrays", "write", "fsync_tree",
+           "describe_directory"]
 
 STATE, META = "state", "fxtrain"
+
+
+class DamagedCheckpointError(ValueError):
+    """A checkpoint on disk cannot be read back as it was written: a file is missing, truncated
+    or altered. The message names the checkpoint and what failed."""
+
+
+def _cause(error: BaseException) -> str:
+    """The first line of a storage error, without tensorstore's JSON spec."""
+    text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
+    text = text[0] if text else type(error).__name__
+    return text if len(text) <= 300 else text[:300] + "..."
+
+
+def _quiet_closed_loops() -> None:
+    """After a failed read, tensorstore's other reads still finish and call back into the event
+    loop orbax ran them on, which is closed by then: each prints 'Event loop is closed' as an
+    unraisable exception, burying the real error. Those (and only those) are dropped."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_fxtrain_quiet", False):
+        return
+
+    def hook(unraisable):
+        e = unraisable.exc_value
+        if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook._fxtrain_quiet = True
+    sys.unraisablehook = hook
+
+
+def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
+    """The error for a checkpoint at ``path`` whose ``what`` could not be read."""
+    _quiet_closed_loops()
+    return DamagedCheckpointError(f"the checkpoint at {path} is damaged: reading {what} failed "
+                                  f"({type(error).__name__}: {_cause(error)})")
+
+
+def _crc(arr: np.ndarray) -> int:
+    return zlib.crc32(arr.reshape(-1).view(np.uint8))
+
+
+def with_checksums(arrays: dict[str, np.ndarray], meta: dict) -> dict:
+    """``meta`` with each stored array's CRC-32 in its leaf entry (orbax stores arrays without
+    one: a flipped byte would restore silently)."""
+    leaves = [{**e, "crc32": _crc(arrays[e["key"]])} if e.get("key") in arrays else e
+              for e in meta["leaves"]]
+    return {**meta, "leaves": leaves}
+
+
+def verify_arrays(path: Path, arrays: dict[str, Any], meta: dict) -> None:
+    """Raises ``DamagedCheckpointError`` naming the first leaf whose bytes differ from their
+    saved checksum (checkpoints written before checksums were kept pass)."""
+    for e in meta["leaves"]:
+        arr = arrays.get(e.get("key"))
+        if "crc32" in e and isinstance(arr, np.ndarray) and _crc(
+                np.ascontiguousarray(arr)) != e["crc32"]:
+            raise DamagedCheckpointError(
+                f"the checkpoint at {path} is damaged: the stored bytes of {e['path']} (array "
+                f"{e['key']}) differ from what was saved (CRC-32 mismatch)")
 
 
 @functools.cache
@@ -80,11 +143,15 @@ def read_meta(path: Path) -> dict:
     if not is_checkpoint(path):
         raise ValueError(f"{path} is not an fxtrain checkpoint (it holds: "
                          f"{describe_directory(path)})")
-    if shards.is_sharded_checkpoint(path):
-        return shards.read_meta(path)
-    ocp = orbax()
-    meta = _checkpointer().restore(path, args=ocp.args.Composite(**{META: ocp.args.JsonRestore()}))
-    return meta[META]
+    try:
+        if shards.is_sharded_checkpoint(path):
+            return shards.read_meta(path)
+        ocp = orbax()
+        meta = _checkpointer().restore(path, args=ocp.args.Composite(
+            **{META: ocp.args.JsonRestore()}))
+        return meta[META]
+    except Exception as e:
+        raise damaged(path, e, "its description (the fxtrain item)") from e
 
 
 def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.ndarray]:
@@ -99,7 +166,10 @@ def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.n
     item = {k: np.empty(0) for k in keys}
     restore = ocp.args.PyTreeRestore(item=item, restore_args={k: as_numpy for k in keys},
                                      partial_restore=partial)
-    return _checkpointer().restore(path, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+    try:
+        return _checkpointer().restore(path, args=ocp.args.Composite(**{STATE: restore}))[STATE]
+    except Exception as e:
+        raise damaged(path, e, f"its arrays (the {STATE} item)") from e
 
 
 def meta_for(state: Any, arrays_meta: dict, metrics: dict | None, metadata: dict | None) -> dict:
@@ -122,7 +192,7 @@ def composite(arrays: dict, meta: dict):
 
 def write(path: Path, arrays: dict, meta: dict) -> None:
     """Writes one checkpoint at ``path`` synchronously (into a temporary name, renamed last)."""
-    _checkpointer().save(path, args=composite(arrays, meta))
+    _checkpointer().save(path, args=composite(arrays, with_checksums(arrays, meta)))
     fsync_tree(path)
 
 
@@ -148,5 +218,43 @@ def restore_from(path: Path, like: Any, *, only=None, cast: bool = False) -> tup
         load = lambda keys: shards.read(  # noqa: E731
             path, {k: wanted[k][0] for k in keys}, {k: wanted[k][1] for k in keys})
     else:
-        load = lambda keys: read_arrays(path, keys, saved_keys(meta))  # noqa: E731
-    return bridge.decode(p, load), p
+        def load(keys):
+            arrays = read_arrays(path, keys, saved_keys(meta))
+            verify_arrays(path, arrays, meta)
+            return arrays
+    try:
+        return bridge.decode(p, load), p
+    except DamagedCheckpointError:
+        raise
+    except ValueError as e:  # a stored array of another shape than its description
+        raise damaged(path, e, "its arrays") from e
+
+
+def verify(path: Path) -> dict:
+    """Reads the checkpoint at ``path`` completely (its description, every array, their
+    checksums); returns its description, or raises ``DamagedCheckpointError``."""
+    return read_all(path)[0]
+
+
+def read_all(path: Path) -> tuple[dict, dict[str, Any]]:
+    """The description and every stored array (a sharded checkpoint's as whole tensors) of the
+    checkpoint at ``path``, checked against the checksums and shapes it was saved with."""
+    meta = read_meta(path)
+    keys = saved_keys(meta)
+    if not keys:
+        return meta, {}
+    if shards.is_sharded_checkpoint(path):
+        entries = {e["key"]: e for e in meta["leaves"] if "key" in e}
+        try:
+            return meta, shards.read(path, entries)
+        except Exception as e:
+            raise damaged(path, e, "its shards") from e
+    arrays = read_arrays(path, keys, keys)
+    verify_arrays(path, arrays, meta)
+    for e in meta["leaves"]:
+        arr = arrays.get(e.get("key"))
+        if arr is not None and list(np.shape(arr)) != e["shape"]:
+            raise DamagedCheckpointError(
+                f"the checkpoint at {path} is damaged: {e['path']} has shape "
+                f"{tuple(np.shape(arr))} on disk, {tuple(e['shape'])} in its description")
+    return meta, arrays

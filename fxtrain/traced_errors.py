@@ -1,0 +1,67 @@
+"""fxtrain's own errors out of a compiled step, as themselves.
+
+An exception raised while ``torch.compile`` traces a step reaches the caller wrapped: Dynamo's
+``Unsupported: Observed exception`` or ``RuntimeError when making fake tensor call``, with the
+message that names the problem deep in its chain or only in its "developer debug context".
+``fail`` raises fxtrain's errors from a function Dynamo runs for real while tracing (so the error
+object itself travels up as the wrapper's cause), and ``unwrapped`` finds it again, or the
+model's own error (a wrong feature count), for ``fit`` to raise with its message first.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NoReturn
+
+import torch
+
+__all__ = ["fail", "unwrapped", "reraise"]
+
+_KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+
+
+@torch.compiler.assume_constant_result
+def _raise(kind: str, message: str) -> bool:  # run for real while Dynamo traces, and eagerly
+    error = _KINDS[kind](message)
+    error.fxtrain = True
+    raise error
+
+
+def fail(kind: type[Exception], message: str) -> NoReturn:
+    """Raises ``kind(message)`` (TypeError or ValueError), eagerly or while a compiled step is
+    traced, so that the error object reaches ``fit`` as itself."""
+    _raise(kind.__name__, message)
+    raise AssertionError("unreachable")  # (Dynamo treats _raise's result as a constant)
+
+
+def _compiler_error(error: BaseException) -> bool:
+    return type(error).__module__.startswith(("torch._dynamo", "torch._inductor"))
+
+
+def unwrapped(error: BaseException) -> BaseException | None:
+    """The error a compiler exception wraps (raised by fxtrain or by the model while tracing),
+    or None when ``error`` is not such a wrapper or wraps nothing of the user's."""
+    if not _compiler_error(error):
+        return None
+    seen, inner = {id(error)}, error.__cause__ or error.__context__
+    while inner is not None and id(inner) not in seen:
+        if not _compiler_error(inner):
+            return inner
+        seen.add(id(inner))
+        inner = inner.__cause__ or inner.__context__
+    return None
+
+
+def reraise(error: BaseException, where: str) -> NoReturn:
+    """Raises the error ``error`` wraps with its own message first (fxtrain's own without the
+    compiler's report, the model's with it as the cause), or ``error`` itself."""
+    inner = unwrapped(error)
+    if inner is None:
+        raise error
+    again = copy.copy(inner)
+    again.__traceback__ = None
+    if getattr(inner, "fxtrain", False):
+        raise again from None
+    again.add_note(f"fxtrain: raised while torch.compile traced {where} (the compiler's report "
+                   "is above)")
+    raise again from error
