@@ -8,6 +8,5 @@ python3.11 -m venv .venv
 .venv/bin/python -m pip install -q -e ".[test]"
 # the Jupyter kernel the notebook tests execute in: this venv's Python
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fxtrain)" >/dev/null
-# two workers (pytest-xdist): compiling is single-threaded, so one process leaves a core idle;
-# --dist loadgroup keeps a group's tests (the benchmark smoke runs they share) on one worker
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup "$@"
+# two workers (pytest-xdist): compiling is single-threaded, so one process leaves a core idle
+exec .venv/bin/python -m pytest -q -n 2 "$@"
