@@ -53,11 +53,14 @@ def _quiet_closed_loops() -> None:
     sys.unraisablehook = hook
 
 
+def _damage(path: Path, what: str) -> DamagedCheckpointError:
+    return DamagedCheckpointError(f"the checkpoint at {path} is damaged: {what}")
+
+
 def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
     """The error for a checkpoint at ``path`` whose ``what`` could not be read."""
     _quiet_closed_loops()
-    return DamagedCheckpointError(f"the checkpoint at {path} is damaged: reading {what} failed "
-                                  f"({type(error).__name__}: {_cause(error)})")
+    return _damage(path, f"reading {what} failed ({type(error).__name__}: {_cause(error)})")
 
 
 def _crc(arr: np.ndarray) -> int:
@@ -79,9 +82,8 @@ def verify_arrays(path: Path, arrays: dict[str, Any], meta: dict) -> None:
         arr = arrays.get(e.get("key"))
         if "crc32" in e and isinstance(arr, np.ndarray) and _crc(
                 np.ascontiguousarray(arr)) != e["crc32"]:
-            raise DamagedCheckpointError(
-                f"the checkpoint at {path} is damaged: the stored bytes of {e['path']} (array "
-                f"{e['key']}) differ from what was saved (CRC-32 mismatch)")
+            raise _damage(path, f"the stored bytes of {e['path']} (array {e['key']}) differ "
+                                "from what was saved (CRC-32 mismatch)")
 
 
 @functools.cache
@@ -254,7 +256,6 @@ def read_all(path: Path) -> tuple[dict, dict[str, Any]]:
     for e in meta["leaves"]:
         arr = arrays.get(e.get("key"))
         if arr is not None and list(np.shape(arr)) != e["shape"]:
-            raise DamagedCheckpointError(
-                f"the checkpoint at {path} is damaged: {e['path']} has shape "
-                f"{tuple(np.shape(arr))} on disk, {tuple(e['shape'])} in its description")
+            raise _damage(path, f"{e['path']} has shape {tuple(np.shape(arr))} on disk, "
+                                f"{tuple(e['shape'])} in its description")
     return meta, arrays
