@@ -39,7 +39,9 @@ def _cause(error: BaseException) -> str:
 def _quiet_closed_loops() -> None:
     """After a failed read, tensorstore's other reads still finish and call back into the event
     loop orbax ran them on, which is closed by then: each prints 'Event loop is closed' as an
-    unraisable exception, burying the real error. Those (and only those) are dropped."""
+    unraisable exception, burying the real error. Those (and only those) are dropped. Installed
+    when orbax is first imported: the late callbacks may fire before the failure reaches
+    fxtrain's handler (installing it there lost that race now and then)."""
     previous = sys.unraisablehook
     if getattr(previous, "_fxtrain_quiet", False):
         return
@@ -59,7 +61,6 @@ def _damage(path: Path, what: str) -> DamagedCheckpointError:
 
 def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
     """The error for a checkpoint at ``path`` whose ``what`` could not be read."""
-    _quiet_closed_loops()
     return _damage(path, f"reading {what} failed ({type(error).__name__}: {_cause(error)})")
 
 
@@ -93,6 +94,7 @@ def orbax():
 
     import orbax.checkpoint as ocp
     logging.getLogger("absl").setLevel(logging.ERROR)  # orbax narrates every save at WARNING
+    _quiet_closed_loops()
     return ocp
 
 
