@@ -16,8 +16,8 @@ from . import stats as stats
 from . import struct as struct
 from . import tree as tree
 from ._version import __version__ as __version__
-from .callbacks.core import Control as Control
-from .callbacks.core import Event as Event
+from .protocol import Control as Control
+from .protocol import Event as Event
 from .donation import DonatedError as DonatedError
 from .evaluation import evaluate as evaluate
 from .export import load_safetensors as load_safetensors
@@ -33,12 +33,14 @@ from .sharding import shard as shard
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
 from .step import make_train_step as make_train_step
+from .step_spec import StepSpec as StepSpec
+from .step_spec import step_spec as step_spec
 from .tree import tree_digest as tree_digest
 
 __all__ = [
     # the state, the step, the loop
-    "TrainState", "make_train_step", "make_eval_step", "fit", "evaluate", "predict", "shard", "Event",
-    "Control", "Interrupted", "Preempted", "DonatedError",
+    "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
+    "predict", "shard", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",

@@ -88,6 +88,14 @@ def _tensor_source(data: Any, device: torch.device | None) -> tuple[int, Take] |
     return sizes.pop(), epoch_take
 
 
+def length_of(x: Any) -> int | None:
+    """``len(x)``, or None for data without a length (a generator, an iterable dataset)."""
+    try:
+        return len(x)
+    except TypeError:
+        return None
+
+
 def _dataset_source(data: Any, collate: Callable) -> tuple[int, Take]:
     if not isinstance(data, Sequence | torch.utils.data.Dataset) or isinstance(data, str):
         raise TypeError(f"Batches needs tensors, a dict/tuple of tensors, or a map-style dataset "

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch._dynamo
 
-from .callbacks.core import NOTHING, Callback
+from .protocol import NOTHING, Callback
 
 __all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
 

@@ -10,7 +10,8 @@ fields with ``Donated`` markers, so any later use raises ``DonatedError`` instea
 reading the next step's values.
 
 ``make_train_step(..., donate=True)`` always donates; ``donate=None`` (the default) donates
-when ``fx.fit`` calls the step, which gives its old states up after every step.
+when its caller passes ``train_step(state, batch, donate=True)``: ``fx.fit`` does, as it gives
+its old states up after every step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["DonatedError", "Donated", "donate", "mark", "check_live", "fit_donates", "fit_donating"]
+__all__ = ["DonatedError", "Donated", "donate", "mark", "check_live"]
 
 # The fields a step donates; ``rng`` is never written and ``data`` is the host's.
 DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")
@@ -141,18 +142,3 @@ def mark(state: Any) -> None:
     """Marks ``state`` donated: its fields become ``Donated`` markers (the value is given up)."""
     for field in DONATED_FIELDS:
         object.__setattr__(state, field, _MARKERS[field])
-
-
-class _Fit:
-    donates = False  # read by steps built with donate=None (a guarded global under Dynamo)
-
-
-def fit_donates() -> bool:
-    """Whether ``fx.fit`` is running steps that may donate (``donate=None`` steps do then)."""
-    return _Fit.donates
-
-
-def fit_donating(on: bool) -> bool:
-    """Sets what ``fit_donates`` answers; returns the previous answer."""
-    was, _Fit.donates = _Fit.donates, on
-    return was

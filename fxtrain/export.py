@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .donation import check_live
-from .sharding import gathered
+from .dtensors import gathered
 from .state import refuse_direct_call
 
 __all__ = ["trained_module", "save_safetensors", "load_safetensors"]

@@ -27,6 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import donation
+from .step_spec import step_spec
 from .unguarded import _signature
 
 __all__ = ["cuda_graphed"]
@@ -44,9 +45,10 @@ class CudaGraphed:
     """``step(state, batch)`` replayed from a CUDA graph (see the module)."""
 
     def __init__(self, step: Callable, warmup: int):
-        self.__wrapped__ = step
-        self.steps_per_call = getattr(getattr(step, "_torchdynamo_orig_callable", step),
-                                      "steps_per_call", 1)
+        self.step = step
+        inner = step_spec(step)
+        self.donate_kwargs = {"donate": True} if inner.takes_donate else {}
+        self.spec = inner.replace(donate=True, cuda_graphs=True)  # it always donates
         self.warmup, self.calls = warmup, 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.inputs: list[torch.Tensor] = []  # the captured state's tensors, in order
@@ -60,14 +62,12 @@ class CudaGraphed:
     def _step(self, state: Any, batch: Any) -> tuple[Any, dict]:
         """One ordinary call, donating (also for steps built with ``donate=None``)."""
         tensors, _, spec = _tensors(state)
-        was = donation.fit_donating(True)
         side = torch.cuda.Stream()  # warm on a side stream, as capture runs on one
         side.wait_stream(torch.cuda.current_stream())
         try:
             with torch.cuda.stream(side):
-                new, metrics = self.__wrapped__(state, batch)
+                new, metrics = self.step(state, batch, **self.donate_kwargs)
         finally:
-            donation.fit_donating(was)
             torch.cuda.current_stream().wait_stream(side)
         self._check_donated(tensors, spec, new)
         return new, metrics
@@ -101,16 +101,13 @@ class CudaGraphed:
         static_batch = pytree.tree_unflatten(self.batch, batch_spec)
         self.kinds = [isinstance(v, torch.Tensor) for v in pytree.tree_leaves(state)]
         graph = torch.cuda.CUDAGraph()
-        was = donation.fit_donating(True)
         try:
             with torch.cuda.graph(graph):
-                new, metrics = self.__wrapped__(state, static_batch)
+                new, metrics = self.step(state, static_batch, **self.donate_kwargs)
         except RuntimeError as e:
             raise RuntimeError(f"cuda_graphed: the step could not be captured into a CUDA "
                                f"graph ({e}); a step that reads values to the host (.item(), "
                                "a Python if on a tensor) or runs CPU work cannot be") from e
-        finally:
-            donation.fit_donating(was)
         self._check_donated(tensors, spec, new)
         self.graph, self.inputs, self.others = graph, [t for _, t in tensors], others
         self.batch_signature, self.out_spec, self.metrics = _signature(batch), spec, metrics
@@ -131,6 +128,10 @@ class CudaGraphed:
         if spec != self.out_spec or len(tensors) != len(self.inputs):
             return False
         return all(t is c for (_, t), c in zip(tensors, self.inputs)) and others == self.others
+
+    @property
+    def steps_per_call(self) -> int:
+        return self.spec.steps_per_call
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, dict]:
         donation.check_live(state, "train_step")

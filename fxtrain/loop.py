@@ -36,21 +36,19 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 import warnings
 
-import torch
-import torch.utils._pytree as pytree
-
-from . import distributed, donation, traced_errors
+from . import distributed, donation, k_steps, traced_errors
 from .checkpoint.store import DamagedCheckpointError
-from .callbacks.core import (NOTHING, Callback, Control, Event, flags, fold_reporting, init,
-                             save_veto, stop_reasons)
-from .data import as_stream
+from .protocol import (Callback, Control, Event, fold_reporting, init, save_veto, stop_reasons,
+                       with_log_request)
+from .data import as_stream, length_of
 from .evaluation import evaluate
 from .feed import Feed, prefetches
+from .flags import PendingFlags
 from .means import Means
 from .preemption import Preempted, on_sigterm
-from .graphs import CudaGraphed
-from .step import CONTROL_METRICS, revert_update
-from .unguarded import Unguarded, is_compiled
+from .step import revert_update
+from .step_spec import StepSpec, step_spec
+from .unguarded import Unguarded
 
 __all__ = ["fit", "Interrupted", "Preempted"]
 
@@ -61,73 +59,6 @@ class Interrupted(KeyboardInterrupt):
     def __init__(self, state: Any):
         super().__init__("training interrupted; the state at the interruption is in .state")
         self.state = state
-
-
-class _Flags:
-    """Control flags waiting to be read: Python bools at once, tensors in one later sync.
-
-    Tensor flags are only collected per step; stacking and reducing them waits for ``read``.
-    """
-
-    def __init__(self, agree: bool = False):
-        self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
-        self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
-        self.rank_consistent = False  # a request every rank made this step
-        self.signalled = False  # this process got SIGTERM (set by the handler)
-        self.preempted = False  # a read found SIGTERM on some rank: every rank stops (and saves)
-        self.losses: list[torch.Tensor] = []  # the steps' losses since the last read
-        self.nonfinite_loss = False  # a read found a NaN or infinite loss among them
-
-    def add(self, control: Control, alike: bool = False) -> None:
-        """A fold's control; ``alike``: it holds a request from a callback that decides alike
-        on every rank (see ``fold_reporting``), which the ranks act on at once."""
-        self.rank_consistent = self.rank_consistent or alike
-        if control is NOTHING:
-            return
-        values = flags(control)[:4]
-        for pending, value in zip(self.tensors, values):
-            if isinstance(value, torch.Tensor):
-                pending.append(value)
-        self.now = self.now | Control(*(v if v is True else False for v in values))
-
-    def add_step(self, metrics: dict) -> None:
-        if "control/stop" in metrics:  # the in-step callbacks' flags
-            for pending, key in zip(self.tensors, CONTROL_METRICS):
-                pending.append(metrics[key])
-        if isinstance(metrics.get("loss"), torch.Tensor):
-            self.losses.append(metrics["loss"])
-
-    def urgent(self) -> bool:
-        """A host callback asked for something now (one rank's wish cannot start a collective
-        read alone, so several ranks wait for the next boundary)."""
-        if self.agree:
-            return self.rank_consistent
-        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
-                    or self.signalled)
-
-    def read(self) -> Control:
-        fields = [i for i, pending in enumerate(self.tensors) if pending]
-        if fields:  # one sync for every pending flag, and whether a loss since was not finite
-            device = self.tensors[fields[0]][0].device
-            anys = [torch.stack([t.to(device) for t in self.tensors[i]]).any() for i in fields]
-            if self.losses:
-                losses = torch.cat([loss.detach().reshape(-1).to(device) for loss in self.losses])
-                anys.append(~torch.isfinite(losses).all())
-            read = torch.stack(anys).tolist()
-            self.nonfinite_loss = self.nonfinite_loss or (bool(self.losses) and read[-1])
-            read = dict(zip(fields, read))
-            self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
-        self.losses = []  # a boundary without a read (no flag pending) does not look at them
-        out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
-        self.rank_consistent = False
-        preempted = self.signalled
-        if self.agree:  # a flag any rank raised holds on every rank
-            *agreed, preempted = distributed.agree([*flags(out)[:4], preempted])
-            out = Control(*agreed)
-        if preempted:  # stop; fit then saves, as at any end
-            self.preempted = True
-            out = out | Control(stop=True)
-        return out
 
 
 def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) -> None:
@@ -141,75 +72,11 @@ def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) 
         raise ValueError("fit: eval_every needs eval_step and eval_data")
 
 
-def _length(x: Any) -> int | None:
-    try:
-        return len(x)
-    except TypeError:
-        return None
-
-
-def _made(train_step: Callable) -> Callable:
-    """The function ``make_train_step`` made, under ``torch.compile`` and ``cuda_graphed``."""
-    while hasattr(train_step, "__wrapped__"):
-        train_step = train_step.__wrapped__
-    return train_step
-
-
-def _steps_per_call(train_step: Callable) -> int:
-    """The K of a step made by ``make_train_step(..., steps_per_call=K)`` (1 for any other)."""
-    return getattr(_made(train_step), "steps_per_call", 1)
-
-
-def _precision(train_step: Callable) -> dict[str, str]:
-    """``{"precision": name}`` for a step with a mixed-precision policy, else nothing."""
-    precision = getattr(_made(train_step), "precision", "32")
-    return {} if precision == "32" else {"precision": precision}
-
-
-def _in_step_callbacks(train_step: Callable) -> tuple:
-    """The callbacks folded inside a step made by ``make_train_step(..., callbacks=[...])``."""
-    return getattr(_made(train_step), "in_step_callbacks", ())
-
-
-def _check_calls(k: int, start: int, max_steps, eval_every, stream, callbacks: tuple) -> None:
-    """The rules for K steps per call (see the module): intervals at call boundaries."""
-    if k == 1:
-        return
-    periodic = [(f"the period of host callback {cb.name}", cb.period) for cb in callbacks
-                if isinstance(cb, Callback) and cb.period > 1 and "step_end" in cb.kinds]
-    for label, value in [("the start step (state.step)", start), ("max_steps", max_steps),
-                         ("eval_every", eval_every), ("steps_per_epoch", _length(stream)),
-                         *periodic]:
-        if value is not None and value % k:
-            raise ValueError(f"fit: {label} is {value}, not a multiple of the step's "
-                             f"steps_per_call={k}; with {k} steps per call the host only sees "
-                             f"every {k}th step")
-    for cb in _skipping(callbacks):
-        raise ValueError(f"fit: host callback {cb.name} may skip a step, but the step takes "
-                         f"steps_per_call={k} steps per call; pass it to make_train_step(..., "
-                         "callbacks=[...]) instead, where it skips single steps")
-
-
-def _take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
-    """The next ``k`` batches stacked along a new first dimension (one batch when ``k`` is 1),
-    the position after them, and whether they ended an epoch (only the last may)."""
-    if k == 1:
-        return stream.next(position)
-    batches = []
-    for i in range(k):
-        batch, position, epoch_done = stream.next(position)
-        batches.append(batch)
-        if epoch_done and i < k - 1:
-            raise ValueError(f"fit: an epoch of the data ended after batch {i + 1} of a call "
-                             f"of steps_per_call={k}; make the batches per epoch a multiple "
-                             f"of {k}")
-    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches), position, epoch_done
-
-
-def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Callable:
-    """Calls the step without the data position and the host callbacks' states, letting steps
-    built with ``donate=None`` donate when ``donates``; a compiled step skips Dynamo's guards
-    once that is safe (see ``fxtrain.unguarded``).
+def _step_fn(train_step: Callable, spec: StepSpec, host_names: frozenset,
+             donates: bool) -> Callable:
+    """Calls the step without the data position and the host callbacks' states, asking steps
+    built with ``donate=None`` to donate when ``donates``; a compiled step skips Dynamo's
+    guards once that is safe (see ``fxtrain.unguarded``).
 
     The data position and host states are host values (Python numbers, loader state): keeping
     them out of the compiled step keeps its inputs' structure fixed, so it never recompiles
@@ -217,15 +84,13 @@ def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Call
     """
 
     step = Unguarded(train_step)
+    kwargs = {"donate": donates} if spec.takes_donate else {}  # the same on every call
 
     def call(state, batch):
-        was = donation.fit_donating(donates)
         try:
-            return step(state, batch)
+            return step(state, batch, **kwargs)
         except Exception as e:  # fxtrain's (or the model's) error first, not the compiler's
             traced_errors.reraise(e, "the train step")
-        finally:
-            donation.fit_donating(was)
 
     def run(state, batch, position):
         states = state.callbacks or {}
@@ -242,13 +107,6 @@ def _step_fn(train_step: Callable, host_names: frozenset, donates: bool) -> Call
     return run
 
 
-def _skipping(callbacks: tuple) -> list[Callback]:
-    """The host callbacks that may skip a step (undoing it needs the step's old values, so fit
-    does not donate, and it cannot undo one inner step of K)."""
-    return [cb for cb in callbacks if isinstance(cb, Callback) and cb.skips
-            and "step_end" in cb.kinds]
-
-
 def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
     """``state`` with the update of the step just taken undone where ``skip`` holds."""
     if skip is False:
@@ -262,16 +120,16 @@ def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
     return revert_update(before, state, skip)
 
 
-def _plan(stream, max_steps, max_epochs, eval_data, train_step, sync_every, k) -> dict[str, Any]:
+def _plan(stream, max_steps, max_epochs, eval_data, spec: StepSpec,
+          sync_every) -> dict[str, Any]:
     """What train_begin tells the callbacks about the run."""
     return {"max_steps": max_steps, "max_epochs": max_epochs,
-            "steps_per_epoch": _length(stream), "batch_size": stream.batch_size,
-            "eval_batches": None if eval_data is None else _length(eval_data),
-            "compiled": is_compiled(train_step.__wrapped__ if isinstance(train_step, CudaGraphed)
-                                    else train_step),
-            "sync_every": sync_every, "steps_per_call": k,
-            **_precision(train_step),
-            **({"cuda_graphs": True} if isinstance(train_step, CudaGraphed) else {})}
+            "steps_per_epoch": length_of(stream), "batch_size": stream.batch_size,
+            "eval_batches": None if eval_data is None else length_of(eval_data),
+            "compiled": spec.compiled, "sync_every": sync_every,
+            "steps_per_call": spec.steps_per_call,
+            **({} if spec.precision == "32" else {"precision": spec.precision}),
+            **({"cuda_graphs": True} if spec.cuda_graphs else {})}
 
 
 def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Callable] = (),
@@ -346,28 +204,28 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     stream = as_stream(data)
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
-    given = state
-    state = init((*_in_step_callbacks(train_step), *callbacks), state)
+    given, spec = state, step_spec(train_step)
+    state = init((*spec.in_step_callbacks, *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
     if checkpoint is not None:
         state = _resume(checkpoint, state, resume)
-    donates = not _skipping(callbacks)
-    if not donates and isinstance(train_step, CudaGraphed):
-        raise ValueError(f"fit: host callback {_skipping(callbacks)[0].name} may skip a step, "
-                         "but this step always donates its state (cuda_graphed), so the step "
-                         "cannot be undone; pass the callback to make_train_step(..., "
+    donates = not k_steps.skipping(callbacks)
+    if not donates and spec.cuda_graphs:
+        raise ValueError(f"fit: host callback {k_steps.skipping(callbacks)[0].name} may skip a "
+                         "step, but this step always donates its state (cuda_graphed), so the "
+                         "step cannot be undone; pass the callback to make_train_step(..., "
                          "callbacks=[...]), where it skips inside the step")
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
-    k, first = _steps_per_call(train_step), int(state.step)
-    _check_calls(k, first, max_steps, eval_every, stream, callbacks)
-    run = _Run(state, first, callbacks, stream, _step_fn(train_step, host_names, donates),
-               donates, k, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
+    k, first = spec.steps_per_call, int(state.step)
+    k_steps.check_calls(k, first, max_steps, eval_every, stream, callbacks)
+    run = _Run(state, first, callbacks, stream, _step_fn(train_step, spec, host_names, donates),
+               donates, spec, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
                eval_step, eval_data)
     with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
         try:
-            reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, train_step,
-                                     sync_every, k))
+            reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, spec,
+                                     sync_every))
             while reason is None:
                 reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
         except KeyboardInterrupt as e:
@@ -424,15 +282,18 @@ class _Run:
     through the step, then step_end) and ``boundary`` (read the flags, then evaluate, end the
     epoch, save, stop), with ``emit``, ``evaluate`` and ``save`` beneath them."""
 
-    def __init__(self, state, step, callbacks, stream, run_step, donates, k, schedule,
+    def __init__(self, state, step, callbacks, stream, run_step, donates, spec, schedule,
                  checkpoint, eval_step, eval_data):
         self.state, self.callbacks, self.run_step = state, callbacks, run_step
+        self.all_callbacks = (*spec.in_step_callbacks, *callbacks)  # vetoes, stop reasons
+        k = spec.steps_per_call
         self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
         self.eval_step, self.eval_data = eval_step, eval_data
         self.step, self.epoch = step, int(state.data.epoch)
         device = state.step.device  # where batches go
-        self.feed = Feed(lambda position: _take(stream, position, k), device, prefetches(device))
-        self.pending = _Flags(agree=distributed.world_size() > 1)
+        self.feed = Feed(lambda position: k_steps.take(stream, position, k), device,
+                         prefetches(device))
+        self.pending = PendingFlags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
         self.log_next, self.epoch_done = False, False
         self.epoch_metrics: Means | None = None  # None: the epoch has not begun
@@ -473,7 +334,7 @@ class _Run:
         with a note when a callback failed on the way."""
         try:
             control = self.emit("exception", error=error)
-            self.pending = _Flags()  # no collective reads now: another rank may be gone
+            self.pending = PendingFlags()  # no collective reads now: another rank may be gone
             if bool(control.save):
                 why = ("it was raised inside a step that may have donated the state"
                        if self.in_step and self.donates else
@@ -510,7 +371,7 @@ class _Run:
         self.pending.add_step(metrics)
         self.epoch_metrics.add(metrics)
         if self.log_next:
-            metrics["control/log"], self.log_next = True, False
+            metrics, self.log_next = with_log_request(metrics), False
         control = self.emit("step_end", metrics)
         self.state = _undo(before, self.state, control.skip, self.donates, self.step)
         return None
@@ -543,8 +404,8 @@ class _Run:
         boundary that reads them anyway)."""
         if self.pending.nonfinite_loss and not self.warned_nonfinite:
             self.warned_nonfinite = True
-            guarded = any(callable(getattr(s, "save_veto", None))  # nan_guard: it skips them
-                          for s in (self.state.callbacks or {}).values())
+            guarded = any(isinstance(cb, Callback) and cb.save_veto is not None
+                          for cb in self.all_callbacks)  # nan_guard: it skips them
             if distributed.is_rank_zero() and not guarded:
                 warnings.warn(
                     f"fit: the loss was NaN or infinite at a step before step {self.step}; "
@@ -555,7 +416,7 @@ class _Run:
     def stopped_by(self) -> str:
         """Which callbacks stopped the run, and why (their states' ``stop_reason``; the host
         callbacks that asked outright)."""
-        said = [f"{name}: {why}" for name, why in stop_reasons(self.state)]
+        said = [f"{name}: {why}" for name, why in stop_reasons(self.all_callbacks, self.state)]
         said += [f"{name} asked to stop" for name in dict.fromkeys(self.stoppers)
                  if not any(s.startswith(f"{name}: ") for s in said)]
         return "; ".join(said) or "a callback asked to stop"
@@ -574,7 +435,7 @@ class _Run:
         a state a callback vetoes (``nan_guard`` after a non-finite step)."""
         if self.checkpoint is None:
             return
-        veto = save_veto(self.state)
+        veto = save_veto(self.all_callbacks, self.state)
         if veto:
             warnings.warn(f"fit: not saving step {self.step}: {veto}", stacklevel=3)
             return

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import struct
-from .callbacks.core import Callback
+from .protocol import Callback
 
 __all__ = ["PRECISIONS", "Policy", "policy", "LossScale", "loss_scale"]
 

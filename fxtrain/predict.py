@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, donation, random
-from .callbacks.core import Event, fold
+from .protocol import Event, fold
 from .evaluation import batch_size_of
 from .feed import to_device
 from .sharding import with_whole_params

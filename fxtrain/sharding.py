@@ -23,7 +23,6 @@ from __future__ import annotations
 import atexit
 import functools
 import math
-import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -32,23 +31,13 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed
+from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
+from .tree import squared_norms
 
 __all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "gather_tensor",
            "with_whole_params", "gather_params", "reduce_scatter_grads", "local_parts",
            "replicated_like",
            "local_nbytes"]
-
-
-def is_dtensor(x: Any) -> bool:
-    """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing the module)."""
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(x, module.DTensor)
-
-
-def is_sharded(tree: Any) -> bool:
-    """Whether any leaf of ``tree`` is a DTensor (a state made by ``fx.shard``)."""
-    return "torch.distributed.tensor" in sys.modules and any(
-        is_dtensor(leaf) for leaf in pytree.tree_leaves(tree))
 
 
 @functools.cache
@@ -166,18 +155,6 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
     return new.replace(callbacks=states or state.callbacks)
 
 
-def gather_tensor(t: Any) -> Any:
-    """The whole tensor of a DTensor (all-gathered: a collective), anything else as it is."""
-    return t.full_tensor() if is_dtensor(t) else t
-
-
-def gathered(tree: Any) -> Any:
-    """``tree`` with its DTensors gathered whole (a collective: every rank calls it)."""
-    if not is_sharded(tree):
-        return tree
-    return pytree.tree_map(gather_tensor, tree)
-
-
 def with_whole_params(state: Any) -> Any:
     """``state`` with its parameters gathered whole once, for a loop over batches whose count
     may differ between ranks (evaluation, prediction): a gather per batch would then be a
@@ -273,7 +250,6 @@ def local_parts(grads: dict[str, Any], finite: bool = False) -> list[torch.Tenso
     sum over the ranks is the whole gradient's (a shard's own; a gradient whole on every rank
     counted on rank 0 only), and with ``finite`` also this rank's count of non-finite values
     (summed: zero when every gradient is finite)."""
-    from .tree import squared_norms
     locals_ = [g.to_local() if is_dtensor(g) else g for g in grads.values()]
     whole = [not is_dtensor(g) or all(p.is_replicate() for p in g.placements)
              for g in grads.values()]

@@ -20,10 +20,10 @@ from torch import nn
 from torch.func import functional_call
 
 from . import random, struct
-from .callbacks.core import init_states
+from .protocol import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
-from .sharding import gathered
+from .dtensors import gathered
 from .tree import check_same_structure
 
 __all__ = ["TrainState"]

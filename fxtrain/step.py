@@ -20,13 +20,15 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import distributed, donation, random, sharding
-from .callbacks.core import (Callback, Event, callback_state, flags, fold, name_of,
-                             set_callback_state)
+from .protocol import (NOTHING, Callback, Event, callback_state, control_from_metrics,
+                       control_to_metrics, fold, name_of, set_callback_state)
+from .k_steps import check_stacked, unstack
 from .optim.wrappers import learning_rate
 from .precision import LOSS_SCALE
 from .precision import loss_scale as default_loss_scale
 from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
+from .step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
 from .traced_errors import fail
 from .tree import squared_norms, tree_select
@@ -164,15 +166,6 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
                        opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
-# the in-step callbacks' merged control, as metrics (fx.fit reads them)
-CONTROL_METRICS = ("control/stop", "control/save", "control/evaluate", "control/log")
-
-
-def _control_metrics(control, device: torch.device) -> dict[str, torch.Tensor]:
-    return {key: torch.as_tensor(v, dtype=torch.bool, device=device)
-            for key, v in zip(CONTROL_METRICS, flags(control))}
-
-
 def _data_parallel(wanted: bool | None, buffers: str) -> bool:
     if buffers not in ("mean", "local"):
         raise ValueError(f"make_train_step: buffers must be 'mean' or 'local', got {buffers!r}")
@@ -235,15 +228,16 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         rank and any rank's checkpoint is the run's; ``"local"`` keeps each rank's own (rank
         0's are the ones checkpointed).
       donate: True writes the new state into the given state's storage and marks the given
-        state donated (see ``fxtrain.donation``); None donates when ``fx.fit`` runs the step.
+        state donated (see ``fxtrain.donation``); None donates when its caller passes
+        ``train_step(state, batch, donate=True)``, as ``fx.fit`` does; False never donates.
       steps_per_call: K > 1 makes a step that takes K stacked batches (every leaf with a
         leading dimension K, as ``torch.stack`` of K batches gives) and takes K single steps
         on them in one call, unrolled into one compiled graph: each inner step keys its
         randomness on its own step number and folds the in-step callbacks (a skip undoes that
         inner step only), so K steps per call give exactly the state of K calls of the
         single step. It returns the state after K steps and the metrics of the last one, its
-        ``control/*`` flags OR-ed over the K steps. ``fx.fit`` reads ``.steps_per_call`` off
-        the step (compiled or not) and feeds it K batches per call (see ``fx.fit``).
+        ``control/*`` flags OR-ed over the K steps. ``fx.fit`` reads K from the step's
+        ``fx.step_spec`` (compiled or not) and feeds it K batches per call (see ``fx.fit``).
 
       precision: ``"32"``, ``"bf16-mixed"``, ``"16-mixed"`` or ``"bf16-true"``, as Lightning
         names them (see ``fxtrain.precision``): autocast for the forward and backward, float32
@@ -252,7 +246,8 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         ``fx.precision.loss_scale(...)`` in ``callbacks`` for other settings).
 
     Returns:
-      ``train_step``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
+      ``train_step(state, batch, *, donate=False)``, with how it was built in
+      ``fx.step_spec(train_step)``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
       optimizer records one), ``loss_scale`` under ``"16-mixed"`` and the aux values, all 0-d
       tensors.
 
@@ -361,60 +356,41 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
             new = revert_update(state, new, control.skip)
-            metrics.update(_control_metrics(control, loss.device))
+            metrics.update(control_to_metrics(control, loss.device))
         return new, metrics
 
-    def donated(state: TrainState, new: TrainState) -> TrainState:
-        if donate or (donate is None and donation.fit_donates()):
+    spec = StepSpec(steps_per_call=steps_per_call, precision=precision,
+                    in_step_callbacks=callbacks, donate=donate)
+
+    def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
+        if spec.donate or (spec.donate is None and asked):  # asked: the caller's donate=
             return donation.donate(state, new)
         return new
 
-    def train_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def train_step(state: TrainState, batch: Any, *,
+                   donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
         new, metrics = one_step(state, batch)
-        return donated(state, new), metrics
+        return donated(state, new, donate), metrics
 
-    train_step.in_step_callbacks = callbacks  # fx.fit initialises their states when missing
-    train_step.precision = precision
     if steps_per_call == 1:
+        train_step.spec = spec
         return train_step
 
-    def train_steps(state: TrainState, batches: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def train_steps(state: TrainState, batches: Any, *,
+                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        _check_stacked(batches, steps_per_call)
-        new, merged = state, None
-        for batch in _unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
+        check_stacked(batches, steps_per_call)
+        new, merged = state, NOTHING
+        for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
             new, metrics = one_step(new, batch)
-            if callbacks:
-                now = [metrics[k] for k in CONTROL_METRICS]
-                merged = now if merged is None else [a | b for a, b in zip(merged, now)]
+            merged = merged | control_from_metrics(metrics)
         if callbacks:
-            metrics.update(zip(CONTROL_METRICS, merged))
-        return donated(state, new), metrics
+            metrics.update(control_to_metrics(merged, metrics["loss"].device))
+        return donated(state, new, donate), metrics
 
-    train_steps.steps_per_call = steps_per_call  # read by fx.fit (K batches per call)
-    train_steps.in_step_callbacks = callbacks
-    train_steps.precision = precision
+    train_steps.spec = spec
     return train_steps
-
-
-def _unstack(batches: Any) -> list:
-    """The batches stacked in ``batches``, in order (each leaf unbound along dimension 0)."""
-    leaves, spec = pytree.tree_flatten(batches)
-    return [pytree.tree_unflatten(list(parts), spec)
-            for parts in zip(*(leaf.unbind(0) for leaf in leaves))]
-
-
-def _check_stacked(batches: Any, k: int) -> None:
-    """Every leaf of ``batches`` is a tensor with a leading dimension ``k``."""
-    for path, leaf in pytree.tree_flatten_with_path(batches)[0]:
-        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0 or leaf.shape[0] != k:
-            what = f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else \
-                type(leaf).__name__
-            raise ValueError(
-                f"train_step(steps_per_call={k}) takes {k} stacked batches (each leaf with a "
-                f"leading dimension {k}, e.g. torch.stack of {k} batches); "
-                f"{pytree.keystr(path) or 'batch'} has {what}")
 
 
 def _eval_metrics(out: Any) -> dict[str, Any]:

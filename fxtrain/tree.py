@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .donation import check_live
-from .sharding import gathered
+from .dtensors import gathered
 
 __all__ = ["tree_map", "tree_zeros_like", "tree_select", "global_norm", "leaves_with_paths",
            "check_same_structure", "tree_digest"]

@@ -19,20 +19,17 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .step_spec import is_compiled
+
 try:  # torch >= 2.6: the stance a compiled call reads when it starts
     from torch._dynamo.eval_frame import DynamoStance, _set_stance
     _SKIP_GUARDS = DynamoStance("default", skip_guard_eval_unsafe=True)
 except ImportError:  # older torch: every call checks its guards
     _set_stance = _SKIP_GUARDS = None
 
-__all__ = ["Unguarded", "is_compiled"]
+__all__ = ["Unguarded"]
 
 _OFF = ()  # a signature no batch has: the fast path is off
-
-
-def is_compiled(fn: Callable) -> bool:
-    """Whether ``fn`` is what ``torch.compile`` returned (it marks it with what it wraps)."""
-    return getattr(fn, "_torchdynamo_orig_callable", None) is not None
 
 
 def _signature(batch: Any) -> tuple:
@@ -43,26 +40,27 @@ def _signature(batch: Any) -> tuple:
 
 
 class Unguarded:
-    """``step(state, batch)`` that skips Dynamo's guards once it is safe (see the module)."""
+    """``step(state, batch, **kwargs)`` that skips Dynamo's guards once it is safe (see the
+    module); ``kwargs`` (``donate=``) must be the same on every call."""
 
     def __init__(self, step: Callable):
         self.step = step
         on = _SKIP_GUARDS is not None and is_compiled(step)
         self.warm: tuple | None = None if on else _OFF  # the first call's batch signature
 
-    def __call__(self, state: Any, batch: Any) -> tuple:
+    def __call__(self, state: Any, batch: Any, **kwargs: Any) -> tuple:
         if self.warm is _OFF:
-            return self.step(state, batch)
+            return self.step(state, batch, **kwargs)
         if self.warm is None:
             structure = pytree.tree_structure(state)  # before the step: it may donate the state
-            out = self.step(state, batch)
+            out = self.step(state, batch, **kwargs)
             stable = structure == pytree.tree_structure(out[0])
             self.warm = _signature(batch) if stable else _OFF
             return out
         if _signature(batch) != self.warm:
-            return self.step(state, batch)
+            return self.step(state, batch, **kwargs)
         before = _set_stance(_SKIP_GUARDS)
         try:
-            return self.step(state, batch)
+            return self.step(state, batch, **kwargs)
         finally:
             _set_stance(before)

@@ -193,16 +193,15 @@ def test_fold_reports_requests_from_callbacks_that_decide_alike_on_every_rank():
 def test_save_veto_reads_every_vetoing_callback_state_and_names_it():
     from fxtrain.callbacks.core import save_veto
 
-    class Vetoing:
-        def __init__(self, flag):
-            self.flag = flag
+    def vetoing(name):  # a Callback whose state is its flag, vetoing while it holds
+        return Callback(name, None, lambda state, event: None,
+                        save_veto=lambda flag: (flag, "too early"))
 
-        def save_veto(self):
-            return self.flag, "too early"
-
+    callbacks = [vetoing("a"), Callback("b", None, lambda state, event: None)]
     state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
-    assert save_veto(state) is None
-    state = state.replace(callbacks={"a": Vetoing(torch.tensor(False)), "b": 3})
-    assert save_veto(state) is None
-    state = state.replace(callbacks={"a": Vetoing(torch.tensor(False)), "b": Vetoing(True)})
-    assert save_veto(state) == "b flagged it as too early"
+    assert save_veto(callbacks, state) is None
+    state = state.replace(callbacks={"a": torch.tensor(False), "b": 3})
+    assert save_veto(callbacks, state) is None
+    callbacks[1] = vetoing("b")
+    state = state.replace(callbacks={"a": torch.tensor(False), "b": True})
+    assert save_veto(callbacks, state) == "b flagged it as too early"

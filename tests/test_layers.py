@@ -10,18 +10,16 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "struct", "donation", "tree", "stats", "means", "random", "distributed",
-     "traced_errors",
-     "sharding", "preemption", "logging.numbers"),
-    # the pieces: optimizers, metrics, writers, checkpoints, moving batches, the callback protocol
-    ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "callbacks.core",
-     "callbacks.combinators"),
+    ("_version", "struct", "donation", "dtensors", "tree", "stats", "means", "random",
+     "distributed", "traced_errors", "sharding", "preemption", "protocol", "step_spec"),
+    # the pieces: optimizers, metrics, writers, checkpoints, moving batches
+    ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "flags"),
     # the state, and the trained module out of it
     ("state", "precision", "export"),
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "graphs", "data", "evaluation", "predict"),
+    ("step", "k_steps", "graphs", "data", "evaluation", "predict"),
     # the loop, and the tools that look at steps and loops
     ("loop", "debug"),
     # the applications and the public surface
@@ -44,7 +42,9 @@ def module_name(path: Path) -> str:
 
 
 def imported(path: Path) -> set[str]:
-    """The fxtrain modules ``path`` imports, as dotted names relative to the package."""
+    """The fxtrain modules ``path`` imports, as dotted names relative to the package, with the
+    packages they are in (importing ``callbacks.core`` runs ``callbacks/__init__.py`` first),
+    but not the packages ``path`` is in itself (those are imported before it anyway)."""
     package = path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1]
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
@@ -60,19 +60,84 @@ def imported(path: Path) -> set[str]:
                     found.add(f"{name}.{a.name}" if is_module else f"{name}.__init__")
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
-    return {"__init__" if n == "fxtrain" else n.removeprefix("fxtrain.") for n in found
-            if n == "fxtrain" or n.startswith("fxtrain.")}
+    names = {"__init__" if n == "fxtrain" else n.removeprefix("fxtrain.") for n in found
+             if n == "fxtrain" or n.startswith("fxtrain.")}
+    own = {".".join(package[1:i]) for i in range(2, len(package) + 1)}
+    packages = {".".join(parts[:i]) for n in names for parts in [n.split(".")]
+                for i in range(1, len(parts))}
+    return names | (packages - own)
 
 
 def upward_imports(root: Path = PACKAGE) -> list[str]:
     out = []
     for path in sorted(root.rglob("*.py")):
         here = module_name(path)
-        for name in sorted(imported(path)):
-            if floor_of(name) > floor_of(here):
+        names = imported(path)
+        for name in sorted(names):
+            covered = any(other.startswith(name + ".") and floor_of(other) > floor_of(here)
+                          for other in names)  # its package is named once, with the module
+            if floor_of(name) > floor_of(here) and not covered:
                 out.append(f"fxtrain.{here} (floor {floor_of(here)}) imports fxtrain.{name} "
                            f"(floor {floor_of(name)})")
     return out
+
+
+def import_cycles(root: Path = PACKAGE) -> list[list[str]]:
+    """The import cycles among the package's modules (lazy imports included; the package root,
+    which re-exports everything, left out): each strongly connected group of two or more."""
+    graph = {module_name(p): sorted(imported(p) - {"__init__"}) for p in root.rglob("*.py")}
+    graph.pop("__init__", None)
+    index, low, stack, on, out = {}, {}, [], set(), []
+
+    def visit(v):  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in graph:
+                continue
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            group = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                group.append(w)
+                if w == v:
+                    break
+            if len(group) > 1:
+                out.append(sorted(group))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_cycles():
+    cycles = import_cycles()
+    assert not cycles, cycles
+
+
+def test_a_planted_cycle_is_caught(tmp_path):
+    fake = tmp_path / "fxtrain"
+    (fake / "callbacks").mkdir(parents=True)
+    (fake / "tree.py").write_text("from .sharding import gathered\n")
+    (fake / "sharding.py").write_text("def f():\n    from .tree import squared_norms\n")
+    (fake / "callbacks" / "__init__.py").write_text("from .ema import ema\n")
+    (fake / "callbacks" / "ema.py").write_text("from ..state import TrainState\n")
+    (fake / "state.py").write_text("from .callbacks.core import init_states\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, fake
+    try:
+        found = import_cycles(fake)
+    finally:
+        PACKAGE = saved
+    assert sorted(found) == [["callbacks", "callbacks.ema", "state"], ["sharding", "tree"]]
 
 
 def test_no_module_imports_a_module_on_a_higher_floor():
@@ -99,5 +164,6 @@ def test_a_planted_upward_import_is_caught(tmp_path, line):
 def test_the_import_reader_sees_relative_imports():
     names = imported(PACKAGE / "callbacks" / "publish.py")
     assert "logging.numbers" in names and "distributed" in names
-    assert floor_of("callbacks.core") < floor_of("state") < floor_of(
+    assert "callbacks" in imported(PACKAGE / "demo" / "job.py")  # the package of a submodule
+    assert floor_of("protocol") < floor_of("state") < floor_of(
         "callbacks.log_metrics") < floor_of("step") < floor_of("loop")

@@ -28,10 +28,11 @@ class EarlyStoppingState:
     best_step: torch.Tensor
     best_params: dict[str, torch.Tensor] | None = None
 
-    def stop_reason(self):
-        """What ``fit`` says when a run it stopped ends (read only then)."""
-        return self.stopped, lambda: (f"no improvement since step {int(self.best_step)} "
-                                      f"(best {float(self.best):.6g})")
+
+def _stop_reason(s: EarlyStoppingState):
+    """What ``fit`` says when a run it stopped ends (read only then)."""
+    return s.stopped, lambda: (f"no improvement since step {int(s.best_step)} "
+                               f"(best {float(s.best):.6g})")
 
 
 def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
@@ -251,4 +252,5 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
         return update(state, ev)
 
     kinds = ("train_begin", event) + (("train_end",) if restore_best else ())
-    return Callback(name=name, init=init, fn=fn, kinds=kinds, skips=event == "step_end")
+    return Callback(name=name, init=init, fn=fn, kinds=kinds, skips=event == "step_end",
+                    stop_reason=_stop_reason)

@@ -16,14 +16,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import torch
 
 from ..logging.numbers import is_number
 from ..logging.values import as_array, markdown_table, scalar_values
 from ..logging.writer import check_writer
 from ..means import Means
 from .combinators import periodic, rank_zero
-from .core import NOTHING, Callback
+from .core import NOTHING, Callback, asks_to_log
 
 __all__ = ["log_metrics", "log_eval_metrics"]
 
@@ -98,7 +97,7 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
             window.take()
         elif kind == "step_end":  # the per-step path: keep the metrics, nothing else
             window.add(event.metrics or {})
-            if due(event.step) or (event.metrics or {}).get("control/log") is True:
+            if due(event.step) or asks_to_log(event.metrics):
                 write(event.step)
         elif kind == "eval_end":
             if eval_prefix is not None:

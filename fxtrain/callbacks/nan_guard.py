@@ -24,14 +24,16 @@ class NanGuardState:
     skipped: torch.Tensor
     flagged: torch.Tensor
 
-    def save_veto(self) -> tuple[torch.Tensor, str]:
-        """``fit`` never checkpoints a state whose last step was non-finite."""
-        return self.flagged, "non-finite"
 
-    def stop_reason(self) -> tuple[torch.Tensor, str]:
-        """What ``fit`` says when a run stopped while this guard had skipped steps."""
-        return self.skipped > 0, ("a step's loss or gradient norm was not finite (its update "
-                                  "was discarded)")
+def _save_veto(guard: NanGuardState) -> tuple[torch.Tensor, str]:
+    """``fit`` never checkpoints a state whose last step was non-finite."""
+    return guard.flagged, "non-finite"
+
+
+def _stop_reason(guard: NanGuardState) -> tuple[torch.Tensor, str]:
+    """What ``fit`` says when a run stopped while this guard had skipped steps."""
+    return guard.skipped > 0, ("a step's loss or gradient norm was not finite (its update was "
+                               "discarded)")
 
 
 def is_finite_step(metrics) -> torch.Tensor:
@@ -98,7 +100,8 @@ def nan_guard(action: str = "stop", *, max_skips: int | None = None,
         state = set_callback_state(state, name, new)
         return state, Control(stop=stop, skip=bad)
 
-    return Callback(name=name, init=init, fn=fn, kinds=("step_end",), skips=True)
+    return Callback(name=name, init=init, fn=fn, kinds=("step_end",), skips=True,
+                    save_veto=_save_veto, stop_reason=_stop_reason)
 
 
 def flagged(state) -> bool:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import metrics, random
-from ..callbacks.core import Callback
+from ..protocol import Callback
 from ..callbacks.media import inference, log_media, text_samples
 from ..export import save_safetensors, trained_module
 from . import data, figures

@@ -1,0 +1,78 @@
+"""K steps per call: the rules that ``make_train_step(..., steps_per_call=K)`` and ``fx.fit``
+share. The step unstacks K batches and takes K single steps in one graph; ``fit`` takes K
+batches from the stream, stacks them, and sees only call boundaries, so its intervals must be
+multiples of K (the rules are in ``fxtrain.loop``'s docstring).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .data import length_of
+from .protocol import Callback
+
+__all__ = ["check_calls", "take", "skipping", "unstack", "check_stacked"]
+
+
+def unstack(batches: Any) -> list:
+    """The batches stacked in ``batches``, in order (each leaf unbound along dimension 0)."""
+    leaves, spec = pytree.tree_flatten(batches)
+    return [pytree.tree_unflatten(list(parts), spec)
+            for parts in zip(*(leaf.unbind(0) for leaf in leaves))]
+
+
+def check_stacked(batches: Any, k: int) -> None:
+    """Every leaf of ``batches`` is a tensor with a leading dimension ``k``."""
+    for path, leaf in pytree.tree_flatten_with_path(batches)[0]:
+        if not isinstance(leaf, torch.Tensor) or leaf.ndim == 0 or leaf.shape[0] != k:
+            what = f"shape {tuple(leaf.shape)}" if isinstance(leaf, torch.Tensor) else \
+                type(leaf).__name__
+            raise ValueError(
+                f"train_step(steps_per_call={k}) takes {k} stacked batches (each leaf with a "
+                f"leading dimension {k}, e.g. torch.stack of {k} batches); "
+                f"{pytree.keystr(path) or 'batch'} has {what}")
+
+
+def check_calls(k: int, start: int, max_steps, eval_every, stream, callbacks: tuple) -> None:
+    """The rules for K steps per call (see the module): intervals at call boundaries."""
+    if k == 1:
+        return
+    periodic = [(f"the period of host callback {cb.name}", cb.period) for cb in callbacks
+                if isinstance(cb, Callback) and cb.period > 1 and "step_end" in cb.kinds]
+    for label, value in [("the start step (state.step)", start), ("max_steps", max_steps),
+                         ("eval_every", eval_every), ("steps_per_epoch", length_of(stream)),
+                         *periodic]:
+        if value is not None and value % k:
+            raise ValueError(f"fit: {label} is {value}, not a multiple of the step's "
+                             f"steps_per_call={k}; with {k} steps per call the host only sees "
+                             f"every {k}th step")
+    for cb in skipping(callbacks):
+        raise ValueError(f"fit: host callback {cb.name} may skip a step, but the step takes "
+                         f"steps_per_call={k} steps per call; pass it to make_train_step(..., "
+                         "callbacks=[...]) instead, where it skips single steps")
+
+
+def take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
+    """The next ``k`` batches stacked along a new first dimension (one batch when ``k`` is 1),
+    the position after them, and whether they ended an epoch (only the last may)."""
+    if k == 1:
+        return stream.next(position)
+    batches = []
+    for i in range(k):
+        batch, position, epoch_done = stream.next(position)
+        batches.append(batch)
+        if epoch_done and i < k - 1:
+            raise ValueError(f"fit: an epoch of the data ended after batch {i + 1} of a call "
+                             f"of steps_per_call={k}; make the batches per epoch a multiple "
+                             f"of {k}")
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches), position, epoch_done
+
+
+def skipping(callbacks: tuple) -> list[Callback]:
+    """The host callbacks that may skip a step (undoing it needs the step's old values, so fit
+    does not donate, and it cannot undo one inner step of K)."""
+    return [cb for cb in callbacks if isinstance(cb, Callback) and cb.skips
+            and "step_end" in cb.kinds]
