@@ -19,7 +19,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch._dynamo
 
 from .protocol import NOTHING, Callback
 
@@ -140,6 +139,8 @@ def _first_line(reason: str) -> str:
 
 
 def _counts() -> tuple[collections.Counter, int]:
+    import torch._dynamo  # here, not at import: it takes 1.4 s
+
     counters = torch._dynamo.utils.counters
     return collections.Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
 
@@ -290,6 +291,8 @@ def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
         2 graph(s), 1 graph break(s)
           break 1: ... at <doctest ...>:4 in loss_fn
     """
+    import torch._dynamo
+
     out = torch._dynamo.explain(train_step)(state, batch)
     reasons = tuple(_first_line(r.reason) + _user_frame(r.user_stack) for r in out.break_reasons)
     return StepReport(out.graph_count, out.graph_break_count, reasons)

@@ -30,7 +30,7 @@ from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
 from .step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
-from .traced_errors import fail
+from .traced_errors import fail, run_while_tracing
 from .tree import squared_norms, tree_select
 
 __all__ = ["make_train_step", "make_eval_step", "revert_update"]
@@ -47,7 +47,7 @@ class _BatchGuard:
         self.first: tuple | None = None
 
         # Runs for real while Dynamo traces (and on every eager call), so it can remember.
-        @torch.compiler.assume_constant_result
+        @run_while_tracing
         def check_signature(signature: tuple) -> bool:
             if self.first is None:
                 self.first = signature

@@ -11,16 +11,30 @@ model's own error (a wrong feature count), for ``fit`` to raise with its message
 from __future__ import annotations
 
 import copy
+import sys
+from collections.abc import Callable
 from typing import NoReturn
 
-import torch
-
-__all__ = ["fail", "unwrapped", "reraise"]
+__all__ = ["fail", "unwrapped", "reraise", "run_while_tracing"]
 
 _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
 
 
-@torch.compiler.assume_constant_result
+def run_while_tracing(fn: Callable) -> Callable:
+    """``torch.compiler.assume_constant_result(fn)`` without importing Dynamo when it is not
+    loaded yet (importing it takes 1.4 s, which an eager run never needs): Dynamo's decorator
+    only marks the function, and the mark is the same (tests/test_traced_errors.py checks that
+    it still is). Dynamo then runs ``fn`` for real while tracing and uses its result as a
+    constant."""
+    if "torch._dynamo" in sys.modules:
+        import torch
+
+        return torch.compiler.assume_constant_result(fn)
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@run_while_tracing
 def _raise(kind: str, message: str) -> bool:  # run for real while Dynamo traces, and eagerly
     error = _KINDS[kind](message)
     error.fxtrain = True

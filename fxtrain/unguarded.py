@@ -21,11 +21,32 @@ import torch.utils._pytree as pytree
 
 from .step_spec import is_compiled
 
-try:  # torch >= 2.6: the stance a compiled call reads when it starts
-    from torch._dynamo.eval_frame import DynamoStance, _set_stance
-    _SKIP_GUARDS = DynamoStance("default", skip_guard_eval_unsafe=True)
-except ImportError:  # older torch: every call checks its guards
-    _set_stance = _SKIP_GUARDS = None
+
+_set_stance: Callable | None  # set by _load_stance
+_SKIP_GUARDS: Any
+
+
+def _load_stance() -> bool:
+    """Looks up Dynamo's stance setter and the stance that skips guards (``_set_stance`` and
+    ``_SKIP_GUARDS``, None on torch < 2.6, where every call checks its guards) on first use by
+    a compiled step, so that importing fxtrain does not import Dynamo (1.4 s). Whether the
+    stance can be set."""
+    if "_SKIP_GUARDS" not in globals():
+        try:
+            from torch._dynamo.eval_frame import DynamoStance, _set_stance
+            stance = DynamoStance("default", skip_guard_eval_unsafe=True)
+        except ImportError:
+            _set_stance = stance = None
+        globals().update(_set_stance=_set_stance, _SKIP_GUARDS=stance)
+    return _SKIP_GUARDS is not None
+
+
+def __getattr__(name: str):
+    if name in ("_set_stance", "_SKIP_GUARDS"):
+        _load_stance()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["Unguarded"]
 
@@ -45,7 +66,7 @@ class Unguarded:
 
     def __init__(self, step: Callable):
         self.step = step
-        on = _SKIP_GUARDS is not None and is_compiled(step)
+        on = is_compiled(step) and _load_stance()
         self.warm: tuple | None = None if on else _OFF  # the first call's batch signature
 
     def __call__(self, state: Any, batch: Any, **kwargs: Any) -> tuple:
