@@ -1,4 +1,12 @@
-"""fxtrain: functional training for PyTorch, in the style of flax, optax, orbax and clu."""
+"""fxtrain: functional training for PyTorch, in the style of flax, optax, orbax and clu.
+
+The API is what ``fxtrain`` and its public packages list in ``__all__``: ``fx.callbacks``,
+``fx.checkpoint``, ``fx.data``, ``fx.debug``, ``fx.distributed``, ``fx.donation``,
+``fx.logging``, ``fx.metrics``, ``fx.optim``, ``fx.precision``, ``fx.random``, ``fx.sharding``,
+``fx.stats``, ``fx.struct`` and ``fx.tree``. As in optax, the modules behind them
+(``fxtrain.loop``, ``fxtrain.checkpoint.store``, ``fxtrain.callbacks.ema``, ...) are not API:
+their paths and private names may change between releases; import from the packages.
+"""
 
 from . import callbacks as callbacks
 from . import checkpoint as checkpoint

@@ -10,8 +10,6 @@ from .demo.job import DemoConfig
 from .demo.job import main as demo_main
 from .demo.tasks import DEFAULTS, MODELS
 
-__all__ = ["main"]
-
 # the demo's numeric flags: a DemoConfig field each, with what it sets
 _KNOBS = {
     "eval_every": "steps between evaluations",

@@ -25,9 +25,10 @@ import torch
 
 __all__ = ["rank", "world_size", "initialized", "init", "is_rank_zero", "rank_zero",
            "rank_zero_then_broadcast", "agree", "broadcast", "barrier", "all_gather",
-           "mean_in_step", "DEFAULT_TIMEOUT"]
+           "mean_in_step", "DEFAULT_TIMEOUT"]  # mean_in_step: for a step of your own
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
+"""How long a collective waits for the other ranks before it fails (``init(timeout=...)``)."""
 
 
 def initialized() -> bool:

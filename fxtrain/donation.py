@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["DonatedError", "Donated", "donate", "mark", "check_live"]
+__all__ = ["DonatedError", "Donated", "donate", "check_live"]  # mark: fit's own
 
 # The fields a step donates; ``rng`` is never written and ``data`` is the host's.
 DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")

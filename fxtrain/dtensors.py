@@ -8,9 +8,6 @@ from typing import Any
 
 import torch.utils._pytree as pytree
 
-__all__ = ["is_dtensor", "is_sharded", "gather_tensor", "gathered"]
-
-
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing the module)."""
     module = sys.modules.get("torch.distributed.tensor")

@@ -20,9 +20,6 @@ from .metrics import Average, Metric
 from .sharding import with_whole_params
 from .tree import tree_map
 
-__all__ = ["evaluate", "batch_size_of"]
-
-
 def batch_size_of(batch: Any) -> int:
     """The first dimension of the batch's first tensor with one (1 if it has none).
 

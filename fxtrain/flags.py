@@ -15,9 +15,6 @@ import torch
 from . import distributed
 from .protocol import NOTHING, Control, control_from_metrics, flags
 
-__all__ = ["PendingFlags"]
-
-
 class PendingFlags:
     """Control flags waiting to be read: Python bools at once, tensors in one later sync.
 

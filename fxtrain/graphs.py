@@ -30,9 +30,6 @@ from . import donation
 from .step_spec import step_spec
 from .unguarded import _signature
 
-__all__ = ["cuda_graphed"]
-
-
 def _tensors(tree: Any) -> tuple[list, list, Any]:
     """The tensor leaves of ``tree`` with their paths, and its other leaves and structure."""
     flat, spec = pytree.tree_flatten_with_path(tree)

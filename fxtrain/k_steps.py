@@ -1,7 +1,21 @@
 """K steps per call: the rules that ``make_train_step(..., steps_per_call=K)`` and ``fx.fit``
-share. The step unstacks K batches and takes K single steps in one graph; ``fit`` takes K
-batches from the stream, stacks them, and sees only call boundaries, so its intervals must be
-multiples of K (the rules are in ``fxtrain.loop``'s docstring).
+share.
+
+A step built with ``make_train_step(..., steps_per_call=K)`` takes K stacked
+batches. ``fit`` then takes K batches from the stream, stacks them (``torch.stack`` per leaf),
+calls the step once and advances ``step`` by K. The host sees only call boundaries:
+- host callbacks get one step_end per call, at the call's last step, with that step's metrics
+  (its ``control/*`` flags OR-ed over the K steps);
+- the run must start at a multiple of K (``state.step``, after resuming), and ``max_steps``,
+  ``eval_every``, the ``steps_per_epoch`` of data with a length and the period of every
+  periodic host callback (``every(n, ...)``, ``checkpoint_policy(every=n)``) must be multiples of K,
+  else a ValueError names both numbers; data without a length whose epoch ends inside a
+  group of K is the same error, when it happens;
+- tensor flags are read at the end of each call that reaches or passes a multiple of
+  ``sync_every`` (so any ``sync_every`` works; the lag is up to ``sync_every + K - 1`` steps);
+- a host callback that may skip a step (``skips=True``) is refused: skip inside the step.
+Every call boundary is an ordinary state (positions count batches), so checkpoints and resumes
+work as with single steps.
 """
 
 from __future__ import annotations
@@ -13,9 +27,6 @@ import torch.utils._pytree as pytree
 
 from .data import length_of
 from .protocol import Callback
-
-__all__ = ["check_calls", "take", "skipping", "unstack", "check_stacked"]
-
 
 def unstack(batches: Any) -> list:
     """The batches stacked in ``batches``, in order (each leaf unbound along dimension 0)."""

@@ -7,21 +7,8 @@ epoch and checkpoint boundary. So a stop raised inside the step takes effect up 
 ``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
 updates of those extra steps, so the parameters stay where they stopped.
 
-K steps per call: a step built with ``make_train_step(..., steps_per_call=K)`` takes K stacked
-batches. ``fit`` then takes K batches from the stream, stacks them (``torch.stack`` per leaf),
-calls the step once and advances ``step`` by K. The host sees only call boundaries:
-- host callbacks get one step_end per call, at the call's last step, with that step's metrics
-  (its ``control/*`` flags OR-ed over the K steps);
-- the run must start at a multiple of K (``state.step``, after resuming), and ``max_steps``,
-  ``eval_every``, the ``steps_per_epoch`` of data with a length and the period of every
-  periodic host callback (``every(n, ...)``, ``checkpoint_policy(every=n)``) must be multiples of K,
-  else a ValueError names both numbers; data without a length whose epoch ends inside a
-  group of K is the same error, when it happens;
-- tensor flags are read at the end of each call that reaches or passes a multiple of
-  ``sync_every`` (so any ``sync_every`` works; the lag is up to ``sync_every + K - 1`` steps);
-- a host callback that may skip a step (``skips=True``) is refused: skip inside the step.
-Every call boundary is an ordinary state (positions count batches), so checkpoints and resumes
-work as with single steps.
+K steps per call (``make_train_step(..., steps_per_call=K)``): the rules are in
+``fxtrain.k_steps``.
 
 Under torch.distributed (one process per rank, as torchrun starts them) every rank runs the
 same loop in lockstep: control flags are read at the same steps on every rank and agreed (a
@@ -36,8 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 import warnings
 
-from . import distributed, donation, k_steps, traced_errors
-from .checkpoint.store import DamagedCheckpointError
+from . import distributed, donation, k_steps, resuming, traced_errors
 from .protocol import (Callback, Control, Event, fold_reporting, init, save_veto, stop_reasons,
                        with_log_request)
 from .data import as_stream, length_of
@@ -49,9 +35,6 @@ from .preemption import Preempted, on_sigterm
 from .step import revert_update
 from .step_spec import StepSpec, step_spec
 from .unguarded import Unguarded
-
-__all__ = ["fit", "Interrupted", "Preempted"]
-
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``fit``: raised after train_end, with the last ``state`` attached."""
@@ -167,7 +150,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
 
     A step made with ``make_train_step(..., steps_per_call=K)`` gets K stacked batches per call
     and host callbacks one step_end per call; the rules (intervals that are multiples of K) are
-    in this module's docstring.
+    in ``fxtrain.k_steps``.
 
     Returns:
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
@@ -209,7 +192,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     if state.data is None:
         state = state.replace(data=stream.init())
     if checkpoint is not None:
-        state = _resume(checkpoint, state, resume)
+        state = resuming.resume(checkpoint, state, resume)
     donates = not k_steps.skipping(callbacks)
     if not donates and spec.cuda_graphs:
         raise ValueError(f"fit: host callback {k_steps.skipping(callbacks)[0].name} may skip a "
@@ -231,11 +214,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         except KeyboardInterrupt as e:
             run.save()
             run.emit("train_end", {"reason": "interrupted"})
-            _wait(checkpoint)
+            resuming.wait(checkpoint)
             raise Interrupted(run.state) from e
         except Exception as e:
             run.fail(e)
-            _wait(checkpoint)
+            resuming.wait(checkpoint)
             raise
         finally:
             if run.step > first and run.state.step is given.step:  # donated: given's reused
@@ -250,7 +233,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
             if distributed.is_rank_zero():
                 print(f"fxtrain: stopped at step {run.step} by {end['stopped_by']}", flush=True)
         run.emit("train_end", end)
-        _wait(checkpoint)
+        resuming.wait(checkpoint)
         if preempted:  # no rank leaves (and has its launcher end the others) before all saved
             distributed.barrier()
     if preempted:
@@ -443,52 +426,3 @@ class _Run:
         if self.checkpoint.save(self.state, metrics, force=True):
             self.emit("checkpoint", {"step": self.step,
                                      "path": str(self.checkpoint.directory / str(self.step))})
-
-
-def _resume(checkpoint: Any, state: Any, resume: bool) -> Any:
-    """``state`` restored from the checkpoint's latest step, when there is one beyond it."""
-    latest = checkpoint.latest_step()
-    if latest is None or latest <= int(state.step):
-        return state
-    if not resume:
-        raise ValueError(f"fit: {checkpoint.directory} holds checkpoints up to step {latest}, "
-                         f"ahead of this state (step {int(state.step)}); resume=True continues "
-                         "from them, or give a new directory")
-    try:
-        restored = checkpoint.restore(state, latest)
-    except DamagedCheckpointError as e:
-        restored, latest = _fall_back(checkpoint, state, latest, e)
-    print(f"fxtrain: resuming from the checkpoint of step {latest} in {checkpoint.directory}",
-          flush=True)
-    return restored
-
-
-def _fall_back(checkpoint: Any, state: Any, damaged: int,
-               error: DamagedCheckpointError) -> tuple[Any, int]:
-    """The newest readable checkpoint older than the ``damaged`` one, and its step; the damaged
-    ones are set aside (renamed, kept) so the run can write their steps again."""
-    bad = [damaged]
-    older = [s for s in getattr(checkpoint, "all_steps", lambda: [])() if int(state.step) < s
-             < damaged]
-    for step in reversed(older):
-        try:
-            restored = checkpoint.restore(state, step)
-        except DamagedCheckpointError:
-            bad.append(step)
-            continue
-        kept = [str(checkpoint.set_aside(s)) for s in bad] if hasattr(
-            checkpoint, "set_aside") else []
-        if distributed.is_rank_zero():
-            warnings.warn(f"fit: {str(error).split('. The other checkpoints')[0]}; resuming "
-                          f"from step {step}, the newest readable checkpoint"
-                          + (f" (the damaged ones are kept as {', '.join(kept)})" if kept else ""),
-                          RuntimeWarning, stacklevel=4)
-        return restored, step
-    raise DamagedCheckpointError(f"fit cannot resume: {error}; no older checkpoint here is "
-                                 "readable either (pass resume=False and a new directory to "
-                                 "start over)") from error
-
-
-def _wait(checkpoint: Any) -> None:
-    if checkpoint is not None:
-        checkpoint.wait()  # the final save is on disk when fit returns

@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 
-__all__ = ["Means", "loggable"]
-
 _NOT_AVERAGED = ("control/", "grad_hist/")  # the loop's flags; model_watch's histograms
 
 

@@ -31,6 +31,7 @@ from .protocol import Callback
 __all__ = ["PRECISIONS", "Policy", "policy", "LossScale", "loss_scale"]
 
 PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
+"""The precision policies a step takes, named as Lightning names them."""
 LOSS_SCALE = "loss_scale"  # the name of the loss scale's state in state.callbacks
 
 

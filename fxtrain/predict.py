@@ -25,8 +25,6 @@ from .sharding import with_whole_params
 from .state import set_training
 from .tree import tree_map
 
-__all__ = ["predict"]
-
 _PREDICT_STREAM = 0x50524544  # "PRED": predict_fn's random stream, apart from training's
 
 

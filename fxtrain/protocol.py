@@ -22,15 +22,13 @@ import torch
 
 from . import struct
 
-__all__ = ["EVENT_KINDS", "DEFAULT_KINDS", "Event", "Control", "Callback", "fold", "init_states",
-           "init", "callback_state", "set_callback_state", "name_of", "CONTROL_KEYS",
-           "control_to_metrics", "control_from_metrics", "asks_to_log", "with_log_request"]
-
 EVENT_KINDS = ("train_begin", "epoch_begin", "step_begin", "step_end", "eval_end", "epoch_end",
                "checkpoint", "train_end", "exception", "predict_end")
+"""Every event kind, in the order ``fx.fit`` sends them (see ``Event``)."""
 # what a Callback reacts to unless it names its kinds: all but step_begin, which costs a fold
 # before every step and so goes only to the callbacks that ask for it by name
 DEFAULT_KINDS = tuple(k for k in EVENT_KINDS if k != "step_begin")
+"""The kinds a ``Callback`` reacts to unless it names its own: all but ``step_begin``."""
 
 
 @struct.dataclass

@@ -34,9 +34,9 @@ from . import distributed
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from .tree import squared_norms
 
-__all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "gather_tensor",
-           "with_whole_params", "gather_params", "reduce_scatter_grads", "local_parts",
-           "replicated_like",
+# what you call; the collectives a sharded step runs (gather_params, reduce_scatter_grads,
+# local_parts, replicated_like) are used through fxtrain.gradients, not API
+__all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "with_whole_params",
            "local_nbytes"]
 
 

@@ -33,6 +33,7 @@ def gradient_statistics(grads: dict[str, torch.Tensor],
 
 
 HISTOGRAM_BINS = 64
+"""The bins of a packed gradient histogram."""
 
 
 def histograms(tensors: dict[str, torch.Tensor],

@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import distributed, donation, random, sharding
+from . import distributed, donation, gradients, random, sharding
 from .protocol import (NOTHING, Callback, Event, callback_state, control_from_metrics,
                        control_to_metrics, fold, name_of, set_callback_state)
 from .k_steps import check_stacked, unstack
@@ -32,8 +32,6 @@ from .step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
 from .traced_errors import fail, run_while_tracing
 from .tree import squared_norms, tree_select
-
-__all__ = ["make_train_step", "make_eval_step", "revert_update"]
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
@@ -176,28 +174,6 @@ def _data_parallel(wanted: bool | None, buffers: str) -> bool:
     return active if wanted is None else bool(wanted)
 
 
-def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool,
-                sums: list = ()):
-    """Gradients, loss and aux averaged over ranks in one functional all-reduce per dtype
-    (and float buffers when ``mean_buffers``): every rank then takes the same update and sees
-    the same metrics, so in-step callbacks decide alike everywhere. Gradients already averaged
-    onto their shards (DTensors, see ``fxtrain.sharding``) are left as they are; ``sums``
-    (float32 0-d tensors) ride along and come back summed over the ranks."""
-    aux = {k: torch.as_tensor(v) for k, v in aux.items()}
-    float_aux = [k for k, v in aux.items() if v.is_floating_point()]
-    float_bufs = [k for k, v in buffers.items() if mean_buffers and v.is_floating_point()]
-    whole = [k for k, g in grads.items() if not sharding.is_dtensor(g)]
-    tensors = [*(grads[k] for k in whole), loss, *(aux[k] for k in float_aux),
-               *(buffers[k] for k in float_bufs), *sums]
-    means = iter(distributed.mean_in_step(tensors))
-    grads = {**grads, **{k: next(means) for k in whole}}
-    loss = next(means)
-    aux = {**aux, **{k: next(means) for k in float_aux}}
-    buffers = {**buffers, **{k: next(means) for k in float_bufs}}
-    sums = [next(means) * distributed.world_size() for _ in sums]
-    return grads, loss, aux, buffers, sums
-
-
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
@@ -291,6 +267,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     grad_stats = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
     parallel = _data_parallel(data_parallel, buffers)
     guard = _BatchGuard("train_step")
+    choose = gradients.chooser(parallel, buffers == "mean")
 
     rank = distributed.rank() if parallel else 0
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
@@ -303,8 +280,8 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
-        sharded = sharding.is_sharded(state.params)
-        if sharded and data_parallel is False:
+        path = choose(state.params)  # single process, data parallel or sharded
+        if isinstance(path, gradients.Sharded) and data_parallel is False:
             raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
                              "(fx.shard): sharding is data parallel, each rank on its share of "
                              "the batch; leave data_parallel unset")
@@ -325,33 +302,17 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        # a sharded state's parameters are gathered whole for the forward and backward, and
-        # each gradient is averaged back onto this rank's shard (fxtrain.sharding)
-        whole = sharding.gather_params(state.params) if sharded else state.params
-        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(whole)
-        if sharded:
-            grads = sharding.reduce_scatter_grads(grads, state.params)
-        if scaler is not None:  # unscaled before anything reads them (clipping included)
-            grads = {k: g / scaler.scale for k, g in grads.items()}
-        # a sharded state's gradient norms (and non-finite count) are this rank's parts,
-        # summed over the ranks in the all-reduce that averages the loss: no collective more
-        parts = sharding.local_parts(grads, finite=scaler is not None) if sharded else []
-        if parallel:
-            grads, loss, aux, new_buffers, parts = _rank_means(
-                grads, loss, aux, new_buffers, buffers == "mean", sums=parts)
-        squared = None
-        if sharded:
-            grads = sharding.replicated_like(grads, state.params)
-            squared = parts[:len(grads)]
-        new = state.apply_gradients(grads).replace(buffers=new_buffers or None)
-        metrics = _step_metrics(loss, aux, grads, new.opt_state, grad_stats, squared)
-        if sharded:  # any DTensor left (a norm taken another way): reduced into a plain tensor
-            metrics = {k: sharding.gather_tensor(v) for k, v in metrics.items()}
+        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(
+            path.whole(state.params))
+        out = path.reduce(grads, loss, aux, new_buffers, state.params,
+                          scale=None if scaler is None else scaler.scale,
+                          check_finite=scaler is not None)
+        new = state.apply_gradients(out.grads).replace(buffers=out.buffers or None)
+        metrics = path.metrics(_step_metrics(out.loss, out.aux, out.grads, new.opt_state,
+                                             grad_stats, out.squared))
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
-            finite = parts[-1] == 0 if sharded else torch.stack(
-                [torch.isfinite(g).all() for g in grads.values()]).all()
-            new = revert_update(state, new, ~finite)
-            new = set_callback_state(new, LOSS_SCALE, scaler.update(finite))
+            new = revert_update(state, new, ~out.finite)
+            new = set_callback_state(new, LOSS_SCALE, scaler.update(out.finite))
             metrics["loss_scale"] = scaler.scale
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))

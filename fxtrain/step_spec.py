@@ -15,9 +15,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-__all__ = ["StepSpec", "step_spec", "is_compiled"]
-
-
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """How a train step was built.

@@ -31,6 +31,7 @@ import torch.utils._pytree as torch_pytree
 __all__ = ["dataclass", "field", "OPTREE_NAMESPACE"]
 
 OPTREE_NAMESPACE = "fxtrain"
+"""The optree namespace fxtrain's dataclasses are registered in."""
 T = TypeVar("T")
 
 

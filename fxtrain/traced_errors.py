@@ -15,8 +15,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-__all__ = ["fail", "unwrapped", "reraise", "run_while_tracing"]
-
 _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
 
 

@@ -48,8 +48,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Unguarded"]
-
 _OFF = ()  # a signature no batch has: the fast path is off
 
 

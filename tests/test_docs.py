@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from helpers import extra
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,15 +21,70 @@ def _env(**extra_vars):
     return env
 
 
-def test_mkdocs_builds_strict(tmp_path):
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """The site, built once for the tests below: (the mkdocs run, the site folder)."""
     extra("mkdocs")
     extra("mkdocstrings_handlers.python")
+    out = tmp_path_factory.mktemp("docs") / "site"
     run = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-         str(ROOT / "mkdocs.yml"), "--site-dir", str(tmp_path / "site")],
+         str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    return run, out
+
+
+def test_mkdocs_builds_strict(site):
+    run, out = site
     assert run.returncode == 0, f"mkdocs build --strict failed:\n{run.stdout}\n{run.stderr}"
-    assert (tmp_path / "site" / "api" / "fxtrain" / "index.html").exists()
+    assert (out / "api" / "fxtrain" / "index.html").exists()
+
+
+def api_pages() -> dict[str, str]:
+    """Each API page's package (``::: fxtrain.NAME`` in docs/api/NAME.md) and the page's name."""
+    pages = {}
+    for page in sorted((ROOT / "docs" / "api").glob("*.md")):
+        first = re.search(r"^::: (\S+)", page.read_text("utf-8"), re.M)
+        pages[first.group(1)] = page.stem
+    return pages
+
+
+def unrendered(site_dir: Path, package: str, page: str) -> list[str]:
+    """The names in ``package.__all__`` with no entry on its rendered page: an anchor under the
+    public name (``fxtrain.fit``) or under the object's own path (``fxtrain.loop.fit``)."""
+    import importlib
+    import types
+
+    module = importlib.import_module(package)
+    html = (site_dir / "api" / page / "index.html").read_text("utf-8")
+    anchors = set(re.findall(r'id="([\w.]+)"', html))
+    missing = []
+    for name in module.__all__:
+        obj = getattr(module, name)
+        if isinstance(obj, types.ModuleType):
+            continue  # a package of its own: its own page
+        own = f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
+        if f"{package}.{name}" not in anchors and own not in anchors:
+            missing.append(name)
+    return missing
+
+
+def test_every_public_name_has_an_entry_in_the_api_reference(site):
+    run, out = site
+    assert run.returncode == 0, run.stderr[-3000:]
+    pages = api_pages()
+    assert {"fxtrain", "fxtrain.callbacks", "fxtrain.optim"} <= set(pages)
+    missing = {package: unrendered(out, package, page) for package, page in pages.items()}
+    missing = {k: v for k, v in missing.items() if v}
+    assert not missing, f"public names without an entry in the API reference: {missing}"
+    # planted: a name the page does not render is found
+    html = out / "api" / "fxtrain" / "index.html"
+    text = html.read_text("utf-8")
+    html.write_text(text.replace('id="fxtrain.fit"', 'id="elsewhere"'), "utf-8")
+    try:
+        assert unrendered(out, "fxtrain", "fxtrain") == ["fit"]
+    finally:
+        html.write_text(text, "utf-8")
 
 
 def test_readme_is_short_and_starts_with_the_two_commands():

@@ -11,17 +11,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "struct", "donation", "dtensors", "tree", "stats", "means", "random",
-     "distributed", "traced_errors", "sharding", "preemption", "protocol", "step_spec"),
-    # the pieces: optimizers, metrics, writers, checkpoints, moving batches
+     "distributed", "traced_errors", "sharding", "preemption"),
+    # the contracts between the pieces: the callback protocol, a step's spec
+    ("protocol", "step_spec"),
+    # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
     ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "flags"),
     # the state, and the trained module out of it
     ("state", "precision", "export"),
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "k_steps", "graphs", "data", "evaluation", "predict"),
+    ("step", "gradients", "k_steps", "graphs", "data", "evaluation", "predict"),
     # the loop, and the tools that look at steps and loops
-    ("loop", "debug"),
+    ("loop", "resuming", "debug"),
     # the applications and the public surface
     ("demo", "cli", "__init__", "__main__"),
 )
@@ -167,3 +169,18 @@ def test_the_import_reader_sees_relative_imports():
     assert "callbacks" in imported(PACKAGE / "demo" / "job.py")  # the package of a submodule
     assert floor_of("protocol") < floor_of("state") < floor_of(
         "callbacks.log_metrics") < floor_of("step") < floor_of("loop")
+
+
+def documented_floors(text: str) -> list[tuple[str, ...]]:
+    """The floors docs/layout.md lists: its lines ``N. <what>: `a`, `b`, ...`` in order."""
+    import re
+    return [tuple(re.findall(r"`([\w.]+)`", line.split(":", 1)[1]))
+            for line in text.splitlines() if re.match(r"\d+\. ", line)]  # 1. is floor 0
+
+
+def test_the_layout_page_lists_these_floors():
+    layout = PACKAGE.parent / "docs" / "layout.md"
+    assert documented_floors(layout.read_text(encoding="utf-8")) == list(FLOORS), (
+        "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
+    planted = layout.read_text(encoding="utf-8").replace("`flags`", "`flags`, `loop`")
+    assert documented_floors(planted) != list(FLOORS)

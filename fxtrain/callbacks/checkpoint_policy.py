@@ -22,8 +22,6 @@ from .combinators import every as every_n
 from .core import Callback, Control, NOTHING, callback_state, set_callback_state
 from .early_stopping import improvement, monitored_value
 
-__all__ = ["CheckpointPolicyState", "checkpoint_policy"]
-
 _SAVE = Control(save=True)
 
 

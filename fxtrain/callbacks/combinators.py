@@ -21,9 +21,6 @@ from .. import distributed
 from ..tree import tree_select
 from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
-__all__ = ["every", "every_secs", "on_steps", "on", "rank_zero", "lambda_callback", "as_callback"]
-
-
 def as_callback(cb: Callable) -> Callback:
     """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it).
 

@@ -5,6 +5,3 @@ from ..protocol import (DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, 
                         asks_to_log, callback_state, flags, fold, fold_reporting, init,
                         init_states, name_of, save_veto, set_callback_state, stop_reasons)
 
-__all__ = ["EVENT_KINDS", "DEFAULT_KINDS", "Event", "Control", "Callback", "fold", "init_states",
-           "init", "callback_state", "set_callback_state", "name_of", "NOTHING", "flags",
-           "fold_reporting", "save_veto", "stop_reasons", "asks_to_log"]

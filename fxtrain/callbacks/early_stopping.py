@@ -14,9 +14,6 @@ import torch
 from .. import struct
 from .core import Callback, Control, NOTHING, callback_state, set_callback_state
 
-__all__ = ["EarlyStoppingState", "early_stopping", "monitored_value", "improvement"]
-
-
 @struct.dataclass
 class EarlyStoppingState:
     """``best`` value so far, evaluations since it (``wait``), ``stopped``, the step of the best

@@ -12,9 +12,6 @@ import torch
 from . import combinators
 from .core import Callback, NOTHING, callback_state, set_callback_state
 
-__all__ = ["ema", "with_ema_params"]
-
-
 def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
     """Keeps ``state.callbacks[name]``: the moving average of the floating-point parameters.
 

@@ -21,8 +21,6 @@ import torch
 
 from ..feed import to_device
 
-__all__ = ["count_step_flops", "device_peak_flops", "PEAK_FLOPS"]
-
 T = 1e12
 # Dense (no 2:4 sparsity) peak FLOP/s per GPU, from NVIDIA's datasheets (their tensor-core
 # figures are quoted "with sparsity": halved here). "fp32" is the non-tensor-core rate (torch's

@@ -20,8 +20,6 @@ from .core import Callback, NOTHING, callback_state, set_callback_state
 from ..logging.numbers import read_floats
 from .publish import logger, publish
 
-__all__ = ["GradMonitorState", "grad_monitor"]
-
 _SUMMARY = ("grad_norm", "grad_norm_max", "grad_norm_min", "grad_norm_mean")
 
 

@@ -22,8 +22,6 @@ from .core import NOTHING, Control
 from .hf_views import place, views
 from .publish import loggable
 
-__all__ = ["Session", "best_key", "dispatch"]
-
 # The TrainerState fields a resume needs; log_history is left out (it grows with the run).
 _STATE_FIELDS = ("global_step", "epoch", "max_steps", "num_train_epochs", "train_batch_size",
                  "logging_steps", "best_metric", "best_global_step", "best_model_checkpoint")

@@ -27,10 +27,6 @@ from ..export import trained_module
 from ..logging.numbers import read_floats
 from ..optim.wrappers import injected_hyperparams, learning_rate
 
-__all__ = ["LazyModule", "OptimizerView", "SchedulerView", "place", "training_arguments",
-           "transformers_module", "views"]
-
-
 def transformers_module():
     try:
         import transformers

@@ -18,8 +18,6 @@ from .combinators import rank_zero
 from .core import NOTHING, Callback
 from ..logging.writer import check_writer
 
-__all__ = ["log_hparams", "flatten_config", "archive_code", "SOURCE_SUFFIXES"]
-
 SOURCE_SUFFIXES = frozenset({".py", ".pyi", ".toml", ".cfg", ".ini", ".yaml", ".yml", ".json",
                              ".sh", ".md", ".txt", ".ipynb"})
 _SKIPPED_DIRS = frozenset({"__pycache__", "node_modules", "venv", "build", "dist", "wandb"})

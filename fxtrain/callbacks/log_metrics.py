@@ -24,9 +24,6 @@ from ..means import Means
 from .combinators import periodic, rank_zero
 from .core import NOTHING, Callback, asks_to_log
 
-__all__ = ["log_metrics", "log_eval_metrics"]
-
-
 def _eval_scalars(metrics: Mapping[str, Any], who: str, warned: set) -> dict[str, Any]:
     out = {}
     for k, v in (metrics or {}).items():

@@ -17,8 +17,6 @@ from .. import struct
 from .core import Callback, Control, callback_state, set_callback_state
 from .early_stopping import monitored_value
 
-__all__ = ["LossSpikeState", "loss_spike", "is_spike"]
-
 _ACTIONS = ("log", "skip", "stop")
 
 

@@ -22,8 +22,6 @@ from .combinators import rank_zero
 from .core import NOTHING, Callback
 from ..logging.writer import check_writer, takes_binned_histograms
 
-__all__ = ["model_watch"]
-
 _LOG = ("gradients", "parameters", "all")
 
 

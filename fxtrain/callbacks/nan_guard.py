@@ -14,9 +14,6 @@ import torch
 from .. import struct
 from .core import Callback, Control, callback_state, set_callback_state
 
-__all__ = ["NanGuardState", "nan_guard", "is_finite_step", "flagged"]
-
-
 @struct.dataclass
 class NanGuardState:
     """``skipped``: non-finite steps so far; ``flagged``: whether the last step was one."""

@@ -16,9 +16,6 @@ from ..optim.wrappers import injected_hyperparam, map_hyperparams
 from .core import Callback, NOTHING, callback_state, set_callback_state
 from .early_stopping import improvement, monitored_value
 
-__all__ = ["PlateauState", "reduce_lr_on_plateau"]
-
-
 @struct.dataclass
 class PlateauState:
     """Best value, events since it, remaining cooldown, and how many reductions so far."""

@@ -26,8 +26,6 @@ from ..logging.numbers import format_scalars, is_number, read_floats
 from .combinators import rank_zero
 from .core import NOTHING, Callback
 
-__all__ = ["progress_bar"]
-
 _KINDS = ("train_begin", "step_end", "eval_end", "epoch_end", "train_end")
 
 

@@ -15,8 +15,6 @@ from .. import distributed
 from ..logging.numbers import format_scalars
 from ..means import loggable as loggable
 
-__all__ = ["publish", "logger", "loggable"]
-
 logger = logging.getLogger("fxtrain")
 
 

@@ -19,9 +19,6 @@ from .. import struct
 from ..state import set_training, with_step_buffers
 from .core import Callback, NOTHING, callback_state, set_callback_state
 
-__all__ = ["SWAState", "swa", "with_swa_params", "update_bn"]
-
-
 @struct.dataclass
 class SWAState:
     """``params``: the average of the floating-point parameters; ``n_averaged``: how many

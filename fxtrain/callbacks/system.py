@@ -20,8 +20,6 @@ from .core import NOTHING, Callback
 from .monitors import _rss_bytes
 from .publish import publish
 
-__all__ = ["system_monitor", "system_usage", "CpuSample"]
-
 MIB = 2.0 ** 20
 
 

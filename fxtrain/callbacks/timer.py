@@ -12,8 +12,6 @@ from collections.abc import Callable
 
 from .core import NOTHING, Callback, Control, callback_state, set_callback_state
 
-__all__ = ["timer"]
-
 _STOP = Control(stop=True)
 
 

@@ -22,9 +22,6 @@ from ..donation import check_live
 from ..sharding import is_dtensor, is_sharded
 from ..tree import path_str
 
-__all__ = ["FORMAT", "CheckpointMismatchError", "Plan", "table", "encode", "nonfinite", "plan",
-           "decode"]
-
 FORMAT = "fxtrain.checkpoint/1"
 
 # torch dtypes numpy lacks: stored as an integer view, typed with ml_dtypes on disk

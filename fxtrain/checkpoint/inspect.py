@@ -14,9 +14,6 @@ from typing import Any
 from ..tree import digest_items, leaf_record
 from . import bridge, store
 
-__all__ = ["checkpoint_paths", "summary", "leaf_rows", "digest", "format_size", "format_age"]
-
-
 def checkpoint_paths(directory: str | Path) -> list[Path]:
     """The finished checkpoints under ``directory`` (a manager's, or a run's workdir holding a
     ``checkpoints`` folder), or ``directory`` itself.

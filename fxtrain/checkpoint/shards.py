@@ -29,9 +29,6 @@ import torch
 from .. import distributed
 from .files import fsync_path
 
-__all__ = ["SHARDS", "TABLE", "TMP", "STORAGE", "is_sharded_checkpoint", "read_meta",
-           "background_group", "write", "read"]
-
 SHARDS, TABLE, TMP = "shards", "fxtrain.json", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
 

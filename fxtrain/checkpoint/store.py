@@ -17,10 +17,6 @@ import torch
 from . import bridge, shards
 from .files import fsync_path
 
-__all__ = ["STATE", "META", "DamagedCheckpointError", "orbax", "handlers", "is_checkpoint",
-           "read_meta", "read_arrays", "with_checksums", "verify_arrays", "write", "fsync_tree",
-           "describe_directory"]
-
 STATE, META = "state", "fxtrain"
 
 

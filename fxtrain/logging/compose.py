@@ -12,9 +12,6 @@ from typing import Any
 
 from .writer import takes_binned_histograms, takes_captions
 
-__all__ = ["MultiWriter", "AsyncWriter"]
-
-
 class MultiWriter:
     """Writes every event to each of ``writers``, in order.
 

@@ -22,9 +22,6 @@ from typing import Any
 from .media import caption_list, uncaptioned
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
-__all__ = ["JsonlWriter", "read_jsonl"]
-
-
 def _json_number(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)  # "nan", "inf": strict JSON has no NaN
 

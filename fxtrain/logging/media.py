@@ -11,10 +11,6 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Audio", "Captioned", "uncaptioned", "caption_list", "caption_markdown", "is_figure",
-           "figure_pixels", "gif_bytes", "wav_bytes"]
-
-
 @dataclasses.dataclass(frozen=True)
 class Audio:
     """A clip ``[T]`` or clips ``[N, T]`` in [-1, 1], sampled at ``sample_rate`` Hz (for

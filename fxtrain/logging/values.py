@@ -17,9 +17,6 @@ from ..stats import unpack_histogram
 from .media import figure_pixels, is_figure
 from .numbers import read_floats
 
-__all__ = ["as_array", "scalar_values", "image_batch", "video_batch", "audio_batch", "Histogram",
-           "markdown_table", "buckets"]
-
 _warned: set[str] = set()
 
 

@@ -10,9 +10,6 @@ from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      scalar_values, video_batch)
 
-__all__ = ["WandbWriter"]
-
-
 def _wandb():
     try:
         import wandb

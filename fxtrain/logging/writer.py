@@ -19,10 +19,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["Writer", "WRITER_METHODS", "check_writer", "takes_binned_histograms",
-           "takes_captions"]
-
-
 @runtime_checkable
 class Writer(Protocol):
     """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface).

@@ -13,9 +13,6 @@ from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weig
                          scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
                          scale_by_trust_ratio, trace)
 
-__all__ = ["sgd", "adam", "adamw", "lion", "rmsprop", "adagrad", "adamax", "amsgrad", "nadamw",
-           "radam", "lamb", "lars"]
-
 Hyper = float | torch.Tensor
 
 

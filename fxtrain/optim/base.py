@@ -14,13 +14,11 @@ import torch
 
 from ..tree import tree_map
 
-__all__ = ["GradientTransformation", "chain", "identity", "apply_updates", "Schedule",
-           "ScalarOrSchedule"]
-
 Params = Any
 Updates = Any
 OptState = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
+"""A learning-rate (or other) schedule: the step count, a 0-d tensor, to a 0-d tensor."""
 ScalarOrSchedule = float | torch.Tensor | Schedule
 
 

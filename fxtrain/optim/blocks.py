@@ -9,9 +9,6 @@ from ..tree import tree_map
 from .base import GradientTransformation
 from .transforms import _non_negative, _scalar
 
-__all__ = ["clip_by_block_rms", "scale_by_param_block_rms"]
-
-
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.mean(x * x))
 

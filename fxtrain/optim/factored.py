@@ -18,10 +18,9 @@ from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .transforms import (Mask, _acc_dtype, _count, _non_negative, _scalar, add_decayed_weights,
                          ema, scale, scale_by_learning_rate)
 
-__all__ = ["FactoredState", "scale_by_factored_rms", "adafactor"]
-
-
 class FactoredState(NamedTuple):
+    """The state ``factored`` keeps between steps."""
+
     count: torch.Tensor
     v_row: Any  # per factored parameter: the mean of g^2 over its largest axis; else zeros(1)
     v_col: Any  # per factored parameter: over its second largest axis; else zeros(1)

@@ -17,21 +17,23 @@ import torch
 from ..tree import tree_zeros_like
 from .base import GradientTransformation
 
-__all__ = ["MultiTransformState", "PartitionState", "MaskedState", "multi_transform",
-           "partition", "masked", "set_to_zero"]
-
 Labels = Mapping[str, Hashable] | Callable[[str, torch.Tensor], Hashable]
 GroupMask = Mapping[str, bool] | Callable[[str, torch.Tensor], bool]
 
 
 class MultiTransformState(NamedTuple):
+    """The state ``multi_transform`` keeps between steps."""
+
     inner_states: dict[Hashable, Any]   # label -> that group's transform state
 
 
-PartitionState = MultiTransformState   # optax's newer name
+PartitionState = MultiTransformState
+"""The state of ``partition``: ``multi_transform``'s (optax's newer name for it)."""
 
 
 class MaskedState(NamedTuple):
+    """The state ``masked`` keeps between steps."""
+
     inner_state: Any
 
 

@@ -17,10 +17,9 @@ from ..tree import tree_map, tree_select
 from .base import GradientTransformation, _find_state
 from .transforms import _check_state, _count, _scalar
 
-__all__ = ["LookaheadState", "LookaheadParams", "lookahead", "lookahead_params"]
-
-
 class LookaheadState(NamedTuple):
+    """The state ``lookahead`` keeps between steps."""
+
     fast_state: Any
     steps_since_sync: torch.Tensor
     slow: Any  # the slow parameters (optax keeps them in LookaheadParams.slow)

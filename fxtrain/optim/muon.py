@@ -22,9 +22,6 @@ from .groups import multi_transform
 from .transforms import (Mask, _betas, _check_state, _count, _ema, _mu_hat, _non_negative,
                          add_decayed_weights, scale_by_learning_rate)
 
-__all__ = ["MuonDimensionNumbers", "MuonState", "orthogonalize_via_newton_schulz",
-           "scale_by_muon", "muon"]
-
 _DEFAULT_NS_COEFFS = (3.4445, -4.7750, 2.0315)
 _NS_COEFFS_PRESETS = {
     "standard": _DEFAULT_NS_COEFFS,
@@ -141,6 +138,8 @@ def _per_name(tree: Any, what: str) -> Mapping:
 
 
 class MuonState(NamedTuple):
+    """The state ``muon`` keeps between steps."""
+
     count: torch.Tensor
     mu: Any
 

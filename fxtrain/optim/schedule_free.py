@@ -21,11 +21,9 @@ from .schedules import warmup_constant_schedule
 from .transforms import (_betas, _bias_correction, _check_state, _count, _ema_of_squares,
                          _non_negative, _scalar, add_decayed_weights, scale_by_learning_rate)
 
-__all__ = ["ScheduleFreeState", "schedule_free", "schedule_free_eval_params",
-           "schedule_free_sgd", "schedule_free_adamw"]
-
-
 class ScheduleFreeState(NamedTuple):
+    """The state ``schedule_free`` keeps between steps."""
+
     b1: torch.Tensor
     weight_sum: torch.Tensor
     step_count: torch.Tensor  # starts at 1, as optax's; the learning rate is read at it

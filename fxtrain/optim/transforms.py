@@ -14,16 +14,6 @@ import torch
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
 from .base import GradientTransformation, ScalarOrSchedule
 
-__all__ = [
-    "ScaleByAdamState", "TraceState", "ScaleByRmsState", "ScaleByLionState", "ScaleByLearningRateState",
-    "scale", "scale_by_adam", "scale_by_rms", "scale_by_lion", "trace", "add_decayed_weights",
-    "clip_by_global_norm", "scale_by_learning_rate", "scale_by_schedule",
-    "ScaleByRssState", "ScaleByAdamaxState", "ScaleByAmsgradState", "ScaleByRadamState",
-    "scale_by_rss", "scale_by_adamax", "scale_by_amsgrad", "scale_by_radam",
-    "ZeroNansState", "clip", "zero_nans", "scale_by_trust_ratio", "EmaState", "ema",
-]
-
-
 def _count(params: Any) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
 
@@ -122,6 +112,8 @@ def _mu_hat(m: torch.Tensor, g: torch.Tensor, b1: float | torch.Tensor, count: t
 
 
 class ScaleByAdamState(NamedTuple):
+    """The state ``scale_by_adam`` keeps between steps."""
+
     count: torch.Tensor
     mu: Any
     nu: Any
@@ -168,6 +160,8 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
 
 
 class TraceState(NamedTuple):
+    """The state ``trace`` keeps between steps."""
+
     trace: Any
 
 
@@ -198,6 +192,8 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransf
 
 
 class EmaState(NamedTuple):
+    """The state ``ema`` keeps between steps."""
+
     count: torch.Tensor
     ema: Any
 
@@ -237,6 +233,8 @@ def ema(decay: float | torch.Tensor, debias: bool = True,
 
 
 class ScaleByRmsState(NamedTuple):
+    """The state ``scale_by_rms`` keeps between steps."""
+
     nu: Any
     mu: Any  # running mean of g when centered, else None
 
@@ -271,6 +269,8 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
 
 
 class ScaleByLionState(NamedTuple):
+    """The state ``scale_by_lion`` keeps between steps."""
+
     mu: Any
 
 
@@ -369,6 +369,8 @@ def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformatio
 
 
 class ScaleByLearningRateState(NamedTuple):
+    """The state ``scale_by_learning_rate`` keeps between steps."""
+
     count: torch.Tensor
     learning_rate: torch.Tensor  # the rate used by the last update (for metrics)
 
@@ -423,6 +425,8 @@ def scale_by_schedule(schedule: Callable[[torch.Tensor], torch.Tensor]) -> Gradi
 
 
 class ScaleByRssState(NamedTuple):
+    """The state ``scale_by_rss`` keeps between steps."""
+
     sum_of_squares: Any
 
 
@@ -460,6 +464,8 @@ def scale_by_rss(initial_accumulator_value: float | torch.Tensor = 0.1,
 
 
 class ScaleByAdamaxState(NamedTuple):
+    """The state ``scale_by_adamax`` keeps between steps."""
+
     count: torch.Tensor
     mu: Any
     nu: Any  # the decaying infinity norm of the gradients
@@ -498,6 +504,8 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
 
 
 class ScaleByAmsgradState(NamedTuple):
+    """The state ``scale_by_amsgrad`` keeps between steps."""
+
     count: torch.Tensor
     mu: Any
     nu: Any
@@ -554,6 +562,8 @@ def scale_by_amsgrad(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 
 
 
 class ScaleByRadamState(NamedTuple):
+    """The state ``scale_by_radam`` keeps between steps."""
+
     count: torch.Tensor
     mu: Any
     nu: Any
@@ -637,6 +647,8 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
 
 
 class ZeroNansState(NamedTuple):
+    """The state ``zero_nans`` keeps between steps."""
+
     found_nan: Any  # per parameter, a 0-d bool: whether the last update held a NaN
 
 

@@ -15,15 +15,9 @@ from ..tree import first_leaf, tree_map, tree_select, tree_zeros_like
 from .base import GradientTransformation
 from .transforms import ScaleByLearningRateState
 
-__all__ = [
-    "InjectHyperparamsState", "MultiStepsState", "ApplyIfFiniteState",
-    "inject_hyperparams", "multi_steps", "apply_if_finite", "learning_rate", "all_finite",
-    "injected_hyperparams", "injected_hyperparam", "map_hyperparams", "skip_large_updates",
-    "skip_not_finite",
-]
-
-
 class InjectHyperparamsState(NamedTuple):
+    """The state ``inject_hyperparams`` keeps between steps."""
+
     count: torch.Tensor
     hyperparams: dict[str, torch.Tensor]
     inner_state: Any
@@ -78,6 +72,8 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], *,
 
 
 class MultiStepsState(NamedTuple):
+    """The state ``multi_steps`` keeps between steps."""
+
     mini_step: torch.Tensor
     gradient_step: torch.Tensor
     inner_state: Any
@@ -196,6 +192,8 @@ def skip_not_finite(updates: Any, gradient_step: torch.Tensor,
 
 
 class ApplyIfFiniteState(NamedTuple):
+    """The state ``apply_if_finite`` keeps between steps."""
+
     notfinite_count: torch.Tensor   # consecutive non-finite updates
     last_finite: torch.Tensor       # whether the last update was finite
     total_notfinite: torch.Tensor   # all non-finite updates so far

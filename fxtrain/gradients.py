@@ -1,0 +1,139 @@
+"""The gradient path of a train step, one object per way of training: what the forward sees,
+and how gradients, the loss and the metrics become the same on every rank.
+
+- ``SingleProcess``: the parameters as they are, nothing to reduce.
+- ``DataParallel``: whole parameters on every rank; gradients, the loss, the aux metrics (and
+  floating-point buffers, with ``mean_buffers``) averaged over the ranks in one functional
+  all-reduce per dtype, so every rank takes the same update and decides alike.
+- ``Sharded``: parameters sharded across the ranks (``fx.shard``): gathered whole for the
+  forward and backward, each gradient averaged back onto this rank's shard
+  (reduce-scatter), and the gradient norms (with the non-finite count) summed over the ranks in
+  the all-reduce that averages the loss, so no collective more (see ``fxtrain.sharding``).
+
+Each has the same three methods, ``whole(params)``, ``reduce(...)`` and ``metrics(metrics)``, so
+the step reads as one line of work whatever the strategy. Per-block sharding and activation
+checkpointing go here: a strategy that gathers one block at a time changes ``whole`` and
+``reduce``, not the step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from . import distributed, sharding
+
+@dataclasses.dataclass(frozen=True)
+class Reduced:
+    """A step's gradients, loss, aux metrics and buffers after the strategy's reduction, with
+    the squared gradient norms when the strategy computed them (None: compute them from
+    ``grads``) and whether every gradient is finite (None unless asked)."""
+
+    grads: dict[str, Any]
+    loss: torch.Tensor
+    aux: dict[str, Any]
+    buffers: dict[str, Any]
+    squared: list[torch.Tensor] | None = None
+    finite: torch.Tensor | None = None
+
+
+def _unscaled(grads: dict, scale: torch.Tensor | None) -> dict:
+    """Gradients of a scaled loss, unscaled before anything reads them (clipping included)."""
+    return grads if scale is None else {k: g / scale for k, g in grads.items()}
+
+
+def _all_finite(grads: dict) -> torch.Tensor:
+    return torch.stack([torch.isfinite(g).all() for g in grads.values()]).all()
+
+
+def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool,
+                sums: list = ()):
+    """Gradients, loss and aux averaged over ranks in one functional all-reduce per dtype
+    (and float buffers when ``mean_buffers``): every rank then takes the same update and sees
+    the same metrics, so in-step callbacks decide alike everywhere. Gradients already averaged
+    onto their shards (DTensors) are left as they are; ``sums`` (float32 0-d tensors) ride
+    along and come back summed over the ranks."""
+    aux = {k: torch.as_tensor(v) for k, v in aux.items()}
+    float_aux = [k for k, v in aux.items() if v.is_floating_point()]
+    float_bufs = [k for k, v in buffers.items() if mean_buffers and v.is_floating_point()]
+    whole = [k for k, g in grads.items() if not sharding.is_dtensor(g)]
+    tensors = [*(grads[k] for k in whole), loss, *(aux[k] for k in float_aux),
+               *(buffers[k] for k in float_bufs), *sums]
+    means = iter(distributed.mean_in_step(tensors))
+    grads = {**grads, **{k: next(means) for k in whole}}
+    loss = next(means)
+    aux = {**aux, **{k: next(means) for k in float_aux}}
+    buffers = {**buffers, **{k: next(means) for k in float_bufs}}
+    sums = [next(means) * distributed.world_size() for _ in sums]
+    return grads, loss, aux, buffers, sums
+
+
+class SingleProcess:
+    """One process: the parameters as they are, nothing to reduce."""
+
+    def whole(self, params: dict) -> dict:
+        return params
+
+    def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
+               scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
+        del params  # the gradients are whole already
+        grads = _unscaled(grads, scale)
+        return Reduced(grads, loss, aux, buffers,
+                       finite=_all_finite(grads) if check_finite else None)
+
+    def metrics(self, metrics: dict) -> dict:
+        return metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel(SingleProcess):
+    """Whole parameters on every rank, averaged gradients (see the module)."""
+
+    mean_buffers: bool = True
+
+    def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
+               scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
+        del params
+        grads, loss, aux, buffers, _ = _rank_means(_unscaled(grads, scale), loss, aux, buffers,
+                                                   self.mean_buffers)
+        return Reduced(grads, loss, aux, buffers,
+                       finite=_all_finite(grads) if check_finite else None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sharded:
+    """Sharded parameters, gathered whole for the forward and backward (see the module);
+    ``parallel``: several ranks train (a sharded state restored in one process has one)."""
+
+    parallel: bool = True
+    mean_buffers: bool = True
+
+    def whole(self, params: dict) -> dict:
+        return sharding.gather_params(params)
+
+    def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
+               scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
+        grads = _unscaled(sharding.reduce_scatter_grads(grads, params), scale)
+        parts = sharding.local_parts(grads, finite=check_finite)  # summed over the ranks below
+        if self.parallel:
+            grads, loss, aux, buffers, parts = _rank_means(grads, loss, aux, buffers,
+                                                           self.mean_buffers, sums=parts)
+        grads = sharding.replicated_like(grads, params)
+        return Reduced(grads, loss, aux, buffers, squared=parts[:len(grads)],
+                       finite=parts[-1] == 0 if check_finite else None)
+
+    def metrics(self, metrics: dict) -> dict:
+        """Any DTensor left (a norm taken another way) reduced into a plain tensor."""
+        return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
+
+
+def chooser(parallel: bool, mean_buffers: bool) -> Callable[[dict], SingleProcess | Sharded]:
+    """``choose(params)``: the strategy for a step on ``params``, sharded or not, on several
+    ranks (``parallel``) or one. The strategies are made here, when the step is built; the
+    choice is made while the step is traced (a state is sharded or not)."""
+    plain = DataParallel(mean_buffers) if parallel else SingleProcess()
+    sharded = Sharded(parallel, mean_buffers)
+    return lambda params: sharded if sharding.is_sharded(params) else plain

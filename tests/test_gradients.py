@@ -1,0 +1,33 @@
+"""The gradient path by strategy (``fxtrain.gradients``), on one process: the choice, and what
+``SingleProcess`` does with a scaled loss. Data parallel and sharded runs are tested end to end
+in test_distributed.py and test_sharding.py (several processes)."""
+
+import torch
+
+from fxtrain import gradients
+
+
+def test_the_strategy_follows_the_ranks_and_the_state():
+    params = {"w": torch.ones(2)}
+    assert type(gradients.chooser(False, True)(params)) is gradients.SingleProcess
+    assert gradients.chooser(True, False)(params) == gradients.DataParallel(mean_buffers=False)
+
+
+def test_every_strategy_has_the_same_three_methods():
+    for strategy in (gradients.SingleProcess(), gradients.DataParallel(), gradients.Sharded()):
+        assert all(callable(getattr(strategy, m)) for m in ("whole", "reduce", "metrics"))
+
+
+def test_one_process_unscales_and_says_whether_every_gradient_is_finite():
+    path = gradients.SingleProcess()
+    params = {"w": torch.ones(2), "b": torch.ones(1)}
+    assert path.whole(params) is params
+    grads = {"w": torch.tensor([8.0, 16.0]), "b": torch.tensor([4.0])}
+    out = path.reduce(grads, torch.tensor(1.0), {}, {}, params, scale=torch.tensor(4.0),
+                      check_finite=True)
+    assert torch.equal(out.grads["w"], torch.tensor([2.0, 4.0])) and bool(out.finite)
+    assert out.squared is None  # the step computes the norms from the gradients
+    grads["b"] = torch.tensor([float("inf")])
+    out = path.reduce(grads, torch.tensor(1.0), {}, {}, params, check_finite=True)
+    assert not bool(out.finite)
+    assert path.reduce(grads, torch.tensor(1.0), {}, {}, params).finite is None  # not asked
