@@ -1,4 +1,6 @@
+import json
 import os
+import resource
 import sys
 import types
 
@@ -64,3 +66,23 @@ def x64():
     jax.config.update("jax_enable_x64", True)
     yield
     jax.config.update("jax_enable_x64", before)
+
+
+# FXTRAIN_TEST_CPU=FILE: each test's CPU seconds (this process's and the processes it waited
+# for: demo runs, ranks, notebook kernels) appended to FILE as JSON lines. Wall times under
+# pytest-xdist depend on what the other worker runs at the same time; CPU seconds do not, so
+# they say where a CPU-bound suite's time goes (scripts/test_cpu.py sums them; docs/testing.md).
+def _cpu_seconds() -> float:
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    path = os.environ.get("FXTRAIN_TEST_CPU")
+    before = _cpu_seconds() if path else 0.0
+    yield
+    if path:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"test": item.nodeid, "cpu_s": _cpu_seconds() - before}) + "\n")
