@@ -8,6 +8,7 @@ from typing import Any
 
 import torch.utils._pytree as pytree
 
+
 def is_dtensor(x: Any) -> bool:
     """Whether ``x`` is a ``torch.distributed.tensor.DTensor`` (without importing the module)."""
     module = sys.modules.get("torch.distributed.tensor")

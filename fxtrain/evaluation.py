@@ -20,6 +20,7 @@ from .metrics import Average, Metric
 from .sharding import with_whole_params
 from .tree import tree_map
 
+
 def batch_size_of(batch: Any) -> int:
     """The first dimension of the batch's first tensor with one (1 if it has none).
 

@@ -23,6 +23,7 @@ from .donation import check_live
 from .dtensors import gathered
 from .state import refuse_direct_call
 
+
 def _weights(state: Any) -> dict[str, torch.Tensor]:
     """Every trained parameter and buffer of ``state`` by name."""
     return gathered({**state.params, **(state.buffers or {})})  # a sharded state's, whole

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+
 def to_device(batch: Any, device: torch.device | str, *, pin: bool = False) -> Any:
     """``batch`` with every tensor on ``device`` (copied without blocking where the source
     allows it: pinned CPU memory to a GPU); tensors already there and other leaves as they are.

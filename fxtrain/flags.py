@@ -15,6 +15,7 @@ import torch
 from . import distributed
 from .protocol import NOTHING, Control, control_from_metrics, flags
 
+
 class PendingFlags:
     """Control flags waiting to be read: Python bools at once, tensors in one later sync.
 
@@ -43,7 +44,12 @@ class PendingFlags:
         self.now = self.now | Control(*(v if v is True else False for v in values))
 
     def add_step(self, metrics: dict) -> None:
-        self.add(control_from_metrics(metrics))  # the in-step callbacks' flags
+        """A step's metrics: its in-step callbacks' flags (tensors, kept for the next read, no
+        Control merged per step) and its loss (checked at that read)."""
+        control = control_from_metrics(metrics)
+        if control is not NOTHING:
+            for pending, value in zip(self.tensors, flags(control)):
+                pending.append(value)
         if isinstance(metrics.get("loss"), torch.Tensor):
             self.losses.append(metrics["loss"])
 

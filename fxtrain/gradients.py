@@ -26,6 +26,7 @@ import torch
 
 from . import distributed, sharding
 
+
 @dataclasses.dataclass(frozen=True)
 class Reduced:
     """A step's gradients, loss, aux metrics and buffers after the strategy's reduction, with

@@ -30,6 +30,7 @@ from . import donation
 from .step_spec import step_spec
 from .unguarded import _signature
 
+
 def _tensors(tree: Any) -> tuple[list, list, Any]:
     """The tensor leaves of ``tree`` with their paths, and its other leaves and structure."""
     flat, spec = pytree.tree_flatten_with_path(tree)

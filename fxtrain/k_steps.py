@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from .data import length_of
 from .protocol import Callback
 
+
 def unstack(batches: Any) -> list:
     """The batches stacked in ``batches``, in order (each leaf unbound along dimension 0)."""
     leaves, spec = pytree.tree_flatten(batches)

@@ -36,6 +36,7 @@ from .step import revert_update
 from .step_spec import StepSpec, step_spec
 from .unguarded import Unguarded
 
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``fit``: raised after train_end, with the last ``state`` attached."""
 

@@ -26,6 +26,7 @@ from .optim.base import GradientTransformation, apply_updates
 from .dtensors import gathered
 from .tree import check_same_structure
 
+
 class StepBuffers(dict):
     """Buffers that one forward inside a train step owns (fresh clones): ``apply`` hands them to
     the module as they are, so in-place updates (BatchNorm statistics) land in that copy and

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
     """How a train step was built.

@@ -21,6 +21,7 @@ from .. import distributed
 from ..tree import tree_select
 from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
+
 def as_callback(cb: Callable) -> Callback:
     """``cb`` as a ``Callback`` (a plain function becomes a stateless one named after it).
 

@@ -14,6 +14,7 @@ import torch
 from .. import struct
 from .core import Callback, Control, NOTHING, callback_state, set_callback_state
 
+
 @struct.dataclass
 class EarlyStoppingState:
     """``best`` value so far, evaluations since it (``wait``), ``stopped``, the step of the best

@@ -12,6 +12,7 @@ import torch
 from . import combinators
 from .core import Callback, NOTHING, callback_state, set_callback_state
 
+
 def ema(decay: float = 0.999, *, every: int = 1, name: str = "ema") -> Callback:
     """Keeps ``state.callbacks[name]``: the moving average of the floating-point parameters.
 

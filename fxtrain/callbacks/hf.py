@@ -76,6 +76,7 @@ from .core import EVENT_KINDS, Callback, set_callback_state
 from .hf_hooks import Session, best_key, dispatch
 from .hf_views import training_arguments, transformers_module, views
 
+
 def _check_best(args: Any, checkpoint: Any) -> None:
     """``load_best_model_at_end`` needs a manager that keeps the best checkpoint by the same
     metric: the checkpoints are fit's, ranked by the evaluation metrics saved with them."""

@@ -27,6 +27,7 @@ from ..export import trained_module
 from ..logging.numbers import read_floats
 from ..optim.wrappers import injected_hyperparams, learning_rate
 
+
 def transformers_module():
     try:
         import transformers

@@ -24,6 +24,7 @@ from ..means import Means
 from .combinators import periodic, rank_zero
 from .core import NOTHING, Callback, asks_to_log
 
+
 def _eval_scalars(metrics: Mapping[str, Any], who: str, warned: set) -> dict[str, Any]:
     out = {}
     for k, v in (metrics or {}).items():

@@ -22,6 +22,7 @@ from .combinators import rank_zero
 from .core import NOTHING, Callback
 from ..logging.writer import check_writer, takes_captions
 
+
 @contextlib.contextmanager
 def inference(state: Any):
     """``torch.no_grad`` with ``state.module`` in eval mode (its mode is restored after)."""

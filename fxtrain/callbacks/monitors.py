@@ -20,6 +20,7 @@ from .flops import device_peak_flops
 from ..logging.numbers import read_floats
 from .publish import publish
 
+
 def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor") -> Callback:
     """Publishes the learning rate and the other injected hyperparameters every ``every`` steps.
 

@@ -14,6 +14,7 @@ import torch
 from .. import struct
 from .core import Callback, Control, callback_state, set_callback_state
 
+
 @struct.dataclass
 class NanGuardState:
     """``skipped``: non-finite steps so far; ``flagged``: whether the last step was one."""

@@ -16,6 +16,7 @@ from ..optim.wrappers import injected_hyperparam, map_hyperparams
 from .core import Callback, NOTHING, callback_state, set_callback_state
 from .early_stopping import improvement, monitored_value
 
+
 @struct.dataclass
 class PlateauState:
     """Best value, events since it, remaining cooldown, and how many reductions so far."""

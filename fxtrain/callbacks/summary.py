@@ -18,6 +18,7 @@ from ..optim.wrappers import learning_rate
 from .combinators import rank_zero
 from .core import NOTHING, Callback
 
+
 def _numel_bytes(tensors: Iterable[torch.Tensor]) -> tuple[int, int]:
     tensors = list(tensors)
     return sum(t.numel() for t in tensors), sum(t.numel() * t.element_size() for t in tensors)

@@ -19,6 +19,7 @@ from .. import struct
 from ..state import set_training, with_step_buffers
 from .core import Callback, NOTHING, callback_state, set_callback_state
 
+
 @struct.dataclass
 class SWAState:
     """``params``: the average of the floating-point parameters; ``n_averaged``: how many

@@ -14,6 +14,7 @@ from typing import Any
 from ..tree import digest_items, leaf_record
 from . import bridge, store
 
+
 def checkpoint_paths(directory: str | Path) -> list[Path]:
     """The finished checkpoints under ``directory`` (a manager's, or a run's workdir holding a
     ``checkpoints`` folder), or ``directory`` itself.

@@ -27,6 +27,7 @@ from ..logging.numbers import is_number, read_floats
 from .. import distributed, sharding
 from . import bridge, shards, store
 
+
 def _floats(metrics: Mapping | None) -> dict[str, float]:
     """JSON-able metrics: the one-number tensors and numbers among ``metrics``, as floats."""
     numbers = {str(k): v for k, v in (metrics or {}).items() if is_number(v)}

@@ -12,6 +12,7 @@ from typing import Any
 
 from .writer import takes_binned_histograms, takes_captions
 
+
 class MultiWriter:
     """Writes every event to each of ``writers``, in order.
 

@@ -10,6 +10,7 @@ from .media import caption_list, uncaptioned
 from .numbers import format_scalars
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
+
 def _format(x: float) -> str:
     return f"{x:.6g}"
 

@@ -22,6 +22,7 @@ from typing import Any
 from .media import caption_list, uncaptioned
 from .values import Histogram, as_array, image_batch, scalar_values, video_batch
 
+
 def _json_number(x: float) -> float | str:
     return x if math.isfinite(x) else str(x)  # "nan", "inf": strict JSON has no NaN
 

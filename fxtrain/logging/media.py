@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+
 @dataclasses.dataclass(frozen=True)
 class Audio:
     """A clip ``[T]`` or clips ``[N, T]`` in [-1, 1], sampled at ``sample_rate`` Hz (for

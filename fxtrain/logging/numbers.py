@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+
 def is_number(value: Any) -> bool:
     """Whether a metric is one number (a 0-d or one-element tensor or array, an int or a
     float), not a vector or a matrix (per-class values, a confusion matrix).

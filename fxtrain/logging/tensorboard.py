@@ -14,6 +14,7 @@ from .media import caption_list, caption_markdown, gif_bytes, uncaptioned, wav_b
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      markdown_table, scalar_values, video_batch)
 
+
 def _audio_summary(name: str, clip: np.ndarray, sample_rate: int):
     """A TensorBoard audio summary of a mono clip, as 16-bit PCM WAV (with the standard
     library: tensorboardX's own needs ``soundfile``)."""

@@ -10,6 +10,7 @@ from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      scalar_values, video_batch)
 
+
 def _wandb():
     try:
         import wandb

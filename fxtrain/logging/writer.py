@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
+
 @runtime_checkable
 class Writer(Protocol):
     """A sink for metrics and media, keyed by step (clu's ``MetricWriter`` interface).

@@ -9,6 +9,7 @@ from ..tree import tree_map
 from .base import GradientTransformation
 from .transforms import _non_negative, _scalar
 
+
 def _rms(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(torch.mean(x * x))
 

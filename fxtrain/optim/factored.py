@@ -18,6 +18,7 @@ from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .transforms import (Mask, _acc_dtype, _count, _non_negative, _scalar, add_decayed_weights,
                          ema, scale, scale_by_learning_rate)
 
+
 class FactoredState(NamedTuple):
     """The state ``factored`` keeps between steps."""
 

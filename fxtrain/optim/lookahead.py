@@ -17,6 +17,7 @@ from ..tree import tree_map, tree_select
 from .base import GradientTransformation, _find_state
 from .transforms import _check_state, _count, _scalar
 
+
 class LookaheadState(NamedTuple):
     """The state ``lookahead`` keeps between steps."""
 

@@ -21,6 +21,7 @@ from .schedules import warmup_constant_schedule
 from .transforms import (_betas, _bias_correction, _check_state, _count, _ema_of_squares,
                          _non_negative, _scalar, add_decayed_weights, scale_by_learning_rate)
 
+
 class ScheduleFreeState(NamedTuple):
     """The state ``schedule_free`` keeps between steps."""
 

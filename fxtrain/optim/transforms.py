@@ -14,6 +14,7 @@ import torch
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
 from .base import GradientTransformation, ScalarOrSchedule
 
+
 def _count(params: Any) -> torch.Tensor:
     return torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
 

@@ -15,6 +15,7 @@ from ..tree import first_leaf, tree_map, tree_select, tree_zeros_like
 from .base import GradientTransformation
 from .transforms import ScaleByLearningRateState
 
+
 class InjectHyperparamsState(NamedTuple):
     """The state ``inject_hyperparams`` keeps between steps."""
 
