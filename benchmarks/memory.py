@@ -1,7 +1,7 @@
 """Peak memory per trained parameter: fxtrain's fit with a compiled step against the loops a
 user would write instead, AdamW on a stack of Linear(W, W) layers.
 
-Each variant runs in its own process and reports its peak resident set size (CPU) or
+Each variant runs in its own process (``--smoke``: the first only) and reports its peak resident set size (CPU) or
 ``torch.cuda.max_memory_allocated`` (GPU). Two depths are measured and the *slope*
 (peak(deep) - peak(shallow)) / (params(deep) - params(shallow)) is the cost of one more
 parameter: the interpreter, the imports and the compile caches cancel out.
@@ -83,8 +83,12 @@ def _run(variant: str, width: int, depth: int, device: str) -> dict:
     return {"variant": variant, "depth": depth, "params": n, "peak_bytes": peak}
 
 
-def measure(variant: str, width: int, depth: int, device: str) -> dict:
-    """``_run`` in a fresh process (so each peak is its own)."""
+def measure(variant: str, width: int, depth: int, device: str, fresh: bool = True) -> dict:
+    """``_run`` in a fresh process (so each peak is its own); with ``fresh=False`` in this one
+    (a smoke run's later runs: their peaks are not reported, and a process start with its
+    imports costs more than one of them)."""
+    if not fresh:
+        return _run(variant, width, depth, device)
     out = subprocess.run([sys.executable, __file__, "--child", variant, str(width), str(depth),
                           device], capture_output=True, text=True, timeout=1800)
     if out.returncode:
@@ -107,7 +111,11 @@ def main(argv=None) -> dict:
         args.variants = [v for v in VARIANTS if args.device == "cuda" or v != "fx_graphs"]
     rows = {}
     for variant in args.variants:  # the depths of one variant back to back, variants in turn
-        low, high = (measure(variant, args.width, d, args.device) for d in args.depths)
+        # a smoke run starts a process for its first run only (the path of a full run)
+        low, high = (measure(variant, args.width, d, args.device,
+                             fresh=not args.smoke or (variant, d) == (args.variants[0],
+                                                                      args.depths[0]))
+                     for d in args.depths)
         slope = (high["peak_bytes"] - low["peak_bytes"]) / (high["params"] - low["params"])
         rows[variant] = {"bytes_per_param": slope, "runs": [low, high]}
     base = rows.get("eager", {}).get("bytes_per_param")

@@ -3,7 +3,8 @@ a user would write instead, at the same precision; and bf16-mixed's loss curve a
 
 The model is transformers' GPT-2 from a config (width 256, 4 heads, sequence 128, vocabulary
 256, SDPA attention, dropout 0.1), trained on random token batches (batch 8) with AdamW at two
-depths (``--depths 2 4`` layers). Variants, each in its own process at each depth, with one
+depths (``--depths 2 4`` layers). Variants, each in its own process at each depth (``--smoke``:
+the first only, the rest in the parent), with one
 torch thread (the machines are shared: a second thread waiting on a core another job holds
 costs milliseconds per op):
 
@@ -186,8 +187,12 @@ def child(variant: str, args) -> dict:
             "inductor_cache": cache}
 
 
-def run_child(what: str, argv: list[str]) -> dict:
-    """``child`` or ``curve`` in a fresh process (so each peak is its own)."""
+def run_child(what: str, argv: list[str], fresh: bool = True) -> dict:
+    """``child`` or ``curve`` in a fresh process (so each peak is its own); with ``fresh=False``
+    in this one (a smoke run's later runs: their peaks are not reported, and a process start
+    with its imports costs more than one of them)."""
+    if not fresh:
+        return main(["--child", what, *argv])
     out = subprocess.run([sys.executable, __file__, "--child", what, *argv], capture_output=True,
                          text=True, timeout=3600)
     if out.returncode:
@@ -317,17 +322,21 @@ def summarise(rows: dict, args) -> None:
 
 
 def measure(args, argv: list[str]) -> dict:
-    """Every variant at both depths, then the curves; the record."""
+    """Every variant at both depths, then the curves; the record. A smoke run starts a process
+    for its first run only (the path of a full run), then runs the rest in this one."""
     start, rows = time.perf_counter(), {v: {"runs": []} for v in args.variants}
+    first = (args.depths[0], args.variants[0])
     for depth in args.depths:  # the variants in turn at one depth, then at the other
         for variant in args.variants:
-            rows[variant]["runs"].append(run_child(variant, [*argv, "--layers", str(depth)]))
+            fresh = not args.smoke or (depth, variant) == first
+            rows[variant]["runs"].append(
+                run_child(variant, [*argv, "--layers", str(depth)], fresh))
     summarise(rows, args)
     record = {"device": args.device, "precision": args.precision, "depths": args.depths,
               "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "rows": rows}
     if args.curve:
-        c = record["curve"] = run_child("curve", argv)
+        c = record["curve"] = run_child("curve", argv, fresh=not args.smoke)
         print(f"bf16-mixed vs float32 over {c['steps']} steps ({c['passes']} passes): largest "
               f"gap {c['max_gap']:.4f} (mean {c['mean_gap']:.4f}); float32 in another order: "
               f"{c['noise_max_gap']:.4f} (mean {c['noise_mean_gap']:.4f}); loss "

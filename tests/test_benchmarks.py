@@ -171,8 +171,9 @@ def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
 
 @pytest.mark.slow
 def test_transformer_benchmark_smoke(run_all):
-    """Every variant at both depths, each in its own process; the slopes; bf16-mixed's loss
-    curve against float32's and against the noise floor (float32 in another order)."""
+    """Every variant at both depths (the first run in a process of its own, as every run of a
+    full benchmark); the slopes; bf16-mixed's loss curve against float32's and against the noise
+    floor (float32 in another order)."""
     results = results_of(run_all[0], "transformer")
     assert set(results["rows"]) == set(imported("transformer").VARIANTS)
     for row in results["rows"].values():
