@@ -139,13 +139,22 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, size: str, steps: int, variant: str = "fxtrain") -> tuple:
+def run(world: int, size: str, steps: int, variant: str = "fxtrain", fresh: bool = True) -> tuple:
     """Samples/s of ``variant`` with ``world`` processes (rank 0's clock), the largest bytes of
     parameters and optimizer state a rank held, and the largest bytes a rank wrote to save the
-    state (None where not measured: DDP, replicated data parallel)."""
+    state (None where not measured: DDP, replicated data parallel). ``fresh=False`` runs one
+    process's run in this process (a smoke run's: a process start cost more than the run)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank")
-        mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
+        if world == 1 and not fresh:
+            saved = dict(os.environ)  # the worker sets RANK, WORLD_SIZE...
+            try:
+                _worker(0, world, _port(), size, steps, out, variant)
+            finally:
+                os.environ.clear()
+                os.environ.update(saved)
+        else:
+            mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
         ranks = []
         for rank in range(world):
             with open(f"{out}.{rank}") as f:
@@ -183,8 +192,10 @@ def main(argv=None):
         for _ in range(args.rounds):
             for variant in VARIANTS:
                 for world in worlds(variant):
+                    # a smoke run spawns its first 1-process run only (a full run's path)
+                    fresh = not args.smoke or variant == VARIANTS[0]
                     rate, held[variant, world], written[variant, world] = run(
-                        world, size, args.steps, variant)
+                        world, size, args.steps, variant, fresh)
                     rates[variant, world].append(rate)
         rows = scaling(rates)
         for variant, row in rows.items():
