@@ -28,7 +28,7 @@ import torch.utils._pytree as pytree
 
 from . import donation
 from .step_spec import step_spec
-from .unguarded import _signature
+from ._unguarded import _signature
 
 
 def _tensors(tree: Any) -> tuple[list, list, Any]:

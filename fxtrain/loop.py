@@ -8,7 +8,7 @@ epoch and checkpoint boundary. So a stop raised inside the step takes effect up 
 updates of those extra steps, so the parameters stay where they stopped.
 
 K steps per call (``make_train_step(..., steps_per_call=K)``): the rules are in
-``fxtrain.k_steps``.
+``fxtrain._k_steps``.
 
 Under torch.distributed (one process per rank, as torchrun starts them) every rank runs the
 same loop in lockstep: control flags are read at the same steps on every rank and agreed (a
@@ -23,18 +23,17 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 import warnings
 
-from . import distributed, donation, k_steps, resuming, traced_errors
+from . import _k_steps, _resuming, distributed, donation
 from .protocol import (Callback, Control, Event, fold_reporting, init, save_veto, stop_reasons,
                        with_log_request)
 from .data import as_stream, length_of
 from .evaluation import evaluate
 from .feed import Feed, prefetches
-from .flags import PendingFlags
+from ._flags import PendingFlags
+from ._step_call import step_call, undo
 from .means import Means
 from .preemption import Preempted, on_sigterm
-from .step import revert_update
 from .step_spec import StepSpec, step_spec
-from .unguarded import Unguarded
 
 
 class Interrupted(KeyboardInterrupt):
@@ -54,54 +53,6 @@ def _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every) 
         raise ValueError("fit: eval_step and eval_data go together; pass both or neither")
     if eval_every is not None and eval_step is None:
         raise ValueError("fit: eval_every needs eval_step and eval_data")
-
-
-def _step_fn(train_step: Callable, spec: StepSpec, host_names: frozenset,
-             donates: bool) -> Callable:
-    """Calls the step without the data position and the host callbacks' states, asking steps
-    built with ``donate=None`` to donate when ``donates``; a compiled step skips Dynamo's
-    guards once that is safe (see ``fxtrain.unguarded``).
-
-    The data position and host states are host values (Python numbers, loader state): keeping
-    them out of the compiled step keeps its inputs' structure fixed, so it never recompiles
-    because of them.
-    """
-
-    step = Unguarded(train_step)
-    kwargs = {"donate": donates} if spec.takes_donate else {}  # the same on every call
-
-    def call(state, batch):
-        try:
-            return step(state, batch, **kwargs)
-        except Exception as e:  # fxtrain's (or the model's) error first, not the compiler's
-            traced_errors.reraise(e, "the train step")
-
-    def run(state, batch, position):
-        states = state.callbacks or {}
-        host = {k: states[k] for k in host_names if k in states}
-        if not host:
-            new, metrics = call(state.replace(data=None), batch)
-            return new.replace(data=position), metrics
-        inner = {k: v for k, v in states.items() if k not in host} or None
-        new, metrics = call(state.replace(data=None, callbacks=inner), batch)
-        stepped = new.callbacks or {}  # back in the state's order, so its structure is stable
-        callbacks = {k: host[k] if k in host else stepped[k] for k in states}
-        return new.replace(data=position, callbacks=callbacks), metrics
-
-    return run
-
-
-def _undo(before: Any, state: Any, skip: Any, donated: bool, step: int) -> Any:
-    """``state`` with the update of the step just taken undone where ``skip`` holds."""
-    if skip is False:
-        return state
-    if donated:
-        raise ValueError(
-            f"fit: a host callback asked to skip step {step}, but fit donated that step's state "
-            "(its old values are gone); make it a Callback with skips=True (fit then keeps "
-            "each step's old state), or run it inside the step: make_train_step(..., "
-            "callbacks=[...])")
-    return revert_update(before, state, skip)
 
 
 def _plan(stream, max_steps, max_epochs, eval_data, spec: StepSpec,
@@ -151,7 +102,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
 
     A step made with ``make_train_step(..., steps_per_call=K)`` gets K stacked batches per call
     and host callbacks one step_end per call; the rules (intervals that are multiples of K) are
-    in ``fxtrain.k_steps``.
+    in ``fxtrain._k_steps``.
 
     Returns:
       The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
@@ -189,21 +140,21 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
     given, spec = state, step_spec(train_step)
-    state = init((*spec.in_step_callbacks, *callbacks), state)
+    state = init((*spec.step_states, *spec.in_step_callbacks, *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
     if checkpoint is not None:
-        state = resuming.resume(checkpoint, state, resume)
-    donates = not k_steps.skipping(callbacks)
+        state = _resuming.resume(checkpoint, state, resume)
+    donates = not _k_steps.skipping(callbacks)
     if not donates and spec.cuda_graphs:
-        raise ValueError(f"fit: host callback {k_steps.skipping(callbacks)[0].name} may skip a "
+        raise ValueError(f"fit: host callback {_k_steps.skipping(callbacks)[0].name} may skip a "
                          "step, but this step always donates its state (cuda_graphed), so the "
                          "step cannot be undone; pass the callback to make_train_step(..., "
                          "callbacks=[...]), where it skips inside the step")
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     k, first = spec.steps_per_call, int(state.step)
-    k_steps.check_calls(k, first, max_steps, eval_every, stream, callbacks)
-    run = _Run(state, first, callbacks, stream, _step_fn(train_step, spec, host_names, donates),
+    _k_steps.check_calls(k, first, max_steps, eval_every, stream, callbacks)
+    run = _Run(state, first, callbacks, stream, step_call(train_step, spec, host_names, donates),
                donates, spec, _Schedule(max_steps, max_epochs, eval_every, sync_every), checkpoint,
                eval_step, eval_data)
     with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
@@ -215,11 +166,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         except KeyboardInterrupt as e:
             run.save()
             run.emit("train_end", {"reason": "interrupted"})
-            resuming.wait(checkpoint)
+            _resuming.wait(checkpoint)
             raise Interrupted(run.state) from e
         except Exception as e:
             run.fail(e)
-            resuming.wait(checkpoint)
+            _resuming.wait(checkpoint)
             raise
         finally:
             if run.step > first and run.state.step is given.step:  # donated: given's reused
@@ -234,7 +185,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
             if distributed.is_rank_zero():
                 print(f"fxtrain: stopped at step {run.step} by {end['stopped_by']}", flush=True)
         run.emit("train_end", end)
-        resuming.wait(checkpoint)
+        _resuming.wait(checkpoint)
         if preempted:  # no rank leaves (and has its launcher end the others) before all saved
             distributed.barrier()
     if preempted:
@@ -275,7 +226,7 @@ class _Run:
         self.eval_step, self.eval_data = eval_step, eval_data
         self.step, self.epoch = step, int(state.data.epoch)
         device = state.step.device  # where batches go
-        self.feed = Feed(lambda position: k_steps.take(stream, position, k), device,
+        self.feed = Feed(lambda position: _k_steps.take(stream, position, k), device,
                          prefetches(device))
         self.pending = PendingFlags(agree=distributed.world_size() > 1)
         self.last_eval: tuple = (None, None)  # (step, metrics) of the latest evaluation
@@ -357,7 +308,7 @@ class _Run:
         if self.log_next:
             metrics, self.log_next = with_log_request(metrics), False
         control = self.emit("step_end", metrics)
-        self.state = _undo(before, self.state, control.skip, self.donates, self.step)
+        self.state = undo(before, self.state, control.skip, self.donates, self.step)
         return None
 
     def boundary(self) -> str | None:

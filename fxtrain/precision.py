@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from . import struct
-from .protocol import Callback
+from .protocol import StepState
 
 __all__ = ["PRECISIONS", "Policy", "policy", "LossScale", "loss_scale"]
 
@@ -125,10 +125,12 @@ class LossScale:
 
 
 def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth: float = 2.0,
-               backoff: float = 0.5) -> Callback:
-    """The loss scale's state for a ``"16-mixed"`` step (``make_train_step`` adds it to the
-    step's callbacks, so ``fx.fit`` creates its state; in your own loop pass it to
-    ``TrainState.create(..., callbacks=[...])``). The settings live in its state.
+               backoff: float = 0.5) -> StepState:
+    """The loss scale's settings and initial state: a ``StepState`` named ``"loss_scale"``,
+    which a ``"16-mixed"`` step owns and updates (``make_train_step`` adds the default one; pass
+    this one in its ``callbacks`` for other settings, and ``fx.fit`` creates its state; in your
+    own loop pass it to ``TrainState.create(..., callbacks=[...])``). The settings live in its
+    state.
 
     Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1),
@@ -148,7 +150,4 @@ def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth:
                          torch.zeros((), dtype=torch.int64, device=device),
                          growth_interval=growth_interval, growth=growth, backoff=backoff)
 
-    def fn(state, event):  # the step updates the scale itself: an observer that does nothing
-        return None
-
-    return Callback(name=LOSS_SCALE, init=init, fn=fn, kinds=("step_end",))
+    return StepState(name=LOSS_SCALE, init=init)

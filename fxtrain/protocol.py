@@ -224,6 +224,33 @@ class Callback:
         return self.fn(state, event)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepState:
+    """A state the train step owns and updates itself, kept in ``state.callbacks[name]`` beside
+    the callbacks' states so that checkpoints carry it: ``"16-mixed"``'s loss scale
+    (``fx.precision.loss_scale``). It has no function, so folds pass over it;
+    ``TrainState.create``, ``fx.callbacks.init`` and ``fx.fit`` create it as they create a
+    callback's state.
+
+    Attributes:
+      name: its key in ``state.callbacks``.
+      init: ``init(state) -> its initial value``.
+
+    Examples:
+        >>> owned = fx.precision.loss_scale(init_scale=8.0)
+        >>> type(owned).__name__, owned.name
+        ('StepState', 'loss_scale')
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), callbacks=[owned])
+        >>> state.callbacks["loss_scale"].scale
+        tensor(8.)
+        >>> fx.callbacks.fold([owned], state, fx.Event("step_end", 1))[0] is state
+        True
+    """
+
+    name: str
+    init: Callable[[Any], Any]
+
+
 def name_of(cb: Callable) -> str:
     """A readable name for error messages."""
     if isinstance(cb, Callback):
@@ -266,10 +293,10 @@ def set_callback_state(state: Any, name: str, value: Any) -> Any:
     return state.replace(callbacks={**(state.callbacks or {}), name: value})
 
 
-def _stateful(callbacks: Sequence[Callable]) -> list[Callback]:
-    found: dict[str, Callback] = {}
+def _stateful(callbacks: Sequence[Any]) -> list[Callback | StepState]:
+    found: dict[str, Callback | StepState] = {}
     for cb in callbacks:
-        if isinstance(cb, Callback) and cb.init is not None:
+        if isinstance(cb, StepState) or (isinstance(cb, Callback) and cb.init is not None):
             if cb.name in found:
                 raise ValueError(
                     f"two callbacks are named {cb.name!r}; names are checkpoint keys, so give "
@@ -362,6 +389,8 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
     names of the callbacks that asked to stop outright are appended to ``stoppers``."""
     control, alike = NOTHING, False
     for cb in callbacks:
+        if isinstance(cb, StepState):  # the step updates it; nothing to call
+            continue
         if isinstance(cb, Callback):
             if event.kind not in cb.kinds or (
                     cb.period > 1 and event.kind == "step_end" and type(event.step) is int

@@ -20,9 +20,10 @@ import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
 from . import distributed, donation, gradients, random, sharding
-from .protocol import (NOTHING, Callback, Event, callback_state, control_from_metrics,
-                       control_to_metrics, fold, name_of, set_callback_state)
-from .k_steps import check_stacked, unstack
+from .protocol import (NOTHING, Callback, Event, StepState, callback_state,
+                       control_from_metrics, control_to_metrics, fold, name_of,
+                       set_callback_state)
+from ._k_steps import check_stacked, unstack
 from .optim.wrappers import learning_rate
 from .precision import LOSS_SCALE
 from .precision import loss_scale as default_loss_scale
@@ -30,7 +31,7 @@ from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
 from .step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
-from .traced_errors import fail, run_while_tracing
+from ._traced_errors import fail, run_while_tracing
 from .tree import squared_norms, tree_select
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
@@ -256,10 +257,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
          'control/evaluate': tensor(False), 'control/log': tensor(False)}
     """
     mixed = precision_policy(precision)
-    callbacks = tuple(callbacks)
-    if mixed.scaled and not any(isinstance(cb, Callback) and cb.name == LOSS_SCALE
-                                for cb in callbacks):
-        callbacks = (default_loss_scale(), *callbacks)
+    owned = tuple(cb for cb in callbacks if isinstance(cb, StepState))  # the loss scale's
+    callbacks = tuple(cb for cb in callbacks if not isinstance(cb, StepState))
+    if mixed.scaled and not any(s.name == LOSS_SCALE for s in owned):
+        owned = (default_loss_scale(), *owned)
     _check_step_callbacks(callbacks)
     if grad_stats not in (False, True, "histograms"):
         raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
@@ -321,7 +322,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         return new, metrics
 
     spec = StepSpec(steps_per_call=steps_per_call, precision=precision,
-                    in_step_callbacks=callbacks, donate=donate)
+                    in_step_callbacks=callbacks, step_states=owned, donate=donate)
 
     def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
         if spec.donate or (spec.donate is None and asked):  # asked: the caller's donate=

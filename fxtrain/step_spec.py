@@ -25,6 +25,8 @@ class StepSpec:
       precision: its precision policy (``"32"``, ``"bf16-mixed"``, ...).
       in_step_callbacks: the callbacks folded inside the step (``fx.fit`` creates their states
         when the state has none).
+      step_states: the states the step owns and updates itself (``StepState``: the loss scale
+        of ``"16-mixed"``); ``fx.fit`` creates them when the state has none.
       donate: True: the step always donates the state it is given; False: never; None: when
         its caller passes ``donate=True`` (``fx.fit`` does unless a host callback may skip).
       compiled: what ``torch.compile`` returned (set by ``step_spec``, which sees the wrapper).
@@ -35,8 +37,8 @@ class StepSpec:
         ...     return state.apply(params, batch).square().mean()
         >>> step = fx.make_train_step(loss_fn, steps_per_call=4)
         >>> fx.step_spec(step)
-        StepSpec(steps_per_call=4, precision='32', in_step_callbacks=(), donate=None,
-                 compiled=False, cuda_graphs=False)
+        StepSpec(steps_per_call=4, precision='32', in_step_callbacks=(), step_states=(),
+                 donate=None, compiled=False, cuda_graphs=False)
         >>> fx.step_spec(torch.compile(step)).compiled, fx.step_spec(print).steps_per_call
         (True, 1)
     """
@@ -44,6 +46,7 @@ class StepSpec:
     steps_per_call: int = 1
     precision: str = "32"
     in_step_callbacks: tuple = ()
+    step_states: tuple = ()
     donate: bool | None = False
     compiled: bool = False
     cuda_graphs: bool = False

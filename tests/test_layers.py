@@ -11,19 +11,19 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "struct", "donation", "dtensors", "tree", "stats", "means", "random",
-     "distributed", "traced_errors", "sharding", "preemption"),
+     "distributed", "_traced_errors", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
-    ("optim", "metrics", "logging", "checkpoint", "unguarded", "feed", "flags"),
+    ("optim", "metrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, and the trained module out of it
     ("state", "precision", "export"),
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "gradients", "k_steps", "graphs", "data", "evaluation", "predict"),
+    ("step", "gradients", "_k_steps", "_step_call", "graphs", "data", "evaluation", "predict"),
     # the loop, and the tools that look at steps and loops
-    ("loop", "resuming", "debug"),
+    ("loop", "_resuming", "debug"),
     # the applications and the public surface
     ("demo", "cli", "__init__", "__main__"),
 )
@@ -182,5 +182,5 @@ def test_the_layout_page_lists_these_floors():
     layout = PACKAGE.parent / "docs" / "layout.md"
     assert documented_floors(layout.read_text(encoding="utf-8")) == list(FLOORS), (
         "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
-    planted = layout.read_text(encoding="utf-8").replace("`flags`", "`flags`, `loop`")
+    planted = layout.read_text(encoding="utf-8").replace("`_flags`", "`_flags`, `loop`")
     assert documented_floors(planted) != list(FLOORS)

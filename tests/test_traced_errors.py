@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import fxtrain as fx
-from fxtrain.traced_errors import run_while_tracing
+from fxtrain._traced_errors import run_while_tracing
 
 def loss_fn(state, params, batch):
     x, y = batch

@@ -6,7 +6,7 @@ import torch
 from helpers import classification_batch, mlp, xent
 
 import fxtrain as fx
-from fxtrain import unguarded
+from fxtrain import _unguarded as unguarded
 
 
 @pytest.fixture

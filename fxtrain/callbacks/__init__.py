@@ -22,6 +22,7 @@ from .core import EVENT_KINDS as EVENT_KINDS
 from .core import Callback as Callback
 from .core import Control as Control
 from .core import Event as Event
+from .core import StepState as StepState
 from .core import callback_state as callback_state
 from .core import fold as fold
 from .core import init as init
@@ -56,7 +57,7 @@ from .timer import timer as timer
 
 __all__ = [
     # the protocol
-    "Callback", "Control", "Event", "EVENT_KINDS", "DEFAULT_KINDS", "fold", "init",
+    "Callback", "Control", "Event", "EVENT_KINDS", "DEFAULT_KINDS", "StepState", "fold", "init",
     "init_states",
     "callback_state", "set_callback_state",
     # when a callback runs

@@ -3,5 +3,6 @@ the state, so the state and the step can use it without importing the catalogue)
 
 from ..protocol import (DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, Event,
                         asks_to_log, callback_state, flags, fold, fold_reporting, init,
-                        init_states, name_of, save_veto, set_callback_state, stop_reasons)
+                        init_states, name_of, save_veto, set_callback_state, stop_reasons,
+                        StepState)
 
