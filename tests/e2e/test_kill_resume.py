@@ -88,22 +88,21 @@ def kill_points():
 
 @pytest.mark.slow
 def test_killed_and_resumed_runs_end_bit_identical(tmp_path):
+    """One run killed at every kill point in turn, each resumed run killed at the next point,
+    then resumed to the end: the uninterrupted run's digest. Every point is a kill, and every
+    resume but the last is killed again (a run killed once, or twice, is a prefix of this one);
+    one process per kill point, where a kill and a resume each cost two."""
     whole = digest_of(train(tmp_path, tmp_path / "whole"))
-    points, resumed_from = kill_points(), 0
-    for i, (kill_at, kill_in) in enumerate(points):
-        workdir = tmp_path / f"run{i}"
+    # in the order a run meets them: a step's step_end comes before its checkpoint
+    points = sorted(set(kill_points()), key=lambda p: (p[0], p[1] != "step_end"))
+    workdir, resumed_from = tmp_path / "run", 0
+    for kill_at, kill_in in points:
         killed = train(tmp_path, workdir, kill_at, kill_in)
-        assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-        resumed = train(tmp_path, workdir)
-        assert digest_of(resumed) == whole, f"kill at {kill_at} ({kill_in})"
-        resumed_from += "resuming from the checkpoint" in resumed.stdout
+        assert killed.returncode == -signal.SIGKILL, (
+            f"not killed at {kill_at} ({kill_in})\n" + killed.stdout[-2000:]
+            + killed.stderr[-3000:])
+        resumed_from += "resuming from the checkpoint" in killed.stdout
+    resumed = train(tmp_path, workdir)
+    resumed_from += "resuming from the checkpoint" in resumed.stdout
+    assert digest_of(resumed) == whole, f"killed at {points} in turn"
     assert resumed_from >= len(points) // 2  # most kills came after a finished checkpoint
-
-
-@pytest.mark.slow
-def test_twice_killed_run_ends_bit_identical(tmp_path):
-    whole = digest_of(train(tmp_path, tmp_path / "whole"))
-    workdir = tmp_path / "run"
-    for kill_at, kill_in in [(8, "step_end"), (18, "checkpoint")]:
-        assert train(tmp_path, workdir, kill_at, kill_in).returncode == -signal.SIGKILL
-    assert digest_of(train(tmp_path, workdir)) == whole
