@@ -37,6 +37,7 @@ from .loop import Interrupted as Interrupted
 from .loop import fit as fit
 from .predict import predict as predict
 from .preemption import Preempted as Preempted
+from .remat import remat as remat
 from .sharding import shard as shard
 from .state import TrainState as TrainState
 from .step import make_eval_step as make_eval_step
@@ -48,7 +49,7 @@ from .tree import tree_digest as tree_digest
 __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
-    "predict", "shard", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
+    "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",

@@ -23,8 +23,38 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
+from torch.func import grad_and_value
 
 from . import distributed, sharding
+
+AUTODIFFS = ("func", "autograd")
+"""How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
+
+
+def differentiate(compute: Callable, autodiff: str) -> Callable:
+    """``compute(params) -> (value, aux)`` made into ``params -> (grads, (value, aux))``.
+
+    - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
+    - ``"autograd"``: ``torch.autograd.grad`` over fresh leaves detached from ``params``, which
+      ``torch.compile`` traces into the step's graph as it is (``fxtrain.step`` turns on
+      Dynamo's ``trace_autograd_ops``); it runs the saved-tensor hooks that activation
+      checkpointing needs (``fx.remat``). Same gradients: an unused parameter's is zeros, the
+      value and the aux come back detached.
+    """
+    if autodiff == "func":
+        return grad_and_value(compute, has_aux=True)
+
+    def value_and_grads(params: dict) -> tuple[dict, Any]:
+        leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
+        with torch.enable_grad():
+            value, aux = compute(leaves)
+            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
+                                        materialize_grads=True)
+        out = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (value, aux))
+        return dict(zip(leaves, grads)), out
+
+    return value_and_grads
 
 
 @dataclasses.dataclass(frozen=True)

@@ -358,11 +358,17 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         (True, [0.0, 2.0])
     """
 
-    def __init__(self, key: torch.Tensor):
+    def __init__(self, key: torch.Tensor, autodiff: str = "func"):
         super().__init__()
         self.key = key
+        self.autodiff = autodiff  # how the step around it differentiates (see fxtrain.remat)
         self.calls = 0
         self.block: torch.Tensor | None = None
+
+    def region_key(self) -> torch.Tensor:
+        """A key of its own for a region that draws under its own context (``fx.remat``):
+        the next key of this stream, so the region's draws depend on where it is called."""
+        return self._next_key()
 
     def _next_key(self) -> torch.Tensor:
         """``fold_in(key, calls)``, derived 16 at a time (one operator call for 16 draws)."""

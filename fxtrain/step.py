@@ -1,7 +1,8 @@
 """Pure train and eval steps built on ``torch.func``.
 
 ``make_train_step(loss_fn)`` returns ``train_step(state, batch) -> (state, metrics)``: gradients
-by ``torch.func.grad_and_value`` over ``state.apply`` (``functional_call``), the update by the
+by ``torch.func.grad_and_value`` (or ``torch.autograd.grad``, see ``fxtrain.gradients``) over
+``state.apply`` (``functional_call``), the update by the
 functional optimizer, randomness from ``state.rng`` and the step counter. It compiles as is with
 ``torch.compile(train_step, fullgraph=True)``: one graph, no recompiles, no host syncs.
 
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.func import grad_and_value
 
 from . import distributed, donation, gradients, random, sharding
 from .protocol import (NOTHING, Callback, Event, StepState, callback_state,
@@ -178,8 +178,8 @@ def _data_parallel(wanted: bool | None, buffers: str) -> bool:
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
-                    steps_per_call: int = 1,
-                    precision: str = "32") -> Callable[[TrainState, Any], tuple]:
+                    steps_per_call: int = 1, precision: str = "32",
+                    autodiff: str = "func") -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -221,6 +221,13 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         master parameters and optimizer state, and for ``"16-mixed"`` dynamic loss scaling
         whose state is ``state.callbacks["loss_scale"]`` (``fx.fit`` creates it; pass
         ``fx.precision.loss_scale(...)`` in ``callbacks`` for other settings).
+
+      autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``, the
+        default) or ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph:
+        building such a step turns on ``torch._dynamo.config.trace_autograd_ops``). The two
+        give the same gradients; ``"autograd"`` runs the saved-tensor hooks of activation
+        checkpointing (``fx.remat``, ``torch.utils.checkpoint``), which ``torch.func``
+        refuses (see ``fxtrain.gradients``).
 
     Returns:
       ``train_step(state, batch, *, donate=False)``, with how it was built in
@@ -270,6 +277,12 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     guard = _BatchGuard("train_step")
     choose = gradients.chooser(parallel, buffers == "mean")
 
+    if autodiff not in gradients.AUTODIFFS:
+        raise ValueError(f"make_train_step: autodiff must be one of "
+                         f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
+    if autodiff == "autograd":  # else Dynamo breaks the graph at torch.autograd.grad
+        import torch._dynamo
+        torch._dynamo.config.trace_autograd_ops = True
     rank = distributed.rank() if parallel else 0
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
             steps_per_call < 1:
@@ -294,7 +307,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             inner = with_step_buffers(state)
             was = set_training(state.module, True)
             try:
-                with random.keyed(key), mixed.autocast(state.step.device):
+                with random.keyed(key, autodiff), mixed.autocast(state.step.device):
                     loss, aux = _split_loss(loss_fn(inner, params, batch))
             finally:
                 set_training(state.module, was)
@@ -303,7 +316,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        grads, (_, (loss, aux, new_buffers)) = grad_and_value(compute, has_aux=True)(
+        grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(compute, autodiff)(
             path.whole(state.params))
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,

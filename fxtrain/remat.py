@@ -1,0 +1,128 @@
+"""Activation checkpointing inside a train step, in the spirit of ``jax.checkpoint``.
+
+``fx.remat(fn, *args, policy=...)`` calls ``fn(*args)`` inside ``loss_fn`` and, by the policy,
+keeps its activations for the backward or drops them and computes them again there
+(``torch.utils.checkpoint``, non-reentrant). It needs a step whose gradients come from
+``torch.autograd.grad`` (``make_train_step(..., autodiff="autograd")``): ``torch.func``, the
+default path, refuses the saved-tensor hooks checkpointing runs on.
+
+Randomness stays keyed, and recomputing it draws the same masks by construction: the region
+takes one key from the step's stream and runs ``fn`` under its own keyed context from it, in the
+forward and again in the recompute. So a region's draws do not depend on the policy: with
+``"everything_saveable"`` (nothing recomputed) the step is the same computation as with
+``"nothing_saveable"``, which is how a run with and one without recomputation compare; a region
+draws other masks than the same ``fn`` called outside ``remat``.
+
+Policies, named as JAX names them:
+
+- ``"nothing_saveable"``: keep only the region's inputs; recompute everything in the backward
+  (the least memory, one more forward of the region).
+- ``"dots_saveable"``: keep the outputs of matrix products (``mm``, ``addmm``, ``bmm``,
+  ``baddbmm``, attention), recompute the cheap element-wise work around them (torch's selective
+  activation checkpointing).
+- ``"everything_saveable"``: keep every activation, recompute nothing (no checkpointing).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import _get_current_function_mode_stack
+
+from . import random
+
+POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
+"""The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""
+
+
+def _dots() -> frozenset:
+    aten = torch.ops.aten
+    return frozenset(op for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
+                                   aten.baddbmm.default,
+                                   aten._scaled_dot_product_flash_attention_for_cpu.default,
+                                   aten._scaled_dot_product_efficient_attention.default,
+                                   aten._scaled_dot_product_flash_attention.default))
+
+
+def _save_dots(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return (CheckpointPolicy.MUST_SAVE if op in _dots() else
+            CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _keyed_mode() -> random.keyed | None:
+    """The innermost keyed context (the train step's), or None outside a step."""
+    return next((m for m in reversed(_get_current_function_mode_stack())
+                 if isinstance(m, random.keyed)), None)
+
+
+def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, its activations kept or recomputed in the backward by ``policy``.
+
+    Use it on any call inside ``loss_fn``: a submodule (``fx.remat(block, h)``, in a model's
+    ``forward`` too), or a function that takes the tensors it differentiates as arguments
+    (``fx.remat(lambda h: state.apply(params, h), x)``). The recompute runs in the backward,
+    after ``state.apply`` has returned, so a function must not reach a module's parameters
+    any other way. Outside a train step, or where no gradient is taken, it calls ``fn``
+    plainly.
+
+    Examples:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = nn.ModuleList(
+        ...             nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Dropout(0.1)) for _ in range(2))
+        ...     def forward(self, h):
+        ...         for block in self.blocks:
+        ...             h = fx.remat(block, h)  # its activations recomputed in the backward
+        ...         return h
+        >>> def loss_fn(state, params, batch):
+        ...     return state.apply(params, batch).square().mean()
+        >>> state = fx.TrainState.create(Net(), fx.optim.sgd(0.1), seed=0)
+        >>> step = fx.make_train_step(loss_fn, autodiff="autograd")
+        >>> new, metrics = step(state, torch.randn(4, 8))
+        >>> int(new.step), metrics["loss"].shape
+        (1, torch.Size([]))
+        >>> fx.make_train_step(loss_fn)(state, torch.randn(4, 8))
+        Traceback (most recent call last):
+        ...
+        RuntimeError: fx.remat: this train step takes its gradients with torch.func, which cannot
+        recompute activations (it refuses the saved-tensor hooks checkpointing uses); build it
+        with fx.make_train_step(loss_fn, autodiff='autograd')
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"fx.remat: unknown policy {policy!r}; choose one of "
+                         f"{', '.join(POLICIES)} (named as jax.checkpoint's policies)")
+    outer = _keyed_mode()
+    if outer is None or not torch.is_grad_enabled():  # no step, or no gradient: nothing to save
+        return fn(*args, **kwargs)
+    if outer.autodiff != "autograd":
+        raise RuntimeError(
+            "fx.remat: this train step takes its gradients with torch.func, which cannot "
+            "recompute activations (it refuses the saved-tensor hooks checkpointing uses); "
+            "build it with fx.make_train_step(loss_fn, autodiff='autograd')")
+    region = outer.region_key()
+    if isinstance(fn, nn.Module):
+        # its tensors now (the step's, bound by state.apply) go in as arguments: the recompute
+        # runs in the backward, after state.apply has put the module's own back
+        module = fn
+        args = ({**dict(module.named_parameters(remove_duplicate=False)),
+                 **dict(module.named_buffers(remove_duplicate=False))}, *args)
+
+        def fn(tensors, *args, **kwargs):
+            return torch.func.functional_call(module, tensors, args, kwargs)
+
+    def keyed_fn(*args, **kwargs):  # the same draws in the forward and in the recompute
+        with random.keyed(region, autodiff=outer.autodiff):
+            return fn(*args, **kwargs)
+
+    if policy == "everything_saveable":
+        return keyed_fn(*args, **kwargs)
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+    extra = {} if policy == "nothing_saveable" else {
+        "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_dots)}
+    return checkpoint(keyed_fn, *args, use_reentrant=False, **extra, **kwargs)

@@ -1,0 +1,179 @@
+"""Gradients by ``torch.autograd.grad`` (``make_train_step(..., autodiff="autograd")``) and
+activation checkpointing on them (``fx.remat``): the same gradients as ``torch.func``'s, one
+compiled graph, keyed randomness recomputed alike."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxtrain as fx
+
+
+class Block(nn.Module):
+    def __init__(self, width, dropout):
+        super().__init__()
+        self.up, self.down, self.dropout = nn.Linear(width, 4 * width), \
+            nn.Linear(4 * width, width), dropout
+
+    def forward(self, h):
+        return h + self.down(F.dropout(F.gelu(self.up(h)), self.dropout, self.training))
+
+
+class Net(nn.Module):
+    """Blocks, each through ``fx.remat`` with ``policy`` (None: called plainly)."""
+
+    def __init__(self, width=16, depth=3, dropout=0.0, policy=None):
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(width, dropout) for _ in range(depth))
+        self.head = nn.Linear(width, 5)
+        self.policy = policy
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x) if self.policy is None else fx.remat(block, x, policy=self.policy)
+        return self.head(x)
+
+
+def loss_fn(state, params, batch):
+    x, y = batch
+    logits = state.apply(params, x)
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
+def make(dtype=torch.float32, **net):
+    torch.manual_seed(0)
+    model = Net(**net).to(dtype)
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(8, 16, generator=g, dtype=dtype),
+                torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
+    return fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0), batches
+
+
+def run(step, state, batches):
+    metrics = []
+    for batch in batches:
+        state, m = step(state, batch)
+        metrics.append(m)
+    return state, metrics
+
+
+def same(a, b):
+    return fx.tree_digest(a) == fx.tree_digest(b)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("dropout", [0.0, 0.3], ids=["plain", "dropout"])
+def test_autograd_gradients_equal_torch_func_gradients(compiled, dropout):
+    """The same program differentiated two ways, on this machine: the same bits (keyed dropout
+    included)."""
+    state, batches = make(dropout=dropout)
+    steps = [fx.make_train_step(loss_fn, autodiff=a, donate=False) for a in ("func", "autograd")]
+    if compiled:
+        steps = [torch.compile(s, fullgraph=True) for s in steps]
+    (a, ma), (b, mb) = (run(s, state, batches) for s in steps)
+    assert same(a, b)
+    assert all(torch.equal(x["loss"], y["loss"]) and torch.equal(x["grad_norm"], y["grad_norm"])
+               for x, y in zip(ma, mb))
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_remat_recomputes_keyed_dropout_alike_eager_in_float64(policy):
+    """Recomputing a region draws its masks again from the same key: the steps are bitwise
+    those that keep every activation (float64, eager)."""
+    kept, batches = make(torch.float64, dropout=0.3, policy="everything_saveable")
+    again, _ = make(torch.float64, dropout=0.3, policy=policy)
+    step = fx.make_train_step(loss_fn, autodiff="autograd", donate=False)
+    assert same(run(step, kept, batches)[0], run(step, again, batches)[0])
+
+
+def test_remat_in_a_compiled_step_is_one_graph_and_matches_within_float32_rounding():
+    kept, batches = make(dropout=0.3, policy="everything_saveable")
+    again, _ = make(dropout=0.3, policy="nothing_saveable")
+    eager = fx.make_train_step(loss_fn, autodiff="autograd", donate=False)
+    reference, ref_metrics = run(eager, kept, batches)
+    torch._dynamo.reset()
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    compiled = torch.compile(fx.make_train_step(loss_fn, autodiff="autograd", donate=False),
+                             fullgraph=True)
+    state, metrics = run(compiled, again, batches)
+    assert counts["stats"]["unique_graphs"] == 1  # three calls, one graph, no recompile
+    # three AdamW steps of lr 1e-2: each moves a parameter by at most about lr, so float32
+    # rounding of the recomputed (and fused) arithmetic stays far below a wrong mask's effect
+    for k, p in reference.params.items():
+        torch.testing.assert_close(state.params[k], p, rtol=0, atol=1e-5)
+    torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)
+
+
+def test_remat_with_other_masks_than_its_recompute_would_fail():
+    """The guard above can fail: a region whose forward and recompute drew different masks
+    (torch's own checkpoint around a keyed dropout, recomputed outside the step's key) is
+    refused by torch's checkpoint, not silently wrong."""
+    from torch.utils.checkpoint import CheckpointError, checkpoint
+
+    state, batches = make(dropout=0.3)
+    blocks = state.module.blocks
+
+    def plain_checkpoint(state, params, batch):
+        x, y = batch
+        h = x
+        for i in range(len(blocks)):
+            h = checkpoint(lambda h, i=i: torch.func.functional_call(
+                blocks[i], {k.split(".", 2)[2]: v for k, v in params.items()
+                            if k.startswith(f"blocks.{i}.")}, (h,)), h, use_reentrant=False)
+        return F.cross_entropy(h[:, :5], y)
+
+    step = fx.make_train_step(plain_checkpoint, autodiff="autograd", donate=False)
+    with pytest.raises(CheckpointError):
+        step(state, batches[0])
+
+
+def test_remat_needs_the_autograd_path_and_a_known_policy():
+    state, batches = make(policy="nothing_saveable")
+    with pytest.raises(RuntimeError, match="autodiff='autograd'"):
+        fx.make_train_step(loss_fn)(state, batches[0])
+    bad, _ = make(policy="dots")
+    with pytest.raises(ValueError, match="unknown policy 'dots'.*nothing_saveable"):
+        fx.make_train_step(loss_fn, autodiff="autograd")(bad, batches[0])
+    with pytest.raises(ValueError, match="autodiff must be one of 'func', 'autograd'"):
+        fx.make_train_step(loss_fn, autodiff="jax")
+
+
+def test_a_remat_region_that_draws_from_the_global_generator_is_refused():
+    def loss_with_noise(state, params, batch):
+        x, y = batch
+        noisy = fx.remat(lambda h: h + torch.randn_like(h), x)
+        return F.cross_entropy(state.apply(params, noisy), y)
+
+    state, batches = make()
+    step = fx.make_train_step(loss_with_noise, autodiff="autograd")
+    with pytest.raises(Exception, match="randn_like"):
+        step(state, batches[0])
+
+
+def test_remat_outside_a_step_or_without_gradients_just_calls():
+    state, batches = make(policy="nothing_saveable")
+    x = batches[0][0]
+    assert Net(policy="nothing_saveable")(x).shape == (8, 5)  # no step: a plain call
+    evaluated = fx.make_eval_step(lambda s, b: {"loss": loss_fn(s, s.params, b)[0]})(
+        state, batches[0])
+    assert torch.isfinite(evaluated["loss"])
+
+
+def test_fit_trains_with_remat_and_resumes_exactly(tmp_path):
+    """fit with a compiled remat step: a run stopped at a checkpoint and resumed ends with the
+    uninterrupted run's state."""
+    def fresh():
+        return make(dropout=0.3, policy="nothing_saveable")
+
+    _, batches = fresh()
+    data = fx.data.Batches((torch.cat([b[0] for b in batches]),
+                            torch.cat([b[1] for b in batches])), 4, seed=0)
+    step = torch.compile(fx.make_train_step(loss_fn, autodiff="autograd"), fullgraph=True)
+    whole = fx.fit(fresh()[0], step, data, max_steps=8)  # fit donates the state it is given
+    with fx.checkpoint.CheckpointManager(tmp_path / "c") as manager:
+        fx.fit(fresh()[0], step, data, max_steps=4, checkpoint=manager)
+    with fx.checkpoint.CheckpointManager(tmp_path / "c") as manager:
+        resumed = fx.fit(fresh()[0], step, data, max_steps=8, checkpoint=manager)
+    assert int(resumed.step) == 8 and same(whole, resumed)
