@@ -34,6 +34,7 @@ from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
 from . import random
+from ._traced_errors import run_while_tracing
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 """The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""
@@ -52,6 +53,20 @@ def _save_dots(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
     return (CheckpointPolicy.MUST_SAVE if op in _dots() else
             CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+@run_while_tracing
+def _keep_recomputation_in_the_backward() -> bool:
+    """Turns off Inductor's ``reorder_for_locality`` pass for the compiles that follow (run for
+    real while Dynamo traces a step that uses ``remat``). The pass moves each node next to the
+    producers of its inputs; in a step whose forward, backward and update are one graph it so
+    hoists the recomputation back into the forward, and the activations live on as if nothing
+    were checkpointed (``benchmarks/remat_memory.py``, batch 4096: 79 bytes per parameter with
+    the pass, 31 without, against 92 with no remat). It is a process-wide setting of torch's."""
+    import torch._inductor.config as inductor
+
+    inductor.reorder_for_locality = False
+    return True
 
 
 def _keyed_mode() -> random.keyed | None:
@@ -105,6 +120,8 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
             "fx.remat: this train step takes its gradients with torch.func, which cannot "
             "recompute activations (it refuses the saved-tensor hooks checkpointing uses); "
             "build it with fx.make_train_step(loss_fn, autodiff='autograd')")
+    if torch.compiler.is_compiling():
+        _keep_recomputation_in_the_backward()
     region = outer.region_key()
     if isinstance(fn, nn.Module):
         # its tensors now (the step's, bound by state.apply) go in as arguments: the recompute
