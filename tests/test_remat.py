@@ -10,6 +10,27 @@ from torch import nn
 import fxtrain as fx
 
 
+@pytest.fixture(autouse=True)
+def inductor_locality_restored():
+    """A compiled step with fx.remat turns off Inductor's reorder_for_locality for the process
+    (see fxtrain.remat): put it back, so later tests in this worker compile as they would alone."""
+    import torch._inductor.config as inductor
+
+    before = inductor.reorder_for_locality
+    yield
+    inductor.reorder_for_locality = before
+
+
+def test_a_compiled_remat_step_turns_off_the_locality_reordering():
+    import torch._inductor.config as inductor
+
+    inductor.reorder_for_locality = True
+    state, batches = make(policy="nothing_saveable")
+    torch.compile(fx.make_train_step(loss_fn, autodiff="autograd"), fullgraph=True,
+                  backend="aot_eager")(state, batches[0])
+    assert inductor.reorder_for_locality is False
+
+
 class Block(nn.Module):
     def __init__(self, width, dropout):
         super().__init__()
