@@ -4,7 +4,10 @@ a description of the machine."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -52,6 +55,16 @@ def backend() -> str:
 def use_smoke_backend() -> None:
     """Makes ``backend()`` ``aot_eager`` here and in the processes this one starts."""
     os.environ[BACKEND] = "aot_eager"
+
+
+def in_fresh_process(script: str, argv: list[str], what: str, timeout: int = 1800) -> dict:
+    """``python script --child *argv`` in a fresh interpreter (so each peak is its own): what
+    its last line of output holds, as JSON; a failure raises with ``what`` and its stderr."""
+    out = subprocess.run([sys.executable, script, "--child", *argv], capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode:
+        raise RuntimeError(f"{what} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def arguments(doc: str, argv, *, rounds: int, steps: int) -> argparse.Namespace:

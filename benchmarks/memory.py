@@ -21,11 +21,10 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
-from common import backend, use_smoke_backend
+from common import backend, in_fresh_process, use_smoke_backend
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("eager", "compiled", "fx_fit", "fx_pure", "fx_graphs")
@@ -89,11 +88,8 @@ def measure(variant: str, width: int, depth: int, device: str, fresh: bool = Tru
     imports costs more than one of them)."""
     if not fresh:
         return _run(variant, width, depth, device)
-    out = subprocess.run([sys.executable, __file__, "--child", variant, str(width), str(depth),
-                          device], capture_output=True, text=True, timeout=1800)
-    if out.returncode:
-        raise RuntimeError(f"{variant} at depth {depth} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, [variant, str(width), str(depth), device],
+                            f"{variant} at depth {depth}")
 
 
 def main(argv=None) -> dict:

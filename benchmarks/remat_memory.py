@@ -26,8 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
+
+from common import in_fresh_process
 
 VARIANTS = ("fx_func", "fx_autograd", "fx_remat", "fx_remat_dots", "loop", "loop_checkpoint")
 
@@ -98,12 +99,8 @@ def _run(variant: str, width: int, batch: int, depth: int, steps: int) -> dict:
 
 def measure(variant: str, args, depth: int) -> dict:
     """``_run`` in a fresh process (so each peak is its own)."""
-    out = subprocess.run([sys.executable, __file__, "--child", variant, str(args.width),
-                          str(args.batch), str(depth), str(args.steps)],
-                         capture_output=True, text=True, timeout=1800)
-    if out.returncode:
-        raise RuntimeError(f"{variant} at depth {depth} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, [variant, str(args.width), str(args.batch), str(depth),
+                                       str(args.steps)], f"{variant} at depth {depth}")
 
 
 def main(argv=None) -> dict:

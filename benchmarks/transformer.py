@@ -47,12 +47,11 @@ import ctypes
 import gc
 import json
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import backend, use_smoke_backend
+from common import backend, in_fresh_process, use_smoke_backend
 
 VARIANTS = ("eager", "compiled", "fx_fit")
 LR, WD = 3e-4, 0.1
@@ -193,11 +192,7 @@ def run_child(what: str, argv: list[str], fresh: bool = True) -> dict:
     with its imports costs more than one of them)."""
     if not fresh:
         return main(["--child", what, *argv])
-    out = subprocess.run([sys.executable, __file__, "--child", what, *argv], capture_output=True,
-                         text=True, timeout=3600)
-    if out.returncode:
-        raise RuntimeError(f"{what} {' '.join(argv)} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return in_fresh_process(__file__, [what, *argv], f"{what} {' '.join(argv)}", timeout=3600)
 
 
 def slope(runs: list[dict], key: str) -> float:

@@ -389,14 +389,14 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
     names of the callbacks that asked to stop outright are appended to ``stoppers``."""
     control, alike = NOTHING, False
     for cb in callbacks:
-        if isinstance(cb, StepState):  # the step updates it; nothing to call
-            continue
         if isinstance(cb, Callback):
             if event.kind not in cb.kinds or (
                     cb.period > 1 and event.kind == "step_end" and type(event.step) is int
                     and event.step % cb.period):
                 continue
             result = cb.fn(state, event)
+        elif isinstance(cb, StepState):  # the step updates it; nothing to call
+            continue
         elif event.kind != "step_begin":  # a plain function reacts to DEFAULT_KINDS
             result = cb(state, event)
         else:

@@ -34,12 +34,13 @@ from torch import nn
 from torch.overrides import _get_current_function_mode_stack
 
 from . import random
-from ._traced_errors import run_while_tracing
+from ._traced_errors import fail, run_while_tracing
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 """The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""
 
 
+@functools.cache
 def _dots() -> frozenset:
     aten = torch.ops.aten
     return frozenset(op for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
@@ -105,21 +106,21 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
         >>> fx.make_train_step(loss_fn)(state, torch.randn(4, 8))
         Traceback (most recent call last):
         ...
-        RuntimeError: fx.remat: this train step takes its gradients with torch.func, which cannot
+        ValueError: fx.remat: this train step takes its gradients with torch.func, which cannot
         recompute activations (it refuses the saved-tensor hooks checkpointing uses); build it
         with fx.make_train_step(loss_fn, autodiff='autograd')
     """
-    if policy not in POLICIES:
-        raise ValueError(f"fx.remat: unknown policy {policy!r}; choose one of "
+    if policy not in POLICIES:  # fail: the error itself, from a compiled step too
+        fail(ValueError, f"fx.remat: unknown policy {policy!r}; choose one of "
                          f"{', '.join(POLICIES)} (named as jax.checkpoint's policies)")
     outer = _keyed_mode()
     if outer is None or not torch.is_grad_enabled():  # no step, or no gradient: nothing to save
         return fn(*args, **kwargs)
     if outer.autodiff != "autograd":
-        raise RuntimeError(
-            "fx.remat: this train step takes its gradients with torch.func, which cannot "
-            "recompute activations (it refuses the saved-tensor hooks checkpointing uses); "
-            "build it with fx.make_train_step(loss_fn, autodiff='autograd')")
+        fail(ValueError, "fx.remat: this train step takes its gradients with torch.func, which "
+                         "cannot recompute activations (it refuses the saved-tensor hooks "
+                         "checkpointing uses); build it with fx.make_train_step(loss_fn, "
+                         "autodiff='autograd')")
     if torch.compiler.is_compiling():
         _keep_recomputation_in_the_backward()
     region = outer.region_key()

@@ -264,6 +264,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
          'control/evaluate': tensor(False), 'control/log': tensor(False)}
     """
     mixed = precision_policy(precision)
+    callbacks = tuple(callbacks)
     owned = tuple(cb for cb in callbacks if isinstance(cb, StepState))  # the loss scale's
     callbacks = tuple(cb for cb in callbacks if not isinstance(cb, StepState))
     if mixed.scaled and not any(s.name == LOSS_SCALE for s in owned):
@@ -276,7 +277,6 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     parallel = _data_parallel(data_parallel, buffers)
     guard = _BatchGuard("train_step")
     choose = gradients.chooser(parallel, buffers == "mean")
-
     if autodiff not in gradients.AUTODIFFS:
         raise ValueError(f"make_train_step: autodiff must be one of "
                          f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")

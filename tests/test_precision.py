@@ -124,3 +124,19 @@ def test_mixed_steps_compile_into_one_graph():
         for _ in range(3):
             state, _ = step(state, BATCH)
         assert graph_count() - before == 1, precision
+
+
+def test_a_16_mixed_step_owns_its_loss_scale_apart_from_its_callbacks():
+    """The loss scale is a StepState the step's spec lists apart from its in-step callbacks (a
+    generator of callbacks too): fx.fit creates it, and no fold calls it."""
+    guard = fx.callbacks.nan_guard()
+    step = fx.make_train_step(lambda s, p, b: s.apply(p, b).square().mean(),
+                              callbacks=(cb for cb in [guard, fx.precision.loss_scale(8.0)]),
+                              precision="16-mixed")
+    spec = fx.step_spec(step)
+    assert spec.in_step_callbacks == (guard,)
+    assert [s.name for s in spec.step_states] == ["loss_scale"]
+    state = fx.fit(fx.TrainState.create(torch.nn.Linear(2, 1), fx.optim.sgd(0.1)), step,
+                   [torch.randn(4, 2)] * 2, max_epochs=1)
+    assert int(state.callbacks["loss_scale"].good_steps) == 2
+    assert float(state.callbacks["loss_scale"].scale) == 8.0

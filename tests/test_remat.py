@@ -62,13 +62,24 @@ def loss_fn(state, params, batch):
     return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
 
 
-def make(dtype=torch.float32, **net):
+def make(dtype=torch.float32, tx=None, **net):
     torch.manual_seed(0)
     model = Net(**net).to(dtype)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(8, 16, generator=g, dtype=dtype),
                 torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
-    return fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0), batches
+    return fx.TrainState.create(model, tx or fx.optim.adamw(1e-2), seed=0), batches
+
+
+LR = 0.1
+# Two compiled programs (or compiled against eager) may fuse and order float32 sums
+# differently on another CPU. With SGD each step moves a parameter by LR times its gradient, so
+# a difference there is LR times the gradients' difference: float32 rounding (eps 1.2e-7) over
+# sums of at most 64 terms in 3 blocks, relative to gradients of order 1, is below 1e-4, and 3
+# steps of LR 0.1 give at most 3e-5, far below what a wrong mask or a doubled gradient moves
+# (of order LR times a gradient, 1e-2). Adam would divide by the gradient's own size and blow
+# up a rounding difference in a gradient near zero, so it is not used where paths differ.
+ATOL = 3e-5
 
 
 def run(step, state, batches):
@@ -88,14 +99,19 @@ def same(a, b):
 def test_autograd_gradients_equal_torch_func_gradients(compiled, dropout):
     """The same program differentiated two ways, on this machine: the same bits (keyed dropout
     included)."""
-    state, batches = make(dropout=dropout)
+    state, batches = make(tx=fx.optim.sgd(LR), dropout=dropout)
     steps = [fx.make_train_step(loss_fn, autodiff=a, donate=False) for a in ("func", "autograd")]
     if compiled:
         steps = [torch.compile(s, fullgraph=True) for s in steps]
     (a, ma), (b, mb) = (run(s, state, batches) for s in steps)
-    assert same(a, b)
-    assert all(torch.equal(x["loss"], y["loss"]) and torch.equal(x["grad_norm"], y["grad_norm"])
-               for x, y in zip(ma, mb))
+    if not compiled:  # the same autograd engine and kernels, in the same order
+        assert same(a, b)
+        assert all(torch.equal(x["loss"], y["loss"]) and
+                   torch.equal(x["grad_norm"], y["grad_norm"]) for x, y in zip(ma, mb))
+    else:  # two traced programs: Inductor may fuse them apart (see ATOL)
+        for k in a.params:
+            torch.testing.assert_close(b.params[k], a.params[k], rtol=0, atol=ATOL)
+        torch.testing.assert_close(mb[-1]["loss"], ma[-1]["loss"], rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
@@ -109,8 +125,8 @@ def test_remat_recomputes_keyed_dropout_alike_eager_in_float64(policy):
 
 
 def test_remat_in_a_compiled_step_is_one_graph_and_matches_within_float32_rounding():
-    kept, batches = make(dropout=0.3, policy="everything_saveable")
-    again, _ = make(dropout=0.3, policy="nothing_saveable")
+    kept, batches = make(tx=fx.optim.sgd(LR), dropout=0.3, policy="everything_saveable")
+    again, _ = make(tx=fx.optim.sgd(LR), dropout=0.3, policy="nothing_saveable")
     eager = fx.make_train_step(loss_fn, autodiff="autograd", donate=False)
     reference, ref_metrics = run(eager, kept, batches)
     torch._dynamo.reset()
@@ -120,10 +136,8 @@ def test_remat_in_a_compiled_step_is_one_graph_and_matches_within_float32_roundi
                              fullgraph=True)
     state, metrics = run(compiled, again, batches)
     assert counts["stats"]["unique_graphs"] == 1  # three calls, one graph, no recompile
-    # three AdamW steps of lr 1e-2: each moves a parameter by at most about lr, so float32
-    # rounding of the recomputed (and fused) arithmetic stays far below a wrong mask's effect
-    for k, p in reference.params.items():
-        torch.testing.assert_close(state.params[k], p, rtol=0, atol=1e-5)
+    for k, p in reference.params.items():  # compiled against eager (see ATOL)
+        torch.testing.assert_close(state.params[k], p, rtol=0, atol=ATOL)
     torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)
 
 
@@ -150,13 +164,20 @@ def test_remat_with_other_masks_than_its_recompute_would_fail():
         step(state, batches[0])
 
 
-def test_remat_needs_the_autograd_path_and_a_known_policy():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_remat_needs_the_autograd_path_and_a_known_policy(compiled):
+    """The errors themselves, from fit's call of a compiled step too (not Dynamo's report)."""
+    def fit_one(state, **kwargs):
+        step = fx.make_train_step(loss_fn, **kwargs)
+        step = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        fx.fit(state, step, batches[:1], max_steps=1)
+
     state, batches = make(policy="nothing_saveable")
-    with pytest.raises(RuntimeError, match="autodiff='autograd'"):
-        fx.make_train_step(loss_fn)(state, batches[0])
+    with pytest.raises(ValueError, match="autodiff='autograd'"):
+        fit_one(state)
     bad, _ = make(policy="dots")
     with pytest.raises(ValueError, match="unknown policy 'dots'.*nothing_saveable"):
-        fx.make_train_step(loss_fn, autodiff="autograd")(bad, batches[0])
+        fit_one(bad, autodiff="autograd")
     with pytest.raises(ValueError, match="autodiff must be one of 'func', 'autograd'"):
         fx.make_train_step(loss_fn, autodiff="jax")
 
