@@ -2,10 +2,7 @@
 # Sets up a virtual environment (torch pinned to the CPU build) and runs the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3.11 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e ".[test]"
+bash scripts/venv.sh test
 # fxtrain's bytecode, once: where PYTHONDONTWRITEBYTECODE is set (as on our dev machines) every
 # process the suite starts would otherwise compile fxtrain's modules again (0.1 s each)
 .venv/bin/python -m compileall -q fxtrain >/dev/null

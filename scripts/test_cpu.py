@@ -1,5 +1,7 @@
 """Where the suite's CPU goes: run the suite with FXTRAIN_TEST_CPU=FILE, then
-`python scripts/test_cpu.py FILE [N]` prints the total and the N costliest tests and files."""
+`python scripts/test_cpu.py FILE [N]` prints the total and the N costliest tests and files, and
+how long each pytest-xdist worker sat idle at the end while the other finished (the tail that
+a long test started late adds to the wall time)."""
 
 import collections
 import json
@@ -18,6 +20,23 @@ def main(path: str, n: int = 25) -> None:
     print()
     for name, seconds in by_file.most_common(n):
         print(f"{seconds:8.1f}  {name}")
+    if rows and "end" in rows[0]:
+        _tail(rows)
+
+
+def _tail(rows: list) -> None:
+    start = min(r["start"] for r in rows)
+    last = {}
+    for r in rows:
+        last[r["worker"]] = max(last.get(r["worker"], 0.0), r["end"])
+    end = max(last.values())
+    print(f"\nwall {end - start:.0f} s from the first test's start to the last test's end")
+    for worker, t in sorted(last.items()):
+        print(f"  {worker} done at {t - start:.0f} s, then idle {end - t:.0f} s")
+    print("the last tests to finish:")
+    for r in sorted(rows, key=lambda r: -r["end"])[:5]:
+        print(f"  {r['start'] - start:6.0f} s -> {r['end'] - start:6.0f} s  {r['worker']}  "
+              f"{r['test']}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@ import json
 import os
 import resource
 import sys
+import time
 import types
 
 import pytest
@@ -81,8 +82,10 @@ def _cpu_seconds() -> float:
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     path = os.environ.get("FXTRAIN_TEST_CPU")
-    before = _cpu_seconds() if path else 0.0
+    before, start = (_cpu_seconds(), time.time()) if path else (0.0, 0.0)
     yield
     if path:
+        row = {"test": item.nodeid, "cpu_s": _cpu_seconds() - before, "start": start,
+               "end": time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"test": item.nodeid, "cpu_s": _cpu_seconds() - before}) + "\n")
+            f.write(json.dumps(row) + "\n")
