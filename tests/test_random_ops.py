@@ -131,7 +131,7 @@ def test_transformers_gpt2_with_sdpa_attention_dropout_is_a_pure_step():
 
     transformers = extra("transformers")
     torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64,
+    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64,
                                      n_positions=32, attn_implementation="sdpa",
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.5)
     state = fx.TrainState.create(transformers.GPT2LMHeadModel(config), fx.optim.adamw(1e-3))
