@@ -24,9 +24,10 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
-from . import distributed, sharding
+from . import distributed, random, sharding
 
 AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
@@ -49,12 +50,32 @@ def differentiate(compute: Callable, autodiff: str) -> Callable:
         leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
         with torch.enable_grad():
             value, aux = compute(leaves)
-            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
-                                        materialize_grads=True)
+            grads = _grads(value, list(leaves.values()))
         out = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (value, aux))
         return dict(zip(leaves, grads)), out
 
     return value_and_grads
+
+
+def _grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """d value / d leaves, zeros for a leaf ``value`` does not depend on.
+
+    Compiled: ``torch.autograd.grad``, traced as it is into the step's graph. Eager: autograd's
+    engine called as ``torch.autograd.grad`` calls it, but without its torch-function dispatch:
+    with a mode active (the step's ``fx.random.keyed``), ``grad`` and ``backward`` hand the
+    call to the mode, which runs it with itself popped, so checkpointed regions rerun in the
+    backward would draw from torch's generator instead of the step's key."""
+    if torch.compiler.is_compiling():
+        return list(torch.autograd.grad(value, leaves, allow_unused=True,
+                                        materialize_grads=True))
+    try:
+        grads = _engine_run_backward((value,), (torch.ones_like(value),), False, False,
+                                     tuple(leaves), True, False)
+    except RuntimeError as e:  # torch.utils.checkpoint(use_reentrant=True) recomputing
+        if "use_reentrant=True" not in str(e) and "Checkpointing is not compatible" not in str(e):
+            raise
+        raise ValueError(random.REENTRANT) from e
+    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,12 +34,15 @@ Examples:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+
+from ._traced_errors import fail
 
 __all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical", "keyed"]
 
@@ -341,6 +344,20 @@ def _is_python_tensor_method(func) -> bool:
             and getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func)
 
 
+REENTRANT = (
+    "fxtrain: torch.utils.checkpoint(use_reentrant=True) inside a train step: the reentrant "
+    "variant recomputes its region in a backward pass of its own, which a step that takes "
+    "its gradients as a value cannot host (and it gives no gradient to a region whose inputs "
+    "need none). Pass use_reentrant=False (torch's recommended variant; "
+    "transformers: model.gradient_checkpointing_enable(gradient_checkpointing_kwargs="
+    "{'use_reentrant': False})), or use fx.remat")
+
+
+def _checkpoint() -> Callable:
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint
+
+
 class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.no_grad
     """Routes dropout and ``bernoulli`` to counter-based draws from ``key``.
 
@@ -363,7 +380,28 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         self.key = key
         self.autodiff = autodiff  # how the step around it differentiates (see fxtrain.remat)
         self.calls = 0
-        self.block: torch.Tensor | None = None
+        self.block: torch.Tensor | None = None  # fold_in(key, block_start + i), i < 16
+        self.block_start = 0
+        self._forked = None  # torch's generator, forked while an eager autograd step draws
+
+    def __enter__(self):
+        # An eager step whose backward reruns checkpointed regions (torch.utils.checkpoint,
+        # transformers' gradient checkpointing) keeps its position in this stream as the seed
+        # of torch's CPU generator, forked for the context: torch.utils.checkpoint saves that
+        # generator where a region starts and restores it for the rerun, so the rerun draws
+        # from the position the region started at, the same masks. Compiled, the rerun is
+        # the graph's own recomputation of the same nodes: nothing to keep.
+        if self.autodiff == "autograd" and not torch.compiler.is_compiling():
+            self._forked = torch.random.fork_rng(devices=[])
+            self._forked.__enter__()
+            torch.default_generator.manual_seed(self.calls)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        if self._forked is not None:
+            forked, self._forked = self._forked, None
+            forked.__exit__(None, None, None)
 
     def region_key(self) -> torch.Tensor:
         """A key of its own for a region that draws under its own context (``fx.remat``):
@@ -372,11 +410,35 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     def _next_key(self) -> torch.Tensor:
         """``fold_in(key, calls)``, derived 16 at a time (one operator call for 16 draws)."""
+        if self._forked is not None:
+            at = torch.default_generator.initial_seed()
+            if at != self.calls:  # a rerun: torch.utils.checkpoint put back a region's start
+                torch.default_generator.manual_seed(at + 1)
+                return _fold_in_range(self.key, at + 1, 1)[..., 0]
+            torch.default_generator.manual_seed(self.calls + 1)
         self.calls += 1
-        offset = (self.calls - 1) % _BLOCK
-        if offset == 0:
+        if self.block is None or self.calls >= self.block_start + _BLOCK:
+            self.block_start = self.calls
             self.block = _fold_in_range(self.key, self.calls, _BLOCK)
-        return self.block[..., offset]
+        return self.block[..., self.calls - self.block_start]
+
+    def _checkpointed(self, checkpoint: Callable, fn: Callable, *args: Any, **kwargs: Any):
+        """``torch.utils.checkpoint.checkpoint(fn, ...)`` as Dynamo traces it: it hands the
+        call to this mode, which would trace ``fn`` without itself, unkeyed. ``fn`` draws
+        from this stream instead, where it would without the checkpoint, so its recomputation
+        (the graph's own) draws the same; no key block crosses the region's edge. Advancing
+        the counter inside the region is a side effect Dynamo allows once
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint`` is set (``make_train_step`` sets it
+        for ``autodiff="autograd"``)."""
+        def keyed_fn(*a, **k):
+            self.block = None
+            try:
+                with self:
+                    return fn(*a, **k)
+            finally:
+                self.block = None
+
+        return checkpoint(keyed_fn, *args, **kwargs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -430,6 +492,10 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                     "read torch's global generator, which makes the step impure. Draw from a "
                     f"key derived from state.rng instead: {instead}, with key = "
                     "fx.random.fold_in(fx.random.step_key(state.rng, state.step), n).")
+        if func is _checkpoint():
+            if kwargs.get("use_reentrant"):
+                fail(ValueError, REENTRANT)
+            return self._checkpointed(func, *args, **kwargs)
         if _is_python_tensor_method(func) and args and isinstance(args[0], torch.Tensor):
             # as the method call it was: passed on as a function, Dynamo fails on some of these
             # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses

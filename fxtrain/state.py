@@ -17,9 +17,8 @@ import warnings
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
-from . import random, struct
+from . import _held, random, struct
 from .protocol import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
@@ -163,7 +162,7 @@ class TrainState:
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
             buffers = {k: v.clone() for k, v in buffers.items()}
         tensors = params if buffers is None else {**params, **buffers}
-        return functional_call(self.module, tensors, args, kwargs)
+        return _held.call(self.module, tensors, args, kwargs)
 
     def apply_gradients(self, grads: dict[str, torch.Tensor]) -> TrainState:
         """One optimizer update: a new state with step + 1, new params and optimizer state.

@@ -12,6 +12,7 @@ step once without compiling to see them plain.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed, donation, gradients, random, sharding
+from . import _held, distributed, donation, gradients, random, sharding
 from .protocol import (NOTHING, Callback, Event, StepState, callback_state,
                        control_from_metrics, control_to_metrics, fold, name_of,
                        set_callback_state)
@@ -224,7 +225,8 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
       autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``, the
         default) or ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph:
-        building such a step turns on ``torch._dynamo.config.trace_autograd_ops``). The two
+        building such a step turns on ``torch._dynamo.config.trace_autograd_ops`` and
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, process-wide settings). The two
         give the same gradients; ``"autograd"`` runs the saved-tensor hooks of activation
         checkpointing (``fx.remat``, ``torch.utils.checkpoint``), which ``torch.func``
         refuses (see ``fxtrain.gradients``).
@@ -280,9 +282,14 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     if autodiff not in gradients.AUTODIFFS:
         raise ValueError(f"make_train_step: autodiff must be one of "
                          f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
-    if autodiff == "autograd":  # else Dynamo breaks the graph at torch.autograd.grad
+    if autodiff == "autograd":
         import torch._dynamo
+        # else Dynamo breaks the graph at torch.autograd.grad
         torch._dynamo.config.trace_autograd_ops = True
+        # a torch.utils.checkpoint region advances the step's keyed stream as it draws (a
+        # Python side effect, which Dynamo otherwise refuses inside the region); the backward's
+        # recomputation is the graph's own, so there is nothing to replay (fxtrain.random)
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     rank = distributed.rank() if parallel else 0
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
             steps_per_call < 1:
@@ -303,21 +310,40 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
             key = random.fold_in(key, rank)
 
-        def compute(params):
+        def forward(params):
             inner = with_step_buffers(state)
-            was = set_training(state.module, True)
-            try:
-                with random.keyed(key, autodiff), mixed.autocast(state.step.device):
-                    loss, aux = _split_loss(loss_fn(inner, params, batch))
-            finally:
-                set_training(state.module, was)
+            with mixed.autocast(state.step.device):
+                loss, aux = _split_loss(loss_fn(inner, params, batch))
             if mixed.compute_dtype is not None:
                 loss = loss.float()  # the loss and its metric in float32
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(compute, autodiff)(
-            path.whole(state.params))
+        def in_train_mode(fn, *args):
+            was = set_training(state.module, True)
+            try:
+                return fn(*args)
+            finally:
+                set_training(state.module, was)
+
+        def keyed(fn, *args):
+            with random.keyed(key, autodiff):
+                return fn(*args)
+
+        whole = path.whole(state.params)
+        if autodiff == "func":  # the transform runs the forward in train mode, keyed
+            grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
+                lambda params: in_train_mode(keyed, forward, params), autodiff)(whole)
+        else:
+            # train mode, keyed randomness and (eager) the module's tensors held until the
+            # gradients are taken: what activation checkpointing recomputes in the backward
+            # runs as the forward ran (see fxtrain._held, fxtrain.random and fx.remat)
+            def forward_and_backward():
+                with _held.holding() if not torch.compiler.is_compiling() else \
+                        contextlib.nullcontext():
+                    return keyed(gradients.differentiate(forward, autodiff), whole)
+
+            grads, (_, (loss, aux, new_buffers)) = in_train_mode(forward_and_backward)
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)

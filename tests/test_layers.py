@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "struct", "donation", "dtensors", "tree", "stats", "means", "random", "remat",
+    ("_version", "_held", "struct", "donation", "dtensors", "tree", "stats", "means", "random", "remat",
      "distributed", "_traced_errors", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),

@@ -141,29 +141,6 @@ def test_remat_in_a_compiled_step_is_one_graph_and_matches_within_float32_roundi
     torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)
 
 
-def test_remat_with_other_masks_than_its_recompute_would_fail():
-    """The guard above can fail: a region whose forward and recompute drew different masks
-    (torch's own checkpoint around a keyed dropout, recomputed outside the step's key) is
-    refused by torch's checkpoint, not silently wrong."""
-    from torch.utils.checkpoint import CheckpointError, checkpoint
-
-    state, batches = make(dropout=0.3)
-    blocks = state.module.blocks
-
-    def plain_checkpoint(state, params, batch):
-        x, y = batch
-        h = x
-        for i in range(len(blocks)):
-            h = checkpoint(lambda h, i=i: torch.func.functional_call(
-                blocks[i], {k.split(".", 2)[2]: v for k, v in params.items()
-                            if k.startswith(f"blocks.{i}.")}, (h,)), h, use_reentrant=False)
-        return F.cross_entropy(h[:, :5], y)
-
-    step = fx.make_train_step(plain_checkpoint, autodiff="autograd", donate=False)
-    with pytest.raises(CheckpointError):
-        step(state, batches[0])
-
-
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_remat_needs_the_autograd_path_and_a_known_policy(compiled):
     """The errors themselves, from fit's call of a compiled step too (not Dynamo's report)."""
