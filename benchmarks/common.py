@@ -67,6 +67,13 @@ def in_fresh_process(script: str, argv: list[str], what: str, timeout: int = 180
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def slope(runs: list[dict], key: str = "peak_bytes") -> float:
+    """Bytes per parameter between two runs of different depths (what both runs hold apart
+    from the parameters cancels)."""
+    low, high = runs
+    return (high[key] - low[key]) / (high["params"] - low["params"])
+
+
 def arguments(doc: str, argv, *, rounds: int, steps: int) -> argparse.Namespace:
     """``--rounds --steps --sizes --smoke``; ``--smoke`` is one round of 5 steps, tiny only."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])

@@ -24,7 +24,7 @@ import resource
 import sys
 from pathlib import Path
 
-from common import backend, in_fresh_process, use_smoke_backend
+from common import backend, in_fresh_process, slope, use_smoke_backend
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("eager", "compiled", "fx_fit", "fx_pure", "fx_graphs")
@@ -112,8 +112,7 @@ def main(argv=None) -> dict:
                              fresh=not args.smoke or (variant, d) == (args.variants[0],
                                                                       args.depths[0]))
                      for d in args.depths)
-        slope = (high["peak_bytes"] - low["peak_bytes"]) / (high["params"] - low["params"])
-        rows[variant] = {"bytes_per_param": slope, "runs": [low, high]}
+        rows[variant] = {"bytes_per_param": slope([low, high]), "runs": [low, high]}
     base = rows.get("eager", {}).get("bytes_per_param")
     for variant, row in rows.items():
         row["ratio_to_eager"] = row["bytes_per_param"] / base if base else None

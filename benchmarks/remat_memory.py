@@ -28,7 +28,7 @@ import json
 import resource
 import sys
 
-from common import in_fresh_process
+from common import in_fresh_process, slope
 
 VARIANTS = ("fx_func", "fx_autograd", "fx_remat", "fx_remat_dots", "loop", "loop_checkpoint")
 
@@ -114,8 +114,7 @@ def main(argv=None) -> dict:
     rows = {}
     for variant in args.variants:
         low, high = (measure(variant, args, d) for d in args.depths)
-        slope = (high["peak_bytes"] - low["peak_bytes"]) / (high["params"] - low["params"])
-        rows[variant] = {"bytes_per_param": slope, "runs": [low, high]}
+        rows[variant] = {"bytes_per_param": slope([low, high]), "runs": [low, high]}
     base = rows.get("loop", {}).get("bytes_per_param")
     for variant, row in rows.items():
         row["vs_loop"] = row["bytes_per_param"] / base if base else None

@@ -51,7 +51,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import backend, in_fresh_process, use_smoke_backend
+from common import backend, in_fresh_process, slope, use_smoke_backend
 
 VARIANTS = ("eager", "compiled", "fx_fit")
 LR, WD = 3e-4, 0.1
@@ -193,12 +193,6 @@ def run_child(what: str, argv: list[str], fresh: bool = True) -> dict:
     if not fresh:
         return main(["--child", what, *argv])
     return in_fresh_process(__file__, [what, *argv], f"{what} {' '.join(argv)}", timeout=3600)
-
-
-def slope(runs: list[dict], key: str) -> float:
-    """Bytes per parameter between the two depths."""
-    low, high = runs
-    return (high[key] - low[key]) / (high["params"] - low["params"])
 
 
 # -- the loss curves ------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def holding() -> Iterator[None]:
 def call(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple,
          kwargs: dict[str, Any]) -> Any:
     """``functional_call(module, tensors, args, kwargs)``; inside ``holding()`` the tensors
-    stay in the module until that context ends (the call nearest it wins where two differ)."""
+    stay in the module until that context ends (a later call's replace an earlier one's)."""
     stack = None if torch.compiler.is_compiling() else _held.get()
     if stack is None:
         return functional_call(module, tensors, args, kwargs)

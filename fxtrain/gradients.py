@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
-from . import distributed, random, sharding
+from . import _held, distributed, random, sharding
 
 AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
@@ -40,7 +40,9 @@ def differentiate(compute: Callable, autodiff: str) -> Callable:
     - ``"autograd"``: ``torch.autograd.grad`` over fresh leaves detached from ``params``, which
       ``torch.compile`` traces into the step's graph as it is (``fxtrain.step`` turns on
       Dynamo's ``trace_autograd_ops``); it runs the saved-tensor hooks that activation
-      checkpointing needs (``fx.remat``). Same gradients: an unused parameter's is zeros, the
+      checkpointing needs (``fx.remat``, ``torch.utils.checkpoint``). Eager, ``compute``
+      runs inside ``fxtrain._held.holding()``, so a region rerun in the backward finds the
+      step's tensors in the module. Same gradients: an unused parameter's is zeros, the
       value and the aux come back detached.
     """
     if autodiff == "func":
@@ -49,25 +51,26 @@ def differentiate(compute: Callable, autodiff: str) -> Callable:
     def value_and_grads(params: dict) -> tuple[dict, Any]:
         leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
         with torch.enable_grad():
-            value, aux = compute(leaves)
-            grads = _grads(value, list(leaves.values()))
+            if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
+                value, aux = compute(leaves)
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
+                                            materialize_grads=True)
+            else:
+                with _held.holding():  # the module keeps the step's tensors for the backward
+                    value, aux = compute(leaves)
+                    grads = _eager_grads(value, list(leaves.values()))
         out = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (value, aux))
         return dict(zip(leaves, grads)), out
 
     return value_and_grads
 
 
-def _grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """d value / d leaves, zeros for a leaf ``value`` does not depend on.
-
-    Compiled: ``torch.autograd.grad``, traced as it is into the step's graph. Eager: autograd's
-    engine called as ``torch.autograd.grad`` calls it, but without its torch-function dispatch:
-    with a mode active (the step's ``fx.random.keyed``), ``grad`` and ``backward`` hand the
-    call to the mode, which runs it with itself popped, so checkpointed regions rerun in the
-    backward would draw from torch's generator instead of the step's key."""
-    if torch.compiler.is_compiling():
-        return list(torch.autograd.grad(value, leaves, allow_unused=True,
-                                        materialize_grads=True))
+def _eager_grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
+    """What ``torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)``
+    gives, from autograd's engine called as ``grad`` calls it but without its torch-function
+    dispatch: with a mode active (the step's ``fx.random.keyed``), ``grad`` and ``backward``
+    hand the call to the mode, which runs it with itself popped, so checkpointed regions rerun
+    in the backward would draw from torch's generator instead of the step's key."""
     try:
         grads = _engine_run_backward((value,), (torch.ones_like(value),), False, False,
                                      tuple(leaves), True, False)

@@ -33,6 +33,7 @@ Examples:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -353,7 +354,8 @@ REENTRANT = (
     "{'use_reentrant': False})), or use fx.remat")
 
 
-def _checkpoint() -> Callable:
+@functools.cache
+def _checkpoint() -> Callable:  # imported once, not per intercepted call
     from torch.utils.checkpoint import checkpoint
     return checkpoint
 

@@ -12,7 +12,6 @@ step once without compiling to see them plain.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import _held, distributed, donation, gradients, random, sharding
+from . import distributed, donation, gradients, random, sharding
 from .protocol import (NOTHING, Callback, Event, StepState, callback_state,
                        control_from_metrics, control_to_metrics, fold, name_of,
                        set_callback_state)
@@ -319,31 +318,22 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        def in_train_mode(fn, *args):
+        def in_train_mode_keyed(fn, *args):
             was = set_training(state.module, True)
             try:
-                return fn(*args)
+                with random.keyed(key, autodiff):
+                    return fn(*args)
             finally:
                 set_training(state.module, was)
-
-        def keyed(fn, *args):
-            with random.keyed(key, autodiff):
-                return fn(*args)
 
         whole = path.whole(state.params)
         if autodiff == "func":  # the transform runs the forward in train mode, keyed
             grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
-                lambda params: in_train_mode(keyed, forward, params), autodiff)(whole)
-        else:
-            # train mode, keyed randomness and (eager) the module's tensors held until the
-            # gradients are taken: what activation checkpointing recomputes in the backward
-            # runs as the forward ran (see fxtrain._held, fxtrain.random and fx.remat)
-            def forward_and_backward():
-                with _held.holding() if not torch.compiler.is_compiling() else \
-                        contextlib.nullcontext():
-                    return keyed(gradients.differentiate(forward, autodiff), whole)
-
-            grads, (_, (loss, aux, new_buffers)) = in_train_mode(forward_and_backward)
+                lambda params: in_train_mode_keyed(forward, params), autodiff)(whole)
+        else:  # and the backward: what activation checkpointing recomputes there runs as
+            # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
+            grads, (_, (loss, aux, new_buffers)) = in_train_mode_keyed(
+                gradients.differentiate(forward, autodiff), whole)
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)

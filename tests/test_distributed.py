@@ -200,6 +200,8 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     run killed after its checkpoint 10 is resumed, terminated after its next checkpoint, and
     resumed to the end (the sleeps slow the steps, not the CPU). Sharded: the state is
     fx.shard's and each rank writes its own shards of every checkpoint."""
+    ckpt = tmp_path / "b" / "ckpt"  # the chain's checkpoints
+
     def job(*args):
         return torchrun("resumable", str(tmp_path / "b"), str(ckpt), *args, f"shard={shard}")
 
@@ -210,8 +212,8 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         assert (ckpt / str(step)).exists(), "no checkpoint in time"
         return rank_of(run, 1)
 
-    ckpt = tmp_path / "a" / "ckpt"
-    with reaped(torchrun("resumable", str(tmp_path / "a"), str(ckpt), f"shard={shard}")) \
+    whole_ckpt = tmp_path / "a" / "ckpt"
+    with reaped(torchrun("resumable", str(tmp_path / "a"), str(whole_ckpt), f"shard={shard}")) \
             as whole:
         out, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, out[-3000:]
@@ -219,9 +221,8 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     assert len(digests) == 1
     steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
     assert steps == [5, 10, 15, 20, 25, 30]  # logs written once: by rank 0 only
-    assert fx.checkpoint.CheckpointManager(ckpt).all_steps() == [20, 25, 30]
+    assert fx.checkpoint.CheckpointManager(whole_ckpt).all_steps() == [20, 25, 30]
 
-    ckpt = tmp_path / "b" / "ckpt"
     with reaped(job("sleep=0.1")) as run:
         after_checkpoint(run, 10).send_signal(signal.SIGKILL)  # one rank dies: no hang
         killed = time.monotonic()
