@@ -33,7 +33,6 @@ Examples:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ._traced_errors import fail
 
@@ -354,12 +354,6 @@ REENTRANT = (
     "{'use_reentrant': False})), or use fx.remat")
 
 
-@functools.cache
-def _checkpoint() -> Callable:  # imported once, not per intercepted call
-    from torch.utils.checkpoint import checkpoint
-    return checkpoint
-
-
 class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like torch.no_grad
     """Routes dropout and ``bernoulli`` to counter-based draws from ``key``.
 
@@ -494,7 +488,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                     "read torch's global generator, which makes the step impure. Draw from a "
                     f"key derived from state.rng instead: {instead}, with key = "
                     "fx.random.fold_in(fx.random.step_key(state.rng, state.step), n).")
-        if func is _checkpoint():
+        if func is torch_checkpoint:
             if kwargs.get("use_reentrant"):
                 fail(ValueError, REENTRANT)
             return self._checkpointed(func, *args, **kwargs)

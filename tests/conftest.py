@@ -29,6 +29,7 @@ sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.
 def _fresh_dynamo():
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
+    torch._dynamo.utils.warn_once_cache.clear()  # so a test can see what Dynamo warns of
     yield
 
 

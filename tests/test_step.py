@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,8 +23,11 @@ def test_compiled_train_and_eval_steps_one_graph_no_recompiles(model, image):
     train_step = torch.compile(fx.make_train_step(xent), fullgraph=True)
     eval_step = torch.compile(fx.make_eval_step(xent), fullgraph=True)
     batches = [classification_batch(seed=i, image=image, classes=10 if image else 4) for i in range(4)]
-    state, _ = train_step(state, batches[0])
-    eval_step(state, batches[0])
+    with warnings.catch_warnings(record=True) as caught:  # Dynamo warns of what it traces
+        warnings.simplefilter("always")                   # around (conftest clears its once-set)
+        state, _ = train_step(state, batches[0])
+        eval_step(state, batches[0])
+    assert [str(w.message) for w in caught if issubclass(w.category, UserWarning)] == []
     assert graph_count() == 2
     first_loss = None
     with torch._dynamo.config.patch(error_on_recompile=True):
