@@ -107,12 +107,20 @@ def _ddp(model, data, steps, compiled):
     return time.perf_counter() - start
 
 
-def _worker(rank, world, port, size, steps, out, variant):
+def _worker(rank, world, port, size, steps, out, variants):
+    """Runs each of ``variants`` in turn on one process group; writes ``{out}.{variant}.{rank}``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     if world > 1:
         fx.distributed.init()
+    for variant in variants:
+        _variant(rank, world, size, steps, f"{out}.{variant}.{rank}", variant)
+    if world > 1:
+        torch.distributed.destroy_process_group()
+
+
+def _variant(rank, world, size, steps, out, variant):
     sizes, batch = SIZES[size]
     g = torch.Generator().manual_seed(0)
     n = batch * world * 64
@@ -123,14 +131,12 @@ def _worker(rank, world, port, size, steps, out, variant):
         tx = fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
         elapsed, state_bytes, written = _fxtrain(
             (make_mlp(sizes), tx), data, steps, shard=variant == "fxtrain_sharded",
-            ckpt=os.path.join(os.path.dirname(out), "checkpoint"))
+            ckpt=os.path.join(os.path.dirname(out), f"checkpoint-{variant}"))
     else:
         elapsed = _ddp(make_mlp(sizes), data, steps, compiled=variant == "ddp_compiled")
-    with open(f"{out}.{rank}", "w") as f:
+    with open(out, "w") as f:
         json.dump({"rate": steps * batch * world / elapsed, "state_bytes": state_bytes,
                    "written": written}, f)
-    if world > 1:
-        torch.distributed.destroy_process_group()
 
 
 def _port() -> int:
@@ -139,32 +145,47 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def run(world: int, size: str, steps: int, variant: str = "fxtrain", fresh: bool = True) -> tuple:
-    """Samples/s of ``variant`` with ``world`` processes (rank 0's clock), the largest bytes of
-    parameters and optimizer state a rank held, and the largest bytes a rank wrote to save the
-    state (None where not measured: DDP, replicated data parallel). ``fresh=False`` runs one
-    process's run in this process (a smoke run's: a process start cost more than the run)."""
+def run(world: int, size: str, steps: int, variants: tuple[str, ...] = ("fxtrain",),
+        fresh: bool = True) -> dict:
+    """Each of ``variants`` run by ``world`` processes, in turn on the same processes (a full
+    run passes one variant, so each is timed in processes of its own): variant -> (samples/s
+    on rank 0's clock, the largest bytes of parameters and optimizer state a rank held, the
+    largest bytes a rank wrote to save the state; None where not measured: DDP, replicated
+    data parallel). ``fresh=False`` runs one process's run in this process (a smoke run's: a
+    process start cost more than the run)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "rank")
         if world == 1 and not fresh:
             saved = dict(os.environ)  # the worker sets RANK, WORLD_SIZE...
             try:
-                _worker(0, world, _port(), size, steps, out, variant)
+                _worker(0, world, _port(), size, steps, out, variants)
             finally:
                 os.environ.clear()
                 os.environ.update(saved)
         else:
-            mp.spawn(_worker, args=(world, _port(), size, steps, out, variant), nprocs=world)
-        ranks = []
-        for rank in range(world):
-            with open(f"{out}.{rank}") as f:
-                ranks.append(json.load(f))
+            mp.spawn(_worker, args=(world, _port(), size, steps, out, variants), nprocs=world)
+        measured = {}
+        for variant in variants:
+            ranks = []
+            for rank in range(world):
+                with open(f"{out}.{variant}.{rank}") as f:
+                    ranks.append(json.load(f))
+            largest = [None if None in (vs := [r[key] for r in ranks]) else max(vs)
+                       for key in ("state_bytes", "written")]
+            measured[variant] = (ranks[0]["rate"], *largest)
+    return measured
 
-    def largest(key):
-        values = [r[key] for r in ranks]
-        return None if None in values else max(values)
 
-    return ranks[0]["rate"], largest("state_bytes"), largest("written")
+def _runs(smoke: bool) -> list[tuple[tuple[str, ...], int, bool]]:
+    """A round's runs: (variants, processes, in fresh processes). A full run times each variant
+    in processes of its own. A smoke run times nothing it reports: its first 1-process run
+    spawns (a full run's path), the other 1-process runs run here, and the 2-process variants
+    run in turn on one pair of spawned processes (a spawn costs more than its run)."""
+    if not smoke:
+        return [((v,), w, True) for v in VARIANTS for w in worlds(v)]
+    ones = [v for v in VARIANTS if 1 in worlds(v)]
+    return [(tuple(ones[:1]), 1, True), (tuple(ones[1:]), 1, False),
+            (tuple(v for v in VARIANTS if 2 in worlds(v)), 2, True)]
 
 
 def scaling(rates: dict) -> dict:
@@ -190,13 +211,10 @@ def main(argv=None):
         held = {}  # (variant, world) -> bytes of params + optimizer state per rank
         written = {}  # (variant, world) -> bytes a rank writes to save the state
         for _ in range(args.rounds):
-            for variant in VARIANTS:
-                for world in worlds(variant):
-                    # a smoke run spawns its first 1-process run only (a full run's path)
-                    fresh = not args.smoke or variant == VARIANTS[0]
-                    rate, held[variant, world], written[variant, world] = run(
-                        world, size, args.steps, variant, fresh)
-                    rates[variant, world].append(rate)
+            for variant, world, fresh in _runs(args.smoke):
+                measured = run(world, size, args.steps, variant, fresh)
+                for v, (rate, held[v, world], written[v, world]) in measured.items():
+                    rates[v, world].append(rate)
         rows = scaling(rates)
         for variant, row in rows.items():
             print(f"{size} {SIZES[size]} {variant}: 1 process {row['1']:.0f} samples/s"
