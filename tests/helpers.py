@@ -42,6 +42,14 @@ def classification_batch(n=16, features=8, classes=4, seed=0, image=False):
     return torch.randn(shape, generator=g), torch.randint(0, classes, (n,), generator=g)
 
 
+# torch.compile's backend for tests whose promise is the trace's (one graph, no recompiles, what
+# the graph holds and returns), not Inductor's kernels: Dynamo and AOTAutograd trace as they do
+# for Inductor, and the graph runs op by op. Inductor's code generation and C++ compiles were most
+# of those tests' time (a 2-layer GPT-2 step: 50 CPU-s, 6 with this); the tests of compiled
+# numerics (step reference, keyed masks, precision, remat's saved ops, donation) keep Inductor.
+TRACED = "aot_eager"
+
+
 def graph_count():
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 

@@ -7,7 +7,7 @@ import torch
 
 import fxtrain as fx
 from fxtrain.callbacks import fold
-from helpers import classification_batch, graph_count, mlp, xent
+from helpers import TRACED, classification_batch, graph_count, mlp, xent
 
 
 class Recorder:
@@ -231,7 +231,7 @@ def test_tensor_callbacks_compile_into_one_graph_over_200_steps():
            fx.callbacks.every(7, fx.callbacks.reduce_lr_on_plateau("loss", event="step_end"))]
     tx = fx.optim.inject_hyperparams(fx.optim.adamw)(learning_rate=1e-2)
     state = fx.TrainState.create(mlp(dropout=0.1), tx, callbacks=cbs)
-    step = torch.compile(fx.make_train_step(xent, callbacks=cbs), fullgraph=True)
+    step = torch.compile(fx.make_train_step(xent, callbacks=cbs), fullgraph=True, backend=TRACED)
     batch = classification_batch()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(200):

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 import fxtrain as fx
 from fxtrain.callbacks import Callback, every, every_secs, fold, lambda_callback, on, on_steps
-from helpers import classification_batch, graph_count, mlp, xent
+from helpers import TRACED, classification_batch, graph_count, mlp, xent
 
 # A toy "state" for fold laws: any pytree-like value works; here a tuple of ints (a history).
 FLAG = st.booleans()
@@ -148,7 +148,7 @@ def test_rank_zero_runs_without_a_process_group():
 def test_every_inside_a_compiled_step_is_one_graph():
     cbs = [every(4, counter()), on_steps([3, 7], counter("at"))]
     state = fx.TrainState.create(mlp(), fx.optim.adam(1e-3), callbacks=cbs)
-    step = torch.compile(fx.make_train_step(xent, callbacks=cbs), fullgraph=True)
+    step = torch.compile(fx.make_train_step(xent, callbacks=cbs), fullgraph=True, backend=TRACED)
     batch = classification_batch()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(10):

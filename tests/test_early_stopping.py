@@ -10,7 +10,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxtrain as fx
 from fxtrain.callbacks import fold
-from helpers import extra, graph_count, mlp
+from helpers import TRACED, extra, graph_count, mlp
 
 # min_delta 0.05, patience 3, an evaluation every 10 steps (the docstring's sequence)
 LOSSES = [1.00, 0.97, 0.94, 0.91, 0.88, 0.89, 0.90, 0.91]
@@ -236,7 +236,8 @@ def test_inside_a_compiled_step_one_graph_and_equal_to_the_host():
     state = fx.TrainState.create(torch.nn.Linear(1, 1, bias=False), fx.optim.sgd(0.0),
                                  callbacks=cbs)
     state = state.replace(params={"weight": torch.ones(1, 1)})
-    step = torch.compile(fx.make_train_step(loss_fn, callbacks=cbs), fullgraph=True)
+    step = torch.compile(fx.make_train_step(loss_fn, callbacks=cbs), fullgraph=True,
+                         backend=TRACED)
     host = fx.callbacks.init(cbs, fx.TrainState.create(mlp(), fx.optim.sgd(0.1)))
     scripted = [1.0, 0.97, 0.94, 0.91, 0.5, 0.4]
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import classification_batch, extra, graph_count, mlp, xent
+from helpers import TRACED, classification_batch, extra, graph_count, mlp, xent
 from syncs import HostReads
 
 import fxtrain as fx
@@ -47,7 +47,7 @@ def recorder(key="loss"):
 def setup(dropout=0.0, grad_stats=False, compiled=False):
     state = fx.TrainState.create(mlp(dropout=dropout), fx.optim.adam(1e-2))
     step = fx.make_train_step(xent, grad_stats=grad_stats)
-    return state, torch.compile(step, fullgraph=True) if compiled else step
+    return state, torch.compile(step, fullgraph=True, backend=TRACED) if compiled else step
 
 
 def batches(shuffle=True):

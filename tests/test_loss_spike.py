@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import fxtrain as fx
 from fxtrain.callbacks import fold
-from helpers import classification_batch, graph_count, mlp, xent
+from helpers import TRACED, classification_batch, graph_count, mlp, xent
 
 
 def host_flags(cb, losses):
@@ -101,7 +101,7 @@ def spiky_batches():
 def test_skip_and_stop_restore_the_step_bit_exactly_inside_a_compiled_step(action):
     cb = fx.callbacks.loss_spike(window=5, action=action)
     state = fx.TrainState.create(mlp(), fx.optim.adam(1e-2), callbacks=[cb])
-    step = torch.compile(fx.make_train_step(xent, callbacks=[cb]), fullgraph=True)
+    step = torch.compile(fx.make_train_step(xent, callbacks=[cb]), fullgraph=True, backend=TRACED)
     batches = spiky_batches()
     with torch._dynamo.config.patch(error_on_recompile=True):
         for batch in batches[:10]:

@@ -11,7 +11,7 @@ from torch.optim.swa_utils import update_bn as torch_update_bn
 
 import fxtrain as fx
 from fxtrain.callbacks import fold
-from helpers import classification_batch, graph_count, mlp, xent
+from helpers import TRACED, classification_batch, graph_count, mlp, xent
 
 
 def parameter_sequence(model, n, dtype, seed=0):
@@ -45,7 +45,7 @@ def test_inside_a_compiled_step_one_graph_and_equal_to_the_host():
     cb = fx.callbacks.swa(4, every=3)
     batch = classification_batch()
     state = fx.TrainState.create(mlp(), fx.optim.adam(1e-2), callbacks=[cb])
-    step = torch.compile(fx.make_train_step(xent, callbacks=[cb]), fullgraph=True)
+    step = torch.compile(fx.make_train_step(xent, callbacks=[cb]), fullgraph=True, backend=TRACED)
     plain = fx.make_train_step(xent)  # the same training, averaged by folding on the host
     host = fx.TrainState.create(mlp(), fx.optim.adam(1e-2), callbacks=[cb])
     with torch._dynamo.config.patch(error_on_recompile=True):
