@@ -193,7 +193,7 @@ def timed_saves(out, ckpt):
     torch.save({"saved": saved}, f"{out}/rank{rank}.pt")
 
 
-def resumable(out, ckpt, steps=30, sleep=0.0, shard="no"):
+def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
     """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``. With
     ``shard="yes"`` the state is sharded (fx.shard), so are its checkpoints."""
     state = fx.TrainState.create(mlp(sizes=(8, 17, 4), dropout=0.2), fx.optim.adamw(1e-2))

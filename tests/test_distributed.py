@@ -198,8 +198,10 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
     each, torchrun resumes, and the run ends with the uninterrupted run's digest. One chain: the
     run killed after its checkpoint 10 is resumed, terminated after its next checkpoint, and
-    resumed to the end (the sleeps slow the steps, not the CPU). Sharded: the state is
-    fx.shard's and each rank writes its own shards of every checkpoint."""
+    resumed to the end (the sleeps slow the steps, not the CPU: the kill lands by step 20 and
+    the SIGTERM at least 15 steps, 3 s, before the end, even on a loaded machine; with 0.1 s
+    and 30 steps a SIGTERM read only at the last step failed 1 run in 10 under a CPU hog).
+    Sharded: the state is fx.shard's and each rank writes its own shards of every checkpoint."""
     ckpt = tmp_path / "b" / "ckpt"  # the chain's checkpoints
 
     def job(*args):
@@ -220,10 +222,10 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in (0, 1)}
     assert len(digests) == 1
     steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
-    assert steps == [5, 10, 15, 20, 25, 30]  # logs written once: by rank 0 only
-    assert fx.checkpoint.CheckpointManager(whole_ckpt).all_steps() == [20, 25, 30]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # logs written once: by rank 0 only
+    assert fx.checkpoint.CheckpointManager(whole_ckpt).all_steps() == [30, 35, 40]
 
-    with reaped(job("sleep=0.1")) as run:
+    with reaped(job("sleep=0.2")) as run:
         after_checkpoint(run, 10).send_signal(signal.SIGKILL)  # one rank dies: no hang
         killed = time.monotonic()
         run.communicate(timeout=120)
@@ -233,14 +235,14 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
 
     # resumed, then SIGTERM to rank 1 alone: the ranks agree at the next flag read, both save
     # and exit 143
-    with reaped(job("sleep=0.1")) as run:
+    with reaped(job("sleep=0.2")) as run:
         after_checkpoint(run, killed_at + 5).send_signal(signal.SIGTERM)
         out, _ = run.communicate(timeout=120)
     assert f"resuming from the checkpoint of step {killed_at}" in out, out[-3000:]
     assert "exitcode  : 143" in out, out[-3000:]  # rank 1's own exit, after both saved
     assert not (tmp_path / "b" / "digest0.txt").exists()  # neither rank finished the run
     stopped = fx.checkpoint.CheckpointManager(ckpt).latest_step()
-    assert killed_at + 5 <= stopped < 30
+    assert killed_at + 5 <= stopped < 40
 
     with reaped(job()) as resumed:
         out, _ = resumed.communicate(timeout=300)
