@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import units
 from .donation import check_live
 from .dtensors import gathered
 from .state import refuse_direct_call
@@ -64,7 +65,7 @@ def trained_module(state: Any) -> nn.Module:
                              f"state and {tuple(tensor.shape)} in the model")
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) \
             if isinstance(tensor, nn.Parameter) else value
-    module = copy.deepcopy(skeleton, memo)
+    module = units.uninstalled(copy.deepcopy(skeleton, memo))  # its own classes, not units'
     for sub in module.modules():  # the skeleton's guard against direct calls goes
         for key, hook in list(sub._forward_pre_hooks.items()):
             if hook is refuse_direct_call:

@@ -5,15 +5,17 @@ and how gradients, the loss and the metrics become the same on every rank.
 - ``DataParallel``: whole parameters on every rank; gradients, the loss, the aux metrics (and
   floating-point buffers, with ``mean_buffers``) averaged over the ranks in one functional
   all-reduce per dtype, so every rank takes the same update and decides alike.
-- ``Sharded``: parameters sharded across the ranks (``fx.shard``): gathered whole for the
-  forward and backward, each gradient averaged back onto this rank's shard
-  (reduce-scatter), and the gradient norms (with the non-finite count) summed over the ranks in
-  the all-reduce that averages the loss, so no collective more (see ``fxtrain.sharding``).
+- ``Sharded``: parameters sharded across the ranks (``fx.shard``), each gradient averaged
+  onto this rank's shard (reduce-scatter), and the gradient norms (with the non-finite count)
+  summed over the ranks in the all-reduce that averages the loss, so no collective more (see
+  ``fxtrain.sharding``). With ``torch.func`` the parameters are gathered whole before the
+  forward and the whole gradients reduce-scattered after it. With autograd the gradients are
+  taken with respect to the shards themselves: the forward gathers them (``state.apply`` the
+  parameters outside units, each unit its own just before its forward: ``fxtrain.units``),
+  and the gathers' backward reduce-scatters each gradient as soon as it is ready.
 
-Each has the same three methods, ``whole(params)``, ``reduce(...)`` and ``metrics(metrics)``, so
-the step reads as one line of work whatever the strategy. Per-block sharding and activation
-checkpointing go here: a strategy that gathers one block at a time changes ``whole`` and
-``reduce``, not the step.
+Each has the same three methods, ``whole(params, module)``, ``reduce(...)`` and
+``metrics(metrics)``, so the step reads as one line of work whatever the strategy.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch.utils._pytree as pytree
 from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
-from . import _held, distributed, random, sharding
+from . import _held, distributed, random, sharding, units
 
 AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
@@ -129,7 +131,8 @@ def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool,
 class SingleProcess:
     """One process: the parameters as they are, nothing to reduce."""
 
-    def whole(self, params: dict) -> dict:
+    def whole(self, params: dict, module: Any) -> dict:
+        del module
         return params
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
@@ -160,13 +163,24 @@ class DataParallel(SingleProcess):
 
 @dataclasses.dataclass(frozen=True)
 class Sharded:
-    """Sharded parameters, gathered whole for the forward and backward (see the module);
-    ``parallel``: several ranks train (a sharded state restored in one process has one)."""
+    """Sharded parameters (see the module); ``parallel``: several ranks train (a sharded state
+    restored in one process has one); ``autodiff``: the step's."""
 
     parallel: bool = True
     mean_buffers: bool = True
+    autodiff: str = "func"
 
-    def whole(self, params: dict) -> dict:
+    def whole(self, params: dict, module: Any) -> dict:
+        """The parameters the gradients are taken with respect to: with ``torch.func`` the
+        whole ones (gathered here), with autograd the shards (the forward gathers them)."""
+        if self.autodiff == "autograd":
+            return params
+        if units.names(module):
+            raise ValueError(
+                "fx.shard(units=...): each unit gathers its parameters inside the forward and "
+                "gathers them again in the backward, which torch.func cannot host (it refuses "
+                "activation checkpointing); build the step with "
+                "fx.make_train_step(loss_fn, autodiff='autograd')")
         return sharding.gather_params(params)
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
@@ -185,10 +199,11 @@ class Sharded:
         return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
 
 
-def chooser(parallel: bool, mean_buffers: bool) -> Callable[[dict], SingleProcess | Sharded]:
+def chooser(parallel: bool, mean_buffers: bool,
+            autodiff: str = "func") -> Callable[[dict], SingleProcess | Sharded]:
     """``choose(params)``: the strategy for a step on ``params``, sharded or not, on several
     ranks (``parallel``) or one. The strategies are made here, when the step is built; the
     choice is made while the step is traced (a state is sharded or not)."""
     plain = DataParallel(mean_buffers) if parallel else SingleProcess()
-    sharded = Sharded(parallel, mean_buffers)
+    sharded = Sharded(parallel, mean_buffers, autodiff)
     return lambda params: sharded if sharding.is_sharded(params) else plain

@@ -405,13 +405,17 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         return self._next_key()
 
     def _next_key(self) -> torch.Tensor:
-        """``fold_in(key, calls)``, derived 16 at a time (one operator call for 16 draws)."""
+        """``fold_in(key, calls)``, derived 16 at a time (one operator call for 16 draws); one
+        at a time in an eager autograd step, whose reruns of checkpointed regions must call the
+        same operators as the forward did (selective checkpointing replays them in order)."""
         if self._forked is not None:
             at = torch.default_generator.initial_seed()
             if at != self.calls:  # a rerun: torch.utils.checkpoint put back a region's start
                 torch.default_generator.manual_seed(at + 1)
                 return _fold_in_range(self.key, at + 1, 1)[..., 0]
             torch.default_generator.manual_seed(self.calls + 1)
+            self.calls += 1
+            return _fold_in_range(self.key, self.calls, 1)[..., 0]
         self.calls += 1
         if self.block is None or self.calls >= self.block_start + _BLOCK:
             self.block_start = self.calls

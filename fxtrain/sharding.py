@@ -10,9 +10,13 @@ global norms (clipping, ``grad_norm``) reduce over the ranks by themselves. Buff
 and are averaged as in data parallel. Sharding is data parallel too: every rank takes its own
 share of the global batch (``fx.data.Batches`` splits it under torchrun).
 
-The parameters are gathered whole for the step (as FSDP does with one unit that is not
-resharded after the forward): the state costs 1/N per rank, a step's transient peak holds the
-full parameters and gradients once.
+By default the parameters are gathered whole for the step (as FSDP does with one unit that is
+not resharded after the forward): the state costs 1/N per rank, a step's transient peak holds
+the full parameters and gradients once. ``fx.shard(state, units="auto")`` shards per block
+instead (``fxtrain.units``, on a step built with ``autodiff="autograd"``): each block gathers
+its parameters for its own forward, frees them, gathers them again for its backward and
+reduce-scatters its gradients as soon as they are ready, so a step holds about one block's
+whole parameters at a time.
 
 Checkpoints of a sharded state are sharded too (``fx.checkpoint``): each rank writes its own
 shards with ``torch.distributed.checkpoint``, and a checkpoint restores onto any number of ranks.
@@ -30,14 +34,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed
+from . import distributed, units as units_
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from .tree import squared_norms
 
 # what you call; the collectives a sharded step runs (gather_params, reduce_scatter_grads,
 # local_parts, replicated_like) are used through fxtrain.gradients, not API
 __all__ = ["shard", "mesh", "is_dtensor", "is_sharded", "gathered", "with_whole_params",
-           "local_nbytes"]
+           "local_nbytes", "unit_names"]
 
 
 @functools.cache
@@ -108,7 +112,10 @@ def _warn_parameter_copies(callbacks: dict, params: dict) -> None:
             return
 
 
-def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -> Any:
+def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
+          units: str | Sequence[str | type] | None = None,
+          param_dtype: torch.dtype | None = None,
+          reduce_dtype: torch.dtype | None = None) -> Any:
     """``state`` with its parameters and their optimizer state sharded across the ranks.
 
     Every rank calls it with its state; rank 0's values are the ones scattered, so ranks that
@@ -125,6 +132,18 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
       callbacks: callbacks whose states in ``state.callbacks`` are sharded like their ``init``
         on the sharded parameters. Callback states created after sharding (``fx.fit`` creates
         the missing ones) are sharded already.
+      units: per-block sharding (see ``fxtrain.units``): ``"auto"`` (transformers'
+        ``_no_split_modules`` blocks, else each child of every ``nn.ModuleList``), or
+        submodule names and module classes. A unit's parameters are gathered just before its
+        forward, freed after it, gathered again for its backward, and its gradients
+        reduce-scattered as soon as its backward has run, so a step holds about one unit's
+        whole parameters at a time. Needs a step built with ``autodiff="autograd"``. None:
+        the whole model is one unit, gathered once per step.
+      param_dtype: the dtype units gather and compute their parameters in (for example
+        ``torch.bfloat16``); None: the parameters' own.
+      reduce_dtype: the dtype units reduce-scatter their gradients in (for example
+        ``torch.float32`` with a bfloat16 ``param_dtype``, as FSDP2's mixed precision);
+        None: ``param_dtype``.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
@@ -136,9 +155,16 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim != 1:
         raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
+    module = state.module
+    if units is not None:
+        module = units_.install(module, units_.resolve(module, units),
+                                units_.Gather(param_dtype, reduce_dtype))
+    elif param_dtype is not None or reduce_dtype is not None:
+        raise ValueError("fx.shard: param_dtype and reduce_dtype are how units gather and "
+                         "reduce; pass units=... too (for example units='auto')")
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
     # which optimizer leaves follow a parameter's layout: those tx.init makes from one
-    new = state.replace(params=params, opt_state=_like(
+    new = state.replace(params=params, module=module, opt_state=_like(
         state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
     states = dict(state.callbacks or {})
     for cb in callbacks:  # fx.callbacks' Callback: a name and an init (duck-typed: no import)
@@ -153,6 +179,28 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = ()) -
         states[name] = _like(states[name], template, mesh, f"state.callbacks[{name!r}]")
     _warn_parameter_copies(states, state.params)
     return new.replace(callbacks=states or state.callbacks)
+
+
+def unit_names(state: Any) -> list[str]:
+    """The qualified names of the units of a state sharded with ``fx.shard(state, units=...)``
+    (``fxtrain.units``), in module order; ``[]`` when it has none.
+
+    Examples:
+        >>> state = fx.TrainState.create(nn.Sequential(nn.Linear(2, 2)), fx.optim.sgd(0.1))
+        >>> fx.sharding.unit_names(state)
+        []
+    """
+    return units_.names(state.module)
+
+
+def for_forward(params: dict[str, Any], module: Any) -> dict[str, Any]:
+    """``params`` as ``module``'s forward takes them: the DTensors outside its units gathered
+    whole (differentiably: their gradients come back reduce-scattered onto the shards), those
+    of its units left for the units to gather (``fxtrain.units``)."""
+    if not is_sharded(params):
+        return params
+    root = units_.outside(params, module)
+    return {**params, **gather_params({k: params[k] for k in root})}
 
 
 def with_whole_params(state: Any) -> Any:
@@ -190,7 +238,7 @@ def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     import torch.distributed._functional_collectives as funcol
     groups = _by_dtype(params)
     grouped = {k for names in groups.values() for k in names}
-    out = {k: p if k in grouped else gather_tensor(p) for k, p in params.items()}
+    out = {k: p if k in grouped else units_.gather(p) for k, p in params.items()}
     for (mesh, _), names in groups.items():
         world = mesh.size()
         pieces = []
@@ -208,15 +256,21 @@ def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 
 def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:
-    """Each rank's whole gradients, averaged over the ranks onto ``params``' shards: the
-    ``Shard(0)`` ones of each dtype in one reduce-scatter; a replicated DTensor's gradient is
-    left whole (the step averages it with the loss); any other DTensor by DTensor's own
-    redistribution of ``Partial("avg")``."""
+    """Each rank's gradients, averaged over the ranks onto ``params``' shards.
+
+    A whole gradient (taken with respect to gathered parameters): the ``Shard(0)`` ones of each
+    dtype in one reduce-scatter; a replicated DTensor's is left whole (the step averages it
+    with the loss); any other DTensor's by DTensor's own redistribution of ``Partial("avg")``.
+    A gradient that is a DTensor already (taken with respect to the shards, through the
+    forward's gathers, whose backward reduce-scattered it: ``fxtrain.units``) holds the sum
+    over the ranks, and is divided by their number."""
     import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor, Partial, Replicate
+    done = {k for k, g in grads.items() if is_dtensor(g)}
+    out = {**grads, **{k: grads[k] / grads[k].device_mesh.size() for k in done}}
+    params = {k: p for k, p in params.items() if k not in done}
     groups = _by_dtype(params)
     grouped = {k for names in groups.values() for k in names}
-    out = dict(grads)
     for k, p in params.items():
         if is_dtensor(p) and k not in grouped and not all(
                 isinstance(x, Replicate) for x in p.placements):

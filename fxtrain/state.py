@@ -18,11 +18,10 @@ import warnings
 import torch
 from torch import nn
 
-from . import _held, random, struct
+from . import _held, random, sharding, struct
 from .protocol import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
-from .dtensors import gathered
 from .tree import check_same_structure
 
 
@@ -157,7 +156,8 @@ class TrainState:
             >>> state.apply(zeros, torch.ones(1, 3))
             tensor([[0., 0.]])
         """
-        params = gathered(params)  # a sharded state's parameters, whole (fxtrain.sharding)
+        # a sharded state's parameters whole, but for those its units gather (fxtrain.units)
+        params = sharding.for_forward(params, self.module)
         buffers = self.buffers
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
             buffers = {k: v.clone() for k, v in buffers.items()}

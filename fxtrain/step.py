@@ -277,10 +277,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     grad_stats = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
     parallel = _data_parallel(data_parallel, buffers)
     guard = _BatchGuard("train_step")
-    choose = gradients.chooser(parallel, buffers == "mean")
     if autodiff not in gradients.AUTODIFFS:
         raise ValueError(f"make_train_step: autodiff must be one of "
                          f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
+    choose = gradients.chooser(parallel, buffers == "mean", autodiff)
     if autodiff == "autograd":
         import torch._dynamo
         # else Dynamo breaks the graph at torch.autograd.grad
@@ -326,7 +326,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             finally:
                 set_training(state.module, was)
 
-        whole = path.whole(state.params)
+        whole = path.whole(state.params, state.module)
         if autodiff == "func":  # the transform runs the forward in train mode, keyed
             grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
                 lambda params: in_train_mode_keyed(forward, params), autodiff)(whole)

@@ -75,6 +75,81 @@ def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True)
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+class Block(torch.nn.Module):
+    """A residual block with dropout whose hidden layer (17 rows) splits unevenly over 2."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, 17), torch.nn.Linear(17, width)
+        self.drop = torch.nn.Dropout(0.2)
+
+    def forward(self, h):
+        return h + self.drop(self.down(F.gelu(self.up(h))))
+
+
+class Blocks(torch.nn.Module):
+    """A root (an input layer, a head, a 0-d scale) around a ModuleList of blocks."""
+
+    def __init__(self, depth=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+        self.blocks = torch.nn.ModuleList(Block() for _ in range(depth))
+        self.scale = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h) * self.scale
+
+
+def gathers(step, state, batch):
+    """The step's new state, and the all-gathers and reduce-scatters an eager step ran."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    c10d = torch.ops._c10d_functional
+    seen = {"all_gather": 0, "reduce_scatter": 0}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is c10d.all_gather_into_tensor.default:
+                seen["all_gather"] += 1
+            if func is c10d.reduce_scatter_tensor.default:
+                seen["reduce_scatter"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        state, _ = step(state, batch)
+    return state, seen
+
+
+def sharded_units(out, compiled=False, steps=6):
+    """Per-block sharding (units) against the whole model sharded as one unit, both trained
+    with dropout on the autograd path, and the collectives an eager step runs."""
+    def run(units):
+        state = fx.shard(fx.TrainState.create(Blocks(), fx.optim.adamw(1e-2)), units=units)
+        step = fx.make_train_step(loss_fn, autodiff="autograd")
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend=compiled)
+        data = fx.data.Batches((X, Y), 16, seed=1)
+        state = fx.fit(state, step, data, max_steps=steps)
+        return state
+
+    units, whole = run("auto"), run(None)
+    result = {"names": fx.sharding.unit_names(units), "module": type(
+                  fx.trained_module(units).blocks[0]).__name__,
+              "units": fx.sharding.gathered(units.params), "whole": fx.sharding.gathered(
+                  whole.params), "digests": [fx.tree_digest(s.replace(data=None))
+                                             for s in (units, whole)],
+              "local": fx.sharding.local_nbytes(units.params),
+              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+    if not compiled:
+        step = fx.make_train_step(loss_fn, autodiff="autograd")
+        batch = next(iter(fx.data.Batches((X, Y), 16, seed=1)))
+        _, result["collectives"] = gathers(step, units, batch)
+    torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def sharded_saves(out, ckpt, restore_only="no"):
     """A sharded run saving every 4 steps (keep 2) and a one-off save at the end, or (with
     ``restore_only="yes"``) the restore of what it saved onto a sharded template."""
@@ -236,7 +311,7 @@ def exits(out):
     del out
 
 
-SCENARIOS = {"exits": exits, "train": train, "sharded": sharded,
+SCENARIOS = {"exits": exits, "train": train, "sharded": sharded, "sharded_units": sharded_units,
              "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,

@@ -21,7 +21,7 @@ def test_every_strategy_has_the_same_three_methods():
 def test_one_process_unscales_and_says_whether_every_gradient_is_finite():
     path = gradients.SingleProcess()
     params = {"w": torch.ones(2), "b": torch.ones(1)}
-    assert path.whole(params) is params
+    assert path.whole(params, None) is params
     grads = {"w": torch.tensor([8.0, 16.0]), "b": torch.tensor([4.0])}
     out = path.reduce(grads, torch.tensor(1.0), {}, {}, params, scale=torch.tensor(4.0),
                       check_finite=True)

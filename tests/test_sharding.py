@@ -112,3 +112,27 @@ def test_shard_without_a_process_group_says_how_to_start_one():
     state = fx.TrainState.create(mlp(), fx.optim.adamw(1e-2))
     with pytest.raises(RuntimeError, match="torchrun and call fx.distributed.init"):
         fx.shard(state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, "inductor"], ids=["eager", "compiled"])
+def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, compiled):
+    """fx.shard(units="auto"): each block of the ModuleList gathers its own parameters, in its
+    forward and again in its backward, and its gradients come back reduce-scattered; trained
+    with dropout, it ends where the same state sharded as one unit ends (2 ranks: a sum of two
+    terms, whatever the grouping, so eager is bitwise; compiled within float32 rounding)."""
+    spawn("sharded_units", str(tmp_path), compiled=compiled)
+    r0, r1 = results(tmp_path)
+    assert r0["names"] == ["blocks.0", "blocks.1", "blocks.2"] and r0["module"] == "Block"
+    assert r0["digests"] == r1["digests"]  # the ranks agree bit for bit
+    for k, p in r0["whole"].items():
+        if compiled:
+            torch.testing.assert_close(r0["units"][k], p, rtol=1e-5, atol=3e-6)
+        else:
+            assert torch.equal(r0["units"][k], p), k
+    if compiled:
+        assert r0["graphs"] == 2  # one per run (units, whole), no recompiles
+    else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
+        assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12}
+    whole = sum(p.numel() * 4 for p in r0["whole"].values())
+    assert r0["local"] <= 0.6 * whole

@@ -1,0 +1,241 @@
+"""Per-block sharding: units whose parameters are gathered for their own forward only.
+
+``fx.shard(state, units=...)`` (see ``fxtrain.sharding``) marks blocks of the model as units,
+as FSDP2's ``fully_shard`` does: each unit's class becomes a subclass of its own
+(``ShardedGPT2Block`` for a ``GPT2Block``) whose ``forward`` all-gathers the unit's sharded
+parameters just before running, inside an activation-checkpointed region
+(``torch.utils.checkpoint``, non-reentrant) whose policy recomputes only the gather: the unit's
+activations are kept as they would be, its whole parameters are freed after its forward and
+gathered again when its backward needs them. The gather's own backward is a reduce-scatter, so
+a unit's gradients arrive on each rank's shard (summed over the ranks) as soon as the unit's
+backward has run. This is torchtitan's SimpleFSDP on fxtrain's step: the collectives are
+functional collectives that ``torch.compile`` traces into the step's one graph, where Inductor
+may bucket and reorder them; eager, they run where the unit runs.
+
+Parameters outside every unit (embeddings, a final norm, a head: the root) are gathered whole
+once per step, as an unsharded state's are, and their gradients reduce-scattered with the
+others. A unit is refused when it shares a parameter with anything outside it (a tied
+embedding belongs to the root), or when units nest.
+
+Mixed precision of the collectives (FSDP2's ``MixedPrecisionPolicy``): ``param_dtype`` gathers
+(and computes with) the parameters in that dtype, ``reduce_dtype`` reduce-scatters their
+gradients in that one; the shards, the optimizer and the gradients it sees stay in the
+parameters' own dtype.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .dtensors import is_dtensor
+
+
+@dataclasses.dataclass(frozen=True)
+class Gather:
+    """How a unit's parameters move: ``param_dtype`` is the dtype they are all-gathered and
+    computed in (None: their own), ``reduce_dtype`` the one their gradients are
+    reduce-scattered in (None: ``param_dtype``'s, as FSDP2 does)."""
+
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+
+
+class ShardedUnit:
+    """What a unit's class adds to the module's own (the first base of ``Sharded<Name>``)."""
+
+    fxtrain_gather: Gather
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return unit_forward(self, super().forward, args, kwargs)  # type: ignore[misc]
+
+
+@functools.cache
+def _unit_class(cls: type) -> type:
+    """``Sharded<Name>``: ``cls`` with a gathering forward (made once per class)."""
+    return type(f"Sharded{cls.__name__}", (ShardedUnit, cls), {})
+
+
+def base_class(module: nn.Module) -> type:
+    """The module's own class, under a unit's ``Sharded<Name>``."""
+    cls = type(module)
+    return cls.__mro__[2] if issubclass(cls, ShardedUnit) else cls
+
+
+def names(module: nn.Module) -> list[str]:
+    """The qualified names of ``module``'s units (none: an unsharded or wholly sharded model)."""
+    return [n for n, m in module.named_modules() if isinstance(m, ShardedUnit)]
+
+
+def _outermost(found: list[str]) -> list[str]:
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def _auto(module: nn.Module) -> list[str]:
+    """transformers' ``_no_split_modules`` (the blocks it keeps whole on one device), else
+    every child of every ``nn.ModuleList``."""
+    kinds = set(getattr(module, "_no_split_modules", None) or ())
+    found = [n for n, m in module.named_modules() if n and type(m).__name__ in kinds]
+    if not found:
+        found = [f"{n}.{i}" if n else str(i) for n, m in module.named_modules()
+                 if isinstance(m, nn.ModuleList) for i in range(len(m))]
+    return _outermost(found)
+
+
+def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
+    """The qualified names of the submodules ``units`` names: ``"auto"``, or qualified names
+    and module classes (each class: its outermost instances)."""
+    if isinstance(units, str):
+        if units != "auto":
+            raise ValueError(f"fx.shard: units must be 'auto' or a list of submodule names or "
+                             f"module classes, got {units!r}")
+        found = _auto(module)
+        if not found:
+            raise ValueError(f"fx.shard(units='auto'): {type(module).__name__} has no "
+                             "nn.ModuleList and no _no_split_modules to take blocks from; "
+                             "name its units: units=['encoder.0', ...] or units=[BlockClass]")
+        return found
+    modules = dict(module.named_modules())
+    found = []
+    for unit in units:
+        if isinstance(unit, type):
+            matches = _outermost([n for n, m in modules.items() if n and isinstance(m, unit)])
+            if not matches:
+                raise ValueError(f"fx.shard: no submodule of {type(module).__name__} is a "
+                                 f"{unit.__name__}")
+            found += matches
+        elif isinstance(unit, str) and unit in modules and unit:
+            found.append(unit)
+        else:
+            lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
+            raise ValueError(f"fx.shard: {unit!r} is not a submodule of "
+                             f"{type(module).__name__} (units are qualified names such as "
+                             f"'{lists[0] + '.0' if lists else 'layer1'}', or module classes)")
+    _check(module, found)
+    return found
+
+
+def _check(module: nn.Module, found: list[str]) -> None:
+    """Units neither nest nor share a parameter with anything outside them."""
+    nested = [(a, b) for a in found for b in found if b.startswith(a + ".")]
+    if nested:
+        raise ValueError(f"fx.shard: units nest ({nested[0][1]!r} is inside {nested[0][0]!r}); "
+                         "name the outer or the inner ones")
+    owners: dict[int, set[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        unit = next((u for u in found if name.startswith(u + ".")), "")
+        owners.setdefault(id(p), set()).add(unit)
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if len(owners[id(p)]) > 1:
+            where = ", ".join(repr(u) if u else "the root" for u in sorted(owners[id(p)]))
+            raise ValueError(f"fx.shard: the parameter {name!r} is shared by {where}; a tied "
+                             "parameter must live outside the units (leave one of those "
+                             "modules out of units)")
+
+
+def install(module: nn.Module, found: list[str], gather: Gather) -> nn.Module:
+    """A copy of the skeleton ``module`` whose submodules ``found`` are units."""
+    module = copy.deepcopy(module)  # a skeleton: meta tensors, nothing to copy
+    for name in found:
+        unit = module.get_submodule(name)
+        if not any(True for _ in unit.parameters()):
+            raise ValueError(f"fx.shard: the unit {name!r} has no parameters")
+        unit.__class__ = _unit_class(base_class(unit))
+        unit.fxtrain_gather = gather
+    return module
+
+
+def uninstalled(module: nn.Module) -> nn.Module:
+    """``module`` (changed in place) with its units' own classes back, for export."""
+    for sub in module.modules():
+        if isinstance(sub, ShardedUnit):
+            sub.__class__ = base_class(sub)
+            del sub.fxtrain_gather
+    return module
+
+
+def _shard0(p: Any) -> bool:
+    from torch.distributed.tensor import Shard
+    return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),) and p.ndim >= 1
+
+
+def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
+    """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
+    gradient comes back onto ``p``'s layout summed over the ranks (a ``Shard(0)`` parameter's
+    reduce-scattered, a replicated one's all-reduced)."""
+    if not is_dtensor(p):
+        return p
+    if not _shard0(p):
+        from torch.distributed.tensor import Partial, Replicate
+        ndim = p.device_mesh.ndim
+        return p.redistribute(p.device_mesh, [Replicate()] * ndim).to_local(
+            grad_placements=[Partial("sum")] * ndim)
+    mesh = p.device_mesh
+    world = mesh.size()
+    rows = -(-p.shape[0] // world)
+    local = p.to_local()
+    if local.shape[0] < rows:  # Shard(0) splits as torch.chunk: the last ranks may hold fewer
+        local = nn.functional.pad(local, (*([0, 0] * (local.ndim - 1)), 0, rows - local.shape[0]))
+    import torch.distributed._functional_collectives as funcol
+    local = local.to(how.param_dtype or p.dtype)
+    whole = funcol.wait_tensor(funcol.all_gather_single(local, 0, mesh))  # backward: sum
+    return whole[:p.shape[0]]
+
+
+_GATHER_OPS = None
+
+
+def _recompute_gathers(ctx, op, *args, **kwargs):
+    """The checkpoint policy of a unit's region: the gather (the collectives, and the views and
+    copies that lay their output out) is recomputed in the backward; everything else is saved,
+    as without the region. So are the keyed stream's key derivations, which an eager rerun
+    takes from where the region started rather than from a block drawn before it
+    (``fxtrain.random.keyed``): the masks come out the same."""
+    del ctx, args, kwargs
+    from torch.utils.checkpoint import CheckpointPolicy
+    global _GATHER_OPS
+    if _GATHER_OPS is None:
+        c10d, aten = torch.ops._c10d_functional, torch.ops.aten
+        _GATHER_OPS = frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
+                                 aten.constant_pad_nd.default, aten._to_copy.default,
+                                 torch.ops.fxtrain.fold_in_range.default))
+    if op in _GATHER_OPS or op.is_view:
+        return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.PREFER_SAVE
+
+
+def _contexts():
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_recompute_gathers)
+
+
+def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+    """``forward(*args, **kwargs)`` with the unit's sharded parameters gathered for it (see
+    the module); a unit bound to whole tensors runs as it is."""
+    bound = {n: t for n, t in unit.named_parameters(remove_duplicate=False) if is_dtensor(t)}
+    if not bound:
+        return forward(*args, **kwargs)
+    keys, how = list(bound), unit.fxtrain_gather
+
+    def gathered_forward(*flat: Any, **kw: Any) -> Any:
+        from torch.nn.utils.stateless import _reparametrize_module
+        whole = {k: gather(t, how) for k, t in zip(keys, flat[:len(keys)])}
+        with _reparametrize_module(unit, whole):
+            return forward(*flat[len(keys):], **kw)
+
+    if not torch.is_grad_enabled():  # nothing to keep for a backward
+        return gathered_forward(*bound.values(), *args, **kwargs)
+    return torch.utils.checkpoint.checkpoint(gathered_forward, *bound.values(), *args,
+                                             use_reentrant=False, context_fn=_contexts, **kwargs)
+
+
+def outside(params: dict[str, Any], module: nn.Module) -> list[str]:
+    """The names of ``params`` that no unit of ``module`` holds (the root's)."""
+    found = names(module)
+    return [k for k in params if not any(k.startswith(u + ".") for u in found)]
