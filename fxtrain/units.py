@@ -100,6 +100,7 @@ def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
             raise ValueError(f"fx.shard(units='auto'): {type(module).__name__} has no "
                              "nn.ModuleList and no _no_split_modules to take blocks from; "
                              "name its units: units=['encoder.0', ...] or units=[BlockClass]")
+        _check(module, found)
         return found
     modules = dict(module.named_modules())
     found = []
@@ -192,9 +193,9 @@ _GATHER_OPS = None
 
 
 def _recompute_gathers(ctx, op, *args, **kwargs):
-    """The checkpoint policy of a unit's region: the gather (the collectives, and the views and
-    copies that lay their output out) is recomputed in the backward; everything else is saved,
-    as without the region. So are the keyed stream's key derivations, which an eager rerun
+    """The checkpoint policy of a unit's region: the gather (the collectives with the op that
+    ties their output to the work to wait for, and the views and copies that lay their output
+    out) is recomputed in the backward; everything else is saved, as without the region. So are the keyed stream's key derivations, which an eager rerun
     takes from where the region started rather than from a block drawn before it
     (``fxtrain.random.keyed``): the masks come out the same."""
     del ctx, args, kwargs
@@ -203,8 +204,8 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
     if _GATHER_OPS is None:
         c10d, aten = torch.ops._c10d_functional, torch.ops.aten
         _GATHER_OPS = frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
-                                 aten.constant_pad_nd.default, aten._to_copy.default,
-                                 torch.ops.fxtrain.fold_in_range.default))
+                                 c10d._wrap_tensor_autograd.default, aten.constant_pad_nd.default,
+                                 aten._to_copy.default, torch.ops.fxtrain.fold_in_range.default))
     if op in _GATHER_OPS or op.is_view:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE
@@ -231,8 +232,9 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
 
     if not torch.is_grad_enabled():  # nothing to keep for a backward
         return gathered_forward(*bound.values(), *args, **kwargs)
-    return torch.utils.checkpoint.checkpoint(gathered_forward, *bound.values(), *args,
-                                             use_reentrant=False, context_fn=_contexts, **kwargs)
+    from torch.utils.checkpoint import checkpoint
+    return checkpoint(gathered_forward, *bound.values(), *args, use_reentrant=False,
+                      context_fn=_contexts, **kwargs)
 
 
 def outside(params: dict[str, Any], module: nn.Module) -> list[str]:

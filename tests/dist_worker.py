@@ -120,6 +120,7 @@ def gathers(step, state, batch):
 
     with Count():
         state, _ = step(state, batch)
+    seen["unwaited"] = torch._C._distributed_c10d._get_work_registry_size()
     return state, seen
 
 
@@ -147,7 +148,38 @@ def sharded_units(out, compiled=False, steps=6):
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         batch = next(iter(fx.data.Batches((X, Y), 16, seed=1)))
         _, result["collectives"] = gathers(step, units, batch)
+        result["errors"] = unit_errors(batch)
+        result["by_class"] = fx.sharding.unit_names(fx.shard(
+            fx.TrainState.create(Blocks(), fx.optim.sgd(0.1)), units=[Block]))
     torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def unit_errors(batch):
+    """What fx.shard(units=...) and a step say of units they cannot use, by case."""
+    class Tied(Blocks):
+        def __init__(self):
+            super().__init__()
+            self.blocks[1].up = self.blocks[0].up
+
+    def attempt(make):
+        try:
+            make()
+        except ValueError as e:
+            return str(e)
+        return None
+
+    state = fx.TrainState.create(Blocks(), fx.optim.sgd(0.1))
+    return {
+        "no blocks": attempt(lambda: fx.shard(fx.TrainState.create(mlp(), fx.optim.sgd(0.1)),
+                                              units="auto")),
+        "unknown": attempt(lambda: fx.shard(state, units=["blocks.9"])),
+        "nested": attempt(lambda: fx.shard(state, units=["blocks", "blocks.0"])),
+        "tied": attempt(lambda: fx.shard(fx.TrainState.create(Tied(), fx.optim.sgd(0.1)),
+                                         units="auto")),
+        "dtype alone": attempt(lambda: fx.shard(state, param_dtype=torch.bfloat16)),
+        "func": attempt(lambda: fx.make_train_step(loss_fn)(fx.shard(state, units="auto"),
+                                                            batch)),
+    }
 
 
 def sharded_saves(out, ckpt, restore_only="no"):

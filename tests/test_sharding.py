@@ -133,6 +133,15 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
     if compiled:
         assert r0["graphs"] == 2  # one per run (units, whole), no recompiles
     else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
-        assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12}
+        assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12,
+                                     "unwaited": 0}  # a recomputed gather is waited for too
+        assert r0["by_class"] == r0["names"]  # units=[Block]: the same blocks
+        errors = r0["errors"]
+        assert "has no nn.ModuleList and no _no_split_modules" in errors["no blocks"]
+        assert "'blocks.9' is not a submodule of Blocks" in errors["unknown"]
+        assert "'blocks.0' is inside 'blocks'" in errors["nested"]
+        assert "'blocks.0.up.weight' is shared by 'blocks.0', 'blocks.1'" in errors["tied"]
+        assert "pass units=... too" in errors["dtype alone"]
+        assert "autodiff='autograd'" in errors["func"]
     whole = sum(p.numel() * 4 for p in r0["whole"].values())
     assert r0["local"] <= 0.6 * whole
