@@ -18,9 +18,10 @@ others. A unit is refused when it shares a parameter with anything outside it (a
 embedding belongs to the root), or when units nest.
 
 Mixed precision of the collectives (FSDP2's ``MixedPrecisionPolicy``): ``param_dtype`` gathers
-(and computes with) the parameters in that dtype, ``reduce_dtype`` reduce-scatters their
-gradients in that one; the shards, the optimizer and the gradients it sees stay in the
-parameters' own dtype.
+the parameters in that dtype, and the unit computes in it (its floating-point inputs are cast
+to it, its outputs in that dtype cast back to its inputs' dtype); ``reduce_dtype``
+reduce-scatters their gradients in that one. The shards, the optimizer and the gradients it
+sees stay in the parameters' own dtype.
 """
 
 from __future__ import annotations
@@ -166,6 +167,40 @@ def _shard0(p: Any) -> bool:
     return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),) and p.ndim >= 1
 
 
+@torch.library.custom_op("fxtrain::all_gather_shard", mutates_args=())
+def _all_gather_shard(local: torch.Tensor, group_size: int, group: str,
+                      reduce_dtype: torch.dtype) -> torch.Tensor:
+    """All-gathers ``local`` (dim 0); its backward reduce-scatters (sums) the gradient in
+    ``reduce_dtype`` and hands it back in ``local``'s dtype: FSDP2's reduce dtype, which a
+    gather's own backward (in the gathered dtype) cannot give."""
+    del reduce_dtype  # the backward's
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.all_gather_into_tensor(local, group_size, group))
+
+
+@_all_gather_shard.register_fake
+def _(local, group_size, group, reduce_dtype):
+    del group, reduce_dtype
+    return local.new_empty((local.shape[0] * group_size, *local.shape[1:]))
+
+
+def _all_gather_shard_backward(ctx, grad):
+    c10d = torch.ops._c10d_functional
+    summed = c10d.wait_tensor(c10d.reduce_scatter_tensor(
+        grad.to(ctx.reduce_dtype).contiguous(), "sum", ctx.group_size, ctx.group))
+    return summed.to(ctx.dtype), None, None, None
+
+
+def _all_gather_shard_context(ctx, inputs, output):
+    del output
+    local, ctx.group_size, ctx.group, ctx.reduce_dtype = inputs
+    ctx.dtype = local.dtype
+
+
+_all_gather_shard.register_autograd(_all_gather_shard_backward,
+                                    setup_context=_all_gather_shard_context)
+
+
 def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
     """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
     gradient comes back onto ``p``'s layout summed over the ranks (a ``Shard(0)`` parameter's
@@ -184,8 +219,13 @@ def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
     if local.shape[0] < rows:  # Shard(0) splits as torch.chunk: the last ranks may hold fewer
         local = nn.functional.pad(local, (*([0, 0] * (local.ndim - 1)), 0, rows - local.shape[0]))
     import torch.distributed._functional_collectives as funcol
-    local = local.to(how.param_dtype or p.dtype)
-    whole = funcol.wait_tensor(funcol.all_gather_single(local, 0, mesh))  # backward: sum
+    dtype = how.param_dtype or p.dtype
+    if how.reduce_dtype is None or how.reduce_dtype == dtype:
+        local = local.to(dtype)
+        whole = funcol.wait_tensor(funcol.all_gather_single(local, 0, mesh))  # backward: sum
+    else:  # the gradient summed in reduce_dtype
+        whole = _all_gather_shard(local.to(dtype), world, mesh.get_group().group_name,
+                                  how.reduce_dtype)
     return whole[:p.shape[0]]
 
 
@@ -205,7 +245,8 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
         c10d, aten = torch.ops._c10d_functional, torch.ops.aten
         _GATHER_OPS = frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
                                  c10d._wrap_tensor_autograd.default, aten.constant_pad_nd.default,
-                                 aten._to_copy.default, torch.ops.fxtrain.fold_in_range.default))
+                                 aten._to_copy.default, torch.ops.fxtrain.fold_in_range.default,
+                                 torch.ops.fxtrain.all_gather_shard.default))
     if op in _GATHER_OPS or op.is_view:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE
@@ -214,6 +255,23 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
 def _contexts():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     return create_selective_checkpoint_contexts(_recompute_gathers)
+
+
+def _first_float(tree: Any) -> torch.dtype | None:
+    import torch.utils._pytree as pytree
+    return next((t.dtype for t in pytree.tree_leaves(tree)
+                 if isinstance(t, torch.Tensor) and t.is_floating_point()), None)
+
+
+def _cast(tree: Any, dtype: torch.dtype | None, only: torch.dtype | None = None) -> Any:
+    """``tree`` with its floating-point tensors (those of dtype ``only``, if given) in ``dtype``
+    (None: as they are)."""
+    import torch.utils._pytree as pytree
+    if dtype is None:
+        return tree
+    return pytree.tree_map_only(
+        torch.Tensor, lambda t: t.to(dtype) if t.is_floating_point() and (
+            only is None or t.dtype == only) else t, tree)
 
 
 def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -227,8 +285,10 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
         from torch.nn.utils.stateless import _reparametrize_module
         whole = {k: gather(t, how) for k, t in zip(keys, flat[:len(keys)])}
+        inputs, kw = _cast((flat[len(keys):], kw), how.param_dtype)
         with _reparametrize_module(unit, whole):
-            return forward(*flat[len(keys):], **kw)
+            out = forward(*inputs, **kw)
+        return _cast(out, _first_float((flat[len(keys):], kw)), only=how.param_dtype)
 
     if not torch.is_grad_enabled():  # nothing to keep for a backward
         return gathered_forward(*bound.values(), *args, **kwargs)

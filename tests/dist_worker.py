@@ -108,14 +108,17 @@ def gathers(step, state, batch):
     """The step's new state, and the all-gathers and reduce-scatters an eager step ran."""
     from torch.utils._python_dispatch import TorchDispatchMode
     c10d = torch.ops._c10d_functional
-    seen = {"all_gather": 0, "reduce_scatter": 0}
+    seen = {"all_gather": 0, "reduce_scatter": 0, "dtypes": set()}
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is c10d.all_gather_into_tensor.default:
+            if func in (c10d.all_gather_into_tensor.default, torch.ops.fxtrain.all_gather_shard
+                        .default):
                 seen["all_gather"] += 1
+                seen["dtypes"].add(("all_gather", str(args[0].dtype)))
             if func is c10d.reduce_scatter_tensor.default:
                 seen["reduce_scatter"] += 1
+                seen["dtypes"].add(("reduce_scatter", str(args[0].dtype)))
             return func(*args, **(kwargs or {}))
 
     with Count():
@@ -127,8 +130,8 @@ def gathers(step, state, batch):
 def sharded_units(out, compiled=False, steps=6):
     """Per-block sharding (units) against the whole model sharded as one unit, both trained
     with dropout on the autograd path, and the collectives an eager step runs."""
-    def run(units):
-        state = fx.shard(fx.TrainState.create(Blocks(), fx.optim.adamw(1e-2)), units=units)
+    def run(units, tx=fx.optim.adamw(1e-2), **how):
+        state = fx.shard(fx.TrainState.create(Blocks(), tx), units=units, **how)
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
             step = torch.compile(step, fullgraph=True, backend=compiled)
@@ -137,17 +140,25 @@ def sharded_units(out, compiled=False, steps=6):
         return state
 
     units, whole = run("auto"), run(None)
-    result = {"names": fx.sharding.unit_names(units), "module": type(
-                  fx.trained_module(units).blocks[0]).__name__,
+    bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
+    mixed, plain = run("auto", fx.optim.sgd(0.1), **bf16), run(None, fx.optim.sgd(0.1))
+    result = {"names": fx.sharding.unit_names(units), "initial": dict(Blocks().named_parameters()),
+              "module": type(fx.trained_module(units).blocks[0]).__name__,
               "units": fx.sharding.gathered(units.params), "whole": fx.sharding.gathered(
                   whole.params), "digests": [fx.tree_digest(s.replace(data=None))
                                              for s in (units, whole)],
               "local": fx.sharding.local_nbytes(units.params),
+              "mixed": fx.sharding.gathered(mixed.params),
+              "plain": fx.sharding.gathered(plain.params),
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if not compiled:
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         batch = next(iter(fx.data.Batches((X, Y), 16, seed=1)))
         _, result["collectives"] = gathers(step, units, batch)
+        result["bf16"] = {name: gathers(step, fx.shard(fx.TrainState.create(
+            Blocks(), fx.optim.adamw(1e-2)), units="auto", **how), batch)[1]["dtypes"]
+            for name, how in (("reduce float32", bf16),
+                              ("reduce bfloat16", {"param_dtype": torch.bfloat16}))}
         result["errors"] = unit_errors(batch)
         result["by_class"] = fx.sharding.unit_names(fx.shard(
             fx.TrainState.create(Blocks(), fx.optim.sgd(0.1)), units=[Block]))

@@ -130,11 +130,24 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
             torch.testing.assert_close(r0["units"][k], p, rtol=1e-5, atol=3e-6)
         else:
             assert torch.equal(r0["units"][k], p), k
+    # gathered and computed in bfloat16, reduced in float32, against float32 (SGD: the
+    # difference is lr * steps * the gradients' difference, bfloat16's 2**-8 relative error
+    # over sums of up to 17 products of terms below 1, growing as a random walk: 0.1 * 6 *
+    # sqrt(17) * 2**-8 = 0.01; the float32 run moves them 8 times that)
+    drift = max((r0["mixed"][k] - p).abs().max() for k, p in r0["plain"].items())
+    moved = max((r0["plain"][k] - p).abs().max() for k, p in r0["initial"].items())
+    assert drift < 0.01 and moved > 0.05, (drift, moved)
     if compiled:
-        assert r0["graphs"] == 2  # one per run (units, whole), no recompiles
+        assert r0["graphs"] == 4  # one per run (units, whole, bfloat16 units, SGD), no recompiles
     else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
+        dtypes = r0["collectives"].pop("dtypes")
         assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12,
                                      "unwaited": 0}  # a recomputed gather is waited for too
+        assert dtypes == {("all_gather", "torch.float32"), ("reduce_scatter", "torch.float32")}
+        root = {("all_gather", "torch.float32"), ("reduce_scatter", "torch.float32")}
+        assert r0["bf16"]["reduce float32"] == root | {("all_gather", "torch.bfloat16")}
+        assert r0["bf16"]["reduce bfloat16"] == root | {("all_gather", "torch.bfloat16"),
+                                                        ("reduce_scatter", "torch.bfloat16")}
         assert r0["by_class"] == r0["names"]  # units=[Block]: the same blocks
         errors = r0["errors"]
         assert "has no nn.ModuleList and no _no_split_modules" in errors["no blocks"]

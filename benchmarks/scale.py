@@ -1,0 +1,272 @@
+"""Scale: the memory and speed of a GPT-2 large enough that activations matter, with and without
+activation checkpointing, and on 2 ranks per-block sharded against data parallel.
+
+The model is transformers' GPT-2 from a config (``--width 512``, 8 heads, sequence ``--seq 512``,
+vocabulary 256, SDPA attention, dropout 0.1), trained with AdamW on random tokens (``--batch 2``
+sequences per rank), one torch thread per process. Each variant runs at two depths
+(``--depths 4 8``) in a process of its own: ``warmup`` steps (compiling), then ``steps`` timed
+steps, whose tokens per second and peak resident set it reports (the peak count restarts after
+the warm-up, as in ``transformer.py``). Memory is the slope of the steps' peak over depth,
+bytes per parameter, so what the interpreter, the imports and the compiler hold cancels.
+Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default threshold, kept fixed:
+a freed large tensor goes back to the system instead of staying in the heap), so the resident
+set follows the live tensors.
+
+One process:
+
+  loop             torch.compile(model) + loss.backward() + a compiled AdamW(foreach).step()
+  loop_checkpoint  that loop with model.gradient_checkpointing_enable() (non-reentrant)
+  fx_func          fx.fit, compiled step, gradients by torch.func (autodiff="func")
+  fx_autograd      fx.fit, compiled step, gradients by torch.autograd.grad (autodiff="autograd")
+  fx_remat         fx_autograd, each block through fx.remat (nothing_saveable)
+  fx_remat_dots    fx_autograd, each block through fx.remat(policy="dots_saveable")
+
+Two ranks (gloo; each rank its own batch of the same size; memory is the higher rank's):
+
+  data_parallel    fx_autograd on 2 ranks, the state whole on each
+  sharded          fx.shard(state): the whole model gathered once per step
+  sharded_units    fx.shard(state, units="auto"): each GPT2Block gathered for its own forward
+                   and again for its backward, its gradients reduce-scattered as they are ready
+
+Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--smoke]
+(``--smoke``: a tiny GPT-2 at depths 1 and 2, one step, compiled with aot_eager; the first
+variant in a process of its own, the others in this one, the 2-rank variants in one pair of
+processes.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from common import backend, in_fresh_process, slope, use_smoke_backend
+from transformer import LR, WD, Cycle, _config, _loop, _loss, _process_peak, _restart_peak
+
+SINGLE = ("loop", "loop_checkpoint", "fx_func", "fx_autograd", "fx_remat", "fx_remat_dots")
+RANKS = ("data_parallel", "sharded", "sharded_units")
+HEADS_PER_WIDTH = 64  # GPT-2's head size
+
+
+def _model(variant: str, args, layers: int):
+    """The GPT-2 of ``layers`` blocks, with the variant's activation checkpointing."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    import fxtrain as fx
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(_config(layers, args.width, max(1, args.width // HEADS_PER_WIDTH),
+                                    args.seq))
+    if variant == "loop_checkpoint":
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    if variant in ("fx_remat", "fx_remat_dots"):
+        policy = "dots_saveable" if variant == "fx_remat_dots" else "nothing_saveable"
+        for block in model.transformer.h:  # transformers calls this on each block's forward
+            block.gradient_checkpointing = True
+            block._gradient_checkpointing_func = functools.partial(fx.remat, policy=policy)
+    return model
+
+
+def _batches(args, seed: int) -> list:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (args.batch, args.seq), generator=g) for _ in range(4)]
+
+
+def _fx_timed(state, args, batches, autodiff: str):
+    """fx.fit's warm-up now, and the timed steps as a function."""
+    import torch
+
+    import fxtrain as fx
+
+    step = torch.compile(fx.make_train_step(
+        lambda s, p, ids: _loss(s.apply(p, ids, use_cache=False).logits, ids),
+        autodiff=autodiff), fullgraph=True, backend=backend())
+    data = Cycle(batches, 10**6)
+    state = fx.fit(state, step, data, max_steps=args.warmup)
+    return lambda: fx.fit(state.replace(data=None), step, data,
+                          max_steps=args.warmup + args.steps)
+
+
+def _measure(warm, timed, args, world: int = 1) -> dict:
+    """Runs ``warm`` (compiling) then ``timed``: tokens per second (all ranks') and the timed
+    steps' own peak resident set."""
+    warm()
+    _restart_peak("cpu")
+    start = time.perf_counter()
+    timed()
+    seconds = time.perf_counter() - start
+    return {"tokens_per_s": world * args.steps * args.batch * args.seq / seconds,
+            "step_s": seconds / args.steps, "step_peak_bytes": _process_peak("cpu")}
+
+
+def single(variant: str, args, layers: int) -> dict:
+    """One process trains ``variant`` at ``layers`` blocks."""
+    import torch
+
+    import fxtrain as fx
+
+    torch.set_num_threads(1)
+    model = _model(variant, args, layers)
+    n = sum(p.numel() for p in model.parameters())
+    batches = _batches(args, 0)
+    if variant.startswith("loop"):
+        step = _loop("compiled", model, batches, "32", "cpu")
+        run = {"warm": lambda: [step(i) for i in range(args.warmup)],
+               "timed": lambda: [step(i) for i in range(args.steps)]}
+    else:
+        state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
+        del model  # the state holds the weights
+        autodiff = "func" if variant == "fx_func" else "autograd"
+        holder = {}
+        run = {"warm": lambda: holder.setdefault("timed", _fx_timed(state, args, batches,
+                                                                    autodiff)),
+               "timed": lambda: holder["timed"]()}
+    row = _measure(run["warm"], run["timed"], args)
+    return {"variant": variant, "layers": layers, "params": n, **row}
+
+
+def _rank(rank: int, world: int, port: int, variants: list[str], args, layers: int,
+          out: str) -> None:
+    """One rank of a 2-process job: trains each of ``variants`` in turn, writes its rows."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    import torch
+
+    import fxtrain as fx
+
+    torch.set_num_threads(1)
+    fx.distributed.init()
+    rows = []
+    try:
+        for variant in variants:
+            model = _model("fx_autograd", args, layers)
+            n = sum(p.numel() for p in model.parameters())
+            state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
+            del model
+            if variant != "data_parallel":
+                state = fx.shard(state, units="auto" if variant == "sharded_units" else None)
+            local = fx.sharding.local_nbytes((state.params, state.opt_state))
+            holder = {}
+            row = _measure(lambda: holder.setdefault("timed", _fx_timed(
+                               state, args, _batches(args, rank), "autograd")),
+                           lambda: holder["timed"](), args, world)
+            rows.append({"variant": variant, "layers": layers, "params": n, "rank": rank,
+                         "local_state_bytes": local, **row})
+            fx.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(variants: list[str], args, layers: int) -> list[dict]:
+    """``variants`` trained in turn by one pair of spawned processes: a row per variant with
+    the higher rank's peak and the ranks' tokens per second."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank, args=(2, _port(), variants, args, layers, out), nprocs=2)
+        per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
+    rows = []
+    for a, b in zip(*per_rank):
+        rows.append({**a, "rank": None, "step_peak_bytes": max(a["step_peak_bytes"],
+                                                               b["step_peak_bytes"]),
+                     "tokens_per_s": min(a["tokens_per_s"], b["tokens_per_s"])})
+    return rows
+
+
+def child(kind: str, variant: str, args, layers: int) -> dict | list:
+    return single(variant, args, layers) if kind == "single" else ranks([variant], args, layers)
+
+
+def _arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depths", type=int, nargs=2, default=[4, 8])
+    parser.add_argument("--width", type=int, default=512)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=[*SINGLE, *RANKS])
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.depths, args.width, args.seq, args.batch, args.warmup, args.steps = \
+            [1, 2], 64, 32, 2, 1, 1
+    return args
+
+
+def _child_argv(args) -> list[str]:
+    return ["--width", str(args.width), "--seq", str(args.seq), "--batch", str(args.batch),
+            "--warmup", str(args.warmup), "--steps", str(args.steps)]
+
+
+def _runs(args) -> dict[str, list[dict]]:
+    """Each variant at each depth: in a fresh process each (a full run); a smoke run starts one
+    process for its first variant, runs the other one-process variants here and the 2-rank
+    ones in one pair of spawned processes."""
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the children's resident set: live tensors
+    runs: dict[str, list[dict]] = {}
+    single_variants = [v for v in args.variants if v in SINGLE]
+    rank_variants = [v for v in args.variants if v in RANKS]
+    for layers in args.depths:
+        for i, variant in enumerate(single_variants):
+            if args.smoke and i > 0:
+                row = single(variant, args, layers)
+            else:
+                row = in_fresh_process(__file__, ["single", variant, str(layers),
+                                                  *_child_argv(args)], f"{variant} x{layers}")
+            runs.setdefault(variant, []).append(row)
+        groups = [rank_variants] if args.smoke else [[v] for v in rank_variants]
+        for group in groups:
+            rows = ranks(group, args, layers) if args.smoke else in_fresh_process(
+                __file__, ["ranks", group[0], str(layers), *_child_argv(args)],
+                f"{group[0]} x{layers}")
+            for row in rows:
+                runs.setdefault(row["variant"], []).append(row)
+    return runs
+
+
+def main(argv=None) -> dict:
+    args = _arguments(argv)
+    if args.smoke:
+        use_smoke_backend()
+    runs = _runs(args)
+    rows = {}
+    for variant, pair in runs.items():
+        rows[variant] = {"bytes_per_param": slope(pair, "step_peak_bytes"),
+                         "tokens_per_s": pair[-1]["tokens_per_s"], "runs": pair}
+    base, one = rows.get("loop"), rows.get("fx_autograd")
+    for variant, row in rows.items():
+        against = base if variant in SINGLE else one
+        row["memory_vs"] = row["bytes_per_param"] / against["bytes_per_param"] \
+            if against else None
+        row["speed_vs"] = row["tokens_per_s"] / against["tokens_per_s"] if against else None
+        print(f"{variant:16s} {row['bytes_per_param']:7.1f} B/param  "
+              f"{row['tokens_per_s']:8.1f} tokens/s"
+              + (f"  memory {row['memory_vs']:.2f}x, speed {row['speed_vs']:.2f}x "
+                 f"{'the compiled loop' if variant in SINGLE else 'one process'}"
+                 if against else ""), flush=True)
+    return {"config": {"width": args.width, "seq": args.seq, "batch": args.batch,
+                       "depths": args.depths, "vocab": 256, "steps": args.steps,
+                       "warmup": args.warmup, "threads": 1}, "rows": rows}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        _, _, kind, variant, layers, *rest = sys.argv
+        print(json.dumps(child(kind, variant, _arguments(rest), int(layers))))
+    else:
+        print(json.dumps(main(), indent=1))
