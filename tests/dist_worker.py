@@ -313,14 +313,17 @@ def timed_saves(out, ckpt):
 
 def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
     """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``. With
-    ``shard="yes"`` the state is sharded (fx.shard), so are its checkpoints."""
+    ``shard="units"`` the state is sharded per layer (fx.shard(units=[nn.Linear]), on the
+    autograd path), so are its checkpoints."""
     state = fx.TrainState.create(mlp(sizes=(8, 17, 4), dropout=0.2), fx.optim.adamw(1e-2))
-    if shard == "yes":
-        state = fx.shard(state)
+    autodiff = "func"
+    if shard == "units":
+        state, autodiff = fx.shard(state, units=[torch.nn.Linear]), "autograd"
     writer = fx.logging.JsonlWriter(f"{out}/log.jsonl")
     slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
-        final = fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((X, Y), 16, seed=2),
+        final = fx.fit(state, fx.make_train_step(loss_fn, autodiff=autodiff),
+                       fx.data.Batches((X, Y), 16, seed=2),
                        max_steps=steps, checkpoint=manager, callbacks=[
                            fx.callbacks.checkpoint_policy(every=5), slow,
                            fx.callbacks.log_metrics(writer, every=5)])
