@@ -191,6 +191,14 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def summed(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks by a functional all-reduce: traceable, and eagerly a tensor
+    whose wait comes when it is first used, so work issued after it overlaps the reduction.
+    Every rank gets the same bits (gloo hands every rank the one reduced result)."""
+    import torch.distributed._functional_collectives as funcol
+    return funcol.all_reduce(t, "sum", torch.distributed.group.WORLD)
+
+
 def mean_in_step(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The mean over ranks of each tensor, with one functional all-reduce per dtype: traceable,
     so it compiles into a step's graph (``torch.compile(fullgraph=True)``) without a sync."""

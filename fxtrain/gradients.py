@@ -14,8 +14,9 @@ and how gradients, the loss and the metrics become the same on every rank.
   parameters outside units, each unit its own just before its forward: ``fxtrain.units``),
   and the gathers' backward reduce-scatters each gradient as soon as it is ready.
 
-Each has the same three methods, ``whole(params, module)``, ``reduce(...)`` and
-``metrics(metrics)``, so the step reads as one line of work whatever the strategy.
+Each has the same methods, ``whole(params, module)``, ``reduce(...)`` and ``metrics(metrics)``,
+and an ``on_grad`` for the autograd path (what each gradient goes through as the backward
+produces it), so the step reads as one line of work whatever the strategy.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
 
 
-def differentiate(compute: Callable, autodiff: str) -> Callable:
+def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = None) -> Callable:
     """``compute(params) -> (value, aux)`` made into ``params -> (grads, (value, aux))``.
 
     - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
@@ -45,13 +46,18 @@ def differentiate(compute: Callable, autodiff: str) -> Callable:
       checkpointing needs (``fx.remat``, ``torch.utils.checkpoint``). Eager, ``compute``
       runs inside ``fxtrain._held.holding()``, so a region rerun in the backward finds the
       step's tensors in the module. Same gradients: an unused parameter's is zeros, the
-      value and the aux come back detached.
+      value and the aux come back detached. ``on_grad`` (autograd only) is a hook on each
+      leaf: it gets each gradient as soon as the backward has produced it (data parallel's
+      all-reduce, under way while the rest of the backward runs).
     """
     if autodiff == "func":
         return grad_and_value(compute, has_aux=True)
 
     def value_and_grads(params: dict) -> tuple[dict, Any]:
         leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
+        if on_grad is not None:
+            for leaf in leaves.values():
+                leaf.register_hook(on_grad)
         with torch.enable_grad():
             if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
                 value, aux = compute(leaves)
@@ -131,6 +137,8 @@ def _rank_means(grads: dict, loss, aux: dict, buffers: dict, mean_buffers: bool,
 class SingleProcess:
     """One process: the parameters as they are, nothing to reduce."""
 
+    on_grad = None  # what each gradient goes through as the backward produces it
+
     def whole(self, params: dict, module: Any) -> dict:
         del module
         return params
@@ -148,15 +156,29 @@ class SingleProcess:
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel(SingleProcess):
-    """Whole parameters on every rank, averaged gradients (see the module)."""
+    """Whole parameters on every rank, averaged gradients (see the module). With autograd each
+    gradient is summed over the ranks inside the backward, as soon as it is ready (a hook on
+    its leaf), while the rest of the backward runs; with ``torch.func`` all of them after it,
+    in one all-reduce per dtype."""
 
     mean_buffers: bool = True
+    autodiff: str = "func"
+
+    @property
+    def on_grad(self) -> Callable | None:
+        return distributed.summed if self.autodiff == "autograd" else None
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
         del params
-        grads, loss, aux, buffers, _ = _rank_means(_unscaled(grads, scale), loss, aux, buffers,
-                                                   self.mean_buffers)
+        grads = _unscaled(grads, scale)
+        if self.autodiff == "autograd":  # summed in the backward already
+            world = distributed.world_size()
+            grads = {k: g / world for k, g in grads.items()}
+            _, loss, aux, buffers, _ = _rank_means({}, loss, aux, buffers, self.mean_buffers)
+        else:
+            grads, loss, aux, buffers, _ = _rank_means(grads, loss, aux, buffers,
+                                                       self.mean_buffers)
         return Reduced(grads, loss, aux, buffers,
                        finite=_all_finite(grads) if check_finite else None)
 
@@ -169,6 +191,8 @@ class Sharded:
     parallel: bool = True
     mean_buffers: bool = True
     autodiff: str = "func"
+
+    on_grad = None
 
     def whole(self, params: dict, module: Any) -> dict:
         """The parameters the gradients are taken with respect to: with ``torch.func`` the
@@ -206,6 +230,6 @@ def chooser(parallel: bool, mean_buffers: bool,
     """``choose(params)``: the strategy for a step on ``params``, sharded or not, on several
     ranks (``parallel``) or one. The strategies are made here, when the step is built; the
     choice is made while the step is traced (a state is sharded or not)."""
-    plain = DataParallel(mean_buffers) if parallel else SingleProcess()
+    plain = DataParallel(mean_buffers, autodiff) if parallel else SingleProcess()
     sharded = Sharded(parallel, mean_buffers, autodiff)
     return lambda params: sharded if sharding.is_sharded(params) else plain

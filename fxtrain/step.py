@@ -333,7 +333,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         else:  # and the backward: what activation checkpointing recomputes there runs as
             # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
             grads, (_, (loss, aux, new_buffers)) = in_train_mode_keyed(
-                gradients.differentiate(forward, autodiff), whole)
+                gradients.differentiate(forward, autodiff, path.on_grad), whole)
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)

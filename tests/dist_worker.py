@@ -23,6 +23,35 @@ def loss_fn(state, params, batch):
     return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
 
 
+def overlapped(out, steps=12):
+    """Data parallel on the autograd path, eager and compiled: each gradient summed over the
+    ranks inside the backward. Records where an eager step's all-reduces fall among its ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def run(compiled):
+        state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4)), fx.optim.adamw(1e-2))
+        step = fx.make_train_step(loss_fn, autodiff="autograd")
+        if compiled:
+            step = torch.compile(step, fullgraph=True)
+        return fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=1), max_steps=steps)
+
+    ops = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4)), fx.optim.adamw(1e-2))
+    with Record():
+        fx.make_train_step(loss_fn, autodiff="autograd")(state, (X[:16], Y[:16]))
+    eager, compiled = run(False), run(True)
+    torch.save({"ops": ops, "params": eager.params, "compiled": compiled.params,
+                "digests": [fx.tree_digest(s.replace(data=None)) for s in (eager, compiled)],
+                "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
+               f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def bn_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
@@ -31,7 +60,8 @@ def bn_model():
 
 def train(out, compiled=False, batch=16, steps=12, buffers="mean", model="mlp"):
     """Data parallel training; a single process (world 1) takes the doubled global batch."""
-    net = bn_model() if model == "bn" else mlp(sizes=(8, 16, 4))
+    net = bn_model() if model == "bn" else mlp(sizes=(8, 16, 16, 4) if model == "mlp3" else
+                                                 (8, 16, 4))
     state = fx.TrainState.create(net, fx.optim.adamw(1e-2))
     step = fx.make_train_step(loss_fn, buffers=buffers)
     if compiled:
@@ -357,7 +387,7 @@ def exits(out):
     del out
 
 
-SCENARIOS = {"exits": exits, "train": train, "sharded": sharded, "sharded_units": sharded_units,
+SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded": sharded, "sharded_units": sharded_units,
              "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
