@@ -30,8 +30,8 @@ Two ranks (gloo; each rank its own batch of the same size; memory is the higher 
 
 Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--smoke]
 (``--smoke``: a tiny GPT-2 at depths 1 and 2, one step, compiled with aot_eager; the first
-variant in a process of its own, the others in this one, the 2-rank variants in one pair of
-processes.)
+run in a process of its own, the other one-process runs in this one, the 2-rank runs in one pair
+of processes.)
 """
 
 from __future__ import annotations
@@ -133,9 +133,10 @@ def single(variant: str, args, layers: int) -> dict:
     return {"variant": variant, "layers": layers, "params": n, **row}
 
 
-def _rank(rank: int, world: int, port: int, variants: list[str], args, layers: int,
+def _rank(rank: int, world: int, port: int, variants: list[str], args, depths: list[int],
           out: str) -> None:
-    """One rank of a 2-process job: trains each of ``variants`` in turn, writes its rows."""
+    """One rank of a 2-process job: trains each of ``variants`` at each of ``depths`` in turn,
+    writes its rows."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     import torch
@@ -146,7 +147,7 @@ def _rank(rank: int, world: int, port: int, variants: list[str], args, layers: i
     fx.distributed.init()
     rows = []
     try:
-        for variant in variants:
+        for variant, layers in ((v, d) for d in depths for v in variants):
             model = _model("fx_autograd", args, layers)
             n = sum(p.numel() for p in model.parameters())
             state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
@@ -172,12 +173,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def ranks(variants: list[str], args, layers: int) -> list[dict]:
-    """``variants`` trained in turn by one pair of spawned processes: a row per variant with
-    the higher rank's peak and the ranks' tokens per second."""
+def ranks(variants: list[str], args, depths: list[int]) -> list[dict]:
+    """``variants`` at ``depths`` trained in turn by one pair of spawned processes: a row per
+    variant and depth with the higher rank's peak and the slower rank's tokens per second."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(2, _port(), variants, args, layers, out), nprocs=2)
+        mp.spawn(_rank, args=(2, _port(), variants, args, depths, out), nprocs=2)
         per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in (0, 1)]
     rows = []
     for a, b in zip(*per_rank):
@@ -188,7 +189,7 @@ def ranks(variants: list[str], args, layers: int) -> list[dict]:
 
 
 def child(kind: str, variant: str, args, layers: int) -> dict | list:
-    return single(variant, args, layers) if kind == "single" else ranks([variant], args, layers)
+    return single(variant, args, layers) if kind == "single" else ranks([variant], args, [layers])
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -223,19 +224,19 @@ def _runs(args) -> dict[str, list[dict]]:
     rank_variants = [v for v in args.variants if v in RANKS]
     for layers in args.depths:
         for i, variant in enumerate(single_variants):
-            if args.smoke and i > 0:
+            if args.smoke and (i > 0 or layers != args.depths[0]):
                 row = single(variant, args, layers)
             else:
                 row = in_fresh_process(__file__, ["single", variant, str(layers),
                                                   *_child_argv(args)], f"{variant} x{layers}")
             runs.setdefault(variant, []).append(row)
-        groups = [rank_variants] if args.smoke else [[v] for v in rank_variants]
-        for group in groups:
-            rows = ranks(group, args, layers) if args.smoke else in_fresh_process(
-                __file__, ["ranks", group[0], str(layers), *_child_argv(args)],
-                f"{group[0]} x{layers}")
-            for row in rows:
-                runs.setdefault(row["variant"], []).append(row)
+    if args.smoke and rank_variants:
+        rows = ranks(rank_variants, args, args.depths)
+    else:
+        rows = [row for v in rank_variants for layers in args.depths for row in in_fresh_process(
+            __file__, ["ranks", v, str(layers), *_child_argv(args)], f"{v} x{layers}")]
+    for row in rows:
+        runs.setdefault(row["variant"], []).append(row)
     return runs
 
 

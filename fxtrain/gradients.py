@@ -157,22 +157,31 @@ class SingleProcess:
 @dataclasses.dataclass(frozen=True)
 class DataParallel(SingleProcess):
     """Whole parameters on every rank, averaged gradients (see the module). With autograd each
-    gradient is summed over the ranks inside the backward, as soon as it is ready (a hook on
-    its leaf), while the rest of the backward runs; with ``torch.func`` all of them after it,
-    in one all-reduce per dtype."""
+    gradient is summed over the ranks on its own, as soon as it is ready, while the rest of the
+    backward runs (see ``on_grad``); with ``torch.func`` all of them after it, in one all-reduce
+    per dtype."""
 
     mean_buffers: bool = True
     autodiff: str = "func"
 
     @property
     def on_grad(self) -> Callable | None:
-        return distributed.summed if self.autodiff == "autograd" else None
+        """Eager autograd: each gradient's all-reduce, issued from a hook on its leaf as soon as
+        the backward has produced it. Compiled, no hook: the all-reduces follow the backward in
+        the program, and Inductor issues each right after the kernel that computes its
+        gradient and waits for them at the end (a hook registered inside a compiled step made
+        Dynamo lose the keyed stream's position: other dropout masks than eager's)."""
+        if self.autodiff == "autograd" and not torch.compiler.is_compiling():
+            return distributed.summed
+        return None
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
         del params
         grads = _unscaled(grads, scale)
-        if self.autodiff == "autograd":  # summed in the backward already
+        if self.autodiff == "autograd":  # each gradient summed over the ranks on its own
+            if self.on_grad is None:  # compiled: here (see on_grad); eager: in the backward
+                grads = {k: distributed.summed(g) for k, g in grads.items()}
             world = distributed.world_size()
             grads = {k: g / world for k, g in grads.items()}
             _, loss, aux, buffers, _ = _rank_means({}, loss, aux, buffers, self.mean_buffers)

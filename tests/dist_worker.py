@@ -28,8 +28,9 @@ def overlapped(out, steps=12):
     ranks inside the backward. Records where an eager step's all-reduces fall among its ops."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    def run(compiled):
-        state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4)), fx.optim.adamw(1e-2))
+    def run(compiled, dropout=0.2):
+        state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4), dropout=dropout),
+                                     fx.optim.adamw(1e-2))
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
             step = torch.compile(step, fullgraph=True)
@@ -46,7 +47,8 @@ def overlapped(out, steps=12):
     with Record():
         fx.make_train_step(loss_fn, autodiff="autograd")(state, (X[:16], Y[:16]))
     eager, compiled = run(False), run(True)
-    torch.save({"ops": ops, "params": eager.params, "compiled": compiled.params,
+    torch.save({"ops": ops, "params": run(False, dropout=0.0).params, "eager": eager.params,
+                "compiled": compiled.params,
                 "digests": [fx.tree_digest(s.replace(data=None)) for s in (eager, compiled)],
                 "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
                f"{out}/rank{fx.distributed.rank()}.pt")
