@@ -870,8 +870,119 @@ def gpu(record: dict) -> list[str]:
     return path.read_text().rstrip().splitlines() + [""] if path.exists() else []
 
 
+SCALE = {"loop": "compiled loop: `torch.compile(model)` + compiled AdamW",
+         "loop_checkpoint": "compiled loop + `gradient_checkpointing_enable()`",
+         "fx_func": "`fx.fit`, `autodiff=\"func\"`",
+         "fx_autograd": "`fx.fit`, `autodiff=\"autograd\"`",
+         "fx_remat": "`fx.fit` + `fx.remat` per block (`nothing_saveable`)",
+         "fx_remat_dots": "`fx.fit` + `fx.remat` per block (`dots_saveable`)",
+         "one_process": "one process (`fx_autograd` at these sizes)",
+         "data_parallel": "data parallel, 2 ranks",
+         "sharded": "`fx.shard(state)`, 2 ranks (whole model gathered)",
+         "sharded_units": "`fx.shard(state, units=\"auto\")`, 2 ranks (per block)"}
+
+
+def _per_param(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def _vs(value: float | None, base: float | None) -> str:
+    return "n/a" if value is None or not base else x(value / base)
+
+
+def scale(record: dict) -> list[str]:
+    lines, res = opening(record, "scale", "Scale: activation checkpointing and per-block "
+                                          "sharding on a GPT-2")
+    if res is None:
+        return lines
+    c, rows = res["config"], res["rows"]
+    high = c["depths"][-1]
+    single = [v for v in rows if v not in ("one_process", "data_parallel", "sharded",
+                                           "sharded_units")]
+    ranks = [v for v in rows if v not in single]
+    loop, one = rows.get("loop"), rows.get("one_process")
+
+    def body(names, base, base_speed):
+        out = []
+        for v in names:
+            r = rows[v]
+            out.append([SCALE.get(v, v), f"{r['tokens_per_s']:.0f}",
+                        _vs(r["tokens_per_s"], base_speed and base_speed["tokens_per_s"]),
+                        f"{r['runs'][-1]['step_s']:.2f}",
+                        _per_param(r["bytes_per_param"]),
+                        _vs(r["bytes_per_param"], base and base["bytes_per_param"]),
+                        _per_param(r.get("transient_per_param")),
+                        _vs(r.get("transient_per_param"), base and base.get("transient_per_param")),
+                        _per_param(r.get("resident_per_param")),
+                        f"{r['runs'][-1]['step_peak_bytes'] / 2**20:.0f}"])
+        return out
+
+    head = ["variant", f"tokens/s ({high} layers)", "vs", "s/step",
+            "bytes/param at the step's peak", "vs", "bytes/param a step adds", "vs",
+            "bytes/param, resident peak", f"resident peak MiB ({high} layers)"]
+    lines += [
+        f"transformers' GPT-2 from its config (width {c['width']}, {c['width'] // 64} heads, "
+        f"vocabulary {c['vocab']}, SDPA attention, dropout 0.1), AdamW, float32, one torch "
+        f"thread per process, random tokens. Each variant runs in a process of its own at "
+        f"{' and '.join(map(str, sorted(set(c['depths']))))} layers: {c['warmup']} warm-up "
+        f"steps that compile, then "
+        f"{c['steps']} timed steps. Memory is a slope over the two depths, bytes per "
+        "parameter: at the step's peak, the tensors alive when the timed steps began (the state: "
+        "parameters and optimizer state, and a loop's gradients, which it keeps between steps) "
+        "plus what the steps added to the resident set at their peak (the peak count restarted "
+        "after the warm-up); what a step adds alone (gradients, 4 bytes per parameter, "
+        "activations, the update's temporaries); and the resident peak itself, which also counts "
+        "what compiling left in the heap (it grows with depth, so its slope counts it as if it "
+        "were per parameter). The children run with `MALLOC_MMAP_THRESHOLD_=131072` (glibc's "
+        "default, kept fixed), so the resident set follows the live tensors.", "",
+        f"One process, {c['batch']} x {c['seq']} tokens per step (vs: the compiled loop):", "",
+        *table(head, body(single, loop, loop)), "",
+        f"Two ranks (gloo), {c['batch']} x {c['rank_seq']} tokens per rank and step, so that "
+        "parameters, gradients and optimizer state outweigh activations; memory is the higher "
+        "rank's, tokens/s both ranks' (vs: one process, whose tokens/s is one rank's):", "",
+        *table(head, body(ranks, one, one)), "", *scale_targets(res), ""]
+    return lines
+
+
+def scale_targets(res: dict) -> list[str]:
+    rows = res["rows"]
+    need = {"loop", "fx_autograd", "fx_remat", "fx_remat_dots", "one_process", "data_parallel",
+            "sharded_units"}
+    if not need <= set(rows) or any(rows[v]["bytes_per_param"] is None for v in need):
+        return ["Targets: not evaluated (this run lacks a variant or a second depth)."]
+    loop, plain, full, dots = (rows[v] for v in ("loop", "fx_autograd", "fx_remat",
+                                                 "fx_remat_dots"))
+    func = rows.get("fx_func")
+    memory = plain["bytes_per_param"] / loop["bytes_per_param"]
+    activations = lambda r: r["transient_per_param"] - 4.0  # noqa: E731 (less the gradients)
+    saved = activations(full) / activations(plain)
+    slower = full["runs"][-1]["step_s"] / plain["runs"][-1]["step_s"]
+    between = activations(full) <= activations(dots) <= activations(plain)
+    peak = rows["sharded_units"]["bytes_per_param"] / rows["one_process"]["bytes_per_param"]
+    speed = rows["sharded_units"]["tokens_per_s"] / rows["data_parallel"]["tokens_per_s"]
+    return [
+        "Targets (scale issue, CPU):", "",
+        f"- Memory without remat at most 1.0x the compiled loop's (per parameter at the step's "
+        f"peak): "
+        f"`autodiff=\"autograd\"` {met(memory <= 1.0)} ({x(memory)})"
+        + (f"; `autodiff=\"func\"` {x(func['bytes_per_param'] / loop['bytes_per_param'])}"
+           if func and func["bytes_per_param"] else "") + ".",
+        f"- Full remat: activation memory at most 1/3 of without {met(saved <= 1 / 3)} "
+        f"({saved:.2f}; what a step adds less 4 bytes/param of gradients: "
+        f"{activations(full):.1f} against {activations(plain):.1f}), at most 1.4x the step time "
+        f"{met(slower <= 1.4)} ({x(slower)}); the selective policy between the two "
+        f"{met(between)} ({activations(dots):.1f}).",
+        f"- Per-block sharded, 2 ranks: per-rank peak during the step at most 0.6x one process "
+        f"{met(peak <= 0.6)} ({x(peak)}); tokens/s at least 0.9x data parallel's "
+        f"{met(speed >= 0.9)} ({x(speed)}).",
+        "- Data parallel against DDP: the data parallel section above (`distributed.py`).",
+        "- GPU rows (GPT-2 124M, bf16-mixed, one H100: tokens/s, MFU, peak memory, with and "
+        "without remat, against a compiled loop): **not measured** (no GPU was lent to the "
+        "session that ran this)."]
+
+
 SECTIONS = (header, peers, step_overhead, host_loop, logging_rows, checkpoints, data_parallel,
-            memory, compile_time, transformer, gpu)
+            memory, compile_time, transformer, scale, gpu)
 
 
 def write(record: dict, folder: Path) -> None:

@@ -39,6 +39,7 @@ BENCHMARKS = {
     "memory": ["--width", "2048", "--depths", "6", "12"],
     "compile_time": ["--rounds", "1"],
     "transformer": ["--depths", "2", "4", "--steps", "20", "--curve", "320"],
+    "scale": ["--depths", "4", "8", "--steps", "3"],
 }
 SMOKE_JOBS = 2  # smoke runs side by side (the CI machine has 2 cores)
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",

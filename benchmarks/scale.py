@@ -6,8 +6,12 @@ vocabulary 256, SDPA attention, dropout 0.1), trained with AdamW on random token
 sequences per rank), one torch thread per process. Each variant runs at two depths
 (``--depths 4 8``) in a process of its own: ``warmup`` steps (compiling), then ``steps`` timed
 steps, whose tokens per second and peak resident set it reports (the peak count restarts after
-the warm-up, as in ``transformer.py``). Memory is the slope of the steps' peak over depth,
-bytes per parameter, so what the interpreter, the imports and the compiler hold cancels.
+the warm-up, as in ``transformer.py``). Memory is a slope over depth, bytes per parameter, so
+what the interpreter and the imports hold cancels: of the tensors alive when the timed steps
+begin (the state: parameters and optimizer state, and a loop's gradients, kept between its
+steps) plus what the steps add to the resident set at their peak (gradients, activations, the
+update's temporaries). The resident peak itself is reported too, but compiling leaves memory
+in the heap that grows with depth, so its slope counts that as if it were per parameter.
 Children run with ``MALLOC_MMAP_THRESHOLD_=131072`` (glibc's default threshold, kept fixed:
 a freed large tensor goes back to the system instead of staying in the heap), so the resident
 set follows the live tensors.
@@ -21,17 +25,20 @@ One process:
   fx_remat         fx_autograd, each block through fx.remat (nothing_saveable)
   fx_remat_dots    fx_autograd, each block through fx.remat(policy="dots_saveable")
 
-Two ranks (gloo; each rank its own batch of the same size; memory is the higher rank's):
+Two ranks (gloo; each rank its own batch of the same size; sequences of ``--rank-seq 64``
+tokens, so that the parameters, gradients and optimizer state outweigh the activations; memory
+is the higher rank's):
 
+  one_process      fx_autograd in one process at these sizes (what a rank would hold alone)
   data_parallel    fx_autograd on 2 ranks, the state whole on each
   sharded          fx.shard(state): the whole model gathered once per step
   sharded_units    fx.shard(state, units="auto"): each GPT2Block gathered for its own forward
                    and again for its backward, its gradients reduce-scattered as they are ready
 
 Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--smoke]
-(``--smoke``: a tiny GPT-2 at depths 1 and 2, one step, compiled with aot_eager; the first
-run in a process of its own, the other one-process runs in this one, the 2-rank runs in one pair
-of processes.)
+(``--smoke``: a tiny GPT-2 of one block, one step, compiled with aot_eager, so no slope; the
+first run in a process of its own, the other one-process runs in this one, the 2-rank runs in
+one pair of processes.)
 """
 
 from __future__ import annotations
@@ -50,7 +57,7 @@ from common import backend, in_fresh_process, slope, use_smoke_backend
 from transformer import LR, WD, Cycle, _config, _loop, _loss, _process_peak, _restart_peak
 
 SINGLE = ("loop", "loop_checkpoint", "fx_func", "fx_autograd", "fx_remat", "fx_remat_dots")
-RANKS = ("data_parallel", "sharded", "sharded_units")
+RANKS = ("one_process", "data_parallel", "sharded", "sharded_units")
 HEADS_PER_WIDTH = 64  # GPT-2's head size
 
 
@@ -95,16 +102,47 @@ def _fx_timed(state, args, batches, autodiff: str):
                           max_steps=args.warmup + args.steps)
 
 
+def _resident() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tensor_bytes() -> int:
+    """The bytes of every tensor storage alive in this process (each storage once)."""
+    import gc
+
+    import torch
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and type(obj) is torch.Tensor and not obj.is_meta:
+            storage = obj.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
 def _measure(warm, timed, args, world: int = 1) -> dict:
-    """Runs ``warm`` (compiling) then ``timed``: tokens per second (all ranks') and the timed
-    steps' own peak resident set."""
+    """Runs ``warm`` (compiling) then ``timed``: tokens per second (all ranks'), the timed
+    steps' own peak resident set, what was resident when they began (the state, the
+    interpreter, the compiled code), so the peak less it is what a step adds (gradients,
+    activations, the update's temporaries), and the tensors alive then (the state, and a
+    loop's gradients, which it keeps between steps): ``held_bytes``, tensors held at rest plus
+    what a step adds, is the step's peak in tensors, without what compiling left in the heap
+    (it grows with depth too, so a slope of the resident set counts it as if per parameter)."""
     warm()
     _restart_peak("cpu")
+    base, tensors = _resident(), _tensor_bytes()
     start = time.perf_counter()
     timed()
     seconds = time.perf_counter() - start
+    peak = _process_peak("cpu")
     return {"tokens_per_s": world * args.steps * args.batch * args.seq / seconds,
-            "step_s": seconds / args.steps, "step_peak_bytes": _process_peak("cpu")}
+            "step_s": seconds / args.steps, "step_peak_bytes": peak, "base_bytes": base,
+            "transient_bytes": peak - base, "tensor_bytes": tensors,
+            "held_bytes": tensors + peak - base}
 
 
 def single(variant: str, args, layers: int) -> dict:
@@ -188,8 +226,22 @@ def ranks(variants: list[str], args, depths: list[int]) -> list[dict]:
     return rows
 
 
+def _rank_config(args):
+    """The 2-rank comparison's arguments: sequences of ``--rank-seq`` tokens, so that the
+    parameters, their gradients and optimizer state outweigh the activations."""
+    return argparse.Namespace(**{**vars(args), "seq": args.rank_seq})
+
+
+def _one_process(args, layers: int) -> dict:
+    """fx_autograd at the 2-rank comparison's sizes: what one rank of them would hold alone."""
+    return {**single("fx_autograd", _rank_config(args), layers), "variant": "one_process"}
+
+
 def child(kind: str, variant: str, args, layers: int) -> dict | list:
-    return single(variant, args, layers) if kind == "single" else ranks([variant], args, [layers])
+    if kind == "single":
+        return _one_process(args, layers) if variant == "one_process" else \
+            single(variant, args, layers)
+    return ranks([variant], _rank_config(args), [layers])
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -197,21 +249,23 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--depths", type=int, nargs=2, default=[4, 8])
     parser.add_argument("--width", type=int, default=512)
     parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--rank-seq", type=int, default=64)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=[*SINGLE, *RANKS])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.depths, args.width, args.seq, args.batch, args.warmup, args.steps = \
-            [1, 2], 64, 32, 2, 1, 1
+    if args.smoke:  # one depth: no slope, the rows are there (a second depth cost 2 minutes)
+        args.depths, args.width, args.seq, args.rank_seq, args.batch, args.warmup, \
+            args.steps = [1], 64, 32, 16, 2, 1, 1
     return args
 
 
 def _child_argv(args) -> list[str]:
-    return ["--width", str(args.width), "--seq", str(args.seq), "--batch", str(args.batch),
-            "--warmup", str(args.warmup), "--steps", str(args.steps)]
+    return ["--width", str(args.width), "--seq", str(args.seq), "--rank-seq",
+            str(args.rank_seq), "--batch", str(args.batch), "--warmup", str(args.warmup),
+            "--steps", str(args.steps)]
 
 
 def _runs(args) -> dict[str, list[dict]]:
@@ -220,18 +274,18 @@ def _runs(args) -> dict[str, list[dict]]:
     ones in one pair of spawned processes."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the children's resident set: live tensors
     runs: dict[str, list[dict]] = {}
-    single_variants = [v for v in args.variants if v in SINGLE]
-    rank_variants = [v for v in args.variants if v in RANKS]
+    single_variants = [v for v in args.variants if v in SINGLE or v == "one_process"]
+    rank_variants = [v for v in args.variants if v in RANKS and v != "one_process"]
     for layers in args.depths:
         for i, variant in enumerate(single_variants):
             if args.smoke and (i > 0 or layers != args.depths[0]):
-                row = single(variant, args, layers)
+                row = child("single", variant, args, layers)
             else:
                 row = in_fresh_process(__file__, ["single", variant, str(layers),
                                                   *_child_argv(args)], f"{variant} x{layers}")
             runs.setdefault(variant, []).append(row)
     if args.smoke and rank_variants:
-        rows = ranks(rank_variants, args, args.depths)
+        rows = ranks(rank_variants, _rank_config(args), args.depths)
     else:
         rows = [row for v in rank_variants for layers in args.depths for row in in_fresh_process(
             __file__, ["ranks", v, str(layers), *_child_argv(args)], f"{v} x{layers}")]
@@ -247,20 +301,25 @@ def main(argv=None) -> dict:
     runs = _runs(args)
     rows = {}
     for variant, pair in runs.items():
-        rows[variant] = {"bytes_per_param": slope(pair, "step_peak_bytes"),
+        two = len(pair) == 2
+        rows[variant] = {"bytes_per_param": slope(pair, "held_bytes") if two else None,
+                         "resident_per_param": slope(pair, "step_peak_bytes") if two else None,
+                         "transient_per_param": slope(pair, "transient_bytes") if two else None,
                          "tokens_per_s": pair[-1]["tokens_per_s"], "runs": pair}
-    base, one = rows.get("loop"), rows.get("fx_autograd")
+    base, one = rows.get("loop"), rows.get("one_process")
     for variant, row in rows.items():
         against = base if variant in SINGLE else one
-        row["memory_vs"] = row["bytes_per_param"] / against["bytes_per_param"] \
-            if against else None
+        memory = row["bytes_per_param"]
+        row["memory_vs"] = memory / against["bytes_per_param"] \
+            if against and memory is not None else None
         row["speed_vs"] = row["tokens_per_s"] / against["tokens_per_s"] if against else None
-        print(f"{variant:16s} {row['bytes_per_param']:7.1f} B/param  "
-              f"{row['tokens_per_s']:8.1f} tokens/s"
-              + (f"  memory {row['memory_vs']:.2f}x, speed {row['speed_vs']:.2f}x "
+        print(f"{variant:16s} {memory or 0:7.1f} B/param  {row['tokens_per_s']:8.1f} tokens/s"
+              + (f"  speed {row['speed_vs']:.2f}x "
                  f"{'the compiled loop' if variant in SINGLE else 'one process'}"
-                 if against else ""), flush=True)
-    return {"config": {"width": args.width, "seq": args.seq, "batch": args.batch,
+                 if against else "")
+              + (f", memory {row['memory_vs']:.2f}x" if row["memory_vs"] else ""), flush=True)
+    return {"config": {"width": args.width, "seq": args.seq, "rank_seq": args.rank_seq,
+                       "batch": args.batch,
                        "depths": args.depths, "vocab": 256, "steps": args.steps,
                        "warmup": args.warmup, "threads": 1}, "rows": rows}
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from . import random
 from ._traced_errors import fail, run_while_tracing
@@ -57,17 +57,40 @@ def _save_dots(ctx, op, *args, **kwargs):
 
 
 @run_while_tracing
-def _keep_recomputation_in_the_backward() -> bool:
+def keep_recomputation_in_the_backward() -> bool:
     """Turns off Inductor's ``reorder_for_locality`` pass for the compiles that follow (run for
-    real while Dynamo traces a step that uses ``remat``). The pass moves each node next to the
-    producers of its inputs; in a step whose forward, backward and update are one graph it so
-    hoists the recomputation back into the forward, and the activations live on as if nothing
-    were checkpointed (``benchmarks/remat_memory.py``, batch 4096: 79 bytes per parameter with
-    the pass, 31 without, against 92 with no remat). It is a process-wide setting of torch's."""
+    real while Dynamo traces a step that uses ``remat``, or per-block sharding's units). The
+    pass moves each node next to the producers of its inputs; in a step whose forward, backward
+    and update are one graph it so hoists the recomputation back into the forward, and the
+    activations live on as if nothing were checkpointed (``benchmarks/remat_memory.py``, batch
+    4096: 79 bytes per parameter with the pass, 31 without, against 92 with no remat), as do
+    the units' gathered parameters (an 8-block GPT-2 on 2 ranks, ``benchmarks/scale.py``'s
+    sizes: a step added 237 MiB with the pass, 100 without). It is a process-wide setting of
+    torch's."""
     import torch._inductor.config as inductor
 
     inductor.reorder_for_locality = False
     return True
+
+
+_HOST_READS = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
+               torch.Tensor.__bool__: "bool(tensor)", torch.Tensor.__int__: "int(tensor)",
+               torch.Tensor.__float__: "float(tensor)", torch.Tensor.__index__: "an index",
+               torch.Tensor.numpy: ".numpy()"}
+
+
+class _NoHostReads(TorchFunctionMode):
+    """Refuses reading a tensor's value on the host inside a remat region: a value the Python
+    code branches on could differ when the region is recomputed (and a compiled step never
+    syncs with the host)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _HOST_READS:
+            fail(ValueError, f"fx.remat: the region reads a tensor's value on the host "
+                             f"({_HOST_READS[func]}); its recomputation in the backward must "
+                             "run as its forward ran, so keep it tensor-only (torch.where "
+                             "instead of if, a 0-d tensor instead of a Python number)")
+        return func(*args, **(kwargs or {}))
 
 
 def _keyed_mode() -> random.keyed | None:
@@ -122,7 +145,7 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
                          "checkpointing uses); build it with fx.make_train_step(loss_fn, "
                          "autodiff='autograd')")
     if torch.compiler.is_compiling():
-        _keep_recomputation_in_the_backward()
+        keep_recomputation_in_the_backward()
     region = outer.region_key()
     if isinstance(fn, nn.Module):
         # its tensors now (the step's, bound by state.apply) go in as arguments: the recompute
@@ -135,7 +158,7 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
             return torch.func.functional_call(module, tensors, args, kwargs)
 
     def keyed_fn(*args, **kwargs):  # the same draws in the forward and in the recompute
-        with random.keyed(region, autodiff=outer.autodiff):
+        with random.keyed(region, autodiff=outer.autodiff), _NoHostReads():
             return fn(*args, **kwargs)
 
     if policy == "everything_saveable":

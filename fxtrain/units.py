@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import remat
 from .dtensors import is_dtensor
 
 
@@ -115,12 +116,25 @@ def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
         elif isinstance(unit, str) and unit in modules and unit:
             found.append(unit)
         else:
-            lists = [n for n, m in modules.items() if isinstance(m, nn.ModuleList)]
             raise ValueError(f"fx.shard: {unit!r} is not a submodule of "
-                             f"{type(module).__name__} (units are qualified names such as "
-                             f"'{lists[0] + '.0' if lists else 'layer1'}', or module classes)")
+                             f"{type(module).__name__}; units are qualified submodule names "
+                             f"or module classes. {_candidates(module, unit)}")
     _check(module, found)
     return found
+
+
+def _candidates(module: nn.Module, name: Any) -> str:
+    """The submodules a mistyped unit name may have meant, or the blocks 'auto' would take."""
+    import difflib
+    names = [n for n, _ in module.named_modules() if n]
+    close = difflib.get_close_matches(str(name), names, n=5) if isinstance(name, str) else []
+    blocks = _auto(module)
+    if close:
+        return f"Did you mean {', '.join(map(repr, close))}?"
+    if blocks:
+        shown = ", ".join(map(repr, blocks[:6])) + (", ..." if len(blocks) > 6 else "")
+        return f"Its blocks (units='auto'): {shown}."
+    return f"Its submodules: {', '.join(map(repr, names[:8]))}" + (", ..." if len(names) > 8 else "")
 
 
 def _check(module: nn.Module, found: list[str]) -> None:
@@ -293,6 +307,8 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     if not torch.is_grad_enabled():  # nothing to keep for a backward
         return gathered_forward(*bound.values(), *args, **kwargs)
     from torch.utils.checkpoint import checkpoint
+    if torch.compiler.is_compiling():  # as fx.remat's regions: see there
+        remat.keep_recomputation_in_the_backward()
     return checkpoint(gathered_forward, *bound.values(), *args, use_reentrant=False,
                       context_fn=_contexts, **kwargs)
 

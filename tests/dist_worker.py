@@ -54,6 +54,13 @@ def overlapped(out, steps=12):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def remat_loss(state, params, batch):
+    """``loss_fn`` with the model's activations recomputed in the backward (``fx.remat``)."""
+    x, y = batch
+    logits = fx.remat(lambda h: state.apply(params, h), x)
+    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+
 def bn_model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
@@ -110,10 +117,10 @@ def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True)
 class Block(torch.nn.Module):
     """A residual block with dropout whose hidden layer (17 rows) splits unevenly over 2."""
 
-    def __init__(self, width=8):
+    def __init__(self, width=8, dropout=0.2):
         super().__init__()
         self.up, self.down = torch.nn.Linear(width, 17), torch.nn.Linear(17, width)
-        self.drop = torch.nn.Dropout(0.2)
+        self.drop = torch.nn.Dropout(dropout)
 
     def forward(self, h):
         return h + self.drop(self.down(F.gelu(self.up(h))))
@@ -122,11 +129,11 @@ class Block(torch.nn.Module):
 class Blocks(torch.nn.Module):
     """A root (an input layer, a head, a 0-d scale) around a ModuleList of blocks."""
 
-    def __init__(self, depth=3):
+    def __init__(self, depth=3, dropout=0.2):
         super().__init__()
         torch.manual_seed(0)
         self.inp, self.out = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
-        self.blocks = torch.nn.ModuleList(Block() for _ in range(depth))
+        self.blocks = torch.nn.ModuleList(Block(dropout=dropout) for _ in range(depth))
         self.scale = torch.nn.Parameter(torch.tensor(1.5))
 
     def forward(self, x):
@@ -162,8 +169,8 @@ def gathers(step, state, batch):
 def sharded_units(out, compiled=False, steps=6):
     """Per-block sharding (units) against the whole model sharded as one unit, both trained
     with dropout on the autograd path, and the collectives an eager step runs."""
-    def run(units, tx=fx.optim.adamw(1e-2), **how):
-        state = fx.shard(fx.TrainState.create(Blocks(), tx), units=units, **how)
+    def run(units, tx=fx.optim.adamw(1e-2), dropout=0.2, **how):
+        state = fx.shard(fx.TrainState.create(Blocks(dropout=dropout), tx), units=units, **how)
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
             step = torch.compile(step, fullgraph=True, backend=compiled)
@@ -174,6 +181,7 @@ def sharded_units(out, compiled=False, steps=6):
     units, whole = run("auto"), run(None)
     bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
     mixed, plain = run("auto", fx.optim.sgd(0.1), **bf16), run(None, fx.optim.sgd(0.1))
+    undropped = run("auto", dropout=0.0)
     result = {"names": fx.sharding.unit_names(units), "initial": dict(Blocks().named_parameters()),
               "module": type(fx.trained_module(units).blocks[0]).__name__,
               "units": fx.sharding.gathered(units.params), "whole": fx.sharding.gathered(
@@ -182,6 +190,7 @@ def sharded_units(out, compiled=False, steps=6):
               "local": fx.sharding.local_nbytes(units.params),
               "mixed": fx.sharding.gathered(mixed.params),
               "plain": fx.sharding.gathered(plain.params),
+              "undropped": fx.sharding.gathered(undropped.params),
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if not compiled:
         step = fx.make_train_step(loss_fn, autodiff="autograd")
@@ -195,6 +204,13 @@ def sharded_units(out, compiled=False, steps=6):
         result["by_class"] = fx.sharding.unit_names(fx.shard(
             fx.TrainState.create(Blocks(), fx.optim.sgd(0.1)), units=[Block]))
     torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def one_process_blocks(steps=6):
+    """Blocks without dropout trained by this process on the doubled batch (world size 1)."""
+    state = fx.TrainState.create(Blocks(dropout=0.0), fx.optim.adamw(1e-2))
+    step = fx.make_train_step(loss_fn, autodiff="autograd")
+    return fx.fit(state, step, fx.data.Batches((X, Y), 32, seed=1), max_steps=steps).params
 
 
 def unit_errors(batch):
@@ -348,13 +364,13 @@ def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
     ``shard="units"`` the state is sharded per layer (fx.shard(units=[nn.Linear]), on the
     autograd path), so are its checkpoints."""
     state = fx.TrainState.create(mlp(sizes=(8, 17, 4), dropout=0.2), fx.optim.adamw(1e-2))
-    autodiff = "func"
-    if shard == "units":
-        state, autodiff = fx.shard(state, units=[torch.nn.Linear]), "autograd"
+    autodiff, loss = "func", loss_fn
+    if shard == "units":  # and the model recomputed in the backward (fx.remat)
+        state, autodiff, loss = fx.shard(state, units=[torch.nn.Linear]), "autograd", remat_loss
     writer = fx.logging.JsonlWriter(f"{out}/log.jsonl")
     slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
-        final = fx.fit(state, fx.make_train_step(loss_fn, autodiff=autodiff),
+        final = fx.fit(state, fx.make_train_step(loss, autodiff=autodiff),
                        fx.data.Batches((X, Y), 16, seed=2),
                        max_steps=steps, checkpoint=manager, callbacks=[
                            fx.callbacks.checkpoint_policy(every=5), slow,

@@ -137,8 +137,10 @@ def test_run_all_writes_every_section_and_row(run_all):
     for section in ("fxtrain against its peers", "Step overhead", "Host loop and callbacks",
                     "Logging callbacks", "Checkpoints", "Data parallel scaling",
                     "Memory per trained parameter", "Compile time", "A GPT-2 transformer",
-                    "On a GPU"):
+                    "Scale: activation checkpointing and per-block sharding", "On a GPU"):
         assert f"## {section}" in text
+    for label in report.SCALE.values():
+        assert f"| {label} |" in text
     cpu_memory = [label for v, label in report.MEMORY.items() if v != "fx_graphs"]  # GPU only
     for label in [*report.PEERS.values(), *cpu_memory, *report.TRANSFORMER.values()]:
         assert f"| {label} |" in text
@@ -185,6 +187,40 @@ def test_transformer_benchmark_smoke(run_all):
     curve = results["curve"]
     assert len(curve["curve_32"]) == len(curve["curve_bf16"]) == curve["passes"] >= 1
     assert 0 <= curve["max_gap"] < 0.5 and curve["noise_max_gap"] >= 0
+
+
+@pytest.mark.slow
+def test_scale_benchmark_smoke(run_all):
+    """Every one-process and 2-rank variant ran (one depth in a smoke run: no slope)."""
+    results = results_of(run_all[0], "scale")
+    scale = imported("scale")
+    assert set(results["rows"]) == {*scale.SINGLE, *scale.RANKS}
+    for row in results["rows"].values():
+        for run in row["runs"]:
+            assert run["tokens_per_s"] > 0 and run["params"] > 0
+            assert run["step_peak_bytes"] >= run["base_bytes"] > 0
+            assert run["held_bytes"] >= run["tensor_bytes"] > 0
+
+
+def test_scale_targets_are_read_from_two_depths():
+    """The scale section's targets from a made-up two-depth result: each target's figure is
+    the ratio its line names."""
+    def row(per_param, step_s=1.0, tokens=100.0, transient=None):
+        runs = [{"step_s": step_s, "tokens_per_s": tokens, "step_peak_bytes": 2**20}] * 2
+        return {"bytes_per_param": per_param, "transient_per_param": transient or per_param / 2,
+                "tokens_per_s": tokens, "runs": runs}
+
+    rows = {"loop": row(50.0), "fx_func": row(60.0), "fx_autograd": row(45.0, transient=24.0),
+            "fx_remat": row(25.0, step_s=1.3, transient=10.0),
+            "fx_remat_dots": row(35.0, transient=16.0), "one_process": row(20.0, tokens=50.0),
+            "data_parallel": row(20.0, tokens=90.0), "sharded_units": row(11.0, tokens=85.0)}
+    lines = "\n".join(imported("report").scale_targets({"rows": rows}))
+    assert "`autodiff=\"autograd\"` met (0.90x); `autodiff=\"func\"` 1.20x" in lines
+    assert "at most 1/3 of without met (0.30;" in lines  # (10 - 4) / (24 - 4)
+    assert "at most 1.4x the step time met (1.30x)" in lines
+    assert "between the two met (12.0)" in lines
+    assert "one process met (0.55x)" in lines
+    assert "at least 0.9x data parallel's met (0.94x)" in lines
 
 
 @pytest.mark.slow

@@ -225,8 +225,8 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     resumed to the end (the sleeps slow the steps, not the CPU: the kill lands by step 20 and
     the SIGTERM at least 15 steps, 3 s, before the end, even on a loaded machine; with 0.1 s
     and 30 steps a SIGTERM read only at the last step failed 1 run in 10 under a CPU hog).
-    Sharded: the state is fx.shard's, per layer (units), and each rank writes its own shards of
-    every checkpoint."""
+    Sharded: the state is fx.shard's, per layer (units), the model recomputed in the backward
+    (fx.remat), and each rank writes its own shards of every checkpoint."""
     ckpt = tmp_path / "b" / "ckpt"  # the chain's checkpoints
 
     def job(*args):

@@ -174,6 +174,20 @@ def test_a_remat_region_that_draws_from_the_global_generator_is_refused():
         step(state, batches[0])
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_remat_region_that_reads_a_value_on_the_host_is_refused(compiled):
+    def loss_with_branch(state, params, batch):
+        x, y = batch
+        h = fx.remat(lambda h: h * 2 if h.sum().item() > 0 else h, x)
+        return F.cross_entropy(state.apply(params, h), y)
+
+    state, batches = make()
+    step = fx.make_train_step(loss_with_branch, autodiff="autograd")
+    step = torch.compile(step, fullgraph=True, backend=TRACED) if compiled else step
+    with pytest.raises(Exception, match=r"reads a tensor's value on the host \(\.item\(\)\)"):
+        fx.fit(state, step, batches[:1], max_steps=1)
+
+
 def test_remat_outside_a_step_or_without_gradients_just_calls():
     state, batches = make(policy="nothing_saveable")
     x = batches[0][0]
