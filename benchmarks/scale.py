@@ -117,7 +117,10 @@ def _tensor_bytes() -> int:
     seen, total = set(), 0
     for obj in gc.get_objects():
         if isinstance(obj, torch.Tensor) and type(obj) is torch.Tensor and not obj.is_meta:
-            storage = obj.untyped_storage()
+            try:
+                storage = obj.untyped_storage()
+            except (NotImplementedError, RuntimeError):
+                continue  # a torch.func wrapper left by tracing: it owns no storage of its own
             if storage.data_ptr() not in seen:
                 seen.add(storage.data_ptr())
                 total += storage.nbytes()

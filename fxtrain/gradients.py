@@ -206,8 +206,6 @@ class Sharded:
     def whole(self, params: dict, module: Any) -> dict:
         """The parameters the gradients are taken with respect to: with ``torch.func`` the
         whole ones (gathered here), with autograd the shards (the forward gathers them)."""
-        if torch.compiler.is_compiling():  # the ranks' graphs differ in their shards' sizes
-            sharding.keep_collective_order()
         if self.autodiff == "autograd":
             return params
         if units.names(module):

@@ -35,7 +35,6 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, units as units_
-from ._traced_errors import run_while_tracing
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from .tree import squared_norms
 
@@ -192,22 +191,6 @@ def unit_names(state: Any) -> list[str]:
         []
     """
     return units_.names(state.module)
-
-
-@run_while_tracing
-def keep_collective_order() -> bool:
-    """Turns off Inductor's ``reorder_for_peak_memory`` pass for the compiles that follow (run
-    for real while Dynamo traces a step on a sharded state). The pass orders a graph's nodes by
-    the sizes of their buffers, and the ranks' shards differ in size where a dimension does not
-    split evenly (17 rows: 9 and 8), so two ranks compiled the same step into different orders
-    of their collectives: a mismatch, which gloo aborts on ("Received data size doesn't match
-    expected size") or, where the sizes happen to fit, reads as the wrong data. Without it
-    every rank runs its collectives in the program's order. It is a process-wide setting of
-    torch's."""
-    import torch._inductor.config as inductor
-
-    inductor.reorder_for_peak_memory = False
-    return True
 
 
 def for_forward(params: dict[str, Any], module: Any) -> dict[str, Any]:

@@ -214,6 +214,17 @@ def _all_gather_shard_context(ctx, inputs, output):
 _all_gather_shard.register_autograd(_all_gather_shard_backward,
                                     setup_context=_all_gather_shard_context)
 
+# What a traced step records of the op (below autograd, which keeps the backward above): the
+# functional all-gather and its wait themselves. As one opaque op, Inductor did not count it
+# among the collectives whose order it keeps from the program, and placed it by the ranks'
+# shard sizes: on 2 ranks with shards of 9 and 8 rows, rank 0 ran a unit's recomputed gather
+# after a reduce-scatter that rank 1 ran after it, and both waited forever.
+_DECOMPOSED = torch.library.Library("fxtrain", "FRAGMENT")
+_DECOMPOSED.impl("all_gather_shard", lambda local, group_size, group, reduce_dtype:
+                 torch.ops._c10d_functional.wait_tensor(
+                     torch.ops._c10d_functional.all_gather_into_tensor(local, group_size, group)),
+                 "CompositeImplicitAutograd")
+
 
 def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
     """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
