@@ -9,4 +9,4 @@ bash scripts/venv.sh test
 # the Jupyter kernel the notebook tests execute in: this venv's Python
 .venv/bin/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (fxtrain)" >/dev/null
 # two workers (pytest-xdist): compiling is single-threaded, so one process leaves a core idle
-exec .venv/bin/python -m pytest -q -n 2 "$@"
+exec .venv/bin/python -m pytest -q -n 2 --maxschedchunk 1 "$@"

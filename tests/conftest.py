@@ -90,3 +90,19 @@ def pytest_runtest_protocol(item, nextitem):
                "end": time.time(), "worker": os.environ.get("PYTEST_XDIST_WORKER", "main")}
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The slow tests first, so that the longest start early and none is left running alone at
+    the end (scripts/test.sh hands the workers one test at a time, ``--maxschedchunk 1``: in
+    xdist's default chunks of ~150 consecutive tests a slow one began 13 minutes in and ran
+    2 minutes past the other worker's end). The tests on the benchmark smoke run share one
+    fixture behind a lock: the first of them goes first, the rest last, where they only read
+    its results (together, a second worker would wait on the lock)."""
+    def rank(item):
+        if "run_all" in getattr(item, "fixturenames", ()):
+            return 0 if item is first_smoke else 3
+        return 1 if item.get_closest_marker("slow") else 2
+
+    first_smoke = next((i for i in items if "run_all" in getattr(i, "fixturenames", ())), None)
+    items.sort(key=rank)  # stable: collection order within each rank

@@ -169,7 +169,7 @@ def gathers(step, state, batch):
 def sharded_units(out, compiled=False, steps=6):
     """Per-block sharding (units) against the whole model sharded as one unit, both trained
     with dropout on the autograd path, and the collectives an eager step runs."""
-    def run(units, tx=fx.optim.adamw(1e-2), dropout=0.2, **how):
+    def run(units, tx=fx.optim.adamw(1e-2), dropout=0.2, compiled=compiled, **how):
         state = fx.shard(fx.TrainState.create(Blocks(dropout=dropout), tx), units=units, **how)
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
@@ -178,10 +178,13 @@ def sharded_units(out, compiled=False, steps=6):
         state = fx.fit(state, step, data, max_steps=steps)
         return state
 
+    # compiled: units, whole and bfloat16 units (3 graphs); the references of the bfloat16
+    # run and of the one-process comparison run eagerly (each compile costs ~20 CPU-s a rank)
     units, whole = run("auto"), run(None)
     bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
-    mixed, plain = run("auto", fx.optim.sgd(0.1), **bf16), run(None, fx.optim.sgd(0.1))
-    undropped = run("auto", dropout=0.0)
+    mixed = run("auto", fx.optim.sgd(0.1), **bf16)
+    plain = run(None, fx.optim.sgd(0.1), compiled=False)
+    undropped = None if compiled else run("auto", dropout=0.0)  # eager covers it
     result = {"names": fx.sharding.unit_names(units), "initial": dict(Blocks().named_parameters()),
               "module": type(fx.trained_module(units).blocks[0]).__name__,
               "units": fx.sharding.gathered(units.params), "whole": fx.sharding.gathered(
@@ -190,7 +193,7 @@ def sharded_units(out, compiled=False, steps=6):
               "local": fx.sharding.local_nbytes(units.params),
               "mixed": fx.sharding.gathered(mixed.params),
               "plain": fx.sharding.gathered(plain.params),
-              "undropped": fx.sharding.gathered(undropped.params),
+              "undropped": undropped and fx.sharding.gathered(undropped.params),
               "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if not compiled:
         step = fx.make_train_step(loss_fn, autodiff="autograd")

@@ -138,11 +138,11 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
     moved = max((r0["plain"][k] - p).abs().max() for k, p in r0["initial"].items())
     assert drift < 0.01 and moved > 0.05, (drift, moved)
     # without dropout, units on 2 ranks train as one process on the doubled batch (float32
-    # sums of the two halves in another order, over 6 AdamW steps)
-    for k, p in dist_worker.one_process_blocks().items():
+    # sums of the two halves in another order, over 6 AdamW steps; eager)
+    for k, p in dist_worker.one_process_blocks().items() if not compiled else ():
         torch.testing.assert_close(r0["undropped"][k], p, rtol=1e-5, atol=1e-5)
-    if compiled:  # one per run (units, whole, bfloat16 units, SGD, undropped): no recompiles
-        assert r0["graphs"] == 5
+    if compiled:  # one per compiled run (units, whole, bfloat16 units): no recompiles
+        assert r0["graphs"] == 3
     else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
         dtypes = r0["collectives"].pop("dtypes")
         assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12,
