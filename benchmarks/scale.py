@@ -272,16 +272,16 @@ def _child_argv(args) -> list[str]:
 
 
 def _runs(args) -> dict[str, list[dict]]:
-    """Each variant at each depth: in a fresh process each (a full run); a smoke run starts one
-    process for its first variant, runs the other one-process variants here and the 2-rank
-    ones in one pair of spawned processes."""
+    """Each variant at each depth: in a fresh process each (a full run); a smoke run runs the
+    one-process variants here and the 2-rank ones in one pair of spawned processes (the other
+    benchmarks' smokes start fresh processes through the same ``in_fresh_process``)."""
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the children's resident set: live tensors
     runs: dict[str, list[dict]] = {}
     single_variants = [v for v in args.variants if v in SINGLE or v == "one_process"]
     rank_variants = [v for v in args.variants if v in RANKS and v != "one_process"]
     for layers in args.depths:
         for i, variant in enumerate(single_variants):
-            if args.smoke and (i > 0 or layers != args.depths[0]):
+            if args.smoke:
                 row = child("single", variant, args, layers)
             else:
                 row = in_fresh_process(__file__, ["single", variant, str(layers),
