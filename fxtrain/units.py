@@ -130,11 +130,14 @@ def _candidates(module: nn.Module, name: Any) -> str:
     close = difflib.get_close_matches(str(name), names, n=5) if isinstance(name, str) else []
     blocks = _auto(module)
     if close:
-        return f"Did you mean {', '.join(map(repr, close))}?"
+        return f"Did you mean {_listed(close, 5)}?"
     if blocks:
-        shown = ", ".join(map(repr, blocks[:6])) + (", ..." if len(blocks) > 6 else "")
-        return f"Its blocks (units='auto'): {shown}."
-    return f"Its submodules: {', '.join(map(repr, names[:8]))}" + (", ..." if len(names) > 8 else "")
+        return f"Its blocks (units='auto'): {_listed(blocks, 6)}."
+    return f"Its submodules: {_listed(names, 8)}."
+
+
+def _listed(names: list[str], most: int) -> str:
+    return ", ".join(map(repr, names[:most])) + (", ..." if len(names) > most else "")
 
 
 def _check(module: nn.Module, found: list[str]) -> None:
@@ -188,6 +191,10 @@ def _all_gather_shard(local: torch.Tensor, group_size: int, group: str,
     ``reduce_dtype`` and hands it back in ``local``'s dtype: FSDP2's reduce dtype, which a
     gather's own backward (in the gathered dtype) cannot give."""
     del reduce_dtype  # the backward's
+    return _gathered_and_waited(local, group_size, group)
+
+
+def _gathered_and_waited(local: torch.Tensor, group_size: int, group: str, *_: Any) -> torch.Tensor:
     c10d = torch.ops._c10d_functional
     return c10d.wait_tensor(c10d.all_gather_into_tensor(local, group_size, group))
 
@@ -220,10 +227,7 @@ _all_gather_shard.register_autograd(_all_gather_shard_backward,
 # shard sizes: on 2 ranks with shards of 9 and 8 rows, rank 0 ran a unit's recomputed gather
 # after a reduce-scatter that rank 1 ran after it, and both waited forever.
 _DECOMPOSED = torch.library.Library("fxtrain", "FRAGMENT")
-_DECOMPOSED.impl("all_gather_shard", lambda local, group_size, group, reduce_dtype:
-                 torch.ops._c10d_functional.wait_tensor(
-                     torch.ops._c10d_functional.all_gather_into_tensor(local, group_size, group)),
-                 "CompositeImplicitAutograd")
+_DECOMPOSED.impl("all_gather_shard", _gathered_and_waited, "CompositeImplicitAutograd")
 
 
 def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
@@ -260,9 +264,10 @@ _GATHER_OPS = None
 def _recompute_gathers(ctx, op, *args, **kwargs):
     """The checkpoint policy of a unit's region: the gather (the collectives with the op that
     ties their output to the work to wait for, and the views and copies that lay their output
-    out) is recomputed in the backward; everything else is saved, as without the region. So are the keyed stream's key derivations, which an eager rerun
-    takes from where the region started rather than from a block drawn before it
-    (``fxtrain.random.keyed``): the masks come out the same."""
+    out) is recomputed in the backward; everything else is saved, as without the region. So
+    are the keyed stream's key derivations, which an eager rerun takes from where the region
+    started rather than from a block drawn before it (``fxtrain.random.keyed``): the masks come
+    out the same."""
     del ctx, args, kwargs
     from torch.utils.checkpoint import CheckpointPolicy
     global _GATHER_OPS

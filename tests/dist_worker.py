@@ -19,7 +19,10 @@ X, Y = classification_batch(n=256, seed=3)
 
 def loss_fn(state, params, batch):
     x, y = batch
-    logits = state.apply(params, x)
+    return _scored(state.apply(params, x), y)
+
+
+def _scored(logits, y):
     return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
 
 
@@ -57,8 +60,7 @@ def overlapped(out, steps=12):
 def remat_loss(state, params, batch):
     """``loss_fn`` with the model's activations recomputed in the backward (``fx.remat``)."""
     x, y = batch
-    logits = fx.remat(lambda h: state.apply(params, h), x)
-    return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+    return _scored(fx.remat(lambda h: state.apply(params, h), x), y)
 
 
 def bn_model():
