@@ -37,8 +37,7 @@ is the higher rank's):
 
 Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--smoke]
 (``--smoke``: a tiny GPT-2 of one block, one step, compiled with aot_eager, so no slope; the
-first run in a process of its own, the other one-process runs in this one, the 2-rank runs in
-one pair of processes.)
+one-process runs in this process, the 2-rank runs in one pair of processes.)
 """
 
 from __future__ import annotations
@@ -280,7 +279,7 @@ def _runs(args) -> dict[str, list[dict]]:
     single_variants = [v for v in args.variants if v in SINGLE or v == "one_process"]
     rank_variants = [v for v in args.variants if v in RANKS and v != "one_process"]
     for layers in args.depths:
-        for i, variant in enumerate(single_variants):
+        for variant in single_variants:
             if args.smoke:
                 row = child("single", variant, args, layers)
             else:
