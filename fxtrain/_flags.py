@@ -26,6 +26,7 @@ class PendingFlags:
         self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
         self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
         self.rank_consistent = False  # a request every rank made this step
+        self.host_tensors = False  # a host callback answered with a tensor flag since the read
         self.signalled = False  # this process got SIGTERM (set by the handler)
         self.preempted = False  # a read found SIGTERM on some rank: every rank stops (and saves)
         self.losses: list[torch.Tensor] = []  # the steps' losses since the last read
@@ -41,6 +42,7 @@ class PendingFlags:
         for pending, value in zip(self.tensors, values):
             if isinstance(value, torch.Tensor):
                 pending.append(value)
+                self.host_tensors = True
         self.now = self.now | Control(*(v if v is True else False for v in values))
 
     def add_step(self, metrics: dict) -> None:
@@ -54,12 +56,14 @@ class PendingFlags:
             self.losses.append(metrics["loss"])
 
     def urgent(self) -> bool:
-        """A host callback asked for something now (one rank's wish cannot start a collective
-        read alone, so several ranks wait for the next boundary)."""
+        """A host callback asked for something now: with a Python True, or in one process with
+        a tensor flag, which a host callback returns when it is due, so it is read at once as
+        a bool would be acted on (in-step flags wait for ``sync_every``). One rank's wish
+        cannot start a collective read alone, so several ranks wait for the next boundary."""
         if self.agree:
             return self.rank_consistent
         return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
-                    or self.signalled)
+                    or self.signalled or self.host_tensors)
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]
@@ -75,7 +79,7 @@ class PendingFlags:
             self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
         self.losses = []  # a boundary without a read (no flag pending) does not look at them
         out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
-        self.rank_consistent = False
+        self.rank_consistent = self.host_tensors = False
         preempted = self.signalled
         if self.agree:  # a flag any rank raised holds on every rank
             *agreed, preempted = distributed.agree([*flags(out)[:4], preempted])

@@ -31,6 +31,7 @@ from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
 from . import _held, distributed, random, sharding, units
+from ._traced_errors import fail
 
 AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
@@ -51,7 +52,13 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       all-reduce, under way while the rest of the backward runs).
     """
     if autodiff == "func":
-        return grad_and_value(compute, has_aux=True)
+        transformed = grad_and_value(_depending(compute), has_aux=True)
+
+        def func_grads(params: dict) -> tuple[dict, Any]:
+            with torch.no_grad():  # nothing outside the transform needs a graph, and inside it
+                return transformed(params)  # only what depends on params then requires grad
+
+        return func_grads
 
     def value_and_grads(params: dict) -> tuple[dict, Any]:
         leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
@@ -60,22 +67,47 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                 leaf.register_hook(on_grad)
         with torch.enable_grad():
             if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
-                value, aux = compute(leaves)
-                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
-                                            materialize_grads=True)
+                value, aux = _depending(compute)(leaves)
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
             else:
                 with _held.holding():  # the module keeps the step's tensors for the backward
-                    value, aux = compute(leaves)
+                    value, aux = _depending(compute)(leaves)
                     grads = _eager_grads(value, list(leaves.values()))
+        if all(g is None for g in grads):  # known while tracing: Dynamo follows the graph
+            fail(ValueError, NO_DEPENDENCE)
+        grads = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, leaves.values())]
         out = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, (value, aux))
         return dict(zip(leaves, grads)), out
 
     return value_and_grads
 
 
-def _eager_grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor]:
-    """What ``torch.autograd.grad(value, leaves, allow_unused=True, materialize_grads=True)``
-    gives, from autograd's engine called as ``grad`` calls it but without its torch-function
+NO_DEPENDENCE = (
+    "loss_fn's loss does not depend on params, so every gradient is zero and nothing trains. "
+    "Run the model with the parameters the step passes: state.apply(params, *inputs), not the "
+    "original module (model(x) runs the weights it had when TrainState.create copied them, "
+    "which the step neither reads nor updates)")
+
+
+def _depending(compute: Callable) -> Callable:
+    """``compute`` refusing a value that does not depend on its ``params`` (``torch.func``'s
+    transform would give zero gradients silently, autograd too where the module's own weights
+    require grad). Under ``differentiate``'s ``no_grad`` only what ``torch.func`` tracks
+    requires grad, eagerly and while Dynamo traces; autograd's ``grad`` then finds no
+    parameter in the graph (also known while tracing)."""
+
+    def checked(params: dict) -> tuple[torch.Tensor, Any]:
+        value, aux = compute(params)
+        if not value.requires_grad:
+            fail(ValueError, NO_DEPENDENCE)
+        return value, aux
+
+    return checked
+
+
+def _eager_grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """What ``torch.autograd.grad(value, leaves, allow_unused=True)`` gives (None for an unused
+    leaf), from autograd's engine called as ``grad`` calls it but without its torch-function
     dispatch: with a mode active (the step's ``fx.random.keyed``), ``grad`` and ``backward``
     hand the call to the mode, which runs it with itself popped, so checkpointed regions rerun
     in the backward would draw from torch's generator instead of the step's key."""
@@ -86,7 +118,7 @@ def _eager_grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.
         if "use_reentrant=True" not in str(e) and "Checkpointing is not compatible" not in str(e):
             raise
         raise ValueError(random.REENTRANT) from e
-    return [torch.zeros_like(leaf) if g is None else g for g, leaf in zip(grads, leaves)]
+    return list(grads)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """``fit``: the training loop. Take a batch, step, fold the callbacks, honour the control.
 
 The loop runs on the host. The compiled step returns device tensors; the loop never reads them
-per step. Control flags computed with tensors (inside the step, or by host callbacks doing
-tensor maths) are read together, in one sync, every ``sync_every`` steps and at every eval,
-epoch and checkpoint boundary. So a stop raised inside the step takes effect up to
-``sync_every - 1`` steps late; in-step callbacks that stop (``early_stopping``) also skip the
-updates of those extra steps, so the parameters stay where they stopped.
+per step. Control flags computed with tensors inside the step are read together, in one sync,
+every ``sync_every`` steps and at every eval, epoch and checkpoint boundary. So a stop raised
+inside the step takes effect up to ``sync_every - 1`` steps late; in-step callbacks that stop
+(``early_stopping``) also skip the updates of those extra steps, so the parameters stay where
+they stopped. A host callback runs when it is due, and a flag it returns as a tensor is read
+at the end of that step (one read, with any in-step flags pending), as a Python bool is acted
+on: pass tensor-maths callbacks to ``make_train_step(callbacks=...)`` rather than to ``fit``
+where they run every step, or they cost a read per step. With several ranks, one rank's host
+callback cannot start the collective read alone: its tensor flags wait for the next boundary.
 
 K steps per call (``make_train_step(..., steps_per_call=K)``): the rules are in
 ``fxtrain._k_steps``.

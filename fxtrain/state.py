@@ -18,7 +18,7 @@ import warnings
 import torch
 from torch import nn
 
-from . import _held, random, sharding, struct
+from . import _held, optim, random, sharding, struct
 from .protocol import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates
@@ -80,6 +80,56 @@ def skeleton(model: nn.Module) -> nn.Module:
     return out
 
 
+# torch.optim's optimizers and the fxtrain transforms that compute the same update
+_TORCH_OPTIM = {"SGD": "sgd", "Adam": "adam", "AdamW": "adamw", "RMSprop": "rmsprop",
+                "Adagrad": "adagrad", "Adadelta": "adadelta", "Adamax": "adamax",
+                "NAdam": "nadam", "RAdam": "radam", "Rprop": "rprop", "LBFGS": "lbfgs"}
+
+
+def _torch_optim_fix(optimizer: Any) -> str:
+    """The fxtrain call for a ``torch.optim`` optimizer (instance or class), as far as known."""
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    name = _TORCH_OPTIM.get(cls.__name__)
+    if name is None or not hasattr(optim, name):
+        return "an fx.optim transform (see fx.optim: optax's names)"
+    defaults = getattr(optimizer, "defaults", None)
+    if not isinstance(defaults, dict):
+        return f"fx.optim.{name}(learning_rate, ...)"
+    lr = defaults.get("lr", "learning_rate")
+    lr = float(lr) if isinstance(lr, torch.Tensor) else lr
+    extra = ""
+    if "betas" in defaults and name in ("adam", "adamw", "nadam", "radam", "adamax"):
+        extra += f", b1={defaults['betas'][0]}, b2={defaults['betas'][1]}"
+    if defaults.get("weight_decay") and name != "sgd":
+        extra += f", weight_decay={defaults['weight_decay']}"
+    if name == "sgd" and defaults.get("momentum"):
+        extra += f", momentum={defaults['momentum']}"
+    return f"fx.optim.{name}({lr}{extra})"
+
+
+def _class_name(obj: Any) -> str:
+    return obj.__name__ if isinstance(obj, type) else type(obj).__name__
+
+
+def check_transform(tx: Any) -> None:
+    """Refuses what is not a ``GradientTransformation`` (an ``(init, update)`` pair), naming the
+    fxtrain call for a ``torch.optim`` optimizer and the call an uncalled factory needs."""
+    if isinstance(tx, GradientTransformation) or (
+            callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None))):
+        return
+    if isinstance(tx, torch.optim.Optimizer) or (
+            isinstance(tx, type) and issubclass(tx, torch.optim.Optimizer)):
+        raise TypeError(
+            f"TrainState.create needs an fxtrain optimizer, a pure (init, update) pair whose "
+            f"state lives in the TrainState; got torch.optim.{_class_name(tx)}, which updates a "
+            f"module's parameters in place. Use {_torch_optim_fix(tx)}")
+    if callable(tx) and getattr(tx, "__module__", "").startswith("fxtrain.optim"):
+        raise TypeError(f"TrainState.create got the function fx.optim.{tx.__name__} itself; call "
+                        f"it: fx.optim.{tx.__name__}(learning_rate, ...)")
+    raise TypeError(f"TrainState.create needs an fxtrain optimizer (fx.optim.adamw(1e-3), or any "
+                    f"GradientTransformation(init, update)); got {type(tx).__name__}")
+
+
 @struct.dataclass(kw_only=True)
 class TrainState:
     """Step counter, parameters, buffers, optimizer state, RNG key, data position and callback
@@ -127,6 +177,7 @@ class TrainState:
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"TrainState.create needs an nn.Module, got {type(model).__name__}")
+        check_transform(tx)
         params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         if not params:
             raise ValueError(f"{type(model).__name__} has no trainable parameters "

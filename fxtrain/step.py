@@ -175,6 +175,27 @@ def _data_parallel(wanted: bool | None, buffers: str) -> bool:
     return active if wanted is None else bool(wanted)
 
 
+def _check_loss_fn(loss_fn: Any) -> None:
+    """Refuses, when the step is built, a ``loss_fn`` that cannot take (state, params, batch)."""
+    if not callable(loss_fn):
+        raise TypeError(f"make_train_step: loss_fn must be a function loss_fn(state, params, "
+                        f"batch), got {type(loss_fn).__name__}")
+    try:
+        signature = inspect.signature(loss_fn)
+    except (TypeError, ValueError):  # a builtin or an extension: nothing to read
+        return
+    try:
+        signature.bind(None, None, None)
+    except TypeError as e:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        raise TypeError(
+            f"make_train_step: loss_fn must take three arguments, loss_fn(state, params, batch), "
+            f"and run the model with state.apply(params, inputs); {name}{signature} cannot be "
+            f"called so ({e}). From a JAX-style loss_fn(params, batch) write lambda state, params, "
+            f"batch: ...; from a PyTorch one taking (model, batch), call state.apply(params, x) "
+            f"where it called model(x)") from None
+
+
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
@@ -264,6 +285,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         {'control/stop': tensor(False), 'control/save': tensor(False),
          'control/evaluate': tensor(False), 'control/log': tensor(False)}
     """
+    _check_loss_fn(loss_fn)
     mixed = precision_policy(precision)
     callbacks = tuple(callbacks)
     owned = tuple(cb for cb in callbacks if isinstance(cb, StepState))  # the loss scale's

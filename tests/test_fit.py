@@ -162,6 +162,20 @@ def test_in_step_control_flags_reach_fit():
     assert manager.saved == [5, 12]  # read at the next sync
 
 
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_a_host_callbacks_stop_takes_effect_at_its_step_bool_or_tensor(as_tensor):
+    def stop_at_3(state, event):  # a host callback answering with the step's metrics
+        if event.kind != "step_end":
+            return state, fx.Control()
+        asked = event.metrics["loss"] > -1.0 if as_tensor else True
+        return state, fx.Control(stop=asked if event.step == 3 else False)
+
+    state, step = setup(dropout=0.0)
+    end = fx.fit(state, step, fx.data.Batches((X, Y), 16), max_steps=50, sync_every=50,
+                 callbacks=[stop_at_3])
+    assert int(end.step) == 3
+
+
 def test_nan_guard_on_the_host_skips_a_poisoned_batch():
     good = (X[:16], Y[:16])
     bad = (torch.full_like(X[:16], float("nan")), Y[:16])

@@ -29,15 +29,29 @@ def test_tensor_requests_wait_and_are_read_in_one_transfer():
     flags = PendingFlags()
     with HostReads() as reads:
         for step in range(5):
-            flags.add_step(step_metrics(stop=torch.tensor(step == 3)))
-            flags.add(fx.Control(evaluate=torch.tensor(step == 1)))
-        assert not flags.urgent()  # nothing read yet
+            flags.add_step(step_metrics(stop=torch.tensor(step == 3),
+                                        evaluate=torch.tensor(step == 1)))
+        assert not flags.urgent()  # in-step flags wait for the next sync; nothing read yet
     assert reads.count == 0, reads.report()
     with HostReads() as reads:
         read = flags.read()
     assert reads.count == 1, reads.report()
     assert read == fx.Control(stop=True, evaluate=True)
     assert flags.read() == NOTHING  # read once, then gone
+
+
+def test_a_host_callbacks_tensor_flag_is_read_at_once_with_the_pending_ones():
+    flags = PendingFlags()
+    flags.add_step(step_metrics(stop=torch.tensor(False)))
+    flags.add(fx.Control(save=torch.tensor(True)))  # a host callback, due now, with a tensor
+    assert flags.urgent()
+    with HostReads() as reads:
+        read = flags.read()
+    assert reads.count == 1, reads.report()  # one transfer for both
+    assert read == fx.Control(save=True) and not flags.urgent()
+    several = PendingFlags(agree=True)  # one rank cannot start the collective read alone
+    several.add(fx.Control(stop=torch.tensor(True)))
+    assert not several.urgent()
 
 
 def test_a_nonfinite_loss_is_found_by_the_read_that_happens_anyway():

@@ -19,7 +19,7 @@ import torch.utils._pytree as pytree
 
 from .. import distributed
 from ..tree import tree_select
-from .core import EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
+from .core import DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
 
 
 def as_callback(cb: Callable) -> Callback:
@@ -65,6 +65,12 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
     return fn
 
 
+def _steps_only(cb: Callback) -> Callback:
+    """``cb`` reacting to step_end only, unless it named its kinds (a function written for a
+    step's metrics would fail on train_begin, which has none)."""
+    return dataclasses.replace(cb, kinds=("step_end",)) if cb.kinds == DEFAULT_KINDS else cb
+
+
 def periodic(n: int, who: str, arg: str = "every") -> Callable[[Any], Any]:
     """The predicate "``step`` is a multiple of ``n``" (a bool, or a 0-d bool tensor for a tensor
     step), after checking that ``n`` is a positive int; ``who`` and ``arg`` name it in the error.
@@ -78,7 +84,9 @@ def periodic(n: int, who: str, arg: str = "every") -> Callable[[Any], Any]:
 def every(n: int, cb: Callable) -> Callback:
     """Runs ``cb`` on step_end events at steps that are multiples of ``n``.
 
-    Events of other kinds reach ``cb`` unchanged. The wrapped callback keeps ``cb``'s name and
+    A plain function (or a ``Callback`` that names no kinds) sees only those step_end events;
+    a ``Callback`` that names its kinds also gets the other kinds it names, unchanged (a
+    monitor that starts its clock at ``train_begin``). The wrapped callback keeps ``cb``'s name and
     state, so wrapping does not change checkpoints. On the host the fold skips it between due
     steps without calling it (``Callback.period``); inside a step it runs every step and its
     result is kept only on due steps.
@@ -94,15 +102,12 @@ def every(n: int, cb: Callable) -> Callback:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
         >>> state = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=6,
         ...                callbacks=[fx.callbacks.every(2, show)])
-        train_begin 0
-        epoch_begin 0
         step_end 2
         step_end 4
         step_end 6
-        train_end 6
     """
     due = periodic(n, "every", "n")
-    inner = as_callback(cb)
+    inner = _steps_only(as_callback(cb))
     if n == 1:
         return inner
     return dataclasses.replace(inner, fn=_gated(inner, lambda e: due(e.step)),
@@ -110,7 +115,7 @@ def every(n: int, cb: Callable) -> Callback:
 
 
 def on_steps(steps: Collection[int], cb: Callable) -> Callback:
-    """Runs ``cb`` on step_end events at the given steps (other kinds reach it unchanged).
+    """Runs ``cb`` on step_end events at the given steps (other kinds as ``every`` passes them).
 
     Examples:
         >>> def show(state, event):
@@ -120,11 +125,10 @@ def on_steps(steps: Collection[int], cb: Callable) -> Callback:
         ...     _ = fx.callbacks.fold([cb], None, fx.Event("step_end", step))
         step_end 1
         step_end 10
-        >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_end", 11))
-        train_end 11
+        >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_end", 11))  # not a step: not shown
     """
     wanted = sorted({int(s) for s in steps})
-    inner = as_callback(cb)
+    inner = _steps_only(as_callback(cb))
 
     def due(event):
         if isinstance(event.step, torch.Tensor):
@@ -139,7 +143,7 @@ def every_secs(seconds: float, cb: Callable, *,
     """Runs ``cb`` on a step_end at most once per ``seconds`` of ``time_fn`` (host only).
 
     The first run is ``seconds`` after the first event it sees. Events of other kinds reach
-    ``cb`` unchanged.
+    it as under ``every``: a plain function sees only the due step_end events.
 
     Examples:
         With a fake clock, steps of 25 s, and a report at most once a minute:
@@ -156,7 +160,7 @@ def every_secs(seconds: float, cb: Callable, *,
     """
     if seconds <= 0:
         raise ValueError(f"every_secs: seconds must be > 0, got {seconds}")
-    inner = as_callback(cb)
+    inner = _steps_only(as_callback(cb))
     last: list[float] = []  # the time of the last run; host-only, not part of the state
 
     def due(event):

@@ -72,7 +72,10 @@ def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
           weight_decay: Hyper = 1e-2, mask: Mask = None) -> GradientTransformation:
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), as ``torch.optim.AdamW``.
 
-    p <- p - lr (adam(g) + wd p); ``mask(name, p)`` picks the parameters that decay.
+    p <- p - lr (adam(g) + wd p); ``mask`` picks the parameters that decay: a predicate
+    ``mask(name, p)``, a dict of bools by name, optax's ``mask(params)``, or the names that
+    decay (a list such as transformers' ``get_decay_parameter_names(model)``). A mask that does
+    not fit the parameters fails in ``TrainState.create``, naming the names at fault.
 
     Examples:
         >>> params = {"weight": torch.ones(2), "bias": torch.ones(2)}
@@ -258,14 +261,19 @@ def lamb(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, ep
 
 
 def _only_where(mask: Mask, transform: GradientTransformation) -> GradientTransformation:
-    """A stateless ``transform`` applied to the parameters ``mask(name, p)`` selects."""
-    selected = _mask_fn(mask)
+    """A stateless ``transform`` applied to the parameters ``mask`` selects (as ``adamw``'s)."""
+    selected = _mask_fn(mask, "lars(trust_ratio_mask=...)")
+
+    def init(params):
+        selected(params)  # a mask that does not fit the parameters fails here
+        return transform.init(params)
 
     def update(updates, state, params=None):
         changed, state = transform.update(updates, state, params)
-        return {k: changed[k] if selected(k, params[k]) else u for k, u in updates.items()}, state
+        chosen = selected(params)
+        return {k: changed[k] if chosen[k] else u for k, u in updates.items()}, state
 
-    return GradientTransformation(transform.init, update)
+    return GradientTransformation(init, update)
 
 
 def lars(learning_rate: ScalarOrSchedule, weight_decay: Hyper = 0.0,

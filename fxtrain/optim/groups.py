@@ -9,16 +9,14 @@ transform sees only its own parameters, and its state holds only theirs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any, NamedTuple
-
-import torch
 
 from ..tree import tree_zeros_like
 from .base import GradientTransformation
+from .masks import Labels, Mask, by_name, check
 
-Labels = Mapping[str, Hashable] | Callable[[str, torch.Tensor], Hashable]
-GroupMask = Mapping[str, bool] | Callable[[str, torch.Tensor], bool]
+GroupMask = Mask
 
 
 class MultiTransformState(NamedTuple):
@@ -37,23 +35,8 @@ class MaskedState(NamedTuple):
     inner_state: Any
 
 
-def _by_name(spec: Mapping | Callable, tree: Mapping[str, torch.Tensor], what: str) -> dict:
-    """``{name: spec(name, leaf)}``, or the dict ``spec`` checked against the names of ``tree``."""
-    if not isinstance(tree, Mapping):
-        raise TypeError(f"{what} needs the parameters as a flat dict of tensors, got "
-                        f"{type(tree).__name__}")
-    if not isinstance(spec, Mapping):
-        return {name: spec(name, leaf) for name, leaf in tree.items()}
-    missing = [name for name in tree if name not in spec]
-    unknown = [name for name in spec if name not in tree]
-    if missing or unknown:
-        raise ValueError(f"{what}: the dict does not match the parameters; parameters with no "
-                         f"entry: {missing}, entries for no parameter: {unknown}")
-    return {name: spec[name] for name in tree}
-
-
 def _groups(transforms: Mapping, param_labels: Labels, tree: Mapping) -> dict[Hashable, list]:
-    labels = _by_name(param_labels, tree, "multi_transform(param_labels=...)")
+    labels = by_name(param_labels, tree, "multi_transform(param_labels=...)", names=False)
     groups: dict[Hashable, list] = {label: [] for label in transforms}
     unknown = {}
     for name, label in labels.items():
@@ -89,10 +72,10 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation],
 
     Args:
       transforms: a dict from label to the transform for the parameters with that label.
-      param_labels: a dict ``{parameter name: label}`` covering every parameter, or a predicate
-        ``fn(name, param) -> label`` as in ``adamw(mask=...)``. Where optax takes
-        ``fn(params) -> labels``, pass the dict ``fn(params)`` here. When ``update`` is called
-        without params, the predicate sees each parameter's update in its place.
+      param_labels: a dict ``{parameter name: label}`` covering every parameter, a predicate
+        ``fn(name, param) -> label`` as in ``adamw(mask=...)``, or optax's
+        ``fn(params) -> labels``. When ``update`` is called without params, the function sees
+        each parameter's update in its place.
 
     Returns:
       A ``GradientTransformation`` whose state is a ``MultiTransformState``.
@@ -126,6 +109,7 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation],
     """
     if not transforms:
         raise ValueError("multi_transform needs at least one transform")
+    check(param_labels, "multi_transform(param_labels=...)", names=False)
 
     def init(params):
         groups = _groups(transforms, param_labels, params)
@@ -176,9 +160,9 @@ def masked(inner: GradientTransformation, mask: GroupMask) -> GradientTransforma
 
     Args:
       inner: the transform for the selected parameters.
-      mask: a dict ``{parameter name: bool}`` covering every parameter, or a predicate
-        ``fn(name, param) -> bool`` as in ``adamw(mask=...)``. Where optax takes
-        ``fn(params) -> mask``, pass the dict ``fn(params)`` here.
+      mask: a dict ``{parameter name: bool}`` covering every parameter, a predicate
+        ``fn(name, param) -> bool`` as in ``adamw(mask=...)``, optax's ``fn(params) -> mask``,
+        or the collection of names to select (see ``fxtrain.optim.masks``).
 
     Returns:
       A ``GradientTransformation`` whose state is a ``MaskedState``.
@@ -193,8 +177,10 @@ def masked(inner: GradientTransformation, mask: GroupMask) -> GradientTransforma
         {'weight': tensor([ 1.0000, -0.5000]), 'bias': tensor([ 3.0000, -0.5000])}
     """
 
+    check(mask, "masked(mask=...)")
+
     def selected(tree):
-        flags = _by_name(mask, tree, "masked(mask=...)")
+        flags = by_name(mask, tree, "masked(mask=...)")
         names = [name for name, flag in flags.items() if flag]
         if not names:
             raise ValueError(f"masked: the mask selects none of the parameters {list(flags)}; "

@@ -13,6 +13,7 @@ import torch
 
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
 from .base import GradientTransformation, ScalarOrSchedule
+from .masks import Mask, by_name, check
 
 
 def _count(params: Any) -> torch.Tensor:
@@ -299,23 +300,24 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9,
     return GradientTransformation(init, update)
 
 
-Mask = Callable[[str, torch.Tensor], bool] | Mapping[str, bool] | None
-
-
-def _mask_fn(mask: Mask) -> Callable[[str, torch.Tensor], bool]:
+def _mask_fn(mask: Mask, what: str) -> Callable[[Mapping], dict[str, bool]]:
+    """``selected(params) -> {name: bool}`` for ``mask`` (``fxtrain.optim.masks``), refusing at
+    once what can never be a mask; None selects every parameter."""
     if mask is None:
-        return lambda name, p: True
-    if isinstance(mask, Mapping):
-        return lambda name, p: bool(mask[name])
-    return mask
+        return lambda params: dict.fromkeys(params, True)
+    check(mask, what)
+    return lambda params: by_name(mask, params, what)
 
 
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
                         mask: Mask = None) -> GradientTransformation:
     """u -> u + weight_decay * p, for the parameters ``mask(name, p)`` selects (default all).
 
-    ``mask`` is a predicate on the parameter's name and value, or a dict of bools by name;
-    the parameters must then be a flat dict, as ``TrainState.params`` is.
+    ``mask`` is a predicate on the parameter's name and value, a dict of bools by name, optax's
+    ``fn(params) -> dict``, or the collection of names that decay (transformers'
+    ``get_decay_parameter_names(model)`` as it is); the parameters must then be a flat dict, as
+    ``TrainState.params`` is. A mask that does not fit the parameters is refused by ``init``
+    (``TrainState.create``), naming the names at fault.
 
     Examples:
         >>> params = {"weight": torch.tensor([2.0]), "bias": torch.tensor([2.0])}
@@ -324,10 +326,11 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
         >>> tx.update(grads, tx.init(params), params)[0]
         {'weight': tensor([1.2000]), 'bias': tensor([1.])}
     """
-    selected = _mask_fn(mask)
+    selected = _mask_fn(mask, "the weight decay mask (mask=...)")
 
     def init(params):
-        del params
+        if mask is not None:
+            selected(params)  # a mask that does not fit the parameters fails here, not later
         return None
 
     def update(updates, state, params=None):
@@ -336,7 +339,8 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
         if mask is not None and not isinstance(params, Mapping):
             raise TypeError("add_decayed_weights(mask=...) needs params as a dict of tensors")
         if isinstance(params, Mapping):
-            out = {k: u + _scalar(weight_decay, u) * params[k] if selected(k, params[k]) else u
+            decays = selected(params)
+            out = {k: u + _scalar(weight_decay, u) * params[k] if decays[k] else u
                    for k, u in updates.items()}
         else:
             out = tree_map(lambda u, p: u + _scalar(weight_decay, u) * p, updates, params)
