@@ -34,6 +34,7 @@ from .data import as_stream, length_of
 from .evaluation import evaluate
 from .feed import Feed, prefetches
 from ._flags import PendingFlags
+from .callbacks.progress import with_default_progress
 from ._step_call import step_call, undo
 from .means import Means
 from .preemption import Preempted, on_sigterm
@@ -75,7 +76,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         max_steps: int | None = None, max_epochs: int | None = None,
         eval_step: Callable | None = None, eval_data: Iterable | None = None,
         eval_every: int | None = None, checkpoint: Any = None, sync_every: int = 50,
-        resume: bool = True) -> Any:
+        resume: bool = True, progress: bool | None = None) -> Any:
     """Trains ``state`` with ``train_step`` on ``data`` and returns the final state.
 
     Args:
@@ -103,6 +104,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       sync_every: steps between reads of tensor control flags (one sync each).
       resume: with ``checkpoint``, start from its latest checkpoint when there is one (and say
         so); False refuses a directory with later checkpoints than ``state`` (two runs would mix).
+      progress: show a progress bar (``fx.callbacks.progress_bar()``) unless a callback shows
+        progress already. None (the default): when someone watches, in a terminal or a
+        notebook, not when standard error goes to a file or is captured; True always; False
+        never.
 
     A step made with ``make_train_step(..., steps_per_call=K)`` gets K stacked batches per call
     and host callbacks one step_end per call; the rules (intervals that are multiples of K) are
@@ -139,7 +144,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     """
     _check(max_steps, max_epochs, eval_step, eval_data, eval_every, sync_every)
     donation.check_live(state, "fit")
-    callbacks = tuple(callbacks)
+    callbacks = with_default_progress(tuple(callbacks), progress)
     stream = as_stream(data)
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")

@@ -183,6 +183,7 @@ class Callback:
       stop_reason: ``stop_reason(its state) -> (flag, why)``: when a run stops, ``fit`` names
         this callback and ``why`` (a string, or a function making one, called only when
         ``flag`` holds).
+      display: it shows the run's progress (``progress_bar``), so ``fit`` adds no default bar.
 
     Examples:
         A callback that counts steps in its state, a tensor, so it also runs inside a step:
@@ -214,6 +215,7 @@ class Callback:
     skips: bool = False
     save_veto: Callable[[Any], tuple[Any, str]] | None = None
     stop_reason: Callable[[Any], tuple[Any, Any]] | None = None
+    display: bool = False
 
     def __post_init__(self):
         unknown = set(self.kinds) - set(EVENT_KINDS)

@@ -55,7 +55,8 @@ def test_a_loss_fn_that_uses_params_and_leaves_some_unused_trains(autodiff):
 @pytest.mark.parametrize("optimizer, fix", [
     (lambda ps: torch.optim.AdamW(ps, lr=3e-4, weight_decay=0.1),
      r"fx\.optim\.adamw\(0\.0003, b1=0\.9, b2=0\.999, weight_decay=0\.1\)"),
-    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), r"fx\.optim\.sgd\(0\.1, momentum=0\.9\)"),
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+     r"fx\.optim\.sgd\(0\.1, momentum=0\.9\)"),
     (lambda ps: torch.optim.Adam, r"fx\.optim\.adam\(learning_rate"),
     (lambda ps: fx.optim.adamw, r"call it: fx\.optim\.adamw\(learning_rate"),
 ])
@@ -127,3 +128,57 @@ def test_every_gives_a_plain_function_only_its_due_steps():
            callbacks=[fx.callbacks.every(2, report), fx.callbacks.on_steps([3], report)])
     assert [(k, s) for k, s, _ in seen] == [("step_end", 2), ("step_end", 3), ("step_end", 4),
                                             ("step_end", 6)]
+
+
+def _fit_quietly(capsys, **kwargs):
+    state = _state()
+    fx.fit(state, fx.make_train_step(xent), [BATCH] * 4, max_steps=4, **kwargs)
+    return capsys.readouterr().err
+
+
+def test_fit_shows_progress_when_asked_and_not_twice(capsys):
+    assert "train: 100%" in _fit_quietly(capsys, progress=True)
+    one = _fit_quietly(capsys, progress=True, callbacks=[fx.callbacks.progress_bar(name="mine")])
+    assert one.count("train:   0%") == 1, one  # one bar opened: the user's
+    assert _fit_quietly(capsys, progress=False) == ""
+    assert _fit_quietly(capsys) == ""  # captured standard error: nobody watches
+
+
+SCRIPT = """
+import torch, torch.nn.functional as F, fxtrain as fx
+x, y = torch.randn(64, 8), torch.randint(0, 4, (64,))
+def loss_fn(state, params, batch):
+    return F.cross_entropy(state.apply(params, batch[0]), batch[1])
+state = fx.TrainState.create(torch.nn.Linear(8, 4), fx.optim.adam(1e-2))
+fx.fit(state, fx.make_train_step(loss_fn), fx.data.Batches((x, y), 16), max_steps=8,
+       callbacks=[fx.callbacks.lr_monitor(4)])
+"""
+
+
+def test_in_a_terminal_fit_shows_progress_and_monitors_print_without_a_writer(tmp_path):
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()  # standard error a terminal, as a user's shell gives
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=follower,
+                            stdout=subprocess.DEVNULL)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert proc.wait(timeout=120) == 0
+    os.close(leader)
+    shown = b"".join(chunks).decode(errors="replace")
+    assert "train: 100%" in shown and "8/8" in shown, shown
+    assert "step 4 optimizer: learning_rate=0.01" in shown, shown
+    assert "step 8 optimizer: learning_rate=0.01" in shown, shown

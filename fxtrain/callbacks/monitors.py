@@ -1,6 +1,6 @@
 """Host monitors: learning rate, throughput and memory, read when due and published.
 
-Each publishes to a writer (``write_scalars``) or, without one, to the ``fxtrain`` logger. They
+Each publishes to a writer (``write_scalars``) or, without one, to the console (``publish``). They
 keep no state in the pytree: their readings describe this process, not the run.
 """
 
@@ -31,7 +31,7 @@ def lr_monitor(every: int = 50, *, writer: Any = None, name: str = "lr_monitor")
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     return ((state.apply(params, x) - y) ** 2).mean()
-        >>> class Show:  # a writer; without one, readings go to the fxtrain logger
+        >>> class Show:  # a writer; without one, readings go to the console
         ...     def write_scalars(self, step, scalars):
         ...         print(step, {k: round(v, 4) for k, v in scalars.items()})
         >>> x = torch.randn(32, 2)
@@ -98,7 +98,7 @@ def throughput(every: int = 50, *, batch_size: int | None = None,
         >>> def loss_fn(state, params, batch):
         ...     x, y = batch
         ...     return ((state.apply(params, x) - y) ** 2).mean()
-        >>> class Show:  # a writer; without one, readings go to the fxtrain logger
+        >>> class Show:  # a writer; without one, readings go to the console
         ...     def write_scalars(self, step, scalars):
         ...         print(step, {k: round(v, 4) for k, v in scalars.items()})
         >>> x = torch.randn(32, 2)

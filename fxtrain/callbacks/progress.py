@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import time
 import sys
 from collections.abc import Mapping, Sequence
@@ -79,13 +80,26 @@ def _begin(d: _Display, event) -> None:
     _close(d)
     d.out, d.info = d.file or sys.stderr, dict(event.metrics or {})
     d.ema, d.next_refresh, d.refreshed_at = {}, event.step + 1, -1
+    width = _width(d.out)
     d.train = tqdm(total=_total(d.info), initial=event.step, desc="train", leave=d.leave,
-                   file=d.out, dynamic_ncols=True)
+                   file=d.out, **width)
     per_epoch = d.info.get("steps_per_epoch")
     if per_epoch:
         done = min(max(event.step - event.epoch * per_epoch, 0), per_epoch)
         d.epoch = tqdm(total=per_epoch, initial=done, desc=_epoch_desc(event.epoch, d.info),
-                       leave=False, file=d.out, dynamic_ncols=True)
+                       leave=False, file=d.out, **width)
+
+
+def _width(out: TextIO) -> dict:
+    """The bars follow the terminal's width, but a terminal that reports none (a pseudo-terminal
+    opened without a size, as some containers and CI runners give) gets 100 columns and 24
+    rows: tqdm would draw nothing in 0."""
+    try:
+        if 0 in os.get_terminal_size(out.fileno()):
+            return {"ncols": 100, "nrows": 24}
+    except (AttributeError, OSError, ValueError):  # not a terminal, or no file descriptor
+        pass
+    return {"dynamic_ncols": True}
 
 
 def _refresh(d: _Display, step: int) -> None:
@@ -213,7 +227,32 @@ def progress_bar(metric: str | Sequence[str] = "loss", *, smoothing: float = 0.3
             _HOOKS[event.kind](d, event)
         return state, NOTHING
 
-    return rank_zero(Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True))
+    return rank_zero(Callback(name=name, init=None, fn=fn, kinds=_KINDS, host=True,
+                              display=True))
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    """Whether someone watches ``stream`` (standard error): a terminal, or a Jupyter kernel's
+    notebook. Not a file, a pipe or a captured stream (a log, CI, pytest)."""
+    stream = sys.stderr if stream is None else stream
+    try:
+        if stream.isatty():
+            return True
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+        return False
+    shell = sys.modules.get("IPython")
+    ip = getattr(shell, "get_ipython", lambda: None)() if shell is not None else None
+    return type(ip).__name__ == "ZMQInteractiveShell"  # a notebook's kernel (not a terminal's)
+
+
+def with_default_progress(callbacks: tuple, progress: bool | None) -> tuple:
+    """``fit``'s callbacks with a ``progress_bar`` first when ``progress`` asks for one (None:
+    when ``interactive()``) and none of them shows progress already."""
+    if progress is False or (progress is None and not interactive()):
+        return callbacks
+    if any(isinstance(cb, Callback) and cb.display for cb in callbacks):
+        return callbacks
+    return (progress_bar(), *callbacks)
 
 
 def _metric_names(metric: str | Sequence[str]) -> tuple[str, ...]:

@@ -2,14 +2,18 @@
 (Which step metrics are logged as numbers is ``fxtrain.means.loggable``, kept here too.)
 
 A writer is anything with clu's ``write_scalars(step, mapping)`` (fxtrain's writers, clu's).
-Without one, readings go to the ``fxtrain`` logger as one line.
+Without one, readings go to the ``fxtrain`` logger as one line when logging is set up, else to
+the console (standard error, above any progress bar).
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Mapping
 from typing import Any
+
+from tqdm import tqdm
 
 from .. import distributed
 from ..logging.numbers import format_scalars
@@ -20,8 +24,9 @@ logger = logging.getLogger("fxtrain")
 
 @distributed.rank_zero
 def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) -> None:
-    """Sends ``scalars`` to ``writer.write_scalars``, or logs them as ``what: k=v ...``; on
-    rank 0 only under torch.distributed.
+    """Sends ``scalars`` to ``writer.write_scalars``, or writes ``step N what: k=v ...`` to the
+    ``fxtrain`` logger when logging is set up, else to standard error; on rank 0 only under
+    torch.distributed.
 
     Examples:
         >>> from fxtrain.callbacks.publish import publish
@@ -30,10 +35,14 @@ def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) 
         ...         print(step, scalars)
         >>> publish(Show(), 10, {"memory/cpu_rss_mib": 512.0}, what="memory")
         10 {'memory/cpu_rss_mib': 512.0}
-        >>> publish(None, 10, {"memory/cpu_rss_mib": 512.0}, what="memory")  # to the log
+        >>> publish(None, 10, {"memory/cpu_rss_mib": 512.0}, what="memory")  # log or stderr
     """
     if writer is not None:
         writer.write_scalars(step, dict(scalars))
         return
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("step %d %s: %s", step, what, format_scalars(scalars))
+    line = f"step {step} {what}: {format_scalars(scalars)}"
+    if logger.hasHandlers():  # logging is set up (here or at the root): it decides
+        if logger.isEnabledFor(logging.INFO):
+            logger.info("%s", line)
+    else:  # nothing set up, where logging would drop INFO: the console, as Keras prints
+        tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
