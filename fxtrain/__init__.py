@@ -8,48 +8,91 @@ The API is what ``fxtrain`` and its public packages list in ``__all__``: ``fx.ca
 their paths and private names may change between releases; import from the packages.
 """
 
-from . import callbacks as callbacks
-from . import checkpoint as checkpoint
-from . import data as data
-from . import debug as debug
-from . import distributed as distributed
-from . import donation as donation
-from . import logging as logging
-from . import metrics as metrics
-from . import optim as optim
-from . import precision as precision
-from . import random as random
-from . import sharding as sharding
-from . import stats as stats
-from . import struct as struct
-from . import tree as tree
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__ as __version__
-from .protocol import Control as Control
-from .protocol import Event as Event
-from .donation import DonatedError as DonatedError
-from .evaluation import evaluate as evaluate
-from .export import load_safetensors as load_safetensors
-from .export import save_safetensors as save_safetensors
-from .export import trained_module as trained_module
-from .feed import to_device as to_device
-from .graphs import cuda_graphed as cuda_graphed
-from .loop import Interrupted as Interrupted
-from .loop import fit as fit
-from .predict import predict as predict
-from .preemption import Preempted as Preempted
-from .remat import remat as remat
-from .sharding import shard as shard
-from .state import TrainState as TrainState
-from .step import make_eval_step as make_eval_step
-from .step import make_train_step as make_train_step
-from .step_spec import StepSpec as StepSpec
-from .step_spec import step_spec as step_spec
-from .tree import tree_digest as tree_digest
+
+# Each public name and the module it comes from, imported on first use (PEP 562): ``import
+# fxtrain`` costs nothing beyond this file, so ``fxtrain --help``, ``--version`` and ``inspect``
+# start without torch; the first ``fx.TrainState`` (or any name) imports what it needs.
+_PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging",
+             "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree")
+_NAMES = {
+    "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
+    "evaluate": "evaluation", "load_safetensors": "export", "save_safetensors": "export",
+    "trained_module": "export", "to_device": "feed", "cuda_graphed": "graphs",
+    "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
+    "shard": "sharding", "TrainState": "state",
+    "make_eval_step": "step", "make_train_step": "step", "StepSpec": "step_spec",
+    "tree_digest": "tree", "train": "configured",
+}
+
+
+class _Package(types.ModuleType):
+    """The package's module type: names that are also its submodules' names (``fx.remat`` the
+    function, ``fxtrain.remat`` its module) stay the functions when a submodule is imported,
+    which would otherwise bind the module in their place."""
+
+
+def _shadowing(name: str) -> property:
+    def get(package: types.ModuleType) -> Any:
+        return getattr(importlib.import_module(f".{name}", __name__), name)
+
+    def put(package: types.ModuleType, value: Any) -> None:
+        if not isinstance(value, types.ModuleType):  # the import system binds the submodule
+            raise AttributeError(f"fxtrain.{name} cannot be reassigned")
+
+    return property(get, put)
+
+
+for _name in ("predict", "remat", "step_spec"):
+    setattr(_Package, _name, _shadowing(_name))
+sys.modules[__name__].__class__ = _Package
+
+
+def __getattr__(name: str):
+    if name in _PACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    elif name in _NAMES:
+        value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module 'fxtrain' has no attribute {name!r}")
+    globals()[name] = value  # later uses are plain attribute reads (Dynamo traces them as such)
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
+    from . import (callbacks, checkpoint, data, debug, distributed, donation, logging,
+                   metrics, optim, precision, random, sharding, stats, struct, tree)
+    from .donation import DonatedError
+    from .evaluation import evaluate
+    from .export import load_safetensors, save_safetensors, trained_module
+    from .feed import to_device
+    from .graphs import cuda_graphed
+    from .loop import Interrupted, fit
+    from .predict import predict
+    from .preemption import Preempted
+    from .protocol import Control, Event
+    from .remat import remat
+    from .sharding import shard
+    from .state import TrainState
+    from .step import make_eval_step, make_train_step
+    from .step_spec import StepSpec, step_spec
+    from .tree import tree_digest
+    from .configured import train
 
 __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
+    "train",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",

@@ -1,14 +1,21 @@
-"""The ``fxtrain`` command line: ``fxtrain demo`` and ``fxtrain inspect DIR``."""
+"""The ``fxtrain`` command line: ``demo``, ``train`` and ``inspect``.
+
+It imports nothing heavy at start: ``--help``, ``--version`` and ``inspect`` run without torch
+(``inspect`` reads the checkpoints' JSON descriptions), and each command imports what it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .logging.numbers import format_scalars
-from .demo.job import DemoConfig
-from .demo.job import main as demo_main
-from .demo.tasks import DEFAULTS, MODELS
+from ._format import format_scalars
+from ._version import __version__
+
+DESCRIPTION = """\
+Functional training for PyTorch: the state is one value, the step a pure compiled function,
+callbacks pure functions of (state, event). fxtrain COMMAND --help says more."""
+MODELS = ("mlp", "cnn", "charlm", "transformer")  # fxtrain.demo.tasks.MODELS, without torch
 
 # the demo's numeric flags: a DemoConfig field each, with what it sets
 _KNOBS = {
@@ -24,18 +31,46 @@ _KNOBS = {
 
 
 def _per_model(flag: str) -> str:
+    from .demo.tasks import DEFAULTS
+
     return ", ".join(f"{model} {values[flag]:g}" for model, values in DEFAULTS.items())
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fxtrain", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+def _parser(command: str | None) -> argparse.ArgumentParser:
+    """The parser; the demo's flags (whose defaults come from its tasks, which import torch)
+    only when ``command`` is demo."""
+    parser = argparse.ArgumentParser(prog="fxtrain", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"fxtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = sub.add_parser(
         "demo", help="train a model on real data with the standard callbacks",
         description="Trains a small model on data that ships with its dependencies "
                     "(scikit-learn's digits, Python's own docstrings) with the compiled "
                     "functional step and the standard callbacks; writes TensorBoard and JSONL "
                     "logs, checkpoints, figures and a loss curve under --workdir.")
+    if command == "demo":
+        _demo_flags(demo)
+    sub.add_parser("train", help="train your own model from a YAML or Python config "
+                   "(fxtrain train CONFIG --help)")
+    inspect = sub.add_parser(
+        "inspect", help="list the checkpoints in a directory",
+        description="Lists the checkpoints in a directory (a CheckpointManager's, a run's "
+                    "workdir, or one checkpoint): step, metrics, size on disk, age and status. "
+                    "It reads their JSON descriptions only (no torch, no orbax), unless "
+                    "--verify or --digest reads the arrays.")
+    inspect.add_argument("directory", help="a CheckpointManager's directory, or one checkpoint")
+    inspect.add_argument("--step", type=int, help="show this checkpoint's tree")
+    inspect.add_argument("--digest", action="store_true",
+                         help="print fx.tree_digest of the restored state")
+    inspect.add_argument("--verify", action="store_true",
+                         help="read every checkpoint completely (every array, its checksum)")
+    return parser
+
+
+def _demo_flags(demo: argparse.ArgumentParser) -> None:
+    from .demo.job import DemoConfig
+
     demo.add_argument("--model", choices=MODELS, default=DemoConfig.model,
                       help="mlp or cnn: classify digits; charlm: a character language model; "
                            "transformer: a small GPT of the same text")
@@ -58,14 +93,35 @@ def _parser() -> argparse.ArgumentParser:
                            "where the machine has native bfloat16, else 32)")
     demo.add_argument("--no-progress", action="store_true", help="no progress bar")
     demo.add_argument("--no-compile", action="store_true", help="run the steps eagerly")
-    inspect = sub.add_parser("inspect", help="list the checkpoints in a directory")
-    inspect.add_argument("directory", help="a CheckpointManager's directory, or one checkpoint")
-    inspect.add_argument("--step", type=int, help="show this checkpoint's tree")
-    inspect.add_argument("--digest", action="store_true",
-                         help="print fx.tree_digest of the restored state")
-    inspect.add_argument("--verify", action="store_true",
-                         help="read every checkpoint completely (every array, its checksum)")
-    return parser
+
+
+def _train(args: list[str]) -> int:
+    """``fxtrain train CONFIG [overrides]``: a positional CONFIG is the config file, and
+    ``--print-config`` is jsonargparse's ``--print_config``."""
+    from .configured import ConfigError, parser, train
+
+    args = ["--print_config" if a == "--print-config" else a for a in args]
+    if not args or args[0] in ("-h", "--help"):
+        parser().print_help()
+        return 0
+    config = None if args[0].startswith("-") else args[0]
+    rest = args if config is None else args[1:]
+    if "--print_config" in rest:  # print the merged config and stop, as jsonargparse does
+        from .configured import _as_args
+        argv, _ = _as_args(config, rest)
+        try:
+            parser().parse_args(argv)
+        except SystemExit as printed:  # jsonargparse exits once it has printed
+            return printed.code or 0
+        return 0
+    try:
+        state = train(config, rest)
+    except ConfigError as e:
+        print(f"fxtrain train: {e}", file=sys.stderr)
+        return 2
+    print(f"fxtrain train: done at step {int(state.step)} (the workdir holds config.yaml, "
+          "checkpoints/, tensorboard/ and metrics.jsonl)")
+    return 0
 
 
 def _inspect(directory: str, step: int | None, digest: bool, verify: bool = False) -> int:
@@ -123,9 +179,16 @@ def _inspect(directory: str, step: int | None, digest: bool, verify: bool = Fals
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command == "train":  # its own parser (jsonargparse): everything after it is its
+        return _train(argv[argv.index("train") + 1:])
+    args = _parser(command).parse_args(argv)
     if args.command == "demo":
         from . import distributed
+        from .demo.job import DemoConfig
+        from .demo.job import main as demo_main
+
         distributed.init()  # under torchrun: join the job (and leave it at exit); else nothing
         given = {k: v for k, v in vars(args).items() if k in DemoConfig.__dataclass_fields__}
         return demo_main(DemoConfig(**given, progress=not args.no_progress,

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "_held", "struct", "donation", "dtensors", "tree", "stats", "means", "random", "remat",
+    ("_version", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means", "random", "remat",
      "distributed", "_traced_errors", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
@@ -25,7 +25,7 @@ FLOORS = (
     # the loop, and the tools that look at steps and loops
     ("loop", "_resuming", "debug"),
     # the applications and the public surface
-    ("demo", "cli", "__init__", "__main__"),
+    ("demo", "configured", "cli", "__init__", "__main__"),
 )
 
 

@@ -21,6 +21,7 @@ import torch.utils._pytree as pytree
 from ..donation import check_live
 from ..sharding import is_dtensor, is_sharded
 from ..tree import path_str
+from .layout import python_leaf
 
 FORMAT = "fxtrain.checkpoint/1"
 
@@ -64,11 +65,6 @@ def _tensor_array(t: torch.Tensor, path: str) -> np.ndarray:
 def _python_value(x: Any) -> dict[str, Any]:
     # floats as hex: exact, and NaN and inf stay valid JSON
     return {"type": type(x).__name__, "value": x.hex() if type(x) is float else x}
-
-
-def python_leaf(v: dict[str, Any]) -> Any:
-    """The Python value a ``"python"`` leaf entry describes."""
-    return float.fromhex(v["value"]) if v["type"] == "float" else v["value"]
 
 
 def _entry(path: str, key: str, leaf: Any) -> tuple[dict[str, Any], Any]:

@@ -2,7 +2,8 @@
 size, age), one checkpoint's tree (paths, dtypes, shapes) and its digest.
 
 The digest is ``fx.tree_digest`` of the state the checkpoint restores to, computed from the
-stored bytes: restoring into the right template and hashing gives the same string.
+stored bytes: restoring into the right template and hashing gives the same string. Only it reads
+arrays (torch, orbax); the rest reads the JSON descriptions (``fxtrain.checkpoint.layout``).
 """
 
 from __future__ import annotations
@@ -11,8 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..tree import digest_items, leaf_record
-from . import bridge, store
+from . import layout
 
 
 def checkpoint_paths(directory: str | Path) -> list[Path]:
@@ -36,16 +36,16 @@ def checkpoint_paths(directory: str | Path) -> list[Path]:
     directory = Path(directory).expanduser().absolute()
     if not directory.exists():
         raise FileNotFoundError(f"{directory} does not exist")
-    if store.is_checkpoint(directory):
+    if layout.is_checkpoint(directory):
         return [directory]
     if not directory.is_dir():
         raise NotADirectoryError(f"{directory} is not a directory")
-    found = store.steps(directory)
+    found = layout.steps(directory)
     if not found and (directory / "checkpoints").is_dir():  # a run's workdir (fxtrain demo's)
         return checkpoint_paths(directory / "checkpoints")
     if not found:
         raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
-                                f"{store.describe_directory(directory)})")
+                                f"{layout.describe_directory(directory)})")
     return [directory / str(step) for step in found]
 
 
@@ -58,8 +58,12 @@ def summary(path: Path, verify: bool = False) -> dict[str, Any]:
     ``damaged``: why it cannot be read, or None (``verify``: every array read and checked, not
     only its description)."""
     try:
-        meta = store.verify(path) if verify else store.read_meta(path)
-    except store.DamagedCheckpointError as e:
+        if verify:
+            from . import store  # every array read: torch, numpy and orbax
+            meta = store.verify(path)
+        else:
+            meta = layout.read_meta(path)
+    except layout.DamagedCheckpointError as e:
         step = int(path.name) if path.name.isdigit() else None
         return {"path": path, "step": step, "metrics": {}, "size": _size(path), "time": None,
                 "meta": None, "damaged": str(e).split(" is damaged: ", 1)[-1]}
@@ -92,7 +96,7 @@ def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
     rows = []
     for e in meta["leaves"]:
         if e["kind"] == "python":
-            rows.append((e["path"], e["type"], repr(bridge.python_leaf(e))))
+            rows.append((e["path"], e["type"], repr(layout.python_leaf(e))))
         else:
             rows.append((e["path"], e["dtype"], str(tuple(e["shape"]))))
     return rows
@@ -112,6 +116,9 @@ def digest(path: Path) -> str:
         True
         >>> tmp.cleanup()
     """
+    from ..tree import digest_items, leaf_record
+    from . import bridge, store
+
     meta, arrays = store.read_all(path)
     return digest_items(leaf_record(e["path"], bridge.leaf_value(arrays.get(e.get("key")), e))
                         for e in sorted(meta["leaves"], key=lambda e: e["path"]))

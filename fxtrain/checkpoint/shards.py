@@ -28,20 +28,10 @@ import torch
 
 from .. import distributed
 from .files import fsync_path
+from .layout import TABLE, is_sharded_checkpoint  # noqa: F401 (read by store)
 
-SHARDS, TABLE, TMP = "shards", "fxtrain.json", ".fxtrain-tmp"
+SHARDS, TMP = "shards", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
-
-
-def is_sharded_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a finished sharded checkpoint (its table is written last)."""
-    return (path / TABLE).is_file()
-
-
-def read_meta(path: Path) -> dict:
-    """The JSON table of the sharded checkpoint at ``path``."""
-    with open(path / TABLE) as f:
-        return json.load(f)
 
 
 def _alone() -> bool:

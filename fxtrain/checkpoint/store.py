@@ -16,21 +16,8 @@ import torch
 
 from . import bridge, shards
 from .files import fsync_path
-
-STATE, META = "state", "fxtrain"
-
-
-class DamagedCheckpointError(ValueError):
-    """A checkpoint on disk cannot be read back as it was written: a file is missing, truncated
-    or altered. The message names the checkpoint and what failed."""
-
-
-def _cause(error: BaseException) -> str:
-    """The first line of a storage error, without tensorstore's JSON spec."""
-    text = str(error).split(" [tensorstore_spec=")[0].strip().splitlines()
-    text = text[0] if text else type(error).__name__
-    return text if len(text) <= 300 else text[:300] + "..."
-
+from .layout import (META, STATE, DamagedCheckpointError, damage, damaged,  # noqa: F401
+                     describe_directory, is_checkpoint, read_meta, steps)
 
 def _quiet_closed_loops() -> None:
     """After a failed read, tensorstore's other reads still finish and call back into the event
@@ -49,15 +36,6 @@ def _quiet_closed_loops() -> None:
 
     hook._fxtrain_quiet = True
     sys.unraisablehook = hook
-
-
-def _damage(path: Path, what: str) -> DamagedCheckpointError:
-    return DamagedCheckpointError(f"the checkpoint at {path} is damaged: {what}")
-
-
-def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
-    """The error for a checkpoint at ``path`` whose ``what`` could not be read."""
-    return _damage(path, f"reading {what} failed ({type(error).__name__}: {_cause(error)})")
 
 
 def _crc(arr: np.ndarray) -> int:
@@ -79,7 +57,7 @@ def verify_arrays(path: Path, arrays: dict[str, Any], meta: dict) -> None:
         arr = arrays.get(e.get("key"))
         if "crc32" in e and isinstance(arr, np.ndarray) and _crc(
                 np.ascontiguousarray(arr)) != e["crc32"]:
-            raise _damage(path, f"the stored bytes of {e['path']} (array {e['key']}) differ "
+            raise damage(path, f"the stored bytes of {e['path']} (array {e['key']}) differ "
                                 "from what was saved (CRC-32 mismatch)")
 
 
@@ -113,52 +91,11 @@ def _checkpointer():
     return ocp.Checkpointer(ocp.CompositeCheckpointHandler(**handlers()))
 
 
-def is_checkpoint(path: Path) -> bool:
-    """Whether ``path`` is a finished fxtrain checkpoint: orbax's or a sharded one (both are
-    renamed into place last)."""
-    return (path / META).is_dir() or shards.is_sharded_checkpoint(path)
-
-
-def steps(directory: Path) -> list[int]:
-    """The steps of the finished checkpoints in a manager's ``directory``, oldest first."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and is_checkpoint(p))
-
-
-def describe_directory(path: Path) -> str:
-    """A few of ``path``'s entries, for error messages."""
-    if not path.is_dir():
-        return "a file, not a directory"
-    names = sorted(p.name for p in path.iterdir())
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} entries)" if len(names) > 8 else "")
-    return shown or "nothing"
-
-
-def read_meta(path: Path) -> dict:
-    """The JSON metadata of the checkpoint at ``path``."""
-    if not path.exists():
-        raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
-    if not is_checkpoint(path):
-        raise ValueError(f"{path} is not an fxtrain checkpoint (it holds: "
-                         f"{describe_directory(path)})")
-    try:
-        if shards.is_sharded_checkpoint(path):
-            return shards.read_meta(path)
-        ocp = orbax()
-        meta = _checkpointer().restore(path, args=ocp.args.Composite(
-            **{META: ocp.args.JsonRestore()}))
-        return meta[META]
-    except Exception as e:
-        raise damaged(path, e, "its description (the fxtrain item)") from e
-
-
 def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.ndarray]:
     """The arrays ``keys`` of the checkpoint at ``path`` (``saved``: all the keys it holds);
     a sharded checkpoint's tensors come whole, as tensors."""
     if shards.is_sharded_checkpoint(path):
-        entries = {e["key"]: e for e in shards.read_meta(path)["leaves"] if e.get("key") in keys}
+        entries = {e["key"]: e for e in read_meta(path)["leaves"] if e.get("key") in keys}
         return shards.read(path, entries)
     ocp = orbax()
     as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
@@ -254,6 +191,6 @@ def read_all(path: Path) -> tuple[dict, dict[str, Any]]:
     for e in meta["leaves"]:
         arr = arrays.get(e.get("key"))
         if arr is not None and list(np.shape(arr)) != e["shape"]:
-            raise _damage(path, f"{e['path']} has shape {tuple(np.shape(arr))} on disk, "
+            raise damage(path, f"{e['path']} has shape {tuple(np.shape(arr))} on disk, "
                                 f"{tuple(e['shape'])} in its description")
     return meta, arrays

@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._format import format_scalars as format_scalars  # torch-free, for the command line
+
 
 def is_number(value: Any) -> bool:
     """Whether a metric is one number (a 0-d or one-element tensor or array, an int or a
@@ -53,12 +55,3 @@ def _number(key: str, value: Any) -> float:
     return float(arr.reshape(()))
 
 
-def format_scalars(scalars: Mapping[str, float], sep: str = " ") -> str:
-    """``name=value`` pairs with 4 significant digits.
-
-    Examples:
-        >>> from fxtrain.logging.numbers import format_scalars
-        >>> format_scalars({"loss": 0.123456, "lr": 0.001})
-        'loss=0.1235 lr=0.001'
-    """
-    return sep.join(f"{k}={v:.4g}" for k, v in scalars.items())

@@ -1,0 +1,369 @@
+"""``fxtrain train CONFIG`` and ``fx.train(config)``: a training run of your own model, described by
+a YAML or Python config, with overrides on the command line (``--optim.lr 3e-4``).
+
+The config names Python objects by import path: ``package.module:name``, or a file beside the
+config, ``./models.py:name``. ``model`` is called with ``model_args`` and must return an
+``nn.Module``; ``data`` (and ``eval_data``) with ``data_args`` (``eval_data_args``) and must
+return the batches (``fx.data.Batches`` for exact resume, or any iterable). A Python config is a
+file that defines ``CONFIG``, a dict of the same keys.
+
+Parsing is jsonargparse's (the library LightningCLI is built on): the arguments come from
+``run``'s signature and docstring, so the config, ``--help``, ``--print_config`` and the
+overrides always agree, and a typo in a key is an error that lists the valid ones. It was chosen
+over hydra/omegaconf because it needs no decorators or config classes of its own: a typed
+function is the schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+LOSSES = ("cross_entropy", "mse", "causal_lm")
+
+
+class ConfigError(ValueError):
+    """A config that cannot describe a run (a reference that does not resolve, a factory that
+    returns the wrong thing, a workdir holding another run); nothing was changed on disk."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Optim:
+    """The optimizer and its learning-rate schedule.
+
+    Args:
+        name: an fx.optim optimizer, by optax's name (adamw, adam, sgd, lion, muon, ...).
+        lr: the peak learning rate.
+        schedule: constant, warmup_cosine (to 1% of lr at the last step) or linear (to 0).
+        warmup_steps: linear warm-up from 0 (warmup_cosine and linear).
+        weight_decay: for optimizers that take one (None: the optimizer's default).
+        clip_norm: clip the gradients' global norm to this first (None: no clipping).
+        args: other keyword arguments of the optimizer (b1, momentum, ...).
+    """
+
+    name: str = "adamw"
+    lr: float = 1e-3
+    schedule: str = "warmup_cosine"
+    warmup_steps: int = 0
+    weight_decay: float | None = None
+    clip_norm: float | None = 1.0
+    args: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def run(model: str, data: str, loss: str = "cross_entropy", *,
+        model_args: dict[str, Any] | None = None, data_args: dict[str, Any] | None = None,
+        eval_data: str | None = None, eval_data_args: dict[str, Any] | None = None,
+        optim: Optim = Optim(), max_steps: int = 1000, max_epochs: int | None = None,
+        eval_every: int | None = None, precision: str = "32", compile: bool = True,
+        seed: int = 0, workdir: str = "runs/train", log_every: int = 50,
+        checkpoint_every: int | None = 500, keep: int = 2,
+        callbacks: list[dict[str, Any]] | None = None, resume: bool = False,
+        progress: bool | None = None) -> Any:
+    """Trains model on data and returns the final TrainState (the text is plain: it is
+    fxtrain train --help).
+
+    Args:
+        model: the model factory's import path (pkg.mod:make_model, ./file.py:Net).
+        data: the training data factory's import path.
+        loss: cross_entropy or mse on (inputs, targets) batches, causal_lm (a transformers
+            model given input_ids and labels), or the import path of a
+            loss_fn(state, params, batch).
+        model_args: keyword arguments of the model factory.
+        data_args: keyword arguments of the data factory.
+        eval_data: the evaluation data factory's import path (None: no evaluation).
+        eval_data_args: keyword arguments of the evaluation data factory.
+        optim: the optimizer and its schedule.
+        max_steps: the step training ends at (counted over resumes).
+        max_epochs: stop after this many epochs too (None: max_steps alone).
+        eval_every: steps between evaluations (None: at each epoch end).
+        precision: 32, bf16-mixed, 16-mixed or bf16-true.
+        compile: compile the step with torch.compile (fullgraph); False runs it eagerly, which
+            starts at once and is faster for tiny models on a CPU.
+        seed: torch's generator before the model and data factories run, and the state's key.
+        workdir: where logs (TensorBoard, metrics.jsonl), checkpoints and config.yaml go.
+        log_every: steps between logged metrics, learning rate and throughput.
+        checkpoint_every: steps between checkpoints (None: at the end only).
+        keep: checkpoints kept.
+        callbacks: more host callbacks, each {"name": an fx.callbacks factory, "args": {...}}.
+        resume: continue from the latest checkpoint in workdir; without it a workdir that
+            holds checkpoints is refused.
+        progress: show a progress bar (None: when in a terminal or a notebook).
+    """
+    import torch
+
+    from . import callbacks as cb
+    from .checkpoint import CheckpointManager
+    from .logging import JsonlWriter, MultiWriter, TensorBoardWriter
+    from .loop import fit
+    from .state import TrainState
+    from .step import make_eval_step, make_train_step
+
+    root = Path(workdir)
+    manager = _manager(root, keep, resume)
+    torch.manual_seed(seed)
+    module = _built(model, model_args, "model")
+    if not isinstance(module, torch.nn.Module):
+        raise ConfigError(f"model: {model} returned {type(module).__name__}, not an nn.Module")
+    batches = _built(data, data_args, "data")
+    evaluation = _built(eval_data, eval_data_args, "eval_data") if eval_data else None
+    loss_fn = _loss(loss)
+    state = TrainState.create(module, _optimizer(optim, max_steps), seed=seed)
+    step = make_train_step(loss_fn, precision=precision)
+    eval_step = make_eval_step(loss_fn) if evaluation is not None else None
+    if compile:
+        step = torch.compile(step, fullgraph=True)
+    root.mkdir(parents=True, exist_ok=True)
+    writer = MultiWriter([TensorBoardWriter(root / "tensorboard"),
+                          JsonlWriter(root / "metrics.jsonl")])
+    hosts = [cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
+             cb.log_metrics(writer, log_every), cb.lr_monitor(log_every, writer=writer),
+             cb.throughput(log_every, writer=writer),
+             cb.log_eval_metrics(writer) if evaluation is not None else None,
+             *(_callback(spec) for spec in callbacks or ())]
+    try:
+        return fit(state, step, batches, max_steps=max_steps, max_epochs=max_epochs,
+                   eval_step=eval_step, eval_data=evaluation, eval_every=eval_every,
+                   checkpoint=manager, callbacks=[h for h in hosts if h is not None],
+                   resume=resume, progress=progress)
+    finally:
+        writer.close()
+
+
+def _manager(root: Path, keep: int, resume: bool) -> Any:
+    from .checkpoint import CheckpointManager
+
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"workdir: {root} is a file, not a directory")
+    manager = CheckpointManager(root / "checkpoints", keep_latest=keep)
+    latest = manager.latest_step()
+    if latest is not None and not resume:
+        raise ConfigError(f"workdir: {root} already holds a run (checkpoints up to step "
+                          f"{latest}); --resume true continues it, or give another --workdir. "
+                          "Nothing was changed.")
+    return manager
+
+
+def resolve(reference: str, where: str, base: Path | None = None) -> Any:
+    """The object ``reference`` names: ``pkg.mod:name``, ``pkg.mod.name`` or
+    ``path/file.py:name`` (relative to ``base``, the config's folder); ``where`` names the
+    config key in errors.
+
+    Examples:
+        >>> from fxtrain.configured import resolve
+        >>> resolve("torch.nn:Linear", "model")
+        <class 'torch.nn.modules.linear.Linear'>
+        >>> resolve("torch.nn.Lineer", "model")
+        Traceback (most recent call last):
+        ...
+        fxtrain.configured.ConfigError: model: torch.nn has no Lineer
+    """
+    if not isinstance(reference, str) or not reference:
+        raise ConfigError(f"{where}: expected an import path such as pkg.module:name, got "
+                          f"{reference!r}")
+    path, sep, name = reference.rpartition(":") if ":" in reference else \
+        reference.rpartition(".")
+    if not sep or not path or not name:
+        raise ConfigError(f"{where}: {reference!r} is not an import path (pkg.module:name, or "
+                          "file.py:name)")
+    if path.endswith(".py"):
+        module = _from_file(Path(base or ".") / path if not Path(path).is_absolute()
+                            else Path(path), where)
+    else:
+        try:
+            module = importlib.import_module(path)
+        except ImportError as e:
+            raise ConfigError(f"{where}: cannot import {path} ({e})") from e
+    try:
+        return getattr(module, name)
+    except AttributeError:
+        raise ConfigError(f"{where}: {path} has no {name}") from None
+
+
+def _from_file(path: Path, where: str) -> Any:
+    if not path.is_file():
+        raise ConfigError(f"{where}: no file {path}")
+    name = f"fxtrain_config_{abs(hash(str(path.resolve())))}"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _built(reference: str, args: dict | None, where: str) -> Any:
+    factory = resolve(reference, where)
+    try:
+        return factory(**(args or {}))
+    except TypeError as e:
+        raise ConfigError(f"{where}: calling {reference} with {where}_args {args or {}} "
+                          f"failed: {e}") from e
+
+
+def _loss(loss: str) -> Callable:
+    import torch.nn.functional as F
+
+    def cross_entropy(state, params, batch):
+        x, y = batch
+        logits = state.apply(params, x)
+        return F.cross_entropy(logits, y), {"accuracy": (logits.argmax(-1) == y).float().mean()}
+
+    def mse(state, params, batch):
+        x, y = batch
+        return F.mse_loss(state.apply(params, x), y)
+
+    def causal_lm(state, params, batch):
+        ids = batch["input_ids"] if isinstance(batch, dict) else batch
+        return state.apply(params, input_ids=ids, labels=ids).loss
+
+    named = {"cross_entropy": cross_entropy, "mse": mse, "causal_lm": causal_lm}
+    if loss in named:
+        return named[loss]
+    if ":" not in loss and "." not in loss:
+        raise ConfigError(f"loss: {loss!r} is none of {', '.join(LOSSES)} and not an import "
+                          "path of a loss_fn(state, params, batch)")
+    return resolve(loss, "loss")
+
+
+def _optimizer(config: Optim, max_steps: int) -> Any:
+    from . import optim
+
+    factory = getattr(optim, config.name, None)
+    if not callable(factory) or config.name.startswith("_"):
+        raise ConfigError(f"optim.name: fx.optim has no optimizer {config.name!r}")
+    warmup = min(config.warmup_steps, max(max_steps - 1, 0))
+    if config.schedule == "constant":
+        lr = config.lr if not warmup else optim.warmup_constant_schedule(0.0, config.lr, warmup)
+    elif config.schedule == "warmup_cosine":
+        lr = optim.warmup_cosine_decay_schedule(0.0, config.lr, warmup_steps=warmup,
+                                                decay_steps=max_steps,
+                                                end_value=config.lr * 0.01)
+    elif config.schedule == "linear":
+        lr = optim.join_schedules([optim.linear_schedule(0.0, config.lr, warmup),
+                                   optim.linear_schedule(config.lr, 0.0, max_steps - warmup)],
+                                  [warmup])
+    else:
+        raise ConfigError(f"optim.schedule: {config.schedule!r} is none of constant, "
+                          "warmup_cosine, linear")
+    kwargs = dict(config.args)
+    if config.weight_decay is not None:
+        kwargs["weight_decay"] = config.weight_decay
+    try:
+        tx = factory(lr, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"optim: fx.optim.{config.name} refused {kwargs}: {e}") from e
+    return tx if config.clip_norm is None else optim.chain(
+        optim.clip_by_global_norm(config.clip_norm), tx)
+
+
+def _callback(spec: dict) -> Any:
+    from . import callbacks
+
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ConfigError(f"callbacks: each is {{name: ..., args: {{...}}}}, got {spec!r}")
+    factory = getattr(callbacks, spec["name"], None)
+    if not callable(factory):
+        raise ConfigError(f"callbacks: fx.callbacks has no {spec['name']!r}")
+    return factory(**spec.get("args", {}))
+
+
+def parser() -> Any:
+    """The jsonargparse parser of ``run``'s arguments, with ``CONFIG`` and ``--config``."""
+    try:
+        from jsonargparse import ActionConfigFile, ArgumentParser
+    except ImportError as e:
+        raise ImportError("fxtrain train needs jsonargparse: pip install jsonargparse") from e
+    p = ArgumentParser(prog="fxtrain train", description=(
+        "Trains your own model from a YAML or Python config; any key can be overridden on the "
+        "command line (--optim.lr 3e-4, --max_steps 500)."), exit_on_error=False)
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML config (or use CONFIG)")
+    p.add_function_arguments(run, fail_untyped=True)
+    return p
+
+
+def _as_args(config: str | Path | dict | None, args: Sequence[str]) -> tuple[list[str], Path]:
+    """``args`` with the config first: a YAML file as ``--config``, a Python file's ``CONFIG``
+    (or a dict) as a YAML string; and the folder file references are relative to."""
+    import yaml
+
+    if config is None:
+        return list(args), Path.cwd()
+    if isinstance(config, dict):
+        return ["--config", yaml.safe_dump(config), *args], Path.cwd()
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"no config file {path}")
+    if path.suffix == ".py":
+        values = getattr(_from_file(path, "config"), "CONFIG", None)
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path} defines no CONFIG dict")
+        return ["--config", yaml.safe_dump(values), *args], path.parent.resolve()
+    return ["--config", str(path), *args], path.parent.resolve()
+
+
+def train(config: str | Path | dict | None = None, args: Sequence[str] = ()) -> Any:
+    """What ``fxtrain train CONFIG ARGS`` does, from Python: parse, then ``run``; returns the
+    final ``TrainState``. ``config``: a YAML or Python file, or a dict.
+
+    Examples:
+        >>> import tempfile
+        >>> tmp = tempfile.TemporaryDirectory()
+        >>> state = fx.train({"model": "torch.nn:Linear", "model_args": {"in_features": 4,
+        ...                   "out_features": 1}, "data": "fxtrain.configured:example_data",
+        ...                   "loss": "mse", "max_steps": 20, "compile": False,
+        ...                   "workdir": tmp.name + "/run", "progress": False},
+        ...                  ["--optim.lr", "0.05"])
+        >>> int(state.step)
+        20
+        >>> tmp.cleanup()
+    """
+    argv, base = _as_args(config, args)
+    p = parser()
+    try:
+        namespace = p.parse_args(argv)
+    except Exception as e:  # jsonargparse's message names the key and what it expected
+        raise ConfigError(str(e)) from None
+    namespace.pop("config", None)
+    for key in REFERENCES:  # a file beside the config, wherever the command runs from
+        namespace[key] = _anchored(namespace.get(key), base)
+    values = p.instantiate(namespace).as_dict()
+    values["optim"] = namespace_optim(values.get("optim"))
+    saved = Path(values["workdir"]) / "config.yaml"
+    if not values["resume"] and not saved.exists():  # the run's own record, never overwritten
+        _manager(Path(values["workdir"]), values["keep"], False)  # refuses a workdir in use
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        p.save(namespace, saved, skip_validation=True)
+    return run(**values)
+
+
+REFERENCES = ("model", "data", "eval_data", "loss")  # the keys that name Python objects
+
+
+def _anchored(reference: Any, base: Path) -> Any:
+    """A ``file.py:name`` reference relative to ``base`` made absolute (others unchanged)."""
+    if not isinstance(reference, str) or ".py:" not in reference:
+        return reference
+    path, _, name = reference.rpartition(":")
+    return reference if Path(path).is_absolute() else f"{(base / path).resolve()}:{name}"
+
+
+def namespace_optim(value: Any) -> Optim:
+    if isinstance(value, Optim):
+        return value
+    return Optim(**(value or {}))
+
+
+def example_data(n: int = 64, seed: int = 0) -> Any:
+    """A tiny regression set (inputs of 4 features, one target), for the examples."""
+    import torch
+
+    from .data import Batches
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=g)
+    return Batches((x, x.sum(1, keepdim=True)), 16, seed=seed)
