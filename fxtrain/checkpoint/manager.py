@@ -104,6 +104,8 @@ class CheckpointManager:
         self._pending_shards: Callable[[], None] | None = None  # a sharded save in flight
         self._group = None  # the process group sharded saves are written in the background on
         self._leftovers = False  # retention failed to delete a checkpoint: retry at the next save
+        if async_save:  # import orbax (and jax, ~1.3 s) now, while the run is set up, not on
+            store.orbax()  # the writer thread during the first save, where it slows training
 
     # -- orbax -----------------------------------------------------------------------------
 
