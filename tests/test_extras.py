@@ -13,7 +13,8 @@ from fxtrain.callbacks.hf import hf_callback
     ("transformers", lambda: hf_callback(object()), "hf"),
     ("torchmetrics", lambda: fx.metrics.from_torchmetrics(object()), "metrics"),
     ("wandb", lambda: fx.logging.WandbWriter("p", mode="offline"), "wandb"),
-], ids=["hf", "metrics", "wandb"])
+    ("mlflow.tracking", lambda: fx.logging.MlflowWriter("mlruns"), "mlflow"),
+], ids=["hf", "metrics", "wandb", "mlflow"])
 def test_a_missing_extra_names_it(monkeypatch, module, call, extra):
     monkeypatch.setitem(sys.modules, module, None)  # `import module` now raises ImportError
     with pytest.raises(ImportError, match=rf"pip install '?fxtrain\[{extra}\]"):

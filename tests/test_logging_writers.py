@@ -1,7 +1,9 @@
 """fx.logging writers: TensorBoard files read back with tensorboard's own reader, JSONL lines,
 console lines, and the wrapping writers."""
 
+import json
 import logging
+import math
 import signal
 import subprocess
 import sys
@@ -197,3 +199,55 @@ def test_every_writer_takes_a_matplotlib_figure_as_an_image(tmp_path):
     jsonl.close()
     (event,) = fx.logging.read_jsonl(tmp_path / "m.jsonl")
     assert event["values"]["fig"]["shape"] == [1, 50, 100, 3]
+
+
+def test_csv_writer_appends_rows_that_read_back_and_survive_a_torn_line(tmp_path):
+    path = tmp_path / "logs" / "metrics.csv"
+    writer = fx.logging.CsvWriter(path)
+    writer.write_scalars(1, {"loss": torch.tensor(0.5), "lr": 1e-3})
+    writer.write_scalars(2, {"loss": float("nan")})
+    writer.write_texts(2, {"sample": "a, \"quoted\"\nline"})
+    writer.write_images(2, {"x": torch.zeros(4, 4, 1)})  # no place in a table: skipped
+    writer.write_hparams({"lr": 1e-3, "model": "mlp"})
+    writer.close()
+    with open(path, "a") as f:
+        f.write("3,17.0,loss,0.2")  # a writer killed mid-row
+    with pytest.warns(UserWarning, match="CsvWriter: .* incomplete line"):
+        again = fx.logging.CsvWriter(path)  # a resumed run appends
+    again.write_scalars(3, {"loss": 0.25})
+    again.close()
+    got = fx.logging.read_csv(path)
+    assert got["lr"] == [(1, 1e-3)] and got["loss"][0] == (1, 0.5) and got["loss"][2] == (3, 0.25)
+    assert math.isnan(got["loss"][1][1]) and got["sample"] == [(2, "a, \"quoted\"\nline")]
+    assert set(got) == {"loss", "lr", "sample"}
+    assert json.loads((path.parent / "hparams.json").read_text()) == {"lr": 1e-3, "model": "mlp"}
+
+
+def test_mlflow_writer_is_read_back_with_mlflows_own_client(tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "mlruns"
+    writer = fx.logging.MlflowWriter(str(store), experiment="fx", run_name="first")
+    writer.write_scalars(10, {"loss": torch.tensor(0.5), "accuracy": 0.75})
+    writer.write_scalars(20, {"loss": 0.25})
+    writer.write_hparams({"lr": 3e-4, "layers": [64, 64]})
+    writer.write_texts(20, {"sample": "hello"})
+    writer.write_images(20, {"digit": torch.rand(2, 8, 8, 1)})
+    writer.write_audios(20, {"tone": torch.zeros(1, 800)}, sample_rate=8000)
+    writer.close()
+    client = MlflowClient(tracking_uri=store.as_uri())
+    run = client.get_run(writer.run_id)
+    assert run.info.status == "FINISHED" and run.info.run_name == "first"
+    assert [(m.step, m.value) for m in client.get_metric_history(writer.run_id, "loss")] == \
+        [(10, 0.5), (20, 0.25)]
+    assert run.data.params == {"lr": "0.0003", "layers": "[64, 64]"}
+    artifacts = {a.path for a in client.list_artifacts(writer.run_id, "texts/sample")}
+    assert artifacts == {"texts/sample/step_20.txt"}
+    assert client.list_artifacts(writer.run_id, "audio/tone")
+    experiment = client.get_experiment_by_name("fx")
+    assert experiment is not None and experiment.experiment_id == run.info.experiment_id
+    again = fx.logging.MlflowWriter(str(store), experiment="fx")  # the same experiment, a new run
+    assert again.run_id != writer.run_id
+    again.close()
+    del mlflow

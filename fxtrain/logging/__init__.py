@@ -6,14 +6,18 @@ writer (clu's included)."""
 from .compose import AsyncWriter as AsyncWriter
 from .compose import MultiWriter as MultiWriter
 from .console import ConsoleWriter as ConsoleWriter
+from .csvfile import CsvWriter as CsvWriter
+from .csvfile import read_csv as read_csv
 from .jsonl import JsonlWriter as JsonlWriter
 from .jsonl import read_jsonl as read_jsonl
 from .media import Audio as Audio
 from .media import Captioned as Captioned
+from .mlflow import MlflowWriter as MlflowWriter
 from .tensorboard import TensorBoardWriter as TensorBoardWriter
 from .values import Histogram as Histogram
 from .wandb import WandbWriter as WandbWriter
 from .writer import Writer as Writer
 
 __all__ = ["Writer", "TensorBoardWriter", "JsonlWriter", "ConsoleWriter", "WandbWriter",
-           "MultiWriter", "AsyncWriter", "Histogram", "Audio", "Captioned", "read_jsonl"]
+           "CsvWriter", "MlflowWriter", "MultiWriter", "AsyncWriter", "Histogram", "Audio",
+           "Captioned", "read_jsonl", "read_csv"]

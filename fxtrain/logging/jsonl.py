@@ -49,7 +49,7 @@ def _binned(h: Histogram) -> dict[str, Any]:
     return {"edges": [_json_number(x) for x in h.edges.tolist()], "counts": h.counts.tolist()}
 
 
-def _drop_torn_line(path: Path) -> None:
+def _drop_torn_line(path: Path, who: str = "JsonlWriter") -> None:
     """Cuts an incomplete last line (a process killed mid-write) off an existing log, so that
     appending starts on a line of its own."""
     if not path.is_file() or path.stat().st_size == 0:
@@ -61,7 +61,7 @@ def _drop_torn_line(path: Path) -> None:
         f.seek(0)
         keep = f.read().rfind(b"\n") + 1
         f.truncate(keep)
-    warnings.warn(f"JsonlWriter: {path} ended in an incomplete line (a writer killed "
+    warnings.warn(f"{who}: {path} ended in an incomplete line (a writer killed "
                   "mid-write); it was cut off before appending", stacklevel=3)
 
 
