@@ -27,7 +27,7 @@ _NAMES = {
     "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
     "shard": "sharding", "TrainState": "state",
     "make_eval_step": "step", "make_train_step": "step", "StepSpec": "step_spec",
-    "tree_digest": "tree", "train": "configured",
+    "tree_digest": "tree", "train": "configured", "lr_find": "lr_find", "LrFind": "lr_find",
 }
 
 
@@ -87,12 +87,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .step_spec import StepSpec, step_spec
     from .tree import tree_digest
     from .configured import train
+    from .lr_find import LrFind, lr_find
 
 __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
-    "train",
+    "train", "lr_find", "LrFind",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",
