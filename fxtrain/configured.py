@@ -121,7 +121,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     writer = MultiWriter([TensorBoardWriter(root / "tensorboard"),
                           JsonlWriter(root / "metrics.jsonl")])
     hosts = [cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
-             cb.log_metrics(writer, log_every), cb.lr_monitor(log_every, writer=writer),
+             cb.log_metrics(writer, log_every, eval_prefix=None),
+             cb.lr_monitor(log_every, writer=writer),
              cb.throughput(log_every, writer=writer),
              cb.log_eval_metrics(writer) if evaluation is not None else None,
              *(_callback(spec) for spec in callbacks or ())]

@@ -26,13 +26,16 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 EXPECTED = ("01_quickstart.ipynb", "02_callbacks.ipynb", "03_functional_restore.ipynb",
-            "04_compiled_benchmark.ipynb", "05_transformer.ipynb")
+            "04_compiled_benchmark.ipynb", "05_transformer.ipynb", "06_config_run.ipynb")
 KERNEL = "python3"
 CELL_TIMEOUT_S = 300  # the first torch.compile in a cold cache takes tens of seconds on 2 cores
 # Not files a notebook writes: tool caches, the environment and version control.
 IGNORED_DIRS = {".git", ".venv", "venv", "__pycache__", ".pytest_cache", ".hypothesis",
                 ".mypy_cache", ".ruff_cache"}
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# a cell whose outputs must hold fit's default progress bar (a widget, or tqdm's text bar where
+# ipywidgets is missing), though the notebook asks for no callback
+DEFAULT_PROGRESS = {"06_config_run.ipynb": 3}
 
 
 def _notebooks() -> list[Path]:
@@ -130,6 +133,10 @@ def test_notebook_runs(path, tmp_path):
         pytest.fail(f"{path.name}: {_failure(nb, error)}", pytrace=False)
     print(f"{path.name} ran in {time.perf_counter() - start:.1f} s")
 
+    if path.name in DEFAULT_PROGRESS:
+        outputs = nb.cells[DEFAULT_PROGRESS[path.name]].outputs
+        assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+                   or "train:" in o.get("text", "") for o in outputs), outputs
     assert path.read_bytes() == source, f"{path.name} was modified on disk by running it"
     new = sorted(_files(REPO) - repo_before)
     assert not new, f"{path.name} wrote into the repository: {new}"
