@@ -48,3 +48,43 @@ def test_an_output_without_a_loss_names_labels():
     step = fx.make_train_step(lambda s, p, b: s.apply(p, b, use_cache=False))
     with pytest.raises(TypeError, match=r"\.loss is None; pass labels="):
         step(state, IDS)
+
+
+def test_lora_through_peft_trains_only_the_adapter_and_reloads_with_peft(tmp_path):
+    """peft's LoRA on a GPT-2: peft freezes the base weights, so TrainState.create keeps them as
+    buffers and only the adapter trains; the base stays bitwise as it was; the trained module
+    saves its adapter with peft, and peft loads it back onto a fresh base, same outputs."""
+    transformers, peft = extra("transformers"), extra("peft")
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32,
+                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+
+    def base():
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        model.loss_type = "ForCausalLM"
+        return model
+
+    lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0,
+                           fan_in_fan_out=True)
+    model = peft.get_peft_model(base(), lora)
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    state = fx.TrainState.create(model, fx.optim.adamw(3e-2))
+    assert state.params and all("lora_" in name for name in state.params)
+    step = fx.make_train_step(_explicit)
+    first = None
+    for _ in range(10):
+        state, metrics = step(state, IDS)
+        first = metrics["loss"] if first is None else first
+    assert float(metrics["loss"]) < float(first)
+    assert all(torch.equal(state.buffers[n], frozen[n]) for n in frozen)  # base untouched
+    trained = fx.trained_module(state)
+    trained.save_pretrained(tmp_path / "adapter")
+    saved = sorted(p.name for p in (tmp_path / "adapter").iterdir())
+    assert "adapter_config.json" in saved and "adapter_model.safetensors" in saved
+    loaded = peft.PeftModel.from_pretrained(base(), tmp_path / "adapter").eval()
+    trained.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, trained(IDS).logits)
+    lora_b = next(n for n in state.params if "lora_B" in n)
+    assert not torch.equal(state.params[lora_b], torch.zeros_like(state.params[lora_b]))
