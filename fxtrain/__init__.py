@@ -27,7 +27,7 @@ _NAMES = {
     "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
     "shard": "sharding", "TrainState": "state",
     "make_eval_step": "step", "make_train_step": "step", "StepSpec": "step_spec",
-    "tree_digest": "tree", "train": "configured", "lr_find": "lr_find", "LrFind": "lr_find",
+    "tree_digest": "tree", "train": "configured", "LrFind": "lr_find",
 }
 
 
@@ -48,7 +48,8 @@ def _shadowing(name: str) -> property:
     return property(get, put)
 
 
-for _name in ("predict", "remat", "step_spec"):
+_SHADOWED = ("lr_find", "predict", "remat", "step_spec")  # functions named as their modules
+for _name in _SHADOWED:
     setattr(_Package, _name, _shadowing(_name))
 sys.modules[__name__].__class__ = _Package
 

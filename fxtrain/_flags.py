@@ -44,6 +44,9 @@ class PendingFlags:
                 pending.append(value)
                 self.host_tensors = True
         self.now = self.now | Control(*(v if v is True else False for v in values))
+        if control.stop_epoch is not False or control.abort is not False:  # host only: now
+            self.now = self.now | Control(stop_epoch=bool(control.stop_epoch),
+                                          abort=bool(control.abort))
 
     def add_step(self, metrics: dict) -> None:
         """A step's metrics: its in-step callbacks' flags (tensors, kept for the next read, no
@@ -63,7 +66,8 @@ class PendingFlags:
         if self.agree:
             return self.rank_consistent
         return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
-                    or self.signalled or self.host_tensors)
+                    or self.now.stop_epoch or self.now.abort or self.signalled
+                    or self.host_tensors)
 
     def read(self) -> Control:
         fields = [i for i, pending in enumerate(self.tensors) if pending]
@@ -82,8 +86,9 @@ class PendingFlags:
         self.rank_consistent = self.host_tensors = False
         preempted = self.signalled
         if self.agree:  # a flag any rank raised holds on every rank
-            *agreed, preempted = distributed.agree([*flags(out)[:4], preempted])
-            out = Control(*agreed)
+            *agreed, preempted = distributed.agree([*flags(out)[:4], out.stop_epoch, out.abort,
+                                                    preempted])
+            out = Control(*agreed[:4], stop_epoch=agreed[4], abort=agreed[5])
         if preempted:  # stop; fit then saves, as at any end
             self.preempted = True
             out = out | Control(stop=True)

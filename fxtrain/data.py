@@ -227,6 +227,11 @@ class Batches:
         self._last = (new, epoch + done, 0 if done else index + 1)
         return batch, new, done
 
+    def skip_epoch(self, position: DataPosition) -> DataPosition:
+        """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
+        return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
+                            self._index[0])
+
     def _index_tensor(self, index: int) -> torch.Tensor:
         if index < len(self._index):
             return self._index[index]
@@ -278,6 +283,10 @@ class IterableStream:
         for _ in range(index):
             next(self._it)
         self._ahead = next(self._it, _END)
+
+    def skip_epoch(self, position: DataPosition) -> DataPosition:
+        """The start of the epoch after ``position``'s: a new pass (``Control.stop_epoch``)."""
+        return DataPosition(position.epoch + 1, torch.zeros((), dtype=torch.int64))
 
     def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
         """The batch at ``position``; StopIteration when there is none (the data ran out)."""
@@ -336,6 +345,10 @@ class LoaderStream:
         snapshot = self.loader.state_dict()
         self._ahead = next(self._it, _END)
         return snapshot
+
+    def skip_epoch(self, position: LoaderPosition) -> LoaderPosition:
+        """The start of the next epoch: a new pass of the loader (``Control.stop_epoch``)."""
+        return LoaderPosition(position.epoch + 1, self._open(None))
 
     def next(self, position: LoaderPosition) -> tuple[Any, LoaderPosition, bool]:
         if not isinstance(position, LoaderPosition):

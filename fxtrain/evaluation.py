@@ -85,8 +85,11 @@ def _across_ranks(acc: dict, collection: Any) -> tuple[dict, Any]:
     return to(merged_acc, device), to(merged, device)
 
 
-def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch.Tensor]:
+def evaluate(eval_step: Callable, state: Any, data: Iterable, *,
+             on_batch: Callable[[Any], None] | None = None) -> dict[str, torch.Tensor]:
     """Runs ``eval_step(state, batch)`` over ``data``; returns the averaged metrics.
+    ``on_batch(metrics)`` gets each batch's metrics as ``eval_step`` returned them (``fit``'s
+    eval_batch event).
 
     Under torch.distributed each rank evaluates its data (a sharded ``fx.data.Batches``) and
     the metrics are merged across ranks, so every rank returns the same values.
@@ -110,6 +113,8 @@ def evaluate(eval_step: Callable, state: Any, data: Iterable) -> dict[str, torch
         if size == 0:  # a rank's empty share of a short last batch
             continue
         out = eval_step(state, to_device(batch, state.step.device))
+        if on_batch is not None:
+            on_batch(out)
         if isinstance(out, Metric):  # a whole Collection (or one metric)
             collection = out if collection is None else collection.merge(out)
         elif isinstance(out, Mapping):

@@ -152,8 +152,12 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     state = init((*spec.step_states, *spec.in_step_callbacks, *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
+    restored = None
     if checkpoint is not None:
+        before = state
         state = _resuming.resume(checkpoint, state, resume)
+        if state is not before:  # resumed: the checkpoint it came from
+            restored = f"{getattr(checkpoint, 'directory', 'checkpoint')}/{int(state.step)}"
     donates = not _k_steps.skipping(callbacks)
     if not donates and spec.cuda_graphs:
         raise ValueError(f"fit: host callback {_k_steps.skipping(callbacks)[0].name} may skip a "
@@ -169,7 +173,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
         try:
             reason = run.begin(_plan(stream, max_steps, max_epochs, eval_data, spec,
-                                     sync_every))
+                                     sync_every), restored)
             while reason is None:
                 reason = run.schedule.limit(run.step, run.epoch) or run.call() or run.boundary()
         except KeyboardInterrupt as e:
@@ -186,7 +190,8 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                 donation.mark(given)
         # saved before train_end, which may change the state (early_stopping's restore_best):
         # the checkpoint is where training stood, so resuming from it continues the same run
-        run.save()
+        if reason != "aborted":  # Control.abort: ends without the final checkpoint
+            run.save()
         preempted = run.pending.preempted
         end = {"reason": "preempted" if preempted else reason}
         if reason == "stopped" and not preempted:
@@ -232,7 +237,7 @@ class _Run:
         self.all_callbacks = (*spec.in_step_callbacks, *callbacks)  # vetoes, stop reasons
         k = spec.steps_per_call
         self.donates, self.k, self.schedule, self.checkpoint = donates, k, schedule, checkpoint
-        self.eval_step, self.eval_data = eval_step, eval_data
+        self.eval_step, self.eval_data, self.stream = eval_step, eval_data, stream
         self.step, self.epoch = step, int(state.data.epoch)
         device = state.step.device  # where batches go
         self.feed = Feed(lambda position: _k_steps.take(stream, position, k), device,
@@ -244,6 +249,8 @@ class _Run:
         self.epoch_eval: dict | None = None  # the epoch's latest evaluation
         self.before_step = tuple(cb for cb in callbacks  # those that asked for step_begin
                                  if isinstance(cb, Callback) and "step_begin" in cb.kinds)
+        self.per_eval_batch = tuple(cb for cb in callbacks  # and for eval_batch
+                                    if isinstance(cb, Callback) and "eval_batch" in cb.kinds)
         self.in_step = False  # inside the step call (its state may be donated half-way)
         self.stoppers: list[str] = []  # host callbacks that asked to stop outright
         self.warned_nonfinite = False
@@ -260,11 +267,17 @@ class _Run:
         """SIGTERM arrived (called by the signal handler: it only raises a flag)."""
         self.pending.signalled = True
 
-    def begin(self, plan: dict) -> str | None:
-        """train_begin, and what its callbacks ask for: an evaluation, a save (of the state
-        training starts from), a log at the first step, a stop."""
+    def begin(self, plan: dict, restored: str | None) -> str | None:
+        """setup, restore (``restored``: the checkpoint ``fit`` resumed from), train_begin, and
+        what their callbacks ask for: an evaluation, a save (of the state training starts
+        from), a log at the first step, a stop, an abort."""
+        self.emit("setup", plan)
+        if restored is not None:
+            self.emit("restore", {"step": self.step, "path": restored})
         self.emit("train_begin", plan)
         control = self.pending.read()
+        if control.abort:
+            return "aborted"
         if control.evaluate:
             self.evaluate()
         if control.save:
@@ -330,6 +343,12 @@ class _Run:
                 or self.pending.urgent() or schedule.limit(self.step, self.epoch + epoch_done)):
             return None
         control = self.pending.read()
+        if control.abort:
+            return "aborted"
+        if control.stop_epoch and not epoch_done:  # the data goes on at the next epoch
+            self.state = self.state.replace(data=self.skipped_epoch())
+            epoch_done = True
+            eval_due = eval_due or (self.eval_step is not None and not schedule.eval_every)
         if eval_due or control.evaluate:
             self.evaluate()
         if epoch_done:
@@ -365,12 +384,27 @@ class _Run:
                  if not any(s.startswith(f"{name}: ") for s in said)]
         return "; ".join(said) or "a callback asked to stop"
 
+    def skipped_epoch(self) -> Any:
+        """The data position at the next epoch's start (``Control.stop_epoch``)."""
+        skip = getattr(self.stream, "skip_epoch", None)
+        if skip is None:
+            raise ValueError(f"fit: a callback asked to end the epoch (Control.stop_epoch), but "
+                             f"this data ({type(self.stream).__name__}) cannot skip to its next "
+                             "epoch; use fx.data.Batches, an iterable or a StatefulDataLoader")
+        return skip(self.state.data)
+
     def evaluate(self) -> None:
         if self.eval_step is None:
             warnings.warn(f"fit: a callback asked for an evaluation at step {self.step}, but "
                           "fit has no eval_step and eval_data to run", stacklevel=3)
             return
-        self.last_eval = (self.step, evaluate(self.eval_step, self.state, self.eval_data))
+        self.emit("eval_begin")
+        on_batch = None
+        if self.per_eval_batch:
+            def on_batch(metrics: dict) -> None:
+                self.emit("eval_batch", metrics, callbacks=self.per_eval_batch)
+        self.last_eval = (self.step, evaluate(self.eval_step, self.state, self.eval_data,
+                                              on_batch=on_batch))
         self.epoch_eval = self.last_eval[1]
         self.emit("eval_end", self.last_eval[1])
 

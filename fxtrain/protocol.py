@@ -22,13 +22,16 @@ import torch
 
 from . import struct
 
-EVENT_KINDS = ("train_begin", "epoch_begin", "step_begin", "step_end", "eval_end", "epoch_end",
-               "checkpoint", "train_end", "exception", "predict_end")
+EVENT_KINDS = ("setup", "restore", "train_begin", "epoch_begin", "step_begin", "step_end",
+               "eval_begin", "eval_batch", "eval_end", "epoch_end", "checkpoint", "train_end",
+               "exception", "predict_end")
 """Every event kind, in the order ``fx.fit`` sends them (see ``Event``)."""
-# what a Callback reacts to unless it names its kinds: all but step_begin, which costs a fold
-# before every step and so goes only to the callbacks that ask for it by name
-DEFAULT_KINDS = tuple(k for k in EVENT_KINDS if k != "step_begin")
-"""The kinds a ``Callback`` reacts to unless it names its own: all but ``step_begin``."""
+# what a Callback reacts to unless it names its kinds: all but step_begin and eval_batch, which
+# cost a fold per batch and so go only to the callbacks that ask for them by name
+PER_BATCH_KINDS = ("step_begin", "eval_batch")
+DEFAULT_KINDS = tuple(k for k in EVENT_KINDS if k not in PER_BATCH_KINDS)
+"""The kinds a ``Callback`` reacts to unless it names its own: all but ``step_begin`` and
+``eval_batch``."""
 
 
 @struct.dataclass
@@ -38,12 +41,18 @@ class Event:
     The kinds, in the order ``fx.fit`` sends them:
 
     ===========  =================================================================================
+    setup        first, once per ``fit`` call, the state made (callback states initialised,
+                 restored when resuming); metrics the run's plan, as train_begin's
+    restore      when ``fit`` resumed from a checkpoint; metrics ``{"step", "path"}``
     train_begin  once per ``fit`` call; metrics: the run's plan (max_steps, steps_per_epoch, ...)
     epoch_begin  before the first step of each epoch the call trains in (a resumed run's first
                  epoch included, though it began before); metrics None
     step_begin   before each step call, ``step`` the count before it; host only, and sent only to
                  a ``Callback`` that names it in ``kinds`` (a fold before every step costs time)
     step_end     after each step call, with the step's metrics
+    eval_begin   before an evaluation; metrics None
+    eval_batch   after each evaluation batch, with its metrics (``step`` the training step); host
+                 only, and sent only to a ``Callback`` that names it in ``kinds``
     eval_end     after an evaluation, with its metrics
     epoch_end    at the end of an epoch, with the mean over its step_end events of each float
                  0-d training metric and, as ``eval/<name>``, the epoch's last evaluation
@@ -62,9 +71,9 @@ class Event:
         >>> fx.Event("step_start")
         Traceback (most recent call last):
         ...
-        ValueError: unknown event kind 'step_start'; expected one of ('train_begin',
-        'epoch_begin', 'step_begin', 'step_end', 'eval_end', 'epoch_end', 'checkpoint',
-        'train_end', 'exception', 'predict_end')
+        ValueError: unknown event kind 'step_start'; expected one of ('setup', 'restore',
+        'train_begin', 'epoch_begin', 'step_begin', 'step_end', 'eval_begin', 'eval_batch',
+        'eval_end', 'epoch_end', 'checkpoint', 'train_end', 'exception', 'predict_end')
     """
 
     kind: str = struct.field(static=True)
@@ -88,17 +97,22 @@ class Control:
     ``stop`` ends training, ``save`` writes a checkpoint, ``evaluate`` runs evaluation, ``log``
     asks logging callbacks to write now. ``skip`` discards the update of the step just taken
     (params, buffers and optimizer state go back to their values before it), as ``nan_guard``
-    does for a non-finite step.
+    does for a non-finite step. ``stop_epoch`` ends the current epoch (the data goes on at the
+    next epoch's start; HF's ``should_epoch_stop``), and ``abort`` ends training without the
+    final checkpoint (Forgather's ``should_abort_without_save``); these two come from host
+    callbacks (``fit`` reads them at once), not from inside a step.
 
     Examples:
         >>> fx.Control(save=True) | fx.Control(stop=True)
-        Control(stop=True, save=True, evaluate=False, log=False, skip=False)
+        Control(stop=True, save=True, evaluate=False, log=False, skip=False, stop_epoch=False,
+                abort=False)
 
         Flags computed with tensors stay tensors (no sync); the loop reads them in batches:
 
         >>> loss = torch.tensor(float("nan"))
         >>> fx.Control(stop=~torch.isfinite(loss)) | fx.Control(log=True)
-        Control(stop=tensor(True), save=False, evaluate=False, log=True, skip=False)
+        Control(stop=tensor(True), save=False, evaluate=False, log=True, skip=False,
+                stop_epoch=False, abort=False)
     """
 
     stop: Any = False
@@ -106,6 +120,8 @@ class Control:
     evaluate: Any = False
     log: Any = False
     skip: Any = False
+    stop_epoch: Any = False
+    abort: Any = False
 
     def __or__(self, other: Control) -> Control:
         if not isinstance(other, Control):
@@ -122,11 +138,12 @@ NOTHING = Control()  # the control that asks for nothing (shared: building one c
 
 def _asks_nothing(c: Control) -> bool:
     return c is NOTHING or (c.stop is False and c.save is False and c.evaluate is False
-                            and c.log is False and c.skip is False)
+                            and c.log is False and c.skip is False and c.stop_epoch is False
+                            and c.abort is False)
 
 
 def flags(c: Control) -> tuple:
-    return c.stop, c.save, c.evaluate, c.log, c.skip
+    return c.stop, c.save, c.evaluate, c.log, c.skip, c.stop_epoch, c.abort
 
 
 # The wire format of a control in a step's metrics: a compiled step returns its in-step
@@ -370,7 +387,8 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
         ...     return state, fx.Control(save=True)
         >>> fx.callbacks.fold([show, stop_at_2, save_always], None, fx.Event("step_end", 2))
         saw step_end at step 2
-        (None, Control(stop=True, save=True, evaluate=False, log=False, skip=False))
+        (None, Control(stop=True, save=True, evaluate=False, log=False, skip=False,
+                       stop_epoch=False, abort=False))
     """
     state, control, _ = fold_reporting(callbacks, state, event)
     return state, control

@@ -368,6 +368,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             metrics["loss_scale"] = scaler.scale
         if callbacks:
             new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
+            if control.stop_epoch is not False or control.abort is not False:
+                fail(ValueError, "an in-step callback asked for stop_epoch or abort, which only "
+                                 "host callbacks can ask for (fx.fit reads them at once); pass "
+                                 "it to fit(callbacks=...)")
             new = revert_update(state, new, control.skip)
             metrics.update(control_to_metrics(control, loss.device))
         return new, metrics

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import remat
+from .remat import keep_recomputation_in_the_backward
 from .dtensors import is_dtensor
 
 
@@ -324,7 +324,7 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
         return gathered_forward(*bound.values(), *args, **kwargs)
     from torch.utils.checkpoint import checkpoint
     if torch.compiler.is_compiling():  # as fx.remat's regions: see there
-        remat.keep_recomputation_in_the_backward()
+        keep_recomputation_in_the_backward()
     return checkpoint(gathered_forward, *bound.values(), *args, use_reentrant=False,
                       context_fn=_contexts, **kwargs)
 

@@ -368,11 +368,24 @@ class EndsEpochs(transformers.TrainerCallback):
         control.should_epoch_stop = True
 
 
-def test_should_epoch_stop_warns_once_that_fit_cannot_honour_it():
-    with pytest.warns(UserWarning, match="should_epoch_stop") as caught:
-        state = _fit(_state(), hf_callback(EndsEpochs()), steps=6)
-    assert int(state.step) == 6  # the run went on
-    assert sum("should_epoch_stop" in str(w.message) for w in caught) == 1
+def test_should_epoch_stop_ends_each_epoch_in_fit():
+    data = fx.data.Batches(_regression(), 4)
+    assert len(data) > 1
+    state = fx.fit(_state(), fx.make_train_step(_mse), data, max_epochs=3,
+                   callbacks=[hf_callback(EndsEpochs())])
+    assert int(state.step) == 3 and int(state.data.epoch) == 3  # one step per epoch
+
+
+class Aborts(transformers.TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        control.should_abort_without_save = state.global_step == 2  # Forgather's flag
+
+
+def test_should_abort_without_save_ends_the_run_without_saving(tmp_path):
+    with fx.checkpoint.CheckpointManager(tmp_path, async_save=False) as manager:
+        state = _fit(_state(), hf_callback(Aborts()), steps=6, checkpoint=manager)
+        assert manager.all_steps() == []
+    assert int(state.step) == 2
 
 
 # -- the Trainer's order ----------------------------------------------------------------------

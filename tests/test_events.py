@@ -28,7 +28,7 @@ def test_epoch_begin_opens_each_epoch_and_the_one_a_resumed_run_continues():
     state, step = setup()
     data = fx.data.Batches((X, Y), 32)  # 3 batches per epoch
     state = fx.fit(state, step, data, max_steps=4, callbacks=[kinds_seen(log)])
-    assert [k for k, _, _ in log] == ["train_begin", "epoch_begin", "step_end", "step_end",
+    assert [k for k, _, _ in log] == ["setup", "train_begin", "epoch_begin", "step_end", "step_end",
                                       "step_end", "epoch_end", "epoch_begin", "step_end",
                                       "train_end"]
     assert [(s, e) for k, s, e in log if k == "epoch_begin"] == [(0, 0), (3, 1)]
@@ -157,7 +157,8 @@ def test_every_request_made_at_train_begin_is_honoured(tmp_path):
            callbacks=[asks, kinds_seen(log)],
            eval_step=fx.make_eval_step(xent),
            eval_data=fx.data.Batches((X, Y), 48, shuffle=False))
-    assert [k for k, _, _ in log][:4] == ["train_begin", "eval_end", "checkpoint", "epoch_begin"]
+    assert [k for k, _, _ in log][:5] == ["setup", "train_begin", "eval_begin", "eval_end",
+                                         "checkpoint"]
     assert manager.saved[0] == 0 and first_step["log"] is True
 
     stops = lambda s, e: (s, fx.Control(stop=e.kind == "train_begin"))  # noqa: E731
@@ -178,3 +179,75 @@ def test_an_exception_event_holds_its_error_and_no_other_does():
         fx.Event("step_end", 1, error=RuntimeError("x"))
     with pytest.raises(ValueError, match="holds its error"):
         fx.Event("exception", 1)
+
+
+def test_setup_and_restore_come_before_train_begin(tmp_path):
+    log = []
+    state, step = setup()
+    data = fx.data.Batches((X, Y), 32)
+    with fx.checkpoint.CheckpointManager(tmp_path, async_save=False) as manager:
+        fx.fit(state, step, data, max_steps=3, checkpoint=manager)
+        again, _ = setup()
+        fx.fit(again, step, data, max_steps=5, checkpoint=manager,
+               callbacks=[fx.callbacks.Callback("rec", None, lambda s, e: log.append(e),
+                                                kinds=("setup", "restore", "train_begin"))])
+    assert [e.kind for e in log] == ["setup", "restore", "train_begin"]
+    assert log[1].metrics["step"] == 3 and log[1].metrics["path"].endswith("/3")
+    assert log[0].metrics["max_steps"] == 5  # the plan, as train_begin's
+
+
+def test_eval_begin_and_eval_batch_go_around_each_evaluation():
+    seen, plain = [], []
+    rec = fx.callbacks.Callback("rec", None, lambda s, e: seen.append((e.kind, e.step)),
+                                kinds=("eval_begin", "eval_batch", "eval_end"))
+    state, step = setup()
+    fx.fit(state, step, fx.data.Batches((X, Y), 32), max_steps=4, eval_every=2,
+           eval_step=fx.make_eval_step(xent),
+           eval_data=fx.data.Batches((X, Y), 48, shuffle=False), callbacks=[rec, kinds_seen(plain)])
+    assert seen == [("eval_begin", 2), ("eval_batch", 2), ("eval_batch", 2), ("eval_end", 2),
+                    ("eval_begin", 4), ("eval_batch", 4), ("eval_batch", 4), ("eval_end", 4)]
+    assert "eval_batch" not in {k for k, _, _ in plain} and "eval_begin" in {k for k, _, _ in plain}
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["Batches", "iterable"])
+def test_stop_epoch_ends_the_epoch_and_the_data_goes_on_at_the_next(as_list):
+    def one_step_per_epoch(state, event):
+        return state, fx.Control(stop_epoch=event.kind == "step_end")
+
+    log = []
+    data = fx.data.Batches((X, Y), 32, shuffle=False)  # 3 batches per epoch
+    batches = list(data) if as_list else data
+    state, step = setup()
+    end = fx.fit(state, step, batches, max_epochs=3, callbacks=[one_step_per_epoch,
+                                                                kinds_seen(log)])
+    assert int(end.step) == 3 and int(end.data.epoch) == 3 and int(end.data.index) == 0
+    assert [(k, s, e) for k, s, e in log if k == "epoch_end"] == [
+        ("epoch_end", 1, 0), ("epoch_end", 2, 1), ("epoch_end", 3, 2)]
+    ref, _ = setup()  # each epoch's first batch: batch 0 three times
+    for _ in range(3):
+        ref, _ = step(ref, next(iter(data)))
+    assert fx.tree_digest(end.params) == fx.tree_digest(ref.params)
+
+
+def test_abort_ends_the_run_without_the_final_checkpoint(tmp_path):
+    ended = []
+
+    def abort_at_2(state, event):
+        if event.kind == "train_end":
+            ended.append(event.metrics["reason"])
+        return state, fx.Control(abort=event.kind == "step_end" and event.step == 2)
+
+    state, step = setup()
+    with fx.checkpoint.CheckpointManager(tmp_path, async_save=False) as manager:
+        end = fx.fit(state, step, fx.data.Batches((X, Y), 32), max_steps=10, checkpoint=manager,
+                     callbacks=[abort_at_2])
+        assert manager.all_steps() == []  # nothing saved, not even at the end
+    assert int(end.step) == 2 and ended == ["aborted"]
+
+
+def test_an_in_step_callback_cannot_ask_for_stop_epoch_or_abort():
+    cb = fx.callbacks.Callback("ends", None, lambda s, e: (s, fx.Control(stop_epoch=True)),
+                               kinds=("step_end",))
+    state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1), callbacks=[cb])
+    with pytest.raises(ValueError, match="only host callbacks"):
+        fx.make_train_step(xent, callbacks=[cb])(state, (X[:8], Y[:8]))

@@ -34,8 +34,8 @@ def test_events_arrive_in_order_with_evaluation_each_epoch():
     state = fx.fit(state, step, data, callbacks=[recorder(log)], max_epochs=2,
                    eval_step=fx.make_eval_step(xent), eval_data=fx.data.Batches((X, Y), 48, shuffle=False))
     kinds = [k for k, _, _ in log]
-    epoch = ["epoch_begin"] + ["step_end"] * 3 + ["eval_end", "epoch_end"]
-    assert kinds == ["train_begin"] + epoch + epoch + ["train_end"]
+    epoch = ["epoch_begin"] + ["step_end"] * 3 + ["eval_begin", "eval_end", "epoch_end"]
+    assert kinds == ["setup", "train_begin"] + epoch + epoch + ["train_end"]
     assert [s for k, s, _ in log if k == "step_end"] == [1, 2, 3, 4, 5, 6]
     assert [e for k, _, e in log if k == "epoch_end"] == [0, 1]
     assert int(state.step) == 6 and int(state.data.epoch) == 2

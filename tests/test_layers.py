@@ -10,7 +10,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means", "random", "remat",
+    ("_version", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
+     "random", "remat",
      "distributed", "_traced_errors", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
@@ -185,3 +186,23 @@ def test_the_layout_page_lists_these_floors():
         "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
     planted = layout.read_text(encoding="utf-8").replace("`_flags`", "`_flags`, `loop`")
     assert documented_floors(planted) != list(FLOORS)
+
+
+def test_no_module_imports_a_submodule_the_package_shadows_with_a_function():
+    """``fx.remat``, ``fx.predict``, ``fx.step_spec`` and ``fx.lr_find`` are functions named as
+    their modules, so
+    ``from . import remat`` inside the package gives the function (the lazy package keeps the
+    names functions); import names from those modules instead."""
+    import fxtrain
+
+    shadowed = set(fxtrain._SHADOWED)
+    assert all(isinstance(type(fxtrain).__dict__.get(name), property) for name in shadowed)
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert shadowed == {name for name in fxtrain.__all__
+                        if name in modules and name not in fxtrain._PACKAGES}
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
+                found += [f"{path.name}: {a.name}" for a in node.names if a.name in shadowed]
+    assert not found, found

@@ -239,7 +239,8 @@ def lambda_callback(*, name: str = "lambda_callback", **hooks: Callable) -> Call
         >>> cb.kinds
         ('train_end', 'eval_end')
         >>> fx.callbacks.fold([cb], None, fx.Event("eval_end", 100, metrics={"loss": 0.05}))
-        (None, Control(stop=True, save=False, evaluate=False, log=False, skip=False))
+        (None, Control(stop=True, save=False, evaluate=False, log=False, skip=False,
+                       stop_epoch=False, abort=False))
         >>> _ = fx.callbacks.fold([cb], None, fx.Event("train_end", 100))
         done at 100
     """

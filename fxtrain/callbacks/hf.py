@@ -76,6 +76,10 @@ from .core import EVENT_KINDS, Callback, set_callback_state
 from .hf_hooks import Session, best_key, dispatch
 from .hf_views import training_arguments, transformers_module, views
 
+# the events the Trainer has hooks for (eval_end calls on_prediction_step once per batch itself)
+_KINDS = tuple(k for k in EVENT_KINDS if k not in ("setup", "restore", "eval_begin",
+                                                   "eval_batch"))
+
 
 def _check_best(args: Any, checkpoint: Any) -> None:
     """``load_best_model_at_end`` needs a manager that keeps the best checkpoint by the same
@@ -216,4 +220,4 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None, log_every
         last[0] = (state.callbacks or {}).get(name)
         return state, control
 
-    return Callback(name=name, init=init, fn=fn, kinds=EVENT_KINDS, host=True)
+    return Callback(name=name, init=init, fn=fn, kinds=_KINDS, host=True)

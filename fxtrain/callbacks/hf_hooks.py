@@ -57,7 +57,6 @@ class Session:
     made: bool = False  # on_init_end was called
     epoch_open: bool = False  # on_epoch_begin was called, on_epoch_end not yet
     began: tuple[float, int] = (0.0, 0)  # time and step of the latest train_begin
-    warned: bool = False  # about should_epoch_stop
 
     @property
     def accumulation(self) -> int:
@@ -96,15 +95,10 @@ class Session:
         """The control's flags as an ``fx.Control``; save/evaluate/log are handed over once."""
         c = self.control
         out = Control(stop=bool(c.should_training_stop), save=bool(c.should_save),
-                      evaluate=bool(c.should_evaluate), log=bool(c.should_log))
-        c.should_save = c.should_evaluate = c.should_log = False
-        # should_epoch_stop would need fit to end an epoch before its data does (it has no
-        # such control), so it is refused, once, with what to do instead
-        if c.should_epoch_stop and not self.warned:
-            self.warned = True
-            warnings.warn(f"hf_callback: {type(self.cb).__name__} set should_epoch_stop, which "
-                          "fx.fit cannot honour (an epoch ends when its data does); the epoch "
-                          "goes on. Set should_training_stop to end training", stacklevel=5)
+                      evaluate=bool(c.should_evaluate), log=bool(c.should_log),
+                      stop_epoch=bool(c.should_epoch_stop),
+                      abort=bool(getattr(c, "should_abort_without_save", False)))  # Forgather's
+        c.should_save = c.should_evaluate = c.should_log = c.should_epoch_stop = False
         return out
 
 
