@@ -52,6 +52,20 @@ OPTAX = {
                            eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True),
         lambda o: o.lars(0.5, weight_decay=0.1, weight_decay_mask=MASK, trust_coefficient=0.01,
                          eps=1e-3, trust_ratio_mask=OTHER, momentum=0.8, nesterov=True)),
+    "adabelief": (lambda: optim.adabelief(0.02), lambda o: o.adabelief(0.02)),
+    "adabelief_nesterov": (lambda: optim.adabelief(0.02, b1=0.8, eps=1e-8, nesterov=True),
+                           lambda o: o.adabelief(0.02, b1=0.8, eps=1e-8, nesterov=True)),
+    "yogi": (lambda: optim.yogi(0.05), lambda o: o.yogi(0.05)),
+    "adadelta": (lambda: optim.adadelta(1.0, rho=0.8, weight_decay=0.1, weight_decay_mask=MASK),
+                 lambda o: o.adadelta(1.0, rho=0.8, weight_decay=0.1, weight_decay_mask=MASK)),
+    "sign_sgd": (lambda: optim.sign_sgd(0.01), lambda o: o.sign_sgd(0.01)),
+    "fromage": (lambda: optim.fromage(0.05), lambda o: o.fromage(0.05)),
+    "optimistic_gradient_descent": (
+        lambda: optim.optimistic_gradient_descent(0.02, alpha=0.5, beta=0.8),
+        lambda o: o.optimistic_gradient_descent(0.02, alpha=0.5, beta=0.8)),
+    "adamaxw": (lambda: optim.adamaxw(0.02, weight_decay=0.1, mask=MASK),
+                lambda o: o.adamaxw(0.02, weight_decay=0.1, mask=MASK)),
+    "nadam": (lambda: optim.nadam(0.02, b2=0.99), lambda o: o.nadam(0.02, b2=0.99)),
 }
 
 
@@ -141,6 +155,14 @@ ALIASES = {
     "lamb": lambda: optim.lamb(0.02, weight_decay=0.1),
     "lars": lambda: optim.lars(0.1, weight_decay=0.1),
     "clip_zero_nans": lambda: optim.chain(optim.zero_nans(), optim.clip(0.1), optim.sgd(0.1)),
+    "adabelief": lambda: optim.adabelief(0.02),
+    "yogi": lambda: optim.yogi(0.02),
+    "adadelta": lambda: optim.adadelta(1.0),
+    "sign_sgd": lambda: optim.sign_sgd(0.01),
+    "fromage": lambda: optim.fromage(0.05),
+    "optimistic_gradient_descent": lambda: optim.optimistic_gradient_descent(0.02),
+    "adamaxw": lambda: optim.adamaxw(0.02),
+    "nadam": lambda: optim.nadam(0.02),
 }
 
 
@@ -175,6 +197,11 @@ def test_state_survives_a_checkpoint(name, tmp_path):
     (lambda: optim.lamb(-0.1), "lamb: learning_rate"),
     (lambda: optim.lars(0.1, momentum=-0.9), "lars: momentum"),
     (lambda: optim.lars(0.1, trust_coefficient=-1.0), "lars: trust_coefficient"),
+    (lambda: optim.adabelief(0.1, b1=1.0), "scale_by_belief: b1"),
+    (lambda: optim.yogi(-0.1), "yogi: learning_rate"),
+    (lambda: optim.adadelta(1.0, rho=1.5), "scale_by_adadelta: rho"),
+    (lambda: optim.sign_sgd(-1.0), "sign_sgd: learning_rate"),
+    (lambda: optim.adamaxw(0.1, weight_decay=-1.0), "adamaxw: weight_decay"),
 ])
 def test_bad_settings_are_refused_by_name(make, match):
     with pytest.raises(ValueError, match=match):

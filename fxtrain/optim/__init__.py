@@ -8,6 +8,11 @@ from .aliases import (adagrad, adam, adamax, adamw, amsgrad, lamb, lars, lion, n
 from .base import GradientTransformation, Schedule, apply_updates, chain, identity
 from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .factored import FactoredState, adafactor, scale_by_factored_rms
+from .adaptive import (ScaleByAdaDeltaState, ScaleByBeliefState, ScaleByOptimisticGradientState,
+                       ScaleByYogiState, adabelief, adadelta, adamaxw, fromage, nadam,
+                       optimistic_gradient_descent, scale_by_adadelta, scale_by_belief,
+                       scale_by_optimistic_gradient, scale_by_sign, scale_by_yogi, sign_sgd,
+                       yogi)
 from .groups import (MaskedState, MultiTransformState, PartitionState, masked,
                      multi_transform, partition, set_to_zero)
 from .lookahead import LookaheadParams, LookaheadState, lookahead, lookahead_params
@@ -56,6 +61,10 @@ __all__ = [
     "ScheduleFreeState", "muon", "scale_by_muon", "orthogonalize_via_newton_schulz", "MuonState",
     "MuonDimensionNumbers", "lookahead", "lookahead_params", "LookaheadParams", "LookaheadState",
     "skip_large_updates", "skip_not_finite",
+    "adabelief", "adadelta", "adamaxw", "fromage", "nadam", "optimistic_gradient_descent",
+    "sign_sgd", "yogi", "scale_by_belief", "scale_by_yogi", "scale_by_adadelta", "scale_by_sign",
+    "scale_by_optimistic_gradient", "ScaleByBeliefState", "ScaleByYogiState",
+    "ScaleByAdaDeltaState", "ScaleByOptimisticGradientState",
 ]
 
 
