@@ -34,7 +34,8 @@ def scale_by_belief(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-16,
 
     Examples:
         >>> tx = fx.optim.scale_by_belief()
-        >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init({"w": torch.zeros(2)}))
+        >>> params = {"w": torch.zeros(2)}
+        >>> updates, state = tx.update({"w": torch.tensor([0.5, -2.0])}, tx.init(params))
         >>> int(state.count), updates["w"].sign()
         (1, tensor([ 1., -1.]))
     """
