@@ -71,7 +71,7 @@ def adabelief(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> tx = fx.optim.adabelief(0.1)
         >>> tx.update({"w": torch.tensor([0.5, -3.0])}, tx.init(params), params)[0]["w"]
-        tensor([-0.1000,  0.1000])
+        tensor([-0.1111,  0.1111])
     """
     _non_negative("adabelief", learning_rate=learning_rate)
     return chain(scale_by_belief(b1, b2, eps, eps_root, nesterov=nesterov),
@@ -183,7 +183,8 @@ def sign_sgd(learning_rate: ScalarOrSchedule) -> GradientTransformation:
 
     Examples:
         >>> tx = fx.optim.sign_sgd(0.1)
-        >>> tx.update({"w": torch.tensor([3.0, -0.2, 0.0])}, tx.init(None))[0]["w"]
+        >>> grads = {"w": torch.tensor([3.0, -0.2, 0.0])}
+        >>> tx.update(grads, tx.init(grads))[0]["w"]
         tensor([-0.1000,  0.1000, -0.0000])
     """
     _non_negative("sign_sgd", learning_rate=learning_rate)
