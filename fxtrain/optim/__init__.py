@@ -9,7 +9,7 @@ from .base import GradientTransformation, Schedule, apply_updates, chain, identi
 from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .factored import FactoredState, adafactor, scale_by_factored_rms
 from .adaptive import (ScaleByAdaDeltaState, ScaleByBeliefState, ScaleByOptimisticGradientState,
-                       ScaleByYogiState, adabelief, adadelta, adamaxw, fromage, nadam,
+                       adabelief, adadelta, adamaxw, fromage, nadam,
                        optimistic_gradient_descent, scale_by_adadelta, scale_by_belief,
                        scale_by_optimistic_gradient, scale_by_sign, scale_by_yogi, sign_sgd,
                        yogi)
@@ -63,7 +63,7 @@ __all__ = [
     "skip_large_updates", "skip_not_finite",
     "adabelief", "adadelta", "adamaxw", "fromage", "nadam", "optimistic_gradient_descent",
     "sign_sgd", "yogi", "scale_by_belief", "scale_by_yogi", "scale_by_adadelta", "scale_by_sign",
-    "scale_by_optimistic_gradient", "ScaleByBeliefState", "ScaleByYogiState",
+    "scale_by_optimistic_gradient", "ScaleByBeliefState",
     "ScaleByAdaDeltaState", "ScaleByOptimisticGradientState",
 ]
 

@@ -12,7 +12,8 @@ import torch
 from ..tree import tree_map, tree_zeros_like
 from .base import GradientTransformation, ScalarOrSchedule, chain
 from .masks import Mask
-from .transforms import (_betas, _bias_correction, _check_state, _count, _ema, _mu_hat,
+from .transforms import (ScaleByAdamState, _betas, _bias_correction, _check_state, _count,
+                         _ema, _mu_hat,
                          _non_negative, _scalar, add_decayed_weights, scale_by_adam,
                          scale_by_adamax, scale_by_learning_rate, scale_by_trust_ratio)
 
@@ -78,25 +79,18 @@ def adabelief(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99
                  scale_by_learning_rate(learning_rate))
 
 
-class ScaleByYogiState(NamedTuple):
-    """The state ``scale_by_yogi`` keeps between steps."""
-
-    count: torch.Tensor
-    mu: Any
-    nu: Any
-
-
 def scale_by_yogi(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-3, eps_root: Hyper = 0.0,
                   initial_accumulator_value: float = 1e-6) -> GradientTransformation:
     """Yogi's direction (Zaheer et al., 2018): Adam's, with an additive second moment,
-    v <- v - (1 - b2) sign(v - g^2) g^2; both moments start at ``initial_accumulator_value``."""
+    v <- v - (1 - b2) sign(v - g^2) g^2; both moments start at ``initial_accumulator_value``.
+    Its state is Adam's (``ScaleByAdamState``), as in optax."""
     _betas("scale_by_yogi", b1=b1, b2=b2)
     _non_negative("scale_by_yogi", eps=eps, eps_root=eps_root,
                   initial_accumulator_value=initial_accumulator_value)
 
     def init(params):
         full = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
-        return ScaleByYogiState(_count(params), full,
+        return ScaleByAdamState(_count(params), full,
                                 tree_map(lambda p: torch.full_like(p, initial_accumulator_value),
                                          params))
 
@@ -113,7 +107,7 @@ def scale_by_yogi(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-3, eps_roo
             v_hat = v / _bias_correction(b2, count, v).to(v.dtype)
             return m_hat / (torch.sqrt(v_hat + _scalar(eps_root, v)) + _scalar(eps, m))
 
-        return tree_map(direction, mu, nu), ScaleByYogiState(count, mu, nu)
+        return tree_map(direction, mu, nu), ScaleByAdamState(count, mu, nu)
 
     return GradientTransformation(init, update)
 
