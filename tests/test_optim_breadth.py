@@ -66,6 +66,12 @@ OPTAX = {
     "adamaxw": (lambda: optim.adamaxw(0.02, weight_decay=0.1, mask=MASK),
                 lambda o: o.adamaxw(0.02, weight_decay=0.1, mask=MASK)),
     "nadam": (lambda: optim.nadam(0.02, b2=0.99), lambda o: o.nadam(0.02, b2=0.99)),
+    "rprop": (lambda: optim.rprop(0.01, eta_minus=0.4, max_step_size=0.05),
+              lambda o: o.rprop(0.01, eta_minus=0.4, max_step_size=0.05)),
+    "novograd": (lambda: optim.novograd(0.02, weight_decay=0.1),
+                 lambda o: o.novograd(0.02, weight_decay=0.1)),
+    "adan": (lambda: optim.adan(0.02, weight_decay=0.1, mask=MASK),
+             lambda o: o.adan(0.02, weight_decay=0.1, mask=MASK)),
 }
 
 
@@ -163,6 +169,9 @@ ALIASES = {
     "optimistic_gradient_descent": lambda: optim.optimistic_gradient_descent(0.02),
     "adamaxw": lambda: optim.adamaxw(0.02),
     "nadam": lambda: optim.nadam(0.02),
+    "rprop": lambda: optim.rprop(0.01),
+    "novograd": lambda: optim.novograd(0.02),
+    "adan": lambda: optim.adan(0.02),
 }
 
 

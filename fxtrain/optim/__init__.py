@@ -8,11 +8,12 @@ from .aliases import (adagrad, adam, adamax, adamw, amsgrad, lamb, lars, lion, n
 from .base import GradientTransformation, Schedule, apply_updates, chain, identity
 from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .factored import FactoredState, adafactor, scale_by_factored_rms
-from .adaptive import (ScaleByAdaDeltaState, ScaleByBeliefState, ScaleByOptimisticGradientState,
-                       adabelief, adadelta, adamaxw, fromage, nadam,
-                       optimistic_gradient_descent, scale_by_adadelta, scale_by_belief,
-                       scale_by_optimistic_gradient, scale_by_sign, scale_by_yogi, sign_sgd,
-                       yogi)
+from .adaptive import (ScaleByAdaDeltaState, ScaleByAdanState, ScaleByBeliefState,
+                       ScaleByNovogradState, ScaleByOptimisticGradientState, ScaleByRpropState,
+                       adabelief, adadelta, adamaxw, adan, fromage, nadam, novograd,
+                       optimistic_gradient_descent, rprop, scale_by_adadelta, scale_by_adan,
+                       scale_by_belief, scale_by_novograd, scale_by_optimistic_gradient,
+                       scale_by_rprop, scale_by_sign, scale_by_yogi, sign_sgd, yogi)
 from .groups import (MaskedState, MultiTransformState, PartitionState, masked,
                      multi_transform, partition, set_to_zero)
 from .lookahead import LookaheadParams, LookaheadState, lookahead, lookahead_params
@@ -64,7 +65,9 @@ __all__ = [
     "adabelief", "adadelta", "adamaxw", "fromage", "nadam", "optimistic_gradient_descent",
     "sign_sgd", "yogi", "scale_by_belief", "scale_by_yogi", "scale_by_adadelta", "scale_by_sign",
     "scale_by_optimistic_gradient", "ScaleByBeliefState",
-    "ScaleByAdaDeltaState", "ScaleByOptimisticGradientState",
+    "ScaleByAdaDeltaState", "ScaleByOptimisticGradientState", "rprop", "novograd", "adan",
+    "scale_by_rprop", "scale_by_novograd", "scale_by_adan", "ScaleByRpropState",
+    "ScaleByNovogradState", "ScaleByAdanState",
 ]
 
 

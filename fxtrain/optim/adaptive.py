@@ -1,6 +1,6 @@
 """More of optax's optimizers, under optax's names and arguments, equal to optax's in float64:
-AdaBelief, Yogi, AdaDelta, signSGD, Fromage, optimistic gradient descent, AdamaxW and NAdam,
-with the transforms they are chains of.
+AdaBelief, Yogi, AdaDelta, signSGD, Fromage, optimistic gradient descent, AdamaxW, NAdam, Rprop,
+NovoGrad and Adan, with the transforms they are chains of.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from .base import GradientTransformation, ScalarOrSchedule, chain
 from .masks import Mask
 from .transforms import (ScaleByAdamState, _betas, _bias_correction, _check_state, _count,
                          _ema, _mu_hat,
-                         _non_negative, _scalar, add_decayed_weights, scale_by_adam,
+                         _non_negative, _scalar, add_decayed_weights, scale, scale_by_adam,
                          scale_by_adamax, scale_by_learning_rate, scale_by_trust_ratio)
 
 Hyper = float | torch.Tensor
@@ -248,4 +248,151 @@ def nadam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999,
     """NAdam (Dozat, 2016), optax's ``adam(..., nesterov=True)``."""
     _non_negative("nadam", learning_rate=learning_rate)
     return chain(scale_by_adam(b1, b2, eps, eps_root, nesterov=True),
+                 scale_by_learning_rate(learning_rate))
+
+
+class ScaleByRpropState(NamedTuple):
+    """The state ``scale_by_rprop`` keeps between steps."""
+
+    step_sizes: Any
+    prev_updates: Any
+
+
+def scale_by_rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2,
+                   min_step_size: float = 1e-6, max_step_size: float = 50.0
+                   ) -> GradientTransformation:
+    """Rprop's step (Riedmiller & Braun, 1993), as optax's: a step size per weight, grown by
+    ``eta_plus`` while the gradient keeps its sign and shrunk by ``eta_minus`` when it flips
+    (that step then taken back to zero), clipped to [min_step_size, max_step_size]. As in
+    optax, each call returns the step the previous call recorded (the first call returns zeros),
+    so runs match optax's step for step."""
+    _non_negative("scale_by_rprop", learning_rate=learning_rate, eta_minus=eta_minus,
+                  eta_plus=eta_plus, min_step_size=min_step_size, max_step_size=max_step_size)
+
+    def init(params):
+        return ScaleByRpropState(tree_map(lambda p: torch.full_like(p, learning_rate), params),
+                                 tree_zeros_like(params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.step_sizes, updates, "scale_by_rprop")
+        sign = tree_map(lambda g, prev: g * prev, updates, state.prev_updates)
+        sizes = tree_map(lambda s, size: torch.where(
+            s == 0, size, torch.clamp(size * torch.where(s > 0, eta_plus, eta_minus),
+                                      min_step_size, max_step_size)), sign, state.step_sizes)
+        prev = tree_map(lambda s, g, size: torch.where(s < 0, torch.zeros_like(g),
+                                                       size * torch.sign(g)),
+                        sign, updates, sizes)
+        # as optax computes it: the step the last update recorded, zero where the sign flipped
+        out = tree_map(lambda s, old: torch.where(s < 0, torch.zeros_like(old), old),
+                       sign, state.prev_updates)
+        return out, ScaleByRpropState(sizes, prev)
+
+    return GradientTransformation(init, update)
+
+
+def rprop(learning_rate: float, eta_minus: float = 0.5, eta_plus: float = 1.2,
+          min_step_size: float = 1e-6, max_step_size: float = 50.0) -> GradientTransformation:
+    """Rprop (Riedmiller & Braun, 1993), as optax's (``learning_rate``: the first step size)."""
+    return chain(scale_by_rprop(learning_rate, eta_minus, eta_plus, min_step_size,
+                                max_step_size), scale(-1.0))
+
+
+class ScaleByNovogradState(NamedTuple):
+    """The state ``scale_by_novograd`` keeps between steps."""
+
+    count: torch.Tensor
+    mu: Any
+    nu: Any
+
+
+def scale_by_novograd(b1: Hyper = 0.9, b2: Hyper = 0.25, eps: Hyper = 1e-8,
+                      eps_root: Hyper = 0.0, weight_decay: Hyper = 0.0) -> GradientTransformation:
+    """NovoGrad's direction (Ginsburg et al., 2019), as optax's: a second moment per tensor (of
+    its gradient's squared norm), the gradient normalised by it plus weight decay, and momentum
+    over that; the first step starts both from the gradient itself."""
+    _betas("scale_by_novograd", b1=b1, b2=b2)
+    _non_negative("scale_by_novograd", eps=eps, eps_root=eps_root, weight_decay=weight_decay)
+
+    def init(params):
+        return ScaleByNovogradState(_count(params), tree_zeros_like(params),
+                                    tree_map(lambda p: torch.zeros((), dtype=p.dtype,
+                                                                   device=p.device), params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("scale_by_novograd needs params; call update(grads, state, params)")
+        _check_state(state.mu, updates, "scale_by_novograd")
+        count = state.count + 1
+        first = count == 1
+        nu = tree_map(lambda g, n: torch.where(
+            first, (g * g).sum(), _scalar(b2, n) * n + (1 - _scalar(b2, n)) * (g * g).sum()),
+            updates, state.nu)
+        mu = tree_map(lambda g, p, n, m: torch.where(
+            first, 0.0, _scalar(b1, m) * m) + g / (torch.sqrt(n + _scalar(eps_root, n))
+                                                   + _scalar(eps, g))
+            + _scalar(weight_decay, p) * p, updates, params, nu, state.mu)
+        return mu, ScaleByNovogradState(count, mu, nu)
+
+    return GradientTransformation(init, update)
+
+
+def novograd(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.25,
+             eps: Hyper = 1e-6, eps_root: Hyper = 0.0,
+             weight_decay: Hyper = 0.0) -> GradientTransformation:
+    """NovoGrad (Ginsburg et al., 2019), as optax's."""
+    _non_negative("novograd", learning_rate=learning_rate)
+    return chain(scale_by_novograd(b1, b2, eps, eps_root, weight_decay),
+                 scale_by_learning_rate(learning_rate))
+
+
+class ScaleByAdanState(NamedTuple):
+    """The state ``scale_by_adan`` keeps between steps."""
+
+    m: Any
+    v: Any
+    n: Any
+    g: Any
+    t: torch.Tensor
+
+
+def scale_by_adan(b1: Hyper = 0.98, b2: Hyper = 0.92, b3: Hyper = 0.99, eps: Hyper = 1e-8,
+                  eps_root: Hyper = 0.0) -> GradientTransformation:
+    """Adan's direction (Xie et al., 2022), as optax's: moments of the gradient, of its change
+    since the last step, and of the squared Nesterov-style estimate g + (1 - b2) (g - g_prev)."""
+    _betas("scale_by_adan", b1=b1, b2=b2, b3=b3)
+    _non_negative("scale_by_adan", eps=eps, eps_root=eps_root)
+
+    def init(params):
+        zeros = [tree_zeros_like(params) for _ in range(4)]
+        return ScaleByAdanState(*zeros, _count(params))
+
+    def update(updates, state, params=None):
+        del params
+        _check_state(state.m, updates, "scale_by_adan")
+        diff = tree_map(lambda g, prev: torch.where(state.t == 0, torch.zeros_like(g), g - prev),
+                        updates, state.g)
+        m, v = _ema(updates, state.m, b1), _ema(diff, state.v, b2)
+        n = tree_map(lambda acc, g, d: (1 - _scalar(b3, acc)) * (g + (1 - _scalar(b2, g)) * d)
+                     ** 2 + _scalar(b3, acc) * acc, state.n, updates, diff)
+        t = state.t + 1
+
+        def direction(m_, v_, n_):
+            m_hat = m_ / _bias_correction(b1, t, m_).to(m_.dtype)
+            v_hat = v_ / _bias_correction(b2, t, v_).to(v_.dtype)
+            n_hat = n_ / _bias_correction(b3, t, n_).to(n_.dtype)
+            return (m_hat + (1 - _scalar(b2, m_)) * v_hat) / (
+                torch.sqrt(n_hat + _scalar(eps_root, n_)) + _scalar(eps, m_))
+
+        return tree_map(direction, m, v, n), ScaleByAdanState(m, v, n, updates, t)
+
+    return GradientTransformation(init, update)
+
+
+def adan(learning_rate: ScalarOrSchedule, b1: Hyper = 0.98, b2: Hyper = 0.92, b3: Hyper = 0.99,
+         eps: Hyper = 1e-8, eps_root: Hyper = 1e-8, weight_decay: Hyper = 0.0,
+         mask: Mask = None) -> GradientTransformation:
+    """Adan (Xie et al., 2022), as optax's."""
+    _non_negative("adan", learning_rate=learning_rate, weight_decay=weight_decay)
+    return chain(scale_by_adan(b1, b2, b3, eps, eps_root), add_decayed_weights(weight_decay, mask),
                  scale_by_learning_rate(learning_rate))
