@@ -17,7 +17,11 @@ from ._version import __version__ as __version__
 
 # Each public name and the module it comes from, imported on first use (PEP 562): ``import
 # fxtrain`` costs nothing beyond this file, so ``fxtrain --help``, ``--version`` and ``inspect``
-# start without torch; the first ``fx.TrainState`` (or any name) imports what it needs.
+# start without torch. The first use of any name imports the whole public package at once (as
+# an eager ``__init__`` would): its modules register pytree node types with torch, and a
+# compiled step guards on the size of that registry, so a module imported after the first
+# compile would recompile it. Code that imports fxtrain's modules directly, never touching a
+# name here, should call ``fxtrain._load_all()`` before it compiles (``fxtrain train`` does).
 _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging",
              "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree")
 _NAMES = {
@@ -39,6 +43,7 @@ class _Package(types.ModuleType):
 
 def _shadowing(name: str) -> property:
     def get(package: types.ModuleType) -> Any:
+        _load_all()
         return getattr(importlib.import_module(f".{name}", __name__), name)
 
     def put(package: types.ModuleType, value: Any) -> None:
@@ -54,7 +59,18 @@ for _name in _SHADOWED:
 sys.modules[__name__].__class__ = _Package
 
 
+def _load_all() -> None:
+    """Imports every public module (once; then a no-op): see the note above ``_PACKAGES``."""
+    if "_loaded" in globals():
+        return
+    globals()["_loaded"] = True
+    for module in (*_PACKAGES, *sorted(set(_NAMES.values())), *_SHADOWED):
+        importlib.import_module(f".{module}", __name__)
+
+
 def __getattr__(name: str):
+    if name in _PACKAGES or name in _NAMES:
+        _load_all()
     if name in _PACKAGES:
         value = importlib.import_module(f".{name}", __name__)
     elif name in _NAMES:

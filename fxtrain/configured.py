@@ -96,6 +96,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     """
     import torch
 
+    from . import _load_all
     from . import callbacks as cb
     from .checkpoint import CheckpointManager
     from .logging import JsonlWriter, MultiWriter, TensorBoardWriter
@@ -103,6 +104,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     from .state import TrainState
     from .step import make_eval_step, make_train_step
 
+    _load_all()  # every pytree type registered before the step compiles (see fxtrain/__init__)
     root = Path(workdir)
     manager = _manager(root, keep, resume)
     torch.manual_seed(seed)

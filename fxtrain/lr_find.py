@@ -111,11 +111,13 @@ def lr_find(model: torch.nn.Module, optimizer: Callable[[Any], GradientTransform
       loss_fn: ``loss_fn(state, params, batch)``, as ``make_train_step`` takes.
       data: batches, read once (an ``fx.data.Batches`` repeats: any iterable of at least
         ``steps`` batches, or one that repeats).
-      min_lr, max_lr: the first and last rates, in exponential steps.
+      min_lr: the first rate.
+      max_lr: the last rate (the rates between grow exponentially).
       steps: steps taken (fewer when the loss diverges).
       smoothing: the moving average's weight on the past (Lightning's 0.98).
       diverge: stop once the smoothed loss exceeds this many times its lowest.
-      skip_start, skip_end: points the suggestion ignores at each end.
+      skip_start: points the suggestion ignores at the start (noise).
+      skip_end: points the suggestion ignores at the end (the blow-up).
       seed: the state's key.
       compile: compile the step (a long test on a large model); eager by default.
 

@@ -198,10 +198,10 @@ state = fx.TrainState.create(nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Line
                              fx.optim.adam(1e-3))
 x, y = torch.randn(16, 64), torch.randint(0, 2, (16,))
 loss = lambda s, p, b: torch.nn.functional.cross_entropy(s.apply(p, b[0]), b[1])
+assert "orbax.checkpoint" not in sys.modules
 with fx.checkpoint.CheckpointManager(sys.argv[1]) as manager:
-    assert "orbax.checkpoint" not in sys.modules
+    assert "orbax.checkpoint" in sys.modules, "orbax is imported when the manager is made"
     manager.save(state)  # asynchronous: written on the manager's thread
-    assert "orbax.checkpoint" in sys.modules, "orbax is imported on the save thread"
     step = torch.compile(fx.make_train_step(loss, donate=False), fullgraph=True,
                          backend="eager")
     state, _ = step(state, (x, y))  # traced while the first save is being written

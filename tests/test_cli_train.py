@@ -156,3 +156,28 @@ def test_a_bad_config_says_which_key_and_changes_nothing(tmp_path, capsys, overr
     assert main(["train", str(config), "--workdir", str(work), *override]) == 2
     assert message in capsys.readouterr().err
     assert not (work / "checkpoints").exists()
+
+
+def test_the_first_name_used_registers_every_pytree_type_before_anything_compiles():
+    """A compiled step guards on the size of torch's pytree registry: a module of fxtrain's
+    imported after the first compile would recompile it. The first use of any public name loads
+    them all (``import fxtrain`` alone loads nothing)."""
+    probe = textwrap.dedent("""
+        import importlib, pkgutil, sys
+        import torch, fxtrain as fx
+        assert "fxtrain.state" not in sys.modules
+        fx.TrainState
+        import fxtrain.demo  # an application: fxtrain demo imports it before it compiles
+        registered = len(torch.utils._pytree.SUPPORTED_NODES)
+        late = []
+        for info in pkgutil.walk_packages(fx.__path__, "fxtrain."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+                if len(torch.utils._pytree.SUPPORTED_NODES) != registered:
+                    late.append(info.name)
+                    registered = len(torch.utils._pytree.SUPPORTED_NODES)
+        print(late)
+        """)
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
