@@ -17,10 +17,10 @@ from ._version import __version__ as __version__
 
 # Each public name and the module it comes from, imported on first use (PEP 562): ``import
 # fxtrain`` costs nothing beyond this file, so ``fxtrain --help``, ``--version`` and ``inspect``
-# start without torch. The first use of any name imports the whole public package at once (as
-# an eager ``__init__`` would): its modules register pytree node types with torch, and a
-# compiled step guards on the size of that registry, so a module imported after the first
-# compile would recompile it. Code that imports fxtrain's modules directly, never touching a
+# start without torch. The first use of a name that is not a package imports the whole public
+# package at once, as an eager ``__init__`` would (a step is built or compiled only after one):
+# its modules register pytree node types with torch, and a compiled step guards on the size of
+# that registry, so a module imported after the first compile would recompile it. Code that imports fxtrain's modules directly, never touching a
 # name here, should call ``fxtrain._load_all()`` before it compiles (``fxtrain train`` does).
 _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging",
              "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree")
@@ -69,7 +69,7 @@ def _load_all() -> None:
 
 
 def __getattr__(name: str):
-    if name in _PACKAGES or name in _NAMES:
+    if name in _NAMES:  # (not for a package: ``from . import data`` inside fxtrain asks too)
         _load_all()
     if name in _PACKAGES:
         value = importlib.import_module(f".{name}", __name__)
