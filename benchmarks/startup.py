@@ -37,13 +37,14 @@ manager.close()
 CLI = "import sys; from fxtrain.cli import main; sys.argv[0] = 'fxtrain'; sys.exit(main())"
 
 
-def _timed(argv: list[str], env: dict, rounds: int) -> float | None:
+def _timed(argv: list[str], env: dict, rounds: int, cwd: str) -> float | None:
     """The median wall time of ``argv`` over ``rounds`` fresh processes, or None when it fails
     (an older checkout without the command)."""
     times = []
     for _ in range(rounds):
         start = time.perf_counter()
-        done = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = subprocess.run(argv, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
         if done.returncode != 0:
             return None
         times.append(time.perf_counter() - start)
@@ -59,8 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     python = sys.executable
     with tempfile.TemporaryDirectory() as tmp:
         directory = Path(tmp) / "checkpoints"
+        # from a folder of its own: ``python -c`` puts the working directory first on the path,
+        # where a checkout's fxtrain would shadow --source's
         subprocess.run([python, "-c", CHECKPOINT, str(directory)], env=env, check=True,
-                       capture_output=True)
+                       capture_output=True, cwd=tmp)
         size = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
         cases = {
             "python": [python, "-c", "pass"],
@@ -72,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
             "fxtrain --version": [python, "-c", CLI, "--version"],
             "fxtrain inspect": [python, "-c", CLI, "inspect", str(directory)],
         }
-        seconds = {name: _timed(cmd, env, args.rounds) for name, cmd in cases.items()}
-    head = subprocess.run(["git", "-C", str(args.source), "rev-parse", "--short", "HEAD"],
+        seconds = {name: _timed(cmd, env, args.rounds, tmp) for name, cmd in cases.items()}
+    head = subprocess.run(["git", "-C", str(args.source.resolve()), "rev-parse", "--short", "HEAD"],
                           capture_output=True, text=True).stdout.strip()
     result = {"source": str(args.source), "commit": head, "rounds": args.rounds,
               "checkpoint_bytes": size, "seconds": seconds,
