@@ -16,7 +16,7 @@ def digits():
     return task, fx.data.Batches(task.train, 64, seed=0)
 
 
-def _trained_loss(task, data, lr, steps=150):
+def _trained_loss(task, data, lr, steps=100):
     state = fx.TrainState.create(task.model, fx.optim.adamw(lr, weight_decay=1e-4), seed=0)
     state = fx.fit(state, fx.make_train_step(task.loss_fn), data, max_steps=steps,
                    progress=False)
@@ -27,7 +27,7 @@ def test_the_suggestion_trains_the_demo_mlp_and_the_range_blows_up(digits, tmp_p
     task, data = digits
     before = {k: v.clone() for k, v in task.model.state_dict().items()}
     found = fx.lr_find(task.model, functools.partial(fx.optim.adamw, weight_decay=1e-4),
-                       task.loss_fn, data, min_lr=1e-6, max_lr=10.0, steps=100)
+                       task.loss_fn, data, min_lr=1e-6, max_lr=10.0, steps=60)
     assert all(torch.equal(before[k], v) for k, v in task.model.state_dict().items())
     assert found.suggestion is not None and 1e-5 < found.suggestion < 1.0, found.suggestion
     assert min(found.losses) < 0.9 * found.losses[0]  # the loss fell ...
@@ -35,7 +35,7 @@ def test_the_suggestion_trains_the_demo_mlp_and_the_range_blows_up(digits, tmp_p
     start = float(fx.evaluate(fx.make_eval_step(task.loss_fn),
                               fx.TrainState.create(task.model, fx.optim.sgd(0.0)),
                               [task.test])["loss"])
-    assert _trained_loss(task, data, found.suggestion) < 0.25 * start  # it converges there
+    assert _trained_loss(task, data, found.suggestion) < 0.3 * start  # it converges there
     figure = found.plot(path=tmp_path / "lr.png")
     assert (tmp_path / "lr.png").stat().st_size > 0 and figure.axes[0].get_xscale() == "log"
 
