@@ -20,8 +20,9 @@ from ._version import __version__ as __version__
 # start without torch. The first use of a name that is not a package imports the whole public
 # package at once, as an eager ``__init__`` would (a step is built or compiled only after one):
 # its modules register pytree node types with torch, and a compiled step guards on the size of
-# that registry, so a module imported after the first compile would recompile it. Code that imports fxtrain's modules directly, never touching a
-# name here, should call ``fxtrain._load_all()`` before it compiles (``fxtrain train`` does).
+# that registry, so a module imported after the first compile would recompile it. Code that
+# imports fxtrain's modules directly, never touching a name here, should call
+# ``fxtrain._load_all()`` before it compiles (``fxtrain train`` does).
 _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging",
              "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree")
 _NAMES = {

@@ -151,10 +151,10 @@ def _manager(root: Path, keep: int, resume: bool) -> Any:
     return manager
 
 
-def resolve(reference: str, where: str, base: Path | None = None) -> Any:
+def resolve(reference: str, where: str) -> Any:
     """The object ``reference`` names: ``pkg.mod:name``, ``pkg.mod.name`` or
-    ``path/file.py:name`` (relative to ``base``, the config's folder); ``where`` names the
-    config key in errors.
+    ``path/file.py:name`` (``train`` has made a path beside the config absolute); ``where``
+    names the config key in errors.
 
     Examples:
         >>> from fxtrain.configured import resolve
@@ -174,8 +174,7 @@ def resolve(reference: str, where: str, base: Path | None = None) -> Any:
         raise ConfigError(f"{where}: {reference!r} is not an import path (pkg.module:name, or "
                           "file.py:name)")
     if path.endswith(".py"):
-        module = _from_file(Path(base or ".") / path if not Path(path).is_absolute()
-                            else Path(path), where)
+        module = _from_file(Path(path), where)
     else:
         try:
             module = importlib.import_module(path)

@@ -19,7 +19,8 @@ import torch.utils._pytree as pytree
 
 from .. import distributed
 from ..tree import tree_select
-from .core import DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold, name_of
+from .core import (DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold,
+                   name_of)
 
 
 def as_callback(cb: Callable) -> Callback:
@@ -86,8 +87,8 @@ def every(n: int, cb: Callable) -> Callback:
 
     A plain function (or a ``Callback`` that names no kinds) sees only those step_end events;
     a ``Callback`` that names its kinds also gets the other kinds it names, unchanged (a
-    monitor that starts its clock at ``train_begin``). The wrapped callback keeps ``cb``'s name and
-    state, so wrapping does not change checkpoints. On the host the fold skips it between due
+    monitor that starts its clock at ``train_begin``). The wrapped callback keeps ``cb``'s name
+    and state, so wrapping does not change checkpoints. On the host the fold skips it between due
     steps without calling it (``Callback.period``); inside a step it runs every step and its
     result is kept only on due steps.
 

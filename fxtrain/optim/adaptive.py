@@ -89,10 +89,10 @@ def scale_by_yogi(b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-3, eps_roo
                   initial_accumulator_value=initial_accumulator_value)
 
     def init(params):
-        full = tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
-        return ScaleByAdamState(_count(params), full,
-                                tree_map(lambda p: torch.full_like(p, initial_accumulator_value),
-                                         params))
+        def full():
+            return tree_map(lambda p: torch.full_like(p, initial_accumulator_value), params)
+
+        return ScaleByAdamState(_count(params), full(), full())
 
     def update(updates, state, params=None):
         del params
