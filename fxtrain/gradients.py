@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
-from . import _held, distributed, random, sharding, units
+from . import _held, _recompute, distributed, random, sharding, units
 from ._traced_errors import fail
 
 AUTODIFFS = ("func", "autograd")
@@ -97,7 +97,12 @@ def _depending(compute: Callable) -> Callable:
     parameter in the graph (also known while tracing)."""
 
     def checked(params: dict) -> tuple[torch.Tensor, Any]:
-        value, aux = compute(params)
+        if torch.compiler.is_compiling():  # the forward marked: cheap work redone in backward
+            _recompute.install()
+            with torch.fx.traceback.annotate(_recompute.FORWARD):
+                value, aux = compute(params)
+        else:
+            value, aux = compute(params)
         if not value.requires_grad:
             fail(ValueError, NO_DEPENDENCE)
         return value, aux

@@ -12,7 +12,7 @@ FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "remat",
-     "distributed", "_traced_errors", "units", "sharding", "preemption"),
+     "distributed", "_traced_errors", "_recompute", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
