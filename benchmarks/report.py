@@ -774,24 +774,20 @@ def memory_notes(res: dict) -> list[str]:
         return []
     extra = rows["fx_fit"]["step_bytes_per_param"] - rows["compiled"]["step_bytes_per_param"]
     return [
-        f"Where `fx.fit`'s extra memory goes ({extra:.1f} bytes per parameter over the compiled "
-        "loop's steps' peak in this run). Measured during development, one run each, with "
-        "`MALLOC_MMAP_THRESHOLD_=65536` so that the resident set follows the live tensors rather "
-        "than what glibc's heap keeps: with almost no activations (1 x 8 tokens per step) the "
-        "slopes were 21.0 bytes/param for the compiled loop and 26.4 for `fx.fit`, about one more "
-        "float32 copy of the parameters alive at the step's peak (the update's new values not "
-        "written in place, or the gradients alive beside them: not profiled yet); at this "
-        "table's size 45.7 and 57.2, so `fx.fit` also keeps about 6 bytes/param more "
-        "activations. fxtrain's step is one graph, forward, backward (`torch.func."
-        "grad_and_value`) and update together, which AOT autograd traces as a single forward "
-        "graph (`TORCH_LOGS=aot_graphs` shows no backward graph), so no partitioner runs: the "
-        "activations the backward reads stay alive as under eager autograd (`fx.fit` is still "
-        "below the eager loop, whose optimizer also holds every gradient), while "
-        "`torch.compile(model)` goes through the min-cut partitioner, which recomputes cheap "
-        "pointwise results in the backward instead of saving them. With the default allocator "
-        "glibc's heap adds to that or hides some of it, differently from run to run. Next levers: a rematerialisation policy for the "
-        "step's joint graph (the partitioner's, or activation checkpointing per block), and a "
-        "memory profile of the update's writes into the donated state.", "",
+        f"`fx.fit`'s memory against the compiled loop's ({extra:+.1f} bytes per parameter at "
+        "the steps' peak in this run). fxtrain's step is one graph, forward, backward and update "
+        "together, which AOT autograd traces as a single forward graph, so its min-cut "
+        "partitioner never runs; until fxtrain recomputed the cheap forward work in the "
+        "backward itself (`fxtrain/_recompute.py`, an Inductor post-grad pass over the step's "
+        "annotated forward: element-wise results and views are recomputed from the matrix "
+        "products, masks and reductions the backward keeps anyway, as the partitioner does for "
+        "`torch.compile(model)`), the backward kept every element-wise result it read, and this "
+        "table's steps' peak was 53.5 bytes per parameter, 1.19x the compiled loop's 45.1 (the "
+        "run of 2026-11-22). Measured during development with almost no activations (1 x 8 "
+        "tokens per step, `MALLOC_MMAP_THRESHOLD_=65536`): 21.0 bytes/param for the compiled "
+        "loop and 26.4 for `fx.fit`, about one more float32 copy of the parameters alive at the "
+        "step's peak (the update's new values beside the old ones); that part the pass does not "
+        "change.", "",
         "The resident-set slopes vary between runs by several bytes per parameter (two runs "
         "on a warm cache during development: `fx.fit`'s steps' slope 60.7 and 53.5, the eager "
         "loop's 67.3 and 76.5, the compiled loop's 45.5 and 45.1), so a ratio within about 0.1x "
@@ -940,8 +936,34 @@ def scale(record: dict) -> list[str]:
         f"Two ranks (gloo), {c['batch']} x {c['rank_seq']} tokens per rank and step, so that "
         "parameters, gradients and optimizer state outweigh activations; memory is the higher "
         "rank's, tokens/s both ranks' (vs: one process, whose tokens/s is one rank's):", "",
-        *table(head, body(ranks, one, one)), "", *scale_targets(res), ""]
+        *table(head, body(ranks, one, one)), "", *scale_communication(res),
+        *scale_targets(res), ""]
     return lines
+
+
+def scale_communication(res: dict) -> list[str]:
+    """What the 2-rank variants' collectives cost alone, beside a step's compute."""
+    rows = res["rows"]
+    names = ("one_process", "data_parallel", "sharded_units")
+    if not all(v in rows for v in names) or "comm_s" not in rows["data_parallel"]["runs"][-1]:
+        return []
+    compute = rows["one_process"]["runs"][-1]["step_s"]
+    comm = {v: rows[v]["runs"][-1]["comm_s"] for v in RANK_VARIANTS if v in rows and
+            "comm_s" in rows[v]["runs"][-1]}
+    whole = (f", the whole-model shard's (one gather, one reduce-scatter) {comm['sharded']:.3f} s"
+             if "sharded" in comm else "")
+    return [
+        f"Communication alone (`scale.py`'s `_collectives_alone`: one step's collectives over "
+        f"the parameters' bytes in one float32 buffer, no compute, both ranks, median of 3, at "
+        f"{res['config']['depths'][-1]} layers): data parallel's all-reduce "
+        f"{comm['data_parallel']:.3f} s, the units' two all-gathers and reduce-scatter "
+        f"{comm['sharded_units']:.3f} s ({x(comm['sharded_units'] / comm['data_parallel'])}, "
+        f"for 1.5x the bytes){whole}; one process computes its step in {compute:.2f} s. On this "
+        "2-core machine both cores compute (one rank each), so gloo's threads have no core of "
+        "their own to overlap on.", ""]
+
+
+RANK_VARIANTS = ("data_parallel", "sharded", "sharded_units")
 
 
 def scale_targets(res: dict) -> list[str]:

@@ -200,11 +200,39 @@ def _rank(rank: int, world: int, port: int, variants: list[str], args, depths: l
                                state, args, _batches(args, rank), "autograd")),
                            lambda: holder["timed"](), args, world)
             rows.append({"variant": variant, "layers": layers, "params": n, "rank": rank,
-                         "local_state_bytes": local, **row})
+                         "local_state_bytes": local, "comm_s": _collectives_alone(variant, n),
+                         **row})
             fx.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
     Path(out, f"rank{rank}.json").write_text(json.dumps(rows))
+
+
+def _collectives_alone(variant: str, n: int, rounds: int = 3) -> float:
+    """Seconds that one step's communication of ``variant`` takes alone, over ``n`` float32
+    parameters in one buffer (no compute, median of ``rounds``): data parallel all-reduces the
+    gradients; a sharded state all-gathers the parameters and reduce-scatters the gradients,
+    per-block units gather twice (forward, and again for the backward). One buffer is a lower
+    bound: the steps send a collective per dtype (data parallel) or per parameter (sharded)."""
+    import torch
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    whole = torch.ones(n // world * world)
+    shard = torch.ones(whole.numel() // world)
+    gathers = {"data_parallel": 0, "sharded": 1, "sharded_units": 2}[variant]
+    times = []
+    for _ in range(rounds):
+        dist.barrier()
+        start = time.perf_counter()
+        if gathers == 0:
+            dist.all_reduce(whole)
+        for _ in range(gathers):
+            dist.all_gather_into_tensor(whole, shard)
+        if gathers:
+            dist.reduce_scatter_single(shard, whole)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[rounds // 2]
 
 
 def _port() -> int:
@@ -224,6 +252,7 @@ def ranks(variants: list[str], args, depths: list[int]) -> list[dict]:
     for a, b in zip(*per_rank):
         rows.append({**a, "rank": None, "step_peak_bytes": max(a["step_peak_bytes"],
                                                                b["step_peak_bytes"]),
+                     "comm_s": max(a["comm_s"], b["comm_s"]),
                      "tokens_per_s": min(a["tokens_per_s"], b["tokens_per_s"])})
     return rows
 

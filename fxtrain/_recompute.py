@@ -14,7 +14,8 @@ its forward with ``torch.fx.traceback.annotate`` (``FORWARD``); every other node
 forward node (an element-wise op, or a view) reads a copy of it made just before, and the
 forward's own, now unread, is dropped. A copy's inputs are copied in turn while they are
 cheap, so a chain of element-wise ops is recomputed from the last tensor the forward keeps
-anyway (a matrix product, a reduction, a boolean mask). Not cheap, so kept: random ops,
+anyway (a matrix product, a reduction, a boolean mask); a constant (the zeros of a dropout's
+``where``) is made again. Not cheap, so kept: random ops,
 mutations, booleans (a mask is a quarter of the floats it selects), casts to a narrower dtype
 (the copy would keep the wider input alive), and a node whose recomputation would repeat more
 than ``CHAIN`` ops (a residual stream is a chain through every layer: it is kept every few
@@ -28,10 +29,12 @@ from 1.15x a compiled module's loop to 0.88x per parameter, at the same tokens/s
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.fx.traceback  # noqa: F401 - annotate, read as an attribute (torch >= 2.9)
 
 from ._traced_errors import run_while_tracing
 
@@ -51,11 +54,20 @@ def _itemsize(value: Any) -> int:
     return value.dtype.itemsize if isinstance(value, torch.Tensor) else 0
 
 
+_CONSTANTS = frozenset({"full", "scalar_tensor", "zeros", "ones", "arange", "iota", "full_like",
+                        "zeros_like", "ones_like"})
+"""Ops that make a tensor from numbers and a shape only (``torch.zeros_like`` is ``full`` after
+Inductor's decompositions): made again for the backward rather than kept alive until it."""
+
+
 def _cheap(node: fx.Node) -> bool:
-    """An element-wise op or a view, pure, whose output is no narrower than its inputs."""
+    """An element-wise op, a view or a constant, pure, whose output is no narrower than its
+    inputs."""
     target = node.target
     if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
         return False
+    if target._schema.name.split("::")[-1] in _CONSTANTS:
+        return True
     if target._schema.is_mutable or torch.Tag.nondeterministic_seeded in target.tags:
         return False
     value = node.meta.get("val")
@@ -129,6 +141,24 @@ def _pass() -> Any:
             return None if first is None else (first, get_hash_for_files((__file__,)))
 
     return Recompute(), After
+
+
+def marked(compute: Callable) -> Callable:
+    """``compute`` (a step's forward), its nodes annotated ``FORWARD`` and ``recompute``
+    installed while Dynamo traces it; eagerly, or on a torch without ``annotate`` (before 2.9),
+    ``compute`` as it is."""
+    annotate = getattr(torch.fx.traceback, "annotate", None)
+    if annotate is None:
+        return compute
+
+    def forward(*args: Any) -> Any:
+        if not torch.compiler.is_compiling():
+            return compute(*args)
+        install()
+        with annotate(FORWARD):
+            return compute(*args)
+
+    return forward
 
 
 @run_while_tracing

@@ -51,8 +51,9 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       leaf: it gets each gradient as soon as the backward has produced it (data parallel's
       all-reduce, under way while the rest of the backward runs).
     """
+    compute = _depending(_recompute.marked(compute))  # its cheap work redone in the backward
     if autodiff == "func":
-        transformed = grad_and_value(_depending(compute), has_aux=True)
+        transformed = grad_and_value(compute, has_aux=True)
 
         def func_grads(params: dict) -> tuple[dict, Any]:
             with torch.no_grad():  # nothing outside the transform needs a graph, and inside it
@@ -67,11 +68,11 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                 leaf.register_hook(on_grad)
         with torch.enable_grad():
             if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
-                value, aux = _depending(compute)(leaves)
+                value, aux = compute(leaves)
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
             else:
                 with _held.holding():  # the module keeps the step's tensors for the backward
-                    value, aux = _depending(compute)(leaves)
+                    value, aux = compute(leaves)
                     grads = _eager_grads(value, list(leaves.values()))
         if all(g is None for g in grads):  # known while tracing: Dynamo follows the graph
             fail(ValueError, NO_DEPENDENCE)
@@ -97,12 +98,7 @@ def _depending(compute: Callable) -> Callable:
     parameter in the graph (also known while tracing)."""
 
     def checked(params: dict) -> tuple[torch.Tensor, Any]:
-        if torch.compiler.is_compiling():  # the forward marked: cheap work redone in backward
-            _recompute.install()
-            with torch.fx.traceback.annotate(_recompute.FORWARD):
-                value, aux = compute(params)
-        else:
-            value, aux = compute(params)
+        value, aux = compute(params)
         if not value.requires_grad:
             fail(ValueError, NO_DEPENDENCE)
         return value, aux

@@ -63,6 +63,21 @@ def test_masks_narrowing_casts_and_random_ops_are_kept():
     assert read_outside(gm.graph) == before == ["_to_copy", "gt", "mm", "rand_like"]
 
 
+def test_a_constant_is_made_again_rather_than_kept():
+    def fn(x, w):
+        h = torch.mm(x, w)
+        zeros = torch.zeros_like(h)  # as keyed dropout's where(keep, h / q, zeros)
+        return torch.where(h > 0, h, zeros).sum() + zeros.sum()
+
+    x, w = torch.randn(4, 3), torch.randn(3, 5)
+    gm = traced(fn, x, w, forward=3)
+    expected = gm(x, w)
+    assert "zeros_like" in read_outside(gm.graph) or "full" in read_outside(gm.graph)
+    _recompute.recompute(gm.graph)
+    assert read_outside(gm.graph) == ["gt", "mm"]
+    assert torch.equal(rerun(gm, x, w), expected)
+
+
 def test_a_long_chain_is_kept_every_few_ops_and_recomputed_in_between():
     links = 3 * _recompute.CHAIN
 
