@@ -886,6 +886,10 @@ def _vs(value: float | None, base: float | None) -> str:
     return "n/a" if value is None or not base else x(value / base)
 
 
+RANK_VARIANTS = ("data_parallel", "sharded", "sharded_units")
+"""scale.py's 2-rank variants, beside ``one_process`` (the same sizes in one process)."""
+
+
 def scale(record: dict) -> list[str]:
     lines, res = opening(record, "scale", "Scale: activation checkpointing and per-block "
                                           "sharding on a GPT-2")
@@ -893,8 +897,7 @@ def scale(record: dict) -> list[str]:
         return lines
     c, rows = res["config"], res["rows"]
     high = c["depths"][-1]
-    single = [v for v in rows if v not in ("one_process", "data_parallel", "sharded",
-                                           "sharded_units")]
+    single = [v for v in rows if v not in ("one_process", *RANK_VARIANTS)]
     ranks = [v for v in rows if v not in single]
     loop, one = rows.get("loop"), rows.get("one_process")
 
@@ -961,9 +964,6 @@ def scale_communication(res: dict) -> list[str]:
         f"for 1.5x the bytes){whole}; one process computes its step in {compute:.2f} s. On this "
         "2-core machine both cores compute (one rank each), so gloo's threads have no core of "
         "their own to overlap on.", ""]
-
-
-RANK_VARIANTS = ("data_parallel", "sharded", "sharded_units")
 
 
 def scale_targets(res: dict) -> list[str]:

@@ -54,8 +54,7 @@ def _itemsize(value: Any) -> int:
     return value.dtype.itemsize if isinstance(value, torch.Tensor) else 0
 
 
-_CONSTANTS = frozenset({"full", "scalar_tensor", "zeros", "ones", "arange", "iota", "full_like",
-                        "zeros_like", "ones_like"})
+_CONSTANTS = frozenset({"full", "scalar_tensor", "zeros", "ones", "arange", "iota"})
 """Ops that make a tensor from numbers and a shape only (``torch.zeros_like`` is ``full`` after
 Inductor's decompositions): made again for the backward rather than kept alive until it."""
 
@@ -126,6 +125,8 @@ def _pass() -> Any:
         def uuid(self) -> bytes:
             return get_hash_for_files((__file__,))
 
+    ours = Recompute()
+
     class After(CustomGraphPass):
         """A pass the user had set, then ``recompute``."""
 
@@ -138,9 +139,9 @@ def _pass() -> Any:
 
         def uuid(self) -> Any:  # None: Inductor does not cache the graph
             first = self.first.uuid() if isinstance(self.first, CustomGraphPass) else None
-            return None if first is None else (first, get_hash_for_files((__file__,)))
+            return None if first is None else (first, ours.uuid())
 
-    return Recompute(), After
+    return ours, After
 
 
 def marked(compute: Callable) -> Callable:

@@ -5,7 +5,8 @@ one write to the next (an evaluation's metrics, a monitor's), a resumed run appe
 file, and a process killed mid-write loses at most the row being written. ``read_csv`` gives
 each series back; spreadsheet tools and pandas read the file as is (pandas'
 ``pivot_table(index="step", columns="name", values="value")`` makes it wide). Media and
-histograms have no place in a table: they are skipped (the TensorBoard writer keeps them). Hyperparameters go to ``hparams.json`` beside the file.
+histograms have no place in a table: they are skipped (the TensorBoard writer keeps them).
+Hyperparameters go to ``hparams.json`` beside the file.
 """
 
 from __future__ import annotations
