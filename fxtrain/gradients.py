@@ -14,9 +14,10 @@ and how gradients, the loss and the metrics become the same on every rank.
   parameters outside units, each unit its own just before its forward: ``fxtrain.units``),
   and the gathers' backward reduce-scatters each gradient as soon as it is ready.
 
-Each has the same methods, ``whole(params, module)``, ``reduce(...)`` and ``metrics(metrics)``,
-and an ``on_grad`` for the autograd path (what each gradient goes through as the backward
-produces it), so the step reads as one line of work whatever the strategy.
+Each has the same methods, ``whole(params, module)``, ``recomputes(module)``, ``reduce(...)``
+and ``metrics(metrics)``, and an ``on_grad`` for the autograd path (what each gradient goes
+through as the backward produces it), so the step reads as one line of work whatever the
+strategy.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
 
 
-def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = None) -> Callable:
+def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = None,
+                  recompute: bool = True) -> Callable:
     """``compute(params) -> (value, aux)`` made into ``params -> (grads, (value, aux))``.
 
     - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
@@ -50,8 +52,13 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       value and the aux come back detached. ``on_grad`` (autograd only) is a hook on each
       leaf: it gets each gradient as soon as the backward has produced it (data parallel's
       all-reduce, under way while the rest of the backward runs).
+
+    Compiled, with ``recompute``, the forward's cheap work is done again in the backward
+    instead of kept (``fxtrain._recompute``).
     """
-    compute = _depending(_recompute.marked(compute))  # its cheap work redone in the backward
+    if recompute:
+        compute = _recompute.marked(compute)
+    compute = _depending(compute)
     if autodiff == "func":
         transformed = grad_and_value(compute, has_aux=True)
 
@@ -176,6 +183,12 @@ class SingleProcess:
         del module
         return params
 
+    def recomputes(self, module: Any) -> bool:
+        """Whether the step's backward redoes the forward's cheap work (``fxtrain._recompute``)
+        instead of keeping it."""
+        del module
+        return True
+
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
         del params  # the gradients are whole already
@@ -248,6 +261,13 @@ class Sharded:
                 "activation checkpointing); build the step with "
                 "fx.make_train_step(loss_fn, autodiff='autograd')")
         return sharding.gather_params(params)
+
+    def recomputes(self, module: Any) -> bool:
+        """Not with per-block units: their forward regions are checkpointed (the gather is
+        redone for the backward), and the pass's copies kept more of each block alive than the
+        block's own saved tensors (GPT-2 units on 2 ranks: 8.7 bytes per parameter at the
+        step's peak with the pass against 7.7 without, ``benchmarks/scale.py``)."""
+        return not units.names(module)
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:

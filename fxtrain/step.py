@@ -349,13 +349,15 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                 set_training(state.module, was)
 
         whole = path.whole(state.params, state.module)
+        recompute = path.recomputes(state.module)
         if autodiff == "func":  # the transform runs the forward in train mode, keyed
             grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
-                lambda params: in_train_mode_keyed(forward, params), autodiff)(whole)
+                lambda params: in_train_mode_keyed(forward, params), autodiff,
+                recompute=recompute)(whole)
         else:  # and the backward: what activation checkpointing recomputes there runs as
             # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
             grads, (_, (loss, aux, new_buffers)) = in_train_mode_keyed(
-                gradients.differentiate(forward, autodiff, path.on_grad), whole)
+                gradients.differentiate(forward, autodiff, path.on_grad, recompute), whole)
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)

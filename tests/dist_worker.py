@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import classification_batch, mlp  # noqa: E402
 
 import fxtrain as fx  # noqa: E402
+from fxtrain import _recompute  # noqa: E402
 
 X, Y = classification_batch(n=256, seed=3)
 
@@ -175,11 +176,12 @@ def sharded_units(out, compiled=False, steps=6):
         state = fx.shard(fx.TrainState.create(Blocks(dropout=dropout), tx), units=units, **how)
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
-            step = torch.compile(step, fullgraph=True, backend=compiled)
+            step = torch.compile(step, fullgraph=True, backend=noting_marks(compiled, marked))
         data = fx.data.Batches((X, Y), 16, seed=1)
         state = fx.fit(state, step, data, max_steps=steps)
         return state
 
+    marked = []  # per compiled graph: its nodes marked as the forward, for fxtrain._recompute
     # compiled: units and bfloat16 units (2 graphs); their references run eagerly (a compile
     # costs ~25 CPU-s a rank): the whole model sharded, which draws the same keyed masks
     units, whole = run("auto"), run(None, compiled=False)
@@ -196,7 +198,8 @@ def sharded_units(out, compiled=False, steps=6):
               "mixed": fx.sharding.gathered(mixed.params),
               "plain": fx.sharding.gathered(plain.params),
               "undropped": undropped and fx.sharding.gathered(undropped.params),
-              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+              "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"],
+              "marked": marked}
     if not compiled:
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         batch = next(iter(fx.data.Batches((X, Y), 16, seed=1)))
@@ -209,6 +212,16 @@ def sharded_units(out, compiled=False, steps=6):
         result["by_class"] = fx.sharding.unit_names(fx.shard(
             fx.TrainState.create(Blocks(), fx.optim.sgd(0.1)), units=[Block]))
     torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def noting_marks(backend, marked):
+    """``backend`` (a torch.compile backend's name), noting in ``marked`` how many nodes of each
+    graph it gets are marked as the step's forward (``fxtrain._recompute``)."""
+    def noting(gm, inputs):
+        marked.append(sum(_recompute._forward(n) for n in gm.graph.nodes))
+        return torch._dynamo.lookup_backend(backend)(gm, inputs)
+
+    return noting
 
 
 def one_process_blocks(steps=6):

@@ -144,6 +144,9 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         torch.testing.assert_close(r0["undropped"][k], p, rtol=1e-5, atol=1e-5)
     if compiled:  # one per compiled run (units, bfloat16 units): no recompiles
         assert r0["graphs"] == 2
+        # units keep their forward's element-wise work (fxtrain.gradients.Sharded.recomputes):
+        # nothing marked for the recompute pass
+        assert r0["marked"] == [0, 0], r0["marked"]
     else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
         dtypes = r0["collectives"].pop("dtypes")
         assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12,
