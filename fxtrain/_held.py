@@ -10,12 +10,19 @@ its gradients with ``torch.autograd.grad`` therefore runs its forward and backwa
 
 A compiled step needs none of it: the recomputation is part of the graph, traced from the
 forward, so ``call`` is ``functional_call`` there.
+
+Tied tensors (a GPT-2's embedding and head) are bound here rather than by ``functional_call``'s
+``tie_weights``, from the groups of tied names ``TrainState.create`` found when it made the
+state's module (``TIED``, a tuple of names): Dynamo would otherwise trace torch's walk over every
+submodule in every step it compiles (an eighth of the bytecode it traced for a GPT-2 step). A
+module without them (one ``create`` could not copy) is left to ``functional_call``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
@@ -23,6 +30,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
+
+from ._traced_errors import fail
 
 _held: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
     "fxtrain_held", default=None)
@@ -43,8 +52,40 @@ def call(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple,
          kwargs: dict[str, Any]) -> Any:
     """``functional_call(module, tensors, args, kwargs)``; inside ``holding()`` the tensors
     stay in the module until that context ends (a later call's replace an earlier one's)."""
+    groups = getattr(module, TIED, None)
+    if groups is not None:
+        tensors = untied(groups, tensors)
     stack = None if torch.compiler.is_compiling() else _held.get()
     if stack is None:
-        return functional_call(module, tensors, args, kwargs)
-    stack.enter_context(_reparametrize_module(module, tensors, tie_weights=True))
+        return functional_call(module, tensors, args, kwargs, tie_weights=groups is None)
+    stack.enter_context(_reparametrize_module(module, tensors, tie_weights=groups is None))
     return module(*args, **kwargs)
+
+
+TIED = "_fxtrain_tied"
+"""The attribute of a state's module that holds ``tied_names(module)``."""
+
+
+def tied_names(module: nn.Module) -> tuple[tuple[str, ...], ...]:
+    """The groups of names that share one tensor in ``module`` (tied weights)."""
+    groups: dict[int, list[str]] = {}
+    for name, tensor in itertools.chain(module.named_parameters(remove_duplicate=False),
+                                        module.named_buffers(remove_duplicate=False)):
+        groups.setdefault(id(tensor), []).append(name)
+    return tuple(tuple(names) for names in groups.values() if len(names) > 1)
+
+
+def untied(groups: tuple[tuple[str, ...], ...],
+           tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every name tied to a given one (``groups``: ``tied_names``'s) bound to
+    the same tensor, as ``functional_call(..., tie_weights=True)`` binds them."""
+    extra = {}
+    for names in groups:
+        given = [name for name in names if name in tensors]
+        if not given:
+            continue
+        if any(tensors[name] is not tensors[given[0]] for name in given[1:]):
+            fail(ValueError, f"state.apply got different tensors for {sorted(given)}, which the "
+                             "module ties (one tensor): pass one of them")
+        extra.update({name: tensors[given[0]] for name in names if name not in tensors})
+    return {**tensors, **extra} if extra else tensors

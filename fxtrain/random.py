@@ -339,12 +339,6 @@ def _name(func) -> str:
     return getattr(func, "__qualname__", name)
 
 
-def _is_python_tensor_method(func) -> bool:
-    """A method of ``torch.Tensor`` written in Python (torch/_tensor.py: split, unflatten...)."""
-    return (getattr(func, "__module__", None) == "torch._tensor"
-            and getattr(torch.Tensor, getattr(func, "__name__", ""), None) is func)
-
-
 REENTRANT = (
     "fxtrain: torch.utils.checkpoint(use_reentrant=True) inside a train step: the reentrant "
     "variant recomputes its region in a backward pass of its own, which a step that takes "
@@ -442,6 +436,21 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        # two lookups in constant sets for the common case: Dynamo inlines this method for every
+        # torch function a step calls, and scanning the random functions by identity made up 43%
+        # of the bytecode it traced for a GPT-2 step (benchmarks/compile_time.py's)
+        name = getattr(func, "__name__", None)  # (Dynamo names torch_checkpoint otherwise)
+        if name in _RANDOM_NAMES or func is torch_checkpoint:
+            return self._random(func, args, kwargs)
+        if name in _PYTHON_METHODS and getattr(torch.Tensor, name) is func and args and \
+                isinstance(args[0], torch.Tensor):
+            # as the method call it was: passed on as a function, Dynamo fails on some of these
+            # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses
+            return getattr(args[0], name)(*args[1:], **kwargs)
+        return func(*args, **kwargs)
+
+    def _random(self, func, args, kwargs):
+        """``func`` (named like a random function) keyed, refused, or called as it is."""
         for dropout, ndim in _DROPOUTS:
             if func is dropout:
                 x = args[0]
@@ -496,8 +505,14 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
             if kwargs.get("use_reentrant"):
                 fail(ValueError, REENTRANT)
             return self._checkpointed(func, *args, **kwargs)
-        if _is_python_tensor_method(func) and args and isinstance(args[0], torch.Tensor):
-            # as the method call it was: passed on as a function, Dynamo fails on some of these
-            # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses
-            return getattr(args[0], func.__name__)(*args[1:], **kwargs)
         return func(*args, **kwargs)
+
+
+# The names of the functions ``keyed`` looks at (a function of another name passes through).
+_RANDOM_NAMES = frozenset(f.__name__ for f in (
+    *(f for f, _ in _DROPOUTS + _ALPHA_DROPOUTS + _UNSUPPORTED), torch.native_dropout, F.rrelu,
+    F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.bernoulli,
+    torch_checkpoint))
+# The methods of torch.Tensor written in Python (torch/_tensor.py: split, unflatten...).
+_PYTHON_METHODS = frozenset(name for name, f in vars(torch.Tensor).items()
+                            if getattr(f, "__module__", None) == "torch._tensor")

@@ -67,7 +67,8 @@ def set_training(module: torch.nn.Module, training: bool) -> bool:
 
 def skeleton(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose parameters and buffers are on the meta device (no storage;
-    tied tensors stay tied), for ``functional_call``. Calling it directly is a clear error."""
+    tied tensors stay tied, their names noted for ``state.apply``), for ``functional_call``.
+    Calling it directly is a clear error."""
     memo = {id(t): _meta_like(t) for t in itertools.chain(model.parameters(), model.buffers())}
     try:
         out = copy.deepcopy(model, memo)
@@ -77,6 +78,7 @@ def skeleton(model: nn.Module) -> nn.Module:
                       "copy of the initial weights", stacklevel=3)
         return model
     out.register_forward_pre_hook(refuse_direct_call)
+    setattr(out, _held.TIED, _held.tied_names(out))  # read by state.apply (see fxtrain._held)
     return out
 
 

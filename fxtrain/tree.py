@@ -34,6 +34,14 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
         (tensor([-1.]), None)
     """
     if type(tree) is dict and all(type(r) is dict and r.keys() == tree.keys() for r in rest):
+        # written out for one and two trees: Dynamo traces every call inline, per leaf
+        if not rest:
+            return {k: fn(v) if isinstance(v, torch.Tensor) else tree_map(fn, v)
+                    for k, v in tree.items()}
+        if len(rest) == 1:
+            other = rest[0]
+            return {k: fn(v, other[k]) if isinstance(v, torch.Tensor) else tree_map(fn, v, other[k])
+                    for k, v in tree.items()}
         return {k: _apply(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
     return pytree.tree_map(lambda x, *xs: fn(x, *xs) if isinstance(x, torch.Tensor) else x,
                            tree, *rest)
@@ -158,9 +166,9 @@ def check_same_structure(expected: Any, got: Any, what: str) -> None:
           shape of ['w']: expected (2, 3), got (3, 2)
     """
     if type(expected) is dict and type(got) is dict and expected.keys() == got.keys() and all(
-            isinstance(expected[k], torch.Tensor) and _same_leaf(expected[k], got[k])
-            for k in expected):
-        return  # the flat-params case, without flattening (fewer guards when compiled)
+            isinstance(expected[k], torch.Tensor) and isinstance(got[k], torch.Tensor)
+            and expected[k].shape == got[k].shape for k in expected):
+        return  # the flat-params case, without flattening (fewer guards and calls compiled)
     e_leaves, e_spec = pytree.tree_flatten(expected)
     g_leaves, g_spec = pytree.tree_flatten(got)
     same = e_spec == g_spec and all(_same_leaf(a, b) for a, b in zip(e_leaves, g_leaves))

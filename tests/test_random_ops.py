@@ -105,11 +105,36 @@ MHA_DROPOUT = nn.MultiheadAttention(4, 2, dropout=0.1)
     (lambda: MHA_DROPOUT(*[torch.ones(3, 1, 4)] * 3), "MultiheadAttention",
      "scaled_dot_product_attention"),
 ])
-def test_unkeyed_random_ops_are_refused_by_name(call, name, instead):
-    with random.keyed(random.seed_key(0)), pytest.raises(NotImplementedError) as info:
-        call()
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_unkeyed_random_ops_are_refused_by_name(call, name, instead, compiled):
+    """Eagerly and while Dynamo traces (the mode finds them by name there too)."""
+    def draw():
+        with random.keyed(random.seed_key(0)):
+            return call()
+
+    if compiled and name == "torch.normal":
+        pytest.skip("a known gap: test_compiled_torch_normal_is_not_refused_yet")
+    if compiled:
+        torch._dynamo.reset()
+        draw = torch.compile(draw, fullgraph=True, backend="eager")
+    with pytest.raises(Exception) as info:  # compiled: Dynamo wraps NotImplementedError
+        draw()
+    if not compiled:
+        assert info.type is NotImplementedError
     assert name in str(info.value) and instead in str(info.value)
     assert "global generator" in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="Dynamo does not hand torch.normal to the keyed mode "
+                   "(it draws from torch's generator in a compiled step); eagerly it is refused")
+def test_compiled_torch_normal_is_not_refused_yet():
+    def draw(x):
+        with random.keyed(random.seed_key(0)):
+            return torch.normal(x, 1.0)
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="global generator"):
+        torch.compile(draw, fullgraph=True, backend="eager")(torch.zeros(3))
 
 
 def test_multihead_attention_without_dropout_or_in_eval_runs():

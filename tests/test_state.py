@@ -173,3 +173,52 @@ def test_empty_dict_next_to_0d_tensors_still_compiles():
     step = torch.compile(fx.make_train_step(xent), fullgraph=True, backend="eager")
     new, _ = step(state, classification_batch())
     assert int(new.step) == 1 and new.callbacks == {}
+
+
+class TiedHead(nn.Module):
+    """An embedding and a head that share one weight (as GPT-2's do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.tokens, self.head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+        self.head.weight = self.tokens.weight
+
+    def forward(self, ids):
+        return self.head(self.tokens(ids))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_apply_binds_tied_weights_to_the_one_tensor_given(compiled):
+    torch.manual_seed(0)
+    model = TiedHead()
+    state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+    assert list(state.params) == ["tokens.weight"]  # one tensor, one name
+    ids = torch.tensor([[0, 3, 4]])
+    apply = torch.compile(state.apply, fullgraph=True, backend="eager") if compiled \
+        else state.apply
+    torch.testing.assert_close(apply(state.params, ids), model(ids), rtol=0, atol=0)
+    w = torch.randn(5, 3)
+    expected = (w[ids]) @ w.T  # both uses read the one weight given, under either name
+    torch.testing.assert_close(apply({"tokens.weight": w}, ids), expected)
+    torch.testing.assert_close(apply({"head.weight": w}, ids), expected)
+    torch.testing.assert_close(apply({"tokens.weight": w, "head.weight": w}, ids), expected)
+    # (compiled, Dynamo wraps the ValueError; fx.fit gives it back as itself)
+    with pytest.raises(Exception, match=r"ValueError: state.apply got different tensors for "
+                       r"\['head.weight', 'tokens.weight'\], which the module ties") if compiled \
+            else pytest.raises(ValueError, match=r"different tensors for \['head.weight', "
+                               r"'tokens.weight'\], which the module ties"):
+        apply({"tokens.weight": w, "head.weight": w.clone()}, ids)
+
+
+def test_one_compiled_step_serves_states_of_two_models_of_one_architecture():
+    """A fresh model of the same architecture (tied weights included) reuses the compiled step:
+    nothing in it is guarded on the module object."""
+    def loss_fn(state, params, ids):
+        return state.apply(params, ids).logsumexp(-1).mean()
+
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend="eager")
+    ids = torch.tensor([[0, 3, 4]])
+    first, second = (fx.TrainState.create(TiedHead(), fx.optim.sgd(0.1)) for _ in range(2))
+    step(first, ids)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        step(second, ids)
