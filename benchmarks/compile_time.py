@@ -53,7 +53,9 @@ VARIANTS = {
     "torch_compiled_adamw_nodropout": "the same as torch_compiled_adamw, dropout 0.0",
 }
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
-EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0"}
+EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
+         "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
+         "fxtrain_norecompute": "fxtrain step without fxtrain._recompute's pass, dropout 0.1"}
 SMOKE = ["fxtrain", "torch_compiled_adamw"]
 # phases of torch._dynamo.utils.compile_times worth a column (seconds summed over graphs)
 PHASES = ("_compile.compile_inner", "bytecode_tracing", "OutputGraph.call_user_compiler",
@@ -115,14 +117,14 @@ def mlp(dropout: float):
     return model, (torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
-def fxtrain_step(model, loss, optimizer: str):
+def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func"):
     import torch
 
     import fxtrain as fx
 
     tx = fx.optim.sgd(LR) if optimizer == "sgd" else fx.optim.adamw(LR, weight_decay=WD)
     state = fx.TrainState.create(model, tx)
-    step = torch.compile(fx.make_train_step(loss), fullgraph=True)
+    step = torch.compile(fx.make_train_step(loss, autodiff=autodiff), fullgraph=True)
     holder = [state]
 
     def run(batch):
@@ -155,7 +157,11 @@ def build(variant: str, kind: str):
     model.train()
     loss = gpt2_loss if kind == "gpt2" else mlp_loss
     if variant.startswith("fxtrain"):
-        return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw"), batch
+        if variant.endswith("_norecompute"):
+            import fxtrain._recompute
+            fxtrain._recompute.recompute = lambda graph: None
+        return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
+                            "autograd" if "_autograd" in variant else "func"), batch
     return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
 
 
@@ -319,7 +325,8 @@ def arguments(argv) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *EXTRA])
-    parser.add_argument("--warm", nargs="*", default=["fxtrain", BASELINE], choices=list(VARIANTS),
+    parser.add_argument("--warm", nargs="*", default=["fxtrain", BASELINE],
+                        choices=[*VARIANTS, *EXTRA],
                         help="variants measured a second time on their warm cache")
     parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
     parser.add_argument("--smoke", action="store_true",

@@ -661,6 +661,9 @@ def compile_time(record: dict) -> list[str]:
     summ = res["summary"]
     fx_cold = summ.get("fxtrain", {}).get("cold", {}).get("vs_baseline")
     fx_warm = summ.get("fxtrain", {}).get("warm", {}).get("ready_s")
+    import compile_time as module
+    base_warm = summ.get(module.BASELINE, {}).get("warm", {}).get("ready_s")
+    warm_limit = None if base_warm is None else max(5.0, 1.1 * base_warm)
     model = "a 2-layer GPT-2 from its config (8 x 64 tokens)" if res["model"] == "gpt2" else \
         "a small MLP (--smoke)"
     done = lambda v, limit: "not measured" if v is None else met(v <= limit)  # noqa: E731
@@ -671,9 +674,35 @@ def compile_time(record: dict) -> list[str]:
         "`ready` counts from the process's start (imports included); ratios are against "
         "`torch.compile(model)` + a compiled `AdamW.step()` in the same mode.", "",
         "```", compile_table(summ), "```", "",
-        f"Targets: cold compile at most 1.5x the baseline: {done(fx_cold, 1.5)} "
-        f"({'n/a' if fx_cold is None else x(fx_cold)}); a warm process ready to step in at most "
-        f"5 s: {done(fx_warm, 5.0)} ({'n/a' if fx_warm is None else f'{fx_warm:.1f} s'}).", ""]
+        f"Targets (start-up issue): cold compile at most 1.0x the baseline: "
+        f"{done(fx_cold, 1.0)} ({'n/a' if fx_cold is None else x(fx_cold)}); a warm process "
+        "ready to step in at most 5 s or 1.1x the baseline's warm process, whichever is larger: "
+        + ("not measured" if fx_warm is None or warm_limit is None else
+           f"{met(fx_warm <= warm_limit)} ({fx_warm:.1f} s against {base_warm:.1f} s, "
+           f"{x(fx_warm / base_warm)})") + ".", "", *COMPILE_PROFILE]
+
+
+COMPILE_PROFILE = [  # measured during development, 2026-11-25, on this benchmark's GPT-2 step
+    "Where the start-up goes (probes during development, same model, eager backend so only "
+    "Dynamo counts; bytecode instructions Dynamo stepped through, counted by wrapping "
+    "`InstructionTranslatorBase.step`): fxtrain's step took 114,183 steps against 14,413 for "
+    "the baseline's two graphs. 43% were the keyed-randomness mode's `__torch_function__` "
+    "scanning the random functions by identity for each of the ~170 torch calls, 13% "
+    "`functional_call`'s untying walk over every submodule, 10% fxtrain's tree maps calling a "
+    "helper per leaf; a quarter of the graph's 1,502 nodes were Adam's bias corrections, made "
+    "per parameter. After a lookup by name in the mode, tied names found once per trace, tree "
+    "maps written out and the corrections made once per device and dtype: 56,295 steps and "
+    "1,178 nodes (Dynamo's `bytecode_tracing`, cold phases above: 3.1 s against the "
+    "baseline's 2.2 s; 5.9 s against 2.8 s in the run of 2026-11-22). Warm, the process is "
+    "ready in 1.09x-1.13x the baseline's time over two runs of 2026-11-25 (1.22x before), at "
+    "the edge of the 1.1x target. What is left of the warm "
+    "first step: Dynamo's remaining steps (torch's `NamedMemberAccessor` swaps 7.5k, torch's "
+    "pytree 6.7k, fxtrain's transforms 6.5k) and AOT autograd's cache lookup of one larger "
+    "graph (a warm probe: 2.3 s against 1.6 s in `call_user_compiler`). Cold, the kernels "
+    "are the cost: 43 C++ files "
+    "against 29, of which the keyed dropout's hash accounts for 5 (38 without dropout, 1.06x); "
+    "the step's recompute pass adds about 3 s (a probe with it off: 1.32x against 1.39x in the "
+    "same run).", ""]
 
 
 def compile_table(summ: dict) -> str:
