@@ -439,7 +439,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         # two lookups in constant sets for the common case: Dynamo inlines this method for every
         # torch function a step calls, and scanning the random functions by identity made up 43%
         # of the bytecode it traced for a GPT-2 step (benchmarks/compile_time.py's)
-        name = getattr(func, "__name__", None)  # (Dynamo names torch_checkpoint otherwise)
+        name = getattr(func, "__name__", None)
         if name in _RANDOM_NAMES or func is torch_checkpoint:
             return self._random(func, args, kwargs)
         if name in _PYTHON_METHODS and getattr(torch.Tensor, name) is func and args and \
@@ -508,11 +508,11 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         return func(*args, **kwargs)
 
 
-# The names of the functions ``keyed`` looks at (a function of another name passes through).
+# The names of the functions ``keyed`` looks at (a function of another name passes through;
+# torch.utils.checkpoint is found by identity, as Dynamo names it otherwise).
 _RANDOM_NAMES = frozenset(f.__name__ for f in (
     *(f for f, _ in _DROPOUTS + _ALPHA_DROPOUTS + _UNSUPPORTED), torch.native_dropout, F.rrelu,
-    F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.bernoulli,
-    torch_checkpoint))
+    F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.bernoulli))
 # The methods of torch.Tensor written in Python (torch/_tensor.py: split, unflatten...).
 _PYTHON_METHODS = frozenset(name for name, f in vars(torch.Tensor).items()
                             if getattr(f, "__module__", None) == "torch._tensor")

@@ -40,8 +40,8 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
                     for k, v in tree.items()}
         if len(rest) == 1:
             other = rest[0]
-            return {k: fn(v, other[k]) if isinstance(v, torch.Tensor) else tree_map(fn, v, other[k])
-                    for k, v in tree.items()}
+            return {k: fn(v, other[k]) if isinstance(v, torch.Tensor)
+                    else tree_map(fn, v, other[k]) for k, v in tree.items()}
         return {k: _apply(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
     return pytree.tree_map(lambda x, *xs: fn(x, *xs) if isinstance(x, torch.Tensor) else x,
                            tree, *rest)

@@ -177,8 +177,8 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         shared = _per_kind(corrections)
 
         def direction(m, v, g):
-            bc1, bc2, bc2_root = shared(m)
-            m_hat = _mu_hat(m, g, b1, count, nesterov, bc1)
+            first, bc2, bc2_root = shared(m)
+            m_hat = _mu_hat(m, g, b1, count, nesterov, first)
             # sqrt(v_hat + eps_root), written so that eps_root = 0 gives torch's rounding:
             # sqrt(v) / sqrt(1 - b2^t), that square root taken in float64
             v_root = torch.sqrt(v + _scalar(eps_root, v) * bc2) / bc2_root
@@ -652,8 +652,8 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
         shared = _per_kind(corrections)
 
         def direction(m, v, g):
-            bc2, rho, r, bc1 = shared(m)
-            m_hat = _mu_hat(m, g, b1, count, nesterov, bc1)
+            bc2, rho, r, first = shared(m)
+            m_hat = _mu_hat(m, g, b1, count, nesterov, first)
             v_hat = v / bc2.to(v.dtype)
             adam = m_hat / (torch.sqrt(v_hat + _scalar(eps_root, v)) + _scalar(eps, m))
             return torch.where(rho >= threshold, r.to(m.dtype) * adam, m_hat)
