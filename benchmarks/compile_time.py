@@ -9,7 +9,11 @@ AdamW with lr 1e-3 and weight decay 1e-2) and runs in its own fresh process:
   with dropout 0.0 (and, on request, with ``fx.optim.sgd``: the optimizer's share);
 - the baseline, torch.compile(model) + ``torch.optim.AdamW`` whose ``step()`` is compiled too
   (the recipe of PyTorch's compiled-optimizer tutorial); the same with an eager ``step()``, and
-  the baseline with dropout 0.0.
+  the baseline with dropout 0.0;
+- fxtrain's step not compiled (``fxtrain_eager``), for the break-even of compiling: the run
+  length (in steps) from which the compiled step, its compiling first step included, has taken
+  less time than the eager one, on a cold and on a warm cache. ``--kinds gpt2 mlp`` (the
+  default) measures that on the small MLP of ``--smoke`` too (fxtrain compiled and eager only).
 
 Cold: the process starts with an empty ``TORCHINDUCTOR_CACHE_DIR`` of its own, so nothing is
 cached. Warm: a second process of the same variant reuses that directory (Inductor's FX graph
@@ -18,14 +22,15 @@ cache and AOTAutograd's cache hit; Dynamo traces again). Each process reports it
 (compilation included) in wall time and in CPU time of the process and its compile workers
 (steadier than wall time on a shared machine), how long after its start it was ready (first step
 done), ``torch._dynamo.utils.compile_times`` summed per phase, the graphs Dynamo made, Inductor's
-generated kernels, the C++ sources in its cache directory, and a steady step's time. Rounds
+generated kernels, the C++ sources in its cache directory, and a steady step's time (the median
+of the steps it takes in the second after the first, 3 to 200 of them). Rounds
 rotate the order of the variants; the table shows medians, and ratios against the baseline in the
 same mode (cold or warm).
 
 Needs transformers (fxtrain[hf]) and, for the CPU times, psutil (fxtrain[monitor]).
 
 Run: .venv/bin/python benchmarks/compile_time.py [--rounds 1] [--variants ...] [--out FILE]
-     [--smoke]   (--smoke: a small MLP with dropout instead of GPT-2, fxtrain and the baseline
+     [--kinds gpt2 mlp] [--smoke]   (--smoke: a small MLP with dropout instead of GPT-2, fxtrain and the baseline
                   only: well under a minute)
 """
 
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -51,12 +57,16 @@ VARIANTS = {
     "torch_compiled_adamw": "torch.compile(model) + compiled AdamW.step()",
     "torch_eager_adamw": "torch.compile(model) + eager AdamW.step()",
     "torch_compiled_adamw_nodropout": "the same as torch_compiled_adamw, dropout 0.0",
+    "fxtrain_eager": "fxtrain step, dropout 0.1, not compiled (for the break-even)",
 }
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
 EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._recompute's pass, dropout 0.1"}
-SMOKE = ["fxtrain", "torch_compiled_adamw"]
+SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager"]
+# the break-even on the small MLP too (--kinds): the compiled step against the eager one
+MLP_VARIANTS = ["fxtrain", "fxtrain_eager"]
+STEADY_S = 1.0  # seconds of steady steps timed after the first (3 to 200 steps)
 # phases of torch._dynamo.utils.compile_times worth a column (seconds summed over graphs)
 PHASES = ("_compile.compile_inner", "bytecode_tracing", "OutputGraph.call_user_compiler",
           "create_aot_dispatcher_function", "compile_fx_inner", "GraphLowering.run",
@@ -117,14 +127,16 @@ def mlp(dropout: float):
     return model, (torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
-def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func"):
+def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", compiled: bool = True):
     import torch
 
     import fxtrain as fx
 
     tx = fx.optim.sgd(LR) if optimizer == "sgd" else fx.optim.adamw(LR, weight_decay=WD)
     state = fx.TrainState.create(model, tx)
-    step = torch.compile(fx.make_train_step(loss, autodiff=autodiff), fullgraph=True)
+    step = fx.make_train_step(loss, autodiff=autodiff)
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
     holder = [state]
 
     def run(batch):
@@ -161,7 +173,8 @@ def build(variant: str, kind: str):
             import fxtrain._recompute
             fxtrain._recompute.recompute = lambda graph: None
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
-                            "autograd" if "_autograd" in variant else "func"), batch
+                            "autograd" if "_autograd" in variant else "func",
+                            compiled=not variant.endswith("_eager")), batch
     return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
 
 
@@ -208,8 +221,8 @@ def child(variant: str, kind: str, cache: str, spawned: float, out: str) -> None
     loss = step(batch)
     first, cpu = time.time(), process_tree_cpu() - cpu
     graphs = dynamo_utils.counters["stats"]["unique_graphs"]
-    times = []
-    for _ in range(3):
+    times, steady = [], time.perf_counter()
+    while len(times) < 3 or (len(times) < 200 and time.perf_counter() - steady < STEADY_S):
         t = time.perf_counter()
         step(batch)
         times.append(time.perf_counter() - t)
@@ -218,7 +231,8 @@ def child(variant: str, kind: str, cache: str, spawned: float, out: str) -> None
         "variant": variant, "loss": float(loss),
         "startup_s": start - spawned, "import_s": imported - start, "build_s": before - imported,
         "first_step_s": first - before, "first_step_cpu_s": cpu, "ready_s": first - spawned,
-        "step_s": min(times), "load": os.getloadavg()[0],
+        "step_s": statistics.median(times), "steps_timed": len(times),
+        "load": os.getloadavg()[0],
         "graphs": graphs, "recompiled": dynamo_utils.counters["stats"]["unique_graphs"] != graphs,
         "phases": phases,
         "generated_kernels": inductor_metrics.generated_kernel_count,
@@ -296,6 +310,45 @@ def summary(results: dict) -> dict:
     return out
 
 
+def break_even(summ: dict) -> dict:
+    """Where compiling pays, cold and warm: the length of a run (in steps, its first one
+    included) from which the compiled fxtrain step has taken less time than the same step
+    uncompiled; ``steps`` None where the compiled step is not faster, so compiling never pays.
+
+    A run of n steps takes first + (n - 1) * step either way, so the two meet at
+    n = 1 + (compiled first - eager first) / (eager step - compiled step)."""
+    eager = summ.get("fxtrain_eager", {}).get("cold", {})
+    out = {}
+    for mode in ("cold", "warm"):
+        compiled = summ.get("fxtrain", {}).get(mode, {})
+        if None in (eager.get("step_s"), compiled.get("step_s"), eager.get("first_step_s"),
+                    compiled.get("first_step_s")):
+            continue
+        saved = eager["step_s"] - compiled["step_s"]
+        cost = compiled["first_step_s"] - eager["first_step_s"]
+        steps = 1 + max(0, math.ceil(cost / saved)) if saved > 0 else None
+        out[mode] = {"steps": steps, "compiled_first_s": compiled["first_step_s"],
+                     "eager_first_s": eager["first_step_s"],
+                     "compiled_step_s": compiled["step_s"], "eager_step_s": eager["step_s"],
+                     "eager_run_s": None if steps is None else
+                     eager["first_step_s"] + (steps - 1) * eager["step_s"]}
+    return out
+
+
+def break_even_table(found: dict) -> str:
+    """``{kind: break_even(...)}`` as text."""
+    lines = [f"{'model':6s} {'mode':5s} {'compiled 1st':>12s} {'eager 1st':>9s} "
+             f"{'compiled step':>13s} {'eager step':>10s} {'pays after':>12s}"]
+    for kind, modes in found.items():
+        for mode, row in modes.items():
+            pays = "never" if row["steps"] is None else \
+                f"{row['steps']} steps ({row['eager_run_s']:.0f} s eager)"
+            lines.append(f"{kind:6s} {mode:5s} {row['compiled_first_s']:11.1f}s "
+                         f"{row['eager_first_s']:8.2f}s {row['compiled_step_s'] * 1e3:10.2f} ms "
+                         f"{row['eager_step_s'] * 1e3:7.2f} ms {pays}")
+    return "\n".join(lines)
+
+
 def table(summ: dict) -> str:
     """The summary as text: one row per variant and mode."""
     lines = [f"{'variant':31s} {'mode':5s} {'1st step':>8s} {'vs base':>7s} {'CPU':>7s} "
@@ -329,9 +382,12 @@ def arguments(argv) -> argparse.Namespace:
                         choices=[*VARIANTS, *EXTRA],
                         help="variants measured a second time on their warm cache")
     parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
+    parser.add_argument("--kinds", nargs="+", default=["gpt2", "mlp"], choices=["gpt2", "mlp"],
+                        help="models: the first with --variants, the others with fxtrain "
+                        "compiled and eager only (the break-even of compiling)")
     parser.add_argument("--smoke", action="store_true",
-                        help="the small MLP instead of GPT-2; fxtrain (cold and warm) and the "
-                        "baseline only, one round")
+                        help="the small MLP instead of GPT-2; fxtrain (cold and warm, and "
+                        "eager) and the baseline only, one round")
     return parser.parse_args(argv)
 
 
@@ -341,15 +397,24 @@ def main(argv=None) -> dict:
     if argv[:1] == ["--child"]:
         return child(argv[1], argv[2], argv[3], float(argv[4]), argv[5])
     args = arguments(argv)
-    kind = "mlp" if args.smoke else "gpt2"
     if args.smoke:
-        args.rounds, args.variants, args.warm = 1, SMOKE, ["fxtrain"]
-    print(f"compile time, {kind}, {args.rounds} round(s), {os.cpu_count()} cores, "
-          f"load {os.getloadavg()[0]:.2f}", flush=True)
-    results = measure(args.variants, kind, args.rounds, set(args.warm))
+        args.rounds, args.variants, args.warm, args.kinds = 1, SMOKE, ["fxtrain"], ["mlp"]
+    kind, record = args.kinds[0], {}
+    for other in args.kinds:
+        variants, warm = (args.variants, set(args.warm)) if other == kind else \
+            (MLP_VARIANTS, {"fxtrain"})
+        print(f"compile time, {other}, {args.rounds} round(s), {os.cpu_count()} cores, "
+              f"load {os.getloadavg()[0]:.2f}", flush=True)
+        results = measure(variants, other, args.rounds, warm)
+        record[other] = {"summary": summary(results), "records": results}
+        print(table(record[other]["summary"]))
+    found = {k: break_even(record[k]["summary"]) for k in args.kinds}
+    print("\nthe break-even of compiling fxtrain's step (a run of at least that many steps is "
+          "faster compiled):\n" + break_even_table(found))
+    main_kind = record.pop(kind)
     record = {"model": kind, "gpt2": GPT2 if kind == "gpt2" else None, "rounds": args.rounds,
-              "summary": summary(results), "records": results}
-    print(table(record["summary"]))
+              "summary": main_kind["summary"], "records": main_kind["records"],
+              "break_even": found, "other_models": record}
     if args.out:
         args.out.write_text(json.dumps(record, indent=1) + "\n")
     return record

@@ -679,7 +679,22 @@ def compile_time(record: dict) -> list[str]:
         "ready to step in at most 5 s or 1.1x the baseline's warm process, whichever is larger: "
         + ("not measured" if fx_warm is None or warm_limit is None else
            f"{met(fx_warm <= warm_limit)} ({fx_warm:.1f} s against {base_warm:.1f} s, "
-           f"{x(fx_warm / base_warm)})") + ".", "", *COMPILE_PROFILE]
+           f"{x(fx_warm / base_warm)})") + ".", "", *break_even(res), *COMPILE_PROFILE]
+
+
+def break_even(res: dict) -> list[str]:
+    """When compiling pays: compile_time's break-even rows (absent from older results)."""
+    found = res.get("break_even")
+    if not found:
+        return []
+    import compile_time as module
+    return [
+        "When compiling pays (the start-up issue's break-even): `fxtrain_eager` runs the same "
+        "fxtrain step uncompiled. A run of n steps takes its first step plus n - 1 steady "
+        "steps either way; the compiled step pays from the n where the two meet, counting its "
+        "compiling first step on an empty (cold) or a filled (warm) Inductor cache. `mlp` is "
+        "the --smoke model (32-64-10 with dropout, batch 16).", "",
+        "```", module.break_even_table(found), "```", ""]
 
 
 COMPILE_PROFILE = [  # measured during development, 2026-11-25, on this benchmark's GPT-2 step

@@ -83,6 +83,30 @@ def test_compile_time_benchmark_smoke(run_all):
     fxtrain = summary["fxtrain"]
     assert fxtrain["cold"]["graphs"] == 1 and not fxtrain["cold"]["recompiled"]
     assert fxtrain["warm"]["first_step_s"] < fxtrain["cold"]["first_step_s"]
+    eager = summary["fxtrain_eager"]["cold"]
+    assert eager["graphs"] == 0 and eager["step_s"] > 0  # the uncompiled step compiles nothing
+    found = results_of(run_all[0], "compile_time")["break_even"]["mlp"]
+    assert set(found) == {"cold", "warm"}
+    for mode, row in found.items():  # the run length where both ways take the same time
+        if row["steps"] is not None:
+            n = row["steps"]
+            compiled = row["compiled_first_s"] + (n - 1) * row["compiled_step_s"]
+            eager_run = row["eager_first_s"] + (n - 1) * row["eager_step_s"]
+            assert compiled <= eager_run + 1e-9, (mode, row)
+            assert row["eager_run_s"] == pytest.approx(eager_run)
+
+
+def test_break_even_is_where_the_compiled_run_catches_up():
+    bench = imported("compile_time")
+    row = lambda first, step: {"first_step_s": first, "step_s": step}  # noqa: E731
+    summary = {"fxtrain": {"cold": row(10.0, 0.001), "warm": row(2.0, 0.001)},
+               "fxtrain_eager": {"cold": row(0.01, 0.003)}}
+    found = bench.break_even(summary)
+    # 10 + (n - 1) * 0.001 <= 0.01 + (n - 1) * 0.003 from n - 1 = 4995
+    assert found["cold"]["steps"] == 4996 and found["warm"]["steps"] == 996
+    summary["fxtrain_eager"]["cold"]["step_s"] = 0.001  # not faster compiled: never pays
+    assert bench.break_even(summary)["cold"]["steps"] is None
+    assert "never" in bench.break_even_table({"mlp": bench.break_even(summary)})
 
 
 @pytest.mark.slow
