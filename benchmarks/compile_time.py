@@ -58,12 +58,14 @@ VARIANTS = {
     "torch_eager_adamw": "torch.compile(model) + eager AdamW.step()",
     "torch_compiled_adamw_nodropout": "the same as torch_compiled_adamw, dropout 0.0",
     "fxtrain_eager": "fxtrain step, dropout 0.1, not compiled (for the break-even)",
+    "fxtrain_precompiled": "fxtrain step, dropout 0.1, through fx.precompiled (a file in the "
+                           "cache folder: cold compiles and saves it, warm loads it)",
 }
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
 EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._recompute's pass, dropout 0.1"}
-SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager"]
+SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager", "fxtrain_precompiled"]
 # the break-even on the small MLP too (--kinds): the compiled step against the eager one
 MLP_VARIANTS = ["fxtrain", "fxtrain_eager"]
 STEADY_S = 1.0  # seconds of steady steps timed after the first (3 to 200 steps)
@@ -168,6 +170,20 @@ def build(variant: str, kind: str):
     model, batch = (gpt2 if kind == "gpt2" else mlp)(dropout)
     model.train()
     loss = gpt2_loss if kind == "gpt2" else mlp_loss
+    if variant == "fxtrain_precompiled":  # timed from its first call, as the others
+        import fxtrain as fx
+
+        state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
+        holder = [None, state]  # the step, made by the first call (loaded or compiled and saved)
+
+        def run(batch):
+            if holder[0] is None:
+                saved = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fxtrain_step.bin"
+                holder[0] = fx.precompiled(fx.make_train_step(loss), state, batch, saved)
+            holder[1], metrics = holder[0](holder[1], batch)
+            return metrics["loss"]
+
+        return run, batch
     if variant.startswith("fxtrain"):
         if variant.endswith("_norecompute"):
             import fxtrain._recompute
@@ -378,7 +394,7 @@ def arguments(argv) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
                         choices=[*VARIANTS, *EXTRA])
-    parser.add_argument("--warm", nargs="*", default=["fxtrain", BASELINE],
+    parser.add_argument("--warm", nargs="*", default=["fxtrain", "fxtrain_precompiled", BASELINE],
                         choices=[*VARIANTS, *EXTRA],
                         help="variants measured a second time on their warm cache")
     parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
@@ -398,7 +414,8 @@ def main(argv=None) -> dict:
         return child(argv[1], argv[2], argv[3], float(argv[4]), argv[5])
     args = arguments(argv)
     if args.smoke:
-        args.rounds, args.variants, args.warm, args.kinds = 1, SMOKE, ["fxtrain"], ["mlp"]
+        args.rounds, args.variants, args.kinds = 1, SMOKE, ["mlp"]
+        args.warm = ["fxtrain", "fxtrain_precompiled"]
     kind, record = args.kinds[0], {}
     for other in args.kinds:
         variants, warm = (args.variants, set(args.warm)) if other == kind else \

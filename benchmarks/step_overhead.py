@@ -1,9 +1,11 @@
-"""Steps per second of one training step, four ways, interleaved in one run (one torch thread).
+"""Steps per second of one training step, five ways, interleaved in one run (one torch thread).
 
 (a) eager: nn.Module + torch.optim.AdamW(foreach=True)
 (b) eager: nn.Module + torch.optim.AdamW(fused=True)
 (c) a hand-written functional step (functional_call + grad + AdamW maths) under torch.compile
 (d) fxtrain: make_train_step + fx.optim.adamw under torch.compile(fullgraph=True)
+(d') the same step through fx.precompiled (compiled ahead of time, saved, loaded back: called
+    without Dynamo's frame evaluation, its guards checked by the loaded step)
 
 and the cost of the host loop around (d), on the same data stream (fx.data.Batches):
 (e) a bare Python loop: batch, position = data.next(position); state = step(state, batch)
@@ -99,11 +101,33 @@ def fxtrain_variant(sizes):
     return step
 
 
+def precompiled_variant(sizes):
+    """(d) through fx.precompiled: saved to a temporary file and loaded back, as a second
+    process would (the first call of fx.precompiled compiles and saves, the second loads)."""
+    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
+    folder = tempfile.mkdtemp(prefix="fxtrain-bench-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = os.path.join(folder, "step.bin")
+    batch = make_batches(sizes, SIZES_BATCH[tuple(sizes)])[0]
+    fx.precompiled(fx.make_train_step(cross_entropy), state, batch, path)
+    train_step = fx.precompiled(fx.make_train_step(cross_entropy), state, batch, path)
+    assert train_step.loaded
+    holder = [state]
+
+    def step(batch):
+        holder[0], metrics = train_step(holder[0], batch)
+        return metrics["loss"]
+
+    return step
+
+
+SIZES_BATCH = {tuple(sizes): batch for sizes, batch in SIZES.values()}
 VARIANTS = {
     "a_eager_foreach": lambda s: eager_variant(s, foreach=True),
     "b_eager_fused": lambda s: eager_variant(s, fused=True),
     "c_handwritten_compiled": handwritten_variant,
     "d_fxtrain_compiled": fxtrain_variant,
+    "d2_fxtrain_precompiled": precompiled_variant,
 }
 
 
@@ -211,6 +235,8 @@ def report(size, med):
         print(f"{name:26s} {rate:10.0f} {rate / base:8.2f}x")
     d, c = med["d_fxtrain_compiled"], med["c_handwritten_compiled"]
     print(f"(d) / (c) = {d / c:.3f}")
+    if "d2_fxtrain_precompiled" in med:
+        print(f"(d') / (c) = {med['d2_fxtrain_precompiled'] / c:.3f}")
     if "e_bare_loop" in med:
         e = med["e_bare_loop"]
         for name in ("f_fit", "g_fit_host_callbacks", "h_fit_logging"):

@@ -29,6 +29,7 @@ _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
     "evaluate": "evaluation", "load_safetensors": "export", "save_safetensors": "export",
     "trained_module": "export", "to_device": "feed", "cuda_graphed": "graphs",
+    "precompiled": "precompile",
     "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
     "shard": "sharding", "TrainState": "state",
     "make_eval_step": "step", "make_train_step": "step", "StepSpec": "step_spec",
@@ -106,12 +107,13 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .tree import tree_digest
     from .configured import train
     from .lr_find import LrFind, lr_find
+    from .precompile import precompiled
 
 __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
-    "train", "lr_find", "LrFind",
+    "train", "lr_find", "LrFind", "precompiled",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",

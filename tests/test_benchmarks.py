@@ -83,6 +83,9 @@ def test_compile_time_benchmark_smoke(run_all):
     fxtrain = summary["fxtrain"]
     assert fxtrain["cold"]["graphs"] == 1 and not fxtrain["cold"]["recompiled"]
     assert fxtrain["warm"]["first_step_s"] < fxtrain["cold"]["first_step_s"]
+    loaded = summary["fxtrain_precompiled"]["warm"]  # fx.precompiled's file: nothing traced
+    assert loaded["graphs"] == 0
+    assert summary["fxtrain_precompiled"]["cold"]["graphs"] == 1
     eager = summary["fxtrain_eager"]["cold"]
     assert eager["graphs"] == 0 and eager["step_s"] > 0  # the uncompiled step compiles nothing
     found = results_of(run_all[0], "compile_time")["break_even"]["mlp"]

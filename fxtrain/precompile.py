@@ -1,0 +1,254 @@
+"""A train step compiled ahead of time and kept in a file, so the next process starts at once.
+
+``torch.compile`` keeps Inductor's kernels in its cache across processes, but every process
+still traces the step with Dynamo and looks its graph up again (seconds for a transformer's
+step). ``precompiled(train_step, state, batch, path)`` compiles the step once with torch's AOT
+precompile (``torch.compile(...).aot_compile``), saves what it made to ``path``, and in a later
+process loads it from there instead: no tracing, no lookup.
+
+What makes it work with fxtrain's steps on torch 2.13:
+
+- the step guards on the size of torch's pytree registry (Dynamo reads it while tracing torch's
+  own pytree code), a guard AOT precompile cannot save; fxtrain leaves it out, with the other
+  guards on globals and on function identities that torch leaves out by default, so the loaded
+  step checks the shapes, dtypes, structure and hyperparameters of what it is given;
+- torch's loader rebuilds guards outside a trace, which torch 2.13 refuses (fixed upstream in
+  pytorch/pytorch#187736); fxtrain loads inside a throwaway tracing context, as that fix does.
+
+Because the loaded step does not trace your code again, it cannot see that the code changed.
+The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
+shapes and dtypes of the state and the batch, and a digest of the bytecode of the step's
+functions (your ``loss_fn`` and what it closes over) and of the model's ``forward`` methods. A
+file that does not match is compiled again and replaced. Code outside those (a helper your
+``forward`` calls from another module) is not covered: delete the file when you change it.
+
+A call whose inputs the loaded step does not accept (a short last batch, another dtype) goes to
+``torch.compile(train_step, fullgraph=True)`` instead, which compiles for it as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import tempfile
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from . import donation
+from .step_spec import StepSpec, step_spec
+
+_MAGIC = b"fxtrain-precompiled-1\n"
+
+
+def _code_digest(code: types.CodeType, into: Any) -> None:
+    into.update(code.co_code)
+    into.update(repr(code.co_names).encode())
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            _code_digest(const, into)
+        else:
+            into.update(repr(const).encode())
+
+
+_PLAIN = (bool, int, float, str, bytes, type(None))
+
+
+def _functions(value: Any, seen: set[int], depth: int = 0):
+    """The functions ``value`` holds (itself, its closure cells and defaults, a callable's
+    ``__call__`` and attributes, a tuple's items), depth first, and the plain values (numbers,
+    strings) among them: an optimizer's hyperparameters, the step's settings."""
+    if isinstance(value, _PLAIN):
+        yield value
+        return
+    if id(value) in seen or depth > 8:
+        return
+    seen.add(id(value))
+    fn = getattr(value, "__func__", value)
+    if isinstance(value, (list, tuple)):  # GradientTransformation is a NamedTuple
+        children = list(value)
+    elif isinstance(fn, types.FunctionType):
+        yield fn
+        children = [cell.cell_contents for cell in fn.__closure__ or () if _has_contents(cell)]
+        children += list(fn.__defaults__ or ())
+    elif callable(fn) and not isinstance(fn, (type, types.BuiltinFunctionType)):
+        children = [type(fn).__call__, *(v for v in getattr(fn, "__dict__", {}).values()
+                                         if callable(v))]
+    else:
+        return
+    for child in children:
+        yield from _functions(child, seen, depth + 1)
+
+
+def _has_contents(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
+
+
+def _leaves(tree: Any) -> list:
+    leaves, spec = pytree.tree_flatten(tree)
+    return [re.sub(r"0x[0-9a-f]+", "0x", str(spec))] + [(tuple(x.shape), str(x.dtype), str(x.device))
+                          if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
+
+
+def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> str:
+    """What a saved step must have been made from to be used for these inputs (see the
+    module): versions, the inputs' structure, shapes and dtypes, and a digest of the code."""
+    from ._version import __version__
+
+    digest = hashlib.sha256()
+    for fn in _functions((train_step, getattr(state, "tx", None)), set()):
+        if isinstance(fn, types.FunctionType):
+            _code_digest(fn.__code__, digest)
+        else:
+            digest.update(repr(fn).encode())
+    module = getattr(state, "module", None)
+    if isinstance(module, torch.nn.Module):
+        for kind in sorted({type(m) for m in module.modules()}, key=lambda t: t.__qualname__):
+            forward = getattr(kind, "forward", None)
+            digest.update(kind.__qualname__.encode())
+            if isinstance(forward, types.FunctionType):
+                _code_digest(forward.__code__, digest)
+    inputs = json.dumps([_leaves(state), _leaves(batch), sorted(kwargs.items())],
+                        default=repr)
+    digest.update(inputs.encode())
+    return json.dumps({"torch": torch.__version__, "fxtrain": __version__,
+                       "python": sys.version.split()[0], "digest": digest.hexdigest()})
+
+
+def _keep_serializable(entries) -> list[bool]:
+    """The guards a saved step keeps: not those on globals and on function identities (torch's
+    own default) nor the pytree registry's size (the module's first point)."""
+    from torch._dynamo.guards import CheckFunctionManager
+
+    unsaved = {*CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES, "DICT_VERSION"}
+    return [not (g.is_global or g.guard_type in unsaved or unsaved & set(g.derived_guard_types))
+            for g in entries]
+
+
+def _closure(train_step: Callable) -> dict[str, Any]:
+    """What the step's closure holds (its inner functions, your ``loss_fn``), by variable name:
+    saved as references, not pickled, and given back from the loading process's step."""
+    fn = getattr(train_step, "__func__", train_step)
+    code = getattr(fn, "__code__", None)
+    if code is None:
+        return {}
+    return {f"fxtrain_closure_{name}": cell.cell_contents
+            for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if _has_contents(cell)}
+
+
+def _read(path: Path, key: str, train_step: Callable) -> Any:
+    """The step saved at ``path`` when it was made for ``key``, else None."""
+    data = path.read_bytes()
+    if not data.startswith(_MAGIC):
+        raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
+                         "another path (it is never overwritten)")
+    header, _, body = data[len(_MAGIC):].partition(b"\n")
+    if header.decode() != key:
+        return None
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+    from torch._guards import TracingContext, tracing
+
+    context = TracingContext(None)  # torch 2.13 rebuilds guards outside a trace otherwise
+    with tracing(context), context.guards_context.skip_guard_install():
+        return AOTCompiledFunction.deserialize(body,
+                                               external_closure_data=_closure(train_step))
+
+
+def _write(path: Path, key: str, compiled: Any, train_step: Callable) -> None:
+    body = compiled.serialize(compiled, _closure(train_step)).serialized_data
+    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            f.write(_MAGIC + key.encode() + b"\n" + body)
+        os.replace(tmp, path)  # a reader never sees half a file
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Precompiled:
+    """``step(state, batch)``: the loaded step where it accepts the inputs, else the step
+    compiled by ``torch.compile`` (see the module). ``loaded`` says whether it came from the
+    file; ``spec`` is the step's (compiled, its donation fixed)."""
+
+    def __init__(self, train_step: Callable, compiled: Any, kwargs: dict, loaded: bool,
+                 spec: StepSpec):
+        self.train_step, self.compiled, self.kwargs = train_step, compiled, kwargs
+        self.loaded, self.spec = loaded, spec
+        self._fallback: Callable | None = None
+        compiled.disable_guard_check()  # checked below, so a refusal can fall back
+
+    def __call__(self, state: Any, batch: Any) -> tuple:
+        donation.check_live(state, "train_step")  # plainly, not wrapped by the compiler
+        if self.compiled.guard_check(state, batch, **self.kwargs):
+            return self.compiled(state, batch, **self.kwargs)
+        if self._fallback is None:
+            self._fallback = torch.compile(self.train_step, fullgraph=True)
+        return self._fallback(state, batch, **self.kwargs)
+
+
+def precompiled(train_step: Callable, state: Any, batch: Any, path: str | os.PathLike, *,
+                donate: bool = False) -> Precompiled:
+    """``train_step`` compiled for inputs like ``state`` and ``batch``, loaded from ``path``
+    when a process saved it there for the same code and inputs, else compiled now and saved.
+
+    Args:
+      train_step: what ``make_train_step`` returned (not yet compiled).
+      state, batch: inputs of the kind the step will be called with (nothing is trained; the
+        state is not donated).
+      path: the file (its folder must exist). A file of the wrong kind is refused, never
+        overwritten.
+      donate: for a step built with ``donate=None``: whether the step donates its state (the
+        saved step is made for one choice; ``fx.fit`` reads it from the step's spec).
+
+    Returns a ``Precompiled`` step: ``step(state, batch) -> (state, metrics)``, as the
+    compiled step would return.
+
+    Examples:
+        >>> import os, tempfile
+        >>> folder = tempfile.TemporaryDirectory()
+        >>> def loss_fn(state, params, batch):
+        ...     return state.apply(params, batch).square().mean()
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> path = os.path.join(folder.name, "step.bin")
+        >>> step = fx.precompiled(fx.make_train_step(loss_fn), state, torch.ones(4, 2), path)
+        >>> step.loaded  # compiled now; a later process loads it
+        False
+        >>> state, metrics = step(state, torch.ones(4, 2))
+        >>> fx.precompiled(fx.make_train_step(loss_fn), state, torch.ones(4, 2), path).loaded
+        True
+        >>> folder.cleanup()
+    """
+    spec = step_spec(train_step)
+    if spec.compiled:
+        raise TypeError("precompiled: pass the step make_train_step returned, not a compiled "
+                        "one (precompiled compiles it)")
+    if donate and not spec.takes_donate:
+        raise ValueError("precompiled(donate=True) needs a step built with donate=None (the "
+                         "default); this one was built with donate=" + repr(spec.donate))
+    kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"precompiled: the folder {path.parent} does not exist; "
+                                "create it first")
+    key = fingerprint(train_step, state, batch, kwargs)
+    spec = spec.replace(compiled=True, donate=bool(donate) if spec.takes_donate else spec.donate)
+    found = _read(path, key, train_step) if path.exists() else None
+    if found is not None:
+        return Precompiled(train_step, found, kwargs, True, spec)
+    compiled = torch.compile(train_step, fullgraph=True,
+                             options={"guard_filter_fn": _keep_serializable})
+    made = compiled.aot_compile(((state, batch), kwargs))
+    _write(path, key, made, train_step)
+    return Precompiled(train_step, made, kwargs, False, spec)

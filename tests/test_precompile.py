@@ -1,0 +1,150 @@
+"""fx.precompiled: a train step compiled ahead of time, saved, and loaded by the next process
+instead of traced and compiled again (the start-up issue's warm start)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxtrain as fx
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    import fxtrain as fx
+
+    def loss_fn(state, params, batch):
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 3))
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+    if sys.argv[2] == "reference":
+        step, loaded = torch.compile(fx.make_train_step(loss_fn), fullgraph=True), None
+    else:
+        step = fx.precompiled(fx.make_train_step(loss_fn), state, batch, sys.argv[1])
+        loaded = step.loaded
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    print(json.dumps({"loaded": loaded, "digest": fx.tree_digest(state),
+                      "loss": float(metrics["loss"])}))
+""")
+
+
+def loss_fn(state, params, batch):
+    x, y = batch
+    return F.cross_entropy(state.apply(params, x), y)
+
+
+def setup(lr=1e-2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))
+    return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
+
+
+def steps(step, state, batch, n=2):
+    for _ in range(n):
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+@pytest.mark.slow
+def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    path = tmp_path / "step.bin"
+
+    def child(mode):
+        done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
+                              capture_output=True, cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first, second, reference = child("save"), child("load"), child("reference")
+    assert (first["loaded"], second["loaded"]) == (False, True)
+    # the same kernels on the same machine: the same bits as torch.compile of the step
+    assert first["digest"] == second["digest"] == reference["digest"]
+
+
+def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
+    path = tmp_path / "step.bin"
+    state, batch = setup()
+    made = fx.precompiled(fx.make_train_step(loss_fn), state, batch, path)
+    assert not made.loaded
+    assert fx.precompiled(fx.make_train_step(loss_fn), state, batch, path).loaded
+
+    def other_loss(state, params, batch):  # other code: not the saved step
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y) * 2.0
+
+    again = fx.precompiled(fx.make_train_step(other_loss), state, batch, path)
+    assert not again.loaded
+    reference = torch.compile(fx.make_train_step(other_loss), fullgraph=True)
+    assert fx.tree_digest(steps(again, state, batch)[0]) == \
+        fx.tree_digest(steps(reference, state, batch)[0])
+    faster, _ = setup(lr=0.5)  # another learning rate: compiled again, never the old one
+    assert not fx.precompiled(fx.make_train_step(other_loss), faster, batch, path).loaded
+
+
+def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), state, batch, tmp_path / "step.bin")
+    short = (batch[0][:3], batch[1][:3])  # a short last batch
+    reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    got, metrics = step(state, short)
+    want, expected = reference(state, short)
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
+    state, batch = setup()
+    data = [batch] * 3
+    step = fx.precompiled(fx.make_train_step(loss_fn), state, batch, tmp_path / "step.bin")
+    assert fx.step_spec(step).compiled and fx.step_spec(step).donate is False
+    trained = fx.fit(state, step, data, max_steps=3)
+    reference = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
+                       max_steps=3)
+    assert fx.tree_digest(trained.params) == fx.tree_digest(reference.params)
+
+
+def test_a_donating_precompiled_step_gives_up_the_state_it_was_given(tmp_path):
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), state, batch, tmp_path / "step.bin",
+                          donate=True)
+    assert fx.step_spec(step).donate is True
+    given = state.replace(params={k: v.clone() for k, v in state.params.items()})
+    new, _ = step(given, batch)
+    with pytest.raises(fx.DonatedError):
+        step(given, batch)
+    want, _ = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)(state, batch)
+    assert fx.tree_digest(new.params) == fx.tree_digest(want.params)
+
+
+def test_bad_inputs_are_refused_and_nothing_saved_is_overwritten(tmp_path):
+    state, batch = setup()
+    step = fx.make_train_step(loss_fn)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fx.precompiled(step, state, batch, tmp_path / "missing" / "step.bin")
+    foreign = tmp_path / "weights.bin"
+    foreign.write_bytes(b"not a step")
+    with pytest.raises(ValueError, match="not a file fxtrain.precompiled wrote"):
+        fx.precompiled(step, state, batch, foreign)
+    assert foreign.read_bytes() == b"not a step"
+    with pytest.raises(TypeError, match="not a compiled"):
+        fx.precompiled(torch.compile(step), state, batch, tmp_path / "step.bin")
+    with pytest.raises(ValueError, match="donate=None"):
+        fx.precompiled(fx.make_train_step(loss_fn, donate=False), state, batch,
+                       tmp_path / "step.bin", donate=True)
