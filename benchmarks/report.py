@@ -731,7 +731,22 @@ COMPILE_PROFILE = [  # measured during development, 2026-11-25, on this benchmar
     "are the cost: 43 C++ files "
     "against 29, of which the keyed dropout's hash accounts for 5 (38 without dropout, 1.06x); "
     "the step's recompute pass adds about 3 s (a probe with it off: 1.32x against 1.39x in the "
-    "same run).", ""]
+    "same run).", "",
+    "Warm start, the levers tried (2026-11-25, same machine): torch's automatic precompile cache "
+    "(`TORCH_CACHING_PRECOMPILE=1`) fails on torch 2.13 for the baseline and for fxtrain alike "
+    "(`AssertionError: check_fn.guards_state must not be None` in the second process). "
+    "`torch.compile(step).aot_compile` first refused a `DICT_VERSION` guard on torch's pytree "
+    "registry, and its loader then failed outside a trace (`TracingContext.get() must be called "
+    "within an ongoing trace`, fixed upstream in pytorch/pytorch#187736). `fx.precompiled` "
+    "filters that guard out with the ones torch drops by default, loads inside a throwaway "
+    "tracing context as the upstream fix does, and passes the step's closure as external data: "
+    "the `fxtrain_precompiled` rows, no graph traced in the warm process.", "",
+    "Cold compile, the levers tried: a probe that materialised each dropout mask once "
+    "(`prims.inductor_force_stride_order`, so the backward reads it instead of hashing again) "
+    "cut the cold first step from 46.7 s to 37.7 s (Inductor's `Scheduler.codegen` 17.7 s to "
+    "12.6 s), but the steady step went from 8.6 ms to 11.2 ms (the mask kernels run slowly): "
+    "not kept. A one-multiply hash instead of the keyed dropout's (not kept either: too weak) "
+    "gave 38.7 s, so the hash's length is about 5 s of the cold compile.", ""]
 
 
 def compile_table(summ: dict) -> str:

@@ -109,8 +109,9 @@ def precompiled_variant(sizes):
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = os.path.join(folder, "step.bin")
     batch = make_batches(sizes, SIZES_BATCH[tuple(sizes)])[0]
-    fx.precompiled(fx.make_train_step(cross_entropy), state, batch, path)
-    train_step = fx.precompiled(fx.make_train_step(cross_entropy), state, batch, path)
+    fx.precompiled(fx.make_train_step(cross_entropy), path)(state, batch)  # compiles, saves
+    train_step = fx.precompiled(fx.make_train_step(cross_entropy), path)
+    train_step(state, batch)
     assert train_step.loaded
     holder = [state]
 

@@ -2,9 +2,9 @@
 
 ``torch.compile`` keeps Inductor's kernels in its cache across processes, but every process
 still traces the step with Dynamo and looks its graph up again (seconds for a transformer's
-step). ``precompiled(train_step, state, batch, path)`` compiles the step once with torch's AOT
-precompile (``torch.compile(...).aot_compile``), saves what it made to ``path``, and in a later
-process loads it from there instead: no tracing, no lookup.
+step). ``precompiled(train_step, path)`` compiles the step on its first call with torch's AOT
+precompile (``torch.compile(...).aot_compile``) for the inputs of that call, saves what it made
+to ``path``, and in a later process loads it from there instead: no tracing, no lookup.
 
 What makes it work with fxtrain's steps on torch 2.13:
 
@@ -31,10 +31,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import sys
 import tempfile
 import types
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -68,7 +70,7 @@ def _functions(value: Any, seen: set[int], depth: int = 0):
     if isinstance(value, _PLAIN):
         yield value
         return
-    if id(value) in seen or depth > 8:
+    if id(value) in seen or depth > 64:
         return
     seen.add(id(value))
     fn = getattr(value, "__func__", value)
@@ -97,7 +99,8 @@ def _has_contents(cell) -> bool:
 
 def _leaves(tree: Any) -> list:
     leaves, spec = pytree.tree_flatten(tree)
-    return [re.sub(r"0x[0-9a-f]+", "0x", str(spec))] + [(tuple(x.shape), str(x.dtype), str(x.device))
+    structure = re.sub(r"0x[0-9a-f]+", "0x", str(spec))  # no addresses: the same next process
+    return [structure] + [(tuple(x.shape), str(x.dtype), str(x.device))
                           if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
 
 
@@ -147,6 +150,11 @@ def _closure(train_step: Callable) -> dict[str, Any]:
             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if _has_contents(cell)}
 
 
+def _is_ours(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(len(_MAGIC)) == _MAGIC
+
+
 def _read(path: Path, key: str, train_step: Callable) -> Any:
     """The step saved at ``path`` when it was made for ``key``, else None."""
     data = path.read_bytes()
@@ -161,8 +169,9 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
 
     context = TracingContext(None)  # torch 2.13 rebuilds guards outside a trace otherwise
     with tracing(context), context.guards_context.skip_guard_install():
-        return AOTCompiledFunction.deserialize(body,
-                                               external_closure_data=_closure(train_step))
+        return AOTCompiledFunction.deserialize(
+            body, f_globals=getattr(train_step, "__globals__", None),  # the step's module
+            external_closure_data=_closure(train_step))
 
 
 def _write(path: Path, key: str, compiled: Any, train_step: Callable) -> None:
@@ -178,55 +187,85 @@ def _write(path: Path, key: str, compiled: Any, train_step: Callable) -> None:
 
 
 class Precompiled:
-    """``step(state, batch)``: the loaded step where it accepts the inputs, else the step
-    compiled by ``torch.compile`` (see the module). ``loaded`` says whether it came from the
-    file; ``spec`` is the step's (compiled, its donation fixed)."""
+    """``step(state, batch) -> (state, metrics)``: on its first call, the step saved at its path
+    for these inputs (loaded), else the step compiled ahead of time for them and saved there;
+    afterwards that step wherever it accepts the inputs, else ``torch.compile``'s (see the
+    module). ``loaded``: whether the step came from the file (None before the first call);
+    ``spec``: the step's (compiled, its donation fixed)."""
 
-    def __init__(self, train_step: Callable, compiled: Any, kwargs: dict, loaded: bool,
-                 spec: StepSpec):
-        self.train_step, self.compiled, self.kwargs = train_step, compiled, kwargs
-        self.loaded, self.spec = loaded, spec
+    def __init__(self, train_step: Callable, path: Path, kwargs: dict, spec: StepSpec):
+        self.train_step, self.path, self.kwargs, self.spec = train_step, path, kwargs, spec
+        self.loaded: bool | None = None
+        self._made: Any = None  # torch's AOTCompiledFunction, once made or loaded
         self._fallback: Callable | None = None
-        compiled.disable_guard_check()  # checked below, so a refusal can fall back
 
     def __call__(self, state: Any, batch: Any) -> tuple:
         donation.check_live(state, "train_step")  # plainly, not wrapped by the compiler
-        if self.compiled.guard_check(state, batch, **self.kwargs):
-            return self.compiled(state, batch, **self.kwargs)
+        if self.loaded is None:
+            self._made, self.loaded = self._load_or_make(state, batch)
+        if self._made is not None and self._made.guard_check(state, batch, **self.kwargs):
+            return self._made(state, batch, **self.kwargs)
         if self._fallback is None:
+            if self._made is not None:
+                warnings.warn("fx.precompiled: the step was called with inputs it was not made "
+                              "for (another structure, shape or dtype, a short last batch); "
+                              "torch.compile compiles the step for them, as it would without "
+                              "the saved step", stacklevel=2)
             self._fallback = torch.compile(self.train_step, fullgraph=True)
         return self._fallback(state, batch, **self.kwargs)
 
+    def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
+        from torch._dynamo.exc import PackageError  # Dynamo only when a step is compiled
 
-def precompiled(train_step: Callable, state: Any, batch: Any, path: str | os.PathLike, *,
+        key = fingerprint(self.train_step, state, batch, self.kwargs)
+        found = _read(self.path, key, self.train_step) if self.path.exists() else None
+        if found is not None:
+            found.disable_guard_check()  # __call__ checks, so that a refusal can fall back
+            return found, True
+        compiled = torch.compile(self.train_step, fullgraph=True,
+                                 options={"guard_filter_fn": _keep_serializable})
+        try:
+            made = compiled.aot_compile(((state, batch), self.kwargs))
+            _write(self.path, key, made, self.train_step)
+        except (PackageError, pickle.PicklingError) as e:  # torch cannot save this step
+            warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
+                          "compiled by torch.compile, and the next process compiles it again",
+                          stacklevel=3)
+            return None, False
+        made.disable_guard_check()
+        return made, False
+
+
+def precompiled(train_step: Callable, path: str | os.PathLike, *,
                 donate: bool = False) -> Precompiled:
-    """``train_step`` compiled for inputs like ``state`` and ``batch``, loaded from ``path``
-    when a process saved it there for the same code and inputs, else compiled now and saved.
+    """``train_step``, compiled on its first call and kept in the file ``path``: a later
+    process whose step is the same code, for inputs of the same structure, shapes and dtypes,
+    loads it from there instead of tracing and compiling it again (see the module).
 
     Args:
       train_step: what ``make_train_step`` returned (not yet compiled).
-      state, batch: inputs of the kind the step will be called with (nothing is trained; the
-        state is not donated).
-      path: the file (its folder must exist). A file of the wrong kind is refused, never
-        overwritten.
+      path: the file (its folder must exist). A file fxtrain did not write is refused, never
+        overwritten; a file made for other code or inputs is replaced.
       donate: for a step built with ``donate=None``: whether the step donates its state (the
         saved step is made for one choice; ``fx.fit`` reads it from the step's spec).
 
     Returns a ``Precompiled`` step: ``step(state, batch) -> (state, metrics)``, as the
-    compiled step would return.
+    compiled step returns; give it to ``fx.fit`` or call it in your loop.
 
     Examples:
         >>> import os, tempfile
         >>> folder = tempfile.TemporaryDirectory()
+        >>> path = os.path.join(folder.name, "step.bin")
         >>> def loss_fn(state, params, batch):
         ...     return state.apply(params, batch).square().mean()
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
-        >>> path = os.path.join(folder.name, "step.bin")
-        >>> step = fx.precompiled(fx.make_train_step(loss_fn), state, torch.ones(4, 2), path)
-        >>> step.loaded  # compiled now; a later process loads it
+        >>> step = fx.precompiled(fx.make_train_step(loss_fn), path)
+        >>> new, metrics = step(state, torch.ones(4, 2))
+        >>> step.loaded  # compiled by this first call, and saved
         False
-        >>> state, metrics = step(state, torch.ones(4, 2))
-        >>> fx.precompiled(fx.make_train_step(loss_fn), state, torch.ones(4, 2), path).loaded
+        >>> again = fx.precompiled(fx.make_train_step(loss_fn), path)  # as a new process would
+        >>> new, metrics = again(state, torch.ones(4, 2))
+        >>> again.loaded
         True
         >>> folder.cleanup()
     """
@@ -237,18 +276,13 @@ def precompiled(train_step: Callable, state: Any, batch: Any, path: str | os.Pat
     if donate and not spec.takes_donate:
         raise ValueError("precompiled(donate=True) needs a step built with donate=None (the "
                          "default); this one was built with donate=" + repr(spec.donate))
-    kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
     path = Path(path)
     if not path.parent.is_dir():
         raise FileNotFoundError(f"precompiled: the folder {path.parent} does not exist; "
                                 "create it first")
-    key = fingerprint(train_step, state, batch, kwargs)
+    if path.exists() and (not path.is_file() or not _is_ours(path)):
+        raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
+                         "another path (it is never overwritten)")
+    kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
     spec = spec.replace(compiled=True, donate=bool(donate) if spec.takes_donate else spec.donate)
-    found = _read(path, key, train_step) if path.exists() else None
-    if found is not None:
-        return Precompiled(train_step, found, kwargs, True, spec)
-    compiled = torch.compile(train_step, fullgraph=True,
-                             options={"guard_filter_fn": _keep_serializable})
-    made = compiled.aot_compile(((state, batch), kwargs))
-    _write(path, key, made, train_step)
-    return Precompiled(train_step, made, kwargs, False, spec)
+    return Precompiled(train_step, path, kwargs, spec)

@@ -181,3 +181,24 @@ def test_the_first_name_used_registers_every_pytree_type_before_anything_compile
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
+    _project(tmp_path)
+    config = tmp_path / "config.yaml"
+    # a constant learning rate: a decaying one's length (max_steps) is compiled into the step
+    config.write_text(YAML.replace("compile: false", "compile: precompiled").replace(
+        "optim: {name: adamw, lr: 0.01, warmup_steps: 2}",
+        "optim: {name: sgd, lr: 0.1, schedule: constant}"))
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    saved = work / "step.precompiled"
+    made = saved.stat()
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--max_steps", "18"]) == 0
+    # loaded, not compiled and saved again (that replaces the file: another inode)
+    assert (saved.stat().st_ino, saved.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    assert fx.checkpoint.CheckpointManager(work / "checkpoints").latest_step() == 18
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--max_steps", "24", "--optim.lr", "0.2"]) == 0  # other step: made again
+    assert saved.stat().st_ino != made.st_ino
