@@ -22,8 +22,8 @@ FLOORS = (
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "gradients", "_k_steps", "_step_call", "graphs", "data", "evaluation", "predict",
-     "lr_find"),
+    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "data", "evaluation",
+     "predict", "lr_find"),
     # the loop, and the tools that look at steps and loops
     ("loop", "_resuming", "debug"),
     # the applications and the public surface
