@@ -23,6 +23,7 @@ PEERS = {  # variant -> its row label
     "fxtrain": "**fxtrain: fx.fit + standard callbacks**",
     "fxtrain_nan_guard": "fxtrain: the same + nan_guard in the step",
     "fxtrain_k8": "fxtrain: fx.fit + standard callbacks, 8 steps per compiled call",
+    "fxtrain_k8_precompiled": "fxtrain: the same, the step through fx.precompiled",
     "lightning": "Lightning Trainer, defaults",
     "lightning_bare": "Lightning Trainer, bare",
     "ignite": "Ignite create_supervised_trainer",
@@ -225,7 +226,11 @@ def lean_targets(rate: dict) -> list[str]:
                      + (f"; with 8 steps per call ahead of JAX + optax: "
                         f"{met(r['fxtrain_k8'] > r['jax_optax'])} "
                         f"({x(r['fxtrain_k8'] / r['jax_optax'])} JAX's rate, "
-                        f"{x(r['fxtrain_k8'] / r['eager'])} eager)."
+                        f"{x(r['fxtrain_k8'] / r['eager'])} eager)"
+                        + (f"; through `fx.precompiled`: "
+                           f"{met(r['fxtrain_k8_precompiled'] > r['jax_optax'])} "
+                           f"({x(r['fxtrain_k8_precompiled'] / r['jax_optax'])})."
+                           if "fxtrain_k8_precompiled" in r else ".")
                         if "fxtrain_k8" in r and size == "tiny" else "."))
     return lines + [""]
 
