@@ -99,8 +99,7 @@ def _has_contents(cell) -> bool:
 
 def _leaves(tree: Any) -> list:
     leaves, spec = pytree.tree_flatten(tree)
-    structure = re.sub(r"0x[0-9a-f]+", "0x", str(spec))  # no addresses: the same next process
-    return [structure] + [(tuple(x.shape), str(x.dtype), str(x.device))
+    return [str(spec)] + [(tuple(x.shape), str(x.dtype), str(x.device))
                           if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
 
 
@@ -122,9 +121,15 @@ def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> s
             digest.update(kind.__qualname__.encode())
             if isinstance(forward, types.FunctionType):
                 _code_digest(forward.__code__, digest)
+        for name, m in module.named_modules():  # settings read by forward: Dropout's p, ...
+            plain = sorted((k, v) for k, v in vars(m).items()
+                           if isinstance(v, _PLAIN) and k != "training")
+            config = getattr(m, "config", None)  # a transformers model's config
+            settings = config.to_json_string() if hasattr(config, "to_json_string") else ""
+            digest.update(repr((name, plain, settings)).encode())
     inputs = json.dumps([_leaves(state), _leaves(batch), sorted(kwargs.items())],
                         default=repr)
-    digest.update(inputs.encode())
+    digest.update(re.sub(r"0x[0-9a-f]+", "0x", inputs).encode())  # no addresses
     return json.dumps({"torch": torch.__version__, "fxtrain": __version__,
                        "python": sys.version.split()[0], "digest": digest.hexdigest()})
 

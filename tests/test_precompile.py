@@ -157,3 +157,17 @@ def test_bad_inputs_are_refused_and_nothing_saved_is_overwritten(tmp_path):
     with pytest.raises(ValueError, match="donate=None"):
         fx.precompiled(fx.make_train_step(loss_fn, donate=False), tmp_path / "step.bin",
                        donate=True)
+
+
+def test_a_model_of_other_settings_is_compiled_again(tmp_path):
+    path = tmp_path / "step.bin"
+    batch = setup()[1]
+
+    def state_with(p):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Dropout(p), nn.Linear(4, 3))
+        return fx.TrainState.create(model, fx.optim.sgd(0.1))
+
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.25), batch) is False
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.25), batch) is True
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.5), batch) is False  # Dropout's p
