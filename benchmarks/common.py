@@ -4,10 +4,13 @@ a description of the machine."""
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,6 +44,13 @@ def cross_entropy(state, params, batch):
 
 
 BACKEND = "FXTRAIN_BENCH_BACKEND"  # torch.compile's backend in this process and its children
+
+
+def scratch_folder(prefix: str = "fxtrain-bench-") -> str:
+    """A new temporary folder, removed when the process exits."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
 
 
 def backend() -> str:

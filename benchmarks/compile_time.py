@@ -130,7 +130,9 @@ def mlp(dropout: float):
     return model, (torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
-def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", compiled: bool = True):
+def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str = "compiled"):
+    """``how``: "compiled" (torch.compile), "eager" or "precompiled" (fx.precompiled, its file in
+    the Inductor cache folder: the first call loads it, or compiles and saves it)."""
     import torch
 
     import fxtrain as fx
@@ -138,7 +140,9 @@ def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", compiled: 
     tx = fx.optim.sgd(LR) if optimizer == "sgd" else fx.optim.adamw(LR, weight_decay=WD)
     state = fx.TrainState.create(model, tx)
     step = fx.make_train_step(loss, autodiff=autodiff)
-    if compiled:
+    if how == "precompiled":
+        step = fx.precompiled(step, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "step.bin")
+    elif how == "compiled":
         step = torch.compile(step, fullgraph=True)
     holder = [state]
 
@@ -171,25 +175,14 @@ def build(variant: str, kind: str):
     model, batch = (gpt2 if kind == "gpt2" else mlp)(dropout)
     model.train()
     loss = gpt2_loss if kind == "gpt2" else mlp_loss
-    if variant == "fxtrain_precompiled":
-        import fxtrain as fx
-
-        state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
-        saved = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "fxtrain_step.bin"
-        step, holder = fx.precompiled(fx.make_train_step(loss), saved), [state]
-
-        def run(batch):  # the first call loads the step, or compiles and saves it
-            holder[0], metrics = step(holder[0], batch)
-            return metrics["loss"]
-
-        return run, batch
     if variant.startswith("fxtrain"):
         if variant.endswith("_norecompute"):
             import fxtrain._recompute
             fxtrain._recompute.recompute = lambda graph: None
+        how = next((h for h in ("eager", "precompiled") if variant.endswith("_" + h)),
+                   "compiled")
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
-                            "autograd" if "_autograd" in variant else "func",
-                            compiled=not variant.endswith("_eager")), batch
+                            "autograd" if "_autograd" in variant else "func", how), batch
     return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
 
 

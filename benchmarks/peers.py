@@ -55,7 +55,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 import types
 import warnings
@@ -68,7 +67,7 @@ import torch.nn.functional as F
 
 import fxtrain as fx
 from common import (B1, B2, EPS, LR, SIZES, WD, arguments, backend, cross_entropy, make_batches,
-                    make_mlp)
+                    make_mlp, scratch_folder)
 from step_overhead import eager_variant, fxtrain_variant, handwritten_variant
 
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"  # XLA has no flag for its own pool's size
@@ -183,9 +182,7 @@ def fxtrain_fit(sizes, batches, in_step=(), steps_per_call: int = 1,
     holder = [fx.TrainState.create(make_mlp(sizes), tx, callbacks=in_step)]
     step = fx.make_train_step(cross_entropy, callbacks=in_step, steps_per_call=k)
     if precompiled:
-        folder = tempfile.mkdtemp(prefix="fxtrain-bench-")
-        atexit.register(shutil.rmtree, folder, ignore_errors=True)
-        step = fx.precompiled(step, os.path.join(folder, "step.bin"))
+        step = fx.precompiled(step, os.path.join(scratch_folder(), "step.bin"))
     else:
         step = torch.compile(step, fullgraph=True, backend=backend())
     data = Cycle(batches)
@@ -232,8 +229,7 @@ def lightning(sizes, batches, *, bare: bool = False) -> Run:
                                      weight_decay=WD)
 
     module, data = MLP(), Cycle(batches)
-    root = tempfile.mkdtemp(prefix="fxtrain-bench-lightning-")
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    root = scratch_folder("fxtrain-bench-lightning-")
 
     def run_once(n: int) -> Timing:
         def fit():

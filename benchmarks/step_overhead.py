@@ -23,11 +23,8 @@ Prints steps/s per variant (median over rounds) and ratios against (a).
 
 from __future__ import annotations
 
-import atexit
 import os
-import shutil
 import statistics
-import tempfile
 import time
 
 import torch
@@ -37,6 +34,7 @@ from torch.func import functional_call, grad_and_value
 
 import fxtrain as fx
 from common import (B1, B2, EPS, LR, SIZES, WD, arguments, backend, cross_entropy, make_batches,
+                    scratch_folder,
                     make_mlp)
 
 
@@ -88,10 +86,16 @@ def handwritten_variant(sizes):
     return step
 
 
-def fxtrain_variant(sizes):
+def fxtrain_variant(sizes, precompiled: bool = False):
+    """(d), or (d') through fx.precompiled, whose first call (in the warm-up) compiles the step
+    and saves it (a later process loads it: compile_time.py times that; the loaded step is
+    called as the saved one is)."""
     state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-    train_step = torch.compile(fx.make_train_step(cross_entropy), fullgraph=True,
-                               backend=backend())
+    train_step = fx.make_train_step(cross_entropy)
+    if precompiled:
+        train_step = fx.precompiled(train_step, os.path.join(scratch_folder(), "step.bin"))
+    else:
+        train_step = torch.compile(train_step, fullgraph=True, backend=backend())
     holder = [state]
 
     def step(batch):
@@ -101,34 +105,12 @@ def fxtrain_variant(sizes):
     return step
 
 
-def precompiled_variant(sizes):
-    """(d) through fx.precompiled: saved to a temporary file and loaded back, as a second
-    process would (the first call of fx.precompiled compiles and saves, the second loads)."""
-    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-    folder = tempfile.mkdtemp(prefix="fxtrain-bench-")
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    path = os.path.join(folder, "step.bin")
-    batch = make_batches(sizes, SIZES_BATCH[tuple(sizes)])[0]
-    fx.precompiled(fx.make_train_step(cross_entropy), path)(state, batch)  # compiles, saves
-    train_step = fx.precompiled(fx.make_train_step(cross_entropy), path)
-    train_step(state, batch)
-    assert train_step.loaded
-    holder = [state]
-
-    def step(batch):
-        holder[0], metrics = train_step(holder[0], batch)
-        return metrics["loss"]
-
-    return step
-
-
-SIZES_BATCH = {tuple(sizes): batch for sizes, batch in SIZES.values()}
 VARIANTS = {
     "a_eager_foreach": lambda s: eager_variant(s, foreach=True),
     "b_eager_fused": lambda s: eager_variant(s, fused=True),
     "c_handwritten_compiled": handwritten_variant,
     "d_fxtrain_compiled": fxtrain_variant,
-    "d2_fxtrain_precompiled": precompiled_variant,
+    "d2_fxtrain_precompiled": lambda s: fxtrain_variant(s, precompiled=True),
 }
 
 
@@ -179,9 +161,7 @@ def loop_variants(sizes, batch):
 
 def logging_variant(holder, data):
     """fit with log_metrics + model_watch writing TensorBoard files to a temporary folder."""
-    logdir = tempfile.mkdtemp(prefix="fxtrain-bench-")
-    atexit.register(shutil.rmtree, logdir, ignore_errors=True)
-    writer = fx.logging.TensorBoardWriter(logdir)
+    writer = fx.logging.TensorBoardWriter(scratch_folder())
     step = torch.compile(fx.make_train_step(cross_entropy, grad_stats=True), fullgraph=True,
                          backend=backend())
     callbacks = [fx.callbacks.log_metrics(writer, every=50),

@@ -42,9 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from . import donation
+from ._unguarded import _signature
 from .step_spec import StepSpec, step_spec
 
 _MAGIC = b"fxtrain-precompiled-1\n"
@@ -97,12 +97,6 @@ def _has_contents(cell) -> bool:
     return True
 
 
-def _leaves(tree: Any) -> list:
-    leaves, spec = pytree.tree_flatten(tree)
-    return [str(spec)] + [(tuple(x.shape), str(x.dtype), str(x.device))
-                          if isinstance(x, torch.Tensor) else repr(x) for x in leaves]
-
-
 def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> str:
     """What a saved step must have been made from to be used for these inputs (see the
     module): versions, the inputs' structure, shapes and dtypes, and a digest of the code."""
@@ -127,8 +121,7 @@ def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> s
             config = getattr(m, "config", None)  # a transformers model's config
             settings = config.to_json_string() if hasattr(config, "to_json_string") else ""
             digest.update(repr((name, plain, settings)).encode())
-    inputs = json.dumps([_leaves(state), _leaves(batch), sorted(kwargs.items())],
-                        default=repr)
+    inputs = repr((_signature(state), _signature(batch), sorted(kwargs.items())))
     digest.update(re.sub(r"0x[0-9a-f]+", "0x", inputs).encode())  # no addresses
     return json.dumps({"torch": torch.__version__, "fxtrain": __version__,
                        "python": sys.version.split()[0], "digest": digest.hexdigest()})
@@ -155,18 +148,20 @@ def _closure(train_step: Callable) -> dict[str, Any]:
             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if _has_contents(cell)}
 
 
-def _is_ours(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(len(_MAGIC)) == _MAGIC
+def _check_ours(path: Path) -> None:
+    """Refuses a ``path`` that holds something other than a step ``precompiled`` saved."""
+    if path.is_file():
+        with path.open("rb") as f:
+            if f.read(len(_MAGIC)) == _MAGIC:
+                return
+    raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
+                     "another path (it is never overwritten)")
 
 
 def _read(path: Path, key: str, train_step: Callable) -> Any:
     """The step saved at ``path`` when it was made for ``key``, else None."""
-    data = path.read_bytes()
-    if not data.startswith(_MAGIC):
-        raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
-                         "another path (it is never overwritten)")
-    header, _, body = data[len(_MAGIC):].partition(b"\n")
+    _check_ours(path)  # again: it may have changed since the step was made
+    header, _, body = path.read_bytes()[len(_MAGIC):].partition(b"\n")
     if header.decode() != key:
         return None
     from torch._dynamo.aot_compile import AOTCompiledFunction
@@ -224,21 +219,20 @@ class Precompiled:
 
         key = fingerprint(self.train_step, state, batch, self.kwargs)
         found = _read(self.path, key, self.train_step) if self.path.exists() else None
-        if found is not None:
-            found.disable_guard_check()  # __call__ checks, so that a refusal can fall back
-            return found, True
-        compiled = torch.compile(self.train_step, fullgraph=True,
-                                 options={"guard_filter_fn": _keep_serializable})
-        try:
-            made = compiled.aot_compile(((state, batch), self.kwargs))
-            _write(self.path, key, made, self.train_step)
-        except (PackageError, pickle.PicklingError) as e:  # torch cannot save this step
-            warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
-                          "compiled by torch.compile, and the next process compiles it again",
-                          stacklevel=3)
-            return None, False
-        made.disable_guard_check()
-        return made, False
+        made = found
+        if made is None:
+            compiled = torch.compile(self.train_step, fullgraph=True,
+                                     options={"guard_filter_fn": _keep_serializable})
+            try:
+                made = compiled.aot_compile(((state, batch), self.kwargs))
+                _write(self.path, key, made, self.train_step)
+            except (PackageError, pickle.PicklingError) as e:  # torch cannot save this step
+                warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
+                              "compiled by torch.compile, and the next process compiles it "
+                              "again", stacklevel=3)
+                return None, False
+        made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
+        return made, found is not None
 
 
 def precompiled(train_step: Callable, path: str | os.PathLike, *,
@@ -285,9 +279,8 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *,
     if not path.parent.is_dir():
         raise FileNotFoundError(f"precompiled: the folder {path.parent} does not exist; "
                                 "create it first")
-    if path.exists() and (not path.is_file() or not _is_ours(path)):
-        raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
-                         "another path (it is never overwritten)")
+    if path.exists():
+        _check_ours(path)
     kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
     spec = spec.replace(compiled=True, donate=bool(donate) if spec.takes_donate else spec.donate)
     return Precompiled(train_step, path, kwargs, spec)
