@@ -226,7 +226,9 @@ class Precompiled:
             try:
                 made = compiled.aot_compile(((state, batch), self.kwargs))
                 _write(self.path, key, made, self.train_step)
-            except (PackageError, pickle.PicklingError) as e:  # torch cannot save this step
+            except (PackageError, pickle.PicklingError, TypeError) as e:
+                if isinstance(e, TypeError) and "torch.compile() package" not in str(e):
+                    raise  # not torch refusing to save (a class defined inside a function)
                 warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
                               "compiled by torch.compile, and the next process compiles it "
                               "again", stacklevel=3)
