@@ -310,9 +310,9 @@ def step_overhead(record: dict) -> list[str]:
         "`torch.compile(fullgraph=True)`; (d) `fx.make_train_step` + `fx.optim.adamw` under "
         "`torch.compile(fullgraph=True)` (returns loss, grad_norm and learning_rate, with "
         "step-keyed randomness and input checks); (d') the same step through `fx.precompiled` "
-        "(compiled ahead of time, saved and loaded back, as a second process would: called "
-        "without Dynamo's frame evaluation). Each runs in a Python loop over 8 pre-made "
-        "batches.", ""]
+        "(its first call, in the warm-up, compiles it ahead of time and saves it; it is then "
+        "called without Dynamo's frame evaluation, as the step a later process loads is). Each "
+        "runs in a Python loop over 8 pre-made batches.", ""]
     rows, ratios = [], {}
     for size in (s for s in SIZES if s in res):
         r = res[size]
