@@ -65,6 +65,8 @@ class PendingFlags:
         cannot start a collective read alone, so several ranks wait for the next boundary."""
         if self.agree:
             return self.rank_consistent
+        if self.now is NOTHING:  # per step, the common case
+            return self.signalled or self.host_tensors
         return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
                     or self.now.stop_epoch or self.now.abort or self.signalled
                     or self.host_tensors)

@@ -36,10 +36,13 @@ def step_call(train_step: Callable, spec: StepSpec, host_names: frozenset,
 
     def run(state, batch, position):
         states = state.callbacks or {}
-        host = {k: states[k] for k in host_names if k in states}
-        if not host:
+        if host_names.isdisjoint(states):
             new, metrics = call(state.replace(data=None), batch)
             return new.replace(data=position), metrics
+        if host_names.issuperset(states):  # host states only: the step sees none
+            new, metrics = call(state.replace(data=None, callbacks=None), batch)
+            return new.replace(data=position, callbacks=states), metrics
+        host = {k: states[k] for k in host_names if k in states}
         inner = {k: v for k, v in states.items() if k not in host} or None
         new, metrics = call(state.replace(data=None, callbacks=inner), batch)
         stepped = new.callbacks or {}  # back in the state's order, so its structure is stable

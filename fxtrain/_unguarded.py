@@ -53,6 +53,12 @@ _OFF = ()  # a signature no batch has: the fast path is off
 
 def _signature(batch: Any) -> tuple:
     """The batch's structure and its leaves' shapes, dtypes and devices (values for others)."""
+    kind = type(batch)
+    if kind is tuple or kind is list:  # per step in fit: the common batches, read directly
+        if all(type(t) is torch.Tensor for t in batch):
+            return kind, tuple((t.shape, t.dtype, t.device) for t in batch)
+    elif kind is dict and all(type(t) is torch.Tensor for t in batch.values()):
+        return kind, tuple((k, t.shape, t.dtype, t.device) for k, t in batch.items())
     leaves, spec = pytree.tree_flatten(batch)
     return spec, tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
                        else (type(leaf), leaf) for leaf in leaves)

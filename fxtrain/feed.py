@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import optree
 import torch
 import torch.utils._pytree as pytree
 
@@ -35,8 +36,7 @@ def to_device(batch: Any, device: torch.device | str, *, pin: bool = False) -> A
         True
     """
     device = torch.device(device)
-    leaves = pytree.tree_leaves(batch)
-    if all(not isinstance(t, torch.Tensor) or t.device == device for t in leaves):
+    if _already_on(batch, device):
         return batch
     pin = pin and device.type == "cuda"
 
@@ -48,6 +48,17 @@ def to_device(batch: Any, device: torch.device | str, *, pin: bool = False) -> A
         return t.to(device, non_blocking=True)
 
     return pytree.tree_map(move, batch)
+
+
+def _already_on(batch: Any, device: torch.device) -> bool:
+    """Whether every tensor of ``batch`` is on ``device``. Per step in ``fit``: the common
+    batches (tensors in tuples, lists and dicts) are walked by optree's C code; anything else
+    (a node only torch's pytree knows, a leaf that is not a tensor) by torch's pytree."""
+    leaves = optree.tree_leaves(batch, none_is_leaf=True)
+    if all(type(t) is torch.Tensor for t in leaves):
+        return all(t.device == device for t in leaves)
+    return all(not isinstance(t, torch.Tensor) or t.device == device
+               for t in pytree.tree_leaves(batch))
 
 
 def prefetches(device: torch.device) -> bool:

@@ -28,8 +28,8 @@ from typing import Any
 import warnings
 
 from . import _k_steps, _resuming, distributed, donation
-from .protocol import (Callback, Control, Event, fold_reporting, init, save_veto, stop_reasons,
-                       with_log_request)
+from .protocol import (NOTHING, Callback, Control, Event, fold_reporting, init, loop_event,
+                       save_veto, stop_reasons, takes_step_end, with_log_request)
 from .data import as_stream, length_of
 from .evaluation import evaluate
 from .feed import Feed, prefetches
@@ -251,16 +251,19 @@ class _Run:
                                  if isinstance(cb, Callback) and "step_begin" in cb.kinds)
         self.per_eval_batch = tuple(cb for cb in callbacks  # and for eval_batch
                                     if isinstance(cb, Callback) and "eval_batch" in cb.kinds)
+        self.at_step_end = tuple(cb for cb in callbacks if takes_step_end(cb))  # per step
         self.in_step = False  # inside the step call (its state may be donated half-way)
         self.stoppers: list[str] = []  # host callbacks that asked to stop outright
         self.warned_nonfinite = False
 
     def emit(self, kind: str, metrics: dict | None = None, *, error=None,
              callbacks: tuple | None = None) -> Control:
+        event = (Event(kind, self.step, self.epoch, metrics, error) if error is not None
+                 else loop_event(kind, self.step, self.epoch, metrics))
         self.state, control, alike = fold_reporting(
-            self.callbacks if callbacks is None else callbacks, self.state,
-            Event(kind, self.step, self.epoch, metrics, error), self.stoppers)
-        self.pending.add(control, alike)
+            self.callbacks if callbacks is None else callbacks, self.state, event, self.stoppers)
+        if control is not NOTHING or alike:
+            self.pending.add(control, alike)
         return control
 
     def signalled(self) -> None:
@@ -329,8 +332,9 @@ class _Run:
         self.epoch_metrics.add(metrics)
         if self.log_next:
             metrics, self.log_next = with_log_request(metrics), False
-        control = self.emit("step_end", metrics)
-        self.state = undo(before, self.state, control.skip, self.donates, self.step)
+        if self.at_step_end:  # no fold (and no Event) for a run without such callbacks
+            control = self.emit("step_end", metrics, callbacks=self.at_step_end)
+            self.state = undo(before, self.state, control.skip, self.donates, self.step)
         return None
 
     def boundary(self) -> str | None:

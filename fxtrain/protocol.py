@@ -136,6 +136,14 @@ class Control:
 NOTHING = Control()  # the control that asks for nothing (shared: building one costs ~0.5 us)
 
 
+def loop_event(kind: str, step: int, epoch: int, metrics: Mapping[str, Any] | None) -> Event:
+    """``Event(kind, step, epoch, metrics)`` for a loop that sends a known kind without an error:
+    built without the checks (several per step in ``fit``)."""
+    event = object.__new__(Event)
+    event.__dict__.update(kind=kind, step=step, epoch=epoch, metrics=metrics, error=None)
+    return event
+
+
 def _asks_nothing(c: Control) -> bool:
     return c is NOTHING or (c.stop is False and c.save is False and c.evaluate is False
                             and c.log is False and c.skip is False and c.stop_epoch is False
@@ -394,6 +402,13 @@ def fold(callbacks: Sequence[Callable], state: Any, event: Event) -> tuple[Any, 
     return state, control
 
 
+def takes_step_end(cb: Callable) -> bool:
+    """Whether a fold over step_end events may call ``cb`` (a loop folds only these per step)."""
+    if isinstance(cb, Callback):
+        return "step_end" in cb.kinds
+    return not isinstance(cb, StepState)  # a plain function sees every kind but step_begin
+
+
 def _decides_alike(cb: Callable) -> bool:
     """Whether ``cb`` decides alike on every rank: a ``Callback`` that does no IO and reads no
     clock (``host=False``) is a pure function of the state and the event, which are the same on
@@ -408,20 +423,25 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
     act on such a request at once, where one rank's wish must wait for a collective read. The
     names of the callbacks that asked to stop outright are appended to ``stoppers``."""
     control, alike = NOTHING, False
+    kind, step = event.kind, event.step
     for cb in callbacks:
-        if isinstance(cb, Callback):
-            if event.kind not in cb.kinds or (
-                    cb.period > 1 and event.kind == "step_end" and type(event.step) is int
-                    and event.step % cb.period):
+        if type(cb) is Callback or isinstance(cb, Callback):
+            if kind not in cb.kinds or (cb.period > 1 and kind == "step_end"
+                                        and type(step) is int and step % cb.period):
                 continue
             result = cb.fn(state, event)
         elif isinstance(cb, StepState):  # the step updates it; nothing to call
             continue
-        elif event.kind != "step_begin":  # a plain function reacts to DEFAULT_KINDS
+        elif kind != "step_begin":  # a plain function reacts to DEFAULT_KINDS
             result = cb(state, event)
         else:
             continue
-        state, c = _check_result(cb, state, result)
+        if result is None:  # an observer (a print in a notebook) changes nothing
+            continue
+        if type(result) is not tuple or len(result) != 2 or result[1] is not NOTHING:
+            state, c = _check_result(cb, state, result)
+        else:  # the common answer: (state, NOTHING)
+            state, c = result
         if c is not NOTHING:
             control = control | c
             alike = alike or (_decides_alike(cb) and any(v is True for v in flags(c)[:4]))

@@ -95,7 +95,7 @@ def test_bar_resumes_at_the_events_step(state):
 
 def test_total_comes_from_epochs_and_the_epoch_bar_advances(state):
     out = io.StringIO()
-    cbs = [progress_bar(file=out)]
+    cbs = [progress_bar(file=out, min_interval=0)]  # every epoch drawn, however fast
     fold(cbs, state, begin(max_epochs=3, steps_per_epoch=4))
     for epoch in range(3):
         steps = range(4 * epoch + 1, 4 * epoch + 5)
@@ -105,6 +105,27 @@ def test_total_comes_from_epochs_and_the_epoch_bar_advances(state):
     assert all(f"epoch {e}/3" in text for e in (1, 2, 3)) and "epoch 4/3" not in text
     fold(cbs, state, end(12, "max_epochs"))
     assert "12/12" in last_line(out.getvalue())
+
+
+@pytest.mark.parametrize("min_interval", [0, 3600])
+def test_short_epochs_of_fast_steps_start_the_epoch_bar_over_when_it_next_moves(state,
+                                                                                 min_interval):
+    # a reset redraws the bar: within min_interval of the last draw it waits for the next move
+    out = io.StringIO()
+    cbs = [progress_bar(file=out, min_interval=min_interval)]
+    fold(cbs, state, begin(max_epochs=10, steps_per_epoch=4))
+    for epoch in range(9):
+        run_steps(cbs, state, range(4 * epoch + 1, 4 * epoch + 5),
+                  lambda s: {"loss": torch.tensor(0.1)}, epoch=epoch)
+        fold(cbs, state, Event("epoch_end", 4 * epoch + 4, epoch, None))
+    run_steps(cbs, state, range(37, 39), lambda s: {"loss": torch.tensor(0.1)}, epoch=9)
+    text = out.getvalue()
+    drawn = {e for e in range(1, 11) if f"epoch {e}/10" in text}
+    assert drawn == (set(range(1, 11)) if min_interval == 0 else {1})
+    fold(cbs, state, end(38, "max_steps"))
+    text = out.getvalue()  # the end draws the epoch it stopped in
+    assert "epoch 10/10" in text and "epoch 11/10" not in text
+    assert "38/40" in last_line(text)
 
 
 def test_missing_metric_is_a_clear_error(state):

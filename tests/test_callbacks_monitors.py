@@ -218,3 +218,33 @@ def test_system_monitor_publishes_on_rank_zero_only(monkeypatch, caplog):
     with caplog.at_level(logging.INFO, logger="fxtrain"):
         fit_with(fx.callbacks.system_monitor(2))
     assert [r for r in caplog.records if "system:" in r.getMessage()]
+
+
+def test_console_readings_go_above_a_bar_on_the_console_and_straight_out_otherwise(
+        capsys, monkeypatch):
+    """Without a writer or logging, readings go to standard error: through tqdm (clearing and
+    redrawing the bars there) only when a bar is drawn on the console."""
+    import io
+    import sys
+
+    from tqdm import tqdm
+
+    from fxtrain.callbacks import publish as publishing
+    from fxtrain.callbacks.publish import publish
+
+    monkeypatch.setattr(publishing.logger, "hasHandlers", lambda: False)  # pytest sets logging up
+
+    elsewhere = io.StringIO()
+    with tqdm(total=10, file=elsewhere) as bar:
+        bar.update(3)
+        drawn = elsewhere.getvalue()
+        publish(None, 5, {"a": 1.0}, what="test")
+        assert elsewhere.getvalue() == drawn  # a bar in a file is left alone
+    assert capsys.readouterr().err == "step 5 test: a=1\n"
+    with tqdm(total=10, file=sys.stderr, mininterval=0) as bar:
+        bar.update(3)
+        capsys.readouterr()
+        publish(None, 6, {"a": 2.0}, what="test")
+        err = capsys.readouterr().err
+    line = err.index("step 6 test: a=2")
+    assert "3/10" in err[line:]  # the bar drawn again below the line

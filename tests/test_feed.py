@@ -123,3 +123,21 @@ def test_on_a_gpu_batches_copied_ahead_on_a_side_stream_train_the_same_bits(monk
     for a, b in zip(torch.utils._pytree.tree_leaves(plain.params),
                     torch.utils._pytree.tree_leaves(ahead.params)):
         assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+def test_to_device_moves_tensors_inside_any_pytree_node_and_subclasses():
+    """Plain containers of plain tensors take a fast check; a node only torch's pytree knows (an
+    fxtrain dataclass) and a tensor subclass take the full walk, and still move."""
+    from fxtrain import struct
+
+    @struct.dataclass
+    class Pair:
+        x: torch.Tensor
+        y: torch.Tensor
+
+    pair = Pair(X[:4], Y[:4])
+    assert fx.to_device(pair, "cpu") is pair
+    moved = fx.to_device({"pair": pair, "w": torch.nn.Parameter(X[:2])}, "meta")
+    assert moved["pair"].x.device.type == moved["pair"].y.device.type == "meta"
+    assert moved["w"].device.type == "meta"
+    assert fx.to_device([X[:4], (Y[:4],)], "meta")[1][0].device.type == "meta"

@@ -321,10 +321,9 @@ def test_fit_initialises_the_states_of_the_steps_own_callbacks():
 def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypatch):
     """fit and evaluate move each batch to the state's device; a step given a batch on another
     device says which tensor is where. (No second device here: the state's is faked as meta.)"""
-    from fxtrain import feed
-
     moved = []
-    real = feed.to_device
+    real = fx.to_device  # before the patch: fxtrain binds its lazy names once, at first use
+    state, step = setup()
 
     def recording(batch, device):
         moved.append(str(device))
@@ -332,7 +331,6 @@ def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypat
 
     monkeypatch.setattr("fxtrain.feed.to_device", recording)
     monkeypatch.setattr("fxtrain.evaluation.to_device", recording)
-    state, step = setup()
     data = fx.data.Batches((X, Y), 32)
     fx.fit(state, step, data, max_steps=3, eval_step=fx.make_eval_step(xent), eval_data=[(X, Y)],
            eval_every=3)

@@ -75,3 +75,22 @@ def test_a_batch_of_another_structure_takes_the_guarded_path_and_is_named(fast_c
     with pytest.raises(ValueError, match="this batch differs from the first one in structure"):
         fx.fit(fx.TrainState.create(mlp(), fx.optim.sgd(0.1)), step, batches, max_epochs=1)
     assert sum(fast_calls[::2]) == 1  # the second batch only
+
+
+def test_the_batch_signature_tells_apart_what_the_guards_would():
+    """The signature decides when the guards may be skipped: it must differ wherever Dynamo's
+    guards on the batch would (structure, key order, shapes, dtypes, devices), fast path or not."""
+    x, y = torch.zeros(4, 3), torch.zeros(4, dtype=torch.long)
+    sig = unguarded._signature
+    same = [((x, y), (x.clone(), y.clone())), ([x, y], [x + 1, y]),
+            ({"x": x, "y": y}, {"x": x.clone(), "y": y.clone()}),
+            ({"x": x, "n": 3}, {"x": x.clone(), "n": 3})]  # a non-tensor leaf: torch's pytree
+    for a, b in same:
+        assert sig(a) == sig(b)
+    different = [(x, y), [x, y], {"x": x, "y": y}, {"y": y, "x": x}, (x[:2], y[:2]),
+                 (x.double(), y), (x.to("meta"), y), (x, y, None), {"x": x, "n": 3},
+                 {"x": x, "n": 4}, (torch.nn.Parameter(x), y)]
+    signatures = [sig(b) for b in different]
+    for i, a in enumerate(signatures):
+        for b in signatures[i + 1:]:
+            assert a != b

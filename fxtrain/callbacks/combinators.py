@@ -215,14 +215,15 @@ def rank_zero(cb: Callable) -> Callback:
         step_end 3
     """
     inner = as_callback(cb)
+    inner_fn, inner_kinds = inner.fn, inner.kinds
     on_rank_zero: list[bool] = []
 
     def fn(state, event):
         if event.kind == "train_begin" or not on_rank_zero:
             on_rank_zero[:] = [distributed.is_rank_zero()]
-        if not on_rank_zero[0] or event.kind not in inner.kinds:
+        if not on_rank_zero[0] or event.kind not in inner_kinds:
             return state, NOTHING
-        return inner(state, event)
+        return inner_fn(state, event)
 
     kinds = inner.kinds if "train_begin" in inner.kinds else ("train_begin", *inner.kinds)
     return dataclasses.replace(inner, fn=fn, kinds=kinds)

@@ -179,7 +179,7 @@ def _wait_for(metrics) -> None:
     """Blocks until the step that produced ``metrics`` has run (one read of one value)."""
     for value in (metrics or {}).values():
         if isinstance(value, torch.Tensor):
-            value.reshape(-1)[:1].tolist()
+            (value if value.dim() == 0 else value.reshape(-1)[0]).item()
             return
 
 

@@ -57,7 +57,7 @@ class _Display:
 
     __slots__ = ("names", "smoothing", "refresh_every", "leave", "file", "out", "train",
                  "epoch", "info", "metrics", "ema", "next_refresh", "refreshed_at", "min_interval",
-                 "read_at")
+                 "read_at", "next_epoch")
 
     def __init__(self, names, smoothing, refresh_every, min_interval, leave, file):
         self.names, self.smoothing, self.refresh_every = names, smoothing, refresh_every
@@ -66,6 +66,7 @@ class _Display:
         self.info, self.ema = {}, {}
         self.next_refresh = self.refreshed_at = -1
         self.min_interval, self.read_at = min_interval, -math.inf
+        self.next_epoch: tuple | None = None  # (description, first step): a reset not yet drawn
 
 
 def _close(d: _Display) -> None:
@@ -78,6 +79,7 @@ def _close(d: _Display) -> None:
 def _begin(d: _Display, event) -> None:
     """Opens the training bar at the event's step, and the epoch bar when epochs have a size."""
     _close(d)
+    d.next_epoch = None
     d.out, d.info = d.file or sys.stderr, dict(event.metrics or {})
     d.ema, d.next_refresh, d.refreshed_at = {}, event.step + 1, -1
     width = _width(d.out)
@@ -112,14 +114,16 @@ def _refresh(d: _Display, step: int) -> None:
 
 
 def _epoch_end(d: _Display, event) -> None:
-    """Starts the epoch bar over for the next epoch (the last one stays full)."""
+    """Starts the epoch bar over for the next epoch (the last one stays full). A reset redraws,
+    so when the bars were drawn less than ``min_interval`` ago (short epochs of fast steps) it
+    waits for the next time they move."""
+    epochs = d.info.get("max_epochs")
+    if d.epoch is not None and (epochs is None or event.epoch + 1 < epochs):
+        d.next_epoch = (_epoch_desc(event.epoch + 1, d.info), event.step)
+        if time.monotonic() - d.read_at < d.min_interval:
+            return  # drawn moments ago: the bars move at their next refresh
     if d.train is not None:
         _advance(d, event.step)
-    epochs = d.info.get("max_epochs")
-    if d.epoch is None or (epochs is not None and event.epoch + 1 >= epochs):
-        return
-    d.epoch.set_description(_epoch_desc(event.epoch + 1, d.info), refresh=False)
-    d.epoch.reset(total=d.info["steps_per_epoch"])  # redraws
 
 
 def _eval_end(d: _Display, event) -> None:
@@ -150,7 +154,12 @@ _HOOKS = {"train_begin": _begin, "epoch_end": _epoch_end, "eval_end": _eval_end,
 
 def _advance(d: _Display, step: int) -> None:
     taken = step - d.train.n
-    if d.epoch is not None:
+    if d.next_epoch is not None:  # the epoch bar starts over (a redraw), at the epoch's steps
+        (desc, first), d.next_epoch = d.next_epoch, None
+        d.epoch.set_description(desc, refresh=False)
+        d.epoch.reset(total=d.info["steps_per_epoch"])
+        d.epoch.update(step - first)
+    elif d.epoch is not None:
         d.epoch.update(taken)
     d.train.update(taken)
 

@@ -45,4 +45,21 @@ def publish(writer: Any, step: int, scalars: Mapping[str, float], *, what: str) 
         if logger.isEnabledFor(logging.INFO):
             logger.info("%s", line)
     else:  # nothing set up, where logging would drop INFO: the console, as Keras prints
-        tqdm.write(line, file=sys.stderr)  # above a progress bar, not through it
+        console_line(line)
+
+
+def console_line(line: str) -> None:
+    """Writes ``line`` to standard error: above the progress bars drawn on the console
+    (``tqdm.write`` clears and redraws them), directly when none is (a bar drawn to a file)."""
+    out = sys.stderr
+    if any(_on_console(bar, out) for bar in list(getattr(tqdm, "_instances", ()))):
+        tqdm.write(line, file=out)
+    else:
+        out.write(line + "\n")
+
+
+def _on_console(bar: Any, out: Any) -> bool:
+    """Whether tqdm would clear ``bar`` to write to ``out``: it draws there, or both are the
+    terminal's standard streams."""
+    fp = getattr(bar, "fp", None)
+    return fp == out or (fp in (sys.stdout, sys.stderr) and out in (sys.stdout, sys.stderr))
