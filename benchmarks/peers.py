@@ -13,7 +13,8 @@ loading costs nothing and the rates compare the training loops themselves:
                    Python loop, no fit and no callbacks (step_overhead's (d))
   fxtrain          fx.fit with that compiled step and fxtrain's standard host callbacks:
                    progress_bar("loss"), summary, throughput, lr_monitor (the bars and the table
-                   written to os.devnull; the monitors publish to the `fxtrain` logger)
+                   written to os.devnull; the monitors publish to the `fxtrain` logger); the
+                   batches, the same in the same order, from fx.data.Batches (shuffle off)
   fxtrain_nan_guard  the same with nan_guard("skip") inside the compiled step
   fxtrain_k8       fxtrain with a step taking 8 steps per compiled call (steps_per_call=8)
   fxtrain_k8_precompiled  the same, the step through fx.precompiled instead of torch.compile
@@ -137,6 +138,14 @@ class Cycle:
         return (self.batches[i % n] for i in range(self.length))
 
 
+def repeated(batches: list, passes: int = 1000) -> fx.data.Batches:
+    """``batches`` in turn, ``passes`` times, as ``fx.data.Batches`` (shuffle off): the same
+    batches as ``Cycle`` gives the other loops, from the tensors fxtrain takes them from (a
+    call of K steps takes its K batches as one view); an epoch longer than any run."""
+    columns = [torch.cat([b[i] for b in batches] * passes) for i in range(2)]
+    return fx.data.Batches(tuple(columns), len(batches[0][1]), shuffle=False)
+
+
 @contextlib.contextmanager
 def quiet():
     """Standard output, standard error and warnings go nowhere (progress bars, start-up notes)."""
@@ -185,7 +194,7 @@ def fxtrain_fit(sizes, batches, in_step=(), steps_per_call: int = 1,
         step = fx.precompiled(step, os.path.join(scratch_folder(), "step.bin"))
     else:
         step = torch.compile(step, fullgraph=True, backend=backend())
-    data = Cycle(batches)
+    data = repeated(batches)
 
     def run_once(n: int) -> Timing:
         state = holder[0].replace(data=None)  # a new pass over the data

@@ -72,6 +72,10 @@ def take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
     the position after them, and whether they ended an epoch (only the last may)."""
     if k == 1:
         return stream.next(position)
+    at_once = getattr(stream, "next_stacked", None)  # Batches: one take for the k batches
+    taken = at_once(position, k) if at_once is not None else None
+    if taken is not None:
+        return taken
     batches = []
     for i in range(k):
         batch, position, epoch_done = stream.next(position)
@@ -80,7 +84,22 @@ def take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
             raise ValueError(f"fit: an epoch of the data ended after batch {i + 1} of a call "
                              f"of steps_per_call={k}; make the batches per epoch a multiple "
                              f"of {k}")
-    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches), position, epoch_done
+    return stacked(batches), position, epoch_done
+
+
+def stacked(batches: list) -> Any:
+    """The batches' tensors stacked along a new first dimension, in the batches' structure
+    (tuples, lists and dicts of tensors directly; other pytrees through torch's pytree)."""
+    first = batches[0]
+    kind = type(first)
+    if (kind is tuple or kind is list) and all(
+            type(b) is kind and len(b) == len(first)
+            and all(isinstance(t, torch.Tensor) for t in b) for b in batches):
+        return kind(torch.stack(column) for column in zip(*batches))
+    if kind is dict and all(type(b) is dict and b.keys() == first.keys() and all(
+            isinstance(t, torch.Tensor) for t in b.values()) for b in batches):
+        return {k: torch.stack([b[k] for b in batches]) for k in first}
+    return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches)
 
 
 def skipping(callbacks: tuple) -> list[Callback]:

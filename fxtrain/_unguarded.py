@@ -9,6 +9,10 @@ state of the structure it was given (then every later input has it too), and aft
 the guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, during the call only)
 whenever the batch has the shapes, dtypes and devices of that first call. Any other batch goes
 through the guards, recompiling or picking another compiled graph as Dynamo decides.
+
+A step that checks its guards itself (``fx.precompiled``'s, outside Dynamo) offers an
+``unguarded(state, batch)`` call that skips that check for batches like those it took; after
+the same first call and structure check, ``Unguarded`` calls that instead.
 """
 
 from __future__ import annotations
@@ -70,7 +74,9 @@ class Unguarded:
 
     def __init__(self, step: Callable):
         self.step = step
-        on = is_compiled(step) and _load_stance()
+        # a step that checks its own guards (fx.precompiled's) says how to call it without
+        self.skipping: Callable | None = getattr(step, "unguarded", None)
+        on = self.skipping is not None or (is_compiled(step) and _load_stance())
         self.warm: tuple | None = None if on else _OFF  # the first call's batch signature
 
     def __call__(self, state: Any, batch: Any, **kwargs: Any) -> tuple:
@@ -82,6 +88,8 @@ class Unguarded:
             stable = structure == pytree.tree_structure(out[0])
             self.warm = _signature(batch) if stable else _OFF
             return out
+        if self.skipping is not None:  # it compares the batch with those it took itself
+            return self.skipping(state, batch, **kwargs)
         if _signature(batch) != self.warm:
             return self.step(state, batch, **kwargs)
         before = _set_stance(_SKIP_GUARDS)

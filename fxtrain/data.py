@@ -171,6 +171,7 @@ class Batches:
         self.rank, self.world_size = _shard(shard)
         self.device = None if device is None else torch.device(device)
         source = _tensor_source(data, self.device)
+        self._columns = source is not None  # tensors indexed along their first dimension
         self.size, self._take = source or _dataset_source(
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
@@ -202,6 +203,36 @@ class Batches:
 
     def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
         """The batch at ``position``, the position after it, and whether it ended an epoch."""
+        epoch, index = self._where(position)
+        start = (index * self.world_size + self.rank) * self.batch_size
+        batch = self._slice(epoch, start, min(start + self.batch_size, self.size))
+        return (batch, *self._after(epoch, index, 1))
+
+    def next_stacked(self, position: DataPosition, k: int) -> tuple[Any, DataPosition, bool] | None:
+        """The ``k`` batches from ``position`` stacked along a new first dimension, taken at
+        once (a view of tensor data in epoch order), the position after them, and whether they
+        ended the epoch; None where one take cannot give them (examples batched by a collate,
+        several ranks, a short batch among them, the epoch ending before the last): take them
+        one by one with ``next``. What ``fit`` takes for a step of ``steps_per_call=k``.
+
+        Examples:
+            >>> data = fx.data.Batches(torch.arange(12), batch_size=2, shuffle=False)
+            >>> batches, position, done = data.next_stacked(data.init(), 3)
+            >>> batches.tolist(), int(position.index), done
+            ([[0, 1], [2, 3], [4, 5]], 3, False)
+            >>> data.next_stacked(position, 3)[0].tolist(), data.next_stacked(position, 4)
+            ([[6, 7], [8, 9], [10, 11]], None)
+        """
+        epoch, index = self._where(position)
+        size = self.batch_size
+        if not self._columns or self.world_size > 1 or index + k > len(self) or \
+                (index + k) * size > self.size:
+            return None
+        batch = self._slice(epoch, index * size, (index + k) * size, stacked=k)
+        return (batch, *self._after(epoch, index, k))
+
+    def _where(self, position: DataPosition) -> tuple[int, int]:
+        """``position``'s epoch and index as ints (read only for a position made elsewhere)."""
         if not isinstance(position, DataPosition):
             raise TypeError(f"Batches.next needs a DataPosition (state.data), got "
                             f"{type(position).__name__}; start with state.replace(data=batches.init())")
@@ -212,20 +243,30 @@ class Batches:
         if not 0 <= index < len(self):
             raise ValueError(f"Batches: position index {index} is outside this stream's "
                              f"{len(self)} batches per epoch (was the data or batch size changed?)")
+        return epoch, index
+
+    def _slice(self, epoch: int, start: int, end: int, stacked: int = 0) -> Any:
+        """Examples ``start:end`` of ``epoch``'s order, on the device; ``stacked``: as that many
+        batches along a new first dimension."""
         if self._epoch is None or self._epoch[0] != epoch:  # once per epoch
             order = self.order(epoch) if self.shuffle else None
             self._epoch = (epoch, torch.tensor(epoch, dtype=torch.int64), self._take(order))
-        start = (index * self.world_size + self.rank) * self.batch_size
-        batch = self._epoch[2](start, min(start + self.batch_size, self.size))
+        batch = self._epoch[2](start, end)
+        if stacked:
+            batch = pytree.tree_map(lambda t: t.reshape(stacked, -1, *t.shape[1:]), batch)
         if self.device is not None:
             batch = to_device(batch, self.device, pin=True)
-        done = index + 1 == len(self)
+        return batch
+
+    def _after(self, epoch: int, index: int, taken: int) -> tuple[DataPosition, bool]:
+        """The position ``taken`` batches after (epoch, index), and whether the epoch ended."""
+        done = index + taken == len(self)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])
         else:
-            new = DataPosition(self._epoch[1], self._index_tensor(index + 1))
-        self._last = (new, epoch + done, 0 if done else index + 1)
-        return batch, new, done
+            new = DataPosition(self._epoch[1], self._index_tensor(index + taken))
+        self._last = (new, epoch + done, 0 if done else index + taken)
+        return new, done
 
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
@@ -267,6 +308,8 @@ class IterableStream:
         self.repeats = not isinstance(data, Iterator)  # a one-shot iterator ends by itself
         self._it: Any = None
         self._last: DataPosition | None = None  # the position this stream made last
+        self._count = 0  # its index, as a Python int
+        self._indices: list[torch.Tensor] = []  # index tensors made so far, shared by positions
         self._ahead: Any = _END
 
     def __len__(self) -> int:
@@ -294,19 +337,29 @@ class IterableStream:
             raise TypeError(f"an iterable data stream needs a DataPosition in state.data, got "
                             f"{type(position).__name__}")
         if position is not self._last:  # a new run or a resume: reopen where it points
-            self._open(int(position.epoch), int(position.index))
+            self._count = int(position.index)
+            self._open(int(position.epoch), self._count)
         batch = self._ahead
         if batch is _END:
             raise StopIteration
         self._ahead = next(self._it, _END)
         done = self._ahead is _END
         epoch = position.epoch + 1 if done else position.epoch
-        index = torch.zeros((), dtype=torch.int64) if done else position.index + 1
+        self._count = 0 if done else self._count + 1
         if done:
             self._it = iter(self.data)  # the next epoch is a new pass
             self._ahead = next(self._it, _END)
-        self._last = DataPosition(epoch, index)
+        self._last = DataPosition(epoch, self._index_tensor(self._count))
         return batch, self._last, done
+
+    def _index_tensor(self, index: int) -> torch.Tensor:
+        """The 0-d index tensor of ``index`` (made once for each of the first 2**16: positions
+        are values, never changed in place, so they share them)."""
+        if index >= 2**16:
+            return torch.tensor(index, dtype=torch.int64)
+        while len(self._indices) <= index:
+            self._indices.append(torch.tensor(len(self._indices), dtype=torch.int64))
+        return self._indices[index]
 
 
 @struct.dataclass

@@ -97,9 +97,11 @@ def _has_contents(cell) -> bool:
     return True
 
 
-def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> str:
+def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict,
+                options: dict | None = None) -> str:
     """What a saved step must have been made from to be used for these inputs (see the
-    module): versions, the inputs' structure, shapes and dtypes, and a digest of the code."""
+    module): versions, the inputs' structure, shapes and dtypes, a digest of the code, and the
+    Inductor ``options`` it was compiled with."""
     from ._version import __version__
 
     digest = hashlib.sha256()
@@ -121,7 +123,8 @@ def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict) -> s
             config = getattr(m, "config", None)  # a transformers model's config
             settings = config.to_json_string() if hasattr(config, "to_json_string") else ""
             digest.update(repr((name, plain, settings)).encode())
-    inputs = repr((_signature(state), _signature(batch), sorted(kwargs.items())))
+    inputs = repr((_signature(state), _signature(batch), sorted(kwargs.items()),
+                   sorted((options or {}).items())))
     digest.update(re.sub(r"0x[0-9a-f]+", "0x", inputs).encode())  # no addresses
     return json.dumps({"torch": torch.__version__, "fxtrain": __version__,
                        "python": sys.version.split()[0], "digest": digest.hexdigest()})
@@ -193,17 +196,22 @@ class Precompiled:
     module). ``loaded``: whether the step came from the file (None before the first call);
     ``spec``: the step's (compiled, its donation fixed)."""
 
-    def __init__(self, train_step: Callable, path: Path, kwargs: dict, spec: StepSpec):
+    def __init__(self, train_step: Callable, path: Path, kwargs: dict, spec: StepSpec,
+                 options: dict | None = None):
         self.train_step, self.path, self.kwargs, self.spec = train_step, path, kwargs, spec
+        self.options = options  # Inductor's, over compile_options' defaults for the state
         self.loaded: bool | None = None
         self._made: Any = None  # torch's AOTCompiledFunction, once made or loaded
         self._fallback: Callable | None = None
+        self._accepted: tuple | None = None  # the signature of a batch the made step took
 
     def __call__(self, state: Any, batch: Any) -> tuple:
         donation.check_live(state, "train_step")  # plainly, not wrapped by the compiler
         if self.loaded is None:
             self._made, self.loaded = self._load_or_make(state, batch)
         if self._made is not None and self._made.guard_check(state, batch, **self.kwargs):
+            if self._accepted is None:
+                self._accepted = _signature(batch)
             return self._made(state, batch, **self.kwargs)
         if self._fallback is None:
             if self._made is not None:
@@ -214,15 +222,25 @@ class Precompiled:
             self._fallback = torch.compile(self.train_step, fullgraph=True)
         return self._fallback(state, batch, **self.kwargs)
 
+    def unguarded(self, state: Any, batch: Any) -> tuple:
+        """The call without the made step's guard check (tens of microseconds), for a batch like
+        one it took before and a state of the structure it returned: what ``fit`` knows of the
+        next call once the first is done (see ``fxtrain._unguarded``); others take ``__call__``."""
+        if self._accepted is None or _signature(batch) != self._accepted:
+            return self(state, batch)
+        donation.check_live(state, "train_step")
+        return self._made(state, batch, **self.kwargs)
+
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
         from torch._dynamo.exc import PackageError  # Dynamo only when a step is compiled
 
-        key = fingerprint(self.train_step, state, batch, self.kwargs)
+        options = {**compile_options(state), **(self.options or {})}
+        key = fingerprint(self.train_step, state, batch, self.kwargs, options)
         found = _read(self.path, key, self.train_step) if self.path.exists() else None
         made = found
         if made is None:
-            compiled = torch.compile(self.train_step, fullgraph=True,
-                                     options={"guard_filter_fn": _keep_serializable})
+            compiled = torch.compile(self.train_step, fullgraph=True, options={
+                **options, "guard_filter_fn": _keep_serializable})
             try:
                 made = compiled.aot_compile(((state, batch), self.kwargs))
                 _write(self.path, key, made, self.train_step)
@@ -237,8 +255,17 @@ class Precompiled:
         return made, found is not None
 
 
-def precompiled(train_step: Callable, path: str | os.PathLike, *,
-                donate: bool = False) -> Precompiled:
+def compile_options(state: Any) -> dict[str, Any]:
+    """The Inductor options ``precompiled`` compiles with by default for ``state``: on the CPU,
+    ``cpp_wrapper`` (the kernels called from C++, not from Python: 10-20% off a small step's
+    time, for seconds more of compiling, paid once since the file keeps it)."""
+    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(getattr(state, "params", None))
+              if isinstance(leaf, torch.Tensor)]
+    return {"cpp_wrapper": True} if leaves and leaves[0].device.type == "cpu" else {}
+
+
+def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool = False,
+                options: dict[str, Any] | None = None) -> Precompiled:
     """``train_step``, compiled on its first call and kept in the file ``path``: a later
     process whose step is the same code, for inputs of the same structure, shapes and dtypes,
     loads it from there instead of tracing and compiling it again (see the module).
@@ -249,6 +276,9 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *,
         overwritten; a file made for other code or inputs is replaced.
       donate: for a step built with ``donate=None``: whether the step donates its state (the
         saved step is made for one choice; ``fx.fit`` reads it from the step's spec).
+      options: Inductor options (``torch.compile(options=...)``), over the defaults for the
+        state's device (``compile_options``: ``cpp_wrapper`` on the CPU); a file made with
+        other options is made again.
 
     Returns a ``Precompiled`` step: ``step(state, batch) -> (state, metrics)``, as the
     compiled step returns; give it to ``fx.fit`` or call it in your loop.
@@ -285,4 +315,8 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *,
         _check_ours(path)
     kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
     spec = spec.replace(compiled=True, donate=bool(donate) if spec.takes_donate else spec.donate)
-    return Precompiled(train_step, path, kwargs, spec)
+    if options is not None and not (isinstance(options, dict) and all(
+            isinstance(k, str) for k in options)):
+        raise TypeError(f"precompiled: options must be a dict of Inductor option names to "
+                        f"values, got {options!r}")
+    return Precompiled(train_step, path, kwargs, spec, dict(options or {}))

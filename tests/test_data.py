@@ -112,3 +112,34 @@ def test_positions_from_any_epoch_in_any_order():
         got, _, _ = data.next(fx.data.DataPosition(torch.tensor(e), torch.tensor(i)))
         assert torch.equal(got, fresh(e, i))
         assert torch.equal(got, data.order(e)[4 * i:4 * i + 4])
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_k_batches_taken_at_once_are_the_k_batches_taken_one_by_one(shuffle, drop_last):
+    """Batches.next_stacked (what fit takes for steps_per_call=k) gives what k calls of next
+    give, stacked, with the same positions; None where it cannot (a short batch, an epoch that
+    ends before the k-th), and fit then takes them one by one."""
+    data = {"x": torch.arange(46.0).reshape(23, 2), "y": torch.arange(23)}
+    for k in (1, 2, 3, 4):
+        stream = fx.data.Batches(data, 3, shuffle=shuffle, seed=5, drop_last=drop_last)
+        single = fx.data.Batches(data, 3, shuffle=shuffle, seed=5, drop_last=drop_last)
+        at, one = stream.init(), single.init()
+        for _ in range(3 * len(stream)):
+            got = stream.next_stacked(at, k)
+            batches = []
+            for i in range(k):
+                batch, one, done = single.next(one)
+                batches.append(batch)
+                if done and i < k - 1:
+                    break
+            whole = len(batches) == k and all(len(b["y"]) == 3 for b in batches)
+            if not whole:
+                assert got is None and done  # only an epoch's end stops a whole take
+                at = stream.skip_epoch(at)  # where one by one ended: the next epoch
+                continue
+            assert got is not None
+            stacked, at, ended = got
+            for key in data:
+                assert torch.equal(stacked[key], torch.stack([b[key] for b in batches]))
+            assert (int(at.epoch), int(at.index), ended) == (int(one.epoch), int(one.index), done)

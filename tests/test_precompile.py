@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtrain as fx
+from fxtrain.precompile import compile_options
 
 CHILD = textwrap.dedent("""
     import json, sys
@@ -66,9 +67,12 @@ def setup(lr=1e-2):
     return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
 
 
-def loaded(train_step, path, state, batch):
+QUICK = {"cpp_wrapper": False}  # the Python wrapper: seconds less to compile, where it is moot
+
+
+def loaded(train_step, path, state, batch, options=QUICK):
     """Whether fx.precompiled loaded the step from ``path`` (after a first call)."""
-    step = fx.precompiled(train_step, path)
+    step = fx.precompiled(train_step, path, options=options)
     step(state, batch)
     return step.loaded
 
@@ -107,7 +111,7 @@ def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
         x, y = batch
         return F.cross_entropy(state.apply(params, x), y) * 2.0
 
-    again = fx.precompiled(fx.make_train_step(other_loss), path)
+    again = fx.precompiled(fx.make_train_step(other_loss), path, options=QUICK)
     trained = steps(again, state, batch)[0]
     assert again.loaded is False
     reference = torch.compile(fx.make_train_step(other_loss), fullgraph=True)
@@ -115,6 +119,25 @@ def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
     faster, _ = setup(lr=0.5)  # another learning rate: compiled again, never the old one
     assert loaded(fx.make_train_step(other_loss), path, faster, batch) is False
     assert loaded(fx.make_train_step(other_loss), path, faster, batch) is True
+
+
+def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_path):
+    """On the CPU the step's kernels are called from C++ by default (a faster call, trained
+    bitwise as torch.compile's Python wrapper does); a file made with other options is not
+    used."""
+    path = tmp_path / "step.bin"
+    state, batch = setup()
+    assert compile_options(state) == {"cpp_wrapper": True}
+    elsewhere = state.replace(params={k: v.to("meta") for k, v in state.params.items()})
+    assert compile_options(elsewhere) == {}  # another device: Inductor's own defaults
+    step = fx.precompiled(fx.make_train_step(loss_fn), path)
+    trained = steps(step, state, batch)[0]
+    reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    assert fx.tree_digest(trained) == fx.tree_digest(steps(reference, state, batch)[0])
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch, options=None) is True
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is False  # QUICK
+    with pytest.raises(TypeError, match="options must be a dict"):
+        fx.precompiled(fx.make_train_step(loss_fn), path, options=["cpp_wrapper"])
 
 
 def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
@@ -128,6 +151,34 @@ def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
     want, expected = reference(state, short)
     assert fx.tree_digest(got) == fx.tree_digest(want)
     assert torch.equal(metrics["loss"], expected["loss"])
+
+
+def test_fit_checks_the_guards_of_the_first_call_and_of_other_batches_only(tmp_path,
+                                                                             monkeypatch):
+    """In fit the state is the step's own output: after the first call only a batch unlike those
+    the made step took needs its guard check (here the short last batch of each epoch, which
+    goes to torch.compile)."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    checks = []
+    real = AOTCompiledFunction.guard_check
+
+    def counting(self, *args, **kwargs):
+        checks.append(args[1][0].shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AOTCompiledFunction, "guard_check", counting)
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    data = fx.data.Batches((x, y), 8, shuffle=False, drop_last=False)  # 8, 8, a short 4
+    state = setup()[0]
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
+    with pytest.warns(UserWarning, match="not made for"):
+        got = fx.fit(state, step, data, max_steps=9)
+    assert checks == [8, 4, 4, 4]  # the first call, then each short batch
+    want = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
+                  max_steps=9)
+    assert fx.tree_digest(got) == fx.tree_digest(want)
 
 
 def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):

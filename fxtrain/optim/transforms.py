@@ -6,6 +6,7 @@ so the same maths serves fixed and run-time-changeable settings without recompil
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -40,11 +41,19 @@ def _bias_correction(beta: float | torch.Tensor, count: torch.Tensor, like: torc
     In float32 the rounding of beta itself puts 1 - 0.999 off by 1.3e-5 relative, and every
     float32 Adam step came out that much smaller than torch's. Callers round the result, or its
     square root, to their dtype once. A 0-d tensor op: one graph, no recompile as count grows.
+
+    Written as ``exp(count * log(beta))`` (the same float32 values as ``pow`` for t up to 2e6 and
+    the usual betas): Inductor computes exp and log once into a buffer that every parameter's
+    update reads, where it recomputed ``pow`` (libm's, scalar) for each element of each.
     """
     dtype = _wide(like.device)
-    base = beta.to(dtype) if isinstance(beta, torch.Tensor) else torch.tensor(beta, dtype=dtype,
-                                                                               device=like.device)
-    return 1 - torch.pow(base, count.to(dtype))
+    n = count.to(dtype)
+    if not isinstance(beta, torch.Tensor):
+        if beta > 0:
+            return 1 - torch.exp(n * math.log(beta))
+        return 1 - torch.pow(torch.tensor(beta, dtype=dtype, device=like.device), n)
+    base = beta.to(dtype)  # an injected hyperparameter: exp-log where it is defined
+    return 1 - torch.where(base > 0, torch.exp(torch.log(base) * n), torch.pow(base, n))
 
 
 def _check_state(state_tree: Any, updates: Any, transform: str) -> None:
