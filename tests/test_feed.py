@@ -24,6 +24,11 @@ class Counting(fx.data.Batches):
         self.taken += 1
         return super().next(position)
 
+    def next_stacked(self, position, k):
+        got = super().next_stacked(position, k)
+        self.taken += 0 if got is None else k  # else next counts them, one by one
+        return got
+
 
 def train(ahead, monkeypatch, data=None, steps_per_call=1, **kwargs):
     monkeypatch.setattr("fxtrain.loop.prefetches", lambda device: ahead)
