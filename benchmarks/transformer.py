@@ -46,6 +46,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import resource
 import sys
 import time
@@ -283,6 +284,12 @@ def arguments(argv):
     return args
 
 
+def ratio(a: float, b: float) -> float:
+    """a / b, NaN where b is 0: a --smoke model's peaks can be equal at both depths (a slope of
+    0 bytes per parameter), which divided the run by zero under a loaded machine."""
+    return a / b if b else math.nan
+
+
 def summarise(rows: dict, args) -> None:
     """Adds the slopes and the ratios to ``rows`` (in place) and prints them."""
     for row in rows.values():
@@ -298,8 +305,9 @@ def summarise(rows: dict, args) -> None:
             b = rows[base]
             row[f"tokens_vs_{base}"] = [r["tokens_per_s"] / s["tokens_per_s"]
                                         for r, s in zip(row["runs"], b["runs"])]
-            row[f"memory_vs_{base}"] = row["bytes_per_param"] / b["bytes_per_param"]
-            row[f"step_memory_vs_{base}"] = row["step_bytes_per_param"] / b["step_bytes_per_param"]
+            row[f"memory_vs_{base}"] = ratio(row["bytes_per_param"], b["bytes_per_param"])
+            row[f"step_memory_vs_{base}"] = ratio(row["step_bytes_per_param"],
+                                                  b["step_bytes_per_param"])
     for variant, row in rows.items():
         print(f"{variant:9s} " + " ".join(f"{r['tokens_per_s']:6.0f}" for r in row["runs"])
               + f" tokens/s at {args.depths} layers; {row['bytes_per_param']:5.1f} bytes/param "
