@@ -154,7 +154,9 @@ def peers(record: dict) -> list[str]:
 PEERS_METHOD = [
     "Every variant trains the same MLP (`common.make_mlp`, seeded) with cross-entropy and AdamW"
     f" (lr {LR}, betas {B1}/{B2}, eps {EPS}, weight decay {WD}) on the same 8 pre-made batches "
-    "taken in turn, so no data loading is timed. The process is pinned to one CPU "
+    "taken in turn, so no data loading is timed (the `fx.fit` rows take the same batches in "
+    "the same order from `fx.data.Batches` over them, shuffle off: each batch is a view, and "
+    "a call of 8 steps takes its 8 as one view). The process is pinned to one CPU "
     "(`sched_setaffinity`), torch uses one thread, and JAX its CPU backend with "
     "`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` (XLA has no flag that sizes its own thread "
     "pool; the pinning keeps whatever runs there on the same core). Loops written by hand "
@@ -235,6 +237,22 @@ def lean_targets(rate: dict) -> list[str]:
     return lines + [""]
 
 
+def k_step_costs(t: dict) -> list[str]:
+    """What the rows of 8 steps per call say, and what made the precompiled one fast."""
+    if "fxtrain_k8_precompiled" not in t:
+        return []
+    return [
+        f"- 8 steps per call: {t['fxtrain_k8']:.0f} µs per step under `torch.compile`, "
+        f"{t['fxtrain_k8_precompiled']:.0f} µs through `fx.precompiled`, against JAX's "
+        f"{t['jax_optax']:.0f} µs. `fx.precompiled` compiles with Inductor's `cpp_wrapper` on "
+        "the CPU (the kernels called from C++: 57.8 to 44 µs per step of the bare K=8 call, "
+        "measured during development), and `fit` calls it without its guard check for batches "
+        "like those it took. Both K=8 rows gained from the Adam bias corrections: Inductor "
+        "computed `1 - b^t` (libm's `pow`, float64) inside every element of every parameter's "
+        "update, 12% of the K=8 step in a `perf` profile; as `exp(t log b)` it is computed "
+        "once into a buffer (44 to 34.5 µs per step of the bare call)."]
+
+
 def jax_lead(rate: dict) -> str:
     parts = []
     for size in rate:
@@ -262,7 +280,8 @@ def peer_costs(res: dict) -> list[str]:
         "(about 22 µs against 13 µs) and for rebuilding the output state (see Step overhead).",
         f"- `fx.fit` with the standard callbacks adds {extra(t['fxtrain'], t['fxtrain_step'])} "
         "per step to the same compiled step in a bare loop: Python per step (the data position, "
-        "two `replace` calls, an `Event`, the fold over the callbacks; see Host loop below). "
+        "two `replace` calls, an `Event`, the fold over the callbacks; see Host loop below), "
+        "less the guard evaluation fit skips. "
         f"`nan_guard` in the step adds {extra(t['fxtrain_nan_guard'], t['fxtrain'])} more "
         "(its flags leave the graph as four more outputs every step, the update is selected "
         "with `torch.where` over params and optimizer state, and `fit` collects the flags for "
@@ -278,7 +297,8 @@ def peer_costs(res: dict) -> list[str]:
         "graph alone took 46-50 µs in the profile above, with Dynamo's guards and the call "
         "wrapper on top. A call floor measured "
         "during development (one thread, same machine): `x + 1` on 10 floats takes 2 µs eager, "
-        "3 µs under `jax.jit`, 12 µs under `torch.compile`.", ""]
+        "3 µs under `jax.jit`, 12 µs under `torch.compile`.",
+        *k_step_costs(t), ""]
     if "large" in res:
         g = {n: us(m["steps_per_sec"]) for n, m in res["large"].items()}
         lines += [f"On the larger MLP the arithmetic dominates: an eager step takes "
@@ -389,17 +409,27 @@ def host_loop(record: dict) -> list[str]:
         "step.", "",
         *table(["variant", "steps/s", "time per step vs (e)"], rows), "",
         f"Target from the callbacks issue: (g) at most 5% over a bare loop: {met(e / g <= 1.05)} "
-        f"({(e / f - 1) * 100:.1f}% for the loop itself and {(f / g - 1) * 100:.1f}% more for "
-        f"the five host callbacks, i.e. {us(f) - us(e):.0f} µs + {us(g) - us(f):.0f} µs on a "
-        f"{us(e):.0f} µs step).", "",
+        f"({(e / f - 1) * 100:+.1f}% for the loop itself and {(f / g - 1) * 100:+.1f}% more for "
+        f"the five host callbacks, i.e. {us(f) - us(e):+.0f} µs and {us(g) - us(f):+.0f} µs on a "
+        f"{us(e):.0f} µs step). `fit` can run faster than the bare loop: once the first call "
+        "has shown the step returns a state of the structure it was given, it skips Dynamo's "
+        "guard evaluation for batches like the first (`fxtrain._unguarded`), which the bare "
+        "loop pays on every call.", "",
         "What was done: a shared empty `Control` that merges for free; `replace` by dict copy on "
         "the host; `Callback.period` so the fold skips monitors between their due steps without "
         "calling them; bars that move only on refresh; metric reads at most every 0.1 s; "
-        "batches as views of a per-epoch permuted copy; cached position tensors. What is left "
-        "is Python per step: two `replace` calls (the data position and host callback states "
-        "are kept out of the compiled step so it never recompiles on them), an `Event`, the "
-        "fold, and the compiled function's own call overhead. For steps of a millisecond or "
-        "more (any real model) these costs are a few percent at most.", "",
+        "batches as views of a per-epoch permuted copy; cached position tensors. Then (the "
+        "start-up issue, profiled with the callbacks' own time measured inside `fit`): the epoch "
+        "bar's reset, which redraws it (130 µs at every epoch end, every 64 steps here), waits "
+        "for the bars' next refresh when they were drawn under `min_interval` ago; console "
+        "readings skip `tqdm.write` (a lock and a redraw) when no bar is on the console; the "
+        "loop's events are built without their checks; step_end is folded only over the "
+        "callbacks that take it, and not at all without them; plain batches are checked by "
+        "direct loops instead of torch's pytree (the device check, the guard-skip signature); "
+        "one value is read with `item` instead of a stack. What is left is Python per step: two "
+        "`replace` calls (the data position and host callback states are kept out of the "
+        "compiled step so it never recompiles on them), an `Event`, the fold and the "
+        "callbacks' own work.", "",
         f"Note the bare loop over `Batches` (e) runs at {e / d:.2f}x the speed of (d), which "
         "indexes 8 pre-made batches: fresh batches from a 2048-example dataset are colder in "
         "cache, and each `data.next` makes a new position.", ""]
@@ -676,6 +706,7 @@ def compile_time(record: dict) -> list[str]:
     fx_cold = summ.get("fxtrain", {}).get("cold", {}).get("vs_baseline")
     fx_warm = summ.get("fxtrain", {}).get("warm", {}).get("ready_s")
     pre_warm = summ.get("fxtrain_precompiled", {}).get("warm", {}).get("ready_s")
+    pre_cold = summ.get("fxtrain_precompiled", {}).get("cold", {}).get("vs_baseline")
     import compile_time as module
     base_warm = summ.get(module.BASELINE, {}).get("warm", {}).get("ready_s")
     warm_limit = None if base_warm is None else max(5.0, 1.1 * base_warm)
@@ -690,7 +721,9 @@ def compile_time(record: dict) -> list[str]:
         "`torch.compile(model)` + a compiled `AdamW.step()` in the same mode.", "",
         "```", compile_table(summ), "```", "",
         f"Targets (start-up issue): cold compile at most 1.0x the baseline: "
-        f"{done(fx_cold, 1.0)} ({'n/a' if fx_cold is None else x(fx_cold)}); a warm process "
+        f"{done(fx_cold, 1.0)} ({'n/a' if fx_cold is None else x(fx_cold)}; the cold process "
+        "of `fx.precompiled`, which compiles with `cpp_wrapper` and saves the step: "
+        f"{done(pre_cold, 1.0)} ({'n/a' if pre_cold is None else x(pre_cold)})); a warm process "
         "ready to step in at most 5 s or 1.1x the baseline's warm process, whichever is larger: "
         + ("not measured" if fx_warm is None or warm_limit is None else
            f"{met(fx_warm <= warm_limit)} ({fx_warm:.1f} s against {base_warm:.1f} s, "
@@ -751,7 +784,15 @@ COMPILE_PROFILE = [  # measured during development, 2026-11-25, on this benchmar
     "cut the cold first step from 46.7 s to 37.7 s (Inductor's `Scheduler.codegen` 17.7 s to "
     "12.6 s), but the steady step went from 8.6 ms to 11.2 ms (the mask kernels run slowly): "
     "not kept. A one-multiply hash instead of the keyed dropout's (not kept either: too weak) "
-    "gave 38.7 s, so the hash's length is about 5 s of the cold compile.", ""]
+    "gave 38.7 s, so the hash's length is about 5 s of the cold compile. The same hash in "
+    "int32 maths (16 lanes to a vector register instead of 8, 2026-11-25): 40.8 s against "
+    "40.3 s, no gain (not kept). What did move it: Inductor's `cpp_wrapper`, which "
+    "`fx.precompiled` turns on for CPU states, builds the kernels in 7 C++ files instead of 42 "
+    "(`compile_file` 13.6 s against 31.1 s): the `fxtrain_precompiled` cold row, 1.04x-1.05x "
+    "the baseline in two runs of 2026-11-25, against 1.36x-1.38x for the same step under "
+    "`torch.compile`'s defaults, which fxtrain cannot change for a step you compile yourself. "
+    "The Adam bias corrections computed once instead of per element (see peers) shortened "
+    "the kernels too: without dropout 0.99x-1.11x over two runs, 1.06x-1.11x before.", ""]
 
 
 def compile_table(summ: dict) -> str:

@@ -86,8 +86,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         compile: compile the step with torch.compile (fullgraph); precompiled also keeps the
             compiled step in workdir/step.precompiled (fx.precompiled), which a resumed run
             of the same code loads instead of compiling again; false runs it eagerly, which
-            starts at once: on a 2-core CPU compiling paid off after about 3,500 steps of a
-            2-layer GPT-2 and 13,000 of a small MLP (430 and 2,900 on a warm compile cache;
+            starts at once: on a 2-core CPU compiling paid off after about 3,400 steps of a
+            2-layer GPT-2 and 13,000 of a small MLP (470 and 3,000 on a warm compile cache;
             docs/getting-started.md).
         seed: torch's generator before the model and data factories run, and the state's key.
         workdir: where logs (TensorBoard, metrics.jsonl), checkpoints and config.yaml go.
