@@ -30,6 +30,7 @@ import time
 import torch
 import torch._dynamo
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad_and_value
 
 import fxtrain as fx
@@ -103,6 +104,36 @@ def fxtrain_variant(sizes, precompiled: bool = False):
         return metrics["loss"]
 
     return step
+
+
+def feature_variant(sizes, feature: str):
+    """(d) with one feature of the step in use: the per-step cost of each feature, measured
+    against (d) itself (every feature unused) and the hand-written step (c)."""
+    torch.manual_seed(0)
+    model = make_mlp(sizes)
+    if feature == "dropout":  # keyed randomness in use: a dropout after the hidden layer
+        model = nn.Sequential(*model[:2], nn.Dropout(0.1), *model[2:])
+    tx = fx.optim.adamw(LR, B1, B2, EPS, WD)
+    if feature == "clip":
+        tx = fx.optim.chain(fx.optim.clip_by_global_norm(1.0), tx)
+    in_step = [fx.callbacks.nan_guard("skip")] if feature == "nan_guard" else []
+    options = {"grad_stats": {"grad_stats": True}, "donate": {"donate": True},
+               "bf16_mixed": {"precision": "bf16-mixed"}}.get(feature, {})
+    state = fx.TrainState.create(model, tx, callbacks=in_step)
+    train_step = torch.compile(fx.make_train_step(cross_entropy, callbacks=in_step, **options),
+                               fullgraph=True, backend=backend())
+    holder = [state]
+
+    def step(batch):
+        holder[0], metrics = train_step(holder[0], batch)
+        return metrics["loss"]
+
+    return step
+
+
+FEATURES = {  # the step's features, one in use in each; "none" is (d) again, in the same rounds
+    name: (lambda f: lambda s: feature_variant(s, f))(name)
+    for name in ("none", "dropout", "grad_stats", "nan_guard", "donate", "bf16_mixed", "clip")}
 
 
 VARIANTS = {
@@ -237,6 +268,12 @@ def main(argv=None):
         if size == "tiny":  # the loop's cost matters where steps are short
             results[size].update(measure_loops(size, args.rounds, args.steps * 2))
         report(size, results[size])
+    torch._dynamo.reset()
+    results["features"] = measure("tiny", args.rounds, args.steps, FEATURES)
+    none = results["features"]["none"]
+    print("\ntiny, one feature of the step in use (time per step vs none):")
+    for name, rate in results["features"].items():
+        print(f"  {name:12s} {rate:8.0f}/s {none / rate:6.3f}")
     return results
 
 

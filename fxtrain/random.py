@@ -77,44 +77,64 @@ def _fold(key, data):
 
 
 def _run(fn, *tensors: torch.Tensor) -> torch.Tensor:
-    """``fn(*tensors)``, in numpy for plain CPU tensors (zero-copy): the key maths is a few dozen
-    operations on a handful of elements, which numpy runs 3x faster than torch dispatches them."""
+    """``fn(*tensors)`` for the key maths (a few dozen integer operations on a handful of
+    elements): on plain CPU tensors in Python ints when all are single numbers, else in numpy
+    (zero-copy), both several times faster than torch dispatches them; torch elsewhere."""
     if all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors):
+        if all(t.dim() == 0 for t in tensors):  # a step's key: Python ints, 3 us
+            return torch.tensor(fn(*(int(t) for t in tensors)), dtype=torch.int64)
         return torch.from_numpy(np.asarray(fn(*(t.numpy() for t in tensors))))
     return fn(*tensors)
 
 
-@torch.library.custom_op("fxtrain::fold_in", mutates_args=())
-def _fold_in(key: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
+# The key derivations are operators of their own, so that a compiled kernel reads a key from a
+# buffer instead of inlining a hash chain (Inductor's expressions grew about 8^depth). They are
+# defined on torch's dispatcher directly (not torch.library.custom_op, whose autograd wrapper
+# tripled their cost per call: they run on the host in every step that draws random numbers).
+_LIB = torch.library.Library("fxtrain", "FRAGMENT")
+_LIB.define("fold_in(Tensor key, Tensor data) -> Tensor")
+_LIB.define("fold_in_range(Tensor key, int start, int count) -> Tensor")
+_LIB.define("stream_key(Tensor key, int stream) -> Tensor")
+
+
+def _fold_in_impl(key: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
     return _run(_fold, key, data)
 
 
-@torch.library.custom_op("fxtrain::fold_in_range", mutates_args=())
-def _fold_in_range(key: torch.Tensor, start: int, count: int) -> torch.Tensor:
+def _fold_in_range_impl(key: torch.Tensor, start: int, count: int) -> torch.Tensor:
     # fold_in(key, start + i) for i < count, on a new last axis; constants need no tensor input
     # (each would be a compiled kernel of its own)
+    if count == 1:
+        return _run(lambda k: _fold(k, start), key)[..., None]
     data = torch.arange(start, start + count, dtype=torch.int64, device=key.device)
     return _run(lambda k, d: _fold(k[..., None], d), key, data)
 
 
-@torch.library.custom_op("fxtrain::stream_key", mutates_args=())
-def _stream_key(key: torch.Tensor, stream: int) -> torch.Tensor:
+def _stream_key_impl(key: torch.Tensor, stream: int) -> torch.Tensor:
     return _run(lambda k: _mix32(k + stream * _GOLDEN), key)
 
 
-@_fold_in.register_fake
+for _name, _impl in (("fold_in", _fold_in_impl), ("fold_in_range", _fold_in_range_impl),
+                     ("stream_key", _stream_key_impl)):
+    _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
+_fold_in = torch.ops.fxtrain.fold_in.default
+_fold_in_range = torch.ops.fxtrain.fold_in_range.default
+_stream_key = torch.ops.fxtrain.stream_key.default
+
+
+@torch.library.register_fake("fxtrain::fold_in")
 def _(key, data):
     shape = torch.broadcast_shapes(key.shape, data.shape)
     return torch.empty(shape, dtype=torch.int64, device=key.device)
 
 
-@_fold_in_range.register_fake
+@torch.library.register_fake("fxtrain::fold_in_range")
 def _(key, start, count):
     del start
     return key.new_empty((*key.shape, count))
 
 
-@_stream_key.register_fake
+@torch.library.register_fake("fxtrain::stream_key")
 def _(key, stream):
     del stream
     return torch.empty_like(key)
