@@ -26,6 +26,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .data import length_of
+from .feed import plain_tensors
 from .protocol import Callback
 
 
@@ -89,16 +90,13 @@ def take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
 
 def stacked(batches: list) -> Any:
     """The batches' tensors stacked along a new first dimension, in the batches' structure
-    (tuples, lists and dicts of tensors directly; other pytrees through torch's pytree)."""
-    first = batches[0]
-    kind = type(first)
-    if (kind is tuple or kind is list) and all(
-            type(b) is kind and len(b) == len(first)
-            and all(isinstance(t, torch.Tensor) for t in b) for b in batches):
-        return kind(torch.stack(column) for column in zip(*batches))
-    if kind is dict and all(type(b) is dict and b.keys() == first.keys() and all(
-            isinstance(t, torch.Tensor) for t in b.values()) for b in batches):
-        return {k: torch.stack([b[k] for b in batches]) for k in first}
+    (plain batches directly, see ``plain_tensors``; other pytrees through torch's pytree)."""
+    first, columns = batches[0], [plain_tensors(b) for b in batches]
+    if all(c is not None and type(b) is type(first) and len(c) == len(columns[0])
+           and (type(b) is not dict or b.keys() == first.keys())
+           for b, c in zip(batches, columns)):
+        stacks = [torch.stack(column) for column in zip(*columns)]
+        return dict(zip(first, stacks)) if type(first) is dict else type(first)(stacks)
     return pytree.tree_map(lambda *leaves: torch.stack(leaves), *batches)
 
 

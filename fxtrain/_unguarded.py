@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from .feed import plain_tensors
 from .step_spec import is_compiled
 
 
@@ -57,12 +58,10 @@ _OFF = ()  # a signature no batch has: the fast path is off
 
 def _signature(batch: Any) -> tuple:
     """The batch's structure and its leaves' shapes, dtypes and devices (values for others)."""
-    kind = type(batch)
-    if kind is tuple or kind is list:  # per step in fit: the common batches, read directly
-        if all(type(t) is torch.Tensor for t in batch):
-            return kind, tuple((t.shape, t.dtype, t.device) for t in batch)
-    elif kind is dict and all(type(t) is torch.Tensor for t in batch.values()):
-        return kind, tuple((k, t.shape, t.dtype, t.device) for k, t in batch.items())
+    plain = plain_tensors(batch)  # per step in fit: the common batches, read directly
+    if plain is not None:  # a dict's keys in their order, as Dynamo guards them
+        return (type(batch), tuple(batch) if type(batch) is dict else len(plain),
+                tuple((t.shape, t.dtype, t.device) for t in plain))
     leaves, spec = pytree.tree_flatten(batch)
     return spec, tuple((leaf.shape, leaf.dtype, leaf.device) if isinstance(leaf, torch.Tensor)
                        else (type(leaf), leaf) for leaf in leaves)

@@ -88,6 +88,20 @@ def _tensor_source(data: Any, device: torch.device | None) -> tuple[int, Take] |
     return sizes.pop(), epoch_take
 
 
+_INDICES: list[torch.Tensor] = []  # the index tensors made so far, shared by every position
+
+
+def _index_tensor(index: int) -> torch.Tensor:
+    """The 0-d int64 tensor of a batch index: made once for each of the first 2**16 and shared
+    by the positions the streams make (values, never changed in place), so a step's new position
+    costs no tensor."""
+    if index >= 2**16:
+        return torch.tensor(index, dtype=torch.int64)
+    while len(_INDICES) <= index:
+        _INDICES.append(torch.tensor(len(_INDICES), dtype=torch.int64))
+    return _INDICES[index]
+
+
 def length_of(x: Any) -> int | None:
     """``len(x)``, or None for data without a length (a generator, an iterable dataset)."""
     try:
@@ -178,8 +192,6 @@ class Batches:
         self.repeats = True  # epochs follow one another until the loop stops
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
-        # index tensors shared by the positions this stream makes (immutable values)
-        self._index = [torch.tensor(i, dtype=torch.int64) for i in range(min(len(self), 2**16))]
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
                              + (f" on each of {self.world_size} ranks" if self.world_size > 1
@@ -262,21 +274,16 @@ class Batches:
         """The position ``taken`` batches after (epoch, index), and whether the epoch ended."""
         done = index + taken == len(self)
         if done:
-            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), self._index[0])
+            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0))
         else:
-            new = DataPosition(self._epoch[1], self._index_tensor(index + taken))
+            new = DataPosition(self._epoch[1], _index_tensor(index + taken))
         self._last = (new, epoch + done, 0 if done else index + taken)
         return new, done
 
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            self._index[0])
-
-    def _index_tensor(self, index: int) -> torch.Tensor:
-        if index < len(self._index):
-            return self._index[index]
-        return torch.tensor(index, dtype=torch.int64)
+                            _index_tensor(0))
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -309,7 +316,6 @@ class IterableStream:
         self._it: Any = None
         self._last: DataPosition | None = None  # the position this stream made last
         self._count = 0  # its index, as a Python int
-        self._indices: list[torch.Tensor] = []  # index tensors made so far, shared by positions
         self._ahead: Any = _END
 
     def __len__(self) -> int:
@@ -349,17 +355,8 @@ class IterableStream:
         if done:
             self._it = iter(self.data)  # the next epoch is a new pass
             self._ahead = next(self._it, _END)
-        self._last = DataPosition(epoch, self._index_tensor(self._count))
+        self._last = DataPosition(epoch, _index_tensor(self._count))
         return batch, self._last, done
-
-    def _index_tensor(self, index: int) -> torch.Tensor:
-        """The 0-d index tensor of ``index`` (made once for each of the first 2**16: positions
-        are values, never changed in place, so they share them)."""
-        if index >= 2**16:
-            return torch.tensor(index, dtype=torch.int64)
-        while len(self._indices) <= index:
-            self._indices.append(torch.tensor(len(self._indices), dtype=torch.int64))
-        return self._indices[index]
 
 
 @struct.dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import optree
 import torch
 import torch.utils._pytree as pytree
 
@@ -50,12 +49,24 @@ def to_device(batch: Any, device: torch.device | str, *, pin: bool = False) -> A
     return pytree.tree_map(move, batch)
 
 
+def plain_tensors(batch: Any) -> list[torch.Tensor] | None:
+    """The tensors of the common batch, a tuple, list or dict of plain tensors, in its order;
+    None for any other batch (walk that with torch's pytree). The per-step checks of ``fit``
+    (the device, the guard-skip signature, stacking K batches) read these directly."""
+    kind = type(batch)
+    if kind is dict:
+        leaves = list(batch.values())
+    elif kind is tuple or kind is list:
+        leaves = list(batch)
+    else:
+        return None
+    return leaves if all(type(t) is torch.Tensor for t in leaves) else None
+
+
 def _already_on(batch: Any, device: torch.device) -> bool:
-    """Whether every tensor of ``batch`` is on ``device``. Per step in ``fit``: the common
-    batches (tensors in tuples, lists and dicts) are walked by optree's C code; anything else
-    (a node only torch's pytree knows, a leaf that is not a tensor) by torch's pytree."""
-    leaves = optree.tree_leaves(batch, none_is_leaf=True)
-    if all(type(t) is torch.Tensor for t in leaves):
+    """Whether every tensor of ``batch`` is on ``device``."""
+    leaves = plain_tensors(batch)
+    if leaves is not None:
         return all(t.device == device for t in leaves)
     return all(not isinstance(t, torch.Tensor) or t.device == device
                for t in pytree.tree_leaves(batch))

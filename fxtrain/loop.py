@@ -28,8 +28,8 @@ from typing import Any
 import warnings
 
 from . import _k_steps, _resuming, distributed, donation
-from .protocol import (NOTHING, Callback, Control, Event, fold_reporting, init, loop_event,
-                       save_veto, stop_reasons, takes_step_end, with_log_request)
+from .protocol import (Callback, Control, Event, fold_reporting, init, loop_event, save_veto,
+                       stop_reasons, takes_step_end, with_log_request)
 from .data import as_stream, length_of
 from .evaluation import evaluate
 from .feed import Feed, prefetches
@@ -262,8 +262,7 @@ class _Run:
                  else loop_event(kind, self.step, self.epoch, metrics))
         self.state, control, alike = fold_reporting(
             self.callbacks if callbacks is None else callbacks, self.state, event, self.stoppers)
-        if control is not NOTHING or alike:
-            self.pending.add(control, alike)
+        self.pending.add(control, alike)
         return control
 
     def signalled(self) -> None:

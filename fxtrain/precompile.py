@@ -46,6 +46,7 @@ import torch
 from . import donation
 from ._unguarded import _signature
 from .step_spec import StepSpec, step_spec
+from .tree import first_leaf
 
 _MAGIC = b"fxtrain-precompiled-1\n"
 
@@ -259,9 +260,9 @@ def compile_options(state: Any) -> dict[str, Any]:
     """The Inductor options ``precompiled`` compiles with by default for ``state``: on the CPU,
     ``cpp_wrapper`` (the kernels called from C++, not from Python: 10-20% off a small step's
     time, for seconds more of compiling, paid once since the file keeps it)."""
-    leaves = [leaf for leaf in torch.utils._pytree.tree_leaves(getattr(state, "params", None))
-              if isinstance(leaf, torch.Tensor)]
-    return {"cpp_wrapper": True} if leaves and leaves[0].device.type == "cpu" else {}
+    params = getattr(state, "params", None)
+    on_cpu = bool(params) and first_leaf(params).device.type == "cpu"
+    return {"cpp_wrapper": True} if on_cpu else {}
 
 
 def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool = False,

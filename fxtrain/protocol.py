@@ -371,6 +371,8 @@ def init(callbacks: Sequence[Callable], state: Any) -> Any:
 
 
 def _check_result(cb: Callable, state: Any, result: Any) -> tuple[Any, Control]:
+    if type(result) is tuple and len(result) == 2 and result[1] is NOTHING:
+        return result  # the common answer, checked first: folds run it per step
     if result is None:  # an observer (a print in a notebook) changes nothing
         return state, NOTHING
     ok = isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], Control)
@@ -425,7 +427,7 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
     control, alike = NOTHING, False
     kind, step = event.kind, event.step
     for cb in callbacks:
-        if type(cb) is Callback or isinstance(cb, Callback):
+        if isinstance(cb, Callback):
             if kind not in cb.kinds or (cb.period > 1 and kind == "step_end"
                                         and type(step) is int and step % cb.period):
                 continue
@@ -436,12 +438,7 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
             result = cb(state, event)
         else:
             continue
-        if result is None:  # an observer (a print in a notebook) changes nothing
-            continue
-        if type(result) is not tuple or len(result) != 2 or result[1] is not NOTHING:
-            state, c = _check_result(cb, state, result)
-        else:  # the common answer: (state, NOTHING)
-            state, c = result
+        state, c = _check_result(cb, state, result)
         if c is not NOTHING:
             control = control | c
             alike = alike or (_decides_alike(cb) and any(v is True for v in flags(c)[:4]))

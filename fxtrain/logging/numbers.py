@@ -44,7 +44,7 @@ def read_floats(values: Mapping[str, Any]) -> dict[str, float]:
         by_device.setdefault(t.device, []).append(k)
     for keys in by_device.values():  # one sync per device
         if len(keys) == 1:  # one read (a learning rate): no stack
-            out[keys[0]] = float(tensors[keys[0]].detach().item())
+            out[keys[0]] = float(tensors[keys[0]].item())
             continue
         stacked = torch.stack([tensors[k].detach().reshape(()).to(torch.float64) for k in keys])
         out.update(zip(keys, stacked.tolist()))
