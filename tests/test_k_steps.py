@@ -196,3 +196,21 @@ def test_fit_with_k_steps_reads_in_step_flags_at_the_call_passing_sync_every():
     assert int(end.step) == 8
     ref = fx.fit(_state(dropout=0.0), fx.make_train_step(xent), data, max_steps=6)
     assert all(torch.equal(end.params[k], ref.params[k]) for k in ref.params)
+
+
+def test_k_batches_from_any_stream_stack_in_order_in_their_structure():
+    """What fit gives a step of steps_per_call=K from a stream without next_stacked (a list of
+    batches): each leaf stacked along a new first dimension, batch i at index i."""
+    from fxtrain import _k_steps
+
+    batches = [(torch.full((2, 3), float(i)), torch.full((2,), i)) for i in range(4)]
+    got = _k_steps.stacked(batches)
+    assert type(got) is tuple and [int(v) for v in got[1][:, 0]] == [0, 1, 2, 3]
+    assert torch.equal(got[0], torch.stack([b[0] for b in batches]))
+    as_dicts = _k_steps.stacked([{"x": x, "y": y} for x, y in batches])
+    assert list(as_dicts) == ["x", "y"] and torch.equal(as_dicts["y"], got[1])
+    nested = _k_steps.stacked([((x,), y) for x, y in batches])  # torch's pytree: same order
+    assert torch.equal(nested[0][0], got[0]) and torch.equal(nested[1], got[1])
+    data = fx.data.as_stream(batches)
+    stacked, _, done = _k_steps.take(data, data.init(), 4)
+    assert torch.equal(stacked[0], got[0]) and done

@@ -92,3 +92,21 @@ def test_keyed_dropout_compiles_for_cuda_and_matches_the_cpu():
     for out in (gpu, compiled):
         assert torch.equal(out[0].cpu(), cpu[0])
         torch.testing.assert_close(out[1].cpu(), cpu[1])
+
+
+def test_key_derivations_agree_across_their_implementations():
+    """fold_in and its range and stream forms run in Python ints (a CPU 0-d key), numpy (CPU
+    arrays) or torch (any other device, as on a GPU): the same keys from each."""
+    from fxtrain.random import _fold, _mix32
+
+    for seed in (0, 1, 12345, 2**31 + 7):
+        key = random.seed_key(seed)
+        by_torch = torch.stack([_fold(key, torch.tensor(i)) for i in range(5, 21)])
+        assert torch.equal(torch.ops.fxtrain.fold_in_range(key, 5, 16), by_torch)
+        assert torch.equal(torch.ops.fxtrain.fold_in_range(key, 5, 1), by_torch[:1])
+        for i in (5, 9, 20):
+            assert torch.equal(random.fold_in(key, torch.tensor(i)), by_torch[i - 5])
+            assert torch.equal(random.fold_in(key, i), by_torch[i - 5])
+        assert torch.equal(torch.ops.fxtrain.stream_key(key, 3), _mix32(key + 3 * 0x9E3779B9))
+        keys = torch.stack([key, random.seed_key(seed + 1)])  # not 0-d: the numpy path
+        assert torch.equal(random.fold_in(keys, torch.tensor(9))[0], by_torch[4])
