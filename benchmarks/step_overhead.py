@@ -14,8 +14,10 @@ and the cost of the host loop around (d), on the same data stream (fx.data.Batch
 (h) fx.fit with log_metrics(TensorBoardWriter, every=50) + model_watch(every=500), its step
     built with grad_stats=True (the per-layer gradient norms model_watch writes): logging's cost
     against (f)
-fit runs are timed as the difference of a long and a short run, so its one-off start-up
-(summary table, bars) does not count per step.
+and, on the tiny MLP, (d) with one feature of the step in use at a time (FEATURES: keyed
+dropout, grad_stats, nan_guard in the step, donation, bf16-mixed, gradient clipping): the cost of
+each per step. fit runs are timed as the difference of a long and a short run, so its one-off
+start-up (summary table, bars) does not count per step.
 
 Run: python benchmarks/step_overhead.py [--rounds 7] [--steps 200] [--smoke]
 Prints steps/s per variant (median over rounds) and ratios against (a).
@@ -87,12 +89,22 @@ def handwritten_variant(sizes):
     return step
 
 
-def fxtrain_variant(sizes, precompiled: bool = False):
+def fxtrain_variant(sizes, precompiled: bool = False, feature: str = "none"):
     """(d), or (d') through fx.precompiled, whose first call (in the warm-up) compiles the step
     and saves it (a later process loads it: compile_time.py times that; the loaded step is
-    called as the saved one is)."""
-    state = fx.TrainState.create(make_mlp(sizes), fx.optim.adamw(LR, B1, B2, EPS, WD))
-    train_step = fx.make_train_step(cross_entropy)
+    called as the saved one is). ``feature``: one feature of the step in use (``FEATURES``: the
+    per-step cost of each, against (d) with none)."""
+    model = make_mlp(sizes)
+    if feature == "dropout":  # keyed randomness in use: a dropout after the hidden layer
+        model = nn.Sequential(*model[:2], nn.Dropout(0.1), *model[2:])
+    tx = fx.optim.adamw(LR, B1, B2, EPS, WD)
+    if feature == "clip":
+        tx = fx.optim.chain(fx.optim.clip_by_global_norm(1.0), tx)
+    in_step = [fx.callbacks.nan_guard("skip")] if feature == "nan_guard" else []
+    options = {"grad_stats": {"grad_stats": True}, "donate": {"donate": True},
+               "bf16_mixed": {"precision": "bf16-mixed"}}.get(feature, {})
+    state = fx.TrainState.create(model, tx, callbacks=in_step)
+    train_step = fx.make_train_step(cross_entropy, callbacks=in_step, **options)
     if precompiled:
         train_step = fx.precompiled(train_step, os.path.join(scratch_folder(), "step.bin"))
     else:
@@ -106,33 +118,8 @@ def fxtrain_variant(sizes, precompiled: bool = False):
     return step
 
 
-def feature_variant(sizes, feature: str):
-    """(d) with one feature of the step in use: the per-step cost of each feature, measured
-    against (d) itself (every feature unused) and the hand-written step (c)."""
-    torch.manual_seed(0)
-    model = make_mlp(sizes)
-    if feature == "dropout":  # keyed randomness in use: a dropout after the hidden layer
-        model = nn.Sequential(*model[:2], nn.Dropout(0.1), *model[2:])
-    tx = fx.optim.adamw(LR, B1, B2, EPS, WD)
-    if feature == "clip":
-        tx = fx.optim.chain(fx.optim.clip_by_global_norm(1.0), tx)
-    in_step = [fx.callbacks.nan_guard("skip")] if feature == "nan_guard" else []
-    options = {"grad_stats": {"grad_stats": True}, "donate": {"donate": True},
-               "bf16_mixed": {"precision": "bf16-mixed"}}.get(feature, {})
-    state = fx.TrainState.create(model, tx, callbacks=in_step)
-    train_step = torch.compile(fx.make_train_step(cross_entropy, callbacks=in_step, **options),
-                               fullgraph=True, backend=backend())
-    holder = [state]
-
-    def step(batch):
-        holder[0], metrics = train_step(holder[0], batch)
-        return metrics["loss"]
-
-    return step
-
-
 FEATURES = {  # the step's features, one in use in each; "none" is (d) again, in the same rounds
-    name: (lambda f: lambda s: feature_variant(s, f))(name)
+    name: (lambda f: lambda s: fxtrain_variant(s, feature=f))(name)
     for name in ("none", "dropout", "grad_stats", "nan_guard", "donate", "bf16_mixed", "clip")}
 
 
