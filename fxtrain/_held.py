@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
-from ._traced_errors import fail
+from ._torch.traced_errors import fail
 
 _held: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
     "fxtrain_held", default=None)

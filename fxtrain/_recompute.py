@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback  # noqa: F401 - annotate, read as an attribute (torch >= 2.9)
 
-from ._traced_errors import run_while_tracing
+from ._torch.traced_errors import run_while_tracing
 
 FORWARD = {"fxtrain": "forward"}
 """The annotation on the nodes of a train step's forward (``torch.fx.traceback.annotate``)."""

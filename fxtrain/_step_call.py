@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from . import _traced_errors
+from ._torch import traced_errors as _traced_errors
 from ._unguarded import Unguarded
 from .step import revert_update
 from .step_spec import StepSpec

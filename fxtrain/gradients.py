@@ -28,11 +28,11 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.autograd.graph import _engine_run_backward
 from torch.func import grad_and_value
 
 from . import _held, _recompute, distributed, random, sharding, units
-from ._traced_errors import fail
+from ._torch import autograd as torch_autograd
+from ._torch.traced_errors import fail
 
 AUTODIFFS = ("func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
@@ -44,8 +44,7 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
 
     - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
     - ``"autograd"``: ``torch.autograd.grad`` over fresh leaves detached from ``params``, which
-      ``torch.compile`` traces into the step's graph as it is (``fxtrain.step`` turns on
-      Dynamo's ``trace_autograd_ops``); it runs the saved-tensor hooks that activation
+      ``torch.compile`` traces into the step's graph as it is (``fxtrain._torch.autograd``); it runs the saved-tensor hooks that activation
       checkpointing needs (``fx.remat``, ``torch.utils.checkpoint``). Eager, ``compute``
       runs inside ``fxtrain._held.holding()``, so a region rerun in the backward finds the
       step's tensors in the module. Same gradients: an unused parameter's is zeros, the
@@ -69,7 +68,7 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
         return func_grads
 
     def value_and_grads(params: dict) -> tuple[dict, Any]:
-        leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
+        leaves = torch_autograd.leaves(params)
         if on_grad is not None:
             for leaf in leaves.values():
                 leaf.register_hook(on_grad)
@@ -120,8 +119,7 @@ def _eager_grads(value: torch.Tensor, leaves: list[torch.Tensor]) -> list[torch.
     hand the call to the mode, which runs it with itself popped, so checkpointed regions rerun
     in the backward would draw from torch's generator instead of the step's key."""
     try:
-        grads = _engine_run_backward((value,), (torch.ones_like(value),), False, False,
-                                     tuple(leaves), True, False)
+        grads = torch_autograd.engine_grads(value, leaves)
     except RuntimeError as e:  # torch.utils.checkpoint(use_reentrant=True) recomputing
         if "use_reentrant=True" not in str(e) and "Checkpointing is not compatible" not in str(e):
             raise

@@ -6,14 +6,8 @@ step). ``precompiled(train_step, path)`` compiles the step on its first call wit
 precompile (``torch.compile(...).aot_compile``) for the inputs of that call, saves what it made
 to ``path``, and in a later process loads it from there instead: no tracing, no lookup.
 
-What makes it work with fxtrain's steps on torch 2.13:
-
-- the step guards on the size of torch's pytree registry (Dynamo reads it while tracing torch's
-  own pytree code), a guard AOT precompile cannot save; fxtrain leaves it out, with the other
-  guards on globals and on function identities that torch leaves out by default, so the loaded
-  step checks the shapes, dtypes, structure and hyperparameters of what it is given;
-- torch's loader rebuilds guards outside a trace, which torch 2.13 refuses (fixed upstream in
-  pytorch/pytorch#187736); fxtrain loads inside a throwaway tracing context, as that fix does.
+Torch's precompile is experimental; ``fxtrain._torch.aot`` holds what fxtrain does to use it
+(the guards a saved step keeps, how it is loaded) and the torch releases it was checked on.
 
 Because the loaded step does not trace your code again, it cannot see that the code changed.
 The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
@@ -31,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import re
 import sys
 import tempfile
@@ -44,6 +37,7 @@ from typing import Any
 import torch
 
 from . import donation
+from ._torch import aot
 from ._unguarded import _signature
 from .step_spec import StepSpec, step_spec
 from .tree import first_leaf
@@ -131,16 +125,6 @@ def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict,
                        "python": sys.version.split()[0], "digest": digest.hexdigest()})
 
 
-def _keep_serializable(entries) -> list[bool]:
-    """The guards a saved step keeps: not those on globals and on function identities (torch's
-    own default) nor the pytree registry's size (the module's first point)."""
-    from torch._dynamo.guards import CheckFunctionManager
-
-    unsaved = {*CheckFunctionManager.UNSUPPORTED_SERIALIZATION_GUARD_TYPES, "DICT_VERSION"}
-    return [not (g.is_global or g.guard_type in unsaved or unsaved & set(g.derived_guard_types))
-            for g in entries]
-
-
 def _closure(train_step: Callable) -> dict[str, Any]:
     """What the step's closure holds (its inner functions, your ``loss_fn``), by variable name:
     saved as references, not pickled, and given back from the loading process's step."""
@@ -168,18 +152,12 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
     header, _, body = path.read_bytes()[len(_MAGIC):].partition(b"\n")
     if header.decode() != key:
         return None
-    from torch._dynamo.aot_compile import AOTCompiledFunction
-    from torch._guards import TracingContext, tracing
-
-    context = TracingContext(None)  # torch 2.13 rebuilds guards outside a trace otherwise
-    with tracing(context), context.guards_context.skip_guard_install():
-        return AOTCompiledFunction.deserialize(
-            body, f_globals=getattr(train_step, "__globals__", None),  # the step's module
-            external_closure_data=_closure(train_step))
+    return aot.load(body, getattr(train_step, "__globals__", None),  # the step's module
+                    _closure(train_step))
 
 
 def _write(path: Path, key: str, compiled: Any, train_step: Callable) -> None:
-    body = compiled.serialize(compiled, _closure(train_step)).serialized_data
+    body = aot.serialize(compiled, _closure(train_step))
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as f:
@@ -233,19 +211,17 @@ class Precompiled:
         return self._made(state, batch, **self.kwargs)
 
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
-        from torch._dynamo.exc import PackageError  # Dynamo only when a step is compiled
-
+        if not aot.AVAILABLE:  # warned by precompiled(): torch.compile's step, nothing saved
+            return None, False
         options = {**compile_options(state), **(self.options or {})}
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
         found = _read(self.path, key, self.train_step) if self.path.exists() else None
         made = found
         if made is None:
-            compiled = torch.compile(self.train_step, fullgraph=True, options={
-                **options, "guard_filter_fn": _keep_serializable})
             try:
-                made = compiled.aot_compile(((state, batch), self.kwargs))
+                made = aot.compile_ahead(self.train_step, (state, batch), self.kwargs, options)
                 _write(self.path, key, made, self.train_step)
-            except (PackageError, pickle.PicklingError, TypeError) as e:
+            except (*aot.errors(), TypeError) as e:
                 if isinstance(e, TypeError) and "torch.compile() package" not in str(e):
                     raise  # not torch refusing to save (a class defined inside a function)
                 warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
@@ -282,7 +258,9 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
         other options is made again.
 
     Returns a ``Precompiled`` step: ``step(state, batch) -> (state, metrics)``, as the
-    compiled step returns; give it to ``fx.fit`` or call it in your loop.
+    compiled step returns; give it to ``fx.fit`` or call it in your loop. On torch before 2.13
+    (no usable precompile: ``fxtrain._torch.aot``) it warns, and the step trains under
+    ``torch.compile`` with nothing saved.
 
     Examples:
         >>> import os, tempfile
@@ -320,4 +298,8 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
             isinstance(k, str) for k in options)):
         raise TypeError(f"precompiled: options must be a dict of Inductor option names to "
                         f"values, got {options!r}")
+    if not aot.AVAILABLE:
+        warnings.warn(f"fx.precompiled needs torch 2.13 or later to save a compiled step (this "
+                      f"process has torch {torch.__version__}); the step trains under "
+                      f"torch.compile and {path} is neither read nor written", stacklevel=2)
     return Precompiled(train_step, path, kwargs, spec, dict(options or {}))

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from ._traced_errors import fail
+from ._torch.traced_errors import fail
 
 __all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical", "keyed"]
 

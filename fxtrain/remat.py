@@ -34,7 +34,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
 
 from . import random
-from ._traced_errors import fail, run_while_tracing
+from ._torch.traced_errors import fail, run_while_tracing
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 """The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""

@@ -31,7 +31,8 @@ from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
 from .step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
-from ._traced_errors import fail, run_while_tracing
+from ._torch import autograd as torch_autograd
+from ._torch.traced_errors import fail, run_while_tracing
 from .tree import squared_norms, tree_select
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
@@ -304,13 +305,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                          f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
     choose = gradients.chooser(parallel, buffers == "mean", autodiff)
     if autodiff == "autograd":
-        import torch._dynamo
-        # else Dynamo breaks the graph at torch.autograd.grad
-        torch._dynamo.config.trace_autograd_ops = True
-        # a torch.utils.checkpoint region advances the step's keyed stream as it draws (a
-        # Python side effect, which Dynamo otherwise refuses inside the region); the backward's
-        # recomputation is the graph's own, so there is nothing to replay (fxtrain.random)
-        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        torch_autograd.trace_autograd_ops()  # process-wide: see fxtrain._torch.autograd
     rank = distributed.rank() if parallel else 0
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
             steps_per_call < 1:

@@ -106,6 +106,7 @@ def test_wandb_writer_bad_input():
 CLU_SCRIPT = textwrap.dedent("""
     import sys
     import torch
+    import torch._dynamo  # loads Triton (CUDA wheels) before TensorFlow: see docs/logging.md
     from absl import logging
     from clu import metric_writers
     import fxtrain as fx

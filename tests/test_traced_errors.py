@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 import fxtrain as fx
-from fxtrain._traced_errors import run_while_tracing
+from fxtrain._torch.traced_errors import run_while_tracing
 
 def loss_fn(state, params, batch):
     x, y = batch
@@ -92,3 +92,27 @@ except TypeError as e:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("message, kind, text", [
+    # torch 2.14's Dynamo keeps only the text of an error raised while it traces
+    ('raised exception RuntimeError("Dynamo failed to run FX node with fake tensors: '
+     'call_function <built-in function linear>(*(FakeTensor(..., size=(16, 5)),), **{}): got '
+     'RuntimeError(\'a and b must have same reduction dim, but got [16, 5] X [8, 16].\')")',
+     RuntimeError, "a and b must have same reduction dim, but got [16, 5] X [8, 16]."),
+    ("raised exception ValueError('too many values to unpack (expected 2)')", ValueError,
+     "too many values to unpack (expected 2)"),
+    ("raised exception KeyError(\"'labels'\")", KeyError, "\"'labels'\""),
+])
+def test_the_models_error_is_read_back_from_dynamos_observed_text(message, kind, text):
+    from fxtrain._torch.traced_errors import _observed
+
+    error = _observed(message)
+    assert type(error) is kind and str(error) == text
+
+
+def test_observed_text_that_names_no_builtin_error_gives_nothing():
+    from fxtrain._torch.traced_errors import _observed
+
+    assert _observed("raised exception MyError('x')") is None
+    assert _observed("something else entirely") is None

@@ -10,7 +10,10 @@ model's own error (a wrong feature count), for ``fit`` to raise with its message
 
 from __future__ import annotations
 
+import ast
+import builtins
 import copy
+import re
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -60,8 +63,33 @@ def unwrapped(error: BaseException) -> BaseException | None:
         if not _compiler_error(inner):
             return inner
         seen.add(id(inner))
+        if type(inner).__name__.startswith("Observed"):
+            return _observed(str(inner))
         inner = inner.__cause__ or inner.__context__
     return None
+
+
+_OBSERVED = (re.compile(r"got (\w+)\((['\"])(.*)\2\)[\"']\)$", re.DOTALL),  # a fake-tensor call's
+             re.compile(r"^raised exception (\w+)\((['\"])(.*)\2\)$", re.DOTALL))
+
+
+def _observed(message: str) -> BaseException | None:
+    """The model's error out of the text of Dynamo's ``Observed...`` exception (torch 2.14 and
+    later: Dynamo models an exception raised while it traces as a Python exception of the
+    traced code, and keeps of it only its text, ``raised exception RuntimeError("...: got
+    RuntimeError('a and b must have same reduction dim...')")``), rebuilt as the builtin
+    exception it names; None when the text does not say."""
+    match = _OBSERVED[0].search(message) or _OBSERVED[1].search(message)
+    if match is None:
+        return None
+    kind = getattr(builtins, match.group(1), None)
+    if not (isinstance(kind, type) and issubclass(kind, Exception)):
+        return None
+    try:
+        text = ast.literal_eval(match.group(2) + match.group(3) + match.group(2))
+    except (SyntaxError, ValueError):
+        text = match.group(3)
+    return kind(text)
 
 
 def reraise(error: BaseException, where: str) -> NoReturn:

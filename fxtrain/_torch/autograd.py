@@ -1,0 +1,67 @@
+"""Gradients from ``torch.autograd`` inside a train step: the leaves they are taken for, the
+engine called without torch-function dispatch, and the Dynamo settings that trace them.
+
+Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
+
+- ``leaves(params)``: a tensor per parameter that requires grad, for ``torch.autograd.grad``.
+  Eagerly, and compiled on torch 2.13 and later, ``p.detach().requires_grad_()`` (Dynamo traces
+  ``requires_grad_`` on a tensor made inside the graph). Torch 2.11's Dynamo refuses every way of
+  making a leaf inside the graph (``requires_grad_``, ``requires_grad=True`` factories,
+  ``nn.Parameter``, setting the attribute); there each leaf is ``p.detach() + anchor``, where
+  ``anchor`` is a 0-d zero that requires grad, made once per device outside the graph (Dynamo
+  lifts it as an input): a tensor that requires grad, which ``autograd.grad`` differentiates
+  with respect to as it would a leaf, for one element-wise add per parameter.
+- ``engine_grads``: ``torch.autograd.graph._engine_run_backward`` (private; what
+  ``torch.autograd.grad`` calls, in every torch since 2.4), so that a torch-function mode does
+  not take the call (no public route skips the modes).
+- ``trace_autograd_ops()``: turns on Dynamo's ``trace_autograd_ops`` (else it breaks the graph
+  at ``torch.autograd.grad``) and ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (a
+  checkpointed region advances the step's keyed stream, a Python side effect Dynamo otherwise
+  refuses there). Both are read by Dynamo while it traces, not per compile, so they cannot be
+  scoped to one ``torch.compile``: they stay on for the process (documented in
+  ``make_train_step``). They change nothing for code that calls no ``torch.autograd.grad`` and
+  no checkpoint inside a compiled function.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.autograd.graph import _engine_run_backward
+
+from .traced_errors import run_while_tracing
+from .version import at_least
+
+_ANCHORS: dict[str, torch.Tensor] = {}
+
+
+@run_while_tracing
+def _make_anchor(device: str) -> bool:  # run for real while Dynamo traces
+    if device not in _ANCHORS:
+        _ANCHORS[device] = torch.zeros((), device=device, requires_grad=True)
+    return True
+
+
+def leaves(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A tensor per parameter, of its value, that requires grad (see the module)."""
+    if at_least(2, 13) or not torch.compiler.is_compiling():
+        return {k: p.detach().requires_grad_() for k, p in params.items()}
+    out = {}
+    for k, p in params.items():
+        _make_anchor(str(p.device))
+        out[k] = p.detach() + _ANCHORS[str(p.device)]
+    return out
+
+
+def engine_grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
+    """``torch.autograd.grad(value, inputs, allow_unused=True)`` without torch-function
+    dispatch (see the module)."""
+    return _engine_run_backward((value,), (torch.ones_like(value),), False, False,
+                                tuple(inputs), True, False)
+
+
+def trace_autograd_ops() -> None:
+    """Turns on the Dynamo settings a compiled autograd step needs (see the module)."""
+    import torch._dynamo
+
+    torch._dynamo.config.trace_autograd_ops = True
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
