@@ -65,7 +65,7 @@ VARIANTS = {
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
 EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
-         "fxtrain_norecompute": "fxtrain step without fxtrain._recompute's pass, dropout 0.1"}
+         "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1"}
 SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager", "fxtrain_precompiled"]
 # the break-even on the small MLP too (--kinds): the compiled step against the eager one
 MLP_VARIANTS = ["fxtrain", "fxtrain_eager"]
@@ -177,8 +177,8 @@ def build(variant: str, kind: str):
     loss = gpt2_loss if kind == "gpt2" else mlp_loss
     if variant.startswith("fxtrain"):
         if variant.endswith("_norecompute"):
-            import fxtrain._recompute
-            fxtrain._recompute.recompute = lambda graph: None
+            import fxtrain._torch.recompute
+            fxtrain._torch.recompute.recompute = lambda graph: None
         how = next((h for h in ("eager", "precompiled") if variant.endswith("_" + h)),
                    "compiled")
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",

@@ -941,7 +941,7 @@ def memory_notes(res: dict) -> list[str]:
         "the steps' peak in this run). fxtrain's step is one graph, forward, backward and update "
         "together, which AOT autograd traces as a single forward graph, so its min-cut "
         "partitioner never runs; until fxtrain recomputed the cheap forward work in the "
-        "backward itself (`fxtrain/_recompute.py`, an Inductor post-grad pass over the step's "
+        "backward itself (`fxtrain/_torch/recompute.py`, an Inductor post-grad pass over the step's "
         "annotated forward: element-wise results and views are recomputed from the matrix "
         "products, masks and reductions the backward keeps anyway, as the partitioner does for "
         "`torch.compile(model)`), the backward kept every element-wise result it read, and this "

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.nn.utils.stateless import _reparametrize_module
 
+from ._torch.modules import reparametrized
 from ._torch.traced_errors import fail
 
 _held: contextvars.ContextVar[contextlib.ExitStack | None] = contextvars.ContextVar(
@@ -58,7 +58,7 @@ def call(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple,
     stack = None if torch.compiler.is_compiling() else _held.get()
     if stack is None:
         return functional_call(module, tensors, args, kwargs, tie_weights=groups is None)
-    stack.enter_context(_reparametrize_module(module, tensors, tie_weights=groups is None))
+    stack.enter_context(reparametrized(module, tensors, tie_weights=groups is None))
     return module(*args, **kwargs)
 
 

@@ -6,9 +6,10 @@ a fifth of the step. ``fit`` knows what can really change from one step to the n
 (a short last batch, another dtype) and, in principle, the state's structure. So ``Unguarded``
 makes the first call with the guards (compiling as usual), checks once that the step returns a
 state of the structure it was given (then every later input has it too), and afterwards skips
-the guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, during the call only)
-whenever the batch has the shapes, dtypes and devices of that first call. Any other batch goes
-through the guards, recompiling or picking another compiled graph as Dynamo decides.
+the guards (``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``, during the call only:
+``fxtrain._torch.stance``) whenever the batch has the shapes, dtypes and devices of that first
+call. Any other batch goes through the guards, recompiling or picking another compiled graph as
+Dynamo decides.
 
 A step that checks its guards itself (``fx.precompiled``'s, outside Dynamo) offers an
 ``unguarded(state, batch)`` call that skips that check for batches like those it took; after
@@ -23,34 +24,9 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ._torch import stance
 from .feed import plain_tensors
 from .step_spec import is_compiled
-
-
-_set_stance: Callable | None  # set by _load_stance
-_SKIP_GUARDS: Any
-
-
-def _load_stance() -> bool:
-    """Looks up Dynamo's stance setter and the stance that skips guards (``_set_stance`` and
-    ``_SKIP_GUARDS``, None on torch < 2.6, where every call checks its guards) on first use by
-    a compiled step, so that importing fxtrain does not import Dynamo (1.4 s). Whether the
-    stance can be set."""
-    if "_SKIP_GUARDS" not in globals():
-        try:
-            from torch._dynamo.eval_frame import DynamoStance, _set_stance
-            stance = DynamoStance("default", skip_guard_eval_unsafe=True)
-        except ImportError:
-            _set_stance = stance = None
-        globals().update(_set_stance=_set_stance, _SKIP_GUARDS=stance)
-    return _SKIP_GUARDS is not None
-
-
-def __getattr__(name: str):
-    if name in ("_set_stance", "_SKIP_GUARDS"):
-        _load_stance()
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _OFF = ()  # a signature no batch has: the fast path is off
@@ -75,7 +51,7 @@ class Unguarded:
         self.step = step
         # a step that checks its own guards (fx.precompiled's) says how to call it without
         self.skipping: Callable | None = getattr(step, "unguarded", None)
-        on = self.skipping is not None or (is_compiled(step) and _load_stance())
+        on = self.skipping is not None or (is_compiled(step) and stance.available())
         self.warm: tuple | None = None if on else _OFF  # the first call's batch signature
 
     def __call__(self, state: Any, batch: Any, **kwargs: Any) -> tuple:
@@ -91,8 +67,8 @@ class Unguarded:
             return self.skipping(state, batch, **kwargs)
         if _signature(batch) != self.warm:
             return self.step(state, batch, **kwargs)
-        before = _set_stance(_SKIP_GUARDS)
+        before = stance.skip_guards()
         try:
             return self.step(state, batch, **kwargs)
         finally:
-            _set_stance(before)
+            stance.restore(before)

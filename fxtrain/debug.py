@@ -3,8 +3,9 @@ finder, and Dynamo's explanation of a step.
 
 ``profiler`` records a few steps with ``torch.profiler`` and writes Chrome/TensorBoard traces;
 ``find_graph_breaks`` reads Dynamo's counters after the first compiled step and reports graph
-breaks and recompiles; ``explain_step`` runs ``torch._dynamo.explain`` on an uncompiled step.
-All three are host-only: they read clocks, counters and files.
+breaks and recompiles; ``explain_step`` runs Dynamo's ``explain`` on an uncompiled step (both
+through ``fxtrain._torch.dynamo``). All three are host-only: they read clocks, counters and
+files.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ._torch import dynamo
 from .protocol import NOTHING, Callback
 
 __all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
@@ -138,13 +140,6 @@ def _first_line(reason: str) -> str:
     return reason.strip().splitlines()[0] if reason.strip() else "(no reason given)"
 
 
-def _counts() -> tuple[collections.Counter, int]:
-    import torch._dynamo  # here, not at import: it takes 1.4 s
-
-    counters = torch._dynamo.utils.counters
-    return collections.Counter(counters["graph_break"]), counters["stats"]["unique_graphs"]
-
-
 def _describe_breaks(breaks: collections.Counter) -> str:
     return "; ".join(f"{n}x {_first_line(reason)}" for reason, n in breaks.most_common())
 
@@ -152,7 +147,7 @@ def _describe_breaks(breaks: collections.Counter) -> str:
 def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_breaks") -> Callback:
     """Reports the graph breaks and recompiles of a ``torch.compile``-d train step.
 
-    At train_begin it notes Dynamo's counters (``torch._dynamo.utils.counters``). After the
+    At train_begin it notes Dynamo's counters (``fxtrain._torch.dynamo``). After the
     first step it logs the graph breaks Dynamo met (with their reasons) and how many graphs it
     compiled; at train_end it logs the graphs compiled since the first step (recompiles: a
     fully traced, stable step has none) and any later breaks. The counters are global to the
@@ -197,7 +192,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
     seen: dict[str, Any] = {}  # counters at train_begin and after the first step; host-only
 
     def first_step() -> None:
-        breaks, graphs = _counts()
+        breaks, graphs = dynamo.compile_counts()
         new_breaks = breaks - seen["breaks"]
         seen.update(after_first=(breaks, graphs))
         if not new_breaks:
@@ -213,7 +208,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
                                "batch) on the uncompiled step for the source lines)")
 
     def last_step() -> None:
-        breaks, graphs = _counts()
+        breaks, graphs = dynamo.compile_counts()
         breaks0, graphs0 = seen.get("after_first", (seen["breaks"], seen["graphs"]))
         recompiles, later = graphs - graphs0, breaks - breaks0
         log = logger.warning if recompiles or later else logger.info
@@ -223,7 +218,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
     def fn(state, event):
         if event.kind == "train_begin":
             seen.clear()
-            seen["breaks"], seen["graphs"] = _counts()
+            seen["breaks"], seen["graphs"] = dynamo.compile_counts()
         elif event.kind == "step_end" and seen and "after_first" not in seen:
             first_step()
         elif event.kind == "train_end" and seen:
@@ -236,7 +231,7 @@ def find_graph_breaks(*, raise_on_break: bool = False, name: str = "find_graph_b
 
 @dataclasses.dataclass(frozen=True)
 class StepReport:
-    """What ``torch._dynamo.explain`` found in a step: graphs, breaks and where they happen."""
+    """What Dynamo's ``explain`` found in a step: graphs, breaks and where they happen."""
 
     graph_count: int
     break_count: int
@@ -260,11 +255,11 @@ def _user_frame(stack: list) -> str:
 
 
 def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
-    """Runs ``torch._dynamo.explain`` on one call of an uncompiled ``train_step``.
+    """Runs Dynamo's ``explain`` on one call of an uncompiled ``train_step``.
 
     It traces (and runs) the step once, and returns the number of graphs and the reason and
     source line of each graph break. Dynamo's caches are reset before and after
-    (``torch._dynamo.reset``), so compiled functions compile again on their next call.
+    (``torch.compiler.reset``), so compiled functions compile again on their next call.
 
     Args:
       train_step: the step as ``make_train_step`` returned it, not ``torch.compile``-d.
@@ -291,8 +286,6 @@ def explain_step(train_step: Callable, state: Any, batch: Any) -> StepReport:
         2 graph(s), 1 graph break(s)
           break 1: ... at <doctest ...>:4 in loss_fn
     """
-    import torch._dynamo
-
-    out = torch._dynamo.explain(train_step)(state, batch)
-    reasons = tuple(_first_line(r.reason) + _user_frame(r.user_stack) for r in out.break_reasons)
-    return StepReport(out.graph_count, out.graph_break_count, reasons)
+    out = dynamo.explain(train_step, state, batch)
+    reasons = tuple(_first_line(b.reason) + _user_frame(b.user_stack) for b in out.breaks)
+    return StepReport(out.graph_count, out.break_count, reasons)

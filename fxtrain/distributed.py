@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ._torch import collectives
+
 __all__ = ["rank", "world_size", "initialized", "init", "is_rank_zero", "rank_zero",
            "rank_zero_then_broadcast", "agree", "broadcast", "barrier", "all_gather",
            "mean_in_step", "DEFAULT_TIMEOUT"]  # mean_in_step: for a step of your own
@@ -195,14 +197,12 @@ def summed(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks by a functional all-reduce: traceable, and eagerly a tensor
     whose wait comes when it is first used, so work issued after it overlaps the reduction.
     Every rank gets the same bits (gloo hands every rank the one reduced result)."""
-    import torch.distributed._functional_collectives as funcol
-    return funcol.all_reduce(t, "sum", torch.distributed.group.WORLD)
+    return collectives.all_reduce(t, "sum", torch.distributed.group.WORLD)
 
 
 def mean_in_step(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """The mean over ranks of each tensor, with one functional all-reduce per dtype: traceable,
     so it compiles into a step's graph (``torch.compile(fullgraph=True)``) without a sync."""
-    import torch.distributed._functional_collectives as funcol
     n = world_size()
     out: list[torch.Tensor | None] = [None] * len(tensors)
     groups: dict[torch.dtype, list[int]] = {}
@@ -210,7 +210,7 @@ def mean_in_step(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         groups.setdefault(t.dtype, []).append(i)
     for indices in groups.values():
         flat = torch.cat([tensors[i].reshape(-1) for i in indices])
-        total = funcol.all_reduce(flat, "sum", torch.distributed.group.WORLD)
+        total = collectives.all_reduce(flat, "sum", torch.distributed.group.WORLD)
         mean = total / n
         for i, part in zip(indices, mean.split([tensors[i].numel() for i in indices])):
             out[i] = part.reshape(tensors[i].shape)

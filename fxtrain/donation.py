@@ -21,12 +21,15 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ._torch.traced_errors import fail, raisable
+
 __all__ = ["DonatedError", "Donated", "donate", "check_live"]  # mark: fit's own
 
 # The fields a step donates; ``rng`` is never written and ``data`` is the host's.
 DONATED_FIELDS = ("step", "params", "buffers", "opt_state", "callbacks")
 
 
+@raisable
 class DonatedError(RuntimeError):
     """A donated state (or one of its fields) was used after the step that took it.
 
@@ -51,7 +54,10 @@ class Donated:
         object.__setattr__(self, "field", field)
 
     def error(self) -> DonatedError:
-        return DonatedError(
+        return DonatedError(self.message())
+
+    def message(self) -> str:
+        return (
             f"this TrainState was donated to a train step, which wrote the next step's values "
             f"into its storage, so its {self.field} can no longer be read; use the state the "
             "step returned (make_train_step(..., donate=False) keeps every state usable, at the "
@@ -89,8 +95,8 @@ _MARKERS = {field: Donated(field) for field in DONATED_FIELDS}
 def check_live(state: Any, where: str) -> None:
     """Raises ``DonatedError`` when ``state`` was donated (``where`` names the caller)."""
     step = getattr(state, "step", None)
-    if isinstance(step, Donated):
-        raise DonatedError(f"{where}: {step.error()}")
+    if isinstance(step, Donated):  # fail: the error itself out of a trace too (torch 2.11's
+        fail(DonatedError, f"{where}: {step.message()}")  # Dynamo keeps not even its text)
 
 
 def _eligible(old: Any, new: Any) -> bool:

@@ -30,7 +30,8 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import _held, _recompute, distributed, random, sharding, units
+from . import _held, distributed, random, sharding, units
+from ._torch import recompute as _recompute
 from ._torch import autograd as torch_autograd
 from ._torch.traced_errors import fail
 
@@ -53,7 +54,7 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       all-reduce, under way while the rest of the backward runs).
 
     Compiled, with ``recompute``, the forward's cheap work is done again in the backward
-    instead of kept (``fxtrain._recompute``).
+    instead of kept (``fxtrain._torch.recompute``).
     """
     if recompute:
         compute = _recompute.marked(compute)
@@ -182,7 +183,7 @@ class SingleProcess:
         return params
 
     def recomputes(self, module: Any) -> bool:
-        """Whether the step's backward redoes the forward's cheap work (``fxtrain._recompute``)
+        """Whether the step's backward redoes the forward's cheap work (``fxtrain._torch.recompute``)
         instead of keeping it."""
         del module
         return True

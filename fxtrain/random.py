@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from ._torch.modes import PYTHON_TENSOR_METHODS
 from ._torch.traced_errors import fail
 
 __all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical", "keyed"]
@@ -462,7 +463,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         name = getattr(func, "__name__", None)
         if name in _RANDOM_NAMES or func is torch_checkpoint:
             return self._random(func, args, kwargs)
-        if name in _PYTHON_METHODS and getattr(torch.Tensor, name) is func and args and \
+        if name in PYTHON_TENSOR_METHODS and getattr(torch.Tensor, name) is func and args and \
                 isinstance(args[0], torch.Tensor):
             # as the method call it was: passed on as a function, Dynamo fails on some of these
             # (unflatten) and records others (split) as calls that AOTAutograd's cache refuses
@@ -533,6 +534,3 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 _RANDOM_NAMES = frozenset(f.__name__ for f in (
     *(f for f, _ in _DROPOUTS + _ALPHA_DROPOUTS + _UNSUPPORTED), torch.native_dropout, F.rrelu,
     F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.bernoulli))
-# The methods of torch.Tensor written in Python (torch/_tensor.py: split, unflatten...).
-_PYTHON_METHODS = frozenset(name for name, f in vars(torch.Tensor).items()
-                            if getattr(f, "__module__", None) == "torch._tensor")

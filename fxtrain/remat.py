@@ -31,10 +31,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode, _get_current_function_mode_stack
+from torch.overrides import TorchFunctionMode
 
 from . import random
-from ._torch.traced_errors import fail, run_while_tracing
+from ._torch import ops
+from ._torch.inductor import keep_recomputation_in_the_backward
+from ._torch.modes import innermost_mode
+from ._torch.traced_errors import fail
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 """The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""
@@ -43,34 +46,14 @@ POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
 @functools.cache
 def _dots() -> frozenset:
     aten = torch.ops.aten
-    return frozenset(op for op in (aten.mm.default, aten.addmm.default, aten.bmm.default,
-                                   aten.baddbmm.default,
-                                   aten._scaled_dot_product_flash_attention_for_cpu.default,
-                                   aten._scaled_dot_product_efficient_attention.default,
-                                   aten._scaled_dot_product_flash_attention.default))
+    return frozenset((aten.mm.default, aten.addmm.default, aten.bmm.default,
+                      aten.baddbmm.default)) | ops.attention()
 
 
 def _save_dots(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
     return (CheckpointPolicy.MUST_SAVE if op in _dots() else
             CheckpointPolicy.PREFER_RECOMPUTE)
-
-
-@run_while_tracing
-def keep_recomputation_in_the_backward() -> bool:
-    """Turns off Inductor's ``reorder_for_locality`` pass for the compiles that follow (run for
-    real while Dynamo traces a step that uses ``remat``, or per-block sharding's units). The
-    pass moves each node next to the producers of its inputs; in a step whose forward, backward
-    and update are one graph it so hoists the recomputation back into the forward, and the
-    activations live on as if nothing were checkpointed (``benchmarks/remat_memory.py``, batch
-    4096: 79 bytes per parameter with the pass, 31 without, against 92 with no remat), as do
-    the units' gathered parameters (an 8-block GPT-2 on 2 ranks, ``benchmarks/scale.py``'s
-    sizes: a step added 237 MiB with the pass, 100 without). It is a process-wide setting of
-    torch's."""
-    import torch._inductor.config as inductor
-
-    inductor.reorder_for_locality = False
-    return True
 
 
 _HOST_READS = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
@@ -95,8 +78,7 @@ class _NoHostReads(TorchFunctionMode):
 
 def _keyed_mode() -> random.keyed | None:
     """The innermost keyed context (the train step's), or None outside a step."""
-    return next((m for m in reversed(_get_current_function_mode_stack())
-                 if isinstance(m, random.keyed)), None)
+    return innermost_mode(random.keyed)
 
 
 def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: Any) -> Any:

@@ -35,6 +35,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, units as units_
+from ._torch import collectives
+from ._torch.groups import forget_groups
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from .tree import squared_norms
 
@@ -54,8 +56,8 @@ def _mesh(device_type: str, size: int):
 
 def _release_group(mesh: Any) -> None:
     """At exit: leaves the process group if the program has not, and drops the mesh's own
-    reference to it (``DeviceMesh._pg_registry``, private), so the group is destroyed now, while
-    the interpreter is whole.
+    reference to it (``fxtrain._torch.groups``), so the group is destroyed now, while the
+    interpreter is whole.
 
     The mesh outlives ``destroy_process_group``: fxtrain caches it, and so do DTensor's sharding
     caches, through every ``DTensorSpec``. The gloo group it holds then lived into the
@@ -66,7 +68,7 @@ def _release_group(mesh: Any) -> None:
     run under load, found with a core dump). Destroyed here, the group joins its workers first.
     """
     distributed._leave()  # fx.distributed's own exit handler, which may run after this one
-    getattr(mesh, "_pg_registry", {}).clear()
+    forget_groups(mesh)
 
 
 def mesh():
@@ -235,7 +237,6 @@ def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The whole parameters, for the forward and backward inside a step: the ``Shard(0)``
     DTensors of each dtype in one all-gather (each shard padded to the same rows, as FSDP
     does), replicated ones as they are, any other DTensor by ``full_tensor``."""
-    import torch.distributed._functional_collectives as funcol
     groups = _by_dtype(params)
     grouped = {k for names in groups.values() for k in names}
     out = {k: p if k in grouped else units_.gather(p) for k, p in params.items()}
@@ -246,7 +247,7 @@ def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
             local = params[k].to_local().reshape(-1)
             _, size, _ = _layout(params[k], world)
             pieces.append(torch.nn.functional.pad(local, (0, size - local.numel())))
-        flat = funcol.all_gather_single(torch.cat(pieces), 0, mesh).view(world, -1)
+        flat = collectives.all_gather_single(torch.cat(pieces), 0, mesh).view(world, -1)
         at = 0
         for k in names:
             rows, size, inner = _layout(params[k], world)
@@ -264,7 +265,6 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
     A gradient that is a DTensor already (taken with respect to the shards, through the
     forward's gathers, whose backward reduce-scattered it: ``fxtrain.units``) holds the sum
     over the ranks, and is divided by their number."""
-    import torch.distributed._functional_collectives as funcol
     from torch.distributed.tensor import DTensor, Partial, Replicate
     done = {k for k, g in grads.items() if is_dtensor(g)}
     out = {**grads, **{k: grads[k] / grads[k].device_mesh.size() for k in done}}
@@ -285,8 +285,8 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
             g = grads[k].reshape(-1)
             columns.append(torch.nn.functional.pad(g, (0, world * size - g.numel()))
                            .view(world, size))
-        mine = funcol.reduce_scatter_single(torch.cat(columns, 1).reshape(-1), "sum", 0,
-                                            mesh) / world
+        mine = collectives.reduce_scatter_single(torch.cat(columns, 1).reshape(-1), "sum", 0,
+                                                 mesh) / world
         at = 0
         for k in names:
             p = params[k]

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from ._torch.dynamo import is_compiled
+
 
 @dataclasses.dataclass(frozen=True)
 class StepSpec:
@@ -58,11 +60,6 @@ class StepSpec:
 
     def replace(self, **changes) -> StepSpec:
         return dataclasses.replace(self, **changes)
-
-
-def is_compiled(fn: Callable) -> bool:
-    """Whether ``fn`` is what ``torch.compile`` returned (it marks it with what it wraps)."""
-    return getattr(fn, "_torchdynamo_orig_callable", None) is not None
 
 
 def step_spec(step: Callable) -> StepSpec:

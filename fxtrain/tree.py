@@ -11,6 +11,7 @@ import numpy as np
 import torch
 import torch.utils._pytree as pytree
 
+from ._torch import trees
 from .donation import check_live
 from .dtensors import gathered
 
@@ -43,8 +44,10 @@ def tree_map(fn: Callable, tree: Any, *rest: Any) -> Any:
             return {k: fn(v, other[k]) if isinstance(v, torch.Tensor)
                     else tree_map(fn, v, other[k]) for k, v in tree.items()}
         return {k: _apply(fn, v, *(r[k] for r in rest)) for k, v in tree.items()}
-    return pytree.tree_map(lambda x, *xs: fn(x, *xs) if isinstance(x, torch.Tensor) else x,
-                           tree, *rest)
+    mapped = (lambda x, *xs: fn(x, *xs) if isinstance(x, torch.Tensor) else x)
+    if rest and trees.needed():  # torch 2.11's Dynamo cannot trace torch's (fxtrain._torch.trees)
+        return trees.map_several(mapped, tree, *rest)
+    return pytree.tree_map(mapped, tree, *rest)
 
 
 def _apply(fn: Callable, x: Any, *xs: Any) -> Any:

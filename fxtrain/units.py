@@ -35,7 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .remat import keep_recomputation_in_the_backward
+from ._torch import collectives
+from ._torch.inductor import keep_recomputation_in_the_backward
+from ._torch.modules import reparametrized
 from .dtensors import is_dtensor
 
 
@@ -184,52 +186,6 @@ def _shard0(p: Any) -> bool:
     return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),) and p.ndim >= 1
 
 
-@torch.library.custom_op("fxtrain::all_gather_shard", mutates_args=())
-def _all_gather_shard(local: torch.Tensor, group_size: int, group: str,
-                      reduce_dtype: torch.dtype) -> torch.Tensor:
-    """All-gathers ``local`` (dim 0); its backward reduce-scatters (sums) the gradient in
-    ``reduce_dtype`` and hands it back in ``local``'s dtype: FSDP2's reduce dtype, which a
-    gather's own backward (in the gathered dtype) cannot give."""
-    del reduce_dtype  # the backward's
-    return _gathered_and_waited(local, group_size, group)
-
-
-def _gathered_and_waited(local: torch.Tensor, group_size: int, group: str, *_: Any) -> torch.Tensor:
-    c10d = torch.ops._c10d_functional
-    return c10d.wait_tensor(c10d.all_gather_into_tensor(local, group_size, group))
-
-
-@_all_gather_shard.register_fake
-def _(local, group_size, group, reduce_dtype):
-    del group, reduce_dtype
-    return local.new_empty((local.shape[0] * group_size, *local.shape[1:]))
-
-
-def _all_gather_shard_backward(ctx, grad):
-    c10d = torch.ops._c10d_functional
-    summed = c10d.wait_tensor(c10d.reduce_scatter_tensor(
-        grad.to(ctx.reduce_dtype).contiguous(), "sum", ctx.group_size, ctx.group))
-    return summed.to(ctx.dtype), None, None, None
-
-
-def _all_gather_shard_context(ctx, inputs, output):
-    del output
-    local, ctx.group_size, ctx.group, ctx.reduce_dtype = inputs
-    ctx.dtype = local.dtype
-
-
-_all_gather_shard.register_autograd(_all_gather_shard_backward,
-                                    setup_context=_all_gather_shard_context)
-
-# What a traced step records of the op (below autograd, which keeps the backward above): the
-# functional all-gather and its wait themselves. As one opaque op, Inductor did not count it
-# among the collectives whose order it keeps from the program, and placed it by the ranks'
-# shard sizes: on 2 ranks with shards of 9 and 8 rows, rank 0 ran a unit's recomputed gather
-# after a reduce-scatter that rank 1 ran after it, and both waited forever.
-_DECOMPOSED = torch.library.Library("fxtrain", "FRAGMENT")
-_DECOMPOSED.impl("all_gather_shard", _gathered_and_waited, "CompositeImplicitAutograd")
-
-
 def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
     """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
     gradient comes back onto ``p``'s layout summed over the ranks (a ``Shard(0)`` parameter's
@@ -247,18 +203,20 @@ def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
     local = p.to_local()
     if local.shape[0] < rows:  # Shard(0) splits as torch.chunk: the last ranks may hold fewer
         local = nn.functional.pad(local, (*([0, 0] * (local.ndim - 1)), 0, rows - local.shape[0]))
-    import torch.distributed._functional_collectives as funcol
     dtype = how.param_dtype or p.dtype
     if how.reduce_dtype is None or how.reduce_dtype == dtype:
-        local = local.to(dtype)
-        whole = funcol.wait_tensor(funcol.all_gather_single(local, 0, mesh))  # backward: sum
+        local = local.to(dtype)  # the gather's backward: a sum
+        whole = collectives.wait_tensor(collectives.all_gather_single(local, 0, mesh))
     else:  # the gradient summed in reduce_dtype
-        whole = _all_gather_shard(local.to(dtype), world, mesh.get_group().group_name,
-                                  how.reduce_dtype)
+        whole = collectives.all_gather_shard(local.to(dtype), world, mesh.get_group().group_name,
+                                             how.reduce_dtype)
     return whole[:p.shape[0]]
 
 
-_GATHER_OPS = None
+@functools.cache
+def _gather_ops() -> frozenset:
+    """The gather's ops (``collectives.gather_ops``) and the keyed stream's key derivations."""
+    return collectives.gather_ops() | {torch.ops.fxtrain.fold_in_range.default}
 
 
 def _recompute_gathers(ctx, op, *args, **kwargs):
@@ -270,14 +228,7 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
     out the same."""
     del ctx, args, kwargs
     from torch.utils.checkpoint import CheckpointPolicy
-    global _GATHER_OPS
-    if _GATHER_OPS is None:
-        c10d, aten = torch.ops._c10d_functional, torch.ops.aten
-        _GATHER_OPS = frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
-                                 c10d._wrap_tensor_autograd.default, aten.constant_pad_nd.default,
-                                 aten._to_copy.default, torch.ops.fxtrain.fold_in_range.default,
-                                 torch.ops.fxtrain.all_gather_shard.default))
-    if op in _GATHER_OPS or op.is_view:
+    if op in _gather_ops() or op.is_view:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE
 
@@ -313,10 +264,9 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     keys, how = list(bound), unit.fxtrain_gather
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
-        from torch.nn.utils.stateless import _reparametrize_module
         whole = {k: gather(t, how) for k, t in zip(keys, flat[:len(keys)])}
         inputs, kw = _cast((flat[len(keys):], kw), how.param_dtype)
-        with _reparametrize_module(unit, whole):
+        with reparametrized(unit, whole):
             out = forward(*inputs, **kw)
         return _cast(out, _first_float((flat[len(keys):], kw)), only=how.param_dtype)
 

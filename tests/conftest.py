@@ -106,3 +106,19 @@ def pytest_collection_modifyitems(config, items):
 
     first_smoke = next((i for i in items if "run_all" in getattr(i, "fixturenames", ())), None)
     items.sort(key=rank)  # stable: collection order within each rank
+    for item in items:
+        _needs_torch(item)
+
+
+def _needs_torch(item) -> None:
+    """``@pytest.mark.needs_torch(2, 13, "what")``: on an older torch the test must fail (a
+    strict xfail, not a skip: it still runs), beside a test that asserts the refusal's own
+    message there (docs/torch-versions.md lists them)."""
+    from fxtrain._torch.version import at_least
+
+    marker = item.get_closest_marker("needs_torch")
+    if marker is not None and not at_least(*marker.args[:2]):
+        major, minor, what = marker.args
+        item.add_marker(pytest.mark.xfail(
+            strict=True, reason=f"{what} needs torch {major}.{minor} or later; this process has "
+                                f"torch {torch.__version__} (the refusal is tested)"))

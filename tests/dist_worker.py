@@ -13,7 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from helpers import classification_batch, mlp  # noqa: E402
 
 import fxtrain as fx  # noqa: E402
-from fxtrain import _recompute  # noqa: E402
+from fxtrain._torch import recompute  # noqa: E402
 
 X, Y = classification_batch(n=256, seed=3)
 
@@ -181,7 +181,7 @@ def sharded_units(out, compiled=False, steps=6):
         state = fx.fit(state, step, data, max_steps=steps)
         return state
 
-    marked = []  # per compiled graph: its nodes marked as the forward, for fxtrain._recompute
+    marked = []  # per compiled graph: its nodes marked as the forward, for fxtrain._torch.recompute
     # compiled: units and bfloat16 units (2 graphs); their references run eagerly (a compile
     # costs ~25 CPU-s a rank): the whole model sharded, which draws the same keyed masks
     units, whole = run("auto"), run(None, compiled=False)
@@ -216,9 +216,9 @@ def sharded_units(out, compiled=False, steps=6):
 
 def noting_marks(backend, marked):
     """``backend`` (a torch.compile backend's name), noting in ``marked`` how many nodes of each
-    graph it gets are marked as the step's forward (``fxtrain._recompute``)."""
+    graph it gets are marked as the step's forward (``fxtrain._torch.recompute``)."""
     def noting(gm, inputs):
-        marked.append(sum(_recompute._forward(n) for n in gm.graph.nodes))
+        marked.append(sum(recompute._forward(n) for n in gm.graph.nodes))
         return torch._dynamo.lookup_backend(backend)(gm, inputs)
 
     return noting

@@ -29,6 +29,11 @@ NEEDS = {
     "fxtrain.logging.wandb.WandbWriter": "wandb",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
 }
+# examples of a feature an older torch lacks: they fail there (tests/conftest.py's needs_torch),
+# where a test asserts the refusal
+NEEDS_TORCH = {
+    "fxtrain.precompile.precompiled": (2, 13, "fx.precompiled saving a step"),
+}
 
 
 def _module_names() -> list[str]:
@@ -64,7 +69,9 @@ def _cases() -> list:
         globs = {"fx": fxtrain, "torch": torch, "nn": nn}
         for test in finder.find(module, name, extraglobs=globs):
             if test.examples:
-                cases.append(pytest.param(test, id=test.name))
+                marks = [pytest.mark.needs_torch(*NEEDS_TORCH[test.name])] \
+                    if test.name in NEEDS_TORCH else []
+                cases.append(pytest.param(test, id=test.name, marks=marks))
     return cases
 
 

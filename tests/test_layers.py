@@ -12,7 +12,7 @@ FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "_torch", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "remat",
-     "distributed", "_recompute", "units", "sharding", "preemption"),
+     "distributed", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
@@ -206,4 +206,128 @@ def test_no_module_imports_a_submodule_the_package_shadows_with_a_function():
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
                 found += [f"{path.name}: {a.name}" for a in node.names if a.name in shadowed]
+    assert not found, found
+
+
+# torch's internals: a module or name of torch whose dotted path has a segment with a leading
+# underscore (not a dunder: ``torch.__version__``). torch.utils._pytree is exempt: private by
+# name, it is torch's only pytree module on every torch fxtrain supports (no public
+# ``torch.utils.pytree`` up to 2.15), Dynamo traces it, and the whole package, as most of the
+# ecosystem, uses it as a public API.
+PUBLIC_INTERNALS = ("torch.utils._pytree",)
+
+def _private(dotted: str) -> bool:
+    if any(dotted == m or dotted.startswith(m + ".") for m in PUBLIC_INTERNALS):
+        return False
+    return any(part.startswith("_") and not (part.startswith("__") and part.endswith("__"))
+               for part in dotted.split("."))
+
+
+def _up_to_private(dotted: str) -> str:
+    """``dotted`` up to its first private segment (``torch._dynamo.utils``: ``torch._dynamo``)."""
+    parts = dotted.split(".")
+    end = next(i for i in range(1, len(parts) + 1) if _private(".".join(parts[:i])))
+    return ".".join(parts[:end])
+
+
+def _chain(node: ast.Attribute) -> tuple[str, list[str]] | None:
+    """``a.b.c`` as (``a``, [``b``, ``c``]); None when it does not start at a name."""
+    attrs = []
+    while isinstance(node, ast.Attribute):
+        attrs.append(node.attr)
+        node = node.value
+    return (node.id, attrs[::-1]) if isinstance(node, ast.Name) else None
+
+
+def torch_internals(path: Path) -> list[tuple[int, str]]:
+    """Where the code at ``path`` reaches torch's internals, as (line, what): an import of a
+    private module or name of torch, or an attribute chain with a private segment from
+    ``torch`` or from a name imported from torch (strings and docstrings are not code)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    roots, found = {"torch": "torch"}, set()  # a name in the file -> what of torch it is
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] == "torch":
+                    roots[a.asname or "torch"] = a.name if a.asname else "torch"
+                    if _private(a.name):
+                        found.add((node.lineno, _up_to_private(a.name)))
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module and \
+                node.module.split(".")[0] == "torch":
+            for a in node.names:
+                roots[a.asname or a.name] = dotted = f"{node.module}.{a.name}"
+                if _private(dotted):
+                    found.add((node.lineno, _up_to_private(dotted)))
+    for node in ast.walk(tree):
+        chain = _chain(node) if isinstance(node, ast.Attribute) else None
+        if chain is not None and chain[0] in roots:
+            origin = roots[chain[0]]
+            dotted = ".".join([origin, *chain[1]])
+            if _private(dotted) and not _private(origin):  # a private origin: its import counts
+                found.add((node.lineno, _up_to_private(dotted)))
+    return sorted(found)
+
+
+def internal_contacts(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
+    """Every (path relative to ``root``, line, what) at which a module outside ``_torch/``
+    reaches torch's internals."""
+    return [(path.relative_to(root).as_posix(), line, what)
+            for path in sorted(root.rglob("*.py")) if path.relative_to(root).parts[0] != "_torch"
+            for line, what in torch_internals(path)]
+
+
+def test_no_module_outside_torch_reaches_torch_internals():
+    """Every contact with torch's private or experimental internals lives in fxtrain/_torch/,
+    where each module names the torch releases it was checked on and its fallback."""
+    found = internal_contacts()
+    offenders = [f"fxtrain/{path}:{line}: {what}" for path, line, what in found]
+    assert not offenders, (
+        "these modules reach torch's internals outside fxtrain/_torch/; move each contact into a "
+        "module there (fxtrain/_torch/__init__.py says what one holds) and import it from "
+        "there:\n" + "\n".join(offenders))
+
+
+PLANTED = {  # a module's code -> the internal it reaches (None: none)
+    "import torch._dynamo": "torch._dynamo",
+    "x = torch._inductor.config": "torch._inductor",
+    "from torch.nn.utils.stateless import _reparametrize_module":
+        "torch.nn.utils.stateless._reparametrize_module",
+    "def f():\n    import torch.distributed._functional_collectives as funcol":
+        "torch.distributed._functional_collectives",
+    "from torch.distributed import _functional_collectives":
+        "torch.distributed._functional_collectives",
+    "c10d = torch.ops._c10d_functional.wait_tensor": "torch.ops._c10d_functional",
+    "ok = isinstance(op, torch._ops.OpOverload)": "torch._ops",
+    "from torch._inductor import config": "torch._inductor",
+    "import torch.nn.functional as F\nF._canonical_mask(m)": "torch.nn.functional._canonical_mask",
+    "import torch.utils._pytree as pytree\npytree.tree_map(f, x)": None,
+    "from torch.utils._pytree import tree_map": None,
+    "v = torch.__version__, torch.Tensor.__bool__, torch.ops.aten.mm.default": None,
+    "def f():\n    \"\"\"Calls torch._dynamo.explain.\"\"\"\n    return 'torch._dynamo'": None,
+}
+
+
+def test_a_planted_internal_outside_torch_is_caught(tmp_path):
+    fake = tmp_path / "fxtrain"
+    for folder in ("callbacks", "_torch"):
+        (fake / folder).mkdir(parents=True)
+        for i, code in enumerate(PLANTED):
+            (fake / folder / f"m{i}.py").write_text(code + "\n")
+    found = internal_contacts(fake)
+    assert {path.split("/")[0] for path, _, _ in found} == {"callbacks"}, found  # not _torch/'s
+    for i, (code, what) in enumerate(PLANTED.items()):
+        here = [w for path, _, w in found if path == f"callbacks/m{i}.py"]
+        assert here == ([what] if what else []), (code, here)
+
+
+def test_the_torch_folder_imports_nothing_else_of_fxtrain():
+    """fxtrain/_torch/ is under everything: its modules import only each other, relatively."""
+    found = []
+    for path in sorted((PACKAGE / "_torch").rglob("*.py")):
+        found += [f"{path.name} imports fxtrain.{name}" for name in sorted(imported(path))
+                  if name.split(".")[0] != "_torch"]
+        found += [f"{path.name}: `from {node.module} import` (import it relatively)"
+                  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+                  if isinstance(node, ast.ImportFrom) and not node.level and node.module
+                  and node.module.split(".")[0] == "fxtrain"]
     assert not found, found

@@ -246,3 +246,29 @@ def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path)
     assert step.loaded is False and not (tmp_path / "step.bin").exists()
     want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
     assert fx.tree_digest(got) == fx.tree_digest(want)
+
+
+def test_before_torch_2_13_it_warns_and_trains_under_torch_compile_saving_nothing(tmp_path):
+    """Torch 2.11's precompile cannot serve it (fxtrain._torch.aot): there the step warns at
+    once, naming the feature and the first torch that has it, trains as torch.compile's does,
+    and neither reads nor writes its file; from 2.13 on no such warning."""
+    import warnings
+
+    from fxtrain._torch.version import at_least
+
+    state, batch = setup()
+    path = tmp_path / "step.bin"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    refusals = [str(w.message) for w in caught if "needs torch 2.13" in str(w.message)]
+    if at_least(2, 13):
+        assert refusals == []
+        return
+    assert refusals == [f"fx.precompiled needs torch 2.13 or later to save a compiled step (this "
+                        f"process has torch {torch.__version__}); the step trains under "
+                        f"torch.compile and {path} is neither read nor written"]
+    got = steps(step, state, batch)[0]
+    assert step.loaded is False and not path.exists()
+    want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
+    assert fx.tree_digest(got) == fx.tree_digest(want)

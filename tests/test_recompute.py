@@ -1,5 +1,5 @@
 """The cheap forward work of a compiled train step recomputed in its backward
-(``fxtrain._recompute``): which forward tensors the rest of the graph still reads, the same
+(``fxtrain._torch.recompute``): which forward tensors the rest of the graph still reads, the same
 values, and the same steps compiled with the pass and without it."""
 
 import pytest
@@ -9,7 +9,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fxtrain as fx
-from fxtrain import _recompute
+from fxtrain._torch import recompute as _recompute
 
 
 def traced(fn, *args, forward: int):

@@ -50,3 +50,23 @@ def test_tree_digest_ignores_dict_insertion_order_like_dict_equality():
     assert fx.tree_digest(a) == fx.tree_digest(b)
     assert fx.tree_digest(a) != fx.tree_digest({**b, "n": {"x": torch.tensor(4),
                                                            "y": torch.tensor(3)}})
+
+
+def test_the_several_tree_map_for_torch_2_11_equals_torchs_and_refuses_other_structures():
+    """fxtrain._torch.trees.map_several stands in for torch's multi-tree map while torch 2.11's
+    Dynamo traces (it cannot trace torch's): same results on nested states, tuples and Nones,
+    and a clear error for trees of other structures."""
+    import torch.utils._pytree as pytree
+
+    from fxtrain._torch.trees import map_several
+
+    state = fx.TrainState.create(torch.nn.Linear(3, 2), fx.optim.adam(0.1))
+    other = fx.tree.tree_map(lambda t: t + 1, state)
+    fn = (lambda a, b: a - b if isinstance(a, torch.Tensor) else a)
+    got, want = map_several(fn, state, other), pytree.tree_map(fn, state, other)
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+    assert map_several(fn, (torch.ones(1), None), (torch.ones(1), None))[1] is None
+    with pytest.raises(ValueError, match="differ in structure"):
+        map_several(fn, {"a": torch.ones(1)}, {"b": torch.ones(1)})
+    with pytest.raises(ValueError, match="differ in structure"):
+        map_several(fn, (torch.ones(1),), [torch.ones(1)])

@@ -7,19 +7,20 @@ from helpers import classification_batch, mlp, xent
 
 import fxtrain as fx
 from fxtrain import _unguarded as unguarded
+from fxtrain._torch import stance
 
 
 @pytest.fixture
 def fast_calls(monkeypatch):
     """Counts the calls made with the guards skipped."""
     calls = []
-    real = unguarded._set_stance
+    real = stance._set_stance
 
-    def counting(stance):
-        calls.append(stance is unguarded._SKIP_GUARDS)
-        return real(stance)
+    def counting(to):
+        calls.append(to is stance._SKIP_GUARDS)
+        return real(to)
 
-    monkeypatch.setattr(unguarded, "_set_stance", counting)
+    monkeypatch.setattr(stance, "_set_stance", counting)
     return calls
 
 

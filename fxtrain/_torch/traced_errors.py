@@ -42,9 +42,15 @@ def _raise(kind: str, message: str) -> bool:  # run for real while Dynamo traces
     raise error
 
 
+def raisable(kind: type[Exception]) -> type[Exception]:
+    """Lets ``fail`` raise ``kind`` too (a class decorator for fxtrain's own errors)."""
+    _KINDS[kind.__name__] = kind
+    return kind
+
+
 def fail(kind: type[Exception], message: str) -> NoReturn:
-    """Raises ``kind(message)`` (TypeError or ValueError), eagerly or while a compiled step is
-    traced, so that the error object reaches ``fit`` as itself."""
+    """Raises ``kind(message)`` (TypeError, ValueError or a ``raisable`` kind), eagerly or while
+    a compiled step is traced, so that the error object reaches ``fit`` as itself."""
     _raise(kind.__name__, message)
     raise AssertionError("unreachable")  # (Dynamo treats _raise's result as a constant)
 

@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import struct
+from .._torch.modules import BatchNorm
 from ..state import set_training, with_step_buffers
 from .core import Callback, NOTHING, callback_state, set_callback_state
 
@@ -148,7 +148,7 @@ def update_bn(state: Any, data: Iterable[Any],
     """
     forward = forward or (lambda s, batch: s.apply(s.params, _first(batch)))
     norms = {n: m for n, m in state.module.named_modules()
-             if isinstance(m, _BatchNorm) and m.track_running_stats}
+             if isinstance(m, BatchNorm) and m.track_running_stats}
     if not norms:
         return state
     work = with_step_buffers(state)  # fresh clones that the forward updates in place

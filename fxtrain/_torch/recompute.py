@@ -24,6 +24,14 @@ layers and recomputed in between). Other graphs (no forward annotation) pass unc
 On ``benchmarks/scale.py``'s GPT-2 (8 layers, width 512, 2 x 512 tokens) the step's peak fell
 from 1.15x a compiled module's loop to 0.88x per parameter, at the same tokens/s
 (``docs/memory.md``).
+
+Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0. Torch's internals it reads: FX node metadata
+(``custom``, ``autograd_backward``, ``val``), ``torch._ops.OpOverload``'s schema and tags,
+``torch._inductor.custom_graph_pass`` and ``torch._inductor.config.post_grad_custom_pre_pass``.
+The public route to a pass, ``torch.compile(options={"post_grad_custom_pre_pass": ...})``, is
+the user's when they compile; ``install`` sets it while Dynamo traces a step, whoever compiled
+it. Without ``annotate`` (torch before 2.9) ``marked`` leaves the step as it is: it then keeps
+its activations, as before this pass.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ import torch
 import torch.fx as fx
 import torch.fx.traceback  # noqa: F401 - annotate, read as an attribute (torch >= 2.9)
 
-from ._torch.traced_errors import run_while_tracing
+from .traced_errors import run_while_tracing
 
 FORWARD = {"fxtrain": "forward"}
 """The annotation on the nodes of a train step's forward (``torch.fx.traceback.annotate``)."""

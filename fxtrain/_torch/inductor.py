@@ -1,0 +1,29 @@
+"""Inductor's settings that fxtrain changes while Dynamo traces a step.
+
+Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has ``reorder_for_locality``; a torch
+without it would raise AttributeError here, naming the setting). ``torch._inductor.config`` is
+private. The public route, ``torch.compile(fn, options={"reorder_for_locality": False})``, is
+the user's to choose when they compile: the need is known only while Dynamo traces the step and
+meets a ``remat`` region or a unit, after its options were fixed.
+"""
+
+from __future__ import annotations
+
+from .traced_errors import run_while_tracing
+
+
+@run_while_tracing
+def keep_recomputation_in_the_backward() -> bool:
+    """Turns off Inductor's ``reorder_for_locality`` pass for the compiles that follow (run for
+    real while Dynamo traces a step that uses ``fx.remat``, or per-block sharding's units). The
+    pass moves each node next to the producers of its inputs; in a step whose forward, backward
+    and update are one graph it so hoists the recomputation back into the forward, and the
+    activations live on as if nothing were checkpointed (``benchmarks/remat_memory.py``, batch
+    4096: 79 bytes per parameter with the pass, 31 without, against 92 with no remat), as do
+    the units' gathered parameters (an 8-block GPT-2 on 2 ranks, ``benchmarks/scale.py``'s
+    sizes: a step added 237 MiB with the pass, 100 without). It is a process-wide setting of
+    torch's."""
+    import torch._inductor.config as inductor
+
+    inductor.reorder_for_locality = False
+    return True
