@@ -33,6 +33,7 @@ from torch.func import grad_and_value
 from . import _held, distributed, random, sharding, units
 from ._torch import recompute as _recompute
 from ._torch import autograd as torch_autograd
+from ._torch import version
 from ._torch.traced_errors import fail
 
 AUTODIFFS = ("func", "autograd")
@@ -75,6 +76,8 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                 leaf.register_hook(on_grad)
         with torch.enable_grad():
             if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
+                if any(sharding.is_dtensor(p) for p in params.values()):
+                    version.require(SHARDED_AUTOGRAD, 2, 13, SHARDED_AUTOGRAD_INSTEAD)
                 value, aux = compute(leaves)
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
             else:
@@ -89,6 +92,13 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
 
     return value_and_grads
 
+
+SHARDED_AUTOGRAD = ("a compiled step on the autograd path with sharded parameters (fx.shard with "
+                    "per-block units, or make_train_step(..., autodiff='autograd'))")
+SHARDED_AUTOGRAD_INSTEAD = (
+    "Its Dynamo cannot take torch.autograd.grad with respect to DTensors. Train the step "
+    "uncompiled, or shard the whole model (fx.shard(state, units=None)) with the default "
+    "make_train_step(loss_fn), which compiles on this torch")
 
 NO_DEPENDENCE = (
     "loss_fn's loss does not depend on params, so every gradient is zero and nothing trains. "

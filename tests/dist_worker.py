@@ -169,6 +169,19 @@ def gathers(step, state, batch):
     return state, seen
 
 
+def sharded_units_refused(out):
+    """Torch before 2.13: a compiled autograd step on sharded parameters is refused with the
+    feature and the first torch that has it, while Dynamo traces its first call."""
+    state = fx.shard(fx.TrainState.create(Blocks(dropout=0.2), fx.optim.sgd(0.1)), units="auto")
+    step = torch.compile(fx.make_train_step(loss_fn, autodiff="autograd"), fullgraph=True)
+    try:
+        fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=1), max_steps=1)
+        result = {"error": None}
+    except Exception as e:  # noqa: BLE001 - the test reads which
+        result = {"error": f"{type(e).__name__}: {e}"}
+    torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
 def sharded_units(out, compiled=False, steps=6):
     """Per-block sharding (units) against the whole model sharded as one unit, both trained
     with dropout on the autograd path, and the collectives an eager step runs."""
@@ -424,6 +437,7 @@ def exits(out):
 
 
 SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded": sharded, "sharded_units": sharded_units,
+             "sharded_units_refused": sharded_units_refused,
              "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,

@@ -84,7 +84,8 @@ def test_compile_time_benchmark_smoke(run_all):
     assert fxtrain["cold"]["graphs"] == 1 and not fxtrain["cold"]["recompiled"]
     assert fxtrain["warm"]["first_step_s"] < fxtrain["cold"]["first_step_s"]
     loaded = summary["fxtrain_precompiled"]["warm"]  # fx.precompiled's file: nothing traced
-    assert loaded["graphs"] == 0
+    from fxtrain._torch.version import at_least
+    assert loaded["graphs"] == (0 if at_least(2, 13) else 1)  # before 2.13: torch.compile's
     assert summary["fxtrain_precompiled"]["cold"]["graphs"] == 1
     eager = summary["fxtrain_eager"]["cold"]
     assert eager["graphs"] == 0 and eager["step_s"] > 0  # the uncompiled step compiles nothing

@@ -183,6 +183,7 @@ def test_the_first_name_used_registers_every_pytree_type_before_anything_compile
     assert out.strip() == "[]"
 
 
+@pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
 def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
     _project(tmp_path)
     config = tmp_path / "config.yaml"

@@ -67,6 +67,10 @@ def setup(lr=1e-2):
     return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
 
 
+# the tests of a step saved and loaded: torch 2.13 and later (before, fx.precompiled warns and
+# trains under torch.compile: the last test here asserts that refusal)
+SAVES = pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
+
 QUICK = {"cpp_wrapper": False}  # the Python wrapper: seconds less to compile, where it is moot
 
 
@@ -84,6 +88,7 @@ def steps(step, state, batch, n=2):
 
 
 @pytest.mark.slow
+@SAVES
 def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step(tmp_path):
     script = tmp_path / "child.py"
     script.write_text(CHILD)
@@ -101,6 +106,7 @@ def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step
     assert first["digest"] == second["digest"] == reference["digest"]
 
 
+@SAVES
 def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
     path = tmp_path / "step.bin"
     state, batch = setup()
@@ -121,6 +127,7 @@ def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
     assert loaded(fx.make_train_step(other_loss), path, faster, batch) is True
 
 
+@SAVES
 def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_path):
     """On the CPU the step's kernels are called from C++ by default (a faster call, trained
     bitwise as torch.compile's Python wrapper does); a file made with other options is not
@@ -140,6 +147,7 @@ def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_
         fx.precompiled(fx.make_train_step(loss_fn), path, options=["cpp_wrapper"])
 
 
+@SAVES
 def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
     state, batch = setup()
     step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
@@ -153,6 +161,7 @@ def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
     assert torch.equal(metrics["loss"], expected["loss"])
 
 
+@SAVES
 def test_fit_checks_the_guards_of_the_first_call_and_of_other_batches_only(tmp_path,
                                                                              monkeypatch):
     """In fit the state is the step's own output: after the first call only a batch unlike those
@@ -221,6 +230,7 @@ def test_bad_inputs_are_refused_and_nothing_saved_is_overwritten(tmp_path):
                        donate=True)
 
 
+@SAVES
 def test_a_model_of_other_settings_is_compiled_again(tmp_path):
     path = tmp_path / "step.bin"
     batch = setup()[1]
@@ -234,6 +244,7 @@ def test_a_model_of_other_settings_is_compiled_again(tmp_path):
     assert loaded(fx.make_train_step(loss_fn), path, state_with(0.5), batch) is False
 
 
+@SAVES
 def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path):
     class Local(nn.Linear):  # defined in a function: torch's package refuses its type
         pass

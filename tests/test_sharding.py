@@ -114,8 +114,13 @@ def test_shard_without_a_process_group_says_how_to_start_one():
         fx.shard(state)
 
 
+# torch 2.11's Dynamo cannot take torch.autograd.grad with respect to DTensors
+UNITS_COMPILED = pytest.mark.needs_torch(2, 13, "a compiled autograd step on sharded parameters")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("compiled", [False, "inductor"], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled", [False, pytest.param("inductor", marks=UNITS_COMPILED)],
+                         ids=["eager", "compiled"])
 def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, compiled):
     """fx.shard(units="auto"): each block of the ModuleList gathers its own parameters, in its
     forward and again in its backward, and its gradients come back reduce-scattered; trained
@@ -167,3 +172,20 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert "autodiff='autograd'" in errors["func"]
     whole = sum(p.numel() * 4 for p in r0["whole"].values())
     assert r0["local"] <= 0.6 * whole
+
+
+def test_before_torch_2_13_compiled_units_are_refused_naming_the_feature(tmp_path):
+    """Where the compiled units run (2.13 and later) the test above trains them; before, the
+    first call names the feature, the first torch that has it and what to do instead."""
+    from fxtrain import gradients
+    from fxtrain._torch.version import at_least
+
+    if at_least(2, 13):
+        assert "Dynamo cannot take" in gradients.SHARDED_AUTOGRAD_INSTEAD  # refused only <2.13
+        return
+    spawn("sharded_units_refused", str(tmp_path))
+    for r in results(tmp_path):
+        assert r["error"].startswith(
+            f"UnsupportedTorchError: {gradients.SHARDED_AUTOGRAD} needs torch 2.13 or later; "
+            f"this process has torch {torch.__version__}. "
+            f"{gradients.SHARDED_AUTOGRAD_INSTEAD}\n"), r["error"]  # then Dynamo's trace

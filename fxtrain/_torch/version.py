@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from .traced_errors import fail, raisable
+
 OLDEST = (2, 11)
 """The oldest torch the suite has shown fxtrain works on (``pyproject.toml``'s lower bound)."""
 
@@ -35,15 +37,21 @@ def at_least(major: int, minor: int) -> bool:
     return TORCH[:2] >= (major, minor)
 
 
+@raisable  # fail() raises it out of a trace as itself
 class UnsupportedTorchError(RuntimeError):
     """A feature this torch release lacks; the message names the feature and the first torch
     that has it."""
 
 
-def require(feature: str, major: int, minor: int, instead: str = "") -> None:
-    """Raises ``UnsupportedTorchError`` naming ``feature`` when this torch is older than
-    ``major.minor``; ``instead``: what to do on this torch (a sentence)."""
-    if not at_least(major, minor):
-        raise UnsupportedTorchError(
-            f"{feature} needs torch {major}.{minor} or later; this process has torch "
+def refusal(feature: str, major: int, minor: int, instead: str = "") -> str:
+    """The message of ``UnsupportedTorchError``: ``feature``, the first torch that has it, this
+    process's, and ``instead`` (what to do on this torch, a sentence)."""
+    return (f"{feature} needs torch {major}.{minor} or later; this process has torch "
             f"{torch.__version__}" + (f". {instead}" if instead else ""))
+
+
+def require(feature: str, major: int, minor: int, instead: str = "") -> None:
+    """Raises ``UnsupportedTorchError`` (``refusal``'s message) when this torch is older than
+    ``major.minor``, eagerly or while Dynamo traces."""
+    if not at_least(major, minor):
+        fail(UnsupportedTorchError, refusal(feature, major, minor, instead))
