@@ -1102,7 +1102,9 @@ def scale(record: dict) -> list[str]:
         f"Two ranks (gloo), {c['batch']} x {c['rank_seq']} tokens per rank and step, so that "
         "parameters, gradients and optimizer state outweigh activations; memory is the higher "
         "rank's, tokens/s both ranks' (vs: one process, whose tokens/s is one rank's):", "",
-        *table(head, body(ranks, one, one)), "", *scale_communication(res),
+        *table(head, body(ranks, one, one)), "",
+        *[f"Not run: `{v}` ({why})." for v, why in res.get("not_run", {}).items()],
+        *scale_communication(res),
         *scale_targets(res), ""]
     return lines
 
