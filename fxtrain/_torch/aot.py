@@ -35,9 +35,12 @@ AVAILABLE = at_least(2, 13)
 
 def errors() -> tuple[type[BaseException], ...]:
     """The errors by which torch says it cannot save a step."""
-    from torch._dynamo.exc import PackageError  # Dynamo only when a step is compiled
+    import torch._dynamo.exc as exc  # Dynamo only when a step is compiled
 
-    return PackageError, pickle.PicklingError
+    # torch 2.15's precompile lets Dynamo's own restart signal out of some steps (a float
+    # hyperparameter it turns into a tensor): a step it cannot make, as the others
+    restart = getattr(exc, "TensorifyScalarRestartAnalysis", None)
+    return (exc.PackageError, pickle.PicklingError, *((restart,) if restart else ()))
 
 
 def compile_ahead(fn: Callable, args: tuple, kwargs: dict, options: dict) -> Any:
