@@ -46,10 +46,10 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
 
     - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
     - ``"autograd"``: ``torch.autograd.grad`` over fresh leaves detached from ``params``, which
-      ``torch.compile`` traces into the step's graph as it is (``fxtrain._torch.autograd``); it runs the saved-tensor hooks that activation
-      checkpointing needs (``fx.remat``, ``torch.utils.checkpoint``). Eager, ``compute``
-      runs inside ``fxtrain._held.holding()``, so a region rerun in the backward finds the
-      step's tensors in the module. Same gradients: an unused parameter's is zeros, the
+      ``torch.compile`` traces into the step's graph as it is (``fxtrain._torch.autograd``);
+      it runs the saved-tensor hooks that activation checkpointing needs (``fx.remat``,
+      ``torch.utils.checkpoint``). Eager, ``compute`` runs inside ``fxtrain._held.holding()``,
+      so a region rerun in the backward finds the step's tensors in the module. Same gradients: an unused parameter's is zeros, the
       value and the aux come back detached. ``on_grad`` (autograd only) is a hook on each
       leaf: it gets each gradient as soon as the backward has produced it (data parallel's
       all-reduce, under way while the rest of the backward runs).
@@ -76,7 +76,7 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                 leaf.register_hook(on_grad)
         with torch.enable_grad():
             if torch.compiler.is_compiling():  # traced as is: recomputation is the graph's own
-                if any(sharding.is_dtensor(p) for p in params.values()):
+                if not version.at_least(2, 13) and any(map(sharding.is_dtensor, params.values())):
                     version.require(SHARDED_AUTOGRAD, 2, 13, SHARDED_AUTOGRAD_INSTEAD)
                 value, aux = compute(leaves)
                 grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
@@ -193,7 +193,8 @@ class SingleProcess:
         return params
 
     def recomputes(self, module: Any) -> bool:
-        """Whether the step's backward redoes the forward's cheap work (``fxtrain._torch.recompute``)
+        """Whether the step's backward redoes the forward's cheap work
+        (``fxtrain._torch.recompute``)
         instead of keeping it."""
         del module
         return True

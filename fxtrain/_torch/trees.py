@@ -7,7 +7,7 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
 classes into the class's own ``__eq__`` (a dataclass's, which fxtrain's states are), called
 unbound, and stops the trace ("failed to bind arguments when attempting to inline ...
 __eq__"). ``map_several`` flattens each tree on its own instead and compares the structures
-node by node, classes by identity; ``NEEDED`` while compiling on a torch before 2.13 (from 2.13
+node by node, classes by identity; ``needed()`` while compiling on a torch before 2.13 (from 2.13
 on torch's own ``tree_map`` traces).
 """
 

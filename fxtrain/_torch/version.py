@@ -12,13 +12,6 @@ import torch
 
 from .traced_errors import fail, raisable
 
-OLDEST = (2, 11)
-"""The oldest torch the suite has shown fxtrain works on (``pyproject.toml``'s lower bound)."""
-
-NEWEST = (2, 14)
-"""The newest torch release the suite passes on (the bound below the next is pyproject's)."""
-
-
 def release(version: str = torch.__version__) -> tuple[int, int, int]:
     """``"2.11.0+cu130"`` -> ``(2, 11, 0)``; a pre-release (``2.16.0a0+git...``) as its release."""
     match = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
