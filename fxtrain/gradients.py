@@ -50,7 +50,8 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       it runs the saved-tensor hooks that activation checkpointing needs (``fx.remat``,
       ``torch.utils.checkpoint``). Eager, ``compute`` runs inside ``fxtrain._held.holding()``,
       so a region rerun in the backward finds the step's tensors in the module. Same
-      gradients: an unused parameter's is zeros, the value and the aux come back detached. ``on_grad`` (autograd only) is a hook on each
+      gradients: an unused parameter's is zeros, the value and the aux come back detached.
+      ``on_grad`` (autograd only) is a hook on each
       leaf: it gets each gradient as soon as the backward has produced it (data parallel's
       all-reduce, under way while the rest of the backward runs).
 
