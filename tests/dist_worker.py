@@ -280,7 +280,11 @@ def sharded_saves(out, ckpt, restore_only="no"):
     rank = fx.distributed.rank()
     if restore_only == "yes":
         like = fx.shard(make().replace(data=data.init()))
-        latest = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)
+        try:
+            latest = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)
+        except fx.checkpoint.DamagedCheckpointError as e:  # every rank hears of it, at once
+            torch.save({"damaged": str(e)}, f"{out}/restored{rank}.pt")
+            return
         final = fx.checkpoint.restore(f"{out}/final", like=like)
         torch.save({"latest": fx.tree_digest(latest), "final": fx.tree_digest(final),
                     "local": tuple(latest.params["0.weight"].to_local().shape)},

@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,86 @@ def test_the_first_asynchronous_save_never_races_the_first_compile(tmp_path):
     done = subprocess.run([sys.executable, "-c", FIRST_SAVE_THEN_COMPILE, str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+
+
+UNREADABLE = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[2])
+import torch, fxtrain as fx
+from fxtrain.checkpoint import CheckpointManager, UnreadableCheckpointError
+from helpers import mlp, xent
+X = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
+Y = (X[:, 0] > 0).long()
+data = fx.data.Batches((X, Y), 16, seed=1)
+state = fx.TrainState.create(mlp((64, 128, 2)), fx.optim.adam(1e-3), seed=0)
+with CheckpointManager(sys.argv[1], async_save=False) as m:
+    try:
+        fx.fit(state, fx.make_train_step(xent), data, max_steps=15, checkpoint=m)
+    except UnreadableCheckpointError as e:
+        print(e)
+"""
+
+
+def unprivileged() -> list[str]:
+    """The command prefix that runs a child without the power to read any file (root reads
+    files whatever their mode): nothing for another user, setpriv to nobody for root."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: a file's mode cannot refuse a read")
+    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def test_an_unreadable_file_is_not_damage_the_run_stops_naming_it_and_nothing_moves(saved):
+    """Permissions are not damage: the checkpoint is not set aside, fit does not go back to
+    step 5, and the message names the file and the cause."""
+    import tempfile
+    run, _ = saved
+    home = Path(tempfile.mkdtemp(prefix="fxtrain-unreadable-"))
+    try:
+        home.chmod(0o777)
+        directory = home / "run"
+        shutil.copytree(run, directory)
+        for p in [directory, *directory.rglob("*")]:
+            p.chmod(0o777 if p.is_dir() else 0o666)
+        locked = data_files(directory / "10")[0]
+        locked.chmod(0)
+        before = sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+        done = subprocess.run(
+            [*unprivileged(), sys.executable, "-c", UNREADABLE, str(directory),
+             str(Path(__file__).parent)], capture_output=True, text=True, timeout=300,
+            env={**os.environ, "HOME": str(home), "TMPDIR": str(home)}, cwd=home)
+        assert done.returncode == 0, done.stderr[-3000:]
+        said = done.stdout
+        assert f"cannot read the checkpoint at {directory / '10'}" in said, said
+        assert str(locked) in said and "Permission denied" in said, said
+        assert "nothing was set aside or skipped" in said, said
+        assert sorted(str(p.relative_to(directory)) for p in directory.rglob("*")) == before
+    finally:
+        for p in home.rglob("*"):
+            p.chmod(0o700)
+        shutil.rmtree(home)
+
+
+def test_an_io_error_while_reading_arrays_stops_the_run_and_sets_nothing_aside(
+        saved, tmp_path, monkeypatch):
+    """EIO from the storage below orbax (a failing disk): the cause, not 'damaged', and no
+    fallback that would silently train from an older step."""
+    import errno
+    from fxtrain.checkpoint import UnreadableCheckpointError, store
+    run, _ = saved
+    directory = tmp_path / "run"
+    shutil.copytree(run, directory)
+
+    class Failing:
+        def restore(self, path, args):
+            raise OSError(errno.EIO, "Input/output error", str(path / "state"))
+
+    monkeypatch.setattr(store, "_checkpointer", Failing)
+    with pytest.raises(UnreadableCheckpointError, match=r"cannot read the checkpoint at .*10: "
+                                                        r"reading its arrays .*Input/output "
+                                                        r"error.*This is not damage"):
+        train(directory, 15)
+    assert sorted(p.name for p in directory.iterdir()) == ["10", "5"]

@@ -1,6 +1,8 @@
 """A sharded TrainState (fx.shard: DTensors on a DeviceMesh, FSDP-style) on 2 CPU processes
 (gloo); the scenarios are in tests/dist_worker.py."""
 
+import re
+
 import pytest
 import torch
 
@@ -89,6 +91,20 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]
     assert {r["latest"] for r in restored} == {r["final"] for r in restored} == {r0["digest"]}
     assert [r["local"] for r in restored] == [(9, 8), (8, 8)]  # 17 rows, resharded on load
+
+    # each rank checksummed the file it wrote; a flipped bit in rank 1's is named, whoever reads
+    table = fxtrain.checkpoint.store.read_meta(ckpt / "12")
+    assert sorted(table["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shard = ckpt / "12" / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 4
+    shard.write_bytes(bytes(data))
+    named = r"its shard file shards/__1_0\.distcp differ.*CRC-32 mismatch"
+    with pytest.raises(fx.checkpoint.DamagedCheckpointError, match=named):
+        fx.checkpoint.CheckpointManager(ckpt).restore(like=like, step=12)
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")  # on two ranks
+    for r in (0, 1):
+        assert re.search(named, torch.load(tmp_path / f"restored{r}.pt")["damaged"])
 
     wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
     with pytest.raises(fx.checkpoint.CheckpointMismatchError) as error:

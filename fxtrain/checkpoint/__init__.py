@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 # imported on first use, so that reading a directory's descriptions (``fxtrain inspect``) needs
 # neither torch nor orbax
 _NAMES = {"CheckpointMismatchError": "bridge", "CheckpointManager": "manager",
-          "DamagedCheckpointError": "layout", "restore": "manager", "save": "manager"}
+          "DamagedCheckpointError": "layout", "UnreadableCheckpointError": "layout",
+          "restore": "manager", "save": "manager"}
 
 
 def __getattr__(name: str):
@@ -27,8 +28,9 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers, IDEs and the API reference see: the names, eagerly
     from .bridge import CheckpointMismatchError
-    from .layout import DamagedCheckpointError
+    from .layout import DamagedCheckpointError, UnreadableCheckpointError
     from .manager import CheckpointManager, restore, save
 
 
-__all__ = ["CheckpointManager", "save", "restore", "CheckpointMismatchError"]
+__all__ = ["CheckpointManager", "save", "restore", "CheckpointMismatchError",
+           "DamagedCheckpointError", "UnreadableCheckpointError"]

@@ -21,9 +21,7 @@ import torch.utils._pytree as pytree
 from ..donation import check_live
 from ..sharding import is_dtensor, is_sharded
 from ..tree import path_str
-from .layout import python_leaf
-
-FORMAT = "fxtrain.checkpoint/1"
+from .layout import FORMAT, FORMATS, python_leaf
 
 # torch dtypes numpy lacks: stored as an integer view, typed with ml_dtypes on disk
 _VIEWED = {torch.bfloat16: (torch.int16, np.int16, "bfloat16"),
@@ -204,9 +202,9 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
     checkpoint; the rest come from ``like``. Callbacks in the checkpoint but not in ``like`` are
     dropped; those only in ``like`` keep its (initial) state.
     """
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in FORMATS:
         raise ValueError(f"not an fxtrain checkpoint (format {meta.get('format')!r}, "
-                         f"expected {FORMAT!r})")
+                         f"expected one of {', '.join(map(repr, FORMATS))})")
     flat, spec = pytree.tree_flatten_with_path(like)
     saved = {e["path"]: e for e in meta["leaves"]}
     names, ours = set(meta.get("callbacks", [])), set(callback_names(like))

@@ -10,7 +10,11 @@ description, which orbax's JSON handler writes as ``fxtrain/metadata``; a sharde
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -18,10 +22,28 @@ STATE, META = "state", "fxtrain"
 JSON_ITEM = "metadata"  # the file orbax's JsonCheckpointHandler writes in an item's directory
 TABLE = "fxtrain.json"  # a sharded checkpoint's description, written last
 
+# /1: descriptions without a checksum (fxtrain before 2026-11); /2: each description carries the
+# CRC-32 of its own JSON (SEAL), and a sharded one the CRC-32 of every file of its shards
+UNSEALED, FORMAT = "fxtrain.checkpoint/1", "fxtrain.checkpoint/2"
+FORMATS = (UNSEALED, FORMAT)
+SEAL = "description_crc32"
+
 
 class DamagedCheckpointError(ValueError):
     """A checkpoint on disk cannot be read back as it was written: a file is missing, truncated
     or altered. The message names the checkpoint and what failed."""
+
+
+class UnreadableCheckpointError(OSError):
+    """A checkpoint this process cannot read now (a file it may not open, an I/O error), which
+    says nothing about its contents: it is left as it is, and ``fit`` stops with the cause
+    instead of falling back to an older step."""
+
+# errors of the system, not of the bytes on disk: a checkpoint failing with one is not damaged
+_NOT_DAMAGE = {errno.EACCES, errno.EPERM, errno.EIO, errno.ENOMEM, errno.EMFILE, errno.ENFILE,
+               errno.EAGAIN, errno.ETIMEDOUT}
+_STORE_STATUS = ("PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+_OS_ERROR = re.compile(r"OS error (\d+)|\[Errno (\d+)\]")
 
 
 def _cause(error: BaseException) -> str:
@@ -35,9 +57,85 @@ def damage(path: Path, what: str) -> DamagedCheckpointError:
     return DamagedCheckpointError(f"the checkpoint at {path} is damaged: {what}")
 
 
+def _system_errno(error: BaseException | None) -> int | None:
+    """The errno of a system error (permissions, I/O) behind ``error``: Python's ``OSError``s
+    in its chain, or the status tensorstore and torch.distributed.checkpoint put in their
+    messages; None when nothing says the system failed rather than the bytes."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _NOT_DAMAGE:
+            return error.errno
+        text = str(error)
+        for match in _OS_ERROR.finditer(text):
+            number = int(match.group(1) or match.group(2))
+            if number in _NOT_DAMAGE:
+                return number
+        if "PERMISSION_DENIED: " in text:
+            return errno.EACCES
+        if text.startswith(_STORE_STATUS):
+            return errno.EIO
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def unreadable(path: Path, number: int, what: str) -> UnreadableCheckpointError:
+    return UnreadableCheckpointError(
+        number, f"cannot read the checkpoint at {path}: {what} ({os.strerror(number)}). This "
+                "is not damage, so nothing was set aside or skipped: make it readable (or fix "
+                "the disk) and run again")
+
+
 def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
-    """The error for a checkpoint at ``path`` whose ``what`` could not be read."""
+    """The error for a checkpoint at ``path`` whose ``what`` could not be read: an
+    ``UnreadableCheckpointError`` (raised here) when the system failed, not the bytes."""
+    number = _system_errno(error)
+    if number is not None:
+        raise unreadable(path, number, f"reading {what} failed ({type(error).__name__}: "
+                                       f"{_cause(error)})") from error
     return damage(path, f"reading {what} failed ({type(error).__name__}: {_cause(error)})")
+
+
+def check_readable(path: Path) -> None:
+    """Raises ``UnreadableCheckpointError`` naming the first file or folder under ``path``
+    this process may not open (before any read could mistake it for damage)."""
+    def refused(error: OSError) -> None:
+        if error.errno in _NOT_DAMAGE:
+            raise unreadable(path, error.errno, f"{error.filename} cannot be opened") from error
+        raise error
+
+    for root, dirs, files in os.walk(path, onerror=refused):
+        for name in files:
+            try:
+                os.close(os.open(os.path.join(root, name), os.O_RDONLY))
+            except FileNotFoundError:
+                continue  # gone meanwhile (a retention delete): the read names it if it matters
+            except OSError as e:
+                refused(e)
+
+
+def _canonical(meta: dict) -> bytes:
+    """The description as the checksum covers it: its JSON with sorted keys, without the seal."""
+    plain = json.loads(json.dumps({k: v for k, v in meta.items() if k != SEAL}))
+    return json.dumps(plain, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sealed(meta: dict) -> dict:
+    """``meta`` with the CRC-32 of its own JSON, so that an altered description is named as
+    damage (orbax's JSON item has no checksum of its own)."""
+    return {**meta, "format": FORMAT, SEAL: zlib.crc32(_canonical({**meta, "format": FORMAT}))}
+
+
+def check_seal(path: Path, meta: dict) -> None:
+    """Raises ``DamagedCheckpointError`` when ``meta`` differs from what was written."""
+    if SEAL not in meta:
+        if meta.get("format") != UNSEALED:  # a sealed format always carries its seal
+            raise damage(path, f"its description has no checksum (format "
+                               f"{meta.get('format')!r})")
+        return
+    if meta[SEAL] != zlib.crc32(_canonical(meta)):
+        raise damage(path, "its description (the fxtrain item) differs from what was saved "
+                           "(CRC-32 mismatch)")
 
 
 def is_sharded_checkpoint(path: Path) -> bool:
@@ -82,9 +180,10 @@ def read_meta(path: Path) -> dict:
             meta = json.load(f)
         if not isinstance(meta, dict) or "leaves" not in meta:
             raise ValueError(f"{file.name} is not an fxtrain description")
-        return meta
     except Exception as e:
         raise damaged(path, e, "its description (the fxtrain item)") from e
+    check_seal(path, meta)
+    return meta
 
 
 def python_leaf(entry: dict[str, Any]) -> Any:

@@ -161,8 +161,8 @@ class CheckpointManager:
     def _write(self, step: int, arrays: dict, meta: dict, ranking: dict | None) -> None:
         """Writes one checkpoint (orbax: a temporary name renamed into place) and flushes it."""
         try:
-            self._manager().save(step, args=store.composite(
-                arrays, store.with_checksums(arrays, meta)), metrics=ranking, force=True)
+            self._manager().save(step, args=store.composite(arrays, meta), metrics=ranking,
+                                 force=True)
         except Exception as e:
             if not store.is_checkpoint(self.directory / str(step)):
                 raise OSError(f"writing the checkpoint of step {step} in {self.directory} "

@@ -11,14 +11,21 @@ leaves nothing that looks finished.
 Reading needs no process group and restores onto any number of ranks: the template's DTensors
 take their own shards (resharded from however many ranks wrote them), its plain tensors the
 whole values.
+
+torch.distributed.checkpoint keeps no checksums, so the table records each file of ``shards/``
+with its size and CRC-32 (each rank checksums the files it wrote, rank 0 the shared
+``.metadata``), and every file is checked before anything is read from them: a flipped bit or a
+truncated shard is a ``DamagedCheckpointError`` naming the file, never other values.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,10 +35,12 @@ import torch
 
 from .. import distributed
 from .files import fsync_path
-from .layout import TABLE, is_sharded_checkpoint  # noqa: F401 (read by store)
+from .layout import TABLE, damage, damaged, is_sharded_checkpoint, sealed  # noqa: F401
 
 SHARDS, TMP = "shards", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
+_RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # the files rank N writes; others: rank 0's
+_CHUNK = 16 * 2**20  # bytes read at a time for a checksum
 
 
 def _alone() -> bool:
@@ -48,6 +57,63 @@ def _stored(value: Any) -> torch.Tensor:
     if isinstance(value, np.ndarray):
         return torch.from_numpy(value)
     return value.detach()
+
+
+def _file_crc(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _checksums(folder: Path) -> dict[str, list[int]]:
+    """``{name: [size, crc32]}`` of every file of ``folder`` (gathered from the ranks that wrote
+    them: each reads back its own files only)."""
+    def owner(name: str) -> int:
+        match = _RANK_FILE.fullmatch(name)
+        return int(match.group(1)) if match else 0
+
+    alone = _alone()
+    mine = {p.name: [p.stat().st_size, _file_crc(p)] for p in sorted(folder.iterdir())
+            if p.is_file() and (alone or owner(p.name) == distributed.rank())}
+    if alone:
+        return mine
+    return {name: v for part in distributed.all_gather(mine) for name, v in part.items()}
+
+
+def _check_files(path: Path, files: dict[str, list[int]]) -> str | None:
+    """What is wrong with the shard files of ``files`` (this rank's share of them under a
+    process group), or None."""
+    names = sorted(files)
+    if not _alone():
+        names = names[distributed.rank()::distributed.world_size()]
+    for name in names:
+        size, crc = files[name]
+        file = path / SHARDS / name
+        if not file.is_file():
+            return f"its shard file {SHARDS}/{name} is missing"
+        if file.stat().st_size != size:
+            return (f"its shard file {SHARDS}/{name} holds {file.stat().st_size} bytes, "
+                    f"{size} were written (truncated or altered)")
+        if _file_crc(file) != crc:
+            return (f"the bytes of its shard file {SHARDS}/{name} differ from what was written "
+                    "(CRC-32 mismatch)")
+    return None
+
+
+def verify_files(path: Path, meta: dict) -> None:
+    """Raises ``DamagedCheckpointError`` naming the first shard file whose size or checksum
+    differs from the table's (checkpoints written before checksums were kept pass). Under a
+    process group every rank calls it, checks a share of the files, and all raise together."""
+    files = meta.get("files")
+    if files is None:
+        return
+    problem = _check_files(path, files)
+    if not _alone():
+        problem = next((p for p in distributed.all_gather(problem) if p), None)
+    if problem:
+        raise damage(path, problem)
 
 
 def background_group() -> Any:
@@ -84,9 +150,10 @@ def write(path: Path, values: dict[str, Any], meta: dict,
         return OSError(f"writing the sharded checkpoint {path} failed (the older checkpoints "
                        f"are intact): {e}")
 
-    def done() -> None:
+    def done(files: dict[str, list[int]]) -> None:
         with open(tmp / TABLE, "w") as f:
-            json.dump({**meta, "storage": STORAGE, "world_size": distributed.world_size()}, f)
+            json.dump(sealed({**meta, "storage": STORAGE, "world_size": distributed.world_size(),
+                              "files": files}), f)
             f.flush()
             os.fsync(f.fileno())
         fsync_path(tmp / SHARDS)
@@ -104,7 +171,9 @@ def write(path: Path, values: dict[str, Any], meta: dict,
                      no_dist=_alone())
         except Exception as e:
             raise failed(e) from e
-        distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+        files = _checksums(tmp / SHARDS)
+        distributed.rank_zero_then_broadcast(lambda: done(files),
+                                             f"finish the sharded checkpoint {path}")
         return None
     snapshot = {k: _stored(v).clone() for k, v in values.items()}  # a donating step's next
     future = dcp.async_save(snapshot, storage_writer=writer,  # write can't reach these
@@ -115,7 +184,9 @@ def write(path: Path, values: dict[str, Any], meta: dict,
             future.result()
         except Exception as e:
             raise failed(e) from e
-        distributed.rank_zero_then_broadcast(done, f"finish the sharded checkpoint {path}")
+        files = _checksums(tmp / SHARDS)
+        distributed.rank_zero_then_broadcast(lambda: done(files),
+                                             f"finish the sharded checkpoint {path}")
 
     return complete
 
@@ -132,18 +203,21 @@ def _target(entry: dict, like: Any) -> torch.Tensor:
     return torch.empty(entry["shape"], dtype=dtype)
 
 
-def read(path: Path, entries: dict[str, dict], likes: dict[str, Any] | None = None
+def read(path: Path, meta: dict, keys: list[str], likes: dict[str, Any] | None = None
          ) -> dict[str, Any]:
-    """The leaves ``entries`` (key -> table entry) of the sharded checkpoint at ``path``.
+    """The leaves ``keys`` of the sharded checkpoint at ``path`` (``meta``: its table), once
+    its files are checked against their checksums.
 
     ``likes`` maps keys to template leaves: a DTensor there is read as its own shards. Without a
     process group every value is read whole; with one, every rank must call it.
     """
     import torch.distributed.checkpoint as dcp
+    verify_files(path, meta)
+    entries = {e["key"]: e for e in meta["leaves"] if e.get("key") in set(keys)}
     likes = likes or {}
     targets = {k: _target(e, likes.get(k)) for k, e in entries.items()}
     try:
         dcp.load(targets, checkpoint_id=path / SHARDS, no_dist=_alone())
-    except Exception as e:
-        raise ValueError(f"cannot read the sharded checkpoint {path}: {e}") from e
+    except (Exception, dcp.CheckpointException) as e:  # the latter is not an Exception
+        raise damaged(path, e, "its shards") from e
     return {k: t.numpy() if entries[k]["kind"] == "ndarray" else t for k, t in targets.items()}

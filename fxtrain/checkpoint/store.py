@@ -16,8 +16,9 @@ import torch
 
 from . import bridge, shards
 from .files import fsync_path
-from .layout import (META, STATE, DamagedCheckpointError, damage, damaged,  # noqa: F401
-                     describe_directory, is_checkpoint, read_meta, steps)
+from .layout import (META, STATE, DamagedCheckpointError, UnreadableCheckpointError,  # noqa: F401
+                     check_readable, damage, damaged, describe_directory, is_checkpoint,
+                     read_meta, sealed, steps)
 
 def _quiet_closed_loops() -> None:
     """After a failed read, tensorstore's other reads still finish and call back into the event
@@ -95,8 +96,7 @@ def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.n
     """The arrays ``keys`` of the checkpoint at ``path`` (``saved``: all the keys it holds);
     a sharded checkpoint's tensors come whole, as tensors."""
     if shards.is_sharded_checkpoint(path):
-        entries = {e["key"]: e for e in read_meta(path)["leaves"] if e.get("key") in keys}
-        return shards.read(path, entries)
+        return shards.read(path, read_meta(path), keys)
     ocp = orbax()
     as_numpy = ocp.RestoreArgs(restore_type=np.ndarray)
     partial = set(keys) != set(saved)
@@ -119,9 +119,10 @@ def meta_for(state: Any, arrays_meta: dict, metrics: dict | None, metadata: dict
 
 
 def composite(arrays: dict, meta: dict):
-    """orbax's save arguments for one checkpoint."""
+    """orbax's save arguments for one checkpoint: its arrays, and ``meta`` with their checksums,
+    sealed with its own."""
     ocp = orbax()
-    items = {META: ocp.args.JsonSave(meta)}
+    items = {META: ocp.args.JsonSave(sealed(with_checksums(arrays, meta)))}
     if arrays:  # orbax refuses an empty tree; a state of Python values only has no array item
         items[STATE] = ocp.args.PyTreeSave(arrays)
     return ocp.args.Composite(**items)
@@ -129,7 +130,7 @@ def composite(arrays: dict, meta: dict):
 
 def write(path: Path, arrays: dict, meta: dict) -> None:
     """Writes one checkpoint at ``path`` synchronously (into a temporary name, renamed last)."""
-    _checkpointer().save(path, args=composite(arrays, with_checksums(arrays, meta)))
+    _checkpointer().save(path, args=composite(arrays, meta))
     fsync_tree(path)
 
 
@@ -150,10 +151,10 @@ def restore_from(path: Path, like: Any, *, only=None, cast: bool = False) -> tup
     """Reads the checkpoint at ``path`` into a state shaped like ``like``."""
     meta = read_meta(path)
     p = bridge.plan(meta, like, only=only, cast=cast)
+    check_readable(path)
     if shards.is_sharded_checkpoint(path):  # each template DTensor reads its own shards
-        wanted = {e["key"]: (e, leaf) for _, leaf, e in p.sources if e is not None and "key" in e}
-        load = lambda keys: shards.read(  # noqa: E731
-            path, {k: wanted[k][0] for k in keys}, {k: wanted[k][1] for k in keys})
+        likes = {e["key"]: leaf for _, leaf, e in p.sources if e is not None and "key" in e}
+        load = lambda keys: shards.read(path, meta, keys, likes)  # noqa: E731
     else:
         def load(keys):
             arrays = read_arrays(path, keys, saved_keys(meta))
@@ -177,15 +178,15 @@ def read_all(path: Path) -> tuple[dict, dict[str, Any]]:
     """The description and every stored array (a sharded checkpoint's as whole tensors) of the
     checkpoint at ``path``, checked against the checksums and shapes it was saved with."""
     meta = read_meta(path)
+    check_readable(path)
     keys = saved_keys(meta)
+    if shards.is_sharded_checkpoint(path):
+        if not keys:
+            shards.verify_files(path, meta)
+            return meta, {}
+        return meta, shards.read(path, meta, keys)
     if not keys:
         return meta, {}
-    if shards.is_sharded_checkpoint(path):
-        entries = {e["key"]: e for e in meta["leaves"] if "key" in e}
-        try:
-            return meta, shards.read(path, entries)
-        except Exception as e:
-            raise damaged(path, e, "its shards") from e
     arrays = read_arrays(path, keys, keys)
     verify_arrays(path, arrays, meta)
     for e in meta["leaves"]:
