@@ -16,6 +16,15 @@ functions (your ``loss_fn`` and what it closes over) and of the model's ``forwar
 file that does not match is compiled again and replaced. Code outside those (a helper your
 ``forward`` calls from another module) is not covered: delete the file when you change it.
 
+The file is verified whole before any of it is used: its header line holds the format's number,
+a SHA-256 checksum and the length of the rest, and it is written beside the file, flushed to disk
+and renamed over it. A file that gives no step (damaged: truncated, a flipped bit; of another
+format; unreadable; a folder; not fxtrain's) is named in a warning with the cause, and the step is
+compiled again. The new file is saved over it only where fxtrain can tell the file is its own
+(damaged, empty, of another format), never over one it cannot read as its own. A folder that
+refuses the file is named in a warning too: the step compiled trains on, and the next process
+compiles it again.
+
 A call whose inputs the loaded step does not accept (a short last batch, another dtype) goes to
 ``torch.compile(train_step, fullgraph=True)`` instead, which compiles for it as usual.
 """
@@ -42,7 +51,10 @@ from ._unguarded import _signature
 from .step_spec import StepSpec, step_spec
 from .tree import first_leaf
 
-_MAGIC = b"fxtrain-precompiled-1\n"
+_MAGIC = b"fxtrain-precompiled-"  # a file begins so, then the number of its format
+_FORMAT = 2  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body
+_HEADER = re.compile(re.escape(_MAGIC) + b"%d" % _FORMAT
+                     + rb" sha256=([0-9a-f]{64}) bytes=([0-9]{1,15})\n")
 
 
 def _code_digest(code: types.CodeType, into: Any) -> None:
@@ -136,36 +148,93 @@ def _closure(train_step: Callable) -> dict[str, Any]:
             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if _has_contents(cell)}
 
 
-def _check_ours(path: Path) -> None:
-    """Refuses a ``path`` that holds something other than a step ``precompiled`` saved."""
-    if path.is_file():
-        with path.open("rb") as f:
-            if f.read(len(_MAGIC)) == _MAGIC:
-                return
-    raise ValueError(f"precompiled: {path} is not a file fxtrain.precompiled wrote; give "
-                     "another path (it is never overwritten)")
+class _Unusable(Exception):
+    """The file at a path gives no step: ``str`` is the warning ``fx.precompiled`` gives, naming
+    the file and the cause; ``replace``: whether the step compiled instead may be saved over it
+    (not over a file fxtrain cannot tell it wrote)."""
+
+    def __init__(self, path: Path, cause: str, replace: bool):
+        then = ("saved over it" if replace else "trains, but is not saved: fxtrain never "
+                "overwrites a file it cannot read as its own (give another path, or delete it)")
+        super().__init__(f"fx.precompiled: {path} {cause}; the step is compiled again, {then}")
+        self.replace = replace
+
+
+def _pack(key: str, body: bytes) -> bytes:
+    """A file's bytes: a header line (the format, the payload's SHA-256 and length), then the
+    payload: the key's line and the body (``aot.serialize``'s)."""
+    payload = key.encode() + b"\n" + body
+    digest = hashlib.sha256(payload).hexdigest()
+    return b"%s%d sha256=%s bytes=%d\n" % (_MAGIC, _FORMAT, digest.encode(), len(payload)) + payload
+
+
+def _unpack(path: Path, data: bytes) -> tuple[bytes, bytes]:
+    """The key and the body of the bytes ``data`` read from ``path``, verified whole (length and
+    checksum) before any of it is used; else raises ``_Unusable`` saying why."""
+    if not data.startswith(_MAGIC):
+        raise _Unusable(path, "is empty" if not data else "is not a file fxtrain.precompiled "
+                        "wrote", replace=not data)
+    version = re.match(rb"[0-9]{1,9}", data[len(_MAGIC):])
+    if version is not None and int(version[0]) != _FORMAT:  # 1: no length, no checksum
+        raise _Unusable(path, f"was written in fxtrain.precompiled's file format {int(version[0])} "
+                        f"(this fxtrain reads format {_FORMAT})", replace=True)
+    header = _HEADER.match(data)
+    if header is None:
+        raise _Unusable(path, "is damaged (its header is unreadable)", replace=True)
+    payload, length = data[header.end():], int(header[2])
+    if len(payload) != length:
+        size = "truncated" if len(payload) < length else "longer than its header says"
+        raise _Unusable(path, f"is damaged ({size}: {len(payload)} bytes after the header, "
+                        f"{length} written)", replace=True)
+    if hashlib.sha256(payload).hexdigest().encode() != header[1]:
+        raise _Unusable(path, "is damaged (its contents do not match its SHA-256 checksum)",
+                        replace=True)
+    key, _, body = payload.partition(b"\n")
+    return key, body
 
 
 def _read(path: Path, key: str, train_step: Callable) -> Any:
-    """The step saved at ``path`` when it was made for ``key``, else None."""
-    _check_ours(path)  # again: it may have changed since the step was made
-    header, _, body = path.read_bytes()[len(_MAGIC):].partition(b"\n")
-    if header.decode() != key:
+    """The step saved at ``path`` when it was made for ``key``, else None (none there, or made
+    for another key); raises ``_Unusable`` for a file that cannot give one (damaged, not
+    fxtrain's, unreadable, a folder, refused by torch's loader)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
         return None
-    return aot.load(body, getattr(train_step, "__globals__", None),  # the step's module
-                    _closure(train_step))
+    except IsADirectoryError as e:
+        raise _Unusable(path, "is a folder, not a file", replace=False) from e
+    except OSError as e:  # a file fxtrain may not read
+        raise _Unusable(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
+                        replace=False) from e
+    found, body = _unpack(path, data)
+    if found != key.encode():
+        return None
+    try:
+        return aot.load(body, getattr(train_step, "__globals__", None),  # the step's module
+                        _closure(train_step))
+    except Exception as e:  # a whole file torch cannot load here
+        raise _Unusable(path, f"cannot be loaded by torch ({type(e).__name__}: {e})",
+                        replace=True) from e
 
 
-def _write(path: Path, key: str, compiled: Any, train_step: Callable) -> None:
-    body = aot.serialize(compiled, _closure(train_step))
+def _write(path: Path, data: bytes) -> None:
+    """``data`` into ``path`` whole or not at all, on disk when it returns: written beside it,
+    flushed, renamed over it, the rename flushed."""
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(handle, "wb") as f:
-            f.write(_MAGIC + key.encode() + b"\n" + body)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)  # a reader never sees half a file
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 class Precompiled:
@@ -215,21 +284,45 @@ class Precompiled:
             return None, False
         options = {**compile_options(state), **(self.options or {})}
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
-        found = _read(self.path, key, self.train_step) if self.path.exists() else None
-        made = found
-        if made is None:
-            try:
-                made = aot.compile_ahead(self.train_step, (state, batch), self.kwargs, options)
-                _write(self.path, key, made, self.train_step)
-            except (*aot.errors(), TypeError) as e:
-                if isinstance(e, TypeError) and "torch.compile() package" not in str(e):
-                    raise  # not torch refusing to save (a class defined inside a function)
-                warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
-                              "compiled by torch.compile, and the next process compiles it "
-                              "again", stacklevel=3)
+        made, replace = None, True
+        try:
+            made = _read(self.path, key, self.train_step)
+        except _Unusable as e:
+            warnings.warn(str(e), stacklevel=3)
+            replace = e.replace
+        loaded = made is not None
+        if not loaded:
+            made, body = self._make(state, batch, options)
+            if made is None:
                 return None, False
+            if replace:
+                self._save(_pack(key, body))
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
-        return made, found is not None
+        return made, loaded
+
+    def _make(self, state: Any, batch: Any, options: dict) -> tuple[Any, bytes | None]:
+        """The step compiled ahead of time for these inputs and its saved bytes, or (None, None)
+        where torch cannot save it (warned: the step trains under torch.compile)."""
+        try:
+            made = aot.compile_ahead(self.train_step, (state, batch), self.kwargs, options)
+            return made, aot.serialize(made, _closure(self.train_step))
+        except (*aot.errors(), TypeError) as e:
+            if isinstance(e, TypeError) and "torch.compile() package" not in str(e):
+                raise  # not torch refusing to save (a class defined inside a function)
+            warnings.warn(f"fx.precompiled: torch cannot save this step ({e}); it runs "
+                          "compiled by torch.compile, and the next process compiles it "
+                          "again", stacklevel=4)
+            return None, None
+
+    def _save(self, data: bytes) -> None:
+        """``data`` into the step's file; a folder that refuses it is warned of, the step
+        trains on."""
+        try:
+            _write(self.path, data)
+        except OSError as e:
+            warnings.warn(f"fx.precompiled: the compiled step could not be saved to {self.path} "
+                          f"({type(e).__name__}: {e.strerror or e}); it trains on, and the next "
+                          "process compiles it again", stacklevel=4)
 
 
 def compile_options(state: Any) -> dict[str, Any]:
@@ -249,8 +342,9 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
 
     Args:
       train_step: what ``make_train_step`` returned (not yet compiled).
-      path: the file (its folder must exist). A file fxtrain did not write is refused, never
-        overwritten; a file made for other code or inputs is replaced.
+      path: the file (its folder must exist). A file made for other code or inputs is
+        replaced; one that gives no step (damaged, unreadable, not fxtrain's) is named in a
+        warning, and the step is compiled again (see the module).
       donate: for a step built with ``donate=None``: whether the step donates its state (the
         saved step is made for one choice; ``fx.fit`` reads it from the step's spec).
       options: Inductor options (``torch.compile(options=...)``), over the defaults for the
@@ -290,8 +384,6 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
     if not path.parent.is_dir():
         raise FileNotFoundError(f"precompiled: the folder {path.parent} does not exist; "
                                 "create it first")
-    if path.exists():
-        _check_ours(path)
     kwargs = {"donate": bool(donate)} if spec.takes_donate else {}
     spec = spec.replace(compiled=True, donate=bool(donate) if spec.takes_donate else spec.donate)
     if options is not None and not (isinstance(options, dict) and all(

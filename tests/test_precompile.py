@@ -1,10 +1,17 @@
 """fx.precompiled: a train step compiled ahead of time, saved, and loaded by the next process
 instead of traced and compiled again (the start-up issue's warm start)."""
 
+import errno
 import json
+import os
+import random
+import re
 import subprocess
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtrain as fx
+import fxtrain.precompile as precompile
+from fxtrain._torch import aot
 from fxtrain.precompile import compile_options
 
 CHILD = textwrap.dedent("""
@@ -87,20 +96,24 @@ def steps(step, state, batch, n=2):
     return state, metrics
 
 
+def child(tmp_path, path, mode, env=None):
+    """CHILD's result in a new process: ``mode`` "save" or "load" (fx.precompiled's step at
+    ``path``) or "reference" (torch.compile's); and what it wrote to stderr."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
+                          capture_output=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
 @pytest.mark.slow
 @SAVES
 def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step(tmp_path):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     path = tmp_path / "step.bin"
-
-    def child(mode):
-        done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
-                              capture_output=True, cwd=tmp_path, timeout=600)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return json.loads(done.stdout.strip().splitlines()[-1])
-
-    first, second, reference = child("save"), child("load"), child("reference")
+    first, second, reference = (child(tmp_path, path, mode)[0]
+                                for mode in ("save", "load", "reference"))
     assert (first["loaded"], second["loaded"]) == (False, True)
     # the same kernels on the same machine: the same bits as torch.compile of the step
     assert first["digest"] == second["digest"] == reference["digest"]
@@ -213,16 +226,10 @@ def test_a_donating_precompiled_step_gives_up_the_state_it_was_given(tmp_path):
     assert fx.tree_digest(new.params) == fx.tree_digest(want.params)
 
 
-def test_bad_inputs_are_refused_and_nothing_saved_is_overwritten(tmp_path):
-    state, batch = setup()
+def test_bad_arguments_are_refused(tmp_path):
     step = fx.make_train_step(loss_fn)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         fx.precompiled(step, tmp_path / "missing" / "step.bin")
-    foreign = tmp_path / "weights.bin"
-    foreign.write_bytes(b"not a step")
-    with pytest.raises(ValueError, match="not a file fxtrain.precompiled wrote"):
-        fx.precompiled(step, foreign)
-    assert foreign.read_bytes() == b"not a step"
     with pytest.raises(TypeError, match="not a compiled"):
         fx.precompiled(torch.compile(step), tmp_path / "step.bin")
     with pytest.raises(ValueError, match="donate=None"):
@@ -283,3 +290,207 @@ def test_before_torch_2_13_it_warns_and_trains_under_torch_compile_saving_nothin
     assert step.loaded is False and not path.exists()
     want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
     assert fx.tree_digest(got) == fx.tree_digest(want)
+
+
+# Damaged files (issue 46): a file that gives no step is named in a warning with the cause, the
+# step is compiled again and trains; the file is replaced only where fxtrain can tell it wrote it.
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A clean file of fx.precompiled, made once for the tests of damaged files: its bytes, its
+    key (the second line) and the digest of the state its step trained in 2 steps."""
+    path = tmp_path_factory.mktemp("clean") / "step.bin"
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    trained = steps(step, state, batch)[0]
+    data = path.read_bytes()
+    return SimpleNamespace(data=data, key=data.split(b"\n")[1].decode(),
+                           digest=fx.tree_digest(trained))
+
+
+def flip(data: bytes, at: int, bit: int) -> bytes:
+    flipped = bytearray(data)
+    flipped[at] ^= 1 << bit
+    return bytes(flipped)
+
+
+def in_a_kernel(data: bytes) -> bytes:
+    """The learning rate in the C++ source of the SGD update's kernel, 0.01 made 0.03 by one
+    bit: before issue 46 a process whose Inductor cache was cold compiled it and trained with it,
+    without a word."""
+    at = data.index(b"static_cast<float>(-0.01)") + len(b"static_cast<float>(-0.0")
+    return flip(data, at, 1)
+
+
+def lines(data: bytes, n: int) -> int:
+    """Where the ``n``-th line of ``data`` ends."""
+    end = 0
+    for _ in range(n):
+        end = data.index(b"\n", end) + 1
+    return end
+
+
+def garbage(n: int) -> bytes:
+    return random.Random(0).randbytes(n)
+
+
+PREVIOUS_FORMAT = b"fxtrain-precompiled-1\n"  # fxtrain's header before issue 46: then key, body
+DAMAGED = "is damaged (its contents do not match its SHA-256 checksum)"
+CHECKSUM = re.escape(DAMAGED)
+REPLACED, KEPT = "the step is compiled again, saved over it", (
+    "the step is compiled again, trains, but is not saved: fxtrain never overwrites a file it "
+    "cannot read as its own (give another path, or delete it)")
+DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, what is done)
+    "a_bit_in_a_kernel": (in_a_kernel, CHECKSUM, REPLACED),
+    "truncated": (lambda d: d[:len(d) // 2],
+                  r"is damaged \(truncated: \d+ bytes after the header, \d+ written\)", REPLACED),
+    "empty": (lambda d: b"", "is empty", REPLACED),
+    "garbage_body": (lambda d: d[:lines(d, 2)] + garbage(len(d) - lines(d, 2)), CHECKSUM,
+                     REPLACED),
+    "garbage": (lambda d: garbage(4096), "is not a file fxtrain.precompiled wrote", KEPT),
+    "previous_format": (lambda d: PREVIOUS_FORMAT + d[lines(d, 1):],
+                        r"was written in fxtrain.precompiled's file format 1 \(this fxtrain "
+                        r"reads format 2\)", REPLACED),
+    "folder": (None, "is a folder, not a file", KEPT),
+    "unreadable": (None, r"cannot be read \(PermissionError: Permission denied\)", KEPT),
+}
+
+
+def contents(folder: Path) -> dict:
+    """Every path under ``folder`` and its bytes (None for a folder)."""
+    return {p: None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def put(damage: str, path: Path, data: bytes) -> None:
+    """``DAMAGES[damage]`` at ``path``, made from the clean file's ``data``."""
+    make = DAMAGES[damage][0]
+    if damage == "folder":
+        path.mkdir()
+        (path / "inside.txt").write_text("kept")
+    else:
+        path.write_bytes(data if damage == "unreadable" else make(data))
+
+
+def unreadable(path: Path, monkeypatch) -> None:
+    """``path`` made a file nobody may read; as root, who reads it anyway, its read refused as
+    the OS refuses it to others."""
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real = Path.read_bytes
+
+        def refused(self):
+            if self == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refused)
+
+
+def precompiled_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("fx.precompiled")]
+
+
+@SAVES
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_file_that_gives_no_step_is_named_and_the_step_compiled_again(damage, saved, tmp_path,
+                                                                        monkeypatch):
+    """Each damaged file: one warning naming it and the cause, the step compiled again and
+    trained to the clean run's bits; the file replaced by one that loads where fxtrain wrote it,
+    else left as it was."""
+    path = tmp_path / "step.bin"
+    put(damage, path, saved.data)
+    before = contents(tmp_path)
+    if damage == "unreadable":
+        unreadable(path, monkeypatch)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    with pytest.warns(UserWarning) as caught:
+        trained = steps(step, state, batch)[0]
+    if damage == "unreadable":
+        monkeypatch.undo()
+        path.chmod(0o600)
+    _, cause, then = DAMAGES[damage]
+    warned = precompiled_warnings(caught)
+    assert len(warned) == 1 and re.fullmatch(
+        re.escape(f"fx.precompiled: {path} ") + cause + re.escape(f"; {then}"), warned[0]), warned
+    assert step.loaded is False and step._fallback is None  # the step compiled ahead trains
+    assert fx.tree_digest(trained) == saved.digest
+    if then == REPLACED:
+        assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
+    else:
+        assert contents(tmp_path) == before
+
+
+@SAVES
+def test_one_flipped_bit_anywhere_in_the_file_is_named_before_anything_is_loaded(saved, tmp_path,
+                                                                                 monkeypatch):
+    """One bit flipped at every byte of the header and key lines and at a spread of positions
+    over the body (about 1500 in all): each file is refused, naming it, before torch's loader
+    sees a byte of it (the whole file's checksum is verified first)."""
+    def never(*args, **kwargs):
+        raise AssertionError("a damaged file reached torch's loader")
+
+    monkeypatch.setattr(aot, "load", never)
+    path, data = tmp_path / "step.bin", saved.data
+    positions = sorted({*range(lines(data, 2)), *range(lines(data, 2), len(data), 797),
+                        len(data) - 1})
+    unnamed = []
+    for at in positions:
+        path.write_bytes(flip(data, at, at % 8))
+        try:
+            precompile._read(path, saved.key, fx.make_train_step(loss_fn))
+            unnamed.append(at)
+        except precompile._Unusable as e:
+            if not str(e).startswith(f"fx.precompiled: {path} "):
+                unnamed.append(at)
+    assert unnamed == [] and len(positions) > 1000
+
+
+@SAVES
+def test_a_folder_that_refuses_the_file_is_named_and_the_step_trains_on(saved, tmp_path,
+                                                                        monkeypatch):
+    """A read-only folder: the step compiled ahead of time trains on (not compiled again by
+    torch.compile), a warning names the file and the cause, nothing is left in the folder. As
+    root, who writes anyway, the folder refuses the new file as the OS refuses it to others."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "step.bin"
+    if os.geteuid() == 0:
+        real = tempfile.mkstemp
+
+        def refused(*args, **kwargs):
+            if kwargs.get("dir") is not None and Path(kwargs["dir"]) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    folder.chmod(0o555)
+    try:
+        with pytest.warns(UserWarning) as caught:
+            trained = steps(step, state, batch)[0]
+    finally:
+        folder.chmod(0o755)
+    assert precompiled_warnings(caught) == [
+        f"fx.precompiled: the compiled step could not be saved to {path} (PermissionError: "
+        f"Permission denied); it trains on, and the next process compiles it again"]
+    assert step.loaded is False and step._made is not None and step._fallback is None
+    assert fx.tree_digest(trained) == saved.digest
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+@SAVES
+def test_a_bit_flipped_in_a_kernel_is_named_where_a_cold_inductor_cache_would_compile_it(
+        tmp_path):
+    """Before issue 46 a process whose Inductor cache was cold compiled the flipped source of
+    the saved kernel and trained with it (another loss, no warning); now the file is named, the
+    step compiled again, and it trains the clean run's bits."""
+    path = tmp_path / "step.bin"
+    clean = child(tmp_path, path, "save")[0]
+    path.write_bytes(in_a_kernel(path.read_bytes()))
+    cold = {"TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cold-inductor-cache")}
+    flipped, stderr = child(tmp_path, path, "load", cold)
+    assert f"fx.precompiled: {path} {DAMAGED}; {REPLACED}" in stderr
+    assert flipped["loaded"] is False and flipped["digest"] == clean["digest"]
