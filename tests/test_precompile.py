@@ -415,10 +415,33 @@ def test_a_file_that_gives_no_step_is_named_and_the_step_compiled_again(damage, 
         re.escape(f"fx.precompiled: {path} ") + cause + re.escape(f"; {then}"), warned[0]), warned
     assert step.loaded is False and step._fallback is None  # the step compiled ahead trains
     assert fx.tree_digest(trained) == saved.digest
-    if then == REPLACED:
+    if then == REPLACED:  # by a whole file, nothing beside it
+        assert [p.name for p in tmp_path.iterdir()] == ["step.bin"]
         assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
     else:
         assert contents(tmp_path) == before
+
+
+@SAVES
+def test_a_whole_file_torch_cannot_load_is_named_and_replaced(saved, tmp_path, monkeypatch):
+    """A file whose checksum holds but which torch's loader refuses in this process (here made
+    to): named with torch's error, the step compiled again and saved over it."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("no such step here")
+
+    path = tmp_path / "step.bin"
+    path.write_bytes(saved.data)
+    monkeypatch.setattr(aot, "load", refused)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    with pytest.warns(UserWarning) as caught:
+        trained = steps(step, state, batch)[0]
+    assert precompiled_warnings(caught) == [
+        f"fx.precompiled: {path} cannot be loaded by torch (RuntimeError: no such step here); "
+        f"{REPLACED}"]
+    assert step.loaded is False and fx.tree_digest(trained) == saved.digest
+    monkeypatch.undo()
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
 
 
 @SAVES
