@@ -194,6 +194,23 @@ def _leaf_problem(path: str, leaf: Any, entry: dict, cast: bool) -> str | None:
     return None
 
 
+def _optional(tree: Any, keypath: tuple) -> bool:
+    """Whether the leaf at ``keypath`` is a dataclass field declared with
+    ``metadata={"optional_in_checkpoints": True}``: one added after checkpoints were written
+    without it, which restore with the template's value."""
+    parent = tree
+    for key in keypath[:-1]:
+        get = getattr(key, "get", None)  # torch's GetAttrKey, MappingKey, SequenceKey
+        if get is None:
+            return False
+        parent = get(parent)
+    name = getattr(keypath[-1], "name", None) if keypath else None
+    if not dataclasses.is_dataclass(parent) or name is None:
+        return False
+    field = {f.name: f for f in dataclasses.fields(parent)}.get(name)
+    return field is not None and field.metadata.get("optional_in_checkpoints", False)
+
+
 def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
          cast: bool = False) -> Plan:
     """Matches the checkpoint's leaves to ``like``'s by path; raises listing every difference.
@@ -231,7 +248,10 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
         if not taken(keypath, leaf):
             sources.append((path, leaf, None))
         elif path not in saved:
-            problems.append(f"  missing from the checkpoint: {path}")
+            if _optional(like, keypath):  # a field newer than the checkpoint: the template's
+                sources.append((path, leaf, None))
+            else:
+                problems.append(f"  missing from the checkpoint: {path}")
         else:
             used.add(path)
             problem = _leaf_problem(path, leaf, saved[path], cast)
