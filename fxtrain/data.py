@@ -1,10 +1,12 @@
 """``Batches``: a seedable, checkpointable stream of batches whose position lives in the state.
 
-The position is ``DataPosition(epoch, index)``, two 0-d int64 CPU tensors kept in
-``state.data``. They are tensors, not Python ints, so passing the state through a compiled step
-never recompiles; they live on the CPU, so reading them never syncs with an accelerator. Epoch
-``e`` visits the examples in ``randperm(n)`` drawn from a generator seeded with (seed, e), so a
-run resumed at any position yields exactly the batches an uninterrupted run would have.
+The position is ``DataPosition(epoch, index, batch)``, three 0-d int64 CPU tensors kept in
+``state.data``: ``index`` batches of ``batch`` examples into ``epoch``. They are tensors, not
+Python ints, so passing the state through a compiled step never recompiles; they live on the CPU,
+so reading them never syncs with an accelerator. Epoch ``e`` visits the examples in
+``randperm(n)`` drawn from a generator seeded with (seed, e), so a run resumed at any position
+yields exactly the batches an uninterrupted run would have; resumed with another batch size or
+number of processes, it goes on from the same example of the epoch (see ``Batches``).
 
 Examples:
     >>> x, y = torch.arange(10.0).unsqueeze(1), torch.arange(10)
@@ -21,6 +23,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
@@ -37,16 +40,26 @@ __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "Loade
 
 @struct.dataclass
 class DataPosition:
-    """Where a ``Batches`` stream stands: ``epoch`` and the ``index`` of the next batch in it.
+    """Where a stream stands: its ``epoch``, and ``index`` batches of ``batch`` examples into it.
+
+    ``batch`` is the global batch size (examples over all ranks) that ``index`` counts, so the
+    position names an example of the epoch's order, ``index * batch``, whatever the layout that
+    wrote it: a ``Batches`` stream of another batch size or number of processes continues from
+    that example. 0: the global batch of the stream that reads it (a position made by hand, or
+    one a checkpoint kept before fxtrain recorded the batch). ``IterableStream`` counts the
+    iterable's batches in ``index`` and leaves ``batch`` 0.
 
     Examples:
         >>> position = fx.data.Batches(torch.arange(6), 2).init()
         >>> position
-        DataPosition(epoch=tensor(0), index=tensor(0))
+        DataPosition(epoch=tensor(0), index=tensor(0), batch=tensor(0))
     """
 
     epoch: torch.Tensor
     index: torch.Tensor
+    # a checkpoint written before this field restores with the template's (0): see the bridge
+    batch: torch.Tensor = struct.field(default_factory=lambda: _UNRECORDED,
+                                       metadata={"optional_in_checkpoints": True})
 
     @classmethod
     def start(cls) -> DataPosition:
@@ -89,6 +102,9 @@ def _tensor_source(data: Any, device: torch.device | None) -> tuple[int, Take] |
 
 
 _INDICES: list[torch.Tensor] = []  # the index tensors made so far, shared by every position
+# ``batch`` of the positions that do not record it: its own tensor, never an index's (a compiled
+# step given one tensor in two leaves of its input would compile again for the aliasing)
+_UNRECORDED = torch.zeros((), dtype=torch.int64)
 
 
 def _index_tensor(index: int) -> torch.Tensor:
@@ -159,10 +175,24 @@ class Batches:
         size when torch.distributed is initialized; False: every rank reads everything.
         ``batch_size`` is per rank. Without ``drop_last`` the last global batch of an epoch may
         leave some ranks a short or empty batch (fine for evaluation, which weighs by size).
+        Resuming on another layout (another ``batch_size`` or number of processes) is exact: see
+        below.
       device: where the batches come out (for a loop of your own; ``fit`` moves batches to the
         state's device anyway). Tensor data up to 256 MiB moves there once, at construction;
         other batches are copied one by one (page-locked first for a GPU). The position stays
         on the CPU.
+
+    Resuming on another layout: a position records how many examples of its epoch's order are
+    behind it (``index * batch``, ``batch`` being the global batch size of the stream that made
+    it), and a stream of any batch size and number of processes goes on from that example. The
+    rest of that epoch is cut into this stream's global batches from there, so its batches may
+    start off the multiples of the global batch that an epoch begun here would have; the last is
+    short, or with ``drop_last`` left out when short, as at the end of any epoch (with
+    ``drop_last`` and fewer examples left than a global batch, that epoch is over: ``next`` gives
+    the next epoch's first batch and says an epoch ended). Across the ranks every example of the
+    epoch is seen once (but for the ``drop_last`` end), in the epoch's order, and the epochs after
+    it are this stream's own. A position with ``batch`` 0 (made by hand, or from a checkpoint
+    older than that leaf) counts in this stream's global batch.
 
     Examples:
         >>> data = fx.data.Batches({"x": torch.arange(5)}, batch_size=2, shuffle=False,
@@ -174,6 +204,13 @@ class Batches:
         tensor([4, 1, 0, 3, 2, 5])
         >>> shuffled.order(0).equal(fx.data.Batches(torch.arange(6), 3, seed=1).order(0))
         True
+        >>> two = fx.data.Batches(torch.arange(10), batch_size=2, shuffle=False, shard=(0, 2))
+        >>> _, position, _ = two.next(two.init())  # examples 0-3 over both ranks
+        >>> position  # one global batch of 4 behind it
+        DataPosition(epoch=tensor(0), index=tensor(1), batch=tensor(4))
+        >>> one = fx.data.Batches(torch.arange(10), batch_size=3, shuffle=False, drop_last=False)
+        >>> [one.next(position)[0].tolist(), one.next(one.next(position)[1])[0].tolist()]
+        [[4, 5, 6], [7, 8, 9]]
     """
 
     def __init__(self, data: Any, batch_size: int, *, shuffle: bool = True, seed: int = 0,
@@ -190,6 +227,8 @@ class Batches:
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.repeats = True  # epochs follow one another until the loop stops
+        self._global = batch_size * self.world_size  # examples per step over all ranks
+        self._units: dict[int, torch.Tensor] = {}  # the ``batch`` tensors of its positions
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
         if len(self) == 0:
@@ -215,10 +254,10 @@ class Batches:
 
     def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
         """The batch at ``position``, the position after it, and whether it ended an epoch."""
-        epoch, index = self._where(position)
-        start = (index * self.world_size + self.rank) * self.batch_size
+        epoch, offset, rolled = self._where(position)
+        start = offset + self.rank * self.batch_size
         batch = self._slice(epoch, start, min(start + self.batch_size, self.size))
-        return (batch, *self._after(epoch, index, 1))
+        return (batch, *self._after(epoch, offset + self._global, rolled))
 
     def next_stacked(self, position: DataPosition, k: int) -> tuple[Any, DataPosition, bool] | None:
         """The ``k`` batches from ``position`` stacked along a new first dimension, taken at
@@ -235,27 +274,47 @@ class Batches:
             >>> data.next_stacked(position, 3)[0].tolist(), data.next_stacked(position, 4)
             ([[6, 7], [8, 9], [10, 11]], None)
         """
-        epoch, index = self._where(position)
-        size = self.batch_size
-        if not self._columns or self.world_size > 1 or index + k > len(self) or \
-                (index + k) * size > self.size:
+        epoch, offset, rolled = self._where(position)
+        end = offset + k * self.batch_size
+        if not self._columns or self.world_size > 1 or end > self.size:
             return None
-        batch = self._slice(epoch, index * size, (index + k) * size, stacked=k)
-        return (batch, *self._after(epoch, index, k))
+        batch = self._slice(epoch, offset, end, stacked=k)
+        return (batch, *self._after(epoch, end, rolled))
 
-    def _where(self, position: DataPosition) -> tuple[int, int]:
-        """``position``'s epoch and index as ints (read only for a position made elsewhere)."""
+    def _where(self, position: DataPosition) -> tuple[int, int, bool]:
+        """``position``'s epoch and example offset as ints (read only for a position made
+        elsewhere), and whether that epoch has no batch left here (then: the next epoch's
+        start)."""
         if not isinstance(position, DataPosition):
             raise TypeError(f"Batches.next needs a DataPosition (state.data), got "
                             f"{type(position).__name__}; start with state.replace(data=batches.init())")
         if self._last is not None and position is self._last[0]:
-            epoch, index = self._last[1:]  # the position this stream made: no tensor reads
+            epoch, offset = self._last[1:]  # the position this stream made: no tensor reads
         else:
-            epoch, index = int(position.epoch), int(position.index)
-        if not 0 <= index < len(self):
+            epoch, offset = self._read(position)
+        if self._ended(offset):  # drop_last, and a larger global batch than the one that wrote it
+            return epoch + 1, 0, True
+        return epoch, offset, False
+
+    def _read(self, position: DataPosition) -> tuple[int, int]:
+        """The epoch and example offset a position made elsewhere names, checked."""
+        epoch, index, unit = int(position.epoch), int(position.index), int(position.batch)
+        if not unit and not 0 <= index < len(self):
             raise ValueError(f"Batches: position index {index} is outside this stream's "
                              f"{len(self)} batches per epoch (was the data or batch size changed?)")
-        return epoch, index
+        if index < 0 or unit < 0 or index * unit >= self.size:
+            raise ValueError(f"Batches: position index {index} in batches of {unit} is "
+                             f"{index * unit} examples into an epoch of this stream's {self.size} "
+                             "(was the data changed?)")
+        if unit and unit != self._global:
+            logging.getLogger("fxtrain").info(
+                "resuming epoch %d at example %d of its order (counted in batches of %d; this "
+                "stream's global batch is %d)", epoch, index * unit, unit, self._global)
+        return epoch, index * (unit or self._global)
+
+    def _ended(self, offset: int) -> bool:
+        """Whether an epoch has no batch left after ``offset`` examples."""
+        return self.size - offset < (self._global if self.drop_last else 1)
 
     def _slice(self, epoch: int, start: int, end: int, stacked: int = 0) -> Any:
         """Examples ``start:end`` of ``epoch``'s order, on the device; ``stacked``: as that many
@@ -270,20 +329,30 @@ class Batches:
             batch = to_device(batch, self.device, pin=True)
         return batch
 
-    def _after(self, epoch: int, index: int, taken: int) -> tuple[DataPosition, bool]:
-        """The position ``taken`` batches after (epoch, index), and whether the epoch ended."""
-        done = index + taken == len(self)
+    def _after(self, epoch: int, end: int, rolled: bool) -> tuple[DataPosition, bool]:
+        """The position once ``end`` examples of ``epoch`` are taken, and whether an epoch ended
+        (``rolled``: the one before ``epoch``, which had no batch left)."""
+        end = min(end, self.size)
+        done = not rolled and self._ended(end)  # else the next call rolls over
         if done:
-            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0))
-        else:
-            new = DataPosition(self._epoch[1], _index_tensor(index + taken))
-        self._last = (new, epoch + done, 0 if done else index + taken)
-        return new, done
+            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0),
+                               self._unit(self._global))
+        else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
+            unit = math.gcd(end, self._global)
+            new = DataPosition(self._epoch[1], _index_tensor(end // unit), self._unit(unit))
+        self._last = (new, epoch + done, 0 if done else end)
+        return new, done or rolled
+
+    def _unit(self, examples: int) -> torch.Tensor:
+        """The ``batch`` tensor of ``examples``: one per value, never an index tensor."""
+        if examples not in self._units:
+            self._units[examples] = torch.tensor(examples, dtype=torch.int64)
+        return self._units[examples]
 
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            _index_tensor(0))
+                            _index_tensor(0), self._unit(self._global))
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -302,8 +371,12 @@ class IterableStream:
     The position is a ``DataPosition``: each epoch is one pass over ``iter(data)``. Resuming at
     index ``i`` opens a new pass and skips ``i`` batches, which is exact only when the iterable
     yields the same batches on every pass (no unseeded shuffling); prefer ``Batches``, or a
-    ``StatefulDataLoader``, for exact resume. A one-shot iterator ends training when it is
-    exhausted.
+    ``StatefulDataLoader``, for exact resume. Its batches are whatever the iterable yields, so
+    the position cannot say which examples they held: resumed with another batch size or number
+    of processes (a loader's ``DistributedSampler`` splits the epoch by the number of ranks), the
+    ``i`` batches skipped are other examples, and nothing can tell; resume such data on the
+    layout that wrote the checkpoint, or use ``Batches``. A one-shot iterator ends training when
+    it is exhausted.
     """
 
     def __init__(self, data: Iterable):
@@ -371,7 +444,9 @@ class LoaderStream:
     """torchdata's ``StatefulDataLoader``, with its ``state_dict()`` kept in ``state.data``.
 
     Exact within an epoch; across epochs as exact as the loader's sampler is (a shuffling
-    sampler needs a seeded ``generator``).
+    sampler needs a seeded ``generator``). Resumed with another batch size or number of
+    processes, the loader's own ``load_state_dict`` decides what it yields; fxtrain does not
+    translate its state.
     """
 
     def __init__(self, loader: Any):
