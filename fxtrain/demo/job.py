@@ -27,6 +27,7 @@ from ..loop import Interrupted, fit
 from ..state import TrainState
 from ..step import make_eval_step, make_train_step
 from ..tree import tree_digest
+from ..workdir import WorkdirLocked, held
 from . import figures
 from .tasks import MODELS, Task, make_task, native_bf16
 
@@ -102,9 +103,7 @@ def _check_task(config: DemoConfig, task: Task) -> None:
 
 def _manager(config: DemoConfig, task: Task) -> CheckpointManager:
     """The workdir's checkpoints; refuses to mix two runs in one workdir."""
-    workdir = Path(config.workdir)
-    if workdir.exists() and not workdir.is_dir():
-        raise DemoError(f"--workdir {workdir} is a file, not a directory")
+    workdir = Path(config.workdir)  # a directory: held() refused a file
     run = {k: getattr(config, k) for k in RUN_FLAGS}
     logs = [name for name in ("metrics.jsonl", "tensorboard") if (workdir / name).exists()]
     manager = CheckpointManager(workdir / "checkpoints", keep_latest=2, keep_best=config.keep_best,
@@ -243,13 +242,15 @@ def _run_demo(config: DemoConfig) -> int:
     task = make_task(config.model, config.seed)
     chosen, config = config.precision, config.resolved(task)
     _check_task(config, task)
+    with held(config.workdir):  # one run per workdir (workdir/.fxtrain.lock names it)
+        return _locked(config, task, chosen, start)
+
+
+def _locked(config: DemoConfig, task: Task, chosen: str | None, start: float) -> int:
+    """The demo in its workdir, which this process holds."""
     manager = _manager(config, task)
     distributed.barrier()  # every rank has looked at the workdir before rank 0 writes logs in it
-    workdir = Path(config.workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DemoError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
+    workdir = Path(config.workdir)  # made by held()
     _say(f"fxtrain demo: {task.description}; {config.steps} steps of {config.batch_size}"
          + (f" per process on {distributed.world_size()}" if distributed.world_size() > 1 else "")
          + ("" if config.precision == "32" else f", precision {config.precision}"))
@@ -302,9 +303,10 @@ def _flags(config: DemoConfig) -> str:
 
 
 def main(config: DemoConfig) -> int:
-    """``run_demo`` with a ``DemoError`` printed as one line (exit status 2)."""
+    """``run_demo`` with a ``DemoError`` (or a workdir another run holds) printed as one line
+    (exit status 2)."""
     try:
         return run_demo(config)
-    except DemoError as e:
+    except (DemoError, WorkdirLocked) as e:
         print(f"fxtrain demo: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,157 @@
+"""One owner per workdir (``fxtrain.workdir``): the lock file names its owner, a live owner or
+one on another host is refused, a dead owner's lock is taken over with a warning, and the lock
+goes when the run ends, by an exception too. Several processes racing for one lock (a fresh
+one, or a stale one) leave exactly one owner."""
+
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from fxtrain.workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been waited for)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def write_lock(workdir: Path, **owner) -> Path:
+    workdir.mkdir(parents=True, exist_ok=True)
+    owner = {"pid": os.getppid(), "host": socket.gethostname(),
+             "started": "2999-01-01T00:00:00+00:00", "command": "fxtrain train old.yaml", **owner}
+    (workdir / LOCK_NAME).write_text(json.dumps(owner))
+    return workdir / LOCK_NAME
+
+
+def test_the_lock_names_its_owner_and_goes_with_the_folders_it_made(tmp_path):
+    lock = acquire(tmp_path / "a" / "b", "fxtrain train run.yaml")
+    owner = json.loads(lock.path.read_text())
+    assert owner["pid"] == os.getpid() and owner["host"] == socket.gethostname()
+    assert owner["command"] == "fxtrain train run.yaml" and owner["started"]
+    release(lock)
+    assert list(tmp_path.iterdir()) == []  # a/ and a/b/ were made for the lock: removed
+
+
+def test_a_live_owner_is_refused_with_its_pid_host_and_the_lock_path(tmp_path):
+    path = write_lock(tmp_path)  # our parent process: alive, on this host
+    before = path.read_bytes()
+    with pytest.raises(WorkdirLocked) as refused:
+        acquire(tmp_path)
+    message = str(refused.value)
+    assert f"pid {os.getppid()} on host {socket.gethostname()}" in message
+    assert "fxtrain train old.yaml" in message and str(path) in message
+    assert "give another workdir" in message and "Nothing was changed" in message
+    assert path.read_bytes() == before
+
+
+def test_another_hosts_lock_is_refused_saying_it_cannot_be_checked(tmp_path):
+    path = write_lock(tmp_path, pid=dead_pid(), host="elsewhere.example")
+    with pytest.raises(WorkdirLocked, match="on host elsewhere.example") as refused:
+        acquire(tmp_path)
+    assert "cannot check another host" in str(refused.value) and str(path) in str(refused.value)
+
+
+def test_a_dead_owners_lock_is_taken_over_with_a_warning(tmp_path):
+    pid = dead_pid()
+    write_lock(tmp_path, pid=pid)
+    with pytest.warns(RuntimeWarning, match=f"took over the lock .* of fxtrain train old.yaml "
+                                            f"\\(pid {pid} on host"):
+        lock = acquire(tmp_path, "new run")
+    assert json.loads(lock.path.read_text())["command"] == "new run"
+    release(lock)
+    assert not lock.path.exists() and tmp_path.exists()  # the workdir was there: kept
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_pid_reused_by_a_later_process_is_a_dead_owner(tmp_path):
+    write_lock(tmp_path, started="2001-01-01T00:00:00+00:00")  # our parent started later
+    with pytest.warns(RuntimeWarning, match="is now another process, started later"):
+        release(acquire(tmp_path))
+
+
+def test_an_unreadable_lock_is_refused_saying_what_to_do(tmp_path):
+    (tmp_path / LOCK_NAME).write_text("")  # a process died between creating and writing it
+    with pytest.raises(WorkdirLocked, match="cannot be read.*delete"):
+        acquire(tmp_path)
+
+
+def test_release_leaves_a_lock_that_is_not_its_own(tmp_path):
+    lock = acquire(tmp_path)
+    path = write_lock(tmp_path, command="someone else")  # e.g. a takeover after a long pause
+    release(lock)
+    assert json.loads(path.read_text())["command"] == "someone else"
+
+
+def test_held_releases_on_an_exception(tmp_path):
+    with pytest.raises(ZeroDivisionError), held(tmp_path / "w") as lock:
+        assert lock.path.exists()
+        1 / 0
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_takeover_under_way_is_left_to_the_process_doing_it(tmp_path):
+    path = write_lock(tmp_path, pid=dead_pid())
+    stale = path.read_bytes()
+    guard = path.with_name(f"{LOCK_NAME}.{hashlib.sha256(stale).hexdigest()[:16]}.takeover")
+    guard.write_text("")
+    assert not _take_over(path, stale) and path.read_bytes() == stale
+    guard.unlink()
+    assert _take_over(path, stale) and not path.exists()
+
+
+RACER = textwrap.dedent("""
+    import sys, time, warnings
+    from fxtrain.workdir import WorkdirLocked, acquire, release
+    warnings.simplefilter("ignore")
+    while time.time() < float(sys.argv[2]):  # start together
+        pass
+    try:
+        lock = acquire(sys.argv[1], "racer")
+    except WorkdirLocked as e:
+        print("refused", e)
+    else:
+        print("won")
+        time.sleep(1.0)
+        release(lock)
+    """)
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale"])
+def test_racing_processes_leave_one_owner(tmp_path, stale):
+    if stale:
+        write_lock(tmp_path, pid=dead_pid())
+    start = str(time.time() + 1.5)
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), start],
+                               stdout=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [r.communicate(timeout=60)[0] for r in racers]
+    assert sorted(o.split()[0] for o in outs) == ["refused"] * 3 + ["won"], outs
+    winner = racers[[o.split()[0] for o in outs].index("won")].pid
+    assert all(f"pid {winner} on host" in o for o in outs if o.startswith("refused")), outs
+    assert not (tmp_path / LOCK_NAME).exists()
+
+
+def test_fxtrain_demo_takes_the_lock_too(tmp_path, capsys):
+    from fxtrain import cli
+
+    with held(tmp_path / "demo", "a run of the test") as lock:
+        status = cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--steps", "1",
+                           "--no-progress", "--no-compile"])
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith(f"fxtrain demo: the workdir {tmp_path / 'demo'} "
+                                              "is in use by a run of the test (pid "
+                                              f"{os.getpid()} on host")
+        assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == [LOCK_NAME]
+        assert json.loads(lock.path.read_text())["command"] == "a run of the test"
+    status = cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--steps", "1",
+                       "--no-progress", "--no-compile"])
+    assert status == 0 and not (tmp_path / "demo" / LOCK_NAME).exists()
