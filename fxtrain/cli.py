@@ -98,7 +98,8 @@ def _demo_flags(demo: argparse.ArgumentParser) -> None:
 def _train(args: list[str]) -> int:
     """``fxtrain train CONFIG [overrides]``: a positional CONFIG is the config file, and
     ``--print-config`` is jsonargparse's ``--print_config``."""
-    from .configured import ConfigError, parser, train
+    from .configured import ConfigError, _as_args, parser, train
+    from .workdir import WorkdirLocked
 
     args = ["--print_config" if a == "--print-config" else a for a in args]
     if not args or args[0] in ("-h", "--help"):
@@ -106,18 +107,18 @@ def _train(args: list[str]) -> int:
         return 0
     config = None if args[0].startswith("-") else args[0]
     rest = args if config is None else args[1:]
-    if "--print_config" in rest:  # print the merged config and stop, as jsonargparse does
-        from .configured import _as_args
-        argv, _ = _as_args(config, rest)
-        try:
-            parser().parse_args(argv)
-        except SystemExit as printed:  # jsonargparse exits once it has printed
-            return printed.code or 0
-        return 0
     try:
+        if "--print_config" in rest:  # print the merged config and stop, as jsonargparse does
+            try:
+                parser().parse_args(_as_args(config, rest)[0])
+            except SystemExit as printed:  # jsonargparse exits once it has printed
+                return printed.code or 0
+            except Exception as e:  # jsonargparse's message names the key
+                raise ConfigError(str(e)) from None
+            return 0
         state = train(config, rest)
-    except ConfigError as e:
-        print(f"fxtrain train: {e}", file=sys.stderr)
+    except (ConfigError, WorkdirLocked) as e:  # one line; nothing was changed on disk
+        print(f"fxtrain train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     print(f"fxtrain train: done at step {int(state.step)} (the workdir holds config.yaml, "
           "checkpoints/, tensorboard/ and metrics.jsonl)")

@@ -17,19 +17,24 @@ function is the schema.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import importlib
 import importlib.util
+import math
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 LOSSES = ("cross_entropy", "mse", "causal_lm")
+SCHEDULES = ("constant", "warmup_cosine", "linear")
 
 
 class ConfigError(ValueError):
-    """A config that cannot describe a run (a reference that does not resolve, a factory that
-    returns the wrong thing, a workdir holding another run); nothing was changed on disk."""
+    """A config that cannot describe a run (a value out of range, a reference that does not
+    resolve, a factory that raises or returns the wrong thing, a workdir holding another run, a
+    resume with a config the run was not trained with); nothing was changed on disk."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +69,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         seed: int = 0, workdir: str = "runs/train", log_every: int = 50,
         checkpoint_every: int | None = 500, keep: int = 2,
         callbacks: list[dict[str, Any]] | None = None, resume: bool = False,
+        allow_changes: bool | str | list[str] = False,
         progress: bool | None = None) -> Any:
     """Trains model on data and returns the final TrainState (the text is plain: it is
     fxtrain train --help).
@@ -90,73 +96,190 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             2-layer GPT-2 and 13,000 of a small MLP (470 and 3,000 on a warm compile cache;
             docs/getting-started.md).
         seed: torch's generator before the model and data factories run, and the state's key.
-        workdir: where logs (TensorBoard, metrics.jsonl), checkpoints and config.yaml go.
+        workdir: where logs (TensorBoard, metrics.jsonl), checkpoints and config.yaml go; one
+            run at a time (workdir/.fxtrain.lock names the run that holds it).
         log_every: steps between logged metrics, learning rate and throughput.
         checkpoint_every: steps between checkpoints (None: at the end only).
         keep: checkpoints kept.
         callbacks: more host callbacks, each {"name": an fx.callbacks factory, "args": {...}}.
-        resume: continue from the latest checkpoint in workdir; without it a workdir that
-            holds checkpoints is refused.
+        resume: continue the run in workdir from its latest checkpoint (from step 0 when it
+            saved none), with the config it saved in workdir/config.yaml; without resume a
+            workdir that holds a run, or other files, is refused.
+        allow_changes: what a resume may change from the saved config: true (anything), or
+            keys, as a list or comma-separated (optim.lr,max_steps; optim covers optim.*).
+            The replaced config.yaml is kept as config.STEP.yaml.
         progress: show a progress bar (None: when in a terminal or a notebook).
     """
+    values = dict(locals())
+    _check(values)
     import torch
 
-    from . import _load_all
+    from . import _load_all, _saved_config, distributed
     from . import callbacks as cb
     from .checkpoint import CheckpointManager
     from .logging import JsonlWriter, MultiWriter, TensorBoardWriter
     from .loop import fit
-    from .state import TrainState
-    from .step import make_eval_step, make_train_step
+    from .workdir import held
 
     _load_all()  # every pytree type registered before the step compiles (see fxtrain/__init__)
     root = Path(workdir)
-    manager = _manager(root, keep, resume)
-    torch.manual_seed(seed)
-    module = _built(model, model_args, "model")
+    record = _saved_config.record({**values, "workdir": str(root.resolve())})
+    with held(root):  # checked, built, then config.yaml written: a failure leaves it as it was
+        latest = distributed.rank_zero_then_broadcast(
+            lambda: _admitted(root, record, resume, allow_changes, keep), "check the workdir")
+        state, step, eval_step, batches, evaluation, extra = _parts(values)
+        kept = distributed.rank_zero_then_broadcast(
+            lambda: _saved_config.save(root, record, latest or 0), "write config.yaml")
+        _say(root, resume, latest, kept)
+        if compile == "precompiled":
+            from .precompile import precompiled
+            step = precompiled(step, root / "step.precompiled")
+        elif compile:
+            step = torch.compile(step, fullgraph=True)
+        writer = MultiWriter([TensorBoardWriter(root / "tensorboard"),
+                              JsonlWriter(root / "metrics.jsonl")])
+        hosts = [cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
+                 cb.log_metrics(writer, log_every, eval_prefix=None),
+                 cb.lr_monitor(log_every, writer=writer),
+                 cb.throughput(log_every, writer=writer),
+                 cb.log_eval_metrics(writer) if evaluation is not None else None, *extra]
+        try:
+            return fit(state, step, batches, max_steps=max_steps, max_epochs=max_epochs,
+                       eval_step=eval_step, eval_data=evaluation, eval_every=eval_every,
+                       checkpoint=CheckpointManager(root / "checkpoints", keep_latest=keep),
+                       callbacks=[h for h in hosts if h is not None], resume=resume,
+                       progress=progress)
+        finally:
+            writer.close()
+
+
+def _parts(v: dict[str, Any]) -> tuple:
+    """The run's state, train and eval steps, data, evaluation data and extra callbacks, built
+    from the config ``v`` (the user's factories run here; nothing is written)."""
+    import torch
+
+    from .state import TrainState
+    from .step import make_eval_step, make_train_step
+
+    torch.manual_seed(v["seed"])
+    module = _built(v["model"], v["model_args"], "model")
     if not isinstance(module, torch.nn.Module):
-        raise ConfigError(f"model: {model} returned {type(module).__name__}, not an nn.Module")
-    batches = _built(data, data_args, "data")
-    evaluation = _built(eval_data, eval_data_args, "eval_data") if eval_data else None
-    loss_fn = _loss(loss)
-    state = TrainState.create(module, _optimizer(optim, max_steps), seed=seed)
-    step = make_train_step(loss_fn, precision=precision)
+        raise ConfigError(f"model: {v['model']} returned {type(module).__name__}, not an "
+                          "nn.Module")
+    batches = _built(v["data"], v["data_args"], "data")
+    evaluation = (_built(v["eval_data"], v["eval_data_args"], "eval_data") if v["eval_data"]
+                  else None)
+    loss_fn = _loss(v["loss"])
+    state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
+    step = make_train_step(loss_fn, precision=v["precision"])
     eval_step = make_eval_step(loss_fn) if evaluation is not None else None
-    root.mkdir(parents=True, exist_ok=True)
-    if compile == "precompiled":
-        from .precompile import precompiled
-        step = precompiled(step, root / "step.precompiled")
-    elif compile:
-        step = torch.compile(step, fullgraph=True)
-    writer = MultiWriter([TensorBoardWriter(root / "tensorboard"),
-                          JsonlWriter(root / "metrics.jsonl")])
-    hosts = [cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
-             cb.log_metrics(writer, log_every, eval_prefix=None),
-             cb.lr_monitor(log_every, writer=writer),
-             cb.throughput(log_every, writer=writer),
-             cb.log_eval_metrics(writer) if evaluation is not None else None,
-             *(_callback(spec) for spec in callbacks or ())]
-    try:
-        return fit(state, step, batches, max_steps=max_steps, max_epochs=max_epochs,
-                   eval_step=eval_step, eval_data=evaluation, eval_every=eval_every,
-                   checkpoint=manager, callbacks=[h for h in hosts if h is not None],
-                   resume=resume, progress=progress)
-    finally:
-        writer.close()
+    return (state, step, eval_step, batches, evaluation,
+            [_callback(spec) for spec in v["callbacks"] or ()])
 
 
-def _manager(root: Path, keep: int, resume: bool) -> Any:
+def _check(v: dict[str, Any]) -> None:
+    """Refuses a value no run can use, naming its key, before anything is built or written."""
+    for key in ("max_steps", "log_every", "keep"):
+        if v[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1, got {v[key]}")
+    for key, unset in (("max_epochs", "no limit"), ("eval_every", "at each epoch end"),
+                       ("checkpoint_every", "at the end only")):
+        if v[key] is not None and v[key] < 1:
+            raise ConfigError(f"{key}: must be at least 1 (or null: {unset}), got {v[key]}")
+    if not str(v["workdir"]).strip():
+        raise ConfigError("workdir: is empty; give the folder the run writes to")
+    if Path(v["workdir"]).exists() and not Path(v["workdir"]).is_dir():
+        raise ConfigError(f"workdir: {v['workdir']} is a file, not a directory")
+    from .precision import PRECISIONS
+
+    if v["precision"] not in PRECISIONS:
+        raise ConfigError(f"precision: {v['precision']!r} is none of {', '.join(PRECISIONS)}")
+    _check_optim(v["optim"], v["max_steps"])
+
+
+def _check_optim(config: Optim, max_steps: int) -> None:
+    from . import optim
+
+    factory = getattr(optim, config.name, None)
+    if not callable(factory) or config.name.startswith("_"):
+        close = difflib.get_close_matches(config.name, [n for n in dir(optim) if not
+                                                        n.startswith("_")], n=3)
+        raise ConfigError(f"optim.name: fx.optim has no optimizer {config.name!r}"
+                          + (f" (did you mean {', '.join(close)}?)" if close else ""))
+    if config.schedule not in SCHEDULES:
+        raise ConfigError(f"optim.schedule: {config.schedule!r} is none of "
+                          f"{', '.join(SCHEDULES)}")
+    if not (math.isfinite(config.lr) and config.lr >= 0):
+        raise ConfigError(f"optim.lr: must be a finite number >= 0, got {config.lr}")
+    if not 0 <= config.warmup_steps < max_steps:
+        raise ConfigError(f"optim.warmup_steps: must be at least 0 and below max_steps "
+                          f"({max_steps}), got {config.warmup_steps}")
+    if config.weight_decay is not None and not config.weight_decay >= 0:
+        raise ConfigError(f"optim.weight_decay: must be >= 0 (or null: the optimizer's "
+                          f"default), got {config.weight_decay}")
+    if config.clip_norm is not None and not config.clip_norm > 0:
+        raise ConfigError(f"optim.clip_norm: must be > 0 (or null: no clipping), got "
+                          f"{config.clip_norm}")
+
+
+def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int) -> int | None:
+    """Checks the workdir (under its lock) for this run: refuses another run's files, a run
+    without resume, and a resume with changes not allowed; the newest checkpoint's step."""
+    from . import _saved_config
     from .checkpoint import CheckpointManager
+    from .workdir import LOCK_NAME
 
-    if root.exists() and not root.is_dir():
-        raise ConfigError(f"workdir: {root} is a file, not a directory")
-    manager = CheckpointManager(root / "checkpoints", keep_latest=keep)
-    latest = manager.latest_step()
-    if latest is not None and not resume:
-        raise ConfigError(f"workdir: {root} already holds a run (checkpoints up to step "
-                          f"{latest}); --resume true continues it, or give another --workdir. "
-                          "Nothing was changed.")
-    return manager
+    latest = CheckpointManager(root / "checkpoints", keep_latest=keep).latest_step()
+    where = f"workdir: {root}"
+    try:
+        saved = _saved_config.read(root)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}, so this run cannot be checked against it; give "
+                          "another --workdir. Nothing was changed.") from e
+    if saved is None and latest is None:
+        others = sorted(p.name + "/" * p.is_dir() for p in root.iterdir()
+                        if not p.name.startswith(LOCK_NAME))
+        if others:
+            raise ConfigError(f"{where} holds files of something else than a run of fxtrain "
+                              f"train ({', '.join(others[:5])}{', ...' * (len(others) > 5)}; "
+                              "no config.yaml); give an empty or new --workdir. Nothing was "
+                              "changed.")
+        return None
+    if not resume:
+        ran = (f"checkpoints up to step {latest}" if latest is not None else
+               "config.yaml and no checkpoint: an attempt stopped before its first save?")
+        todo = "continues it" if latest is not None else \
+            "starts it again at step 0 with its config.yaml"
+        raise ConfigError(f"{where} already holds a run ({ran}); --resume true {todo}, or "
+                          "give another --workdir. Nothing was changed.")
+    if saved is None:
+        if allow is not True:
+            raise ConfigError(f"{where} holds checkpoints (up to step {latest}) but no "
+                              "config.yaml to check this config against (not a run of "
+                              "fxtrain train?); --allow_changes true resumes from them with "
+                              "this config, or give another --workdir. Nothing was changed.")
+        return latest
+    refused = _saved_config.not_allowed(_saved_config.changes(saved, record), allow)
+    if refused:
+        keys = ",".join(key for key, _, _ in refused)
+        raise ConfigError(f"--resume: the run in {root} was trained with another config: "
+                          f"{_saved_config.describe(refused)}; resume with the config in "
+                          f"{root / _saved_config.NAME}, or allow the changes with "
+                          f"--allow_changes {keys} (config.yaml is then replaced, the old one "
+                          "kept). Nothing was changed.")
+    return latest
+
+
+def _say(root: Path, resume: bool, latest: int | None, kept: Path | None) -> None:
+    """What a resume changed, on rank 0."""
+    from . import distributed
+
+    if kept is not None and distributed.is_rank_zero():
+        print(f"fxtrain train: config.yaml replaced by this run's config; the one it replaced "
+              f"(which trained {root} to step {latest or 0}) is kept as {kept.name}", flush=True)
+    elif resume and latest is None and distributed.is_rank_zero():
+        print(f"fxtrain train: --resume: no checkpoint in {root} yet; starting at step 0",
+              flush=True)
 
 
 def resolve(reference: str, where: str) -> Any:
@@ -203,7 +326,11 @@ def _from_file(path: Path, where: str) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise ConfigError(f"{where}: importing {path} raised {_raised(e)}") from e
     return module
 
 
@@ -211,9 +338,16 @@ def _built(reference: str, args: dict | None, where: str) -> Any:
     factory = resolve(reference, where)
     try:
         return factory(**(args or {}))
-    except TypeError as e:
+    except Exception as e:  # the user's code: one line naming the key, and where it raised
         raise ConfigError(f"{where}: calling {reference} with {where}_args {args or {}} "
-                          f"failed: {e}") from e
+                          f"raised {_raised(e)}") from e
+
+
+def _raised(e: BaseException) -> str:
+    """``Type: message (file, line N)``, the line where ``e`` was raised, on one line."""
+    frames = traceback.extract_tb(e.__traceback__)
+    at = f" ({Path(frames[-1].filename).name}, line {frames[-1].lineno})" if frames else ""
+    return " ".join(f"{type(e).__name__}: {e}{at}".split())
 
 
 def _loss(loss: str) -> Callable:
@@ -247,7 +381,7 @@ def _optimizer(config: Optim, max_steps: int) -> Any:
     factory = getattr(optim, config.name, None)
     if not callable(factory) or config.name.startswith("_"):
         raise ConfigError(f"optim.name: fx.optim has no optimizer {config.name!r}")
-    warmup = min(config.warmup_steps, max(max_steps - 1, 0))
+    warmup = config.warmup_steps  # below max_steps (_check_optim)
     if config.schedule == "constant":
         lr = config.lr if not warmup else optim.warmup_constant_schedule(0.0, config.lr, warmup)
     elif config.schedule == "warmup_cosine":
@@ -266,7 +400,7 @@ def _optimizer(config: Optim, max_steps: int) -> Any:
         kwargs["weight_decay"] = config.weight_decay
     try:
         tx = factory(lr, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise ConfigError(f"optim: fx.optim.{config.name} refused {kwargs}: {e}") from e
     return tx if config.clip_norm is None else optim.chain(
         optim.clip_by_global_norm(config.clip_norm), tx)
@@ -280,7 +414,11 @@ def _callback(spec: dict) -> Any:
     factory = getattr(callbacks, spec["name"], None)
     if not callable(factory):
         raise ConfigError(f"callbacks: fx.callbacks has no {spec['name']!r}")
-    return factory(**spec.get("args", {}))
+    try:
+        return factory(**(spec.get("args") or {}))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"callbacks: {spec['name']} with args {spec.get('args') or {}}: "
+                          f"{e}") from e
 
 
 def parser() -> Any:
@@ -344,11 +482,6 @@ def train(config: str | Path | dict | None = None, args: Sequence[str] = ()) -> 
         namespace[key] = _anchored(namespace.get(key), base)
     values = p.instantiate(namespace).as_dict()
     values["optim"] = namespace_optim(values.get("optim"))
-    saved = Path(values["workdir"]) / "config.yaml"
-    if not values["resume"] and not saved.exists():  # the run's own record, never overwritten
-        _manager(Path(values["workdir"]), values["keep"], False)  # refuses a workdir in use
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        p.save(namespace, saved, skip_validation=True)
     return run(**values)
 
 

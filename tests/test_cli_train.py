@@ -1,19 +1,28 @@
 """The command line a new user meets: ``--version`` and ``--help`` without torch, ``inspect``
 reading JSON only, and ``fxtrain train CONFIG`` running the user's own model from a YAML or
-Python config with overrides, ``--print-config`` and ``--resume``."""
+Python config with overrides, ``--print-config`` and ``--resume``; one run per workdir, a
+resume checked against the saved config, and a bad config refused in one line before anything
+is written."""
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import fxtrain as fx
 from fxtrain.cli import main
+from fxtrain.workdir import LOCK_NAME
 
 MODELS = textwrap.dedent("""
+    import os
+    import time
+
     import torch
     from torch import nn
     import fxtrain as fx
@@ -21,10 +30,29 @@ MODELS = textwrap.dedent("""
     def mlp(width: int = 16):
         return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
 
+    def broken(width: int = 16):
+        raise ValueError("width must be even")
+
     def blobs(n: int = 128, batch_size: int = 16, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(n, 8, generator=g)
         return fx.data.Batches((x, x[:, :4].argmax(1)), batch_size, seed=seed)
+
+    def gated(gate: str, after: int = 2):
+        # endless batches; before batch `after` it says so (gate.waiting), then waits for `gate`
+        def batches():
+            g = torch.Generator().manual_seed(0)
+            for i in range(100_000):
+                if i == after:
+                    open(gate + ".waiting", "w").close()
+                    deadline = time.time() + 120
+                    while not os.path.exists(gate):
+                        if time.time() > deadline:
+                            raise TimeoutError(gate)
+                        time.sleep(0.02)
+                x = torch.randn(16, 8, generator=g)
+                yield x, x[:, :4].argmax(1)
+        return batches()
     """)
 
 YAML = textwrap.dedent("""
@@ -93,12 +121,13 @@ def test_train_runs_a_yaml_config_with_overrides_and_resumes(tmp_path, capsys, m
     assert {4, 8, 12} <= {r["step"] for r in logged if "train/loss" in r["values"]}
     ended = fx.checkpoint.CheckpointManager(work / "checkpoints")
     assert ended.latest_step() == 12
+    assert "resume" not in saved and "progress" not in saved  # how to run, not what
     before = saved
     assert main(["train", str(config), "--workdir", str(work)]) == 2  # a run is there already
     assert "already holds a run" in capsys.readouterr().err
     assert (work / "config.yaml").read_text() == before  # nothing overwritten
-    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
-                 "--max_steps", "18"]) == 0
+    assert main(["train", str(config), "--optim.lr", "0.003", "--workdir", str(work),
+                 "--resume", "true", "--max_steps", "18", "--allow_changes", "max_steps"]) == 0
     assert "done at step 18" in capsys.readouterr().out
 
 
@@ -146,16 +175,184 @@ def test_print_config_shows_the_merged_config(tmp_path, capsys):
     (["--optim.lrr", "3"], "lrr"),
     (["--model", "./nowhere.py:mlp"], "model: no file"),
     (["--model", "./models.py:mlp_net"], "has no mlp_net"),
-    (["--optim.name", "adamm"], "fx.optim has no optimizer 'adamm'"),
+    (["--optim.name", "adamm"], "optim.name: fx.optim has no optimizer 'adamm' (did you mean "),
     (["--loss", "hinge"], "'hinge' is none of cross_entropy, mse, causal_lm"),
     (["--model_args", "{depth: 3}"], "unexpected keyword argument 'depth'"),
+    (["--max_steps", "-5"], "max_steps: must be at least 1, got -5"),
+    (["--max_steps", "0"], "max_steps: must be at least 1, got 0"),
+    (["--keep", "0"], "keep: must be at least 1, got 0"),
+    (["--log_every", "0"], "log_every: must be at least 1, got 0"),
+    (["--checkpoint_every", "0"],
+     "checkpoint_every: must be at least 1 (or null: at the end only), got 0"),
+    (["--eval_every", "-3"], "eval_every: must be at least 1 (or null: at each epoch end), got -3"),
+    (["--max_epochs", "0"], "max_epochs: must be at least 1 (or null: no limit), got 0"),
+    (["--optim.warmup_steps", "50"],
+     "optim.warmup_steps: must be at least 0 and below max_steps (12), got 50"),
+    (["--optim.lr", "-1"], "optim.lr: must be a finite number >= 0, got -1.0"),
+    (["--optim.clip_norm", "0"], "optim.clip_norm: must be > 0 (or null: no clipping), got 0.0"),
+    (["--precision", "bogus"], "precision: 'bogus' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
+    (["--optim.schedule", "cosine"],
+     "optim.schedule: 'cosine' is none of constant, warmup_cosine, linear"),
+    (["--model", "./models.py:broken"], "models.py:broken with model_args {'width': 32} raised "
+                                        "ValueError: width must be even (models.py, line 13)"),
+    (["--callbacks", "[{name: early_stopping, args: {patience: 2, bogus: 1}}]"],
+     "callbacks: early_stopping with args {'patience': 2, 'bogus': 1}: "),
+    (["--workdir", ""], "workdir: is empty; give the folder the run writes to"),
+    (["--max_steps", "abc"], 'Parser key "max_steps": Expected a <class \'int\'>. Got value: abc'),
 ])
-def test_a_bad_config_says_which_key_and_changes_nothing(tmp_path, capsys, override, message):
+def test_a_bad_config_is_one_line_naming_the_key_and_changes_nothing(tmp_path, capsys,
+                                                                     monkeypatch, override,
+                                                                     message):
     config = _project(tmp_path)
+    here = tmp_path / "cwd"  # a run that took "" for a workdir wrote here
+    here.mkdir()
+    monkeypatch.chdir(here)
     work = tmp_path / "bad"
     assert main(["train", str(config), "--workdir", str(work), *override]) == 2
-    assert message in capsys.readouterr().err
-    assert not (work / "checkpoints").exists()
+    err = capsys.readouterr().err
+    assert err.startswith("fxtrain train: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not work.exists() and list(here.iterdir()) == []
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("fxtrain train: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_resume_whose_model_fails_to_build_changes_nothing(tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    before = _snapshot(work)
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--allow_changes", "true", "--model", "./models.py:broken"]) == 2
+    assert "raised ValueError: width must be even" in _one_line(capsys)
+    assert _snapshot(work) == before  # config.yaml not replaced, no lock left behind
+
+
+def test_a_resume_with_another_config_is_refused_unless_allowed_and_the_old_one_kept(
+        tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    args = ["train", str(config), "--workdir", str(work)]
+    assert main(args) == 0
+    saved = (work / "config.yaml").read_bytes()
+    before = _snapshot(work)
+    changed = ["--resume", "true", "--optim.lr", "0.003", "--max_steps", "18"]
+    assert main([*args, *changed]) == 2
+    err = _one_line(capsys)
+    assert "trained with another config: optim.lr 0.01 -> 0.003, max_steps 12 -> 18;" in err
+    assert "--allow_changes optim.lr,max_steps" in err and "Nothing was changed" in err
+    assert main([*args, *changed, "--allow_changes", "max_steps"]) == 2
+    assert "another config: optim.lr 0.01 -> 0.003; " in _one_line(capsys)  # max_steps allowed
+    assert _snapshot(work) == before
+    assert main([*args, *changed, "--allow_changes", "optim,max_steps"]) == 0
+    out = capsys.readouterr().out
+    assert "(which trained" in out and "to step 12) is kept as config.12.yaml" in out
+    assert "done at step 18" in out
+    assert (work / "config.12.yaml").read_bytes() == saved  # nothing lost
+    now = (work / "config.yaml").read_text()
+    assert "lr: 0.003" in now and "max_steps: 18" in now
+    made = (work / "config.yaml").stat()
+    assert main([*args, *changed]) == 0  # the saved config now: nothing to allow or rewrite
+    assert (work / "config.yaml").stat().st_mtime_ns == made.st_mtime_ns
+    assert sorted(p.name for p in work.glob("config*.yaml")) == ["config.12.yaml", "config.yaml"]
+
+
+def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes")
+    (work / "checkpoints").mkdir()  # empty: no checkpoint in it
+    for resume in ("false", "true"):
+        assert main(["train", str(config), "--workdir", str(work), "--resume", resume]) == 2
+        assert "holds files of something else than a run of fxtrain train (checkpoints/, " \
+               "notes.txt; no config.yaml); give an empty or new --workdir" in _one_line(capsys)
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+def _gated(config: Path, work: Path, gate: Path) -> list[str]:
+    return ["train", str(config), "--workdir", str(work), "--data", "./models.py:gated",
+            "--data_args", f"{{gate: {gate}}}"]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    """``fxtrain train ARGS`` in another process, and waits until it blocks at its gate."""
+    run = subprocess.Popen([sys.executable, "-m", "fxtrain", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    waiting = Path(args[args.index("--data_args") + 1][7:-1] + ".waiting")
+    deadline = time.time() + 120
+    while not waiting.exists():
+        if run.poll() is not None or time.time() > deadline:
+            run.kill()
+            raise AssertionError(f"the first run ended early: {run.communicate()}")
+        time.sleep(0.05)
+    return run
+
+
+def test_a_second_run_into_a_workdir_in_use_is_refused_naming_the_owner(tmp_path, capsys):
+    """Two runs at once: the second is refused (it used to train into the same workdir and
+    save its checkpoints there, so that every save of the first was skipped)."""
+    config = _project(tmp_path)
+    work, gate = tmp_path / "run", tmp_path / "gate"
+    first = _start(_gated(config, work, gate))
+    try:
+        before = _snapshot(work)
+        assert main(["train", str(config), "--workdir", str(work), "--optim.lr", "0.5"]) == 2
+        err = _one_line(capsys)
+        assert f"the workdir {work} is in use by " in err
+        assert f"(pid {first.pid} on host {socket.gethostname()}, started " in err
+        assert f"delete the lock file {work / LOCK_NAME}. Nothing was changed." in err
+        assert _snapshot(work) == before
+        gate.touch()
+        out, errs = first.communicate(timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == 0 and "done at step 12" in out, errs
+    assert fx.checkpoint.CheckpointManager(work / "checkpoints").all_steps() == [6, 12]
+    assert "lr: 0.01" in (work / "config.yaml").read_text()  # the first run's
+    assert not (work / LOCK_NAME).exists()
+
+
+def test_a_killed_first_attempt_is_taken_over_and_resumed_from_step_0_with_its_config(
+        tmp_path, capsys):
+    config = _project(tmp_path)
+    work, gate = tmp_path / "run", tmp_path / "gate"
+    first = _start(_gated(config, work, gate))
+    first.kill()  # SIGKILL before its first checkpoint: its lock stays
+    first.communicate()
+    lock = work / LOCK_NAME
+    assert json.loads(lock.read_text())["pid"] == first.pid
+    assert (work / "config.yaml").exists() and not (work / "checkpoints").exists()
+    saved = (work / "config.yaml").read_bytes()
+    before = {k: v for k, v in _snapshot(work).items() if k != LOCK_NAME}
+    with pytest.warns(RuntimeWarning, match=f"took over the lock {lock} of .* \\(pid "
+                                            f"{first.pid} on host .*, which is not running"):
+        assert main(_gated(config, work, gate)) == 2
+    err = _one_line(capsys)
+    assert "already holds a run (config.yaml and no checkpoint" in err
+    assert "--resume true starts it again at step 0 with its config.yaml" in err
+    assert _snapshot(work) == before  # the dead run's lock taken over, then released
+    assert main([*_gated(config, work, gate), "--resume", "true", "--optim.lr", "0.5"]) == 2
+    assert "another config: optim.lr 0.01 -> 0.5; " in _one_line(capsys)
+    assert _snapshot(work) == before
+    gate.touch()
+    assert main([*_gated(config, work, gate), "--resume", "true"]) == 0
+    out = capsys.readouterr().out
+    assert f"--resume: no checkpoint in {work} yet; starting at step 0" in out
+    assert "done at step 12" in out
+    assert (work / "config.yaml").read_bytes() == saved
+    assert fx.checkpoint.CheckpointManager(work / "checkpoints").all_steps() == [6, 12]
 
 
 def test_the_first_name_used_registers_every_pytree_type_before_anything_compiles():
@@ -196,10 +393,11 @@ def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
     saved = work / "step.precompiled"
     made = saved.stat()
     assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
-                 "--max_steps", "18"]) == 0
+                 "--max_steps", "18", "--allow_changes", "max_steps"]) == 0
     # loaded, not compiled and saved again (that replaces the file: another inode)
     assert (saved.stat().st_ino, saved.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
     assert fx.checkpoint.CheckpointManager(work / "checkpoints").latest_step() == 18
     assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
-                 "--max_steps", "24", "--optim.lr", "0.2"]) == 0  # other step: made again
+                 "--max_steps", "24", "--optim.lr", "0.2", "--allow_changes", "true"]) == 0
+    # another step (lr 0.2): made again
     assert saved.stat().st_ino != made.st_ino

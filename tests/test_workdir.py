@@ -155,3 +155,47 @@ def test_fxtrain_demo_takes_the_lock_too(tmp_path, capsys):
     status = cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--steps", "1",
                        "--no-progress", "--no-compile"])
     assert status == 0 and not (tmp_path / "demo" / LOCK_NAME).exists()
+
+
+def _ranks(rank: int, port: int, workdir: str) -> None:
+    """Each of two gloo ranks: held() takes the lock on rank 0 only; a held workdir is refused
+    on every rank."""
+    import torch
+
+    from fxtrain import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    distributed.init()
+    try:
+        with held(Path(workdir) / "free") as lock:
+            owner = json.loads(lock.path.read_text())
+            distributed.barrier()
+        distributed.barrier()  # rank 0 has released it
+        result = {"owner": owner["pid"], "me": os.getpid(), "released": not lock.path.exists()}
+        if rank == 0:
+            write_lock(Path(workdir) / "busy")  # by our parent, the test: alive
+        distributed.barrier()
+        try:
+            with held(Path(workdir) / "busy"):
+                result["refused"] = None
+        except Exception as e:
+            result["refused"] = f"{type(e).__name__}: {e}"
+        Path(workdir, f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_torch_distributed_rank_0_takes_the_lock_and_every_rank_refuses(tmp_path):
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ranks, args=(port, str(tmp_path)), nprocs=2)
+    zero, one = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert zero["owner"] == one["owner"] == zero["me"] != one["me"]
+    assert zero["released"] and one["released"]
+    assert zero["refused"].startswith(f"WorkdirLocked: the workdir {tmp_path / 'busy'} is in use")
+    assert one["refused"].startswith("RuntimeError: rank 0 could not lock the workdir")
+    assert f"pid {os.getpid()} on host" in one["refused"]
