@@ -12,7 +12,7 @@ FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "_torch", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "remat",
-     "distributed", "units", "sharding", "preemption"),
+     "distributed", "workdir", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "step_spec"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
@@ -27,7 +27,7 @@ FLOORS = (
     # the loop, and the tools that look at steps and loops
     ("loop", "_resuming", "debug"),
     # the applications and the public surface
-    ("demo", "configured", "cli", "__init__", "__main__"),
+    ("demo", "configured", "_saved_config", "cli", "__init__", "__main__"),
 )
 
 
