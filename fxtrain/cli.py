@@ -129,7 +129,7 @@ def _inspect(directory: str, step: int | None, digest: bool, verify: bool = Fals
     from rich.console import Console
     from rich.table import Table
 
-    from .checkpoint import DamagedCheckpointError
+    from .checkpoint import DamagedCheckpointError, UnreadableCheckpointError
     from .checkpoint import inspect as ins
     console = Console(highlight=False)
     try:
@@ -143,20 +143,24 @@ def _inspect(directory: str, step: int | None, digest: bool, verify: bool = Fals
         table.add_column(column, justify="right" if column in ("step", "size") else "left")
     for r in rows:
         metrics = format_scalars(dict(sorted(r["metrics"].items())), sep=", ")
-        status = (f"DAMAGED: {r['damaged']}" if r["damaged"] else "verified" if verify
-                  else "ok")
+        status = (f"DAMAGED: {r['damaged']}" if r["damaged"] else
+                  f"UNREADABLE: {r['unreadable']}" if r["unreadable"] else
+                  "verified" if verify else "ok")
         table.add_row(str(r["step"]), metrics or "-", ins.format_size(r["size"]),
                       ins.format_age(r["time"]), status)
     console.print(table)
-    bad = [r for r in rows if r["damaged"]]
-    for r in bad:
-        print(f"fxtrain inspect: {r['path']} is damaged: {r['damaged']}", file=sys.stderr)
+    for r in rows:
+        if r["damaged"]:
+            print(f"fxtrain inspect: {r['path']} is damaged: {r['damaged']}", file=sys.stderr)
+        elif r["unreadable"]:
+            print(f"fxtrain inspect: {r['path']} cannot be read: {r['unreadable']}",
+                  file=sys.stderr)
     chosen = rows[-1] if step is None else next((r for r in rows if r["step"] == step), None)
     if chosen is None:
         print(f"fxtrain inspect: no checkpoint of step {step}; steps: "
               f"{[r['step'] for r in rows]}", file=sys.stderr)
         return 1
-    if chosen["damaged"]:
+    if chosen["damaged"] or chosen["unreadable"]:
         return 1
     if step is not None:
         tree = Table(title=f"step {step}: {chosen['path']}")
@@ -173,10 +177,10 @@ def _inspect(directory: str, step: int | None, digest: bool, verify: bool = Fals
     if digest:
         try:
             print(f"digest (step {chosen['step']}): {ins.digest(chosen['path'])}")  # unwrapped
-        except DamagedCheckpointError as e:
+        except (DamagedCheckpointError, UnreadableCheckpointError) as e:
             print(f"fxtrain inspect: {e}", file=sys.stderr)
             return 1
-    return 1 if bad else 0
+    return 1 if any(r["damaged"] or r["unreadable"] for r in rows) else 0
 
 
 def main(argv: list[str] | None = None) -> int:

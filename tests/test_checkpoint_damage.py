@@ -233,6 +233,8 @@ with CheckpointManager(sys.argv[1], async_save=False) as m:
         fx.fit(state, fx.make_train_step(xent), data, max_steps=15, checkpoint=m)
     except UnreadableCheckpointError as e:
         print(e)
+from fxtrain import cli
+print("inspect exits", cli.main(["inspect", sys.argv[1], "--verify"]))
 """
 
 
@@ -265,12 +267,17 @@ def test_an_unreadable_file_is_not_damage_the_run_stops_naming_it_and_nothing_mo
         done = subprocess.run(
             [*unprivileged(), sys.executable, "-c", UNREADABLE, str(directory),
              str(Path(__file__).parent)], capture_output=True, text=True, timeout=300,
-            env={**os.environ, "HOME": str(home), "TMPDIR": str(home)}, cwd=home)
+            env={**os.environ, "HOME": str(home), "TMPDIR": str(home), "COLUMNS": "300"},
+            cwd=home)
         assert done.returncode == 0, done.stderr[-3000:]
         said = done.stdout
         assert f"cannot read the checkpoint at {directory / '10'}" in said, said
         assert str(locked) in said and "Permission denied" in said, said
         assert "nothing was set aside or skipped" in said, said
+        row = next(line for line in said.splitlines() if line.startswith("│ ") and
+                   line.split()[1] == "10")
+        assert "UNREADABLE" in row and "inspect exits 1" in said, said
+        assert f"{directory / '10'} cannot be read: {locked} cannot be opened" in done.stderr
         assert sorted(str(p.relative_to(directory)) for p in directory.rglob("*")) == before
     finally:
         for p in home.rglob("*"):

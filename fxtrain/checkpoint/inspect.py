@@ -55,20 +55,26 @@ def _size(path: Path) -> int:
 
 def summary(path: Path, verify: bool = False) -> dict[str, Any]:
     """Step, metrics, bytes on disk and save time of the checkpoint at ``path``, and
-    ``damaged``: why it cannot be read, or None (``verify``: every array read and checked, not
-    only its description)."""
+    ``damaged``: why it cannot be read back as written, or None (``verify``: every array read
+    and checked, not only its description); ``unreadable``: which file this process may not
+    read (permissions, an I/O error), or None."""
     try:
         if verify:
             from . import store  # every array read: torch, numpy and orbax
             meta = store.verify(path)
         else:
             meta = layout.read_meta(path)
-    except layout.DamagedCheckpointError as e:
+    except (layout.DamagedCheckpointError, layout.UnreadableCheckpointError) as e:
         step = int(path.name) if path.name.isdigit() else None
+        damaged = isinstance(e, layout.DamagedCheckpointError)
+        why = (str(e).split(" is damaged: ", 1)[-1] if damaged
+               else e.strerror.split(": ", 1)[-1].split(". This is not")[0])
         return {"path": path, "step": step, "metrics": {}, "size": _size(path), "time": None,
-                "meta": None, "damaged": str(e).split(" is damaged: ", 1)[-1]}
+                "meta": None, "damaged": why if damaged else None,
+                "unreadable": None if damaged else why}
     return {"path": path, "step": meta.get("step"), "metrics": meta.get("metrics", {}),
-            "size": _size(path), "time": meta.get("time"), "meta": meta, "damaged": None}
+            "size": _size(path), "time": meta.get("time"), "meta": meta, "damaged": None,
+            "unreadable": None}
 
 
 def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
