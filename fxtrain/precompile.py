@@ -36,7 +36,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import types
 import warnings
 from collections.abc import Callable
@@ -45,17 +44,12 @@ from typing import Any
 
 import torch
 
+from . import _precompiled_file as stored
 from . import donation
 from ._torch import aot
 from ._unguarded import _signature
 from .step_spec import StepSpec, step_spec
 from .tree import first_leaf
-
-_MAGIC = b"fxtrain-precompiled-"  # a file begins so, then the number of its format
-_FORMAT = 2  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body
-_HEADER = re.compile(re.escape(_MAGIC) + b"%d" % _FORMAT
-                     + rb" sha256=([0-9a-f]{64}) bytes=([0-9]{1,15})\n")
-
 
 def _code_digest(code: types.CodeType, into: Any) -> None:
     into.update(code.co_code)
@@ -148,93 +142,19 @@ def _closure(train_step: Callable) -> dict[str, Any]:
             for name, cell in zip(code.co_freevars, fn.__closure__ or ()) if _has_contents(cell)}
 
 
-class _Unusable(Exception):
-    """The file at a path gives no step: ``str`` is the warning ``fx.precompiled`` gives, naming
-    the file and the cause; ``replace``: whether the step compiled instead may be saved over it
-    (not over a file fxtrain cannot tell it wrote)."""
-
-    def __init__(self, path: Path, cause: str, replace: bool):
-        then = ("saved over it" if replace else "trains, but is not saved: fxtrain never "
-                "overwrites a file it cannot read as its own (give another path, or delete it)")
-        super().__init__(f"fx.precompiled: {path} {cause}; the step is compiled again, {then}")
-        self.replace = replace
-
-
-def _pack(key: str, body: bytes) -> bytes:
-    """A file's bytes: a header line (the format, the payload's SHA-256 and length), then the
-    payload: the key's line and the body (``aot.serialize``'s)."""
-    payload = key.encode() + b"\n" + body
-    digest = hashlib.sha256(payload).hexdigest()
-    return b"%s%d sha256=%s bytes=%d\n" % (_MAGIC, _FORMAT, digest.encode(), len(payload)) + payload
-
-
-def _unpack(path: Path, data: bytes) -> tuple[bytes, bytes]:
-    """The key and the body of the bytes ``data`` read from ``path``, verified whole (length and
-    checksum) before any of it is used; else raises ``_Unusable`` saying why."""
-    if not data.startswith(_MAGIC):
-        raise _Unusable(path, "is empty" if not data else "is not a file fxtrain.precompiled "
-                        "wrote", replace=not data)
-    version = re.match(rb"[0-9]{1,9}", data[len(_MAGIC):])
-    if version is not None and int(version[0]) != _FORMAT:  # 1: no length, no checksum
-        raise _Unusable(path, f"was written in fxtrain.precompiled's file format {int(version[0])} "
-                        f"(this fxtrain reads format {_FORMAT})", replace=True)
-    header = _HEADER.match(data)
-    if header is None:
-        raise _Unusable(path, "is damaged (its header is unreadable)", replace=True)
-    payload, length = data[header.end():], int(header[2])
-    if len(payload) != length:
-        size = "truncated" if len(payload) < length else "longer than its header says"
-        raise _Unusable(path, f"is damaged ({size}: {len(payload)} bytes after the header, "
-                        f"{length} written)", replace=True)
-    if hashlib.sha256(payload).hexdigest().encode() != header[1]:
-        raise _Unusable(path, "is damaged (its contents do not match its SHA-256 checksum)",
-                        replace=True)
-    key, _, body = payload.partition(b"\n")
-    return key, body
-
-
 def _read(path: Path, key: str, train_step: Callable) -> Any:
     """The step saved at ``path`` when it was made for ``key``, else None (none there, or made
-    for another key); raises ``_Unusable`` for a file that cannot give one (damaged, not
+    for another key); raises ``Unusable`` for a file that cannot give one (damaged, not
     fxtrain's, unreadable, a folder, refused by torch's loader)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        return None
-    except IsADirectoryError as e:
-        raise _Unusable(path, "is a folder, not a file", replace=False) from e
-    except OSError as e:  # a file fxtrain may not read
-        raise _Unusable(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
-                        replace=False) from e
-    found, body = _unpack(path, data)
-    if found != key.encode():
+    found = stored.read(path)
+    if found is None or found[0] != key.encode():
         return None
     try:
-        return aot.load(body, getattr(train_step, "__globals__", None),  # the step's module
+        return aot.load(found[1], getattr(train_step, "__globals__", None),  # the step's module
                         _closure(train_step))
     except Exception as e:  # a whole file torch cannot load here
-        raise _Unusable(path, f"cannot be loaded by torch ({type(e).__name__}: {e})",
-                        replace=True) from e
-
-
-def _write(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` whole or not at all, on disk when it returns: written beside it,
-    flushed, renamed over it, the rename flushed."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader never sees half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+        raise stored.Unusable(path, f"cannot be loaded by torch ({type(e).__name__}: {e})",
+                              replace=True) from e
 
 
 class Precompiled:
@@ -287,7 +207,7 @@ class Precompiled:
         made, replace = None, True
         try:
             made = _read(self.path, key, self.train_step)
-        except _Unusable as e:
+        except stored.Unusable as e:
             warnings.warn(str(e), stacklevel=3)
             replace = e.replace
         loaded = made is not None
@@ -296,7 +216,7 @@ class Precompiled:
             if made is None:
                 return None, False
             if replace:
-                self._save(_pack(key, body))
+                self._save(stored.pack(key, body))
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
         return made, loaded
 
@@ -318,7 +238,7 @@ class Precompiled:
         """``data`` into the step's file; a folder that refuses it is warned of, the step
         trains on."""
         try:
-            _write(self.path, data)
+            stored.write(self.path, data)
         except OSError as e:
             warnings.warn(f"fx.precompiled: the compiled step could not be saved to {self.path} "
                           f"({type(e).__name__}: {e.strerror or e}); it trains on, and the next "

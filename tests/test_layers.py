@@ -22,7 +22,7 @@ FLOORS = (
     # the callback catalogue: what a step or a loop folds over the state (never the step itself)
     ("callbacks",),
     # the step and what runs it or reads it
-    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "data", "evaluation",
+    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "evaluation",
      "predict", "lr_find"),
     # the loop, and the tools that look at steps and loops
     ("loop", "_resuming", "debug"),

@@ -20,6 +20,7 @@ from torch import nn
 
 import fxtrain as fx
 import fxtrain.precompile as precompile
+from fxtrain import _precompiled_file as stored
 from fxtrain._torch import aot
 from fxtrain.precompile import compile_options
 
@@ -463,7 +464,7 @@ def test_one_flipped_bit_anywhere_in_the_file_is_named_before_anything_is_loaded
         try:
             precompile._read(path, saved.key, fx.make_train_step(loss_fn))
             unnamed.append(at)
-        except precompile._Unusable as e:
+        except stored.Unusable as e:
             if not str(e).startswith(f"fx.precompiled: {path} "):
                 unnamed.append(at)
     assert unnamed == [] and len(positions) > 1000
