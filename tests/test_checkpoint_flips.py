@@ -12,7 +12,8 @@ import torch
 
 import fxtrain as fx
 from fxtrain import cli
-from fxtrain.checkpoint import CheckpointManager, DamagedCheckpointError, bridge, layout, shards, store
+from fxtrain.checkpoint import (CheckpointManager, DamagedCheckpointError, bridge, layout,
+                                shards, store)
 from helpers import mlp, xent
 
 X = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))

@@ -147,7 +147,8 @@ def saved_keys(meta: dict) -> list[str]:
     return [e["key"] for e in meta["leaves"] if "key" in e]
 
 
-def restore_from(path: Path, like: Any, *, only=None, cast: bool = False) -> tuple[Any, bridge.Plan]:
+def restore_from(path: Path, like: Any, *, only=None,
+                 cast: bool = False) -> tuple[Any, bridge.Plan]:
     """Reads the checkpoint at ``path`` into a state shaped like ``like``."""
     meta = read_meta(path)
     p = bridge.plan(meta, like, only=only, cast=cast)
