@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 LOCK_NAME = ".fxtrain.lock"
+_GUARD_STALE_S = 10.0  # seconds after which a takeover's guard file is one a killed process left
 
 
 class WorkdirLocked(RuntimeError):
@@ -232,6 +233,9 @@ def _take_over(path: Path, stale: bytes) -> bool:
     try:
         fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
+        with contextlib.suppress(OSError):  # a takeover lasts milliseconds: this guard was left
+            if time.time() - guard.stat().st_mtime > _GUARD_STALE_S:  # by a killed process
+                guard.unlink()
         return False
     try:
         held = _read(path)

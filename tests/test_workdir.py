@@ -109,6 +109,21 @@ def test_a_takeover_under_way_is_left_to_the_process_doing_it(tmp_path):
     assert _take_over(path, stale) and not path.exists()
 
 
+def test_a_takeover_guard_left_by_a_killed_process_is_cleared(tmp_path):
+    """A process killed while taking a stale lock over leaves its guard file; a later run
+    clears it (after 10 s, far beyond a takeover's milliseconds) and takes the lock."""
+    path = write_lock(tmp_path, pid=dead_pid())
+    stale = path.read_bytes()
+    guard = path.with_name(f"{LOCK_NAME}.{hashlib.sha256(stale).hexdigest()[:16]}.takeover")
+    guard.write_text("")
+    old = time.time() - 60
+    os.utime(guard, (old, old))
+    with pytest.warns(RuntimeWarning, match="took over the lock"):
+        lock = acquire(tmp_path, "new run")
+    assert json.loads(path.read_text())["command"] == "new run" and not guard.exists()
+    release(lock)
+
+
 RACER = textwrap.dedent("""
     import sys, time, warnings
     from fxtrain.workdir import WorkdirLocked, acquire, release
