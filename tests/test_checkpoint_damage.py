@@ -246,7 +246,13 @@ def unprivileged() -> list[str]:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         pytest.skip("running as root without setpriv: a file's mode cannot refuse a read")
-    return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    prefix = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+    probe = subprocess.run([*prefix, sys.executable, "-c", "import fxtrain.checkpoint"],
+                           capture_output=True, text=True, timeout=120, cwd="/")
+    if probe.returncode != 0:  # a Python installed under root's home (pyenv) is root's alone
+        pytest.skip(f"the unprivileged user cannot run {sys.executable}: "
+                    f"{probe.stderr.strip()[-200:]}")
+    return prefix
 
 
 def test_an_unreadable_file_is_not_damage_the_run_stops_naming_it_and_nothing_moves(saved):
