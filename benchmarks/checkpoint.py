@@ -16,12 +16,18 @@ Saves (each ends durable: its bytes and its rename fsynced):
   torch          torch.save of a flat {path: tensor} dict into path.tmp, flush, fsync,
                  os.replace onto the final path, fsync of the directory.
   safetensors    safetensors.torch.save_file of the same dict, then the same fsync and rename.
+  fx sharded     the sharded format fx.shard's states are saved in (torch.distributed.checkpoint
+                 shards, the table with every shard file's size and CRC-32), written by one
+                 process, then the previous one deleted.
 Restores, each "cold" (every file of the checkpoint fsynced and dropped from the page cache with
 posix_fadvise(DONTNEED), no root needed) and then "warm" (read again at once):
   fxtrain        manager.restore(like=state) of the async manager's latest checkpoint
   torch          torch.load(path, weights_only=True, mmap=False)
   safetensors    safetensors.torch.load_file(path, backend="pread") (the default "mmap" backend
                  returns lazily mapped tensors: nothing would be read)
+  fx sharded     fx.checkpoint.restore(path, like=state) of the sharded checkpoint, and on its own
+                 the check of its shard files' checksums that the restore begins with (warm: about
+                 what computing them adds to a save, whose files are in the page cache)
 
 Run: python benchmarks/checkpoint.py [--sizes 10,400,1300] [--rounds 3] [--dir DIR] [--smoke]
 Prints one markdown table per size: median seconds and ratios against torch's (crash-safe) save
@@ -47,7 +53,7 @@ import torch
 from torch import nn
 
 import fxtrain as fx
-from fxtrain.checkpoint import store
+from fxtrain.checkpoint import bridge, shards, store
 from fxtrain.checkpoint.files import fsync_path
 from fxtrain.checkpoint.store import fsync_tree  # the original, not the counted one (ManagerFsyncs)
 from fxtrain.tree import leaves_with_paths
@@ -229,20 +235,34 @@ class Bench:
             shutil.rmtree(path)
         return {"fx_save_durable": time.perf_counter() - start}
 
+    def sharded_save(self, state) -> dict[str, float]:
+        """The sharded format, written by one process (no process group), then the previous one
+        deleted."""
+        folder = self.root / "fx_sharded"
+        folder.mkdir(exist_ok=True)
+        previous = list(folder.iterdir())
+        start = time.perf_counter()
+        values, meta = bridge.table(state)
+        shards.write(folder / str(int(state.step)), values, store.meta_for(state, meta, {}, {}))
+        for path in previous:
+            shutil.rmtree(path)
+        return {"fx_sharded_durable": time.perf_counter() - start}
+
     def saves(self, step: int) -> None:
         state = self.state.replace(step=torch.tensor(step))
         self.fx_saves(state)
         self.attempt("fx_save", self.one_off_save, state)
+        self.attempt("fx_sharded", self.sharded_save, state)
         self.record({"torch_durable": timed(torch_save, self.flat, self.torch_path)[0]})
         self.record({"st_durable": timed(safetensors_save, self.flat, self.st_path)[0]})
 
-    def restore_once(self, name: str, path: Path, load) -> None:
+    def restore_once(self, name: str, path: Path, load, compare: bool = True) -> None:
         for temperature in ("cold", "warm"):
             if temperature == "cold":
                 evict(path)
             seconds, restored = timed(load)
             self.record({f"{name}_{temperature}": seconds})
-            if not self.checked:
+            if compare and not self.checked:
                 got = restored if isinstance(restored, dict) else flat_tensors(restored)
                 if not same_tensors(self.flat, got):
                     raise AssertionError(f"{name} restored different tensors")
@@ -256,6 +276,13 @@ class Bench:
                           lambda: torch.load(self.torch_path, weights_only=True, mmap=False))
         self.restore_once("st_load", self.st_path,
                           lambda: safetensors.torch.load_file(self.st_path, backend="pread"))
+        if "fx_sharded" not in self.failed:
+            path = max((self.root / "fx_sharded").iterdir(), key=lambda p: int(p.name))
+            self.restore_once("fx_sharded_restore", path,
+                              lambda: fx.checkpoint.restore(path, like=self.state))
+            self.restore_once("fx_sharded_check", path,
+                              lambda: shards.verify_files(path, store.read_meta(path)),
+                              compare=False)
         self.checked = True
 
     def sizes(self) -> dict[str, tuple[int, int]]:
@@ -298,12 +325,20 @@ ROWS = [  # (key, label, the torch row it is compared with)
     ("fx_save_durable", "fx.checkpoint.save one-off + delete the previous (sync)",
      "torch_durable"),
     ("st_durable", "safetensors crash-safe (durable)", "torch_durable"),
+    ("fx_sharded_durable", "fxtrain sharded format, one process, with file checksums (durable)",
+     "torch_durable"),
     ("torch_load_cold", "torch.load cold", "torch_load_cold"),
     ("fx_restore_cold", "fxtrain manager.restore cold", "torch_load_cold"),
     ("st_load_cold", "safetensors load_file cold", "torch_load_cold"),
+    ("fx_sharded_restore_cold", "fxtrain sharded restore cold", "torch_load_cold"),
+    ("fx_sharded_check_cold", "  of which: checking the shard files' checksums, cold",
+     "torch_load_cold"),
     ("torch_load_warm", "torch.load warm", "torch_load_warm"),
     ("fx_restore_warm", "fxtrain manager.restore warm", "torch_load_warm"),
     ("st_load_warm", "safetensors load_file warm", "torch_load_warm"),
+    ("fx_sharded_restore_warm", "fxtrain sharded restore warm", "torch_load_warm"),
+    ("fx_sharded_check_warm", "  of which: checking the shard files' checksums, warm",
+     "torch_load_warm"),
 ]
 
 
