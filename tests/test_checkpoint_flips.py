@@ -8,36 +8,14 @@ import os
 import shutil
 
 import pytest
-import torch
 
 import fxtrain as fx
 from fxtrain import cli
 from fxtrain.checkpoint import (CheckpointManager, DamagedCheckpointError, bridge, layout,
                                 shards, store)
-from helpers import mlp, xent
+from test_checkpoint_damage import template, train  # the same run, checkpoints of 5 and 10
 
-X = torch.randn(96, 64, generator=torch.Generator().manual_seed(0))
-Y = (X[:, 0] > 0).long()
 FLIPS_PER_FILE = 32
-
-
-def state():
-    return fx.TrainState.create(mlp((64, 32, 2)), fx.optim.adam(1e-3), seed=0)
-
-
-def batches():
-    return fx.data.Batches((X, Y), 16, seed=1)
-
-
-def template():
-    return state().replace(data=batches().init())
-
-
-def train(directory, steps):
-    every5 = [fx.callbacks.checkpoint_policy(every=5)]
-    with CheckpointManager(directory, keep_latest=3, async_save=False) as m:
-        return fx.fit(state(), fx.make_train_step(xent), batches(), callbacks=every5,
-                      max_steps=steps, checkpoint=m)
 
 
 def as_sharded(run, into):
@@ -141,8 +119,8 @@ def test_a_description_that_keeps_valid_json_is_named_and_fit_falls_back(runs, t
     shutil.copytree(root / "ordinary", directory)
     file = directory / "10" / "fxtrain" / "metadata"
     text = file.read_text()
-    assert '"shape": [32, 64]' in text
-    file.write_text(text.replace('"shape": [32, 64]', '"shape": [32, 65]', 1))  # valid JSON
+    assert '"shape": [128, 64]' in text
+    file.write_text(text.replace('"shape": [128, 64]', '"shape": [128, 65]', 1))  # valid JSON
     with pytest.raises(DamagedCheckpointError, match=r"description \(the fxtrain item\) differs "
                                                      r"from what was saved"):
         CheckpointManager(directory).restore(like=template())
