@@ -80,12 +80,25 @@ def take(stream: Any, position: Any, k: int) -> tuple[Any, Any, bool]:
     batches = []
     for i in range(k):
         batch, position, epoch_done = stream.next(position)
+        if batches and _shapes(batch) != _shapes(batches[0]):
+            raise ValueError(f"fit: batch {i + 1} of a call of steps_per_call={k} has shapes "
+                             f"{_shapes(batch)}, the first {_shapes(batches[0])}: the batches "
+                             "of one call are stacked, so they must be alike (a short last batch "
+                             "of an epoch? Batches(..., drop_last=True) leaves it out)")
         batches.append(batch)
         if epoch_done and i < k - 1:
             raise ValueError(f"fit: an epoch of the data ended after batch {i + 1} of a call "
                              f"of steps_per_call={k}; make the batches per epoch a multiple "
-                             f"of {k}")
+                             f"of {k} (an epoch resumed on another batch size or number of "
+                             "processes has its own number of batches left: resume it on the "
+                             "layout that wrote the checkpoint, or finish that epoch with "
+                             "steps_per_call=1)")
     return stacked(batches), position, epoch_done
+
+
+def _shapes(batch: Any) -> list:
+    return [tuple(leaf.shape) for leaf in pytree.tree_leaves(batch)
+            if isinstance(leaf, torch.Tensor)]
 
 
 def stacked(batches: list) -> Any:

@@ -214,3 +214,21 @@ def test_k_batches_from_any_stream_stack_in_order_in_their_structure():
     data = fx.data.as_stream(batches)
     stacked, _, done = _k_steps.take(data, data.init(), 4)
     assert torch.equal(stacked[0], got[0]) and done
+
+
+def test_an_epoch_resumed_on_another_layout_that_ends_inside_a_call_says_so():
+    """3 batches of 3 taken (9 examples of 16), then resumed with batches of 2 (drop_last): the 7
+    left are 3 batches, so the epoch ends after the first batch of the second 2-step call."""
+    x, y = torch.randn(16, 8), torch.randint(0, 4, (16,))
+    state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
+    state = fx.fit(state, fx.make_train_step(xent), fx.data.Batches((x, y), 3, seed=0),
+                   max_steps=3)
+    two = fx.make_train_step(xent, steps_per_call=2, donate=False)  # the state is used twice
+    state = state.replace(step=torch.tensor(4))  # a start at a multiple of 2
+    with pytest.raises(ValueError, match=r"ended after batch 1 of a call of steps_per_call=2.*"
+                                         r"an epoch resumed on another batch size"):
+        fx.fit(state, two, fx.data.Batches((x, y), 2, seed=0), max_steps=10)
+    with pytest.raises(ValueError, match=r"batch 2 of a call of steps_per_call=2 has shapes "
+                                         r"\[\(3, 8\), \(3,\)\], the first \[\(4, 8\), \(4,\)\].*"
+                                         r"drop_last=True"):  # 7 left: 4, then a short 3
+        fx.fit(state, two, fx.data.Batches((x, y), 4, seed=0, drop_last=False), max_steps=8)
