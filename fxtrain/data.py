@@ -333,7 +333,9 @@ class Batches:
         """The position once ``end`` examples of ``epoch`` are taken, and whether an epoch ended
         (``rolled``: the one before ``epoch``, which had no batch left)."""
         end = min(end, self.size)
-        done = not rolled and self._ended(end)  # else the next call rolls over
+        # in an epoch just rolled into, the next call rolls over, unless nothing of it is left
+        # (a position at its very end would name no example: the next epoch's start instead)
+        done = end >= self.size if rolled else self._ended(end)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0),
                                self._unit(self._global))
@@ -342,6 +344,29 @@ class Batches:
             new = DataPosition(self._epoch[1], _index_tensor(end // unit), self._unit(unit))
         self._last = (new, epoch + done, 0 if done else end)
         return new, done or rolled
+
+    def settle(self, position: DataPosition) -> DataPosition:
+        """``position``, or the start of the next epoch when its epoch has no batch left here
+        (an epoch resumed with ``drop_last`` on a larger global batch than the one that wrote
+        it): what ``fit`` starts from, so that no batch of the next epoch is counted in the one
+        before it.
+
+        Examples:
+            >>> data = fx.data.Batches(torch.arange(10), batch_size=4)  # drop_last: 2 batches
+            >>> three = fx.data.DataPosition(torch.tensor(0), torch.tensor(3), torch.tensor(2))
+            >>> data.settle(three)  # 6 of 10 examples taken: 4 left, one batch
+            DataPosition(epoch=tensor(0), index=tensor(3), batch=tensor(2))
+            >>> data.settle(three.replace(index=torch.tensor(4)))  # 8 taken: 2 left, none
+            DataPosition(epoch=tensor(1), index=tensor(0), batch=tensor(4))
+        """
+        if not isinstance(position, DataPosition) or (
+                self._last is not None and position is self._last[0]):
+            return position
+        epoch, offset = self._read(position)
+        if not self._ended(offset):
+            return position
+        return DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0),
+                            self._unit(self._global))
 
     def _unit(self, examples: int) -> torch.Tensor:
         """The ``batch`` tensor of ``examples``: one per value, never an index tensor."""

@@ -158,6 +158,9 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         state = _resuming.resume(checkpoint, state, resume)
         if state is not before:  # resumed: the checkpoint it came from
             restored = f"{getattr(checkpoint, 'directory', 'checkpoint')}/{int(state.step)}"
+    settle = getattr(stream, "settle", None)  # an epoch resumed with no batch left: the next
+    if settle is not None:
+        state = state.replace(data=settle(state.data))
     donates = not _k_steps.skipping(callbacks)
     if not donates and spec.cuda_graphs:
         raise ValueError(f"fit: host callback {_k_steps.skipping(callbacks)[0].name} may skip a "

@@ -117,12 +117,14 @@ def test_any_layouts_any_cut(size, old, new, cut, drop_last, again):
         last = again
         after, position, done = run(streams(size, *again, drop_last), saved(position))
     shown = before + middle + after
-    if int(position.index):  # the epoch had no batch left for the new layout: the last is epoch 1's
+    rolled = int(position.epoch) == 2 or int(position.index)
+    if rolled:  # the epoch had no batch left for the new layout: the last is epoch 1's
         assert drop_last and torch.equal(shown.pop(), streams(size, *last)[0].order(1)[
             :min(size, last[0] * last[1])])
     seen = torch.cat(shown)
     assert_in_order(seen, ranks[0].order(0))
-    assert int(position.epoch) == 1
+    # epoch 2's start: epoch 1 was one global batch, taken whole with epoch 0's end
+    assert int(position.epoch) == 1 or (rolled and int(position.index) == 0)
     assert size - len(seen) < (last[0] * last[1] if drop_last else 1)
 
 
@@ -249,3 +251,26 @@ def test_a_checkpoint_with_an_old_two_leaf_position_restores_and_resumes_as_befo
         _, rest, _ = fit(manager, 8, 5)
     assert torch.equal(torch.cat(rest), fx.data.Batches(IDS, 8, seed=1).order(0)[24:40])
     assert all(files[p] == p.read_bytes() for p in files)  # the old checkpoint: as it was
+
+
+def test_fit_starts_an_epoch_with_no_batch_left_at_the_next_one_and_every_checkpoint_resumes(
+        tmp_path):
+    """8 examples: a step of 4 saved, then batches of 8 (drop_last), whose epoch 0 has nothing
+    left: fit starts at epoch 1 (no batch of it counted in epoch 0, max_epochs not overshot),
+    and the checkpoint it writes resumes again (its position once named example 8 of 8)."""
+    ids = torch.arange(8)
+    step = fx.make_train_step(lambda s, p, b: (s.apply(p, b.float()[:, None]) ** 2).mean())
+
+    def fit(batch_size, **how):
+        with fx.checkpoint.CheckpointManager(tmp_path, async_save=False) as manager:
+            state = fx.TrainState.create(torch.nn.Linear(1, 1), fx.optim.sgd(0.01), seed=0)
+            return fx.fit(state, step, fx.data.Batches(ids, batch_size, seed=1), progress=False,
+                          checkpoint=manager, **how)
+
+    assert [int(x) for x in pytree.tree_leaves(fit(4, max_steps=1).data)] == [0, 1, 4]
+    end = fit(8, max_epochs=1)  # epoch 0 is over: nothing more to train
+    assert int(end.step) == 1
+    end = fit(8, max_steps=2)
+    assert int(end.step) == 2 and [int(x) for x in pytree.tree_leaves(end.data)] == [2, 0, 8]
+    end = fit(8, max_steps=3)  # failed before: "position index 1 in batches of 8 is 8 examples
+    assert int(end.step) == 3  # into an epoch of this stream's 8"
