@@ -272,18 +272,28 @@ def unit_errors(batch):
     }
 
 
-def sharded_saves(out, ckpt, restore_only="no"):
+def sharded_saves(out, ckpt, restore_only="no", eio_rank="none"):
     """A sharded run saving every 4 steps (keep 2) and a one-off save at the end, or (with
-    ``restore_only="yes"``) the restore of what it saved onto a sharded template."""
+    ``restore_only="yes"``) the restore of what it saved onto a sharded template; ``eio_rank``:
+    the rank whose reads of shard files fail with EIO (a disk failing under one node)."""
     make = lambda: fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2))  # noqa
     data = fx.data.Batches((X, Y), 16, seed=1)
     rank = fx.distributed.rank()
     if restore_only == "yes":
+        if eio_rank == str(rank):
+            import errno
+
+            import fxtrain.checkpoint.shards as shards
+
+            def failing(path):
+                raise OSError(errno.EIO, "Input/output error", str(path))
+            shards._file_crc = failing
         like = fx.shard(make().replace(data=data.init()))
         try:
             latest = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)
-        except fx.checkpoint.DamagedCheckpointError as e:  # every rank hears of it, at once
-            torch.save({"damaged": str(e)}, f"{out}/restored{rank}.pt")
+        except (fx.checkpoint.DamagedCheckpointError,  # every rank hears of it, at once
+                fx.checkpoint.UnreadableCheckpointError) as e:
+            torch.save({"damaged": f"{type(e).__name__}: {e}"}, f"{out}/restored{rank}.pt")
             return
         final = fx.checkpoint.restore(f"{out}/final", like=like)
         torch.save({"latest": fx.tree_digest(latest), "final": fx.tree_digest(final),

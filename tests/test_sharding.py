@@ -96,7 +96,8 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     table = fxtrain.checkpoint.store.read_meta(ckpt / "12")
     assert sorted(table["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     shard = ckpt / "12" / "shards" / "__1_0.distcp"
-    data = bytearray(shard.read_bytes())
+    intact = shard.read_bytes()
+    data = bytearray(intact)
     data[len(data) // 2] ^= 4
     shard.write_bytes(bytes(data))
     named = r"its shard file shards/__1_0\.distcp differ.*CRC-32 mismatch"
@@ -105,6 +106,12 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")  # on two ranks
     for r in (0, 1):
         assert re.search(named, torch.load(tmp_path / f"restored{r}.pt")["damaged"])
+    # a read failing on one rank only: both ranks raise it (none left waiting in a collective)
+    shard.write_bytes(intact)
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes", eio_rank="1")
+    for r in (0, 1):
+        said = torch.load(tmp_path / f"restored{r}.pt")["damaged"]
+        assert said.startswith("UnreadableCheckpointError") and "Input/output error" in said
 
     wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
     with pytest.raises(fx.checkpoint.CheckpointMismatchError) as error:

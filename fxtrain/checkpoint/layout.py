@@ -79,6 +79,11 @@ def _system_errno(error: BaseException | None) -> int | None:
     return None
 
 
+def is_system_error(error: OSError) -> bool:
+    """Whether ``error`` is the system's (permissions, I/O), not the bytes'."""
+    return error.errno in _NOT_DAMAGE
+
+
 def unreadable(path: Path, number: int, what: str) -> UnreadableCheckpointError:
     return UnreadableCheckpointError(
         number, f"cannot read the checkpoint at {path}: {what} ({os.strerror(number)}). This "

@@ -35,7 +35,8 @@ import torch
 
 from .. import distributed
 from .files import fsync_path
-from .layout import TABLE, damage, damaged, is_sharded_checkpoint, sealed  # noqa: F401
+from .layout import (TABLE, UnreadableCheckpointError, check_readable, damage,  # noqa: F401
+                     damaged, is_sharded_checkpoint, is_system_error, sealed, unreadable)
 
 SHARDS, TMP = "shards", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
@@ -82,38 +83,49 @@ def _checksums(folder: Path) -> dict[str, list[int]]:
     return {name: v for part in distributed.all_gather(mine) for name, v in part.items()}
 
 
-def _check_files(path: Path, files: dict[str, list[int]]) -> str | None:
+def _check_files(path: Path, files: dict[str, list[int]] | None) -> tuple | None:
     """What is wrong with the shard files of ``files`` (this rank's share of them under a
-    process group), or None."""
-    names = sorted(files)
-    if not _alone():
-        names = names[distributed.rank()::distributed.world_size()]
-    for name in names:
-        size, crc = files[name]
-        file = path / SHARDS / name
-        if not file.is_file():
-            return f"its shard file {SHARDS}/{name} is missing"
-        if file.stat().st_size != size:
-            return (f"its shard file {SHARDS}/{name} holds {file.stat().st_size} bytes, "
-                    f"{size} were written (truncated or altered)")
-        if _file_crc(file) != crc:
-            return (f"the bytes of its shard file {SHARDS}/{name} differ from what was written "
-                    "(CRC-32 mismatch)")
+    process group), or None: ``("damaged", what)`` or ``("unreadable", errno, what)``."""
+    try:
+        check_readable(path)
+        if files is None:  # written before checksums were kept
+            return None
+        names = sorted(files)
+        if not _alone():
+            names = names[distributed.rank()::distributed.world_size()]
+        for name in names:
+            size, crc = files[name]
+            file = path / SHARDS / name
+            if not file.is_file():
+                return "damaged", f"its shard file {SHARDS}/{name} is missing"
+            if file.stat().st_size != size:
+                return "damaged", (f"its shard file {SHARDS}/{name} holds "
+                                   f"{file.stat().st_size} bytes, {size} were written "
+                                   "(truncated or altered)")
+            if _file_crc(file) != crc:
+                return "damaged", (f"the bytes of its shard file {SHARDS}/{name} differ from "
+                                   "what was written (CRC-32 mismatch)")
+    except UnreadableCheckpointError as e:
+        return "unreadable", e.errno, e.strerror.split(": ", 1)[-1].split(". This is not")[0]
+    except OSError as e:  # a read failing midway (EIO), or a file gone meanwhile
+        what = f"reading its shard files failed ({type(e).__name__}: {e})"
+        return ("unreadable", e.errno, what) if is_system_error(e) else ("damaged", what)
     return None
 
 
 def verify_files(path: Path, meta: dict) -> None:
     """Raises ``DamagedCheckpointError`` naming the first shard file whose size or checksum
-    differs from the table's (checkpoints written before checksums were kept pass). Under a
-    process group every rank calls it, checks a share of the files, and all raise together."""
-    files = meta.get("files")
-    if files is None:
-        return
-    problem = _check_files(path, files)
+    differs from the table's (checkpoints written before checksums were kept pass), or
+    ``UnreadableCheckpointError`` for one this process may not read. Under a process group
+    every rank calls it, checks a share of the files, and all raise together: a rank that
+    failed alone would leave the others waiting in torch.distributed.checkpoint's collectives."""
+    problem = _check_files(path, meta.get("files"))
     if not _alone():
         problem = next((p for p in distributed.all_gather(problem) if p), None)
+    if problem and problem[0] == "unreadable":
+        raise unreadable(path, problem[1], problem[2])
     if problem:
-        raise damage(path, problem)
+        raise damage(path, problem[1])
 
 
 def background_group() -> Any:

@@ -152,11 +152,13 @@ def restore_from(path: Path, like: Any, *, only=None,
     """Reads the checkpoint at ``path`` into a state shaped like ``like``."""
     meta = read_meta(path)
     p = bridge.plan(meta, like, only=only, cast=cast)
-    check_readable(path)
-    if shards.is_sharded_checkpoint(path):  # each template DTensor reads its own shards
-        likes = {e["key"]: leaf for _, leaf, e in p.sources if e is not None and "key" in e}
+    if shards.is_sharded_checkpoint(path):  # each template DTensor reads its own shards (its
+        likes = {e["key"]: leaf for _, leaf, e in p.sources  # files checked by every rank at
+                 if e is not None and "key" in e}  # once, in read: none fails alone)
         load = lambda keys: shards.read(path, meta, keys, likes)  # noqa: E731
     else:
+        check_readable(path)
+
         def load(keys):
             arrays = read_arrays(path, keys, saved_keys(meta))
             verify_arrays(path, arrays, meta)
@@ -179,13 +181,13 @@ def read_all(path: Path) -> tuple[dict, dict[str, Any]]:
     """The description and every stored array (a sharded checkpoint's as whole tensors) of the
     checkpoint at ``path``, checked against the checksums and shapes it was saved with."""
     meta = read_meta(path)
-    check_readable(path)
     keys = saved_keys(meta)
     if shards.is_sharded_checkpoint(path):
         if not keys:
             shards.verify_files(path, meta)
             return meta, {}
         return meta, shards.read(path, meta, keys)
+    check_readable(path)
     if not keys:
         return meta, {}
     arrays = read_arrays(path, keys, keys)
