@@ -158,8 +158,16 @@ def steps(directory: Path) -> list[int]:
     """The steps of the finished checkpoints in a manager's ``directory``, oldest first."""
     if not directory.is_dir():
         return []
-    return sorted(int(p.name) for p in directory.iterdir()
-                  if p.name.isdigit() and is_checkpoint(p))
+    found = []
+    for p in directory.iterdir():
+        try:
+            if p.name.isdigit() and is_checkpoint(p):
+                found.append(int(p.name))
+        except OSError as e:  # a folder this process may not enter: a step, named when read
+            if not is_system_error(e):
+                raise
+            found.append(int(p.name))
+    return sorted(found)
 
 
 def describe_directory(path: Path) -> str:
@@ -176,7 +184,13 @@ def read_meta(path: Path) -> dict:
     it cannot be read)."""
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}: the directory does not exist")
-    if not is_checkpoint(path):
+    try:
+        found = is_checkpoint(path)
+    except OSError as e:
+        if not is_system_error(e):
+            raise
+        raise unreadable(path, e.errno, f"{e.filename} cannot be opened") from e
+    if not found:
         raise ValueError(f"{path} is not an fxtrain checkpoint (it holds: "
                          f"{describe_directory(path)})")
     file = path / TABLE if is_sharded_checkpoint(path) else path / META / JSON_ITEM
