@@ -70,7 +70,7 @@ def acquire(workdir: str | os.PathLike, command: str | None = None) -> Lock:
     made = _make(root)
     path = root / LOCK_NAME
     owner = {"pid": os.getpid(), "host": socket.gethostname(),
-             "started": _now(), "command": command or _command_line()}
+             "started": _now(), "command": command or _command_line(), **_machine()}
     try:
         for _ in range(20):
             if _create(path, owner):
@@ -190,11 +190,31 @@ def _read(path: Path) -> tuple[bytes, dict] | None:
                         f"{path.parent}, delete {path} and start again")
 
 
+def _machine() -> dict[str, str]:
+    """(Linux) This boot of the machine and this process's pid namespace: a lock written in
+    another namespace (a container with the host's hostname) names a pid this process cannot
+    see, and one written before a restart names a process that is gone."""
+    found = {}
+    for key, read in (("boot", lambda: Path("/proc/sys/kernel/random/boot_id").read_text()),
+                      ("pid_namespace", lambda: os.readlink("/proc/self/ns/pid"))):
+        try:
+            found[key] = read().strip()
+        except OSError:
+            pass
+    return found
+
+
 def _gone(owner: dict) -> str | None:
     """Why the lock's process no longer runs ("is not running", ...), or None: it may run
-    (alive on this host, or on another host, which cannot be checked from here)."""
+    (alive on this host, or on another host or in another container, which cannot be checked
+    from here)."""
     if owner.get("host") != socket.gethostname():
         return None
+    here = _machine()
+    if owner.get("boot") and here.get("boot") and owner["boot"] != here["boot"]:
+        return "is not running (the machine has restarted since)"
+    if owner.get("pid_namespace") != here.get("pid_namespace") and "pid_namespace" in owner:
+        return None  # another container's process: its pid means nothing here
     pid = owner["pid"]
     if pid == os.getpid():
         return None  # this very process: another run in it holds the workdir
@@ -253,9 +273,10 @@ def _who(owner: dict) -> str:
 
 
 def _refusal(path: Path, owner: dict) -> str:
-    here = owner.get("host") == socket.gethostname()
+    here = owner.get("host") == socket.gethostname() and (
+        "pid_namespace" not in owner or owner["pid_namespace"] == _machine().get("pid_namespace"))
     gone = ("if that process is gone, delete the lock file" if here else
-            f"if that run has ended (this machine cannot check another host's processes), "
-            "delete the lock file")
+            "if that run has ended (this machine cannot check another host's processes, or "
+            "another container's), delete the lock file")
     return (f"the workdir {path.parent} is in use by {_who(owner)}; wait for that run to end, "
             f"or give another workdir; {gone} {path}. Nothing was changed.")

@@ -214,3 +214,21 @@ def test_under_torch_distributed_rank_0_takes_the_lock_and_every_rank_refuses(tm
     assert zero["refused"].startswith(f"WorkdirLocked: the workdir {tmp_path / 'busy'} is in use")
     assert one["refused"].startswith("RuntimeError: rank 0 could not lock the workdir")
     assert f"pid {os.getpid()} on host" in one["refused"]
+
+
+def test_a_lock_of_another_pid_namespace_is_refused_and_one_from_before_a_restart_taken_over(
+        tmp_path):
+    """A container with the host's hostname but its own pids (host networking): its lock names
+    a pid this process cannot see, so it is refused, not taken over from a live run. A lock
+    written before the machine restarted is a dead owner's."""
+    from fxtrain.workdir import _machine
+    here = _machine()
+    if "pid_namespace" not in here or "boot" not in here:
+        pytest.skip("no /proc pid namespace or boot id here")
+    write_lock(tmp_path, pid=dead_pid(), pid_namespace="pid:[1]")
+    with pytest.raises(WorkdirLocked, match="or another container's"):
+        acquire(tmp_path, "new run")
+    write_lock(tmp_path, pid=os.getppid(), boot="an-earlier-boot", **{
+        "pid_namespace": here["pid_namespace"]})
+    with pytest.warns(RuntimeWarning, match="the machine has restarted since"):
+        release(acquire(tmp_path, "new run"))
