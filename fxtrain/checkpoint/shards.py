@@ -27,6 +27,7 @@ import shutil
 import warnings
 import zlib
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -68,17 +69,21 @@ def _file_crc(path: Path) -> int:
     return crc
 
 
-def _checksums(folder: Path) -> dict[str, list[int]]:
-    """``{name: [size, crc32]}`` of every file of ``folder`` (gathered from the ranks that wrote
-    them: each reads back its own files only)."""
+def _own_checksums(folder: Path) -> dict[str, list[int]]:
+    """``{name: [size, crc32]}`` of the files of ``folder`` this rank wrote (all of them
+    without a process group): each rank reads back its own files only."""
     def owner(name: str) -> int:
         match = _RANK_FILE.fullmatch(name)
         return int(match.group(1)) if match else 0
 
     alone = _alone()
-    mine = {p.name: [p.stat().st_size, _file_crc(p)] for p in sorted(folder.iterdir())
+    return {p.name: [p.stat().st_size, _file_crc(p)] for p in sorted(folder.iterdir())
             if p.is_file() and (alone or owner(p.name) == distributed.rank())}
-    if alone:
+
+
+def _gathered(mine: dict[str, list[int]]) -> dict[str, list[int]]:
+    """Every rank's ``_own_checksums`` in one table (a collective under a process group)."""
+    if _alone():
         return mine
     return {name: v for part in distributed.all_gather(mine) for name, v in part.items()}
 
@@ -147,8 +152,9 @@ def write(path: Path, values: dict[str, Any], meta: dict,
 
     ``background``: a process group (``background_group()``) to write in a thread with:
     returns once this rank's shards are copied (the state may change in place right after);
-    the returned ``complete()``, called by every rank, waits for the write and puts the
-    checkpoint in place.
+    this rank's files are checksummed on the writer's thread as soon as they are written, and
+    the returned ``complete()``, called by every rank, waits for both, gathers the checksums
+    and puts the checkpoint in place.
     """
     import torch.distributed.checkpoint as dcp
     tmp = path.with_name(path.name + TMP)
@@ -183,20 +189,30 @@ def write(path: Path, values: dict[str, Any], meta: dict,
                      no_dist=_alone())
         except Exception as e:
             raise failed(e) from e
-        files = _checksums(tmp / SHARDS)
+        files = _gathered(_own_checksums(tmp / SHARDS))
         distributed.rank_zero_then_broadcast(lambda: done(files),
                                              f"finish the sharded checkpoint {path}")
         return None
     snapshot = {k: _stored(v).clone() for k, v in values.items()}  # a donating step's next
     future = dcp.async_save(snapshot, storage_writer=writer,  # write can't reach these
                             process_group=background)
+    mine: Future = Future()  # this rank's checksums, read back on the writer's thread too
+
+    def checksum(written: Future) -> None:
+        try:
+            written.result()
+            mine.set_result(_own_checksums(tmp / SHARDS))
+        except BaseException as e:  # noqa: BLE001 (handed to complete, on the training thread)
+            mine.set_exception(e)
+
+    future.add_done_callback(checksum)
 
     def complete() -> None:
         try:
-            future.result()
+            files = mine.result()
         except Exception as e:
             raise failed(e) from e
-        files = _checksums(tmp / SHARDS)
+        files = _gathered(files)
         distributed.rank_zero_then_broadcast(lambda: done(files),
                                              f"finish the sharded checkpoint {path}")
 
