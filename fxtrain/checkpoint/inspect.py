@@ -67,8 +67,7 @@ def summary(path: Path, verify: bool = False) -> dict[str, Any]:
     except (layout.DamagedCheckpointError, layout.UnreadableCheckpointError) as e:
         step = int(path.name) if path.name.isdigit() else None
         damaged = isinstance(e, layout.DamagedCheckpointError)
-        why = (str(e).split(" is damaged: ", 1)[-1] if damaged
-               else e.strerror.split(": ", 1)[-1].split(". This is not")[0])
+        why = str(e).split(" is damaged: ", 1)[-1] if damaged else e.what
         return {"path": path, "step": step, "metrics": {}, "size": _size(path), "time": None,
                 "meta": None, "damaged": why if damaged else None,
                 "unreadable": None if damaged else why}

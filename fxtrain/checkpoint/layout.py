@@ -85,38 +85,47 @@ def is_system_error(error: OSError) -> bool:
 
 
 def unreadable(path: Path, number: int, what: str) -> UnreadableCheckpointError:
-    return UnreadableCheckpointError(
+    """The error for a checkpoint at ``path`` the system would not let this process read;
+    ``what`` (also its attribute ``what``, with the cause) says which part."""
+    error = UnreadableCheckpointError(
         number, f"cannot read the checkpoint at {path}: {what} ({os.strerror(number)}). This "
                 "is not damage, so nothing was set aside or skipped: make it readable (or fix "
                 "the disk) and run again")
+    error.what = f"{what} ({os.strerror(number)})"
+    return error
 
 
-def damaged(path: Path, error: BaseException, what: str) -> DamagedCheckpointError:
+def refused(path: Path, error: OSError) -> UnreadableCheckpointError:
+    """``error`` (opening part of the checkpoint at ``path``) as an
+    ``UnreadableCheckpointError``; raises it again when it is not the system's."""
+    if not is_system_error(error):
+        raise error
+    return unreadable(path, error.errno, f"{error.filename} cannot be opened")
+
+
+def damaged(path: Path, error: BaseException,
+            what: str) -> DamagedCheckpointError | UnreadableCheckpointError:
     """The error for a checkpoint at ``path`` whose ``what`` could not be read: an
-    ``UnreadableCheckpointError`` (raised here) when the system failed, not the bytes."""
+    ``UnreadableCheckpointError`` when the system failed, not the bytes."""
+    failed = f"reading {what} failed ({type(error).__name__}: {_cause(error)})"
     number = _system_errno(error)
-    if number is not None:
-        raise unreadable(path, number, f"reading {what} failed ({type(error).__name__}: "
-                                       f"{_cause(error)})") from error
-    return damage(path, f"reading {what} failed ({type(error).__name__}: {_cause(error)})")
+    return damage(path, failed) if number is None else unreadable(path, number, failed)
 
 
 def check_readable(path: Path) -> None:
     """Raises ``UnreadableCheckpointError`` naming the first file or folder under ``path``
     this process may not open (before any read could mistake it for damage)."""
-    def refused(error: OSError) -> None:
-        if error.errno in _NOT_DAMAGE:
-            raise unreadable(path, error.errno, f"{error.filename} cannot be opened") from error
-        raise error
+    def fail(error: OSError) -> None:
+        raise refused(path, error) from error
 
-    for root, dirs, files in os.walk(path, onerror=refused):
+    for root, dirs, files in os.walk(path, onerror=fail):
         for name in files:
             try:
                 os.close(os.open(os.path.join(root, name), os.O_RDONLY))
             except FileNotFoundError:
                 continue  # gone meanwhile (a retention delete): the read names it if it matters
             except OSError as e:
-                refused(e)
+                fail(e)
 
 
 def _canonical(meta: dict) -> bytes:
@@ -187,9 +196,7 @@ def read_meta(path: Path) -> dict:
     try:
         found = is_checkpoint(path)
     except OSError as e:
-        if not is_system_error(e):
-            raise
-        raise unreadable(path, e.errno, f"{e.filename} cannot be opened") from e
+        raise refused(path, e) from e
     if not found:
         raise ValueError(f"{path} is not an fxtrain checkpoint (it holds: "
                          f"{describe_directory(path)})")

@@ -37,7 +37,7 @@ import torch
 from .. import distributed
 from .files import fsync_path
 from .layout import (TABLE, UnreadableCheckpointError, check_readable, damage,  # noqa: F401
-                     damaged, is_sharded_checkpoint, is_system_error, sealed, unreadable)
+                     damaged, is_sharded_checkpoint, sealed)
 
 SHARDS, TMP = "shards", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
@@ -88,33 +88,30 @@ def _gathered(mine: dict[str, list[int]]) -> dict[str, list[int]]:
     return {name: v for part in distributed.all_gather(mine) for name, v in part.items()}
 
 
-def _check_files(path: Path, files: dict[str, list[int]] | None) -> tuple | None:
-    """What is wrong with the shard files of ``files`` (this rank's share of them under a
-    process group), or None: ``("damaged", what)`` or ``("unreadable", errno, what)``."""
+def _check_files(path: Path, files: dict[str, list[int]] | None) -> Exception | None:
+    """The error of the shard files of ``files`` (this rank's share of them under a process
+    group): a ``DamagedCheckpointError`` or an ``UnreadableCheckpointError``; None when intact."""
     try:
         check_readable(path)
-        if files is None:  # written before checksums were kept
-            return None
-        names = sorted(files)
+        names = sorted(files or ())  # none: written before checksums were kept
         if not _alone():
             names = names[distributed.rank()::distributed.world_size()]
         for name in names:
             size, crc = files[name]
             file = path / SHARDS / name
             if not file.is_file():
-                return "damaged", f"its shard file {SHARDS}/{name} is missing"
+                return damage(path, f"its shard file {SHARDS}/{name} is missing")
             if file.stat().st_size != size:
-                return "damaged", (f"its shard file {SHARDS}/{name} holds "
-                                   f"{file.stat().st_size} bytes, {size} were written "
-                                   "(truncated or altered)")
+                return damage(path, f"its shard file {SHARDS}/{name} holds "
+                                    f"{file.stat().st_size} bytes, {size} were written "
+                                    "(truncated or altered)")
             if _file_crc(file) != crc:
-                return "damaged", (f"the bytes of its shard file {SHARDS}/{name} differ from "
-                                   "what was written (CRC-32 mismatch)")
+                return damage(path, f"the bytes of its shard file {SHARDS}/{name} differ from "
+                                    "what was written (CRC-32 mismatch)")
     except UnreadableCheckpointError as e:
-        return "unreadable", e.errno, e.strerror.split(": ", 1)[-1].split(". This is not")[0]
+        return e
     except OSError as e:  # a read failing midway (EIO), or a file gone meanwhile
-        what = f"reading its shard files failed ({type(e).__name__}: {e})"
-        return ("unreadable", e.errno, what) if is_system_error(e) else ("damaged", what)
+        return damaged(path, e, "its shard files")
     return None
 
 
@@ -127,10 +124,8 @@ def verify_files(path: Path, meta: dict) -> None:
     problem = _check_files(path, meta.get("files"))
     if not _alone():
         problem = next((p for p in distributed.all_gather(problem) if p), None)
-    if problem and problem[0] == "unreadable":
-        raise unreadable(path, problem[1], problem[2])
-    if problem:
-        raise damage(path, problem[1])
+    if problem is not None:
+        raise problem
 
 
 def background_group() -> Any:
