@@ -10,10 +10,10 @@ text is the warning ``fx.precompiled`` gives, naming the file and the cause.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from pathlib import Path
+
+from ._files import write_whole
 
 MAGIC = b"fxtrain-precompiled-"  # a file begins so, then the number of its format
 FORMAT = 2  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body
@@ -82,21 +82,4 @@ def read(path: Path) -> tuple[bytes, bytes] | None:
     return unpack(path, data)
 
 
-def write(path: Path, data: bytes) -> None:
-    """``data`` into ``path`` whole or not at all, on disk when it returns: written beside it,
-    flushed, renamed over it, the rename flushed."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a reader never sees half a file
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+write = write_whole  # the file whole or not at all, flushed to disk (fxtrain._files)

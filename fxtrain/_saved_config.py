@@ -24,11 +24,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from ._files import write_whole
 
 NAME = "config.yaml"
 HOW_TO_RUN = ("resume", "allow_changes", "progress")  # never saved, never compared
@@ -103,8 +104,8 @@ def save(root: Path, new: dict[str, Any], step: int) -> Path | None:
     kept = None
     if old is not None:
         kept = _free(root, step)
-        _write(kept, old)
-    _write(path, text)
+        write_whole(kept, old.encode())
+    write_whole(path, text.encode())
     return kept
 
 
@@ -115,13 +116,3 @@ def _free(root: Path, step: int) -> Path:
         n += 1
         path = root / f"config.{step}-{n}.yaml"
     return path
-
-
-def _write(path: Path, text: str) -> None:
-    """``text`` into ``path`` atomically: a temporary file beside it, flushed, renamed."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

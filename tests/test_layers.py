@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
-    ("_version", "_torch", "_format", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
+    ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "remat",
      "distributed", "workdir", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec

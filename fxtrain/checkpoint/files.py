@@ -1,15 +1,6 @@
-"""Flushing checkpoint files and directories to disk (what makes a rename into place durable)."""
+"""Flushing checkpoint files and directories to disk (what makes a rename into place durable):
+``fxtrain._files``'s, under the name the checkpoint modules and benchmarks use."""
 
-from __future__ import annotations
+from .._files import fsync_path
 
-import os
-from pathlib import Path
-
-
-def fsync_path(path: Path | str) -> None:
-    """Flushes one file or directory (its entries: a rename into it) to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["fsync_path"]
