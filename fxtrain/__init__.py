@@ -9,9 +9,7 @@ their paths and private names may change between releases; import from the packa
 """
 
 import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._version import __version__ as __version__
 
@@ -32,33 +30,10 @@ _NAMES = {
     "precompiled": "precompile",
     "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
     "shard": "sharding", "TrainState": "state",
-    "make_eval_step": "step", "make_train_step": "step", "StepSpec": "step_spec",
-    "tree_digest": "tree", "train": "configured", "LrFind": "lr_find",
+    "make_eval_step": "step", "make_train_step": "step", "StepSpec": "_step_spec",
+    "step_spec": "_step_spec", "predict": "_predict", "remat": "_remat",
+    "tree_digest": "tree", "train": "configured", "LrFind": "_lr_find", "lr_find": "_lr_find",
 }
-
-
-class _Package(types.ModuleType):
-    """The package's module type: names that are also its submodules' names (``fx.remat`` the
-    function, ``fxtrain.remat`` its module) stay the functions when a submodule is imported,
-    which would otherwise bind the module in their place."""
-
-
-def _shadowing(name: str) -> property:
-    def get(package: types.ModuleType) -> Any:
-        _load_all()
-        return getattr(importlib.import_module(f".{name}", __name__), name)
-
-    def put(package: types.ModuleType, value: Any) -> None:
-        if not isinstance(value, types.ModuleType):  # the import system binds the submodule
-            raise AttributeError(f"fxtrain.{name} cannot be reassigned")
-
-    return property(get, put)
-
-
-_SHADOWED = ("lr_find", "predict", "remat", "step_spec")  # functions named as their modules
-for _name in _SHADOWED:
-    setattr(_Package, _name, _shadowing(_name))
-sys.modules[__name__].__class__ = _Package
 
 
 def _load_all() -> None:
@@ -66,7 +41,7 @@ def _load_all() -> None:
     if "_loaded" in globals():
         return
     globals()["_loaded"] = True
-    for module in (*_PACKAGES, *sorted(set(_NAMES.values())), *_SHADOWED):
+    for module in (*_PACKAGES, *sorted(set(_NAMES.values()))):
         importlib.import_module(f".{module}", __name__)
 
 
@@ -96,17 +71,17 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .feed import to_device
     from .graphs import cuda_graphed
     from .loop import Interrupted, fit
-    from .predict import predict
+    from ._predict import predict
     from .preemption import Preempted
     from .protocol import Control, Event
-    from .remat import remat
+    from ._remat import remat
     from .sharding import shard
     from .state import TrainState
     from .step import make_eval_step, make_train_step
-    from .step_spec import StepSpec, step_spec
+    from ._step_spec import StepSpec, step_spec
     from .tree import tree_digest
     from .configured import train
-    from .lr_find import LrFind, lr_find
+    from ._lr_find import LrFind, lr_find
     from .precompile import precompiled
 
 __all__ = [

@@ -11,7 +11,7 @@ from typing import Any
 from ._torch import traced_errors as _traced_errors
 from ._unguarded import Unguarded
 from .step import revert_update
-from .step_spec import StepSpec
+from ._step_spec import StepSpec
 
 
 def step_call(train_step: Callable, spec: StepSpec, host_names: frozenset,

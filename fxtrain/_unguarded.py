@@ -26,7 +26,7 @@ import torch.utils._pytree as pytree
 
 from ._torch import stance
 from .feed import plain_tensors
-from .step_spec import is_compiled
+from ._step_spec import is_compiled
 
 
 _OFF = ()  # a signature no batch has: the fast path is off

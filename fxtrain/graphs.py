@@ -27,7 +27,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import donation
-from .step_spec import step_spec
+from ._step_spec import step_spec
 from ._unguarded import _signature
 
 

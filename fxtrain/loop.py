@@ -38,7 +38,7 @@ from .callbacks.progress import with_default_progress
 from ._step_call import step_call, undo
 from .means import Means
 from .preemption import Preempted, on_sigterm
-from .step_spec import StepSpec, step_spec
+from ._step_spec import StepSpec, step_spec
 
 
 class Interrupted(KeyboardInterrupt):

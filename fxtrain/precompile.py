@@ -48,7 +48,7 @@ from . import _precompiled_file as stored
 from . import donation
 from ._torch import aot
 from ._unguarded import _signature
-from .step_spec import StepSpec, step_spec
+from ._step_spec import StepSpec, step_spec
 from .tree import first_leaf
 
 def _code_digest(code: types.CodeType, into: Any) -> None:

@@ -389,7 +389,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
     def __init__(self, key: torch.Tensor, autodiff: str = "func"):
         super().__init__()
         self.key = key
-        self.autodiff = autodiff  # how the step around it differentiates (see fxtrain.remat)
+        self.autodiff = autodiff  # how the step around it differentiates (see fx.remat)
         self.calls = 0
         self.block: torch.Tensor | None = None  # fold_in(key, block_start + i), i < 16
         self.block_start = 0

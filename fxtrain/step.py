@@ -29,7 +29,7 @@ from .precision import LOSS_SCALE
 from .precision import loss_scale as default_loss_scale
 from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
-from .step_spec import StepSpec
+from ._step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
 from ._torch import autograd as torch_autograd
 from ._torch.traced_errors import fail, run_while_tracing

@@ -11,10 +11,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 FLOORS = (
     # tensors, trees and numbers: no training concept at all
     ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
-     "random", "remat",
+     "random", "_remat",
      "distributed", "workdir", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
-    ("protocol", "step_spec"),
+    ("protocol", "_step_spec"),
     # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
     ("optim", "metrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, and the trained module out of it
@@ -23,7 +23,7 @@ FLOORS = (
     ("callbacks",),
     # the step and what runs it or reads it
     ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "evaluation",
-     "predict", "lr_find"),
+     "_predict", "_lr_find"),
     # the loop, and the tools that look at steps and loops
     ("loop", "_resuming", "debug"),
     # the applications and the public surface
@@ -186,27 +186,6 @@ def test_the_layout_page_lists_these_floors():
         "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
     planted = layout.read_text(encoding="utf-8").replace("`_flags`", "`_flags`, `loop`")
     assert documented_floors(planted) != list(FLOORS)
-
-
-def test_no_module_imports_a_submodule_the_package_shadows_with_a_function():
-    """``fx.remat``, ``fx.predict``, ``fx.step_spec`` and ``fx.lr_find`` are functions named as
-    their modules, so
-    ``from . import remat`` inside the package gives the function (the lazy package keeps the
-    names functions); import names from those modules instead."""
-    import fxtrain
-
-    shadowed = set(fxtrain._SHADOWED)
-    assert all(isinstance(type(fxtrain).__dict__.get(name), property) for name in shadowed)
-    modules = {p.stem for p in PACKAGE.glob("*.py")}
-    assert shadowed == {name for name in fxtrain.__all__
-                        if name in modules and name not in fxtrain._PACKAGES}
-    shadowed |= set(fxtrain._NAMES)  # and a public name loads the package: not mid-import
-    found = []
-    for path in sorted(PACKAGE.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
-                found += [f"{path.name}: {a.name}" for a in node.names if a.name in shadowed]
-    assert not found, found
 
 
 # torch's internals: a module or name of torch whose dotted path has a segment with a leading

@@ -14,7 +14,7 @@ from helpers import TRACED
 @pytest.fixture(autouse=True)
 def inductor_locality_restored():
     """A compiled step with fx.remat turns off Inductor's reorder_for_locality for the process
-    (see fxtrain.remat): put it back, so later tests in this worker compile as they would alone."""
+    (see fx.remat): put it back, so later tests in this worker compile as they would alone."""
     import torch._inductor.config as inductor
 
     before = inductor.reorder_for_locality

@@ -40,7 +40,7 @@ from ._torch.modes import innermost_mode
 from ._torch.traced_errors import fail
 
 POLICIES = ("nothing_saveable", "dots_saveable", "everything_saveable")
-"""The recomputation policies ``remat`` takes (see ``fxtrain.remat``)."""
+"""The recomputation policies ``remat`` takes (see ``fx.remat``)."""
 
 
 @functools.cache
