@@ -128,7 +128,7 @@ def loss_scale(init_scale: float = 2.0**16, growth_interval: int = 2000, growth:
                backoff: float = 0.5) -> StepState:
     """The loss scale's settings and initial state: a ``StepState`` named ``"loss_scale"``,
     which a ``"16-mixed"`` step owns and updates (``make_train_step`` adds the default one; pass
-    this one in its ``callbacks`` for other settings, and ``fx.fit`` creates its state; in your
+    this one as its ``loss_scale=`` for other settings, and ``fx.fit`` creates its state; in your
     own loop pass it to ``TrainState.create(..., callbacks=[...])``). The settings live in its
     state.
 

@@ -13,101 +13,28 @@ step once without compiling to see them plain.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from . import distributed, donation, gradients, random, sharding
-from .protocol import (NOTHING, Callback, Event, StepState, callback_state,
-                       control_from_metrics, control_to_metrics, fold, name_of,
-                       set_callback_state)
+from .protocol import (NOTHING, Event, StepState, callback_state, control_from_metrics,
+                       control_to_metrics, fold, set_callback_state)
 from ._k_steps import check_stacked, unstack
 from .optim.wrappers import learning_rate
 from .precision import LOSS_SCALE
-from .precision import loss_scale as default_loss_scale
-from .precision import policy as precision_policy
 from .state import TrainState, set_training, with_step_buffers
+from ._step_args import StepArgs, step_args
+from ._step_io import BatchGuard, check_batch_device, eval_metrics, split_loss
 from ._step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
 from ._torch import autograd as torch_autograd
-from ._torch.traced_errors import fail, run_while_tracing
+from ._torch.traced_errors import fail
 from .tree import squared_norms, tree_select
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
-
-
-class _BatchGuard:
-    """Remembers the first batch's structure and dtypes; later batches must match them."""
-
-    def __init__(self, where: str):
-        self.where = where
-        self.first: tuple | None = None
-
-        # Runs for real while Dynamo traces (and on every eager call), so it can remember.
-        @run_while_tracing
-        def check_signature(signature: tuple) -> bool:
-            if self.first is None:
-                self.first = signature
-            elif signature != self.first:
-                fail(ValueError,
-                     f"{self.where}: this batch differs from the first one in structure or "
-                     f"dtype.\n  first: {_describe(self.first)}\n  now:   {_describe(signature)}")
-            return True
-
-        self.check_signature = check_signature
-
-    def __call__(self, batch: Any) -> None:
-        flat, _ = pytree.tree_flatten_with_path(batch)
-        self.check_signature(tuple(
-            (pytree.keystr(path), str(leaf.dtype) if isinstance(leaf, torch.Tensor) else
-             type(leaf).__name__, leaf.ndim if isinstance(leaf, torch.Tensor) else -1)
-            for path, leaf in flat))
-
-
-def check_batch_device(batch: Any, device: torch.device, where: str) -> None:
-    """A clear error when a tensor of ``batch`` is on another device than the state (``fx.fit``
-    moves batches there; a loop of your own must)."""
-    for path, leaf in pytree.tree_flatten_with_path(batch)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.device != device:
-            raise ValueError(
-                f"{where}: the batch's {pytree.keystr(path) or 'tensor'} is on {leaf.device}, "
-                f"the state on {device}; move the batch there (for example with "
-                f"batch = fx.to_device(batch, {str(device)!r}); fx.fit does it for you)")
-
-
-def _describe(signature: tuple) -> str:
-    return ", ".join(f"{path or 'batch'}: {dtype}" + (f"[{ndim}d]" if ndim >= 0 else "")
-                     for path, dtype, ndim in signature) or "(no leaves)"
-
-
-def _model_output_loss(out: Any) -> Any:
-    """The ``.loss`` of a model's output object (a transformers ``ModelOutput``), else ``out``."""
-    if isinstance(out, (torch.Tensor, tuple)) or not hasattr(out, "loss"):
-        return out
-    if out.loss is None:
-        fail(TypeError, f"loss_fn returned a {type(out).__name__} whose .loss is None; pass "
-                        "labels=... to the model (transformers computes the loss then), or "
-                        "compute a loss from its logits")
-    return out.loss
-
-
-def _split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    out = _model_output_loss(out)
-    loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
-    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
-        what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
-            type(loss).__name__
-        fail(TypeError, f"loss_fn must return a 0-d loss tensor, (loss, aux dict) or an object "
-                        f"with a .loss (a transformers ModelOutput); it returned {what}. Reduce "
-                        "the loss, e.g. with .mean()")
-    if not loss.is_floating_point():
-        fail(TypeError, f"loss_fn returned a {loss.dtype} loss; it must be floating point")
-    if aux is not None and not isinstance(aux, Mapping):
-        fail(TypeError, f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
-    return loss, dict(aux or {})
 
 
 def _step_metrics(loss, aux, grads, opt_state, grad_stats,
@@ -125,20 +52,6 @@ def _step_metrics(loss, aux, grads, opt_state, grad_stats,
     if clash:
         fail(ValueError, f"loss_fn's aux uses reserved metric names {clash}; rename them")
     return {**metrics, **aux}
-
-
-def _check_step_callbacks(callbacks: tuple) -> None:
-    for cb in callbacks:
-        if not callable(cb):
-            raise TypeError(f"make_train_step: callback {cb!r} is not callable")
-        if isinstance(cb, Callback) and cb.host:
-            raise ValueError(
-                f"callback {name_of(cb)} does IO or reads the clock, so it cannot run inside the "
-                "compiled step; pass it to fx.fit(..., callbacks=[...]) instead")
-        if isinstance(cb, Callback) and "step_end" not in cb.kinds:
-            raise ValueError(
-                f"callback {name_of(cb)} reacts to {cb.kinds}, but inside the step there are "
-                "only step_end events; run it in fx.fit(..., callbacks=[...]) instead")
 
 
 def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
@@ -166,38 +79,8 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
                        opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
-def _data_parallel(wanted: bool | None, buffers: str) -> bool:
-    if buffers not in ("mean", "local"):
-        raise ValueError(f"make_train_step: buffers must be 'mean' or 'local', got {buffers!r}")
-    active = distributed.world_size() > 1
-    if wanted and not distributed.initialized():
-        raise ValueError("make_train_step(data_parallel=True) needs an initialized process "
-                         "group: call fx.distributed.init() (under torchrun) first")
-    return active if wanted is None else bool(wanted)
-
-
-def _check_loss_fn(loss_fn: Any) -> None:
-    """Refuses, when the step is built, a ``loss_fn`` that cannot take (state, params, batch)."""
-    if not callable(loss_fn):
-        raise TypeError(f"make_train_step: loss_fn must be a function loss_fn(state, params, "
-                        f"batch), got {type(loss_fn).__name__}")
-    try:
-        signature = inspect.signature(loss_fn)
-    except (TypeError, ValueError):  # a builtin or an extension: nothing to read
-        return
-    try:
-        signature.bind(None, None, None)
-    except TypeError as e:
-        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
-        raise TypeError(
-            f"make_train_step: loss_fn must take three arguments, loss_fn(state, params, batch), "
-            f"and run the model with state.apply(params, inputs); {name}{signature} cannot be "
-            f"called so ({e}). From a JAX-style loss_fn(params, batch) write lambda state, params, "
-            f"batch: ...; from a PyTorch one taking (model, batch), call state.apply(params, x) "
-            f"where it called model(x)") from None
-
-
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
+                    loss_scale: StepState | None = None,
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
                     steps_per_call: int = 1, precision: str = "32",
@@ -212,7 +95,12 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors), and a
         ``skip`` control discards the step's update. Callbacks that do IO are refused. Their
         states must be in the state: ``fx.fit`` adds the missing ones; in your own loop pass
-        them to ``TrainState.create(..., callbacks=...)`` or ``fx.callbacks.init``.
+        them to ``TrainState.create(..., callbacks=...)`` or ``fx.callbacks.init``. A loss
+        scale among them (``fx.precision.loss_scale(...)``) is taken as ``loss_scale``, as
+        before that keyword existed (an alias, kept working).
+      loss_scale: ``"16-mixed"``'s dynamic loss scale, ``fx.precision.loss_scale(...)`` for
+        settings other than the default one the step owns otherwise; its state is
+        ``state.callbacks["loss_scale"]``. Refused for any other precision.
       grad_stats: True also reports per-parameter gradient norms (``grad_norm/<name>``) and
         their max/min/mean (turned on when a callback such as ``grad_monitor`` needs them);
         ``"histograms"`` adds per-parameter gradient histograms (``grad_hist/<name>``, see
@@ -242,7 +130,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         names them (see ``fxtrain.precision``): autocast for the forward and backward, float32
         master parameters and optimizer state, and for ``"16-mixed"`` dynamic loss scaling
         whose state is ``state.callbacks["loss_scale"]`` (``fx.fit`` creates it; pass
-        ``fx.precision.loss_scale(...)`` in ``callbacks`` for other settings).
+        ``loss_scale=fx.precision.loss_scale(...)`` for other settings).
 
       autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``, the
         default) or ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph:
@@ -286,31 +174,59 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         {'control/stop': tensor(False), 'control/save': tensor(False),
          'control/evaluate': tensor(False), 'control/log': tensor(False)}
     """
-    _check_loss_fn(loss_fn)
-    mixed = precision_policy(precision)
-    callbacks = tuple(callbacks)
-    owned = tuple(cb for cb in callbacks if isinstance(cb, StepState))  # the loss scale's
-    callbacks = tuple(cb for cb in callbacks if not isinstance(cb, StepState))
-    if mixed.scaled and not any(s.name == LOSS_SCALE for s in owned):
-        owned = (default_loss_scale(), *owned)
-    _check_step_callbacks(callbacks)
-    if grad_stats not in (False, True, "histograms"):
-        raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
-                         f"{grad_stats!r}")
-    grad_stats = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
-    parallel = _data_parallel(data_parallel, buffers)
-    guard = _BatchGuard("train_step")
-    if autodiff not in gradients.AUTODIFFS:
-        raise ValueError(f"make_train_step: autodiff must be one of "
-                         f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
-    choose = gradients.chooser(parallel, buffers == "mean", autodiff)
-    if autodiff == "autograd":
+    args = step_args(loss_fn, callbacks=callbacks, loss_scale=loss_scale,
+                     grad_stats=grad_stats, data_parallel=data_parallel, buffers=buffers,
+                     donate=donate, steps_per_call=steps_per_call, precision=precision,
+                     autodiff=autodiff)  # every argument checked before anything is built
+    if args.autodiff == "autograd":
         torch_autograd.trace_autograd_ops()  # process-wide: see fxtrain._torch.autograd
-    rank = distributed.rank() if parallel else 0
-    if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
-            steps_per_call < 1:
-        raise ValueError(f"make_train_step: steps_per_call must be a positive int, got "
-                         f"{steps_per_call!r}")
+    return _built(args)
+
+
+def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
+    """The train step of checked arguments (``make_train_step``)."""
+    one_step = _single_step(args)
+    spec = StepSpec(steps_per_call=args.steps_per_call, precision=args.precision,
+                    in_step_callbacks=args.callbacks, step_states=args.step_states,
+                    donate=args.donate)
+
+    def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
+        if spec.donate or (spec.donate is None and asked):  # asked: the caller's donate=
+            return donation.donate(state, new)
+        return new
+
+    def train_step(state: TrainState, batch: Any, *,
+                   donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        donation.check_live(state, "train_step")
+        new, metrics = one_step(state, batch)
+        return donated(state, new, donate), metrics
+
+    if args.steps_per_call == 1:
+        train_step.spec = spec
+        return train_step
+
+    def train_steps(state: TrainState, batches: Any, *,
+                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
+        donation.check_live(state, "train_step")
+        check_stacked(batches, args.steps_per_call)
+        new, merged = state, NOTHING
+        for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
+            new, metrics = one_step(new, batch)
+            merged = merged | control_from_metrics(metrics)
+        if args.callbacks:
+            metrics.update(control_to_metrics(merged, metrics["loss"].device))
+        return donated(state, new, donate), metrics
+
+    train_steps.spec = spec
+    return train_steps
+
+
+def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
+    """``one_step(state, batch) -> (state, metrics)``: one update, never donating."""
+    loss_fn, mixed, callbacks = args.loss_fn, args.mixed, args.callbacks
+    guard = BatchGuard("train_step")
+    choose = gradients.chooser(args.parallel, args.buffers == "mean", args.autodiff)
+    rank = distributed.rank() if args.parallel else 0
 
     def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         mixed.check(state.params)
@@ -318,7 +234,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         check_batch_device(batch, state.step.device, "train_step")
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
         path = choose(state.params)  # single process, data parallel or sharded
-        if isinstance(path, gradients.Sharded) and data_parallel is False:
+        if isinstance(path, gradients.Sharded) and args.data_parallel is False:
             raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
                              "(fx.shard): sharding is data parallel, each rank on its share of "
                              "the batch; leave data_parallel unset")
@@ -329,36 +245,36 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         def forward(params):
             inner = with_step_buffers(state)
             with mixed.autocast(state.step.device):
-                loss, aux = _split_loss(loss_fn(inner, params, batch))
+                loss, aux = split_loss(loss_fn(inner, params, batch))
             if mixed.compute_dtype is not None:
                 loss = loss.float()  # the loss and its metric in float32
             scaled = loss if scaler is None else loss * scaler.scale
             return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
 
-        def in_train_mode_keyed(fn, *args):
+        def in_train_mode_keyed(fn, *inputs):
             was = set_training(state.module, True)
             try:
-                with random.keyed(key, autodiff):
-                    return fn(*args)
+                with random.keyed(key, args.autodiff):
+                    return fn(*inputs)
             finally:
                 set_training(state.module, was)
 
         whole = path.whole(state.params, state.module)
         recompute = path.recomputes(state.module)
-        if autodiff == "func":  # the transform runs the forward in train mode, keyed
+        if args.autodiff == "func":  # the transform runs the forward in train mode, keyed
             grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
-                lambda params: in_train_mode_keyed(forward, params), autodiff,
+                lambda params: in_train_mode_keyed(forward, params), args.autodiff,
                 recompute=recompute)(whole)
         else:  # and the backward: what activation checkpointing recomputes there runs as
             # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
             grads, (_, (loss, aux, new_buffers)) = in_train_mode_keyed(
-                gradients.differentiate(forward, autodiff, path.on_grad, recompute), whole)
+                gradients.differentiate(forward, args.autodiff, path.on_grad, recompute), whole)
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)
         new = state.apply_gradients(out.grads).replace(buffers=out.buffers or None)
         metrics = path.metrics(_step_metrics(out.loss, out.aux, out.grads, new.opt_state,
-                                             grad_stats, out.squared))
+                                             args.grad_stats, out.squared))
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
             new = revert_update(state, new, ~out.finite)
             new = set_callback_state(new, LOSS_SCALE, scaler.update(out.finite))
@@ -373,46 +289,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
             metrics.update(control_to_metrics(control, loss.device))
         return new, metrics
 
-    spec = StepSpec(steps_per_call=steps_per_call, precision=precision,
-                    in_step_callbacks=callbacks, step_states=owned, donate=donate)
-
-    def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
-        if spec.donate or (spec.donate is None and asked):  # asked: the caller's donate=
-            return donation.donate(state, new)
-        return new
-
-    def train_step(state: TrainState, batch: Any, *,
-                   donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        donation.check_live(state, "train_step")
-        new, metrics = one_step(state, batch)
-        return donated(state, new, donate), metrics
-
-    if steps_per_call == 1:
-        train_step.spec = spec
-        return train_step
-
-    def train_steps(state: TrainState, batches: Any, *,
-                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        donation.check_live(state, "train_step")
-        check_stacked(batches, steps_per_call)
-        new, merged = state, NOTHING
-        for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
-            new, metrics = one_step(new, batch)
-            merged = merged | control_from_metrics(metrics)
-        if callbacks:
-            metrics.update(control_to_metrics(merged, metrics["loss"].device))
-        return donated(state, new, donate), metrics
-
-    train_steps.spec = spec
-    return train_steps
-
-
-def _eval_metrics(out: Any) -> dict[str, Any]:
-    out = _model_output_loss(out)  # a ModelOutput is a Mapping of logits too: its loss only
-    if isinstance(out, Mapping):
-        return dict(out)
-    loss, aux = _split_loss(out)
-    return {"loss": loss, **aux}
+    return one_step
 
 
 def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str, Any]]:
@@ -443,7 +320,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
         {'mae': tensor(0.5000), 'max_error': tensor(1.)}
     """
     takes_params = len(inspect.signature(metrics_fn).parameters) >= 3
-    guard = _BatchGuard("eval_step")
+    guard = BatchGuard("eval_step")
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
@@ -457,6 +334,6 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
                     metrics_fn(state, batch)
         finally:
             set_training(state.module, was)
-        return _eval_metrics(out)
+        return eval_metrics(out)
 
     return eval_step

@@ -140,3 +140,28 @@ def test_a_16_mixed_step_owns_its_loss_scale_apart_from_its_callbacks():
                    [torch.randn(4, 2)] * 2, max_epochs=1)
     assert int(state.callbacks["loss_scale"].good_steps) == 2
     assert float(state.callbacks["loss_scale"].scale) == 8.0
+
+
+def test_the_loss_scale_has_its_own_keyword_and_callbacks_stays_its_alias():
+    """``loss_scale=`` and the older ``callbacks=[loss_scale(...)]`` build the same step; two
+    scales, a scale on a step that scales nothing, or something else as the scale are refused."""
+    guard = fx.callbacks.nan_guard()
+    by_keyword = fx.make_train_step(xent, precision="16-mixed", callbacks=[guard],
+                                    loss_scale=fx.precision.loss_scale(init_scale=8.0))
+    by_alias = fx.make_train_step(xent, precision="16-mixed",
+                                  callbacks=[guard, fx.precision.loss_scale(init_scale=8.0)])
+    for step in (by_keyword, by_alias):
+        spec = fx.step_spec(step)
+        assert spec.in_step_callbacks == (guard,)
+        assert [s.name for s in spec.step_states] == ["loss_scale"]
+    state = fx.callbacks.init([*fx.step_spec(by_keyword).step_states, guard], _state())
+    assert float(state.callbacks["loss_scale"].scale) == 8.0  # the given settings, not 2**16
+    a, b = by_keyword(state, BATCH)[0], by_alias(state, BATCH)[0]
+    assert fx.tree_digest(a) == fx.tree_digest(b)
+    with pytest.raises(ValueError, match="2 loss scales were given.*loss_scale= and callbacks="):
+        fx.make_train_step(xent, precision="16-mixed", loss_scale=fx.precision.loss_scale(),
+                           callbacks=[fx.precision.loss_scale()])
+    with pytest.raises(ValueError, match="a loss scale is for precision='16-mixed'.*'bf16-mixed'"):
+        fx.make_train_step(xent, precision="bf16-mixed", loss_scale=fx.precision.loss_scale())
+    with pytest.raises(TypeError, match=r"loss_scale must be fx.precision.loss_scale\(...\)"):
+        fx.make_train_step(xent, precision="16-mixed", loss_scale=1024.0)

@@ -127,3 +127,35 @@ def test_bad_loss_is_a_clear_error(bad, match):
 
     with pytest.raises((TypeError, ValueError), match=match):
         fx.make_train_step(loss_fn)(state, classification_batch())
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"steps_per_call": 0}, "steps_per_call must be a positive int, got 0"),
+    ({"donate": "yes"}, "donate must be True, False or None"),
+    ({"buffers": "sum"}, "buffers must be 'mean' or 'local'"),
+    ({"grad_stats": "all"}, "grad_stats must be False, True or 'histograms'"),
+    ({"data_parallel": "auto"}, "data_parallel must be True, False or None"),
+], ids=["steps_per_call", "donate", "buffers", "grad_stats", "data_parallel"])
+def test_make_train_step_checks_every_argument_before_it_changes_anything(bad, match):
+    """A bad argument is refused before the step's process-wide settings are made: an
+    ``autodiff="autograd"`` step with a bad ``steps_per_call`` leaves Dynamo's settings as they
+    were (checked in a fresh process: a test before this one may have turned them on)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, fxtrain as fx\n"
+        "from torch._dynamo import config\n"
+        "before = (config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)\n"
+        "try:\n"
+        f"    fx.make_train_step(lambda s, p, b: p, autodiff='autograd', **{bad!r})\n"
+        "except (TypeError, ValueError) as e:\n"
+        "    print('refused:', e)\n"
+        "after = (config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)\n"
+        "print('unchanged' if after == before else f'changed {before} -> {after}')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"refused: make_train_step: {match}" in out.stdout, out.stdout
+    assert out.stdout.strip().endswith("unchanged"), out.stdout
+    fx.make_train_step(lambda s, p, b: p, autodiff="autograd")  # and a good one builds
