@@ -278,3 +278,15 @@ def test_only_reruns_the_named_benchmarks_and_keeps_the_rest(run_all, tmp_path, 
         module.main(["--only", "memory", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         module.main(["--only", "no_such_benchmark", "--out", str(tmp_path)])
+
+
+def test_against_reads_every_row_step_overhead_prints(capsys):
+    """benchmarks/against.py compares trees by the rows a script prints: every variant of
+    step_overhead's report (and its feature table) is read back with its number, by section."""
+    against, step_overhead = imported("against"), imported("step_overhead")
+    med = {"a_eager_foreach": 2585.0, "c_handwritten_compiled": 8000.0,
+           "d_fxtrain_compiled": 6989.0, "e_bare_loop": 5484.0, "f_fit": 5955.0,
+           "g_fit_host_callbacks": 5343.0, "h_fit_logging": 4939.0}
+    step_overhead.report("tiny", med)
+    got = against.rows(capsys.readouterr().out)
+    assert got == {f"tiny / {name}": float(round(rate)) for name, rate in med.items()}
