@@ -6,6 +6,8 @@ tensor and ``empty()`` has the same structure and dtypes as a real value, so met
 ``torch.compile(fullgraph=True)`` eval step and merge on the device with no host sync and no
 recompiles. Accumulators are float32 (float64 for float64 inputs); counts are int64. To merge
 inside a compiled step on an accelerator, start from ``empty(device=...)`` on that device.
+The ``Metric`` interface lives in ``_metric.py``, ``from_torchmetrics`` (a torchmetrics metric as
+one of these) in ``_torchmetrics.py``; both are re-exported here.
 
 Examples:
     >>> import torch.nn.functional as F
@@ -28,101 +30,19 @@ Examples:
 
 from __future__ import annotations
 
-import copyreg
 import functools
 import keyword
-import warnings
 from typing import Any
 
 import torch
 
 from . import struct
+from ._metric import Metric as Metric
+from ._metric import _Made
+from ._torchmetrics import from_torchmetrics as from_torchmetrics
 
 __all__ = ["Metric", "Average", "Std", "LastValue", "Accuracy", "ConfusionMatrix", "Collection",
            "from_torchmetrics"]
-
-
-class _Made(type):
-    """The metaclass of metric classes made by a factory (``from_output``, ``for_classes``,
-    ``Collection.create``): such a class pickles as the cached factory call that makes it, so
-    its values travel between processes (evaluation merges them across ranks)."""
-
-    _recipe: tuple = ()
-
-
-def _remake(factory, *args):
-    return factory(*args)
-
-
-def _reduce_made(cls: type):
-    """The factory call for a factory-made class; a user's subclass of one pickles by name."""
-    return (_remake, cls._recipe) if "_recipe" in vars(cls) else cls.__qualname__
-
-
-copyreg.pickle(_Made, _reduce_made)
-
-
-class Metric:
-    """Interface: ``empty``, ``from_model_output``, ``merge`` and ``compute``."""
-
-    @classmethod
-    def empty(cls, *, device=None, dtype=torch.float32):
-        """The value that ``merge`` leaves unchanged (same structure as a real one)."""
-        raise NotImplementedError(f"{cls.__qualname__} must define empty()")
-
-    @classmethod
-    def from_model_output(cls, **outputs):
-        """The metric of one batch of model outputs."""
-        raise NotImplementedError(f"{cls.__qualname__} must define from_model_output()")
-
-    def merge(self, other):
-        """The metric of both ``self``'s and ``other``'s data."""
-        raise NotImplementedError(f"{type(self).__qualname__} must define merge()")
-
-    def compute(self):
-        """The final number (a 0-d tensor)."""
-        raise NotImplementedError(f"{type(self).__qualname__} must define compute()")
-
-    @classmethod
-    def from_output(cls, name: str) -> type:
-        """A subclass whose ``from_model_output(**outputs)`` reads ``outputs[name]``.
-
-        ``outputs["mask"]``, when given, is passed on, except for a 0-d output (a batch-level
-        value such as a mean loss), where it is dropped. The class is cached per ``(cls, name)``.
-
-        Examples:
-            >>> Loss = fx.metrics.Average.from_output("loss")
-            >>> outputs = {"loss": torch.tensor([0.5, 1.5]), "logits": torch.zeros(2, 3)}
-            >>> Loss.from_model_output(**outputs).compute()
-            tensor(1.)
-        """
-        if not isinstance(name, str):
-            raise TypeError(f"from_output: name must be a str, got {type(name).__name__}")
-        return _from_output_class(cls, name)
-
-    def _check_same_type(self, other: Any) -> None:
-        if type(other) is not type(self):
-            raise TypeError(f"cannot merge {type(self).__qualname__} with "
-                            f"{type(other).__qualname__}; merge values of the same metric class")
-
-
-@functools.cache
-def _from_output_class(base: type, name: str) -> type:
-    class FromOutput(base, metaclass=_Made):
-        _recipe = (_from_output_class, base, name)
-
-        @classmethod
-        def from_model_output(cls, **outputs):
-            if name not in outputs:
-                raise KeyError(f"{cls.__qualname__}: no model output named {name!r}; "
-                               f"got {sorted(outputs)}")
-            values, mask = torch.as_tensor(outputs[name]), outputs.get("mask")
-            return super().from_model_output(values, mask=None if values.ndim == 0 else mask)
-
-    FromOutput.__name__ = f"{base.__name__}_{name}"
-    FromOutput.__qualname__ = f"{base.__qualname__}.from_output({name!r})"
-    FromOutput.__module__ = base.__module__
-    return struct.dataclass(FromOutput)
 
 
 def _masked(values: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -401,183 +321,3 @@ def _collection_class(items: tuple) -> type:
                  "__qualname__": f"Collection.create({title})",
                  "_recipe": (_collection_class, items)}
     return struct.dataclass(_Made("Collection", (Collection,), namespace))
-
-
-def from_torchmetrics(metric: Any) -> type:
-    """A Metric class backed by a ``torchmetrics.Metric``'s states.
-
-    ``from_model_output(preds, target, mask=None)`` resets a scratch copy of ``metric``, runs
-    its ``update`` (rows where ``mask`` is False are dropped) and keeps the states; ``merge``
-    reduces them as declared (``dist_reduce_fx`` sum, mean (weighted by updates), max, min or
-    cat); ``compute`` loads them into a copy and calls its ``compute``, on the host (``evaluate``
-    calls it after the loop). Needs torchmetrics (an optional dependency).
-
-    Inside ``torch.compile(eval_step, fullgraph=True)`` the update is one opaque operator
-    (``fxtrain::torchmetrics_update``): torchmetrics' own eager code runs at that point of the
-    graph, so the values equal torchmetrics' exactly, in one graph without recompiles (and
-    with torchmetrics' own host syncs, such as MeanMetric's NaN check). That needs tensor
-    states of a fixed shape and dtype. A metric with list ("cat") states, such as
-    ``BinaryAUROC()``, works outside compiled code only; inside it raises an error naming the
-    fix (a binned ``BinaryAUROC(thresholds=100)`` has fixed-size states). ``merge`` is plain
-    tensor arithmetic and compiles as well.
-
-    Examples:
-        >>> import torchmetrics
-        >>> accuracy = torchmetrics.classification.MulticlassAccuracy(3, average="micro")
-        >>> Acc = fx.metrics.from_torchmetrics(accuracy)
-        >>> first = Acc.from_model_output(torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
-        >>> second = Acc.from_model_output(torch.tensor([2]), torch.tensor([2]))
-        >>> first.merge(second).compute()
-        tensor(0.7500)
-    """
-    try:
-        import torchmetrics
-        from torchmetrics.utilities import (dim_zero_cat, dim_zero_max, dim_zero_mean,
-                                            dim_zero_min, dim_zero_sum)
-    except ImportError as err:
-        raise ImportError("fx.metrics.from_torchmetrics needs torchmetrics: "
-                          "pip install 'fxtrain[metrics]'") from err
-    if not isinstance(metric, torchmetrics.Metric):
-        raise TypeError(f"from_torchmetrics: expected a torchmetrics.Metric, got "
-                        f"{type(metric).__name__}")
-    known = {dim_zero_sum: "sum", dim_zero_mean: "mean", dim_zero_max: "max",
-             dim_zero_min: "min", dim_zero_cat: "cat"}
-    scratch = metric.clone()
-    scratch.reset()
-    kinds = {}
-    for name, fn in scratch._reductions.items():  # torchmetrics keeps no public accessor
-        if fn not in known:
-            raise ValueError(f"from_torchmetrics: state {name!r} of {type(metric).__name__} has "
-                             f"reduction {fn!r}; only sum, mean, max, min and cat are supported")
-        kinds[name] = known[fn]
-    cls = struct.dataclass(type("TorchMetric", (_TorchMetric,), {
-        "__annotations__": {}, "__module__": __name__,
-        "__qualname__": f"from_torchmetrics({type(metric).__name__})"}))
-    cls._metric, cls._kinds, cls._key = scratch, kinds, len(_ADAPTED)
-    cls._specs = {k: (v.shape, v.dtype) for k, v in scratch.metric_state.items()
-                  if isinstance(v, torch.Tensor)}
-    cls._update = _update_op()
-    _ADAPTED.append(cls)
-    return cls
-
-
-_ADAPTED: list[type] = []  # every from_torchmetrics class, indexed by its _key
-
-
-def _scratch_update(cls: type, preds: torch.Tensor, target: torch.Tensor,
-                    mask: torch.Tensor | None) -> dict:
-    """The states of ``cls``'s torchmetrics metric after ``reset`` and one ``update``."""
-    scratch = cls._metric
-    if scratch.device != preds.device:
-        scratch.to(preds.device)
-    if mask is not None:
-        keep = mask.to(torch.bool)
-        preds, target = preds[keep], target[keep]
-    scratch.reset()
-    scratch.update(preds, target)
-    return scratch.metric_state
-
-
-@functools.cache
-def _update_op():
-    """The operator that runs a from_torchmetrics class's update, opaque to torch.compile: its
-    output shapes and dtypes are the class's state specs, its values torchmetrics' eager ones."""
-
-    @torch.library.custom_op("fxtrain::torchmetrics_update", mutates_args=())
-    def update(key: int, preds: torch.Tensor, target: torch.Tensor,
-               mask: torch.Tensor | None) -> list[torch.Tensor]:
-        cls = _ADAPTED[key]
-        states = _scratch_update(cls, preds, target, mask)
-        for name, (shape, dtype) in cls._specs.items():
-            if states[name].shape != shape or states[name].dtype != dtype:
-                raise ValueError(
-                    f"{cls.__qualname__}: update changed state {name!r} from {tuple(shape)} "
-                    f"{dtype} to {tuple(states[name].shape)} {states[name].dtype}; a compiled "
-                    f"step needs fixed states: give inputs of the metric's dtype, or update it "
-                    f"outside the compiled step")
-        return [states[name].clone() for name in cls._specs]  # fresh: never the scratch's
-
-    @update.register_fake
-    def _(key, preds, target, mask):
-        del target, mask
-        specs = _ADAPTED[key]._specs.values()
-        return [preds.new_empty(shape, dtype=dtype) for shape, dtype in specs]
-
-    return update
-
-
-def _tuple_lists(states: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in states.items()}
-
-
-@struct.dataclass
-class _TorchMetric(Metric):
-    """States of a torchmetrics metric (lists as tuples) and how many updates made them."""
-
-    states: dict
-    updates: torch.Tensor
-    _metric = None  # the scratch torchmetrics metric: reset and updated for each batch
-    _kinds = {}     # state name -> reduction
-    _specs = {}     # tensor state name -> (shape, dtype)
-    _key = -1       # index in _ADAPTED
-    _update = None  # _update_op()
-
-    @classmethod
-    def empty(cls, *, device=None, dtype=None):
-        del dtype  # the torchmetrics metric fixes its own dtypes
-        device = torch.get_default_device() if device is None else device
-        defaults = cls._metric._defaults  # the reset values (no public accessor)
-        states = {k: defaults[k].to(device, copy=True) if k in cls._specs else ()
-                  for k in cls._kinds}
-        return cls(states, torch.zeros((), dtype=torch.int64, device=device))
-
-    @classmethod
-    def from_model_output(cls, preds, target, mask=None, **unused):
-        """Args: preds and target as the torchmetrics ``update`` takes them; mask per row."""
-        del unused
-        preds, target = preds.detach(), target.detach()
-        if len(cls._specs) == len(cls._kinds):  # fixed tensor states: the opaque operator
-            values = cls._update(cls._key, preds, target, mask)
-            states = dict(zip(cls._specs, values))
-        elif torch.compiler.is_compiling():
-            raise TypeError(cls._list_states_message())
-        else:
-            states = _tuple_lists(_scratch_update(cls, preds, target, mask))
-        return cls(states, torch.ones((), dtype=torch.int64, device=preds.device))
-
-    @classmethod
-    def _list_states_message(cls) -> str:
-        lists = sorted(set(cls._kinds) - set(cls._specs))
-        return (f"{cls.__qualname__} keeps list states {lists}, whose size depends on the data, "
-                f"so it cannot run inside a compiled step: update it outside the compiled step "
-                f"(return its inputs from the step), use a form with fixed-size states (for "
-                f"curves, thresholds=N), or fx.metrics.Accuracy/Average/ConfusionMatrix")
-
-    def merge(self, other):
-        self._check_same_type(other)
-        merged = {k: _reduce(self._kinds[k], a, other.states[k], self.updates, other.updates)
-                  for k, a in self.states.items()}
-        return type(self)(merged, self.updates + other.updates)
-
-    def compute(self):
-        """Runs on the host (a copy of the torchmetrics metric); not inside a compiled step."""
-        fresh = self._metric.clone()
-        for name, value in self.states.items():
-            setattr(fresh, name, list(value) if isinstance(value, tuple) else value)
-        with warnings.catch_warnings():
-            if self.updates > 0:  # the states are real; torchmetrics only counts its own updates
-                warnings.filterwarnings("ignore", message=".*before the ``update``")
-            return fresh.compute()
-
-
-def _reduce(kind: str, a: Any, b: Any, n_a: torch.Tensor, n_b: torch.Tensor) -> Any:
-    if kind == "sum":
-        return a + b
-    if kind == "max":
-        return torch.maximum(a, b)
-    if kind == "min":
-        return torch.minimum(a, b)
-    if kind == "cat":
-        return (*a, *b) if isinstance(a, tuple) else torch.cat([a, b])
-    total = (n_a + n_b).clamp_min(1)  # "mean": weight each side by its number of updates
-    return (a * n_a + b * n_b) / total

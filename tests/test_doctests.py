@@ -25,7 +25,7 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # examples that import an optional extra: skipped without it (failed under
 # FXTRAIN_REQUIRE_EXTRAS=1, as every test that needs an extra)
 NEEDS = {
-    "fxtrain.metrics.from_torchmetrics": "torchmetrics",
+    "fxtrain._torchmetrics.from_torchmetrics": "torchmetrics",
     "fxtrain.logging.wandb.WandbWriter": "wandb",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
 }

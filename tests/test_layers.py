@@ -9,24 +9,26 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
-    # tensors, trees and numbers: no training concept at all
+    # tensors and trees, randomness and recomputation, processes and shards, files, text, the
+    # version and torch's internals
     ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "_remat",
      "distributed", "workdir", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "_step_spec"),
-    # the pieces: optimizers, metrics, writers, checkpoints, moving batches, pending flags
-    ("optim", "metrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
-    # the state, and the trained module out of it
+    # the pieces: optimizers, metrics, writers, checkpoints, batches to the device, pending
+    # control flags, a compiled call without guards
+    ("optim", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
+    # the state, the step's precision policy, and the trained module out of the state
     ("state", "precision", "export"),
-    # the callback catalogue: what a step or a loop folds over the state (never the step itself)
+    # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
-    # the step and what runs it or reads it
+    # the step, the batches it takes, and what runs it or reads it
     ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "evaluation",
-     "_predict", "_lr_find"),
-    # the loop, and the tools that look at steps and loops
-    ("loop", "_resuming", "debug"),
-    # the applications and the public surface
+     "_predict", "_lr_find", "_step_args", "_step_io"),
+    # the loop, resuming it, and the tools that look at steps and loops
+    ("loop", "_run", "_resuming", "debug"),
+    # the applications (the demo, config runs, the command line) and the public surface
     ("demo", "configured", "_saved_config", "cli", "__init__", "__main__"),
 )
 

@@ -38,7 +38,8 @@ the Trainer's order:
   happens inside the compiled step. ``state.global_step`` is the count before the update in
   them, as in the Trainer.
 - on_prediction_step runs at eval_end (and predict_end), once per batch, before on_log: the
-  evaluation loop has no per-batch event. The count of evaluation batches comes from
+  callback does not take ``fit``'s per-batch eval_batch event, which would cost a host fold
+  after every evaluation batch. The count of evaluation batches comes from
   ``len(eval_data)``; data without a length gets none.
 - on_init_end runs at the first train_begin, not when ``hf_callback`` is made (the hooks need
   the state).
@@ -59,8 +60,10 @@ hyperparameters) and ``lr_scheduler`` with ``get_last_lr()`` (see ``fxtrain.call
 ``processing_class`` and the dataloaders are None.
 
 ``should_training_stop``, ``should_save``, ``should_evaluate`` and ``should_log`` become
-``stop``, ``save``, ``evaluate`` and ``log``. ``should_epoch_stop`` cannot be honoured: ``fit``
-ends an epoch only when its data does; the first time a callback sets it, a warning says so.
+``stop``, ``save``, ``evaluate`` and ``log``; ``should_epoch_stop`` becomes ``stop_epoch``
+(``fit`` ends the epoch and the data goes on at the next epoch's start: ``fx.data.Batches``, an
+iterable or a ``StatefulDataLoader``), and Forgather's ``should_abort_without_save`` becomes
+``abort`` (training ends without the final checkpoint).
 ``load_best_model_at_end`` restores the weights (params and buffers) of the best checkpoint of
 the ``CheckpointManager`` given as ``checkpoint`` at train_end, before on_train_end, and the
 returned state holds them; without a manager that keeps that checkpoint it is refused.
@@ -135,8 +138,8 @@ def hf_callback(cb: Any, *, args: Any = None, name: str | None = None, log_every
     writes nothing there, and a wrapped callback that writes files should be given its own.
 
     Returns:
-      A host ``Callback`` whose state is a dict of Python values; it takes every event kind,
-      step_begin included.
+      A host ``Callback`` whose state is a dict of Python values; it takes the event kinds the
+      Trainer has hooks for, step_begin included (not setup, restore, eval_begin or eval_batch).
 
     Raises:
       TypeError: ``cb`` is not a ``TrainerCallback``, or ``args`` is not a dict of
