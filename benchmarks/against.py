@@ -31,8 +31,8 @@ def rows(output: str, section: str = "") -> dict[str, float]:
     last line ending in ':' before them, as ``tiny: ...`` heads a table).
 
     Examples:
-        >>> rows("tiny: MLP\\nd_fxtrain_compiled   6989  2.70x\\nlarge: MLP\\nd_fxtrain_compiled 156")
-        {'tiny / d_fxtrain_compiled': 6989.0, 'large / d_fxtrain_compiled': 156.0}
+        >>> rows("tiny: MLP\\nd_fxtrain   6989  2.70x\\nlarge: MLP\\nd_fxtrain 156")
+        {'tiny / d_fxtrain': 6989.0, 'large / d_fxtrain': 156.0}
     """
     out = {}
     for line in output.splitlines():

@@ -13,7 +13,15 @@ from __future__ import annotations
 import torch
 
 from . import distributed
-from .protocol import NOTHING, Control, control_from_metrics, flags
+from .protocol import HOST_FLAGS, IN_STEP_FLAGS, NOTHING, Control, control_from_metrics
+
+# the flags a read returns and the ranks agree on, by name (``skip`` is acted on where raised)
+READ_FLAGS = IN_STEP_FLAGS + HOST_FLAGS
+
+
+def _no_tensors() -> dict[str, list[torch.Tensor]]:
+    """An empty list of pending tensor flags per in-step flag name."""
+    return {name: [] for name in IN_STEP_FLAGS}
 
 
 class PendingFlags:
@@ -23,7 +31,7 @@ class PendingFlags:
     """
 
     def __init__(self, agree: bool = False):
-        self.now, self.tensors = NOTHING, ([], [], [], [])  # stop, save, evaluate, log
+        self.now, self.tensors = NOTHING, _no_tensors()  # tensor flags by in-step flag name
         self.agree = agree  # several ranks: reads are collective, so they happen in lockstep
         self.rank_consistent = False  # a request every rank made this step
         self.host_tensors = False  # a host callback answered with a tensor flag since the read
@@ -38,23 +46,24 @@ class PendingFlags:
         self.rank_consistent = self.rank_consistent or alike
         if control is NOTHING:
             return
-        values = flags(control)[:4]
-        for pending, value in zip(self.tensors, values):
+        values = {name: getattr(control, name) for name in IN_STEP_FLAGS}
+        for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                pending.append(value)
+                self.tensors[name].append(value)
                 self.host_tensors = True
-        self.now = self.now | Control(*(v if v is True else False for v in values))
-        if control.stop_epoch is not False or control.abort is not False:  # host only: now
-            self.now = self.now | Control(stop_epoch=bool(control.stop_epoch),
-                                          abort=bool(control.abort))
+        self.now = self.now | Control(**{name: v is True for name, v in values.items()})
+        host = {name: bool(getattr(control, name)) for name in HOST_FLAGS
+                if getattr(control, name) is not False}
+        if host:  # host only: acted on now
+            self.now = self.now | Control(**host)
 
     def add_step(self, metrics: dict) -> None:
         """A step's metrics: its in-step callbacks' flags (tensors, kept for the next read, no
         Control merged per step) and its loss (checked at that read)."""
         control = control_from_metrics(metrics)
         if control is not NOTHING:
-            for pending, value in zip(self.tensors, flags(control)):
-                pending.append(value)
+            for name in IN_STEP_FLAGS:
+                self.tensors[name].append(getattr(control, name))
         if isinstance(metrics.get("loss"), torch.Tensor):
             self.losses.append(metrics["loss"])
 
@@ -67,30 +76,29 @@ class PendingFlags:
             return self.rank_consistent
         if self.now is NOTHING:  # per step, the common case
             return self.signalled or self.host_tensors
-        return bool(self.now.stop or self.now.save or self.now.evaluate or self.now.log
-                    or self.now.stop_epoch or self.now.abort or self.signalled
-                    or self.host_tensors)
+        return (any(getattr(self.now, name) for name in READ_FLAGS) or self.signalled
+                or self.host_tensors)
 
     def read(self) -> Control:
-        fields = [i for i, pending in enumerate(self.tensors) if pending]
+        fields = [name for name in IN_STEP_FLAGS if self.tensors[name]]
         if fields:  # one sync for every pending flag, and whether a loss since was not finite
             device = self.tensors[fields[0]][0].device
-            anys = [torch.stack([t.to(device) for t in self.tensors[i]]).any() for i in fields]
+            anys = [torch.stack([t.to(device) for t in self.tensors[name]]).any()
+                    for name in fields]
             if self.losses:
                 losses = torch.cat([loss.detach().reshape(-1).to(device) for loss in self.losses])
                 anys.append(~torch.isfinite(losses).all())
             read = torch.stack(anys).tolist()
             self.nonfinite_loss = self.nonfinite_loss or (bool(self.losses) and read[-1])
-            read = dict(zip(fields, read))
-            self.now = self.now | Control(*(read.get(i, False) for i in range(4)))
+            self.now = self.now | Control(**dict(zip(fields, read)))  # zip drops the loss's
         self.losses = []  # a boundary without a read (no flag pending) does not look at them
-        out, self.now, self.tensors = self.now, NOTHING, ([], [], [], [])
+        out, self.now, self.tensors = self.now, NOTHING, _no_tensors()
         self.rank_consistent = self.host_tensors = False
         preempted = self.signalled
         if self.agree:  # a flag any rank raised holds on every rank
-            *agreed, preempted = distributed.agree([*flags(out)[:4], out.stop_epoch, out.abort,
-                                                    preempted])
-            out = Control(*agreed[:4], stop_epoch=agreed[4], abort=agreed[5])
+            *agreed, preempted = distributed.agree(
+                [*(getattr(out, name) for name in READ_FLAGS), preempted])
+            out = Control(**dict(zip(READ_FLAGS, agreed)))
         if preempted:  # stop; fit then saves, as at any end
             self.preempted = True
             out = out | Control(stop=True)

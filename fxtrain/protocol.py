@@ -130,10 +130,26 @@ class Control:
             return self
         if _asks_nothing(self):
             return other
-        return Control(*(a | b for a, b in zip(flags(self), flags(other))))
+        return Control(**{name: getattr(self, name) | getattr(other, name) for name in FLAGS})
 
 
 NOTHING = Control()  # the control that asks for nothing (shared: building one costs ~0.5 us)
+
+# Control's flags by name, the one place that says which travels where; every read and write
+# below and in ``fxtrain._flags`` goes by these names, never by a field's position.
+FLAGS = tuple(field.name for field in dataclasses.fields(Control))
+"""Every flag of ``Control``, in its declaration order (the order of ``flags(c)``)."""
+IN_STEP_FLAGS = ("stop", "save", "evaluate", "log")
+"""The requests a step's callbacks may raise for the loop: they leave a compiled step as its
+``control/<name>`` metrics, and ``fit`` reads (and, with several ranks, agrees on) them."""
+APPLIED_FLAGS = ("skip",)
+"""Acted on where the fold that raised them ran (inside the step, or by ``fit`` right after
+a host step_end): never on the wire, never pending."""
+HOST_FLAGS = ("stop_epoch", "abort")
+"""Raised by host callbacks only, and acted on by ``fit`` at once (pending and agreed on, never
+on the wire)."""
+# IN_STEP_FLAGS + APPLIED_FLAGS + HOST_FLAGS == FLAGS: the in-step requests come first, so that
+# ``Control(stop, save, evaluate, log, skip)`` keeps its meaning (tests/test_control_wire.py)
 
 
 def loop_event(kind: str, step: int, epoch: int, metrics: Mapping[str, Any] | None) -> Event:
@@ -145,45 +161,47 @@ def loop_event(kind: str, step: int, epoch: int, metrics: Mapping[str, Any] | No
 
 
 def _asks_nothing(c: Control) -> bool:
-    return c is NOTHING or (c.stop is False and c.save is False and c.evaluate is False
-                            and c.log is False and c.skip is False and c.stop_epoch is False
-                            and c.abort is False)
+    return c is NOTHING or all(getattr(c, name) is False for name in FLAGS)
 
 
 def flags(c: Control) -> tuple:
-    return c.stop, c.save, c.evaluate, c.log, c.skip, c.stop_epoch, c.abort
+    """``c``'s flags, in ``FLAGS`` order (its fields' declaration order)."""
+    return tuple(getattr(c, name) for name in FLAGS)
 
 
 # The wire format of a control in a step's metrics: a compiled step returns its in-step
-# callbacks' merged control as these 0-d bool tensors (``skip`` is applied inside the step, so
-# it does not travel), and ``fit`` reads them back. These functions are the only ones that
-# write or read the keys.
-CONTROL_KEYS = ("control/stop", "control/save", "control/evaluate", "control/log")
+# callbacks' merged control as ``control/<name>`` 0-d bool tensors, one per IN_STEP_FLAGS name
+# (``skip`` is applied inside the step, so it does not travel), and ``fit`` reads them back.
+# These functions are the only ones that write or read the keys.
+CONTROL_KEYS = tuple(f"control/{name}" for name in IN_STEP_FLAGS)
+"""The ``control/*`` metrics keys, one per ``IN_STEP_FLAGS`` name, in its order."""
+_WIRE = tuple(zip(IN_STEP_FLAGS, CONTROL_KEYS))  # (name, key) pairs, for the per-step reads
+_STOP_KEY, _LOG_KEY = dict(_WIRE)["stop"], dict(_WIRE)["log"]
 
 
 def control_to_metrics(control: Control, device: Any) -> dict[str, torch.Tensor]:
     """``control`` as the step's ``control/*`` metrics (0-d bool tensors on ``device``)."""
-    return {key: torch.as_tensor(v, dtype=torch.bool, device=device)
-            for key, v in zip(CONTROL_KEYS, flags(control))}
+    return {key: torch.as_tensor(getattr(control, name), dtype=torch.bool, device=device)
+            for name, key in _WIRE}
 
 
 def control_from_metrics(metrics: Mapping[str, Any]) -> Control:
     """The control a step's metrics carry (``NOTHING`` when they carry none)."""
-    if CONTROL_KEYS[0] not in metrics:
+    if _STOP_KEY not in metrics:  # a step writes every key or none; the loop adds only the log
         return NOTHING
-    return Control(*(metrics[key] for key in CONTROL_KEYS))
+    return Control(**{name: metrics[key] for name, key in _WIRE})
 
 
 def asks_to_log(metrics: Mapping[str, Any] | None) -> bool:
     """Whether the loop asked logging callbacks to write these metrics now (``control.log``
     was raised at the step before; see ``with_log_request``)."""
-    return (metrics or {}).get(CONTROL_KEYS[3]) is True
+    return (metrics or {}).get(_LOG_KEY) is True
 
 
 def with_log_request(metrics: dict[str, Any]) -> dict[str, Any]:
     """``metrics`` marked for logging now (the loop's answer to a ``log`` request): a Python
     True, which no step writes, so ``asks_to_log`` needs no sync."""
-    return {**metrics, CONTROL_KEYS[3]: True}
+    return {**metrics, _LOG_KEY: True}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -441,7 +459,8 @@ def fold_reporting(callbacks: Sequence[Callable], state: Any, event: Event,
         state, c = _check_result(cb, state, result)
         if c is not NOTHING:
             control = control | c
-            alike = alike or (_decides_alike(cb) and any(v is True for v in flags(c)[:4]))
+            alike = alike or (_decides_alike(cb)
+                              and any(getattr(c, name) is True for name in IN_STEP_FLAGS))
             if c.stop is True and stoppers is not None:
                 stoppers.append(cb.name if isinstance(cb, Callback) else name_of(cb))
     return state, control, alike

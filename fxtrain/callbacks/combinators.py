@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 
 from .. import distributed
 from ..tree import tree_select
-from .core import (DEFAULT_KINDS, EVENT_KINDS, NOTHING, Callback, Control, Event, flags, fold,
-                   name_of)
+from .core import (DEFAULT_KINDS, EVENT_KINDS, FLAGS, NOTHING, Callback, Control, Event, flags,
+                   fold, name_of)
 
 
 def as_callback(cb: Callable) -> Callback:
@@ -59,8 +59,9 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
         if isinstance(now, torch.Tensor):  # inside a step: run it, keep its result where due
             new, control = fold((inner,), state, event)
             _check_structure(new, state, name_of(inner))
-            return tree_select(now, new, state), Control(
-                *(f & now if isinstance(f, torch.Tensor) or f else False for f in flags(control)))
+            return tree_select(now, new, state), Control(**{
+                name: f & now if isinstance(f, torch.Tensor) or f else False
+                for name, f in zip(FLAGS, flags(control))})
         return fold((inner,), state, event) if now else (state, NOTHING)
 
     return fn
