@@ -57,6 +57,7 @@ class RunPlan:
     checkpoint: Any
     eval_step: Callable | None
     eval_data: Any
+    k: int = dataclasses.field(init=False)  # the steps one call takes (spec.steps_per_call)
     all_callbacks: tuple = dataclasses.field(init=False)  # in-step ones too: vetoes, reasons
     before_step: tuple = dataclasses.field(init=False)  # host callbacks of step_begin
     per_eval_batch: tuple = dataclasses.field(init=False)  # of eval_batch
@@ -67,16 +68,12 @@ class RunPlan:
             return tuple(cb for cb in self.callbacks
                          if isinstance(cb, Callback) and kind in cb.kinds)
 
-        derived = {"all_callbacks": (*self.spec.in_step_callbacks, *self.callbacks),
+        derived = {"k": self.spec.steps_per_call,
+                   "all_callbacks": (*self.spec.in_step_callbacks, *self.callbacks),
                    "before_step": of("step_begin"), "per_eval_batch": of("eval_batch"),
                    "at_step_end": tuple(cb for cb in self.callbacks if takes_step_end(cb))}
         for name, value in derived.items():
             object.__setattr__(self, name, value)
-
-    @property
-    def k(self) -> int:
-        """The steps one call takes."""
-        return self.spec.steps_per_call
 
     def limit(self, step: int, epoch: int) -> str | None:
         """Why the run ends at ``step`` and ``epoch``, or None."""
