@@ -38,7 +38,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _torch_dtype(name: str) -> torch.dtype:
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype a leaf entry names (``"float32"``); a ValueError for an unknown one."""
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown tensor dtype {name!r} in the checkpoint")
@@ -278,7 +279,7 @@ def plan(meta: dict, like: Any, *, only: Sequence[str] | None = None,
 
 def _tensor_from(arr: np.ndarray | torch.Tensor | None, entry: dict,
                  like: torch.Tensor | None) -> torch.Tensor:
-    dtype = _torch_dtype(entry["dtype"])
+    dtype = torch_dtype(entry["dtype"])
     if arr is None:
         t = torch.empty(entry["shape"], dtype=dtype)
     elif isinstance(arr, torch.Tensor):  # read by torch.distributed.checkpoint

@@ -179,6 +179,23 @@ def steps(directory: Path) -> list[int]:
     return sorted(found)
 
 
+def step_path(directory: Path, step: int | None = None) -> Path:
+    """The checkpoint of ``step`` (None: the newest) in a manager's ``directory``; raises
+    ``FileNotFoundError`` saying what the directory holds instead."""
+    if not directory.exists():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
+    found = steps(directory)
+    if not found:
+        raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
+                                f"{describe_directory(directory)})")
+    if step is None:
+        return directory / str(found[-1])
+    if step not in found:
+        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; "
+                                f"available steps: {found}")
+    return directory / str(step)
+
+
 def describe_directory(path: Path) -> str:
     """A few of ``path``'s entries, for error messages."""
     if not path.is_dir():

@@ -4,17 +4,17 @@ Each checkpoint is a directory named by the state's step, holding the state's ar
 description (``fx.checkpoint.bridge``). orbax writes it under a temporary name and renames it into
 place when complete, so a process killed mid-save leaves the previous checkpoints as they were and
 nothing that ``latest_step()`` would return; leftovers are removed when a manager opens the
-directory. Retention is orbax's preservation policies: the latest ``keep_latest`` together with the
-best ``keep_best`` by ``best_metric``, so the newest checkpoint is never deleted. A state whose
-parameters are not finite is never saved, so retention never deletes the last finite checkpoint
-for the checkpoints of a diverged run.
+directory. Retention (``fxtrain.checkpoint.retention``, after every save of either kind, orbax's
+or sharded) keeps the latest ``keep_latest`` together with the best ``keep_best`` by
+``best_metric``, so the newest checkpoint is never deleted; orbax itself deletes nothing. A state
+whose parameters are not finite is never saved, so retention never deletes the last finite
+checkpoint for the checkpoints of a diverged run.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import shutil
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,7 +25,7 @@ import torch
 
 from ..logging.numbers import is_number, read_floats
 from .. import distributed, sharding
-from . import bridge, shards, store
+from . import bridge, layout, retention, shards, store
 
 
 def _floats(metrics: Mapping | None) -> dict[str, float]:
@@ -56,7 +56,8 @@ class CheckpointManager:
     Args:
       directory: where the checkpoints go, one subdirectory per step (created on the first save).
       keep_latest: how many of the newest checkpoints to keep (at least 1).
-      keep_best: how many of the best checkpoints by ``best_metric`` to keep as well.
+      keep_best: how many of the best checkpoints by ``best_metric`` to keep as well (of
+        equal values the older ranks first; one without a finite value does not rank).
       best_metric: the metric (a key of ``save``'s ``metrics``) that ranks checkpoints.
       best_mode: "min" or "max": which way is better.
       async_save: write on a background thread; ``save`` returns once the arrays are captured.
@@ -103,35 +104,24 @@ class CheckpointManager:
         self._pending: tuple[int, Future] | None = None
         self._pending_shards: Callable[[], None] | None = None  # a sharded save in flight
         self._group = None  # the process group sharded saves are written in the background on
-        self._leftovers = False  # retention failed to delete a checkpoint: retry at the next save
         if async_save:  # import orbax (and jax, ~1.3 s) now, while the run is set up, not on
             store.orbax()  # the writer thread during the first save, where it slows training
 
     # -- orbax -----------------------------------------------------------------------------
 
-    def _best_value(self, metrics: Mapping) -> float:
-        return float(metrics[self.best_metric])
-
     def _manager(self):
         """orbax's manager, made on first use (so ``import fxtrain`` never imports orbax).
 
-        It saves synchronously: ``async_save`` runs it on this manager's own writer thread, so
-        the training loop waits only for ``bridge.encode`` and a copy of its arrays (the next
-        step may overwrite the state's tensors in place: see ``fx.donation``),
-        not for orbax's per-save setup, copies or the deletion of old checkpoints.
+        It writes each checkpoint under a temporary name and renames it into place, and keeps
+        every checkpoint (retention is ``_retain``'s, for sharded checkpoints too). It saves
+        synchronously: ``async_save`` runs it on this manager's own writer thread, so the
+        training loop waits only for ``bridge.encode`` and a copy of its arrays (the next step
+        may overwrite the state's tensors in place: see ``fx.donation``), not for orbax's
+        per-save setup, copies or the deletion of old checkpoints.
         """
         if self._orbax is None:
             ocp = store.orbax()
-            from orbax.checkpoint import checkpoint_managers as policies
-            keep = [policies.LatestN(n=self.keep_latest)]
-            if self.keep_best:
-                keep.append(policies.BestN(get_metric_fn=self._best_value, n=self.keep_best,
-                                           reverse=self.best_mode == "min",
-                                           keep_checkpoints_without_metrics=False))
             options = ocp.CheckpointManagerOptions(
-                preservation_policy=policies.AnyPreservationPolicy(keep),
-                # best_fn only makes orbax write each step's metrics, which BestN reads back
-                best_fn=self._best_value if self.keep_best else None, best_mode=self.best_mode,
                 enable_async_checkpointing=False, create=False, cleanup_tmp_directories=True,
                 # one writer: under torch.distributed only rank 0 makes this manager, and each
                 # process is its own single-process JAX runtime, so orbax never coordinates
@@ -152,36 +142,38 @@ class CheckpointManager:
             raise PermissionError(f"cannot save: the checkpoint directory {self.directory} is "
                                   "not writable")
 
-    def _ranking(self, metrics: dict[str, float]) -> dict[str, float] | None:
-        """The metrics orbax ranks by: None when the best metric is absent or not finite."""
-        if not self.keep_best or not math.isfinite(metrics.get(self.best_metric, math.nan)):
-            return None
-        return metrics
-
-    def _write(self, step: int, arrays: dict, meta: dict, ranking: dict | None) -> None:
-        """Writes one checkpoint (orbax: a temporary name renamed into place) and flushes it."""
+    def _write(self, step: int, arrays: dict, meta: dict) -> None:
+        """Writes one checkpoint (orbax: a temporary name renamed into place), flushes it, and
+        applies retention."""
         try:
-            self._manager().save(step, args=store.composite(arrays, meta), metrics=ranking,
-                                 force=True)
+            self._manager().save(step, args=store.composite(arrays, meta), force=True)
         except Exception as e:
             if not store.is_checkpoint(self.directory / str(step)):
                 raise OSError(f"writing the checkpoint of step {step} in {self.directory} "
                               f"failed (the older checkpoints are intact): {e}") from e
-            self._retention_failed(step, e)  # orbax wrote it, then failed to delete old ones
-        else:
-            if self._leftovers:  # what orbax failed to delete before (it does not try again)
-                self._leftovers = False
-                self._retain()
+            warnings.warn(f"CheckpointManager: step {step} is saved in {self.directory}, but "
+                          f"orbax failed after putting it in place ({type(e).__name__}: {e})",
+                          RuntimeWarning, stacklevel=2)
         try:
             store.fsync_tree(self.directory / str(step))
         except Exception as e:
             raise OSError(f"flushing the checkpoint of step {step} in {self.directory} to disk "
                           f"failed: {e}") from e
+        self._retain()
 
-    def _retention_failed(self, step: int, error: Exception) -> None:
+    def _retain(self) -> None:
+        """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
+        ``keep_best`` (``retention.prune``), after every save of either kind; warns when one
+        cannot be deleted."""
+        errors = retention.prune(self.directory, keep_latest=self.keep_latest,
+                                 keep_best=self.keep_best, metric=self.best_metric,
+                                 mode=self.best_mode)
+        if errors:
+            self._retention_failed(self.latest_step(), errors[0])
+
+    def _retention_failed(self, step: int | None, error: Exception) -> None:
         """Retention could not delete an older checkpoint: the new one is saved, so training
         goes on; the old ones stay on disk until a later save deletes them."""
-        self._leftovers = True
         warnings.warn(f"CheckpointManager: step {step} is saved in {self.directory}, but "
                       f"deleting older checkpoints beyond keep_latest={self.keep_latest}"
                       f"{f' and keep_best={self.keep_best}' if self.keep_best else ''} failed "
@@ -275,23 +267,6 @@ class CheckpointManager:
                       "train with fx.callbacks.nan_guard('skip') (or 'stop')",
                       RuntimeWarning, stacklevel=4)
 
-    def _retain(self) -> None:
-        """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
-        ``keep_best`` (what orbax's policies do for the checkpoints it writes)."""
-        steps = self.all_steps()
-        keep = set(steps[-self.keep_latest:])
-        if self.keep_best:
-            ranked = sorted((m[self.best_metric], s) for s in steps if math.isfinite(
-                (m := self.metrics(s)).get(self.best_metric, math.nan)))
-            best = ranked if self.best_mode == "min" else ranked[::-1]
-            keep |= {s for _, s in best[:self.keep_best]}
-        for s in steps:
-            if s not in keep:
-                try:
-                    shutil.rmtree(self.directory / str(s))
-                except OSError as e:
-                    self._retention_failed(steps[-1], e)
-
     def _save(self, state: Any, metrics: Mapping | None, force: bool) -> bool:
         step = self._step_to_save(state, force)
         if step is None:
@@ -307,11 +282,11 @@ class CheckpointManager:
             return False
         meta = store.meta_for(state, meta, floats, self.metadata)
         if not self.async_save:
-            self._write(step, arrays, meta, self._ranking(floats))
+            self._write(step, arrays, meta)
             return True
         # a snapshot: encode's arrays are views of the state's CPU tensors, which the next step
         # may overwrite in place (buffer donation) while this save is still being written
-        job = (step, {k: a.copy() for k, a in arrays.items()}, meta, self._ranking(floats))
+        job = (step, {k: a.copy() for k, a in arrays.items()}, meta)
         if self._writer is None:
             # orbax (and jax) imported here, not on the writer: an import on another thread
             # while Dynamo iterates sys.modules (compiling) failed the compile with
@@ -354,26 +329,13 @@ class CheckpointManager:
         """The step whose ``best_metric`` is best among the kept checkpoints, or None."""
         if not self.best_metric:
             raise ValueError("best_step needs a manager made with best_metric")
-        ranked = [(m[self.best_metric], s) for s in self.all_steps()
-                  if math.isfinite((m := self.metrics(s)).get(self.best_metric, math.nan))]
-        if not ranked:
-            return None
-        return (min if self.best_mode == "min" else max)(ranked)[1]
+        values = {s: self.metrics(s).get(self.best_metric, math.nan) for s in self.all_steps()}
+        ranked = retention.best_first(values, self.best_mode)
+        return ranked[0] if ranked else None
 
     def _step_path(self, step: int | None) -> Path:
         self._wait_here()
-        if not self.directory.exists():
-            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
-        steps = self.all_steps()
-        if not steps:
-            raise FileNotFoundError(f"no fxtrain checkpoints in {self.directory} (it holds: "
-                                    f"{store.describe_directory(self.directory)})")
-        if step is None:
-            return self.directory / str(steps[-1])
-        if step not in steps:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
-                                    f"available steps: {steps}")
-        return self.directory / str(step)
+        return layout.step_path(self.directory, step)
 
     def info(self, step: int | None = None) -> dict:
         """The JSON description of a checkpoint: leaves, step, time, metrics, metadata."""
@@ -538,10 +500,8 @@ def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = 
         >>> tmp.cleanup()
     """
     path = Path(path).expanduser().absolute()
-    if path.is_dir() and not store.is_checkpoint(path):
-        manager = CheckpointManager(path)
-        manager.wait()
-        return _restore(manager._step_path(None), like, only, cast)
+    if path.is_dir() and not store.is_checkpoint(path):  # a manager's directory: its latest
+        path = layout.step_path(path)
     return _restore(path, like, only, cast)
 
 

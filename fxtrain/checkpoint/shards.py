@@ -218,9 +218,9 @@ def _target(entry: dict, like: Any) -> torch.Tensor:
     """An empty tensor for torch.distributed.checkpoint to read ``entry`` into: a DTensor laid
     out as ``like`` (this rank's shard only) or a whole CPU tensor, in the saved dtype."""
     from ..sharding import is_dtensor
-    from .bridge import _torch_dtype
+    from .bridge import torch_dtype
     dtype = torch.from_numpy(np.empty(0, entry["dtype"])).dtype if entry["kind"] == "ndarray" \
-        else _torch_dtype(entry["dtype"])
+        else torch_dtype(entry["dtype"])
     if is_dtensor(like):
         return torch.empty_like(like, dtype=dtype)
     return torch.empty(entry["shape"], dtype=dtype)
