@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -74,12 +75,9 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
     mixed = precision_policy(precision)
     callbacks, owned = _split_step_states(tuple(callbacks), loss_scale)
     _check_step_callbacks(callbacks)
-    if mixed.scaled and not owned:
-        owned = (default_loss_scale(),)
-    elif owned and not mixed.scaled:
-        raise ValueError(f"make_train_step: a loss scale is for precision='16-mixed' (float16 "
-                         f"needs one); this step's precision is {precision!r}, which scales "
-                         f"nothing: drop the loss scale, or use precision='16-mixed'")
+    _check_loss_scale(owned, loss_scale, mixed)
+    if mixed.scaled and not any(s.name == LOSS_SCALE for s in owned):
+        owned = (default_loss_scale(), *owned)
     if grad_stats not in (False, True, "histograms"):
         raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
                          f"{grad_stats!r}")
@@ -111,20 +109,36 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
 
 
 def _split_step_states(callbacks: tuple, loss_scale: StepState | None) -> tuple[tuple, tuple]:
-    """The in-step callbacks, and the loss scale: given by ``loss_scale=`` or, as before that
-    keyword, among the callbacks (the documented alias); never both."""
-    given = tuple(cb for cb in callbacks if isinstance(cb, StepState))
+    """The in-step callbacks, and the states the step owns (``StepState``): the loss scale,
+    given by ``loss_scale=`` or, as before that keyword, among the callbacks (the documented
+    alias; never both), and any other ``StepState`` passed there."""
+    owned = tuple(cb for cb in callbacks if isinstance(cb, StepState))
     callbacks = tuple(cb for cb in callbacks if not isinstance(cb, StepState))
     if loss_scale is not None:
         if not isinstance(loss_scale, StepState) or loss_scale.name != LOSS_SCALE:
             raise TypeError(f"make_train_step: loss_scale must be fx.precision.loss_scale(...), "
                             f"got {loss_scale!r}")
-        given = (loss_scale, *given)
-    if len(given) > 1:
+        owned = (loss_scale, *owned)
+    scales = sum(s.name == LOSS_SCALE for s in owned)
+    if scales > 1:
         where = "loss_scale= and callbacks=" if loss_scale is not None else "callbacks="
-        raise ValueError(f"make_train_step: {len(given)} loss scales were given (in {where}); "
-                         "a step has one: pass it as loss_scale=fx.precision.loss_scale(...)")
-    return callbacks, given
+        raise ValueError(f"make_train_step: {scales} loss scales were given (in {where}); a "
+                         "step has one: pass it as loss_scale=fx.precision.loss_scale(...)")
+    return callbacks, owned
+
+
+def _check_loss_scale(owned: tuple, loss_scale: StepState | None, mixed: Policy) -> None:
+    """A loss scale is for ``"16-mixed"``: refused by the keyword on another precision; among
+    the callbacks (the alias, which such steps accepted before) a warning that it is unused."""
+    if mixed.scaled or not any(s.name == LOSS_SCALE for s in owned):
+        return
+    said = (f"a loss scale is for precision='16-mixed' (float16 needs one); this step's "
+            f"precision is {mixed.name!r}, which scales nothing")
+    if loss_scale is not None:
+        raise ValueError(f"make_train_step: {said}: drop loss_scale=, or use "
+                         "precision='16-mixed'")
+    warnings.warn(f"make_train_step: {said}, so the loss scale in callbacks= is unused; drop "
+                  "it", UserWarning, stacklevel=4)
 
 
 def _check_step_callbacks(callbacks: tuple) -> None:

@@ -165,3 +165,19 @@ def test_the_loss_scale_has_its_own_keyword_and_callbacks_stays_its_alias():
         fx.make_train_step(xent, precision="bf16-mixed", loss_scale=fx.precision.loss_scale())
     with pytest.raises(TypeError, match=r"loss_scale must be fx.precision.loss_scale\(...\)"):
         fx.make_train_step(xent, precision="16-mixed", loss_scale=1024.0)
+    with pytest.warns(UserWarning, match="the loss scale in callbacks= is unused"):
+        step = fx.make_train_step(xent, precision="bf16-mixed",
+                                  callbacks=[fx.precision.loss_scale()])  # the alias: as before
+    assert [s.name for s in fx.step_spec(step).step_states] == ["loss_scale"]
+
+
+def test_a_step_state_of_another_name_stays_the_steps_beside_the_loss_scale():
+    """Only a ``StepState`` named loss_scale is the loss scale: another is kept as the step's
+    own state on any precision, and a "16-mixed" step still owns its default scale."""
+    mine = fx.callbacks.StepState("mine", init=lambda state: torch.tensor(0))
+    assert fx.step_spec(fx.make_train_step(xent, callbacks=[mine])).step_states == (mine,)
+    step = fx.make_train_step(xent, precision="16-mixed", callbacks=[mine])
+    assert [s.name for s in fx.step_spec(step).step_states] == ["loss_scale", "mine"]
+    state = fx.callbacks.init(fx.step_spec(step).step_states, _state())
+    new, metrics = step(state, BATCH)
+    assert float(metrics["loss_scale"]) == 2.0**16 and int(new.callbacks["mine"]) == 0

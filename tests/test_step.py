@@ -129,33 +129,43 @@ def test_bad_loss_is_a_clear_error(bad, match):
         fx.make_train_step(loss_fn)(state, classification_batch())
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"steps_per_call": 0}, "steps_per_call must be a positive int, got 0"),
-    ({"donate": "yes"}, "donate must be True, False or None"),
-    ({"buffers": "sum"}, "buffers must be 'mean' or 'local'"),
-    ({"grad_stats": "all"}, "grad_stats must be False, True or 'histograms'"),
-    ({"data_parallel": "auto"}, "data_parallel must be True, False or None"),
-], ids=["steps_per_call", "donate", "buffers", "grad_stats", "data_parallel"])
-def test_make_train_step_checks_every_argument_before_it_changes_anything(bad, match):
+BAD_STEP_ARGUMENTS = {
+    "steps_per_call": ({"steps_per_call": 0}, "steps_per_call must be a positive int, got 0"),
+    "donate": ({"donate": "yes"}, "donate must be True, False or None"),
+    "buffers": ({"buffers": "sum"}, "buffers must be 'mean' or 'local'"),
+    "grad_stats": ({"grad_stats": "all"}, "grad_stats must be False, True or 'histograms'"),
+    "data_parallel": ({"data_parallel": "auto"}, "data_parallel must be True, False or None"),
+}
+
+
+def test_make_train_step_checks_every_argument_before_it_changes_anything():
     """A bad argument is refused before the step's process-wide settings are made: an
-    ``autodiff="autograd"`` step with a bad ``steps_per_call`` leaves Dynamo's settings as they
-    were (checked in a fresh process: a test before this one may have turned them on)."""
+    ``autodiff="autograd"`` step with a bad ``steps_per_call`` (or any other) leaves Dynamo's
+    settings as they were, and a good one then turns them on (in a fresh process: a test
+    before this one may have turned them on here)."""
     import subprocess
     import sys
 
     code = (
         "import torch, fxtrain as fx\n"
         "from torch._dynamo import config\n"
-        "before = (config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)\n"
-        "try:\n"
-        f"    fx.make_train_step(lambda s, p, b: p, autodiff='autograd', **{bad!r})\n"
-        "except (TypeError, ValueError) as e:\n"
-        "    print('refused:', e)\n"
-        "after = (config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)\n"
-        "print('unchanged' if after == before else f'changed {before} -> {after}')\n")
+        "def settings():\n"
+        "    return (config.trace_autograd_ops,\n"
+        "            config.skip_fwd_side_effects_in_bwd_under_checkpoint)\n"
+        "before = settings()\n"
+        f"for bad in {[bad for bad, _ in BAD_STEP_ARGUMENTS.values()]!r}:\n"
+        "    try:\n"
+        "        fx.make_train_step(lambda s, p, b: p, autodiff='autograd', **bad)\n"
+        "    except (TypeError, ValueError) as e:\n"
+        "        print('refused:', e)\n"
+        "    print('unchanged' if settings() == before else f'changed {settings()}')\n"
+        "fx.make_train_step(lambda s, p, b: p, autodiff='autograd')\n"
+        "print('good:', before, settings())\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr
-    assert f"refused: make_train_step: {match}" in out.stdout, out.stdout
-    assert out.stdout.strip().endswith("unchanged"), out.stdout
-    fx.make_train_step(lambda s, p, b: p, autodiff="autograd")  # and a good one builds
+    lines = out.stdout.splitlines()
+    for i, (_, match) in enumerate(BAD_STEP_ARGUMENTS.values()):
+        assert lines[2 * i].startswith(f"refused: make_train_step: {match}"), out.stdout
+        assert lines[2 * i + 1] == "unchanged", out.stdout
+    assert lines[-1] == "good: (False, False) (True, True)", out.stdout
