@@ -13,7 +13,6 @@ checkpoint for the checkpoints of a diverged run.
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -159,19 +158,22 @@ class CheckpointManager:
         except Exception as e:
             raise OSError(f"flushing the checkpoint of step {step} in {self.directory} to disk "
                           f"failed: {e}") from e
-        self._retain()
+        self._retain(step)
 
-    def _retain(self) -> None:
+    def _retain(self, step: int) -> None:
         """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
         ``keep_best`` (``retention.prune``), after every save of either kind; warns when one
         cannot be deleted."""
-        errors = retention.prune(self.directory, keep_latest=self.keep_latest,
-                                 keep_best=self.keep_best, metric=self.best_metric,
-                                 mode=self.best_mode)
+        try:
+            errors = retention.prune(self.directory, keep_latest=self.keep_latest,
+                                     keep_best=self.keep_best, metric=self.best_metric,
+                                     mode=self.best_mode)
+        except Exception as e:  # the new checkpoint is on disk whatever failed here
+            errors = [e]
         if errors:
-            self._retention_failed(self.latest_step(), errors[0])
+            self._retention_failed(step, errors[0])
 
-    def _retention_failed(self, step: int | None, error: Exception) -> None:
+    def _retention_failed(self, step: int, error: Exception) -> None:
         """Retention could not delete an older checkpoint: the new one is saved, so training
         goes on; the old ones stay on disk until a later save deletes them."""
         warnings.warn(f"CheckpointManager: step {step} is saved in {self.directory}, but "
@@ -250,7 +252,7 @@ class CheckpointManager:
         if self.async_save and self._group is None and distributed.initialized():
             self._group = shards.background_group()  # every rank, at the same save
         self._pending_shards = shards.write(self.directory / str(step), values, meta,
-                                            finish=self._retain,
+                                            finish=lambda: self._retain(step),
                                             background=self._group if self.async_save else None)
         return True
 
@@ -329,7 +331,8 @@ class CheckpointManager:
         """The step whose ``best_metric`` is best among the kept checkpoints, or None."""
         if not self.best_metric:
             raise ValueError("best_step needs a manager made with best_metric")
-        values = {s: self.metrics(s).get(self.best_metric, math.nan) for s in self.all_steps()}
+        self._wait_here()  # ranked as retention ranks them, after the save in flight
+        values, _ = retention.metric_values(self.directory, self.all_steps(), self.best_metric)
         ranked = retention.best_first(values, self.best_mode)
         return ranked[0] if ranked else None
 
