@@ -39,6 +39,8 @@ import torch
 from . import struct
 from ._metric import Metric as Metric
 from ._metric import _Made
+# metric values pickled before the Metric interface had its own module name these here
+from ._metric import _from_output_class as _from_output_class, _remake as _remake
 from ._torchmetrics import from_torchmetrics as from_torchmetrics
 
 __all__ = ["Metric", "Average", "Std", "LastValue", "Accuracy", "ConfusionMatrix", "Collection",
