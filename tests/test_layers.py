@@ -190,6 +190,22 @@ def test_the_layout_page_lists_these_floors():
     assert documented_floors(planted) != list(FLOORS)
 
 
+def test_no_module_imports_a_name_of_the_packages_front():
+    """``from . import fit`` (a name ``fxtrain/__init__.py`` serves lazily, not a module) inside
+    the package would load the whole public package in the middle of an import; modules import
+    such names from the modules that define them."""
+    import fxtrain
+
+    front = set(fxtrain._NAMES)
+    assert {"fit", "remat", "step_spec", "lr_find", "predict"} <= front
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level and node.module is None:
+                found += [f"{path.name}: {a.name}" for a in node.names if a.name in front]
+    assert not found, found
+
+
 # torch's internals: a module or name of torch whose dotted path has a segment with a leading
 # underscore (not a dunder: ``torch.__version__``). torch.utils._pytree is exempt: private by
 # name, it is torch's only pytree module on every torch fxtrain supports (no public
