@@ -122,41 +122,41 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     check_fit_args(max_steps=max_steps, max_epochs=max_epochs, eval_step=eval_step,
                    eval_data=eval_data, eval_every=eval_every, sync_every=sync_every)
     donation.check_live(state, "fit")
-    plan, progress, restored = _started(
+    plan, run, restored = _started(
         state, train_step, data, callbacks=with_default_progress(tuple(callbacks), progress),
         max_steps=max_steps, max_epochs=max_epochs, eval_step=eval_step, eval_data=eval_data,
         eval_every=eval_every, sync_every=sync_every, checkpoint=checkpoint, resume=resume)
-    first = progress.step
-    with on_sigterm(progress.signalled):  # SIGTERM: save and stop at the next flag read
+    first = run.step
+    with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
         try:
-            reason = _begin(plan, progress, restored)
+            reason = _begin(plan, run, restored)
             while reason is None:
-                reason = (plan.limit(progress.step, progress.epoch) or _call(plan, progress)
-                          or _boundary(plan, progress))
+                reason = (plan.limit(run.step, run.epoch) or _call(plan, run)
+                          or _boundary(plan, run))
         except KeyboardInterrupt as e:
-            _save(plan, progress)
-            _emit(plan, progress, "train_end", {"reason": "interrupted"})
+            _save(plan, run)
+            _emit(plan, run, "train_end", {"reason": "interrupted"})
             _resuming.wait(checkpoint)
-            raise Interrupted(progress.state) from e
+            raise Interrupted(run.state) from e
         except Exception as e:
-            _fail(plan, progress, e)
+            _fail(plan, run, e)
             _resuming.wait(checkpoint)
             raise
         finally:
-            if progress.step > first and progress.state.step is state.step:  # donated
+            if run.step > first and run.state.step is state.step:  # donated
                 donation.mark(state)
         # saved before train_end, which may change the state (early_stopping's restore_best):
         # the checkpoint is where training stood, so resuming from it continues the same run
         if reason != "aborted":  # Control.abort: ends without the final checkpoint
-            _save(plan, progress)
-        preempted = progress.pending.preempted
-        _emit(plan, progress, "train_end", _end(plan, progress, reason, preempted))
+            _save(plan, run)
+        preempted = run.pending.preempted
+        _emit(plan, run, "train_end", _end(plan, run, reason, preempted))
         _resuming.wait(checkpoint)
         if preempted:  # no rank leaves (and has its launcher end the others) before all saved
             distributed.barrier()
     if preempted:
-        raise Preempted(progress.state)
-    return progress.state
+        raise Preempted(run.state)
+    return run.state
 
 
 def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, max_steps,

@@ -19,8 +19,8 @@ import torch.utils._pytree as pytree
 
 from .. import distributed
 from ..tree import tree_select
-from .core import (DEFAULT_KINDS, EVENT_KINDS, FLAGS, NOTHING, Callback, Control, Event, flags,
-                   fold, name_of)
+from .core import (DEFAULT_KINDS, EVENT_KINDS, FLAGS, NOTHING, Callback, Control, Event, fold,
+                   name_of)
 
 
 def as_callback(cb: Callable) -> Callback:
@@ -49,6 +49,11 @@ def _check_structure(new: Any, old: Any, who: str) -> None:
                          "combinator inside a step it must keep it")
 
 
+def _where_due(flag: Any, now: torch.Tensor) -> Any:
+    """A flag of a callback run inside a step, kept only where it was ``now`` due."""
+    return flag & now if isinstance(flag, torch.Tensor) or flag else False
+
+
 def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
     """Runs ``inner`` on step_end events that are ``due`` (a bool, or a 0-d bool tensor)."""
 
@@ -60,8 +65,7 @@ def _gated(inner: Callback, due: Callable[[Event], Any]) -> Callable:
             new, control = fold((inner,), state, event)
             _check_structure(new, state, name_of(inner))
             return tree_select(now, new, state), Control(**{
-                name: f & now if isinstance(f, torch.Tensor) or f else False
-                for name, f in zip(FLAGS, flags(control))})
+                name: _where_due(getattr(control, name), now) for name in FLAGS})
         return fold((inner,), state, event) if now else (state, NOTHING)
 
     return fn
