@@ -69,8 +69,10 @@ def main(argv=None) -> dict:
     parser.add_argument("rev", help="the base revision (a commit, a tag, HEAD~3)")
     parser.add_argument("script", help="a script in benchmarks/ (step_overhead.py)")
     parser.add_argument("--repeat", type=int, default=3, help="processes of each tree")
-    parser.add_argument("rest", nargs="*", help="after --: the script's own arguments")
-    args = parser.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    rest = argv[argv.index("--") + 1:] if "--" in argv else []  # the script's own arguments
+    args = parser.parse_args(argv[:len(argv) - len(rest) - ("--" in argv)])
+    args.rest = rest
     base = worktree(args.rev)
     try:
         seen: dict[str, dict[str, list[float]]] = {"base": {}, "this": {}}
