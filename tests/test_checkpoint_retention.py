@@ -155,31 +155,6 @@ def test_a_description_this_process_may_not_read_is_left_alone(tmp_path, monkeyp
         assert m.all_steps() == [1, 3, 4]
 
 
-def test_a_deletion_that_fails_half_way_leaves_no_step_and_the_next_save_finishes_it(
-        tmp_path, monkeypatch):
-    """A checkpoint is renamed out of the steps before it is deleted: a deletion that fails
-    part-way leaves a ``<step>.deleting`` folder, never a half checkpoint that ranks or
-    restores, and the next save deletes it."""
-    state = make_state()
-    real_rmtree = retention.shutil.rmtree
-
-    def half(path, *args, **kwargs):  # deletes one file, then fails
-        next(p for p in sorted(path.rglob("*")) if p.is_file()).unlink()
-        raise PermissionError(13, "Permission denied", str(path))
-
-    with CheckpointManager(tmp_path, keep_latest=1, async_save=False) as m:
-        m.save(state.replace(step=torch.tensor(1)))
-        monkeypatch.setattr(retention.shutil, "rmtree", half)
-        with pytest.warns(RuntimeWarning, match="step 2 is saved.*Permission denied"):
-            assert m.save(state.replace(step=torch.tensor(2)))
-        assert m.all_steps() == [2] and (tmp_path / "1.deleting").is_dir()
-        assert fx.tree_digest(fx.checkpoint.restore(tmp_path, like=state)) == fx.tree_digest(
-            state.replace(step=torch.tensor(2)))
-        monkeypatch.setattr(retention.shutil, "rmtree", real_rmtree)
-        assert m.save(state.replace(step=torch.tensor(3)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
-
-
 def test_an_error_of_retention_itself_does_not_fail_the_save(tmp_path, monkeypatch):
     """Whatever retention raises, the new checkpoint is on disk: a warning, not a failed save."""
     state = make_state()

@@ -16,14 +16,11 @@ stays while it is among the newest. One whose description this process may not r
 from __future__ import annotations
 
 import math
-import os
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import layout
-
-DELETING = ".deleting"  # the suffix of a checkpoint being deleted: no longer a step
 
 
 def best_first(values: Mapping[int, float], mode: str) -> list[int]:
@@ -80,26 +77,16 @@ def metric_values(directory: Path, steps: Sequence[int],
 
 def prune(directory: Path, *, keep_latest: int, keep_best: int, metric: str | None,
           mode: str) -> list[OSError]:
-    """Deletes the checkpoints in ``directory`` that ``kept`` does not keep, and what an earlier
-    deletion left; returns the errors of the deletions that failed (tried again next time).
-
-    A checkpoint is first renamed ``<step>.deleting`` (atomic: from then on it is no step, so a
-    half-deleted one never ranks, restores or lists), then deleted."""
+    """Deletes the checkpoints in ``directory`` that ``kept`` does not keep; returns the
+    errors of the deletions that failed (those checkpoints stay, for a later call)."""
     steps = layout.steps(directory)
     values, unread = metric_values(directory, steps, metric) if keep_best else ({}, set())
     keep = kept(steps, values, keep_latest=keep_latest, keep_best=keep_best, mode=mode) | unread
     errors = []
-    doomed = [directory / f"{step}{DELETING}" for step in steps if step not in keep]
-    for step, target in zip([s for s in steps if s not in keep], doomed):
-        try:
-            if target.exists():  # an earlier one of this name (the step was saved again)
-                shutil.rmtree(target)
-            os.rename(directory / str(step), target)
-        except OSError as e:  # it stays whole, a step, for the next prune
-            errors.append(e)
-    for target in sorted(directory.glob(f"*{DELETING}")):  # these, and any left before
-        try:
-            shutil.rmtree(target)
-        except OSError as e:
-            errors.append(e)
+    for step in steps:
+        if step not in keep:
+            try:
+                shutil.rmtree(directory / str(step))
+            except OSError as e:
+                errors.append(e)
     return errors
