@@ -75,9 +75,7 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
     mixed = precision_policy(precision)
     callbacks, owned = _split_step_states(tuple(callbacks), loss_scale)
     _check_step_callbacks(callbacks)
-    _check_loss_scale(owned, loss_scale, mixed)
-    if mixed.scaled and not any(s.name == LOSS_SCALE for s in owned):
-        owned = (default_loss_scale(), *owned)
+    owned = _with_loss_scale(owned, loss_scale, mixed)
     if grad_stats not in (False, True, "histograms"):
         raise ValueError(f"make_train_step: grad_stats must be False, True or 'histograms', got "
                          f"{grad_stats!r}")
@@ -127,11 +125,14 @@ def _split_step_states(callbacks: tuple, loss_scale: StepState | None) -> tuple[
     return callbacks, owned
 
 
-def _check_loss_scale(owned: tuple, loss_scale: StepState | None, mixed: Policy) -> None:
-    """A loss scale is for ``"16-mixed"``: refused by the keyword on another precision; among
-    the callbacks (the alias, which such steps accepted before) a warning that it is unused."""
-    if mixed.scaled or not any(s.name == LOSS_SCALE for s in owned):
-        return
+def _with_loss_scale(owned: tuple, loss_scale: StepState | None, mixed: Policy) -> tuple:
+    """``owned`` with the default loss scale when a ``"16-mixed"`` step was given none. On
+    another precision a scale is refused by the keyword; among the callbacks (the alias, which
+    such steps accepted before) it is kept, with a warning that it is unused."""
+    if not any(s.name == LOSS_SCALE for s in owned):
+        return (default_loss_scale(), *owned) if mixed.scaled else owned
+    if mixed.scaled:
+        return owned
     said = (f"a loss scale is for precision='16-mixed' (float16 needs one); this step's "
             f"precision is {mixed.name!r}, which scales nothing")
     if loss_scale is not None:
@@ -139,6 +140,7 @@ def _check_loss_scale(owned: tuple, loss_scale: StepState | None, mixed: Policy)
                          "precision='16-mixed'")
     warnings.warn(f"make_train_step: {said}, so the loss scale in callbacks= is unused; drop "
                   "it", UserWarning, stacklevel=4)
+    return owned
 
 
 def _check_step_callbacks(callbacks: tuple) -> None:

@@ -36,21 +36,12 @@ def test_the_flags_are_controls_fields_partitioned_in_declaration_order():
         name in ("save", "abort") for name in FLAGS)
 
 
-@struct.dataclass
-class Planted:
-    """``Control`` with a field planted in front of its flags: a positional reader of the wire
-    would hand each flag's value to its left neighbour."""
-
-    planted: Any = False
-    stop: Any = False
-    save: Any = False
-    evaluate: Any = False
-    log: Any = False
-    skip: Any = False
-    stop_epoch: Any = False
-    abort: Any = False
-
-    __or__ = fx.Control.__or__
+# ``Control`` with a field planted in front of its flags (every one of them, read from its
+# fields): a positional reader of the wire would hand each flag's value to its left neighbour.
+_PLANTED = ("planted", *FLAGS)
+Planted = struct.dataclass(type("Planted", (), {
+    "__annotations__": dict.fromkeys(_PLANTED, Any), **dict.fromkeys(_PLANTED, False),
+    "__or__": fx.Control.__or__}))
 
 
 @pytest.fixture

@@ -52,8 +52,8 @@ def kept(steps: Sequence[int], values: Mapping[int, float], *, keep_latest: int,
         ...             keep_latest=1, keep_best=1, mode="min"))
         [2, 4]
     """
-    newest = sorted(steps)[max(len(steps) - keep_latest, 0):]
-    ranked = best_first({s: v for s, v in values.items() if s in set(steps)}, mode)
+    newest, present = sorted(steps)[max(len(steps) - keep_latest, 0):], set(steps)
+    ranked = best_first({s: v for s, v in values.items() if s in present}, mode)
     return set(newest) | set(ranked[:keep_best])
 
 
