@@ -15,8 +15,13 @@ draws other masks than the same ``fn`` called outside ``remat``.
 
 Policies, named as JAX names them:
 
-- ``"nothing_saveable"``: keep only the region's inputs; recompute everything in the backward
-  (the least memory, one more forward of the region).
+- ``"nothing_saveable"``: keep only the region's inputs and the outputs of the fused attention
+  kernels ``F.scaled_dot_product_attention`` runs; recompute everything else in the backward
+  (the least memory, one more forward of the region). The attention kernels are kept because
+  torch tags them random (they take a dropout probability, even at 0), and a compiled step's
+  recomputation refuses random ops; their output is one activation of the block's width (plus
+  a float per row), and their forward would cost the most to recompute. With dropout, SDPA
+  runs as its math under keyed randomness and is recomputed like the rest.
 - ``"dots_saveable"``: keep the outputs of matrix products (``mm``, ``addmm``, ``bmm``,
   ``baddbmm``, attention), recompute the cheap element-wise work around them (torch's selective
   activation checkpointing).
@@ -54,6 +59,15 @@ def _save_dots(ctx, op, *args, **kwargs):
     from torch.utils.checkpoint import CheckpointPolicy
     return (CheckpointPolicy.MUST_SAVE if op in _dots() else
             CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _save_attention(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+    return (CheckpointPolicy.MUST_SAVE if op in ops.attention() else
+            CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+_SAVED = {"nothing_saveable": _save_attention, "dots_saveable": _save_dots}
 
 
 _HOST_READS = {torch.Tensor.item: ".item()", torch.Tensor.tolist: ".tolist()",
@@ -146,6 +160,5 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
     if policy == "everything_saveable":
         return keyed_fn(*args, **kwargs)
     from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
-    extra = {} if policy == "nothing_saveable" else {
-        "context_fn": functools.partial(create_selective_checkpoint_contexts, _save_dots)}
-    return checkpoint(keyed_fn, *args, use_reentrant=False, **extra, **kwargs)
+    contexts = functools.partial(create_selective_checkpoint_contexts, _SAVED[policy])
+    return checkpoint(keyed_fn, *args, use_reentrant=False, context_fn=contexts, **kwargs)

@@ -144,6 +144,57 @@ def test_remat_in_a_compiled_step_is_one_graph_and_matches_within_float32_roundi
     torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)
 
 
+class Attention(nn.Module):
+    """A causal self-attention block on ``F.scaled_dot_product_attention``, no dropout."""
+
+    def __init__(self, width=16, heads=2):
+        super().__init__()
+        self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+
+    def forward(self, h):
+        b, t, c = h.shape
+        q, k, v = (z.view(b, t, self.heads, c // self.heads).transpose(1, 2)
+                   for z in self.qkv(h).split(c, 2))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return h + self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+@pytest.mark.parametrize("policy", ["nothing_saveable", "dots_saveable"])
+def test_a_region_around_torch_attention_compiles_and_matches(policy):
+    """SDPA's kernels are tagged random (they take a dropout probability, even at 0), and the
+    compiled step's recomputation pass refused any region holding one: a transformer without
+    dropout could not use fx.remat compiled. The kernels' outputs are now kept."""
+    class Stack(nn.Module):
+        def __init__(self, policy):
+            super().__init__()
+            self.blocks, self.policy = nn.ModuleList(Attention() for _ in range(2)), policy
+
+        def forward(self, h):
+            for block in self.blocks:
+                h = fx.remat(block, h, policy=self.policy)
+            return h
+
+    def mse(state, params, batch):
+        x, y = batch
+        return (state.apply(params, x) - y).square().mean()
+
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(2, 8, 16, generator=g), torch.randn(2, 8, 16, generator=g))
+               for _ in range(3)]
+    states = []
+    for p in ("everything_saveable", policy):
+        torch.manual_seed(0)
+        states.append(fx.TrainState.create(Stack(p), fx.optim.sgd(LR), seed=0))
+    eager = fx.make_train_step(mse, autodiff="autograd", donate=False)
+    reference, ref_metrics = run(eager, states[0], batches)
+    compiled = torch.compile(fx.make_train_step(mse, autodiff="autograd", donate=False),
+                             fullgraph=True)
+    state, metrics = run(compiled, states[1], batches)
+    for k, p in reference.params.items():  # compiled against eager (see ATOL)
+        torch.testing.assert_close(state.params[k], p, rtol=0, atol=ATOL)
+    torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_remat_needs_the_autograd_path_and_a_known_policy(compiled):
     """The errors themselves, from fit's call of a compiled step too (not Dynamo's report)."""

@@ -12,7 +12,8 @@ import functools
 import torch
 
 ATTENTION = ("_scaled_dot_product_flash_attention_for_cpu",
-             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention")
+             "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
+             "_scaled_dot_product_cudnn_attention")
 """The ATen ops of ``F.scaled_dot_product_attention``'s kernels, by name."""
 
 
