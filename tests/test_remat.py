@@ -149,7 +149,8 @@ class Attention(nn.Module):
 
     def __init__(self, width=16, heads=2):
         super().__init__()
-        self.qkv, self.proj, self.heads = nn.Linear(width, 3 * width), nn.Linear(width, width), heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.heads = heads
 
     def forward(self, h):
         b, t, c = h.shape
