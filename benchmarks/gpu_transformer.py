@@ -412,9 +412,10 @@ def variants_here(args) -> list[str]:
     return [v for v in args.variants if args.device == "cuda" or v not in GPU_ONLY]
 
 
-def measure_dropout(args, argv: list[str]) -> dict:
+def measure_dropout(args, argv: list[str], saved=lambda rows: None) -> dict:
     """Every variant at ``args.dropout[0]`` for ``args.rounds`` rounds (the order rotated per
-    round); a variant out of memory is run again at half the batch, twice at most."""
+    round); a variant out of memory is run again at half the batch, twice at most. ``saved``
+    gets the rows so far after each run (a stage cut off by its time limit keeps them)."""
     variants, runs = variants_here(args), {}
     for r in range(args.rounds):
         for i, variant in enumerate(variants[r % len(variants):] + variants[:r % len(variants)]):
@@ -429,6 +430,7 @@ def measure_dropout(args, argv: list[str]) -> dict:
             runs.setdefault(variant, []).append(row)
             print(f"  dropout {args.dropout[0]} round {r} {variant}: " + summary(row),
                   file=sys.stderr, flush=True)
+            saved({v: combined(rows) for v, rows in runs.items()})
     return {v: combined(rows) for v, rows in runs.items()}
 
 
@@ -554,10 +556,15 @@ def measure(args, argv: list[str]) -> dict:
     record["peak_tflops"] = peak_tf
     for dropout in args.dropout:
         one = argparse.Namespace(**{**vars(args), "dropout": [dropout]})
-        rows = measure_dropout(one, without(argv, "--dropout", "--batch") + [
-            "--dropout", str(dropout)])
-        ratios(rows, peak_tf)
-        record["dropouts"][str(dropout)] = rows
+
+        def saved(rows, key=str(dropout)):
+            ratios(rows, peak_tf)
+            record["dropouts"][key] = rows
+            if args.out:
+                args.out.write_text(json.dumps(record, indent=1) + "\n")
+
+        saved(measure_dropout(one, without(argv, "--dropout", "--batch") + [
+            "--dropout", str(dropout)], saved))
     record["targets"] = targets(record)
     record["seconds"] = time.perf_counter() - start
     return record

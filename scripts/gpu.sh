@@ -24,7 +24,10 @@
 # PYTHON picks the interpreter (default python3), FXTRAIN_GPU_WHEELS the wheel folder (default
 # .gpu-wheels); FXTRAIN_GPU_KIT_ARGS adds arguments to every
 # benchmark stage (the suite's smoke test: "--device cpu --tiny"); FXTRAIN_GPU_STAGE_TIMEOUT
-# (seconds, default 540) ends a stage that hangs, and the next one still runs.
+# (seconds, default 540) ends a stage that hangs, and the next one still runs;
+# FXTRAIN_GPU_DEADLINE (seconds, default 570) bounds the whole command, within the device tool's
+# 10 minutes: a stage gets what is left, and none starts with under a minute left. A benchmark
+# stage cut off keeps the rows it finished in OUT/<stage>.json.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { sed -n '2,/^set /p' "$0" | sed '$d' >&2; exit 2; }
@@ -34,6 +37,7 @@ python=${PYTHON:-python3}
 site=${FXTRAIN_GPU_SITE:-/tmp/fxtrain-gpu-site}
 carried=${FXTRAIN_GPU_WHEELS:-.gpu-wheels}
 limit=${FXTRAIN_GPU_STAGE_TIMEOUT:-540}
+deadline=${FXTRAIN_GPU_DEADLINE:-570}
 read -r -a extra <<< "${FXTRAIN_GPU_KIT_ARGS:-}"
 log="$out/run.log"
 status=0
@@ -115,10 +119,14 @@ export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 for stage in "${stages[@]}"; do
     [[ $stage == setup ]] && continue
     begin=$SECONDS
-    say "$stage"
+    left=$((deadline - (SECONDS - start)))
+    if [[ $left -lt 60 ]]; then
+        say "$stage: not started, ${left} s left of the ${deadline} s deadline"; status=1; continue
+    fi
+    say "$stage (time limit $((left < limit ? left : limit)) s)"
     export -f env_stage hardware bench run_stage
     export python out extra_args="${FXTRAIN_GPU_KIT_ARGS:-}"
-    timeout "$limit" bash -c 'read -r -a extra <<< "$extra_args"; run_stage "$0"' "$stage" \
+    timeout "$((left < limit ? left : limit))" bash -c 'read -r -a extra <<< "$extra_args"; run_stage "$0"' "$stage" \
         2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     [[ $rc -eq 0 ]] || status=1
