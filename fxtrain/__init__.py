@@ -2,7 +2,7 @@
 
 The API is what ``fxtrain`` and its public packages list in ``__all__``: ``fx.callbacks``,
 ``fx.checkpoint``, ``fx.data``, ``fx.debug``, ``fx.distributed``, ``fx.donation``,
-``fx.logging``, ``fx.metrics``, ``fx.optim``, ``fx.precision``, ``fx.random``, ``fx.sharding``,
+``fx.logging``, ``fx.losses``, ``fx.metrics``, ``fx.optim``, ``fx.precision``, ``fx.random``, ``fx.sharding``,
 ``fx.stats``, ``fx.struct`` and ``fx.tree``. As in optax, the modules behind them
 (``fxtrain.loop``, ``fxtrain.checkpoint.store``, ``fxtrain.callbacks.ema``, ...) are not API:
 their paths and private names may change between releases; import from the packages.
@@ -22,7 +22,8 @@ from ._version import __version__ as __version__
 # imports fxtrain's modules directly, never touching a name here, should call
 # ``fxtrain._load_all()`` before it compiles (``fxtrain train`` does).
 _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging",
-             "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree")
+             "losses", "metrics", "optim", "precision", "random", "sharding", "stats", "struct",
+             "tree")
 _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
     "evaluate": "evaluation", "load_safetensors": "export", "save_safetensors": "export",
@@ -64,7 +65,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from . import (callbacks, checkpoint, data, debug, distributed, donation, logging,
-                   metrics, optim, precision, random, sharding, stats, struct, tree)
+                   losses, metrics, optim, precision, random, sharding, stats, struct, tree)
     from .donation import DonatedError
     from .evaluation import evaluate
     from .export import load_safetensors, save_safetensors, trained_module
@@ -93,6 +94,6 @@ __all__ = [
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
     "tree_digest",
     # the packages
-    "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "metrics",
-    "optim", "precision", "random", "sharding", "stats", "struct", "tree",
+    "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "losses",
+    "metrics", "optim", "precision", "random", "sharding", "stats", "struct", "tree",
 ]

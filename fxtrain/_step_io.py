@@ -1,6 +1,6 @@
 """What a step checks of what comes in and goes out: the batches (one structure and dtype for
 every call, on the state's device) and the value of a ``loss_fn`` or ``metrics_fn`` (a 0-d
-float loss, a ``(loss, aux)`` pair or a transformers ``ModelOutput``).
+float loss, an ``fx.losses.Mean``, a ``(loss, aux)`` pair or a transformers ``ModelOutput``).
 
 The checks run while Dynamo traces (and on every eager call), so a compiled step pays nothing
 for them per call; their errors reach you wrapped by Dynamo, with fxtrain's message inside.
@@ -15,6 +15,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ._torch.traced_errors import fail, run_while_tracing
+from .losses import Mean
+from .metrics import Average
 
 
 class BatchGuard:
@@ -72,25 +74,34 @@ def model_output_loss(out: Any) -> Any:
     return out.loss
 
 
-def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def split_loss(out: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """``(loss, aux, count)`` of what a ``loss_fn`` returned: ``count`` is an
+    ``fx.losses.Mean``'s (what the loss averages over, by which the step weighs it against
+    other batches and ranks), None for a plain loss (every batch counts alike)."""
     out = model_output_loss(out)
     loss, aux = (out if isinstance(out, tuple) and len(out) == 2 else (out, None))
+    count = None
+    if isinstance(loss, Mean):
+        loss, count = loss.value, loss.count
     if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
         what = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else \
             type(loss).__name__
-        fail(TypeError, f"loss_fn must return a 0-d loss tensor, (loss, aux dict) or an object "
-                        f"with a .loss (a transformers ModelOutput); it returned {what}. Reduce "
-                        "the loss, e.g. with .mean()")
+        fail(TypeError, f"loss_fn must return a 0-d loss tensor, an fx.losses.Mean, (loss, aux "
+                        f"dict) or an object with a .loss (a transformers ModelOutput); it "
+                        f"returned {what}. Reduce the loss, e.g. with .mean()")
     if not loss.is_floating_point():
         fail(TypeError, f"loss_fn returned a {loss.dtype} loss; it must be floating point")
     if aux is not None and not isinstance(aux, Mapping):
         fail(TypeError, f"loss_fn's aux must be a dict of 0-d tensors, got {type(aux).__name__}")
-    return loss, dict(aux or {})
+    return loss, dict(aux or {}), count
 
 
 def eval_metrics(out: Any) -> dict[str, Any]:
     out = model_output_loss(out)  # a ModelOutput is a Mapping of logits too: its loss only
     if isinstance(out, Mapping):
         return dict(out)
-    loss, aux = split_loss(out)
+    loss, aux, count = split_loss(out)
+    if count is not None:  # averaged over batches (and ranks) by its count: fx.evaluate
+        mean = out[0] if isinstance(out, tuple) else out
+        return {"loss": Average(mean.total.detach().float(), mean.count.to(torch.int64)), **aux}
     return {"loss": loss, **aux}

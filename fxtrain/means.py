@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 _NOT_AVERAGED = ("control/", "grad_hist/")  # the loop's flags; model_watch's histograms
+_WEIGHTS = {"loss": "loss_count"}  # a metric averaged by another: fx.losses.Mean's count
 
 
 def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -33,7 +34,9 @@ def loggable(metrics: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 class Means:
-    """The mean of each step metric over the calls added since the last ``take``.
+    """The mean of each step metric over the calls added since the last ``take``; ``loss``
+    weighted by ``loss_count`` where every call has one (``fx.losses.Mean``: the mean over
+    every item of the interval).
 
     Args:
       who: the name a metric with a shape is refused in (``"log_metrics"``); None leaves such
@@ -75,11 +78,16 @@ class Means:
         pending, self.pending = self.pending, []
         for k in loggable(dict.fromkeys(itertools.chain.from_iterable(pending))):
             values = [m[k] for m in pending if k in m]
-            total = self._sum(k, values)
+            weights = [m.get(_WEIGHTS.get(k)) for m in pending if k in m]
+            if k in _WEIGHTS and all(w is not None for w in weights):  # by the items of each
+                w = torch.stack([torch.as_tensor(w) for w in weights]).to(torch.float32)
+                total, count = self._sum(k, [v * x for v, x in zip(values, w)]), w.sum()
+            else:
+                total, count = self._sum(k, values), len(values)
             if total is None:
                 continue
             self.sums[k] = total if k not in self.sums else self.sums[k] + total
-            self.counts[k] = self.counts.get(k, 0) + len(values)
+            self.counts[k] = self.counts.get(k, 0) + count
 
     def _sum(self, key: str, values: list) -> torch.Tensor | None:
         try:  # the common case, 0-d tensors of one dtype and device: one op
@@ -102,6 +110,12 @@ class Means:
         """The means since the last ``take`` (0-d float32 tensors, nothing read); it starts
         again."""
         self._collapse()
-        means = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        means = {k: self.sums[k] / _at_least_one(self.counts[k]) for k in self.sums}
         self.sums, self.counts = {}, {}
         return means
+
+
+def _at_least_one(count: int | torch.Tensor) -> int | torch.Tensor:
+    """A count of steps, or of items (a tensor: a loss weighted by ``loss_count``, which an
+    interval of padding only leaves at 0: its mean is then 0, not NaN)."""
+    return count.clamp_min(1.0) if isinstance(count, torch.Tensor) else count

@@ -21,7 +21,7 @@ from torch import nn
 from . import _held, optim, random, sharding, struct
 from .protocol import init_states
 from .donation import check_live
-from .optim.base import GradientTransformation, apply_updates
+from .optim.base import GradientTransformation, apply_updates, update_weighted
 from .tree import check_same_structure
 
 
@@ -217,8 +217,12 @@ class TrainState:
         tensors = params if buffers is None else {**params, **buffers}
         return _held.call(self.module, tensors, args, kwargs)
 
-    def apply_gradients(self, grads: dict[str, torch.Tensor]) -> TrainState:
+    def apply_gradients(self, grads: dict[str, torch.Tensor], *,
+                        weight: torch.Tensor | None = None) -> TrainState:
         """One optimizer update: a new state with step + 1, new params and optimizer state.
+        ``weight`` (the items the gradient averages over, from ``fx.losses.Mean``) goes to an
+        optimizer that accumulates by it (``fx.optim.multi_steps``; see
+        ``fx.optim.update_weighted``).
 
         Examples:
             >>> state = fx.TrainState.create(nn.Linear(1, 1, bias=False), fx.optim.sgd(0.5))
@@ -229,6 +233,6 @@ class TrainState:
         """
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
-        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        updates, opt_state = update_weighted(self.tx, grads, self.opt_state, self.params, weight)
         return self.replace(step=self.step + 1, params=apply_updates(self.params, updates),
                             opt_state=opt_state)

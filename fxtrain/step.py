@@ -245,11 +245,13 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         def forward(params):
             inner = with_step_buffers(state)
             with mixed.autocast(state.step.device):
-                loss, aux = split_loss(loss_fn(inner, params, batch))
+                loss, aux, count = split_loss(loss_fn(inner, params, batch))
             if mixed.compute_dtype is not None:
                 loss = loss.float()  # the loss and its metric in float32
+            loss, weight = _weighed(loss, count, args.parallel)
             scaled = loss if scaler is None else loss * scaler.scale
-            return scaled, (loss, aux, dict(inner.buffers or {}))  # functorch: plain dicts
+            weights = () if weight is None else (weight,)  # functorch's aux: tensors only
+            return scaled, (loss, aux, dict(inner.buffers or {}), weights)  # plain dicts
 
         def in_train_mode_keyed(fn, *inputs):
             was = set_training(state.module, True)
@@ -262,19 +264,23 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         whole = path.whole(state.params, state.module)
         recompute = path.recomputes(state.module)
         if args.autodiff == "func":  # the transform runs the forward in train mode, keyed
-            grads, (_, (loss, aux, new_buffers)) = gradients.differentiate(
+            grads, (_, (loss, aux, new_buffers, weights)) = gradients.differentiate(
                 lambda params: in_train_mode_keyed(forward, params), args.autodiff,
                 recompute=recompute)(whole)
         else:  # and the backward: what activation checkpointing recomputes there runs as
             # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
-            grads, (_, (loss, aux, new_buffers)) = in_train_mode_keyed(
+            grads, (_, (loss, aux, new_buffers, weights)) = in_train_mode_keyed(
                 gradients.differentiate(forward, args.autodiff, path.on_grad, recompute), whole)
+        weight = weights[0] if weights else None
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,
                           check_finite=scaler is not None)
-        new = state.apply_gradients(out.grads).replace(buffers=out.buffers or None)
+        new = state.apply_gradients(out.grads, weight=weight).replace(
+            buffers=out.buffers or None)
         metrics = path.metrics(_step_metrics(out.loss, out.aux, out.grads, new.opt_state,
                                              args.grad_stats, out.squared))
+        if weight is not None:  # what the loss averaged over, on every rank: see fx.losses
+            metrics["loss_count"] = weight
         if scaler is not None:  # a non-finite step is skipped, and the scale follows
             new = revert_update(state, new, ~out.finite)
             new = set_callback_state(new, LOSS_SCALE, scaler.update(out.finite))
@@ -290,6 +296,22 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         return new, metrics
 
     return one_step
+
+
+def _weighed(loss: torch.Tensor, count: torch.Tensor | None,
+             parallel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The loss to differentiate and report, and the weight of this step's gradient
+    (``fx.losses``): None for a plain loss. Across ranks each rank's loss is scaled by its count
+    over the ranks' mean count, so the ranks' mean (of gradients, of the loss) weighs every
+    rank's items alike; the weight is then the count summed over the ranks."""
+    if count is None:
+        return loss, None
+    count = count.detach().to(torch.float32)
+    if not parallel:
+        return loss, count
+    mean = distributed.mean_in_step([count])[0]
+    share = torch.where(mean > 0, count / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+    return loss * share, mean * distributed.world_size()
 
 
 def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str, Any]]:

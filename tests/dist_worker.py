@@ -85,6 +85,48 @@ def train(out, compiled=False, batch=16, steps=12, buffers="mean", model="mlp"):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def lm_batches(n=4, rows=2, length=12, vocab=11, seed=5):
+    """Padded next-token batches ``(ids, labels)``: each row keeps 2 to ``length`` real tokens
+    (labels -100 after them), so batches hold different numbers of targets."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, vocab, (rows, length), generator=g)
+        labels = ids.clone()
+        for row, real in enumerate(torch.randint(2, length + 1, (rows,), generator=g).tolist()):
+            labels[row, real:] = -100
+        out.append((ids, labels))
+    return out
+
+
+def lm_loss(state, params, batch):
+    ids, labels = batch
+    return fx.losses.causal_lm(state.apply(params, ids), labels)
+
+
+def lm_model(vocab=11):
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Embedding(vocab, 8), torch.nn.Linear(8, vocab))
+
+
+def lm_weighted(out, compiled=False, autodiff="func", every_k=1):
+    """Data parallel with a token-weighted loss (fx.losses.causal_lm): rank r takes rows
+    ``r`` of each global batch, whose target counts differ across ranks; ``every_k`` > 1
+    accumulates micro-batches with multi_steps. Records the parameters and the step metrics."""
+    rank, world = fx.distributed.rank(), fx.distributed.world_size()
+    tx = fx.optim.adamw(1e-1)
+    state = fx.TrainState.create(lm_model(), fx.optim.multi_steps(tx, every_k) if every_k > 1
+                                 else tx, seed=0)
+    step = fx.make_train_step(lm_loss, autodiff=autodiff, donate=False)
+    if compiled:
+        step = torch.compile(step, fullgraph=True)
+    metrics = []
+    for ids, labels in lm_batches(n=4 * every_k, rows=4):  # the global batches, world 1 or 2
+        state, m = step(state, (ids[rank::world], labels[rank::world]))
+        metrics.append({k: float(v) for k, v in m.items()})
+    torch.save({"params": state.params, "metrics": metrics}, f"{out}/rank{rank}.pt")
+
+
 def sharded(out, compiled=False, batch=16, steps=10, precision="32", shard=True):
     """Training with the state sharded over the ranks (fx.shard): an MLP whose 17-row layer
     splits unevenly, an optimizer with a global-norm clip, an in-step callback."""
@@ -455,7 +497,7 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
-             "predicting": predicting}
+             "predicting": predicting, "lm_weighted": lm_weighted}
 
 
 def spawned(rank, world, port, name, args, kwargs):

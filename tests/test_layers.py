@@ -16,9 +16,9 @@ FLOORS = (
      "distributed", "workdir", "units", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "_step_spec"),
-    # the pieces: optimizers, metrics, writers, checkpoints, batches to the device, pending
+    # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
     # control flags, a compiled call without guards
-    ("optim", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
+    ("optim", "losses", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, the step's precision policy, and the trained module out of the state
     ("state", "precision", "export"),
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state

@@ -197,8 +197,9 @@ def _leaf_problem(path: str, leaf: Any, entry: dict, cast: bool) -> str | None:
 
 def _optional(tree: Any, keypath: tuple) -> bool:
     """Whether the leaf at ``keypath`` is a dataclass field declared with
-    ``metadata={"optional_in_checkpoints": True}``: one added after checkpoints were written
-    without it, which restore with the template's value."""
+    ``metadata={"optional_in_checkpoints": True}``, or a field a NamedTuple names in its
+    ``_optional_in_checkpoints``: one added after checkpoints were written without it, which
+    restore with the template's value."""
     parent = tree
     for key in keypath[:-1]:
         get = getattr(key, "get", None)  # torch's GetAttrKey, MappingKey, SequenceKey
@@ -206,6 +207,8 @@ def _optional(tree: Any, keypath: tuple) -> bool:
             return False
         parent = get(parent)
     name = getattr(keypath[-1], "name", None) if keypath else None
+    if name is not None and name in getattr(type(parent), "_optional_in_checkpoints", ()):
+        return True  # a NamedTuple's field (fx.optim.MultiStepsState.acc_weight)
     if not dataclasses.is_dataclass(parent) or name is None:
         return False
     field = {f.name: f for f in dataclasses.fields(parent)}.get(name)

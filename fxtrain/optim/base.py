@@ -48,6 +48,35 @@ class GradientTransformation(NamedTuple):
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
 
 
+class WeightedTransformation(GradientTransformation):
+    """A ``GradientTransformation`` whose ``update`` also takes ``weight=``: how much the
+    gradient it is given counts against others (the number of tokens it averages over, from
+    ``fx.losses.Mean``). ``fx.optim.multi_steps`` is one: it accumulates micro-batches by their
+    weights. ``update_weighted`` passes the weight to those that take it."""
+
+
+def update_weighted(tx: GradientTransformation, updates: Updates, state: OptState,
+                    params: Params | None, weight: torch.Tensor | None
+                    ) -> tuple[Updates, OptState]:
+    """``tx.update``, with ``weight=`` when ``tx`` takes one (``WeightedTransformation``)
+    and a weight is given; a plain transformation is called as always (the weight says how
+    gradients compare with each other, and it is given one at a time).
+
+    Examples:
+        >>> tx = fx.optim.multi_steps(fx.optim.sgd(1.0), every_k=2)
+        >>> params = {"w": torch.zeros(1)}
+        >>> state = tx.init(params)
+        >>> for g, tokens in ((1.0, 1), (4.0, 3)):  # means over 1 token, then over 3
+        ...     updates, state = fx.optim.update_weighted(
+        ...         tx, {"w": torch.tensor([g])}, state, params, torch.tensor(float(tokens)))
+        >>> updates["w"]  # -(1 * 1 + 3 * 4) / 4: every token counts alike
+        tensor([-3.2500])
+    """
+    if weight is not None and isinstance(tx, WeightedTransformation):
+        return tx.update(updates, state, params, weight=weight)
+    return tx.update(updates, state, params)
+
+
 def identity() -> GradientTransformation:
     """Passes updates through unchanged.
 
@@ -89,17 +118,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, weight=None):
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")
         new_state = []
         for t, s in zip(transforms, state):
-            updates, s = t.update(updates, s, params)
+            updates, s = update_weighted(t, updates, s, params, weight)
             new_state.append(s)
         return updates, tuple(new_state)
 
-    return GradientTransformation(init, update)
+    weighted = any(isinstance(t, WeightedTransformation) for t in transforms)
+    return (WeightedTransformation if weighted else GradientTransformation)(init, update)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

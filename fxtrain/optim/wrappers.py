@@ -12,7 +12,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..tree import first_leaf, tree_map, tree_select, tree_zeros_like
-from .base import GradientTransformation
+from .base import GradientTransformation, WeightedTransformation, update_weighted
 from .transforms import ScaleByLearningRateState
 
 
@@ -80,6 +80,10 @@ class MultiStepsState(NamedTuple):
     inner_state: Any
     acc_grads: Any
     skip_state: Any = None  # what should_skip_update_fn last reported (None without one)
+    acc_weight: Any = None  # the weights summed with acc_grads (see multi_steps)
+
+    # newer than checkpoints written before it: restored with the template's value
+    _optional_in_checkpoints = frozenset({"acc_weight"})
 
 
 ShouldSkipUpdateFunction = Callable[[Any, torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -91,6 +95,11 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
     """Gradient accumulation: applies ``tx`` to the mean of ``every_k`` gradients.
 
     The other ``every_k - 1`` calls return zero updates and leave ``tx``'s state untouched.
+    Each gradient counts by the ``weight=`` its ``update`` is given (a train step whose
+    ``loss_fn`` returns ``fx.losses.Mean`` gives its token count): the update is then
+    ``sum(weight * gradient) / sum(weight)``, the gradient of the one batch that holds every
+    micro-batch's tokens. Without weights each gradient counts alike: the plain mean of the
+    micro-batches' means. Give a weight to every call or to none.
     ``should_skip_update_fn(updates, gradient_step, params) -> (skip, skip_state)`` (optax's
     ``MultiSteps`` argument, e.g. ``skip_large_updates`` or ``skip_not_finite``) rejects a
     mini-step: zero updates, and the state as if it never happened, but for ``skip_state``.
@@ -123,20 +132,30 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
         zero = torch.zeros((), dtype=torch.int64, device=first_leaf(params).device)
         _, skip_state = should_skip(tree_zeros_like(params), zero, params)
         return MultiStepsState(zero, zero.clone(), tx.init(params), tree_zeros_like(params),
-                               skip_state)
+                               skip_state, torch.zeros((), device=zero.device))
 
-    def update(updates, state, params=None):
+    def update(updates, state, params=None, weight=None):
         skip, skip_state = should_skip(updates, state.gradient_step, params)
-        acc = tree_map(lambda a, g: a + g, state.acc_grads, updates)
         emit = state.mini_step == every_k - 1
-        mean = tree_map(lambda a: a / every_k, acc)
-        inner_updates, inner = tx.update(mean, state.inner_state, params)
+        acc_weight = state.acc_weight
+        if weight is None:  # the plain mean
+            acc = tree_map(lambda a, g: a + g, state.acc_grads, updates)
+            mean = tree_map(lambda a: a / every_k, acc)
+        else:  # each gradient by its weight (a token count)
+            weight = torch.as_tensor(weight, dtype=torch.float32)
+            acc = tree_map(lambda a, g: a + (g * weight).to(a.dtype), state.acc_grads, updates)
+            acc_weight = acc_weight + weight
+            total = acc_weight.clamp_min(torch.finfo(torch.float32).tiny)  # none: zeros
+            mean = tree_map(lambda a: (a / total).to(a.dtype), acc)
+        inner_updates, inner = update_weighted(tx, mean, state.inner_state, params,
+                                               None if weight is None else acc_weight)
         new_state = MultiStepsState(
             torch.where(emit, torch.zeros_like(state.mini_step), state.mini_step + 1),
             state.gradient_step + emit.to(torch.int64),
             tree_select(emit, inner, state.inner_state),
             tree_select(emit, tree_zeros_like(acc), acc),
             skip_state,
+            torch.where(emit, torch.zeros_like(acc_weight), acc_weight),
         )
         out = tree_select(emit, inner_updates, tree_zeros_like(inner_updates))
         if skip is None:
@@ -144,7 +163,7 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
         return (tree_select(skip, tree_zeros_like(out), out),
                 tree_select(skip, state._replace(skip_state=skip_state), new_state))
 
-    return GradientTransformation(init, update)
+    return WeightedTransformation(init, update)
 
 
 def _sum_of_squares(tree: Any) -> torch.Tensor:
