@@ -105,3 +105,20 @@ def eval_metrics(out: Any) -> dict[str, Any]:
         mean = out[0] if isinstance(out, tuple) else out
         return {"loss": Average(mean.total.detach().float(), mean.count.to(torch.int64)), **aux}
     return {"loss": loss, **aux}
+
+
+@run_while_tracing
+def _checkpointing(module: torch.nn.Module) -> bool:  # run for real while Dynamo traces
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
+
+
+def check_no_checkpointing(module: torch.nn.Module) -> None:
+    """Refuses a model whose own activation checkpointing is on (transformers'
+    ``gradient_checkpointing_enable()``) on the ``torch.func`` path, which cannot run it
+    (functorch's ``requires_grad_`` error eagerly, Dynamo's "unsafe side effect" compiled)."""
+    if _checkpointing(module):
+        fail(ValueError, "make_train_step: this model has activation checkpointing turned on "
+                         "(transformers' gradient_checkpointing_enable(), or a module with "
+                         "gradient_checkpointing=True), which torch.func's gradients cannot "
+                         "run; build the step with fx.make_train_step(loss_fn, "
+                         "autodiff='autograd'), or call fx.remat on the blocks instead")

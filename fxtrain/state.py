@@ -187,6 +187,7 @@ class TrainState:
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {**frozen, **{n: b.detach().clone() for n, b in model.named_buffers()}}
         device = next(iter(params.values())).device
+        optim.masks.note_tied(_held.tied_names(model))  # before tx.init reads a mask
         state = cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             params=params,

@@ -26,11 +26,13 @@ from .optim.wrappers import learning_rate
 from .precision import LOSS_SCALE
 from .state import TrainState, set_training, with_step_buffers
 from ._step_args import StepArgs, step_args
-from ._step_io import BatchGuard, check_batch_device, eval_metrics, split_loss
+from ._step_io import (BatchGuard, check_batch_device, check_no_checkpointing, eval_metrics,
+                       split_loss)
 from ._step_spec import StepSpec
 from .stats import gradient_histograms, gradient_statistics
 from ._torch import autograd as torch_autograd
 from ._torch.traced_errors import fail
+from ._torch.dynamo import ignore_transformers_logging
 from .tree import squared_norms, tree_select
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
@@ -180,6 +182,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                      autodiff=autodiff)  # every argument checked before anything is built
     if args.autodiff == "autograd":
         torch_autograd.trace_autograd_ops()  # process-wide: see fxtrain._torch.autograd
+    ignore_transformers_logging()  # process-wide: see fxtrain._torch.dynamo
     return _built(args)
 
 
@@ -232,6 +235,8 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         mixed.check(state.params)
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
+        if args.autodiff == "func":
+            check_no_checkpointing(state.module)
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
         path = choose(state.params)  # single process, data parallel or sharded
         if isinstance(path, gradients.Sharded) and args.data_parallel is False:
@@ -343,6 +348,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     """
     takes_params = len(inspect.signature(metrics_fn).parameters) >= 3
     guard = BatchGuard("eval_step")
+    ignore_transformers_logging()  # labels= under a compiled eval step too
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")

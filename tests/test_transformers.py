@@ -88,3 +88,69 @@ def test_lora_through_peft_trains_only_the_adapter_and_reloads_with_peft(tmp_pat
         assert torch.equal(loaded(IDS).logits, trained(IDS).logits)
     lora_b = next(n for n in state.params if "lora_B" in n)
     assert not torch.equal(state.params[lora_b], torch.zeros_like(state.params[lora_b]))
+
+
+def _fresh_gpt2(checkpointing=False):
+    """A GPT-2 as transformers makes it: loss_type unset (its loss_function logs a one-time
+    warning on the labels= path), its own activation checkpointing on if asked."""
+    transformers = extra("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16))
+    if checkpointing:
+        model.gradient_checkpointing_enable({"use_reentrant": False})
+    return model
+
+
+def test_the_labels_path_of_a_fresh_model_compiles_in_one_graph():
+    """transformers' once-only logger call inside ``loss_function`` stopped a fullgraph trace
+    ("logging.Logger method not supported"); the step has Dynamo trace it as a no-op."""
+    model = _fresh_gpt2()
+    assert getattr(model, "loss_type", None) is None  # the path that logs
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-2))
+    counts = torch._dynamo.utils.counters
+    step = torch.compile(fx.make_train_step(_with_labels), fullgraph=True, backend=TRACED)
+    for _ in range(2):
+        state, metrics = step(state, IDS)
+    assert counts["stats"]["unique_graphs"] == 1
+    evaluated = torch.compile(fx.make_eval_step(_with_labels), fullgraph=True,
+                              backend=TRACED)(state, IDS)
+    assert evaluated["loss"].ndim == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_model_with_gradient_checkpointing_on_needs_the_autograd_path(compiled):
+    """torch.func cannot run a model's own checkpointing (functorch's requires_grad_ error
+    eagerly, Dynamo's unsafe side effect compiled): refused, naming autodiff="autograd", on
+    which it trains as the model without checkpointing does."""
+    state = fx.TrainState.create(_fresh_gpt2(checkpointing=True), fx.optim.sgd(0.1))
+    wrap = (lambda s: torch.compile(s, fullgraph=True, backend=TRACED)) if compiled else \
+        (lambda s: s)
+    with pytest.raises(ValueError, match="activation checkpointing turned on.*"
+                                         "autodiff='autograd'"):  # fit unwraps Dynamo's report
+        fx.fit(state, wrap(fx.make_train_step(_with_labels)), [IDS], max_steps=1,
+               progress=False)
+    torch._dynamo.reset()
+    checkpointed, m1 = wrap(fx.make_train_step(_with_labels, autodiff="autograd",
+                                               donate=False))(state, IDS)
+    plain = fx.TrainState.create(_fresh_gpt2(), fx.optim.sgd(0.1))
+    reference, m2 = fx.make_train_step(_with_labels, autodiff="autograd")(plain, IDS)
+    torch.testing.assert_close(m1["loss"], m2["loss"])
+    for k, p in reference.params.items():  # recomputed, the same gradients (float32 rounding)
+        torch.testing.assert_close(checkpointed.params[k], p, rtol=0, atol=1e-6)
+
+
+def test_the_trainers_decay_names_resolve_a_tied_lm_head_to_its_one_tensor():
+    """transformers' decay list for GPT-2 names lm_head.weight, which the state keeps once, as
+    transformer.wte.weight (tied): it decays that tensor; biases and norms do not decay."""
+    transformers = extra("transformers")
+    model = _fresh_gpt2()
+    names = transformers.Trainer.get_decay_parameter_names(None, model)
+    assert "lm_head.weight" in names
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-2, weight_decay=0.1, mask=names))
+    assert "lm_head.weight" not in state.params
+    decays = fx.optim.masks.by_name(names, state.params, "mask")
+    assert decays["transformer.wte.weight"] and decays["transformer.h.0.attn.c_attn.weight"]
+    assert not decays["transformer.h.0.ln_1.weight"] and not decays["transformer.ln_f.bias"]
+    with pytest.raises(ValueError, match=r"names are no parameter's: \['lm_head.wieght'\]"):
+        fx.TrainState.create(_fresh_gpt2(), fx.optim.adamw(1e-2, mask=["lm_head.wieght"]))

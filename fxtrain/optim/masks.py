@@ -27,6 +27,26 @@ _FIX = ("pass a dict with an entry for every parameter, a predicate fn(name, par
         "mask) the collection of names to select")
 
 
+_TIED: dict[str, set[str]] = {}  # a tied parameter's other name -> the names it is kept under
+
+
+def note_tied(groups: tuple[tuple[str, ...], ...]) -> None:
+    """Remembers names that share one tensor (``TrainState.create`` notes its model's: a GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``), so a collection of names that decay may
+    name either: transformers' ``get_decay_parameter_names`` lists the LM head, which the
+    state keeps once, under the embedding's name."""
+    for names in groups:
+        for name in names:
+            _TIED.setdefault(name, set()).update(n for n in names if n != name)
+
+
+def _kept_name(name: str, tree: Mapping) -> str:
+    """``name``, or the name ``tree`` keeps its tied tensor under (``note_tied``)."""
+    if name in tree:
+        return name
+    return next((other for other in sorted(_TIED.get(name, ())) if other in tree), name)
+
+
 def _names(spec: Any) -> bool:
     return isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in spec)
 
@@ -68,6 +88,7 @@ def by_name(spec: Any, tree: Mapping[str, torch.Tensor], what: str, *,
             raise TypeError(f"{what}: fn(params) returned {type(spec).__name__}; it must return "
                             "a dict {name: value} over the parameters")
     if names and _names(spec):
+        spec = {_kept_name(name, tree) for name in spec}
         unknown = sorted(set(spec) - set(tree))
         if unknown:
             raise ValueError(f"{what}: {len(unknown)} names are no parameter's: {unknown[:5]}"
