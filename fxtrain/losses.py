@@ -27,6 +27,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+__all__ = ["Mean", "causal_lm", "IGNORE_INDEX"]
+
 IGNORE_INDEX = -100
 """The label that marks a position without a target (padding, a prompt), as torch's
 ``cross_entropy`` and transformers use it."""
