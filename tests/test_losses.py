@@ -154,3 +154,32 @@ def test_two_ranks_weigh_tokens_as_one_process_with_the_global_batch(tmp_path, c
     for ranks, one in zip(r0["metrics"], single["metrics"]):
         assert ranks["loss_count"] == one["loss_count"]  # the global count, on every rank
         assert ranks["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_a_multi_steps_checkpoint_from_before_the_weights_restores(tmp_path):
+    """A checkpoint written before MultiStepsState had acc_weight (its five fields) restores
+    into today's state, the missing field at its initial value; any other missing leaf is
+    still refused."""
+    from typing import Any, NamedTuple
+
+    class MultiStepsState(NamedTuple):  # the state as it was, under the same name
+        mini_step: torch.Tensor
+        gradient_step: torch.Tensor
+        inner_state: Any
+        acc_grads: Any
+        skip_state: Any = None
+
+    tx = fx.optim.multi_steps(fx.optim.sgd(0.5), every_k=2)
+    state = fx.TrainState.create(lm_model(), tx, seed=0)
+    state, _ = fx.make_train_step(plain_loss)(state, lm_batches(n=1)[0])
+    old = state.replace(opt_state=MultiStepsState(*state.opt_state[:5]))
+    manager = fx.checkpoint.CheckpointManager(tmp_path / "ckpt")
+    manager.save(old, force=True)
+    manager.wait()
+    restored = manager.restore(like=state)
+    assert isinstance(restored.opt_state, fx.optim.MultiStepsState)
+    assert float(restored.opt_state.acc_weight) == 0.0
+    assert fx.tree_digest(restored) == fx.tree_digest(state)
+    with pytest.raises(fx.checkpoint.CheckpointMismatchError,
+                       match="missing from the checkpoint"):
+        manager.restore(like=state.replace(params={**state.params, "extra": torch.zeros(1)}))
