@@ -91,8 +91,9 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
     Args:
       loss_fn: ``loss_fn(state, params, batch) -> loss`` or ``(loss, aux)``; ``loss`` a 0-d
-        float tensor, ``aux`` a dict of 0-d tensors reported as metrics. Run the model with
-        ``state.apply(params, inputs)``.
+        float tensor, or an ``fx.losses.Mean`` (a sum and what it averages over: micro-batches
+        and ranks then weigh by it, see ``fx.losses``), ``aux`` a dict of 0-d tensors reported
+        as metrics. Run the model with ``state.apply(params, inputs)``.
       callbacks: tensor-only callbacks folded on a "step_end" event inside the step; their
         merged control comes back as metrics ``control/stop`` etc. (0-d bool tensors), and a
         ``skip`` control discards the step's update. Callbacks that do IO are refused. Their
@@ -144,9 +145,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
     Returns:
       ``train_step(state, batch, *, donate=False)``, with how it was built in
-      ``fx.step_spec(train_step)``; metrics hold ``loss``, ``grad_norm``, ``learning_rate`` (when the
-      optimizer records one), ``loss_scale`` under ``"16-mixed"`` and the aux values, all 0-d
-      tensors.
+      ``fx.step_spec(train_step)``; metrics hold ``loss``, ``grad_norm``, ``learning_rate``
+      (when the optimizer records one), ``loss_scale`` under ``"16-mixed"``, ``loss_count``
+      when ``loss_fn`` returns an ``fx.losses.Mean`` (what the loss averages over, all ranks'),
+      and the aux values, all 0-d tensors.
 
     Examples:
         >>> import torch.nn.functional as F
