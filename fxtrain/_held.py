@@ -89,3 +89,14 @@ def untied(groups: tuple[tuple[str, ...], ...],
                              "module ties (one tensor): pass one of them")
         extra.update({name: tensors[given[0]] for name in names if name not in tensors})
     return {**tensors, **extra} if extra else tensors
+
+
+CHECKPOINTING = "_fxtrain_checkpointing"
+"""The attribute a state's module holds: whether the model's own activation checkpointing is on
+(``checkpointing``), read by a ``torch.func`` step, which refuses it: one attribute, which
+Dynamo guards alone, where a walk over the submodules would guard on each."""
+
+
+def checkpointing(module: nn.Module) -> bool:
+    """Whether any submodule has transformers' ``gradient_checkpointing`` on."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())

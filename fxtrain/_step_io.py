@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from . import _held
 from ._torch.traced_errors import fail, run_while_tracing
 from .losses import Mean
 from .metrics import Average
@@ -107,16 +108,12 @@ def eval_metrics(out: Any) -> dict[str, Any]:
     return {"loss": loss, **aux}
 
 
-@run_while_tracing
-def _checkpointing(module: torch.nn.Module) -> bool:  # run for real while Dynamo traces
-    return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())
-
-
 def check_no_checkpointing(module: torch.nn.Module) -> None:
     """Refuses a model whose own activation checkpointing is on (transformers'
-    ``gradient_checkpointing_enable()``) on the ``torch.func`` path, which cannot run it
-    (functorch's ``requires_grad_`` error eagerly, Dynamo's "unsafe side effect" compiled)."""
-    if _checkpointing(module):
+    ``gradient_checkpointing_enable()`` before ``TrainState.create``) on the ``torch.func``
+    path, which cannot run it (functorch's ``requires_grad_`` error eagerly, Dynamo's "unsafe
+    side effect" compiled)."""
+    if getattr(module, _held.CHECKPOINTING, False):
         fail(ValueError, "make_train_step: this model has activation checkpointing turned on "
                          "(transformers' gradient_checkpointing_enable(), or a module with "
                          "gradient_checkpointing=True), which torch.func's gradients cannot "

@@ -79,6 +79,7 @@ def skeleton(model: nn.Module) -> nn.Module:
         return model
     out.register_forward_pre_hook(refuse_direct_call)
     setattr(out, _held.TIED, _held.tied_names(out))  # read by state.apply (see fxtrain._held)
+    setattr(out, _held.CHECKPOINTING, _held.checkpointing(out))  # a torch.func step refuses it
     return out
 
 
