@@ -55,6 +55,7 @@ import time
 from pathlib import Path
 
 from common import backend, use_smoke_backend
+from transformer import _process_peak as peak, _restart_peak as restart_peak
 
 VARIANTS = ("loop", "fx_func", "fx_autograd", "fx_graphed", "fx_k", "fx_remat", "hf_trainer")
 LR, WD = 3e-4, 0.1
@@ -156,24 +157,6 @@ def sync(device) -> None:
     import torch
     if device == "cuda":
         torch.cuda.synchronize()
-
-
-def peak(device) -> int:
-    import resource
-
-    import torch
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def restart_peak(device) -> None:
-    import gc
-
-    import torch
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
 
 # -- the variants: each (warm, timed, one) over the child's model and batches ----------------
