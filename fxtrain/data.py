@@ -32,10 +32,11 @@ import torch
 import torch.utils._pytree as pytree
 
 from . import distributed, struct
+from ._packing import document_mask, pack_documents
 from .feed import to_device
 
 __all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "LoaderStream",
-           "as_stream"]
+           "as_stream", "pack_documents", "document_mask"]
 
 
 @struct.dataclass

@@ -18,13 +18,13 @@ FLOORS = (
     ("protocol", "_step_spec"),
     # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
     # control flags, a compiled call without guards
-    ("optim", "losses", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
+    ("optim", "_mean", "losses", "_chunked_ce", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, the step's precision policy, and the trained module out of the state
     ("state", "precision", "export"),
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
     # the step, the batches it takes, and what runs it or reads it
-    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "evaluation",
+    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_packing", "evaluation",
      "_predict", "_lr_find", "_step_args", "_step_io"),
     # the loop, resuming it, and the tools that look at steps and loops
     ("loop", "_run", "_resuming", "debug"),

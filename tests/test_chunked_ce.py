@@ -1,0 +1,302 @@
+"""``chunked_causal_lm``: ``fx.losses.causal_lm`` of an LM head's logits, taken from the head's
+input and weight a chunk of tokens at a time. The same value, count and gradients as the plain
+loss on every gradient path (autograd, ``torch.func``, compiled), and less memory."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxtrain as fx
+from fxtrain._chunked_ce import chunked_causal_lm
+from helpers import TRACED, graph_count
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def plain(hidden, weight, labels, *, bias=None, shift=True, chunk_size=None):
+    """The reference: the whole logits, then ``fx.losses.causal_lm``."""
+    del chunk_size
+    return fx.losses.causal_lm(F.linear(hidden, weight, bias), labels, shift=shift)
+
+
+def lm_case(batch, length, width, vocab, seed, dtype=torch.float32):
+    """Hidden states, a head (weight, bias) and labels with ``-100`` scattered through them
+    and the last row labelled nowhere (padding only)."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(batch, length, width, generator=g).to(dtype)
+    weight = torch.randn(vocab, width, generator=g).to(dtype)
+    bias = torch.randn(vocab, generator=g).to(dtype)
+    labels = torch.randint(0, vocab, (batch, length), generator=g)
+    labels[torch.rand(batch, length, generator=g) < 0.3] = -100
+    labels[-1] = -100
+    return hidden, weight, bias, labels
+
+
+def value_and_grads(loss_fn, autodiff, hidden, weight, bias, labels, **kwargs):
+    """``(value, total, count, grads)`` of ``loss_fn``'s ``Mean``, the gradients of its value
+    with respect to hidden, weight (and bias, when given) by ``autodiff``."""
+    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
+
+    def value(*args):
+        mean = loss_fn(args[0], args[1], labels, bias=args[2] if bias is not None else None,
+                       **kwargs)
+        return mean.value, (mean.total, mean.count)
+
+    if autodiff == "func":
+        argnums = tuple(range(len(inputs)))
+        grads, (out, (total, count)) = torch.func.grad_and_value(
+            value, argnums=argnums, has_aux=True)(*inputs)
+        return out, total, count, grads
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out, (total, count) = value(*leaves)
+    return out.detach(), total.detach(), count, torch.autograd.grad(out, leaves)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(1, 3), length=st.integers(1, 9), width=st.integers(1, 6),
+       vocab=st.integers(2, 13), chunk_size=st.integers(1, 8), with_bias=st.booleans(),
+       shift=st.booleans(), autodiff=st.sampled_from(["autograd", "func"]),
+       seed=st.integers(0, 10**6))
+def test_the_value_count_and_gradients_are_the_plain_loss(batch, length, width, vocab,
+                                                          chunk_size, with_bias, shift,
+                                                          autodiff, seed):
+    """Any shapes (lengths that are no multiple of the chunk, a single token, rows without a
+    label), with and without a bias, shifted or not, by autograd and by torch.func."""
+    hidden, weight, bias, labels = lm_case(batch, length, width, vocab, seed)
+    bias = bias if with_bias else None
+    expected = value_and_grads(plain, autodiff, hidden, weight, bias, labels, shift=shift)
+    got = value_and_grads(chunked_causal_lm, autodiff, hidden, weight, bias, labels,
+                          shift=shift, chunk_size=chunk_size)
+    assert got[2].item() == expected[2].item()
+    torch.testing.assert_close(got[:2], expected[:2])
+    for g, e, x in zip(got[3], expected[3], (hidden, weight, bias)):
+        assert g.shape == x.shape and g.dtype == x.dtype
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop:UserWarning")
+@pytest.mark.parametrize("nesting", ["vmap of grad", "grad of vmap"])
+def test_it_composes_with_vmap(nesting):
+    """Per-sequence gradients (vmap of grad) and the gradient of a vmapped loss (grad of
+    vmap: the batched hidden states say they require no grad, yet are tracked) are the plain
+    loss's."""
+    hidden, weight, _, labels = lm_case(3, 7, 5, 11, seed=0)
+    labels[-1, 2] = 4  # every row with a label
+
+    def one(loss_fn):
+        return lambda h, w, y: loss_fn(h[None], w, y[None], chunk_size=4).total
+
+    def grads(loss_fn):
+        if nesting == "vmap of grad":
+            per_row = torch.func.grad(one(loss_fn), argnums=(0, 1))
+            return torch.func.vmap(per_row, in_dims=(0, None, 0))(hidden, weight, labels)
+        summed = lambda h, w: torch.func.vmap(one(loss_fn), in_dims=(0, None, 0))(
+            h, w, labels).sum()
+        return torch.func.grad(summed, argnums=(0, 1))(hidden, weight)
+
+    torch.testing.assert_close(grads(chunked_causal_lm), grads(plain))
+
+
+def test_without_a_gradient_only_the_loss_is_computed():
+    """Under no_grad (an eval step), the value alone: nothing requires grad after it."""
+    hidden, weight, bias, labels = lm_case(2, 6, 4, 9, seed=1)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    with torch.no_grad():
+        loss = chunked_causal_lm(hidden, weight, labels, bias=bias, chunk_size=3)
+        expected = plain(hidden, weight, labels, bias=bias)
+    assert not loss.total.requires_grad
+    torch.testing.assert_close(loss.value, expected.value)
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+def test_bfloat16_heads_give_the_plain_loss_in_its_precision(autocast):
+    """Under autocast (float32 weight, bf16 products) or in bf16 throughout, the loss is
+    taken in float32 and the gradients come back in the inputs' dtypes, within bf16 rounding
+    of the plain loss's."""
+    dtype = torch.float32 if autocast else torch.bfloat16
+    hidden, weight, _, labels = lm_case(2, 40, 16, 50, seed=2, dtype=dtype)
+    context = torch.autocast("cpu", torch.bfloat16, enabled=autocast)
+    with context:
+        expected = value_and_grads(plain, "autograd", hidden, weight, None, labels)
+        got = value_and_grads(chunked_causal_lm, "autograd", hidden, weight, None, labels,
+                              chunk_size=16)
+    assert got[1].dtype == torch.float32
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-2, atol=1e-2)
+    for g, e, x in zip(got[3], expected[3], (hidden, weight)):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-3)
+
+
+def test_wrong_arguments_are_named():
+    hidden, weight, bias, labels = lm_case(2, 5, 4, 7, seed=0)
+    with pytest.raises(ValueError, match=r"hidden must be \(batch, length, width\)"):
+        chunked_causal_lm(hidden[0], weight, labels)
+    with pytest.raises(ValueError, match="weight must be .* width 4; got \\(7, 3\\)"):
+        chunked_causal_lm(hidden, weight[:, :3], labels)
+    with pytest.raises(ValueError, match=r"labels must be \(batch, length\) = \(2, 5\)"):
+        chunked_causal_lm(hidden, weight, labels[:, :4])
+    with pytest.raises(TypeError, match="labels must be integer token ids"):
+        chunked_causal_lm(hidden, weight, labels.float())
+    with pytest.raises(ValueError, match=r"bias must be \(vocab,\) = \(7,\)"):
+        chunked_causal_lm(hidden, weight, labels, bias=bias[:3])
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="chunk_size must be an int >= 1"):
+            chunked_causal_lm(hidden, weight, labels, chunk_size=bad)
+
+
+# -- inside a train step -------------------------------------------------------------------
+
+VOCAB = 11
+
+
+class TinyLM(nn.Module):
+    """Embedding, one layer, and a head the forward does not run: it returns the hidden
+    states, and the loss takes the head's weight (or the embedding's, tied) from ``params``."""
+
+    def __init__(self, width=8, head_bias=False):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.body = nn.Linear(width, width)
+        self.head = nn.Linear(width, VOCAB, bias=head_bias)
+
+    def forward(self, ids):
+        return torch.tanh(self.body(self.embed(ids)))
+
+
+def lm_loss(head, chunked):
+    """A loss_fn taking the head from ``params``: ``"head"``, ``"head+bias"`` or ``"tied"``
+    (the embedding's weight)."""
+    weight_name = "embed.weight" if head == "tied" else "head.weight"
+
+    def loss_fn(state, params, batch):
+        ids, labels = batch
+        hidden = state.apply(params, ids)
+        bias = params["head.bias"] if head == "head+bias" else None
+        if chunked:
+            return chunked_causal_lm(hidden, params[weight_name], labels, chunk_size=4,
+                                     bias=bias)
+        return plain(hidden, params[weight_name], labels, bias=bias)
+
+    return loss_fn
+
+
+def step_batches():
+    """Three batches, each with other labelled positions (one a row of padding only)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(3):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+        labels = ids.clone()
+        labels[0, 3 + i:] = -100
+        if i == 1:
+            labels[1] = -100
+        out.append((ids, labels))
+    return out
+
+
+def initial(head_bias):
+    torch.manual_seed(0)
+    return TinyLM(head_bias=head_bias)
+
+
+def trained(loss_fn, autodiff, compiled, head_bias):
+    state = fx.TrainState.create(initial(head_bias), fx.optim.sgd(0.5), seed=0)
+    step = fx.make_train_step(loss_fn, autodiff=autodiff, donate=False)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=TRACED)
+    losses = []
+    for batch in step_batches():
+        state, metrics = step(state, batch)
+        losses.append(metrics["loss"])
+    return state, torch.stack(losses)
+
+
+@pytest.mark.parametrize("autodiff,compiled,head", [
+    ("func", False, "head"), ("func", False, "tied"), ("autograd", False, "head+bias"),
+    ("func", True, "head"), ("autograd", True, "head"), ("func", True, "head+bias")])
+def test_a_train_step_with_it_trains_as_with_the_plain_loss(autodiff, compiled, head):
+    """Three SGD steps, eager or compiled into one graph (the label masks differ from batch to
+    batch without a recompile): the parameters and losses of the plain loss's eager steps,
+    within float32 rounding."""
+    bias = head == "head+bias"
+    expected, expected_losses = trained(lm_loss(head, chunked=False), autodiff, False, bias)
+    got, losses = trained(lm_loss(head, chunked=True), autodiff, compiled, bias)
+    if compiled:
+        assert graph_count() == 1
+    torch.testing.assert_close(losses, expected_losses)
+    for name in expected.params:
+        torch.testing.assert_close(got.params[name], expected.params[name], rtol=0, atol=1e-5)
+    start = initial(bias).state_dict()
+    trained_weight = "embed.weight" if head == "tied" else "head.weight"
+    assert float((got.params[trained_weight] - start[trained_weight]).abs().max()) > 1e-2
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+# One forward and backward in a fresh process, measured by the kernel's high-water mark of the
+# process's resident memory (VmHWM, reset by /proc/self/clear_refs after the inputs exist and a
+# small warm-up call has made its one-off allocations): what the loss adds to the inputs at its
+# peak, its gradients included. Tensors this large are mmapped by glibc and given back when
+# freed, so the mark follows torch's live tensors.
+PROBE = """
+import re, sys, torch
+import fxtrain as fx
+from fxtrain._chunked_ce import chunked_causal_lm
+
+def high_water():
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+
+def loss(kind, hidden, weight, labels):
+    if kind == "plain":
+        return fx.losses.causal_lm(hidden @ weight.T, labels).value
+    return chunked_causal_lm(hidden, weight, labels, chunk_size=int(kind)).value
+
+def grads(kind, autodiff, hidden, weight, labels):
+    if autodiff == "func":
+        return torch.func.grad(lambda h, w: loss(kind, h, w, labels), argnums=(0, 1))(
+            hidden, weight)
+    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
+    return torch.autograd.grad(loss(kind, hidden, weight, labels), [hidden, weight])
+
+kind, autodiff, vocab, tokens, width = sys.argv[1:3] + [int(a) for a in sys.argv[3:]]
+g = torch.Generator().manual_seed(0)
+weight = torch.randn(vocab, width, generator=g).mul_(0.02)
+hidden = torch.randn(1, tokens, width, generator=g)
+labels = torch.randint(0, vocab, (1, tokens), generator=g)
+grads(kind, autodiff, hidden[:, :8].clone(), weight[:64].clone(), labels[:, :8] % 64)
+open("/proc/self/clear_refs", "w").write("5")
+before = high_water()
+grads(kind, autodiff, hidden, weight, labels)
+print(high_water() - before)
+"""
+
+
+def peak_bytes(kind, autodiff, vocab=50257, tokens=1024, width=768):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run([sys.executable, "-c", PROBE, kind, autodiff, str(vocab),
+                          str(tokens), str(width)], capture_output=True, text=True, env=env,
+                         timeout=300, check=True)
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("autodiff,chunk_size", [("func", 1024), ("autograd", 256)])
+def test_it_takes_at_most_0_6_of_the_plain_losss_memory(autodiff, chunk_size):
+    """GPT-2's head (vocab 50257, width 768) on 1024 tokens, float32. The plain loss holds
+    three or four (tokens, vocab) blocks of 206 MB at its peak (627 MB by autograd, 833 MB by
+    torch.func, measured on torch 2.13); the chunked one holds a chunk's block and the
+    weight's gradient (154 MB) in the forward, that gradient and its scaled copy in the
+    backward (373 MB with one chunk of 1024 tokens, 326 MB with chunks of 256)."""
+    chunked, whole = peak_bytes(str(chunk_size), autodiff), peak_bytes("plain", autodiff)
+    assert chunked <= 0.6 * whole, f"{chunked / 1e6:.0f} MB against {whole / 1e6:.0f} MB"
