@@ -12,7 +12,7 @@ predicts it (as ``transformers.DataCollatorWithFlattening`` labels them), and
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ def pack_documents(documents: Iterable[Sequence[int] | torch.Tensor], length: in
     context and its loss is the one a padded batch gives; one longer than ``length`` is cut into
     rows. ``split=True`` fills every row instead: a document goes on at the start of the next
     row as a new segment (positions from 0 again, its first token there without a target).
+    ``packed_rows`` gives the same rows one at a time, for a stream of documents.
 
     Examples:
         >>> packed = fx.data.pack_documents([[5, 6, 7], [8, 9], [1, 2, 3, 4]], length=5)
@@ -47,8 +48,31 @@ def pack_documents(documents: Iterable[Sequence[int] | torch.Tensor], length: in
                 [9, 1, 2, 3],
                 [4, 0, 0, 0]])
     """
+    rows = list(packed_rows(documents, length, pad_id=pad_id, split=split))
+    return {name: torch.stack([row[name] for row in rows]) for name in _NAMES}
+
+
+_NAMES = ("input_ids", "labels", "position_ids")
+
+
+def packed_rows(documents: Iterable[Sequence[int] | torch.Tensor], length: int, *,
+                pad_id: int = 0, split: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """The rows of ``pack_documents`` one at a time, as the documents come: each a dict of
+    ``(length,)`` int64 tensors. Reads only as many documents as the next row needs, so it
+    packs a stream of any length (``fx.data.Stream(lambda epoch: packed_rows(...), ...)``).
+
+    Examples:
+        >>> rows = fx.data.packed_rows(iter([[5, 6, 7], [8, 9], [1, 2, 3, 4]]), length=5)
+        >>> next(rows)["position_ids"]
+        tensor([0, 1, 2, 0, 1])
+    """
     if not isinstance(length, int) or isinstance(length, bool) or length < 2:
         raise ValueError(f"pack_documents: length must be an int of at least 2, got {length!r}")
+    return _rows(documents, length, pad_id, split)
+
+
+def _rows(documents: Iterable[Sequence[int] | torch.Tensor], length: int, pad_id: int,
+          split: bool) -> Iterator[dict[str, torch.Tensor]]:
     ids: list[int] = []
     positions: list[int] = []
     labels: list[int] = []
@@ -58,27 +82,36 @@ def pack_documents(documents: Iterable[Sequence[int] | torch.Tensor], length: in
         positions.extend(range(n))
         labels.extend([IGNORE_INDEX] * n)
 
+    def row() -> dict[str, torch.Tensor]:  # the first ``length`` tokens, taken off
+        taken = {name: torch.tensor(values[:length], dtype=torch.int64)
+                 for name, values in zip(_NAMES, (ids, labels, positions), strict=True)}
+        for values in (ids, labels, positions):
+            del values[:length]
+        return taken
+
+    made = False
     for i, document in enumerate(documents):
         tokens = document.tolist() if isinstance(document, torch.Tensor) else list(document)
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise TypeError(f"pack_documents: document {i} holds something other than int "
                             f"token ids: {tokens[:5]!r}")
-        room = length - len(ids) % length
-        if tokens and not split and room < length and len(tokens) > room:
-            pad(room)  # whole documents: this one starts the next row
+        if tokens and not split and ids and len(tokens) > length - len(ids):
+            pad(length - len(ids))  # whole documents: this one starts the next row
+            yield row()
         while tokens:
-            room = length - len(ids) % length
-            part, tokens = tokens[:room], tokens[room:]
+            part, tokens = tokens[:length - len(ids)], tokens[length - len(ids):]
             ids.extend(part)
             positions.extend(range(len(part)))
             labels.extend([IGNORE_INDEX, *part[1:]])
-    pad(-len(ids) % length)
-    if not ids:
+            if len(ids) == length:
+                made = True
+                yield row()
+    if ids:
+        pad(length - len(ids))
+        made = True
+        yield row()
+    if not made:
         raise ValueError("pack_documents: no tokens to pack (every document is empty)")
-    rows = len(ids) // length
-    return {name: torch.tensor(values, dtype=torch.int64).view(rows, length)
-            for name, values in (("input_ids", ids), ("labels", labels),
-                                 ("position_ids", positions))}
 
 
 def document_mask(position_ids: torch.Tensor) -> torch.Tensor:

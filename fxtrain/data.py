@@ -31,40 +31,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed, struct
-from ._packing import document_mask, pack_documents
+from . import struct
+from ._packing import document_mask, pack_documents, packed_rows
+from ._position import DataPosition, index_tensor, shard_of
+from ._streaming import Stream
 from .feed import to_device
 
-__all__ = ["DataPosition", "LoaderPosition", "Batches", "IterableStream", "LoaderStream",
-           "as_stream", "pack_documents", "document_mask"]
-
-
-@struct.dataclass
-class DataPosition:
-    """Where a stream stands: its ``epoch``, and ``index`` batches of ``batch`` examples into it.
-
-    ``batch`` is the global batch size (examples over all ranks) that ``index`` counts, so the
-    position names an example of the epoch's order, ``index * batch``, whatever the layout that
-    wrote it: a ``Batches`` stream of another batch size or number of processes continues from
-    that example. 0: the global batch of the stream that reads it (a position made by hand, or
-    one a checkpoint kept before fxtrain recorded the batch). ``IterableStream`` counts the
-    iterable's batches in ``index`` and leaves ``batch`` 0.
-
-    Examples:
-        >>> position = fx.data.Batches(torch.arange(6), 2).init()
-        >>> position
-        DataPosition(epoch=tensor(0), index=tensor(0), batch=tensor(0))
-    """
-
-    epoch: torch.Tensor
-    index: torch.Tensor
-    # a checkpoint written before this field restores with the template's (0): see the bridge
-    batch: torch.Tensor = struct.field(default_factory=lambda: _UNRECORDED,
-                                       metadata={"optional_in_checkpoints": True})
-
-    @classmethod
-    def start(cls) -> DataPosition:
-        return cls(torch.zeros((), dtype=torch.int64), torch.zeros((), dtype=torch.int64))
+__all__ = ["DataPosition", "LoaderPosition", "Batches", "Stream", "IterableStream", "LoaderStream",
+           "as_stream", "pack_documents", "packed_rows", "document_mask"]
 
 
 _GATHER_LIMIT = 256 * 2**20  # bytes: smaller tensor data is permuted once per epoch
@@ -102,23 +76,6 @@ def _tensor_source(data: Any, device: torch.device | None) -> tuple[int, Take] |
     return sizes.pop(), epoch_take
 
 
-_INDICES: list[torch.Tensor] = []  # the index tensors made so far, shared by every position
-# ``batch`` of the positions that do not record it: its own tensor, never an index's (a compiled
-# step given one tensor in two leaves of its input would compile again for the aliasing)
-_UNRECORDED = torch.zeros((), dtype=torch.int64)
-
-
-def _index_tensor(index: int) -> torch.Tensor:
-    """The 0-d int64 tensor of a batch index: made once for each of the first 2**16 and shared
-    by the positions the streams make (values, never changed in place), so a step's new position
-    costs no tensor."""
-    if index >= 2**16:
-        return torch.tensor(index, dtype=torch.int64)
-    while len(_INDICES) <= index:
-        _INDICES.append(torch.tensor(len(_INDICES), dtype=torch.int64))
-    return _INDICES[index]
-
-
 def length_of(x: Any) -> int | None:
     """``len(x)``, or None for data without a length (a generator, an iterable dataset)."""
     try:
@@ -142,18 +99,6 @@ def _dataset_source(data: Any, collate: Callable) -> tuple[int, Take]:
         return lambda a, b: collate([data[i] for i in indices[a:b]])
 
     return n, epoch_take
-
-
-def _shard(shard: tuple[int, int] | bool | None) -> tuple[int, int]:
-    if shard is None:
-        return distributed.rank(), distributed.world_size()
-    if shard is False:
-        return 0, 1
-    ok = isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(x, int) for x in shard)
-    if not ok or not 0 <= shard[0] < shard[1]:
-        raise ValueError(f"Batches: shard must be (rank, world_size) with 0 <= rank < "
-                         f"world_size, None or False; got {shard!r}")
-    return shard
 
 
 class Batches:
@@ -220,7 +165,7 @@ class Batches:
                  device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
-        self.rank, self.world_size = _shard(shard)
+        self.rank, self.world_size = shard_of(shard, "Batches")
         self.device = None if device is None else torch.device(device)
         source = _tensor_source(data, self.device)
         self._columns = source is not None  # tensors indexed along their first dimension
@@ -338,11 +283,11 @@ class Batches:
         # (a position at its very end would name no example: the next epoch's start instead)
         done = end >= self.size if rolled else self._ended(end)
         if done:
-            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0),
+            new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
                                self._unit(self._global))
         else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
             unit = math.gcd(end, self._global)
-            new = DataPosition(self._epoch[1], _index_tensor(end // unit), self._unit(unit))
+            new = DataPosition(self._epoch[1], index_tensor(end // unit), self._unit(unit))
         self._last = (new, epoch + done, 0 if done else end)
         return new, done or rolled
 
@@ -366,7 +311,7 @@ class Batches:
         epoch, offset = self._read(position)
         if not self._ended(offset):
             return position
-        return DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), _index_tensor(0),
+        return DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
                             self._unit(self._global))
 
     def _unit(self, examples: int) -> torch.Tensor:
@@ -378,7 +323,7 @@ class Batches:
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            _index_tensor(0), self._unit(self._global))
+                            index_tensor(0), self._unit(self._global))
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -401,7 +346,8 @@ class IterableStream:
     the position cannot say which examples they held: resumed with another batch size or number
     of processes (a loader's ``DistributedSampler`` splits the epoch by the number of ranks), the
     ``i`` batches skipped are other examples, and nothing can tell; resume such data on the
-    layout that wrote the checkpoint, or use ``Batches``. A one-shot iterator ends training when
+    layout that wrote the checkpoint, or use ``Batches`` (data with a length) or ``Stream`` (a
+    stream of examples), whose positions count examples in one order that any layout shares. A one-shot iterator ends training when
     it is exhausted.
     """
 
@@ -454,7 +400,7 @@ class IterableStream:
         if done:
             self._it = iter(self.data)  # the next epoch is a new pass
             self._ahead = next(self._it, _END)
-        self._last = DataPosition(epoch, _index_tensor(self._count))
+        self._last = DataPosition(epoch, index_tensor(self._count))
         return batch, self._last, done
 
 
@@ -531,7 +477,7 @@ def as_stream(data: Any) -> Any:
 
     Every position has an ``epoch`` (a 0-d CPU int64 tensor).
     """
-    if isinstance(data, Batches | IterableStream | LoaderStream):
+    if isinstance(data, Batches | Stream | IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):
         return LoaderStream(data)

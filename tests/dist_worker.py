@@ -467,6 +467,36 @@ def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
         f.write(fx.tree_digest(final.replace(data=None)))
 
 
+def stream_examples(n=44):
+    """44 examples with their ids: an epoch of 5 global batches of 8 (the last 4 dropped)."""
+    return [{"id": torch.tensor(i), "x": X[i], "y": Y[i]} for i in range(n)]
+
+
+def streamed(out, runs):
+    """Each ``(ckpt, steps, tag)`` of ``runs`` in turn: fx.fit on an fx.data.Stream (a shuffle
+    buffer of 8, a global batch of 8 whatever the world size), resumed from ``ckpt`` where it
+    holds a checkpoint (one is saved every 7 steps), to ``steps`` steps. Writes, per run and
+    rank, the example ids of each batch the rank trained on, and the final parameters."""
+    for ckpt, steps, tag in runs:
+        seen, trained = [], []
+
+        def collate(examples, seen=seen):
+            seen.append([int(e["id"]) for e in examples])
+            return torch.stack([e["x"] for e in examples]), torch.stack([e["y"] for e in examples])
+
+        data = fx.data.Stream(lambda epoch: stream_examples(),
+                              batch_size=8 // fx.distributed.world_size(), collate=collate,
+                              shuffle_buffer=8, seed=4)
+        state = fx.TrainState.create(mlp(sizes=(8, 16, 4)), fx.optim.adamw(1e-2))
+        count = fx.callbacks.lambda_callback(on_step_end=lambda s, e, t=trained: t.append(e.step))
+        with fx.checkpoint.CheckpointManager(ckpt, async_save=False) as manager:
+            final = fx.fit(state, fx.make_train_step(loss_fn), data, max_steps=steps,
+                           checkpoint=manager,
+                           callbacks=[fx.callbacks.checkpoint_policy(every=7), count])
+        torch.save({"seen": seen[:len(trained)], "steps": trained, "params": final.params},
+                   f"{out}/{tag}_rank{fx.distributed.rank()}.pt")
+
+
 def failing(out):
     """Rank 1 raises at step 3; rank 0 would wait at the next collective."""
     def boom(s, e):
@@ -497,7 +527,8 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "sharded_saves": sharded_saves, "sharded_callbacks": sharded_callbacks,
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
-             "predicting": predicting, "lm_weighted": lm_weighted}
+             "predicting": predicting, "lm_weighted": lm_weighted,
+             "streamed": streamed}
 
 
 def spawned(rank, world, port, name, args, kwargs):

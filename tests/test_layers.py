@@ -24,7 +24,8 @@ FLOORS = (
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
     # the step, the batches it takes, and what runs it or reads it
-    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_packing", "evaluation",
+    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_position", "_streaming", "_packing",
+     "evaluation",
      "_predict", "_lr_find", "_step_args", "_step_io"),
     # the loop, resuming it, and the tools that look at steps and loops
     ("loop", "_run", "_resuming", "debug"),

@@ -51,6 +51,25 @@ def test_bad_arguments_are_named():
         fx.data.document_mask(torch.zeros(4, dtype=torch.long))
 
 
+@pytest.mark.parametrize("split", [False, True])
+def test_packed_rows_read_only_the_documents_each_row_needs_and_are_pack_documents_rows(split):
+    docs, read = _docs(n=9), []
+
+    def streamed():
+        for document in docs:
+            read.append(document)
+            yield document
+
+    rows = fx.data.packed_rows(streamed(), 8, split=split)
+    first = next(rows)
+    assert len(read) < len(docs)  # a row is out before the stream is read through
+    rows = [first, *rows]
+    for name, column in fx.data.pack_documents(docs, 8, split=split).items():
+        assert torch.equal(torch.stack([row[name] for row in rows]), column)
+    with pytest.raises(ValueError, match="length must be an int"):
+        fx.data.packed_rows(streamed(), 1)  # said at the call, before any document is read
+
+
 def _docs(n=7, seed=1, longest=12):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(1, 32, (int(k),), generator=g).tolist()
