@@ -27,7 +27,7 @@ _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donatio
 _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
     "evaluate": "evaluation", "load_safetensors": "export", "save_safetensors": "export",
-    "trained_module": "export", "to_device": "feed", "cuda_graphed": "graphs",
+    "trained_module": "export", "export_pretrained": "_pretrained", "to_device": "feed", "cuda_graphed": "graphs",
     "precompiled": "precompile",
     "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
     "shard": "sharding", "TrainState": "state",
@@ -69,6 +69,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .donation import DonatedError
     from .evaluation import evaluate
     from .export import load_safetensors, save_safetensors, trained_module
+    from ._pretrained import export_pretrained
     from .feed import to_device
     from .graphs import cuda_graphed
     from .loop import Interrupted, fit
@@ -91,7 +92,8 @@ __all__ = [
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
     "train", "lr_find", "LrFind", "precompiled",
     # moving data and models in and out
-    "to_device", "trained_module", "save_safetensors", "load_safetensors", "cuda_graphed",
+    "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
+    "cuda_graphed",
     "tree_digest",
     # the packages
     "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "losses",

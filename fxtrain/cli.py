@@ -1,4 +1,4 @@
-"""The ``fxtrain`` command line: ``demo``, ``train`` and ``inspect``.
+"""The ``fxtrain`` command line: ``demo``, ``train``, ``inspect`` and ``export``.
 
 It imports nothing heavy at start: ``--help``, ``--version`` and ``inspect`` run without torch
 (``inspect`` reads the checkpoints' JSON descriptions), and each command imports what it runs.
@@ -65,6 +65,19 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
                          help="print fx.tree_digest of the restored state")
     inspect.add_argument("--verify", action="store_true",
                          help="read every checkpoint completely (every array, its checksum)")
+    export = sub.add_parser(
+        "export", help="write a checkpoint's model as a Hugging Face folder",
+        description="Writes the model of a checkpoint (sharded or not) as a Hugging Face "
+                    "folder: config.json and safetensors files that from_pretrained loads. "
+                    "Tensors are read and written one at a time: no process holds the model.")
+    export.add_argument("checkpoint", help="a checkpoint, a CheckpointManager's directory or a "
+                        "run's workdir (its latest checkpoint, or --step's)")
+    export.add_argument("directory", help="the folder to write (new, or empty)")
+    export.add_argument("--step", type=int, help="the checkpoint of this step")
+    export.add_argument("--config", help="the model's config.json, or a folder holding one "
+                        "(default: the one the checkpoint recorded, for a transformers model)")
+    export.add_argument("--max-shard-size", type=float, default=5.0, metavar="GB",
+                        help="the largest safetensors file, in GB (default 5)")
     return parser
 
 
@@ -200,7 +213,22 @@ def main(argv: list[str] | None = None) -> int:
                                     compile=not args.no_compile))
     if args.command == "inspect":
         return _inspect(args.directory, args.step, args.digest, args.verify)
+    if args.command == "export":
+        return _export(args)
     return 2
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ._pretrained import export_pretrained
+    try:
+        out = export_pretrained(args.checkpoint, args.directory, step=args.step,
+                                config=args.config,
+                                max_shard_bytes=max(1, int(args.max_shard_size * 1e9)))
+    except (OSError, ValueError) as e:  # a damaged or unreadable checkpoint among them
+        print(f"fxtrain export: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
 
 
 if __name__ == "__main__":

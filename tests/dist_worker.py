@@ -356,6 +356,28 @@ def sharded_saves(out, ckpt, restore_only="no", eio_rank="none"):
                f"{out}/rank{rank}.pt")
 
 
+def tiny_gpt2(seed=0):
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0, resid_pdrop=0.0,
+                                     embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def gpt2_loss(state, params, batch):
+    return state.apply(params, input_ids=batch, labels=batch).loss
+
+
+def sharded_gpt2_saves(out, ckpt):
+    """A tiny GPT-2 sharded over the ranks trains 3 steps and saves a sharded checkpoint."""
+    ids = torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(0))
+    state = fx.shard(fx.TrainState.create(tiny_gpt2(), fx.optim.adamw(1e-2)))
+    with fx.checkpoint.CheckpointManager(ckpt, async_save=False) as manager:
+        fx.fit(state, fx.make_train_step(gpt2_loss), fx.data.Batches(ids, 2, seed=0),
+               max_steps=3, checkpoint=manager)
+
+
 def sharded_callbacks(out):
     """Callbacks that keep copies of the parameters (swa, restore-best early stopping) on a
     sharded state: their states made after sharding (by fit), or before and passed to fx.shard,
@@ -528,7 +550,7 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting, "lm_weighted": lm_weighted,
-             "streamed": streamed}
+             "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves}
 
 
 def spawned(rank, world, port, name, args, kwargs):

@@ -28,6 +28,7 @@ NEEDS = {
     "fxtrain._torchmetrics.from_torchmetrics": "torchmetrics",
     "fxtrain.logging.wandb.WandbWriter": "wandb",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
+    "fxtrain._pretrained.export_pretrained": "transformers",
 }
 # examples of a feature an older torch lacks: they fail there (tests/conftest.py's needs_torch),
 # where a test asserts the refusal

@@ -20,7 +20,7 @@ FLOORS = (
     # control flags, a compiled call without guards
     ("optim", "_mean", "losses", "_chunked_ce", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, the step's precision policy, and the trained module out of the state
-    ("state", "precision", "export"),
+    ("state", "precision", "export", "_pretrained"),
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
     # the step, the batches it takes, and what runs it or reads it

@@ -110,12 +110,15 @@ def read_arrays(path: Path, keys: list[str], saved: list[str]) -> dict[str, np.n
 
 
 def meta_for(state: Any, arrays_meta: dict, metrics: dict | None, metadata: dict | None) -> dict:
-    """The JSON item: the bridge's leaf table plus step, time, versions, metrics and metadata."""
+    """The JSON item: the bridge's leaf table plus step, time, versions, metrics and metadata,
+    and what ``fxtrain export`` needs of a transformers model (``model.describe``)."""
     from .._version import __version__
+    from .model import describe
+    model = describe(state)
     return {**arrays_meta, "step": int(state.step) if hasattr(state, "step") else None,
             "time": time.time(), "fxtrain_version": __version__,
             "torch_version": torch.__version__, "metrics": metrics or {},
-            "metadata": metadata or {}}
+            "metadata": metadata or {}, **({"model": model} if model else {})}
 
 
 def composite(arrays: dict, meta: dict):
