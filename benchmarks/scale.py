@@ -31,7 +31,7 @@ is the higher rank's):
 
   one_process      fx_autograd in one process at these sizes (what a rank would hold alone)
   data_parallel    fx_autograd on 2 ranks, the state whole on each
-  sharded          fx.shard(state): the whole model gathered once per step
+  sharded          fx.shard(state, units="whole"): the whole model gathered once per step
   sharded_units    fx.shard(state, units="auto"): each GPT2Block gathered for its own forward
                    and again for its backward, its gradients reduce-scattered as they are ready
 
@@ -193,7 +193,7 @@ def _rank(rank: int, world: int, port: int, variants: list[str], args, depths: l
             state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
             del model
             if variant != "data_parallel":
-                state = fx.shard(state, units="auto" if variant == "sharded_units" else None)
+                state = fx.shard(state, units="auto" if variant == "sharded_units" else "whole")
             local = fx.sharding.local_nbytes((state.params, state.opt_state))
             holder = {}
             row = _measure(lambda: holder.setdefault("timed", _fx_timed(

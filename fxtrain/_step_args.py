@@ -39,7 +39,7 @@ class StepArgs:
       donate: True, False or None (the caller's ``donate=``).
       steps_per_call: K, the steps one call takes.
       precision: the policy's name.
-      autodiff: ``"func"`` or ``"autograd"``.
+      autodiff: ``"auto"``, ``"func"`` or ``"autograd"``.
     """
 
     loss_fn: Callable
@@ -59,7 +59,7 @@ class StepArgs:
 def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState | None = None,
               grad_stats: Any = False, data_parallel: Any = None, buffers: Any = "mean",
               donate: Any = None, steps_per_call: Any = 1, precision: Any = "32",
-              autodiff: Any = "func") -> StepArgs:
+              autodiff: Any = "auto") -> StepArgs:
     """Checks ``make_train_step``'s arguments and resolves their defaults (no side effect).
 
     Examples:

@@ -36,8 +36,18 @@ from ._torch import autograd as torch_autograd
 from ._torch import version
 from ._torch.traced_errors import fail
 
-AUTODIFFS = ("func", "autograd")
+AUTODIFFS = ("auto", "func", "autograd")
 """How a train step takes its gradients (``make_train_step(..., autodiff=...)``)."""
+
+
+def resolved(autodiff: str, module: Any) -> str:
+    """The gradient path of a step on a state whose module is ``module``: ``"auto"`` is
+    ``"autograd"`` where the module needs it (per-block units, which gather inside the forward
+    and again in the backward; the model's own activation checkpointing), else ``"func"``."""
+    if autodiff != "auto":
+        return autodiff
+    needs = units.has_units(module) or getattr(module, _held.CHECKPOINTING, False)
+    return "autograd" if needs else "func"
 
 
 def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = None,
@@ -98,7 +108,7 @@ SHARDED_AUTOGRAD = ("a compiled step on the autograd path with sharded parameter
                     "per-block units, or make_train_step(..., autodiff='autograd'))")
 SHARDED_AUTOGRAD_INSTEAD = (
     "Its Dynamo cannot take torch.autograd.grad with respect to DTensors. Train the step "
-    "uncompiled, or shard the whole model (fx.shard(state, units=None)) with the default "
+    "uncompiled, or shard the whole model (fx.shard(state, units='whole')) with "
     "make_train_step(loss_fn), which compiles on this torch")
 
 NO_DEPENDENCE = (
@@ -265,12 +275,13 @@ class Sharded:
         whole ones (gathered here), with autograd the shards (the forward gathers them)."""
         if self.autodiff == "autograd":
             return params
-        if units.names(module):
+        if units.has_units(module):
             raise ValueError(
-                "fx.shard(units=...): each unit gathers its parameters inside the forward and "
-                "gathers them again in the backward, which torch.func cannot host (it refuses "
-                "activation checkpointing); build the step with "
-                "fx.make_train_step(loss_fn, autodiff='autograd')")
+                "fx.shard's per-block units gather their parameters inside the forward and "
+                "again in the backward, which torch.func cannot host (it refuses activation "
+                "checkpointing): build the step with fx.make_train_step(loss_fn) (autodiff "
+                "'auto' takes autograd here) or autodiff='autograd', or shard the whole model "
+                "with fx.shard(state, units='whole')")
         return sharding.gather_params(params)
 
     def recomputes(self, module: Any) -> bool:
@@ -278,7 +289,7 @@ class Sharded:
         redone for the backward), and the pass's copies kept more of each block alive than the
         block's own saved tensors (GPT-2 units on 2 ranks: 8.7 bytes per parameter at the
         step's peak with the pass against 7.7 without, ``benchmarks/scale.py``)."""
-        return not units.names(module)
+        return not units.has_units(module)
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
@@ -296,11 +307,13 @@ class Sharded:
         return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
 
 
-def chooser(parallel: bool, mean_buffers: bool,
-            autodiff: str = "func") -> Callable[[dict], SingleProcess | Sharded]:
-    """``choose(params)``: the strategy for a step on ``params``, sharded or not, on several
-    ranks (``parallel``) or one. The strategies are made here, when the step is built; the
-    choice is made while the step is traced (a state is sharded or not)."""
-    plain = DataParallel(mean_buffers, autodiff) if parallel else SingleProcess()
-    sharded = Sharded(parallel, mean_buffers, autodiff)
-    return lambda params: sharded if sharding.is_sharded(params) else plain
+def chooser(parallel: bool, mean_buffers: bool
+            ) -> Callable[[dict, str], SingleProcess | Sharded]:
+    """``choose(params, autodiff)``: the strategy for a step on ``params``, sharded or not, on
+    several ranks (``parallel``) or one, taking its gradients by ``autodiff`` (resolved). The
+    strategies are made here, when the step is built; the choice is made while the step is
+    traced (a state is sharded or not, sharded per block or not)."""
+    plain = {a: DataParallel(mean_buffers, a) if parallel else SingleProcess()
+             for a in ("func", "autograd")}
+    sharded = {a: Sharded(parallel, mean_buffers, a) for a in ("func", "autograd")}
+    return lambda params, autodiff: (sharded if sharding.is_sharded(params) else plain)[autodiff]

@@ -10,13 +10,15 @@ global norms (clipping, ``grad_norm``) reduce over the ranks by themselves. Buff
 and are averaged as in data parallel. Sharding is data parallel too: every rank takes its own
 share of the global batch (``fx.data.Batches`` splits it under torchrun).
 
-By default the parameters are gathered whole for the step (as FSDP does with one unit that is
-not resharded after the forward): the state costs 1/N per rank, a step's transient peak holds
-the full parameters and gradients once. ``fx.shard(state, units="auto")`` shards per block
-instead (``fxtrain.units``, on a step built with ``autodiff="autograd"``): each block gathers
-its parameters for its own forward, frees them, gathers them again for its backward and
-reduce-scatters its gradients as soon as they are ready, so a step holds about one block's
-whole parameters at a time.
+By default a model with blocks (transformers' ``_no_split_modules``, else the children of its
+``nn.ModuleList``) is sharded per block (``fxtrain.units``; the default step, ``autodiff="auto"``,
+takes autograd's path for it): each block gathers its parameters for its own forward, frees
+them, gathers them again for its backward and reduce-scatters its gradients as soon as they are
+ready, so a step holds about one block's whole parameters at a time. A model without blocks,
+and every model under torch before 2.13 (whose Dynamo cannot compile those gradients), is
+sharded whole, as is any with ``units="whole"``: its parameters are gathered whole for the step
+(as FSDP does with one unit that is not resharded after the forward): the state costs 1/N per
+rank, a step's transient peak holds the full parameters and gradients once.
 
 Checkpoints of a sharded state are sharded too (``fx.checkpoint``): each rank writes its own
 shards with ``torch.distributed.checkpoint``, and a checkpoint restores onto any number of ranks.
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import logging
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -139,8 +142,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         submodule names and module classes. A unit's parameters are gathered just before its
         forward, freed after it, gathered again for its backward, and its gradients
         reduce-scattered as soon as its backward has run, so a step holds about one unit's
-        whole parameters at a time. Needs a step built with ``autodiff="autograd"``. None:
-        the whole model is one unit, gathered once per step.
+        whole parameters at a time. Its step takes autograd's path (``make_train_step``'s
+        default ``autodiff="auto"`` does; ``"func"`` is refused). ``"whole"``: the whole model
+        is one unit, gathered once per step. None (default): ``"auto"``'s blocks where the
+        model has them (and they share no parameter with the rest) and torch is 2.13 or later,
+        else ``"whole"``; the choice is logged.
       param_dtype: the dtype units gather and compute their parameters in (for example
         ``torch.bfloat16``); None: the parameters' own.
       reduce_dtype: the dtype units reduce-scatter their gradients in (for example
@@ -158,12 +164,14 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     if mesh.ndim != 1:
         raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
     module = state.module
-    if units is not None:
-        module = units_.install(module, units_.resolve(module, units),
-                                units_.Gather(param_dtype, reduce_dtype))
+    found = _default_units(module) if units is None else \
+        [] if units == "whole" else units_.resolve(module, units)
+    if found:
+        module = units_.install(module, found, units_.Gather(param_dtype, reduce_dtype))
     elif param_dtype is not None or reduce_dtype is not None:
         raise ValueError("fx.shard: param_dtype and reduce_dtype are how units gather and "
-                         "reduce; pass units=... too (for example units='auto')")
+                         "reduce, and this state is sharded whole; pass units=... too (for "
+                         "example units='auto')")
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
     # which optimizer leaves follow a parameter's layout: those tx.init makes from one
     new = state.replace(params=params, module=module, opt_state=_like(
@@ -181,6 +189,25 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         states[name] = _like(states[name], template, mesh, f"state.callbacks[{name!r}]")
     _warn_parameter_copies(states, state.params)
     return new.replace(callbacks=states or state.callbacks)
+
+
+def _default_units(module: Any) -> list[str]:
+    """``units=None``'s: the model's blocks where it has some that can be units and this torch
+    compiles their gradients, else none (sharded whole); which, logged."""
+    from ._torch.version import at_least
+    log = logging.getLogger("fxtrain")
+    if not at_least(2, 13):
+        log.info("fx.shard: sharding %s whole (per-block units need torch 2.13 or later to "
+                 "compile)", type(module).__name__)
+        return []
+    try:
+        found = units_.resolve(module, "auto")
+    except ValueError as e:  # no blocks, or blocks that cannot be units
+        log.info("fx.shard: sharding %s whole: %s", type(module).__name__, e)
+        return []
+    log.info("fx.shard: sharding %s per block: %d units (%s ...)", type(module).__name__,
+             len(found), found[0])
+    return found
 
 
 def unit_names(state: Any) -> list[str]:

@@ -86,7 +86,7 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                     grad_stats: bool | str = False, data_parallel: bool | None = None,
                     buffers: str = "mean", donate: bool | None = None,
                     steps_per_call: int = 1, precision: str = "32",
-                    autodiff: str = "func") -> Callable[[TrainState, Any], tuple]:
+                    autodiff: str = "auto") -> Callable[[TrainState, Any], tuple]:
     """Builds the pure ``train_step(state, batch) -> (state, metrics)``.
 
     Args:
@@ -135,13 +135,16 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         whose state is ``state.callbacks["loss_scale"]`` (``fx.fit`` creates it; pass
         ``loss_scale=fx.precision.loss_scale(...)`` for other settings).
 
-      autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``, the
-        default) or ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph:
-        building such a step turns on ``torch._dynamo.config.trace_autograd_ops`` and
+      autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``) or
+        ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: a step that
+        takes it turns on ``torch._dynamo.config.trace_autograd_ops`` and
         ``skip_fwd_side_effects_in_bwd_under_checkpoint``, process-wide settings). The two
         give the same gradients; ``"autograd"`` runs the saved-tensor hooks of activation
         checkpointing (``fx.remat``, ``torch.utils.checkpoint``), which ``torch.func``
-        refuses (see ``fxtrain.gradients``).
+        refuses (see ``fxtrain.gradients``). ``"auto"`` (the default): ``"autograd"`` for a
+        state whose model needs it (sharded per block by ``fx.shard``, or with its own
+        activation checkpointing on, as transformers' ``gradient_checkpointing_enable()``),
+        ``"func"`` otherwise; ``fx.remat`` inside ``loss_fn`` needs ``"autograd"`` named.
 
     Returns:
       ``train_step(state, batch, *, donate=False)``, with how it was built in
@@ -230,17 +233,20 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     """``one_step(state, batch) -> (state, metrics)``: one update, never donating."""
     loss_fn, mixed, callbacks = args.loss_fn, args.mixed, args.callbacks
     guard = BatchGuard("train_step")
-    choose = gradients.chooser(args.parallel, args.buffers == "mean", args.autodiff)
+    choose = gradients.chooser(args.parallel, args.buffers == "mean")
     rank = distributed.rank() if args.parallel else 0
 
     def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         mixed.check(state.params)
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
-        if args.autodiff == "func":
+        autodiff = gradients.resolved(args.autodiff, state.module)  # "auto": by the model
+        if autodiff == "func":
             check_no_checkpointing(state.module)
+        elif args.autodiff == "auto":  # the Dynamo settings an autograd step needs
+            torch_autograd.trace_autograd_ops_now()
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
-        path = choose(state.params)  # single process, data parallel or sharded
+        path = choose(state.params, autodiff)  # single process, data parallel or sharded
         if isinstance(path, gradients.Sharded) and args.data_parallel is False:
             raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
                              "(fx.shard): sharding is data parallel, each rank on its share of "
@@ -263,21 +269,21 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         def in_train_mode_keyed(fn, *inputs):
             was = set_training(state.module, True)
             try:
-                with random.keyed(key, args.autodiff):
+                with random.keyed(key, autodiff):
                     return fn(*inputs)
             finally:
                 set_training(state.module, was)
 
         whole = path.whole(state.params, state.module)
         recompute = path.recomputes(state.module)
-        if args.autodiff == "func":  # the transform runs the forward in train mode, keyed
+        if autodiff == "func":  # the transform runs the forward in train mode, keyed
             grads, (_, (loss, aux, new_buffers, weights)) = gradients.differentiate(
-                lambda params: in_train_mode_keyed(forward, params), args.autodiff,
+                lambda params: in_train_mode_keyed(forward, params), autodiff,
                 recompute=recompute)(whole)
         else:  # and the backward: what activation checkpointing recomputes there runs as
             # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
             grads, (_, (loss, aux, new_buffers, weights)) = in_train_mode_keyed(
-                gradients.differentiate(forward, args.autodiff, path.on_grad, recompute), whole)
+                gradients.differentiate(forward, autodiff, path.on_grad, recompute), whole)
         weight = weights[0] if weights else None
         out = path.reduce(grads, loss, aux, new_buffers, state.params,
                           scale=None if scaler is None else scaler.scale,

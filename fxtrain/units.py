@@ -77,6 +77,16 @@ def names(module: nn.Module) -> list[str]:
     return [n for n, m in module.named_modules() if isinstance(m, ShardedUnit)]
 
 
+UNITS = "fxtrain_units"
+"""The attribute ``install`` sets on the root module: its units' names. One attribute, which a
+compiled step's guards read alone, where ``names``' walk would guard on every submodule."""
+
+
+def has_units(module: nn.Module) -> bool:
+    """Whether ``module`` (a state's) is sharded per block."""
+    return bool(getattr(module, UNITS, ()))
+
+
 def _outermost(found: list[str]) -> list[str]:
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 
@@ -97,8 +107,8 @@ def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
     and module classes (each class: its outermost instances)."""
     if isinstance(units, str):
         if units != "auto":
-            raise ValueError(f"fx.shard: units must be 'auto' or a list of submodule names or "
-                             f"module classes, got {units!r}")
+            raise ValueError(f"fx.shard: units must be 'auto', 'whole', None or a list of "
+                             f"submodule names or module classes, got {units!r}")
         found = _auto(module)
         if not found:
             raise ValueError(f"fx.shard(units='auto'): {type(module).__name__} has no "
@@ -169,6 +179,7 @@ def install(module: nn.Module, found: list[str], gather: Gather) -> nn.Module:
             raise ValueError(f"fx.shard: the unit {name!r} has no parameters")
         unit.__class__ = _unit_class(base_class(unit))
         unit.fxtrain_gather = gather
+    setattr(module, UNITS, tuple(found))
     return module
 
 
@@ -178,6 +189,8 @@ def uninstalled(module: nn.Module) -> nn.Module:
         if isinstance(sub, ShardedUnit):
             sub.__class__ = base_class(sub)
             del sub.fxtrain_gather
+    if hasattr(module, UNITS):
+        delattr(module, UNITS)
     return module
 
 

@@ -239,10 +239,10 @@ def sharded_units(out, compiled=False, steps=6):
     marked = []  # per compiled graph: its nodes marked as the forward, for fxtrain._torch.recompute
     # compiled: units and bfloat16 units (2 graphs); their references run eagerly (a compile
     # costs ~25 CPU-s a rank): the whole model sharded, which draws the same keyed masks
-    units, whole = run("auto"), run(None, compiled=False)
+    units, whole = run("auto"), run("whole", compiled=False)
     bf16 = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32}
     mixed = run("auto", fx.optim.sgd(0.1), **bf16)
-    plain = run(None, fx.optim.sgd(0.1), compiled=False)
+    plain = run("whole", fx.optim.sgd(0.1), compiled=False)
     undropped = None if compiled else run("auto", dropout=0.0)  # eager covers it
     result = {"names": fx.sharding.unit_names(units), "initial": dict(Blocks().named_parameters()),
               "module": type(fx.trained_module(units).blocks[0]).__name__,
@@ -266,6 +266,11 @@ def sharded_units(out, compiled=False, steps=6):
         result["errors"] = unit_errors(batch)
         result["by_class"] = fx.sharding.unit_names(fx.shard(
             fx.TrainState.create(Blocks(), fx.optim.sgd(0.1)), units=[Block]))
+        result["defaults"] = {  # fx.shard(state)'s layout, and the whole one named
+            name: fx.sharding.unit_names(fx.shard(fx.TrainState.create(model, fx.optim.sgd(0.1)),
+                                                  **how))
+            for name, model, how in (("blocks", Blocks(), {}), ("mlp", mlp(), {}),
+                                     ("whole", Blocks(), {"units": "whole"}))}
     torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
 
 
@@ -308,9 +313,10 @@ def unit_errors(batch):
         "nested": attempt(lambda: fx.shard(state, units=["blocks", "blocks.0"])),
         "tied": attempt(lambda: fx.shard(fx.TrainState.create(Tied(), fx.optim.sgd(0.1)),
                                          units="auto")),
-        "dtype alone": attempt(lambda: fx.shard(state, param_dtype=torch.bfloat16)),
-        "func": attempt(lambda: fx.make_train_step(loss_fn)(fx.shard(state, units="auto"),
-                                                            batch)),
+        "dtype alone": attempt(lambda: fx.shard(state, units="whole",
+                                                param_dtype=torch.bfloat16)),
+        "func": attempt(lambda: fx.make_train_step(loss_fn, autodiff="func")(
+            fx.shard(state, units="auto"), batch)),
     }
 
 
@@ -370,12 +376,19 @@ def gpt2_loss(state, params, batch):
 
 
 def sharded_gpt2_saves(out, ckpt):
-    """A tiny GPT-2 sharded over the ranks trains 3 steps and saves a sharded checkpoint."""
+    """A tiny GPT-2 sharded over the ranks as fx.shard does by default (per block, from torch
+    2.13) trains 3 compiled steps of the default step (autodiff "auto": autograd's path for the
+    blocks, its Dynamo settings turned on while the step is traced) and saves a sharded
+    checkpoint; writes the units and the graphs compiled."""
+    from helpers import TRACED, graph_count
+    before = graph_count()
     ids = torch.randint(0, 40, (8, 12), generator=torch.Generator().manual_seed(0))
     state = fx.shard(fx.TrainState.create(tiny_gpt2(), fx.optim.adamw(1e-2)))
+    step = torch.compile(fx.make_train_step(gpt2_loss), fullgraph=True, backend=TRACED)
     with fx.checkpoint.CheckpointManager(ckpt, async_save=False) as manager:
-        fx.fit(state, fx.make_train_step(gpt2_loss), fx.data.Batches(ids, 2, seed=0),
-               max_steps=3, checkpoint=manager)
+        fx.fit(state, step, fx.data.Batches(ids, 2, seed=0), max_steps=3, checkpoint=manager)
+    torch.save({"units": fx.sharding.unit_names(state), "graphs": graph_count() - before},
+               f"{out}/rank{fx.distributed.rank()}.pt")
 
 
 def sharded_callbacks(out):

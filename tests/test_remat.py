@@ -210,7 +210,7 @@ def test_remat_needs_the_autograd_path_and_a_known_policy(compiled):
     bad, _ = make(policy="dots")
     with pytest.raises(ValueError, match="unknown policy 'dots'.*nothing_saveable"):
         fit_one(bad, autodiff="autograd")
-    with pytest.raises(ValueError, match="autodiff must be one of 'func', 'autograd'"):
+    with pytest.raises(ValueError, match="autodiff must be one of 'auto', 'func', 'autograd'"):
         fx.make_train_step(loss_fn, autodiff="jax")
 
 

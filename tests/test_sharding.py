@@ -185,6 +185,9 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert r0["bf16"]["reduce bfloat16"] == root | {("all_gather", "torch.bfloat16"),
                                                         ("reduce_scatter", "torch.bfloat16")}
         assert r0["by_class"] == r0["names"]  # units=[Block]: the same blocks
+        from fxtrain._torch.version import at_least  # fx.shard's default: blocks, or whole
+        assert r0["defaults"] == {"blocks": r0["names"] if at_least(2, 13) else [], "mlp": [],
+                                  "whole": []}
         errors = r0["errors"]
         assert "has no nn.ModuleList and no _no_split_modules" in errors["no blocks"]
         assert "'blocks.9' is not a submodule of Blocks" in errors["unknown"]
@@ -192,7 +195,7 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert "'blocks.0' is inside 'blocks'" in errors["nested"]
         assert "'blocks.0.up.weight' is shared by 'blocks.0', 'blocks.1'" in errors["tied"]
         assert "pass units=... too" in errors["dtype alone"]
-        assert "autodiff='autograd'" in errors["func"]
+        assert "autodiff='autograd'" in errors["func"] and "units='whole'" in errors["func"]
     whole = sum(p.numel() * 4 for p in r0["whole"].values())
     assert r0["local"] <= 0.6 * whole
 

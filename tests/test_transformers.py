@@ -119,20 +119,20 @@ def test_the_labels_path_of_a_fresh_model_compiles_in_one_graph():
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_a_model_with_gradient_checkpointing_on_needs_the_autograd_path(compiled):
+def test_a_model_with_gradient_checkpointing_on_takes_the_autograd_path(compiled):
     """torch.func cannot run a model's own checkpointing (functorch's requires_grad_ error
-    eagerly, Dynamo's unsafe side effect compiled): refused, naming autodiff="autograd", on
-    which it trains as the model without checkpointing does."""
+    eagerly, Dynamo's unsafe side effect compiled): the default step (autodiff="auto") takes
+    autograd's path for it, and trains it as the model without checkpointing trains;
+    autodiff="func" named is refused, naming autodiff="autograd"."""
     state = fx.TrainState.create(_fresh_gpt2(checkpointing=True), fx.optim.sgd(0.1))
     wrap = (lambda s: torch.compile(s, fullgraph=True, backend=TRACED)) if compiled else \
         (lambda s: s)
     with pytest.raises(ValueError, match="activation checkpointing turned on.*"
                                          "autodiff='autograd'"):  # fit unwraps Dynamo's report
-        fx.fit(state, wrap(fx.make_train_step(_with_labels)), [IDS], max_steps=1,
-               progress=False)
+        fx.fit(state, wrap(fx.make_train_step(_with_labels, autodiff="func")), [IDS],
+               max_steps=1, progress=False)
     torch._dynamo.reset()
-    checkpointed, m1 = wrap(fx.make_train_step(_with_labels, autodiff="autograd",
-                                               donate=False))(state, IDS)
+    checkpointed, m1 = wrap(fx.make_train_step(_with_labels, donate=False))(state, IDS)
     plain = fx.TrainState.create(_fresh_gpt2(), fx.optim.sgd(0.1))
     reference, m2 = fx.make_train_step(_with_labels, autodiff="autograd")(plain, IDS)
     torch.testing.assert_close(m1["loss"], m2["loss"])

@@ -65,3 +65,12 @@ def trace_autograd_ops() -> None:
 
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+
+
+@run_while_tracing
+def trace_autograd_ops_now() -> bool:  # run for real while Dynamo traces, and eagerly
+    """``trace_autograd_ops()`` from inside a step being traced (a step built with
+    ``autodiff="auto"`` learns that it takes autograd's path only then): Dynamo reads the
+    settings when it meets the call, later in the same trace."""
+    trace_autograd_ops()
+    return True
