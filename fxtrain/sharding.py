@@ -162,7 +162,14 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         raise ValueError("fx.shard: this state is already sharded")
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim != 1:
-        raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)}")
+        raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)} "
+                         "(2-D meshes, tensor parallel and HSDP, are not supported yet); pass a "
+                         "1-D mesh over every rank, or none (fx.sharding.mesh())")
+    if mesh.size() != distributed.world_size():
+        raise ValueError(f"fx.shard: the mesh spans {mesh.size()} ranks, the job has "
+                         f"{distributed.world_size()}: every rank trains on its share of the "
+                         "batch and the gradients are reduced over the mesh, so it must span "
+                         "every rank; pass fx.sharding.mesh(), or none")
     module = state.module
     found = _default_units(module) if units is None else \
         [] if units == "whole" else units_.resolve(module, units)

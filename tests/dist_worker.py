@@ -306,7 +306,11 @@ def unit_errors(batch):
         return None
 
     state = fx.TrainState.create(Blocks(), fx.optim.sgd(0.1))
+    from torch.distributed.device_mesh import init_device_mesh
+    square = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
     return {
+        "2-D mesh": attempt(lambda: fx.shard(state, square)),
+        "part of the ranks": attempt(lambda: fx.shard(state, square["dp"])),
         "no blocks": attempt(lambda: fx.shard(fx.TrainState.create(mlp(), fx.optim.sgd(0.1)),
                                               units="auto")),
         "unknown": attempt(lambda: fx.shard(state, units=["blocks.9"])),

@@ -195,6 +195,8 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert "'blocks.0' is inside 'blocks'" in errors["nested"]
         assert "'blocks.0.up.weight' is shared by 'blocks.0', 'blocks.1'" in errors["tied"]
         assert "pass units=... too" in errors["dtype alone"]
+        assert "1-D DeviceMesh, got one of shape (1, 2)" in errors["2-D mesh"]
+        assert "the mesh spans 1 ranks, the job has 2" in errors["part of the ranks"]
         assert "autodiff='autograd'" in errors["func"] and "units='whole'" in errors["func"]
     whole = sum(p.numel() * 4 for p in r0["whole"].values())
     assert r0["local"] <= 0.6 * whole
