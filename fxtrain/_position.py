@@ -55,7 +55,7 @@ def index_tensor(index: int) -> torch.Tensor:
 def shard_of(shard: tuple[int, int] | bool | None, who: str) -> tuple[int, int]:
     """``(rank, world_size)`` of a stream's ``shard`` argument (see ``Batches``)."""
     if shard is None:
-        return distributed.rank(), distributed.world_size()
+        return distributed.data_rank(), distributed.data_world_size()
     if shard is False:
         return 0, 1
     ok = isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(x, int) for x in shard)

@@ -99,7 +99,8 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
         raise ValueError(f"make_train_step: steps_per_call must be a positive int, got "
                          f"{steps_per_call!r}")
     wanted = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
-    parallel = distributed.world_size() > 1 if data_parallel is None else bool(data_parallel)
+    parallel = distributed.data_world_size() > 1 if data_parallel is None else \
+        bool(data_parallel)
     return StepArgs(loss_fn=loss_fn, callbacks=callbacks, step_states=owned, mixed=mixed,
                     grad_stats=wanted, data_parallel=data_parallel, parallel=parallel,
                     buffers=buffers, donate=donate, steps_per_call=steps_per_call,

@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import _held, distributed, random, sharding, units
+from . import _held, distributed, random, sharding, tensor_parallel, units
 from ._torch import recompute as _recompute
 from ._torch import autograd as torch_autograd
 from ._torch import version
@@ -43,10 +43,12 @@ AUTODIFFS = ("auto", "func", "autograd")
 def resolved(autodiff: str, module: Any) -> str:
     """The gradient path of a step on a state whose module is ``module``: ``"auto"`` is
     ``"autograd"`` where the module needs it (per-block units, which gather inside the forward
-    and again in the backward; the model's own activation checkpointing), else ``"func"``."""
+    and again in the backward; a tensor-parallel plan, whose DTensors torch.func cannot
+    differentiate; the model's own activation checkpointing), else ``"func"``."""
     if autodiff != "auto":
         return autodiff
-    needs = units.has_units(module) or getattr(module, _held.CHECKPOINTING, False)
+    needs = units.has_units(module) or tensor_parallel.is_tensor_parallel(module) or \
+        getattr(module, _held.CHECKPOINTING, False)
     return "autograd" if needs else "func"
 
 
@@ -307,13 +309,43 @@ class Sharded:
         return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
 
 
+@dataclasses.dataclass(frozen=True)
+class TensorParallel(SingleProcess):
+    """A tensor-parallel plan's DTensors (``fxtrain.tensor_parallel``): the forward runs them
+    as they are, and autograd gives each gradient in its parameter's placement, complete (the
+    ranks of the group run on one batch: nothing to average); norms of DTensor gradients
+    reduce over the ranks by themselves."""
+
+    def whole(self, params: dict, module: Any) -> dict:
+        del module
+        return params
+
+    def metrics(self, metrics: dict) -> dict:
+        return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
+
+
 def chooser(parallel: bool, mean_buffers: bool
-            ) -> Callable[[dict, str], SingleProcess | Sharded]:
-    """``choose(params, autodiff)``: the strategy for a step on ``params``, sharded or not, on
-    several ranks (``parallel``) or one, taking its gradients by ``autodiff`` (resolved). The
-    strategies are made here, when the step is built; the choice is made while the step is
-    traced (a state is sharded or not, sharded per block or not)."""
+            ) -> Callable[[dict, str, Any], SingleProcess | Sharded]:
+    """``choose(params, autodiff, module)``: the strategy for a step on ``params``, sharded,
+    tensor parallel or whole, on several ranks (``parallel``) or one, taking its gradients by
+    ``autodiff`` (resolved). The strategies are made here, when the step is built; the choice
+    is made while the step is traced (a state is sharded or not, and how)."""
     plain = {a: DataParallel(mean_buffers, a) if parallel else SingleProcess()
              for a in ("func", "autograd")}
     sharded = {a: Sharded(parallel, mean_buffers, a) for a in ("func", "autograd")}
-    return lambda params, autodiff: (sharded if sharding.is_sharded(params) else plain)[autodiff]
+    split = TensorParallel()
+
+    def choose(params: dict, autodiff: str, module: Any) -> SingleProcess | Sharded:
+        if tensor_parallel.is_tensor_parallel(module):
+            if autodiff == "func":
+                fail(ValueError, "a tensor-parallel state (fx.shard(tp_plan=...)) trains on "
+                                 "the autograd path: build the step with "
+                                 "fx.make_train_step(loss_fn) or autodiff='autograd'")
+            if parallel:
+                fail(ValueError, "a tensor-parallel state trains without data parallelism "
+                                 "beside it for now: build the step after fx.shard(state, "
+                                 "tp_plan=...), or with data_parallel=False")
+            return split
+        return (sharded if sharding.is_sharded(params) else plain)[autodiff]
+
+    return choose

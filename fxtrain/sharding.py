@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed, units as units_
+from . import distributed, tensor_parallel, units as units_
 from ._torch import collectives
 from ._torch.groups import forget_groups
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
@@ -120,7 +120,7 @@ def _warn_parameter_copies(callbacks: dict, params: dict) -> None:
 def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
           units: str | Sequence[str | type] | None = None,
           param_dtype: torch.dtype | None = None,
-          reduce_dtype: torch.dtype | None = None) -> Any:
+          reduce_dtype: torch.dtype | None = None, tp_plan: Any = None) -> Any:
     """``state`` with its parameters and their optimizer state sharded across the ranks.
 
     Every rank calls it with its state; rank 0's values are the ones scattered, so ranks that
@@ -152,6 +152,12 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
       reduce_dtype: the dtype units reduce-scatter their gradients in (for example
         ``torch.float32`` with a bfloat16 ``param_dtype``, as FSDP2's mixed precision);
         None: ``param_dtype``.
+      tp_plan: tensor parallelism instead of sharding (``fxtrain.tensor_parallel``): a dict
+        ``{submodule: ColwiseParallel() | RowwiseParallel() | "colwise" | "rowwise"}`` (``*``
+        for an index) or ``"auto"`` (a transformers model's ``base_model_tp_plan``). The
+        planned layers' parameters are split over the mesh's ranks, which train on the same
+        batch; the rest stay whole. On a 1-D mesh only, for now (no sharding beside it), and
+        on the autograd path (the default step's ``autodiff="auto"`` takes it).
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
@@ -170,6 +176,9 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                          f"{distributed.world_size()}: every rank trains on its share of the "
                          "batch and the gradients are reduced over the mesh, so it must span "
                          "every rank; pass fx.sharding.mesh(), or none")
+    if tp_plan is not None:
+        return _tensor_parallel(state, mesh, tp_plan, units, param_dtype, reduce_dtype,
+                                callbacks)
     module = state.module
     found = _default_units(module) if units is None else \
         [] if units == "whole" else units_.resolve(module, units)
@@ -196,6 +205,23 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         states[name] = _like(states[name], template, mesh, f"state.callbacks[{name!r}]")
     _warn_parameter_copies(states, state.params)
     return new.replace(callbacks=states or state.callbacks)
+
+
+def _tensor_parallel(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtype: Any,
+                     reduce_dtype: Any, callbacks: Sequence) -> Any:
+    """``shard``'s ``tp_plan``: the plan placed on the skeleton and the parameters."""
+    if units not in (None, "whole") or param_dtype is not None or reduce_dtype is not None \
+            or callbacks:
+        raise ValueError("fx.shard(tp_plan=...) splits the planned layers over the mesh and "
+                         "keeps the rest whole; per-block units, param_dtype, reduce_dtype and "
+                         "sharded callbacks do not combine with it yet (a 2-D mesh)")
+    plan = tensor_parallel.plan_of(state.module, tp_plan)
+    module, params = tensor_parallel.install(state.module, plan, mesh, state.params)
+    distributed.set_tensor_parallel(mesh.size())
+    logging.getLogger("fxtrain").info("fx.shard: tensor parallel over %d ranks, %d layers "
+                                      "split", mesh.size(), len(plan))
+    return state.replace(params=params, module=module, opt_state=_like(
+        state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
 
 
 def _default_units(module: Any) -> list[str]:
@@ -233,8 +259,8 @@ def for_forward(params: dict[str, Any], module: Any) -> dict[str, Any]:
     """``params`` as ``module``'s forward takes them: the DTensors outside its units gathered
     whole (differentiably: their gradients come back reduce-scattered onto the shards), those
     of its units left for the units to gather (``fxtrain.units``)."""
-    if not is_sharded(params):
-        return params
+    if not is_sharded(params) or tensor_parallel.is_tensor_parallel(module):
+        return params  # tensor parallel: the planned layers take their DTensors as they are
     root = units_.outside(params, module)
     return {**params, **gather_params({k: params[k] for k in root})}
 

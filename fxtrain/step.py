@@ -234,7 +234,7 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     loss_fn, mixed, callbacks = args.loss_fn, args.mixed, args.callbacks
     guard = BatchGuard("train_step")
     choose = gradients.chooser(args.parallel, args.buffers == "mean")
-    rank = distributed.rank() if args.parallel else 0
+    rank = distributed.data_rank() if args.parallel else 0  # a tensor-parallel group's alike
 
     def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
         mixed.check(state.params)
@@ -246,7 +246,8 @@ def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         elif args.autodiff == "auto":  # the Dynamo settings an autograd step needs
             torch_autograd.trace_autograd_ops_now()
         scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
-        path = choose(state.params, autodiff)  # single process, data parallel or sharded
+        path = choose(state.params, autodiff, state.module)  # one process, data parallel,
+        # sharded or tensor parallel
         if isinstance(path, gradients.Sharded) and args.data_parallel is False:
             raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
                              "(fx.shard): sharding is data parallel, each rank on its share of "
@@ -324,7 +325,7 @@ def _weighed(loss: torch.Tensor, count: torch.Tensor | None,
         return loss, count
     mean = distributed.mean_in_step([count])[0]
     share = torch.where(mean > 0, count / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return loss * share, mean * distributed.world_size()
+    return loss * share, mean * distributed.data_world_size()
 
 
 def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str, Any]]:

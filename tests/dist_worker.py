@@ -395,6 +395,48 @@ def sharded_gpt2_saves(out, ckpt):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
+def tiny_llama(seed=0):
+    """A Llama small enough for the CPU whose layers hold most of its parameters (the part a
+    tensor-parallel plan splits): 4 layers of width 32, a vocabulary of 24."""
+    import transformers
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=32,
+                                      use_cache=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def llama_batches():
+    ids = torch.randint(0, 24, (16, 12), generator=torch.Generator().manual_seed(3))
+    return fx.data.Batches(ids, 4, seed=0)
+
+
+def tensor_parallel(out, ckpt="", compiled=False, steps=20):
+    """A tiny Llama trained with its own tensor-parallel plan over the ranks (tp_plan="auto"),
+    the default step, ``steps`` steps; writes the losses, the whole parameters, the bytes of
+    parameters and optimizer state this rank holds, the graphs, and saves a checkpoint."""
+    from helpers import TRACED, graph_count
+    state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
+    if fx.distributed.world_size() > 1:
+        state = fx.shard(state, tp_plan="auto")
+    step = fx.make_train_step(gpt2_loss)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=TRACED)
+    losses, before = [], graph_count()
+    seen = fx.callbacks.lambda_callback(on_step_end=lambda s, e: losses.append(
+        float(e.metrics["loss"])))
+    final = fx.fit(state, step, llama_batches(), max_steps=steps, callbacks=[seen],
+                   sync_every=1)
+    if ckpt:
+        fx.checkpoint.save(ckpt, final)
+    from fxtrain import tensor_parallel
+    held = fx.sharding.local_nbytes((final.params, final.opt_state))
+    torch.save({"losses": losses, "params": fx.sharding.gathered(final.params), "held": held,
+                "graphs": graph_count() - before, "split": tensor_parallel.planned(final.module)},
+               f"{out}/tp_rank{fx.distributed.rank()}.pt")
+
+
 def sharded_callbacks(out):
     """Callbacks that keep copies of the parameters (swa, restore-best early stopping) on a
     sharded state: their states made after sharding (by fit), or before and passed to fx.shard,
@@ -567,7 +609,8 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "sharded_exit": sharded_exit, "early_stop": early_stop, "host_stop": host_stop,
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting, "lm_weighted": lm_weighted,
-             "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves}
+             "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves,
+             "tensor_parallel": tensor_parallel}
 
 
 def spawned(rank, world, port, name, args, kwargs):

@@ -13,7 +13,7 @@ FLOORS = (
     # version and torch's internals
     ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
      "random", "_remat",
-     "distributed", "workdir", "units", "sharding", "preemption"),
+     "distributed", "workdir", "units", "tensor_parallel", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "_step_spec"),
     # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
