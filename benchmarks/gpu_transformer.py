@@ -21,6 +21,11 @@ round, and tokens/s is the median):
   fx_graphed   fx_func's step through fx.cuda_graphed (a CUDA GPU only)
   fx_k         fx_func with steps_per_call=--k (K steps in one graph per call)
   fx_remat     fx_autograd with every block through fx.remat (nothing_saveable)
+  fx_chunked   fx_func with the loss fx.losses.chunked_causal_lm of the final hidden states
+               and the tied head weight, ``--chunk`` tokens at a time: never the whole logits
+               (16384 by default: 8 chunks at batch 124, each a 3.3 GB float32 block; each
+               chunk is unrolled into the compiled step, seconds of compiling apiece)
+  fx_remat_chunked  fx_remat with fx_chunked's loss (``--model nano`` only, as fx_chunked)
   hf_trainer   transformers.Trainer, torch_compile=True, bf16=True, optim adamw_torch_fused,
                no clipping (its weight decay skips biases and norms, as it always does)
 
@@ -31,14 +36,16 @@ else from the device's name); peak memory (``torch.cuda.max_memory_allocated`` o
 process, and over the timed steps) per parameter; the attention kernels that ran, read from a
 profile of one more step (flash / efficient / cudnn, or ``none``: no fused kernel, the math);
 the first step's seconds (compiling, from Inductor's on-disk cache when it holds the graphs:
-the hits and misses are recorded). Targets (issue 48) are printed as met or not.
+the hits and misses are recorded). Targets (issue 48) are printed as met or not, and the
+chunked variants against their full-logits ones (fx_func, fx_remat) where both ran.
 
 ``--device cpu --tiny`` runs every variant at a tiny size (2 blocks of width 64, vocabulary 256,
 sequence 64) with torch.compile's ``aot_eager`` backend, the first variant in a process of its
 own and the rest in this one: the suite's smoke test, so the kit cannot rot between GPU draws.
 
 Run: python benchmarks/gpu_transformer.py [--model nano] [--variants ...] [--dropout 0 0.1]
-     [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--out FILE.json] [--tiny]
+     [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--chunk 16384] [--out FILE.json]
+     [--tiny]
 """
 
 from __future__ import annotations
@@ -57,7 +64,11 @@ from pathlib import Path
 from common import backend, use_smoke_backend
 from transformer import _process_peak as peak, _restart_peak as restart_peak
 
-VARIANTS = ("loop", "fx_func", "fx_autograd", "fx_graphed", "fx_k", "fx_remat", "hf_trainer")
+VARIANTS = ("loop", "fx_func", "fx_autograd", "fx_graphed", "fx_k", "fx_remat", "fx_chunked",
+            "fx_remat_chunked", "hf_trainer")
+REMAT = ("fx_remat", "fx_remat_chunked")
+AUTOGRAD = ("fx_autograd", *REMAT)
+CHUNKED = {"fx_chunked": "fx_func", "fx_remat_chunked": "fx_remat"}  # and the same, full logits
 LR, WD = 3e-4, 0.1
 PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
                ("L4", 121.0), ("A10", 125.0))  # dense bf16, by device name (SXM figures)
@@ -97,6 +108,23 @@ def model_of(args):
 def logits_of(model_or_state, ids, params=None):
     out = (model_or_state(ids) if params is None else model_or_state.apply(params, ids))
     return out if hasattr(out, "shape") else out.logits
+
+
+def loss_of(variant: str, args):
+    """The step's ``loss_fn``: the cross-entropy of the logits, or (a ``CHUNKED`` variant)
+    ``fx.losses.chunked_causal_lm`` of the hidden states after the final layer norm and the
+    head's weight (the token embedding's, tied), ``--chunk`` tokens at a time. Both take
+    position t's target to be token t + 1 and average over the batch's B x (T - 1) targets."""
+    import fxtrain as fx
+    from nanogpt import lm_loss
+    if variant not in CHUNKED:
+        return lambda s, p, ids: lm_loss(logits_of(s, ids, p), ids)
+
+    def chunked(s, p, ids):
+        hidden = s.apply(p, ids, head=False)
+        return fx.losses.chunked_causal_lm(hidden, p["wte.weight"], ids, chunk_size=args.chunk)
+
+    return chunked
 
 
 def use_remat(model, args) -> None:
@@ -198,20 +226,26 @@ class Cycle:
         return (self.batches[i % len(self.batches)] for i in range(self.n))
 
 
+def train_step_of(variant, model, args):
+    """``(state, train_step, k)``: the fx variant's initial state and its step of ``k`` steps
+    per call, not compiled yet."""
+    import fxtrain as fx
+    if variant in REMAT:
+        use_remat(model, args)
+    k = args.k if variant == "fx_k" else 1
+    state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
+    return state, fx.make_train_step(
+        loss_of(variant, args), precision=args.precision, steps_per_call=k,
+        autodiff="autograd" if variant in AUTOGRAD else "func"), k
+
+
 def fx_variant(variant, model, batches, args):
     """fx.fit over a compiled fx step; each call of the returned ``step`` is one fit call."""
     import torch
 
     import fxtrain as fx
-    from nanogpt import lm_loss
-    autodiff = "autograd" if variant in ("fx_autograd", "fx_remat") else "func"
-    if variant == "fx_remat":
-        use_remat(model, args)
-    k = args.k if variant == "fx_k" else 1
-    state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
-    train_step = torch.compile(fx.make_train_step(
-        lambda s, p, ids: lm_loss(logits_of(s, ids, p), ids), precision=args.precision,
-        autodiff=autodiff, steps_per_call=k), fullgraph=True, backend=backend())
+    state, train_step, k = train_step_of(variant, model, args)
+    train_step = torch.compile(train_step, fullgraph=True, backend=backend())
     if variant == "fx_graphed":
         train_step = fx.cuda_graphed(train_step)
     data, holder = Cycle(batches), [state]
@@ -458,18 +492,44 @@ def targets(record: dict) -> list[str]:
                      f"{bound}x): {'met' if met else 'NOT met'}")
 
     for dropout, rows in record["dropouts"].items():
-        fx, remat = rows.get("fx_func", {}), rows.get("fx_remat", {})
-        if "tokens_vs_loop" in fx:
-            check(f"dropout {dropout}: fx.fit tokens/s", fx["tokens_vs_loop"],
-                  1.0 if float(dropout) == 0 else 0.9, at_least=True)
-            check(f"dropout {dropout}: fx.fit peak memory", fx["memory_vs_loop"], 1.0, False)
-        if "memory_vs_loop" in remat:
-            check(f"dropout {dropout}: fx.remat per block peak memory",
-                  remat["memory_vs_loop"], 0.5, at_least=False)
+        for variant, what in (("fx_func", "fx.fit"), ("fx_chunked", "fx.fit + chunked loss")):
+            row = rows.get(variant, {})
+            if "tokens_vs_loop" in row:
+                check(f"dropout {dropout}: {what} tokens/s", row["tokens_vs_loop"],
+                      1.0 if float(dropout) == 0 else 0.9, at_least=True)
+                check(f"dropout {dropout}: {what} peak memory", row["memory_vs_loop"], 1.0,
+                      at_least=False)
+        for variant, what in (("fx_remat", "fx.remat per block"),
+                              ("fx_remat_chunked", "fx.remat per block + chunked loss")):
+            if "memory_vs_loop" in rows.get(variant, {}):
+                check(f"dropout {dropout}: {what} peak memory", rows[variant]["memory_vs_loop"],
+                      0.5, at_least=False)
+        fx = rows.get("fx_func", rows.get("fx_chunked", {}))  # fx.fit, either loss
         if float(dropout) == 0 and "attention" in fx:
             kept = fx["attention"] not in ("none", "not profiled")
             lines.append(f"dropout 0: fx.fit's attention kernel: {fx['attention']} (target: "
                          f"flash or efficient kept): {'met' if kept else 'NOT met'}")
+    return lines
+
+
+def against_full_logits(record: dict) -> list[str]:
+    """Each chunked variant's tokens/s and peak memory over those of its variant with the whole
+    logits (``CHUNKED``), where both ran; where only the chunked one did, where the other's
+    figures are (each against its own run's loop)."""
+    lines = []
+    for dropout, rows in record["dropouts"].items():
+        for chunked, full in CHUNKED.items():
+            a, b = rows.get(chunked, {}), rows.get(full, {})
+            if "tokens_per_s" not in a:
+                continue
+            if "tokens_per_s" not in b:
+                lines.append(f"dropout {dropout}: {full} not in this run: compare "
+                             f"{chunked}'s ratios to the loop with {full}'s from another run "
+                             f"(the kit's core stage)")
+                continue
+            lines.append(f"dropout {dropout}: {chunked} against {full} (the whole logits): "
+                         f"tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak "
+                         f"memory {a['peak_bytes'] / b['peak_bytes']:.2f}x")
     return lines
 
 
@@ -494,13 +554,16 @@ def markdown(record: dict) -> str:
 def arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="nano", choices=["nano", "hf"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
+                        help="default: all (but the chunked ones with --model hf)")
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
     parser.add_argument("--batch", default="auto", help="sequences per step, or auto")
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="calls before the timed ones")
     parser.add_argument("--k", type=int, default=4, help="fx_k's steps per call")
+    parser.add_argument("--chunk", type=int, default=16384,
+                        help="the chunked variants' tokens per chunk of the loss")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
     parser.add_argument("--device", default=None)
@@ -508,13 +571,18 @@ def arguments(argv):
     parser.add_argument("--tiny", action="store_true", help="the CPU smoke size (seconds)")
     parser.add_argument("--out", type=Path, default=None, help="also write the record here")
     args = parser.parse_args(argv)
+    if args.variants is None:
+        args.variants = [v for v in VARIANTS if args.model == "nano" or v not in CHUNKED]
+    if args.model == "hf" and set(args.variants) & set(CHUNKED):
+        parser.error("--model hf: the chunked variants need nanogpt's hidden states (head=False);"
+                     " leave them out of --variants")
     if args.device is None:
         import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
         use_smoke_backend()
         args.seq, args.steps, args.warmup = min(args.seq, 64), min(args.steps, 3), 3
-        args.k = min(args.k, 2)
+        args.k, args.chunk = min(args.k, 2), min(args.chunk, 64)
     if args.batch == "auto" and (args.tiny or args.device != "cuda"):
         args.batch = "4"
     if args.warmup < 3:
@@ -525,7 +593,7 @@ def arguments(argv):
 def measure(args, argv: list[str]) -> dict:
     start = time.perf_counter()
     record = {"environment": environment(args), "model": args.model, "seq": args.seq,
-              "argv": argv, "dropouts": {}}
+              "chunk": args.chunk, "argv": argv, "dropouts": {}}
     if args.batch == "auto":
         found = run_child("probe", argv, fresh=True)
         if "error" in found:
@@ -549,6 +617,7 @@ def measure(args, argv: list[str]) -> dict:
         saved(measure_dropout(one, without(argv, "--dropout", "--batch") + [
             "--dropout", str(dropout)], saved))
     record["targets"] = targets(record)
+    record["against_full_logits"] = against_full_logits(record)
     record["seconds"] = time.perf_counter() - start
     return record
 
@@ -575,7 +644,7 @@ def main(argv=None) -> dict:
     args = arguments(argv)
     record = measure(args, argv)
     print(markdown(record))
-    for line in record["targets"]:
+    for line in record["targets"] + record["against_full_logits"]:
         print(line)
     print(f"{record['seconds']:.0f} s", flush=True)
     if args.out:

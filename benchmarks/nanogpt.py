@@ -1,7 +1,8 @@
 """A GPT-2 of the shape of ``transformers.GPT2Config()`` written plainly, as a nanoGPT-style
 training script would: pre-norm blocks, fused QKV projection, ``F.scaled_dot_product_attention``
 with ``is_causal=True``, tanh-GELU MLP, the token embedding tied to the LM head. Its forward
-returns the logits; ``with_loss`` wraps it for trainers that want ``loss`` from ``labels``.
+returns the logits (or, ``head=False``, the final hidden states, for a loss that applies the
+head itself); ``WithLoss`` wraps it for trainers that want ``loss`` from ``labels``.
 
 It exists so that ``gpu_transformer.py``'s baseline is not Hugging Face's module: the same
 parameter count and FLOPs (124M at width 768, 12 blocks, 12 heads, 50257 tokens, 1024
@@ -60,8 +61,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """``forward(ids) -> logits``; ``block_call(block, h)`` runs each block (``fx.remat`` there
-    recomputes a block's activations in the backward)."""
+    """``forward(ids) -> logits``, or with ``head=False`` the hidden states after the final
+    layer norm (the head's input; its weight is ``wte.weight``, tied); ``block_call(block, h)``
+    runs each block (``fx.remat`` there recomputes a block's activations in the backward)."""
 
     def __init__(self, shape: Shape = Shape()):
         super().__init__()
@@ -85,12 +87,13 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, ids):
+    def forward(self, ids, head: bool = True):
         positions = torch.arange(ids.shape[1], device=ids.device)
         h = self.drop(self.wte(ids) + self.wpe(positions))
         for block in self.h:
             h = self.block_call(block, h)
-        return self.lm_head(self.ln_f(h))
+        h = self.ln_f(h)
+        return self.lm_head(h) if head else h
 
 
 def lm_loss(logits, ids):

@@ -7,6 +7,7 @@
 # There, through the device tool (carry: [".gpu-wheels"]; OUT is the tool's $OUT):
 #   bash scripts/gpu.sh $OUT                      # setup env hardware core: about 6-8 minutes
 #   bash scripts/gpu.sh $OUT paths                # then, with device time left: one stage a call
+#   bash scripts/gpu.sh $OUT chunked              # the chunked loss: about 7-8 minutes
 #
 # Stages, in the order given (each fits one 10-minute command; the default is the first four):
 #   setup     the carried wheels and fxtrain from this tree into $FXTRAIN_GPU_SITE
@@ -19,8 +20,13 @@
 #   paths     the loop, fx.fit autograd, cuda_graphed, K steps per call
 #   dropout   the loop and fx.fit with dropout 0.1 (keyed dropout against torch's own)
 #   hf        transformers' GPT2LMHeadModel: the loop, fx.fit, HF Trainer with torch_compile
+#   chunked   the loop, fx.fit with the loss fx.losses.chunked_causal_lm (never the whole
+#             logits), and that with fx.remat per block (remat's 0.5x memory target); fx.fit
+#             and fx.remat with the whole logits are the core stage's (with them, five cold
+#             compiles, 22 s for the loop's and 106-131 s or more each for fx's on the H200,
+#             would not fit one stage's 540 s)
 # Each benchmark stage writes OUT/<stage>.json; every stage's output goes to OUT/run.log (and
-# the screen), the hardware tests' to OUT/hardware.log: at most 7 files, as the tool returns.
+# the screen), the hardware tests' to OUT/hardware.log: at most 8 files, as the tool returns.
 # PYTHON picks the interpreter (default python3), FXTRAIN_GPU_WHEELS the wheel folder (default
 # .gpu-wheels); FXTRAIN_GPU_KIT_ARGS adds arguments to every
 # benchmark stage (the suite's smoke test: "--device cpu --tiny"); FXTRAIN_GPU_STAGE_TIMEOUT
@@ -107,7 +113,9 @@ run_stage() {
         paths) bench paths --variants loop fx_autograd fx_graphed fx_k --dropout 0 ;;
         dropout) bench dropout --variants loop fx_func --dropout 0.1 ;;
         hf) bench hf --model hf --variants loop fx_func hf_trainer --dropout 0 ;;
-        *) echo "unknown stage $1 (setup env hardware core paths dropout hf)"; return 2 ;;
+        chunked) bench chunked --variants loop fx_chunked fx_remat_chunked --dropout 0 ;;
+        *) echo "unknown stage $1 (setup env hardware core paths dropout hf chunked)"
+           return 2 ;;
     esac
 }
 
