@@ -110,3 +110,23 @@ def sigint_back():
     job of a non-interactive shell starts with SIGINT ignored, and Python then never raises
     KeyboardInterrupt, so a Ctrl-C test would wait for ever wherever the suite ran that way."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def token_documents(n=7, seed=1, longest=12):
+    """``n`` documents of 3 to ``longest`` random token ids in 1..31 (for packing tests)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(1, 32, (int(k),), generator=g).tolist()
+            for k in torch.randint(3, longest + 1, (n,), generator=g)]
+
+
+def padded_documents(docs):
+    """One document a row, padded to the longest: ``input_ids``, ``labels`` (-100 on the
+    padding) and ``attention_mask``."""
+    width = max(len(d) for d in docs)
+    ids = torch.zeros(len(docs), width, dtype=torch.long)
+    labels = torch.full((len(docs), width), -100)
+    mask = torch.zeros(len(docs), width, dtype=torch.long)
+    for i, d in enumerate(docs):
+        ids[i, :len(d)], labels[i, :len(d)], mask[i, :len(d)] = torch.tensor(d), \
+            torch.tensor(d), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

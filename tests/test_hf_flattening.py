@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxtrain as fx
-from helpers import TRACED, extra, graph_count
+from helpers import TRACED, extra, graph_count, padded_documents, token_documents
 
 transformers = extra("transformers")  # every test here needs it
 if not hasattr(transformers, "DataCollatorWithFlattening"):
@@ -41,27 +41,9 @@ def _close(actual, expected):
                                atol=RTOL * float(expected.abs().max()))
 
 
-def _docs(n=7, seed=1, longest=12):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 32, (int(k),), generator=g).tolist()
-            for k in torch.randint(3, longest + 1, (n,), generator=g)]
-
-
 def _examples(docs):
     """Documents as a tokenized dataset gives them to a collator."""
     return [{"input_ids": d} for d in docs]
-
-
-def _padded(docs):
-    """One document a row, padding labelled -100 and masked out."""
-    width = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), width, dtype=torch.long)
-    labels = torch.full((len(docs), width), -100)
-    mask = torch.zeros(len(docs), width, dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, :len(d)], labels[i, :len(d)], mask[i, :len(d)] = torch.tensor(d), \
-            torch.tensor(d), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def _gpt2():
@@ -128,13 +110,13 @@ def test_an_examples_own_labels_are_kept_but_for_its_first():
 def test_flattened_batches_train_as_padded_batches_do(extras):
     """Through ``fx.data.Batches(examples, collate=collator)``, eager. FlashAttention's
     ``cu_seq_lens_*``/``max_length_*`` and ``seq_idx`` are ignored by SDPA: the same step."""
-    docs = _docs()
+    docs = token_documents()
     data = fx.data.Batches(_examples(docs), len(docs), shuffle=False,
                            collate=Flattening(**extras))
     flat = next(iter(data))
-    assert flat["input_ids"].numel() < _padded(docs)["input_ids"].numel()  # no padding
+    assert flat["input_ids"].numel() < padded_documents(docs)["input_ids"].numel()  # no padding
     start = fx.TrainState.create(_gpt2(), fx.optim.sgd(1.0), seed=0)
-    flat_step, padded_step = _step(start, flat), _step(start, _padded(docs))
+    flat_step, padded_step = _step(start, flat), _step(start, padded_documents(docs))
     assert int(flat_step[1]["loss_count"]) == sum(len(d) - 1 for d in docs)
     _same_step(start, flat_step, padded_step)
 
@@ -144,7 +126,7 @@ def test_compiled_flattened_batches_of_changing_length_train_as_padded_batches_d
     step with a dynamic length (Dynamo's automatic dynamic shapes) and the rest reuse it. Each
     compiled step is the eager step on the padded batch of the same documents. (The two
     compiles take about 17 CPU seconds, most of this file's time.)"""
-    docs = _docs(n=9, seed=3)
+    docs = token_documents(n=9, seed=3)
     data = fx.data.Batches(_examples(docs), 3, shuffle=False, collate=Flattening())
     start = fx.TrainState.create(_gpt2(), fx.optim.sgd(1.0), seed=0)
     step = torch.compile(fx.make_train_step(hf_loss, donate=False), fullgraph=True,
@@ -152,7 +134,7 @@ def test_compiled_flattened_batches_of_changing_length_train_as_padded_batches_d
     lengths = []
     for i, flat in enumerate(data):
         lengths.append(flat["input_ids"].shape[1])
-        _same_step(start, step(start, flat), _step(start, _padded(docs[3 * i:3 * i + 3])))
+        _same_step(start, step(start, flat), _step(start, padded_documents(docs[3 * i:3 * i + 3])))
     assert len(set(lengths)) == 3
     assert graph_count() == 2
 
@@ -164,14 +146,14 @@ def test_the_mask_between_documents_comes_from_position_ids_alone(change):
     documents), tokens attend across documents and the gradients are others: some parameter's
     by a tenth of its largest entry (RTOL is 1e-5), where the loss at initialization moves
     only by 1e-3 to 1e-2."""
-    docs = _docs()
+    docs = token_documents()
     flat = Flattening()(_examples(docs))
     if change == "no position_ids":
         del flat["position_ids"]
     else:
         flat["attention_mask"] = torch.ones_like(flat["input_ids"])
     start = fx.TrainState.create(_gpt2(), fx.optim.sgd(1.0), seed=0)
-    (crossed, _), (padded, _) = _step(start, flat), _step(start, _padded(docs))
+    (crossed, _), (padded, _) = _step(start, flat), _step(start, padded_documents(docs))
     gaps = [(crossed.params[k] - padded.params[k]).abs().max() / (p - padded.params[k]).abs().max()
             for k, p in start.params.items()]
     assert max(gaps) > 0.1

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxtrain as fx
-from helpers import TRACED, extra
+from helpers import TRACED, extra, padded_documents, token_documents
 
 # Packed and padded rows run the same sums in other shapes (other matmul blockings, other
 # softmax lengths): float32 rounding of sums of at most a few hundred terms of order 1, far
@@ -53,7 +53,7 @@ def test_bad_arguments_are_named():
 
 @pytest.mark.parametrize("split", [False, True])
 def test_packed_rows_read_only_the_documents_each_row_needs_and_are_pack_documents_rows(split):
-    docs, read = _docs(n=9), []
+    docs, read = token_documents(n=9), []
 
     def streamed():
         for document in docs:
@@ -68,23 +68,6 @@ def test_packed_rows_read_only_the_documents_each_row_needs_and_are_pack_documen
         assert torch.equal(torch.stack([row[name] for row in rows]), column)
     with pytest.raises(ValueError, match="length must be an int"):
         fx.data.packed_rows(streamed(), 1)  # said at the call, before any document is read
-
-
-def _docs(n=7, seed=1, longest=12):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(1, 32, (int(k),), generator=g).tolist()
-            for k in torch.randint(3, longest + 1, (n,), generator=g)]
-
-
-def _padded(docs):
-    width = max(len(d) for d in docs)
-    ids = torch.zeros(len(docs), width, dtype=torch.long)
-    labels = torch.full((len(docs), width), -100)
-    mask = torch.zeros(len(docs), width, dtype=torch.long)
-    for i, d in enumerate(docs):
-        ids[i, :len(d)], labels[i, :len(d)], mask[i, :len(d)] = torch.tensor(d), \
-            torch.tensor(d), 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
 def _gpt2(dropout=0.0):
@@ -104,8 +87,8 @@ def hf_loss(state, params, batch):
 
 
 def test_packed_rows_train_a_transformers_model_as_padded_batches_do():
-    docs = _docs()
-    packed, padded = fx.data.pack_documents(docs, 16), _padded(docs)
+    docs = token_documents()
+    packed, padded = fx.data.pack_documents(docs, 16), padded_documents(docs)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # less padding
     start = fx.TrainState.create(_gpt2(), fx.optim.sgd(0.5), seed=0)
     (a, ma), (b, mb) = (fx.make_train_step(hf_loss, donate=False)(start, batch)
@@ -139,9 +122,9 @@ def own_loss(state, params, batch):
 
 
 def test_document_mask_gives_a_model_of_your_own_the_padded_loss():
-    docs = _docs(seed=2)
+    docs = token_documents(seed=2)
     packed = fx.data.pack_documents(docs, 16)
-    padded = _padded(docs)
+    padded = padded_documents(docs)
     width = padded["input_ids"].shape[1]
     padded["position_ids"] = torch.arange(width).expand(len(docs), width)
     state = fx.TrainState.create(TinyGPT(), fx.optim.sgd(0.5), seed=0)
@@ -158,7 +141,7 @@ def test_document_mask_gives_a_model_of_your_own_the_padded_loss():
 def test_keyed_dropout_works_on_packed_rows_compiled_and_repeats():
     """With dropout, SDPA (with the packed mask) runs as keyed math: one graph, and the same
     key draws the same masks."""
-    packed = fx.data.pack_documents(_docs(), 16)
+    packed = fx.data.pack_documents(token_documents(), 16)
     batches = fx.data.Batches(packed, 2, seed=0)
     runs = []
     for _ in range(2):
