@@ -1029,6 +1029,139 @@ def gpu(record: dict) -> list[str]:
     return path.read_text().rstrip().splitlines() + [""] if path.exists() else []
 
 
+LM = {  # lm.py's variant -> its row label
+    "padded": "padded: a document per row, padded to the sequence length",
+    "packed": "**packed: `fx.data.pack_documents`**",
+    "plain": "plain: `fx.losses.causal_lm` of the whole logits",
+    "chunked": "**`fx.losses.chunked_causal_lm`**",
+    "chunked_256": "`fx.losses.chunked_causal_lm`, `chunk_size=256`",
+}
+
+
+def lm(record: dict) -> list[str]:
+    lines, res = opening(record, "lm", "A language model: packed rows and the chunked loss")
+    if res is None:
+        return lines
+    c = res["config"]
+    step = "`torch.compile(fx.make_train_step(loss), fullgraph=True)`" if c.get(
+        "compiled", True) else "`fx.make_train_step(loss)` not compiled (`--smoke`)"
+    return lines + [
+        "transformers' GPT-2 from its config (SDPA attention, dropout 0), AdamW, float32, "
+        f"`fx.fit` with {step}; each variant in a process of its own, one after the other, "
+        f"with {threads(c['threads'])}. {lm_cache(res)}", "", *lm_packing(res),
+        *lm_chunked(res)]
+
+
+def lm_cache(res: dict) -> str:
+    """Whether lm.py's processes compiled cold or from Inductor's on-disk cache."""
+    counts = [r["inductor_cache"] for r in res["rows"].values() if "inductor_cache" in r]
+    cold = sum(c["miss"] > 0 for c in counts)
+    return ("Every process found its graphs in Inductor's on-disk cache (warm from an earlier "
+            "run)." if cold == 0 else f"{cold} of {len(counts)} processes compiled cold.") + \
+        " Warm-up (compiling) seconds: " + ", ".join(
+            f"{v} {r['warmup_s']:.0f}" for v, r in res["rows"].items()) + "."
+
+
+def per_cpu(row: dict) -> float:
+    """A row's tokens per second of its process's own CPU time (one torch thread)."""
+    return row["tokens_per_s"] / row["cpu_use"]
+
+
+def lm_packing(res: dict) -> list[str]:
+    rows, c = res["rows"], res["config"]
+    if not {"padded", "packed"} <= set(rows):
+        return ["Packed against padded: not run.", ""]
+    padded, packed = rows["padded"], rows["packed"]
+    body = [[LM[v], str(r["rows"]), str(r["steps"]), str(r["real_tokens"]), f"{r['fill']:.2f}",
+             f"{r['tokens_per_s']:.0f} ({x(r['tokens_per_s'] / padded['tokens_per_s'])})",
+             f"{per_cpu(r):.0f} ({x(per_cpu(r) / per_cpu(padded))})",
+             f"{r['slots_per_s']:.0f}", f"{r['step_s']:.2f}", f"{r['cpu_use']:.2f}"]
+            for v, r in rows.items() if v in ("padded", "packed")]
+    ratio, cpu_ratio = res["packed_vs_padded"], per_cpu(packed) / per_cpu(padded)
+    return [
+        f"**Packed against padded rows of the same documents**: {c['docs']} documents of "
+        f"random tokens, log-normal lengths (median {c['median']:g}, sigma {c['sigma']:g}) "
+        f"clipped to [8, {c['seq']}], seeded; a GPT-2 of {c['layers']} layers, width "
+        f"{c['width']}, vocabulary 256, {c['batch']} rows of {c['seq']} per step. Padded: one "
+        "document per row, padded to the sequence length (static shapes), `attention_mask` and "
+        "labels -100 on the padding. Packed: `fx.data.pack_documents(documents, "
+        f"{c['seq']})`, `position_ids` and no `attention_mask` (transformers' SDPA path builds "
+        "the block-diagonal causal mask). Both losses `fx.losses.causal_lm`; the last batch is "
+        f"left out when short. {c['warmup']} warm-up steps, then one timed pass over every "
+        "batch. Real tokens are the labels other than -100 after the shift (n - 1 for a "
+        "document of n tokens, in both layouts); fill is real tokens over the slots trained.",
+        "", *table(["layout", "rows", "steps", "real tokens", "fill",
+                    "real tokens/s (vs padded)", "per CPU second (vs padded)", "slots/s",
+                    "s/step", "CPU/wall"], body), "",
+        f"Packed trains **{x(ratio)} the real tokens per second** of padded rows (the "
+        f"packing issue asks for the figure, with no target), {x(cpu_ratio)} per second of "
+        "the process's own CPU time. The process has one torch thread, so its CPU time is "
+        "the time it computed; a CPU/wall under 1.00 is time another job held the core, which "
+        "a ratio of wall-clock rates counts against whichever variant it hit.", ""]
+
+
+def lm_chunked(res: dict) -> list[str]:
+    rows, c = res["rows"], res["config"]
+    names = [v for v in ("plain", "chunked", "chunked_256") if v in rows]
+    if "plain" not in rows or len(names) < 2:
+        return ["Chunked cross-entropy in a step: not run.", ""]
+    plain, mib = rows["plain"], lambda b: f"{b / 2**20:.0f}"  # noqa: E731
+    vs = lambda r, key: f" ({x(r[key] / plain[key])})"  # noqa: E731
+    body = [[LM[v] + (f" (`chunk_size={c['chunk_size']}`)" if v == "chunked" else ""),
+             f"{r['tokens_per_s']:.0f}" + vs(r, "tokens_per_s"),
+             f"{per_cpu(r):.0f} ({x(per_cpu(r) / per_cpu(plain))})",
+             f"{r['step_s']:.1f}", f"{r['cpu_use']:.2f}",
+             mib(r["activation_bytes"]) + vs(r, "activation_bytes"),
+             mib(r["state_bytes"]), mib(r["step_peak_bytes"])] for v, r in rows.items()
+            if v in names]
+    return [
+        f"**Chunked cross-entropy in a GPT-2 train step**: vocabulary {c['ce_vocab']}, "
+        f"sequence {c['ce_seq']}, batch {c.get('ce_batch', 1)}, width {c['ce_width']} but "
+        f"{c['ce_layers']} layers (so that a step fits the benchmark's time on a CPU; GPT-2 "
+        "small has 12), "
+        f"{plain['params'] / 1e6:.1f}M parameters, random tokens, every one labelled. Plain: "
+        "`causal_lm(model(ids).logits, labels)`; chunked: `chunked_causal_lm(hidden, weight, "
+        "labels)` with the hidden states of `model.transformer` and the tied "
+        f"`lm_head.weight`. {c['ce_warmup']} warm-up step(s) (compiling), then "
+        f"{c['ce_steps']} timed. **The step's activation memory** is what a train step adds to "
+        "the process's memory at its peak: the resident set's peak during the timed steps less "
+        "the resident set just before them, when the process holds the state (parameters and "
+        "AdamW's moments: the state column), the interpreter and the compiled code. It counts "
+        "the gradients (one parameter-sized copy in every variant), the activations, the "
+        "logits and the loss's blocks, and the update's temporaries (before the timed steps "
+        "garbage collected, freed heap pages returned with `malloc_trim`, the peak count "
+        "restarted through `/proc/self/clear_refs`; the processes run with "
+        "`MALLOC_MMAP_THRESHOLD_=131072`, so a freed tensor leaves the resident set).", "",
+        *table(["loss", "tokens/s (vs plain)", "per CPU second (vs plain)", "s/step",
+                "CPU/wall", "activation MiB (vs plain)", "state MiB", "peak resident MiB"],
+               body), "",
+        f"The gradients alone (float32, one per parameter) are {mib(4 * plain['params'])} MiB "
+        "of every row's activation memory.", "", *lm_targets(res)]
+
+
+def lm_targets(res: dict) -> list[str]:
+    rows, diffs, target = res["rows"], res["differences"], res["target"]
+    chunked = [v for v in ("chunked", "chunked_256") if v in rows]
+    memory = {v: res[f"{v}_memory_vs_plain"] for v in chunked}
+    best = min(memory, key=memory.get)
+    over = (rows[best]["activation_bytes"] - target * rows["plain"]["activation_bytes"]) / 2**20
+    short = "" if memory[best] <= target else \
+        f"; the best, `{best}`, is {over:.0f} MiB above {target}x plain's"
+    close = [f"`{v}`: loss {d['loss']:.1e}, gradients {d['grads']:.1e}" for v, d in diffs.items()]
+    within = all(d["within_rounding"] for d in diffs.values())
+    return [
+        "Targets (chunked cross-entropy issue):", "",
+        f"- The step's activation memory at most {target}x the plain loss's: "
+        f"{met(memory[best] <= target)} (" + "; ".join(
+            f"`{v}` {x(m)}" for v, m in memory.items()) + f"{short}).",
+        f"- Loss and gradients equal within float32 rounding (relative difference at most "
+        f"{res['rounding']:.0e}): {met(within and bool(diffs))} (" + "; ".join(close) + "). "
+        "From the first step of each process, the same parameters and batch: the loss, and "
+        "AdamW's first moment after it ((1 - b1) times the gradient, the same op in every "
+        "variant); a gradient's difference is the largest absolute one over the tensor's "
+        "largest magnitude, the largest over the tensors.", ""]
+
+
 SCALE = {"loop": "compiled loop: `torch.compile(model)` + compiled AdamW",
          "loop_checkpoint": "compiled loop + `gradient_checkpointing_enable()`",
          "fx_func": "`fx.fit`, `autodiff=\"func\"`",
@@ -1037,8 +1170,8 @@ SCALE = {"loop": "compiled loop: `torch.compile(model)` + compiled AdamW",
          "fx_remat_dots": "`fx.fit` + `fx.remat` per block (`dots_saveable`)",
          "one_process": "one process (`fx_autograd` at these sizes)",
          "data_parallel": "data parallel, 2 ranks",
-         "sharded": "`fx.shard(state)`, 2 ranks (whole model gathered)",
-         "sharded_units": "`fx.shard(state, units=\"auto\")`, 2 ranks (per block)"}
+         "sharded": "`fx.shard(state, units=\"whole\")`, 2 ranks (whole model gathered)",
+         "sharded_units": "`fx.shard(state)` (per block: the default), 2 ranks"}
 
 
 def _per_param(value: float | None) -> str:
@@ -1169,7 +1302,7 @@ def scale_targets(res: dict) -> list[str]:
 
 
 SECTIONS = (header, peers, step_overhead, host_loop, logging_rows, checkpoints, data_parallel,
-            memory, compile_time, transformer, scale, gpu)
+            memory, compile_time, transformer, scale, lm, gpu)
 
 
 def write(record: dict, folder: Path) -> None:

@@ -236,6 +236,35 @@ def test_scale_benchmark_smoke(run_all):
             assert run["held_bytes"] >= run["tensor_bytes"] > 0
 
 
+@pytest.mark.slow
+def test_lm_benchmark_smoke(run_all):
+    """Packed and padded rows of the same documents, the plain and the chunked loss in a GPT-2
+    step (the smoke leaves out chunked_256, the same code with another chunk size): every row,
+    the ratios, the two losses' loss and gradients within float32 rounding, and the report's
+    section with its rows and targets."""
+    lm = imported("lm")
+    results = results_of(run_all[0], "lm")
+    rows = results["rows"]
+    assert set(rows) == {*lm.PACKING, *lm.CHUNKED} - {"chunked_256"}
+    for row in rows.values():
+        assert row["tokens_per_s"] > 0 and row["step_peak_bytes"] >= row["base_bytes"] > 0
+    padded, packed = rows["padded"], rows["packed"]
+    assert packed["rows"] < padded["rows"] == results["config"]["docs"]
+    assert 0 < padded["fill"] < packed["fill"] <= 1
+    assert results["packed_vs_padded"] == packed["tokens_per_s"] / padded["tokens_per_s"]
+    assert results["chunked_memory_vs_plain"] == (rows["chunked"]["activation_bytes"]
+                                                  / rows["plain"]["activation_bytes"])
+    close = results["differences"]["chunked"]
+    assert close["within_rounding"] and close["loss"] <= lm.ROUNDING
+    text = (run_all[1] / "RESULTS.md").read_text()
+    assert "## A language model: packed rows and the chunked loss (`benchmarks/lm.py`)" in text
+    report = imported("report")
+    for variant in rows:
+        assert f"| {report.LM[variant]}" in text
+    assert "real tokens per second** of padded rows" in text
+    assert "at most 0.6x the plain loss's: " in text and "within float32 rounding" in text
+
+
 def test_scale_targets_are_read_from_two_depths():
     """The scale section's targets from a made-up two-depth result: each target's figure is
     the ratio its line names."""
