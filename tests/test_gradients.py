@@ -8,9 +8,22 @@ from fxtrain import gradients
 
 
 def test_the_strategy_follows_the_ranks_and_the_state():
-    params = {"w": torch.ones(2)}
-    assert type(gradients.chooser(False, True)(params)) is gradients.SingleProcess
-    assert gradients.chooser(True, False)(params) == gradients.DataParallel(mean_buffers=False)
+    params, module = {"w": torch.ones(2)}, torch.nn.Linear(2, 1)
+    assert type(gradients.chooser(False, True)(params, "func", module)) is \
+        gradients.SingleProcess
+    assert gradients.chooser(True, False)(params, "func", module) == \
+        gradients.DataParallel(mean_buffers=False)
+    assert gradients.chooser(True, False)(params, "autograd", module) == \
+        gradients.DataParallel(mean_buffers=False, autodiff="autograd")
+
+
+def test_auto_takes_autograd_only_where_the_model_needs_it():
+    module = torch.nn.Linear(2, 1)
+    assert gradients.resolved("auto", module) == "func"
+    assert gradients.resolved("autograd", module) == "autograd"
+    setattr(module, "fxtrain_units", ("0",))  # what fx.shard's units mark on the root
+    assert gradients.resolved("auto", module) == "autograd"
+    assert gradients.resolved("func", module) == "func"  # named: kept (and refused later)
 
 
 def test_every_strategy_has_the_same_three_methods():
