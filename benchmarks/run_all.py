@@ -40,7 +40,8 @@ BENCHMARKS = {
     "compile_time": ["--rounds", "1"],
     "transformer": ["--depths", "2", "4", "--steps", "20", "--curve", "320"],
     "scale": ["--depths", "4", "8", "--steps", "3"],
-    "lm": ["--docs", "128", "--ce-steps", "2"],
+    "lm": ["--docs", "128", "--ce-batch", "8", "--ce-steps", "1", "--variants", "padded", "packed",
+           "plain", "chunked"],
 }
 SMOKE_JOBS = 2  # smoke runs side by side (the CI machine has 2 cores)
 PACKAGES = ("torch", "fxtrain", "pytorch-lightning", "pytorch-ignite", "jax", "jaxlib", "optax",
