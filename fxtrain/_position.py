@@ -63,3 +63,15 @@ def shard_of(shard: tuple[int, int] | bool | None, who: str) -> tuple[int, int]:
         raise ValueError(f"{who}: shard must be (rank, world_size) with 0 <= rank < "
                          f"world_size, None or False; got {shard!r}")
     return shard
+
+
+_UNITS: dict[int, torch.Tensor] = {}  # the ``batch`` tensors made so far, by value
+
+
+def unit_tensor(examples: int) -> torch.Tensor:
+    """The 0-d int64 ``batch`` tensor of ``examples``: one per value, shared by the streams'
+    positions, never an index tensor (a compiled step given one tensor in two leaves of its
+    input would compile again for the aliasing)."""
+    if examples not in _UNITS:
+        _UNITS[examples] = torch.tensor(examples, dtype=torch.int64)
+    return _UNITS[examples]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._position import DataPosition, index_tensor, shard_of
+from ._position import DataPosition, index_tensor, shard_of, unit_tensor
 
 __all__ = ["Stream"]
 
@@ -99,7 +99,6 @@ class Stream:
         self.collate = collate or torch.utils.data.default_collate
         self.repeats = True  # epochs follow one another until the loop stops
         self._global = batch_size * self.world_size
-        self._units: dict[int, torch.Tensor] = {}
         self._it: Iterator = iter(())
         self._cursor = (0, 0)  # (epoch, examples of it before ``_ahead``)
         self._epoch_tensor = torch.zeros((), dtype=torch.int64)
@@ -146,11 +145,11 @@ class Stream:
         if done:  # the next epoch is read when its first batch is asked for
             self._cursor, self._ahead = (epoch + 1, 0), None
             self._epoch_tensor = torch.tensor(epoch + 1, dtype=torch.int64)
-            new = DataPosition(self._epoch_tensor, index_tensor(0), self._unit(self._global))
+            new = DataPosition(self._epoch_tensor, index_tensor(0), unit_tensor(self._global))
         else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
             self._cursor = (epoch, end)
             unit = math.gcd(end, self._global)
-            new = DataPosition(self._epoch_tensor, index_tensor(end // unit), self._unit(unit))
+            new = DataPosition(self._epoch_tensor, index_tensor(end // unit), unit_tensor(unit))
         self._last = new
         return batch, new, done or rolled
 
@@ -161,14 +160,14 @@ class Stream:
         if position is self._last:
             return position
         if self._enter(position):
-            position = DataPosition(self._epoch_tensor, index_tensor(0), self._unit(self._global))
+            position = DataPosition(self._epoch_tensor, index_tensor(0), unit_tensor(self._global))
         self._last = position
         return position
 
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            index_tensor(0), self._unit(self._global))
+                            index_tensor(0), unit_tensor(self._global))
 
     def __iter__(self) -> Iterator:
         """One pass over epoch 0, this rank's batches (for eval data and plain loops)."""
@@ -232,11 +231,6 @@ class Stream:
     def _enough(self, examples: list) -> bool:
         return len(examples) == self._global if self.drop_last else bool(examples)
 
-    def _unit(self, examples: int) -> torch.Tensor:
-        """The ``batch`` tensor of ``examples``: one per value, never an index tensor."""
-        if examples not in self._units:
-            self._units[examples] = torch.tensor(examples, dtype=torch.int64)
-        return self._units[examples]
 
 
 def _shuffled(examples: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 from . import struct
 from ._packing import document_mask, pack_documents, packed_rows
-from ._position import DataPosition, index_tensor, shard_of
+from ._position import DataPosition, index_tensor, shard_of, unit_tensor
 from ._streaming import Stream
 from .feed import to_device
 
@@ -174,7 +174,6 @@ class Batches:
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.repeats = True  # epochs follow one another until the loop stops
         self._global = batch_size * self.world_size  # examples per step over all ranks
-        self._units: dict[int, torch.Tensor] = {}  # the ``batch`` tensors of its positions
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
         if len(self) == 0:
@@ -284,10 +283,10 @@ class Batches:
         done = end >= self.size if rolled else self._ended(end)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
-                               self._unit(self._global))
+                               unit_tensor(self._global))
         else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
             unit = math.gcd(end, self._global)
-            new = DataPosition(self._epoch[1], index_tensor(end // unit), self._unit(unit))
+            new = DataPosition(self._epoch[1], index_tensor(end // unit), unit_tensor(unit))
         self._last = (new, epoch + done, 0 if done else end)
         return new, done or rolled
 
@@ -312,18 +311,13 @@ class Batches:
         if not self._ended(offset):
             return position
         return DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
-                            self._unit(self._global))
+                            unit_tensor(self._global))
 
-    def _unit(self, examples: int) -> torch.Tensor:
-        """The ``batch`` tensor of ``examples``: one per value, never an index tensor."""
-        if examples not in self._units:
-            self._units[examples] = torch.tensor(examples, dtype=torch.int64)
-        return self._units[examples]
 
     def skip_epoch(self, position: DataPosition) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            index_tensor(0), self._unit(self._global))
+                            index_tensor(0), unit_tensor(self._global))
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -347,8 +341,8 @@ class IterableStream:
     of processes (a loader's ``DistributedSampler`` splits the epoch by the number of ranks), the
     ``i`` batches skipped are other examples, and nothing can tell; resume such data on the
     layout that wrote the checkpoint, or use ``Batches`` (data with a length) or ``Stream`` (a
-    stream of examples), whose positions count examples in one order that any layout shares. A one-shot iterator ends training when
-    it is exhausted.
+    stream of examples), whose positions count examples in one order that any layout shares.
+    A one-shot iterator ends training when it is exhausted.
     """
 
     def __init__(self, data: Iterable):

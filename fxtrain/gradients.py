@@ -316,10 +316,6 @@ class TensorParallel(SingleProcess):
     ranks of the group run on one batch: nothing to average); norms of DTensor gradients
     reduce over the ranks by themselves."""
 
-    def whole(self, params: dict, module: Any) -> dict:
-        del module
-        return params
-
     def metrics(self, metrics: dict) -> dict:
         return {k: sharding.gather_tensor(v) for k, v in metrics.items()}
 
