@@ -436,7 +436,7 @@ def measure_dropout(args, argv: list[str], saved=lambda rows: None) -> dict:
     variants, runs = variants_here(args), {}
     for r in range(args.rounds):
         for i, variant in enumerate(variants[r % len(variants):] + variants[:r % len(variants)]):
-            batch = runs.get(variant, [{}])[-1].get("batch", args.batch)
+            batch = int(runs.get(variant, [{}])[-1].get("batch", args.batch))
             for _ in range(3):
                 fresh = not args.tiny or (r, i) == (0, 0)
                 row = run_child(variant, [*argv, "--batch", str(batch)], fresh)

@@ -3,6 +3,7 @@ tiny size, so the kit cannot rot between the draws that lend a GPU machine; and 
 its figures rest on (FLOPs per token, the batch that fits, which attention kernel ran, the
 targets' verdicts)."""
 
+import argparse
 import json
 import os
 import re
@@ -114,6 +115,27 @@ def test_a_failed_or_out_of_memory_variant_is_a_row_not_the_end(kit):
     assert rows["loop"]["mfu"] == pytest.approx(100.0 * 6.0 / 1e3)
     table = kit.markdown({"dropouts": {"0.0": rows}})
     assert "out of memory at batch 8" in table and "RuntimeError: boom" in table
+
+
+def test_a_variant_out_of_memory_runs_again_at_half_the_batch(kit, monkeypatch):
+    """The probe leaves ``args.batch`` a string (as the children's argv takes it): found on
+    the H200, where a variant out of memory at batch 120 ended the stage with a TypeError."""
+    asked = []
+
+    def child(variant, argv, fresh):
+        batch = int(argv[argv.index("--batch") + 1])
+        asked.append((variant, batch))
+        return {"variant": variant, "oom": batch} if batch > 30 else {
+            "variant": variant, "batch": batch, "tokens_per_s": 1.0, "peak_bytes": 1.0,
+            "first_step_s": 1.0, "attention": "flash"}
+
+    monkeypatch.setattr(kit, "run_child", child)
+    monkeypatch.setattr(kit, "combined", lambda rows: rows[-1])
+    args = argparse.Namespace(variants=["fx_func"], device="cuda", rounds=1, tiny=False,
+                              batch="120", dropout=[0.1])
+    rows = kit.measure_dropout(args, [])
+    assert asked == [("fx_func", 120), ("fx_func", 60), ("fx_func", 30)]
+    assert rows["fx_func"]["batch"] == 30
 
 
 def test_without_drops_an_option_and_its_values(kit):
