@@ -30,7 +30,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch.func import grad_and_value
 
-from . import _held, distributed, random, sharding, tensor_parallel, units
+from . import _held, distributed, meshes, random, sharding, tensor_parallel, units
 from ._torch import recompute as _recompute
 from ._torch import autograd as torch_autograd
 from ._torch import version
@@ -44,11 +44,12 @@ def resolved(autodiff: str, module: Any) -> str:
     """The gradient path of a step on a state whose module is ``module``: ``"auto"`` is
     ``"autograd"`` where the module needs it (per-block units, which gather inside the forward
     and again in the backward; a tensor-parallel plan, whose DTensors torch.func cannot
-    differentiate; the model's own activation checkpointing), else ``"func"``."""
+    differentiate; a 2-D mesh, whose gathers are in the forward; the model's own activation
+    checkpointing), else ``"func"``."""
     if autodiff != "auto":
         return autodiff
     needs = units.has_units(module) or tensor_parallel.is_tensor_parallel(module) or \
-        getattr(module, _held.CHECKPOINTING, False)
+        meshes.roles_of(module) is not None or getattr(module, _held.CHECKPOINTING, False)
     return "autograd" if needs else "func"
 
 
@@ -92,7 +93,8 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                 if not version.at_least(2, 13) and any(map(sharding.is_dtensor, params.values())):
                     version.require(SHARDED_AUTOGRAD, 2, 13, SHARDED_AUTOGRAD_INSTEAD)
                 value, aux = compute(leaves)
-                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                with _recompute.backward_marked():  # where checkpointed regions recompute
+                    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
             else:
                 with _held.holding():  # the module keeps the step's tensors for the backward
                     value, aux = compute(leaves)
@@ -269,6 +271,7 @@ class Sharded:
     parallel: bool = True
     mean_buffers: bool = True
     autodiff: str = "func"
+    roles: Any = None  # a 2-D mesh's (fxtrain.meshes.Roles); None: a 1-D one
 
     on_grad = None
 
@@ -277,6 +280,11 @@ class Sharded:
         whole ones (gathered here), with autograd the shards (the forward gathers them)."""
         if self.autodiff == "autograd":
             return params
+        if meshes.roles_of(module) is not None:
+            raise ValueError(
+                "a state sharded on a 2-D mesh (FSDP x tensor parallel, HSDP) gathers its "
+                "parameters inside the forward, on autograd's path: build the step with "
+                "fx.make_train_step(loss_fn) (autodiff 'auto' takes it) or autodiff='autograd'")
         if units.has_units(module):
             raise ValueError(
                 "fx.shard's per-block units gather their parameters inside the forward and "
@@ -295,7 +303,7 @@ class Sharded:
 
     def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
                scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
-        grads = _unscaled(sharding.reduce_scatter_grads(grads, params), scale)
+        grads = _unscaled(sharding.reduce_scatter_grads(grads, params, self.roles), scale)
         parts = sharding.local_parts(grads, finite=check_finite)  # summed over the ranks below
         if self.parallel:
             grads, loss, aux, buffers, parts = _rank_means(grads, loss, aux, buffers,
@@ -332,6 +340,9 @@ def chooser(parallel: bool, mean_buffers: bool
     split = TensorParallel()
 
     def choose(params: dict, autodiff: str, module: Any) -> SingleProcess | Sharded:
+        roles = meshes.roles_of(module)
+        if roles is not None:  # 2-D: sharded on one dimension, replicated or split on the other
+            return dataclasses.replace(sharded[autodiff], roles=roles)
         if tensor_parallel.is_tensor_parallel(module):
             if autodiff == "func":
                 fail(ValueError, "a tensor-parallel state (fx.shard(tp_plan=...)) trains on "

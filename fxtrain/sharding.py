@@ -27,6 +27,8 @@ shards with ``torch.distributed.checkpoint``, and a checkpoint restores onto any
 from __future__ import annotations
 
 import atexit
+import copy
+import dataclasses
 import functools
 import logging
 import math
@@ -37,7 +39,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import distributed, tensor_parallel, units as units_
+from . import distributed, meshes, tensor_parallel, units as units_
 from ._torch import collectives
 from ._torch.groups import forget_groups
 from .dtensors import gather_tensor, gathered, is_dtensor, is_sharded
@@ -74,14 +76,33 @@ def _release_group(mesh: Any) -> None:
     forget_groups(mesh)
 
 
-def mesh():
-    """The 1-D ``DeviceMesh`` over every rank of the process group (made once per process),
-    on CUDA under NCCL and on the CPU otherwise."""
+def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None):
+    """The ``DeviceMesh`` over every rank of the process group (made once per process), on
+    CUDA under NCCL and on the CPU otherwise: 1-D by default, or of ``shape`` (two sizes whose
+    product is the world size, the ranks in order row by row) with dimension ``names`` (default
+    ``("dp", "tp")``): a 2-D mesh for ``fx.shard``'s FSDP x tensor parallel or HSDP."""
     if not distributed.initialized():
         raise RuntimeError("fx.shard needs an initialized process group: start the program "
                            "with torchrun and call fx.distributed.init() first")
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-    return _mesh(device, distributed.world_size())
+    world = distributed.world_size()
+    if shape is None:
+        return _mesh(device, world)
+    shape = tuple(int(n) for n in shape)
+    names = tuple(names) if names is not None else ("dp", "tp")[:len(shape)]
+    if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world:
+        raise ValueError(f"fx.sharding.mesh: shape {shape} with names {names} does not lay out "
+                         f"the job's {world} ranks: give one or two sizes whose product is "
+                         f"{world}, and a name for each")
+    return _named_mesh(device, shape, names)
+
+
+@functools.cache
+def _named_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
+    from torch.distributed.device_mesh import init_device_mesh
+    made = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    atexit.register(_release_group, made)
+    return made
 
 
 def _placements(t: torch.Tensor) -> list:
@@ -167,15 +188,17 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     if is_sharded(state.params):
         raise ValueError("fx.shard: this state is already sharded")
     mesh = mesh if mesh is not None else globals()["mesh"]()
-    if mesh.ndim != 1:
-        raise ValueError(f"fx.shard takes a 1-D DeviceMesh, got one of shape {tuple(mesh.shape)} "
-                         "(2-D meshes, tensor parallel and HSDP, are not supported yet); pass a "
-                         "1-D mesh over every rank, or none (fx.sharding.mesh())")
+    if mesh.ndim not in (1, 2):
+        raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh, got one of shape "
+                         f"{tuple(mesh.shape)}")
     if mesh.size() != distributed.world_size():
         raise ValueError(f"fx.shard: the mesh spans {mesh.size()} ranks, the job has "
                          f"{distributed.world_size()}: every rank trains on its share of the "
                          "batch and the gradients are reduced over the mesh, so it must span "
                          "every rank; pass fx.sharding.mesh(), or none")
+    if mesh.ndim == 2:
+        return _two_dimensional(state, mesh, tp_plan, units, param_dtype, reduce_dtype,
+                                callbacks)
     if tp_plan is not None:
         return _tensor_parallel(state, mesh, tp_plan, units, param_dtype, reduce_dtype,
                                 callbacks)
@@ -189,6 +212,13 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                          "reduce, and this state is sharded whole; pass units=... too (for "
                          "example units='auto')")
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
+    return _with_params(state, module, params, mesh, callbacks)
+
+
+def _with_params(state: Any, module: Any, params: dict, mesh: Any,
+                 callbacks: Sequence[Callable]) -> Any:
+    """``state`` on its distributed ``params`` and the ``module`` that runs them: the optimizer
+    state and ``callbacks``' states laid out like the parameters they follow."""
     # which optimizer leaves follow a parameter's layout: those tx.init makes from one
     new = state.replace(params=params, module=module, opt_state=_like(
         state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
@@ -222,6 +252,46 @@ def _tensor_parallel(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtyp
                                       "split", mesh.size(), len(plan))
     return state.replace(params=params, module=module, opt_state=_like(
         state.opt_state, state.tx.init(params), mesh, "the optimizer state"))
+
+
+def _two_dimensional(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtype: Any,
+                     reduce_dtype: Any, callbacks: Sequence) -> Any:
+    """``shard`` on a 2-D mesh (``fxtrain.meshes``): FSDP x tensor parallel with a plan, HSDP
+    without; the data dimension's shards gathered whole or per unit."""
+    from torch.distributed.tensor import distribute_tensor
+    world = distributed.world_size()
+    meshes.check(mesh, world)
+    if reduce_dtype is not None and reduce_dtype != param_dtype:
+        raise ValueError("fx.shard: on a 2-D mesh the gradients are reduce-scattered in the "
+                         "dtype the parameters are gathered in (param_dtype); a reduce_dtype "
+                         "other than it is not supported there yet")
+    roles = meshes.of(mesh, tp_plan)
+    module, tp = copy.deepcopy(state.module), {}  # a skeleton: meta tensors, nothing to copy
+    if tp_plan is not None:
+        plan = tensor_parallel.plan_of(module, tp_plan)
+        module, tp = tensor_parallel.placed_on(
+            module, plan, mesh[mesh.mesh_dim_names[roles.tp]], state.params)
+    found = _default_units(module) if units is None else \
+        [] if units == "whole" else units_.resolve(module, units)
+    if found:
+        module = units_.install(module, found, units_.Gather(param_dtype, None, roles))
+        planned = tensor_parallel.planned_params(module, tp)
+        for name in found:
+            unit = module.get_submodule(name)
+            unit.fxtrain_gather = dataclasses.replace(unit.fxtrain_gather, planned=frozenset(
+                k[len(name) + 1:] for k in planned if k.startswith(name + ".")))
+    elif param_dtype is not None:
+        raise ValueError("fx.shard: param_dtype is how units gather, and this state is sharded "
+                         "whole; pass units=... too (for example units='auto')")
+    setattr(module, meshes.ROLES, roles)
+    params = {k: distribute_tensor(p, mesh, meshes.placements(p, roles, tp.get(k, (None,))[0]))
+              for k, p in state.params.items()}
+    distributed.set_tensor_parallel(mesh.size(roles.tp) if roles.tp is not None else 1)
+    logging.getLogger("fxtrain").info(
+        "fx.shard: %s on a %s mesh %s, %s", "FSDP x tensor parallel" if tp else "HSDP",
+        "x".join(map(str, mesh.shape)), mesh.mesh_dim_names,
+        f"{len(found)} units" if found else "sharded whole")
+    return _with_params(state, module, params, mesh, callbacks)
 
 
 def _default_units(module: Any) -> list[str]:
@@ -259,9 +329,15 @@ def for_forward(params: dict[str, Any], module: Any) -> dict[str, Any]:
     """``params`` as ``module``'s forward takes them: the DTensors outside its units gathered
     whole (differentiably: their gradients come back reduce-scattered onto the shards), those
     of its units left for the units to gather (``fxtrain.units``)."""
-    if not is_sharded(params) or tensor_parallel.is_tensor_parallel(module):
-        return params  # tensor parallel: the planned layers take their DTensors as they are
+    if not is_sharded(params):
+        return params
     root = units_.outside(params, module)
+    roles = meshes.roles_of(module)
+    if roles is not None:  # 2-D: the data dimension's shards gathered, the plan's DTensors
+        planned = tensor_parallel.planned_params(module, root)
+        return {**params, **{k: meshes.value(params[k], roles, k in planned) for k in root}}
+    if tensor_parallel.is_tensor_parallel(module):
+        return params  # tensor parallel: the planned layers take their DTensors as they are
     return {**params, **gather_params({k: params[k] for k in root})}
 
 
@@ -316,7 +392,8 @@ def gather_params(params: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any]) -> dict:
+def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any],
+                         roles: Any = None) -> dict:
     """Each rank's gradients, averaged over the ranks onto ``params``' shards.
 
     A whole gradient (taken with respect to gathered parameters): the ``Shard(0)`` ones of each
@@ -324,10 +401,13 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
     with the loss); any other DTensor's by DTensor's own redistribution of ``Partial("avg")``.
     A gradient that is a DTensor already (taken with respect to the shards, through the
     forward's gathers, whose backward reduce-scattered it: ``fxtrain.units``) holds the sum
-    over the ranks, and is divided by their number."""
+    over the ranks, and is divided by their number; on a 2-D mesh of ``roles``, averaged over
+    the data replicas (``fxtrain.meshes.reduced``)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
-    done = {k for k, g in grads.items() if is_dtensor(g)}
-    out = {**grads, **{k: grads[k] / grads[k].device_mesh.size() for k in done}}
+    done = [k for k, g in grads.items() if is_dtensor(g)]  # in order: the same on every rank
+    average = (lambda g: g / g.device_mesh.size()) if roles is None else \
+        (lambda g: meshes.reduced(g, roles))
+    out = {**grads, **{k: average(grads[k]) for k in done}}
     params = {k: p for k, p in params.items() if k not in done}
     groups = _by_dtype(params)
     grouped = {k for names in groups.values() for k in names}
@@ -361,17 +441,14 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any])
 
 def local_parts(grads: dict[str, Any], finite: bool = False) -> list[torch.Tensor]:
     """This rank's part of each gradient's sum of squares, as plain float32 0-d tensors whose
-    sum over the ranks is the whole gradient's (a shard's own; a gradient whole on every rank
-    counted on rank 0 only), and with ``finite`` also this rank's count of non-finite values
+    sum over the ranks is the whole gradient's (a shard's own; a copy counted once:
+    ``fxtrain.meshes.counted``), and with ``finite`` also this rank's count of non-finite values
     (summed: zero when every gradient is finite)."""
     locals_ = [g.to_local() if is_dtensor(g) else g for g in grads.values()]
-    whole = [not is_dtensor(g) or all(p.is_replicate() for p in g.placements)
-             for g in grads.values()]
-    first = distributed.rank() == 0
-    parts = [sq if first or not w else torch.zeros_like(sq)
-             for sq, w in zip(squared_norms(locals_), whole)]
+    mine = [meshes.counted(g) for g in grads.values()]
+    parts = [sq if m else torch.zeros_like(sq) for sq, m in zip(squared_norms(locals_), mine)]
     if finite:
-        bad = [(~torch.isfinite(t)).sum() for t, w in zip(locals_, whole) if first or not w]
+        bad = [(~torch.isfinite(t)).sum() for t, m in zip(locals_, mine) if m]
         parts.append(torch.stack(bad).sum().float() if bad else locals_[0].new_zeros(()))
     return parts
 

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["plan_of", "install", "is_tensor_parallel", "planned"]
+__all__ = ["plan_of", "install", "placed_on", "is_tensor_parallel", "planned", "planned_params"]
 
 PLANNED = "fxtrain_tensor_parallel"
 """The attribute ``install`` sets on the root module: the planned submodules' names (one
@@ -101,7 +101,17 @@ def install(module: nn.Module, plan: dict[str, Any], mesh: Any,
             params: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of the skeleton ``module`` running ``plan`` on ``mesh``, and ``params`` with the
     planned ones distributed as the plan places them (the others as they are)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
+    module, placed = placed_on(module, plan, mesh, params)
+    return module, {n: distribute_tensor(p, mesh, placed[n]) if n in placed else p
+                    for n, p in params.items()}
+
+
+def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
+              params: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, tuple]]:
+    """A copy of the skeleton ``module`` running ``plan`` on the 1-D ``mesh``, and the
+    placements the plan gives each of its parameters (by name)."""
+    from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
     module = copy.deepcopy(module)  # a skeleton: meta tensors, nothing to copy
     kept = {id(p): name for name, p in module.named_parameters()}  # each tensor's kept name
@@ -112,11 +122,17 @@ def install(module: nn.Module, plan: dict[str, Any], mesh: Any,
                                  f"{local} is tied to {kept.get(id(p))!r}; leave tied weights "
                                  "out of the plan")
     parallelize_module(module, mesh, plan)
-    placed = {n: p.placements for n, p in module.named_parameters() if isinstance(p, DTensor)}
+    placed = {n: tuple(p.placements) for n, p in module.named_parameters()
+              if isinstance(p, DTensor)}
     frozen = sorted(set(placed) - set(params))
     if frozen:
         raise ValueError(f"fx.shard: the tensor-parallel plan splits frozen parameters "
                          f"({frozen[:3]}); leave modules without trainable weights out of it")
     setattr(module, PLANNED, tuple(plan))
-    return module, {n: distribute_tensor(p, mesh, placed[n]) if n in placed else p
-                    for n, p in params.items()}
+    return module, placed
+
+
+def planned_params(module: nn.Module, names: Any) -> frozenset[str]:
+    """Those of the parameter ``names`` that belong to a layer of ``module``'s plan."""
+    layers = set(planned(module))
+    return frozenset(n for n in names if n.rpartition(".")[0] in layers)

@@ -45,10 +45,14 @@ from .dtensors import is_dtensor
 class Gather:
     """How a unit's parameters move: ``param_dtype`` is the dtype they are all-gathered and
     computed in (None: their own), ``reduce_dtype`` the one their gradients are
-    reduce-scattered in (None: ``param_dtype``'s, as FSDP2 does)."""
+    reduce-scattered in (None: ``param_dtype``'s, as FSDP2 does). On a 2-D mesh, ``roles``
+    (``fxtrain.meshes.Roles``) says which dimension to gather over, and ``planned`` names the
+    unit's parameters that a tensor-parallel plan splits."""
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
+    roles: Any = None
+    planned: frozenset[str] = frozenset()
 
 
 class ShardedUnit:
@@ -199,12 +203,16 @@ def _shard0(p: Any) -> bool:
     return p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),) and p.ndim >= 1
 
 
-def gather(p: Any, how: Gather = Gather()) -> torch.Tensor:
+def gather(p: Any, how: Gather = Gather(), planned: bool = False) -> torch.Tensor:
     """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
     gradient comes back onto ``p``'s layout summed over the ranks (a ``Shard(0)`` parameter's
-    reduce-scattered, a replicated one's all-reduced)."""
+    reduce-scattered, a replicated one's all-reduced). On a 2-D mesh, what the forward takes
+    (``fxtrain.meshes.value``: ``planned``, the plan's DTensor)."""
     if not is_dtensor(p):
         return p
+    if how.roles is not None:
+        from . import meshes
+        return meshes.value(p, how.roles, planned, how.param_dtype)
     if not _shard0(p):
         from torch.distributed.tensor import Partial, Replicate
         ndim = p.device_mesh.ndim
@@ -277,7 +285,7 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     keys, how = list(bound), unit.fxtrain_gather
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
-        whole = {k: gather(t, how) for k, t in zip(keys, flat[:len(keys)])}
+        whole = {k: gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}
         inputs, kw = _cast((flat[len(keys):], kw), how.param_dtype)
         with reparametrized(unit, whole):
             out = forward(*inputs, **kw)

@@ -306,10 +306,20 @@ def unit_errors(batch):
         return None
 
     state = fx.TrainState.create(Blocks(), fx.optim.sgd(0.1))
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     square = init_device_mesh("cpu", (1, 2), mesh_dim_names=("dp", "tp"))
+    cube = init_device_mesh("cpu", (1, 1, 2), mesh_dim_names=("a", "b", "c"))
+    unnamed = init_device_mesh("cpu", (1, 2))
+    backwards = DeviceMesh("cpu", torch.tensor([[1, 0]]), mesh_dim_names=("dp", "tp"))
     return {
-        "2-D mesh": attempt(lambda: fx.shard(state, square)),
+        "3-D mesh": attempt(lambda: fx.shard(state, cube)),
+        "unnamed": attempt(lambda: fx.shard(state, unnamed)),
+        "ranks out of order": attempt(lambda: fx.shard(state, backwards)),
+        "2-D reduce dtype": attempt(lambda: fx.shard(state, square, units="auto",
+                                                     param_dtype=torch.bfloat16,
+                                                     reduce_dtype=torch.float32)),
+        "2-D func": attempt(lambda: fx.make_train_step(loss_fn, autodiff="func")(
+            fx.shard(state, square), batch)),
         "part of the ranks": attempt(lambda: fx.shard(state, square["dp"])),
         "no blocks": attempt(lambda: fx.shard(fx.TrainState.create(mlp(), fx.optim.sgd(0.1)),
                                               units="auto")),
@@ -408,18 +418,29 @@ def tiny_llama(seed=0):
 
 
 def llama_batches():
+    """Global batches of 4 sequences, each data replica (``data_world_size``) taking its
+    share: every layout trains on one process's batches."""
     ids = torch.randint(0, 24, (16, 12), generator=torch.Generator().manual_seed(3))
-    return fx.data.Batches(ids, 4, seed=0)
+    return fx.data.Batches(ids, 4 // fx.distributed.data_world_size(), seed=0)
 
 
-def tensor_parallel(out, ckpt="", compiled=False, steps=20):
+MESHES = {"tp": None, "fsdp_tp": ("dp", "tp"), "hsdp": ("replicate", "shard")}
+
+
+def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=None):
     """A tiny Llama trained with its own tensor-parallel plan over the ranks (tp_plan="auto"),
     the default step, ``steps`` steps; writes the losses, the whole parameters, the bytes of
-    parameters and optimizer state this rank holds, the graphs, and saves a checkpoint."""
+    parameters and optimizer state this rank holds, the graphs, and saves a checkpoint.
+    ``layout``: "tp" (a 1-D mesh), "fsdp_tp" (a 2 x 2 mesh, sharded over its first dimension
+    and the plan over its second) or "hsdp" (2 x 2, replicated over the first dimension and
+    sharded over the second, no plan); ``units`` as fx.shard's."""
     from helpers import TRACED, graph_count
     state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
     if fx.distributed.world_size() > 1:
-        state = fx.shard(state, tp_plan="auto")
+        names = MESHES[layout]
+        mesh = None if names is None else fx.sharding.mesh((2, 2), names)
+        state = fx.shard(state, mesh, tp_plan=None if layout == "hsdp" else "auto",
+                         units=units)
     step = fx.make_train_step(gpt2_loss)
     if compiled:
         step = torch.compile(step, fullgraph=True, backend=TRACED)
@@ -434,7 +455,7 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20):
     held = fx.sharding.local_nbytes((final.params, final.opt_state))
     torch.save({"losses": losses, "params": fx.sharding.gathered(final.params), "held": held,
                 "graphs": graph_count() - before, "split": tensor_parallel.planned(final.module)},
-               f"{out}/tp_rank{fx.distributed.rank()}.pt")
+               f"{out}/{layout}_rank{fx.distributed.rank()}.pt")
 
 
 def sharded_callbacks(out):

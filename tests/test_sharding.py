@@ -195,7 +195,12 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert "'blocks.0' is inside 'blocks'" in errors["nested"]
         assert "'blocks.0.up.weight' is shared by 'blocks.0', 'blocks.1'" in errors["tied"]
         assert "pass units=... too" in errors["dtype alone"]
-        assert "1-D DeviceMesh, got one of shape (1, 2)" in errors["2-D mesh"]
+        assert "1-D or 2-D DeviceMesh, got one of shape (1, 1, 2)" in errors["3-D mesh"]
+        assert "a 2-D mesh needs dimension names" in errors["unnamed"]
+        assert "lays the ranks out as [[1, 0]]" in errors["ranks out of order"]
+        assert "a reduce_dtype other than it is not supported" in errors["2-D reduce dtype"]
+        assert "on a 2-D mesh (FSDP x tensor parallel, HSDP)" in errors["2-D func"]
+        assert "autodiff='autograd'" in errors["2-D func"]
         assert "the mesh spans 1 ranks, the job has 2" in errors["part of the ranks"]
         assert "autodiff='autograd'" in errors["func"] and "units='whole'" in errors["func"]
     whole = sum(p.numel() * 4 for p in r0["whole"].values())
