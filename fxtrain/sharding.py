@@ -212,6 +212,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                          "reduce, and this state is sharded whole; pass units=... too (for "
                          "example units='auto')")
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
+    distributed.set_tensor_parallel(1)  # every rank a data replica
     return _with_params(state, module, params, mesh, callbacks)
 
 

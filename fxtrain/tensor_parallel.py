@@ -124,6 +124,16 @@ def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
     parallelize_module(module, mesh, plan)
     placed = {n: tuple(p.placements) for n, p in module.named_parameters()
               if isinstance(p, DTensor)}
+    from torch.distributed.tensor import Shard
+    for n, p in module.named_parameters():
+        split = [x.dim for x in placed.get(n, ()) if isinstance(x, Shard)]
+        if split and p.shape[split[0]] % mesh.size():
+            raise ValueError(f"fx.shard: the tensor-parallel plan splits {n!r} (shape "
+                             f"{tuple(p.shape)}) along dimension {split[0]} over {mesh.size()} "
+                             f"ranks, which does not divide its {p.shape[split[0]]}: torch's "
+                             "styles split evenly only (their next layer rebuilds the whole "
+                             "size from its shard); give that layer a size the ranks divide, "
+                             "or leave it out of the plan")
     frozen = sorted(set(placed) - set(params))
     if frozen:
         raise ValueError(f"fx.shard: the tensor-parallel plan splits frozen parameters "

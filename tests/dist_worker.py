@@ -318,6 +318,8 @@ def unit_errors(batch):
         "2-D reduce dtype": attempt(lambda: fx.shard(state, square, units="auto",
                                                      param_dtype=torch.bfloat16,
                                                      reduce_dtype=torch.float32)),
+        "uneven plan": attempt(lambda: fx.shard(state, square, tp_plan={
+            "blocks.0.up": "colwise"})),
         "2-D func": attempt(lambda: fx.make_train_step(loss_fn, autodiff="func")(
             fx.shard(state, square), batch)),
         "part of the ranks": attempt(lambda: fx.shard(state, square["dp"])),
@@ -454,8 +456,23 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=N
     from fxtrain import tensor_parallel
     held = fx.sharding.local_nbytes((final.params, final.opt_state))
     torch.save({"losses": losses, "params": fx.sharding.gathered(final.params), "held": held,
-                "graphs": graph_count() - before, "split": tensor_parallel.planned(final.module)},
+                "graphs": graph_count() - before, "split": tensor_parallel.planned(final.module),
+                "opt_state": torch.utils._pytree.tree_leaves(
+                    fx.sharding.gathered(final.opt_state)),
+                "units": fx.sharding.unit_names(final)},
                f"{out}/{layout}_rank{fx.distributed.rank()}.pt")
+
+
+def restored_llama(out, ckpt):
+    """The checkpoint ``ckpt`` of a tiny Llama restored onto this job's ranks, sharded by
+    fx.shard's default on a 1-D mesh: its whole parameters and optimizer state."""
+    like = fx.shard(fx.TrainState.create(tiny_llama(seed=1), fx.optim.adamw(1e-2)))
+    restored = fx.checkpoint.restore(ckpt, like=like.replace(data=llama_batches().init()))
+    torch.save({"params": fx.sharding.gathered(restored.params),
+                "opt_state": torch.utils._pytree.tree_leaves(fx.sharding.gathered(
+                    restored.opt_state)),
+                "units": fx.sharding.unit_names(restored)},
+               f"{out}/restored_rank{fx.distributed.rank()}.pt")
 
 
 def sharded_callbacks(out):
@@ -551,16 +568,24 @@ def timed_saves(out, ckpt):
 def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
     """Shuffled, dropout, checkpoints every 5 steps and logs; resumes from ``ckpt``. With
     ``shard="units"`` the state is sharded per layer (fx.shard(units=[nn.Linear]), on the
-    autograd path), so are its checkpoints."""
-    state = fx.TrainState.create(mlp(sizes=(8, 17, 4), dropout=0.2), fx.optim.adamw(1e-2))
+    autograd path), so are its checkpoints; ``"fsdp_tp"`` (4 ranks): a 2 x 2 mesh, sharded
+    over its first dimension, the hidden layer split by a plan over its second; ``"hsdp"``
+    (4 ranks): replicated over the first, sharded per layer over the second."""
+    hidden = 18 if shard == "fsdp_tp" else 17  # torch's plans split evenly only
+    state = fx.TrainState.create(mlp(sizes=(8, hidden, 4), dropout=0.2), fx.optim.adamw(1e-2))
     autodiff, loss = "func", loss_fn
     if shard == "units":  # and the model recomputed in the backward (fx.remat)
         state, autodiff, loss = fx.shard(state, units=[torch.nn.Linear]), "autograd", remat_loss
+    elif shard in ("fsdp_tp", "hsdp"):
+        mesh = fx.sharding.mesh((2, 2), MESHES[shard])
+        state, autodiff = fx.shard(state, mesh, units=[torch.nn.Linear] if shard == "hsdp"
+                                   else None, tp_plan={"0": "colwise", "3": "rowwise"}
+                                   if shard == "fsdp_tp" else None), "autograd"
     writer = fx.logging.JsonlWriter(f"{out}/log.jsonl")
     slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
         final = fx.fit(state, fx.make_train_step(loss, autodiff=autodiff),
-                       fx.data.Batches((X, Y), 16, seed=2),
+                       fx.data.Batches((X, Y), 32 // fx.distributed.data_world_size(), seed=2),
                        max_steps=steps, checkpoint=manager, callbacks=[
                            fx.callbacks.checkpoint_policy(every=5), slow,
                            fx.callbacks.log_metrics(writer, every=5)])
@@ -631,7 +656,7 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting, "lm_weighted": lm_weighted,
              "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves,
-             "tensor_parallel": tensor_parallel}
+             "tensor_parallel": tensor_parallel, "restored_llama": restored_llama}
 
 
 def spawned(rank, world, port, name, args, kwargs):

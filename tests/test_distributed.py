@@ -188,8 +188,8 @@ def test_a_rank_that_raises_fails_the_job_with_its_error(tmp_path):
     assert "RuntimeError: rank 1 exploded at step 3" in out  # the rank's own traceback
 
 
-def torchrun(*args, timeout=300, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+def torchrun(*args, timeout=300, nproc=2, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
            f"--master_port={free_port()}", str(HERE / "dist_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
@@ -216,7 +216,8 @@ def rank_of(torchrun_job, rank):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shard", ["no", "units"], ids=["replicated", "sharded"])
+@pytest.mark.parametrize("shard", ["no", "units", "fsdp_tp"],
+                         ids=["replicated", "sharded", "2-D mesh, 4 ranks"])
 def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(
         tmp_path, shard):
     """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
@@ -226,11 +227,17 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
     the SIGTERM at least 15 steps, 3 s, before the end, even on a loaded machine; with 0.1 s
     and 30 steps a SIGTERM read only at the last step failed 1 run in 10 under a CPU hog).
     Sharded: the state is fx.shard's, per layer (units), the model recomputed in the backward
-    (fx.remat), and each rank writes its own shards of every checkpoint."""
+    (fx.remat), and each rank writes its own shards of every checkpoint. 2-D mesh: 4 ranks on
+    a 2 x 2 mesh, sharded over its first dimension, the hidden layer split by a
+    tensor-parallel plan over its second."""
     ckpt = tmp_path / "b" / "ckpt"  # the chain's checkpoints
+    nproc = 4 if shard == "fsdp_tp" else 2
+
+    def torchrun_(*args):
+        return torchrun(*args, nproc=nproc)
 
     def job(*args):
-        return torchrun("resumable", str(tmp_path / "b"), str(ckpt), *args, f"shard={shard}")
+        return torchrun_("resumable", str(tmp_path / "b"), str(ckpt), *args, f"shard={shard}")
 
     def after_checkpoint(run, step):
         deadline = time.monotonic() + 200
@@ -240,11 +247,11 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         return rank_of(run, 1)
 
     whole_ckpt = tmp_path / "a" / "ckpt"
-    with reaped(torchrun("resumable", str(tmp_path / "a"), str(whole_ckpt), f"shard={shard}")) \
+    with reaped(torchrun_("resumable", str(tmp_path / "a"), str(whole_ckpt), f"shard={shard}")) \
             as whole:
         out, _ = whole.communicate(timeout=300)
     assert whole.returncode == 0, out[-3000:]
-    digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in (0, 1)}
+    digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in range(nproc)}
     assert len(digests) == 1
     steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # logs written once: by rank 0 only
@@ -273,7 +280,7 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out[-3000:]
     assert f"resuming from the checkpoint of step {stopped}" in out
-    assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in (0, 1)} == digests
+    assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in range(nproc)} == digests
 
 
 @pytest.mark.slow

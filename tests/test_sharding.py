@@ -200,6 +200,8 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         assert "lays the ranks out as [[1, 0]]" in errors["ranks out of order"]
         assert "a reduce_dtype other than it is not supported" in errors["2-D reduce dtype"]
         assert "on a 2-D mesh (FSDP x tensor parallel, HSDP)" in errors["2-D func"]
+        assert ("splits 'blocks.0.up.weight' (shape (17, 8)) along dimension 0 over 2 ranks, "
+                "which does not divide its 17") in errors["uneven plan"]
         assert "autodiff='autograd'" in errors["2-D func"]
         assert "the mesh spans 1 ranks, the job has 2" in errors["part of the ranks"]
         assert "autodiff='autograd'" in errors["func"] and "units='whole'" in errors["func"]
