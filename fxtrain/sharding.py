@@ -20,6 +20,9 @@ sharded whole, as is any with ``units="whole"``: its parameters are gathered who
 (as FSDP does with one unit that is not resharded after the forward): the state costs 1/N per
 rank, a step's transient peak holds the full parameters and gradients once.
 
+A 2-D mesh shards over one dimension and either runs a tensor-parallel plan or replicates over
+the other (FSDP x TP, HSDP): see ``fxtrain.meshes``.
+
 Checkpoints of a sharded state are sharded too (``fx.checkpoint``): each rank writes its own
 shards with ``torch.distributed.checkpoint``, and a checkpoint restores onto any number of ranks.
 """
@@ -154,7 +157,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
 
     Args:
       state: a ``TrainState`` (not already sharded).
-      mesh: a 1-D ``DeviceMesh``; default ``fx.sharding.mesh()``, every rank.
+      mesh: a ``DeviceMesh`` over every rank; default ``fx.sharding.mesh()``, 1-D. A 2-D mesh
+        (``fx.sharding.mesh((rows, columns), names)``, see ``fxtrain.meshes``) takes FSDP x
+        tensor parallel with a ``tp_plan`` (sharded over its first dimension, the plan over
+        its second) and HSDP without (replicated over its first dimension, sharded over its
+        second); its steps take autograd's path.
       callbacks: callbacks whose states in ``state.callbacks`` are sharded like their ``init``
         on the sharded parameters. Callback states created after sharding (``fx.fit`` creates
         the missing ones) are sharded already.
@@ -177,8 +184,9 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         ``{submodule: ColwiseParallel() | RowwiseParallel() | "colwise" | "rowwise"}`` (``*``
         for an index) or ``"auto"`` (a transformers model's ``base_model_tp_plan``). The
         planned layers' parameters are split over the mesh's ranks, which train on the same
-        batch; the rest stay whole. On a 1-D mesh only, for now (no sharding beside it), and
-        on the autograd path (the default step's ``autodiff="auto"`` takes it).
+        batch; the rest stay whole (on a 2-D mesh, sharded over its first dimension). On the
+        autograd path (the default step's ``autodiff="auto"`` takes it); a 1-D mesh's plan
+        takes no ``units``, ``param_dtype`` or sharded callbacks.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
