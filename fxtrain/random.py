@@ -277,10 +277,13 @@ def _attention(key: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         k = k.repeat_interleave(q.size(-3) // k.size(-3), -3)
         v = v.repeat_interleave(q.size(-3) // v.size(-3), -3)
     scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
     if causal:
         length, source = q.size(-2), k.size(-2)
         mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
+    if mask is None or not mask.requires_grad:  # keeps no attention matrix for the backward
+        from ._keyed_attention import attention
+        return attention(q, k, v, mask, key, p, scale)
+    scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                   else scores + mask)

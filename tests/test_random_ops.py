@@ -182,3 +182,81 @@ def test_transformers_gpt2_with_sdpa_attention_dropout_is_a_pure_step():
     torch.testing.assert_close(compiled[1]["loss"], first[1]["loss"])
     next_step = step(state.replace(step=state.step + 1), ids)
     assert not torch.equal(next_step[1]["loss"], first[1]["loss"])  # another step, other masks
+
+
+def test_keyed_attention_dropout_has_the_gradients_of_its_math_in_float64():
+    from fxtrain._keyed_attention import attention
+
+    q, k, v = (t.double().requires_grad_() for t in QKV)
+    key, mask = random.seed_key(3), torch.ones(12, 12, dtype=torch.bool).tril()
+    for mask, p in ((None, 0.3), (mask, 0.3), (mask, 1.0)):
+        scores = (q @ k.transpose(-2, -1)) * 0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        weights = torch.softmax(scores, dim=-1)
+        math = random._dropout(weights, p, True, key, weights.shape) @ v
+        out = attention(q, k, v, mask, key, p, 0.5)
+        torch.testing.assert_close(out, math, rtol=1e-12, atol=1e-12)
+        if p < 1.0:  # (the math's own gradient at p = 1 divides by zero)
+            g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
+            torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g),
+                                       torch.autograd.grad(math, (q, k, v), g))
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, None, key, 0.3, 0.5),
+                                    (q, k, v))
+    in_func = torch.func.grad(lambda q: attention(q, k, v, None, key, 0.3, 0.5).sum())(q)
+    torch.testing.assert_close(in_func, torch.autograd.grad(
+        attention(q, k, v, None, key, 0.3, 0.5).sum(), q)[0])
+
+
+# A compiled torch.func step on a stack of attention layers with dropout 0.1 (batch 2, 4 heads,
+# 512 positions: an attention matrix is 8.4 MB in float32), in a fresh process; see
+# test_remat's REMAT_PROBE for how its peak is measured.
+ATTENTION_PROBE = """
+import re, sys, torch, torch.nn.functional as F
+from torch import nn
+import fxtrain as fx
+
+torch.set_num_threads(1)
+depth = int(sys.argv[1])
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(64, 192), nn.Linear(64, 64)
+
+    def forward(self, x):
+        q, k, v = (z.unflatten(-1, (4, -1)).transpose(1, 2) for z in self.qkv(x).split(64, -1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=0.1)
+        return x + self.proj(y.transpose(1, 2).flatten(2))
+
+def high_water():
+    status = open("/proc/self/status").read()
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
+
+torch.manual_seed(0)
+state = fx.TrainState.create(nn.Sequential(*(Attention() for _ in range(depth))),
+                             fx.optim.sgd(0.1))
+step = torch.compile(fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean()),
+                     fullgraph=True, backend="aot_eager")
+x = torch.randn(2, 512, 64)
+state, _ = step(state, x)
+open("/proc/self/clear_refs", "w").write("5")
+before = high_water()
+state, _ = step(state, x)
+print(high_water() - before)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/clear_refs"),
+                    reason="needs Linux's /proc")
+def test_keyed_attention_dropout_keeps_no_attention_matrix_per_layer():
+    """Torch's fused kernels draw attention dropout inside the kernel and keep no attention
+    matrix; the keyed math kept 2.4 per layer (the float32 dropped weights, the softmax's
+    output, the boolean mask): 81 MB at 2 layers, 161 MB at 6. Recomputed in the backward from
+    q, k and the key, one layer's exists at a time: 61 MB and 65 MB (torch 2.13)."""
+    from test_remat import step_peak_bytes
+
+    shallow, deep = (step_peak_bytes(ATTENTION_PROBE, str(d)) for d in (2, 6))
+    block = 2 * 4 * 512 * 512 * 4
+    assert deep - shallow < block, f"{(deep - shallow) / 1e6:.0f} MB more for 4 more layers"
