@@ -21,13 +21,19 @@ rule) that a compiled graph calls as it is: traced into the graph, Inductor sche
 chunks' blocks at once and the loss took more than half the plain loss's memory (993 MB
 against 1571 at 4096 tokens); as one operator, 367. Autocast's dtype for the head's products is
 read where the loss is traced and passed to the operator (a compiled graph runs without
-autocast's context).
+autocast's context). Inside the operator, each chunk's softmax and gradient of a real
+vocabulary's block are one kernel compiled by Inductor (``_softmax_grad_``, which writes the
+gradient over the logits), called at run time; eagerly they were some ten memory-bound passes.
 The price: the gradients are computed in the forward even if no backward follows, so the
 Function is used only when some input requires grad; otherwise only the loss is computed.
 Second derivatives are not supported (the saved gradients are constants to autograd).
 """
 
 from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -228,13 +234,19 @@ def _chunk(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """One chunk's summed float32 cross-entropy and, ``with_grad``, its gradient with respect
     to the chunk's logits (in the logits' dtype, None otherwise).
 
-    With the gradient, the softmax is taken in place in the float32 logits (max, subtract,
-    exp, normalise), so a chunk holds one ``(rows, vocab)`` float32 block at a time (two where
-    the head runs in a lower precision: the logits as computed, then their float32 copy). That
-    runs only inside the Function's forward, where nothing records it; without the gradient
-    the ops are autograd's ordinary differentiable ones.
+    With the gradient, a block of at least ``FUSED_MIN_LOGITS`` on the CPU or CUDA goes to
+    one compiled kernel that overwrites the logits with their gradient (``_fused_grad_``);
+    otherwise the softmax is taken in place in the float32 logits (max, subtract, exp,
+    normalise), so a chunk holds one ``(rows, vocab)`` float32 block at a time (two where the
+    head runs in a lower precision: the logits as computed, then their float32 copy). That runs
+    only inside the Function's forward, where nothing records it; without the gradient the ops
+    are autograd's ordinary differentiable ones.
     """
     logits = F.linear(rows, weight, bias)
+    if with_grad and _fusable(logits):
+        loss = _fused_grad_(logits, targets, ignore_index)
+        if loss is not None:
+            return loss, logits  # now the gradient
     compute_dtype = logits.dtype
     logits = logits.float()
     labelled = targets != ignore_index
@@ -250,6 +262,91 @@ def _chunk(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     probs = exp.div_(norm).mul_(labelled[:, None])  # softmax; no gradient for unlabelled rows
     grad_logits = probs.scatter_add_(1, safe, -labelled[:, None].to(probs.dtype))
     return loss, grad_logits.to(compute_dtype)
+
+
+# -- the compiled kernel ----------------------------------------------------------------------
+#
+# Eagerly, the softmax and its gradient are some ten passes over a (rows, vocab) float32 block
+# (a float32 copy of bfloat16 logits, max, subtract, exp, sum, divide, mask, scatter, the cast
+# back), memory-bound on a GPU. Inductor fuses them into one kernel that reads the logits two
+# or three times (max and sum, then the gradient) and writes the gradient over them, in their
+# dtype: no float32 copy. It is compiled on the first block (seconds), the rows dynamic (the
+# last chunk is shorter), once per dtype and vocabulary, and called from inside the operator at
+# run time, eagerly or in a compiled step alike (the outer graph calls the operator whole).
+# Below ``FUSED_MIN_LOGITS`` (a toy head, a test) the compile would not pay: eager. Eager too
+# under a dispatch mode (Dynamo compiles nothing there), while a CUDA graph is captured (no
+# compiling inside a capture), and, after a warning, on a device where compiling failed (no
+# C++ compiler for the CPU, say). On a 2-core CPU (float32, 2048 x 50257) the kernel took as
+# long as the eager ops; from bfloat16 logits, 0.43x (benchmarks/chunked_ce_kernel.py).
+
+FUSED_MIN_LOGITS = 1 << 20
+_FUSED_DEVICES = ("cpu", "cuda")
+_failed: set[str] = set()  # device types where compiling the kernel failed: eager there
+
+
+def _fusable(logits: torch.Tensor) -> bool:
+    """Whether the compiled kernel takes this block (see above)."""
+    device = logits.device.type
+    return (logits.numel() >= FUSED_MIN_LOGITS and device in _FUSED_DEVICES
+            and device not in _failed and type(logits) is torch.Tensor
+            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not (device == "cuda" and torch.cuda.is_current_stream_capturing()))
+
+
+def _fused_grad_(logits: torch.Tensor, targets: torch.Tensor,
+                 ignore_index: int) -> torch.Tensor | None:
+    """``_softmax_grad_`` compiled: the chunk's loss, its logits overwritten by their
+    gradient. None, the logits untouched, where Dynamo ran it uncompiled (a stance, a
+    recompile limit), or, after a warning, where compiling it failed."""
+    import torch._dynamo  # here, not at import: it takes 1.4 s
+
+    torch._dynamo.maybe_mark_dynamic(logits, 0)
+    torch._dynamo.maybe_mark_dynamic(targets, 0)
+    try:
+        # below autograd, as an operator's kernel runs: the same guards however it was reached
+        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+            return _compiled_softmax_grad()(logits, targets, ignore_index)
+    except torch._dynamo.exc.TorchDynamoException as error:  # raised before anything ran
+        _failed.add(logits.device.type)
+        warnings.warn(f"fx.losses.chunked_causal_lm: compiling its softmax kernel for "
+                      f"{logits.device.type} failed ({type(error).__name__}: {error}); the "
+                      f"eager ops run instead (slower)", RuntimeWarning, stacklevel=2)
+        return None
+
+
+@functools.cache
+def _compiled_softmax_grad() -> Callable:
+    return torch.compile(_softmax_grad_, fullgraph=True)
+
+
+def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor,
+                   ignore_index: int) -> torch.Tensor | None:
+    """The summed cross-entropy of ``logits`` (``(rows, vocab)``) against ``targets``, taken
+    in float32, and the logits overwritten by its gradient, in their dtype:
+
+        loss = sum over labelled rows of  log(sum_v exp(x_v)) - x_target
+        grad = softmax(x) - onehot(target) on labelled rows, 0 on the others
+
+    The max and sum are kept apart (``exp(x - max) / sum``, not ``exp(x - logsumexp)``) as the
+    eager path does: a probability near 1 keeps float32's relative precision.
+
+    Written for Inductor: out of place, each intermediate a full block, were it run as Python.
+    So run as Python (Dynamo told to run nothing compiled) it does nothing and returns None.
+    """
+    if not torch.compiler.is_compiling():
+        return None
+    x = logits.float()
+    labelled = (targets != ignore_index)[:, None]
+    safe = torch.where(labelled, targets[:, None], 0)
+    onehot = torch.arange(x.shape[1], device=x.device) == safe
+    # not x.gather: torch 2.11's Inductor ran that read after the overwrite of the logits
+    picked = torch.where(onehot, x, 0.0).sum(1, keepdim=True)
+    peak = x.amax(1, keepdim=True)
+    norm = (x - peak).exp().sum(1, keepdim=True)
+    loss = torch.where(labelled, peak + norm.log() - picked, 0.0).sum()
+    grad = torch.where(labelled, (x - peak).exp() / norm - onehot.to(x.dtype), 0.0)
+    logits.copy_(grad)
+    return loss
 
 
 def _accumulate(grad_weight: torch.Tensor | None, grad_logits: torch.Tensor,

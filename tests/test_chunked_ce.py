@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxtrain as fx
+import fxtrain._chunked_ce as cce
 from fxtrain._chunked_ce import chunked_causal_lm
 from helpers import TRACED, graph_count
 
@@ -135,6 +136,101 @@ def test_bfloat16_heads_give_the_plain_loss_in_its_precision(autocast):
         torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-3)
 
 
+# -- the compiled kernel ---------------------------------------------------------------------
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Every block takes the compiled softmax kernel (not only those of a real vocabulary):
+    the list says, per call, whether it ran compiled."""
+    monkeypatch.setattr(cce, "FUSED_MIN_LOGITS", 0)
+    monkeypatch.setattr(cce, "_failed", set())
+    calls, fused = [], cce._fused_grad_
+
+    def spy(*args):
+        loss = fused(*args)
+        calls.append(loss is not None)
+        return loss
+
+    monkeypatch.setattr(cce, "_fused_grad_", spy)
+    return calls
+
+
+@pytest.mark.parametrize("autodiff,with_bias", [("autograd", True), ("func", False)])
+def test_the_compiled_kernel_gives_the_plain_loss(kernel_calls, autodiff, with_bias):
+    """Chunks of 4 rows and a last one of 2 (the rows are dynamic: one compile), rows without
+    a label, with a bias or not, by autograd and by torch.func."""
+    hidden, weight, bias, labels = lm_case(2, 6, 5, 13, seed=3)
+    bias = bias if with_bias else None
+    expected = value_and_grads(plain, autodiff, hidden, weight, bias, labels)
+    got = value_and_grads(chunked_causal_lm, autodiff, hidden, weight, bias, labels,
+                          chunk_size=4)
+    assert kernel_calls == [True] * 3 and graph_count() == 1
+    torch.testing.assert_close(got[:2], expected[:2])
+    for g, e in zip(got[3], expected[3]):
+        torch.testing.assert_close(g, e)
+
+
+def test_the_compiled_kernel_composes_with_vmap_and_autocast(kernel_calls):
+    """Per-sequence gradients (vmap of grad: one call per sequence), and a bfloat16 head
+    under autocast, whose gradient the kernel writes over the bfloat16 logits."""
+    hidden, weight, _, labels = lm_case(3, 7, 5, 11, seed=0)
+    one = lambda loss_fn: lambda h, w, y: loss_fn(h[None], w, y[None], chunk_size=4).total
+    per_row = lambda loss_fn: torch.func.vmap(torch.func.grad(one(loss_fn), argnums=(0, 1)),
+                                              in_dims=(0, None, 0))(hidden, weight, labels)
+    torch.testing.assert_close(per_row(chunked_causal_lm), per_row(plain))
+    assert kernel_calls and all(kernel_calls)
+    hidden, weight, _, labels = lm_case(2, 40, 16, 50, seed=2)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = value_and_grads(plain, "autograd", hidden, weight, None, labels)
+        got = value_and_grads(chunked_causal_lm, "autograd", hidden, weight, None, labels,
+                              chunk_size=16)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-2, atol=1e-2)
+    for g, e in zip(got[3], expected[3]):
+        torch.testing.assert_close(g.float(), e.float(), rtol=2e-2, atol=2e-3)
+    assert all(kernel_calls)
+
+
+def test_a_compiled_step_calls_the_compiled_kernel(kernel_calls):
+    """The step's graph calls the operator whole, which calls the kernel: two graphs, the
+    step's and the kernel's (compiled once, on the first chunk), and the plain loss's steps."""
+    expected, expected_losses = trained(lm_loss("head", chunked=False), "func", False, False)
+    got, losses = trained(lm_loss("head", chunked=True), "func", True, False)
+    assert graph_count() == 2 and len(kernel_calls) == 12 and all(kernel_calls)
+    torch.testing.assert_close(losses, expected_losses)
+    for name in expected.params:
+        torch.testing.assert_close(got.params[name], expected.params[name], rtol=0, atol=1e-5)
+
+
+def test_where_dynamo_compiles_nothing_the_eager_ops_run(kernel_calls, monkeypatch):
+    """Under a stance that runs everything eagerly the kernel's Python would allocate every
+    intermediate block: it does nothing, and the eager in-place ops run; where compiling
+    fails, a warning, and the eager ops from then on, on that device."""
+    hidden, weight, _, labels = lm_case(2, 6, 5, 13, seed=4)
+    expected = value_and_grads(plain, "autograd", hidden, weight, None, labels)
+    with torch.compiler.set_stance("force_eager"):
+        got = value_and_grads(chunked_causal_lm, "autograd", hidden, weight, None, labels,
+                              chunk_size=4)
+    assert kernel_calls == [False] * 3 and graph_count() == 0
+    torch.testing.assert_close(got[1], expected[1])
+
+    def broken(*args):
+        raise torch._dynamo.exc.TorchDynamoException("no C++ compiler")
+
+    monkeypatch.setattr(cce, "_compiled_softmax_grad", lambda: broken)
+    with pytest.warns(RuntimeWarning, match="compiling its softmax kernel for cpu failed"):
+        got = value_and_grads(chunked_causal_lm, "autograd", hidden, weight, None, labels,
+                              chunk_size=4)
+    assert kernel_calls == [False] * 4 and cce._failed == {"cpu"}  # once, then not tried
+    torch.testing.assert_close(got[3], expected[3])
+
+
+def test_a_toy_head_runs_eagerly():
+    """Below FUSED_MIN_LOGITS logits a block, compiling would cost more than it saves."""
+    hidden, weight, _, labels = lm_case(2, 6, 5, 13, seed=4)
+    value_and_grads(chunked_causal_lm, "autograd", hidden, weight, None, labels)
+    assert graph_count() == 0
+
+
 def test_wrong_arguments_are_named():
     hidden, weight, bias, labels = lm_case(2, 5, 4, 7, seed=0)
     with pytest.raises(ValueError, match=r"hidden must be \(batch, length, width\)"):
@@ -249,6 +345,7 @@ def test_a_train_step_with_it_trains_as_with_the_plain_loss(autodiff, compiled, 
 PROBE = """
 import re, sys, torch
 import fxtrain as fx
+import fxtrain._chunked_ce as cce
 from fxtrain._chunked_ce import chunked_causal_lm
 
 def high_water():
@@ -277,7 +374,7 @@ if autodiff == "compiled":  # torch.func's gradients under Inductor: compiled at
     compiled(hidden, weight, labels)
     run = lambda: compiled(hidden, weight, labels)
 else:
-    grads(kind, autodiff, hidden[:, :8].clone(), weight[:64].clone(), labels[:, :8] % 64)
+    grads(kind, autodiff, hidden[:, :32].clone(), weight, labels[:, :32])  # compiles the kernel
     run = lambda: grads(kind, autodiff, hidden, weight, labels)
 open("/proc/self/clear_refs", "w").write("5")
 before = high_water()
