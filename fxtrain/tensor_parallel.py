@@ -89,6 +89,12 @@ def plan_of(module: nn.Module, tp_plan: Any) -> dict[str, Any]:
                              + (f"; did you mean {', '.join(map(repr, close))}?" if close
                                 else ""))
         for name in found:
+            if type(value).__name__ == "SequenceParallel":
+                raise ValueError(f"fx.shard: the tensor-parallel plan gives {key!r} "
+                                 "SequenceParallel; sequence parallelism (activations split "
+                                 "along the sequence between the split layers) is not "
+                                 "supported yet: leave the norms out of the plan, their "
+                                 "activations whole on every rank")
             if not isinstance(modules[name], nn.Linear | nn.Embedding):
                 raise ValueError(f"fx.shard: the tensor-parallel plan splits {name!r}, a "
                                  f"{type(modules[name]).__name__}; torch's styles split "

@@ -68,6 +68,10 @@ def test_plans_that_name_what_the_model_lacks_are_refused():
         tensor_parallel.plan_of(model, {"model.layers.*.mlp.upp_proj": "colwise"})
     with pytest.raises(ValueError, match="splits 'model.norm', a LlamaRMSNorm"):
         tensor_parallel.plan_of(model, {"model.norm": "colwise"})
+    from torch.distributed.tensor.parallel import SequenceParallel
+    with pytest.raises(ValueError, match="SequenceParallel; sequence parallelism .* is not "
+                                         "supported yet"):
+        tensor_parallel.plan_of(model, {"model.layers.*.input_layernorm": SequenceParallel()})
     with pytest.raises(ValueError, match="use 'colwise', 'rowwise' or a torch ParallelStyle"):
         tensor_parallel.plan_of(model, {"model.layers.0.mlp.up_proj": "sideways"})
     with pytest.raises(ValueError, match="has no config.base_model_tp_plan"):
