@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from ._mean import IGNORE_INDEX, Mean
+from ._torch import kernels
 
 
 def chunked_causal_lm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -289,7 +290,7 @@ def _fusable(logits: torch.Tensor) -> bool:
     device = logits.device.type
     return (logits.numel() >= FUSED_MIN_LOGITS and device in _FUSED_DEVICES
             and device not in _failed and type(logits) is torch.Tensor
-            and not torch.compiler.is_compiling() and not torch._C._len_torch_dispatch_stack()
+            and not torch.compiler.is_compiling() and not kernels.in_dispatch_mode()
             and not (device == "cuda" and torch.cuda.is_current_stream_capturing()))
 
 
@@ -298,15 +299,12 @@ def _fused_grad_(logits: torch.Tensor, targets: torch.Tensor,
     """``_softmax_grad_`` compiled: the chunk's loss, its logits overwritten by their
     gradient. None, the logits untouched, where Dynamo ran it uncompiled (a stance, a
     recompile limit), or, after a warning, where compiling it failed."""
-    import torch._dynamo  # here, not at import: it takes 1.4 s
-
-    torch._dynamo.maybe_mark_dynamic(logits, 0)
-    torch._dynamo.maybe_mark_dynamic(targets, 0)
+    kernels.rows_dynamic(logits, targets)
     try:
         # below autograd, as an operator's kernel runs: the same guards however it was reached
-        with torch.no_grad(), torch._C._AutoDispatchBelowADInplaceOrView():
+        with kernels.below_autograd():
             return _compiled_softmax_grad()(logits, targets, ignore_index)
-    except torch._dynamo.exc.TorchDynamoException as error:  # raised before anything ran
+    except kernels.compile_errors() as error:  # raised before anything ran
         _failed.add(logits.device.type)
         warnings.warn(f"fx.losses.chunked_causal_lm: compiling its softmax kernel for "
                       f"{logits.device.type} failed ({type(error).__name__}: {error}); the "

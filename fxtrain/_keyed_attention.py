@@ -9,7 +9,7 @@ GPT-2 124M at 120 x 1024 tokens: 4.2 GiB a layer, 50 GiB over 12 layers, and the
 of an H200's memory where torch's own loop held 111 GiB.
 
 ``attention`` is a ``torch.autograd.Function`` that keeps what flash attention keeps: ``q``,
-``k``, ``v``, the output, the log-sum-exp of each row of scores, and the key. Its backward
+``k``, ``v``, the log-sum-exp of each row of scores, and the key. Its backward
 computes the scores again, the weights from them and the log-sum-exp, and the mask from the
 key (integer hashing: the same bits), then the gradients by the softmax's rule. One layer's
 attention matrix exists at a time, in its forward and in its backward. It has a
@@ -18,17 +18,19 @@ attention matrix exists at a time, in its forward and in its backward. It has a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              key: torch.Tensor, p: float, scale: float) -> torch.Tensor:
-    """``dropout(softmax(q k^T scale + mask), p) v`` with the dropout drawn from ``key`` (as
-    ``fx.random``'s ``_keep`` draws a mask the weights' shape), ``mask`` boolean (True: take
-    part) or additive (a constant: it gets no gradient), or None."""
-    return _Attention.apply(q, k, v, mask, key, p, scale)[0]
+              key: torch.Tensor, p: float, scale: float,
+              keep: Callable[[torch.Tensor, torch.Size, float], torch.Tensor]) -> torch.Tensor:
+    """``dropout(softmax(q k^T scale + mask), p) v`` with the dropout's mask ``keep(key,
+    shape, p)`` (``fx.random``'s keyed draw, True where a weight is kept), ``mask`` boolean
+    (True: take part) or additive (a constant: it gets no gradient), or None."""
+    return _Attention.apply(q, k, v, mask, key, p, scale, keep)[0]
 
 
 def _weights(q, k, mask, scale):
@@ -40,37 +42,36 @@ def _weights(q, k, mask, scale):
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
 
 
-def _scaled_keep(key, shape, p, dtype):
+def _scaled_keep(keep, key, shape, p, dtype):
     """The dropout's mask as the factor each weight is multiplied by: 0 or 1 / (1 - p)."""
-    from .random import _keep
-    return _keep(key, shape, p).to(dtype) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
+    return keep(key, shape, p).to(dtype) * (1.0 / (1.0 - p) if p < 1.0 else 0.0)
 
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(q, k, v, mask, key, p, scale):
+    def forward(q, k, v, mask, key, p, scale, keep):
         with torch.autocast(q.device.type, enabled=False):
             scores = _weights(q, k, mask, scale)
             lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            dropped = torch.exp(scores - lse) * _scaled_keep(key, scores.shape, p, scores.dtype)
+            dropped = torch.exp(scores - lse) * _scaled_keep(keep, key, scores.shape, p,
+                                                                 scores.dtype)
             return dropped.to(v.dtype) @ v, lse
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
-        q, k, v, mask, key, p, scale = inputs
-        out, lse = output
-        ctx.save_for_backward(q, k, v, mask, key, out, lse)
-        ctx.p, ctx.scale = p, scale
+        q, k, v, mask, key, p, scale, keep = inputs
+        lse = output[1]
+        ctx.save_for_backward(q, k, v, mask, key, lse)
+        ctx.p, ctx.scale, ctx.keep = p, scale, keep
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor, grad_lse: Any) -> tuple:
         del grad_lse  # lse is not differentiable
-        q, k, v, mask, key, out, lse = ctx.saved_tensors
-        del out
+        q, k, v, mask, key, lse = ctx.saved_tensors
         with torch.autocast(q.device.type, enabled=False):
             weights = torch.exp(_weights(q, k, mask, ctx.scale) - lse)
-            keep = _scaled_keep(key, weights.shape, ctx.p, weights.dtype)
+            keep = _scaled_keep(ctx.keep, key, weights.shape, ctx.p, weights.dtype)
             grad_out = grad_out.to(v.dtype)
             grad_v = (weights * keep).to(v.dtype).transpose(-2, -1) @ grad_out
             grad_weights = (grad_out @ v.transpose(-2, -1)).to(keep.dtype) * keep
@@ -78,5 +79,5 @@ class _Attention(torch.autograd.Function):
             grad_scores = grad_scores.to(q.dtype) * ctx.scale
             grad_q = grad_scores @ k
             grad_k = grad_scores.transpose(-2, -1) @ q
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
 

@@ -282,7 +282,7 @@ def _attention(key: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
     if mask is None or not mask.requires_grad:  # keeps no attention matrix for the backward
         from ._keyed_attention import attention
-        return attention(q, k, v, mask, key, p, scale)
+        return attention(q, k, v, mask, key, p, scale, _keep)
     scores = (q @ k.transpose(-2, -1)) * scale
     if mask is not None:
         scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool

@@ -12,8 +12,8 @@ FLOORS = (
     # tensors and trees, randomness and recomputation, processes and shards, files, text, the
     # version and torch's internals
     ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
-     "random", "_remat",
-     "distributed", "workdir", "units", "tensor_parallel", "sharding", "preemption"),
+     "random", "_keyed_attention", "_remat",
+     "distributed", "workdir", "meshes", "units", "tensor_parallel", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "_step_spec"),
     # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending

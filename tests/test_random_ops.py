@@ -195,17 +195,16 @@ def test_keyed_attention_dropout_has_the_gradients_of_its_math_in_float64():
             scores = scores.masked_fill(~mask, float("-inf"))
         weights = torch.softmax(scores, dim=-1)
         math = random._dropout(weights, p, True, key, weights.shape) @ v
-        out = attention(q, k, v, mask, key, p, 0.5)
+        out = attention(q, k, v, mask, key, p, 0.5, random._keep)
         torch.testing.assert_close(out, math, rtol=1e-12, atol=1e-12)
         if p < 1.0:  # (the math's own gradient at p = 1 divides by zero)
             g = torch.randn_like(out, generator=torch.Generator().manual_seed(1))
             torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g),
                                        torch.autograd.grad(math, (q, k, v), g))
-    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, None, key, 0.3, 0.5),
-                                    (q, k, v))
-    in_func = torch.func.grad(lambda q: attention(q, k, v, None, key, 0.3, 0.5).sum())(q)
-    torch.testing.assert_close(in_func, torch.autograd.grad(
-        attention(q, k, v, None, key, 0.3, 0.5).sum(), q)[0])
+    dropped = lambda q, k, v: attention(q, k, v, None, key, 0.3, 0.5, random._keep)  # noqa: E731
+    assert torch.autograd.gradcheck(dropped, (q, k, v))
+    in_func = torch.func.grad(lambda q: dropped(q, k, v).sum())(q)
+    torch.testing.assert_close(in_func, torch.autograd.grad(dropped(q, k, v).sum(), q)[0])
 
 
 # A compiled torch.func step on a stack of attention layers with dropout 0.1 (batch 2, 4 heads,
