@@ -257,10 +257,17 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "s
               "enable_gqa")
 
 
-def _attention(key: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+def _attention(key: torch.Tensor, args: tuple, kwargs: dict,
+               recomputed: bool = False) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` with its attention dropout drawn from ``key``: the
     math of its documented reference (scores, masks, softmax, dropout, weighted values), which
-    the compiler fuses. Without dropout the call goes to torch's own kernels unchanged."""
+    the compiler fuses. Without dropout the call goes to torch's own kernels unchanged.
+
+    ``recomputed`` (a ``torch.func`` step's, where no region is checkpointed): one autograd
+    Function (``fxtrain._keyed_attention``) that keeps no attention matrix for the backward and
+    recomputes it there. Not on autograd's path: inside a checkpointed region (``fx.remat``,
+    a model's own checkpointing) torch 2.13's compiled recomputation refused its backward
+    ("Detected 2 disjoint backward regions that require recomputation")."""
     bound = {**dict(zip(_SDPA_ARGS, args)), **kwargs}
     unknown = bound.keys() - set(_SDPA_ARGS)
     if unknown:
@@ -280,7 +287,7 @@ def _attention(key: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
     if causal:
         length, source = q.size(-2), k.size(-2)
         mask = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
-    if mask is None or not mask.requires_grad:  # keeps no attention matrix for the backward
+    if recomputed and (mask is None or not mask.requires_grad):
         from ._keyed_attention import attention
         return attention(q, k, v, mask, key, p, scale, _keep)
     scores = (q @ k.transpose(-2, -1)) * scale
@@ -503,7 +510,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
             training = bool(_arg(args, kwargs, 3, "training", False))
             return _rrelu(x, lower, upper, training, self._next_key())
         if func is F.scaled_dot_product_attention:
-            return _attention(self._next_key(), args, kwargs)
+            return _attention(self._next_key(), args, kwargs, self.autodiff == "func")
         if func is F.multi_head_attention_forward and \
                 float(_arg(args, kwargs, 10, "dropout_p", 0.0)) > 0.0 and \
                 _arg(args, kwargs, 13, "training", True):

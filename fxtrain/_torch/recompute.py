@@ -56,7 +56,9 @@ recomputes checkpointed regions in a graph holding a forward, its loss and its b
 (``torch._functorch._activation_checkpointing.remat_using_tags_for_fwd_loss_bwd_graph_pass``)
 finds the backward by it alone, and without it recomputed nothing: ``fx.remat`` kept every
 activation (a GPT-2 on an H200, torch 2.11: 76.2 GiB with remat per block against 63.5 without).
-Torch 2.13 finds the backward by the ``autograd_backward`` Dynamo sets, and ignores this key."""
+Torch 2.13 finds the backward by the ``autograd_backward`` Dynamo sets, and there the key is
+not set: with it, each checkpointed region's recomputation read as a backward region of its own
+("Detected 3 disjoint backward regions", a transformers model's own checkpointing, compiled)."""
 
 CHAIN = 16
 """The most ops one recomputed tensor may repeat, counting the recomputed ops it reads."""
@@ -181,10 +183,12 @@ def marked(compute: Callable) -> Callable:
 
 def backward_marked() -> Any:
     """A context for a traced ``torch.autograd.grad``: its nodes annotated ``BACKWARD`` while
-    Dynamo traces it, so that checkpointed regions (``fx.remat``, ``torch.utils.checkpoint``)
-    are recomputed there; eagerly, or on a torch without ``annotate``, nothing."""
+    Dynamo traces it on torch before 2.13, so that checkpointed regions (``fx.remat``,
+    ``torch.utils.checkpoint``) are recomputed there; eagerly, from 2.13 on, or on a torch
+    without ``annotate``, nothing."""
+    from .version import at_least
     annotate = getattr(torch.fx.traceback, "annotate", None)
-    if annotate is None or not torch.compiler.is_compiling():
+    if annotate is None or not torch.compiler.is_compiling() or at_least(2, 13):
         return contextlib.nullcontext()
     return annotate(BACKWARD)
 
