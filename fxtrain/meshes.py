@@ -125,15 +125,7 @@ def value(p: Any, roles: Roles, planned: bool, dtype: torch.dtype | None = None)
     tp_mesh = mesh[mesh.mesh_dim_names[roles.tp]]
     placement = p.placements[roles.tp]
     return DTensor.from_local(local, tp_mesh, [placement], run_check=False,
-                              shape=p.shape, stride=_contiguous_stride(p.shape))
-
-
-def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
-    stride, out = 1, []
-    for size in reversed(shape):
-        out.append(stride)
-        stride *= size
-    return tuple(reversed(out))
+                              shape=p.shape, stride=p.stride())
 
 
 def reduced(grad: Any, roles: Roles) -> Any:
