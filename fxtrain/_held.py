@@ -13,9 +13,10 @@ forward, so ``call`` is ``functional_call`` there.
 
 Tied tensors (a GPT-2's embedding and head) are bound here rather than by ``functional_call``'s
 ``tie_weights``, from the groups of tied names ``TrainState.create`` found when it made the
-state's module (``TIED``, a tuple of names): Dynamo would otherwise trace torch's walk over every
-submodule in every step it compiles (an eighth of the bytecode it traced for a GPT-2 step). A
-module without them (one ``create`` could not copy) is left to ``functional_call``.
+state's module (``state.layout.tied``, from ``tied_names``): Dynamo would otherwise trace torch's
+walk over every submodule in every step it compiles (an eighth of the bytecode it traced for a
+GPT-2 step). A module without them (None: one ``create`` could not copy) is left to
+``functional_call``.
 """
 
 from __future__ import annotations
@@ -49,10 +50,10 @@ def holding() -> Iterator[None]:
 
 
 def call(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple,
-         kwargs: dict[str, Any]) -> Any:
-    """``functional_call(module, tensors, args, kwargs)``; inside ``holding()`` the tensors
-    stay in the module until that context ends (a later call's replace an earlier one's)."""
-    groups = getattr(module, TIED, None)
+         kwargs: dict[str, Any], groups: tuple[tuple[str, ...], ...] | None) -> Any:
+    """``functional_call(module, tensors, args, kwargs)`` with the tied names ``groups``
+    (``tied_names``'s; None: left to ``functional_call``); inside ``holding()`` the tensors stay
+    in the module until that context ends (a later call's replace an earlier one's)."""
     if groups is not None:
         tensors = untied(groups, tensors)
     stack = None if torch.compiler.is_compiling() else _held.get()
@@ -60,10 +61,6 @@ def call(module: nn.Module, tensors: dict[str, torch.Tensor], args: tuple,
         return functional_call(module, tensors, args, kwargs, tie_weights=groups is None)
     stack.enter_context(reparametrized(module, tensors, tie_weights=groups is None))
     return module(*args, **kwargs)
-
-
-TIED = "_fxtrain_tied"
-"""The attribute of a state's module that holds ``tied_names(module)``."""
 
 
 def tied_names(module: nn.Module) -> tuple[tuple[str, ...], ...]:
@@ -91,12 +88,7 @@ def untied(groups: tuple[tuple[str, ...], ...],
     return {**tensors, **extra} if extra else tensors
 
 
-CHECKPOINTING = "_fxtrain_checkpointing"
-"""The attribute a state's module holds: whether the model's own activation checkpointing is on
-(``checkpointing``), read by a ``torch.func`` step, which refuses it: one attribute, which
-Dynamo guards alone, where a walk over the submodules would guard on each."""
-
-
 def checkpointing(module: nn.Module) -> bool:
-    """Whether any submodule has transformers' ``gradient_checkpointing`` on."""
+    """Whether any submodule has transformers' ``gradient_checkpointing`` on (a fact of the
+    state's ``layout``, read by a ``torch.func`` step, which refuses it)."""
     return any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules())

@@ -52,10 +52,13 @@ def index_tensor(index: int) -> torch.Tensor:
     return _INDICES[index]
 
 
-def shard_of(shard: tuple[int, int] | bool | None, who: str) -> tuple[int, int]:
-    """``(rank, world_size)`` of a stream's ``shard`` argument (see ``Batches``)."""
+def shard_of(shard: tuple[int, int] | bool | None, who: str,
+             layout: distributed.Layout | None = None) -> tuple[int, int]:
+    """``(rank, world_size)`` of a stream's ``shard`` argument (see ``Batches``): None takes
+    ``layout``'s share of the batch (its data replicas: ``fit`` gives the state's), or while
+    no layout is given, that of a state ``fx.shard`` has not touched (every rank a replica)."""
     if shard is None:
-        return distributed.data_rank(), distributed.data_world_size()
+        return distributed.data_rank(layout), distributed.data_world_size(layout)
     if shard is False:
         return 0, 1
     ok = isinstance(shard, tuple) and len(shard) == 2 and all(isinstance(x, int) for x in shard)

@@ -21,7 +21,7 @@ from . import distributed, donation, random
 from .protocol import Event, fold
 from .evaluation import batch_size_of
 from .feed import to_device
-from .sharding import with_whole_params
+from .distributed import with_whole_params
 from .state import set_training
 from .tree import tree_map
 

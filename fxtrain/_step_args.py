@@ -16,7 +16,8 @@ import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from . import distributed, gradients
+from . import distributed
+from .gradients import AUTODIFFS
 from .precision import LOSS_SCALE, Policy
 from .precision import loss_scale as default_loss_scale
 from .precision import policy as precision_policy
@@ -34,7 +35,9 @@ class StepArgs:
       mixed: the precision's ``Policy``.
       grad_stats: False, True or ``"histograms"``, an in-step callback's need included.
       data_parallel: what was asked (None: decided by the process group).
-      parallel: whether gradients are averaged over ranks.
+      parallel: whether gradients are averaged over ranks (asked for, or several ranks in the
+        process group); a step then averages them over the data replicas of the state's
+        ``layout`` where it has several (a tensor-parallel group is one).
       buffers: ``"mean"`` or ``"local"``.
       donate: True, False or None (the caller's ``donate=``).
       steps_per_call: K, the steps one call takes.
@@ -91,16 +94,15 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
     if donate not in (None, True, False):
         raise ValueError(f"make_train_step: donate must be True, False or None (when the "
                          f"caller passes donate=True, as fx.fit does), got {donate!r}")
-    if autodiff not in gradients.AUTODIFFS:
+    if autodiff not in AUTODIFFS:
         raise ValueError(f"make_train_step: autodiff must be one of "
-                         f"{', '.join(map(repr, gradients.AUTODIFFS))}, got {autodiff!r}")
+                         f"{', '.join(map(repr, AUTODIFFS))}, got {autodiff!r}")
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
             steps_per_call < 1:
         raise ValueError(f"make_train_step: steps_per_call must be a positive int, got "
                          f"{steps_per_call!r}")
     wanted = grad_stats or any(isinstance(cb, Callback) and cb.grad_stats for cb in callbacks)
-    parallel = distributed.data_world_size() > 1 if data_parallel is None else \
-        bool(data_parallel)
+    parallel = distributed.world_size() > 1 if data_parallel is None else bool(data_parallel)
     return StepArgs(loss_fn=loss_fn, callbacks=callbacks, step_states=owned, mixed=mixed,
                     grad_stats=wanted, data_parallel=data_parallel, parallel=parallel,
                     buffers=buffers, donate=donate, steps_per_call=steps_per_call,

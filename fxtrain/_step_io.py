@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from . import _held
 from ._torch.traced_errors import fail, run_while_tracing
 from .losses import Mean
 from .metrics import Average
@@ -108,12 +107,12 @@ def eval_metrics(out: Any) -> dict[str, Any]:
     return {"loss": loss, **aux}
 
 
-def check_no_checkpointing(module: torch.nn.Module) -> None:
-    """Refuses a model whose own activation checkpointing is on (transformers'
-    ``gradient_checkpointing_enable()`` before ``TrainState.create``) on the ``torch.func``
-    path, which cannot run it (functorch's ``requires_grad_`` error eagerly, Dynamo's "unsafe
-    side effect" compiled)."""
-    if getattr(module, _held.CHECKPOINTING, False):
+def check_no_checkpointing(layout: Any) -> None:
+    """Refuses a model whose own activation checkpointing is on (``layout.checkpointing``:
+    transformers' ``gradient_checkpointing_enable()`` before ``TrainState.create``) on the
+    ``torch.func`` path, which cannot run it (functorch's ``requires_grad_`` error eagerly,
+    Dynamo's "unsafe side effect" compiled)."""
+    if layout.checkpointing:
         fail(ValueError, "make_train_step: this model has activation checkpointing turned on "
                          "(transformers' gradient_checkpointing_enable(), or a module with "
                          "gradient_checkpointing=True), which torch.func's gradients cannot "

@@ -13,6 +13,7 @@ order, as ``Batches`` does.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -91,6 +92,7 @@ class Stream:
         if seek is not None and shuffle_buffer:
             raise ValueError("Stream: seek cannot enter a shuffle buffer's order midway; pass "
                              "one of seek and shuffle_buffer")
+        self.shard = shard
         self.rank, self.world_size = shard_of(shard, "Stream")
         self.examples, self.seek = examples, seek
         self._by_epoch = not is_iterable  # a function of the epoch
@@ -104,6 +106,20 @@ class Stream:
         self._epoch_tensor = torch.zeros((), dtype=torch.int64)
         self._ahead: list | None = []  # the next global batch's examples; None: not read yet
         self._last: DataPosition | None = None  # the position ``_cursor`` stands at
+
+    def on(self, layout: Any) -> Stream:
+        """This stream as the data replicas of ``layout`` (a state's) share it: itself when made
+        with a ``shard`` or already shared so, else a copy that is, read from its start
+        (``fx.fit`` trains on ``data.on(state.layout)``)."""
+        share = shard_of(self.shard, "Stream", layout)
+        if share == (self.rank, self.world_size):
+            return self
+        moved = copy.copy(self)
+        moved.rank, moved.world_size = share
+        moved._global = self.batch_size * moved.world_size
+        moved._it, moved._cursor, moved._ahead, moved._last = iter(()), (0, 0), [], None
+        moved._epoch_tensor = torch.zeros((), dtype=torch.int64)
+        return moved
 
     def __len__(self) -> int:
         """Batches per epoch, when the examples are an iterable with a length."""

@@ -22,6 +22,7 @@ Examples:
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -117,8 +118,10 @@ class Batches:
       shard: ``(rank, world_size)``: under data parallelism each epoch's order is cut into
         global batches of ``world_size * batch_size`` examples and rank ``r`` takes the ``r``-th
         ``batch_size`` of each, so the ranks see disjoint examples and together exactly what one
-        process with the global batch would. None (default): this process's rank and world
-        size when torch.distributed is initialized; False: every rank reads everything.
+        process with the global batch would. None (default): the share of the state ``fx.fit``
+        trains (its ``layout``: each data replica one share; the ranks of a tensor-parallel
+        group one between them), and before that this process's rank and world size when
+        torch.distributed is initialized; False: every rank reads everything.
         ``batch_size`` is per rank. Without ``drop_last`` the last global batch of an epoch may
         leave some ranks a short or empty batch (fine for evaluation, which weighs by size).
         Resuming on another layout (another ``batch_size`` or number of processes) is exact: see
@@ -165,6 +168,7 @@ class Batches:
                  device: torch.device | str | None = None):
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
+        self.shard = shard
         self.rank, self.world_size = shard_of(shard, "Batches")
         self.device = None if device is None else torch.device(device)
         source = _tensor_source(data, self.device)
@@ -176,10 +180,34 @@ class Batches:
         self._global = batch_size * self.world_size  # examples per step over all ranks
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
+        self._check_length()
+
+    def _check_length(self) -> None:
         if len(self) == 0:
-            raise ValueError(f"Batches: {self.size} examples make no batch of {batch_size}"
+            raise ValueError(f"Batches: {self.size} examples make no batch of {self.batch_size}"
                              + (f" on each of {self.world_size} ranks" if self.world_size > 1
-                                else "") + (" with drop_last=True" if drop_last else ""))
+                                else "") + (" with drop_last=True" if self.drop_last else ""))
+
+    def on(self, layout: Any) -> Batches:
+        """These batches as the data replicas of ``layout`` (a state's) share them: itself when
+        made with a ``shard`` or already shared so, else a copy that is (``fx.fit`` trains on
+        ``data.on(state.layout)``, so ``fx.shard`` may come after the stream was made).
+
+        Examples:
+            >>> data = fx.data.Batches(torch.arange(8), 2)
+            >>> state = fx.TrainState.create(nn.Linear(1, 1), fx.optim.sgd(0.1))
+            >>> data.on(state.layout) is data  # one process: every rank is a replica
+            True
+        """
+        share = shard_of(self.shard, "Batches", layout)
+        if share == (self.rank, self.world_size):
+            return self
+        moved = copy.copy(self)
+        moved.rank, moved.world_size = share
+        moved._global = self.batch_size * moved.world_size
+        moved._epoch, moved._last = None, None
+        moved._check_length()
+        return moved
 
     def __len__(self) -> int:
         """Batches per epoch (on this rank)."""
@@ -466,12 +494,16 @@ def _is_stateful_loader(data: Any) -> bool:
     return module is not None and isinstance(data, module.StatefulDataLoader)
 
 
-def as_stream(data: Any) -> Any:
-    """``data`` as a stream: ``init()``, ``next(position)``, ``batch_size``, ``repeats``.
+def as_stream(data: Any, layout: Any = None) -> Any:
+    """``data`` as a stream: ``init()``, ``next(position)``, ``batch_size``, ``repeats``; a
+    ``Batches`` or ``Stream`` made without a ``shard`` as ``layout``'s data replicas share it
+    (``fit`` passes the state's).
 
     Every position has an ``epoch`` (a 0-d CPU int64 tensor).
     """
-    if isinstance(data, Batches | Stream | IterableStream | LoaderStream):
+    if isinstance(data, Batches | Stream):
+        return data if layout is None else data.on(layout)
+    if isinstance(data, IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):
         return LoaderStream(data)

@@ -17,7 +17,7 @@ import torch.utils._pytree as pytree
 from . import distributed
 from .feed import to_device
 from .metrics import Average, Metric
-from .sharding import with_whole_params
+from .distributed import with_whole_params
 from .tree import tree_map
 
 

@@ -19,10 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import units
 from .donation import check_live
-from .dtensors import gathered
-from .state import refuse_direct_call
+from .distributed import gathered
 
 
 def _weights(state: Any) -> dict[str, torch.Tensor]:
@@ -48,7 +46,8 @@ def trained_module(state: Any) -> nn.Module:
         torch.Size([1, 2])
     """
     check_live(state, "trained_module")
-    skeleton = state.module
+    layout = state.layout
+    skeleton = state.module if layout.skeleton is None else layout.skeleton  # no units, no plan
     weights = _weights(state)
     memo: dict[int, Any] = {}
     named = itertools.chain(skeleton.named_parameters(remove_duplicate=False),
@@ -65,11 +64,10 @@ def trained_module(state: Any) -> nn.Module:
                              f"state and {tuple(tensor.shape)} in the model")
         memo[id(tensor)] = nn.Parameter(value, requires_grad=tensor.requires_grad) \
             if isinstance(tensor, nn.Parameter) else value
-    module = units.uninstalled(copy.deepcopy(skeleton, memo))  # its own classes, not units'
-    for sub in module.modules():  # the skeleton's guard against direct calls goes
-        for key, hook in list(sub._forward_pre_hooks.items()):
-            if hook is refuse_direct_call:
-                del sub._forward_pre_hooks[key]
+    # copied with the guard's handle, whose copy then removes the copy's guard
+    module, guard = copy.deepcopy((skeleton, layout.guard), memo)
+    if guard is not None:
+        guard.remove()
     return module
 
 

@@ -164,7 +164,7 @@ def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, m
              resume: bool) -> tuple[RunPlan, Progress, str | None]:
     """The run's plan and its progress at the start: the callbacks' states made, the data's
     position set, the latest checkpoint restored (and where from, or None)."""
-    stream = as_stream(data)
+    stream = as_stream(data, state.layout)  # its share of the batch: the layout's
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
     spec = step_spec(train_step)

@@ -18,7 +18,8 @@ import warnings
 import torch
 from torch import nn
 
-from . import _held, optim, random, sharding, struct
+from . import _held, optim, random, struct
+from .distributed import Layout, for_forward
 from .protocol import init_states
 from .donation import check_live
 from .optim.base import GradientTransformation, apply_updates, update_weighted
@@ -65,10 +66,10 @@ def set_training(module: torch.nn.Module, training: bool) -> bool:
     return was
 
 
-def skeleton(model: nn.Module) -> nn.Module:
+def skeleton(model: nn.Module) -> tuple[nn.Module, Any]:
     """A copy of ``model`` whose parameters and buffers are on the meta device (no storage;
-    tied tensors stay tied, their names noted for ``state.apply``), for ``functional_call``.
-    Calling it directly is a clear error."""
+    tied tensors stay tied), for ``functional_call``, and the handle of its guard: calling it
+    directly is a clear error (None: ``model`` itself, which could not be copied)."""
     memo = {id(t): _meta_like(t) for t in itertools.chain(model.parameters(), model.buffers())}
     try:
         out = copy.deepcopy(model, memo)
@@ -76,11 +77,16 @@ def skeleton(model: nn.Module) -> nn.Module:
         warnings.warn(f"TrainState.create: {type(model).__name__} cannot be copied without its "
                       f"weights ({e}); the state uses the model itself, which keeps a second "
                       "copy of the initial weights", stacklevel=3)
-        return model
-    out.register_forward_pre_hook(refuse_direct_call)
-    setattr(out, _held.TIED, _held.tied_names(out))  # read by state.apply (see fxtrain._held)
-    setattr(out, _held.CHECKPOINTING, _held.checkpointing(out))  # a torch.func step refuses it
-    return out
+        return model, None
+    return out, out.register_forward_pre_hook(refuse_direct_call)
+
+
+def layout_of(skeleton_: nn.Module, guard: Any) -> Layout:
+    """The layout of a state of the skeleton ``skeleton_`` (one process, or data parallel): its
+    tied names (``state.apply`` binds them; None without a ``guard``: the model itself, which
+    ``functional_call`` ties), whether it checkpoints its own activations, the guard's handle."""
+    tied = None if guard is None else _held.tied_names(skeleton_)
+    return Layout(tied=tied, checkpointing=_held.checkpointing(skeleton_), guard=guard)
 
 
 # torch.optim's optimizers and the fxtrain transforms that compute the same update
@@ -136,8 +142,10 @@ def check_transform(tx: Any) -> None:
 @struct.dataclass(kw_only=True)
 class TrainState:
     """Step counter, parameters, buffers, optimizer state, RNG key, data position and callback
-    states, as one frozen value. ``module`` (a weightless skeleton of the model) and ``tx`` are
-    static: part of the structure, not leaves, and never saved in checkpoints.
+    states, as one frozen value. ``module`` (a weightless skeleton of the model), ``tx`` and
+    ``layout`` (how the model is laid out over the ranks: ``fx.distributed.Layout``, which
+    ``fx.shard`` replaces) are static: part of the structure, not leaves, and never saved in
+    checkpoints.
 
     Examples:
         >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1), seed=0)
@@ -158,6 +166,7 @@ class TrainState:
     callbacks: dict[str, Any] | None = None
     module: nn.Module = struct.field(static=True, repr=False)
     tx: GradientTransformation = struct.field(static=True, repr=False)
+    layout: Layout = struct.field(static=True, repr=False, default=Layout())
 
     @classmethod
     def create(cls, model: nn.Module, tx: GradientTransformation, *, seed: int = 0,
@@ -188,15 +197,19 @@ class TrainState:
         frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         buffers = {**frozen, **{n: b.detach().clone() for n, b in model.named_buffers()}}
         device = next(iter(params.values())).device
-        optim.masks.note_tied(_held.tied_names(model))  # before tx.init reads a mask
+        module, guard = skeleton(model)
+        layout = layout_of(module, guard)
+        with optim.masks.tied(layout.tied):  # a mask may name either of two tied names
+            opt_state = tx.init(params)
         state = cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             params=params,
             buffers=buffers or None,
-            opt_state=tx.init(params),
+            opt_state=opt_state,
             rng=random.seed_key(seed, device),
-            module=skeleton(model),
+            module=module,
             tx=tx,
+            layout=layout,
         )
         return state.replace(callbacks=init_states(callbacks, state))
 
@@ -211,13 +224,13 @@ class TrainState:
             >>> state.apply(zeros, torch.ones(1, 3))
             tensor([[0., 0.]])
         """
-        # a sharded state's parameters whole, but for those its units gather (fxtrain.units)
-        params = sharding.for_forward(params, self.module)
+        # a sharded state's parameters whole, but for those its units gather (fx.shard's)
+        params = for_forward(params, self.layout)
         buffers = self.buffers
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
             buffers = {k: v.clone() for k, v in buffers.items()}
         tensors = params if buffers is None else {**params, **buffers}
-        return _held.call(self.module, tensors, args, kwargs)
+        return _held.call(self.module, tensors, args, kwargs, self.layout.tied)
 
     def apply_gradients(self, grads: dict[str, torch.Tensor], *,
                         weight: torch.Tensor | None = None) -> TrainState:
@@ -235,6 +248,15 @@ class TrainState:
         """
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
-        updates, opt_state = update_weighted(self.tx, grads, self.opt_state, self.params, weight)
+        with optim.masks.tied(self.layout.tied):
+            updates, opt_state = update_weighted(self.tx, grads, self.opt_state, self.params,
+                                                 weight)
         return self.replace(step=self.step + 1, params=apply_updates(self.params, updates),
                             opt_state=opt_state)
+
+    def init_opt_state(self, params: dict[str, torch.Tensor]) -> Any:
+        """``self.tx.init(params)``, its masks reading this state's tied names: the optimizer
+        state of ``params`` (``fx.shard`` lays the state's out like the one this gives for the
+        sharded parameters)."""
+        with optim.masks.tied(self.layout.tied):
+            return self.tx.init(params)

@@ -18,67 +18,19 @@ from typing import Any
 
 import torch
 
-from . import distributed, donation, gradients, random, sharding
-from .protocol import (NOTHING, Event, StepState, callback_state, control_from_metrics,
-                       control_to_metrics, fold, set_callback_state)
+from . import donation, random
 from ._k_steps import check_stacked, unstack
-from .optim.wrappers import learning_rate
-from .precision import LOSS_SCALE
-from .state import TrainState, set_training, with_step_buffers
+from ._phases import revert_update, single_step
 from ._step_args import StepArgs, step_args
-from ._step_io import (BatchGuard, check_batch_device, check_no_checkpointing, eval_metrics,
-                       split_loss)
+from ._step_io import BatchGuard, check_batch_device, eval_metrics
 from ._step_spec import StepSpec
-from .stats import gradient_histograms, gradient_statistics
 from ._torch import autograd as torch_autograd
-from ._torch.traced_errors import fail
 from ._torch.dynamo import ignore_transformers_logging
-from .tree import squared_norms, tree_select
+from .protocol import NOTHING, StepState, control_from_metrics, control_to_metrics
+from .state import TrainState, set_training
 
 LossFn = Callable[[TrainState, dict[str, torch.Tensor], Any], Any]
 _EVAL_STREAM = 0x5EED
-
-
-def _step_metrics(loss, aux, grads, opt_state, grad_stats,
-                  squared: list | None = None) -> dict[str, torch.Tensor]:
-    squared = squared_norms(list(grads.values())) if squared is None else squared
-    metrics = {"loss": loss, "grad_norm": torch.sqrt(sum(squared))}
-    lr = learning_rate(opt_state)
-    if lr is not None:
-        metrics["learning_rate"] = lr
-    if grad_stats:
-        metrics.update(gradient_statistics(grads, squared))
-    if grad_stats == "histograms":  # of a sharded state's whole gradients (a gather)
-        metrics.update(gradient_histograms(sharding.gathered(grads)))
-    clash = sorted(metrics.keys() & aux.keys())
-    if clash:
-        fail(ValueError, f"loss_fn's aux uses reserved metric names {clash}; rename them")
-    return {**metrics, **aux}
-
-
-def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
-    """``new`` with the params, buffers and optimizer state of ``old`` where ``skip`` holds.
-
-    ``skip`` is a Python bool (decided on the host) or a 0-d bool tensor (no sync).
-
-    Examples:
-        >>> from fxtrain.step import revert_update
-        >>> old = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
-        >>> grads = {k: torch.ones_like(p) for k, p in old.params.items()}
-        >>> new = old.apply_gradients(grads)
-        >>> kept = revert_update(old, new, torch.tensor(True))  # decided on device
-        >>> torch.equal(kept.params["bias"], old.params["bias"]), int(kept.step)  # step counts
-        (True, 1)
-        >>> torch.equal(revert_update(old, new, False).params["bias"], new.params["bias"])
-        True
-    """
-    if skip is False:
-        return new
-    if skip is True:
-        return new.replace(params=old.params, buffers=old.buffers, opt_state=old.opt_state)
-    return new.replace(params=tree_select(skip, old.params, new.params),
-                       buffers=tree_select(skip, old.buffers, new.buffers),
-                       opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
 def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
@@ -136,9 +88,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         ``loss_scale=fx.precision.loss_scale(...)`` for other settings).
 
       autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``) or
-        ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: a step that
-        takes it turns on ``torch._dynamo.config.trace_autograd_ops`` and
-        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, process-wide settings). The two
+        ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: a step built
+        with it, or with ``"auto"``, turns on ``torch._dynamo.config.trace_autograd_ops`` and
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, process-wide settings that change
+        nothing for compiled code without ``autograd.grad`` or a checkpoint). The two
         give the same gradients; ``"autograd"`` runs the saved-tensor hooks of activation
         checkpointing (``fx.remat``, ``torch.utils.checkpoint``), which ``torch.func``
         refuses (see ``fxtrain.gradients``). ``"auto"`` (the default): ``"autograd"`` for a
@@ -185,15 +138,15 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                      grad_stats=grad_stats, data_parallel=data_parallel, buffers=buffers,
                      donate=donate, steps_per_call=steps_per_call, precision=precision,
                      autodiff=autodiff)  # every argument checked before anything is built
-    if args.autodiff == "autograd":
-        torch_autograd.trace_autograd_ops()  # process-wide: see fxtrain._torch.autograd
+    if args.autodiff != "func":  # when built, never from inside a trace: its path may be
+        torch_autograd.trace_autograd_ops()  # autograd's (process-wide: fxtrain._torch.autograd)
     ignore_transformers_logging()  # process-wide: see fxtrain._torch.dynamo
     return _built(args)
 
 
 def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     """The train step of checked arguments (``make_train_step``)."""
-    one_step = _single_step(args)
+    one_step = single_step(args)
     spec = StepSpec(steps_per_call=args.steps_per_call, precision=args.precision,
                     in_step_callbacks=args.callbacks, step_states=args.step_states,
                     donate=args.donate)
@@ -227,105 +180,6 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
 
     train_steps.spec = spec
     return train_steps
-
-
-def _single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
-    """``one_step(state, batch) -> (state, metrics)``: one update, never donating."""
-    loss_fn, mixed, callbacks = args.loss_fn, args.mixed, args.callbacks
-    guard = BatchGuard("train_step")
-    choose = gradients.chooser(args.parallel, args.buffers == "mean")
-    rank = distributed.data_rank() if args.parallel else 0  # a tensor-parallel group's alike
-
-    def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        mixed.check(state.params)
-        guard(batch)
-        check_batch_device(batch, state.step.device, "train_step")
-        autodiff = gradients.resolved(args.autodiff, state.module)  # "auto": by the model
-        if autodiff == "func":
-            check_no_checkpointing(state.module)
-        elif args.autodiff == "auto":  # the Dynamo settings an autograd step needs
-            torch_autograd.trace_autograd_ops_now()
-        scaler = callback_state(state, LOSS_SCALE) if mixed.scaled else None
-        path = choose(state.params, autodiff, state.module)  # one process, data parallel,
-        # sharded or tensor parallel
-        if isinstance(path, gradients.Sharded) and args.data_parallel is False:
-            raise ValueError("make_train_step(data_parallel=False) cannot train a sharded state "
-                             "(fx.shard): sharding is data parallel, each rank on its share of "
-                             "the batch; leave data_parallel unset")
-        key = random.step_key(state.rng, state.step)
-        if rank:  # each rank draws its own dropout masks (rank 0 draws a single process's)
-            key = random.fold_in(key, rank)
-
-        def forward(params):
-            inner = with_step_buffers(state)
-            with mixed.autocast(state.step.device):
-                loss, aux, count = split_loss(loss_fn(inner, params, batch))
-            if mixed.compute_dtype is not None:
-                loss = loss.float()  # the loss and its metric in float32
-            loss, weight = _weighed(loss, count, args.parallel)
-            scaled = loss if scaler is None else loss * scaler.scale
-            weights = () if weight is None else (weight,)  # functorch's aux: tensors only
-            return scaled, (loss, aux, dict(inner.buffers or {}), weights)  # plain dicts
-
-        def in_train_mode_keyed(fn, *inputs):
-            was = set_training(state.module, True)
-            try:
-                with random.keyed(key, autodiff):
-                    return fn(*inputs)
-            finally:
-                set_training(state.module, was)
-
-        whole = path.whole(state.params, state.module)
-        recompute = path.recomputes(state.module)
-        if autodiff == "func":  # the transform runs the forward in train mode, keyed
-            grads, (_, (loss, aux, new_buffers, weights)) = gradients.differentiate(
-                lambda params: in_train_mode_keyed(forward, params), autodiff,
-                recompute=recompute)(whole)
-        else:  # and the backward: what activation checkpointing recomputes there runs as
-            # the forward ran (see fxtrain.gradients, fxtrain.random and fx.remat)
-            grads, (_, (loss, aux, new_buffers, weights)) = in_train_mode_keyed(
-                gradients.differentiate(forward, autodiff, path.on_grad, recompute), whole)
-        weight = weights[0] if weights else None
-        out = path.reduce(grads, loss, aux, new_buffers, state.params,
-                          scale=None if scaler is None else scaler.scale,
-                          check_finite=scaler is not None)
-        new = state.apply_gradients(out.grads, weight=weight).replace(
-            buffers=out.buffers or None)
-        metrics = path.metrics(_step_metrics(out.loss, out.aux, out.grads, new.opt_state,
-                                             args.grad_stats, out.squared))
-        if weight is not None:  # what the loss averaged over, on every rank: see fx.losses
-            metrics["loss_count"] = weight
-        if scaler is not None:  # a non-finite step is skipped, and the scale follows
-            new = revert_update(state, new, ~out.finite)
-            new = set_callback_state(new, LOSS_SCALE, scaler.update(out.finite))
-            metrics["loss_scale"] = scaler.scale
-        if callbacks:
-            new, control = fold(callbacks, new, Event("step_end", new.step, None, metrics))
-            if control.stop_epoch is not False or control.abort is not False:
-                fail(ValueError, "an in-step callback asked for stop_epoch or abort, which only "
-                                 "host callbacks can ask for (fx.fit reads them at once); pass "
-                                 "it to fit(callbacks=...)")
-            new = revert_update(state, new, control.skip)
-            metrics.update(control_to_metrics(control, loss.device))
-        return new, metrics
-
-    return one_step
-
-
-def _weighed(loss: torch.Tensor, count: torch.Tensor | None,
-             parallel: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The loss to differentiate and report, and the weight of this step's gradient
-    (``fx.losses``): None for a plain loss. Across ranks each rank's loss is scaled by its count
-    over the ranks' mean count, so the ranks' mean (of gradients, of the loss) weighs every
-    rank's items alike; the weight is then the count summed over the ranks."""
-    if count is None:
-        return loss, None
-    count = count.detach().to(torch.float32)
-    if not parallel:
-        return loss, count
-    mean = distributed.mean_in_step([count])[0]
-    share = torch.where(mean > 0, count / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return loss * share, mean * distributed.data_world_size()
 
 
 def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str, Any]]:

@@ -13,7 +13,7 @@ import torch.utils._pytree as pytree
 
 from ._torch import trees
 from .donation import check_live
-from .dtensors import gathered
+from .distributed import gathered
 
 __all__ = ["tree_map", "tree_zeros_like", "tree_select", "global_norm", "leaves_with_paths",
            "check_same_structure", "tree_digest"]

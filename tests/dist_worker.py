@@ -419,11 +419,11 @@ def tiny_llama(seed=0):
     return transformers.LlamaForCausalLM(config)
 
 
-def llama_batches():
-    """Global batches of 4 sequences, each data replica (``data_world_size``) taking its
-    share: every layout trains on one process's batches."""
+def llama_batches(state=None):
+    """Global batches of 4 sequences, each data replica of ``state`` (``data_world_size``)
+    taking its share: every layout trains on one process's batches."""
     ids = torch.randint(0, 24, (16, 12), generator=torch.Generator().manual_seed(3))
-    return fx.data.Batches(ids, 4 // fx.distributed.data_world_size(), seed=0)
+    return fx.data.Batches(ids, 4 // fx.distributed.data_world_size(state), seed=0)
 
 
 MESHES = {"tp": None, "fsdp_tp": ("dp", "tp"), "hsdp": ("replicate", "shard")}
@@ -449,18 +449,63 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=N
     losses, before = [], graph_count()
     seen = fx.callbacks.lambda_callback(on_step_end=lambda s, e: losses.append(
         float(e.metrics["loss"])))
-    final = fx.fit(state, step, llama_batches(), max_steps=steps, callbacks=[seen],
+    final = fx.fit(state, step, llama_batches(state), max_steps=steps, callbacks=[seen],
                    sync_every=1)
     if ckpt:
         fx.checkpoint.save(ckpt, final)
-    from fxtrain import tensor_parallel
     held = fx.sharding.local_nbytes((final.params, final.opt_state))
     torch.save({"losses": losses, "params": fx.sharding.gathered(final.params), "held": held,
-                "graphs": graph_count() - before, "split": tensor_parallel.planned(final.module),
+                "graphs": graph_count() - before, "split": final.layout.planned,
                 "opt_state": torch.utils._pytree.tree_leaves(
                     fx.sharding.gathered(final.opt_state)),
                 "units": fx.sharding.unit_names(final)},
                f"{out}/{layout}_rank{fx.distributed.rank()}.pt")
+
+
+def layout_first_or_last(out, first=True, layout="tp", steps=6):
+    """A tiny Llama, its plan "auto" (``layout`` "tp": 1-D over the ranks; "fsdp_tp": on a 2 x
+    2 mesh), trained with evaluation every 3 steps, its data and step made after ``fx.shard``
+    (``first``) or before it (the layout is resolved from the state when ``fit`` starts, not
+    when they are made); then ``fx.evaluate``, ``fx.predict`` and the trained module on the
+    trained state. Alone (world 1) the same, unsharded. Writes the losses, the evaluations
+    and what the trained state computes."""
+    ids = torch.randint(0, 24, (16, 12), generator=torch.Generator().manual_seed(3))
+    held_out = torch.randint(0, 24, (6, 12), generator=torch.Generator().manual_seed(4))
+    state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
+
+    def sharded(state):
+        if fx.distributed.world_size() == 1:
+            return state
+        mesh = None if layout == "tp" else fx.sharding.mesh((2, 2), MESHES[layout])
+        return fx.shard(state, mesh, tp_plan="auto")
+
+    if first:
+        state = sharded(state)
+    replicas = {"tp": 1, "fsdp_tp": 2}[layout] if fx.distributed.world_size() > 1 else 1
+    data = fx.data.Batches(ids, 4 // replicas, seed=0)  # global batches of 4: its share
+    step = fx.make_train_step(gpt2_loss)
+    if not first:
+        state = sharded(state)
+    evals, losses = [], []
+    seen = fx.callbacks.lambda_callback(
+        on_step_end=lambda s, e: losses.append(float(e.metrics["loss"])),
+        on_eval_end=lambda s, e: evals.append({k: float(v) for k, v in e.metrics.items()}))
+    eval_step = fx.make_eval_step(gpt2_loss)
+    final = fx.fit(state, step, data, max_steps=steps, callbacks=[seen], eval_step=eval_step,
+                   eval_data=fx.data.Batches(held_out, 2, shuffle=False, drop_last=False),
+                   eval_every=3, progress=False)
+    evaluated = fx.evaluate(eval_step, final, [held_out[:4], held_out[4:]])
+    predicted = fx.predict(lambda s, x: {"logits": s.apply(s.params, input_ids=x).logits},
+                           final, fx.data.Batches(held_out, 4, shuffle=False,
+                                                  drop_last=False))
+    module = fx.trained_module(final).eval()
+    with torch.no_grad():
+        logits = module(input_ids=held_out).logits
+    torch.save({"losses": losses, "evals": evals, "evaluated": {k: float(v) for k, v in
+                                                                evaluated.items()},
+                "predicted": predicted["logits"], "logits": logits,
+                "params": fx.sharding.gathered(final.params)},
+               f"{out}/rank{fx.distributed.rank()}.pt")
 
 
 def restored_llama(out, ckpt):
@@ -585,7 +630,7 @@ def resumable(out, ckpt, steps=40, sleep=0.0, shard="no"):
     slow = fx.callbacks.lambda_callback(on_step_end=lambda s, e: time.sleep(sleep))
     with fx.checkpoint.CheckpointManager(ckpt, keep_latest=3, async_save=True) as manager:
         final = fx.fit(state, fx.make_train_step(loss, autodiff=autodiff),
-                       fx.data.Batches((X, Y), 32 // fx.distributed.data_world_size(), seed=2),
+                       fx.data.Batches((X, Y), 32 // fx.distributed.data_world_size(state), seed=2),
                        max_steps=steps, checkpoint=manager, callbacks=[
                            fx.callbacks.checkpoint_policy(every=5), slow,
                            fx.callbacks.log_metrics(writer, every=5)])
@@ -656,7 +701,8 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "timed_saves": timed_saves, "resumable": resumable, "failing": failing,
              "predicting": predicting, "lm_weighted": lm_weighted,
              "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves,
-             "tensor_parallel": tensor_parallel, "restored_llama": restored_llama}
+             "tensor_parallel": tensor_parallel, "restored_llama": restored_llama,
+             "layout_first_or_last": layout_first_or_last}
 
 
 def spawned(rank, world, port, name, args, kwargs):

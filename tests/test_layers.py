@@ -11,9 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 FLOORS = (
     # tensors and trees, randomness and recomputation, processes and shards, files, text, the
     # version and torch's internals
-    ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "dtensors", "tree", "stats", "means",
+    ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "tree", "stats", "means",
      "random", "_keyed_attention", "_remat",
-     "distributed", "workdir", "meshes", "units", "tensor_parallel", "sharding", "preemption"),
+     "distributed", "workdir", "sharding", "preemption"),
     # the contracts between the pieces: the callback protocol, a step's spec
     ("protocol", "_step_spec"),
     # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
@@ -24,7 +24,7 @@ FLOORS = (
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
     # the step, the batches it takes, and what runs it or reads it
-    ("step", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_position", "_streaming", "_packing",
+    ("step", "_phases", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_position", "_streaming", "_packing",
      "evaluation",
      "_predict", "_lr_find", "_step_args", "_step_io"),
     # the loop, resuming it, and the tools that look at steps and loops

@@ -19,7 +19,7 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
   checkpointed region advances the step's keyed stream, a Python side effect Dynamo otherwise
   refuses there). Both are read by Dynamo while it traces, not per compile, so they cannot be
   scoped to one ``torch.compile``: they stay on for the process (documented in
-  ``make_train_step``). They change nothing for code that calls no ``torch.autograd.grad`` and
+  ``make_train_step``, which turns them on when a step is built, never while one is traced). They change nothing for code that calls no ``torch.autograd.grad`` and
   no checkpoint inside a compiled function.
 """
 
@@ -65,12 +65,3 @@ def trace_autograd_ops() -> None:
 
     torch._dynamo.config.trace_autograd_ops = True
     torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-
-
-@run_while_tracing
-def trace_autograd_ops_now() -> bool:  # run for real while Dynamo traces, and eagerly
-    """``trace_autograd_ops()`` from inside a step being traced (a step built with
-    ``autodiff="auto"`` learns that it takes autograd's path only then): Dynamo reads the
-    settings when it meets the call, later in the same trace."""
-    trace_autograd_ops()
-    return True

@@ -106,7 +106,7 @@ def gather_ops() -> frozenset:
     """The ops a traced gather of a sharded parameter runs (``all_gather_shard``'s or the
     functional all-gather, its wait, the wrapper that ties the wait to autograd) and those that
     lay its output out (the pad of the last rank's short shard, a dtype cast): what a unit's
-    checkpointed region recomputes in the backward (``fxtrain.units``)."""
+    checkpointed region recomputes in the backward (``fxtrain.distributed._units``)."""
     c10d, aten = torch.ops._c10d_functional, torch.ops.aten
     return frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
                       c10d._wrap_tensor_autograd.default, aten.constant_pad_nd.default,

@@ -7,7 +7,7 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
   that ``torch.func.functional_call`` runs its call in. The public ``functional_call`` binds the
   tensors for one call only; an eager autograd step keeps them bound until its backward has
   rerun the checkpointed regions (``fxtrain._held``), and a sharded unit binds its gathered
-  parameters around its own ``forward`` (``fxtrain.units``). Dynamo knows the function by name
+  parameters around its own ``forward`` (``fxtrain.distributed._units``). Dynamo knows the function by name
   (``trace_rules``: it traces the binding as a context), so it is called as it is, not copied.
 - ``BatchNorm``: ``torch.nn.modules.batchnorm._BatchNorm`` (private), the base of
   ``BatchNorm1d/2d/3d``, their lazy forms and ``SyncBatchNorm``; torch's own

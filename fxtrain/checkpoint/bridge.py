@@ -19,7 +19,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..donation import check_live
-from ..sharding import is_dtensor, is_sharded
+from ..distributed import is_dtensor, is_sharded
 from ..tree import path_str
 from .layout import FORMAT, FORMATS, python_leaf
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..logging.numbers import is_number, read_floats
-from .. import distributed, sharding
+from .. import distributed
 from . import bridge, layout, retention, shards, store
 
 
@@ -203,7 +203,7 @@ class CheckpointManager:
         ``metrics`` (numbers or 0-d tensors) are stored with it and rank it for ``keep_best``.
         ``force`` saves even off ``save_interval_steps``.
         """
-        if sharding.is_sharded(state):
+        if distributed.is_sharded(state):
             return self._save_sharded(state, metrics, force)
         return distributed.rank_zero_then_broadcast(
             lambda: self._save(state, metrics, force), f"save the checkpoint in {self.directory}")
@@ -458,7 +458,7 @@ def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
         if not path.parent.is_dir():
             raise FileNotFoundError(f"cannot save at {path}: {path.parent} does not exist")
 
-    if sharding.is_sharded(state):  # every rank writes its shards
+    if distributed.is_sharded(state):  # every rank writes its shards
         distributed.rank_zero_then_broadcast(check, f"save at {path}")
         values, meta = bridge.table(state)
         shards.write(path, values, store.meta_for(state, meta, _floats(metrics),

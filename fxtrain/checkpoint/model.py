@@ -14,11 +14,11 @@ def describe(state: Any) -> dict | None:
     """``{"config": ..., "keys": [...]}`` for a state whose module is a transformers
     ``PreTrainedModel`` (its config as ``config.json`` holds it, with its class among the
     ``architectures``; the persistent names of its ``state_dict``), else None."""
-    module = getattr(state, "module", None)
+    module = getattr(getattr(state, "layout", None), "skeleton", None)  # as made, not sharded
+    module = getattr(state, "module", None) if module is None else module
     transformers = sys.modules.get("transformers")  # a model of theirs: imported already
     if transformers is None or not isinstance(module, transformers.PreTrainedModel):
         return None
-    from ..units import base_class
     config = json.loads(module.config.to_json_string(use_diff=False))
-    config["architectures"] = [base_class(module).__name__]
+    config["architectures"] = [type(module).__name__]
     return {"config": config, "keys": list(module.state_dict(keep_vars=True))}

@@ -217,7 +217,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
 def _target(entry: dict, like: Any) -> torch.Tensor:
     """An empty tensor for torch.distributed.checkpoint to read ``entry`` into: a DTensor laid
     out as ``like`` (this rank's shard only) or a whole CPU tensor, in the saved dtype."""
-    from ..sharding import is_dtensor
+    from ..distributed import is_dtensor
     from .bridge import torch_dtype
     dtype = torch.from_numpy(np.empty(0, entry["dtype"])).dtype if entry["kind"] == "ndarray" \
         else torch_dtype(entry["dtype"])

@@ -27,24 +27,42 @@ _FIX = ("pass a dict with an entry for every parameter, a predicate fn(name, par
         "mask) the collection of names to select")
 
 
-_TIED: dict[str, set[str]] = {}  # a tied parameter's other name -> the names it is kept under
+Tied = tuple[tuple[str, ...], ...]
+_SCOPE: list[Tied] = []  # the tied names of the state whose optimizer runs now: see ``tied``
 
 
-def note_tied(groups: tuple[tuple[str, ...], ...]) -> None:
-    """Remembers names that share one tensor (``TrainState.create`` notes its model's: a GPT-2's
-    ``lm_head.weight`` is ``transformer.wte.weight``), so a collection of names that decay may
-    name either: transformers' ``get_decay_parameter_names`` lists the LM head, which the
-    state keeps once, under the embedding's name."""
-    for names in groups:
-        for name in names:
-            _TIED.setdefault(name, set()).update(n for n in names if n != name)
+class tied:
+    """Within it, masks resolve the names of tied tensors ``groups`` (``state.layout.tied``):
+    a GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``, so a collection of names that
+    decay may name either (transformers' ``get_decay_parameter_names`` lists the LM head, which
+    the state keeps once, under the embedding's name). ``TrainState`` runs its optimizer's
+    ``init`` and ``update`` within it; nothing outlives the call (a class, not a generator:
+    Dynamo traces it inside a compiled step).
+
+    Examples:
+        >>> from fxtrain.optim import masks
+        >>> params = {"wte.weight": torch.zeros(2), "ln.bias": torch.zeros(2)}
+        >>> with masks.tied((("wte.weight", "lm_head.weight"),)):
+        ...     masks.by_name(["lm_head.weight"], params, "mask")
+        {'wte.weight': True, 'ln.bias': False}
+    """
+
+    def __init__(self, groups: Tied | None):
+        self.groups = groups or ()
+
+    def __enter__(self) -> None:
+        _SCOPE.append(self.groups)
+
+    def __exit__(self, *exc: Any) -> None:
+        _SCOPE.pop()
 
 
 def _kept_name(name: str, tree: Mapping) -> str:
-    """``name``, or the name ``tree`` keeps its tied tensor under (``note_tied``)."""
-    if name in tree:
+    """``name``, or the name ``tree`` keeps its tied tensor under (``tied``)."""
+    if name in tree or not _SCOPE:
         return name
-    return next((other for other in sorted(_TIED.get(name, ())) if other in tree), name)
+    group = next((names for names in _SCOPE[-1] if name in names), ())
+    return next((other for other in sorted(group) if other in tree), name)
 
 
 def _names(spec: Any) -> bool:

@@ -1,7 +1,7 @@
 """Tensor parallelism on the functional state: a plan in torch's vocabulary placed on the
 state's parameters as DTensors, the step running them through ``functional_call``.
 
-``fx.shard(state, tp_plan=...)`` (see ``fxtrain.sharding``) applies torch's
+``fx.shard(state, tp_plan=...)`` (see ``fxtrain.distributed``) applies torch's
 ``parallelize_module`` to the state's weightless skeleton: each planned ``nn.Linear`` or
 ``nn.Embedding`` gets the plan's input and output hooks (``ColwiseParallel`` splits its output
 features across the ranks, ``RowwiseParallel`` its input features and all-reduces its output),
@@ -27,23 +27,6 @@ from typing import Any
 
 import torch
 from torch import nn
-
-__all__ = ["plan_of", "install", "placed_on", "is_tensor_parallel", "planned", "planned_params"]
-
-PLANNED = "fxtrain_tensor_parallel"
-"""The attribute ``install`` sets on the root module: the planned submodules' names (one
-attribute, which a compiled step's guards read alone)."""
-
-
-def is_tensor_parallel(module: nn.Module) -> bool:
-    """Whether ``module`` (a state's) runs a tensor-parallel plan."""
-    return bool(getattr(module, PLANNED, ()))
-
-
-def planned(module: nn.Module) -> tuple[str, ...]:
-    """The names of the submodules ``module``'s plan splits."""
-    return tuple(getattr(module, PLANNED, ()))
-
 
 def _style(value: Any, name: str) -> Any:
     from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel
@@ -144,11 +127,10 @@ def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
     if frozen:
         raise ValueError(f"fx.shard: the tensor-parallel plan splits frozen parameters "
                          f"({frozen[:3]}); leave modules without trainable weights out of it")
-    setattr(module, PLANNED, tuple(plan))
     return module, placed
 
 
-def planned_params(module: nn.Module, names: Any) -> frozenset[str]:
-    """Those of the parameter ``names`` that belong to a layer of ``module``'s plan."""
-    layers = set(planned(module))
+def planned_params(layers: Any, names: Any) -> frozenset[str]:
+    """Those of the parameter ``names`` that belong to one of the plan's ``layers``."""
+    layers = set(layers)
     return frozenset(n for n in names if n.rpartition(".")[0] in layers)

@@ -1,9 +1,10 @@
 """Per-block sharding: units whose parameters are gathered for their own forward only.
 
-``fx.shard(state, units=...)`` (see ``fxtrain.sharding``) marks blocks of the model as units,
-as FSDP2's ``fully_shard`` does: each unit's class becomes a subclass of its own
-(``ShardedGPT2Block`` for a ``GPT2Block``) whose ``forward`` all-gathers the unit's sharded
-parameters just before running, inside an activation-checkpointed region
+``fx.shard(state, units=...)`` (see ``fxtrain.distributed``) makes blocks of the model units, as
+FSDP2's ``fully_shard`` does: each unit's class becomes a subclass of its own
+(``ShardedGPT2Block`` for a ``GPT2Block``, in the copy of the skeleton it prepares: the state's
+``layout`` names the units and keeps the skeleton as it was) whose ``forward`` all-gathers the
+unit's sharded parameters just before running, inside an activation-checkpointed region
 (``torch.utils.checkpoint``, non-reentrant) whose policy recomputes only the gather: the unit's
 activations are kept as they would be, its whole parameters are freed after its forward and
 gathered again when its backward needs them. The gather's own backward is a reduce-scatter, so
@@ -35,60 +36,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._torch import collectives
-from ._torch.inductor import keep_recomputation_in_the_backward
-from ._torch.modules import reparametrized
-from .dtensors import is_dtensor
-
-
-@dataclasses.dataclass(frozen=True)
-class Gather:
-    """How a unit's parameters move: ``param_dtype`` is the dtype they are all-gathered and
-    computed in (None: their own), ``reduce_dtype`` the one their gradients are
-    reduce-scattered in (None: ``param_dtype``'s, as FSDP2 does). On a 2-D mesh, ``roles``
-    (``fxtrain.meshes.Roles``) says which dimension to gather over, and ``planned`` names the
-    unit's parameters that a tensor-parallel plan splits."""
-
-    param_dtype: torch.dtype | None = None
-    reduce_dtype: torch.dtype | None = None
-    roles: Any = None
-    planned: frozenset[str] = frozenset()
+from .._torch import collectives
+from .._torch.inductor import keep_recomputation_in_the_backward
+from .._torch.modules import reparametrized
+from ._dtensors import is_dtensor
+from ._layout import Gather
 
 
 class ShardedUnit:
-    """What a unit's class adds to the module's own (the first base of ``Sharded<Name>``)."""
+    """What a unit's class adds to the module's own (the first base of ``Sharded<Name>``): a
+    forward that gathers its parameters as the class's ``gather`` says."""
 
-    fxtrain_gather: Gather
+    gather: Gather
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return unit_forward(self, super().forward, args, kwargs)  # type: ignore[misc]
 
 
 @functools.cache
-def _unit_class(cls: type) -> type:
-    """``Sharded<Name>``: ``cls`` with a gathering forward (made once per class)."""
-    return type(f"Sharded{cls.__name__}", (ShardedUnit, cls), {})
-
-
-def base_class(module: nn.Module) -> type:
-    """The module's own class, under a unit's ``Sharded<Name>``."""
-    cls = type(module)
-    return cls.__mro__[2] if issubclass(cls, ShardedUnit) else cls
-
-
-def names(module: nn.Module) -> list[str]:
-    """The qualified names of ``module``'s units (none: an unsharded or wholly sharded model)."""
-    return [n for n, m in module.named_modules() if isinstance(m, ShardedUnit)]
-
-
-UNITS = "fxtrain_units"
-"""The attribute ``install`` sets on the root module: its units' names. One attribute, which a
-compiled step's guards read alone, where ``names``' walk would guard on every submodule."""
-
-
-def has_units(module: nn.Module) -> bool:
-    """Whether ``module`` (a state's) is sharded per block."""
-    return bool(getattr(module, UNITS, ()))
+def _unit_class(cls: type, gather: Gather) -> type:
+    """``Sharded<Name>``: ``cls`` with a forward gathering as ``gather`` says (made once per
+    class and gather)."""
+    return type(f"Sharded{cls.__name__}", (ShardedUnit, cls), {"gather": gather})
 
 
 def _outermost(found: list[str]) -> list[str]:
@@ -174,27 +143,17 @@ def _check(module: nn.Module, found: list[str]) -> None:
                              "modules out of units)")
 
 
-def install(module: nn.Module, found: list[str], gather: Gather) -> nn.Module:
-    """A copy of the skeleton ``module`` whose submodules ``found`` are units."""
+def install(module: nn.Module, found: list[str], gather: Gather,
+            planned: frozenset[str] = frozenset()) -> nn.Module:
+    """A copy of the skeleton ``module`` whose submodules ``found`` are units gathering as
+    ``gather`` says; ``planned`` names the parameters a tensor-parallel plan splits."""
     module = copy.deepcopy(module)  # a skeleton: meta tensors, nothing to copy
     for name in found:
         unit = module.get_submodule(name)
         if not any(True for _ in unit.parameters()):
             raise ValueError(f"fx.shard: the unit {name!r} has no parameters")
-        unit.__class__ = _unit_class(base_class(unit))
-        unit.fxtrain_gather = gather
-    setattr(module, UNITS, tuple(found))
-    return module
-
-
-def uninstalled(module: nn.Module) -> nn.Module:
-    """``module`` (changed in place) with its units' own classes back, for export."""
-    for sub in module.modules():
-        if isinstance(sub, ShardedUnit):
-            sub.__class__ = base_class(sub)
-            del sub.fxtrain_gather
-    if hasattr(module, UNITS):
-        delattr(module, UNITS)
+        own = frozenset(k[len(name) + 1:] for k in planned if k.startswith(name + "."))
+        unit.__class__ = _unit_class(type(unit), dataclasses.replace(gather, planned=own))
     return module
 
 
@@ -207,12 +166,12 @@ def gather(p: Any, how: Gather = Gather(), planned: bool = False) -> torch.Tenso
     """The whole value of the DTensor ``p`` (anything else as it is), differentiable: its
     gradient comes back onto ``p``'s layout summed over the ranks (a ``Shard(0)`` parameter's
     reduce-scattered, a replicated one's all-reduced). On a 2-D mesh, what the forward takes
-    (``fxtrain.meshes.value``: ``planned``, the plan's DTensor)."""
+    (``fxtrain.distributed._meshes.value``: ``planned``, the plan's DTensor)."""
     if not is_dtensor(p):
         return p
     if how.roles is not None:
-        from . import meshes
-        return meshes.value(p, how.roles, planned, how.param_dtype)
+        from . import _meshes
+        return _meshes.value(p, how.roles, planned, how.param_dtype)
     if not _shard0(p):
         from torch.distributed.tensor import Partial, Replicate
         ndim = p.device_mesh.ndim
@@ -282,7 +241,7 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     bound = {n: t for n, t in unit.named_parameters(remove_duplicate=False) if is_dtensor(t)}
     if not bound:
         return forward(*args, **kwargs)
-    keys, how = list(bound), unit.fxtrain_gather
+    keys, how = list(bound), unit.gather
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
         whole = {k: gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}
@@ -300,7 +259,6 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
                       context_fn=_contexts, **kwargs)
 
 
-def outside(params: dict[str, Any], module: nn.Module) -> list[str]:
-    """The names of ``params`` that no unit of ``module`` holds (the root's)."""
-    found = names(module)
-    return [k for k in params if not any(k.startswith(u + ".") for u in found)]
+def outside(params: dict[str, Any], units: tuple[str, ...]) -> list[str]:
+    """The names of ``params`` that none of the ``units`` holds (the root's)."""
+    return [k for k in params if not any(k.startswith(u + ".") for u in units)]

@@ -1,7 +1,7 @@
 """Two-dimensional layouts: what each dimension of a ``DeviceMesh`` does to a state's
 parameters, how a step gathers them for the forward and how it reduces their gradients.
 
-``fx.shard(state, mesh)`` with a 2-D mesh (see ``fxtrain.sharding``) takes one of two layouts:
+``fx.shard(state, mesh)`` with a 2-D mesh (see ``fxtrain.distributed``) takes one of two layouts:
 
 - **FSDP x tensor parallel** (a ``tp_plan`` given): the mesh's first dimension shards, its
   second runs the plan. A planned layer's weight is split by the plan over the second
@@ -14,7 +14,7 @@ parameters, how a step gathers them for the forward and how it reduces their gra
 
 In both, the data dimension's shard is gathered (all-gather over that dimension's group, along
 the tensor dimension it splits) just before the forward needs it: for the whole model once per
-step, or a unit's own parameters in its forward (``fxtrain.units``). A planned parameter then
+step, or a unit's own parameters in its forward (``fxtrain.distributed._units``). A planned parameter then
 becomes the DTensor the plan's layer computes with (on the tensor-parallel dimension alone),
 any other a plain tensor. The gather's backward reduce-scatters the gradient over the shard
 dimension; ``reduced`` then sums it over the dimensions that replicate it as data (HSDP's
@@ -25,37 +25,15 @@ divides by the number of data replicas. Every placement is torch's own ``Shard``
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
 from torch import nn
 
-from ._torch import collectives
-
-ROLES = "fxtrain_mesh_roles"
-"""The attribute ``fx.shard`` sets on a 2-D state's root module: its ``Roles``."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Roles:
-    """Which mesh dimension does what (None: no dimension does it): ``shard`` splits the
-    parameters (FSDP), ``replicate`` holds copies that train on their own data (HSDP), ``tp``
-    runs a tensor-parallel plan."""
-
-    shard: int | None = None
-    replicate: int | None = None
-    tp: int | None = None
-
-    @property
-    def data(self) -> tuple[int, ...]:
-        """The dimensions across which ranks train on different data."""
-        return tuple(d for d in (self.replicate, self.shard) if d is not None)
-
-
-def roles_of(module: nn.Module) -> Roles | None:
-    """The roles of a 2-D state's mesh (None: a 1-D or unsharded state)."""
-    return getattr(module, ROLES, None)
+from .._torch import collectives
+from . import _ranks
+from ._dtensors import is_dtensor
+from ._layout import Roles
 
 
 def of(mesh: Any, tp_plan: Any) -> Roles:
@@ -150,10 +128,7 @@ def counted(t: Any) -> bool:
     value once, so a copy along a replicating dimension is counted at its coordinate 0 only
     (a tensor that is no DTensor: on rank 0)."""
     from torch.distributed.tensor import Replicate
-
-    from . import distributed
-    from .dtensors import is_dtensor
     if not is_dtensor(t):
-        return distributed.rank() == 0
+        return _ranks.rank() == 0
     where = t.device_mesh.get_coordinate()
     return all(where[d] == 0 for d, p in enumerate(t.placements) if isinstance(p, Replicate))

@@ -1,4 +1,5 @@
-"""Where this process stands in a torch.distributed job, and the few collectives fxtrain uses.
+"""Where this process stands in a torch.distributed job, and the few collectives fxtrain uses
+(``fx.distributed``).
 
 Without an initialized process group every function here is the single-process identity:
 rank 0 of 1, no communication. ``init()`` sets up the group from torchrun's environment.
@@ -23,12 +24,8 @@ from typing import Any
 
 import torch
 
-from ._torch import collectives
+from .._torch import collectives
 
-__all__ = ["rank", "world_size", "initialized", "init", "is_rank_zero", "rank_zero",
-           "rank_zero_then_broadcast", "agree", "broadcast", "barrier", "all_gather",
-           "mean_in_step", "DEFAULT_TIMEOUT", "tensor_parallel_size", "data_rank",
-           "data_world_size"]  # mean_in_step: for a step of your own
 
 DEFAULT_TIMEOUT = datetime.timedelta(minutes=5)
 """How long a collective waits for the other ranks before it fails (``init(timeout=...)``)."""
@@ -47,34 +44,6 @@ def rank() -> int:
 def world_size() -> int:
     """The number of processes, 1 without an initialized process group."""
     return torch.distributed.get_world_size() if initialized() else 1
-
-
-_TENSOR_PARALLEL = {"size": 1}  # ranks per tensor-parallel group: set by fx.shard(tp_plan=)
-
-
-def tensor_parallel_size() -> int:
-    """The ranks that hold one copy of the model between them (``fx.shard(state,
-    tp_plan=...)``; 1 otherwise): they train on the same batch."""
-    return _TENSOR_PARALLEL["size"]
-
-
-def data_rank() -> int:
-    """This process's rank among the data-parallel replicas: its share of the global batch
-    (``rank()`` but under tensor parallelism, where the ranks of a group share one)."""
-    return rank() // tensor_parallel_size()
-
-
-def data_world_size() -> int:
-    """The data-parallel replicas: how many shares the global batch is cut into."""
-    return world_size() // tensor_parallel_size()
-
-
-def set_tensor_parallel(size: int) -> None:
-    """``fx.shard``'s: every ``size`` consecutive ranks hold one model between them."""
-    if size < 1 or world_size() % size:
-        raise ValueError(f"tensor parallel groups of {size} ranks do not divide the job's "
-                         f"{world_size()}")
-    _TENSOR_PARALLEL["size"] = size
 
 
 def is_rank_zero() -> bool:
