@@ -33,8 +33,8 @@ def fake_forward(_input, weight, target, ce_weight=None, bias=None, ignore_index
     logits = F.linear(_input, weight, bias).float()
     safe = torch.where(labelled, target, 0)
     loss = torch.where(labelled, logits.logsumexp(1) - logits.gather(1, safe[:, None])[:, 0], 0)
-    grad_logits = torch.where(labelled[:, None], logits.softmax(1) - F.one_hot(safe, logits.shape[1]),
-                              0.0)
+    onehot = F.one_hot(safe, logits.shape[1])
+    grad_logits = torch.where(labelled[:, None], logits.softmax(1) - onehot, 0.0)
     if reduction == "mean":
         loss, grad_logits = loss / labelled.sum(), grad_logits / labelled.sum()
     grad_logits = grad_logits.to(_input.dtype)
