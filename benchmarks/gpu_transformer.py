@@ -410,9 +410,12 @@ class Rows(torch.utils.data.IterableDataset):
 
 def probe(args) -> dict:
     """Peak memory of the ``loop`` baseline's steps (the loss inside the compiled module, fused
-    AdamW; the batch dimension dynamic, so one compile serves both) at batch 2 and at batch 4,
-    two steps each: the bytes a sequence adds and what the run holds whatever the batch."""
+    AdamW; the batch dimension dynamic where the model lets it be, so one compile serves both)
+    at batch 2 and at batch 4, two steps each: the bytes a sequence adds and what the run
+    holds whatever the batch."""
     device = args.device
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
     model = model_of(args)
     opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
                             fused=True)
@@ -420,7 +423,7 @@ def probe(args) -> dict:
     peaks = []
     for batch in (2, 4):
         ids = torch.randint(0, vocab(args), (batch, args.seq), device=device)
-        torch._dynamo.mark_dynamic(ids, 0)
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
         restart_peak(device)
         for _ in range(2):
             with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision != "32"):
@@ -431,7 +434,14 @@ def probe(args) -> dict:
         peaks.append(peak(device))
     per_sequence = (peaks[1] - peaks[0]) / 2
     return {"per_sequence": per_sequence, "fixed": peaks[0] - 2 * per_sequence,
-            "total": torch.cuda.get_device_properties(0).total_memory}
+            "total": device_memory(device),
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
+
+
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def largest_batch(found: dict, fraction: float = 0.8) -> int:

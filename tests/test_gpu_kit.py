@@ -175,6 +175,16 @@ def test_the_probe_is_asked_once_per_model_and_machine(kit, monkeypatch, tmp_pat
     assert asked == ["probe", "probe"]  # another dropout, another probe
 
 
+@pytest.mark.parametrize("model", ["nano", "llama"])
+def test_the_probe_measures_the_compiled_loop_at_two_batches(kit, model):
+    """On the CPU (resident memory for the device's): it runs, its batch dimension dynamic."""
+    if model == "llama":
+        pytest.importorskip("transformers")
+    found = kit.probe(tiny(kit, model))
+    assert found["total"] > 0 and found["graphs"] == 1, found  # one compile for both batches
+    assert kit.largest_batch(found) >= 1
+
+
 @pytest.mark.parametrize("names,kernels", [
     ({"aten::_scaled_dot_product_flash_attention",
       "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits>"}, "flash"),
