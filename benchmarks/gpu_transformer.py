@@ -1,58 +1,77 @@
-"""GPT-2 124M on a GPU: fx.fit's paths against a torch.compile'd nanoGPT-style loop and against
-transformers' Trainer, in tokens/s, MFU, peak memory per parameter, attention kernel and compile
-time. The one benchmark of the GPU kit (``scripts/gpu.sh``; docs/benchmarks.md).
+"""A language model on a GPU: fx.fit's paths against the loops a competent PyTorch user writes
+(nanoGPT's and torch's compiled-step recipe) and transformers' Trainer, in tokens/s, MFU, peak
+memory, attention kernel and compile time. The one benchmark of the GPU kit
+(``scripts/gpu.sh``; docs/benchmarks.md).
 
-The model is GPT-2 124M (``--model nano``: ``nanogpt.GPT``, the shape of ``GPT2Config()``
-written plainly; ``--model hf``: ``GPT2LMHeadModel(GPT2Config())`` with SDPA attention), trained
-on random tokens, sequence ``--seq 1024``, ``--batch`` sequences per step (``auto``: the largest
-that fits, from two eager steps at batch 1 and 2 and the device's memory, so the fx variants
-must fit what the loop fits), AdamW (lr 3e-4, weight decay 0.1 on every parameter), bf16-mixed,
-attention and residual dropout ``--dropout`` (several values: each its own set of runs). Each
-variant runs in a process of its own, one after another (``--rounds``: the order rotates each
-round, and tokens/s is the median):
+The model (``--model``, gpu_models.py): GPT-2 124M written plainly (``nano``), transformers'
+GPT-2 (``hf``) or a Llama-shaped 1B (``llama``: transformers' ``LlamaForCausalLM`` from a config
+of Llama-3.2-1B's shape), trained on random tokens, sequence ``--seq``, ``--batch`` sequences
+per step (``auto``: the largest that fits the ``loop`` baseline, from its compiled steps at
+batch 2 and 4 and the device's memory), AdamW (``--lr`` 3e-4, ``--weight-decay`` 0.1 on every
+parameter), bf16-mixed, dropout ``--dropout`` (several values: each its own set of runs). Each
+variant runs in a process of its own (``--rounds``: the order rotates each round, and tokens/s
+is the median). The baselines, the same model, data, batch and AdamW settings:
 
-  loop         torch.compile(model) + loss.backward() + torch.optim.AdamW(fused=True), autocast
-               to bf16: nanoGPT's training loop. Its dropout is torch's own (unkeyed), inside
-               the fused attention kernel
+  loop         nanoGPT's loop: torch.compile of the model with its loss inside its forward
+               (``gpu_models.LossInside``: the logits in autocast's dtype, the cross-entropy in
+               float32, both in the compiled graph), loss.backward(), AdamW(fused=True),
+               zero_grad(set_to_none=True), autocast to bf16. Its dropout is torch's own
+  loop_step    the whole step (forward with the loss inside, backward, AdamW.step, zero_grad)
+               under one torch.compile: torch's compiled-optimizer recipe (the "Compiling the
+               optimizer" tutorial compiles ``opt.step()``; here it joins the step). Dynamo
+               splits it at ``loss.backward()``: the forward graph with its compiled backward,
+               then the optimizer's graph (AdamW's default implementation, fused by Inductor)
+  loop_eager_loss  the kit's loop until issue 58, kept as an extra row, never a baseline:
+               torch.compile(model) returns the logits and the loss runs outside the compiled
+               graph, eagerly, on a float32 copy of them
+
+and fxtrain's variants:
+
   fx_func      fx.fit, torch.compile(fx.make_train_step(loss, precision="bf16-mixed"),
-               fullgraph=True): gradients by torch.func. Dropout is keyed on (seed, step), and
-               SDPA with dropout runs as its math (see docs/concepts.md)
+               fullgraph=True): gradients by torch.func. Dropout is keyed on (seed, step)
   fx_autograd  the same with autodiff="autograd"
   fx_graphed   fx_func's step through fx.cuda_graphed (a CUDA GPU only)
   fx_k         fx_func with steps_per_call=--k (K steps in one graph per call)
   fx_remat     fx_autograd with every block through fx.remat (nothing_saveable)
-  fx_chunked   fx_func with the loss fx.losses.chunked_causal_lm of the final hidden states
-               and the tied head weight, ``--chunk`` tokens at a time: never the whole logits
-               (16384 by default: 8 chunks at batch 124, each a 3.3 GB float32 block; each
-               chunk is unrolled into the compiled step, seconds of compiling apiece)
-  fx_remat_chunked  fx_remat with fx_chunked's loss (``--model nano`` only, as fx_chunked)
-  hf_trainer   transformers.Trainer, torch_compile=True, bf16=True, optim adamw_torch_fused,
-               no clipping (its weight decay skips biases and norms, as it always does)
+  fx_chunked   fx_func with the loss fx.losses.chunked_causal_lm(impl="chunked") of the final
+               hidden states and the head's weight, ``--chunk`` tokens at a time: fxtrain's own
+               kernel, never the whole logits
+  fx_liger     the same with impl="liger": Liger-Kernel's fused linear cross-entropy (a CUDA
+               GPU with liger-kernel installed only)
+  fx_remat_chunked  fx_remat with the chunked loss, impl="auto" (Liger's kernel where it runs)
+  hf_trainer   transformers.Trainer, torch_compile=True, bf16=True, the same AdamW on every
+               parameter (fused), batches in order, no clipping
 
-Per variant: tokens/s over ``--steps`` timed steps after ``--warmup`` (compiling, and capturing
-for fx_graphed); MFU = tokens/s x (6 N + 12 L d T) / the device's dense bf16 peak (N the
-parameters but the position embedding, L blocks of width d, T the sequence; ``--peak-tflops``,
-else from the device's name); peak memory (``torch.cuda.max_memory_allocated`` over the whole
-process, and over the timed steps) per parameter; the attention kernels that ran, read from a
-profile of one more step (flash / efficient / cudnn, or ``none``: no fused kernel, the math);
-the first step's seconds (compiling, from Inductor's on-disk cache when it holds the graphs:
-the hits and misses are recorded). Targets (issue 48) are printed as met or not, and the
-chunked variants against their full-logits ones (fx_func, fx_remat) where both ran.
+``--big-variants`` run at ``--big-batch`` (``auto``: the smallest batch the probe says the loop
+cannot fit in the device's memory; twice ``--batch`` without a probe): fx.remat with the chunked
+loss at a batch the baselines cannot hold.
 
-``--device cpu --tiny`` runs every variant at a tiny size (2 blocks of width 64, vocabulary 256,
-sequence 64) with torch.compile's ``aot_eager`` backend, the first variant in a process of its
-own and the rest in this one: the suite's smoke test, so the kit cannot rot between GPU draws.
+Per variant: tokens/s over ``--steps`` timed steps after ``--warmup``; MFU = tokens/s x FLOPs a
+token (gpu_models.flops_per_token: nanoGPT's and torchtitan's count) / the device's dense bf16
+peak (``--peak-tflops``, else from the device's name); peak memory
+(``torch.cuda.max_memory_allocated`` over the process) per parameter; the attention kernels
+that ran, read from a profile of one more step (flash / efficient / cudnn, or ``none``); the
+first step's seconds (compiling, from Inductor's on-disk cache when it holds the graphs).
+Ratios are to both fair loops of the run, and targets are judged against the stronger
+(gpu_report.py). ``--md FILE`` writes the run as a section for benchmarks/gpu/RESULTS.md.
 
-Run: python benchmarks/gpu_transformer.py [--model nano] [--variants ...] [--dropout 0 0.1]
-     [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--chunk 16384] [--out FILE.json]
-     [--tiny]
+``--device cpu --tiny`` runs every variant at a tiny size (2 blocks of width 64, vocabulary
+256, sequence 64) with torch.compile's ``aot_eager`` backend, the first variant in a process of
+its own and the rest in this one: the suite's smoke test, so the kit cannot rot between GPU
+draws. ``trained_loss`` trains one variant for a number of steps and returns the loss its
+weights give on a held-out batch: every variant must train the same model
+(tests/test_gpu_kit.py).
+
+Run: python benchmarks/gpu_transformer.py [--model nano|hf|llama] [--variants ...]
+     [--dropout 0 0.1] [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--chunk 16384]
+     [--big-variants ...] [--big-batch auto] [--out FILE.json] [--md FILE.md] [--tiny]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
+import os
 import platform
 import statistics
 import subprocess
@@ -61,97 +80,36 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from common import backend, use_smoke_backend
+from gpu_models import (MODELS, LossInside, flops_per_token, head_weight, model_of, use_remat,
+                        vocab)
+from gpu_report import (BASELINES, against_full_logits, markdown, ratios, section, summary,
+                        targets)
+from nanogpt import lm_loss
 from transformer import _process_peak as peak, _restart_peak as restart_peak
 
-VARIANTS = ("loop", "fx_func", "fx_autograd", "fx_graphed", "fx_k", "fx_remat", "fx_chunked",
-            "fx_remat_chunked", "hf_trainer")
+VARIANTS = ("loop", "loop_step", "loop_eager_loss", "fx_func", "fx_autograd", "fx_graphed",
+            "fx_k", "fx_remat", "fx_chunked", "fx_liger", "fx_remat_chunked", "hf_trainer")
+LOOPS = ("loop", "loop_step", "loop_eager_loss")
 REMAT = ("fx_remat", "fx_remat_chunked")
 AUTOGRAD = ("fx_autograd", *REMAT)
-CHUNKED = {"fx_chunked": "fx_func", "fx_remat_chunked": "fx_remat"}  # and the same, full logits
-LR, WD = 3e-4, 0.1
+CHUNKED = {"fx_chunked": ("fx_func",), "fx_liger": ("fx_func",),  # -> the whole logits'
+           "fx_remat_chunked": ("fx_remat", "fx_func")}
+IMPL = {"fx_chunked": "chunked", "fx_liger": "liger", "fx_remat_chunked": "auto"}
+GPU_ONLY = ("fx_graphed", "fx_liger")
 PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
                ("L4", 121.0), ("A10", 125.0))  # dense bf16, by device name (SXM figures)
 KERNELS = (("flash", ("flash_attention", "flash_fwd", "flash_bwd", "pytorch_flash")),
            ("efficient", ("efficient_attention", "fmha_cutlass", "mem_efficient")),
            ("cudnn", ("cudnn_attention", "fort_native_sdpa", "cudnn_generated")))
-GPU_ONLY = ("fx_graphed",)
 
 
-# -- the model, the data, the loss ------------------------------------------------------------
-
-
-def shape(args):
-    from nanogpt import Shape
-    if args.tiny:
-        return Shape(layers=2, heads=2, width=64, vocab=256, positions=args.seq,
-                     dropout=args.dropout[0])
-    return Shape(positions=max(args.seq, 1024), dropout=args.dropout[0])
-
-
-def model_of(args):
-    """The model, seeded, with ``block_call`` (or transformers' checkpointing hook) ready for
-    fx.remat."""
-    import torch
-    torch.manual_seed(0)
-    s = shape(args)
-    if args.model == "nano":
-        from nanogpt import GPT
-        return GPT(s)
-    from transformers import GPT2Config, GPT2LMHeadModel
-    return GPT2LMHeadModel(GPT2Config(
-        n_layer=s.layers, n_head=s.heads, n_embd=s.width, vocab_size=s.vocab,
-        n_positions=s.positions, attn_implementation="sdpa", resid_pdrop=s.dropout,
-        embd_pdrop=s.dropout, attn_pdrop=s.dropout, use_cache=False))
-
-
-def logits_of(model_or_state, ids, params=None):
-    out = (model_or_state(ids) if params is None else model_or_state.apply(params, ids))
-    return out if hasattr(out, "shape") else out.logits
-
-
-def loss_of(variant: str, args):
-    """The step's ``loss_fn``: the cross-entropy of the logits, or (a ``CHUNKED`` variant)
-    ``fx.losses.chunked_causal_lm`` of the hidden states after the final layer norm and the
-    head's weight (the token embedding's, tied), ``--chunk`` tokens at a time. Both take
-    position t's target to be token t + 1 and average over the batch's B x (T - 1) targets."""
-    import fxtrain as fx
-    from nanogpt import lm_loss
-    if variant not in CHUNKED:
-        return lambda s, p, ids: lm_loss(logits_of(s, ids, p), ids)
-
-    def chunked(s, p, ids):
-        hidden = s.apply(p, ids, head=False)
-        return fx.losses.chunked_causal_lm(hidden, p["wte.weight"], ids, chunk_size=args.chunk)
-
-    return chunked
-
-
-def use_remat(model, args) -> None:
-    """Every block through fx.remat (nothing_saveable) on the step's backward."""
-    import fxtrain as fx
-    if args.model == "nano":
-        model.block_call = fx.remat
-        return
-    for block in model.transformer.h:  # transformers calls this hook on each block's forward
-        block.gradient_checkpointing = True
-        block._gradient_checkpointing_func = fx.remat
-
-
-def batches_of(args, device, n=4):
-    import torch
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, shape(args).vocab, (args.batch, args.seq), generator=g).to(device)
+def batches_of(args, device, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab(args), (args.batch, args.seq), generator=g).to(device)
             for _ in range(n)]
-
-
-def flops_per_token(model, args) -> float:
-    """6 N + 12 L d T: the matrix products' FLOPs of the forward and backward per token (N
-    without the position embedding, which is a lookup), plus attention's scores and weighted
-    values (PaLM's and nanoGPT's count; causal masking not subtracted)."""
-    s = shape(args)
-    n = sum(p.numel() for p in model.parameters()) - s.positions * s.width
-    return 6 * n + 12 * s.layers * s.width * args.seq
 
 
 def peak_tflops(args, device_name: str) -> float | None:
@@ -160,7 +118,7 @@ def peak_tflops(args, device_name: str) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in device_name), None)
 
 
-# -- what ran, and memory --------------------------------------------------------------------
+# -- what ran ---------------------------------------------------------------------------------
 
 
 def attention_kernels(names) -> str:
@@ -172,7 +130,6 @@ def attention_kernels(names) -> str:
 
 def profiled(step, device) -> str:
     """``attention_kernels`` of one call of ``step()`` under torch's profiler."""
-    import torch
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
@@ -182,35 +139,58 @@ def profiled(step, device) -> str:
 
 
 def sync(device) -> None:
-    import torch
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-# -- the variants: each (warm, timed, one) over the child's model and batches ----------------
+# -- the variants: each a Run over the child's model and batches -------------------------------
 
 
-def loop_variant(model, batches, args):
-    """nanoGPT's loop: a compiled module, eager fused AdamW, autocast, backward."""
-    import torch
-    device = args.device
-    opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD,
-                            fused=device == "cuda", foreach=device != "cuda")
-    forward = torch.compile(model, backend=backend())
+class Run:
+    """A variant ready to train: ``calls(n)`` makes n calls of ``steps_per_call`` steps each,
+    ``trained()`` is the module with the weights trained so far."""
+
+    def __init__(self, calls, trained, tokens_per_call, steps_per_call=1):
+        self.calls, self.trained = calls, trained
+        self.tokens_per_call, self.steps_per_call = tokens_per_call, steps_per_call
+
+    def one(self):
+        self.calls(1)
+
+
+def loop_variant(variant, model, batches, args) -> Run:
+    """``loop``, ``loop_step`` or ``loop_eager_loss`` (the module docstring)."""
+    device, counter = args.device, [0]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision != "32")
-    from nanogpt import lm_loss
-    counter = [0]
+    if variant == "loop_step":  # AdamW's default implementation, compiled with the step
+        opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
+                                fused=device == "cuda", foreach=device != "cuda")
+    if variant == "loop_eager_loss":
+        forward = torch.compile(model, backend=backend())
+        loss_of = lambda ids: lm_loss(forward(ids), ids)  # noqa: E731
+    else:
+        loss_of = LossInside(model)
+        if variant == "loop":
+            loss_of = torch.compile(loss_of, backend=backend())
 
-    def step():
-        ids = batches[counter[0] % len(batches)]
-        counter[0] += 1
+    def step(ids):
         with autocast:
-            loss = lm_loss(logits_of(forward, ids), ids)
+            loss = loss_of(ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    return step, lambda n: [step() for _ in range(n)], args.batch * args.seq
+    if variant == "loop_step":
+        step = torch.compile(step, backend=backend())
+
+    def calls(n):
+        for _ in range(n):
+            step(batches[counter[0] % len(batches)])
+            counter[0] += 1
+
+    return Run(calls, lambda: model, args.batch * args.seq)
 
 
 class Cycle:
@@ -226,22 +206,40 @@ class Cycle:
         return (self.batches[i % len(self.batches)] for i in range(self.n))
 
 
+def loss_of(variant: str, model, args):
+    """The step's ``loss_fn``: the next-token loss of the logits, or (a ``CHUNKED`` variant)
+    ``fx.losses.chunked_causal_lm`` of the final hidden states and the head's weight (tied:
+    the token embedding's) with the variant's ``impl``, ``--chunk`` tokens at a time. Both take
+    position t's target to be token t + 1 and average over the batch's B x (T - 1) targets."""
+    import fxtrain as fx
+    if variant not in CHUNKED:
+        return lambda s, p, ids: lm_loss(s.apply(p, ids), ids)
+    head, impl = head_weight(model), IMPL[variant]
+
+    def chunked(s, p, ids):
+        hidden = s.apply(p, ids, head=False)
+        return fx.losses.chunked_causal_lm(hidden, p[head], ids, chunk_size=args.chunk,
+                                           impl=impl)
+
+    return chunked
+
+
 def train_step_of(variant, model, args):
     """``(state, train_step, k)``: the fx variant's initial state and its step of ``k`` steps
     per call, not compiled yet."""
     import fxtrain as fx
     if variant in REMAT:
-        use_remat(model, args)
+        use_remat(model, fx.remat)
     k = args.k if variant == "fx_k" else 1
-    state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD), seed=0)
+    tx = fx.optim.adamw(args.lr, weight_decay=args.weight_decay)
+    state = fx.TrainState.create(model, tx, seed=0)
     return state, fx.make_train_step(
-        loss_of(variant, args), precision=args.precision, steps_per_call=k,
+        loss_of(variant, model, args), precision=args.precision, steps_per_call=k,
         autodiff="autograd" if variant in AUTOGRAD else "func"), k
 
 
-def fx_variant(variant, model, batches, args):
-    """fx.fit over a compiled fx step; each call of the returned ``step`` is one fit call."""
-    import torch
+def fx_variant(variant, model, batches, args) -> Run:
+    """fx.fit over a compiled fx step; each call is one fit call."""
 
     import fxtrain as fx
     state, train_step, k = train_step_of(variant, model, args)
@@ -255,59 +253,119 @@ def fx_variant(variant, model, batches, args):
         holder[0] = fx.fit(start, train_step, data, max_steps=int(start.step) + n * k,
                            progress=False)
 
-    return lambda: calls(1), calls, k * args.batch * args.seq
+    return Run(calls, lambda: fx.trained_module(holder[0]), k * args.batch * args.seq, k)
+
+
+def run_of(variant, model, batches, args) -> Run:
+    build = loop_variant if variant in LOOPS else fx_variant
+    return build(variant, model, batches, args)
+
+
+def loss_kernel(variant: str, args) -> str | None:
+    """Which kernel a chunked variant's loss runs: ``chunked`` or ``liger``."""
+    if variant not in CHUNKED:
+        return None
+    from fxtrain._fused_ce import chosen
+    return chosen(IMPL[variant], args.device)
 
 
 def child(variant: str, args) -> dict:
     """Trains ``variant`` in this process: its row (or ``{"oom": batch}``)."""
-    import torch
     device = args.device
     torch._dynamo.reset()  # a --tiny run's later variants run in one process
     torch._dynamo.utils.counters.clear()
     try:
-        model = model_of(args).to(device)
+        model = model_of(args)
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(model, args)
         batches = batches_of(args, device)
         if variant == "hf_trainer":
             return {**trainer_row(model, batches, args), "params": n_params,
                     "flops_per_token": flops}
-        build = loop_variant if variant == "loop" else (
-            lambda m, b, a: fx_variant(variant, m, b, a))
-        one, calls, tokens_per_call = build(model, batches, args)
+        kernel = loss_kernel(variant, args)
+        run = run_of(variant, model, batches, args)
         del model  # fx's state holds the weights
         start = time.perf_counter()
-        one()  # compiles
+        run.one()  # compiles
         sync(device)
         first_s = time.perf_counter() - start
-        calls(args.warmup - 1)
+        run.calls(args.warmup - 1)
         sync(device)
         warm_s, warm_peak = time.perf_counter() - start, peak(device)
         restart_peak(device)
         start = time.perf_counter()
-        calls(args.steps)
+        run.calls(args.steps)
         sync(device)
         seconds = time.perf_counter() - start
         step_peak = peak(device)
-        whole_peak = max(warm_peak, step_peak)
-        kernels = profiled(one, device)
+        kernels = profiled(run.one, device)
     except torch.cuda.OutOfMemoryError:
         return {"variant": variant, "oom": args.batch}
-    counters = torch._dynamo.utils.counters["inductor"]
+    counters = torch._dynamo.utils.counters
     return {"variant": variant, "params": n_params, "flops_per_token": flops,
-            "batch": args.batch, "tokens_per_s": args.steps * tokens_per_call / seconds,
+            "batch": args.batch, "tokens_per_s": args.steps * run.tokens_per_call / seconds,
             "first_step_s": first_s, "warmup_s": warm_s, "attention": kernels,
-            "peak_bytes": whole_peak, "step_peak_bytes": step_peak,
-            "inductor_cache": {k: counters[f"fxgraph_cache_{k}"] for k in ("hit", "miss")}}
+            "peak_bytes": max(warm_peak, step_peak), "step_peak_bytes": step_peak,
+            "loss_kernel": kernel, "graphs": counters["stats"]["unique_graphs"],
+            "inductor_cache": {k: counters["inductor"][f"fxgraph_cache_{k}"]
+                               for k in ("hit", "miss")}}
+
+
+def trained_loss(variant: str, args, steps: int) -> float:
+    """The float32 loss, on a batch no variant trains on, of the weights ``variant`` reaches
+    after ``steps`` steps from the common initial weights on the common batches (in this
+    process; ``steps`` a multiple of fx_k's ``--k``)."""
+    torch._dynamo.reset()
+    model = model_of(args)
+    batches = batches_of(args, args.device)
+    if variant == "hf_trainer":
+        trainer_run(model, batches, args, steps)
+        trained = model
+    else:
+        run = run_of(variant, model, batches, args)
+        assert steps % run.steps_per_call == 0, (variant, steps, run.steps_per_call)
+        run.calls(steps // run.steps_per_call)
+        trained = run.trained()
+    held_out = batches_of(args, args.device, n=1, seed=1)[0]
+    with torch.no_grad():
+        return float(lm_loss(trained(held_out).float(), held_out))
+
+
+# -- transformers' Trainer ---------------------------------------------------------------------
+
+
+def trainer_run(model, batches, args, steps: int, callbacks=()):
+    """transformers.Trainer over ``model`` (transformers' own module, or nanogpt's through
+    ``WithLoss``) for ``steps`` steps: the batches in order (an iterable dataset, which the
+    Trainer does not shuffle), the loop's AdamW on every parameter (the Trainer's own would skip
+    biases and norms), a constant learning rate, no clipping."""
+    from transformers import Trainer, TrainingArguments
+
+    from gpu_models import CausalLM
+    from nanogpt import WithLoss
+    device = args.device
+    rows = [{"input_ids": ids, "labels": ids} for b in batches for ids in b.cpu()]
+    data = Rows([rows[i % len(rows)] for i in range(steps * args.batch)])
+    trained = model.lm if isinstance(model, CausalLM) else WithLoss(model)
+    opt = torch.optim.AdamW(trained.parameters(), args.lr, weight_decay=args.weight_decay,
+                            fused=device == "cuda", foreach=device != "cuda")
+    with tempfile.TemporaryDirectory() as folder:
+        targs = TrainingArguments(
+            output_dir=folder, per_device_train_batch_size=args.batch, max_steps=steps,
+            learning_rate=args.lr, weight_decay=args.weight_decay,
+            lr_scheduler_type="constant", max_grad_norm=0.0, bf16=args.precision != "32",
+            torch_compile=True, torch_compile_backend=backend(), use_cpu=device == "cpu",
+            logging_strategy="no", save_strategy="no", report_to="none", disable_tqdm=True,
+            dataloader_num_workers=0, seed=0)
+        trainer = Trainer(model=trained, args=targs, train_dataset=data,
+                          optimizers=(opt, None), callbacks=list(callbacks))
+        trainer.train()
 
 
 def trainer_row(model, batches, args) -> dict:
-    """transformers.Trainer on the same model, data and optimizer settings, timed from the
-    first step after the warm-up to the end of training by a callback."""
-    import torch
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    from nanogpt import WithLoss
+    """``trainer_run`` for the warm-up and timed steps, timed by a callback from the first
+    step after the warm-up to the end of training."""
+    from transformers import TrainerCallback
     device, marks = args.device, {}
 
     class Clock(TrainerCallback):
@@ -324,25 +382,11 @@ def trainer_row(model, batches, args) -> dict:
             sync(device)
             marks["end"] = time.perf_counter()
 
-    rows = [{"input_ids": ids, "labels": ids} for b in batches for ids in b.cpu()]
-    total = args.warmup + args.steps
-    data = [rows[i % len(rows)] for i in range(total * args.batch)]
-    with tempfile.TemporaryDirectory() as folder:
-        targs = TrainingArguments(
-            output_dir=folder, per_device_train_batch_size=args.batch, max_steps=total,
-            learning_rate=LR, weight_decay=WD, lr_scheduler_type="constant", max_grad_norm=0.0,
-            bf16=args.precision != "32", torch_compile=True, torch_compile_backend=backend(),
-            optim="adamw_torch_fused" if device == "cuda" else "adamw_torch",
-            use_cpu=device == "cpu", logging_strategy="no", save_strategy="no",
-            report_to="none", disable_tqdm=True, dataloader_num_workers=0, seed=0)
-        trained = model if args.model == "hf" else WithLoss(model)
-        trainer = Trainer(model=trained, args=targs, train_dataset=data,
-                          callbacks=[Clock()])
-        marks["start"] = time.perf_counter()
-        try:
-            trainer.train()
-        except torch.cuda.OutOfMemoryError:
-            return {"variant": "hf_trainer", "oom": args.batch}
+    marks["start"] = time.perf_counter()
+    try:
+        trainer_run(model, batches, args, args.warmup + args.steps, [Clock()])
+    except torch.cuda.OutOfMemoryError:
+        return {"variant": "hf_trainer", "oom": args.batch}
     seconds = marks["end"] - marks["timed"]
     return {"variant": "hf_trainer", "batch": args.batch,
             "tokens_per_s": args.steps * args.batch * args.seq / seconds,
@@ -351,40 +395,86 @@ def trainer_row(model, batches, args) -> dict:
             "step_peak_bytes": peak(device)}
 
 
-# -- the largest batch that fits ---------------------------------------------------------------
+class Rows(torch.utils.data.IterableDataset):
+    """The Trainer's rows, in order."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+# -- the batch that fits -----------------------------------------------------------------------
 
 
 def probe(args) -> dict:
-    """Peak memory of two eager steps at batch 1 and at batch 2 (same process): the bytes a
-    sequence adds and what the run holds whatever the batch."""
-    import torch
+    """Peak memory of the ``loop`` baseline's steps (the loss inside the compiled module, fused
+    AdamW; the batch dimension dynamic where the model lets it be, so one compile serves both)
+    at batch 2 and at batch 4, two steps each: the bytes a sequence adds and what the run
+    holds whatever the batch."""
     device = args.device
-    model = model_of(args).to(device)
-    opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD, fused=True)
-    from nanogpt import lm_loss
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    model = model_of(args)
+    opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
+                            fused=True)
+    forward = torch.compile(LossInside(model), backend=backend())
     peaks = []
-    for batch in (1, 2):
-        ids = torch.randint(0, shape(args).vocab, (batch, args.seq), device=device)
+    for batch in (2, 4):
+        ids = torch.randint(0, vocab(args), (batch, args.seq), device=device)
+        torch._dynamo.maybe_mark_dynamic(ids, 0)
         restart_peak(device)
         for _ in range(2):
-            with torch.autocast(device, dtype=torch.bfloat16):
-                loss = lm_loss(logits_of(model, ids), ids)
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=args.precision != "32"):
+                loss = forward(ids)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
         peaks.append(peak(device))
-    per_sequence = peaks[1] - peaks[0]
-    return {"per_sequence": per_sequence, "fixed": peaks[0] - per_sequence,
-            "total": torch.cuda.get_device_properties(0).total_memory}
+    per_sequence = (peaks[1] - peaks[0]) / 2
+    return {"per_sequence": per_sequence, "fixed": peaks[0] - 2 * per_sequence,
+            "total": device_memory(device),
+            "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
 
 
-def largest_batch(found: dict, fraction: float = 0.8, multiple: int = 4) -> int:
-    """The largest multiple of ``multiple`` sequences whose eager peak stays within ``fraction``
-    of the device's memory (1 where not even that fits): eager holds more than a compiled
-    step, so the compiled variants keep headroom."""
+def device_memory(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.get_device_properties(0).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def largest_batch(found: dict, fraction: float = 0.8) -> int:
+    """The largest batch whose ``loop`` peak stays within ``fraction`` of the device's memory
+    (a multiple of 4 from 16 up; 1 where not even that fits): the other variants keep
+    headroom."""
     room = fraction * found["total"] - found["fixed"]
     batch = int(room // max(found["per_sequence"], 1))
-    return max(multiple * (batch // multiple), 1)
+    return max(4 * (batch // 4) if batch >= 16 else batch, 1)
+
+
+def unfitting_batch(found: dict) -> int:
+    """The smallest batch the probe says the ``loop`` cannot hold in the device's memory."""
+    return int((found["total"] - found["fixed"]) // max(found["per_sequence"], 1)) + 1
+
+
+def probed(args, argv: list[str]) -> dict:
+    """``probe`` in a fresh process, or its answer from an earlier stage on this machine (the
+    same model, sequence, precision, dropout, device and torch), kept in
+    ``$FXTRAIN_GPU_CACHE``."""
+    env = environment(args)
+    key = "-".join(str(x) for x in (args.model, args.seq, args.precision, args.dropout[0],
+                                    env["device"], env["torch"], args.tiny))
+    folder = Path(os.environ.get("FXTRAIN_GPU_CACHE",
+                                 Path(tempfile.gettempdir()) / "fxtrain-gpu-cache"))
+    path = folder / f"probe-{''.join(c if c.isalnum() or c in '.-' else '_' for c in key)}.json"
+    if path.exists():
+        return {**json.loads(path.read_text()), "cached": str(path)}
+    found = run_child("probe", argv, fresh=True)
+    if "error" not in found:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(found) + "\n")
+    return found
 
 
 # -- the parent -------------------------------------------------------------------------------
@@ -403,14 +493,15 @@ def run_child(what: str, argv: list[str], fresh: bool) -> dict:
 
 
 def environment(args) -> dict:
-    import torch
+    import importlib.metadata as metadata
+
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "device": args.device, "cpu_threads": torch.get_num_threads()}
-    try:
-        import transformers
-        env["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for name in ("transformers", "liger_kernel"):
+        try:
+            env[name] = metadata.version(name.replace("_", "-"))
+        except metadata.PackageNotFoundError:
+            pass
     if args.device == "cuda":
         p = torch.cuda.get_device_properties(0)
         env.update(device=p.name, capability=f"{p.major}.{p.minor}", memory_gib=p.total_memory
@@ -431,12 +522,15 @@ def variants_here(args) -> list[str]:
 
 def measure_dropout(args, argv: list[str], saved=lambda rows: None) -> dict:
     """Every variant at ``args.dropout[0]`` for ``args.rounds`` rounds (the order rotated per
-    round); a variant out of memory is run again at half the batch, twice at most. ``saved``
-    gets the rows so far after each run (a stage cut off by its time limit keeps them)."""
+    round), ``args.big_variants`` at ``args.big_batch``; a variant out of memory is run again at
+    half the batch, twice at most. ``saved`` gets the rows so far after each run (a stage cut
+    off by its time limit keeps them)."""
     variants, runs = variants_here(args), {}
+    big = set(getattr(args, "big_variants", None) or ())
     for r in range(args.rounds):
         for i, variant in enumerate(variants[r % len(variants):] + variants[:r % len(variants)]):
-            batch = int(runs.get(variant, [{}])[-1].get("batch", args.batch))
+            first = args.big_batch if variant in big else args.batch
+            batch = int(runs.get(variant, [{}])[-1].get("batch", first))
             for _ in range(3):
                 fresh = not args.tiny or (r, i) == (0, 0)
                 row = run_child(variant, [*argv, "--batch", str(batch)], fresh)
@@ -451,14 +545,6 @@ def measure_dropout(args, argv: list[str], saved=lambda rows: None) -> dict:
     return {v: combined(rows) for v, rows in runs.items()}
 
 
-def summary(row: dict) -> str:
-    if "error" in row or "oom" in row:
-        return row.get("error", f"out of memory at batch {row.get('oom')}").splitlines()[-1]
-    return (f"{row['tokens_per_s']:.0f} tokens/s, batch {row['batch']}, first step "
-            f"{row['first_step_s']:.1f} s, peak {row['peak_bytes'] / 2**30:.2f} GiB, "
-            f"attention {row['attention']}")
-
-
 def combined(rows: list[dict]) -> dict:
     """One variant's rounds: the first round's row (cold compile) with the median tokens/s."""
     good = [r for r in rows if "tokens_per_s" in r]
@@ -468,116 +554,40 @@ def combined(rows: list[dict]) -> dict:
             "rounds": [r["tokens_per_s"] for r in good]}
 
 
-def ratios(rows: dict, peak_tf: float | None) -> None:
-    """Adds MFU, bytes per parameter and ratios to the loop to each good row (in place)."""
-    base = rows.get("loop", {})
-    for row in rows.values():
-        if "tokens_per_s" not in row:
-            continue
-        row["bytes_per_param"] = row["peak_bytes"] / row["params"]
-        row["mfu"] = (row["tokens_per_s"] * row["flops_per_token"] / (peak_tf * 1e12)
-                      if peak_tf else None)
-        if "tokens_per_s" in base:
-            row["tokens_vs_loop"] = row["tokens_per_s"] / base["tokens_per_s"]
-            row["memory_vs_loop"] = row["peak_bytes"] / base["peak_bytes"]
-
-
-def targets(record: dict) -> list[str]:
-    """Issue 48's targets, each met or not, from the rows (those the run has)."""
-    lines = []
-
-    def check(what: str, value: float, bound: float, at_least: bool) -> None:
-        met = value >= bound if at_least else value <= bound
-        lines.append(f"{what} {value:.2f}x the loop (target {'>=' if at_least else '<='} "
-                     f"{bound}x): {'met' if met else 'NOT met'}")
-
-    for dropout, rows in record["dropouts"].items():
-        for variant, what in (("fx_func", "fx.fit"), ("fx_chunked", "fx.fit + chunked loss")):
-            row = rows.get(variant, {})
-            if "tokens_vs_loop" in row:
-                check(f"dropout {dropout}: {what} tokens/s", row["tokens_vs_loop"],
-                      1.0 if float(dropout) == 0 else 0.9, at_least=True)
-                check(f"dropout {dropout}: {what} peak memory", row["memory_vs_loop"], 1.0,
-                      at_least=False)
-        for variant, what in (("fx_remat", "fx.remat per block"),
-                              ("fx_remat_chunked", "fx.remat per block + chunked loss")):
-            if "memory_vs_loop" in rows.get(variant, {}):
-                check(f"dropout {dropout}: {what} peak memory", rows[variant]["memory_vs_loop"],
-                      0.5, at_least=False)
-        fx = rows.get("fx_func", rows.get("fx_chunked", {}))  # fx.fit, either loss
-        if float(dropout) == 0 and "attention" in fx:
-            kept = fx["attention"] not in ("none", "not profiled")
-            lines.append(f"dropout 0: fx.fit's attention kernel: {fx['attention']} (target: "
-                         f"flash or efficient kept): {'met' if kept else 'NOT met'}")
-    return lines
-
-
-def against_full_logits(record: dict) -> list[str]:
-    """Each chunked variant's tokens/s and peak memory over those of its variant with the whole
-    logits (``CHUNKED``), where both ran; where only the chunked one did, where the other's
-    figures are (each against its own run's loop)."""
-    lines = []
-    for dropout, rows in record["dropouts"].items():
-        for chunked, full in CHUNKED.items():
-            a, b = rows.get(chunked, {}), rows.get(full, {})
-            if "tokens_per_s" not in a:
-                continue
-            if "tokens_per_s" not in b:
-                lines.append(f"dropout {dropout}: {full} not in this run: compare "
-                             f"{chunked}'s ratios to the loop with {full}'s from another run "
-                             f"(the kit's core stage)")
-                continue
-            lines.append(f"dropout {dropout}: {chunked} against {full} (the whole logits): "
-                         f"tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, peak "
-                         f"memory {a['peak_bytes'] / b['peak_bytes']:.2f}x")
-    return lines
-
-
-def markdown(record: dict) -> str:
-    """The rows as a table for benchmarks/gpu/RESULTS.md."""
-    out = ["| dropout | variant | batch | tokens/s | vs loop | MFU | peak bytes/param | vs loop "
-           "| attention | first step s |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for dropout, rows in record["dropouts"].items():
-        for variant, row in rows.items():
-            if "tokens_per_s" not in row:
-                out.append(f"| {dropout} | {variant} | | {summary(row)} | | | | | | |")
-                continue
-            mfu = f"{100 * row['mfu']:.1f}%" if row.get("mfu") is not None else "n/a"
-            out.append(
-                f"| {dropout} | {variant} | {row['batch']} | {row['tokens_per_s']:.0f} | "
-                f"{row.get('tokens_vs_loop', math.nan):.2f}x | {mfu} | "
-                f"{row['bytes_per_param']:.1f} | {row.get('memory_vs_loop', math.nan):.2f}x | "
-                f"{row['attention']} | {row['first_step_s']:.1f} |")
-    return "\n".join(out)
-
-
 def arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="nano", choices=["nano", "hf"])
+    parser.add_argument("--model", default="nano", choices=MODELS)
     parser.add_argument("--variants", nargs="+", default=None, choices=VARIANTS,
-                        help="default: all (but the chunked ones with --model hf)")
+                        help="default: all")
     parser.add_argument("--dropout", type=float, nargs="+", default=[0.0])
     parser.add_argument("--batch", default="auto", help="sequences per step, or auto")
-    parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--big-variants", nargs="+", default=[], choices=VARIANTS,
+                        help="variants run at --big-batch")
+    parser.add_argument("--big-batch", default="auto",
+                        help="auto: the smallest batch the probe says the loop cannot fit")
+    parser.add_argument("--seq", type=int, default=None, help="1024 (2048 for llama)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5, help="calls before the timed ones")
     parser.add_argument("--k", type=int, default=4, help="fx_k's steps per call")
     parser.add_argument("--chunk", type=int, default=16384,
                         help="the chunked variants' tokens per chunk of the loss")
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--tiny", action="store_true", help="the CPU smoke size (seconds)")
     parser.add_argument("--out", type=Path, default=None, help="also write the record here")
+    parser.add_argument("--md", type=Path, default=None,
+                        help="also write the run as a section for benchmarks/gpu/RESULTS.md")
+    parser.add_argument("--title", default=None, help="the section's title")
     args = parser.parse_args(argv)
     if args.variants is None:
-        args.variants = [v for v in VARIANTS if args.model == "nano" or v not in CHUNKED]
-    if args.model == "hf" and set(args.variants) & set(CHUNKED):
-        parser.error("--model hf: the chunked variants need nanogpt's hidden states (head=False);"
-                     " leave them out of --variants")
+        args.variants = list(VARIANTS)
+    if args.seq is None:
+        args.seq = 2048 if args.model == "llama" else 1024
     if args.device is None:
-        import torch
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.tiny:
         use_smoke_backend()
@@ -590,12 +600,16 @@ def arguments(argv):
     return args
 
 
-def measure(args, argv: list[str]) -> dict:
+def measure(args, argv: list[str], written=lambda record: None) -> dict:
+    """Every dropout's runs; ``written(record)`` after each variant."""
     start = time.perf_counter()
     record = {"environment": environment(args), "model": args.model, "seq": args.seq,
-              "chunk": args.chunk, "argv": argv, "dropouts": {}}
+              "chunk": args.chunk, "precision": args.precision, "lr": args.lr,
+              "weight_decay": args.weight_decay, "steps": args.steps, "warmup": args.warmup,
+              "argv": argv, "dropouts": {}}
+    found = None
     if args.batch == "auto":
-        found = run_child("probe", argv, fresh=True)
+        found = probed(args, argv)
         if "error" in found:
             raise SystemExit(f"the batch probe failed:\n{found['error']}")
         args.batch = str(largest_batch(found))
@@ -603,6 +617,16 @@ def measure(args, argv: list[str]) -> dict:
         print(f"batch {args.batch} (probe: {found['per_sequence'] / 2**20:.0f} MiB a sequence, "
               f"{found['fixed'] / 2**30:.2f} GiB fixed)", file=sys.stderr, flush=True)
     record["batch"] = int(args.batch)
+    if args.big_variants:
+        record["big_variants"] = args.big_variants
+        if args.big_batch == "auto" and found:
+            args.big_batch = unfitting_batch(found)
+            need = found["fixed"] + args.big_batch * found["per_sequence"]
+            record["big_why"] = (f"the smallest the probe says the loop cannot hold "
+                                 f"({need / 2**30:.1f} GiB of {found['total'] / 2**30:.1f})")
+        elif args.big_batch == "auto":
+            args.big_batch, record["big_why"] = 2 * int(args.batch), "twice the batch"
+        record["big_batch"] = args.big_batch = int(args.big_batch)
     peak_tf = peak_tflops(args, record["environment"]["device"])
     record["peak_tflops"] = peak_tf
     for dropout in args.dropout:
@@ -611,13 +635,12 @@ def measure(args, argv: list[str]) -> dict:
         def saved(rows, key=str(dropout)):
             ratios(rows, peak_tf)
             record["dropouts"][key] = rows
-            if args.out:
-                args.out.write_text(json.dumps(record, indent=1) + "\n")
+            record["targets"] = targets(record)
+            record["against_full_logits"] = against_full_logits(record, CHUNKED)
+            written(record)
 
-        saved(measure_dropout(one, without(argv, "--dropout", "--batch") + [
+        saved(measure_dropout(one, without(argv, "--dropout", "--batch", "--big-batch") + [
             "--dropout", str(dropout)], saved))
-    record["targets"] = targets(record)
-    record["against_full_logits"] = against_full_logits(record)
     record["seconds"] = time.perf_counter() - start
     return record
 
@@ -633,6 +656,34 @@ def without(argv: list[str], *options: str) -> list[str]:
     return out
 
 
+def writer(args, argv: list[str]):
+    """``written(record)``: the record to ``--out`` as JSON and to ``--md`` as a section, the
+    command and commit from ``$FXTRAIN_GPU_COMMAND`` and ``$FXTRAIN_GPU_COMMIT`` (scripts/gpu.sh
+    sets them) or this process's."""
+    date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = os.environ.get("FXTRAIN_GPU_COMMAND") or \
+        "python benchmarks/gpu_transformer.py " + " ".join(argv)
+    commit = os.environ.get("FXTRAIN_GPU_COMMIT") or _commit()
+    title = args.title or f"`--model {args.model}`, {' '.join(args.variants)}"
+
+    def written(record):
+        if args.out:
+            args.out.write_text(json.dumps(record, indent=1) + "\n")
+        if args.md:
+            args.md.write_text(section(record, title, command, commit, date))
+
+    return written
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip() \
+            or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def main(argv=None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["--child"]:
@@ -642,13 +693,13 @@ def main(argv=None) -> dict:
         args.batch = int(args.batch)
         return child(what, args)
     args = arguments(argv)
-    record = measure(args, argv)
+    written = writer(args, argv)
+    record = measure(args, argv, written)
     print(markdown(record))
     for line in record["targets"] + record["against_full_logits"]:
         print(line)
     print(f"{record['seconds']:.0f} s", flush=True)
-    if args.out:
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    written(record)
     return record
 
 

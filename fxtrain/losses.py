@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._chunked_ce import chunked_causal_lm
+from ._fused_ce import chunked_causal_lm
 from ._mean import IGNORE_INDEX, Mean
 
 __all__ = ["Mean", "causal_lm", "chunked_causal_lm", "IGNORE_INDEX"]

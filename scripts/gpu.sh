@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU kit: one command that turns a lent GPU machine (Python 3.12, torch 2.11, no package
-# registry) into figures.  bash scripts/gpu.sh OUT [STAGE...]
+# The GPU kit: one command per stage that turns a lent GPU machine (Python 3.12, torch 2.11, no
+# package registry) into figures.  bash scripts/gpu.sh OUT [STAGE...]
 #
-# Here, once (pip reaches a registry here, not there; the folder is git-ignored, ~2 MiB):
+# Here, once (pip reaches a registry here, not there; the folder is git-ignored, ~3 MiB):
 #   .venv/bin/python scripts/gpu_wheels.py download .gpu-wheels
-# There, through the device tool (carry: [".gpu-wheels"]; OUT is the tool's $OUT):
-#   bash scripts/gpu.sh $OUT                      # setup env hardware core: about 6-8 minutes
-#   bash scripts/gpu.sh $OUT paths                # then, with device time left: one stage a call
-#   bash scripts/gpu.sh $OUT chunked              # the chunked loss: about 7-8 minutes
+# There, through the device tool (carry: [".gpu-wheels"]; OUT is the tool's $OUT; the tree
+# travels without .git, so name the commit):
+#   FXTRAIN_GPU_COMMIT=<sha> bash scripts/gpu.sh $OUT          # setup env hardware core
+#   FXTRAIN_GPU_COMMIT=<sha> bash scripts/gpu.sh $OUT llama    # then one stage a call
+# Only $OUT comes back. Each benchmark stage writes OUT/<stage>.md, a section for
+# benchmarks/gpu/RESULTS.md (when, the device, driver, torch, commit, the command, the table,
+# the targets); it is appended to $FXTRAIN_GPU_RESULTS on the machine (default
+# benchmarks/gpu/RESULTS.md, lost with the machine), so append it here too:
+#   cat <the fetched OUT>/<stage>.md >> benchmarks/gpu/RESULTS.md
 #
 # Stages, in the order given (each fits one 10-minute command; the default is the first four):
 #   setup     the carried wheels and fxtrain from this tree into $FXTRAIN_GPU_SITE
@@ -15,25 +20,34 @@
 #             version pyproject allows. Always run first, whether named or not.
 #   env       the device, driver, torch, CUDA, Python and the packages the benchmark uses
 #   hardware  the tests marked `hardware` (pytest -m hardware): GPU-only checks CI cannot run
-#   core      gpu_transformer.py: the compiled nanoGPT-style loop, fx.fit (func), fx.fit with
-#             fx.remat per block; dropout 0 (the issue's first targets)
+#   core      gpu_transformer.py, GPT-2 124M: the fair loops (loop: the loss inside the
+#             compiled module; loop_step: the whole step under one torch.compile), fx.fit
+#             (func), then the pre-issue-58 loop with the loss outside the compiled module
+#             (loop_eager_loss, an extra row, last: the first cut when time runs out)
+#   llama     the Llama-shaped 1B, sequence 2048: loop, loop_step, fx.fit, then fx.fit with
+#             fx.remat per block and the chunked loss at a batch the loop cannot hold. Cold
+#             compiles are long: rows finished are kept; to finish on the warm machine,
+#             FXTRAIN_GPU_KIT_ARGS="--variants <the rest>" bash scripts/gpu.sh $OUT llama
+#   chunked   the loop, fx.fit with the whole logits, with Liger's fused linear cross-entropy
+#             (fx_liger) and with fxtrain's own chunked kernel (fx_chunked): the chunked
+#             loss against the whole-logits step (target >= 0.95x its tokens/s, <= 0.5x its peak)
+#   remat     the loop, fx.fit with fx.remat per block, and with the chunked loss too
 #   paths     the loop, fx.fit autograd, cuda_graphed, K steps per call
-#   dropout   the loop and fx.fit with dropout 0.1 (keyed dropout against torch's own)
-#   hf        transformers' GPT2LMHeadModel: the loop, fx.fit, HF Trainer with torch_compile
-#   chunked   the loop, fx.fit with the loss fx.losses.chunked_causal_lm (never the whole
-#             logits), and that with fx.remat per block (remat's 0.5x memory target); fx.fit
-#             and fx.remat with the whole logits are the core stage's (with them, five cold
-#             compiles, 22 s for the loop's and 106-131 s or more each for fx's on the H200,
-#             would not fit one stage's 540 s)
-# Each benchmark stage writes OUT/<stage>.json; every stage's output goes to OUT/run.log (and
-# the screen), the hardware tests' to OUT/hardware.log: at most 8 files, as the tool returns.
+#   dropout   the fair loops and fx.fit with dropout 0.1 (keyed dropout against torch's own)
+#   hf        transformers' GPT2LMHeadModel: the fair loops, fx.fit, HF Trainer with torch_compile
+# A benchmark stage asks the batch of the loop (the probe, its compiled steps at batch 2 and
+# 4) once per model, sequence, precision and dropout on a machine: later stages read it from
+# $FXTRAIN_GPU_CACHE (/tmp/fxtrain-gpu-cache). Cold compiles on the H200 took 22 s for the
+# loop's first step and 106-131 s for fx.fit's; a warm machine reads Inductor's cache.
+# Each benchmark stage writes OUT/<stage>.json and OUT/<stage>.md; every stage's output goes to
+# OUT/run.log (and the screen), the hardware tests' to OUT/hardware.log.
 # PYTHON picks the interpreter (default python3), FXTRAIN_GPU_WHEELS the wheel folder (default
-# .gpu-wheels); FXTRAIN_GPU_KIT_ARGS adds arguments to every
-# benchmark stage (the suite's smoke test: "--device cpu --tiny"); FXTRAIN_GPU_STAGE_TIMEOUT
+# .gpu-wheels); FXTRAIN_GPU_KIT_ARGS adds arguments to every benchmark stage (the suite's smoke
+# test: "--device cpu --tiny"; a later --variants replaces the stage's); FXTRAIN_GPU_STAGE_TIMEOUT
 # (seconds, default 540) ends a stage that hangs, and the next one still runs;
 # FXTRAIN_GPU_DEADLINE (seconds, default 570) bounds the whole command, within the device tool's
 # 10 minutes: a stage gets what is left, and none starts with under a minute left. A benchmark
-# stage cut off keeps the rows it finished in OUT/<stage>.json.
+# stage cut off keeps the rows it finished in OUT/<stage>.json and OUT/<stage>.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { sed -n '2,/^set /p' "$0" | sed '$d' >&2; exit 2; }
@@ -44,6 +58,8 @@ site=${FXTRAIN_GPU_SITE:-/tmp/fxtrain-gpu-site}
 carried=${FXTRAIN_GPU_WHEELS:-.gpu-wheels}
 limit=${FXTRAIN_GPU_STAGE_TIMEOUT:-540}
 deadline=${FXTRAIN_GPU_DEADLINE:-570}
+results=${FXTRAIN_GPU_RESULTS:-benchmarks/gpu/RESULTS.md}
+commit=${FXTRAIN_GPU_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo 'unknown (no git)')}
 read -r -a extra <<< "${FXTRAIN_GPU_KIT_ARGS:-}"
 log="$out/run.log"
 status=0
@@ -83,7 +99,8 @@ if torch.cuda.is_available():
         print(f"nvidia-smi: {e}")
 else:
     print("no CUDA device: torch sees none")
-for name in ("fxtrain", "transformers", "accelerate", "triton", "optree", "orbax-checkpoint"):
+for name in ("fxtrain", "transformers", "accelerate", "triton", "liger-kernel", "optree",
+             "orbax-checkpoint"):
     try:
         print(f"{name} {m.version(name)}")
     except m.PackageNotFoundError:
@@ -101,26 +118,29 @@ hardware() {
 
 bench() {
     local stage=$1; shift
-    PYTHONUNBUFFERED=1 "$python" benchmarks/gpu_transformer.py "$@" "${extra[@]}" \
-        --out "$out/$stage.json"
+    FXTRAIN_GPU_COMMAND="bash scripts/gpu.sh \$OUT $stage${extra_args:+ (FXTRAIN_GPU_KIT_ARGS=\"$extra_args\")}" \
+        PYTHONUNBUFFERED=1 "$python" benchmarks/gpu_transformer.py "$@" "${extra[@]}" \
+        --out "$out/$stage.json" --md "$out/$stage.md" --title "$stage"
 }
 
 run_stage() {
     case $1 in
         env) env_stage ;;
         hardware) hardware ;;
-        core) bench core --variants loop fx_func fx_remat --dropout 0 ;;
+        core) bench core --variants loop loop_step fx_func loop_eager_loss --dropout 0 ;;
+        llama) bench llama --model llama --variants loop loop_step fx_func fx_remat_chunked --big-variants fx_remat_chunked --dropout 0 ;;
+        chunked) bench chunked --variants loop fx_func fx_liger fx_chunked --dropout 0 ;;
+        remat) bench remat --variants loop fx_remat fx_remat_chunked --dropout 0 ;;
         paths) bench paths --variants loop fx_autograd fx_graphed fx_k --dropout 0 ;;
-        dropout) bench dropout --variants loop fx_func --dropout 0.1 ;;
-        hf) bench hf --model hf --variants loop fx_func hf_trainer --dropout 0 ;;
-        chunked) bench chunked --variants loop fx_chunked fx_remat_chunked --dropout 0 ;;
-        *) echo "unknown stage $1 (setup env hardware core paths dropout hf chunked)"
+        dropout) bench dropout --variants loop loop_step fx_func --dropout 0.1 ;;
+        hf) bench hf --model hf --variants loop loop_step fx_func hf_trainer --dropout 0 ;;
+        *) echo "unknown stage $1 (setup env hardware core llama chunked remat paths dropout hf)"
            return 2 ;;
     esac
 }
 
 start=$SECONDS
-say "setup ($(date -u +%FT%TZ), $(git rev-parse --short HEAD 2>/dev/null || echo 'no git'))"
+say "setup ($(date -u +%FT%TZ), fxtrain $commit)"
 setup 2>&1 | tee -a "$log"
 [[ ${PIPESTATUS[0]} -eq 0 ]] || { say "setup failed: stopping"; exit 1; }
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
@@ -133,11 +153,15 @@ for stage in "${stages[@]}"; do
     fi
     say "$stage (time limit $((left < limit ? left : limit)) s)"
     export -f env_stage hardware bench run_stage
-    export python out extra_args="${FXTRAIN_GPU_KIT_ARGS:-}"
+    export python out extra_args="${FXTRAIN_GPU_KIT_ARGS:-}" FXTRAIN_GPU_COMMIT="$commit"
     timeout "$((left < limit ? left : limit))" bash -c 'read -r -a extra <<< "$extra_args"; run_stage "$0"' "$stage" \
         2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     [[ $rc -eq 0 ]] || status=1
+    if [[ -f "$out/$stage.md" ]]; then  # the rows it finished, even when cut off
+        { echo; cat "$out/$stage.md"; } >> "$results"
+        say "$stage: its section appended to $results (only OUT comes back: append $stage.md there)"
+    fi
     say "$stage: exit $rc, $((SECONDS - begin)) s"
 done
 say "all: $((SECONDS - start)) s"

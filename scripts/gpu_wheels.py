@@ -8,7 +8,9 @@ downloaded here, where pip reaches a registry:
                     module (and transformers, for benchmarks/gpu_transformer.py) loads, and
                     pyproject's dependencies, with what they require on the machine's Python and
                     platform, less the machine's list; at the versions installed here (what the
-                    suite tested). ``--why`` says, after a ``#``, what needs each.
+                    suite tested). And ``PINNED``: what only the GPU runs (liger-kernel, whose
+                    Triton kernels need CUDA), at its pinned version. ``--why`` says, after a
+                    ``#``, what needs each.
   download DIR      ``list``'s wheels for CPython 3.12 on manylinux x86_64 into DIR, and only
                     those; refused over 60 MiB (a device call carries 64 MiB with the tree)
   check [--require SPEC ...]
@@ -51,6 +53,11 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # tried when no wheel matches PLATFORMS: wheels built for a newer glibc (the image's is newer)
 NEWER_GLIBC = (24, 31, 34, 35)
 MAX_BYTES = 60 * 2**20
+# carried at a pinned version, not derived: not installed here (CUDA only), so nothing here
+# imports it. name -> (version, what its wheel requires (Requires-Dist, extras aside): the
+# machine has each, checked by tests/test_gpu_wheels.py, why)
+PINNED = {"liger-kernel": ("0.8.5", ("torch", "triton"),
+                           "fx.losses.chunked_causal_lm(impl='liger'), the kit's fx_liger")}
 
 
 class NotInstalled(LookupError):
@@ -203,8 +210,10 @@ def carried(modules: Iterable[str], requirements: Iterable[str], machine: frozen
 
 
 def derived(machine_list: Path = MACHINE_LIST) -> dict[str, tuple[str, str]]:
-    """``list``'s answer: what importing fxtrain loads and pyproject's dependencies need."""
-    return carried(imported_modules(), pyproject_requirements(), machine_packages(machine_list))
+    """``list``'s answer: what importing fxtrain loads and pyproject's dependencies need, and
+    ``PINNED``."""
+    found = carried(imported_modules(), pyproject_requirements(), machine_packages(machine_list))
+    return {**found, **{name: (version, why) for name, (version, _, why) in PINNED.items()}}
 
 
 # ---- download ----------------------------------------------------------------------------------

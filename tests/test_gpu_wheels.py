@@ -51,7 +51,17 @@ def test_the_list_carries_what_fxtrain_needs_and_nothing_the_machine_has(listed,
     assert {"optree", "tensorboardx", "jsonargparse"} <= set(listed)
     assert {"docstring-parser", "typeshed-client"} <= set(listed)  # jsonargparse[signatures]
     assert not set(listed) & machine
-    assert all(importlib.metadata.version(n) == v for n, v in listed.items())  # as tested here
+    derived = {n: v for n, v in listed.items() if n not in gpu.PINNED}
+    assert all(importlib.metadata.version(n) == v for n, v in derived.items())  # as tested here
+
+
+def test_what_only_the_gpu_runs_is_carried_pinned_with_its_needs_on_the_machine(listed,
+                                                                                 machine):
+    """liger-kernel (CUDA only, not installed here): at its pinned version, and what its wheel
+    requires (torch, triton) is the machine's."""
+    for name, (version, requires, _) in gpu.PINNED.items():
+        assert listed[name] == version and name not in machine
+        assert set(requires) <= machine, name
 
 
 def test_a_module_that_needs_a_missing_extra_is_reported_not_fatal(tmp_path, monkeypatch, capfd):

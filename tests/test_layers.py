@@ -18,7 +18,7 @@ FLOORS = (
     ("protocol", "_step_spec"),
     # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
     # control flags, a compiled call without guards
-    ("optim", "_mean", "losses", "_chunked_ce", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
+    ("optim", "_mean", "losses", "_chunked_ce", "_fused_ce", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
     # the state, the step's precision policy, and the trained module out of the state
     ("state", "precision", "export", "_pretrained"),
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
