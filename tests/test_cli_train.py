@@ -401,3 +401,26 @@ def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
                  "--max_steps", "24", "--optim.lr", "0.2", "--allow_changes", "true"]) == 0
     # another step (lr 0.2): made again
     assert saved.stat().st_ino != made.st_ino
+
+
+def test_a_resume_whose_restore_fails_leaves_the_workdir_as_it_was(tmp_path, capsys):
+    """Issue 60, hole 4: an allowed change the checkpoint cannot take (another width) replaced
+    config.yaml before the restore failed; then the documented resume failed and the true width
+    was refused as a change. Refused in one line, exit 2, every file as it was; the documented
+    resume still works."""
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    capsys.readouterr()
+    before = _snapshot(work)
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--model_args", "{width: 64}", "--allow_changes", "model_args"]) == 2
+    err = _one_line(capsys)
+    assert f"--resume: the checkpoint of step 12 in {work / 'checkpoints'} cannot be " \
+           "restored into the model this config builds (shape of .params['0.bias']: " \
+           "checkpoint (32,), template (64,); and 8 more)" in err
+    assert "Nothing was changed." in err
+    assert _snapshot(work) == before
+    assert main(["train", str(work / "config.yaml"), "--resume", "true", "--max_steps", "18",
+                 "--allow_changes", "max_steps"]) == 0
+    assert "done at step 18" in capsys.readouterr().out
