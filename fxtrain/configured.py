@@ -184,9 +184,8 @@ def _parts(v: dict[str, Any]) -> tuple:
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"model: {v['model']} returned {type(module).__name__}, not an "
                           "nn.Module")
-    batches = _built(v["data"], v["data_args"], "data")
-    evaluation = (_built(v["eval_data"], v["eval_data_args"], "eval_data") if v["eval_data"]
-                  else None)
+    batches = _data(v, "data")
+    evaluation = _data(v, "eval_data") if v["eval_data"] else None
     loss_fn = _loss(v["loss"])
     state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
@@ -369,6 +368,25 @@ def _built(reference: str, args: dict | None, where: str) -> Any:
     except Exception as e:  # the user's code: one line naming the key, and where it raised
         raise ConfigError(f"{where}: calling {reference} with {where}_args {args or {}} "
                           f"raised {_raised(e)}") from e
+
+
+def _data(v: dict[str, Any], key: str) -> Any:
+    """The batches the factory of ``key`` (data, eval_data) returns, refused in one line when
+    they are not batches (None, a number, a dict of arrays, whose keys fit would iterate)."""
+    from collections.abc import Mapping
+
+    from .data import as_stream
+
+    value = _built(v[key], v[f"{key}_args"], key)
+    try:
+        if isinstance(value, Mapping):
+            raise TypeError("a mapping")
+        as_stream(value)
+    except TypeError:
+        raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned "
+                          f"{'None' if value is None else type(value).__name__}, not batches: return fx.data.Batches(arrays, "
+                          "batch_size), a (Stateful)DataLoader or an iterable of batches") from None
+    return value
 
 
 def _raised(e: BaseException) -> str:
