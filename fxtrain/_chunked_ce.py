@@ -111,6 +111,11 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
                          f"as the hidden states; got {tuple(labels.shape)}")
     if labels.is_floating_point() or labels.is_complex():
         raise TypeError(f"{name}: labels must be integer token ids; got {labels.dtype}")
+    for what, tensor in (("hidden", hidden), ("weight", weight), ("bias", bias)):
+        if tensor is not None and not tensor.is_floating_point():
+            raise TypeError(f"{name}: {what} must be floating point (the LM head's "
+                            f"{'input' if what == 'hidden' else what}); got {tensor.dtype}: "
+                            "pass the model's hidden states and its head's parameters")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{name}: bias must be (vocab,) = ({weight.shape[0]},); got "
                          f"{tuple(bias.shape)}")

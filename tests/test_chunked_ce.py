@@ -439,3 +439,15 @@ def test_a_label_outside_the_vocabulary_is_refused_on_the_compiled_kernels_path(
         step(state, (ids, targets))
     labels[0, 2] = -100  # ignore_index is no label: taken
     chunked_causal_lm(hidden, weight, labels, chunk_size=4)
+
+
+def test_integer_hidden_states_or_weights_are_refused():
+    """Issue 60, hole 9: an integer weight or hidden state was taken (the products ran in
+    integers)."""
+    hidden, weight, bias, labels = lm_case(2, 5, 4, 7, seed=0)
+    with pytest.raises(TypeError, match="hidden must be floating point .*got torch.int64"):
+        chunked_causal_lm(hidden.long(), weight, labels)
+    with pytest.raises(TypeError, match="weight must be floating point .*got torch.int32"):
+        chunked_causal_lm(hidden, weight.int(), labels)
+    with pytest.raises(TypeError, match="bias must be floating point .*got torch.int64"):
+        chunked_causal_lm(hidden, weight, labels, bias=bias.long())

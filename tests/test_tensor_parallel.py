@@ -76,3 +76,26 @@ def test_plans_that_name_what_the_model_lacks_are_refused():
         tensor_parallel.plan_of(model, {"model.layers.0.mlp.up_proj": "sideways"})
     with pytest.raises(ValueError, match="has no config.base_model_tp_plan"):
         tensor_parallel.plan_of(dist_worker.tiny_gpt2(), "auto")
+
+
+def test_a_rowwise_layer_with_no_colwise_layer_before_it_is_refused():
+    """Issue 60, hole 9: {'0': 'rowwise'} on a first layer was accepted by fx.shard and failed
+    at the first step inside torch: RowwiseParallel takes its input split along its features
+    (Shard(-1), what a colwise layer before it gives), and the data's whole tensor was read as
+    one rank's slice of a wider one."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    from fxtrain import tensor_parallel
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    for plan in ({"0": "rowwise"}, {"2": "rowwise"}, {"0": "rowwise", "2": "colwise"}):
+        first = min(plan)
+        with pytest.raises(ValueError, match=f"splits '{first}' rowwise, but no colwise layer "
+                                             f"before it splits its input.*'{first}': "
+                                             "RowwiseParallel\\(input_layouts=Replicate\\(\\)\\)"):
+            tensor_parallel.plan_of(model, plan)
+    assert set(tensor_parallel.plan_of(model, {"0": "colwise", "2": "rowwise"})) == {"0", "2"}
+    whole = {"0": RowwiseParallel(input_layouts=Replicate())}
+    assert set(tensor_parallel.plan_of(model, whole)) == {"0"}
+    assert len(tensor_parallel.plan_of(dist_worker.tiny_llama(), "auto")) > 0
