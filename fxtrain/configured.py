@@ -378,15 +378,16 @@ def _data(v: dict[str, Any], key: str) -> Any:
     from .data import as_stream
 
     value = _built(v[key], v[f"{key}_args"], key)
-    try:
-        if isinstance(value, Mapping):
-            raise TypeError("a mapping")
-        as_stream(value)
-    except TypeError:
-        raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned "
-                          f"{'None' if value is None else type(value).__name__}, not batches: return fx.data.Batches(arrays, "
-                          "batch_size), a (Stateful)DataLoader or an iterable of batches") from None
-    return value
+    if not isinstance(value, Mapping):
+        try:
+            as_stream(value)
+            return value
+        except TypeError:
+            pass
+    what = "None" if value is None else type(value).__name__
+    raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned {what}, "
+                      "not batches: return fx.data.Batches(arrays, batch_size), a "
+                      "(Stateful)DataLoader or an iterable of batches")
 
 
 def _raised(e: BaseException) -> str:
