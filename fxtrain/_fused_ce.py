@@ -43,7 +43,7 @@ _NAME = "fx.losses.chunked_causal_lm"
 def chunked_causal_lm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                       chunk_size: int = 1024, ignore_index: int = IGNORE_INDEX,
                       shift: bool = True, bias: torch.Tensor | None = None,
-                      impl: str = "auto") -> Mean:
+                      impl: str = "chunked") -> Mean:
     """``fx.losses.causal_lm(F.linear(hidden, weight, bias), labels)`` without the logits.
 
     The same ``Mean`` (sum of the float32 cross-entropy over the labelled tokens and their
@@ -61,11 +61,13 @@ def chunked_causal_lm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
       shift: True (transformers' convention): position ``t`` predicts label ``t + 1``; False:
         ``labels`` are already the targets of each position.
       bias: ``(vocab,)``, the head's bias, if it has one.
-      impl: ``"chunked"``: fxtrain's own chunk loop, on any device; ``"liger"``:
-        Liger-Kernel's fused linear cross-entropy (``pip install liger-kernel``; CUDA only,
-        refused elsewhere, naming the fix); ``"auto"``: Liger where it can run (CUDA tensors,
-        liger-kernel importable), else fxtrain's own. Where no gradient is taken (an eval
-        step), the loss alone, by fxtrain's own loop, whatever ``impl`` says.
+      impl: ``"chunked"`` (the default): fxtrain's own chunk loop, on any device, no read on
+        the host; ``"liger"``: Liger-Kernel's fused linear cross-entropy (``pip install
+        liger-kernel``; CUDA only, refused elsewhere, naming the fix), which reads a count
+        back to the host once a step (a sync the default never makes); ``"auto"``: Liger
+        where it can run (CUDA tensors, liger-kernel importable), else fxtrain's own. Where
+        no gradient is taken (an eval step), the loss alone, by fxtrain's own loop, whatever
+        ``impl`` says.
 
     Examples:
         >>> hidden, weight = torch.randn(1, 5, 4), torch.randn(7, 4)

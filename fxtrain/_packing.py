@@ -68,6 +68,8 @@ def packed_rows(documents: Iterable[Sequence[int] | torch.Tensor], length: int, 
     """
     if not isinstance(length, int) or isinstance(length, bool) or length < 2:
         raise ValueError(f"pack_documents: length must be an int of at least 2, got {length!r}")
+    if not isinstance(pad_id, int) or isinstance(pad_id, bool) or pad_id < 0:
+        raise ValueError(f"pack_documents: pad_id must be a token id >= 0, got {pad_id!r}")
     return _rows(documents, length, pad_id, split)
 
 
@@ -95,6 +97,11 @@ def _rows(documents: Iterable[Sequence[int] | torch.Tensor], length: int, pad_id
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
             raise TypeError(f"pack_documents: document {i} holds something other than int "
                             f"token ids: {tokens[:5]!r}")
+        if tokens and min(tokens) < 0:
+            raise ValueError(f"pack_documents: document {i} holds a negative token id "
+                             f"({min(tokens)}); token ids are >= 0 (a -100 would become a "
+                             "label that marks no target): pack the tokenizer's input ids, "
+                             "not labels")
         if tokens and not split and ids and len(tokens) > length - len(ids):
             pad(length - len(ids))  # whole documents: this one starts the next row
             yield row()

@@ -8,7 +8,11 @@ files are written by hand from the checkpoint's description (every tensor's dtyp
 known before a byte is read, so the header comes first), split into files of at most
 ``max_shard_bytes`` with a ``model.safetensors.index.json`` as ``save_pretrained`` writes them.
 The folder is made under a temporary name beside ``directory`` and renamed into place last:
-an export that fails leaves nothing behind, and an existing folder is never written into.
+an export that fails leaves nothing behind, and an existing folder is never written into. The
+staging folder holds a lock naming its process (``fxtrain.workdir``) while it is written; one
+left by an export that was killed is removed, with a warning, by the next export into the same
+folder. A ``config`` given is checked against the checkpoint's names and shapes (a transformers
+architecture built on the meta device) before anything is written.
 """
 
 from __future__ import annotations
@@ -19,12 +23,20 @@ import re
 import shutil
 import struct
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["export_pretrained"]
+__all__ = ["export_pretrained", "ConfigMismatchError"]
+
+_STAGING_STALE_S = 60.0  # a staging folder without a lock, older than this, is a killed one's
+
+
+class ConfigMismatchError(ValueError):
+    """The config given does not describe the checkpoint's model; nothing was written."""
 
 _DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
            "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8",
@@ -88,6 +100,9 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
     entries = _weights(meta)
     if not entries:
         raise ValueError(f"export_pretrained: the checkpoint {path} holds no parameters")
+    if config is not None:
+        _check_config(config_json, (meta.get("model") or {}).get("config") or {}, entries,
+                      config)
     sharded = shards.is_sharded_checkpoint(path)
     if sharded:
         shards.verify_files(path, meta)  # once: each tensor is then read without it
@@ -105,9 +120,14 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
         from .checkpoint.bridge import leaf_value
         return leaf_value(value, entry).contiguous()
 
+    from .workdir import acquire, release
+
+    _remove_killed_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
+        lock = acquire(staging, f"fxtrain export {path} {target}")  # whose folder it is
         _write_weights(staging, entries, read, max_shard_bytes, int(meta.get("step") or 0))
+        release(lock)
         (staging / "config.json").write_text(json.dumps(config_json, indent=2, sort_keys=True)
                                              + "\n", encoding="utf-8")
         for file in staging.iterdir():
@@ -120,6 +140,90 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def _remove_killed_staging(target: Path) -> None:
+    """Removes the staging folders of exports into ``target`` that were killed: their lock's
+    process is gone (the lock is taken over), or they have no lock and are older than
+    ``_STAGING_STALE_S`` (killed before it was written, or by an fxtrain that wrote none). A
+    live export's, or one of another host, is left alone."""
+    from .workdir import LOCK_NAME, WorkdirLocked, acquire
+
+    for folder in sorted(target.parent.glob(f".{target.name}.partial-*")):
+        if not folder.is_dir():
+            continue
+        if (folder / LOCK_NAME).exists():
+            try:
+                with warnings.catch_warnings():  # acquire's takeover warning: said below
+                    warnings.simplefilter("ignore")
+                    acquire(folder, "fxtrain export (removing a killed export's folder)")
+            except WorkdirLocked:
+                continue
+        elif time.time() - folder.stat().st_mtime < _STAGING_STALE_S:
+            continue  # being made now, its lock not written yet
+        shutil.rmtree(folder, ignore_errors=True)
+        warnings.warn(f"export_pretrained: removed {folder}, the staging folder of an export "
+                      f"that was killed before it finished", RuntimeWarning, stacklevel=3)
+
+
+def _check_config(config_json: dict, recorded: dict, entries: list[dict], given: Any) -> None:
+    """Refuses a ``config`` given that does not describe the checkpoint's model (see
+    ``_config_problems``), naming the first difference."""
+    problems = _config_problems(config_json, recorded, entries)
+    if problems:
+        source = given if isinstance(given, str | os.PathLike) else type(given).__name__
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ConfigMismatchError(
+            f"config {source} does not describe the checkpoint's model ({problems[0]}{more}); "
+            "pass the config the model was trained with, or none when the checkpoint recorded "
+            "one. Nothing was written.")
+
+
+def _config_problems(config_json: dict, recorded: dict, entries: list[dict]) -> list[str]:
+    """How the model of ``config_json`` (its transformers architecture, else the recorded
+    config's when their model types agree, built on the meta device) differs from the
+    checkpoint's weights; nothing for a config naming no architecture transformers has (a
+    model of one's own)."""
+    kind, saved = config_json.get("model_type"), recorded.get("model_type")
+    architectures = config_json.get("architectures") or (
+        recorded.get("architectures") if kind == saved else None)
+    if not architectures and saved is not None and kind != saved:
+        return [f"model_type {kind}, the checkpoint's {saved}"]
+    model = _meta_model(config_json, architectures or [])
+    return [] if model is None else _weight_problems(model.state_dict(keep_vars=True), entries)
+
+
+def _weight_problems(held: dict[str, torch.Tensor], entries: list[dict]) -> list[str]:
+    """The checkpoint's weights missing from a model's ``state_dict`` ``held`` or of another
+    shape there, and the model's weights the checkpoint lacks (one of tied names is enough)."""
+    problems = []
+    for entry in entries:
+        name, shape = entry["name"], tuple(entry["shape"])
+        if name not in held:
+            problems.append(f"{name}: not in the config's model")
+        elif tuple(held[name].shape) != shape:
+            problems.append(f"{name}: checkpoint {shape}, config {tuple(held[name].shape)}")
+    names = {e["name"] for e in entries}
+    tied: dict[int, list[str]] = {}
+    for name, tensor in held.items():
+        tied.setdefault(id(tensor), []).append(name)
+    return problems + [f"{group[0]}: in the config's model, not in the checkpoint"
+                       for group in tied.values() if not names.intersection(group)]
+
+
+def _meta_model(config_json: dict, architectures: list[str]) -> Any:
+    """The model of the first of ``architectures`` built from ``config_json`` on the meta
+    device; None when transformers is missing or has no such model."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    cls = getattr(transformers, architectures[0], None) if architectures else None
+    config_class = getattr(cls, "config_class", None)
+    if not isinstance(cls, type) or config_class is None:
+        return None
+    with torch.device("meta"):
+        return cls(config_class.from_dict(config_json))
 
 
 def _chosen(paths: list[Path], step: int | None) -> Path:

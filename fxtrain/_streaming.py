@@ -135,6 +135,12 @@ class Stream:
     def order(self, epoch: int) -> Iterator:
         """Epoch ``epoch``'s examples in the order the ranks share them (read lazily)."""
         source = self.examples(epoch) if self._by_epoch else self.examples
+        if self._by_epoch and (not isinstance(source, Iterable) or isinstance(source, str | bytes)):
+            name = getattr(self.examples, "__qualname__", type(self.examples).__name__)
+            raise TypeError(f"Stream: examples({epoch}) ({name}) returned "
+                            f"{'None' if source is None else type(source).__name__}, not an "
+                            f"iterable of examples; return epoch {epoch}'s examples (a list, a "
+                            "generator, an IterableDataset)")
         examples = iter(source)
         if self.shuffle_buffer:
             seed = (self.seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF
@@ -154,7 +160,7 @@ class Stream:
             raise ValueError(f"Stream: the last batch of epoch {epoch} ({len(examples)} examples "
                              f"over {self.world_size} ranks) leaves rank {self.rank} none; "
                              "pass drop_last=True")
-        batch = self.collate(mine)
+        batch = self._collated(mine, epoch, offset + self.rank * self.batch_size)
         end = offset + len(examples)
         self._ahead = self._fill()
         done = not self._enough(self._ahead)
@@ -235,6 +241,22 @@ class Stream:
         if fresh and not self._enough(self._ahead):
             raise ValueError(f"Stream: epoch {epoch} holds no {self._describe()}")
 
+    def _collated(self, examples: list, epoch: int, first: int) -> Any:
+        """``collate(examples)``, the ``first``-th example of ``epoch`` the first of them; an
+        error names them and the first example shaped otherwise than the first."""
+        try:
+            return self.collate(examples)
+        except Exception as e:
+            shapes = [_shape(example) for example in examples]
+            odd = next((i for i, shape in enumerate(shapes) if shape != shapes[0]), None)
+            differs = "" if odd is None else (f": example {first + odd} is {shapes[odd]}, "
+                                              f"example {first} {shapes[0]}")
+            name = getattr(self.collate, "__qualname__", type(self.collate).__name__)
+            raise ValueError(f"Stream: examples {first} to {first + len(examples) - 1} of "
+                             f"epoch {epoch} do not collate into a batch ({type(e).__name__}: "
+                             f"{e}){differs}; make every example the same structure, or pass a "
+                             f"collate that joins them (collate is {name})") from e
+
     def _describe(self) -> str:
         ranks = f" ({self.batch_size} on each of {self.world_size} ranks)" \
             if self.world_size > 1 else ""
@@ -247,6 +269,17 @@ class Stream:
     def _enough(self, examples: list) -> bool:
         return len(examples) == self._global if self.drop_last else bool(examples)
 
+
+
+def _shape(example: Any) -> str:
+    """What an example is, for an error: a dict with its keys, a tuple with its length..."""
+    if isinstance(example, dict):
+        return f"a dict with keys {sorted(map(str, example))}"
+    if isinstance(example, tuple | list):
+        return f"a {type(example).__name__} of {len(example)}"
+    if isinstance(example, torch.Tensor):
+        return f"a tensor of shape {tuple(example.shape)}"
+    return f"a {type(example).__name__}"
 
 
 def _shuffled(examples: Iterator, size: int, rng: random.Random) -> Iterator:

@@ -219,11 +219,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from ._pretrained import export_pretrained
+    import math
+
+    from ._pretrained import ConfigMismatchError, export_pretrained
+    size = args.max_shard_size
+    if not (math.isfinite(size) and size * 1e9 >= 1):
+        print(f"fxtrain export: error: --max-shard-size must be a positive number of GB (0.5 "
+              f"for files of at most 500 MB), got {size:g}; nothing was written",
+              file=sys.stderr)
+        return 2
     try:
         out = export_pretrained(args.checkpoint, args.directory, step=args.step,
-                                config=args.config,
-                                max_shard_bytes=max(1, int(args.max_shard_size * 1e9)))
+                                config=args.config, max_shard_bytes=int(size * 1e9))
+    except ConfigMismatchError as e:  # one line, as a bad argument: nothing was written
+        print(f"fxtrain export: error: --{' '.join(str(e).split())}", file=sys.stderr)
+        return 2
     except (OSError, ValueError) as e:  # a damaged or unreadable checkpoint among them
         print(f"fxtrain export: {e}", file=sys.stderr)
         return 1

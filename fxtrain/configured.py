@@ -116,7 +116,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
 
     from . import _load_all, _saved_config, distributed
     from . import callbacks as cb
-    from .checkpoint import CheckpointManager
+    from .checkpoint import CheckpointManager, CheckpointMismatchError
     from .logging import JsonlWriter, MultiWriter, TensorBoardWriter
     from .loop import fit
     from .workdir import held
@@ -124,31 +124,49 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     _load_all()  # every pytree type registered before the step compiles (see fxtrain/__init__)
     root = Path(workdir)
     record = _saved_config.record({**values, "workdir": str(root.resolve())})
-    with held(root):  # checked, built, then config.yaml written: a failure leaves it as it was
+    # checked, built, restored, then config.yaml and the logs written: a failure before leaves
+    # the workdir as it was
+    with held(root):
         latest = distributed.rank_zero_then_broadcast(
             lambda: _admitted(root, record, resume, allow_changes, keep), "check the workdir")
         state, step, eval_step, batches, evaluation, extra = _parts(values)
-        kept = distributed.rank_zero_then_broadcast(
-            lambda: _saved_config.save(root, record, latest or 0), "write config.yaml")
-        _say(root, resume, latest, kept)
         if compile == "precompiled":
             from .precompile import precompiled
             step = precompiled(step, root / "step.precompiled")
         elif compile:
             step = torch.compile(step, fullgraph=True)
-        writer = MultiWriter([TensorBoardWriter(root / "tensorboard"),
-                              JsonlWriter(root / "metrics.jsonl")])
-        hosts = [cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
+        writer = MultiWriter([])  # its writers made at setup, after the restore
+
+        def started(state: Any, event: Any) -> None:
+            """At fit's setup, after it restored the checkpoint: config.yaml, then the logs."""
+            if event.kind != "setup" or writer.writers:
+                return
+            kept = distributed.rank_zero_then_broadcast(
+                lambda: _saved_config.save(root, record, latest or 0), "write config.yaml")
+            _say(root, resume, latest, kept)
+            writer.writers = (TensorBoardWriter(root / "tensorboard"),
+                              JsonlWriter(root / "metrics.jsonl"))
+
+        hosts = [started,
+                 cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
                  cb.log_metrics(writer, log_every, eval_prefix=None),
                  cb.lr_monitor(log_every, writer=writer),
                  cb.throughput(log_every, writer=writer),
                  cb.log_eval_metrics(writer) if evaluation is not None else None, *extra]
+        checkpoints = CheckpointManager(root / "checkpoints", keep_latest=keep)
         try:
             return fit(state, step, batches, max_steps=max_steps, max_epochs=max_epochs,
                        eval_step=eval_step, eval_data=evaluation, eval_every=eval_every,
-                       checkpoint=CheckpointManager(root / "checkpoints", keep_latest=keep),
-                       callbacks=[h for h in hosts if h is not None], resume=resume,
-                       progress=progress)
+                       checkpoint=checkpoints, callbacks=[h for h in hosts if h is not None],
+                       resume=resume, progress=progress)
+        except CheckpointMismatchError as e:
+            if writer.writers:  # past the restore: not a resume that failed
+                raise
+            raise ConfigError(f"--resume: the checkpoint of step {latest} in "
+                              f"{checkpoints.directory} cannot be restored into the model this "
+                              f"config builds ({_first_problem(e)}); resume with the config it "
+                              f"was trained with ({root / _saved_config.NAME}), or give another "
+                              "--workdir. Nothing was changed.") from e
         finally:
             writer.close()
 
@@ -166,9 +184,8 @@ def _parts(v: dict[str, Any]) -> tuple:
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"model: {v['model']} returned {type(module).__name__}, not an "
                           "nn.Module")
-    batches = _built(v["data"], v["data_args"], "data")
-    evaluation = (_built(v["eval_data"], v["eval_data_args"], "eval_data") if v["eval_data"]
-                  else None)
+    batches = _data(v, "data")
+    evaluation = _data(v, "eval_data") if v["eval_data"] else None
     loss_fn = _loss(v["loss"])
     state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
@@ -270,6 +287,16 @@ def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int) -> 
     return latest
 
 
+def _first_problem(error: Exception) -> str:
+    """The first difference a restore's error lists (a parameter's, if any), and how many
+    more."""
+    lines = [line.strip() for line in str(error).splitlines()[1:] if line.startswith("  ")]
+    if not lines:
+        return " ".join(str(error).split())
+    first = next((line for line in lines if ".params[" in line), lines[0])
+    return first + (f"; and {len(lines) - 1} more" if len(lines) > 1 else "")
+
+
 def _say(root: Path, resume: bool, latest: int | None, kept: Path | None) -> None:
     """What a resume changed, on rank 0."""
     from . import distributed
@@ -341,6 +368,26 @@ def _built(reference: str, args: dict | None, where: str) -> Any:
     except Exception as e:  # the user's code: one line naming the key, and where it raised
         raise ConfigError(f"{where}: calling {reference} with {where}_args {args or {}} "
                           f"raised {_raised(e)}") from e
+
+
+def _data(v: dict[str, Any], key: str) -> Any:
+    """The batches the factory of ``key`` (data, eval_data) returns, refused in one line when
+    they are not batches (None, a number, a dict of arrays, whose keys fit would iterate)."""
+    from collections.abc import Mapping
+
+    from .data import as_stream
+
+    value = _built(v[key], v[f"{key}_args"], key)
+    if not isinstance(value, Mapping):
+        try:
+            as_stream(value)
+            return value
+        except TypeError:
+            pass
+    what = "None" if value is None else type(value).__name__
+    raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned {what}, "
+                      "not batches: return fx.data.Batches(arrays, batch_size), a "
+                      "(Stateful)DataLoader or an iterable of batches")
 
 
 def _raised(e: BaseException) -> str:

@@ -44,6 +44,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 from ._torch.modes import PYTHON_TENSOR_METHODS
+from ._torch.ops import attention as attention_ops
 from ._torch.traced_errors import fail
 
 __all__ = ["seed_key", "fold_in", "step_key", "uniform", "normal", "categorical", "keyed"]
@@ -370,6 +371,19 @@ def _name(func) -> str:
     return getattr(func, "__qualname__", name)
 
 
+def _save_attention(ctx, op, *args, **kwargs):
+    """Selective checkpointing's policy: keep the outputs of SDPA's kernels, recompute the rest."""
+    from torch.utils.checkpoint import CheckpointPolicy
+    return (CheckpointPolicy.MUST_SAVE if op in attention_ops() else
+            CheckpointPolicy.PREFER_RECOMPUTE)
+
+
+def _attention_saved():
+    """A checkpointed region's contexts that keep SDPA's outputs (``_save_attention``)."""
+    from torch.utils.checkpoint import create_selective_checkpoint_contexts
+    return create_selective_checkpoint_contexts(_save_attention)
+
+
 REENTRANT = (
     "fxtrain: torch.utils.checkpoint(use_reentrant=True) inside a train step: the reentrant "
     "variant recomputes its region in a backward pass of its own, which a step that takes "
@@ -454,7 +468,15 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         (the graph's own) draws the same; no key block crosses the region's edge. Advancing
         the counter inside the region is a side effect Dynamo allows once
         ``skip_fwd_side_effects_in_bwd_under_checkpoint`` is set (``make_train_step`` sets it
-        for ``autodiff="autograd"``)."""
+        for ``autodiff="autograd"``).
+
+        Compiled, a region given no ``context_fn`` keeps the outputs of SDPA's fused kernels
+        and recomputes the rest (``_attention_saved``, as ``fx.remat``'s default policy):
+        torch tags those kernels random (they take a dropout probability, even at 0), and the
+        recomputation in a graph holding forward, loss and backward refuses random ops ("does
+        not support RNG ops in recompute regions": a transformers GPT-2 with
+        ``gradient_checkpointing_enable()``, torch 2.13). With dropout, SDPA runs as keyed
+        math and is recomputed like the rest. A ``context_fn`` of the user's is theirs."""
         def keyed_fn(*a, **k):
             self.block = None
             try:
@@ -463,6 +485,8 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
             finally:
                 self.block = None
 
+        if torch.compiler.is_compiling() and kwargs.get("context_fn") is None:
+            kwargs = {**kwargs, "context_fn": _attention_saved}
         return checkpoint(keyed_fn, *args, **kwargs)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):

@@ -6,8 +6,12 @@ lock file is created atomically (``O_CREAT | O_EXCL``) and holds the owner as JS
 ``WorkdirLocked`` naming the owner and the lock; nothing in the workdir changes. A lock left by
 a process that is gone (killed with SIGKILL, a crashed machine) is taken over with a warning
 naming it, when the lock is of this host: its pid is not running, or is now another process's,
-started after the lock was written. A lock of another host cannot be checked from here and is
-refused, saying how to remove it. The lock is released when the run ends, by an exception too.
+started after the lock was written. A lock file left empty (a run killed between creating and
+writing it) is taken over too once it is ``_UNWRITTEN_STALE_S`` seconds old (writing it takes
+microseconds); a younger one is refused. A lock of another host cannot be checked from here and
+is refused, saying how to remove it. A lock path that is a directory, or a workdir where no file
+can be created (read-only), is refused in one line naming it. The lock is released when the run
+ends, by an exception too.
 
 Examples:
     >>> import tempfile
@@ -46,6 +50,7 @@ from typing import Any, NamedTuple
 
 LOCK_NAME = ".fxtrain.lock"
 _GUARD_STALE_S = 10.0  # seconds after which a takeover's guard file is one a killed process left
+_UNWRITTEN_STALE_S = 5.0  # seconds after which an empty lock file is one a killed process left
 
 
 class WorkdirLocked(RuntimeError):
@@ -82,9 +87,9 @@ def acquire(workdir: str | os.PathLike, command: str | None = None) -> Lock:
             if gone is None:
                 raise WorkdirLocked(_refusal(path, held[1]))
             if _take_over(path, held[0]) and _create(path, owner):
-                warnings.warn(f"fxtrain: took over the lock {path} of {_who(held[1])}, which "
-                              f"{gone}; that run ended without releasing it", RuntimeWarning,
-                              stacklevel=2)
+                whose = "" if "unwritten" in held[1] else f" of {_who(held[1])}"
+                warnings.warn(f"fxtrain: took over the lock {path}{whose}, which {gone}; that "
+                              "run ended without releasing it", RuntimeWarning, stacklevel=2)
                 return Lock(path, owner, made)
             time.sleep(0.1)  # another process is taking the stale lock over
         raise WorkdirLocked(f"could not lock {path}: other runs keep taking it (several runs "
@@ -162,6 +167,10 @@ def _create(path: Path, owner: dict) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
     except FileExistsError:
         return False
+    except OSError as e:  # a read-only workdir (file system, permissions)
+        raise WorkdirLocked(f"cannot create the lock file {path} ({e.strerror or e}); make "
+                            f"{path.parent} writable or give another workdir. Nothing was "
+                            "changed.") from None
     with os.fdopen(fd, "w") as f:
         json.dump(owner, f)
         f.flush()
@@ -172,12 +181,17 @@ def _create(path: Path, owner: dict) -> bool:
 def _read(path: Path) -> tuple[bytes, dict] | None:
     """The lock file's bytes and owner; None if there is no lock file. A file still being
     written (a process between creating and writing it) is read again; one that stays
-    unreadable is refused with its path."""
+    unreadable is ``{"unwritten": its age in seconds}`` when older than
+    ``_UNWRITTEN_STALE_S`` (its writer was killed), else refused with its path."""
     for _ in range(10):
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
             return None
+        except IsADirectoryError:
+            raise WorkdirLocked(f"the lock file {path} is a directory; remove it if no run uses "
+                                f"{path.parent}, or give another workdir. Nothing was "
+                                "changed.") from None
         try:
             owner = json.loads(raw)
             if isinstance(owner, dict) and isinstance(owner.get("pid"), int):
@@ -185,6 +199,10 @@ def _read(path: Path) -> tuple[bytes, dict] | None:
         except ValueError:
             pass
         time.sleep(0.05)
+    with contextlib.suppress(OSError):
+        age = time.time() - path.stat().st_mtime
+        if age > _UNWRITTEN_STALE_S:
+            return raw, {"unwritten": int(age), "empty": not raw.strip()}
     raise WorkdirLocked(f"the lock file {path} cannot be read ({raw[:80]!r}): a run may be "
                         f"starting or have died while writing it; if no run uses "
                         f"{path.parent}, delete {path} and start again")
@@ -208,6 +226,9 @@ def _gone(owner: dict) -> str | None:
     """Why the lock's process no longer runs ("is not running", ...), or None: it may run
     (alive on this host, or on another host or in another container, which cannot be checked
     from here)."""
+    if "unwritten" in owner:
+        left = "empty" if owner.get("empty") else "unreadable"
+        return f"was left {left} {owner['unwritten']} s ago by a run killed while writing it"
     if owner.get("host") != socket.gethostname():
         return None
     here = _machine()

@@ -408,3 +408,46 @@ def test_it_takes_at_most_0_6_of_the_plain_losss_memory(autodiff, chunk_size, to
     chunked = peak_bytes(str(chunk_size), autodiff, tokens=tokens)
     whole = peak_bytes("plain", autodiff, tokens=tokens)
     assert chunked <= 0.6 * whole, f"{chunked / 1e6:.0f} MB against {whole / 1e6:.0f} MB"
+
+
+# -- labels outside the vocabulary (issue 60, hole 3) ------------------------------------------
+
+@pytest.mark.parametrize("bad", [13, -7, 10**7])
+def test_a_label_outside_the_vocabulary_is_refused_on_the_compiled_kernels_path(kernel_calls,
+                                                                                  bad):
+    """The compiled kernel's one-hot matched nothing for such a label, and the loss came back
+    finite, training the token toward no target; causal_lm raises. Refused, naming the label,
+    the vocabulary and the fix, with or without a gradient, eager and in a compiled step."""
+    hidden, weight, _, labels = lm_case(2, 6, 5, 13, seed=3)
+    labels[0, 2] = bad
+    message = rf"label {bad} .*vocabulary of 13 .*ignore_index -100.*len\(tokenizer\)"
+    for autodiff in ("autograd", "func"):
+        with pytest.raises(ValueError, match=message):
+            value_and_grads(chunked_causal_lm, autodiff, hidden, weight, None, labels,
+                            chunk_size=4)
+    with pytest.raises(ValueError, match=message):
+        chunked_causal_lm(hidden, weight, labels, chunk_size=4)  # no gradient: the eager ops
+    with pytest.raises(ValueError, match=message):
+        torch.func.vmap(lambda h, y: chunked_causal_lm(h[None], weight, y[None]).total)(
+            hidden, labels)
+    state = fx.TrainState.create(initial(False), fx.optim.sgd(0.5), seed=0)
+    step = torch.compile(fx.make_train_step(lm_loss("head", chunked=True), donate=False),
+                         fullgraph=True, backend=TRACED)
+    ids, targets = step_batches()[0]
+    targets[1, 4] = value = VOCAB if bad == 13 else bad
+    with pytest.raises(ValueError, match=rf"label {value} .*vocabulary of {VOCAB} "):
+        step(state, (ids, targets))
+    labels[0, 2] = -100  # ignore_index is no label: taken
+    chunked_causal_lm(hidden, weight, labels, chunk_size=4)
+
+
+def test_integer_hidden_states_or_weights_are_refused():
+    """Issue 60, hole 9: an integer weight or hidden state was taken (the products ran in
+    integers)."""
+    hidden, weight, bias, labels = lm_case(2, 5, 4, 7, seed=0)
+    with pytest.raises(TypeError, match="hidden must be floating point .*got torch.int64"):
+        chunked_causal_lm(hidden.long(), weight, labels)
+    with pytest.raises(TypeError, match="weight must be floating point .*got torch.int32"):
+        chunked_causal_lm(hidden, weight.int(), labels)
+    with pytest.raises(TypeError, match="bias must be floating point .*got torch.int64"):
+        chunked_causal_lm(hidden, weight, labels, bias=bias.long())

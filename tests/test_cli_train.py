@@ -38,6 +38,16 @@ MODELS = textwrap.dedent("""
         x = torch.randn(n, 8, generator=g)
         return fx.data.Batches((x, x[:, :4].argmax(1)), batch_size, seed=seed)
 
+    def nothing(n: int = 128):
+        return None
+
+    def number(n: int = 128):
+        return n
+
+    def arrays(n: int = 128):
+        x = torch.randn(n, 8)
+        return {"x": x, "y": x[:, :4].argmax(1)}
+
     def gated(gate: str, after: int = 2):
         # endless batches; before batch `after` it says so (gate.waiting), then waits for `gate`
         def batches():
@@ -401,3 +411,46 @@ def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
                  "--max_steps", "24", "--optim.lr", "0.2", "--allow_changes", "true"]) == 0
     # another step (lr 0.2): made again
     assert saved.stat().st_ino != made.st_ino
+
+
+def test_a_resume_whose_restore_fails_leaves_the_workdir_as_it_was(tmp_path, capsys):
+    """Issue 60, hole 4: an allowed change the checkpoint cannot take (another width) replaced
+    config.yaml before the restore failed; then the documented resume failed and the true width
+    was refused as a change. Refused in one line, exit 2, every file as it was; the documented
+    resume still works."""
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    capsys.readouterr()
+    before = _snapshot(work)
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--model_args", "{width: 64}", "--allow_changes", "model_args"]) == 2
+    err = _one_line(capsys)
+    assert f"--resume: the checkpoint of step 12 in {work / 'checkpoints'} cannot be " \
+           "restored into the model this config builds (shape of .params['0.bias']: " \
+           "checkpoint (32,), template (64,); and 8 more)" in err
+    assert "Nothing was changed." in err
+    assert _snapshot(work) == before
+    assert main(["train", str(work / "config.yaml"), "--resume", "true", "--max_steps", "18",
+                 "--allow_changes", "max_steps"]) == 0
+    assert "done at step 18" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("factory, returned", [("nothing", "None"), ("number", "int"),
+                                               ("arrays", "dict")])
+def test_a_data_factory_returning_no_data_is_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                         factory, returned):
+    """Issue 60, hole 6: a traceback, exit 1, and a workdir (config.yaml, metrics.jsonl,
+    tensorboard/) that refused the fixed rerun. Now one line naming the key and the fix, exit 2,
+    nothing written, for data and eval_data."""
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    for key in ("data", "eval_data"):
+        assert main(["train", str(config), "--workdir", str(work), f"--{key}",
+                     f"./models.py:{factory}"]) == 2
+        err = _one_line(capsys)
+        assert f"{key}: {tmp_path / 'models.py'}:{factory} with {key}_args {{}} returned " \
+               f"{returned}, not batches" in err
+        assert "not batches: return fx.data.Batches" in err
+        assert not work.exists()
+    assert main(["train", str(config), "--workdir", str(work), "--max_steps", "3"]) == 0

@@ -145,3 +145,85 @@ def test_a_checkpoint_sharded_over_two_ranks_exports_from_one_process(tmp_path):
                            like.params["transformer.wte.weight"])
     out = fx.export_pretrained(tmp_path / "ckpt", tmp_path / "hf")
     assert torch.equal(logits(loaded(out)), logits(fx.trained_module(restored).eval()))
+
+
+def _tree(root):
+    """Every path under ``root`` with the bytes of each file (None for a folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path):
+    """Issue 60, hole 5: an export killed while writing left its hidden staging folder (up to
+    a model's size) beside the target for ever. The next export into that target removes it,
+    saying so; a live export's is left alone."""
+    import subprocess
+    import sys
+    import textwrap
+    _, ckpt = trained(tmp_path, steps=1)
+    killed = textwrap.dedent(f"""
+        import os, signal
+        import fxtrain as fx
+        import fxtrain._pretrained as p
+        write = p._write_file
+        def dying(*args):
+            write(*args)
+            os.kill(os.getpid(), signal.SIGKILL)
+        p._write_file = dying
+        fx.export_pretrained({str(ckpt)!r}, {str(tmp_path / 'hf')!r})
+        """)
+    done = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".hf.partial-")]
+    assert len(left) == 1 and (left[0] / "model.safetensors").exists()
+    with pytest.warns(RuntimeWarning, match=f"removed {left[0]}, the staging folder of an "
+                                            "export that was killed"):
+        out = fx.export_pretrained(ckpt, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "hf"]
+    assert torch.equal(logits(loaded(out)), logits(loaded(out)))
+    live = tmp_path / ".again.partial-live"  # a staging folder just made (no lock yet): kept
+    live.mkdir()
+    fx.export_pretrained(ckpt, tmp_path / "again")
+    assert live.exists()
+
+
+@pytest.mark.parametrize("size", ["0", "-1", "nan", "inf"])
+def test_a_max_shard_size_that_is_no_size_is_refused_in_one_line(tmp_path, capsys, size):
+    _, ckpt = trained(tmp_path, steps=1)
+    before = _tree(tmp_path)
+    assert cli.main(["export", str(ckpt), str(tmp_path / "hf"), "--max-shard-size", size]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fxtrain export: error: --max-shard-size "
+                                                   "must be a positive number of GB"), err
+    assert size in err and _tree(tmp_path) == before
+
+
+def test_a_config_of_another_model_is_refused_before_anything_is_written(tmp_path, capsys):
+    """--config of another width (or another model) wrote a folder with exit 0 that only
+    from_pretrained found wrong: now checked against the checkpoint's names and shapes."""
+    _, ckpt = trained(tmp_path, steps=1)
+    other = dist_worker.tiny_gpt2().config
+    other.n_embd = 32
+    other.save_pretrained(tmp_path / "wide")
+    bert = transformers.BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=32, vocab_size=40,
+                                   architectures=["BertForMaskedLM"])
+    bert.save_pretrained(tmp_path / "bert")
+    before = _tree(tmp_path)
+    assert cli.main(["export", str(ckpt), str(tmp_path / "hf"), "--config",
+                     str(tmp_path / "wide")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("fxtrain export: error: --config "), err
+    assert "does not describe the checkpoint's model" in err
+    assert "transformer.h.0.attn.c_attn.bias: checkpoint (48,), config (96,); and 27 more" in err
+    assert "pass the config the model was trained with" in err
+    assert cli.main(["export", str(ckpt), str(tmp_path / "hf"), "--config",
+                     str(tmp_path / "bert")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not in the config's model" in err, err
+    assert _tree(tmp_path) == before
+    same = dist_worker.tiny_gpt2().config
+    same.save_pretrained(tmp_path / "same")
+    assert cli.main(["export", str(ckpt), str(tmp_path / "hf"), "--config",
+                     str(tmp_path / "same")]) == 0
+    loaded(tmp_path / "hf")

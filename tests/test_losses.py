@@ -183,3 +183,24 @@ def test_a_multi_steps_checkpoint_from_before_the_weights_restores(tmp_path):
     with pytest.raises(fx.checkpoint.CheckpointMismatchError,
                        match="missing from the checkpoint"):
         manager.restore(like=state.replace(params={**state.params, "extra": torch.zeros(1)}))
+
+
+def test_a_count_that_is_no_count_is_refused_and_nothing_averages_to_zero():
+    """Issue 60, hole 9: a fractional or negative count was taken (the step weighs the
+    gradient by it, and its metric cast it to int64), and Mean(3., 0).value was 3 where the
+    docstring says 0."""
+    assert float(fx.losses.Mean(torch.tensor(3.0), torch.tensor(0)).value) == 0.0
+    for count in (torch.tensor(2.5), torch.tensor(4.0), torch.tensor(True)):
+        with pytest.raises(TypeError, match=f"count must be an integer tensor .*got "
+                                            f"{count.dtype}; count the items"):
+            fx.losses.Mean(torch.tensor(3.0), count)
+    with pytest.raises(ValueError, match=r"count must be >= 0 \(the number of items the total "
+                                         r"sums over\), got -2"):
+        fx.losses.Mean(torch.tensor(3.0), torch.tensor(-2))
+    step = torch.compile(lambda t, c: fx.losses.Mean(t, c).value, fullgraph=True)
+    assert float(step(torch.tensor(3.0), torch.tensor(2))) == 1.5  # no host read: compiles
+    with pytest.raises(ValueError, match="count must be >= 0"):
+        step(torch.tensor(3.0), torch.tensor(-2))
+    per_row = torch.func.vmap(lambda t, c: fx.losses.Mean(t, c).value)
+    torch.testing.assert_close(per_row(torch.tensor([3.0, 4.0]), torch.tensor([3, 0])),
+                               torch.tensor([1.0, 0.0]))

@@ -153,3 +153,11 @@ def test_keyed_dropout_works_on_packed_rows_compiled_and_repeats():
         runs.append(fx.fit(state, step, batches, max_steps=3, progress=False))
         assert counts["stats"]["unique_graphs"] == 1
     assert fx.tree_digest(runs[0]) == fx.tree_digest(runs[1])
+
+
+def test_negative_token_ids_are_refused():
+    """Issue 60, hole 9: a negative id was packed (a -100 became an ignored label)."""
+    with pytest.raises(ValueError, match=r"document 1 holds a negative token id \(-100\)"):
+        fx.data.pack_documents([[1, 2], [3, -100, 4]], 4)
+    with pytest.raises(ValueError, match=r"pad_id must be a token id >= 0, got -1"):
+        fx.data.pack_documents([[1, 2]], 4, pad_id=-1)

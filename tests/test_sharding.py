@@ -224,3 +224,19 @@ def test_before_torch_2_13_compiled_units_are_refused_naming_the_feature(tmp_pat
             f"UnsupportedTorchError: {gradients.SHARDED_AUTOGRAD} needs torch 2.13 or later; "
             f"this process has torch {torch.__version__}. "
             f"{gradients.SHARDED_AUTOGRAD_INSTEAD}\n"), r["error"]  # then Dynamo's trace
+
+
+def test_a_mesh_shape_with_a_size_below_one_is_refused():
+    """Issue 60, hole 9: mesh((-1, -2)) on 2 ranks (product 2) failed inside torch."""
+    import re
+
+    from test_distributed import free_port
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        for shape in ((-1, -1), (0, 1), (1, 0)):
+            with pytest.raises(ValueError, match=re.escape(f"fx.sharding.mesh: shape {shape} ")
+                               + ".*every size at least 1"):
+                fx.sharding.mesh(shape)
+    finally:
+        torch.distributed.destroy_process_group()

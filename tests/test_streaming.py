@@ -249,3 +249,30 @@ def test_a_stream_resumed_on_two_ranks_from_one_and_on_one_from_two_keeps_its_or
             torch.testing.assert_close(resumed["params"][name], value, rtol=1e-5, atol=1e-6)
     changed = mlp(sizes=(8, 16, 4)).state_dict()  # and the run moved them: not a vacuous match
     assert not torch.allclose(changed["0.weight"], reference["params"]["0.weight"], atol=1e-3)
+
+
+def test_examples_that_do_not_collate_are_named_with_their_epoch_and_place():
+    """Issue 60, hole 7: torch's collate errors (KeyError: 'x', tuple indices must be integers)
+    and an epoch function returning None ('NoneType' object is not iterable) named no example,
+    epoch or function."""
+    rows = [{"x": torch.tensor([i])} for i in range(8)]
+    rows[6] = {"y": torch.tensor([6])}
+    stream = fx.data.Stream(rows, batch_size=4)
+    _, position, _ = stream.next(stream.init())
+    with pytest.raises(ValueError, match=r"Stream: examples 4 to 7 of epoch 0 do not collate "
+                                         r"into a batch \(KeyError: 'x'\): example 6 is a dict "
+                                         r"with keys \['y'\], example 4 a dict with keys \['x'\]"):
+        stream.next(position)
+    mixed = [{"x": torch.tensor([0])}, (torch.tensor([1]),)]
+    with pytest.raises(ValueError, match=r"examples 0 to 1 of epoch 0 do not collate .*"
+                                         r"tuple indices must be integers.*example 1 is a "
+                                         r"tuple of 1, example 0 a dict with keys \['x'\]"):
+        next(iter(fx.data.Stream(mixed, batch_size=2)))
+
+    def nothing(epoch):
+        return None
+
+    with pytest.raises(TypeError, match=r"Stream: examples\(0\) \(.*nothing\) returned None, "
+                                        r"not an iterable of examples; return epoch 0's "
+                                        r"examples"):
+        next(iter(fx.data.Stream(nothing, batch_size=2)))

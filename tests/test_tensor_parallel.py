@@ -115,3 +115,26 @@ def test_shard_after_the_data_and_the_step_and_evaluation_on_a_plan(tmp_path):
     torch.testing.assert_close(ranks[0]["predicted"], one["predicted"], rtol=0, atol=5e-3)
     torch.testing.assert_close(ranks[0]["logits"], ranks[0]["predicted"], rtol=0, atol=1e-5)
     assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
+
+
+def test_a_rowwise_layer_with_no_colwise_layer_before_it_is_refused():
+    """Issue 60, hole 9: {'0': 'rowwise'} on a first layer was accepted by fx.shard and failed
+    at the first step inside torch: RowwiseParallel takes its input split along its features
+    (Shard(-1), what a colwise layer before it gives), and the data's whole tensor was read as
+    one rank's slice of a wider one."""
+    from torch import nn
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    from fxtrain.distributed import plan_of
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    for plan in ({"0": "rowwise"}, {"2": "rowwise"}, {"0": "rowwise", "2": "colwise"}):
+        first = min(plan)
+        with pytest.raises(ValueError, match=f"splits '{first}' rowwise, but no colwise layer "
+                                             f"before it splits its input.*'{first}': "
+                                             "RowwiseParallel\\(input_layouts=Replicate\\(\\)\\)"):
+            plan_of(model, plan)
+    assert set(plan_of(model, {"0": "colwise", "2": "rowwise"})) == {"0", "2"}
+    whole = {"0": RowwiseParallel(input_layouts=Replicate())}
+    assert set(plan_of(model, whole)) == {"0"}
+    assert len(plan_of(dist_worker.tiny_llama(), "auto")) > 0

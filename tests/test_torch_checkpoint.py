@@ -137,3 +137,42 @@ def test_transformers_gradient_checkpointing_trains_as_without_it(compiled):
             torch.testing.assert_close(state.params[k], p, rtol=0, atol=ATOL)
     else:
         assert same(state, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["plain", "dropout"])
+def test_transformers_gradient_checkpointing_compiles_with_inductor(dropout):
+    """Issue 60, hole 2: the default step of a GPT-2 with gradient_checkpointing_enable(),
+    compiled with Inductor (the backend users get, not helpers.TRACED). At dropout 0, SDPA's
+    kernels (tagged random by torch) inside a recomputed region failed the compile ("does not
+    support RNG ops in recompute regions"); the step keeps their outputs. With dropout the masks
+    are keyed, so the recomputation draws the same: the steps are those of the model without
+    checkpointing, within float32 rounding (test_remat.ATOL: 2 SGD steps of LR 0.1, sums of
+    at most 128 terms)."""
+    transformers = extra("transformers")
+
+    def gpt2(enabled):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64,
+                                         n_positions=16, attn_implementation="sdpa",
+                                         resid_pdrop=dropout, embd_pdrop=0.0, attn_pdrop=dropout)
+        model = transformers.GPT2LMHeadModel(config)
+        if enabled:
+            model.gradient_checkpointing_enable()
+        return fx.TrainState.create(model, fx.optim.sgd(LR), seed=0)
+
+    def lm_loss(state, params, ids):
+        logits = state.apply(params, ids, use_cache=False).logits[:, :-1]
+        return F.cross_entropy(logits.reshape(-1, 64), ids[:, 1:].reshape(-1))
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 64, (2, 16), generator=g) for _ in range(2)]
+    reference, ref_metrics = run(fx.make_train_step(lm_loss, donate=False), gpt2(False), batches)
+    counts = torch._dynamo.utils.counters
+    counts.clear()
+    step = torch.compile(fx.make_train_step(lm_loss, donate=False), fullgraph=True)
+    state, metrics = run(step, gpt2(True), batches)
+    assert counts["stats"]["unique_graphs"] == 1
+    for k, p in reference.params.items():
+        torch.testing.assert_close(state.params[k], p, rtol=0, atol=ATOL)
+    torch.testing.assert_close(metrics[-1]["loss"], ref_metrics[-1]["loss"], rtol=1e-5, atol=0)

@@ -232,3 +232,43 @@ def test_a_lock_of_another_pid_namespace_is_refused_and_one_from_before_a_restar
         "pid_namespace": here["pid_namespace"]})
     with pytest.warns(RuntimeWarning, match="the machine has restarted since"):
         release(acquire(tmp_path, "new run"))
+
+
+def test_an_empty_lock_older_than_a_few_seconds_is_taken_over_with_a_warning(tmp_path):
+    """Issue 60, hole 8: a run killed between creating the lock and writing it left an empty
+    lock that every later run refused until a person deleted it (a requeue loop stopped there).
+    Fresh, it may be a run writing it now: refused (above); seconds old, taken over."""
+    path = tmp_path / LOCK_NAME
+    path.write_text("")
+    old = time.time() - 30
+    os.utime(path, (old, old))
+    with pytest.warns(RuntimeWarning, match=f"took over the lock {path}, which was left empty "
+                                            "30 s ago by a run killed while writing it"):
+        lock = acquire(tmp_path, "new run")
+    assert json.loads(path.read_text())["command"] == "new run"
+    release(lock)
+
+
+def test_a_lock_that_is_a_directory_or_a_read_only_workdir_is_one_clear_error(tmp_path,
+                                                                               monkeypatch):
+    """Issue 60, hole 8: raw tracebacks (IsADirectoryError, PermissionError) before."""
+    (tmp_path / "a" / LOCK_NAME).mkdir(parents=True)
+    with pytest.raises(WorkdirLocked, match=f"the lock file {tmp_path / 'a' / LOCK_NAME} is a "
+                                            "directory; remove it if no run uses .*, or give "
+                                            "another workdir. Nothing was changed."):
+        acquire(tmp_path / "a")
+    assert (tmp_path / "a" / LOCK_NAME).is_dir()
+    (tmp_path / "b").mkdir()
+    opened = os.open
+
+    def read_only(path, flags, *args):  # as root, chmod does not stop a write: a read-only fs
+        if str(path).endswith(LOCK_NAME) and flags & os.O_CREAT:
+            raise OSError(30, "Read-only file system", str(path))
+        return opened(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(WorkdirLocked, match=f"cannot create the lock file "
+                                            f"{tmp_path / 'b' / LOCK_NAME} \\(Read-only file "
+                                            "system\\); make .* writable or give another workdir"):
+        acquire(tmp_path / "b")
+    assert list((tmp_path / "b").iterdir()) == []

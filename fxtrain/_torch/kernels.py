@@ -13,6 +13,9 @@ Checked on torch 2.11.0 and 2.13.0. None of it imports Dynamo before it is neede
   from later releases): the last chunk is shorter, and one compile serves every length.
 - ``COMPILE_ERRORS``: Dynamo's own exception base (``torch._dynamo.exc.TorchDynamoException``),
   what a failed compile raises before anything ran.
+- ``assert_on_device``: ``torch._assert_async`` (private), a check of a tensor's value that
+  the host does not wait for (the chunked loss's labels). The public ``torch._check`` reads the
+  value on the host; the fallback, where a torch lacks it, is that read.
 """
 
 from __future__ import annotations
@@ -46,3 +49,17 @@ def compile_errors() -> tuple[type[BaseException], ...]:
     """The exceptions a compile that failed before running anything raises."""
     import torch._dynamo
     return (torch._dynamo.exc.TorchDynamoException,)
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fails unless ``condition`` (a 0-d bool tensor) holds, without the host waiting for the
+    device: ``torch._assert_async`` (private; checked on torch 2.11.0 and 2.13.0). On the CPU
+    it raises ``RuntimeError(message)`` at once; on CUDA it is a device-side assert (the
+    message is not carried: torch reports "device-side assert triggered" at the next sync, as
+    for an out-of-range index in ``F.cross_entropy``). Public fallback, where a torch lacks
+    it: ``bool(condition)``, a read on the host."""
+    assert_async = getattr(torch, "_assert_async", None)
+    if assert_async is not None:
+        assert_async(condition, message)
+    elif not bool(condition):
+        raise RuntimeError(message)

@@ -87,10 +87,11 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
         return _mesh(device, world)
     shape = tuple(int(n) for n in shape)
     names = tuple(names) if names is not None else ("dp", "tp")[:len(shape)]
-    if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world:
+    if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world \
+            or min(shape) < 1:
         raise ValueError(f"fx.sharding.mesh: shape {shape} with names {names} does not lay out "
-                         f"the job's {world} ranks: give one or two sizes whose product is "
-                         f"{world}, and a name for each")
+                         f"the job's {world} ranks: give one or two sizes, every size at least "
+                         f"1, whose product is {world}, and a name for each")
     return _named_mesh(device, shape, names)
 
 

@@ -83,7 +83,31 @@ def plan_of(module: nn.Module, tp_plan: Any) -> dict[str, Any]:
                                  f"{type(modules[name]).__name__}; torch's styles split "
                                  "nn.Linear and nn.Embedding")
             out[name] = _style(value, key)
+    _check_rowwise_inputs(modules, out)
     return out
+
+
+def _check_rowwise_inputs(modules: dict[str, nn.Module], plan: dict[str, Any]) -> None:
+    """Refuses a rowwise ``nn.Linear`` that takes its input split along its features (torch's
+    default, ``Shard(-1)``) with no colwise layer before it (in the model's order, since the
+    last rowwise one) to split that input: the data's whole tensor would be read as one rank's
+    slice of a wider one, and the first step fail inside torch."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    split = False  # the activations are split along their features here
+    for name in (n for n in modules if n in plan):
+        style = plan[name]
+        if isinstance(style, ColwiseParallel):
+            split = True
+        elif isinstance(style, RowwiseParallel) and isinstance(modules[name], nn.Linear):
+            if isinstance(style.input_layouts[0], Shard) and not split:
+                raise ValueError(
+                    f"fx.shard: the tensor-parallel plan splits {name!r} rowwise, but no colwise "
+                    "layer before it splits its input: RowwiseParallel takes its input split "
+                    "along its features (what a colwise layer gives), and the whole input would "
+                    "be read as one rank's slice; plan a colwise layer before it, or give "
+                    f"{name!r}: RowwiseParallel(input_layouts=Replicate())")
+            split = False
 
 
 def install(module: nn.Module, plan: dict[str, Any], mesh: Any,
