@@ -1,5 +1,5 @@
 """The chunked loss's operator on one chunk: its softmax and gradient as eager in-place ops
-against the compiled kernel (``fxtrain._chunked_ce._softmax_grad_``).
+against the compiled kernel (``fxtrain.losses._chunked._softmax_grad_``).
 
 One call of ``fxtrain::chunked_linear_cross_entropy`` (what a train step's forward runs for the
 loss: the logits, the loss, their gradient, the hidden states' and the weight's gradients) on
@@ -21,7 +21,7 @@ import time
 
 import torch
 
-import fxtrain._chunked_ce as cce
+import fxtrain.losses._chunked as cce
 
 EAGER = 1 << 62  # FUSED_MIN_LOGITS no block reaches
 

@@ -265,7 +265,7 @@ def loss_kernel(variant: str, args) -> str | None:
     """Which kernel a chunked variant's loss runs: ``chunked`` or ``liger``."""
     if variant not in CHUNKED:
         return None
-    from fxtrain._fused_ce import chosen
+    from fxtrain.losses._fused import chosen
     return chosen(IMPL[variant], args.device)
 
 

@@ -457,7 +457,7 @@ def host_loop(record: dict) -> list[str]:
         f"the five host callbacks, i.e. {us(f) - us(e):+.0f} µs and {us(g) - us(f):+.0f} µs on a "
         f"{us(e):.0f} µs step). `fit` can run faster than the bare loop: once the first call "
         "has shown the step returns a state of the structure it was given, it skips Dynamo's "
-        "guard evaluation for batches like the first (`fxtrain._unguarded`), which the bare "
+        "guard evaluation for batches like the first (`fxtrain.step._unguarded`), which the bare "
         "loop pays on every call.", "",
         "What was done: a shared empty `Control` that merges for free; `replace` by dict copy on "
         "the host; `Callback.period` so the fold skips monitors between their due steps without "

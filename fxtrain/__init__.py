@@ -4,7 +4,7 @@ The API is what ``fxtrain`` and its public packages list in ``__all__``: ``fx.ca
 ``fx.checkpoint``, ``fx.data``, ``fx.debug``, ``fx.distributed``, ``fx.donation``,
 ``fx.logging``, ``fx.losses``, ``fx.metrics``, ``fx.optim``, ``fx.precision``, ``fx.random``, ``fx.sharding``,
 ``fx.stats``, ``fx.struct`` and ``fx.tree``. As in optax, the modules behind them
-(``fxtrain.loop``, ``fxtrain.checkpoint.store``, ``fxtrain.callbacks.ema``, ...) are not API:
+(``fxtrain.loop._fit``, ``fxtrain.checkpoint.store``, ``fxtrain.callbacks.ema``, ...) are not API:
 their paths and private names may change between releases; import from the packages.
 """
 
@@ -26,14 +26,13 @@ _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donatio
              "tree")
 _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
-    "evaluate": "evaluation", "load_safetensors": "export", "save_safetensors": "export",
-    "trained_module": "export", "export_pretrained": "_pretrained", "to_device": "feed", "cuda_graphed": "graphs",
-    "precompiled": "precompile",
-    "Interrupted": "loop", "fit": "loop", "Preempted": "preemption",
-    "shard": "sharding", "TrainState": "state",
-    "make_eval_step": "step", "make_train_step": "step", "StepSpec": "_step_spec",
-    "step_spec": "_step_spec", "predict": "_predict", "remat": "_remat",
-    "tree_digest": "tree", "train": "configured", "LrFind": "_lr_find", "lr_find": "_lr_find",
+    "load_safetensors": "export", "save_safetensors": "export", "trained_module": "export",
+    "export_pretrained": "apps._pretrained", "to_device": "data", "shard": "sharding",
+    "TrainState": "state", "tree_digest": "tree", "train": "apps._configured",
+    **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
+                     "LrFind"), "loop"),
+    **dict.fromkeys(("make_train_step", "make_eval_step", "StepSpec", "step_spec",
+                     "cuda_graphed", "precompiled", "remat"), "step"),
 }
 
 
@@ -67,24 +66,24 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from . import (callbacks, checkpoint, data, debug, distributed, donation, logging,
                    losses, metrics, optim, precision, random, sharding, stats, struct, tree)
     from .donation import DonatedError
-    from .evaluation import evaluate
+    from .loop._evaluation import evaluate
     from .export import load_safetensors, save_safetensors, trained_module
-    from ._pretrained import export_pretrained
-    from .feed import to_device
-    from .graphs import cuda_graphed
-    from .loop import Interrupted, fit
-    from ._predict import predict
-    from .preemption import Preempted
+    from .apps._pretrained import export_pretrained
+    from .data._feed import to_device
+    from .step._graphs import cuda_graphed
+    from .loop._fit import Interrupted, fit
+    from .loop._predict import predict
+    from .loop._preemption import Preempted
     from .protocol import Control, Event
-    from ._remat import remat
+    from .step._remat import remat
     from .sharding import shard
     from .state import TrainState
-    from .step import make_eval_step, make_train_step
-    from ._step_spec import StepSpec, step_spec
+    from .step._steps import make_eval_step, make_train_step
+    from .step._spec import StepSpec, step_spec
     from .tree import tree_digest
-    from .configured import train
-    from ._lr_find import LrFind, lr_find
-    from .precompile import precompiled
+    from .apps._configured import train
+    from .loop._lr_find import LrFind, lr_find
+    from .step._precompile import precompiled
 
 __all__ = [
     # the state, the step, the loop

@@ -136,7 +136,7 @@ class Control:
 NOTHING = Control()  # the control that asks for nothing (shared: building one costs ~0.5 us)
 
 # Control's flags by name, the one place that says which travels where; every read and write
-# below and in ``fxtrain._flags`` goes by these names, never by a field's position.
+# below and in ``fxtrain.loop._flags`` goes by these names, never by a field's position.
 FLAGS = tuple(field.name for field in dataclasses.fields(Control))
 """Every flag of ``Control``, in its declaration order (the order of ``flags(c)``)."""
 IN_STEP_FLAGS = ("stop", "save", "evaluate", "log")

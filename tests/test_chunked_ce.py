@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxtrain as fx
-import fxtrain._chunked_ce as cce
-from fxtrain._chunked_ce import chunked_causal_lm
+import fxtrain.losses._chunked as cce
+from fxtrain.losses._chunked import chunked_causal_lm
 from helpers import TRACED, graph_count
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -345,8 +345,8 @@ def test_a_train_step_with_it_trains_as_with_the_plain_loss(autodiff, compiled, 
 PROBE = """
 import re, sys, torch
 import fxtrain as fx
-import fxtrain._chunked_ce as cce
-from fxtrain._chunked_ce import chunked_causal_lm
+import fxtrain.losses._chunked as cce
+from fxtrain.losses._chunked import chunked_causal_lm
 
 def high_water():
     status = open("/proc/self/status").read()

@@ -17,7 +17,7 @@ import torch
 
 import fxtrain as fx
 from fxtrain.cli import main
-from fxtrain.workdir import LOCK_NAME
+from fxtrain.apps._workdir import LOCK_NAME
 
 MODELS = textwrap.dedent("""
     import os
@@ -374,7 +374,7 @@ def test_the_first_name_used_registers_every_pytree_type_before_anything_compile
         import torch, fxtrain as fx
         assert "fxtrain.state" not in sys.modules
         fx.TrainState
-        import fxtrain.demo  # an application: fxtrain demo imports it before it compiles
+        import fxtrain.apps.demo  # an application: fxtrain demo imports it before it compiles
         registered = len(torch.utils._pytree.SUPPORTED_NODES)
         late = []
         for info in pkgutil.walk_packages(fx.__path__, "fxtrain."):

@@ -11,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxtrain as fx
-from fxtrain import _flags, protocol, struct
-from fxtrain._flags import READ_FLAGS, PendingFlags
+from fxtrain import protocol, struct
+from fxtrain.loop import _flags
+from fxtrain.loop._flags import READ_FLAGS, PendingFlags
 from fxtrain.protocol import (APPLIED_FLAGS, CONTROL_KEYS, FLAGS, HOST_FLAGS, IN_STEP_FLAGS,
                               control_from_metrics, control_to_metrics)
 from helpers import TRACED, graph_count

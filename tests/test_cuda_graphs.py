@@ -9,7 +9,7 @@ from helpers import classification_batch, mlp, xent
 
 import fxtrain as fx
 from fxtrain.donation import DonatedError
-from fxtrain.graphs import CudaGraphed
+from fxtrain.step._graphs import CudaGraphed
 
 GPU = torch.cuda.is_available()
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from fxtrain import cli
 from fxtrain.checkpoint import inspect
-from fxtrain.demo import figures, tasks
+from fxtrain.apps.demo import figures, tasks
 from fxtrain.logging import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_transformer_demo_generates_from_the_trained_module_and_exports_its_weig
     import torch
 
     import fxtrain as fx
-    from fxtrain.demo import tasks
+    from fxtrain.apps.demo import tasks
 
     status, out, _ = demo(capsys, tmp_path, "--model", "transformer", "--steps", "30",
                           "--batch-size", "8", *QUICK)
@@ -118,7 +118,7 @@ def test_transformer_demo_generates_from_the_trained_module_and_exports_its_weig
     loaded = fx.load_safetensors(tmp_path / "model.safetensors", like=fresh)
     module = fx.trained_module(loaded).eval()
     assert module.head.weight is module.tokens.weight  # tied weights stay tied
-    from fxtrain.demo import data
+    from fxtrain.apps.demo import data
     codec = data.CharCodec(data.stdlib_text())
     assert_sampled_by(module, codec.encode(samples[0].rstrip("\n")), len("Return the "),
                       torch.Generator().manual_seed(0))

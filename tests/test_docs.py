@@ -51,7 +51,7 @@ def api_pages() -> dict[str, str]:
 
 def unrendered(site_dir: Path, package: str, page: str) -> list[str]:
     """The names in ``package.__all__`` with no entry on its rendered page: an anchor under the
-    public name (``fxtrain.fit``) or under the object's own path (``fxtrain.loop.fit``)."""
+    public name (``fxtrain.fit``) or under the object's own path (``fxtrain.loop._fit.fit``)."""
     import importlib
     import types
 

@@ -20,20 +20,20 @@ from helpers import extra
 
 PACKAGE = Path(fxtrain.__file__).resolve().parent
 SKIPPED = {"fxtrain.__main__"}  # runs the command line on import
-SKIPPED_PACKAGES = ("fxtrain.demo",)  # the demo job: tested by test_demo.py
+SKIPPED_PACKAGES = ("fxtrain.apps.demo",)  # the demo job: tested by test_demo.py
 FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 # examples that import an optional extra: skipped without it (failed under
 # FXTRAIN_REQUIRE_EXTRAS=1, as every test that needs an extra)
 NEEDS = {
-    "fxtrain._torchmetrics.from_torchmetrics": "torchmetrics",
+    "fxtrain.metrics._torchmetrics.from_torchmetrics": "torchmetrics",
     "fxtrain.logging.wandb.WandbWriter": "wandb",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
-    "fxtrain._pretrained.export_pretrained": "transformers",
+    "fxtrain.apps._pretrained.export_pretrained": "transformers",
 }
 # examples of a feature an older torch lacks: they fail there (tests/conftest.py's needs_torch),
 # where a test asserts the refusal
 NEEDS_TORCH = {
-    "fxtrain.precompile.precompiled": (2, 13, "fx.precompiled saving a step"),
+    "fxtrain.step._precompile.precompiled": (2, 13, "fx.precompiled saving a step"),
 }
 
 
@@ -97,8 +97,9 @@ def test_docstring_examples(test, tmp_path, monkeypatch):
 
 def test_there_are_doctests_for_the_main_names():
     names = {case.id for case in CASES}
-    for name in ("fxtrain.state.TrainState.create", "fxtrain.loop.fit", "fxtrain.data.Batches",
-                 "fxtrain.optim.aliases.adamw", "fxtrain.checkpoint.manager.CheckpointManager"):
+    for name in ("fxtrain.state.TrainState.create", "fxtrain.loop._fit.fit",
+                 "fxtrain.data._batches.Batches", "fxtrain.optim.aliases.adamw",
+                 "fxtrain.checkpoint.manager.CheckpointManager"):
         assert name in names, f"no doctest for {name}"
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from fxtrain.means import Means
+from fxtrain.metrics._means import Means
 from helpers import FakeManager, mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))

@@ -164,7 +164,7 @@ def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path)
     killed = textwrap.dedent(f"""
         import os, signal
         import fxtrain as fx
-        import fxtrain._pretrained as p
+        import fxtrain.apps._pretrained as p
         write = p._write_file
         def dying(*args):
             write(*args)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from fxtrain.feed import Feed
+from fxtrain.data._feed import Feed
 from helpers import mlp, xent
 
 X = torch.randn(96, 8, generator=torch.Generator().manual_seed(0))
@@ -31,7 +31,7 @@ class Counting(fx.data.Batches):
 
 
 def train(ahead, monkeypatch, data=None, steps_per_call=1, **kwargs):
-    monkeypatch.setattr("fxtrain.loop.prefetches", lambda device: ahead)
+    monkeypatch.setattr("fxtrain.loop._fit.prefetches", lambda device: ahead)
     state = fx.TrainState.create(mlp((8, 16, 2), dropout=0.1), fx.optim.adamw(1e-2))
     step = fx.make_train_step(xent, steps_per_call=steps_per_call)
     data = Counting((X, Y), 16) if data is None else data
@@ -119,7 +119,7 @@ def test_batches_come_out_on_the_device_asked_for_with_the_position_on_the_cpu()
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_on_a_gpu_batches_copied_ahead_on_a_side_stream_train_the_same_bits(monkeypatch):
     def run(ahead):
-        monkeypatch.setattr("fxtrain.loop.prefetches", lambda device: ahead)
+        monkeypatch.setattr("fxtrain.loop._fit.prefetches", lambda device: ahead)
         state = fx.TrainState.create(mlp((8, 16, 2), dropout=0.1).cuda(), fx.optim.adamw(1e-2))
         step = torch.compile(fx.make_train_step(xent), fullgraph=True)
         return fx.fit(state, step, fx.data.Batches((X, Y), 16), max_steps=12)

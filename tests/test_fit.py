@@ -329,8 +329,8 @@ def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypat
         moved.append(str(device))
         return real(batch, device)
 
-    monkeypatch.setattr("fxtrain.feed.to_device", recording)
-    monkeypatch.setattr("fxtrain.evaluation.to_device", recording)
+    monkeypatch.setattr("fxtrain.data._feed.to_device", recording)
+    monkeypatch.setattr("fxtrain.loop._evaluation.to_device", recording)
     data = fx.data.Batches((X, Y), 32)
     fx.fit(state, step, data, max_steps=3, eval_step=fx.make_eval_step(xent), eval_data=[(X, Y)],
            eval_every=3)

@@ -4,7 +4,7 @@ together, in one transfer, with the loss check riding along."""
 import torch
 
 import fxtrain as fx
-from fxtrain._flags import PendingFlags
+from fxtrain.loop._flags import PendingFlags
 from fxtrain.protocol import NOTHING, control_to_metrics, with_log_request
 from syncs import HostReads
 

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import fxtrain as fx
-import fxtrain._chunked_ce as cce
-import fxtrain._fused_ce as fce
+import fxtrain.losses._chunked as cce
+import fxtrain.losses._fused as fce
 from helpers import TRACED
 from test_chunked_ce import lm_case, plain, value_and_grads
 

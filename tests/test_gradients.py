@@ -1,4 +1,4 @@
-"""The gradient path by layout (``fxtrain.distributed``'s ``strategy``, ``fxtrain.gradients``'
+"""The gradient path by layout (``fxtrain.distributed``'s ``strategy``, ``fxtrain.step._autodiff``'
 ``resolved``), on one process: the lookup, and what ``SingleProcess`` does with a scaled loss.
 Data parallel and sharded runs are tested end to end in test_distributed.py and
 test_sharding.py (several processes)."""
@@ -7,7 +7,8 @@ import dataclasses
 
 import torch
 
-from fxtrain import distributed, gradients
+from fxtrain import distributed
+from fxtrain.step import _autodiff as gradients
 from fxtrain.distributed import Layout
 
 

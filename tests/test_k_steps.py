@@ -201,7 +201,7 @@ def test_fit_with_k_steps_reads_in_step_flags_at_the_call_passing_sync_every():
 def test_k_batches_from_any_stream_stack_in_order_in_their_structure():
     """What fit gives a step of steps_per_call=K from a stream without next_stacked (a list of
     batches): each leaf stacked along a new first dimension, batch i at index i."""
-    from fxtrain import _k_steps
+    from fxtrain.step import _k_steps
 
     batches = [(torch.full((2, 3), float(i)), torch.full((2,), i)) for i in range(4)]
     got = _k_steps.stacked(batches)

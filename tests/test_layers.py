@@ -5,32 +5,30 @@ import ast
 from pathlib import Path
 
 import pytest
+import torch
 
 PACKAGE = Path(__file__).resolve().parents[1] / "fxtrain"
 # bottom to top; a module's floor is that of the longest name here that it starts with
 FLOORS = (
-    # tensors and trees, randomness and recomputation, processes and shards, files, text, the
+    # tensors and trees, randomness, processes and the run's layout over them, files, text, the
     # version and torch's internals
-    ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "tree", "stats", "means",
-     "random", "_keyed_attention", "_remat",
-     "distributed", "workdir", "sharding", "preemption"),
-    # the contracts between the pieces: the callback protocol, a step's spec
-    ("protocol", "_step_spec"),
-    # the pieces: optimizers, losses, metrics, writers, checkpoints, batches to the device, pending
-    # control flags, a compiled call without guards
-    ("optim", "_mean", "losses", "_chunked_ce", "_fused_ce", "metrics", "_metric", "_torchmetrics", "logging", "checkpoint", "_unguarded", "feed", "_flags"),
+    ("_version", "_torch", "_format", "_files", "_held", "struct", "donation", "tree", "stats",
+     "random", "_keyed_attention", "distributed", "sharding"),
+    # the contract between the pieces: the callback protocol
+    ("protocol",),
+    # the pieces: optimizers, losses, metrics, data, writers, checkpoints
+    ("optim", "losses", "metrics", "data", "logging", "checkpoint"),
     # the state, the step's precision policy, and the trained module out of the state
-    ("state", "precision", "export", "_pretrained"),
+    ("state", "precision", "export"),
     # the callbacks: the combinators and the catalogue a step or a loop folds over the state
     ("callbacks",),
-    # the step, the batches it takes, and what runs it or reads it
-    ("step", "_phases", "gradients", "_k_steps", "_step_call", "graphs", "precompile", "_precompiled_file", "data", "_position", "_streaming", "_packing",
-     "evaluation",
-     "_predict", "_lr_find", "_step_args", "_step_io"),
-    # the loop, resuming it, and the tools that look at steps and loops
-    ("loop", "_run", "_resuming", "debug"),
+    # the step: made, checked, differentiated, run (K steps a call, CUDA graphs, precompiled)
+    ("step",),
+    # the loop and what runs steps over data (evaluate, predict, lr_find), the tools that look
+    # at steps and loops
+    ("loop", "debug"),
     # the applications (the demo, config runs, the command line) and the public surface
-    ("demo", "configured", "_saved_config", "cli", "__init__", "__main__"),
+    ("apps", "cli", "__init__", "__main__"),
 )
 
 
@@ -60,11 +58,12 @@ def imported(path: Path) -> set[str]:
             name = ".".join([*base, *(node.module.split(".") if node.module else [])])
             if node.module:
                 found.add(name)
-            else:  # `from .. import x`: a module, or a name the package's __init__ defines
-                for a in node.names:
-                    sub = Path(PACKAGE.parent, *name.split("."), a.name)
-                    is_module = sub.with_suffix(".py").exists() or sub.is_dir()
-                    found.add(f"{name}.{a.name}" if is_module else f"{name}.__init__")
+            for a in node.names:  # `from x import y`: y a module of x, or a name x defines
+                sub = Path(PACKAGE.parent, *name.split("."), a.name)
+                if sub.with_suffix(".py").exists() or sub.is_dir():
+                    found.add(f"{name}.{a.name}")
+                elif not node.module:
+                    found.add(f"{name}.__init__")
         elif isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
     names = {"__init__" if n == "fxtrain" else n.removeprefix("fxtrain.") for n in found
@@ -153,7 +152,7 @@ def test_no_module_imports_a_module_on_a_higher_floor():
 
 
 @pytest.mark.parametrize("line", ["from ..callbacks.publish import loggable",
-                                  "from .. import loop", "import fxtrain.step",
+                                  "from .. import loop", "import fxtrain.step._steps",
                                   "from .. import __version__"])
 def test_a_planted_upward_import_is_caught(tmp_path, line):
     fake = tmp_path / "fxtrain"
@@ -171,7 +170,7 @@ def test_a_planted_upward_import_is_caught(tmp_path, line):
 def test_the_import_reader_sees_relative_imports():
     names = imported(PACKAGE / "callbacks" / "publish.py")
     assert "logging.numbers" in names and "distributed" in names
-    assert "callbacks" in imported(PACKAGE / "demo" / "job.py")  # the package of a submodule
+    assert "callbacks" in imported(PACKAGE / "apps" / "demo" / "job.py")  # a submodule's package
     assert floor_of("protocol") < floor_of("state") < floor_of(
         "callbacks.log_metrics") < floor_of("step") < floor_of("loop")
 
@@ -187,7 +186,7 @@ def test_the_layout_page_lists_these_floors():
     layout = PACKAGE.parent / "docs" / "layout.md"
     assert documented_floors(layout.read_text(encoding="utf-8")) == list(FLOORS), (
         "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
-    planted = layout.read_text(encoding="utf-8").replace("`_flags`", "`_flags`, `loop`")
+    planted = layout.read_text(encoding="utf-8").replace("`checkpoint`", "`checkpoint`, `loop`")
     assert documented_floors(planted) != list(FLOORS)
 
 
@@ -329,3 +328,108 @@ def test_the_torch_folder_imports_nothing_else_of_fxtrain():
                   if isinstance(node, ast.ImportFrom) and not node.level and node.module
                   and node.module.split(".")[0] == "fxtrain"]
     assert not found, found
+
+
+# packages whose private modules only their own modules import: the rest of fxtrain goes through
+# the names the package's __init__ exports (its face)
+SEALED = ("distributed",)
+
+
+def sealed_imports(root: Path = PACKAGE) -> list[str]:
+    """Every import, from outside a ``SEALED`` package, of one of its private modules."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        here = module_name(path)
+        for name in sorted(imported(path)):
+            parts = name.split(".")
+            for i, part in enumerate(parts[1:], 1):
+                package = ".".join(parts[:i])
+                if package in SEALED and part.startswith("_") and not part.startswith("__") \
+                        and not (here == package or here.startswith(package + ".")):
+                    out.append(f"fxtrain.{here} imports fxtrain.{name}, private to "
+                               f"fxtrain.{package}")
+    return out
+
+
+def test_no_module_outside_a_sealed_package_imports_its_private_modules():
+    found = sealed_imports()
+    assert not found, "\n".join(found) + "\nimport what the package's __init__ exports"
+
+
+@pytest.mark.parametrize("line", ["from ..distributed._layout import Layout",
+                                  "from ..distributed import _units",
+                                  "import fxtrain.distributed._shard"])
+def test_a_planted_import_of_a_private_distributed_module_is_caught(tmp_path, line):
+    fake = tmp_path / "fxtrain"
+    (fake / "distributed").mkdir(parents=True)
+    (fake / "step").mkdir()
+    for name in ("_layout", "_units", "_shard", "__init__"):
+        (fake / "distributed" / f"{name}.py").write_text("from ._layout import Layout\n")
+    (fake / "step" / "_phases.py").write_text(line + "\n")
+    (fake / "step" / "_ok.py").write_text("from ..distributed import Layout\n")
+    global PACKAGE
+    saved, PACKAGE = PACKAGE, fake
+    try:
+        found = sealed_imports(fake)
+    finally:
+        PACKAGE = saved
+    assert len(found) == 1 and found[0].startswith("fxtrain.step._phases imports"), found
+
+
+def _torch_private_names() -> frozenset[str]:
+    """The private attributes (one leading underscore) of the torch objects fxtrain handles: a
+    module and its class, a tensor, a parameter, a DTensor, a device mesh, an optimizer."""
+    from torch import nn
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import DTensor
+    objects = (nn.Module, nn.Linear(1, 1), torch.Tensor, torch.zeros(1), nn.Parameter, DTensor,
+               DeviceMesh, torch.optim.SGD([torch.zeros(1, requires_grad=True)]))
+    names = set()
+    for obj in objects:
+        names.update(dir(obj))
+        names.update(getattr(obj, "__dict__", {}))
+    return frozenset(n for n in names if n.startswith("_") and not n.startswith("__"))
+
+
+def private_torch_attributes(root: Path = PACKAGE) -> list[tuple[str, int, str]]:
+    """Every (path, line, name) at which a module outside ``_torch/`` reads a private attribute
+    of a torch object (``x._forward_pre_hooks``, ``getattr(x, "_spec")``); attributes of the
+    module's own objects (``self._x``, ``cls._x``) are its own."""
+    private, out = _torch_private_names(), []
+    for path in sorted(root.rglob("*.py")):
+        if path.relative_to(root).parts[0] == "_torch":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            name = None
+            if isinstance(node, ast.Attribute) and node.attr in private and not (
+                    isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                name = node.attr
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and \
+                    node.func.id in ("getattr", "setattr", "hasattr", "delattr") and \
+                    len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and \
+                    node.args[1].value in private:
+                name = node.args[1].value
+            if name is not None:
+                out.append((path.relative_to(root).as_posix(), node.lineno, name))
+    return out
+
+
+def test_no_module_outside_torch_reads_a_private_attribute_of_a_torch_object():
+    found = private_torch_attributes()
+    assert not found, ("these read torch objects' private attributes outside fxtrain/_torch/; "
+                       "use the public API (a hook's handle, DTensor.to_local(), placements) or "
+                       "fence the contact in fxtrain/_torch/:\n" + "\n".join(map(str, found)))
+
+
+@pytest.mark.parametrize("code, name", [
+    ("for k in list(sub._forward_pre_hooks):\n    pass", "_forward_pre_hooks"),
+    ("local = p._local_tensor", "_local_tensor"),
+    ("spec = getattr(x, '_spec')", "_spec"),
+    ("self._spec = None\nok = t.to_local()", None)])
+def test_a_planted_private_torch_attribute_is_caught(tmp_path, code, name):
+    fake = tmp_path / "fxtrain"
+    for folder in ("export", "_torch"):
+        (fake / folder).mkdir(parents=True)
+        (fake / folder / "m.py").write_text(code + "\n")
+    found = private_torch_attributes(fake)
+    assert [n for _, _, n in found] == ([name] if name else []), found

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from fxtrain.demo.tasks import make_task
+from fxtrain.apps.demo.tasks import make_task
 
 
 @pytest.fixture(scope="module")

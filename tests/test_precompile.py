@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtrain as fx
-import fxtrain.precompile as precompile
-from fxtrain import _precompiled_file as stored
+import fxtrain.step._precompile as precompile
+from fxtrain.step import _precompiled_file as stored
 from fxtrain._torch import aot
-from fxtrain.precompile import compile_options
+from fxtrain.step._precompile import compile_options
 
 CHILD = textwrap.dedent("""
     import json, sys

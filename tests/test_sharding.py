@@ -172,7 +172,7 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
         torch.testing.assert_close(r0["undropped"][k], p, rtol=1e-5, atol=1e-5)
     if compiled:  # one per compiled run (units, bfloat16 units): no recompiles
         assert r0["graphs"] == 2
-        # units keep their forward's element-wise work (fxtrain.gradients.Sharded.recomputes):
+        # units keep their forward's element-wise work (fxtrain.distributed._strategies.Sharded.recomputes):
         # nothing marked for the recompute pass
         assert r0["marked"] == [0, 0], r0["marked"]
     else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
@@ -212,7 +212,7 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
 def test_before_torch_2_13_compiled_units_are_refused_naming_the_feature(tmp_path):
     """Where the compiled units run (2.13 and later) the test above trains them; before, the
     first call names the feature, the first torch that has it and what to do instead."""
-    from fxtrain import gradients
+    from fxtrain.step import _autodiff as gradients
     from fxtrain._torch.version import at_least
 
     if at_least(2, 13):

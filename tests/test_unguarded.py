@@ -6,7 +6,7 @@ import torch
 from helpers import classification_batch, mlp, xent
 
 import fxtrain as fx
-from fxtrain import _unguarded as unguarded
+from fxtrain.step import _unguarded as unguarded
 from fxtrain._torch import stance
 
 

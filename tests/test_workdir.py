@@ -1,4 +1,4 @@
-"""One owner per workdir (``fxtrain.workdir``): the lock file names its owner, a live owner or
+"""One owner per workdir (``fxtrain.apps._workdir``): the lock file names its owner, a live owner or
 one on another host is refused, a dead owner's lock is taken over with a warning, and the lock
 goes when the run ends, by an exception too. Several processes racing for one lock (a fresh
 one, or a stale one) leave exactly one owner."""
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fxtrain.workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
+from fxtrain.apps._workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
 
 
 def dead_pid() -> int:
@@ -126,7 +126,7 @@ def test_a_takeover_guard_left_by_a_killed_process_is_cleared(tmp_path):
 
 RACER = textwrap.dedent("""
     import sys, time, warnings
-    from fxtrain.workdir import WorkdirLocked, acquire, release
+    from fxtrain.apps._workdir import WorkdirLocked, acquire, release
     warnings.simplefilter("ignore")
     while time.time() < float(sys.argv[2]):  # start together
         pass
@@ -221,7 +221,7 @@ def test_a_lock_of_another_pid_namespace_is_refused_and_one_from_before_a_restar
     """A container with the host's hostname but its own pids (host networking): its lock names
     a pid this process cannot see, so it is refused, not taken over from a live run. A lock
     written before the machine restarted is a dead owner's."""
-    from fxtrain.workdir import _machine
+    from fxtrain.apps._workdir import _machine
     here = _machine()
     if "pid_namespace" not in here or "boot" not in here:
         pytest.skip("no /proc pid namespace or boot id here")

@@ -1,5 +1,5 @@
 """What a kernel compiled and called at run time, inside an operator, needs of torch's
-internals (``fx.losses.chunked_causal_lm``'s softmax: ``fxtrain._chunked_ce``).
+internals (``fx.losses.chunked_causal_lm``'s softmax: ``fxtrain.losses._chunked``).
 
 Checked on torch 2.11.0 and 2.13.0. None of it imports Dynamo before it is needed.
 

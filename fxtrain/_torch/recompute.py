@@ -196,7 +196,7 @@ def backward_marked() -> Any:
 @run_while_tracing
 def install() -> bool:
     """Sets ``recompute`` as Inductor's post-grad pre-pass, after one the user set (run for
-    real while Dynamo traces a step: ``fxtrain.gradients``)."""
+    real while Dynamo traces a step: ``fxtrain.step._autodiff``)."""
     import torch._inductor.config as inductor
 
     ours, after = _pass()

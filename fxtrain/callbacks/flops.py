@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from ..feed import to_device
+from ..data._feed import to_device
 
 T = 1e12
 # Dense (no 2:4 sparsity) peak FLOP/s per GPU, from NVIDIA's datasheets (their tensor-core

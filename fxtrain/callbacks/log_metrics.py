@@ -20,7 +20,7 @@ import numpy as np
 from ..logging.numbers import is_number
 from ..logging.values import as_array, markdown_table, scalar_values
 from ..logging.writer import check_writer
-from ..means import Means
+from ..metrics._means import Means
 from .combinators import periodic, rank_zero
 from .core import NOTHING, Callback, asks_to_log
 

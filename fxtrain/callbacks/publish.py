@@ -1,5 +1,5 @@
 """Where host monitors send their readings: a writer with ``write_scalars``, else the log.
-(Which step metrics are logged as numbers is ``fxtrain.means.loggable``, kept here too.)
+(Which step metrics are logged as numbers is ``fxtrain.metrics._means.loggable``, kept here too.)
 
 A writer is anything with clu's ``write_scalars(step, mapping)`` (fxtrain's writers, clu's).
 Without one, readings go to the ``fxtrain`` logger as one line when logging is set up, else to
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .. import distributed
 from ..logging.numbers import format_scalars
-from ..means import loggable as loggable
+from ..metrics._means import loggable as loggable
 
 logger = logging.getLogger("fxtrain")
 

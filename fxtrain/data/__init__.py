@@ -1,0 +1,19 @@
+"""``fx.data``: the streams of batches a run trains on, their positions in the state, packed
+sequences, and batches moved to the device.
+
+``Batches`` (``_batches.py``: a seedable, checkpointable stream of a tensor or a map-style
+dataset), ``Stream`` (``_streaming.py``: a stream of examples in one order on any number of
+ranks), ``DataPosition`` (``_position.py``: where a stream stands, a value in ``state.data``),
+``pack_documents`` / ``packed_rows`` / ``document_mask`` (``_packing.py``) and ``to_device``
+(``_feed.py``: batches to the state's device, prefetched).
+"""
+
+from ._batches import (Batches, IterableStream, LoaderPosition, LoaderStream, as_stream,
+                       length_of)
+from ._feed import to_device
+from ._packing import document_mask, pack_documents, packed_rows
+from ._position import DataPosition
+from ._streaming import Stream
+
+__all__ = ["DataPosition", "LoaderPosition", "Batches", "Stream", "IterableStream", "LoaderStream",
+           "as_stream", "pack_documents", "packed_rows", "document_mask"]
