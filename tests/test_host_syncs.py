@@ -145,10 +145,10 @@ def test_compiled_eval_step_and_evaluate_read_nothing_from_the_host():
                               backend=recording_backend(graphs))
     data = fx.data.Batches(EVAL, 32, shuffle=False)
     with HostReads():
-        fx.evaluation.evaluate(eval_step, state, data)
+        fx.evaluate(eval_step, state, data)
     with HostReads() as reads, torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(5):
-            metrics = fx.evaluation.evaluate(eval_step, state, data)  # averaged on device
+            metrics = fx.evaluate(eval_step, state, data)  # averaged on device
     assert reads.count == 0, reads.report()
     assert len(graphs) == 1 and graph_syncs(graphs[0]) == []
     assert set(metrics) == {"loss", "accuracy"}

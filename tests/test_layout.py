@@ -50,21 +50,23 @@ def trained(state, steps=3):
     return fx.tree_digest(state)
 
 
-ALONE = """
+RUN = """
 import sys
 sys.path.insert(0, {tests!r})
 from test_layout import made, trained
-print(trained(made({kind!r})))
+states = {{kind: made(kind) for kind in {kinds!r}}}  # all made before any trains
+print(" ".join(trained(states[kind]) for kind in {kinds!r}))
 """
 
 
-def alone(kind):
-    """The digest of ``kind`` trained in a process of its own (nothing else made before)."""
+def digests(*kinds):
+    """The digests of ``kinds`` made in this order in a process of their own, then trained (a
+    fresh process: nothing made before them, and torch's settings its own)."""
     import pathlib
-    code = ALONE.format(tests=str(pathlib.Path(__file__).parent), kind=kind)
+    code = RUN.format(tests=str(pathlib.Path(__file__).parent), kinds=kinds)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-    return out.stdout.strip().splitlines()[-1]
+    return dict(zip(kinds, out.stdout.strip().splitlines()[-1].split()))
 
 
 def module_values():
@@ -95,10 +97,9 @@ def test_create_writes_no_module_level_value_and_tied_names_are_the_states():
 
 
 def test_states_made_in_either_order_train_as_each_alone():
-    want = {kind: alone(kind) for kind in ("tied", "untied")}
+    want = {**digests("tied"), **digests("untied")}
     for order in (("tied", "untied"), ("untied", "tied")):
-        states = {kind: made(kind) for kind in order}  # both made before either trains
-        assert {kind: trained(states[kind]) for kind in order} == want, order
+        assert digests(*order) == want, order
     assert want["tied"] != want["untied"]  # the two differ: the check can fail
 
 
@@ -110,3 +111,26 @@ def test_a_layout_is_part_of_the_states_structure_not_its_leaves():
     assert fx.distributed.data_world_size(state) == 1 and fx.distributed.data_rank(state) == 0
     assert fx.distributed.tensor_parallel_size(state) == 1
     assert state.replace(step=state.step + 1).layout is state.layout
+
+
+HOOK = """
+import sys
+import torch
+from torch import nn
+import fxtrain as fx
+state = fx.TrainState.create(nn.Linear(2, 2), fx.optim.sgd(0.1))
+step = fx.make_train_step(lambda s, p, b: s.apply(p, b).sum())  # autodiff="auto"
+assert "torch._dynamo" not in sys.modules, "building a step imported Dynamo"
+import torch._dynamo
+config = torch._dynamo.config
+print(config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)
+"""
+
+
+def test_a_step_of_any_layout_turns_on_autograds_dynamo_settings_when_built_not_traced():
+    """A step with autodiff="auto" learns its path from the state's layout while it is traced;
+    the Dynamo settings autograd's path needs are turned on when it is built (once Dynamo is
+    imported, without importing it), never from inside the trace."""
+    out = subprocess.run([sys.executable, "-c", HOOK], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"]

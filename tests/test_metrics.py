@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxtrain as fx
-import fxtrain.metrics._builtin as M
+import fxtrain.metrics as M
 from fxtrain import struct
 
 floats = st.floats(-1e3, 1e3, allow_nan=False, width=32)

@@ -31,6 +31,7 @@ A call whose inputs the loaded step does not accept (a short last batch, another
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -66,8 +67,9 @@ _PLAIN = (bool, int, float, str, bytes, type(None))
 
 def _functions(value: Any, seen: set[int], depth: int = 0):
     """The functions ``value`` holds (itself, its closure cells and defaults, a callable's
-    ``__call__`` and attributes, a tuple's items), depth first, and the plain values (numbers,
-    strings) among them: an optimizer's hyperparameters, the step's settings."""
+    ``__call__`` and attributes, a tuple's items, a dataclass's fields: the step's checked
+    arguments), depth first, and the plain values (numbers, strings) among them: an
+    optimizer's hyperparameters, the step's settings."""
     if isinstance(value, _PLAIN):
         yield value
         return
@@ -77,6 +79,8 @@ def _functions(value: Any, seen: set[int], depth: int = 0):
     fn = getattr(value, "__func__", value)
     if isinstance(value, (list, tuple)):  # GradientTransformation is a NamedTuple
         children = list(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        children = [getattr(value, f.name) for f in dataclasses.fields(value)]
     elif isinstance(fn, types.FunctionType):
         yield fn
         children = [cell.cell_contents for cell in fn.__closure__ or () if _has_contents(cell)]
