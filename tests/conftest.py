@@ -8,7 +8,18 @@ import types
 import pytest
 import torch
 import torch._dynamo
-from helpers import extra
+
+# The suite by kind (docs/testing.md): unit/ (one process, no launch), e2e/ (real processes of one
+# rank), ranks/ (2- and 4-rank jobs), tools/ (benchmarks, the GPU kit, docs, notebooks). Shared
+# modules (helpers.py, dist_worker.py, syncs.py) sit here; every folder is importable from every
+# other, as one flat folder was (a test module's helpers, imported by another kind's tests).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+KINDS = ("unit", "e2e", "ranks", "tools")
+for _kind in KINDS:
+    if os.path.join(_HERE, _kind) not in sys.path:
+        sys.path.insert(0, os.path.join(_HERE, _kind))
+
+from helpers import extra  # noqa: E402
 
 # Under pytest-xdist each worker gets its share of the cores (two workers on a 2-core machine
 # would otherwise run four threads on two cores).
@@ -23,6 +34,44 @@ os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 # this module is tensorboard's own switch for its TensorFlow-free build. TensorFlow runs only
 # in the clu test, in a subprocess.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+
+def _launches(args) -> bool:
+    """Whether a ``subprocess.Popen`` of ``args`` starts a Python program (a script, torchrun,
+    fxtrain's CLI), but for Inductor's compile workers and the C++ compiler it runs."""
+    argv = [str(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
+    if not argv or any("torch._inductor" in a for a in argv):
+        return False
+    first = os.path.basename(argv[0].split()[0]) if argv[0] else ""
+    return first.startswith("python") or first in ("torchrun", "fxtrain", "jupyter") or \
+        argv[0] == sys.executable
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_launch_nothing(request, monkeypatch):
+    """A test in unit/ that starts a Python process or a rank fails: it belongs in e2e/ or
+    ranks/ (the kinds have budgets of their own, and the second torch runs unit/)."""
+    if os.path.basename(os.path.dirname(str(request.node.fspath))) != "unit":
+        yield
+        return
+    import multiprocessing.process
+    import subprocess
+
+    def refuse(what):
+        raise AssertionError(f"{request.node.nodeid} launches {what}: a unit test runs in one "
+                             "process; move it to tests/e2e/ (processes) or tests/ranks/ (ranks)")
+
+    popen = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **kwargs):
+        if _launches(args):
+            refuse(f"a Python process ({args!r:.100})")
+        popen(self, args, *rest, **kwargs)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
+                        lambda self: refuse("a multiprocessing process (a rank)"))
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -130,3 +130,10 @@ def padded_documents(docs):
         ids[i, :len(d)], labels[i, :len(d)], mask[i, :len(d)] = torch.tensor(d), \
             torch.tensor(d), 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+TESTS = Path(__file__).resolve().parent
+"""The tests folder (helpers.py, dist_worker.py and the kinds' folders: unit/, e2e/, ranks/,
+tools/), for a process a test starts to import from."""
+ROOT = TESTS.parent
+"""The repository."""

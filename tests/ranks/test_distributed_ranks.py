@@ -1,0 +1,211 @@
+"""test_distributed's tests that run several ranks (the rest: tests/unit/test_distributed.py)."""
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+import fxtrain as fx
+from helpers import extra, mlp, reaped
+import dist_worker
+from test_distributed import (HERE, free_port, rank_of, results, spawn, torchrun)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, compiled):
+    spawn("train", str(tmp_path), compiled=compiled, batch=16)
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"]  # the ranks hold bit-identical states
+    if compiled:
+        assert r0["graphs"] == 1  # the all-reduce is inside the one graph
+    (tmp_path / "single").mkdir()
+    dist_worker.train(str(tmp_path / "single"), batch=32)  # this process: world size 1
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for k, p in single["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backward(tmp_path):
+    """autodiff="autograd": each parameter's gradient is all-reduced as soon as the backward
+    has produced it, the rest of the backward running meanwhile: the first all-reduce comes
+    before the backward's last matrix product (the first layer's). The ranks agree bit for bit,
+    eager and compiled (one graph); with dropout, compiled and eager draw the same masks; without,
+    they train as one process on the global batch does."""
+    spawn("overlapped", str(tmp_path))
+    r0, r1 = results(tmp_path)
+    assert r0["digests"] == r1["digests"]
+    assert r0["graphs"] == 1
+    ops = r0["ops"]
+    reduces = [i for i, op in enumerate(ops) if op == "all_reduce"]
+    products = [i for i, op in enumerate(ops) if op in ("mm", "addmm")]
+    assert len(reduces) >= 6 and reduces[0] < products[-1], (reduces, products)
+    (tmp_path / "single").mkdir()
+    dist_worker.train(str(tmp_path / "single"), batch=32, model="mlp3")
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    for k, p in single["params"].items():  # float32 sums of two halves in another order
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
+    for k, p in r0["eager"].items():  # the same masks; Inductor's float32 rounding apart
+        torch.testing.assert_close(r0["compiled"][k], p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_batchnorm_buffers_are_averaged_or_kept_local(tmp_path):
+    (tmp_path / "mean").mkdir()
+    (tmp_path / "local").mkdir()
+    spawn("train", str(tmp_path / "mean"), model="bn", steps=4)
+    spawn("train", str(tmp_path / "local"), model="bn", steps=4, buffers="local")
+    mean, local = results(tmp_path / "mean"), results(tmp_path / "local")
+    assert mean[0]["digest"] == mean[1]["digest"]
+    key = "1.running_mean"
+    assert not torch.equal(local[0]["buffers"][key], local[1]["buffers"][key])
+    torch.testing.assert_close(mean[0]["buffers"][key],
+                               (local[0]["buffers"][key] + local[1]["buffers"][key]) / 2)
+
+
+@pytest.mark.slow
+def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(tmp_path):
+    spawn("early_stop", str(tmp_path))
+    r0, r1 = results(tmp_path)
+    assert r0["step"] == r1["step"] == 10
+    assert [(s, m) for s, m, _ in r0["evals"]] == [(s, m) for s, m, _ in r1["evals"]]
+    assert [s for s, _, _ in r0["evals"]] == [5, 10]
+    # each rank evaluated its own share (70 and 30 of 100 examples): the merged loss is the
+    # loss over all 100, so the ranks' losses weigh 0.7 and 0.3, not half each
+    for (_, merged, local0), (_, _, local1) in zip(r0["evals"], r1["evals"]):
+        assert merged == pytest.approx(0.7 * local0 + 0.3 * local1, rel=1e-5)
+        assert abs(merged - (local0 + local1) / 2) > 1e-3
+
+
+@pytest.mark.slow
+def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(tmp_path):
+    spawn("host_stop", str(tmp_path))
+    assert [r["step"] for r in results(tmp_path)] == [8, 8]  # asked at 7, read at 8
+
+
+@pytest.mark.slow
+def test_timed_checkpoints_happen_at_the_same_steps_on_every_rank(tmp_path):
+    spawn("timed_saves", str(tmp_path), str(tmp_path / "ckpt"))
+    # rank 1's clock runs out at step 2, rank 0's at 3: both save at the agreed read of step 4
+    # (sync_every=4) and restart their clocks there; then 6 and 7, read at 8; 10 is the end
+    assert [r["saved"] for r in results(tmp_path)] == [[4, 8, 10], [4, 8, 10]]
+
+
+@pytest.mark.slow
+def test_a_rank_that_raises_fails_the_job_with_its_error(tmp_path):
+    with reaped(torchrun("failing", str(tmp_path))) as job:
+        out, _ = job.communicate(timeout=300)  # rank 0 fails too (its peer is gone): no hang
+    assert job.returncode != 0
+    assert "RuntimeError: rank 1 exploded at step 3" in out  # the rank's own traceback
+
+
+@pytest.mark.slow
+def test_the_group_init_joined_is_left_at_exit(tmp_path):
+    """A program that never calls destroy_process_group still leaves the group before the
+    interpreter tears down (gloo's threads outliving it can abort a finished run)."""
+    with reaped(torchrun("exits", str(tmp_path))) as job:
+        out, _ = job.communicate(timeout=120)
+    assert job.returncode == 0, out[-3000:]
+    assert out.count("after fxtrain's exit handler: group left = True") == 2, out[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shard", ["no", "units", "fsdp_tp"],
+                         ids=["replicated", "sharded", "2-D mesh, 4 ranks"])
+def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(
+        tmp_path, shard):
+    """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
+    each, torchrun resumes, and the run ends with the uninterrupted run's digest. One chain: the
+    run killed after its checkpoint 10 is resumed, terminated after its next checkpoint, and
+    resumed to the end (the sleeps slow the steps, not the CPU: the kill lands by step 20 and
+    the SIGTERM at least 15 steps, 3 s, before the end, even on a loaded machine; with 0.1 s
+    and 30 steps a SIGTERM read only at the last step failed 1 run in 10 under a CPU hog).
+    Sharded: the state is fx.shard's, per layer (units), the model recomputed in the backward
+    (fx.remat), and each rank writes its own shards of every checkpoint. 2-D mesh: 4 ranks on
+    a 2 x 2 mesh, sharded over its first dimension, the hidden layer split by a
+    tensor-parallel plan over its second."""
+    ckpt = tmp_path / "b" / "ckpt"  # the chain's checkpoints
+    nproc = 4 if shard == "fsdp_tp" else 2
+
+    def torchrun_(*args):
+        return torchrun(*args, nproc=nproc)
+
+    def job(*args):
+        return torchrun_("resumable", str(tmp_path / "b"), str(ckpt), *args, f"shard={shard}")
+
+    def after_checkpoint(run, step):
+        deadline = time.monotonic() + 200
+        while not (ckpt / str(step)).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (ckpt / str(step)).exists(), "no checkpoint in time"
+        return rank_of(run, 1)
+
+    whole_ckpt = tmp_path / "a" / "ckpt"
+    with reaped(torchrun_("resumable", str(tmp_path / "a"), str(whole_ckpt), f"shard={shard}")) \
+            as whole:
+        out, _ = whole.communicate(timeout=300)
+    assert whole.returncode == 0, out[-3000:]
+    digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in range(nproc)}
+    assert len(digests) == 1
+    steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
+    assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # logs written once: by rank 0 only
+    assert fx.checkpoint.CheckpointManager(whole_ckpt).all_steps() == [30, 35, 40]
+
+    with reaped(job("sleep=0.2")) as run:
+        after_checkpoint(run, 10).send_signal(signal.SIGKILL)  # one rank dies: no hang
+        killed = time.monotonic()
+        run.communicate(timeout=120)
+    assert run.returncode != 0 and time.monotonic() - killed < 30
+    killed_at = fx.checkpoint.CheckpointManager(ckpt).latest_step()
+    assert 10 <= killed_at <= 20
+
+    # resumed, then SIGTERM to rank 1 alone: the ranks agree at the next flag read, both save
+    # and exit 143
+    with reaped(job("sleep=0.2")) as run:
+        after_checkpoint(run, killed_at + 5).send_signal(signal.SIGTERM)
+        out, _ = run.communicate(timeout=120)
+    assert f"resuming from the checkpoint of step {killed_at}" in out, out[-3000:]
+    assert "exitcode  : 143" in out, out[-3000:]  # rank 1's own exit, after both saved
+    assert not (tmp_path / "b" / "digest0.txt").exists()  # neither rank finished the run
+    stopped = fx.checkpoint.CheckpointManager(ckpt).latest_step()
+    assert killed_at + 5 <= stopped < 40
+
+    with reaped(job()) as resumed:
+        out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resuming from the checkpoint of step {stopped}" in out
+    assert {(tmp_path / "b" / f"digest{r}.txt").read_text() for r in range(nproc)} == digests
+
+
+@pytest.mark.slow
+def test_two_nodes_meet_through_the_c10d_rendezvous_and_train_as_one_job(tmp_path):
+    """Two torchrun agents of one process each, as two machines would run them: they find each
+    other through the c10d rendezvous store and train like torchrun's two local processes."""
+    port = free_port()
+    cmd = lambda node: [  # noqa: E731
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+        "--nproc_per_node=1", "--rdzv_backend=c10d", f"--rdzv_endpoint=localhost:{port}",
+        "--rdzv_id=fxtrain-test", str(HERE / "dist_worker.py"), "train", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(reaped(subprocess.Popen(
+            cmd(node), env=env, start_new_session=True, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))) for node in (0, 1)]
+        outs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"]  # one job: gradients averaged across the two nodes
+    single = tmp_path / "single"
+    single.mkdir()
+    dist_worker.train(str(single), batch=32)  # one process with the global batch
+    expected = torch.load(single / "rank0.pt")
+    for k, p in expected["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,211 @@
+"""test_sharding's tests that run several ranks (the rest: tests/unit/test_sharding.py)."""
+
+import re
+import pytest
+import torch
+import dist_worker
+import fxtrain as fx
+import fxtrain.checkpoint.store
+import fxtrain.cli
+from helpers import mlp
+from test_distributed import results, spawn
+from test_sharding import (UNITS_COMPILED, stored_chunks)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, compiled):
+    spawn("sharded", str(tmp_path), compiled=compiled, batch=16)
+    r0, r1 = results(tmp_path)
+    assert r0["sharded"] and r0["digest"] == r1["digest"]  # the ranks agree bit for bit
+    for r in (r0, r1):  # each rank holds about half the parameters and optimizer state
+        assert 0.45 * r["whole"] <= sum(r["local"]) <= 0.6 * r["whole"], (r["local"], r["whole"])
+    if compiled:
+        assert r0["graphs"] == 1  # gather, reduce-scatter and optimizer in the one graph
+    (tmp_path / "single").mkdir()
+    dist_worker.sharded(str(tmp_path / "single"), batch=32)  # this process: world size 1
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert not single["sharded"]
+    for k, p in single["params"].items():
+        torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
+        assert torch.equal(r0["module"][k], r0["params"][k])  # fx.trained_module: whole
+    torch.testing.assert_close(r0["predicted"], single["predicted"], rtol=1e-4, atol=1e-5)
+    # grad_norm (a norm over the shards, reduced over the ranks) is the whole gradient's
+    torch.testing.assert_close(r0["grad_norms"], single["grad_norms"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path):
+    precision = "16-mixed"  # autocast, and loss scaling whose finite check spans the shards
+    (tmp_path / "sharded").mkdir()
+    (tmp_path / "replicated").mkdir()
+    spawn("sharded", str(tmp_path / "sharded"), precision=precision)
+    spawn("sharded", str(tmp_path / "replicated"), precision=precision, shard=False)
+    sharded, replicated = results(tmp_path / "sharded")[0], results(tmp_path / "replicated")[0]
+    assert sharded["sharded"] and not replicated["sharded"]
+    for k, p in replicated["params"].items():
+        torch.testing.assert_close(sharded["params"][k], p, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_callbacks_that_copy_the_parameters_are_sharded_with_them(tmp_path):
+    spawn("sharded_callbacks", str(tmp_path))
+    r0, r1 = results(tmp_path)
+    assert r0["after"] == r0["passed"] == r1["passed"] and r0["after"][1]  # swa: a DTensor
+    assert any("state.callbacks['swa']" in w and "fx.shard(state, callbacks=[...])" in w
+               for w in r0["not passed"])
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    spawn("sharded_saves", str(tmp_path), str(ckpt))
+    r0, r1 = results(tmp_path)
+    assert r0["digest"] == r1["digest"] and r0["steps"] == [8, 12]  # retention: the latest 2
+    assert "FileExistsError" in r0["again"] and "already exists" in r1["again"]
+    for path in (ckpt / "12", tmp_path / "final"):  # each rank wrote its own shards
+        assert all((path / "shards" / f"__{r}_0.distcp").stat().st_size for r in (0, 1))
+        assert stored_chunks(path, ".params['0.weight']") == [(9, 8), (8, 8)]
+
+    make = lambda: fx.TrainState.create(mlp(sizes=(8, 17, 4)), fx.optim.adamw(1e-2))  # noqa
+    like = make().replace(data=fx.data.Batches(dist_worker.X, 16, seed=1).init())
+    alone = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)  # one process, no group
+    assert not fx.sharding.is_sharded(alone) and fx.tree_digest(alone) == r0["digest"]
+    assert fx.tree_digest(fx.checkpoint.restore(tmp_path / "final", like=like)) == r0["digest"]
+    assert fx.cli.main(["inspect", str(ckpt), "--step", "12", "--digest"]) == 0
+    out = capsys.readouterr().out
+    assert f"digest (step 12): {r0['digest']}" in out and "written by 2 ranks" in out
+
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")
+    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]
+    assert {r["latest"] for r in restored} == {r["final"] for r in restored} == {r0["digest"]}
+    assert [r["local"] for r in restored] == [(9, 8), (8, 8)]  # 17 rows, resharded on load
+
+    # each rank checksummed the file it wrote; a flipped bit in rank 1's is named, whoever reads
+    table = fxtrain.checkpoint.store.read_meta(ckpt / "12")
+    assert sorted(table["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    shard = ckpt / "12" / "shards" / "__1_0.distcp"
+    intact = shard.read_bytes()
+    data = bytearray(intact)
+    data[len(data) // 2] ^= 4
+    shard.write_bytes(bytes(data))
+    named = r"its shard file shards/__1_0\.distcp differ.*CRC-32 mismatch"
+    with pytest.raises(fx.checkpoint.DamagedCheckpointError, match=named):
+        fx.checkpoint.CheckpointManager(ckpt).restore(like=like, step=12)
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")  # on two ranks
+    for r in (0, 1):
+        assert re.search(named, torch.load(tmp_path / f"restored{r}.pt")["damaged"])
+    # a read failing on one rank only: both ranks raise it (none left waiting in a collective)
+    shard.write_bytes(intact)
+    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes", eio_rank="1")
+    for r in (0, 1):
+        said = torch.load(tmp_path / f"restored{r}.pt")["damaged"]
+        assert said.startswith("UnreadableCheckpointError") and "Input/output error" in said
+
+    wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
+    with pytest.raises(fx.checkpoint.CheckpointMismatchError) as error:
+        fx.checkpoint.restore(ckpt, like=wider.replace(data=like.data))
+    assert "shape of .params['0.weight']: checkpoint (17, 8), template (18, 8)" in str(error.value)
+    assert "missing from the checkpoint: .params['4.weight']" in str(error.value)
+
+
+def test_a_sharded_run_leaves_no_gloo_thread_to_the_interpreters_exit(tmp_path):
+    """DTensor's caches keep the mesh, and so the gloo group, past destroy_process_group; left
+    to the interpreter's finalization, a gloo worker freeing its last work there aborted the
+    process now and then (SIGABRT after a run that succeeded). fxtrain destroys the group at
+    exit, before finalization: by the last exit handler no gloo thread is left."""
+    spawn("sharded_exit", str(tmp_path))
+    for rank in (0, 1):
+        names = (tmp_path / f"threads{rank}.txt").read_text().split()
+        assert names and not [n for n in names if "gloo" in n], (rank, names)
+
+
+def test_shard_without_a_process_group_says_how_to_start_one():
+    state = fx.TrainState.create(mlp(), fx.optim.adamw(1e-2))
+    with pytest.raises(RuntimeError, match="torchrun and call fx.distributed.init"):
+        fx.shard(state)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compiled", [False, pytest.param("inductor", marks=UNITS_COMPILED)],
+                         ids=["eager", "compiled"])
+def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, compiled):
+    """fx.shard(units="auto"): each block of the ModuleList gathers its own parameters, in its
+    forward and again in its backward, and its gradients come back reduce-scattered; trained
+    with dropout, it ends where the same state sharded as one unit ends, trained eagerly (2
+    ranks: a sum of two terms, whatever the grouping, so eager is bitwise; compiled, within
+    float32 rounding: keyed masks are the same compiled and eager)."""
+    spawn("sharded_units", str(tmp_path), compiled=compiled)
+    r0, r1 = results(tmp_path)
+    assert r0["names"] == ["blocks.0", "blocks.1", "blocks.2"] and r0["module"] == "Block"
+    assert r0["digests"] == r1["digests"]  # the ranks agree bit for bit
+    for k, p in r0["whole"].items():
+        if compiled:
+            torch.testing.assert_close(r0["units"][k], p, rtol=1e-5, atol=3e-6)
+        else:
+            assert torch.equal(r0["units"][k], p), k
+    # gathered and computed in bfloat16, reduced in float32, against float32 (SGD: the
+    # difference is lr * steps * the gradients' difference, bfloat16's 2**-8 relative error
+    # over sums of up to 17 products of terms below 1, growing as a random walk: 0.1 * 6 *
+    # sqrt(17) * 2**-8 = 0.01; the float32 run moves them 8 times that)
+    drift = max((r0["mixed"][k] - p).abs().max() for k, p in r0["plain"].items())
+    moved = max((r0["plain"][k] - p).abs().max() for k, p in r0["initial"].items())
+    assert drift < 0.01 and moved > 0.05, (drift, moved)
+    # without dropout, units on 2 ranks train as one process on the doubled batch (float32
+    # sums of the two halves in another order, over 6 AdamW steps; eager)
+    for k, p in dist_worker.one_process_blocks().items() if not compiled else ():
+        torch.testing.assert_close(r0["undropped"][k], p, rtol=1e-5, atol=1e-5)
+    if compiled:  # one per compiled run (units, bfloat16 units): no recompiles
+        assert r0["graphs"] == 2
+        # units keep their forward's element-wise work (fxtrain.distributed._strategies.Sharded.recomputes):
+        # nothing marked for the recompute pass
+        assert r0["marked"] == [0, 0], r0["marked"]
+    else:  # the root's 4 tensors in one gather; 3 blocks x 4 tensors gathered twice each
+        dtypes = r0["collectives"].pop("dtypes")
+        assert r0["collectives"] == {"all_gather": 1 + 2 * 12, "reduce_scatter": 1 + 12,
+                                     "unwaited": 0}  # a recomputed gather is waited for too
+        assert dtypes == {("all_gather", "torch.float32"), ("reduce_scatter", "torch.float32")}
+        root = {("all_gather", "torch.float32"), ("reduce_scatter", "torch.float32")}
+        assert r0["bf16"]["reduce float32"] == root | {("all_gather", "torch.bfloat16")}
+        assert r0["bf16"]["reduce bfloat16"] == root | {("all_gather", "torch.bfloat16"),
+                                                        ("reduce_scatter", "torch.bfloat16")}
+        assert r0["by_class"] == r0["names"]  # units=[Block]: the same blocks
+        from fxtrain._torch.version import at_least  # fx.shard's default: blocks, or whole
+        assert r0["defaults"] == {"blocks": r0["names"] if at_least(2, 13) else [], "mlp": [],
+                                  "whole": []}
+        errors = r0["errors"]
+        assert "has no nn.ModuleList and no _no_split_modules" in errors["no blocks"]
+        assert "'blocks.9' is not a submodule of Blocks" in errors["unknown"]
+        assert "Did you mean 'blocks.2', 'blocks.1', 'blocks.0'" in errors["unknown"]
+        assert "'blocks.0' is inside 'blocks'" in errors["nested"]
+        assert "'blocks.0.up.weight' is shared by 'blocks.0', 'blocks.1'" in errors["tied"]
+        assert "pass units=... too" in errors["dtype alone"]
+        assert "1-D or 2-D DeviceMesh, got one of shape (1, 1, 2)" in errors["3-D mesh"]
+        assert "a 2-D mesh needs dimension names" in errors["unnamed"]
+        assert "lays the ranks out as [[1, 0]]" in errors["ranks out of order"]
+        assert "a reduce_dtype other than it is not supported" in errors["2-D reduce dtype"]
+        assert "on a 2-D mesh (FSDP x tensor parallel, HSDP)" in errors["2-D func"]
+        assert ("splits 'blocks.0.up.weight' (shape (17, 8)) along dimension 0 over 2 ranks, "
+                "which does not divide its 17") in errors["uneven plan"]
+        assert "autodiff='autograd'" in errors["2-D func"]
+        assert "the mesh spans 1 ranks, the job has 2" in errors["part of the ranks"]
+        assert "autodiff='autograd'" in errors["func"] and "units='whole'" in errors["func"]
+    whole = sum(p.numel() * 4 for p in r0["whole"].values())
+    assert r0["local"] <= 0.6 * whole
+
+
+def test_before_torch_2_13_compiled_units_are_refused_naming_the_feature(tmp_path):
+    """Where the compiled units run (2.13 and later) the test above trains them; before, the
+    first call names the feature, the first torch that has it and what to do instead."""
+    from fxtrain.step import _autodiff as gradients
+    from fxtrain._torch.version import at_least
+
+    if at_least(2, 13):
+        assert "Dynamo cannot take" in gradients.SHARDED_AUTOGRAD_INSTEAD  # refused only <2.13
+        return
+    spawn("sharded_units_refused", str(tmp_path))
+    for r in results(tmp_path):
+        assert r["error"].startswith(
+            f"UnsupportedTorchError: {gradients.SHARDED_AUTOGRAD} needs torch 2.13 or later; "
+            f"this process has torch {torch.__version__}. "
+            f"{gradients.SHARDED_AUTOGRAD_INSTEAD}\n"), r["error"]  # then Dynamo's trace

@@ -1,0 +1,350 @@
+"""The command line a new user meets: ``--version`` and ``--help`` without torch, ``inspect``
+reading JSON only, and ``fxtrain train CONFIG`` running the user's own model from a YAML or
+Python config with overrides, ``--print-config`` and ``--resume``; one run per workdir, a
+resume checked against the saved config, and a bad config refused in one line before anything
+is written."""
+
+import json
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import fxtrain as fx
+from fxtrain.cli import main
+from fxtrain.apps._workdir import LOCK_NAME
+
+MODELS = textwrap.dedent("""
+    import os
+    import time
+
+    import torch
+    from torch import nn
+    import fxtrain as fx
+
+    def mlp(width: int = 16):
+        return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
+
+    def broken(width: int = 16):
+        raise ValueError("width must be even")
+
+    def blobs(n: int = 128, batch_size: int = 16, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 8, generator=g)
+        return fx.data.Batches((x, x[:, :4].argmax(1)), batch_size, seed=seed)
+
+    def nothing(n: int = 128):
+        return None
+
+    def number(n: int = 128):
+        return n
+
+    def arrays(n: int = 128):
+        x = torch.randn(n, 8)
+        return {"x": x, "y": x[:, :4].argmax(1)}
+
+    def gated(gate: str, after: int = 2):
+        # endless batches; before batch `after` it says so (gate.waiting), then waits for `gate`
+        def batches():
+            g = torch.Generator().manual_seed(0)
+            for i in range(100_000):
+                if i == after:
+                    open(gate + ".waiting", "w").close()
+                    deadline = time.time() + 120
+                    while not os.path.exists(gate):
+                        if time.time() > deadline:
+                            raise TimeoutError(gate)
+                        time.sleep(0.02)
+                x = torch.randn(16, 8, generator=g)
+                yield x, x[:, :4].argmax(1)
+        return batches()
+    """)
+
+YAML = textwrap.dedent("""
+    model: ./models.py:mlp
+    model_args: {width: 32}
+    data: ./models.py:blobs
+    loss: cross_entropy
+    optim: {name: adamw, lr: 0.01, warmup_steps: 2}
+    max_steps: 12
+    compile: false
+    log_every: 4
+    checkpoint_every: 6
+    progress: false
+    """)
+
+
+def _modules_after(code: str) -> dict:
+    """Which heavy packages a fresh interpreter has imported after running ``code``."""
+    probe = (f"import sys\n{code}\nimport json\nprint(json.dumps({{m: m in sys.modules for m in "
+             "('torch', 'jax', 'orbax.checkpoint', 'numpy')}))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _project(tmp_path, yaml=YAML):
+    (tmp_path / "models.py").write_text(MODELS)
+    (tmp_path / "run.yaml").write_text(yaml)
+    return tmp_path / "run.yaml"
+
+
+def test_train_runs_a_yaml_config_with_overrides_and_resumes(tmp_path, capsys, monkeypatch):
+    config = _project(tmp_path)
+    monkeypatch.chdir(tmp_path.parent)  # file references are the config's, not the cwd's
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--optim.lr", "0.003", "--workdir", str(work)]) == 0
+    assert "done at step 12" in capsys.readouterr().out
+    saved = (work / "config.yaml").read_text()
+    assert "lr: 0.003" in saved and "width: 32" in saved
+    logged = [json.loads(line) for line in (work / "metrics.jsonl").open()]
+    assert {4, 8, 12} <= {r["step"] for r in logged if "train/loss" in r["values"]}
+    ended = fx.checkpoint.CheckpointManager(work / "checkpoints")
+    assert ended.latest_step() == 12
+    assert "resume" not in saved and "progress" not in saved  # how to run, not what
+    before = saved
+    assert main(["train", str(config), "--workdir", str(work)]) == 2  # a run is there already
+    assert "already holds a run" in capsys.readouterr().err
+    assert (work / "config.yaml").read_text() == before  # nothing overwritten
+    assert main(["train", str(config), "--optim.lr", "0.003", "--workdir", str(work),
+                 "--resume", "true", "--max_steps", "18", "--allow_changes", "max_steps"]) == 0
+    assert "done at step 18" in capsys.readouterr().out
+
+
+def test_train_from_python_equals_the_same_run_by_hand(tmp_path, monkeypatch):
+    _project(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = {"model": "models:mlp", "data": "models:blobs", "max_steps": 6, "compile": False,
+              "optim": {"name": "sgd", "lr": 0.1, "schedule": "constant", "clip_norm": None},
+              "workdir": str(tmp_path / "py"), "checkpoint_every": None, "progress": False}
+    state = fx.train(config)
+    import models  # the same factories, by hand
+
+    torch.manual_seed(0)
+    by_hand = fx.TrainState.create(models.mlp(), fx.optim.sgd(0.1), seed=0)
+
+    def loss_fn(s, params, batch):
+        logits = s.apply(params, batch[0])
+        return torch.nn.functional.cross_entropy(logits, batch[1])
+
+    by_hand = fx.fit(by_hand, fx.make_train_step(loss_fn), models.blobs(), max_steps=6,
+                     progress=False)
+    assert fx.tree_digest(state.params) == fx.tree_digest(by_hand.params)
+
+
+def test_a_python_config_defines_config(tmp_path, capsys):
+    _project(tmp_path)
+    (tmp_path / "run.py").write_text(textwrap.dedent(f"""
+        CONFIG = {{"model": "./models.py:mlp", "data": "./models.py:blobs", "max_steps": 4,
+                  "compile": False, "workdir": {str(tmp_path / "w")!r}, "progress": False}}
+        """))
+    assert main(["train", str(tmp_path / "run.py")]) == 0
+    assert "done at step 4" in capsys.readouterr().out
+
+
+def test_print_config_shows_the_merged_config(tmp_path, capsys):
+    config = _project(tmp_path)
+    assert main(["train", str(config), "--max_steps", "7", "--print-config"]) == 0
+    shown = capsys.readouterr().out
+    assert "max_steps: 7" in shown and "width: 32" in shown
+    assert not (tmp_path / "runs").exists()  # printing trains nothing
+
+
+@pytest.mark.parametrize("override, message", [
+    (["--optim.lrr", "3"], "lrr"),
+    (["--model", "./nowhere.py:mlp"], "model: no file"),
+    (["--model", "./models.py:mlp_net"], "has no mlp_net"),
+    (["--optim.name", "adamm"], "optim.name: fx.optim has no optimizer 'adamm' (did you mean "),
+    (["--loss", "hinge"], "'hinge' is none of cross_entropy, mse, causal_lm"),
+    (["--model_args", "{depth: 3}"], "unexpected keyword argument 'depth'"),
+    (["--max_steps", "-5"], "max_steps: must be at least 1, got -5"),
+    (["--max_steps", "0"], "max_steps: must be at least 1, got 0"),
+    (["--keep", "0"], "keep: must be at least 1, got 0"),
+    (["--log_every", "0"], "log_every: must be at least 1, got 0"),
+    (["--checkpoint_every", "0"],
+     "checkpoint_every: must be at least 1 (or null: at the end only), got 0"),
+    (["--eval_every", "-3"], "eval_every: must be at least 1 (or null: at each epoch end), got -3"),
+    (["--max_epochs", "0"], "max_epochs: must be at least 1 (or null: no limit), got 0"),
+    (["--optim.warmup_steps", "50"],
+     "optim.warmup_steps: must be at least 0 and below max_steps (12), got 50"),
+    (["--optim.lr", "-1"], "optim.lr: must be a finite number >= 0, got -1.0"),
+    (["--optim.clip_norm", "0"], "optim.clip_norm: must be > 0 (or null: no clipping), got 0.0"),
+    (["--precision", "bogus"], "precision: 'bogus' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
+    (["--optim.schedule", "cosine"],
+     "optim.schedule: 'cosine' is none of constant, warmup_cosine, linear"),
+    (["--model", "./models.py:broken"], "models.py:broken with model_args {'width': 32} raised "
+                                        "ValueError: width must be even (models.py, line 13)"),
+    (["--callbacks", "[{name: early_stopping, args: {patience: 2, bogus: 1}}]"],
+     "callbacks: early_stopping with args {'patience': 2, 'bogus': 1}: "),
+    (["--workdir", ""], "workdir: is empty; give the folder the run writes to"),
+    (["--max_steps", "abc"], 'Parser key "max_steps": Expected a <class \'int\'>. Got value: abc'),
+])
+def test_a_bad_config_is_one_line_naming_the_key_and_changes_nothing(tmp_path, capsys,
+                                                                     monkeypatch, override,
+                                                                     message):
+    config = _project(tmp_path)
+    here = tmp_path / "cwd"  # a run that took "" for a workdir wrote here
+    here.mkdir()
+    monkeypatch.chdir(here)
+    work = tmp_path / "bad"
+    assert main(["train", str(config), "--workdir", str(work), *override]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxtrain train: error: ") and err.count("\n") == 1, err
+    assert message in err
+    assert not work.exists() and list(here.iterdir()) == []
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its bytes."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _one_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("fxtrain train: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_resume_whose_model_fails_to_build_changes_nothing(tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    before = _snapshot(work)
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--allow_changes", "true", "--model", "./models.py:broken"]) == 2
+    assert "raised ValueError: width must be even" in _one_line(capsys)
+    assert _snapshot(work) == before  # config.yaml not replaced, no lock left behind
+
+
+def test_a_resume_with_another_config_is_refused_unless_allowed_and_the_old_one_kept(
+        tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    args = ["train", str(config), "--workdir", str(work)]
+    assert main(args) == 0
+    saved = (work / "config.yaml").read_bytes()
+    before = _snapshot(work)
+    changed = ["--resume", "true", "--optim.lr", "0.003", "--max_steps", "18"]
+    assert main([*args, *changed]) == 2
+    err = _one_line(capsys)
+    assert "trained with another config: optim.lr 0.01 -> 0.003, max_steps 12 -> 18;" in err
+    assert "--allow_changes optim.lr,max_steps" in err and "Nothing was changed" in err
+    assert main([*args, *changed, "--allow_changes", "max_steps"]) == 2
+    assert "another config: optim.lr 0.01 -> 0.003; " in _one_line(capsys)  # max_steps allowed
+    assert _snapshot(work) == before
+    assert main([*args, *changed, "--allow_changes", "optim,max_steps"]) == 0
+    out = capsys.readouterr().out
+    assert "(which trained" in out and "to step 12) is kept as config.12.yaml" in out
+    assert "done at step 18" in out
+    assert (work / "config.12.yaml").read_bytes() == saved  # nothing lost
+    now = (work / "config.yaml").read_text()
+    assert "lr: 0.003" in now and "max_steps: 18" in now
+    made = (work / "config.yaml").stat()
+    assert main([*args, *changed]) == 0  # the saved config now: nothing to allow or rewrite
+    assert (work / "config.yaml").stat().st_mtime_ns == made.st_mtime_ns
+    assert sorted(p.name for p in work.glob("config*.yaml")) == ["config.12.yaml", "config.yaml"]
+
+
+def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys):
+    config = _project(tmp_path)
+    work = tmp_path / "mine"
+    work.mkdir()
+    (work / "notes.txt").write_text("my notes")
+    (work / "checkpoints").mkdir()  # empty: no checkpoint in it
+    for resume in ("false", "true"):
+        assert main(["train", str(config), "--workdir", str(work), "--resume", resume]) == 2
+        assert "holds files of something else than a run of fxtrain train (checkpoints/, " \
+               "notes.txt; no config.yaml); give an empty or new --workdir" in _one_line(capsys)
+    assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "notes.txt"]
+
+
+def _gated(config: Path, work: Path, gate: Path) -> list[str]:
+    return ["train", str(config), "--workdir", str(work), "--data", "./models.py:gated",
+            "--data_args", f"{{gate: {gate}}}"]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    """``fxtrain train ARGS`` in another process, and waits until it blocks at its gate."""
+    run = subprocess.Popen([sys.executable, "-m", "fxtrain", *args], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    waiting = Path(args[args.index("--data_args") + 1][7:-1] + ".waiting")
+    deadline = time.time() + 120
+    while not waiting.exists():
+        if run.poll() is not None or time.time() > deadline:
+            run.kill()
+            raise AssertionError(f"the first run ended early: {run.communicate()}")
+        time.sleep(0.05)
+    return run
+
+
+@pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
+def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
+    _project(tmp_path)
+    config = tmp_path / "config.yaml"
+    # a constant learning rate: a decaying one's length (max_steps) is compiled into the step
+    config.write_text(YAML.replace("compile: false", "compile: precompiled").replace(
+        "optim: {name: adamw, lr: 0.01, warmup_steps: 2}",
+        "optim: {name: sgd, lr: 0.1, schedule: constant}"))
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    saved = work / "step.precompiled"
+    made = saved.stat()
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--max_steps", "18", "--allow_changes", "max_steps"]) == 0
+    # loaded, not compiled and saved again (that replaces the file: another inode)
+    assert (saved.stat().st_ino, saved.stat().st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+    assert fx.checkpoint.CheckpointManager(work / "checkpoints").latest_step() == 18
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--max_steps", "24", "--optim.lr", "0.2", "--allow_changes", "true"]) == 0
+    # another step (lr 0.2): made again
+    assert saved.stat().st_ino != made.st_ino
+
+
+def test_a_resume_whose_restore_fails_leaves_the_workdir_as_it_was(tmp_path, capsys):
+    """Issue 60, hole 4: an allowed change the checkpoint cannot take (another width) replaced
+    config.yaml before the restore failed; then the documented resume failed and the true width
+    was refused as a change. Refused in one line, exit 2, every file as it was; the documented
+    resume still works."""
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work)]) == 0
+    capsys.readouterr()
+    before = _snapshot(work)
+    assert main(["train", str(config), "--workdir", str(work), "--resume", "true",
+                 "--model_args", "{width: 64}", "--allow_changes", "model_args"]) == 2
+    err = _one_line(capsys)
+    assert f"--resume: the checkpoint of step 12 in {work / 'checkpoints'} cannot be " \
+           "restored into the model this config builds (shape of .params['0.bias']: " \
+           "checkpoint (32,), template (64,); and 8 more)" in err
+    assert "Nothing was changed." in err
+    assert _snapshot(work) == before
+    assert main(["train", str(work / "config.yaml"), "--resume", "true", "--max_steps", "18",
+                 "--allow_changes", "max_steps"]) == 0
+    assert "done at step 18" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("factory, returned", [("nothing", "None"), ("number", "int"),
+                                               ("arrays", "dict")])
+def test_a_data_factory_returning_no_data_is_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                         factory, returned):
+    """Issue 60, hole 6: a traceback, exit 1, and a workdir (config.yaml, metrics.jsonl,
+    tensorboard/) that refused the fixed rerun. Now one line naming the key and the fix, exit 2,
+    nothing written, for data and eval_data."""
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    for key in ("data", "eval_data"):
+        assert main(["train", str(config), "--workdir", str(work), f"--{key}",
+                     f"./models.py:{factory}"]) == 2
+        err = _one_line(capsys)
+        assert f"{key}: {tmp_path / 'models.py'}:{factory} with {key}_args {{}} returned " \
+               f"{returned}, not batches" in err
+        assert "not batches: return fx.data.Batches" in err
+        assert not work.exists()
+    assert main(["train", str(config), "--workdir", str(work), "--max_steps", "3"]) == 0

@@ -1,0 +1,493 @@
+"""fx.precompiled: a train step compiled ahead of time, saved, and loaded by the next process
+instead of traced and compiled again (the start-up issue's warm start)."""
+
+import errno
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxtrain as fx
+import fxtrain.step._precompile as precompile
+from fxtrain.step import _precompiled_file as stored
+from fxtrain._torch import aot
+from fxtrain.step._precompile import compile_options
+
+CHILD = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    import fxtrain as fx
+
+    def loss_fn(state, params, batch):
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 3))
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
+    if sys.argv[2] == "reference":
+        step, loaded = torch.compile(fx.make_train_step(loss_fn), fullgraph=True), None
+    else:
+        step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    if sys.argv[2] != "reference":
+        loaded = step.loaded
+    print(json.dumps({"loaded": loaded, "digest": fx.tree_digest(state),
+                      "loss": float(metrics["loss"])}))
+""")
+
+
+class Scaled(nn.Module):
+    """A setting its forward reads that its repr does not show."""
+
+    def __init__(self, scale):
+        super().__init__()
+        self.scale, self.linear = scale, nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.linear(x) * self.scale
+
+
+def loss_fn(state, params, batch):
+    x, y = batch
+    return F.cross_entropy(state.apply(params, x), y)
+
+
+def setup(lr=1e-2):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))
+    return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
+
+
+# the tests of a step saved and loaded: torch 2.13 and later (before, fx.precompiled warns and
+# trains under torch.compile: the last test here asserts that refusal)
+SAVES = pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
+
+QUICK = {"cpp_wrapper": False}  # the Python wrapper: seconds less to compile, where it is moot
+
+
+def loaded(train_step, path, state, batch, options=QUICK):
+    """Whether fx.precompiled loaded the step from ``path`` (after a first call)."""
+    step = fx.precompiled(train_step, path, options=options)
+    step(state, batch)
+    return step.loaded
+
+
+def steps(step, state, batch, n=2):
+    for _ in range(n):
+        state, metrics = step(state, batch)
+    return state, metrics
+
+
+def child(tmp_path, path, mode, env=None):
+    """CHILD's result in a new process: ``mode`` "save" or "load" (fx.precompiled's step at
+    ``path``) or "reference" (torch.compile's); and what it wrote to stderr."""
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
+                          capture_output=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
+
+
+@SAVES
+def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
+    path = tmp_path / "step.bin"
+    state, batch = setup()
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is False
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
+
+    def other_loss(state, params, batch):  # other code: not the saved step
+        x, y = batch
+        return F.cross_entropy(state.apply(params, x), y) * 2.0
+
+    again = fx.precompiled(fx.make_train_step(other_loss), path, options=QUICK)
+    trained = steps(again, state, batch)[0]
+    assert again.loaded is False
+    reference = torch.compile(fx.make_train_step(other_loss), fullgraph=True)
+    assert fx.tree_digest(trained) == fx.tree_digest(steps(reference, state, batch)[0])
+    faster, _ = setup(lr=0.5)  # another learning rate: compiled again, never the old one
+    assert loaded(fx.make_train_step(other_loss), path, faster, batch) is False
+    assert loaded(fx.make_train_step(other_loss), path, faster, batch) is True
+
+
+@SAVES
+def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_path):
+    """On the CPU the step's kernels are called from C++ by default (a faster call, trained
+    bitwise as torch.compile's Python wrapper does); a file made with other options is not
+    used."""
+    path = tmp_path / "step.bin"
+    state, batch = setup()
+    assert compile_options(state) == {"cpp_wrapper": True}
+    elsewhere = state.replace(params={k: v.to("meta") for k, v in state.params.items()})
+    assert compile_options(elsewhere) == {}  # another device: Inductor's own defaults
+    step = fx.precompiled(fx.make_train_step(loss_fn), path)
+    trained = steps(step, state, batch)[0]
+    reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    assert fx.tree_digest(trained) == fx.tree_digest(steps(reference, state, batch)[0])
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch, options=None) is True
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is False  # QUICK
+    with pytest.raises(TypeError, match="options must be a dict"):
+        fx.precompiled(fx.make_train_step(loss_fn), path, options=["cpp_wrapper"])
+
+
+@SAVES
+def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step(state, batch)
+    short = (batch[0][:3], batch[1][:3])  # a short last batch
+    reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+    with pytest.warns(UserWarning, match="not made for"):
+        got, metrics = step(state, short)
+    want, expected = reference(state, short)
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+    assert torch.equal(metrics["loss"], expected["loss"])
+
+
+@SAVES
+def test_fit_checks_the_guards_of_the_first_call_and_of_other_batches_only(tmp_path,
+                                                                             monkeypatch):
+    """In fit the state is the step's own output: after the first call only a batch unlike those
+    the made step took needs its guard check (here the short last batch of each epoch, which
+    goes to torch.compile)."""
+    from torch._dynamo.aot_compile import AOTCompiledFunction
+
+    checks = []
+    real = AOTCompiledFunction.guard_check
+
+    def counting(self, *args, **kwargs):
+        checks.append(args[1][0].shape[0])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(AOTCompiledFunction, "guard_check", counting)
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 4), torch.randint(0, 3, (20,))
+    data = fx.data.Batches((x, y), 8, shuffle=False, drop_last=False)  # 8, 8, a short 4
+    state = setup()[0]
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
+    with pytest.warns(UserWarning, match="not made for"):
+        got = fx.fit(state, step, data, max_steps=9)
+    assert checks == [8, 4, 4, 4]  # the first call, then each short batch
+    want = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
+                  max_steps=9)
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+
+
+def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
+    state, batch = setup()
+    data = [batch] * 3
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    assert fx.step_spec(step).compiled and fx.step_spec(step).donate is False
+    trained = fx.fit(state, step, data, max_steps=3)
+    reference = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
+                       max_steps=3)
+    assert fx.tree_digest(trained.params) == fx.tree_digest(reference.params)
+
+
+def test_a_donating_precompiled_step_gives_up_the_state_it_was_given(tmp_path):
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", donate=True)
+    assert fx.step_spec(step).donate is True
+    given = state.replace(params={k: v.clone() for k, v in state.params.items()})
+    new, _ = step(given, batch)
+    with pytest.raises(fx.DonatedError):
+        step(given, batch)
+    want, _ = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)(state, batch)
+    assert fx.tree_digest(new.params) == fx.tree_digest(want.params)
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    step = fx.make_train_step(loss_fn)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        fx.precompiled(step, tmp_path / "missing" / "step.bin")
+    with pytest.raises(TypeError, match="not a compiled"):
+        fx.precompiled(torch.compile(step), tmp_path / "step.bin")
+    with pytest.raises(ValueError, match="donate=None"):
+        fx.precompiled(fx.make_train_step(loss_fn, donate=False), tmp_path / "step.bin",
+                       donate=True)
+
+
+@SAVES
+def test_a_model_of_other_settings_is_compiled_again(tmp_path):
+    path = tmp_path / "step.bin"
+    batch = setup()[1]
+
+    def state_with(scale):
+        torch.manual_seed(0)
+        return fx.TrainState.create(Scaled(scale), fx.optim.sgd(0.1))
+
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.25), batch) is False
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.25), batch) is True
+    assert loaded(fx.make_train_step(loss_fn), path, state_with(0.5), batch) is False
+
+
+@SAVES
+def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path):
+    class Local(nn.Linear):  # defined in a function: torch's package refuses its type
+        pass
+
+    torch.manual_seed(0)
+    state, batch = fx.TrainState.create(Local(4, 3), fx.optim.sgd(0.1)), setup()[1]
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    with pytest.warns(UserWarning, match="cannot save this step"):
+        got = steps(step, state, batch)[0]
+    assert step.loaded is False and not (tmp_path / "step.bin").exists()
+    want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+
+
+def test_before_torch_2_13_it_warns_and_trains_under_torch_compile_saving_nothing(tmp_path):
+    """Torch 2.11's precompile cannot serve it (fxtrain._torch.aot): there the step warns at
+    once, naming the feature and the first torch that has it, trains as torch.compile's does,
+    and neither reads nor writes its file; from 2.13 on no such warning."""
+    import warnings
+
+    from fxtrain._torch.version import at_least
+
+    state, batch = setup()
+    path = tmp_path / "step.bin"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    refusals = [str(w.message) for w in caught if "needs torch 2.13" in str(w.message)]
+    if at_least(2, 13):
+        assert refusals == []
+        return
+    assert refusals == [f"fx.precompiled needs torch 2.13 or later to save a compiled step (this "
+                        f"process has torch {torch.__version__}); the step trains under "
+                        f"torch.compile and {path} is neither read nor written"]
+    got = steps(step, state, batch)[0]
+    assert step.loaded is False and not path.exists()
+    want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
+    assert fx.tree_digest(got) == fx.tree_digest(want)
+
+
+# Damaged files (issue 46): a file that gives no step is named in a warning with the cause, the
+# step is compiled again and trains; the file is replaced only where fxtrain can tell it wrote it.
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A clean file of fx.precompiled, made once for the tests of damaged files: its bytes, its
+    key (the second line) and the digest of the state its step trained in 2 steps."""
+    path = tmp_path_factory.mktemp("clean") / "step.bin"
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    trained = steps(step, state, batch)[0]
+    data = path.read_bytes()
+    return SimpleNamespace(data=data, key=data.split(b"\n")[1].decode(),
+                           digest=fx.tree_digest(trained))
+
+
+def flip(data: bytes, at: int, bit: int) -> bytes:
+    flipped = bytearray(data)
+    flipped[at] ^= 1 << bit
+    return bytes(flipped)
+
+
+def in_a_kernel(data: bytes) -> bytes:
+    """The learning rate in the C++ source of the SGD update's kernel, 0.01 made 0.03 by one
+    bit: before issue 46 a process whose Inductor cache was cold compiled it and trained with it,
+    without a word."""
+    at = data.index(b"static_cast<float>(-0.01)") + len(b"static_cast<float>(-0.0")
+    return flip(data, at, 1)
+
+
+def lines(data: bytes, n: int) -> int:
+    """Where the ``n``-th line of ``data`` ends."""
+    end = 0
+    for _ in range(n):
+        end = data.index(b"\n", end) + 1
+    return end
+
+
+def garbage(n: int) -> bytes:
+    return random.Random(0).randbytes(n)
+
+
+PREVIOUS_FORMAT = b"fxtrain-precompiled-1\n"  # fxtrain's header before issue 46: then key, body
+DAMAGED = "is damaged (its contents do not match its SHA-256 checksum)"
+CHECKSUM = re.escape(DAMAGED)
+REPLACED, KEPT = "the step is compiled again, saved over it", (
+    "the step is compiled again, trains, but is not saved: fxtrain never overwrites a file it "
+    "cannot read as its own (give another path, or delete it)")
+DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, what is done)
+    "a_bit_in_a_kernel": (in_a_kernel, CHECKSUM, REPLACED),
+    "truncated": (lambda d: d[:len(d) // 2],
+                  r"is damaged \(truncated: \d+ bytes after the header, \d+ written\)", REPLACED),
+    "empty": (lambda d: b"", "is empty", REPLACED),
+    "garbage_body": (lambda d: d[:lines(d, 2)] + garbage(len(d) - lines(d, 2)), CHECKSUM,
+                     REPLACED),
+    "garbage": (lambda d: garbage(4096), "is not a file fxtrain.precompiled wrote", KEPT),
+    "previous_format": (lambda d: PREVIOUS_FORMAT + d[lines(d, 1):],
+                        r"was written in fxtrain.precompiled's file format 1 \(this fxtrain "
+                        r"reads format 2\)", REPLACED),
+    "folder": (None, "is a folder, not a file", KEPT),
+    "unreadable": (None, r"cannot be read \(PermissionError: Permission denied\)", KEPT),
+}
+
+
+def contents(folder: Path) -> dict:
+    """Every path under ``folder`` and its bytes (None for a folder)."""
+    return {p: None if p.is_dir() else p.read_bytes() for p in sorted(folder.rglob("*"))}
+
+
+def put(damage: str, path: Path, data: bytes) -> None:
+    """``DAMAGES[damage]`` at ``path``, made from the clean file's ``data``."""
+    make = DAMAGES[damage][0]
+    if damage == "folder":
+        path.mkdir()
+        (path / "inside.txt").write_text("kept")
+    else:
+        path.write_bytes(data if damage == "unreadable" else make(data))
+
+
+def unreadable(path: Path, monkeypatch) -> None:
+    """``path`` made a file nobody may read; as root, who reads it anyway, its read refused as
+    the OS refuses it to others."""
+    path.chmod(0)
+    if os.geteuid() == 0:
+        real = Path.read_bytes
+
+        def refused(self):
+            if self == path:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+            return real(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refused)
+
+
+def precompiled_warnings(caught) -> list[str]:
+    return [str(w.message) for w in caught if str(w.message).startswith("fx.precompiled")]
+
+
+@SAVES
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_file_that_gives_no_step_is_named_and_the_step_compiled_again(damage, saved, tmp_path,
+                                                                        monkeypatch):
+    """Each damaged file: one warning naming it and the cause, the step compiled again and
+    trained to the clean run's bits; the file replaced by one that loads where fxtrain wrote it,
+    else left as it was."""
+    path = tmp_path / "step.bin"
+    put(damage, path, saved.data)
+    before = contents(tmp_path)
+    if damage == "unreadable":
+        unreadable(path, monkeypatch)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    with pytest.warns(UserWarning) as caught:
+        trained = steps(step, state, batch)[0]
+    if damage == "unreadable":
+        monkeypatch.undo()
+        path.chmod(0o600)
+    _, cause, then = DAMAGES[damage]
+    warned = precompiled_warnings(caught)
+    assert len(warned) == 1 and re.fullmatch(
+        re.escape(f"fx.precompiled: {path} ") + cause + re.escape(f"; {then}"), warned[0]), warned
+    assert step.loaded is False and step._fallback is None  # the step compiled ahead trains
+    assert fx.tree_digest(trained) == saved.digest
+    if then == REPLACED:  # by a whole file, nothing beside it
+        assert [p.name for p in tmp_path.iterdir()] == ["step.bin"]
+        assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
+    else:
+        assert contents(tmp_path) == before
+
+
+@SAVES
+def test_a_whole_file_torch_cannot_load_is_named_and_replaced(saved, tmp_path, monkeypatch):
+    """A file whose checksum holds but which torch's loader refuses in this process (here made
+    to): named with torch's error, the step compiled again and saved over it."""
+    def refused(*args, **kwargs):
+        raise RuntimeError("no such step here")
+
+    path = tmp_path / "step.bin"
+    path.write_bytes(saved.data)
+    monkeypatch.setattr(aot, "load", refused)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    with pytest.warns(UserWarning) as caught:
+        trained = steps(step, state, batch)[0]
+    assert precompiled_warnings(caught) == [
+        f"fx.precompiled: {path} cannot be loaded by torch (RuntimeError: no such step here); "
+        f"{REPLACED}"]
+    assert step.loaded is False and fx.tree_digest(trained) == saved.digest
+    monkeypatch.undo()
+    assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
+
+
+@SAVES
+def test_one_flipped_bit_anywhere_in_the_file_is_named_before_anything_is_loaded(saved, tmp_path,
+                                                                                 monkeypatch):
+    """One bit flipped at every byte of the header and key lines and at a spread of positions
+    over the body (about 1500 in all): each file is refused, naming it, before torch's loader
+    sees a byte of it (the whole file's checksum is verified first)."""
+    def never(*args, **kwargs):
+        raise AssertionError("a damaged file reached torch's loader")
+
+    monkeypatch.setattr(aot, "load", never)
+    path, data = tmp_path / "step.bin", saved.data
+    positions = sorted({*range(lines(data, 2)), *range(lines(data, 2), len(data), 797),
+                        len(data) - 1})
+    unnamed = []
+    for at in positions:
+        path.write_bytes(flip(data, at, at % 8))
+        try:
+            precompile._read(path, saved.key, fx.make_train_step(loss_fn))
+            unnamed.append(at)
+        except stored.Unusable as e:
+            if not str(e).startswith(f"fx.precompiled: {path} "):
+                unnamed.append(at)
+    assert unnamed == [] and len(positions) > 1000
+
+
+@SAVES
+def test_a_folder_that_refuses_the_file_is_named_and_the_step_trains_on(saved, tmp_path,
+                                                                        monkeypatch):
+    """A read-only folder: the step compiled ahead of time trains on (not compiled again by
+    torch.compile), a warning names the file and the cause, nothing is left in the folder. As
+    root, who writes anyway, the folder refuses the new file as the OS refuses it to others."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    path = folder / "step.bin"
+    if os.geteuid() == 0:
+        real = tempfile.mkstemp
+
+        def refused(*args, **kwargs):
+            if kwargs.get("dir") is not None and Path(kwargs["dir"]) == folder:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(folder))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(tempfile, "mkstemp", refused)
+    state, batch = setup()
+    step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+    folder.chmod(0o555)
+    try:
+        with pytest.warns(UserWarning) as caught:
+            trained = steps(step, state, batch)[0]
+    finally:
+        folder.chmod(0o755)
+    assert precompiled_warnings(caught) == [
+        f"fx.precompiled: the compiled step could not be saved to {path} (PermissionError: "
+        f"Permission denied); it trains on, and the next process compiles it again"]
+    assert step.loaded is False and step._made is not None and step._fallback is None
+    assert fx.tree_digest(trained) == saved.digest
+    assert list(folder.iterdir()) == []
