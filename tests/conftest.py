@@ -36,11 +36,29 @@ os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 
 
+_TORCH = os.path.dirname(torch.__file__) + os.sep
+
+
+def _from_torch_itself() -> bool:
+    """Whether the process being started is torch's own (Inductor's C++ compiler and its checks,
+    its compile workers, a DataLoader's workers): the caller nearest the launch, past the
+    standard library's subprocess and multiprocessing, is torch's, but for torch.multiprocessing
+    and torch.distributed.run, which a test calls to start ranks."""
+    import traceback
+    for frame in reversed(traceback.extract_stack()[:-3]):
+        name = frame.filename
+        if os.sep + "subprocess.py" in name or os.sep + "multiprocessing" + os.sep in name:
+            continue
+        return name.startswith(_TORCH) and not any(
+            part in name for part in ("multiprocessing", os.sep + "run.py"))
+    return False
+
+
 def _launches(args) -> bool:
     """Whether a ``subprocess.Popen`` of ``args`` starts a Python program (a script, torchrun,
-    fxtrain's CLI), but for Inductor's compile workers and the C++ compiler it runs."""
+    fxtrain's CLI, a notebook kernel) for the test, not for torch itself."""
     argv = [str(a) for a in ([args] if isinstance(args, (str, bytes, os.PathLike)) else args)]
-    if not argv or any("torch._inductor" in a for a in argv):
+    if not argv or _from_torch_itself():
         return False
     first = os.path.basename(argv[0].split()[0]) if argv[0] else ""
     return first.startswith("python") or first in ("torchrun", "fxtrain", "jupyter") or \
@@ -61,16 +79,20 @@ def _unit_tests_launch_nothing(request, monkeypatch):
         raise AssertionError(f"{request.node.nodeid} launches {what}: a unit test runs in one "
                              "process; move it to tests/e2e/ (processes) or tests/ranks/ (ranks)")
 
-    popen = subprocess.Popen.__init__
+    popen, start = subprocess.Popen.__init__, multiprocessing.process.BaseProcess.start
 
     def checked(self, args, *rest, **kwargs):
         if _launches(args):
             refuse(f"a Python process ({args!r:.100})")
         popen(self, args, *rest, **kwargs)
 
+    def started(self):
+        if not _from_torch_itself():
+            refuse("a multiprocessing process (a rank)")
+        start(self)
+
     monkeypatch.setattr(subprocess.Popen, "__init__", checked)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start",
-                        lambda self: refuse("a multiprocessing process (a rank)"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", started)
     yield
 
 
