@@ -435,7 +435,9 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=N
     parameters and optimizer state this rank holds, the graphs, and saves a checkpoint.
     ``layout``: "tp" (a 1-D mesh), "fsdp_tp" (a 2 x 2 mesh, sharded over its first dimension
     and the plan over its second) or "hsdp" (2 x 2, replicated over the first dimension and
-    sharded over the second, no plan); ``units`` as fx.shard's."""
+    sharded over the second, no plan); ``units`` as fx.shard's. It evaluates as it trains
+    (every 10 steps) and after (``fx.evaluate``, with the eval step compiled when ``compiled``),
+    predicts, and takes the trained module's logits (``evaluated``)."""
     from helpers import TRACED, graph_count
     state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
     if fx.distributed.world_size() > 1:
@@ -446,20 +448,52 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=N
     step = fx.make_train_step(gpt2_loss)
     if compiled:
         step = torch.compile(step, fullgraph=True, backend=TRACED)
-    losses, before = [], graph_count()
-    seen = fx.callbacks.lambda_callback(on_step_end=lambda s, e: losses.append(
-        float(e.metrics["loss"])))
+    losses, evals, before = [], [], graph_count()
+    seen = fx.callbacks.lambda_callback(
+        on_step_end=lambda s, e: losses.append(float(e.metrics["loss"])),
+        on_eval_end=lambda s, e: evals.append({k: float(v) for k, v in e.metrics.items()}))
+    eval_step = fx.make_eval_step(gpt2_loss)
     final = fx.fit(state, step, llama_batches(state), max_steps=steps, callbacks=[seen],
-                   sync_every=1)
+                   sync_every=1, eval_step=eval_step, eval_data=held_out_batches(),
+                   eval_every=10, progress=False)
+    graphs = graph_count() - before  # the train step's (the eval step runs eagerly in fit)
     if ckpt:
         fx.checkpoint.save(ckpt, final)
     held = fx.sharding.local_nbytes((final.params, final.opt_state))
     torch.save({"losses": losses, "params": fx.sharding.gathered(final.params), "held": held,
-                "graphs": graph_count() - before, "split": final.layout.planned,
+                "graphs": graphs, "split": final.layout.planned,
                 "opt_state": torch.utils._pytree.tree_leaves(
                     fx.sharding.gathered(final.opt_state)),
-                "units": fx.sharding.unit_names(final)},
+                "units": fx.sharding.unit_names(final), "evals": evals,
+                **evaluated(final, eval_step, compiled)},
                f"{out}/{layout}_rank{fx.distributed.rank()}.pt")
+
+
+def held_out():
+    """6 held-out sequences for the evaluations."""
+    return torch.randint(0, 24, (6, 12), generator=torch.Generator().manual_seed(4))
+
+
+def held_out_batches():
+    """``held_out()`` in batches of 2 split over the ranks (whole parameters: every rank a
+    replica)."""
+    return fx.data.Batches(held_out(), 2, shuffle=False, drop_last=False)
+
+
+def evaluated(state, eval_step, compiled):
+    """What a trained (maybe sharded) state computes: ``fx.evaluate`` (its eval step compiled
+    when ``compiled``), ``fx.predict``'s logits, and the trained module's."""
+    from helpers import TRACED
+    ids = held_out_batches()
+    if compiled:
+        eval_step = torch.compile(eval_step, fullgraph=True, backend=TRACED)
+    loss = float(fx.evaluate(eval_step, state, ids)["loss"])
+    predicted = fx.predict(lambda s, x: {"logits": s.apply(s.params, input_ids=x).logits},
+                           state, ids)["logits"]
+    module = fx.trained_module(state).eval()
+    with torch.no_grad():
+        logits = module(input_ids=held_out()).logits
+    return {"evaluated": loss, "predicted": predicted, "logits": logits}
 
 
 def layout_first_or_last(out, first=True, layout="tp", steps=6):
@@ -731,3 +765,21 @@ if __name__ == "__main__":  # under torchrun: python -m torch.distributed.run ..
     if "steps" in kwargs:
         kwargs["steps"] = int(kwargs["steps"])
     SCENARIOS[name](*args, **kwargs)
+
+
+def check_evaluated(ranks, one):
+    """A sharded run's evaluations (in fit, ``fx.evaluate``) against one process's: the same on
+    every rank, and within the training's own tolerance (its losses within 1e-4 relative of one
+    process's after 20 steps); ``fx.predict``'s logits those of the trained module (the same
+    parameters, another path: float32 rounding)."""
+    assert len(ranks[0]["evals"]) == len(one["evals"]) == 2
+    for r in ranks:  # reduced across the ranks: the same numbers; each rank's own module: the
+        # same weights and input, computed apart (float32 rounding of other kernel paths)
+        assert r["evals"] == ranks[0]["evals"] and r["evaluated"] == ranks[0]["evaluated"]
+        torch.testing.assert_close(r["logits"], ranks[0]["logits"], rtol=0, atol=1e-5)
+    for got, want in zip(ranks[0]["evals"], one["evals"]):
+        assert got.keys() == want.keys()
+        for k in want:
+            assert abs(got[k] - want[k]) <= 1e-4 * abs(want[k]), (k, got, want)
+    assert abs(ranks[0]["evaluated"] - one["evaluated"]) <= 1e-4 * abs(one["evaluated"])
+    torch.testing.assert_close(ranks[0]["logits"], ranks[0]["predicted"], rtol=0, atol=1e-5)

@@ -20,7 +20,7 @@ import fxtrain.step._precompile as precompile
 from fxtrain.step import _precompiled_file as stored
 from fxtrain._torch import aot
 from fxtrain.step._precompile import compile_options
-from test_precompile import (DAMAGED, SAVES, child, in_a_kernel)
+from test_precompile import (DAMAGED, SAVES, child, in_a_kernel, REPLACED)
 
 
 @pytest.mark.slow

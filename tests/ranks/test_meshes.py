@@ -43,7 +43,9 @@ def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
     holds its share (``HELD``); per-block units by fx.shard's default (torch 2.13 and later).
     FSDP x TP compiled (torch 2.13 and later): one graph. The checkpoint restores onto one
     process and onto 2 ranks on a 1-D mesh, exactly; FSDP x TP's exports to a Hugging Face
-    folder that transformers loads with the trained model's logits."""
+    folder that transformers loads with the trained model's logits. Each evaluates as one
+    process does, in fit and after it (the eval step compiled with the train step), predicts,
+    and gives back its trained module."""
     from fxtrain._torch.version import at_least
     compiled = layout == "fsdp_tp" and at_least(2, 13)  # compiled autograd on DTensors: 2.13
     ckpt = tmp_path / "ckpt"
@@ -63,6 +65,7 @@ def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
     ratio = ranks[0]["held"] / one_process["held"]
     assert ratio <= HELD[layout], ratio
     assert len(ranks[0]["split"]) == (4 * 7 if layout == "fsdp_tp" else 0)
+    dist_worker.check_evaluated(ranks, one_process)  # in fit, evaluate, predict, the module
     blocks = [f"model.layers.{i}" for i in range(4)]
     assert ranks[0]["units"] == (blocks if at_least(2, 13) else [])
 

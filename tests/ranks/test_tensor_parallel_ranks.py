@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.multiprocessing as mp
+
 import dist_worker
 import fxtrain as fx
 from helpers import extra
@@ -18,7 +19,9 @@ def test_a_plan_over_two_ranks_trains_as_one_process_and_restores_onto_one(tmp_p
     rounding (each row-split matrix product two partial sums all-reduced: other additions of
     the same terms); the ranks agree bit for bit; each holds at most 0.6x the parameters and
     optimizer state (the layers split, the embeddings, head and norms whole: 0.52x); compiled,
-    one graph."""
+    one graph. It evaluates as one process does (found dying at its first evaluation: the
+    plan's hooks given whole parameters), in fit and after it, eager and compiled, predicts,
+    and gives back its trained module."""
     ranks = spawn(tmp_path, ckpt=str(tmp_path / "ckpt"), compiled=compiled)
     one = tmp_path / "one"
     one.mkdir()
@@ -26,6 +29,7 @@ def test_a_plan_over_two_ranks_trains_as_one_process_and_restores_onto_one(tmp_p
     (alone,) = [torch.load(one / "tp_rank0.pt")]
     assert len(ranks[0]["split"]) == 4 * 7  # q, k, v, o, gate, up, down in each of 4 layers
     assert ranks[0]["losses"] == ranks[1]["losses"]
+    dist_worker.check_evaluated(ranks, alone)  # in fit, evaluate, predict, the module
     tp, whole = torch.tensor(ranks[0]["losses"]), torch.tensor(alone["losses"])
     # the first steps: a few float32 ulps of a loss near 3 (2.4e-7 each); then AdamW, which
     # moves a parameter by about lr whatever its gradient's size, lets the ulps of near-zero
