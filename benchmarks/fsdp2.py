@@ -132,6 +132,85 @@ def run(variant: str, args, rank: int) -> dict:
     return {"variant": variant, "rank": rank, **row}
 
 
+def profiled(variant: str, args, rank: int, out: str) -> None:
+    """One eager step of ``variant`` after ``--warmup`` ones, under torch.profiler with
+    ``profile_memory``: rank 0 writes its trace to ``out``."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(rank)
+    batches = [torch.randint(0, VOCAB, (args.batch, args.seq), generator=g) for _ in range(4)]
+    train = (fxtrain if variant.startswith("fxtrain") else fsdp2)(args, batches, False)
+    train(args.warmup)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        train(1)
+    if rank == 0:
+        prof.export_chrome_trace(out)
+
+
+COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "FSDP::all_gather",
+               "FSDP::post_backward_reduce", "aten::_foreach_add_", "adam")
+
+
+def allocations(trace: str, top: int = 14) -> dict:
+    """What a profiled step's trace says of its CPU allocations: the bytes allocated since the
+    step began (the allocator's running total) at each collective, in order, with whether it
+    ran in the backward; the peak; and the allocations alive at the peak, by the op that made
+    them and the phase it ran in (forward, backward, after the backward)."""
+    import bisect
+    events = json.loads(Path(trace).read_text())["traceEvents"]
+    ops = sorted((e for e in events if e.get("ph") == "X" and e.get("cat") in (
+        "cpu_op", "user_annotation")), key=lambda e: e["ts"])
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    backward = [(e["ts"], e["ts"] + e["dur"]) for e in ops
+                if e["name"].startswith("autograd::engine::evaluate_function")]
+    first_b = min((b for b, _ in backward), default=float("inf"))
+    last_b = max((e for _, e in backward), default=float("inf"))
+
+    def phase(ts):
+        return "forward" if ts < first_b else "backward" if ts <= last_b else "update"
+
+    starts = [e["ts"] for e in ops]
+
+    def op_at(ts):  # the innermost op running at ts
+        i = bisect.bisect_right(starts, ts)
+        best = None
+        for e in reversed(ops[max(0, i - 400):i]):
+            if e["ts"] <= ts <= e["ts"] + e["dur"] and (best is None or e["ts"] > best["ts"]):
+                best = e
+        return best["name"] if best else "?"
+
+    base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    live, peak, at_peak = {}, (0, 0), None
+    for m in memory:
+        a = m["args"]
+        if a["Bytes"] > 0:
+            live[a["Addr"]] = (a["Bytes"], m["ts"])
+        else:
+            live.pop(a["Addr"], None)
+        total = a["Total Allocated"] - base
+        if total > peak[0]:
+            peak, at_peak = (total, m["ts"]), dict(live)
+    totals = [(m["ts"], m["args"]["Total Allocated"] - base) for m in memory]
+    stamps = [t for t, _ in totals]
+
+    def total_at(ts):
+        i = bisect.bisect_right(stamps, ts) - 1
+        return totals[i][1] if i >= 0 else 0
+
+    timeline = [(e["name"].split("::")[-1][:40], phase(e["ts"]), total_at(e["ts"]) / 2**20)
+                for e in ops if any(c in e["name"] for c in COLLECTIVES)]
+    by_op: dict[tuple, list] = {}
+    for nbytes, ts in at_peak.values():
+        key = (phase(ts), op_at(ts))
+        count, total = by_op.get(key, (0, 0))
+        by_op[key] = (count + 1, total + nbytes)
+    alive = sorted(((p, o, c, b / 2**20) for (p, o), (c, b) in by_op.items()),
+                   key=lambda r: -r[3])[:top]
+    return {"peak_mib": peak[0] / 2**20, "peak_phase": phase(peak[1]),
+            "peak_op": op_at(peak[1]), "timeline": timeline, "alive_at_peak": alive}
+
+
 def _rank(rank: int, world: int, port: int, variants: list[str], args, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
@@ -142,7 +221,10 @@ def _rank(rank: int, world: int, port: int, variants: list[str], args, out: str)
     rows = []
     try:
         for variant in variants:
-            rows.append(run(variant, args, rank))
+            if args.profile:
+                profiled(variant, args, rank, str(Path(out, f"{variant}.trace.json")))
+            else:
+                rows.append(run(variant, args, rank))
             fx.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -244,11 +326,36 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one eager step of each on 2 ranks instead (allocations)")
     args = parser.parse_args(argv)
     if args.smoke:  # every variant on one pair of processes, tiny, compiled with aot_eager
         args.width, args.seq, args.batch, args.warmup, args.steps, args.rounds, \
             args.worlds = 64, 16, 2, 1, 1, 1, [2]
     return args
+
+
+def profile(args) -> dict:
+    """``--profile``: each eager variant's allocations (``allocations``), rank 0's, 2 ranks."""
+    import torch.multiprocessing as mp
+    variants = [v for v in args.variants if v.endswith("eager")]
+    found = {}
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_rank, args=(2, _port(), variants, args, out), nprocs=2)
+        for variant in variants:
+            found[variant] = allocations(str(Path(out, f"{variant}.trace.json")))
+            if args.out:
+                Path(f"{args.out}.{variant}.trace.json").write_bytes(
+                    Path(out, f"{variant}.trace.json").read_bytes())
+    for variant, f in found.items():
+        print(f"\n{variant}: peak {f['peak_mib']:.1f} MiB allocated since the step began, in "
+              f"the {f['peak_phase']} ({f['peak_op']})")
+        print("  at each collective (MiB allocated since the step began):")
+        print("   " + ", ".join(f"{n}[{p[0]}] {m:.0f}" for n, p, m in f["timeline"]))
+        print("  alive at the peak, by the op and phase that allocated it:")
+        for p, o, c, m in f["alive_at_peak"]:
+            print(f"    {m:8.1f} MiB  {c:5d} allocations  {p:8s} {o}")
+    return found
 
 
 def main(argv=None) -> dict:
@@ -257,6 +364,8 @@ def main(argv=None) -> dict:
     if args.smoke:
         use_smoke_backend()
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the resident set follows live tensors
+    if args.profile:
+        return profile(args)
     start, load = time.perf_counter(), os.getloadavg()[0]
     rounds = []
     for r in range(args.rounds):
