@@ -378,13 +378,12 @@ def sharded_saves(out, ckpt, restore_only="no", eio_rank="none"):
                f"{out}/rank{rank}.pt")
 
 
-def sequential_blocks(out, width=256, depth=12, rows=8):
+def sequential_blocks(out, width=256, depth=12, rows=8, backend="inductor"):
     """The issue's model, smaller: ``depth`` x Sequential(Linear(width, width), ReLU) in an
-    nn.Sequential, AdamW, a compiled (traced) step, sharded as fx.shard does by default; writes
+    nn.Sequential, AdamW, a compiled step, sharded as fx.shard does by default; writes
     the units it chose, what it logged and the step's peak in tensors (``step_peak``). In one
     process (no group): the same model and step, unsharded."""
     import logging
-    from helpers import TRACED
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width),
                                                       torch.nn.ReLU()) for _ in range(depth)])
@@ -400,7 +399,7 @@ def sequential_blocks(out, width=256, depth=12, rows=8):
     g = torch.Generator().manual_seed(fx.distributed.rank())
     batch = torch.randn(rows, width, generator=g)
     step = torch.compile(fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean()),
-                         fullgraph=True, backend=TRACED)
+                         fullgraph=True, backend=backend)
     result = {"units": fx.sharding.unit_names(state), "said": said,
               "params": sum(p.numel() for p in state.params.values()),
               **step_peak(state, step, batch, f"{out}/trace{fx.distributed.rank()}.json")}

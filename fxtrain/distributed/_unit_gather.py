@@ -8,7 +8,9 @@ of it): saved-tensor hooks keep where each sits instead of the tensor, so the ga
 parameters go as soon as the forward is done. The unit's first use of one in the backward
 gathers the unit again; its last lets them go. The gather's backward is one reduce-scatter of
 all the unit's gradients, run as soon as the unit's backward has produced them (FSDP2's
-post-backward hook). A compiled step takes ``_units``' checkpointed region instead, whose saved
+post-backward hook); when a unit gathers for its backward, it starts the gather of the unit
+whose forward ran before it, whose backward comes next (FSDP2's backward prefetch: two units'
+parameters at a time). A compiled step takes ``_units``' checkpointed region instead, whose saved
 tensors Inductor picks by liveness.
 
 Measured on 2 gloo ranks (``benchmarks/fsdp2.py --profile``, a 4-block GPT-2 of width 512):
@@ -19,7 +21,9 @@ selective checkpoint's cache keeps what autograd would not), 23 MiB per block ag
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
+import weakref
 from typing import Any
 
 import torch
@@ -52,12 +56,19 @@ class Plan:
 
     def gathered(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole parameters of this rank's ``shards``: one all-gather, copied out."""
+        return self.copied_out(self.issued(shards))
+
+    def issued(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The all-gather of this rank's ``shards`` (each padded), under way: a tensor that
+        waits for it when ``copied_out`` reads it."""
         dtype = self.dtype or shards[0].dtype
         padded = [torch.nn.functional.pad(s.reshape(-1).to(dtype), (0, n - s.numel()))
                   for s, n in zip(shards, self.sizes())]
-        flat = collectives.wait_tensor(collectives.all_gather_single(
-            torch.cat(padded), 0, self.mesh)).view(self.world, -1)
-        del padded
+        return collectives.all_gather_single(torch.cat(padded), 0, self.mesh)
+
+    def copied_out(self, issued: torch.Tensor) -> list[torch.Tensor]:
+        """The whole parameters out of an ``issued`` all-gather's buffer."""
+        flat = collectives.wait_tensor(issued).view(self.world, -1)
         whole, at = [], 0
         for shape, n in zip(self.shapes, self.sizes()):
             part = flat[:, at:at + n].reshape(self.world * self.rows(shape), *shape[1:])
@@ -98,6 +109,12 @@ def _inner(shape: tuple[int, ...]) -> int:
     return n
 
 
+_LAST: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_last_unit", default=None)
+"""A weak reference to the hooks of the unit whose forward ran last in this context: the
+next unit's backward prefetches its gather (gone with its graph: nothing is kept across
+steps)."""
+
+
 class _Gather(torch.autograd.Function):
     """Shards in, whole parameters out; the backward reduce-scatters their gradients."""
 
@@ -120,10 +137,12 @@ class Regathered:
     view of one, is packed as where it sits; the first unpack gathers the unit again, the last
     lets it go."""
 
-    def __init__(self, plan: Plan, shards: list[torch.Tensor]):
+    def __init__(self, plan: Plan, shards: list[torch.Tensor], before: Any = None):
         self.plan, self.shards = plan, shards
+        self.before = before  # a weak reference to the unit whose forward ran before this one
         self.index: dict[int, int] = {}
         self.whole: list[torch.Tensor] | None = None
+        self.issued: torch.Tensor | None = None  # its gather for the backward, started early
         self.packed = self.unpacked = 0
 
     def gathered(self, whole: tuple[torch.Tensor, ...]) -> None:
@@ -135,7 +154,16 @@ class Regathered:
         """Lets the backward's gathered parameters go (the unit's gradients are all in, so no
         op of the unit that needs them is left; one whose output the loss does not use never
         unpacks, and would keep them until the graph goes)."""
-        self.whole, self.index = None, {}
+        if self.issued is not None:  # started for a backward that did not come: waited for
+            collectives.wait_tensor(self.issued)
+        self.whole, self.index, self.issued = None, {}, None
+
+    def prefetch(self) -> None:
+        """Starts this unit's gather for its backward, if it is still to come (FSDP2's backward
+        prefetch: the unit before runs its backward next, its gather under way meanwhile)."""
+        if self.whole is None and self.issued is None and self.unpacked < self.packed:
+            with torch.no_grad():
+                self.issued = self.plan.issued(self.shards)
 
     def pack(self, x: torch.Tensor) -> Any:
         try:
@@ -157,7 +185,12 @@ class Regathered:
     def take(self, i: int, shape: tuple, stride: tuple, offset: int) -> torch.Tensor:
         if self.whole is None:
             with torch.no_grad():
-                self.whole = self.plan.gathered(self.shards)
+                issued, self.issued = self.issued, None
+                self.whole = self.plan.copied_out(
+                    issued if issued is not None else self.plan.issued(self.shards))
+            before = self.before() if self.before is not None else None
+            if before is not None:
+                before.prefetch()
         view = self.whole[i].as_strided(shape, stride, offset)
         self.unpacked += 1
         if self.unpacked == self.packed:
@@ -186,7 +219,8 @@ def run(forward: Any, params: list[Any], gather: Any, bind: Any) -> Any:
     if not torch.is_grad_enabled():
         with bind(_Gather.apply(plan, None, *shards)):
             return forward()
-    hooks = Regathered(plan, [s.detach() for s in shards])
+    hooks = Regathered(plan, [s.detach() for s in shards], _LAST.get())
+    _LAST.set(weakref.ref(hooks))
     whole = _Gather.apply(plan, hooks, *shards)
     hooks.gathered(whole)
     with bind(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
