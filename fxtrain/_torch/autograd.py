@@ -19,8 +19,8 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
   checkpointed region's, ``torch.autograd.graph.saved_tensors_hooks``). An eager sharded unit
   keeps its gathered parameters out of the backward with hooks of its own, which would hide
   the tensors an outer region's hooks must see (``fxtrain.distributed._unit_gather``). No
-  public route; where the function is missing it answers True, and the unit takes its
-  checkpointed region, which nests.
+  public route. Run on 2.13.0; the same signature is in 2.11.0's and 2.15.0's stubs. Where the
+  function is missing it answers True, and the unit takes its checkpointed region, which nests.
 - ``trace_autograd_ops()``: turns on Dynamo's ``trace_autograd_ops`` (else it breaks the graph
   at ``torch.autograd.grad``) and ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (a
   checkpointed region advances the step's keyed stream, a Python side effect Dynamo otherwise
