@@ -58,21 +58,21 @@ class WeightedTransformation(GradientTransformation):
     weights. ``update_weighted`` passes the weight to those that take it."""
 
 
-_WRITES_INTO: contextvars.ContextVar[Callable | None] = contextvars.ContextVar(
+_WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fxtrain_optim_writes_into", default=None)
 
 
 @contextlib.contextmanager
-def writing_into_state(tx: GradientTransformation) -> Iterator[None]:
-    """Inside, uncompiled: when ``tx`` is a ``chain``, its update writes each transform's new
-    state into the state it was given as soon as the transform has run, for a caller that
-    gives that state up (a step that donates it and never reverts it: ``fxtrain.donation``).
-    Only ``tx``'s own chain does, not one inside another transform, which may still read its
-    old state. An eager AdamW update then holds Adam's new moments in the old ones' storage
+def writing_into_state(opt_state: OptState) -> Iterator[None]:
+    """Inside, uncompiled: a ``chain`` given ``opt_state`` itself (the optimizer's own, when it
+    is a chain) writes each transform's new state into it as soon as the transform has run,
+    for a caller that gives that state up (a step that donates it and never reverts it:
+    ``fxtrain.donation``). A chain inside another transform is given a part of it and does
+    not: that transform may still read its old state. An eager AdamW update then holds Adam's new moments in the old ones' storage
     instead of beside them until it ends: three trees of the parameters' size at its peak
     (the gradients, the direction, the decayed direction) rather than five. Compiled, the
     graph writes the donated state in place by itself."""
-    token = _WRITES_INTO.set(tx.update)
+    token = _WRITES_INTO.set(opt_state)
     try:
         yield
     finally:
@@ -146,7 +146,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")
-        writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is update
+        writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is state
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = update_weighted(t, updates, s, params, weight)
