@@ -200,6 +200,8 @@ def allocations(trace: str, top: int = 14) -> dict:
 
     timeline = [(e["name"].split("::")[-1][:40], phase(e["ts"]), total_at(e["ts"]) / 2**20)
                 for e in ops if any(c in e["name"] for c in COLLECTIVES)]
+    ends = {"forward_end_mib": total_at(first_b) / 2**20, "backward_end_mib":
+            total_at(last_b) / 2**20 if last_b < float("inf") else None}
     by_op: dict[tuple, list] = {}
     for nbytes, ts in at_peak.values():
         key = (phase(ts), op_at(ts))
@@ -208,7 +210,7 @@ def allocations(trace: str, top: int = 14) -> dict:
     alive = sorted(((p, o, c, b / 2**20) for (p, o), (c, b) in by_op.items()),
                    key=lambda r: -r[3])[:top]
     return {"peak_mib": peak[0] / 2**20, "peak_phase": phase(peak[1]),
-            "peak_op": op_at(peak[1]), "timeline": timeline, "alive_at_peak": alive}
+            "peak_op": op_at(peak[1]), **ends, "timeline": timeline, "alive_at_peak": alive}
 
 
 def _rank(rank: int, world: int, port: int, variants: list[str], args, out: str) -> None:
@@ -348,10 +350,14 @@ def profile(args) -> dict:
                 Path(f"{args.out}.{variant}.trace.json").write_bytes(
                     Path(out, f"{variant}.trace.json").read_bytes())
     for variant, f in found.items():
-        print(f"\n{variant}: peak {f['peak_mib']:.1f} MiB allocated since the step began, in "
-              f"the {f['peak_phase']} ({f['peak_op']})")
-        print("  at each collective (MiB allocated since the step began):")
-        print("   " + ", ".join(f"{n}[{p[0]}] {m:.0f}" for n, p, m in f["timeline"]))
+        print(f"\n{variant}: MiB allocated since the step began: {f['forward_end_mib']:.1f} at "
+              f"the end of the forward, {f['backward_end_mib']:.1f} at the end of the backward, "
+              f"peak {f['peak_mib']:.1f} in the {f['peak_phase']} ({f['peak_op']})")
+        timeline = f["timeline"]
+        every = max(1, len(timeline) // 24)
+        print(f"  at {len(timeline)} collectives (every {every}th; f/b/u: forward, backward, "
+              "update):")
+        print("   " + ", ".join(f"{n}[{p[0]}] {m:.0f}" for n, p, m in timeline[::every]))
         print("  alive at the peak, by the op and phase that allocated it:")
         for p, o, c, m in f["alive_at_peak"]:
             print(f"    {m:8.1f} MiB  {c:5d} allocations  {p:8s} {o}")
