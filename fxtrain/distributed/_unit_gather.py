@@ -62,19 +62,18 @@ class Plan:
         """The all-gather of this rank's ``shards`` (each padded), under way: a tensor that
         waits for it when ``copied_out`` reads it."""
         dtype = self.dtype or shards[0].dtype
-        padded = [torch.nn.functional.pad(s.reshape(-1).to(dtype), (0, n - s.numel()))
-                  for s, n in zip(shards, self.sizes())]
-        return collectives.all_gather_single(torch.cat(padded), 0, self.mesh)
+        pieces = [_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, self.sizes())]
+        return collectives.all_gather_single(torch.cat(pieces), 0, self.mesh)
 
     def copied_out(self, issued: torch.Tensor) -> list[torch.Tensor]:
-        """The whole parameters out of an ``issued`` all-gather's buffer."""
+        """The whole parameters out of an ``issued`` all-gather's buffer (rank by rank, each
+        parameter's rows): one copy into a buffer per parameter, as FSDP2's copy-out."""
         flat = collectives.wait_tensor(issued).view(self.world, -1)
-        whole, at = [], 0
-        for shape, n in zip(self.shapes, self.sizes()):
-            part = flat[:, at:at + n].reshape(self.world * self.rows(shape), *shape[1:])
-            whole.append(part[:shape[0]])  # a copy out of the buffer (one rank: a view)
-            at += n
-        return whole
+        sizes = self.sizes()
+        out = [flat.new_empty((self.world, n)) for n in sizes]
+        torch.split_with_sizes_copy(flat, sizes, dim=1, out=out)
+        return [o.view(self.world * self.rows(shape), *shape[1:])[:shape[0]]
+                for o, shape in zip(out, self.shapes)]
 
     def scattered(self, grads: tuple, like: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
         """This rank's part of the ``grads`` of the whole parameters (None: zeros) summed over
@@ -83,23 +82,22 @@ class Plan:
         given = next(g for g in grads if g is not None)
         dtype = self.reduce_dtype or self.dtype or like[0][1]
         sizes = self.sizes()
-        flat = torch.zeros(self.world, sum(sizes), dtype=dtype, device=given.device)
-        at = 0
-        for shape, n, g in zip(self.shapes, sizes, grads):
-            if g is not None:
-                rows = self.rows(shape)
-                g = torch.nn.functional.pad(g.reshape(shape[0], -1),
-                                            (0, 0, 0, self.world * rows - shape[0]))
-                flat[:, at:at + n].copy_(g.view(self.world, n))
-            at += n
+        columns = [given.new_zeros((self.world, n), dtype=dtype) if g is None else
+                   _padded(g.reshape(-1).to(dtype), self.world * n).view(self.world, n)
+                   for g, n in zip(grads, sizes)]  # row r: what rank r's shards receive
         mine = collectives.wait_tensor(collectives.reduce_scatter_single(
-            flat.view(-1), "sum", 0, self.mesh))
-        del flat
+            torch.cat(columns, dim=1).view(-1), "sum", 0, self.mesh))
+        del columns
         out, at = [], 0
         for shape, n, (held, shard_dtype) in zip(self.shapes, sizes, like):
             out.append(mine[at:at + n].view(self.rows(shape), *shape[1:])[:held].to(shard_dtype))
             at += n
         return out
+
+
+def _padded(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """``flat`` (1-D) padded with zeros to ``n`` elements (as it is when it has them)."""
+    return flat if flat.numel() == n else torch.nn.functional.pad(flat, (0, n - flat.numel()))
 
 
 def _inner(shape: tuple[int, ...]) -> int:
