@@ -125,6 +125,16 @@ def _donated_leaves(old_leaves: list, new_leaves: list) -> list:
     return [n if o is None else o for o, n in plan]
 
 
+def written_into(old: Any, new: Any) -> Any:
+    """``new`` with its tensors written into ``old``'s storage where a place's shape, dtype and
+    device agree (``old``, a tree of the same structure, is given up; see ``donate``)."""
+    old_leaves, _ = pytree.tree_flatten(old)
+    new_leaves, spec = pytree.tree_flatten(new)
+    if len(old_leaves) != len(new_leaves):
+        return new
+    return pytree.tree_unflatten(_donated_leaves(old_leaves, new_leaves), spec)
+
+
 def donate(old: Any, new: Any) -> Any:
     """``new`` with its tensors written into ``old``'s storage, and ``old`` marked donated.
 

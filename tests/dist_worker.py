@@ -378,6 +378,52 @@ def sharded_saves(out, ckpt, restore_only="no", eio_rank="none"):
                f"{out}/rank{rank}.pt")
 
 
+def sequential_blocks(out, width=256, depth=12, rows=8, backend="inductor"):
+    """The issue's model, smaller: ``depth`` x Sequential(Linear(width, width), ReLU) in an
+    nn.Sequential, AdamW, a compiled step, sharded as fx.shard does by default; writes
+    the units it chose, what it logged and the step's peak in tensors (``step_peak``). In one
+    process (no group): the same model and step, unsharded."""
+    import logging
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(width, width),
+                                                      torch.nn.ReLU()) for _ in range(depth)])
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-3))
+    del model
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("fxtrain").addHandler(handler)
+    logging.getLogger("fxtrain").setLevel(logging.INFO)
+    if fx.distributed.world_size() > 1:
+        state = fx.shard(state)
+    g = torch.Generator().manual_seed(fx.distributed.rank())
+    batch = torch.randn(rows, width, generator=g)
+    step = torch.compile(fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean()),
+                         fullgraph=True, backend=backend)
+    result = {"units": fx.sharding.unit_names(state), "said": said,
+              "params": sum(p.numel() for p in state.params.values()),
+              **step_peak(state, step, batch, f"{out}/trace{fx.distributed.rank()}.json")}
+    torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def step_peak(state, step, batch, trace):
+    """The peak of a step in tensors, after a first step that compiles: the bytes of the state
+    this rank holds (parameters and optimizer state) and the most the step allocated above
+    them (torch.profiler's count of the CPU allocator, which the state's donated storage
+    leaves alone)."""
+    import json
+    from torch.profiler import ProfilerActivity, profile
+    state, _ = step(state, batch, donate=True)
+    held = fx.sharding.local_nbytes((state.params, state.opt_state))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        state, _ = step(state, batch, donate=True)
+    prof.export_chrome_trace(trace)
+    totals = [e["args"]["Total Allocated"] for e in json.loads(Path(trace).read_text())[
+        "traceEvents"] if e.get("name") == "[memory]"]
+    return {"state_bytes": held, "step_bytes": max(totals, default=0),
+            "peak_bytes": held + max(totals, default=0)}
+
+
 def tiny_gpt2(seed=0):
     import transformers
     torch.manual_seed(seed)
@@ -736,7 +782,8 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "predicting": predicting, "lm_weighted": lm_weighted,
              "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves,
              "tensor_parallel": tensor_parallel, "restored_llama": restored_llama,
-             "layout_first_or_last": layout_first_or_last}
+             "layout_first_or_last": layout_first_or_last,
+             "sequential_blocks": sequential_blocks}
 
 
 def spawned(rank, world, port, name, args, kwargs):

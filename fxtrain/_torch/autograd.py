@@ -14,6 +14,13 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
 - ``engine_grads``: ``torch.autograd.graph._engine_run_backward`` (private; what
   ``torch.autograd.grad`` calls, in every torch since 2.4), so that a torch-function mode does
   not take the call (no public route skips the modes).
+- ``saved_tensors_hooks_active()``: ``torch._C._autograd._top_saved_tensors_default_hooks``
+  (private; what AOTAutograd asks), whether saved-tensor hooks are in force (an activation
+  checkpointed region's, ``torch.autograd.graph.saved_tensors_hooks``). An eager sharded unit
+  keeps its gathered parameters out of the backward with hooks of its own, which would hide
+  the tensors an outer region's hooks must see (``fxtrain.distributed._unit_gather``). No
+  public route. Run on 2.13.0; the same signature is in 2.11.0's and 2.15.0's stubs. Where the
+  function is missing it answers True, and the unit takes its checkpointed region, which nests.
 - ``trace_autograd_ops()``: turns on Dynamo's ``trace_autograd_ops`` (else it breaks the graph
   at ``torch.autograd.grad``) and ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (a
   checkpointed region advances the step's keyed stream, a Python side effect Dynamo otherwise
@@ -63,6 +70,12 @@ def engine_grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
     dispatch (see the module)."""
     return _engine_run_backward((value,), (torch.ones_like(value),), False, False,
                                 tuple(inputs), True, False)
+
+
+def saved_tensors_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in force here (see the module)."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return True if top is None else top(True) is not None
 
 
 def trace_autograd_ops() -> None:

@@ -11,7 +11,7 @@ and are averaged as in data parallel. Sharding is data parallel too: every rank 
 share of the global batch (``fx.data.Batches`` splits it under torchrun).
 
 By default a model with blocks (transformers' ``_no_split_modules``, else the children of its
-``nn.ModuleList``) is sharded per block (``fxtrain.distributed._units``; the default step,
+``nn.ModuleList`` and the repeated blocks of its ``nn.Sequential``) is sharded per block (``fxtrain.distributed._units``; the default step,
 ``autodiff="auto"``, takes autograd's path for it): each block gathers its parameters for its
 own forward, frees them, gathers them again for its backward and reduce-scatters its gradients
 as soon as they are ready, so a step holds about one block's whole parameters at a time. A model without blocks,
@@ -161,7 +161,8 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         on the sharded parameters. Callback states created after sharding (``fx.fit`` creates
         the missing ones) are sharded already.
       units: per-block sharding (see ``fxtrain.distributed._units``): ``"auto"`` (transformers'
-        ``_no_split_modules`` blocks, else each child of every ``nn.ModuleList``), or
+        ``_no_split_modules`` blocks, else each child of every ``nn.ModuleList`` and the
+        children of an ``nn.Sequential`` that repeat one class of block; logged), or
         submodule names and module classes. A unit's parameters are gathered just before its
         forward, freed after it, gathered again for its backward, and its gradients
         reduce-scattered as soon as its backward has run, so a step holds about one unit's
@@ -207,6 +208,9 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     module = state.module
     found = _default_units(module) if units is None else \
         [] if units == "whole" else _units.resolve(module, units)
+    if units == "auto":
+        logging.getLogger("fxtrain").info("fx.shard: units='auto' chose %s",
+                                          _units.described(module, found))
     gather = Gather(param_dtype, reduce_dtype)
     if found:
         module = _units.install(module, found, gather)
@@ -317,8 +321,8 @@ def _default_units(module: Any) -> list[str]:
     except ValueError as e:  # no blocks, or blocks that cannot be units
         log.info("fx.shard: sharding %s whole: %s", type(module).__name__, e)
         return []
-    log.info("fx.shard: sharding %s per block: %d units (%s ...)", type(module).__name__,
-             len(found), found[0])
+    log.info("fx.shard: sharding %s per block: %s", type(module).__name__,
+             _units.described(module, found))
     return found
 
 

@@ -39,6 +39,7 @@ from torch import nn
 from .._torch import collectives
 from .._torch.inductor import keep_recomputation_in_the_backward
 from .._torch.modules import reparametrized
+from . import _unit_gather
 from ._dtensors import is_dtensor
 from ._layout import Gather
 
@@ -65,14 +66,46 @@ def _outermost(found: list[str]) -> list[str]:
 
 
 def _auto(module: nn.Module) -> list[str]:
-    """transformers' ``_no_split_modules`` (the blocks it keeps whole on one device), else
-    every child of every ``nn.ModuleList``."""
+    """The model's repeated blocks: transformers' ``_no_split_modules`` (the blocks it keeps
+    whole on one device), else every child of every ``nn.ModuleList`` and the children of an
+    ``nn.Sequential`` that repeat one class of block (a module of layers, at least two of them
+    with parameters: a Sequential of single layers, an MLP, has none), the outermost."""
     kinds = set(getattr(module, "_no_split_modules", None) or ())
     found = [n for n, m in module.named_modules() if n and type(m).__name__ in kinds]
-    if not found:
-        found = [f"{n}.{i}" if n else str(i) for n, m in module.named_modules()
-                 if isinstance(m, nn.ModuleList) for i in range(len(m))]
+    if found:
+        return _outermost(found)
+    for name, m in module.named_modules():
+        if isinstance(m, nn.ModuleList):
+            found += [_joined(name, child) for child, _ in m.named_children()]
+        elif isinstance(m, nn.Sequential):
+            found += [_joined(name, child) for child in _repeated_blocks(m)]
     return _outermost(found)
+
+
+def _joined(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _repeated_blocks(sequential: nn.Sequential) -> list[str]:
+    """The children of ``sequential`` of the class of block that repeats most in it."""
+    blocks: dict[type, list[str]] = {}
+    for name, child in sequential.named_children():
+        if any(True for _ in child.children()) and any(True for _ in child.parameters()):
+            blocks.setdefault(type(child), []).append(name)
+    repeated = max(blocks.values(), key=len, default=[])
+    return repeated if len(repeated) >= 2 else []
+
+
+def described(module: nn.Module, found: list[str]) -> str:
+    """Which blocks ``_auto`` chose, for the log: their class, where and how many."""
+    modules = dict(module.named_modules())
+    kinds = sorted({type(modules[n]).__name__ for n in found})
+    parents = sorted({n.rpartition(".")[0] for n in found})
+    rule = ("transformers' _no_split_modules" if set(kinds) <= set(
+        getattr(module, "_no_split_modules", None) or ()) else "repeated blocks")
+    return (f"{len(found)} units, {rule}: {'/'.join(kinds)} in "
+            f"{', '.join(repr(p) if p else 'the model' for p in parents)} "
+            f"({_listed(found, 3)})")
 
 
 def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
@@ -85,8 +118,10 @@ def resolve(module: nn.Module, units: str | Sequence[str | type]) -> list[str]:
         found = _auto(module)
         if not found:
             raise ValueError(f"fx.shard(units='auto'): {type(module).__name__} has no "
-                             "nn.ModuleList and no _no_split_modules to take blocks from; "
-                             "name its units: units=['encoder.0', ...] or units=[BlockClass]")
+                             "repeated blocks to take units from (an nn.ModuleList, an "
+                             "nn.Sequential of blocks of one class, transformers' "
+                             "_no_split_modules); name its units: units=['encoder.0', ...] or "
+                             "units=[BlockClass]")
         _check(module, found)
         return found
     modules = dict(module.named_modules())
@@ -242,6 +277,11 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     if not bound:
         return forward(*args, **kwargs)
     keys, how = list(bound), unit.gather
+    if _unit_gather.applies(list(bound.values()), how):  # eager: FSDP2's way, see there
+        inputs, kw = _cast((args, kwargs), how.param_dtype)
+        out = _unit_gather.run(lambda: forward(*inputs, **kw), list(bound.values()), how,
+                               lambda whole: reparametrized(unit, dict(zip(keys, whole))))
+        return _cast(out, _first_float((args, kwargs)), only=how.param_dtype)
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
         whole = {k: gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}

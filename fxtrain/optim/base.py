@@ -7,11 +7,14 @@ parameters are ``params + updates`` (see ``apply_updates``). A transform without
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
 
+from ..donation import written_into
 from ..tree import tree_map
 
 Params = Any
@@ -53,6 +56,27 @@ class WeightedTransformation(GradientTransformation):
     gradient it is given counts against others (the number of tokens it averages over, from
     ``fx.losses.Mean``). ``fx.optim.multi_steps`` is one: it accumulates micro-batches by their
     weights. ``update_weighted`` passes the weight to those that take it."""
+
+
+_WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fxtrain_optim_writes_into", default=None)
+
+
+@contextlib.contextmanager
+def writing_into_state(opt_state: OptState) -> Iterator[None]:
+    """Inside, uncompiled: a ``chain`` given ``opt_state`` itself (the optimizer's own, when it
+    is a chain) writes each transform's new state into it as soon as the transform has run,
+    for a caller that gives that state up (a step that donates it and never reverts it:
+    ``fxtrain.donation``). A chain inside another transform is given a part of it and does
+    not: that transform may still read its old state. An eager AdamW update then holds Adam's new moments in the old ones' storage
+    instead of beside them until it ends: three trees of the parameters' size at its peak
+    (the gradients, the direction, the decayed direction) rather than five. Compiled, the
+    graph writes the donated state in place by itself."""
+    token = _WRITES_INTO.set(opt_state)
+    try:
+        yield
+    finally:
+        _WRITES_INTO.reset(token)
 
 
 def update_weighted(tx: GradientTransformation, updates: Updates, state: OptState,
@@ -122,10 +146,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")
+        writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is state
         new_state = []
         for t, s in zip(transforms, state):
             updates, s = update_weighted(t, updates, s, params, weight)
-            new_state.append(s)
+            new_state.append(written_into(state[len(new_state)], s) if writes else s)
         return updates, tuple(new_state)
 
     weighted = any(isinstance(t, WeightedTransformation) for t in transforms)

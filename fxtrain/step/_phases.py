@@ -20,6 +20,7 @@ from . import _autodiff
 from ._args import StepArgs
 from ._io import BatchGuard, check_batch_device, check_no_checkpointing, split_loss
 from .._torch.traced_errors import fail
+from ..optim.base import writing_into_state
 from ..optim.wrappers import learning_rate
 from ..precision import LOSS_SCALE
 from ..protocol import Event, callback_state, control_to_metrics, fold, set_callback_state
@@ -208,11 +209,15 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
                        opt_state=tree_select(skip, old.opt_state, new.opt_state))
 
 
-def single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
-    """``one_step(state, batch) -> (state, metrics)``: one update, never donating."""
+def single_step(args: StepArgs) -> Callable[..., tuple]:
+    """``one_step(state, batch, donating=False) -> (state, metrics)``: one update.
+    ``donating``: the caller gives ``state`` up after it (``fxtrain.donation``), so an eager
+    update that nothing can revert (no loss scale, no in-step callback) writes the optimizer's
+    new state into ``state``'s as it goes (``fx.optim``'s ``writing_into_state``)."""
     guard = BatchGuard("train_step")
 
-    def one_step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, torch.Tensor]]:
+    def one_step(state: TrainState, batch: Any,
+                 donating: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         args.mixed.check(state.params)
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
@@ -223,7 +228,16 @@ def single_step(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         took = taken(take(plan.path.whole(state.params)))
         out = plan.path.reduce(took.grads, took.loss, took.aux, took.buffers, state.params,
                                scale=scale, check_finite=scaler is not None)
-        new, metrics = applied(args, state, plan, out, took.weight)
+        weight = took.weight
+        del took  # eager: the gradients as the backward left them go before the update
+        # compiled, the graph writes the donated state in place by itself
+        writes = not torch.compiler.is_compiling() and donating and scaler is None and \
+            len(args.callbacks) == 0
+        if writes:
+            with writing_into_state(state.opt_state):
+                new, metrics = applied(args, state, plan, out, weight)
+        else:
+            new, metrics = applied(args, state, plan, out, weight)
         if scaler is not None:
             new = loss_scaled(state, new, metrics, scaler, out.finite)
         if args.callbacks:

@@ -151,15 +151,16 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
                     in_step_callbacks=args.callbacks, step_states=args.step_states,
                     donate=args.donate)
 
+    def donates(asked: bool) -> bool:
+        return bool(spec.donate or (spec.donate is None and asked))  # asked: the caller's
+
     def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
-        if spec.donate or (spec.donate is None and asked):  # asked: the caller's donate=
-            return donation.donate(state, new)
-        return new
+        return donation.donate(state, new) if donates(asked) else new
 
     def train_step(state: TrainState, batch: Any, *,
                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        new, metrics = one_step(state, batch)
+        new, metrics = one_step(state, batch, donates(donate))
         return donated(state, new, donate), metrics
 
     if args.steps_per_call == 1:

@@ -336,3 +336,25 @@ def test_meshes_benchmark_smoke():
     assert set(rows) == {"one_process", "fsdp_tp"}
     assert all(row["held_bytes"] > row["state_bytes"] > 0 for row in rows.values())
     assert 0.25 < rows["fsdp_tp"]["state_vs_one"] < 0.35
+
+
+@pytest.mark.slow
+def test_fsdp2_benchmark_smoke(tmp_path):
+    """benchmarks/fsdp2.py at a tiny size: every variant (fx.shard and FSDP2, eager and
+    compiled) trains on one pair of gloo ranks, and the side-by-side table has a row per mode
+    with the three ratios, and the targets."""
+    fsdp2 = imported("fsdp2")
+    sys.path.insert(0, str(BENCHMARKS))  # the spawned ranks import the script by name
+    try:
+        result = fsdp2.main(["--smoke", "--out", str(tmp_path / "fsdp2")])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert set(result["ratios"]) == {"2/eager", "2/compiled"}
+    assert set(result["rounds"][0]["2"]) == set(fsdp2.VARIANTS)
+    for entry in result["ratios"].values():
+        assert set(entry) == set(fsdp2.MEASURES)
+        assert all(e["ratio"] > 0 and e["fxtrain"] > 0 and e["fsdp2"] > 0 for e in entry.values())
+    text = (tmp_path / "fsdp2.md").read_text()
+    assert "| 2 | eager | " in text and "| 2 | compiled | " in text
+    assert "Targets (issue 61): fx.shard at most 1.00x FSDP2's held peak" in text
+    assert json.loads((tmp_path / "fsdp2.json").read_text())["ratios"] == result["ratios"]

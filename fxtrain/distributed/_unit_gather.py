@@ -1,0 +1,225 @@
+"""A unit's parameters gathered in an eager step, as FSDP2 gathers them.
+
+Uncompiled, a unit (``fxtrain.distributed._units``) gathers its ``Shard(0)`` parameters in one
+all-gather of all its shards (each padded to the same rows, as FSDP2's flat buffer), copied out
+into one whole tensor per parameter for its forward. What the forward saves for the backward is
+kept as autograd keeps it, but for the gathered parameters (the weight a matmul keeps, or a view
+of it): saved-tensor hooks keep where each sits instead of the tensor, so the gathered
+parameters go as soon as the forward is done. The unit's first use of one in the backward
+gathers the unit again; its last lets them go. The gather's backward is one reduce-scatter of
+all the unit's gradients, run as soon as the unit's backward has produced them (FSDP2's
+post-backward hook); when a unit gathers for its backward, it starts the gather of the unit
+whose forward ran before it, whose backward comes next (FSDP2's backward prefetch: two units'
+parameters at a time). A compiled step takes ``_units``' checkpointed region instead, whose saved
+tensors Inductor picks by liveness.
+
+Measured on 2 gloo ranks (``benchmarks/fsdp2.py --profile``, a 4-block GPT-2 of width 512):
+through the checkpointed region an eager step kept every output of the unit's forward (the
+selective checkpoint's cache keeps what autograd would not), 23 MiB per block against FSDP2's
+14, reran the forward's ops in the backward, and ran a collective per parameter.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import weakref
+from typing import Any
+
+import torch
+
+from .._torch import collectives
+from .._torch.autograd import saved_tensors_hooks_active
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Where each parameter of a unit sits in its flat buffer: ``rows`` per rank (padded),
+    ``shapes`` the whole ones; gathered in ``dtype`` (None: their own), reduce-scattered in
+    ``reduce_dtype`` (None: ``dtype``'s) over ``mesh``."""
+
+    mesh: Any
+    shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype | None
+    reduce_dtype: torch.dtype | None
+
+    @property
+    def world(self) -> int:
+        return self.mesh.size()
+
+    def rows(self, shape: tuple[int, ...]) -> int:
+        return -(-shape[0] // self.world)
+
+    def sizes(self) -> list[int]:
+        """Each parameter's elements per rank, padded."""
+        return [self.rows(s) * _inner(s) for s in self.shapes]
+
+    def gathered(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The whole parameters of this rank's ``shards``: one all-gather, copied out."""
+        return self.copied_out(self.issued(shards))
+
+    def issued(self, shards: list[torch.Tensor]) -> torch.Tensor:
+        """The all-gather of this rank's ``shards`` (each padded), under way: a tensor that
+        waits for it when ``copied_out`` reads it."""
+        dtype = self.dtype or shards[0].dtype
+        pieces = [_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, self.sizes())]
+        return collectives.all_gather_single(torch.cat(pieces), 0, self.mesh)
+
+    def copied_out(self, issued: torch.Tensor) -> list[torch.Tensor]:
+        """The whole parameters out of an ``issued`` all-gather's buffer (rank by rank, each
+        parameter's rows): one copy into a buffer per parameter, as FSDP2's copy-out."""
+        flat = collectives.wait_tensor(issued).view(self.world, -1)
+        sizes = self.sizes()
+        out = [flat.new_empty((self.world, n)) for n in sizes]
+        torch.split_with_sizes_copy(flat, sizes, dim=1, out=out)
+        return [o.view(self.world * self.rows(shape), *shape[1:])[:shape[0]]
+                for o, shape in zip(out, self.shapes)]
+
+    def scattered(self, grads: tuple, like: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
+        """This rank's part of the ``grads`` of the whole parameters (None: zeros) summed over
+        the ranks, in one reduce-scatter (in ``reduce_dtype``), as the shards ``like`` are
+        (their rows and dtype)."""
+        given = next(g for g in grads if g is not None)
+        dtype = self.reduce_dtype or self.dtype or like[0][1]
+        sizes = self.sizes()
+        columns = [given.new_zeros((self.world, n), dtype=dtype) if g is None else
+                   _padded(g.reshape(-1).to(dtype), self.world * n).view(self.world, n)
+                   for g, n in zip(grads, sizes)]  # row r: what rank r's shards receive
+        mine = collectives.wait_tensor(collectives.reduce_scatter_single(
+            torch.cat(columns, dim=1).view(-1), "sum", 0, self.mesh))
+        del columns
+        out, at = [], 0
+        for shape, n, (held, shard_dtype) in zip(self.shapes, sizes, like):
+            out.append(mine[at:at + n].view(self.rows(shape), *shape[1:])[:held].to(shard_dtype))
+            at += n
+        return out
+
+
+def _padded(flat: torch.Tensor, n: int) -> torch.Tensor:
+    """``flat`` (1-D) padded with zeros to ``n`` elements (as it is when it has them)."""
+    return flat if flat.numel() == n else torch.nn.functional.pad(flat, (0, n - flat.numel()))
+
+
+def _inner(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape[1:]:
+        n *= d
+    return n
+
+
+_LAST: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_last_unit", default=None)
+"""A weak reference to the hooks of the unit whose forward ran last in this context: the
+next unit's backward prefetches its gather (gone with its graph: nothing is kept across
+steps)."""
+
+
+class _Gather(torch.autograd.Function):
+    """Shards in, whole parameters out; the backward reduce-scatters their gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: Plan, hooks: Regathered | None,
+                *shards: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.hooks, ctx.like = plan, hooks, [(s.shape[0], s.dtype) for s in shards]
+        ctx.set_materialize_grads(False)  # an unused parameter's gradient: None, not zeros
+        return tuple(plan.gathered(list(shards)))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        if ctx.hooks is not None:  # every gradient of the unit's parameters is in: done
+            ctx.hooks.release()
+        return (None, None, *ctx.plan.scattered(grads, ctx.like))
+
+
+class Regathered:
+    """The saved-tensor hooks of a unit's forward (see the module): a gathered parameter, or a
+    view of one, is packed as where it sits; the first unpack gathers the unit again, the last
+    lets it go."""
+
+    def __init__(self, plan: Plan, shards: list[torch.Tensor], before: Any = None):
+        self.plan, self.shards = plan, shards
+        self.before = before  # a weak reference to the unit whose forward ran before this one
+        self.index: dict[int, int] = {}
+        self.whole: list[torch.Tensor] | None = None
+        self.issued: torch.Tensor | None = None  # its gather for the backward, started early
+        self.packed = self.unpacked = 0
+
+    def gathered(self, whole: tuple[torch.Tensor, ...]) -> None:
+        """The forward's whole parameters: what ``pack`` recognizes (by storage)."""
+        self.index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(whole)
+                      if t.numel()}
+
+    def release(self) -> None:
+        """Lets the backward's gathered parameters go (the unit's gradients are all in, so no
+        op of the unit that needs them is left; one whose output the loss does not use never
+        unpacks, and would keep them until the graph goes)."""
+        if self.issued is not None:  # started for a backward that did not come: waited for
+            collectives.wait_tensor(self.issued)
+        self.whole, self.index, self.issued = None, {}, None
+
+    def prefetch(self) -> None:
+        """Starts this unit's gather for its backward, if it is still to come (FSDP2's backward
+        prefetch: the unit before runs its backward next, its gather under way meanwhile)."""
+        if self.whole is None and self.issued is None and self.unpacked < self.packed:
+            with torch.no_grad():
+                self.issued = self.plan.issued(self.shards)
+
+    def pack(self, x: torch.Tensor) -> Any:
+        try:
+            i = self.index.get(x.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
+            return x
+        if i is None:
+            return x
+        self.packed += 1
+        return self, i, tuple(x.shape), x.stride(), x.storage_offset()
+
+    @staticmethod
+    def unpack(saved: Any) -> torch.Tensor:
+        if isinstance(saved, torch.Tensor):
+            return saved
+        regathered, i, shape, stride, offset = saved
+        return regathered.take(i, shape, stride, offset)
+
+    def take(self, i: int, shape: tuple, stride: tuple, offset: int) -> torch.Tensor:
+        if self.whole is None:
+            with torch.no_grad():
+                issued, self.issued = self.issued, None
+                self.whole = self.plan.copied_out(
+                    issued if issued is not None else self.plan.issued(self.shards))
+            before = self.before() if self.before is not None else None
+            if before is not None:
+                before.prefetch()
+        view = self.whole[i].as_strided(shape, stride, offset)
+        self.unpacked += 1
+        if self.unpacked == self.packed:
+            self.release()
+        return view
+
+
+def applies(params: list[Any], gather: Any) -> bool:
+    """Whether a unit of ``params`` (DTensors) gathers here: uncompiled, on a 1-D mesh, with no
+    saved-tensor hooks in force around it (an activation-checkpointed region, ``fx.remat``,
+    whose rerun would not find the gathered parameters)."""
+    from torch.distributed.tensor import Shard
+    return (not torch.compiler.is_compiling() and gather.roles is None
+            and all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+                    and p.ndim >= 1 for p in params)
+            and len({id(p.device_mesh) for p in params}) == 1
+            and not saved_tensors_hooks_active())
+
+
+def run(forward: Any, params: list[Any], gather: Any, bind: Any) -> Any:
+    """``forward()`` inside ``bind(whole)`` (the unit's module bound to its whole parameters),
+    ``params``' shards gathered as the module says."""
+    plan = Plan(params[0].device_mesh, tuple(tuple(p.shape) for p in params),
+                gather.param_dtype, gather.reduce_dtype)
+    shards = [p.to_local() for p in params]
+    if not torch.is_grad_enabled():
+        with bind(_Gather.apply(plan, None, *shards)):
+            return forward()
+    hooks = Regathered(plan, [s.detach() for s in shards], _LAST.get())
+    _LAST.set(weakref.ref(hooks))
+    whole = _Gather.apply(plan, hooks, *shards)
+    hooks.gathered(whole)
+    with bind(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        return forward()
