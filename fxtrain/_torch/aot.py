@@ -46,7 +46,7 @@ def errors() -> tuple[type[BaseException], ...]:
 def compile_ahead(fn: Callable, args: tuple, kwargs: dict, options: dict) -> Any:
     """``torch.compile(fn, fullgraph=True, options=...).aot_compile(((args), kwargs))``, with the
     guards ``keep_serializable`` keeps."""
-    compiled = torch.compile(fn, fullgraph=True,
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False,
                              options={**options, "guard_filter_fn": keep_serializable})
     return compiled.aot_compile((args, kwargs))
 
