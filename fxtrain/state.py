@@ -78,7 +78,21 @@ def skeleton(model: nn.Module) -> tuple[nn.Module, Any]:
                       f"weights ({e}); the state uses the model itself, which keeps a second "
                       "copy of the initial weights", stacklevel=3)
         return model, None
-    return out, out.register_forward_pre_hook(refuse_direct_call)
+    return out, Guard(out.register_forward_pre_hook(refuse_direct_call))
+
+
+class Guard:
+    """The skeleton's guard against being called directly, as the state's layout keeps it:
+    ``remove()`` takes it off (the trained module, a copy, goes without it). It holds torch's
+    ``RemovableHandle`` rather than being one: torch 2.11's Dynamo cannot represent a handle
+    made outside the traced frame, and it meets the layout whenever a compiled step returns
+    its state ("Attempted to represent unregistered RemovableHandle")."""
+
+    def __init__(self, handle: Any):
+        self._handle = handle
+
+    def remove(self) -> None:
+        self._handle.remove()
 
 
 def layout_of(skeleton_: nn.Module, guard: Any) -> Layout:
