@@ -80,7 +80,7 @@ def test_host_reads_counts_what_moves_values_to_the_host():
     assert reads.reads == ["item", "tolist", "__float__", "__bool__", "__format__", "cpu", "to",
                            "__getitem__"], reads.report()
     assert [r.kind for r in reads.calls][-3:] == ["transfer", "transfer", "sync"]
-    assert all(r.where.startswith("tests/test_host_syncs.py:") for r in reads.calls)
+    assert all(r.where.startswith("tests/unit/test_host_syncs.py:") for r in reads.calls)
     assert [r.name for r in reads.ignored] == ["item", "__int__", "__int__", "tolist"]
 
 
