@@ -79,22 +79,25 @@ def test_blocks_compile_once_in_one_graph_and_train_the_same_bits():
         trained(fx.make_train_step(loss_fn), state, batch)[0].params)
 
 
-def test_the_graph_does_not_grow_with_depth():
-    """The step's graph holds one subgraph for every depth: its nodes outside the blocks do not
-    depend on the depth beyond one call per layer."""
-    sizes = []
-    for depth in (2, 6):
+def test_a_layer_adds_a_call_not_its_ops():
+    """Dynamo's graph of the step holds one subgraph at every depth, and a layer more adds a
+    call of it (and its parameters' inputs and AdamW update) where the step without regions
+    adds every op of the block's forward again."""
+    def graph(depth, regional):
         torch._dynamo.reset()
         graphs = []
         state, batch = setup(depth)
-        step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True,
+        step = torch.compile(fx.make_train_step(loss_fn, autodiff="autograd"), fullgraph=True,
                              backend=recording(graphs))
-        step(fx.regional(state), batch)
+        step(fx.regional(state) if regional else state, batch)
         gm = graphs[0]
-        subgraphs = [m for name, m in gm.named_children() if "subgraph" in name]
-        sizes.append((len(subgraphs), len(gm.graph.nodes)))
-    assert sizes[0][0] == sizes[1][0] == 1, sizes
-    assert sizes[1][1] - sizes[0][1] < 4 * 12, sizes  # a few nodes per layer, not its ops
+        return len([m for n, m in gm.named_children() if "subgraph" in n]), len(gm.graph.nodes)
+
+    (sub2, regional2), (sub6, regional6) = graph(2, True), graph(6, True)
+    plain2, plain6 = graph(2, False)[1], graph(6, False)[1]
+    assert sub2 == sub6 == 1
+    per_layer, plain_per_layer = (regional6 - regional2) / 4, (plain6 - plain2) / 4
+    assert per_layer < plain_per_layer - 10, (per_layer, plain_per_layer)
 
 
 def test_blocks_by_name_or_class_and_refusals():
