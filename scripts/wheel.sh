@@ -10,19 +10,29 @@
 # after), and pip must not have collected another. Then `import fxtrain` runs a step there.
 # pip's cap on this machine (/etc/xdg/pip's torch<=2.14.1) is lifted for these installs only
 # (PIP_CONSTRAINT=""): it would replace a newer torch by itself, whatever fxtrain asks.
+# FXTRAIN_WHEEL_INSTALLER=pip installs each torch with pip (which reads this machine's local
+# wheels, torch 2.13.0's CPU build among them) instead of uv.
 # PYTHON picks the interpreter (default: scripts/python.sh's); FXTRAIN_WHEEL_DIST the folder.
+# The build runs in .venv-wheel-build (made once, with PyPI's `build`); python -m build then
+# makes its own isolated environment with setuptools, as a release build does.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=$(bash scripts/python.sh)
 dist=${FXTRAIN_WHEEL_DIST:-dist}
 start=$SECONDS
+builder=.venv-wheel-build  # python -m build's own venv (kept): the frontend, nothing of fxtrain's
+if [[ ! -x $builder/bin/pyproject-build ]]; then
+    "$python" -m venv "$builder"
+    "$builder/bin/python" -m pip install -q "build>=1.2"
+fi
 rm -rf "$dist" build
-"$python" -m build --outdir "$dist" . >"$dist.log" 2>&1 || { tail -30 "$dist.log"; exit 1; }
+"$builder/bin/python" -m build --outdir "$dist" . >"$dist.log" 2>&1 || { tail -30 "$dist.log"; exit 1; }
 wheel=$(ls "$dist"/fxtrain-*.whl)
 echo "built $(ls "$dist" | tr '\n' ' ')in $((SECONDS - start)) s"
 export PIP_CONSTRAINT="" PIP_DISABLE_PIP_VERSION_CHECK=1
 uv=$(command -v uv || true)
 [[ -z $uv && -x "$(dirname "$(command -v "$python")")/uv" ]] && uv="$(dirname "$(command -v "$python")")/uv"
+[[ ${FXTRAIN_WHEEL_INSTALLER:-} == pip ]] && uv=""  # torch through pip (its find-links too)
 
 torch_files() {  # the installed torch's version and a digest of its RECORD (every file's hash)
     "$1/bin/python" -I - <<'EOF'
