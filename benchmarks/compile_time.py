@@ -16,7 +16,8 @@ AdamW with lr 1e-3 and weight decay 1e-2) and runs in its own fresh process:
   default) measures that on the small MLP of ``--smoke`` too (fxtrain compiled and eager only).
 
 Cold: the process starts with an empty ``TORCHINDUCTOR_CACHE_DIR`` of its own, so nothing is
-cached. Warm: a second process of the same variant reuses that directory (Inductor's FX graph
+cached. Warm: a second process of the same variant reuses that directory (``fxtrain_precompiled``:
+an empty one of its own and the cold process's ``fx.precompiled`` file, all a warm start has) (Inductor's FX graph
 cache and AOTAutograd's cache hit; Dynamo traces again). Each process reports its imports
 (torch, transformers, fxtrain), its first step from before the call to the end of the step
 (compilation included) in wall time and in CPU time of the process and its compile workers
@@ -146,8 +147,10 @@ def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str =
     if regional:
         state = fx.regional(state)
     step = fx.make_train_step(loss, autodiff="auto" if regional else autodiff)
-    if how == "precompiled":
-        step = fx.precompiled(step, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "step.bin")
+    if how == "precompiled":  # warm: the cold process's file, with an Inductor cache of its own
+        path = os.environ.get("FXTRAIN_BENCH_STEP_FILE") or \
+            Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "step.bin"
+        step = fx.precompiled(step, path)
     elif how == "compiled":
         step = torch.compile(step, fullgraph=True)
     holder = [state]
@@ -282,7 +285,13 @@ def measure(variants, kind: str, rounds: int, warm: set[str]) -> dict:
         for variant in order:
             with tempfile.TemporaryDirectory(prefix="fxtrain-compile-") as cache:
                 for mode in ("cold", "warm") if variant in warm else ("cold",):
-                    record = spawn(variant, kind, Path(cache))
+                    if mode == "warm" and variant.endswith("_precompiled"):
+                        # only the file: what another machine or a cleared cache starts from
+                        with tempfile.TemporaryDirectory(prefix="fxtrain-compile-") as fresh:
+                            record = spawn(variant, kind, Path(fresh), {
+                                "FXTRAIN_BENCH_STEP_FILE": str(Path(cache) / "step.bin")})
+                    else:
+                        record = spawn(variant, kind, Path(cache))
                     results[variant][mode].append(record)
                     print(f"  round {r + 1} {variant:32s} {mode}: " + (
                         record.get("failed") or f"first step {record['first_step_s']:.1f} s "
