@@ -16,7 +16,8 @@ AdamW with lr 1e-3 and weight decay 1e-2) and runs in its own fresh process:
   default) measures that on the small MLP of ``--smoke`` too (fxtrain compiled and eager only).
 
 Cold: the process starts with an empty ``TORCHINDUCTOR_CACHE_DIR`` of its own, so nothing is
-cached. Warm: a second process of the same variant reuses that directory (Inductor's FX graph
+cached. Warm: a second process of the same variant reuses that directory (``fxtrain_precompiled``:
+an empty one of its own and the cold process's ``fx.precompiled`` file, all a warm start has) (Inductor's FX graph
 cache and AOTAutograd's cache hit; Dynamo traces again). Each process reports its imports
 (torch, transformers, fxtrain), its first step from before the call to the end of the step
 (compilation included) in wall time and in CPU time of the process and its compile workers
@@ -63,7 +64,9 @@ VARIANTS = {
                            "cache folder: cold compiles and saves it, warm loads it)",
 }
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
-EXTRA = {"fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
+EXTRA = {"fxtrain_regional": "fxtrain step over fx.regional(state): each block traced and "
+                             "compiled once (issue 62), dropout 0.1",
+         "fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1"}
 SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager", "fxtrain_precompiled"]
@@ -86,7 +89,8 @@ def gpt2(dropout: float):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.GPT2Config(**GPT2, resid_pdrop=dropout, embd_pdrop=dropout,
+    layers = int(os.environ.get("FXTRAIN_BENCH_LAYERS", GPT2["n_layer"]))
+    config = transformers.GPT2Config(**{**GPT2, "n_layer": layers}, resid_pdrop=dropout, embd_pdrop=dropout,
                                      attn_pdrop=dropout, use_cache=False, bos_token_id=0,
                                      eos_token_id=0, attn_implementation="eager")
     model = transformers.GPT2LMHeadModel(config)
@@ -130,7 +134,8 @@ def mlp(dropout: float):
     return model, (torch.randn(16, 32, generator=g), torch.randint(0, 10, (16,), generator=g))
 
 
-def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str = "compiled"):
+def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str = "compiled",
+                 regional: bool = False):
     """``how``: "compiled" (torch.compile), "eager" or "precompiled" (fx.precompiled, its file in
     the Inductor cache folder: the first call loads it, or compiles and saves it)."""
     import torch
@@ -139,9 +144,13 @@ def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str =
 
     tx = fx.optim.sgd(LR) if optimizer == "sgd" else fx.optim.adamw(LR, weight_decay=WD)
     state = fx.TrainState.create(model, tx)
-    step = fx.make_train_step(loss, autodiff=autodiff)
-    if how == "precompiled":
-        step = fx.precompiled(step, Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "step.bin")
+    if regional:
+        state = fx.regional(state)
+    step = fx.make_train_step(loss, autodiff="auto" if regional else autodiff)
+    if how == "precompiled":  # warm: the cold process's file, with an Inductor cache of its own
+        path = os.environ.get("FXTRAIN_BENCH_STEP_FILE") or \
+            Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]) / "step.bin"
+        step = fx.precompiled(step, path)
     elif how == "compiled":
         step = torch.compile(step, fullgraph=True)
     holder = [state]
@@ -182,7 +191,8 @@ def build(variant: str, kind: str):
         how = next((h for h in ("eager", "precompiled") if variant.endswith("_" + h)),
                    "compiled")
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
-                            "autograd" if "_autograd" in variant else "func", how), batch
+                            "autograd" if "_autograd" in variant else "func", how,
+                            regional=variant.endswith("_regional")), batch
     return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
 
 
@@ -275,7 +285,13 @@ def measure(variants, kind: str, rounds: int, warm: set[str]) -> dict:
         for variant in order:
             with tempfile.TemporaryDirectory(prefix="fxtrain-compile-") as cache:
                 for mode in ("cold", "warm") if variant in warm else ("cold",):
-                    record = spawn(variant, kind, Path(cache))
+                    if mode == "warm" and variant.endswith("_precompiled"):
+                        # only the file: what another machine or a cleared cache starts from
+                        with tempfile.TemporaryDirectory(prefix="fxtrain-compile-") as fresh:
+                            record = spawn(variant, kind, Path(fresh), {
+                                "FXTRAIN_BENCH_STEP_FILE": str(Path(cache) / "step.bin")})
+                    else:
+                        record = spawn(variant, kind, Path(cache))
                     results[variant][mode].append(record)
                     print(f"  round {r + 1} {variant:32s} {mode}: " + (
                         record.get("failed") or f"first step {record['first_step_s']:.1f} s "
@@ -381,6 +397,43 @@ def table(summ: dict) -> str:
     return "\n".join(lines)
 
 
+def by_depth(args: argparse.Namespace) -> dict:
+    """``--layers``: the GPT-2 variants at each depth (cold, and warm where asked), then one
+    table of first steps by depth with each variant's ratio to the baseline at that depth and
+    to its own first step at the smallest depth (flat in depth: near 1)."""
+    found = {}
+    for layers in args.layers:
+        os.environ["FXTRAIN_BENCH_LAYERS"] = str(layers)
+        print(f"compile time, gpt2 of {layers} layers, {args.rounds} round(s), load "
+              f"{os.getloadavg()[0]:.2f}", flush=True)
+        found[layers] = summary(measure(args.variants, "gpt2", args.rounds, set(args.warm)))
+        print(table(found[layers]), flush=True)
+    print("\n" + depth_table(found, args.variants))
+    record = {"model": "gpt2", "gpt2": GPT2, "layers": args.layers, "rounds": args.rounds,
+              "by_depth": {str(k): v for k, v in found.items()}}
+    if args.out:
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def depth_table(found: dict, variants: list[str]) -> str:
+    """First steps (cold) by depth: seconds, x the baseline at that depth, x its own at the
+    smallest depth."""
+    smallest = min(found)
+    lines = [f"{'layers':>6s} " + " ".join(f"{v:>34s}" for v in variants)]
+    for layers, summ in sorted(found.items()):
+        cells = []
+        for v in variants:
+            row, first = summ.get(v, {}).get("cold", {}), \
+                summ.get(v, {}).get("cold", {}).get("first_step_s")
+            base = found[smallest].get(v, {}).get("cold", {}).get("first_step_s")
+            cells.append("failed" if first is None else
+                         f"{first:6.1f}s {row.get('vs_baseline', float('nan')):5.2f}x base "
+                         f"{first / base if base else float('nan'):5.2f}x {smallest}L")
+        lines.append(f"{layers:6d} " + " ".join(f"{c:>34s}" for c in cells))
+    return "\n".join(lines)
+
+
 def arguments(argv) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
@@ -393,6 +446,9 @@ def arguments(argv) -> argparse.Namespace:
     parser.add_argument("--kinds", nargs="+", default=["gpt2", "mlp"], choices=["gpt2", "mlp"],
                         help="models: the first with --variants, the others with fxtrain "
                         "compiled and eager only (the break-even of compiling)")
+    parser.add_argument("--layers", nargs="+", type=int,
+                        help="GPT-2 depths, each measured in turn (the variants side by side in "
+                        "one run), and a table of first steps by depth; default: the one model")
     parser.add_argument("--smoke", action="store_true",
                         help="the small MLP instead of GPT-2; fxtrain (cold and warm, and "
                         "eager) and the baseline only, one round")
@@ -408,6 +464,8 @@ def main(argv=None) -> dict:
     if args.smoke:
         args.rounds, args.variants, args.kinds = 1, SMOKE, ["mlp"]
         args.warm = ["fxtrain", "fxtrain_precompiled"]
+    if args.layers:
+        return by_depth(args)
     kind, record = args.kinds[0], {}
     for other in args.kinds:
         variants, warm = (args.variants, set(args.warm)) if other == kind else \

@@ -32,7 +32,7 @@ _NAMES = {
     **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
                      "LrFind"), "loop"),
     **dict.fromkeys(("make_train_step", "make_eval_step", "StepSpec", "step_spec",
-                     "cuda_graphed", "precompiled", "remat"), "step"),
+                     "cuda_graphed", "precompiled", "regional", "remat"), "step"),
 }
 
 
@@ -89,7 +89,7 @@ __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
-    "train", "lr_find", "LrFind", "precompiled",
+    "train", "lr_find", "LrFind", "precompiled", "regional",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
     "cuda_graphed",

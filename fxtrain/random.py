@@ -410,6 +410,8 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         (True, [0.0, 2.0])
     """
 
+    in_region = False  # a stream continued inside a compiled region (``continued``)
+
     def __init__(self, key: torch.Tensor, autodiff: str = "func"):
         super().__init__()
         self.key = key
@@ -437,6 +439,16 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         if self._forked is not None:
             forked, self._forked = self._forked, None
             forked.__exit__(None, None, None)
+
+    def position(self) -> torch.Tensor:
+        """Where this stream stands (its draws so far), as a 0-d int64 tensor: what a region
+        compiled once for every layer takes as an input, so that each layer continues the
+        stream where it stands (``continued``)."""
+        return torch.tensor(self.calls, dtype=torch.int64, device=self.key.device)
+
+    def advance(self, draws: int) -> None:
+        """Counts ``draws`` a region continuing this stream made (``continued``)."""
+        self.calls += draws
 
     def region_key(self) -> torch.Tensor:
         """A key of its own for a region that draws under its own context (``fx.remat``):
@@ -568,3 +580,23 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 _RANDOM_NAMES = frozenset(f.__name__ for f in (
     *(f for f, _ in _DROPOUTS + _ALPHA_DROPOUTS + _UNSUPPORTED), torch.native_dropout, F.rrelu,
     F.scaled_dot_product_attention, F.multi_head_attention_forward, torch.bernoulli))
+
+
+class continued(keyed):  # noqa: N801 - a context manager, like keyed
+    """The stream of a ``keyed`` context continued from ``position`` (a 0-d int64 tensor, its
+    ``position()``), inside a region traced once and run for every layer
+    (``fx.regional``): the i-th draw takes ``fold_in(key, position + i)``, the key the stream
+    itself would have given it (the same masks, bit for bit), from a tensor rather than a
+    number, so that every layer runs the same code. The region's draws are counted in
+    ``calls``; the stream around it then ``advance``s by them."""
+
+    in_region = True
+
+    def __init__(self, key: torch.Tensor, position: torch.Tensor, autodiff: str = "func"):
+        super().__init__(key, autodiff)
+        self.base = position
+
+    def _next_key(self) -> torch.Tensor:
+        self.calls += 1
+        return _fold_in(self.key, self.base + self.calls)
+

@@ -10,8 +10,12 @@ under ``torch.compile``.
 ``AVAILABLE``: torch 2.13 or later. Torch 2.11's precompile is behind a Dynamo setting
 (``enable_aot_compile``), its guards context cannot skip installing guards, and a saved step
 will not load without the builtins of the process that made it (``Missing required external
-references: ['__builtins_dict___0']``); there ``fx.precompiled`` warns once and trains under
-``torch.compile``, saving nothing.
+references: ['__builtins_dict___0']``); there ``fx.precompiled`` keeps torch's portable compile
+caches instead (``fxtrain._torch.caches``).
+- ``compile_ahead``: ``dynamic=False``, the inputs' shapes and numbers as they are (the saved step
+  is made for them). Torch 2.15's precompile otherwise let Dynamo's own restart
+  (``TensorifyScalarRestartAnalysis``) out of a step whose float hyperparameter differed from one
+  compiled earlier in the process, which Dynamo had then made symbolic.
 - ``keep_serializable``: the guard filter. Not those on globals and on function identities
   (torch's own default) nor the pytree registry's size (``DICT_VERSION``: Dynamo reads the
   registry while tracing torch's pytree code, and the guard cannot be saved).
@@ -46,7 +50,7 @@ def errors() -> tuple[type[BaseException], ...]:
 def compile_ahead(fn: Callable, args: tuple, kwargs: dict, options: dict) -> Any:
     """``torch.compile(fn, fullgraph=True, options=...).aot_compile(((args), kwargs))``, with the
     guards ``keep_serializable`` keeps."""
-    compiled = torch.compile(fn, fullgraph=True,
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False,
                              options={**options, "guard_filter_fn": keep_serializable})
     return compiled.aot_compile((args, kwargs))
 

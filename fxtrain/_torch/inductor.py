@@ -1,7 +1,7 @@
 """Inductor's settings that fxtrain changes while Dynamo traces a step.
 
-Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has ``reorder_for_locality``; a torch
-without it would raise AttributeError here, naming the setting). ``torch._inductor.config`` is
+Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has ``reorder_for_locality`` and
+``allow_buffer_reuse``; a torch without one would raise AttributeError here, naming it). ``torch._inductor.config`` is
 private. The public route, ``torch.compile(fn, options={"reorder_for_locality": False})``, is
 the user's to choose when they compile: the need is known only while Dynamo traces the step and
 meets a ``remat`` region or a unit, after its options were fixed.
@@ -26,4 +26,19 @@ def keep_recomputation_in_the_backward() -> bool:
     import torch._inductor.config as inductor
 
     inductor.reorder_for_locality = False
+    return True
+
+
+@run_while_tracing
+def keep_region_outputs() -> bool:
+    """Turns off Inductor's ``allow_buffer_reuse`` for the compiles that follow (run for real
+    while Dynamo traces a step with ``fx.regional``'s blocks). On torch 2.11 to 2.15 Inductor
+    reuses the buffer of a region's output (an ``invoke_subgraph`` call's) while it is still
+    read: a step whose update follows its regions' backward trained other values than the
+    same step without regions (a plain-torch repro, 3 blocks and an SGD update in one graph:
+    1.0 off in a later block's weights; ``aot_eager`` and ``allow_buffer_reuse=False`` exact).
+    It is a process-wide setting of torch's; the step's buffers are then each its own."""
+    import torch._inductor.config as inductor
+
+    inductor.allow_buffer_reuse = False
     return True

@@ -73,7 +73,9 @@ class Layout:
         could not be copied; ``functional_call`` then ties them).
       checkpointing: whether the model's own activation checkpointing is on (transformers'
         ``gradient_checkpointing_enable()``).
-      skeleton: the module before ``fx.shard`` prepared it (units, plan hooks): what runs the
+      regions: the blocks a compiled step traces and compiles once for every layer
+        (``fx.regional``).
+      skeleton: the module before ``fx.shard`` or ``fx.regional`` prepared it (units, plan hooks): what runs the
         whole parameters (evaluation, prediction, the trained module); None: ``state.module``.
       guard: the handle of the skeleton's guard against being called directly
         (``TrainState.create``'s; None: the state runs the model itself): the trained module,
@@ -87,6 +89,7 @@ class Layout:
     planned: tuple[str, ...] = ()
     tied: tuple[tuple[str, ...], ...] | None = ()
     checkpointing: bool = False
+    regions: tuple[str, ...] = ()
     skeleton: Any = dataclasses.field(default=None, compare=False, repr=False)
     guard: Any = dataclasses.field(default=None, compare=False, repr=False)
 
@@ -110,7 +113,11 @@ class Layout:
         again in the backward, a plan's DTensors and a 2-D mesh's gathers too, and the model's
         own checkpointing reruns its regions in the backward; ``torch.func`` hosts none."""
         return bool(self.units) or self.tensor_parallel or self.two_dimensional or \
-            self.checkpointing
+            self.checkpointing or bool(self.regions)
+
+    def replace(self, **fields: Any) -> Layout:
+        """This layout with ``fields`` changed."""
+        return dataclasses.replace(self, **fields)
 
     def tensor_parallel_size(self) -> int:
         """The ranks that hold one copy of the model between them (they train on one batch)."""

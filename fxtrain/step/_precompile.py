@@ -8,6 +8,11 @@ to ``path``, and in a later process loads it from there instead: no tracing, no 
 
 Torch's precompile is experimental; ``fxtrain._torch.aot`` holds what fxtrain does to use it
 (the guards a saved step keeps, how it is loaded) and the torch releases it was checked on.
+Where it serves no step (torch before 2.13), the file keeps torch's portable compile caches
+instead (``torch.compiler.save_cache_artifacts``: ``fxtrain._torch.caches``), saved after the
+step's first call: a later process loads them into its caches, and ``torch.compile`` of the step
+then traces it again but compiles nothing (its first step a second or two longer than a loaded
+precompiled step's). ``loaded`` says the same either way.
 
 Because the loaded step does not trace your code again, it cannot see that the code changed.
 The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
@@ -47,8 +52,8 @@ import torch
 
 from . import _precompiled_file as stored
 from .. import donation
-from .._torch import aot
-from ._unguarded import _signature
+from .._torch import aot, caches
+from ._unguarded import Unguarded, _signature
 from ._spec import StepSpec, step_spec
 from ..tree import first_leaf
 
@@ -103,10 +108,11 @@ def _has_contents(cell) -> bool:
 
 
 def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict,
-                options: dict | None = None) -> str:
+                options: dict | None = None, route: str = "aot") -> str:
     """What a saved step must have been made from to be used for these inputs (see the
-    module): versions, the inputs' structure, shapes and dtypes, a digest of the code, and the
-    Inductor ``options`` it was compiled with."""
+    module): versions, the inputs' structure, shapes and dtypes, a digest of the code, the
+    Inductor ``options`` it was compiled with, and what the file holds (``route``: ``"aot"``,
+    torch's precompiled step, or ``"caches"``, its compile caches)."""
     from .._version import __version__
 
     digest = hashlib.sha256()
@@ -131,8 +137,9 @@ def fingerprint(train_step: Callable, state: Any, batch: Any, kwargs: dict,
     inputs = repr((_signature(state), _signature(batch), sorted(kwargs.items()),
                    sorted((options or {}).items())))
     digest.update(re.sub(r"0x[0-9a-f]+", "0x", inputs).encode())  # no addresses
+    routed = {} if route == "aot" else {"route": route}  # the AOT key as before
     return json.dumps({"torch": torch.__version__, "fxtrain": __version__,
-                       "python": sys.version.split()[0], "digest": digest.hexdigest()})
+                       "python": sys.version.split()[0], "digest": digest.hexdigest(), **routed})
 
 
 def _closure(train_step: Callable) -> dict[str, Any]:
@@ -149,11 +156,15 @@ def _closure(train_step: Callable) -> dict[str, Any]:
 def _read(path: Path, key: str, train_step: Callable) -> Any:
     """The step saved at ``path`` when it was made for ``key``, else None (none there, or made
     for another key); raises ``Unusable`` for a file that cannot give one (damaged, not
-    fxtrain's, unreadable, a folder, refused by torch's loader)."""
+    fxtrain's, unreadable, a folder, refused by torch's loader). A file of the ``"caches"``
+    route gives True: its caches loaded into this process's."""
     found = stored.read(path)
     if found is None or found[0] != key.encode():
         return None
     try:
+        if json.loads(key).get("route") == "caches":
+            caches.load(found[1])
+            return True
         return aot.load(found[1], getattr(train_step, "__globals__", None),  # the step's module
                         _closure(train_step))
     except Exception as e:  # a whole file torch cannot load here
@@ -176,6 +187,8 @@ class Precompiled:
         self._made: Any = None  # torch's AOTCompiledFunction, once made or loaded
         self._fallback: Callable | None = None
         self._accepted: tuple | None = None  # the signature of a batch the made step took
+        self._caches_key: str | None = None  # the caches route: saved after the first call
+        self._skipping: Unguarded | None = None  # the caches route's call past Dynamo's guards
 
     def __call__(self, state: Any, batch: Any) -> tuple:
         donation.check_live(state, "train_step")  # plainly, not wrapped by the compiler
@@ -192,21 +205,32 @@ class Precompiled:
                               "torch.compile compiles the step for them, as it would without "
                               "the saved step", stacklevel=2)
             self._fallback = torch.compile(self.train_step, fullgraph=True)
-        return self._fallback(state, batch, **self.kwargs)
+        out = self._fallback(state, batch, **self.kwargs)
+        if self._caches_key is not None:  # compiled now: its caches into the file
+            key, self._caches_key = self._caches_key, None
+            body = caches.save()
+            if body is not None:
+                self._save(stored.pack(key, body))
+        return out
 
     def unguarded(self, state: Any, batch: Any) -> tuple:
         """The call without the made step's guard check (tens of microseconds), for a batch like
         one it took before and a state of the structure it returned: what ``fit`` knows of the
         next call once the first is done (see ``fxtrain.step._unguarded``); others take ``__call__``."""
+        if self._made is None and self._fallback is not None:  # torch.compile's step
+            donation.check_live(state, "train_step")
+            if self._skipping is None:
+                self._skipping = Unguarded(self._fallback)
+            return self._skipping(state, batch, **self.kwargs)
         if self._accepted is None or _signature(batch) != self._accepted:
             return self(state, batch)
         donation.check_live(state, "train_step")
         return self._made(state, batch, **self.kwargs)
 
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
-        if not aot.AVAILABLE:  # warned by precompiled(): torch.compile's step, nothing saved
-            return None, False
         options = {**compile_options(state), **(self.options or {})}
+        if not aot.AVAILABLE:
+            return None, self._load_caches(state, batch, options)
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
         made, replace = None, True
         try:
@@ -223,6 +247,22 @@ class Precompiled:
                 self._save(stored.pack(key, body))
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
         return made, loaded
+
+    def _load_caches(self, state: Any, batch: Any, options: dict) -> bool:
+        """The caches route (torch before 2.13): the file's compile caches loaded where it
+        holds them for these inputs (True), else the step's saved after its first call; either
+        way ``torch.compile`` with ``options`` makes the step."""
+        key = fingerprint(self.train_step, state, batch, self.kwargs, options, route="caches")
+        self._fallback = torch.compile(self.train_step, fullgraph=True, options=options)
+        loaded, replace = None, True
+        try:
+            loaded = _read(self.path, key, self.train_step)
+        except stored.Unusable as e:
+            warnings.warn(str(e), stacklevel=4)
+            replace = e.replace
+        if loaded is None and replace:
+            self._caches_key = key
+        return loaded is not None
 
     def _make(self, state: Any, batch: Any, options: dict) -> tuple[Any, bytes | None]:
         """The step compiled ahead of time for these inputs and its saved bytes, or (None, None)
@@ -277,8 +317,8 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
 
     Returns a ``Precompiled`` step: ``step(state, batch) -> (state, metrics)``, as the
     compiled step returns; give it to ``fx.fit`` or call it in your loop. On torch before 2.13
-    (no usable precompile: ``fxtrain._torch.aot``) it warns, and the step trains under
-    ``torch.compile`` with nothing saved.
+    (no usable precompile: ``fxtrain._torch.aot``) the file keeps torch's compile caches
+    instead, and a later process traces the step again but compiles nothing (see the module).
 
     Examples:
         >>> import os, tempfile
@@ -314,8 +354,4 @@ def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool =
             isinstance(k, str) for k in options)):
         raise TypeError(f"precompiled: options must be a dict of Inductor option names to "
                         f"values, got {options!r}")
-    if not aot.AVAILABLE:
-        warnings.warn(f"fx.precompiled needs torch 2.13 or later to save a compiled step (this "
-                      f"process has torch {torch.__version__}); the step trains under "
-                      f"torch.compile and {path} is neither read nor written", stacklevel=2)
     return Precompiled(train_step, path, kwargs, spec, dict(options or {}))

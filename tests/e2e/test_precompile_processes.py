@@ -24,7 +24,6 @@ from test_precompile import (DAMAGED, SAVES, child, in_a_kernel, REPLACED)
 
 
 @pytest.mark.slow
-@SAVES
 def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step(tmp_path):
     path = tmp_path / "step.bin"
     first, second, reference = (child(tmp_path, path, mode)[0]

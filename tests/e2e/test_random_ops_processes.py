@@ -1,11 +1,8 @@
 """test_random_ops's tests that run processes (the rest: tests/unit/test_random_ops.py)."""
 
 import pytest
-import torch
-import torch.nn.functional as F
-from torch import nn
-from fxtrain import random
-from test_random_ops import (ATTENTION_PROBE)
+
+from test_random_ops import ATTENTION_PROBE
 
 
 @pytest.mark.slow

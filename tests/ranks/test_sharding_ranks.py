@@ -158,8 +158,10 @@ def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, c
     if compiled:  # one per compiled run (units, bfloat16 units): no recompiles
         assert r0["graphs"] == 2
         # units keep their forward's element-wise work (fxtrain.distributed._strategies.Sharded.recomputes):
-        # nothing marked for the recompute pass
-        assert r0["marked"] == [0, 0], r0["marked"]
+        # nothing marked for the recompute pass, in any graph the backend got (torch 2.15 hands
+        # the second run's step to the backend twice: once with the float hyperparameter that
+        # changed symbolic, a trace Dynamo then discards and restarts specialized)
+        assert len(r0["marked"]) >= 2 and not any(r0["marked"]), r0["marked"]
     else:  # the root's 4 tensors in one gather; each block's 4 in one, twice (forward,
         # backward), and one reduce-scatter of them, as FSDP2 moves a unit
         dtypes = r0["collectives"].pop("dtypes")

@@ -77,8 +77,9 @@ def setup(lr=1e-2):
     return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
 
 
-# the tests of a step saved and loaded: torch 2.13 and later (before, fx.precompiled warns and
-# trains under torch.compile: the last test here asserts that refusal)
+# the tests of torch's precompiled step itself (its guard check, its refusals, the damaged files
+# of that route): torch 2.13 and later. Before, the file keeps torch's compile caches instead, and
+# the tests without this mark hold on that route too (torch 2.11).
 SAVES = pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
 
 QUICK = {"cpp_wrapper": False}  # the Python wrapper: seconds less to compile, where it is moot
@@ -109,7 +110,6 @@ def child(tmp_path, path, mode, env=None):
     return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
-@SAVES
 def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
     path = tmp_path / "step.bin"
     state, batch = setup()
@@ -130,7 +130,6 @@ def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
     assert loaded(fx.make_train_step(other_loss), path, faster, batch) is True
 
 
-@SAVES
 def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_path):
     """On the CPU the step's kernels are called from C++ by default (a faster call, trained
     bitwise as torch.compile's Python wrapper does); a file made with other options is not
@@ -227,7 +226,6 @@ def test_bad_arguments_are_refused(tmp_path):
                        donate=True)
 
 
-@SAVES
 def test_a_model_of_other_settings_is_compiled_again(tmp_path):
     path = tmp_path / "step.bin"
     batch = setup()[1]
@@ -256,29 +254,38 @@ def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path)
     assert fx.tree_digest(got) == fx.tree_digest(want)
 
 
-def test_before_torch_2_13_it_warns_and_trains_under_torch_compile_saving_nothing(tmp_path):
-    """Torch 2.11's precompile cannot serve it (fxtrain._torch.aot): there the step warns at
-    once, naming the feature and the first torch that has it, trains as torch.compile's does,
-    and neither reads nor writes its file; from 2.13 on no such warning."""
+def test_where_torch_has_no_precompile_the_file_keeps_its_compile_caches(tmp_path, monkeypatch):
+    """Torch before 2.13 (its precompile serves no step: fxtrain._torch.aot; forced here on any
+    torch): the first call compiles under torch.compile and saves torch's compile caches with
+    the step's key, checksummed as any file; a later step (another process, here a fresh
+    Inductor cache) loads them, traces the step again and compiles nothing, trains the same
+    bits, and warns of nothing."""
     import warnings
 
-    from fxtrain._torch.version import at_least
+    from torch._inductor.utils import fresh_cache
 
+    monkeypatch.setattr(aot, "AVAILABLE", False)
     state, batch = setup()
     path = tmp_path / "step.bin"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
-    refusals = [str(w.message) for w in caught if "needs torch 2.13" in str(w.message)]
-    if at_least(2, 13):
-        assert refusals == []
-        return
-    assert refusals == [f"fx.precompiled needs torch 2.13 or later to save a compiled step (this "
-                        f"process has torch {torch.__version__}); the step trains under "
-                        f"torch.compile and {path} is neither read nor written"]
-    got = steps(step, state, batch)[0]
-    assert step.loaded is False and not path.exists()
-    want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True), state, batch)[0]
+        with fresh_cache():
+            step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+            got = steps(step, state, batch)[0]
+        assert step.loaded is False and json.loads(stored.read(path)[0])["route"] == "caches"
+        torch._dynamo.reset()
+        counters = torch._dynamo.utils.counters
+        with fresh_cache():  # nothing but the file's caches
+            counters.clear()
+            again = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+            warm = steps(again, state, batch)[0]
+            assert again.loaded is True
+            assert counters["aot_autograd"]["autograd_cache_hit"] == 1, dict(counters)
+            assert not counters["aot_autograd"]["autograd_cache_miss"], dict(counters)
+    assert not [w for w in caught if "precompiled" in str(w.message)]
+    assert fx.tree_digest(got) == fx.tree_digest(warm)
+    want = steps(torch.compile(fx.make_train_step(loss_fn), fullgraph=True,
+                               options=QUICK), state, batch)[0]
     assert fx.tree_digest(got) == fx.tree_digest(want)
 
 
@@ -434,7 +441,6 @@ def test_a_whole_file_torch_cannot_load_is_named_and_replaced(saved, tmp_path, m
     assert loaded(fx.make_train_step(loss_fn), path, state, batch) is True
 
 
-@SAVES
 def test_one_flipped_bit_anywhere_in_the_file_is_named_before_anything_is_loaded(saved, tmp_path,
                                                                                  monkeypatch):
     """One bit flipped at every byte of the header and key lines and at a spread of positions

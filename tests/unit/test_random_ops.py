@@ -244,5 +244,3 @@ before = high_water()
 state, _ = step(state, x)
 print(high_water() - before)
 """
-
-

@@ -1,0 +1,151 @@
+"""Regional compilation inside the one step: a repeated block traced and compiled once, its
+graph run for every layer.
+
+``torch.compile`` of a whole train step traces and compiles every layer of a transformer again:
+the step's compile time grows with depth. ``fx.regional(state, blocks="auto")`` makes the
+model's blocks regions (``torch.compiler.nested_compile_region``: ``fxtrain._torch.regions``):
+Dynamo traces the first block's forward into a subgraph, reuses it for the others, and
+AOTAutograd and Inductor compile its forward and backward once. The step stays one graph (its
+blocks calls of one subgraph), recompiles never after its first call, and trains the same bits:
+each layer continues the step's keyed stream where it stands (``fx.random.continued``), so its
+dropout masks are those of the step without regions.
+
+A regional step takes autograd's path (``autodiff="auto"`` picks it for a regional state;
+``torch.func`` cannot host a region). Eagerly, and in a step on ``torch.func``'s path, the
+blocks run as they are. The blocks are the classes' own, under a subclass
+(``Regional<Name>``, in a copy of the skeleton): the state's ``layout`` names them and keeps the
+skeleton as it was, which evaluation and the trained module run.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import random
+from .._torch import regions
+from .._torch.inductor import keep_region_outputs
+from .._torch.modes import innermost_mode
+
+
+class RegionalBlock:
+    """What a block's class adds to the module's own (the first base of ``Regional<Name>``): a
+    forward that runs as a region in a compiled autograd step."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return block_forward(self, super().forward, args, kwargs)  # type: ignore[misc]
+
+
+@functools.cache
+def _regional_class(cls: type) -> type:
+    return type(f"Regional{cls.__name__}", (RegionalBlock, cls), {})
+
+
+def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+    """``forward(*args, **kwargs)``, as a region where a compiled step on autograd's path runs
+    it (the step's keyed stream continued inside it), else as it is."""
+    outer = innermost_mode(random.keyed)
+    if outer is None or outer.in_region or outer.autodiff != "autograd" or \
+            not torch.compiler.is_compiling():
+        return forward(*args, **kwargs)
+    keep_region_outputs()
+    name = type(module).__qualname__
+    out = _region(module, regions.region_inputs(module), outer.key, outer.position(), args,
+                  kwargs)
+    outer.advance(regions.draws(name))
+    return out
+
+
+@regions.nested
+def _region(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
+            args: tuple, kwargs: dict) -> Any:
+    inner = random.continued(key, position, autodiff="autograd")
+    with inner:
+        out = torch.func.functional_call(module, tensors, args, kwargs)
+    regions.note_draws(type(module).__qualname__, inner.calls)
+    return out
+
+
+def _auto(module: nn.Module) -> list[str]:
+    """transformers' ``_no_split_modules`` (its blocks), else every child of every
+    ``nn.ModuleList`` of two or more children of one class."""
+    kinds = set(getattr(module, "_no_split_modules", None) or ())
+    found = [n for n, m in module.named_modules() if n and type(m).__name__ in kinds]
+    if not found:
+        found = [f"{n}.{i}" if n else str(i) for n, m in module.named_modules()
+                 if isinstance(m, nn.ModuleList) and len(m) > 1
+                 and len({type(c) for c in m}) == 1 for i in range(len(m))]
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def resolve(module: nn.Module, blocks: str | Sequence[str | type]) -> list[str]:
+    """The qualified names of the submodules ``blocks`` names: ``"auto"``, or qualified names
+    and module classes (each class: its outermost instances)."""
+    if blocks == "auto":
+        found = _auto(module)
+        if not found:
+            raise ValueError(f"fx.regional(blocks='auto'): {type(module).__name__} has no "
+                             "nn.ModuleList of one class and no _no_split_modules to take "
+                             "blocks from; name them: blocks=['layers.0', ...] or "
+                             "blocks=[BlockClass]")
+        return found
+    if isinstance(blocks, str):
+        raise ValueError(f"fx.regional: blocks must be 'auto' or a list of submodule names or "
+                         f"module classes, got {blocks!r}")
+    modules, found = dict(module.named_modules()), []
+    for block in blocks:
+        if isinstance(block, type):
+            found += [n for n, m in modules.items() if n and isinstance(m, block)]
+        elif isinstance(block, str) and block and block in modules:
+            found.append(block)
+        else:
+            raise ValueError(f"fx.regional: {block!r} is not a submodule of "
+                             f"{type(module).__name__} nor a module class")
+    return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+
+
+def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
+    """``state`` whose blocks a compiled step traces and compiles once, for every layer (see
+    the module): its first step's compile time stays nearly flat in the model's depth.
+
+    Args:
+      state: a ``TrainState`` (not sharded per block: ``fx.shard``'s units are regions of
+        their own kind).
+      blocks: ``"auto"`` (transformers' ``_no_split_modules``, else the children of each
+        ``nn.ModuleList`` of one class), or qualified submodule names and module classes.
+
+    Returns the state with a skeleton whose blocks run as regions in a compiled step on
+    autograd's path (``make_train_step``'s ``autodiff="auto"`` takes it for this state); its
+    ``layout`` names them (``regions``).
+
+    Examples:
+        >>> class Net(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.blocks = nn.ModuleList(nn.Linear(4, 4) for _ in range(3))
+        ...     def forward(self, x):
+        ...         for block in self.blocks:
+        ...             x = torch.relu(block(x))
+        ...         return x
+        >>> state = fx.regional(fx.TrainState.create(Net(), fx.optim.sgd(0.1)))
+        >>> state.layout.regions
+        ('blocks.0', 'blocks.1', 'blocks.2')
+        >>> type(state.module.blocks[0]).__name__
+        'RegionalLinear'
+    """
+    layout = state.layout
+    if layout.units or layout.regions:
+        raise ValueError("fx.regional: this state's blocks are already "
+                         + ("regions" if layout.regions else "per-block units (fx.shard)"))
+    found = resolve(state.module, blocks)
+    module = copy.deepcopy(state.module)  # a skeleton: no tensors to copy
+    for name in found:
+        block = module.get_submodule(name)
+        block.__class__ = _regional_class(type(block))
+    return state.replace(module=module, layout=layout.replace(
+        regions=tuple(found), skeleton=layout.skeleton or state.module))
