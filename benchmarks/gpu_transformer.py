@@ -60,7 +60,7 @@ Ratios are to both fair loops of the run, and targets are judged against the str
 its own and the rest in this one: the suite's smoke test, so the kit cannot rot between GPU
 draws. ``trained_loss`` trains one variant for a number of steps and returns the loss its
 weights give on a held-out batch: every variant must train the same model
-(tests/test_gpu_kit.py).
+(tests/tools/test_gpu_kit.py).
 
 Run: python benchmarks/gpu_transformer.py [--model nano|hf|llama] [--variants ...]
      [--dropout 0 0.1] [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--chunk 16384]

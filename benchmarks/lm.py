@@ -57,8 +57,8 @@ variant's compiling took 1.5 to 2.5 min more during development). ``--smoke``: t
 or two steps, the first variant in a process of its own, the others in this one, chunked_256
 left out, and the steps *not compiled*: compiling its four variants with aot_eager (see
 common.backend) took 145 s of run_all's smoke beside the other scripts (its two lanes about
-85 s longer); the compiled paths are tested elsewhere (tests/test_packing.py trains
-packed rows through transformers' GPT-2 compiled, tests/test_chunked_ce.py the chunked loss
+85 s longer); the compiled paths are tested elsewhere (tests/unit/test_packing.py trains
+packed rows through transformers' GPT-2 compiled, tests/unit/test_chunked_ce.py the chunked loss
 in a compiled step).
 """
 

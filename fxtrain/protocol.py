@@ -149,7 +149,7 @@ HOST_FLAGS = ("stop_epoch", "abort")
 """Raised by host callbacks only, and acted on by ``fit`` at once (pending and agreed on, never
 on the wire)."""
 # IN_STEP_FLAGS + APPLIED_FLAGS + HOST_FLAGS == FLAGS: the in-step requests come first, so that
-# ``Control(stop, save, evaluate, log, skip)`` keeps its meaning (tests/test_control_wire.py)
+# ``Control(stop, save, evaluate, log, skip)`` keeps its meaning (tests/unit/test_control_wire.py)
 
 
 def loop_event(kind: str, step: int, epoch: int, metrics: Mapping[str, Any] | None) -> Event:
@@ -218,8 +218,9 @@ class Callback:
       grad_stats: it reads the per-parameter gradient norms of the step's metrics.
       skips: it may ask to skip the step just taken (``Control.skip`` on step_end); run by
         ``fit`` on the host, it makes ``fit`` keep each step's old state instead of donating it.
-      period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold calls it on step_end only at
-        multiples of ``period``, so a periodic callback costs nothing between its steps.
+      period: set by ``every(n, ...)`` (and the ``checkpoint`` policy): on the host the fold
+        calls it on step_end only at multiples of ``period``, so a periodic callback costs
+        nothing between its steps.
       save_veto: ``save_veto(its state) -> (flag, why)``: ``fit`` saves no checkpoint while
         ``flag`` holds (a bool or a 0-d bool tensor), and warns with ``why`` (``nan_guard``
         vetoes a state whose last step was not finite).

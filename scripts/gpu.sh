@@ -109,7 +109,7 @@ EOF
 }
 
 hardware() {
-    local files; files=$(grep -l "mark.hardware" tests/test_*.py) || files=""
+    local files; files=$(grep -rl "mark.hardware" tests --include="test_*.py") || files=""
     [[ -n $files ]] || { echo "no test is marked hardware"; return 1; }
     # shellcheck disable=SC2086  # the file names have no spaces
     "$python" -m pytest -q -rA -p no:cacheprovider -m hardware $files 2>&1 \

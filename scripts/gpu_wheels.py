@@ -55,7 +55,7 @@ NEWER_GLIBC = (24, 31, 34, 35)
 MAX_BYTES = 60 * 2**20
 # carried at a pinned version, not derived: not installed here (CUDA only), so nothing here
 # imports it. name -> (version, what its wheel requires (Requires-Dist, extras aside): the
-# machine has each, checked by tests/test_gpu_wheels.py, why)
+# machine has each, checked by tests/tools/test_gpu_wheels.py, why)
 PINNED = {"liger-kernel": ("0.8.5", ("torch", "triton"),
                            "fx.losses.chunked_causal_lm(impl='liger'), the kit's fx_liger")}
 

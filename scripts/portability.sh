@@ -7,11 +7,11 @@
 # Usage: bash scripts/portability.sh [pytest args...]   (needs the .venv scripts/test.sh makes)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-files=(tests/test_step_reference.py tests/test_optim.py tests/test_optim_breadth.py
-       tests/test_optim_more.py tests/test_precision.py tests/test_random.py
-       tests/test_random_ops.py tests/test_step.py tests/test_remat.py
-       tests/test_torch_checkpoint.py
-       tests/test_demo.py::test_transformer_demo_generates_from_the_trained_module_and_exports_its_weights)
+files=(tests/unit/test_step_reference.py tests/unit/test_optim.py tests/unit/test_optim_breadth.py
+       tests/unit/test_optim_more.py tests/unit/test_precision.py tests/unit/test_random.py
+       tests/unit/test_random_ops.py tests/unit/test_step.py tests/unit/test_remat.py
+       tests/unit/test_torch_checkpoint.py
+       tests/unit/test_demo.py::test_transformer_demo_generates_from_the_trained_module_and_exports_its_weights)
 sets=("default MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=SSE41" "avx2")
 grep -qw avx512f /proc/cpuinfo 2>/dev/null && sets+=("avx512")
 status=0

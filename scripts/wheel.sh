@@ -4,12 +4,12 @@
 #   bash scripts/wheel.sh                       # build only: dist/fxtrain-*.whl and .tar.gz
 #   bash scripts/wheel.sh 2.11.0 2.15.0         # and installed beside torch 2.11.0, then 2.15.0
 # Each venv (.venv-wheel-torch$TORCH, remade every run) gets its torch first (through uv where
-# it is on PATH or beside this Python: its cache makes the 3 GB CUDA build a local copy; else
-# pip), then `pip install dist/fxtrain-*.whl` as a user would type it, with no constraint of
+# it is on PATH, else the one in .venv-wheel-build: its cache makes the 3 GB CUDA build a local
+# copy), then `pip install dist/fxtrain-*.whl` as a user would type it, with no constraint of
 # ours: the torch must be the same version, the same files (torch's RECORD hashed before and
 # after), and pip must not have collected another. Then `import fxtrain` runs a step there.
 # pip's cap on this machine (/etc/xdg/pip's torch<=2.14.1) is lifted for these installs only
-# (PIP_CONSTRAINT=""): it would replace a newer torch by itself, whatever fxtrain asks.
+# (PIP_CONSTRAINT=/dev/null): it would refuse a newer torch by itself, whatever fxtrain asks.
 # FXTRAIN_WHEEL_INSTALLER=pip installs each torch with pip (which reads this machine's local
 # wheels, torch 2.13.0's CPU build among them) instead of uv.
 # PYTHON picks the interpreter (default: scripts/python.sh's); FXTRAIN_WHEEL_DIST the folder.
@@ -21,17 +21,16 @@ python=$(bash scripts/python.sh)
 dist=${FXTRAIN_WHEEL_DIST:-dist}
 start=$SECONDS
 builder=.venv-wheel-build  # python -m build's own venv (kept): the frontend, nothing of fxtrain's
-if [[ ! -x $builder/bin/pyproject-build ]]; then
+if [[ ! -x $builder/bin/pyproject-build || ! -x $builder/bin/uv ]]; then
     "$python" -m venv "$builder"
-    "$builder/bin/python" -m pip install -q "build>=1.2"
+    "$builder/bin/python" -m pip install -q "build>=1.2" uv
 fi
 rm -rf "$dist" build
 "$builder/bin/python" -m build --outdir "$dist" . >"$dist.log" 2>&1 || { tail -30 "$dist.log"; exit 1; }
 wheel=$(ls "$dist"/fxtrain-*.whl)
 echo "built $(ls "$dist" | tr '\n' ' ')in $((SECONDS - start)) s"
-export PIP_CONSTRAINT="" PIP_DISABLE_PIP_VERSION_CHECK=1
-uv=$(command -v uv || true)
-[[ -z $uv && -x "$(dirname "$(command -v "$python")")/uv" ]] && uv="$(dirname "$(command -v "$python")")/uv"
+export PIP_CONSTRAINT=/dev/null PIP_DISABLE_PIP_VERSION_CHECK=1  # (an empty value is ignored)
+uv=$(command -v uv || echo "$builder/bin/uv")
 [[ ${FXTRAIN_WHEEL_INSTALLER:-} == pip ]] && uv=""  # torch through pip (its find-links too)
 
 torch_files() {  # the installed torch's version and a digest of its RECORD (every file's hash)

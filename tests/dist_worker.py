@@ -1,4 +1,4 @@
-"""Scenarios run in each process of a 2-process CPU (gloo) job by tests/test_distributed.py,
+"""Scenarios run in each process of a 2-process CPU (gloo) job by tests/unit/test_distributed.py,
 through torch.multiprocessing or torchrun. Each writes its results under ``out``."""
 
 import os

@@ -24,7 +24,7 @@ _KINDS = {"TypeError": TypeError, "ValueError": ValueError}
 def run_while_tracing(fn: Callable) -> Callable:
     """``torch.compiler.assume_constant_result(fn)`` without importing Dynamo when it is not
     loaded yet (importing it takes 1.4 s, which an eager run never needs): Dynamo's decorator
-    only marks the function, and the mark is the same (tests/test_traced_errors.py checks that
+    only marks the function, and the mark is the same (tests/unit/test_traced_errors.py checks that
     it still is). Dynamo then runs ``fn`` for real while tracing and uses its result as a
     constant."""
     if "torch._dynamo" in sys.modules:

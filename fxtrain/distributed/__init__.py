@@ -8,7 +8,7 @@ units, the tensor-parallel plan, the tied names) is ``_layout.py``; ``fx.shard``
 the face of sharding) makes a state of another layout (``_shard.py``, ``_meshes.py``,
 ``_units.py``, ``_tensor_parallel.py``), and a step looks its gradient path up from the layout
 (``_strategies.py``, ``_collectives.py``). Modules outside this folder use the names this file
-exports, never its private modules (``tests/test_layers.py`` checks). The process primitives
+exports, never its private modules (``tests/unit/test_layers.py`` checks). The process primitives
 (``rank``, ``world_size``, ``initialized``, the in-step means) are ``_ranks.py``, which this
 folder's modules call; the functions built on them are here and call them through this module,
 so replacing one here (a test's ``monkeypatch.setattr(fx.distributed, "rank", ...)``) holds

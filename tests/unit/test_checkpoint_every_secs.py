@@ -1,6 +1,6 @@
 """checkpoint_policy(every_secs=...): timed saves with a fake clock (no sleeping), restarted by
 every save, refused inside a step; the same steps on every rank (the 2-process case is in
-tests/test_distributed.py)."""
+tests/unit/test_distributed.py)."""
 
 import pytest
 

@@ -37,7 +37,7 @@ def floor_of(module: str) -> int:
     best = max(((len(name), i) for i, names in enumerate(FLOORS) for name in names
                 if module == name or module.startswith(name + ".")), default=None)
     if best is None:
-        raise AssertionError(f"fxtrain.{module} has no floor in tests/test_layers.py; add it")
+        raise AssertionError(f"fxtrain.{module} has no floor in tests/unit/test_layers.py; add it")
     return best[1]
 
 
@@ -185,7 +185,7 @@ def documented_floors(text: str) -> list[tuple[str, ...]]:
 def test_the_layout_page_lists_these_floors():
     layout = PACKAGE.parent / "docs" / "layout.md"
     assert documented_floors(layout.read_text(encoding="utf-8")) == list(FLOORS), (
-        "docs/layout.md's numbered floors differ from tests/test_layers.py's FLOORS")
+        "docs/layout.md's numbered floors differ from tests/unit/test_layers.py's FLOORS")
     planted = layout.read_text(encoding="utf-8").replace("`checkpoint`", "`checkpoint`, `loop`")
     assert documented_floors(planted) != list(FLOORS)
 

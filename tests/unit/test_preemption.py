@@ -1,5 +1,5 @@
 """SIGTERM during ``fit``: save, train_end with reason "preempted", exit code 143 (here in one
-process; two ranks, one of them terminated, then resumed, in tests/test_distributed.py)."""
+process; two ranks, one of them terminated, then resumed, in tests/unit/test_distributed.py)."""
 
 import os
 import signal
