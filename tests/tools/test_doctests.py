@@ -32,9 +32,7 @@ NEEDS = {
 }
 # examples of a feature an older torch lacks: they fail there (tests/conftest.py's needs_torch),
 # where a test asserts the refusal
-NEEDS_TORCH = {
-    "fxtrain.step._precompile.precompiled": (2, 13, "fx.precompiled saving a step"),
-}
+NEEDS_TORCH: dict[str, tuple] = {}  # none now: fx.precompiled keeps torch's caches before 2.13
 
 
 def _module_names() -> list[str]:

@@ -284,7 +284,6 @@ def _start(args: list[str]) -> subprocess.Popen:
     return run
 
 
-@pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
 def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
     _project(tmp_path)
     config = tmp_path / "config.yaml"
