@@ -30,9 +30,6 @@ NEEDS = {
     "fxtrain.callbacks.hf.hf_callback": "transformers",
     "fxtrain.apps._pretrained.export_pretrained": "transformers",
 }
-# examples of a feature an older torch lacks: they fail there (tests/conftest.py's needs_torch),
-# where a test asserts the refusal
-NEEDS_TORCH: dict[str, tuple] = {}  # none now: fx.precompiled keeps torch's caches before 2.13
 
 
 def _module_names() -> list[str]:
@@ -68,9 +65,7 @@ def _cases() -> list:
         globs = {"fx": fxtrain, "torch": torch, "nn": nn}
         for test in finder.find(module, name, extraglobs=globs):
             if test.examples:
-                marks = [pytest.mark.needs_torch(*NEEDS_TORCH[test.name])] \
-                    if test.name in NEEDS_TORCH else []
-                cases.append(pytest.param(test, id=test.name, marks=marks))
+                cases.append(pytest.param(test, id=test.name))
     return cases
 
 

@@ -46,7 +46,8 @@ def _files(root: Path) -> set[str]:
     """Every file under ``root`` (relative paths), skipping caches, .git and the venv."""
     found = set()
     for here, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in IGNORED_DIRS and not d.endswith(".egg-info")]
+        dirs[:] = [d for d in dirs if d not in IGNORED_DIRS and not d.endswith(".egg-info")
+                   and not d.startswith(".venv-")]  # scripts/compat.sh's, made beside the suite
         found.update(os.path.relpath(os.path.join(here, f), root) for f in files)
     return found
 
