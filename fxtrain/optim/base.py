@@ -68,9 +68,10 @@ def writing_into_state(opt_state: OptState) -> Iterator[None]:
     is a chain) writes each transform's new state into it as soon as the transform has run,
     for a caller that gives that state up (a step that donates it and never reverts it:
     ``fxtrain.donation``). A chain inside another transform is given a part of it and does
-    not: that transform may still read its old state. An eager AdamW update then holds Adam's new moments in the old ones' storage
-    instead of beside them until it ends: three trees of the parameters' size at its peak
-    (the gradients, the direction, the decayed direction) rather than five. Compiled, the
+    not: that transform may still read its old state. An eager AdamW update then holds Adam's
+    new moments in the old ones' storage instead of beside them until it ends: three trees of
+    the parameters' size at its peak (the gradients, the direction, the decayed direction)
+    rather than five. Compiled, the
     graph writes the donated state in place by itself."""
     token = _WRITES_INTO.set(opt_state)
     try:
@@ -148,9 +149,9 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
                              f"{type(state).__name__}; was it made by another optimizer?")
         writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is state
         new_state = []
-        for t, s in zip(transforms, state):
-            updates, s = update_weighted(t, updates, s, params, weight)
-            new_state.append(written_into(state[len(new_state)], s) if writes else s)
+        for t, old in zip(transforms, state):
+            updates, s = update_weighted(t, updates, old, params, weight)
+            new_state.append(written_into(old, s) if writes else s)
         return updates, tuple(new_state)
 
     weighted = any(isinstance(t, WeightedTransformation) for t in transforms)

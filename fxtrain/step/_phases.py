@@ -8,6 +8,8 @@ sequence.
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -233,10 +235,7 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
         # compiled, the graph writes the donated state in place by itself
         writes = not torch.compiler.is_compiling() and donating and scaler is None and \
             len(args.callbacks) == 0
-        if writes:
-            with writing_into_state(state.opt_state):
-                new, metrics = applied(args, state, plan, out, weight)
-        else:
+        with writing_into_state(state.opt_state) if writes else contextlib.nullcontext():
             new, metrics = applied(args, state, plan, out, weight)
         if scaler is not None:
             new = loss_scaled(state, new, metrics, scaler, out.finite)

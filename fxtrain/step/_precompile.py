@@ -232,12 +232,7 @@ class Precompiled:
         if not aot.AVAILABLE:
             return None, self._load_caches(state, batch, options)
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
-        made, replace = None, True
-        try:
-            made = _read(self.path, key, self.train_step)
-        except stored.Unusable as e:
-            warnings.warn(str(e), stacklevel=3)
-            replace = e.replace
+        made, replace = self._read_or_warn(key, stacklevel=3)  # the step's caller
         loaded = made is not None
         if not loaded:
             made, body = self._make(state, batch, options)
@@ -248,18 +243,22 @@ class Precompiled:
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
         return made, loaded
 
+    def _read_or_warn(self, key: str, stacklevel: int) -> tuple[Any, bool]:
+        """(what the file holds for ``key`` or None, whether a save may replace the file): a
+        file it cannot use is a warning naming why (``stored.Unusable``), never an error."""
+        try:
+            return _read(self.path, key, self.train_step), True
+        except stored.Unusable as e:
+            warnings.warn(str(e), stacklevel=stacklevel + 1)
+            return None, e.replace
+
     def _load_caches(self, state: Any, batch: Any, options: dict) -> bool:
         """The caches route (torch before 2.13): the file's compile caches loaded where it
         holds them for these inputs (True), else the step's saved after its first call; either
         way ``torch.compile`` with ``options`` makes the step."""
         key = fingerprint(self.train_step, state, batch, self.kwargs, options, route="caches")
         self._fallback = torch.compile(self.train_step, fullgraph=True, options=options)
-        loaded, replace = None, True
-        try:
-            loaded = _read(self.path, key, self.train_step)
-        except stored.Unusable as e:
-            warnings.warn(str(e), stacklevel=4)
-            replace = e.replace
+        loaded, replace = self._read_or_warn(key, stacklevel=4)
         if loaded is None and replace:
             self._caches_key = key
         return loaded is not None

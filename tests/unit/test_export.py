@@ -68,6 +68,10 @@ def test_the_skeleton_points_to_trained_module_and_a_donated_state_is_refused():
     state, (x, _) = _trained(mlp())
     with pytest.raises(RuntimeError, match="fx.trained_module"):
         state.module(x)
+    out = fx.trained_module(state)  # its copy of the guard removed: on the meta device it
+    assert out.to("meta")(x.to("meta")).is_meta  # runs as any module does
+    with pytest.raises(RuntimeError, match="fx.trained_module"):
+        state.module(x)  # the state's own skeleton keeps its guard
     fx.donation.mark(state)
     with pytest.raises(DonatedError):
         fx.trained_module(state)
