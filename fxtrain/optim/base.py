@@ -80,6 +80,15 @@ def writing_into_state(opt_state: OptState) -> Iterator[None]:
         _WRITES_INTO.reset(token)
 
 
+def writable(state: OptState) -> bool:
+    """Whether a transform may write its new ``state`` over the one it was given, in place
+    (uncompiled, inside ``writing_into_state``, when ``state`` is one of the states the
+    optimizer's own chain gives its transforms): as ``torch.optim`` updates Adam's moments,
+    so that the new ones never sit beside the old ones."""
+    given = None if torch.compiler.is_compiling() else _WRITES_INTO.get()
+    return isinstance(given, tuple) and any(state is s for s in given)
+
+
 def update_weighted(tx: GradientTransformation, updates: Updates, state: OptState,
                     params: Params | None, weight: torch.Tensor | None
                     ) -> tuple[Updates, OptState]:

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
-from .base import GradientTransformation, ScalarOrSchedule
+from .base import GradientTransformation, ScalarOrSchedule, writable
 from .masks import Mask, by_name, check
 
 
@@ -100,6 +100,14 @@ def _moments(updates, mu, nu, b1, b2):
             _ema_of_squares(updates, nu, b2))
 
 
+def _moments_in_place(updates, mu, nu, b1, b2):
+    """``_moments`` written over ``mu`` and ``nu`` (the same operations, so the same bits):
+    for a state its caller gives up (``fxtrain.optim.base.writable``)."""
+    return (tree_map(lambda m, g: m.lerp_(g, 1 - _scalar(b1, g)), mu, updates),
+            tree_map(lambda v, g: v.mul_(_scalar(b2, g)).add_((1 - _scalar(b2, g)) * g * g),
+                     nu, updates))
+
+
 def _ema(updates, averages, decay):
     """``avg <- decay avg + (1 - decay) g`` per leaf (optax's first-order update_moment)."""
     return tree_map(lambda m, g: (1 - _scalar(decay, g)) * g + _scalar(decay, g) * m,
@@ -176,7 +184,8 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         del params
         _check_state(state.mu, updates, "scale_by_adam")
         count = state.count + 1
-        mu, nu = _moments(updates, state.mu, state.nu, b1, b2)
+        moments = _moments_in_place if writable(state) else _moments  # an eager, donated step
+        mu, nu = moments(updates, state.mu, state.nu, b1, b2)
 
         def corrections(like):
             bc2 = _bias_correction(b2, count, like)
