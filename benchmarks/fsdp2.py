@@ -148,7 +148,7 @@ def profiled(variant: str, args, rank: int, out: str) -> None:
         prof.export_chrome_trace(out)
 
 
-COLLECTIVES = ("all_gather_into_tensor", "reduce_scatter_tensor", "FSDP::all_gather",
+COLLECTIVES = ("all_gather_into_tensor", "allgather", "reduce_scatter_tensor", "FSDP::all_gather",
                "FSDP::post_backward_reduce", "aten::_foreach_add_", "adam")
 
 

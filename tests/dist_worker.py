@@ -197,7 +197,7 @@ def gathers(step, state, batch):
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func in (c10d.all_gather_into_tensor.default, torch.ops.fxtrain.all_gather_shard
-                        .default):
+                        .default, torch.ops.c10d._allgather_base_.default):
                 seen["all_gather"] += 1
                 seen["dtypes"].add(("all_gather", str(args[0].dtype)))
             if func is c10d.reduce_scatter_tensor.default:

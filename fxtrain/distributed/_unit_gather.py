@@ -27,6 +27,7 @@ import weakref
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from .._torch import collectives
 from .._torch.autograd import saved_tensors_hooks_active
@@ -58,17 +59,24 @@ class Plan:
         """The whole parameters of this rank's ``shards``: one all-gather, copied out."""
         return self.copied_out(self.issued(shards))
 
-    def issued(self, shards: list[torch.Tensor]) -> torch.Tensor:
-        """The all-gather of this rank's ``shards`` (each padded), under way: a tensor that
-        waits for it when ``copied_out`` reads it."""
+    def issued(self, shards: list[torch.Tensor]) -> Issued:
+        """The all-gather of this rank's ``shards`` (each padded), under way. They are copied
+        into this rank's rows of the gather's buffer, which the gather fills in place (FSDP2's
+        copy-in): no buffer of the shards beside it."""
         dtype = self.dtype or shards[0].dtype
-        pieces = [_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, self.sizes())]
-        return collectives.all_gather_single(torch.cat(pieces), 0, self.mesh)
+        sizes = self.sizes()
+        flat = torch.empty((self.world, sum(sizes)), dtype=dtype, device=shards[0].device)
+        mine = flat[self.mesh.get_local_rank()]
+        torch.cat([_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, sizes)],
+                  out=mine)
+        group = self.mesh.get_group()
+        return Issued(flat, dist.all_gather_into_tensor(flat.view(-1), mine, group=group,
+                                                        async_op=True))
 
-    def copied_out(self, issued: torch.Tensor) -> list[torch.Tensor]:
+    def copied_out(self, issued: Issued) -> list[torch.Tensor]:
         """The whole parameters out of an ``issued`` all-gather's buffer (rank by rank, each
         parameter's rows): one copy into a buffer per parameter, as FSDP2's copy-out."""
-        flat = collectives.wait_tensor(issued).view(self.world, -1)
+        flat = issued.wait()
         sizes = self.sizes()
         out = [flat.new_empty((self.world, n)) for n in sizes]
         torch.split_with_sizes_copy(flat, sizes, dim=1, out=out)
@@ -93,6 +101,18 @@ class Plan:
             out.append(mine[at:at + n].view(self.rows(shape), *shape[1:])[:held].to(shard_dtype))
             at += n
         return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Issued:
+    """An all-gather under way: its buffer (a row per rank), and the work to wait on."""
+
+    flat: torch.Tensor
+    work: Any
+
+    def wait(self) -> torch.Tensor:
+        self.work.wait()
+        return self.flat
 
 
 def _padded(flat: torch.Tensor, n: int) -> torch.Tensor:
@@ -140,7 +160,7 @@ class Regathered:
         self.before = before  # a weak reference to the unit whose forward ran before this one
         self.index: dict[int, int] = {}
         self.whole: list[torch.Tensor] | None = None
-        self.issued: torch.Tensor | None = None  # its gather for the backward, started early
+        self.issued: Issued | None = None  # its gather for the backward, started early
         self.packed = self.unpacked = 0
 
     def gathered(self, whole: tuple[torch.Tensor, ...]) -> None:
@@ -153,7 +173,7 @@ class Regathered:
         op of the unit that needs them is left; one whose output the loss does not use never
         unpacks, and would keep them until the graph goes)."""
         if self.issued is not None:  # started for a backward that did not come: waited for
-            collectives.wait_tensor(self.issued)
+            self.issued.wait()
         self.whole, self.index, self.issued = None, {}, None
 
     def prefetch(self) -> None:
@@ -183,9 +203,9 @@ class Regathered:
     def take(self, i: int, shape: tuple, stride: tuple, offset: int) -> torch.Tensor:
         if self.whole is None:
             with torch.no_grad():
-                issued, self.issued = self.issued, None
-                self.whole = self.plan.copied_out(
-                    issued if issued is not None else self.plan.issued(self.shards))
+                issued, self.issued = self.issued or self.plan.issued(self.shards), None
+                self.whole = self.plan.copied_out(issued)
+                del issued  # its buffer goes before the next unit's gather is started
             before = self.before() if self.before is not None else None
             if before is not None:
                 before.prefetch()
