@@ -92,8 +92,8 @@ def held(state: Any, peak: int | None = None) -> Held:
     Examples:
         >>> from fxtrain._memory import held
         >>> state = fx.TrainState.create(nn.Linear(4, 2), fx.optim.adam(1e-3))
-        >>> held(state, peak=100)  # 40 bytes of parameters; Adam keeps two moments and a count
-        Held(parameters=40, gradients=40, optimizer=88, buffers=0, peak=100, activations=60)
+        >>> held(state, peak=100)  # 40 bytes of parameters; Adam: two moments, counts
+        Held(parameters=40, gradients=40, optimizer=100, buffers=0, peak=100, activations=60)
     """
     parameters = local_nbytes(state.params)
     activations = None if peak is None else max(peak - parameters, 0)

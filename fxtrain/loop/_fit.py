@@ -35,6 +35,7 @@ from ..data._batches import as_stream
 from ._evaluation import evaluate
 from ..data._feed import Feed, prefetches
 from ._flags import PendingFlags
+from ..callbacks.memory_snapshot import default_snapshot, explain, out_of_memory
 from ..callbacks.progress import with_default_progress
 from ._run import Progress, RunPlan, check_fit_args
 from ..step._call import step_call, undo
@@ -298,9 +299,13 @@ def _boundary(plan: RunPlan, progress: Progress) -> str | None:
 def _fail(plan: RunPlan, progress: Progress, error: Exception) -> None:
     """An error ends the run: the exception event (a save it asks for is made when the state
     is whole and one process runs), then train_end; the caller re-raises ``error``, with a note
-    when a callback failed on the way."""
+    when a callback failed on the way, and for an out-of-memory error notes of what the step
+    held, a snapshot (CUDA) and the levers (``fxtrain.callbacks.memory_snapshot``)."""
     try:
         control = _emit(plan, progress, "exception", error=error)
+        if out_of_memory(error):  # what the step held, a snapshot, the levers
+            explain(error, progress.state, progress.step,
+                    snapshot=default_snapshot(progress.step))
         progress.pending = PendingFlags()  # no collective reads now: another rank may be gone
         if bool(control.save):
             why = ("it was raised inside a step that may have donated the state"
