@@ -97,7 +97,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         max_memory_mib: for batch_size auto, the memory the state and a step may use, in MiB
             (required on the CPU, where running out of memory ends the process; on a GPU
             the search stops at the first out-of-memory error, or at this cap).
-        precision: 32, bf16-mixed, 16-mixed or bf16-true.
+        precision: 32, bf16-mixed, 16-mixed, bf16-true, fp8 or fp8-rowwise (torchao's float8
+            linear layers, on a GPU of compute capability 8.9 or more).
         compile: compile the step with torch.compile (fullgraph); precompiled also keeps the
             compiled step in workdir/step.precompiled (fx.precompiled), which a resumed run
             of the same code loads instead of compiling again; false runs it eagerly, which
@@ -201,6 +202,9 @@ def _parts(v: dict[str, Any]) -> tuple:
     batches = _data(v, "data") if v["batch_size"] != "auto" else None  # found later
     evaluation = _data(v, "eval_data") if v["eval_data"] else None
     loss_fn = _loss(v["loss"])
+    from ..precision import policy
+
+    module = policy(v["precision"]).convert(module)  # fp8: torchao's float8 linear layers
     state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
     eval_step = make_eval_step(loss_fn) if evaluation is not None else None

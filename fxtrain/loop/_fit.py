@@ -28,7 +28,7 @@ import warnings
 
 from ..step import _k_steps
 from . import _resuming
-from .. import distributed, donation
+from .. import distributed, donation, precision
 from ..protocol import (Callback, Control, Event, fold_reporting, init, loop_event, save_veto,
                         stop_reasons, with_log_request)
 from ..data._batches import as_stream
@@ -171,6 +171,8 @@ def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, m
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
     spec = step_spec(train_step)
+    if spec.precision.startswith("fp8"):  # the model converted, on a device that runs float8
+        precision.policy(spec.precision).check_module(state.module, state.step.device)
     state = init((*spec.step_states, *spec.in_step_callbacks, *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
