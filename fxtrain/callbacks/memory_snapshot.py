@@ -154,8 +154,13 @@ def out_of_memory(error: BaseException | None) -> bool:
     return False
 
 
+def _rank() -> str:
+    """``-rank<r>`` in a job of several ranks (each writes its own snapshot), else nothing."""
+    return f"-rank{distributed.rank()}" if distributed.world_size() > 1 else ""
+
+
 def _oom_path(path: Path, step: int) -> Path:
-    return path.with_name(f"{path.stem}-oom-step{step}{path.suffix}")
+    return path.with_name(f"{path.stem}-oom-step{step}{_rank()}{path.suffix}")
 
 
 def default_snapshot(step: int) -> Path | None:
@@ -164,7 +169,7 @@ def default_snapshot(step: int) -> Path | None:
     if not (torch.cuda.is_available() and torch.cuda.is_initialized()
             and cuda_memory.available()):
         return None
-    return Path(tempfile.gettempdir()) / f"fxtrain-oom-step{step}-{os.getpid()}.pickle"
+    return Path(tempfile.gettempdir()) / f"fxtrain-oom-step{step}{_rank()}-{os.getpid()}.pickle"
 
 
 def explain(error: BaseException, state: Any, step: int, *, snapshot: Path | None,

@@ -11,6 +11,7 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain._memory import held
+from helpers import graph_count
 
 
 def _run(k=None, *, compiled=False):
@@ -33,9 +34,11 @@ def _run(k=None, *, compiled=False):
 def test_callback_on_the_cpu_writes_the_accounting(tmp_path, capsys):
     state, step, data = _run(compiled=True)
     path = tmp_path / "snap" / "memory.pickle"
+    torch._dynamo.utils.counters.clear()
     state = fx.fit(state, step, data, max_steps=5, progress=False,
                    callbacks=[fx.callbacks.memory_snapshot(3, path, skip=1)])
     assert "fxtrain: memory of steps 2 to 4 (cpu)" in capsys.readouterr().out
+    assert graph_count() == 1  # profiling the steps recompiles nothing
     assert not path.exists()  # no allocator history on the CPU
     written = json.loads(path.with_suffix(".json").read_text())
     params = 4 * (16 * 64 + 64 + 64 + 1)
