@@ -204,7 +204,10 @@ def _parts(v: dict[str, Any]) -> tuple:
     loss_fn = _loss(v["loss"])
     from ..precision import policy
 
-    module = policy(v["precision"]).convert(module)  # fp8: torchao's float8 linear layers
+    try:  # fp8: torchao's float8 linear layers
+        module = policy(v["precision"]).convert(module)
+    except (ImportError, RuntimeError, ValueError) as e:  # no torchao, no float8 here
+        raise ConfigError(f"precision: {e}") from e
     state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
     eval_step = make_eval_step(loss_fn) if evaluation is not None else None

@@ -372,3 +372,15 @@ def test_train_batch_size_auto_searches_under_the_cap(tmp_path, capsys, monkeypa
     assert main(["train", str(config), "--workdir", str(tmp_path / "twice"), "--batch_size",
                  "24", "--data_args", "{batch_size: 8}"]) == 2
     assert "given twice" in capsys.readouterr().err
+
+
+def test_train_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path, capsys):
+    """fp8 converts the config's model to torchao's float8 layers; on the CPU (no float8
+    products, no emulation from the command line) it is refused before anything is written."""
+    config = _project(tmp_path)
+    assert main(["train", str(config), "--workdir", str(tmp_path / "fp8"), "--precision",
+                 "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "precision: precision 'fp8': float8 matrix products" in err or \
+        "precision: precision='fp8' trains on torchao's float8" in err
+    assert not (tmp_path / "fp8" / "config.yaml").exists()
