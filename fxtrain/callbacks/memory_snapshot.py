@@ -191,8 +191,8 @@ def explain(error: BaseException, state: Any, step: int, *, snapshot: Path | Non
         except Exception as e:  # the report must not hide the error
             where = f"no snapshot ({type(e).__name__}: {e})"
     error.add_note(
-        f"{MARK} in the train step from step {step} on {device}. The step held, by the state's accounting: "
-        f"{accounting.describe()}"
+        f"{MARK} in the train step from step {step} on {device}. The step held, by the "
+        f"state's accounting: {accounting.describe()}"
         + (" (the allocator's peak less the state and the gradients; the allocation that "
            "failed comes on top)" if device.type == "cuda" else
            "" if peak is not None else

@@ -10,12 +10,12 @@ within ``max_bytes``, when given. On CUDA a size that does not fit is mostly one
 cached blocks released, and the search goes on. On the CPU running out of memory ends the
 process (the kernel's OOM killer) rather than raising, so there ``max_bytes`` is required.
 
-The search doubles the size from ``init`` until one does not fit (or ``max_size`` is
-reached), then bisects between the largest that fitted and the smallest that did not, to within 1/32 of
-the largest (Lightning bisects to 1; each trial of a new size may compile). The
-result is that largest size less a ``margin`` (a fraction of it): the peak moves with the data
-(a longer sequence, a fuller batch of packed documents) and the allocator fragments over a
-long run.
+The search doubles the size from ``init_size`` until one does not fit (or ``max_size`` is
+reached), then bisects between the largest that fitted and the smallest that did not, to within
+1/32 of the largest (Lightning bisects to 1; each trial of a new size may compile). The result
+is that largest size less a ``margin`` (a fraction of it): the peak moves with the data (a
+longer sequence, a fuller batch of packed documents) and the allocator fragments over a long
+run.
 """
 
 from __future__ import annotations

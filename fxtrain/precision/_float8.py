@@ -38,7 +38,7 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
 
     Examples:
         >>> from fxtrain.precision._float8 import default_filter
-        >>> default_filter(nn.Linear(32, 64), "blocks.0.mlp"), default_filter(nn.Linear(32, 10), "fc")
+        >>> default_filter(nn.Linear(32, 64), "block.up"), default_filter(nn.Linear(32, 10), "fc")
         (True, False)
         >>> default_filter(nn.Linear(64, 256), "lm_head")
         False
