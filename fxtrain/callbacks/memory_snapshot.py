@@ -122,7 +122,7 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
     def fn(state, event):
         if event.kind == "train_begin" or not run:
             begin(state)
-        elif event.kind == "step_end":
+        if event.kind == "step_end":
             run["seen"] += 1
             if run["seen"] == skip:
                 start(state, event.step)

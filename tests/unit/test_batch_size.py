@@ -7,6 +7,7 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain.loop._batch_size import _search, Trial
+from helpers import TRACED
 
 
 def loss_fn(state, params, batch):
@@ -41,7 +42,7 @@ def test_cpu_cap_chooses_a_size_and_leaves_the_state(compiled):
     digest = fx.tree_digest(state)
     step = fx.make_train_step(loss_fn)
     if compiled:
-        step = torch.compile(step, fullgraph=True)
+        step = torch.compile(step, fullgraph=True, backend=TRACED)  # the search's, not Inductor's
     found = fx.find_batch_size(state, step, make_data, init_size=32, max_bytes=2**20)
     sizes = [t.batch_size for t in found.tried]
     assert sizes[:4] == [32, 64, 128, 256]  # doubling until one does not fit
@@ -68,8 +69,10 @@ def test_cpu_cap_chooses_a_size_and_leaves_the_state(compiled):
 def test_deterministic_on_the_cpu():
     state, make_data = _setup()
     step = fx.make_train_step(loss_fn)
-    a = fx.find_batch_size(state, step, make_data, init_size=32, max_bytes=2**20, steps=1)
-    b = fx.find_batch_size(state, step, make_data, init_size=32, max_bytes=2**20, steps=1)
+    kwargs = dict(init_size=256, max_bytes=2**20, steps=1, max_trials=4)
+    a = fx.find_batch_size(state, step, make_data, **kwargs)
+    b = fx.find_batch_size(state, step, make_data, **kwargs)
+    assert len(a.tried) == 4 and len({t.fits for t in a.tried}) == 2
     assert a.tried == b.tried and a.batch_size == b.batch_size
 
 
@@ -84,7 +87,7 @@ def test_out_of_memory_is_caught_and_the_state_kept():
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return inner(state, batch, **kwargs)
     step.spec = fx.step_spec(inner)
-    found = fx.find_batch_size(state, step, make_data, init_size=50, max_bytes=2**30)
+    found = fx.find_batch_size(state, step, make_data, init_size=50, max_bytes=2**30, steps=1)
     assert [(t.batch_size, t.fits) for t in found.tried] == [
         (50, True), (100, True), (200, True), (400, False), (300, False), (250, False),
         (225, False), (212, False), (206, False)]
