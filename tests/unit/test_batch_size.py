@@ -106,3 +106,15 @@ def test_refusals():
                            max_bytes=2**20)
     with pytest.raises(RuntimeError, match="no batch size fits, not even 1"):
         fx.find_batch_size(state, step, make_data, max_bytes=1000, steps=1)
+
+
+def test_a_cuda_graphed_steps_trials_run_the_step_it_wraps():
+    """No graph is captured at a trial's size: fit captures it at the size found (the class is
+    built directly: cuda_graphed itself refuses a machine without CUDA)."""
+    from fxtrain.step._graphs import CudaGraphed
+
+    state, make_data = _setup()
+    graphed = CudaGraphed(fx.make_train_step(loss_fn), warmup=2)
+    found = fx.find_batch_size(state, graphed, make_data, init_size=512, max_bytes=2**20,
+                               steps=1, max_trials=2)
+    assert len(found.tried) == 2 and graphed.calls == 0 and graphed.graph is None
