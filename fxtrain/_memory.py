@@ -32,7 +32,7 @@ import torch
 
 from .distributed import local_nbytes
 
-__all__ = ["Held", "held", "measured", "format_bytes"]
+__all__ = ["Held", "held", "measured", "format_bytes", "out_of_memory"]
 
 
 def format_bytes(n: float | None) -> str:
@@ -100,6 +100,16 @@ def held(state: Any, peak: int | None = None) -> Held:
     return Held(parameters=parameters, gradients=parameters,
                 optimizer=local_nbytes(state.opt_state), buffers=local_nbytes(state.buffers),
                 peak=peak, activations=activations)
+
+
+def out_of_memory(error: BaseException | None) -> bool:
+    """Whether ``error`` is, or was raised from, ``torch.OutOfMemoryError`` (the compiler
+    wraps an error raised while it compiles)."""
+    while error is not None:
+        if isinstance(error, torch.OutOfMemoryError):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 class Peak:

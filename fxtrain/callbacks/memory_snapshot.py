@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from .. import distributed
-from .._memory import Held, format_bytes, held, measured
+from .._memory import Held, format_bytes, held, measured, out_of_memory
 from .._torch import memory as cuda_memory
 from .core import NOTHING, Callback
 
@@ -90,9 +90,9 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
         run.update(seen=0, first=None, peak=None, device=device,
                    history=device.type == "cuda" and cuda_memory.available())
         if skip == 0:
-            start(state, 0)
+            start(0)
 
-    def start(state, step):
+    def start(step):
         run["first"] = step + 1
         if run["history"]:
             cuda_memory.record(max_entries)
@@ -125,7 +125,7 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
         if event.kind == "step_end":
             run["seen"] += 1
             if run["seen"] == skip:
-                start(state, event.step)
+                start(event.step)
             elif "measure" in run and run["seen"] == skip + steps:
                 finish(state, event.step)
         elif event.kind == "exception" and out_of_memory(event.error):
@@ -134,24 +134,15 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
             cuda = state.step.device.type == "cuda" and cuda_memory.available()
             explain(event.error, state, event.step, peak=run.get("peak"),
                     snapshot=_oom_path(path, event.step) if cuda else None)
-        elif event.kind == "train_end":
+        elif event.kind == "train_end":  # a run shorter than the window ends it too
             window.close()
             run.pop("measure", None)
-            if run.get("history") and keep_recording:
+            if run.get("history"):
                 cuda_memory.stop()
         return state, NOTHING
 
     return Callback(name, None, fn, host=True,
                     kinds=("train_begin", "step_end", "exception", "train_end"))
-
-
-def out_of_memory(error: BaseException | None) -> bool:
-    """Whether ``error`` is, or was raised from, ``torch.OutOfMemoryError``."""
-    while error is not None:
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def _rank() -> str:

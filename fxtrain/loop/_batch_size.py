@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .. import donation
-from .._memory import Held, format_bytes, held, measured
+from .._memory import Held, format_bytes, held, measured, out_of_memory
 from ..data._batches import as_stream
 from ..data._feed import to_device
 from ..protocol import init
@@ -226,7 +226,7 @@ def _trial(state: Any, step: Callable, kwargs: dict, data: Any, size: int, steps
                 step(state, batch, **kwargs)
             peak = max(peak, measure.bytes)
     except Exception as e:
-        if not _out_of_memory(e):
+        if not out_of_memory(e):
             raise
         oom = True  # the handler's end drops the error and its frames (the tensors they hold)
     batch = None
@@ -236,16 +236,6 @@ def _trial(state: Any, step: Callable, kwargs: dict, data: Any, size: int, steps
     if max_bytes is not None and held(state).state + peak > max_bytes:
         return Trial(size, False, peak, "over max_bytes")
     return Trial(size, True, peak)
-
-
-def _out_of_memory(error: BaseException | None) -> bool:
-    """Whether ``error`` is, or was raised from, ``torch.OutOfMemoryError`` (the compiler
-    wraps an error raised while it compiles)."""
-    while error is not None:
-        if isinstance(error, torch.OutOfMemoryError):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def _release(device: torch.device) -> None:

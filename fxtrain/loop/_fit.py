@@ -35,7 +35,8 @@ from ..data._batches import as_stream
 from ._evaluation import evaluate
 from ..data._feed import Feed, prefetches
 from ._flags import PendingFlags
-from ..callbacks.memory_snapshot import default_snapshot, explain, out_of_memory
+from .._memory import out_of_memory
+from ..callbacks.memory_snapshot import default_snapshot, explain
 from ..callbacks.progress import with_default_progress
 from ._run import Progress, RunPlan, check_fit_args
 from ..step._call import step_call, undo
