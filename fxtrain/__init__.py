@@ -30,7 +30,7 @@ _NAMES = {
     "export_pretrained": "apps._pretrained", "to_device": "data", "shard": "sharding",
     "TrainState": "state", "tree_digest": "tree", "train": "apps._configured",
     **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
-                     "LrFind"), "loop"),
+                     "LrFind", "find_batch_size", "BatchSizeFind"), "loop"),
     **dict.fromkeys(("make_train_step", "make_eval_step", "StepSpec", "step_spec",
                      "cuda_graphed", "precompiled", "regional", "remat"), "step"),
 }
@@ -83,13 +83,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .tree import tree_digest
     from .apps._configured import train
     from .loop._lr_find import LrFind, lr_find
+    from .loop._batch_size import BatchSizeFind, find_batch_size
     from .step._precompile import precompiled
 
 __all__ = [
     # the state, the step, the loop
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
-    "train", "lr_find", "LrFind", "precompiled", "regional",
+    "train", "lr_find", "LrFind", "find_batch_size", "BatchSizeFind", "precompiled", "regional",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
     "cuda_graphed",

@@ -8,7 +8,8 @@ downloaded here, where pip reaches a registry:
                     module (and transformers, for benchmarks/gpu_transformer.py) loads, and
                     pyproject's dependencies, with what they require on the machine's Python and
                     platform, less the machine's list; at the versions installed here (what the
-                    suite tested). And ``PINNED``: what only the GPU runs (liger-kernel, whose
+                    suite tested). And ``PINNED``: what fxtrain imports only when it is used
+                    (torchao, for precision='fp8') or only the GPU runs (liger-kernel, whose
                     Triton kernels need CUDA), at its pinned version. ``--why`` says, after a
                     ``#``, what needs each.
   download DIR      ``list``'s wheels for CPython 3.12 on manylinux x86_64 into DIR, and only
@@ -53,11 +54,14 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x
 # tried when no wheel matches PLATFORMS: wheels built for a newer glibc (the image's is newer)
 NEWER_GLIBC = (24, 31, 34, 35)
 MAX_BYTES = 60 * 2**20
-# carried at a pinned version, not derived: not installed here (CUDA only), so nothing here
-# imports it. name -> (version, what its wheel requires (Requires-Dist, extras aside): the
-# machine has each, checked by tests/tools/test_gpu_wheels.py, why)
+# carried at a pinned version, not derived: nothing that importing fxtrain's modules loads
+# (liger-kernel: CUDA only, not installed here; torchao: imported when a model is converted).
+# name -> (version, what its wheel requires (Requires-Dist, extras aside): the machine has
+# each, checked by tests/tools/test_gpu_wheels.py, why)
 PINNED = {"liger-kernel": ("0.8.5", ("torch", "triton"),
-                           "fx.losses.chunked_causal_lm(impl='liger'), the kit's fx_liger")}
+                           "fx.losses.chunked_causal_lm(impl='liger'), the kit's fx_liger"),
+          "torchao": ("0.18.0", (), "precision='fp8' (fx.precision.float8): float8 matrix "
+                      "products on the GPU; imported only when a model is converted")}
 
 
 class NotInstalled(LookupError):

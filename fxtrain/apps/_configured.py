@@ -64,7 +64,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         model_args: dict[str, Any] | None = None, data_args: dict[str, Any] | None = None,
         eval_data: str | None = None, eval_data_args: dict[str, Any] | None = None,
         optim: Optim = Optim(), max_steps: int = 1000, max_epochs: int | None = None,
-        eval_every: int | None = None, precision: str = "32",
+        eval_every: int | None = None, batch_size: int | Literal["auto"] | None = None,
+        max_memory_mib: float | None = None, precision: str = "32",
         compile: bool | Literal["precompiled"] = True,
         seed: int = 0, workdir: str = "runs/train", log_every: int = 50,
         checkpoint_every: int | None = 500, keep: int = 2,
@@ -88,7 +89,16 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         max_steps: the step training ends at (counted over resumes).
         max_epochs: stop after this many epochs too (None: max_steps alone).
         eval_every: steps between evaluations (None: at each epoch end).
-        precision: 32, bf16-mixed, 16-mixed or bf16-true.
+        batch_size: passed to the data factory as its batch_size argument (None: the
+            factory's own, or data_args'); auto: the largest that fits in memory, found by
+            fx.find_batch_size on real steps (less 10%), printed before training; a resume
+            searches again (on the CPU the search is deterministic; elsewhere pass the size it
+            printed to pin it).
+        max_memory_mib: for batch_size auto, the memory the state and a step may use, in MiB
+            (required on the CPU, where running out of memory ends the process; on a GPU
+            the search stops at the first out-of-memory error, or at this cap).
+        precision: 32, bf16-mixed, 16-mixed, bf16-true, fp8 or fp8-rowwise (torchao's float8
+            linear layers, on a GPU of compute capability 8.9 or more).
         compile: compile the step with torch.compile (fullgraph); precompiled also keeps the
             compiled step in workdir/step.precompiled (fx.precompiled), which a resumed run
             of the same code loads instead of compiling again; false runs it eagerly, which
@@ -136,6 +146,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             step = precompiled(step, root / "step.precompiled")
         elif compile:
             step = torch.compile(step, fullgraph=True)
+        if batch_size == "auto":
+            batches = _found_batches(values, state, step)
         writer = MultiWriter([])  # its writers made at setup, after the restore
 
         def started(state: Any, event: Any) -> None:
@@ -185,14 +197,48 @@ def _parts(v: dict[str, Any]) -> tuple:
     if not isinstance(module, torch.nn.Module):
         raise ConfigError(f"model: {v['model']} returned {type(module).__name__}, not an "
                           "nn.Module")
-    batches = _data(v, "data")
+    if isinstance(v["batch_size"], int):
+        v = {**v, "data_args": {**(v["data_args"] or {}), "batch_size": v["batch_size"]}}
+    batches = _data(v, "data") if v["batch_size"] != "auto" else None  # found later
     evaluation = _data(v, "eval_data") if v["eval_data"] else None
     loss_fn = _loss(v["loss"])
+    from ..precision import policy
+
+    try:  # fp8: torchao's float8 linear layers
+        module = policy(v["precision"]).convert(module)
+    except (ImportError, RuntimeError, ValueError) as e:  # no torchao, no float8 here
+        raise ConfigError(f"precision: {e}") from e
     state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
     eval_step = make_eval_step(loss_fn) if evaluation is not None else None
     return (state, step, eval_step, batches, evaluation,
             [_callback(spec) for spec in v["callbacks"] or ()])
+
+
+def _found_batches(v: dict[str, Any], state: Any, step: Any) -> Any:
+    """The training data at the batch size ``fx.find_batch_size`` finds (``batch_size:
+    auto``), its search printed."""
+    from .. import distributed
+    from ..loop._batch_size import find_batch_size
+
+    if distributed.world_size() > 1:
+        raise ConfigError("batch_size: auto searches one process's memory, and the ranks of a "
+                          "job could choose different sizes; search in one process, then pass "
+                          "the size it prints")
+    cap = v["max_memory_mib"]
+    if cap is None and state.step.device.type != "cuda":
+        raise ConfigError(f"max_memory_mib: batch_size auto on {state.step.device.type} needs "
+                          "a cap (running out of memory there ends the process instead of "
+                          "raising an error): give the memory the state and a step may use")
+
+    def make_data(size: int) -> Any:
+        return _data({**v, "data_args": {**(v["data_args"] or {}), "batch_size": size}},
+                     "data")
+
+    found = find_batch_size(state, step, make_data,
+                            max_bytes=None if cap is None else int(cap * 2**20))
+    print(f"fxtrain train: batch_size auto: {found.batch_size}\n{found.trace()}", flush=True)
+    return found.data()
 
 
 def _check(v: dict[str, Any]) -> None:
@@ -204,6 +250,13 @@ def _check(v: dict[str, Any]) -> None:
                        ("checkpoint_every", "at the end only")):
         if v[key] is not None and v[key] < 1:
             raise ConfigError(f"{key}: must be at least 1 (or null: {unset}), got {v[key]}")
+    if v["batch_size"] not in (None, "auto") and v["batch_size"] < 1:
+        raise ConfigError(f"batch_size: must be at least 1, auto or null, got {v['batch_size']}")
+    if v["batch_size"] is not None and "batch_size" in (v["data_args"] or {}):
+        raise ConfigError("batch_size: given twice (batch_size and data_args.batch_size); "
+                          "keep one")
+    if v["max_memory_mib"] is not None and not v["max_memory_mib"] > 0:
+        raise ConfigError(f"max_memory_mib: must be positive, got {v['max_memory_mib']}")
     if not str(v["workdir"]).strip():
         raise ConfigError("workdir: is empty; give the folder the run writes to")
     if Path(v["workdir"]).exists() and not Path(v["workdir"]).is_dir():

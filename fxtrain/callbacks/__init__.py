@@ -41,6 +41,7 @@ from .log_metrics import log_metrics as log_metrics
 from .loss_spike import loss_spike as loss_spike
 from .media import log_media as log_media
 from .media import text_samples as text_samples
+from .memory_snapshot import memory_snapshot as memory_snapshot
 from .model_watch import model_watch as model_watch
 from .monitors import lr_monitor as lr_monitor
 from .monitors import memory_monitor as memory_monitor
@@ -65,8 +66,8 @@ __all__ = [
     # the catalogue
     "checkpoint_policy", "early_stopping", "ema", "with_ema_params", "grad_monitor",
     "hf_callback", "log_hparams", "log_eval_metrics", "log_metrics", "log_media",
-    "text_samples", "model_watch", "lr_monitor", "memory_monitor", "throughput", "nan_guard",
-    "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
+    "text_samples", "model_watch", "lr_monitor", "memory_monitor", "memory_snapshot",
+    "throughput", "nan_guard", "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
     "count_step_flops", "device_peak_flops", "system_monitor",
     "loss_spike", "swa", "with_swa_params", "update_bn",
 ]

@@ -28,13 +28,15 @@ import warnings
 
 from ..step import _k_steps
 from . import _resuming
-from .. import distributed, donation
+from .. import distributed, donation, precision
 from ..protocol import (Callback, Control, Event, fold_reporting, init, loop_event, save_veto,
                         stop_reasons, with_log_request)
 from ..data._batches import as_stream
 from ._evaluation import evaluate
 from ..data._feed import Feed, prefetches
 from ._flags import PendingFlags
+from .._memory import out_of_memory
+from ..callbacks.memory_snapshot import default_snapshot, explain
 from ..callbacks.progress import with_default_progress
 from ._run import Progress, RunPlan, check_fit_args
 from ..step._call import step_call, undo
@@ -170,6 +172,8 @@ def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, m
     if max_steps is None and max_epochs is None and stream.repeats:
         raise ValueError("fit: this data repeats for ever; pass max_steps or max_epochs")
     spec = step_spec(train_step)
+    if spec.precision.startswith("fp8"):  # the model converted, on a device that runs float8
+        precision.policy(spec.precision).check_module(state.module, state.step.device)
     state = init((*spec.step_states, *spec.in_step_callbacks, *callbacks), state)
     if state.data is None:
         state = state.replace(data=stream.init())
@@ -298,9 +302,13 @@ def _boundary(plan: RunPlan, progress: Progress) -> str | None:
 def _fail(plan: RunPlan, progress: Progress, error: Exception) -> None:
     """An error ends the run: the exception event (a save it asks for is made when the state
     is whole and one process runs), then train_end; the caller re-raises ``error``, with a note
-    when a callback failed on the way."""
+    when a callback failed on the way, and for an out-of-memory error notes of what the step
+    held, a snapshot (CUDA) and the levers (``fxtrain.callbacks.memory_snapshot``)."""
     try:
         control = _emit(plan, progress, "exception", error=error)
+        if out_of_memory(error):  # what the step held, a snapshot, the levers
+            explain(error, progress.state, progress.step,
+                    snapshot=default_snapshot(progress.step))
         progress.pending = PendingFlags()  # no collective reads now: another rank may be gone
         if bool(control.save):
             why = ("it was raised inside a step that may have donated the state"

@@ -221,6 +221,7 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
     def one_step(state: TrainState, batch: Any,
                  donating: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         args.mixed.check(state.params)
+        args.mixed.check_module(state.module, state.step.device)
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
         plan = planned(args, state.layout)

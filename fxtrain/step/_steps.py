@@ -85,7 +85,9 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         names them (see ``fxtrain.precision``): autocast for the forward and backward, float32
         master parameters and optimizer state, and for ``"16-mixed"`` dynamic loss scaling
         whose state is ``state.callbacks["loss_scale"]`` (``fx.fit`` creates it; pass
-        ``loss_scale=fx.precision.loss_scale(...)`` for other settings).
+        ``loss_scale=fx.precision.loss_scale(...)`` for other settings). ``"fp8"``,
+        ``"fp8-rowwise"`` or ``fx.precision.float8(...)``: torchao's float8 linear layers under
+        bfloat16 autocast (convert the model first; the step takes ``autodiff="autograd"``).
 
       autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``) or
         ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: a step built

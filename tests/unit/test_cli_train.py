@@ -347,3 +347,40 @@ def test_a_data_factory_returning_no_data_is_one_line_and_writes_nothing(tmp_pat
         assert "not batches: return fx.data.Batches" in err
         assert not work.exists()
     assert main(["train", str(config), "--workdir", str(work), "--max_steps", "3"]) == 0
+
+
+def test_train_batch_size_auto_searches_under_the_cap(tmp_path, capsys, monkeypatch):
+    """--batch_size auto runs fx.find_batch_size on the run's step under --max_memory_mib (the
+    CPU needs a cap) and trains at the size it prints; a plain --batch_size goes to the data
+    factory."""
+    config = _project(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", str(config), "--workdir", str(tmp_path / "none"), "--batch_size",
+                 "auto"]) == 2
+    assert "max_memory_mib: batch_size auto on cpu needs a cap" in capsys.readouterr().err
+    assert not (tmp_path / "none" / "config.yaml").exists()
+    args = ["train", str(config), "--workdir", str(tmp_path / "auto"), "--batch_size", "auto",
+            "--max_memory_mib", "0.25", "--max_steps", "4", "--data_args", "{n: 4096}"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    chosen = int(out.split("batch_size auto: ")[1].split()[0])
+    assert "does not fit" in out and f"batch size {chosen}" in out
+    assert 16 < chosen < 4096
+    assert main(["train", str(config), "--workdir", str(tmp_path / "fixed"), "--batch_size",
+                 "24", "--max_steps", "3"]) == 0
+    assert "batch_size: 24" in (tmp_path / "fixed" / "config.yaml").read_text()
+    assert main(["train", str(config), "--workdir", str(tmp_path / "twice"), "--batch_size",
+                 "24", "--data_args", "{batch_size: 8}"]) == 2
+    assert "given twice" in capsys.readouterr().err
+
+
+def test_train_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path, capsys):
+    """fp8 converts the config's model to torchao's float8 layers; on the CPU (no float8
+    products, no emulation from the command line) it is refused before anything is written."""
+    config = _project(tmp_path)
+    assert main(["train", str(config), "--workdir", str(tmp_path / "fp8"), "--precision",
+                 "fp8"]) == 2
+    err = capsys.readouterr().err
+    assert "precision: precision 'fp8': float8 matrix products" in err or \
+        "precision: precision='fp8' trains on torchao's float8" in err
+    assert not (tmp_path / "fp8" / "config.yaml").exists()

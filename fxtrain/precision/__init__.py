@@ -13,6 +13,10 @@
   exactly.
 - ``"bf16-true"``: the parameters themselves are bfloat16 (make the state from
   ``model.to(torch.bfloat16)``); no autocast, no float32 copy.
+- ``"fp8"`` (``"fp8-rowwise"``), or ``fx.precision.float8(recipe, filter=..., emulate=...)``:
+  ``"bf16-mixed"`` with the linear layers' matrix products in float8, on torchao's
+  ``torchao.float8`` (``fxtrain.precision._float8``): convert the model with the policy's
+  ``convert`` before making its state; the parameters stay float32.
 
 All of it is tensor maths inside the one compiled graph: no host syncs, no graph breaks.
 """
@@ -25,13 +29,17 @@ from typing import Any
 
 import torch
 
-from . import struct
-from .protocol import StepState
+from .. import struct
+from ..protocol import StepState
 
-__all__ = ["PRECISIONS", "Policy", "policy", "LossScale", "loss_scale"]
+from . import _float8
+from ._float8 import Float8
 
-PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true")
-"""The precision policies a step takes, named as Lightning names them."""
+__all__ = ["PRECISIONS", "Policy", "policy", "float8", "Float8", "LossScale", "loss_scale"]
+
+PRECISIONS = ("32", "bf16-mixed", "16-mixed", "bf16-true", "fp8", "fp8-rowwise")
+"""The precision policies a step takes, named as Lightning names them (and float8's: torchao's
+recipes)."""
 LOSS_SCALE = "loss_scale"  # the name of the loss scale's state in state.callbacks
 
 
@@ -43,6 +51,18 @@ class Policy:
     compute_dtype: torch.dtype | None  # autocast's dtype, or None for no autocast
     scaled: bool  # dynamic loss scaling
     param_dtype: torch.dtype | None  # the dtype the parameters must have, or None for any
+    float8: Float8 | None = dataclasses.field(default=None, repr=False)  # torchao's float8
+
+    def convert(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` ready for this policy: a float8 policy's linear layers made torchao's
+        ``Float8Linear`` (in place); any other policy's as it is."""
+        return module if self.float8 is None else self.float8.convert(module)
+
+    def check_module(self, module: torch.nn.Module, device: torch.device) -> None:
+        """A clear error for a model this policy cannot train (float8: not converted, or on a
+        device without float8 products and not emulated); checked on the host only."""
+        if self.float8 is not None and not torch.compiler.is_compiling():
+            _float8.check_module(module, device, self.name)
 
     def autocast(self, device: torch.device) -> Any:
         if self.compute_dtype is None:
@@ -69,8 +89,8 @@ class Policy:
                     f"{dtype}; make the state from the float32 model, or use 'bf16-true'")
 
 
-def policy(name: str) -> Policy:
-    """The ``Policy`` called ``name`` (one of ``PRECISIONS``).
+def policy(name: str | Policy) -> Policy:
+    """The ``Policy`` called ``name`` (one of ``PRECISIONS``; a ``Policy`` is itself).
 
     Examples:
         >>> fx.precision.policy("bf16-mixed")
@@ -78,6 +98,10 @@ def policy(name: str) -> Policy:
         >>> fx.precision.policy("16-mixed").scaled
         True
     """
+    if isinstance(name, Policy):
+        return name
+    if name in ("fp8", "fp8-rowwise"):
+        return float8("tensorwise" if name == "fp8" else "rowwise")
     policies = {
         "32": Policy("32", None, False, None),
         "bf16-mixed": Policy("bf16-mixed", torch.bfloat16, False, None),
@@ -88,6 +112,37 @@ def policy(name: str) -> Policy:
         raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))} (as "
                          f"Lightning names them), got {name!r}")
     return policies[name]
+
+
+def float8(recipe: str = "tensorwise", *, filter: Any = None,
+           emulate: bool = False) -> Policy:
+    """Float8 training on torchao (``fxtrain.precision._float8``): ``"bf16-mixed"`` with the
+    chosen linear layers' matrix products in float8.
+
+    Args:
+      recipe: torchao's ``"tensorwise"`` (one scale per tensor; ``"fp8"``) or ``"rowwise"``
+        (one per row; ``"fp8-rowwise"``).
+      filter: ``(module, fqn) -> bool``, the layers to convert (torchao's ``module_filter_fn``;
+        default: linear layers with both dimensions multiples of 16, not ``lm_head``/``output``).
+      emulate: emulate the float8 products (a device without them: the CPU, GPUs before
+        compute capability 8.9), else such a device is refused.
+
+    Examples:
+        >>> fp8 = fx.precision.float8(emulate=True)
+        >>> model = fp8.convert(nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 10)))
+        >>> [type(m).__name__ for m in model]  # 10 outputs: not a multiple of 16
+        ['Float8Linear', 'GELU', 'Linear']
+        >>> fp8.name, fp8.compute_dtype
+        ('fp8', torch.bfloat16)
+        >>> step = fx.make_train_step(lambda state, params, batch: 0.0, precision=fp8)
+    """
+    if recipe not in _float8.RECIPES:
+        raise ValueError(f"float8: recipe must be one of {', '.join(map(repr, _float8.RECIPES))} "
+                         f"(torchao's), got {recipe!r}")
+    settings = Float8(recipe, _float8.default_filter if filter is None else filter,
+                      bool(emulate))
+    return Policy("fp8" if recipe == "tensorwise" else f"fp8-{recipe}", torch.bfloat16, False,
+                  None, float8=settings)
 
 
 @struct.dataclass

@@ -1,0 +1,128 @@
+"""Float8 training on torchao's ``torchao.float8``: the linear layers' matrix products in
+float8 (e4m3 forward, e5m2 gradients, scaled dynamically per tensor or per row), the rest of the
+step under bfloat16 autocast, the master parameters float32.
+
+The model is converted before its state is made: ``convert_to_float8_training`` swaps the
+chosen ``nn.Linear`` layers for ``Float8Linear``, which keeps their parameters (the same names,
+dtypes and values), so the state, its checkpoints and their resume are those of the float32
+model; dynamic scaling keeps no state of its own (torchao 0.18 has no delayed scaling). Which
+layers, by default, is torchtitan's rule: linear layers whose both dimensions are multiples of
+16 (float8's matrix products need them), except the language-model head (by name: ``lm_head``,
+``output``), whose logits want the precision.
+
+``Float8Linear`` differentiates through an ``autograd.Function`` without ``setup_context``,
+which ``torch.func`` transforms refuse, so its steps take their gradients with autograd
+(``autodiff="autograd"``, traced into the one compiled graph).
+
+Float8 matrix products (``torch._scaled_mm``) need a CUDA GPU of compute capability 8.9 or more
+(Ada, Hopper and later). Elsewhere the policy is refused unless ``emulate=True``: torchao then
+casts to float8 and back and multiplies in the high precision, the same rounding without the
+speed, which is how this is tested on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+HEADS = ("lm_head", "output")  # the language-model heads left in bfloat16, by their last name
+RECIPES = ("tensorwise", "rowwise")
+
+
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """torchtitan's rule: a linear layer with both dimensions multiples of 16, not a head.
+
+    Examples:
+        >>> from fxtrain.precision._float8 import default_filter
+        >>> default_filter(nn.Linear(32, 64), "block.up"), default_filter(nn.Linear(32, 10), "fc")
+        (True, False)
+        >>> default_filter(nn.Linear(64, 256), "lm_head")
+        False
+    """
+    return (isinstance(module, nn.Linear) and module.in_features % 16 == 0
+            and module.out_features % 16 == 0 and fqn.rsplit(".", 1)[-1] not in HEADS)
+
+
+def device_runs_float8(device: torch.device) -> bool:
+    """Whether ``device`` multiplies in float8 (CUDA, compute capability 8.9 or more)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def torchao_float8() -> Any:
+    """``torchao.float8``, or an ImportError that says how to install it."""
+    try:
+        import torchao.float8 as float8
+    except ImportError as e:
+        raise ImportError("precision='fp8' trains on torchao's float8: pip install "
+                          "'fxtrain[fp8]' (torchao)") from e
+    return float8
+
+
+@dataclasses.dataclass(frozen=True)
+class Float8:
+    """How a model trains in float8: torchao's ``recipe``, which linear layers (``filter``:
+    ``(module, fqn) -> bool``, torchao's ``module_filter_fn``), and whether to ``emulate`` the
+    float8 matrix products (on a device without them)."""
+
+    recipe: str = "tensorwise"
+    filter: Callable[[nn.Module, str], bool] = default_filter
+    emulate: bool = False
+
+    def config(self) -> Any:
+        """torchao's ``Float8LinearConfig`` of the recipe, emulated or not."""
+        config = torchao_float8().Float8LinearConfig.from_recipe_name(self.recipe)
+        return dataclasses.replace(config, emulate=self.emulate)
+
+    def convert(self, module: nn.Module) -> nn.Module:
+        """``module`` with its chosen linear layers made torchao's ``Float8Linear`` (in place,
+        as torchao does; returned)."""
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        if not (device.type == "cuda" or torch.cuda.is_available()):
+            check_device(device, self.emulate)  # no GPU to move it to later
+        float8 = torchao_float8()
+        module = float8.convert_to_float8_training(module, config=self.config(),
+                                                   module_filter_fn=self.filter)
+        if not converted(module):
+            raise ValueError(f"fp8: no linear layer of {type(module).__name__} passed the filter "
+                             "(both dimensions multiples of 16, not lm_head/output): nothing "
+                             "would train in float8; use precision='bf16-mixed'")
+        return module
+
+
+def converted(module: nn.Module) -> list[nn.Module]:
+    """The ``Float8Linear`` layers of ``module``."""
+    try:
+        from torchao.float8.float8_linear import Float8Linear
+    except ImportError:
+        return []
+    return [m for m in module.modules() if isinstance(m, Float8Linear)]
+
+
+def check_device(device: torch.device, emulate: bool) -> None:
+    """A clear refusal of float8 where ``device`` cannot multiply in it and emulation is not
+    asked for."""
+    if emulate or device_runs_float8(device):
+        return
+    what = (f"{torch.cuda.get_device_name(device)} (compute capability "
+            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+            if device.type == "cuda" else device.type)
+    raise RuntimeError(f"precision 'fp8': float8 matrix products (torch._scaled_mm) need a CUDA "
+                       f"GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell); this "
+                       f"step runs on {what}. fx.precision.float8(emulate=True) emulates them "
+                       "(float8 rounding, high-precision products: for tests, not speed), or "
+                       "train in 'bf16-mixed'")
+
+
+def check_module(module: nn.Module, device: torch.device, name: str) -> None:
+    """The state's model converted (``Float8Linear`` layers), on a device that runs them."""
+    layers = converted(module)
+    if not layers:
+        raise ValueError(f"precision={name!r} trains torchao's Float8Linear layers, and this "
+                         "state's model has none: convert the model before making its state "
+                         f"(model = fx.precision.float8(...).convert(model); then "
+                         "fx.TrainState.create(model, ...))")
+    check_device(device, all(m.config.emulate for m in layers))

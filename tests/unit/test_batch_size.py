@@ -1,0 +1,120 @@
+"""``fx.find_batch_size`` on the CPU under a memory cap: the sizes it tries (doubling, then
+bisection), the one it chooses, the state it was given left bitwise as it was, and the refusals."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxtrain as fx
+from fxtrain.loop._batch_size import _search, Trial
+from helpers import TRACED
+
+
+def loss_fn(state, params, batch):
+    x, y = batch
+    return ((state.apply(params, x) - y) ** 2).mean()
+
+
+def _setup():
+    torch.manual_seed(0)
+    x = torch.randn(2048, 32)
+    y = x.sum(1, keepdim=True)
+    model = nn.Sequential(nn.Linear(32, 128), nn.GELU(), nn.Linear(128, 1))
+    state = fx.TrainState.create(model, fx.optim.adamw(1e-3), seed=0)
+    return state, (lambda b: fx.data.Batches((x, y), b, seed=0))
+
+
+def test_the_search_doubles_then_bisects():
+    """With a fake trial (sizes up to 100 fit), the order Lightning's power + binsearch takes."""
+    tried = _search(lambda b: Trial(b, b <= 100, b), 4, None, 25)
+    assert [t.batch_size for t in tried] == [4, 8, 16, 32, 64, 128, 96, 112, 104, 100, 102]
+    assert max(t.batch_size for t in tried if t.fits) == 100  # 102 does not: within 1/32
+    # the first size too large: halve, then bisect; max_size caps the doubling
+    assert [t.batch_size for t in _search(lambda b: Trial(b, b <= 3, b), 16, None, 25)] == \
+        [16, 8, 4, 2, 3]
+    assert [t.batch_size for t in _search(lambda b: Trial(b, True, b), 4, 20, 25)] == \
+        [4, 8, 16, 20]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cpu_cap_chooses_a_size_and_leaves_the_state(compiled):
+    state, make_data = _setup()
+    digest = fx.tree_digest(state)
+    step = fx.make_train_step(loss_fn)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=TRACED)  # the search's, not Inductor's
+    found = fx.find_batch_size(state, step, make_data, init_size=32, max_bytes=2**20)
+    sizes = [t.batch_size for t in found.tried]
+    assert sizes[:4] == [32, 64, 128, 256]  # doubling until one does not fit
+    first_miss = next(i for i, t in enumerate(found.tried) if not t.fits)
+    assert all(t.fits for t in found.tried[:first_miss])
+    assert all(t.why == "over max_bytes" for t in found.tried if not t.fits)
+    # the chosen size fits, the next one tried above it does not, within 1/32
+    above = min(t.batch_size for t in found.tried if not t.fits)
+    assert found.largest < above <= found.largest + max(1, found.largest // 32)
+    assert found.batch_size == int(found.largest * 0.9) and found.margin == 0.1
+    # the peaks grow with the size, and the largest fits the cap with the state
+    fits = sorted((t.batch_size, t.peak) for t in found.tried if t.fits)
+    assert [p for _, p in fits] == sorted(p for _, p in fits)
+    assert found.held.state + found.held.peak <= 2**20
+    assert found.held.parameters == found.held.gradients == 4 * (32 * 128 + 128 + 128 + 1)
+    # the state handed back is the state given, bitwise, and still usable
+    assert fx.tree_digest(state) == digest
+    data = found.data()
+    assert data.batch_size == found.batch_size
+    state = fx.fit(state, step, data, max_steps=2, progress=False)
+    assert int(state.step) == 2
+
+
+def test_deterministic_on_the_cpu():
+    state, make_data = _setup()
+    step = fx.make_train_step(loss_fn)
+    kwargs = dict(init_size=256, max_bytes=2**20, steps=1, max_trials=4)
+    a = fx.find_batch_size(state, step, make_data, **kwargs)
+    b = fx.find_batch_size(state, step, make_data, **kwargs)
+    assert len(a.tried) == 4 and len({t.fits for t in a.tried}) == 2
+    assert a.tried == b.tried and a.batch_size == b.batch_size
+
+
+def test_out_of_memory_is_caught_and_the_state_kept():
+    """A step that raises torch.OutOfMemoryError above a size: caught, as on CUDA."""
+    state, make_data = _setup()
+    digest = fx.tree_digest(state)
+    inner = fx.make_train_step(loss_fn)
+
+    def step(state, batch, **kwargs):
+        if batch[0].shape[0] > 200:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return inner(state, batch, **kwargs)
+    step.spec = fx.step_spec(inner)
+    found = fx.find_batch_size(state, step, make_data, init_size=50, max_bytes=2**30, steps=1)
+    assert [(t.batch_size, t.fits) for t in found.tried] == [
+        (50, True), (100, True), (200, True), (400, False), (300, False), (250, False),
+        (225, False), (212, False), (206, False)]
+    assert found.tried[3].why == "out of memory" and found.tried[3].peak is None
+    assert found.largest == 200 and found.batch_size == 180
+    assert fx.tree_digest(state) == digest
+
+
+def test_refusals():
+    state, make_data = _setup()
+    step = fx.make_train_step(loss_fn)
+    with pytest.raises(ValueError, match="needs a cap: pass max_bytes"):
+        fx.find_batch_size(state, step, make_data)
+    with pytest.raises(ValueError, match="always donates"):
+        fx.find_batch_size(state, fx.make_train_step(loss_fn, donate=True), make_data,
+                           max_bytes=2**20)
+    with pytest.raises(RuntimeError, match="no batch size fits, not even 1"):
+        fx.find_batch_size(state, step, make_data, max_bytes=1000, steps=1)
+
+
+def test_a_cuda_graphed_steps_trials_run_the_step_it_wraps():
+    """No graph is captured at a trial's size: fit captures it at the size found (the class is
+    built directly: cuda_graphed itself refuses a machine without CUDA)."""
+    from fxtrain.step._graphs import CudaGraphed
+
+    state, make_data = _setup()
+    graphed = CudaGraphed(fx.make_train_step(loss_fn), warmup=2)
+    found = fx.find_batch_size(state, graphed, make_data, init_size=512, max_bytes=2**20,
+                               steps=1, max_trials=2)
+    assert len(found.tried) == 2 and graphed.calls == 0 and graphed.graph is None

@@ -1,0 +1,87 @@
+"""Memory in ``fit``: ``fx.callbacks.memory_snapshot`` on the CPU (the state's accounting and a
+measured peak, and why there is no allocator history), and an out-of-memory error inside a run
+(simulated: a loss that raises ``torch.OutOfMemoryError`` at step k): the note says what the
+step held and which levers exist, and the checkpoints saved before stay."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import fxtrain as fx
+from fxtrain._memory import held
+from helpers import graph_count
+
+
+def _run(k=None, *, compiled=False):
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    data = fx.data.Batches((x, x.sum(1, keepdim=True)), 32, seed=0)
+    state = fx.TrainState.create(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 1)),
+                                 fx.optim.adamw(1e-3), seed=0)
+
+    def loss_fn(state, params, batch):
+        if k is not None and int(state.step) == k - 1:  # eager: the step that makes step k
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        x, y = batch
+        return ((state.apply(params, x) - y) ** 2).mean()
+
+    step = fx.make_train_step(loss_fn)
+    return state, (torch.compile(step, fullgraph=True) if compiled else step), data
+
+
+def test_callback_on_the_cpu_writes_the_accounting(tmp_path, capsys):
+    state, step, data = _run(compiled=True)
+    path = tmp_path / "snap" / "memory.pickle"
+    torch._dynamo.utils.counters.clear()
+    state = fx.fit(state, step, data, max_steps=5, progress=False,
+                   callbacks=[fx.callbacks.memory_snapshot(3, path, skip=1)])
+    assert "fxtrain: memory of steps 2 to 4 (cpu)" in capsys.readouterr().out
+    assert graph_count() == 1  # profiling the steps recompiles nothing
+    assert not path.exists()  # no allocator history on the CPU
+    written = json.loads(path.with_suffix(".json").read_text())
+    params = 4 * (16 * 64 + 64 + 64 + 1)
+    assert written["parameters"] == written["gradients"] == params
+    assert written["optimizer"] == fx.sharding.local_nbytes(state.opt_state) > 2 * params
+    assert written["buffers"] == 0 and written["steps"] == [2, 4]
+    assert written["peak"] >= params and written["activations"] == written["peak"] - params
+    assert "needs CUDA" in written["history"] or "CUDA only" in written["history"]
+    with pytest.raises(ValueError, match="steps >= 1"):
+        fx.callbacks.memory_snapshot(0)
+
+
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_out_of_memory_in_fit_says_what_the_step_held(tmp_path, with_callback):
+    state, step, data = _run(k=5)
+    accounting = held(state)  # (fit donates the state it is given)
+    manager = fx.checkpoint.CheckpointManager(tmp_path / "ckpt", keep_latest=10,
+                                              async_save=False)
+    callbacks = [fx.callbacks.checkpoint_policy(every=2)]
+    if with_callback:
+        callbacks.append(fx.callbacks.memory_snapshot(2, tmp_path / "m.pickle", skip=1))
+    with pytest.raises(torch.OutOfMemoryError) as raised:
+        fx.fit(state, step, data, max_steps=10, checkpoint=manager, callbacks=callbacks,
+               progress=False)
+    notes = "\n".join(raised.value.__notes__)
+    assert "fxtrain: out of memory in the train step from step 4 on cpu" in notes
+    for part in ("parameters", "gradients", "optimizer state", "buffers",
+                 "activations and temporaries"):
+        assert part in notes
+    assert f"optimizer state {accounting.optimizer / 1024:.1f} KiB" in notes
+    assert "no snapshot: the CPU has no allocator history" in notes
+    for lever in ("fx.remat", "fx.losses.chunked_causal_lm", "fx.shard", "a smaller batch",
+                  "fx.find_batch_size"):
+        assert lever in notes
+    assert notes.count("fxtrain: out of memory") == 1  # once, callback or not
+    if with_callback:  # it measured steps 2 and 3 before the failure
+        assert "activations and temporaries not measured" not in notes
+    else:
+        assert "activations and temporaries not measured" in notes
+    # nothing saved is lost: the checkpoints before the failure are there and restore to the
+    # run's own states
+    assert manager.latest_step() == 4
+    again, step2, data2 = _run()
+    again = fx.fit(again, step2, data2, max_steps=4, progress=False)
+    restored = manager.restore(like=again)
+    assert fx.tree_digest(restored) == fx.tree_digest(again)
