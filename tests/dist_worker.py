@@ -786,6 +786,21 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "sequential_blocks": sequential_blocks}
 
 
+def several(jobs):
+    """Each ``(name, args, kwargs)`` of ``jobs`` in turn, in this one group: one launch for
+    several short scenarios (a launch, torch's import in each rank and the group's start, cost
+    about 7 CPU-s of the 8 a short eager scenario takes on 2 ranks). Dynamo starts afresh for
+    each, as in a process of its own (a scenario records its graph count)."""
+    for name, args, kwargs in jobs:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        SCENARIOS[name](*args, **kwargs)
+        torch.distributed.barrier()
+
+
+SCENARIOS["several"] = several
+
+
 def spawned(rank, world, port, name, args, kwargs):
     """torch.multiprocessing entry point: join the group, run the scenario."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
