@@ -112,14 +112,18 @@ def lm_model(vocab=11):
 def lm_weighted(out, compiled=False, autodiff="func", every_k=1):
     """Data parallel with a token-weighted loss (fx.losses.causal_lm): rank r takes rows
     ``r`` of each global batch, whose target counts differ across ranks; ``every_k`` > 1
-    accumulates micro-batches with multi_steps. Records the parameters and the step metrics."""
+    accumulates micro-batches with multi_steps. Records the parameters and the step metrics.
+    Compiled with the traced backend: the promise is what the graph computes (the global token
+    count in the loss), not Inductor's kernels (the data-parallel run of ``train`` keeps those)."""
+    from helpers import TRACED
+
     rank, world = fx.distributed.rank(), fx.distributed.world_size()
     tx = fx.optim.adamw(1e-1)
     state = fx.TrainState.create(lm_model(), fx.optim.multi_steps(tx, every_k) if every_k > 1
                                  else tx, seed=0)
     step = fx.make_train_step(lm_loss, autodiff=autodiff, donate=False)
     if compiled:
-        step = torch.compile(step, fullgraph=True)
+        step = torch.compile(step, fullgraph=True, backend=TRACED)
     metrics = []
     for ids, labels in lm_batches(n=4 * every_k, rows=4):  # the global batches, world 1 or 2
         state, m = step(state, (ids[rank::world], labels[rank::world]))
