@@ -29,15 +29,21 @@ def _scored(logits, y):
 
 def overlapped(out, steps=12):
     """Data parallel on the autograd path, eager and compiled: each gradient summed over the
-    ranks inside the backward. Records where an eager step's all-reduces fall among its ops."""
+    ranks inside the backward. Records where an eager step's all-reduces fall among its ops.
+    Compiled with the traced backend: the promise is the graph's (one graph holding the
+    all-reduces, the ranks agreeing, the keyed masks drawn as eagerly); Inductor's kernels for a
+    data-parallel step are ``train``'s, and for an autograd step's collectives in the backward,
+    ``sharded_units``'."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helpers import TRACED
 
     def run(compiled, dropout=0.2):
         state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4), dropout=dropout),
                                      fx.optim.adamw(1e-2))
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
-            step = torch.compile(step, fullgraph=True)
+            step = torch.compile(step, fullgraph=True, backend=TRACED)
         return fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=1), max_steps=steps)
 
     ops = []

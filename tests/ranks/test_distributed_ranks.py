@@ -71,7 +71,8 @@ def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backwa
     single = torch.load(tmp_path / "single" / "rank0.pt")
     for k, p in single["params"].items():  # float32 sums of two halves in another order
         torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
-    for k, p in r0["eager"].items():  # the same masks; Inductor's float32 rounding apart
+    for k, p in r0["eager"].items():  # the same masks; the traced graph's decomposed ops
+        # round apart in float32
         torch.testing.assert_close(r0["compiled"][k], p, rtol=1e-5, atol=1e-6)
 
 
