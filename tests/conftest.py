@@ -176,19 +176,29 @@ def pytest_runtest_protocol(item, nextitem):
             f.write(json.dumps(row) + "\n")
 
 
+SHARED = ("run_all", "distributed_jobs", "sharding_jobs")
+"""Fixtures made once per test run behind a lock (``helpers.once_per_run``)."""
+
+
 def pytest_collection_modifyitems(config, items):
     """The slow tests first, so that the longest start early and none is left running alone at
     the end (scripts/test.sh hands the workers one test at a time, ``--maxschedchunk 1``: in
     xdist's default chunks of ~150 consecutive tests a slow one began 13 minutes in and ran
-    2 minutes past the other worker's end). The tests on the benchmark smoke run share one
-    fixture behind a lock: the first of them goes first, the rest last, where they only read
-    its results (together, a second worker would wait on the lock)."""
+    2 minutes past the other worker's end). The tests that read a fixture made once per run
+    behind a lock (``SHARED``: the benchmark smoke run, the rank jobs several tests share,
+    ``helpers.once_per_run``): the first of each goes first, the rest last, where they only
+    read its results (together, a second worker would wait on the lock)."""
+    def shared(item):
+        return next((f for f in SHARED if f in getattr(item, "fixturenames", ())), None)
+
     def rank(item):
-        if "run_all" in getattr(item, "fixturenames", ()):
-            return 0 if item is first_smoke else 3
+        if shared(item):
+            return 0 if item is first[shared(item)] else 3
         return 1 if item.get_closest_marker("slow") else 2
 
-    first_smoke = next((i for i in items if "run_all" in getattr(i, "fixturenames", ())), None)
+    first = {}
+    for item in items:
+        first.setdefault(shared(item), item)
     items.sort(key=rank)  # stable: collection order within each rank
     for item in items:
         _needs_torch(item)

@@ -29,15 +29,21 @@ def _scored(logits, y):
 
 def overlapped(out, steps=12):
     """Data parallel on the autograd path, eager and compiled: each gradient summed over the
-    ranks inside the backward. Records where an eager step's all-reduces fall among its ops."""
+    ranks inside the backward. Records where an eager step's all-reduces fall among its ops.
+    Compiled with the traced backend: the promise is the graph's (one graph holding the
+    all-reduces, the ranks agreeing, the keyed masks drawn as eagerly); Inductor's kernels for a
+    data-parallel step are ``train``'s, and for an autograd step's collectives in the backward,
+    ``sharded_units``'."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from helpers import TRACED
 
     def run(compiled, dropout=0.2):
         state = fx.TrainState.create(mlp(sizes=(8, 16, 16, 4), dropout=dropout),
                                      fx.optim.adamw(1e-2))
         step = fx.make_train_step(loss_fn, autodiff="autograd")
         if compiled:
-            step = torch.compile(step, fullgraph=True)
+            step = torch.compile(step, fullgraph=True, backend=TRACED)
         return fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=1), max_steps=steps)
 
     ops = []
@@ -112,14 +118,18 @@ def lm_model(vocab=11):
 def lm_weighted(out, compiled=False, autodiff="func", every_k=1):
     """Data parallel with a token-weighted loss (fx.losses.causal_lm): rank r takes rows
     ``r`` of each global batch, whose target counts differ across ranks; ``every_k`` > 1
-    accumulates micro-batches with multi_steps. Records the parameters and the step metrics."""
+    accumulates micro-batches with multi_steps. Records the parameters and the step metrics.
+    Compiled with the traced backend: the promise is what the graph computes (the global token
+    count in the loss), not Inductor's kernels (the data-parallel run of ``train`` keeps those)."""
+    from helpers import TRACED
+
     rank, world = fx.distributed.rank(), fx.distributed.world_size()
     tx = fx.optim.adamw(1e-1)
     state = fx.TrainState.create(lm_model(), fx.optim.multi_steps(tx, every_k) if every_k > 1
                                  else tx, seed=0)
     step = fx.make_train_step(lm_loss, autodiff=autodiff, donate=False)
     if compiled:
-        step = torch.compile(step, fullgraph=True)
+        step = torch.compile(step, fullgraph=True, backend=TRACED)
     metrics = []
     for ids, labels in lm_batches(n=4 * every_k, rows=4):  # the global batches, world 1 or 2
         state, m = step(state, (ids[rank::world], labels[rank::world]))
@@ -784,6 +794,21 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "tensor_parallel": tensor_parallel, "restored_llama": restored_llama,
              "layout_first_or_last": layout_first_or_last,
              "sequential_blocks": sequential_blocks}
+
+
+def several(jobs):
+    """Each ``(name, args, kwargs)`` of ``jobs`` in turn, in this one group: one launch for
+    several short scenarios (a launch, torch's import in each rank and the group's start, cost
+    about 7 CPU-s of the 8 a short eager scenario takes on 2 ranks). Dynamo starts afresh for
+    each, as in a process of its own (a scenario records its graph count)."""
+    for name, args, kwargs in jobs:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        SCENARIOS[name](*args, **kwargs)
+        torch.distributed.barrier()
+
+
+SCENARIOS["several"] = several
 
 
 def spawned(rank, world, port, name, args, kwargs):

@@ -132,6 +132,27 @@ def padded_documents(docs):
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def once_per_run(tmp_path_factory, name: str, make) -> Path:
+    """A folder ``make(folder)`` filled once per test run, for every test that reads it. Under
+    pytest-xdist the tests may land on both workers: the first makes it under a lock in the
+    run's shared temporary folder, the other waits there and reads it (tests/conftest.py runs
+    the first such test early and the rest last, so that none waits)."""
+    import shutil
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # this run's
+    out = shared / name
+    with FileLock(str(shared / f"{name}.lock")):
+        if not (out / ".done").is_file():  # not made, or its maker failed part way
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir()
+            make(out)
+            (out / ".done").touch()
+    return out
+
+
 TESTS = Path(__file__).resolve().parent
 """The tests folder (helpers.py, dist_worker.py and the kinds' folders: unit/, e2e/, ranks/,
 tools/), for a process a test starts to import from."""

@@ -13,9 +13,27 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 import fxtrain as fx
-from helpers import extra, mlp, reaped
+from helpers import extra, mlp, once_per_run, reaped
 import dist_worker
 from test_distributed import (HERE, free_port, rank_of, results, spawn, torchrun)
+
+
+@pytest.fixture(scope="module")
+def distributed_jobs(tmp_path_factory):
+    """The short eager scenarios of the tests below, run by one 2-rank launch, each writing
+    into its own folder of the one returned (``dist_worker.several``)."""
+    def make(out):
+        jobs = [("train", "mean", {"model": "bn", "steps": 4}),
+                ("train", "local", {"model": "bn", "steps": 4, "buffers": "local"}),
+                ("early_stop", "early_stop", {}), ("host_stop", "host_stop", {}),
+                ("timed_saves", "timed_saves", {})]
+        for _, folder, _ in jobs:
+            (out / folder).mkdir()
+        spawn("several", [(name, (str(out / folder),) + ((str(out / folder / "ckpt"),)
+                                                         if name == "timed_saves" else ()), kw)
+                          for name, folder, kw in jobs])
+
+    return once_per_run(tmp_path_factory, "distributed_jobs", make)
 
 
 @pytest.mark.slow
@@ -53,17 +71,14 @@ def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backwa
     single = torch.load(tmp_path / "single" / "rank0.pt")
     for k, p in single["params"].items():  # float32 sums of two halves in another order
         torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
-    for k, p in r0["eager"].items():  # the same masks; Inductor's float32 rounding apart
+    for k, p in r0["eager"].items():  # the same masks; the traced graph's decomposed ops
+        # round apart in float32
         torch.testing.assert_close(r0["compiled"][k], p, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_batchnorm_buffers_are_averaged_or_kept_local(tmp_path):
-    (tmp_path / "mean").mkdir()
-    (tmp_path / "local").mkdir()
-    spawn("train", str(tmp_path / "mean"), model="bn", steps=4)
-    spawn("train", str(tmp_path / "local"), model="bn", steps=4, buffers="local")
-    mean, local = results(tmp_path / "mean"), results(tmp_path / "local")
+def test_batchnorm_buffers_are_averaged_or_kept_local(distributed_jobs):
+    mean, local = results(distributed_jobs / "mean"), results(distributed_jobs / "local")
     assert mean[0]["digest"] == mean[1]["digest"]
     key = "1.running_mean"
     assert not torch.equal(local[0]["buffers"][key], local[1]["buffers"][key])
@@ -72,9 +87,8 @@ def test_batchnorm_buffers_are_averaged_or_kept_local(tmp_path):
 
 
 @pytest.mark.slow
-def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(tmp_path):
-    spawn("early_stop", str(tmp_path))
-    r0, r1 = results(tmp_path)
+def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(distributed_jobs):
+    r0, r1 = results(distributed_jobs / "early_stop")
     assert r0["step"] == r1["step"] == 10
     assert [(s, m) for s, m, _ in r0["evals"]] == [(s, m) for s, m, _ in r1["evals"]]
     assert [s for s, _, _ in r0["evals"]] == [5, 10]
@@ -86,17 +100,17 @@ def test_early_stopping_on_rank_merged_metrics_stops_every_rank_at_once(tmp_path
 
 
 @pytest.mark.slow
-def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(tmp_path):
-    spawn("host_stop", str(tmp_path))
-    assert [r["step"] for r in results(tmp_path)] == [8, 8]  # asked at 7, read at 8
+def test_one_ranks_stop_request_stops_all_ranks_at_the_same_step(distributed_jobs):
+    # asked at 7, read at 8
+    assert [r["step"] for r in results(distributed_jobs / "host_stop")] == [8, 8]
 
 
 @pytest.mark.slow
-def test_timed_checkpoints_happen_at_the_same_steps_on_every_rank(tmp_path):
-    spawn("timed_saves", str(tmp_path), str(tmp_path / "ckpt"))
+def test_timed_checkpoints_happen_at_the_same_steps_on_every_rank(distributed_jobs):
     # rank 1's clock runs out at step 2, rank 0's at 3: both save at the agreed read of step 4
     # (sync_every=4) and restart their clocks there; then 6 and 7, read at 8; 10 is the end
-    assert [r["saved"] for r in results(tmp_path)] == [[4, 8, 10], [4, 8, 10]]
+    assert [r["saved"] for r in results(distributed_jobs / "timed_saves")] == [[4, 8, 10],
+                                                                                [4, 8, 10]]
 
 
 @pytest.mark.slow

@@ -7,9 +7,27 @@ import dist_worker
 import fxtrain as fx
 import fxtrain.checkpoint.store
 import fxtrain.cli
-from helpers import mlp
+from helpers import mlp, once_per_run
 from test_distributed import results, spawn
 from test_sharding import (UNITS_COMPILED, stored_chunks)
+
+
+@pytest.fixture(scope="module")
+def sharding_jobs(tmp_path_factory):
+    """The short eager scenarios of the tests below, run by one 2-rank launch, each writing
+    into its own folder of the one returned (``dist_worker.several``)."""
+    precision = "16-mixed"  # autocast, and loss scaling whose finite check spans the shards
+    jobs = {"sharded": ("sharded", {"precision": precision}),
+            "replicated": ("sharded", {"precision": precision, "shard": False}),
+            "callbacks": ("sharded_callbacks", {})}
+
+    def make(out):
+        for folder in jobs:
+            (out / folder).mkdir()
+        spawn("several", [(name, (str(out / folder),), kwargs)
+                          for folder, (name, kwargs) in jobs.items()])
+
+    return once_per_run(tmp_path_factory, "sharding_jobs", make)
 
 
 @pytest.mark.slow
@@ -35,22 +53,17 @@ def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, com
 
 
 @pytest.mark.slow
-def test_sharding_composes_with_mixed_precision_as_data_parallel_does(tmp_path):
-    precision = "16-mixed"  # autocast, and loss scaling whose finite check spans the shards
-    (tmp_path / "sharded").mkdir()
-    (tmp_path / "replicated").mkdir()
-    spawn("sharded", str(tmp_path / "sharded"), precision=precision)
-    spawn("sharded", str(tmp_path / "replicated"), precision=precision, shard=False)
-    sharded, replicated = results(tmp_path / "sharded")[0], results(tmp_path / "replicated")[0]
+def test_sharding_composes_with_mixed_precision_as_data_parallel_does(sharding_jobs):
+    sharded, replicated = (results(sharding_jobs / name)[0] for name in ("sharded",
+                                                                         "replicated"))
     assert sharded["sharded"] and not replicated["sharded"]
     for k, p in replicated["params"].items():
         torch.testing.assert_close(sharded["params"][k], p, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
-def test_callbacks_that_copy_the_parameters_are_sharded_with_them(tmp_path):
-    spawn("sharded_callbacks", str(tmp_path))
-    r0, r1 = results(tmp_path)
+def test_callbacks_that_copy_the_parameters_are_sharded_with_them(sharding_jobs):
+    r0, r1 = results(sharding_jobs / "callbacks")
     assert r0["after"] == r0["passed"] == r1["passed"] and r0["after"][1]  # swa: a DTensor
     assert any("state.callbacks['swa']" in w and "fx.shard(state, callbacks=[...])" in w
                for w in r0["not passed"])

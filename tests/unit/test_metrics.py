@@ -4,7 +4,7 @@ import torch
 import torch._dynamo
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
-from helpers import classification_batch, extra, graph_count, mlp
+from helpers import TRACED, classification_batch, extra, graph_count, mlp
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -168,13 +168,13 @@ def test_mask_may_be_a_prefix_of_the_values_shape():
 def test_compiled_eval_returns_collections_with_one_graph_and_no_recompiles():
     Metrics, model = collection_class(), mlp()
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=TRACED)
     def eval_step(x, y, mask):
         logits = model(x)
         loss = F.cross_entropy(logits, y, reduction="none")
         return Metrics.single_from_model_output(loss=loss, logits=logits, labels=y, mask=mask)
 
-    @torch.compile(fullgraph=True)
+    @torch.compile(fullgraph=True, backend=TRACED)
     def accumulate(totals, x, y, mask):
         return totals.merge(eval_step(x, y, mask))
 
@@ -329,8 +329,9 @@ def test_torchmetrics_adapter_in_a_compiled_eval_step_equals_torchmetrics(make, 
 
     state = fx.TrainState.create(mlp(), fx.optim.sgd(0.1))
     data = [(*classification_batch(n=9, seed=s), torch.arange(9) % 3 != s % 3) for s in range(4)]
-    eval_step = torch.compile(fx.make_eval_step(metrics_fn), fullgraph=True)
-    merge = torch.compile(lambda total, value: total.merge(value), fullgraph=True)
+    eval_step = torch.compile(fx.make_eval_step(metrics_fn), fullgraph=True, backend=TRACED)
+    merge = torch.compile(lambda total, value: total.merge(value), fullgraph=True,
+                          backend=TRACED)
     with torch._dynamo.config.patch(error_on_recompile=True):
         evaluated = fx.evaluate(eval_step, state, data)
         assert graph_count() == 1
@@ -349,7 +350,8 @@ def test_torchmetrics_adapter_in_a_compiled_eval_step_equals_torchmetrics(make, 
 def test_torchmetrics_list_states_are_refused_inside_a_compiled_step(torchmetrics):
     Adapted = M.from_torchmetrics(torchmetrics.classification.BinaryAUROC())
     preds, target = torch.rand(6, generator=torch.Generator().manual_seed(0)), torch.arange(6) % 2
-    step = torch.compile(lambda p, t: Adapted.from_model_output(p, t), fullgraph=True)
+    step = torch.compile(lambda p, t: Adapted.from_model_output(p, t), fullgraph=True,
+                         backend=TRACED)
     with pytest.raises(Exception, match=r"list states \['preds', 'target'\].*thresholds=N"):
         step(preds, target)
     reference = torchmetrics.classification.BinaryAUROC()
@@ -421,7 +423,7 @@ def test_confusion_matrix_in_a_compiled_collection_and_its_errors():
     x, y = classification_batch(n=16)
     model = mlp()
     step = torch.compile(lambda x, y: Metrics.single_from_model_output(logits=model(x), labels=y),
-                         fullgraph=True)
+                         fullgraph=True, backend=TRACED)
     with torch.no_grad():
         out = step(x, y).merge(Metrics.empty()).compute()
     counts = out["confusion"]

@@ -8,7 +8,7 @@ import torch
 import torch._dynamo
 
 from fxtrain import optim
-from helpers import extra
+from helpers import TRACED, extra
 
 COUNTS = range(200)
 CYCLE = dict(init_value=0.1, peak_value=1.0, warmup_steps=5, decay_steps=40, end_value=0.01)
@@ -84,7 +84,7 @@ def test_compiled_equals_optax_without_recompiling(reference):
     counts."""
     schedules = [_ours(*case) for case in CASES]
     every = torch.compile(lambda count: torch.stack([s(count) for s in schedules]),
-                          fullgraph=True)
+                          fullgraph=True, backend=TRACED)
     with torch._dynamo.config.patch(error_on_recompile=True):
         values = torch.stack([every(torch.tensor(t)) for t in COUNTS]).T
     np.testing.assert_allclose(values.numpy(), np.array(reference), rtol=0, atol=1e-7)
