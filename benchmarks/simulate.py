@@ -57,8 +57,8 @@ MODELS = {  # LlamaConfig's sizes: Llama 3 8B and 70B, and a tiny one for --smok
                       num_attention_heads=32, num_key_value_heads=8, vocab_size=128256),
     "llama3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
                        num_attention_heads=64, num_key_value_heads=8, vocab_size=128256),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=8, vocab_size=256),
 }
 RUNS = (("llama3-8b", "fsdp", 8), ("llama3-70b", "fsdp", 64), ("llama3-70b", "fsdp_tp", 64),
         ("llama3-8b", "fsdp", 256), ("llama3-70b", "fsdp", 256))
@@ -172,12 +172,16 @@ def _mesh(layout: str, world: int):
         fx.sharding.mesh((world // TP, TP), ("dp", "tp"))
 
 
-def fxtrain(model, layout: str, mesh, mode):
+def fxtrain(model_name: str, layout: str, mesh, mode):
     """fx.shard's rank: (what it holds, a function of a batch that runs one step)."""
+    import transformers
+
     import fxtrain as fx
     with mode:
+        model = transformers.LlamaForCausalLM(_config(model_name))
         state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
-    state = fx.shard(state, mesh, tp_plan="auto" if layout == "fsdp_tp" else None)
+        state = fx.shard(state, mesh, tp_plan="auto" if layout == "fsdp_tp" else None)
+    del model
     step = fx.make_train_step(lambda s, p, ids: _loss(s.apply(p, ids).logits, ids))
     box = {"state": state}
     del state
@@ -193,20 +197,28 @@ def fxtrain(model, layout: str, mesh, mode):
     return held, train
 
 
-def fsdp2(model, layout: str, mesh, mode):
-    """FSDP2's rank (see the module): (what it holds, a function of a batch: one step)."""
+def fsdp2(model_name: str, layout: str, mesh, mode):
+    """FSDP2's rank (see the module): (what it holds, a function of a batch: one step). As
+    torchtitan estimates memory: the model made and parallelized on the meta device, then its
+    parameters given storage (``to_empty``) under the fake mode."""
+    import transformers
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
 
     import fxtrain as fx
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(_config(model_name))
     data = mesh
+    if layout == "fsdp_tp":
+        parallelize_module(model, mesh["tp"], fx.distributed.plan_of(model, "auto"))
+        data = mesh["dp"]
+    for block in model.model.layers:
+        fully_shard(block, mesh=data)
+    fully_shard(model, mesh=data)
     with mode:
-        if layout == "fsdp_tp":
-            parallelize_module(model, mesh["tp"], fx.distributed.plan_of(model, "auto"))
-            data = mesh["dp"]
-        for block in model.model.layers:
-            fully_shard(block, mesh=data)
-        fully_shard(model, mesh=data)
+        model.to_empty(device="cpu")
+        model.model.rotary_emb.inv_freq = model.model.rotary_emb.inv_freq.new_ones(
+            model.model.rotary_emb.inv_freq.shape)  # a buffer to_empty left without values
         opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD, foreach=True)
 
     def held():
@@ -223,10 +235,9 @@ def fsdp2(model, layout: str, mesh, mode):
 
 
 def measure(run, held, tokens: tuple[int, int], vocab: int) -> dict:
-    """One warm-up step, then one step under a ``Tracker``: what the rank holds before it, its
-    peak, the bytes of its collectives."""
+    """One step under a ``Tracker``: what the rank holds before it, its peak, the bytes of its
+    collectives."""
     ids = torch.randint(0, vocab, tokens)
-    run(ids)
     before = held()
     every = [t for part in before.values() for t in part]
     with Tracker(every) as tracker:
@@ -239,26 +250,115 @@ def measure(run, held, tokens: tuple[int, int], vocab: int) -> dict:
 def simulate(model_name: str, layout: str, world: int, variant: str, batch: int, seq: int,
              fake: bool = True) -> dict:
     """This process's row as rank 0 of ``world``: ``variant`` ("fxtrain" or "fsdp2") training
-    ``model_name`` laid out as ``layout``, at ``batch`` x ``seq`` tokens and at twice as many
-    (the activations: the difference). ``fake``: on fake tensors (else real ones, in a real
-    process group of ``world`` ranks)."""
+    ``model_name`` laid out as ``layout``: a warm-up step, then a step of ``batch`` x ``seq``
+    tokens and one of twice as many (the activations: the difference of their peaks).
+    ``fake``: on fake tensors (else on real ones, in a real process group of ``world``)."""
     import contextlib
 
-    import transformers
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses import fake_tensor
+    # fxtrain: no fake scalar backed by a real one (its donation's copy_ into the state's
+    # scalars ran on them for real, and crashed on the 2-D mesh); FSDP2's AdamW reads its step
+    # counts on the host (.item()), which needs them
+    fake_tensor.CONSTANT_NUMEL_LIMIT = 0 if variant == "fxtrain" else 1
     mesh = _mesh(layout, world)
-    row = {}
-    for scale in (1, 2):
-        torch.manual_seed(0)
-        mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
-        with mode:
-            model = transformers.LlamaForCausalLM(_config(model_name))
-        held, run = (fxtrain if variant == "fxtrain" else fsdp2)(model, layout, mesh, mode)
-        del model
-        with mode:
-            row[scale] = measure(run, held, (batch, seq * scale), MODELS[model_name]["vocab_size"])
-        del held, run
-    one, two = row[1], row[2]
+    torch.manual_seed(0)
+    mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
+    held, run = (fxtrain if variant == "fxtrain" else fsdp2)(model_name, layout, mesh, mode)
+    vocab = MODELS[model_name]["vocab_size"]
+    with mode:
+        run(torch.randint(0, vocab, (batch, seq)))  # FSDP2's AdamW makes its state here
+        one = measure(run, held, (batch, seq), vocab)
+        two = measure(run, held, (batch, 2 * seq), vocab)
     return {**one, "activation_bytes": two["peak_bytes"] - one["peak_bytes"],
             "grads_bytes": one["params_bytes"], "model": model_name, "layout": layout,
             "world": world, "variant": variant, "batch": batch, "seq": seq}
+
+
+def _one(index: int, run: tuple, args, out: str) -> None:
+    """A fresh process: rank 0 of the fake group of ``run``'s world, its row in ``out``."""
+    del index
+    import torch.distributed as dist
+    model, layout, world, variant = run
+    dist.init_process_group("fake", rank=0, world_size=world)
+    try:
+        row = simulate(model, layout, world, variant, args.batch, args.seq)
+    finally:
+        dist.destroy_process_group()
+    Path(out).write_text(json.dumps(row))
+
+
+def job(run: tuple, args) -> dict:
+    import tempfile
+
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as folder:
+        out = str(Path(folder, "row.json"))
+        mp.spawn(_one, args=(run, args, out), nprocs=1)
+        return json.loads(Path(out).read_text())
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f}"
+
+
+def markdown(result: dict) -> str:
+    """The table: per run, fx.shard's and FSDP2's figures side by side (GiB)."""
+    config = result["config"]
+    lines = ["## What one rank holds, simulated (`benchmarks/simulate.py`)", "",
+             f"Command: `{result['command']}` ({result['minutes']:.1f} min, {result['date']}, "
+             f"torch {result['torch']}). One CPU process plays rank 0 on torch's fake process "
+             "group with fake tensors: every figure is measured on a full-depth training step, "
+             f"none extrapolated. Llama 3 shapes, float32, AdamW, no activation checkpointing, "
+             f"{config['batch']} x {config['seq']} tokens per data replica (activations scale "
+             "linearly with them). GiB per rank, fx.shard / FSDP2.", "",
+             "| model | layout | ranks | params | grads | optimizer | activations | step peak "
+             "| all-gather | reduce-scatter | all-reduce |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        fx, f2 = row["fxtrain"], row["fsdp2"]
+        cells = [f"{_gib(fx[k])} / {_gib(f2[k])}" for k in (
+            "params_bytes", "grads_bytes", "opt_state_bytes", "activation_bytes", "peak_bytes",
+            "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes")]
+        layout = "FSDP" if row["layout"] == "fsdp" else f"FSDP x TP {row['world'] // TP}x{TP}"
+        lines.append(f"| {row['model']} | {layout} | {row['world']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _arguments(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--runs", nargs="+", default=[f"{m}:{l}:{w}" for m, l, w in RUNS],
+                        help="model:layout:ranks, e.g. llama3-70b:fsdp_tp:64")
+    parser.add_argument("--out", help="write OUT.json and OUT.md")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:  # the tiny model, each layout
+        args.seq, args.runs = 16, ["tiny:fsdp:8", "tiny:fsdp_tp:16"]
+    return args
+
+
+def main(argv=None) -> dict:
+    args = _arguments(argv)
+    start = time.perf_counter()
+    rows = []
+    for text in args.runs:
+        model, layout, world = text.split(":")
+        row = {"model": model, "layout": layout, "world": int(world)}
+        for variant in ("fxtrain", "fsdp2"):
+            row[variant] = job((model, layout, int(world), variant), args)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    result = {"config": {"seq": args.seq, "batch": args.batch}, "rows": rows,
+              "command": "python benchmarks/simulate.py " + " ".join(argv or sys.argv[1:]),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "torch": torch.__version__, "minutes": (time.perf_counter() - start) / 60}
+    text = markdown(result)
+    print(text, flush=True)
+    if args.out:
+        Path(f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
+        Path(f"{args.out}.md").write_text(text)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
