@@ -4,8 +4,8 @@ One process plays rank 0 of a job of 8, 64 or 256 ranks: torch's fake process gr
 (``init_process_group("fake")``: every collective returns at once without moving data) stands in
 for the others, and the model lives on fake tensors (``FakeTensorMode``: shapes, dtypes and
 storages, no data and no arithmetic), so a Llama-3-8B-shaped or 70B-shaped model of its full
-depth runs a whole training step on this CPU in seconds. Everything is measured on that run; nothing
-is extrapolated by layer count:
+depth runs whole training steps on this CPU in a few minutes. Everything is measured on those
+steps; nothing is extrapolated by layer count:
 
 - what the rank holds between steps: its shards of the parameters and of the optimizer state
   (AdamW's two moments), and the gradient shards the step hands the optimizer (one per
