@@ -38,7 +38,6 @@ def _rank(rank, port, out):
     Path(out, f"rank{rank}.json").write_text(json.dumps(row))
 
 
-@pytest.mark.slow  # 94-120 s here, with another job on the 2 cores
 def test_a_simulated_rank_holds_and_moves_what_a_real_one_does(tmp_path):
     mp.spawn(_rank, args=(free_port(), str(tmp_path)), nprocs=2)
     real = json.loads((tmp_path / "rank0.json").read_text())

@@ -8,7 +8,6 @@ import pytest
 from test_benchmarks import BENCHMARKS, imported
 
 
-@pytest.mark.slow  # 94-120 s here, with another job on the 2 cores
 def test_simulate_benchmark_smoke(tmp_path):
     simulate = imported("simulate")
     sys.path.insert(0, str(BENCHMARKS))  # the spawned process imports the script by name
