@@ -3,8 +3,6 @@
 import json
 import sys
 
-import pytest
-
 from test_benchmarks import BENCHMARKS, imported
 
 
