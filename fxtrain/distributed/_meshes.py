@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .._torch import collectives
+from .._torch.modes import outside_dispatch_modes
 from . import _ranks
 from ._dtensors import is_dtensor
 from ._layout import Roles
@@ -50,8 +51,10 @@ def check(mesh: Any, world: int) -> None:
         raise ValueError("fx.shard: a 2-D mesh needs dimension names; make it with "
                          "fx.sharding.mesh((rows, columns), ('dp', 'tp')) or "
                          "init_device_mesh(..., mesh_dim_names=(...))")
-    if mesh.mesh.flatten().tolist() != list(range(world)):
-        raise ValueError(f"fx.shard: the mesh lays the ranks out as {mesh.mesh.tolist()}; "
+    with outside_dispatch_modes():  # mesh.mesh: tensor ops a simulated rank's fake mode fakes
+        layout = mesh.mesh.tolist()
+    if [r for row in layout for r in row] != list(range(world)):
+        raise ValueError(f"fx.shard: the mesh lays the ranks out as {layout}; "
                          "fxtrain splits the batch by rank order, so it takes the ranks in "
                          "order, row by row (init_device_mesh's layout)")
 

@@ -42,6 +42,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from .._torch.groups import forget_groups
+from .._torch.modes import outside_dispatch_modes
 from .._torch.version import at_least
 from . import _meshes, _ranks, _tensor_parallel, _units
 from ._dtensors import is_dtensor, is_sharded
@@ -283,18 +284,21 @@ def _two_dimensional(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtyp
                          "dtype the parameters are gathered in (param_dtype); a reduce_dtype "
                          "other than it is not supported there yet")
     roles = _meshes.of(mesh, tp_plan)
-    module, tp, plan = copy.deepcopy(state.module), {}, {}  # a skeleton: no tensors to copy
-    if tp_plan is not None:
-        plan = _tensor_parallel.plan_of(module, tp_plan)
-        module, tp = _tensor_parallel.placed_on(
-            module, plan, mesh[mesh.mesh_dim_names[roles.tp]], state.params)
-    found = _default_units(module) if units is None else \
-        [] if units == "whole" else _units.resolve(module, units)
-    gather = Gather(param_dtype, None, roles)
-    if found:
-        module = _units.install(module, found, gather,
-                                _tensor_parallel.planned_params(tuple(plan), tp))
-    elif param_dtype is not None:
+    # the skeleton (meta tensors, the plan's meta DTensors) is no dispatch mode's business: a
+    # simulated rank's FakeTensorMode cannot copy a meta DTensor (benchmarks/simulate.py)
+    with outside_dispatch_modes():
+        module, tp, plan = copy.deepcopy(state.module), {}, {}  # a skeleton: no tensors to copy
+        if tp_plan is not None:
+            plan = _tensor_parallel.plan_of(module, tp_plan)
+            module, tp = _tensor_parallel.placed_on(
+                module, plan, mesh[mesh.mesh_dim_names[roles.tp]], state.params)
+        found = _default_units(module) if units is None else \
+            [] if units == "whole" else _units.resolve(module, units)
+        gather = Gather(param_dtype, None, roles)
+        if found:
+            module = _units.install(module, found, gather,
+                                    _tensor_parallel.planned_params(tuple(plan), tp))
+    if not found and param_dtype is not None:
         raise ValueError("fx.shard: param_dtype is how units gather, and this state is sharded "
                          "whole; pass units=... too (for example units='auto')")
     params = {k: distribute_tensor(p, mesh, _meshes.placements(p, roles, tp.get(k, (None,))[0]))

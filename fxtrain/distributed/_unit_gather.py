@@ -164,8 +164,11 @@ class Regathered:
         self.packed = self.unpacked = 0
 
     def gathered(self, whole: tuple[torch.Tensor, ...]) -> None:
-        """The forward's whole parameters: what ``pack`` recognizes (by storage)."""
-        self.index = {t.untyped_storage().data_ptr(): i for i, t in enumerate(whole)
+        """The forward's whole parameters: what ``pack`` recognizes, by their storage's object
+        (torch keeps one per storage; alive through the forward, as ``whole`` is), not its
+        address: storages without data (meta and fake tensors, which a simulated rank runs
+        on) all have address 0, and every saved tensor was taken for a parameter."""
+        self.index = {id(t.untyped_storage()): i for i, t in enumerate(whole)
                       if t.numel()}
 
     def release(self) -> None:
@@ -185,7 +188,7 @@ class Regathered:
 
     def pack(self, x: torch.Tensor) -> Any:
         try:
-            i = self.index.get(x.untyped_storage().data_ptr())
+            i = self.index.get(id(x.untyped_storage()))
         except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
             return x
         if i is None:

@@ -1,0 +1,24 @@
+"""benchmarks/simulate.py at a tiny size: each layout, fx.shard and FSDP2, a row of the table."""
+
+import json
+import sys
+
+from test_benchmarks import BENCHMARKS, imported
+
+
+def test_simulate_benchmark_smoke(tmp_path):
+    simulate = imported("simulate")
+    sys.path.insert(0, str(BENCHMARKS))  # the spawned process imports the script by name
+    try:
+        result = simulate.main(["--smoke", "--out", str(tmp_path / "simulate")])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert [(r["layout"], r["world"]) for r in result["rows"]] == [("fsdp", 8), ("fsdp_tp", 16)]
+    for row in result["rows"]:
+        fx, fsdp2 = row["fxtrain"], row["fsdp2"]
+        for key in ("params_bytes", "all_gather_bytes", "reduce_scatter_bytes"):
+            assert fx[key] == fsdp2[key] > 0  # the same shards, gathered and reduced alike
+        assert fx["peak_bytes"] > fx["held_bytes"] > fx["params_bytes"]
+    text = (tmp_path / "simulate.md").read_text()
+    assert "| tiny | FSDP | 8 |" in text and "| tiny | FSDP x TP 2x8 | 16 |" in text
+    assert json.loads((tmp_path / "simulate.json").read_text())["rows"] == result["rows"]
