@@ -34,6 +34,16 @@ def all_gather_single(tensor: torch.Tensor, gather_dim: int, group: Any) -> torc
     return gather(tensor, gather_dim, group)
 
 
+def all_gather_into(output: torch.Tensor, mine: torch.Tensor, group: Any) -> Any:
+    """Starts the all-gather of ``mine`` into ``output`` (rank by rank along dim 0) over the
+    process group ``group``, returning its work to wait on (eager: c10d's own collective,
+    which fills ``output`` in place, so ``mine`` may be a view of it). Torch 2.13 renamed
+    ``all_gather_into_tensor`` ``all_gather_single`` (the old name warns there)."""
+    import torch.distributed as dist
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, mine, group=group, async_op=True)
+
+
 def reduce_scatter_single(tensor: torch.Tensor, op: str, scatter_dim: int,
                           group: Any) -> torch.Tensor:
     """This rank's part (along ``scatter_dim``) of ``tensor`` reduced (``op``: "sum", "avg"...)

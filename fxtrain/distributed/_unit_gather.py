@@ -27,7 +27,6 @@ import weakref
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from .._torch import collectives
 from .._torch.autograd import saved_tensors_hooks_active
@@ -69,9 +68,8 @@ class Plan:
         mine = flat[self.mesh.get_local_rank()]
         torch.cat([_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, sizes)],
                   out=mine)
-        group = self.mesh.get_group()
-        return Issued(flat, dist.all_gather_into_tensor(flat.view(-1), mine, group=group,
-                                                        async_op=True))
+        return Issued(flat, collectives.all_gather_into(flat.view(-1), mine,
+                                                        self.mesh.get_group()))
 
     def copied_out(self, issued: Issued) -> list[torch.Tensor]:
         """The whole parameters out of an ``issued`` all-gather's buffer (rank by rank, each

@@ -47,8 +47,10 @@ def test_a_simulated_rank_holds_and_moves_what_a_real_one_does(tmp_path):
     assert real["params_bytes"] > 0 and real["all_gather_bytes"] > real["params_bytes"]
     assert {k: simulated[k] for k in EXACT} == {k: real[k] for k in EXACT}
     # the tensors alive at the step's peak: the same ops make the same tensors, but a real
-    # group's collectives keep some alive a little longer (measured: 2.5% over the simulated
-    # peak); the activations, a difference of two peaks, take that in (measured: the simulated
-    # 23% over the real at this tiny size, a few MiB)
-    assert simulated["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.05)
+    # group's collectives free their buffers at other times than the fake group's (measured:
+    # the real 2.5% over the simulated when a unit's gather copied its shards beside its
+    # buffer, the simulated 5.4% over the real, 0.5 MB, since they are gathered in place); the
+    # activations, a difference of two peaks, take that in (measured: the simulated 23% over
+    # the real at this tiny size, a few MiB)
+    assert simulated["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.08)
     assert simulated["activation_bytes"] == pytest.approx(real["activation_bytes"], rel=0.3)
