@@ -13,8 +13,11 @@ group train on the same batch (``fx.distributed.data_world_size()`` counts the r
 model, which share the global batch).
 
 Plans name submodules, with ``*`` for any index as transformers' plans do
-(``"model.layers.*.mlp.up_proj"``), and take ``ColwiseParallel()``/``RowwiseParallel()`` (or
-any ``ParallelStyle``) or the strings ``"colwise"``/``"rowwise"``; ``tp_plan="auto"`` takes a
+(``"model.layers.*.mlp.up_proj"``), and take torch's styles or transformers' names for them
+(``_plans.py``), sequence parallelism's included: ``SequenceParallel`` runs a norm on
+activations split along the sequence, its parameters replicated (their gradients, each rank's
+part, are summed by the step: ``_strategies.TensorParallel``), and ``PrepareModuleInput``/
+``PrepareModuleOutput`` lay out a block's inputs and outputs. ``tp_plan="auto"`` takes a
 transformers model's own ``config.base_model_tp_plan``.
 """
 

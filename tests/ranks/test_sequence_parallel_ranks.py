@@ -79,8 +79,9 @@ def test_sequence_and_loss_parallel_on_a_2d_mesh_train_as_one_process(tmp_path):
 def test_keyed_dropout_on_the_sequence_split_drops_what_one_process_drops(tmp_path):
     """A keyed F.dropout of a Shard(1) DTensor gives each rank exactly its slice of one
     process's mask; a model whose dropouts run on the sequence's split (SequenceParallel on
-    nn.Dropout, p=0.5) trains as one process does, eager and compiled, within float32 rounding
-    (each rank drawing a mask of its own slice, as before, moved the first loss by 0.1)."""
+    nn.Dropout, p=0.5) trains as one process does, eager and compiled (one graph), within
+    float32 rounding. Before, a keyed dropout of a DTensor failed (a whole-shaped mask met the
+    DTensor: "mixed torch.Tensor and DTensor")."""
     spawn(2, sp_worker.sequence_dropout, tmp_path)
     ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt") for r in (0, 1)]
     one = alone(tmp_path, sp_worker.sequence_dropout, "dropout_rank0.pt")
