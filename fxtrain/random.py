@@ -7,7 +7,9 @@ dropout of ``F.scaled_dot_product_attention`` (transformers' default attention; 
 it runs as the math of SDPA's reference, which the compiler fuses), ``F.rrelu`` and
 ``torch.bernoulli``. The key of a step is ``step_key(state.rng, state.step)``, so two runs with the same seed
 draw the same masks, and a resumed run draws what an uninterrupted run would have drawn. The
-masks are integer hashing, so eager and compiled steps draw identical bits.
+masks are integer hashing, so eager and compiled steps draw identical bits. A dropout of a
+DTensor (activations split over the ranks, as sequence parallelism splits them) draws on each
+rank its block of the mask one process draws on the whole tensor (``_keyed_shards``).
 
 Keys are derived (``fold_in``) by operators of their own (``torch.ops.fxtrain.fold_in*``), which
 the compiler calls instead of inlining: a draw reads its key from a buffer, and its kernel holds a

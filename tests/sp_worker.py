@@ -49,11 +49,15 @@ def lm_loss(state, params, batch):
 
 
 def batches(state=None):
-    """``STEPS`` global batches of 4 sequences of 12 tokens, each data replica's share."""
-    ids = torch.randint(0, 24, (4 * STEPS, 12), generator=torch.Generator().manual_seed(3))
+    """One global batch of 4 sequences of 12 tokens ``STEPS`` times (so that the loss falls
+    from step to step: a run that trained), each data replica of ``state`` taking its share
+    (None: torch's own tensor-parallel model, whose ranks take all of it)."""
+    ids = torch.randint(0, 24, (4, 12), generator=torch.Generator().manual_seed(3))
+    if state is None:
+        return [{"input_ids": ids}] * STEPS
     share = 4 // fx.distributed.data_world_size(state)
     at = fx.distributed.data_rank(state) * share
-    return [{"input_ids": b[at:at + share]} for b in ids.split(4)]
+    return [{"input_ids": ids[at:at + share]}] * STEPS
 
 
 def trained(make_model, plan, mesh, compiled):
@@ -90,7 +94,7 @@ def with_torch(plan):
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss.full_tensor()))
+        losses.append(float(loss.detach().full_tensor()))
     return {"losses": losses, "params": {n: p.full_tensor().detach() if hasattr(
         p, "full_tensor") else p.detach() for n, p in model.named_parameters()}}
 
