@@ -47,8 +47,8 @@ def cross_entropy_total(logits: torch.Tensor, targets: torch.Tensor,
     targets that are not ``ignore_index``: a plain 0-d tensor, the same on every rank."""
     mesh = logits.device_mesh
     local = logits.to_local().float()
-    # torch.chunk's split (the last rank may hold fewer), not tested eagerly; compiled, torch 2.13's
-    # backward of an uneven DTensor failed on its shape (fx.shard's plans split evenly only)
+    # torch.chunk's split (the last rank may hold fewer), untested eagerly; compiled, torch
+    # 2.13's backward of an uneven DTensor failed on its shape (fx.shard splits evenly only)
     width = -(-logits.shape[-1] // mesh.size())
     start = mesh.get_coordinate()[0] * width
     peak = _summed(local.detach().amax(-1), mesh, "max")
