@@ -7,7 +7,9 @@ dropout of ``F.scaled_dot_product_attention`` (transformers' default attention; 
 it runs as the math of SDPA's reference, which the compiler fuses), ``F.rrelu`` and
 ``torch.bernoulli``. The key of a step is ``step_key(state.rng, state.step)``, so two runs with the same seed
 draw the same masks, and a resumed run draws what an uninterrupted run would have drawn. The
-masks are integer hashing, so eager and compiled steps draw identical bits.
+masks are integer hashing, so eager and compiled steps draw identical bits. A dropout of a
+DTensor (activations split over the ranks, as sequence parallelism splits them) draws on each
+rank its block of the mask one process draws on the whole tensor (``_keyed_shards``).
 
 Keys are derived (``fold_in``) by operators of their own (``torch.ops.fxtrain.fold_in*``), which
 the compiler calls instead of inlining: a draw reads its key from a buffer, and its kernel holds a
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
+from . import _keyed_shards
 from ._torch.modes import PYTHON_TENSOR_METHODS
 from ._torch.ops import attention as attention_ops
 from ._torch.traced_errors import fail
@@ -169,13 +172,17 @@ def step_key(rng: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return fold_in(rng, step)
 
 
-def _hash(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+def _hash(key: torch.Tensor, shape: Sequence[int],
+          index: torch.Tensor | None = None) -> torch.Tensor:
     """32 random bits per element of ``shape`` from a 32-bit ``key``, as int64: the element index
     spread by a Weyl multiplier, then a xorshift-multiply round with the key mixed in before and
     within it. One round (of two for keys) and int64 maths that never overflows keep it short in
-    a compiled kernel and equal, bit for bit, to the eager result."""
-    numel = math.prod(shape)
-    index = torch.arange(numel, dtype=torch.int64, device=key.device)
+    a compiled kernel and equal, bit for bit, to the eager result. ``index``: the elements'
+    indices in ``shape`` (row-major) when only a block of it is drawn (``_keyed_shards``), of
+    the block's shape; None: every element."""
+    numel, block = math.prod(shape), index
+    if index is None:
+        index = torch.arange(numel, dtype=torch.int64, device=key.device)
     if numel > 1 << 32:  # indices repeat every 2**32 elements
         index = index & _MASK32
     # the multiplier is read off the key (key >> 40 is 0: keys are 32-bit) so that Inductor
@@ -185,7 +192,8 @@ def _hash(key: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     x = ((index * weyl) & _MASK32) ^ key
     x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
     x = ((x ^ key ^ (x >> 15)) * 0x2C1B3C6D) & _MASK32
-    return (x ^ (x >> 16)).reshape(tuple(shape))
+    x = x ^ (x >> 16)
+    return x.reshape(tuple(shape)) if block is None else x
 
 
 def _bits(key: torch.Tensor, shape: Sequence[int], stream: int = 0) -> torch.Tensor:
@@ -240,18 +248,22 @@ def _check_p(p: float) -> None:
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
 
 
-def _keep(key, mask_shape, p) -> torch.Tensor:
+def _keep(key, mask_shape, p, index: torch.Tensor | None = None) -> torch.Tensor:
     """The mask of elements a dropout of probability ``p`` keeps (each dropped with
-    probability ``p``)."""
+    probability ``p``); ``index``: of a block of it only (``_hash``)."""
     _check_p(p)
-    return _hash(key, mask_shape) >= math.ceil(p * 2.0**32)
+    return _hash(key, mask_shape, index) >= math.ceil(p * 2.0**32)
 
 
 def _dropout(x, p, training, key, mask_shape):
     if not training or p == 0.0:
         _check_p(p)
         return x
-    return torch.where(_keep(key, mask_shape, p), x / (1.0 - p), torch.zeros_like(x))
+
+    def dropped(x, index):
+        return torch.where(_keep(key, mask_shape, p, index), x / (1.0 - p), torch.zeros_like(x))
+
+    return _keyed_shards.on_block(x, mask_shape, dropped)
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -308,12 +320,17 @@ def _alpha_dropout(x, p, training, key, mask_shape):
     if not training or p == 0.0:
         _check_p(p)
         return x
-    keep = _keep(key, mask_shape, p)
+    _check_p(p)
     if p == 1.0:
         return torch.zeros_like(x)
     a = ((1.0 - p) * (1.0 + p * _SELU_ALPHA**2)) ** -0.5
     b = -a * _SELU_ALPHA * p
-    return torch.where(keep, x, torch.full_like(x, _SELU_ALPHA)) * a + b
+
+    def dropped(x, index):
+        keep = _keep(key, mask_shape, p, index)
+        return torch.where(keep, x, torch.full_like(x, _SELU_ALPHA)) * a + b
+
+    return _keyed_shards.on_block(x, mask_shape, dropped)
 
 
 def _rrelu(x, lower, upper, training, key):
@@ -537,7 +554,8 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                 _arg(args, kwargs, 2, "train", True)
             if train is False:
                 return x.clone(), torch.ones_like(x, dtype=torch.bool)
-            keep = _keep(self._next_key(), x.shape, p)
+            key, shape = self._next_key(), x.shape
+            keep = _keyed_shards.on_block(x, shape, lambda x, index: _keep(key, shape, p, index))
             return torch.where(keep, x / (1.0 - p), torch.zeros_like(x)), keep
         if func is F.rrelu:
             x = args[0]

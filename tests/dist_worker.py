@@ -812,13 +812,14 @@ SCENARIOS["several"] = several
 
 
 def spawned(rank, world, port, name, args, kwargs):
-    """torch.multiprocessing entry point: join the group, run the scenario."""
+    """torch.multiprocessing entry point: join the group, run the scenario (``name`` in
+    ``SCENARIOS``, or a function of another worker module)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     fx.distributed.init()
     try:
-        SCENARIOS[name](*args, **kwargs)
+        (SCENARIOS[name] if isinstance(name, str) else name)(*args, **kwargs)
     finally:
         torch.distributed.destroy_process_group()
 

@@ -178,8 +178,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         ``torch.float32`` with a bfloat16 ``param_dtype``, as FSDP2's mixed precision);
         None: ``param_dtype``.
       tp_plan: tensor parallelism instead of sharding (``fxtrain.distributed._tensor_parallel``): a dict
-        ``{submodule: ColwiseParallel() | RowwiseParallel() | "colwise" | "rowwise"}`` (``*``
-        for an index) or ``"auto"`` (a transformers model's ``base_model_tp_plan``). The
+        ``{submodule: ColwiseParallel() | RowwiseParallel() | SequenceParallel() |
+        PrepareModuleInput(...) | ... | "colwise" | "rowwise" | ...}`` (``*`` for an index;
+        transformers' style names, so a model's own ``model._tp_plan``; sequence and loss
+        parallel: ``docs/distributed.md``) or ``"auto"`` (a transformers model's
+        ``base_model_tp_plan``). The
         planned layers' parameters are split over the mesh's ranks, which train on the same
         batch; the rest stay whole (on a 2-D mesh, sharded over its first dimension). On the
         autograd path (the default step's ``autodiff="auto"`` takes it); a 1-D mesh's plan

@@ -208,12 +208,27 @@ class TensorParallel(SingleProcess):
     """A tensor-parallel plan's DTensors (``fxtrain.distributed._tensor_parallel``): the forward runs them
     as they are, and autograd gives each gradient in its parameter's placement, complete (the
     ranks of the group run on one batch: nothing to average); norms of DTensor gradients
-    reduce over the ranks by themselves."""
+    reduce over the ranks by themselves. A parameter whole on every rank that meets
+    activations split over them (a norm's weight under ``SequenceParallel``) gets each rank's
+    part of its gradient (``Partial``): summed here into its parameter's ``Replicate``, so
+    the optimizer state keeps the parameters' placements (kept ``Partial``, every step's
+    optimizer redistributed it again, and a compiled step recompiled on the state's new
+    placements)."""
+
+    def reduce(self, grads: dict, loss: torch.Tensor, aux: dict, buffers: dict, params: dict,
+               scale: torch.Tensor | None = None, check_finite: bool = False) -> Reduced:
+        grads = {k: _placed_like(g, params[k]) for k, g in grads.items()}
+        return super().reduce(grads, loss, aux, buffers, params, scale, check_finite)
 
     def metrics(self, metrics: dict) -> dict:
         return {k: gather_tensor(v) for k, v in metrics.items()}
 
 
+def _placed_like(grad: Any, param: Any) -> Any:
+    """``grad`` in ``param``'s placements (a DTensor's partial sums summed)."""
+    if not is_dtensor(grad) or tuple(grad.placements) == tuple(param.placements):
+        return grad
+    return grad.redistribute(param.device_mesh, param.placements)
 
 
 def strategy(layout: Layout, autodiff: str, parallel: bool, mean_buffers: bool

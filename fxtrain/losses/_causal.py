@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ._mean import IGNORE_INDEX, Mean
+from ._vocab_parallel import cross_entropy_total, is_vocab_sharded
 
 def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
               shift: bool = True) -> Mean:
@@ -33,6 +34,9 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
 
     Args:
       logits: ``(batch, length, vocab)``, any float dtype (the loss is taken in float32).
+        Loss parallel: a DTensor split along the vocabulary (a tensor-parallel plan's LM head
+        with ``ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)``) is not
+        gathered; each rank takes its columns' part of the loss (``_vocab_parallel.py``).
       labels: ``(batch, length)`` token ids, ``ignore_index`` where no loss is taken (padding,
         prompts, a packed sequence's document starts).
       shift: True (transformers' convention: ``labels`` are the input ids): position ``t``
@@ -51,6 +55,9 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     if shift:
         logits, labels = logits[:, :-1], labels[:, 1:]
     targets = labels.reshape(-1)
+    if is_vocab_sharded(logits):  # loss parallel: the vocabulary split over the ranks
+        total = cross_entropy_total(logits.reshape(-1, logits.shape[-1]), targets, ignore_index)
+        return Mean(total, (targets != ignore_index).sum())
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,
                             ignore_index=ignore_index, reduction="sum")
     return Mean(total, (targets != ignore_index).sum())

@@ -13,7 +13,7 @@ FLOORS = (
     # tensors and trees, randomness, processes and the run's layout over them, files, text, the
     # version and torch's internals
     ("_version", "_torch", "_format", "_files", "_held", "_memory", "struct", "donation", "tree",
-     "stats", "random", "_keyed_attention", "distributed", "sharding"),
+     "stats", "random", "_keyed_attention", "_keyed_shards", "distributed", "sharding"),
     # the contract between the pieces: the callback protocol
     ("protocol",),
     # the pieces: optimizers, losses, metrics, data, writers, checkpoints

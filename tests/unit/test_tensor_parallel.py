@@ -29,14 +29,16 @@ def test_plans_that_name_what_the_model_lacks_are_refused():
     with pytest.raises(ValueError, match="names 'model.layers.*.mlp.upp_proj', which is no "
                                          "submodule of LlamaForCausalLM"):
         plan_of(model, {"model.layers.*.mlp.upp_proj": "colwise"})
-    with pytest.raises(ValueError, match="splits 'model.norm', a LlamaRMSNorm"):
+    with pytest.raises(ValueError, match="splits 'model.norm', a LlamaRMSNorm; .*"
+                                         "SequenceParallel"):
         plan_of(model, {"model.norm": "colwise"})
-    from torch.distributed.tensor.parallel import SequenceParallel
-    with pytest.raises(ValueError, match="SequenceParallel; sequence parallelism .* is not "
-                                         "supported yet"):
-        plan_of(model, {"model.layers.*.input_layernorm": SequenceParallel()})
-    with pytest.raises(ValueError, match="use 'colwise', 'rowwise' or a torch ParallelStyle"):
+    with pytest.raises(ValueError, match="use a torch ParallelStyle .* or one of 'colwise', "
+                                         "'rowwise'"):
         plan_of(model, {"model.layers.0.mlp.up_proj": "sideways"})
+    with pytest.raises(ValueError, match="names 'model.layers.0.mlp.up_proj' twice "
+                                         r"\('model.layers.\*.mlp.up_proj' and "):
+        plan_of(model, {"model.layers.*.mlp.up_proj": "colwise",
+                        "model.layers.0.mlp.up_proj": "colwise"})
     with pytest.raises(ValueError, match="has no config.base_model_tp_plan"):
         plan_of(dist_worker.tiny_gpt2(), "auto")
 
@@ -62,3 +64,32 @@ def test_a_rowwise_layer_with_no_colwise_layer_before_it_is_refused():
     whole = {"0": RowwiseParallel(input_layouts=Replicate())}
     assert set(plan_of(model, whole)) == {"0"}
     assert len(plan_of(dist_worker.tiny_llama(), "auto")) > 0
+
+
+def test_a_sequence_parallel_plan_and_transformers_own_plan_resolve():
+    """Issue 61: SequenceParallel on the norms, PrepareModuleInput on the blocks that take the
+    sequence whole and a head left split along the vocabulary resolve (any module for those
+    styles), in the model's order; transformers' style names (a model's own ``_tp_plan``,
+    its LM head "colwise_gather_output", its embedding "embedding_rowwise") are torch's
+    styles."""
+    import sp_worker
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput,
+                                                   RowwiseParallel, SequenceParallel)
+
+    from fxtrain.distributed import plan_of
+    model = dist_worker.tiny_llama()
+    plan = plan_of(model, sp_worker.llama_plan())
+    assert isinstance(plan["model.layers.2.input_layernorm"], SequenceParallel)
+    assert isinstance(plan["model.layers.0"], PrepareModuleInput)
+    assert isinstance(plan["model.layers.3.mlp"], PrepareModuleInput)
+    assert plan["lm_head"].output_layouts == (Shard(-1),)
+    assert list(plan) == [n for n, _ in model.named_modules() if n in plan]
+    assert len(plan) == 1 + 4 * 11 + 2
+    own = plan_of(model, model._tp_plan)
+    assert isinstance(own["lm_head"], ColwiseParallel)
+    assert own["lm_head"].output_layouts == (Replicate(),)
+    assert isinstance(own["model.embed_tokens"], RowwiseParallel)
+    assert own["model.embed_tokens"].input_layouts == (Replicate(),)
+    assert isinstance(plan_of(model, {"model.norm": "sequence_parallel"})["model.norm"],
+                      SequenceParallel)

@@ -1,0 +1,65 @@
+"""Keyed draws on a DTensor: each rank draws its own block of the mask one process draws on the
+whole tensor, so a dropout on activations split over the ranks (sequence parallelism: a norm's
+or a residual's ``Shard(1)``) drops what it drops on one process, bit for bit.
+
+A keyed mask is a hash of (key, element index) (``fxtrain.random``), so a block of it needs no
+other rank's part: each rank hashes the indices its block holds in the whole mask. The block is
+where the DTensor's placements put this rank's local tensor (``torch.chunk``'s split, mesh
+dimension after mesh dimension, as torch lays out ``Shard``); ``Replicate`` keeps the whole, and
+a ``Partial`` tensor (a sum not yet taken) is refused. A plain tensor is drawn whole: a rank
+that holds a slice as a plain tensor (a style's ``use_local_output=True``) draws the mask of
+its slice's shape, which is no block of one process's; keep such activations DTensors where
+they are dropped (``SequenceParallel()`` on the dropout, its output a DTensor or, with
+``use_local_output=True``, a plain tensor again after it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .distributed import is_dtensor
+
+
+def _block(x, mask_shape: Sequence[int]) -> tuple[list[int], list[int]]:
+    """This rank's block of a ``mask_shape`` mask over the DTensor ``x``: its shape and its
+    offsets (a dimension the mask broadcasts over, size 1, is whole)."""
+    from torch.distributed.tensor import Partial, Shard
+    mesh, where = x.device_mesh, x.device_mesh.get_coordinate()
+    sizes, offsets = list(mask_shape), [0] * len(mask_shape)
+    for d, placement in enumerate(x.placements):
+        if isinstance(placement, Partial):
+            raise ValueError(f"fxtrain: a keyed dropout on a DTensor whose placement is "
+                             f"{placement} (a sum the ranks have not taken yet) would drop "
+                             "parts of a sum; redistribute it to Shard or Replicate first")
+        if isinstance(placement, Shard) and mask_shape[placement.dim % x.ndim] != 1:
+            dim = placement.dim % x.ndim
+            chunk = -(-sizes[dim] // mesh.size(d))
+            begin = min(where[d] * chunk, sizes[dim])
+            offsets[dim] += begin
+            sizes[dim] = min(chunk, sizes[dim] - begin)
+    return sizes, offsets
+
+
+def block_index(x, mask_shape: Sequence[int]) -> torch.Tensor:
+    """The row-major indices in the whole ``mask_shape`` of this rank's block (``_block``),
+    shaped as the block."""
+    sizes, offsets = _block(x, mask_shape)
+    index = torch.zeros((), dtype=torch.int64, device=x.device)
+    for whole, size, offset in zip(mask_shape, sizes, offsets):
+        along = torch.arange(offset, offset + size, dtype=torch.int64, device=x.device)
+        index = index[..., None] * whole + along
+    return index
+
+
+def on_block(x: torch.Tensor, mask_shape: Sequence[int],
+             draw: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+    """``draw(x, None)`` for a tensor; for a DTensor, ``draw`` on its local tensor with the
+    indices of its block of the mask (``block_index``), the result a DTensor placed as ``x``."""
+    if not is_dtensor(x):
+        return draw(x, None)
+    from torch.distributed.tensor import DTensor
+    out = draw(x.to_local(), block_index(x, mask_shape))
+    return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False,
+                              shape=x.shape, stride=x.stride())

@@ -1,0 +1,93 @@
+"""Sequence and loss parallelism (``fx.shard(state, tp_plan=...)`` with ``SequenceParallel``,
+``PrepareModuleInput`` and a head whose logits stay split along the vocabulary, the loss
+``fx.losses.causal_lm``'s loss parallel): a tiny Llama under torchtitan's plan trains as torch's
+own ``parallelize_module`` with ``loss_parallel`` does and as one process does, on 2 gloo ranks
+(eager and compiled into one graph) and on a 2 x 2 mesh (FSDP x TP, compiled); keyed dropout
+on activations split along the sequence drops what one process drops."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+import sp_worker
+from helpers import extra
+from test_distributed import free_port
+
+transformers = extra("transformers")
+pytestmark = [pytest.mark.slow, pytest.mark.needs_torch(
+    2, 13, "a compiled autograd step on DTensor parameters")]
+
+
+def spawn(world, fn, out, **kwargs):
+    mp.spawn(dist_worker.spawned, nprocs=world, args=(world, free_port(), fn, (str(out),),
+                                                       kwargs))
+
+
+def alone(tmp_path, fn, name):
+    """``fn`` in this process, alone: no mesh, no plan."""
+    out = tmp_path / "alone"
+    out.mkdir()
+    fn(str(out))
+    return torch.load(out / name)
+
+
+def close(run, reference, atol):
+    """Losses and parameters of ``run`` within float32 rounding of ``reference``'s: a few ulps
+    of a loss near 3 over the first steps (each split product's partial sums added in another
+    order), and AdamW's steps, which move a parameter by about lr whatever its gradient's size,
+    letting the ulps of near-zero gradients grow (the tensor-parallel tests' bounds)."""
+    torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(reference["losses"]),
+                               rtol=0, atol=atol)
+    for name, p in reference["params"].items():
+        torch.testing.assert_close(run["params"][name], p, rtol=0, atol=5e-4, msg=name)
+
+
+def test_sequence_and_loss_parallel_train_as_torch_and_one_process(tmp_path):
+    """4 AdamW steps of a tiny Llama under torchtitan's sequence- and loss-parallel plan on 2
+    ranks: eager and compiled (one graph), against torch's parallelize_module + loss_parallel +
+    torch.optim.AdamW with the same plan and against one process, within float32 rounding; the
+    ranks agree bit for bit; eager and compiled alike."""
+    spawn(2, sp_worker.sequence_parallel, tmp_path)
+    ranks = [torch.load(tmp_path / f"tp_rank{r}.pt") for r in (0, 1)]
+    one = alone(tmp_path, sp_worker.sequence_parallel, "tp_rank0.pt")["eager"]
+    assert one["losses"][-1] < one["losses"][0] - 0.1  # it trained: not a vacuous match
+    for kind in ("eager", "compiled"):
+        run = ranks[0][kind]
+        assert run["losses"] == ranks[1][kind]["losses"]
+        for name, p in run["params"].items():
+            assert torch.equal(p, ranks[1][kind]["params"][name]), name
+        close(run, ranks[0]["torch"], atol=1e-5)
+        close(run, one, atol=1e-5)
+    assert ranks[0]["compiled"]["graphs"] == 1
+    close(ranks[0]["compiled"], ranks[0]["eager"], atol=1e-6)
+
+
+def test_sequence_and_loss_parallel_on_a_2d_mesh_train_as_one_process(tmp_path):
+    """The same plan over the "tp" dimension of a 2 x 2 mesh, sharded over "dp" (4 ranks, two
+    data replicas of 2 sequences each), compiled into one graph: one process's losses and
+    parameters within float32 rounding (averaged gradients: other additions of the same
+    terms); the ranks agree bit for bit."""
+    spawn(4, sp_worker.sequence_parallel, tmp_path, layout="fsdp_tp")
+    ranks = [torch.load(tmp_path / f"fsdp_tp_rank{r}.pt")["compiled"] for r in range(4)]
+    one = alone(tmp_path, sp_worker.sequence_parallel, "tp_rank0.pt")["eager"]
+    assert [r["graphs"] for r in ranks] == [1] * 4
+    assert all(r["losses"] == ranks[0]["losses"] for r in ranks)
+    close(ranks[0], one, atol=1e-5)
+
+
+def test_keyed_dropout_on_the_sequence_split_drops_what_one_process_drops(tmp_path):
+    """A keyed F.dropout of a Shard(1) DTensor gives each rank exactly its slice of one
+    process's mask; a model whose dropouts run on the sequence's split (SequenceParallel on
+    nn.Dropout, p=0.5) trains as one process does, eager and compiled (one graph), within
+    float32 rounding. Before, a keyed dropout of a DTensor failed (a whole-shaped mask met the
+    DTensor: "mixed torch.Tensor and DTensor")."""
+    spawn(2, sp_worker.sequence_dropout, tmp_path)
+    ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt") for r in (0, 1)]
+    one = alone(tmp_path, sp_worker.sequence_dropout, "dropout_rank0.pt")
+    for r, run in enumerate(ranks):
+        assert torch.equal(run["part"], one["whole"][:, 6 * r:6 * (r + 1)])
+    for kind in ("eager", "compiled"):
+        assert ranks[0][kind]["losses"] == ranks[1][kind]["losses"]
+        close(ranks[0][kind], one["eager"], atol=1e-5)
+    assert ranks[0]["compiled"]["graphs"] == 1
