@@ -22,6 +22,7 @@ from . import _held, optim, random, struct
 from .distributed import Layout, for_forward
 from .protocol import init_states
 from .donation import check_live
+from .optim._on_shards import on_shards
 from .optim.base import GradientTransformation, apply_updates, update_weighted
 from .tree import check_same_structure
 
@@ -263,8 +264,9 @@ class TrainState:
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         with optim.masks.tied(self.layout.tied):
-            updates, opt_state = update_weighted(self.tx, grads, self.opt_state, self.params,
-                                                 weight)
+            local = on_shards(self.tx, grads, self.opt_state, self.params)  # eager, sharded
+            updates, opt_state = local or update_weighted(self.tx, grads, self.opt_state,
+                                                          self.params, weight)
         return self.replace(step=self.step + 1, params=apply_updates(self.params, updates),
                             opt_state=opt_state)
 

@@ -5,8 +5,8 @@ import warnings as _warnings
 from ..tree import global_norm
 from .aliases import (adagrad, adam, adamax, adamw, amsgrad, lamb, lars, lion, nadamw, radam,
                       rmsprop, sgd)
-from .base import (GradientTransformation, Schedule, WeightedTransformation, apply_updates, chain,
-                   identity, update_weighted)
+from .base import (ElementwiseTransformation, GradientTransformation, Schedule,
+                   WeightedTransformation, apply_updates, chain, identity, update_weighted)
 from .blocks import clip_by_block_rms, scale_by_param_block_rms
 from .factored import FactoredState, adafactor, scale_by_factored_rms
 from .adaptive import (ScaleByAdaDeltaState, ScaleByAdanState, ScaleByBeliefState,
@@ -41,7 +41,7 @@ from .wrappers import (ApplyIfFiniteState, InjectHyperparamsState, MultiStepsSta
 
 __all__ = [
     "GradientTransformation", "Schedule", "apply_updates", "chain", "global_norm", "identity",
-    "WeightedTransformation", "update_weighted",
+    "WeightedTransformation", "ElementwiseTransformation", "update_weighted",
     "sgd", "adam", "adamw", "lion", "rmsprop", "constant_schedule",
     "cosine_decay_schedule", "exponential_decay", "join_schedules", "linear_schedule",
     "warmup_cosine_decay_schedule", "cosine_onecycle_schedule", "linear_onecycle_schedule",

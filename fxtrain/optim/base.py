@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
+import torch.utils._pytree as pytree
 
+from ..distributed._dtensors import is_dtensor
 from ..donation import written_into
 from ..tree import tree_map
 
@@ -58,26 +61,47 @@ class WeightedTransformation(GradientTransformation):
     weights. ``update_weighted`` passes the weight to those that take it."""
 
 
+class ElementwiseTransformation(GradientTransformation):
+    """A ``GradientTransformation`` that treats each leaf alone: each leaf of the updates and
+    of the new state it returns is a function of the same leaf of the gradients, of its state
+    and of the parameters, and of the state's scalars (a step count). Adam, SGD with momentum,
+    weight decay and a learning rate are; a global norm clip, Muon or a factored second moment
+    are not. An eager update of a sharded state (``fx.shard``) runs such a transformation on
+    each rank's local shards, not through DTensor's dispatch (``fxtrain.optim.base.on_shards``).
+    A ``chain`` of them is one."""
+
+
 _WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fxtrain_optim_writes_into", default=None)
+_WRITES_PARAMS: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fxtrain_optim_writes_params", default=None)
+_OWN: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_optim_own", default=None)
 
 
 @contextlib.contextmanager
-def writing_into_state(opt_state: OptState) -> Iterator[None]:
-    """Inside, uncompiled: a ``chain`` given ``opt_state`` itself (the optimizer's own, when it
-    is a chain) writes each transform's new state into it as soon as the transform has run,
-    for a caller that gives that state up (a step that donates it and never reverts it:
-    ``fxtrain.donation``). A chain inside another transform is given a part of it and does
-    not: that transform may still read its old state. An eager AdamW update then holds Adam's
-    new moments in the old ones' storage instead of beside them until it ends: three trees of
-    the parameters' size at its peak (the gradients, the direction, the decayed direction)
-    rather than five. Compiled, the
-    graph writes the donated state in place by itself."""
-    token = _WRITES_INTO.set(opt_state)
+def writing_into_state(opt_state: OptState, params: Params | None = None) -> Iterator[None]:
+    """Inside, uncompiled, an update writes in place what its caller gives up (a step that
+    donates its state and never reverts it: ``fxtrain.donation``), as ``torch.optim`` does:
+
+    - a ``chain`` given ``opt_state`` itself (the optimizer's own, when it is a chain) writes
+      each transform's new state into it as soon as the transform has run (a chain inside
+      another transform is given a part of it and does not: that transform may still read
+      its old state), and a transform given such a state may write its new one over it
+      (``writable``): Adam's new moments never sit beside the old ones;
+    - a transform writes its updates into the temporaries an earlier transform of this update
+      made (``own`` and ``owns``), never into the gradients it was given;
+    - ``apply_updates`` given ``params`` itself adds the updates into them.
+
+    The same operations, so the same bits. An eager AdamW update then allocates one tree of
+    the parameters' size (its direction) where it allocated a dozen. Compiled, the graph
+    writes the donated state in place by itself."""
+    tokens = (_WRITES_INTO.set(opt_state), _WRITES_PARAMS.set(params),
+              _OWN.set(weakref.WeakValueDictionary()))
     try:
         yield
     finally:
-        _WRITES_INTO.reset(token)
+        for var, token in zip((_WRITES_INTO, _WRITES_PARAMS, _OWN), tokens):
+            var.reset(token)
 
 
 def writable(state: OptState) -> bool:
@@ -87,6 +111,24 @@ def writable(state: OptState) -> bool:
     so that the new ones never sit beside the old ones."""
     given = None if torch.compiler.is_compiling() else _WRITES_INTO.get()
     return isinstance(given, tuple) and any(state is s for s in given)
+
+
+def own(tree: Any) -> Any:
+    """``tree``, its tensors marked as temporaries this update made, which a later transform
+    may write into (inside ``writing_into_state``; otherwise nothing is marked)."""
+    owned = None if torch.compiler.is_compiling() else _OWN.get()
+    if owned is not None:
+        for leaf in pytree.tree_leaves(tree):
+            if isinstance(leaf, torch.Tensor):
+                owned[id(leaf)] = leaf
+    return tree
+
+
+def owns(u: Any) -> bool:
+    """Whether ``u`` is a temporary this update made (``own``): a transform may write its
+    result into it. Never a gradient the update was given."""
+    owned = None if torch.compiler.is_compiling() else _OWN.get()
+    return owned is not None and owned.get(id(u)) is u
 
 
 def update_weighted(tx: GradientTransformation, updates: Updates, state: OptState,
@@ -129,7 +171,7 @@ def identity() -> GradientTransformation:
         del params
         return updates, state
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 def chain(*transforms: GradientTransformation) -> GradientTransformation:
@@ -164,7 +206,10 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return updates, tuple(new_state)
 
     weighted = any(isinstance(t, WeightedTransformation) for t in transforms)
-    return (WeightedTransformation if weighted else GradientTransformation)(init, update)
+    elementwise = all(isinstance(t, ElementwiseTransformation) for t in transforms)
+    kind = WeightedTransformation if weighted else (
+        ElementwiseTransformation if elementwise else GradientTransformation)
+    return kind(init, update)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:
@@ -178,7 +223,35 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         ...                        {"w": torch.tensor([0.5])})  # a float32 update, bf16 param
         {'w': tensor([1.5000], dtype=torch.bfloat16)}
     """
+    if _given_up(params, updates):  # an eager donated step: as torch.optim, in place
+        with torch.no_grad():
+            for k, p in params.items():
+                _local(p).add_(_local(updates[k]))
+        return params
     return tree_map(lambda p, u: p + u.to(p.dtype), params, updates)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if is_dtensor(t) else t
+
+
+def _given_up(params: Params, updates: Updates) -> bool:
+    """Whether ``apply_updates`` may add ``updates`` into ``params`` (``writing_into_state``):
+    distinct tensors that need no gradient, each update of its parameter's dtype and shape, a
+    DTensor's laid out as its parameter."""
+    if (torch.compiler.is_compiling() or _WRITES_PARAMS.get() is not params
+            or not isinstance(params, dict) or not isinstance(updates, dict)
+            or params.keys() != updates.keys()
+            or len({id(p) for p in params.values()}) != len(params)):
+        return False
+    for k, p in params.items():
+        u = updates[k]
+        if (not isinstance(p, torch.Tensor) or not isinstance(u, torch.Tensor) or p.requires_grad
+                or u.requires_grad or p.dtype != u.dtype or p.shape != u.shape
+                or is_dtensor(p) != is_dtensor(u) or (is_dtensor(p) and (
+                    p.placements != u.placements or p.device_mesh != u.device_mesh))):
+            return False
+    return True
 
 
 def _find_state(opt_state: Any, kind: type) -> Any:

@@ -13,7 +13,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
-from .base import GradientTransformation, ScalarOrSchedule, writable
+from .base import (ElementwiseTransformation, GradientTransformation, ScalarOrSchedule, own, owns,
+                   writable)
 from .masks import Mask, by_name, check
 
 
@@ -91,7 +92,17 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
         del params
         return tree_map(lambda u: u * _scalar(step_size, u), updates), state
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
+
+
+def _add(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``u + x``: into ``u`` where this update made it (``fxtrain.optim.base.owns``)."""
+    return u.add_(x) if owns(u) else own(u + x)
+
+
+def _mul(u: torch.Tensor, x: float | torch.Tensor) -> torch.Tensor:
+    """``u * x``: into ``u`` where this update made it (``fxtrain.optim.base.owns``)."""
+    return u.mul_(x) if owns(u) else own(u * x)
 
 
 def _moments(updates, mu, nu, b1, b2):
@@ -104,7 +115,7 @@ def _moments_in_place(updates, mu, nu, b1, b2):
     """``_moments`` written over ``mu`` and ``nu`` (the same operations, so the same bits):
     for a state its caller gives up (``fxtrain.optim.base.writable``)."""
     return (tree_map(lambda m, g: m.lerp_(g, 1 - _scalar(b1, g)), mu, updates),
-            tree_map(lambda v, g: v.mul_(_scalar(b2, g)).add_((1 - _scalar(b2, g)) * g * g),
+            tree_map(lambda v, g: v.mul_(_scalar(b2, g)).add_(((1 - _scalar(b2, g)) * g).mul_(g)),
                      nu, updates))
 
 
@@ -202,9 +213,18 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
             v_root = torch.sqrt(v + _scalar(eps_root, v) * bc2) / bc2_root
             return m_hat / (v_root + _scalar(eps, m))
 
+        def direction_in_place(m, v, g):  # the same operations, into two temporaries
+            first, bc2, bc2_root = shared(m)
+            m_hat = _mu_hat(m, g, b1, count, nesterov, first)
+            v_root = (v + _scalar(eps_root, v) * bc2).sqrt_().div_(bc2_root)
+            return m_hat.div_(v_root.add_(_scalar(eps, m)))
+
+        if moments is _moments_in_place:
+            return own(tree_map(direction_in_place, mu, nu, updates)), ScaleByAdamState(
+                count, mu, nu)
         return tree_map(direction, mu, nu, updates), ScaleByAdamState(count, mu, nu)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class TraceState(NamedTuple):
@@ -236,7 +256,7 @@ def trace(decay: float | torch.Tensor, nesterov: bool = False) -> GradientTransf
         out = tree_map(lambda t, g: g + _scalar(decay, g) * t, new, updates) if nesterov else new
         return out, TraceState(new)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class EmaState(NamedTuple):
@@ -277,7 +297,7 @@ def ema(decay: float | torch.Tensor, debias: bool = True,
                        new) if debias else new
         return out, EmaState(count, tree_map(lambda e, old: e.to(old.dtype), new, state.ema))
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ScaleByRmsState(NamedTuple):
@@ -313,7 +333,7 @@ def scale_by_rms(decay: float | torch.Tensor = 0.99, eps: float | torch.Tensor =
         out = tree_map(lambda g, v: g / (torch.sqrt(v) + _scalar(eps, g)), updates, var)
         return out, ScaleByRmsState(nu, mu)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ScaleByLionState(NamedTuple):
@@ -343,7 +363,7 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9,
         mu = tree_map(lambda m, g: torch.lerp(m, g, 1 - _scalar(b2, g)), state.mu, updates)
         return out, ScaleByLionState(mu)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 def _mask_fn(mask: Mask, what: str) -> Callable[[Mapping], dict[str, bool]]:
@@ -386,13 +406,15 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
             raise TypeError("add_decayed_weights(mask=...) needs params as a dict of tensors")
         if isinstance(params, Mapping):
             decays = selected(params)
-            out = {k: u + _scalar(weight_decay, u) * params[k] if decays[k] else u
+            out = {k: _add(u, _scalar(weight_decay, u) * params[k]) if decays[k] else u
                    for k, u in updates.items()}
         else:
-            out = tree_map(lambda u, p: u + _scalar(weight_decay, u) * p, updates, params)
+            out = tree_map(lambda u, p: _add(u, _scalar(weight_decay, u) * p), updates, params)
         return out, state
 
-    return GradientTransformation(init, update)
+    # a predicate may read a parameter's shape, which a local shard does not keep
+    kind = GradientTransformation if callable(mask) else ElementwiseTransformation
+    return kind(init, update)
 
 
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:
@@ -455,12 +477,12 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
     def update(updates, state, params=None):
         del params
         lr = _rate(learning_rate, state.count)
-        out = tree_map(lambda u: u * (sign * _scalar(lr, u)), updates)
+        out = tree_map(lambda u: _mul(u, sign * _scalar(lr, u)), updates)
         lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
             state.learning_rate, lr)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 def scale_by_schedule(schedule: Callable[[torch.Tensor], torch.Tensor]) -> GradientTransformation:
@@ -511,7 +533,7 @@ def scale_by_rss(initial_accumulator_value: float | torch.Tensor = 0.1,
                        updates, sum_of_squares)
         return out, ScaleByRssState(sum_of_squares)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ScaleByAdamaxState(NamedTuple):
@@ -551,7 +573,7 @@ def scale_by_adamax(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0
         out = tree_map(lambda m, u: m / _bias_correction(b1, count, m).to(m.dtype) / u, mu, nu)
         return out, ScaleByAdamaxState(count, mu, nu)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ScaleByAmsgradState(NamedTuple):
@@ -609,7 +631,7 @@ def scale_by_amsgrad(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 
                        mu_hat, nu_max)
         return out, ScaleByAmsgradState(count, mu, nu, nu_max)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ScaleByRadamState(NamedTuple):
@@ -678,7 +700,7 @@ def scale_by_radam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.
 
         return tree_map(direction, mu, nu, updates), ScaleByRadamState(count, mu, nu)
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
@@ -700,7 +722,7 @@ def clip(max_delta: float | torch.Tensor) -> GradientTransformation:
         return tree_map(lambda u: torch.clamp(u, -_scalar(max_delta, u), _scalar(max_delta, u)),
                         updates), state
 
-    return GradientTransformation(init, update)
+    return ElementwiseTransformation(init, update)
 
 
 class ZeroNansState(NamedTuple):

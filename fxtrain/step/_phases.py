@@ -236,7 +236,8 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
         # compiled, the graph writes the donated state in place by itself
         writes = not torch.compiler.is_compiling() and donating and scaler is None and \
             len(args.callbacks) == 0
-        with writing_into_state(state.opt_state) if writes else contextlib.nullcontext():
+        with writing_into_state(state.opt_state, state.params) if writes else \
+                contextlib.nullcontext():
             new, metrics = applied(args, state, plan, out, weight)
         if scaler is not None:
             new = loss_scaled(state, new, metrics, scaler, out.finite)

@@ -147,11 +147,12 @@ def _step_peak_trees(step, state, batch):
 
 
 def test_an_eager_donated_adamw_step_updates_the_moments_in_place_as_torch_optim_does():
-    """Issue 61: an eager step that donates its state writes Adam's new moments over the old
-    ones (as torch.optim.AdamW does), so they never sit beside them: the step's peak above
-    its state is the gradients, Adam's direction and one temporary (3 trees of the
-    parameters' size; the activations of a batch of 4 are 0.1 of one), not 5; and the bits
-    are a non-donating step's."""
+    """Issue 61: an eager step that donates its state updates it in place as torch.optim.AdamW
+    does: Adam's new moments over the old ones, the direction, its weight decay and learning
+    rate in one temporary tree, the parameters by adding into them. The step's peak above its
+    state is the gradients, that direction and one parameter's temporary (2.1 trees of the
+    parameters' size; the activations of a batch of 4 are 0.1 of one), not 5 (3.1 with the
+    moments alone in place); and the bits are a non-donating step's."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(8)])
     make = lambda: fx.TrainState.create(model, fx.optim.adamw(1e-3, weight_decay=0.1))  # noqa: E731
@@ -162,7 +163,7 @@ def test_an_eager_donated_adamw_step_updates_the_moments_in_place_as_torch_optim
     kept = make()
     for _ in range(2):
         kept, _ = step(kept, batch)
-    assert peak < 3.5, f"the donated eager step peaked at {peak:.2f} parameter trees"
+    assert peak < 2.5, f"the donated eager step peaked at {peak:.2f} parameter trees"
     for a, b in zip(pytree.tree_leaves((donated.params, donated.opt_state)),
                     pytree.tree_leaves((kept.params, kept.opt_state))):
         assert a is None and b is None or torch.equal(a, b)

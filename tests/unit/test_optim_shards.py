@@ -1,0 +1,52 @@
+"""An elementwise optimizer's eager update of a sharded state runs on the local shards
+(``fxtrain/optim/_on_shards.py``): the bits of an unsharded update, the layouts kept, and a
+transformation that is not elementwise (a global norm clip) still updated through DTensor."""
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxtrain as fx
+from fxtrain.optim._on_shards import on_shards
+
+OPTIMIZERS = {
+    "adamw": lambda: fx.optim.adamw(1e-2, weight_decay=0.1),
+    "sgd momentum": lambda: fx.optim.sgd(1e-2, momentum=0.9),
+    "clipped adam (not elementwise)": lambda: fx.optim.chain(fx.optim.clip_by_global_norm(0.1),
+                                                             fx.optim.adam(1e-2)),
+}
+
+
+@pytest.fixture(scope="module")
+def one_rank():
+    from test_distributed import free_port
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def _whole(tree):
+    return [x.full_tensor() if hasattr(x, "full_tensor") else x for x in pytree.tree_leaves(tree)]
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_eager_update_of_a_sharded_state_on_its_local_shards_keeps_the_bits(one_rank, name):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    step = fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean())
+    batch = torch.randn(6, 8, generator=torch.Generator().manual_seed(1))
+    tx = OPTIMIZERS[name]()
+    plain = fx.TrainState.create(model, tx)
+    sharded = fx.shard(fx.TrainState.create(model, tx))
+    grads = {k: torch.ones_like(p) for k, p in sharded.params.items()}
+    local = on_shards(tx, grads, sharded.opt_state, sharded.params)
+    assert (local is None) == name.endswith("(not elementwise)")
+    layouts = [(x.placements, x.shape) for x in pytree.tree_leaves(sharded.params)]
+    for donate in (False, True, True):  # the second donated step writes into the state
+        plain, _ = step(plain, batch, donate=donate)
+        sharded, _ = step(sharded, batch, donate=donate)
+    assert [(x.placements, x.shape) for x in pytree.tree_leaves(sharded.params)] == layouts
+    for a, b in zip(_whole((sharded.params, sharded.opt_state)),
+                    _whole((plain.params, plain.opt_state))):
+        assert a is None and b is None or torch.equal(a, b)
