@@ -61,7 +61,8 @@ MODELS = {  # LlamaConfig's sizes: Llama 3 8B and 70B, and a tiny one for --smok
                  num_attention_heads=8, num_key_value_heads=8, vocab_size=256),
 }
 RUNS = (("llama3-8b", "fsdp", 8), ("llama3-70b", "fsdp", 64), ("llama3-70b", "fsdp_tp", 64),
-        ("llama3-8b", "fsdp", 256), ("llama3-70b", "fsdp", 256))
+        ("llama3-8b", "fsdp", 256), ("llama3-70b", "fsdp", 256),
+        ("llama3-70b", "fsdp_tp", 256))
 TP = 8
 LR, WD = 3e-4, 0.1
 KINDS = ("all_gather", "reduce_scatter", "all_reduce")

@@ -48,6 +48,11 @@ def lm_loss(state, params, batch):
     return fx.losses.causal_lm(state.apply(params, **batch).logits, batch["input_ids"])
 
 
+def eval_loss(state, params, ids):
+    """``lm_loss`` of ``dist_worker.held_out_batches()``'s batches (token ids)."""
+    return fx.losses.causal_lm(state.apply(params, input_ids=ids).logits, ids)
+
+
 def batches(state=None):
     """One global batch of 4 sequences of 12 tokens ``STEPS`` times (so that the loss falls
     from step to step: a run that trained), each data replica of ``state`` taking its share
@@ -60,22 +65,60 @@ def batches(state=None):
     return [{"input_ids": ids[at:at + share]}] * STEPS
 
 
-def trained(make_model, plan, mesh, compiled):
+def trained(make_model, plan, mesh, compiled, ckpt=None):
     """``STEPS`` AdamW steps of ``make_model()``, sharded with ``plan`` on ``mesh`` on several
-    ranks: the losses, the whole parameters and the graphs compiled."""
+    ranks: the losses, the whole parameters and the graphs compiled. With ``ckpt`` (a folder),
+    beyond the step too: ``resumed``'s continuation from a checkpoint saved halfway, then
+    ``dist_worker.evaluated``'s evaluation and prediction of the trained state."""
     from helpers import TRACED, graph_count
-    state = fx.TrainState.create(make_model(), fx.optim.adamw(1e-2), seed=5)
-    if fx.distributed.world_size() > 1:
-        state = fx.shard(state, mesh, tp_plan=plan)
+    state = sharded(make_model, plan, mesh)
     step = fx.make_train_step(lm_loss)
     if compiled:
         step = torch.compile(step, fullgraph=True, backend=TRACED)
     losses, before = [], graph_count()
-    for batch in batches(state):
-        state, metrics = step(state, batch)
+    for i, batch in enumerate(batches(state), 1):
+        state, metrics = step(state, batch, donate=True)  # as fit does: one graph for both
         losses.append(float(metrics["loss"]))
-    return {"losses": losses, "params": fx.sharding.gathered(state.params),
-            "graphs": graph_count() - before}
+        if ckpt and i == STEPS // 2:
+            fx.checkpoint.save(ckpt, state)
+    run = {"losses": losses, "params": fx.sharding.gathered(state.params)}
+    if ckpt:
+        run.update(resumed(make_model, plan, mesh, step, ckpt), digest=digest(state))
+    run["graphs"] = graph_count() - before  # the train step's (fit's evaluations run eagerly)
+    if ckpt:
+        run.update(dist_worker.evaluated(state, fx.make_eval_step(eval_loss), compiled))
+    return run
+
+
+def sharded(make_model, plan, mesh):
+    """A fresh state of ``make_model()``, sharded with ``plan`` on ``mesh`` on several ranks."""
+    state = fx.TrainState.create(make_model(), fx.optim.adamw(1e-2), seed=5)
+    if fx.distributed.world_size() > 1:
+        state = fx.shard(state, mesh, tp_plan=plan)
+    return state
+
+
+def resumed(make_model, plan, mesh, step, ckpt):
+    """The checkpoint in ``ckpt`` restored into a fresh sharded state (``restore(like=...)``,
+    as a restarted job does) and trained to ``STEPS`` by ``fx.fit`` with ``step``, evaluating
+    at its end (the first evaluation of the run): its losses, evaluation and digest."""
+    like = sharded(make_model, plan, mesh)
+    state = fx.checkpoint.restore(ckpt, like=like)
+    losses, evals = [], []
+    seen = fx.callbacks.lambda_callback(
+        on_step_end=lambda s, e: losses.append(float(e.metrics["loss"])),
+        on_eval_end=lambda s, e: evals.append({k: float(v) for k, v in e.metrics.items()}))
+    state = fx.fit(state, step, batches(state)[STEPS // 2:], max_steps=STEPS, callbacks=[seen],
+                   sync_every=1, eval_step=fx.make_eval_step(eval_loss),
+                   eval_data=dist_worker.held_out_batches(), eval_every=STEPS // 2,
+                   progress=False)
+    return {"resumed_losses": losses, "resumed_evals": evals,
+            "resumed_digest": digest(state)}
+
+
+def digest(state):
+    """``fx.tree_digest`` of what training computes (``fit`` adds its stream's position)."""
+    return fx.tree_digest((state.step, state.params, state.buffers, state.opt_state, state.rng))
 
 
 def with_torch(plan):
@@ -100,13 +143,16 @@ def with_torch(plan):
 
 
 def sequence_parallel(out, layout="tp"):
-    """A tiny Llama under ``llama_plan()``: on a 1-D mesh eager, compiled and torch's own; on a
-    2 x 2 mesh ("fsdp_tp": sharded over "dp", the plan over "tp") compiled; alone, eager."""
+    """A tiny Llama under ``llama_plan()``: on a 1-D mesh eager, compiled and torch's own, each
+    of ours also resumed from a checkpoint, evaluated and predicting (``trained``'s ``ckpt``);
+    on a 2 x 2 mesh ("fsdp_tp": sharded over "dp", the plan over "tp") compiled; alone, eager,
+    resumed, evaluated and predicting."""
     world = fx.distributed.world_size()
     mesh = fx.sharding.mesh((2, 2), ("dp", "tp")) if layout == "fsdp_tp" else None
     kinds = (False,) if world == 1 else (True,) if layout == "fsdp_tp" else (False, True)
-    runs = {("compiled" if c else "eager"): trained(dist_worker.tiny_llama, llama_plan(), mesh, c)
-            for c in kinds}
+    ckpt = (lambda c: f"{out}/ckpt_{c}") if layout == "tp" else (lambda c: None)
+    runs = {("compiled" if c else "eager"): trained(dist_worker.tiny_llama, llama_plan(), mesh, c,
+                                                    ckpt(c)) for c in kinds}
     if world > 1 and layout == "tp":
         runs["torch"] = with_torch(llama_plan())
     torch.save(runs, f"{out}/{layout}_rank{fx.distributed.rank()}.pt")

@@ -3,7 +3,8 @@ token (or item) alike: ``causal_lm`` (``_causal.py``), ``chunked_causal_lm`` (th
 cross-entropy a chunk of tokens at a time: ``_chunked.py``, with Liger's kernel as an option:
 ``_fused.py``), ``Mean`` and ``IGNORE_INDEX`` (``_mean.py``). How a ``Mean`` weighs an update is
 told in ``_causal.py``. ``causal_lm`` of logits split along the vocabulary over a
-tensor-parallel group (a DTensor ``Shard(-1)``) is loss parallel: ``_vocab_parallel.py``.
+tensor-parallel group (a DTensor ``Shard(-1)``) is loss parallel: ``_vocab_parallel.py``. Both
+that and the chunked loss refuse a label outside the vocabulary (``_labels.py``).
 """
 
 from ._causal import causal_lm

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._labels import checked_labels
 from ._mean import IGNORE_INDEX, Mean
-from ._chunked import _checked_labels
 from ._vocab_parallel import cross_entropy_total, is_vocab_sharded
 
 def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
@@ -59,7 +59,7 @@ def causal_lm(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int =
     if is_vocab_sharded(logits):  # loss parallel: the vocabulary split over the ranks
         # a label outside the vocabulary matches no rank's columns and would count with a
         # finite loss (as in the chunked kernel's one-hot): refused the same way, on device
-        targets = _checked_labels(targets, logits.shape[-1], ignore_index)
+        targets = checked_labels(targets, logits.shape[-1], ignore_index, "fx.losses.causal_lm")
         total = cross_entropy_total(logits.reshape(-1, logits.shape[-1]), targets, ignore_index)
         return Mean(total, (targets != ignore_index).sum())
     total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets,

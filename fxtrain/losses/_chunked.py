@@ -38,6 +38,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ._labels import checked_labels
 from ._mean import IGNORE_INDEX, Mean
 from .._torch import kernels
 
@@ -73,7 +74,8 @@ def chunked_causal_lm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     if shift:
         hidden, labels = hidden[:, :-1], labels[:, 1:]
     flat = hidden.reshape(-1, hidden.shape[-1])
-    targets = _checked_labels(labels.reshape(-1), weight.shape[0], ignore_index)
+    targets = checked_labels(labels.reshape(-1), weight.shape[0], ignore_index,
+                             "fx.losses.chunked_causal_lm")
     inputs = (flat, weight) if bias is None else (flat, weight, bias)
     if torch.is_grad_enabled() and any(map(_tracked, inputs)):
         total = _LinearCrossEntropy.apply(flat, weight, bias, targets, chunk_size,
@@ -121,44 +123,6 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chu
                          f"{tuple(bias.shape)}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"{name}: chunk_size must be an int >= 1; got {chunk_size!r}")
-
-
-@torch.library.custom_op("fxtrain::checked_labels", mutates_args=())
-def _checked_labels(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
-    """A copy of ``targets``, each of which must be ``ignore_index`` or a token id below
-    ``vocab``: otherwise the compiled kernel's one-hot matched nothing and counted the token
-    with a finite loss and a gradient toward no target.
-
-    One operator, whose copy the loss reads (so a compiled graph keeps it), called as it is
-    by a compiled step: the check is a reduction over the labels and a device-side assert
-    (``kernels.assert_on_device``), no read on the host. Where it fails at once (the CPU), the
-    first bad label is read and named; on CUDA torch's device-side assert reports it."""
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= vocab))
-    try:
-        kernels.assert_on_device(~bad.any(), _label_error("a label", vocab, ignore_index))
-    except RuntimeError:
-        first = int(targets[bad][0])  # only on failure: the step stops here anyway
-        raise ValueError(_label_error(f"label {first}", vocab, ignore_index)) from None
-    return targets.clone()
-
-
-@_checked_labels.register_fake
-def _(targets, vocab, ignore_index):
-    return torch.empty_like(targets)
-
-
-@torch.library.register_vmap("fxtrain::checked_labels")
-def _(info, in_dims, targets, vocab, ignore_index):
-    """Every entry's labels checked at once (the batched dimension is one more of tokens)."""
-    del info
-    return _checked_labels(targets, vocab, ignore_index), in_dims[0]
-
-
-def _label_error(label: str, vocab: int, ignore_index: int) -> str:
-    return (f"fx.losses.chunked_causal_lm: {label} is not a token of the head's vocabulary "
-            f"of {vocab} (ids 0 to {vocab - 1}, or ignore_index {ignore_index} for no loss); "
-            f"make the tokenizer's ids fit the head (resize the embeddings and the head to "
-            f"len(tokenizer)) and label padding {ignore_index}")
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

@@ -59,8 +59,31 @@ def test_sequence_and_loss_parallel_train_as_torch_and_one_process(tmp_path):
             assert torch.equal(p, ranks[1][kind]["params"][name]), name
         close(run, ranks[0]["torch"], atol=1e-5)
         close(run, one, atol=1e-5)
-    assert ranks[0]["compiled"]["graphs"] == 1
+    assert ranks[0]["compiled"]["graphs"] == 1  # restored and continued without a recompile
     close(ranks[0]["compiled"], ranks[0]["eager"], atol=1e-6)
+    for kind in ("eager", "compiled"):
+        beyond_the_step(ranks, kind, one)
+
+
+def beyond_the_step(ranks, kind, one):
+    """Issue 61: the plan past the train step. Resumed from the checkpoint saved halfway into a
+    fresh sharded state (``restore(like=...)``) and trained on by ``fx.fit``, the run ends bit
+    for bit where the uninterrupted one did, its losses the same; fit's evaluation at the end
+    (the run's first: "a tensor-parallel run dies at its first evaluation"), ``fx.evaluate``
+    (compiled for the compiled run), ``fx.predict`` and the trained module agree between the
+    ranks, with each other and with one process within float32 rounding."""
+    run = ranks[0][kind]
+    assert run["resumed_digest"] == run["digest"] == ranks[1][kind]["resumed_digest"]
+    assert run["resumed_losses"] == run["losses"][sp_worker.STEPS // 2:]
+    for key in ("resumed_evals", "evaluated"):
+        assert run[key] == ranks[1][kind][key], key
+    for key in ("predicted", "logits"):
+        assert torch.equal(run[key], ranks[1][kind][key]), key
+    (at_end,) = run["resumed_evals"]
+    assert abs(at_end["loss"] - run["evaluated"]) < 1e-6
+    assert abs(run["evaluated"] - one["evaluated"]) < 1e-5
+    torch.testing.assert_close(run["predicted"], run["logits"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(run["predicted"], one["predicted"], rtol=0, atol=1e-4)
 
 
 def test_sequence_and_loss_parallel_on_a_2d_mesh_train_as_one_process(tmp_path):

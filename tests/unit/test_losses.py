@@ -185,3 +185,36 @@ def test_a_count_that_is_no_count_is_refused_and_nothing_averages_to_zero():
     per_row = torch.func.vmap(lambda t, c: fx.losses.Mean(t, c).value)
     torch.testing.assert_close(per_row(torch.tensor([3.0, 4.0]), torch.tensor([3, 0])),
                                torch.tensor([1.0, 0.0]))
+
+
+@pytest.mark.parametrize("bad", [13, -7])
+def test_loss_parallel_refuses_a_label_outside_the_vocabulary_naming_causal_lm(bad):
+    """Issue 61: on logits split along the vocabulary (a DTensor Shard(-1), loss parallel) a
+    label outside the vocabulary matched no rank's columns and counted with a finite loss.
+    Refused, eager and compiled, by the loss the user called (causal_lm, not the chunked loss
+    whose check it shares), naming the label and the vocabulary; -100 is no label: taken, and
+    the loss is the plain one's. On a 1-rank gloo mesh: the same path as on several ranks."""
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from test_distributed import free_port
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    try:
+        g = torch.Generator().manual_seed(0)
+        whole, labels = torch.randn(2, 6, 13, generator=g), torch.randint(0, 13, (2, 6),
+                                                                           generator=g)
+        labels[1, 3] = -100
+        logits = distribute_tensor(whole, fx.sharding.mesh(), [Shard(-1)])
+        total = lambda x, y: fx.losses.causal_lm(x, y).total  # noqa: E731
+        compiled = torch.compile(total, fullgraph=True, backend=TRACED)
+        for loss in (total, compiled):
+            torch.testing.assert_close(loss(logits, labels),
+                                       fx.losses.causal_lm(whole, labels).total)
+        labels[0, 2] = bad
+        message = (rf"^fx\.losses\.causal_lm: label {bad} is not a token of the head's "
+                   r"vocabulary of 13 .*ignore_index -100")
+        for loss in (total, compiled):
+            with pytest.raises(ValueError, match=message):
+                loss(logits, labels)
+    finally:
+        torch.distributed.destroy_process_group()
