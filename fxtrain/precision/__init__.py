@@ -64,6 +64,12 @@ class Policy:
         if self.float8 is not None and not torch.compiler.is_compiling():
             _float8.check_module(module, device, self.name)
 
+    def check_autodiff(self, module: torch.nn.Module, autodiff: str) -> None:
+        """A clear error for a float8 model that ``autodiff`` (resolved) cannot differentiate:
+        torchao's own layers on ``torch.func``'s path (checked while a step is traced too)."""
+        if self.float8 is not None:
+            _float8.check_autodiff(module, autodiff, self.name)
+
     def autocast(self, device: torch.device) -> Any:
         if self.compute_dtype is None:
             return contextlib.nullcontext()
