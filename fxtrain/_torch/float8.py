@@ -17,8 +17,9 @@ nothing is differentiated anyway.
 Private names used, and why no public route: ``torchao.float8.float8_linear.Float8Linear``
 (torchao marks it not public; its ``from_float`` is what ``convert_to_float8_training`` calls),
 ``Float8TrainingTensor`` and ``GemmInputRole`` (the float8 tensor torchao's products dispatch
-on), ``float8_utils.tensor_to_scale`` / ``to_fp8_saturated`` (torchao's dynamic scale and
-saturated cast, the arithmetic of ``hp_tensor_to_float8_dynamic`` without its Function),
+on), ``float8_utils.tensor_to_scale`` / ``amax_to_scale`` / ``to_fp8_saturated`` (torchao's
+dynamic scale and saturated cast, the arithmetic of ``hp_tensor_to_float8_dynamic`` without its
+Function; ``fxtrain.distributed._float8_gather`` casts weight shards with them),
 ``distributed_utils.tensor_already_casted_to_fp8``; and torch's
 ``torch._dynamo.allow_in_graph``, as torchao marks its own Function: Dynamo then puts the
 Function in the graph as a call and AOTAutograd traces it, where tracing into it failed on the
@@ -35,7 +36,7 @@ from torchao.float8.config import ScalingGranularity, ScalingType
 from torchao.float8.distributed_utils import tensor_already_casted_to_fp8
 from torchao.float8.float8_linear import Float8Linear as TorchaoFloat8Linear
 from torchao.float8.float8_training_tensor import Float8TrainingTensor, GemmInputRole
-from torchao.float8.float8_utils import tensor_to_scale, to_fp8_saturated
+from torchao.float8.float8_utils import amax_to_scale, tensor_to_scale, to_fp8_saturated
 
 INPUT, WEIGHT, GRAD_OUTPUT = GemmInputRole.INPUT, GemmInputRole.WEIGHT, GemmInputRole.GRAD_OUTPUT
 
@@ -129,3 +130,24 @@ class Float8Linear(TorchaoFloat8Linear):
             input = input.to(torch.get_autocast_dtype("cuda"))
         output = MatMul.apply(input, self.weight.t(), self.linear_mm_config, self.config)
         return output if self.bias is None else output + self.bias.to(output.dtype)
+
+
+def float8_gathered(module: torch.nn.Module) -> frozenset[str]:
+    """The names of ``module``'s weights that ``fx.shard`` gathers in float8: those of
+    fxtrain's float8 layers whose config says ``enable_fsdp_float8_all_gather``."""
+    return frozenset(f"{name}.weight" if name else "weight" for name, m in module.named_modules()
+                     if isinstance(m, Float8Linear) and m.config.enable_fsdp_float8_all_gather)
+
+
+def weight_scale(amax: torch.Tensor, layer: Float8Linear) -> torch.Tensor:
+    """The scale of a weight whose absolute maximum is ``amax``, as ``layer`` casts its
+    weight (torchao's ``amax_to_scale``)."""
+    return amax_to_scale(amax, layer.config.cast_config_weight.target_dtype,
+                         layer.config.round_scales_to_power_of_2)
+
+
+def weight_bits(t: torch.Tensor, scale: torch.Tensor, layer: Float8Linear) -> torch.Tensor:
+    """``t`` scaled by ``scale`` and cast to ``layer``'s float8 weight dtype, saturated (the
+    bits of torchao's cast)."""
+    return to_fp8_saturated(t.to(torch.float32) * scale,
+                            layer.config.cast_config_weight.target_dtype)

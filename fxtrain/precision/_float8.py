@@ -75,6 +75,8 @@ class Float8:
     recipe: str = "tensorwise"
     filter: Callable[[nn.Module, str], bool] = default_filter
     emulate: bool = False
+    enable_fsdp_float8_all_gather: bool = False  # torchao's name: fx.shard's units gather
+    # these layers' weights in float8 (fxtrain.distributed._float8_gather)
 
     def config(self) -> Any:
         """torchao's ``Float8LinearConfig`` of the recipe, emulated or not."""
@@ -90,7 +92,7 @@ class Float8:
         float8 = torchao_float8()
         module = float8.convert_to_float8_training(module, config=self.config(),
                                                    module_filter_fn=self.filter)
-        module = _differentiable_by_func(module)
+        module = _differentiable_by_func(module, self.enable_fsdp_float8_all_gather)
         if not converted(module):
             raise ValueError(f"fp8: no linear layer of {type(module).__name__} passed the filter "
                              "(both dimensions multiples of 16, not lm_head/output): nothing "
@@ -98,14 +100,19 @@ class Float8:
         return module
 
 
-def _differentiable_by_func(module: nn.Module) -> nn.Module:
+def _differentiable_by_func(module: nn.Module, float8_gather: bool) -> nn.Module:
     """``module`` with torchao's ``Float8Linear`` layers made fxtrain's
     (``fxtrain._torch.float8.Float8Linear``: the same parameters; in place, a module converted
-    whole returned in its stead)."""
+    whole returned in its stead). ``float8_gather``: their configs say
+    ``enable_fsdp_float8_all_gather``, which ``fx.shard`` reads; torchao's own wrapper of the
+    weight (FSDP2's hooks) is not made: the weights stay plain parameters."""
     from .._torch.float8 import Float8Linear
 
     def made(layer: nn.Module) -> nn.Module:
-        return Float8Linear.from_float(layer, config=layer.config)
+        made = Float8Linear.from_float(layer, config=layer.config)
+        made.config = dataclasses.replace(layer.config,
+                                          enable_fsdp_float8_all_gather=float8_gather)
+        return made
 
     if type(module) in _torchao_layers():
         return made(module)

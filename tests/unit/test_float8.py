@@ -110,6 +110,8 @@ def test_refusals():
         fx.precision.float8().convert(_model())
     with pytest.raises(ValueError, match="recipe must be one of 'tensorwise', 'rowwise'"):
         fx.precision.float8("blockwise")
+    with pytest.raises(ValueError, match="enable_fsdp_float8_all_gather takes the 'tensorwise'"):
+        fx.precision.float8("rowwise", enable_fsdp_float8_all_gather=True)
     with pytest.raises(ValueError, match="nothing would train in float8"):
         fx.precision.float8(emulate=True).convert(nn.Linear(10, 3))
     # a model not converted, trained as fp8: refused by fit, and by an eager step, with the fix
