@@ -202,7 +202,7 @@ def gathers(step, state, batch):
     """The step's new state, and the all-gathers and reduce-scatters an eager step ran."""
     from torch.utils._python_dispatch import TorchDispatchMode
     c10d = torch.ops._c10d_functional
-    seen = {"all_gather": 0, "reduce_scatter": 0, "dtypes": set()}
+    seen = {"all_gather": 0, "reduce_scatter": 0, "dtypes": set(), "bytes": {}}
 
     class Count(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -210,6 +210,8 @@ def gathers(step, state, batch):
                         .default, torch.ops.c10d._allgather_base_.default):
                 seen["all_gather"] += 1
                 seen["dtypes"].add(("all_gather", str(args[0].dtype)))
+                dtype = str(args[0].dtype)  # the bytes gathered, the whole buffer's, by dtype
+                seen["bytes"][dtype] = seen["bytes"].get(dtype, 0) + args[0].nbytes
             if func is c10d.reduce_scatter_tensor.default:
                 seen["reduce_scatter"] += 1
                 seen["dtypes"].add(("reduce_scatter", str(args[0].dtype)))
@@ -219,6 +221,72 @@ def gathers(step, state, batch):
         state, _ = step(state, batch)
     seen["unwaited"] = torch._C._distributed_c10d._get_work_registry_size()
     return state, seen
+
+
+class WideBlock(torch.nn.Module):
+    """A residual block of float8-able layers (both dimensions multiples of 16)."""
+
+    def __init__(self, width=32, hidden=48):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(width, hidden), torch.nn.Linear(hidden, width)
+
+    def forward(self, h):
+        return h + self.down(F.gelu(self.up(h)))
+
+
+class Float8Blocks(torch.nn.Module):
+    """A root (input layer and head, too small for float8) around 2 float8 blocks."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inp, self.out = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+        self.blocks = torch.nn.ModuleList(WideBlock() for _ in range(2))
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(h)
+
+
+def float8_gather(out, steps=6):
+    """Float8 training sharded per block, eager, with and without torchao's
+    enable_fsdp_float8_all_gather: the losses, the final parameters, and one step's gathers."""
+    import importlib.util
+    if importlib.util.find_spec("torchao") is None:
+        torch.save({"skipped": True}, f"{out}/rank{fx.distributed.rank()}.pt")
+        return
+    result = {}
+    for name, option in (("float32 gather", False), ("float8 gather", True)):
+        fp8 = fx.precision.float8(emulate=True, enable_fsdp_float8_all_gather=option)
+        state = fx.shard(fx.TrainState.create(fp8.convert(Float8Blocks()), fx.optim.adamw(1e-2)),
+                         units="auto")
+        step = fx.make_train_step(loss_fn, precision=fp8)
+        batch = next(iter(fx.data.Batches((X, Y), 16, seed=1)))
+        _, collectives = gathers(step, state, batch)
+        losses = []
+        record = fx.callbacks.lambda_callback(
+            on_step_end=lambda s, e: losses.append(float(e.metrics["loss"])))
+        state = fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=1), max_steps=steps,
+                       callbacks=[record], progress=False)
+        result[name] = {"losses": losses, "collectives": collectives,
+                        "params": fx.sharding.gathered(state.params)}
+    fp8 = fx.precision.float8(emulate=True, enable_fsdp_float8_all_gather=True)
+    state = fx.shard(fx.TrainState.create(fp8.convert(Float8Blocks()), fx.optim.sgd(0.1)),
+                     units="auto")
+    try:  # a compiled step: refused by name, while it is traced
+        fx.fit(state, torch.compile(fx.make_train_step(loss_fn, precision=fp8),
+                                    fullgraph=True, backend="aot_eager"),
+               fx.data.Batches((X, Y), 16, seed=1), max_steps=1, progress=False)
+    except ValueError as e:
+        result["compiled"] = str(e)
+    try:
+        fx.shard(fx.TrainState.create(fp8.convert(Float8Blocks()), fx.optim.sgd(0.1)),
+                 units="whole")
+    except ValueError as e:
+        result["whole"] = str(e)
+    torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
 
 
 def sharded_units_refused(out):
@@ -793,7 +861,7 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
              "streamed": streamed, "sharded_gpt2_saves": sharded_gpt2_saves,
              "tensor_parallel": tensor_parallel, "restored_llama": restored_llama,
              "layout_first_or_last": layout_first_or_last,
-             "sequential_blocks": sequential_blocks}
+             "sequential_blocks": sequential_blocks, "float8_gather": float8_gather}
 
 
 def several(jobs):

@@ -50,12 +50,14 @@ class Gather:
     computed in (None: their own), ``reduce_dtype`` the one their gradients are
     reduce-scattered in (None: ``param_dtype``'s, as FSDP2 does). On a 2-D mesh, ``roles``
     says which dimension to gather over, and ``planned`` names the unit's parameters that a
-    tensor-parallel plan splits."""
+    tensor-parallel plan splits; ``float8`` names the weights it gathers in float8 (torchao's
+    ``enable_fsdp_float8_all_gather``: ``fxtrain.distributed._float8_gather``)."""
 
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     roles: Roles | None = None
     planned: frozenset[str] = frozenset()
+    float8: frozenset[str] = frozenset()
 
 
 @dataclasses.dataclass(frozen=True)

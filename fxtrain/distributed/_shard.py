@@ -34,6 +34,7 @@ import copy
 import functools
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -204,6 +205,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                          f"{_ranks.world_size()}: every rank trains on its share of the "
                          "batch and the gradients are reduced over the mesh, so it must span "
                          "every rank; pass fx.sharding.mesh(), or none")
+    float8 = _float8_gathered(state.module)
+    if float8 and (mesh.ndim == 2 or tp_plan is not None):
+        raise ValueError(f"fx.shard: {_FLOAT8_GATHER} on a 1-D mesh without a tp_plan only "
+                         "(not yet on a 2-D mesh or with tensor parallelism); convert the "
+                         "model without the option")
     if mesh.ndim == 2:
         return _two_dimensional(state, mesh, tp_plan, units, param_dtype, reduce_dtype,
                                 callbacks)
@@ -212,12 +218,18 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     module = state.module
     found = _default_units(module) if units is None else \
         [] if units == "whole" else _units.resolve(module, units)
+    outside = sorted(k for k in float8 if not any(k.startswith(u + ".") for u in found))
+    if outside:
+        raise ValueError(f"fx.shard: {_FLOAT8_GATHER} in per-block units only, and "
+                         f"{outside[0]!r} is {'outside every unit' if found else 'sharded whole'}"
+                         "; shard with units that hold every float8 layer (units='auto' or "
+                         "a list), or leave that layer out of the float8 conversion (filter=)")
     if units == "auto":
         logging.getLogger("fxtrain").info("fx.shard: units='auto' chose %s",
                                           _units.described(module, found))
     gather = Gather(param_dtype, reduce_dtype)
     if found:
-        module = _units.install(module, found, gather)
+        module = _units.install(module, found, gather, float8=float8)
     elif param_dtype is not None or reduce_dtype is not None:
         raise ValueError("fx.shard: param_dtype and reduce_dtype are how units gather and "
                          "reduce, and this state is sharded whole; pass units=... too (for "
@@ -225,6 +237,16 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
     layout = _laid_out(state, mesh, Roles(shard=0), units=tuple(found), gather=gather)
     return _with_params(state, module, layout, params, callbacks)
+
+
+_FLOAT8_GATHER = "enable_fsdp_float8_all_gather gathers float8 weights"
+
+
+def _float8_gathered(module: Any) -> frozenset[str]:
+    """The weights ``module`` asks to gather in float8 (``fxtrain._torch.float8``'s layers,
+    made only once that module is imported: none before)."""
+    fence = sys.modules.get("fxtrain._torch.float8")
+    return fence.float8_gathered(module) if fence is not None else frozenset()
 
 
 def _laid_out(state: Any, mesh: Any, roles: Roles, **facts: Any) -> Layout:

@@ -229,18 +229,34 @@ def applies(params: list[Any], gather: Any) -> bool:
             and not saved_tensors_hooks_active())
 
 
-def run(forward: Any, params: list[Any], gather: Any, bind: Any) -> Any:
+def run(forward: Any, params: list[Any], gather: Any, bind: Any,
+        ready: dict[int, torch.Tensor] | None = None) -> Any:
     """``forward()`` inside ``bind(whole)`` (the unit's module bound to its whole parameters),
-    ``params``' shards gathered as the module says."""
-    plan = Plan(params[0].device_mesh, tuple(tuple(p.shape) for p in params),
-                gather.param_dtype, gather.reduce_dtype)
-    shards = [p.to_local() for p in params]
+    ``params``' shards gathered as the module says, but for those ``ready`` has gathered
+    already (by index: the float8 weights, ``fxtrain.distributed._float8_gather``)."""
+    ready = ready or {}
+    whole: list[Any] = [ready.get(i) for i in range(len(params))]
+    high = [i for i in range(len(params)) if i not in ready]
+    if not high:
+        with bind(whole):
+            return forward()
+    plan = plan_of([params[i] for i in high], gather)
+    shards = [params[i].to_local() for i in high]
     if not torch.is_grad_enabled():
-        with bind(_Gather.apply(plan, None, *shards)):
+        for i, w in zip(high, _Gather.apply(plan, None, *shards)):
+            whole[i] = w
+        with bind(whole):
             return forward()
     hooks = Regathered(plan, [s.detach() for s in shards], _LAST.get())
     _LAST.set(weakref.ref(hooks))
-    whole = _Gather.apply(plan, hooks, *shards)
-    hooks.gathered(whole)
+    gathered = _Gather.apply(plan, hooks, *shards)
+    hooks.gathered(gathered)
+    for i, w in zip(high, gathered):
+        whole[i] = w
     with bind(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         return forward()
+
+
+def plan_of(params: list[Any], gather: Any) -> Plan:
+    return Plan(params[0].device_mesh, tuple(tuple(p.shape) for p in params),
+                gather.param_dtype, gather.reduce_dtype)

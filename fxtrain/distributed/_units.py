@@ -39,9 +39,17 @@ from torch import nn
 from .._torch import collectives
 from .._torch.inductor import keep_recomputation_in_the_backward
 from .._torch.modules import reparametrized
-from . import _unit_gather
+from .._torch.traced_errors import fail
+from . import _float8_gather, _unit_gather
 from ._dtensors import is_dtensor
 from ._layout import Gather
+
+
+FLOAT8_GATHER_EAGER = (
+    "enable_fsdp_float8_all_gather: fx.shard gathers float8 weights in eager steps with per-block "
+    "units only (not yet in a compiled step, nor inside an activation-checkpointed region such "
+    "as fx.remat): run the step uncompiled, or convert the model without the option (its "
+    "units then gather the float32 weights and cast them to float8 after the gather)")
 
 
 class ShardedUnit:
@@ -179,16 +187,20 @@ def _check(module: nn.Module, found: list[str]) -> None:
 
 
 def install(module: nn.Module, found: list[str], gather: Gather,
-            planned: frozenset[str] = frozenset()) -> nn.Module:
+            planned: frozenset[str] = frozenset(),
+            float8: frozenset[str] = frozenset()) -> nn.Module:
     """A copy of the skeleton ``module`` whose submodules ``found`` are units gathering as
-    ``gather`` says; ``planned`` names the parameters a tensor-parallel plan splits."""
+    ``gather`` says; ``planned`` names the parameters a tensor-parallel plan splits, ``float8``
+    the weights gathered in float8 (``fxtrain.distributed._float8_gather``)."""
     module = copy.deepcopy(module)  # a skeleton: meta tensors, nothing to copy
     for name in found:
         unit = module.get_submodule(name)
         if not any(True for _ in unit.parameters()):
             raise ValueError(f"fx.shard: the unit {name!r} has no parameters")
         own = frozenset(k[len(name) + 1:] for k in planned if k.startswith(name + "."))
-        unit.__class__ = _unit_class(type(unit), dataclasses.replace(gather, planned=own))
+        low = frozenset(k[len(name) + 1:] for k in float8 if k.startswith(name + "."))
+        unit.__class__ = _unit_class(type(unit), dataclasses.replace(gather, planned=own,
+                                                                     float8=low))
     return module
 
 
@@ -280,8 +292,11 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     if _unit_gather.applies(list(bound.values()), how):  # eager: FSDP2's way, see there
         inputs, kw = _cast((args, kwargs), how.param_dtype)
         out = _unit_gather.run(lambda: forward(*inputs, **kw), list(bound.values()), how,
-                               lambda whole: reparametrized(unit, dict(zip(keys, whole))))
+                               lambda whole: reparametrized(unit, dict(zip(keys, whole))),
+                               _float8_weights(unit, bound, how))
         return _cast(out, _first_float((args, kwargs)), only=how.param_dtype)
+    if how.float8:
+        fail(ValueError, FLOAT8_GATHER_EAGER)
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
         whole = {k: gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}
@@ -297,6 +312,19 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
         keep_recomputation_in_the_backward()
     return checkpoint(gathered_forward, *bound.values(), *args, use_reentrant=False,
                       context_fn=_contexts, **kwargs)
+
+
+def _float8_weights(unit: nn.Module, bound: dict[str, Any], how: Gather
+                    ) -> dict[int, torch.Tensor]:
+    """The unit's weights that gather in float8, gathered (``_float8_gather``), by their index
+    in ``bound``."""
+    low = [i for i, k in enumerate(bound) if k in how.float8]
+    if not low:
+        return {}
+    keys, params = list(bound), list(bound.values())
+    layers = [unit.get_submodule(keys[i].rpartition(".")[0]) for i in low]
+    return dict(zip(low, _float8_gather.gathered_weights([params[i] for i in low], layers,
+                                                         how)))
 
 
 def outside(params: dict[str, Any], units: tuple[str, ...]) -> list[str]:

@@ -64,6 +64,12 @@ class Policy:
         if self.float8 is not None and not torch.compiler.is_compiling():
             _float8.check_module(module, device, self.name)
 
+    def check_autodiff(self, module: torch.nn.Module, autodiff: str) -> None:
+        """A clear error for a float8 model that ``autodiff`` (resolved) cannot differentiate:
+        torchao's own layers on ``torch.func``'s path (checked while a step is traced too)."""
+        if self.float8 is not None:
+            _float8.check_autodiff(module, autodiff, self.name)
+
     def autocast(self, device: torch.device) -> Any:
         if self.compute_dtype is None:
             return contextlib.nullcontext()
@@ -114,8 +120,8 @@ def policy(name: str | Policy) -> Policy:
     return policies[name]
 
 
-def float8(recipe: str = "tensorwise", *, filter: Any = None,
-           emulate: bool = False) -> Policy:
+def float8(recipe: str = "tensorwise", *, filter: Any = None, emulate: bool = False,
+           enable_fsdp_float8_all_gather: bool = False) -> Policy:
     """Float8 training on torchao (``fxtrain.precision._float8``): ``"bf16-mixed"`` with the
     chosen linear layers' matrix products in float8.
 
@@ -126,6 +132,11 @@ def float8(recipe: str = "tensorwise", *, filter: Any = None,
         default: linear layers with both dimensions multiples of 16, not ``lm_head``/``output``).
       emulate: emulate the float8 products (a device without them: the CPU, GPUs before
         compute capability 8.9), else such a device is refused.
+      enable_fsdp_float8_all_gather: torchao's option, for ``fx.shard``: each unit casts its
+        float8 layers' weight shards to float8 (one scale per weight, from its amax over the
+        ranks) before the all-gather, which then moves a quarter of float32's bytes, and the
+        layers multiply with the gathered float8 weights (``"tensorwise"`` only; eager steps
+        with per-block units: ``fxtrain.distributed._float8_gather``).
 
     Examples:
         >>> fp8 = fx.precision.float8(emulate=True)
@@ -139,8 +150,11 @@ def float8(recipe: str = "tensorwise", *, filter: Any = None,
     if recipe not in _float8.RECIPES:
         raise ValueError(f"float8: recipe must be one of {', '.join(map(repr, _float8.RECIPES))} "
                          f"(torchao's), got {recipe!r}")
+    if enable_fsdp_float8_all_gather and recipe != "tensorwise":
+        raise ValueError(f"float8: enable_fsdp_float8_all_gather takes the 'tensorwise' recipe "
+                         f"(one scale per weight, as torchao's), got {recipe!r}")
     settings = Float8(recipe, _float8.default_filter if filter is None else filter,
-                      bool(emulate))
+                      bool(emulate), bool(enable_fsdp_float8_all_gather))
     return Policy("fp8" if recipe == "tensorwise" else f"fp8-{recipe}", torch.bfloat16, False,
                   None, float8=settings)
 

@@ -10,9 +10,13 @@ layers, by default, is torchtitan's rule: linear layers whose both dimensions ar
 16 (float8's matrix products need them), except the language-model head (by name: ``lm_head``,
 ``output``), whose logits want the precision.
 
-``Float8Linear`` differentiates through an ``autograd.Function`` without ``setup_context``,
-which ``torch.func`` transforms refuse, so its steps take their gradients with autograd
-(``autodiff="autograd"``, traced into the one compiled graph).
+torchao's ``Float8Linear`` differentiates through an ``autograd.Function`` without
+``setup_context``, which ``torch.func`` transforms refuse; ``convert`` makes the layers
+``fxtrain._torch.float8.Float8Linear`` instead, torchao's layer multiplying through the same
+computation written as ``torch.func`` wants it, so a float8 step takes its gradients either way
+(``autodiff="func"``, what ``"auto"`` picks for a plain layout, or ``"autograd"``), with the same
+bits. A model converted by torchao's own ``convert_to_float8_training`` trains on autograd's
+path only (``check_autodiff``).
 
 Float8 matrix products (``torch._scaled_mm``) need a CUDA GPU of compute capability 8.9 or more
 (Ada, Hopper and later). Elsewhere the policy is refused unless ``emulate=True``: torchao then
@@ -71,6 +75,8 @@ class Float8:
     recipe: str = "tensorwise"
     filter: Callable[[nn.Module, str], bool] = default_filter
     emulate: bool = False
+    enable_fsdp_float8_all_gather: bool = False  # torchao's name: fx.shard's units gather
+    # these layers' weights in float8 (fxtrain.distributed._float8_gather)
 
     def config(self) -> Any:
         """torchao's ``Float8LinearConfig`` of the recipe, emulated or not."""
@@ -86,11 +92,40 @@ class Float8:
         float8 = torchao_float8()
         module = float8.convert_to_float8_training(module, config=self.config(),
                                                    module_filter_fn=self.filter)
+        module = _differentiable_by_func(module, self.enable_fsdp_float8_all_gather)
         if not converted(module):
             raise ValueError(f"fp8: no linear layer of {type(module).__name__} passed the filter "
                              "(both dimensions multiples of 16, not lm_head/output): nothing "
                              "would train in float8; use precision='bf16-mixed'")
         return module
+
+
+def _differentiable_by_func(module: nn.Module, float8_gather: bool) -> nn.Module:
+    """``module`` with torchao's ``Float8Linear`` layers made fxtrain's
+    (``fxtrain._torch.float8.Float8Linear``: the same parameters; in place, a module converted
+    whole returned in its stead). ``float8_gather``: their configs say
+    ``enable_fsdp_float8_all_gather``, which ``fx.shard`` reads; torchao's own wrapper of the
+    weight (FSDP2's hooks) is not made: the weights stay plain parameters."""
+    from .._torch.float8 import Float8Linear
+
+    def made(layer: nn.Module) -> nn.Module:
+        made = Float8Linear.from_float(layer, config=layer.config)
+        made.config = dataclasses.replace(layer.config,
+                                          enable_fsdp_float8_all_gather=float8_gather)
+        return made
+
+    if type(module) in _torchao_layers():
+        return made(module)
+    for name, layer in list(module.named_modules()):
+        if type(layer) in _torchao_layers():
+            parent, _, child = name.rpartition(".")
+            setattr(module.get_submodule(parent), child, made(layer))
+    return module
+
+
+def _torchao_layers() -> tuple[type, ...]:
+    from torchao.float8.float8_linear import Float8Linear
+    return (Float8Linear,)
 
 
 def converted(module: nn.Module) -> list[nn.Module]:
@@ -126,3 +161,17 @@ def check_module(module: nn.Module, device: torch.device, name: str) -> None:
                          f"(model = fx.precision.float8(...).convert(model); then "
                          "fx.TrainState.create(model, ...))")
     check_device(device, all(m.config.emulate for m in layers))
+
+
+def check_autodiff(module: nn.Module, autodiff: str, name: str) -> None:
+    """A clear refusal of ``torch.func``'s path for torchao's own ``Float8Linear`` layers (a
+    model converted by ``convert_to_float8_training``, not by the policy), which it cannot
+    differentiate; raised while a compiled step is traced too."""
+    if autodiff != "func" or not any(type(m) in _torchao_layers() for m in module.modules()):
+        return
+    from .._torch.traced_errors import fail
+    fail(ValueError, f"precision={name!r}: this model's layers are torchao's own Float8Linear "
+                     "(convert_to_float8_training), whose autograd.Function torch.func cannot "
+                     "differentiate (no setup_context): convert the float32 model with "
+                     "fx.precision.float8(...).convert(model) instead, or build the step with "
+                     "autodiff='autograd'")

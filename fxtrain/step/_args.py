@@ -97,13 +97,6 @@ def step_args(loss_fn: Any, *, callbacks: Iterable = (), loss_scale: StepState |
     if autodiff not in AUTODIFFS:
         raise ValueError(f"make_train_step: autodiff must be one of "
                          f"{', '.join(map(repr, AUTODIFFS))}, got {autodiff!r}")
-    if mixed.float8 is not None:  # torchao's Float8Linear: an autograd.Function torch.func refuses
-        if autodiff == "func":
-            raise ValueError(f"make_train_step: precision={mixed.name!r} differentiates "
-                             "torchao's Float8Linear, whose autograd.Function has no "
-                             "setup_context, which torch.func refuses: use autodiff='autograd' "
-                             "(or 'auto', which takes it)")
-        autodiff = "autograd"
     if not isinstance(steps_per_call, int) or isinstance(steps_per_call, bool) or \
             steps_per_call < 1:
         raise ValueError(f"make_train_step: steps_per_call must be a positive int, got "

@@ -225,6 +225,7 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
         guard(batch)
         check_batch_device(batch, state.step.device, "train_step")
         plan = planned(args, state.layout)
+        args.mixed.check_autodiff(state.module, plan.autodiff)
         scaler = callback_state(state, LOSS_SCALE) if args.mixed.scaled else None
         scale = None if scaler is None else scaler.scale
         take = gradient_fn(args, state, batch, plan, step_key(state, plan), scale)

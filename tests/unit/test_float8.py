@@ -1,7 +1,9 @@
 """Float8 training as a precision policy, on torchao's ``torchao.float8`` emulated on the CPU
 (``emulate=True``: float8 rounding, high-precision products): the layers it converts, a compiled
 step in one graph whose losses follow bfloat16's over 50 steps, a resume that is bit-exact, and
-the refusals (a device without float8 products, a model not converted, ``autodiff="func"``)."""
+the gradients taken by ``torch.func`` (fxtrain's own float8 layer) with the same bits as by
+autograd, and the refusals (a device without float8 products, a model not converted, torchao's
+own layers on ``torch.func``'s path)."""
 
 import pytest
 import torch
@@ -44,7 +46,7 @@ def _data():
 
 
 def test_the_filter_is_torchtitans():
-    from torchao.float8.float8_linear import Float8Linear
+    from fxtrain._torch.float8 import Float8Linear  # torchao's, differentiable by torch.func
 
     model = fx.precision.float8(emulate=True).convert(_model())
     kinds = {name: type(m) for name, m in model.named_children()}
@@ -108,8 +110,8 @@ def test_refusals():
         fx.precision.float8().convert(_model())
     with pytest.raises(ValueError, match="recipe must be one of 'tensorwise', 'rowwise'"):
         fx.precision.float8("blockwise")
-    with pytest.raises(ValueError, match="setup_context.*autodiff='autograd'"):
-        fx.make_train_step(loss_fn, precision="fp8", autodiff="func")
+    with pytest.raises(ValueError, match="enable_fsdp_float8_all_gather takes the 'tensorwise'"):
+        fx.precision.float8("rowwise", enable_fsdp_float8_all_gather=True)
     with pytest.raises(ValueError, match="nothing would train in float8"):
         fx.precision.float8(emulate=True).convert(nn.Linear(10, 3))
     # a model not converted, trained as fp8: refused by fit, and by an eager step, with the fix
@@ -119,3 +121,54 @@ def test_refusals():
         fx.fit(state, step, _data(), max_steps=1, progress=False)
     with pytest.raises(ValueError, match="convert the model"):
         step(state, next(iter(_data())))
+
+
+class Dropped(Net):
+    """``Net`` with dropout after the first layer: a step's keyed randomness."""
+
+    def forward(self, x):
+        h = nn.functional.dropout(nn.functional.gelu(self.up(x)), 0.2, self.training)
+        return self.lm_head(self.odd(self.down(h)))
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_func_and_autograd_take_the_same_gradients(recipe):
+    """fxtrain's float8 layer (``fxtrain._torch.float8``) under ``torch.func.grad_and_value``:
+    compiled in one graph, the same dropout masks, the same bits as autograd's path."""
+    fp8 = fx.precision.float8(recipe, emulate=True)
+    runs = {}
+    for autodiff in ("func", "autograd"):
+        torch.manual_seed(0)
+        state = fx.TrainState.create(fp8.convert(Dropped()), fx.optim.adamw(1e-2), seed=0)
+        step = torch.compile(fx.make_train_step(loss_fn, precision=fp8, autodiff=autodiff),
+                             fullgraph=True, backend=TRACED)
+        torch._dynamo.utils.counters.clear()
+        losses = []
+        for batch in list(_data())[:4]:
+            state, metrics = step(state, batch)
+            losses.append(float(metrics["loss"]))
+        assert graph_count() == 1, autodiff
+        runs[autodiff] = losses, fx.tree_digest(state)
+    assert runs["func"] == runs["autograd"]
+    assert runs["func"][0][3] < runs["func"][0][0]
+
+
+def test_torchaos_own_layers_take_autograd():
+    """A model converted by torchao itself (its Float8Linear, which torch.func refuses): trains
+    on autograd's path, and ``autodiff="func"`` is refused with the fix, eager or compiled."""
+    from torchao.float8 import convert_to_float8_training
+
+    config = fx.precision.float8(emulate=True).float8.config()
+    model = convert_to_float8_training(_model(), config=config,
+                                       module_filter_fn=fx.precision._float8.default_filter)
+    state = fx.TrainState.create(model, fx.optim.sgd(0.1))
+    batch = next(iter(_data()))
+    state, _ = fx.make_train_step(loss_fn, precision="fp8", autodiff="autograd")(state, batch)
+    for compiled in (False, True):
+        step = fx.make_train_step(loss_fn, precision="fp8", autodiff="func")
+        if compiled:
+            step = torch.compile(step, fullgraph=True, backend=TRACED)
+        # compiled: Dynamo's wrapper around it, with its message (fx.fit raises it as itself)
+        with pytest.raises((ValueError, RuntimeError), match="torchao's own Float8Linear.*"
+                           r"fx.precision.float8\(...\).convert\(model\)"):
+            step(state, batch)

@@ -1,0 +1,77 @@
+"""Float8 all-gather of a unit's float8 weights: torchao's ``enable_fsdp_float8_all_gather`` on
+fx.shard's own gathers.
+
+A model converted by ``fx.precision.float8(enable_fsdp_float8_all_gather=True)`` keeps the
+option in its float8 layers' configs (``fxtrain._torch.float8.float8_gathered``). An eager
+per-block unit (``fxtrain.distributed._unit_gather``) then gathers those layers' weights apart
+from its other parameters, as torchao's FSDP2 hooks do (``fsdp_pre_all_gather`` with
+``reduce_amax``): each rank takes its shard's absolute maximum, one all-reduce (max) over the
+shard group gives every weight's amax, each rank casts its shard with the scale of that amax
+(tensorwise: the scale the whole weight's cast would take) to float8, and one all-gather moves
+the bits (as ``uint8``: a quarter of float32's bytes). The gathered weight is torchao's float8
+tensor, bits and scale, which the layer's product takes as it is (torchao's
+``tensor_already_casted_to_fp8``). A cast is element by element, so the bits are those of the
+whole weight cast in one piece: the same products as without the option. Its gradient, in the
+high precision, is reduce-scattered onto the shard as any parameter's (the cast passes it
+through, as torchao's does).
+
+Unlike the unit's other parameters, the gathered float8 weights are kept from the forward for
+the backward (a quarter of their float32 bytes, per unit; FSDP2 gathers them again).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .._torch import collectives
+from . import _unit_gather
+
+
+def gathered(plan: _unit_gather.Plan, layers: list[Any],
+             shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The whole weights of this rank's ``shards`` as float8 tensors, each cast as its layer in
+    ``layers`` casts its weight, with one scale over the ranks: one all-reduce of the amaxes,
+    one all-gather of the bits."""
+    from .._torch import float8 as fence
+    group = plan.mesh.get_group()
+    amax = torch.stack([s.abs().max() if s.numel() else s.new_zeros(()) for s in shards])
+    torch.distributed.all_reduce(amax, op=torch.distributed.ReduceOp.MAX, group=group)
+    scales = [fence.weight_scale(a, layer) for a, layer in zip(amax, layers)]
+    sizes = plan.sizes()
+    flat = torch.empty((plan.world, sum(sizes)), dtype=torch.uint8, device=shards[0].device)
+    mine = flat[plan.mesh.get_local_rank()]
+    torch.cat([_unit_gather._padded(fence.weight_bits(s, scale, layer).view(torch.uint8)
+                                    .reshape(-1), n)
+               for s, scale, layer, n in zip(shards, scales, layers, sizes)], out=mine)
+    bits = plan.copied_out(_unit_gather.Issued(flat, collectives.all_gather_into(
+        flat.view(-1), mine, group)))
+    dtype = plan.dtype or shards[0].dtype
+    return [fence.from_bits(b.view(layer.config.cast_config_weight.target_dtype), scale, dtype,
+                            layer.linear_mm_config)
+            for b, scale, layer in zip(bits, scales, layers)]
+
+
+class Gather(torch.autograd.Function):
+    """Weight shards in, whole float8 weights out (``gathered``); the backward reduce-scatters
+    their high-precision gradients onto the shards."""
+
+    @staticmethod
+    def forward(ctx: Any, plan: _unit_gather.Plan, layers: list[Any],
+                *shards: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ctx.plan, ctx.like = plan, [(s.shape[0], s.dtype) for s in shards]
+        ctx.set_materialize_grads(False)
+        return tuple(gathered(plan, layers, list(shards)))
+
+    @staticmethod
+    def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
+        return (None, None, *ctx.plan.scattered(grads, ctx.like))
+
+
+def gathered_weights(params: list[Any], layers: list[Any], gather: Any) -> list[torch.Tensor]:
+    """The whole float8 weights of the DTensors ``params`` (``Shard(0)`` on a 1-D mesh), each
+    of its float8 layer in ``layers``, differentiable (``Gather``); in ``gather.param_dtype``
+    where the unit computes in it."""
+    return list(Gather.apply(_unit_gather.plan_of(params, gather), layers,
+                             *(p.to_local() for p in params)))
