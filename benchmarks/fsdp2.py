@@ -26,12 +26,14 @@ its own processes, in an order rotated each round; the ratios fx.shard / FSDP2 a
 a round (the machine is shared and noisy) and their median over the rounds is reported.
 
 Run: python benchmarks/fsdp2.py [--rounds 3] [--worlds 2 4] [--out benchmarks/fsdp2] [--smoke]
+(``--update`` times the AdamW update alone instead; ``--profile`` profiles one eager step)
 (``--out P`` writes P.json and P.md, the table in RESULTS.md's style).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -330,11 +332,85 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--profile", action="store_true",
                         help="profile one eager step of each on 2 ranks instead (allocations)")
+    parser.add_argument("--update", action="store_true",
+                        help="time the AdamW update alone instead, one process (CPU seconds)")
     args = parser.parse_args(argv)
     if args.smoke:  # every variant on one pair of processes, tiny, compiled with aot_eager
         args.width, args.seq, args.batch, args.warmup, args.steps, args.rounds, \
             args.worlds = 64, 16, 2, 1, 1, 1, [2]
     return args
+
+
+UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "torch_foreach")
+
+
+def _update_rank(port: int, args, out: str) -> None:
+    """``--update``: one process (a 1-rank gloo group, so ``fx.shard`` makes DTensors) times the
+    AdamW update alone, as each variant runs it, in CPU seconds: fxtrain's functional update,
+    a donated one (in place), a sharded donated one (on the local shards), and
+    ``torch.optim.AdamW(foreach=True).step()``."""
+    import time
+
+    import torch
+
+    import fxtrain as fx
+    from fxtrain.optim.base import writing_into_state
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=0, world_size=1)
+    tx = fx.optim.adamw(LR, weight_decay=WD)
+
+    def fxtrain_update(sharded: bool, donated: bool):
+        state = fx.TrainState.create(_model(args), tx)
+        state = fx.shard(state) if sharded else state
+        grads = {k: torch.full_like(p, 1e-3) for k, p in state.params.items()}
+        held = {"state": state}
+
+        def update():
+            state = held.pop("state")
+            with writing_into_state(state.opt_state, state.params) if donated else \
+                    contextlib.nullcontext():
+                held["state"] = state.apply_gradients(grads)
+        return update
+
+    def torch_update():
+        model = _model(args)
+        opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD, foreach=True)
+        for p in model.parameters():
+            p.grad = torch.full_like(p, 1e-3)
+        return opt.step
+
+    made = {"fxtrain": lambda: fxtrain_update(False, False),
+            "fxtrain_donated": lambda: fxtrain_update(False, True),
+            "fxtrain_sharded_donated": lambda: fxtrain_update(True, True),
+            "torch_foreach": torch_update}
+    rows = {}
+    for name in UPDATES:
+        update = made[name]()
+        for _ in range(args.warmup):
+            update()
+        start = time.process_time()
+        for _ in range(args.steps):
+            update()
+        rows[name] = (time.process_time() - start) / args.steps
+    torch.distributed.destroy_process_group()
+    Path(out).write_text(json.dumps(rows))
+
+
+def updates(args) -> dict:
+    """``--update``: the AdamW update's CPU seconds per variant, and each over torch's."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_update_spawned, args=(_port(), args, f"{out}/u.json"), nprocs=1)
+        rows = json.loads(Path(out, "u.json").read_text())
+    for name, seconds in rows.items():
+        print(f"{name:26s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows['torch_foreach']:.2f}x "
+              "torch.optim.AdamW(foreach=True)")
+    return rows
+
+
+def _update_spawned(_: int, port: int, args, out: str) -> None:
+    _update_rank(port, args, out)
 
 
 def profile(args) -> dict:
@@ -372,6 +448,8 @@ def main(argv=None) -> dict:
     os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"  # the resident set follows live tensors
     if args.profile:
         return profile(args)
+    if args.update:
+        return updates(args)
     start, load = time.perf_counter(), os.getloadavg()[0]
     rounds = []
     for r in range(args.rounds):
