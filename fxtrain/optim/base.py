@@ -67,8 +67,16 @@ class ElementwiseTransformation(GradientTransformation):
     and of the parameters, and of the state's scalars (a step count). Adam, SGD with momentum,
     weight decay and a learning rate are; a global norm clip, Muon or a factored second moment
     are not. An eager update of a sharded state (``fx.shard``) runs such a transformation on
-    each rank's local shards, not through DTensor's dispatch (``fxtrain.optim.base.on_shards``).
-    A ``chain`` of them is one."""
+    each rank's local shards, not through DTensor's dispatch (``fxtrain.optim._on_shards``).
+    A ``chain`` of them is one.
+
+    Examples:
+        >>> isinstance(fx.optim.adamw(1e-3), fx.optim.ElementwiseTransformation)
+        True
+        >>> clipped = fx.optim.chain(fx.optim.clip_by_global_norm(1.0), fx.optim.adam(1e-3))
+        >>> isinstance(clipped, fx.optim.ElementwiseTransformation)  # the norm spans leaves
+        False
+    """
 
 
 _WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
