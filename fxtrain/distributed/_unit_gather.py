@@ -252,9 +252,10 @@ def applies(params: list[Any], gather: Any) -> bool:
     each ``Shard(0)``; or 2-D, ``gather.roles`` saying which dimension shards, at least one of
     them split over it), with no saved-tensor hooks in force around it (an
     activation-checkpointed region, ``fx.remat``, whose rerun would not find the gathered
-    parameters)."""
+    parameters). One mesh by equality, not identity: DTensor's cache of its ops' output specs
+    hands back an equal mesh object of an earlier op (seen after FSDP2 ran in the process)."""
     from torch.distributed.tensor import Shard
-    if torch.compiler.is_compiling() or len({id(p.device_mesh) for p in params}) != 1:
+    if torch.compiler.is_compiling() or len({p.device_mesh for p in params}) != 1:
         return False
     if gather.roles is None:
         laid_out = all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
