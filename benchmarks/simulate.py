@@ -275,27 +275,50 @@ def simulate(model_name: str, layout: str, world: int, variant: str, batch: int,
             "world": world, "variant": variant, "batch": batch, "seq": seq}
 
 
-def _one(index: int, run: tuple, args, out: str) -> None:
-    """A fresh process: rank 0 of the fake group of ``run``'s world, its row in ``out``."""
-    del index
+def _rows(index: int, groups: list, args, folder: str) -> None:
+    """A fresh process: each run of ``groups[index]`` in turn as rank 0 of a fake group of its
+    world (one group for the runs of one world next to each other: ``fx.sharding.mesh`` makes a
+    mesh once per process, on the group of its time), their rows in ``folder``."""
     import torch.distributed as dist
-    model, layout, world, variant = run
-    dist.init_process_group("fake", rank=0, world_size=world)
+    rows, world_now = [], None
     try:
-        row = simulate(model, layout, world, variant, args.batch, args.seq)
+        for model, layout, world, variant in groups[index]:
+            if world != world_now:
+                if world_now is not None:
+                    dist.destroy_process_group()
+                dist.init_process_group("fake", rank=0, world_size=world)
+                world_now = world
+            rows.append(simulate(model, layout, world, variant, args.batch, args.seq))
     finally:
-        dist.destroy_process_group()
-    Path(out).write_text(json.dumps(row))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    Path(folder, f"rows{index}.json").write_text(json.dumps(rows))
+    # out without the interpreter's teardown, where a simulated FSDP x TP run's leftovers
+    # corrupted the heap ("corrupted double-linked list", SIGABRT or SIGSEGV after its rows were
+    # written: 3 exits in 3 of a process of two worlds, and both 70B FSDP x TP runs, at a9600f1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
-def job(run: tuple, args) -> dict:
+def jobs(groups: list, args) -> list[list[dict]]:
+    """The rows of each group of runs (model, layout, ranks, variant), a fresh process per
+    group, side by side, its runs one after the other (those of one world next to each other;
+    FSDP2's after fxtrain's in one process crashed in ``fully_shard``, fxtrain's after FSDP2's
+    at the process's exit: give each variant its own). ``main`` gives each run a process of
+    its own (``job``)."""
     import tempfile
 
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as folder:
-        out = str(Path(folder, "row.json"))
-        mp.spawn(_one, args=(run, args, out), nprocs=1)
-        return json.loads(Path(out).read_text())
+        mp.spawn(_rows, args=(list(groups), args, folder), nprocs=len(groups))
+        return [json.loads(Path(folder, f"rows{i}.json").read_text())
+                for i in range(len(groups))]
+
+
+def job(run: tuple, args) -> dict:
+    """The row of ``run``, in a fresh process."""
+    return jobs([[run]], args)[0][0]
 
 
 def _gib(n: int) -> str:

@@ -74,7 +74,7 @@ def placements(p: torch.Tensor, roles: Roles, tp: Any = None) -> list:
     return out
 
 
-def _shard_of(p: Any, roles: Roles) -> int | None:
+def shard_dim(p: Any, roles: Roles) -> int | None:
     """The tensor dimension ``p`` is split along over the shard dimension (None: whole)."""
     from torch.distributed.tensor import Shard
     placement = p.placements[roles.shard]
@@ -85,12 +85,11 @@ def value(p: Any, roles: Roles, planned: bool, dtype: torch.dtype | None = None)
     """What the forward computes with, from the 2-D DTensor ``p`` (differentiably): its shard
     gathered over the shard dimension (in ``dtype``, None: its own), then, ``planned``, the
     DTensor on the tensor-parallel dimension the plan's layer takes, else the tensor."""
-    from torch.distributed.tensor import DTensor
     mesh = p.device_mesh
     local = p.to_local()
     if dtype is not None:
         local = local.to(dtype)
-    dim = _shard_of(p, roles)
+    dim = shard_dim(p, roles)
     if dim is not None:
         n = mesh.size(roles.shard)
         rows = -(-p.shape[dim] // n)
@@ -101,12 +100,25 @@ def value(p: Any, roles: Roles, planned: bool, dtype: torch.dtype | None = None)
         whole = collectives.wait_tensor(collectives.all_gather_single(
             moved.contiguous(), 0, mesh.get_group(roles.shard)))
         local = whole[:p.shape[dim]].movedim(0, dim)
+    return computed(local, p, roles, planned)
+
+
+def computed(local: torch.Tensor, p: Any, roles: Roles, planned: bool) -> Any:
+    """What the forward computes with, from ``local``: the 2-D DTensor ``p``'s own shard
+    gathered whole over the shard dimension. ``planned``: the DTensor on the tensor-parallel
+    dimension the plan's layer takes (differentiably), else ``local``."""
+    from torch.distributed.tensor import DTensor
     if not planned:
         return local
+    mesh = p.device_mesh
     tp_mesh = mesh[mesh.mesh_dim_names[roles.tp]]
-    placement = p.placements[roles.tp]
-    return DTensor.from_local(local, tp_mesh, [placement], run_check=False,
+    return DTensor.from_local(local, tp_mesh, [p.placements[roles.tp]], run_check=False,
                               shape=p.shape, stride=p.stride())
+
+
+def shard_mesh(mesh: Any, roles: Roles) -> Any:
+    """The 1-D mesh of ``mesh``'s shard dimension (this rank's group along it)."""
+    return mesh[mesh.mesh_dim_names[roles.shard]]
 
 
 def reduced(grad: Any, roles: Roles) -> Any:

@@ -13,10 +13,19 @@ whose forward ran before it, whose backward comes next (FSDP2's backward prefetc
 parameters at a time). A compiled step takes ``_units``' checkpointed region instead, whose saved
 tensors Inductor picks by liveness.
 
+On a 2-D mesh (``fxtrain.distributed._meshes``: FSDP x tensor parallel, HSDP) the gather runs
+over the mesh's shard dimension only, each parameter along the tensor dimension it is split
+there (moved first, as ``_meshes.value`` moves it); what comes out is its tensor-parallel shard,
+which a planned parameter's layer takes as a DTensor on the tensor-parallel dimension. The
+layer's ops then save DTensors whose local tensors are views of the gathered parameters: those
+too are packed as where they sit (and their spec), and unpacked as DTensors again.
+
 Measured on 2 gloo ranks (``benchmarks/fsdp2.py --profile``, a 4-block GPT-2 of width 512):
 through the checkpointed region an eager step kept every output of the unit's forward (the
 selective checkpoint's cache keeps what autograd would not), 23 MiB per block against FSDP2's
-14, reran the forward's ops in the backward, and ran a collective per parameter.
+14, reran the forward's ops in the backward, and ran a collective per parameter. On a 2-D mesh
+(``benchmarks/simulate.py``, Llama 3 70B, FSDP x TP 8x8 on 64 ranks) the region held 78 GiB of
+activations per rank to FSDP2's 45.
 """
 
 from __future__ import annotations
@@ -30,6 +39,9 @@ import torch
 
 from .._torch import collectives
 from .._torch.autograd import saved_tensors_hooks_active
+from . import _meshes
+from ._dtensors import is_dtensor
+from ._layout import Roles
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,21 +197,31 @@ class Regathered:
                 self.issued = self.plan.issued(self.shards)
 
     def pack(self, x: torch.Tensor) -> Any:
+        local = _local(x)
         try:
-            i = self.index.get(id(x.untyped_storage()))
+            i = self.index.get(id(local.untyped_storage()))
         except (RuntimeError, NotImplementedError):  # a tensor subclass without storage
             return x
         if i is None:
             return x
         self.packed += 1
-        return self, i, tuple(x.shape), x.stride(), x.storage_offset()
+        spec = None if local is x else (x.device_mesh, tuple(x.placements), tuple(x.shape),
+                                        x.stride())
+        return self, (i, tuple(local.shape), local.stride(), local.storage_offset()), spec
 
     @staticmethod
     def unpack(saved: Any) -> torch.Tensor:
         if isinstance(saved, torch.Tensor):
             return saved
-        regathered, i, shape, stride, offset = saved
-        return regathered.take(i, shape, stride, offset)
+        regathered, where, spec = saved
+        view = regathered.take(*where)
+        if spec is None:
+            return view
+        from torch.distributed.tensor import DTensor
+        mesh, placements, shape, stride = spec
+        with torch.no_grad():
+            return DTensor.from_local(view, mesh, placements, run_check=False, shape=shape,
+                                      stride=stride)
 
     def take(self, i: int, shape: tuple, stride: tuple, offset: int) -> torch.Tensor:
         if self.whole is None:
@@ -217,43 +239,94 @@ class Regathered:
         return view
 
 
+def _local(x: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local tensor (a view of it: the same storage), anything else as it is."""
+    if not is_dtensor(x):
+        return x
+    with torch.no_grad():
+        return x.to_local()
+
+
 def applies(params: list[Any], gather: Any) -> bool:
-    """Whether a unit of ``params`` (DTensors) gathers here: uncompiled, on a 1-D mesh, with no
-    saved-tensor hooks in force around it (an activation-checkpointed region, ``fx.remat``,
-    whose rerun would not find the gathered parameters)."""
+    """Whether a unit of ``params`` (DTensors) gathers here: uncompiled, all on one mesh (1-D,
+    each ``Shard(0)``; or 2-D, ``gather.roles`` saying which dimension shards, at least one of
+    them split over it), with no saved-tensor hooks in force around it (an
+    activation-checkpointed region, ``fx.remat``, whose rerun would not find the gathered
+    parameters). One mesh by equality, not identity: DTensor's cache of its ops' output specs
+    hands back an equal mesh object of an earlier op (seen after FSDP2 ran in the process)."""
     from torch.distributed.tensor import Shard
-    return (not torch.compiler.is_compiling() and gather.roles is None
-            and all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
-                    and p.ndim >= 1 for p in params)
-            and len({id(p.device_mesh) for p in params}) == 1
-            and not saved_tensors_hooks_active())
+    if torch.compiler.is_compiling() or len({p.device_mesh for p in params}) != 1:
+        return False
+    if gather.roles is None:
+        laid_out = all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
+                       and p.ndim >= 1 for p in params)
+    else:
+        laid_out = params[0].device_mesh.ndim == 2 and any(
+            _meshes.shard_dim(p, gather.roles) is not None for p in params)
+    return laid_out and not saved_tensors_hooks_active()
 
 
-def run(forward: Any, params: list[Any], gather: Any, bind: Any,
+def _along(params: list[Any], roles: Roles | None) -> tuple[Any, list[int | None]]:
+    """The 1-D mesh a unit gathers over, and the tensor dimension each of ``params`` is split
+    along there (None: whole there, not gathered)."""
+    mesh = params[0].device_mesh
+    if roles is None:
+        return mesh, [0] * len(params)
+    return _meshes.shard_mesh(mesh, roles), [_meshes.shard_dim(p, roles) for p in params]
+
+
+def _moved(t: torch.Tensor, dim: int, back: bool = False) -> torch.Tensor:
+    """``t`` with its dimension ``dim`` moved first (``back``: from first to ``dim``)."""
+    if dim == 0:
+        return t
+    return t.movedim(0, dim) if back else t.movedim(dim, 0)
+
+
+def _values(params: list[Any], dims: list[int | None], planned: list[bool], gather: Any,
+            whole: tuple[torch.Tensor, ...]) -> list[Any]:
+    """What the unit computes with: on a 1-D mesh the ``whole`` parameters; on a 2-D one
+    ``_meshes.computed`` of each (moved back; one whole there: ``_meshes.value``)."""
+    if gather.roles is None:
+        return list(whole)
+    rest = iter(whole)
+    return [_meshes.value(p, gather.roles, k, gather.param_dtype) if d is None else
+            _meshes.computed(_moved(next(rest), d, back=True), p, gather.roles, k)
+            for p, d, k in zip(params, dims, planned)]
+
+
+def run(forward: Any, params: list[Any], planned: list[bool], gather: Any, bind: Any,
         ready: dict[int, torch.Tensor] | None = None) -> Any:
-    """``forward()`` inside ``bind(whole)`` (the unit's module bound to its whole parameters),
-    ``params``' shards gathered as the module says, but for those ``ready`` has gathered
-    already (by index: the float8 weights, ``fxtrain.distributed._float8_gather``)."""
+    """``forward()`` inside ``bind(values)`` (the unit's module bound to what it computes
+    with), ``params``' shards gathered as the module says (``planned``: those a
+    tensor-parallel plan splits, on a 2-D mesh), but for those ``ready`` has gathered already
+    (by index: the float8 weights, ``fxtrain.distributed._float8_gather``; 1-D meshes)."""
     ready = ready or {}
-    whole: list[Any] = [ready.get(i) for i in range(len(params))]
+    values: list[Any] = [ready.get(i) for i in range(len(params))]
     high = [i for i in range(len(params)) if i not in ready]
     if not high:
-        with bind(whole):
+        with bind(values):
             return forward()
-    plan = plan_of([params[i] for i in high], gather)
-    shards = [params[i].to_local() for i in high]
+    rest = [params[i] for i in high]
+    mesh, dims = _along(rest, gather.roles)
+    took = [(p, d) for p, d in zip(rest, dims) if d is not None]
+    shards = [_moved(p.to_local(), d) for p, d in took]  # the gathered dimension first
+    plan = Plan(mesh, tuple((p.shape[d], *s.shape[1:]) for (p, d), s in zip(took, shards)),
+                gather.param_dtype, gather.reduce_dtype)
+
+    def bound(whole):
+        computed = _values(rest, dims, [planned[i] for i in high], gather, whole)
+        for i, v in zip(high, computed):
+            values[i] = v
+        return bind(values)
+
     if not torch.is_grad_enabled():
-        for i, w in zip(high, _Gather.apply(plan, None, *shards)):
-            whole[i] = w
-        with bind(whole):
+        with bound(_Gather.apply(plan, None, *shards)):
             return forward()
     hooks = Regathered(plan, [s.detach() for s in shards], _LAST.get())
     _LAST.set(weakref.ref(hooks))
-    gathered = _Gather.apply(plan, hooks, *shards)
-    hooks.gathered(gathered)
-    for i, w in zip(high, gathered):
-        whole[i] = w
-    with bind(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+    whole = _Gather.apply(plan, hooks, *shards)
+    hooks.gathered(whole)
+    with bound(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         return forward()
 
 

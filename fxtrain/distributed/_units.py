@@ -291,7 +291,8 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
     keys, how = list(bound), unit.gather
     if _unit_gather.applies(list(bound.values()), how):  # eager: FSDP2's way, see there
         inputs, kw = _cast((args, kwargs), how.param_dtype)
-        out = _unit_gather.run(lambda: forward(*inputs, **kw), list(bound.values()), how,
+        out = _unit_gather.run(lambda: forward(*inputs, **kw), list(bound.values()),
+                               [k in how.planned for k in keys], how,
                                lambda whole: reparametrized(unit, dict(zip(keys, whole))),
                                _float8_weights(unit, bound, how))
         return _cast(out, _first_float((args, kwargs)), only=how.param_dtype)
