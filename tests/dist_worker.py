@@ -865,14 +865,15 @@ SCENARIOS = {"exits": exits, "train": train, "overlapped": overlapped, "sharded"
 
 
 def several(jobs):
-    """Each ``(name, args, kwargs)`` of ``jobs`` in turn, in this one group: one launch for
+    """Each ``(name, args, kwargs)`` of ``jobs`` in turn (``name`` in ``SCENARIOS``, or a
+    function of another worker module), in this one group: one launch for
     several short scenarios (a launch, torch's import in each rank and the group's start, cost
     about 7 CPU-s of the 8 a short eager scenario takes on 2 ranks). Dynamo starts afresh for
     each, as in a process of its own (a scenario records its graph count)."""
     for name, args, kwargs in jobs:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        SCENARIOS[name](*args, **kwargs)
+        (SCENARIOS[name] if isinstance(name, str) else name)(*args, **kwargs)
         torch.distributed.barrier()
 
 

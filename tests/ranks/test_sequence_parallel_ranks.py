@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 import dist_worker
 import sp_worker
-from helpers import extra
+from helpers import extra, once_per_run
 from test_distributed import free_port
 
 transformers = extra("transformers")
@@ -19,17 +19,29 @@ pytestmark = [pytest.mark.slow, pytest.mark.needs_torch(
     2, 13, "a compiled autograd step on DTensor parameters")]
 
 
-def spawn(world, fn, out, **kwargs):
-    mp.spawn(dist_worker.spawned, nprocs=world, args=(world, free_port(), fn, (str(out),),
-                                                       kwargs))
+def spawn(world, fn, *args, **kwargs):
+    mp.spawn(dist_worker.spawned, nprocs=world, args=(world, free_port(), fn, args, kwargs))
 
 
-def alone(tmp_path, fn, name):
-    """``fn`` in this process, alone: no mesh, no plan."""
-    out = tmp_path / "alone"
-    out.mkdir()
-    fn(str(out))
-    return torch.load(out / name)
+@pytest.fixture(scope="module")
+def sp_jobs(tmp_path_factory):
+    """The 2-rank scenarios of the tests below (the plan's run, keyed dropout on the split) in
+    one launch (``dist_worker.several``), each writing into its own folder of the one returned,
+    and their references alone in this process (no mesh, no plan: "alone/"), once per run."""
+    def make(out):
+        jobs = {"tp": sp_worker.sequence_parallel, "dropout": sp_worker.sequence_dropout}
+        for folder in (*jobs, "alone"):
+            (out / folder).mkdir()
+        spawn(2, "several", [(fn, (str(out / folder),), {}) for folder, fn in jobs.items()])
+        for fn in jobs.values():
+            fn(str(out / "alone"))
+
+    return once_per_run(tmp_path_factory, "sp_jobs", make)
+
+
+def alone(sp_jobs, name):
+    """A scenario's run in this process, alone: no mesh, no plan."""
+    return torch.load(sp_jobs / "alone" / name)
 
 
 def close(run, reference, atol):
@@ -43,14 +55,13 @@ def close(run, reference, atol):
         torch.testing.assert_close(run["params"][name], p, rtol=0, atol=5e-4, msg=name)
 
 
-def test_sequence_and_loss_parallel_train_as_torch_and_one_process(tmp_path):
+def test_sequence_and_loss_parallel_train_as_torch_and_one_process(sp_jobs):
     """4 AdamW steps of a tiny Llama under torchtitan's sequence- and loss-parallel plan on 2
     ranks: eager and compiled (one graph), against torch's parallelize_module + loss_parallel +
     torch.optim.AdamW with the same plan and against one process, within float32 rounding; the
     ranks agree bit for bit; eager and compiled alike."""
-    spawn(2, sp_worker.sequence_parallel, tmp_path)
-    ranks = [torch.load(tmp_path / f"tp_rank{r}.pt") for r in (0, 1)]
-    one = alone(tmp_path, sp_worker.sequence_parallel, "tp_rank0.pt")["eager"]
+    ranks = [torch.load(sp_jobs / "tp" / f"tp_rank{r}.pt") for r in (0, 1)]
+    one = alone(sp_jobs, "tp_rank0.pt")["eager"]
     assert one["losses"][-1] < one["losses"][0] - 0.1  # it trained: not a vacuous match
     for kind in ("eager", "compiled"):
         run = ranks[0][kind]
@@ -86,28 +97,27 @@ def beyond_the_step(ranks, kind, one):
     torch.testing.assert_close(run["predicted"], one["predicted"], rtol=0, atol=1e-4)
 
 
-def test_sequence_and_loss_parallel_on_a_2d_mesh_train_as_one_process(tmp_path):
+def test_sequence_and_loss_parallel_on_a_2d_mesh_train_as_one_process(tmp_path, sp_jobs):
     """The same plan over the "tp" dimension of a 2 x 2 mesh, sharded over "dp" (4 ranks, two
     data replicas of 2 sequences each), compiled into one graph: one process's losses and
     parameters within float32 rounding (averaged gradients: other additions of the same
     terms); the ranks agree bit for bit."""
-    spawn(4, sp_worker.sequence_parallel, tmp_path, layout="fsdp_tp")
+    spawn(4, sp_worker.sequence_parallel, str(tmp_path), layout="fsdp_tp")
     ranks = [torch.load(tmp_path / f"fsdp_tp_rank{r}.pt")["compiled"] for r in range(4)]
-    one = alone(tmp_path, sp_worker.sequence_parallel, "tp_rank0.pt")["eager"]
+    one = alone(sp_jobs, "tp_rank0.pt")["eager"]
     assert [r["graphs"] for r in ranks] == [1] * 4
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks)
     close(ranks[0], one, atol=1e-5)
 
 
-def test_keyed_dropout_on_the_sequence_split_drops_what_one_process_drops(tmp_path):
+def test_keyed_dropout_on_the_sequence_split_drops_what_one_process_drops(sp_jobs):
     """A keyed F.dropout of a Shard(1) DTensor gives each rank exactly its slice of one
     process's mask; a model whose dropouts run on the sequence's split (SequenceParallel on
     nn.Dropout, p=0.5) trains as one process does, eager and compiled (one graph), within
     float32 rounding. Before, a keyed dropout of a DTensor failed (a whole-shaped mask met the
     DTensor: "mixed torch.Tensor and DTensor")."""
-    spawn(2, sp_worker.sequence_dropout, tmp_path)
-    ranks = [torch.load(tmp_path / f"dropout_rank{r}.pt") for r in (0, 1)]
-    one = alone(tmp_path, sp_worker.sequence_dropout, "dropout_rank0.pt")
+    ranks = [torch.load(sp_jobs / "dropout" / f"dropout_rank{r}.pt") for r in (0, 1)]
+    one = alone(sp_jobs, "dropout_rank0.pt")
     for r, run in enumerate(ranks):
         assert torch.equal(run["part"], one["whole"][:, 6 * r:6 * (r + 1)])
     for kind in ("eager", "compiled"):
