@@ -104,9 +104,13 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any],
     the data replicas (``fxtrain.distributed._meshes.reduced``)."""
     from torch.distributed.tensor import DTensor, Partial, Replicate
     done = [k for k, g in grads.items() if is_dtensor(g)]  # in order: the same on every rank
-    average = (lambda g: g / g.device_mesh.size()) if roles is None else \
-        (lambda g: _meshes.reduced(g, roles))
-    out = {**grads, **{k: average(grads[k]) for k in done}}
+    average = _divided_by_ranks if roles is None else (lambda g: _meshes.reduced(g, roles))
+    out, averaged = dict(grads), {}  # one gradient under two names is averaged once
+    for k in done:
+        g = grads[k]
+        if id(g) not in averaged:
+            averaged[id(g)] = average(g)
+        out[k] = averaged[id(g)]
     params = {k: p for k, p in params.items() if k not in done}
     groups = _by_dtype(params)
     grouped = {k for names in groups.values() for k in names}
@@ -136,6 +140,17 @@ def reduce_scatter_grads(grads: dict[str, torch.Tensor], params: dict[str, Any],
                                         shape=p.shape, stride=p.stride())
             at += size
     return out
+
+
+def _divided_by_ranks(g: Any) -> Any:
+    """``g / g.device_mesh.size()``: eager, on its local shard and in place (``g``, a sum the
+    backward reduce-scattered, is the step's own), not through DTensor's dispatch; the same
+    division, so the same bits."""
+    if torch.compiler.is_compiling() or g.requires_grad:
+        return g / g.device_mesh.size()
+    with torch.no_grad():
+        g.to_local().div_(g.device_mesh.size())
+    return g
 
 
 def local_parts(grads: dict[str, Any], finite: bool = False) -> list[torch.Tensor]:
