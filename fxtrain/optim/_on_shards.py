@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..distributed._dtensors import is_dtensor, is_sharded
+from ..distributed import is_dtensor, is_sharded
 from .base import _WRITES_INTO, ElementwiseTransformation, GradientTransformation, \
     writing_into_state
 

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.utils._pytree as pytree
 
-from ..distributed._dtensors import is_dtensor
+from ..distributed import is_dtensor
 from ..donation import written_into
 from ..tree import tree_map
 
