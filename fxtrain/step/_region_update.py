@@ -88,9 +88,12 @@ def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -
         first = None
         for r, names in blocks:
             mine = {rel[n]: got[n] for n in names}
-            inside = _update(tx, {rel[n]: grads[n] for n in names},
-                             _renamed(state, frozenset(params), {rel[n]: n for n in names}),
-                             {rel[n]: params[n] for n in names})[0]
+            try:  # a mask by name refuses the names within a block, as it should
+                inside = _update(tx, {rel[n]: grads[n] for n in names},
+                                 _renamed(state, frozenset(params), {rel[n]: n for n in names}),
+                                 {rel[n]: params[n] for n in names})[0]
+            except (ValueError, TypeError, KeyError):
+                return False
             want = optim.apply_updates({k: params[r + "." + k] for k in mine}, mine)
             first = first or mine
             if mine.keys() != first.keys() or any(
@@ -106,8 +109,9 @@ def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | No
     through regions (see the module)."""
     blocks = blocks_of(state.params, state.layout.regions)
     shapes = tuple((n, p.dtype) for n, p in state.params.items())
-    if len(blocks) < 2 or not name_free(state.tx, shapes, blocks):
-        return None
+    with optim.masks.tied(state.layout.tied):
+        if len(blocks) < 2 or not name_free(state.tx, shapes, blocks):
+            return None
     names = frozenset(state.params)
     rest = [n for n in state.params if not any(n in b for _, b in blocks)]
     leaves, spec = _split(state.opt_state, names)
