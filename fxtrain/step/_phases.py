@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from .. import distributed, random
-from . import _autodiff
+from . import _autodiff, _region_update
 from ._args import StepArgs
 from ._io import BatchGuard, check_batch_device, check_no_checkpointing, split_loss
 from .._torch.traced_errors import fail
@@ -138,9 +138,15 @@ def weighed(loss: torch.Tensor, count: torch.Tensor | None, parallel: bool,
 def applied(args: StepArgs, state: TrainState, plan: Plan, out: Any,
             weight: torch.Tensor | None) -> tuple[TrainState, dict[str, torch.Tensor]]:
     """The reduced gradients ``out`` applied: the new state and the step's metrics."""
-    new = state.apply_gradients(out.grads, weight=weight).replace(buffers=out.buffers or None)
+    by_blocks = None
+    if state.layout.regions and weight is None and plan.autodiff == "autograd" and \
+            torch.compiler.is_compiling():  # the blocks' update a region too
+        by_blocks = _region_update.applied(state, out.grads)
+    new, squared = by_blocks or (state.apply_gradients(out.grads, weight=weight), None)
+    new = new.replace(buffers=out.buffers or None)
+    squared = out.squared if out.squared is not None else squared
     metrics = plan.path.metrics(step_metrics(out.loss, out.aux, out.grads, new.opt_state,
-                                             args.grad_stats, out.squared))
+                                             args.grad_stats, squared))
     if weight is not None:  # what the loss averaged over, on every rank: see fx.losses
         metrics["loss_count"] = weight
     return new, metrics

@@ -8,7 +8,8 @@ Dynamo traces the first block's forward into a subgraph, reuses it for the other
 AOTAutograd and Inductor compile its forward and backward once. The step stays one graph (its
 blocks calls of one subgraph), recompiles never after its first call, and trains the same bits:
 each layer continues the step's keyed stream where it stands (``fx.random.continued``), so its
-dropout masks are those of the step without regions.
+dropout masks are those of the step without regions. Each block's optimizer update is a region
+too, where the optimizer updates every block alike (``_region_update``).
 
 A regional step takes autograd's path (``autodiff="auto"`` picks it for a regional state;
 ``torch.func`` cannot host a region). Eagerly, and in a step on ``torch.func``'s path, the

@@ -67,13 +67,16 @@ def test_blocks_compile_once_in_one_graph_and_train_the_same_bits():
     assert regional.layout.regions == ("blocks.0", "blocks.1", "blocks.2")
     graphs = []
     step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
-    got = trained(step, regional, batch)[0]
+    got, metrics = trained(step, regional, batch)
     assert graph_count() == 1 and len(graphs) == 1
     calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
-    assert len(calls) == 3 and len({n.args[0].target for n in calls}) == 1  # one subgraph
+    # two subgraphs, each called for every block: the block's forward and its AdamW update
+    assert len(calls) == 6 and len({n.args[0].target for n in calls}) == 2
     plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
-    want = trained(plain, state, batch)[0]
+    want, want_metrics = trained(plain, state, batch)
     assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
+    assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
     eager = trained(fx.make_train_step(loss_fn), regional, batch)[0]  # the blocks as they are
     assert fx.tree_digest(eager.params) == fx.tree_digest(
         trained(fx.make_train_step(loss_fn), state, batch)[0].params)
@@ -103,9 +106,29 @@ def test_a_layer_adds_a_call_not_its_ops():
 
     (sub2, regional2), (sub4, regional4) = graph(2, True), graph(4, True)
     plain2, plain4 = graph(2, False)[1], graph(4, False)[1]
-    assert sub2 == sub4 == 1
+    assert sub2 == sub4 == 2  # the block's forward, and its update
     per_layer, plain_per_layer = (regional4 - regional2) / 2, (plain4 - plain2) / 2
     assert per_layer < plain_per_layer - 10, (per_layer, plain_per_layer)
+
+
+def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
+    """A weight decay mask by name that decays one block's weights and not the others': the
+    blocks' updates are not one region (inside it a block's names are its own), and the step
+    trains the bits of the step without regions."""
+    torch.manual_seed(0)
+    tx = fx.optim.adamw(1e-2, weight_decay=0.5, mask=["blocks.0.up.weight", "head.weight"])
+    state = fx.TrainState.create(Net(3), tx, seed=3)
+    _, batch = setup()
+    graphs = []
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
+    got, metrics = trained(step, fx.regional(state), batch)
+    calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
+    assert graph_count() == 1 and len(calls) == 3  # the blocks' forward only
+    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    want, want_metrics = trained(plain, state, batch)
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
+    assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
 
 
 def test_blocks_by_name_or_class_and_refusals():
