@@ -4,8 +4,9 @@ empty builds them all again when it loads a step (the step's kernels, its ``cpp_
 and the probes of the CPU's vector instructions Inductor compiles before any of them: g++ for
 seconds each, most of such a warm start).
 
-Checked on torch 2.11.0, 2.13.0 and 2.15.0. Private: Inductor's cache folder
-(``torch._inductor.runtime.cache_dir_utils.cache_dir``) and its layout: a library is
+Checked on torch 2.11.0, 2.12.0, 2.13.0, 2.14.1 and 2.15.0 (tests/unit/test_precompile.py).
+Private: Inductor's cache folder (``torch._inductor.runtime.cache_dir_utils.cache_dir``) and its
+layout: a library is
 ``<2 characters>/<key>.so`` there, its key a hash of its C++ source and of the whole command that
 builds it (compiler, flags, the vector instructions, include paths), and Inductor builds one only
 where none is there. ``put`` places the carried ones there before torch loads the step, never over

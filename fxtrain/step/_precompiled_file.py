@@ -3,7 +3,8 @@
 A file is a header line (``fxtrain-precompiled-3``, the SHA-256 checksum and the length of the
 rest), then the key's line (what the step was made from: ``fxtrain.step._precompile.fingerprint``),
 the libraries' line (the names and lengths of the C++ libraries Inductor built for the step:
-``fxtrain._torch.binaries``), their bytes, and the body (torch's serialized step or caches). It is written beside its path, flushed to disk and renamed
+``fxtrain._torch.binaries``), their bytes, and the body (torch's serialized step or caches). It
+is written beside its path, flushed to disk and renamed
 over it, so a reader never sees half a file. A file that gives no step raises ``Unusable``, whose
 text is the warning ``fx.precompiled`` gives, naming the file and the cause.
 """
