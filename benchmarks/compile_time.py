@@ -68,7 +68,10 @@ EXTRA = {"fxtrain_regional": "fxtrain step over fx.regional(state): each block t
                              "compiled once (issue 62), dropout 0.1",
          "fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
-         "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1"}
+         "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1",
+         "fxtrain_nolibraries_precompiled": "fxtrain_precompiled without the C++ libraries in "
+                                            "its file (before issue 62: a warm process builds "
+                                            "them again)"}
 SMOKE = ["fxtrain", "torch_compiled_adamw", "fxtrain_eager", "fxtrain_precompiled"]
 # the break-even on the small MLP too (--kinds): the compiled step against the eager one
 MLP_VARIANTS = ["fxtrain", "fxtrain_eager"]
@@ -188,6 +191,9 @@ def build(variant: str, kind: str):
         if variant.endswith("_norecompute"):
             import fxtrain._torch.recompute
             fxtrain._torch.recompute.recompute = lambda graph: None
+        if "_nolibraries" in variant:
+            import fxtrain._torch.binaries
+            fxtrain._torch.binaries.made_since = lambda since: {}
         how = next((h for h in ("eager", "precompiled") if variant.endswith("_" + h)),
                    "compiled")
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",

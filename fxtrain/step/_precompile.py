@@ -14,6 +14,15 @@ step's first call: a later process loads them into its caches, and ``torch.compi
 then traces it again but compiles nothing (its first step a second or two longer than a loaded
 precompiled step's). ``loaded`` says the same either way.
 
+On the CPU the file also carries the C++ libraries Inductor built for the step (its kernels, its
+``cpp_wrapper`` module, the probes of the CPU's vector instructions: ``fxtrain._torch.binaries``),
+which neither torch's precompiled step nor its caches hold: a process with an empty Inductor cache
+finds them there instead of building them again with the C++ compiler (most of such a warm
+start: on torch 2.13 an MLP's warm first step took 2.2 CPU-seconds against 11.2 without them,
+its cold one 17; benchmarks/RESULTS.md). Each is
+taken only where this process's Inductor would build the same file (same source, compiler and
+flags), and never over a file already in the cache.
+
 Because the loaded step does not trace your code again, it cannot see that the code changed.
 The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
 shapes and dtypes of the state and the batch, and a digest of the bytecode of the step's
@@ -52,7 +61,7 @@ import torch
 
 from . import _precompiled_file as stored
 from .. import donation
-from .._torch import aot, caches
+from .._torch import aot, binaries, caches
 from ._unguarded import Unguarded, _signature
 from ._spec import StepSpec, step_spec
 from ..tree import first_leaf
@@ -161,11 +170,13 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
     found = stored.read(path)
     if found is None or found[0] != key.encode():
         return None
+    _, body, libraries = found
     try:
+        binaries.put(libraries)  # before torch looks for them
         if json.loads(key).get("route") == "caches":
-            caches.load(found[1])
+            caches.load(body)
             return True
-        return aot.load(found[1], getattr(train_step, "__globals__", None),  # the step's module
+        return aot.load(body, getattr(train_step, "__globals__", None),  # the step's module
                         _closure(train_step))
     except Exception as e:  # a whole file torch cannot load here
         raise stored.Unusable(path, f"cannot be loaded by torch ({type(e).__name__}: {e})",
@@ -187,7 +198,8 @@ class Precompiled:
         self._made: Any = None  # torch's AOTCompiledFunction, once made or loaded
         self._fallback: Callable | None = None
         self._accepted: tuple | None = None  # the signature of a batch the made step took
-        self._caches_key: str | None = None  # the caches route: saved after the first call
+        self._caches_key: tuple | None = None  # the caches route: the key and binaries.mark()
+        # from before the first call (saved after it, with the libraries built since)
         self._skipping: Unguarded | None = None  # the caches route's call past Dynamo's guards
 
     def __call__(self, state: Any, batch: Any) -> tuple:
@@ -207,10 +219,10 @@ class Precompiled:
             self._fallback = torch.compile(self.train_step, fullgraph=True)
         out = self._fallback(state, batch, **self.kwargs)
         if self._caches_key is not None:  # compiled now: its caches into the file
-            key, self._caches_key = self._caches_key, None
+            (key, since), self._caches_key = self._caches_key, None
             body = caches.save()
             if body is not None:
-                self._save(stored.pack(key, body))
+                self._save(stored.pack(key, body, binaries.made_since(since)))
         return out
 
     def unguarded(self, state: Any, batch: Any) -> tuple:
@@ -235,11 +247,12 @@ class Precompiled:
         made, replace = self._read_or_warn(key, stacklevel=3)  # the step's caller
         loaded = made is not None
         if not loaded:
+            since = binaries.mark()
             made, body = self._make(state, batch, options)
             if made is None:
                 return None, False
             if replace:
-                self._save(stored.pack(key, body))
+                self._save(stored.pack(key, body, binaries.made_since(since)))
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
         return made, loaded
 
@@ -260,7 +273,7 @@ class Precompiled:
         self._fallback = torch.compile(self.train_step, fullgraph=True, options=options)
         loaded, replace = self._read_or_warn(key, stacklevel=4)
         if loaded is None and replace:
-            self._caches_key = key
+            self._caches_key = key, binaries.mark()
         return loaded is not None
 
     def _make(self, state: Any, batch: Any, options: dict) -> tuple[Any, bytes | None]:

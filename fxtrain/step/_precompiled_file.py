@@ -1,8 +1,10 @@
 """The file ``fx.precompiled`` keeps a compiled step in: verified whole before any of it is used.
 
-A file is a header line (``fxtrain-precompiled-2``, the SHA-256 checksum and the length of the
-rest), then the key's line (what the step was made from: ``fxtrain.step._precompile.fingerprint``) and
-the body (torch's serialized step). It is written beside its path, flushed to disk and renamed
+A file is a header line (``fxtrain-precompiled-3``, the SHA-256 checksum and the length of the
+rest), then the key's line (what the step was made from: ``fxtrain.step._precompile.fingerprint``),
+the libraries' line (the names and lengths of the C++ libraries Inductor built for the step:
+``fxtrain._torch.binaries``), their bytes, and the body (torch's serialized step or caches). It
+is written beside its path, flushed to disk and renamed
 over it, so a reader never sees half a file. A file that gives no step raises ``Unusable``, whose
 text is the warning ``fx.precompiled`` gives, naming the file and the cause.
 """
@@ -10,13 +12,15 @@ text is the warning ``fx.precompiled`` gives, naming the file and the cause.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 
 from .._files import write_whole
 
 MAGIC = b"fxtrain-precompiled-"  # a file begins so, then the number of its format
-FORMAT = 2  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body
+FORMAT = 3  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body;
+# 2 (before issue 62): format 3 without the libraries
 HEADER = re.compile(re.escape(MAGIC) + b"%d" % FORMAT
                     + rb" sha256=([0-9a-f]{64}) bytes=([0-9]{1,15})\n")
 
@@ -33,17 +37,20 @@ class Unusable(Exception):
         self.replace = replace
 
 
-def pack(key: str, body: bytes) -> bytes:
+def pack(key: str, body: bytes, libraries: dict[str, bytes] | None = None) -> bytes:
     """A file's bytes: a header line (the format, the payload's SHA-256 and length), then the
-    payload: the key's line and the body (``aot.serialize``'s)."""
-    payload = key.encode() + b"\n" + body
+    payload: the key's line, the libraries' line (``[[name, length], ...]``), their bytes, and
+    the body (``aot.serialize``'s or ``caches.save``'s)."""
+    libraries = libraries or {}
+    index = json.dumps([[name, len(data)] for name, data in libraries.items()])
+    payload = b"".join([key.encode(), b"\n", index.encode(), b"\n", *libraries.values(), body])
     digest = hashlib.sha256(payload).hexdigest()
     return b"%s%d sha256=%s bytes=%d\n" % (MAGIC, FORMAT, digest.encode(), len(payload)) + payload
 
 
-def unpack(path: Path, data: bytes) -> tuple[bytes, bytes]:
-    """The key and the body of the bytes ``data`` read from ``path``, verified whole (length and
-    checksum) before any of it is used; else raises ``Unusable`` saying why."""
+def unpack(path: Path, data: bytes) -> tuple[bytes, bytes, dict[str, bytes]]:
+    """The key, the body and the libraries of the bytes ``data`` read from ``path``, verified
+    whole (length and checksum) before any of it is used; else raises ``Unusable`` saying why."""
     if not data.startswith(MAGIC):
         raise Unusable(path, "is empty" if not data else "is not a file fxtrain.precompiled "
                        "wrote", replace=not data)
@@ -62,12 +69,21 @@ def unpack(path: Path, data: bytes) -> tuple[bytes, bytes]:
     if hashlib.sha256(payload).hexdigest().encode() != header[1]:
         raise Unusable(path, "is damaged (its contents do not match its SHA-256 checksum)",
                        replace=True)
-    key, _, body = payload.partition(b"\n")
-    return key, body
+    key, _, rest = payload.partition(b"\n")
+    index, _, rest = rest.partition(b"\n")
+    try:
+        entries = [(str(name), int(length)) for name, length in json.loads(index)]
+    except (ValueError, TypeError) as e:
+        raise Unusable(path, "is damaged (its libraries' line is unreadable)", replace=True) from e
+    libraries, at = {}, 0
+    for name, length in entries:
+        libraries[name], at = rest[at:at + length], at + length
+    return key, rest[at:], libraries
 
 
-def read(path: Path) -> tuple[bytes, bytes] | None:
-    """The key and the body of the file at ``path``, verified whole; None when there is none;
+def read(path: Path) -> tuple[bytes, bytes, dict[str, bytes]] | None:
+    """The key, the body and the libraries of the file at ``path``, verified whole; None when
+    there is none;
     raises ``Unusable`` for a file that cannot give them (damaged, not fxtrain's, unreadable, a
     folder)."""
     try:

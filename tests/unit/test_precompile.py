@@ -289,6 +289,79 @@ def test_where_torch_has_no_precompile_the_file_keeps_its_compile_caches(tmp_pat
     assert fx.tree_digest(got) == fx.tree_digest(want)
 
 
+def so_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.glob("*/*.so")}
+
+
+@pytest.mark.parametrize("route", [pytest.param("aot", marks=SAVES), "caches"])
+def test_a_cold_inductor_cache_finds_the_libraries_in_the_file_and_builds_none(route, tmp_path,
+                                                                              monkeypatch):
+    """On the CPU the file carries the C++ libraries Inductor built for the step (issue 62:
+    neither torch's precompiled step nor its caches hold them, so a cold cache built them
+    again); a step loaded into an empty Inductor cache finds them there, builds none, and
+    trains the same bits. Both routes (the caches one forced here on any torch)."""
+    from torch._inductor.utils import fresh_cache
+
+    from fxtrain._torch import binaries
+
+    if route == "caches":
+        monkeypatch.setattr(aot, "AVAILABLE", False)
+    state, batch = setup()
+    path = tmp_path / "step.bin"
+    with fresh_cache():
+        step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+        made = steps(step, state, batch)[0]
+        built = so_files(binaries.folder())
+    key, _, libraries = stored.read(path)
+    assert json.loads(key).get("route", "aot") == route  # before 2.13: caches alone
+    assert built and set(libraries) == built  # every one it built, and no other
+    torch._dynamo.reset()
+    with fresh_cache():
+        again = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
+        warm = steps(again, state, batch)[0]
+        cache = binaries.folder()
+        assert again.loaded is True and so_files(cache) == built
+        assert all((cache / name).read_bytes() == data for name, data in libraries.items())
+    assert fx.tree_digest(made) == fx.tree_digest(warm)
+
+
+def test_a_library_is_put_only_under_its_name_in_the_cache_and_never_over_a_file(tmp_path,
+                                                                                monkeypatch):
+    """fxtrain._torch.binaries.put: a name outside the cache folder's layout is refused before
+    anything is written; a file already there is kept as it is."""
+    from fxtrain._torch import binaries
+
+    monkeypatch.setattr(binaries, "folder", lambda: tmp_path / "cache")
+    (tmp_path / "cache" / "ab").mkdir(parents=True)
+    (tmp_path / "cache" / "ab" / "kept.so").write_bytes(b"built here")
+    for bad in ("../ab/x.so", "/tmp/x.so", "ab/x.py", "ab/../../x.so", "x.so"):
+        with pytest.raises(ValueError, match="not a name of Inductor's libraries"):
+            binaries.put({bad: b"elsewhere"})
+    binaries.put({"ab/kept.so": b"carried", "cd/new.so": b"carried"})
+    assert (tmp_path / "cache" / "ab" / "kept.so").read_bytes() == b"built here"
+    assert (tmp_path / "cache" / "cd" / "new.so").read_bytes() == b"carried"
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["kept.so", "new.so"]
+
+
+def test_a_file_naming_a_library_outside_the_cache_is_named_and_loads_nothing(saved, tmp_path,
+                                                                             monkeypatch):
+    """A whole file (its checksum holds) whose libraries' line names a path outside Inductor's
+    cache folder: refused, naming the file, before torch's loader sees it."""
+    def never(*args, **kwargs):
+        raise AssertionError("reached torch's loader")
+
+    monkeypatch.setattr(aot, "load", never)
+    monkeypatch.setattr(precompile.caches, "load", never)
+    key, body, _ = stored.unpack(tmp_path, saved.data)
+    path = tmp_path / "step.bin"
+    path.write_bytes(stored.pack(key.decode(), body, {"../../escaped.so": b"x"}))
+    with pytest.raises(stored.Unusable, match="not a name of Inductor's libraries"):
+        precompile._read(path, saved.key, fx.make_train_step(loss_fn))
+    from fxtrain._torch import binaries
+
+    assert not (binaries.folder() / "../../escaped.so").exists()
+
+
 # Damaged files (issue 46): a file that gives no step is named in a warning with the cause, the
 # step is compiled again and trains; the file is replaced only where fxtrain can tell it wrote it.
 
@@ -347,7 +420,10 @@ DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, w
     "garbage": (lambda d: garbage(4096), "is not a file fxtrain.precompiled wrote", KEPT),
     "previous_format": (lambda d: PREVIOUS_FORMAT + d[lines(d, 1):],
                         r"was written in fxtrain.precompiled's file format 1 \(this fxtrain "
-                        r"reads format 2\)", REPLACED),
+                        r"reads format 3\)", REPLACED),
+    "format_2": (lambda d: d.replace(b"fxtrain-precompiled-3 ", b"fxtrain-precompiled-2 ", 1),
+                 r"was written in fxtrain.precompiled's file format 2 \(this fxtrain "
+                 r"reads format 3\)", REPLACED),
     "folder": (None, "is a folder, not a file", KEPT),
     "unreadable": (None, r"cannot be read \(PermissionError: Permission denied\)", KEPT),
 }
