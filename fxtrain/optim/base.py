@@ -84,6 +84,8 @@ _WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
 _WRITES_PARAMS: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "fxtrain_optim_writes_params", default=None)
 _OWN: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_optim_own", default=None)
+_CHAIN_PARTS: contextvars.ContextVar[Any] = contextvars.ContextVar(
+    "fxtrain_optim_chain_parts", default=None)
 
 
 @contextlib.contextmanager
@@ -115,10 +117,12 @@ def writing_into_state(opt_state: OptState, params: Params | None = None) -> Ite
 def writable(state: OptState) -> bool:
     """Whether a transform may write its new ``state`` over the one it was given, in place
     (uncompiled, inside ``writing_into_state``, when ``state`` is one of the states the
-    optimizer's own chain gives its transforms): as ``torch.optim`` updates Adam's moments,
-    so that the new ones never sit beside the old ones."""
-    given = None if torch.compiler.is_compiling() else _WRITES_INTO.get()
-    return isinstance(given, tuple) and any(state is s for s in given)
+    optimizer's own chain gives its transforms, and not a part of one: a wrapper such as
+    ``apply_if_finite`` or ``multi_steps`` may still choose its inner transform's old state):
+    as ``torch.optim`` updates Adam's moments, so that the new ones never sit beside the old
+    ones."""
+    parts = None if torch.compiler.is_compiling() else _CHAIN_PARTS.get()
+    return parts is not None and any(state is s for s in parts)
 
 
 def own(tree: Any) -> Any:
@@ -207,17 +211,35 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")
         writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is state
-        new_state = []
-        for t, old in zip(transforms, state):
-            updates, s = update_weighted(t, updates, old, params, weight)
-            new_state.append(written_into(old, s) if writes else s)
-        return updates, tuple(new_state)
+        if not writes:
+            new_state = []
+            for t, old in zip(transforms, state):
+                updates, s = update_weighted(t, updates, old, params, weight)
+                new_state.append(s)
+            return updates, tuple(new_state)
+        return _writing_over(transforms, updates, state, params, weight)
 
     weighted = any(isinstance(t, WeightedTransformation) for t in transforms)
     elementwise = all(isinstance(t, ElementwiseTransformation) for t in transforms)
     kind = WeightedTransformation if weighted else (
         ElementwiseTransformation if elementwise else GradientTransformation)
     return kind(init, update)
+
+
+def _writing_over(transforms: tuple, updates: Updates, state: tuple, params: Params,
+                  weight: Any) -> tuple[Updates, tuple]:
+    """A chain's update that writes each transform's new state into ``state`` (its caller's,
+    given up: ``writing_into_state``); its transforms may write over the states it hands them
+    (``writable``), and a part of one, which a wrapper may still choose, is not among those."""
+    new_state = []
+    token = _CHAIN_PARTS.set(state)
+    try:
+        for t, old in zip(transforms, state):
+            updates, s = update_weighted(t, updates, old, params, weight)
+            new_state.append(written_into(old, s))
+    finally:
+        _CHAIN_PARTS.reset(token)
+    return updates, tuple(new_state)
 
 
 def apply_updates(params: Params, updates: Updates) -> Params:

@@ -83,8 +83,11 @@ def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -
     params = {n: _stand_in(index.get(rel.get(n), -1), torch.empty((), dtype=d)) for n, d in shapes}
     grads = {n: p * 0.5 - 1.0 for n, p in params.items()}
     with torch.no_grad():
-        _, state = tx.update(grads, tx.init(params), params)  # a second update: moments set
-        got, _ = tx.update(grads, state, params)
+        try:  # stand-ins the update cannot take (a hyperparameter on another device): no region
+            _, state = tx.update(grads, tx.init(params), params)  # a second update: moments set
+            got, _ = tx.update(grads, state, params)
+        except Exception:  # noqa: BLE001
+            return False
         first = None
         for r, names in blocks:
             mine = {rel[n]: got[n] for n in names}
@@ -92,7 +95,7 @@ def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -
                 inside = _update(tx, {rel[n]: grads[n] for n in names},
                                  _renamed(state, frozenset(params), {rel[n]: n for n in names}),
                                  {rel[n]: params[n] for n in names})[0]
-            except (ValueError, TypeError, KeyError):
+            except Exception:  # noqa: BLE001
                 return False
             want = optim.apply_updates({k: params[r + "." + k] for k in mine}, mine)
             first = first or mine

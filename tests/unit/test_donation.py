@@ -167,3 +167,27 @@ def test_an_eager_donated_adamw_step_updates_the_moments_in_place_as_torch_optim
     for a, b in zip(pytree.tree_leaves((donated.params, donated.opt_state)),
                     pytree.tree_leaves((kept.params, kept.opt_state))):
         assert a is None and b is None or torch.equal(a, b)
+
+
+@pytest.mark.parametrize("wrap", ["apply_if_finite", "multi_steps"])
+def test_a_wrapper_keeps_its_inner_transforms_old_state_in_a_donated_eager_step(wrap):
+    """Review of issue 61's in-place updates: a wrapper around a bare transform
+    (``apply_if_finite(scale_by_adam())``, ``multi_steps(scale_by_adam(), 2)``) chooses between
+    its inner transform's new state and its old one, so that inner state is not written over
+    in place: a donated eager run (a non-finite gradient skipped, micro-batches accumulated)
+    ends with a non-donating run's bits. Both took the moments in place before the fix."""
+    tx = {"apply_if_finite": lambda: fx.optim.apply_if_finite(fx.optim.scale_by_adam(), 5),
+          "multi_steps": lambda: fx.optim.multi_steps(fx.optim.scale_by_adam(), 2)}[wrap]()
+    model = torch.nn.Linear(4, 2)
+    step = fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean())
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(3, 4, generator=g) for _ in range(4)]
+    if wrap == "apply_if_finite":
+        batches[1][0, 0] = float("nan")  # a non-finite gradient in the second step
+    donated, kept = fx.TrainState.create(model, tx), fx.TrainState.create(model, tx)
+    for batch in batches:
+        donated, _ = step(donated, batch, donate=True)
+        kept, _ = step(kept, batch)
+    for a, b in zip(pytree.tree_leaves((donated.params, donated.opt_state)),
+                    pytree.tree_leaves((kept.params, kept.opt_state))):
+        assert a is None and b is None or torch.equal(a, b)
