@@ -99,10 +99,15 @@ def test_a_killed_first_attempt_is_taken_over_and_resumed_from_step_0_with_its_c
 def test_the_first_name_used_registers_every_pytree_type_before_anything_compiles():
     """A compiled step guards on the size of torch's pytree registry: a module of fxtrain's
     imported after the first compile would recompile it. The first use of any public name loads
-    them all (``import fxtrain`` alone loads nothing)."""
+    them all (``import fxtrain`` alone loads nothing). Torchao registers pytree nodes of its
+    own when it is imported, which fxtrain does only where a float8 policy converts a model
+    (before that model's step compiles; ``fxtrain._torch.float8`` subclasses its layer): the
+    probe imports it first, so that what it counts is fxtrain's."""
     probe = textwrap.dedent("""
-        import importlib, pkgutil, sys
+        import importlib, importlib.util, pkgutil, sys
         import torch, fxtrain as fx
+        if importlib.util.find_spec("torchao") is not None:
+            import torchao.float8  # its own pytree nodes, not fxtrain's
         assert "fxtrain.state" not in sys.modules
         fx.TrainState
         import fxtrain.apps.demo  # an application: fxtrain demo imports it before it compiles
