@@ -18,7 +18,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..distributed import is_dtensor, is_sharded
-from .base import _WRITES_INTO, ElementwiseTransformation, GradientTransformation, \
+from .base import _WRITES_INTO, ElementwiseTransformation, GradientTransformation, _local, \
     writing_into_state
 
 
@@ -36,10 +36,6 @@ def _laid_out_alike(grads: Any, params: Any) -> bool:
         if is_dtensor(p) != is_dtensor(g) or (is_dtensor(p) and not _same_layout(p, g)):
             return False
     return True
-
-
-def _local(x: Any) -> Any:
-    return x.to_local() if is_dtensor(x) else x
 
 
 def _wrapped(new: Any, like: Any, local: Any) -> Any:
