@@ -73,7 +73,7 @@ def on_shards(tx: GradientTransformation, grads: Any, opt_state: Any,
             updates, new_state = tx.update({k: _local(g) for k, g in grads.items()},
                                            local_state, {k: _local(p) for k, p in params.items()})
         new_leaves, new_spec = pytree.tree_flatten(new_state)
-        if len(new_leaves) != len(old_leaves):
+        if new_spec != spec:  # each new leaf is rewrapped with the layout of the old one there
             raise RuntimeError(
                 f"an ElementwiseTransformation's state changed its structure in an update "
                 f"(from {spec} to {new_spec}); make the transformation a plain "

@@ -50,3 +50,22 @@ def test_an_eager_update_of_a_sharded_state_on_its_local_shards_keeps_the_bits(o
     for a, b in zip(_whole((sharded.params, sharded.opt_state)),
                     _whole((plain.params, plain.opt_state))):
         assert a is None and b is None or torch.equal(a, b)
+
+
+def test_an_elementwise_transformation_whose_state_changes_structure_is_refused(one_rank):
+    """Each new leaf of the state is rewrapped with the layout of the old leaf at its place, so
+    a state that came back in another structure (its leaves as many, their keys other) would be
+    rewrapped wrongly: refused, naming the two structures."""
+    def init(params):
+        return {"a": {k: torch.zeros_like(p) for k, p in params.items()}}
+
+    def update(grads, state, params=None):
+        return grads, {"b": state["a"]}
+
+    tx = fx.optim.ElementwiseTransformation(init, update)
+    model = torch.nn.Linear(4, 2)
+    sharded = fx.shard(fx.TrainState.create(model, tx))
+    grads = {k: torch.ones_like(p) for k, p in sharded.params.items()}
+    with pytest.raises(RuntimeError, match="(?s)changed its structure.*make the transformation a "
+                                           "plain GradientTransformation"):
+        on_shards(tx, grads, sharded.opt_state, sharded.params)
