@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .. import distributed, random
+from .. import distributed, donation, random
 from . import _autodiff, _region_update
 from ._args import StepArgs
 from ._io import BatchGuard, check_batch_device, check_no_checkpointing, split_loss
@@ -243,9 +243,14 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
         # compiled, the graph writes the donated state in place by itself
         writes = not torch.compiler.is_compiling() and donating and scaler is None and \
             len(args.callbacks) == 0
-        with writing_into_state(state.opt_state, state.params) if writes else \
-                contextlib.nullcontext():
-            new, metrics = applied(args, state, plan, out, weight)
+        try:
+            with writing_into_state(state.opt_state, state.params) if writes else \
+                    contextlib.nullcontext():
+                new, metrics = applied(args, state, plan, out, weight)
+        except BaseException:
+            if writes:  # part of the next step's values may be in its storage: given up now
+                donation.mark(state)
+            raise
         if scaler is not None:
             new = loss_scaled(state, new, metrics, scaler, out.finite)
         if args.callbacks:

@@ -191,3 +191,23 @@ def test_a_wrapper_keeps_its_inner_transforms_old_state_in_a_donated_eager_step(
     for a, b in zip(pytree.tree_leaves((donated.params, donated.opt_state)),
                     pytree.tree_leaves((kept.params, kept.opt_state))):
         assert a is None and b is None or torch.equal(a, b)
+
+
+def test_a_donated_eager_step_that_fails_after_writing_gives_its_state_up():
+    """An eager donated step writes Adam's moments and the parameters into the state as it
+    goes; an error after the first write leaves that state half-updated, so it is given up
+    (every use raises DonatedError) rather than left readable with the next step's values."""
+    def failing(grads, state, params=None):
+        raise ValueError("a transform failed after Adam wrote its moments")
+
+    tx = fx.optim.chain(fx.optim.scale_by_adam(), fx.optim.GradientTransformation(
+        lambda params: (), failing))
+    state = fx.TrainState.create(mlp(), tx, seed=0)
+    with pytest.raises(ValueError, match="after Adam wrote its moments"):
+        fx.make_train_step(xent, donate=True)(state, classification_batch())
+    with pytest.raises(DonatedError, match=DONATED):
+        state.opt_state[0]
+    kept = fx.TrainState.create(mlp(), tx, seed=0)  # not donated: nothing written, all readable
+    with pytest.raises(ValueError, match="after Adam wrote its moments"):
+        fx.make_train_step(xent, donate=False)(kept, classification_batch())
+    assert int(kept.opt_state[0].count) == 0 and fx.tree_digest(kept)
