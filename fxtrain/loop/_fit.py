@@ -41,6 +41,7 @@ from ..callbacks.progress import with_default_progress
 from ._run import Progress, RunPlan, check_fit_args
 from ..step._call import step_call, undo
 from ..metrics._means import Means
+from ._interrupts import after_the_step
 from ._preemption import Preempted, on_sigterm
 from ..step._spec import step_spec
 
@@ -95,8 +96,10 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
     in ``fxtrain.step._k_steps``.
 
     Returns:
-      The state after the last step and train_end. Ctrl-C saves, delivers train_end and raises
-      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``. SIGTERM (a
+      The state after the last step and train_end. Ctrl-C (held until the step it lands in
+      ends: ``fxtrain.loop._interrupts``) saves, delivers train_end and raises
+      ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``; a second Ctrl-C
+      inside that step stops at once, and the state that step was given is given up. SIGTERM (a
       scheduler's preemption) stops every rank at the next flag read, saves, delivers train_end
       (reason ``"preempted"``) and raises ``fx.Preempted`` (a SystemExit with code 143; see
       ``fxtrain.loop._preemption``). An error delivers the exception event and train_end, then is
@@ -138,6 +141,15 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                 reason = (plan.limit(run.step, run.epoch) or _call(plan, run)
                           or _boundary(plan, run))
         except KeyboardInterrupt as e:
+            if run.in_step and plan.donates:  # a second Ctrl-C, inside a step (_interrupts):
+                warnings.warn(  # no whole state to save, hand back or end callbacks with
+                    f"fit: stopped inside the step after step {run.step}, which may have "
+                    f"written part of its values into the state it was given: that state is "
+                    f"given up, not saved, and train_end is not sent", stacklevel=2)
+                if state.step is run.state.step:  # the first step: the caller's state too
+                    donation.mark(state)
+                donation.mark(run.state)
+                raise Interrupted(run.state) from e
             _save(plan, run)
             _emit(plan, run, "train_end", {"reason": "interrupted"})
             _resuming.wait(checkpoint)
@@ -253,8 +265,9 @@ def _call(plan: RunPlan, progress: Progress) -> str | None:
         _emit(plan, progress, "step_begin", callbacks=plan.before_step)
     before = progress.state
     progress.in_step = True
-    progress.state, metrics = plan.run_step(progress.state, batch, position)
-    progress.in_step = False
+    with after_the_step():  # Ctrl-C: when the state is whole again
+        progress.state, metrics = plan.run_step(progress.state, batch, position)
+        progress.in_step = False
     progress.step += plan.k
     if not plan.limit(progress.step, progress.epoch + progress.epoch_done):
         progress.feed.prefetch(position)  # the next call's batches, while this one runs

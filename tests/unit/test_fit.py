@@ -318,3 +318,54 @@ def test_batches_go_to_the_states_device_and_a_step_names_both_devices(monkeypat
         step(fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1)), batch)
     same = (X[:4], Y[:4])
     assert fx.to_device(same, "cpu") is same  # nothing to move: the same value
+
+
+def _interrupting(at, times):
+    """Last in an optimizer's chain: sends this process SIGINT ``times`` times in the update
+    that makes step ``at``, after Adam wrote its moments into the donated state."""
+    def update(grads, count, params=None):
+        if int(count) == at - 1:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        return grads, count + 1
+    return fx.optim.GradientTransformation(lambda params: torch.zeros((), dtype=torch.int64),
+                                           update)
+
+
+@pytest.fixture
+def ctrl_c():
+    """Python's own SIGINT handler (KeyboardInterrupt) for the test, whatever runs the suite."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "twice"])
+def test_ctrl_c_inside_a_donating_step_never_saves_a_half_written_state(tmp_path, ctrl_c, times):
+    """fit donates each state to its step, which writes Adam's moments and then the parameters
+    into it. A Ctrl-C there is held until the step ends: fit saves that step and hands it back,
+    as an uninterrupted run of as many steps has it. A second Ctrl-C stops at once: nothing is
+    saved and the state the step was given is given up, so the checkpoints before stay whole."""
+    data = fx.data.Batches((X, Y), 16, seed=0)
+    tx = lambda at: fx.optim.chain(fx.optim.adamw(1e-2), _interrupting(at, times))  # noqa: E731
+    manager = fx.checkpoint.CheckpointManager(tmp_path / "ckpt", keep_latest=10,
+                                              async_save=False)
+    state, step = setup(dropout=0.0, tx=tx(5))
+    with pytest.raises(fx.Interrupted) as raised:
+        if times == 2:
+            with pytest.warns(UserWarning, match="stopped inside the step after step 4.*given up"):
+                fx.fit(state, step, data, max_steps=10, checkpoint=manager,
+                       callbacks=[fx.callbacks.checkpoint_policy(every=2)])
+        else:
+            fx.fit(state, step, data, max_steps=10, checkpoint=manager,
+                   callbacks=[fx.callbacks.checkpoint_policy(every=2)])
+    saved = 5 if times == 1 else 4
+    assert manager.latest_step() == saved
+    reference, step = setup(dropout=0.0, tx=tx(0))  # the same chain, never interrupting
+    reference = fx.fit(reference, step, data, max_steps=saved)
+    assert fx.tree_digest(manager.restore(like=reference)) == fx.tree_digest(reference)
+    if times == 1:
+        assert fx.tree_digest(raised.value.state) == fx.tree_digest(reference)
+    else:
+        with pytest.raises(fx.DonatedError, match="donated to a train step"):
+            fx.tree_digest(raised.value.state)
