@@ -58,6 +58,13 @@ def all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
     return _funcol().all_reduce(tensor, op, group)
 
 
+def reduce_scattered(tensor: torch.Tensor, group_size: int, group: str) -> torch.Tensor:
+    """This rank's part (dim 0) of ``tensor`` summed over the ``group_size`` ranks of the
+    process group named ``group``, waited for."""
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.reduce_scatter_tensor(tensor, "sum", group_size, group))
+
+
 def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (a collective's output) once its collective has finished."""
     return _funcol().wait_tensor(tensor)
