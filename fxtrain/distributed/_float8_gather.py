@@ -17,6 +17,11 @@ through, as torchao's does).
 
 Unlike the unit's other parameters, the gathered float8 weights are kept from the forward for
 the backward (a quarter of their float32 bytes, per unit; FSDP2 gathers them again).
+
+A compiled step's unit gathers the same way through functional collectives (``traced``), in
+the step's one graph, inside the unit's checkpointed region: the region keeps each float8 shard
+and recomputes its all-gather for the backward. The gradient's way back is a Function apart
+(``fxtrain._torch.float8.ScatteredBack``, in the graph as a call) whose output holds no data.
 """
 
 from __future__ import annotations
