@@ -258,14 +258,12 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
     bytes."""
     del ctx, args
     from torch.utils.checkpoint import CheckpointPolicy
-    if op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in _FLOAT8:
+    if collectives.casts_to_float8(op, kwargs):
         return CheckpointPolicy.PREFER_SAVE
     if op in _gather_ops() or op.is_view:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE
 
-
-_FLOAT8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _contexts():
