@@ -265,7 +265,6 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
     return CheckpointPolicy.PREFER_SAVE
 
 
-
 def _contexts():
     from torch.utils.checkpoint import create_selective_checkpoint_contexts
     return create_selective_checkpoint_contexts(_recompute_gathers)
