@@ -272,21 +272,86 @@ def float8_gather(out, steps=6):
                        callbacks=[record], progress=False)
         result[name] = {"losses": losses, "collectives": collectives,
                         "params": fx.sharding.gathered(state.params)}
+    result["compiled"] = float8_gather_compiled(out, steps)
     fp8 = fx.precision.float8(emulate=True, enable_fsdp_float8_all_gather=True)
     state = fx.shard(fx.TrainState.create(fp8.convert(Float8Blocks()), fx.optim.sgd(0.1)),
                      units="auto")
-    try:  # a compiled step: refused by name, while it is traced
-        fx.fit(state, torch.compile(fx.make_train_step(loss_fn, precision=fp8),
-                                    fullgraph=True, backend="aot_eager"),
-               fx.data.Batches((X, Y), 16, seed=1), max_steps=1, progress=False)
+
+    def remat_loss(state, params, batch):
+        return _scored(fx.remat(lambda h: state.apply(params, h), batch[0]), batch[1])
+
+    try:  # an eager step whose units run inside an activation-checkpointed region
+        fx.make_train_step(remat_loss, precision=fp8, autodiff="autograd")(state, batch)
     except ValueError as e:
-        result["compiled"] = str(e)
+        result["region"] = str(e)
     try:
         fx.shard(fx.TrainState.create(fp8.convert(Float8Blocks()), fx.optim.sgd(0.1)),
                  units="whole")
     except ValueError as e:
         result["whole"] = str(e)
     torch.save(result, f"{out}/rank{fx.distributed.rank()}.pt")
+
+
+def float8_gather_compiled(out, steps):
+    """``float8_gather``'s runs compiled (the traced backend: the promise is the graph's), with
+    and without the option: the losses, the final parameters, the Dynamo graphs made (one per
+    run: no recompile, the restore's included), the collectives of the AOT graphs (forward and
+    backward); with the option, a second run restored from a save after half the steps."""
+    from torch._dynamo.backends.debugging import boxed_nop
+    result = {}
+    for name, option in (("float32 gather", False), ("float8 gather", True)):
+        graphs, aot = [], []
+
+        def noted(gm, inputs):
+            aot.append(gm)
+            return boxed_nop(gm, inputs)
+
+        def backend(gm, inputs):
+            graphs.append(gm)
+            return torch._dynamo.lookup_backend("aot_eager")(gm, inputs, fw_compiler=noted,
+                                                             bw_compiler=noted)
+
+        fp8 = fx.precision.float8(emulate=True, enable_fsdp_float8_all_gather=option)
+        make = lambda: fx.shard(fx.TrainState.create(  # noqa: E731
+            fp8.convert(Float8Blocks()), fx.optim.adamw(1e-2)), units="auto")
+        step = torch.compile(fx.make_train_step(loss_fn, precision=fp8), fullgraph=True,
+                             backend=backend)
+        data, losses = fx.data.Batches((X, Y), 16, seed=1), []
+        record = fx.callbacks.lambda_callback(
+            on_step_end=lambda s, e: losses.append(float(e.metrics["loss"])))
+        state = fx.fit(make(), step, data, max_steps=steps // 2, callbacks=[record],
+                       progress=False)
+        if option:
+            fx.checkpoint.save(f"{out}/saved", state)
+        state = fx.fit(state, step, data, max_steps=steps, callbacks=[record], progress=False)
+        run = {"losses": losses, "params": fx.sharding.gathered(state.params),
+               "digest": fx.tree_digest(state), "collectives": graph_collectives(aot)}
+        if option:
+            restored = fx.checkpoint.restore(f"{out}/saved", like=make().replace(
+                data=data.init()))
+            restored = fx.fit(restored, step, data, max_steps=steps, progress=False)
+            run["resumed"] = fx.tree_digest(restored)
+        run["graphs"] = len(graphs)
+        result[name] = run
+    return result
+
+
+def graph_collectives(graphs):
+    """The all-gathers (bytes gathered, by dtype), all-reduces and reduce-scatters (dtypes) of
+    AOT graphs, read from their nodes."""
+    c10d = torch.ops._c10d_functional
+    seen = {"gathered": {}, "all_reduce": 0, "reduce_scatter": set()}
+    for gm in graphs:
+        for node in gm.graph.nodes:
+            value = node.meta.get("val")
+            if node.target is c10d.all_gather_into_tensor.default:
+                dtype = str(value.dtype)
+                seen["gathered"][dtype] = seen["gathered"].get(dtype, 0) + value.nbytes
+            elif node.target is c10d.all_reduce.default:
+                seen["all_reduce"] += 1
+            elif node.target is c10d.reduce_scatter_tensor.default:
+                seen["reduce_scatter"].add(str(value.dtype))
+    return seen
 
 
 def sharded_units_refused(out):

@@ -58,6 +58,13 @@ def all_reduce(tensor: torch.Tensor, op: str, group: Any) -> torch.Tensor:
     return _funcol().all_reduce(tensor, op, group)
 
 
+def reduce_scattered(tensor: torch.Tensor, group_size: int, group: str) -> torch.Tensor:
+    """This rank's part (dim 0) of ``tensor`` summed over the ``group_size`` ranks of the
+    process group named ``group``, waited for."""
+    c10d = torch.ops._c10d_functional
+    return c10d.wait_tensor(c10d.reduce_scatter_tensor(tensor, "sum", group_size, group))
+
+
 def wait_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor`` (a collective's output) once its collective has finished."""
     return _funcol().wait_tensor(tensor)
@@ -121,3 +128,11 @@ def gather_ops() -> frozenset:
     return frozenset((c10d.all_gather_into_tensor.default, c10d.wait_tensor.default,
                       c10d._wrap_tensor_autograd.default, aten.constant_pad_nd.default,
                       aten._to_copy.default, torch.ops.fxtrain.all_gather_shard.default))
+
+
+def casts_to_float8(op: Any, kwargs: dict) -> bool:
+    """Whether ``op`` called with ``kwargs`` is a cast to float8 (a float8 weight's shard
+    before its all-gather, ``fxtrain.distributed._float8_gather``: what a unit's checkpointed
+    region keeps, its gather recomputed from it)."""
+    return op is torch.ops.aten._to_copy.default and kwargs.get("dtype") in (
+        torch.float8_e4m3fn, torch.float8_e5m2)

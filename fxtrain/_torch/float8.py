@@ -64,6 +64,64 @@ def from_bits(bits: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, mm_co
                                 gemm_input_role=role, axiswise_dim=axis)
 
 
+class _WithGradient(torch.autograd.Function):
+    """``with_gradient_to``'s Function: the float8 tensor out, its gradient passed through."""
+
+    @staticmethod
+    def forward(like: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor,
+                mm_config: Any) -> torch.Tensor:
+        return from_bits(bits, scale, like.dtype, mm_config)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        del ctx, inputs, output
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None, None, None
+
+
+def with_gradient_to(like: torch.Tensor, bits: torch.Tensor, scale: torch.Tensor,
+                     mm_config: Any) -> torch.Tensor:
+    """torchao's float8 weight of ``bits`` and ``scale`` (``from_bits``), standing for
+    ``like``'s dtype, whose gradient (in that dtype) goes to ``like`` (as torchao's cast
+    passes it to the tensor it casts)."""
+    return _WithGradient.apply(like, bits, scale, mm_config)
+
+
+@torch._dynamo.allow_in_graph
+class ScatteredBack(torch.autograd.Function):
+    """The way back of a gathered float8 weight's gradient (``with_gradient_to``): a shard in,
+    a tensor of the whole weight's ``rows`` and ``dtype`` out that holds nothing (zeros
+    expanded); the backward reduce-scatters (sums) the whole weight's gradient over the
+    ``group_size`` ranks of the process group named ``group`` in ``reduce_dtype`` (padded to
+    ``padded`` rows, the ranks' equal shards), onto the shard, in its dtype. In the graph as a
+    call (``allow_in_graph``), so that AOTAutograd traces its backward as the step's own, where
+    the forward, loss and backward graph's recomputation pass finds it: traced by Dynamo, its
+    collectives were not marked as the backward's ("2 disjoint backward regions")."""
+
+    @staticmethod
+    def forward(shard: torch.Tensor, rows: int, padded: int, group_size: int, group: str,
+                dtype: torch.dtype, reduce_dtype: torch.dtype) -> torch.Tensor:
+        del padded, group_size, group, reduce_dtype  # the backward's
+        return shard.new_zeros((), dtype=dtype).expand(rows, *shard.shape[1:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Any) -> None:
+        shard, ctx.rows, ctx.padded, ctx.group_size, ctx.group, _, ctx.reduce_dtype = inputs
+        ctx.held, ctx.shard_dtype = shard.shape[0], shard.dtype
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        from .collectives import reduce_scattered
+        grad = grad.to(ctx.reduce_dtype)
+        if ctx.padded > ctx.rows:
+            grad = torch.nn.functional.pad(grad, (*([0, 0] * (grad.ndim - 1)), 0,
+                                                  ctx.padded - ctx.rows))
+        mine = reduce_scattered(grad.contiguous(), ctx.group_size, ctx.group)
+        return mine[:ctx.held].to(ctx.shard_dtype), None, None, None, None, None, None
+
+
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a @ b`` for an ``a`` of any leading dimensions, through a 2-D ``torch.mm``."""
     out = torch.mm(a.reshape(-1, a.shape[-1]), b)
@@ -139,15 +197,14 @@ def float8_gathered(module: torch.nn.Module) -> frozenset[str]:
                      if isinstance(m, Float8Linear) and m.config.enable_fsdp_float8_all_gather)
 
 
-def weight_scale(amax: torch.Tensor, layer: Float8Linear) -> torch.Tensor:
-    """The scale of a weight whose absolute maximum is ``amax``, as ``layer`` casts its
-    weight (torchao's ``amax_to_scale``)."""
-    return amax_to_scale(amax, layer.config.cast_config_weight.target_dtype,
-                         layer.config.round_scales_to_power_of_2)
+def weight_scale(amax: torch.Tensor, config: Any) -> torch.Tensor:
+    """The scale of a weight whose absolute maximum is ``amax``, as a layer of ``config``
+    casts its weight (torchao's ``amax_to_scale``)."""
+    return amax_to_scale(amax, config.cast_config_weight.target_dtype,
+                         config.round_scales_to_power_of_2)
 
 
-def weight_bits(t: torch.Tensor, scale: torch.Tensor, layer: Float8Linear) -> torch.Tensor:
-    """``t`` scaled by ``scale`` and cast to ``layer``'s float8 weight dtype, saturated (the
-    bits of torchao's cast)."""
-    return to_fp8_saturated(t.to(torch.float32) * scale,
-                            layer.config.cast_config_weight.target_dtype)
+def weight_bits(t: torch.Tensor, scale: torch.Tensor, config: Any) -> torch.Tensor:
+    """``t`` scaled by ``scale`` and cast to the float8 weight dtype of ``config``, saturated
+    (the bits of torchao's cast)."""
+    return to_fp8_saturated(t.to(torch.float32) * scale, config.cast_config_weight.target_dtype)

@@ -45,11 +45,12 @@ from ._dtensors import is_dtensor
 from ._layout import Gather
 
 
-FLOAT8_GATHER_EAGER = (
-    "enable_fsdp_float8_all_gather: fx.shard gathers float8 weights in eager steps with per-block "
-    "units only (not yet in a compiled step, nor inside an activation-checkpointed region such "
-    "as fx.remat): run the step uncompiled, or convert the model without the option (its "
-    "units then gather the float32 weights and cast them to float8 after the gather)")
+FLOAT8_GATHER_REGION = (
+    "enable_fsdp_float8_all_gather: fx.shard's units gather float8 weights in eager and compiled "
+    "steps, but not in an eager step inside an activation-checkpointed region (fx.remat, "
+    "torch.utils.checkpoint), whose rerun would not find the gathered weights: compile the step, "
+    "leave the units out of the region, or convert the model without the option (its units then "
+    "gather the float32 weights and cast them to float8 after the gather)")
 
 
 class ShardedUnit:
@@ -252,9 +253,13 @@ def _recompute_gathers(ctx, op, *args, **kwargs):
     out) is recomputed in the backward; everything else is saved, as without the region. So
     are the keyed stream's key derivations, which an eager rerun takes from where the region
     started rather than from a block drawn before it (``fxtrain.random.keyed``): the masks come
-    out the same."""
-    del ctx, args, kwargs
+    out the same. A cast to float8 is saved: a float8 weight's shard, whose all-gather
+    (``fxtrain.distributed._float8_gather``) is then recomputed from a quarter of float32's
+    bytes."""
+    del ctx, args
     from torch.utils.checkpoint import CheckpointPolicy
+    if collectives.casts_to_float8(op, kwargs):
+        return CheckpointPolicy.PREFER_SAVE
     if op in _gather_ops() or op.is_view:
         return CheckpointPolicy.MUST_RECOMPUTE
     return CheckpointPolicy.PREFER_SAVE
@@ -296,11 +301,12 @@ def unit_forward(unit: nn.Module, forward: Any, args: tuple, kwargs: dict) -> An
                                lambda whole: reparametrized(unit, dict(zip(keys, whole))),
                                _float8_weights(unit, bound, how))
         return _cast(out, _first_float((args, kwargs)), only=how.param_dtype)
-    if how.float8:
-        fail(ValueError, FLOAT8_GATHER_EAGER)
+    if how.float8 and not torch.compiler.is_compiling():
+        fail(ValueError, FLOAT8_GATHER_REGION)
 
     def gathered_forward(*flat: Any, **kw: Any) -> Any:
-        whole = {k: gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}
+        whole = {k: _float8_gather.traced(t, _layer(unit, k), how) if k in how.float8 else
+                 gather(t, how, k in how.planned) for k, t in zip(keys, flat[:len(keys)])}
         inputs, kw = _cast((flat[len(keys):], kw), how.param_dtype)
         with reparametrized(unit, whole):
             out = forward(*inputs, **kw)
@@ -323,9 +329,14 @@ def _float8_weights(unit: nn.Module, bound: dict[str, Any], how: Gather
     if not low:
         return {}
     keys, params = list(bound), list(bound.values())
-    layers = [unit.get_submodule(keys[i].rpartition(".")[0]) for i in low]
+    layers = [_layer(unit, keys[i]) for i in low]
     return dict(zip(low, _float8_gather.gathered_weights([params[i] for i in low], layers,
                                                          how)))
+
+
+def _layer(unit: nn.Module, name: str) -> nn.Module:
+    """The layer of ``unit`` whose parameter ``name`` is."""
+    return unit.get_submodule(name.rpartition(".")[0])
 
 
 def outside(params: dict[str, Any], units: tuple[str, ...]) -> list[str]:

@@ -87,8 +87,34 @@ def test_float8_all_gather_moves_float8_bytes_and_trains_as_without(sharding_job
     assert float8["losses"] == plain["losses"] == r1["float8 gather"]["losses"]
     for k, p in plain["params"].items():
         assert torch.equal(float8["params"][k], p), k
-    assert "eager steps with per-block units only" in r0["compiled"]
     assert "in per-block units only, and 'blocks.0.down.weight' is sharded whole" in r0["whole"]
+    assert "not in an eager step inside an activation-checkpointed region" in r0["region"]
+
+
+@pytest.mark.slow
+def test_float8_all_gather_in_a_compiled_step(sharding_jobs):
+    """enable_fsdp_float8_all_gather on fx.shard's units in a compiled step (the traced backend:
+    the promise is the graph's): one graph, restore included; the float8 weights' all-gathers
+    (the forward's, and the backward's recomputed one) move a quarter of float32's bytes; the
+    losses and parameters are those of the compiled float8 run that gathers in float32, exactly
+    (the same tensorwise cast: amax over the ranks, then element by element; the same
+    products; the same reduce-scatters, in float32), and a restore after half the steps ends
+    on the same state, bit for bit."""
+    r0, r1 = results(sharding_jobs / "float8")
+    if r0.get("skipped"):
+        extra("torchao")
+    plain, float8 = r0["compiled"]["float32 gather"], r0["compiled"]["float8 gather"]
+    assert plain["graphs"] == float8["graphs"] == 1
+    weights = 2 * 2 * 32 * 48 * 4  # the blocks' float8 weights, float32 bytes
+    rest = plain["collectives"]["gathered"]["torch.float32"] - 2 * weights  # biases, root
+    assert float8["collectives"]["gathered"] == {"torch.uint8": 2 * weights // 4,
+                                                 "torch.float32": rest}
+    assert float8["collectives"]["all_reduce"] == 4 + plain["collectives"]["all_reduce"]
+    assert float8["collectives"]["reduce_scatter"] == {"torch.float32"}
+    assert float8["losses"] == plain["losses"] == r1["compiled"]["float8 gather"]["losses"]
+    for k, p in plain["params"].items():
+        assert torch.equal(float8["params"][k], p), k
+    assert float8["resumed"] == float8["digest"] == r1["compiled"]["float8 gather"]["resumed"]
 
 
 @pytest.mark.slow
