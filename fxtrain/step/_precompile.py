@@ -61,7 +61,7 @@ import torch
 
 from . import _precompiled_file as stored
 from .. import donation
-from .._torch import aot, binaries, caches
+from .._torch import aot, binaries, caches, vec_isa
 from ._unguarded import Unguarded, _signature
 from ._spec import StepSpec, step_spec
 from ..tree import first_leaf
@@ -242,7 +242,10 @@ class Precompiled:
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
         options = {**compile_options(state), **(self.options or {})}
         if not aot.AVAILABLE:
-            return None, self._load_caches(state, batch, options)
+            loaded = self._load_caches(state, batch, options)
+            if _on_cpu(state):  # the file's probes in the cache, Inductor's choice made now
+                vec_isa.pick()  # with torch 2.13's probe (fxtrain._torch.vec_isa)
+            return None, loaded
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
         made, replace = self._read_or_warn(key, stacklevel=3)  # the step's caller
         loaded = made is not None
@@ -305,9 +308,12 @@ def compile_options(state: Any) -> dict[str, Any]:
     """The Inductor options ``precompiled`` compiles with by default for ``state``: on the CPU,
     ``cpp_wrapper`` (the kernels called from C++, not from Python: 10-20% off a small step's
     time, for seconds more of compiling, paid once since the file keeps it)."""
+    return {"cpp_wrapper": True} if _on_cpu(state) else {}
+
+
+def _on_cpu(state: Any) -> bool:
     params = getattr(state, "params", None)
-    on_cpu = bool(params) and first_leaf(params).device.type == "cpu"
-    return {"cpp_wrapper": True} if on_cpu else {}
+    return bool(params) and first_leaf(params).device.type == "cpu"
 
 
 def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool = False,
