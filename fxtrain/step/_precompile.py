@@ -21,7 +21,11 @@ finds them there instead of building them again with the C++ compiler (most of s
 start: on torch 2.13 an MLP's warm first step took 2.2 CPU-seconds against 11.2 without them,
 its cold one 17; benchmarks/RESULTS.md). Each is
 taken only where this process's Inductor would build the same file (same source, compiler and
-flags), and never over a file already in the cache.
+flags), and never over a file already in the cache. On torch 2.11 and 2.12 Inductor also loads
+each probe of the vector instructions in a fresh Python that imports torch (six on an AVX-512
+machine, most of what was left of a warm start there); the step's process makes that choice with
+torch 2.13's probe instead, which loads the library without importing torch
+(``fxtrain._torch.vec_isa``: the same probes and the same choice).
 
 Because the loaded step does not trace your code again, it cannot see that the code changed.
 The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
