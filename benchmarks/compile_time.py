@@ -30,8 +30,12 @@ same mode (cold or warm).
 
 Needs transformers (fxtrain[hf]) and, for the CPU times, psutil (fxtrain[monitor]).
 
+Where a variant runs cold and warm, a last table sets its warm first step against its cold one
+(``--each-kind``: every kind of ``--kinds`` with ``--variants``, e.g. ``--kinds gpt2 mlp
+--each-kind --variants fxtrain_precompiled --warm fxtrain_precompiled``, issue 62's table).
+
 Run: .venv/bin/python benchmarks/compile_time.py [--rounds 1] [--variants ...] [--out FILE]
-     [--kinds gpt2 mlp] [--smoke]
+     [--kinds gpt2 mlp] [--each-kind] [--smoke]
      (--smoke: the small MLP with dropout instead of GPT-2, fxtrain's variants and the baseline
      only: about a minute)
 """
@@ -331,6 +335,8 @@ def summary(results: dict) -> dict:
                 row["recompiled"] = any(r["recompiled"] for r in ok)
             out[variant][mode] = row
     for variant, modes in out.items():
+        if modes.get("cold") and modes.get("warm"):
+            modes["warm"].update(warm_cold(modes["cold"], modes["warm"]))
         for mode, row in modes.items():
             base = out.get(BASELINE, {}).get(mode, {})
             for key, ratio in (("first_step_s", "vs_baseline"),
@@ -376,6 +382,33 @@ def break_even_table(found: dict) -> str:
             lines.append(f"{kind:6s} {mode:5s} {row['compiled_first_s']:11.1f}s "
                          f"{row['eager_first_s']:8.2f}s {row['compiled_step_s'] * 1e3:10.2f} ms "
                          f"{row['eager_step_s'] * 1e3:7.2f} ms {pays}")
+    return "\n".join(lines)
+
+
+def warm_cold(row_cold: dict, row_warm: dict) -> dict:
+    """A variant's warm first step against its cold one, in wall and in CPU seconds."""
+    out = {}
+    for key, ratio in (("first_step_s", "warm_vs_cold"), ("first_step_cpu_s", "cpu_warm_vs_cold")):
+        if row_cold.get(key) and row_warm.get(key) is not None:
+            out[ratio] = row_warm[key] / row_cold[key]
+    return out
+
+
+def warm_cold_table(summaries: dict) -> str:
+    """``{kind: summary(...)}``: a row per kind and variant measured cold and warm."""
+    lines = [f"{'model':6s} {'variant':31s} {'cold 1st':>8s} {'warm 1st':>8s} {'warm/cold':>9s} "
+             f"{'cold CPU':>8s} {'warm CPU':>8s} {'warm/cold':>9s}"]
+    for kind, summ in summaries.items():
+        for variant, modes in summ.items():
+            cold, warm = modes.get("cold", {}), modes.get("warm", {})
+            if cold.get("first_step_s") is None or warm.get("first_step_s") is None:
+                continue
+            ratios = warm_cold(cold, warm)
+            lines.append(
+                f"{kind:6s} {variant:31s} {cold['first_step_s']:7.1f}s {warm['first_step_s']:7.1f}s "
+                f"{ratios.get('warm_vs_cold', float('nan')):8.2f}x "
+                f"{cold['first_step_cpu_s']:7.1f}s {warm['first_step_cpu_s']:7.1f}s "
+                f"{ratios.get('cpu_warm_vs_cold', float('nan')):8.2f}x")
     return "\n".join(lines)
 
 
@@ -451,7 +484,10 @@ def arguments(argv) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
     parser.add_argument("--kinds", nargs="+", default=["gpt2", "mlp"], choices=["gpt2", "mlp"],
                         help="models: the first with --variants, the others with fxtrain "
-                        "compiled and eager only (the break-even of compiling)")
+                        "compiled and eager only (the break-even of compiling; see --each-kind)")
+    parser.add_argument("--each-kind", action="store_true",
+                        help="every kind of --kinds with --variants and --warm, not only the "
+                        "first (a warm/cold table of fx.precompiled for GPT-2 and the MLP)")
     parser.add_argument("--layers", nargs="+", type=int,
                         help="GPT-2 depths, each measured in turn (the variants side by side in "
                         "one run), and a table of first steps by depth; default: the one model")
@@ -474,13 +510,17 @@ def main(argv=None) -> dict:
         return by_depth(args)
     kind, record = args.kinds[0], {}
     for other in args.kinds:
-        variants, warm = (args.variants, set(args.warm)) if other == kind else \
-            (MLP_VARIANTS, {"fxtrain"})
+        variants, warm = (args.variants, set(args.warm)) if other == kind or args.each_kind \
+            else (MLP_VARIANTS, {"fxtrain"})
         print(f"compile time, {other}, {args.rounds} round(s), {os.cpu_count()} cores, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         results = measure(variants, other, args.rounds, warm)
         record[other] = {"summary": summary(results), "records": results}
         print(table(record[other]["summary"]))
+    if any(modes.get("warm") for k in args.kinds for modes in record[k]["summary"].values()):
+        print("\nwarm against cold, each variant's first step (fresh processes, CPU of the "
+              "process and its compile workers):\n" + warm_cold_table(
+                  {k: record[k]["summary"] for k in args.kinds}))
     found = {k: break_even(record[k]["summary"]) for k in args.kinds}
     print("\nthe break-even of compiling fxtrain's step (a run of at least that many steps is "
           "faster compiled):\n" + break_even_table(found))

@@ -21,7 +21,11 @@ finds them there instead of building them again with the C++ compiler (most of s
 start: on torch 2.13 an MLP's warm first step took 2.2 CPU-seconds against 11.2 without them,
 its cold one 17; benchmarks/RESULTS.md). Each is
 taken only where this process's Inductor would build the same file (same source, compiler and
-flags), and never over a file already in the cache.
+flags), and never over a file already in the cache. On torch 2.11 and 2.12 Inductor also loads
+each probe of the vector instructions in a fresh Python that imports torch (six on an AVX-512
+machine, most of what was left of a warm start there); the step's process makes that choice with
+torch 2.13's probe instead, which loads the library without importing torch
+(``fxtrain._torch.vec_isa``: the same probes and the same choice).
 
 Because the loaded step does not trace your code again, it cannot see that the code changed.
 The file records what it was made from: torch's, fxtrain's and Python's versions, the structure,
@@ -61,7 +65,7 @@ import torch
 
 from . import _precompiled_file as stored
 from .. import donation
-from .._torch import aot, binaries, caches
+from .._torch import aot, binaries, caches, vec_isa
 from ._unguarded import Unguarded, _signature
 from ._spec import StepSpec, step_spec
 from ..tree import first_leaf
@@ -242,7 +246,10 @@ class Precompiled:
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
         options = {**compile_options(state), **(self.options or {})}
         if not aot.AVAILABLE:
-            return None, self._load_caches(state, batch, options)
+            loaded = self._load_caches(state, batch, options)
+            if _on_cpu(state):  # the file's probes in the cache, Inductor's choice made now
+                vec_isa.pick()  # with torch 2.13's probe (fxtrain._torch.vec_isa)
+            return None, loaded
         key = fingerprint(self.train_step, state, batch, self.kwargs, options)
         made, replace = self._read_or_warn(key, stacklevel=3)  # the step's caller
         loaded = made is not None
@@ -305,9 +312,12 @@ def compile_options(state: Any) -> dict[str, Any]:
     """The Inductor options ``precompiled`` compiles with by default for ``state``: on the CPU,
     ``cpp_wrapper`` (the kernels called from C++, not from Python: 10-20% off a small step's
     time, for seconds more of compiling, paid once since the file keeps it)."""
+    return {"cpp_wrapper": True} if _on_cpu(state) else {}
+
+
+def _on_cpu(state: Any) -> bool:
     params = getattr(state, "params", None)
-    on_cpu = bool(params) and first_leaf(params).device.type == "cpu"
-    return {"cpp_wrapper": True} if on_cpu else {}
+    return bool(params) and first_leaf(params).device.type == "cpu"
 
 
 def precompiled(train_step: Callable, path: str | os.PathLike, *, donate: bool = False,

@@ -18,7 +18,7 @@ from torch import nn
 import fxtrain as fx
 import fxtrain.step._precompile as precompile
 from fxtrain.step import _precompiled_file as stored
-from fxtrain._torch import aot
+from fxtrain._torch import aot, vec_isa
 from fxtrain.step._precompile import compile_options
 from test_precompile import (DAMAGED, SAVES, child, in_a_kernel, REPLACED)
 
@@ -47,3 +47,63 @@ def test_a_bit_flipped_in_a_kernel_is_named_where_a_cold_inductor_cache_would_co
     flipped, stderr = child(tmp_path, path, "load", cold)
     assert f"fx.precompiled: {path} {DAMAGED}; {REPLACED}" in stderr
     assert flipped["loaded"] is False and flipped["digest"] == clean["digest"]
+
+
+PROBES = textwrap.dedent("""
+    import json, subprocess, sys
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+    from torch._inductor import cpu_vec_isa
+    import fxtrain as fx
+
+    scripts = []  # what each of Inductor's probes of the CPU ran in its fresh Python
+    check_call = subprocess.check_call
+
+    def recorded(argv, *args, **kwargs):
+        if list(argv[:2]) == [sys.executable, "-c"]:
+            scripts.append(argv[2])
+        return check_call(argv, *args, **kwargs)
+
+    subprocess.check_call = recorded
+    if sys.argv[1] == "precompiled":
+        def loss_fn(state, params, batch):
+            return state.apply(params, batch).square().mean()
+
+        step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[2],
+                              options={"cpp_wrapper": False})
+        step(fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1)), torch.ones(4, 2))
+    picked = [[str(isa), isa.build_arch_flags()] for isa in cpu_vec_isa.valid_vec_isa_list()]
+    print(json.dumps({"picked": picked, "scripts": scripts}))
+""")
+
+
+def probes_the_cpu_without_importing_torch_and_picks_as_torch(tmp_path):
+    """Torch 2.11 and 2.12 (issue 62): Inductor loads each probe of the CPU's vector
+    instructions in a fresh Python that imports torch, six on an AVX-512 machine and most of a
+    warm start's time; fx.precompiled's process probes with torch 2.13's way instead (this
+    torch's libtorch_cpu, then the probe library, each probe still in a process of its own), and
+    Inductor picks the same instructions, with the same flags, as its own probes pick."""
+    script = tmp_path / "probes.py"
+    script.write_text(PROBES)
+
+    def run(how):
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
+        done = subprocess.run([sys.executable, str(script), how, str(tmp_path / "step.bin")],
+                              text=True, capture_output=True, cwd=tmp_path, timeout=600, env=env)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    ours, torchs = run("precompiled"), run("torch")  # the second finds the probes built
+    assert len(ours["scripts"]) == len(torchs["scripts"]) > 0  # the same probes, each alone
+    assert not [s for s in ours["scripts"] if "import torch" in s], ours["scripts"]
+    assert all("import torch" in s for s in torchs["scripts"])  # torch 2.11's own probe
+    assert ours["picked"] and ours["picked"] == torchs["picked"]
+
+
+# Only where the mechanism exists (torch 2.11 and 2.12: CI's torch 2.11 leg runs it): torch 2.13
+# and later probe without importing torch, and fxtrain._torch.vec_isa does nothing there (a skip
+# would fail the suite under FXTRAIN_REQUIRE_EXTRAS). Six imports of torch: 25 CPU-s on 2.11.
+if vec_isa.NEEDED:
+    test_a_precompiled_step_probes_the_cpu_without_importing_torch_and_picks_as_torch = \
+        probes_the_cpu_without_importing_torch_and_picks_as_torch

@@ -113,6 +113,25 @@ def test_break_even_is_where_the_compiled_run_catches_up():
     assert "never" in bench.break_even_table({"mlp": bench.break_even(summary)})
 
 
+
+def test_warm_against_cold_is_each_variants_own_ratio_for_every_kind():
+    """Issue 62's table: a variant measured cold and warm, its warm first step over its cold
+    one (wall and CPU), for each model of --kinds; a variant measured cold only has no row."""
+    bench = imported("compile_time")
+    row = lambda wall, cpu: {"first_step_s": wall, "first_step_cpu_s": cpu}  # noqa: E731
+    assert bench.warm_cold(row(40.0, 20.0), row(4.0, 5.0)) == {"warm_vs_cold": 0.1,
+                                                               "cpu_warm_vs_cold": 0.25}
+    text = bench.warm_cold_table({
+        "gpt2": {"fxtrain_precompiled": {"cold": row(40.0, 20.0), "warm": row(4.0, 5.0)}},
+        "mlp": {"fxtrain_precompiled": {"cold": row(10.0, 8.0), "warm": row(5.0, 2.0)},
+                "fxtrain_eager": {"cold": row(0.1, 0.1)}}})
+    rows = text.splitlines()[1:]
+    assert [r.split()[:2] for r in rows] == [["gpt2", "fxtrain_precompiled"],
+                                             ["mlp", "fxtrain_precompiled"]]
+    assert rows[0].split()[-4:] == ["0.10x", "20.0s", "5.0s", "0.25x"]
+    args = bench.arguments(["--kinds", "gpt2", "mlp", "--each-kind"])
+    assert args.each_kind and args.kinds == ["gpt2", "mlp"]
+
 @pytest.mark.slow
 def test_step_overhead_benchmark_smoke(run_all):
     results = results_of(run_all[0], "step_overhead")

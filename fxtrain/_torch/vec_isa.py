@@ -1,0 +1,64 @@
+"""Inductor's choice of the CPU's vector instructions on torch 2.11 and 2.12, made with the probe of
+torch 2.13, for ``fx.precompiled``.
+
+Before Inductor compiles or loads C++ for the CPU, it picks the widest vector instructions
+(AVX-512 with VNNI, AVX2, ...) that both the CPU and this torch can use, once per process
+(``torch._inductor.cpu_vec_isa.valid_vec_isa_list``): for each set ``/proc/cpuinfo`` lists, it
+builds a small probe library into its cache (once: a file of ``fx.precompiled`` carries them,
+``fxtrain._torch.binaries``) and loads it in a fresh Python. On torch 2.11 and 2.12 that Python
+imports torch first (``VecISA._avx_py_load``): six imports on an AVX-512 machine, 27 of the 29
+CPU-seconds a small step's warm start took there (benchmarks/RESULTS.md, issue 62). Torch 2.13
+loads the probe library without importing torch, the loader pointed at this torch's libraries.
+
+``pick`` lets Inductor make its own choice (its probes, in its order, after its checks of the
+CPU, the answer kept where it keeps it) while each probe's fresh Python loads this torch's
+``libtorch_cpu`` by its path and then the probe library, as 2.13's does, instead of importing
+torch. What that trusts: that a probe library that loads beside ``libtorch_cpu`` alone loads
+after ``import torch`` too, as torch 2.13 and later trust. A probe still runs in a process of
+its own, so one that fails or crashes answers no, as before; the answer is Inductor's to keep
+for the process, as it would be after its own probes.
+
+Checked on torch 2.11.0 and 2.12.0 (private: ``VecISA._avx_py_load``, the script a probe's
+Python runs with the library's path for ``__lib_path__``, and ``valid_vec_isa_list``). Elsewhere
+(torch 2.13 and later, another platform than Linux, a torch whose probe script or library
+differs) ``pick`` does nothing, and Inductor probes as that torch does.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from .version import at_least
+
+NEEDED = sys.platform == "linux" and not at_least(2, 13)
+"""Whether this torch's probes import torch (see the module)."""
+
+LOAD = """
+import ctypes
+ctypes.CDLL({torch_cpu!r})  # this torch's, which the probe library needs
+ctypes.CDLL("__lib_path__")
+"""
+"""The script a probe's Python runs instead of torch 2.11's ``import torch`` and load."""
+
+
+def pick() -> None:
+    """Inductor's choice of vector instructions for this process, made now with torch 2.13's
+    probe where this torch's imports torch (see the module); nothing where that is made
+    already or elsewhere."""
+    if not NEEDED:
+        return
+    from torch._inductor import cpu_vec_isa
+
+    torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+    probe = cpu_vec_isa.VecISA
+    script = getattr(probe, "_avx_py_load", None)
+    if not (isinstance(script, str) and "__lib_path__" in script and torch_cpu.is_file()):
+        return  # not the probe this module was checked on
+    probe._avx_py_load = LOAD.format(torch_cpu=str(torch_cpu))
+    try:
+        cpu_vec_isa.valid_vec_isa_list()
+    finally:
+        probe._avx_py_load = script
