@@ -21,6 +21,7 @@ where every block gives the bits of the first (else the update stays in the oute
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -64,7 +65,52 @@ def _update(tx: optim.GradientTransformation, grads: dict, opt_state: Any,
     return optim.apply_updates(params, updates), new_state, squared_norms(list(grads.values()))
 
 
-_block_update = regions.nested(_update)  # a block's update: traced and compiled once
+def _update_key(grads: dict, opt_state: Any, params: dict) -> int:
+    """The reuse key of a block's update (traced by Dynamo): its tensors' names and
+    signatures (one ``tx`` in a step; its state's structure follows from the names)."""
+    return regions.key_of(("update", regions.signature(grads), regions.signature(params),
+                           regions.signature(pytree.tree_leaves(opt_state))))
+
+
+_TXS: list = []  # the transformations whose blocks' updates were traced, by ``_tx_index``
+
+
+@run_while_tracing
+def _tx_index(tx: optim.GradientTransformation) -> int:
+    """``tx``'s place in ``_TXS`` (run for real while Dynamo traces): a region's argument
+    must be a tensor or a constant, and Dynamo does not trace a region made while it traces."""
+    if tx not in _TXS:
+        _TXS.append(tx)
+    return _TXS.index(tx)
+
+
+def _indexed_key(index: int, grads: dict, opt_state: Any, params: dict) -> int:
+    """The reuse key of a block's update (traced by Dynamo): ``tx`` (one in a step) and its
+    tensors' names and signatures (its state's structure follows from the names)."""
+    return regions.key_of(("update", index, regions.signature(grads),
+                           regions.signature(params),
+                           regions.signature(pytree.tree_leaves(opt_state))))
+
+
+@functools.partial(regions.nested, key=_indexed_key)
+def _block_update(index: int, grads: dict, opt_state: Any, params: dict) -> list:
+    """A block's update by ``_TXS[index]``: a region traced and compiled once, its calls of
+    one key reusing the trace; ``_update``'s tensors, flat (what torch's reuse takes)."""
+    out = _update(_TXS[index], grads, opt_state, params)
+    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+
+
+def _flat(tx: optim.GradientTransformation, grads: dict, opt_state: Any,
+          params: dict) -> tuple[dict, Any, list]:
+    """``_update`` of a block through its region: the result put back together in the
+    structure of its inputs (an ``ElementwiseTransformation`` keeps its state's structure and
+    its other leaves: ``name_free`` checks it)."""
+    like = (params, opt_state, list(grads.values()))
+    leaves, spec = pytree.tree_flatten(like)
+    index = _tx_index(tx) + 0  # a constant without the source Dynamo cannot guard on
+    tensors = iter(_block_update(index, grads, opt_state, params))
+    return pytree.tree_unflatten(
+        [next(tensors) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
 
 
 def _stand_in(i: int, like: torch.Tensor) -> torch.Tensor:
@@ -85,8 +131,10 @@ def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -
     with torch.no_grad():
         try:  # stand-ins the update cannot take (a hyperparameter on another device): no region
             _, state = tx.update(grads, tx.init(params), params)  # a second update: moments set
-            got, _ = tx.update(grads, state, params)
+            got, after = tx.update(grads, state, params)
         except Exception:  # noqa: BLE001
+            return False
+        if not _keeps_structure(state, after):
             return False
         first = None
         for r, names in blocks:
@@ -106,6 +154,15 @@ def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -
     return True
 
 
+def _keeps_structure(before: Any, after: Any) -> bool:
+    """Whether an update kept its state's structure and non-tensor leaves (``_flat``)."""
+    old, old_spec = pytree.tree_flatten(before)
+    new, new_spec = pytree.tree_flatten(after)
+    return old_spec == new_spec and all(
+        isinstance(a, torch.Tensor) if isinstance(b, torch.Tensor) else a is b or a == b
+        for a, b in zip(new, old))
+
+
 def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | None:
     """``state.apply_gradients(grads)`` with each block's update a call of one region, and
     the gradients' squared norms (in the order of ``grads``); None where the update cannot go
@@ -123,7 +180,7 @@ def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | No
     parts = [(r, {n[len(r) + 1:]: n for n in b}) for r, b in blocks]
     with optim.masks.tied(state.layout.tied):
         for r, pick in parts + ([("", {n: n for n in rest})] if rest else []):
-            update = _block_update if r else _update
+            update = _flat if r else _update
             params, opt_state, sq = update(
                 state.tx, {k: grads[n] for k, n in pick.items()},
                 _renamed(state.opt_state, names, pick), {k: state.params[n] for k, n in pick.items()})
