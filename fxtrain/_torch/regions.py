@@ -57,16 +57,23 @@ def key_of(signature: tuple) -> int:
 def signature(x: Any) -> Any:
     """What a trace reads of a region's argument ``x`` (traced by Dynamo): a tensor's shape,
     strides, dtype, device and whether it requires grad; a dict's keys and a sequence's kind
-    with their items'; another pytree node's leaves; any other value as it is (a
-    constant)."""
+    with their items'; another pytree node's leaves; any other value as it is (a constant).
+    Plain loops: Dynamo traces a generator or a call per item far slower."""
     if isinstance(x, torch.Tensor):
         return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad)
     if isinstance(x, dict):
-        return tuple((k, signature(v)) for k, v in x.items())
-    if isinstance(x, (tuple, list)):
-        return (type(x).__name__, *(signature(v) for v in x))
-    leaves = torch.utils._pytree.tree_leaves(x)  # a pytree node of another kind: its leaves
-    return x if len(leaves) == 1 and leaves[0] is x else (type(x).__name__, signature(leaves))
+        keys, x = list(x), list(x.values())
+    elif isinstance(x, (tuple, list)):
+        keys = [type(x).__name__]
+    else:
+        leaves = torch.utils._pytree.tree_leaves(x)  # a pytree node of another kind
+        if len(leaves) == 1 and leaves[0] is x:
+            return x
+        keys, x = [type(x).__name__], leaves
+    for v in x:
+        keys.append((tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad)
+                    if isinstance(v, torch.Tensor) else signature(v))
+    return tuple(keys)
 
 
 @run_while_tracing
