@@ -12,6 +12,12 @@ over the block's parameters under their names within the block, traced and compi
 other parameters (embeddings, a final norm) update in the outer graph as before, and the state
 is put back together in its own order: the same bits as the update of the whole tree.
 
+Dynamo reuses the first block's trace of the update for the others (``regions.nested``'s key:
+the transformation and the block's tensors' signatures). What torch reuses returns tensors
+only, so the region returns them flat and ``_through_region`` puts them back by position; the
+state's parts per block are constants computed while Dynamo traces (``_parts``), so the step's
+trace does not walk every name per block.
+
 Only where the update cannot tell the blocks apart: a mask by name (``adamw(mask=...)``) may
 treat the same parameter of two blocks differently, and inside a region the block's names are
 its own. While Dynamo traces, ``name_free`` runs the update for real on small stand-ins, each
