@@ -163,7 +163,7 @@ def traces_of_regions(depth, key_of=None, monkeypatch=None):
     return len(torch._dynamo.utils.compilation_time_metrics.get("invoke_subgraph_trace", []))
 
 
-@pytest.mark.skipif(not regions.REUSES, reason="torch 2.11 traces every call of a region")
+@pytest.mark.needs_torch(2, 12, "a region's trace reused for the other blocks (2.11 traces every call)")
 def test_dynamo_traces_each_region_once_whatever_the_depth(monkeypatch):
     """The block's forward and its update are traced once each at any depth: the other
     blocks reuse the trace (the key). A key that differs per call (the reuse disabled)
