@@ -13,10 +13,19 @@ lift: "Freevar has no source"), and a region cannot be traced under ``torch.func
 ("Expected FakeTensor"), so a regional step takes autograd's path. Its draws of keyed randomness
 are counted while Dynamo traces it (``note_draws``, run for real then): the subgraph, reused
 for later layers, is not traced again.
+
+Dynamo traces each call of a region again unless it may reuse the first call's subgraph. Its
+own check (guards on what the trace read, since torch 2.12) refuses a region with side effects,
+and a block's region has one: ``functional_call`` swaps the block's tensors in and back. So
+``nested(fn, key=...)`` passes torch's ``reuse_hash_fn`` (torch 2.12 and later; 2.11 traces every
+call): ``key`` (traced by Dynamo, with the region's arguments) gives a constant that names what
+the trace depends on, and calls of one key reuse the first call's subgraph without tracing it.
+``key_of`` turns a signature (a tuple of constants) into that constant.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -25,11 +34,46 @@ import torch
 from .traced_errors import run_while_tracing
 
 _DRAWS: dict[str, int] = {}
+_KEYS: dict[tuple, int] = {}
+REUSES = "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters
+_MAX_KEYS = 64  # distinct signatures of one region in one step (torch's default: 8)
 
 
-def nested(fn: Callable) -> Callable:
-    """``fn`` as a region traced and compiled once (see the module)."""
-    return torch.compiler.nested_compile_region(fn)
+def nested(fn: Callable, key: Callable[..., int] | None = None) -> Callable:
+    """``fn`` as a region traced and compiled once (see the module); with ``key``, its calls
+    of one key reuse the first one's trace (where torch can)."""
+    if key is None or not REUSES:
+        return torch.compiler.nested_compile_region(fn)
+    return torch.compiler.nested_compile_region(fn, reuse_hash_fn=key,
+                                                max_reuse_entries=_MAX_KEYS)
+
+
+@run_while_tracing
+def key_of(signature: tuple) -> int:
+    """A region's reuse key: one int per distinct ``signature`` (constants), in this process."""
+    return _KEYS.setdefault(signature, len(_KEYS) + 1)
+
+
+def signature(x: Any) -> Any:
+    """What a trace reads of a region's argument ``x`` (traced by Dynamo): a tensor's shape,
+    strides, dtype, device and whether it requires grad; a dict's keys and a sequence's kind
+    with their items'; another pytree node's leaves; any other value as it is (a constant).
+    Plain loops: Dynamo traces a generator or a call per item far slower."""
+    if isinstance(x, torch.Tensor):
+        return (tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad)
+    if isinstance(x, dict):
+        keys, x = list(x), list(x.values())
+    elif isinstance(x, (tuple, list)):
+        keys = [type(x).__name__]
+    else:
+        leaves = torch.utils._pytree.tree_leaves(x)  # a pytree node of another kind
+        if len(leaves) == 1 and leaves[0] is x:
+            return x
+        keys, x = [type(x).__name__], leaves
+    for v in x:
+        keys.append((tuple(v.shape), v.stride(), v.dtype, v.device, v.requires_grad)
+                    if isinstance(v, torch.Tensor) else signature(v))
+    return tuple(keys)
 
 
 @run_while_tracing

@@ -36,7 +36,7 @@ def resolved(autodiff: str, layout: Layout) -> str:
 
 
 def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = None,
-                  recompute: bool = True) -> Callable:
+                  recompute: bool = True, reused: bool = False) -> Callable:
     """``compute(params) -> (value, aux)`` made into ``params -> (grads, (value, aux))``.
 
     - ``"func"``: ``torch.func.grad_and_value``, a transform of ``compute``.
@@ -49,6 +49,11 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
       ``on_grad`` (autograd only) is a hook on each
       leaf: it gets each gradient as soon as the backward has produced it (data parallel's
       all-reduce, under way while the rest of the backward runs).
+      ``reused`` (autograd only): the forward calls regions whose trace Dynamo may reuse
+      (``fx.regional``): a reused call's outputs have no autograd history while Dynamo traces
+      (torch makes them anew), so Dynamo cannot tell which gradients are None; compiled, every
+      gradient is then the graph's (an unused parameter's zeros, ``materialize_grads``), and
+      only ``_depending`` refuses a loss that does not depend on the parameters.
 
     Compiled, with ``recompute``, the forward's cheap work is done again in the backward
     instead of kept (``fxtrain._torch.recompute``).
@@ -76,7 +81,8 @@ def differentiate(compute: Callable, autodiff: str, on_grad: Callable | None = N
                     version.require(SHARDED_AUTOGRAD, 2, 13, SHARDED_AUTOGRAD_INSTEAD)
                 value, aux = compute(leaves)
                 with _recompute.backward_marked():  # where checkpointed regions recompute
-                    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                    grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True,
+                                                materialize_grads=reused)
             else:
                 with _held.holding():  # the module keeps the step's tensors for the backward
                     value, aux = compute(leaves)

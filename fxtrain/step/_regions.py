@@ -11,6 +11,15 @@ each layer continues the step's keyed stream where it stands (``fx.random.contin
 dropout masks are those of the step without regions. Each block's optimizer update is a region
 too, where the optimizer updates every block alike (``_region_update``).
 
+Dynamo traces a region's first call and reuses that trace for the blocks that share its key
+(``regions.nested``'s ``key``): the block's class and the signature of its tensors and
+arguments. So blocks of one class must compute alike given those: ``regional`` gives blocks
+whose Python attributes differ (a sliding window on alternate layers) classes of their own
+(``Regional<Name>``, ``Regional<Name>_1``, ...), each traced once. An int attribute that
+numbers the blocks (a different value in every block, like transformers' ``layer_idx``, read
+only for a cache) does not split them, unless a true flag of the same module names it
+(GPT-2's ``scale_attn_by_inverse_layer_idx``).
+
 A regional step takes autograd's path (``autodiff="auto"`` picks it for a regional state;
 ``torch.func`` cannot host a region). Eagerly, and in a step on ``torch.func``'s path, the
 blocks run as they are. The blocks are the classes' own, under a subclass
@@ -43,8 +52,43 @@ class RegionalBlock:
 
 
 @functools.cache
-def _regional_class(cls: type) -> type:
-    return type(f"Regional{cls.__name__}", (RegionalBlock, cls), {})
+def _regional_class(cls: type, kind: int = 0) -> type:
+    suffix = f"_{kind}" if kind else ""
+    return type(f"Regional{cls.__name__}{suffix}", (RegionalBlock, cls),
+                {"__module__": cls.__module__})
+
+
+_PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+
+
+def _attributes(block: nn.Module) -> dict[tuple[str, str], Any]:
+    """The block's Python attributes that its forward may read, by (submodule, name): each
+    submodule's class and public attributes (plain values as they are, other objects by
+    identity)."""
+    found = {}
+    for path, module in block.named_modules():
+        found[(path, "__class__")] = type(module)
+        for name, value in vars(module).items():
+            if not name.startswith("_"):
+                plain = isinstance(value, _PLAIN) or (
+                    isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
+                found[(path, name)] = value if plain else ("object", id(value))
+    return found
+
+
+def _kinds(blocks: list[nn.Module]) -> list[int]:
+    """Each block's kind among blocks of one class: blocks of one kind have the same
+    attributes, but for ints that number them (see the module)."""
+    seen = [_attributes(b) for b in blocks]
+    keys = set().union(*seen)
+    numbering = {k for k in keys if all(type(a.get(k)) is int for a in seen)
+                 and len({a[k] for a in seen}) == len(seen) > 1
+                 and not any(a[f] is True and k[1] in f[1]
+                             for a in seen for f in a if f[0] == k[0] and f != k)}
+    fingerprints = [tuple(sorted(((k, repr(v)) for k, v in a.items() if k not in numbering),
+                                 key=repr)) for a in seen]
+    order = list(dict.fromkeys(fingerprints))
+    return [order.index(f) for f in fingerprints]
 
 
 def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -62,7 +106,16 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
     return out
 
 
-@regions.nested
+def _region_key(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
+                args: tuple, kwargs: dict) -> int:
+    """The region's reuse key (traced by Dynamo): the block's class (its kind: ``_kinds``) and
+    the signature of its tensors and arguments."""
+    kind = type(module)
+    return regions.key_of((kind.__module__, kind.__qualname__, regions.signature(tensors),
+                           regions.signature((key, position, args, kwargs))))
+
+
+@functools.partial(regions.nested, key=_region_key)
 def _region(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
             args: tuple, kwargs: dict) -> Any:
     inner = random.continued(key, position, autodiff="autograd")
@@ -145,8 +198,10 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
                          + ("regions" if layout.regions else "per-block units (fx.shard)"))
     found = resolve(state.module, blocks)
     module = copy.deepcopy(state.module)  # a skeleton: no tensors to copy
-    for name in found:
-        block = module.get_submodule(name)
-        block.__class__ = _regional_class(type(block))
+    blocks = [module.get_submodule(name) for name in found]
+    for cls in dict.fromkeys(type(b) for b in blocks):
+        alike = [b for b in blocks if type(b) is cls]
+        for block, kind in zip(alike, _kinds(alike)):
+            block.__class__ = _regional_class(cls, kind)
     return state.replace(module=module, layout=layout.replace(
         regions=tuple(found), skeleton=layout.skeleton or state.module))

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxtrain as fx
+from fxtrain._torch import regions
 from helpers import TRACED, graph_count
 
 
@@ -146,3 +147,66 @@ def test_blocks_by_name_or_class_and_refusals():
         fx.regional(lone)
     trained_module = fx.trained_module(fx.regional(state))
     assert type(trained_module.blocks[0]) is Block  # the skeleton as it was
+
+
+def traces_of_regions(depth, key_of=None, monkeypatch=None):
+    """How many times Dynamo traced a region's body for a step over ``depth`` blocks (the rest
+    of the calls reuse a trace), with ``regions.key_of`` replaced where given."""
+    from fxtrain._torch.traced_errors import run_while_tracing
+    if key_of is not None:
+        monkeypatch.setattr(regions, "key_of", run_while_tracing(key_of))
+    torch._dynamo.reset()
+    torch._dynamo.utils.compilation_time_metrics.pop("invoke_subgraph_trace", None)
+    state, batch = setup(depth)
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    step(fx.regional(state), batch)
+    return len(torch._dynamo.utils.compilation_time_metrics.get("invoke_subgraph_trace", []))
+
+
+@pytest.mark.needs_torch(2, 12, "a region's trace reused for the other blocks (2.11 traces every call)")
+def test_dynamo_traces_each_region_once_whatever_the_depth(monkeypatch):
+    """The block's forward and its update are traced once each at any depth: the other
+    blocks reuse the trace (the key). A key that differs per call (the reuse disabled)
+    traces every block again, which this test would see."""
+    assert traces_of_regions(2) == traces_of_regions(4) == 2
+    calls = iter(range(10**6))
+    assert traces_of_regions(4, lambda signature: next(calls), monkeypatch) == 8
+
+
+class Windowed(Block):
+    """A block whose forward reads its own Python attributes: a scale that differs by kind
+    (every other block), and an index that numbers the blocks and is read only where a flag
+    says so (transformers' ``layer_idx``)."""
+
+    def __init__(self, i, scaled_by_index=False):
+        super().__init__()
+        self.scale, self.layer_idx = (1.0, 0.5)[i % 2], i
+        self.scale_by_inverse_layer_idx = scaled_by_index
+
+    def forward(self, h):
+        out = super().forward(h) * self.scale
+        return out / (self.layer_idx + 1) if self.scale_by_inverse_layer_idx else out
+
+
+@pytest.mark.parametrize("scaled_by_index", [False, True])
+def test_blocks_that_differ_in_their_attributes_are_traced_apart(scaled_by_index):
+    """Blocks of one class whose attributes differ get a class of their own per kind (the
+    index that numbers them does not split them, unless a flag of theirs names it), and the
+    step trains the bits of the step without regions."""
+    torch.manual_seed(0)
+    net = Net(4)
+    net.blocks = nn.ModuleList(Windowed(i, scaled_by_index) for i in range(4))
+    state = fx.TrainState.create(net, fx.optim.adamw(1e-2), seed=3)
+    _, batch = setup()
+    regional = fx.regional(state)
+    kinds = [type(b).__name__ for b in regional.module.blocks]
+    assert kinds == (["RegionalWindowed", "RegionalWindowed_1", "RegionalWindowed_2",
+                      "RegionalWindowed_3"] if scaled_by_index else
+                     ["RegionalWindowed", "RegionalWindowed_1"] * 2)
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    got, metrics = trained(step, regional, batch)
+    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    want, want_metrics = trained(plain, state, batch)
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
+    assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
