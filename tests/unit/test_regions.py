@@ -92,8 +92,9 @@ def test_a_layer_adds_a_call_not_its_ops():
     class Noted(Exception):
         pass
 
-    def noting(gm, example_inputs):
-        raise Noted(gm)
+    def noting(gm, example_inputs):  # counted here: torch 2.15 empties the graph after
+        raise Noted(len([m for n, m in gm.named_children() if "subgraph" in n]),  # a failure
+                    len(gm.graph.nodes))
 
     def graph(depth, regional):
         torch._dynamo.reset()
@@ -102,8 +103,7 @@ def test_a_layer_adds_a_call_not_its_ops():
                              backend=noting)
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as failed:
             step(fx.regional(state) if regional else state, batch)
-        (gm,) = failed.value.inner_exception.args
-        return len([m for n, m in gm.named_children() if "subgraph" in n]), len(gm.graph.nodes)
+        return failed.value.inner_exception.args
 
     (sub2, regional2), (sub4, regional4) = graph(2, True), graph(4, True)
     plain2, plain4 = graph(2, False)[1], graph(4, False)[1]
