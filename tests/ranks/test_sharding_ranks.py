@@ -1,6 +1,8 @@
 """test_sharding's tests that run several ranks (the rest: tests/unit/test_sharding.py)."""
 
 import re
+import shutil
+
 import pytest
 import torch
 import dist_worker
@@ -120,7 +122,8 @@ def test_float8_all_gather_in_a_compiled_step(sharding_jobs):
 @pytest.mark.slow
 def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    spawn("sharded_saves", str(tmp_path), str(ckpt))
+    spawn("several", [("sharded_saves", (str(tmp_path), str(ckpt)), {}),  # saved, then
+                      ("sharded_saves", (str(tmp_path), str(ckpt)), {"restore_only": "yes"})])
     r0, r1 = results(tmp_path)
     assert r0["digest"] == r1["digest"] and r0["steps"] == [8, 12]  # retention: the latest 2
     assert "FileExistsError" in r0["again"] and "already exists" in r1["again"]
@@ -137,30 +140,33 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     out = capsys.readouterr().out
     assert f"digest (step 12): {r0['digest']}" in out and "written by 2 ranks" in out
 
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")
-    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]
+    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]  # on two ranks
     assert {r["latest"] for r in restored} == {r["final"] for r in restored} == {r0["digest"]}
     assert [r["local"] for r in restored] == [(9, 8), (8, 8)]  # 17 rows, resharded on load
 
     # each rank checksummed the file it wrote; a flipped bit in rank 1's is named, whoever reads
     table = fxtrain.checkpoint.store.read_meta(ckpt / "12")
     assert sorted(table["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    shard = ckpt / "12" / "shards" / "__1_0.distcp"
-    intact = shard.read_bytes()
-    data = bytearray(intact)
+    flipped = tmp_path / "flipped"  # a copy, so that one launch reads it and the intact one
+    shutil.copytree(ckpt, flipped / "ckpt")
+    shard = flipped / "ckpt" / "12" / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 4
     shard.write_bytes(bytes(data))
     named = r"its shard file shards/__1_0\.distcp differ.*CRC-32 mismatch"
     with pytest.raises(fx.checkpoint.DamagedCheckpointError, match=named):
-        fx.checkpoint.CheckpointManager(ckpt).restore(like=like, step=12)
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")  # on two ranks
+        fx.checkpoint.CheckpointManager(flipped / "ckpt").restore(like=like, step=12)
+    # on two ranks: the flipped bit; then, from the intact checkpoint, a read failing on one
+    # rank only: both ranks raise it (none left waiting in a collective)
+    eio = tmp_path / "eio"
+    eio.mkdir()
+    spawn("several", [
+        ("sharded_saves", (str(flipped), str(flipped / "ckpt")), {"restore_only": "yes"}),
+        ("sharded_saves", (str(eio), str(ckpt)), {"restore_only": "yes", "eio_rank": "1"})])
     for r in (0, 1):
-        assert re.search(named, torch.load(tmp_path / f"restored{r}.pt")["damaged"])
-    # a read failing on one rank only: both ranks raise it (none left waiting in a collective)
-    shard.write_bytes(intact)
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes", eio_rank="1")
+        assert re.search(named, torch.load(flipped / f"restored{r}.pt")["damaged"])
     for r in (0, 1):
-        said = torch.load(tmp_path / f"restored{r}.pt")["damaged"]
+        said = torch.load(eio / f"restored{r}.pt")["damaged"]
         assert said.startswith("UnreadableCheckpointError") and "Input/output error" in said
 
     wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
