@@ -177,7 +177,8 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 SHARED = ("run_all", "distributed_jobs", "sharding_jobs", "simulated_rows", "sp_jobs",
-          "mesh_jobs", "tp_jobs", "loss_jobs")
+          "mesh_jobs", "tp_jobs", "loss_jobs",
+          "resume_refs")
 """Fixtures made once per test run behind a lock (``helpers.once_per_run``)."""
 
 
