@@ -21,16 +21,17 @@ from test_distributed import (HERE, free_port, rank_of, results, spawn, torchrun
 @pytest.fixture(scope="module")
 def distributed_jobs(tmp_path_factory):
     """The short scenarios of the tests below (data parallel's eager and compiled runs
-    among them: "dp_eager", "dp_compiled", their one-process reference "dp_single"), run by
-    one 2-rank launch, each writing into its own folder of the one returned
-    (``dist_worker.several``)."""
+    among them: "dp_eager", "dp_compiled", their one-process reference "dp_single", and the
+    autograd path's "overlapped"), run by one 2-rank launch, each writing into its own
+    folder of the one returned (``dist_worker.several``)."""
     def make(out):
         jobs = [("train", "mean", {"model": "bn", "steps": 4}),
                 ("train", "local", {"model": "bn", "steps": 4, "buffers": "local"}),
                 ("early_stop", "early_stop", {}), ("host_stop", "host_stop", {}),
                 ("timed_saves", "timed_saves", {}),
                 ("train", "dp_eager", {"batch": 16}),
-                ("train", "dp_compiled", {"batch": 16, "compiled": True})]
+                ("train", "dp_compiled", {"batch": 16, "compiled": True}),
+                ("overlapped", "overlapped", {})]
         for _, folder, _ in jobs:
             (out / folder).mkdir()
         spawn("several", [(name, (str(out / folder),) + ((str(out / folder / "ckpt"),)
@@ -55,14 +56,14 @@ def test_data_parallel_equals_one_process_with_the_global_batch(distributed_jobs
 
 
 @pytest.mark.slow
-def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backward(tmp_path):
+def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backward(
+        tmp_path, distributed_jobs):
     """autodiff="autograd": each parameter's gradient is all-reduced as soon as the backward
     has produced it, the rest of the backward running meanwhile: the first all-reduce comes
     before the backward's last matrix product (the first layer's). The ranks agree bit for bit,
     eager and compiled (one graph); with dropout, compiled and eager draw the same masks; without,
     they train as one process on the global batch does."""
-    spawn("overlapped", str(tmp_path))
-    r0, r1 = results(tmp_path)
+    r0, r1 = results(distributed_jobs / "overlapped")
     assert r0["digests"] == r1["digests"]
     assert r0["graphs"] == 1
     ops = r0["ops"]
