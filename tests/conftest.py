@@ -176,7 +176,9 @@ def pytest_runtest_protocol(item, nextitem):
             f.write(json.dumps(row) + "\n")
 
 
-SHARED = ("run_all", "distributed_jobs", "sharding_jobs", "simulated_rows", "sp_jobs")
+SHARED = ("run_all", "distributed_jobs", "sharding_jobs", "simulated_rows", "sp_jobs",
+          "mesh_jobs", "tp_jobs", "loss_jobs",
+          "resume_refs")
 """Fixtures made once per test run behind a lock (``helpers.once_per_run``)."""
 
 

@@ -596,16 +596,29 @@ def sharded_gpt2_saves(out, ckpt):
                f"{out}/rank{fx.distributed.rank()}.pt")
 
 
-def tiny_llama(seed=0):
+def tiny_llama(seed=0, layers=4):
     """A Llama small enough for the CPU whose layers hold most of its parameters (the part a
-    tensor-parallel plan splits): 4 layers of width 32, a vocabulary of 24."""
+    tensor-parallel plan splits): ``layers`` layers of width 32, a vocabulary of 24."""
     import transformers
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=4, num_attention_heads=4,
+                                      num_hidden_layers=layers, num_attention_heads=4,
                                       num_key_value_heads=2, max_position_embeddings=32,
                                       use_cache=False)
     return transformers.LlamaForCausalLM(config)
+
+
+RANK_LAYERS = 2
+"""The layers of the rank jobs' Llama (``rank_llama``): two blocks still make per-block units
+and a plan's layers still hold 92% of the parameters; Dynamo's and AOTAutograd's trace of a
+compiled step on DTensors, most of a compiled rank's CPU time, grows with each layer (a 4-rank
+FSDP x TP run: 217 CPU-s with 4 layers, 135 with 2)."""
+
+
+def rank_llama(seed=0):
+    """``tiny_llama`` of ``RANK_LAYERS`` layers: the model the rank jobs and their one-process
+    references train and restore."""
+    return tiny_llama(seed, layers=RANK_LAYERS)
 
 
 def llama_batches(state=None):
@@ -628,7 +641,7 @@ def tensor_parallel(out, ckpt="", compiled=False, steps=20, layout="tp", units=N
     (every 10 steps) and after (``fx.evaluate``, with the eval step compiled when ``compiled``),
     predicts, and takes the trained module's logits (``evaluated``)."""
     from helpers import TRACED, graph_count
-    state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
+    state = fx.TrainState.create(rank_llama(), fx.optim.adamw(1e-2))
     if fx.distributed.world_size() > 1:
         names = MESHES[layout]
         mesh = None if names is None else fx.sharding.mesh((2, 2), names)
@@ -694,7 +707,7 @@ def layout_first_or_last(out, first=True, layout="tp", steps=6):
     and what the trained state computes."""
     ids = torch.randint(0, 24, (16, 12), generator=torch.Generator().manual_seed(3))
     held_out = torch.randint(0, 24, (6, 12), generator=torch.Generator().manual_seed(4))
-    state = fx.TrainState.create(tiny_llama(), fx.optim.adamw(1e-2))
+    state = fx.TrainState.create(rank_llama(), fx.optim.adamw(1e-2))
 
     def sharded(state):
         if fx.distributed.world_size() == 1:
@@ -734,7 +747,7 @@ def layout_first_or_last(out, first=True, layout="tp", steps=6):
 def restored_llama(out, ckpt):
     """The checkpoint ``ckpt`` of a tiny Llama restored onto this job's ranks, sharded by
     fx.shard's default on a 1-D mesh: its whole parameters and optimizer state."""
-    like = fx.shard(fx.TrainState.create(tiny_llama(seed=1), fx.optim.adamw(1e-2)))
+    like = fx.shard(fx.TrainState.create(rank_llama(seed=1), fx.optim.adamw(1e-2)))
     restored = fx.checkpoint.restore(ckpt, like=like.replace(data=llama_batches().init()))
     torch.save({"params": fx.sharding.gathered(restored.params),
                 "opt_state": torch.utils._pytree.tree_leaves(fx.sharding.gathered(

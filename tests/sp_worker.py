@@ -125,7 +125,7 @@ def with_torch(plan):
     """The same steps with torch's own ``parallelize_module`` and ``loss_parallel`` on the
     module, ``torch.optim.AdamW``: the losses and the whole parameters."""
     from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
-    model = dist_worker.tiny_llama()
+    model = dist_worker.rank_llama()
     parallelize_module(model, fx.sharding.mesh(), plan)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
@@ -151,8 +151,8 @@ def sequence_parallel(out, layout="tp"):
     mesh = fx.sharding.mesh((2, 2), ("dp", "tp")) if layout == "fsdp_tp" else None
     kinds = (False,) if world == 1 else (True,) if layout == "fsdp_tp" else (False, True)
     ckpt = (lambda c: f"{out}/ckpt_{c}") if layout == "tp" else (lambda c: None)
-    runs = {("compiled" if c else "eager"): trained(dist_worker.tiny_llama, llama_plan(), mesh, c,
-                                                    ckpt(c)) for c in kinds}
+    runs = {("compiled" if c else "eager"): trained(dist_worker.rank_llama, llama_plan(), mesh,
+                                                    c, ckpt(c)) for c in kinds}
     if world > 1 and layout == "tp":
         runs["torch"] = with_torch(llama_plan())
     torch.save(runs, f"{out}/{layout}_rank{fx.distributed.rank()}.pt")

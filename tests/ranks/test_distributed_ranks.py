@@ -20,46 +20,50 @@ from test_distributed import (HERE, free_port, rank_of, results, spawn, torchrun
 
 @pytest.fixture(scope="module")
 def distributed_jobs(tmp_path_factory):
-    """The short eager scenarios of the tests below, run by one 2-rank launch, each writing
-    into its own folder of the one returned (``dist_worker.several``)."""
+    """The short scenarios of the tests below (data parallel's eager and compiled runs
+    among them: "dp_eager", "dp_compiled", their one-process reference "dp_single", and the
+    autograd path's "overlapped"), run by one 2-rank launch, each writing into its own
+    folder of the one returned (``dist_worker.several``)."""
     def make(out):
         jobs = [("train", "mean", {"model": "bn", "steps": 4}),
                 ("train", "local", {"model": "bn", "steps": 4, "buffers": "local"}),
                 ("early_stop", "early_stop", {}), ("host_stop", "host_stop", {}),
-                ("timed_saves", "timed_saves", {})]
+                ("timed_saves", "timed_saves", {}),
+                ("train", "dp_eager", {"batch": 16}),
+                ("train", "dp_compiled", {"batch": 16, "compiled": True}),
+                ("overlapped", "overlapped", {})]
         for _, folder, _ in jobs:
             (out / folder).mkdir()
         spawn("several", [(name, (str(out / folder),) + ((str(out / folder / "ckpt"),)
                                                          if name == "timed_saves" else ()), kw)
                           for name, folder, kw in jobs])
+        (out / "dp_single").mkdir()
+        dist_worker.train(str(out / "dp_single"), batch=32)  # this process: world size 1
 
     return once_per_run(tmp_path_factory, "distributed_jobs", make)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_data_parallel_equals_one_process_with_the_global_batch(tmp_path, compiled):
-    spawn("train", str(tmp_path), compiled=compiled, batch=16)
-    r0, r1 = results(tmp_path)
+def test_data_parallel_equals_one_process_with_the_global_batch(distributed_jobs, compiled):
+    r0, r1 = results(distributed_jobs / ("dp_compiled" if compiled else "dp_eager"))
     assert r0["digest"] == r1["digest"]  # the ranks hold bit-identical states
     if compiled:
         assert r0["graphs"] == 1  # the all-reduce is inside the one graph
-    (tmp_path / "single").mkdir()
-    dist_worker.train(str(tmp_path / "single"), batch=32)  # this process: world size 1
-    single = torch.load(tmp_path / "single" / "rank0.pt")
+    single = torch.load(distributed_jobs / "dp_single" / "rank0.pt")  # world size 1
     for k, p in single["params"].items():
         torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
-def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backward(tmp_path):
+def test_data_parallel_on_the_autograd_path_sums_each_gradient_inside_the_backward(
+        tmp_path, distributed_jobs):
     """autodiff="autograd": each parameter's gradient is all-reduced as soon as the backward
     has produced it, the rest of the backward running meanwhile: the first all-reduce comes
     before the backward's last matrix product (the first layer's). The ranks agree bit for bit,
     eager and compiled (one graph); with dropout, compiled and eager draw the same masks; without,
     they train as one process on the global batch does."""
-    spawn("overlapped", str(tmp_path))
-    r0, r1 = results(tmp_path)
+    r0, r1 = results(distributed_jobs / "overlapped")
     assert r0["digests"] == r1["digests"]
     assert r0["graphs"] == 1
     ops = r0["ops"]
@@ -131,11 +135,28 @@ def test_the_group_init_joined_is_left_at_exit(tmp_path):
     assert out.count("after fxtrain's exit handler: group left = True") == 2, out[-3000:]
 
 
+@pytest.fixture(scope="module")
+def resume_refs(tmp_path_factory):
+    """The uninterrupted runs of the kill/resume test below, each in its own folder ("no",
+    "units", "fsdp_tp"): the 2-rank ones in one launch (``dist_worker.several``), the 4-rank
+    one in another, through torch.multiprocessing (no torchrun agent: the chains' runs, which
+    are killed and resumed, keep torchrun). Once per run."""
+    def make(out):
+        for shard in ("no", "units", "fsdp_tp"):
+            (out / shard).mkdir()
+        job = lambda shard: ("resumable", (str(out / shard), str(out / shard / "ckpt")),  # noqa
+                             {"shard": shard})
+        spawn("several", [job("no"), job("units")])
+        mp.spawn(dist_worker.spawned, nprocs=4, args=(4, free_port(), *job("fsdp_tp")))
+
+    return once_per_run(tmp_path_factory, "resume_refs", make)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("shard", ["no", "units", "fsdp_tp"],
                          ids=["replicated", "sharded", "2-D mesh, 4 ranks"])
 def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterrupted_run(
-        tmp_path, shard):
+        tmp_path, shard, resume_refs):
     """SIGKILL of one rank ends the job within seconds; SIGTERM of one rank saves on both; after
     each, torchrun resumes, and the run ends with the uninterrupted run's digest. One chain: the
     run killed after its checkpoint 10 is resumed, terminated after its next checkpoint, and
@@ -162,14 +183,11 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         assert (ckpt / str(step)).exists(), "no checkpoint in time"
         return rank_of(run, 1)
 
-    whole_ckpt = tmp_path / "a" / "ckpt"
-    with reaped(torchrun_("resumable", str(tmp_path / "a"), str(whole_ckpt), f"shard={shard}")) \
-            as whole:
-        out, _ = whole.communicate(timeout=300)
-    assert whole.returncode == 0, out[-3000:]
-    digests = {(tmp_path / "a" / f"digest{r}.txt").read_text() for r in range(nproc)}
+    whole = resume_refs / shard  # the uninterrupted run
+    whole_ckpt = whole / "ckpt"
+    digests = {(whole / f"digest{r}.txt").read_text() for r in range(nproc)}
     assert len(digests) == 1
-    steps = [e["step"] for e in fx.logging.read_jsonl(tmp_path / "a" / "log.jsonl")]
+    steps = [e["step"] for e in fx.logging.read_jsonl(whole / "log.jsonl")]
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]  # logs written once: by rank 0 only
     assert fx.checkpoint.CheckpointManager(whole_ckpt).all_steps() == [30, 35, 40]
 

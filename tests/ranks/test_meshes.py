@@ -10,14 +10,14 @@ import torch.multiprocessing as mp
 
 import dist_worker
 import fxtrain as fx
-from helpers import extra
+from helpers import extra, once_per_run
 from test_distributed import free_port
 
 transformers = extra("transformers")
 
 # what each rank holds of the parameters and optimizer state, against one process: HSDP shards
 # everything over 2 ranks; FSDP x TP splits the planned layers over 4 (the plan's 2 x the
-# shard's 2) and the rest over 2 (measured: 0.500 and 0.262)
+# shard's 2) and the rest over 2 (measured: 0.500 and 0.271, ``rank_llama``'s 2 layers)
 HELD = {"fsdp_tp": 0.3, "hsdp": 0.55}
 
 
@@ -25,18 +25,44 @@ def spawn(world, name, args, kwargs):
     mp.spawn(dist_worker.spawned, nprocs=world, args=(world, free_port(), name, args, kwargs))
 
 
+LAYOUTS = ("fsdp_tp", "hsdp")
+
+
 @pytest.fixture(scope="module")
-def one_process(tmp_path_factory):
-    """The same 20 steps in this process, alone: no mesh, no plan."""
-    out = tmp_path_factory.mktemp("one")
-    dist_worker.tensor_parallel(str(out))
-    return torch.load(out / "tp_rank0.pt")
+def mesh_jobs(tmp_path_factory):
+    """The 4-rank runs of the tests below and of the sequence-parallel test on a 2 x 2 mesh
+    ("sp/"), in one launch (``dist_worker.several``; a 4-rank launch alone, 4 Pythons importing
+    torch and the group's start, costs about 30 CPU-s), each layout writing into its own folder
+    and saving its checkpoint there ("ckpt"); then each layout's checkpoint restored onto 2
+    ranks ("two/", one launch for both); and the same 20 steps in this process, alone: no
+    mesh, no plan ("one/"). Once per run."""
+    from fxtrain._torch.version import at_least
+    import sp_worker
+
+    def make(out):
+        jobs = []
+        for layout in LAYOUTS:
+            (out / layout / "two").mkdir(parents=True)
+            compiled = layout == "fsdp_tp" and at_least(2, 13)  # compiled autograd on DTensors
+            jobs.append(("tensor_parallel", (str(out / layout),), {
+                "ckpt": str(out / layout / "ckpt"), "layout": layout, "compiled": compiled}))
+        if at_least(2, 13):  # the sequence-parallel test's (needs_torch 2.13: a compiled step)
+            (out / "sp").mkdir()
+            jobs.append((sp_worker.sequence_parallel, (str(out / "sp"),), {"layout": "fsdp_tp"}))
+        spawn(4, "several", (jobs,), {})
+        spawn(2, "several", ([("restored_llama", (str(out / layout / "two"),
+                                                  str(out / layout / "ckpt")), {})
+                              for layout in LAYOUTS],), {})
+        (out / "one").mkdir()
+        dist_worker.tensor_parallel(str(out / "one"))
+
+    return once_per_run(tmp_path_factory, "mesh_jobs", make)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["fsdp_tp", "hsdp"], ids=["FSDP x TP", "HSDP"])
 def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
-        tmp_path, layout, one_process):
+        tmp_path, layout, mesh_jobs):
     """20 AdamW steps on 4 ranks: losses and parameters against one process within float32
     rounding (the tensor-parallel tolerances: row-split products are partial sums all-reduced,
     averaged gradients other additions of the same terms); the ranks agree bit for bit; each
@@ -48,10 +74,9 @@ def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
     and gives back its trained module."""
     from fxtrain._torch.version import at_least
     compiled = layout == "fsdp_tp" and at_least(2, 13)  # compiled autograd on DTensors: 2.13
-    ckpt = tmp_path / "ckpt"
-    spawn(4, "tensor_parallel", (str(tmp_path),), {"ckpt": str(ckpt), "layout": layout,
-                                                   "compiled": compiled})
-    ranks = [torch.load(tmp_path / f"{layout}_rank{r}.pt") for r in range(4)]
+    ckpt = mesh_jobs / layout / "ckpt"
+    one_process = torch.load(mesh_jobs / "one" / "tp_rank0.pt")
+    ranks = [torch.load(mesh_jobs / layout / f"{layout}_rank{r}.pt") for r in range(4)]
     if compiled:  # one graph, no recompiles
         assert [r["graphs"] for r in ranks] == [1] * 4
     assert all(r["losses"] == ranks[0]["losses"] for r in ranks)
@@ -64,12 +89,13 @@ def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
     assert one_process["losses"][-1] < one_process["losses"][0] - 0.1  # it trained
     ratio = ranks[0]["held"] / one_process["held"]
     assert ratio <= HELD[layout], ratio
-    assert len(ranks[0]["split"]) == (4 * 7 if layout == "fsdp_tp" else 0)
+    layers = dist_worker.RANK_LAYERS  # q, k, v, o, gate, up, down in each
+    assert len(ranks[0]["split"]) == (layers * 7 if layout == "fsdp_tp" else 0)
     dist_worker.check_evaluated(ranks, one_process)  # in fit, evaluate, predict, the module
-    blocks = [f"model.layers.{i}" for i in range(4)]
+    blocks = [f"model.layers.{i}" for i in range(layers)]
     assert ranks[0]["units"] == (blocks if at_least(2, 13) else [])
 
-    like = fx.TrainState.create(dist_worker.tiny_llama(seed=1), fx.optim.adamw(1e-2))
+    like = fx.TrainState.create(dist_worker.rank_llama(seed=1), fx.optim.adamw(1e-2))
     restored = fx.checkpoint.restore(ckpt, like=like.replace(
         data=dist_worker.llama_batches().init()))
     for name, p in ranks[0]["params"].items():
@@ -82,11 +108,8 @@ def test_a_2d_mesh_trains_as_one_process_and_restores_onto_one_and_two_ranks(
             expected = fx.trained_module(restored).eval()(ids).logits
             torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=0)
 
-    out = tmp_path / "two"
-    out.mkdir()
-    spawn(2, "restored_llama", (str(out), str(ckpt)), {})
-    for r in range(2):
-        two = torch.load(out / f"restored_rank{r}.pt")
+    for r in range(2):  # restored onto 2 ranks
+        two = torch.load(mesh_jobs / layout / "two" / f"restored_rank{r}.pt")
         assert two["units"] == ranks[0]["units"]  # per block on a 1-D mesh now
         for name, p in ranks[0]["params"].items():
             assert torch.equal(two["params"][name], p), name

@@ -1,6 +1,8 @@
 """test_sharding's tests that run several ranks (the rest: tests/unit/test_sharding.py)."""
 
 import re
+import shutil
+
 import pytest
 import torch
 import dist_worker
@@ -14,35 +16,42 @@ from test_sharding import (UNITS_COMPILED, stored_chunks)
 
 @pytest.fixture(scope="module")
 def sharding_jobs(tmp_path_factory):
-    """The short eager scenarios of the tests below, run by one 2-rank launch, each writing
-    into its own folder of the one returned (``dist_worker.several``)."""
+    """The 2-rank scenarios of the tests below (the short eager ones, and the sharded and
+    per-block runs, eager and compiled: "global_eager", "units_compiled", ...), run by one
+    2-rank launch, each writing into its own folder of the one returned
+    (``dist_worker.several``); and the sharded run's one-process reference ("single")."""
+    from fxtrain._torch.version import at_least
     precision = "16-mixed"  # autocast, and loss scaling whose finite check spans the shards
     jobs = {"sharded": ("sharded", {"precision": precision}),
             "replicated": ("sharded", {"precision": precision, "shard": False}),
-            "callbacks": ("sharded_callbacks", {}), "float8": ("float8_gather", {})}
+            "callbacks": ("sharded_callbacks", {}),
+            "global_eager": ("sharded", {"batch": 16}),
+            "global_compiled": ("sharded", {"batch": 16, "compiled": True}),
+            "units_eager": ("sharded_units", {})}
+    if at_least(2, 13):  # the compiled units (UNITS_COMPILED: refused before, in their test)
+        jobs["units_compiled"] = ("sharded_units", {"compiled": "inductor"})
+    jobs["float8"] = ("float8_gather", {})
 
     def make(out):
-        for folder in jobs:
+        for folder in (*jobs, "single"):
             (out / folder).mkdir()
         spawn("several", [(name, (str(out / folder),), kwargs)
                           for folder, (name, kwargs) in jobs.items()])
+        dist_worker.sharded(str(out / "single"), batch=32)  # this process: world size 1
 
     return once_per_run(tmp_path_factory, "sharding_jobs", make)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_sharded_training_equals_one_process_with_the_global_batch(tmp_path, compiled):
-    spawn("sharded", str(tmp_path), compiled=compiled, batch=16)
-    r0, r1 = results(tmp_path)
+def test_sharded_training_equals_one_process_with_the_global_batch(sharding_jobs, compiled):
+    r0, r1 = results(sharding_jobs / ("global_compiled" if compiled else "global_eager"))
     assert r0["sharded"] and r0["digest"] == r1["digest"]  # the ranks agree bit for bit
     for r in (r0, r1):  # each rank holds about half the parameters and optimizer state
         assert 0.45 * r["whole"] <= sum(r["local"]) <= 0.6 * r["whole"], (r["local"], r["whole"])
     if compiled:
         assert r0["graphs"] == 1  # gather, reduce-scatter and optimizer in the one graph
-    (tmp_path / "single").mkdir()
-    dist_worker.sharded(str(tmp_path / "single"), batch=32)  # this process: world size 1
-    single = torch.load(tmp_path / "single" / "rank0.pt")
+    single = torch.load(sharding_jobs / "single" / "rank0.pt")  # this process: world size 1
     assert not single["sharded"]
     for k, p in single["params"].items():
         torch.testing.assert_close(r0["params"][k], p, rtol=1e-5, atol=1e-6)
@@ -120,7 +129,8 @@ def test_float8_all_gather_in_a_compiled_step(sharding_jobs):
 @pytest.mark.slow
 def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
-    spawn("sharded_saves", str(tmp_path), str(ckpt))
+    spawn("several", [("sharded_saves", (str(tmp_path), str(ckpt)), {}),  # saved, then
+                      ("sharded_saves", (str(tmp_path), str(ckpt)), {"restore_only": "yes"})])
     r0, r1 = results(tmp_path)
     assert r0["digest"] == r1["digest"] and r0["steps"] == [8, 12]  # retention: the latest 2
     assert "FileExistsError" in r0["again"] and "already exists" in r1["again"]
@@ -137,30 +147,33 @@ def test_sharded_checkpoints_restore_on_one_process_and_on_two_ranks(tmp_path, c
     out = capsys.readouterr().out
     assert f"digest (step 12): {r0['digest']}" in out and "written by 2 ranks" in out
 
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")
-    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]
+    restored = [torch.load(tmp_path / f"restored{r}.pt") for r in (0, 1)]  # on two ranks
     assert {r["latest"] for r in restored} == {r["final"] for r in restored} == {r0["digest"]}
     assert [r["local"] for r in restored] == [(9, 8), (8, 8)]  # 17 rows, resharded on load
 
     # each rank checksummed the file it wrote; a flipped bit in rank 1's is named, whoever reads
     table = fxtrain.checkpoint.store.read_meta(ckpt / "12")
     assert sorted(table["files"]) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
-    shard = ckpt / "12" / "shards" / "__1_0.distcp"
-    intact = shard.read_bytes()
-    data = bytearray(intact)
+    flipped = tmp_path / "flipped"  # a copy, so that one launch reads it and the intact one
+    shutil.copytree(ckpt, flipped / "ckpt")
+    shard = flipped / "ckpt" / "12" / "shards" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 4
     shard.write_bytes(bytes(data))
     named = r"its shard file shards/__1_0\.distcp differ.*CRC-32 mismatch"
     with pytest.raises(fx.checkpoint.DamagedCheckpointError, match=named):
-        fx.checkpoint.CheckpointManager(ckpt).restore(like=like, step=12)
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes")  # on two ranks
+        fx.checkpoint.CheckpointManager(flipped / "ckpt").restore(like=like, step=12)
+    # on two ranks: the flipped bit; then, from the intact checkpoint, a read failing on one
+    # rank only: both ranks raise it (none left waiting in a collective)
+    eio = tmp_path / "eio"
+    eio.mkdir()
+    spawn("several", [
+        ("sharded_saves", (str(flipped), str(flipped / "ckpt")), {"restore_only": "yes"}),
+        ("sharded_saves", (str(eio), str(ckpt)), {"restore_only": "yes", "eio_rank": "1"})])
     for r in (0, 1):
-        assert re.search(named, torch.load(tmp_path / f"restored{r}.pt")["damaged"])
-    # a read failing on one rank only: both ranks raise it (none left waiting in a collective)
-    shard.write_bytes(intact)
-    spawn("sharded_saves", str(tmp_path), str(ckpt), restore_only="yes", eio_rank="1")
+        assert re.search(named, torch.load(flipped / f"restored{r}.pt")["damaged"])
     for r in (0, 1):
-        said = torch.load(tmp_path / f"restored{r}.pt")["damaged"]
+        said = torch.load(eio / f"restored{r}.pt")["damaged"]
         assert said.startswith("UnreadableCheckpointError") and "Input/output error" in said
 
     wider = fx.TrainState.create(mlp(sizes=(8, 18, 4, 3)), fx.optim.adamw(1e-2))
@@ -190,14 +203,18 @@ def test_shard_without_a_process_group_says_how_to_start_one():
 @pytest.mark.slow
 @pytest.mark.parametrize("compiled", [False, pytest.param("inductor", marks=UNITS_COMPILED)],
                          ids=["eager", "compiled"])
-def test_units_gather_per_block_and_train_as_the_whole_model_sharded(tmp_path, compiled):
+def test_units_gather_per_block_and_train_as_the_whole_model_sharded(sharding_jobs, tmp_path,
+                                                                    compiled):
     """fx.shard(units="auto"): each block of the ModuleList gathers its own parameters, in its
     forward and again in its backward, and its gradients come back reduce-scattered; trained
     with dropout, it ends where the same state sharded as one unit ends, trained eagerly (2
     ranks: a sum of two terms, whatever the grouping, so eager is bitwise; compiled, within
     float32 rounding: keyed masks are the same compiled and eager)."""
-    spawn("sharded_units", str(tmp_path), compiled=compiled)
-    r0, r1 = results(tmp_path)
+    out = sharding_jobs / ("units_compiled" if compiled else "units_eager")
+    if not out.is_dir():  # torch before 2.13: its own launch, which the compile refuses
+        out = tmp_path
+        spawn("sharded_units", str(tmp_path), compiled=compiled)
+    r0, r1 = results(out)
     assert r0["names"] == ["blocks.0", "blocks.1", "blocks.2"] and r0["module"] == "Block"
     assert r0["digests"] == r1["digests"]  # the ranks agree bit for bit
     for k, p in r0["whole"].items():
