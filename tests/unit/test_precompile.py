@@ -420,10 +420,10 @@ DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, w
     "garbage": (lambda d: garbage(4096), "is not a file fxtrain.precompiled wrote", KEPT),
     "previous_format": (lambda d: PREVIOUS_FORMAT + d[lines(d, 1):],
                         r"was written in fxtrain.precompiled's file format 1 \(this fxtrain "
-                        r"reads format 3\)", REPLACED),
-    "format_2": (lambda d: d.replace(b"fxtrain-precompiled-3 ", b"fxtrain-precompiled-2 ", 1),
+                        r"reads format 4\)", REPLACED),
+    "format_2": (lambda d: d.replace(b"fxtrain-precompiled-4 ", b"fxtrain-precompiled-2 ", 1),
                  r"was written in fxtrain.precompiled's file format 2 \(this fxtrain "
-                 r"reads format 3\)", REPLACED),
+                 r"reads format 4\)", REPLACED),
     "folder": (None, "is a folder, not a file", KEPT),
     "unreadable": (None, r"cannot be read \(PermissionError: Permission denied\)", KEPT),
 }
