@@ -354,10 +354,12 @@ def test_a_file_naming_a_library_outside_the_cache_is_named_and_loads_nothing(sa
     monkeypatch.setattr(precompile.caches, "load", never)
     key, body, _ = stored.unpack(tmp_path, saved.data)
     path = tmp_path / "step.bin"
-    path.write_bytes(stored.pack(key.decode(), body, {"../../escaped.so": b"x"}))
+    from fxtrain._torch import binaries
+
+    path.write_bytes(stored.pack(key.decode(), body, {"../../escaped.so": b"x"},
+                                 binaries.machine()))
     with pytest.raises(stored.Unusable, match="not a name of Inductor's libraries"):
         precompile._read(path, saved.key, fx.make_train_step(loss_fn))
-    from fxtrain._torch import binaries
 
     assert not (binaries.folder() / "../../escaped.so").exists()
 
