@@ -13,12 +13,24 @@ where none is there. ``put`` places the carried ones there before torch loads th
 a file that exists, so a library is taken only where this process's Inductor would have built that
 same file from the same source and command; elsewhere (another torch, compiler or CPU) its key
 differs and Inductor builds its own as usual.
+
+The key holds the command's text, not what it meant on the machine that ran it: on x86 Linux
+Inductor builds with ``-march=native``, the instructions of the CPU it runs on, so a file made on
+an AVX-512 machine and read on an AVX2 one with the same paths has the same keys and its
+libraries would stop the process at their first AVX-512 instruction. ``machine`` stamps what a
+library depends on beyond its key (the CPU's instruction flags, the compiler's file, the C
+library's version); a file's libraries are put only on a machine of the same stamp.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import os
+import platform
 import re
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +43,44 @@ def folder() -> Path:
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
     return Path(cache_dir())
+
+
+@functools.cache
+def machine() -> str:
+    """What this process's libraries depend on beyond Inductor's key, as a line of JSON: a digest
+    of the CPU's instruction flags (what ``-march=native`` expands to), the C++ compiler's
+    resolved path, size and modification time (its version is not in the key, only its name),
+    and the C library's version. Equal stamps: a library built on one loads and runs on the
+    other."""
+    return json.dumps({"cpu": _cpu_flags(), "cxx": _compiler(),
+                       "libc": " ".join(platform.libc_ver()) or platform.system()})
+
+
+def _cpu_flags() -> str:
+    """A digest of the CPU's instruction flags (Linux's ``/proc/cpuinfo``; elsewhere the
+    processor's name)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    flags = next((line.split(":", 1)[1].split() for line in lines
+                  if line.split(":", 1)[0].strip() in ("flags", "Features")), None)
+    text = " ".join(sorted(flags)) if flags else platform.machine() + " " + platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _compiler() -> str:
+    """The C++ compiler Inductor runs (its ``cpp.cxx`` setting): resolved path, size, mtime."""
+    from torch._inductor import config
+
+    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+    for name in names:
+        found = shutil.which(name) if name else None
+        if found:
+            real = os.path.realpath(found)
+            stat = os.stat(real)
+            return f"{real} {stat.st_size} {stat.st_mtime_ns}"
+    return "none"
 
 
 def mark() -> tuple[float, frozenset[Path]]:

@@ -21,7 +21,9 @@ finds them there instead of building them again with the C++ compiler (most of s
 start: on torch 2.13 an MLP's warm first step took 2.2 CPU-seconds against 11.2 without them,
 its cold one 17; benchmarks/RESULTS.md). Each is
 taken only where this process's Inductor would build the same file (same source, compiler and
-flags), and never over a file already in the cache. On torch 2.11 and 2.12 Inductor also loads
+flags), built on a machine of the same stamp (the CPU's instruction flags, which Inductor's
+``-march=native`` builds for; the compiler's file; the C library), and never over a file already
+in the cache. On torch 2.11 and 2.12 Inductor also loads
 each probe of the vector instructions in a fresh Python that imports torch (six on an AVX-512
 machine, most of what was left of a warm start there); the step's process makes that choice with
 torch 2.13's probe instead, which loads the library without importing torch
@@ -171,7 +173,7 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
     for another key); raises ``Unusable`` for a file that cannot give one (damaged, not
     fxtrain's, unreadable, a folder, refused by torch's loader). A file of the ``"caches"``
     route gives True: its caches loaded into this process's."""
-    found = stored.read(path)
+    found = stored.read(path, binaries.machine())
     if found is None or found[0] != key.encode():
         return None
     _, body, libraries = found
@@ -185,6 +187,12 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
     except Exception as e:  # a whole file torch cannot load here
         raise stored.Unusable(path, f"cannot be loaded by torch ({type(e).__name__}: {e})",
                               replace=True) from e
+
+
+def _packed(key: str, body: bytes, since: tuple) -> bytes:
+    """The file of a step made for ``key`` with the libraries built since ``since``
+    (``binaries.mark()``'s), stamped with this machine's ``binaries.machine()``."""
+    return stored.pack(key, body, binaries.made_since(since), binaries.machine())
 
 
 class Precompiled:
@@ -226,7 +234,7 @@ class Precompiled:
             (key, since), self._caches_key = self._caches_key, None
             body = caches.save()
             if body is not None:
-                self._save(stored.pack(key, body, binaries.made_since(since)))
+                self._save(_packed(key, body, since))
         return out
 
     def unguarded(self, state: Any, batch: Any) -> tuple:
@@ -259,7 +267,7 @@ class Precompiled:
             if made is None:
                 return None, False
             if replace:
-                self._save(stored.pack(key, body, binaries.made_since(since)))
+                self._save(_packed(key, body, since))
         made.disable_guard_check()  # __call__ checks, so that a refusal can fall back
         return made, loaded
 

@@ -1,10 +1,10 @@
 """The file ``fx.precompiled`` keeps a compiled step in: verified whole before any of it is used.
 
-A file is a header line (``fxtrain-precompiled-3``, the SHA-256 checksum and the length of the
+A file is a header line (``fxtrain-precompiled-4``, the SHA-256 checksum and the length of the
 rest), then the key's line (what the step was made from: ``fxtrain.step._precompile.fingerprint``),
-the libraries' line (the names and lengths of the C++ libraries Inductor built for the step:
-``fxtrain._torch.binaries``), their bytes, and the body (torch's serialized step or caches). It
-is written beside its path, flushed to disk and renamed
+the libraries' line (the stamp of the machine that built the C++ libraries Inductor made for the
+step, and their names and lengths: ``fxtrain._torch.binaries``), their bytes, and the body
+(torch's serialized step or caches). It is written beside its path, flushed to disk and renamed
 over it, so a reader never sees half a file. A file that gives no step raises ``Unusable``, whose
 text is the warning ``fx.precompiled`` gives, naming the file and the cause.
 """
@@ -19,8 +19,8 @@ from pathlib import Path
 from .._files import write_whole
 
 MAGIC = b"fxtrain-precompiled-"  # a file begins so, then the number of its format
-FORMAT = 3  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body;
-# 2 (before issue 62): format 3 without the libraries
+FORMAT = 4  # format 1 (before issue 46): b"fxtrain-precompiled-1\n", the key's line, the body;
+# 2 (before issue 62): format 3 without the libraries; 3: the libraries' line a list, no stamp
 HEADER = re.compile(re.escape(MAGIC) + b"%d" % FORMAT
                     + rb" sha256=([0-9a-f]{64}) bytes=([0-9]{1,15})\n")
 
@@ -37,20 +37,27 @@ class Unusable(Exception):
         self.replace = replace
 
 
-def pack(key: str, body: bytes, libraries: dict[str, bytes] | None = None) -> bytes:
+def pack(key: str, body: bytes, libraries: dict[str, bytes] | None = None,
+         machine: str = "") -> bytes:
     """A file's bytes: a header line (the format, the payload's SHA-256 and length), then the
-    payload: the key's line, the libraries' line (``[[name, length], ...]``), their bytes, and
-    the body (``aot.serialize``'s or ``caches.save``'s)."""
+    payload: the key's line, the libraries' line (``{"machine": machine, "files": [[name,
+    length], ...]}``, ``machine`` the stamp of the machine that built them:
+    ``binaries.machine()``), their bytes, and the body (``aot.serialize``'s or
+    ``caches.save``'s)."""
     libraries = libraries or {}
-    index = json.dumps([[name, len(data)] for name, data in libraries.items()])
+    index = json.dumps({"machine": machine,
+                        "files": [[name, len(data)] for name, data in libraries.items()]})
     payload = b"".join([key.encode(), b"\n", index.encode(), b"\n", *libraries.values(), body])
     digest = hashlib.sha256(payload).hexdigest()
     return b"%s%d sha256=%s bytes=%d\n" % (MAGIC, FORMAT, digest.encode(), len(payload)) + payload
 
 
-def unpack(path: Path, data: bytes) -> tuple[bytes, bytes, dict[str, bytes]]:
+def unpack(path: Path, data: bytes, machine: str | None = None
+           ) -> tuple[bytes, bytes, dict[str, bytes]]:
     """The key, the body and the libraries of the bytes ``data`` read from ``path``, verified
-    whole (length and checksum) before any of it is used; else raises ``Unusable`` saying why."""
+    whole (length and checksum) before any of it is used; else raises ``Unusable`` saying why.
+    Given ``machine`` (this one's stamp: ``binaries.machine()``), libraries built on a machine
+    of another stamp are left out (none returned); None returns them all, to inspect a file."""
     if not data.startswith(MAGIC):
         raise Unusable(path, "is empty" if not data else "is not a file fxtrain.precompiled "
                        "wrote", replace=not data)
@@ -72,18 +79,23 @@ def unpack(path: Path, data: bytes) -> tuple[bytes, bytes, dict[str, bytes]]:
     key, _, rest = payload.partition(b"\n")
     index, _, rest = rest.partition(b"\n")
     try:
-        entries = [(str(name), int(length)) for name, length in json.loads(index)]
-    except (ValueError, TypeError) as e:
+        line = json.loads(index)
+        built_on = str(line["machine"])
+        entries = [(str(name), int(length)) for name, length in line["files"]]
+    except (ValueError, TypeError, KeyError) as e:
         raise Unusable(path, "is damaged (its libraries' line is unreadable)", replace=True) from e
     libraries, at = {}, 0
     for name, length in entries:
         libraries[name], at = rest[at:at + length], at + length
+    if machine is not None and built_on != machine:
+        libraries = {}  # built for another CPU, compiler or C library: Inductor builds its own
     return key, rest[at:], libraries
 
 
-def read(path: Path) -> tuple[bytes, bytes, dict[str, bytes]] | None:
-    """The key, the body and the libraries of the file at ``path``, verified whole; None when
-    there is none;
+def read(path: Path, machine: str | None = None
+         ) -> tuple[bytes, bytes, dict[str, bytes]] | None:
+    """The key, the body and the libraries of the file at ``path``, verified whole (those built
+    on a machine of the stamp ``machine`` alone, when given: ``unpack``); None when there is none;
     raises ``Unusable`` for a file that cannot give them (damaged, not fxtrain's, unreadable, a
     folder)."""
     try:
@@ -95,7 +107,7 @@ def read(path: Path) -> tuple[bytes, bytes, dict[str, bytes]] | None:
     except OSError as e:  # a file fxtrain may not read
         raise Unusable(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
                        replace=False) from e
-    return unpack(path, data)
+    return unpack(path, data, machine)
 
 
 write = write_whole  # the file whole or not at all, flushed to disk (fxtrain._files)

@@ -354,10 +354,12 @@ def test_a_file_naming_a_library_outside_the_cache_is_named_and_loads_nothing(sa
     monkeypatch.setattr(precompile.caches, "load", never)
     key, body, _ = stored.unpack(tmp_path, saved.data)
     path = tmp_path / "step.bin"
-    path.write_bytes(stored.pack(key.decode(), body, {"../../escaped.so": b"x"}))
+    from fxtrain._torch import binaries
+
+    path.write_bytes(stored.pack(key.decode(), body, {"../../escaped.so": b"x"},
+                                 binaries.machine()))
     with pytest.raises(stored.Unusable, match="not a name of Inductor's libraries"):
         precompile._read(path, saved.key, fx.make_train_step(loss_fn))
-    from fxtrain._torch import binaries
 
     assert not (binaries.folder() / "../../escaped.so").exists()
 
@@ -420,10 +422,10 @@ DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, w
     "garbage": (lambda d: garbage(4096), "is not a file fxtrain.precompiled wrote", KEPT),
     "previous_format": (lambda d: PREVIOUS_FORMAT + d[lines(d, 1):],
                         r"was written in fxtrain.precompiled's file format 1 \(this fxtrain "
-                        r"reads format 3\)", REPLACED),
-    "format_2": (lambda d: d.replace(b"fxtrain-precompiled-3 ", b"fxtrain-precompiled-2 ", 1),
+                        r"reads format 4\)", REPLACED),
+    "format_2": (lambda d: d.replace(b"fxtrain-precompiled-4 ", b"fxtrain-precompiled-2 ", 1),
                  r"was written in fxtrain.precompiled's file format 2 \(this fxtrain "
-                 r"reads format 3\)", REPLACED),
+                 r"reads format 4\)", REPLACED),
     "folder": (None, "is a folder, not a file", KEPT),
     "unreadable": (None, r"cannot be read \(PermissionError: Permission denied\)", KEPT),
 }
