@@ -152,7 +152,7 @@ def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_
 @SAVES
 def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
     state, batch = setup()
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     step(state, batch)
     short = (batch[0][:3], batch[1][:3])  # a short last batch
     reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
@@ -195,7 +195,7 @@ def test_fit_checks_the_guards_of_the_first_call_and_of_other_batches_only(tmp_p
 def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
     state, batch = setup()
     data = [batch] * 3
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     assert fx.step_spec(step).compiled and fx.step_spec(step).donate is False
     trained = fx.fit(state, step, data, max_steps=3)
     reference = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
@@ -205,7 +205,8 @@ def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
 
 def test_a_donating_precompiled_step_gives_up_the_state_it_was_given(tmp_path):
     state, batch = setup()
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", donate=True)
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", donate=True,
+                          options=QUICK)
     assert fx.step_spec(step).donate is True
     given = state.replace(params={k: v.clone() for k, v in state.params.items()})
     new, _ = step(given, batch)
@@ -246,7 +247,7 @@ def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path)
 
     torch.manual_seed(0)
     state, batch = fx.TrainState.create(Local(4, 3), fx.optim.sgd(0.1)), setup()[1]
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     with pytest.warns(UserWarning, match="cannot save this step"):
         got = steps(step, state, batch)[0]
     assert step.loaded is False and not (tmp_path / "step.bin").exists()
