@@ -40,16 +40,20 @@ CHILD = textwrap.dedent("""
     state = fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0)
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
-    if sys.argv[2] == "reference":
-        step, loaded = torch.compile(fx.make_train_step(loss_fn), fullgraph=True), None
-    else:
-        step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
-    for _ in range(3):
-        state, metrics = step(state, batch)
-    if sys.argv[2] != "reference":
-        loaded = step.loaded
-    print(json.dumps({"loaded": loaded, "digest": fx.tree_digest(state),
-                      "loss": float(metrics["loss"])}))
+
+    def train(step, state):
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        return state, metrics
+
+    step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
+    trained, metrics = train(step, state)
+    out = {"loaded": step.loaded, "digest": fx.tree_digest(trained),
+           "loss": float(metrics["loss"])}
+    if sys.argv[2] == "save+reference":  # and torch.compile's steps, in the same process
+        reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+        out["reference"] = fx.tree_digest(train(reference, state)[0])
+    print(json.dumps(out))
 """)
 
 
@@ -100,7 +104,8 @@ def steps(step, state, batch, n=2):
 
 def child(tmp_path, path, mode, env=None):
     """CHILD's result in a new process: ``mode`` "save" or "load" (fx.precompiled's step at
-    ``path``) or "reference" (torch.compile's); and what it wrote to stderr."""
+    ``path``), or "save+reference" (then torch.compile's step too, its digest "reference");
+    and what it wrote to stderr."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
