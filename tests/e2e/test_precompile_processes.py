@@ -26,11 +26,11 @@ from test_precompile import (DAMAGED, child, in_a_kernel, REPLACED)
 @pytest.mark.slow
 def test_a_second_process_loads_the_step_and_trains_bitwise_as_the_compiled_step(tmp_path):
     path = tmp_path / "step.bin"
-    first, second, reference = (child(tmp_path, path, mode)[0]
-                                for mode in ("save", "load", "reference"))
+    # torch.compile's steps run in the first process, not in a third of their own
+    first, second = (child(tmp_path, path, mode)[0] for mode in ("save+reference", "load"))
     assert (first["loaded"], second["loaded"]) == (False, True)
     # the same kernels on the same machine: the same bits as torch.compile of the step
-    assert first["digest"] == second["digest"] == reference["digest"]
+    assert first["digest"] == second["digest"] == first["reference"]
 
 
 @pytest.mark.slow  # every route: the file's checksum covers the caches of torch < 2.13 too

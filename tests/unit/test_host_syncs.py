@@ -3,7 +3,7 @@ values only at documented boundaries: every ``sync_every`` steps, evaluations, e
 checkpoints and the intervals of the callbacks that read.
 
 Every count below is exact, and derived in comments from the code. Each ``fit`` count is asserted
-for 100 and for 400 steps, so one stray read per step (100 vs 400 more) cannot hide in a
+for 100 and for 200 steps, so one stray read per step (100 vs 200 more) cannot hide in a
 constant. ``HostReads`` (tests/syncs.py) says what counts as a read; reads of the data position
 (CPU tensors by contract) are not counted.
 """
@@ -18,10 +18,10 @@ from syncs import HostReads, graph_syncs, recording_backend
 
 import fxtrain as fx
 
-X, Y = classification_batch(n=3200, seed=1)  # 200 batches of 16: an epoch ends at step 200
+X, Y = classification_batch(n=1600, seed=1)  # 100 batches of 16: an epoch ends at step 100
 EVAL = classification_batch(n=64, seed=2)
 BATCH = (X[:16], Y[:16])
-STEPS = (100, 400)
+STEPS = (100, 200)
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ VARIANTS = {"plain": ((), False), "grad_stats": ((), True),
 def optimizer():
     """Adam on a schedule, so the state records a learning rate (for lr_monitor, summary)."""
     return fx.optim.adam(fx.optim.warmup_cosine_decay_schedule(
-        0.0, 1e-2, warmup_steps=10, decay_steps=400))
+        0.0, 1e-2, warmup_steps=10, decay_steps=200))
 
 
 def make(variant="plain", *, compiled=False, graphs=None):
@@ -165,7 +165,7 @@ def test_fit_without_callbacks_reads_the_step_once(steps):
     state, step = make()
     with HostReads() as reads:
         state = fx.fit(state, step, data(), max_steps=steps, sync_every=50)
-    # 1: int(state.step) when fit starts. Boundaries (every 50 steps, the epoch end at 200) read
+    # 1: int(state.step) when fit starts. Boundaries (every 50 steps, the epoch end at 100) read
     # nothing: no callback left a tensor flag to read. (The data position's reads are not
     # counted: it lives on the host.)
     assert reads.count == 1, reads.report()
@@ -180,7 +180,7 @@ def test_fit_reads_in_step_flags_once_per_sync(steps, sync_every):
         fx.fit(state, step, data(), max_steps=steps, sync_every=sync_every)
     # 1 (int(state.step) at the start) + 1 per boundary: the in-step callbacks' control flags,
     # stacked and read in one transfer. Boundaries: every sync_every steps; the epoch end (step
-    # 200) and the last step are among them.
+    # 100) and the last step are among them.
     assert reads.count == 1 + steps // sync_every, reads.report()
 
 
@@ -199,14 +199,14 @@ def standard_callbacks(tmp_path, events):
         fx.callbacks.throughput(25, writer=writer),
         fx.callbacks.log_metrics(writer, 25, eval_prefix=None),
         fx.callbacks.log_eval_metrics(writer),
-        fx.callbacks.log_hparams(writer, {"lr": 1e-2, "steps": 400}),
+        fx.callbacks.log_hparams(writer, {"lr": 1e-2, "steps": 200}),
         lambda state, event: events.append((event.kind, event.step)),  # reads nothing
     ]
 
 
 def expected_standard_reads(steps, saves):
     """The reads of ``fit`` with ``standard_callbacks``, eval_every=sync_every=50, by source."""
-    boundaries = steps // 50  # sync, evaluation (and the epoch end at 200) fall together
+    boundaries = steps // 50  # sync, evaluation (and the epoch end at 100) fall together
     return sum([
         1,  # int(state.step) as fit starts
         1,  # summary: float(learning rate) at train_begin

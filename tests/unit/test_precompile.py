@@ -40,16 +40,20 @@ CHILD = textwrap.dedent("""
     state = fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0)
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
-    if sys.argv[2] == "reference":
-        step, loaded = torch.compile(fx.make_train_step(loss_fn), fullgraph=True), None
-    else:
-        step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
-    for _ in range(3):
-        state, metrics = step(state, batch)
-    if sys.argv[2] != "reference":
-        loaded = step.loaded
-    print(json.dumps({"loaded": loaded, "digest": fx.tree_digest(state),
-                      "loss": float(metrics["loss"])}))
+
+    def train(step, state):
+        for _ in range(3):
+            state, metrics = step(state, batch)
+        return state, metrics
+
+    step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
+    trained, metrics = train(step, state)
+    out = {"loaded": step.loaded, "digest": fx.tree_digest(trained),
+           "loss": float(metrics["loss"])}
+    if sys.argv[2] == "save+reference":  # and torch.compile's steps, in the same process
+        reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
+        out["reference"] = fx.tree_digest(train(reference, state)[0])
+    print(json.dumps(out))
 """)
 
 
@@ -100,7 +104,8 @@ def steps(step, state, batch, n=2):
 
 def child(tmp_path, path, mode, env=None):
     """CHILD's result in a new process: ``mode`` "save" or "load" (fx.precompiled's step at
-    ``path``) or "reference" (torch.compile's); and what it wrote to stderr."""
+    ``path``), or "save+reference" (then torch.compile's step too, its digest "reference");
+    and what it wrote to stderr."""
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
@@ -152,7 +157,7 @@ def test_the_cpu_default_is_the_cpp_wrapper_and_other_options_compile_again(tmp_
 @SAVES
 def test_inputs_the_loaded_step_was_not_made_for_go_to_torch_compile(tmp_path):
     state, batch = setup()
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     step(state, batch)
     short = (batch[0][:3], batch[1][:3])  # a short last batch
     reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
@@ -195,7 +200,7 @@ def test_fit_checks_the_guards_of_the_first_call_and_of_other_batches_only(tmp_p
 def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
     state, batch = setup()
     data = [batch] * 3
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     assert fx.step_spec(step).compiled and fx.step_spec(step).donate is False
     trained = fx.fit(state, step, data, max_steps=3)
     reference = fx.fit(state, torch.compile(fx.make_train_step(loss_fn), fullgraph=True), data,
@@ -205,7 +210,8 @@ def test_fit_trains_with_a_precompiled_step_as_with_the_compiled_one(tmp_path):
 
 def test_a_donating_precompiled_step_gives_up_the_state_it_was_given(tmp_path):
     state, batch = setup()
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", donate=True)
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", donate=True,
+                          options=QUICK)
     assert fx.step_spec(step).donate is True
     given = state.replace(params={k: v.clone() for k, v in state.params.items()})
     new, _ = step(given, batch)
@@ -246,7 +252,7 @@ def test_a_step_torch_cannot_save_warns_and_trains_under_torch_compile(tmp_path)
 
     torch.manual_seed(0)
     state, batch = fx.TrainState.create(Local(4, 3), fx.optim.sgd(0.1)), setup()[1]
-    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin")
+    step = fx.precompiled(fx.make_train_step(loss_fn), tmp_path / "step.bin", options=QUICK)
     with pytest.warns(UserWarning, match="cannot save this step"):
         got = steps(step, state, batch)[0]
     assert step.loaded is False and not (tmp_path / "step.bin").exists()

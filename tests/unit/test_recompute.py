@@ -135,7 +135,10 @@ def train(autodiff: str, steps: int = 3):
 
 @pytest.fixture
 def fresh_compiles(monkeypatch):
-    """Every compile in the test runs Inductor's passes (no cached graph), and ours is seen."""
+    """Every compile in the test runs Inductor's passes (no cached graph), and ours is seen. The
+    C++ kernels stay cached by their source: a kernel that the pass changed is compiled again,
+    one it left as it was is not (a cold build of each: 4 of a compile's 5 CPU-s here)."""
+    import torch._functorch.config as functorch
     import torch._inductor.config as inductor
 
     seen = []
@@ -148,7 +151,7 @@ def fresh_compiles(monkeypatch):
 
     monkeypatch.setattr(_recompute, "recompute", spy)
     torch.compiler.reset()
-    with inductor.patch(force_disable_caches=True):
+    with inductor.patch(fx_graph_cache=False), functorch.patch(enable_autograd_cache=False):
         yield seen
     torch.compiler.reset()
 
