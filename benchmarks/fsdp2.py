@@ -336,8 +336,9 @@ def _arguments(argv) -> argparse.Namespace:
                         help="time the AdamW update alone instead, one process (CPU seconds)")
     args = parser.parse_args(argv)
     if args.smoke:  # every variant on one pair of processes, tiny, compiled with aot_eager
-        args.width, args.seq, args.batch, args.warmup, args.steps, args.rounds, \
-            args.worlds = 64, 16, 2, 1, 1, 1, [2]
+        # (2 blocks: the per-block units and compiled blocks are several, at half the tracing)
+        args.layers, args.width, args.seq, args.batch, args.warmup, args.steps, args.rounds, \
+            args.worlds = 2, 64, 16, 2, 1, 1, 1, [2]
     return args
 
 

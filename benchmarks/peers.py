@@ -16,7 +16,8 @@ loading costs nothing and the rates compare the training loops themselves:
                    written to os.devnull; the monitors publish to the `fxtrain` logger); the
                    batches, the same in the same order, from fx.data.Batches (shuffle off)
   fxtrain_nan_guard  the same with nan_guard("skip") inside the compiled step
-  fxtrain_k8       fxtrain with a step taking 8 steps per compiled call (steps_per_call=8)
+  fxtrain_k8       fxtrain with a step taking 8 steps per compiled call (steps_per_call=8; 2 in
+                   a --smoke run, which reports no figure: a quarter of the graph to compile)
   fxtrain_k8_precompiled  the same, the step through fx.precompiled instead of torch.compile
   lightning        pytorch_lightning.Trainer with its defaults (progress bar, model summary,
                    TensorBoard logger and checkpointing into a temporary folder); the module logs
@@ -74,6 +75,10 @@ from step_overhead import eager_variant, fxtrain_variant, handwritten_variant
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false"  # XLA has no flag for its own pool's size
 LARGE_STEPS = 5  # the larger MLP runs steps // LARGE_STEPS steps per round
 EPOCH = 10**6  # batches per epoch for the framework loops: longer than any run
+K = 8  # the fxtrain_k8 rows' steps per compiled call; a --smoke run's: SMOKE_K
+# the same code with a quarter of the graph: the smoke's cold Inductor compile of
+# fx.precompiled's 8-step graph took 42 of its 75 CPU-s (2 steps: 21)
+SMOKE_K = 2
 
 Timing = tuple[float, float]  # (wall seconds, CPU seconds of this process)
 Run = Callable[[int], Timing]  # steps -> the time they took, in the steady state
@@ -315,8 +320,8 @@ VARIANTS: dict[str, Callable] = {
     "fxtrain_step": fxtrain_step,
     "fxtrain": fxtrain_fit,
     "fxtrain_nan_guard": lambda s, b: fxtrain_fit(s, b, [fx.callbacks.nan_guard("skip")]),
-    "fxtrain_k8": lambda s, b: fxtrain_fit(s, b, steps_per_call=8),
-    "fxtrain_k8_precompiled": lambda s, b: fxtrain_fit(s, b, steps_per_call=8, precompiled=True),
+    "fxtrain_k8": lambda s, b: fxtrain_fit(s, b, steps_per_call=K),
+    "fxtrain_k8_precompiled": lambda s, b: fxtrain_fit(s, b, steps_per_call=K, precompiled=True),
     "lightning": lightning,
     "lightning_bare": lambda s, b: lightning(s, b, bare=True),
     "ignite": ignite,
@@ -380,12 +385,15 @@ def report(size: str, med: dict[str, dict]) -> None:
 
 
 def main(argv=None) -> dict:
+    global K
     args = arguments(__doc__, argv, rounds=5, steps=1000)
+    K = SMOKE_K if args.smoke else 8
     results = {}
     with one_core():
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all"
         print(f"torch {torch.__version__}, fxtrain {fx.__version__}, threads "
-              f"{torch.get_num_threads()}, CPUs {cpus}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}")
+              f"{torch.get_num_threads()}, CPUs {cpus}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}"
+              + (f"; the k8 rows at {K} steps per call (--smoke)" if K != 8 else ""))
         for size in args.sizes:
             steps = args.steps if size == "tiny" else max(args.steps // LARGE_STEPS, 5)
             results[size] = measure(size, args.rounds, steps)

@@ -167,6 +167,9 @@ def _loss(logits, ids):
                                              ids[:, 1:].reshape(-1))
 
 
+VARIANTS = ("fxtrain", "fsdp2")
+
+
 def _mesh(layout: str, world: int):
     import fxtrain as fx
     return fx.sharding.mesh() if layout == "fsdp" else \
@@ -356,7 +359,7 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
-    if args.smoke:  # the tiny model, each layout
+    if args.smoke:  # the tiny model, each layout; a process per variant (main)
         args.seq, args.runs = 16, ["tiny:fsdp:8", "tiny:fsdp_tp:16"]
     return args
 
@@ -364,12 +367,16 @@ def _arguments(argv) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = _arguments(argv)
     start = time.perf_counter()
+    runs = [(m, l, int(w)) for m, l, w in (text.split(":") for text in args.runs)]
+    if args.smoke:  # a process per variant, its runs in turn (a process start cost more)
+        by_variant = dict(zip(VARIANTS, jobs([[(*run, v) for run in runs] for v in VARIANTS],
+                                             args)))
     rows = []
-    for text in args.runs:
-        model, layout, world = text.split(":")
-        row = {"model": model, "layout": layout, "world": int(world)}
-        for variant in ("fxtrain", "fsdp2"):
-            row[variant] = job((model, layout, int(world), variant), args)
+    for i, (model, layout, world) in enumerate(runs):
+        row = {"model": model, "layout": layout, "world": world}
+        for variant in VARIANTS:
+            row[variant] = by_variant[variant][i] if args.smoke else \
+                job((model, layout, world, variant), args)
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {"config": {"seq": args.seq, "batch": args.batch}, "rows": rows,

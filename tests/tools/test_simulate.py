@@ -16,6 +16,10 @@ def test_simulate_benchmark_smoke(tmp_path):
     assert [(r["layout"], r["world"]) for r in result["rows"]] == [("fsdp", 8), ("fsdp_tp", 16)]
     for row in result["rows"]:
         fx, fsdp2 = row["fxtrain"], row["fsdp2"]
+        # each entry is its own run's (--smoke runs them in a process per variant)
+        for variant, run in (("fxtrain", fx), ("fsdp2", fsdp2)):
+            assert (run["layout"], run["world"], run["variant"]) == (row["layout"],
+                                                                     row["world"], variant)
         for key in ("params_bytes", "all_gather_bytes", "reduce_scatter_bytes"):
             assert fx[key] == fsdp2[key] > 0  # the same shards, gathered and reduced alike
         assert fx["peak_bytes"] > fx["held_bytes"] > fx["params_bytes"]
