@@ -19,7 +19,7 @@ if [[ $# -gt 0 ]]; then
 fi
 status=0
 over=()
-for kind_budget in unit:420 e2e:330 ranks:570 tools:500; do
+for kind_budget in unit:460 e2e:360 ranks:700 tools:560; do
     kind=${kind_budget%%:*} budget=${kind_budget##*:}
     start=$SECONDS
     "${pytest[@]}" "tests/$kind" || status=1
