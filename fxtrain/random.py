@@ -100,6 +100,7 @@ _LIB = torch.library.Library("fxtrain", "FRAGMENT")
 _LIB.define("fold_in(Tensor key, Tensor data) -> Tensor")
 _LIB.define("fold_in_range(Tensor key, int start, int count) -> Tensor")
 _LIB.define("stream_key(Tensor key, int stream) -> Tensor")
+_LIB.define("position(Tensor key, int calls) -> Tensor")
 
 
 def _fold_in_impl(key: torch.Tensor, data: torch.Tensor) -> torch.Tensor:
@@ -119,12 +120,19 @@ def _stream_key_impl(key: torch.Tensor, stream: int) -> torch.Tensor:
     return _run(lambda k: _mix32(k + stream * _GOLDEN), key)
 
 
+def _position_impl(key: torch.Tensor, calls: int) -> torch.Tensor:
+    # an operator rather than a constant tensor: Inductor would compile a kernel of its own
+    # for each constant (one per layer of a regional step), where it calls an operator
+    return torch.full((), calls, dtype=torch.int64, device=key.device)
+
+
 for _name, _impl in (("fold_in", _fold_in_impl), ("fold_in_range", _fold_in_range_impl),
-                     ("stream_key", _stream_key_impl)):
+                     ("stream_key", _stream_key_impl), ("position", _position_impl)):
     _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
 _fold_in = torch.ops.fxtrain.fold_in.default
 _fold_in_range = torch.ops.fxtrain.fold_in_range.default
 _stream_key = torch.ops.fxtrain.stream_key.default
+_position = torch.ops.fxtrain.position.default
 
 
 @torch.library.register_fake("fxtrain::fold_in")
@@ -137,6 +145,12 @@ def _(key, data):
 def _(key, start, count):
     del start
     return key.new_empty((*key.shape, count))
+
+
+@torch.library.register_fake("fxtrain::position")
+def _(key, calls):
+    del calls
+    return key.new_empty(())
 
 
 @torch.library.register_fake("fxtrain::stream_key")
@@ -461,7 +475,7 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
         """Where this stream stands (its draws so far), as a 0-d int64 tensor: what a region
         compiled once for every layer takes as an input, so that each layer continues the
         stream where it stands (``continued``)."""
-        return torch.tensor(self.calls, dtype=torch.int64, device=self.key.device)
+        return _position(self.key, self.calls)
 
     def advance(self, draws: int) -> None:
         """Counts ``draws`` a region continuing this stream made (``continued``)."""
