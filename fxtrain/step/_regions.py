@@ -100,10 +100,36 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
         return forward(*args, **kwargs)
     keep_region_outputs()
     name = type(module).__qualname__
-    out = _region(module, regions.region_inputs(module), outer.key, outer.position(), args,
-                  kwargs)
+    tensors = regions.region_inputs(module, getattr(module, "_fx_tensor_paths", None))
+    position = outer.position()
+    layout = _layout(args, kwargs)
+    if layout is None:  # an argument neither a tensor nor a plain value: the pytree path
+        out = _region(module, tensors, outer.key, position, args, kwargs)
+    else:
+        shape = regions.shape_index((tuple(tensors), layout[0])) + 0  # (see _region_update)
+        out = _flat_region(module, shape, outer.key, position, *tensors.values(), *layout[1])
     outer.advance(regions.draws(name))
     return out
+
+
+_VALUES = (type(None), bool, int, float, str)
+
+
+def _layout(args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
+    """The block's arguments flat: ``((name or None, is a tensor, value), ...)`` (a constant)
+    and their tensors in order; None where one is neither a tensor nor a plain value. A
+    region called with its tensors flat spares Dynamo a pytree walk of them per layer
+    (``build_input_fingerprint``'s fast path) and its key the same walk (``_flat_key``)."""
+    layout, tensors = [], []
+    for name, value in [*((None, a) for a in args), *kwargs.items()]:
+        if isinstance(value, torch.Tensor):
+            layout.append((name, True, None))
+            tensors.append(value)
+        elif isinstance(value, _VALUES):
+            layout.append((name, False, value))
+        else:
+            return None
+    return tuple(layout), tensors
 
 
 def _region_key(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
@@ -118,6 +144,39 @@ def _region_key(module: nn.Module, tensors: dict, key: torch.Tensor, position: t
 @functools.partial(regions.nested, key=_region_key)
 def _region(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
             args: tuple, kwargs: dict) -> Any:
+    return _run(module, tensors, key, position, args, kwargs)
+
+
+def _flat_key(module: nn.Module, shape: int, *flat: torch.Tensor) -> int:
+    """``_flat_region``'s reuse key (traced by Dynamo): the block's class, the names and
+    layout of its arguments (``shape``), its tensors' signatures, in one loop."""
+    kind = type(module)
+    found = [kind.__module__, kind.__qualname__, shape]
+    for x in flat:
+        found.append((tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad))
+    return regions.key_of(tuple(found))
+
+
+@functools.partial(regions.nested, key=_flat_key)
+def _flat_region(module: nn.Module, shape: int, key: torch.Tensor, position: torch.Tensor,
+                 *flat: torch.Tensor) -> Any:
+    """``_region`` with its tensors flat: the block's own (under the names of ``shape``),
+    then its arguments' (``_layout``)."""
+    names, layout = regions.shape_of(shape)
+    tensors = dict(zip(names, flat))
+    rest = iter(flat[len(names):])
+    args, kwargs = [], {}
+    for name, is_tensor, value in layout:
+        value = next(rest) if is_tensor else value
+        if name is None:
+            args.append(value)
+        else:
+            kwargs[name] = value
+    return _run(module, tensors, key, position, tuple(args), kwargs)
+
+
+def _run(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
+         args: tuple, kwargs: dict) -> Any:
     inner = random.continued(key, position, autodiff="autograd")
     with inner:
         out = torch.func.functional_call(module, tensors, args, kwargs)
@@ -203,5 +262,6 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
         alike = [b for b in blocks if type(b) is cls]
         for block, kind in zip(alike, _kinds(alike)):
             block.__class__ = _regional_class(cls, kind)
+            block._fx_tensor_paths = regions.tensor_paths(block)  # noqa: SLF001
     return state.replace(module=module, layout=layout.replace(
         regions=tuple(found), skeleton=layout.skeleton or state.module))
