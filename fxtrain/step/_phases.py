@@ -109,8 +109,8 @@ def gradient_fn(args: StepArgs, state: TrainState, batch: Any, plan: Plan, key: 
         return _autodiff.differentiate(functools.partial(keyed, forward), "func",
                                        recompute=recompute)
     # autograd: the backward too, so what activation checkpointing reruns runs as the forward
-    return functools.partial(keyed, _autodiff.differentiate(
-        forward, "autograd", plan.path.on_grad, recompute, reused=bool(state.layout.regions)))
+    return _autodiff.differentiate(forward, "autograd", plan.path.on_grad, recompute,
+                                   reused=bool(state.layout.regions), around=keyed)
 
 
 def taken(result: tuple) -> Gradients:
