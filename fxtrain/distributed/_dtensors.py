@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+import torch
 import torch.utils._pytree as pytree
 
 
@@ -16,9 +17,18 @@ def is_dtensor(x: Any) -> bool:
 
 
 def is_sharded(tree: Any) -> bool:
-    """Whether any leaf of ``tree`` is a DTensor (a state made by ``fx.shard``)."""
-    return "torch.distributed.tensor" in sys.modules and any(
-        is_dtensor(leaf) for leaf in pytree.tree_leaves(tree))
+    """Whether any leaf of ``tree`` is a DTensor (a state made by ``fx.shard``). A dict's
+    tensors are read without torch's pytree, in a plain loop: Dynamo traces the pytree walk,
+    a generator and a call per leaf in Python (a step asks this of its parameters: 0.6 CPU-s
+    of a 24-layer GPT-2's trace that way)."""
+    module = sys.modules.get("torch.distributed.tensor")
+    if module is None:
+        return False
+    for leaf in tree.values() if isinstance(tree, dict) else pytree.tree_leaves(tree):
+        if isinstance(leaf, module.DTensor) or not isinstance(leaf, torch.Tensor) and \
+                leaf is not tree and is_sharded(leaf):
+            return True
+    return False
 
 
 def gather_tensor(t: Any) -> Any:
