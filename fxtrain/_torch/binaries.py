@@ -70,17 +70,19 @@ def _cpu_flags() -> str:
 
 
 def _compiler() -> str:
-    """The C++ compiler Inductor runs (its ``cpp.cxx`` setting): resolved path, size, mtime."""
-    from torch._inductor import config
+    """The C++ compiler Inductor runs (its own search, ``get_cpp_compiler``): resolved path,
+    size, mtime; "none" where Inductor finds none."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
 
-    names = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
-    for name in names:
-        found = shutil.which(name) if name else None
-        if found:
-            real = os.path.realpath(found)
-            stat = os.stat(real)
-            return f"{real} {stat.st_size} {stat.st_mtime_ns}"
-    return "none"
+    try:
+        found = shutil.which(get_cpp_compiler())
+    except RuntimeError:  # InvalidCxxCompiler: Inductor cannot compile here either
+        return "none"
+    if not found:
+        return "none"
+    real = os.path.realpath(found)
+    stat = os.stat(real)
+    return f"{real} {stat.st_size} {stat.st_mtime_ns}"
 
 
 def mark() -> tuple[float, frozenset[Path]]:
