@@ -173,10 +173,12 @@ def _read(path: Path, key: str, train_step: Callable) -> Any:
     for another key); raises ``Unusable`` for a file that cannot give one (damaged, not
     fxtrain's, unreadable, a folder, refused by torch's loader). A file of the ``"caches"``
     route gives True: its caches loaded into this process's."""
-    found = stored.read(path, binaries.machine())
-    if found is None or found[0] != key.encode():
+    found = stored.read(path)
+    if found is None or found.key != key.encode():
         return None
-    _, body, libraries = found
+    body = found.body
+    # built for another CPU, compiler or C library: left out, Inductor builds its own
+    libraries = found.libraries if found.machine == binaries.machine() else {}
     try:
         binaries.put(libraries)  # before torch looks for them
         if json.loads(key).get("route") == "caches":

@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from .._files import write_whole
 
@@ -37,14 +38,22 @@ class Unusable(Exception):
         self.replace = replace
 
 
-def pack(key: str, body: bytes, libraries: dict[str, bytes] | None = None,
-         machine: str = "") -> bytes:
+class Stored(NamedTuple):
+    """What a file holds: the key, the body, the libraries and the stamp of the machine that
+    built them (its reader decides whether they fit this one: ``_precompile._read``)."""
+
+    key: bytes
+    body: bytes
+    libraries: dict[str, bytes]
+    machine: str
+
+
+def pack(key: str, body: bytes, libraries: dict[str, bytes], machine: str) -> bytes:
     """A file's bytes: a header line (the format, the payload's SHA-256 and length), then the
     payload: the key's line, the libraries' line (``{"machine": machine, "files": [[name,
     length], ...]}``, ``machine`` the stamp of the machine that built them:
     ``binaries.machine()``), their bytes, and the body (``aot.serialize``'s or
     ``caches.save``'s)."""
-    libraries = libraries or {}
     index = json.dumps({"machine": machine,
                         "files": [[name, len(data)] for name, data in libraries.items()]})
     payload = b"".join([key.encode(), b"\n", index.encode(), b"\n", *libraries.values(), body])
@@ -52,12 +61,9 @@ def pack(key: str, body: bytes, libraries: dict[str, bytes] | None = None,
     return b"%s%d sha256=%s bytes=%d\n" % (MAGIC, FORMAT, digest.encode(), len(payload)) + payload
 
 
-def unpack(path: Path, data: bytes, machine: str | None = None
-           ) -> tuple[bytes, bytes, dict[str, bytes]]:
-    """The key, the body and the libraries of the bytes ``data`` read from ``path``, verified
-    whole (length and checksum) before any of it is used; else raises ``Unusable`` saying why.
-    Given ``machine`` (this one's stamp: ``binaries.machine()``), libraries built on a machine
-    of another stamp are left out (none returned); None returns them all, to inspect a file."""
+def unpack(path: Path, data: bytes) -> Stored:
+    """What the bytes ``data`` read from ``path`` hold, verified whole (length and checksum)
+    before any of it is used; else raises ``Unusable`` saying why."""
     if not data.startswith(MAGIC):
         raise Unusable(path, "is empty" if not data else "is not a file fxtrain.precompiled "
                        "wrote", replace=not data)
@@ -87,15 +93,11 @@ def unpack(path: Path, data: bytes, machine: str | None = None
     libraries, at = {}, 0
     for name, length in entries:
         libraries[name], at = rest[at:at + length], at + length
-    if machine is not None and built_on != machine:
-        libraries = {}  # built for another CPU, compiler or C library: Inductor builds its own
-    return key, rest[at:], libraries
+    return Stored(key, rest[at:], libraries, built_on)
 
 
-def read(path: Path, machine: str | None = None
-         ) -> tuple[bytes, bytes, dict[str, bytes]] | None:
-    """The key, the body and the libraries of the file at ``path``, verified whole (those built
-    on a machine of the stamp ``machine`` alone, when given: ``unpack``); None when there is none;
+def read(path: Path) -> Stored | None:
+    """What the file at ``path`` holds, verified whole (``unpack``); None when there is none;
     raises ``Unusable`` for a file that cannot give them (damaged, not fxtrain's, unreadable, a
     folder)."""
     try:
@@ -107,7 +109,7 @@ def read(path: Path, machine: str | None = None
     except OSError as e:  # a file fxtrain may not read
         raise Unusable(path, f"cannot be read ({type(e).__name__}: {e.strerror or e})",
                        replace=False) from e
-    return unpack(path, data, machine)
+    return unpack(path, data)
 
 
 write = write_whole  # the file whole or not at all, flushed to disk (fxtrain._files)

@@ -318,7 +318,7 @@ def test_a_cold_inductor_cache_finds_the_libraries_in_the_file_and_builds_none(r
         step = fx.precompiled(fx.make_train_step(loss_fn), path, options=QUICK)
         made = steps(step, state, batch)[0]
         built = so_files(binaries.folder())
-    key, _, libraries = stored.read(path)
+    key, _, libraries, _ = stored.read(path)
     assert json.loads(key).get("route", "aot") == route  # before 2.13: caches alone
     assert built and set(libraries) == built  # every one it built, and no other
     torch._dynamo.reset()
@@ -358,7 +358,7 @@ def test_a_file_naming_a_library_outside_the_cache_is_named_and_loads_nothing(sa
 
     monkeypatch.setattr(aot, "load", never)
     monkeypatch.setattr(precompile.caches, "load", never)
-    key, body, _ = stored.unpack(tmp_path, saved.data)
+    key, body, _, _ = stored.unpack(tmp_path, saved.data)
     path = tmp_path / "step.bin"
     from fxtrain._torch import binaries
 
