@@ -313,20 +313,26 @@ def jax_optax(sizes, batches) -> Run:
     return manual(step, jax_batches, sync=lambda loss: jax.block_until_ready((loss, holder)))
 
 
-VARIANTS: dict[str, Callable] = {
-    "eager": eager,
-    "eager_foreach": lambda s, b: eager(s, b, foreach=True),
-    "torch_compile": torch_compile,
-    "fxtrain_step": fxtrain_step,
-    "fxtrain": fxtrain_fit,
-    "fxtrain_nan_guard": lambda s, b: fxtrain_fit(s, b, [fx.callbacks.nan_guard("skip")]),
-    "fxtrain_k8": lambda s, b: fxtrain_fit(s, b, steps_per_call=K),
-    "fxtrain_k8_precompiled": lambda s, b: fxtrain_fit(s, b, steps_per_call=K, precompiled=True),
-    "lightning": lightning,
-    "lightning_bare": lambda s, b: lightning(s, b, bare=True),
-    "ignite": ignite,
-    "jax_optax": jax_optax,
-}
+def variants(k: int = K) -> dict[str, Callable]:
+    """The variants by name, the fxtrain_k8 rows at ``k`` steps per compiled call."""
+    return {
+        "eager": eager,
+        "eager_foreach": lambda s, b: eager(s, b, foreach=True),
+        "torch_compile": torch_compile,
+        "fxtrain_step": fxtrain_step,
+        "fxtrain": fxtrain_fit,
+        "fxtrain_nan_guard": lambda s, b: fxtrain_fit(s, b, [fx.callbacks.nan_guard("skip")]),
+        "fxtrain_k8": lambda s, b: fxtrain_fit(s, b, steps_per_call=k),
+        "fxtrain_k8_precompiled": lambda s, b: fxtrain_fit(s, b, steps_per_call=k,
+                                                           precompiled=True),
+        "lightning": lightning,
+        "lightning_bare": lambda s, b: lightning(s, b, bare=True),
+        "ignite": ignite,
+        "jax_optax": jax_optax,
+    }
+
+
+VARIANTS = variants()
 
 
 # -- the run --------------------------------------------------------------------------------
@@ -385,18 +391,17 @@ def report(size: str, med: dict[str, dict]) -> None:
 
 
 def main(argv=None) -> dict:
-    global K
     args = arguments(__doc__, argv, rounds=5, steps=1000)
-    K = SMOKE_K if args.smoke else 8
+    k = SMOKE_K if args.smoke else K
     results = {}
     with one_core():
         cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "all"
         print(f"torch {torch.__version__}, fxtrain {fx.__version__}, threads "
               f"{torch.get_num_threads()}, CPUs {cpus}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}"
-              + (f"; the k8 rows at {K} steps per call (--smoke)" if K != 8 else ""))
+              + (f"; the k8 rows at {k} steps per call (--smoke)" if k != K else ""))
         for size in args.sizes:
             steps = args.steps if size == "tiny" else max(args.steps // LARGE_STEPS, 5)
-            results[size] = measure(size, args.rounds, steps)
+            results[size] = measure(size, args.rounds, steps, variants(k))
             report(size, results[size])
     sys.stdout.flush()
     return results
