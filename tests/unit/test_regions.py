@@ -132,6 +132,36 @@ def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
 
 
+def test_an_update_whose_state_a_region_cannot_carry_stays_in_the_outer_graph():
+    """An elementwise update whose state holds a leaf that is neither a tensor nor a plain
+    value (a dtype): the blocks' updates are not one region, and the step trains the bits of
+    the step without regions."""
+    adamw = fx.optim.adamw(1e-2)
+
+    def init(params):
+        return adamw.init(params), torch.float32
+
+    def update(grads, state, params=None):
+        updates, inner = adamw.update(grads, state[0], params)
+        return updates, (inner, state[1])
+
+    torch.manual_seed(0)
+    tx = fx.optim.ElementwiseTransformation(init, update)
+    state = fx.TrainState.create(Net(3), tx, seed=3)
+    _, batch = setup()
+    graphs = []
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
+    got, metrics = trained(step, fx.regional(state), batch)
+    calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
+    assert graph_count() == 1 and len(calls) == 3  # the blocks' forward only
+    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    want, want_metrics = trained(plain, state, batch)
+    assert got.opt_state[1] is torch.float32
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
+    assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
+
+
 def test_blocks_by_name_or_class_and_refusals():
     state, _ = setup()
     assert fx.regional(state, [Block]).layout.regions == ("blocks.0", "blocks.1", "blocks.2")
