@@ -54,23 +54,33 @@ def key_of(signature: tuple) -> int:
     return _KEYS.setdefault(signature, len(_KEYS) + 1)
 
 
-_SHAPES: dict[Any, int] = {}
+_CONSTANTS: dict[Any, int] = {}
 _BY_INDEX: dict[int, Any] = {}
 
 
 @run_while_tracing
-def shape_index(shape: Any) -> int:
-    """A number for ``shape`` (a constant: what a region called with flat tensors needs to
-    put them back), ``shape_of``'s argument inside the region."""
-    index = _SHAPES.setdefault(shape, len(_SHAPES))
-    _BY_INDEX[index] = shape
+def constant_index(value: Any) -> int:
+    """A number for ``value`` (a hashable constant: what a region called with flat tensors
+    needs to put them back), ``constant_at``'s argument inside the region."""
+    index = _CONSTANTS.setdefault(value, len(_CONSTANTS))
+    _BY_INDEX[index] = value
     return index
 
 
 @run_while_tracing
-def shape_of(index: int) -> Any:
-    """The shape ``shape_index`` numbered ``index`` (a constant of the trace)."""
+def constant_at(index: int) -> Any:
+    """The value ``constant_index`` numbered ``index`` (a constant of the trace)."""
     return _BY_INDEX[index]
+
+
+def flat_key(head: tuple, flat: tuple) -> int:
+    """The reuse key of a region called with flat tensors (traced by Dynamo): ``head``
+    (constants naming what the trace depends on besides them) and each tensor's shape, strides,
+    dtype, device and whether it requires grad, in one plain loop."""
+    found = list(head)
+    for x in flat:
+        found.append((tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad))
+    return key_of(tuple(found))
 
 
 def signature(x: Any) -> Any:
@@ -118,14 +128,11 @@ def tensor_paths(module: torch.nn.Module) -> tuple[tuple[tuple[str, ...], str, s
     return tuple((tuple(n.split(".")[:-1]), n.rsplit(".", 1)[-1], n) for n, _ in named)
 
 
-def region_inputs(module: torch.nn.Module, paths: tuple | None = None) -> dict[str, Any]:
+def region_inputs(module: torch.nn.Module, paths: tuple) -> dict[str, Any]:
     """The tensors bound to ``module`` now (the step's, by ``state.apply``), by name: a
-    region's explicit arguments. With ``paths`` (``tensor_paths(module)``), read where they sit
+    region's explicit arguments, read where ``paths`` (``tensor_paths(module)``) says they sit
     rather than found by a walk of every submodule (which Dynamo traces in Python: some 120
     calls of ``named_modules`` per GPT-2 block)."""
-    if paths is None:
-        return {**dict(module.named_parameters(remove_duplicate=False)),
-                **dict(module.named_buffers(remove_duplicate=False))}
     found = {}
     for path, attribute, name in paths:
         owner = module

@@ -24,9 +24,11 @@ def is_sharded(tree: Any) -> bool:
     module = sys.modules.get("torch.distributed.tensor")
     if module is None:
         return False
-    for leaf in tree.values() if isinstance(tree, dict) else pytree.tree_leaves(tree):
-        if isinstance(leaf, module.DTensor) or not isinstance(leaf, torch.Tensor) and \
-                leaf is not tree and is_sharded(leaf):
+    if not isinstance(tree, dict):
+        return any(isinstance(leaf, module.DTensor) for leaf in pytree.tree_leaves(tree))
+    for value in tree.values():
+        if isinstance(value, module.DTensor) or (
+                not isinstance(value, torch.Tensor) and is_sharded(value)):
             return True
     return False
 

@@ -126,11 +126,8 @@ def _kinds(leaves: list) -> tuple | None:
 
 def _flat_key(index: int, layout: int, *flat: torch.Tensor) -> int:
     """The reuse key of a block's update (traced by Dynamo): ``tx`` (one in a step), the
-    layout (names and state structure) and its tensors' signatures, in one loop."""
-    found = ["update", index, layout]
-    for x in flat:
-        found.append((tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad))
-    return regions.key_of(tuple(found))
+    layout (names and state structure) and its tensors' signatures."""
+    return regions.flat_key(("update", index, layout), flat)
 
 
 @functools.partial(regions.nested, key=_flat_key)

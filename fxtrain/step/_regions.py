@@ -100,14 +100,14 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
         return forward(*args, **kwargs)
     keep_region_outputs()
     name = type(module).__qualname__
-    tensors = regions.region_inputs(module, getattr(module, "_fx_tensor_paths", None))
-    position = outer.position()
-    layout = _layout(args, kwargs)
-    if layout is None:  # an argument neither a tensor nor a plain value: the pytree path
+    paths = getattr(module, "_fx_tensor_paths", None) or regions.tensor_paths(module)
+    tensors, position = regions.region_inputs(module, paths), outer.position()
+    flat = _flat_arguments(args, kwargs)
+    if flat is None:  # an argument neither a tensor nor a plain value: the pytree path
         out = _region(module, tensors, outer.key, position, args, kwargs)
     else:
-        shape = regions.shape_index((tuple(tensors), layout[0])) + 0  # (see _region_update)
-        out = _flat_region(module, shape, outer.key, position, *tensors.values(), *layout[1])
+        layout = regions.constant_index((tuple(tensors), flat[0])) + 0  # (see _region_update)
+        out = _flat_region(module, layout, outer.key, position, *tensors.values(), *flat[1])
     outer.advance(regions.draws(name))
     return out
 
@@ -115,7 +115,7 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
 _VALUES = (type(None), bool, int, float, str)
 
 
-def _layout(args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
+def _flat_arguments(args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
     """The block's arguments flat: ``((name or None, is a tensor, value), ...)`` (a constant)
     and their tensors in order; None where one is neither a tensor nor a plain value. A
     region called with its tensors flat spares Dynamo a pytree walk of them per layer
@@ -147,26 +147,23 @@ def _region(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch
     return _run(module, tensors, key, position, args, kwargs)
 
 
-def _flat_key(module: nn.Module, shape: int, *flat: torch.Tensor) -> int:
+def _flat_key(module: nn.Module, layout: int, *flat: torch.Tensor) -> int:
     """``_flat_region``'s reuse key (traced by Dynamo): the block's class, the names and
-    layout of its arguments (``shape``), its tensors' signatures, in one loop."""
+    layout of its arguments, its tensors' signatures."""
     kind = type(module)
-    found = [kind.__module__, kind.__qualname__, shape]
-    for x in flat:
-        found.append((tuple(x.shape), x.stride(), x.dtype, x.device, x.requires_grad))
-    return regions.key_of(tuple(found))
+    return regions.flat_key((kind.__module__, kind.__qualname__, layout), flat)
 
 
 @functools.partial(regions.nested, key=_flat_key)
-def _flat_region(module: nn.Module, shape: int, key: torch.Tensor, position: torch.Tensor,
+def _flat_region(module: nn.Module, layout: int, key: torch.Tensor, position: torch.Tensor,
                  *flat: torch.Tensor) -> Any:
-    """``_region`` with its tensors flat: the block's own (under the names of ``shape``),
-    then its arguments' (``_layout``)."""
-    names, layout = regions.shape_of(shape)
+    """``_region`` with its tensors flat: the block's own (under the names of ``layout``),
+    then its arguments' (``_flat_arguments``)."""
+    names, arguments = regions.constant_at(layout)
     tensors = dict(zip(names, flat))
     rest = iter(flat[len(names):])
     args, kwargs = [], {}
-    for name, is_tensor, value in layout:
+    for name, is_tensor, value in arguments:
         value = next(rest) if is_tensor else value
         if name is None:
             args.append(value)
