@@ -112,6 +112,18 @@ def test_a_layer_adds_a_call_not_its_ops():
     assert per_layer < plain_per_layer - 10, (per_layer, plain_per_layer)
 
 
+def updated_in_the_outer_graph(state, batch):
+    """The regional step's state after 3 steps, its metrics, and the step's without regions,
+    checking that the regional step's graph calls the blocks' forward region only."""
+    graphs = []
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
+    got, metrics = trained(step, fx.regional(state), batch)
+    calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
+    assert graph_count() == 1 and len(calls) == 3  # the blocks' forward only
+    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    return (got, metrics), trained(plain, state, batch)
+
+
 def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     """A weight decay mask by name that decays one block's weights and not the others': the
     blocks' updates are not one region (inside it a block's names are its own), and the step
@@ -120,13 +132,7 @@ def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     tx = fx.optim.adamw(1e-2, weight_decay=0.5, mask=["blocks.0.up.weight", "head.weight"])
     state = fx.TrainState.create(Net(3), tx, seed=3)
     _, batch = setup()
-    graphs = []
-    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
-    got, metrics = trained(step, fx.regional(state), batch)
-    calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
-    assert graph_count() == 1 and len(calls) == 3  # the blocks' forward only
-    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
-    want, want_metrics = trained(plain, state, batch)
+    (got, metrics), (want, want_metrics) = updated_in_the_outer_graph(state, batch)
     assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
     assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
     assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
@@ -149,13 +155,7 @@ def test_an_update_whose_state_a_region_cannot_carry_stays_in_the_outer_graph():
     tx = fx.optim.ElementwiseTransformation(init, update)
     state = fx.TrainState.create(Net(3), tx, seed=3)
     _, batch = setup()
-    graphs = []
-    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
-    got, metrics = trained(step, fx.regional(state), batch)
-    calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
-    assert graph_count() == 1 and len(calls) == 3  # the blocks' forward only
-    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
-    want, want_metrics = trained(plain, state, batch)
+    (got, metrics), (want, want_metrics) = updated_in_the_outer_graph(state, batch)
     assert got.opt_state[1] is torch.float32
     assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
     assert fx.tree_digest(got.opt_state) == fx.tree_digest(want.opt_state)
@@ -261,3 +261,33 @@ def test_a_layer_adds_no_kernel():
         step(fx.regional(state), batch)
         counts.append(torch._inductor.metrics.generated_kernel_count)
     assert counts[0] == counts[1] > 0, counts
+
+
+class Halving(Net):
+    """Its blocks take inputs of two shapes: the batch halves after the first block."""
+
+    def forward(self, x):
+        h = F.dropout(self.embed(x), 0.1)
+        for i, block in enumerate(self.blocks):
+            h = block(h if i == 0 else h[: h.shape[0] // 2])
+        return self.head(h)
+
+
+def test_blocks_called_on_inputs_of_another_shape_are_traced_apart():
+    """One block class, inputs of two shapes in one step: the reuse key tells them apart (a
+    trace reused across shapes would not fit), and the step trains the bits of the step
+    without regions."""
+    torch.manual_seed(0)
+    state = fx.TrainState.create(Halving(3), fx.optim.adamw(1e-2), seed=3)
+    x, y = setup()[1]
+
+    def loss(state, params, batch):
+        out = state.apply(params, batch[0])
+        return F.cross_entropy(out, batch[1][: out.shape[0]])
+
+    step = torch.compile(fx.make_train_step(loss), fullgraph=True, backend=TRACED)
+    got, metrics = trained(step, fx.regional(state), (x, y))
+    plain = torch.compile(fx.make_train_step(loss), fullgraph=True, backend=TRACED)
+    want, want_metrics = trained(plain, state, (x, y))
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
