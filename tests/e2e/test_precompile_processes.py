@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 import fxtrain as fx
 import fxtrain.step._precompile as precompile
-from fxtrain.step import _precompiled_file as stored
 from fxtrain._torch import aot, vec_isa
 from fxtrain.step._precompile import compile_options
 from test_precompile import (DAMAGED, child, in_a_kernel, REPLACED)

@@ -284,6 +284,9 @@ def _start(args: list[str]) -> subprocess.Popen:
     return run
 
 
+# slow: the main suite only (its CLI logic is torch's on every version; fx.precompiled's load on
+# 2.11 and 2.15 is test_precompile's, which the legs run): 11-12 CPU-s on each leg
+@pytest.mark.slow
 def test_a_resumed_precompiled_run_loads_the_step_its_first_run_saved(tmp_path):
     _project(tmp_path)
     config = tmp_path / "config.yaml"
@@ -349,6 +352,9 @@ def test_a_data_factory_returning_no_data_is_one_line_and_writes_nothing(tmp_pat
     assert main(["train", str(config), "--workdir", str(work), "--max_steps", "3"]) == 0
 
 
+# slow: the main suite only (the search itself is test_batch_size's, which the legs run):
+# 7-9 CPU-s on each leg
+@pytest.mark.slow
 def test_train_batch_size_auto_searches_under_the_cap(tmp_path, capsys, monkeypatch):
     """--batch_size auto runs fx.find_batch_size on the run's step under --max_memory_mib (the
     CPU needs a cap) and trains at the size it prints; a plain --batch_size goes to the data
