@@ -68,9 +68,13 @@ def empty_description(step_dir):
 
 
 def flip_byte(step_dir):
+    """A byte flipped at 16 places spread over the largest data file: one flip at its middle
+    went unnamed once in a parallel run (not reproduced in 25 runs alone; a flip may land on
+    bytes a restore never reads: test_checkpoint_flips counts those as "same")."""
     f = data_files(step_dir)[0]
     data = bytearray(f.read_bytes())
-    data[len(data) // 2] ^= 0xFF
+    for position in range(len(data) // 32, len(data), len(data) // 16):
+        data[position] ^= 0xFF
     f.write_bytes(bytes(data))
 
 
