@@ -383,3 +383,17 @@ def test_fsdp2_benchmark_smoke(tmp_path):
     finally:
         sys.path.remove(str(BENCHMARKS))
     assert set(rows) == set(fsdp2.UPDATES) and all(v > 0 for v in rows.values())
+
+
+def test_scan_depth_smoke(monkeypatch):
+    """benchmarks/scan_depth.py --smoke (one layer, aot_eager, each variant in a fresh process):
+    both variants compile into one graph and train the same model (their first losses agree
+    with each other and with the eager step's to float32 rounding: a few ops of 64 terms)."""
+    monkeypatch.setenv("FXTRAIN_BENCH_BACKEND", "aot_eager")
+    rows = imported("scan_depth").main(["--smoke"])
+    assert sorted((r["variant"], r["layers"]) for r in rows) == [("scan", 1), ("unrolled", 1)]
+    for r in rows:
+        assert r["graphs"] == 1 and not r["recompiled"] and r["first_cpu_s"] > 0, r
+        assert math.isclose(r["loss"], r["eager_loss"], rel_tol=1e-5), r
+        assert r["second_loss"] < r["loss"], r  # the update trained
+    assert math.isclose(rows[0]["loss"], rows[1]["loss"], rel_tol=1e-5), rows

@@ -1,0 +1,185 @@
+"""The lever left for a first step whose compile time is flat in depth (issue 62), measured
+outside fxtrain: one training step of a GPT-2-shaped model (width 64, 2 heads, vocabulary 256,
+batch 8 x 64 tokens, no dropout) in pure torch, forward, backward by ``torch.autograd.grad`` and
+an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
+
+  unrolled  each layer's 12 parameters separate tensors, a Python loop over the layers (how a
+            state holds and a step runs them today: Dynamo, AOTAutograd and Inductor see every
+            layer, and the update every layer's tensors);
+  scan      each parameter name one tensor of [layers, ...], the layers run by torch's ``scan``
+            (``torch._higher_order_ops.scan``: the block traced once, its backward a scan too),
+            the update over 16 tensors whatever the depth.
+
+Each variant and depth runs in a fresh process with an empty Inductor cache and reports the
+first step's CPU seconds (the process and its compile workers) and wall seconds, a steady
+step's milliseconds (the median of 5, one thread), its loss and the eager step's (the same model: the two variants' losses agree to float32 rounding).
+
+Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled scan] [--smoke]
+     (--smoke: one layer, compiled with aot_eager: the script works, no timing worth reading)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+D, HEADS, V, T, B = 64, 2, 256, 64, 8
+NAMES = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b",
+         "fc_w", "fc_b", "fc2_w", "fc2_b")
+
+
+def shapes():
+    return {"ln1_w": (D,), "ln1_b": (D,), "attn_w": (D, 3 * D), "attn_b": (3 * D,),
+            "proj_w": (D, D), "proj_b": (D,), "ln2_w": (D,), "ln2_b": (D,),
+            "fc_w": (D, 4 * D), "fc_b": (4 * D,), "fc2_w": (4 * D, D), "fc2_b": (D,)}
+
+
+def block(x, p):
+    import torch
+    import torch.nn.functional as F
+
+    h = F.layer_norm(x, (D,), p["ln1_w"], p["ln1_b"])
+    q, k, v = (h @ p["attn_w"] + p["attn_b"]).split(D, dim=-1)
+    q, k, v = (t.view(B, T, HEADS, D // HEADS).transpose(1, 2) for t in (q, k, v))
+    a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    x = x + a.transpose(1, 2).reshape(B, T, D) @ p["proj_w"] + p["proj_b"]
+    h = F.layer_norm(x, (D,), p["ln2_w"], p["ln2_b"])
+    return x + F.gelu(h @ p["fc_w"] + p["fc_b"]) @ p["fc2_w"] + p["fc2_b"]
+
+
+def init(layers, stacked):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    per_layer = [{n: (torch.ones(s) if n.startswith("ln") and n.endswith("_w") else
+                      torch.randn(s, generator=g) * 0.02) for n, s in shapes().items()}
+                 for _ in range(layers)]
+    params = {"wte": torch.randn(V, D, generator=g) * 0.02,
+              "wpe": torch.randn(T, D, generator=g) * 0.01,
+              "lnf_w": torch.ones(D), "lnf_b": torch.zeros(D)}
+    if stacked:
+        params.update({n: torch.stack([p[n] for p in per_layer]) for n in NAMES})
+    else:
+        params.update({f"h{i}.{n}": t for i, p in enumerate(per_layer) for n, t in p.items()})
+    return params
+
+
+def make_step(layers, stacked):
+    import torch
+    import torch.nn.functional as F
+    from torch._higher_order_ops.scan import scan
+
+    def forward(params, tokens):
+        x = params["wte"][tokens] + params["wpe"]
+        if stacked:
+            x, _ = scan(lambda c, p: (block(c, p), c.new_zeros(())), x,
+                        {n: params[n] for n in NAMES})
+        else:
+            for i in range(layers):
+                x = block(x, {n: params[f"h{i}.{n}"] for n in NAMES})
+        x = F.layer_norm(x, (D,), params["lnf_w"], params["lnf_b"])
+        logits = x @ params["wte"].t()
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+
+    def step(params, m, v, t, tokens):
+        leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
+        with torch.enable_grad():
+            loss = forward(leaves, tokens)
+            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+        t = t + 1
+        b1, b2, lr, wd, eps = 0.9, 0.95, 1e-3, 1e-2, 1e-8
+        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
+        new_p, new_m, new_v = {}, {}, {}
+        for k, p in params.items():
+            g = grads[k]
+            new_m[k] = b1 * m[k] + (1 - b1) * g
+            new_v[k] = b2 * v[k] + (1 - b2) * g * g
+            new_p[k] = p - lr * wd * p - lr * (new_m[k] / c1) / ((new_v[k] / c2).sqrt() + eps)
+        return new_p, new_m, new_v, t, loss.detach()
+
+    return step
+
+
+def child(variant, layers):
+    import psutil
+    import torch
+    import torch._dynamo.utils
+
+    torch.set_num_threads(1)
+    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph
+    stacked = variant == "scan"
+    params = init(layers, stacked)
+    zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
+    tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    step = torch.compile(make_step(layers, stacked), fullgraph=True,
+                         backend=os.environ.get("FXTRAIN_BENCH_BACKEND", "inductor"))
+    proc = psutil.Process()
+
+    def cpu():
+        own = proc.cpu_times()
+        kids = sum(c.cpu_times().user + c.cpu_times().system
+                   for c in proc.children(recursive=True) if c.is_running())
+        return own.user + own.system + own.children_user + own.children_system + kids
+
+    c0, w0 = cpu(), time.perf_counter()
+    p, m, v, t, loss = step(params, zeros(), zeros(), torch.zeros(()), tokens)
+    first_cpu, first_wall = cpu() - c0, time.perf_counter() - w0
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    p, m, v, t, loss2 = step(p, m, v, t, tokens)
+    recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames
+    times = []
+    for _ in range(5):  # steady steps: the median of 5
+        w = time.perf_counter()
+        p, m, v, t, _loss = step(p, m, v, t, tokens)
+        times.append(time.perf_counter() - w)
+    # last: torch's eager scan compiles its body itself, which Dynamo's counters would count
+    eager = make_step(layers, stacked)(params, zeros(), zeros(), torch.zeros(()), tokens)[-1]
+    print(json.dumps({"variant": variant, "layers": layers, "first_cpu_s": first_cpu,
+                      "first_wall_s": first_wall, "loss": float(loss),
+                      "eager_loss": float(eager), "second_loss": float(loss2),
+                      "graphs": frames, "recompiled": recompiled,
+                      "step_ms": 1e3 * sorted(times)[2]}))
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", nargs=2)
+    ap.add_argument("--layers", nargs="+", type=int, default=[2, 24])
+    ap.add_argument("--variants", nargs="+", default=["unrolled", "scan"])
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args(argv)
+    if args.child:
+        return child(args.child[0], int(args.child[1]))
+    if args.smoke:
+        args.layers = [1]
+        os.environ["FXTRAIN_BENCH_BACKEND"] = "aot_eager"
+    rows = []
+    for layers in args.layers:
+        for variant in args.variants:
+            with tempfile.TemporaryDirectory() as cache:
+                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+                out = subprocess.run([sys.executable, __file__, "--child", variant, str(layers)],
+                                     env=env, capture_output=True, text=True)
+                if out.returncode:
+                    raise RuntimeError(f"{variant} x{layers} failed:\n{out.stderr[-3000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
+    by = {(r["variant"], r["layers"]): r for r in rows}
+    for variant in args.variants:
+        first, last = by[(variant, args.layers[0])], by[(variant, args.layers[-1])]
+        cpu = " ".join(f"{by[(variant, n)]['first_cpu_s']:.1f}" for n in args.layers)
+        depths = " ".join(map(str, args.layers))
+        ratio = last["first_cpu_s"] / first["first_cpu_s"]
+        steps = " ".join(f"{by[(variant, n)]['step_ms']:.1f}" for n in args.layers)
+        print(f"{variant}: first step {cpu} CPU-s at {depths} layers; "
+              f"{args.layers[-1]} / {args.layers[0]} layers {ratio:.2f}x; steady step {steps} ms")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
