@@ -12,7 +12,8 @@ an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
 
 Each variant and depth runs in a fresh process with an empty Inductor cache and reports the
 first step's CPU seconds (the process and its compile workers) and wall seconds, a steady
-step's milliseconds (the median of 5, one thread), its loss and the eager step's (the same model: the two variants' losses agree to float32 rounding).
+step's milliseconds (the median of 5, one thread), its loss and the eager step's (the same
+model: the two variants' losses agree to float32 rounding).
 
 Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled scan] [--smoke]
      (--smoke: one layer, compiled with aot_eager: the script works, no timing worth reading)
@@ -23,10 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
+
+from common import backend, in_fresh_process, use_smoke_backend
+from compile_time import process_tree_cpu
 
 D, HEADS, V, T, B = 64, 2, 256, 64, 8
 NAMES = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b",
@@ -106,7 +108,6 @@ def make_step(layers, stacked):
 
 
 def child(variant, layers):
-    import psutil
     import torch
     import torch._dynamo.utils
 
@@ -116,19 +117,10 @@ def child(variant, layers):
     params = init(layers, stacked)
     zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    step = torch.compile(make_step(layers, stacked), fullgraph=True,
-                         backend=os.environ.get("FXTRAIN_BENCH_BACKEND", "inductor"))
-    proc = psutil.Process()
-
-    def cpu():
-        own = proc.cpu_times()
-        kids = sum(c.cpu_times().user + c.cpu_times().system
-                   for c in proc.children(recursive=True) if c.is_running())
-        return own.user + own.system + own.children_user + own.children_system + kids
-
-    c0, w0 = cpu(), time.perf_counter()
+    step = torch.compile(make_step(layers, stacked), fullgraph=True, backend=backend())
+    c0, w0 = process_tree_cpu(), time.perf_counter()
     p, m, v, t, loss = step(params, zeros(), zeros(), torch.zeros(()), tokens)
-    first_cpu, first_wall = cpu() - c0, time.perf_counter() - w0
+    first_cpu, first_wall = process_tree_cpu() - c0, time.perf_counter() - w0
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     p, m, v, t, loss2 = step(p, m, v, t, tokens)
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames
@@ -157,18 +149,21 @@ def main(argv=None):
         return child(args.child[0], int(args.child[1]))
     if args.smoke:
         args.layers = [1]
-        os.environ["FXTRAIN_BENCH_BACKEND"] = "aot_eager"
-    rows = []
-    for layers in args.layers:
-        for variant in args.variants:
-            with tempfile.TemporaryDirectory() as cache:
-                env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
-                out = subprocess.run([sys.executable, __file__, "--child", variant, str(layers)],
-                                     env=env, capture_output=True, text=True)
-                if out.returncode:
-                    raise RuntimeError(f"{variant} x{layers} failed:\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        use_smoke_backend()
+    rows, before = [], os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:
+        for layers in args.layers:
+            for variant in args.variants:
+                with tempfile.TemporaryDirectory() as cache:  # cold: an empty cache each
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+                    rows.append(in_fresh_process(__file__, [variant, str(layers)],
+                                                 f"{variant} x{layers}"))
                 print(rows[-1], flush=True)
+    finally:
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR", None)
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
     by = {(r["variant"], r["layers"]): r for r in rows}
     for variant in args.variants:
         first, last = by[(variant, args.layers[0])], by[(variant, args.layers[-1])]

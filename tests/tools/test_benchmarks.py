@@ -392,7 +392,7 @@ def test_scan_depth_smoke(monkeypatch):
     """benchmarks/scan_depth.py --smoke (one layer, aot_eager, each variant in a fresh process):
     both variants compile into one graph and train the same model (their first losses agree
     with each other and with the eager step's to float32 rounding: a few ops of 64 terms)."""
-    monkeypatch.setenv("FXTRAIN_BENCH_BACKEND", "aot_eager")
+    monkeypatch.setenv(imported("common").BACKEND, "aot_eager")  # restored after: main sets it
     rows = imported("scan_depth").main(["--smoke"])
     assert sorted((r["variant"], r["layers"]) for r in rows) == [("scan", 1), ("unrolled", 1)]
     for r in rows:
