@@ -4,18 +4,30 @@ batch 8 x 64 tokens, no dropout) in pure torch, forward, backward by ``torch.aut
 an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
 
   unrolled  each layer's 12 parameters separate tensors, a Python loop over the layers (how a
-            state holds and a step runs them today: Dynamo, AOTAutograd and Inductor see every
-            layer, and the update every layer's tensors);
-  scan      each parameter name one tensor of [layers, ...], the layers run by torch's ``scan``
-            (``torch._higher_order_ops.scan``: the block traced once, its backward a scan too),
-            the update over 16 tensors whatever the depth.
+            state holds and a step runs them without ``fx.regional``: Dynamo, AOTAutograd and
+            Inductor see every layer, and the update every layer's tensors);
+  regions   the same, each layer a call of one ``torch.compiler.nested_compile_region`` (the
+            block traced and compiled once; the update still every layer's tensors);
+  stacked   each parameter name one tensor of [layers, ...], ``unbind`` into the layers, each a
+            call of the region (the Python loop a model's forward has), the update over 16
+            tensors whatever the depth: what a state stacked per block kind would give a model
+            whose forward calls its blocks one by one;
+  scan      the stacked tensors, the layers run by torch's ``scan``
+            (``torch._higher_order_ops.scan``: the block traced once, its backward a scan too):
+            one call whatever the depth, which needs the loop over the blocks to be the scan.
+
+The region variants run as ``fx.regional`` runs: ``materialize_grads=True`` (a reused region's
+outputs have no autograd history while Dynamo traces) and Inductor's buffer reuse off
+(``fxtrain._torch.inductor.keep_region_outputs``: with it on, the 24-layer step here trained
+other values and then aborted with "corrupted double-linked list").
 
 Each variant and depth runs in a fresh process with an empty Inductor cache and reports the
 first step's CPU seconds (the process and its compile workers) and wall seconds, a steady
 step's milliseconds (the median of 5, one thread), its loss and the eager step's (the same
-model: the two variants' losses agree to float32 rounding).
+model: the variants' losses agree to float32 rounding).
 
-Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled scan] [--smoke]
+Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled regions stacked scan]
+     [--smoke]
      (--smoke: one layer, compiled with aot_eager: the script works, no timing worth reading)
 """
 
@@ -33,6 +45,11 @@ from compile_time import process_tree_cpu
 D, HEADS, V, T, B = 64, 2, 256, 64, 8
 NAMES = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2_b",
          "fc_w", "fc_b", "fc2_w", "fc2_b")
+
+
+VARIANTS = ("unrolled", "regions", "stacked", "scan")
+STACKED = ("stacked", "scan")
+REGIONS = ("regions", "stacked")
 
 
 def shapes():
@@ -71,19 +88,26 @@ def init(layers, stacked):
     return params
 
 
-def make_step(layers, stacked):
+def make_step(layers, variant):
     import torch
     import torch.nn.functional as F
     from torch._higher_order_ops.scan import scan
 
+    region = torch.compiler.nested_compile_region(block)
+
     def forward(params, tokens):
         x = params["wte"][tokens] + params["wpe"]
-        if stacked:
+        if variant == "scan":
             x, _ = scan(lambda c, p: (block(c, p), c.new_zeros(())), x,
                         {n: params[n] for n in NAMES})
-        else:
+        elif variant == "stacked":
+            rows = {n: params[n].unbind(0) for n in NAMES}
             for i in range(layers):
-                x = block(x, {n: params[f"h{i}.{n}"] for n in NAMES})
+                x = region(x, {n: rows[n][i] for n in NAMES})
+        else:
+            run = region if variant == "regions" else block
+            for i in range(layers):
+                x = run(x, {n: params[f"h{i}.{n}"] for n in NAMES})
         x = F.layer_norm(x, (D,), params["lnf_w"], params["lnf_b"])
         logits = x @ params["wte"].t()
         return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
@@ -92,7 +116,8 @@ def make_step(layers, stacked):
         leaves = {k: p.detach().requires_grad_() for k, p in params.items()}
         with torch.enable_grad():
             loss = forward(leaves, tokens)
-            grads = dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+            grads = dict(zip(leaves, torch.autograd.grad(  # see the module on regions
+                loss, list(leaves.values()), materialize_grads=variant in REGIONS)))
         t = t + 1
         b1, b2, lr, wd, eps = 0.9, 0.95, 1e-3, 1e-2, 1e-8
         c1, c2 = 1 - b1 ** t, 1 - b2 ** t
@@ -110,14 +135,16 @@ def make_step(layers, stacked):
 def child(variant, layers):
     import torch
     import torch._dynamo.utils
+    import torch._inductor.config
 
     torch.set_num_threads(1)
     torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph
-    stacked = variant == "scan"
-    params = init(layers, stacked)
+    if variant in REGIONS:  # Inductor reuses a region's output buffer while it is still read
+        torch._inductor.config.allow_buffer_reuse = False  # (fxtrain._torch.inductor)
+    params = init(layers, variant in STACKED)
     zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    step = torch.compile(make_step(layers, stacked), fullgraph=True, backend=backend())
+    step = torch.compile(make_step(layers, variant), fullgraph=True, backend=backend())
     c0, w0 = process_tree_cpu(), time.perf_counter()
     p, m, v, t, loss = step(params, zeros(), zeros(), torch.zeros(()), tokens)
     first_cpu, first_wall = process_tree_cpu() - c0, time.perf_counter() - w0
@@ -130,7 +157,7 @@ def child(variant, layers):
         p, m, v, t, _loss = step(p, m, v, t, tokens)
         times.append(time.perf_counter() - w)
     # last: torch's eager scan compiles its body itself, which Dynamo's counters would count
-    eager = make_step(layers, stacked)(params, zeros(), zeros(), torch.zeros(()), tokens)[-1]
+    eager = make_step(layers, variant)(params, zeros(), zeros(), torch.zeros(()), tokens)[-1]
     print(json.dumps({"variant": variant, "layers": layers, "first_cpu_s": first_cpu,
                       "first_wall_s": first_wall, "loss": float(loss),
                       "eager_loss": float(eager), "second_loss": float(loss2),
@@ -142,7 +169,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", nargs=2)
     ap.add_argument("--layers", nargs="+", type=int, default=[2, 24])
-    ap.add_argument("--variants", nargs="+", default=["unrolled", "scan"])
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     ap.add_argument("--smoke", action="store_true")
     args = ap.parse_args(argv)
     if args.child:
