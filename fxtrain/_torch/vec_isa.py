@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .traced_errors import run_while_tracing
 from .version import at_least
 
 NEEDED = sys.platform == "linux" and not at_least(2, 13)
@@ -44,12 +45,17 @@ ctypes.CDLL("__lib_path__")
 """The script a probe's Python runs instead of torch 2.11's ``import torch`` and load."""
 
 
+_picked = False
+
+
 def pick() -> None:
     """Inductor's choice of vector instructions for this process, made now with torch 2.13's
     probe where this torch's imports torch (see the module); nothing where that is made
     already or elsewhere."""
-    if not NEEDED:
+    global _picked
+    if not NEEDED or _picked:
         return
+    _picked = True
     from torch._inductor import cpu_vec_isa
 
     torch_cpu = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
@@ -62,3 +68,15 @@ def pick() -> None:
         cpu_vec_isa.valid_vec_isa_list()
     finally:
         probe._avx_py_load = script
+
+
+@run_while_tracing
+def pick_for(device_type: str) -> bool:
+    """``pick()`` for a compiled step on the CPU (``device_type`` its state's), run for real
+    while Dynamo traces it, before Inductor compiles it: on torch 2.11 and 2.12 every process's
+    first Inductor compile for the CPU otherwise probes with torch's imports (a small step's
+    first call, its kernels in Inductor's cache: 20.5 CPU-s on torch 2.11, issue 62). Nothing
+    for another device, whose compiles need no probe."""
+    if device_type == "cpu":
+        pick()
+    return True

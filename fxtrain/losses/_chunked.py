@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ._labels import checked_labels
 from ._mean import IGNORE_INDEX, Mean
-from .._torch import kernels
+from .._torch import kernels, vec_isa
 
 
 def chunked_causal_lm(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -307,6 +307,7 @@ def _fused_grad_(logits: torch.Tensor, targets: torch.Tensor,
     gradient. None, the logits untouched, where Dynamo ran it uncompiled (a stance, a
     recompile limit), or, after a warning, where compiling it failed."""
     kernels.rows_dynamic(logits, targets)
+    vec_isa.pick_for(logits.device.type)  # eager here: see fxtrain._torch.vec_isa
     try:
         # below autograd, as an operator's kernel runs: the same guards however it was reached
         with kernels.below_autograd():

@@ -25,6 +25,7 @@ from ._args import StepArgs, step_args
 from ._io import BatchGuard, check_batch_device, eval_metrics
 from ._spec import StepSpec
 from .._torch import autograd as torch_autograd
+from .._torch import vec_isa
 from .._torch.dynamo import ignore_transformers_logging
 from ..protocol import NOTHING, StepState, control_from_metrics, control_to_metrics
 from ..state import TrainState, set_training
@@ -146,6 +147,14 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     return _built(args)
 
 
+def compiling(state: TrainState) -> None:
+    """What a step does first where Dynamo traces it: on torch 2.11 and 2.12, Inductor's
+    choice of the CPU's vector instructions made with a probe that does not import torch
+    (``fxtrain._torch.vec_isa``)."""
+    if vec_isa.NEEDED and torch.compiler.is_compiling():
+        vec_isa.pick_for(state.step.device.type)
+
+
 def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     """The train step of checked arguments (``make_train_step``)."""
     one_step = single_step(args)
@@ -162,6 +171,7 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_step(state: TrainState, batch: Any, *,
                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
+        compiling(state)
         new, metrics = one_step(state, batch, donates(donate))
         return donated(state, new, donate), metrics
 
@@ -172,6 +182,7 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_steps(state: TrainState, batches: Any, *,
                     donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
+        compiling(state)
         check_stacked(batches, args.steps_per_call)
         new, merged = state, NOTHING
         for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
@@ -218,6 +229,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
+        compiling(state)
         guard(batch)
         check_batch_device(batch, state.step.device, "eval_step")
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)

@@ -64,13 +64,23 @@ PROBES = textwrap.dedent("""
         return check_call(argv, *args, **kwargs)
 
     subprocess.check_call = recorded
-    if sys.argv[1] == "precompiled":
-        def loss_fn(state, params, batch):
-            return state.apply(params, batch).square().mean()
 
+    def loss_fn(state, params, batch):
+        return state.apply(params, batch).square().mean()
+
+    state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+    if sys.argv[1] == "precompiled":
         step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[2],
                               options={"cpp_wrapper": False})
-        step(fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1)), torch.ones(4, 2))
+        step(state, torch.ones(4, 2))
+    elif sys.argv[1] == "compiled":
+        torch.compile(fx.make_train_step(loss_fn), fullgraph=True)(state, torch.ones(4, 2))
+    elif sys.argv[1] == "kernel":  # the chunked loss's compiled kernel, called eagerly
+        rows, vocab = 128, 1 << 13  # a block of 2**20 logits: the kernel's smallest
+        hidden = torch.randn(1, rows + 1, 4, requires_grad=True)
+        labels = torch.randint(0, vocab, (1, rows + 1))
+        fx.losses.chunked_causal_lm(hidden, torch.randn(vocab, 4), labels,
+                                    chunk_size=rows).total.backward()
     picked = [[str(isa), isa.build_arch_flags()] for isa in cpu_vec_isa.valid_vec_isa_list()]
     print(json.dumps({"picked": picked, "scripts": scripts}))
 """)
@@ -79,7 +89,8 @@ PROBES = textwrap.dedent("""
 def probes_the_cpu_without_importing_torch_and_picks_as_torch(tmp_path):
     """Torch 2.11 and 2.12 (issue 62): Inductor loads each probe of the CPU's vector
     instructions in a fresh Python that imports torch, six on an AVX-512 machine and most of a
-    warm start's time; fx.precompiled's process probes with torch 2.13's way instead (this
+    warm start's time; a process whose first Inductor compile is fxtrain's (fx.precompiled's
+    step, a compiled step, the chunked loss's kernel) probes with torch 2.13's way instead (this
     torch's libtorch_cpu, then the probe library, each probe still in a process of its own), and
     Inductor picks the same instructions, with the same flags, as its own probes pick."""
     script = tmp_path / "probes.py"
@@ -92,16 +103,18 @@ def probes_the_cpu_without_importing_torch_and_picks_as_torch(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    ours, torchs = run("precompiled"), run("torch")  # the second finds the probes built
-    assert len(ours["scripts"]) == len(torchs["scripts"]) > 0  # the same probes, each alone
-    assert not [s for s in ours["scripts"] if "import torch" in s], ours["scripts"]
-    assert all("import torch" in s for s in torchs["scripts"])  # torch 2.11's own probe
-    assert ours["picked"] and ours["picked"] == torchs["picked"]
+    ours = {how: run(how) for how in ("precompiled", "compiled", "kernel")}
+    torchs = run("torch")  # finds the probes built
+    assert torchs["scripts"] and all("import torch" in s for s in torchs["scripts"])  # 2.11's
+    for how, got in ours.items():
+        assert len(got["scripts"]) == len(torchs["scripts"]), how  # the same probes, each alone
+        assert not [s for s in got["scripts"] if "import torch" in s], (how, got["scripts"])
+        assert got["picked"] and got["picked"] == torchs["picked"], how
 
 
 # Only where the mechanism exists (torch 2.11 and 2.12: CI's torch 2.11 leg runs it): torch 2.13
 # and later probe without importing torch, and fxtrain._torch.vec_isa does nothing there (a skip
 # would fail the suite under FXTRAIN_REQUIRE_EXTRAS). Six imports of torch: 25 CPU-s on 2.11.
 if vec_isa.NEEDED:
-    test_a_precompiled_step_probes_the_cpu_without_importing_torch_and_picks_as_torch = \
+    test_fxtrains_compiles_probe_the_cpu_without_importing_torch_and_pick_as_torch = \
         probes_the_cpu_without_importing_torch_and_picks_as_torch
