@@ -195,7 +195,9 @@ def test_two_process_run_killed_or_terminated_then_resumed_matches_the_uninterru
         after_checkpoint(run, 10).send_signal(signal.SIGKILL)  # one rank dies: no hang
         killed = time.monotonic()
         run.communicate(timeout=120)
-    assert run.returncode != 0 and time.monotonic() - killed < 30
+    # well inside fx.distributed's 5-minute collective timeout, which a hang would wait out; 4
+    # ranks on CI's 2 cores under load ended 30.7 s after the kill once (a fresh-clone .ci/run)
+    assert run.returncode != 0 and time.monotonic() - killed < 60
     killed_at = fx.checkpoint.CheckpointManager(ckpt).latest_step()
     assert 10 <= killed_at <= 20
 
