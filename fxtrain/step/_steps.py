@@ -147,10 +147,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
     return _built(args)
 
 
-def compiling(state: TrainState) -> None:
-    """What a step does first where Dynamo traces it: on torch 2.11 and 2.12, Inductor's
-    choice of the CPU's vector instructions made with a probe that does not import torch
-    (``fxtrain._torch.vec_isa``)."""
+def _choose_cpu_instructions(state: TrainState) -> None:
+    """Where Dynamo traces a step on torch 2.11 or 2.12: Inductor's choice of the CPU's vector
+    instructions, made before it compiles the step with a probe that does not import torch
+    (``fxtrain._torch.vec_isa``). Nothing eagerly or on later torch."""
     if vec_isa.NEEDED and torch.compiler.is_compiling():
         vec_isa.pick_for(state.step.device.type)
 
@@ -171,7 +171,7 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_step(state: TrainState, batch: Any, *,
                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        compiling(state)
+        _choose_cpu_instructions(state)
         new, metrics = one_step(state, batch, donates(donate))
         return donated(state, new, donate), metrics
 
@@ -182,7 +182,7 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_steps(state: TrainState, batches: Any, *,
                     donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        compiling(state)
+        _choose_cpu_instructions(state)
         check_stacked(batches, args.steps_per_call)
         new, merged = state, NOTHING
         for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
@@ -229,7 +229,7 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
-        compiling(state)
+        _choose_cpu_instructions(state)
         guard(batch)
         check_batch_device(batch, state.step.device, "eval_step")
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
