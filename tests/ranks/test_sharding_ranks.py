@@ -310,6 +310,7 @@ def test_a_sequential_of_blocks_is_sharded_per_block_at_most_0_7x_one_process(tm
     assert any("12 units, repeated blocks: Sequential in the model ('0', '1', '2', ...)" in line
                for line in ranks[0]["said"]), ranks[0]["said"]
     ratios = [r["peak_bytes"] / one["peak_bytes"] for r in ranks]
-    # measured 0.58 to 0.65 (the ranks differ by a few units' gathers alive at the compiled
-    # step's peak, from run to run); sharded whole it was 1.13x one process (issue 61)
+    # measured 0.531 on both ranks in 11 of 12, quiet and beside busy loops, 0.556 once (one
+    # more unit's gather alive; ``allocated_peak``: gloo's own copies left out, which had moved
+    # it to 0.753 once in CI); sharded whole (units="whole") 1.053x, 1.13x in issue 61
     assert max(ratios) <= 0.7, (ratios, [r["peak_bytes"] for r in ranks], one["peak_bytes"])
