@@ -8,6 +8,9 @@ an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
             Inductor see every layer, and the update every layer's tensors);
   regions   the same, each layer a call of one ``torch.compiler.nested_compile_region`` (the
             block traced and compiled once; the update still every layer's tensors);
+  updates   ``regions`` with each layer's update a call of a second region too (traced and
+            compiled once, called per layer): how ``fx.regional`` runs a step today, two
+            region calls per layer;
   stacked   each parameter name one tensor of [layers, ...], ``unbind`` into the layers, each a
             call of the region (the Python loop a model's forward has), the update over 16
             tensors whatever the depth: what a state stacked per block kind would give a model
@@ -15,8 +18,12 @@ an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
   scan      the stacked tensors, the layers run by torch's ``scan``
             (``torch._higher_order_ops.scan``: the block traced once, its backward a scan too):
             one call whatever the depth, which needs the loop over the blocks to be the scan.
+  fxtrain   the model as an ``nn.Module`` (``gpt``: its blocks modules of one class), in a
+            ``fx.TrainState`` with ``fx.optim.adamw`` of the same hyperparameters, under
+            ``fx.regional`` and fxtrain's train step: what ``updates`` does by hand, as fxtrain
+            does it (how much fxtrain adds per layer to torch's own cost of the design).
 
-The region variants run as ``fx.regional`` runs: ``materialize_grads=True`` (a reused region's
+The pure-torch region variants run as ``fx.regional`` runs: ``materialize_grads=True`` (a reused region's
 outputs have no autograd history while Dynamo traces) and Inductor's buffer reuse off
 (``fxtrain._torch.inductor.keep_region_outputs``: with it on, the 24-layer step here trained
 other values and then aborted with "corrupted double-linked list").
@@ -26,8 +33,8 @@ first step's CPU seconds (the process and its compile workers) and wall seconds,
 step's milliseconds (the median of 5, one thread), its loss and the eager step's (the same
 model: the variants' losses agree to float32 rounding).
 
-Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled regions stacked scan]
-     [--smoke]
+Run: python benchmarks/scan_depth.py [--layers 2 24] [--variants unrolled regions updates
+     stacked scan fxtrain] [--smoke]
      (--smoke: one layer, compiled with aot_eager: the script works, no timing worth reading)
 """
 
@@ -47,9 +54,9 @@ NAMES = ("ln1_w", "ln1_b", "attn_w", "attn_b", "proj_w", "proj_b", "ln2_w", "ln2
          "fc_w", "fc_b", "fc2_w", "fc2_b")
 
 
-VARIANTS = ("unrolled", "regions", "stacked", "scan")
+VARIANTS = ("unrolled", "regions", "updates", "stacked", "scan", "fxtrain")
 STACKED = ("stacked", "scan")
-REGIONS = ("regions", "stacked")
+REGIONS = ("regions", "updates", "stacked")
 
 
 def shapes():
@@ -88,12 +95,28 @@ def init(layers, stacked):
     return params
 
 
+B1, B2, LR, WD, EPS = 0.9, 0.95, 1e-3, 1e-2, 1e-8
+
+
+def adamw(params, m, v, grads, c1, c2):
+    """AdamW's update of the tensors of ``params`` (a dict), with their moments and gradients
+    (dicts of the same keys): the new parameters, first and second moments."""
+    new_p, new_m, new_v = {}, {}, {}
+    for k, p in params.items():
+        g = grads[k]
+        new_m[k] = B1 * m[k] + (1 - B1) * g
+        new_v[k] = B2 * v[k] + (1 - B2) * g * g
+        new_p[k] = p - LR * WD * p - LR * (new_m[k] / c1) / ((new_v[k] / c2).sqrt() + EPS)
+    return new_p, new_m, new_v
+
+
 def make_step(layers, variant):
     import torch
     import torch.nn.functional as F
     from torch._higher_order_ops.scan import scan
 
     region = torch.compiler.nested_compile_region(block)
+    update_region = torch.compiler.nested_compile_region(adamw)
 
     def forward(params, tokens):
         x = params["wte"][tokens] + params["wpe"]
@@ -105,7 +128,7 @@ def make_step(layers, variant):
             for i in range(layers):
                 x = region(x, {n: rows[n][i] for n in NAMES})
         else:
-            run = region if variant == "regions" else block
+            run = block if variant == "unrolled" else region
             for i in range(layers):
                 x = run(x, {n: params[f"h{i}.{n}"] for n in NAMES})
         x = F.layer_norm(x, (D,), params["lnf_w"], params["lnf_b"])
@@ -119,17 +142,98 @@ def make_step(layers, variant):
             grads = dict(zip(leaves, torch.autograd.grad(  # see the module on regions
                 loss, list(leaves.values()), materialize_grads=variant in REGIONS)))
         t = t + 1
-        b1, b2, lr, wd, eps = 0.9, 0.95, 1e-3, 1e-2, 1e-8
-        c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-        new_p, new_m, new_v = {}, {}, {}
-        for k, p in params.items():
-            g = grads[k]
-            new_m[k] = b1 * m[k] + (1 - b1) * g
-            new_v[k] = b2 * v[k] + (1 - b2) * g * g
-            new_p[k] = p - lr * wd * p - lr * (new_m[k] / c1) / ((new_v[k] / c2).sqrt() + eps)
-        return new_p, new_m, new_v, t, loss.detach()
+        c1, c2 = 1 - B1 ** t, 1 - B2 ** t
+        if variant != "updates":
+            return (*adamw(params, m, v, grads, c1, c2), t, loss.detach())
+        new = [{}, {}, {}]
+        for i in range(layers):  # each layer's tensors one call of the update's region
+            names = [f"h{i}.{n}" for n in NAMES]
+            out = update_region(*({k: d[k] for k in names} for d in (params, m, v, grads)),
+                                c1, c2)
+            for whole, part in zip(new, out):
+                whole.update(part)
+        rest = [k for k in params if "." not in k]  # the embeddings and the last norm
+        out = adamw(*({k: d[k] for k in rest} for d in (params, m, v, grads)), c1, c2)
+        for whole, part in zip(new, out):
+            whole.update(part)
+        return *({k: d[k] for k in params} for d in new), t, loss.detach()  # params' order
 
     return step
+
+
+def gpt(layers):
+    """The model of ``init(layers, False)`` as an ``nn.Module`` whose blocks are modules of one
+    class (their forward ``block``), for ``fx.regional``."""
+    import torch
+    import torch.nn.functional as F
+
+    class Block(torch.nn.Module):
+        def __init__(self, tensors):
+            super().__init__()
+            for name, t in tensors.items():
+                self.register_parameter(name, torch.nn.Parameter(t))
+
+        def forward(self, x):
+            return block(x, {n: getattr(self, n) for n in NAMES})
+
+    class GPT(torch.nn.Module):
+        def __init__(self, params):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(
+                Block({n: params[f"h{i}.{n}"] for n in NAMES}) for i in range(layers))
+            for name in ("wte", "wpe", "lnf_w", "lnf_b"):
+                self.register_parameter(name, torch.nn.Parameter(params[name]))
+
+        def forward(self, tokens):
+            x = self.wte[tokens] + self.wpe
+            for b in self.blocks:
+                x = b(x)
+            x = F.layer_norm(x, (D,), self.lnf_w, self.lnf_b)
+            logits = x @ self.wte.t()
+            return F.cross_entropy(logits[:, :-1].reshape(-1, V), tokens[:, 1:].reshape(-1))
+
+    return GPT(init(layers, False)), Block
+
+
+def pure_torch(variant, layers, tokens):
+    """The pure-torch variants: the compiled step as ``carry -> (carry, loss)``, the first
+    carry (parameters, moments, count) and the eager step's loss from it."""
+    import torch
+
+    if variant in REGIONS:  # Inductor reuses a region's output buffer while it is still read
+        torch._inductor.config.allow_buffer_reuse = False  # (fxtrain._torch.inductor)
+    params = init(layers, variant in STACKED)
+    zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
+    first = (params, zeros(), zeros(), torch.zeros(()))
+    step = torch.compile(make_step(layers, variant), fullgraph=True, backend=backend())
+
+    def run(carry):
+        *carry, loss = step(*carry, tokens)
+        return carry, loss
+
+    # torch's eager scan compiles its body itself, which Dynamo's counters would count: last
+    return run, first, lambda: make_step(layers, variant)(*first, tokens)[-1]
+
+
+def fxtrain_regional(layers, tokens):
+    """``fxtrain``: ``gpt``'s model in a ``fx.TrainState`` with fxtrain's AdamW (the same
+    hyperparameters; optax's order of the same operations), ``fx.regional`` over its blocks,
+    fxtrain's train step: as ``pure_torch``."""
+    import torch
+    import fxtrain as fx
+
+    model, block_class = gpt(layers)
+    tx = fx.optim.adamw(LR, b1=B1, b2=B2, eps=EPS, weight_decay=WD)
+    state = fx.regional(fx.TrainState.create(model, tx), blocks=[block_class])
+    loss = lambda s, p, batch: s.apply(p, batch)  # noqa: E731
+    step = torch.compile(fx.make_train_step(loss, donate=False), fullgraph=True,
+                         backend=backend())
+
+    def run(carry):
+        carry, metrics = step(carry, tokens)
+        return carry, metrics["loss"]
+
+    return run, state, lambda: fx.make_train_step(loss, donate=False)(state, tokens)[1]["loss"]
 
 
 def child(variant, layers):
@@ -138,29 +242,26 @@ def child(variant, layers):
     import torch._inductor.config
 
     torch.set_num_threads(1)
-    torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph
-    if variant in REGIONS:  # Inductor reuses a region's output buffer while it is still read
-        torch._inductor.config.allow_buffer_reuse = False  # (fxtrain._torch.inductor)
-    params = init(layers, variant in STACKED)
-    zeros = lambda: {k: torch.zeros_like(p) for k, p in params.items()}  # noqa: E731
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
-    step = torch.compile(make_step(layers, variant), fullgraph=True, backend=backend())
+    if variant == "fxtrain":
+        run, carry, eager = fxtrain_regional(layers, tokens)
+    else:
+        torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad inside the graph
+        run, carry, eager = pure_torch(variant, layers, tokens)
     c0, w0 = process_tree_cpu(), time.perf_counter()
-    p, m, v, t, loss = step(params, zeros(), zeros(), torch.zeros(()), tokens)
+    carry, loss = run(carry)
     first_cpu, first_wall = process_tree_cpu() - c0, time.perf_counter() - w0
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    p, m, v, t, loss2 = step(p, m, v, t, tokens)
+    carry, loss2 = run(carry)
     recompiled = torch._dynamo.utils.counters["stats"]["unique_graphs"] != frames
     times = []
     for _ in range(5):  # steady steps: the median of 5
         w = time.perf_counter()
-        p, m, v, t, _loss = step(p, m, v, t, tokens)
+        carry, _loss = run(carry)
         times.append(time.perf_counter() - w)
-    # last: torch's eager scan compiles its body itself, which Dynamo's counters would count
-    eager = make_step(layers, variant)(params, zeros(), zeros(), torch.zeros(()), tokens)[-1]
     print(json.dumps({"variant": variant, "layers": layers, "first_cpu_s": first_cpu,
                       "first_wall_s": first_wall, "loss": float(loss),
-                      "eager_loss": float(eager), "second_loss": float(loss2),
+                      "eager_loss": float(eager()), "second_loss": float(loss2),
                       "graphs": frames, "recompiled": recompiled,
                       "step_ms": 1e3 * sorted(times)[2]}))
 
