@@ -70,6 +70,8 @@ VARIANTS = {
 # For the breakdown, not run by default: the optimizer's share of fxtrain's step.
 EXTRA = {"fxtrain_regional": "fxtrain step over fx.regional(state): each block traced and "
                              "compiled once (issue 62), dropout 0.1",
+         "fxtrain_regional_nodropout": "fxtrain_regional with dropout 0.0 (the keyed "
+                                       "stream's share of a block's call)",
          "fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1",
@@ -202,7 +204,7 @@ def build(variant: str, kind: str):
                    "compiled")
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
                             "autograd" if "_autograd" in variant else "func", how,
-                            regional=variant.endswith("_regional")), batch
+                            regional="_regional" in variant), batch
     return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
 
 
