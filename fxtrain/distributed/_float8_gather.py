@@ -31,10 +31,10 @@ from typing import Any
 import torch
 
 from .._torch import collectives
-from . import _unit_gather
+from . import _unit_buffer
 
 
-def gathered(plan: _unit_gather.Plan, layers: list[Any],
+def gathered(plan: _unit_buffer.Plan, layers: list[Any],
              shards: list[torch.Tensor]) -> list[torch.Tensor]:
     """The whole weights of this rank's ``shards`` as float8 tensors, each cast as its layer in
     ``layers`` casts its weight, with one scale over the ranks: one all-reduce of the amaxes,
@@ -47,10 +47,10 @@ def gathered(plan: _unit_gather.Plan, layers: list[Any],
     sizes = plan.sizes()
     flat = torch.empty((plan.world, sum(sizes)), dtype=torch.uint8, device=shards[0].device)
     mine = flat[plan.mesh.get_local_rank()]
-    torch.cat([_unit_gather._padded(fence.weight_bits(s, scale, layer.config).view(torch.uint8)
-                                    .reshape(-1), n)
+    torch.cat([_unit_buffer.padded(fence.weight_bits(s, scale, layer.config).view(torch.uint8)
+                                   .reshape(-1), n)
                for s, scale, layer, n in zip(shards, scales, layers, sizes)], out=mine)
-    bits = plan.copied_out(_unit_gather.Issued(flat, collectives.all_gather_into(
+    bits = plan.copied_out(_unit_buffer.Issued(flat, collectives.all_gather_into(
         flat.view(-1), mine, group)))
     dtype = plan.dtype or shards[0].dtype
     return [fence.from_bits(b.view(layer.config.cast_config_weight.target_dtype), scale, dtype,
@@ -63,7 +63,7 @@ class Gather(torch.autograd.Function):
     their high-precision gradients onto the shards."""
 
     @staticmethod
-    def forward(ctx: Any, plan: _unit_gather.Plan, layers: list[Any],
+    def forward(ctx: Any, plan: _unit_buffer.Plan, layers: list[Any],
                 *shards: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan, ctx.like = plan, [(s.shape[0], s.dtype) for s in shards]
         ctx.set_materialize_grads(False)
@@ -78,7 +78,7 @@ def gathered_weights(params: list[Any], layers: list[Any], gather: Any) -> list[
     """The whole float8 weights of the DTensors ``params`` (``Shard(0)`` on a 1-D mesh), each
     of its float8 layer in ``layers``, differentiable (``Gather``); in ``gather.param_dtype``
     where the unit computes in it."""
-    return list(Gather.apply(_unit_gather.plan_of(params, gather), layers,
+    return list(Gather.apply(_unit_buffer.plan_of(params, gather), layers,
                              *(p.to_local() for p in params)))
 
 

@@ -1,17 +1,17 @@
 """A unit's parameters gathered in an eager step, as FSDP2 gathers them.
 
 Uncompiled, a unit (``fxtrain.distributed._units``) gathers its ``Shard(0)`` parameters in one
-all-gather of all its shards (each padded to the same rows, as FSDP2's flat buffer), copied out
-into one whole tensor per parameter for its forward. What the forward saves for the backward is
-kept as autograd keeps it, but for the gathered parameters (the weight a matmul keeps, or a view
-of it): saved-tensor hooks keep where each sits instead of the tensor, so the gathered
-parameters go as soon as the forward is done. The unit's first use of one in the backward
-gathers the unit again; its last lets them go. The gather's backward is one reduce-scatter of
-all the unit's gradients, run as soon as the unit's backward has produced them (FSDP2's
-post-backward hook); when a unit gathers for its backward, it starts the gather of the unit
-whose forward ran before it, whose backward comes next (FSDP2's backward prefetch: two units'
-parameters at a time). A compiled step takes ``_units``' checkpointed region instead, whose saved
-tensors Inductor picks by liveness.
+all-gather of all its shards (each padded to the same rows, as FSDP2's flat buffer:
+``_unit_buffer``), copied out into one whole tensor per parameter for its forward. What the
+forward saves for the backward is kept as autograd keeps it, but for the gathered parameters
+(the weight a matmul keeps, or a view of it): saved-tensor hooks keep where each sits instead of
+the tensor, so the gathered parameters go as soon as the forward is done. The unit's first use
+of one in the backward gathers the unit again; its last lets them go. The gather's backward is
+one reduce-scatter of all the unit's gradients, run as soon as the unit's backward has produced
+them (FSDP2's post-backward hook); when a unit gathers for its backward, it starts the gather of
+the unit whose forward ran before it, whose backward comes next (FSDP2's backward prefetch: two
+units' parameters at a time). A compiled step takes ``_units``' checkpointed region instead,
+whose saved tensors Inductor picks by liveness.
 
 On a 2-D mesh (``fxtrain.distributed._meshes``: FSDP x tensor parallel, HSDP) the gather runs
 over the mesh's shard dimension only, each parameter along the tensor dimension it is split
@@ -31,110 +31,16 @@ activations per rank to FSDP2's 45.
 from __future__ import annotations
 
 import contextvars
-import dataclasses
 import weakref
 from typing import Any
 
 import torch
 
-from .._torch import collectives
 from .._torch.autograd import saved_tensors_hooks_active
 from . import _meshes
 from ._dtensors import is_dtensor
 from ._layout import Roles
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """Where each parameter of a unit sits in its flat buffer: ``rows`` per rank (padded),
-    ``shapes`` the whole ones; gathered in ``dtype`` (None: their own), reduce-scattered in
-    ``reduce_dtype`` (None: ``dtype``'s) over ``mesh``."""
-
-    mesh: Any
-    shapes: tuple[tuple[int, ...], ...]
-    dtype: torch.dtype | None
-    reduce_dtype: torch.dtype | None
-
-    @property
-    def world(self) -> int:
-        return self.mesh.size()
-
-    def rows(self, shape: tuple[int, ...]) -> int:
-        return -(-shape[0] // self.world)
-
-    def sizes(self) -> list[int]:
-        """Each parameter's elements per rank, padded."""
-        return [self.rows(s) * _inner(s) for s in self.shapes]
-
-    def gathered(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The whole parameters of this rank's ``shards``: one all-gather, copied out."""
-        return self.copied_out(self.issued(shards))
-
-    def issued(self, shards: list[torch.Tensor]) -> Issued:
-        """The all-gather of this rank's ``shards`` (each padded), under way. They are copied
-        into this rank's rows of the gather's buffer, which the gather fills in place (FSDP2's
-        copy-in): no buffer of the shards beside it."""
-        dtype = self.dtype or shards[0].dtype
-        sizes = self.sizes()
-        flat = torch.empty((self.world, sum(sizes)), dtype=dtype, device=shards[0].device)
-        mine = flat[self.mesh.get_local_rank()]
-        torch.cat([_padded(s.reshape(-1).to(dtype), n) for s, n in zip(shards, sizes)],
-                  out=mine)
-        return Issued(flat, collectives.all_gather_into(flat.view(-1), mine,
-                                                        self.mesh.get_group()))
-
-    def copied_out(self, issued: Issued) -> list[torch.Tensor]:
-        """The whole parameters out of an ``issued`` all-gather's buffer (rank by rank, each
-        parameter's rows): one copy into a buffer per parameter, as FSDP2's copy-out."""
-        flat = issued.wait()
-        sizes = self.sizes()
-        out = [flat.new_empty((self.world, n)) for n in sizes]
-        torch.split_with_sizes_copy(flat, sizes, dim=1, out=out)
-        return [o.view(self.world * self.rows(shape), *shape[1:])[:shape[0]]
-                for o, shape in zip(out, self.shapes)]
-
-    def scattered(self, grads: tuple, like: list[tuple[int, torch.dtype]]) -> list[torch.Tensor]:
-        """This rank's part of the ``grads`` of the whole parameters (None: zeros) summed over
-        the ranks, in one reduce-scatter (in ``reduce_dtype``), as the shards ``like`` are
-        (their rows and dtype)."""
-        given = next(g for g in grads if g is not None)
-        dtype = self.reduce_dtype or self.dtype or like[0][1]
-        sizes = self.sizes()
-        columns = [given.new_zeros((self.world, n), dtype=dtype) if g is None else
-                   _padded(g.reshape(-1).to(dtype), self.world * n).view(self.world, n)
-                   for g, n in zip(grads, sizes)]  # row r: what rank r's shards receive
-        mine = collectives.wait_tensor(collectives.reduce_scatter_single(
-            torch.cat(columns, dim=1).view(-1), "sum", 0, self.mesh))
-        del columns
-        out, at = [], 0
-        for shape, n, (held, shard_dtype) in zip(self.shapes, sizes, like):
-            out.append(mine[at:at + n].view(self.rows(shape), *shape[1:])[:held].to(shard_dtype))
-            at += n
-        return out
-
-
-@dataclasses.dataclass(frozen=True)
-class Issued:
-    """An all-gather under way: its buffer (a row per rank), and the work to wait on."""
-
-    flat: torch.Tensor
-    work: Any
-
-    def wait(self) -> torch.Tensor:
-        self.work.wait()
-        return self.flat
-
-
-def _padded(flat: torch.Tensor, n: int) -> torch.Tensor:
-    """``flat`` (1-D) padded with zeros to ``n`` elements (as it is when it has them)."""
-    return flat if flat.numel() == n else torch.nn.functional.pad(flat, (0, n - flat.numel()))
-
-
-def _inner(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape[1:]:
-        n *= d
-    return n
+from ._unit_buffer import Issued, Plan
 
 
 _LAST: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_last_unit", default=None)
@@ -328,8 +234,3 @@ def run(forward: Any, params: list[Any], planned: list[bool], gather: Any, bind:
     hooks.gathered(whole)
     with bound(whole), torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
         return forward()
-
-
-def plan_of(params: list[Any], gather: Any) -> Plan:
-    return Plan(params[0].device_mesh, tuple(tuple(p.shape) for p in params),
-                gather.param_dtype, gather.reduce_dtype)
