@@ -23,8 +23,8 @@ an AdamW update in one ``torch.compile(fullgraph=True)`` graph, its blocks
             ``fx.regional`` and fxtrain's train step: what ``updates`` does by hand, as fxtrain
             does it (how much fxtrain adds per layer to torch's own cost of the design).
 
-The pure-torch region variants run as ``fx.regional`` runs: ``materialize_grads=True`` (a reused region's
-outputs have no autograd history while Dynamo traces) and Inductor's buffer reuse off
+The pure-torch region variants run as ``fx.regional`` runs: ``materialize_grads=True`` (a reused
+region's outputs have no autograd history while Dynamo traces) and Inductor's buffer reuse off
 (``fxtrain._torch.inductor.keep_region_outputs``: with it on, the 24-layer step here trained
 other values and then aborted with "corrupted double-linked list").
 
@@ -145,17 +145,13 @@ def make_step(layers, variant):
         c1, c2 = 1 - B1 ** t, 1 - B2 ** t
         if variant != "updates":
             return (*adamw(params, m, v, grads, c1, c2), t, loss.detach())
-        new = [{}, {}, {}]
-        for i in range(layers):  # each layer's tensors one call of the update's region
-            names = [f"h{i}.{n}" for n in NAMES]
-            out = update_region(*({k: d[k] for k in names} for d in (params, m, v, grads)),
-                                c1, c2)
+        new = [{}, {}, {}]  # each layer's tensors a call of the update's region, then the rest
+        groups = [([f"h{i}.{n}" for n in NAMES], update_region) for i in range(layers)]
+        groups.append(([k for k in params if "." not in k], adamw))  # embeddings, last norm
+        for names, update in groups:
+            out = update(*({k: d[k] for k in names} for d in (params, m, v, grads)), c1, c2)
             for whole, part in zip(new, out):
                 whole.update(part)
-        rest = [k for k in params if "." not in k]  # the embeddings and the last norm
-        out = adamw(*({k: d[k] for k in rest} for d in (params, m, v, grads)), c1, c2)
-        for whole, part in zip(new, out):
-            whole.update(part)
         return *({k: d[k] for k in params} for d in new), t, loss.detach()  # params' order
 
     return step
@@ -199,6 +195,7 @@ def pure_torch(variant, layers, tokens):
     """The pure-torch variants: the compiled step as ``carry -> (carry, loss)``, the first
     carry (parameters, moments, count) and the eager step's loss from it."""
     import torch
+    import torch._inductor.config
 
     if variant in REGIONS:  # Inductor reuses a region's output buffer while it is still read
         torch._inductor.config.allow_buffer_reuse = False  # (fxtrain._torch.inductor)
@@ -239,7 +236,6 @@ def fxtrain_regional(layers, tokens):
 def child(variant, layers):
     import torch
     import torch._dynamo.utils
-    import torch._inductor.config
 
     torch.set_num_threads(1)
     tokens = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))

@@ -576,7 +576,9 @@ def allocated_peak(trace, thread):
     events = json.loads(Path(trace).read_text())["traceEvents"]
     gloo = [(e["ts"], e["ts"] + e.get("dur", 0)) for e in events if e.get("ph") == "X"
             and e.get("tid") == thread and e["name"].startswith("c10d::")]
-    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    memory = sorted((e for e in events if e.get("name") == "[memory]"  # in fxtrain._memory's
+                     and e["args"].get("Device Type") in (None, 0)),  # order: CPU, by time and
+                    key=lambda e: (e["ts"], e["args"].get("Ev Idx", 0)))  # then event index
     if not any(e["tid"] == thread for e in memory):
         raise AssertionError(f"no allocation on thread {thread} in {trace}")
     live, now, peak = {}, 0, 0
