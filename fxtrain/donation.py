@@ -92,11 +92,15 @@ class Donated:
 _MARKERS = {field: Donated(field) for field in DONATED_FIELDS}
 
 
+def given_up(state: Any) -> bool:
+    """Whether ``state`` was donated (its values given up)."""
+    return isinstance(getattr(state, "step", None), Donated)
+
+
 def check_live(state: Any, where: str) -> None:
     """Raises ``DonatedError`` when ``state`` was donated (``where`` names the caller)."""
-    step = getattr(state, "step", None)
-    if isinstance(step, Donated):  # fail: the error itself out of a trace too (torch 2.11's
-        fail(DonatedError, f"{where}: {step.message()}")  # Dynamo keeps not even its text)
+    if given_up(state):  # fail: the error itself out of a trace too (torch 2.11's Dynamo
+        fail(DonatedError, f"{where}: {state.step.message()}")  # keeps not even its text)
 
 
 def _eligible(old: Any, new: Any) -> bool:

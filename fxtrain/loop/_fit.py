@@ -99,11 +99,11 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       The state after the last step and train_end. Ctrl-C (held until the step it lands in
       ends: ``fxtrain.loop._interrupts``) saves, delivers train_end and raises
       ``fx.Interrupted`` (a KeyboardInterrupt) holding the state in ``.state``; a second Ctrl-C
-      inside that step stops at once, and the state that step was given is given up. SIGTERM (a
-      scheduler's preemption) stops every rank at the next flag read, saves, delivers train_end
-      (reason ``"preempted"``) and raises ``fx.Preempted`` (a SystemExit with code 143; see
-      ``fxtrain.loop._preemption``). An error delivers the exception event and train_end, then is
-      raised again.
+      inside that step stops at once, and the state that step was given is given up (an earlier
+      step's save under way is finished first). SIGTERM (a scheduler's preemption) stops every
+      rank at the next flag read, saves, delivers train_end (reason ``"preempted"``) and raises
+      ``fx.Preempted`` (a SystemExit with code 143; see ``fxtrain.loop._preemption``). An error
+      delivers the exception event and train_end, then is raised again.
 
     Examples:
         >>> x = torch.randn(64, 3)
@@ -149,6 +149,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
                 if state.step is run.state.step:  # the first step: the caller's state too
                     donation.mark(state)
                 donation.mark(run.state)
+                _resuming.wait(checkpoint)  # an earlier step's save under way still ends
                 raise Interrupted(run.state) from e
             _save(plan, run)
             _emit(plan, run, "train_end", {"reason": "interrupted"})
@@ -264,8 +265,9 @@ def _call(plan: RunPlan, progress: Progress) -> str | None:
     if plan.before_step:
         _emit(plan, progress, "step_begin", callbacks=plan.before_step)
     before = progress.state
-    progress.in_step = True
     with after_the_step():  # Ctrl-C: when the state is whole again
+        # set only once a first Ctrl-C is held: one landing before then finds the state whole
+        progress.in_step = True
         progress.state, metrics = plan.run_step(progress.state, batch, position)
         progress.in_step = False
     progress.step += plan.k

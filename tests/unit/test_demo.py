@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import reaped, sigint_back
 from PIL import Image
 
@@ -207,6 +208,34 @@ def test_early_stopped_run_resumed_stays_stopped(tmp_path, capsys):
     assert status == 0 and steps[-1] == 40  # stopped at the second evaluation
     status, again, _ = demo(capsys, tmp_path, *flags, "--resume")
     assert "no new steps" in again and digest_of(again) == digest_of(first)
+
+
+def test_a_second_ctrl_c_inside_a_step_stops_at_once_and_names_the_latest_checkpoint(
+        tmp_path, capsys, monkeypatch):
+    """Two Ctrl-C in the update of step 25: fit gives that step's state up, saves nothing of
+    it, and the demo says which checkpoint a resume starts from (step 20's)."""
+    from fxtrain import optim
+    from fxtrain.apps.demo import job
+
+    def twice(grads, count, params=None):  # last in the chain, after Adam wrote its moments
+        if int(count) == 24:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return grads, count + 1
+    interrupting = optim.GradientTransformation(lambda params: torch.zeros((), dtype=torch.int64),
+                                                twice)
+    made = job._optimizer
+    monkeypatch.setattr(job, "_optimizer", lambda config: optim.chain(made(config), interrupting))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.warns(UserWarning, match="stopped inside the step after step 24"):
+            status, out, _ = demo(capsys, tmp_path, "--steps", "40", *QUICK)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert status == 130 and steps == [20]
+    assert f"the latest checkpoint, of step 20, is in {tmp_path / 'checkpoints'}" in out
+    assert "--resume" in out
 
 
 def run_cli(workdir, *flags, **kwargs):

@@ -369,3 +369,30 @@ def test_ctrl_c_inside_a_donating_step_never_saves_a_half_written_state(tmp_path
     else:
         with pytest.raises(fx.DonatedError, match="donated to a train step"):
             fx.tree_digest(raised.value.state)
+
+
+def test_a_ctrl_c_just_before_the_step_holds_it_is_a_first_one(tmp_path, ctrl_c, monkeypatch):
+    """A Ctrl-C that lands as fit installs the handler that holds it (Python's own one raises
+    KeyboardInterrupt there) comes before the step, whose state is whole: fit saves it, sends
+    train_end and hands it back, as for a first Ctrl-C, and gives nothing up."""
+    install, installs = signal.signal, []
+
+    def landing(signum, handler):
+        if signum == signal.SIGINT and handler is not signal.default_int_handler:
+            installs.append(handler)
+            if len(installs) == 5:  # as the fifth step is about to run
+                signal.raise_signal(signal.SIGINT)
+        return install(signum, handler)
+    monkeypatch.setattr(signal, "signal", landing)
+    data = fx.data.Batches((X, Y), 16, seed=0)
+    manager = fx.checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False)
+    log = []
+    state, step = setup(dropout=0.0)
+    with pytest.raises(fx.Interrupted) as raised:
+        fx.fit(state, step, data, max_steps=10, checkpoint=manager, callbacks=[recorder(log)])
+    reference, step = setup(dropout=0.0)
+    reference = fx.fit(reference, step, data, max_steps=4)
+    assert fx.tree_digest(raised.value.state) == fx.tree_digest(reference)
+    assert manager.latest_step() == 4
+    assert fx.tree_digest(manager.restore(like=reference)) == fx.tree_digest(reference)
+    assert log[-1] == ("train_end", 4, 0)

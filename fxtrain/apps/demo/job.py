@@ -22,6 +22,7 @@ from ...logging.numbers import read_floats
 from ...checkpoint import CheckpointManager
 from ...loop._evaluation import evaluate
 from ...data._batches import Batches
+from ...donation import given_up
 from ...logging import JsonlWriter, MultiWriter, TensorBoardWriter
 from ...loop._fit import Interrupted, fit
 from ...state import TrainState
@@ -276,8 +277,15 @@ def _locked(config: DemoConfig, task: Task, chosen: str | None, start: float) ->
                     eval_data=eval_data, eval_every=config.eval_every, checkpoint=manager,
                     callbacks=_callbacks(config, task, writer, clock), resume=config.resume)
     except Interrupted as e:
-        _say(f"\ninterrupted at step {int(e.state.step)}; its checkpoint is in "
-             f"{manager.directory}. Continue with: fxtrain demo {_flags(config)} --resume")
+        resume = f"Continue with: fxtrain demo {_flags(config)} --resume"
+        if given_up(e.state):  # a second Ctrl-C inside a step: that step is not saved
+            latest = manager.latest_step()
+            saved = ("no checkpoint was saved yet" if latest is None else
+                     f"the latest checkpoint, of step {latest}, is in {manager.directory}")
+            _say(f"\nstopped inside a step; {saved}. {resume}")
+        else:
+            _say(f"\ninterrupted at step {int(e.state.step)}; its checkpoint is in "
+                 f"{manager.directory}. {resume}")
         return 130
     finally:
         writer.close()
