@@ -97,8 +97,10 @@ def test_data_parallel_needs_a_process_group():
 
 
 def torchrun(*args, timeout=300, nproc=2, **popen):
+    """``dist_worker.py *args`` under torchrun; ``--standalone``: its store binds a free port
+    itself (a port found free and closed first could be taken by another test before)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           f"--master_port={free_port()}", str(HERE / "dist_worker.py"), *args]
+           "--standalone", str(HERE / "dist_worker.py"), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **popen)
