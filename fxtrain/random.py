@@ -99,6 +99,7 @@ def _run(fn, *tensors: torch.Tensor) -> torch.Tensor:
 _LIB = torch.library.Library("fxtrain", "FRAGMENT")
 _LIB.define("fold_in(Tensor key, Tensor data) -> Tensor")
 _LIB.define("fold_in_range(Tensor key, int start, int count) -> Tensor")
+_LIB.define("fold_in_range_after(Tensor key, Tensor base, int start, int count) -> Tensor")
 _LIB.define("stream_key(Tensor key, int stream) -> Tensor")
 _LIB.define("position(Tensor key, int calls) -> Tensor")
 
@@ -116,6 +117,15 @@ def _fold_in_range_impl(key: torch.Tensor, start: int, count: int) -> torch.Tens
     return _run(lambda k, d: _fold(k[..., None], d), key, data)
 
 
+def _fold_in_range_after_impl(key: torch.Tensor, base: torch.Tensor, start: int,
+                              count: int) -> torch.Tensor:
+    # fold_in(key, base + start + i) for i < count: a region's keys, counted from where the
+    # stream stood when it was called (``continued``); the sum is in here, since each constant
+    # added to ``base`` in the graph would be a compiled kernel of its own (about 0.5 CPU-s)
+    data = torch.arange(start, start + count, dtype=torch.int64, device=key.device)
+    return _run(lambda k, b, d: _fold(k[..., None], b[..., None] + d), key, base, data)
+
+
 def _stream_key_impl(key: torch.Tensor, stream: int) -> torch.Tensor:
     return _run(lambda k: _mix32(k + stream * _GOLDEN), key)
 
@@ -127,10 +137,12 @@ def _position_impl(key: torch.Tensor, calls: int) -> torch.Tensor:
 
 
 for _name, _impl in (("fold_in", _fold_in_impl), ("fold_in_range", _fold_in_range_impl),
+                     ("fold_in_range_after", _fold_in_range_after_impl),
                      ("stream_key", _stream_key_impl), ("position", _position_impl)):
     _LIB.impl(_name, _impl, "CompositeExplicitAutograd")
 _fold_in = torch.ops.fxtrain.fold_in.default
 _fold_in_range = torch.ops.fxtrain.fold_in_range.default
+_fold_in_range_after = torch.ops.fxtrain.fold_in_range_after.default
 _stream_key = torch.ops.fxtrain.stream_key.default
 _position = torch.ops.fxtrain.position.default
 
@@ -144,6 +156,12 @@ def _(key, data):
 @torch.library.register_fake("fxtrain::fold_in_range")
 def _(key, start, count):
     del start
+    return key.new_empty((*key.shape, count))
+
+
+@torch.library.register_fake("fxtrain::fold_in_range_after")
+def _(key, base, start, count):
+    del base, start
     return key.new_empty((*key.shape, count))
 
 
@@ -498,11 +516,20 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
             torch.default_generator.manual_seed(self.calls + 1)
             self.calls += 1
             return _fold_in_range(self.key, self.calls, 1)[..., 0]
+        return self._from_block()
+
+    def _from_block(self) -> torch.Tensor:
+        """The next key, from the block of 16 it falls in (``_block``, derived when the first
+        of them is drawn)."""
         self.calls += 1
         if self.block is None or self.calls >= self.block_start + _BLOCK:
             self.block_start = self.calls
-            self.block = _fold_in_range(self.key, self.calls, _BLOCK)
+            self.block = self._block(self.calls)
         return self.block[..., self.calls - self.block_start]
+
+    def _block(self, start: int) -> torch.Tensor:
+        """``fold_in(key, start + i)`` for the 16 draws from ``start`` on."""
+        return _fold_in_range(self.key, start, _BLOCK)
 
     def _checkpointed(self, checkpoint: Callable, fn: Callable, *args: Any, **kwargs: Any):
         """``torch.utils.checkpoint.checkpoint(fn, ...)`` as Dynamo traces it: it hands the
@@ -619,8 +646,9 @@ class continued(keyed):  # noqa: N801 - a context manager, like keyed
     ``position()``), inside a region traced once and run for every layer
     (``fx.regional``): the i-th draw takes ``fold_in(key, position + i)``, the key the stream
     itself would have given it (the same masks, bit for bit), from a tensor rather than a
-    number, so that every layer runs the same code. The region's draws are counted in
-    ``calls``; the stream around it then ``advance``s by them."""
+    number, so that every layer runs the same code; 16 keys per operator call
+    (``fold_in_range_after``), as the stream itself derives them. The region's draws are
+    counted in ``calls``; the stream around it then ``advance``s by them."""
 
     in_region = True
 
@@ -629,6 +657,8 @@ class continued(keyed):  # noqa: N801 - a context manager, like keyed
         self.base = position
 
     def _next_key(self) -> torch.Tensor:
-        self.calls += 1
-        return _fold_in(self.key, self.base + self.calls)
+        return self._from_block()
+
+    def _block(self, start: int) -> torch.Tensor:
+        return _fold_in_range_after(self.key, self.base, start, _BLOCK)
 

@@ -44,6 +44,33 @@ def test_keys_come_from_operator_calls_one_per_16_draws():
     assert "fxtrain.stream_key" not in code
 
 
+def test_a_region_takes_its_keys_from_one_operator_call_per_16_draws():
+    """Inside a region (``fx.regional``'s blocks) the stream continues from a position tensor:
+    its 20 draws take the keys the stream itself gives the 20 draws after that position, from
+    two operator calls. No kernel adds a draw's number to the position: each such sum was a
+    C++ file of its own (about 0.5 CPU-s of compiling, three per block of a GPT-2)."""
+    from fxtrain.random import continued, keyed
+
+    def region(key, position, x):
+        with continued(key, position):
+            return torch.stack([F.dropout(row, 0.5) for row in x])
+
+    def stream(key, x):  # the stream itself: 4 draws, then the region's 20
+        with keyed(key):
+            for _ in range(4):
+                F.dropout(x[0], 0.5)
+            return torch.stack([F.dropout(row, 0.5) for row in x])
+
+    key, x = fx.random.seed_key(3), torch.ones(20, 64)
+    with torch._inductor.config.patch(NO_CACHES):
+        got, sources = run_and_get_code(torch.compile(region, fullgraph=True), key,
+                                        torch.tensor(4), x)
+    assert torch.equal(got, stream(key, x))
+    code = "\n".join(sources)
+    assert code.count("= torch.ops.fxtrain.fold_in_range_after.default(") == 2
+    assert "fxtrain.fold_in.default" not in code
+
+
 def generated_code(model) -> str:
     """The code Inductor generates for ``model``'s compiled step: where inlined hash chains blew
     up. Read, not timed, so that a busy machine cannot fail the test (the seconds are measured in

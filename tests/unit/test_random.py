@@ -104,9 +104,13 @@ def test_key_derivations_agree_across_their_implementations():
         by_torch = torch.stack([_fold(key, torch.tensor(i)) for i in range(5, 21)])
         assert torch.equal(torch.ops.fxtrain.fold_in_range(key, 5, 16), by_torch)
         assert torch.equal(torch.ops.fxtrain.fold_in_range(key, 5, 1), by_torch[:1])
+        assert torch.equal(torch.ops.fxtrain.fold_in_range_after(key, torch.tensor(2), 3, 16),
+                           by_torch)  # a region's keys: from where the stream stood (2)
         for i in (5, 9, 20):
             assert torch.equal(random.fold_in(key, torch.tensor(i)), by_torch[i - 5])
             assert torch.equal(random.fold_in(key, i), by_torch[i - 5])
         assert torch.equal(torch.ops.fxtrain.stream_key(key, 3), _mix32(key + 3 * 0x9E3779B9))
         keys = torch.stack([key, random.seed_key(seed + 1)])  # not 0-d: the numpy path
         assert torch.equal(random.fold_in(keys, torch.tensor(9))[0], by_torch[4])
+        assert torch.equal(torch.ops.fxtrain.fold_in_range_after(keys, torch.tensor(2), 3, 16)[0],
+                           by_torch)
