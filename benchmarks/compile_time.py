@@ -16,9 +16,10 @@ AdamW with lr 1e-3 and weight decay 1e-2) and runs in its own fresh process:
   default) measures that on the small MLP of ``--smoke`` too (fxtrain compiled and eager only).
 
 Cold: the process starts with an empty ``TORCHINDUCTOR_CACHE_DIR`` of its own, so nothing is
-cached. Warm: a second process of the same variant reuses that directory (``fxtrain_precompiled``:
-an empty one of its own and the cold process's ``fx.precompiled`` file, all a warm start has) (Inductor's FX graph
-cache and AOTAutograd's cache hit; Dynamo traces again). Each process reports its imports
+cached. Warm: a second process of the same variant reuses that directory
+(``fxtrain_precompiled``: an empty one of its own and the cold process's ``fx.precompiled``
+file, all a warm start has) (Inductor's FX graph cache and AOTAutograd's cache hit; Dynamo
+traces again). Each process reports its imports
 (torch, transformers, fxtrain), its first step from before the call to the end of the step
 (compilation included) in wall time and in CPU time of the process and its compile workers
 (steadier than wall time on a shared machine), how long after its start it was ready (first step
@@ -99,8 +100,9 @@ def gpt2(dropout: float):
 
     torch.manual_seed(0)
     layers = int(os.environ.get("FXTRAIN_BENCH_LAYERS", GPT2["n_layer"]))
-    config = transformers.GPT2Config(**{**GPT2, "n_layer": layers}, resid_pdrop=dropout, embd_pdrop=dropout,
-                                     attn_pdrop=dropout, use_cache=False, bos_token_id=0,
+    config = transformers.GPT2Config(**{**GPT2, "n_layer": layers}, resid_pdrop=dropout,
+                                     embd_pdrop=dropout, attn_pdrop=dropout, use_cache=False,
+                                     bos_token_id=0,
                                      eos_token_id=0, attn_implementation="eager")
     model = transformers.GPT2LMHeadModel(config)
     model.loss_type = "ForCausalLM"  # otherwise transformers guesses it on each call, and warns
@@ -407,7 +409,8 @@ def warm_cold_table(summaries: dict) -> str:
                 continue
             ratios = warm_cold(cold, warm)
             lines.append(
-                f"{kind:6s} {variant:31s} {cold['first_step_s']:7.1f}s {warm['first_step_s']:7.1f}s "
+                f"{kind:6s} {variant:31s} {cold['first_step_s']:7.1f}s "
+                f"{warm['first_step_s']:7.1f}s "
                 f"{ratios.get('warm_vs_cold', float('nan')):8.2f}x "
                 f"{cold['first_step_cpu_s']:7.1f}s {warm['first_step_cpu_s']:7.1f}s "
                 f"{ratios.get('cpu_warm_vs_cold', float('nan')):8.2f}x")
