@@ -371,6 +371,32 @@ def test_ctrl_c_inside_a_donating_step_never_saves_a_half_written_state(tmp_path
             fx.tree_digest(raised.value.state)
 
 
+def test_a_second_ctrl_c_still_lets_the_save_under_way_finish(ctrl_c):
+    """A second Ctrl-C gives the step's state up and saves nothing of it, but the save of an
+    earlier step, which an async manager may still be writing, is waited for before fit
+    raises: the process may exit right after, and that checkpoint must not be left half
+    written."""
+    class Recording(FakeManager):
+        def __init__(self):
+            super().__init__()
+            self.calls = []
+
+        def save(self, state, metrics=None, force=False):
+            self.calls.append(f"save {int(state.step)}")
+            return super().save(state, metrics, force)
+
+        def wait(self):
+            self.calls.append("wait")
+
+    manager = Recording()
+    tx = fx.optim.chain(fx.optim.adamw(1e-2), _interrupting(5, 2))
+    state, step = setup(dropout=0.0, tx=tx)
+    with pytest.raises(fx.Interrupted), pytest.warns(UserWarning, match="given up"):
+        fx.fit(state, step, fx.data.Batches((X, Y), 16, seed=0), max_steps=10,
+               checkpoint=manager, callbacks=[fx.callbacks.checkpoint_policy(every=2)])
+    assert manager.saved == [2, 4] and manager.calls[-1] == "wait"
+
+
 def test_a_ctrl_c_just_before_the_step_holds_it_is_a_first_one(tmp_path, ctrl_c, monkeypatch):
     """A Ctrl-C that lands as fit installs the handler that holds it (Python's own one raises
     KeyboardInterrupt there) comes before the step, whose state is whole: fit saves it, sends
