@@ -24,10 +24,15 @@ def test_killed_and_resumed_demo_ends_with_the_uninterrupted_digest(tmp_path, mo
     (every callback, logs). The uninterrupted default demo also reaches its stated accuracy
     (docs/demo.md): at least 95% on the held-out digits."""
     flags, kill_after = KILLED_RUNS[model]
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    # FXTRAIN_NATIVE_BF16=1: the transformer trains bf16-mixed, as on a machine with native
+    # bfloat16, on every machine (the branch a user with such a CPU or a GPU takes)
+    env = {**os.environ, "PYTHONHASHSEED": "0", "FXTRAIN_NATIVE_BF16": "1"}
     with reaped(run_cli(tmp_path / "whole", *flags, env=env)) as whole:
         out, err = whole.communicate(timeout=600)
     assert whole.returncode == 0, err[-3000:]
+    assert "nan_guard" not in out + err, (out + err)[-3000:]
+    if model == "transformer":
+        assert "precision bf16-mixed" in out
     if model == "mlp":
         accuracy = float(re.search(r"final held-out metrics.*accuracy ([\d.]+)", out).group(1))
         assert accuracy >= 0.95 and "target: accuracy >= 0.95: met" in out

@@ -181,3 +181,17 @@ def test_a_step_state_of_another_name_stays_the_steps_beside_the_loss_scale():
     state = fx.callbacks.init(fx.step_spec(step).step_states, _state())
     new, metrics = step(state, BATCH)
     assert float(metrics["loss_scale"]) == 2.0**16 and int(new.callbacks["mine"]) == 0
+
+
+@pytest.mark.parametrize("forced, precision", [("1", "bf16-mixed"), ("0", "32")])
+def test_the_demo_s_bfloat16_choice_is_forced_either_way_on_any_machine(monkeypatch, forced,
+                                                                         precision):
+    """FXTRAIN_NATIVE_BF16 forces the machine-dependent branch (the suite runs the bfloat16
+    one on machines without native bfloat16); anything but 1 or 0 is refused by name."""
+    from fxtrain.apps.demo import tasks
+    monkeypatch.setenv("FXTRAIN_NATIVE_BF16", forced)
+    assert tasks.native_bf16() is (forced == "1")
+    assert tasks.make_task("transformer", 0).precision == precision
+    monkeypatch.setenv("FXTRAIN_NATIVE_BF16", "yes")
+    with pytest.raises(ValueError, match="FXTRAIN_NATIVE_BF16 must be 1 or 0"):
+        tasks.native_bf16()

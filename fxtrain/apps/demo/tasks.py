@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,9 +204,21 @@ def _charlm_task() -> Task:
 # -- a small GPT -----------------------------------------------------------------------------
 
 
+NATIVE_BF16 = "FXTRAIN_NATIVE_BF16"
+"""The environment variable that forces ``native_bf16()``'s answer (``1`` or ``0``), so that
+either branch of the demo's choice runs on any machine (the tests force the bfloat16 one)."""
+
+
 def native_bf16() -> bool:
     """Whether this machine computes bfloat16 natively (a CUDA GPU that supports it, or a CPU
-    with AVX512-BF16 or AMX); elsewhere bf16-mixed is emulated, and slower than float32."""
+    with AVX512-BF16 or AMX); elsewhere bf16-mixed is emulated, and slower than float32.
+    ``FXTRAIN_NATIVE_BF16=1`` (or ``0``) forces the answer."""
+    forced = os.environ.get(NATIVE_BF16)
+    if forced is not None:
+        if forced not in ("0", "1"):
+            raise ValueError(f"{NATIVE_BF16} must be 1 or 0 (force the demo's bfloat16 choice "
+                             f"on or off), got {forced!r}")
+        return forced == "1"
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return True
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
