@@ -1,6 +1,7 @@
 """The applications on fxtrain: the command line (``_cli.py``; ``fxtrain.cli`` is its entry),
 config runs (``_configured.py``: ``fxtrain train``, ``fx.train``; ``_saved_config.py``: the
-config a workdir's run was trained with), one run per workdir (``_workdir.py``: its lock), a
+config a workdir's run was trained with), one run per workdir (``_workdir.py``: its lock), the
+exit statuses (``_exits.py``) and the end of a run nan_guard stopped (``_nonfinite.py``), a
 checkpoint out to a Hugging Face folder (``_pretrained.py``: ``fxtrain export``,
 ``fx.export_pretrained``) and the demo (``demo/``: ``fxtrain demo``). Nothing here is imported
 by the library below it.

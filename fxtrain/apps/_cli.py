@@ -11,6 +11,7 @@ import sys
 
 from .._format import format_scalars
 from .._version import __version__
+from ._exits import EXIT_STATUSES, NONFINITE_EXIT
 
 DESCRIPTION = """\
 Functional training for PyTorch: the state is one value, the step a pure compiled function,
@@ -48,7 +49,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
         description="Trains a small model on data that ships with its dependencies "
                     "(scikit-learn's digits, Python's own docstrings) with the compiled "
                     "functional step and the standard callbacks; writes TensorBoard and JSONL "
-                    "logs, checkpoints, figures and a loss curve under --workdir.")
+                    "logs, checkpoints, figures and a loss curve under --workdir.",
+        epilog=EXIT_STATUSES.format(what="flag"))
     if command == "demo":
         _demo_flags(demo)
     sub.add_parser("train", help="train your own model from a YAML or Python config "
@@ -111,7 +113,7 @@ def _demo_flags(demo: argparse.ArgumentParser) -> None:
 def _train(args: list[str]) -> int:
     """``fxtrain train CONFIG [overrides]``: a positional CONFIG is the config file, and
     ``--print-config`` is jsonargparse's ``--print_config``."""
-    from ._configured import ConfigError, _as_args, parser, train
+    from ._configured import ConfigError, _as_args, _trained, parser
     from ._workdir import WorkdirLocked
 
     args = ["--print_config" if a == "--print-config" else a for a in args]
@@ -129,10 +131,13 @@ def _train(args: list[str]) -> int:
             except Exception as e:  # jsonargparse's message names the key
                 raise ConfigError(str(e)) from None
             return 0
-        state = train(config, rest)
+        state, nonfinite = _trained(config, rest)
     except (ConfigError, WorkdirLocked) as e:  # one line; nothing was changed on disk
         print(f"fxtrain train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    if nonfinite is not None:  # nan_guard stopped it: the step, the metric, what to do next
+        print(nonfinite, file=sys.stderr, flush=True)
+        return NONFINITE_EXIT
     print(f"fxtrain train: done at step {int(state.step)} (the workdir holds config.yaml, "
           "checkpoints/, tensorboard/ and metrics.jsonl)")
     return 0

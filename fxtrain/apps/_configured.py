@@ -20,12 +20,15 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import inspect
 import math
 import sys
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
+
+from ._exits import EXIT_STATUSES
 
 LOSSES = ("cross_entropy", "mse", "causal_lm")
 SCHEDULES = ("constant", "warmup_cosine", "linear")
@@ -120,7 +123,12 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             The replaced config.yaml is kept as config.STEP.yaml.
         progress: show a progress bar (None: when in a terminal or a notebook).
     """
-    values = dict(locals())
+    return _run(dict(locals()))[0]
+
+
+def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
+    """``run`` of the config ``values``: the final TrainState, and the line to print when a
+    nan_guard stopped the run at a non-finite step (None: it did not)."""
     _check(values)
     import torch
 
@@ -130,23 +138,26 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     from ..checkpoint import CheckpointManager, CheckpointMismatchError
     from ..logging import JsonlWriter, MultiWriter, TensorBoardWriter
     from ..loop._fit import fit
+    from ._nonfinite import watch
     from ._workdir import held
 
     _load_all()  # every pytree type registered before the step compiles (see fxtrain/__init__)
-    root = Path(workdir)
+    root, resume, compile = Path(values["workdir"]), values["resume"], values["compile"]
+    log_every, checkpoint_every = values["log_every"], values["checkpoint_every"]
     record = _saved_config.record({**values, "workdir": str(root.resolve())})
     # checked, built, restored, then config.yaml and the logs written: a failure before leaves
     # the workdir as it was
     with held(root):
         latest = distributed.rank_zero_then_broadcast(
-            lambda: _admitted(root, record, resume, allow_changes, keep), "check the workdir")
+            lambda: _admitted(root, record, resume, values["allow_changes"], values["keep"]),
+            "check the workdir")
         state, step, eval_step, batches, evaluation, extra = _parts(values)
         if compile == "precompiled":
             from ..step._precompile import precompiled
             step = precompiled(step, root / "step.precompiled")
         elif compile:
             step = torch.compile(step, fullgraph=True)
-        if batch_size == "auto":
+        if values["batch_size"] == "auto":
             batches = _found_batches(values, state, step)
         writer = MultiWriter([])  # its writers made at setup, after the restore
 
@@ -160,18 +171,21 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             writer.writers = (TensorBoardWriter(root / "tensorboard"),
                               JsonlWriter(root / "metrics.jsonl"))
 
+        watcher, nonfinite = watch()  # whether a nan_guard stopped the run, at which metric
         hosts = [started,
                  cb.checkpoint_policy(every=checkpoint_every) if checkpoint_every else None,
                  cb.log_metrics(writer, log_every, eval_prefix=None),
                  cb.lr_monitor(log_every, writer=writer),
                  cb.throughput(log_every, writer=writer),
-                 cb.log_eval_metrics(writer) if evaluation is not None else None, *extra]
-        checkpoints = CheckpointManager(root / "checkpoints", keep_latest=keep)
+                 cb.log_eval_metrics(writer) if evaluation is not None else None, *extra,
+                 watcher]
+        checkpoints = CheckpointManager(root / "checkpoints", keep_latest=values["keep"])
         try:
-            return fit(state, step, batches, max_steps=max_steps, max_epochs=max_epochs,
-                       eval_step=eval_step, eval_data=evaluation, eval_every=eval_every,
-                       checkpoint=checkpoints, callbacks=[h for h in hosts if h is not None],
-                       resume=resume, progress=progress)
+            state = fit(state, step, batches, max_steps=values["max_steps"],
+                        max_epochs=values["max_epochs"], eval_step=eval_step,
+                        eval_data=evaluation, eval_every=values["eval_every"],
+                        checkpoint=checkpoints, callbacks=[h for h in hosts if h is not None],
+                        resume=resume, progress=values["progress"])
         except CheckpointMismatchError as e:
             if writer.writers:  # past the restore: not a resume that failed
                 raise
@@ -182,6 +196,23 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
                               "--workdir. Nothing was changed.") from e
         finally:
             writer.close()
+    stop = nonfinite()
+    return state, None if stop is None else _nonfinite_line(values, stop, checkpoints)
+
+
+def _nonfinite_line(values: dict[str, Any], stop: Any, checkpoints: Any) -> str:
+    """What ``fxtrain train`` prints when a nan_guard stopped the run: the step and metric,
+    the latest checkpoint, ``fx.debug.find_nonfinite`` and the resume with other settings."""
+    from ._nonfinite import message
+
+    root = Path(values["workdir"])
+    change = ("--precision 32 --allow_changes precision" if values["precision"] != "32" else
+              f"--optim.lr {values['optim'].lr / 10:g} --allow_changes optim.lr")
+    latest = checkpoints.latest_step()
+    where = "from it" if latest is not None else "from step 0"
+    return message("fxtrain train", stop, checkpoints.directory, latest,
+                   f"to go on {where} with other settings: fxtrain train "
+                   f"{root / 'config.yaml'} --resume true {change}")
 
 
 def _parts(v: dict[str, Any]) -> tuple:
@@ -530,7 +561,8 @@ def parser() -> Any:
         raise ImportError("fxtrain train needs jsonargparse: pip install jsonargparse") from e
     p = ArgumentParser(prog="fxtrain train", description=(
         "Trains your own model from a YAML or Python config; any key can be overridden on the "
-        "command line (--optim.lr 3e-4, --max_steps 500)."), exit_on_error=False)
+        "command line (--optim.lr 3e-4, --max_steps 500)."), exit_on_error=False,
+        epilog=EXIT_STATUSES.format(what="config"))
     p.add_argument("--config", action=ActionConfigFile, help="a YAML config (or use CONFIG)")
     p.add_function_arguments(run, fail_untyped=True)
     return p
@@ -572,6 +604,12 @@ def train(config: str | Path | dict | None = None, args: Sequence[str] = ()) -> 
         20
         >>> tmp.cleanup()
     """
+    return run(**_parsed(config, args))
+
+
+def _parsed(config: str | Path | dict | None, args: Sequence[str]) -> dict[str, Any]:
+    """``run``'s arguments from ``config`` and the overrides ``args`` (``ConfigError`` for a
+    key that does not exist or a value of the wrong type)."""
     argv, base = _as_args(config, args)
     p = parser()
     try:
@@ -583,7 +621,16 @@ def train(config: str | Path | dict | None = None, args: Sequence[str] = ()) -> 
         namespace[key] = _anchored(namespace.get(key), base)
     values = p.instantiate(namespace).as_dict()
     values["optim"] = namespace_optim(values.get("optim"))
-    return run(**values)
+    return values
+
+
+def _trained(config: str | Path | dict | None = None,
+             args: Sequence[str] = ()) -> tuple[Any, str | None]:
+    """``train``'s run: the final TrainState, and the line to print when a nan_guard stopped it
+    at a non-finite step (None: it did not); ``fxtrain train`` then exits with status 3."""
+    bound = inspect.signature(run).bind(**_parsed(config, args))  # as run(**values) would
+    bound.apply_defaults()
+    return _run(dict(bound.arguments))
 
 
 REFERENCES = ("model", "data", "eval_data", "loss")  # the keys that name Python objects

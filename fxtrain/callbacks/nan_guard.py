@@ -31,7 +31,8 @@ def _save_veto(guard: NanGuardState) -> tuple[torch.Tensor, str]:
 def _stop_reason(guard: NanGuardState) -> tuple[torch.Tensor, str]:
     """What ``fit`` says when a run stopped while this guard had skipped steps."""
     return guard.skipped > 0, ("a step's loss or gradient norm was not finite (its update was "
-                               "discarded)")
+                               "discarded); fx.debug.find_nonfinite(train_step, state, batch) "
+                               "shows where it first appears")
 
 
 def is_finite_step(metrics) -> torch.Tensor:

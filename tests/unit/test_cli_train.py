@@ -390,3 +390,81 @@ def test_train_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path, capsys)
     assert "precision: precision 'fp8': float8 matrix products" in err or \
         "precision: precision='fp8' trains on torchao's float8" in err
     assert not (tmp_path / "fp8" / "config.yaml").exists()
+
+
+POISONED = textwrap.dedent("""
+    import torch
+    import torch.nn.functional as F
+
+    def nan_at_25(state, params, batch):  # the loss of step 25 is NaN, its gradients finite
+        x, y = batch
+        loss = F.cross_entropy(state.apply(params, x), y)
+        return loss + torch.where(state.step == 24, float("nan"), 0.0)
+    """)
+
+
+def test_a_run_nan_guard_stops_exits_3_naming_the_step_the_metric_and_the_checkpoint(
+        tmp_path, capsys):
+    """nan_guard (a callback of the config) stops the run at step 25, whose loss is NaN:
+    exit status 3 and one line naming the step, the loss, the latest checkpoint (step 20, kept
+    with step 10), fx.debug.find_nonfinite and a resume with a lower learning rate, which runs
+    as printed (and stops at the same planted step again)."""
+    import shlex
+
+    config = _project(tmp_path)
+    (tmp_path / "poison.py").write_text(POISONED)
+    work = tmp_path / "run"
+    flags = ["--workdir", str(work), "--loss", "./poison.py:nan_at_25", "--max_steps", "30",
+             "--checkpoint_every", "10", "--callbacks", "[{name: nan_guard}]"]
+    assert main(["train", str(config), *flags]) == 3
+    out, err = capsys.readouterr()
+    assert "done at step" not in out and "fxtrain: stopped at step 25 by nan_guard" in out
+    line = err.strip().splitlines()[-1]
+    checkpoints = work / "checkpoints"
+    assert line.startswith("fxtrain train: stopped at step 25: the loss was nan at step 25 "
+                           "(nan_guard discarded that step's update"), line
+    assert f"the latest checkpoint, of step 20, is in {checkpoints}" in line
+    assert "fx.debug.find_nonfinite(train_step, state, batch)" in line
+    assert fx.checkpoint.CheckpointManager(checkpoints).all_steps() == [10, 20]
+    assert main(["inspect", str(checkpoints), "--verify"]) == 0  # whole, and finite to save
+    capsys.readouterr()
+    command = line.split("with other settings: ")[1]
+    assert command == (f"fxtrain train {work / 'config.yaml'} --resume true --optim.lr 0.001 "
+                       "--allow_changes optim.lr")
+    assert main(shlex.split(command)[1:]) == 3
+    out, err = capsys.readouterr()
+    assert "resuming from the checkpoint of step 20" in out
+    assert "stopped at step 25: the loss was nan at step 25" in err
+    assert fx.checkpoint.CheckpointManager(checkpoints).all_steps() == [10, 20]
+    assert (work / "config.20.yaml").is_file()  # the config that trained to step 20
+
+
+def test_the_nonfinite_watch_names_the_first_nonfinite_metric_of_a_guard_that_stopped():
+    """Which nan_guard stopped a run, at which step and metric (the gradient norm here), from
+    fit's events; none for a run another callback stopped, or a guard that skipped only before
+    a resume."""
+    from types import SimpleNamespace
+
+    from fxtrain.apps._nonfinite import watch
+    from fxtrain.callbacks.nan_guard import NanGuardState
+
+    def guard(skipped):
+        return SimpleNamespace(callbacks={"nan_guard": NanGuardState(
+            torch.tensor(skipped), torch.tensor(False))})
+
+    def run(start, end, stopped_by):
+        callback, stop = watch()
+        callback(guard(start), fx.Event("setup", 4, 0, {"sync_every": 3}))
+        for step, norm in [(5, 1.0), (6, float("inf")), (7, float("nan")), (8, 1.0)]:
+            metrics = {"loss": torch.tensor(0.5), "grad_norm": torch.tensor(norm)}
+            callback(guard(start), fx.Event("step_end", step, 0, metrics))
+        callback(guard(end), fx.Event("train_end", 8, 0, {"reason": "stopped",
+                                                          "stopped_by": stopped_by}))
+        return stop()
+
+    found = run(0, 1, "nan_guard: a step's loss or gradient norm was not finite")
+    assert (found.stopped_at, found.step, found.metric, found.value) == (8, 6, "grad_norm",
+                                                                        float("inf"))
+    assert found.what() == "the gradient norm (grad_norm) was inf at step 6"
+    assert run(0, 1, "early_stopping: no improvement") is None
+    assert run(1, 1, "nan_guard: ...; early_stopping: no improvement") is None

@@ -238,6 +238,42 @@ def test_a_second_ctrl_c_inside_a_step_stops_at_once_and_names_the_latest_checkp
     assert "--resume" in out
 
 
+def test_a_run_nan_guard_stops_exits_3_naming_the_step_the_metric_and_the_checkpoint(
+        tmp_path, capsys, monkeypatch):
+    """A loss planted NaN at step 15: nan_guard discards that step and stops the run at its
+    next read (the evaluation at step 20); the demo exits with status 3 and one line naming the
+    step, the loss, the latest checkpoint and fx.debug.find_nonfinite, and the checkpoint it
+    had saved before is kept."""
+    import dataclasses
+
+    from fxtrain.apps.demo import job
+
+    made = job.make_task
+
+    def poisoned(model, seed):
+        task = made(model, seed)
+
+        def loss_fn(state, params, batch):
+            loss, aux = task.loss_fn(state, params, batch)
+            return loss + torch.where(state.step == 14, float("nan"), 0.0), aux
+        return dataclasses.replace(task, loss_fn=loss_fn)
+    monkeypatch.setattr(job, "make_task", poisoned)
+    status, out, err = demo(capsys, tmp_path, "--steps", "30", *QUICK, "--eval-every", "10",
+                            "--checkpoint-every", "10")
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert status == 3 and steps == [10, 20], (status, steps, err)  # 20: finite, saved at the stop
+    assert "fxtrain: stopped at step 20 by nan_guard" in out
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fxtrain demo: stopped at step 20: the loss was nan at step 15 "
+                           "(nan_guard discarded that step's update"), line
+    assert f"the latest checkpoint, of step 20, is in {tmp_path / 'checkpoints'}" in line
+    assert "fx.debug.find_nonfinite(train_step, state, batch)" in line and "--resume" in line
+    assert cli.main(["inspect", str(tmp_path / "checkpoints"), "--verify"]) == 0  # both whole
+    logged = {e["step"] for e in read_jsonl(tmp_path / "metrics.jsonl")
+              if "train/loss" in e.get("values", {})}
+    assert {10, 20} <= logged
+
+
 def run_cli(workdir, *flags, **kwargs):
     return subprocess.Popen([sys.executable, "-m", "fxtrain", "demo", "--workdir", str(workdir),
                              "--no-progress", *flags], stdout=subprocess.PIPE,

@@ -28,6 +28,8 @@ from ...loop._fit import Interrupted, fit
 from ...state import TrainState
 from ...step._steps import make_eval_step, make_train_step
 from ...tree import tree_digest
+from .._exits import NONFINITE_EXIT
+from .._nonfinite import message, watch
 from .._workdir import WorkdirLocked, held
 from . import figures
 from .tasks import MODELS, Task, make_task, native_bf16
@@ -140,6 +142,11 @@ def _say(*args: Any) -> None:
     print(*args, flush=True)
 
 
+@distributed.rank_zero
+def _say_error(line: str) -> None:
+    print(f"\n{line}", file=sys.stderr, flush=True)
+
+
 def _writer(workdir: Path):
     """TensorBoard and JSONL on rank 0; elsewhere a writer with nothing behind it."""
     if not distributed.is_rank_zero():
@@ -222,7 +229,8 @@ def _report(config: DemoConfig, task: Task, state: Any, final: dict, clock: dict
 
 
 def run_demo(config: DemoConfig) -> int:
-    """Runs the demo; returns the process exit status (130 when interrupted).
+    """Runs the demo; returns the process exit status: 0, 130 when interrupted, 3
+    (``NONFINITE_EXIT``) when nan_guard stopped it at a non-finite step.
 
     Under torch's deterministic algorithms (restored after): without them Inductor compiles an
     embedding's backward to atomic adds whose order varies from run to run, and a resumed run
@@ -272,10 +280,12 @@ def _locked(config: DemoConfig, task: Task, chosen: str | None, start: float) ->
     share = -(-len(task.test[1]) // distributed.world_size())
     eval_data = Batches(task.test, share, shuffle=False, drop_last=False)
     writer, clock = _writer(workdir), {}
+    watcher, nonfinite = watch()  # whether nan_guard stopped the run, and at which metric
     try:
         state = fit(state, train_step, data, max_steps=config.steps, eval_step=eval_step,
                     eval_data=eval_data, eval_every=config.eval_every, checkpoint=manager,
-                    callbacks=_callbacks(config, task, writer, clock), resume=config.resume)
+                    callbacks=[*_callbacks(config, task, writer, clock), watcher],
+                    resume=config.resume)
     except Interrupted as e:
         resume = f"Continue with: fxtrain demo {_flags(config)} --resume"
         if given_up(e.state):  # a second Ctrl-C inside a step: that step is not saved
@@ -291,7 +301,16 @@ def _locked(config: DemoConfig, task: Task, chosen: str | None, start: float) ->
         writer.close()
     final = evaluate(eval_step, state, eval_data)
     distributed.rank_zero(_report)(config, task, state, final, clock, start, manager)
-    return 0
+    stop = nonfinite()
+    if stop is None:
+        return 0
+    latest = manager.latest_step()
+    other = "--precision 32 or a lower --lr" if config.precision != "32" else "a lower --lr"
+    resume = "goes on from it" if latest is not None else "starts again from step 0"
+    _say_error(message("fxtrain demo", stop, manager.directory, latest,
+                       f"--resume {resume} with the same flags; other flags ({other}) start "
+                       "again in another --workdir"))
+    return NONFINITE_EXIT
 
 
 def _flags(config: DemoConfig) -> str:
