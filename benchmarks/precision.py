@@ -24,8 +24,12 @@ accumulate into the curve beyond the first ``u``: the band is ``K * u`` of float
 a safety factor ``K = 4``. Where the weights themselves are bfloat16 (``bf16-true``) every
 update is rounded to ``u`` of the weight, and ``n`` steps of independent roundings walk about
 ``sqrt(n)`` of them: ``K * u * sqrt(n)``. Float32 against itself: its reordering noise,
-``2**-20``. For the 60 steps the tests run: 1.6% (``bf16-mixed``), 0.20% (``16-mixed``), 25%
-(``fp8``), 12% (``bf16-true``). A planted bug (the master weights rounded to bfloat16 after
+``2**-20``. ``16-mixed`` rounds finer (``2**-11``) but its dynamic loss scale starts at
+``2**16`` and skips the steps whose scaled gradients overflow while it backs off to their
+range: the curve then lags float32's by those steps, which no roundoff bound covers; its band
+is bfloat16's (the transformer's curve measured 0.26% from float32's, past ``4 * 2**-11``).
+For the 60 steps the tests run: 1.6% (``bf16-mixed``, ``16-mixed``), 25% (``fp8``), 12%
+(``bf16-true``). A planted bug (the master weights rounded to bfloat16 after
 each update, the loss in bfloat16 without its upcast) leaves its band
 (tests/e2e/test_precision_matrix_processes.py).
 """
@@ -57,6 +61,8 @@ LR = {"mlp": 3e-3, "transformer": 3e-3}
 
 def band(policy: str, steps: int) -> float:
     """The relative band of ``policy``'s held-out loss around float32's after ``steps``."""
+    if policy == "16-mixed":  # the loss scale's skipped steps, not its roundoff (see above)
+        return band("bf16-mixed", steps)
     walk = math.sqrt(steps) if policy in LOW_PRECISION_MASTERS else 1.0
     return SAFETY * UNIT_ROUNDOFF[policy] * walk + 2.0**-20
 
