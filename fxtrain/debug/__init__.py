@@ -1,11 +1,12 @@
 """Debugging tools (``fx.debug``): the torch profiler over a window of steps, a graph-break
-finder, and Dynamo's explanation of a step.
+finder, Dynamo's explanation of a step, and a finder of the first non-finite value of a step.
 
 ``profiler`` records a few steps with ``torch.profiler`` and writes Chrome/TensorBoard traces;
 ``find_graph_breaks`` reads Dynamo's counters after the first compiled step and reports graph
 breaks and recompiles; ``explain_step`` runs Dynamo's ``explain`` on an uncompiled step (both
 through ``fxtrain._torch.dynamo``). All three are host-only: they read clocks, counters and
-files.
+files. ``find_nonfinite`` reruns one step, eagerly op by op and compiled kernel by kernel, and
+names the first operation whose output is not finite (``_find_nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,13 @@ from typing import Any
 
 import torch
 
-from ._torch import dynamo
-from .protocol import NOTHING, Callback
+from .._torch import dynamo
+from ..protocol import NOTHING, Callback
+from ._find_nonfinite import find_nonfinite
+from ._report import NonFinite
 
-__all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport"]
+__all__ = ["profiler", "find_graph_breaks", "explain_step", "StepReport", "find_nonfinite",
+           "NonFinite"]
 
 logger = logging.getLogger("fxtrain")
 
@@ -244,7 +248,7 @@ class StepReport:
 
 
 _LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep,
-                 os.path.dirname(os.path.abspath(__file__)) + os.sep)  # fxtrain/
+                 os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep)  # fxtrain/
 
 
 def _user_frame(stack: list) -> str:
