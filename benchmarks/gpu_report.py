@@ -1,6 +1,8 @@
 """The GPU kit's rows as figures and text (``gpu_transformer.py``): MFU and the ratios to the fair
-baselines, the targets met or not, the chunked losses against the whole logits, and the
-markdown section a stage writes (``OUT/<stage>.md``, appended to benchmarks/gpu/RESULTS.md).
+baselines, the targets met or not, the chunked losses against the whole logits, the fp8 rows
+against their variant's at the run's precision, the demo's figures read from what it printed,
+and the markdown section a stage writes (``OUT/<stage>.md``, appended to
+benchmarks/gpu/RESULTS.md).
 
 The fair baselines are ``BASELINES``: the loss inside the compiled module (``loop``) and the
 whole step under one ``torch.compile`` (``loop_step``). Every row gets its ratios to each, and
@@ -10,6 +12,10 @@ copy of the logits) is a row of its own, never a baseline.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import re
 
 BASELINES = ("loop", "loop_step")
 LABELS = {
@@ -33,7 +39,9 @@ CHUNKED_TOKENS, CHUNKED_MEMORY = 0.95, 0.5
 
 def ratios(rows: dict, peak_tf: float | None) -> None:
     """Adds MFU, bytes per parameter and the ratios to each fair baseline, and to the stronger
-    (``*_vs_best``: the faster for tokens/s, the leaner for memory), to each good row."""
+    (``*_vs_best``: the faster for tokens/s, the leaner for memory), to each good row; to a row
+    ``<variant>:<precision>`` (``--fp8-variants``), its ratios to ``<variant>``'s
+    (``*_vs_base_precision``)."""
     fair = {b: rows[b] for b in BASELINES if "tokens_per_s" in rows.get(b, {})}
     fastest = max(fair, key=lambda b: fair[b]["tokens_per_s"], default=None)
     leanest = min(fair, key=lambda b: fair[b]["peak_bytes"], default=None)
@@ -50,6 +58,11 @@ def ratios(rows: dict, peak_tf: float | None) -> None:
             row["tokens_vs_best"] = row[f"tokens_vs_{fastest}"]
             row["memory_vs_best"] = row[f"memory_vs_{leanest}"]
             row["fastest_baseline"], row["leanest_baseline"] = fastest, leanest
+    for name, row in rows.items():  # <variant>:<precision> against <variant>
+        base = rows.get(name.partition(":")[0], {})
+        if ":" in name and "tokens_per_s" in row and "tokens_per_s" in base:
+            row["tokens_vs_base_precision"] = row["tokens_per_s"] / base["tokens_per_s"]
+            row["memory_vs_base_precision"] = row["peak_bytes"] / base["peak_bytes"]
 
 
 def targets(record: dict) -> list[str]:
@@ -113,7 +126,35 @@ def against_full_logits(record: dict, chunked: dict[str, tuple[str, ...]]) -> li
     return lines
 
 
+def against_precision(record: dict) -> list[str]:
+    """Each ``<variant>:<precision>`` row (``--fp8-variants``) against ``<variant>``'s at the
+    run's precision, the same run and batch: its tokens/s and peak memory as ratios, or why
+    there is no figure (torchao not installed, an error)."""
+    lines = []
+    for dropout, rows in record["dropouts"].items():
+        for name, row in rows.items():
+            variant, _, precision = name.partition(":")
+            if not precision:
+                continue
+            head = f"dropout {dropout}: {variant} in {precision} against {record['precision']}"
+            base = rows.get(variant)
+            if "tokens_vs_base_precision" in row:
+                batches = "" if row["batch"] == base["batch"] else \
+                    f", batch {row['batch']} against {base['batch']}"
+                lines.append(f"{head} (the same run{batches}): tokens/s "
+                             f"{row['tokens_vs_base_precision']:.2f}x, peak memory "
+                             f"{row['memory_vs_base_precision']:.2f}x")
+            elif "tokens_per_s" not in row:
+                lines.append(f"{head}: not measured: {summary(row)}")
+            else:
+                lines.append(f"{head}: no ratio: {variant} in {record['precision']} "
+                             f"{summary(base) if base else 'did not run'}")
+    return lines
+
+
 def summary(row: dict) -> str:
+    if row.get("skipped"):
+        return row["skipped"]
     if "error" in row or "oom" in row:
         return row.get("error", f"out of memory at batch {row.get('oom')}").splitlines()[-1]
     return (f"{row['tokens_per_s']:.0f} tokens/s, batch {row['batch']}, first step "
@@ -151,11 +192,7 @@ def markdown(record: dict) -> str:
 def section(record: dict, title: str, command: str, commit: str, date: str) -> str:
     """A stage's section for benchmarks/gpu/RESULTS.md: when, where, what, the table, the
     targets."""
-    env = record["environment"]
-    where = (f"{env['device']} ({env['memory_gib']:.1f} GiB, capability {env['capability']}), "
-             f"driver {env.get('driver', '?')}" if "memory_gib" in env else env["device"])
-    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "cuda", "python", "transformers",
-                                                    "liger_kernel") if env.get(k))
+    where, versions = _where(record["environment"])
     probe = record.get("probe")
     sizing = (f" (the probe, the loop's compiled steps at batch 2 and 4: "
               f"{probe['per_sequence'] / 2**20:.0f} MiB a sequence, "
@@ -165,20 +202,130 @@ def section(record: dict, title: str, command: str, commit: str, date: str) -> s
            f"{record.get('big_why', '')}" if record.get("big_variants") else "")
     peak = (f"MFU over {record['peak_tflops']} TFLOP/s (dense bf16)" if record.get("peak_tflops")
             else "MFU not computed (no peak known for this device)")
+    fp8 = (f"; {', '.join(record['fp8_variants'])} in fp8 too (`fx.precision.float8()`, "
+           f"torchao's recipe for the loops), at the same batch" if record.get("fp8_variants")
+           else "")
     lines = [f"#### {title}: {date}", "",
              f"{where}; {versions}; fxtrain {commit}; command: `{command}`", "",
-             f"`--model {record['model']}`, sequence {record['seq']}, {record['precision']}, "
+             f"`--model {record['model']}`, sequence {record['seq']}, {record['precision']}{fp8}, "
              f"AdamW (lr {record['lr']}, weight decay {record['weight_decay']} on every "
              f"parameter); batch {record['batch']}{sizing}{big}; {record['steps']} timed steps "
              f"after {record['warmup']}; {peak}, "
              f"{_flops(record)} a token. Each variant in its own process; ratios to the fair "
              f"loops of the same run.", "", markdown(record), ""]
     lines += [f"- {line}" for line in record.get("targets", []) +
-              record.get("against_full_logits", [])]
+              record.get("against_full_logits", []) + record.get("against_precision", [])]
     return "\n".join(lines) + "\n"
+
+
+def _where(env: dict) -> tuple[str, str]:
+    """The device (with its memory, capability and driver on a GPU) and the versions."""
+    where = (f"{env['device']} ({env['memory_gib']:.1f} GiB, capability {env['capability']}), "
+             f"driver {env.get('driver', '?')}" if "memory_gib" in env else env["device"])
+    versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "cuda", "python", "transformers",
+                                                    "liger_kernel", "torchao") if env.get(k))
+    return where, versions
 
 
 def _flops(record: dict) -> str:
     rows = [r for rows in record["dropouts"].values() for r in rows.values()
             if "flops_per_token" in r]
     return f"{rows[0]['flops_per_token'] / 1e6:,.1f} MFLOP" if rows else "n/a MFLOP"
+
+
+# -- the demo (``gpu_transformer.py --demo``) --------------------------------------------------
+
+
+def demo_figures(text: str, metrics_jsonl: str) -> dict:
+    """What ``fxtrain demo`` printed of its run, and its hparams in metrics.jsonl: the held-out
+    metrics it ended with (``held_out``: loss, bits_per_char, accuracy) and their ``step``, its
+    steps/s after the first (compiling) step, the ``device`` (fit's summary), who stopped it
+    (``stopped_by``: fit's line, or a Ctrl-C), whether it ended ``finite`` (a finite held-out
+    loss and no ``nan_guard`` stop; None without a held-out figure), its ``precision`` and
+    ``steps``."""
+    row: dict = {"device": "unknown", "stopped_by": None}
+    if found := re.search(r"^final held-out metrics \(step (\d+)[^)]*\): (.+)$", text, re.M):
+        row["step"] = int(found.group(1))
+        row["held_out"] = {k: float(v) for k, v in re.findall(r"(\w+) (\S+)", found.group(2))}
+    if found := re.search(r"(\d+) steps in ([\d.]+) s after the first", text):
+        row["steps_per_s"] = int(found.group(1)) / max(float(found.group(2)), 1e-9)
+    if found := re.search(r"\bdevice\s*[│|]\s*([^\s│|]+)", text):
+        row["device"] = found.group(1)
+    if found := re.search(r"^(?:fxtrain: stopped at step \d+ by (.+)|(interrupted at step \d+))",
+                          text, re.M):
+        row["stopped_by"] = found.group(1) or f"Ctrl-C ({found.group(2)})"
+    hparams = next((r["values"] for r in map(json.loads, metrics_jsonl.splitlines())
+                    if r.get("kind") == "hparams"), {})
+    row["precision"], row["steps"] = hparams.get("precision"), hparams.get("steps")
+    guard = re.search(r"^fxtrain(?: demo)?: stopped at step \d+.*\bnan_guard\b", text, re.M)
+    loss = row.get("held_out", {}).get("loss")
+    row["finite"] = None if loss is None else math.isfinite(loss) and not guard
+    return row
+
+
+def demo_target(docs: str, model: str) -> dict | None:
+    """docs/demo.md's reference run of ``--model model`` (its row of the table): its steps, bits
+    per character and what the docs say of the run. The docs state no target of the
+    transformer's own (on any device): its reference run's figure stands for one."""
+    found = re.search(rf"^\| `--model {model}`([^|]*)\| (\d+) \| ([\d.]+) bits per character",
+                      docs, re.M)
+    if not found:
+        return None
+    return {"steps": int(found.group(2)), "bits_per_char": float(found.group(3)),
+            "source": f"docs/demo.md's reference run: {found.group(1).strip().strip('()')}"}
+
+
+def demo_verdict(row: dict, target: dict | None) -> str:
+    """The demo's target met or not: held-out bits per character at most the docs' figure (the
+    run's rounded to the docs' two decimals), finite, at the steps the docs ran; not judged
+    after other steps (as the demo judges its own target only at its default steps)."""
+    if target is None:
+        return "target: no reference run of this model in docs/demo.md: not judged"
+    bound, steps = target["bits_per_char"], target["steps"]
+    what = (f"target: held-out bits per character <= {bound} after {steps} steps "
+            f"({target['source']}; the docs state no target for the transformer, none for a "
+            f"GPU)")
+    if row.get("steps") != steps:
+        return f"{what}: not judged, the run had {row.get('steps')} steps"
+    bpc = row.get("held_out", {}).get("bits_per_char")
+    if bpc is None or row.get("timed_out"):
+        why = "stopped by the time limit" if row.get("timed_out") else \
+            f"no held-out figure (exit {row.get('exit')})"
+        return f"{what}: NOT met ({why})"
+    met = bool(row["finite"]) and round(bpc, 2) <= bound
+    return f"{what}: {bpc:.3f}{'' if row['finite'] else ', not finite'}: " \
+           f"{'met' if met else 'NOT met'}"
+
+
+def demo_section(record: dict, title: str, command: str, commit: str, date: str) -> str:
+    """The demo stage's section for benchmarks/gpu/RESULTS.md: when, where, its row, the
+    verdict."""
+    env, row = record["environment"], record["row"]
+    where, versions = _where(env)
+    held = row.get("held_out", {})
+    size = "the kit's smoke size" if record.get("tiny") else "the demo's default flags"
+    cells = [row["model"], row.get("steps"), row["device"], row.get("precision"),
+             _num(held.get("loss"), 4), _num(held.get("bits_per_char"), 3),
+             _num(held.get("accuracy"), 3),
+             {True: "yes", False: "**no**", None: "unknown"}[row["finite"]],
+             _num(row.get("steps_per_s"), 1), f"{row['seconds']:.0f}",
+             row.get("stopped_by") or "", record["targets"][0].rpartition(": ")[2]]
+    lines = [f"#### {title}: {date}", "",
+             f"{where}; {versions}; fxtrain {commit}; command: `{command}`", "",
+             f"`{record['command']}` ({size}) in a process of its own, "
+             f"stopped after {record['timeout']:.0f} s if still running; the precision is the "
+             f"demo's choice on this machine (`native_bf16()`), the device the one fit's summary "
+             f"names; steps/s after the first (compiling) step, callbacks, evaluations and "
+             f"checkpoints included.", "",
+             "| model | steps | device | precision | held-out loss | bits/char | accuracy | "
+             "finite | steps/s | wall s | stopped by | target |", "|---" * 12 + "|",
+             "| " + " | ".join(str(c) for c in cells) + " |", ""]
+    if "memory_gib" in env and row["device"] == "cpu":
+        lines += ["- The demo trained on the CPU beside the GPU: `fxtrain demo` builds its model "
+                  "there and has no device flag.", ""]
+    lines += [f"- {line}" for line in record["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"

@@ -8,7 +8,8 @@ GPT-2 (``hf``) or a Llama-shaped 1B (``llama``: transformers' ``LlamaForCausalLM
 of Llama-3.2-1B's shape), trained on random tokens, sequence ``--seq``, ``--batch`` sequences
 per step (``auto``: the largest that fits the ``loop`` baseline, from its compiled steps at
 batch 2 and 4 and the device's memory), AdamW (``--lr`` 3e-4, ``--weight-decay`` 0.1 on every
-parameter), bf16-mixed, dropout ``--dropout`` (several values: each its own set of runs). Each
+parameter), ``--precision`` (bf16-mixed; ``32``; ``fp8``, below), dropout ``--dropout`` (several
+values: each its own set of runs). Each
 variant runs in a process of its own (``--rounds``: the order rotates each round, and tokens/s
 is the median). The baselines, the same model, data, batch and AdamW settings:
 
@@ -46,6 +47,26 @@ and fxtrain's variants:
 cannot fit in the device's memory; twice ``--batch`` without a probe): fx.remat with the chunked
 loss at a batch the baselines cannot hold.
 
+``--precision fp8``: fxtrain's float8 policy (``fx.precision.float8``: bf16 autocast, the linear
+layers' products in float8 on torchao, torchtitan's filter: not the head), emulated off a CUDA
+device (the CPU smoke run). The model is converted before it is trained: fxtrain's variants by the
+policy's ``convert`` (``fx.precision.float8().convert(model)`` before the state), the loops by
+torchao's own ``convert_to_float8_training`` with the same layers and settings (torchao's recipe,
+as its user writes it). ``--fp8-variants`` run again in fp8 after their row at ``--precision``,
+at the same batch, as rows ``<variant>:fp8``, each with its tokens/s and peak over its variant's
+at ``--precision`` (the same run). Without torchao installed (it is carried as a pinned wheel,
+scripts/gpu_wheels.py) an fp8 row says "torchao not installed" and the others run.
+
+``--demo transformer`` runs ``fxtrain demo --model transformer`` instead, with its default flags
+(``--no-progress``), in a process of its own, and reads what it printed: the held-out loss, bits
+per character and accuracy it ended with, whether it ended finite (no ``nan_guard`` stop), its
+steps/s after the first step, the precision it chose (``native_bf16()``: bf16-mixed where the
+machine computes bfloat16) and the device it trained on (fit's summary). Its target is the
+transformer's reference run in docs/demo.md (the docs state no target of the transformer's own,
+none for a GPU: its 2.76 bits per character after 1000 steps, as the docs round it), judged at
+the default steps only (``gpu_report.demo_verdict``). ``--demo-timeout`` stops it (Ctrl-C: it
+saves and says where) and the row says so.
+
 Per variant: tokens/s over ``--steps`` timed steps after ``--warmup``; MFU = tokens/s x FLOPs a
 token (gpu_models.flops_per_token: nanoGPT's and torchtitan's count) / the device's dense bf16
 peak (``--peak-tflops``, else from the device's name); peak memory
@@ -57,26 +78,31 @@ Ratios are to both fair loops of the run, and targets are judged against the str
 
 ``--device cpu --tiny`` runs every variant at a tiny size (2 blocks of width 64, vocabulary
 256, sequence 64) with torch.compile's ``aot_eager`` backend, the first variant in a process of
-its own and the rest in this one: the suite's smoke test, so the kit cannot rot between GPU
-draws. ``trained_loss`` trains one variant for a number of steps and returns the loss its
-weights give on a held-out batch: every variant must train the same model
-(tests/tools/test_gpu_kit.py).
+its own and the rest in this one, and ``--demo`` for 4 eager steps: the suite's smoke test,
+so the kit cannot rot between GPU draws. ``trained_loss`` trains one variant for a number of
+steps and returns the loss its weights give on a held-out batch: every variant must train the
+same model (tests/tools/test_gpu_kit.py).
 
 Run: python benchmarks/gpu_transformer.py [--model nano|hf|llama] [--variants ...]
      [--dropout 0 0.1] [--batch auto] [--steps 20] [--warmup 5] [--rounds 1] [--chunk 16384]
-     [--big-variants ...] [--big-batch auto] [--out FILE.json] [--md FILE.md] [--tiny]
+     [--big-variants ...] [--big-batch auto] [--precision bf16-mixed|32|fp8]
+     [--fp8-variants ...] [--out FILE.json] [--md FILE.md] [--tiny]
+     python benchmarks/gpu_transformer.py --demo transformer [--demo-timeout 240] [--md ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -85,8 +111,9 @@ import torch
 from common import backend, use_smoke_backend
 from gpu_models import (MODELS, LossInside, flops_per_token, head_weight, model_of, use_remat,
                         vocab)
-from gpu_report import (BASELINES, against_full_logits, markdown, ratios, section, summary,
-                        targets)
+from gpu_report import (BASELINES, against_full_logits, against_precision, demo_figures,
+                        demo_section, demo_target, demo_verdict, markdown, ratios, section,
+                        summary, targets)
 from nanogpt import lm_loss
 from transformer import _process_peak as peak, _restart_peak as restart_peak
 
@@ -99,6 +126,7 @@ CHUNKED = {"fx_chunked": ("fx_func",), "fx_liger": ("fx_func",),  # -> the whole
            "fx_remat_chunked": ("fx_remat", "fx_func")}
 IMPL = {"fx_chunked": "chunked", "fx_liger": "liger", "fx_remat_chunked": "auto"}
 GPU_ONLY = ("fx_graphed", "fx_liger")
+FP8 = "fp8"  # the float8 policy's name (fx.precision.float8("tensorwise"))
 PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
                ("L4", 121.0), ("A10", 125.0))  # dense bf16, by device name (SXM figures)
 KERNELS = (("flash", ("flash_attention", "flash_fwd", "flash_bwd", "pytorch_flash")),
@@ -141,6 +169,41 @@ def profiled(step, device) -> str:
 def sync(device) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
+
+
+# -- precision ----------------------------------------------------------------------------------
+
+
+def step_precision(args):
+    """The fx step's precision: ``--precision``'s name, or for fp8 the policy itself, emulated
+    off a CUDA device (the CPU smoke run; a GPU without float8 products refuses it by name)."""
+    if args.precision != FP8:
+        return args.precision
+    import fxtrain as fx
+    return fx.precision.float8(emulate=args.device != "cuda")
+
+
+def model_for(variant: str, args):
+    """``model_of(args)``, under ``--precision fp8`` with its linear layers made float8 by the
+    variant's recipe: the policy's ``convert`` for fxtrain's variants, torchao's own
+    ``convert_to_float8_training`` for the loops (what a user of torchao writes), both with the
+    policy's layers (torchtitan's filter: not the head) and torchao settings."""
+    model = model_of(args)
+    if args.precision != FP8:
+        return model
+    policy = step_precision(args)
+    if variant not in LOOPS:
+        return policy.convert(model)
+    from torchao.float8 import convert_to_float8_training
+    return convert_to_float8_training(model, config=policy.float8.config(),
+                                      module_filter_fn=policy.float8.filter)
+
+
+def missing(precision: str) -> str | None:
+    """Why a row at ``precision`` cannot run here (fp8 without torchao), or None."""
+    if precision == FP8 and importlib.util.find_spec("torchao") is None:
+        return "torchao not installed"
+    return None
 
 
 # -- the variants: each a Run over the child's model and batches -------------------------------
@@ -234,7 +297,7 @@ def train_step_of(variant, model, args):
     tx = fx.optim.adamw(args.lr, weight_decay=args.weight_decay)
     state = fx.TrainState.create(model, tx, seed=0)
     return state, fx.make_train_step(
-        loss_of(variant, model, args), precision=args.precision, steps_per_call=k,
+        loss_of(variant, model, args), precision=step_precision(args), steps_per_call=k,
         autodiff="autograd" if variant in AUTOGRAD else "func"), k
 
 
@@ -275,7 +338,9 @@ def child(variant: str, args) -> dict:
     torch._dynamo.reset()  # a --tiny run's later variants run in one process
     torch._dynamo.utils.counters.clear()
     try:
-        model = model_of(args)
+        if variant == "hf_trainer" and args.precision == FP8:
+            return {"variant": variant, "skipped": "transformers' Trainer takes no fp8 policy"}
+        model = model_for(variant, args)
         n_params = sum(p.numel() for p in model.parameters())
         flops = flops_per_token(model, args)
         batches = batches_of(args, device)
@@ -302,8 +367,9 @@ def child(variant: str, args) -> dict:
     except torch.cuda.OutOfMemoryError:
         return {"variant": variant, "oom": args.batch}
     counters = torch._dynamo.utils.counters
-    return {"variant": variant, "params": n_params, "flops_per_token": flops,
-            "batch": args.batch, "tokens_per_s": args.steps * run.tokens_per_call / seconds,
+    return {"variant": variant, "precision": args.precision, "params": n_params,
+            "flops_per_token": flops, "batch": args.batch,
+            "tokens_per_s": args.steps * run.tokens_per_call / seconds,
             "first_step_s": first_s, "warmup_s": warm_s, "attention": kernels,
             "peak_bytes": max(warm_peak, step_peak), "step_peak_bytes": step_peak,
             "loss_kernel": kernel, "graphs": counters["stats"]["unique_graphs"],
@@ -316,7 +382,7 @@ def trained_loss(variant: str, args, steps: int) -> float:
     after ``steps`` steps from the common initial weights on the common batches (in this
     process; ``steps`` a multiple of fx_k's ``--k``)."""
     torch._dynamo.reset()
-    model = model_of(args)
+    model = model_for(variant, args)
     batches = batches_of(args, args.device)
     if variant == "hf_trainer":
         trainer_run(model, batches, args, steps)
@@ -416,7 +482,7 @@ def probe(args) -> dict:
     device = args.device
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    model = model_of(args)
+    model = model_for("loop", args)
     opt = torch.optim.AdamW(model.parameters(), args.lr, weight_decay=args.weight_decay,
                             fused=True)
     forward = torch.compile(LossInside(model), backend=backend())
@@ -477,6 +543,62 @@ def probed(args, argv: list[str]) -> dict:
     return found
 
 
+# -- the demo ---------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_TINY = ("--steps", "4", "--eval-every", "2", "--no-compile")  # the CPU smoke run's
+
+
+def demo(args) -> dict:
+    """``fxtrain demo --model <args.demo> --no-progress``, its default flags (``--tiny``: 4
+    eager steps), in a process and workdir of its own: its figures
+    (``gpu_report.demo_figures``), its target from docs/demo.md and the verdict."""
+    flags = ["--model", args.demo, "--no-progress", *(DEMO_TINY if args.tiny else ())]
+    with tempfile.TemporaryDirectory(prefix="fxtrain-gpu-demo-") as folder:
+        start = time.perf_counter()
+        text, code, stopped = demo_process([*flags, "--workdir", "run"], folder,
+                                           args.demo_timeout)
+        seconds = time.perf_counter() - start
+        jsonl = Path(folder, "run", "metrics.jsonl")
+        row = demo_figures(text, jsonl.read_text() if jsonl.exists() else "")
+    row.update(model=args.demo, exit=code, seconds=seconds, timed_out=stopped)
+    target = demo_target((ROOT / "docs" / "demo.md").read_text(), args.demo)
+    return {"environment": environment(args), "command": "fxtrain demo " + " ".join(flags),
+            "timeout": args.demo_timeout, "tiny": args.tiny, "row": row, "target": target,
+            "targets": [demo_verdict(row, target)]}
+
+
+def demo_process(flags: list[str], cwd: str, timeout: float) -> tuple[str, int, bool]:
+    """``python -m fxtrain demo FLAGS`` in ``cwd`` (so the fxtrain on the path runs: the kit's
+    installed copy, not this tree), its output printed as it comes; returns the output, the
+    exit status and whether ``timeout`` stopped it (Ctrl-C: fit saves and the demo says where;
+    killed a minute later if still running)."""
+    proc = subprocess.Popen([sys.executable, "-m", "fxtrain", "demo", *flags], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+
+    def read():
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            lines.append(line)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    stopped = False
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stopped = True
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    reader.join()
+    return "".join(lines), proc.returncode, stopped
+
+
 # -- the parent -------------------------------------------------------------------------------
 
 
@@ -497,7 +619,7 @@ def environment(args) -> dict:
 
     env = {"torch": torch.__version__, "python": platform.python_version(),
            "device": args.device, "cpu_threads": torch.get_num_threads()}
-    for name in ("transformers", "liger_kernel"):
+    for name in ("transformers", "liger_kernel", "torchao"):
         try:
             env[name] = metadata.version(name.replace("_", "-"))
         except metadata.PackageNotFoundError:
@@ -520,26 +642,43 @@ def variants_here(args) -> list[str]:
     return [v for v in args.variants if args.device == "cuda" or v not in GPU_ONLY]
 
 
+def rows_to_run(args) -> list[tuple[str, str]]:
+    """``(row, precision)`` in order: each variant at ``--precision``, then, for one of
+    ``--fp8-variants``, the same in fp8 (the row ``<variant>:fp8``, its ratio to the one
+    before)."""
+    out = []
+    for variant in variants_here(args):
+        out.append((variant, args.precision))
+        if variant in getattr(args, "fp8_variants", ()):
+            out.append((f"{variant}:{FP8}", FP8))
+    return out
+
+
 def measure_dropout(args, argv: list[str], saved=lambda rows: None) -> dict:
-    """Every variant at ``args.dropout[0]`` for ``args.rounds`` rounds (the order rotated per
-    round), ``args.big_variants`` at ``args.big_batch``; a variant out of memory is run again at
-    half the batch, twice at most. ``saved`` gets the rows so far after each run (a stage cut
-    off by its time limit keeps them)."""
-    variants, runs = variants_here(args), {}
+    """Every row of ``rows_to_run`` at ``args.dropout[0]`` for ``args.rounds`` rounds (the order
+    rotated per round), ``args.big_variants`` at ``args.big_batch``; a variant out of memory is
+    run again at half the batch, twice at most; a row whose precision cannot run here
+    (``missing``) says why. ``saved`` gets the rows so far after each run (a stage cut off by
+    its time limit keeps them)."""
+    order, runs = rows_to_run(args), {}
     big = set(getattr(args, "big_variants", None) or ())
+    argv = without(argv, "--fp8-variants")  # a child runs one row at one precision
     for r in range(args.rounds):
-        for i, variant in enumerate(variants[r % len(variants):] + variants[:r % len(variants)]):
+        for i, (name, precision) in enumerate(order[r % len(order):] + order[:r % len(order)]):
+            variant = name.partition(":")[0]
             first = args.big_batch if variant in big else args.batch
-            batch = int(runs.get(variant, [{}])[-1].get("batch", first))
-            for _ in range(3):
+            batch = int(runs.get(name, [{}])[-1].get("batch", first))
+            also = [] if precision == args.precision else ["--precision", precision]
+            row = {"variant": name, "precision": precision, "skipped": missing(precision)}
+            for _ in range(3 if row["skipped"] is None else 0):
                 fresh = not args.tiny or (r, i) == (0, 0)
-                row = run_child(variant, [*argv, "--batch", str(batch)], fresh)
+                row = run_child(variant, [*argv, "--batch", str(batch), *also], fresh)
                 if "oom" not in row or batch == 1:
                     break
-                print(f"{variant}: out of memory at batch {batch}", file=sys.stderr, flush=True)
+                print(f"{name}: out of memory at batch {batch}", file=sys.stderr, flush=True)
                 batch = max(batch // 2, 1)
-            runs.setdefault(variant, []).append(row)
-            print(f"  dropout {args.dropout[0]} round {r} {variant}: " + summary(row),
+            runs.setdefault(name, []).append(row)
+            print(f"  dropout {args.dropout[0]} round {r} {name}: " + summary(row),
                   file=sys.stderr, flush=True)
             saved({v: combined(rows) for v, rows in runs.items()})
     return {v: combined(rows) for v, rows in runs.items()}
@@ -574,7 +713,13 @@ def arguments(argv):
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed"])
+    parser.add_argument("--precision", default="bf16-mixed", choices=["32", "bf16-mixed", FP8])
+    parser.add_argument("--fp8-variants", nargs="+", default=[], choices=VARIANTS,
+                        help="those of --variants run again in fp8: rows <variant>:fp8")
+    parser.add_argument("--demo", default=None, choices=["transformer"],
+                        help="run `fxtrain demo --model DEMO` to its target instead")
+    parser.add_argument("--demo-timeout", type=float, default=240.0,
+                        help="seconds before the demo is stopped (Ctrl-C) and the row says so")
     parser.add_argument("--device", default=None)
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--tiny", action="store_true", help="the CPU smoke size (seconds)")
@@ -597,16 +742,30 @@ def arguments(argv):
         args.batch = "4"
     if args.warmup < 3:
         parser.error("--warmup must be at least 3 (fx_graphed captures on its third call)")
+    check_fp8(parser, args)
     return args
+
+
+def check_fp8(parser, args) -> None:
+    """``--fp8-variants`` with ``--precision`` not fp8 already; the Trainer's fp8 is not wired
+    (``child`` says so under ``--precision fp8``). Those not among ``--variants`` do not run
+    (a later ``--variants`` that finishes a stage keeps the stage's)."""
+    if args.fp8_variants and args.precision == FP8:
+        parser.error("--fp8-variants: every variant already runs in fp8 (--precision fp8)")
+    if "hf_trainer" in args.fp8_variants:
+        parser.error("--fp8-variants hf_trainer: transformers' Trainer takes no fp8 policy here")
 
 
 def measure(args, argv: list[str], written=lambda record: None) -> dict:
     """Every dropout's runs; ``written(record)`` after each variant."""
+    if missing(args.precision):
+        raise SystemExit(f"--precision {args.precision}: {missing(args.precision)} (a stage's "
+                         f"--fp8-variants rows say so and the others run)")
     start = time.perf_counter()
     record = {"environment": environment(args), "model": args.model, "seq": args.seq,
               "chunk": args.chunk, "precision": args.precision, "lr": args.lr,
               "weight_decay": args.weight_decay, "steps": args.steps, "warmup": args.warmup,
-              "argv": argv, "dropouts": {}}
+              "fp8_variants": args.fp8_variants, "argv": argv, "dropouts": {}}
     found = None
     if args.batch == "auto":
         found = probed(args, argv)
@@ -637,6 +796,7 @@ def measure(args, argv: list[str], written=lambda record: None) -> dict:
             record["dropouts"][key] = rows
             record["targets"] = targets(record)
             record["against_full_logits"] = against_full_logits(record, CHUNKED)
+            record["against_precision"] = against_precision(record)
             written(record)
 
         saved(measure_dropout(one, without(argv, "--dropout", "--batch", "--big-batch") + [
@@ -664,13 +824,15 @@ def writer(args, argv: list[str]):
     command = os.environ.get("FXTRAIN_GPU_COMMAND") or \
         "python benchmarks/gpu_transformer.py " + " ".join(argv)
     commit = os.environ.get("FXTRAIN_GPU_COMMIT") or _commit()
-    title = args.title or f"`--model {args.model}`, {' '.join(args.variants)}"
+    title = args.title or (f"`fxtrain demo --model {args.demo}`" if args.demo else
+                           f"`--model {args.model}`, {' '.join(args.variants)}")
+    text = demo_section if args.demo else section
 
     def written(record):
         if args.out:
             args.out.write_text(json.dumps(record, indent=1) + "\n")
         if args.md:
-            args.md.write_text(section(record, title, command, commit, date))
+            args.md.write_text(text(record, title, command, commit, date))
 
     return written
 
@@ -694,9 +856,14 @@ def main(argv=None) -> dict:
         return child(what, args)
     args = arguments(argv)
     written = writer(args, argv)
+    if args.demo:
+        record = demo(args)
+        print(*record["targets"], sep="\n")
+        written(record)
+        return record
     record = measure(args, argv, written)
     print(markdown(record))
-    for line in record["targets"] + record["against_full_logits"]:
+    for line in record["targets"] + record["against_full_logits"] + record["against_precision"]:
         print(line)
     print(f"{record['seconds']:.0f} s", flush=True)
     written(record)

@@ -8,13 +8,14 @@
 # travels without .git, so name the commit):
 #   FXTRAIN_GPU_COMMIT=<sha> bash scripts/gpu.sh $OUT          # setup env hardware core
 #   FXTRAIN_GPU_COMMIT=<sha> bash scripts/gpu.sh $OUT llama    # then one stage a call
+#   FXTRAIN_GPU_COMMIT=<sha> bash scripts/gpu.sh $OUT defaults # or fxtrain's defaults, one call
 # Only $OUT comes back. Each benchmark stage writes OUT/<stage>.md, a section for
 # benchmarks/gpu/RESULTS.md (when, the device, driver, torch, commit, the command, the table,
 # the targets); it is appended to $FXTRAIN_GPU_RESULTS on the machine (default
 # benchmarks/gpu/RESULTS.md, lost with the machine), so append it here too:
 #   cat <the fetched OUT>/<stage>.md >> benchmarks/gpu/RESULTS.md
 #
-# Stages, in the order given (each fits one 10-minute command; the default is the first four):
+# Stages, in the order given (the default is the first four; the estimates below):
 #   setup     the carried wheels and fxtrain from this tree into $FXTRAIN_GPU_SITE
 #             (/tmp/fxtrain-gpu-site), then scripts/gpu_wheels.py check: every dependency at a
 #             version pyproject allows. Always run first, whether named or not.
@@ -24,10 +25,22 @@
 #             compiled module; loop_step: the whole step under one torch.compile), fx.fit
 #             (func), then the pre-issue-58 loop with the loss outside the compiled module
 #             (loop_eager_loss, an extra row, last: the first cut when time runs out)
-#   llama     the Llama-shaped 1B, sequence 2048: loop, loop_step, fx.fit, then fx.fit with
-#             fx.remat per block and the chunked loss at a batch the loop cannot hold. Cold
-#             compiles are long: rows finished are kept; to finish on the warm machine,
-#             FXTRAIN_GPU_KIT_ARGS="--variants <the rest>" bash scripts/gpu.sh $OUT llama
+#   llama     the Llama-shaped 1B, sequence 2048: loop, loop in fp8 (torchao's recipe),
+#             loop_step, fx.fit, fx.fit in fp8 (fx.precision.float8), then fx.fit with fx.remat
+#             per block and the chunked loss at a batch the loop cannot hold; each fp8 row's
+#             tokens/s and peak over its bf16-mixed row's (the same run and batch). Without
+#             torchao (a pinned wheel of scripts/gpu_wheels.py) the fp8 rows say "torchao not
+#             installed". Cold compiles are long: rows finished are kept; to finish on the warm
+#             machine, FXTRAIN_GPU_KIT_ARGS="--variants <the rest>" bash scripts/gpu.sh $OUT llama
+#             (an fp8 row runs after its variant's)
+#   fp8       the Llama 1B's fx.fit in bf16-mixed and in fp8 at batch 4 (no probe): llama's fp8
+#             ratio, short enough to share a call
+#   demo      fxtrain demo --model transformer, its default flags (1000 steps; the precision it
+#             picks here, native_bf16(): bf16-mixed where the GPU computes bfloat16) to its
+#             target (docs/demo.md states none of the transformer's own, none for a GPU: its
+#             reference run's 2.76 bits per character): held-out loss, finite or not, steps/s,
+#             precision, device; stopped after 240 s. The demo trains where it builds its model,
+#             the host's CPU (fxtrain demo has no device flag): the device column says so
 #   chunked   the loop, fx.fit with the whole logits, with Liger's fused linear cross-entropy
 #             (fx_liger) and with fxtrain's own chunked kernel (fx_chunked): the chunked
 #             loss against the whole-logits step (target >= 0.95x its tokens/s, <= 0.5x its peak)
@@ -35,6 +48,27 @@
 #   paths     the loop, fx.fit autograd, cuda_graphed, K steps per call
 #   dropout   the fair loops and fx.fit with dropout 0.1 (keyed dropout against torch's own)
 #   hf        transformers' GPT2LMHeadModel: the fair loops, fx.fit, HF Trainer with torch_compile
+#   defaults  fxtrain's defaults in one call: env, demo, fp8 (the demo at its default precision,
+#             fx.fit on the Llama 1B in bf16-mixed and fp8)
+# Time, device seconds on a cold machine, estimated: a benchmark row is its process's first step
+# (compiling) + ~20 s (imports, the model, 25 steps, the profiled step). Measured on the H200
+# (torch 2.11, benchmarks/gpu/RESULTS.md): GPT-2's first step 22 s for the eager-loss loop,
+# 103-131 s for fx.fit's variants. Never run, taken as: the loop with its loss inside 25 s,
+# loop_step 60 s; the Llama 1B 1.5x GPT-2's (16 layers, 146 tensors against 12 and 148: loop
+# 50 s, loop_step 100 s, fx.fit 155-190 s); fp8 1.3x its bf16 row (torchao's casts and scales
+# around 112 linear layers); a probe 45 s (GPT-2) or 70 s (Llama); the demo ~120 s (docs/demo.md:
+# 86-118 s for 1000 steps on 2 CPU cores in float32; here 16 cores in bf16-mixed, slower where
+# the CPU emulates bfloat16). Hardware's 9 tests: 70-220 s in the 2026-11-26 run, taken as 120.
+#   setup 20   env 5   hardware 120   demo 120 (at most 240)   fp8 400 (175 + 225)
+#   core 340 (probe 45, loop 45, loop_step 80, fx_func 125, loop_eager_loss 45)
+#   llama 1010 (probe 70, loop 70, loop:fp8 85, loop_step 120, fx_func 190, fx_func:fp8 240,
+#     fx_remat_chunked 235 at the larger batch): two calls
+#   chunked 460   remat 380   paths 600   dropout 300   hf 380
+# Every stage: ~4,100 s (~69 min), six sessions of 15 device minutes or more; one command may run
+# 10 minutes (the device tool's limit). The one-call form: defaults, ~545 s (setup, env, demo,
+# fp8) within this script's 570 s deadline; with the machine's start (~2-3 minutes) ~12 minutes
+# of device time, within the 13 a session can spend on it. The first call's default (setup env
+# hardware core) ~485 s.
 # A benchmark stage asks the batch of the loop (the probe, its compiled steps at batch 2 and
 # 4) once per model, sequence, precision and dropout on a machine: later stages read it from
 # $FXTRAIN_GPU_CACHE (/tmp/fxtrain-gpu-cache). Cold compiles on the H200 took 22 s for the
@@ -53,6 +87,10 @@ cd "$(dirname "$0")/.."
 [[ $# -ge 1 ]] || { sed -n '2,/^set /p' "$0" | sed '$d' >&2; exit 2; }
 out=$(mkdir -p "$1" && cd "$1" && pwd); shift
 stages=("$@"); [[ ${#stages[@]} -eq 0 ]] && stages=(env hardware core)
+for i in "${!stages[@]}"; do  # defaults: the one-call form
+    [[ ${stages[$i]} == defaults ]] && stages[i]="env demo fp8"
+done
+read -r -a stages <<< "${stages[*]}"
 python=${PYTHON:-python3}
 site=${FXTRAIN_GPU_SITE:-/tmp/fxtrain-gpu-site}
 carried=${FXTRAIN_GPU_WHEELS:-.gpu-wheels}
@@ -99,8 +137,8 @@ if torch.cuda.is_available():
         print(f"nvidia-smi: {e}")
 else:
     print("no CUDA device: torch sees none")
-for name in ("fxtrain", "transformers", "accelerate", "triton", "liger-kernel", "optree",
-             "orbax-checkpoint"):
+for name in ("fxtrain", "transformers", "accelerate", "triton", "liger-kernel", "torchao",
+             "optree", "orbax-checkpoint"):
     try:
         print(f"{name} {m.version(name)}")
     except m.PackageNotFoundError:
@@ -128,13 +166,15 @@ run_stage() {
         env) env_stage ;;
         hardware) hardware ;;
         core) bench core --variants loop loop_step fx_func loop_eager_loss --dropout 0 ;;
-        llama) bench llama --model llama --variants loop loop_step fx_func fx_remat_chunked --big-variants fx_remat_chunked --dropout 0 ;;
+        llama) bench llama --model llama --variants loop loop_step fx_func fx_remat_chunked --fp8-variants loop fx_func --big-variants fx_remat_chunked --dropout 0 ;;
+        fp8) bench fp8 --model llama --variants fx_func --fp8-variants fx_func --batch 4 --dropout 0 ;;
+        demo) bench demo --demo transformer --demo-timeout $((stage_limit < 300 ? stage_limit - 60 : 240)) ;;
         chunked) bench chunked --variants loop fx_func fx_liger fx_chunked --dropout 0 ;;
         remat) bench remat --variants loop fx_remat fx_remat_chunked --dropout 0 ;;
         paths) bench paths --variants loop fx_autograd fx_graphed fx_k --dropout 0 ;;
         dropout) bench dropout --variants loop loop_step fx_func --dropout 0.1 ;;
         hf) bench hf --model hf --variants loop loop_step fx_func hf_trainer --dropout 0 ;;
-        *) echo "unknown stage $1 (setup env hardware core llama chunked remat paths dropout hf)"
+        *) echo "unknown stage $1 (setup env hardware core llama fp8 demo chunked remat paths dropout hf defaults)"
            return 2 ;;
     esac
 }
@@ -151,10 +191,11 @@ for stage in "${stages[@]}"; do
     if [[ $left -lt 60 ]]; then
         say "$stage: not started, ${left} s left of the ${deadline} s deadline"; status=1; continue
     fi
-    say "$stage (time limit $((left < limit ? left : limit)) s)"
+    stage_limit=$((left < limit ? left : limit))
+    say "$stage (time limit $stage_limit s)"
     export -f env_stage hardware bench run_stage
-    export python out extra_args="${FXTRAIN_GPU_KIT_ARGS:-}" FXTRAIN_GPU_COMMIT="$commit"
-    timeout "$((left < limit ? left : limit))" bash -c 'read -r -a extra <<< "$extra_args"; run_stage "$0"' "$stage" \
+    export python out extra_args="${FXTRAIN_GPU_KIT_ARGS:-}" FXTRAIN_GPU_COMMIT="$commit" stage_limit
+    timeout "$stage_limit" bash -c 'read -r -a extra <<< "$extra_args"; run_stage "$0"' "$stage" \
         2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     [[ $rc -eq 0 ]] || status=1
