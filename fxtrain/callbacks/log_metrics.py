@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from ..logging.numbers import is_number
-from ..logging.values import as_array, markdown_table, scalar_values
+from ..logging.numbers import is_number, read_floats
+from ..logging.values import as_array, markdown_table
 from ..logging.writer import check_writer
 from ..metrics._means import Means
 from .combinators import periodic, rank_zero
@@ -86,8 +86,8 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
     def write(step: int) -> None:
         if window:  # the interval's means, read in one transfer
             means = window.take()
-            writer.write_scalars(step, scalar_values({train_prefix + k: v
-                                                      for k, v in means.items()}))
+            writer.write_scalars(step, read_floats({train_prefix + k: v
+                                                    for k, v in means.items()}))
 
     def fn(state, event):
         kind = event.kind
@@ -101,8 +101,8 @@ def log_metrics(writer: Any, every: int = 50, *, train_prefix: str = "train/",
             if eval_prefix is not None:
                 values = _eval_scalars(event.metrics, "log_metrics", warned)
                 if values:
-                    writer.write_scalars(event.step, scalar_values({eval_prefix + k: v
-                                                              for k, v in values.items()}))
+                    writer.write_scalars(event.step, read_floats({eval_prefix + k: v
+                                                            for k, v in values.items()}))
         elif kind in ("checkpoint", "train_end"):
             write(event.step)  # the open interval: a resumed run starts a new one here too
             if kind == "train_end":
@@ -163,7 +163,7 @@ def log_eval_metrics(writer: Any, *, prefix: str = "eval/",
                 images[key] = (np.abs(arr) / top if top > 0 else np.zeros_like(arr))[..., None]
             else:
                 hists[key] = arr
-        for method, values in (("write_scalars", scalar_values(numbers)), ("write_texts", texts),
+        for method, values in (("write_scalars", read_floats(numbers)), ("write_texts", texts),
                                ("write_images", images), ("write_histograms", hists)):
             if values:
                 getattr(writer, method)(event.step, values)

@@ -42,6 +42,7 @@ class ConsoleWriter:
     captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, logger: logging.Logger | str = "fxtrain", level: int = logging.INFO):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         self.logger = logging.getLogger(logger) if isinstance(logger, str) else logger
         self.level = level
 
@@ -49,7 +50,7 @@ class ConsoleWriter:
         self.logger.log(self.level, "%s", text if step is None else f"step {step} | {text}")
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        self._line(step, format_scalars(scalar_values(scalars), sep=" | "))
+        self._line(step, format_scalars(scalar_values(scalars, self._warned), sep=" | "))
 
     def _shapes(self, step, what: str, arrays: Mapping[str, Any], captions=None) -> None:
         captions = captions or {}

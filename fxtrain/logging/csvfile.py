@@ -42,6 +42,7 @@ class CsvWriter:
     """
 
     def __init__(self, path: str | Path):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _drop_torn_line(self.path, "CsvWriter")
@@ -59,7 +60,7 @@ class CsvWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._write(step, {k: repr(v) if math.isfinite(v) else str(v)
-                           for k, v in scalar_values(scalars).items()})
+                           for k, v in scalar_values(scalars, self._warned).items()})
 
     def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
         self._write(step, {k: str(v) for k, v in texts.items()})

@@ -84,6 +84,7 @@ class JsonlWriter:
     captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, path: str | os.PathLike):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,7 @@ class JsonlWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         self._write(step, "scalars",
-                    {k: _json_number(v) for k, v in scalar_values(scalars).items()})
+                    {k: _json_number(v) for k, v in scalar_values(scalars, self._warned).items()})
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         self._write(step, "images", {k: _media(k, v, image_batch) for k, v in images.items()})

@@ -68,6 +68,7 @@ class MlflowWriter:
     def __init__(self, tracking_uri: str | None = None, *, experiment: str = "fxtrain",
                  run_name: str | None = None, run_id: str | None = None,
                  tags: Mapping[str, str] | None = None, fps: int = 4):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         self.client = _client(_local_store(tracking_uri))
         self._owned = run_id is None
         if run_id is None:
@@ -82,7 +83,8 @@ class MlflowWriter:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, int(step)) for k, v in scalar_values(scalars).items()]
+        metrics = [Metric(k, v, now, int(step))
+                   for k, v in scalar_values(scalars, self._warned).items()]
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -67,6 +67,7 @@ class TensorBoardWriter:
     captions = True  # write_images and write_videos take fx.logging.Captioned values
 
     def __init__(self, logdir: str | os.PathLike, *, fps: int = 4):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         from tensorboardX.event_file_writer import EventsWriter
         self.logdir = Path(logdir)
         try:
@@ -90,7 +91,8 @@ class TensorBoardWriter:
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """All of ``scalars`` in one event (TensorBoard's simple values)."""
         from tensorboardX.proto.summary_pb2 import Summary
-        values = [Summary.Value(tag=k, simple_value=v) for k, v in scalar_values(scalars).items()]
+        values = [Summary.Value(tag=k, simple_value=v)
+                  for k, v in scalar_values(scalars, self._warned).items()]
         if values:
             self._add(Summary(value=values), step)
 

@@ -17,9 +17,6 @@ from ..stats import unpack_histogram
 from .media import figure_pixels, is_figure
 from .numbers import read_floats
 
-_warned: set[str] = set()
-
-
 def as_array(value: Any) -> np.ndarray:
     """A numpy array of ``value`` (a tensor on any device, an array or a number).
 
@@ -37,9 +34,10 @@ def as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def scalar_values(mapping: Mapping[str, Any]) -> dict[str, float]:
+def scalar_values(mapping: Mapping[str, Any], warned: set[str] | None = None) -> dict[str, float]:
     """``{key: float}`` (device tensors read in one transfer per device); a non-finite value is
-    kept (as NaN or inf) and warned about once per key.
+    kept (as NaN or inf) and warned about: once per key where the caller passes ``warned``, the
+    set of keys it has warned about (a writer's own, so no table outlives it), else each time.
 
     Examples:
         >>> from fxtrain.logging.values import scalar_values
@@ -48,8 +46,9 @@ def scalar_values(mapping: Mapping[str, Any]) -> dict[str, float]:
     """
     out = read_floats(mapping)
     for k, x in out.items():
-        if not math.isfinite(x) and k not in _warned:
-            _warned.add(k)
+        if not math.isfinite(x) and (warned is None or k not in warned):
+            if warned is not None:
+                warned.add(k)
             warnings.warn(f"logged scalar {k!r} is {x}; it is written as is", stacklevel=3)
     return out
 

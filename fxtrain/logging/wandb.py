@@ -45,6 +45,7 @@ class WandbWriter:
 
     def __init__(self, project: str | None = None, *, run: Any = None, fps: int = 4,
                  **init_kwargs: Any):
+        self._warned: set[str] = set()  # keys warned about as non-finite
         self._wandb = _wandb()
         if run is not None and (project is not None or init_kwargs):
             raise ValueError("WandbWriter: pass either run= or wandb.init's arguments, not both")
@@ -57,7 +58,7 @@ class WandbWriter:
             self.run.log(values, step=int(step))
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-        self._log(step, scalar_values(scalars))
+        self._log(step, scalar_values(scalars, self._warned))
 
     def write_images(self, step: int, images: Mapping[str, Any]) -> None:
         wb = self._wandb

@@ -237,3 +237,16 @@ def test_mlflow_writer_is_read_back_with_mlflows_own_client(tmp_path):
     assert again.run_id != writer.run_id
     again.close()
     del mlflow
+
+
+def test_each_writer_warns_once_per_non_finite_key_of_its_own(tmp_path):
+    """No process-wide table of warned keys: a second writer (another run in the same
+    process, a notebook's next cell) warns about a key an earlier one warned about; each
+    warns once per key."""
+    for i in range(2):
+        writer = fx.logging.JsonlWriter(tmp_path / f"{i}.jsonl")
+        with pytest.warns(UserWarning, match="'loss' is nan") as record:
+            writer.write_scalars(1, {"loss": float("nan")})
+            writer.write_scalars(2, {"loss": float("nan")})
+        assert sum("'loss'" in str(w.message) for w in record) == 1
+        writer.close()
