@@ -261,7 +261,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     paths = [_path(parser, path) for path in args.paths]
     reference = None if args.reference is None else _path(parser, args.reference)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as the demo: and empties are NaN
+    # as the demo runs (its torch.empty is NaN; Inductor's own buffers are not filled)
+    torch.use_deterministic_algorithms(True, warn_only=True)
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
           f"native bfloat16 {tasks.native_bf16()}")
     rows = matrix(args.models, args.policies, paths, args.steps, args.eval_every, reference,

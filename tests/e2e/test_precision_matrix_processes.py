@@ -2,8 +2,8 @@
 vector instruction set this machine runs: its default (AVX-512 where it has it) and AVX2
 (``ATEN_CPU_CAPABILITY=avx2``: ATen's kernels and Inductor's C++ on their AVX2 code), so that
 an AVX-512 machine trains both code paths. Each leg runs in a process of its own, with its own
-Inductor cache, and with torch's deterministic algorithms on, whose empty tensors are NaN:
-a kernel that reads memory the step did not write ends the curve non-finite.
+Inductor cache, and with torch's deterministic algorithms on, as the demo runs (a
+``torch.empty`` outside Inductor's kernels is NaN there; Inductor's own buffers are not filled).
 
 The bfloat16 branch a machine with native bfloat16 takes (``FXTRAIN_NATIVE_BF16=1``) is
 forced on every machine. The bands are the arithmetic's (benchmarks/precision.py's module)."""
