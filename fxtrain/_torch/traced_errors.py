@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-_KINDS = {"TypeError": TypeError, "ValueError": ValueError}
+_KINDS = {"TypeError": TypeError, "ValueError": ValueError, "RuntimeError": RuntimeError}
 
 
 def run_while_tracing(fn: Callable) -> Callable:
@@ -49,7 +49,8 @@ def raisable(kind: type[Exception]) -> type[Exception]:
 
 
 def fail(kind: type[Exception], message: str) -> NoReturn:
-    """Raises ``kind(message)`` (TypeError, ValueError or a ``raisable`` kind), eagerly or while
+    """Raises ``kind(message)`` (TypeError, ValueError, RuntimeError or a ``raisable`` kind),
+    eagerly or while
     a compiled step is traced, so that the error object reaches ``fit`` as itself."""
     _raise(kind.__name__, message)
     raise AssertionError("unreachable")  # (Dynamo treats _raise's result as a constant)

@@ -60,8 +60,9 @@ class Policy:
 
     def check_module(self, module: torch.nn.Module, device: torch.device) -> None:
         """A clear error for a model this policy cannot train (float8: not converted, or on a
-        device without float8 products and not emulated); checked on the host only."""
-        if self.float8 is not None and not torch.compiler.is_compiling():
+        device without float8 products and not emulated); raised while a compiled step is
+        traced too, before its first graph (``fxtrain._torch.traced_errors``)."""
+        if self.float8 is not None:
             _float8.check_module(module, device, self.name)
 
     def check_autodiff(self, module: torch.nn.Module, autodiff: str) -> None:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._torch.traced_errors import fail
+
 HEADS = ("lm_head", "output")  # the language-model heads left in bfloat16, by their last name
 RECIPES = ("tensorwise", "rowwise")
 
@@ -142,25 +144,32 @@ def check_device(device: torch.device, emulate: bool) -> None:
     asked for."""
     if emulate or device_runs_float8(device):
         return
+    raise RuntimeError(device_refusal(device))
+
+
+def device_refusal(device: torch.device) -> str:
+    """Why ``device`` cannot run float8 products (and what to do instead)."""
     what = (f"{torch.cuda.get_device_name(device)} (compute capability "
             f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
             if device.type == "cuda" else device.type)
-    raise RuntimeError(f"precision 'fp8': float8 matrix products (torch._scaled_mm) need a CUDA "
-                       f"GPU of compute capability 8.9 or more (Ada, Hopper, Blackwell); this "
-                       f"step runs on {what}. fx.precision.float8(emulate=True) emulates them "
-                       "(float8 rounding, high-precision products: for tests, not speed), or "
-                       "train in 'bf16-mixed'")
+    return (f"precision 'fp8': float8 matrix products (torch._scaled_mm) need a CUDA GPU of "
+            f"compute capability 8.9 or more (Ada, Hopper, Blackwell); this step runs on {what}. "
+            "fx.precision.float8(emulate=True) emulates them (float8 rounding, high-precision "
+            "products: for tests, not speed), or train in 'bf16-mixed'")
 
 
 def check_module(module: nn.Module, device: torch.device, name: str) -> None:
-    """The state's model converted (``Float8Linear`` layers), on a device that runs them."""
+    """The state's model converted (``Float8Linear`` layers), on a device that runs them;
+    eagerly, and while a compiled step is traced (``fail``: a compiled step on an unconverted
+    model is refused before its first graph, as an eager one is)."""
     layers = converted(module)
     if not layers:
-        raise ValueError(f"precision={name!r} trains torchao's Float8Linear layers, and this "
+        fail(ValueError, f"precision={name!r} trains torchao's Float8Linear layers, and this "
                          "state's model has none: convert the model before making its state "
-                         f"(model = fx.precision.float8(...).convert(model); then "
+                         "(model = fx.precision.float8(...).convert(model); then "
                          "fx.TrainState.create(model, ...))")
-    check_device(device, all(m.config.emulate for m in layers))
+    if not all(m.config.emulate for m in layers) and not device_runs_float8(device):
+        fail(RuntimeError, device_refusal(device))
 
 
 def check_autodiff(module: nn.Module, autodiff: str, name: str) -> None:

@@ -123,6 +123,22 @@ def test_refusals():
         step(state, next(iter(_data())))
 
 
+@pytest.mark.parametrize("autodiff", ["func", "autograd"])
+def test_a_compiled_fp8_step_on_a_model_not_converted_is_refused_before_its_first_graph(
+        autodiff):
+    """Issue 75's hole 2: compiled and called outside fit, the step trained the unconverted
+    model in bfloat16, silently (the check was skipped while compiling). Refused now while
+    Dynamo traces, with the eager step's message, before any graph is made."""
+    state = fx.TrainState.create(_model(), fx.optim.sgd(0.1))
+    step = torch.compile(fx.make_train_step(loss_fn, precision=fx.precision.float8(emulate=True),
+                                            autodiff=autodiff), fullgraph=True, backend=TRACED)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"precision='fp8' trains torchao's Float8Linear "
+                       r"layers, and this state's model has none: convert the model"):
+        step(state, next(iter(_data())))
+    assert graph_count() == 0
+
+
 class Dropped(Net):
     """``Net`` with dropout after the first layer: a step's keyed randomness."""
 
