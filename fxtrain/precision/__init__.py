@@ -154,8 +154,19 @@ def float8(recipe: str = "tensorwise", *, filter: Any = None, emulate: bool = Fa
     if enable_fsdp_float8_all_gather and recipe != "tensorwise":
         raise ValueError(f"float8: enable_fsdp_float8_all_gather takes the 'tensorwise' recipe "
                          f"(one scale per weight, as torchao's), got {recipe!r}")
+    for flag, value in (("emulate", emulate),
+                        ("enable_fsdp_float8_all_gather", enable_fsdp_float8_all_gather)):
+        if not isinstance(value, bool):  # bool('no') is True
+            raise TypeError(f"float8: {flag} must be True or False, got {value!r}")
+    if filter is not None and not callable(filter):
+        raise TypeError(f"float8: filter must be a function (module, fqn) -> bool, as torchao's "
+                        f"module_filter_fn, got {filter!r}; to leave a layer out by name: "
+                        f"filter=lambda module, fqn: not fqn.endswith({filter!r})"
+                        if isinstance(filter, str) else
+                        f"float8: filter must be a function (module, fqn) -> bool, as "
+                        f"torchao's module_filter_fn, got {type(filter).__name__}")
     settings = Float8(recipe, _float8.default_filter if filter is None else filter,
-                      bool(emulate), bool(enable_fsdp_float8_all_gather))
+                      emulate, enable_fsdp_float8_all_gather)
     return Policy("fp8" if recipe == "tensorwise" else f"fp8-{recipe}", torch.bfloat16, False,
                   None, float8=settings)
 

@@ -112,6 +112,11 @@ def test_refusals():
         fx.precision.float8("blockwise")
     with pytest.raises(ValueError, match="enable_fsdp_float8_all_gather takes the 'tensorwise'"):
         fx.precision.float8("rowwise", enable_fsdp_float8_all_gather=True)
+    with pytest.raises(TypeError, match="emulate must be True or False, got 'no'"):
+        fx.precision.float8(emulate="no")  # issue 75: bool('no') emulated
+    with pytest.raises(TypeError, match=r"filter must be a function \(module, fqn\) -> bool.*"
+                       r"not fqn.endswith\('lm_head'\)"):
+        fx.precision.float8(filter="lm_head")  # issue 75: torchao's 'str' is not callable
     with pytest.raises(ValueError, match="nothing would train in float8"):
         fx.precision.float8(emulate=True).convert(nn.Linear(10, 3))
     # a model not converted, trained as fp8: refused by fit, and by an eager step, with the fix
