@@ -68,7 +68,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
         eval_data: str | None = None, eval_data_args: dict[str, Any] | None = None,
         optim: Optim = Optim(), max_steps: int = 1000, max_epochs: int | None = None,
         eval_every: int | None = None, batch_size: int | Literal["auto"] | None = None,
-        max_memory_mib: float | None = None, precision: str = "32",
+        max_memory_mib: float | None = None, precision: str | int = "32",
         compile: bool | Literal["precompiled"] = True,
         seed: int = 0, workdir: str = "runs/train", log_every: int = 50,
         checkpoint_every: int | None = 500, keep: int = 2,
@@ -101,7 +101,7 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             (required on the CPU, where running out of memory ends the process; on a GPU
             the search stops at the first out-of-memory error, or at this cap).
         precision: 32, bf16-mixed, 16-mixed, bf16-true, fp8 or fp8-rowwise (torchao's float8
-            linear layers, on a GPU of compute capability 8.9 or more).
+            linear layers, on a GPU of compute capability 8.9 or more); 32 unquoted too.
         compile: compile the step with torch.compile (fullgraph); precompiled also keeps the
             compiled step in workdir/step.precompiled (fx.precompiled), which a resumed run
             of the same code loads instead of compiling again; false runs it eagerly, which
@@ -129,6 +129,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
 def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
     """``run`` of the config ``values``: the final TrainState, and the line to print when a
     nan_guard stopped the run at a non-finite step (None: it did not)."""
+    if isinstance(values["precision"], int) and not isinstance(values["precision"], bool):
+        values = {**values, "precision": str(values["precision"])}  # YAML's 32 is an int
     _check(values)
     import torch
 
@@ -288,6 +290,10 @@ def _check(v: dict[str, Any]) -> None:
                           "keep one")
     if v["max_memory_mib"] is not None and not v["max_memory_mib"] > 0:
         raise ConfigError(f"max_memory_mib: must be positive, got {v['max_memory_mib']}")
+    if v["max_memory_mib"] is not None and v["batch_size"] != "auto":
+        raise ConfigError(f"max_memory_mib: caps batch_size auto's search, and batch_size is "
+                          f"{v['batch_size']!r}: set batch_size: auto, or leave max_memory_mib "
+                          "out")
     if not str(v["workdir"]).strip():
         raise ConfigError("workdir: is empty; give the folder the run writes to")
     if Path(v["workdir"]).exists() and not Path(v["workdir"]).is_dir():

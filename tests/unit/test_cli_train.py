@@ -94,6 +94,16 @@ def _project(tmp_path, yaml=YAML):
     return tmp_path / "run.yaml"
 
 
+def test_precision_32_unquoted_as_the_docs_spell_it_trains_in_float32(tmp_path, capsys):
+    """Issue 75: ``precision: 32`` (YAML's int, the docs' own spelling) was refused by the
+    parser; it is the policy "32", and the saved config says so."""
+    config = _project(tmp_path, YAML + "precision: 32\n")
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work), "--max_steps", "4"]) == 0
+    assert "done at step 4" in capsys.readouterr().out
+    assert "precision: '32'" in (work / "config.yaml").read_text()
+
+
 def test_train_runs_a_yaml_config_with_overrides_and_resumes(tmp_path, capsys, monkeypatch):
     config = _project(tmp_path)
     monkeypatch.chdir(tmp_path.parent)  # file references are the config's, not the cwd's
@@ -176,6 +186,10 @@ def test_print_config_shows_the_merged_config(tmp_path, capsys):
     (["--optim.lr", "-1"], "optim.lr: must be a finite number >= 0, got -1.0"),
     (["--optim.clip_norm", "0"], "optim.clip_norm: must be > 0 (or null: no clipping), got 0.0"),
     (["--precision", "bogus"], "precision: 'bogus' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
+    (["--precision", "16"], "precision: '16' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
+    (["--max_memory_mib", "64"],  # issue 75: ignored without batch_size auto
+     "max_memory_mib: caps batch_size auto's search, and batch_size is None: set batch_size: "
+     "auto, or leave max_memory_mib out"),
     (["--optim.schedule", "cosine"],
      "optim.schedule: 'cosine' is none of constant, warmup_cosine, linear"),
     (["--model", "./models.py:broken"], "models.py:broken with model_args {'width': 32} raised "
