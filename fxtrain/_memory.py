@@ -103,10 +103,12 @@ def held(state: Any, peak: int | None = None) -> Held:
 
 
 def out_of_memory(error: BaseException | None) -> bool:
-    """Whether ``error`` is, or was raised from, ``torch.OutOfMemoryError`` (the compiler
-    wraps an error raised while it compiles)."""
+    """Whether ``error`` is, or was raised from, ``torch.OutOfMemoryError`` or the CPU
+    allocator's refusal (``DefaultCPUAllocator: can't allocate memory``, a RuntimeError; the
+    compiler wraps an error raised while it compiles)."""
     while error is not None:
-        if isinstance(error, torch.OutOfMemoryError):
+        if isinstance(error, torch.OutOfMemoryError) or (
+                isinstance(error, RuntimeError) and "can't allocate memory" in str(error)):
             return True
         error = error.__cause__ or error.__context__
     return False

@@ -157,6 +157,16 @@ def find_batch_size(state: Any, train_step: Callable, make_data: Callable[[int],
 def _check(state: Any, init_size: int, max_size: int | None, max_bytes: int | None,
            margin: float, steps: int, max_trials: int) -> None:
     donation.check_live(state, "find_batch_size")
+    for name, value, optional in (("init_size", init_size, False), ("max_size", max_size, True),
+                                  ("max_bytes", max_bytes, True), ("steps", steps, False),
+                                  ("max_trials", max_trials, False)):
+        if not (value is None and optional) and (isinstance(value, bool)
+                                                 or not isinstance(value, int)):
+            raise TypeError(f"find_batch_size: {name} must be an int"
+                            f"{' or None' if optional else ''}, got {value!r}"
+                            + (" (in bytes: 2**20 for 1 MiB)" if name == "max_bytes" else ""))
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise TypeError(f"find_batch_size: margin must be a number in [0, 1), got {margin!r}")
     if init_size < 1 or (max_size is not None and max_size < init_size):
         raise ValueError(f"find_batch_size: need 1 <= init_size <= max_size, got {init_size} "
                          f"and {max_size}")
@@ -218,6 +228,16 @@ def _trial(state: Any, step: Callable, kwargs: dict, data: Any, size: int, steps
     try:
         for i in range(steps):
             batch, position, _ = take(stream, position, k)
+            if i == 0:
+                given = _examples(batch, k)
+                if given is not None and given > size:
+                    raise ValueError(
+                        f"find_batch_size: make_data({size}) gave batches of {given} examples: "
+                        "it must build batches of the size it is given (as "
+                        "fx.data.Batches(arrays, size) does), or no size the search reports "
+                        "would have run")
+                if given is not None and given < size:  # the data holds fewer: not this size
+                    return Trial(size, False, None, f"the data gives batches of {given}")
             batch = to_device(batch, device)
             if device.type != "cuda" and i == 0 and steps > 1:
                 step(state, batch, **kwargs)  # compiles; the CPU's peak is of the calls after
@@ -236,6 +256,17 @@ def _trial(state: Any, step: Callable, kwargs: dict, data: Any, size: int, steps
     if max_bytes is not None and held(state).state + peak > max_bytes:
         return Trial(size, False, peak, "over max_bytes")
     return Trial(size, True, peak)
+
+
+def _examples(batch: Any, k: int) -> int | None:
+    """The examples in a batch: its first tensor's leading dimension (the second where ``k``
+    steps per call stack ``k`` batches); None for a batch without tensors."""
+    import torch.utils._pytree as pytree
+
+    for leaf in pytree.tree_leaves(batch):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > (1 if k > 1 else 0):
+            return leaf.shape[1 if k > 1 else 0]
+    return None
 
 
 def _release(device: torch.device) -> None:

@@ -118,3 +118,46 @@ def test_a_cuda_graphed_steps_trials_run_the_step_it_wraps():
     found = fx.find_batch_size(state, graphed, make_data, init_size=512, max_bytes=2**20,
                                steps=1, max_trials=2)
     assert len(found.tried) == 2 and graphed.calls == 0 and graphed.graph is None
+
+
+def test_issue_75_a_factory_that_ignores_the_size_is_refused_and_small_data_caps_the_search():
+    """A data factory that does not honour the size asked (the whole set every time) was
+    searched to a size no trial ran (60,397,977); now it is refused by name. Data smaller than a
+    size counts as that size not fitting, so the search ends at the data's size."""
+    state, _ = _setup()
+    x, y = torch.randn(4096, 32), torch.randn(4096, 1)
+    step = fx.make_train_step(loss_fn)
+    with pytest.raises(ValueError, match=r"make_data\(2\) gave batches of 4096 examples: it must "
+                       r"build batches of the size it is given"):
+        fx.find_batch_size(state, step, lambda b: [(x, y)], max_bytes=2**30, steps=1)
+    found = fx.find_batch_size(state, step, lambda b: fx.data.Batches(
+        (x[:100], y[:100]), b, drop_last=False), max_bytes=2**30, steps=1)
+    assert found.largest == 100 and found.batch_size == 90
+    assert "the data gives batches of 100" in found.trace()
+    assert all(t.batch_size <= 100 for t in found.tried if t.fits)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"init_size": 2.5}, "init_size must be an int, got 2.5"),
+    ({"init_size": "16"}, "init_size must be an int, got '16'"),
+    ({"max_bytes": "1MiB"}, r"max_bytes must be an int or None, got '1MiB' \(in bytes: 2\*\*20"),
+    ({"max_size": 8.0}, "max_size must be an int or None, got 8.0"),
+    ({"margin": "0.1"}, r"margin must be a number in \[0, 1\), got '0.1'"),
+])
+def test_issue_75_arguments_of_the_wrong_type_are_named(kwargs, message):
+    state, make_data = _setup()
+    kwargs = {"max_bytes": 2**30, **kwargs}
+    with pytest.raises(TypeError, match=message):
+        fx.find_batch_size(state, fx.make_train_step(loss_fn), make_data, **kwargs)
+
+
+def test_issue_75_the_cpu_allocator_s_refusal_is_out_of_memory():
+    """``DefaultCPUAllocator: can't allocate memory`` (a RuntimeError) ends a trial as not
+    fitting, as torch.OutOfMemoryError does, instead of ending the search."""
+    from fxtrain._memory import out_of_memory
+    refusal = RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 1099511627776 bytes.")
+    assert out_of_memory(refusal) and not out_of_memory(RuntimeError("shape mismatch"))
+    wrapped = RuntimeError("compiling")
+    wrapped.__cause__ = refusal
+    assert out_of_memory(wrapped)
