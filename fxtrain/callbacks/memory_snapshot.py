@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,20 @@ VIEWER = "https://pytorch.org/memory_viz"
 MARK = "fxtrain: out of memory"  # the note's first words: it is added once
 NO_HISTORY = ("the CPU has no allocator history (torch records it for CUDA only): this is the "
               "state's accounting, with the peak of torch's CPU allocator")
+
+
+def _usable(path: Path) -> Path:
+    """``path`` if the snapshot and its ``.json`` can be written there; else a ValueError that
+    names the problem (checked when the callback is made, not at the recording's end)."""
+    for target in (path, path.with_suffix(".json")):
+        if target.is_dir():
+            raise ValueError(f"memory_snapshot: {target} is a directory; give a file path "
+                             f"such as {target / 'memory_snapshot.pickle'}")
+    parent = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ValueError(f"memory_snapshot: {parent} is a file, so {path} cannot be written "
+                         "under it")
+    return path
 
 
 def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.pickle", *,
@@ -81,7 +96,7 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
     if steps < 1 or skip < 0 or max_entries < 1:
         raise ValueError(f"memory_snapshot: steps >= 1, skip >= 0 and max_entries >= 1 are "
                          f"needed, got {steps}, {skip} and {max_entries}")
-    path = Path(path)
+    path = _usable(Path(path))
     run: dict[str, Any] = {}  # this process: steps seen, the open measurement, the last peak
     window = contextlib.ExitStack()
 
@@ -112,8 +127,14 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
         about = {**accounting.as_dict(), "steps": [first, last],
                  "device": str(run["device"]),
                  "history": f"{path} (open it at {VIEWER})" if run["history"] else NO_HISTORY}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.with_suffix(".json").write_text(json.dumps(about, indent=1) + "\n")
+        try:  # a path that went bad since the callback was made: said, and training goes on
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".json").write_text(json.dumps(about, indent=1) + "\n")
+        except OSError as e:
+            warnings.warn(f"memory_snapshot: could not write {path.with_suffix('.json')} "
+                          f"({type(e).__name__}: {e}); training goes on without it",
+                          stacklevel=2)
+            return
         where = (f"{path} (open it at {VIEWER}) and {path.with_suffix('.json')}"
                  if run["history"] else f"{path.with_suffix('.json')}; {NO_HISTORY}")
         print(f"fxtrain: memory of steps {first} to {last} ({run['device'].type}): {where}",
@@ -135,6 +156,14 @@ def memory_snapshot(steps: int = 3, path: str | os.PathLike = "memory_snapshot.p
             explain(event.error, state, event.step, peak=run.get("peak"),
                     snapshot=_oom_path(path, event.step) if cuda else None)
         elif event.kind == "train_end":  # a run shorter than the window ends it too
+            if "measure" in run:  # the steps it saw, written, and said to be fewer
+                finish(state, event.step)  # (its window silences warnings: closed first)
+                warnings.warn(f"memory_snapshot: the run ended {run['seen'] - skip} steps into "
+                              f"the {steps} asked; wrote those", stacklevel=2)
+            elif run.get("seen", 0) < skip or run.get("first") is None:
+                warnings.warn(f"memory_snapshot: the run ended after {run.get('seen', 0)} "
+                              f"steps, before the recording began (skip={skip}); nothing "
+                              "was written", stacklevel=2)
             window.close()
             run.pop("measure", None)
             if run.get("history"):

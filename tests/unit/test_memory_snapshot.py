@@ -87,3 +87,39 @@ def test_out_of_memory_in_fit_says_what_the_step_held(tmp_path, with_callback):
     again = fx.fit(again, step2, data2, max_steps=4, progress=False)
     restored = manager.restore(like=again)
     assert fx.tree_digest(restored) == fx.tree_digest(again)
+
+
+def test_issue_75_an_unusable_path_is_refused_when_the_callback_is_made(tmp_path):
+    """A directory, or a path under a file, ended the training run at the recording's end
+    (IsADirectoryError, FileExistsError through fit); now refused by name before any step."""
+    (tmp_path / "adir.json").mkdir()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="is a directory; give a file path"):
+        fx.callbacks.memory_snapshot(2, tmp_path)
+    with pytest.raises(ValueError, match="adir.json is a directory"):
+        fx.callbacks.memory_snapshot(2, tmp_path / "adir.pickle")
+    with pytest.raises(ValueError, match="afile is a file, so .* cannot be written under it"):
+        fx.callbacks.memory_snapshot(2, tmp_path / "afile" / "deeper" / "m.pickle")
+
+
+def test_issue_75_a_path_gone_bad_during_the_run_is_said_and_training_goes_on(tmp_path):
+    state, step, data = _run()
+    path = tmp_path / "m.pickle"
+    snapshot = fx.callbacks.memory_snapshot(2, path)
+    path.with_suffix(".json").mkdir()  # made after the callback: the write fails
+    with pytest.warns(UserWarning, match="could not write .*m.json.*training goes on"):
+        state = fx.fit(state, step, data, max_steps=5, progress=False, callbacks=[snapshot])
+    assert int(state.step) == 5
+
+
+def test_issue_75_a_run_shorter_than_the_window_writes_what_it_saw_and_says_so(tmp_path):
+    state, step, data = _run()
+    path = tmp_path / "m.pickle"
+    with pytest.warns(UserWarning, match="the run ended 4 steps into the 50 asked; wrote those"):
+        fx.fit(state, step, data, max_steps=5, progress=False,
+               callbacks=[fx.callbacks.memory_snapshot(50, path)])
+    assert json.loads(path.with_suffix(".json").read_text())["steps"] == [2, 5]
+    state, step, data = _run()
+    with pytest.warns(UserWarning, match="before the recording began .*nothing was written"):
+        fx.fit(state, step, data, max_steps=2, progress=False,
+               callbacks=[fx.callbacks.memory_snapshot(2, tmp_path / "n.pickle", skip=3)])
