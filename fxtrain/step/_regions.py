@@ -208,9 +208,17 @@ def resolve(module: nn.Module, blocks: str | Sequence[str | type]) -> list[str]:
         raise ValueError(f"fx.regional: blocks must be 'auto' or a list of submodule names or "
                          f"module classes, got {blocks!r}")
     modules, found = dict(module.named_modules()), []
+    if not blocks:
+        raise ValueError(f"fx.regional: blocks={blocks!r} names no block, so nothing would be "
+                         "compiled once; name them (blocks=['layers.0', ...] or "
+                         "blocks=[BlockClass]), or leave blocks='auto'")
     for block in blocks:
         if isinstance(block, type):
-            found += [n for n, m in modules.items() if n and isinstance(m, block)]
+            of_class = [n for n, m in modules.items() if n and isinstance(m, block)]
+            if not of_class:
+                raise ValueError(f"fx.regional: {type(module).__name__} has no submodule of "
+                                 f"class {block.__name__}")
+            found += of_class
         elif isinstance(block, str) and block and block in modules:
             found.append(block)
         else:

@@ -172,6 +172,10 @@ def test_blocks_by_name_or_class_and_refusals():
         fx.regional(state, ["blocks.9"])
     with pytest.raises(ValueError, match="already regions"):
         fx.regional(fx.regional(state))
+    with pytest.raises(ValueError, match=r"blocks=\[\] names no block"):  # issue 75: silently none
+        fx.regional(state, [])
+    with pytest.raises(ValueError, match="has no submodule of class Conv1d"):
+        fx.regional(state, [nn.Conv1d])
     lone = fx.TrainState.create(nn.Linear(2, 2), fx.optim.sgd(0.1))
     with pytest.raises(ValueError, match="name them"):
         fx.regional(lone)
