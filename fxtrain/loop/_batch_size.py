@@ -138,8 +138,13 @@ def find_batch_size(state: Any, train_step: Callable, make_data: Callable[[int],
     ready = init((*spec.step_states, *spec.in_step_callbacks), state).replace(data=None)
 
     def fits(size: int) -> Trial:
-        return _trial(ready, step, kwargs, make_data(size), size, steps, max_bytes,
-                      spec.steps_per_call)
+        try:
+            data = make_data(size)
+        except ValueError as e:  # past the data's size (Batches: no batch of that size)
+            if size == init_size:
+                raise
+            return Trial(size, False, None, f"make_data({size}) raised ValueError: {e}")
+        return _trial(ready, step, kwargs, data, size, steps, max_bytes, spec.steps_per_call)
 
     tried = _search(fits, init_size, max_size, max_trials)
     good = [t for t in tried if t.fits]

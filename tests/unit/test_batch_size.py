@@ -161,3 +161,18 @@ def test_issue_75_the_cpu_allocator_s_refusal_is_out_of_memory():
     wrapped = RuntimeError("compiling")
     wrapped.__cause__ = refusal
     assert out_of_memory(wrapped)
+
+
+def test_issue_75_sizes_past_the_data_that_the_factory_refuses_do_not_fit():
+    """``batch_size: auto`` on a set smaller than the sizes the search doubles to: Batches
+    refuses a batch larger than the data (drop_last), which ended the search; those sizes now
+    do not fit, with the factory's message in the trace. The first size's refusal still
+    raises (a factory that fails at any size is the user's to fix)."""
+    state, _ = _setup()
+    x, y = torch.randn(40, 32), torch.randn(40, 1)
+    make = lambda b: fx.data.Batches((x, y), b)  # noqa: E731
+    found = fx.find_batch_size(state, fx.make_train_step(loss_fn), make, max_bytes=2**30, steps=1)
+    assert found.largest == 40 and "40 examples make no batch of 64" in found.trace()
+    with pytest.raises(ValueError, match="40 examples make no batch of 64"):
+        fx.find_batch_size(state, fx.make_train_step(loss_fn), make, init_size=64,
+                           max_bytes=2**30, steps=1)
