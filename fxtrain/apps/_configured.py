@@ -252,7 +252,7 @@ def _found_batches(v: dict[str, Any], state: Any, step: Any) -> Any:
     """The training data at the batch size ``fx.find_batch_size`` finds (``batch_size:
     auto``), its search printed."""
     from .. import distributed
-    from ..loop._batch_size import find_batch_size
+    from ..loop._batch_size import NoBatchSizeFits, find_batch_size
 
     if distributed.world_size() > 1:
         raise ConfigError("batch_size: auto searches one process's memory, and the ranks of a "
@@ -268,8 +268,13 @@ def _found_batches(v: dict[str, Any], state: Any, step: Any) -> Any:
         return _data({**v, "data_args": {**(v["data_args"] or {}), "batch_size": size}},
                      "data")
 
-    found = find_batch_size(state, step, make_data,
-                            max_bytes=None if cap is None else int(cap * 2**20))
+    try:
+        found = find_batch_size(state, step, make_data,
+                                max_bytes=None if cap is None else int(cap * 2**20))
+    except NoBatchSizeFits as e:
+        raise ConfigError(f"batch_size: auto: {e}"
+                          + (f"; or raise max_memory_mib ({cap})" if cap is not None else "")
+                          ) from e
     print(f"fxtrain train: batch_size auto: {found.batch_size}\n{found.trace()}", flush=True)
     return found.data()
 

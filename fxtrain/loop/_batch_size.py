@@ -84,6 +84,10 @@ class BatchSizeFind:
                           f"{self.batch_size}"])
 
 
+class NoBatchSizeFits(RuntimeError):
+    """``find_batch_size`` found no size that fits (its message: the trials and the levers)."""
+
+
 def find_batch_size(state: Any, train_step: Callable, make_data: Callable[[int], Any], *,
                     init_size: int = 2, max_size: int | None = None,
                     max_bytes: int | None = None, margin: float = 0.1, steps: int = 2,
@@ -149,7 +153,7 @@ def find_batch_size(state: Any, train_step: Callable, make_data: Callable[[int],
     tried = _search(fits, init_size, max_size, max_trials)
     good = [t for t in tried if t.fits]
     if not good:
-        raise RuntimeError(f"find_batch_size: no batch size fits, not even 1 "
+        raise NoBatchSizeFits(f"find_batch_size: no batch size fits, not even 1 "
                            f"({_failures(tried)}); the state alone holds "
                            f"{held(state).describe()}. Levers: fx.remat, the chunked loss "
                            "(fx.losses), fx.shard over more devices, a lower precision")

@@ -187,6 +187,8 @@ def test_print_config_shows_the_merged_config(tmp_path, capsys):
     (["--optim.clip_norm", "0"], "optim.clip_norm: must be > 0 (or null: no clipping), got 0.0"),
     (["--precision", "bogus"], "precision: 'bogus' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
     (["--precision", "16"], "precision: '16' is none of 32, bf16-mixed, 16-mixed, bf16-true"),
+    (["--batch_size", "auto", "--max_memory_mib", "0.001"],  # issue 75: was a traceback, exit 1
+     "batch_size: auto: find_batch_size: no batch size fits, not even 1 (2: over max_bytes"),
     (["--max_memory_mib", "64"],  # issue 75: ignored without batch_size auto
      "max_memory_mib: caps batch_size auto's search, and batch_size is None: set batch_size: "
      "auto, or leave max_memory_mib out"),
