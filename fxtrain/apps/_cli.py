@@ -7,6 +7,7 @@ It imports nothing heavy at start: ``--help``, ``--version`` and ``inspect`` run
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from .._format import format_scalars
@@ -113,6 +114,8 @@ def _demo_flags(demo: argparse.ArgumentParser) -> None:
 def _train(args: list[str]) -> int:
     """``fxtrain train CONFIG [overrides]``: a positional CONFIG is the config file, and
     ``--print-config`` is jsonargparse's ``--print_config``."""
+    from ..donation import given_up
+    from ..loop._fit import Interrupted
     from ._configured import ConfigError, _as_args, _trained, parser
     from ._workdir import WorkdirLocked
 
@@ -135,6 +138,14 @@ def _train(args: list[str]) -> int:
     except (ConfigError, WorkdirLocked) as e:  # one line; nothing was changed on disk
         print(f"fxtrain train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # Ctrl-C: fit saved the state (a first one) and handed it back
+        again = shlex.join(["fxtrain", "train", *([config] if config else []), *rest,
+                            "--resume", "true"])
+        where = ("stopped inside a step; the latest checkpoint is in the workdir's checkpoints/"
+                 if given_up(e.state) else
+                 f"interrupted at step {int(e.state.step)}, saved in the workdir's checkpoints/")
+        print(f"fxtrain train: {where}. Continue with: {again}", file=sys.stderr, flush=True)
+        return 130
     if nonfinite is not None:  # nan_guard stopped it: the step, the metric, what to do next
         print(nonfinite, file=sys.stderr, flush=True)
         return NONFINITE_EXIT

@@ -484,3 +484,33 @@ def test_the_nonfinite_watch_names_the_first_nonfinite_metric_of_a_guard_that_st
     assert found.what() == "the gradient norm (grad_norm) was inf at step 6"
     assert run(0, 1, "early_stopping: no improvement") is None
     assert run(1, 1, "nan_guard: ...; early_stopping: no improvement") is None
+
+
+def test_ctrl_c_saves_exits_130_and_says_how_to_go_on(tmp_path, capsys, monkeypatch):
+    """Issue 75: fxtrain train stopped by Ctrl-C ended with a traceback and exit 1 though fit
+    had saved a whole step; now one line naming the step and the command that goes on, exit
+    130, and that command resumes from the saved step."""
+    import signal
+
+    import fxtrain.loop._fit as fit_module
+    real_fit = fit_module.fit
+
+    def with_ctrl_c(state, step, data, *, callbacks=(), **kwargs):
+        def press(state, event):
+            if event.kind == "step_end" and event.step == 5:
+                signal.raise_signal(signal.SIGINT)
+            return state, fx.Control()
+        return real_fit(state, step, data, callbacks=[*callbacks, press], **kwargs)
+
+    config = _project(tmp_path)
+    work = tmp_path / "run"
+    monkeypatch.setattr(fit_module, "fit", with_ctrl_c)
+    assert main(["train", str(config), "--workdir", str(work)]) == 130
+    err = capsys.readouterr().err
+    assert "fxtrain train: interrupted at step 5, saved in the workdir's checkpoints/" in err
+    again = err.split("Continue with: ")[1].split()
+    assert again[:2] == ["fxtrain", "train"] and again[-2:] == ["--resume", "true"]
+    assert fx.checkpoint.CheckpointManager(work / "checkpoints").latest_step() == 5
+    monkeypatch.setattr(fit_module, "fit", real_fit)
+    assert main(again[1:]) == 0
+    assert "done at step 12" in capsys.readouterr().out
