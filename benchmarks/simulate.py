@@ -361,13 +361,36 @@ def _arguments(argv) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.smoke:  # the tiny model, each layout; a process per variant (main)
         args.seq, args.runs = 16, ["tiny:fsdp:8", "tiny:fsdp_tp:16"]
+    for name in ("seq", "batch"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    args.parsed = [_run(parser, text) for text in args.runs]
     return args
+
+
+def _run(parser: argparse.ArgumentParser, text: str) -> tuple[str, str, int]:
+    """``model:layout:ranks`` checked: a model of MODELS, fsdp or fsdp_tp, a rank count the
+    layout takes (fsdp_tp: a multiple of TP)."""
+    parts = text.split(":")
+    if len(parts) != 3:
+        parser.error(f"--runs takes model:layout:ranks (e.g. llama3-70b:fsdp_tp:64), got {text!r}")
+    model, layout, ranks = parts
+    if model not in MODELS:
+        parser.error(f"--runs {text!r}: model must be one of {', '.join(MODELS)}, got {model!r}")
+    if layout not in ("fsdp", "fsdp_tp"):
+        parser.error(f"--runs {text!r}: layout must be fsdp or fsdp_tp, got {layout!r}")
+    if not ranks.isdigit() or int(ranks) < 1:
+        parser.error(f"--runs {text!r}: ranks must be a positive int, got {ranks!r}")
+    if layout == "fsdp_tp" and int(ranks) % TP:
+        parser.error(f"--runs {text!r}: fsdp_tp takes a multiple of {TP} ranks (TP {TP} within "
+                     f"a node), got {ranks}")
+    return model, layout, int(ranks)
 
 
 def main(argv=None) -> dict:
     args = _arguments(argv)
     start = time.perf_counter()
-    runs = [(m, l, int(w)) for m, l, w in (text.split(":") for text in args.runs)]
+    runs = args.parsed
     if args.smoke:  # a process per variant, its runs in turn (a process start cost more)
         by_variant = dict(zip(VARIANTS, jobs([[(*run, v) for run in runs] for v in VARIANTS],
                                              args)))

@@ -26,3 +26,21 @@ def test_simulate_benchmark_smoke(tmp_path):
     text = (tmp_path / "simulate.md").read_text()
     assert "| tiny | FSDP | 8 |" in text and "| tiny | FSDP x TP 2x8 | 16 |" in text
     assert json.loads((tmp_path / "simulate.json").read_text())["rows"] == result["rows"]
+
+
+def test_bad_runs_are_refused_by_name(capsys):
+    """Issue 75: ``--runs tiny:fsdpp:8`` simulated FSDP x TP and labelled it so (any layout
+    but "fsdp" was taken for it); other bad arguments were tracebacks."""
+    import pytest
+    simulate = imported("simulate")
+    for argv, message in [
+            (["--runs", "tiny:fsdpp:8"], "layout must be fsdp or fsdp_tp, got 'fsdpp'"),
+            (["--runs", "tiny:fsdp"], "--runs takes model:layout:ranks"),
+            (["--runs", "big:fsdp:8"], "model must be one of llama3-8b, llama3-70b, tiny"),
+            (["--runs", "tiny:fsdp_tp:12"], "fsdp_tp takes a multiple of 8 ranks"),
+            (["--runs", "tiny:fsdp:0"], "ranks must be a positive int, got '0'"),
+            (["--seq", "0"], "--seq must be at least 1, got 0")]:
+        with pytest.raises(SystemExit) as exit:
+            simulate._arguments(argv)
+        assert exit.value.code == 2 and message in capsys.readouterr().err, argv
+    assert simulate._arguments(["--runs", "tiny:fsdp_tp:16"]).parsed == [("tiny", "fsdp_tp", 16)]
