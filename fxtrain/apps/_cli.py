@@ -139,7 +139,9 @@ def _train(args: list[str]) -> int:
         print(f"fxtrain train: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except Interrupted as e:  # Ctrl-C: fit saved the state (a first one) and handed it back
-        again = shlex.join(["fxtrain", "train", *([config] if config else []), *rest,
+        kept = [a for i, a in enumerate(rest)  # a --resume given already: said once, true
+                if a != "--resume" and not (i and rest[i - 1] == "--resume")]
+        again = shlex.join(["fxtrain", "train", *([config] if config else []), *kept,
                             "--resume", "true"])
         where = ("stopped inside a step; the latest checkpoint is in the workdir's checkpoints/"
                  if given_up(e.state) else

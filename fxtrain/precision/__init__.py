@@ -159,12 +159,10 @@ def float8(recipe: str = "tensorwise", *, filter: Any = None, emulate: bool = Fa
         if not isinstance(value, bool):  # bool('no') is True
             raise TypeError(f"float8: {flag} must be True or False, got {value!r}")
     if filter is not None and not callable(filter):
+        hint = (f"; to leave a layer out by name: filter=lambda module, fqn: not "
+                f"fqn.endswith({filter!r})" if isinstance(filter, str) else "")
         raise TypeError(f"float8: filter must be a function (module, fqn) -> bool, as torchao's "
-                        f"module_filter_fn, got {filter!r}; to leave a layer out by name: "
-                        f"filter=lambda module, fqn: not fqn.endswith({filter!r})"
-                        if isinstance(filter, str) else
-                        f"float8: filter must be a function (module, fqn) -> bool, as "
-                        f"torchao's module_filter_fn, got {type(filter).__name__}")
+                        f"module_filter_fn, got {filter!r}{hint}")
     settings = Float8(recipe, _float8.default_filter if filter is None else filter,
                       emulate, enable_fsdp_float8_all_gather)
     return Policy("fp8" if recipe == "tensorwise" else f"fp8-{recipe}", torch.bfloat16, False,
