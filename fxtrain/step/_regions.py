@@ -12,13 +12,15 @@ dropout masks are those of the step without regions. Each block's optimizer upda
 too, where the optimizer updates every block alike (``_region_update``).
 
 Dynamo traces a region's first call and reuses that trace for the blocks that share its key
-(``regions.nested``'s ``key``): the block's class and the signature of its tensors and
-arguments. So blocks of one class must compute alike given those: ``regional`` gives blocks
+(``regions.nested``'s ``key``): the block's class, its kind and the signature of its tensors
+and arguments. So blocks of one kind must compute alike given those: ``regional`` gives blocks
 whose Python attributes differ (a sliding window on alternate layers) classes of their own
-(``Regional<Name>``, ``Regional<Name>_1``, ...), each traced once. An int attribute that
-numbers the blocks (a different value in every block, like transformers' ``layer_idx``, read
-only for a cache) does not split them, unless a true flag of the same module names it
-(GPT-2's ``scale_attn_by_inverse_layer_idx``).
+(``Regional<Name>``, ``Regional<Name>_1``, ...), each traced once. Blocks that differ only in an
+int that numbers them (a different value in every block, like transformers' ``layer_idx``) are
+checked where the compiled step first calls them (``_Alike``): they share a trace where their
+forwards trace to one graph (``layer_idx`` read only for a cache), and are traced apart, by
+kind, where the int is read (a scale, a branch, an index), said once. A flag of the module that
+names the int (GPT-2's ``scale_attn_by_inverse_layer_idx``) splits them without a check.
 
 A regional step takes autograd's path (``autodiff="auto"`` picks it for a regional state;
 ``torch.func`` cannot host a region). Eagerly, and in a step on ``torch.func``'s path, the
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,9 +41,10 @@ import torch
 from torch import nn
 
 from .. import random
-from .._torch import regions
+from .._torch import fake_graphs, regions
 from .._torch.inductor import keep_region_outputs
 from .._torch.modes import innermost_mode
+from .._torch.traced_errors import run_while_tracing
 
 
 class RegionalBlock:
@@ -59,26 +63,29 @@ def _regional_class(cls: type, kind: int = 0) -> type:
 
 
 _PLAIN = (type(None), bool, int, float, str, torch.dtype, torch.device)
+_MODULE_OWN = frozenset(vars(nn.Module()))  # nn.Module's own fields (its tensors, hooks...)
 
 
 def _attributes(block: nn.Module) -> dict[tuple[str, str], Any]:
     """The block's Python attributes that its forward may read, by (submodule, name): each
-    submodule's class and public attributes (plain values as they are, other objects by
-    identity)."""
+    submodule's class and attributes, private ones included, but for nn.Module's own fields
+    (plain values as they are, other objects by identity)."""
     found = {}
     for path, module in block.named_modules():
         found[(path, "__class__")] = type(module)
         for name, value in vars(module).items():
-            if not name.startswith("_"):
+            if name not in _MODULE_OWN:
                 plain = isinstance(value, _PLAIN) or (
                     isinstance(value, tuple) and all(isinstance(v, _PLAIN) for v in value))
                 found[(path, name)] = value if plain else ("object", id(value))
     return found
 
 
-def _kinds(blocks: list[nn.Module]) -> list[int]:
-    """Each block's kind among blocks of one class: blocks of one kind have the same
-    attributes, but for ints that number them (see the module)."""
+def _kinds(blocks: list[nn.Module]) -> tuple[list[int], list[tuple[str, str]]]:
+    """Each block's kind among blocks of one class (blocks of one kind have the same
+    attributes, but for ints that number them), and those ints, by (submodule, name): whether
+    a block's forward reads them is checked where a compiled step first calls it
+    (``_Alike``)."""
     seen = [_attributes(b) for b in blocks]
     keys = set().union(*seen)
     numbering = {k for k in keys if all(type(a.get(k)) is int for a in seen)
@@ -88,7 +95,61 @@ def _kinds(blocks: list[nn.Module]) -> list[int]:
     fingerprints = [tuple(sorted(((k, repr(v)) for k, v in a.items() if k not in numbering),
                                  key=repr)) for a in seen]
     order = list(dict.fromkeys(fingerprints))
-    return [order.index(f) for f in fingerprints]
+    return [order.index(f) for f in fingerprints], sorted(numbering)
+
+
+class _Alike:
+    """Blocks of one kind whose ints that number them differ (``layer_idx``): they share a
+    trace only where a check shows that they compute the same thing. Where a compiled step
+    first calls them on inputs of one description, each block's forward is traced on fake
+    stand-ins (``fake_graphs.graph_code``: no kernels run) and compared with the others': the
+    ints read only for a cache (transformers' blocks) give one graph, and the blocks one
+    trace; an int read as a scale, a branch or an index gives graphs that differ, and the
+    blocks traces of their own (said once). The kinds found are kept here for the
+    description (a cache of that pure function, held by the skeleton, gone with it)."""
+
+    def __init__(self, blocks: list[nn.Module], numbering: list[tuple[str, str]]):
+        self.blocks, self.numbering, self._found = tuple(blocks), numbering, {}
+
+    def kind(self, block: nn.Module, description: tuple) -> int:
+        """``block``'s kind among these blocks, on inputs ``description`` says (a tuple of
+        ``fake_graphs.describe``'s: its tensors, positional and keyword arguments)."""
+        if description not in self._found:
+            self._found[description] = self._check(description)
+        return next(k for b, k in zip(self.blocks, self._found[description]) if b is block)
+
+    def _check(self, description: tuple) -> tuple[int, ...]:
+        name = type(self.blocks[0]).__mro__[2].__name__
+        read = ", ".join(n if not p else f"{p}.{n}" for p, n in self.numbering)
+        if any(d is None for d in description):
+            codes = list(range(len(self.blocks)))
+            why = "takes an argument fxtrain cannot stand in for, so it is not checked"
+        else:
+            try:
+                codes = [fake_graphs.graph_code(functools.partial(_forward, b), description)
+                         for b in self.blocks]
+            except Exception as error:  # noqa: BLE001 (any failure: in doubt, split)
+                codes = list(range(len(self.blocks)))
+                why = f"could not be checked ({type(error).__name__}: {error})"
+            else:
+                why = "is read by their forward"
+        order = list(dict.fromkeys(codes))
+        if len(order) > 1:
+            warnings.warn(f"fx.regional: the {len(self.blocks)} {name} blocks differ in "
+                          f"{read}, which {why}: traced as {len(order)} kinds, each compiled "
+                          "once", stacklevel=2)
+        return tuple(order.index(c) for c in codes)
+
+
+def _forward(block: nn.Module, tensors: dict, args: tuple, kwargs: dict) -> Any:
+    return torch.func.functional_call(block, tensors, args, kwargs)
+
+
+@run_while_tracing
+def _checked_kind(block: nn.Module, description: tuple) -> int:
+    """``block``'s kind among the blocks it might share a trace with (``_Alike``), a constant
+    of the step's trace."""
+    return block._fx_alike.kind(block, description)  # noqa: SLF001
 
 
 def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
@@ -102,11 +163,16 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
     name = type(module).__qualname__
     paths = getattr(module, "_fx_tensor_paths", None) or regions.tensor_paths(module)
     tensors, position = regions.region_inputs(module, paths), outer.position()
+    kind = 0
+    if getattr(module, "_fx_alike", None) is not None and regions.REUSES:
+        kind = _checked_kind(module, (fake_graphs.describe(tensors), fake_graphs.describe(args),
+                                      fake_graphs.describe(kwargs)))
+        name = f"{name}#{kind}"
     flat = _flat_arguments(args, kwargs)
     if flat is None:  # an argument neither a tensor nor a plain value: the pytree path
-        out = _region(module, tensors, outer.key, position, args, kwargs)
+        out = _region(module, name, tensors, outer.key, position, args, kwargs)
     else:
-        layout = regions.constant_index((tuple(tensors), flat[0])) + 0  # (see _region_update)
+        layout = regions.constant_index((name, tuple(tensors), flat[0])) + 0  # (_region_update)
         out = _flat_region(module, layout, outer.key, position, *tensors.values(), *flat[1])
     outer.advance(regions.draws(name))
     return out
@@ -132,26 +198,24 @@ def _flat_arguments(args: tuple, kwargs: dict) -> tuple[tuple, list] | None:
     return tuple(layout), tensors
 
 
-def _region_key(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
-                args: tuple, kwargs: dict) -> int:
-    """The region's reuse key (traced by Dynamo): the block's class (its kind: ``_kinds``) and
-    the signature of its tensors and arguments."""
-    kind = type(module)
-    return regions.key_of((kind.__module__, kind.__qualname__, regions.signature(tensors),
+def _region_key(module: nn.Module, name: str, tensors: dict, key: torch.Tensor,
+                position: torch.Tensor, args: tuple, kwargs: dict) -> int:
+    """The region's reuse key (traced by Dynamo): the block's class and kind (``name``:
+    ``_kinds``, ``_Alike``) and the signature of its tensors and arguments."""
+    return regions.key_of((type(module).__module__, name, regions.signature(tensors),
                            regions.signature((key, position, args, kwargs))))
 
 
 @functools.partial(regions.nested, key=_region_key)
-def _region(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
-            args: tuple, kwargs: dict) -> Any:
-    return _run(module, tensors, key, position, args, kwargs)
+def _region(module: nn.Module, name: str, tensors: dict, key: torch.Tensor,
+            position: torch.Tensor, args: tuple, kwargs: dict) -> Any:
+    return _run(module, name, tensors, key, position, args, kwargs)
 
 
 def _flat_key(module: nn.Module, layout: int, *flat: torch.Tensor) -> int:
-    """``_flat_region``'s reuse key (traced by Dynamo): the block's class, the names and
-    layout of its arguments, its tensors' signatures."""
-    kind = type(module)
-    return regions.flat_key((kind.__module__, kind.__qualname__, layout), flat)
+    """``_flat_region``'s reuse key (traced by Dynamo): the block's class, its kind, the names
+    and layout of its arguments (``layout``), its tensors' signatures."""
+    return regions.flat_key((type(module).__module__, layout), flat)
 
 
 @functools.partial(regions.nested, key=_flat_key)
@@ -159,7 +223,7 @@ def _flat_region(module: nn.Module, layout: int, key: torch.Tensor, position: to
                  *flat: torch.Tensor) -> Any:
     """``_region`` with its tensors flat: the block's own (under the names of ``layout``),
     then its arguments' (``_flat_arguments``)."""
-    names, arguments = regions.constant_at(layout)
+    kind, names, arguments = regions.constant_at(layout)
     tensors = dict(zip(names, flat))
     rest = iter(flat[len(names):])
     args, kwargs = [], {}
@@ -169,15 +233,15 @@ def _flat_region(module: nn.Module, layout: int, key: torch.Tensor, position: to
             args.append(value)
         else:
             kwargs[name] = value
-    return _run(module, tensors, key, position, tuple(args), kwargs)
+    return _run(module, kind, tensors, key, position, tuple(args), kwargs)
 
 
-def _run(module: nn.Module, tensors: dict, key: torch.Tensor, position: torch.Tensor,
-         args: tuple, kwargs: dict) -> Any:
+def _run(module: nn.Module, name: str, tensors: dict, key: torch.Tensor,
+         position: torch.Tensor, args: tuple, kwargs: dict) -> Any:
     inner = random.continued(key, position, autodiff="autograd")
     with inner:
         out = torch.func.functional_call(module, tensors, args, kwargs)
-    regions.note_draws(type(module).__qualname__, inner.calls)
+    regions.note_draws(name, inner.calls)
     return out
 
 
@@ -265,8 +329,15 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
     blocks = [module.get_submodule(name) for name in found]
     for cls in dict.fromkeys(type(b) for b in blocks):
         alike = [b for b in blocks if type(b) is cls]
-        for block, kind in zip(alike, _kinds(alike)):
+        kinds, numbering = _kinds(alike)
+        for block, kind in zip(alike, kinds):
             block.__class__ = _regional_class(cls, kind)
             block._fx_tensor_paths = regions.tensor_paths(block)  # noqa: SLF001
+            block._fx_alike = None  # noqa: SLF001
+        for kind in set(kinds) if numbering else ():
+            of_kind = [b for b, k in zip(alike, kinds) if k == kind]
+            checked = _Alike(of_kind, numbering) if len(of_kind) > 1 else None
+            for block in of_kind:
+                block._fx_alike = checked  # noqa: SLF001
     return state.replace(module=module, layout=layout.replace(
         regions=tuple(found), skeleton=layout.skeleton or state.module))

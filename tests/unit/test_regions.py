@@ -1,5 +1,7 @@
 """fx.regional: a model's blocks traced and compiled once inside the one step (issue 62)."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain._torch import regions
-from helpers import TRACED, graph_count
+from helpers import TRACED, extra, graph_count
 
 
 class Block(nn.Module):
@@ -295,3 +297,93 @@ def test_blocks_called_on_inputs_of_another_shape_are_traced_apart():
     want, want_metrics = trained(plain, state, (x, y))
     assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
     assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
+
+
+class Numbered(Block):
+    """A block whose forward reads the int that numbers it (``layer_idx``): as a scale, as a
+    branch, as an index into a table of its own, or only for a cache it is never given."""
+
+    def __init__(self, i, read):
+        super().__init__()
+        self.layer_idx, self.read = i, read
+        self.register_buffer("table", torch.arange(1.0, 5.0))
+
+    def forward(self, h, cache=None):
+        out = super().forward(h) - h
+        if self.read == "scale":
+            out = out * (1 + self.layer_idx)
+        elif self.read == "branch":
+            out = torch.tanh(out) if self.layer_idx % 2 else torch.relu(out)
+        elif self.read == "index":
+            out = out * self.table[self.layer_idx]
+        elif cache is not None:
+            cache[self.layer_idx] = out
+        return h + out
+
+
+@pytest.mark.parametrize("read", ["scale", "branch", "index", "cache"])
+def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
+    """Blocks of one class whose forward reads the int that numbers them (a scale, a branch, an
+    index) are traced apart, said once; where it is read only for a cache, they share one
+    trace. Either way the step trains the bits of the plain compiled step (issue 75, hole 1:
+    every block ran block 0's trace)."""
+    torch.manual_seed(0)
+    net = Net(4)
+    net.blocks = nn.ModuleList(Numbered(i, read) for i in range(4))
+    state = fx.TrainState.create(net, fx.optim.adamw(1e-2), seed=3)
+    batch = setup()[1]
+    graphs = []
+    step = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=recording(graphs))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        got, metrics = trained(step, fx.regional(state), batch)
+    plain = torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+    want, want_metrics = trained(plain, state, batch)
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+    assert torch.equal(metrics["loss"], want_metrics["loss"])
+    said = [str(w.message) for w in said if "fx.regional" in str(w.message)]
+    if not regions.REUSES:  # torch 2.11 traces every call: nothing shared, nothing to check
+        return
+    called = {n.args[0].target for n in graphs[0].graph.nodes
+              if "invoke_subgraph" in str(n.target)}
+    kinds = {"scale": 4, "branch": 2, "index": 4, "cache": 1}[read]
+    if kinds < 4:  # (Dynamo inlines a region called once: 4 kinds of 4 blocks leave none)
+        assert len(called) == kinds + 1  # each kind's forward, and the blocks' one update
+    if read == "cache":
+        assert said == []
+    else:
+        assert len(said) == 1 and "differ in layer_idx" in said[0] and f"{kinds} kinds" in \
+            said[0], said
+
+
+@pytest.mark.parametrize("model", ["gpt2", "llama"])
+def test_transformers_blocks_share_one_trace(model):
+    """GPT-2's and Llama's blocks differ in ``layer_idx``, read only for a cache: the check
+    finds their forwards alike, so they share one trace (the compile-once figure holds), with
+    nothing said."""
+    transformers = extra("transformers")
+    torch.manual_seed(0)
+    if model == "gpt2":
+        config = transformers.GPT2Config(n_layer=3, n_head=2, n_embd=16, vocab_size=32,
+                                         n_positions=16)
+        net = transformers.GPT2LMHeadModel(config)
+    else:
+        config = transformers.LlamaConfig(num_hidden_layers=3, num_attention_heads=2,
+                                          num_key_value_heads=1, hidden_size=16,
+                                          intermediate_size=32, vocab_size=32)
+        net = transformers.LlamaForCausalLM(config)
+    state = fx.regional(fx.TrainState.create(net, fx.optim.adamw(1e-2)))
+    ids = torch.randint(0, 32, (2, 16), generator=torch.Generator().manual_seed(0))
+
+    def lm_loss(state, params, batch):
+        return state.apply(params, batch, labels=batch, use_cache=False).loss
+
+    graphs = []
+    step = torch.compile(fx.make_train_step(lm_loss), fullgraph=True, backend=recording(graphs))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        step(state, ids)
+    assert [str(w.message) for w in said if "fx.regional" in str(w.message)] == []
+    if regions.REUSES:
+        calls = [n for n in graphs[0].graph.nodes if "invoke_subgraph" in str(n.target)]
+        assert len({n.args[0].target for n in calls}) == 2  # one forward, one update
