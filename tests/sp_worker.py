@@ -214,3 +214,49 @@ def sequence_dropout(out):
         runs["compiled" if compiled else "eager"] = trained(_Ids, dropout_plan(), None,
                                                             compiled)
     torch.save(runs, f"{out}/dropout_rank{fx.distributed.rank()}.pt")
+
+
+def refused(out):
+    """Plans and batches a sequence-parallel job cannot take, each refused on every rank with
+    one ``ValueError`` naming the problem (issue 75, hole 5), compiled and eager: the error
+    messages, or what happened instead."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   SequenceParallel)
+    import dist_worker
+
+    def outcome(make):
+        try:
+            make()
+        except ValueError as error:
+            return str(error)
+        return "ran"
+
+    odd = {"input_ids": torch.randint(0, 24, (2, 11), generator=torch.Generator().manual_seed(3))}
+    found = {}
+    for compiled in (False, True):
+        def odd_sequence():
+            step = fx.make_train_step(lm_loss)
+            if compiled:
+                step = torch.compile(step, fullgraph=True, backend="aot_eager")
+            fx.fit(sharded(dist_worker.rank_llama, llama_plan(), None), step, [odd],
+                   max_steps=1, progress=False)
+        found[f"odd_sequence_{'compiled' if compiled else 'eager'}"] = outcome(odd_sequence)
+    found["gpt2_ln_1"] = outcome(lambda: fx.shard(fx.TrainState.create(
+        dist_worker.tiny_gpt2(), fx.optim.adamw(1e-2)), tp_plan={
+            "transformer.h.*.ln_1": SequenceParallel()}))
+    no_start = {k: v for k, v in llama_plan().items() if k != "model.layers.0"}
+    no_start.pop("lm_head")
+    found["llama_norms_alone"] = outcome(lambda: fx.shard(fx.TrainState.create(
+        dist_worker.rank_llama(), fx.optim.adamw(1e-2)), tp_plan={
+            k: v for k, v in no_start.items() if "proj" not in k}))
+
+    def flat_norm():
+        model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+        plan = {"0": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(0)),
+                "1": SequenceParallel(), "2": ColwiseParallel(input_layouts=Shard(1))}
+        state = fx.shard(fx.TrainState.create(model, fx.optim.sgd(0.1)), tp_plan=plan)
+        step = fx.make_train_step(lambda s, p, b: s.apply(p, b).square().mean())
+        step(state, torch.randn(4, 8))
+    found["norm_without_a_sequence"] = outcome(flat_norm)
+    torch.save(found, f"{out}/refused_rank{fx.distributed.rank()}.pt")

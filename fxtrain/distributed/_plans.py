@@ -95,6 +95,7 @@ def plan_of(module: nn.Module, tp_plan: Any) -> dict[str, Any]:
             out[name], named_by[name] = style, key
     out = {name: out[name] for name in modules if name in out}  # in the model's order
     _check_rowwise_inputs(modules, out)
+    _check_sequence_split(out)
     return out
 
 
@@ -142,3 +143,21 @@ def _check_rowwise_inputs(modules: dict[str, nn.Module], plan: dict[str, Any]) -
                     "be read as one rank's slice; plan a colwise layer before it, or give "
                     f"{name!r}: RowwiseParallel(input_layouts=Replicate())")
             split = False
+
+
+def _check_sequence_split(plan: dict[str, Any]) -> None:
+    """Refuses ``SequenceParallel`` in a plan where no style splits the sequence: it takes its
+    input as the rank's slice of the sequence already, and a whole one would be read as a slice
+    of a longer sequence (GPT-2's ``ln_1`` alone, a Llama plan without the ``PrepareModuleInput``
+    that starts the split)."""
+    from ._split_checks import splits_the_sequence
+    parallel = [n for n, s in plan.items() if type(s).__name__ == "SequenceParallel"]
+    if parallel and not any(splits_the_sequence(s) for s in plan.values()):
+        raise ValueError(
+            f"fx.shard: the tensor-parallel plan runs {parallel[0]!r} on the sequence's split "
+            "(SequenceParallel), but nothing in it splits the sequence: SequenceParallel takes "
+            "its input as the rank's slice already, and the whole sequence would be read as a "
+            "slice of a longer one; split it where the blocks start (PrepareModuleInput("
+            "input_layouts=(Replicate(),), desired_input_layouts=(Shard(1),)) on the first "
+            "block, or RowwiseParallel(output_layouts=Shard(1)) on the layer before), or leave "
+            "SequenceParallel out")

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ._plans import plan_of
+from ._split_checks import checked
 
 __all__ = ["plan_of", "install", "placed_on", "planned_params"]
 
@@ -59,6 +60,7 @@ def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
                                  f"{local} is tied to {kept.get(id(p))!r}; leave tied weights "
                                  "out of the plan")
     parallelize_module(module, mesh, plan)
+    checked(module, plan, mesh.size())
     placed = {n: tuple(p.placements) for n, p in module.named_parameters()
               if isinstance(p, DTensor)}
     from torch.distributed.tensor import Shard

@@ -129,3 +129,23 @@ def test_keyed_dropout_on_the_sequence_split_drops_what_one_process_drops(sp_job
         assert ranks[0][kind]["losses"] == ranks[1][kind]["losses"]
         close(ranks[0][kind], one["eager"], atol=1e-5)
     assert ranks[0]["compiled"]["graphs"] == 1
+
+
+def test_what_a_sequence_parallel_job_cannot_take_is_refused_on_every_rank(tmp_path):
+    """Issue 75, hole 5: a sequence the ranks do not divide (a shape error on one rank, an abort
+    on the other), SequenceParallel where nothing splits the sequence (GPT-2's ln_1; a plan of
+    norms alone) and on a tensor without a sequence dimension: each one ValueError naming the
+    problem and the fix, the same on both ranks, eager and compiled."""
+    spawn(2, sp_worker.refused, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"refused_rank{r}.pt") for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    found = ranks[0]
+    for kind in ("eager", "compiled"):
+        assert "splits its input of shape (2, 11, 32) along dimension 1 over 2 ranks, which " \
+               "does not divide its 11" in found[f"odd_sequence_{kind}"], found
+        assert "'model.layers.0'" in found[f"odd_sequence_{kind}"]
+    for case in ("gpt2_ln_1", "llama_norms_alone"):
+        assert "on the sequence's split (SequenceParallel), but nothing in it splits the " \
+               "sequence" in found[case], found[case]
+    assert "SequenceParallel on '1' splits its input along dimension 1 (a sequence), but it " \
+           "gets a tensor of shape (2, 16)" in found["norm_without_a_sequence"], found

@@ -91,5 +91,6 @@ def test_a_sequence_parallel_plan_and_transformers_own_plan_resolve():
     assert own["lm_head"].output_layouts == (Replicate(),)
     assert isinstance(own["model.embed_tokens"], RowwiseParallel)
     assert own["model.embed_tokens"].input_layouts == (Replicate(),)
-    assert isinstance(plan_of(model, {"model.norm": "sequence_parallel"})["model.norm"],
-                      SequenceParallel)
+    split = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
+    assert isinstance(plan_of(model, {"model.embed_tokens": split, "model.norm":
+                                      "sequence_parallel"})["model.norm"], SequenceParallel)
