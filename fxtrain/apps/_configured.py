@@ -101,7 +101,8 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
             (required on the CPU, where running out of memory ends the process; on a GPU
             the search stops at the first out-of-memory error, or at this cap).
         precision: 32, bf16-mixed, 16-mixed, bf16-true, fp8 or fp8-rowwise (torchao's float8
-            linear layers, on a GPU of compute capability 8.9 or more); 32 unquoted too.
+            linear layers: a GPU of compute capability 8.9 or more, or the CPU); 32
+            unquoted too.
         compile: compile the step with torch.compile (fullgraph); precompiled also keeps the
             compiled step in workdir/step.precompiled (fx.precompiled), which a resumed run
             of the same code loads instead of compiling again; false runs it eagerly, which

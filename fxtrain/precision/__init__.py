@@ -131,8 +131,9 @@ def float8(recipe: str = "tensorwise", *, filter: Any = None, emulate: bool = Fa
         (one per row; ``"fp8-rowwise"``).
       filter: ``(module, fqn) -> bool``, the layers to convert (torchao's ``module_filter_fn``;
         default: linear layers with both dimensions multiples of 16, not ``lm_head``/``output``).
-      emulate: emulate the float8 products (a device without them: the CPU, GPUs before
-        compute capability 8.9), else such a device is refused.
+      emulate: emulate the float8 products (a device without them: GPUs before compute
+        capability 8.9, a CPU whose torch lacks the recipe's product), else such a device
+        is refused.
       enable_fsdp_float8_all_gather: torchao's option, for ``fx.shard``: each unit casts its
         float8 layers' weight shards to float8 (one scale per weight, from its amax over the
         ranks) before the all-gather, which then moves a quarter of float32's bytes, and the

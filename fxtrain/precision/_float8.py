@@ -18,22 +18,25 @@ computation written as ``torch.func`` wants it, so a float8 step takes its gradi
 bits. A model converted by torchao's own ``convert_to_float8_training`` trains on autograd's
 path only (``check_autodiff``).
 
-Float8 matrix products (``torch._scaled_mm``) need a CUDA GPU of compute capability 8.9 or more
-(Ada, Hopper and later). Elsewhere the policy is refused unless ``emulate=True``: torchao then
-casts to float8 and back and multiplies in the high precision, the same rounding without the
-speed, which is how this is tested on the CPU.
+Float8 matrix products (``torch._scaled_mm``) run on a CUDA GPU of compute capability 8.9 or more
+(Ada, Hopper and later), where they are fast, and on the CPU (oneDNN: one scale per tensor on
+torch 2.11 to 2.15, per row too from 2.13; ``cpu_runs_float8`` tries it), where they give the
+same rounding but no speed over bfloat16. Elsewhere the policy is refused unless
+``emulate=True``: torchao then casts to float8 and back and multiplies in the high precision,
+the same rounding without the float8 product.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._torch.traced_errors import fail
+from .._torch.traced_errors import fail, run_while_tracing
 
 HEADS = ("lm_head", "output")  # the language-model heads left in bfloat16, by their last name
 RECIPES = ("tensorwise", "rowwise")
@@ -53,9 +56,37 @@ def default_filter(module: nn.Module, fqn: str) -> bool:
             and module.out_features % 16 == 0 and fqn.rsplit(".", 1)[-1] not in HEADS)
 
 
-def device_runs_float8(device: torch.device) -> bool:
-    """Whether ``device`` multiplies in float8 (CUDA, compute capability 8.9 or more)."""
+def device_runs_float8(device: torch.device, rowwise: bool = False) -> bool:
+    """Whether ``device`` multiplies in float8: CUDA of compute capability 8.9 or more, or a
+    CPU whose torch runs ``torch._scaled_mm`` with the recipe's scales (``cpu_runs_float8``)."""
+    if device.type == "cpu":
+        return cpu_runs_float8(rowwise)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@run_while_tracing  # a constant to a compiled step, the probe run for real
+def cpu_runs_float8(rowwise: bool) -> bool:
+    """Whether this torch multiplies float8 on the CPU with one scale per tensor, or per row
+    (``rowwise``): torch 2.11 to 2.15 run ``torch._scaled_mm`` on the CPU per tensor (oneDNN),
+    2.13 and later per row too; a 16 x 16 product tried once per process says so."""
+    return _cpu_product_runs(rowwise)
+
+
+@functools.cache
+def _cpu_product_runs(rowwise: bool) -> bool:
+    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    scales = (torch.ones(16, 1), torch.ones(1, 16)) if rowwise else (torch.ones(()),) * 2
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=scales[0], scale_b=scales[1],
+                         out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def _rowwise(layers: list[nn.Module]) -> bool:
+    return any(m.config.cast_config_weight.scaling_granularity.name == "AXISWISE"
+               for m in layers)
 
 
 def torchao_float8() -> Any:
@@ -90,7 +121,7 @@ class Float8:
         as torchao does; returned)."""
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
         if not (device.type == "cuda" or torch.cuda.is_available()):
-            check_device(device, self.emulate)  # no GPU to move it to later
+            check_device(device, self.emulate, self.recipe == "rowwise")  # no GPU to move to
         float8 = torchao_float8()
         module = float8.convert_to_float8_training(module, config=self.config(),
                                                    module_filter_fn=self.filter)
@@ -139,23 +170,30 @@ def converted(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, Float8Linear)]
 
 
-def check_device(device: torch.device, emulate: bool) -> None:
+def check_device(device: torch.device, emulate: bool, rowwise: bool) -> None:
     """A clear refusal of float8 where ``device`` cannot multiply in it and emulation is not
     asked for."""
-    if emulate or device_runs_float8(device):
+    if emulate or device_runs_float8(device, rowwise):
         return
-    raise RuntimeError(device_refusal(device))
+    raise RuntimeError(device_refusal(device, rowwise))
 
 
-def device_refusal(device: torch.device) -> str:
+def device_refusal(device: torch.device, rowwise: bool = False) -> str:
     """Why ``device`` cannot run float8 products (and what to do instead)."""
-    what = (f"{torch.cuda.get_device_name(device)} (compute capability "
-            f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
-            if device.type == "cuda" else device.type)
-    return (f"precision 'fp8': float8 matrix products (torch._scaled_mm) need a CUDA GPU of "
-            f"compute capability 8.9 or more (Ada, Hopper, Blackwell); this step runs on {what}. "
+    if device.type == "cpu":
+        why = (f"this torch ({torch.__version__}) runs them on the CPU with one scale per "
+               "tensor only, not the 'rowwise' recipe's scales per row (torch 2.13 and later "
+               "do); use the 'tensorwise' recipe ('fp8')" if rowwise else
+               f"this torch ({torch.__version__}) does not run them on the CPU")
+    else:
+        what = (f"{torch.cuda.get_device_name(device)} (compute capability "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))})"
+                if device.type == "cuda" else device.type)
+        why = (f"they need a CUDA GPU of compute capability 8.9 or more (Ada, Hopper, "
+               f"Blackwell) or the CPU; this step runs on {what}")
+    return (f"precision 'fp8': float8 matrix products (torch._scaled_mm): {why}. "
             "fx.precision.float8(emulate=True) emulates them (float8 rounding, high-precision "
-            "products: for tests, not speed), or train in 'bf16-mixed'")
+            "products), or train in 'bf16-mixed'")
 
 
 def check_module(module: nn.Module, device: torch.device, name: str) -> None:
@@ -168,8 +206,9 @@ def check_module(module: nn.Module, device: torch.device, name: str) -> None:
                          "state's model has none: convert the model before making its state "
                          "(model = fx.precision.float8(...).convert(model); then "
                          "fx.TrainState.create(model, ...))")
-    if not all(m.config.emulate for m in layers) and not device_runs_float8(device):
-        fail(RuntimeError, device_refusal(device))
+    if not all(m.config.emulate for m in layers) and not device_runs_float8(
+            device, _rowwise(layers)):
+        fail(RuntimeError, device_refusal(device, _rowwise(layers)))
 
 
 def check_autodiff(module: nn.Module, autodiff: str, name: str) -> None:
