@@ -32,7 +32,7 @@ _NAMES = {
     **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
                      "LrFind", "find_batch_size", "BatchSizeFind"), "loop"),
     **dict.fromkeys(("make_train_step", "make_eval_step", "StepSpec", "step_spec",
-                     "cuda_graphed", "precompiled", "regional", "remat"), "step"),
+                     "cuda_graphed", "precompiled", "regional", "remat", "compile"), "step"),
 }
 
 
@@ -71,6 +71,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .apps._pretrained import export_pretrained
     from .data._feed import to_device
     from .step._graphs import cuda_graphed
+    from .step._compile import compile
     from .loop._fit import Interrupted, fit
     from .loop._predict import predict
     from .loop._preemption import Preempted
@@ -91,6 +92,7 @@ __all__ = [
     "TrainState", "make_train_step", "make_eval_step", "StepSpec", "step_spec", "fit", "evaluate",
     "predict", "shard", "remat", "Event", "Control", "Interrupted", "Preempted", "DonatedError",
     "train", "lr_find", "LrFind", "find_batch_size", "BatchSizeFind", "precompiled", "regional",
+    "compile",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
     "cuda_graphed",

@@ -21,22 +21,11 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
   the tensors an outer region's hooks must see (``fxtrain.distributed._unit_gather``). No
   public route. Run on 2.13.0; the same signature is in 2.11.0's and 2.15.0's stubs. Where the
   function is missing it answers True, and the unit takes its checkpointed region, which nests.
-- ``trace_autograd_ops()``: turns on Dynamo's ``trace_autograd_ops`` (else it breaks the graph
-  at ``torch.autograd.grad``) and ``skip_fwd_side_effects_in_bwd_under_checkpoint`` (a
-  checkpointed region advances the step's keyed stream, a Python side effect Dynamo otherwise
-  refuses there). Both are read by Dynamo while it traces, not per compile, so they cannot be
-  scoped to one ``torch.compile``: they stay on for the process (documented in
-  ``make_train_step``, which turns them on when a step is built, never while one is traced;
-  where Dynamo is not imported yet, as soon as it is, by an import hook, so that building a step
-  does not import it). They change nothing for code that calls no ``torch.autograd.grad`` and
-  no checkpoint inside a compiled function.
+- Dynamo's settings that trace ``torch.autograd.grad`` and a checkpoint's side effects:
+  ``fxtrain._torch.traced_settings``, on while a step is traced only.
 """
 
 from __future__ import annotations
-
-import importlib.abc
-import importlib.util
-import sys
 
 import torch
 from torch.autograd.graph import _engine_run_backward
@@ -76,38 +65,3 @@ def saved_tensors_hooks_active() -> bool:
     """Whether saved-tensor hooks are in force here (see the module)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return True if top is None else top(True) is not None
-
-
-def trace_autograd_ops() -> None:
-    """Turns on the Dynamo settings a compiled autograd step needs (see the module): now where
-    Dynamo is imported, else as soon as it is (importing it takes about 1.4 s, which building
-    a step that may never be compiled does not pay)."""
-    if "torch._dynamo.config" in sys.modules:
-        _turn_on(sys.modules["torch._dynamo.config"])
-    elif not any(isinstance(f, _WhenDynamoIsImported) for f in sys.meta_path):
-        sys.meta_path.insert(0, _WhenDynamoIsImported())
-
-
-def _turn_on(config) -> None:
-    config.trace_autograd_ops = True
-    config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-
-
-class _WhenDynamoIsImported(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``torch._dynamo.config`` is imported, it wraps the module's
-    loader so that the settings are turned on right after the module has run, then leaves
-    ``sys.meta_path`` (the standard import machinery's hook: no torch internal in it)."""
-
-    def find_spec(self, name, path, target=None):
-        if name != "torch._dynamo.config":
-            return None
-        sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            _turn_on(module)
-
-        spec.loader.exec_module = exec_module
-        return spec

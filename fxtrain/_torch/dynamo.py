@@ -12,9 +12,8 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0. None of it imports Dynamo be
 - ``explain``: ``torch._dynamo.explain`` (private; no public counterpart). It resets Dynamo's
   caches before and after its run (``torch.compiler.reset``), so compiled functions compile
   again on their next call.
-- ``ignore_transformers_logging``: ``torch._dynamo.config.ignore_logger_methods`` (public in
-  Dynamo's config, an alias of ``ignore_logging_functions`` on 2.13): the logger methods Dynamo
-  traces as no-ops instead of stopping a ``fullgraph`` trace.
+- ``TRANSFORMERS_LOGGER_METHODS``: what a step's trace adds to Dynamo's
+  ``ignore_logger_methods`` (``fxtrain._torch.traced_settings``).
 """
 
 from __future__ import annotations
@@ -29,25 +28,16 @@ def is_compiled(fn: Callable) -> bool:
     return getattr(fn, "_torchdynamo_orig_callable", None) is not None
 
 
+def marked_compiled(fn: Callable, wrapped: Callable) -> Callable:
+    """``fn`` (a function that calls ``torch.compile(wrapped)``) marked as ``torch.compile``
+    marks what it returns, so that ``is_compiled(fn)``."""
+    fn._torchdynamo_orig_callable = wrapped  # noqa: SLF001
+    return fn
+
+
 TRANSFORMERS_LOGGER_METHODS = ("warning_once", "info_once", "warning_advice")
 """The methods transformers adds to ``logging.Logger`` (once-only advice: a model's
 ``loss_function`` calls ``warning_once`` when its ``loss_type`` is unset, as GPT-2's is)."""
-
-
-def ignore_transformers_logging() -> None:
-    """Makes Dynamo trace transformers' once-only logger methods as no-ops (process-wide,
-    where transformers is imported): ``model(..., labels=ids).loss`` under
-    ``torch.compile(fullgraph=True)`` otherwise stops at "logging.Logger method not
-    supported". Eager calls still log; a compiled step skips the advice."""
-    import logging
-    import sys
-
-    if "transformers" not in sys.modules:
-        return
-    import torch._dynamo
-
-    methods = [getattr(logging.Logger, name, None) for name in TRANSFORMERS_LOGGER_METHODS]
-    torch._dynamo.config.ignore_logger_methods |= {m for m in methods if m is not None}
 
 
 def compile_counts() -> tuple[collections.Counter, int]:

@@ -9,7 +9,23 @@ meets a ``remat`` region or a unit, after its options were fixed.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from .traced_errors import run_while_tracing
+
+_TURNED_OFF = ("reorder_for_locality", "allow_buffer_reuse")  # by the functions below
+
+
+@contextlib.contextmanager
+def inductor_settings_kept() -> Iterator[None]:
+    """Inside, the settings the functions below turn off are put back as they were when the
+    block ends (``torch._inductor.config.patch`` of their values now): ``fx.compile`` runs each
+    call of its compiled step so, a trace and Inductor's compile included."""
+    import torch._inductor.config as inductor
+
+    with inductor.patch({k: getattr(inductor, k) for k in _TURNED_OFF}):
+        yield
 
 
 @run_while_tracing

@@ -8,6 +8,7 @@ runs a step: CUDA graphs (``_graphs.py``), a compiled step kept in a file (``_pr
 The public names are ``fxtrain``'s (``fx.make_train_step``, ...).
 """
 
+from ._compile import compile
 from ._graphs import cuda_graphed
 from ._phases import revert_update
 from ._precompile import precompiled
@@ -17,4 +18,4 @@ from ._spec import StepSpec, step_spec
 from ._steps import LossFn, make_eval_step, make_train_step
 
 __all__ = ["make_train_step", "make_eval_step", "revert_update", "StepSpec", "step_spec",
-           "cuda_graphed", "precompiled", "regional", "remat", "LossFn"]
+           "cuda_graphed", "precompiled", "regional", "remat", "LossFn", "compile"]

@@ -291,6 +291,21 @@ def resolve(module: nn.Module, blocks: str | Sequence[str | type]) -> list[str]:
     return [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
 
 
+def _check_buffers_kept(name: str, block: nn.Module) -> None:
+    """Refuses a block that writes into its buffers in training (a norm that keeps running
+    statistics: BatchNorm, InstanceNorm with ``track_running_stats``): torch's regions take no
+    in-place write into their inputs in a training step (``invoke_subgraph``)."""
+    for path, sub in block.named_modules():
+        if getattr(sub, "track_running_stats", False) and getattr(sub, "running_mean", None) \
+                is not None:
+            where = f"{name}.{path}" if path else name
+            raise ValueError(
+                f"fx.regional: {where!r} is a {type(sub).__name__}, whose forward writes its "
+                "running statistics (buffers) in training, and torch's regions take no write "
+                "into their inputs: leave its blocks out (blocks=[...] naming the others), or "
+                "use a norm without running statistics (LayerNorm, GroupNorm, RMSNorm)")
+
+
 def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
     """``state`` whose blocks a compiled step traces and compiles once, for every layer (see
     the module): its first step's compile time stays nearly flat in the model's depth.
@@ -327,6 +342,8 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
     found = resolve(state.module, blocks)
     module = copy.deepcopy(state.module)  # a skeleton: no tensors to copy
     blocks = [module.get_submodule(name) for name in found]
+    for name, block in zip(found, blocks):
+        _check_buffers_kept(name, block)
     for cls in dict.fromkeys(type(b) for b in blocks):
         alike = [b for b in blocks if type(b) is cls]
         kinds, numbering = _kinds(alike)

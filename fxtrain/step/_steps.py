@@ -24,9 +24,7 @@ from ._phases import revert_update, single_step
 from ._args import StepArgs, step_args
 from ._io import BatchGuard, check_batch_device, eval_metrics
 from ._spec import StepSpec
-from .._torch import autograd as torch_autograd
-from .._torch import vec_isa
-from .._torch.dynamo import ignore_transformers_logging
+from .._torch import traced_settings, vec_isa
 from ..protocol import NOTHING, StepState, control_from_metrics, control_to_metrics
 from ..state import TrainState, set_training
 
@@ -91,10 +89,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
         bfloat16 autocast (convert the model first; the step takes ``autodiff="autograd"``).
 
       autodiff: how the gradients are taken: ``"func"`` (``torch.func.grad_and_value``) or
-        ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: a step built
-        with it, or with ``"auto"``, turns on ``torch._dynamo.config.trace_autograd_ops`` and
-        ``skip_fwd_side_effects_in_bwd_under_checkpoint``, process-wide settings that change
-        nothing for compiled code without ``autograd.grad`` or a checkpoint). The two
+        ``"autograd"`` (``torch.autograd.grad``, traced into the compiled graph: the step
+        turns on ``torch._dynamo.config.trace_autograd_ops`` and
+        ``skip_fwd_side_effects_in_bwd_under_checkpoint`` while Dynamo traces it, and puts
+        them back after: ``fxtrain._torch.traced_settings``). The two
         give the same gradients; ``"autograd"`` runs the saved-tensor hooks of activation
         checkpointing (``fx.remat``, ``torch.utils.checkpoint``), which ``torch.func``
         refuses (see ``fxtrain.step._autodiff``). ``"auto"`` (the default): ``"autograd"`` for a
@@ -141,17 +139,14 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
                      grad_stats=grad_stats, data_parallel=data_parallel, buffers=buffers,
                      donate=donate, steps_per_call=steps_per_call, precision=precision,
                      autodiff=autodiff)  # every argument checked before anything is built
-    if args.autodiff != "func":  # when built, never from inside a trace: its path may be
-        torch_autograd.trace_autograd_ops()  # autograd's (process-wide: fxtrain._torch.autograd)
-    ignore_transformers_logging()  # process-wide: see fxtrain._torch.dynamo
     return _built(args)
 
 
 def _choose_cpu_instructions(state: TrainState) -> None:
-    """Where Dynamo traces a step on torch 2.11 or 2.12: Inductor's choice of the CPU's vector
+    """While Dynamo traces a step on torch 2.11 or 2.12: Inductor's choice of the CPU's vector
     instructions, made before it compiles the step with a probe that does not import torch
-    (``fxtrain._torch.vec_isa``). Nothing eagerly or on later torch."""
-    if vec_isa.NEEDED and torch.compiler.is_compiling():
+    (``fxtrain._torch.vec_isa``). Nothing on later torch."""
+    if vec_isa.NEEDED:
         vec_isa.pick_for(state.step.device.type)
 
 
@@ -168,11 +163,18 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def donated(state: TrainState, new: TrainState, asked: bool) -> TrainState:
         return donation.donate(state, new) if donates(asked) else new
 
+    settings_on, settings_back = traced_settings.scope()  # Dynamo's, for each trace only
+
     def train_step(state: TrainState, batch: Any, *,
                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         new, metrics = one_step(state, batch, donates(donate))
+        if tracing:
+            settings_back()
         return donated(state, new, donate), metrics
 
     if args.steps_per_call == 1:
@@ -182,7 +184,10 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_steps(state: TrainState, batches: Any, *,
                     donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         check_stacked(batches, args.steps_per_call)
         new, merged = state, NOTHING
         for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
@@ -190,6 +195,8 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
             merged = merged | control_from_metrics(metrics)
         if args.callbacks:
             metrics.update(control_to_metrics(merged, metrics["loss"].device))
+        if tracing:
+            settings_back()
         return donated(state, new, donate), metrics
 
     train_steps.spec = spec
@@ -225,11 +232,14 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
     """
     takes_params = len(inspect.signature(metrics_fn).parameters) >= 3
     guard = BatchGuard("eval_step")
-    ignore_transformers_logging()  # labels= under a compiled eval step too
+    settings_on, settings_back = traced_settings.scope()  # labels= (transformers' logging)
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         guard(batch)
         check_batch_device(batch, state.step.device, "eval_step")
         key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
@@ -240,6 +250,8 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
                     metrics_fn(state, batch)
         finally:
             set_training(state.module, was)
+        if tracing:
+            settings_back()
         return eval_metrics(out)
 
     return eval_step

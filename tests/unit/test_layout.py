@@ -112,9 +112,11 @@ import torch
 from torch import nn
 import fxtrain as fx
 state = fx.TrainState.create(nn.Linear(2, 2), fx.optim.sgd(0.1))
-step = fx.make_train_step(lambda s, p, b: s.apply(p, b).sum())  # autodiff="auto"
+step = fx.make_train_step(lambda s, p, b: s.apply(p, b).sum(), autodiff="autograd")
 assert "torch._dynamo" not in sys.modules, "building a step imported Dynamo"
 import torch._dynamo
 config = torch._dynamo.config
+print(config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)
+state, metrics = torch.compile(step, fullgraph=True, backend="aot_eager")(state, torch.ones(3, 2))
 print(config.trace_autograd_ops, config.skip_fwd_side_effects_in_bwd_under_checkpoint)
 """

@@ -16,12 +16,14 @@ from test_remat import ATOL, LR, run, same
 
 @pytest.fixture(autouse=True)
 def dynamo_settings_restored():
-    """An autograd step sets two Dynamo settings for the process (see make_train_step)."""
+    """An autograd step turns two Dynamo settings on while Dynamo traces it, and puts them
+    back after (fxtrain._torch.traced_settings): each test leaves them as it found them."""
     import torch._dynamo.config as dynamo
 
     before = dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint
     yield
-    dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint = before
+    assert (dynamo.trace_autograd_ops,
+            dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint) == before
 
 
 class Net(nn.Module):

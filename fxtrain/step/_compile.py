@@ -1,0 +1,85 @@
+"""``fx.compile(train_step, state)``: ``torch.compile`` of a step with what the state's layout
+needs, set for that compile only (torchtitan's ``apply_compile`` shape: the settings in the one
+place the user asks to compile).
+
+A bare ``torch.compile(train_step, fullgraph=True)`` works too, as before. What ``fx.compile``
+adds, from the state's layout:
+
+- ``dynamic=False`` for a state with ``fx.regional``'s blocks (unless given): a region's reuse
+  key is a constant of its shapes, and Dynamo's automatic dynamic shapes and floats, which it
+  turns on when it compiles a step again (a batch of another size; another learning rate in a
+  sweep of steps built again in one process), made symbolic what the key and a region's trace
+  read, and failed inside Dynamo;
+- Inductor's settings a step's trace may need (``allow_buffer_reuse`` off for a regional step's
+  region outputs, ``reorder_for_locality`` off for ``fx.remat`` regions and per-block units:
+  ``fxtrain._torch.inductor``), held for each call of the compiled step by
+  ``torch._inductor.config.patch`` and put back after it, so that a later ``torch.compile`` of
+  anything else in the process gets Inductor's defaults. Under a bare ``torch.compile`` they
+  are turned off for the process when the trace first needs them.
+
+Dynamo's own settings (``trace_autograd_ops``...) are on while a step is traced, whichever way
+it is compiled (``fxtrain._torch.traced_settings``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .._torch.dynamo import marked_compiled
+from .._torch.inductor import inductor_settings_kept
+from ..state import TrainState
+
+
+def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A001
+            dynamic: bool | None = None, backend: Any = "inductor", mode: str | None = None,
+            options: dict[str, Any] | None = None) -> Callable:
+    """``torch.compile(train_step, fullgraph=True)`` with the settings ``state``'s layout needs,
+    for this compile only (see the module).
+
+    Args:
+      train_step: a step of ``fx.make_train_step`` (or ``make_eval_step``).
+      state: the state it will train (its layout: ``fx.regional``'s blocks, ``fx.shard``'s
+        units); None: the settings are read off the first call's state.
+      dynamic, backend, mode, options: ``torch.compile``'s; ``dynamic`` defaults to False for
+        a regional state, else to torch's default.
+
+    Returns the compiled step, called as ``train_step`` is (``fx.step_spec`` reads its spec).
+
+    Examples:
+        >>> state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+        >>> step = fx.compile(fx.make_train_step(lambda s, p, b: s.apply(p, b).square().mean()),
+        ...                   state, backend="aot_eager")
+        >>> state, metrics = step(state, torch.ones(4, 2))
+        >>> fx.step_spec(step).compiled
+        True
+    """
+    if not callable(train_step):
+        raise TypeError(f"fx.compile: train_step must be a step (fx.make_train_step(...)), got "
+                        f"{type(train_step).__name__}")
+    if state is not None and not isinstance(state, TrainState):
+        raise TypeError(f"fx.compile: state must be a TrainState (its layout says what the "
+                        f"compile needs) or None, got {type(state).__name__}")
+    compiled: dict[str, Callable] = {}  # made at the first call where no state was given
+
+    def made(regional: bool) -> Callable:
+        return torch.compile(train_step, fullgraph=True, backend=backend, mode=mode,
+                             options=options,
+                             dynamic=(False if regional else None) if dynamic is None
+                             else dynamic)
+
+    if state is not None:
+        compiled["step"] = made(bool(state.layout.regions))
+
+    @functools.wraps(train_step)
+    def step(*args: Any, **kwargs: Any) -> Any:
+        if "step" not in compiled:
+            first = args[0] if args else kwargs.get("state")
+            compiled["step"] = made(isinstance(first, TrainState) and bool(first.layout.regions))
+        with inductor_settings_kept():
+            return compiled["step"](*args, **kwargs)
+
+    return marked_compiled(step, train_step)

@@ -1,0 +1,153 @@
+"""fx.compile: torch.compile of a step with what its state's layout needs, for that compile
+only (issue 76): regional steps of a sweep, built again in one process with other optimizers,
+each train the bits they train alone; a batch of another size and a changed setting compile
+again and train; Inductor's and Dynamo's settings are as they were after each call."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxtrain as fx
+from helpers import TRACED
+from test_regions import Net, loss_fn, setup, trained
+
+
+def regional_run(tx, compile_step):
+    torch.manual_seed(0)
+    state = fx.regional(fx.TrainState.create(Net(3), tx, seed=3))
+    step = compile_step(fx.make_train_step(loss_fn), state)
+    got, metrics = trained(step, state, setup()[1])
+    return fx.tree_digest(got.params), float(metrics["loss"])
+
+
+def optimizers():
+    return {"adamw": fx.optim.adamw(1e-2),
+            "masked": fx.optim.adamw(3e-2, weight_decay=0.5, mask=lambda name, p: "bias" not in
+                                     name),
+            "sgd": fx.optim.sgd(0.1, momentum=0.9)}
+
+
+def test_a_sweep_of_regional_steps_trains_each_as_alone():
+    """Regional steps built again in one process with other optimizers and masks (a sweep, a
+    notebook), without ``torch._dynamo.reset()``: each trains the bits it trains alone, in
+    either order (a bare torch.compile failed at the second one's first call inside Dynamo:
+    its automatic dynamic floats made the learning rate symbolic inside a region)."""
+    compile_step = lambda step, state: fx.compile(step, state, backend=TRACED)  # noqa: E731
+    names = list(optimizers())
+    alone = {}
+    for name in names:
+        torch._dynamo.reset()
+        alone[name] = regional_run(optimizers()[name], compile_step)
+    assert len({d for d, _ in alone.values()}) == len(names)  # they differ: the check can fail
+    for order in (names, names[::-1]):
+        torch._dynamo.reset()
+        for name in order:
+            assert regional_run(optimizers()[name], compile_step) == alone[name], (order, name)
+
+
+def test_a_batch_of_another_size_compiles_again_and_trains_as_the_plain_step():
+    """A regional step called with a batch of another size compiles again (static shapes) and
+    trains the plain compiled step's bits (a bare torch.compile failed: its automatic dynamic
+    shapes made the region's key symbolic)."""
+    state, (x, y) = setup()
+    runs = []
+    for regional in (True, False):
+        torch._dynamo.reset()
+        s = fx.regional(state) if regional else state
+        step = fx.compile(fx.make_train_step(loss_fn), s, backend=TRACED) if regional else \
+            torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED)
+        for n in (16, 8, 16):
+            s, metrics = step(s, (x[:n], y[:n]))
+        runs.append((fx.tree_digest(s.params), float(metrics["loss"])))
+    assert runs[0] == runs[1]
+
+
+SCALE = 1.0
+
+
+class Scaled(nn.Module):
+    """A block whose forward reads a module-level setting."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, h):
+        return h + SCALE * torch.tanh(self.lin(h))
+
+
+def test_a_setting_the_blocks_read_changed_between_steps_compiles_again():
+    """A module-level setting the blocks read, changed between steps: the step compiles again
+    and trains as the plain compiled step does (a bare torch.compile failed at the recompile:
+    ``lift_tracked_freevar_to_input``)."""
+    global SCALE
+    torch.manual_seed(0)
+    net = Net(3)
+    net.blocks = nn.ModuleList(Scaled() for _ in range(3))
+    state = fx.TrainState.create(net, fx.optim.adamw(1e-2), seed=3)
+    batch = setup()[1]
+    runs = []
+    for regional in (True, False):
+        torch._dynamo.reset()
+        s = fx.regional(state) if regional else state
+        step = fx.compile(fx.make_train_step(loss_fn), s, backend=TRACED)
+        for scale in (1.0, 0.5, 0.5):
+            SCALE = scale
+            s, metrics = step(s, batch)
+        runs.append((fx.tree_digest(s.params), float(metrics["loss"])))
+    SCALE = 1.0
+    assert runs[0] == runs[1]
+
+
+def test_compiling_leaves_inductor_and_dynamo_settings_as_they_were():
+    """A regional step compiled by fx.compile (Inductor's settings it needs are turned off
+    while Dynamo traces it, whatever the backend) leaves Inductor's and Dynamo's settings as they were, so a later plain
+    torch.compile of another model gets Inductor's defaults; the step trains the bits of the
+    plain compiled step."""
+    import torch._dynamo.config as dynamo
+    import torch._inductor.config as inductor
+
+    def settings():
+        return (inductor.allow_buffer_reuse, inductor.reorder_for_locality,
+                dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint,
+                frozenset(dynamo.ignore_logger_methods))
+
+    before = settings()
+    state, batch = setup(2)
+    torch._dynamo.reset()
+    got = trained(fx.compile(fx.make_train_step(loss_fn), fx.regional(state), backend=TRACED),
+                  fx.regional(state), batch, n=2)[0]
+    assert settings() == before
+    other = torch.compile(nn.Linear(3, 3), backend=TRACED)
+    other(torch.ones(2, 3))
+    assert settings() == before
+    want = trained(torch.compile(fx.make_train_step(loss_fn), fullgraph=True, backend=TRACED),
+                   state, batch, n=2)[0]
+    assert fx.tree_digest(got.params) == fx.tree_digest(want.params)
+
+
+def test_refusals_and_spec():
+    with pytest.raises(TypeError, match="fx.compile: train_step must be a step"):
+        fx.compile(3)
+    with pytest.raises(TypeError, match="state must be a TrainState"):
+        fx.compile(fx.make_train_step(loss_fn), {"params": 1})
+    step = fx.compile(fx.make_train_step(loss_fn, steps_per_call=2), backend=TRACED)
+    assert fx.step_spec(step).compiled and fx.step_spec(step).steps_per_call == 2
+
+
+def test_blocks_that_write_their_buffers_are_refused_before_any_trace():
+    """Blocks holding a BatchNorm (running statistics written in training) are refused by
+    fx.regional by name (they were accepted and failed at the first step inside Dynamo:
+    invoke_subgraph takes no in-place write into its inputs)."""
+    torch.manual_seed(0)
+    net = Net(3)
+    net.blocks = nn.ModuleList(nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8))
+                               for _ in range(3))
+    state = fx.TrainState.create(net, fx.optim.adamw(1e-2), seed=3)
+    with pytest.raises(ValueError, match=r"fx.regional: 'blocks.0.1' is a BatchNorm1d, whose "
+                                         r"forward writes its running statistics"):
+        fx.regional(state)
+    net.blocks[1][1] = nn.BatchNorm1d(8, track_running_stats=False)
+    assert fx.regional(fx.TrainState.create(net, fx.optim.sgd(0.1)), ["blocks.1"]).layout.regions \
+        == ("blocks.1",)
