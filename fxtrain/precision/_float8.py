@@ -29,14 +29,14 @@ the same rounding without the float8 product.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .._torch.traced_errors import fail, run_while_tracing
+from .._torch.scaled_mm import cpu_runs_float8
+from .._torch.traced_errors import fail
 
 HEADS = ("lm_head", "output")  # the language-model heads left in bfloat16, by their last name
 RECIPES = ("tensorwise", "rowwise")
@@ -62,26 +62,6 @@ def device_runs_float8(device: torch.device, rowwise: bool = False) -> bool:
     if device.type == "cpu":
         return cpu_runs_float8(rowwise)
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
-
-
-@run_while_tracing  # a constant to a compiled step, the probe run for real
-def cpu_runs_float8(rowwise: bool) -> bool:
-    """Whether this torch multiplies float8 on the CPU with one scale per tensor, or per row
-    (``rowwise``): torch 2.11 to 2.15 run ``torch._scaled_mm`` on the CPU per tensor (oneDNN),
-    2.13 and later per row too; a 16 x 16 product tried once per process says so."""
-    return _cpu_product_runs(rowwise)
-
-
-@functools.cache
-def _cpu_product_runs(rowwise: bool) -> bool:
-    a = torch.ones(16, 16).to(torch.float8_e4m3fn)
-    scales = (torch.ones(16, 1), torch.ones(1, 16)) if rowwise else (torch.ones(()),) * 2
-    try:
-        torch._scaled_mm(a, a.t(), scale_a=scales[0], scale_b=scales[1],
-                         out_dtype=torch.bfloat16)
-    except (RuntimeError, NotImplementedError):
-        return False
-    return True
 
 
 def _rowwise(layers: list[nn.Module]) -> bool:

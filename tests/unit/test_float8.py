@@ -111,8 +111,8 @@ def test_float8_products_run_on_the_cpu_where_torch_runs_them(recipe):
     policy trains for real, as its emulation does eagerly (the products' float8 operands
     alike, summed in another order); where this torch lacks the recipe's product it is
     refused, naming the recipe that runs."""
-    from fxtrain.precision import _float8
-    if not _float8.cpu_runs_float8(recipe == "rowwise"):
+    from fxtrain._torch.scaled_mm import cpu_runs_float8
+    if not cpu_runs_float8(recipe == "rowwise"):
         assert recipe == "rowwise" and torch.__version__ < "2.13"
         with pytest.raises(RuntimeError, match=r"one scale per tensor only, not the 'rowwise' "
                                                r"recipe's.*use the 'tensorwise' recipe"):
@@ -135,8 +135,8 @@ def test_float8_products_run_on_the_cpu_where_torch_runs_them(recipe):
 
 
 def test_refusals(monkeypatch):
-    from fxtrain.precision import _float8
-    monkeypatch.setattr(_float8, "_cpu_product_runs", lambda rowwise: False)
+    from fxtrain._torch import scaled_mm
+    monkeypatch.setattr(scaled_mm, "_cpu_product_runs", lambda rowwise: False)
     with pytest.raises(RuntimeError, match=r"float8 matrix products \(torch._scaled_mm\): this "
                        r"torch .* does not run them on the CPU.*emulate=True"):
         fx.precision.float8().convert(_model())
