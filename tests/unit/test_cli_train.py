@@ -396,15 +396,25 @@ def test_train_batch_size_auto_searches_under_the_cap(tmp_path, capsys, monkeypa
     assert "given twice" in capsys.readouterr().err
 
 
-def test_train_precision_fp8_is_refused_on_the_cpu_in_one_line(tmp_path, capsys):
-    """fp8 converts the config's model to torchao's float8 layers; on the CPU (no float8
-    products, no emulation from the command line) it is refused before anything is written."""
+def test_train_precision_fp8_is_refused_in_one_line_where_it_cannot_run(tmp_path, capsys,
+                                                                          monkeypatch):
+    """fp8 converts the config's model to torchao's float8 layers; on a CPU whose torch has
+    no float8 product (no emulation from the command line) it is refused before anything is
+    written, and so is a model with no layer float8 can take."""
+    from fxtrain._torch import scaled_mm
     config = _project(tmp_path)
+    monkeypatch.setattr(scaled_mm, "_cpu_product_runs", lambda rowwise: False)
     assert main(["train", str(config), "--workdir", str(tmp_path / "fp8"), "--precision",
                  "fp8"]) == 2
     err = capsys.readouterr().err
-    assert "precision: precision 'fp8': float8 matrix products" in err or \
-        "precision: precision='fp8' trains on torchao's float8" in err
+    assert "precision: precision 'fp8': float8 matrix products (torch._scaled_mm): this " \
+           "torch" in err or "precision: precision='fp8' trains on torchao's float8" in err, err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    if scaled_mm.cpu_runs_float8(False):  # the config's layers (not multiples of 16) then
+        assert main(["train", str(config), "--workdir", str(tmp_path / "fp8"), "--precision",
+                     "fp8"]) == 2
+        assert "no linear layer of Sequential passed the filter" in capsys.readouterr().err
     assert not (tmp_path / "fp8" / "config.yaml").exists()
 
 
