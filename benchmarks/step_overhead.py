@@ -6,6 +6,7 @@
 (d) fxtrain: make_train_step + fx.optim.adamw under torch.compile(fullgraph=True)
 (d') the same step through fx.precompiled (compiled ahead of time, saved, loaded back: called
     without Dynamo's frame evaluation, its guards checked by the loaded step)
+(d'') the same step through fx.compile (Inductor's settings held for each call)
 
 and the cost of the host loop around (d), on the same data stream (fx.data.Batches):
 (e) a bare Python loop: batch, position = data.next(position); state = step(state, batch)
@@ -89,10 +90,12 @@ def handwritten_variant(sizes):
     return step
 
 
-def fxtrain_variant(sizes, precompiled: bool = False, feature: str = "none"):
+def fxtrain_variant(sizes, precompiled: bool = False, feature: str = "none",
+                    fx_compile: bool = False):
     """(d), or (d') through fx.precompiled, whose first call (in the warm-up) compiles the step
     and saves it (a later process loads it: compile_time.py times that; the loaded step is
-    called as the saved one is). ``feature``: one feature of the step in use (``FEATURES``: the
+    called as the saved one is), or (d'') through fx.compile (torch.compile with the settings
+    held for each call). ``feature``: one feature of the step in use (``FEATURES``: the
     per-step cost of each, against (d) with none)."""
     model = make_mlp(sizes)
     if feature == "dropout":  # keyed randomness in use: a dropout after the hidden layer
@@ -107,6 +110,8 @@ def fxtrain_variant(sizes, precompiled: bool = False, feature: str = "none"):
     train_step = fx.make_train_step(cross_entropy, callbacks=in_step, **options)
     if precompiled:
         train_step = fx.precompiled(train_step, os.path.join(scratch_folder(), "step.bin"))
+    elif fx_compile:
+        train_step = fx.compile(train_step, state, backend=backend())
     else:
         train_step = torch.compile(train_step, fullgraph=True, backend=backend())
     holder = [state]
@@ -129,6 +134,7 @@ VARIANTS = {
     "c_handwritten_compiled": handwritten_variant,
     "d_fxtrain_compiled": fxtrain_variant,
     "d2_fxtrain_precompiled": lambda s: fxtrain_variant(s, precompiled=True),
+    "d3_fxtrain_fx_compile": lambda s: fxtrain_variant(s, fx_compile=True),
 }
 
 
