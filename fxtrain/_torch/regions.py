@@ -33,8 +33,6 @@ import torch
 
 from .traced_errors import run_while_tracing
 
-_DRAWS: dict[str, int] = {}
-_KEYS: dict[tuple, int] = {}
 REUSES = "reuse_hash_fn" in inspect.signature(torch.compiler.nested_compile_region).parameters
 _MAX_KEYS = 64  # distinct signatures of one region in one step (torch's default: 8)
 
@@ -50,27 +48,9 @@ def nested(fn: Callable, key: Callable[..., int] | None = None) -> Callable:
 
 @run_while_tracing
 def key_of(signature: tuple) -> int:
-    """A region's reuse key: one int per distinct ``signature`` (constants), in this process."""
-    return _KEYS.setdefault(signature, len(_KEYS) + 1)
-
-
-_CONSTANTS: dict[Any, int] = {}
-_BY_INDEX: dict[int, Any] = {}
-
-
-@run_while_tracing
-def constant_index(value: Any) -> int:
-    """A number for ``value`` (a hashable constant: what a region called with flat tensors
-    needs to put them back), ``constant_at``'s argument inside the region."""
-    index = _CONSTANTS.setdefault(value, len(_CONSTANTS))
-    _BY_INDEX[index] = value
-    return index
-
-
-@run_while_tracing
-def constant_at(index: int) -> Any:
-    """The value ``constant_index`` numbered ``index`` (a constant of the trace)."""
-    return _BY_INDEX[index]
+    """A region's reuse key: the hash of ``signature`` (constants), a number kept by nothing
+    (two signatures of one hash, 1 in 2**64 of a pair, would share a trace)."""
+    return hash(signature)
 
 
 def flat_key(head: tuple, flat: tuple) -> int:
@@ -106,18 +86,19 @@ def signature(x: Any) -> Any:
 
 
 @run_while_tracing
-def note_draws(name: str, draws: int) -> bool:
-    """Records, while Dynamo traces the region of the block class ``name``, how many keyed
-    draws it made (run for real, its result a constant)."""
-    _DRAWS[name] = draws
+def note_draws(block: torch.nn.Module, name: str, draws: int) -> bool:
+    """Records, while Dynamo traces the region of the blocks of kind ``name``, how many keyed
+    draws it made (run for real, its result a constant), in the table ``fx.regional`` gave
+    ``block`` (``_fx_draws``: one per regional skeleton, gone with it)."""
+    block._fx_draws[name] = draws  # noqa: SLF001
     return True
 
 
 @run_while_tracing
-def draws(name: str) -> int:
-    """The keyed draws of the region of the block class ``name`` (``note_draws``'), as a
+def draws(block: torch.nn.Module, name: str) -> int:
+    """The keyed draws of the region of the blocks of kind ``name`` (``note_draws``'), as a
     constant of the trace."""
-    return _DRAWS[name]
+    return block._fx_draws[name]  # noqa: SLF001
 
 
 def tensor_paths(module: torch.nn.Module) -> tuple[tuple[tuple[str, ...], str, str], ...]:

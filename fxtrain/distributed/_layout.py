@@ -82,6 +82,8 @@ class Layout:
       guard: the handle of the skeleton's guard against being called directly
         (``TrainState.create``'s; None: the state runs the model itself): the trained module,
         a copy of the skeleton, goes without it.
+      block_update: the blocks' optimizer update as regions, planned by ``fx.regional``
+        (``fxtrain.step._region_update.BlockUpdate``); None: the update of the whole tree.
     """
 
     mesh: Any = None
@@ -94,6 +96,7 @@ class Layout:
     regions: tuple[str, ...] = ()
     skeleton: Any = dataclasses.field(default=None, compare=False, repr=False)
     guard: Any = dataclasses.field(default=None, compare=False, repr=False)
+    block_update: Any = dataclasses.field(default=None, compare=False, repr=False)
 
     @property
     def sharded(self) -> bool:

@@ -12,23 +12,32 @@ over the block's parameters under their names within the block, traced and compi
 other parameters (embeddings, a final norm) update in the outer graph as before, and the state
 is put back together in its own order: the same bits as the update of the whole tree.
 
+The plan is built eagerly, by ``fx.regional(state)`` (``built``), and held in the state's layout
+as a value (``BlockUpdate``): the blocks and the parts the update goes through, each block's
+layout (its parameters' names within it, the state's tree structure over them, the kinds of
+its leaves), and the region itself, a function of its own that closes over the transformation
+and those layouts. Nothing is registered in the process and nothing is probed while Dynamo
+traces: the step reads the plan off the layout, and takes the update of the whole tree where
+the state's transformation, parameters or state are not those the plan was built for (a
+``state.replace(tx=...)`` after ``fx.regional``).
+
 Dynamo reuses the first block's trace of the update for the others (``regions.nested``'s key:
-the transformation, the layout and the block's tensors' signatures). The region takes its
-tensors flat and returns them flat: what torch reuses returns tensors only, and flat inputs
-spare Dynamo a walk of the trees per block (torch's pytree, which it traces in Python, for the
-call's fingerprint and again for the key): a 24-layer GPT-2's trace took 16.7 CPU-s with the
-trees, 13.5 flat. The names and the state's tree structure are a constant of the trace
-(``_layout``), and so are the state's parts per block (``_parts``).
+the layout's number and the block's tensors' signatures). The region takes its tensors flat
+and returns them flat: what torch reuses returns tensors only, and flat inputs spare Dynamo a
+walk of the trees per block (torch's pytree, which it traces in Python, for the call's
+fingerprint and again for the key): a 24-layer GPT-2's trace took 16.7 CPU-s with the trees,
+13.5 flat.
 
 Only where the update cannot tell the blocks apart: a mask by name (``adamw(mask=...)``) may
 treat the same parameter of two blocks differently, and inside a region the block's names are
-its own. While Dynamo traces, ``name_free`` runs the update for real on small stand-ins, each
-block's under its full names and under its names within the block, and takes the regions only
-where every block gives the bits of the first (else the update stays in the outer graph).
+its own. ``built`` runs the update on small stand-ins, each block's under its full names and
+under its names within the block, and plans the regions only where every block gives the bits
+of the first (else the update stays in the outer graph).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -38,7 +47,6 @@ import torch.utils._pytree as pytree
 
 from .. import optim
 from .._torch import regions
-from .._torch.traced_errors import run_while_tracing
 from ..tree import squared_norms
 
 Blocks = tuple[tuple[str, tuple[str, ...]], ...]  # (block's prefix, its parameters' full names)
@@ -73,39 +81,19 @@ def _update(tx: optim.GradientTransformation, grads: dict, opt_state: Any,
     return optim.apply_updates(params, updates), new_state, squared_norms(list(grads.values()))
 
 
-_TXS: list = []  # the transformations whose blocks' updates were traced, by ``_tx_index``
-
-
-@run_while_tracing
-def _tx_index(tx: optim.GradientTransformation) -> int:
-    """``tx``'s place in ``_TXS`` (run for real while Dynamo traces): a region's argument
-    must be a tensor or a constant, and Dynamo does not trace a region made while it traces."""
-    if tx not in _TXS:
-        _TXS.append(tx)
-    return _TXS.index(tx)
-
-
-_LAYOUTS: list = []  # (names within the block, state's tree spec, leaf kinds), by index
-
-
-@run_while_tracing
-def _layout(index: int, shapes: tuple, kinds: tuple) -> int:
-    """The place in ``_LAYOUTS`` of a block's update layout (run for real while Dynamo
-    traces): the block's parameters' names within it (``shapes``: with their dtypes), the
-    tree spec of ``_TXS[index]``'s state over them above its per-parameter parts, and the
-    kinds of the state's leaves (``_kinds``); -1 where the state of the block alone would not
+def _layout_of(tx: optim.GradientTransformation, shapes: tuple, kinds: tuple) -> tuple | None:
+    """A block's update layout: its parameters' names within it (``shapes``: with their
+    dtypes), the tree spec of ``tx``'s state over them above its per-parameter parts, and the
+    kinds of the state's leaves (``_kinds``); None where the state of the block alone would not
     have the leaves ``kinds`` says the whole state has (no region then)."""
     names = tuple(n for n, _ in shapes)
     params = {n: _stand_in(i, torch.empty((), dtype=d)) for i, (n, d) in enumerate(shapes)}
-    leaves, spec = _split(_TXS[index].init(params), frozenset(params))
+    leaves, spec = _split(tx.init(params), frozenset(params))
     if len(leaves) != len(kinds) or any(
             (k == "dict") != isinstance(x, dict) or (k == "tensor") != isinstance(x, torch.Tensor)
             for x, k in zip(leaves, kinds)):
-        return -1
-    layout = (names, spec, kinds)
-    if layout not in _LAYOUTS:
-        _LAYOUTS.append(layout)
-    return _LAYOUTS.index(layout)
+        return None
+    return names, spec, kinds
 
 
 def _kinds(leaves: list) -> tuple | None:
@@ -124,26 +112,35 @@ def _kinds(leaves: list) -> tuple | None:
     return tuple(kinds)
 
 
-def _flat_key(index: int, layout: int, *flat: torch.Tensor) -> int:
-    """The reuse key of a block's update (traced by Dynamo): ``tx`` (one in a step), the
-    layout (names and state structure) and its tensors' signatures."""
-    return regions.flat_key(("update", index, layout), flat)
+def _region_of(tx: optim.GradientTransformation, layouts: tuple) -> Callable[..., list]:
+    """The blocks' update by ``tx`` as a region (``_block_update``), for the block layouts
+    ``layouts`` (``_layout_of``'s, by number)."""
+
+    def key(layout: int, *flat: torch.Tensor) -> int:
+        """The reuse key of a block's update (traced by Dynamo): the layout (names and state
+        structure) and its tensors' signatures (the transformation: one in a step)."""
+        return regions.flat_key(("update", layout), flat)
+
+    @functools.partial(regions.nested, key=key)
+    def block_update(layout: int, *flat: torch.Tensor) -> list:
+        return _block_update(tx, layouts[layout], flat)
+
+    return block_update
 
 
-@functools.partial(regions.nested, key=_flat_key)
-def _block_update(index: int, layout: int, *flat: torch.Tensor) -> list:
-    """A block's update by ``_TXS[index]``: a region traced and compiled once, its calls of
-    one key reusing the trace. Its tensors come flat (what spares Dynamo a walk of trees per
+def _block_update(tx: optim.GradientTransformation, layout: tuple, flat: tuple) -> list:
+    """A block's update by ``tx``, the body of its region: traced and compiled once, its calls
+    of one key reusing the trace. Its tensors come flat (what spares Dynamo a walk of trees per
     block): the gradients, the parameters, then the state's (``_flat_inputs``), and leave flat
     (what torch's reuse takes): the new parameters, the new state's tensors in the same order,
     the squared norms."""
-    names, spec, kinds = _LAYOUTS[layout]
+    names, spec, kinds = layout
     n = len(names)
     grads, params, rest = dict(zip(names, flat[:n])), dict(zip(names, flat[n:2 * n])), \
         iter(flat[2 * n:])
     leaves = [{k: next(rest) for k in names} if kind == "dict" else
               next(rest) if kind == "tensor" else kind[1] for kind in kinds]
-    new, state, squared = _update(_TXS[index], grads, pytree.tree_unflatten(leaves, spec), params)
+    new, state, squared = _update(tx, grads, pytree.tree_unflatten(leaves, spec), params)
     out = [new[k] for k in names]
     for x in _split(state, frozenset(names))[0]:
         if isinstance(x, dict):
@@ -166,13 +163,13 @@ def _flat_inputs(grads: dict, params: dict, leaves: list, kinds: tuple,
     return flat
 
 
-def _through_region(index: int, layout: int, flat: list, leaves: list, kinds: tuple,
+def _through_region(region: Callable, layout: int, flat: list, leaves: list, kinds: tuple,
                     pairs: tuple) -> tuple[dict, list, list]:
     """A block's update through its region: the new parameters and the new state's leaves
     by the block's names (a per-parameter part's; other tensors the block's; plain values as
     they were: an ``ElementwiseTransformation`` keeps them, ``name_free`` checks it), and the
     squared norms."""
-    out = iter(_block_update(index, layout, *flat))
+    out = iter(region(layout, *flat))
     new = {k: next(out) for k, _ in pairs}
     got = [{k: next(out) for k, _ in pairs} if kind == "dict" else
            next(out) if kind == "tensor" else x for x, kind in zip(leaves, kinds)]
@@ -183,11 +180,10 @@ def _stand_in(i: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((2,), 0.5 + 0.25 * i, dtype=like.dtype)
 
 
-@run_while_tracing
 def name_free(tx: optim.GradientTransformation, shapes: tuple, blocks: Blocks) -> bool:
     """Whether ``tx`` updates each block alike, under its full names and under its names
-    within the block (run for real while Dynamo traces; ``shapes``: every parameter's name and
-    dtype, in order): stand-ins of 2 elements, the same values for a name within the block."""
+    within the block (``shapes``: every parameter's name and dtype, in order): stand-ins of 2
+    elements, the same values for a name within the block."""
     if not isinstance(tx, optim.ElementwiseTransformation):
         return False
     rel = {n: n[len(r) + 1:] for r, names in blocks for n in names}
@@ -229,12 +225,10 @@ def _keeps_structure(before: Any, after: Any) -> bool:
         for a, b in zip(new, old))
 
 
-@run_while_tracing
 def _parts(names: tuple[str, ...], region_names: tuple[str, ...]) -> tuple:
     """The blocks (``blocks_of``) and the parts the update goes through: each block's
     ``(prefix, ((name within the block, full name), ...))``, then the other parameters' under
-    the prefix "" (run for real while Dynamo traces: constants, not a walk over every name
-    per block in the trace)."""
+    the prefix ""."""
     blocks = blocks_of(dict.fromkeys(names), region_names)
     inside = {n for _, b in blocks for n in b}
     parts = tuple((r, tuple((n[len(r) + 1:], n) for n in b)) for r, b in blocks)
@@ -242,36 +236,83 @@ def _parts(names: tuple[str, ...], region_names: tuple[str, ...]) -> tuple:
     return blocks, parts + ((("", rest),) if rest else ())
 
 
-def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | None:
-    """``state.apply_gradients(grads)`` with each block's update a call of one region, and
-    the gradients' squared norms (in the order of ``grads``); None where the update cannot go
-    through regions (see the module)."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class BlockUpdate:
+    """The blocks' update planned by ``fx.regional`` (``built``), held in the state's layout.
+
+    Attributes:
+      tx: the transformation it was planned for.
+      signature: each parameter's name, shape and dtype, in the state's order.
+      kinds: the kinds of the optimizer state's leaves (``_kinds``).
+      parts: the parts the update goes through (``_parts``).
+      layout_of: each block's layout number (``layouts``), by its prefix.
+      region: the blocks' update as a region (``_region_of``).
+    """
+
+    tx: Any
+    signature: tuple
+    kinds: tuple
+    parts: tuple
+    layout_of: Mapping[str, int]
+    region: Callable
+
+    def fits(self, state: Any) -> bool:
+        """Whether ``state`` is what this update was planned for (its transformation, its
+        parameters' names, shapes and dtypes, its state's kinds of leaves)."""
+        return self.tx is state.tx and self.signature == _signature(state.params)
+
+
+def _signature(params: Mapping[str, torch.Tensor]) -> tuple:
+    found = []
+    for n, p in params.items():  # a loop: Dynamo traces this in a step
+        found.append((n, tuple(p.shape), p.dtype))
+    return tuple(found)
+
+
+def built(state: Any) -> BlockUpdate | None:
+    """The blocks' update of a regional ``state`` (its layout's regions), planned eagerly: None
+    where it cannot go through regions (fewer than two blocks with parameters, an update that
+    tells the blocks apart or is not elementwise, a state whose leaves are not plain)."""
     blocks, parts = _parts(tuple(state.params), state.layout.regions)
     shapes = tuple((n, p.dtype) for n, p in state.params.items())
     with optim.masks.tied(state.layout.tied):
         if len(blocks) < 2 or not name_free(state.tx, shapes, blocks):
             return None
-    leaves, spec = _split(state.opt_state, frozenset(state.params))
-    kinds = _kinds(leaves)
-    if kinds is None:
-        return None
-    index = _tx_index(state.tx) + 0  # a constant without the source Dynamo cannot guard on
-    layouts = {}
-    with optim.masks.tied(state.layout.tied):
+        kinds = _kinds(_split(state.opt_state, frozenset(state.params))[0])
+        if kinds is None:
+            return None
+        layouts, layout_of = {}, {}
         for r, pairs in parts:
             if r:
-                shapes = tuple((k, state.params[n].dtype) for k, n in pairs)
-                layouts[r] = _layout(index, shapes, kinds) + 0
-                if layouts[r] < 0:
+                layout = _layout_of(state.tx, tuple((k, state.params[n].dtype)
+                                                    for k, n in pairs), kinds)
+                if layout is None:
                     return None
+                layout_of[r] = layouts.setdefault(layout, len(layouts))
+    return BlockUpdate(state.tx, _signature(state.params), kinds, parts, layout_of,
+                       _region_of(state.tx, tuple(layouts)))
+
+
+def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | None:
+    """``state.apply_gradients(grads)`` with each block's update a call of one region (the
+    layout's ``BlockUpdate``), and the gradients' squared norms (in the order of ``grads``);
+    None where the layout holds no plan, or one for another transformation or parameters."""
+    plan = state.layout.block_update
+    if plan is None or not plan.fits(state):
+        return None
+    leaves, spec = _split(state.opt_state, frozenset(state.params))
+    kinds = _kinds(leaves)
+    if kinds != plan.kinds:
+        return None
     out = [{} if isinstance(x, dict) else x for x in leaves]  # dicts: per-parameter parts
     new, squared = {}, {}
     with optim.masks.tied(state.layout.tied):
-        for r, pairs in parts:
+        for r, pairs in plan.parts:
             pick = dict(pairs)
             if r:
                 flat = _flat_inputs(grads, state.params, leaves, kinds, pairs)
-                params, got, sq = _through_region(index, layouts[r], flat, leaves, kinds, pairs)
+                params, got, sq = _through_region(plan.region, plan.layout_of[r], flat, leaves,
+                                                  kinds, pairs)
                 _put(out, got, pick)
             else:
                 part = pytree.tree_unflatten(

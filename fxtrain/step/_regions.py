@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from .. import random
+from . import _region_update
 from .._torch import fake_graphs, regions
 from .._torch.inductor import keep_region_outputs
 from .._torch.modes import innermost_mode
@@ -172,9 +173,9 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
     if flat is None:  # an argument neither a tensor nor a plain value: the pytree path
         out = _region(module, name, tensors, outer.key, position, args, kwargs)
     else:
-        layout = regions.constant_index((name, tuple(tensors), flat[0])) + 0  # (_region_update)
+        layout = (name, tuple(tensors), flat[0])  # constants: the region's trace reads them
         out = _flat_region(module, layout, outer.key, position, *tensors.values(), *flat[1])
-    outer.advance(regions.draws(name))
+    outer.advance(regions.draws(module, name))
     return out
 
 
@@ -223,7 +224,7 @@ def _flat_region(module: nn.Module, layout: int, key: torch.Tensor, position: to
                  *flat: torch.Tensor) -> Any:
     """``_region`` with its tensors flat: the block's own (under the names of ``layout``),
     then its arguments' (``_flat_arguments``)."""
-    kind, names, arguments = regions.constant_at(layout)
+    kind, names, arguments = layout
     tensors = dict(zip(names, flat))
     rest = iter(flat[len(names):])
     args, kwargs = [], {}
@@ -241,7 +242,7 @@ def _run(module: nn.Module, name: str, tensors: dict, key: torch.Tensor,
     inner = random.continued(key, position, autodiff="autograd")
     with inner:
         out = torch.func.functional_call(module, tensors, args, kwargs)
-    regions.note_draws(name, inner.calls)
+    regions.note_draws(module, name, inner.calls)
     return out
 
 
@@ -344,6 +345,7 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
     blocks = [module.get_submodule(name) for name in found]
     for name, block in zip(found, blocks):
         _check_buffers_kept(name, block)
+    draws: dict[str, int] = {}  # each kind's keyed draws, noted where its region is traced
     for cls in dict.fromkeys(type(b) for b in blocks):
         alike = [b for b in blocks if type(b) is cls]
         kinds, numbering = _kinds(alike)
@@ -351,10 +353,12 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
             block.__class__ = _regional_class(cls, kind)
             block._fx_tensor_paths = regions.tensor_paths(block)  # noqa: SLF001
             block._fx_alike = None  # noqa: SLF001
+            block._fx_draws = draws  # noqa: SLF001
         for kind in set(kinds) if numbering else ():
             of_kind = [b for b, k in zip(alike, kinds) if k == kind]
             checked = _Alike(of_kind, numbering) if len(of_kind) > 1 else None
             for block in of_kind:
                 block._fx_alike = checked  # noqa: SLF001
-    return state.replace(module=module, layout=layout.replace(
+    state = state.replace(module=module, layout=layout.replace(
         regions=tuple(found), skeleton=layout.skeleton or state.module))
+    return state.replace(layout=state.layout.replace(block_update=_region_update.built(state)))
