@@ -18,15 +18,18 @@ of its trace, what its trace needs, and puts each setting back at the end of it:
 Both functions run for real while Dynamo traces (``run_while_tracing``). A trace Dynamo starts
 over (its analysis restarted) turns them on again and finds them on: ``scope()``'s holder
 keeps what they were before the first, so the end of the trace puts back the user's values.
-A trace that fails between the two leaves them on for the process (the next trace of the step
-puts them back). Eagerly neither runs (the step reads ``torch.compiler.is_compiling()``).
+The step runs ``back`` in a ``finally`` (Dynamo runs it where the trace raises an error of
+fxtrain's or the model's); a trace that Dynamo itself abandons between the two leaves them on
+under a bare ``torch.compile`` (the next trace of the step puts them back), and as they were
+under ``fx.compile`` (``kept``). Eagerly neither runs (the step reads ``torch.compiler.is_compiling()``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .dynamo import TRANSFORMERS_LOGGER_METHODS
@@ -40,6 +43,17 @@ def _logger_methods() -> set:
         return set()
     return {m for m in (getattr(logging.Logger, n, None) for n in TRANSFORMERS_LOGGER_METHODS)
             if m is not None}
+
+
+@contextlib.contextmanager
+def kept() -> Iterator[None]:
+    """Inside, these settings are put back as they were when the block ends, a trace that
+    failed between ``on`` and ``back`` included (``torch._dynamo.config.patch`` of their values
+    now): ``fx.compile`` runs each call of its compiled step so."""
+    import torch._dynamo.config as config
+
+    with config.patch({k: getattr(config, k) for k in (*_ON, "ignore_logger_methods")}):
+        yield
 
 
 def scope() -> tuple[Callable[[], bool], Callable[[], bool]]:

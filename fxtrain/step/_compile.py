@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .._torch import traced_settings
 from .._torch.dynamo import marked_compiled
 from .._torch.inductor import inductor_settings_kept
 from ..state import TrainState
@@ -79,7 +80,7 @@ def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A
         if "step" not in compiled:
             first = args[0] if args else kwargs.get("state")
             compiled["step"] = made(isinstance(first, TrainState) and bool(first.layout.regions))
-        with inductor_settings_kept():
+        with inductor_settings_kept(), traced_settings.kept():
             return compiled["step"](*args, **kwargs)
 
     return marked_compiled(step, train_step)

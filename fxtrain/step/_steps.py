@@ -172,9 +172,11 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         if tracing:
             settings_on()
             _choose_cpu_instructions(state)
-        new, metrics = one_step(state, batch, donates(donate))
-        if tracing:
-            settings_back()
+        try:
+            new, metrics = one_step(state, batch, donates(donate))
+        finally:  # (Dynamo runs it where the trace raises an error of fxtrain's or the model's)
+            if tracing:
+                settings_back()
         return donated(state, new, donate), metrics
 
     if args.steps_per_call == 1:
@@ -188,15 +190,17 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
         if tracing:
             settings_on()
             _choose_cpu_instructions(state)
-        check_stacked(batches, args.steps_per_call)
-        new, merged = state, NOTHING
-        for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
-            new, metrics = one_step(new, batch)
-            merged = merged | control_from_metrics(metrics)
-        if args.callbacks:
-            metrics.update(control_to_metrics(merged, metrics["loss"].device))
-        if tracing:
-            settings_back()
+        try:
+            check_stacked(batches, args.steps_per_call)
+            new, merged = state, NOTHING
+            for batch in unstack(batches):  # a Python loop: Dynamo unrolls it into one graph
+                new, metrics = one_step(new, batch)
+                merged = merged | control_from_metrics(metrics)
+            if args.callbacks:
+                metrics.update(control_to_metrics(merged, metrics["loss"].device))
+        finally:
+            if tracing:
+                settings_back()
         return donated(state, new, donate), metrics
 
     train_steps.spec = spec
@@ -240,18 +244,20 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
         if tracing:
             settings_on()
             _choose_cpu_instructions(state)
-        guard(batch)
-        check_batch_device(batch, state.step.device, "eval_step")
-        key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
-        was = set_training(state.module, False)
+        was = None
         try:
+            guard(batch)
+            check_batch_device(batch, state.step.device, "eval_step")
+            key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
+            was = set_training(state.module, False)
             with torch.no_grad(), random.keyed(key):
                 out = metrics_fn(state, state.params, batch) if takes_params else \
                     metrics_fn(state, batch)
         finally:
-            set_training(state.module, was)
-        if tracing:
-            settings_back()
+            if was is not None:
+                set_training(state.module, was)
+            if tracing:
+                settings_back()
         return eval_metrics(out)
 
     return eval_step

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxtrain as fx
 from helpers import TRACED
-from test_regions import Net, loss_fn, setup, trained
+from helpers_compile import Net, loss_fn, setup, trained
 
 
 def regional_run(tx, compile_step):
@@ -151,3 +151,18 @@ def test_blocks_that_write_their_buffers_are_refused_before_any_trace():
     net.blocks[1][1] = nn.BatchNorm1d(8, track_running_stats=False)
     assert fx.regional(fx.TrainState.create(net, fx.optim.sgd(0.1)), ["blocks.1"]).layout.regions \
         == ("blocks.1",)
+
+
+def test_a_trace_that_fails_leaves_the_settings_as_they_were():
+    """A step refused while Dynamo traces it (a loss that is not a scalar) under fx.compile:
+    fxtrain's error, and Dynamo's settings as they were before the call."""
+    import torch._dynamo.config as dynamo
+
+    before = (dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint)
+    state, batch = setup(2)
+    step = fx.compile(fx.make_train_step(lambda s, p, b: s.apply(p, b[0]), autodiff="autograd"),
+                      state, backend=TRACED)
+    with pytest.raises(Exception, match="loss"):
+        step(state, batch)
+    assert (dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint) == \
+        before
