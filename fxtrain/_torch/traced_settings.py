@@ -15,14 +15,15 @@ of its trace, what its trace needs, and puts each setting back at the end of it:
   ``loss_function`` calls ``warning_once`` (the advice is skipped in a compiled step; eager
   calls still log).
 
-Both functions run for real while Dynamo traces (``run_while_tracing``). A trace Dynamo starts
+Both functions run for real while Dynamo traces (``run_while_tracing``), and eagerly too (a
+step is one graph, or no graph: the settings are on for its call, back after; nothing to do
+where Dynamo is not imported). A trace Dynamo starts
 over (its analysis restarted) turns them on again and finds them on: ``scope()``'s holder
 keeps what they were before the first, so the end of the trace puts back the user's values.
 The step runs ``back`` in a ``finally`` (Dynamo runs it where the trace raises an error of
 fxtrain's or the model's); a trace that Dynamo itself abandons between the two leaves them on
 under a bare ``torch.compile`` (the next trace of the step puts them back), and as they were
-under ``fx.compile`` (``kept``). Eagerly neither runs (the step reads ``torch.compiler.is_compiling()``).
-"""
+under ``fx.compile`` (``kept``). """
 
 from __future__ import annotations
 
@@ -63,7 +64,9 @@ def scope() -> tuple[Callable[[], bool], Callable[[], bool]]:
 
     @run_while_tracing
     def on() -> bool:
-        import torch._dynamo.config as config
+        config = sys.modules.get("torch._dynamo.config")
+        if config is None:  # eager, Dynamo not imported: nothing to set
+            return True
         if not before:
             before.update({k: getattr(config, k) for k in _ON})
             before["logger"] = _logger_methods() - set(config.ignore_logger_methods)
@@ -74,8 +77,8 @@ def scope() -> tuple[Callable[[], bool], Callable[[], bool]]:
 
     @run_while_tracing
     def back() -> bool:
-        import torch._dynamo.config as config
-        if before:
+        config = sys.modules.get("torch._dynamo.config")
+        if config is not None and before:
             for k in _ON:
                 setattr(config, k, before[k])
             config.ignore_logger_methods = set(config.ignore_logger_methods) - before["logger"]
