@@ -11,13 +11,18 @@ import torch._dynamo
 
 # The suite by kind (docs/testing.md): unit/ (one process, no launch), e2e/ (real processes of one
 # rank), ranks/ (2- and 4-rank jobs), tools/ (benchmarks, the GPU kit, docs, notebooks). Shared
-# modules (helpers.py, dist_worker.py, syncs.py) sit here; every folder is importable from every
-# other, as one flat folder was (a test module's helpers, imported by another kind's tests).
+# modules sit here: helpers.py, the helpers several test files share by topic (helpers_*.py),
+# dist_worker.py, sp_worker.py and syncs.py. A test file imports from them, never from another
+# test module (tests/unit/test_suite_layout.py checks it); every folder is on sys.path all the same.
 _HERE = os.path.dirname(os.path.abspath(__file__))
 KINDS = ("unit", "e2e", "ranks", "tools")
 for _kind in KINDS:
     if os.path.join(_HERE, _kind) not in sys.path:
         sys.path.insert(0, os.path.join(_HERE, _kind))
+
+# the shared helpers' asserts report their values as a test module's do
+pytest.register_assert_rewrite(*sorted(
+    name[:-3] for name in os.listdir(_HERE) if name.startswith("helpers") and name.endswith(".py")))
 
 from helpers import extra  # noqa: E402
 
@@ -34,6 +39,9 @@ os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 # this module is tensorboard's own switch for its TensorFlow-free build. TensorFlow runs only
 # in the clu test, in a subprocess.
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+
+# a fixture several test files read (the 4-rank runs on a 2 x 2 mesh, once per run)
+from helpers_meshes import mesh_jobs  # noqa: E402, F401
 
 
 _TORCH = os.path.dirname(torch.__file__) + os.sep

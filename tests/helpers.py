@@ -5,6 +5,7 @@ import importlib
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,49 @@ TESTS = Path(__file__).resolve().parent
 tools/), for a process a test starts to import from."""
 ROOT = TESTS.parent
 """The repository."""
+
+
+# -- test_benchmarks.py's helpers -----------------------------------------------------------------
+
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def imported(script):
+    """``benchmarks/<script>.py`` as a module (the scripts import each other by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        return importlib.import_module(script)
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+# -- test_fit.py's helpers ------------------------------------------------------------------------
+
+CTRL_C = """
+import os, signal, sys, time, json
+sys.path.insert(0, {tests!r})
+import torch, fxtrain as fx
+from helpers import mlp, xent
+
+class Manager(fx.checkpoint.CheckpointManager):
+    def save(self, state, metrics=None, force=False):
+        saved = super().save(state, metrics, force)
+        print("saved", int(state.step), flush=True)
+        return saved
+
+def slow(state, event):
+    if event.kind == "step_end":
+        print("step", event.step, flush=True)
+        time.sleep(0.05)
+    if event.kind == "train_end":
+        print("train_end", event.metrics["reason"], flush=True)
+
+x = torch.randn(64, 8); y = (x[:, 0] > 0).long()
+state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
+try:
+    fx.fit(state, fx.make_train_step(xent), fx.data.Batches((x, y), 16), max_steps=10_000,
+           callbacks=[slow], checkpoint=Manager({ckpt!r}))
+except KeyboardInterrupt as e:
+    print("interrupted at", int(e.state.step), flush=True)
+    raise
+"""

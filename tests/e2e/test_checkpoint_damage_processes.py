@@ -11,7 +11,8 @@ import torch
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, DamagedCheckpointError
 from helpers import TESTS, mlp, xent
-from test_checkpoint_damage import (FIRST_SAVE_THEN_COMPILE, UNREADABLE, data_files, empty_description, saved, truncate, unprivileged)
+from helpers_checkpoint_damage import (FIRST_SAVE_THEN_COMPILE, UNREADABLE, data_files,
+                                       empty_description, saved, truncate, unprivileged)
 
 
 def test_inspect_lists_every_step_and_marks_the_damaged_ones(saved, tmp_path, capfd):

@@ -7,7 +7,7 @@ import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager
 from fxtrain.cli import main
 from helpers import mlp
-from test_checkpoint_inspect import (saved)
+from helpers_checkpoint import saved
 
 
 def test_inspect_runs_as_the_console_command(tmp_path):

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, CheckpointMismatchError
 from helpers import TESTS, classification_batch, mlp, xent
-from test_checkpoint import (FULL_DISK, make_state)
+from helpers_checkpoint import FULL_DISK, make_state
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, layout, retention
 from helpers import TESTS, mlp
-from test_checkpoint_retention import (LOSSES, SHARDED, SURVIVORS)
+from helpers_checkpoint import LOSSES, SHARDED, SURVIVORS
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import fxtrain as fx
 import fxtrain.losses._chunked as cce
 from fxtrain.losses._chunked import chunked_causal_lm
 from helpers import TRACED, graph_count
-from test_chunked_ce import (peak_bytes)
+from helpers_losses import peak_bytes
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 import fxtrain as fx
 from fxtrain.cli import main
 from fxtrain.apps._workdir import LOCK_NAME
-from test_cli_train import (_gated, _modules_after, _one_line, _project, _snapshot, _start)
+from helpers_apps import _gated, _modules_after, _one_line, _project, _snapshot, _start
 
 
 def test_version_and_help_start_without_torch_and_show_no_markup(capsys):

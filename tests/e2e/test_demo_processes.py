@@ -14,7 +14,7 @@ from fxtrain import cli
 from fxtrain.checkpoint import inspect
 from fxtrain.apps.demo import figures, tasks
 from fxtrain.logging import read_jsonl
-from test_demo import (KILLED_RUNS, digest_of, run_cli, wait_for_checkpoint)
+from helpers_apps import KILLED_RUNS, digest_of, run_cli, wait_for_checkpoint
 
 
 @pytest.mark.slow

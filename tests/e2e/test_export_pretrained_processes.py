@@ -8,8 +8,7 @@ import dist_worker
 import fxtrain as fx
 from fxtrain import cli
 from helpers import extra
-from test_distributed import free_port
-from test_export_pretrained import (loaded, logits, trained)
+from helpers_export_pretrained import loaded, logits, trained
 
 
 def test_a_killed_exports_staging_folder_is_removed_by_the_next_export(tmp_path):

@@ -7,8 +7,7 @@ import sys
 import pytest
 import torch
 import fxtrain as fx
-from helpers import TESTS, FakeManager, extra, mlp, reaped, sigint_back, xent
-from test_fit import (CTRL_C)
+from helpers import CTRL_C, TESTS, FakeManager, extra, mlp, reaped, sigint_back, xent
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import types
 import torch
 from torch import nn
 import fxtrain as fx
-from test_layout import (HOOK, digests)
+from helpers_step import HOOK, digests
 
 
 def test_states_made_in_either_order_train_as_each_alone():

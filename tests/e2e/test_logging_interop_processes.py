@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import extra
 import fxtrain as fx
-from test_logging_interop import (CLU_SCRIPT)
+from helpers_logging import CLU_SCRIPT
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import extra, reaped
 import fxtrain as fx
-from test_logging_writers import (KILLED)
+from helpers_logging import KILLED
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import fxtrain as fx
 import fxtrain.step._precompile as precompile
 from fxtrain._torch import aot, vec_isa
 from fxtrain.step._precompile import compile_options
-from test_precompile import (DAMAGED, child, in_a_kernel, REPLACED)
+from helpers_step import DAMAGED, child, in_a_kernel, REPLACED
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 import pytest
 
-from test_random_ops import ATTENTION_PROBE
+from helpers_remat import ATTENTION_PROBE
 
 
 @pytest.mark.slow
@@ -13,7 +13,7 @@ def test_keyed_attention_dropout_keeps_no_attention_matrix_per_layer():
     matrix; the keyed math kept 2.4 per layer (the float32 dropped weights, the softmax's
     output, the boolean mask): 81 MB at 2 layers, 161 MB at 6. Recomputed in the backward from
     q, k and the key, one layer's exists at a time: 61 MB and 65 MB (torch 2.13)."""
-    from test_remat import step_peak_bytes
+    from helpers_remat import step_peak_bytes
 
     shallow, deep = (step_peak_bytes(ATTENTION_PROBE, str(d)) for d in (2, 6))
     block = 2 * 4 * 512 * 512 * 4

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 import fxtrain as fx
 from helpers import TRACED
-from test_remat import (REMAT_PROBE, step_peak_bytes)
+from helpers_remat import REMAT_PROBE, step_peak_bytes
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import fxtrain as fx
 from fxtrain import optim
 from helpers import classification_batch, convnet, graph_count, mlp, xent
-from test_step import (BAD_STEP_ARGUMENTS)
+from helpers_step import BAD_STEP_ARGUMENTS
 
 
 def test_make_train_step_checks_every_argument_before_it_changes_anything():

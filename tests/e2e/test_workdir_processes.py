@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 import pytest
 from fxtrain.apps._workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
-from test_workdir import (RACER, dead_pid, write_lock)
+from helpers_apps import RACER, dead_pid, write_lock
 
 
 def test_another_hosts_lock_is_refused_saying_it_cannot_be_checked(tmp_path):

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import fxtrain as fx
 from helpers import extra, mlp, once_per_run, reaped
 import dist_worker
-from test_distributed import (HERE, free_port, rank_of, results, spawn, torchrun)
+from helpers_distributed import HERE, free_port, rank_of, results, spawn, torchrun
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import dist_worker
 import fxtrain as fx
 from fxtrain import cli
 from helpers import extra
-from test_distributed import free_port
-from test_export_pretrained import (loaded, logits)
+from helpers_distributed import free_port
+from helpers_export_pretrained import loaded, logits
 
 
 @pytest.mark.slow

@@ -11,8 +11,8 @@ import dist_worker
 import fxtrain as fx
 from dist_worker import lm_batches, lm_loss, lm_model
 from helpers import TRACED, once_per_run
-from test_distributed import results, spawn
-from test_losses import (ATOL)
+from helpers_distributed import results, spawn
+from helpers_losses import ATOL
 
 
 PATHS = [(False, "func"), (True, "func"), (True, "autograd")]

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import dist_worker
 import fxtrain as fx
 from helpers import mlp
-from test_distributed import results, spawn
+from helpers_distributed import results, spawn
 
 
 @pytest.mark.slow

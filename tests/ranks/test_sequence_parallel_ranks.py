@@ -12,8 +12,7 @@ import torch.multiprocessing as mp
 import dist_worker
 import sp_worker
 from helpers import extra, once_per_run
-from test_distributed import free_port
-from test_meshes import mesh_jobs  # noqa: F401 - the 4-rank launch, shared
+from helpers_distributed import free_port
 
 transformers = extra("transformers")
 pytestmark = [pytest.mark.slow, pytest.mark.needs_torch(

@@ -10,8 +10,7 @@ import fxtrain as fx
 import fxtrain.checkpoint.store
 import fxtrain.cli
 from helpers import extra, mlp, once_per_run
-from test_distributed import results, spawn
-from test_sharding import (UNITS_COMPILED, stored_chunks)
+from helpers_distributed import UNITS_COMPILED, results, spawn, stored_chunks
 
 
 @pytest.fixture(scope="module")

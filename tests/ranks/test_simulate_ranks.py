@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import once_per_run
-from test_distributed import free_port
+from helpers_distributed import free_port
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 EXACT = ("params_bytes", "opt_state_bytes", "held_bytes", "all_gather_bytes",

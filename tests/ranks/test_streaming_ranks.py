@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 import dist_worker
 import fxtrain as fx
 from helpers import mlp
-from test_distributed import free_port
-from test_streaming import (digest, global_batches)
+from helpers_distributed import digest, free_port, global_batches
 
 
 @pytest.mark.slow

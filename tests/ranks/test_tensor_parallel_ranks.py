@@ -9,8 +9,8 @@ import torch.multiprocessing as mp
 import dist_worker
 import fxtrain as fx
 from helpers import extra, once_per_run
-from test_distributed import free_port
-from test_tensor_parallel import (spawn)
+from helpers_distributed import free_port
+from helpers_tensor_parallel import spawn
 
 
 @pytest.fixture(scope="module")

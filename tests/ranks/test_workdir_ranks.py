@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 import pytest
 from fxtrain.apps._workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
-from test_workdir import (_ranks)
+from helpers_apps import _ranks
 
 
 def test_under_torch_distributed_rank_0_takes_the_lock_and_every_rank_refuses(tmp_path):

@@ -1,7 +1,6 @@
 """Smoke runs of benchmarks/ (tiny sizes, a few steps): every script works, every variant and
 every row of the report is there. The full runs are `benchmarks/run_all.py`, never run here."""
 
-import importlib
 import json
 import math
 import os
@@ -10,18 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BENCHMARKS, imported
 
 ROOT = Path(__file__).resolve().parents[2]
-BENCHMARKS = ROOT / "benchmarks"
-
-
-def imported(script):
-    """``benchmarks/<script>.py`` as a module (the scripts import each other by name)."""
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        return importlib.import_module(script)
-    finally:
-        sys.path.remove(str(BENCHMARKS))
 
 
 def files_under(folder: Path) -> dict[str, int]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_benchmarks import imported
+from helpers import imported
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_STAGES = ["core", "llama", "chunked", "remat", "paths", "dropout", "hf"]
@@ -145,7 +145,7 @@ def test_every_variant_trains_the_same_model_as_the_loop(kit, reference, monkeyp
     batches: the loss the trained weights give on a held-out batch is the loop's, within
     float32 rounding (TOLERANCE's derivation above)."""
     if variant == "fx_liger":
-        from test_fused_ce import install
+        from helpers_losses import install
         install(monkeypatch)
     if variant == "hf_trainer":
         pytest.importorskip("transformers")

@@ -3,7 +3,7 @@
 import json
 import sys
 
-from test_benchmarks import BENCHMARKS, imported
+from helpers import BENCHMARKS, imported
 
 
 def test_simulate_benchmark_smoke(tmp_path):

@@ -14,11 +14,7 @@ from hypothesis import given, settings, strategies as st
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, CheckpointMismatchError
 from helpers import classification_batch, mlp, xent
-
-
-def make_state(dropout=0.0, callbacks=(), tx=None):
-    return fx.TrainState.create(mlp((8, 16, 4), dropout), tx or fx.optim.adamw(1e-2),
-                                callbacks=callbacks)
+from helpers_checkpoint import make_state
 
 
 def trained(state, steps=3, callbacks=()):
@@ -266,22 +262,3 @@ def test_a_directory_that_cannot_be_created_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="cannot create the checkpoint directory"):
         CheckpointManager(tmp_path / "file" / "sub").save(make_state())
     assert (tmp_path / "file").read_text() == "x"
-
-
-FULL_DISK = """
-import resource, signal, sys, torch
-sys.path.insert(0, {tests!r})
-import fxtrain as fx
-from helpers import mlp
-state = fx.TrainState.create(mlp((64, 256, 64)), fx.optim.adamw(1e-2))
-m = fx.checkpoint.CheckpointManager({dir!r}, keep_latest=1)
-m.save(state.replace(step=torch.tensor(1))); m.wait()
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG
-resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # as if the disk were full
-try:
-    m.save(state.replace(step=torch.tensor(2))); m.wait()
-except OSError as e:
-    print("raised:", e)
-else:
-    print("no error")
-"""

@@ -13,7 +13,7 @@ import fxtrain as fx
 from fxtrain import cli
 from fxtrain.checkpoint import (CheckpointManager, DamagedCheckpointError, bridge, layout,
                                 shards, store)
-from test_checkpoint_damage import template, train  # the same run, checkpoints of 5 and 10
+from helpers_checkpoint_damage import template, train  # the same run, checkpoints of 5 and 10
 
 FLIPS_PER_FILE = 32
 

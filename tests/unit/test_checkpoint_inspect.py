@@ -8,18 +8,7 @@ import torch
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager
 from fxtrain.cli import main
-from helpers import mlp
-
-
-def saved(tmp_path):
-    cbs = [fx.callbacks.ema(0.9), fx.callbacks.timer(100.0)]
-    state = fx.TrainState.create(mlp((8, 16, 4)), fx.optim.adamw(1e-2), callbacks=cbs)
-    state = state.replace(callbacks={**state.callbacks, "timer": {"elapsed": 1.25}},
-                          data=fx.data.DataPosition.start())
-    with CheckpointManager(tmp_path, keep_latest=3, metadata={"lr": 0.01}) as m:
-        for step, loss in ((5, 0.7), (10, 0.4)):
-            m.save(state.replace(step=torch.tensor(step)), {"loss": loss})
-    return state.replace(step=torch.tensor(10))
+from helpers_checkpoint import saved
 
 
 def test_inspect_lists_checkpoints_with_metrics_and_sizes(tmp_path, capsys):

@@ -15,12 +15,7 @@ from hypothesis import given, settings, strategies as st
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, layout, retention
 from helpers import mlp
-
-NAN = float("nan")
-# step 2 is the best and soon old; step 4 ties it (the first to reach a value stays the best),
-# step 5's is not a number and step 6 has none
-LOSSES = [0.3, 0.1, 0.5, 0.1, NAN, None, 0.4]
-SURVIVORS = [[1], [2], [2, 3], [2, 4], [2, 5], [2, 6], [2, 7]]  # after each save
+from helpers_checkpoint import LOSSES, NAN, SURVIVORS
 
 
 def make_state():
@@ -54,30 +49,6 @@ def test_an_old_best_and_the_newest_are_exactly_what_stays(tmp_path, async_save,
             m.wait()
             assert m.all_steps() == kept, step
         assert m.best_step() == 2
-
-
-SHARDED = """
-import json, sys, torch, torch.distributed as dist
-from math import nan
-sys.path.insert(0, {tests!r})
-import fxtrain as fx
-from helpers import mlp
-dist.init_process_group("gloo", init_method="file://" + {store!r}, rank=0, world_size=1)
-state = fx.shard(fx.TrainState.create(mlp((8, 16, 4)), fx.optim.adamw(1e-2)))
-assert fx.sharding.is_sharded(state)
-found = {{}}
-for async_save in (False, True):
-    with fx.checkpoint.CheckpointManager({dir!r} + str(async_save), keep_latest=1, keep_best=1,
-                                         best_metric="loss", async_save=async_save) as m:
-        found[async_save] = []
-        for step, loss in enumerate({losses!r}, start=1):
-            metrics = None if loss is None else {{"loss": loss}}
-            m.save(state.replace(step=torch.tensor(step)), metrics)
-            m.wait()
-            found[async_save].append(m.all_steps())
-dist.destroy_process_group()
-print(json.dumps([found[False], found[True]]))
-"""
 
 
 METRICS = st.one_of(st.none(), st.sampled_from([0.1, 0.2, 0.3, -1.0, NAN, math.inf]))

@@ -2,14 +2,10 @@
 input and weight a chunk of tokens at a time. The same value, count and gradients as the plain
 loss on every gradient path (autograd, ``torch.func``, compiled), and less memory."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -18,47 +14,9 @@ import fxtrain as fx
 import fxtrain.losses._chunked as cce
 from fxtrain.losses._chunked import chunked_causal_lm
 from helpers import TRACED, graph_count
+from helpers_losses import lm_case, plain, value_and_grads
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def plain(hidden, weight, labels, *, bias=None, shift=True, chunk_size=None):
-    """The reference: the whole logits, then ``fx.losses.causal_lm``."""
-    del chunk_size
-    return fx.losses.causal_lm(F.linear(hidden, weight, bias), labels, shift=shift)
-
-
-def lm_case(batch, length, width, vocab, seed, dtype=torch.float32):
-    """Hidden states, a head (weight, bias) and labels with ``-100`` scattered through them
-    and the last row labelled nowhere (padding only)."""
-    g = torch.Generator().manual_seed(seed)
-    hidden = torch.randn(batch, length, width, generator=g).to(dtype)
-    weight = torch.randn(vocab, width, generator=g).to(dtype)
-    bias = torch.randn(vocab, generator=g).to(dtype)
-    labels = torch.randint(0, vocab, (batch, length), generator=g)
-    labels[torch.rand(batch, length, generator=g) < 0.3] = -100
-    labels[-1] = -100
-    return hidden, weight, bias, labels
-
-
-def value_and_grads(loss_fn, autodiff, hidden, weight, bias, labels, **kwargs):
-    """``(value, total, count, grads)`` of ``loss_fn``'s ``Mean``, the gradients of its value
-    with respect to hidden, weight (and bias, when given) by ``autodiff``."""
-    inputs = (hidden, weight) if bias is None else (hidden, weight, bias)
-
-    def value(*args):
-        mean = loss_fn(args[0], args[1], labels, bias=args[2] if bias is not None else None,
-                       **kwargs)
-        return mean.value, (mean.total, mean.count)
-
-    if autodiff == "func":
-        argnums = tuple(range(len(inputs)))
-        grads, (out, (total, count)) = torch.func.grad_and_value(
-            value, argnums=argnums, has_aux=True)(*inputs)
-        return out, total, count, grads
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    out, (total, count) = value(*leaves)
-    return out.detach(), total.detach(), count, torch.autograd.grad(out, leaves)
 
 
 @settings(max_examples=25, deadline=None)
@@ -333,63 +291,6 @@ def test_a_train_step_with_it_trains_as_with_the_plain_loss(autodiff, compiled, 
     start = initial(bias).state_dict()
     trained_weight = "embed.weight" if head == "tied" else "head.weight"
     assert float((got.params[trained_weight] - start[trained_weight]).abs().max()) > 1e-2
-
-
-# -- memory ----------------------------------------------------------------------------------
-
-# One forward and backward in a fresh process, measured by the kernel's high-water mark of the
-# process's resident memory (VmHWM, reset by /proc/self/clear_refs after the inputs exist and a
-# small warm-up call has made its one-off allocations): what the loss adds to the inputs at its
-# peak, its gradients included. Tensors this large are mmapped by glibc and given back when
-# freed, so the mark follows torch's live tensors.
-PROBE = """
-import re, sys, torch
-import fxtrain as fx
-import fxtrain.losses._chunked as cce
-from fxtrain.losses._chunked import chunked_causal_lm
-
-def high_water():
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
-
-def loss(kind, hidden, weight, labels):
-    if kind == "plain":
-        return fx.losses.causal_lm(hidden @ weight.T, labels).value
-    return chunked_causal_lm(hidden, weight, labels, chunk_size=int(kind)).value
-
-def grads(kind, autodiff, hidden, weight, labels):
-    if autodiff == "func":
-        return torch.func.grad(lambda h, w: loss(kind, h, w, labels), argnums=(0, 1))(
-            hidden, weight)
-    hidden, weight = hidden.requires_grad_(), weight.requires_grad_()
-    return torch.autograd.grad(loss(kind, hidden, weight, labels), [hidden, weight])
-
-kind, autodiff, vocab, tokens, width = sys.argv[1:3] + [int(a) for a in sys.argv[3:]]
-g = torch.Generator().manual_seed(0)
-weight = torch.randn(vocab, width, generator=g).mul_(0.02)
-hidden = torch.randn(1, tokens, width, generator=g)
-labels = torch.randint(0, vocab, (1, tokens), generator=g)
-if autodiff == "compiled":  # torch.func's gradients under Inductor: compiled at full size
-    compiled = torch.compile(lambda h, w, l: grads(kind, "func", h, w, l))
-    compiled(hidden, weight, labels)
-    run = lambda: compiled(hidden, weight, labels)
-else:
-    grads(kind, autodiff, hidden[:, :32].clone(), weight, labels[:, :32])  # compiles the kernel
-    run = lambda: grads(kind, autodiff, hidden, weight, labels)
-open("/proc/self/clear_refs", "w").write("5")
-before = high_water()
-run()
-print(high_water() - before)
-"""
-
-
-def peak_bytes(kind, autodiff, vocab=50257, tokens=1024, width=768):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    out = subprocess.run([sys.executable, "-c", PROBE, kind, autodiff, str(vocab),
-                          str(tokens), str(width)], capture_output=True, text=True, env=env,
-                         timeout=300, check=True)
-    return int(out.stdout.split()[-1])
 
 
 # -- labels outside the vocabulary (issue 60, hole 3) ------------------------------------------

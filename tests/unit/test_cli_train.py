@@ -6,11 +6,7 @@ is written."""
 
 import json
 import socket
-import subprocess
-import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,80 +14,7 @@ import torch
 import fxtrain as fx
 from fxtrain.cli import main
 from fxtrain.apps._workdir import LOCK_NAME
-
-MODELS = textwrap.dedent("""
-    import os
-    import time
-
-    import torch
-    from torch import nn
-    import fxtrain as fx
-
-    def mlp(width: int = 16):
-        return nn.Sequential(nn.Linear(8, width), nn.ReLU(), nn.Linear(width, 4))
-
-    def broken(width: int = 16):
-        raise ValueError("width must be even")
-
-    def blobs(n: int = 128, batch_size: int = 16, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        x = torch.randn(n, 8, generator=g)
-        return fx.data.Batches((x, x[:, :4].argmax(1)), batch_size, seed=seed)
-
-    def nothing(n: int = 128):
-        return None
-
-    def number(n: int = 128):
-        return n
-
-    def arrays(n: int = 128):
-        x = torch.randn(n, 8)
-        return {"x": x, "y": x[:, :4].argmax(1)}
-
-    def gated(gate: str, after: int = 2):
-        # endless batches; before batch `after` it says so (gate.waiting), then waits for `gate`
-        def batches():
-            g = torch.Generator().manual_seed(0)
-            for i in range(100_000):
-                if i == after:
-                    open(gate + ".waiting", "w").close()
-                    deadline = time.time() + 120
-                    while not os.path.exists(gate):
-                        if time.time() > deadline:
-                            raise TimeoutError(gate)
-                        time.sleep(0.02)
-                x = torch.randn(16, 8, generator=g)
-                yield x, x[:, :4].argmax(1)
-        return batches()
-    """)
-
-YAML = textwrap.dedent("""
-    model: ./models.py:mlp
-    model_args: {width: 32}
-    data: ./models.py:blobs
-    loss: cross_entropy
-    optim: {name: adamw, lr: 0.01, warmup_steps: 2}
-    max_steps: 12
-    compile: false
-    log_every: 4
-    checkpoint_every: 6
-    progress: false
-    """)
-
-
-def _modules_after(code: str) -> dict:
-    """Which heavy packages a fresh interpreter has imported after running ``code``."""
-    probe = (f"import sys\n{code}\nimport json\nprint(json.dumps({{m: m in sys.modules for m in "
-             "('torch', 'jax', 'orbax.checkpoint', 'numpy')}))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def _project(tmp_path, yaml=YAML):
-    (tmp_path / "models.py").write_text(MODELS)
-    (tmp_path / "run.yaml").write_text(yaml)
-    return tmp_path / "run.yaml"
+from helpers_apps import YAML, _one_line, _project, _snapshot
 
 
 def test_precision_32_unquoted_as_the_docs_spell_it_trains_in_float32(tmp_path, capsys):
@@ -216,18 +139,6 @@ def test_a_bad_config_is_one_line_naming_the_key_and_changes_nothing(tmp_path, c
     assert not work.exists() and list(here.iterdir()) == []
 
 
-def _snapshot(root: Path) -> dict:
-    """Every file under ``root`` with its bytes."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-            if p.is_file()}
-
-
-def _one_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("fxtrain train: error: ") and err.count("\n") == 1, err
-    return err
-
-
 def test_a_resume_whose_model_fails_to_build_changes_nothing(tmp_path, capsys):
     config = _project(tmp_path)
     work = tmp_path / "run"
@@ -279,25 +190,6 @@ def test_a_workdir_holding_something_else_is_refused(tmp_path, capsys):
         assert "holds files of something else than a run of fxtrain train (checkpoints/, " \
                "notes.txt; no config.yaml); give an empty or new --workdir" in _one_line(capsys)
     assert sorted(p.name for p in work.iterdir()) == ["checkpoints", "notes.txt"]
-
-
-def _gated(config: Path, work: Path, gate: Path) -> list[str]:
-    return ["train", str(config), "--workdir", str(work), "--data", "./models.py:gated",
-            "--data_args", f"{{gate: {gate}}}"]
-
-
-def _start(args: list[str]) -> subprocess.Popen:
-    """``fxtrain train ARGS`` in another process, and waits until it blocks at its gate."""
-    run = subprocess.Popen([sys.executable, "-m", "fxtrain", *args], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    waiting = Path(args[args.index("--data_args") + 1][7:-1] + ".waiting")
-    deadline = time.time() + 120
-    while not waiting.exists():
-        if run.poll() is not None or time.time() > deadline:
-            run.kill()
-            raise AssertionError(f"the first run ended early: {run.communicate()}")
-        time.sleep(0.05)
-    return run
 
 
 # slow: the main suite only (its CLI logic is torch's on every version; fx.precompiled's load on

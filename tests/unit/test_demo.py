@@ -3,20 +3,18 @@
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import reaped, sigint_back
+from helpers import reaped
 from PIL import Image
 
 from fxtrain import cli
 from fxtrain.checkpoint import inspect
 from fxtrain.apps.demo import figures, tasks
 from fxtrain.logging import read_jsonl
+from helpers_apps import digest_of
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = ["--no-progress", "--no-compile", "--eval-every", "20", "--checkpoint-every", "20",
@@ -28,11 +26,6 @@ def demo(capsys, workdir, *flags):
     status = cli.main(["demo", "--workdir", str(workdir), *flags])
     out, err = capsys.readouterr()
     return status, out, err
-
-
-def digest_of(stdout: str) -> str:
-    (digest,) = re.findall(r"state digest: ([0-9a-f]{64})", stdout)
-    return digest
 
 
 def listing(root: Path) -> dict[str, float]:
@@ -272,32 +265,3 @@ def test_a_run_nan_guard_stops_exits_3_naming_the_step_the_metric_and_the_checkp
     logged = {e["step"] for e in read_jsonl(tmp_path / "metrics.jsonl")
               if "train/loss" in e.get("values", {})}
     assert {10, 20} <= logged
-
-
-def run_cli(workdir, *flags, **kwargs):
-    return subprocess.Popen([sys.executable, "-m", "fxtrain", "demo", "--workdir", str(workdir),
-                             "--no-progress", *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            preexec_fn=sigint_back, **kwargs)
-
-
-def wait_for_checkpoint(proc, directory: Path, step: int, timeout=240):
-    deadline = time.monotonic() + timeout
-    while not (directory / str(step)).is_dir():
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint in time"
-        time.sleep(0.05)
-
-
-KILLED_RUNS = {  # model -> (its flags, the checkpoint step to kill after)
-    # the demo as docs/demo.md runs it, default flags: compiled steps, every callback, logs,
-    # 1500 steps (evaluations every 100, figures every 500 after the kill at 250); the
-    # uninterrupted run also shows the stated accuracy
-    "mlp": ([], 250),
-    # a GPT with keyed SDPA attention dropout and keyed text samples, compiled: its embedding's
-    # backward is a scatter-add, compiled to atomic adds in a varying order unless torch's
-    # deterministic algorithms are on (the demo turns them on)
-    "transformer": (["--model", "transformer", "--steps", "40", "--batch-size", "8",
-                     "--eval-every", "20", "--checkpoint-every", "20", "--log-every", "10",
-                     "--media-every", "30"], 20),
-}

@@ -2,36 +2,17 @@
 torch.multiprocessing or torchrun; the scenarios are in tests/dist_worker.py."""
 
 import contextlib
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import fxtrain as fx
 import dist_worker
-from helpers import TESTS as HERE, extra, mlp, reaped
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def spawn(name, *args, **kwargs):
-    mp.spawn(dist_worker.spawned, args=(2, free_port(), name, args, kwargs), nprocs=2)
-
-
-def results(out):
-    return [torch.load(out / f"rank{r}.pt") for r in (0, 1)]
+from helpers import mlp, reaped
 
 
 # ---- sharded data (no processes needed) ------------------------------------------------------
@@ -94,22 +75,3 @@ def test_data_parallel_needs_a_process_group():
 
 
 # ---- two processes ----------------------------------------------------------------------------
-
-
-def torchrun(*args, timeout=300, nproc=2, **popen):
-    """``dist_worker.py *args`` under torchrun; ``--standalone``: its store binds a free port
-    itself (a port found free and closed first could be taken by another test before)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", str(HERE / "dist_worker.py"), *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **popen)
-
-
-def rank_of(torchrun_job, rank):
-    """The process of ``rank`` under a torchrun job (its agent starts them in their own
-    sessions)."""
-    psutil = extra("psutil")
-    family = psutil.Process(torchrun_job.pid).children(recursive=True)
-    return next(p for p in family if "dist_worker.py" in " ".join(p.cmdline())
-                and p.environ().get("RANK") == str(rank))

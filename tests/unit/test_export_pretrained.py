@@ -11,34 +11,7 @@ import torch.multiprocessing as mp
 import dist_worker
 import fxtrain as fx
 from fxtrain import cli
-from helpers import extra
-from test_distributed import free_port
-
-transformers = extra("transformers")
-
-IDS = torch.arange(12).reshape(2, 6) % 40
-
-
-def trained(tmp_path, steps=2):
-    """A tiny GPT-2 trained ``steps`` steps and checkpointed: the state and the manager's
-    directory."""
-    state = fx.TrainState.create(dist_worker.tiny_gpt2(), fx.optim.adamw(1e-2))
-    ids = torch.randint(0, 40, (4, 12), generator=torch.Generator().manual_seed(1))
-    with fx.checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False) as manager:
-        state = fx.fit(state, fx.make_train_step(dist_worker.gpt2_loss),
-                       fx.data.Batches(ids, 2, seed=0), max_steps=steps, checkpoint=manager)
-    return state, tmp_path / "ckpt"
-
-
-def loaded(folder):
-    model, info = transformers.GPT2LMHeadModel.from_pretrained(folder, output_loading_info=True)
-    assert not any(info.values()), info  # no missing, unexpected or mismatched names
-    return model.eval()
-
-
-def logits(model):
-    with torch.no_grad():
-        return model(IDS).logits
+from helpers_export_pretrained import loaded, logits, trained, transformers
 
 
 def test_a_checkpoint_exports_to_a_folder_from_pretrained_loads_with_the_trained_logits(

@@ -231,36 +231,6 @@ def test_bad_input_gets_clear_errors():
                eval_data=data, callbacks=[fx.callbacks.early_stopping("val_loss")])
 
 
-CTRL_C = """
-import os, signal, sys, time, json
-sys.path.insert(0, {tests!r})
-import torch, fxtrain as fx
-from helpers import mlp, xent
-
-class Manager(fx.checkpoint.CheckpointManager):
-    def save(self, state, metrics=None, force=False):
-        saved = super().save(state, metrics, force)
-        print("saved", int(state.step), flush=True)
-        return saved
-
-def slow(state, event):
-    if event.kind == "step_end":
-        print("step", event.step, flush=True)
-        time.sleep(0.05)
-    if event.kind == "train_end":
-        print("train_end", event.metrics["reason"], flush=True)
-
-x = torch.randn(64, 8); y = (x[:, 0] > 0).long()
-state = fx.TrainState.create(mlp((8, 16, 2)), fx.optim.sgd(0.1))
-try:
-    fx.fit(state, fx.make_train_step(xent), fx.data.Batches((x, y), 16), max_steps=10_000,
-           callbacks=[slow], checkpoint=Manager({ckpt!r}))
-except KeyboardInterrupt as e:
-    print("interrupted at", int(e.state.step), flush=True)
-    raise
-"""
-
-
 def test_fx_evaluate_averages_over_examples_across_uneven_batches():
     x = torch.randn(10, 8, generator=torch.Generator().manual_seed(1))
     y = (x[:, 0] > 0).long()

@@ -6,7 +6,6 @@ kernel against fxtrain's own (``hardware``)."""
 
 import inspect
 import sys
-import types
 
 import pytest
 import torch
@@ -16,47 +15,7 @@ import fxtrain as fx
 import fxtrain.losses._chunked as cce
 import fxtrain.losses._fused as fce
 from helpers import TRACED
-from test_chunked_ce import lm_case, plain, value_and_grads
-
-
-def fake_forward(_input, weight, target, ce_weight=None, bias=None, ignore_index=-100,
-                 lse_square_scale=0.0, label_smoothing=0.0, reduction="mean", softcap=None,
-                 return_z_loss=False, accum_dtype=None, use_token_scaling=False,
-                 return_token_accuracy=False, return_predicted_tokens=False, ce_impl=None,
-                 ce_mode=None, token_grad_output=None, compute_gradients=None,
-                 weight_requires_grad=None, chunk_mem_const=1):
-    """Liger 0.8.5's ``fused_linear_cross_entropy_forward``, in torch ops: the loss of the rows
-    with a target (summed or averaged) and its gradients, in the inputs' dtype (the weight's
-    accumulated in ``accum_dtype``); each call's arguments recorded in ``CALLS``."""
-    CALLS.append({k: v for k, v in locals().items() if k != "token_grad_output"})
-    labelled = target != ignore_index
-    logits = F.linear(_input, weight, bias).float()
-    safe = torch.where(labelled, target, 0)
-    loss = torch.where(labelled, logits.logsumexp(1) - logits.gather(1, safe[:, None])[:, 0], 0)
-    onehot = F.one_hot(safe, logits.shape[1])
-    grad_logits = torch.where(labelled[:, None], logits.softmax(1) - onehot, 0.0)
-    if reduction == "mean":
-        loss, grad_logits = loss / labelled.sum(), grad_logits / labelled.sum()
-    grad_logits = grad_logits.to(_input.dtype)
-    grad_input = grad_logits @ weight if compute_gradients else None
-    grad_weight = (grad_logits.T @ _input).to(accum_dtype or weight.dtype).to(weight.dtype)
-    grad_bias = None if bias is None else grad_logits.sum(0).to(bias.dtype)
-    return loss.sum(), None, None, None, grad_input, grad_weight, grad_bias
-
-
-CALLS: list[dict] = []
-
-
-def install(monkeypatch, forward=fake_forward):
-    """A fake ``liger_kernel`` package whose fused linear cross-entropy module has ``forward``,
-    and the CPU counted as a device Liger runs on."""
-    CALLS.clear()
-    module = types.ModuleType(fce.LIGER_MODULE)
-    module.fused_linear_cross_entropy_forward = forward
-    for name in ("liger_kernel", "liger_kernel.ops"):
-        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
-    monkeypatch.setitem(sys.modules, fce.LIGER_MODULE, module)
-    monkeypatch.setattr(fce, "LIGER_DEVICES", ("cuda", "cpu"))
+from helpers_losses import CALLS, fake_forward, install, lm_case, plain, value_and_grads
 
 
 def test_the_fake_has_liger_0_8_5s_signature_where_the_loss_calls_it():

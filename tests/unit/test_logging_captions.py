@@ -10,7 +10,7 @@ from torch import nn
 
 import fxtrain as fx
 from helpers import extra
-from test_logging_writers import read_tensorboard
+from helpers_logging import read_tensorboard
 
 
 def texts(acc):

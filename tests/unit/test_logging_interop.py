@@ -6,7 +6,6 @@ import json
 import struct
 import subprocess
 import sys
-import textwrap
 import time
 
 import numpy as np
@@ -101,30 +100,3 @@ def test_wandb_writer_bad_input():
     extra("wandb")
     with pytest.raises(ValueError, match="either run= or wandb.init's arguments"):
         fx.logging.WandbWriter("p", run=object())
-
-
-CLU_SCRIPT = textwrap.dedent("""
-    import sys
-    import torch
-    import torch._dynamo  # loads Triton (CUDA wheels) before TensorFlow: see docs/logging.md
-    from absl import logging
-    from clu import metric_writers
-    import fxtrain as fx
-
-    logging.set_verbosity(logging.INFO)  # clu's LoggingWriter logs at INFO
-
-    path = sys.argv[1]
-    jsonl = fx.logging.JsonlWriter(path)
-    writer = metric_writers.MultiWriter([metric_writers.AsyncWriter(jsonl),
-                                         metric_writers.LoggingWriter()])
-    assert isinstance(writer, fx.logging.Writer)  # clu's writers qualify, knowing nothing of it
-    state = fx.TrainState.create(torch.nn.Linear(4, 2), fx.optim.sgd(0.1))
-    x, y = torch.randn(32, 4), torch.randn(32, 2)
-    step = fx.make_train_step(lambda s, p, b: ((s.apply(p, b[0]) - b[1]) ** 2).mean())
-    fx.fit(state, step, fx.data.Batches((x, y), 8), max_steps=10, callbacks=[
-        fx.callbacks.log_metrics(writer, every=5),
-        fx.callbacks.log_hparams(writer, {"lr": 0.1}),
-        fx.callbacks.model_watch(writer, log="parameters", every=10)])
-    writer.close()
-    print("clu ok")
-""")

@@ -15,15 +15,7 @@ import torch
 from helpers import extra, reaped
 
 import fxtrain as fx
-
-
-def read_tensorboard(logdir):
-    """The run in ``logdir`` read back with tensorboard's own reader (the clu extra's)."""
-    event_accumulator = extra("tensorboard.backend.event_processing.event_accumulator")
-    acc = event_accumulator.EventAccumulator(str(logdir), size_guidance={"images": 0,
-                                                                      "tensors": 0})
-    acc.Reload()
-    return acc
+from helpers_logging import read_tensorboard
 
 
 def test_tensorboard_scalars_images_histograms_texts_hparams_read_back(tmp_path):
@@ -105,17 +97,6 @@ def test_jsonl_lines_and_reader(tmp_path):
     assert [e["kind"] for e in events] == ["scalars", "texts", "images", "hparams"]
     assert events[0]["step"] == 2 and events[0]["values"] == {"loss": 0.5, "inf": "inf"}
     assert events[2]["values"]["img"]["shape"] == [1, 3, 3, 1]
-
-
-KILLED = """
-import os, signal, sys, torch
-import fxtrain as fx
-w = fx.logging.JsonlWriter(sys.argv[1])
-for step in range(100000):
-    w.write_scalars(step, {"loss": 1.0 / (step + 1), "text": 0.0})
-    if step == 200:
-        print("ready", flush=True)
-"""
 
 
 def test_console_writer_lines(caplog):

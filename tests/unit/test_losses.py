@@ -12,14 +12,7 @@ import dist_worker
 import fxtrain as fx
 from dist_worker import lm_batches, lm_loss, lm_model
 from helpers import TRACED
-from test_distributed import results, spawn
-
-# One update of a linear model from the same start, computed two ways (a full batch, or
-# micro-batches summed by their token counts): the gradients differ by float32 rounding of sums
-# of at most 26 terms of order 1 (below 1e-5 relative), and SGD moves each parameter by the
-# learning rate (0.5) times that: 1e-5 absolute leaves room, far below what weighing the
-# micro-batches alike moves (1e-2 and more for these token counts; checked below).
-ATOL = 1e-5
+from helpers_losses import ATOL
 
 
 def plain_loss(state, params, batch):
@@ -196,7 +189,7 @@ def test_loss_parallel_refuses_a_label_outside_the_vocabulary_naming_causal_lm(b
     the loss is the plain one's. On a 1-rank gloo mesh: the same path as on several ranks."""
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from test_distributed import free_port
+    from helpers_distributed import free_port
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                          rank=0, world_size=1)
     try:

@@ -19,7 +19,7 @@ OPTIMIZERS = {
 
 @pytest.fixture(scope="module")
 def one_rank():
-    from test_distributed import free_port
+    from helpers_distributed import free_port
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
                                          rank=0, world_size=1)
     yield

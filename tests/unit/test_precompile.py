@@ -6,10 +6,7 @@ import json
 import os
 import random
 import re
-import subprocess
-import sys
 import tempfile
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,38 +20,8 @@ import fxtrain.step._precompile as precompile
 from fxtrain.step import _precompiled_file as stored
 from fxtrain._torch import aot
 from fxtrain.step._precompile import compile_options
-
-CHILD = textwrap.dedent("""
-    import json, sys
-    import torch
-    import torch.nn.functional as F
-    from torch import nn
-    import fxtrain as fx
-
-    def loss_fn(state, params, batch):
-        x, y = batch
-        return F.cross_entropy(state.apply(params, x), y)
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.25), nn.Linear(16, 3))
-    state = fx.TrainState.create(model, fx.optim.adamw(1e-2), seed=0)
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(4, 8, generator=g), torch.randint(0, 3, (4,), generator=g))
-
-    def train(step, state):
-        for _ in range(3):
-            state, metrics = step(state, batch)
-        return state, metrics
-
-    step = fx.precompiled(fx.make_train_step(loss_fn), sys.argv[1])
-    trained, metrics = train(step, state)
-    out = {"loaded": step.loaded, "digest": fx.tree_digest(trained),
-           "loss": float(metrics["loss"])}
-    if sys.argv[2] == "save+reference":  # and torch.compile's steps, in the same process
-        reference = torch.compile(fx.make_train_step(loss_fn), fullgraph=True)
-        out["reference"] = fx.tree_digest(train(reference, state)[0])
-    print(json.dumps(out))
-""")
+from helpers_step import (DAMAGED, KEPT, QUICK, REPLACED, flip, in_a_kernel, loss_fn, setup,
+                          so_files, steps)
 
 
 class Scaled(nn.Module):
@@ -68,25 +35,10 @@ class Scaled(nn.Module):
         return self.linear(x) * self.scale
 
 
-def loss_fn(state, params, batch):
-    x, y = batch
-    return F.cross_entropy(state.apply(params, x), y)
-
-
-def setup(lr=1e-2):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3))
-    g = torch.Generator().manual_seed(1)
-    batch = (torch.randn(4, 4, generator=g), torch.randint(0, 3, (4,), generator=g))
-    return fx.TrainState.create(model, fx.optim.sgd(lr)), batch
-
-
 # the tests of torch's precompiled step itself (its guard check, its refusals, the damaged files
 # of that route): torch 2.13 and later. Before, the file keeps torch's compile caches instead, and
 # the tests without this mark hold on that route too (torch 2.11).
 SAVES = pytest.mark.needs_torch(2, 13, "fx.precompiled saving a compiled step")
-
-QUICK = {"cpp_wrapper": False}  # the Python wrapper: seconds less to compile, where it is moot
 
 
 def loaded(train_step, path, state, batch, options=QUICK):
@@ -94,25 +46,6 @@ def loaded(train_step, path, state, batch, options=QUICK):
     step = fx.precompiled(train_step, path, options=options)
     step(state, batch)
     return step.loaded
-
-
-def steps(step, state, batch, n=2):
-    for _ in range(n):
-        state, metrics = step(state, batch)
-    return state, metrics
-
-
-def child(tmp_path, path, mode, env=None):
-    """CHILD's result in a new process: ``mode`` "save" or "load" (fx.precompiled's step at
-    ``path``), or "save+reference" (then torch.compile's step too, its digest "reference");
-    and what it wrote to stderr."""
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
-    done = subprocess.run([sys.executable, str(script), str(path), mode], text=True,
-                          capture_output=True, cwd=tmp_path, timeout=600,
-                          env={**os.environ, **(env or {})})
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 def test_a_step_of_other_code_or_hyperparameters_is_compiled_again(tmp_path):
@@ -295,10 +228,6 @@ def test_where_torch_has_no_precompile_the_file_keeps_its_compile_caches(tmp_pat
     assert fx.tree_digest(got) == fx.tree_digest(want)
 
 
-def so_files(folder: Path) -> set[str]:
-    return {p.relative_to(folder).as_posix() for p in folder.glob("*/*.so")}
-
-
 @pytest.mark.parametrize("route", [pytest.param("aot", marks=SAVES), "caches"])
 def test_a_cold_inductor_cache_finds_the_libraries_in_the_file_and_builds_none(route, tmp_path,
                                                                               monkeypatch):
@@ -386,20 +315,6 @@ def saved(tmp_path_factory):
                            digest=fx.tree_digest(trained))
 
 
-def flip(data: bytes, at: int, bit: int) -> bytes:
-    flipped = bytearray(data)
-    flipped[at] ^= 1 << bit
-    return bytes(flipped)
-
-
-def in_a_kernel(data: bytes) -> bytes:
-    """The learning rate in the C++ source of the SGD update's kernel, 0.01 made 0.03 by one
-    bit: before issue 46 a process whose Inductor cache was cold compiled it and trained with it,
-    without a word."""
-    at = data.index(b"static_cast<float>(-0.01)") + len(b"static_cast<float>(-0.0")
-    return flip(data, at, 1)
-
-
 def lines(data: bytes, n: int) -> int:
     """Where the ``n``-th line of ``data`` ends."""
     end = 0
@@ -413,11 +328,7 @@ def garbage(n: int) -> bytes:
 
 
 PREVIOUS_FORMAT = b"fxtrain-precompiled-1\n"  # fxtrain's header before issue 46: then key, body
-DAMAGED = "is damaged (its contents do not match its SHA-256 checksum)"
 CHECKSUM = re.escape(DAMAGED)
-REPLACED, KEPT = "the step is compiled again, saved over it", (
-    "the step is compiled again, trains, but is not saved: fxtrain never overwrites a file it "
-    "cannot read as its own (give another path, or delete it)")
 DAMAGES = {  # at the path: (its bytes from the clean file's, the cause named, what is done)
     "a_bit_in_a_kernel": (in_a_kernel, CHECKSUM, REPLACED),
     "truncated": (lambda d: d[:len(d) // 2],

@@ -15,7 +15,7 @@ from torch._inductor.utils import fresh_cache
 import fxtrain as fx
 from fxtrain._torch import binaries
 from fxtrain.step import _precompiled_file as stored
-from test_precompile import QUICK, loss_fn, setup, so_files, steps
+from helpers_step import QUICK, loss_fn, setup, so_files, steps
 
 OTHER = json.dumps({"cpu": "0" * 16, "cxx": "/usr/bin/g++ 1 1", "libc": "glibc 2.17"})
 

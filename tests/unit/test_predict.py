@@ -8,7 +8,6 @@ import torch.nn.functional as F
 import dist_worker
 import fxtrain as fx
 from helpers import mlp
-from test_distributed import results, spawn
 
 X = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
 

@@ -9,6 +9,7 @@ from torch import nn
 
 import fxtrain as fx
 from helpers import TRACED
+from helpers_remat import ATOL, LR, run, same
 
 
 @pytest.fixture(autouse=True)
@@ -70,29 +71,6 @@ def make(dtype=torch.float32, tx=None, **net):
     batches = [(torch.randn(8, 16, generator=g, dtype=dtype),
                 torch.randint(0, 5, (8,), generator=g)) for _ in range(3)]
     return fx.TrainState.create(model, tx or fx.optim.adamw(1e-2), seed=0), batches
-
-
-LR = 0.1
-# Two compiled programs (or compiled against eager) may fuse and order float32 sums
-# differently on another CPU. With SGD each step moves a parameter by LR times its gradient, so
-# a difference there is LR times the gradients' difference: float32 rounding (eps 1.2e-7) over
-# sums of at most 64 terms in 3 blocks, relative to gradients of order 1, is below 1e-4, and 3
-# steps of LR 0.1 give at most 3e-5, far below what a wrong mask or a doubled gradient moves
-# (of order LR times a gradient, 1e-2). Adam would divide by the gradient's own size and blow
-# up a rounding difference in a gradient near zero, so it is not used where paths differ.
-ATOL = 3e-5
-
-
-def run(step, state, batches):
-    metrics = []
-    for batch in batches:
-        state, m = step(state, batch)
-        metrics.append(m)
-    return state, metrics
-
-
-def same(a, b):
-    return fx.tree_digest(a) == fx.tree_digest(b)
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -270,69 +248,3 @@ def test_fit_trains_with_remat_and_resumes_exactly(tmp_path):
     with fx.checkpoint.CheckpointManager(tmp_path / "c") as manager:
         resumed = fx.fit(fresh()[0], step, data, max_steps=8, checkpoint=manager)
     assert int(resumed.step) == 8 and same(whole, resumed)
-
-
-# -- memory ----------------------------------------------------------------------------------
-
-# A compiled autograd step on 4 residual MLP blocks (width 256, 2048 rows), in a fresh process,
-# measured by the kernel's high-water mark of its resident memory (VmHWM, reset by
-# /proc/self/clear_refs after two steps): what one step adds at its peak. glibc's mmap
-# threshold is fixed, so freed blocks go back to the system at once (its default threshold
-# grows with the blocks freed, and later ones then stay in the heap). ``aot_eager`` runs the
-# graph AOT autograd makes, recomputation included, op by op: seconds to compile.
-REMAT_PROBE = """
-import re, sys, torch, torch.nn.functional as F
-from torch import nn
-import fxtrain as fx
-
-torch.set_num_threads(1)
-remat = sys.argv[1] == "remat"
-
-class Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.up, self.down = nn.Linear(256, 1024), nn.Linear(1024, 256)
-
-    def forward(self, h):
-        return h + self.down(F.gelu(self.up(h)))
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.blocks = nn.ModuleList(Block() for _ in range(4))
-
-    def forward(self, h):
-        for block in self.blocks:
-            h = fx.remat(block, h) if remat else block(h)
-        return h
-
-def high_water():
-    status = open("/proc/self/status").read()
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", status).group(1)) * 1024
-
-torch.manual_seed(0)
-state = fx.TrainState.create(Net(), fx.optim.sgd(0.1))
-step = torch.compile(fx.make_train_step(lambda s, p, x: s.apply(p, x).square().mean(),
-                                        autodiff="autograd"), fullgraph=True, backend="aot_eager")
-x = torch.randn(2048, 256)
-for _ in range(2):
-    state, _ = step(state, x)
-open("/proc/self/clear_refs", "w").write("5")
-before = high_water()
-state, _ = step(state, x)
-print(high_water() - before)
-"""
-
-
-def step_peak_bytes(probe: str, *args: str) -> int:
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "PYTHONPATH": os.pathsep.join(
-        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    out = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True,
-                         env=env, timeout=600, check=True)
-    return int(out.stdout.split()[-1])

@@ -129,12 +129,3 @@ def test_bad_loss_is_a_clear_error(bad, match):
 
     with pytest.raises((TypeError, ValueError), match=match):
         fx.make_train_step(loss_fn)(state, classification_batch())
-
-
-BAD_STEP_ARGUMENTS = {
-    "steps_per_call": ({"steps_per_call": 0}, "steps_per_call must be a positive int, got 0"),
-    "donate": ({"donate": "yes"}, "donate must be True, False or None"),
-    "buffers": ({"buffers": "sum"}, "buffers must be 'mean' or 'local'"),
-    "grad_stats": ({"grad_stats": "all"}, "grad_stats must be False, True or 'histograms'"),
-    "data_parallel": ({"data_parallel": "auto"}, "data_parallel must be True, False or None"),
-}

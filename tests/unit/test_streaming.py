@@ -3,8 +3,6 @@ number of ranks, its position counting examples. The ranks are simulated in one 
 ``shard=(rank, world_size)``, but for the gloo test at the end, which resumes a run on 2
 processes from 1 and on 1 from 2."""
 
-import hashlib
-import json
 import logging
 
 import pytest
@@ -16,7 +14,6 @@ from hypothesis import strategies as st
 import dist_worker
 import fxtrain as fx
 from helpers import mlp
-from test_distributed import free_port
 
 
 def ids(n):
@@ -207,18 +204,6 @@ def test_fit_on_a_stream_of_packed_rows_resumes_bit_identically(tmp_path, caplog
     assert "reading past 20 examples of epoch 0" in caplog.text
     assert int(whole.data.epoch) == 1  # the epoch rolled over inside the run
     assert fx.tree_digest(resumed) == fx.tree_digest(whole)
-
-
-def digest(batches):
-    return hashlib.sha256(json.dumps(batches).encode()).hexdigest()
-
-
-def global_batches(out, tag, world):
-    """Each step's example ids over the ranks, in rank order."""
-    ranks = [torch.load(out / f"{tag}_rank{r}.pt") for r in range(world)]
-    assert len({len(r["seen"]) for r in ranks}) == 1
-    return [sum((r["seen"][i] for r in ranks), []) for i in range(len(ranks[0]["seen"]))], \
-        ranks
 
 
 def test_examples_that_do_not_collate_are_named_with_their_epoch_and_place():

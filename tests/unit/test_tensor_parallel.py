@@ -3,21 +3,12 @@ own plan trains as one process does, each rank holding its slices of the planned
 its checkpoint restores onto one process. Plans that name what the model lacks are refused."""
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 import dist_worker
 import fxtrain as fx
 from helpers import extra
-from test_distributed import free_port
 
 transformers = extra("transformers")
-
-
-def spawn(tmp_path, **kwargs):
-    mp.spawn(dist_worker.spawned, nprocs=2, args=(2, free_port(), "tensor_parallel",
-                                                   (str(tmp_path),), kwargs))
-    return [torch.load(tmp_path / f"tp_rank{r}.pt") for r in (0, 1)]
 
 
 def test_plans_that_name_what_the_model_lacks_are_refused():

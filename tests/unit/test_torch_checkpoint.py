@@ -11,7 +11,7 @@ from torch.utils.checkpoint import checkpoint
 
 import fxtrain as fx
 from helpers import TRACED, extra
-from test_remat import ATOL, LR, run, same
+from helpers_remat import ATOL, LR, run, same
 
 
 @pytest.fixture(autouse=True)

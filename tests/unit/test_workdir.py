@@ -7,30 +7,13 @@ import hashlib
 import json
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
 from fxtrain.apps._workdir import LOCK_NAME, WorkdirLocked, _take_over, acquire, held, release
-
-
-def dead_pid() -> int:
-    """The pid of a process that has ended (and been waited for)."""
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()
-    return child.pid
-
-
-def write_lock(workdir: Path, **owner) -> Path:
-    workdir.mkdir(parents=True, exist_ok=True)
-    owner = {"pid": os.getppid(), "host": socket.gethostname(),
-             "started": "2999-01-01T00:00:00+00:00", "command": "fxtrain train old.yaml", **owner}
-    (workdir / LOCK_NAME).write_text(json.dumps(owner))
-    return workdir / LOCK_NAME
+from helpers_apps import write_lock
 
 
 def test_the_lock_names_its_owner_and_goes_with_the_folders_it_made(tmp_path):
@@ -81,23 +64,6 @@ def test_held_releases_on_an_exception(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-RACER = textwrap.dedent("""
-    import sys, time, warnings
-    from fxtrain.apps._workdir import WorkdirLocked, acquire, release
-    warnings.simplefilter("ignore")
-    while time.time() < float(sys.argv[2]):  # start together
-        pass
-    try:
-        lock = acquire(sys.argv[1], "racer")
-    except WorkdirLocked as e:
-        print("refused", e)
-    else:
-        print("won")
-        time.sleep(1.0)
-        release(lock)
-    """)
-
-
 def test_fxtrain_demo_takes_the_lock_too(tmp_path, capsys):
     from fxtrain import cli
 
@@ -113,35 +79,6 @@ def test_fxtrain_demo_takes_the_lock_too(tmp_path, capsys):
     status = cli.main(["demo", "--workdir", str(tmp_path / "demo"), "--steps", "1",
                        "--no-progress", "--no-compile"])
     assert status == 0 and not (tmp_path / "demo" / LOCK_NAME).exists()
-
-
-def _ranks(rank: int, port: int, workdir: str) -> None:
-    """Each of two gloo ranks: held() takes the lock on rank 0 only; a held workdir is refused
-    on every rank."""
-    import torch
-
-    from fxtrain import distributed
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank))
-    distributed.init()
-    try:
-        with held(Path(workdir) / "free") as lock:
-            owner = json.loads(lock.path.read_text())
-            distributed.barrier()
-        distributed.barrier()  # rank 0 has released it
-        result = {"owner": owner["pid"], "me": os.getpid(), "released": not lock.path.exists()}
-        if rank == 0:
-            write_lock(Path(workdir) / "busy")  # by our parent, the test: alive
-        distributed.barrier()
-        try:
-            with held(Path(workdir) / "busy"):
-                result["refused"] = None
-        except Exception as e:
-            result["refused"] = f"{type(e).__name__}: {e}"
-        Path(workdir, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        torch.distributed.destroy_process_group()
 
 
 def test_an_empty_lock_older_than_a_few_seconds_is_taken_over_with_a_warning(tmp_path):
