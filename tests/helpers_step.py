@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 from pathlib import Path
 
 import torch
@@ -196,3 +197,20 @@ DAMAGED = "is damaged (its contents do not match its SHA-256 checksum)"
 REPLACED, KEPT = "the step is compiled again, saved over it", (
     "the step is compiled again, trains, but is not saved: fxtrain never overwrites a file it "
     "cannot read as its own (give another path, or delete it)")
+
+
+def module_values():
+    """Every module-level value of every fxtrain module loaded, by (module, name): its
+    identity, and for a container the identities of what it holds."""
+    out = {}
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("fxtrain") or not isinstance(module, types.ModuleType):
+            continue
+        for key, value in vars(module).items():
+            held = ()
+            if isinstance(value, dict):
+                held = tuple((k, id(v)) for k, v in value.items())
+            elif isinstance(value, (list, set)):
+                held = tuple(sorted(map(id, value)))
+            out[name, key] = (id(value), held)
+    return out

@@ -3,6 +3,10 @@ only (issue 76): regional steps of a sweep, built again in one process with othe
 each train the bits they train alone; a batch of another size and a changed setting compile
 again and train; Inductor's and Dynamo's settings are as they were after each call."""
 
+import gc
+import re
+import weakref
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +14,7 @@ from torch import nn
 
 import fxtrain as fx
 from helpers import TRACED
+from helpers_step import module_values
 from helpers_compile import Net, loss_fn, setup, trained
 
 
@@ -166,3 +171,46 @@ def test_a_trace_that_fails_leaves_the_settings_as_they_were():
         step(state, batch)
     assert (dynamo.trace_autograd_ops, dynamo.skip_fwd_side_effects_in_bwd_under_checkpoint) == \
         before
+
+
+def _fxtrains_own(values):
+    """``module_values()`` without the globals Dynamo installs in the module of a function it
+    compiles (its compiled code, the constants of the functions it ran while tracing)."""
+    dynamo = re.compile(r"^(__compiled_fn|___|__builtins_dict|__resume_at|__import_)|_\d+$")
+    return {k: v for k, v in values.items() if not dynamo.search(k[1])}
+
+
+def test_tracing_and_running_regional_steps_writes_no_module_level_value():
+    """Compiled regional steps of two states with other optimizers and masks, traced and run
+    in one process: no module-level value of fxtrain changes (issue 76: every optimizer traced
+    was kept in a process list, every block layout in another, region keys and draws in
+    tables)."""
+    compile_step = lambda step, state: fx.compile(step, state, backend=TRACED)  # noqa: E731
+    regional_run(fx.optim.adamw(1e-2), compile_step)  # every module loaded, its caches made
+    regional_run(fx.optim.sgd(0.1), lambda step, state: step)  # and eagerly
+    before = _fxtrains_own(module_values())
+    for name, tx in optimizers().items():
+        regional_run(tx, compile_step)
+        regional_run(tx, lambda step, state: step)
+        assert _fxtrains_own(module_values()) == before, name
+
+
+def test_steps_built_and_dropped_keep_no_transformation_or_layout_alive():
+    """A notebook's life: 50 regional states and their steps built, run and dropped in a loop
+    (eagerly, and compiled for the first 3): no transformation, layout or planned update of
+    theirs stays alive (weak references)."""
+    refs = []
+    for i in range(50):
+        torch.manual_seed(0)
+        tx = fx.optim.adamw(1e-2 * (1 + i % 3))
+        state = fx.regional(fx.TrainState.create(Net(2), tx, seed=3))
+        step = fx.make_train_step(loss_fn)
+        if i < 3:
+            step = fx.compile(step, state, backend=TRACED)
+        state = trained(step, state, setup(2)[1], n=1)[0]
+        refs += [weakref.ref(tx.update), weakref.ref(state.layout),  # (tx: a tuple of two
+                 weakref.ref(state.layout.block_update)]  # functions, its update one of them)
+        del tx, state, step
+    gc.collect()
+    alive = [r() for r in refs if r() is not None]
+    assert not alive, f"{len(alive)} of {len(refs)} alive: {[type(a).__name__ for a in alive]}"

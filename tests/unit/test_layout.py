@@ -4,30 +4,11 @@ writes no module-level value of fxtrain, and states of other layouts, tied model
 made in one process in either order, train as each does alone."""
 
 import sys
-import sys as _sys
-import types
 
 import torch
 
 import fxtrain as fx
-from helpers_step import made
-
-
-def module_values():
-    """Every module-level value of every fxtrain module loaded, by (module, name): its
-    identity, and for a container the identities of what it holds."""
-    out = {}
-    for name, module in list(_sys.modules.items()):
-        if not name.startswith("fxtrain") or not isinstance(module, types.ModuleType):
-            continue
-        for key, value in vars(module).items():
-            held = ()
-            if isinstance(value, dict):
-                held = tuple((k, id(v)) for k, v in value.items())
-            elif isinstance(value, (list, set)):
-                held = tuple(sorted(map(id, value)))
-            out[name, key] = (id(value), held)
-    return out
+from helpers_step import made, module_values
 
 
 def test_create_writes_no_module_level_value_and_tied_names_are_the_states():
