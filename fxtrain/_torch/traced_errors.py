@@ -99,6 +99,9 @@ def _observed(message: str) -> BaseException | None:
     return kind(text)
 
 
+_USER_CODE = "\n\nfrom user code:"  # where Dynamo's report of the traced stack starts
+
+
 def reraise(error: BaseException, where: str) -> NoReturn:
     """Raises the error ``error`` wraps with its own message first (fxtrain's own without the
     compiler's report, the model's with it as the cause), or ``error`` itself."""
@@ -108,6 +111,8 @@ def reraise(error: BaseException, where: str) -> NoReturn:
     again = copy.copy(inner)
     again.__traceback__ = None
     if getattr(inner, "fxtrain", False):
+        if len(again.args) == 1 and isinstance(again.args[0], str):  # Dynamo appends the
+            again.args = (again.args[0].split(_USER_CODE, 1)[0],)  # traced stack to it
         raise again from None
     again.add_note(f"fxtrain: raised while torch.compile traced {where} (the compiler's report "
                    "is above)")

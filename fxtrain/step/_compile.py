@@ -18,7 +18,9 @@ adds, from the state's layout:
   are turned off for the process when the trace first needs them.
 
 Dynamo's own settings (``trace_autograd_ops``...) are on while a step is traced, whichever way
-it is compiled (``fxtrain._torch.traced_settings``).
+it is compiled (``fxtrain._torch.traced_settings``). An error fxtrain or the model raises while
+Dynamo traces the step reaches the caller as itself, as ``fit`` raises it (a bare
+``torch.compile`` wraps it in Dynamo's report, fxtrain's message on its first line).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 from .._torch import traced_settings
 from .._torch.dynamo import marked_compiled
 from .._torch.inductor import inductor_settings_kept
+from .._torch.traced_errors import reraise
 from ..state import TrainState
 
 
@@ -81,6 +84,9 @@ def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A
             first = args[0] if args else kwargs.get("state")
             compiled["step"] = made(isinstance(first, TrainState) and bool(first.layout.regions))
         with inductor_settings_kept(), traced_settings.kept():
-            return compiled["step"](*args, **kwargs)
+            try:
+                return compiled["step"](*args, **kwargs)
+            except Exception as e:  # fxtrain's (or the model's) error first, as fit raises it
+                reraise(e, "the step")
 
     return marked_compiled(step, train_step)

@@ -214,3 +214,22 @@ def test_steps_built_and_dropped_keep_no_transformation_or_layout_alive():
     gc.collect()
     alive = [r() for r in refs if r() is not None]
     assert not alive, f"{len(alive)} of {len(refs)} alive: {[type(a).__name__ for a in alive]}"
+
+
+def test_fxtrains_refusal_while_tracing_arrives_as_itself():
+    """impl='liger' on the CPU inside a step compiled by fx.compile: fxtrain's ValueError, one
+    message naming the fix (issue 75, hole 7: a bare torch.compile gave a 45-line Dynamo error
+    with the message on its first line)."""
+    state, batch = setup(2)
+
+    def liger_loss(state, params, batch):
+        h = state.apply(params, batch[0])
+        return fx.losses.chunked_causal_lm(h[None], params["head.weight"], batch[1][None],
+                                           impl="liger")
+
+    step = fx.compile(fx.make_train_step(liger_loss), state, backend=TRACED)
+    with pytest.raises(ValueError, match=r"^fx.losses.chunked_causal_lm: impl='liger' runs "
+                                         r"Liger-Kernel's Triton kernels.*pass impl='chunked'") \
+            as caught:
+        step(state, batch)
+    assert "from user code" not in str(caught.value)
