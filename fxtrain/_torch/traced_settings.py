@@ -15,9 +15,9 @@ of its trace, what its trace needs, and puts each setting back at the end of it:
   ``loss_function`` calls ``warning_once`` (the advice is skipped in a compiled step; eager
   calls still log).
 
-Both functions run for real while Dynamo traces (``run_while_tracing``), and eagerly too (a
-step is one graph, or no graph: the settings are on for its call, back after; nothing to do
-where Dynamo is not imported). A trace Dynamo starts
+Both functions run for real while Dynamo traces (``run_while_tracing``); eagerly the step does
+not call them (a step with graph breaks runs its frame eagerly around the compiled parts, and a
+setting changed there would make Dynamo compile those again). A trace Dynamo starts
 over (its analysis restarted) turns them on again and finds them on: ``scope()``'s holder
 keeps what they were before the first, so the end of the trace puts back the user's values.
 The step runs ``back`` in a ``finally`` (Dynamo runs it where the trace raises an error of

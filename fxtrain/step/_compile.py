@@ -48,8 +48,10 @@ def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A
       train_step: a step of ``fx.make_train_step`` (or ``make_eval_step``).
       state: the state it will train (its layout: ``fx.regional``'s blocks, ``fx.shard``'s
         units); None: the settings are read off the first call's state.
-      dynamic, backend, mode, options: ``torch.compile``'s; ``dynamic`` defaults to False for
-        a regional state, else to torch's default.
+      dynamic: ``torch.compile``'s; None: False for a regional state, else torch's default.
+      backend: ``torch.compile``'s.
+      mode: ``torch.compile``'s.
+      options: ``torch.compile``'s (Inductor's options).
 
     Returns the compiled step, called as ``train_step`` is (``fx.step_spec`` reads its spec).
 

@@ -143,10 +143,10 @@ def make_train_step(loss_fn: LossFn, *, callbacks: Sequence[Callable] = (),
 
 
 def _choose_cpu_instructions(state: TrainState) -> None:
-    """Where Dynamo traces a step on torch 2.11 or 2.12: Inductor's choice of the CPU's vector
+    """While Dynamo traces a step on torch 2.11 or 2.12: Inductor's choice of the CPU's vector
     instructions, made before it compiles the step with a probe that does not import torch
-    (``fxtrain._torch.vec_isa``). Nothing eagerly or on later torch."""
-    if vec_isa.NEEDED and torch.compiler.is_compiling():
+    (``fxtrain._torch.vec_isa``). Nothing on later torch."""
+    if vec_isa.NEEDED:
         vec_isa.pick_for(state.step.device.type)
 
 
@@ -168,12 +168,15 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_step(state: TrainState, batch: Any, *,
                    donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        settings_on()
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()  # (eagerly: no setting to change)
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         try:
             new, metrics = one_step(state, batch, donates(donate))
         finally:  # (Dynamo runs it where the trace raises an error of fxtrain's or the model's)
-            settings_back()
+            if tracing:
+                settings_back()
         return donated(state, new, donate), metrics
 
     if args.steps_per_call == 1:
@@ -183,8 +186,10 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
     def train_steps(state: TrainState, batches: Any, *,
                     donate: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
         donation.check_live(state, "train_step")
-        settings_on()
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         try:
             check_stacked(batches, args.steps_per_call)
             new, merged = state, NOTHING
@@ -194,7 +199,8 @@ def _built(args: StepArgs) -> Callable[[TrainState, Any], tuple]:
             if args.callbacks:
                 metrics.update(control_to_metrics(merged, metrics["loss"].device))
         finally:
-            settings_back()
+            if tracing:
+                settings_back()
         return donated(state, new, donate), metrics
 
     train_steps.spec = spec
@@ -234,8 +240,10 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
 
     def eval_step(state: TrainState, batch: Any) -> dict[str, Any]:
         donation.check_live(state, "eval_step")
-        settings_on()
-        _choose_cpu_instructions(state)
+        tracing = torch.compiler.is_compiling()
+        if tracing:
+            settings_on()
+            _choose_cpu_instructions(state)
         was = None
         try:
             guard(batch)
@@ -248,7 +256,8 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
         finally:
             if was is not None:
                 set_training(state.module, was)
-            settings_back()
+            if tracing:
+                settings_back()
         return eval_metrics(out)
 
     return eval_step
