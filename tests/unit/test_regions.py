@@ -315,6 +315,8 @@ def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
             said[0], said
 
 
+@pytest.mark.needs_torch(2, 12, "a region's trace reused for the other blocks (2.11 traces "
+                               "every call: nothing to share, nothing checked)")
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_transformers_blocks_share_one_trace(model):
     """GPT-2's and Llama's blocks differ in ``layer_idx``, read only for a cache: the check
