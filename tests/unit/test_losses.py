@@ -13,6 +13,7 @@ import fxtrain as fx
 from dist_worker import lm_batches, lm_loss, lm_model
 from helpers import TRACED
 from helpers_losses import ATOL
+from helpers_remat import run
 
 
 def plain_loss(state, params, batch):
@@ -29,11 +30,7 @@ def updated(loss_fn, batches, every_k, compiled=False):
                                  else tx, seed=0)
     step = fx.make_train_step(loss_fn, donate=False)
     step = torch.compile(step, fullgraph=True, backend=TRACED) if compiled else step
-    metrics = []
-    for batch in batches:
-        state, m = step(state, batch)
-        metrics.append(m)
-    return state, metrics
+    return run(step, state, batches)
 
 
 def largest_gap(a, b):
