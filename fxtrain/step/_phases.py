@@ -1,5 +1,6 @@
-"""One update of a train step, in named phases: the inputs checked, the path planned from the
-state's layout, the batch's gradients taken, reduced over the ranks, applied, scaled and folded.
+"""One update of a train step, in named phases: the inputs checked, the path and the update
+planned from the state's layout, the batch's gradients taken, reduced over the ranks, applied,
+scaled and folded.
 
 ``single_step(args)`` is ``one_step(state, batch) -> (state, metrics)`` (``make_train_step``
 builds on it): each phase below is a function of values, and ``one_step`` reads as their
@@ -8,8 +9,6 @@ sequence.
 
 from __future__ import annotations
 
-import contextlib
-
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -17,12 +16,11 @@ from typing import Any
 
 import torch
 
-from .. import distributed, donation, random
-from . import _autodiff, _region_update
+from .. import distributed, random
+from . import _autodiff, _updates
 from ._args import StepArgs
 from ._io import BatchGuard, check_batch_device, check_no_checkpointing, split_loss
 from .._torch.traced_errors import fail
-from ..optim.base import writing_into_state
 from ..optim.wrappers import learning_rate
 from ..precision import LOSS_SCALE
 from ..protocol import Event, callback_state, control_to_metrics, fold, set_callback_state
@@ -35,12 +33,14 @@ from ..tree import squared_norms, tree_select
 class Plan:
     """How this step trains a state of its layout: ``autodiff`` resolved, the gradient ``path``
     (one process, data parallel, sharded, tensor parallel), whether it averages over data
-    replicas (``parallel``) and the data ``rank`` its dropout masks are keyed on."""
+    replicas (``parallel``), the data ``rank`` its dropout masks are keyed on, and the
+    ``update`` strategy that applies the reduced gradients (``_updates``)."""
 
     autodiff: str
     path: Any
     parallel: bool
     rank: int
+    update: Callable[..., tuple]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,18 +56,35 @@ class Gradients:
     weight: torch.Tensor | None
 
 
-def planned(args: StepArgs, layout: distributed.Layout) -> Plan:
-    """The step's ``Plan`` for ``layout`` (a lookup, made while the step is traced)."""
+def checked(args: StepArgs, guard: BatchGuard, state: TrainState, batch: Any) -> None:
+    """Refuses a state or batch this step cannot train: parameters or a module of another
+    precision than the policy's, a batch of another structure than the first one's (``guard``)
+    or on another device than the state."""
+    args.mixed.check(state.params)
+    args.mixed.check_module(state.module, state.step.device)
+    guard(batch)
+    check_batch_device(batch, state.step.device, "train_step")
+
+
+def planned(args: StepArgs, state: TrainState, donating: bool) -> Plan:
+    """The step's ``Plan`` for ``state`` (a lookup, made while the step is traced): the gradient
+    path from its layout, and the update from the layout, the transformation, donation (the
+    caller gives ``state`` up: ``fxtrain.donation``) and whether the step is being compiled."""
+    layout = state.layout
     autodiff = _autodiff.resolved(args.autodiff, layout)  # "auto": by the layout
     if autodiff == "func":
         check_no_checkpointing(layout)
+    args.mixed.check_autodiff(state.module, autodiff)
     path = distributed.strategy(layout, autodiff, args.parallel, args.buffers == "mean")
     if isinstance(path, distributed.Sharded) and args.data_parallel is False:
         fail(ValueError, "make_train_step(data_parallel=False) cannot train a sharded state "
                          "(fx.shard): sharding is data parallel, each rank on its share of the "
                          "batch; leave data_parallel unset")
     parallel = args.parallel and layout.data_world_size() > 1
-    return Plan(autodiff, path, parallel, layout.data_rank() if parallel else 0)
+    # an update that writes over the given-up state only where nothing can revert it
+    donates = donating and not args.mixed.scaled and len(args.callbacks) == 0
+    update = _updates.chosen(state, autodiff, donates, torch.compiler.is_compiling())
+    return Plan(autodiff, path, parallel, layout.data_rank() if parallel else 0, update)
 
 
 def step_key(state: TrainState, plan: Plan) -> torch.Tensor:
@@ -137,12 +154,9 @@ def weighed(loss: torch.Tensor, count: torch.Tensor | None, parallel: bool,
 
 def applied(args: StepArgs, state: TrainState, plan: Plan, out: Any,
             weight: torch.Tensor | None) -> tuple[TrainState, dict[str, torch.Tensor]]:
-    """The reduced gradients ``out`` applied: the new state and the step's metrics."""
-    by_blocks = None
-    if state.layout.regions and weight is None and plan.autodiff == "autograd" and \
-            torch.compiler.is_compiling():  # the blocks' update a region too
-        by_blocks = _region_update.applied(state, out.grads)
-    new, squared = by_blocks or (state.apply_gradients(out.grads, weight=weight), None)
+    """The reduced gradients ``out`` applied by the plan's update: the new state and the
+    step's metrics."""
+    new, squared = plan.update(state, out.grads, weight)
     new = new.replace(buffers=out.buffers or None)
     squared = out.squared if out.squared is not None else squared
     metrics = plan.path.metrics(step_metrics(out.loss, out.aux, out.grads, new.opt_state,
@@ -218,20 +232,16 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
 
 
 def single_step(args: StepArgs) -> Callable[..., tuple]:
-    """``one_step(state, batch, donating=False) -> (state, metrics)``: one update.
-    ``donating``: the caller gives ``state`` up after it (``fxtrain.donation``), so an eager
-    update that nothing can revert (no loss scale, no in-step callback) writes the optimizer's
-    new state into ``state``'s as it goes (``fx.optim``'s ``writing_into_state``)."""
+    """``one_step(state, batch, donating=False) -> (state, metrics)``: one update, its phases
+    in order. ``donating``: the caller gives ``state`` up after it (``fxtrain.donation``), so
+    an eager update that nothing can revert writes into ``state``'s storage
+    (``_updates.donating``)."""
     guard = BatchGuard("train_step")
 
     def one_step(state: TrainState, batch: Any,
                  donating: bool = False) -> tuple[TrainState, dict[str, torch.Tensor]]:
-        args.mixed.check(state.params)
-        args.mixed.check_module(state.module, state.step.device)
-        guard(batch)
-        check_batch_device(batch, state.step.device, "train_step")
-        plan = planned(args, state.layout)
-        args.mixed.check_autodiff(state.module, plan.autodiff)
+        checked(args, guard, state, batch)
+        plan = planned(args, state, donating)
         scaler = callback_state(state, LOSS_SCALE) if args.mixed.scaled else None
         scale = None if scaler is None else scaler.scale
         take = gradient_fn(args, state, batch, plan, step_key(state, plan), scale)
@@ -240,17 +250,7 @@ def single_step(args: StepArgs) -> Callable[..., tuple]:
                                scale=scale, check_finite=scaler is not None)
         weight = took.weight
         del took  # eager: the gradients as the backward left them go before the update
-        # compiled, the graph writes the donated state in place by itself
-        writes = not torch.compiler.is_compiling() and donating and scaler is None and \
-            len(args.callbacks) == 0
-        try:
-            with writing_into_state(state.opt_state, state.params) if writes else \
-                    contextlib.nullcontext():
-                new, metrics = applied(args, state, plan, out, weight)
-        except BaseException:
-            if writes:  # part of the next step's values may be in its storage: given up now
-                donation.mark(state)
-            raise
+        new, metrics = applied(args, state, plan, out, weight)
         if scaler is not None:
             new = loss_scaled(state, new, metrics, scaler, out.finite)
         if args.callbacks:
