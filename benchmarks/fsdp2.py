@@ -33,7 +33,6 @@ Run: python benchmarks/fsdp2.py [--rounds 3] [--worlds 2 4] [--out benchmarks/fs
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import json
 import os
@@ -355,7 +354,6 @@ def _update_rank(port: int, args, out: str) -> None:
     import torch
 
     import fxtrain as fx
-    from fxtrain.optim.base import writing_into_state
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=0, world_size=1)
@@ -369,9 +367,7 @@ def _update_rank(port: int, args, out: str) -> None:
 
         def update():
             state = held.pop("state")
-            with writing_into_state(state.opt_state, state.params) if donated else \
-                    contextlib.nullcontext():
-                held["state"] = state.apply_gradients(grads)
+            held["state"] = state.apply_gradients(grads, donated=donated)
         return update
 
     def torch_update():

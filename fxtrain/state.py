@@ -248,11 +248,14 @@ class TrainState:
         return _held.call(self.module, tensors, args, kwargs, self.layout.tied)
 
     def apply_gradients(self, grads: dict[str, torch.Tensor], *,
-                        weight: torch.Tensor | None = None) -> TrainState:
+                        weight: torch.Tensor | None = None, donated: bool = False) -> TrainState:
         """One optimizer update: a new state with step + 1, new params and optimizer state.
         ``weight`` (the items the gradient averages over, from ``fx.losses.Mean``) goes to an
         optimizer that accumulates by it (``fx.optim.multi_steps``; see
-        ``fx.optim.update_weighted``).
+        ``fx.optim.update_weighted``). ``donated``: the caller gives this state up (an eager
+        donating step, ``fxtrain.donation``), so the optimizer writes its new state and the new
+        parameters into this state's tensors as it goes, as ``torch.optim`` does
+        (``fx.optim.base.InPlace``): the same bits, without a second copy of the state.
 
         Examples:
             >>> state = fx.TrainState.create(nn.Linear(1, 1, bias=False), fx.optim.sgd(0.5))
@@ -263,12 +266,13 @@ class TrainState:
         """
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
+        in_place = optim.base.InPlace(self.opt_state, self.params) if donated else None
         with optim.masks.tied(self.layout.tied):
-            local = on_shards(self.tx, grads, self.opt_state, self.params)  # eager, sharded
-            updates, opt_state = local or update_weighted(self.tx, grads, self.opt_state,
-                                                          self.params, weight)
-        return self.replace(step=self.step + 1, params=apply_updates(self.params, updates),
-                            opt_state=opt_state)
+            local = on_shards(self.tx, grads, self.opt_state, self.params, in_place)  # sharded
+            updates, opt_state = local or update_weighted(
+                self.tx, grads, self.opt_state, self.params, weight, in_place=in_place)
+        params = apply_updates(self.params, updates, in_place=in_place)
+        return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def init_opt_state(self, params: dict[str, torch.Tensor]) -> Any:
         """``self.tx.init(params)``, its masks reading this state's tied names: the optimizer

@@ -11,15 +11,14 @@ Compiled, Dynamo traces the DTensor ops into plain ones, so this path is eager o
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from ..distributed import is_dtensor, is_sharded
-from .base import _WRITES_INTO, ElementwiseTransformation, GradientTransformation, _local, \
-    writing_into_state
+from .base import ElementwiseTransformation, GradientTransformation, InPlace, _local, \
+    update_weighted, writable
 
 
 def _same_layout(a: Any, b: Any) -> bool:
@@ -55,23 +54,24 @@ def _any_requires_grad(*trees: Any) -> bool:
                for tree in trees for x in pytree.tree_leaves(tree))
 
 
-def on_shards(tx: GradientTransformation, grads: Any, opt_state: Any,
-              params: Any) -> tuple[Any, Any] | None:
+def on_shards(tx: GradientTransformation, grads: Any, opt_state: Any, params: Any,
+              in_place: InPlace | None = None) -> tuple[Any, Any] | None:
     """``tx.update(grads, opt_state, params)`` on the local shards, wrapped back: for an eager
     ``ElementwiseTransformation`` of a sharded state whose gradients are laid out as their
-    parameters; None where that does not hold (the caller updates through DTensor)."""
+    parameters; None where that does not hold (the caller updates through DTensor).
+    ``in_place``: the caller gives ``opt_state`` up (``InPlace``), so the local state is too."""
     if (torch.compiler.is_compiling() or not isinstance(tx, ElementwiseTransformation)
             or not is_sharded(params) or not _laid_out_alike(grads, params)
             or _any_requires_grad(grads, opt_state, params)):  # an update differentiated
         return None
     old_leaves, spec = pytree.tree_flatten(opt_state)
-    writes = _WRITES_INTO.get() is opt_state  # a donated step: the local state is given up too
     with torch.no_grad():  # to_local and from_local, without their autograd functions
         local_leaves = [_local(x) for x in old_leaves]
         local_state = pytree.tree_unflatten(local_leaves, spec)
-        with writing_into_state(local_state) if writes else contextlib.nullcontext():
-            updates, new_state = tx.update({k: _local(g) for k, g in grads.items()},
-                                           local_state, {k: _local(p) for k, p in params.items()})
+        into = InPlace(local_state) if writable(opt_state, in_place) else None
+        updates, new_state = update_weighted(
+            tx, {k: _local(g) for k, g in grads.items()}, local_state,
+            {k: _local(p) for k, p in params.items()}, None, in_place=into)
         new_leaves, new_spec = pytree.tree_flatten(new_state)
         if new_spec != spec:  # each new leaf is rewrapped with the layout of the old one there
             raise RuntimeError(

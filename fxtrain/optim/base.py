@@ -7,10 +7,8 @@ parameters are ``params + updates`` (see ``apply_updates``). A transform without
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -79,76 +77,95 @@ class ElementwiseTransformation(GradientTransformation):
     """
 
 
-_WRITES_INTO: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "fxtrain_optim_writes_into", default=None)
-_WRITES_PARAMS: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "fxtrain_optim_writes_params", default=None)
-_OWN: contextvars.ContextVar[Any] = contextvars.ContextVar("fxtrain_optim_own", default=None)
-_CHAIN_PARTS: contextvars.ContextVar[Any] = contextvars.ContextVar(
-    "fxtrain_optim_chain_parts", default=None)
+class InPlace:
+    """What an eager update may write into when its caller gives its inputs up (a donating
+    step: ``TrainState.apply_gradients(donated=True)``, ``fxtrain.donation``), as
+    ``torch.optim`` updates in place; passed to a transformation as ``update(...,
+    in_place=...)`` where it takes that keyword (``in_place_update``):
 
-
-@contextlib.contextmanager
-def writing_into_state(opt_state: OptState, params: Params | None = None) -> Iterator[None]:
-    """Inside, uncompiled, an update writes in place what its caller gives up (a step that
-    donates its state and never reverts it: ``fxtrain.donation``), as ``torch.optim`` does:
-
-    - a ``chain`` given ``opt_state`` itself (the optimizer's own, when it is a chain) writes
-      each transform's new state into it as soon as the transform has run (a chain inside
-      another transform is given a part of it and does not: that transform may still read
-      its old state), and a transform given such a state may write its new one over it
-      (``writable``): Adam's new moments never sit beside the old ones;
-    - a transform writes its updates into the temporaries an earlier transform of this update
-      made (``own`` and ``owns``), never into the gradients it was given;
-    - ``apply_updates`` given ``params`` itself adds the updates into them.
+    - ``state``: the optimizer state given up. A transformation given this very state may write
+      its new one over it (Adam's new moments never sit beside the old ones); a ``chain`` given
+      it writes each transform's new state into it and hands each transform ``part(its
+      state)``. A chain inside another transform is given a part of its caller's state and
+      writes nothing: that transform may still read its old state.
+    - ``params``: the parameters given up; ``apply_updates(params, updates, in_place=...)``
+      adds the updates into them.
+    - the temporaries this update made (``own``): a later transform writes its result into
+      them (``owns``), never into the gradients it was given.
 
     The same operations, so the same bits. An eager AdamW update then allocates one tree of
-    the parameters' size (its direction) where it allocated a dozen. Compiled, the graph
-    writes the donated state in place by itself."""
-    tokens = (_WRITES_INTO.set(opt_state), _WRITES_PARAMS.set(params),
-              _OWN.set(weakref.WeakValueDictionary()))
-    try:
-        yield
-    finally:
-        for var, token in zip((_WRITES_INTO, _WRITES_PARAMS, _OWN), tokens):
-            var.reset(token)
+    the parameters' size (its direction) where it allocated a dozen. Compiled, the graph writes
+    the donated state in place by itself, and no step passes one.
 
+    Examples:
+        >>> tx = fx.optim.adamw(0.1)
+        >>> params = {"w": torch.ones(2)}
+        >>> state = tx.init(params)
+        >>> mu = state[0].mu["w"]
+        >>> into = fx.optim.base.InPlace(state, params)
+        >>> updates, new = fx.optim.update_weighted(tx, {"w": torch.ones(2)}, state, params,
+        ...                                         None, in_place=into)
+        >>> new[0].mu["w"] is mu, fx.optim.apply_updates(params, updates, in_place=into) is params
+        (True, True)
+    """
 
-def writable(state: OptState) -> bool:
-    """Whether a transform may write its new ``state`` over the one it was given, in place
-    (uncompiled, inside ``writing_into_state``, when ``state`` is one of the states the
-    optimizer's own chain gives its transforms, and not a part of one: a wrapper such as
-    ``apply_if_finite`` or ``multi_steps`` may still choose its inner transform's old state):
-    as ``torch.optim`` updates Adam's moments, so that the new ones never sit beside the old
-    ones."""
-    parts = None if torch.compiler.is_compiling() else _CHAIN_PARTS.get()
-    return parts is not None and any(state is s for s in parts)
+    __slots__ = ("state", "params", "_made")
 
+    def __init__(self, state: OptState, params: Params | None = None,
+                 made: weakref.WeakValueDictionary | None = None):
+        self.state, self.params = state, params
+        self._made = weakref.WeakValueDictionary() if made is None else made
 
-def own(tree: Any) -> Any:
-    """``tree``, its tensors marked as temporaries this update made, which a later transform
-    may write into (inside ``writing_into_state``; otherwise nothing is marked)."""
-    owned = None if torch.compiler.is_compiling() else _OWN.get()
-    if owned is not None:
+    def part(self, state: OptState) -> InPlace:
+        """The same update's view for a transform given ``state`` (a part of this one)."""
+        return InPlace(state, self.params, self._made)
+
+    def own(self, tree: Any) -> Any:
+        """``tree``, its tensors marked as temporaries this update made."""
         for leaf in pytree.tree_leaves(tree):
             if isinstance(leaf, torch.Tensor):
-                owned[id(leaf)] = leaf
-    return tree
+                self._made[id(leaf)] = leaf
+        return tree
+
+    def owns(self, u: Any) -> bool:
+        """Whether ``u`` is a temporary this update made (``own``)."""
+        return self._made.get(id(u)) is u
 
 
-def owns(u: Any) -> bool:
-    """Whether ``u`` is a temporary this update made (``own``): a transform may write its
+def in_place_update(update: Callable) -> Callable:
+    """Marks a transformation's ``update`` as taking ``in_place=`` (an ``InPlace`` or None)."""
+    update.in_place = True
+    return update
+
+
+def takes_in_place(tx: GradientTransformation) -> bool:
+    """Whether ``tx.update`` takes ``in_place=`` (``in_place_update``)."""
+    return getattr(tx.update, "in_place", False)
+
+
+def writable(state: OptState, in_place: InPlace | None) -> bool:
+    """Whether a transformation given ``state`` may write its new state over it."""
+    return in_place is not None and in_place.state is state
+
+
+def own(tree: Any, in_place: InPlace | None) -> Any:
+    """``tree``, its tensors marked as temporaries of the update ``in_place`` (if any)."""
+    return tree if in_place is None else in_place.own(tree)
+
+
+def owns(u: Any, in_place: InPlace | None) -> bool:
+    """Whether ``u`` is a temporary the update ``in_place`` made: a transform may write its
     result into it. Never a gradient the update was given."""
-    owned = None if torch.compiler.is_compiling() else _OWN.get()
-    return owned is not None and owned.get(id(u)) is u
+    return in_place is not None and in_place.owns(u)
 
 
 def update_weighted(tx: GradientTransformation, updates: Updates, state: OptState,
-                    params: Params | None, weight: torch.Tensor | None
-                    ) -> tuple[Updates, OptState]:
+                    params: Params | None, weight: torch.Tensor | None, *,
+                    in_place: InPlace | None = None) -> tuple[Updates, OptState]:
     """``tx.update``, with ``weight=`` when ``tx`` takes one (``WeightedTransformation``)
     and a weight is given; a plain transformation is called as always (the weight says how
-    gradients compare with each other, and it is given one at a time).
+    gradients compare with each other, and it is given one at a time). ``in_place``: what
+    the update may write into (``InPlace``), for a transformation that takes it.
 
     Examples:
         >>> tx = fx.optim.multi_steps(fx.optim.sgd(1.0), every_k=2)
@@ -160,9 +177,10 @@ def update_weighted(tx: GradientTransformation, updates: Updates, state: OptStat
         >>> updates["w"]  # -(1 * 1 + 3 * 4) / 4: every token counts alike
         tensor([-3.2500])
     """
+    extra = {} if in_place is None or not takes_in_place(tx) else {"in_place": in_place}
     if weight is not None and isinstance(tx, WeightedTransformation):
-        return tx.update(updates, state, params, weight=weight)
-    return tx.update(updates, state, params)
+        return tx.update(updates, state, params, weight=weight, **extra)
+    return tx.update(updates, state, params, **extra)
 
 
 def identity() -> GradientTransformation:
@@ -206,18 +224,18 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     def init(params):
         return tuple(t.init(params) for t in transforms)
 
-    def update(updates, state, params=None, weight=None):
+    @in_place_update
+    def update(updates, state, params=None, weight=None, *, in_place=None):
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")
-        writes = not torch.compiler.is_compiling() and _WRITES_INTO.get() is state
-        if not writes:
-            new_state = []
-            for t, old in zip(transforms, state):
-                updates, s = update_weighted(t, updates, old, params, weight)
-                new_state.append(s)
-            return updates, tuple(new_state)
-        return _writing_over(transforms, updates, state, params, weight)
+        if writable(state, in_place):
+            return _writing_over(transforms, updates, state, params, weight, in_place)
+        new_state = []
+        for t, old in zip(transforms, state):
+            updates, s = update_weighted(t, updates, old, params, weight)
+            new_state.append(s)
+        return updates, tuple(new_state)
 
     weighted = any(isinstance(t, WeightedTransformation) for t in transforms)
     elementwise = all(isinstance(t, ElementwiseTransformation) for t in transforms)
@@ -227,23 +245,22 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 
 def _writing_over(transforms: tuple, updates: Updates, state: tuple, params: Params,
-                  weight: Any) -> tuple[Updates, tuple]:
+                  weight: Any, in_place: InPlace) -> tuple[Updates, tuple]:
     """A chain's update that writes each transform's new state into ``state`` (its caller's,
-    given up: ``writing_into_state``); its transforms may write over the states it hands them
-    (``writable``), and a part of one, which a wrapper may still choose, is not among those."""
+    given up: ``InPlace``); each transform may write over the state it is handed
+    (``InPlace.part``), and a part of one, which a wrapper may still choose, is not."""
     new_state = []
-    token = _CHAIN_PARTS.set(state)
-    try:
-        for t, old in zip(transforms, state):
-            updates, s = update_weighted(t, updates, old, params, weight)
-            new_state.append(written_into(old, s))
-    finally:
-        _CHAIN_PARTS.reset(token)
+    for t, old in zip(transforms, state):
+        updates, s = update_weighted(t, updates, old, params, weight, in_place=in_place.part(old))
+        new_state.append(written_into(old, s))
     return updates, tuple(new_state)
 
 
-def apply_updates(params: Params, updates: Updates) -> Params:
-    """``params + updates``, keeping each parameter's dtype.
+def apply_updates(params: Params, updates: Updates, *,
+                  in_place: InPlace | None = None) -> Params:
+    """``params + updates``, keeping each parameter's dtype; added into ``params`` where the
+    update was given them up (``in_place.params is params``: an eager donated step, as
+    ``torch.optim`` does).
 
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
@@ -253,7 +270,7 @@ def apply_updates(params: Params, updates: Updates) -> Params:
         ...                        {"w": torch.tensor([0.5])})  # a float32 update, bf16 param
         {'w': tensor([1.5000], dtype=torch.bfloat16)}
     """
-    if _given_up(params, updates):  # an eager donated step: as torch.optim, in place
+    if _given_up(params, updates, in_place):
         with torch.no_grad():
             for k, p in params.items():
                 _local(p).add_(_local(updates[k]))
@@ -265,11 +282,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_dtensor(t) else t
 
 
-def _given_up(params: Params, updates: Updates) -> bool:
-    """Whether ``apply_updates`` may add ``updates`` into ``params`` (``writing_into_state``):
+def _given_up(params: Params, updates: Updates, in_place: InPlace | None) -> bool:
+    """Whether ``apply_updates`` may add ``updates`` into ``params`` (given up: ``InPlace``):
     distinct tensors that need no gradient, each update of its parameter's dtype and shape, a
     DTensor's laid out as its parameter."""
-    if (torch.compiler.is_compiling() or _WRITES_PARAMS.get() is not params
+    if (in_place is None or in_place.params is not params
             or not isinstance(params, dict) or not isinstance(updates, dict)
             or params.keys() != updates.keys()
             or len({id(p) for p in params.values()}) != len(params)):

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 import torch
 
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
-from .base import (ElementwiseTransformation, GradientTransformation, ScalarOrSchedule, own, owns,
-                   writable)
+from .base import (ElementwiseTransformation, GradientTransformation, InPlace, ScalarOrSchedule,
+                   in_place_update, own, owns, writable)
 from .masks import Mask, by_name, check
 
 
@@ -95,14 +95,14 @@ def scale(step_size: float | torch.Tensor) -> GradientTransformation:
     return ElementwiseTransformation(init, update)
 
 
-def _add(u: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _add(u: torch.Tensor, x: torch.Tensor, in_place: InPlace | None) -> torch.Tensor:
     """``u + x``: into ``u`` where this update made it (``fxtrain.optim.base.owns``)."""
-    return u.add_(x) if owns(u) else own(u + x)
+    return u.add_(x) if owns(u, in_place) else own(u + x, in_place)
 
 
-def _mul(u: torch.Tensor, x: float | torch.Tensor) -> torch.Tensor:
+def _mul(u: torch.Tensor, x: float | torch.Tensor, in_place: InPlace | None) -> torch.Tensor:
     """``u * x``: into ``u`` where this update made it (``fxtrain.optim.base.owns``)."""
-    return u.mul_(x) if owns(u) else own(u * x)
+    return u.mul_(x) if owns(u, in_place) else own(u * x, in_place)
 
 
 def _moments(updates, mu, nu, b1, b2):
@@ -113,7 +113,7 @@ def _moments(updates, mu, nu, b1, b2):
 
 def _moments_in_place(updates, mu, nu, b1, b2):
     """``_moments`` written over ``mu`` and ``nu`` (the same operations, so the same bits):
-    for a state its caller gives up (``fxtrain.optim.base.writable``)."""
+    for a state its caller gives up (``fxtrain.optim.base.InPlace``)."""
     return (tree_map(lambda m, g: m.lerp_(g, 1 - _scalar(b1, g)), mu, updates),
             tree_map(lambda v, g: v.mul_(_scalar(b2, g)).add_(((1 - _scalar(b2, g)) * g).mul_(g)),
                      nu, updates))
@@ -191,11 +191,13 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
     def init(params):
         return ScaleByAdamState(_count(params), tree_zeros_like(params), tree_zeros_like(params))
 
-    def update(updates, state, params=None):
+    @in_place_update
+    def update(updates, state, params=None, *, in_place=None):
         del params
         _check_state(state.mu, updates, "scale_by_adam")
         count = state.count + 1
-        moments = _moments_in_place if writable(state) else _moments  # an eager, donated step
+        writes = writable(state, in_place)  # an eager, donated step
+        moments = _moments_in_place if writes else _moments
         mu, nu = moments(updates, state.mu, state.nu, b1, b2)
 
         def corrections(like):
@@ -219,9 +221,9 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
             v_root = (v + _scalar(eps_root, v) * bc2).sqrt_().div_(bc2_root)
             return m_hat.div_(v_root.add_(_scalar(eps, m)))
 
-        if moments is _moments_in_place:
-            return own(tree_map(direction_in_place, mu, nu, updates)), ScaleByAdamState(
-                count, mu, nu)
+        if writes:
+            return own(tree_map(direction_in_place, mu, nu, updates), in_place), \
+                ScaleByAdamState(count, mu, nu)
         return tree_map(direction, mu, nu, updates), ScaleByAdamState(count, mu, nu)
 
     return ElementwiseTransformation(init, update)
@@ -399,17 +401,19 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
             selected(params)  # a mask that does not fit the parameters fails here, not later
         return None
 
-    def update(updates, state, params=None):
+    @in_place_update
+    def update(updates, state, params=None, *, in_place=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params; call update(grads, state, params)")
         if mask is not None and not isinstance(params, Mapping):
             raise TypeError("add_decayed_weights(mask=...) needs params as a dict of tensors")
         if isinstance(params, Mapping):
             decays = selected(params)
-            out = {k: _add(u, _scalar(weight_decay, u) * params[k]) if decays[k] else u
+            out = {k: _add(u, _scalar(weight_decay, u) * params[k], in_place) if decays[k] else u
                    for k, u in updates.items()}
         else:
-            out = tree_map(lambda u, p: _add(u, _scalar(weight_decay, u) * p), updates, params)
+            out = tree_map(lambda u, p: _add(u, _scalar(weight_decay, u) * p, in_place), updates,
+                           params)
         return out, state
 
     # a predicate may read a parameter's shape, which a local shard does not keep
@@ -474,10 +478,11 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
         return ScaleByLearningRateState(count, torch.as_tensor(lr, dtype=torch.float32,
                                                                device=count.device).clone())
 
-    def update(updates, state, params=None):
+    @in_place_update
+    def update(updates, state, params=None, *, in_place=None):
         del params
         lr = _rate(learning_rate, state.count)
-        out = tree_map(lambda u: _mul(u, sign * _scalar(lr, u)), updates)
+        out = tree_map(lambda u: _mul(u, sign * _scalar(lr, u), in_place), updates)
         lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
             state.learning_rate, lr)
         return out, ScaleByLearningRateState(state.count + 1, lr_t)

@@ -8,8 +8,8 @@ compilation, and held on its ``Plan``:
 - ``donating``: eager, where the caller gives its state up (``fxtrain.donation``) and nothing
   can revert the update (no loss scale, no in-step callback): the same update, writing the
   optimizer's new state into the old one's storage as it goes, as ``torch.optim`` does
-  (``fx.optim.writing_into_state``), so an AdamW update allocates one tree of the parameters'
-  size where the whole update allocates a dozen;
+  (``apply_gradients(donated=True)``), so an AdamW update allocates one tree of the
+  parameters' size where the whole update allocates a dozen;
 - ``regional``: compiled, a regional state (``fx.regional``) whose update the layout planned
   (``Layout.block_update``): each block's update one call of a region (``_region_update``).
 
@@ -23,7 +23,6 @@ from typing import Any
 import torch
 
 from .. import donation
-from ..optim.base import writing_into_state
 from ..state import TrainState
 from . import _region_update
 
@@ -42,8 +41,7 @@ def donating(state: TrainState, grads: dict[str, torch.Tensor],
     where the update fails, part of the next step's values may be in that storage, so
     ``state`` is marked given up (``fxtrain.donation``) before the error goes on."""
     try:
-        with writing_into_state(state.opt_state, state.params):
-            return whole(state, grads, weight)
+        return state.apply_gradients(grads, weight=weight, donated=True), None
     except BaseException:
         donation.mark(state)
         raise
