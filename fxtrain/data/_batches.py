@@ -22,7 +22,6 @@ Examples:
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import sys
@@ -34,7 +33,9 @@ import torch.utils._pytree as pytree
 
 from .. import struct
 from ._packing import document_mask, pack_documents, packed_rows
-from ._position import DataPosition, index_tensor, shard_of, unit_tensor
+from ._position import DataPosition, Share, index_tensor, layout_share, read_share, shard_of, \
+    unit_tensor
+from ._shared import Shared
 from ._streaming import Stream
 from ._feed import to_device
 
@@ -165,7 +166,7 @@ class Batches:
         if batch_size < 1:
             raise ValueError(f"Batches: batch_size must be >= 1, got {batch_size}")
         self.shard = shard
-        self.rank, self.world_size = shard_of(shard, "Batches")
+        shard_of(shard, "Batches")  # a shard that can never be one is refused here
         self.device = None if device is None else torch.device(device)
         source = _tensor_source(data, self.device)
         self._columns = source is not None  # tensors indexed along their first dimension
@@ -173,41 +174,32 @@ class Batches:
             data, collate or torch.utils.data.default_collate)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
         self.repeats = True  # epochs follow one another until the loop stops
-        self._global = batch_size * self.world_size  # examples per step over all ranks
         self._epoch: tuple[int, torch.Tensor, Callable] | None = None  # epoch, its tensor, take
         self._last: tuple[DataPosition, int, int] | None = None  # last position made, as ints
         self._check_length()
 
     def _check_length(self) -> None:
+        world = read_share(self.shard, "Batches", None)[1]
         if len(self) == 0:
             raise ValueError(f"Batches: {self.size} examples make no batch of {self.batch_size}"
-                             + (f" on each of {self.world_size} ranks" if self.world_size > 1
-                                else "") + (" with drop_last=True" if self.drop_last else ""))
-
-    def on(self, layout: Any) -> Batches:
-        """These batches as the data replicas of ``layout`` (a state's) share them: itself when
-        made with a ``shard`` or already shared so, else a copy that is (``fx.fit`` trains on
-        ``data.on(state.layout)``, so ``fx.shard`` may come after the stream was made).
-
-        Examples:
-            >>> data = fx.data.Batches(torch.arange(8), 2)
-            >>> state = fx.TrainState.create(nn.Linear(1, 1), fx.optim.sgd(0.1))
-            >>> data.on(state.layout) is data  # one process: every rank is a replica
-            True
-        """
-        share = shard_of(self.shard, "Batches", layout)
-        if share == (self.rank, self.world_size):
-            return self
-        moved = copy.copy(self)
-        moved.rank, moved.world_size = share
-        moved._global = self.batch_size * moved.world_size
-        moved._epoch, moved._last = None, None
-        moved._check_length()
-        return moved
+                             + (f" on each of {world} ranks" if world > 1 else "")
+                             + (" with drop_last=True" if self.drop_last else ""))
 
     def __len__(self) -> int:
         """Batches per epoch (on this rank)."""
-        full, rest = divmod(self.size, self.batch_size * self.world_size)
+        return self.batches()
+
+    def batches(self, share: Share | None = None) -> int:
+        """Batches per epoch of a rank reading ``share`` (``read_share``: this stream's
+        ``shard``, else ``share``, else this process's)."""
+        return self._per_epoch(self._global(share))
+
+    def _global(self, share: Share | None) -> int:
+        """Examples per step over all the ranks reading ``share``."""
+        return self.batch_size * read_share(self.shard, "Batches", share)[1]
+
+    def _per_epoch(self, size: int) -> int:
+        full, rest = divmod(self.size, size)
         return full + (1 if rest and not self.drop_last else 0)
 
     def init(self) -> DataPosition:
@@ -221,14 +213,20 @@ class Batches:
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) & 0x7FFF_FFFF_FFFF_FFFF)
         return torch.randperm(self.size, generator=g)
 
-    def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
-        """The batch at ``position``, the position after it, and whether it ended an epoch."""
-        epoch, offset, rolled = self._where(position)
-        start = offset + self.rank * self.batch_size
+    def next(self, position: DataPosition,
+             share: Share | None = None) -> tuple[Any, DataPosition, bool]:
+        """The batch at ``position``, the position after it, and whether it ended an epoch.
+        ``share``: the ``(rank, world_size)`` to read as, for a stream made without a
+        ``shard`` (``fit`` passes its state's); None: this process's."""
+        rank, world = read_share(self.shard, "Batches", share)
+        size = self.batch_size * world
+        epoch, offset, rolled = self._where(position, size)
+        start = offset + rank * self.batch_size
         batch = self._slice(epoch, start, min(start + self.batch_size, self.size))
-        return (batch, *self._after(epoch, offset + self._global, rolled))
+        return (batch, *self._after(epoch, offset + size, rolled, size))
 
-    def next_stacked(self, position: DataPosition, k: int) -> tuple[Any, DataPosition, bool] | None:
+    def next_stacked(self, position: DataPosition, k: int,
+                     share: Share | None = None) -> tuple[Any, DataPosition, bool] | None:
         """The ``k`` batches from ``position`` stacked along a new first dimension, taken at
         once (a view of tensor data in epoch order), the position after them, and whether they
         ended the epoch; None where one take cannot give them (examples batched by a collate,
@@ -243,47 +241,50 @@ class Batches:
             >>> data.next_stacked(position, 3)[0].tolist(), data.next_stacked(position, 4)
             ([[6, 7], [8, 9], [10, 11]], None)
         """
-        epoch, offset, rolled = self._where(position)
+        size = self._global(share)
+        epoch, offset, rolled = self._where(position, size)
         end = offset + k * self.batch_size
-        if not self._columns or self.world_size > 1 or end > self.size:
+        if not self._columns or size > self.batch_size or end > self.size:
             return None
         batch = self._slice(epoch, offset, end, stacked=k)
-        return (batch, *self._after(epoch, end, rolled))
+        return (batch, *self._after(epoch, end, rolled, size))
 
-    def _where(self, position: DataPosition) -> tuple[int, int, bool]:
+    def _where(self, position: DataPosition, size: int) -> tuple[int, int, bool]:
         """``position``'s epoch and example offset as ints (read only for a position made
         elsewhere), and whether that epoch has no batch left here (then: the next epoch's
-        start)."""
+        start). ``size``: the global batch."""
         if not isinstance(position, DataPosition):
             raise TypeError(f"Batches.next needs a DataPosition (state.data), got "
                             f"{type(position).__name__}; start with state.replace(data=batches.init())")
         if self._last is not None and position is self._last[0]:
             epoch, offset = self._last[1:]  # the position this stream made: no tensor reads
         else:
-            epoch, offset = self._read(position)
-        if self._ended(offset):  # drop_last, and a larger global batch than the one that wrote it
+            epoch, offset = self._read(position, size)
+        if self._ended(offset, size):  # drop_last, and a larger global batch than its writer's
             return epoch + 1, 0, True
         return epoch, offset, False
 
-    def _read(self, position: DataPosition) -> tuple[int, int]:
+    def _read(self, position: DataPosition, size: int) -> tuple[int, int]:
         """The epoch and example offset a position made elsewhere names, checked."""
         epoch, index, unit = int(position.epoch), int(position.index), int(position.batch)
-        if not unit and not 0 <= index < len(self):
+        per_epoch = self._per_epoch(size)
+        if not unit and not 0 <= index < per_epoch:
             raise ValueError(f"Batches: position index {index} is outside this stream's "
-                             f"{len(self)} batches per epoch (was the data or batch size changed?)")
+                             f"{per_epoch} batches per epoch (was the data or batch size "
+                             "changed?)")
         if index < 0 or unit < 0 or index * unit >= self.size:
             raise ValueError(f"Batches: position index {index} in batches of {unit} is "
                              f"{index * unit} examples into an epoch of this stream's {self.size} "
                              "(was the data changed?)")
-        if unit and unit != self._global:
+        if unit and unit != size:
             logging.getLogger("fxtrain").info(
                 "resuming epoch %d at example %d of its order (counted in batches of %d; this "
-                "stream's global batch is %d)", epoch, index * unit, unit, self._global)
-        return epoch, index * (unit or self._global)
+                "stream's global batch is %d)", epoch, index * unit, unit, size)
+        return epoch, index * (unit or size)
 
-    def _ended(self, offset: int) -> bool:
-        """Whether an epoch has no batch left after ``offset`` examples."""
-        return self.size - offset < (self._global if self.drop_last else 1)
+    def _ended(self, offset: int, size: int) -> bool:
+        """Whether an epoch has no batch left after ``offset`` examples (global batch ``size``)."""
+        return self.size - offset < (size if self.drop_last else 1)
 
     def _slice(self, epoch: int, start: int, end: int, stacked: int = 0) -> Any:
         """Examples ``start:end`` of ``epoch``'s order, on the device; ``stacked``: as that many
@@ -298,23 +299,24 @@ class Batches:
             batch = to_device(batch, self.device, pin=True)
         return batch
 
-    def _after(self, epoch: int, end: int, rolled: bool) -> tuple[DataPosition, bool]:
+    def _after(self, epoch: int, end: int, rolled: bool,
+               size: int) -> tuple[DataPosition, bool]:
         """The position once ``end`` examples of ``epoch`` are taken, and whether an epoch ended
         (``rolled``: the one before ``epoch``, which had no batch left)."""
         end = min(end, self.size)
         # in an epoch just rolled into, the next call rolls over, unless nothing of it is left
         # (a position at its very end would name no example: the next epoch's start instead)
-        done = end >= self.size if rolled else self._ended(end)
+        done = end >= self.size if rolled else self._ended(end, size)
         if done:
             new = DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
-                               unit_tensor(self._global))
+                               unit_tensor(size))
         else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
-            unit = math.gcd(end, self._global)
+            unit = math.gcd(end, size)
             new = DataPosition(self._epoch[1], index_tensor(end // unit), unit_tensor(unit))
         self._last = (new, epoch + done, 0 if done else end)
         return new, done or rolled
 
-    def settle(self, position: DataPosition) -> DataPosition:
+    def settle(self, position: DataPosition, share: Share | None = None) -> DataPosition:
         """``position``, or the start of the next epoch when its epoch has no batch left here
         (an epoch resumed with ``drop_last`` on a larger global batch than the one that wrote
         it): what ``fit`` starts from, so that no batch of the next epoch is counted in the one
@@ -331,17 +333,18 @@ class Batches:
         if not isinstance(position, DataPosition) or (
                 self._last is not None and position is self._last[0]):
             return position
-        epoch, offset = self._read(position)
-        if not self._ended(offset):
+        size = self._global(share)
+        epoch, offset = self._read(position, size)
+        if not self._ended(offset, size):
             return position
         return DataPosition(torch.tensor(epoch + 1, dtype=torch.int64), index_tensor(0),
-                            unit_tensor(self._global))
+                            unit_tensor(size))
 
 
-    def skip_epoch(self, position: DataPosition) -> DataPosition:
+    def skip_epoch(self, position: DataPosition, share: Share | None = None) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            index_tensor(0), unit_tensor(self._global))
+                            index_tensor(0), unit_tensor(self._global(share)))
 
     def __iter__(self):
         """One pass from the start of epoch 0 (for eval data and plain loops)."""
@@ -492,13 +495,14 @@ def _is_stateful_loader(data: Any) -> bool:
 
 def as_stream(data: Any, layout: Any = None) -> Any:
     """``data`` as a stream: ``init()``, ``next(position)``, ``batch_size``, ``repeats``; a
-    ``Batches`` or ``Stream`` made without a ``shard`` as ``layout``'s data replicas share it
-    (``fit`` passes the state's).
+    ``Batches`` or ``Stream`` paired with the share of the global batch ``layout`` gives this
+    process (``fit`` passes the state's): ``Shared(data, share)``, which passes the share to
+    every call (the stream itself holds no rank; one made with a ``shard`` keeps its own).
 
     Every position has an ``epoch`` (a 0-d CPU int64 tensor).
     """
     if isinstance(data, Batches | Stream):
-        return data if layout is None else data.on(layout)
+        return data if layout is None else Shared(data, layout_share(layout))
     if isinstance(data, IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):

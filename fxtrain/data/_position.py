@@ -52,11 +52,15 @@ def index_tensor(index: int) -> torch.Tensor:
     return _INDICES[index]
 
 
-def shard_of(shard: tuple[int, int] | bool | None, who: str,
-             layout: distributed.Layout | None = None) -> tuple[int, int]:
+Share = tuple[int, int]
+"""A data replica's share of a global batch: ``(rank, world_size)``."""
+
+
+def shard_of(shard: Share | bool | None, who: str,
+             layout: distributed.Layout | None = None) -> Share:
     """``(rank, world_size)`` of a stream's ``shard`` argument (see ``Batches``): None takes
-    ``layout``'s share of the batch (its data replicas: ``fit`` gives the state's), or while
-    no layout is given, that of a state ``fx.shard`` has not touched (every rank a replica)."""
+    ``layout``'s share of the batch (its data replicas), or while no layout is given, that of a
+    state ``fx.shard`` has not touched (every rank a replica)."""
     if shard is None:
         return distributed.data_rank(layout), distributed.data_world_size(layout)
     if shard is False:
@@ -66,6 +70,21 @@ def shard_of(shard: tuple[int, int] | bool | None, who: str,
         raise ValueError(f"{who}: shard must be (rank, world_size) with 0 <= rank < "
                          f"world_size, None or False; got {shard!r}")
     return shard
+
+
+def layout_share(layout: distributed.Layout) -> Share:
+    """The share of a global batch that this process's data replica of ``layout`` (a state's)
+    reads: what ``fit`` passes its streams."""
+    return distributed.data_rank(layout), distributed.data_world_size(layout)
+
+
+def read_share(shard: Share | bool | None, who: str, share: Share | None) -> Share:
+    """The share a stream made with ``shard`` reads: its own where it was made with one (False:
+    everything), else ``share`` (the caller's: ``fit`` passes the state's), else this
+    process's rank and world size (torch.distributed's, or one process)."""
+    if shard is None and share is not None:
+        return share
+    return shard_of(shard, who)
 
 
 _UNITS: dict[int, torch.Tensor] = {}  # the ``batch`` tensors made so far, by value

@@ -13,7 +13,6 @@ order, as ``Batches`` does.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -23,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ._position import DataPosition, index_tensor, shard_of, unit_tensor
+from ._position import DataPosition, Share, index_tensor, read_share, shard_of, unit_tensor
 
 __all__ = ["Stream"]
 
@@ -93,40 +92,40 @@ class Stream:
             raise ValueError("Stream: seek cannot enter a shuffle buffer's order midway; pass "
                              "one of seek and shuffle_buffer")
         self.shard = shard
-        self.rank, self.world_size = shard_of(shard, "Stream")
+        shard_of(shard, "Stream")  # a shard that can never be one is refused here
         self.examples, self.seek = examples, seek
         self._by_epoch = not is_iterable  # a function of the epoch
         self.batch_size, self.drop_last = batch_size, drop_last
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.collate = collate or torch.utils.data.default_collate
         self.repeats = True  # epochs follow one another until the loop stops
-        self._global = batch_size * self.world_size
         self._it: Iterator = iter(())
         self._cursor = (0, 0)  # (epoch, examples of it before ``_ahead``)
         self._epoch_tensor = torch.zeros((), dtype=torch.int64)
         self._ahead: list | None = []  # the next global batch's examples; None: not read yet
         self._last: DataPosition | None = None  # the position ``_cursor`` stands at
-
-    def on(self, layout: Any) -> Stream:
-        """This stream as the data replicas of ``layout`` (a state's) share it: itself when made
-        with a ``shard`` or already shared so, else a copy that is, read from its start
-        (``fx.fit`` trains on ``data.on(state.layout)``)."""
-        share = shard_of(self.shard, "Stream", layout)
-        if share == (self.rank, self.world_size):
-            return self
-        moved = copy.copy(self)
-        moved.rank, moved.world_size = share
-        moved._global = self.batch_size * moved.world_size
-        moved._it, moved._cursor, moved._ahead, moved._last = iter(()), (0, 0), [], None
-        moved._epoch_tensor = torch.zeros((), dtype=torch.int64)
-        return moved
+        self._reading: Share | None = None  # the share ``_ahead`` was read for
 
     def __len__(self) -> int:
         """Batches per epoch, when the examples are an iterable with a length."""
+        return self.batches()
+
+    def batches(self, share: Share | None = None) -> int:
+        """Batches per epoch of a rank reading ``share`` (``read_share``), when the examples
+        are an iterable with a length."""
         if self._by_epoch:
             raise TypeError("Stream: a function of the epoch has no length")
-        full, rest = divmod(len(self.examples), self._global)  # TypeError: no length
+        size = self.batch_size * read_share(self.shard, "Stream", share)[1]
+        full, rest = divmod(len(self.examples), size)  # TypeError: no length
         return full + (1 if rest and not self.drop_last else 0)
+
+    def _reads(self, share: Share | None) -> Share:
+        """The share this call reads (``read_share``); where it is not the one the examples
+        read ahead were cut for, the stream opens again at the position it is given."""
+        share = read_share(self.shard, "Stream", share)
+        if share != self._reading:
+            self._reading, self._last = share, None
+        return share
 
     def init(self) -> DataPosition:
         """The position at the start of the first epoch."""
@@ -147,49 +146,57 @@ class Stream:
             examples = _shuffled(examples, self.shuffle_buffer, random.Random(seed))
         return examples
 
-    def next(self, position: DataPosition) -> tuple[Any, DataPosition, bool]:
+    def next(self, position: DataPosition,
+             share: Share | None = None) -> tuple[Any, DataPosition, bool]:
         """This rank's batch at ``position``, the position after it, and whether it ended an
-        epoch. StopIteration never: epochs follow one another (``fit`` stops the run)."""
-        rolled = False if position is self._last else self._enter(position)
+        epoch. StopIteration never: epochs follow one another (``fit`` stops the run).
+        ``share``: the ``(rank, world_size)`` to read as, for a stream made without a ``shard``
+        (``fit`` passes its state's); None: this process's."""
+        rank, world = self._reads(share)
+        size = self.batch_size * world
+        rolled = False if position is self._last else self._enter(position, world)
         epoch, offset = self._cursor
         if self._ahead is None:  # the epoch the last batch ended begins: read it now
-            self._open(epoch, 0, fresh=True)
+            self._open(epoch, 0, world, fresh=True)
         examples = self._ahead
-        mine = examples[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        mine = examples[rank * self.batch_size:(rank + 1) * self.batch_size]
         if not mine:
             raise ValueError(f"Stream: the last batch of epoch {epoch} ({len(examples)} examples "
-                             f"over {self.world_size} ranks) leaves rank {self.rank} none; "
+                             f"over {world} ranks) leaves rank {rank} none; "
                              "pass drop_last=True")
-        batch = self._collated(mine, epoch, offset + self.rank * self.batch_size)
+        batch = self._collated(mine, epoch, offset + rank * self.batch_size)
         end = offset + len(examples)
-        self._ahead = self._fill()
-        done = not self._enough(self._ahead)
+        self._ahead = self._fill(size)
+        done = not self._enough(self._ahead, size)
         if done:  # the next epoch is read when its first batch is asked for
             self._cursor, self._ahead = (epoch + 1, 0), None
             self._epoch_tensor = torch.tensor(epoch + 1, dtype=torch.int64)
-            new = DataPosition(self._epoch_tensor, index_tensor(0), unit_tensor(self._global))
+            new = DataPosition(self._epoch_tensor, index_tensor(0), unit_tensor(size))
         else:  # counted in global batches; in a resumed epoch cut elsewhere, in their gcd
             self._cursor = (epoch, end)
-            unit = math.gcd(end, self._global)
+            unit = math.gcd(end, size)
             new = DataPosition(self._epoch_tensor, index_tensor(end // unit), unit_tensor(unit))
         self._last = new
         return batch, new, done or rolled
 
-    def settle(self, position: DataPosition) -> DataPosition:
+    def settle(self, position: DataPosition, share: Share | None = None) -> DataPosition:
         """``position``, or the start of the next epoch when its epoch has no batch left here
         (resumed on a larger global batch than the one that wrote it): what ``fit`` starts from.
         Opens the stream at ``position``, so the first ``next`` reads on from there."""
+        world = self._reads(share)[1]
         if position is self._last:
             return position
-        if self._enter(position):
-            position = DataPosition(self._epoch_tensor, index_tensor(0), unit_tensor(self._global))
+        if self._enter(position, world):
+            position = DataPosition(self._epoch_tensor, index_tensor(0),
+                                    unit_tensor(self.batch_size * world))
         self._last = position
         return position
 
-    def skip_epoch(self, position: DataPosition) -> DataPosition:
+    def skip_epoch(self, position: DataPosition, share: Share | None = None) -> DataPosition:
         """The start of the epoch after ``position``'s (``Control.stop_epoch``)."""
+        world = read_share(self.shard, "Stream", share)[1]
         return DataPosition(torch.tensor(int(position.epoch) + 1, dtype=torch.int64),
-                            index_tensor(0), unit_tensor(self._global))
+                            index_tensor(0), unit_tensor(self.batch_size * world))
 
     def __iter__(self) -> Iterator:
         """One pass over epoch 0, this rank's batches (for eval data and plain loops)."""
@@ -198,9 +205,10 @@ class Stream:
             batch, position, done = self.next(position)
             yield batch
 
-    def _enter(self, position: DataPosition) -> bool:
-        """Open the stream at ``position`` (made elsewhere: a new run, a resume); whether its
-        epoch had no batch left (then the stream stands at the next epoch's start)."""
+    def _enter(self, position: DataPosition, world: int) -> bool:
+        """Open the stream at ``position`` (made elsewhere: a new run, a resume) for ``world``
+        ranks; whether its epoch had no batch left (then the stream stands at the next epoch's
+        start)."""
         if not isinstance(position, DataPosition):
             raise TypeError(f"Stream.next needs a DataPosition (state.data), got "
                             f"{type(position).__name__}; start with state.replace(data="
@@ -208,20 +216,21 @@ class Stream:
         epoch, index, unit = int(position.epoch), int(position.index), int(position.batch)
         if epoch < 0 or index < 0 or unit < 0:
             raise ValueError(f"Stream: position {position} has a negative field")
-        if unit and unit != self._global:
+        size = self.batch_size * world
+        if unit and unit != size:
             logging.getLogger("fxtrain").info(
                 "resuming epoch %d at example %d of its order (counted in batches of %d; this "
-                "stream's global batch is %d)", epoch, index * unit, unit, self._global)
-        offset = index * (unit or self._global)
-        self._open(epoch, offset)
-        if self._enough(self._ahead):
+                "stream's global batch is %d)", epoch, index * unit, unit, size)
+        offset = index * (unit or size)
+        self._open(epoch, offset, world)
+        if self._enough(self._ahead, size):
             return False
         if not offset:
-            raise ValueError(f"Stream: epoch {epoch} holds no {self._describe()}")
-        self._open(epoch + 1, 0, fresh=True)
+            raise ValueError(f"Stream: epoch {epoch} holds no {self._describe(world)}")
+        self._open(epoch + 1, 0, world, fresh=True)
         return True
 
-    def _open(self, epoch: int, start: int, fresh: bool = False) -> None:
+    def _open(self, epoch: int, start: int, world: int, fresh: bool = False) -> None:
         """Stand at example ``start`` of ``epoch``, the next global batch read ahead."""
         if self.seek is not None and start:
             self._it = iter(self.seek(epoch, start))
@@ -237,9 +246,10 @@ class Stream:
                                      "changed?)")
         self._cursor = (epoch, start)
         self._epoch_tensor = torch.tensor(epoch, dtype=torch.int64)
-        self._ahead = self._fill()
-        if fresh and not self._enough(self._ahead):
-            raise ValueError(f"Stream: epoch {epoch} holds no {self._describe()}")
+        size = self.batch_size * world
+        self._ahead = self._fill(size)
+        if fresh and not self._enough(self._ahead, size):
+            raise ValueError(f"Stream: epoch {epoch} holds no {self._describe(world)}")
 
     def _collated(self, examples: list, epoch: int, first: int) -> Any:
         """``collate(examples)``, the ``first``-th example of ``epoch`` the first of them; an
@@ -257,17 +267,16 @@ class Stream:
                              f"{e}){differs}; make every example the same structure, or pass a "
                              f"collate that joins them (collate is {name})") from e
 
-    def _describe(self) -> str:
-        ranks = f" ({self.batch_size} on each of {self.world_size} ranks)" \
-            if self.world_size > 1 else ""
-        return (f"full batch of {self._global} examples{ranks}" if self.drop_last
+    def _describe(self, world: int) -> str:
+        ranks = f" ({self.batch_size} on each of {world} ranks)" if world > 1 else ""
+        return (f"full batch of {self.batch_size * world} examples{ranks}" if self.drop_last
                 else "example")
 
-    def _fill(self) -> list:
-        return list(itertools.islice(self._it, self._global))
+    def _fill(self, size: int) -> list:
+        return list(itertools.islice(self._it, size))
 
-    def _enough(self, examples: list) -> bool:
-        return len(examples) == self._global if self.drop_last else bool(examples)
+    def _enough(self, examples: list, size: int) -> bool:
+        return len(examples) == size if self.drop_last else bool(examples)
 
 
 

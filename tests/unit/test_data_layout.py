@@ -274,3 +274,57 @@ def test_fit_starts_an_epoch_with_no_batch_left_at_the_next_one_and_every_checkp
     assert int(end.step) == 2 and [int(x) for x in pytree.tree_leaves(end.data)] == [2, 0, 8]
     end = fit(8, max_steps=3)  # failed before: "position index 1 in batches of 8 is 8 examples
     assert int(end.step) == 3  # into an epoch of this stream's 8"
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(8, 40), batch_size=st.integers(1, 4), world=st.integers(2, 4),
+       steps=st.integers(0, 5), drop_last=st.booleans(), kind=st.sampled_from(["batches", "stream"]))
+def test_one_stream_read_as_several_shares_is_each_shares_own_stream(size, batch_size, world, steps,
+                                                                    drop_last, kind):
+    """A stream holds no rank (issue 76): one ``Batches`` or ``Stream`` made without a
+    ``shard``, read through ``fx.data.Shared`` as each rank of ``world`` in turn, call by call
+    (as one stream feeding states of two layouts would be), gives every rank the batches and
+    positions of a stream made for that rank alone; then, read as one process from the
+    position they reached, what a one-process stream gives from there."""
+    def make(shard=None):
+        if kind == "batches":
+            return fx.data.Batches(torch.arange(size), batch_size, seed=5, drop_last=drop_last,
+                                   shard=shard)
+        rows = [torch.tensor([i]) for i in range(size)]
+        return fx.data.Stream(rows, batch_size, drop_last=drop_last, shard=shard,
+                              collate=torch.cat)
+    one = make()
+    shares = [fx.data.Shared(one, (rank, world)) for rank in range(world)]
+    alone = [make((rank, world)) for rank in range(world)]
+    if len(alone[0]) <= steps:
+        return
+    position = one.init()
+    for _ in range(steps):
+        got = [share.next(position) for share in shares]  # interleaved on the one stream
+        want = [stream.next(position) for stream in alone]
+        for (b, p, d), (wb, wp, wd) in zip(got, want):
+            assert torch.equal(b, wb) and d == wd
+            assert pytree.tree_leaves(p) == pytree.tree_leaves(wp) or all(
+                torch.equal(x, y) for x, y in zip(pytree.tree_leaves(p), pytree.tree_leaves(wp)))
+        position = got[-1][1]  # the very position the stream made last, read as another share
+    assert len(shares[0]) == len(alone[0])
+    single = make(False)
+    batch, after, done = one.next(position, (0, 1))
+    want_batch, want_after, want_done = single.next(saved(position))
+    assert torch.equal(batch, want_batch) and done == want_done
+    assert [int(x) for x in pytree.tree_leaves(after)] == \
+        [int(x) for x in pytree.tree_leaves(want_after)]
+
+
+def test_fit_reads_a_stream_as_its_states_share_and_leaves_the_stream_as_it_was_made():
+    """``fit`` pairs its data with the share of the state's layout (``as_stream``): a
+    ``Batches`` made before any state is read through ``fx.data.Shared`` with the one-process
+    share here, and the stream keeps no rank of its own."""
+    data = fx.data.Batches(torch.arange(12.0).reshape(6, 2), 2)
+    state = fx.TrainState.create(torch.nn.Linear(2, 1), fx.optim.sgd(0.1))
+    stream = fx.data.as_stream(data, state.layout)
+    assert isinstance(stream, fx.data.Shared) and stream.stream is data and stream.share == (0, 1)
+    assert not hasattr(data, "rank") and not hasattr(data, "world_size")
+    assert fx.data.as_stream(data) is data  # no layout: the stream itself
+    with pytest.raises(ValueError, match=r"shard must be \(rank, world_size\)"):
+        fx.data.Batches(torch.arange(4), 2, shard=(2, 2))
