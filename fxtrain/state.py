@@ -214,8 +214,8 @@ class TrainState:
         device = next(iter(params.values())).device
         module, guard = skeleton(model)
         layout = layout_of(module, guard)
-        with optim.masks.tied(layout.tied):  # a mask may name either of two tied names
-            opt_state = tx.init(params)
+        tx = optim.masks.with_tied(tx, layout.tied)  # a mask may name either of two tied names
+        opt_state = tx.init(params)
         state = cls(
             step=torch.zeros((), dtype=torch.int64, device=device),
             params=params,
@@ -267,16 +267,14 @@ class TrainState:
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         in_place = optim.base.InPlace(self.opt_state, self.params) if donated else None
-        with optim.masks.tied(self.layout.tied):
-            local = on_shards(self.tx, grads, self.opt_state, self.params, in_place)  # sharded
-            updates, opt_state = local or update_weighted(
-                self.tx, grads, self.opt_state, self.params, weight, in_place=in_place)
+        local = on_shards(self.tx, grads, self.opt_state, self.params, in_place)  # sharded
+        updates, opt_state = local or update_weighted(self.tx, grads, self.opt_state, self.params,
+                                                      weight, in_place=in_place)
         params = apply_updates(self.params, updates, in_place=in_place)
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     def init_opt_state(self, params: dict[str, torch.Tensor]) -> Any:
-        """``self.tx.init(params)``, its masks reading this state's tied names: the optimizer
-        state of ``params`` (``fx.shard`` lays the state's out like the one this gives for the
-        sharded parameters)."""
-        with optim.masks.tied(self.layout.tied):
-            return self.tx.init(params)
+        """``self.tx.init(params)`` (its masks read this state's tied names: ``create`` made it
+        so): the optimizer state of ``params`` (``fx.shard`` lays the state's out like the one
+        this gives for the sharded parameters)."""
+        return self.tx.init(params)

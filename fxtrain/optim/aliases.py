@@ -8,7 +8,8 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weights,
+from .masks import Tied
+from .transforms import (Mask, _betas, _mask_fn, _names_mask, _non_negative, add_decayed_weights,
                          scale_by_adam, scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate,
                          scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
                          scale_by_trust_ratio, trace)
@@ -260,9 +261,11 @@ def lamb(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, ep
     )
 
 
-def _only_where(mask: Mask, transform: GradientTransformation) -> GradientTransformation:
-    """A stateless ``transform`` applied to the parameters ``mask`` selects (as ``adamw``'s)."""
-    selected = _mask_fn(mask, "lars(trust_ratio_mask=...)")
+def _only_where(mask: Mask, transform: GradientTransformation,
+                tied: Tied = ()) -> GradientTransformation:
+    """A stateless ``transform`` applied to the parameters ``mask`` selects (as ``adamw``'s),
+    the mask reading the tied names ``tied``."""
+    selected = _mask_fn(mask, "lars(trust_ratio_mask=...)", tied)
 
     def init(params):
         selected(params)  # a mask that does not fit the parameters fails here
@@ -273,7 +276,8 @@ def _only_where(mask: Mask, transform: GradientTransformation) -> GradientTransf
         chosen = selected(params)
         return {k: changed[k] if chosen[k] else u for k, u in updates.items()}, state
 
-    return GradientTransformation(init, update)
+    rebind = (lambda groups: _only_where(mask, transform, groups)) if _names_mask(mask) else None
+    return GradientTransformation(init, update, rebind)
 
 
 def lars(learning_rate: ScalarOrSchedule, weight_decay: Hyper = 0.0,

@@ -17,6 +17,7 @@ import torch.utils._pytree as pytree
 from ..distributed import is_dtensor
 from ..donation import written_into
 from ..tree import tree_map
+from .masks import rebinding, with_tied
 
 Params = Any
 Updates = Any
@@ -27,7 +28,10 @@ ScalarOrSchedule = float | torch.Tensor | Schedule
 
 
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``.
+    """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``;
+    ``with_tied(groups)``: the same transformation with its name masks reading the tied names
+    ``groups`` (``fx.optim.masks.with_tied``), None for one without a name mask (a transform
+    of your own leaves it out).
 
     Examples:
         A transform of your own is two pure functions; this one keeps the sign of each
@@ -50,6 +54,7 @@ class GradientTransformation(NamedTuple):
 
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
+    with_tied: Callable[[Any], GradientTransformation] | None = None
 
 
 class WeightedTransformation(GradientTransformation):
@@ -241,7 +246,8 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
     elementwise = all(isinstance(t, ElementwiseTransformation) for t in transforms)
     kind = WeightedTransformation if weighted else (
         ElementwiseTransformation if elementwise else GradientTransformation)
-    return kind(init, update)
+    return kind(init, update, rebinding(
+        lambda groups: chain(*(with_tied(t, groups) for t in transforms)), *transforms))
 
 
 def _writing_over(transforms: tuple, updates: Updates, state: tuple, params: Params,

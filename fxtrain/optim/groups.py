@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from ..tree import tree_zeros_like
 from .base import GradientTransformation
-from .masks import Labels, Mask, by_name, check
+from .masks import Labels, Mask, Tied, by_name, check, rebinding, with_tied
 
 GroupMask = Mask
 
@@ -128,7 +128,10 @@ def multi_transform(transforms: Mapping[Hashable, GradientTransformation],
         merged = {name: group[name] for group in out.values() for name in group}
         return {name: merged[name] for name in updates}, MultiTransformState(inner_states)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, rebinding(
+        lambda groups: multi_transform({label: with_tied(t, groups)
+                                        for label, t in transforms.items()}, param_labels),
+        *transforms.values()))
 
 
 def partition(transforms: Mapping[Hashable, GradientTransformation],
@@ -176,11 +179,15 @@ def masked(inner: GradientTransformation, mask: GroupMask) -> GradientTransforma
         >>> tx.update(grads, tx.init(params), params)[0]
         {'weight': tensor([ 1.0000, -0.5000]), 'bias': tensor([ 3.0000, -0.5000])}
     """
+    return _masked(inner, mask, ())
 
+
+def _masked(inner: GradientTransformation, mask: GroupMask, tied: Tied) -> GradientTransformation:
+    """``masked`` with its mask (and ``inner``'s) reading the tied names ``tied``."""
     check(mask, "masked(mask=...)")
 
     def selected(tree):
-        flags = by_name(mask, tree, "masked(mask=...)")
+        flags = by_name(mask, tree, "masked(mask=...)", tied=tied)
         names = [name for name, flag in flags.items() if flag]
         if not names:
             raise ValueError(f"masked: the mask selects none of the parameters {list(flags)}; "
@@ -199,7 +206,10 @@ def masked(inner: GradientTransformation, mask: GroupMask) -> GradientTransforma
                                             _subset(params, names))
         return {name: changed.get(name, u) for name, u in updates.items()}, MaskedState(inner_state)
 
-    return GradientTransformation(init, update)
+    names = isinstance(mask, (list, tuple, set, frozenset))
+    rebind = (lambda groups: _masked(with_tied(inner, groups), mask, groups)) if names else \
+        rebinding(lambda groups: _masked(with_tied(inner, groups), mask, tied), inner)
+    return GradientTransformation(init, update, rebind)
 
 
 def set_to_zero() -> GradientTransformation:

@@ -15,6 +15,7 @@ import torch
 
 from ..tree import tree_map, tree_select
 from .base import GradientTransformation, _find_state
+from .masks import rebinding, with_tied
 from .transforms import _check_state, _count, _scalar
 
 
@@ -97,7 +98,9 @@ def lookahead(fast_optimizer: GradientTransformation, sync_period: int,
         steps = (state.steps_since_sync + 1) % sync_period
         return fast_updates, LookaheadState(fast_state, steps, slow)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, rebinding(
+        lambda groups: lookahead(with_tied(fast_optimizer, groups), sync_period, slow_step_size,
+                                 reset_state), fast_optimizer))
 
 
 def lookahead_params(opt_state: Any, params: Any) -> LookaheadParams:

@@ -9,7 +9,9 @@ A spec is one of
 - for masks only, the collection of names to select (a list, tuple or set of str, such as
   transformers' ``get_decay_parameter_names(model)`` returns).
 
-Parameters are a flat dict ``{name: tensor}``, as ``TrainState.params`` is.
+Parameters are a flat dict ``{name: tensor}``, as ``TrainState.params`` is. A collection of
+names may name either of two tied names where the transformation was made with them
+(``with_tied``: ``TrainState.create`` does, from its layout), an argument, never a context.
 """
 
 from __future__ import annotations
@@ -28,40 +30,43 @@ _FIX = ("pass a dict with an entry for every parameter, a predicate fn(name, par
 
 
 Tied = tuple[tuple[str, ...], ...]
-_SCOPE: list[Tied] = []  # the tied names of the state whose optimizer runs now: see ``tied``
+"""Groups of names of one tensor (``state.layout.tied``): a GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``, which the state keeps once, under the first name."""
 
 
-class tied:
-    """Within it, masks resolve the names of tied tensors ``groups`` (``state.layout.tied``):
-    a GPT-2's ``lm_head.weight`` is ``transformer.wte.weight``, so a collection of names that
-    decay may name either (transformers' ``get_decay_parameter_names`` lists the LM head, which
-    the state keeps once, under the embedding's name). ``TrainState`` runs its optimizer's
-    ``init`` and ``update`` within it; nothing outlives the call (a class, not a generator:
-    Dynamo traces it inside a compiled step).
+def with_tied(tx: Any, groups: Tied) -> Any:
+    """``tx`` with every name mask in it (``adamw(mask=names)``, ``masked``, ...) reading the
+    tied names ``groups``, so that a collection of names may name either of two tied names
+    (transformers' ``get_decay_parameter_names`` lists the LM head, which the state keeps under
+    the embedding's name). ``TrainState.create`` makes its state's transformation so, from the
+    layout's tied names: a value, resolved once, the same wherever it is called. ``tx`` itself
+    where there are no tied names or no name mask (its ``with_tied`` is None).
 
     Examples:
-        >>> from fxtrain.optim import masks
         >>> params = {"wte.weight": torch.zeros(2), "ln.bias": torch.zeros(2)}
-        >>> with masks.tied((("wte.weight", "lm_head.weight"),)):
-        ...     masks.by_name(["lm_head.weight"], params, "mask")
-        {'wte.weight': True, 'ln.bias': False}
+        >>> tx = fx.optim.add_decayed_weights(0.5, mask=["lm_head.weight"])
+        >>> tied = fx.optim.masks.with_tied(tx, (("wte.weight", "lm_head.weight"),))
+        >>> tied.update({k: torch.ones(2) for k in params}, tied.init(params), params)[0]
+        {'wte.weight': tensor([1., 1.]), 'ln.bias': tensor([1., 1.])}
+        >>> fx.optim.masks.with_tied(fx.optim.sgd(0.1), (("a", "b"),)).with_tied is None
+        True
     """
-
-    def __init__(self, groups: Tied | None):
-        self.groups = groups or ()
-
-    def __enter__(self) -> None:
-        _SCOPE.append(self.groups)
-
-    def __exit__(self, *exc: Any) -> None:
-        _SCOPE.pop()
+    rebind = getattr(tx, "with_tied", None)
+    return tx if not groups or rebind is None else rebind(tuple(groups))
 
 
-def _kept_name(name: str, tree: Mapping) -> str:
-    """``name``, or the name ``tree`` keeps its tied tensor under (``tied``)."""
-    if name in tree or not _SCOPE:
+def rebinding(build: Callable[[Tied], Any], *inner: Any) -> Callable[[Tied], Any] | None:
+    """A wrapper's ``with_tied``: ``build(groups)``, the wrapper made again around
+    ``with_tied(t, groups)`` of its ``inner`` transformations; None where none of them holds a
+    name mask (so ``with_tied`` leaves the wrapper as it is)."""
+    return build if any(getattr(t, "with_tied", None) is not None for t in inner) else None
+
+
+def _kept_name(name: str, tree: Mapping, tied: Tied) -> str:
+    """``name``, or the name ``tree`` keeps its tied tensor under (``with_tied``)."""
+    if name in tree or not tied:
         return name
-    group = next((names for names in _SCOPE[-1] if name in names), ())
+    group = next((names for names in tied if name in names), ())
     return next((other for other in sorted(group) if other in tree), name)
 
 
@@ -90,10 +95,17 @@ def _takes_params_only(fn: Callable) -> bool:
 
 
 def by_name(spec: Any, tree: Mapping[str, torch.Tensor], what: str, *,
-            names: bool = True) -> dict[str, Any]:
+            names: bool = True, tied: Tied = ()) -> dict[str, Any]:
     """``{name: spec's value for name}`` over ``tree``'s names, or a clear error: a dict that
     misses parameters or names others, names that are no parameter's, optax's ``fn(params)``
-    that returns no such dict. ``names``: a collection of names selects those (masks)."""
+    that returns no such dict. ``names``: a collection of names selects those (masks), a name
+    of a ``tied`` group standing for the one of its group that ``tree`` keeps.
+
+    Examples:
+        >>> params = {"wte.weight": torch.zeros(2), "ln.bias": torch.zeros(2)}
+        >>> by_name(["lm_head.weight"], params, "mask", tied=(("wte.weight", "lm_head.weight"),))
+        {'wte.weight': True, 'ln.bias': False}
+    """
     if not isinstance(tree, Mapping):
         raise TypeError(f"{what} needs the parameters as a flat dict of tensors, got "
                         f"{type(tree).__name__}")
@@ -106,12 +118,15 @@ def by_name(spec: Any, tree: Mapping[str, torch.Tensor], what: str, *,
             raise TypeError(f"{what}: fn(params) returned {type(spec).__name__}; it must return "
                             "a dict {name: value} over the parameters")
     if names and _names(spec):
-        spec = {_kept_name(name, tree) for name in spec}
+        spec = {_kept_name(name, tree, tied) for name in spec}
         unknown = sorted(set(spec) - set(tree))
         if unknown:
             raise ValueError(f"{what}: {len(unknown)} names are no parameter's: {unknown[:5]}"
                              f"{' ...' if len(unknown) > 5 else ''}; the parameters are "
-                             f"{_few(tree)}")
+                             f"{_few(tree)} (a state keeps tied tensors once; TrainState.create "
+                             "resolves their other names: a transformation given to "
+                             "state.replace(tx=...) does through fx.optim.masks.with_tied(tx, "
+                             "state.layout.tied))")
         return {name: name in spec for name in tree}
     missing = [name for name in tree if name not in spec]
     unknown = [name for name in spec if name not in tree]

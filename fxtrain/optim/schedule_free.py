@@ -16,6 +16,7 @@ import torch.utils._pytree as pytree
 
 from ..tree import first_leaf, tree_map
 from .base import GradientTransformation, ScalarOrSchedule, _find_state, chain
+from .masks import rebinding, with_tied
 from .aliases import sgd
 from .schedules import warmup_constant_schedule
 from .transforms import (_betas, _bias_correction, _check_state, _count, _ema_of_squares,
@@ -103,7 +104,9 @@ def schedule_free(base_optimizer: GradientTransformation, learning_rate: ScalarO
         out = tree_map(step, params, state.z, z)
         return out, ScheduleFreeState(state.b1, total, state.step_count + 1, max_lr, base_state, z)
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, rebinding(
+        lambda groups: schedule_free(with_tied(base_optimizer, groups), learning_rate, b1,
+                                     weight_lr_power, state_dtype), base_optimizer))
 
 
 def schedule_free_eval_params(state: Any, params: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
 from .base import (ElementwiseTransformation, GradientTransformation, InPlace, ScalarOrSchedule,
                    in_place_update, own, owns, writable)
-from .masks import Mask, by_name, check
+from .masks import Mask, Tied, by_name, check
 
 
 def _count(params: Any) -> torch.Tensor:
@@ -368,13 +368,19 @@ def scale_by_lion(b1: float | torch.Tensor = 0.9,
     return ElementwiseTransformation(init, update)
 
 
-def _mask_fn(mask: Mask, what: str) -> Callable[[Mapping], dict[str, bool]]:
-    """``selected(params) -> {name: bool}`` for ``mask`` (``fxtrain.optim.masks``), refusing at
-    once what can never be a mask; None selects every parameter."""
+def _mask_fn(mask: Mask, what: str, tied: Tied = ()) -> Callable[[Mapping], dict[str, bool]]:
+    """``selected(params) -> {name: bool}`` for ``mask`` (``fxtrain.optim.masks``, reading the
+    ``tied`` names), refusing at once what can never be a mask; None selects every
+    parameter."""
     if mask is None:
         return lambda params: dict.fromkeys(params, True)
     check(mask, what)
-    return lambda params: by_name(mask, params, what)
+    return lambda params: by_name(mask, params, what, tied=tied)
+
+
+def _names_mask(mask: Mask) -> bool:
+    """Whether ``mask`` is a collection of names (the one kind that reads tied names)."""
+    return isinstance(mask, (list, tuple, set, frozenset))
 
 
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
@@ -394,7 +400,13 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
         >>> tx.update(grads, tx.init(params), params)[0]
         {'weight': tensor([1.2000]), 'bias': tensor([1.])}
     """
-    selected = _mask_fn(mask, "the weight decay mask (mask=...)")
+    return _add_decayed_weights(weight_decay, mask, ())
+
+
+def _add_decayed_weights(weight_decay: float | torch.Tensor, mask: Mask,
+                         tied: Tied) -> GradientTransformation:
+    """``add_decayed_weights`` with its name mask reading the tied names ``tied``."""
+    selected = _mask_fn(mask, "the weight decay mask (mask=...)", tied)
 
     def init(params):
         if mask is not None:
@@ -418,7 +430,9 @@ def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
 
     # a predicate may read a parameter's shape, which a local shard does not keep
     kind = GradientTransformation if callable(mask) else ElementwiseTransformation
-    return kind(init, update)
+    rebind = (lambda groups: _add_decayed_weights(weight_decay, mask, groups)) \
+        if _names_mask(mask) else None
+    return kind(init, update, rebind)
 
 
 def clip_by_global_norm(max_norm: float | torch.Tensor) -> GradientTransformation:

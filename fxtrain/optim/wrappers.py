@@ -13,6 +13,7 @@ import torch.utils._pytree as pytree
 
 from ..tree import first_leaf, tree_map, tree_select, tree_zeros_like
 from .base import GradientTransformation, WeightedTransformation, update_weighted
+from .masks import rebinding, with_tied
 from .transforms import ScaleByLearningRateState
 
 
@@ -67,7 +68,13 @@ def inject_hyperparams(factory: Callable[..., GradientTransformation], *,
             updates, inner = factory(**static, **hparams).update(updates, state.inner_state, params)
             return updates, InjectHyperparamsState(state.count + 1, hparams, inner)
 
-        return GradientTransformation(init, update)
+        def rebind(groups):  # the transformation factory makes, made with the tied names
+            def tied_factory(**arguments):
+                return with_tied(factory(**arguments), groups)
+            tied_factory.__name__ = getattr(factory, "__name__", "factory")
+            return inject_hyperparams(tied_factory, static_args=static_args)(**kwargs)
+
+        return GradientTransformation(init, update, rebind)
 
     return wrapped
 
@@ -163,7 +170,9 @@ def multi_steps(tx: GradientTransformation, every_k: int, *,
         return (tree_select(skip, tree_zeros_like(out), out),
                 tree_select(skip, state._replace(skip_state=skip_state), new_state))
 
-    return WeightedTransformation(init, update)
+    return WeightedTransformation(init, update, rebinding(
+        lambda groups: multi_steps(with_tied(tx, groups), every_k,
+                                   should_skip_update_fn=should_skip_update_fn), tx))
 
 
 def _sum_of_squares(tree: Any) -> torch.Tensor:
@@ -264,7 +273,8 @@ def apply_if_finite(tx: GradientTransformation,
         )
         return tree_select(apply, inner_updates, tree_zeros_like(inner_updates)), new_state
 
-    return GradientTransformation(init, update)
+    return GradientTransformation(init, update, rebinding(
+        lambda groups: apply_if_finite(with_tied(tx, groups), max_consecutive_errors), tx))
 
 
 def learning_rate(opt_state: Any) -> torch.Tensor | None:

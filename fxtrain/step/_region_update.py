@@ -275,20 +275,19 @@ def built(state: Any) -> BlockUpdate | None:
     tells the blocks apart or is not elementwise, a state whose leaves are not plain)."""
     blocks, parts = _parts(tuple(state.params), state.layout.regions)
     shapes = tuple((n, p.dtype) for n, p in state.params.items())
-    with optim.masks.tied(state.layout.tied):
-        if len(blocks) < 2 or not name_free(state.tx, shapes, blocks):
-            return None
-        kinds = _kinds(_split(state.opt_state, frozenset(state.params))[0])
-        if kinds is None:
-            return None
-        layouts, layout_of = {}, {}
-        for r, pairs in parts:
-            if r:
-                layout = _layout_of(state.tx, tuple((k, state.params[n].dtype)
-                                                    for k, n in pairs), kinds)
-                if layout is None:
-                    return None
-                layout_of[r] = layouts.setdefault(layout, len(layouts))
+    if len(blocks) < 2 or not name_free(state.tx, shapes, blocks):
+        return None
+    kinds = _kinds(_split(state.opt_state, frozenset(state.params))[0])
+    if kinds is None:
+        return None
+    layouts, layout_of = {}, {}
+    for r, pairs in parts:
+        if r:
+            layout = _layout_of(state.tx, tuple((k, state.params[n].dtype)
+                                                for k, n in pairs), kinds)
+            if layout is None:
+                return None
+            layout_of[r] = layouts.setdefault(layout, len(layouts))
     return BlockUpdate(state.tx, _signature(state.params), kinds, parts, layout_of,
                        _region_of(state.tx, tuple(layouts)))
 
@@ -306,23 +305,22 @@ def applied(state: Any, grads: dict[str, torch.Tensor]) -> tuple[Any, list] | No
         return None
     out = [{} if isinstance(x, dict) else x for x in leaves]  # dicts: per-parameter parts
     new, squared = {}, {}
-    with optim.masks.tied(state.layout.tied):
-        for r, pairs in plan.parts:
-            pick = dict(pairs)
-            if r:
-                flat = _flat_inputs(grads, state.params, leaves, kinds, pairs)
-                params, got, sq = _through_region(plan.region, plan.layout_of[r], flat, leaves,
-                                                  kinds, pairs)
-                _put(out, got, pick)
-            else:
-                part = pytree.tree_unflatten(
-                    [{k: x[n] for k, n in pairs} if isinstance(x, dict) else x for x in leaves],
-                    spec)
-                params, opt_state, sq = _update(state.tx, {k: grads[n] for k, n in pairs}, part,
-                                                {k: state.params[n] for k, n in pairs})
-                _merge(out, opt_state, pick)
-            new.update({n: params[k] for k, n in pairs})
-            squared.update(zip(pick.values(), sq))
+    for r, pairs in plan.parts:
+        pick = dict(pairs)
+        if r:
+            flat = _flat_inputs(grads, state.params, leaves, kinds, pairs)
+            params, got, sq = _through_region(plan.region, plan.layout_of[r], flat, leaves,
+                                              kinds, pairs)
+            _put(out, got, pick)
+        else:
+            part = pytree.tree_unflatten(
+                [{k: x[n] for k, n in pairs} if isinstance(x, dict) else x for x in leaves],
+                spec)
+            params, opt_state, sq = _update(state.tx, {k: grads[n] for k, n in pairs}, part,
+                                            {k: state.params[n] for k, n in pairs})
+            _merge(out, opt_state, pick)
+        new.update({n: params[k] for k, n in pairs})
+        squared.update(zip(pick.values(), sq))
     opt_state = pytree.tree_unflatten(
         [{n: x[n] for n in state.params} if isinstance(x, dict) else x for x in out], spec)
     return (state.replace(step=state.step + 1, params={n: new[n] for n in state.params},

@@ -149,3 +149,69 @@ def test_bad_inputs_are_refused():
                                   lambda name, p: {"w": "a", "b": "b", "s": "c"}[name])
     with pytest.raises(ValueError, match="another optimizer"):
         tx.update(parity.grads(parity.params(), 1)[0], other.init(parity.params()), parity.params())
+
+
+def _adamw(names):
+    return fx.optim.adamw(0.1, weight_decay=0.5, mask=names)
+
+
+_WRAPPED = {  # a names mask inside each wrapper that holds a transformation
+    "plain": _adamw,
+    "chain": lambda names: fx.optim.chain(fx.optim.clip(10.0), _adamw(names)),
+    "multi_steps": lambda names: fx.optim.multi_steps(_adamw(names), every_k=1),
+    "apply_if_finite": lambda names: fx.optim.apply_if_finite(_adamw(names)),
+    "lookahead": lambda names: fx.optim.lookahead(_adamw(names), sync_period=2,
+                                                 slow_step_size=0.5),
+    "schedule_free": lambda names: fx.optim.schedule_free(_adamw(names), 0.1),
+    "masked": lambda names: fx.optim.masked(_adamw(names), lambda name, p: True),
+    "multi_transform": lambda names: fx.optim.multi_transform({"all": _adamw(names)},
+                                                        lambda name, p: "all"),
+    "inject_hyperparams": lambda names: fx.optim.inject_hyperparams(fx.optim.adamw)(
+        learning_rate=0.1, weight_decay=0.5, mask=names),
+    "masked_by_names": lambda names: fx.optim.masked(fx.optim.adamw(0.1, weight_decay=0.5), names),
+}
+
+
+@pytest.mark.parametrize("wrapper", list(_WRAPPED))
+def test_a_names_mask_reads_tied_names_through_every_wrapper_as_a_value(wrapper):
+    """A mask naming the head of a tied embedding (transformers' decay names do) decays the one
+    tensor the state keeps, through every wrapper, with the same bits as a mask naming the
+    kept name; the state's transformation is resolved once (``fx.optim.masks.with_tied``), so
+    calling it anywhere resolves alike, and the user's transformation, which knows no tied
+    names, refuses the head's name wherever it is called (no scope changes it)."""
+    from helpers_step import Tied
+
+    def trained(names):
+        torch.manual_seed(0)
+        tx = _WRAPPED[wrapper](names)
+        state = fx.TrainState.create(Tied(), tx, seed=0)
+        grads = {k: torch.full_like(p, 0.01) for k, p in state.params.items()}
+        for _ in range(3):
+            state = state.apply_gradients(grads)
+        return state, tx
+
+    by_head, user_tx = trained(["head.weight"])
+    by_kept, _ = trained(["emb.weight"])
+    for k in by_kept.params:
+        assert torch.equal(by_head.params[k], by_kept.params[k]), k
+    untouched, _ = trained(["ln.weight"])  # the embedding does not decay: other bits
+    assert not torch.equal(untouched.params["emb.weight"], by_head.params["emb.weight"])
+    params = by_head.params
+    again = by_head.tx.init(params)  # the state's transformation, called outside the state
+    assert torch.utils._pytree.tree_structure(again) == \
+        torch.utils._pytree.tree_structure(by_head.opt_state)
+    with pytest.raises(ValueError, match=r"no parameter's: \['head.weight'\]"):
+        user_tx.init(params)
+    with pytest.raises(ValueError, match=r"no parameter's: \['head.wieght'\]"):
+        trained(["head.wieght"])
+
+
+def test_with_tied_leaves_a_transformation_without_a_names_mask_as_it_is():
+    """Resolving tied names makes nothing new where no mask reads names: the state keeps the
+    user's transformation itself."""
+    from helpers_step import Tied
+    tx = fx.optim.chain(fx.optim.clip(1.0), fx.optim.adamw(0.1, mask=lambda name, p: True))
+    assert fx.TrainState.create(Tied(), tx).tx is tx
+    named = fx.optim.adamw(0.1, mask=["head.weight"])
+    assert fx.TrainState.create(Tied(), named).tx is not named
+    assert fx.optim.masks.with_tied(named, ()) is named

@@ -149,8 +149,8 @@ def test_the_trainers_decay_names_resolve_a_tied_lm_head_to_its_one_tensor():
     assert "lm_head.weight" in names
     state = fx.TrainState.create(model, fx.optim.adamw(1e-2, weight_decay=0.1, mask=names))
     assert "lm_head.weight" not in state.params
-    with fx.optim.masks.tied(state.layout.tied):  # the state's tied names, as its optimizer
-        decays = fx.optim.masks.by_name(names, state.params, "mask")
+    # the state's tied names, as its optimizer reads them
+    decays = fx.optim.masks.by_name(names, state.params, "mask", tied=state.layout.tied)
     assert decays["transformer.wte.weight"] and decays["transformer.h.0.attn.c_attn.weight"]
     assert not decays["transformer.h.0.ln_1.weight"] and not decays["transformer.ln_f.bias"]
     with pytest.raises(ValueError, match=r"names are no parameter's: \['lm_head.wieght'\]"):
