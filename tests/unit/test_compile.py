@@ -33,6 +33,7 @@ def optimizers():
             "sgd": fx.optim.sgd(0.1, momentum=0.9)}
 
 
+@pytest.mark.slow  # many traces: once, on the pinned torch (not in the compat legs)
 def test_a_sweep_of_regional_steps_trains_each_as_alone():
     """Regional steps built again in one process with other optimizers and masks (a sweep, a
     notebook), without ``torch._dynamo.reset()``: each trains the bits it trains alone, in
@@ -51,6 +52,7 @@ def test_a_sweep_of_regional_steps_trains_each_as_alone():
             assert regional_run(optimizers()[name], compile_step) == alone[name], (order, name)
 
 
+@pytest.mark.slow  # many traces: once, on the pinned torch (not in the compat legs)
 def test_a_batch_of_another_size_compiles_again_and_trains_as_the_plain_step():
     """A regional step called with a batch of another size compiles again (static shapes) and
     trains the plain compiled step's bits (a bare torch.compile failed: its automatic dynamic
@@ -82,6 +84,7 @@ class Scaled(nn.Module):
         return h + SCALE * torch.tanh(self.lin(h))
 
 
+@pytest.mark.slow  # many traces: once, on the pinned torch (not in the compat legs)
 def test_a_setting_the_blocks_read_changed_between_steps_compiles_again():
     """A module-level setting the blocks read, changed between steps: the step compiles again
     and trains as the plain compiled step does (a bare torch.compile failed at the recompile:
@@ -180,6 +183,7 @@ def _fxtrains_own(values):
     return {k: v for k, v in values.items() if not dynamo.search(k[1])}
 
 
+@pytest.mark.slow  # many traces: once, on the pinned torch (not in the compat legs)
 def test_tracing_and_running_regional_steps_writes_no_module_level_value():
     """Compiled regional steps of two states with other optimizers and masks, traced and run
     in one process: no module-level value of fxtrain changes (issue 76: every optimizer traced
@@ -195,6 +199,7 @@ def test_tracing_and_running_regional_steps_writes_no_module_level_value():
         assert _fxtrains_own(module_values()) == before, name
 
 
+@pytest.mark.slow  # many traces: once, on the pinned torch (not in the compat legs)
 def test_steps_built_and_dropped_keep_no_transformation_or_layout_alive():
     """A notebook's life: 50 regional states and their steps built, run and dropped in a loop
     (eagerly, and compiled for the first 3): no transformation, layout or planned update of

@@ -280,7 +280,8 @@ class Numbered(Block):
         return h + out
 
 
-@pytest.mark.parametrize("read", ["scale", "branch", "index", "cache"])
+@pytest.mark.parametrize("read", ["scale", *(pytest.param(r, marks=pytest.mark.slow)
+                                          for r in ("branch", "index", "cache"))])
 def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
     """Blocks of one class whose forward reads the int that numbers them (a scale, a branch, an
     index) are traced apart, said once; where it is read only for a cache, they share one
