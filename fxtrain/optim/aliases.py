@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .masks import Tied
-from .transforms import (Mask, _betas, _mask_fn, _names_mask, _non_negative, add_decayed_weights,
+from .masks import Tied, is_names
+from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weights,
                          scale_by_adam, scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate,
                          scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
                          scale_by_trust_ratio, trace)
@@ -276,7 +276,7 @@ def _only_where(mask: Mask, transform: GradientTransformation,
         chosen = selected(params)
         return {k: changed[k] if chosen[k] else u for k, u in updates.items()}, state
 
-    rebind = (lambda groups: _only_where(mask, transform, groups)) if _names_mask(mask) else None
+    rebind = (lambda groups: _only_where(mask, transform, groups)) if is_names(mask) else None
     return GradientTransformation(init, update, rebind)
 
 

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 from ..tree import tree_zeros_like
 from .base import GradientTransformation
-from .masks import Labels, Mask, Tied, by_name, check, rebinding, with_tied
+from .masks import Labels, Mask, Tied, by_name, check, is_names, rebinding, with_tied
 
 GroupMask = Mask
 
@@ -206,9 +206,10 @@ def _masked(inner: GradientTransformation, mask: GroupMask, tied: Tied) -> Gradi
                                             _subset(params, names))
         return {name: changed.get(name, u) for name, u in updates.items()}, MaskedState(inner_state)
 
-    names = isinstance(mask, (list, tuple, set, frozenset))
-    rebind = (lambda groups: _masked(with_tied(inner, groups), mask, groups)) if names else \
-        rebinding(lambda groups: _masked(with_tied(inner, groups), mask, tied), inner)
+    if is_names(mask):  # the mask and inner's read the tied names
+        rebind = lambda groups: _masked(with_tied(inner, groups), mask, groups)  # noqa: E731
+    else:
+        rebind = rebinding(lambda groups: _masked(with_tied(inner, groups), mask, tied), inner)
     return GradientTransformation(init, update, rebind)
 
 

@@ -70,13 +70,14 @@ def _kept_name(name: str, tree: Mapping, tied: Tied) -> str:
     return next((other for other in sorted(group) if other in tree), name)
 
 
-def _names(spec: Any) -> bool:
+def is_names(spec: Any) -> bool:
+    """Whether ``spec`` is a collection of names (the one kind of mask that reads tied names)."""
     return isinstance(spec, (list, tuple, set, frozenset)) and all(isinstance(n, str) for n in spec)
 
 
 def check(spec: Any, what: str, *, names: bool = True) -> None:
     """Refuses at once what can never be a spec (a string, a number, a list of non-names)."""
-    if isinstance(spec, Mapping) or callable(spec) or (names and _names(spec)):
+    if isinstance(spec, Mapping) or callable(spec) or (names and is_names(spec)):
         return
     kinds = "a dict, a predicate fn(name, param) or a collection of names" if names else \
         "a dict or a predicate fn(name, param)"
@@ -117,7 +118,7 @@ def by_name(spec: Any, tree: Mapping[str, torch.Tensor], what: str, *,
         if not isinstance(spec, Mapping):
             raise TypeError(f"{what}: fn(params) returned {type(spec).__name__}; it must return "
                             "a dict {name: value} over the parameters")
-    if names and _names(spec):
+    if names and is_names(spec):
         spec = {_kept_name(name, tree, tied) for name in spec}
         unknown = sorted(set(spec) - set(tree))
         if unknown:

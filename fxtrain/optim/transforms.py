@@ -15,7 +15,7 @@ import torch
 from ..tree import check_same_structure, first_leaf, global_norm, tree_map, tree_zeros_like
 from .base import (ElementwiseTransformation, GradientTransformation, InPlace, ScalarOrSchedule,
                    in_place_update, own, owns, writable)
-from .masks import Mask, Tied, by_name, check
+from .masks import Mask, Tied, by_name, check, is_names
 
 
 def _count(params: Any) -> torch.Tensor:
@@ -378,10 +378,6 @@ def _mask_fn(mask: Mask, what: str, tied: Tied = ()) -> Callable[[Mapping], dict
     return lambda params: by_name(mask, params, what, tied=tied)
 
 
-def _names_mask(mask: Mask) -> bool:
-    """Whether ``mask`` is a collection of names (the one kind that reads tied names)."""
-    return isinstance(mask, (list, tuple, set, frozenset))
-
 
 def add_decayed_weights(weight_decay: float | torch.Tensor = 0.0,
                         mask: Mask = None) -> GradientTransformation:
@@ -431,7 +427,7 @@ def _add_decayed_weights(weight_decay: float | torch.Tensor, mask: Mask,
     # a predicate may read a parameter's shape, which a local shard does not keep
     kind = GradientTransformation if callable(mask) else ElementwiseTransformation
     rebind = (lambda groups: _add_decayed_weights(weight_decay, mask, groups)) \
-        if _names_mask(mask) else None
+        if is_names(mask) else None
     return kind(init, update, rebind)
 
 
