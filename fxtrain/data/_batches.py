@@ -497,12 +497,17 @@ def as_stream(data: Any, layout: Any = None) -> Any:
     """``data`` as a stream: ``init()``, ``next(position)``, ``batch_size``, ``repeats``; a
     ``Batches`` or ``Stream`` paired with the share of the global batch ``layout`` gives this
     process (``fit`` passes the state's): ``Shared(data, share)``, which passes the share to
-    every call (the stream itself holds no rank; one made with a ``shard`` keeps its own).
+    every call (the stream itself holds no rank); the stream itself where it reads that share
+    anyway (made with a ``shard`` of its own, or this process's share is the layout's: one
+    process, plain data parallel).
 
     Every position has an ``epoch`` (a 0-d CPU int64 tensor).
     """
     if isinstance(data, Batches | Stream):
-        return data if layout is None else Shared(data, layout_share(layout))
+        if layout is None or data.shard is not None:
+            return data
+        share = layout_share(layout)
+        return data if share == shard_of(None, type(data).__name__) else Shared(data, share)
     if isinstance(data, IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):

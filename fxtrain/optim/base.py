@@ -230,7 +230,7 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
         return tuple(t.init(params) for t in transforms)
 
     @in_place_update
-    def update(updates, state, params=None, weight=None, *, in_place=None):
+    def update(updates, state, params=None, weight=None, in_place=None):
         if not isinstance(state, tuple) or len(state) != len(transforms):
             raise ValueError(f"chain of {len(transforms)} transforms got a state of "
                              f"{type(state).__name__}; was it made by another optimizer?")

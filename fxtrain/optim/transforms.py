@@ -192,7 +192,7 @@ def scale_by_adam(b1: float | torch.Tensor = 0.9, b2: float | torch.Tensor = 0.9
         return ScaleByAdamState(_count(params), tree_zeros_like(params), tree_zeros_like(params))
 
     @in_place_update
-    def update(updates, state, params=None, *, in_place=None):
+    def update(updates, state, params=None, in_place=None):
         del params
         _check_state(state.mu, updates, "scale_by_adam")
         count = state.count + 1
@@ -410,7 +410,7 @@ def _add_decayed_weights(weight_decay: float | torch.Tensor, mask: Mask,
         return None
 
     @in_place_update
-    def update(updates, state, params=None, *, in_place=None):
+    def update(updates, state, params=None, in_place=None):
         if params is None:
             raise ValueError("add_decayed_weights needs params; call update(grads, state, params)")
         if mask is not None and not isinstance(params, Mapping):
@@ -489,7 +489,7 @@ def scale_by_learning_rate(learning_rate: ScalarOrSchedule,
                                                                device=count.device).clone())
 
     @in_place_update
-    def update(updates, state, params=None, *, in_place=None):
+    def update(updates, state, params=None, in_place=None):
         del params
         lr = _rate(learning_rate, state.count)
         out = tree_map(lambda u: _mul(u, sign * _scalar(lr, u), in_place), updates)
