@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -164,6 +165,14 @@ ROOT = TESTS.parent
 # -- test_benchmarks.py's helpers -----------------------------------------------------------------
 
 BENCHMARKS = ROOT / "benchmarks"
+
+
+def script_module(name):
+    """``scripts/<name>.py`` as a module, loaded from its file (the scripts folder is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def imported(script):

@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 
 from .. import struct
 from ._packing import document_mask, pack_documents, packed_rows
-from ._position import DataPosition, Share, index_tensor, layout_share, read_share, shard_of, \
+from ._position import DataPosition, Share, index_tensor, read_share, shard_of, \
     unit_tensor
 from ._shared import Shared
 from ._streaming import Stream
@@ -506,8 +506,9 @@ def as_stream(data: Any, layout: Any = None) -> Any:
     if isinstance(data, Batches | Stream):
         if layout is None or data.shard is not None:
             return data
-        share = layout_share(layout)
-        return data if share == shard_of(None, type(data).__name__) else Shared(data, share)
+        who = type(data).__name__
+        share = shard_of(None, who, layout)
+        return data if share == shard_of(None, who) else Shared(data, share)
     if isinstance(data, IterableStream | LoaderStream):
         return data
     if _is_stateful_loader(data):

@@ -61,6 +61,8 @@ def shard_of(shard: Share | bool | None, who: str,
     """``(rank, world_size)`` of a stream's ``shard`` argument (see ``Batches``): None takes
     ``layout``'s share of the batch (its data replicas), or while no layout is given, that of a
     state ``fx.shard`` has not touched (every rank a replica)."""
+    if shard is None and layout is None:  # every rank a replica: no Layout made per call
+        return distributed.rank(), distributed.world_size()
     if shard is None:
         return distributed.data_rank(layout), distributed.data_world_size(layout)
     if shard is False:
@@ -70,12 +72,6 @@ def shard_of(shard: Share | bool | None, who: str,
         raise ValueError(f"{who}: shard must be (rank, world_size) with 0 <= rank < "
                          f"world_size, None or False; got {shard!r}")
     return shard
-
-
-def layout_share(layout: distributed.Layout) -> Share:
-    """The share of a global batch that this process's data replica of ``layout`` (a state's)
-    reads: what ``fit`` passes its streams."""
-    return distributed.data_rank(layout), distributed.data_world_size(layout)
 
 
 def read_share(shard: Share | bool | None, who: str, share: Share | None) -> Share:

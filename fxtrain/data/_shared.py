@@ -1,7 +1,7 @@
 """``Shared``: a ``Batches`` or ``Stream`` read as one data replica's share of each global
 batch, the share passed to every call. The stream itself describes the global order and holds
 no rank; ``fit`` reads its data through ``as_stream(data, state.layout)``, which pairs the
-stream with the share the state's layout gives this process (``layout_share``), so
+stream with the share the state's layout gives this process (``shard_of(None, ..., layout)``), so
 ``fx.shard`` may come after the stream was made, and one stream may feed states of several
 layouts."""
 

@@ -65,9 +65,7 @@ def chosen(state: TrainState, autodiff: str, donates: bool, compiled: bool) -> A
     path trains a state whose layout planned the blocks' update; ``donating`` where an eager
     step's caller gives its state up (``donates``: and nothing reverts the update); else
     ``whole``."""
-    if compiled:
-        plan = state.layout.block_update
-        if autodiff == "autograd" and plan is not None and plan.fits(state):
-            return regional
-        return whole
+    if compiled:  # regional checks that the plan fits this state (else the whole update)
+        regional_ok = autodiff == "autograd" and state.layout.block_update is not None
+        return regional if regional_ok else whole
     return donating if donates else whole

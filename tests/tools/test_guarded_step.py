@@ -2,19 +2,13 @@
 tensors or read what no kernel wrote): a fenced tensor is NaN until written, sits against its
 guard page, and takes the strides asked for."""
 
-import importlib.util
-from pathlib import Path
-
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "guarded_step.py"
+from helpers import script_module
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("guarded_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("guarded_step")
 
 
 def test_a_fenced_tensor_is_nan_until_written_and_ends_at_its_guard_page():

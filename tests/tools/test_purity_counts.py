@@ -2,10 +2,8 @@
 and the optimizer hold outside their arguments may shrink, never grow unseen. Each bound is this
 tree's count; a change that needs one more says why here."""
 
-import importlib.util
-from pathlib import Path
+from helpers import script_module
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "purity_counts.py"
 
 BOUNDS = {  # the count at issue 76's close (its review counted 19, 6, 17, 28, 29 before)
     "module tables": 8,      # caches of values (index tensors...) and eager-only hooks
@@ -17,10 +15,7 @@ BOUNDS = {  # the count at issue 76's close (its review counted 19, 6, 17, 28, 2
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("purity_counts", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("purity_counts")
 
 
 def test_the_counts_stay_within_their_bounds():

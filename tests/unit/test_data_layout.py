@@ -328,7 +328,8 @@ def test_fit_reads_a_stream_as_its_states_share_and_leaves_the_stream_as_it_was_
     state = fx.TrainState.create(torch.nn.Linear(2, 1), fx.optim.sgd(0.1))
     assert fx.data.as_stream(data, state.layout) is data and fx.data.as_stream(data) is data
     assert not hasattr(data, "rank") and not hasattr(data, "world_size")
-    monkeypatch.setattr("fxtrain.data._batches.layout_share", lambda layout: (1, 2))
+    monkeypatch.setattr("fxtrain.distributed.data_rank", lambda layout=None: 1)  # 2 replicas
+    monkeypatch.setattr("fxtrain.distributed.data_world_size", lambda layout=None: 2)
     stream = fx.data.as_stream(data, state.layout)
     assert isinstance(stream, fx.data.Shared) and stream.stream is data and stream.share == (1, 2)
     batch, _, _ = stream.next(stream.init())
