@@ -11,7 +11,7 @@ Torch's own limits, met on every release above: the region's tensors must be its
 parameter it reads off a module whose tensors the step bound is a free variable Dynamo cannot
 lift: "Freevar has no source"), and a region cannot be traced under ``torch.func``'s transforms
 ("Expected FakeTensor"), so a regional step takes autograd's path. Its draws of keyed randomness
-are counted while Dynamo traces it (``note_draws``, run for real then): the subgraph, reused
+are counted while Dynamo traces it (``draw_table``'s ``note``, run for real then): the subgraph, reused
 for later layers, is not traced again.
 
 Dynamo traces each call of a region again unless it may reuse the first call's subgraph. Its
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -85,20 +85,30 @@ def signature(x: Any) -> Any:
     return tuple(keys)
 
 
-@run_while_tracing
-def note_draws(block: torch.nn.Module, name: str, draws: int) -> bool:
-    """Records, while Dynamo traces the region of the blocks of kind ``name``, how many keyed
-    draws it made (run for real, its result a constant), in the table ``fx.regional`` gave
-    ``block`` (``_fx_draws``: one per regional skeleton, gone with it)."""
-    block._fx_draws[name] = draws  # noqa: SLF001
-    return True
+class DrawTable(NamedTuple):
+    note: Callable[[str, int], bool]
+    count: Callable[[str], int]
 
 
-@run_while_tracing
-def draws(block: torch.nn.Module, name: str) -> int:
-    """The keyed draws of the region of the blocks of kind ``name`` (``note_draws``'), as a
-    constant of the trace."""
-    return block._fx_draws[name]  # noqa: SLF001
+def draw_table() -> DrawTable:
+    """A regional skeleton's keyed draws per kind of block (one table each, made by
+    ``fx.regional``, gone with the skeleton): ``note(name, draws)``, run for real while Dynamo
+    traces the region of the blocks of kind ``name`` (its result a constant), and
+    ``count(name)``, that number as a constant of the trace. Two closures over the table, so
+    that Dynamo passes them constants only: torch 2.11's cannot pass a module to a function it
+    runs while tracing ("UnspecializedNNModuleVariable is not a constant")."""
+    table: dict[str, int] = {}
+
+    @run_while_tracing
+    def note(name: str, draws: int) -> bool:
+        table[name] = draws
+        return True
+
+    @run_while_tracing
+    def count(name: str) -> int:
+        return table[name]
+
+    return DrawTable(note, count)
 
 
 def tensor_paths(module: torch.nn.Module) -> tuple[tuple[tuple[str, ...], str, str], ...]:

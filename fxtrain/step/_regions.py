@@ -175,7 +175,7 @@ def block_forward(module: nn.Module, forward: Any, args: tuple, kwargs: dict) ->
     else:
         layout = (name, tuple(tensors), flat[0])  # constants: the region's trace reads them
         out = _flat_region(module, layout, outer.key, position, *tensors.values(), *flat[1])
-    outer.advance(regions.draws(module, name))
+    outer.advance(module._fx_draws.count(name))  # noqa: SLF001
     return out
 
 
@@ -242,7 +242,7 @@ def _run(module: nn.Module, name: str, tensors: dict, key: torch.Tensor,
     inner = random.continued(key, position, autodiff="autograd")
     with inner:
         out = torch.func.functional_call(module, tensors, args, kwargs)
-    regions.note_draws(module, name, inner.calls)
+    module._fx_draws.note(name, inner.calls)  # noqa: SLF001
     return out
 
 
@@ -345,7 +345,7 @@ def regional(state: Any, blocks: str | Sequence[str | type] = "auto") -> Any:
     blocks = [module.get_submodule(name) for name in found]
     for name, block in zip(found, blocks):
         _check_buffers_kept(name, block)
-    draws: dict[str, int] = {}  # each kind's keyed draws, noted where its region is traced
+    draws = regions.draw_table()  # each kind's keyed draws, noted where its region is traced
     for cls in dict.fromkeys(type(b) for b in blocks):
         alike = [b for b in blocks if type(b) is cls]
         kinds, numbering = _kinds(alike)

@@ -17,10 +17,6 @@ from helpers import TRACED
 from helpers_step import module_values
 from helpers_compile import Net, loss_fn, setup, trained
 
-# fx.regional on torch 2.11 fails inside a region's trace at this HEAD (its error hidden by
-# Dynamo's config-logging TypeError); found by the 2.11 leg at the end of issue 76's session
-REGIONAL_ON_2_11 = "fx.regional on torch 2.11 fails in a region's trace (issue 76 note)"
-
 
 def regional_run(tx, compile_step):
     torch.manual_seed(0)
@@ -112,7 +108,6 @@ def test_a_setting_the_blocks_read_changed_between_steps_compiles_again():
     assert runs[0] == runs[1]
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_compiling_leaves_inductor_and_dynamo_settings_as_they_were():
     """A regional step compiled by fx.compile (Inductor's settings it needs are turned off
     while Dynamo traces it, whatever the backend) leaves Inductor's and Dynamo's settings as they were, so a later plain

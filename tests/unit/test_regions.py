@@ -12,10 +12,6 @@ from fxtrain._torch import regions
 from helpers import TRACED, extra, graph_count
 from helpers_compile import Block, Net, loss_fn, setup, trained
 
-# fx.regional on torch 2.11 fails inside a region's trace at this HEAD (its error hidden by
-# Dynamo's config-logging TypeError); found by the 2.11 leg at the end of issue 76's session
-REGIONAL_ON_2_11 = "fx.regional on torch 2.11 fails in a region's trace (issue 76 note)"
-
 
 def recording(graphs):
     def backend(gm, example_inputs):
@@ -24,7 +20,6 @@ def recording(graphs):
     return backend
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_blocks_compile_once_in_one_graph_and_train_the_same_bits():
     """One graph, its blocks calls of one subgraph, no recompiles; the same bits as the step
     without regions, dropout included (each layer continues the keyed stream where it stands),
@@ -49,7 +44,6 @@ def test_blocks_compile_once_in_one_graph_and_train_the_same_bits():
         trained(fx.make_train_step(loss_fn), state, batch)[0].params)
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_a_layer_adds_a_call_not_its_ops():
     """Dynamo's graph of the step holds one subgraph at every depth, and a layer more adds a
     call of it (and its parameters' inputs and AdamW update) where the step without regions
@@ -91,7 +85,6 @@ def updated_in_the_outer_graph(state, batch):
     return (got, metrics), trained(plain, state, batch)
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     """A weight decay mask by name that decays one block's weights and not the others': the
     blocks' updates are not one region (inside it a block's names are its own), and the step
@@ -106,7 +99,6 @@ def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_an_update_whose_state_a_region_cannot_carry_stays_in_the_outer_graph():
     """An elementwise update whose state holds a leaf that is neither a tensor nor a plain
     value (a dtype): the blocks' updates are not one region, and the step trains the bits of
@@ -191,7 +183,6 @@ class Windowed(Block):
         return out / (self.layer_idx + 1) if self.scale_by_inverse_layer_idx else out
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 @pytest.mark.parametrize("scaled_by_index", [False, True])
 def test_blocks_that_differ_in_their_attributes_are_traced_apart(scaled_by_index):
     """Blocks of one class whose attributes differ get a class of their own per kind (the
@@ -247,7 +238,6 @@ class Halving(Net):
         return self.head(h)
 
 
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_blocks_called_on_inputs_of_another_shape_are_traced_apart():
     """One block class, inputs of two shapes in one step: the reuse key tells them apart (a
     trace reused across shapes would not fit), and the step trains the bits of the step
@@ -292,7 +282,6 @@ class Numbered(Block):
 
 @pytest.mark.parametrize("read", ["scale", *(pytest.param(r, marks=pytest.mark.slow)
                                           for r in ("branch", "index", "cache"))])
-@pytest.mark.needs_torch(2, 12, REGIONAL_ON_2_11)
 def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
     """Blocks of one class whose forward reads the int that numbers them (a scale, a branch, an
     index) are traced apart, said once; where it is read only for a cache, they share one
@@ -327,13 +316,12 @@ def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
             said[0], said
 
 
-@pytest.mark.needs_torch(2, 12, "a region's trace reused for the other blocks (2.11 traces "
-                               "every call: nothing to share, nothing checked)")
 @pytest.mark.parametrize("model", ["gpt2", "llama"])
 def test_transformers_blocks_share_one_trace(model):
     """GPT-2's and Llama's blocks differ in ``layer_idx``, read only for a cache: the check
     finds their forwards alike, so they share one trace (the compile-once figure holds), with
-    nothing said."""
+    nothing said. On torch 2.11, which traces every call of a region (nothing shared, nothing
+    checked), the regional step of both models traces and runs, with nothing said."""
     transformers = extra("transformers")
     torch.manual_seed(0)
     if model == "gpt2":
