@@ -41,7 +41,7 @@ from ..callbacks.progress import with_default_progress
 from ._run import Progress, RunPlan, check_fit_args
 from ..step._call import step_call, undo
 from ..metrics._means import Means
-from ._interrupts import after_the_step
+from ._interrupts import held_in_steps, raise_held
 from ._preemption import Preempted, on_sigterm
 from ..step._spec import step_spec
 
@@ -134,7 +134,8 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
         max_steps=max_steps, max_epochs=max_epochs, eval_step=eval_step, eval_data=eval_data,
         eval_every=eval_every, sync_every=sync_every, checkpoint=checkpoint, resume=resume)
     first = run.step
-    with on_sigterm(run.signalled):  # SIGTERM: save and stop at the next flag read
+    # SIGTERM: save and stop at the next flag read; SIGINT: held while a step runs
+    with on_sigterm(run.signalled), held_in_steps(run):
         try:
             reason = _begin(plan, run, restored)
             while reason is None:
@@ -265,11 +266,10 @@ def _call(plan: RunPlan, progress: Progress) -> str | None:
     if plan.before_step:
         _emit(plan, progress, "step_begin", callbacks=plan.before_step)
     before = progress.state
-    with after_the_step():  # Ctrl-C: when the state is whole again
-        # set only once a first Ctrl-C is held: one landing before then finds the state whole
-        progress.in_step = True
-        progress.state, metrics = plan.run_step(progress.state, batch, position)
-        progress.in_step = False
+    progress.in_step = True  # a first Ctrl-C from here is held until the state is whole again
+    progress.state, metrics = plan.run_step(progress.state, batch, position)
+    progress.in_step = False
+    raise_held(progress)
     progress.step += plan.k
     if not plan.limit(progress.step, progress.epoch + progress.epoch_done):
         progress.feed.prefetch(position)  # the next call's batches, while this one runs

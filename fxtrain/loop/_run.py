@@ -110,6 +110,7 @@ class Progress:
       last_eval: ``(step, metrics)`` of the latest evaluation.
       log_next: a callback asked for a log at the next step.
       in_step: inside the step call (its state may be donated half-way).
+      interrupted: a first Ctrl-C landed inside the step and is held until it returns.
       stoppers: the host callbacks that asked to stop outright.
       warned_nonfinite: the warning of a non-finite loss was given.
     """
@@ -125,6 +126,7 @@ class Progress:
     last_eval: tuple = (None, None)
     log_next: bool = False
     in_step: bool = False
+    interrupted: bool = False
     stoppers: list[str] = dataclasses.field(default_factory=list)
     warned_nonfinite: bool = False
 

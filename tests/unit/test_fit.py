@@ -367,25 +367,33 @@ def test_a_second_ctrl_c_still_lets_the_save_under_way_finish(ctrl_c):
     assert manager.saved == [2, 4] and manager.calls[-1] == "wait"
 
 
-def test_a_ctrl_c_just_before_the_step_holds_it_is_a_first_one(tmp_path, ctrl_c, monkeypatch):
-    """A Ctrl-C that lands as fit installs the handler that holds it (Python's own one raises
-    KeyboardInterrupt there) comes before the step, whose state is whole: fit saves it, sends
-    train_end and hands it back, as for a first Ctrl-C, and gives nothing up."""
+def test_a_ctrl_c_between_steps_stops_at_once_with_the_state_whole(tmp_path, ctrl_c,
+                                                                   monkeypatch):
+    """fit installs its holding handler once (not around every step) and puts Python's own
+    back when it ends. A Ctrl-C that lands between steps (a host callback at step 4's end
+    sends it) raises at once, as Python's handler does, and finds the state whole: fit saves
+    it, sends train_end and hands it back, as for a first Ctrl-C, and gives nothing up."""
     install, installs = signal.signal, []
 
-    def landing(signum, handler):
+    def counting(signum, handler):
         if signum == signal.SIGINT and handler is not signal.default_int_handler:
             installs.append(handler)
-            if len(installs) == 5:  # as the fifth step is about to run
-                signal.raise_signal(signal.SIGINT)
         return install(signum, handler)
-    monkeypatch.setattr(signal, "signal", landing)
+    monkeypatch.setattr(signal, "signal", counting)
+
+    def ctrl_c_after_step_4(state, event):
+        if event.kind == "step_end" and int(state.step) == 4:
+            signal.raise_signal(signal.SIGINT)
+        return state, fx.Control()
+
     data = fx.data.Batches((X, Y), 16, seed=0)
     manager = fx.checkpoint.CheckpointManager(tmp_path / "ckpt", async_save=False)
     log = []
     state, step = setup(dropout=0.0)
     with pytest.raises(fx.Interrupted) as raised:
-        fx.fit(state, step, data, max_steps=10, checkpoint=manager, callbacks=[recorder(log)])
+        fx.fit(state, step, data, max_steps=10, checkpoint=manager,
+               callbacks=[recorder(log), ctrl_c_after_step_4])
+    assert len(installs) == 1 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     reference, step = setup(dropout=0.0)
     reference = fx.fit(reference, step, data, max_steps=4)
     assert fx.tree_digest(raised.value.state) == fx.tree_digest(reference)
