@@ -17,6 +17,8 @@ from helpers import TRACED
 from helpers_step import module_values
 from helpers_compile import Net, loss_fn, setup, trained
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 
 def regional_run(tx, compile_step):
     torch.manual_seed(0)

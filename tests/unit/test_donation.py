@@ -11,6 +11,8 @@ from helpers import classification_batch, convnet, graph_count, mlp, xent
 import fxtrain as fx
 from fxtrain.donation import DonatedError
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 DONATED = "donated to a train step.*use the state the step returned"
 
 

@@ -18,6 +18,8 @@ from syncs import HostReads, graph_syncs, recording_backend
 
 import fxtrain as fx
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 X, Y = classification_batch(n=1600, seed=1)  # 100 batches of 16: an epoch ends at step 100
 EVAL = classification_batch(n=64, seed=2)
 BATCH = (X[:16], Y[:16])

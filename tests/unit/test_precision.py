@@ -8,6 +8,8 @@ import torch.nn.functional as F
 import fxtrain as fx
 from helpers import classification_batch, graph_count, mlp, xent
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 BATCH = classification_batch(n=32)
 
 

@@ -8,6 +8,8 @@ import fxtrain as fx
 from fxtrain import optim
 from helpers import TRACED, classification_batch, convnet, graph_count, mlp, xent
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 
 def _full_tx(total=100):
     schedule = optim.warmup_cosine_decay_schedule(0.0, 1e-2, 10, total)

@@ -17,6 +17,8 @@ import fxtrain as fx
 from fxtrain import optim
 from helpers import classification_batch, mlp
 
+pytestmark = pytest.mark.compat  # run on every torch of the range too (.ci/run)
+
 DTYPES = [torch.float32, torch.float64]
 SGD_LR = 0.1
 
