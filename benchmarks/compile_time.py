@@ -62,6 +62,8 @@ VARIANTS = {
     "fxtrain": "fxtrain step, dropout 0.1",
     "fxtrain_nodropout": "fxtrain step, dropout 0.0",
     "torch_compiled_adamw": "torch.compile(model) + compiled AdamW.step()",
+    "torch_regional": "torch's regional recipe: block.compile() for each GPT-2 block "
+                      "(torchtitan's apply_compile), the loss in the model, compiled AdamW.step()",
     "torch_eager_adamw": "torch.compile(model) + eager AdamW.step()",
     "torch_compiled_adamw_nodropout": "the same as torch_compiled_adamw, dropout 0.0",
     "fxtrain_eager": "fxtrain step, dropout 0.1, not compiled (for the break-even)",
@@ -173,11 +175,20 @@ def fxtrain_step(model, loss, optimizer: str, autodiff: str = "func", how: str =
     return run
 
 
-def torch_step(model, loss, compiled_optimizer: bool):
+def torch_step(model, loss, compiled_optimizer: bool, regional: bool = False):
+    """torch.compile(model), or with ``regional`` torch's regional recipe (each repeated block
+    compiled, as torchtitan's ``apply_compile`` does: one block traced and compiled, its code
+    reused by the others; the rest of the model eager); ``torch.optim.AdamW``, its ``step()``
+    compiled where asked (the compiled-optimizer tutorial's recipe)."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    forward = _Module(torch.compile(model))
+    if regional:
+        for block in _blocks(model):
+            block.compile()
+        forward = _Module(model)
+    else:
+        forward = _Module(torch.compile(model))
     opt_step = torch.compile(opt.step) if compiled_optimizer else opt.step
 
     def run(batch):
@@ -188,6 +199,17 @@ def torch_step(model, loss, compiled_optimizer: bool):
         return out.detach()
 
     return run
+
+
+def _blocks(model):
+    """The model's repeated blocks: transformers' ``_no_split_modules`` classes (GPT-2's
+    ``GPT2Block``s), else the children of its ``nn.ModuleList``s."""
+    import torch
+
+    kinds = set(getattr(model, "_no_split_modules", None) or ())
+    found = [m for m in model.modules() if type(m).__name__ in kinds]
+    return found or [c for m in model.modules() if isinstance(m, torch.nn.ModuleList)
+                     for c in m]
 
 
 def build(variant: str, kind: str):
@@ -207,7 +229,8 @@ def build(variant: str, kind: str):
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
                             "autograd" if "_autograd" in variant else "func", how,
                             regional="_regional" in variant), batch
-    return torch_step(model, loss, compiled_optimizer="compiled" in variant), batch
+    return torch_step(model, loss, compiled_optimizer="compiled" in variant or
+                      variant == "torch_regional", regional=variant == "torch_regional"), batch
 
 
 def cache_files(cache: Path) -> dict[str, int]:
@@ -319,9 +342,9 @@ def median_of(records: list[dict], key: str) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summary(results: dict) -> dict:
-    """Medians per variant and mode, and the first-step ratios against the baseline in the same
-    mode (cold or warm)."""
+def summary(results: dict, baseline: str = BASELINE) -> dict:
+    """Medians per variant and mode, and the first-step and steady-step ratios against
+    ``baseline`` in the same mode (cold or warm)."""
     out = {}
     for variant, modes in results.items():
         out[variant] = {}
@@ -342,9 +365,10 @@ def summary(results: dict) -> dict:
         if modes.get("cold") and modes.get("warm"):
             modes["warm"].update(warm_cold(modes["cold"], modes["warm"]))
         for mode, row in modes.items():
-            base = out.get(BASELINE, {}).get(mode, {})
+            base = out.get(baseline, {}).get(mode, {})
             for key, ratio in (("first_step_s", "vs_baseline"),
-                               ("first_step_cpu_s", "cpu_vs_baseline")):
+                               ("first_step_cpu_s", "cpu_vs_baseline"),
+                               ("step_s", "step_vs_baseline")):
                 if base.get(key) and row.get(key) is not None:
                     row[ratio] = row[key] / base[key]
     return out
@@ -450,7 +474,8 @@ def by_depth(args: argparse.Namespace) -> dict:
         os.environ["FXTRAIN_BENCH_LAYERS"] = str(layers)
         print(f"compile time, gpt2 of {layers} layers, {args.rounds} round(s), load "
               f"{os.getloadavg()[0]:.2f}", flush=True)
-        found[layers] = summary(measure(args.variants, "gpt2", args.rounds, set(args.warm)))
+        found[layers] = summary(measure(args.variants, "gpt2", args.rounds, set(args.warm)),
+                                args.baseline)
         print(table(found[layers]), flush=True)
     print("\n" + depth_table(found, args.variants))
     record = {"model": "gpt2", "gpt2": GPT2, "layers": args.layers, "rounds": args.rounds,
@@ -461,20 +486,23 @@ def by_depth(args: argparse.Namespace) -> dict:
 
 
 def depth_table(found: dict, variants: list[str]) -> str:
-    """First steps (cold) by depth: seconds, x the baseline at that depth, x its own at the
-    smallest depth."""
+    """First steps (cold) by depth, in CPU seconds of the process and its compile workers
+    (steadier than wall time on a shared machine): seconds, x the baseline at that depth, x
+    its own at the smallest depth; and the steady step's time x the baseline's."""
     smallest = min(found)
-    lines = [f"{'layers':>6s} " + " ".join(f"{v:>34s}" for v in variants)]
+    lines = [f"{'layers':>6s} " + " ".join(f"{v:>52s}" for v in variants)]
     for layers, summ in sorted(found.items()):
         cells = []
         for v in variants:
-            row, first = summ.get(v, {}).get("cold", {}), \
-                summ.get(v, {}).get("cold", {}).get("first_step_s")
-            base = found[smallest].get(v, {}).get("cold", {}).get("first_step_s")
+            row = summ.get(v, {}).get("cold", {})
+            first = row.get("first_step_cpu_s")
+            base = found[smallest].get(v, {}).get("cold", {}).get("first_step_cpu_s")
+            nan = float("nan")
             cells.append("failed" if first is None else
-                         f"{first:6.1f}s {row.get('vs_baseline', float('nan')):5.2f}x base "
-                         f"{first / base if base else float('nan'):5.2f}x {smallest}L")
-        lines.append(f"{layers:6d} " + " ".join(f"{c:>34s}" for c in cells))
+                         f"{first:6.1f} CPU-s {row.get('cpu_vs_baseline', nan):5.2f}x base "
+                         f"{first / base if base else nan:5.2f}x {smallest}L steady "
+                         f"{row.get('step_vs_baseline', nan):5.2f}x")
+        lines.append(f"{layers:6d} " + " ".join(f"{c:>52s}" for c in cells))
     return "\n".join(lines)
 
 
@@ -486,6 +514,9 @@ def arguments(argv) -> argparse.Namespace:
     parser.add_argument("--warm", nargs="*", default=["fxtrain", "fxtrain_precompiled", BASELINE],
                         choices=[*VARIANTS, *EXTRA],
                         help="variants measured a second time on their warm cache")
+    parser.add_argument("--baseline", default=BASELINE, choices=[*VARIANTS, *EXTRA],
+                        help="the variant the ratios are against (torch_regional: torch's "
+                        "regional recipe, the fair anchor for fx.regional)")
     parser.add_argument("--out", type=Path, help="write the records and the summary as JSON")
     parser.add_argument("--kinds", nargs="+", default=["gpt2", "mlp"], choices=["gpt2", "mlp"],
                         help="models: the first with --variants, the others with fxtrain "
@@ -520,7 +551,7 @@ def main(argv=None) -> dict:
         print(f"compile time, {other}, {args.rounds} round(s), {os.cpu_count()} cores, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
         results = measure(variants, other, args.rounds, warm)
-        record[other] = {"summary": summary(results), "records": results}
+        record[other] = {"summary": summary(results, args.baseline), "records": results}
         print(table(record[other]["summary"]))
     if any(modes.get("warm") for k in args.kinds for modes in record[k]["summary"].values()):
         print("\nwarm against cold, each variant's first step (fresh processes, CPU of the "
