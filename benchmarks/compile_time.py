@@ -183,8 +183,8 @@ def torch_step(model, loss, compiled_optimizer: bool, regional: bool = False):
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WD)
-    if regional:
-        for block in _blocks(model):
+    if regional:  # as torchtitan's apply_compile writes it, for GPT-2's blocks
+        for block in model.transformer.h:
             block.compile()
         forward = _Module(model)
     else:
@@ -199,17 +199,6 @@ def torch_step(model, loss, compiled_optimizer: bool, regional: bool = False):
         return out.detach()
 
     return run
-
-
-def _blocks(model):
-    """The model's repeated blocks: transformers' ``_no_split_modules`` classes (GPT-2's
-    ``GPT2Block``s), else the children of its ``nn.ModuleList``s."""
-    import torch
-
-    kinds = set(getattr(model, "_no_split_modules", None) or ())
-    found = [m for m in model.modules() if type(m).__name__ in kinds]
-    return found or [c for m in model.modules() if isinstance(m, torch.nn.ModuleList)
-                     for c in m]
 
 
 def build(variant: str, kind: str):

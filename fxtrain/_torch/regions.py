@@ -11,8 +11,8 @@ Torch's own limits, met on every release above: the region's tensors must be its
 parameter it reads off a module whose tensors the step bound is a free variable Dynamo cannot
 lift: "Freevar has no source"), and a region cannot be traced under ``torch.func``'s transforms
 ("Expected FakeTensor"), so a regional step takes autograd's path. Its draws of keyed randomness
-are counted while Dynamo traces it (``draw_table``'s ``note``, run for real then): the subgraph, reused
-for later layers, is not traced again.
+are counted while Dynamo traces it (``draw_table``'s ``note``, run for real then): the
+subgraph, reused for later layers, is not traced again.
 
 Dynamo traces each call of a region again unless it may reuse the first call's subgraph. Its
 own check (guards on what the trace read, since torch 2.12) refuses a region with side effects,
@@ -86,6 +86,8 @@ def signature(x: Any) -> Any:
 
 
 class DrawTable(NamedTuple):
+    """``draw_table``'s two functions: ``note(name, draws)`` and ``count(name)``."""
+
     note: Callable[[str, int], bool]
     count: Callable[[str], int]
 
