@@ -15,6 +15,11 @@ thread per process. Four variants:
   fsdp2_compiled    the same with each block torch.compile'd (fullgraph) before fully_shard, as
                     torchtitan's apply_compile does (the root, the loss and the optimizer eager)
 
+and two more on request (``--variants``): ``fxtrain-plain_eager``, the loop a user writes
+(``state, metrics = step(state, batch)``, no ``donate=``: a pure step, the update fused), and
+``fxtrain-unfused_eager``, the donating step with AdamW's composable update (``tx.fused``
+taken away: the update before ``fxtrain.optim.fused``).
+
 Each rank trains ``--warmup`` steps (compiling), then ``--steps`` timed steps, and reports
 (``scale.py``'s measure): the step time, the timed steps' peak resident set (peak RSS: the peak
 count restarts after the warm-up through ``/proc/self/clear_refs``), and the held peak: the
@@ -44,7 +49,9 @@ from pathlib import Path
 from common import backend, cpu_model, use_smoke_backend
 from scale import _measure, _port
 
-VARIANTS = ("fxtrain_eager", "fsdp2_eager", "fxtrain_compiled", "fsdp2_compiled")
+VARIANTS = ("fxtrain_eager", "fsdp2_eager", "fxtrain_compiled", "fsdp2_compiled",
+            "fxtrain-plain_eager", "fxtrain-unfused_eager")
+DEFAULT_VARIANTS = VARIANTS[:4]
 MODES = ("eager", "compiled")
 MEASURES = {"held_bytes": "held peak", "step_peak_bytes": "peak RSS", "step_s": "step time"}
 TARGETS = {"held_bytes": 1.0, "step_s": 1.05}  # fx.shard / FSDP2, at most (issue 61)
@@ -72,22 +79,27 @@ def _fx_loss(state, params, ids):
     return _loss(state.apply(params, ids, use_cache=False).logits, ids)
 
 
-def fxtrain(args, batches, compiled: bool):
-    """fx.shard's run: a function of the number of steps to train."""
+def fxtrain(args, batches, compiled: bool, how: str = ""):
+    """fx.shard's run: a function of the number of steps to train; ``how``: "" (donating, as
+    fx.fit does), "plain" (a loop of one's own, no ``donate=``) or "unfused" (donating, AdamW's
+    composable update)."""
     import torch
 
     import fxtrain as fx
-    state = fx.shard(fx.TrainState.create(_model(args), fx.optim.adamw(LR, weight_decay=WD)))
+    tx = fx.optim.adamw(LR, weight_decay=WD)
+    tx = tx._replace(fused=None) if how == "unfused" else tx
+    state = fx.shard(fx.TrainState.create(_model(args), tx))
     step = fx.make_train_step(_fx_loss)
     if compiled:
         step = torch.compile(step, fullgraph=True, backend=backend())
     held = {"state": state}
     del state
+    donate = {} if how == "plain" else {"donate": True}
 
     def train(steps: int) -> None:
         state = held.pop("state")
         for i in range(steps):
-            state, _ = step(state, batches[i % len(batches)], donate=True)  # as fx.fit does
+            state, _ = step(state, batches[i % len(batches)], **donate)
         held["state"] = state
 
     return train
@@ -127,7 +139,9 @@ def run(variant: str, args, rank: int) -> dict:
     g = torch.Generator().manual_seed(rank)
     batches = [torch.randint(0, VOCAB, (args.batch, args.seq), generator=g) for _ in range(4)]
     kind, mode = variant.split("_")
-    train = (fxtrain if kind == "fxtrain" else fsdp2)(args, batches, mode == "compiled")
+    kind, _, how = kind.partition("-")
+    train = fxtrain(args, batches, mode == "compiled", how) if kind == "fxtrain" else \
+        fsdp2(args, batches, mode == "compiled")
     row = _measure(lambda: train(args.warmup), lambda: train(args.steps), args,
                    torch.distributed.get_world_size())
     return {"variant": variant, "rank": rank, **row}
@@ -256,9 +270,9 @@ def _jobs(args, round_: int) -> list[tuple[list[str], int]]:
     """A round's jobs: each variant at each number of ranks in processes of its own, the
     order rotated by the round; a smoke run trains every variant on one set of processes."""
     if args.smoke:
-        return [(list(VARIANTS), world) for world in args.worlds]
-    turn = round_ % len(VARIANTS)
-    order = [*VARIANTS[turn:], *VARIANTS[:turn]]
+        return [(list(args.variants), world) for world in args.worlds]
+    turn = round_ % len(args.variants)
+    order = [*args.variants[turn:], *args.variants[:turn]]
     return [([variant], world) for world in args.worlds for variant in order]
 
 
@@ -266,12 +280,16 @@ def ratios(rounds: list[dict]) -> dict:
     """Per number of ranks and mode, each measure's fx.shard / FSDP2 ratio: the median over the
     rounds of the ratios within a round, with the rounds' own and the medians of the values."""
     table = {}
+    kinds = sorted({v.split("_")[0] for r in rounds for rows in r.values() for v in rows
+                    if v.startswith("fxtrain")}, key=len)
     for world in sorted({w for r in rounds for w in r}, key=int):
-        for mode in MODES:
-            pairs = [(r[world][f"fxtrain_{mode}"], r[world][f"fsdp2_{mode}"]) for r in rounds
-                     if f"fxtrain_{mode}" in r.get(world, {})]
+        for mode, kind in ((m, k) for m in MODES for k in kinds):
+            pairs = [(r[world][f"{kind}_{mode}"], r[world][f"fsdp2_{mode}"]) for r in rounds
+                     if f"{kind}_{mode}" in r.get(world, {}) and f"fsdp2_{mode}" in r[world]]
             if not pairs:
                 continue
+            how = kind.partition("-")[2]
+            mode = f"{mode} ({how})" if how else mode
             entry = {}
             for key in MEASURES:
                 each = [a[key] / b[key] for a, b in pairs]
@@ -326,7 +344,7 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=VARIANTS)
     parser.add_argument("--out", help="write OUT.json and OUT.md")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--profile", action="store_true",
@@ -341,14 +359,16 @@ def _arguments(argv) -> argparse.Namespace:
     return args
 
 
-UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "torch_foreach")
+UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "fxtrain_unfused_donated",
+           "fxtrain_unfused_sharded_donated", "torch_foreach")
 
 
 def _update_rank(port: int, args, out: str) -> None:
     """``--update``: one process (a 1-rank gloo group, so ``fx.shard`` makes DTensors) times the
-    AdamW update alone, as each variant runs it, in CPU seconds: fxtrain's functional update,
-    a donated one (in place), a sharded donated one (on the local shards), and
-    ``torch.optim.AdamW(foreach=True).step()``."""
+    AdamW update alone, as each variant runs it, in CPU seconds: fxtrain's functional update
+    (eager: fused, ``fxtrain.optim.fused``), a donated one (in place), a sharded donated one
+    (on the local shards), the composable update that ran before the fused one (``unfused``:
+    ``tx.fused`` taken away), and ``torch.optim.AdamW(foreach=True).step()``."""
     import time
 
     import torch
@@ -359,8 +379,8 @@ def _update_rank(port: int, args, out: str) -> None:
                                          rank=0, world_size=1)
     tx = fx.optim.adamw(LR, weight_decay=WD)
 
-    def fxtrain_update(sharded: bool, donated: bool):
-        state = fx.TrainState.create(_model(args), tx)
+    def fxtrain_update(sharded: bool, donated: bool, fused: bool = True):
+        state = fx.TrainState.create(_model(args), tx if fused else tx._replace(fused=None))
         state = fx.shard(state) if sharded else state
         grads = {k: torch.full_like(p, 1e-3) for k, p in state.params.items()}
         held = {"state": state}
@@ -380,6 +400,8 @@ def _update_rank(port: int, args, out: str) -> None:
     made = {"fxtrain": lambda: fxtrain_update(False, False),
             "fxtrain_donated": lambda: fxtrain_update(False, True),
             "fxtrain_sharded_donated": lambda: fxtrain_update(True, True),
+            "fxtrain_unfused_donated": lambda: fxtrain_update(False, True, fused=False),
+            "fxtrain_unfused_sharded_donated": lambda: fxtrain_update(True, True, fused=False),
             "torch_foreach": torch_update}
     rows = {}
     for name in UPDATES:
@@ -401,7 +423,7 @@ def updates(args) -> dict:
         mp.spawn(_update_spawned, args=(_port(), args, f"{out}/u.json"), nprocs=1)
         rows = json.loads(Path(out, "u.json").read_text())
     for name, seconds in rows.items():
-        print(f"{name:26s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows['torch_foreach']:.2f}x "
+        print(f"{name:32s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows['torch_foreach']:.2f}x "
               "torch.optim.AdamW(foreach=True)")
     return rows
 

@@ -23,6 +23,7 @@ from .distributed import Layout, for_forward
 from .protocol import init_states
 from .donation import check_live
 from .optim._on_shards import on_shards
+from .optim.fused import apply_fused
 from .optim.base import GradientTransformation, apply_updates, update_weighted
 from .tree import check_same_structure
 
@@ -267,6 +268,10 @@ class TrainState:
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         in_place = optim.base.InPlace(self.opt_state, self.params) if donated else None
+        fused = apply_fused(self.tx, grads, self.opt_state, self.params, weight, in_place)
+        if fused is not None:  # eager AdamW: torch.optim's foreach ops
+            params, opt_state = fused
+            return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
         local = on_shards(self.tx, grads, self.opt_state, self.params, in_place)  # sharded
         updates, opt_state = local or update_weighted(self.tx, grads, self.opt_state, self.params,
                                                       weight, in_place=in_place)

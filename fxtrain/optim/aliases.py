@@ -8,8 +8,10 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
+from .fused import fused_adam
 from .masks import Tied, is_names
-from .transforms import (Mask, _betas, _mask_fn, _non_negative, add_decayed_weights,
+from .transforms import (Mask, _add_decayed_weights, _betas, _mask_fn, _non_negative,
+                         add_decayed_weights,
                          scale_by_adam, scale_by_adamax, scale_by_amsgrad, scale_by_learning_rate,
                          scale_by_lion, scale_by_radam, scale_by_rms, scale_by_rss,
                          scale_by_trust_ratio, trace)
@@ -62,11 +64,17 @@ def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, ep
         >>> updates["w"]  # the first step moves each weight by the learning rate
         tensor([-0.1000,  0.1000])
     """
-    return chain(
-        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
+    decays = _nonzero(weight_decay)
+    tx = chain(
+        *_maybe(decays, add_decayed_weights(weight_decay)),
         scale_by_adam(b1, b2, eps, nesterov=nesterov),
         scale_by_learning_rate(learning_rate),
     )
+    if nesterov:
+        return tx
+    return tx._replace(fused=fused_adam(learning_rate, b1, b2, eps, weight_decay,
+                                        _mask_fn(None, ""), decoupled=False,
+                                        adam_at=int(decays), rate_at=int(decays) + 1))
 
 
 def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,
@@ -86,11 +94,24 @@ def adamw(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, e
         >>> updates  # only the masked-in weight decays: -lr * wd * p
         {'weight': tensor([-0.0500, -0.0500]), 'bias': tensor([-0., -0.])}
     """
-    return chain(
+    return _adamw(learning_rate, b1, b2, eps, weight_decay, mask, ())
+
+
+def _adamw(learning_rate: ScalarOrSchedule, b1: Hyper, b2: Hyper, eps: Hyper, weight_decay: Hyper,
+           mask: Mask, tied: Tied) -> GradientTransformation:
+    """``adamw`` with its name mask reading the tied names ``tied``; eager, it runs fused
+    (``fxtrain.optim.fused``)."""
+    what = "the weight decay mask (mask=...)"
+    tx = chain(
         scale_by_adam(b1, b2, eps),
-        add_decayed_weights(weight_decay, mask),
+        _add_decayed_weights(weight_decay, mask, tied),
         scale_by_learning_rate(learning_rate),
     )
+    rebind = (lambda groups: _adamw(learning_rate, b1, b2, eps, weight_decay, mask, groups)) \
+        if tx.with_tied is not None else None
+    return tx._replace(with_tied=rebind, fused=fused_adam(
+        learning_rate, b1, b2, eps, weight_decay, _mask_fn(mask, what, tied), decoupled=True,
+        adam_at=0, rate_at=2))
 
 
 def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,

@@ -31,7 +31,9 @@ class GradientTransformation(NamedTuple):
     """``init(params) -> state``; ``update(grads, state, params=None) -> (updates, state)``;
     ``with_tied(groups)``: the same transformation with its name masks reading the tied names
     ``groups`` (``fx.optim.masks.with_tied``), None for one without a name mask (a transform
-    of your own leaves it out).
+    of your own leaves it out); ``fused``: the update and its application in one pass of
+    ``torch._foreach_*`` ops for an eager step (``fxtrain.optim.fused``; ``adam`` and
+    ``adamw`` have one), None for the update then ``apply_updates``.
 
     Examples:
         A transform of your own is two pure functions; this one keeps the sign of each
@@ -55,6 +57,7 @@ class GradientTransformation(NamedTuple):
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
     with_tied: Callable[[Any], GradientTransformation] | None = None
+    fused: Callable[..., Any] | None = None
 
 
 class WeightedTransformation(GradientTransformation):

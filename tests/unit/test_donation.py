@@ -31,11 +31,12 @@ def _storage(state):
 def test_a_donated_state_raises_on_every_use_and_the_result_equals_a_pure_step(compiled,
                                                                               tmp_path):
     batch = classification_batch(image=True, classes=10)
-    donating = fx.make_train_step(xent, donate=True)
-    if compiled:
+    donating, pure = fx.make_train_step(xent, donate=True), fx.make_train_step(xent)
+    if compiled:  # compiled, the update is the composable one (eager: fused, fx.optim.fused)
         donating = torch.compile(donating, fullgraph=True, backend="eager")
+        pure = torch.compile(pure, fullgraph=True, backend="eager")
     old = _state(model=convnet)
-    expected, _ = fx.make_train_step(xent)(old, batch)  # a pure step leaves `old` usable
+    expected, _ = pure(old, batch)  # a pure step leaves `old` usable
     storage = _storage(old)
     new, _ = donating(old, batch)
     assert fx.tree_digest(new) == fx.tree_digest(expected)  # the values of a pure step...
@@ -59,15 +60,17 @@ def test_donation_with_in_step_callbacks_equals_pure_steps_in_one_graph():
     cbs = [fx.callbacks.early_stopping("loss", patience=2, event="step_end", restore_best=True),
            fx.callbacks.nan_guard("skip"), fx.callbacks.ema(0.9)]
     batches = [classification_batch(seed=i) for i in range(6)]
-    pure_step = fx.make_train_step(xent, callbacks=cbs)
+    pure_step = torch.compile(fx.make_train_step(xent, callbacks=cbs), backend="eager")
     step = torch.compile(fx.make_train_step(xent, callbacks=cbs, donate=True), fullgraph=True,
                          backend="eager")
     pure, state = _state(cbs, dropout=0.1), _state(cbs, dropout=0.1)
     for i in range(12):
         pure, _ = pure_step(pure, batches[i % 6])
+    before = graph_count()
+    for i in range(12):
         with torch._dynamo.config.patch(error_on_recompile=i > 0):
             state, _ = step(state, batches[i % 6])
-    assert graph_count() == 1
+    assert graph_count() - before == 1
     assert fx.tree_digest(state) == fx.tree_digest(pure)
     assert bool(state.callbacks["early_stopping"].stopped)  # the skip path was taken too
 
@@ -101,7 +104,8 @@ def test_fit_donates_its_state_and_equals_pure_steps():
     with pytest.raises(DonatedError, match=DONATED):
         start.params["0.weight"]
     pure = _state(dropout=0.1)
-    pure_step = fx.make_train_step(xent, donate=False)
+    # compiled as fit's step is (eager, AdamW runs fxtrain.optim.fused: other roundings)
+    pure_step = torch.compile(fx.make_train_step(xent, donate=False), backend="eager")
     position = data.init()
     for _ in range(10):
         batch, position, _ = data.next(position)

@@ -49,8 +49,9 @@ def test_k_step_calls_equal_single_steps(compiled):
     batches = _batches(3 * K)
     single = fx.make_train_step(xent, callbacks=cbs)
     multi = fx.make_train_step(xent, callbacks=cbs, steps_per_call=K)
-    if compiled:
+    if compiled:  # both: eager, AdamW runs fused (fxtrain.optim.fused), with other roundings
         multi = torch.compile(multi, fullgraph=True, backend="eager")
+        single = torch.compile(single, fullgraph=True, backend="eager")
     ref, saves = _state(cbs), []
     for batch in batches:
         ref, last = single(ref, batch)
@@ -164,7 +165,8 @@ def test_k_steps_donate_like_a_single_step():
     given state refuses further use; under fit (donate=None) likewise."""
     cbs = _in_step_callbacks()
     batches = _stack(_batches(2 * K)[K:])  # the second call: with the NaN batch
-    expected, _ = fx.make_train_step(xent, callbacks=cbs, steps_per_call=K)(_state(cbs), batches)
+    expected, _ = torch.compile(fx.make_train_step(xent, callbacks=cbs, steps_per_call=K),
+                                fullgraph=True, backend="eager")(_state(cbs), batches)
     step = torch.compile(fx.make_train_step(xent, callbacks=cbs, steps_per_call=K, donate=True),
                          fullgraph=True, backend="eager")
     old = _state(cbs)

@@ -1,0 +1,51 @@
+"""Adam's update over lists of tensors, by ``torch._foreach_*`` ops (private to ATen: what
+``torch.optim``'s ``foreach=True`` runs).
+
+Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has every overload used here: a
+0-d tensor as the scalar of ``mul``, ``add`` and ``div``). No public route runs one op over a
+list of tensors; without them the caller runs its per-leaf update (``fxtrain.optim.fused``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _each(op: str, tensors: list, *args, into: bool) -> list:
+    """``torch._foreach_<op>`` of ``tensors``: written into them where ``into``."""
+    if into:
+        getattr(torch, f"_foreach_{op}_")(tensors, *args)
+        return tensors
+    return list(getattr(torch, f"_foreach_{op}")(tensors, *args))
+
+
+def adam(p: list, g: list, m: list, v: list, *, b1: float, b2: float, eps: float,
+         decay: torch.Tensor | None, l2: float, bc2_sqrt: torch.Tensor, step_size: torch.Tensor,
+         into: bool) -> tuple[list, list, list]:
+    """One Adam step of lists of parameters ``p``, gradients ``g`` and moments ``m``, ``v``
+    (one device and dtype), in ``torch.optim``'s order, its scalars 0-d tensors on the
+    leaves' device (read by no host, as its ``capturable=True``), in as many passes over
+    memory as its ``foreach=True`` default (8 with a decay):
+
+    g <- g + l2 p (Adam's L2, where ``l2``);  p <- decay p (AdamW's, where ``decay``)
+    m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2 (one ``addcmul``)
+    p <- p + m / ((sqrt(v) + eps bc2_sqrt) / (bc2_sqrt step_size))
+
+    which is ``p + step_size m / (sqrt(v) / bc2_sqrt + eps)``, the bias correction and the
+    step size folded into two scalars. Returns the new ``(p, m, v)``: the given lists, written
+    into, where ``into``; new ones otherwise (the given tensors untouched). A zero step size
+    moves nothing: the denominator is then infinite (its numerator is at least ``eps
+    bc2_sqrt`` > 0), never 0/0.
+    """
+    if l2:
+        g = list(torch._foreach_add(g, p, alpha=l2))
+    fresh = into  # whether p is a list this step may write into
+    if decay is not None:
+        p, fresh = _each("mul", p, decay, into=into), True
+    m = _each("lerp", m, g, 1 - b1, into=into)
+    v = _each("mul", v, b2, into=into)
+    torch._foreach_addcmul_(v, g, g, 1 - b2)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, eps * bc2_sqrt)
+    torch._foreach_div_(denom, bc2_sqrt * step_size)
+    return _each("addcdiv", p, m, denom, into=fresh), m, v

@@ -1,0 +1,159 @@
+"""An eager Adam(W) update and its application in one pass of ``torch._foreach_*`` ops.
+
+The composable update (``scale_by_adam``, then the weight decay, then the learning rate, then
+``apply_updates``) runs some 14 elementwise passes over each parameter and allocates several
+temporaries. ``torch.optim.AdamW(foreach=True)`` runs 8 or 9, over lists of tensors grouped by
+device and dtype. An eager step (``TrainState.apply_gradients`` outside ``torch.compile``) of
+``fx.optim.adamw`` or ``fx.optim.adam`` runs the latter (``fxtrain._torch.foreach.adam``):
+``torch.optim``'s ops in its order, with its ``capturable=True`` arithmetic, so that no
+scalar is read on the host (the step count and a scheduled learning rate stay tensors on the
+parameters' device) and a donated step writes into the state it was given.
+
+The arithmetic is not the composable update's: ``b2 v + (1 - b2) g^2`` is one ``addcmul``
+(fused multiply-adds where the CPU's vector unit has them), AdamW's decay multiplies the
+parameters by ``1 - lr wd`` first, and the step size divides the denominator. The two agree to
+a few float32 roundings per step, and with ``torch.optim``'s own to as many
+(``tests/unit/test_fused_adam.py`` states the bound). Compiled, Inductor fuses the composable
+update into one kernel per parameter by itself, and this path is not taken.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+
+from .._torch import foreach
+from ..distributed import is_sharded
+from ..donation import written_into
+from ._on_shards import _any_requires_grad, _laid_out_alike, _wrapped
+from .base import (ElementwiseTransformation, GradientTransformation, InPlace, Params,
+                   WeightedTransformation, _local, writable)
+from .transforms import _bias_correction, _wide
+
+Fused = Callable[[dict, Any, dict, bool], tuple[dict, Any] | None]
+"""``fused(grads, opt_state, params, donated) -> (params, opt_state)``, or None where it does
+not apply (the caller runs the composable update). Every tensor is a plain local one, none
+needing a gradient; ``donated``: the caller gives ``params`` and ``opt_state`` up."""
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _groups(params: dict, grads: dict, mu: dict, nu: dict, decays: dict[str, bool]
+            ) -> list[tuple[bool, list, list, list, list, list]] | None:
+    """The leaves grouped as ``torch.optim`` groups them (device and dtype), and by whether
+    they decay: ``(decay, names, params, grads, mu, nu)``; None where a leaf is not a real
+    floating tensor, or a gradient or moment is not of its parameter's dtype, device and shape,
+    or two names share one tensor (tied, and not kept once)."""
+    if len({id(p) for p in params.values()}) != len(params):
+        return None
+    groups: dict[tuple, tuple[list, ...]] = {}
+    for k, p in params.items():
+        g, m, v = grads[k], mu[k], nu[k]
+        if not (isinstance(p, torch.Tensor) and p.is_floating_point() and all(
+                isinstance(x, torch.Tensor) and x.dtype == p.dtype and x.device == p.device
+                and x.shape == p.shape for x in (g, m, v))):
+            return None
+        group = groups.setdefault((p.device, p.dtype, decays.get(k, False)),
+                                  ([], [], [], [], []))
+        for into, x in zip(group, (k, p, g, m, v)):
+            into.append(x)
+    return [(decay, *lists) for (_, _, decay), lists in groups.items()]
+
+
+def _scalars(lr: Any, count: torch.Tensor, like: torch.Tensor, b1: float, b2: float,
+             wd: float, decoupled: bool) -> dict:
+    """One step's scalars for the leaves of ``like``'s device and dtype, as 0-d tensors there
+    (no host read): AdamW's decay factor ``1 - lr wd``, ``sqrt(1 - b2^t)`` and the step size
+    ``-lr / (1 - b1^t)``, computed in float64 (``_bias_correction``, as the composable update
+    does) and rounded to the leaves' dtype once."""
+    wide = _wide(like.device)
+    lr = lr.to(device=like.device, dtype=wide) if isinstance(lr, torch.Tensor) else \
+        torch.tensor(lr, dtype=wide, device=like.device)  # a float: not rounded to float32
+    bc1, bc2 = _bias_correction(b1, count, like), _bias_correction(b2, count, like)
+    return {"decay": (1 - lr * wd).to(like.dtype) if wd and decoupled else None,
+            "bc2_sqrt": torch.sqrt(bc2).to(like.dtype), "step_size": (-lr / bc1).to(like.dtype)}
+
+
+def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any,
+               decays: Callable[[Mapping], dict[str, bool]], *, decoupled: bool,
+               adam_at: int, rate_at: int) -> Fused | None:
+    """The fused eager update of an Adam chain whose ``scale_by_adam`` state sits at
+    ``adam_at`` of the chain's state and ``scale_by_learning_rate``'s at ``rate_at``;
+    ``decoupled``: AdamW's decay (``p <- p (1 - lr wd)``) rather than Adam's L2 (``g <- g + wd
+    p``). None (no fused update) where a hyperparameter other than the learning rate is a
+    tensor (``inject_hyperparams``): those stay on the composable path."""
+    if not all(_number(x) for x in (b1, b2, eps, weight_decay)):
+        return None
+    b1, b2, eps, wd = float(b1), float(b2), float(eps), float(weight_decay)
+
+    def fused(grads, opt_state, params, donated):
+        if not (isinstance(params, dict) and isinstance(grads, dict) and params
+                and isinstance(opt_state, tuple) and len(opt_state) > max(adam_at, rate_at)):
+            return None
+        adam, rate = opt_state[adam_at], opt_state[rate_at]
+        if not (isinstance(adam.mu, dict) and adam.mu.keys() == params.keys() == grads.keys()):
+            return None
+        groups = _groups(params, grads, adam.mu, adam.nu, decays(params) if wd else {})
+        if groups is None:
+            return None
+        lr = learning_rate(rate.count) if callable(learning_rate) else learning_rate
+        count = adam.count + 1
+        new_p, new_m, new_v = {}, {}, {}
+        for decay, names, p, g, m, v in groups:
+            scalars = _scalars(lr, count, p[0], b1, b2, wd if decay else 0.0, decoupled)
+            p, m, v = foreach.adam(p, g, m, v, b1=b1, b2=b2, eps=eps,
+                                   l2=0.0 if decoupled or not decay else wd, into=donated,
+                                   **scalars)
+            for into, new in ((new_p, p), (new_m, m), (new_v, v)):
+                into.update(zip(names, new))
+        order = list(params)
+        lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
+            rate.learning_rate, lr)
+        new_state = list(opt_state)
+        new_state[adam_at] = adam._replace(count=count, mu={k: new_m[k] for k in order},
+                                           nu={k: new_v[k] for k in order})
+        new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
+        new_state = tuple(new_state)
+        return ({k: new_p[k] for k in order},
+                written_into(opt_state, new_state) if donated else new_state)
+
+    return fused
+
+
+def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: Params,
+                weight: Any, in_place: InPlace | None) -> tuple[Params, Any] | None:
+    """``tx``'s update applied to ``params`` in one fused pass (``tx.fused``): the new
+    parameters and optimizer state, for an eager step; on a sharded state's local shards,
+    wrapped back with their layouts. None where it does not apply: compiling, no fused update,
+    a weight for a weighted transformation, anything needing a gradient (an update being
+    differentiated), a sharded state whose gradients are laid out otherwise or whose mask may
+    read a parameter's shape. ``in_place``: the caller gives ``params`` and ``opt_state`` up."""
+    if (tx.fused is None or torch.compiler.is_compiling()
+            or (weight is not None and isinstance(tx, WeightedTransformation))
+            or _any_requires_grad(grads, opt_state, params)):
+        return None
+    if is_sharded(params) and not (isinstance(tx, ElementwiseTransformation)
+                                   and _laid_out_alike(grads, params)):
+        return None
+    donated = writable(opt_state, in_place) and in_place.params is params
+    old_leaves, spec = pytree.tree_flatten(opt_state)
+    with torch.no_grad():  # to_local and from_local, without their autograd functions
+        local_leaves = [_local(x) for x in old_leaves]
+        local_params = {k: _local(p) for k, p in params.items()} if isinstance(params, dict) \
+            else params
+        out = tx.fused({k: _local(g) for k, g in grads.items()} if isinstance(grads, dict)
+                       else grads, pytree.tree_unflatten(local_leaves, spec), local_params,
+                       donated)
+        if out is None:
+            return None
+        new_params, new_state = out
+        new_leaves, new_spec = pytree.tree_flatten(new_state)
+        state = pytree.tree_unflatten(
+            [_wrapped(n, o, lo) for n, o, lo in zip(new_leaves, old_leaves, local_leaves)],
+            new_spec)
+        return {k: _wrapped(p, params[k], local_params[k]) for k, p in new_params.items()}, state
