@@ -10,6 +10,8 @@ import torch.utils._pytree as pytree
 import fxtrain as fx
 import pytest
 
+pytestmark = pytest.mark.compat  # torch._foreach_* ops, 0-d tensor scalars: every torch in range
+
 EPS32 = torch.finfo(torch.float32).eps
 LR, WD, STEPS = 1e-2, 0.1, 40
 
