@@ -2,7 +2,8 @@
 ``torch.optim``'s ``foreach=True`` runs).
 
 Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has every overload used here: a
-0-d tensor as the scalar of ``mul``, ``add`` and ``div``). No public route runs one op over a
+0-d tensor as the scalar of ``mul`` and ``div``, a list of them for ``add``), eager and under
+fake tensors (``benchmarks/simulate.py``). No public route runs one op over a
 list of tensors; without them the caller runs its per-leaf update (``fxtrain.optim.fused``).
 """
 
@@ -46,6 +47,8 @@ def adam(p: list, g: list, m: list, v: list, *, b1: float, b2: float, eps: float
     v = _each("mul", v, b2, into=into)
     torch._foreach_addcmul_(v, g, g, 1 - b2)
     denom = torch._foreach_sqrt(v)
-    torch._foreach_add_(denom, eps * bc2_sqrt)
+    # a list of the one 0-d tensor: the single-tensor overload reads it on the host under
+    # fake tensors (torch 2.13's fake kernel calls item()); on CUDA this op leaves the fast path
+    torch._foreach_add_(denom, [eps * bc2_sqrt] * len(denom))
     torch._foreach_div_(denom, bc2_sqrt * step_size)
     return _each("addcdiv", p, m, denom, into=fresh), m, v
