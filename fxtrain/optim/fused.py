@@ -111,15 +111,16 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
                                    **scalars)
             for into, new in ((new_p, p), (new_m, m), (new_v, v)):
                 into.update(zip(names, new))
-        order = list(params)
         lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
             rate.learning_rate, lr)
         new_state = list(opt_state)
-        new_state[adam_at] = adam._replace(count=count, mu={k: new_m[k] for k in order},
-                                           nu={k: new_v[k] for k in order})
+        # the moments in their own order (a state's dicts may be ordered apart from the
+        # parameters': a donated state is written into by position)
+        new_state[adam_at] = adam._replace(count=count, mu={k: new_m[k] for k in adam.mu},
+                                           nu={k: new_v[k] for k in adam.nu})
         new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
         new_state = tuple(new_state)
-        return ({k: new_p[k] for k in order},
+        return ({k: new_p[k] for k in params},
                 written_into(opt_state, new_state) if donated else new_state)
 
     return fused
@@ -153,6 +154,9 @@ def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: 
             return None
         new_params, new_state = out
         new_leaves, new_spec = pytree.tree_flatten(new_state)
+        if new_spec != spec:  # each new leaf is rewrapped with the layout of the old one there
+            raise RuntimeError(f"a fused update changed its state's structure (from {spec} to "
+                               f"{new_spec})")
         state = pytree.tree_unflatten(
             [_wrapped(n, o, lo) for n, o, lo in zip(new_leaves, old_leaves, local_leaves)],
             new_spec)

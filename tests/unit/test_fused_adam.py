@@ -171,3 +171,25 @@ def test_the_fused_update_survives_tied_names_in_a_mask():
     out, _ = tied.fused(grads, tied.init(params), params, False)
     assert torch.equal(out["wte.weight"], torch.full((3,), 1 - LR * WD))  # decays, via its tie
     assert torch.equal(out["ln.bias"], torch.ones(3))  # does not
+
+
+@pytest.mark.parametrize("donated", [False, True], ids=["pure", "donated"])
+def test_parameters_ordered_apart_from_the_moments_keep_each_moment_its_own(donated):
+    """A state whose parameters were replaced by a dict in another order (a loaded, sorted
+    one): the new moments keep their own order, so a donated state is written into name by
+    name, and the step equals the composable update's."""
+    tx = fx.optim.adamw(LR, weight_decay=WD)
+    states = []
+    for t in (tx, tx._replace(fused=None)):
+        state = fx.TrainState.create(_model(), t)
+        state = state.replace(params=dict(reversed(list(state.params.items()))))
+        for i in range(3):
+            state = state.apply_gradients(_grads(state.params, i), donated=donated)
+        states.append(state)
+    fast, composable = states
+    assert list(fast.opt_state[0].mu) == list(composable.opt_state[0].mu)
+    bound = _bound(composable.params, 3)
+    for k, p in composable.params.items():
+        torch.testing.assert_close(fast.params[k], p, rtol=0, atol=bound)
+        torch.testing.assert_close(fast.opt_state[0].mu[k], composable.opt_state[0].mu[k],
+                                   rtol=0, atol=0)
