@@ -2,12 +2,13 @@
 
 The composable update (``scale_by_adam``, then the weight decay, then the learning rate, then
 ``apply_updates``) runs some 14 elementwise passes over each parameter and allocates several
-temporaries. ``torch.optim.AdamW(foreach=True)`` runs 8 or 9, over lists of tensors grouped by
-device and dtype. An eager step (``TrainState.apply_gradients`` outside ``torch.compile``) of
-``fx.optim.adamw`` or ``fx.optim.adam`` runs the latter (``fxtrain._torch.foreach.adam``):
-``torch.optim``'s ops in its order, with its ``capturable=True`` arithmetic, so that no
-scalar is read on the host (the step count and a scheduled learning rate stay tensors on the
-parameters' device) and a donated step writes into the state it was given.
+temporaries. ``torch.optim.AdamW(foreach=True)`` runs 8 (7 without a weight decay), over
+lists of tensors grouped by device and dtype. An eager step (``TrainState.apply_gradients``
+outside ``torch.compile``) of ``fx.optim.adamw`` or ``fx.optim.adam`` runs as many
+(``fxtrain._torch.foreach.adam``): ``torch.optim``'s ops in its order, its scalars 0-d tensors
+on the parameters' device as its ``capturable=True`` keeps them, so that no scalar is read on
+the host (the step count and a scheduled learning rate stay tensors), and a donated step
+writes into the state it was given.
 
 The arithmetic is not the composable update's: ``b2 v + (1 - b2) g^2`` is one ``addcmul``
 (fused multiply-adds where the CPU's vector unit has them), AdamW's decay multiplies the
