@@ -268,11 +268,16 @@ class TrainState:
         check_live(self, "apply_gradients")
         check_same_structure(self.params, grads, "the gradients")
         in_place = optim.base.InPlace(self.opt_state, self.params) if donated else None
-        fused = apply_fused(self.tx, grads, self.opt_state, self.params, weight, in_place)
+        # eager, AdamW runs fused and a sharded state's update on its local shards; compiled,
+        # Inductor fuses the update and Dynamo traces DTensor's ops into plain ones
+        eager = not torch.compiler.is_compiling()
+        fused = apply_fused(self.tx, grads, self.opt_state, self.params, weight, in_place) \
+            if eager else None
         if fused is not None:  # eager AdamW: torch.optim's foreach ops
             params, opt_state = fused
             return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
-        local = on_shards(self.tx, grads, self.opt_state, self.params, in_place)  # sharded
+        local = on_shards(self.tx, grads, self.opt_state, self.params, in_place) \
+            if eager else None
         updates, opt_state = local or update_weighted(self.tx, grads, self.opt_state, self.params,
                                                       weight, in_place=in_place)
         params = apply_updates(self.params, updates, in_place=in_place)

@@ -57,10 +57,11 @@ def _any_requires_grad(*trees: Any) -> bool:
 def on_shards(tx: GradientTransformation, grads: Any, opt_state: Any, params: Any,
               in_place: InPlace | None = None) -> tuple[Any, Any] | None:
     """``tx.update(grads, opt_state, params)`` on the local shards, wrapped back: for an eager
-    ``ElementwiseTransformation`` of a sharded state whose gradients are laid out as their
+    step (the caller's to tell: compiled, Dynamo traces DTensor's ops into plain ones) of an
+    ``ElementwiseTransformation`` on a sharded state whose gradients are laid out as their
     parameters; None where that does not hold (the caller updates through DTensor).
     ``in_place``: the caller gives ``opt_state`` up (``InPlace``), so the local state is too."""
-    if (torch.compiler.is_compiling() or not isinstance(tx, ElementwiseTransformation)
+    if (not isinstance(tx, ElementwiseTransformation)
             or not is_sharded(params) or not _laid_out_alike(grads, params)
             or _any_requires_grad(grads, opt_state, params)):  # an update differentiated
         return None

@@ -130,12 +130,13 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
 def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: Params,
                 weight: Any, in_place: InPlace | None) -> tuple[Params, Any] | None:
     """``tx``'s update applied to ``params`` in one fused pass (``tx.fused``): the new
-    parameters and optimizer state, for an eager step; on a sharded state's local shards,
-    wrapped back with their layouts. None where it does not apply: compiling, no fused update,
+    parameters and optimizer state, for an eager step (the caller's to tell: compiled,
+    Inductor fuses the composable update); on a sharded state's local shards, wrapped back
+    with their layouts. None where it does not apply: no fused update,
     a weight for a weighted transformation, anything needing a gradient (an update being
     differentiated), a sharded state whose gradients are laid out otherwise or whose mask may
     read a parameter's shape. ``in_place``: the caller gives ``params`` and ``opt_state`` up."""
-    if (tx.fused is None or torch.compiler.is_compiling()
+    if (tx.fused is None
             or (weight is not None and isinstance(tx, WeightedTransformation))
             or _any_requires_grad(grads, opt_state, params)):
         return None
