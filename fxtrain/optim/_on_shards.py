@@ -11,6 +11,7 @@ Compiled, Dynamo traces the DTensor ops into plain ones, so this path is eager o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -65,22 +66,38 @@ def on_shards(tx: GradientTransformation, grads: Any, opt_state: Any, params: An
             or not is_sharded(params) or not _laid_out_alike(grads, params)
             or _any_requires_grad(grads, opt_state, params)):  # an update differentiated
         return None
-    old_leaves, spec = pytree.tree_flatten(opt_state)
-    with torch.no_grad():  # to_local and from_local, without their autograd functions
-        local_leaves = [_local(x) for x in old_leaves]
-        local_state = pytree.tree_unflatten(local_leaves, spec)
+
+    def update(local_state):
         into = InPlace(local_state) if writable(opt_state, in_place) else None
         updates, new_state = update_weighted(
             tx, {k: _local(g) for k, g in grads.items()}, local_state,
             {k: _local(p) for k, p in params.items()}, None, in_place=into)
+        # the local updates rewrapped as their parameters
+        return {k: _wrapped(u, params[k], None) for k, u in updates.items()}, new_state
+
+    return locally(opt_state, update, "an ElementwiseTransformation",
+                   "make the transformation a plain GradientTransformation")
+
+
+def locally(opt_state: Any, update: Callable[[Any], tuple[Any, Any] | None], what: str,
+            remedy: str = "") -> tuple[Any, Any] | None:
+    """``update(local_state) -> (result, new_local_state)`` (or None) run on the local tensors
+    of ``opt_state``'s leaves, without autograd (to_local and from_local without their autograd
+    functions: ``update`` wraps its own result there too): ``(result, new_state)``, each new
+    leaf rewrapped with the layout of the old one in its place (the old one itself where the
+    update wrote into its local tensor). ``what`` and ``remedy`` word the error raised where the
+    update changed the state's structure."""
+    old_leaves, spec = pytree.tree_flatten(opt_state)
+    with torch.no_grad():
+        local_leaves = [_local(x) for x in old_leaves]
+        out = update(pytree.tree_unflatten(local_leaves, spec))
+        if out is None:
+            return None
+        result, new_state = out
         new_leaves, new_spec = pytree.tree_flatten(new_state)
-        if new_spec != spec:  # each new leaf is rewrapped with the layout of the old one there
-            raise RuntimeError(
-                f"an ElementwiseTransformation's state changed its structure in an update "
-                f"(from {spec} to {new_spec}); make the transformation a plain "
-                f"GradientTransformation")
-        # the local results rewrapped: the state as its old leaves, updates as their parameters
-        state = pytree.tree_unflatten(
+        if new_spec != spec:
+            raise RuntimeError(f"{what}'s state changed its structure in an update (from {spec} "
+                               f"to {new_spec})" + (f"; {remedy}" if remedy else ""))
+        return result, pytree.tree_unflatten(
             [_wrapped(n, o, lo) for n, o, lo in zip(new_leaves, old_leaves, local_leaves)],
             new_spec)
-        return {k: _wrapped(u, params[k], None) for k, u in updates.items()}, state

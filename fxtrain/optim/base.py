@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -18,6 +18,9 @@ from ..distributed import is_dtensor
 from ..donation import written_into
 from ..tree import tree_map
 from .masks import rebinding, with_tied
+
+if TYPE_CHECKING:
+    from .fused import Fused
 
 Params = Any
 Updates = Any
@@ -57,7 +60,7 @@ class GradientTransformation(NamedTuple):
     init: Callable[[Params], OptState]
     update: Callable[[Updates, OptState, Params | None], tuple[Updates, OptState]]
     with_tied: Callable[[Any], GradientTransformation] | None = None
-    fused: Callable[..., Any] | None = None
+    fused: Fused | None = None
 
 
 class WeightedTransformation(GradientTransformation):

@@ -24,12 +24,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
 from .._torch import foreach
 from ..distributed import is_sharded
 from ..donation import written_into
-from ._on_shards import _any_requires_grad, _laid_out_alike, _wrapped
+from ._on_shards import _any_requires_grad, _laid_out_alike, _wrapped, locally
 from .base import (ElementwiseTransformation, GradientTransformation, InPlace, Params,
                    WeightedTransformation, _local, writable)
 from .transforms import _bias_correction, _wide
@@ -69,9 +68,10 @@ def _groups(params: dict, grads: dict, mu: dict, nu: dict, decays: dict[str, boo
 def _scalars(lr: Any, count: torch.Tensor, like: torch.Tensor, b1: float, b2: float,
              wd: float, decoupled: bool) -> dict:
     """One step's scalars for the leaves of ``like``'s device and dtype, as 0-d tensors there
-    (no host read): AdamW's decay factor ``1 - lr wd``, ``sqrt(1 - b2^t)`` and the step size
-    ``-lr / (1 - b1^t)``, computed in float64 (``_bias_correction``, as the composable update
-    does) and rounded to the leaves' dtype once."""
+    (no host read): ``sqrt(1 - b2^t)``, the step size ``-lr / (1 - b1^t)`` and, for AdamW's
+    decay, the factor ``1 - lr wd`` applied to the leaves that decay, computed in float64
+    (``_bias_correction``, as the composable update does) and rounded to the leaves' dtype
+    once."""
     wide = _wide(like.device)
     lr = lr.to(device=like.device, dtype=wide) if isinstance(lr, torch.Tensor) else \
         torch.tensor(lr, dtype=wide, device=like.device)  # a float: not rounded to float32
@@ -105,11 +105,15 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
         lr = learning_rate(rate.count) if callable(learning_rate) else learning_rate
         count = adam.count + 1
         new_p, new_m, new_v = {}, {}, {}
+        scalars: dict[tuple, dict] = {}  # once per device and dtype, for both decay groups
         for decay, names, p, g, m, v in groups:
-            scalars = _scalars(lr, count, p[0], b1, b2, wd if decay else 0.0, decoupled)
+            key = (p[0].device, p[0].dtype)
+            if key not in scalars:
+                scalars[key] = _scalars(lr, count, p[0], b1, b2, wd, decoupled)
             p, m, v = foreach.adam(p, g, m, v, b1=b1, b2=b2, eps=eps,
                                    l2=0.0 if decoupled or not decay else wd, into=donated,
-                                   **scalars)
+                                   **{**scalars[key], "decay": scalars[key]["decay"] if decay
+                                      else None})
             for into, new in ((new_p, p), (new_m, m), (new_v, v)):
                 into.update(zip(names, new))
         lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
@@ -144,22 +148,16 @@ def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: 
                                    and _laid_out_alike(grads, params)):
         return None
     donated = writable(opt_state, in_place) and in_place.params is params
-    old_leaves, spec = pytree.tree_flatten(opt_state)
-    with torch.no_grad():  # to_local and from_local, without their autograd functions
-        local_leaves = [_local(x) for x in old_leaves]
+
+    def update(local_state):
         local_params = {k: _local(p) for k, p in params.items()} if isinstance(params, dict) \
             else params
         out = tx.fused({k: _local(g) for k, g in grads.items()} if isinstance(grads, dict)
-                       else grads, pytree.tree_unflatten(local_leaves, spec), local_params,
-                       donated)
+                       else grads, local_state, local_params, donated)
         if out is None:
             return None
         new_params, new_state = out
-        new_leaves, new_spec = pytree.tree_flatten(new_state)
-        if new_spec != spec:  # each new leaf is rewrapped with the layout of the old one there
-            raise RuntimeError(f"a fused update changed its state's structure (from {spec} to "
-                               f"{new_spec})")
-        state = pytree.tree_unflatten(
-            [_wrapped(n, o, lo) for n, o, lo in zip(new_leaves, old_leaves, local_leaves)],
-            new_spec)
-        return {k: _wrapped(p, params[k], local_params[k]) for k, p in new_params.items()}, state
+        return {k: _wrapped(p, params[k], local_params[k]) for k, p in new_params.items()}, \
+            new_state
+
+    return locally(opt_state, update, "a fused update")
