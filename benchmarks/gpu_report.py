@@ -23,7 +23,11 @@ LABELS = {
     "loop_step": "loop_step: forward, backward and AdamW under one `torch.compile`",
     "loop_eager_loss": "loop_eager_loss (extra, not a baseline): loss outside the compiled "
                        "model, on a float32 copy of the logits",
+    "loop_regional": "loop_regional: torch's regional recipe (each block compiled), loss in "
+                     "the model, fused AdamW",
     "fx_func": "`fx.fit`, `torch.func` step",
+    "fx_regional": "`fx.fit` over `fx.regional(state)`: each block compiled once",
+    "fx_shard": "`fx.fit` over `fx.shard(state, units=\"auto\")`, one rank, eager",
     "fx_autograd": "`fx.fit`, autograd step",
     "fx_graphed": "`fx.fit`, `fx.cuda_graphed` step",
     "fx_k": "`fx.fit`, K steps per call",
@@ -126,6 +130,39 @@ def against_full_logits(record: dict, chunked: dict[str, tuple[str, ...]]) -> li
     return lines
 
 
+# issue 77: fx.regional against torch's regional recipe, the same run
+ANCHORS = {"fx_regional": "loop_regional"}
+REGIONAL_FIRST_STEP, REGIONAL_TOKENS = 1.0, 1.0
+
+
+def against_anchor(record: dict) -> list[str]:
+    """Each of fxtrain's rows that has an anchor of its own (``ANCHORS``: fx_regional against
+    torch's regional recipe) against it, the same run and batch: the first step's seconds
+    (compiling; target at most ``REGIONAL_FIRST_STEP`` x the anchor's) and tokens/s (the
+    steady step; target at least ``REGIONAL_TOKENS`` x), or why there is no figure."""
+    lines = []
+    for dropout, rows in record["dropouts"].items():
+        for name, anchor in ANCHORS.items():
+            if name not in rows:
+                continue
+            row, base = rows[name], rows.get(anchor, {})
+            head = f"dropout {dropout}: {name} against {anchor} (the same run)"
+            if "tokens_per_s" not in row or "tokens_per_s" not in base:
+                lost = row if "tokens_per_s" not in row else base
+                lines.append(f"{head}: not measured: {summary(lost) if lost else anchor} "
+                             f"{'' if lost else 'did not run'}".rstrip())
+                continue
+            first = row["first_step_s"] / base["first_step_s"]
+            tokens = row["tokens_per_s"] / base["tokens_per_s"]
+            lines.append(
+                f"{head}: first step {row['first_step_s']:.1f} s against "
+                f"{base['first_step_s']:.1f} s, {first:.2f}x (target <= "
+                f"{REGIONAL_FIRST_STEP:.1f}x: {'met' if first <= REGIONAL_FIRST_STEP else 'NOT met'}"
+                f"); tokens/s {tokens:.2f}x (target >= {REGIONAL_TOKENS:.1f}x: "
+                f"{'met' if tokens >= REGIONAL_TOKENS else 'NOT met'})")
+    return lines
+
+
 def against_precision(record: dict) -> list[str]:
     """Each ``<variant>:<precision>`` row (``--fp8-variants``) against ``<variant>``'s at the
     run's precision, the same run and batch: its tokens/s and peak memory as ratios, or why
@@ -214,7 +251,8 @@ def section(record: dict, title: str, command: str, commit: str, date: str) -> s
              f"{_flops(record)} a token. Each variant in its own process; ratios to the fair "
              f"loops of the same run.", "", markdown(record), ""]
     lines += [f"- {line}" for line in record.get("targets", []) +
-              record.get("against_full_logits", []) + record.get("against_precision", [])]
+              record.get("against_full_logits", []) + record.get("against_precision", []) +
+              record.get("against_anchor", [])]
     return "\n".join(lines) + "\n"
 
 

@@ -22,6 +22,11 @@ is the median). The baselines, the same model, data, batch and AdamW settings:
                optimizer" tutorial compiles ``opt.step()``; here it joins the step). Dynamo
                splits it at ``loss.backward()``: the forward graph with its compiled backward,
                then the optimizer's graph (AdamW's default implementation, fused by Inductor)
+  loop_regional  torch's regional recipe (torchtitan's ``apply_compile``): each repeated block
+               compiled on its own (``block.compile()``: one block traced and compiled, its code
+               reused by the others), the loss inside the model, the rest eager, AdamW as
+               ``loop``'s (fused on CUDA: torchtitan's, not compiled). The anchor for
+               fx_regional's first step and tokens/s
   loop_eager_loss  the kit's loop until issue 58, kept as an extra row, never a baseline:
                torch.compile(model) returns the logits and the loss runs outside the compiled
                graph, eagerly, on a float32 copy of them
@@ -31,6 +36,16 @@ and fxtrain's variants:
   fx_func      fx.fit, torch.compile(fx.make_train_step(loss, precision="bf16-mixed"),
                fullgraph=True): gradients by torch.func. Dropout is keyed on (seed, step)
   fx_autograd  the same with autodiff="autograd"
+  fx_regional  fx_func over ``fx.regional(state)``: each block traced and compiled once inside
+               the one step graph, autodiff="auto" (autograd's path, which regions take)
+  fx_shard     fx.fit of the step not compiled over ``fx.shard(state, units="auto")`` (per-block
+               units) in a one-rank process group (NCCL on CUDA, gloo on the CPU): under fp8 the
+               units gather the float8 layers' weights in float8
+               (``enable_fsdp_float8_all_gather``, eager with per-block units: where fxtrain runs
+               it), so its ``:fp8`` row against its bf16 row is the float8 policy with its
+               all-gather against bf16 on the same sharded path; one device moves no bytes
+               between ranks, so the figure is the casts' and the gather's own cost, not the
+               network's saving
   fx_graphed   fx_func's step through fx.cuda_graphed (a CUDA GPU only)
   fx_k         fx_func with steps_per_call=--k (K steps in one graph per call)
   fx_remat     fx_autograd with every block through fx.remat (nothing_saveable)
@@ -111,21 +126,24 @@ import torch
 from common import backend, use_smoke_backend
 from gpu_models import (MODELS, LossInside, flops_per_token, head_weight, model_of, use_remat,
                         vocab)
-from gpu_report import (BASELINES, against_full_logits, against_precision, demo_figures,
+from gpu_report import (BASELINES, against_anchor, against_full_logits, against_precision,
+                        demo_figures,
                         demo_section, demo_target, demo_verdict, markdown, ratios, section,
                         summary, targets)
 from nanogpt import lm_loss
 from transformer import _process_peak as peak, _restart_peak as restart_peak
 
-VARIANTS = ("loop", "loop_step", "loop_eager_loss", "fx_func", "fx_autograd", "fx_graphed",
-            "fx_k", "fx_remat", "fx_chunked", "fx_liger", "fx_remat_chunked", "hf_trainer")
-LOOPS = ("loop", "loop_step", "loop_eager_loss")
+VARIANTS = ("loop", "loop_step", "loop_regional", "loop_eager_loss", "fx_func", "fx_autograd",
+            "fx_regional", "fx_shard", "fx_graphed", "fx_k", "fx_remat", "fx_chunked", "fx_liger",
+            "fx_remat_chunked", "hf_trainer")
+LOOPS = ("loop", "loop_step", "loop_regional", "loop_eager_loss")
 REMAT = ("fx_remat", "fx_remat_chunked")
 AUTOGRAD = ("fx_autograd", *REMAT)
 CHUNKED = {"fx_chunked": ("fx_func",), "fx_liger": ("fx_func",),  # -> the whole logits'
            "fx_remat_chunked": ("fx_remat", "fx_func")}
 IMPL = {"fx_chunked": "chunked", "fx_liger": "liger", "fx_remat_chunked": "auto"}
 GPU_ONLY = ("fx_graphed", "fx_liger")
+EAGER = ("fx_shard",)  # fx variants whose step is not compiled
 FP8 = "fp8"  # the float8 policy's name (fx.precision.float8("tensorwise"))
 PEAK_TFLOPS = (("H200", 989.4), ("H100", 989.4), ("A100", 312.0), ("L40S", 362.1),
                ("L4", 121.0), ("A10", 125.0))  # dense bf16, by device name (SXM figures)
@@ -174,13 +192,15 @@ def sync(device) -> None:
 # -- precision ----------------------------------------------------------------------------------
 
 
-def step_precision(args):
+def step_precision(args, variant: str = "fx_func"):
     """The fx step's precision: ``--precision``'s name, or for fp8 the policy itself, emulated
-    off a CUDA device (the CPU smoke run; a GPU without float8 products refuses it by name)."""
+    off a CUDA device (the CPU smoke run; a GPU without float8 products refuses it by name),
+    gathering its weights in float8 for ``fx_shard``."""
     if args.precision != FP8:
         return args.precision
     import fxtrain as fx
-    return fx.precision.float8(emulate=args.device != "cuda")
+    return fx.precision.float8(emulate=args.device != "cuda",
+                               enable_fsdp_float8_all_gather=variant == "fx_shard")
 
 
 def model_for(variant: str, args):
@@ -191,7 +211,7 @@ def model_for(variant: str, args):
     model = model_of(args)
     if args.precision != FP8:
         return model
-    policy = step_precision(args)
+    policy = step_precision(args, variant)
     if variant not in LOOPS:
         return policy.convert(model)
     from torchao.float8 import convert_to_float8_training
@@ -233,6 +253,10 @@ def loop_variant(variant, model, batches, args) -> Run:
     if variant == "loop_eager_loss":
         forward = torch.compile(model, backend=backend())
         loss_of = lambda ids: lm_loss(forward(ids), ids)  # noqa: E731
+    elif variant == "loop_regional":  # as torchtitan's apply_compile writes it
+        for block in blocks_of(model):
+            block.compile(backend=backend())
+        loss_of = LossInside(model)
     else:
         loss_of = LossInside(model)
         if variant == "loop":
@@ -254,6 +278,25 @@ def loop_variant(variant, model, batches, args) -> Run:
             counter[0] += 1
 
     return Run(calls, lambda: model, args.batch * args.seq)
+
+
+def blocks_of(model) -> list:
+    """The model's repeated blocks: the children of its longest ``nn.ModuleList`` (GPT-2's
+    ``h``/``blocks``, Llama's ``layers``)."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"loop_regional: {type(model).__name__} has no nn.ModuleList of blocks")
+    return list(max(lists, key=len))
+
+
+def one_rank_group(device: str) -> None:
+    """A process group of this process alone (fx_shard's world), once per process."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    store = Path(tempfile.mkdtemp(prefix="fxtrain-gpu-kit-")) / "store"
+    dist.init_process_group("nccl" if device == "cuda" else "gloo",
+                            init_method=f"file://{store}", rank=0, world_size=1)
 
 
 class Cycle:
@@ -296,9 +339,15 @@ def train_step_of(variant, model, args):
     k = args.k if variant == "fx_k" else 1
     tx = fx.optim.adamw(args.lr, weight_decay=args.weight_decay)
     state = fx.TrainState.create(model, tx, seed=0)
+    autodiff = "autograd" if variant in AUTOGRAD else "func"
+    if variant == "fx_regional":
+        state, autodiff = fx.regional(state), "auto"
+    elif variant == "fx_shard":
+        one_rank_group(args.device)
+        state, autodiff = fx.shard(state, units="auto"), "auto"
     return state, fx.make_train_step(
-        loss_of(variant, model, args), precision=step_precision(args), steps_per_call=k,
-        autodiff="autograd" if variant in AUTOGRAD else "func"), k
+        loss_of(variant, model, args), precision=step_precision(args, variant),
+        steps_per_call=k, autodiff=autodiff), k
 
 
 def fx_variant(variant, model, batches, args) -> Run:
@@ -306,7 +355,8 @@ def fx_variant(variant, model, batches, args) -> Run:
 
     import fxtrain as fx
     state, train_step, k = train_step_of(variant, model, args)
-    train_step = torch.compile(train_step, fullgraph=True, backend=backend())
+    if variant not in EAGER:
+        train_step = torch.compile(train_step, fullgraph=True, backend=backend())
     if variant == "fx_graphed":
         train_step = fx.cuda_graphed(train_step)
     data, holder = Cycle(batches), [state]
@@ -797,6 +847,7 @@ def measure(args, argv: list[str], written=lambda record: None) -> dict:
             record["targets"] = targets(record)
             record["against_full_logits"] = against_full_logits(record, CHUNKED)
             record["against_precision"] = against_precision(record)
+            record["against_anchor"] = against_anchor(record)
             written(record)
 
         saved(measure_dropout(one, without(argv, "--dropout", "--batch", "--big-batch") + [
@@ -863,7 +914,8 @@ def main(argv=None) -> dict:
         return record
     record = measure(args, argv, written)
     print(markdown(record))
-    for line in record["targets"] + record["against_full_logits"] + record["against_precision"]:
+    for line in (record["targets"] + record["against_full_logits"] + record["against_precision"]
+                 + record["against_anchor"]):
         print(line)
     print(f"{record['seconds']:.0f} s", flush=True)
     written(record)

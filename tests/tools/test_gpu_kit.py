@@ -20,7 +20,7 @@ from helpers import imported
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_STAGES = ["core", "llama", "chunked", "remat", "paths", "dropout", "hf"]
-ONE_CALL = ["env", "demo", "fp8"]  # `defaults`, the one-call form
+ONE_CALL = ["env", "demo", "regional", "fp8"]  # `defaults`, the one-call form
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +32,9 @@ def kit():
 def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_path):
     """``bash scripts/gpu.sh OUT defaults hardware core llama`` as the GPU machine runs it (the
     setup installs fxtrain from this tree into a folder of its own and checks every
-    dependency; ``defaults`` is env, demo and fp8), each benchmark stage with its own variants
-    at the tiny size, the fp8 rows emulated; the demo for 4 eager steps; each writes its
-    section, appended to the results file."""
+    dependency; ``defaults`` is env, demo, regional and fp8), each benchmark stage with its own
+    variants at the tiny size, the fp8 rows emulated; the demo for 4 eager steps; each writes
+    its section, appended to the results file, and the call one summary of them all."""
     pytest.importorskip("transformers")
     pytest.importorskip("torchao")
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
@@ -55,7 +55,7 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
         *ONE_CALL, "hardware", "core", "llama"]
     assert "=== env: exit 0" in log and "=== hardware: exit 0" in log
     assert "deselected" in (out / "hardware.log").read_text()  # the marked tests were collected
-    for stage in ("core", "llama", "fp8"):
+    for stage in ("core", "llama", "fp8", "regional"):
         record = json.loads((out / f"{stage}.json").read_text())
         rows = record["dropouts"]["0.0"]
         args = kit.arguments([*stage_argv(stage), "--device", "cpu", "--tiny"])
@@ -64,9 +64,10 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
             assert row["tokens_per_s"] > 0 and row["first_step_s"] > 0, (variant, row)
             assert row["attention"] == "flash", (variant, row)  # SDPA's fused kernel, the CPU's
             assert row["precision"] == ("fp8" if variant.endswith(":fp8") else "bf16-mixed")
-            if stage != "fp8":
+            if stage in ("core", "llama"):
                 assert {"tokens_vs_loop", "tokens_vs_loop_step", "tokens_vs_best"} <= set(row)
-        assert record["environment"]["device"] == "cpu" and record["batch"] == 4
+        assert record["environment"]["device"] == "cpu"
+        assert record["batch"] == (8 if stage == "regional" else 4)  # the stage's, or tiny's
         section = (out / f"{stage}.md").read_text()
         assert section.startswith(f"#### {stage}: ") and "fxtrain abc1234" in section
         assert f"command: `bash scripts/gpu.sh $OUT {stage} (FXTRAIN_GPU_KIT_ARGS=" in section
@@ -76,10 +77,19 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
             assert any(line.startswith(f"dropout 0.0: {variant} in fp8 against bf16-mixed (the "
                                        f"same run): tokens/s ") for line in
                        record["against_precision"]), record["against_precision"]
+        if stage == "regional":  # fx.regional against torch's recipe, with the targets
+            assert [line.split(":")[1].strip() for line in record["against_anchor"]] == [
+                "fx_regional against loop_regional (the same run)"], record["against_anchor"]
+            assert "first step" in record["against_anchor"][0] and "tokens/s" in section
         if stage == "llama":
             assert rows["fx_remat_chunked"]["batch"] == 8  # twice the batch, without a probe
             assert any("fx_remat_chunked against fx_func" in line
                        for line in record["against_full_logits"])
+    summary = (out / "summary.md").read_text()  # the call's one summary
+    for stage in (*ONE_CALL, "hardware", "core", "llama"):
+        assert f"| {stage} | 0 | " in summary, summary[:2000]
+        if (out / f"{stage}.md").exists():
+            assert (out / f"{stage}.md").read_text() in summary
     demo = json.loads((out / "demo.json").read_text())
     row = demo["row"]
     assert row["steps"] == 4 and row["step"] == 4 and row["exit"] == 0 and row["finite"]
@@ -95,10 +105,12 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
 
 # The variants the CPU runs (fx_graphed and Liger's kernel need CUDA; fx_liger runs here on a
 # fake Liger of torch ops, which checks the variant's wiring, not Liger)
-SAME = {"nano": ["loop_step", "loop_eager_loss", "fx_func", "fx_autograd", "fx_k", "fx_remat",
-                 "fx_chunked", "fx_remat_chunked", "fx_liger", "hf_trainer"],
-        "llama": ["loop_step", "loop_eager_loss", "fx_func", "fx_autograd", "fx_remat",
-                  "fx_chunked", "fx_remat_chunked", "hf_trainer"]}
+SAME = {"nano": ["loop_step", "loop_regional", "loop_eager_loss", "fx_func", "fx_autograd",
+                 "fx_regional", "fx_shard", "fx_k", "fx_remat", "fx_chunked", "fx_remat_chunked",
+                 "fx_liger", "hf_trainer"],
+        "llama": ["loop_step", "loop_regional", "loop_eager_loss", "fx_func", "fx_autograd",
+                  "fx_regional", "fx_shard", "fx_remat", "fx_chunked", "fx_remat_chunked",
+                  "hf_trainer"]}
 FAST = {("nano", "fx_func")}  # the headline's pair, in the quick suite
 STEPS, LR = 4, 1e-2
 # Float32, the same initial weights, batches and AdamW: the variants differ only by rounding
@@ -359,18 +371,25 @@ def test_the_core_and_llama_stages_measure_fxtrain_against_both_fair_loops(kit):
         "loop", "loop:fp8", "loop_step", "fx_func", "fx_func:fp8", "fx_remat_chunked"]
 
 
-def test_the_one_call_form_is_env_the_demo_and_llamas_fp8_ratio(kit):
-    """``defaults``: the demo at its defaults and fx.fit on the Llama 1B in bf16-mixed and fp8,
-    at a batch that needs no probe, within one call's deadline by the header's estimates."""
+def test_the_one_call_form_is_what_users_run_by_default(kit):
+    """``defaults``: the demo at its defaults, the regional recipe against fx.regional on GPT-2
+    124M, and on the Llama 1B the float8 policy (compiled, fx.regional) and its float8
+    all-gather (fx.shard's units) each against bf16-mixed, at batches that need no probe,
+    within one call's deadline by the header's estimates."""
     script = (ROOT / "scripts" / "gpu.sh").read_text()
     assert f'stages[i]="{" ".join(ONE_CALL)}"' in script
     fp8 = kit.arguments([*stage_argv("fp8"), "--device", "cuda"])
     assert fp8.model == "llama" and fp8.seq == 2048 and fp8.batch == "4"
     assert fp8.precision == "bf16-mixed" and fp8.steps == 20 and fp8.warmup == 5
-    assert [name for name, _ in kit.rows_to_run(fp8)] == ["fx_func", "fx_func:fp8"]
+    assert [name for name, _ in kit.rows_to_run(fp8)] == [
+        "fx_regional", "fx_regional:fp8", "fx_shard", "fx_shard:fp8"]
+    regional = kit.arguments([*stage_argv("regional"), "--device", "cuda"])
+    assert regional.model == "nano" and regional.batch == "8" and regional.dropout == [0.0]
+    assert regional.variants == ["loop_regional", "fx_regional"]  # the anchor first
+    assert imported("gpu_report").ANCHORS == {"fx_regional": "loop_regional"}
     demo = re.search(r"^ *demo\) bench demo (.+?) ;;$", script, re.MULTILINE).group(1)
     assert demo.startswith("--demo transformer --demo-timeout ")
-    for stage in ("fp8", "demo", "defaults"):
+    for stage in ("fp8", "regional", "demo", "defaults"):
         assert re.search(rf"^#   {stage} +\S", script, re.MULTILINE)
         assert stage in re.search(r"unknown stage .*\((.*)\)", script).group(1).split()
     estimate = re.search(r"^# .*the one-call form: defaults, ~(\d+) s", script,
@@ -478,6 +497,57 @@ def test_fp8_rows_are_ratios_to_their_variants_bf16_rows(kit):
     assert kit.against_precision(record) == [
         "dropout 0.0: fx_func in fp8 against bf16-mixed (the same run): tokens/s 1.25x, peak "
         "memory 0.90x"]
+
+
+def test_fx_regional_is_set_against_torchs_regional_recipe_with_its_targets(kit):
+    """The first step (compiling) at most the recipe's, tokens/s at least: each judged, and a
+    row that did not run says so."""
+    rows = {"loop_regional": row(100.0, 10.0, first_step_s=20.0),
+            "fx_regional": row(110.0, 9.0, first_step_s=30.0)}
+    record = {"precision": "bf16-mixed", "dropouts": {"0.0": rows}}
+    assert kit.against_anchor(record) == [
+        "dropout 0.0: fx_regional against loop_regional (the same run): first step 30.0 s "
+        "against 20.0 s, 1.50x (target <= 1.0x: NOT met); tokens/s 1.10x (target >= 1.0x: met)"]
+    rows["fx_regional"].update(first_step_s=10.0, tokens_per_s=90.0)
+    assert kit.against_anchor(record)[0].endswith(
+        "0.50x (target <= 1.0x: met); tokens/s 0.90x (target >= 1.0x: NOT met)")
+    rows["loop_regional"] = {"variant": "loop_regional", "oom": 8}
+    assert "not measured" in kit.against_anchor(record)[0]
+    del rows["loop_regional"]
+    assert kit.against_anchor(record)[0].endswith("not measured: loop_regional did not run")
+    assert kit.against_anchor({"dropouts": {"0.0": {"loop": row(1.0, 1.0)}}}) == []
+
+
+def test_loop_regional_compiles_each_block_as_torchtitan_does(kit):
+    """torch's recipe compiles the repeated blocks and nothing else: each block of the tiny
+    GPT-2 and Llama carries its compiled call, the model itself not."""
+    for model in ("nano", "llama"):
+        if model == "llama":
+            pytest.importorskip("transformers")
+        args = tiny(kit, model)
+        module = kit.model_for("loop_regional", args)
+        kit.run_of("loop_regional", module, kit.batches_of(args, "cpu"), args)
+        blocks = kit.blocks_of(module)
+        assert len(blocks) == 2 and all(b._compiled_call_impl is not None for b in blocks)
+        assert module._compiled_call_impl is None
+
+
+def test_fx_shard_in_fp8_gathers_its_float8_layers_in_float8(kit):
+    """fp8's fx_shard row is the float8 all-gather (fx.shard reads the policy's
+    enable_fsdp_float8_all_gather from the converted layers): its units gather those weights in
+    float8; in bf16-mixed, nothing is."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("torchao")
+    fp8, bf16 = tiny(kit, "llama", precision="fp8"), tiny(kit, "llama", precision="bf16-mixed")
+    def gathered_in_float8(args):
+        state, _, _ = kit.train_step_of("fx_shard", kit.model_for("fx_shard", args), args)
+        assert len(state.layout.units) == 2  # one per block
+        return [len(state.module.get_submodule(u).gather.float8) for u in state.layout.units]
+
+    assert gathered_in_float8(fp8) == [7, 7]  # q k v o gate up down: every float8 layer
+    assert gathered_in_float8(bf16) == [0, 0]
+    assert kit.step_precision(fp8, "fx_shard").float8.enable_fsdp_float8_all_gather
+    assert not kit.step_precision(fp8, "fx_regional").float8.enable_fsdp_float8_all_gather
 
 
 def test_without_torchao_the_fp8_rows_say_so_and_the_others_run(kit, monkeypatch):
