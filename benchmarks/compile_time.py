@@ -75,6 +75,8 @@ EXTRA = {"fxtrain_regional": "fxtrain step over fx.regional(state): each block t
                              "compiled once (issue 62), dropout 0.1",
          "fxtrain_regional_nodropout": "fxtrain_regional with dropout 0.0 (the keyed "
                                        "stream's share of a block's call)",
+         "fxtrain_regional_outerupdate": "fxtrain_regional with its blocks' update in the outer "
+                                         "graph (no update region: _region_update.built off)",
          "fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1",
@@ -210,6 +212,9 @@ def build(variant: str, kind: str):
         if variant.endswith("_norecompute"):
             import fxtrain._torch.recompute
             fxtrain._torch.recompute.recompute = lambda graph: None
+        if variant.endswith("_outerupdate"):
+            import fxtrain.step._region_update
+            fxtrain.step._region_update.built = lambda state: None
         if "_nolibraries" in variant:
             import fxtrain._torch.binaries
             fxtrain._torch.binaries.made_since = lambda since: {}
