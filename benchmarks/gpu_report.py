@@ -139,18 +139,18 @@ def against_anchor(record: dict) -> list[str]:
     """Each of fxtrain's rows that has an anchor of its own (``ANCHORS``: fx_regional against
     torch's regional recipe) against it, the same run and batch: the first step's seconds
     (compiling; target at most ``REGIONAL_FIRST_STEP`` x the anchor's) and tokens/s (the
-    steady step; target at least ``REGIONAL_TOKENS`` x), or why there is no figure."""
+    steady step; target at least ``REGIONAL_TOKENS`` x), or why there is no figure; nothing
+    where the stage ran only one of the two."""
     lines = []
     for dropout, rows in record["dropouts"].items():
         for name, anchor in ANCHORS.items():
-            if name not in rows:
+            if name not in rows or anchor not in rows:  # not both in this stage
                 continue
-            row, base = rows[name], rows.get(anchor, {})
+            row, base = rows[name], rows[anchor]
             head = f"dropout {dropout}: {name} against {anchor} (the same run)"
             if "tokens_per_s" not in row or "tokens_per_s" not in base:
-                lost = row if "tokens_per_s" not in row else base
-                lines.append(f"{head}: not measured: {summary(lost) if lost else anchor} "
-                             f"{'' if lost else 'did not run'}".rstrip())
+                lines.append(f"{head}: not measured: "
+                             + summary(row if "tokens_per_s" not in row else base))
                 continue
             first = row["first_step_s"] / base["first_step_s"]
             tokens = row["tokens_per_s"] / base["tokens_per_s"]

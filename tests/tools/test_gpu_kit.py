@@ -28,6 +28,17 @@ def kit():
     return imported("gpu_transformer")
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """fx_shard trained in this process makes a one-rank process group (``one_rank_group``):
+    gone after the test, so that no later test in this worker finds torch.distributed set up."""
+    import torch.distributed as dist
+    before = dist.is_initialized()
+    yield
+    if dist.is_initialized() and not before:
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_path):
     """``bash scripts/gpu.sh OUT defaults hardware core llama`` as the GPU machine runs it (the
@@ -42,10 +53,12 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
     results.write_text("# results\n")
     env = {**os.environ, "PYTHON": sys.executable, "FXTRAIN_GPU_SITE": str(tmp_path / "site"),
            "FXTRAIN_GPU_WHEELS": str(tmp_path / "wheels"), "FXTRAIN_GPU_COMMIT": "abc1234",
-           "FXTRAIN_GPU_RESULTS": str(results), "FXTRAIN_GPU_KIT_ARGS": "--device cpu --tiny"}
+           "FXTRAIN_GPU_RESULTS": str(results), "FXTRAIN_GPU_KIT_ARGS": "--device cpu --tiny",
+           # the deadlines are the device tool's ten minutes a call, not the CPU's dry run's
+           "FXTRAIN_GPU_DEADLINE": "3000", "FXTRAIN_GPU_STAGE_TIMEOUT": "1200"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu.sh"), str(out), "defaults",
                            "hardware", "core", "llama"], env=env, capture_output=True,
-                          text=True, timeout=1200)
+                          text=True, timeout=3000)
     log = (out / "run.log").read_text()
     assert done.returncode == 0, log[-4000:] + done.stderr[-2000:]
     assert f"fxtrain 0.1.0 from {tmp_path / 'site' / 'fxtrain'}" in log  # the installed copy
@@ -513,8 +526,8 @@ def test_fx_regional_is_set_against_torchs_regional_recipe_with_its_targets(kit)
         "0.50x (target <= 1.0x: met); tokens/s 0.90x (target >= 1.0x: NOT met)")
     rows["loop_regional"] = {"variant": "loop_regional", "oom": 8}
     assert "not measured" in kit.against_anchor(record)[0]
-    del rows["loop_regional"]
-    assert kit.against_anchor(record)[0].endswith("not measured: loop_regional did not run")
+    del rows["loop_regional"]  # a stage without the anchor (fp8's): no line
+    assert kit.against_anchor(record) == []
     assert kit.against_anchor({"dropouts": {"0.0": {"loop": row(1.0, 1.0)}}}) == []
 
 
