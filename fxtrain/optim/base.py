@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.utils._pytree as pytree
@@ -19,15 +19,17 @@ from ..donation import written_into
 from ..tree import tree_map
 from .masks import rebinding, with_tied
 
-if TYPE_CHECKING:
-    from .fused import Fused
-
 Params = Any
 Updates = Any
 OptState = Any
 Schedule = Callable[[torch.Tensor], torch.Tensor]
 """A learning-rate (or other) schedule: the step count, a 0-d tensor, to a 0-d tensor."""
 ScalarOrSchedule = float | torch.Tensor | Schedule
+Fused = Callable[[dict, Any, dict, bool], tuple[dict, Any] | None]
+"""``fused(grads, opt_state, params, donated) -> (params, opt_state)``, or None where it does
+not apply (the caller runs the composable update): a transformation's update and its
+application in one pass (``fxtrain.optim.fused``). Every tensor is a plain local one, none
+needing a gradient; ``donated``: the caller gives ``params`` and ``opt_state`` up."""
 
 
 class GradientTransformation(NamedTuple):

@@ -29,14 +29,9 @@ from .._torch import foreach
 from ..distributed import is_sharded
 from ..donation import written_into
 from ._on_shards import _any_requires_grad, _laid_out_alike, _wrapped, locally
-from .base import (ElementwiseTransformation, GradientTransformation, InPlace, Params,
-                   WeightedTransformation, _local, writable)
+from .base import (ElementwiseTransformation, Fused, GradientTransformation, InPlace,
+                   Params, WeightedTransformation, _local, writable)
 from .transforms import _bias_correction, _wide
-
-Fused = Callable[[dict, Any, dict, bool], tuple[dict, Any] | None]
-"""``fused(grads, opt_state, params, donated) -> (params, opt_state)``, or None where it does
-not apply (the caller runs the composable update). Every tensor is a plain local one, none
-needing a gradient; ``donated``: the caller gives ``params`` and ``opt_state`` up."""
 
 
 def _number(x: Any) -> bool:
