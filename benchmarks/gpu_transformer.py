@@ -127,8 +127,7 @@ from common import backend, use_smoke_backend
 from gpu_models import (MODELS, LossInside, flops_per_token, head_weight, model_of, use_remat,
                         vocab)
 from gpu_report import (BASELINES, against_anchor, against_full_logits, against_precision,
-                        demo_figures,
-                        demo_section, demo_target, demo_verdict, markdown, ratios, section,
+                        demo_figures, demo_section, demo_target, demo_verdict, markdown, ratios, section,
                         summary, targets)
 from nanogpt import lm_loss
 from transformer import _process_peak as peak, _restart_peak as restart_peak
@@ -253,11 +252,10 @@ def loop_variant(variant, model, batches, args) -> Run:
     if variant == "loop_eager_loss":
         forward = torch.compile(model, backend=backend())
         loss_of = lambda ids: lm_loss(forward(ids), ids)  # noqa: E731
-    elif variant == "loop_regional":  # as torchtitan's apply_compile writes it
-        for block in blocks_of(model):
-            block.compile(backend=backend())
-        loss_of = LossInside(model)
     else:
+        if variant == "loop_regional":  # as torchtitan's apply_compile writes it
+            for block in blocks_of(model):
+                block.compile(backend=backend())
         loss_of = LossInside(model)
         if variant == "loop":
             loss_of = torch.compile(loss_of, backend=backend())
@@ -281,12 +279,11 @@ def loop_variant(variant, model, batches, args) -> Run:
 
 
 def blocks_of(model) -> list:
-    """The model's repeated blocks: the children of its longest ``nn.ModuleList`` (GPT-2's
-    ``h``/``blocks``, Llama's ``layers``)."""
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
-    if not lists:
-        raise ValueError(f"loop_regional: {type(model).__name__} has no nn.ModuleList of blocks")
-    return list(max(lists, key=len))
+    """The model's repeated blocks, as ``fx.regional(state)`` finds them (``blocks="auto"``:
+    transformers' ``_no_split_modules``, else the children of an ``nn.ModuleList`` of one
+    class), so that the recipe and fx_regional compile the same blocks."""
+    from fxtrain.step._regions import resolve
+    return [model.get_submodule(name) for name in resolve(model, "auto")]
 
 
 def one_rank_group(device: str) -> None:
