@@ -7,6 +7,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxtrain as fx
+from fxtrain.distributed import is_dtensor
 from fxtrain.optim._on_shards import on_shards
 
 OPTIMIZERS = {
@@ -69,3 +70,23 @@ def test_an_elementwise_transformation_whose_state_changes_structure_is_refused(
     with pytest.raises(RuntimeError, match="(?s)changed its structure.*make the transformation a "
                                            "plain GradientTransformation"):
         on_shards(tx, grads, sharded.opt_state, sharded.params)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd momentum"])
+def test_an_update_written_into_the_shards_gives_back_the_dtensors_it_was_given(one_rank, name):
+    """Given its state up (``InPlace``), the update writes into each leaf's local tensor, and the
+    state it returns holds the same DTensors, not new wraps of those tensors (a ``from_local``
+    per leaf per step, the dispatch this path is there to avoid). The fused AdamW and the
+    elementwise path alike."""
+    from fxtrain.optim.base import InPlace
+    from fxtrain.optim.fused import apply_fused
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    tx = OPTIMIZERS[name]()
+    sharded = fx.shard(fx.TrainState.create(model, tx))
+    grads = {k: torch.ones_like(p) for k, p in sharded.params.items()}
+    given = pytree.tree_leaves(sharded.opt_state)
+    into = InPlace(sharded.opt_state, sharded.params)
+    out = apply_fused(tx, grads, sharded.opt_state, sharded.params, None, into) \
+        or on_shards(tx, grads, sharded.opt_state, sharded.params, into)
+    kept = [(a, b) for a, b in zip(given, pytree.tree_leaves(out[1])) if is_dtensor(a)]
+    assert kept and all(a is b for a, b in kept)
