@@ -350,7 +350,9 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile one eager step of each on 2 ranks instead (allocations)")
     parser.add_argument("--update", action="store_true",
-                        help="time the AdamW update alone instead, one process (CPU seconds)")
+                        help="time the optimizer's update alone instead, one process (CPU seconds)")
+    parser.add_argument("--optimizer", choices=tuple(OPTIMIZERS), default="adamw",
+                        help="--update's optimizer (against torch.optim's foreach one)")
     args = parser.parse_args(argv)
     if args.smoke:  # every variant on one pair of processes, tiny, compiled with aot_eager
         # (2 blocks: the per-block units and compiled blocks are several, at half the tracing)
@@ -359,16 +361,36 @@ def _arguments(argv) -> argparse.Namespace:
     return args
 
 
+# --update's optimizers: (fxtrain's, torch.optim's with foreach=True), from the parameters
+OPTIMIZERS = {
+    "adamw": (lambda: fx_optim().adamw(LR, weight_decay=WD),
+              lambda params: torch_optim().AdamW(params, LR, weight_decay=WD, foreach=True)),
+    "sgd": (lambda: fx_optim().sgd(LR, momentum=0.9, weight_decay=WD),
+            lambda params: torch_optim().SGD(params, LR, momentum=0.9, weight_decay=WD,
+                                             foreach=True)),
+}
+
+
+def fx_optim():
+    import fxtrain as fx
+    return fx.optim
+
+
+def torch_optim():
+    import torch
+    return torch.optim
+
+
 UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "fxtrain_unfused_donated",
            "fxtrain_unfused_sharded_donated", "torch_foreach")
 
 
 def _update_rank(port: int, args, out: str) -> None:
     """``--update``: one process (a 1-rank gloo group, so ``fx.shard`` makes DTensors) times the
-    AdamW update alone, as each variant runs it, in CPU seconds: fxtrain's functional update
+    optimizer's update alone (``--optimizer``: AdamW, or SGD with momentum and L2 decay), as each variant runs it, in CPU seconds: fxtrain's functional update
     (eager: fused, ``fxtrain.optim.fused``), a donated one (in place), a sharded donated one
     (on the local shards), the composable update that ran before the fused one (``unfused``:
-    ``tx.fused`` taken away), and ``torch.optim.AdamW(foreach=True).step()``."""
+    ``tx.fused`` taken away), and torch.optim's ``foreach=True`` ``step()``."""
     import time
 
     import torch
@@ -377,7 +399,8 @@ def _update_rank(port: int, args, out: str) -> None:
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}",
                                          rank=0, world_size=1)
-    tx = fx.optim.adamw(LR, weight_decay=WD)
+    make_tx, make_torch = OPTIMIZERS[args.optimizer]
+    tx = make_tx()
 
     def fxtrain_update(sharded: bool, donated: bool, fused: bool = True):
         state = fx.TrainState.create(_model(args), tx if fused else tx._replace(fused=None))
@@ -392,7 +415,7 @@ def _update_rank(port: int, args, out: str) -> None:
 
     def torch_update():
         model = _model(args)
-        opt = torch.optim.AdamW(model.parameters(), LR, weight_decay=WD, foreach=True)
+        opt = make_torch(model.parameters())
         for p in model.parameters():
             p.grad = torch.full_like(p, 1e-3)
         return opt.step
@@ -417,14 +440,14 @@ def _update_rank(port: int, args, out: str) -> None:
 
 
 def updates(args) -> dict:
-    """``--update``: the AdamW update's CPU seconds per variant, and each over torch's."""
+    """``--update``: the update's CPU seconds per variant, and each over torch's."""
     import torch.multiprocessing as mp
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_update_spawned, args=(_port(), args, f"{out}/u.json"), nprocs=1)
         rows = json.loads(Path(out, "u.json").read_text())
     for name, seconds in rows.items():
         print(f"{name:32s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows['torch_foreach']:.2f}x "
-              "torch.optim.AdamW(foreach=True)")
+              f"torch.optim's {args.optimizer} (foreach=True)")
     return rows
 
 

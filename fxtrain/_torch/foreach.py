@@ -1,4 +1,4 @@
-"""Adam's update over lists of tensors, by ``torch._foreach_*`` ops (private to ATen: what
+"""Adam's and SGD's updates over lists of tensors, by ``torch._foreach_*`` ops (private to ATen: what
 ``torch.optim``'s ``foreach=True`` runs).
 
 Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has every overload used here: a
@@ -12,12 +12,21 @@ from __future__ import annotations
 import torch
 
 
-def _each(op: str, tensors: list, *args, into: bool) -> list:
+_NARROW = (torch.bfloat16, torch.float16)
+
+
+def _each(op: str, tensors: list, *args, into: bool, **kwargs) -> list:
     """``torch._foreach_<op>`` of ``tensors``: written into them where ``into``."""
     if into:
-        getattr(torch, f"_foreach_{op}_")(tensors, *args)
+        if op == "mul" and isinstance(args[0], float) and tensors and \
+                tensors[0].dtype in _NARROW:
+            # _foreach_mul_ rounds a Python scalar to bfloat16 or float16 before it multiplies
+            # (torch 2.13's CPU kernel), where mul_ and _foreach_mul multiply by it in float32:
+            # 0.9 became 0.8984375, and a donated step left the bits of the pure one
+            args = (torch.tensor(args[0], dtype=torch.float32, device=tensors[0].device),)
+        getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
         return tensors
-    return list(getattr(torch, f"_foreach_{op}")(tensors, *args))
+    return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))
 
 
 def adam(p: list, g: list, m: list, v: list, *, b1: float, b2: float, eps: float,
@@ -52,3 +61,30 @@ def adam(p: list, g: list, m: list, v: list, *, b1: float, b2: float, eps: float
     torch._foreach_add_(denom, [eps * bc2_sqrt] * len(denom))
     torch._foreach_div_(denom, bc2_sqrt * step_size)
     return _each("addcdiv", p, m, denom, into=fresh), m, v
+
+
+def sgd(p: list, g: list, t: list | None, *, weight_decay: float, momentum: float,
+        nesterov: bool, lr: float | torch.Tensor, into: bool) -> tuple[list, list | None]:
+    """One SGD step of lists of parameters ``p``, gradients ``g`` and momentum traces ``t``
+    (None without momentum; one device and dtype), in ``torch.optim.SGD(foreach=True)``'s
+    operations (dampening 0), as many passes over memory:
+
+    d <- g + wd p;  t <- momentum t + d;  u <- t (or d + momentum t with Nesterov)
+    p <- p - lr u
+
+    each ``a + x b`` one ``add`` with ``alpha=x`` (a fused multiply-add where the CPU's vector
+    unit has one), and ``p - lr u`` so too where ``lr`` is a float. A scheduled ``lr``, a 0-d
+    tensor of the leaves' dtype on their device, multiplies ``u`` first (read by no host, as
+    torch's capturable update). Returns the new ``(p, t)``: the given lists written into where
+    ``into``; new ones otherwise. The gradients are never written into."""
+    d = list(torch._foreach_add(g, p, alpha=weight_decay)) if weight_decay else g
+    u = d
+    if t is not None:
+        t = _each("mul", t, momentum, into=into)
+        torch._foreach_add_(t, d)
+        u = t
+        if nesterov:  # into d where this update made it (the decay's), else a new list
+            u = _each("add", d, t, alpha=momentum, into=d is not g)
+    if isinstance(lr, torch.Tensor):
+        return _each("add", p, list(torch._foreach_mul(u, -lr)), into=into), t
+    return _each("add", p, u, alpha=-lr, into=into), t

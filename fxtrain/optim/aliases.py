@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .fused import fused_adam
+from .fused import fused_adam, fused_sgd
 from .masks import Tied, is_names
 from .transforms import (Mask, _add_decayed_weights, _betas, _mask_fn, _non_negative,
                          add_decayed_weights,
@@ -33,6 +33,10 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
 
     g <- g + wd p;  t <- g + momentum t;  p <- p - lr (t, or g + momentum t with Nesterov)
 
+    Eager, the step runs these operations over lists of leaves (``torch._foreach_*``, as
+    ``torch.optim.SGD(foreach=True)``), with the bits of the update leaf by leaf
+    (``fxtrain.optim.fused``).
+
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> grads = {"w": torch.tensor([0.5, 0.5])}
@@ -44,11 +48,15 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
     """
     if nesterov and not _nonzero(momentum):
         raise ValueError("sgd(nesterov=True) needs momentum > 0")
-    return chain(
-        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
-        *_maybe(_nonzero(momentum), trace(momentum, nesterov)),
+    decays, moves = _nonzero(weight_decay), _nonzero(momentum)
+    tx = chain(
+        *_maybe(decays, add_decayed_weights(weight_decay)),
+        *_maybe(moves, trace(momentum, nesterov)),
         scale_by_learning_rate(learning_rate),
     )
+    return tx._replace(fused=fused_sgd(learning_rate, momentum, nesterov, weight_decay,
+                                       trace_at=int(decays) if moves else None,
+                                       rate_at=int(decays) + int(moves)))
 
 
 def adam(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = 1e-8,

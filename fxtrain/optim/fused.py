@@ -1,4 +1,4 @@
-"""An eager Adam(W) update and its application in one pass of ``torch._foreach_*`` ops.
+"""An eager Adam(W) or SGD update and its application in one pass of ``torch._foreach_*`` ops.
 
 The composable update (``scale_by_adam``, then the weight decay, then the learning rate, then
 ``apply_updates``) runs some 14 elementwise passes over each parameter and allocates several
@@ -16,6 +16,11 @@ parameters by ``1 - lr wd`` first, and the step size divides the denominator. Th
 a few float32 roundings per step, and with ``torch.optim``'s own to as many
 (``tests/unit/test_fused_adam.py`` states the bound). Compiled, Inductor fuses the composable
 update into one kernel per parameter by itself, and this path is not taken.
+
+``fx.optim.sgd`` (momentum, Nesterov, L2 decay) runs fused too (``fxtrain._torch.foreach.sgd``),
+in ``torch.optim.SGD(foreach=True)``'s operations: its ``add(..., alpha=x)`` is one fused
+multiply-add where the composable update rounds ``x b`` first, so the two agree to a rounding
+of each a step (``tests/unit/test_fused_sgd.py`` states the bound).
 """
 
 from __future__ import annotations
@@ -156,3 +161,68 @@ def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: 
             new_state
 
     return locally(opt_state, update, "a fused update")
+
+
+def _sgd_groups(params: dict, grads: dict, trace: dict | None
+                ) -> list[tuple[list, list, list, list | None]] | None:
+    """The leaves grouped by device and dtype: ``(names, params, grads, traces or None)``;
+    None where a leaf is not a real floating tensor, a gradient or trace is not of its
+    parameter's dtype, device and shape, or two names share one tensor."""
+    if len({id(p) for p in params.values()}) != len(params):
+        return None
+    groups: dict[tuple, tuple[list, ...]] = {}
+    for k, p in params.items():
+        others = (grads[k],) if trace is None else (grads[k], trace[k])
+        if not (isinstance(p, torch.Tensor) and p.is_floating_point() and all(
+                isinstance(x, torch.Tensor) and x.dtype == p.dtype and x.device == p.device
+                and x.shape == p.shape for x in others)):
+            return None
+        group = groups.setdefault((p.device, p.dtype), ([], [], [], []))
+        for into, x in zip(group, (k, p, *others)):
+            into.append(x)
+    return [(names, p, g, t if trace is not None else None) for names, p, g, t in groups.values()]
+
+
+def fused_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: Any, *,
+              trace_at: int | None, rate_at: int) -> Fused | None:
+    """The fused eager update of an SGD chain (``fx.optim.sgd``) whose ``trace`` state sits at
+    ``trace_at`` of the chain's state (None without momentum) and ``scale_by_learning_rate``'s
+    at ``rate_at``. None (no fused update) where the momentum or the decay is a tensor
+    (``inject_hyperparams``): those stay on the composable path."""
+    if not all(_number(x) for x in (momentum, weight_decay)):
+        return None
+    momentum, wd = float(momentum), float(weight_decay)
+
+    def fused(grads, opt_state, params, donated):
+        if not (isinstance(params, dict) and isinstance(grads, dict) and params
+                and params.keys() == grads.keys() and isinstance(opt_state, tuple)
+                and len(opt_state) > max(rate_at, trace_at or 0)):
+            return None
+        rate = opt_state[rate_at]
+        trace = opt_state[trace_at].trace if trace_at is not None else None
+        if trace is not None and not (isinstance(trace, dict) and trace.keys() == params.keys()):
+            return None
+        groups = _sgd_groups(params, grads, trace)
+        if groups is None:
+            return None
+        lr = learning_rate(rate.count) if callable(learning_rate) else learning_rate
+        new_p, new_t = {}, {}
+        for names, p, g, t in groups:
+            p, t = foreach.sgd(p, g, t, weight_decay=wd, momentum=momentum, nesterov=nesterov,
+                               lr=lr.to(device=p[0].device, dtype=p[0].dtype)
+                               if isinstance(lr, torch.Tensor) else lr, into=donated)
+            new_p.update(zip(names, p))
+            if t is not None:
+                new_t.update(zip(names, t))
+        lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
+            rate.learning_rate, lr)
+        new_state = list(opt_state)
+        if trace_at is not None:  # the trace in its own order (a donated state is written
+            # into by position)
+            new_state[trace_at] = opt_state[trace_at]._replace(trace={k: new_t[k] for k in trace})
+        new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
+        new_state = tuple(new_state)
+        return ({k: new_p[k] for k in params},
+                written_into(opt_state, new_state) if donated else new_state)
+
+    return fused

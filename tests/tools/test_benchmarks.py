@@ -369,7 +369,7 @@ def test_fsdp2_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "fsdp2.json").read_text())["ratios"] == result["ratios"]
     sys.path.insert(0, str(BENCHMARKS))
     try:  # --update: the AdamW update alone, each variant's CPU seconds
-        rows = fsdp2.main(["--smoke", "--update"])
+        rows = fsdp2.main(["--smoke", "--update", "--optimizer", "sgd"])
     finally:
         sys.path.remove(str(BENCHMARKS))
     assert set(rows) == set(fsdp2.UPDATES) and all(v > 0 for v in rows.values())

@@ -92,6 +92,15 @@ def test_an_eager_adam_step_agrees_with_torch_optims_foreach_one(kind, dtype):
                                    rtol=4 * STEPS * eps, atol=bound ** 2)
 
 
+def test_a_donated_bf16_step_keeps_the_pure_ones_bits_whatever_b2():
+    """``torch._foreach_mul_`` rounds a Python scalar to bfloat16 before it multiplies (torch
+    2.13's CPU kernel), where ``_foreach_mul`` does not: b2 = 0.95 (0.9492 in bfloat16) made a
+    donated step's second moment another than the pure step's."""
+    tx = lambda: fx.optim.adamw(LR, b1=0.8, b2=0.95, weight_decay=WD)  # noqa: E731
+    pure = _run(tx(), dtype=torch.bfloat16)
+    assert fx.tree_digest(pure) == fx.tree_digest(_run(tx(), donated=True, dtype=torch.bfloat16))
+
+
 @pytest.mark.parametrize("kind", list(TXS))
 def test_the_fused_update_agrees_with_the_composable_one_to_the_roundings_of_its_arithmetic(
         kind):
