@@ -35,9 +35,10 @@ is the higher rank's):
   sharded_units    fx.shard(state, units="auto"): each GPT2Block gathered for its own forward
                    and again for its backward, its gradients reduce-scattered as they are ready
 
-Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--smoke]
-(``--smoke``: a tiny GPT-2 of one block, one step, compiled with aot_eager, so no slope; the
-one-process runs in this process, the 2-rank runs in one pair of processes.)
+Run: python benchmarks/scale.py [--depths 4 8] [--steps 3] [--variants ...] [--smoke]
+(``--smoke``: a tiny GPT-2 of one block, one step, compiled with aot_eager, so no slope, and
+the variants of ``SMOKE``, each code path once; the one-process runs in this process, the
+2-rank runs in one pair of processes.)
 """
 
 from __future__ import annotations
@@ -57,6 +58,10 @@ from transformer import LR, WD, Cycle, _config, _loop, _loss, _process_peak, _re
 
 SINGLE = ("loop", "loop_checkpoint", "fx_func", "fx_autograd", "fx_remat", "fx_remat_dots")
 RANKS = ("one_process", "data_parallel", "sharded", "sharded_units")
+# --smoke's variants: each code path once (the loop, and with checkpointing; the func and the
+# autograd step, remat and its policy; data parallel; the per-block units, and so sharding);
+# every variant of them all cost 6 minutes of a CI run's 2 cores
+SMOKE = ("loop_checkpoint", "fx_func", "fx_remat_dots", "data_parallel", "sharded_units")
 HEADS_PER_WIDTH = 64  # GPT-2's head size
 
 
@@ -284,9 +289,10 @@ def _arguments(argv) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=[*SINGLE, *RANKS])
+    parser.add_argument("--variants", nargs="+", choices=[*SINGLE, *RANKS])
     parser.add_argument("--smoke", action="store_true")
     args = parser.parse_args(argv)
+    args.variants = args.variants or list(SMOKE if args.smoke else (*SINGLE, *RANKS))
     if args.smoke:  # one depth: no slope, the rows are there (a second depth cost 2 minutes)
         args.depths, args.width, args.seq, args.rank_seq, args.batch, args.warmup, \
             args.steps = [1], 64, 32, 16, 2, 1, 1

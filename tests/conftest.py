@@ -204,7 +204,7 @@ def pytest_collection_modifyitems(config, items):
     def rank(item):
         if shared(item):
             return 0 if item is first[shared(item)] else 3
-        return 1 if item.get_closest_marker("slow") else 2
+        return 1 if item.get_closest_marker("slow") or item.get_closest_marker("extended") else 2
 
     first = {}
     for item in items:

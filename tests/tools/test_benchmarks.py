@@ -1,5 +1,10 @@
 """Smoke runs of benchmarks/ (tiny sizes, a few steps): every script works, every variant and
-every row of the report is there. The full runs are `benchmarks/run_all.py`, never run here."""
+every row of the report is there. The full runs are `benchmarks/run_all.py`, never run here.
+
+The smoke runs themselves are marked ``extended``: they run our own scripts end to end and guard
+no promise to users, so the README's command and CI leave them out (about a third of the
+suite's CPU on a 2-core machine); `bash scripts/test.sh --extended` runs them, after a change to
+benchmarks/ or to what a benchmark calls. The tests of the report's arithmetic stay in."""
 
 import json
 import math
@@ -48,7 +53,7 @@ def results_of(record, name):
     return bench["results"]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_peers_benchmark_smoke(run_all):
     peers = imported("peers")
     results = results_of(run_all[0], "peers")
@@ -65,7 +70,7 @@ def test_one_core_gives_the_threads_and_cpus_back():
     assert torch.get_num_threads() == threads and dict(os.environ) == env
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_compile_time_benchmark_smoke(run_all):
     bench = imported("compile_time")
     summary = results_of(run_all[0], "compile_time")["summary"]
@@ -122,7 +127,7 @@ def test_warm_against_cold_is_each_variants_own_ratio_for_every_kind():
     args = bench.arguments(["--kinds", "gpt2", "mlp", "--each-kind"])
     assert args.each_kind and args.kinds == ["gpt2", "mlp"]
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_step_overhead_benchmark_smoke(run_all):
     results = results_of(run_all[0], "step_overhead")
     timed = set(imported("step_overhead").VARIANTS) | {"e_bare_loop"}
@@ -134,13 +139,13 @@ def test_step_overhead_benchmark_smoke(run_all):
     assert all(tiny[name] > 0 for name in timed), tiny
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_checkpoint_benchmark_smoke(run_all):
     (times,) = results_of(run_all[0], "checkpoint").values()
     assert times and all(t > 0 for t in times.values())
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_distributed_benchmark_smoke(run_all):
     results = results_of(run_all[0], "distributed")["tiny"]
     variants = ("fxtrain_sharded", "ddp_eager", "ddp_compiled")
@@ -155,7 +160,7 @@ def test_distributed_benchmark_smoke(run_all):
     assert save["ratio"] == save["sharded_2"] / save["full_1"] and save["sharded_2"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_memory_benchmark_smoke(run_all):
     results = results_of(run_all[0], "memory")
     assert set(results["rows"]) == set(imported("memory").VARIANTS) - {"fx_graphs"}  # GPU only
@@ -163,7 +168,7 @@ def test_memory_benchmark_smoke(run_all):
         assert all(run["peak_bytes"] > 0 and run["params"] > 0 for run in row["runs"])
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_run_all_writes_every_section_and_row(run_all):
     record, out = run_all
     assert set(record["benchmarks"]) == set(imported("run_all").BENCHMARKS)
@@ -201,7 +206,7 @@ def test_run_all_writes_every_section_and_row(run_all):
         assert "MFU): **not measured**" in text
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
     record, out = run_all
     (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
@@ -210,7 +215,7 @@ def test_report_is_rewritten_from_the_saved_results(run_all, tmp_path):
     assert (tmp_path / "results.png").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_transformer_benchmark_smoke(run_all):
     """Every variant at both depths (the first run in a process of its own, as every run of a
     full benchmark); the slopes; bf16-mixed's loss curve against float32's and against the noise
@@ -228,16 +233,18 @@ def test_transformer_benchmark_smoke(run_all):
     assert 0 <= curve["max_gap"] < 0.5 and curve["noise_max_gap"] >= 0
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_scale_benchmark_smoke(run_all):
-    """Every one-process and 2-rank variant ran (one depth in a smoke run: no slope)."""
+    """The smoke's one-process and 2-rank variants ran, each code path once (one depth in a
+    smoke run: no slope)."""
     from fxtrain._torch.version import at_least
 
     results = results_of(run_all[0], "scale")
     scale = imported("scale")
     not_run = set(results["not_run"])  # before torch 2.13: the sharded autograd steps, refused
-    assert not_run == (set() if at_least(2, 13) else {"sharded", "sharded_units"})
-    assert set(results["rows"]) | not_run == {*scale.SINGLE, *scale.RANKS}
+    assert not_run == (set() if at_least(2, 13) else {"sharded_units"})
+    assert set(results["rows"]) | not_run == set(scale.SMOKE)
+    assert {"sharded_units", "data_parallel"} <= set(scale.SMOKE) <= {*scale.SINGLE, *scale.RANKS}
     for row in results["rows"].values():
         for run in row["runs"]:
             assert run["tokens_per_s"] > 0 and run["params"] > 0
@@ -245,7 +252,7 @@ def test_scale_benchmark_smoke(run_all):
             assert run["held_bytes"] >= run["tensor_bytes"] > 0
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_lm_benchmark_smoke(run_all):
     """Packed and padded rows of the same documents, the plain and the chunked loss in a GPT-2
     step (the smoke leaves out chunked_256, the same code with another chunk size): every row,
@@ -295,7 +302,7 @@ def test_scale_targets_are_read_from_two_depths():
     assert "at least 0.9x data parallel's met (0.94x)" in lines
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_only_reruns_the_named_benchmarks_and_keeps_the_rest(run_all, tmp_path, monkeypatch):
     record, out = run_all
     (tmp_path / "results.json").write_bytes((out / "results.json").read_bytes())
@@ -330,7 +337,7 @@ def test_against_reads_every_row_step_overhead_prints(capsys):
     assert got == {f"tiny / {name}": float(round(rate)) for name, rate in med.items()}
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_meshes_benchmark_smoke():
     """benchmarks/meshes.py at a tiny size, one process and FSDP x TP on 4 gloo ranks (the
     other layouts' code paths are the tests'): each row's bytes, and what a rank holds of the
@@ -347,7 +354,7 @@ def test_meshes_benchmark_smoke():
     assert 0.25 < rows["fsdp_tp"]["state_vs_one"] < 0.35
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_fsdp2_benchmark_smoke(tmp_path):
     """benchmarks/fsdp2.py at a tiny size: every variant (fx.shard and FSDP2, eager and
     compiled) trains on one pair of gloo ranks, and the side-by-side table has a row per mode
@@ -377,6 +384,7 @@ def test_fsdp2_benchmark_smoke(tmp_path):
 
 # torch 2.11's Dynamo refuses the script's requires_grad_() inside the graph (fxtrain makes its
 # leaves its own way); the script measures a design on 2.13, CI's torch
+@pytest.mark.extended
 @pytest.mark.needs_torch(2, 13, "benchmarks/scan_depth.py's autograd.grad inside the graph")
 def test_scan_depth_smoke(monkeypatch):
     """benchmarks/scan_depth.py --smoke (one layer, aot_eager, each variant in a fresh process):

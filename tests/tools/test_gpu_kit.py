@@ -3,7 +3,12 @@ tiny size, so the kit cannot rot between the draws that lend a GPU machine; ever
 trains the same model (so no figure compares fxtrain with something that trains another), in
 fp8 too; and the arithmetic its figures rest on (FLOPs per token, the batch that fits, which
 attention kernel ran, the ratios to the fair loops and of fp8 to bf16, the targets' verdicts,
-the demo's figures read from its output, the section a stage writes)."""
+the demo's figures read from its output, the section a stage writes).
+
+The runs (the stages end to end, each variant's training, fp8's) are marked ``extended``: our own
+tool, no promise to users, so the README's command and CI leave them out; run
+`bash scripts/test.sh --extended tests/tools/test_gpu_kit.py` on the CPU before a drawn GPU
+machine's first call, and after a change to the kit. The arithmetic stays in CI."""
 
 import argparse
 import json
@@ -39,13 +44,16 @@ def no_process_group_left():
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_path):
-    """``bash scripts/gpu.sh OUT defaults hardware core llama`` as the GPU machine runs it (the
-    setup installs fxtrain from this tree into a folder of its own and checks every
-    dependency; ``defaults`` is env, demo, regional and fp8), each benchmark stage with its own
-    variants at the tiny size, the fp8 rows emulated; the demo for 4 eager steps; each writes
-    its section, appended to the results file, and the call one summary of them all."""
+    """``bash scripts/gpu.sh OUT defaults hardware`` as the GPU machine runs it (the setup
+    installs fxtrain from this tree into a folder of its own and checks every dependency;
+    ``defaults`` is env, demo, regional and fp8), each benchmark stage with its own variants at
+    the tiny size, the fp8 rows emulated; the demo for 4 eager steps; each writes its section,
+    appended to the results file, and the call one summary of them all. The core and llama
+    stages run the same stage code with other variants (each variant's training is checked
+    below, the llama stage's big batch and its report lines by their own tests): 236 s of this
+    test on a busy 2-core machine, left out."""
     pytest.importorskip("transformers")
     pytest.importorskip("torchao")
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
@@ -57,18 +65,17 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
            # the deadlines are the device tool's ten minutes a call, not the CPU's dry run's
            "FXTRAIN_GPU_DEADLINE": "3000", "FXTRAIN_GPU_STAGE_TIMEOUT": "1200"}
     done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu.sh"), str(out), "defaults",
-                           "hardware", "core", "llama"], env=env, capture_output=True,
-                          text=True, timeout=3000)
+                           "hardware"], env=env, capture_output=True, text=True, timeout=3000)
     log = (out / "run.log").read_text()
     assert done.returncode == 0, log[-4000:] + done.stderr[-2000:]
     assert f"fxtrain 0.1.0 from {tmp_path / 'site' / 'fxtrain'}" in log  # the installed copy
     assert "ok optree" in log and "MISSING" not in log
     assert [line.split()[1] for line in log.splitlines() if line.endswith("s)")
             and line.startswith("=== ") and "time limit" in line] == [
-        *ONE_CALL, "hardware", "core", "llama"]
+        *ONE_CALL, "hardware"]
     assert "=== env: exit 0" in log and "=== hardware: exit 0" in log
     assert "deselected" in (out / "hardware.log").read_text()  # the marked tests were collected
-    for stage in ("core", "llama", "fp8", "regional"):
+    for stage in ("fp8", "regional"):
         record = json.loads((out / f"{stage}.json").read_text())
         rows = record["dropouts"]["0.0"]
         args = kit.arguments([*stage_argv(stage), "--device", "cpu", "--tiny"])
@@ -77,8 +84,6 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
             assert row["tokens_per_s"] > 0 and row["first_step_s"] > 0, (variant, row)
             assert row["attention"] == "flash", (variant, row)  # SDPA's fused kernel, the CPU's
             assert row["precision"] == ("fp8" if variant.endswith(":fp8") else "bf16-mixed")
-            if stage in ("core", "llama"):
-                assert {"tokens_vs_loop", "tokens_vs_loop_step", "tokens_vs_best"} <= set(row)
         assert record["environment"]["device"] == "cpu"
         assert record["batch"] == (8 if stage == "regional" else 4)  # the stage's, or tiny's
         section = (out / f"{stage}.md").read_text()
@@ -94,12 +99,8 @@ def test_the_kit_runs_its_stages_end_to_end_at_a_tiny_size_on_the_cpu(kit, tmp_p
             assert [line.split(":")[1].strip() for line in record["against_anchor"]] == [
                 "fx_regional against loop_regional (the same run)"], record["against_anchor"]
             assert "first step" in record["against_anchor"][0] and "tokens/s" in section
-        if stage == "llama":
-            assert rows["fx_remat_chunked"]["batch"] == 8  # twice the batch, without a probe
-            assert any("fx_remat_chunked against fx_func" in line
-                       for line in record["against_full_logits"])
     summary = (out / "summary.md").read_text()  # the call's one summary
-    for stage in (*ONE_CALL, "hardware", "core", "llama"):
+    for stage in (*ONE_CALL, "hardware"):
         assert f"| {stage} | 0 | " in summary, summary[:2000]
         if (out / f"{stage}.md").exists():
             assert (out / f"{stage}.md").read_text() in summary
@@ -124,7 +125,7 @@ SAME = {"nano": ["loop_step", "loop_regional", "loop_eager_loss", "fx_func", "fx
         "llama": ["loop_step", "loop_regional", "loop_eager_loss", "fx_func", "fx_autograd",
                   "fx_regional", "fx_shard", "fx_remat", "fx_chunked", "fx_remat_chunked",
                   "hf_trainer"]}
-FAST = {("nano", "fx_func")}  # the headline's pair, in the quick suite
+FAST = {("nano", "fx_func")}  # the headline's pair, in CI; the rest: scripts/test.sh --extended
 STEPS, LR = 4, 1e-2
 # Float32, the same initial weights, batches and AdamW: the variants differ only by rounding
 # (fused, foreach, compiled and eager kernels sum in other orders). One step's gradient differs
@@ -162,7 +163,7 @@ def reference(kit):
 
 
 @pytest.mark.parametrize("model,variant", [
-    pytest.param(m, v, marks=() if (m, v) in FAST else pytest.mark.slow)
+    pytest.param(m, v, marks=() if (m, v) in FAST else pytest.mark.extended)
     for m, variants in SAME.items() for v in variants])
 def test_every_variant_trains_the_same_model_as_the_loop(kit, reference, monkeypatch, model,
                                                          variant):
@@ -227,6 +228,7 @@ def test_the_probe_is_asked_once_per_model_and_machine(kit, monkeypatch, tmp_pat
     assert asked == ["probe", "probe"]  # another dropout, another probe
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("model", ["nano", "llama"])
 def test_the_probe_measures_the_compiled_loop_at_two_batches(kit, model):
     """On the CPU (resident memory for the device's): it runs, its batch dimension dynamic."""
@@ -425,6 +427,7 @@ def tiny_args(kit, precision, model="nano"):
     return args
 
 
+@pytest.mark.extended
 @pytest.mark.parametrize("model", ["nano", "hf", "llama"])
 @pytest.mark.parametrize("precision", ["32", "bf16-mixed"])
 @pytest.mark.parametrize("variant", ["fx_chunked", "fx_remat_chunked"])
@@ -639,7 +642,7 @@ def test_fp8_converts_the_same_layers_for_the_loops_and_fxtrain(kit):
 FP8_TOLERANCE = 2e-3
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_fp8_trains_the_same_model_in_the_loop_and_fxtrain(kit):
     pytest.importorskip("transformers")
     pytest.importorskip("torchao")

@@ -13,6 +13,8 @@ import fxtrain as fx
 from helpers import TRACED, extra
 from helpers_remat import ATOL, LR, run, same
 
+pytestmark = pytest.mark.compat  # Dynamo's settings for torch.utils.checkpoint: every torch
+
 
 @pytest.fixture(autouse=True)
 def dynamo_settings_restored():
