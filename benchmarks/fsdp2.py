@@ -387,10 +387,11 @@ UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "fxtrain_unf
 
 def _update_rank(port: int, args, out: str) -> None:
     """``--update``: one process (a 1-rank gloo group, so ``fx.shard`` makes DTensors) times the
-    optimizer's update alone (``--optimizer``: AdamW, or SGD with momentum and L2 decay), as each variant runs it, in CPU seconds: fxtrain's functional update
-    (eager: fused, ``fxtrain.optim.fused``), a donated one (in place), a sharded donated one
-    (on the local shards), the composable update that ran before the fused one (``unfused``:
-    ``tx.fused`` taken away), and torch.optim's ``foreach=True`` ``step()``."""
+    optimizer's update alone (``--optimizer``: AdamW, or SGD with momentum and L2 decay), as
+    each variant runs it, in CPU seconds: fxtrain's functional update (eager: fused,
+    ``fxtrain.optim.fused``), a donated one (in place), a sharded donated one (on the local
+    shards), the composable update that ran before the fused one (``unfused``: ``tx.fused``
+    taken away), and torch.optim's ``foreach=True`` ``step()``."""
     import time
 
     import torch

@@ -1,5 +1,5 @@
-"""Adam's and SGD's updates over lists of tensors, by ``torch._foreach_*`` ops (private to ATen: what
-``torch.optim``'s ``foreach=True`` runs).
+"""Adam's and SGD's updates over lists of tensors, by ``torch._foreach_*`` ops (private to ATen:
+what ``torch.optim``'s ``foreach=True`` runs).
 
 Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has every overload used here: a
 0-d tensor as the scalar of ``mul`` and ``div``, a list of them for ``add``), eager and under
@@ -19,11 +19,13 @@ def _each(op: str, tensors: list, *args, into: bool, **kwargs) -> list:
     """``torch._foreach_<op>`` of ``tensors``: written into them where ``into``."""
     if into:
         if op == "mul" and isinstance(args[0], float) and tensors and \
-                tensors[0].dtype in _NARROW:
-            # _foreach_mul_ rounds a Python scalar to bfloat16 or float16 before it multiplies
-            # (torch 2.13's CPU kernel), where mul_ and _foreach_mul multiply by it in float32:
-            # 0.9 became 0.8984375, and a donated step left the bits of the pure one
-            args = (torch.tensor(args[0], dtype=torch.float32, device=tensors[0].device),)
+                tensors[0].dtype in _NARROW and tensors[0].device.type == "cpu":
+            # the CPU's _foreach_mul_ rounds a Python scalar to bfloat16 or float16 before it
+            # multiplies (torch 2.11 to 2.15), where mul_ and _foreach_mul multiply by it in
+            # float32: 0.9 became 0.8984375, and a donated step left the bits of the pure one.
+            # CUDA's keeps the scalar in float32 (its fast path; a float32 0-d tensor there
+            # would leave it, and copy from the host each step)
+            args = (torch.tensor(args[0], dtype=torch.float32),)
         getattr(torch, f"_foreach_{op}_")(tensors, *args, **kwargs)
         return tensors
     return list(getattr(torch, f"_foreach_{op}")(tensors, *args, **kwargs))

@@ -14,6 +14,8 @@ from fxtrain.cli import main
 from fxtrain.apps._workdir import LOCK_NAME
 from helpers_apps import _gated, _modules_after, _one_line, _project, _snapshot, _start
 
+pytestmark = pytest.mark.compat  # torch's pytree registry (SUPPORTED_NODES): every torch
+
 
 def test_version_and_help_start_without_torch_and_show_no_markup(capsys):
     with pytest.raises(SystemExit) as done:

@@ -93,9 +93,9 @@ def test_an_eager_adam_step_agrees_with_torch_optims_foreach_one(kind, dtype):
 
 
 def test_a_donated_bf16_step_keeps_the_pure_ones_bits_whatever_b2():
-    """``torch._foreach_mul_`` rounds a Python scalar to bfloat16 before it multiplies (torch
-    2.13's CPU kernel), where ``_foreach_mul`` does not: b2 = 0.95 (0.9492 in bfloat16) made a
-    donated step's second moment another than the pure step's."""
+    """``torch._foreach_mul_`` rounds a Python scalar to bfloat16 before it multiplies (the
+    CPU's kernel, torch 2.11 to 2.15), where ``_foreach_mul`` does not: b2 = 0.95 (0.9492 in
+    bfloat16) made a donated step's second moment another than the pure step's."""
     tx = lambda: fx.optim.adamw(LR, b1=0.8, b2=0.95, weight_decay=WD)  # noqa: E731
     pure = _run(tx(), dtype=torch.bfloat16)
     assert fx.tree_digest(pure) == fx.tree_digest(_run(tx(), donated=True, dtype=torch.bfloat16))

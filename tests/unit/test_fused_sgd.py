@@ -16,6 +16,7 @@ LR, WD, STEPS = 1e-2, 0.1, 40
 KINDS = {  # fx.optim.sgd's and torch.optim.SGD's arguments
     "plain": {},
     "momentum": {"momentum": 0.9},
+    "nesterov": {"momentum": 0.9, "nesterov": True},
     "nesterov_l2": {"momentum": 0.9, "nesterov": True, "weight_decay": WD},
     "l2": {"weight_decay": WD},
 }
@@ -37,7 +38,10 @@ def _grads(params, step):
 def _run(tx, steps=STEPS, donated=False, dtype=torch.float32, every=2):
     state = fx.TrainState.create(_model(dtype), tx)
     for i in range(steps):
-        state = state.apply_gradients(_grads(state.params, i), donated=donated and i % every == 0)
+        grads = _grads(state.params, i)
+        kept = {k: g.clone() for k, g in grads.items()}
+        state = state.apply_gradients(grads, donated=donated and i % every == 0)
+        assert all(torch.equal(grads[k], g) for k, g in kept.items())  # never written into
     return state
 
 
@@ -147,3 +151,45 @@ def test_where_the_fused_sgd_cannot_run_the_composable_one_does():
     new = state.apply_gradients(live)
     assert new.params["0.weight"].requires_grad
     assert fx.tree_digest(new) == fx.tree_digest(composable.apply_gradients(live).replace(tx=tx))
+
+
+def test_a_scheduled_rate_is_read_as_a_tensor_under_fake_tensors():
+    """Under fake tensors a value read on the host (an ``item()``, or a tensor passed where
+    an op takes a Python number, which C++ reads) raises: the fused update reads none."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
+    for kind in KINDS:
+        tx = fx.optim.sgd(schedule, **KINDS[kind])
+        state = fx.TrainState.create(_model(), tx)
+        grads = _grads(state.params, 0)
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            fake = lambda tree: {k: mode.from_tensor(t) for k, t in tree.items()}  # noqa: E731
+            opt_state = torch.utils._pytree.tree_map(
+                lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
+                state.opt_state)
+            for donated in (False, True):
+                out = tx.fused(fake(grads), opt_state, fake(state.params), donated)
+                assert out is not None, kind
+
+
+@pytest.mark.parametrize("donated", [False, True], ids=["pure", "donated"])
+def test_parameters_ordered_apart_from_the_trace_keep_each_trace_its_own(donated):
+    """A state whose parameters were replaced by a dict in another order (a loaded, sorted
+    one): the new trace keeps its own order, so a donated state is written into name by name,
+    and each parameter moves as the composable update moves it."""
+    tx = fx.optim.sgd(LR, momentum=0.9)
+    states = []
+    for t in (tx, tx._replace(fused=None)):
+        state = fx.TrainState.create(_model(), t)
+        state = state.replace(params=dict(reversed(list(state.params.items()))))
+        for i in range(3):
+            state = state.apply_gradients(_grads(state.params, i), donated=donated)
+        states.append(state)
+    fast, composable = states
+    assert list(fast.opt_state[0].trace) == list(composable.opt_state[0].trace)
+    bound = _bound(composable.params, 3)
+    for k, p in composable.params.items():
+        torch.testing.assert_close(fast.params[k], p, rtol=0, atol=bound)
+        torch.testing.assert_close(fast.opt_state[0].trace[k], composable.opt_state[0].trace[k],
+                                   rtol=0, atol=bound)

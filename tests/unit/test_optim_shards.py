@@ -13,6 +13,8 @@ from fxtrain.optim._on_shards import on_shards
 OPTIMIZERS = {
     "adamw": lambda: fx.optim.adamw(1e-2, weight_decay=0.1),
     "sgd momentum": lambda: fx.optim.sgd(1e-2, momentum=0.9),
+    # the same without its fused update: the elementwise path (on_shards) itself
+    "sgd momentum (composable)": lambda: fx.optim.sgd(1e-2, momentum=0.9)._replace(fused=None),
     "clipped adam (not elementwise)": lambda: fx.optim.chain(fx.optim.clip_by_global_norm(0.1),
                                                              fx.optim.adam(1e-2)),
 }
@@ -72,11 +74,11 @@ def test_an_elementwise_transformation_whose_state_changes_structure_is_refused(
         on_shards(tx, grads, sharded.opt_state, sharded.params)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd momentum"])
+@pytest.mark.parametrize("name", ["adamw", "sgd momentum", "sgd momentum (composable)"])
 def test_an_update_written_into_the_shards_gives_back_the_dtensors_it_was_given(one_rank, name):
     """Given its state up (``InPlace``), the update writes into each leaf's local tensor, and the
     state it returns holds the same DTensors, not new wraps of those tensors (a ``from_local``
-    per leaf per step, the dispatch this path is there to avoid). The fused AdamW and the
+    per leaf per step, the dispatch this path is there to avoid). The fused AdamW and SGD and the
     elementwise path alike."""
     from fxtrain.optim.base import InPlace
     from fxtrain.optim.fused import apply_fused
