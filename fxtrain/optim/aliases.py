@@ -33,9 +33,9 @@ def sgd(learning_rate: ScalarOrSchedule, momentum: Hyper = 0.0, nesterov: bool =
 
     g <- g + wd p;  t <- g + momentum t;  p <- p - lr (t, or g + momentum t with Nesterov)
 
-    Eager, the step runs these operations over lists of leaves (``torch._foreach_*``, as
-    ``torch.optim.SGD(foreach=True)``), with the bits of the update leaf by leaf
-    (``fxtrain.optim.fused``).
+    Eager, the step runs ``torch.optim.SGD(foreach=True)``'s operations over lists of leaves
+    (``torch._foreach_*``; ``fxtrain.optim.fused``): its bits, within a rounding a sum a step of
+    this chain's, which rounds each product before it adds.
 
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
