@@ -43,26 +43,48 @@ def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-def _groups(params: dict, grads: dict, mu: dict, nu: dict, decays: dict[str, bool]
-            ) -> list[tuple[bool, list, list, list, list, list]] | None:
-    """The leaves grouped as ``torch.optim`` groups them (device and dtype), and by whether
-    they decay: ``(decay, names, params, grads, mu, nu)``; None where a leaf is not a real
-    floating tensor, or a gradient or moment is not of its parameter's dtype, device and shape,
+def _groups(params: dict, others: tuple[dict, ...], kind: Callable[[str], Any] = lambda k: None
+            ) -> list[tuple] | None:
+    """The leaves grouped as ``torch.optim`` groups them (device and dtype), and by
+    ``kind(name)``: per group ``(kind, names, params, *others)``, ``others`` being the dicts of
+    the leaves' companions (gradients, moments, traces), name by name; None where a leaf is not
+    a real floating tensor, or a companion is not of its parameter's dtype, device and shape,
     or two names share one tensor (tied, and not kept once)."""
     if len({id(p) for p in params.values()}) != len(params):
         return None
     groups: dict[tuple, tuple[list, ...]] = {}
     for k, p in params.items():
-        g, m, v = grads[k], mu[k], nu[k]
+        companions = tuple(other[k] for other in others)
         if not (isinstance(p, torch.Tensor) and p.is_floating_point() and all(
                 isinstance(x, torch.Tensor) and x.dtype == p.dtype and x.device == p.device
-                and x.shape == p.shape for x in (g, m, v))):
+                and x.shape == p.shape for x in companions)):
             return None
-        group = groups.setdefault((p.device, p.dtype, decays.get(k, False)),
-                                  ([], [], [], [], []))
-        for into, x in zip(group, (k, p, g, m, v)):
+        group = groups.setdefault((p.device, p.dtype, kind(k)),
+                                  tuple([] for _ in range(2 + len(others))))
+        for into, x in zip(group, (k, p, *companions)):
             into.append(x)
-    return [(decay, *lists) for (_, _, decay), lists in groups.items()]
+    return [(key[2], *lists) for key, lists in groups.items()]
+
+
+def _rate(learning_rate: Any, rate: Any) -> Any:
+    """This step's learning rate: a schedule's at ``rate.count``, or the number."""
+    return learning_rate(rate.count) if callable(learning_rate) else learning_rate
+
+
+def _stepped(opt_state: tuple, replaced: dict[int, Any], rate_at: int, lr: Any,
+             donated: bool) -> tuple:
+    """The chain's new state: ``opt_state`` with the states of ``replaced`` at their places and
+    ``scale_by_learning_rate``'s (at ``rate_at``) counted on, holding ``lr`` as float32;
+    written into ``opt_state`` where ``donated``."""
+    rate = opt_state[rate_at]
+    lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
+        rate.learning_rate, lr)
+    new_state = list(opt_state)
+    for at, state in replaced.items():
+        new_state[at] = state
+    new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
+    new_state = tuple(new_state)
+    return written_into(opt_state, new_state) if donated else new_state
 
 
 def _scalars(lr: Any, count: torch.Tensor, like: torch.Tensor, b1: float, b2: float,
@@ -99,10 +121,11 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
         adam, rate = opt_state[adam_at], opt_state[rate_at]
         if not (isinstance(adam.mu, dict) and adam.mu.keys() == params.keys() == grads.keys()):
             return None
-        groups = _groups(params, grads, adam.mu, adam.nu, decays(params) if wd else {})
+        decay_of = decays(params) if wd else {}
+        groups = _groups(params, (grads, adam.mu, adam.nu), lambda k: decay_of.get(k, False))
         if groups is None:
             return None
-        lr = learning_rate(rate.count) if callable(learning_rate) else learning_rate
+        lr = _rate(learning_rate, rate)
         count = adam.count + 1
         new_p, new_m, new_v = {}, {}, {}
         scalars: dict[tuple, dict] = {}  # once per device and dtype, for both decay groups
@@ -116,17 +139,12 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
                                       else None})
             for into, new in ((new_p, p), (new_m, m), (new_v, v)):
                 into.update(zip(names, new))
-        lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
-            rate.learning_rate, lr)
-        new_state = list(opt_state)
         # the moments in their own order (a state's dicts may be ordered apart from the
         # parameters': a donated state is written into by position)
-        new_state[adam_at] = adam._replace(count=count, mu={k: new_m[k] for k in adam.mu},
-                                           nu={k: new_v[k] for k in adam.nu})
-        new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
-        new_state = tuple(new_state)
+        adam = adam._replace(count=count, mu={k: new_m[k] for k in adam.mu},
+                             nu={k: new_v[k] for k in adam.nu})
         return ({k: new_p[k] for k in params},
-                written_into(opt_state, new_state) if donated else new_state)
+                _stepped(opt_state, {adam_at: adam}, rate_at, lr, donated))
 
     return fused
 
@@ -163,26 +181,6 @@ def apply_fused(tx: GradientTransformation, grads: Any, opt_state: Any, params: 
     return locally(opt_state, update, "a fused update")
 
 
-def _sgd_groups(params: dict, grads: dict, trace: dict | None
-                ) -> list[tuple[list, list, list, list | None]] | None:
-    """The leaves grouped by device and dtype: ``(names, params, grads, traces or None)``;
-    None where a leaf is not a real floating tensor, a gradient or trace is not of its
-    parameter's dtype, device and shape, or two names share one tensor."""
-    if len({id(p) for p in params.values()}) != len(params):
-        return None
-    groups: dict[tuple, tuple[list, ...]] = {}
-    for k, p in params.items():
-        others = (grads[k],) if trace is None else (grads[k], trace[k])
-        if not (isinstance(p, torch.Tensor) and p.is_floating_point() and all(
-                isinstance(x, torch.Tensor) and x.dtype == p.dtype and x.device == p.device
-                and x.shape == p.shape for x in others)):
-            return None
-        group = groups.setdefault((p.device, p.dtype), ([], [], [], []))
-        for into, x in zip(group, (k, p, *others)):
-            into.append(x)
-    return [(names, p, g, t if trace is not None else None) for names, p, g, t in groups.values()]
-
-
 def fused_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: Any, *,
               trace_at: int | None, rate_at: int) -> Fused | None:
     """The fused eager update of an SGD chain (``fx.optim.sgd``) whose ``trace`` state sits at
@@ -202,27 +200,22 @@ def fused_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: A
         trace = opt_state[trace_at].trace if trace_at is not None else None
         if trace is not None and not (isinstance(trace, dict) and trace.keys() == params.keys()):
             return None
-        groups = _sgd_groups(params, grads, trace)
+        groups = _groups(params, (grads,) if trace is None else (grads, trace))
         if groups is None:
             return None
-        lr = learning_rate(rate.count) if callable(learning_rate) else learning_rate
+        lr = _rate(learning_rate, rate)
         new_p, new_t = {}, {}
-        for names, p, g, t in groups:
+        for _, names, p, g, *t in groups:
+            t = t[0] if t else None
             p, t = foreach.sgd(p, g, t, weight_decay=wd, momentum=momentum, nesterov=nesterov,
                                lr=lr.to(device=p[0].device, dtype=p[0].dtype)
                                if isinstance(lr, torch.Tensor) else lr, into=donated)
             new_p.update(zip(names, p))
             if t is not None:
                 new_t.update(zip(names, t))
-        lr_t = lr.to(torch.float32) if isinstance(lr, torch.Tensor) else torch.full_like(
-            rate.learning_rate, lr)
-        new_state = list(opt_state)
-        if trace_at is not None:  # the trace in its own order (a donated state is written
-            # into by position)
-            new_state[trace_at] = opt_state[trace_at]._replace(trace={k: new_t[k] for k in trace})
-        new_state[rate_at] = rate._replace(count=rate.count + 1, learning_rate=lr_t)
-        new_state = tuple(new_state)
-        return ({k: new_p[k] for k in params},
-                written_into(opt_state, new_state) if donated else new_state)
+        # the trace in its own order (a donated state is written into by position)
+        replaced = {} if trace_at is None else {
+            trace_at: opt_state[trace_at]._replace(trace={k: new_t[k] for k in trace})}
+        return {k: new_p[k] for k in params}, _stepped(opt_state, replaced, rate_at, lr, donated)
 
     return fused
