@@ -10,6 +10,8 @@ import json
 import math
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -381,6 +383,76 @@ def test_fsdp2_benchmark_smoke(tmp_path):
     finally:
         sys.path.remove(str(BENCHMARKS))
     assert set(rows) == set(fsdp2.UPDATES) and all(v > 0 for v in rows.values())
+
+
+def test_resident_splits_glibcs_bytes_by_arena_and_samples_the_peak():
+    """benchmarks/resident.py's measure: a tensor above glibc's mmap threshold (64 MiB: above
+    the most it raises it to, 32 MiB) counts as mmapped while alive and leaves when freed;
+    small tensors a thread of its own allocates count in the other arenas; the sampler's peak
+    holds a tensor freed before it stops, and its split at that peak counts it."""
+    resident, mib = imported("resident"), 2**20
+    before = resident.malloc_parts()
+    big = torch.ones(16 * mib)  # 64 MiB, touched
+    alive = resident.malloc_parts()
+    del big
+    after = resident.malloc_parts()
+    assert alive["mmapped"] - before["mmapped"] >= 64 * mib > alive["mmapped"] - after["mmapped"] - mib
+    kept = []
+    thread = threading.Thread(target=lambda: kept.extend(torch.ones(1000) for _ in range(200)))
+    thread.start()
+    thread.join()
+    assert resident.malloc_parts()["others_used"] - after["others_used"] >= 200 * 4000
+    with resident.PeakSampler() as sampler:
+        x = torch.ones(50 * mib)  # 200 MiB
+        time.sleep(0.05)
+        del x
+        time.sleep(0.01)
+    assert sampler.peak >= sampler.top >= 200 * mib
+    assert sampler.parts["mmapped"] >= 200 * mib
+    assert sum(sampler.parts.values()) == sampler.top  # "rest" closes the sum
+
+
+def test_resident_reports_bytes_per_parameter_as_the_slope_and_rounds_by_median():
+    """The slope over the depths per run; over rounds, each measure's median, and the ratio
+    to one process taken within each round (its median and range)."""
+    resident = imported("resident")
+    parts = dict.fromkeys(resident.PARTS, 0)
+
+    def round_(one: float, shard: float) -> dict:
+        rows = [{"variant": v, "allocator": "glibc", "params": n, **parts,
+                 "peak": 100 + n * per, "mmapped": n * per}
+                for v, per in (("one process", one), ("fx.shard", shard)) for n in (1000, 3000)]
+        return resident.per_parameter(rows)
+
+    assert round_(20, 10)[("fx.shard", "glibc")] == {**parts, "peak": 10, "mmapped": 10}
+    rounds = [round_(20, 10), round_(16, 12), round_(30, 9)]
+    merged = resident.medians(rounds)[("fx.shard", "glibc")]
+    assert merged["peak"] == 10 and merged["peak_range"] == (9, 12)
+    assert merged["ratio"] == 0.5 and merged["ratio_range"] == (0.3, 0.75)
+    text = resident.markdown({"date": "d", "cpu": "c", "torch": "t", "argv": [], "width": 8,
+                              "world": 2, "rounds": 3, "per_parameter": {
+                                  " | ".join(k): v for k, v in resident.medians(rounds).items()}})
+    assert "| glibc | fx.shard | 10.0 (9.0-12.0) | 0.50x (0.30-0.75) | " in text
+    assert "| glibc | one process | 20.0 (16.0-30.0) | 1.00x (1.00-1.00) | " in text
+
+
+@pytest.mark.extended
+def test_resident_benchmark_smoke(tmp_path):
+    """benchmarks/resident.py at a tiny size: every run under two allocators' settings (the
+    processes started with them), a slope per run, the table written."""
+    resident = imported("resident")
+    sys.path.insert(0, str(BENCHMARKS))  # the spawned ranks import the script by name
+    try:
+        result = resident.main(["--smoke", "--allocators", "glibc", "mmap-128k",
+                                "--out", str(tmp_path / "resident")])
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert {(r["variant"], r["allocator"]) for r in result["rows"][0]} == {
+        (v, a) for v in resident.VARIANTS for a in ("glibc", "mmap-128k")}
+    (rows,) = result["rows"]  # one round
+    assert all(r["peak"] >= r["sampled"] > 0 and r["peak"] >= r["base"] for r in rows)
+    assert len(result["per_parameter"]) == 6
+    assert "| mmap-128k | FSDP2 | " in (tmp_path / "resident.md").read_text()
 
 
 # torch 2.11's Dynamo refuses the script's requires_grad_() inside the graph (fxtrain makes its
