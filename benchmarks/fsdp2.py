@@ -368,6 +368,10 @@ OPTIMIZERS = {
     "sgd": (lambda: fx_optim().sgd(LR, momentum=0.9, weight_decay=WD),
             lambda params: torch_optim().SGD(params, LR, momentum=0.9, weight_decay=WD,
                                              foreach=True)),
+    "rmsprop": (lambda: fx_optim().rmsprop(LR, momentum=0.9, weight_decay=WD),
+                lambda params: torch_optim().RMSprop(params, LR, momentum=0.9, weight_decay=WD,
+                                                     foreach=True)),
+    "lion": (lambda: fx_optim().lion(LR, weight_decay=WD), None),  # not in torch.optim
 }
 
 
@@ -387,11 +391,12 @@ UPDATES = ("fxtrain", "fxtrain_donated", "fxtrain_sharded_donated", "fxtrain_unf
 
 def _update_rank(port: int, args, out: str) -> None:
     """``--update``: one process (a 1-rank gloo group, so ``fx.shard`` makes DTensors) times the
-    optimizer's update alone (``--optimizer``: AdamW, or SGD with momentum and L2 decay), as
-    each variant runs it, in CPU seconds: fxtrain's functional update (eager: fused,
-    ``fxtrain.optim.fused``), a donated one (in place), a sharded donated one (on the local
-    shards), the composable update that ran before the fused one (``unfused``: ``tx.fused``
-    taken away), and torch.optim's ``foreach=True`` ``step()``."""
+    optimizer's update alone (``--optimizer``: AdamW, SGD or RMSprop with momentum and L2
+    decay, Lion with its decay), as each variant runs it, in CPU seconds: fxtrain's functional
+    update (eager: fused, ``fxtrain.optim.fused``), a donated one (in place), a sharded donated
+    one (on the local shards), the composable update that ran before the fused one
+    (``unfused``: ``tx.fused`` taken away), and torch.optim's ``foreach=True`` ``step()`` (Lion:
+    none in torch.optim)."""
     import time
 
     import torch
@@ -429,6 +434,8 @@ def _update_rank(port: int, args, out: str) -> None:
             "torch_foreach": torch_update}
     rows = {}
     for name in UPDATES:
+        if name == "torch_foreach" and make_torch is None:
+            continue
         update = made[name]()
         for _ in range(args.warmup):
             update()
@@ -446,9 +453,10 @@ def updates(args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_update_spawned, args=(_port(), args, f"{out}/u.json"), nprocs=1)
         rows = json.loads(Path(out, "u.json").read_text())
+    anchor, what = ("torch_foreach", f"torch.optim's {args.optimizer} (foreach=True)") \
+        if "torch_foreach" in rows else ("fxtrain_unfused_donated", "the composable update's")
     for name, seconds in rows.items():
-        print(f"{name:32s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows['torch_foreach']:.2f}x "
-              f"torch.optim's {args.optimizer} (foreach=True)")
+        print(f"{name:32s} {seconds * 1e3:8.1f} ms CPU  {seconds / rows[anchor]:.2f}x {what}")
     return rows
 
 

@@ -1,5 +1,5 @@
-"""Adam's and SGD's updates over lists of tensors, by ``torch._foreach_*`` ops (private to ATen:
-what ``torch.optim``'s ``foreach=True`` runs).
+"""Adam's, SGD's, RMSprop's and Lion's updates over lists of tensors, by ``torch._foreach_*``
+ops (private to ATen: what ``torch.optim``'s ``foreach=True`` runs).
 
 Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0 (each has every overload used here: a
 0-d tensor as the scalar of ``mul`` and ``div``, a list of them for ``add``), eager and under
@@ -87,6 +87,61 @@ def sgd(p: list, g: list, t: list | None, *, weight_decay: float, momentum: floa
         u = t
         if nesterov:  # into d where this update made it (the decay's), else a new list
             u = _each("add", d, t, alpha=momentum, into=d is not g)
+    return _step(p, u, lr, into), t
+
+
+def _step(p: list, u: list, lr: float | torch.Tensor, into: bool) -> list:
+    """``p - lr u``: one ``add`` with ``alpha=-lr`` where ``lr`` is a float, else ``u`` times
+    ``-lr`` first (a 0-d tensor of the leaves' dtype on their device, read by no host)."""
     if isinstance(lr, torch.Tensor):
-        return _each("add", p, list(torch._foreach_mul(u, -lr)), into=into), t
-    return _each("add", p, u, alpha=-lr, into=into), t
+        return _each("add", p, list(torch._foreach_mul(u, -lr)), into=into)
+    return _each("add", p, u, alpha=-lr, into=into)
+
+
+def rmsprop(p: list, g: list, v: list, mu: list | None, t: list | None, *, decay: float,
+            eps: float, weight_decay: float, momentum: float, lr: float | torch.Tensor,
+            into: bool) -> tuple[list, list, list | None, list | None]:
+    """One RMSprop step of lists of parameters ``p``, gradients ``g``, mean squares ``v``,
+    means ``mu`` (centered; else None) and momentum traces ``t`` (None without momentum), one
+    device and dtype, in ``torch.optim.RMSprop(foreach=True)``'s operations:
+
+    d <- g + wd p;  v <- decay v + (1 - decay) d^2 (one ``addcmul``);  mu <- lerp(mu, d, 1 - decay)
+    a <- sqrt(v - mu^2) + eps;  t <- momentum t + d / a;  p <- p - lr t (or p - lr d / a)
+
+    Returns the new ``(p, v, mu, t)``: the given lists written into where ``into``; new ones
+    otherwise. The gradients are never written into."""
+    d = list(torch._foreach_add(g, p, alpha=weight_decay)) if weight_decay else g
+    v = _each("mul", v, decay, into=into)
+    torch._foreach_addcmul_(v, d, d, 1 - decay)
+    if mu is not None:
+        mu = _each("lerp", mu, d, 1 - decay, into=into)
+        a = list(torch._foreach_addcmul(v, mu, mu, value=-1))
+        torch._foreach_sqrt_(a)
+    else:
+        a = list(torch._foreach_sqrt(v))
+    torch._foreach_add_(a, eps)
+    if t is not None:
+        t = _each("mul", t, momentum, into=into)
+        torch._foreach_addcdiv_(t, d, a)
+        return _step(p, t, lr, into), v, mu, t
+    if isinstance(lr, torch.Tensor):
+        torch._foreach_div_(a, -lr)
+        return _each("addcdiv", p, d, a, into=into), v, mu, t
+    return _each("addcdiv", p, d, a, value=-lr, into=into), v, mu, t
+
+
+def lion(p: list, g: list, m: list, *, b1: float, b2: float, weight_decay: float,
+         lr: float | torch.Tensor, into: bool) -> tuple[list, list]:
+    """One Lion step of lists of parameters ``p``, gradients ``g`` and moments ``m`` (one
+    device and dtype), in the composable update's operations but for its sums:
+
+    u <- sign(lerp(m, g, 1 - b1)) + wd p;  m <- lerp(m, g, 1 - b2);  p <- p - lr u
+
+    each ``a + x b`` one ``add`` with ``alpha=x`` (a fused multiply-add where the CPU's vector
+    unit has one). Returns the new ``(p, m)``: the given lists written into where ``into``."""
+    u = list(torch._foreach_lerp(m, g, 1 - b1))
+    torch._foreach_sign_(u)
+    if weight_decay:
+        torch._foreach_add_(u, p, alpha=weight_decay)
+    m = _each("lerp", m, g, 1 - b2, into=into)
+    return _step(p, u, lr, into), m

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from .base import GradientTransformation, ScalarOrSchedule, chain
-from .fused import fused_adam, fused_sgd
+from .fused import fused_adam, fused_lion, fused_rmsprop, fused_sgd
 from .masks import Tied, is_names
 from .transforms import (Mask, _add_decayed_weights, _betas, _mask_fn, _non_negative,
                          add_decayed_weights,
@@ -126,6 +126,9 @@ def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
          weight_decay: Hyper = 0.0, mask: Mask = None) -> GradientTransformation:
     """Lion: p <- p - lr (sign(b1 m + (1 - b1) g) + wd p). Use a 3-10x smaller lr than AdamW.
 
+    Eager, the step runs over lists of leaves (``torch._foreach_*``; ``fxtrain.optim.fused``),
+    each ``a + x b`` one fused multiply-add: within a rounding a sum a step of this chain's.
+
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
         >>> tx = fx.optim.lion(0.01)
@@ -133,17 +136,26 @@ def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
         >>> updates["w"]  # the sign of the interpolated gradient, times -lr
         tensor([-0.0100,  0.0100])
     """
-    return chain(
+    decays = _nonzero(weight_decay)
+    tx = chain(
         scale_by_lion(b1, b2),
-        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay, mask)),
+        *_maybe(decays, add_decayed_weights(weight_decay, mask)),
         scale_by_learning_rate(learning_rate),
     )
+    return tx._replace(fused=fused_lion(
+        learning_rate, b1, b2, weight_decay,
+        _mask_fn(mask, "the weight decay mask (mask=...)") if decays else _mask_fn(None, ""),
+        lion_at=0, rate_at=1 + int(decays)))
 
 
 def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1e-8,
             momentum: Hyper = 0.0, centered: bool = False,
             weight_decay: Hyper = 0.0) -> GradientTransformation:
     """RMSprop as ``torch.optim.RMSprop`` (``decay`` is its ``alpha``).
+
+    Eager, the step runs ``torch.optim.RMSprop(foreach=True)``'s operations over lists of
+    leaves (``torch._foreach_*``; ``fxtrain.optim.fused``): its bits, within a few roundings a
+    step of this chain's.
 
     Examples:
         >>> params = {"w": torch.tensor([1.0, -2.0])}
@@ -152,12 +164,16 @@ def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1
         >>> updates["w"]
         tensor([-0.0316,  0.0316])
     """
-    return chain(
-        *_maybe(_nonzero(weight_decay), add_decayed_weights(weight_decay)),
+    decays, moves = _nonzero(weight_decay), _nonzero(momentum)
+    tx = chain(
+        *_maybe(decays, add_decayed_weights(weight_decay)),
         scale_by_rms(decay, eps, centered),
-        *_maybe(_nonzero(momentum), trace(momentum)),
+        *_maybe(moves, trace(momentum)),
         scale_by_learning_rate(learning_rate),
     )
+    return tx._replace(fused=fused_rmsprop(
+        learning_rate, decay, eps, momentum, centered, weight_decay, rms_at=int(decays),
+        trace_at=int(decays) + 1 if moves else None, rate_at=int(decays) + 1 + int(moves)))
 
 
 def adagrad(learning_rate: ScalarOrSchedule, initial_accumulator_value: Hyper = 0.1,

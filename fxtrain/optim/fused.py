@@ -208,14 +208,102 @@ def fused_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: A
         for _, names, p, g, *t in groups:
             t = t[0] if t else None
             p, t = foreach.sgd(p, g, t, weight_decay=wd, momentum=momentum, nesterov=nesterov,
-                               lr=lr.to(device=p[0].device, dtype=p[0].dtype)
-                               if isinstance(lr, torch.Tensor) else lr, into=donated)
+                               lr=_lr_for(lr, p[0]), into=donated)
             new_p.update(zip(names, p))
             if t is not None:
                 new_t.update(zip(names, t))
         # the trace in its own order (a donated state is written into by position)
         replaced = {} if trace_at is None else {
             trace_at: opt_state[trace_at]._replace(trace={k: new_t[k] for k in trace})}
+        return {k: new_p[k] for k in params}, _stepped(opt_state, replaced, rate_at, lr, donated)
+
+    return fused
+
+
+def _lr_for(lr: Any, like: torch.Tensor) -> Any:
+    """The learning rate as ``foreach`` takes it for leaves like ``like``: a float as it is, a
+    tensor (a schedule's) on their device in their dtype."""
+    return lr.to(device=like.device, dtype=like.dtype) if isinstance(lr, torch.Tensor) else lr
+
+
+def fused_rmsprop(learning_rate: Any, decay: Any, eps: Any, momentum: Any, centered: bool,
+                  weight_decay: Any, *, rms_at: int, trace_at: int | None,
+                  rate_at: int) -> Fused | None:
+    """The fused eager update of an RMSprop chain (``fx.optim.rmsprop``) whose
+    ``scale_by_rms`` state sits at ``rms_at``, its ``trace`` at ``trace_at`` (None without
+    momentum) and ``scale_by_learning_rate``'s at ``rate_at``: ``torch.optim.RMSprop``'s
+    operations (``fxtrain._torch.foreach.rmsprop``). None where a hyperparameter other than
+    the learning rate is a tensor."""
+    if not all(_number(x) for x in (decay, eps, momentum, weight_decay)):
+        return None
+    decay, eps, momentum, wd = float(decay), float(eps), float(momentum), float(weight_decay)
+
+    def fused(grads, opt_state, params, donated):
+        if not (isinstance(params, dict) and isinstance(grads, dict) and params
+                and params.keys() == grads.keys() and isinstance(opt_state, tuple)
+                and len(opt_state) > max(rms_at, rate_at, trace_at or 0)):
+            return None
+        rms, rate = opt_state[rms_at], opt_state[rate_at]
+        trace = opt_state[trace_at].trace if trace_at is not None else None
+        trees = [rms.nu] + ([rms.mu] if centered else []) + ([trace] if trace_at is not None
+                                                             else [])
+        if not all(isinstance(t, dict) and t.keys() == params.keys() for t in trees):
+            return None
+        groups = _groups(params, (grads, *trees))
+        if groups is None:
+            return None
+        lr = _rate(learning_rate, rate)
+        new_p, new = {}, [{} for _ in trees]
+        for _, names, p, g, v, *rest in groups:
+            mu = rest.pop(0) if centered else None
+            t = rest.pop(0) if trace_at is not None else None
+            p, v, mu, t = foreach.rmsprop(p, g, v, mu, t, decay=decay, eps=eps,
+                                          weight_decay=wd, momentum=momentum,
+                                          lr=_lr_for(lr, p[0]), into=donated)
+            new_p.update(zip(names, p))
+            for into, tree in zip(new, [x for x in (v, mu, t) if x is not None]):
+                into.update(zip(names, tree))
+        # each tree in its own order (a donated state is written into by position)
+        new = [{k: n[k] for k in tree} for n, tree in zip(new, trees)]
+        replaced = {rms_at: rms._replace(nu=new[0], mu=new[1] if centered else rms.mu)}
+        if trace_at is not None:
+            replaced[trace_at] = opt_state[trace_at]._replace(trace=new[-1])
+        return {k: new_p[k] for k in params}, _stepped(opt_state, replaced, rate_at, lr, donated)
+
+    return fused
+
+
+def fused_lion(learning_rate: Any, b1: Any, b2: Any, weight_decay: Any,
+               decays: Callable[[Mapping], dict[str, bool]], *, lion_at: int,
+               rate_at: int) -> Fused | None:
+    """The fused eager update of a Lion chain (``fx.optim.lion``) whose ``scale_by_lion`` state
+    sits at ``lion_at`` and ``scale_by_learning_rate``'s at ``rate_at``
+    (``fxtrain._torch.foreach.lion``), the decay on the leaves ``decays`` selects. None where a
+    hyperparameter other than the learning rate is a tensor."""
+    if not all(_number(x) for x in (b1, b2, weight_decay)):
+        return None
+    b1, b2, wd = float(b1), float(b2), float(weight_decay)
+
+    def fused(grads, opt_state, params, donated):
+        if not (isinstance(params, dict) and isinstance(grads, dict) and params
+                and isinstance(opt_state, tuple) and len(opt_state) > max(lion_at, rate_at)):
+            return None
+        state, rate = opt_state[lion_at], opt_state[rate_at]
+        if not (isinstance(state.mu, dict) and state.mu.keys() == params.keys() == grads.keys()):
+            return None
+        decay_of = decays(params) if wd else {}
+        groups = _groups(params, (grads, state.mu), lambda k: decay_of.get(k, False))
+        if groups is None:
+            return None
+        lr = _rate(learning_rate, rate)
+        new_p, new_m = {}, {}
+        for decay, names, p, g, m in groups:
+            p, m = foreach.lion(p, g, m, b1=b1, b2=b2, weight_decay=wd if decay else 0.0,
+                                lr=_lr_for(lr, p[0]), into=donated)
+            new_p.update(zip(names, p))
+            new_m.update(zip(names, m))
+        # the moments in their own order (a donated state is written into by position)
+        replaced = {lion_at: state._replace(mu={k: new_m[k] for k in state.mu})}
         return {k: new_p[k] for k in params}, _stepped(opt_state, replaced, rate_at, lr, donated)
 
     return fused

@@ -13,6 +13,8 @@ from fxtrain.optim._on_shards import on_shards
 OPTIMIZERS = {
     "adamw": lambda: fx.optim.adamw(1e-2, weight_decay=0.1),
     "sgd momentum": lambda: fx.optim.sgd(1e-2, momentum=0.9),
+    "rmsprop centered momentum": lambda: fx.optim.rmsprop(1e-2, momentum=0.9, centered=True),
+    "lion": lambda: fx.optim.lion(1e-3, weight_decay=0.1),
     # the same without its fused update: the elementwise path (on_shards) itself
     "sgd momentum (composable)": lambda: fx.optim.sgd(1e-2, momentum=0.9)._replace(fused=None),
     "clipped adam (not elementwise)": lambda: fx.optim.chain(fx.optim.clip_by_global_norm(0.1),
@@ -74,12 +76,13 @@ def test_an_elementwise_transformation_whose_state_changes_structure_is_refused(
         on_shards(tx, grads, sharded.opt_state, sharded.params)
 
 
-@pytest.mark.parametrize("name", ["adamw", "sgd momentum", "sgd momentum (composable)"])
+@pytest.mark.parametrize("name", ["adamw", "sgd momentum", "rmsprop centered momentum", "lion",
+                                  "sgd momentum (composable)"])
 def test_an_update_written_into_the_shards_gives_back_the_dtensors_it_was_given(one_rank, name):
     """Given its state up (``InPlace``), the update writes into each leaf's local tensor, and the
     state it returns holds the same DTensors, not new wraps of those tensors (a ``from_local``
-    per leaf per step, the dispatch this path is there to avoid). The fused AdamW and SGD and the
-    elementwise path alike."""
+    per leaf per step, the dispatch this path is there to avoid). The fused AdamW, SGD, RMSprop
+    and Lion and the elementwise path alike."""
     from fxtrain.optim.base import InPlace
     from fxtrain.optim.fused import apply_fused
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
