@@ -77,6 +77,8 @@ EXTRA = {"fxtrain_regional": "fxtrain step over fx.regional(state): each block t
                                        "stream's share of a block's call)",
          "fxtrain_regional_outerupdate": "fxtrain_regional with its blocks' update in the outer "
                                          "graph (no update region: _region_update.built off)",
+         "torch_regional_nodropout": "torch_regional with dropout 0.0 (against "
+                                     "fxtrain_regional_nodropout: the gap without the masks)",
          "fxtrain_sgd_nodropout": "fxtrain step with fx.optim.sgd (no state), dropout 0.0",
          "fxtrain_autograd": "fxtrain step, autodiff='autograd', dropout 0.1",
          "fxtrain_norecompute": "fxtrain step without fxtrain._torch.recompute's pass, dropout 0.1",
@@ -223,8 +225,9 @@ def build(variant: str, kind: str):
         return fxtrain_step(model, loss, "sgd" if "_sgd" in variant else "adamw",
                             "autograd" if "_autograd" in variant else "func", how,
                             regional="_regional" in variant), batch
-    return torch_step(model, loss, compiled_optimizer="compiled" in variant or
-                      variant == "torch_regional", regional=variant == "torch_regional"), batch
+    regional = variant.startswith("torch_regional")
+    return torch_step(model, loss, compiled_optimizer="compiled" in variant or regional,
+                      regional=regional), batch
 
 
 def cache_files(cache: Path) -> dict[str, int]:

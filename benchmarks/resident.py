@@ -6,17 +6,24 @@ case: what a user watching ``top`` or a scheduler's memory limit sees).
 
 Each run is a fresh set of processes, one torch thread each, eager, ``--warmup`` steps then
 ``--steps`` measured ones (fx: the donating step, as ``fx.fit`` runs it, sharded by fx.shard's
-default, a unit per block; FSDP2: ``fully_shard`` per block then on the root, ``torch.optim.AdamW(foreach=True)``, ``zero_grad(set_to_none=True)``,
-as FSDP2's docs write it). Before the measured steps the heap is trimmed and the peak count
-restarts (``/proc/self/clear_refs``); a thread samples ``VmRSS`` every millisecond and, at each
-new maximum, asks glibc where its bytes are (``malloc_info``). At the peak sample:
+default, a unit per block; FSDP2: ``fully_shard`` per block then on the root,
+``torch.optim.AdamW(foreach=True)``, ``zero_grad(set_to_none=True)``, as FSDP2's docs write
+it). Before the measured steps the peak count restarts (``/proc/self/clear_refs``; the heap is
+not trimmed: what glibc kept from the warm-up is resident, as a user's process has it); a
+thread samples ``VmRSS`` every millisecond and, at each new maximum, asks glibc where its bytes
+are (``malloc_info``), keeping the split only where the resident set moved less than 1 MiB
+while glibc answered (training runs on meanwhile). At the highest such sample:
 
   malloc, main   the main arena (the training thread's tensors and Python's large objects):
-                 bytes in use, and bytes free but kept by the allocator
+                 bytes in use, and bytes free in glibc's bins (freed, kept for reuse; resident
+                 unless trimmed, which nothing here does)
   malloc, others the other threads' arenas: gloo's worker threads copy each collective's
                  tensors into buffers of their own, and glibc gives each thread an arena
   mmapped        chunks above the mmap threshold, in use (a freed one leaves the resident set)
   the rest       the resident set less the above: libraries, the interpreter's own arenas
+
+The split is the highest stable sample's; ``peak`` is the kernel's count, which may be a little
+higher (``unsampled``: the difference, reported).
 
 The peak resident set is measured at two depths (``--blocks 6 12``) and reported as bytes per
 parameter of the whole model (the slope, which cancels the libraries), the median over
@@ -108,11 +115,12 @@ def _status(key: str) -> int:
 
 class PeakSampler:
     """Samples the resident set every ``interval`` seconds on a thread of its own; at each new
-    maximum, glibc's split (``malloc_parts``). ``peak`` is the kernel's count (``VmHWM``), or
+    maximum, glibc's split (``malloc_parts``), kept where the resident set moved at most
+    ``steady`` bytes while glibc answered. ``peak`` is the kernel's count (``VmHWM``), or
     the highest sample where that is higher (the kernel adds a thread's pages in batches)."""
 
-    def __init__(self, interval: float = 0.001):
-        self.interval, self.top, self.parts = interval, 0, {}
+    def __init__(self, interval: float = 0.001, steady: int = 2**20):
+        self.interval, self.steady, self.top, self.parts = interval, steady, 0, {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -120,9 +128,11 @@ class PeakSampler:
         while not self._stop.is_set():
             rss = _status("VmRSS")
             if rss > self.top:
-                parts = malloc_parts()
-                self.top = rss
-                self.parts = {**parts, "rest": rss - sum(parts.values())}
+                parts = malloc_parts()  # the training thread runs on meanwhile (no GIL held)
+                after = _status("VmRSS")
+                if abs(after - rss) <= self.steady:
+                    self.top = rss
+                    self.parts = {**parts, "rest": (rss + after) // 2 - sum(parts.values())}
             time.sleep(self.interval)
 
     def __enter__(self) -> "PeakSampler":
@@ -201,12 +211,12 @@ def measure(variant: str, args) -> dict:
     train = fsdp2(args) if variant == "FSDP2" else fxtrain(args, variant == "fx.shard")
     train(args.warmup)
     gc.collect()
-    ctypes.CDLL(None).malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")
+    Path("/proc/self/clear_refs").write_text("5")  # the peak count restarts from here
     base = _status("VmRSS")
     with PeakSampler() as sampler:
         train(args.steps)
-    return {"peak": sampler.peak, "base": base, "sampled": sampler.top, **sampler.parts}
+    return {"peak": sampler.peak, "base": base, "sampled": sampler.top,
+            "unsampled": sampler.peak - sampler.top, **sampler.parts}
 
 
 def _rank(rank: int, world: int, port: int, variant: str, args, out: str) -> None:
@@ -265,7 +275,7 @@ def per_parameter(rows: list[dict]) -> dict:
         if hi["params"] == lo["params"]:
             continue
         d = hi["params"] - lo["params"]
-        slopes[key] = {m: (hi[m] - lo[m]) / d for m in ("peak", *PARTS)}
+        slopes[key] = {m: (hi[m] - lo[m]) / d for m in ("peak", *PARTS, "unsampled")}
     return slopes
 
 
@@ -296,15 +306,16 @@ def markdown(result: dict) -> str:
             f"rank's, the median of {result['rounds']} rounds (the range in brackets); the "
             "ratio to one process is taken within each round; glibc's split at the peak "
             "sample (the module's docstring).", "",
-            "| allocator | run | peak RSS | / one process | main arena, used | main, free "
-            "kept | other arenas, used | others, free kept | mmapped | rest |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| allocator | run | peak RSS | / one process | main arena, used | main, free in "
+            "bins | other arenas, used | others, free in bins | mmapped | rest | unsampled |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
     for (variant, allocator), s in slopes.items():
         lo, hi = s["peak_range"]
         ratio = "-" if s["ratio"] is None else \
             f"{s['ratio']:.2f}x ({s['ratio_range'][0]:.2f}-{s['ratio_range'][1]:.2f})"
         head.append(f"| {allocator} | {variant} | {s['peak']:.1f} ({lo:.1f}-{hi:.1f}) | "
-                    f"{ratio} | " + " | ".join(f"{s[p]:.1f}" for p in PARTS) + " |")
+                    f"{ratio} | " + " | ".join(f"{s[p]:.1f}" for p in (*PARTS, "unsampled"))
+                    + " |")
     return "\n".join(head) + "\n"
 
 

@@ -214,3 +214,53 @@ except KeyboardInterrupt as e:
     print("interrupted at", int(e.state.step), flush=True)
     raise
 """
+
+
+# -- the fused eager updates' tests (test_fused_adam, test_fused_sgd, test_fused_more) ----------
+
+HOST_READS = ("item", "__float__", "__bool__", "__int__", "tolist")
+
+
+def updated_reading_nothing(state, grads_of, steps: int, monkeypatch):
+    """``steps`` eager updates of ``state`` (every other one donated), ``grads_of(params, i)``
+    their gradients, with every way of reading a tensor's value on the host raising (on an
+    accelerator, each would be a sync): the state after."""
+    def read(*_):
+        raise AssertionError("the update read a tensor's value on the host")
+
+    for i in range(steps):
+        grads = grads_of(state.params, i)
+        with monkeypatch.context() as m:
+            for name in HOST_READS:
+                m.setattr(torch.Tensor, name, read)
+            state = state.apply_gradients(grads, donated=i % 2 == 0)
+    return state
+
+
+def fused_on_fake_tensors(tx, state, grads) -> list:
+    """``tx.fused`` run on fake copies of ``grads`` and of ``state``'s optimizer state and
+    parameters, pure and donated: its two results. A value read on the host raises there (an
+    ``item()``, or a tensor passed where an op takes a Python number, which C++ reads, and
+    which patching ``item`` misses)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+        def fake(tree):
+            return torch.utils._pytree.tree_map(
+                lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t, tree)
+        return [tx.fused(fake(grads), fake(state.opt_state), fake(state.params), donated)
+                for donated in (False, True)]
+
+
+def small_model(dtype=torch.float32):
+    """Linear(5, 7), Tanh, Linear(7, 3), seeded: the fused updates' tests' model."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3)).to(dtype)
+
+
+def fixed_grads(params, step):
+    """A fixed sequence of gradients for ``params``, of changing scale (not a function of the
+    parameters, so that a rounding apart does not grow through a loss)."""
+    g = torch.Generator().manual_seed(step)
+    return {k: (torch.randn(p.shape, generator=g) * 10.0 ** (step % 5 - 2)).to(p.dtype)
+            for k, p in params.items()}

@@ -136,16 +136,25 @@ def lion(learning_rate: ScalarOrSchedule, b1: Hyper = 0.9, b2: Hyper = 0.99,
         >>> updates["w"]  # the sign of the interpolated gradient, times -lr
         tensor([-0.0100,  0.0100])
     """
+    return _lion(learning_rate, b1, b2, weight_decay, mask, ())
+
+
+def _lion(learning_rate: ScalarOrSchedule, b1: Hyper, b2: Hyper, weight_decay: Hyper,
+          mask: Mask, tied: Tied) -> GradientTransformation:
+    """``lion`` with its name mask reading the tied names ``tied`` (kept fused when
+    ``TrainState.create`` rebinds it to a model's tied names)."""
     decays = _nonzero(weight_decay)
     tx = chain(
         scale_by_lion(b1, b2),
-        *_maybe(decays, add_decayed_weights(weight_decay, mask)),
+        *_maybe(decays, _add_decayed_weights(weight_decay, mask, tied)),
         scale_by_learning_rate(learning_rate),
     )
-    return tx._replace(fused=fused_lion(
-        learning_rate, b1, b2, weight_decay,
-        _mask_fn(mask, "the weight decay mask (mask=...)") if decays else _mask_fn(None, ""),
-        lion_at=0, rate_at=1 + int(decays)))
+    rebind = (lambda groups: _lion(learning_rate, b1, b2, weight_decay, mask, groups)) \
+        if tx.with_tied is not None else None
+    selected = _mask_fn(mask, "the weight decay mask (mask=...)", tied) if decays else \
+        _mask_fn(None, "")
+    return tx._replace(with_tied=rebind, fused=fused_lion(
+        learning_rate, b1, b2, weight_decay, selected, lion_at=0, rate_at=1 + int(decays)))
 
 
 def rmsprop(learning_rate: ScalarOrSchedule, decay: Hyper = 0.99, eps: Hyper = 1e-8,

@@ -17,6 +17,10 @@ a few float32 roundings per step, and with ``torch.optim``'s own to as many
 (``tests/unit/test_fused_adam.py`` states the bound). Compiled, Inductor fuses the composable
 update into one kernel per parameter by itself, and this path is not taken.
 
+Each fused update takes only the state of its own chain, whose last state is
+``scale_by_learning_rate``'s: another chain's (another length, another kind of tree) gets None,
+and the composable update, which names the mismatch.
+
 ``fx.optim.sgd`` (momentum, Nesterov, L2 decay) runs fused too (``fxtrain._torch.foreach.sgd``),
 in ``torch.optim.SGD(foreach=True)``'s operations: its ``add(..., alpha=x)`` is one fused
 multiply-add where the composable update rounds ``x b`` first, so the two agree to a rounding
@@ -36,7 +40,8 @@ from ..donation import written_into
 from ._on_shards import _any_requires_grad, _laid_out_alike, _wrapped, locally
 from .base import (ElementwiseTransformation, Fused, GradientTransformation, InPlace,
                    Params, WeightedTransformation, _local, writable)
-from .transforms import _bias_correction, _wide
+from .transforms import (ScaleByAdamState, ScaleByLearningRateState, ScaleByLionState,
+                         ScaleByRmsState, TraceState, _bias_correction, _wide)
 
 
 def _number(x: Any) -> bool:
@@ -64,6 +69,16 @@ def _groups(params: dict, others: tuple[dict, ...], kind: Callable[[str], Any] =
         for into, x in zip(group, (k, p, *companions)):
             into.append(x)
     return [(key[2], *lists) for key, lists in groups.items()]
+
+
+def _of_chain(opt_state: Any, kinds: dict[int | None, type], rate_at: int) -> bool:
+    """Whether ``opt_state`` is the state of the chain the fused update was made for: as many
+    states, the learning rate's last, and those of ``kinds`` (place: class; a None place left
+    out) where they belong."""
+    return (isinstance(opt_state, tuple) and len(opt_state) == rate_at + 1
+            and isinstance(opt_state[rate_at], ScaleByLearningRateState)
+            and all(isinstance(opt_state[at], kind) for at, kind in kinds.items()
+                    if at is not None))
 
 
 def _rate(learning_rate: Any, rate: Any) -> Any:
@@ -116,7 +131,7 @@ def fused_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any
 
     def fused(grads, opt_state, params, donated):
         if not (isinstance(params, dict) and isinstance(grads, dict) and params
-                and isinstance(opt_state, tuple) and len(opt_state) > max(adam_at, rate_at)):
+                and _of_chain(opt_state, {adam_at: ScaleByAdamState}, rate_at)):
             return None
         adam, rate = opt_state[adam_at], opt_state[rate_at]
         if not (isinstance(adam.mu, dict) and adam.mu.keys() == params.keys() == grads.keys()):
@@ -193,8 +208,8 @@ def fused_sgd(learning_rate: Any, momentum: Any, nesterov: bool, weight_decay: A
 
     def fused(grads, opt_state, params, donated):
         if not (isinstance(params, dict) and isinstance(grads, dict) and params
-                and params.keys() == grads.keys() and isinstance(opt_state, tuple)
-                and len(opt_state) > max(rate_at, trace_at or 0)):
+                and params.keys() == grads.keys()
+                and _of_chain(opt_state, {trace_at: TraceState}, rate_at)):
             return None
         rate = opt_state[rate_at]
         trace = opt_state[trace_at].trace if trace_at is not None else None
@@ -240,8 +255,9 @@ def fused_rmsprop(learning_rate: Any, decay: Any, eps: Any, momentum: Any, cente
 
     def fused(grads, opt_state, params, donated):
         if not (isinstance(params, dict) and isinstance(grads, dict) and params
-                and params.keys() == grads.keys() and isinstance(opt_state, tuple)
-                and len(opt_state) > max(rms_at, rate_at, trace_at or 0)):
+                and params.keys() == grads.keys()
+                and _of_chain(opt_state, {rms_at: ScaleByRmsState, trace_at: TraceState},
+                              rate_at)):
             return None
         rms, rate = opt_state[rms_at], opt_state[rate_at]
         trace = opt_state[trace_at].trace if trace_at is not None else None
@@ -286,7 +302,7 @@ def fused_lion(learning_rate: Any, b1: Any, b2: Any, weight_decay: Any,
 
     def fused(grads, opt_state, params, donated):
         if not (isinstance(params, dict) and isinstance(grads, dict) and params
-                and isinstance(opt_state, tuple) and len(opt_state) > max(lion_at, rate_at)):
+                and _of_chain(opt_state, {lion_at: ScaleByLionState}, rate_at)):
             return None
         state, rate = opt_state[lion_at], opt_state[rate_at]
         if not (isinstance(state.mu, dict) and state.mu.keys() == params.keys() == grads.keys()):

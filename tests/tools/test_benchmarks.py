@@ -412,14 +412,15 @@ def test_resident_splits_glibcs_bytes_by_arena_and_samples_the_peak():
         time.sleep(0.01)
     assert sampler.peak >= sampler.top >= 200 * mib
     assert sampler.parts["mmapped"] >= 200 * mib
-    assert sum(sampler.parts.values()) == sampler.top  # "rest" closes the sum
+    # "rest" closes the sum, to the resident set's move while glibc answered
+    assert abs(sum(sampler.parts.values()) - sampler.top) <= 2**20
 
 
 def test_resident_reports_bytes_per_parameter_as_the_slope_and_rounds_by_median():
     """The slope over the depths per run; over rounds, each measure's median, and the ratio
     to one process taken within each round (its median and range)."""
     resident = imported("resident")
-    parts = dict.fromkeys(resident.PARTS, 0)
+    parts = dict.fromkeys((*resident.PARTS, "unsampled"), 0)
 
     def round_(one: float, shard: float) -> dict:
         rows = [{"variant": v, "allocator": "glibc", "params": n, **parts,

@@ -4,10 +4,10 @@ the composable update, the same bits donated or not, no value read on the host, 
 composable update wherever the fused one cannot run."""
 
 import torch
-import torch.nn as nn
 import torch.utils._pytree as pytree
 
 import fxtrain as fx
+from helpers import fixed_grads, updated_reading_nothing, small_model
 import pytest
 
 pytestmark = pytest.mark.compat  # torch._foreach_* ops, 0-d tensor scalars: every torch in range
@@ -16,17 +16,7 @@ EPS32 = torch.finfo(torch.float32).eps
 LR, WD, STEPS = 1e-2, 0.1, 40
 
 
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
-
-
-def _grads(params, step):
-    """A fixed sequence of gradients, of changing scale (not a function of the parameters, so
-    that a rounding apart does not grow through the loss)."""
-    g = torch.Generator().manual_seed(step)
-    return {k: (torch.randn(p.shape, generator=g) * 10.0 ** (step % 5 - 2)).to(p.dtype)
-            for k, p in params.items()}
+_model, _grads = small_model, fixed_grads
 
 
 def _run(tx, steps=STEPS, donated=False, dtype=torch.float32):
@@ -131,16 +121,7 @@ def test_the_update_reads_no_value_on_the_host(monkeypatch):
     ``bool()`` of a tensor while the update runs (on an accelerator, each would be a sync)."""
     schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
     state = fx.TrainState.create(_model(), fx.optim.adamw(schedule, weight_decay=WD))
-
-    def sync(*_):
-        raise AssertionError("the update read a tensor's value on the host")
-
-    for i in range(4):
-        grads = _grads(state.params, i)
-        with monkeypatch.context() as m:
-            for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-                m.setattr(torch.Tensor, name, sync)
-            state = state.apply_gradients(grads, donated=i % 2 == 0)
+    state = updated_reading_nothing(state, _grads, 4, monkeypatch)
     assert int(state.opt_state[0].count) == 4
 
 

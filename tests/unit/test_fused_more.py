@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 import fxtrain as fx
+from helpers import fixed_grads, fused_on_fake_tensors, updated_reading_nothing, small_model
 
 pytestmark = pytest.mark.compat  # torch._foreach_* ops, 0-d tensor scalars: every torch in range
 
@@ -46,17 +47,7 @@ def _tx(kind, lr=LR):
     return make(lr, **KINDS[kind])
 
 
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
-
-
-def _grads(params, step):
-    """Fixed gradients of changing scale, not a function of the parameters (so that a rounding
-    apart does not grow through a loss)."""
-    g = torch.Generator().manual_seed(step)
-    return {k: (torch.randn(p.shape, generator=g) * 10.0 ** (step % 5 - 2)).to(p.dtype)
-            for k, p in params.items()}
+_model, _grads = small_model, fixed_grads
 
 
 def _run(tx, steps=STEPS, donated=False, dtype=torch.float32, every=2, order=None):
@@ -147,17 +138,7 @@ def test_a_scheduled_rate_reads_nothing_on_the_host(kind, monkeypatch):
     schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
     make = fx.optim.rmsprop if kind in RMSPROP else fx.optim.lion
     tx = make(schedule, **KINDS[kind])
-    state = fx.TrainState.create(_model(), tx)
-
-    def sync(*_):
-        raise AssertionError("the update read a tensor's value on the host")
-
-    for i in range(4):
-        grads = _grads(state.params, i)
-        with monkeypatch.context() as m:
-            for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-                m.setattr(torch.Tensor, name, sync)
-            state = state.apply_gradients(grads, donated=i % 2 == 0)
+    state = updated_reading_nothing(fx.TrainState.create(_model(), tx), _grads, 4, monkeypatch)
     composable = _run(tx._replace(fused=None), steps=4)
     for a, b in zip(state.opt_state[-1], composable.opt_state[-1]):  # the count, the rate read
         assert torch.equal(a, b)
@@ -169,21 +150,12 @@ def test_a_scheduled_rate_reads_nothing_on_the_host(kind, monkeypatch):
 def test_a_scheduled_rate_is_read_as_a_tensor_under_fake_tensors():
     """Under fake tensors a value read on the host (an ``item()``, or a tensor passed where an
     op takes a Python number, which C++ reads) raises: the fused updates read none."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
     for kind in KINDS:
         make = fx.optim.rmsprop if kind in RMSPROP else fx.optim.lion
         tx = make(schedule, **KINDS[kind])
         state = fx.TrainState.create(_model(), tx)
-        grads = _grads(state.params, 0)
-        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-            fake = lambda tree: {k: mode.from_tensor(t) for k, t in tree.items()}  # noqa: E731
-            opt_state = torch.utils._pytree.tree_map(
-                lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
-                state.opt_state)
-            for donated in (False, True):
-                assert tx.fused(fake(grads), opt_state, fake(state.params), donated) is not None
+        assert None not in fused_on_fake_tensors(tx, state, _grads(state.params, 0)), kind
 
 
 def test_a_donated_step_writes_into_the_state_it_was_given():
@@ -231,14 +203,45 @@ def test_where_the_fused_step_cannot_run_the_composable_one_does():
             wide = {k: g.double() for k, g in grads.items()}
             assert fx.tree_digest(state.apply_gradients(wide)) == fx.tree_digest(
                 composable.apply_gradients(wide).replace(tx=tx))
-        # tied parameters (one tensor under two names)
-        shared = torch.ones(3)
-        tied = fx.TrainState.create(nn.Linear(3, 3), tx).replace(
-            params={"a": shared, "b": shared})
-        assert tx.fused({"a": shared, "b": shared}, tied.opt_state, tied.params, False) is None
+        # tied parameters (one tensor under two names), and the same apart: only the first
+        # is refused
+        shared, other = torch.ones(3), torch.ones(3)
+        for params, refused in (({"a": shared, "b": shared}, True),
+                                ({"a": shared, "b": other}, False)):
+            got = tx.fused({k: torch.ones(3) for k in params}, tx.init(params), params, False)
+            assert (got is None) == refused, (kind, refused)
+        # the state of another chain (momentum's trace where this one has none, and back)
+        other_chain = _tx("rmsprop_momentum" if kind in RMSPROP else "lion")
+        assert tx.fused(grads, other_chain.init(state.params), state.params, False) is None
         # an update being differentiated: the composable one, with its graph
         live = {k: g.clone().requires_grad_() for k, g in grads.items()}
         new = state.apply_gradients(live)
         assert new.params["0.weight"].requires_grad
         assert fx.tree_digest(new) == fx.tree_digest(
             composable.apply_gradients(live).replace(tx=tx))
+
+
+def test_lions_mask_of_names_stays_fused_on_a_model_with_tied_weights():
+    """A mask of names (transformers' ``get_decay_parameter_names``) on a model whose head is
+    its embedding: ``TrainState.create`` rebinds the mask to the tied names, and the chain it
+    gives keeps its fused update, which decays as the composable one does."""
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.head = nn.Embedding(6, 4), nn.Linear(4, 6, bias=True)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(self.emb(x))
+
+    torch.manual_seed(0)
+    tx = fx.optim.lion(LR, weight_decay=WD, mask=["head.weight"])
+    state = fx.TrainState.create(Tied(), tx)
+    assert state.tx.fused is not None
+    composable = state.replace(tx=state.tx._replace(fused=None))
+    for i in range(3):
+        grads = _grads(state.params, i)
+        state, composable = (s.apply_gradients(grads) for s in (state, composable))
+    bound = _bound("lion_decay", composable.params, 3)
+    for k, p in composable.params.items():
+        torch.testing.assert_close(state.params[k], p, rtol=0, atol=bound)

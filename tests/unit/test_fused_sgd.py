@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import fxtrain as fx
+from helpers import fixed_grads, fused_on_fake_tensors, updated_reading_nothing, small_model
 
 pytestmark = pytest.mark.compat  # torch._foreach_* ops, 0-d tensor scalars: every torch in range
 
@@ -22,17 +23,7 @@ KINDS = {  # fx.optim.sgd's and torch.optim.SGD's arguments
 }
 
 
-def _model(dtype=torch.float32):
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).to(dtype)
-
-
-def _grads(params, step):
-    """Fixed gradients of changing scale, not a function of the parameters (so that a rounding
-    apart does not grow through a loss)."""
-    g = torch.Generator().manual_seed(step)
-    return {k: (torch.randn(p.shape, generator=g) * 10.0 ** (step % 5 - 2)).to(p.dtype)
-            for k, p in params.items()}
+_model, _grads = small_model, fixed_grads
 
 
 def _run(tx, steps=STEPS, donated=False, dtype=torch.float32, every=2):
@@ -104,17 +95,7 @@ def test_a_scheduled_rate_reads_nothing_on_the_host_and_is_reported_as_the_compo
     ``bool()`` of a tensor while the update runs (on an accelerator, each would be a sync)."""
     schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
     tx = fx.optim.sgd(schedule, momentum=0.9, weight_decay=WD)
-    state = fx.TrainState.create(_model(), tx)
-
-    def sync(*_):
-        raise AssertionError("the update read a tensor's value on the host")
-
-    for i in range(4):
-        grads = _grads(state.params, i)
-        with monkeypatch.context() as m:
-            for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-                m.setattr(torch.Tensor, name, sync)
-            state = state.apply_gradients(grads, donated=i % 2 == 0)
+    state = updated_reading_nothing(fx.TrainState.create(_model(), tx), _grads, 4, monkeypatch)
     composable = _run(tx._replace(fused=None), steps=4)
     for a, b in zip(state.opt_state[2], composable.opt_state[2]):  # the count, the rate read
         assert torch.equal(a, b)
@@ -156,21 +137,11 @@ def test_where_the_fused_sgd_cannot_run_the_composable_one_does():
 def test_a_scheduled_rate_is_read_as_a_tensor_under_fake_tensors():
     """Under fake tensors a value read on the host (an ``item()``, or a tensor passed where
     an op takes a Python number, which C++ reads) raises: the fused update reads none."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
     schedule = fx.optim.linear_schedule(LR, LR / 10, STEPS)
     for kind in KINDS:
         tx = fx.optim.sgd(schedule, **KINDS[kind])
         state = fx.TrainState.create(_model(), tx)
-        grads = _grads(state.params, 0)
-        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
-            fake = lambda tree: {k: mode.from_tensor(t) for k, t in tree.items()}  # noqa: E731
-            opt_state = torch.utils._pytree.tree_map(
-                lambda t: mode.from_tensor(t) if isinstance(t, torch.Tensor) else t,
-                state.opt_state)
-            for donated in (False, True):
-                out = tx.fused(fake(grads), opt_state, fake(state.params), donated)
-                assert out is not None, kind
+        assert None not in fused_on_fake_tensors(tx, state, _grads(state.params, 0)), kind
 
 
 @pytest.mark.parametrize("donated", [False, True], ids=["pure", "donated"])
