@@ -27,7 +27,8 @@ _PACKAGES = ("callbacks", "checkpoint", "data", "debug", "distributed", "donatio
 _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
     "load_safetensors": "export", "save_safetensors": "export", "trained_module": "export",
-    "export_pretrained": "apps._pretrained", "to_device": "data", "shard": "sharding",
+    "export_pretrained": "apps._pretrained", "from_pretrained": "apps._from_pretrained",
+    "to_device": "data", "shard": "sharding",
     "TrainState": "state", "tree_digest": "tree", "train": "apps._configured",
     **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
                      "LrFind", "find_batch_size", "BatchSizeFind"), "loop"),
@@ -69,6 +70,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .loop._evaluation import evaluate
     from .export import load_safetensors, save_safetensors, trained_module
     from .apps._pretrained import export_pretrained
+    from .apps._from_pretrained import from_pretrained
     from .data._feed import to_device
     from .step._graphs import cuda_graphed
     from .step._compile import compile
@@ -95,7 +97,7 @@ __all__ = [
     "compile",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
-    "cuda_graphed",
+    "from_pretrained", "cuda_graphed",
     "tree_digest",
     # the packages
     "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "losses",

@@ -43,3 +43,11 @@ def gathered(tree: Any) -> Any:
     if not is_sharded(tree):
         return tree
     return pytree.tree_map(gather_tensor, tree)
+
+
+def distributed(t: torch.Tensor, mesh: Any, placements: Any) -> Any:
+    """``distribute_tensor(t, mesh, placements)``: rank 0's values scattered; a meta tensor
+    (a skeleton's, ``fx.from_pretrained``'s) only split here, nothing to send, so each rank's
+    meta DTensor has its own local shape."""
+    from torch.distributed.tensor import distribute_tensor
+    return distribute_tensor(t, mesh, placements, src_data_rank=None if t.is_meta else 0)

@@ -46,7 +46,7 @@ from .._torch.groups import forget_groups
 from .._torch.modes import outside_dispatch_modes
 from .._torch.version import at_least
 from . import _meshes, _ranks, _tensor_parallel, _units
-from ._dtensors import is_dtensor, is_sharded
+from ._dtensors import distributed, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 
 
@@ -112,13 +112,12 @@ def _placements(t: torch.Tensor) -> list:
 
 def _like(values: Any, template: Any, mesh: Any, what: str) -> Any:
     """``values`` with each leaf whose ``template`` leaf is a DTensor distributed like it."""
-    from torch.distributed.tensor import distribute_tensor
     flat, spec = pytree.tree_flatten(values)
     like, like_spec = pytree.tree_flatten(template)
     if spec != like_spec:
         raise ValueError(f"fx.shard: {what} does not have the structure its init gives on the "
                          "sharded parameters; shard the state TrainState.create made")
-    return pytree.tree_unflatten([distribute_tensor(v, mesh, t.placements) if is_dtensor(t)
+    return pytree.tree_unflatten([distributed(v, mesh, t.placements) if is_dtensor(t)
                                   else v for v, t in zip(flat, like)], spec)
 
 
@@ -193,7 +192,6 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
       rank's rows, ``.full_tensor()`` (a collective: every rank calls it) the whole parameter.
     """
-    from torch.distributed.tensor import distribute_tensor
     if is_sharded(state.params) or state.layout.sharded:
         raise ValueError("fx.shard: this state is already sharded")
     mesh = mesh if mesh is not None else globals()["mesh"]()
@@ -234,7 +232,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         raise ValueError("fx.shard: param_dtype and reduce_dtype are how units gather and "
                          "reduce, and this state is sharded whole; pass units=... too (for "
                          "example units='auto')")
-    params = {k: distribute_tensor(p, mesh, _placements(p)) for k, p in state.params.items()}
+    params = {k: distributed(p, mesh, _placements(p)) for k, p in state.params.items()}
     layout = _laid_out(state, mesh, Roles(shard=0), units=tuple(found), gather=gather)
     return _with_params(state, module, layout, params, callbacks)
 
@@ -302,7 +300,6 @@ def _two_dimensional(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtyp
                      reduce_dtype: Any, callbacks: Sequence) -> Any:
     """``shard`` on a 2-D mesh (``fxtrain.distributed._meshes``): FSDP x tensor parallel with a
     plan, HSDP without; the data dimension's shards gathered whole or per unit."""
-    from torch.distributed.tensor import distribute_tensor
     _meshes.check(mesh, _ranks.world_size())
     if reduce_dtype is not None and reduce_dtype != param_dtype:
         raise ValueError("fx.shard: on a 2-D mesh the gradients are reduce-scattered in the "
@@ -326,7 +323,7 @@ def _two_dimensional(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtyp
     if not found and param_dtype is not None:
         raise ValueError("fx.shard: param_dtype is how units gather, and this state is sharded "
                          "whole; pass units=... too (for example units='auto')")
-    params = {k: distribute_tensor(p, mesh, _meshes.placements(p, roles, tp.get(k, (None,))[0]))
+    params = {k: distributed(p, mesh, _meshes.placements(p, roles, tp.get(k, (None,))[0]))
               for k, p in state.params.items()}
     logging.getLogger("fxtrain").info(
         "fx.shard: %s on a %s mesh %s, %s", "FSDP x tensor parallel" if tp else "HSDP",

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._dtensors import distributed
 from ._plans import plan_of
 from ._split_checks import checked
 
@@ -39,9 +40,8 @@ def install(module: nn.Module, plan: dict[str, Any], mesh: Any,
             params: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
     """A copy of the skeleton ``module`` running ``plan`` on ``mesh``, and ``params`` with the
     planned ones distributed as the plan places them (the others as they are)."""
-    from torch.distributed.tensor import distribute_tensor
     module, placed = placed_on(module, plan, mesh, params)
-    return module, {n: distribute_tensor(p, mesh, placed[n]) if n in placed else p
+    return module, {n: distributed(p, mesh, placed[n]) if n in placed else p
                     for n, p in params.items()}
 
 

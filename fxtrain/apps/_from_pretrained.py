@@ -1,0 +1,263 @@
+"""A Hugging Face model folder loaded straight into a ``TrainState``, sharded or not, each rank
+reading from the safetensors files only the slices it holds.
+
+The counterpart of ``fx.export_pretrained``. ``from_pretrained`` + ``TrainState.create`` +
+``fx.shard`` builds the model whole in every process before it is split (8 ranks, 8 whole
+copies in host memory); here no process holds more than its own shards and one slice:
+
+1. the folder is checked by its headers (``fxtrain.apps._hf_folder``): files, index, sizes;
+2. the model is built from its config with its parameters on the meta device and its buffers
+   real (``fxtrain._torch.meta_init``), so rotary tables and ties are the model's own;
+3. its names, shapes and dtype kinds are checked against the folder's before a byte is read;
+4. ``TrainState.create`` and ``fx.shard`` run on that skeleton as they would on the real model
+   (a meta tensor is split, not scattered), so units, plans, meshes and their refusals are
+   ``fx.shard``'s own, and each parameter is a meta DTensor of this rank's local shape;
+5. each rank reads its box of every parameter (``fxtrain.distributed._slices``) with
+   safetensors' ``get_slice``, one file open at a time, and wraps it as that DTensor;
+6. the optimizer state is made on the shards, the step and key on the device, the callback
+   states last.
+
+Every rank takes the same decisions in the same order; a fault any rank meets (a file it
+cannot read, a shape it does not expect) is gathered and raised on every rank, and nothing
+half-loaded is returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import _hf_folder
+from ._pretrained import ConfigMismatchError, _weight_problems
+
+__all__ = ["from_pretrained"]
+
+
+def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
+                    units: Any = None, tp_plan: Any = None,
+                    param_dtype: torch.dtype | None = None,
+                    reduce_dtype: torch.dtype | None = None,
+                    dtype: torch.dtype | str | None = None, model_class: Any = None,
+                    seed: int = 0, callbacks: Sequence[Callable] = ()) -> Any:
+    """A ``TrainState`` of the Hugging Face model in ``directory`` (``config.json`` and
+    safetensors files, as ``save_pretrained`` or ``fx.export_pretrained`` write them), laid out
+    over the ranks as ``fx.shard`` lays it out, each rank reading only its own slices.
+
+    Under a process group of several ranks the state is sharded (``mesh``: default
+    ``fx.sharding.mesh()``; ``units``, ``tp_plan``, ``param_dtype``, ``reduce_dtype`` as
+    ``fx.shard`` takes them). Alone, it is the whole model, read one tensor at a time. Either
+    way it equals, leaf for leaf, ``fx.shard(fx.TrainState.create(Cls.from_pretrained(
+    directory), tx, seed=seed), mesh, ...)``, without a whole copy of the model anywhere.
+
+    Args:
+      directory: the model's folder.
+      tx: the optimizer, as ``TrainState.create`` takes it.
+      mesh, units, tp_plan, param_dtype, reduce_dtype: the layout, as ``fx.shard``'s.
+      dtype: the dtype of the floating-point weights; None: as transformers' ``"auto"``, the
+        config's ``dtype`` where it gives one, else each file's. Buffers the model computes
+        (rotary tables) keep the dtype its ``__init__`` gives them.
+      model_class: the transformers class (or its name) to build; default the config's first
+        ``architectures``.
+      seed, callbacks: as ``TrainState.create``'s.
+
+    Raises:
+      FileNotFoundError: no such folder, no ``config.json``, no safetensors weights.
+      DamagedCheckpointError: a file cut short, a header that does not parse, an index that
+        does not match its files.
+      ConfigMismatchError: the config's model and the files disagree (a tensor missing, extra,
+        of another shape or another kind), named.
+    """
+    from .. import distributed
+    from ..protocol import init_states
+    from ..sharding import shard
+    from ..state import TrainState
+
+    folder = _hf_folder.read(directory)
+    model = _skeleton(folder, model_class)
+    held = model.state_dict(keep_vars=True)
+    target = _dtype(dtype, model.config)
+    _agree(lambda: _check(folder, held))
+    sharded = mesh is not None or distributed.world_size() > 1
+    if not sharded and (units is not None or tp_plan is not None or param_dtype is not None
+                        or reduce_dtype is not None):
+        raise ValueError("fx.from_pretrained: units, tp_plan, param_dtype and reduce_dtype lay "
+                         "the model out over several ranks, and this process is alone; start "
+                         "it with torchrun and fx.distributed.init(), or leave them out")
+    with torch.no_grad():  # the skeleton's parameters in the dtype they will be read in
+        for name, p in model.named_parameters():
+            if p.is_floating_point() and target is not None:
+                p.data = p.data.to(target)
+    state = TrainState.create(model, tx, seed=seed)
+    if sharded:
+        state = shard(state, mesh, units=units, tp_plan=tp_plan, param_dtype=param_dtype,
+                      reduce_dtype=reduce_dtype)
+    names = _file_names(state, folder)
+    device = _device(state)
+    params = _agree(lambda: _read(folder, state.params, names, device, None))
+    persistent = set(held)
+    buffers = state.buffers
+    if buffers:
+        read = _agree(lambda: _read(folder, {k: v for k, v in buffers.items()
+                                             if k in persistent and k in names},
+                                    names, device, buffers))
+        buffers = {**buffers, **read}
+    loaded = state.replace(params=params, buffers=buffers,
+                           step=torch.zeros((), dtype=torch.int64, device=device),
+                           rng=_seed_key(seed, device))
+    loaded = loaded.replace(opt_state=loaded.init_opt_state(params))
+    logging.getLogger("fxtrain").info("fx.from_pretrained: %s from %s, %d tensors",
+                                      type(model).__name__, folder.path, len(params))
+    return loaded.replace(callbacks=init_states(callbacks, loaded))
+
+
+def _seed_key(seed: int, device: torch.device) -> torch.Tensor:
+    from ..random import seed_key
+    return seed_key(seed, device)
+
+
+def _skeleton(folder: _hf_folder.Folder, model_class: Any) -> torch.nn.Module:
+    """The model of the folder's config, built with its parameters on the meta device."""
+    from .._torch.meta_init import parameters_on_meta
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError("fx.from_pretrained builds the model with transformers: pip install "
+                          "'fxtrain[hf]'") from e
+    cls = model_class
+    if cls is None:
+        names = folder.config.get("architectures") or []
+        if not names:
+            raise ValueError(f"fx.from_pretrained: {folder.path / 'config.json'} names no "
+                             "architectures; pass model_class=... (a transformers class)")
+        cls = names[0]
+    if isinstance(cls, str):
+        found = getattr(transformers, cls, None)
+        if found is None:
+            raise ValueError(f"fx.from_pretrained: transformers {transformers.__version__} has "
+                             f"no model {cls!r} (the config's architectures); pass "
+                             "model_class=... (a transformers class)")
+        cls = found
+    config_class = getattr(cls, "config_class", None)
+    if config_class is None:
+        raise TypeError(f"fx.from_pretrained: {cls!r} is not a transformers model class")
+    config = config_class.from_pretrained(folder.path)
+    with parameters_on_meta():
+        model = cls(config)
+    return model.eval()  # as transformers' from_pretrained gives it
+
+
+def _dtype(dtype: Any, config: Any) -> torch.dtype | None:
+    """The floating-point weights' dtype: the one given, else the config's (transformers'
+    ``"auto"``), else None (each file's)."""
+    chosen = dtype if dtype not in (None, "auto") else getattr(config, "dtype", None)
+    if isinstance(chosen, str):
+        chosen = getattr(torch, chosen, None)
+        if not isinstance(chosen, torch.dtype):
+            raise ValueError(f"fx.from_pretrained: dtype {dtype!r} is no torch dtype")
+    if chosen is not None and not chosen.is_floating_point:
+        raise ValueError(f"fx.from_pretrained: dtype {chosen} is not a floating-point dtype")
+    return chosen
+
+
+def _check(folder: _hf_folder.Folder, held: dict[str, torch.Tensor]) -> None:
+    """Refuses a folder whose tensors are not the config's model's: names, shapes and kinds
+    (floating point against integer or bool)."""
+    entries = [{"name": e.name, "shape": list(e.shape)} for e in folder.entries.values()]
+    problems = _weight_problems(held, entries)
+    for name, tensor in held.items():
+        entry = folder.entries.get(name)
+        if entry is not None and entry.dtype.is_floating_point != tensor.is_floating_point():
+            problems.append(f"{name}: the file's {entry.dtype}, the model's {tensor.dtype}")
+    if problems:
+        more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise ConfigMismatchError(
+            f"fx.from_pretrained: the weights in {folder.path} are not those of the model its "
+            f"config.json describes ({problems[0].replace('checkpoint', 'file')}{more}); "
+            "nothing was loaded")
+
+
+def _file_names(state: Any, folder: _hf_folder.Folder) -> dict[str, str]:
+    """The folder's name for each of the state's tensors: its own, else a tied alias's."""
+    out = {}
+    groups = {n: g for g in (state.layout.tied or ()) for n in g}
+    for name in [*state.params, *(state.buffers or {})]:
+        for candidate in (name, *groups.get(name, ())):
+            if candidate in folder.entries:
+                out[name] = candidate
+                break
+    return out
+
+
+def _device(state: Any) -> torch.device:
+    mesh = state.layout.mesh
+    if mesh is None or mesh.device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(mesh.device_type, torch.accelerator.current_device_index())
+
+
+def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[str, str],
+          device: torch.device, cast: dict[str, torch.Tensor] | None) -> dict[str, Any]:
+    """This rank's part of each tensor of ``like`` (meta tensors or DTensors, or the buffers
+    ``cast`` whose dtypes the read values take), read file by file."""
+    from safetensors import safe_open
+    from ..distributed import _slices
+    from ..distributed._dtensors import is_dtensor
+    by_file: dict[Path, list[str]] = {}
+    for key in like:
+        by_file.setdefault(folder.entries[names[key]].file, []).append(key)
+    out = {}
+    for file, keys in by_file.items():
+        from ..checkpoint.layout import damaged
+        try:
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for key in keys:
+                    t = like[key]
+                    dtype = t.dtype if cast is None else cast[key].dtype
+                    box = _slices.of(t) if is_dtensor(t) else None
+                    value = _value(f, names[key], box, t, dtype).to(device)
+                    out[key] = _wrapped(value, t) if box is not None else value
+        except (OSError, RuntimeError, ValueError) as e:
+            raise damaged(file, e, "its tensors") from e
+    return out
+
+
+def _value(f: Any, name: str, box: tuple[slice, ...] | None, like: Any,
+           dtype: torch.dtype) -> torch.Tensor:
+    """The tensor ``name`` of the open file ``f``, or its ``box``, in ``dtype``."""
+    if box is None or not box:
+        value = f.get_tensor(name)
+    elif any(s.start == s.stop for s in box):
+        value = torch.empty([s.stop - s.start for s in box], dtype=dtype)
+    else:
+        value = f.get_slice(name)[box]
+    expected = tuple(like.to_local().shape) if box is not None else tuple(like.shape)
+    if tuple(value.shape) != expected:  # the slice arithmetic against torch's own split
+        raise RuntimeError(f"{name}: read {tuple(value.shape)}, this rank holds {expected}")
+    return value.to(dtype).contiguous()
+
+
+def _wrapped(local: torch.Tensor, like: Any) -> Any:
+    from torch.distributed.tensor import DTensor
+    return DTensor.from_local(local, like.device_mesh, like.placements, run_check=False,
+                              shape=like.shape, stride=like.stride())
+
+
+def _agree(run: Callable[[], Any]) -> Any:
+    """``run()`` on every rank; an error any rank meets is raised on all of them (the first
+    rank's that failed), so none is left waiting in a collective."""
+    from .. import distributed
+    try:
+        result, error = run(), None
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+        result, error = None, e
+    if distributed.world_size() > 1:
+        errors = distributed.all_gather(error)
+        error = error or next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise error
+    return result
