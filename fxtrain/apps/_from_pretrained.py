@@ -77,8 +77,8 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     from ..sharding import shard
     from ..state import TrainState
 
-    folder = _hf_folder.read(directory)
-    model = _skeleton(folder, model_class)
+    folder = _agree(lambda: _hf_folder.read(directory))
+    model = _agree(lambda: _skeleton(folder, model_class))
     held = model.state_dict(keep_vars=True)
     target = _dtype(dtype, model.config)
     _agree(lambda: _check(folder, held))

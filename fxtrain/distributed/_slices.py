@@ -39,7 +39,7 @@ def local_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Seque
             offset, size[dim] = chunk(size[dim], parts, index)
             start[dim] += offset
         elif not isinstance(placement, Replicate):
-            raise ValueError(f"a {placement} placement holds no contiguous part of the whole "
+            raise ValueError(f"a {type(placement).__name__} placement ({placement}) holds no contiguous part of the whole "
                              "tensor: only Shard and Replicate placements can be read slice "
                              "by slice")
     return tuple(slice(a, a + n) for a, n in zip(start, size))

@@ -1,0 +1,280 @@
+"""fx.from_pretrained in one process: a folder loaded into the state the whole-model path gives
+(transformers' from_pretrained, then TrainState.create), the slice arithmetic against
+torch.chunk's split, and every bad folder refused by name before a tensor is read (the ranks:
+tests/ranks/test_from_pretrained_ranks.py)."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from hypothesis import given, settings, strategies as st
+
+import fxtrain as fx
+import pretrained_worker
+from fxtrain.checkpoint import DamagedCheckpointError
+from fxtrain.apps._pretrained import ConfigMismatchError
+from fxtrain.distributed._slices import local_box
+from helpers import extra
+from helpers_export_pretrained import trained
+
+transformers = extra("transformers")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pretrained")
+    pretrained_worker.save_models(out)
+    return out
+
+
+def _whole(folder, tx, **kwargs):
+    cls = getattr(transformers, json.loads((folder / "config.json").read_text())
+                  ["architectures"][0])
+    return fx.TrainState.create(cls.from_pretrained(folder, **kwargs), tx, seed=2)
+
+
+def _equal(a, b):
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    assert sa == sb
+    for x, y in zip(la, lb, strict=True):
+        if x is None:
+            assert y is None
+            continue
+        assert x.dtype == y.dtype and x.device == y.device and torch.equal(x, y)
+
+
+@pytest.mark.parametrize("model", ["llama", "llama_tied", "gpt2"])
+def test_alone_it_is_the_whole_model_path(folders, model):
+    """Parameters, buffers (the rotary tables __init__ computes), optimizer state, step and
+    key bit for bit; the tied names and the layout as TrainState.create finds them; the state
+    trains."""
+    tx = fx.optim.adamw(1e-2)
+    whole = _whole(folders / model, tx)
+    loaded = fx.from_pretrained(folders / model, tx, seed=2)
+    for part in ("params", "buffers", "opt_state", "step", "rng"):
+        _equal(getattr(whole, part), getattr(loaded, part))
+    assert loaded.layout.tied == whole.layout.tied
+    assert not any(p.is_meta for p in loaded.params.values())
+    ids = torch.arange(24).reshape(2, 12) % 37
+    step = fx.make_train_step(pretrained_worker._loss, donate=False)
+    _equal(step(whole, ids)[0].params, step(loaded, ids)[0].params)
+
+
+def test_a_dtype_given_casts_the_floating_weights_as_transformers_does(folders):
+    """dtype=torch.bfloat16 on a float32 folder: the parameters those of
+    from_pretrained(dtype=torch.bfloat16); the rotary tables stay float32 as there."""
+    tx = fx.optim.sgd(0.1)
+    whole = _whole(folders / "llama", tx, dtype=torch.bfloat16)
+    loaded = fx.from_pretrained(folders / "llama", tx, seed=2, dtype=torch.bfloat16)
+    _equal(whole.params, loaded.params)
+    _equal(whole.buffers, loaded.buffers)
+    assert loaded.params["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_an_exported_checkpoint_loads_back(tmp_path):
+    """The round trip: a trained state's checkpoint, exported to a folder, loads into the
+    state's parameters bit for bit."""
+    state, ckpt = trained(tmp_path)
+    folder = fx.export_pretrained(ckpt, tmp_path / "hf")
+    loaded = fx.from_pretrained(folder, fx.optim.adamw(1e-2))
+    _equal(state.params, loaded.params)
+
+
+@st.composite
+def _layouts(draw):
+    from torch.distributed.tensor import Replicate, Shard
+    ndim = draw(st.integers(1, 3))
+    shape = draw(st.lists(st.integers(0, 11), min_size=ndim, max_size=ndim))
+    mesh = draw(st.lists(st.integers(1, 4), min_size=1, max_size=2))
+    placements = [draw(st.sampled_from([Replicate(), *[Shard(d) for d in range(ndim)]]))
+                  for _ in mesh]
+    coordinate = [draw(st.integers(0, n - 1)) for n in mesh]
+    return shape, mesh, coordinate, placements
+
+
+@settings(max_examples=300, deadline=None)
+@given(_layouts())
+def test_a_ranks_box_is_what_torch_chunk_gives_it(layout):
+    """Any shape (empty dimensions, fewer rows than ranks), 1-D and 2-D meshes, every mix of
+    Shard and Replicate, a dimension split twice: the box is the part that splitting the
+    whole tensor with torch.chunk, mesh dimension by mesh dimension, leaves this rank (what
+    distribute_tensor's local split does; the ranks' tests check it against torch itself)."""
+    from torch.distributed.tensor import Shard
+    shape, mesh, coordinate, placements = layout
+    whole = torch.arange(max(1, int(torch.tensor(shape).prod()))).reshape(-1)[
+        :int(torch.tensor(shape).prod())].reshape(shape)
+    part = whole
+    for parts, index, placement in zip(mesh, coordinate, placements):
+        if isinstance(placement, Shard):
+            chunks = part.chunk(parts, dim=placement.dim) if part.shape[placement.dim] else ()
+            empty = list(part.shape)
+            empty[placement.dim] = 0
+            part = chunks[index] if index < len(chunks) else part.new_empty(empty)
+    box = local_box(shape, mesh, coordinate, placements)
+    assert torch.equal(whole[box], part)
+
+
+def test_a_partial_placement_is_refused():
+    from torch.distributed.tensor import Partial
+    with pytest.raises(ValueError, match="Partial.*Shard and Replicate"):
+        local_box((4,), (2,), (0,), [Partial()])
+
+
+# -- bad folders: each one error naming it, raised before any tensor is read -----------------
+
+@pytest.fixture
+def copy(folders, tmp_path, monkeypatch):
+    """A copy of a saved model's folder to damage; no tensor may be read from it (a read
+    fails the test), so each refusal is shown to come first."""
+    def made(model="llama"):
+        out = tmp_path / model
+        shutil.copytree(folders / model, out)
+        return out
+
+    import safetensors
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("a tensor was read before the folder was checked")
+
+    monkeypatch.setattr(safetensors, "safe_open", no_read)
+    return made
+
+
+def _files(folder):
+    return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
+
+
+def _load(folder):
+    return fx.from_pretrained(folder, fx.optim.sgd(0.1))
+
+
+def test_a_file_cut_short_by_one_byte(copy):
+    folder = copy()
+    file = _files(folder)[2]
+    os.truncate(file, file.stat().st_size - 1)
+    with pytest.raises(DamagedCheckpointError, match=f"{file.name}.*cut short"):
+        _load(folder)
+
+
+def test_a_header_cut_short(copy):
+    folder = copy()
+    file = _files(folder)[0]
+    os.truncate(file, 20)
+    with pytest.raises(DamagedCheckpointError, match=f"{file.name}.*cut short"):
+        _load(folder)
+
+
+def test_a_config_that_does_not_match_the_weights(copy):
+    folder = copy()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
+    with pytest.raises(ConfigMismatchError, match=r"mlp\.\w+_proj\.weight: file \(\d+, \d+\), "
+                                                  r"config .*more.*nothing was loaded"):
+        _load(folder)
+
+
+def test_a_config_with_another_layer_count(copy):
+    folder = copy()
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(ConfigMismatchError, match=r"model\.layers\.2\.\S+: in the config's "
+                                                  r"model, not in the file"):
+        _load(folder)
+
+
+def _index(folder):
+    return json.loads((folder / "model.safetensors.index.json").read_text())
+
+
+def _write_index(folder, index):
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_a_missing_index_entry(copy):
+    folder = copy()
+    index = _index(folder)
+    name = "model.layers.1.mlp.down_proj.weight"
+    file = index["weight_map"].pop(name)
+    _write_index(folder, index)
+    with pytest.raises(DamagedCheckpointError, match=f"{file}.*holds {name}, which the index "
+                                                     "does not list"):
+        _load(folder)
+
+
+def test_an_index_naming_a_file_not_there(copy):
+    folder = copy()
+    file = _files(folder)[1]
+    file.unlink()
+    with pytest.raises(DamagedCheckpointError, match=f"to {file.name}, which is not in the "
+                                                     "folder"):
+        _load(folder)
+
+
+def test_an_index_entry_its_file_does_not_hold(copy):
+    folder = copy()
+    index = _index(folder)
+    name = "model.norm.weight"
+    others = sorted(set(index["weight_map"].values()) - {index["weight_map"][name]})
+    index["weight_map"][name] = others[0]
+    _write_index(folder, index)
+    with pytest.raises(DamagedCheckpointError, match=name):
+        _load(folder)
+
+
+def test_a_tensor_the_model_does_not_have(copy, tmp_path):
+    """An extra tensor in a one-file folder: refused by name (transformers would drop it)."""
+    import safetensors.torch as st_torch
+    folder = copy("gpt2")
+    tensors = {}
+    for file in _files(folder):
+        tensors.update(st_torch.load_file(file))
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    tensors["transformer.extra.weight"] = torch.zeros(3)
+    st_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigMismatchError, match="transformer.extra.weight: not in the "
+                                                  "config's model"):
+        _load(folder)
+
+
+def test_a_weight_of_another_kind(copy):
+    import safetensors.torch as st_torch
+    folder = copy("gpt2")
+    tensors = {}
+    for file in _files(folder):
+        tensors.update(st_torch.load_file(file))
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].to(torch.int32)
+    st_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ConfigMismatchError, match="transformer.ln_f.bias: the file's "
+                                                  "torch.int32, the model's torch.float32"):
+        _load(folder)
+
+
+def test_no_config_no_folder_no_weights_no_architecture(copy, tmp_path):
+    folder = copy()
+    with pytest.raises(FileNotFoundError, match="no folder at"):
+        _load(tmp_path / "absent")
+    (folder / "config.json").rename(tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        _load(folder)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchLM"]}))
+    with pytest.raises(ValueError, match="has no model 'NoSuchLM'"):
+        _load(folder)
+    for file in _files(folder):
+        file.unlink()
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "pytorch_model.bin").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="only safetensors are read"):
+        _load(folder)
+
+
+def test_a_layout_alone_is_refused(folders):
+    with pytest.raises(ValueError, match="this process is alone"):
+        fx.from_pretrained(folders / "llama", fx.optim.sgd(0.1), tp_plan="auto")
