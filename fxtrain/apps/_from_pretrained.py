@@ -238,7 +238,9 @@ def _value(f: Any, name: str, box: tuple[slice, ...] | None, like: Any,
     expected = tuple(like.to_local().shape) if box is not None else tuple(like.shape)
     if tuple(value.shape) != expected:  # the slice arithmetic against torch's own split
         raise RuntimeError(f"{name}: read {tuple(value.shape)}, this rank holds {expected}")
-    return value.to(dtype).contiguous()
+    # safetensors may hand back a view of its mapping of the file: the state owns its memory
+    # (a file changed or cut on disk later must not change or break it), copied and cast once
+    return torch.empty(expected, dtype=dtype).copy_(value)
 
 
 def _wrapped(local: torch.Tensor, like: Any) -> Any:

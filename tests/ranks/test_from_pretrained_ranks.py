@@ -81,3 +81,25 @@ def test_a_fault_one_rank_meets_raises_on_every_rank(saved, tmp_path):
     for report in ranks:
         assert report["error"] is not None and "DamagedCheckpointError" in report["error"]
         assert "cut short" in report["error"] and "copy1" in report["error"], report
+
+
+@pytest.mark.slow
+def test_a_ranks_peak_memory_while_loading_is_its_shard_and_no_whole_copy(monkeypatch):
+    """Measured, not computed (benchmarks/load_pretrained.py, on a 2-layer Llama of 86 MB
+    whose largest tensor is 33 MB): each rank's peak anonymous resident memory while
+    fx.from_pretrained loads is at most what its state then holds plus the largest tensor
+    plus 16 MiB; the whole-model path, on the same ranks, exceeds that bound (the test can
+    fail: a whole copy anywhere in the load would show)."""
+    from helpers import BENCHMARKS, imported
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the ranks unpickle its entry point
+    bench = imported("load_pretrained")
+    args = bench._arguments(["--layers", "2", "--hidden", "512", "--intermediate", "1024",
+                             "--heads", "8", "--vocab", "16000"])
+    result = bench.run(args)
+    print(bench.report(result))
+    bound = result["largest"] + result["bound"]
+    for r in result["ranks"]["fx"]:
+        assert r["peak"] <= r["held"] + bound, result
+    for r in result["ranks"]["whole"]:
+        assert r["peak"] > r["held"] + bound, result
+    assert result["ratio"] > 2, result
