@@ -63,8 +63,10 @@ class Optim:
     args: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def run(model: str, data: str, loss: str = "cross_entropy", *,
-        model_args: dict[str, Any] | None = None, data_args: dict[str, Any] | None = None,
+def run(model: str | None = None, data: str | None = None, loss: str = "cross_entropy", *,
+        model_args: dict[str, Any] | None = None, pretrained: str | None = None,
+        pretrained_args: dict[str, Any] | None = None,
+        data_args: dict[str, Any] | None = None,
         eval_data: str | None = None, eval_data_args: dict[str, Any] | None = None,
         optim: Optim = Optim(), max_steps: int = 1000, max_epochs: int | None = None,
         eval_every: int | None = None, batch_size: int | Literal["auto"] | None = None,
@@ -79,12 +81,18 @@ def run(model: str, data: str, loss: str = "cross_entropy", *,
     fxtrain train --help).
 
     Args:
-        model: the model factory's import path (pkg.mod:make_model, ./file.py:Net).
-        data: the training data factory's import path.
+        model: the model factory's import path (pkg.mod:make_model, ./file.py:Net); or
+            pretrained instead.
+        data: the training data factory's import path (required).
         loss: cross_entropy or mse on (inputs, targets) batches, causal_lm (a transformers
             model given input_ids and labels), or the import path of a
             loss_fn(state, params, batch).
         model_args: keyword arguments of the model factory.
+        pretrained: a Hugging Face model folder (config.json and safetensors) to fine-tune,
+            instead of model: loaded by fx.from_pretrained, which under torchrun shards it
+            over the ranks (each reading only its slices).
+        pretrained_args: fx.from_pretrained's keywords: units, tp_plan, dtype, param_dtype,
+            reduce_dtype (dtypes by name: bfloat16), model_class (a transformers class name).
         data_args: keyword arguments of the data factory.
         eval_data: the evaluation data factory's import path (None: no evaluation).
         eval_data_args: keyword arguments of the evaluation data factory.
@@ -227,8 +235,8 @@ def _parts(v: dict[str, Any]) -> tuple:
     from ..step._steps import make_eval_step, make_train_step
 
     torch.manual_seed(v["seed"])
-    module = _built(v["model"], v["model_args"], "model")
-    if not isinstance(module, torch.nn.Module):
+    module = _built(v["model"], v["model_args"], "model") if v["model"] else None
+    if module is not None and not isinstance(module, torch.nn.Module):
         raise ConfigError(f"model: {v['model']} returned {type(module).__name__}, not an "
                           "nn.Module")
     if isinstance(v["batch_size"], int):
@@ -238,15 +246,44 @@ def _parts(v: dict[str, Any]) -> tuple:
     loss_fn = _loss(v["loss"])
     from ..precision import policy
 
-    try:  # fp8: torchao's float8 linear layers
-        module = policy(v["precision"]).convert(module)
-    except (ImportError, RuntimeError, ValueError) as e:  # no torchao, no float8 here
-        raise ConfigError(f"precision: {e}") from e
-    state = TrainState.create(module, _optimizer(v["optim"], v["max_steps"]), seed=v["seed"])
+    tx = _optimizer(v["optim"], v["max_steps"])
+    if module is None:
+        state = _pretrained(v, tx)
+    else:
+        try:  # fp8: torchao's float8 linear layers
+            module = policy(v["precision"]).convert(module)
+        except (ImportError, RuntimeError, ValueError) as e:  # no torchao, no float8 here
+            raise ConfigError(f"precision: {e}") from e
+        state = TrainState.create(module, tx, seed=v["seed"])
     step = make_train_step(loss_fn, precision=v["precision"])
     eval_step = make_eval_step(loss_fn) if evaluation is not None else None
     return (state, step, eval_step, batches, evaluation,
             [_callback(spec) for spec in v["callbacks"] or ()])
+
+
+PRETRAINED_ARGS = ("units", "tp_plan", "dtype", "param_dtype", "reduce_dtype", "model_class")
+
+
+def _pretrained(v: dict[str, Any], tx: Any) -> Any:
+    """The state of the ``pretrained`` folder (``fx.from_pretrained``), its faults a
+    ``ConfigError`` naming the key."""
+    import torch
+
+    from ..checkpoint import DamagedCheckpointError
+    from ._from_pretrained import from_pretrained
+
+    args = dict(v["pretrained_args"] or {})
+    for key in ("dtype", "param_dtype", "reduce_dtype"):
+        if isinstance(args.get(key), str):
+            dtype = getattr(torch, args[key], None)
+            if not isinstance(dtype, torch.dtype):
+                raise ConfigError(f"pretrained_args.{key}: {args[key]!r} is no torch dtype "
+                                  "(bfloat16, float16, float32)")
+            args[key] = dtype
+    try:
+        return from_pretrained(v["pretrained"], tx, seed=v["seed"], **args)
+    except (FileNotFoundError, DamagedCheckpointError, ValueError, TypeError) as e:
+        raise ConfigError(f"pretrained: {e}") from e
 
 
 def _found_batches(v: dict[str, Any], state: Any, step: Any) -> Any:
@@ -282,6 +319,28 @@ def _found_batches(v: dict[str, Any], state: Any, step: Any) -> Any:
 
 def _check(v: dict[str, Any]) -> None:
     """Refuses a value no run can use, naming its key, before anything is built or written."""
+    if (v["model"] is None) == (v["pretrained"] is None):
+        raise ConfigError("model: give the model factory's import path, or pretrained: a Hugging "
+                          "Face model folder to fine-tune (one of the two)"
+                          if v["model"] is None else
+                          "model and pretrained: both given; keep one (pretrained loads the "
+                          "folder's own model)")
+    if v["data"] is None:
+        raise ConfigError("data: required (the training data factory's import path)")
+    if v["pretrained"] is None and v["pretrained_args"]:
+        raise ConfigError("pretrained_args: given without pretrained")
+    if v["pretrained"] is not None:
+        if v["model_args"]:
+            raise ConfigError("model_args: the model factory's, and this run loads pretrained "
+                              "(its arguments: pretrained_args)")
+        unknown = sorted(set(v["pretrained_args"] or {}) - set(PRETRAINED_ARGS))
+        if unknown:
+            raise ConfigError(f"pretrained_args: {unknown[0]!r} is none of "
+                              f"{', '.join(PRETRAINED_ARGS)}")
+        if v["precision"] in ("fp8", "fp8-rowwise"):
+            raise ConfigError(f"precision: {v['precision']} converts the model's linear layers "
+                              "before its weights are laid out, and pretrained loads them "
+                              "straight into the state; not yet together")
     for key in ("max_steps", "log_every", "keep"):
         if v[key] < 1:
             raise ConfigError(f"{key}: must be at least 1, got {v[key]}")

@@ -71,6 +71,20 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
         does not match its files.
       ConfigMismatchError: the config's model and the files disagree (a tensor missing, extra,
         of another shape or another kind), named.
+
+    Examples:
+        >>> import tempfile, transformers
+        >>> folder = tempfile.mkdtemp()
+        >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+        ...                                   intermediate_size=32, num_attention_heads=2)
+        >>> transformers.LlamaForCausalLM(config).save_pretrained(folder)
+        >>> state = fx.from_pretrained(folder, fx.optim.adamw(1e-4))
+        >>> state.params["model.embed_tokens.weight"].shape, int(state.step)
+        (torch.Size([32, 16]), 0)
+        >>> whole = transformers.LlamaForCausalLM.from_pretrained(folder)
+        >>> torch.equal(state.params["lm_head.weight"], whole.lm_head.weight)
+        True
+        >>> import shutil; shutil.rmtree(folder)
     """
     from .. import distributed
     from ..protocol import init_states

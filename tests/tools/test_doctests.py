@@ -29,6 +29,7 @@ NEEDS = {
     "fxtrain.logging.wandb.WandbWriter": "wandb",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
     "fxtrain.apps._pretrained.export_pretrained": "transformers",
+    "fxtrain.apps._from_pretrained.from_pretrained": "transformers",
     "fxtrain.precision.float8": "torchao",
 }
 

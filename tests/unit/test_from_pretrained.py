@@ -278,3 +278,68 @@ def test_no_config_no_folder_no_weights_no_architecture(copy, tmp_path):
 def test_a_layout_alone_is_refused(folders):
     with pytest.raises(ValueError, match="this process is alone"):
         fx.from_pretrained(folders / "llama", fx.optim.sgd(0.1), tp_plan="auto")
+
+
+# -- fxtrain train's pretrained key -----------------------------------------------------------
+
+_FACTORIES = '''
+import torch, transformers
+import fxtrain as fx
+
+def tokens(batch_size=4):
+    ids = torch.randint(0, 37, (16, 12), generator=torch.Generator().manual_seed(3))
+    return fx.data.Batches(ids, batch_size, seed=0)
+
+def whole(folder):
+    return transformers.LlamaForCausalLM.from_pretrained(folder)
+'''
+
+
+def _config(tmp_path, name, **values):
+    return {"data": "factories:tokens", "loss": "causal_lm", "max_steps": 3, "compile": False,
+            "optim": {"name": "adamw", "lr": 1e-2, "schedule": "constant"},
+            "workdir": str(tmp_path / name), "checkpoint_every": None, "progress": False,
+            **values}
+
+
+def test_fxtrain_train_fine_tunes_a_folder_as_the_whole_model_path(folders, tmp_path,
+                                                                     monkeypatch):
+    """``pretrained: FOLDER`` trains the state a model factory returning transformers'
+    from_pretrained trains, bit for bit; the config it saves names the folder, and a resume
+    from it goes on."""
+    (tmp_path / "factories.py").write_text(_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    folder = str(folders / "llama_tied")
+    loaded = fx.train(_config(tmp_path, "loaded", pretrained=folder))
+    whole = fx.train(_config(tmp_path, "whole", model="factories:whole",
+                             model_args={"folder": folder}))
+    assert fx.tree_digest(loaded.params) == fx.tree_digest(whole.params)
+    assert int(loaded.step) == 3
+    assert f"pretrained: {folder}" in (tmp_path / "loaded" / "config.yaml").read_text()
+    resumed = fx.train(_config(tmp_path, "loaded", pretrained=folder, max_steps=5,
+                               resume=True, allow_changes="max_steps"))
+    assert int(resumed.step) == 5
+
+
+@pytest.mark.parametrize("values,message", [
+    ({}, "model: give the model factory's import path, or pretrained"),
+    ({"model": "factories:whole", "pretrained": "x"}, "model and pretrained: both given"),
+    ({"pretrained": "PATH", "pretrained_args": {"unit": "whole"}},
+     "pretrained_args: 'unit' is none of units"),
+    ({"pretrained": "PATH", "model_args": {"folder": "x"}}, "model_args: the model factory's"),
+    ({"pretrained": "PATH", "precision": "fp8"}, "precision: fp8 converts"),
+    ({"pretrained": "PATH", "pretrained_args": {"dtype": "bfloat17"}},
+     "pretrained_args.dtype: 'bfloat17' is no torch dtype"),
+    ({"pretrained": "NOWHERE"}, "pretrained: fx.from_pretrained: no folder at"),
+])
+def test_fxtrain_train_refuses_a_bad_pretrained_config_naming_the_key(folders, tmp_path,
+                                                                       monkeypatch, values,
+                                                                       message):
+    from fxtrain.apps._configured import ConfigError
+    (tmp_path / "factories.py").write_text(_FACTORIES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    values = {k: str(folders / "llama") if v == "PATH" else
+              str(tmp_path / "absent") if v == "NOWHERE" else v for k, v in values.items()}
+    with pytest.raises(ConfigError, match=message):
+        fx.train(_config(tmp_path, "bad", **values))
+    assert not (tmp_path / "bad" / "config.yaml").exists()
