@@ -21,6 +21,9 @@ from helpers import extra
 from helpers_export_pretrained import trained
 
 transformers = extra("transformers")
+# the meta skeleton (fxtrain._torch.meta_init) and DTensor's local split on every torch; the
+# fxtrain train runs below are slow, so the other torches' legs skip them
+pytestmark = pytest.mark.compat
 
 
 @pytest.fixture(scope="module")
@@ -302,6 +305,7 @@ def _config(tmp_path, name, **values):
             **values}
 
 
+@pytest.mark.slow
 def test_fxtrain_train_fine_tunes_a_folder_as_the_whole_model_path(folders, tmp_path,
                                                                      monkeypatch):
     """``pretrained: FOLDER`` trains the state a model factory returning transformers'
@@ -321,6 +325,7 @@ def test_fxtrain_train_fine_tunes_a_folder_as_the_whole_model_path(folders, tmp_
     assert int(resumed.step) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("values,message", [
     ({}, "model: give the model factory's import path, or pretrained"),
     ({"model": "factories:whole", "pretrained": "x"}, "model and pretrained: both given"),
