@@ -131,3 +131,27 @@ def damaged_on_one_rank(out, folder):
         error = f"{type(e).__name__}: {e}"
     with open(f"{out}/rank{rank}.json", "w") as f:
         json.dump({"error": error}, f)
+
+
+def trained_and_saved(out, folder, ckpt):
+    """The tied Llama loaded per block, trained 3 steps, saved as a sharded checkpoint; writes
+    the digest of its whole parameters."""
+    ids = torch.randint(0, 37, (16, 12), generator=torch.Generator().manual_seed(3))
+    state = fx.from_pretrained(f"{folder}/llama_tied", fx.optim.adamw(1e-2))
+    state = fx.fit(state, fx.make_train_step(_loss), fx.data.Batches(ids, 2, seed=0),
+                   max_steps=3, progress=False)
+    fx.checkpoint.save(ckpt, state)
+    digest = fx.tree_digest(fx.sharding.gathered(state.params))
+    with open(f"{out}/rank{fx.distributed.rank()}.json", "w") as f:
+        json.dump({"digest": digest}, f)
+
+
+def loaded_digest(out, folder, layout):
+    """``folder`` loaded in ``layout``: the digest of its whole parameters."""
+    how, names = LAYOUTS[layout]
+    from fxtrain.sharding import mesh as make_mesh
+    mesh = make_mesh((2, fx.distributed.world_size() // 2), names) if names else None
+    state = fx.from_pretrained(folder, fx.optim.adamw(1e-2), mesh=mesh, **how)
+    with open(f"{out}/rank{fx.distributed.rank()}.json", "w") as f:
+        json.dump({"digest": fx.tree_digest(fx.sharding.gathered(state.params)),
+                   "planned": list(state.layout.planned)}, f)

@@ -103,3 +103,23 @@ def test_a_ranks_peak_memory_while_loading_is_its_shard_and_no_whole_copy(monkey
     for r in result["ranks"]["whole"]:
         assert r["peak"] > r["held"] + bound, result
     assert result["ratio"] > 2, result
+
+
+@pytest.mark.slow
+def test_a_sharded_run_exported_loads_back_in_another_layout(saved, tmp_path):
+    """The round trip: the tied Llama loaded per block on 2 ranks, trained 3 steps and saved
+    sharded; exported by fx.export_pretrained in this process (no group); loaded by
+    fx.from_pretrained on 2 ranks under a tensor-parallel plan: the trained parameters, bit for
+    bit; transformers' own from_pretrained loads the export with no name missing or extra."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    trained = _launch(tmp_path / "a", 2, pretrained_worker.trained_and_saved, str(saved),
+                      str(tmp_path / "ckpt"))
+    import fxtrain as fx
+    folder = fx.export_pretrained(tmp_path / "ckpt", tmp_path / "hf")
+    _, info = transformers.LlamaForCausalLM.from_pretrained(folder, output_loading_info=True)
+    assert not any(info.values()), info
+    loaded = _launch(tmp_path / "b", 2, pretrained_worker.loaded_digest, str(folder), "tp")
+    assert trained[0]["digest"] == trained[1]["digest"]
+    for rank in loaded:
+        assert rank["planned"] and rank["digest"] == trained[0]["digest"], (rank, trained)
