@@ -269,11 +269,22 @@ def _agree(run: Callable[[], Any]) -> Any:
     from .. import distributed
     try:
         result, error = run(), None
-    except (OSError, ValueError, RuntimeError, TypeError, KeyError) as e:
+    except Exception as e:  # any: a rank that raised alone would leave the others waiting
         result, error = None, e
     if distributed.world_size() > 1:
-        errors = distributed.all_gather(error)
+        errors = distributed.all_gather(_portable(error))
         error = error or next((e for e in errors if e is not None), None)
     if error is not None:
         raise error
     return result
+
+
+def _portable(error: Exception | None) -> Exception | None:
+    """``error`` as the other ranks can receive it: itself where it pickles, else a
+    ``RuntimeError`` with its type and message."""
+    import pickle
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
