@@ -11,8 +11,8 @@ Checked on torch 2.11.0, 2.13.0 and 2.15.0.
   computes. ``torch.device("meta")`` alone would make the buffers meta too, and a
   non-persistent buffer is in no file to read it back from.
 
-  The rebinding is process-wide while the block runs: a model built on another thread at the
-  same time would get meta parameters too. fxtrain builds only skeletons inside it, on the
+  The rebinding (and the default dtype, given one) is process-wide while the block runs: a
+  model built on another thread at the same time would get meta parameters too. fxtrain builds only skeletons inside it, on the
   calling thread, and restores the method on the way out, whatever happens.
 """
 
@@ -22,16 +22,19 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 
 _lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
+def parameters_on_meta(dtype: torch.dtype | None = None) -> Iterator[None]:
     """Inside the block, every parameter a module registers is moved to the meta device (its
-    class, ``requires_grad`` and the module's ties kept); buffers are made as usual."""
-    original = nn.Module.register_parameter
+    class and ``requires_grad`` kept); buffers are made as usual. ``dtype``: torch's default
+    dtype inside the block (what transformers' ``from_pretrained`` sets while it builds a model
+    in a dtype, so a buffer made in the default dtype is made in that one), restored after."""
+    original, default = nn.Module.register_parameter, torch.get_default_dtype()
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
@@ -42,6 +45,9 @@ def parameters_on_meta() -> Iterator[None]:
     with _lock:
         nn.Module.register_parameter = register
         try:
+            if dtype is not None:
+                torch.set_default_dtype(dtype)
             yield
         finally:
             nn.Module.register_parameter = original
+            torch.set_default_dtype(default)

@@ -274,7 +274,7 @@ def _pretrained(v: dict[str, Any], tx: Any) -> Any:
 
     args = dict(v["pretrained_args"] or {})
     for key in ("dtype", "param_dtype", "reduce_dtype"):
-        if isinstance(args.get(key), str):
+        if isinstance(args.get(key), str) and not (key == "dtype" and args[key] == "auto"):
             dtype = getattr(torch, args[key], None)
             if not isinstance(dtype, torch.dtype):
                 raise ConfigError(f"pretrained_args.{key}: {args[key]!r} is no torch dtype "
@@ -690,6 +690,9 @@ def _parsed(config: str | Path | dict | None, args: Sequence[str]) -> dict[str, 
     namespace.pop("config", None)
     for key in REFERENCES:  # a file beside the config, wherever the command runs from
         namespace[key] = _anchored(namespace.get(key), base)
+    folder = namespace.get("pretrained")  # a folder beside the config, likewise
+    if isinstance(folder, str) and not Path(folder).expanduser().is_absolute():
+        namespace["pretrained"] = str((base / folder).resolve())
     values = p.instantiate(namespace).as_dict()
     values["optim"] = namespace_optim(values.get("optim"))
     return values

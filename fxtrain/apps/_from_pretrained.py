@@ -24,6 +24,7 @@ half-loaded is returned.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -92,20 +93,16 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     from ..state import TrainState
 
     folder = _agree(lambda: _hf_folder.read(directory))
-    model = _agree(lambda: _skeleton(folder, model_class))
+    target = _agree(lambda: _dtype(dtype, folder))
+    model = _agree(lambda: _skeleton(folder, model_class, target))
     held = model.state_dict(keep_vars=True)
-    target = _dtype(dtype, model.config)
-    _agree(lambda: _check(folder, held))
+    folder = _agree(lambda: _matched(folder, model, held))
     sharded = mesh is not None or distributed.world_size() > 1
     if not sharded and (units is not None or tp_plan is not None or param_dtype is not None
                         or reduce_dtype is not None):
         raise ValueError("fx.from_pretrained: units, tp_plan, param_dtype and reduce_dtype lay "
                          "the model out over several ranks, and this process is alone; start "
                          "it with torchrun and fx.distributed.init(), or leave them out")
-    with torch.no_grad():  # the skeleton's parameters in the dtype they will be read in
-        for name, p in model.named_parameters():
-            if p.is_floating_point() and target is not None:
-                p.data = p.data.to(target)
     state = TrainState.create(model, tx, seed=seed)
     if sharded:
         state = shard(state, mesh, units=units, tp_plan=tp_plan, param_dtype=param_dtype,
@@ -113,6 +110,7 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     names = _file_names(state, folder)
     device = _device(state)
     params = _agree(lambda: _read(folder, state.params, names, device, None))
+    _agree(lambda: _ties_agree(folder, state, params, names))
     persistent = set(held)
     buffers = state.buffers
     if buffers:
@@ -134,8 +132,10 @@ def _seed_key(seed: int, device: torch.device) -> torch.Tensor:
     return seed_key(seed, device)
 
 
-def _skeleton(folder: _hf_folder.Folder, model_class: Any) -> torch.nn.Module:
-    """The model of the folder's config, built with its parameters on the meta device."""
+def _skeleton(folder: _hf_folder.Folder, model_class: Any,
+              dtype: torch.dtype) -> torch.nn.Module:
+    """The model of the folder's config, built as transformers' ``from_pretrained`` builds it
+    (in ``dtype``, every parameter trainable) with its parameters on the meta device."""
     from .._torch.meta_init import parameters_on_meta
     try:
         import transformers
@@ -145,6 +145,7 @@ def _skeleton(folder: _hf_folder.Folder, model_class: Any) -> torch.nn.Module:
     cls = model_class
     if cls is None:
         names = folder.config.get("architectures") or []
+        names = [names] if isinstance(names, str) else names
         if not names:
             raise ValueError(f"fx.from_pretrained: {folder.path / 'config.json'} names no "
                              "architectures; pass model_class=... (a transformers class)")
@@ -160,28 +161,78 @@ def _skeleton(folder: _hf_folder.Folder, model_class: Any) -> torch.nn.Module:
     if config_class is None:
         raise TypeError(f"fx.from_pretrained: {cls!r} is not a transformers model class")
     config = config_class.from_pretrained(folder.path)
-    with parameters_on_meta():
+    with parameters_on_meta(dtype):
         model = cls(config)
+    kept = sorted(set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()) | (
+        set(getattr(model, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16
+        else set()))
+    if kept and dtype in (torch.float16, torch.bfloat16):
+        raise ValueError(f"fx.from_pretrained: {cls.__name__} keeps {kept} in float32 when "
+                         f"loaded in {dtype}, which fx.from_pretrained does not do yet; load it "
+                         "with dtype=torch.float32 and train it under a precision policy "
+                         "(make_train_step(precision='bf16-mixed'))")
+    for p in model.parameters():  # transformers' from_pretrained gives them all trainable
+        p.requires_grad_(True)
     return model.eval()  # as transformers' from_pretrained gives it
 
 
-def _dtype(dtype: Any, config: Any) -> torch.dtype | None:
-    """The floating-point weights' dtype: the one given, else the config's (transformers'
-    ``"auto"``), else None (each file's)."""
-    chosen = dtype if dtype not in (None, "auto") else getattr(config, "dtype", None)
+def _dtype(dtype: Any, folder: _hf_folder.Folder) -> torch.dtype:
+    """The floating-point weights' dtype, as transformers' ``"auto"`` chooses it: the one
+    given, else the config's, else the first floating-point tensor's in the files."""
+    chosen = dtype
+    if chosen in (None, "auto"):
+        chosen = folder.config.get("dtype") or folder.config.get("torch_dtype")
+    if chosen in (None, "auto"):
+        chosen = next((e.dtype for e in folder.entries.values() if e.dtype.is_floating_point
+                       and e.dtype.itemsize > 1), torch.get_default_dtype())
     if isinstance(chosen, str):
         chosen = getattr(torch, chosen, None)
         if not isinstance(chosen, torch.dtype):
             raise ValueError(f"fx.from_pretrained: dtype {dtype!r} is no torch dtype")
-    if chosen is not None and not chosen.is_floating_point:
-        raise ValueError(f"fx.from_pretrained: dtype {chosen} is not a floating-point dtype")
+    if chosen not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(f"fx.from_pretrained: dtype {chosen} is not a dtype to build a model "
+                         "in (float32, bfloat16, float16, float64)")
     return chosen
+
+
+def _matched(folder: _hf_folder.Folder, model: torch.nn.Module,
+             held: dict[str, torch.Tensor]) -> _hf_folder.Folder:
+    """The folder's tensors under the model's names, as transformers matches them: the
+    tensors it ignores on purpose left out (the model's ``_keys_to_ignore_on_load_unexpected``,
+    old rotary tables and position ids), and a base model's names given the task model's
+    prefix (``h.0...`` for ``transformer.h.0...``) or the reverse; then checked against the
+    model (names, shapes, kinds)."""
+    import re
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    ignored = re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
+    entries = dict(folder.entries)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    if prefix:
+        ours = any(n.startswith(prefix + ".") for n in held)
+        theirs = any(n.startswith(prefix + ".") for n in entries)
+        if ours and not theirs:
+            entries = {f"{prefix}.{n}": e for n, e in entries.items()}
+        elif theirs and not ours:
+            entries = {n[len(prefix) + 1:] if n.startswith(prefix + ".") else n: e
+                       for n, e in entries.items()}
+    # what the model does not hold and transformers ignores on purpose (only then: a pattern
+    # may match a name the model holds)
+    entries = {n: e for n, e in entries.items()
+               if n in held or ignored is None or ignored.search(n) is None}
+    matched = dataclasses.replace(folder, entries=entries)
+    _check(matched, held)
+    return matched
 
 
 def _check(folder: _hf_folder.Folder, held: dict[str, torch.Tensor]) -> None:
     """Refuses a folder whose tensors are not the config's model's: names, shapes and kinds
     (floating point against integer or bool)."""
-    entries = [{"name": e.name, "shape": list(e.shape)} for e in folder.entries.values()]
+    entries = [{"name": n, "shape": list(e.shape)} for n, e in folder.entries.items()]
     problems = _weight_problems(held, entries)
     for name, tensor in held.items():
         entry = folder.entries.get(name)
@@ -190,9 +241,11 @@ def _check(folder: _hf_folder.Folder, held: dict[str, torch.Tensor]) -> None:
     if problems:
         more = f"; and {len(problems) - 1} more" if len(problems) > 1 else ""
         raise ConfigMismatchError(
-            f"fx.from_pretrained: the weights in {folder.path} are not those of the model its "
-            f"config.json describes ({problems[0].replace('checkpoint', 'file')}{more}); "
-            "nothing was loaded")
+            f"fx.from_pretrained: the tensors in {folder.path} are not those of the model its "
+            f"config.json builds ({problems[0].replace('checkpoint', 'file')}{more}); a "
+            "config of another size, or names of a format transformers converts when it loads "
+            "(fx.from_pretrained maps a base model's prefix and the names transformers "
+            "ignores, no other conversion); nothing was loaded")
 
 
 def _file_names(state: Any, folder: _hf_folder.Folder) -> dict[str, str]:
@@ -221,23 +274,54 @@ def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[
     from safetensors import safe_open
     from ..distributed import _slices
     from ..distributed._dtensors import is_dtensor
+    from safetensors import SafetensorError
+
+    from ..checkpoint.layout import damaged
     by_file: dict[Path, list[str]] = {}
     for key in like:
         by_file.setdefault(folder.entries[names[key]].file, []).append(key)
     out = {}
     for file, keys in by_file.items():
-        from ..checkpoint.layout import damaged
         try:
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in keys:
                     t = like[key]
                     dtype = t.dtype if cast is None else cast[key].dtype
                     box = _slices.of(t) if is_dtensor(t) else None
-                    value = _value(f, names[key], box, t, dtype).to(device)
+                    value = _value(f, folder.entries[names[key]].name, box, t, dtype)
+                    value = value.to(device)
                     out[key] = _wrapped(value, t) if box is not None else value
-        except (OSError, RuntimeError, ValueError) as e:
+        except (OSError, SafetensorError) as e:  # the bytes, or the disk: not a bug here
             raise damaged(file, e, "its tensors") from e
     return out
+
+
+def _ties_agree(folder: _hf_folder.Folder, state: Any, params: dict[str, Any],
+                names: dict[str, str]) -> None:
+    """Refuses files holding two different tensors under names the config ties (a model
+    saved untied, its config saying tied): the one read would silently stand for both. Each
+    rank compares its own slices."""
+    from safetensors import safe_open
+    from ..distributed import _slices
+    from ..distributed._dtensors import is_dtensor
+    for group in state.layout.tied or ():
+        key = next((n for n in group if n in params), None)
+        present = [n for n in group if n in folder.entries and n != names.get(key)]
+        if key is None or not present:
+            continue
+        t = params[key]
+        local = t.to_local() if is_dtensor(t) else t
+        box = _slices.of(t) if is_dtensor(t) else None
+        for other in present:
+            entry = folder.entries[other]
+            with safe_open(str(entry.file), framework="pt", device="cpu") as f:
+                value = _value(f, entry.name, box, t, local.dtype)
+            if not torch.equal(value.to(local.device), local):
+                raise ConfigMismatchError(
+                    f"fx.from_pretrained: config.json ties {group} (tie_word_embeddings), and "
+                    f"{folder.path} holds different tensors for {names[key]} and {other}: set "
+                    "tie_word_embeddings to false in config.json to train them apart; nothing "
+                    "was loaded")
 
 
 def _value(f: Any, name: str, box: tuple[slice, ...] | None, like: Any,

@@ -67,10 +67,12 @@ def read(directory: str | Path) -> Folder:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise damaged(config_file, e, "config.json") from e
-    if (path / INDEX).is_file():
-        entries = _indexed(path)
-    elif (path / SINGLE).is_file():
+    if not isinstance(config, dict):
+        raise damage(config_file, f"it holds a JSON {type(config).__name__}, not an object")
+    if (path / SINGLE).is_file():  # before an index, as transformers reads them
         entries = _header(path / SINGLE)
+    elif (path / INDEX).is_file():
+        entries = _indexed(path)
     else:
         others = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
         raise FileNotFoundError(
@@ -93,8 +95,9 @@ def _indexed(path: Path) -> dict[str, Entry]:
         file = path / file_name
         if not file.is_file():
             listed = sorted(k for k, v in weight_map.items() if v == file_name)
-            raise damage(index_file, f"it maps {listed[0]} (and {len(listed) - 1} more) to "
-                                     f"{file_name}, which is not in the folder")
+            more = f" (and {len(listed) - 1} more)" if len(listed) > 1 else ""
+            raise damage(index_file, f"it maps {listed[0]}{more} to {file_name}, which is "
+                                     "not in the folder")
         for name, entry in _header(file).items():
             if weight_map.get(name) != file_name:
                 raise damage(file, f"it holds {name}, which the index "
@@ -114,21 +117,24 @@ def _header(file: Path) -> dict[str, Entry]:
     try:
         with open(file, "rb") as f:
             head = f.read(8)
-            if len(head) < 8:
-                raise damage(file, f"it is {size} bytes, shorter than a safetensors header")
-            (length,) = struct.unpack("<Q", head)
-            if length > min(_MAX_HEADER, size - 8):
-                raise damage(file, f"its header says it is {length} bytes, and the file is "
-                                   f"{size}: cut short, or not a safetensors file")
-            header = json.loads(f.read(length))
+            length = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+            raw = f.read(length) if length is not None and length <= min(
+                _MAX_HEADER, size - 8) else None
     except OSError as e:
         raise damaged(file, e, "its header") from e
+    if length is None:
+        raise damage(file, f"it is {size} bytes, shorter than a safetensors header: cut short")
+    if raw is None:
+        raise damage(file, f"its header says it is {length} bytes, and the file is {size}: "
+                           "cut short, or not a safetensors file")
+    try:
+        header = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise damage(file, f"its header is not JSON ({e})") from e
     if not isinstance(header, dict):
         raise damage(file, "its header is not a JSON object")
     header.pop("__metadata__", None)
-    entries, end = {}, 0
+    entries, ranges = {}, []
     for name, spec in header.items():
         try:
             dtype, shape = DTYPES[spec["dtype"]], tuple(int(n) for n in spec["shape"])
@@ -143,7 +149,15 @@ def _header(file: Path) -> dict[str, Entry]:
             raise damage(file, f"its header gives {name} bytes {first} to {last}, and a "
                                f"{spec['dtype']} tensor of shape {list(shape)} is {nbytes}")
         entries[name] = Entry(name, file, dtype, shape)
-        end = max(end, last)
+        ranges.append((first, last, name))
+    for (_, end, before), (first, last, name) in zip(sorted(ranges), sorted(ranges)[1:]):
+        if first != end:  # safetensors' own rule: the tensors tile the data, in order
+            raise damage(file, f"its header gives {name} bytes {first} to {last}, "
+                               f"{'overlapping' if first < end else 'leaving a gap after'} "
+                               f"{before}'s (to {end})")
+    end = max((last for _, last, _ in ranges), default=0)
+    if ranges and min(ranges)[0] != 0:
+        raise damage(file, f"its header's first tensor starts at byte {min(ranges)[0]}, not 0")
     if size != 8 + length + end:
         raise damage(file, f"it is {size} bytes, and its header describes "
                            f"{8 + length + end}: " + ("cut short (truncated)" if size <

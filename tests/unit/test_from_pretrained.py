@@ -348,3 +348,118 @@ def test_fxtrain_train_refuses_a_bad_pretrained_config_naming_the_key(folders, t
     with pytest.raises(ConfigError, match=message):
         fx.train(_config(tmp_path, "bad", **values))
     assert not (tmp_path / "bad" / "config.yaml").exists()
+
+
+# -- folders transformers loads as it matches them ---------------------------------------------
+
+def _single(folder, tensors, config):
+    import safetensors.torch as st_torch
+    folder.mkdir()
+    st_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_bf16_files_without_a_config_dtype_load_in_bf16(folders, tmp_path):
+    """transformers' "auto": no dtype in the config, the files' (here bfloat16)."""
+    import safetensors.torch as st_torch
+    tensors = {}
+    for file in _files(folders / "llama"):
+        tensors.update({k: v.to(torch.bfloat16) for k, v in st_torch.load_file(file).items()})
+    config = json.loads((folders / "llama" / "config.json").read_text())
+    config.pop("dtype", None)
+    config.pop("torch_dtype", None)
+    folder = _single(tmp_path / "bf16", tensors, config)
+    tx = fx.optim.sgd(0.1)
+    loaded = fx.from_pretrained(folder, tx, seed=2)
+    _equal(_whole(folder, tx).params, loaded.params)
+    assert loaded.params["lm_head.weight"].dtype == torch.bfloat16
+
+
+def test_a_base_models_save_loads_into_its_task_model(tmp_path):
+    """GPT-2 as the hub holds it: the base model's names (h.0..., no head), loaded as
+    GPT2LMHeadModel, whose names carry the prefix "transformer." and whose head is tied."""
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=37,
+                                     n_positions=16)
+    torch.manual_seed(0)
+    transformers.GPT2Model(config).save_pretrained(tmp_path / "base")
+    tx = fx.optim.sgd(0.1)
+    loaded = fx.from_pretrained(tmp_path / "base", tx, seed=2,
+                                model_class=transformers.GPT2LMHeadModel)
+    whole = fx.TrainState.create(transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "base"),
+                                 tx, seed=2)
+    _equal(whole.params, loaded.params)
+
+
+def test_names_transformers_ignores_are_ignored(folders, tmp_path):
+    """An old checkpoint's per-layer rotary tables: transformers drops them, so does this."""
+    import safetensors.torch as st_torch
+    tensors = {}
+    for file in _files(folders / "llama"):
+        tensors.update(st_torch.load_file(file))
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    config = json.loads((folders / "llama" / "config.json").read_text())
+    folder = _single(tmp_path / "old", tensors, config)
+    tx = fx.optim.sgd(0.1)
+    _equal(_whole(folder, tx).params, fx.from_pretrained(folder, tx, seed=2).params)
+
+
+def test_a_tied_config_over_two_different_tensors_is_refused(folders, tmp_path):
+    import safetensors.torch as st_torch
+    tensors = {}
+    for file in _files(folders / "llama"):
+        tensors.update(st_torch.load_file(file))
+    config = json.loads((folders / "llama" / "config.json").read_text())
+    folder = _single(tmp_path / "untied", tensors, {**config, "tie_word_embeddings": True})
+    with pytest.raises(ConfigMismatchError, match="ties .*holds different tensors for "
+                                                  "model.embed_tokens.weight and lm_head.weight"):
+        _load(folder)
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    same = _single(tmp_path / "same", tensors, {**config, "tie_word_embeddings": True})
+    assert _load(same).layout.tied == (("model.embed_tokens.weight", "lm_head.weight"),)
+
+
+def test_a_header_whose_tensors_overlap_is_damage(copy):
+    """Two tensors sharing bytes: refused by the header check, before safetensors maps it."""
+    import struct as st
+    folder = copy("gpt2")
+    file = _files(folder)[0]
+    raw = file.read_bytes()
+    (length,) = st.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + length])
+    names = [n for n in header if n != "__metadata__"]
+    a, b = sorted(names, key=lambda n: header[n]["data_offsets"][0])[:2]
+    header[b]["data_offsets"] = [header[b]["data_offsets"][0] - 4,
+                                 header[b]["data_offsets"][1] - 4]
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    file.write_bytes(st.pack("<Q", len(encoded)) + encoded + raw[8 + length:])
+    with pytest.raises(DamagedCheckpointError, match=f"{b} bytes .*overlapping {a}"):
+        _load(folder)
+
+
+def test_a_model_that_keeps_layers_in_float32_is_refused_in_half(tmp_path):
+    config = transformers.T5Config(vocab_size=32, d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                   num_heads=2, decoder_start_token_id=0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match="keeps .*wo.* in float32"):
+        fx.from_pretrained(tmp_path / "t5", fx.optim.sgd(0.1), dtype=torch.float16)
+
+
+@pytest.mark.slow
+def test_a_relative_pretrained_folder_is_the_config_files_neighbour(folders, tmp_path,
+                                                                   monkeypatch):
+    """``pretrained: model`` in a YAML config names the folder beside the config, wherever
+    the command runs from; config.yaml keeps it absolute, so a resume from elsewhere finds it."""
+    import yaml
+    project = tmp_path / "project"
+    project.mkdir()
+    shutil.copytree(folders / "llama", project / "model")
+    (project / "factories.py").write_text(_FACTORIES)
+    values = _config(tmp_path, "run", pretrained="model", data="./factories.py:tokens",
+                     max_steps=2)
+    (project / "run.yaml").write_text(yaml.safe_dump(values))
+    monkeypatch.chdir(tmp_path)
+    state = fx.train(str(project / "run.yaml"))
+    assert int(state.step) == 2
+    assert f"pretrained: {project / 'model'}" in (tmp_path / "run" / "config.yaml").read_text()
