@@ -58,13 +58,18 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     Args:
       directory: the model's folder.
       tx: the optimizer, as ``TrainState.create`` takes it.
-      mesh, units, tp_plan, param_dtype, reduce_dtype: the layout, as ``fx.shard``'s.
+      mesh: the mesh, as ``fx.shard``'s (default ``fx.sharding.mesh()`` under several ranks).
+      units: per-block units, as ``fx.shard``'s.
+      tp_plan: a tensor-parallel plan, as ``fx.shard``'s.
+      param_dtype: the dtype units gather in, as ``fx.shard``'s.
+      reduce_dtype: the dtype units reduce-scatter in, as ``fx.shard``'s.
       dtype: the dtype of the floating-point weights; None: as transformers' ``"auto"``, the
         config's ``dtype`` where it gives one, else each file's. Buffers the model computes
         (rotary tables) keep the dtype its ``__init__`` gives them.
       model_class: the transformers class (or its name) to build; default the config's first
         ``architectures``.
-      seed, callbacks: as ``TrainState.create``'s.
+      seed: the state's key, as ``TrainState.create``'s.
+      callbacks: the callbacks whose states the state starts with, as ``TrainState.create``'s.
 
     Raises:
       FileNotFoundError: no such folder, no ``config.json``, no safetensors weights.
@@ -272,8 +277,7 @@ def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[
     """This rank's part of each tensor of ``like`` (meta tensors or DTensors, or the buffers
     ``cast`` whose dtypes the read values take), read file by file."""
     from safetensors import safe_open
-    from ..distributed import _slices
-    from ..distributed._dtensors import is_dtensor
+    from ..distributed import held_box, is_dtensor
     from safetensors import SafetensorError
 
     from ..checkpoint.layout import damaged
@@ -287,7 +291,7 @@ def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[
                 for key in keys:
                     t = like[key]
                     dtype = t.dtype if cast is None else cast[key].dtype
-                    box = _slices.of(t) if is_dtensor(t) else None
+                    box = held_box(t) if is_dtensor(t) else None
                     value = _value(f, folder.entries[names[key]].name, box, t, dtype)
                     value = value.to(device)
                     out[key] = _wrapped(value, t) if box is not None else value
@@ -302,8 +306,7 @@ def _ties_agree(folder: _hf_folder.Folder, state: Any, params: dict[str, Any],
     saved untied, its config saying tied): the one read would silently stand for both. Each
     rank compares its own slices."""
     from safetensors import safe_open
-    from ..distributed import _slices
-    from ..distributed._dtensors import is_dtensor
+    from ..distributed import held_box, is_dtensor
     for group in state.layout.tied or ():
         key = next((n for n in group if n in params), None)
         present = [n for n in group if n in folder.entries and n != names.get(key)]
@@ -311,7 +314,7 @@ def _ties_agree(folder: _hf_folder.Folder, state: Any, params: dict[str, Any],
             continue
         t = params[key]
         local = t.to_local() if is_dtensor(t) else t
-        box = _slices.of(t) if is_dtensor(t) else None
+        box = held_box(t) if is_dtensor(t) else None
         for other in present:
             entry = folder.entries[other]
             with safe_open(str(entry.file), framework="pt", device="cpu") as f:

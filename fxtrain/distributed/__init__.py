@@ -186,6 +186,7 @@ from ._collectives import (for_forward, gather_params, local_nbytes, local_parts
 from ._dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 from ._shard import mesh, shard, unit_names
+from ._slices import held_box, local_box
 from ._strategies import (DataParallel, Reduced, Sharded, SingleProcess, TensorParallel,
                           strategy)
 from ._tensor_parallel import plan_of

@@ -45,7 +45,7 @@ def local_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Seque
     return tuple(slice(a, a + n) for a, n in zip(start, size))
 
 
-def of(tensor: Any) -> tuple[slice, ...]:
+def held_box(tensor: Any) -> tuple[slice, ...]:
     """The box of the whole tensor this rank holds of the DTensor ``tensor``."""
     mesh = tensor.device_mesh
     return local_box(tuple(tensor.shape), tuple(mesh.shape), tuple(mesh.get_coordinate()),

@@ -171,21 +171,17 @@ def test_a_header_cut_short(copy):
         _load(folder)
 
 
-def test_a_config_that_does_not_match_the_weights(copy):
+@pytest.mark.parametrize("change,message", [
+    ({"intermediate_size": 48}, r"mlp\.\w+_proj\.weight: file \(\d+, \d+\), config .*more.*"
+                                r"nothing was loaded"),
+    ({"num_hidden_layers": 3}, r"model\.layers\.2\.\S+: in the config's model, not in the "
+                               r"file"),
+], ids=["wider", "deeper"])
+def test_a_config_that_does_not_match_the_weights(copy, change, message):
     folder = copy()
     config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 48}))
-    with pytest.raises(ConfigMismatchError, match=r"mlp\.\w+_proj\.weight: file \(\d+, \d+\), "
-                                                  r"config .*more.*nothing was loaded"):
-        _load(folder)
-
-
-def test_a_config_with_another_layer_count(copy):
-    folder = copy()
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
-    with pytest.raises(ConfigMismatchError, match=r"model\.layers\.2\.\S+: in the config's "
-                                                  r"model, not in the file"):
+    (folder / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(ConfigMismatchError, match=message):
         _load(folder)
 
 
