@@ -114,14 +114,14 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
                       reduce_dtype=reduce_dtype)
     names = _file_names(state, folder)
     device = _device(state)
-    params = _agree(lambda: _read(folder, state.params, names, device, None))
+    params = _agree(lambda: _read(folder, state.params, names, device))
     _agree(lambda: _ties_agree(folder, state, params, names))
     persistent = set(held)
     buffers = state.buffers
     if buffers:
         read = _agree(lambda: _read(folder, {k: v for k, v in buffers.items()
                                              if k in persistent and k in names},
-                                    names, device, buffers))
+                                    names, device))
         buffers = {**buffers, **read}
     loaded = state.replace(params=params, buffers=buffers,
                            step=torch.zeros((), dtype=torch.int64, device=device),
@@ -273,9 +273,9 @@ def _device(state: Any) -> torch.device:
 
 
 def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[str, str],
-          device: torch.device, cast: dict[str, torch.Tensor] | None) -> dict[str, Any]:
-    """This rank's part of each tensor of ``like`` (meta tensors or DTensors, or the buffers
-    ``cast`` whose dtypes the read values take), read file by file."""
+          device: torch.device) -> dict[str, Any]:
+    """This rank's part of each tensor of ``like`` (the skeleton's meta tensors or DTensors,
+    or its buffers), in its dtype, read file by file."""
     from safetensors import safe_open
     from ..distributed import held_box, is_dtensor
     from safetensors import SafetensorError
@@ -290,9 +290,8 @@ def _read(folder: _hf_folder.Folder, like: dict[str, torch.Tensor], names: dict[
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for key in keys:
                     t = like[key]
-                    dtype = t.dtype if cast is None else cast[key].dtype
                     box = held_box(t) if is_dtensor(t) else None
-                    value = _value(f, folder.entries[names[key]].name, box, t, dtype)
+                    value = _value(f, folder.entries[names[key]].name, box, t, t.dtype)
                     value = value.to(device)
                     out[key] = _wrapped(value, t) if box is not None else value
         except (OSError, SafetensorError) as e:  # the bytes, or the disk: not a bug here

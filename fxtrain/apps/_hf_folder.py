@@ -22,15 +22,14 @@ from typing import Any
 import torch
 
 from ..checkpoint.layout import damage, damaged
+from ._pretrained import _DTYPES
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on a header's size
 
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-          "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
-          "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-          "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+# safetensors' dtype codes, the exporter's table read the other way
+DTYPES = {code: getattr(torch, name) for name, code in _DTYPES.items()}
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,6 @@ from collections.abc import Sequence
 from typing import Any
 
 
-def chunk(length: int, parts: int, index: int) -> tuple[int, int]:
-    """The ``(start, size)`` of part ``index`` of ``length`` split into ``parts`` as
-    ``torch.chunk`` splits it."""
-    if parts < 1 or not 0 <= index < parts:
-        raise ValueError(f"part {index} of {parts}")
-    size = -(-length // parts) if length else 0
-    start = min(index * size, length)
-    return start, min(start + size, length) - start
-
-
 def local_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Sequence[int],
               placements: Sequence[Any]) -> tuple[slice, ...]:
     """The slices of a tensor of ``shape`` that the rank at ``coordinate`` of a mesh of
@@ -36,7 +26,8 @@ def local_box(shape: Sequence[int], mesh_shape: Sequence[int], coordinate: Seque
     for parts, index, placement in zip(mesh_shape, coordinate, placements, strict=True):
         if type(placement) is Shard:
             dim = placement.dim % len(shape) if shape else 0
-            offset, size[dim] = chunk(size[dim], parts, index)
+            # torch's own split arithmetic (public since 2.11): (size, offset)
+            size[dim], offset = Shard.local_shard_size_and_offset(size[dim], parts, index)
             start[dim] += offset
         elif not isinstance(placement, Replicate):
             raise ValueError(f"a {type(placement).__name__} placement ({placement}) holds no contiguous part of the whole "

@@ -151,6 +151,19 @@ def _files(folder):
     return sorted(p for p in folder.iterdir() if p.suffix == ".safetensors")
 
 
+def _tensors(folder, remove=False):
+    """Every tensor of a saved folder, by name; ``remove``: its files and index deleted."""
+    import safetensors.torch as st_torch
+    tensors = {}
+    for file in _files(folder):
+        tensors.update(st_torch.load_file(file))
+        if remove:
+            file.unlink()
+    if remove:
+        (folder / "model.safetensors.index.json").unlink()
+    return tensors
+
+
 def _load(folder):
     return fx.from_pretrained(folder, fx.optim.sgd(0.1))
 
@@ -228,11 +241,7 @@ def test_a_tensor_the_model_does_not_have(copy, tmp_path):
     """An extra tensor in a one-file folder: refused by name (transformers would drop it)."""
     import safetensors.torch as st_torch
     folder = copy("gpt2")
-    tensors = {}
-    for file in _files(folder):
-        tensors.update(st_torch.load_file(file))
-        file.unlink()
-    (folder / "model.safetensors.index.json").unlink()
+    tensors = _tensors(folder, remove=True)
     tensors["transformer.extra.weight"] = torch.zeros(3)
     st_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigMismatchError, match="transformer.extra.weight: not in the "
@@ -243,11 +252,7 @@ def test_a_tensor_the_model_does_not_have(copy, tmp_path):
 def test_a_weight_of_another_kind(copy):
     import safetensors.torch as st_torch
     folder = copy("gpt2")
-    tensors = {}
-    for file in _files(folder):
-        tensors.update(st_torch.load_file(file))
-        file.unlink()
-    (folder / "model.safetensors.index.json").unlink()
+    tensors = _tensors(folder, remove=True)
     tensors["transformer.ln_f.bias"] = tensors["transformer.ln_f.bias"].to(torch.int32)
     st_torch.save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ConfigMismatchError, match="transformer.ln_f.bias: the file's "
@@ -358,10 +363,7 @@ def _single(folder, tensors, config):
 
 def test_bf16_files_without_a_config_dtype_load_in_bf16(folders, tmp_path):
     """transformers' "auto": no dtype in the config, the files' (here bfloat16)."""
-    import safetensors.torch as st_torch
-    tensors = {}
-    for file in _files(folders / "llama"):
-        tensors.update({k: v.to(torch.bfloat16) for k, v in st_torch.load_file(file).items()})
+    tensors = {k: v.to(torch.bfloat16) for k, v in _tensors(folders / "llama").items()}
     config = json.loads((folders / "llama" / "config.json").read_text())
     config.pop("dtype", None)
     config.pop("torch_dtype", None)
@@ -389,10 +391,7 @@ def test_a_base_models_save_loads_into_its_task_model(tmp_path):
 
 def test_names_transformers_ignores_are_ignored(folders, tmp_path):
     """An old checkpoint's per-layer rotary tables: transformers drops them, so does this."""
-    import safetensors.torch as st_torch
-    tensors = {}
-    for file in _files(folders / "llama"):
-        tensors.update(st_torch.load_file(file))
+    tensors = _tensors(folders / "llama")
     tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
     config = json.loads((folders / "llama" / "config.json").read_text())
     folder = _single(tmp_path / "old", tensors, config)
@@ -401,10 +400,7 @@ def test_names_transformers_ignores_are_ignored(folders, tmp_path):
 
 
 def test_a_tied_config_over_two_different_tensors_is_refused(folders, tmp_path):
-    import safetensors.torch as st_torch
-    tensors = {}
-    for file in _files(folders / "llama"):
-        tensors.update(st_torch.load_file(file))
+    tensors = _tensors(folders / "llama")
     config = json.loads((folders / "llama" / "config.json").read_text())
     folder = _single(tmp_path / "untied", tensors, {**config, "tie_word_embeddings": True})
     with pytest.raises(ConfigMismatchError, match="ties .*holds different tensors for "
@@ -459,3 +455,31 @@ def test_a_relative_pretrained_folder_is_the_config_files_neighbour(folders, tmp
     state = fx.train(str(project / "run.yaml"))
     assert int(state.step) == 2
     assert f"pretrained: {project / 'model'}" in (tmp_path / "run" / "config.yaml").read_text()
+
+
+def test_the_state_owns_its_memory_a_file_rewritten_later_changes_nothing(folders, tmp_path):
+    """safetensors hands back views of its mapping of the file; the state copies them, so a
+    folder written over (or cut) after the load leaves the state as it was loaded."""
+    folder = tmp_path / "llama"
+    shutil.copytree(folders / "llama", folder)
+    loaded = fx.from_pretrained(folder, fx.optim.sgd(0.1))
+    before = {k: v.clone() for k, v in loaded.params.items()}
+    for file in _files(folder):  # the same bytes' places, zeroed in place
+        raw = file.read_bytes()
+        length = int.from_bytes(raw[:8], "little")
+        with open(file, "r+b") as f:
+            f.seek(8 + length)
+            f.write(bytes(len(raw) - 8 - length))
+    _equal(before, loaded.params)
+
+
+def test_under_nccl_the_slices_go_to_this_process_device(monkeypatch):
+    """The branch a GPU job takes (a mesh on CUDA): the read slices go to the current device,
+    forced here with a stand-in mesh and device index."""
+    from types import SimpleNamespace
+    from fxtrain.apps import _from_pretrained
+    monkeypatch.setattr(torch.accelerator, "current_device_index", lambda: 3)
+    cuda = SimpleNamespace(layout=SimpleNamespace(mesh=SimpleNamespace(device_type="cuda")))
+    assert _from_pretrained._device(cuda) == torch.device("cuda", 3)
+    cpu = SimpleNamespace(layout=SimpleNamespace(mesh=SimpleNamespace(device_type="cpu")))
+    assert _from_pretrained._device(cpu) == torch.device("cpu")
