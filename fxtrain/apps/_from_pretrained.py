@@ -40,7 +40,7 @@ __all__ = ["from_pretrained"]
 
 
 def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
-                    units: Any = None, tp_plan: Any = None,
+                    units: Any = None, tp_plan: Any = None, offload: str | None = None,
                     param_dtype: torch.dtype | None = None,
                     reduce_dtype: torch.dtype | None = None,
                     dtype: torch.dtype | str | None = None, model_class: Any = None,
@@ -61,6 +61,7 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
       mesh: the mesh, as ``fx.shard``'s (default ``fx.sharding.mesh()`` under several ranks).
       units: per-block units, as ``fx.shard``'s.
       tp_plan: a tensor-parallel plan, as ``fx.shard``'s.
+      offload: ``"optimizer"``: the optimizer state in host memory, as ``fx.shard``'s.
       param_dtype: the dtype units gather in, as ``fx.shard``'s.
       reduce_dtype: the dtype units reduce-scatter in, as ``fx.shard``'s.
       dtype: the dtype of the floating-point weights; None: as transformers' ``"auto"``, the
@@ -104,14 +105,15 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     folder = _agree(lambda: _matched(folder, model, held))
     sharded = mesh is not None or distributed.world_size() > 1
     if not sharded and (units is not None or tp_plan is not None or param_dtype is not None
-                        or reduce_dtype is not None):
-        raise ValueError("fx.from_pretrained: units, tp_plan, param_dtype and reduce_dtype lay "
-                         "the model out over several ranks, and this process is alone; start "
-                         "it with torchrun and fx.distributed.init(), or leave them out")
+                        or reduce_dtype is not None or offload is not None):
+        raise ValueError("fx.from_pretrained: units, tp_plan, param_dtype, reduce_dtype and "
+                         "offload lay the model out over several ranks, and this process is "
+                         "alone; start it with torchrun and fx.distributed.init(), or leave "
+                         "them out")
     state = TrainState.create(model, tx, seed=seed)
     if sharded:
         state = shard(state, mesh, units=units, tp_plan=tp_plan, param_dtype=param_dtype,
-                      reduce_dtype=reduce_dtype)
+                      reduce_dtype=reduce_dtype, offload=offload)
     names = _file_names(state, folder)
     device = _device(state)
     params = _agree(lambda: _read(folder, state.params, names, device))
@@ -126,7 +128,8 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     loaded = state.replace(params=params, buffers=buffers,
                            step=torch.zeros((), dtype=torch.int64, device=device),
                            rng=_seed_key(seed, device))
-    loaded = loaded.replace(opt_state=loaded.init_opt_state(params))
+    loaded = loaded.replace(opt_state=distributed.offloaded_opt_state(
+        state.layout.offload, loaded.init_opt_state(params)))
     logging.getLogger("fxtrain").info("fx.from_pretrained: %s from %s, %d tensors",
                                       type(model).__name__, folder.path, len(params))
     return loaded.replace(callbacks=init_states(callbacks, loaded))

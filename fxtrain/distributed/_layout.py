@@ -84,6 +84,9 @@ class Layout:
         a copy of the skeleton, goes without it.
       block_update: the blocks' optimizer update as regions, planned by ``fx.regional``
         (``fxtrain.step._region_update.BlockUpdate``); None: the update of the whole tree.
+      offload: what lives in host memory (``fx.shard(offload=...)``,
+        ``fxtrain.distributed._offload``): ``"optimizer"``, the optimizer state, updated
+        there; None: nothing, every tensor on its device.
     """
 
     mesh: Any = None
@@ -97,6 +100,7 @@ class Layout:
     skeleton: Any = dataclasses.field(default=None, compare=False, repr=False)
     guard: Any = dataclasses.field(default=None, compare=False, repr=False)
     block_update: Any = dataclasses.field(default=None, compare=False, repr=False)
+    offload: str | None = None
 
     @property
     def sharded(self) -> bool:

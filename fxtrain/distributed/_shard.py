@@ -45,7 +45,7 @@ import torch.utils._pytree as pytree
 from .._torch.groups import forget_groups
 from .._torch.modes import outside_dispatch_modes
 from .._torch.version import at_least
-from . import _meshes, _ranks, _tensor_parallel, _units
+from . import _meshes, _offload, _ranks, _tensor_parallel, _units
 from ._dtensors import distributed, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 
@@ -140,7 +140,8 @@ def _warn_parameter_copies(callbacks: dict, params: dict) -> None:
 def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
           units: str | Sequence[str | type] | None = None,
           param_dtype: torch.dtype | None = None,
-          reduce_dtype: torch.dtype | None = None, tp_plan: Any = None) -> Any:
+          reduce_dtype: torch.dtype | None = None, tp_plan: Any = None,
+          offload: str | None = None) -> Any:
     """``state`` with its parameters and their optimizer state sharded across the ranks.
 
     Every rank calls it with its state; rank 0's values are the ones scattered, so ranks that
@@ -187,6 +188,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         batch; the rest stay whole (on a 2-D mesh, sharded over its first dimension). On the
         autograd path (the default step's ``autodiff="auto"`` takes it); a 1-D mesh's plan
         takes no ``units``, ``param_dtype`` or sharded callbacks.
+      offload: ``"optimizer"`` keeps the optimizer state's shards in host memory and runs
+        the update there, as FSDP2's ``CPUOffloadPolicy`` (``fxtrain.distributed._offload``):
+        a step copies the gradient and parameter shards to the host and the new parameters
+        back, and gives the same bits as without it. None (default): every tensor on its
+        device.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
@@ -194,6 +200,17 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     """
     if is_sharded(state.params) or state.layout.sharded:
         raise ValueError("fx.shard: this state is already sharded")
+    offload = _offload.checked(offload)
+    new = _sharded(state, mesh, callbacks, units, param_dtype, reduce_dtype, tp_plan)
+    if offload is None:
+        return new
+    return new.replace(layout=new.layout.replace(offload=offload),
+                       opt_state=_offload.offloaded_opt_state(offload, new.opt_state))
+
+
+def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
+             param_dtype: Any, reduce_dtype: Any, tp_plan: Any) -> Any:
+    """``shard``'s state on the device: the mesh checked, then its path by the mesh and plan."""
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim not in (1, 2):
         raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh, got one of shape "

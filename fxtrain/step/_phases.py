@@ -174,7 +174,7 @@ def step_metrics(loss, aux, grads, opt_state, grad_stats,
     metrics = {"loss": loss, "grad_norm": torch.sqrt(sum(squared))}
     lr = learning_rate(opt_state)
     if lr is not None:
-        metrics["learning_rate"] = lr
+        metrics["learning_rate"] = lr.to(loss.device)  # from an offloaded state: the host
     if grad_stats:
         metrics.update(gradient_statistics(grads, squared))
     if grad_stats == "histograms":  # of a sharded state's whole gradients (a gather)
@@ -226,9 +226,11 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
         return new
     if skip is True:
         return new.replace(params=old.params, buffers=old.buffers, opt_state=old.opt_state)
+    # an offloaded optimizer state chooses on the host, where it lives (one small copy)
+    on_host = skip if old.layout.offload is None else distributed.to_host(skip)
     return new.replace(params=tree_select(skip, old.params, new.params),
                        buffers=tree_select(skip, old.buffers, new.buffers),
-                       opt_state=tree_select(skip, old.opt_state, new.opt_state))
+                       opt_state=tree_select(on_host, old.opt_state, new.opt_state))
 
 
 def single_step(args: StepArgs) -> Callable[..., tuple]:

@@ -11,7 +11,11 @@ compilation, and held on its ``Plan``:
   (``apply_gradients(donated=True)``), so an AdamW update allocates one tree of the
   parameters' size where the whole update allocates a dozen;
 - ``regional``: compiled, a regional state (``fx.regional``) whose update the layout planned
-  (``Layout.block_update``): each block's update one call of a region (``_region_update``).
+  (``Layout.block_update``): each block's update one call of a region (``_region_update``);
+- ``offloaded``: a state whose layout keeps the optimizer state in host memory
+  (``fx.shard(offload="optimizer")``): the same update run on the host, on copies of the
+  gradient and parameter shards, the new parameters copied back (``donated``: as
+  ``donating``, into the host copies and the optimizer state).
 
 Each is ``update(state, grads, weight) -> (new state, squared norms of grads or None)``.
 """
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from .. import donation
+from .. import distributed, donation
 from ..state import TrainState
 from . import _region_update
 
@@ -60,11 +64,37 @@ def regional(state: TrainState, grads: dict[str, torch.Tensor],
     return whole(state, grads, weight)
 
 
+def offloaded(state: TrainState, grads: dict[str, torch.Tensor],
+              weight: torch.Tensor | None, donated: bool = False) -> Result:
+    """``whole`` (``donating`` where ``donated``) on the host, where the layout keeps the
+    optimizer state (``fxtrain.distributed._offload``): the gradients and the parameters'
+    shards copied there, updated, and the new parameters copied back to their devices (on a
+    CPU-only machine nothing moves)."""
+    host = state.replace(params=distributed.to_host(state.params))
+    try:
+        new, squared = (donating if donated else whole)(host, distributed.to_host(grads),
+                                                        weight)
+    except BaseException:
+        if donated:  # its optimizer state, shared with host's, may be written into
+            donation.mark(state)
+        raise
+    return new.replace(params=distributed.to_devices(new.params, state.params)), squared
+
+
+def offloaded_donating(state: TrainState, grads: dict[str, torch.Tensor],
+                       weight: torch.Tensor | None) -> Result:
+    """``offloaded``, the caller giving ``state`` up (``donating``)."""
+    return offloaded(state, grads, weight, donated=True)
+
+
 def chosen(state: TrainState, autodiff: str, donates: bool, compiled: bool) -> Any:
     """The update strategy for ``state``: ``regional`` where a compiled step on autograd's
     path trains a state whose layout planned the blocks' update; ``donating`` where an eager
     step's caller gives its state up (``donates``: and nothing reverts the update); else
-    ``whole``."""
+    ``whole``. A layout that offloads the optimizer state updates on the host, eager or
+    compiled (``offloaded``; donating only eagerly, as above)."""
+    if state.layout.offload is not None:
+        return offloaded_donating if donates and not compiled else offloaded
     if compiled:  # regional checks that the plan fits this state (else the whole update)
         regional_ok = autodiff == "autograd" and state.layout.block_update is not None
         return regional if regional_ok else whole

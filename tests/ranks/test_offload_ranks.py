@@ -1,0 +1,54 @@
+"""fx.shard(offload="optimizer") on gloo ranks: a Llama loaded by fx.from_pretrained trains 10
+steps with its optimizer state on the host to the same bits as without it, eager (the fused
+AdamW on the local shards, and a clipped chain through DTensor) and compiled (one graph), per
+block, whole and under a tensor-parallel plan; its checkpoints restore with and without the
+offload, and resume exactly (the one-process checks: tests/unit/test_offload.py)."""
+
+import json
+
+import pytest
+import torch.multiprocessing as mp
+
+import dist_worker
+import offload_worker
+from helpers import extra, once_per_run
+from helpers_distributed import free_port
+
+transformers = extra("transformers")
+import pretrained_worker  # noqa: E402  (after the extra's check)
+
+TWO = [("llama", "units", "adamw", False), ("llama_tied", "whole", "clipped", False),
+       ("llama", "units", "clipped", True), ("llama", "tp", "adamw", False)]
+FOUR = [("llama", "fsdp_tp", "adamw", False), ("llama_tied", "hsdp", "clipped", False)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "pretrained_models", pretrained_worker.save_models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,cases", [(2, TWO), (4, FOUR)], ids=["2ranks", "4ranks"])
+def test_offloaded_optimizer_state_trains_to_the_same_bits(tmp_path, saved, world, cases):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    mp.spawn(dist_worker.spawned, nprocs=world,
+             args=(world, free_port(), offload_worker.compared,
+                   (str(tmp_path), str(saved), cases, str(ckpt)), {}))
+    for rank in range(world):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(report) == len(cases)
+        for key, got in report.items():
+            where = f"rank {rank}, {key}"
+            assert got["start"], where
+            plain, offloaded = got["losses"]
+            assert len(plain) == offload_worker.STEPS and plain == offloaded, (where, got)
+            assert got["params"] and got["opt_state"], (where, got)
+            assert got["layout"] == [None, "optimizer"], where
+            # every optimizer leaf on the host, before and after training; the AdamW moments
+            # alone are twice the parameters' bytes
+            assert got["devices"] == ["cpu"] == got["trained_devices"], (where, got)
+            assert got["host_bytes"] >= 2 * got["params_bytes"] > 0, (where, got)
+            for like, (layout_kept, devices, exact) in got["resumed"].items():
+                assert layout_kept and devices == ["cpu"], (where, like, got["resumed"])
+                assert exact, (where, like, "resumed run differs")
