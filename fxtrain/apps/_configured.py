@@ -92,7 +92,8 @@ def run(model: str | None = None, data: str | None = None, loss: str = "cross_en
             instead of model: loaded by fx.from_pretrained, which under torchrun shards it
             over the ranks (each reading only its slices).
         pretrained_args: fx.from_pretrained's keywords: units, tp_plan, dtype, param_dtype,
-            reduce_dtype (dtypes by name: bfloat16), model_class (a transformers class name).
+            reduce_dtype (dtypes by name: bfloat16), model_class (a transformers class name),
+            offload ("optimizer": the optimizer state in host memory).
         data_args: keyword arguments of the data factory.
         eval_data: the evaluation data factory's import path (None: no evaluation).
         eval_data_args: keyword arguments of the evaluation data factory.
@@ -261,7 +262,8 @@ def _parts(v: dict[str, Any]) -> tuple:
             [_callback(spec) for spec in v["callbacks"] or ()])
 
 
-PRETRAINED_ARGS = ("units", "tp_plan", "dtype", "param_dtype", "reduce_dtype", "model_class")
+PRETRAINED_ARGS = ("units", "tp_plan", "dtype", "param_dtype", "reduce_dtype", "model_class",
+                   "offload")
 
 
 def _pretrained(v: dict[str, Any], tx: Any) -> Any:

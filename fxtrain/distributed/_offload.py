@@ -55,10 +55,14 @@ def _moved(local: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def moved(t: Any, device: torch.device) -> Any:
     """``t`` with its data on ``device``: a DTensor's local tensor moved (its mesh, placements
-    and global shape kept), a plain tensor moved, anything else as it is."""
+    and global shape kept), a plain tensor moved, anything else as it is; ``t`` itself where
+    its data is there already (on a CPU-only machine, always)."""
     if is_dtensor(t):
         from torch.distributed.tensor import DTensor
-        local = _moved(t.to_local(), device)
+        local = t.to_local()
+        if local.device == device or local.is_meta:  # nothing to move: t itself
+            return t
+        local = _moved(local, device)
         return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                                   shape=t.shape, stride=t.stride())
     if isinstance(t, torch.Tensor):

@@ -52,3 +52,22 @@ def test_offloaded_optimizer_state_trains_to_the_same_bits(tmp_path, saved, worl
             for like, (layout_kept, devices, exact) in got["resumed"].items():
                 assert layout_kept and devices == ["cpu"], (where, like, got["resumed"])
                 assert exact, (where, like, "resumed run differs")
+
+
+@pytest.mark.slow
+def test_the_offloaded_moments_are_measured_in_the_hosts_resident_set(monkeypatch):
+    """benchmarks/offload.py on a 2-layer Llama whose tensors are above glibc's mapping
+    threshold (each its own mapping, counted while held): on each rank, the offloaded run's
+    host RssAnon after the load holds its optimizer state (AdamW's moments, measured, not
+    computed), and its steps give the bits of the run without offload."""
+    from helpers import BENCHMARKS, imported
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the ranks unpickle its entry point
+    bench = imported("offload")
+    args = bench._arguments(["--layers", "2", "--hidden", "256", "--intermediate", "512",
+                             "--heads", "4", "--vocab", "4000", "--steps", "3"])
+    result = bench.run(args)
+    print(bench.report(result))
+    assert result["same"], result
+    for rank in result["summary"]:
+        row = rank["optimizer"]
+        assert row["moments"] > 0 and row["host"] >= 0.9 * row["moments"], result
