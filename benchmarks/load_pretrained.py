@@ -198,19 +198,26 @@ def report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _arguments(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def model_arguments(description: str) -> argparse.ArgumentParser:
+    """A parser of the ranks and the Llama's sizes (``llama_config``), with the defaults of
+    the figures in docs/distributed.md, and ``--smoke``."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--world", type=int, default=2)
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--heads", type=int, default=12)
     p.add_argument("--vocab", type=int, default=16000)
+    p.add_argument("--smoke", action="store_true", help="a small model (CI's tools test)")
+    p.add_argument("--out")
+    return p
+
+
+def _arguments(argv) -> argparse.Namespace:
+    p = model_arguments(__doc__.split("\n\n")[0])
     p.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="units")
     p.add_argument("--bound", type=float, default=16.0, help="the overhead allowed, MiB")
-    p.add_argument("--smoke", action="store_true", help="a small model (CI's tools test)")
-    p.add_argument("--out")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.vocab, args.heads = 2, 256, 512, \

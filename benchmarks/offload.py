@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from load_pretrained import MALLOC, _port, save_folder  # the benchmarks import each other
+from load_pretrained import MALLOC, _port, model_arguments, save_folder  # the benchmarks import each other
 from resident import _status
 
 RUNS = (None, "optimizer", "optimizer", None)
@@ -156,16 +156,8 @@ def report(result: dict) -> str:
 
 
 def _arguments(argv) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--world", type=int, default=2)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--hidden", type=int, default=768)
-    p.add_argument("--intermediate", type=int, default=2048)
-    p.add_argument("--heads", type=int, default=12)
-    p.add_argument("--vocab", type=int, default=16000)
+    p = model_arguments(__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--smoke", action="store_true", help="a small model (CI's tools test)")
-    p.add_argument("--out")
     args = p.parse_args(argv)
     if args.smoke:
         args.layers, args.hidden, args.intermediate, args.vocab, args.heads, args.steps = \

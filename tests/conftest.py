@@ -162,6 +162,17 @@ def x64():
     jax.config.update("jax_enable_x64", before)
 
 
+@pytest.fixture(scope="module")
+def one_rank():
+    """A process group of this process alone (gloo, rank 0 of 1) for the module's tests: what
+    fx.shard needs, without spawning ranks."""
+    from helpers_distributed import free_port
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
+                                         rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
 # FXTRAIN_TEST_CPU=FILE: each test's CPU seconds (this process's and the processes it waited
 # for: demo runs, ranks, notebook kernels) appended to FILE as JSON lines. Wall times under
 # pytest-xdist depend on what the other worker runs at the same time; CPU seconds do not, so

@@ -23,15 +23,6 @@ OPTIMIZERS = {
 }
 
 
-@pytest.fixture(scope="module")
-def one_rank():
-    from helpers_distributed import free_port
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}",
-                                         rank=0, world_size=1)
-    yield
-    torch.distributed.destroy_process_group()
-
-
 def _local(x):
     return x.to_local() if hasattr(x, "to_local") else x
 
