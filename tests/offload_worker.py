@@ -96,3 +96,18 @@ def compared(out, folder, cases, ckpt):
         report[key] = got
     with open(f"{out}/rank{fx.distributed.rank()}.json", "w") as f:
         json.dump(report, f)
+
+
+def loaded_bytes(out, folder):
+    """What this rank holds after ``fx.from_pretrained`` loads ``folder`` (benchmarks/
+    simulate_load.py's sparse folder, its zeros read for real), with and without the
+    optimizer offloaded: the bytes by part, as the simulation counts them."""
+    from simulate_load import held  # benchmarks/ on the path: the test puts it there
+    rows = []
+    for offload in (None, "optimizer"):
+        state = fx.from_pretrained(folder, fx.optim.adamw(3e-4, weight_decay=0.1),
+                                   offload=offload)
+        rows.append({**held(state), "offload": offload,
+                     "largest_slice": max(_local(p).nbytes for p in state.params.values())})
+    with open(f"{out}/rank{fx.distributed.rank()}.json", "w") as f:
+        json.dump(rows, f)
