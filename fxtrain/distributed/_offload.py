@@ -39,21 +39,21 @@ def checked(offload: str | None) -> str | None:
     return offload
 
 
-def _moved(local: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _moved(local: torch.Tensor, device: torch.device, pinned: bool) -> torch.Tensor:
     """``local`` on ``device`` (``local`` itself where it is there already); onto the host
     from an accelerator through pinned memory (a page-locked buffer the copy goes to
-    directly, as FSDP2's offload keeps its shards). A meta tensor (a skeleton's, as
+    directly, as FSDP2's offload keeps its shards) where ``pinned``: an eager step's copies
+    (a compiled step's are the graph's, which Inductor makes). A meta tensor (a skeleton's, as
     ``fx.from_pretrained`` shards it) has no data to move and stays."""
     if local.is_meta:
         return local
-    if device == HOST and local.device.type != "cpu" \
-            and not torch.compiler.is_compiling():
+    if pinned and device == HOST and local.device.type != "cpu":
         out = torch.empty(local.shape, dtype=local.dtype, device=HOST, pin_memory=True)
         return out.copy_(local)
     return local.to(device)
 
 
-def moved(t: Any, device: torch.device) -> Any:
+def moved(t: Any, device: torch.device, pinned: bool = True) -> Any:
     """``t`` with its data on ``device``: a DTensor's local tensor moved (its mesh, placements
     and global shape kept), a plain tensor moved, anything else as it is; ``t`` itself where
     its data is there already (on a CPU-only machine, always)."""
@@ -62,22 +62,23 @@ def moved(t: Any, device: torch.device) -> Any:
         local = t.to_local()
         if local.device == device or local.is_meta:  # nothing to move: t itself
             return t
-        local = _moved(local, device)
+        local = _moved(local, device, pinned)
         return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
                                   shape=t.shape, stride=t.stride())
     if isinstance(t, torch.Tensor):
-        return _moved(t, device)
+        return _moved(t, device, pinned)
     return t
 
 
-def to_host(tree: Any) -> Any:
-    """``tree``'s tensors copied to the host (``moved``)."""
-    return pytree.tree_map(lambda t: moved(t, HOST), tree)
+def to_host(tree: Any, pinned: bool = True) -> Any:
+    """``tree``'s tensors copied to the host (``moved``; ``pinned``: into pinned memory from
+    an accelerator)."""
+    return pytree.tree_map(lambda t: moved(t, HOST, pinned), tree)
 
 
 def to_devices(tree: Any, like: Any) -> Any:
     """``tree``'s tensors copied back to the devices of ``like``'s tensors in their place."""
-    return pytree.tree_map(lambda t, d: moved(t, local_device(d)), tree, like)
+    return pytree.tree_map(lambda t, d: moved(t, local_device(d), False), tree, like)
 
 
 def local_device(t: torch.Tensor) -> torch.device:

@@ -227,7 +227,7 @@ def revert_update(old: TrainState, new: TrainState, skip: Any) -> TrainState:
     if skip is True:
         return new.replace(params=old.params, buffers=old.buffers, opt_state=old.opt_state)
     # an offloaded optimizer state chooses on the host, where it lives (one small copy)
-    on_host = skip if old.layout.offload is None else distributed.to_host(skip)
+    on_host = skip if old.layout.offload is None else distributed.to_host(skip, pinned=False)
     return new.replace(params=tree_select(skip, old.params, new.params),
                        buffers=tree_select(skip, old.buffers, new.buffers),
                        opt_state=tree_select(on_host, old.opt_state, new.opt_state))

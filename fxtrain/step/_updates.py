@@ -65,14 +65,15 @@ def regional(state: TrainState, grads: dict[str, torch.Tensor],
 
 
 def offloaded(state: TrainState, grads: dict[str, torch.Tensor],
-              weight: torch.Tensor | None, donated: bool = False) -> Result:
+              weight: torch.Tensor | None, donated: bool = False,
+              pinned: bool = True) -> Result:
     """``whole`` (``donating`` where ``donated``) on the host, where the layout keeps the
     optimizer state (``fxtrain.distributed._offload``): the gradients and the parameters'
-    shards copied there, updated, and the new parameters copied back to their devices (on a
-    CPU-only machine nothing moves)."""
-    host = state.replace(params=distributed.to_host(state.params))
+    shards copied there (``pinned``: into pinned memory, eagerly), updated, and the new
+    parameters copied back to their devices (on a CPU-only machine nothing moves)."""
+    host = state.replace(params=distributed.to_host(state.params, pinned))
     try:
-        new, squared = (donating if donated else whole)(host, distributed.to_host(grads),
+        new, squared = (donating if donated else whole)(host, distributed.to_host(grads, pinned),
                                                         weight)
     except BaseException:
         if donated:  # its optimizer state, shared with host's, may be written into
@@ -87,14 +88,22 @@ def offloaded_donating(state: TrainState, grads: dict[str, torch.Tensor],
     return offloaded(state, grads, weight, donated=True)
 
 
+def offloaded_compiled(state: TrainState, grads: dict[str, torch.Tensor],
+                       weight: torch.Tensor | None) -> Result:
+    """``offloaded`` in a compiled step: the copies are the graph's."""
+    return offloaded(state, grads, weight, pinned=False)
+
+
 def chosen(state: TrainState, autodiff: str, donates: bool, compiled: bool) -> Any:
     """The update strategy for ``state``: ``regional`` where a compiled step on autograd's
     path trains a state whose layout planned the blocks' update; ``donating`` where an eager
     step's caller gives its state up (``donates``: and nothing reverts the update); else
-    ``whole``. A layout that offloads the optimizer state updates on the host, eager or
-    compiled (``offloaded``; donating only eagerly, as above)."""
+    ``whole``. A layout that offloads the optimizer state updates on the host
+    (``offloaded``; donating eagerly as above; ``offloaded_compiled`` compiled)."""
     if state.layout.offload is not None:
-        return offloaded_donating if donates and not compiled else offloaded
+        if compiled:
+            return offloaded_compiled
+        return offloaded_donating if donates else offloaded
     if compiled:  # regional checks that the plan fits this state (else the whole update)
         regional_ok = autodiff == "autograd" and state.layout.block_update is not None
         return regional if regional_ok else whole
