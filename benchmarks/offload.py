@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from load_pretrained import MALLOC, _port, model_arguments, save_folder  # the benchmarks import each other
+from load_pretrained import MALLOC, _port, model_arguments, save_folder  # by name
 from resident import _status
 
 RUNS = (None, "optimizer", "optimizer", None)
