@@ -128,8 +128,9 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     loaded = state.replace(params=params, buffers=buffers,
                            step=torch.zeros((), dtype=torch.int64, device=device),
                            rng=_seed_key(seed, device))
-    loaded = loaded.replace(opt_state=distributed.offloaded_opt_state(
-        state.layout.offload, loaded.init_opt_state(params)))
+    # offloaded, the optimizer state is made on the host: never whole on the device
+    on = distributed.to_host(params) if state.layout.offload else params
+    loaded = loaded.replace(opt_state=loaded.init_opt_state(on))
     logging.getLogger("fxtrain").info("fx.from_pretrained: %s from %s, %d tensors",
                                       type(model).__name__, folder.path, len(params))
     return loaded.replace(callbacks=init_states(callbacks, loaded))

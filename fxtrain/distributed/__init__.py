@@ -185,7 +185,7 @@ from ._collectives import (for_forward, gather_params, local_nbytes, local_parts
                            reduce_scatter_grads, replicated_like, with_whole_params)
 from ._dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
-from ._offload import offloaded_opt_state, to_devices, to_host
+from ._offload import to_devices, to_host
 from ._shard import mesh, shard, unit_names
 from ._slices import held_box, local_box
 from ._strategies import (DataParallel, Reduced, Sharded, SingleProcess, TensorParallel,

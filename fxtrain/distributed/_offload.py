@@ -60,10 +60,10 @@ def moved(t: Any, device: torch.device, pinned: bool = True) -> Any:
     if is_dtensor(t):
         from torch.distributed.tensor import DTensor
         local = t.to_local()
-        if local.device == device or local.is_meta:  # nothing to move: t itself
+        there = _moved(local, device, pinned)
+        if there is local:
             return t
-        local = _moved(local, device, pinned)
-        return DTensor.from_local(local, t.device_mesh, t.placements, run_check=False,
+        return DTensor.from_local(there, t.device_mesh, t.placements, run_check=False,
                                   shape=t.shape, stride=t.stride())
     if isinstance(t, torch.Tensor):
         return _moved(t, device, pinned)
@@ -85,10 +85,3 @@ def local_device(t: torch.Tensor) -> torch.device:
     """Where ``t``'s data lives: a DTensor's local tensor's device (its mesh's device type
     need not be it, once offloaded)."""
     return t.to_local().device if is_dtensor(t) else t.device
-
-
-def offloaded_opt_state(offload: str | None, opt_state: Any) -> Any:
-    """``opt_state`` where ``offload`` keeps it: on the host for ``"optimizer"``, else as
-    it is."""
-    return to_host(opt_state) if offload == "optimizer" else opt_state
-

@@ -205,7 +205,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     if offload is None:
         return new
     return new.replace(layout=new.layout.replace(offload=offload),
-                       opt_state=_offload.offloaded_opt_state(offload, new.opt_state))
+                       opt_state=_offload.to_host(new.opt_state))
 
 
 def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
