@@ -31,18 +31,18 @@ from __future__ import annotations
 
 import atexit
 import copy
-import functools
 import logging
 import math
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from .._torch.groups import forget_groups
+from .._torch.groups import forget_groups, forget_sharding_caches
 from .._torch.modes import outside_dispatch_modes
 from .._torch.version import at_least
 from . import _meshes, _offload, _ranks, _tensor_parallel, _units
@@ -50,12 +50,34 @@ from ._dtensors import distributed, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 
 
-@functools.cache
-def _mesh(device_type: str, size: int):
-    from torch.distributed.device_mesh import init_device_mesh
-    made = init_device_mesh(device_type, (size,), mesh_dim_names=("shard",))
-    atexit.register(_release_group, made)
-    return made
+# The meshes made for the default process group, and that group, weakly: a program that
+# destroys its group and starts another (a notebook run again, one test module after another)
+# gets meshes of the new group, and the destroyed one is not kept alive here.
+_made: dict[tuple, Any] = {}
+_made_for: list[weakref.ref] = []
+
+
+def _for_the_current_group() -> None:
+    """Once per default process group: the meshes made for an earlier one forgotten, and
+    DTensor's sharding caches emptied (``forget_sharding_caches``): they match a mesh by its
+    shape and names, not its group, and handed a traced step the mesh of the destroyed group
+    ("Group ... is not registered" in ``get_local_rank``)."""
+    world = torch.distributed.group.WORLD
+    if world is None or _made_for and _made_for[0]() is world:
+        return
+    forget_sharding_caches()
+    _made.clear()
+    _made_for[:] = [weakref.ref(world)]
+
+
+def _made_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
+    _for_the_current_group()
+    key = (device_type, shape, names)
+    if key not in _made:
+        from torch.distributed.device_mesh import init_device_mesh
+        _made[key] = init_device_mesh(device_type, shape, mesh_dim_names=names)
+        atexit.register(_release_group, _made[key])
+    return _made[key]
 
 
 def _release_group(mesh: Any) -> None:
@@ -76,7 +98,7 @@ def _release_group(mesh: Any) -> None:
 
 
 def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None):
-    """The ``DeviceMesh`` over every rank of the process group (made once per process), on
+    """The ``DeviceMesh`` over every rank of the process group (made once per group), on
     CUDA under NCCL and on the CPU otherwise: 1-D by default, or of ``shape`` (two sizes whose
     product is the world size, the ranks in order row by row) with dimension ``names`` (default
     ``("dp", "tp")``): a 2-D mesh for ``fx.shard``'s FSDP x tensor parallel or HSDP."""
@@ -86,7 +108,7 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     world = _ranks.world_size()
     if shape is None:
-        return _mesh(device, world)
+        return _made_mesh(device, (world,), ("shard",))
     shape = tuple(int(n) for n in shape)
     names = tuple(names) if names is not None else ("dp", "tp")[:len(shape)]
     if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world \
@@ -94,15 +116,7 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
         raise ValueError(f"fx.sharding.mesh: shape {shape} with names {names} does not lay out "
                          f"the job's {world} ranks: give one or two sizes, every size at least "
                          f"1, whose product is {world}, and a name for each")
-    return _named_mesh(device, shape, names)
-
-
-@functools.cache
-def _named_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
-    from torch.distributed.device_mesh import init_device_mesh
-    made = init_device_mesh(device_type, shape, mesh_dim_names=names)
-    atexit.register(_release_group, made)
-    return made
+    return _made_mesh(device, shape, names)
 
 
 def _placements(t: torch.Tensor) -> list:
@@ -211,6 +225,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
 def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
              param_dtype: Any, reduce_dtype: Any, tp_plan: Any) -> Any:
     """``shard``'s state on the device: the mesh checked, then its path by the mesh and plan."""
+    _for_the_current_group()
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim not in (1, 2):
         raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh, got one of shape "
