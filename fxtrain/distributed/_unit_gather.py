@@ -159,9 +159,14 @@ def applies(params: list[Any], gather: Any) -> bool:
     them split over it), with no saved-tensor hooks in force around it (an
     activation-checkpointed region, ``fx.remat``, whose rerun would not find the gathered
     parameters). One mesh by equality, not identity: DTensor's cache of its ops' output specs
-    hands back an equal mesh object of an earlier op (seen after FSDP2 ran in the process)."""
+    hands back an equal mesh object of an earlier op (seen after FSDP2 ran in the process).
+    Parameters of two dtypes and no ``gather.param_dtype`` (a bfloat16 model with a norm kept
+    in float32) are gathered each on its own, in its own dtype: one buffer would hold them in
+    one dtype (FSDP2 gathers such a group as bytes, but refuses its gradients' reduce-scatter)."""
     from torch.distributed.tensor import Shard
     if torch.compiler.is_compiling() or len({p.device_mesh for p in params}) != 1:
+        return False
+    if gather.param_dtype is None and len({p.dtype for p in params}) != 1:
         return False
     if gather.roles is None:
         laid_out = all(p.device_mesh.ndim == 1 and tuple(p.placements) == (Shard(0),)
