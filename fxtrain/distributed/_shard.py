@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import logging
 import math
 import sys
@@ -50,34 +51,36 @@ from ._dtensors import distributed, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 
 
-# The meshes made for the default process group, and that group, weakly: a program that
-# destroys its group and starts another (a notebook run again, one test module after another)
-# gets meshes of the new group, and the destroyed one is not kept alive here.
-_made: dict[tuple, Any] = {}
-_made_for: list[weakref.ref] = []
-
-
 def _for_the_current_group() -> None:
-    """Once per default process group: the meshes made for an earlier one forgotten, and
-    DTensor's sharding caches emptied (``forget_sharding_caches``): they match a mesh by its
-    shape and names, not its group, and handed a traced step the mesh of the destroyed group
-    ("Group ... is not registered" in ``get_local_rank``)."""
-    world = torch.distributed.group.WORLD
-    if world is None or _made_for and _made_for[0]() is world:
-        return
+    """Once per default process group (a program that destroys its group and starts another:
+    a notebook run again, one test module after another): DTensor's sharding caches emptied
+    (``forget_sharding_caches``). They match a mesh by its shape and names, not its group, and
+    handed a traced step the mesh of the destroyed group ("Group ... is not registered" in
+    ``get_local_rank``)."""
+    if torch.distributed.group.WORLD is not None:
+        _group_seen(_current_group())
+
+
+def _current_group() -> weakref.ref:
+    """The default process group, weakly: a key of the caches below that does not keep a
+    destroyed group alive into the interpreter's finalization (see ``_release_group``), and
+    that a later group at the same address does not equal."""
+    return weakref.ref(torch.distributed.group.WORLD)
+
+
+@functools.cache
+def _group_seen(group: weakref.ref) -> None:
     forget_sharding_caches()
-    _made.clear()
-    _made_for[:] = [weakref.ref(world)]
 
 
-def _made_mesh(device_type: str, shape: tuple[int, ...], names: tuple[str, ...]):
-    _for_the_current_group()
-    key = (device_type, shape, names)
-    if key not in _made:
-        from torch.distributed.device_mesh import init_device_mesh
-        _made[key] = init_device_mesh(device_type, shape, mesh_dim_names=names)
-        atexit.register(_release_group, _made[key])
-    return _made[key]
+@functools.cache
+def _made_mesh(group: weakref.ref, device_type: str, shape: tuple[int, ...],
+               names: tuple[str, ...]):
+    """The mesh of ``shape``, made once per default process ``group`` (a key only)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    made = init_device_mesh(device_type, shape, mesh_dim_names=names)
+    atexit.register(_release_group, made)
+    return made
 
 
 def _release_group(mesh: Any) -> None:
@@ -105,10 +108,11 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
     if not _ranks.initialized():
         raise RuntimeError("fx.shard needs an initialized process group: start the program "
                            "with torchrun and call fx.distributed.init() first")
+    _for_the_current_group()
     device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
     world = _ranks.world_size()
     if shape is None:
-        return _made_mesh(device, (world,), ("shard",))
+        return _made_mesh(_current_group(), device, (world,), ("shard",))
     shape = tuple(int(n) for n in shape)
     names = tuple(names) if names is not None else ("dp", "tp")[:len(shape)]
     if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world \
@@ -116,7 +120,7 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
         raise ValueError(f"fx.sharding.mesh: shape {shape} with names {names} does not lay out "
                          f"the job's {world} ranks: give one or two sizes, every size at least "
                          f"1, whose product is {world}, and a name for each")
-    return _made_mesh(device, shape, names)
+    return _made_mesh(_current_group(), device, shape, names)
 
 
 def _placements(t: torch.Tensor) -> list:
