@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import _held, optim, random, struct
-from .distributed import Layout, for_forward
+from .distributed import Layout, for_forward, frozen_for_forward
 from .protocol import init_states
 from .donation import check_live
 from .optim._on_shards import on_shards
@@ -35,10 +35,16 @@ class StepBuffers(dict):
 
 
 def with_step_buffers(state: TrainState) -> TrainState:
-    """``state`` with its buffers cloned into a ``StepBuffers`` that ``apply`` may update."""
+    """``state`` with its buffers cloned into a ``StepBuffers`` that ``apply`` may update; the
+    frozen parameters (``Layout.frozen``, which nothing writes) as they are."""
     if state.buffers is None:
         return state
-    return state.replace(buffers=StepBuffers({k: v.clone() for k, v in state.buffers.items()}))
+    return state.replace(buffers=StepBuffers(_cloned(state.buffers, state.layout.frozen)))
+
+
+def _cloned(buffers: dict[str, torch.Tensor], frozen: tuple[str, ...]) -> dict:
+    """``buffers`` cloned but for the ``frozen`` parameters among them."""
+    return {k: v if k in frozen else v.clone() for k, v in buffers.items()}
 
 
 def _meta_like(t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +108,9 @@ def layout_of(skeleton_: nn.Module, guard: Any) -> Layout:
     tied names (``state.apply`` binds them; None without a ``guard``: the model itself, which
     ``functional_call`` ties), whether it checkpoints its own activations, the guard's handle."""
     tied = None if guard is None else _held.tied_names(skeleton_)
-    return Layout(tied=tied, checkpointing=_held.checkpointing(skeleton_), guard=guard)
+    frozen = tuple(n for n, p in skeleton_.named_parameters() if not p.requires_grad)
+    return Layout(tied=tied, checkpointing=_held.checkpointing(skeleton_), guard=guard,
+                  frozen=frozen)
 
 
 # torch.optim's optimizers and the fxtrain transforms that compute the same update
@@ -244,7 +252,9 @@ class TrainState:
         params = for_forward(params, self.layout)
         buffers = self.buffers
         if buffers is not None and type(buffers) is not StepBuffers:  # keep this state's intact
-            buffers = {k: v.clone() for k, v in buffers.items()}
+            buffers = _cloned(buffers, self.layout.frozen)
+        if buffers is not None:  # a sharded state's frozen parameters as its parameters are
+            buffers = frozen_for_forward(buffers, self.layout)
         tensors = params if buffers is None else {**params, **buffers}
         return _held.call(self.module, tensors, args, kwargs, self.layout.tied)
 

@@ -181,8 +181,9 @@ def barrier() -> None:
 
 
 # the layout and sharding: after the process functions, which the modules below call here
-from ._collectives import (for_forward, gather_params, local_nbytes, local_parts,
-                           reduce_scatter_grads, replicated_like, with_whole_params)
+from ._collectives import (for_forward, frozen_for_forward, gather_params, local_nbytes,
+                           local_parts, reduce_scatter_grads, replicated_like,
+                           with_whole_params)
 from ._dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 from ._offload import to_devices, to_host

@@ -34,6 +34,17 @@ def for_forward(params: dict[str, Any], layout: Layout) -> dict[str, Any]:
     return {**params, **gather_params({k: params[k] for k in root})}
 
 
+def frozen_for_forward(buffers: dict[str, Any], layout: Layout) -> dict[str, Any]:
+    """``buffers`` as the forward takes them: the frozen parameters among them that ``fx.shard``
+    sharded (``Layout.frozen``) laid out as ``for_forward`` lays out parameters, without a
+    gradient (nothing flows back to them); those of the units left for the units."""
+    frozen = {k: buffers[k] for k in layout.frozen if k in buffers and is_dtensor(buffers[k])}
+    if not frozen:
+        return buffers
+    with torch.no_grad():
+        return {**buffers, **for_forward(frozen, layout)}
+
+
 
 def with_whole_params(state: Any) -> Any:
     """``state`` with its parameters gathered whole once, on the model as it was before
@@ -43,7 +54,8 @@ def with_whole_params(state: Any) -> Any:
     if not is_sharded(state.params):
         return state
     layout = state.layout
-    return state.replace(params=gathered(state.params), layout=layout.whole(),
+    buffers = state.buffers if state.buffers is None else gathered(state.buffers)
+    return state.replace(params=gathered(state.params), buffers=buffers, layout=layout.whole(),
                          module=state.module if layout.skeleton is None else layout.skeleton)
 
 

@@ -87,6 +87,9 @@ class Layout:
       offload: what lives in host memory (``fx.shard(offload=...)``,
         ``fxtrain.distributed._offload``): ``"optimizer"``, the optimizer state, updated
         there; None: nothing, every tensor on its device.
+      frozen: the model's parameters that do not train (``requires_grad=False``: a LoRA's base
+        weights), which the state keeps among its buffers: never written by a step, so neither
+        copied per step nor averaged over ranks, and ``fx.shard`` shards them as parameters.
     """
 
     mesh: Any = None
@@ -101,6 +104,7 @@ class Layout:
     guard: Any = dataclasses.field(default=None, compare=False, repr=False)
     block_update: Any = dataclasses.field(default=None, compare=False, repr=False)
     offload: str | None = None
+    frozen: tuple[str, ...] = ()
 
     @property
     def sharded(self) -> bool:
@@ -153,5 +157,6 @@ class Layout:
 
     def whole(self) -> Layout:
         """This layout's unsharded counterpart: what runs the whole parameters."""
-        return Layout(tied=self.tied, checkpointing=self.checkpointing, guard=self.guard)
+        return Layout(tied=self.tied, checkpointing=self.checkpointing, guard=self.guard,
+                      frozen=self.frozen)
 

@@ -270,6 +270,9 @@ def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
                          "example units='auto')")
     params = {k: distributed(p, mesh, _placements(p)) for k, p in state.params.items()}
     layout = _laid_out(state, mesh, Roles(shard=0), units=tuple(found), gather=gather)
+    frozen = {k: distributed(b, mesh, _placements(b)) for k, b in (state.buffers or {}).items()
+              if k in layout.frozen}
+    state = state.replace(buffers={**state.buffers, **frozen}) if frozen else state
     return _with_params(state, module, layout, params, callbacks)
 
 
@@ -288,6 +291,7 @@ def _laid_out(state: Any, mesh: Any, roles: Roles, **facts: Any) -> Layout:
     checkpointing) with ``mesh``, ``roles`` and ``facts``, and the skeleton as it was."""
     before = state.layout
     return Layout(mesh=mesh, roles=roles, tied=before.tied, checkpointing=before.checkpointing,
+                  frozen=before.frozen,
                   skeleton=state.module, guard=before.guard, **facts)
 
 

@@ -111,7 +111,9 @@ def gradient_fn(args: StepArgs, state: TrainState, batch: Any, plan: Plan, key: 
         loss, weight = weighed(loss, count, plan.parallel, state.layout)
         weights = () if weight is None else (weight,)  # functorch's aux: tensors only
         scaled = loss if scale is None else loss * scale
-        return scaled, (loss, aux, dict(inner.buffers or {}), weights)  # plain dicts
+        written = {k: v for k, v in (inner.buffers or {}).items()  # plain dicts; the frozen
+                   if k not in state.layout.frozen}              # parameters, never written
+        return scaled, (loss, aux, written, weights)
 
     def keyed(fn, *inputs):
         was = set_training(state.module, True)
@@ -157,7 +159,8 @@ def applied(args: StepArgs, state: TrainState, plan: Plan, out: Any,
     """The reduced gradients ``out`` applied by the plan's update: the new state and the
     step's metrics."""
     new, squared = plan.update(state, out.grads, weight)
-    new = new.replace(buffers=out.buffers or None)
+    if state.buffers is not None:  # in their order, the frozen parameters as they were
+        new = new.replace(buffers={k: out.buffers.get(k, v) for k, v in state.buffers.items()})
     squared = out.squared if out.squared is not None else squared
     metrics = plan.path.metrics(step_metrics(out.loss, out.aux, out.grads, new.opt_state,
                                              args.grad_stats, squared))
