@@ -1,0 +1,54 @@
+"""The ranks' side of the LoRA-on-shards tests (WIP): a model with frozen parameters sharded by
+fx.shard, trained on 2 ranks against one process at the global batch."""
+
+import json
+
+import torch
+
+import fxtrain as fx
+
+
+def _model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(
+        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()),
+        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()),
+        torch.nn.Linear(16, 2))
+    m[0][0].requires_grad_(False)
+    m[2].weight.requires_grad_(False)
+    return m
+
+
+def _loss(s, p, x):
+    return s.apply(p, x).square().mean()
+
+
+def frozen_sharded(out, units, compiled):
+    rank, world = fx.distributed.rank(), fx.distributed.world_size()
+    step = fx.make_train_step(_loss)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    state = fx.shard(fx.TrainState.create(_model(), fx.optim.adamw(1e-2)), units=units)
+    initial = {k: v.clone() for k, v in _model().state_dict().items()}
+    local = {k: b.to_local().numel() for k, b in state.buffers.items()}
+    losses = []
+    for i in range(4):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
+        share = x.chunk(world)[rank]
+        state, m = step(state, share, donate=i > 0)
+        losses.append(float(m["loss"]))
+    whole = fx.sharding.gathered({**state.params, **state.buffers})
+    if rank == 0:
+        torch.save({"losses": losses, "whole": whole, "local": local, "initial": initial,
+                    "opt": sorted(state.opt_state[0].mu)}, f"{out}/rank0.pt")
+
+
+def one_process(out):
+    step = fx.make_train_step(_loss)
+    state = fx.TrainState.create(_model(), fx.optim.adamw(1e-2))
+    losses = []
+    for i in range(4):
+        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
+        state, m = step(state, x)
+        losses.append(float(m["loss"]))
+    torch.save({"losses": losses, "whole": {**state.params, **state.buffers}}, f"{out}/one.pt")
