@@ -1,0 +1,62 @@
+"""WIP (issue 78, item 3): peft's LoRA on a sharded state, on a one-rank group: the frozen base
+weights sharded as parameters (no optimizer state, never copied per step), the adapter trained
+with an unsharded run's bits, and peft's own load of the saved adapter gives the same logits."""
+
+import pytest
+import torch
+
+import fxtrain as fx
+from helpers import extra
+
+peft = extra("peft")
+transformers = extra("transformers")
+
+IDS = torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _base():
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32,
+                                     n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    model.loss_type = "ForCausalLM"
+    return model
+
+
+def _lora():
+    return peft.get_peft_model(_base(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
+
+
+def _loss(s, p, ids):
+    logits = s.apply(p, ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 32),
+                                             ids[:, 1:].reshape(-1))
+
+
+@pytest.mark.parametrize("units", ["whole", "auto"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank, units,
+                                                                       compiled, tmp_path):
+    step = fx.make_train_step(_loss)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    plain = fx.TrainState.create(_lora(), fx.optim.adamw(3e-2))
+    sharded = fx.shard(fx.TrainState.create(_lora(), fx.optim.adamw(3e-2)), units=units)
+    frozen = sharded.layout.frozen
+    assert frozen and all(fx.distributed.is_dtensor(sharded.buffers[k]) for k in frozen)
+    assert all("lora_" in k for k in sharded.params)
+    given = {k: sharded.buffers[k] for k in frozen}
+    for _ in range(3):
+        plain, plain_metrics = step(plain, IDS)
+        sharded, metrics = step(sharded, IDS)
+        assert torch.equal(metrics["loss"], plain_metrics["loss"])
+    assert all(sharded.buffers[k] is given[k] for k in frozen)  # never copied nor written
+    whole = fx.sharding.gathered(sharded.params)
+    assert all(torch.equal(whole[k], plain.params[k]) for k in plain.params)
+    trained = fx.trained_module(sharded)
+    trained.save_pretrained(tmp_path)
+    loaded = peft.PeftModel.from_pretrained(_base(), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, trained.eval()(IDS).logits)
