@@ -52,3 +52,43 @@ def one_process(out):
         state, m = step(state, x)
         losses.append(float(m["loss"]))
     torch.save({"losses": losses, "whole": {**state.params, **state.buffers}}, f"{out}/one.pt")
+
+
+def _lora_config():
+    import peft
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                           lora_dropout=0.0)
+
+
+def _llama_loss(s, p, ids):
+    logits = s.apply(p, ids).logits
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             ids[:, 1:].reshape(-1))
+
+
+def _ids(i):
+    return torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(i))
+
+
+def lora_loaded(out, folder, units, compiled, steps=4):
+    """fx.from_pretrained(lora=...) over the ranks (or alone), trained ``steps`` steps on the
+    global batch's share; rank 0 records the losses, the whole adapters and base, the local
+    bytes of the frozen base."""
+    rank, world = fx.distributed.rank(), fx.distributed.world_size()
+    kw = {"units": units} if world > 1 else {}
+    state = fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=_lora_config(), **kw)
+    step = fx.make_train_step(_llama_loss)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend="aot_eager")
+    frozen_local = sum((b.to_local() if hasattr(b, "to_local") else b).numel()
+                       for k, b in state.buffers.items() if k in state.layout.frozen)
+    losses = []
+    for i in range(steps):
+        state, m = step(state, _ids(i).chunk(world)[rank])
+        losses.append(float(m["loss"]))
+    whole = fx.sharding.gathered({**state.params, **state.buffers})
+    trained = fx.trained_module(state)
+    if rank == 0:
+        trained.save_pretrained(f"{out}/adapter_{world}")
+        torch.save({"losses": losses, "whole": whole, "frozen_local": frozen_local,
+                    "opt": sorted(state.opt_state[0].mu)}, f"{out}/lora_{world}.pt")

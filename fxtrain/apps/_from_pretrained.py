@@ -44,7 +44,8 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
                     param_dtype: torch.dtype | None = None,
                     reduce_dtype: torch.dtype | None = None,
                     dtype: torch.dtype | str | None = None, model_class: Any = None,
-                    seed: int = 0, callbacks: Sequence[Callable] = ()) -> Any:
+                    lora: Any = None, seed: int = 0,
+                    callbacks: Sequence[Callable] = ()) -> Any:
     """A ``TrainState`` of the Hugging Face model in ``directory`` (``config.json`` and
     safetensors files, as ``save_pretrained`` or ``fx.export_pretrained`` write them), laid out
     over the ranks as ``fx.shard`` lays it out, each rank reading only its own slices.
@@ -69,6 +70,12 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
         (rotary tables) keep the dtype its ``__init__`` gives them.
       model_class: the transformers class (or its name) to build; default the config's first
         ``architectures``.
+      lora: a ``peft.LoraConfig``: the model wrapped by ``peft.get_peft_model``, its base
+        weights frozen (sharded as the parameters, with no optimizer state) and read from the
+        folder, the adapters trained: ``lora_A`` drawn as peft draws it (Kaiming-uniform, or
+        normal with ``init_lora_weights="gaussian"``) from ``seed``, ``lora_B`` zeros, so the
+        loaded model starts as the folder's. ``fx.save_adapter`` writes the adapter as peft
+        saves it.
       seed: the state's key, as ``TrainState.create``'s.
       callbacks: the callbacks whose states the state starts with, as ``TrainState.create``'s.
 
@@ -103,6 +110,9 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
     model = _agree(lambda: _skeleton(folder, model_class, target))
     held = model.state_dict(keep_vars=True)
     folder = _agree(lambda: _matched(folder, model, held))
+    if lora is not None:
+        model = _agree(lambda: _with_lora(model, lora, target))
+        held = model.state_dict(keep_vars=True)
     sharded = mesh is not None or distributed.world_size() > 1
     if not sharded and (units is not None or tp_plan is not None or param_dtype is not None
                         or reduce_dtype is not None or offload is not None):
@@ -116,7 +126,11 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
                       reduce_dtype=reduce_dtype, offload=offload)
     names = _file_names(state, folder)
     device = _device(state)
-    params = _agree(lambda: _read(folder, state.params, names, device))
+    adapters = [k for k in state.params if k not in names] if lora is not None else []
+    params = _agree(lambda: _read(folder, {k: v for k, v in state.params.items()
+                                           if k not in adapters}, names, device))
+    params = {k: params[k] if k in params else _drawn(k, state.params[k], lora, seed, device)
+              for k in state.params}
     _agree(lambda: _ties_agree(folder, state, params, names))
     persistent = set(held)
     buffers = state.buffers
@@ -258,15 +272,91 @@ def _check(folder: _hf_folder.Folder, held: dict[str, torch.Tensor]) -> None:
 
 
 def _file_names(state: Any, folder: _hf_folder.Folder) -> dict[str, str]:
-    """The folder's name for each of the state's tensors: its own, else a tied alias's."""
+    """The folder's name for each of the state's tensors: its own, else a tied alias's (under
+    peft's wrapping, the base model's name: ``_base``)."""
     out = {}
     groups = {n: g for g in (state.layout.tied or ()) for n in g}
     for name in [*state.params, *(state.buffers or {})]:
         for candidate in (name, *groups.get(name, ())):
-            if candidate in folder.entries:
-                out[name] = candidate
+            if _base(candidate) in folder.entries:
+                out[name] = _base(candidate)
                 break
     return out
+
+
+_PEFT_PREFIX = "base_model.model."
+
+
+def _base(name: str) -> str:
+    """The base model's name of a tensor of a peft-wrapped model (``base_model.model.`` and a
+    wrapped layer's ``.base_layer`` gone); other names as they are."""
+    if not name.startswith(_PEFT_PREFIX):
+        return name
+    return name[len(_PEFT_PREFIX):].replace(".base_layer.", ".")
+
+
+_LORA_INITS = (True, "gaussian")
+
+
+def _with_lora(model: torch.nn.Module, config: Any, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` (the meta skeleton) wrapped by ``peft.get_peft_model(model, config)``, its
+    adapters on the meta device too; a configuration whose adapters depend on the base
+    weights' values (PiSSA, OLoRA, LoftQ, ...), or that trains more than adapters, refused."""
+    from .._torch.meta_init import parameters_on_meta
+    try:
+        import peft
+    except ImportError as e:
+        raise ImportError("fx.from_pretrained(lora=...) wraps the model with peft: pip install "
+                          "peft") from e
+    if not isinstance(config, peft.LoraConfig):
+        raise TypeError(f"fx.from_pretrained: lora takes a peft.LoraConfig, got "
+                        f"{type(config).__name__}")
+    problems = []
+    if config.init_lora_weights not in _LORA_INITS:
+        problems.append(f"init_lora_weights={config.init_lora_weights!r} (its adapters start "
+                        "from the base weights' values, or from noise on both sides)")
+    if getattr(config, "use_dora", False):
+        problems.append("use_dora=True (DoRA's magnitudes are the base weights' norms)")
+    if config.modules_to_save:
+        problems.append(f"modules_to_save={config.modules_to_save!r} (whole modules trained "
+                        "beside the adapters)")
+    if getattr(config, "lora_bias", False):
+        problems.append("lora_bias=True")
+    if problems:
+        allowed = " or ".join(map(repr, _LORA_INITS))
+        raise ValueError(f"fx.from_pretrained(lora=...): {'; '.join(problems)} is not "
+                         f"supported yet; init_lora_weights may be {allowed}, with plain "
+                         "adapters only")
+    with parameters_on_meta(dtype):
+        wrapped = peft.get_peft_model(model, config)
+    return wrapped
+
+
+def _drawn(name: str, like: Any, config: Any, seed: int, device: torch.device) -> Any:
+    """The initial value of the adapter ``name`` (this rank's part of it, for a DTensor
+    ``like``): ``lora_A`` drawn as peft draws it, from a generator of ``seed`` and the name
+    (every rank draws the same whole tensor and keeps its box), ``lora_B`` zeros."""
+    import hashlib
+    import math
+
+    from ..distributed import held_box, is_dtensor
+    shape = tuple(like.shape)
+    whole = torch.zeros(shape, dtype=torch.float32)
+    if ".lora_A." in name:
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        if config.init_lora_weights == "gaussian":
+            whole.normal_(0.0, 1.0 / config.r, generator=g)
+        else:  # nn.init.kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            bound = 1.0 / math.sqrt(shape[1])
+            whole.uniform_(-bound, bound, generator=g)
+    elif ".lora_B." not in name:
+        raise ValueError(f"fx.from_pretrained: {name} is neither in the folder nor an adapter")
+    if not is_dtensor(like):
+        return whole.to(device=device, dtype=like.dtype)
+    box = held_box(like)
+    local = whole[box].to(device=device, dtype=like.dtype).contiguous()
+    return _wrapped(local, like)
 
 
 def _device(state: Any) -> torch.device:
