@@ -28,6 +28,7 @@ _NAMES = {
     "Control": "protocol", "Event": "protocol", "DonatedError": "donation",
     "load_safetensors": "export", "save_safetensors": "export", "trained_module": "export",
     "export_pretrained": "apps._pretrained", "from_pretrained": "apps._from_pretrained",
+    "save_adapter": "apps._adapter",
     "to_device": "data", "shard": "sharding",
     "TrainState": "state", "tree_digest": "tree", "train": "apps._configured",
     **dict.fromkeys(("evaluate", "fit", "Interrupted", "Preempted", "predict", "lr_find",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see: the names, eagerly
     from .export import load_safetensors, save_safetensors, trained_module
     from .apps._pretrained import export_pretrained
     from .apps._from_pretrained import from_pretrained
+    from .apps._adapter import save_adapter
     from .data._feed import to_device
     from .step._graphs import cuda_graphed
     from .step._compile import compile
@@ -97,7 +99,7 @@ __all__ = [
     "compile",
     # moving data and models in and out
     "to_device", "trained_module", "save_safetensors", "load_safetensors", "export_pretrained",
-    "from_pretrained", "cuda_graphed",
+    "from_pretrained", "save_adapter", "cuda_graphed",
     "tree_digest",
     # the packages
     "callbacks", "checkpoint", "data", "debug", "distributed", "donation", "logging", "losses",
