@@ -270,10 +270,16 @@ def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
                          "example units='auto')")
     params = {k: distributed(p, mesh, _placements(p)) for k, p in state.params.items()}
     layout = _laid_out(state, mesh, Roles(shard=0), units=tuple(found), gather=gather)
-    frozen = {k: distributed(b, mesh, _placements(b)) for k, b in (state.buffers or {}).items()
-              if k in layout.frozen}
-    state = state.replace(buffers={**state.buffers, **frozen}) if frozen else state
+    state = _with_frozen(state, lambda k, b: distributed(b, mesh, _placements(b)))
     return _with_params(state, module, layout, params, callbacks)
+
+
+def _with_frozen(state: Any, place: Callable[[str, Any], Any]) -> Any:
+    """``state`` with its frozen parameters (``Layout.frozen``, kept among its buffers) laid
+    out by ``place(name, tensor)``, as its parameters are: sharded, with no optimizer state."""
+    frozen = {k: place(k, b) for k, b in (state.buffers or {}).items()
+              if k in state.layout.frozen}
+    return state.replace(buffers={**state.buffers, **frozen}) if frozen else state
 
 
 _FLOAT8_GATHER = "enable_fsdp_float8_all_gather gathers float8 weights"
@@ -329,7 +335,11 @@ def _with_plan(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtype: Any
                          "keeps the rest whole; per-block units, param_dtype, reduce_dtype and "
                          "sharded callbacks do not combine with it yet (a 2-D mesh)")
     plan = _tensor_parallel.plan_of(state.module, tp_plan)
-    module, params = _tensor_parallel.install(state.module, plan, mesh, state.params)
+    module, placed = _tensor_parallel.placed_on(state.module, plan, mesh, state.params)
+    params = {n: distributed(p, mesh, placed[n]) if n in placed else p
+              for n, p in state.params.items()}
+    state = _with_frozen(state, lambda k, b: distributed(b, mesh, placed[k]) if k in placed
+                         else b)
     logging.getLogger("fxtrain").info("fx.shard: tensor parallel over %d ranks, %d layers "
                                       "split", mesh.size(), len(plan))
     layout = _laid_out(state, mesh, Roles(tp=0), planned=tuple(plan))
@@ -365,6 +375,8 @@ def _two_dimensional(state: Any, mesh: Any, tp_plan: Any, units: Any, param_dtyp
                          "whole; pass units=... too (for example units='auto')")
     params = {k: distributed(p, mesh, _meshes.placements(p, roles, tp.get(k, (None,))[0]))
               for k, p in state.params.items()}
+    state = _with_frozen(state, lambda k, b: distributed(
+        b, mesh, _meshes.placements(b, roles, tp.get(k, (None,))[0])))
     logging.getLogger("fxtrain").info(
         "fx.shard: %s on a %s mesh %s, %s", "FSDP x tensor parallel" if tp else "HSDP",
         "x".join(map(str, mesh.shape)), mesh.mesh_dim_names,

@@ -29,26 +29,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._dtensors import distributed
 from ._plans import plan_of
 from ._split_checks import checked
 
-__all__ = ["plan_of", "install", "placed_on", "planned_params"]
-
-
-def install(module: nn.Module, plan: dict[str, Any], mesh: Any,
-            params: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, Any]]:
-    """A copy of the skeleton ``module`` running ``plan`` on ``mesh``, and ``params`` with the
-    planned ones distributed as the plan places them (the others as they are)."""
-    module, placed = placed_on(module, plan, mesh, params)
-    return module, {n: distributed(p, mesh, placed[n]) if n in placed else p
-                    for n, p in params.items()}
+__all__ = ["plan_of", "placed_on", "planned_params"]
 
 
 def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
               params: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, tuple]]:
     """A copy of the skeleton ``module`` running ``plan`` on the 1-D ``mesh``, and the
-    placements the plan gives each of its parameters (by name)."""
+    placements the plan gives each of its parameters (by name), the frozen ones too."""
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import parallelize_module
     module = copy.deepcopy(module)  # a skeleton: meta tensors, nothing to copy
@@ -73,10 +63,6 @@ def placed_on(module: nn.Module, plan: dict[str, Any], mesh: Any,
                              "styles split evenly only (their next layer rebuilds the whole "
                              "size from its shard); give that layer a size the ranks divide, "
                              "or leave it out of the plan")
-    frozen = sorted(set(placed) - set(params))
-    if frozen:
-        raise ValueError(f"fx.shard: the tensor-parallel plan splits frozen parameters "
-                         f"({frozen[:3]}); leave modules without trainable weights out of it")
     return module, placed
 
 
