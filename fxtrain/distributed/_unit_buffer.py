@@ -35,6 +35,11 @@ class Plan:
         """Each parameter's elements per rank, padded."""
         return [self.rows(s) * _inner(s) for s in self.shapes]
 
+    def only(self, kept: list[int]) -> Plan:
+        """This plan over the parameters at the indices ``kept`` (a unit's trained ones: the
+        frozen ones' gradients are not reduce-scattered)."""
+        return dataclasses.replace(self, shapes=tuple(self.shapes[i] for i in kept))
+
     def gathered(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
         """The whole parameters of this rank's ``shards``: one all-gather, copied out."""
         return self.copied_out(self.issued(shards))

@@ -63,7 +63,16 @@ class _Gather(torch.autograd.Function):
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:
         if ctx.hooks is not None:  # every gradient of the unit's parameters is in: done
             ctx.hooks.release()
-        return (None, None, *ctx.plan.scattered(grads, ctx.like))
+        trained = [i for i, needed in enumerate(ctx.needs_input_grad[2:]) if needed]
+        if len(trained) == len(grads):
+            return (None, None, *ctx.plan.scattered(grads, ctx.like))
+        out: list[torch.Tensor | None] = [None] * len(grads)  # frozen: nothing to send back
+        if trained:
+            scattered = ctx.plan.only(trained).scattered([grads[i] for i in trained],
+                                                         [ctx.like[i] for i in trained])
+            for i, g in zip(trained, scattered):
+                out[i] = g
+        return (None, None, *out)
 
 
 class Regathered:
