@@ -1,0 +1,86 @@
+"""LoRA on a sharded state (issue 78, item 3) on gloo ranks: a Llama loaded by
+fx.from_pretrained(lora=peft.LoraConfig) with its base weights frozen and sharded (no optimizer
+state, 1/N of their bytes per rank) trains as one process does at the global batch, per block,
+whole and on an HSDP mesh, eager and compiled; fx.save_adapter writes what peft loads; a
+frozen layer under a tensor-parallel plan, on a 1-D and a 2-D mesh, too (the one-rank checks:
+tests/unit/test_lora_shards.py)."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+import lora_worker
+from helpers import extra, once_per_run
+from helpers_distributed import free_port
+
+transformers = extra("transformers")
+peft = extra("peft")
+import pretrained_worker  # noqa: E402  (after the extras' check)
+
+TWO = [("units", False), ("whole", False), ("units", True)]
+FOUR = [("hsdp", False)]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    return once_per_run(tmp_path_factory, "pretrained_models", pretrained_worker.save_models)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,cases", [(2, TWO), (4, FOUR)], ids=["2ranks", "4ranks"])
+def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_path, saved,
+                                                                         world, cases):
+    folder = saved / "llama"
+    mp.spawn(dist_worker.spawned, nprocs=world,
+             args=(world, free_port(), lora_worker.lora_layouts,
+                   (str(tmp_path), str(folder), cases), {}))
+    report = torch.load(tmp_path / f"report{world}.pt")
+    one_dir = tmp_path / "one"
+    one_dir.mkdir()
+    lora_worker.lora_layouts(str(one_dir), str(folder), [("units", False)])  # alone: whole
+    one = torch.load(one_dir / "report1.pt")["units-eager"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    files = {f"base_model.model.{k}": v for k, v in base.state_dict().items()}
+    ids = lora_worker._ids(0)
+    for key, got in report.items():
+        # the adapters train, the base does not, and only the adapters have optimizer state
+        assert got["params"] == one["params"] and all("lora_" in k for k in got["params"])
+        assert got["opt"] == got["params"], key
+        frozen = [k for k in got["whole"] if k not in got["params"]]
+        assert frozen and all(torch.equal(got["whole"][k], files[k.replace(
+            ".base_layer.", ".")]) for k in frozen), key
+        shards = 2 if key.startswith("hsdp") else world  # HSDP: shards over its 2 columns
+        # rank 0's share of the base (rows split unevenly: a vocabulary of 37)
+        assert got["local"] / got["total"] <= 1 / shards + 0.01, (key, got["local"],
+                                                                 got["total"])
+        # one process at the global batch: the same sums in another order
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
+                                   rtol=0, atol=1e-6)
+        for k in got["params"]:
+            torch.testing.assert_close(got["whole"][k], one["whole"][k], rtol=0, atol=1e-6)
+        # fx.save_adapter wrote what peft loads: its logits are those of the trained weights
+        loaded = peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(folder), tmp_path / key).eval()
+        rebuilt = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(folder),
+                                      lora_worker._lora_config()).eval()
+        rebuilt.load_state_dict(got["whole"], strict=False)
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, rebuilt(ids).logits), key
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world,shape", [(2, None), (4, (2, 2))], ids=["tp", "fsdp_tp"])
+def test_a_frozen_layer_a_plan_splits_trains_as_one_process(tmp_path, world, shape):
+    lora_worker.frozen_planned_one(str(tmp_path))
+    one = torch.load(tmp_path / "planned_one.pt")
+    for compiled in (False, True):
+        mp.spawn(dist_worker.spawned, nprocs=world,
+                 args=(world, free_port(), lora_worker.frozen_planned,
+                       (str(tmp_path), compiled, shape), {}))
+        got = torch.load(tmp_path / "planned.pt")
+        assert got["local"]["0.weight"] * world == 128  # split over every rank
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
+                                   rtol=0, atol=1e-6)
+        for k, v in one["whole"].items():
+            torch.testing.assert_close(got["whole"][k], v, rtol=0, atol=1e-6)
