@@ -57,8 +57,11 @@ def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_pat
         # one process at the global batch: the same sums in another order
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
                                    rtol=0, atol=1e-6)
+        # AdamW normalizes each gradient: where it is tiny (lora_A's, while lora_B is near
+        # zero) a rounding difference moves the update by up to its size, lr = 3e-2; seen:
+        # 2.3e-6 after 4 steps. Bounded at 1e-4 of the 4 steps' 0.12
         for k in got["params"]:
-            torch.testing.assert_close(got["whole"][k], one["whole"][k], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["whole"][k], one["whole"][k], rtol=0, atol=1.2e-5)
         # fx.save_adapter wrote what peft loads: its logits are those of the trained weights
         loaded = peft.PeftModel.from_pretrained(
             transformers.AutoModelForCausalLM.from_pretrained(folder), tmp_path / key).eval()
