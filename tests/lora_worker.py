@@ -1,58 +1,14 @@
-"""The ranks' side of tests/ranks/test_lora_ranks.py: models with frozen parameters (a small MLP,
-and a Llama loaded by fx.from_pretrained with a peft LoraConfig) sharded by fx.shard, trained
-on the ranks against one process at the global batch."""
-
-import json
+"""The ranks' side of tests/ranks/test_lora_ranks.py: a Llama loaded by fx.from_pretrained with
+a peft LoraConfig over the ranks' layouts, and a small model whose frozen layer a
+tensor-parallel plan splits, trained on the ranks against one process at the global batch."""
 
 import torch
 
 import fxtrain as fx
 
 
-def _model():
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(
-        torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU()),
-        torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU()),
-        torch.nn.Linear(16, 2))
-    m[0][0].requires_grad_(False)
-    m[2].weight.requires_grad_(False)
-    return m
-
-
 def _loss(s, p, x):
     return s.apply(p, x).square().mean()
-
-
-def frozen_sharded(out, units, compiled):
-    rank, world = fx.distributed.rank(), fx.distributed.world_size()
-    step = fx.make_train_step(_loss)
-    if compiled:
-        step = torch.compile(step, fullgraph=True, backend="aot_eager")
-    state = fx.shard(fx.TrainState.create(_model(), fx.optim.adamw(1e-2)), units=units)
-    initial = {k: v.clone() for k, v in _model().state_dict().items()}
-    local = {k: b.to_local().numel() for k, b in state.buffers.items()}
-    losses = []
-    for i in range(4):
-        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
-        share = x.chunk(world)[rank]
-        state, m = step(state, share, donate=i > 0)
-        losses.append(float(m["loss"]))
-    whole = fx.sharding.gathered({**state.params, **state.buffers})
-    if rank == 0:
-        torch.save({"losses": losses, "whole": whole, "local": local, "initial": initial,
-                    "opt": sorted(state.opt_state[0].mu)}, f"{out}/rank0.pt")
-
-
-def one_process(out):
-    step = fx.make_train_step(_loss)
-    state = fx.TrainState.create(_model(), fx.optim.adamw(1e-2))
-    losses = []
-    for i in range(4):
-        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
-        state, m = step(state, x)
-        losses.append(float(m["loss"]))
-    torch.save({"losses": losses, "whole": {**state.params, **state.buffers}}, f"{out}/one.pt")
 
 
 def _lora_config():
@@ -69,30 +25,6 @@ def _llama_loss(s, p, ids):
 
 def _ids(i):
     return torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(i))
-
-
-def lora_loaded(out, folder, units, compiled, steps=4):
-    """fx.from_pretrained(lora=...) over the ranks (or alone), trained ``steps`` steps on the
-    global batch's share; rank 0 records the losses, the whole adapters and base, the local
-    bytes of the frozen base."""
-    rank, world = fx.distributed.rank(), fx.distributed.world_size()
-    kw = {"units": units} if world > 1 else {}
-    state = fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=_lora_config(), **kw)
-    step = fx.make_train_step(_llama_loss)
-    if compiled:
-        step = torch.compile(step, fullgraph=True, backend="aot_eager")
-    frozen_local = sum((b.to_local() if hasattr(b, "to_local") else b).numel()
-                       for k, b in state.buffers.items() if k in state.layout.frozen)
-    losses = []
-    for i in range(steps):
-        state, m = step(state, _ids(i).chunk(world)[rank])
-        losses.append(float(m["loss"]))
-    whole = fx.sharding.gathered({**state.params, **state.buffers})
-    trained = fx.trained_module(state)
-    if rank == 0:
-        trained.save_pretrained(f"{out}/adapter_{world}")
-        torch.save({"losses": losses, "whole": whole, "frozen_local": frozen_local,
-                    "opt": sorted(state.opt_state[0].mu)}, f"{out}/lora_{world}.pt")
 
 
 def frozen_planned(out, compiled, mesh_shape=None):
@@ -139,8 +71,8 @@ def lora_layouts(out, folder, cases, steps=4):
     """Each case (a name of ``pretrained_worker.LAYOUTS``, compiled or not): the Llama in
     ``folder`` loaded with LoRA over the ranks, ``steps`` steps on the global batch's share;
     rank 0 saves the adapter (fx.save_adapter) and records, per case, the losses, the whole
-    adapters and base, the local and whole bytes of the frozen base, and the optimizer
-    state's names."""
+    adapters and base, each frozen tensor's local and whole sizes, and the optimizer state's
+    names."""
     from pretrained_worker import LAYOUTS
     rank, world = fx.distributed.rank(), fx.distributed.world_size()
     report = {}
@@ -153,9 +85,9 @@ def lora_layouts(out, folder, cases, steps=4):
         if compiled:
             step = torch.compile(step, fullgraph=True, backend="aot_eager")
         frozen = [k for k in state.layout.frozen if k in state.buffers]
-        local = sum(getattr(state.buffers[k], "to_local", lambda k=k: state.buffers[k])().numel()
-                    for k in frozen)
-        total = sum(state.buffers[k].numel() for k in frozen)
+        local = {k: getattr(state.buffers[k], "to_local", lambda k=k: state.buffers[k])().numel()
+                 for k in frozen}
+        total = {k: state.buffers[k].numel() for k in frozen}
         share = fx.distributed.data_world_size(state)
         losses = []
         for i in range(steps):

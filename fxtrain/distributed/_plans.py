@@ -14,6 +14,12 @@ A plan maps submodule names (``*`` for any index, as transformers' plans write t
   inputs or outputs (the sequence split where it starts and ends), whatever the module.
 
 A module is given one style: two keys that name one module are refused.
+
+A layer peft's LoRA wraps (``base_layer``, ``lora_A``, ``lora_B``) is planned by the name of
+the layer it wraps, as transformers' plans name it: its frozen ``base_layer`` takes the style,
+and so does the adapter on the split side (``lora_B`` of a colwise layer, whose output is split
+as the base's is; ``lora_A`` of a rowwise one, which reads the base's split input), the other
+adapter whole on every rank.
 """
 
 from __future__ import annotations
@@ -62,9 +68,18 @@ def _auto(module: nn.Module) -> dict[str, Any]:
         raise ValueError(f"fx.shard(tp_plan='auto'): {type(module).__name__} has no "
                          "config.base_model_tp_plan (transformers gives one to Llama, "
                          "Qwen, Mistral and others); pass the plan as a dict")
-    prefix = getattr(module, "base_model_prefix", "")
-    prefix = f"{prefix}." if prefix and hasattr(module, prefix) else ""
-    return {prefix + key: value for key, value in base.items()}
+    wrapped = _peft_base(module)
+    path = next(n + "." for n, m in module.named_modules() if m is wrapped) if wrapped else ""
+    inner = wrapped or module
+    prefix = getattr(inner, "base_model_prefix", "")
+    prefix = f"{prefix}." if prefix and hasattr(inner, prefix) else ""
+    return {path + prefix + key: value for key, value in base.items()}
+
+
+def _peft_base(module: nn.Module) -> nn.Module | None:
+    """The transformers model a peft model wraps (``base_model.model``), or None."""
+    get = getattr(module, "get_base_model", None)
+    return get() if callable(get) and isinstance(get(), nn.Module) else None
 
 
 def plan_of(module: nn.Module, tp_plan: Any) -> dict[str, Any]:
@@ -96,7 +111,28 @@ def plan_of(module: nn.Module, tp_plan: Any) -> dict[str, Any]:
     out = {name: out[name] for name in modules if name in out}  # in the model's order
     _check_rowwise_inputs(modules, out)
     _check_sequence_split(out)
-    return out
+    return {part: s for name, style in out.items()
+            for part, s in _through_lora(name, modules[name], style).items()}
+
+
+def _lora_wrapped(module: nn.Module) -> nn.Module | None:
+    """The layer a peft LoRA layer wraps (its ``base_layer``), or None for any other module."""
+    if all(isinstance(getattr(module, a, None), nn.Module) for a in ("base_layer", "lora_A",
+                                                                      "lora_B")):
+        return module.base_layer
+    return None
+
+
+def _through_lora(name: str, module: nn.Module, style: Any) -> dict[str, Any]:
+    """``{name: style}``, or for a LoRA layer split by ``style``: its base layer and the adapter
+    on the split side."""
+    from torch.distributed.tensor.parallel import ColwiseParallel
+    if _lora_wrapped(module) is None or type(style).__name__ in _ANY_MODULE:
+        return {name: style}
+    side = "lora_B" if isinstance(style, ColwiseParallel) else "lora_A"
+    adapters = getattr(module, side)
+    return {f"{name}.base_layer": style,
+            **{f"{name}.{side}.{a}": style for a in adapters}}
 
 
 def _matched(module: nn.Module, modules: dict[str, nn.Module], key: str) -> list[str]:
@@ -115,7 +151,12 @@ def _check_module(name: str, module: nn.Module, style: Any) -> None:
     the inputs' styles on any module."""
     if type(style).__name__ in _ANY_MODULE:
         return
-    if not isinstance(module, nn.Linear | nn.Embedding):
+    wrapped = _lora_wrapped(module)
+    if wrapped is not None and not isinstance(wrapped, nn.Linear):
+        raise ValueError(f"fx.shard: the tensor-parallel plan splits {name!r}, LoRA on "
+                         f"{type(wrapped).__name__}; a plan splits LoRA on nn.Linear only "
+                         "(leave the layer out of the plan, or out of target_modules)")
+    if not isinstance(wrapped or module, nn.Linear | nn.Embedding):
         raise ValueError(f"fx.shard: the tensor-parallel plan splits {name!r}, a "
                          f"{type(module).__name__}; torch's styles split nn.Linear and "
                          "nn.Embedding (run a norm on the sequence's split with "
@@ -134,7 +175,8 @@ def _check_rowwise_inputs(modules: dict[str, nn.Module], plan: dict[str, Any]) -
     for name, style in plan.items():
         if isinstance(style, ColwiseParallel):
             split = True
-        elif isinstance(style, RowwiseParallel) and isinstance(modules[name], nn.Linear):
+        elif isinstance(style, RowwiseParallel) and isinstance(
+                _lora_wrapped(modules[name]) or modules[name], nn.Linear):
             if isinstance(style.input_layouts[0], Shard) and not split:
                 raise ValueError(
                     f"fx.shard: the tensor-parallel plan splits {name!r} rowwise, but no colwise "

@@ -1,7 +1,8 @@
 """LoRA on a sharded state (issue 78, item 3) on gloo ranks: a Llama loaded by
 fx.from_pretrained(lora=peft.LoraConfig) with its base weights frozen and sharded (no optimizer
 state, 1/N of their bytes per rank) trains as one process does at the global batch, per block,
-whole and on an HSDP mesh, eager and compiled; fx.save_adapter writes what peft loads; a
+under transformers' tensor-parallel plan, on an HSDP and an FSDP x TP mesh, eager and
+compiled; fx.save_adapter writes what peft loads; a
 frozen layer under a tensor-parallel plan, on a 1-D and a 2-D mesh, too (the one-rank checks:
 tests/unit/test_lora_shards.py)."""
 
@@ -18,8 +19,8 @@ transformers = extra("transformers")
 peft = extra("peft")
 import pretrained_worker  # noqa: E402  (after the extras' check)
 
-TWO = [("units", False), ("whole", False), ("units", True)]
-FOUR = [("hsdp", False)]
+TWO = [("units", False), ("units", True), ("tp", True)]  # whole: tests/unit/test_lora_shards.py
+FOUR = [("hsdp", False), ("fsdp_tp", False)]
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +51,16 @@ def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_pat
         frozen = [k for k in got["whole"] if k not in got["params"]]
         assert frozen and all(torch.equal(got["whole"][k], files[k.replace(
             ".base_layer.", ".")]) for k in frozen), key
-        shards = 2 if key.startswith("hsdp") else world  # HSDP: shards over its 2 columns
-        # rank 0's share of the base (rows split unevenly: a vocabulary of 37)
-        assert got["local"] / got["total"] <= 1 / shards + 0.01, (key, got["local"],
-                                                                 got["total"])
+        local, total = got["local"], got["total"]
+        if "tp" in key:  # the plan splits the blocks' linear layers (LoRA's base among them)
+            # over every rank (FSDP x TP: over both dimensions); the norms stay whole
+            planned = [k for k in frozen if "_proj." in k]
+            assert planned and all(local[k] * world == total[k] for k in planned), key
+        else:
+            shards = 2 if key.startswith("hsdp") else world  # HSDP: over its 2 columns
+            # rank 0's share of the base (rows split unevenly: a vocabulary of 37)
+            share = sum(local.values()) / sum(total.values())
+            assert share <= 1 / shards + 0.01, (key, share)
         # one process at the global batch: the same sums in another order
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
                                    rtol=0, atol=1e-6)

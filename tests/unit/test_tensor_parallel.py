@@ -85,3 +85,29 @@ def test_a_sequence_parallel_plan_and_transformers_own_plan_resolve():
     split = RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
     assert isinstance(plan_of(model, {"model.embed_tokens": split, "model.norm":
                                       "sequence_parallel"})["model.norm"], SequenceParallel)
+
+
+def test_a_plan_splits_a_lora_layer_by_the_name_of_the_layer_it_wraps():
+    """peft's LoRA layer under transformers' plan: the frozen base takes the style, and so does
+    the adapter on the split side (lora_B of a colwise layer, lora_A of a rowwise one); LoRA on
+    an embedding the plan splits is refused by name."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from fxtrain.distributed import plan_of
+    peft = extra("peft")
+    model = peft.get_peft_model(dist_worker.tiny_llama(), peft.LoraConfig(
+        r=2, target_modules=["q_proj", "o_proj"], lora_dropout=0.0))
+    plan = plan_of(model, "auto")
+    block = "base_model.model.model.layers.0.self_attn"
+    assert isinstance(plan[f"{block}.q_proj.base_layer"], ColwiseParallel)
+    assert isinstance(plan[f"{block}.q_proj.lora_B.default"], ColwiseParallel)
+    assert isinstance(plan[f"{block}.o_proj.base_layer"], RowwiseParallel)
+    assert isinstance(plan[f"{block}.o_proj.lora_A.default"], RowwiseParallel)
+    assert f"{block}.k_proj" in plan  # not wrapped: as without peft
+    assert not any(k.endswith((".q_proj.lora_A.default", ".o_proj.lora_B.default", ".q_proj",
+                               ".o_proj")) for k in plan)
+    embedded = peft.get_peft_model(dist_worker.tiny_llama(), peft.LoraConfig(
+        r=2, target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="splits 'base_model.model.model.embed_tokens', LoRA "
+                                         "on Embedding"):
+        plan_of(embedded, {"base_model.model.model.embed_tokens": "embedding_rowwise"})
