@@ -1,4 +1,4 @@
-"""WIP (issue 78, item 3): peft's LoRA on a sharded state, on a one-rank group: the frozen base
+"""Issue 78, item 3: peft's LoRA on a sharded state, on a one-rank group: the frozen base
 weights sharded as parameters (no optimizer state, never copied per step), the adapter trained
 with an unsharded run's bits, and peft's own load of the saved adapter gives the same logits."""
 
@@ -60,3 +60,24 @@ def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank,
     loaded = peft.PeftModel.from_pretrained(_base(), tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(loaded(IDS).logits, trained.eval()(IDS).logits)
+
+
+def test_a_unit_sends_back_only_its_adapters_gradients(one_rank, monkeypatch):
+    """An eager unit reduce-scatters the gradients of its trained parameters only: its frozen
+    base weights send nothing back (before, zeros of their size)."""
+    from fxtrain._torch import collectives
+    sent = []
+    scatter = collectives.reduce_scatter_single
+
+    def counted(tensor, *args, **kwargs):
+        sent.append(tensor.numel())
+        return scatter(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(collectives, "reduce_scatter_single", counted)
+    state = fx.shard(fx.TrainState.create(_lora(), fx.optim.adamw(3e-2)), units="auto")
+    units = state.layout.units
+    assert units and any(k.startswith(u + ".") for u in units for k in state.layout.frozen)
+    state, _ = fx.make_train_step(_loss)(state, IDS)
+    in_units = sum(p.numel() for k, p in state.params.items()
+                   if any(k.startswith(u + ".") for u in units))
+    assert sent and sum(sent) == in_units
