@@ -100,6 +100,14 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
     entries = _weights(meta)
     if not entries:
         raise ValueError(f"export_pretrained: the checkpoint {path} holds no parameters")
+    adapter = next((e["name"] for e in entries if ".lora_A." in e["name"]
+                    or ".lora_B." in e["name"]), None)
+    if adapter is not None:
+        raise ValueError(f"export_pretrained: the checkpoint {path} holds a peft LoRA model "
+                         f"({adapter}); its folder would hold peft's names, which the base "
+                         "model cannot load. Write the adapter with fx.save_adapter(state, dir) "
+                         "(peft.PeftModel.from_pretrained(base, dir) loads it), or merge it "
+                         "with peft's merge_and_unload() on fx.trained_module(state)")
     if config is not None:
         _check_config(config_json, (meta.get("model") or {}).get("config") or {}, entries,
                       config)

@@ -102,3 +102,15 @@ def test_a_sharded_lora_state_resumes_from_its_checkpoint_bit_for_bit(one_rank, 
         back, back_metrics = step(back, IDS)
         assert torch.equal(metrics["loss"], back_metrics["loss"])
     assert fx.tree_digest(back) == fx.tree_digest(state)
+
+
+def test_exporting_a_lora_checkpoint_as_a_model_folder_is_refused_and_writes_nothing(tmp_path):
+    """A LoRA state's checkpoint holds peft's names (base_model.model..., lora_A): written as a
+    Hugging Face folder, the base model could not load it; the export names the adapter and the
+    two ways out, and leaves no folder."""
+    state = fx.TrainState.create(_lora(), fx.optim.adamw(3e-2))
+    fx.checkpoint.save(tmp_path / "c", state)
+    with pytest.raises(ValueError, match=r"holds a peft LoRA model \(base_model\.model\..*lora_A"
+                                         r".*fx\.save_adapter"):
+        fx.export_pretrained(tmp_path / "c", tmp_path / "hf", config=_base().config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
