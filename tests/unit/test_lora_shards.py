@@ -9,6 +9,7 @@ import torch
 
 import fxtrain as fx
 from helpers import extra
+from helpers_distributed import UNITS_COMPILED
 
 peft = extra("peft")
 transformers = extra("transformers")
@@ -37,8 +38,10 @@ def _loss(s, p, ids):
                                              ids[:, 1:].reshape(-1))
 
 
-@pytest.mark.parametrize("units", ["whole", "auto"])
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compiled,units", [
+    (False, "whole"), (False, "auto"), (True, "whole"),
+    pytest.param(True, "auto", marks=UNITS_COMPILED)],
+    ids=["eager-whole", "eager-auto", "compiled-whole", "compiled-auto"])
 def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank, units,
                                                                        compiled, tmp_path):
     step = fx.make_train_step(_loss)
