@@ -1,14 +1,10 @@
 """The ranks' side of tests/ranks/test_lora_ranks.py: a Llama loaded by fx.from_pretrained with
-a peft LoraConfig over the ranks' layouts, and a small model whose frozen layer a
-tensor-parallel plan splits, trained on the ranks against one process at the global batch."""
+a peft LoraConfig over the ranks' layouts, trained on the ranks against one process at the
+global batch."""
 
 import torch
 
 import fxtrain as fx
-
-
-def _loss(s, p, x):
-    return s.apply(p, x).square().mean()
 
 
 def _lora_config():
@@ -25,46 +21,6 @@ def _llama_loss(s, p, ids):
 
 def _ids(i):
     return torch.randint(0, 32, (4, 8), generator=torch.Generator().manual_seed(i))
-
-
-def frozen_planned(out, compiled, mesh_shape=None):
-    """A model whose frozen first layer a tensor-parallel plan splits (colwise, then the
-    trained second layer rowwise), on a 1-D mesh or FSDP x TP on a 2-D one."""
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
-    rank, world = fx.distributed.rank(), fx.distributed.world_size()
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    m[0].requires_grad_(False)
-    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
-    mesh = None if mesh_shape is None else fx.sharding.mesh(mesh_shape, ("dp", "tp"))
-    state = fx.shard(fx.TrainState.create(m, fx.optim.adamw(1e-2)), mesh, tp_plan=plan)
-    step = fx.make_train_step(_loss)
-    if compiled:
-        step = torch.compile(step, fullgraph=True, backend="aot_eager")
-    data = fx.distributed.data_world_size(state)
-    local = {k: b.to_local().numel() for k, b in state.buffers.items()}
-    losses = []
-    for i in range(4):
-        x = torch.randn(8, 8, generator=torch.Generator().manual_seed(i))
-        state, m_ = step(state, x.chunk(data)[fx.distributed.data_rank(state)])
-        losses.append(float(m_["loss"]))
-    whole = fx.sharding.gathered({**state.params, **state.buffers})
-    if rank == 0:
-        torch.save({"losses": losses, "whole": whole, "local": local}, f"{out}/planned.pt")
-
-
-def frozen_planned_one(out):
-    torch.manual_seed(0)
-    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
-    m[0].requires_grad_(False)
-    state = fx.TrainState.create(m, fx.optim.adamw(1e-2))
-    step = fx.make_train_step(_loss)
-    losses = []
-    for i in range(4):
-        state, m_ = step(state, torch.randn(8, 8, generator=torch.Generator().manual_seed(i)))
-        losses.append(float(m_["loss"]))
-    torch.save({"losses": losses, "whole": {**state.params, **state.buffers}},
-               f"{out}/planned_one.pt")
 
 
 def lora_layouts(out, folder, cases, steps=4):

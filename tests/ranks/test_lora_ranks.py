@@ -2,8 +2,7 @@
 fx.from_pretrained(lora=peft.LoraConfig) with its base weights frozen and sharded (no optimizer
 state, 1/N of their bytes per rank) trains as one process does at the global batch, per block,
 under transformers' tensor-parallel plan, on an HSDP and an FSDP x TP mesh, eager and
-compiled; fx.save_adapter writes what peft loads; a
-frozen layer under a tensor-parallel plan, on a 1-D and a 2-D mesh, too (the one-rank checks:
+compiled; fx.save_adapter writes what peft loads (the one-rank checks:
 tests/unit/test_lora_shards.py)."""
 
 import pytest
@@ -77,20 +76,3 @@ def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_pat
         rebuilt.load_state_dict(got["whole"], strict=False)
         with torch.no_grad():
             assert torch.equal(loaded(ids).logits, rebuilt(ids).logits), key
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("world,shape", [(2, None), (4, (2, 2))], ids=["tp", "fsdp_tp"])
-def test_a_frozen_layer_a_plan_splits_trains_as_one_process(tmp_path, world, shape):
-    lora_worker.frozen_planned_one(str(tmp_path))
-    one = torch.load(tmp_path / "planned_one.pt")
-    for compiled in (False, True):
-        mp.spawn(dist_worker.spawned, nprocs=world,
-                 args=(world, free_port(), lora_worker.frozen_planned,
-                       (str(tmp_path), compiled, shape), {}))
-        got = torch.load(tmp_path / "planned.pt")
-        assert got["local"]["0.weight"] * world == 128  # split over every rank
-        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(one["losses"]),
-                                   rtol=0, atol=1e-6)
-        for k, v in one["whole"].items():
-            torch.testing.assert_close(got["whole"][k], v, rtol=0, atol=1e-6)

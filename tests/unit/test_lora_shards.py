@@ -70,7 +70,7 @@ def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank,
 def test_a_unit_sends_back_only_its_adapters_gradients(one_rank, monkeypatch):
     """An eager unit reduce-scatters the gradients of its trained parameters only: its frozen
     base weights send nothing back (before, zeros of their size)."""
-    from fxtrain._torch import collectives
+    from fxtrain.distributed._unit_buffer import collectives  # what a unit's buffer calls
     sent = []
     scatter = collectives.reduce_scatter_single
 
