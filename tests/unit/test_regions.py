@@ -99,6 +99,7 @@ def test_an_update_that_tells_the_blocks_apart_stays_in_the_outer_graph():
     assert torch.equal(metrics["grad_norm"], want_metrics["grad_norm"])
 
 
+@pytest.mark.slow  # off the compat legs: the test above takes the same road there
 def test_an_update_whose_state_a_region_cannot_carry_stays_in_the_outer_graph():
     """An elementwise update whose state holds a leaf that is neither a tensor nor a plain
     value (a dtype): the blocks' updates are not one region, and the step trains the bits of
@@ -316,7 +317,7 @@ def test_blocks_that_read_the_int_that_numbers_them_train_the_users_model(read):
             said[0], said
 
 
-@pytest.mark.parametrize("model", ["gpt2", "llama"])
+@pytest.mark.parametrize("model", [pytest.param("gpt2", marks=pytest.mark.slow), "llama"])
 def test_transformers_blocks_share_one_trace(model):
     """GPT-2's and Llama's blocks differ in ``layer_idx``, read only for a cache: the check
     finds their forwards alike, so they share one trace (the compile-once figure holds), with
