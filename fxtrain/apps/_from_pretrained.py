@@ -85,6 +85,10 @@ def from_pretrained(directory: str | os.PathLike, tx: Any, *, mesh: Any = None,
         does not match its files.
       ConfigMismatchError: the config's model and the files disagree (a tensor missing, extra,
         of another shape or another kind), named.
+      ValueError: a LoRA configuration it cannot load (adapters that start from the base's
+        values, DoRA, ``modules_to_save``, ``lora_bias``, LoRA on an embedding or a
+        convolution), named; a layout's keywords in a process that is alone.
+      TypeError: ``lora`` is not a ``peft.LoraConfig``.
 
     Examples:
         >>> import tempfile, transformers
@@ -329,6 +333,13 @@ def _with_lora(model: torch.nn.Module, config: Any, dtype: torch.dtype) -> torch
                          "adapters only")
     with parameters_on_meta(dtype):
         wrapped = peft.get_peft_model(model, config)
+    other = next((n for n, p in wrapped.named_parameters() if p.requires_grad and not (
+        (".lora_A." in n or ".lora_B." in n) and p.dim() == 2)), None)
+    if other is not None:
+        raise ValueError(f"fx.from_pretrained(lora=...): the adapter {other} is not a linear "
+                         "layer's lora_A or lora_B (LoRA on an embedding or a convolution); "
+                         "only LoRA on linear layers is supported yet: leave those modules out "
+                         "of target_modules")
     return wrapped
 
 

@@ -117,3 +117,54 @@ def test_exporting_a_lora_checkpoint_as_a_model_folder_is_refused_and_writes_not
                                          r".*fx\.save_adapter"):
         fx.export_pretrained(tmp_path / "c", tmp_path / "hf", config=_base().config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gpt2")
+    _base().save_pretrained(path)
+    return path
+
+
+def _config(**kwargs):
+    return peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["c_attn"],
+                              "lora_dropout": 0.0, "fan_in_fan_out": True, **kwargs})
+
+
+def test_one_process_loads_lora_trains_it_and_saves_what_peft_loads(folder, tmp_path):
+    """fx.from_pretrained(lora=) alone: the base read from the folder and frozen, lora_B zeros
+    (the folder's logits), the adapters alone trained; fx.save_adapter's folder loaded by peft
+    gives the trained logits; a second save there, or of a model that is no peft model, is
+    refused and leaves the files as they were."""
+    state = fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=_config())
+    assert state.layout.frozen and all("lora_" in k for k in state.params)
+    assert sorted(state.opt_state[0].mu) == sorted(state.params)
+    with torch.no_grad():
+        assert torch.equal(state.apply(state.params, IDS).logits, _base().eval()(IDS).logits)
+    state, _ = fx.make_train_step(_loss)(state, IDS)
+    fx.save_adapter(state, tmp_path / "adapter")
+    loaded = peft.PeftModel.from_pretrained(_base(), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, fx.trained_module(state).eval()(IDS).logits)
+    written = {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()}
+    with pytest.raises(FileExistsError, match="already holds .*adapter_model.safetensors"):
+        fx.save_adapter(state, tmp_path / "adapter")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "adapter").iterdir()} == written
+    plain = fx.TrainState.create(_base(), fx.optim.adamw(3e-2))
+    with pytest.raises(TypeError, match="GPT2LMHeadModel, not a peft model"):
+        fx.save_adapter(plain, tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
+
+
+@pytest.mark.parametrize("lora,error,match", [
+    ({"r": 4}, TypeError, "lora takes a peft.LoraConfig, got dict"),
+    (dict(use_dora=True), ValueError, "use_dora=True"),
+    (dict(init_lora_weights="pissa"), ValueError, "init_lora_weights='pissa'"),
+    (dict(modules_to_save=["lm_head"]), ValueError, "modules_to_save=\\['lm_head'\\]"),
+    (dict(target_modules=["wte"]), ValueError, "transformer.wte.lora_embedding_A.* not a "
+                                               "linear layer's"),
+], ids=["not a config", "dora", "pissa", "modules_to_save", "embedding"])
+def test_lora_configurations_it_cannot_load_are_refused_by_name(folder, lora, error, match):
+    config = lora if error is TypeError else _config(**lora)
+    with pytest.raises(error, match=match):
+        fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=config)
