@@ -156,6 +156,15 @@ def _check_module(name: str, module: nn.Module, style: Any) -> None:
         raise ValueError(f"fx.shard: the tensor-parallel plan splits {name!r}, LoRA on "
                          f"{type(wrapped).__name__}; a plan splits LoRA on nn.Linear only "
                          "(leave the layer out of the plan, or out of target_modules)")
+    split = [f"{kind}={layout!r}" for kind in ("input_layouts", "output_layouts")
+             for layout in getattr(style, kind, ()) or ()
+             if type(layout).__name__ == "Shard" and layout.dim != -1]
+    if wrapped is not None and split:  # the adapter off the style would run on one rank's slice of the sequence
+        raise ValueError(f"fx.shard: the tensor-parallel plan splits the sequence at the LoRA "
+                         f"layer {name!r} ({type(style).__name__} with {', '.join(split)}); "
+                         "its adapters run outside the style and would train on one rank's "
+                         "slice, drifting apart silently. Split the sequence at a layer that "
+                         "is not LoRA-wrapped, or leave this one out of target_modules")
     if not isinstance(wrapped or module, nn.Linear | nn.Embedding):
         raise ValueError(f"fx.shard: the tensor-parallel plan splits {name!r}, a "
                          f"{type(module).__name__}; torch's styles split nn.Linear and "

@@ -57,7 +57,11 @@ class _Gather(torch.autograd.Function):
                 *shards: torch.Tensor) -> tuple[torch.Tensor, ...]:
         ctx.plan, ctx.hooks, ctx.like = plan, hooks, [(s.shape[0], s.dtype) for s in shards]
         ctx.set_materialize_grads(False)  # an unused parameter's gradient: None, not zeros
-        return tuple(plan.gathered(list(shards)))
+        whole = tuple(plan.gathered(list(shards)))
+        frozen = [w for w, needed in zip(whole, ctx.needs_input_grad[2:]) if not needed]
+        if frozen:  # a LoRA base: autograd computes and holds no gradient for it
+            ctx.mark_non_differentiable(*frozen)
+        return whole
 
     @staticmethod
     def backward(ctx: Any, *grads: torch.Tensor) -> tuple:

@@ -69,16 +69,24 @@ def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank,
 
 def test_a_unit_sends_back_only_its_adapters_gradients(one_rank, monkeypatch):
     """An eager unit reduce-scatters the gradients of its trained parameters only: its frozen
-    base weights send nothing back (before, zeros of their size)."""
+    base weights send nothing back (before, zeros of their size), and autograd computes no
+    gradient for them (before, each frozen weight's whole gradient, held until the unit's
+    backward)."""
     from fxtrain.distributed._unit_buffer import collectives  # what a unit's buffer calls
-    sent = []
-    scatter = collectives.reduce_scatter_single
+    from fxtrain.distributed._unit_gather import _Gather
+    sent, received = [], []
+    scatter, backward = collectives.reduce_scatter_single, _Gather.backward
 
     def counted(tensor, *args, **kwargs):
         sent.append(tensor.numel())
         return scatter(tensor, *args, **kwargs)
 
+    def seen(ctx, *grads):
+        received.append(sum(g is not None for g in grads))
+        return backward(ctx, *grads)
+
     monkeypatch.setattr(collectives, "reduce_scatter_single", counted)
+    monkeypatch.setattr(_Gather, "backward", staticmethod(seen))
     state = fx.shard(fx.TrainState.create(_lora(), fx.optim.adamw(3e-2)), units="auto")
     units = state.layout.units
     assert units and any(k.startswith(u + ".") for u in units for k in state.layout.frozen)
@@ -86,6 +94,8 @@ def test_a_unit_sends_back_only_its_adapters_gradients(one_rank, monkeypatch):
     in_units = sum(p.numel() for k, p in state.params.items()
                    if any(k.startswith(u + ".") for u in units))
     assert sent and sum(sent) == in_units
+    adapters = sum(1 for k in state.params if any(k.startswith(u + ".") for u in units))
+    assert received and sum(received) == adapters
 
 
 def test_a_sharded_lora_state_resumes_from_its_checkpoint_bit_for_bit(one_rank, tmp_path):

@@ -111,3 +111,24 @@ def test_a_plan_splits_a_lora_layer_by_the_name_of_the_layer_it_wraps():
     with pytest.raises(ValueError, match="splits 'base_model.model.model.embed_tokens', LoRA "
                                          "on Embedding"):
         plan_of(embedded, {"base_model.model.model.embed_tokens": "embedding_rowwise"})
+
+
+@pytest.mark.parametrize("layer,kind", [("o_proj", "rowwise"), ("q_proj", "colwise")])
+def test_a_plan_that_splits_the_sequence_at_a_lora_layer_is_refused(layer, kind):
+    """The sequence-parallel plan splits the sequence where a block ends (a rowwise layer's
+    output) and gathers it where one starts (a colwise layer's input). At a LoRA layer the
+    adapter off the style would run on one rank's slice: refused by name (before, the ranks'
+    adapters drifted apart silently)."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    from fxtrain.distributed import plan_of
+    peft = extra("peft")
+    model = peft.get_peft_model(dist_worker.tiny_llama(), peft.LoraConfig(
+        r=2, target_modules=[layer], lora_dropout=0.0))
+    style = (RowwiseParallel(output_layouts=Shard(1)) if kind == "rowwise"
+             else ColwiseParallel(input_layouts=Shard(1)))
+    name = f"base_model.model.model.layers.*.self_attn.{layer}"
+    with pytest.raises(ValueError, match=rf"splits the sequence at the LoRA layer "
+                                         rf"'{name.replace('*', '0')}' .*Shard\(dim=1\)"):
+        plan_of(model, {name: style})
