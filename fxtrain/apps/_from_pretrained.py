@@ -326,6 +326,9 @@ def _with_lora(model: torch.nn.Module, config: Any, dtype: torch.dtype) -> torch
                         "beside the adapters)")
     if getattr(config, "lora_bias", False):
         problems.append("lora_bias=True")
+    if config.bias != "none":
+        problems.append(f"bias={config.bias!r} (the base layers' biases trained beside the "
+                        "adapters; bias='none' trains the adapters alone)")
     if problems:
         allowed = " or ".join(map(repr, _LORA_INITS))
         raise ValueError(f"fx.from_pretrained(lora=...): {'; '.join(problems)} is not "
@@ -357,7 +360,7 @@ def _drawn(name: str, like: Any, config: Any, seed: int, device: torch.device) -
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         if config.init_lora_weights == "gaussian":
-            whole.normal_(0.0, 1.0 / config.r, generator=g)
+            whole.normal_(0.0, 1.0 / shape[0], generator=g)  # the layer's own rank
         else:  # nn.init.kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             bound = 1.0 / math.sqrt(shape[1])
             whole.uniform_(-bound, bound, generator=g)

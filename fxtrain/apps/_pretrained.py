@@ -100,8 +100,8 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
     entries = _weights(meta)
     if not entries:
         raise ValueError(f"export_pretrained: the checkpoint {path} holds no parameters")
-    adapter = next((e["name"] for e in entries if ".lora_A." in e["name"]
-                    or ".lora_B." in e["name"]), None)
+    adapter = next((e["name"] for e in entries if e["name"].startswith("base_model.model.")
+                    and "lora_" in e["name"]), None)  # peft's names, on any layer
     if adapter is not None:
         raise ValueError(f"export_pretrained: the checkpoint {path} holds a peft LoRA model "
                          f"({adapter}); its folder would hold peft's names, which the base "

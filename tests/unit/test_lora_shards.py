@@ -27,9 +27,9 @@ def _base():
     return model
 
 
-def _lora():
+def _lora(targets=("c_attn",)):
     return peft.get_peft_model(_base(), peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["c_attn"], lora_dropout=0.0, fan_in_fan_out=True))
+        r=4, lora_alpha=8, target_modules=list(targets), lora_dropout=0.0, fan_in_fan_out=True))
 
 
 def _loss(s, p, ids):
@@ -117,14 +117,18 @@ def test_a_sharded_lora_state_resumes_from_its_checkpoint_bit_for_bit(one_rank, 
     assert fx.tree_digest(back) == fx.tree_digest(state)
 
 
-def test_exporting_a_lora_checkpoint_as_a_model_folder_is_refused_and_writes_nothing(tmp_path):
-    """A LoRA state's checkpoint holds peft's names (base_model.model..., lora_A): written as a
-    Hugging Face folder, the base model could not load it; the export names the adapter and the
-    two ways out, and leaves no folder."""
-    state = fx.TrainState.create(_lora(), fx.optim.adamw(3e-2))
+@pytest.mark.parametrize("targets,adapter", [(["c_attn"], "lora_A"),
+                                              (["wte"], "lora_embedding_A")],
+                         ids=["linear", "embedding"])
+def test_exporting_a_lora_checkpoint_as_a_model_folder_is_refused_and_writes_nothing(
+        tmp_path, targets, adapter):
+    """A LoRA state's checkpoint holds peft's names (base_model.model..., lora_A, or
+    lora_embedding_A on an embedding): written as a Hugging Face folder, the base model could
+    not load it; the export names the adapter and the two ways out, and leaves no folder."""
+    state = fx.TrainState.create(_lora(targets), fx.optim.adamw(3e-2))
     fx.checkpoint.save(tmp_path / "c", state)
-    with pytest.raises(ValueError, match=r"holds a peft LoRA model \(base_model\.model\..*lora_A"
-                                         r".*fx\.save_adapter"):
+    with pytest.raises(ValueError, match=rf"holds a peft LoRA model \(base_model\.model\..*"
+                                         rf"\.{adapter}\..*fx\.save_adapter"):
         fx.export_pretrained(tmp_path / "c", tmp_path / "hf", config=_base().config)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
@@ -173,8 +177,21 @@ def test_one_process_loads_lora_trains_it_and_saves_what_peft_loads(folder, tmp_
     (dict(modules_to_save=["lm_head"]), ValueError, "modules_to_save=\\['lm_head'\\]"),
     (dict(target_modules=["wte"]), ValueError, "transformer.wte.lora_embedding_A.* not a "
                                                "linear layer's"),
-], ids=["not a config", "dora", "pissa", "modules_to_save", "embedding"])
+    (dict(bias="all"), ValueError, "bias='all' .*bias='none' trains the adapters alone"),
+    (dict(bias="lora_only"), ValueError, "bias='lora_only'"),
+], ids=["not a config", "dora", "pissa", "modules_to_save", "embedding", "bias all",
+        "bias lora_only"])
 def test_lora_configurations_it_cannot_load_are_refused_by_name(folder, lora, error, match):
     config = lora if error is TypeError else _config(**lora)
     with pytest.raises(error, match=match):
         fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=config)
+
+
+def test_gaussian_adapters_are_drawn_at_each_layers_own_rank(folder):
+    """peft draws a gaussian lora_A with std 1/r of its layer (rank_pattern gives a layer its
+    own r): a layer of rank 64 under r=4 is drawn with std 1/64 (before, 1/4)."""
+    state = fx.from_pretrained(folder, fx.optim.adamw(3e-2), lora=_config(
+        init_lora_weights="gaussian", rank_pattern={"c_attn": 64}))
+    drawn = torch.cat([v.flatten() for k, v in state.params.items() if ".lora_A." in k])
+    assert drawn.numel() == 2 * 64 * 16  # two blocks' c_attn, rank 64, 16 features in
+    assert drawn.std().item() == pytest.approx(1 / 64, rel=0.1)
