@@ -9,7 +9,8 @@ import fxtrain as fx
 
 def _lora_config():
     import peft
-    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+    # o_proj: a rowwise layer, its lora_A split under a plan, lora_B whole
+    return peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"],
                            lora_dropout=0.0)
 
 

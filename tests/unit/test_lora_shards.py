@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fxtrain as fx
-from helpers import extra
+from helpers import extra, graph_count
 from helpers_distributed import UNITS_COMPILED
 
 peft = extra("peft")
@@ -58,6 +58,7 @@ def test_lora_on_a_sharded_state_trains_as_unsharded_and_peft_loads_it(one_rank,
         sharded, metrics = step(sharded, IDS)
         assert torch.equal(metrics["loss"], plain_metrics["loss"])
     assert all(sharded.buffers[k] is given[k] for k in frozen)  # never copied nor written
+    assert not compiled or graph_count() == 2  # one per state, no recompile over the steps
     whole = fx.sharding.gathered(sharded.params)
     assert all(torch.equal(whole[k], plain.params[k]) for k in plain.params)
     trained = fx.trained_module(sharded)
@@ -195,3 +196,25 @@ def test_gaussian_adapters_are_drawn_at_each_layers_own_rank(folder):
     drawn = torch.cat([v.flatten() for k, v in state.params.items() if ".lora_A." in k])
     assert drawn.numel() == 2 * 64 * 16  # two blocks' c_attn, rank 64, 16 features in
     assert drawn.std().item() == pytest.approx(1 / 64, rel=0.1)
+
+
+def test_a_lora_state_with_its_optimizer_offloaded_trains_evaluates_and_predicts(one_rank):
+    """offload='optimizer' on a sharded LoRA state: the adapters alone have moments; the steps,
+    evaluate and predict give the bits of the state without the offload."""
+    step = fx.make_train_step(_loss)
+    plain = fx.shard(fx.TrainState.create(_lora(), fx.optim.adamw(3e-2)), units="auto")
+    offloaded = fx.shard(fx.TrainState.create(_lora(), fx.optim.adamw(3e-2)), units="auto",
+                         offload="optimizer")
+    assert sorted(offloaded.opt_state[0].mu) == sorted(offloaded.params)  # adapters only
+    for _ in range(2):
+        plain, _ = step(plain, IDS)
+        offloaded, _ = step(offloaded, IDS)
+    assert offloaded.layout.offload == "optimizer"  # where the bytes go: tests/unit/test_offload
+    assert all(torch.equal(a.to_local(), b.to_local()) for a, b in
+               zip(offloaded.params.values(), plain.params.values()))
+    evaluated = [fx.evaluate(fx.make_eval_step(_loss), s, [IDS, IDS.flip(0)])
+                 for s in (offloaded, plain)]
+    assert torch.equal(evaluated[0]["loss"], evaluated[1]["loss"])
+    predicted = [fx.predict(lambda s, x: s.apply(s.params, x).logits, s, [IDS])
+                 for s in (offloaded, plain)]
+    assert torch.equal(*predicted)
