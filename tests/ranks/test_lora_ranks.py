@@ -1,9 +1,9 @@
 """LoRA on a sharded state (issue 78, item 3) on gloo ranks: a Llama loaded by
 fx.from_pretrained(lora=peft.LoraConfig) with its base weights frozen and sharded (no optimizer
 state, 1/N of their bytes per rank) trains as one process does at the global batch, per block,
-under transformers' tensor-parallel plan (q_proj, v_proj colwise and o_proj rowwise adapted), on an HSDP and an FSDP x TP mesh, eager and
-compiled; fx.save_adapter writes what peft loads (the one-rank checks:
-tests/unit/test_lora_shards.py)."""
+under transformers' tensor-parallel plan (q_proj and v_proj colwise, o_proj rowwise, all three
+adapted), on an HSDP and an FSDP x TP mesh, eager and compiled; fx.save_adapter writes what
+peft loads (the one-rank checks: tests/unit/test_lora_shards.py)."""
 
 import pytest
 import torch
