@@ -184,8 +184,9 @@ def barrier() -> None:
 from ._collectives import (for_forward, frozen_for_forward, gather_params, local_nbytes,
                            local_parts, reduce_scatter_grads, replicated_like,
                            with_whole_params)
+from ._context import sliced as context_sliced
 from ._dtensors import gather_tensor, gathered, is_dtensor, is_sharded
-from ._layout import Gather, Layout, Roles
+from ._layout import Context, Gather, Layout, Roles
 from ._offload import to_devices, to_host
 from ._shard import mesh, shard, unit_names
 from ._slices import held_box, local_box
@@ -220,7 +221,8 @@ def tensor_parallel_size(state: Any = None) -> int:
 
 def data_rank(state: Any = None) -> int:
     """This process's rank among ``state``'s data-parallel replicas: its share of the global
-    batch (``rank()`` but under tensor parallelism, where the ranks of a group share one).
+    batch (``rank()`` but under tensor and context parallelism, where the ranks of a group
+    share one).
     ``state`` is a ``TrainState`` or its ``Layout``; None: a state ``fx.shard`` has not
     touched (every rank a replica)."""
     return _layout_of(state).data_rank()
@@ -228,5 +230,6 @@ def data_rank(state: Any = None) -> int:
 
 def data_world_size(state: Any = None) -> int:
     """``state``'s data-parallel replicas: how many shares the global batch is cut into
-    (``world_size()`` but under tensor parallelism). ``state``: as ``data_rank``'s."""
+    (``world_size()`` but under tensor and context parallelism). ``state``: as
+    ``data_rank``'s."""
     return _layout_of(state).data_world_size()

@@ -61,6 +61,23 @@ class Gather:
 
 
 @dataclasses.dataclass(frozen=True)
+class Context:
+    """Context parallelism (``fx.shard(context=...)``, ``fxtrain.distributed._context``): each
+    sequence of a batch split over ``size`` ranks, this one holding the slice ``rank`` (a head
+    and a tail chunk), attention a ring over ``group``. ``dim`` names the mesh dimension it was
+    given as; the parameters shard over it with the dimension before it (``Layout.mesh`` has
+    them as one), so its ranks reduce gradients as data ranks do, on one batch share."""
+
+    dim: str
+    size: int
+    rank: int
+    group: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> Context:  # a process group is not copied: one value
+        return self
+
+
+@dataclasses.dataclass(frozen=True)
 class Layout:
     """The run's parallel layout (see the module): a static field of ``TrainState``.
 
@@ -90,6 +107,7 @@ class Layout:
       frozen: the model's parameters that do not train (``requires_grad=False``: a LoRA's base
         weights), which the state keeps among its buffers: never written by a step, so neither
         copied per step nor averaged over ranks, and ``fx.shard`` shards them as parameters.
+      context: context parallelism (``Context``); None: every rank takes whole sequences.
     """
 
     mesh: Any = None
@@ -105,6 +123,7 @@ class Layout:
     block_update: Any = dataclasses.field(default=None, compare=False, repr=False)
     offload: str | None = None
     frozen: tuple[str, ...] = ()
+    context: Context | None = None
 
     @property
     def sharded(self) -> bool:
@@ -124,9 +143,10 @@ class Layout:
     def needs_autograd(self) -> bool:
         """Whether the step must take autograd's path: units gather inside the forward and
         again in the backward, a plan's DTensors and a 2-D mesh's gathers too, and the model's
-        own checkpointing reruns its regions in the backward; ``torch.func`` hosts none."""
+        own checkpointing reruns its regions in the backward, and context parallelism's ring
+        attention is an ``autograd.Function``; ``torch.func`` hosts none."""
         return bool(self.units) or self.tensor_parallel or self.two_dimensional or \
-            self.checkpointing or bool(self.regions)
+            self.checkpointing or bool(self.regions) or self.context is not None
 
     def replace(self, **fields: Any) -> Layout:
         """This layout with ``fields`` changed."""
@@ -137,7 +157,23 @@ class Layout:
         return self.mesh.size(self.roles.tp) if self.roles.tp is not None else 1
 
     def data_world_size(self) -> int:
-        """The data-parallel replicas: how many shares the global batch is cut into."""
+        """The data-parallel replicas: how many shares the global batch is cut into (a
+        context-parallel group's ranks take one share between them)."""
+        return self.gradient_world_size() // self.context_size()
+
+    def data_rank(self) -> int:
+        """This process's share of the global batch: its coordinate over the data dimensions
+        (row by row), 0 for a tensor-parallel group's every rank, one for a context-parallel
+        group's."""
+        return self._gradient_rank() // self.context_size()
+
+    def context_size(self) -> int:
+        """The ranks each sequence is split over (``Context``); 1 without."""
+        return self.context.size if self.context is not None else 1
+
+    def gradient_world_size(self) -> int:
+        """The ranks whose gradients a step averages, each from tokens of its own: the data
+        replicas times the context-parallel ranks."""
         if self.mesh is None:
             return _ranks.world_size()
         size = 1
@@ -145,9 +181,7 @@ class Layout:
             size *= self.mesh.size(d)
         return size
 
-    def data_rank(self) -> int:
-        """This process's share of the global batch: its coordinate over the data dimensions
-        (row by row), 0 for a tensor-parallel group's every rank."""
+    def _gradient_rank(self) -> int:
         if self.mesh is None:
             return _ranks.rank()
         where, rank = self.mesh.get_coordinate(), 0

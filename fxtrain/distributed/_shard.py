@@ -46,7 +46,7 @@ import torch.utils._pytree as pytree
 from .._torch.groups import forget_groups, forget_sharding_caches
 from .._torch.modes import outside_dispatch_modes
 from .._torch.version import at_least
-from . import _meshes, _offload, _ranks, _tensor_parallel, _units
+from . import _context, _meshes, _offload, _ranks, _tensor_parallel, _units
 from ._dtensors import distributed, is_dtensor, is_sharded
 from ._layout import Gather, Layout, Roles
 
@@ -102,9 +102,10 @@ def _release_group(mesh: Any) -> None:
 
 def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None):
     """The ``DeviceMesh`` over every rank of the process group (made once per group), on
-    CUDA under NCCL and on the CPU otherwise: 1-D by default, or of ``shape`` (two sizes whose
+    CUDA under NCCL and on the CPU otherwise: 1-D by default, or of ``shape`` (sizes whose
     product is the world size, the ranks in order row by row) with dimension ``names`` (default
-    ``("dp", "tp")``): a 2-D mesh for ``fx.shard``'s FSDP x tensor parallel or HSDP."""
+    ``("dp", "tp")``): a 2-D mesh for ``fx.shard``'s FSDP x tensor parallel or HSDP, or, with a
+    context-parallel dimension (``fx.shard(context=...)``), up to 3-D."""
     if not _ranks.initialized():
         raise RuntimeError("fx.shard needs an initialized process group: start the program "
                            "with torchrun and call fx.distributed.init() first")
@@ -115,11 +116,11 @@ def mesh(shape: Sequence[int] | None = None, names: Sequence[str] | None = None)
         return _made_mesh(_current_group(), device, (world,), ("shard",))
     shape = tuple(int(n) for n in shape)
     names = tuple(names) if names is not None else ("dp", "tp")[:len(shape)]
-    if len(shape) not in (1, 2) or len(names) != len(shape) or math.prod(shape) != world \
-            or min(shape) < 1:
+    if len(shape) not in (1, 2, 3) or len(names) != len(shape) or \
+            math.prod(shape) != world or min(shape) < 1:
         raise ValueError(f"fx.sharding.mesh: shape {shape} with names {names} does not lay out "
-                         f"the job's {world} ranks: give one or two sizes, every size at least "
-                         f"1, whose product is {world}, and a name for each")
+                         f"the job's {world} ranks: give one to three sizes, every size at "
+                         f"least 1, whose product is {world}, and a name for each")
     return _made_mesh(_current_group(), device, shape, names)
 
 
@@ -159,7 +160,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
           units: str | Sequence[str | type] | None = None,
           param_dtype: torch.dtype | None = None,
           reduce_dtype: torch.dtype | None = None, tp_plan: Any = None,
-          offload: str | None = None) -> Any:
+          offload: str | None = None, context: str | None = None) -> Any:
     """``state`` with its parameters and their optimizer state sharded across the ranks.
 
     Every rank calls it with its state; rank 0's values are the ones scattered, so ranks that
@@ -211,6 +212,15 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         a step copies the gradient and parameter shards to the host and the new parameters
         back, and gives the same bits as without it. None (default): every tensor on its
         device.
+      context: context parallelism (``fxtrain.distributed._context``): the name of ``mesh``'s
+        dimension whose ranks split every sequence (``(dp, cp)``, ``(dp, cp, tp)`` with a
+        ``tp_plan``, ``(replicate, shard, cp)``; ``fx.sharding.mesh((2, 2, 2), ("dp", "cp",
+        "tp"))``). Each rank of it takes a head and a tail chunk of each sequence of its
+        group's batch share (the step cuts the batch: a dict of ``input_ids``, ``labels``,
+        ``position_ids``; the loss reads ``shift_labels``), attention runs as a ring over it
+        (a transformers model's, causal), and the parameters shard over it with the dimension
+        before it, as one unit (``units="whole"``; per block is refused, not yet supported).
+        None (default): whole sequences on every rank.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
@@ -219,7 +229,25 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
     if is_sharded(state.params) or state.layout.sharded:
         raise ValueError("fx.shard: this state is already sharded")
     offload = _offload.checked(offload)
+    split = None
+    if context is not None:
+        if mesh is None:
+            raise ValueError(f"fx.shard(context={context!r}) names a dimension of the mesh; "
+                             "pass the mesh, for example fx.sharding.mesh((2, 2), "
+                             "('dp', 'cp'))")
+        mesh, split = _context.laid_out(mesh, context, tp_plan, globals()["mesh"])
+        if units not in (None, "whole"):
+            raise ValueError(f"fx.shard(context={context!r}) shards the model whole (one unit), "
+                             f"not per block yet (units={units!r}): compiled, the ring "
+                             "attention's backward splits the step's backward into one "
+                             "region per layer, and torch 2.13 recomputes a gather in only "
+                             "one such region; leave units unset, or pass units='whole'")
+        units = "whole"
     new = _sharded(state, mesh, callbacks, units, param_dtype, reduce_dtype, tp_plan)
+    if split is not None:
+        from . import _context_attention  # torch's ring functions, imported when first used
+        new = new.replace(module=_context_attention.prepared(new.module, split),
+                          layout=new.layout.replace(context=split))
     if offload is None:
         return new
     return new.replace(layout=new.layout.replace(offload=offload),
@@ -232,8 +260,8 @@ def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
     _for_the_current_group()
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim not in (1, 2):
-        raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh, got one of shape "
-                         f"{tuple(mesh.shape)}")
+        raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh (3-D with a context "
+                         f"dimension: context=...), got one of shape {tuple(mesh.shape)}")
     if mesh.size() != _ranks.world_size():
         raise ValueError(f"fx.shard: the mesh spans {mesh.size()} ranks, the job has "
                          f"{_ranks.world_size()}: every rank trains on its share of the "

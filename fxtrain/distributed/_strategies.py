@@ -237,7 +237,7 @@ def strategy(layout: Layout, autodiff: str, parallel: bool, mean_buffers: bool
     ``autodiff`` (resolved), on several ranks (``parallel``: data parallel was asked for, or
     left to the process group) or one: a lookup of the layout, made while the step is traced
     (the state's layout is static: each layout its own graph)."""
-    parallel = parallel and layout.data_world_size() > 1
+    parallel = parallel and layout.gradient_world_size() > 1
     if layout.tensor_parallel and not layout.two_dimensional:
         if autodiff == "func":
             fail(ValueError, "a tensor-parallel state (fx.shard(tp_plan=...)) trains on the "

@@ -80,7 +80,7 @@ def planned(args: StepArgs, state: TrainState, donating: bool) -> Plan:
         fail(ValueError, "make_train_step(data_parallel=False) cannot train a sharded state "
                          "(fx.shard): sharding is data parallel, each rank on its share of the "
                          "batch; leave data_parallel unset")
-    parallel = args.parallel and layout.data_world_size() > 1
+    parallel = args.parallel and layout.gradient_world_size() > 1
     # an update that writes over the given-up state only where nothing can revert it
     donates = donating and not args.mixed.scaled and len(args.callbacks) == 0
     update = _updates.chosen(state, autodiff, donates, torch.compiler.is_compiling())
@@ -101,6 +101,10 @@ def gradient_fn(args: StepArgs, state: TrainState, batch: Any, plan: Plan, key: 
     checkpointed regions rerun as the forward ran) in train mode, keyed on ``key``. Returned,
     not called: the step calls it, so a graph break in ``loss_fn`` splits as few frames as it
     can (``fx.debug.explain_step``)."""
+
+    context = state.layout.context
+    if context is not None:  # this rank's slice of every sequence (fxtrain.distributed._context)
+        batch = distributed.context_sliced(batch, context.size, context.rank)
 
     def forward(params):
         inner = with_step_buffers(state)
@@ -151,7 +155,7 @@ def weighed(loss: torch.Tensor, count: torch.Tensor | None, parallel: bool,
         return loss, count
     mean = distributed.mean_in_step([count])[0]
     share = torch.where(mean > 0, count / mean.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-    return loss * share, mean * layout.data_world_size()
+    return loss * share, mean * layout.gradient_world_size()
 
 
 def applied(args: StepArgs, state: TrainState, plan: Plan, out: Any,

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .. import donation, random
+from .. import distributed, donation, random
 from ._k_steps import check_stacked, unstack
 from ._phases import revert_update, single_step
 from ._args import StepArgs, step_args
@@ -249,6 +249,9 @@ def make_eval_step(metrics_fn: Callable) -> Callable[[TrainState, Any], dict[str
             guard(batch)
             check_batch_device(batch, state.step.device, "eval_step")
             key = random.fold_in(random.step_key(state.rng, state.step), _EVAL_STREAM)
+            context = state.layout.context
+            if context is not None:  # this rank's slice of every sequence, as a train step's
+                batch = distributed.context_sliced(batch, context.size, context.rank)
             was = set_training(state.module, False)
             with torch.no_grad(), random.keyed(key):
                 out = metrics_fn(state, state.params, batch) if takes_params else \

@@ -1,0 +1,99 @@
+"""Ring attention over a context-parallel group: torch's own ring, run with the CPU's kernel.
+
+Each rank of the group holds two chunks of every sequence, head and tail (torch's round-robin
+load balance for causal attention: ``fxtrain.distributed._context.slots``). Causal attention
+over the whole sequence is then torch's ``_templated_ring_attention``: the ranks pass their keys
+and values around the ring, each block's attention runs in the SDPA kernel, and the blocks'
+outputs merge by their log-sum-exp; the backward is ``_templated_ring_attention_backward``,
+which passes the keys' and values' gradients around the ring the other way.
+
+Torch's ``context_parallel()`` runs that ring by dispatching SDPA's CUDA kernels (flash,
+efficient, cuDNN) on DTensors; on a CPU, SDPA's kernel is
+``_scaled_dot_product_flash_attention_for_cpu``, which torch's dispatcher does not route to the
+ring. ``ring_attention`` calls the same ring functions with that kernel, inside one
+``autograd.Function``, so the wiring (chunks, ring, merge, backward) is torch's on any device
+that runs the CPU kernel. A CUDA tensor is refused by name: there, torch's kernels are the ones
+to ring, and fxtrain has not been measured on one.
+
+Checked on torch 2.13.0, 2.14.1 and 2.15.0. The ring functions are private
+(``torch.distributed.tensor.experimental._context_parallel._attention``, earlier
+``..._attention``); they read torch's ``_cp_options`` (load balance, rotation): this module
+reads them and never sets them. Torch 2.11 is refused: its compiled trace of the backward
+gave gradients wrong by O(1).
+
+The backward kernel is called by position: torch's ring passes ``out=`` as a keyword, which
+Dynamo reads as an out-variant call and refuses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .version import require
+
+try:
+    from torch.distributed.tensor.experimental._context_parallel import _attention as _ring
+except ImportError:  # torch 2.11: the module before it moved
+    from torch.distributed.tensor.experimental import _attention as _ring  # type: ignore
+
+_SEQ = 2  # (batch, heads, sequence, head_dim)
+_FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+
+def _block_backward(*, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
+                    is_causal: bool, scale: float | None = None,
+                    dropout_p: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """One block's backward, as torch's ring calls it (by keyword), in the kernel's order."""
+    return _BACKWARD(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
+                     scale=scale)
+
+
+class _Ring(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any,
+                scale: float | None) -> torch.Tensor:
+        out, lse = _ring._templated_ring_attention(group, _SEQ, _FORWARD, q, k, v,
+                                                   is_causal=True, scale=scale)[:2]
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.group, ctx.scale = group, scale
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring._templated_ring_attention_backward(
+            ctx.group, _SEQ, _block_backward, grad.contiguous(), "grad_out", q, k, v, out, lse,
+            is_causal=True, scale=ctx.scale)[:3]
+        return dq, dk, dv, None, None
+
+
+def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: Any, *,
+                   scale: float | None = None) -> torch.Tensor:
+    """Causal attention of this rank's query chunks over every rank's keys and values.
+
+    ``query``, ``key``, ``value``: ``(batch, heads, local length, head_dim)``, this rank's two
+    chunks of each sequence (head and tail) concatenated, keys and values with as many heads as
+    the query (repeat them first for grouped-query attention); ``group``: the context-parallel
+    process group. Returns this rank's chunks of the attention output, as whole-sequence causal
+    SDPA gives them.
+    """
+    if query.device.type == "cuda":
+        raise NotImplementedError(
+            "fxtrain's ring attention runs the CPU's SDPA kernel; on CUDA, torch's own "
+            "context_parallel() rings its flash and efficient kernels, which fxtrain has not "
+            "been measured with yet")
+    if not _ring._cp_options.enable_load_balance:
+        raise RuntimeError(
+            "fxtrain's ring attention takes each rank's head and tail chunks (torch's load "
+            "balance), but torch's _cp_options.enable_load_balance was set False in this "
+            "process; set it back to True")
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(f"ring_attention: the query has {query.shape[1]} heads and the keys "
+                         f"{key.shape[1]}; repeat the keys and values per query head first")
+    require("context parallelism (ring attention)", 2, 13)
+    return _Ring.apply(query, key.contiguous(), value.contiguous(), group, scale)

@@ -1,0 +1,86 @@
+"""A transformers model's attention as context parallelism's ring (``fx.shard(context=...)``).
+
+``prepared(module, context)`` is a copy of the model whose attention implementation is
+``"fxtrain_context"``: each attention layer calls ``attention`` below, which runs causal
+attention of this rank's slice of the sequence over every rank's keys and values
+(``fxtrain._torch.context_parallel.ring_attention``, over ``Context.group``, which the copy's
+attention layers hold as an attribute: what the layer computes with is on the module the step
+runs, as a tensor-parallel plan's hooks are). The implementation is registered with
+transformers' ``AttentionInterface`` once, as a static function; transformers builds no mask
+for an implementation without a mask function, so the ring's causal rule is the only mask.
+
+What the ring cannot run is refused by name when the step runs it: a mask given to the layer
+(padding, packed documents' block masks), attention dropout, a sliding window, soft-capping,
+attention sinks, and attention that is not causal self-attention.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._torch.context_parallel import ring_attention
+from .._torch.traced_errors import fail
+
+NAME = "fxtrain_context"
+_ATTRIBUTE = "fxtrain_context"
+
+
+def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: torch.Tensor | None, dropout: float = 0.0,
+              scaling: float | None = None, is_causal: bool | None = None,
+              **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention interface: ``query``, ``key``, ``value`` ``(batch, heads,
+    local length, head_dim)`` (keys with fewer heads under grouped-query attention); returns
+    ``(batch, local length, heads, head_dim)`` and no weights."""
+    context = getattr(module, _ATTRIBUTE, None)
+    if context is None:
+        fail(ValueError, f"the attention implementation {NAME!r} runs a model fx.shard("
+                         "context=...) prepared; this layer was not")
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
+    refused = [why for why, present in (
+        ("an attention mask (padding or packed documents' masks; pad with labels -100 and "
+         "no attention_mask instead)", attention_mask is not None),
+        ("attention dropout (set the config's attention dropout to 0)", bool(dropout)),
+        ("a sliding window", kwargs.get("sliding_window") is not None),
+        ("soft-capping", kwargs.get("softcap") is not None),
+        ("attention sinks", kwargs.get("s_aux") is not None),
+        ("attention that is not causal self-attention", not causal
+         or query.shape[2] != key.shape[2]),
+    ) if present]
+    if refused:
+        fail(ValueError, f"context parallelism runs causal attention as a ring over the "
+                         f"ranks; {type(module).__name__} asks for {', '.join(refused)}, "
+                         "which the ring cannot shard")
+    if key.shape[1] != query.shape[1]:  # grouped-query attention, as transformers repeats
+        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    out = ring_attention(query, key, value, context.group, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def prepared(module: nn.Module, context: Any) -> nn.Module:
+    """A copy of the transformers model ``module`` (a skeleton: its tensors on the meta device,
+    nothing to copy) whose attention layers run the ring over ``context``."""
+    try:
+        from transformers import AttentionInterface, PreTrainedModel
+    except ImportError:
+        PreTrainedModel = None  # noqa: N806
+    if PreTrainedModel is None or not isinstance(module, PreTrainedModel):
+        raise ValueError(f"fx.shard(context=...): context parallelism runs a transformers "
+                         f"model's attention (its attention interface) as a ring; "
+                         f"{type(module).__name__} is not a transformers PreTrainedModel, so "
+                         "its attention is not one fxtrain can route")
+    AttentionInterface.register(NAME, attention)
+    module = copy.deepcopy(module)
+    module.set_attn_implementation(NAME)
+    layers = [m for m in module.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
+    if not layers:
+        raise ValueError(f"fx.shard(context=...): {type(module).__name__} has no attention "
+                         "layer transformers' interface calls (a module with is_causal)")
+    for layer in layers:
+        setattr(layer, _ATTRIBUTE, context)
+    return module

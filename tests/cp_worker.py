@@ -1,0 +1,141 @@
+"""The ranks' side of tests/ranks/test_context_parallel_ranks.py: context parallelism's ring
+attention and its steps, on gloo ranks, against one process."""
+
+import torch
+import torch.nn.functional as F
+
+import fxtrain as fx
+from fxtrain._torch.context_parallel import ring_attention
+from fxtrain.distributed._context import slots
+
+
+def _qkv(heads=4, kv_heads=4, length=32, dim=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, heads, length, dim, generator=g),
+            torch.randn(2, kv_heads, length, dim, generator=g),
+            torch.randn(2, kv_heads, length, dim, generator=g))
+
+
+def ring_against_sdpa(out, compiled=False, kv_heads=4):
+    """Each rank's slice of causal SDPA over the whole sequence, and the whole inputs'
+    gradients summed over the ranks' slices, through ``ring_attention``; rank 0 saves them with
+    one process's."""
+    rank, world = fx.distributed.rank(), fx.distributed.world_size()
+    q, k, v = _qkv(kv_heads=kv_heads)
+    index = slots(q.shape[2], world, rank)
+    g = torch.Generator().manual_seed(1)
+    upstream = torch.randn(q.shape, generator=g)  # the loss's gradient of the output
+
+    def whole(q, k, v):  # one process: transformers' repeat of the keys for GQA, then SDPA
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def ring(q, k, v):
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
+        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+        return ring_attention(q, k, v, torch.distributed.group.WORLD)
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    expected = whole(*leaves)
+    (expected * upstream).sum().backward()
+    mine = [t[:, :, index].clone().requires_grad_() for t in (q, k, v)]
+    fn = torch.compile(ring, fullgraph=True, backend="aot_eager") if compiled else ring
+    got = fn(*mine)
+    (got * upstream[:, :, index]).sum().backward()
+    grads = []
+    for t, whole_grad in zip(mine, leaves):
+        full = torch.zeros_like(whole_grad)
+        full[:, :, index] = t.grad
+        torch.distributed.all_reduce(full)
+        grads.append(full)
+    outs = [torch.zeros_like(expected) for _ in range(world)]
+    torch.distributed.all_gather(outs, torch.zeros_like(expected).index_copy(
+        2, index, got.detach()))
+    if rank == 0:
+        torch.save({"expected": expected.detach(), "got": sum(outs),
+                    "grads": grads, "expected_grads": [t.grad for t in leaves]},
+                   f"{out}/ring{world}.pt")
+
+
+def _llama(dropout=0.0):
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=24, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=64,
+                                      use_cache=False)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _gpt2(dropout=0.0):
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=24,
+                                     n_positions=64, resid_pdrop=dropout, embd_pdrop=dropout,
+                                     attn_pdrop=0.0, use_cache=False)
+    return transformers.GPT2LMHeadModel(config)
+
+
+MODELS = {"llama": _llama, "gpt2": _gpt2}
+
+
+def batches(steps=10, rows=4, length=32):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 24, (rows, length), generator=g) for _ in range(steps)]
+
+
+def whole_loss(s, p, batch):
+    """One process: transformers' shift of the labels inside the loss."""
+    logits = s.apply(p, input_ids=batch["input_ids"]).logits
+    return fx.losses.causal_lm(logits, batch["labels"])
+
+
+def context_loss(s, p, batch):
+    """A context-parallel rank: the labels shifted on the whole sequence (``shift_labels``),
+    the positions of its slice."""
+    if "shift_labels" not in batch:
+        return whole_loss(s, p, batch)
+    logits = s.apply(p, input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    return fx.losses.causal_lm(logits, batch["shift_labels"], shift=False)
+
+
+def trained(state, step, data):
+    """``steps`` steps on this rank's data share of each batch; the losses."""
+    share, at = fx.distributed.data_world_size(state), fx.distributed.data_rank(state)
+    losses = []
+    for ids in data:
+        mine = ids.chunk(share)[at]
+        state, metrics = step(state, {"input_ids": mine, "labels": mine})
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def context_steps(out, model="llama", compiled=False, shape=(2,), names=("cp",),
+                  tp_plan=None, dropout=0.0, steps=10, units=None):
+    """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``; rank 0
+    saves the losses and whole parameters, and the layout's printed form."""
+    from helpers import TRACED
+    mesh = fx.sharding.mesh(shape, names)
+    state = fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)), mesh,
+                     context="cp", tp_plan=tp_plan, units=units)
+    step = fx.make_train_step(context_loss)
+    if compiled:
+        step = torch.compile(step, fullgraph=True, backend=TRACED)
+    state, losses = trained(state, step, batches(steps))
+    whole = fx.sharding.gathered(state.params)
+    if fx.distributed.rank() == 0:
+        torch.save({"losses": losses, "params": whole, "layout": repr(state.layout),
+                    "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
+                   f"{out}/steps-{model}-{'compiled' if compiled else 'eager'}.pt")
+
+
+def one_process(model="llama", dropout=0.0, steps=10):
+    """The reference: one process, whole sequences, the global batch."""
+    state = fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2))
+    step = fx.make_train_step(whole_loss)
+    losses = []
+    for ids in batches(steps):
+        state, metrics = step(state, {"input_ids": ids, "labels": ids})
+        losses.append(float(metrics["loss"]))
+    return losses, state.params

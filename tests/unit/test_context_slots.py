@@ -1,0 +1,133 @@
+"""Context parallelism's slices (issue 79): the positions each rank holds (torch's head-tail load
+balance), a batch cut to them as one process's batch reads there, the meshes fx.shard takes with
+a context dimension, and what is refused by name. The ranks' runs: tests/ranks/
+test_context_parallel_ranks.py."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxtrain.distributed._context import laid_out, sliced, slots
+
+
+@given(size=st.integers(1, 8), chunk=st.integers(1, 6))
+@settings(max_examples=40, deadline=None)
+def test_the_ranks_slots_cover_the_sequence_once_each_with_a_head_and_a_tail(size, chunk):
+    length = 2 * size * chunk
+    held = [slots(length, size, r) for r in range(size)]
+    assert torch.equal(torch.cat(held).sort().values, torch.arange(length))
+    for r, positions in enumerate(held):  # rank r: chunks r and 2 * size - 1 - r
+        assert positions.tolist() == [*range(r * chunk, (r + 1) * chunk),
+                                      *range((2 * size - 1 - r) * chunk, (2 * size - r) * chunk)]
+
+
+@pytest.mark.parametrize("length,size", [(16, 2), (32, 4), (24, 3), (64, 8)])
+def test_the_slots_are_torchs_head_tail_load_balance(length, size):
+    from torch.distributed.tensor.experimental._context_parallel._load_balancer import (
+        _HeadTailLoadBalancer)
+    order = _HeadTailLoadBalancer(length, size, "cpu")._generate_indices()[0]
+    assert torch.equal(torch.cat([slots(length, size, r) for r in range(size)]),
+                       order.long())
+
+
+def test_a_length_the_chunks_do_not_divide_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"cuts each sequence into 4 equal chunks; a length of "
+                                         r"18 is not a multiple of 4: pad .*labels -100"):
+        slots(18, 2, 0)
+
+
+def _batch(rows=2, length=8):
+    ids = torch.arange(rows * length).reshape(rows, length)
+    return {"input_ids": ids, "labels": ids + 100}
+
+
+def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
+    """Each rank's input ids, positions and targets are one process's at its positions: the
+    labels shifted on the whole row first (a head chunk's last target is the next chunk's
+    first label), the last position's target -100; the rows and other entries untouched."""
+    batch = {**_batch(), "weights": torch.ones(2)}
+    whole_targets = torch.cat([batch["labels"][:, 1:], torch.full((2, 1), -100)], dim=1)
+    for rank in range(2):
+        index = slots(8, 2, rank)
+        cut = sliced(batch, 2, rank)
+        assert sorted(cut) == ["input_ids", "position_ids", "shift_labels", "weights"]
+        assert torch.equal(cut["input_ids"], batch["input_ids"][:, index])
+        assert torch.equal(cut["position_ids"], index.expand(2, 4))
+        assert torch.equal(cut["shift_labels"], whole_targets[:, index])
+        assert cut["weights"] is batch["weights"]
+    # rank 0 holds chunks 0 and 3: position 1's target is position 2's label, on rank 1
+    assert sliced(batch, 2, 0)["shift_labels"][0].tolist() == [101, 102, 107, -100]
+
+
+def test_given_position_ids_are_cut_not_remade():
+    batch = {**_batch(), "position_ids": torch.arange(8).flip(0).expand(2, 8)}
+    assert sliced(batch, 2, 1)["position_ids"][0].tolist() == [5, 4, 3, 2]
+
+
+@pytest.mark.parametrize("batch,error,match", [
+    ((torch.zeros(2, 8),), TypeError, "a dict of \\(batch, length\\) tensors .* got tuple"),
+    ({**_batch(), "attention_mask": torch.ones(2, 8)}, ValueError,
+     "holds 'attention_mask', a padding mask: pad every sequence .* labels -100"),
+    ({**_batch(), "cu_seq_lens_q": torch.tensor([0, 4, 8])}, ValueError,
+     "packed documents' boundaries"),
+    ({**_batch(), "shift_labels": torch.zeros(2, 8)}, ValueError,
+     "both labels and shift_labels"),
+    ({"labels": torch.zeros(2, 8)}, ValueError, "no input_ids \\(its keys: \\['labels'\\]\\)"),
+    ({**_batch(), "position_ids": torch.zeros(2, 6)}, ValueError,
+     "position_ids is \\(2, 6\\), input_ids \\(2, 8\\)"),
+    (_batch(length=6), ValueError, "a length of 6 is not a multiple of 4"),
+], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "bad shape",
+        "length"])
+def test_a_batch_it_cannot_cut_is_refused_by_name(batch, error, match):
+    with pytest.raises(error, match=match):
+        sliced(batch, 2, 0)
+
+
+class _Mesh:
+    """What ``laid_out`` reads of a DeviceMesh: names, shape and this rank's place (rank 0)."""
+
+    def __init__(self, shape, names):
+        self.shape, self.mesh_dim_names = tuple(shape), tuple(names)
+        self.mesh = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+
+    def size(self, d):
+        return self.shape[d]
+
+    def get_local_rank(self, d):
+        return 0
+
+    def get_group(self, d):
+        return f"group {d}"
+
+
+def _made(shape=None, names=None):
+    return ("1-D",) if shape is None else (shape, names)
+
+
+@pytest.mark.parametrize("shape,names,plan,made", [
+    ((8,), ("cp",), None, ("1-D",)),
+    ((2, 4), ("dp", "cp"), None, ("1-D",)),
+    ((2, 2, 2), ("dp", "cp", "tp"), "auto", ((4, 2), ("dp_cp", "tp"))),
+    ((4, 2), ("cp", "tp"), "auto", ((4, 2), ("cp", "tp"))),
+    ((2, 2, 2), ("replicate", "shard", "cp"), None, ((2, 4), ("replicate", "shard_cp"))),
+])
+def test_the_context_dimension_shards_the_parameters_with_the_one_before_it(shape, names, plan,
+                                                                            made):
+    mesh, context = laid_out(_Mesh(shape, names), "cp", plan, _made)
+    assert mesh == made
+    assert (context.dim, context.size, context.rank) == ("cp", shape[names.index("cp")], 0)
+    assert context.group == f"group {names.index('cp')}"
+
+
+@pytest.mark.parametrize("shape,names,plan,match", [
+    ((2, 4), ("dp", "seq"), None, "dimensions are named \\('dp', 'seq'\\); name the one"),
+    ((4, 2), ("cp", "dp"), None, "a mesh \\('cp', 'dp'\\) puts the context dimension where"),
+    ((2, 2, 2), ("dp", "tp", "cp"), "auto", "\\('dp', 'tp', 'cp'\\) puts the context"),
+    ((2, 4), ("dp", "cp"), "auto", "\\('dp', 'cp'\\) puts the context"),
+    ((2, 2, 2), ("replicate", "cp", "shard"), None, "puts the context dimension"),
+])
+def test_a_context_dimension_that_would_not_shard_with_the_data_is_refused(shape, names, plan,
+                                                                           match):
+    with pytest.raises(ValueError, match=match):
+        laid_out(_Mesh(shape, names), "cp", plan, _made)
