@@ -11,6 +11,10 @@ that holds a slice as a plain tensor (a style's ``use_local_output=True``) draws
 its slice's shape, which is no block of one process's; keep such activations DTensors where
 they are dropped (``SequenceParallel()`` on the dropout, its output a DTensor or, with
 ``use_local_output=True``, a plain tensor again after it).
+
+Under context parallelism (``fx.shard(context=...)``) each rank holds a head and a tail chunk
+of every sequence as a plain tensor: its dropout masks are drawn at its positions' indices in
+one process's mask (``context_index``), the sequence taken to be dimension 1.
 """
 
 from __future__ import annotations
@@ -53,12 +57,35 @@ def block_index(x, mask_shape: Sequence[int]) -> torch.Tensor:
     return index
 
 
+def context_index(mask_shape: Sequence[int], size: int, rank: int,
+                  device: torch.device) -> torch.Tensor:
+    """The row-major indices, in the mask of one process's whole sequences, of a
+    context-parallel rank's ``mask_shape`` mask over ``(batch, its positions, ...)``: its
+    positions (``fxtrain.distributed._context.slots``) along dimension 1, of ``size`` times
+    the length."""
+    from .distributed._context import slots
+    whole = [mask_shape[0], mask_shape[1] * size, *mask_shape[2:]]
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    for d, extent in enumerate(whole):
+        along = slots(extent, size, rank).to(device) if d == 1 else \
+            torch.arange(mask_shape[d], dtype=torch.int64, device=device)
+        index = index[..., None] * extent + along
+    return index
+
+
 def on_block(x: torch.Tensor, mask_shape: Sequence[int],
-             draw: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]) -> torch.Tensor:
+             draw: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor],
+             context: tuple[int, int] | None = None) -> torch.Tensor:
     """``draw(x, None)`` for a tensor; for a DTensor, ``draw`` on its local tensor with the
-    indices of its block of the mask (``block_index``), the result a DTensor placed as ``x``."""
+    indices of its block of the mask (``block_index``), the result a DTensor placed as ``x``.
+    ``context``: ``(size, rank)`` of a context-parallel step, whose plain tensors of two
+    dimensions or more hold the rank's positions of the sequence along dimension 1
+    (transformers' ``(batch, length, ...)``): drawn with their indices in one process's mask
+    (``context_index``), so each rank drops what one process drops there."""
     if not is_dtensor(x):
-        return draw(x, None)
+        if context is None or len(mask_shape) < 2 or mask_shape[1] == 1:
+            return draw(x, None)
+        return draw(x, context_index(mask_shape, *context, x.device))
     from torch.distributed.tensor import DTensor
     out = draw(x.to_local(), block_index(x, mask_shape))
     return DTensor.from_local(out, x.device_mesh, x.placements, run_check=False,

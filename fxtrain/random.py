@@ -287,7 +287,7 @@ def _keep(key, mask_shape, p, index: torch.Tensor | None = None) -> torch.Tensor
     return _hash(key, mask_shape, index) >= math.ceil(p * 2.0**32)
 
 
-def _dropout(x, p, training, key, mask_shape):
+def _dropout(x, p, training, key, mask_shape, context=None):
     if not training or p == 0.0:
         _check_p(p)
         return x
@@ -295,7 +295,7 @@ def _dropout(x, p, training, key, mask_shape):
     def dropped(x, index):
         return torch.where(_keep(key, mask_shape, p, index), x / (1.0 - p), torch.zeros_like(x))
 
-    return _keyed_shards.on_block(x, mask_shape, dropped)
+    return _keyed_shards.on_block(x, mask_shape, dropped, context)
 
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale",
@@ -346,7 +346,7 @@ def _attention(key: torch.Tensor, args: tuple, kwargs: dict,
 _SELU_ALPHA = -1.7580993408473766  # -scale * alpha of SELU: where alpha dropout sends a drop
 
 
-def _alpha_dropout(x, p, training, key, mask_shape):
+def _alpha_dropout(x, p, training, key, mask_shape, context=None):
     """Dropout that keeps SELU's mean and variance: dropped values go to SELU's negative
     saturation, then an affine map restores the moments (as ``F.alpha_dropout``)."""
     if not training or p == 0.0:
@@ -362,7 +362,7 @@ def _alpha_dropout(x, p, training, key, mask_shape):
         keep = _keep(key, mask_shape, p, index)
         return torch.where(keep, x, torch.full_like(x, _SELU_ALPHA)) * a + b
 
-    return _keyed_shards.on_block(x, mask_shape, dropped)
+    return _keyed_shards.on_block(x, mask_shape, dropped, context)
 
 
 def _rrelu(x, lower, upper, training, key):
@@ -461,10 +461,12 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
 
     in_region = False  # a stream continued inside a compiled region (``continued``)
 
-    def __init__(self, key: torch.Tensor, autodiff: str = "func"):
+    def __init__(self, key: torch.Tensor, autodiff: str = "func",
+                 context: tuple[int, int] | None = None):
         super().__init__()
         self.key = key
         self.autodiff = autodiff  # how the step around it differentiates (see fx.remat)
+        self.context = context  # (size, rank): a context-parallel step's (_keyed_shards)
         self.calls = 0
         self.block: torch.Tensor | None = None  # fold_in(key, block_start + i), i < 16
         self.block_start = 0
@@ -582,21 +584,22 @@ class keyed(TorchFunctionMode):  # noqa: N801 - used as a context manager, like 
                 p = float(_arg(args, kwargs, 1, "p", 0.5))
                 training = bool(_arg(args, kwargs, 2, "training", True))
                 mask = x.shape if ndim is None else _feature_mask_shape(x, ndim)
-                return _dropout(x, p, training, self._next_key(), mask)
+                return _dropout(x, p, training, self._next_key(), mask, self.context)
         for dropout, ndim in _ALPHA_DROPOUTS:
             if func is dropout:
                 x = args[0]
                 p = float(_arg(args, kwargs, 1, "p", 0.5))
                 training = bool(_arg(args, kwargs, 2, "training", False))
                 mask = x.shape if ndim is None else (*x.shape[:2], *([1] * (x.ndim - 2)))
-                return _alpha_dropout(x, p, training, self._next_key(), mask)
+                return _alpha_dropout(x, p, training, self._next_key(), mask, self.context)
         if func is torch.native_dropout:
             x, p, train = args[0], float(_arg(args, kwargs, 1, "p", 0.5)), \
                 _arg(args, kwargs, 2, "train", True)
             if train is False:
                 return x.clone(), torch.ones_like(x, dtype=torch.bool)
             key, shape = self._next_key(), x.shape
-            keep = _keyed_shards.on_block(x, shape, lambda x, index: _keep(key, shape, p, index))
+            keep = _keyed_shards.on_block(x, shape, lambda x, index: _keep(key, shape, p, index),
+                                          self.context)
             return torch.where(keep, x / (1.0 - p), torch.zeros_like(x)), keep
         if func is F.rrelu:
             x = args[0]

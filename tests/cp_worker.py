@@ -16,6 +16,12 @@ def _qkv(heads=4, kv_heads=4, length=32, dim=8, seed=0):
             torch.randn(2, kv_heads, length, dim, generator=g))
 
 
+def rings_against_sdpa(out, cases):
+    """``ring_against_sdpa`` for each ``(compiled, kv_heads)`` of ``cases``."""
+    for compiled, kv_heads in cases:
+        ring_against_sdpa(out, compiled, kv_heads)
+
+
 def ring_against_sdpa(out, compiled=False, kv_heads=4):
     """Each rank's slice of causal SDPA over the whole sequence, and the whole inputs'
     gradients summed over the ranks' slices, through ``ring_attention``; rank 0 saves them with
@@ -55,7 +61,7 @@ def ring_against_sdpa(out, compiled=False, kv_heads=4):
     if rank == 0:
         torch.save({"expected": expected.detach(), "got": sum(outs),
                     "grads": grads, "expected_grads": [t.grad for t in leaves]},
-                   f"{out}/ring{world}.pt")
+                   f"{out}/ring{world}-{'compiled' if compiled else 'eager'}-{kv_heads}.pt")
 
 
 def _llama(dropout=0.0):
@@ -111,23 +117,28 @@ def trained(state, step, data):
     return state, losses
 
 
-def context_steps(out, model="llama", compiled=False, shape=(2,), names=("cp",),
-                  tp_plan=None, dropout=0.0, steps=10, units=None):
-    """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``; rank 0
-    saves the losses and whole parameters, and the layout's printed form."""
+def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",),
+                  tp_plan=None, dropout=0.0, steps=10):
+    """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``, once per
+    mode (``"eager"``, ``"compiled"``); rank 0 saves each run's losses, whole parameters, graph
+    count and the layout's printed form."""
     from helpers import TRACED
     mesh = fx.sharding.mesh(shape, names)
-    state = fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)), mesh,
-                     context="cp", tp_plan=tp_plan, units=units)
-    step = fx.make_train_step(context_loss)
-    if compiled:
-        step = torch.compile(step, fullgraph=True, backend=TRACED)
-    state, losses = trained(state, step, batches(steps))
-    whole = fx.sharding.gathered(state.params)
+    report = {}
+    for mode in modes:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        state = fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)),
+                         mesh, context="cp", tp_plan=tp_plan)
+        step = fx.make_train_step(context_loss)
+        if mode == "compiled":
+            step = torch.compile(step, fullgraph=True, backend=TRACED)
+        state, losses = trained(state, step, batches(steps))
+        report[mode] = {"losses": losses, "params": fx.sharding.gathered(state.params),
+                        "layout": repr(state.layout),
+                        "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if fx.distributed.rank() == 0:
-        torch.save({"losses": losses, "params": whole, "layout": repr(state.layout),
-                    "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]},
-                   f"{out}/steps-{model}-{'compiled' if compiled else 'eager'}.pt")
+        torch.save(report, f"{out}/steps.pt")
 
 
 def one_process(model="llama", dropout=0.0, steps=10):

@@ -11,8 +11,9 @@ load balance for causal attention, ``_HeadTailLoadBalancer``). ``slots`` gives t
   is on another rank; the loss takes them unshifted (``fx.losses.causal_lm(logits,
   batch["shift_labels"], shift=False)``, or a transformers model's own loss given
   ``shift_labels``);
-- ``position_ids`` are cut too (made ``0 .. length - 1`` first when the batch has none), so
-  rotary embeddings and learned positions see each token's position in the whole sequence.
+- ``position_ids`` (``0 .. length - 1``) are made and cut, so rotary embeddings and learned
+  positions see each token's position in the whole sequence. A batch's own positions are
+  refused: packed documents need document masks, which the ring does not run yet.
 
 ``laid_out`` reads a mesh with a context dimension: the parameters shard over that dimension
 together with the one before it (torchtitan's ``dp_shard_cp``), so ``fx.shard`` lays them out
@@ -41,6 +42,10 @@ _REFUSED = {
                      "over the whole row",
     "cu_seq_lens_k": "packed documents' boundaries: context parallelism runs causal attention "
                      "over the whole row",
+    "position_ids": "positions of its own: context parallelism numbers each row's positions "
+                    "0 .. length - 1 itself and runs causal attention over the whole row, so "
+                    "packed documents (positions restarting per document) would attend across "
+                    "their boundaries; give whole sequences without position_ids",
 }
 
 
@@ -82,8 +87,7 @@ def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
         out["shift_labels"] = torch.cat(
             [labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
         del out["labels"]
-    if "position_ids" not in batch:
-        out["position_ids"] = torch.arange(length, device=ids.device).expand(rows, length)
+    out["position_ids"] = torch.arange(length, device=ids.device).expand(rows, length)
     index = slots(length, size, rank).to(ids.device)
     for name in SEQUENCE_KEYS:
         if name in out:

@@ -20,6 +20,7 @@ import copy
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._torch.context_parallel import ring_attention
@@ -59,6 +60,10 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
         value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     out = ring_attention(query, key, value, context.group, scale=scaling)
+    # In a step, F.scaled_dot_product_attention takes one key of the keyed stream (for its
+    # dropout, drawn or not); a dropout of probability 0 takes it here, so that the dropouts
+    # after this layer draw with the keys one process's draw with (fxtrain.random.keyed)
+    out = F.dropout(out, 0.0, module.training)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -122,7 +122,7 @@ def gradient_fn(args: StepArgs, state: TrainState, batch: Any, plan: Plan, key: 
     def keyed(fn, *inputs):
         was = set_training(state.module, True)
         try:
-            with random.keyed(key, plan.autodiff):
+            with random.keyed(key, plan.autodiff, context and (context.size, context.rank)):
                 return fn(*inputs)
         finally:
             set_training(state.module, was)

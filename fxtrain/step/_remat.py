@@ -154,7 +154,7 @@ def remat(fn: Callable, *args: Any, policy: str = "nothing_saveable", **kwargs: 
             return torch.func.functional_call(module, tensors, args, kwargs)
 
     def keyed_fn(*args, **kwargs):  # the same draws in the forward and in the recompute
-        with random.keyed(region, autodiff=outer.autodiff), _NoHostReads():
+        with random.keyed(region, autodiff=outer.autodiff, context=outer.context), _NoHostReads():
             return fn(*args, **kwargs)
 
     if policy == "everything_saveable":

@@ -60,11 +60,6 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
     assert sliced(batch, 2, 0)["shift_labels"][0].tolist() == [101, 102, 107, -100]
 
 
-def test_given_position_ids_are_cut_not_remade():
-    batch = {**_batch(), "position_ids": torch.arange(8).flip(0).expand(2, 8)}
-    assert sliced(batch, 2, 1)["position_ids"][0].tolist() == [5, 4, 3, 2]
-
-
 @pytest.mark.parametrize("batch,error,match", [
     ((torch.zeros(2, 8),), TypeError, "a dict of \\(batch, length\\) tensors .* got tuple"),
     ({**_batch(), "attention_mask": torch.ones(2, 8)}, ValueError,
@@ -74,11 +69,15 @@ def test_given_position_ids_are_cut_not_remade():
     ({**_batch(), "shift_labels": torch.zeros(2, 8)}, ValueError,
      "both labels and shift_labels"),
     ({"labels": torch.zeros(2, 8)}, ValueError, "no input_ids \\(its keys: \\['labels'\\]\\)"),
-    ({**_batch(), "position_ids": torch.zeros(2, 6)}, ValueError,
-     "position_ids is \\(2, 6\\), input_ids \\(2, 8\\)"),
+    ({**_batch(), "position_ids": torch.arange(8).expand(2, 8)}, ValueError,
+     "holds 'position_ids', positions of its own: .*packed documents"),
+    ({**_batch(), "shift_labels": torch.zeros(2, 6)}, ValueError,
+     "both labels and shift_labels"),
+    ({"input_ids": torch.zeros(2, 8), "shift_labels": torch.zeros(2, 6)}, ValueError,
+     "shift_labels is \\(2, 6\\), input_ids \\(2, 8\\)"),
     (_batch(length=6), ValueError, "a length of 6 is not a multiple of 4"),
-], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "bad shape",
-        "length"])
+], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "positions",
+        "two label keys, bad shape", "bad shape", "length"])
 def test_a_batch_it_cannot_cut_is_refused_by_name(batch, error, match):
     with pytest.raises(error, match=match):
         sliced(batch, 2, 0)

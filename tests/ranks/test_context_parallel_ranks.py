@@ -1,0 +1,78 @@
+"""Context parallelism (issue 79) on gloo ranks: ring attention over the ranks' head and tail
+chunks equals causal SDPA over the whole sequence, and a Llama and a GPT-2 from transformers
+configs, sharded with fx.shard(context="cp"), train as one process does on the whole sequences:
+eager and compiled (one graph), with dropout, on 2 ranks and on 2 x 2 x 2 (FSDP x CP x TP).
+The slices and meshes alone: tests/unit/test_context_slots.py."""
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import dist_worker
+from helpers import extra
+from helpers_distributed import free_port
+
+transformers = extra("transformers")
+import cp_worker  # noqa: E402  (after the extras' check)
+
+pytestmark = pytest.mark.needs_torch(2, 13, "context parallelism's ring attention")
+
+# Float32 rounding: the ring merges each block's attention by its log-sum-exp, where SDPA takes
+# one softmax over the row; outputs and gradients of order 1 then differ by a few ulps (seen:
+# 1.1e-6). Bounded at 1e-5.
+RING = 1e-5
+# One process takes each step's whole sequences, the ranks their chunks: the same sums in
+# another order, a few ulps of losses of order 3 (seen: 7e-7), bounded at 1e-5. AdamW
+# normalizes each gradient, so where a gradient is tiny a rounding difference moves its
+# parameter by up to the step's lr (1e-2); seen: 2.9e-5 after 10 steps, bounded at 1e-4.
+LOSS, PARAMS = 1e-5, 1e-4
+
+
+def _spawn(world, fn, *args, **kwargs):
+    mp.spawn(dist_worker.spawned, nprocs=world, args=(world, free_port(), fn, args, kwargs))
+
+
+def test_ring_attention_equals_causal_sdpa_over_the_whole_sequence(tmp_path):
+    """On 2 ranks, eager and compiled (grouped-query attention there): each rank's output
+    chunks, and the whole inputs' gradients summed over the ranks' chunks."""
+    cases = [(False, 4), (True, 2)]
+    _spawn(2, cp_worker.rings_against_sdpa, str(tmp_path), cases)
+    for compiled, heads in cases:
+        got = torch.load(tmp_path / f"ring2-{'compiled' if compiled else 'eager'}-{heads}.pt")
+        torch.testing.assert_close(got["got"], got["expected"], rtol=0, atol=RING)
+        for g, e in zip(got["grads"], got["expected_grads"]):
+            torch.testing.assert_close(g, e, rtol=0, atol=RING)
+
+
+def _check_against_one_process(report, model, dropout):
+    losses, params = cp_worker.one_process(model, dropout)
+    for mode, got in report.items():
+        assert "context=Context(dim='cp', size=2" in got["layout"], mode
+        torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses),
+                                   rtol=0, atol=LOSS)
+        for k, p in params.items():
+            torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)
+        assert mode == "eager" or got["graphs"] == 1, got["graphs"]
+
+
+@pytest.mark.parametrize("model,dropout", [("llama", 0.0), ("gpt2", 0.1)],
+                         ids=["llama", "gpt2-dropout"])
+def test_context_parallel_trains_as_one_process_on_the_whole_sequences(tmp_path, model,
+                                                                      dropout):
+    """2 ranks, each sequence of 32 tokens in 4 chunks of 8 (a head and a tail per rank): 10
+    steps, eager and compiled, against one process on the global batch; GPT-2 with residual
+    and embedding dropout 0.1, each rank drawing one process's masks at its positions."""
+    _spawn(2, cp_worker.context_steps, str(tmp_path), model, ("eager", "compiled"),
+           dropout=dropout)
+    _check_against_one_process(torch.load(tmp_path / "steps.pt"), model, dropout)
+
+
+@pytest.mark.slow
+def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process(tmp_path):
+    """A 2 x 2 x 2 mesh (dp, cp, tp): the parameters sharded over dp x cp and split by
+    transformers' plan over tp, the batch split over dp only, each sequence over cp."""
+    _spawn(8, cp_worker.context_steps, str(tmp_path), "llama", ("eager",), shape=(2, 2, 2),
+           names=("dp", "cp", "tp"), tp_plan="auto")
+    report = torch.load(tmp_path / "steps.pt")
+    assert "DeviceMesh((dp_cp=4, tp=2)" in report["eager"]["layout"]
+    _check_against_one_process(report, "llama", 0.0)
