@@ -150,3 +150,26 @@ def one_process(model="llama", dropout=0.0, steps=10):
         state, metrics = step(state, {"input_ids": ids, "labels": ids})
         losses.append(float(metrics["loss"]))
     return losses, state.params
+
+
+def context_resume(out, model="gpt2", dropout=0.1, steps=(5, 5)):
+    """On a (cp,) mesh: ``steps[0]`` steps, a checkpoint, ``steps[1]`` more; then a fresh
+    state restored from the checkpoint runs the same ``steps[1]``. Rank 0 saves both runs'
+    digests and whole parameters (the checkpoint stays at ``out/c`` for one process)."""
+    mesh = fx.sharding.mesh((fx.distributed.world_size(),), ("cp",))
+
+    def made():
+        return fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)),
+                        mesh, context="cp")
+
+    step = fx.make_train_step(context_loss)
+    data = batches(sum(steps))
+    state, _ = trained(made(), step, data[:steps[0]])
+    fx.checkpoint.save(f"{out}/c", state)
+    state, _ = trained(state, step, data[steps[0]:])
+    back = fx.checkpoint.restore(f"{out}/c", like=made())
+    back, _ = trained(back, step, data[steps[0]:])
+    digests = [fx.tree_digest(s.replace(data=None)) for s in (state, back)]
+    whole = fx.sharding.gathered(state.params)
+    if fx.distributed.rank() == 0:
+        torch.save({"digests": digests, "params": whole}, f"{out}/resume.pt")

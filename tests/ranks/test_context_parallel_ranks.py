@@ -9,6 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 import dist_worker
+import fxtrain as fx
 from helpers import extra
 from helpers_distributed import free_port
 
@@ -76,3 +77,20 @@ def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process
     report = torch.load(tmp_path / "steps.pt")
     assert "DeviceMesh((dp_cp=4, tp=2)" in report["eager"]["layout"]
     _check_against_one_process(report, "llama", 0.0)
+
+
+def test_a_context_parallel_checkpoint_resumes_exactly_and_on_one_process(tmp_path):
+    """GPT-2 with dropout on 2 context-parallel ranks: a run restored from its checkpoint
+    after 5 steps ends, 5 steps later, with the uninterrupted run's digest (the same layout);
+    the checkpoint restored onto one process, trained on the whole sequences, ends within the
+    layouts' rounding of it."""
+    _spawn(2, cp_worker.context_resume, str(tmp_path))
+    got = torch.load(tmp_path / "resume.pt")
+    assert got["digests"][0] == got["digests"][1]
+    like = fx.TrainState.create(cp_worker.MODELS["gpt2"](0.1), fx.optim.adamw(1e-2))
+    one = fx.checkpoint.restore(tmp_path / "c", like=like)
+    step = fx.make_train_step(cp_worker.whole_loss)
+    for ids in cp_worker.batches(10)[5:]:
+        one, _ = step(one, {"input_ids": ids, "labels": ids})
+    for k, p in one.params.items():
+        torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)
