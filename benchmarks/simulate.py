@@ -32,7 +32,15 @@ transformers' ``LlamaForCausalLM`` from a config (SDPA attention, untied embeddi
 parameters, gradients and compute (no mixed precision), no activation checkpointing, AdamW,
 ``--batch`` sequences of ``--seq`` tokens per data replica, the cross-entropy of the next token.
 
+Long sequences: ``fsdp_cp<C>`` and ``fsdp_tp_cp<C>`` add a context-parallel dimension of C
+ranks (fxtrain: ``fx.shard(state, mesh, context="cp")`` on ``(dp, cp)`` or ``(dp, cp, tp)``:
+each sequence of ``--seq`` tokens split over the C ranks, attention a ring over them; the
+parameters sharded over dp x cp, as one unit). FSDP2 has no row there: torch's
+``context_parallel()`` rings SDPA's CUDA kernels only, so torchtitan's recipe does not run on
+this CPU.
+
 Run: python benchmarks/simulate.py [--out P] [--smoke] (``--out P`` writes P.json and P.md).
+    python benchmarks/simulate.py --seq 32768 --runs llama3-8b:fsdp_cp8:8 llama3-70b:fsdp_tp_cp4:256
 """
 
 from __future__ import annotations
@@ -43,6 +51,7 @@ import datetime
 import json
 import math
 import os
+import re
 import sys
 import time
 import weakref
@@ -170,10 +179,34 @@ def _loss(logits, ids):
 VARIANTS = ("fxtrain", "fsdp2")
 
 
+_LAYOUT = re.compile(r"fsdp(_tp)?(?:_cp(\d+))?")
+
+
+def context_size(layout: str) -> int:
+    """The context-parallel ranks of ``layout`` (``fsdp_cp8``: 8; 1 without)."""
+    return int(_LAYOUT.fullmatch(layout).group(2) or 1)
+
+
+def _tp(layout: str) -> bool:
+    return _LAYOUT.fullmatch(layout).group(1) is not None
+
+
 def _mesh(layout: str, world: int):
     import fxtrain as fx
-    return fx.sharding.mesh() if layout == "fsdp" else \
-        fx.sharding.mesh((world // TP, TP), ("dp", "tp"))
+    cp, tp = context_size(layout), TP if _tp(layout) else 1
+    if cp == 1:
+        return fx.sharding.mesh() if tp == 1 else fx.sharding.mesh((world // TP, TP), ("dp", "tp"))
+    if tp == 1:
+        return fx.sharding.mesh((world // cp, cp), ("dp", "cp"))
+    return fx.sharding.mesh((world // (cp * tp), cp, tp), ("dp", "cp", "tp"))
+
+
+def _context_loss(s, p, batch):
+    """A context-parallel rank's loss: its slice's logits against the labels shifted on the
+    whole sequence (``fxtrain.distributed._context``)."""
+    import fxtrain as fx
+    logits = s.apply(p, input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    return fx.losses.causal_lm(logits, batch["shift_labels"], shift=False)
 
 
 def fxtrain(model_name: str, layout: str, mesh, mode):
@@ -184,9 +217,13 @@ def fxtrain(model_name: str, layout: str, mesh, mode):
     with mode:
         model = transformers.LlamaForCausalLM(_config(model_name))
         state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
-        state = fx.shard(state, mesh, tp_plan="auto" if layout == "fsdp_tp" else None)
+        context = "cp" if context_size(layout) > 1 else None
+        state = fx.shard(state, mesh, tp_plan="auto" if _tp(layout) else None, context=context)
     del model
-    step = fx.make_train_step(lambda s, p, ids: _loss(s.apply(p, ids).logits, ids))
+    if context is None:
+        step = fx.make_train_step(lambda s, p, ids: _loss(s.apply(p, ids).logits, ids))
+    else:
+        step = fx.make_train_step(_context_loss)
     box = {"state": state}
     del state
 
@@ -196,7 +233,8 @@ def fxtrain(model_name: str, layout: str, mesh, mode):
                 "other": _storages((s.buffers, s.rng, s.step))}
 
     def train(ids):
-        box["state"], _ = step(box.pop("state"), ids, donate=True)  # as fx.fit does
+        batch = ids if context is None else {"input_ids": ids, "labels": ids}
+        box["state"], _ = step(box.pop("state"), batch, donate=True)  # as fx.fit does
 
     return held, train
 
@@ -212,6 +250,9 @@ def fsdp2(model_name: str, layout: str, mesh, mode):
     import fxtrain as fx
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(_config(model_name))
+    if context_size(layout) > 1:
+        raise ValueError(f"{layout}: torch's context_parallel() rings SDPA's CUDA kernels only; "
+                         "FSDP2 with it does not run on this CPU")
     data = mesh
     if layout == "fsdp_tp":
         parallelize_module(model, mesh["tp"], fx.distributed.plan_of(model, "auto"))
@@ -341,13 +382,21 @@ def markdown(result: dict) -> str:
              "| model | layout | ranks | params | grads | optimizer | activations | step peak "
              "| all-gather | reduce-scatter | all-reduce |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
-        fx, f2 = row["fxtrain"], row["fsdp2"]
-        cells = [f"{_gib(fx[k])} / {_gib(f2[k])}" for k in (
+        fx, f2 = row["fxtrain"], row.get("fsdp2")
+        cells = [f"{_gib(fx[k])} / {_gib(f2[k]) if f2 else '-'}" for k in (
             "params_bytes", "grads_bytes", "opt_state_bytes", "activation_bytes", "peak_bytes",
             "all_gather_bytes", "reduce_scatter_bytes", "all_reduce_bytes")]
-        layout = "FSDP" if row["layout"] == "fsdp" else f"FSDP x TP {row['world'] // TP}x{TP}"
-        lines.append(f"| {row['model']} | {layout} | {row['world']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['model']} | {_described(row['layout'], row['world'])} | "
+                     f"{row['world']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _described(layout: str, world: int) -> str:
+    """``fsdp_tp_cp4`` on 256 ranks: "FSDP x CP x TP 8x4x8"."""
+    cp, tp = context_size(layout), TP if _tp(layout) else 1
+    names = ["FSDP"] + (["CP"] if cp > 1 else []) + (["TP"] if tp > 1 else [])
+    sizes = [world // (cp * tp)] + ([cp] if cp > 1 else []) + ([tp] if tp > 1 else [])
+    return " x ".join(names) + ("" if len(sizes) == 1 else " " + "x".join(map(str, sizes)))
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -377,13 +426,14 @@ def _run(parser: argparse.ArgumentParser, text: str) -> tuple[str, str, int]:
     model, layout, ranks = parts
     if model not in MODELS:
         parser.error(f"--runs {text!r}: model must be one of {', '.join(MODELS)}, got {model!r}")
-    if layout not in ("fsdp", "fsdp_tp"):
-        parser.error(f"--runs {text!r}: layout must be fsdp or fsdp_tp, got {layout!r}")
+    if _LAYOUT.fullmatch(layout) is None or context_size(layout) < 1:
+        parser.error(f"--runs {text!r}: layout must be fsdp, fsdp_tp, fsdp_cp<C> or "
+                     f"fsdp_tp_cp<C> (C context-parallel ranks), got {layout!r}")
     if not ranks.isdigit() or int(ranks) < 1:
         parser.error(f"--runs {text!r}: ranks must be a positive int, got {ranks!r}")
-    if layout == "fsdp_tp" and int(ranks) % TP:
-        parser.error(f"--runs {text!r}: fsdp_tp takes a multiple of {TP} ranks (TP {TP} within "
-                     f"a node), got {ranks}")
+    group = (TP if _tp(layout) else 1) * context_size(layout)
+    if int(ranks) % group:
+        parser.error(f"--runs {text!r}: {layout} takes a multiple of {group} ranks, got {ranks}")
     return model, layout, int(ranks)
 
 
@@ -398,6 +448,8 @@ def main(argv=None) -> dict:
     for i, (model, layout, world) in enumerate(runs):
         row = {"model": model, "layout": layout, "world": world}
         for variant in VARIANTS:
+            if variant == "fsdp2" and context_size(layout) > 1:
+                continue  # torch's context parallelism rings CUDA kernels only (see the module)
             row[variant] = by_variant[variant][i] if args.smoke else \
                 job((model, layout, world, variant), args)
         rows.append(row)

@@ -130,4 +130,6 @@ def laid_out(mesh: Any, name: str, tp_plan: Any, made: Any) -> tuple[Any, Contex
         raise ValueError(f"fx.shard(context={name!r}): a mesh {names} puts the context "
                          f"dimension where it would not shard the parameters with the data; "
                          f"it comes right after the dimension that shards: {layouts}")
-    return (made() if len(shape) == 1 else made(tuple(shape), tuple(dims))), context
+    with outside_dispatch_modes():  # a simulated rank's fake mode would fake the mesh's tensor
+        merged_mesh = made() if len(shape) == 1 else made(tuple(shape), tuple(dims))
+    return merged_mesh, context

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._torch.context_parallel import ring_attention
+from .._torch.modes import outside_dispatch_modes
 from .._torch.traced_errors import fail
 
 NAME = "fxtrain_context"
@@ -80,7 +81,8 @@ def prepared(module: nn.Module, context: Any) -> nn.Module:
                          f"{type(module).__name__} is not a transformers PreTrainedModel, so "
                          "its attention is not one fxtrain can route")
     AttentionInterface.register(NAME, attention)
-    module = copy.deepcopy(module)
+    with outside_dispatch_modes():  # a simulated rank's fake mode: the skeleton's meta tensors
+        module = copy.deepcopy(module)
     module.set_attn_implementation(NAME)
     layers = [m for m in module.modules() if hasattr(m, "is_causal") and hasattr(m, "config")]
     if not layers:

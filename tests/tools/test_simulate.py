@@ -34,7 +34,11 @@ def test_bad_runs_are_refused_by_name(capsys):
     import pytest
     simulate = imported("simulate")
     for argv, message in [
-            (["--runs", "tiny:fsdpp:8"], "layout must be fsdp or fsdp_tp, got 'fsdpp'"),
+            (["--runs", "tiny:fsdpp:8"], "layout must be fsdp, fsdp_tp, fsdp_cp<C> or "
+                                         "fsdp_tp_cp<C> (C context-parallel ranks), got "
+                                         "'fsdpp'"),
+            (["--runs", "tiny:fsdp_cp:8"], "got 'fsdp_cp'"),
+            (["--runs", "tiny:fsdp_tp_cp4:16"], "fsdp_tp_cp4 takes a multiple of 32 ranks"),
             (["--runs", "tiny:fsdp"], "--runs takes model:layout:ranks"),
             (["--runs", "big:fsdp:8"], "model must be one of llama3-8b, llama3-70b, tiny"),
             (["--runs", "tiny:fsdp_tp:12"], "fsdp_tp takes a multiple of 8 ranks"),
@@ -44,3 +48,5 @@ def test_bad_runs_are_refused_by_name(capsys):
             simulate._arguments(argv)
         assert exit.value.code == 2 and message in capsys.readouterr().err, argv
     assert simulate._arguments(["--runs", "tiny:fsdp_tp:16"]).parsed == [("tiny", "fsdp_tp", 16)]
+    assert simulate._described("fsdp_tp_cp4", 256) == "FSDP x CP x TP 8x4x8"
+    assert simulate._described("fsdp_cp8", 8) == "FSDP x CP 1x8"
