@@ -187,6 +187,12 @@ def context_size(layout: str) -> int:
     return int(_LAYOUT.fullmatch(layout).group(2) or 1)
 
 
+def _context(layout: str) -> bool:
+    """Whether ``layout`` runs context parallelism's path (``fsdp_cp1``: of one rank, the
+    same path with whole sequences: what a context-parallel rank's figures compare with)."""
+    return _LAYOUT.fullmatch(layout).group(2) is not None
+
+
 def _tp(layout: str) -> bool:
     return _LAYOUT.fullmatch(layout).group(1) is not None
 
@@ -194,7 +200,7 @@ def _tp(layout: str) -> bool:
 def _mesh(layout: str, world: int):
     import fxtrain as fx
     cp, tp = context_size(layout), TP if _tp(layout) else 1
-    if cp == 1:
+    if not _context(layout):
         return fx.sharding.mesh() if tp == 1 else fx.sharding.mesh((world // TP, TP), ("dp", "tp"))
     if tp == 1:
         return fx.sharding.mesh((world // cp, cp), ("dp", "cp"))
@@ -217,7 +223,7 @@ def fxtrain(model_name: str, layout: str, mesh, mode):
     with mode:
         model = transformers.LlamaForCausalLM(_config(model_name))
         state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
-        context = "cp" if context_size(layout) > 1 else None
+        context = "cp" if _context(layout) else None
         state = fx.shard(state, mesh, tp_plan="auto" if _tp(layout) else None, context=context)
     del model
     if context is None:
@@ -250,7 +256,7 @@ def fsdp2(model_name: str, layout: str, mesh, mode):
     import fxtrain as fx
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(_config(model_name))
-    if context_size(layout) > 1:
+    if _context(layout):
         raise ValueError(f"{layout}: torch's context_parallel() rings SDPA's CUDA kernels only; "
                          "FSDP2 with it does not run on this CPU")
     data = mesh
@@ -394,8 +400,9 @@ def markdown(result: dict) -> str:
 def _described(layout: str, world: int) -> str:
     """``fsdp_tp_cp4`` on 256 ranks: "FSDP x CP x TP 8x4x8"."""
     cp, tp = context_size(layout), TP if _tp(layout) else 1
-    names = ["FSDP"] + (["CP"] if cp > 1 else []) + (["TP"] if tp > 1 else [])
-    sizes = [world // (cp * tp)] + ([cp] if cp > 1 else []) + ([tp] if tp > 1 else [])
+    context = _context(layout)
+    names = ["FSDP"] + (["CP"] if context else []) + (["TP"] if tp > 1 else [])
+    sizes = [world // (cp * tp)] + ([cp] if context else []) + ([tp] if tp > 1 else [])
     return " x ".join(names) + ("" if len(sizes) == 1 else " " + "x".join(map(str, sizes)))
 
 
@@ -448,7 +455,7 @@ def main(argv=None) -> dict:
     for i, (model, layout, world) in enumerate(runs):
         row = {"model": model, "layout": layout, "world": world}
         for variant in VARIANTS:
-            if variant == "fsdp2" and context_size(layout) > 1:
+            if variant == "fsdp2" and _context(layout):
                 continue  # torch's context parallelism rings CUDA kernels only (see the module)
             row[variant] = by_variant[variant][i] if args.smoke else \
                 job((model, layout, world, variant), args)
