@@ -37,9 +37,7 @@ def ring_against_sdpa(out, compiled=False, kv_heads=4):
         v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    def ring(q, k, v):
-        k = k.repeat_interleave(q.shape[1] // k.shape[1], 1)
-        v = v.repeat_interleave(q.shape[1] // v.shape[1], 1)
+    def ring(q, k, v):  # grouped-query keys and values around the ring as they are
         return ring_attention(q, k, v, torch.distributed.group.WORLD)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]

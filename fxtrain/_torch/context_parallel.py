@@ -43,13 +43,33 @@ _FORWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _BACKWARD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 
+def _repeated(query: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Grouped-query attention's keys or values repeated per query head (the kernel takes as
+    many as the query); the ring passes them around unrepeated."""
+    rep = query.shape[1] // t.shape[1]
+    return t if rep == 1 else t.repeat_interleave(rep, dim=1)
+
+
+def _block_forward(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                   is_causal: bool, scale: float | None = None,
+                   dropout_p: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """One block's attention, as torch's ring calls it, on the CPU's flash kernel."""
+    return _FORWARD(query, _repeated(query, key), _repeated(query, value), dropout_p, is_causal,
+                    scale=scale)
+
+
 def _block_backward(*, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor,
                     value: torch.Tensor, out: torch.Tensor, logsumexp: torch.Tensor,
                     is_causal: bool, scale: float | None = None,
                     dropout_p: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """One block's backward, as torch's ring calls it (by keyword), in the kernel's order."""
-    return _BACKWARD(grad_out, query, key, value, out, logsumexp, dropout_p, is_causal,
-                     scale=scale)
+    """One block's backward, as torch's ring calls it (by keyword), in the kernel's order; the
+    repeated keys' and values' gradients summed back onto their heads."""
+    dq, dk, dv = _BACKWARD(grad_out, query, _repeated(query, key), _repeated(query, value), out,
+                           logsumexp, dropout_p, is_causal, scale=scale)
+    if dk.shape[1] != key.shape[1]:
+        dk = dk.unflatten(1, (key.shape[1], -1)).sum(2)
+        dv = dv.unflatten(1, (value.shape[1], -1)).sum(2)
+    return dq, dk, dv
 
 
 class _Ring(torch.autograd.Function):
@@ -57,7 +77,7 @@ class _Ring(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any,
                 scale: float | None) -> torch.Tensor:
-        out, lse = _ring._templated_ring_attention(group, _SEQ, _FORWARD, q, k, v,
+        out, lse = _ring._templated_ring_attention(group, _SEQ, _block_forward, q, k, v,
                                                    is_causal=True, scale=scale)[:2]
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.group, ctx.scale = group, scale
@@ -77,10 +97,11 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     """Causal attention of this rank's query chunks over every rank's keys and values.
 
     ``query``, ``key``, ``value``: ``(batch, heads, local length, head_dim)``, this rank's two
-    chunks of each sequence (head and tail) concatenated, keys and values with as many heads as
-    the query (repeat them first for grouped-query attention); ``group``: the context-parallel
-    process group. Returns this rank's chunks of the attention output, as whole-sequence causal
-    SDPA gives them.
+    chunks of each sequence (head and tail) concatenated; under grouped-query attention the
+    keys and values have fewer heads, a divisor of the query's, and go around the ring as they
+    are (repeated per block, for the kernel); ``group``: the context-parallel process group.
+    Returns this rank's chunks of the attention output, as whole-sequence causal SDPA gives
+    them.
     """
     if query.device.type == "cuda":
         raise NotImplementedError(
@@ -92,8 +113,9 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
             "fxtrain's ring attention takes each rank's head and tail chunks (torch's load "
             "balance), but torch's _cp_options.enable_load_balance was set False in this "
             "process; set it back to True")
-    if key.shape[1] != query.shape[1]:
-        raise ValueError(f"ring_attention: the query has {query.shape[1]} heads and the keys "
-                         f"{key.shape[1]}; repeat the keys and values per query head first")
+    if query.shape[1] % key.shape[1] or key.shape[1] != value.shape[1]:
+        raise ValueError(f"ring_attention: the query has {query.shape[1]} heads, the keys "
+                         f"{key.shape[1]} and the values {value.shape[1]}; the keys' and values' "
+                         "heads must be equal and divide the query's")
     require("context parallelism (ring attention)", 2, 13)
     return _Ring.apply(query, key.contiguous(), value.contiguous(), group, scale)

@@ -36,8 +36,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
               scaling: float | None = None, is_causal: bool | None = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: ``query``, ``key``, ``value`` ``(batch, heads,
-    local length, head_dim)`` (keys with fewer heads under grouped-query attention); returns
-    ``(batch, local length, heads, head_dim)`` and no weights."""
+    local length, head_dim)`` (keys with fewer heads under grouped-query attention, passed
+    around the ring unrepeated); returns ``(batch, local length, heads, head_dim)`` and no
+    weights."""
     context = getattr(module, _ATTRIBUTE, None)
     if context is None:
         fail(ValueError, f"the attention implementation {NAME!r} runs a model fx.shard("
@@ -57,9 +58,6 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         fail(ValueError, f"context parallelism runs causal attention as a ring over the "
                          f"ranks; {type(module).__name__} asks for {', '.join(refused)}, "
                          "which the ring cannot shard")
-    if key.shape[1] != query.shape[1]:  # grouped-query attention, as transformers repeats
-        key = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
     out = ring_attention(query, key, value, context.group, scale=scaling)
     # In a step, F.scaled_dot_product_attention takes one key of the keyed stream (for its
     # dropout, drawn or not); a dropout of probability 0 takes it here, so that the dropouts
