@@ -128,7 +128,7 @@ def _state_and_step(task, policy: str, compiled: bool, autodiff: str, steps: int
     if policy == "bf16-true":  # the inputs in the parameters' dtype, as Lightning's plugin does
         loss_fn = _in_bfloat16(loss_fn)
     step = fx.make_train_step(loss_fn, precision=precision, autodiff=autodiff)
-    return state, torch.compile(step, fullgraph=True) if compiled else step
+    return state, fx.compile(step, state) if compiled else step  # a bfloat16 step's options
 
 
 def _in_bfloat16(fn):

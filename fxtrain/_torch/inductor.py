@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 from .traced_errors import run_while_tracing
 
@@ -58,3 +59,11 @@ def keep_region_outputs() -> bool:
 
     inductor.allow_buffer_reuse = False
     return True
+
+
+def mode_options(mode: str) -> dict[str, Any]:
+    """Inductor's options of ``torch.compile``'s ``mode`` (``torch._inductor.list_mode_options``),
+    for a compile that adds options of its own: ``torch.compile`` takes a mode or options, not
+    both."""
+    import torch._inductor
+    return dict(torch._inductor.list_mode_options(mode))

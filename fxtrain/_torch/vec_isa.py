@@ -80,3 +80,35 @@ def pick_for(device_type: str) -> bool:
     if device_type == "cpu":
         pick()
     return True
+
+
+# -- bfloat16 tiles at 512 bits ---------------------------------------------------------------
+
+BFLOAT16_SIMDLEN = 256
+"""The vector width Inductor is given for a step that computes in bfloat16 on an AVX-512 CPU
+(``bfloat16_options``)."""
+
+
+def vector_bits() -> int:
+    """The width of the vectors Inductor compiles this process's CPU kernels for (512 on an
+    AVX-512 CPU, 256 on AVX2; 0 without vectors): its own choice
+    (``torch._inductor.cpu_vec_isa.pick_vec_isa``, private, checked on torch 2.11 to 2.15)."""
+    pick()
+    from torch._inductor import cpu_vec_isa
+    isa = cpu_vec_isa.pick_vec_isa()
+    return int(isa.bit_width()) if isa else 0
+
+
+def bfloat16_options(bits: int) -> dict[str, int]:
+    """Inductor's options for a compiled step that computes in bfloat16 on a CPU whose kernels
+    are ``bits`` wide: at 512, ``cpp.simdlen=256``; else none.
+
+    Why: at 512 bits Inductor moves a transposed bfloat16 operand in 32 x 32 tiles
+    (``at::vec::transpose_mxn<BFloat16, 32, 32>``), and a kernel that loads such a tile twice
+    (a step's graph keeps the attention's ``k^T`` for the forward and for the backward) came
+    out of GCC 12.2 wrong: measured on an Intel Xeon with AVX512-BF16, torch 2.13.0 and 2.15.0,
+    a kernel with two such tiles returned garbage where the same kernel with one returned the
+    transpose, and the demo's transformer under ``bf16-mixed`` trained to NaN at its first
+    compiled step (eager and ``aot_eager`` exact; so too at 256 bits, where the tile is moved
+    element by element)."""
+    return {"cpp.simdlen": BFLOAT16_SIMDLEN} if bits > BFLOAT16_SIMDLEN else {}

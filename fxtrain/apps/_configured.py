@@ -150,6 +150,7 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
     from ..checkpoint import CheckpointManager, CheckpointMismatchError
     from ..logging import JsonlWriter, MultiWriter, TensorBoardWriter
     from ..loop._fit import fit
+    from ..step._compile import compile as compile_step
     from ._nonfinite import watch
     from ._workdir import held
 
@@ -167,8 +168,8 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
         if compile == "precompiled":
             from ..step._precompile import precompiled
             step = precompiled(step, root / "step.precompiled")
-        elif compile:
-            step = torch.compile(step, fullgraph=True)
+        elif compile:  # fx.compile: a bfloat16 step's Inductor options on this CPU
+            step = compile_step(step, state)
         if values["batch_size"] == "auto":
             batches = _found_batches(values, state, step)
         writer = MultiWriter([])  # its writers made at setup, after the restore

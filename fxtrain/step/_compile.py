@@ -17,6 +17,13 @@ adds, from the state's layout:
   anything else in the process gets Inductor's defaults. Under a bare ``torch.compile`` they
   are turned off for the process when the trace first needs them.
 
+- on a CPU whose Inductor kernels are 512 bits wide (AVX-512), for a step that computes in
+  bfloat16 (``precision="bf16-mixed"`` or ``"bf16-true"``): ``cpp.simdlen=256``, added to the
+  compile's options unless they set it (``fxtrain._torch.vec_isa.bfloat16_options``: a
+  kernel with two 32 x 32 bfloat16 tiles came out wrong, and the demo's transformer trained to
+  NaN). A bare ``torch.compile`` of such a step takes ``options={"cpp.simdlen": 256}`` for
+  the same.
+
 Dynamo's own settings (``trace_autograd_ops``...) are on while a step is traced, whichever way
 it is compiled (``fxtrain._torch.traced_settings``). An error fxtrain or the model raises while
 Dynamo traces the step reaches the caller as itself, as ``fit`` raises it (a bare
@@ -33,7 +40,7 @@ import torch
 
 from .._torch import traced_settings
 from .._torch.dynamo import marked_compiled
-from .._torch.inductor import inductor_settings_kept
+from .._torch.inductor import inductor_settings_kept, mode_options
 from .._torch.traced_errors import reraise
 from ..state import TrainState
 
@@ -71,20 +78,21 @@ def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A
                         f"compile needs) or None, got {type(state).__name__}")
     compiled: dict[str, Callable] = {}  # made at the first call where no state was given
 
-    def made(regional: bool) -> Callable:
-        return torch.compile(train_step, fullgraph=True, backend=backend, mode=mode,
-                             options=options,
+    def made(first: Any) -> Callable:
+        regional = isinstance(first, TrainState) and bool(first.layout.regions)
+        chosen, how = _options(train_step, first, backend, mode, options)
+        return torch.compile(train_step, fullgraph=True, backend=backend, mode=how,
+                             options=chosen,
                              dynamic=(False if regional else None) if dynamic is None
                              else dynamic)
 
     if state is not None:
-        compiled["step"] = made(bool(state.layout.regions))
+        compiled["step"] = made(state)
 
     @functools.wraps(train_step)
     def step(*args: Any, **kwargs: Any) -> Any:
         if "step" not in compiled:
-            first = args[0] if args else kwargs.get("state")
-            compiled["step"] = made(isinstance(first, TrainState) and bool(first.layout.regions))
+            compiled["step"] = made(args[0] if args else kwargs.get("state"))
         with inductor_settings_kept(), traced_settings.kept():
             try:
                 return compiled["step"](*args, **kwargs)
@@ -92,3 +100,29 @@ def compile(train_step: Callable, state: TrainState | None = None, *,  # noqa: A
                 reraise(e, "the step")
 
     return marked_compiled(step, train_step)
+
+
+def _options(train_step: Callable, state: Any, backend: Any, mode: str | None,
+             options: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The compile's Inductor options and mode: the caller's, with ``bfloat16_options``; a
+    ``mode`` is then given as its options (``torch.compile`` takes one or the other)."""
+    if backend != "inductor":
+        return options, mode
+    given = {**(mode_options(mode) if mode is not None else {}), **(options or {})}
+    chosen = bfloat16_options(train_step, state, given)
+    if chosen == given:
+        return options, mode
+    return chosen, None
+
+
+def bfloat16_options(train_step: Callable, state: Any,
+                     options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with ``cpp.simdlen=256`` for a step that computes in bfloat16 on a CPU
+    whose Inductor kernels are 512 bits wide (see the module), unless they set it."""
+    from .._torch import vec_isa
+    from ._spec import step_spec
+    if not step_spec(train_step).precision.startswith("bf16") or \
+            not isinstance(state, TrainState) or state.step.device.type != "cpu" or \
+            "cpp.simdlen" in options:
+        return options
+    return {**vec_isa.bfloat16_options(vec_isa.vector_bits()), **options}

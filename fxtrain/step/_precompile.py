@@ -68,6 +68,7 @@ import torch
 from . import _precompiled_file as stored
 from .. import donation
 from .._torch import aot, binaries, caches, vec_isa
+from ._compile import bfloat16_options
 from ._unguarded import Unguarded, _signature
 from ._spec import StepSpec, step_spec
 from ..tree import first_leaf
@@ -255,6 +256,7 @@ class Precompiled:
 
     def _load_or_make(self, state: Any, batch: Any) -> tuple[Any, bool]:
         options = {**compile_options(state), **(self.options or {})}
+        options = bfloat16_options(self.train_step, state, options)  # fxtrain.step._compile
         if not aot.AVAILABLE:
             loaded = self._load_caches(state, batch, options)
             if _on_cpu(state):  # the file's probes in the cache, Inductor's choice made now

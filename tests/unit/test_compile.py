@@ -240,3 +240,41 @@ def test_fxtrains_refusal_while_tracing_arrives_as_itself():
             as caught:
         step(state, batch)
     assert "from user code" not in str(caught.value)
+
+
+def test_the_bfloat16_tile_width_is_chosen_for_each_kernel_width():
+    """Issue of the AVX-512 machines: a kernel with two 32 x 32 bfloat16 tiles came out wrong,
+    so a bfloat16 step's kernels are given 256 bits where Inductor would take 512; at 256 or
+    without vectors nothing changes. This machine's width is one of Inductor's."""
+    from fxtrain._torch import vec_isa
+    assert vec_isa.bfloat16_options(512) == {"cpp.simdlen": 256}
+    assert vec_isa.bfloat16_options(256) == vec_isa.bfloat16_options(0) == {}
+    assert vec_isa.vector_bits() in (0, 128, 256, 512)
+
+
+@pytest.mark.parametrize("bits", [512, 256], ids=["avx512", "avx2"])
+def test_fx_compile_gives_a_bfloat16_step_its_tile_width_on_either_cpu(monkeypatch, bits):
+    """Both branches forced on any machine: on a 512-bit CPU fx.compile adds cpp.simdlen=256
+    to a bfloat16 step's compile (a mode given as its options), never to a float32 step's,
+    nor over the caller's own simdlen; on a 256-bit CPU it adds nothing."""
+    from fxtrain._torch import vec_isa
+    monkeypatch.setattr(vec_isa, "vector_bits", lambda: bits)
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: seen.append(kwargs) or fn)
+    state = fx.TrainState.create(nn.Linear(2, 1), fx.optim.sgd(0.1))
+    batch = torch.ones(4, 2)
+
+    def loss(s, p, b):
+        return s.apply(p, b).square().mean()
+
+    for precision, kwargs in [("bf16-mixed", {}), ("bf16-mixed", {"mode": "max-autotune"}),
+                              ("32", {}), ("bf16-mixed", {"options": {"cpp.simdlen": 512}})]:
+        fx.compile(fx.make_train_step(loss, precision=precision), **kwargs)(state, batch)
+    plain, autotuned, float32, own = seen
+    assert float32["options"] is None and own["options"] == {"cpp.simdlen": 512}
+    if bits == 512:
+        assert plain["options"] == {"cpp.simdlen": 256} and plain["mode"] is None
+        assert autotuned["mode"] is None and autotuned["options"]["cpp.simdlen"] == 256
+        assert autotuned["options"]["max_autotune"] is True
+    else:
+        assert plain["options"] is None and autotuned["mode"] == "max-autotune"

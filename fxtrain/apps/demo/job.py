@@ -26,6 +26,7 @@ from ...donation import given_up
 from ...logging import JsonlWriter, MultiWriter, TensorBoardWriter
 from ...loop._fit import Interrupted, fit
 from ...state import TrainState
+from ...step._compile import compile as compile_step
 from ...step._steps import make_eval_step, make_train_step
 from ...tree import tree_digest
 from .._exits import NONFINITE_EXIT
@@ -272,9 +273,9 @@ def _locked(config: DemoConfig, task: Task, chosen: str | None, start: float) ->
     train_step = make_train_step(task.loss_fn, callbacks=in_step, grad_stats=True,
                                  precision=config.precision)
     eval_step = make_eval_step(task.eval_fn)
-    if config.compile:
-        train_step = torch.compile(train_step, fullgraph=True)
-        eval_step = torch.compile(eval_step, fullgraph=True)
+    if config.compile:  # fx.compile: a bfloat16 step's Inductor options on this CPU
+        train_step = compile_step(train_step, state)
+        eval_step = compile_step(eval_step, state)
     data = Batches(task.train, config.batch_size, seed=config.seed)
     # one batch of the whole held-out set (it is small); under torchrun each rank takes its share
     share = -(-len(task.test[1]) // distributed.world_size())
