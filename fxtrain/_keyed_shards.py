@@ -61,9 +61,9 @@ def context_index(mask_shape: Sequence[int], size: int, rank: int,
                   device: torch.device) -> torch.Tensor:
     """The row-major indices, in the mask of one process's whole sequences, of a
     context-parallel rank's ``mask_shape`` mask over ``(batch, its positions, ...)``: its
-    positions (``fxtrain.distributed._context.slots``) along dimension 1, of ``size`` times
+    positions (``fxtrain.distributed.context_slots``) along dimension 1, of ``size`` times
     the length."""
-    from .distributed._context import slots
+    from .distributed import context_slots as slots
     whole = [mask_shape[0], mask_shape[1] * size, *mask_shape[2:]]
     index = torch.zeros((), dtype=torch.int64, device=device)
     for d, extent in enumerate(whole):

@@ -185,6 +185,7 @@ from ._collectives import (for_forward, frozen_for_forward, gather_params, local
                            local_parts, reduce_scatter_grads, replicated_like,
                            with_whole_params)
 from ._context import sliced as context_sliced
+from ._context import slots as context_slots
 from ._dtensors import gather_tensor, gathered, is_dtensor, is_sharded
 from ._layout import Context, Gather, Layout, Roles
 from ._offload import to_devices, to_host

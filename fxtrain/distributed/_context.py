@@ -30,8 +30,11 @@ from typing import Any
 import torch
 
 from .._torch.modes import outside_dispatch_modes
-from ..losses._mean import IGNORE_INDEX
 from ._layout import Context
+
+IGNORE_INDEX = -100
+"""The target of a position without one (the last): transformers' and ``fx.losses``'
+ignore index (``fxtrain.losses`` sits on a higher floor than this package)."""
 
 SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "shift_labels", "inputs_embeds")
 _REFUSED = {

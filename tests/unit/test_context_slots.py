@@ -58,6 +58,9 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
         assert cut["weights"] is batch["weights"]
     # rank 0 holds chunks 0 and 3: position 1's target is position 2's label, on rank 1
     assert sliced(batch, 2, 0)["shift_labels"][0].tolist() == [101, 102, 107, -100]
+    from fxtrain.distributed import _context
+    from fxtrain.losses._mean import IGNORE_INDEX
+    assert _context.IGNORE_INDEX == IGNORE_INDEX  # the loss counts no target of the last
 
 
 @pytest.mark.parametrize("batch,error,match", [
