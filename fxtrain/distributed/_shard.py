@@ -260,8 +260,8 @@ def _sharded(state: Any, mesh: Any, callbacks: Sequence[Callable], units: Any,
     _for_the_current_group()
     mesh = mesh if mesh is not None else globals()["mesh"]()
     if mesh.ndim not in (1, 2):
-        raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh (3-D with a context "
-                         f"dimension: context=...), got one of shape {tuple(mesh.shape)}")
+        raise ValueError(f"fx.shard takes a 1-D or 2-D DeviceMesh, got one of shape "
+                         f"{tuple(mesh.shape)} (3-D: name its context dimension, context=...)")
     if mesh.size() != _ranks.world_size():
         raise ValueError(f"fx.shard: the mesh spans {mesh.size()} ranks, the job has "
                          f"{_ranks.world_size()}: every rank trains on its share of the "
