@@ -50,10 +50,17 @@ def block_index(x, mask_shape: Sequence[int]) -> torch.Tensor:
     """The row-major indices in the whole ``mask_shape`` of this rank's block (``_block``),
     shaped as the block."""
     sizes, offsets = _block(x, mask_shape)
-    index = torch.zeros((), dtype=torch.int64, device=x.device)
-    for whole, size, offset in zip(mask_shape, sizes, offsets):
-        along = torch.arange(offset, offset + size, dtype=torch.int64, device=x.device)
-        index = index[..., None] * whole + along
+    return _row_major(mask_shape, [torch.arange(o, o + n, dtype=torch.int64, device=x.device)
+                                   for n, o in zip(sizes, offsets)], x.device)
+
+
+def _row_major(whole: Sequence[int], along: Sequence[torch.Tensor],
+               device: torch.device) -> torch.Tensor:
+    """The row-major indices, in a tensor of shape ``whole``, of the elements at the indices
+    ``along`` each dimension (a block of them, shaped as ``along``'s lengths)."""
+    index = torch.zeros((), dtype=torch.int64, device=device)
+    for extent, at in zip(whole, along):
+        index = index[..., None] * extent + at
     return index
 
 
@@ -65,12 +72,10 @@ def context_index(mask_shape: Sequence[int], size: int, rank: int,
     the length."""
     from .distributed import context_slots as slots
     whole = [mask_shape[0], mask_shape[1] * size, *mask_shape[2:]]
-    index = torch.zeros((), dtype=torch.int64, device=device)
-    for d, extent in enumerate(whole):
-        along = slots(extent, size, rank).to(device) if d == 1 else \
-            torch.arange(mask_shape[d], dtype=torch.int64, device=device)
-        index = index[..., None] * extent + along
-    return index
+    along = [slots(n, size, rank).to(device) if d == 1 else
+             torch.arange(mask_shape[d], dtype=torch.int64, device=device)
+             for d, n in enumerate(whole)]
+    return _row_major(whole, along, device)
 
 
 def on_block(x: torch.Tensor, mask_shape: Sequence[int],

@@ -133,3 +133,18 @@ def test_a_context_dimension_that_would_not_shard_with_the_data_is_refused(shape
                                                                            match):
     with pytest.raises(ValueError, match=match):
         laid_out(_Mesh(shape, names), "cp", plan, _made)
+
+
+def test_a_context_parallel_rank_drops_what_one_process_drops_at_its_positions():
+    """The keyed stream under context (size, rank): each rank's mask over (batch, its
+    positions, features) is one process's mask over the whole sequences at those positions."""
+    import torch.nn.functional as F
+
+    import fxtrain as fx
+    key = fx.random.seed_key(3)
+    with fx.random.keyed(key):
+        whole = F.dropout(torch.ones(4, 32, 16), 0.1)
+    for rank in range(2):
+        with fx.random.keyed(key, context=(2, rank)):
+            part = F.dropout(torch.ones(4, 16, 16), 0.1)
+        assert torch.equal(part, whole[:, slots(32, 2, rank)])
