@@ -84,39 +84,58 @@ def _gpt2(dropout=0.0):
 MODELS = {"llama": _llama, "gpt2": _gpt2}
 
 
-def batches(steps=10, rows=4, length=32):
+def batches(steps=10, rows=4, length=32, packed=False):
+    """``steps`` batches of ``rows`` sequences of ``length`` tokens (labels the tokens); packed:
+    each row three documents (``position_ids`` restarting at each, the label of each document's
+    first token -100, as transformers' ``DataCollatorWithFlattening`` makes them)."""
     g = torch.Generator().manual_seed(5)
-    return [torch.randint(0, 24, (rows, length), generator=g) for _ in range(steps)]
+    out = []
+    for _ in range(steps):
+        ids = torch.randint(0, 24, (rows, length), generator=g)
+        batch = {"input_ids": ids, "labels": ids.clone()}
+        if packed:
+            positions = torch.empty_like(ids)
+            for row in range(rows):
+                cuts = sorted(torch.randperm(length - 1, generator=g)[:2].add(1).tolist())
+                for start, end in zip([0, *cuts], [*cuts, length]):
+                    positions[row, start:end] = torch.arange(end - start)
+                    batch["labels"][row, start] = -100
+            batch["position_ids"] = positions
+        out.append(batch)
+    return out
 
 
 def whole_loss(s, p, batch):
-    """One process: transformers' shift of the labels inside the loss."""
-    logits = s.apply(p, input_ids=batch["input_ids"]).logits
+    """One process: transformers' shift of the labels inside the loss; packed documents'
+    masks made by transformers from their positions."""
+    logits = s.apply(p, input_ids=batch["input_ids"],
+                     position_ids=batch.get("position_ids")).logits
     return fx.losses.causal_lm(logits, batch["labels"])
 
 
 def context_loss(s, p, batch):
     """A context-parallel rank: the labels shifted on the whole sequence (``shift_labels``),
-    the positions of its slice."""
+    the positions of its slice, and packed documents' ``document_ids`` passed to the model."""
     if "shift_labels" not in batch:
         return whole_loss(s, p, batch)
-    logits = s.apply(p, input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    extra = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+    logits = s.apply(p, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                     **extra).logits
     return fx.losses.causal_lm(logits, batch["shift_labels"], shift=False)
 
 
 def trained(state, step, data):
-    """``steps`` steps on this rank's data share of each batch; the losses."""
+    """A step on this rank's data share of each batch of ``data``; the losses."""
     share, at = fx.distributed.data_world_size(state), fx.distributed.data_rank(state)
     losses = []
-    for ids in data:
-        mine = ids.chunk(share)[at]
-        state, metrics = step(state, {"input_ids": mine, "labels": mine})
+    for batch in data:
+        state, metrics = step(state, {k: v.chunk(share)[at] for k, v in batch.items()})
         losses.append(float(metrics["loss"]))
     return state, losses
 
 
 def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",),
-                  tp_plan=None, dropout=0.0, steps=10):
+                  tp_plan=None, dropout=0.0, steps=10, packed=False):
     """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``, once per
     mode (``"eager"``, ``"compiled"``); rank 0 saves each run's losses, whole parameters, graph
     count and the layout's printed form."""
@@ -131,7 +150,7 @@ def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",
         step = fx.make_train_step(context_loss)
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, backend=TRACED)
-        state, losses = trained(state, step, batches(steps))
+        state, losses = trained(state, step, batches(steps, packed=packed))
         report[mode] = {"losses": losses, "params": fx.sharding.gathered(state.params),
                         "layout": repr(state.layout),
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
@@ -139,14 +158,10 @@ def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",
         torch.save(report, f"{out}/steps.pt")
 
 
-def one_process(model="llama", dropout=0.0, steps=10):
+def one_process(model="llama", dropout=0.0, steps=10, packed=False):
     """The reference: one process, whole sequences, the global batch."""
     state = fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2))
-    step = fx.make_train_step(whole_loss)
-    losses = []
-    for ids in batches(steps):
-        state, metrics = step(state, {"input_ids": ids, "labels": ids})
-        losses.append(float(metrics["loss"]))
+    state, losses = trained(state, fx.make_train_step(whole_loss), batches(steps, packed=packed))
     return losses, state.params
 
 

@@ -12,8 +12,14 @@ load balance for causal attention, ``_HeadTailLoadBalancer``). ``slots`` gives t
   batch["shift_labels"], shift=False)``, or a transformers model's own loss given
   ``shift_labels``);
 - ``position_ids`` (``0 .. length - 1``) are made and cut, so rotary embeddings and learned
-  positions see each token's position in the whole sequence. A batch's own positions are
-  refused: packed documents need document masks, which the ring does not run yet.
+  positions see each token's position in the whole sequence;
+- packed documents come as a batch's own ``position_ids``, restarting at each document's first
+  token (transformers' packed format, ``DataCollatorWithFlattening``'s): they are cut as they
+  are, and ``document_ids``, each token's document over the whole row (transformers' rule: a
+  new document wherever a position is not the one before it plus one), is added whole. Given
+  to the model with the rest of the batch, it reaches the attention layers (transformers
+  passes a model's keyword arguments down to its attention), which then mask each document
+  from the others (``fxtrain.distributed._context_attention``).
 
 ``laid_out`` reads a mesh with a context dimension: the parameters shard over that dimension
 together with the one before it (torchtitan's ``dp_shard_cp``), so ``fx.shard`` lays them out
@@ -41,14 +47,13 @@ _REFUSED = {
     "attention_mask": "a padding mask: pad every sequence to the length with labels -100 and "
                       "drop attention_mask (the loss counts no -100 label, and causal "
                       "attention keeps real tokens from reading the padding after them)",
-    "cu_seq_lens_q": "packed documents' boundaries: context parallelism runs causal attention "
-                     "over the whole row",
-    "cu_seq_lens_k": "packed documents' boundaries: context parallelism runs causal attention "
-                     "over the whole row",
-    "position_ids": "positions of its own: context parallelism numbers each row's positions "
-                    "0 .. length - 1 itself and runs causal attention over the whole row, so "
-                    "packed documents (positions restarting per document) would attend across "
-                    "their boundaries; give whole sequences without position_ids",
+    "cu_seq_lens_q": "packed documents' boundaries in flash attention's form; give them as "
+                     "position_ids restarting at each document",
+    "cu_seq_lens_k": "packed documents' boundaries in flash attention's form; give them as "
+                     "position_ids restarting at each document",
+    "document_ids": "the name context parallelism gives the documents it reads from the "
+                    "batch's position_ids; give packed documents as position_ids restarting "
+                    "at each document",
 }
 
 
@@ -64,6 +69,14 @@ def slots(length: int, size: int, rank: int) -> torch.Tensor:
     head = torch.arange(rank * chunk, (rank + 1) * chunk)
     tail = torch.arange((2 * size - 1 - rank) * chunk, (2 * size - rank) * chunk)
     return torch.cat([head, tail])
+
+
+def documents(positions: torch.Tensor) -> torch.Tensor:
+    """Each token's document in rows of packed ``positions`` ``(batch, length)``: a new one
+    wherever a position is not the one before it plus one (transformers'
+    ``find_packed_sequence_indices``), numbered from 0 in each row."""
+    before = torch.cat([positions[:, :1] - 1, positions[:, :-1]], dim=1)
+    return (positions - before != 1).cumsum(1)
 
 
 def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
@@ -90,7 +103,15 @@ def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
         out["shift_labels"] = torch.cat(
             [labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1)
         del out["labels"]
-    out["position_ids"] = torch.arange(length, device=ids.device).expand(rows, length)
+    if "position_ids" in batch:
+        positions = batch["position_ids"]
+        if positions.dim() != 2 or positions.shape[1] != length:
+            raise ValueError(f"context parallelism: position_ids is {tuple(positions.shape)}, "
+                             f"input_ids {tuple(ids.shape)}; each must be (batch, length)")
+        out["position_ids"] = positions = positions.expand(rows, length)
+        out["document_ids"] = documents(positions)
+    else:
+        out["position_ids"] = torch.arange(length, device=ids.device).expand(rows, length)
     index = slots(length, size, rank).to(ids.device)
     for name in SEQUENCE_KEYS:
         if name in out:

@@ -9,9 +9,18 @@ runs, as a tensor-parallel plan's hooks are). The implementation is registered w
 transformers' ``AttentionInterface`` once, as a static function; transformers builds no mask
 for an implementation without a mask function, so the ring's causal rule is the only mask.
 
-What the ring cannot run is refused by name when the step runs it: a mask given to the layer
-(padding, packed documents' block masks), attention dropout, a sliding window, soft-capping,
-attention sinks, and attention that is not causal self-attention.
+Packed documents (a batch's own ``position_ids``: ``fxtrain.distributed._context.sliced``
+adds the whole rows' ``document_ids``, which the model passes down to this function) run
+another wiring, Llama 3's context parallelism for document masks: every rank's keys and values
+are gathered (``fxtrain._torch.context_parallel.all_gathered``; the backward reduce-scatters
+their gradients) and this rank's queries attend over them under the mask "same document, not
+after me", one SDPA call. It holds the whole sequence's keys and values and a boolean mask of
+``local length x length`` per row, where the ring holds two chunks' at a time: the price of
+masks the ring's fixed causal blocks do not express.
+
+What neither can run is refused by name when the step runs it: a mask given to the layer
+(padding), attention dropout, a sliding window, soft-capping, attention sinks, and attention
+that is not causal self-attention.
 """
 
 from __future__ import annotations
@@ -23,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._torch.context_parallel import ring_attention
+from .._torch.context_parallel import all_gathered, ring_attention
 from .._torch.modes import outside_dispatch_modes
 from .._torch.traced_errors import fail
+from ._context import slots
 
 NAME = "fxtrain_context"
 _ATTRIBUTE = "fxtrain_context"
@@ -45,8 +55,8 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
                          "context=...) prepared; this layer was not")
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", False)
     refused = [why for why, present in (
-        ("an attention mask (padding or packed documents' masks; pad with labels -100 and "
-         "no attention_mask instead)", attention_mask is not None),
+        ("an attention mask (pad with labels -100 and no attention_mask instead; give "
+         "packed documents as position_ids restarting at each)", attention_mask is not None),
         ("attention dropout (set the config's attention dropout to 0)", bool(dropout)),
         ("a sliding window", kwargs.get("sliding_window") is not None),
         ("soft-capping", kwargs.get("softcap") is not None),
@@ -58,12 +68,39 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         fail(ValueError, f"context parallelism runs causal attention as a ring over the "
                          f"ranks; {type(module).__name__} asks for {', '.join(refused)}, "
                          "which the ring cannot shard")
-    out = ring_attention(query, key, value, context.group, scale=scaling)
-    # In a step, F.scaled_dot_product_attention takes one key of the keyed stream (for its
-    # dropout, drawn or not); a dropout of probability 0 takes it here, so that the dropouts
-    # after this layer draw with the keys one process's draw with (fxtrain.random.keyed)
-    out = F.dropout(out, 0.0, module.training)
+    documents = kwargs.get("document_ids")
+    if documents is not None:  # its SDPA takes the keyed stream's key, as one process's does
+        out = _documents_attention(query, key, value, documents, context, scaling)
+    else:
+        out = ring_attention(query, key, value, context.group, scale=scaling)
+        # In a step, F.scaled_dot_product_attention takes one key of the keyed stream (for its
+        # dropout, drawn or not); a dropout of probability 0 takes it here, so that the
+        # dropouts after this layer draw with the keys one process's draw with
+        # (fxtrain.random.keyed)
+        out = F.dropout(out, 0.0, module.training)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _documents_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         documents: torch.Tensor, context: Any,
+                         scale: float | None) -> torch.Tensor:
+    """This rank's queries over every rank's keys and values, each token attending to the
+    tokens of its own document at or before it; ``documents`` ``(batch, length)``, the whole
+    rows' (``_context.sliced``)."""
+    size, length = context.size, query.shape[2] * context.size
+    if documents.shape != (query.shape[0], length):
+        fail(ValueError, f"context parallelism: document_ids is {tuple(documents.shape)}; the "
+                         f"attention's rows are ({query.shape[0]}, {length}) (batch, whole "
+                         "length): pass the batch's document_ids as fx.shard(context=...) cut it")
+    mine = slots(length, size, context.rank).to(query.device)
+    theirs = torch.cat([slots(length, size, r) for r in range(size)]).to(query.device)
+    same = documents[:, mine, None] == documents[:, None, theirs]
+    mask = same & (theirs[None, None, :] <= mine[None, :, None])
+    key, value = (all_gathered(t, 2, context.group) for t in (key, value))
+    repeat = query.shape[1] // key.shape[1]  # grouped-query attention, as transformers repeats
+    key, value = (t.repeat_interleave(repeat, dim=1) for t in (key, value))
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],
+                                          scale=scale)
 
 
 def prepared(module: nn.Module, context: Any) -> nn.Module:

@@ -45,8 +45,8 @@ def test_ring_attention_equals_causal_sdpa_over_the_whole_sequence(tmp_path):
             torch.testing.assert_close(g, e, rtol=0, atol=RING)
 
 
-def _check_against_one_process(report, model, dropout):
-    losses, params = cp_worker.one_process(model, dropout)
+def _check_against_one_process(report, model, dropout, packed):
+    losses, params = cp_worker.one_process(model, dropout, packed=packed)
     for mode, got in report.items():
         assert "context=Context(dim='cp', size=2" in got["layout"], mode
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses),
@@ -56,16 +56,19 @@ def _check_against_one_process(report, model, dropout):
         assert mode == "eager" or got["graphs"] == 1, got["graphs"]
 
 
-@pytest.mark.parametrize("model,dropout", [("llama", 0.0), ("gpt2", 0.1)],
-                         ids=["llama", "gpt2-dropout"])
+@pytest.mark.parametrize("model,dropout,packed", [("llama", 0.0, False), ("gpt2", 0.1, True)],
+                         ids=["llama", "gpt2-dropout-packed"])
 def test_context_parallel_trains_as_one_process_on_the_whole_sequences(tmp_path, model,
-                                                                      dropout):
+                                                                      dropout, packed):
     """2 ranks, each sequence of 32 tokens in 4 chunks of 8 (a head and a tail per rank): 10
-    steps, eager and compiled, against one process on the global batch; GPT-2 with residual
-    and embedding dropout 0.1, each rank drawing one process's masks at its positions."""
+    steps, eager and compiled, against one process on the global batch. Llama (grouped-query
+    attention, rotary positions) through the ring; GPT-2 (learned positions) with residual and
+    embedding dropout 0.1, each rank drawing one process's masks at its positions, on packed
+    documents (three a row, positions restarting at each), whose masks one process's
+    transformers makes from the positions."""
     _spawn(2, cp_worker.context_steps, str(tmp_path), model, ("eager", "compiled"),
-           dropout=dropout)
-    _check_against_one_process(torch.load(tmp_path / "steps.pt"), model, dropout)
+           dropout=dropout, packed=packed)
+    _check_against_one_process(torch.load(tmp_path / "steps.pt"), model, dropout, packed)
 
 
 @pytest.mark.slow
@@ -76,7 +79,7 @@ def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process
            names=("dp", "cp", "tp"), tp_plan="auto")
     report = torch.load(tmp_path / "steps.pt")
     assert "DeviceMesh((dp_cp=4, tp=2)" in report["eager"]["layout"]
-    _check_against_one_process(report, "llama", 0.0)
+    _check_against_one_process(report, "llama", 0.0, False)
 
 
 def test_a_context_parallel_checkpoint_resumes_exactly_and_on_one_process(tmp_path):
@@ -90,7 +93,7 @@ def test_a_context_parallel_checkpoint_resumes_exactly_and_on_one_process(tmp_pa
     like = fx.TrainState.create(cp_worker.MODELS["gpt2"](0.1), fx.optim.adamw(1e-2))
     one = fx.checkpoint.restore(tmp_path / "c", like=like)
     step = fx.make_train_step(cp_worker.whole_loss)
-    for ids in cp_worker.batches(10)[5:]:
-        one, _ = step(one, {"input_ids": ids, "labels": ids})
+    for batch in cp_worker.batches(10)[5:]:
+        one, _ = step(one, batch)
     for k, p in one.params.items():
         torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxtrain.distributed._context import laid_out, sliced, slots
+from fxtrain.distributed._context import documents, laid_out, sliced, slots
 
 
 @given(size=st.integers(1, 8), chunk=st.integers(1, 6))
@@ -72,18 +72,51 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
     ({**_batch(), "shift_labels": torch.zeros(2, 8)}, ValueError,
      "both labels and shift_labels"),
     ({"labels": torch.zeros(2, 8)}, ValueError, "no input_ids \\(its keys: \\['labels'\\]\\)"),
-    ({**_batch(), "position_ids": torch.arange(8).expand(2, 8)}, ValueError,
-     "holds 'position_ids', positions of its own: .*packed documents"),
+    ({**_batch(), "document_ids": torch.zeros(2, 8)}, ValueError,
+     "holds 'document_ids', the name context parallelism gives the documents"),
+    ({**_batch(), "position_ids": torch.arange(6).expand(2, 6)}, ValueError,
+     "position_ids is \\(2, 6\\), input_ids \\(2, 8\\)"),
     ({**_batch(), "shift_labels": torch.zeros(2, 6)}, ValueError,
      "both labels and shift_labels"),
     ({"input_ids": torch.zeros(2, 8), "shift_labels": torch.zeros(2, 6)}, ValueError,
      "shift_labels is \\(2, 6\\), input_ids \\(2, 8\\)"),
     (_batch(length=6), ValueError, "a length of 6 is not a multiple of 4"),
-], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "positions",
+], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "documents",
+        "positions' shape",
         "two label keys, bad shape", "bad shape", "length"])
 def test_a_batch_it_cannot_cut_is_refused_by_name(batch, error, match):
     with pytest.raises(error, match=match):
         sliced(batch, 2, 0)
+
+
+@given(lengths=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4), min_size=1,
+                        max_size=3))
+@settings(max_examples=40, deadline=None)
+def test_packed_positions_number_their_documents_as_transformers_does(lengths):
+    """Rows of documents of any lengths (each row's total the longest's, the rest one last
+    document): each token's document is its document's index in its row, and transformers'
+    own ``find_packed_sequence_indices`` reads the same (it returns None for rows of one)."""
+    from transformers.masking_utils import find_packed_sequence_indices
+    width = max(sum(row) for row in lengths)
+    rows = [row + ([width - sum(row)] if sum(row) < width else []) for row in lengths]
+    positions = torch.tensor([[p for n in row for p in range(n)] for row in rows])
+    expected = torch.tensor([[d for d, n in enumerate(row) for _ in range(n)] for row in rows])
+    assert torch.equal(documents(positions), expected)
+    theirs = find_packed_sequence_indices(positions)
+    assert torch.equal(theirs if theirs is not None else torch.zeros_like(expected), expected)
+
+
+def test_packed_documents_are_cut_with_their_positions_and_numbered_whole():
+    """A batch's own positions (two documents of 3 and 5 tokens, then one of 8) are cut as the
+    input ids are, and ``document_ids`` comes whole: the attention on every rank reads every
+    key's document."""
+    batch = {**_batch(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4],
+                                                       list(range(8))])}
+    for rank in range(2):
+        cut = sliced(batch, 2, rank)
+        index = slots(8, 2, rank)
+        assert torch.equal(cut["position_ids"], batch["position_ids"][:, index])
+        assert cut["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
 
 
 class _Mesh:
