@@ -135,10 +135,10 @@ def trained(state, step, data):
 
 
 def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",),
-                  tp_plan=None, dropout=0.0, steps=10, packed=False):
+                  tp_plan=None, dropout=0.0, steps=10, packed=False, name="steps", length=32):
     """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``, once per
     mode (``"eager"``, ``"compiled"``); rank 0 saves each run's losses, whole parameters, graph
-    count and the layout's printed form."""
+    count and the layout's printed form to ``out/<name>.pt``."""
     from helpers import TRACED
     mesh = fx.sharding.mesh(shape, names)
     report = {}
@@ -150,39 +150,62 @@ def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",
         step = fx.make_train_step(context_loss)
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, backend=TRACED)
-        state, losses = trained(state, step, batches(steps, packed=packed))
+        state, losses = trained(state, step, batches(steps, length=length, packed=packed))
         report[mode] = {"losses": losses, "params": fx.sharding.gathered(state.params),
                         "layout": repr(state.layout),
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if fx.distributed.rank() == 0:
-        torch.save(report, f"{out}/steps.pt")
+        torch.save(report, f"{out}/{name}.pt")
 
 
-def one_process(model="llama", dropout=0.0, steps=10, packed=False):
+def one_process(model="llama", dropout=0.0, steps=10, packed=False, length=32):
     """The reference: one process, whole sequences, the global batch."""
     state = fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2))
-    state, losses = trained(state, fx.make_train_step(whole_loss), batches(steps, packed=packed))
+    data = batches(steps, length=length, packed=packed)
+    state, losses = trained(state, fx.make_train_step(whole_loss), data)
     return losses, state.params
 
 
-def context_resume(out, model="gpt2", dropout=0.1, steps=(5, 5)):
-    """On a (cp,) mesh: ``steps[0]`` steps, a checkpoint, ``steps[1]`` more; then a fresh
-    state restored from the checkpoint runs the same ``steps[1]``. Rank 0 saves both runs'
-    digests and whole parameters (the checkpoint stays at ``out/c`` for one process)."""
-    mesh = fx.sharding.mesh((fx.distributed.world_size(),), ("cp",))
+def context_resume(out, model="gpt2", dropout=0.1, steps=(5, 5), packed=False,
+                   layouts=(((2,), ("cp",), None),)):
+    """On the first of ``layouts`` (each a mesh's shape and names, a context dimension "cp"
+    among them, and a tensor-parallel plan): ``steps[0]`` steps, a checkpoint, ``steps[1]``
+    more; then a fresh state on each layout restored from the checkpoint runs the same
+    ``steps[1]``. Rank 0 saves the uninterrupted run's losses, and each run's digest, whole
+    parameters and printed layout (the checkpoint stays at ``out/c`` for one process)."""
 
-    def made():
+    def made(shape, names, plan):
         return fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)),
-                        mesh, context="cp")
+                        fx.sharding.mesh(shape, names), context="cp", tp_plan=plan)
 
     step = fx.make_train_step(context_loss)
-    data = batches(sum(steps))
-    state, _ = trained(made(), step, data[:steps[0]])
+    data = batches(sum(steps), packed=packed)
+    state, first = trained(made(*layouts[0]), step, data[:steps[0]])
     fx.checkpoint.save(f"{out}/c", state)
-    state, _ = trained(state, step, data[steps[0]:])
-    back = fx.checkpoint.restore(f"{out}/c", like=made())
-    back, _ = trained(back, step, data[steps[0]:])
-    digests = [fx.tree_digest(s.replace(data=None)) for s in (state, back)]
-    whole = fx.sharding.gathered(state.params)
+    state, second = trained(state, step, data[steps[0]:])
+    runs = [state]
+    for layout in layouts:
+        back = fx.checkpoint.restore(f"{out}/c", like=made(*layout))
+        runs.append(trained(back, step, data[steps[0]:])[0])
+    report = {"losses": first + second,
+              "runs": [{"digest": fx.tree_digest(s.replace(data=None)),
+                        "params": fx.sharding.gathered(s.params), "layout": repr(s.layout)}
+                       for s in runs]}
     if fx.distributed.rank() == 0:
-        torch.save({"digests": digests, "params": whole}, f"{out}/resume.pt")
+        torch.save(report, f"{out}/resume.pt")
+
+
+EIGHT = ((2, 2, 2), ("dp", "cp", "tp"), "auto")  # FSDP x CP x TP
+"""2 x 2 x 2: the parameters sharded over dp x cp, split by transformers' plan over tp."""
+
+
+def eight_ranks(out):
+    """Issue 79's runs on 8 ranks: Llama on packed documents on 2 x 2 x 2, eager with a
+    checkpoint restored onto 2 x 2 x 2 and onto 4 x 2 x 1 (dp, cp), and compiled; GPT-2 (no
+    tensor-parallel plan in transformers) with dropout through the ring of all 8 ranks (data
+    ranks draw masks of their own, as data parallelism does, so dropout is compared with one
+    process on context ranks only), sequences of 64 tokens in 16 chunks of 4."""
+    context_resume(out, "llama", 0.0, packed=True,
+                   layouts=(EIGHT, ((4, 2), ("dp", "cp"), None)))
+    context_steps(out, "llama", ("compiled",), *EIGHT, packed=True, name="llama")
+    context_steps(out, "gpt2", ("eager",), (8,), ("cp",), dropout=0.1, name="gpt2", length=64)

@@ -45,15 +45,30 @@ def test_ring_attention_equals_causal_sdpa_over_the_whole_sequence(tmp_path):
             torch.testing.assert_close(g, e, rtol=0, atol=RING)
 
 
-def _check_against_one_process(report, model, dropout, packed):
-    losses, params = cp_worker.one_process(model, dropout, packed=packed)
+def _check_against_one_process(report, model, dropout, packed, size=2, length=32):
+    losses, params = cp_worker.one_process(model, dropout, packed=packed, length=length)
     for mode, got in report.items():
-        assert "context=Context(dim='cp', size=2" in got["layout"], mode
+        assert f"context=Context(dim='cp', size={size}" in got["layout"], mode
+        _close(got, losses, params)
+        assert mode == "eager" or got["graphs"] == 1, got["graphs"]
+
+
+def _close(got, losses, params):
+    if losses is not None:
         torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses),
                                    rtol=0, atol=LOSS)
-        for k, p in params.items():
-            torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)
-        assert mode == "eager" or got["graphs"] == 1, got["graphs"]
+    for k, p in params.items():
+        torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)
+
+
+def _one_process_from(checkpoint, model, dropout, data):
+    """The checkpoint restored onto one process, trained on ``data``'s whole sequences."""
+    like = fx.TrainState.create(cp_worker.MODELS[model](dropout), fx.optim.adamw(1e-2))
+    one = fx.checkpoint.restore(checkpoint, like=like)
+    step = fx.make_train_step(cp_worker.whole_loss)
+    for batch in data:
+        one, _ = step(one, batch)
+    return one.params
 
 
 @pytest.mark.parametrize("model,dropout,packed", [("llama", 0.0, False), ("gpt2", 0.1, True)],
@@ -73,27 +88,38 @@ def test_context_parallel_trains_as_one_process_on_the_whole_sequences(tmp_path,
 
 @pytest.mark.slow
 def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process(tmp_path):
-    """A 2 x 2 x 2 mesh (dp, cp, tp): the parameters sharded over dp x cp and split by
-    transformers' plan over tp, the batch split over dp only, each sequence over cp."""
-    _spawn(8, cp_worker.context_steps, str(tmp_path), "llama", ("eager",), shape=(2, 2, 2),
-           names=("dp", "cp", "tp"), tp_plan="auto")
-    report = torch.load(tmp_path / "steps.pt")
-    assert "DeviceMesh((dp_cp=4, tp=2)" in report["eager"]["layout"]
-    _check_against_one_process(report, "llama", 0.0, False)
+    """2 x 2 x 2 (dp, cp, tp): Llama on packed documents, the parameters sharded over dp x cp
+    and split by transformers' plan over tp, the batch split over dp only, each sequence over
+    cp; eager and compiled (one graph). Its checkpoint after 5 steps resumes on 2 x 2 x 2 with
+    the uninterrupted run's digest, and on 4 x 2 x 1 (dp, cp) and on one process within the
+    layouts' rounding of it. GPT-2 with dropout through a ring of 8: 16 chunks of 4 tokens
+    (data ranks draw masks of their own, as data parallelism does: dropout equals one process's
+    on context ranks only)."""
+    _spawn(8, cp_worker.eight_ranks, str(tmp_path))
+    losses, params = cp_worker.one_process("llama", packed=True)
+    resumed = torch.load(tmp_path / "resume.pt")
+    uninterrupted, same, other = resumed["runs"]
+    assert "DeviceMesh((dp_cp=4, tp=2)" in uninterrupted["layout"]
+    assert "DeviceMesh((shard=8)" in other["layout"], other["layout"]  # FSDP over dp x cp
+    assert "context=Context(dim='cp', size=2" in other["layout"], other["layout"]
+    _close({**uninterrupted, "losses": resumed["losses"]}, losses, params)
+    assert same["digest"] == uninterrupted["digest"]
+    _close(other, None, uninterrupted["params"])
+    data = cp_worker.batches(10, packed=True)[5:]
+    _close({"params": _one_process_from(tmp_path / "c", "llama", 0.0, data)}, None,
+           uninterrupted["params"])
+    _check_against_one_process(torch.load(tmp_path / "llama.pt"), "llama", 0.0, True)
+    _check_against_one_process(torch.load(tmp_path / "gpt2.pt"), "gpt2", 0.1, False, size=8,
+                               length=64)
 
 
 def test_a_context_parallel_checkpoint_resumes_exactly_and_on_one_process(tmp_path):
-    """GPT-2 with dropout on 2 context-parallel ranks: a run restored from its checkpoint
-    after 5 steps ends, 5 steps later, with the uninterrupted run's digest (the same layout);
-    the checkpoint restored onto one process, trained on the whole sequences, ends within the
-    layouts' rounding of it."""
+    """GPT-2 with dropout on 2 context-parallel ranks, through the ring: a run restored from
+    its checkpoint after 5 steps ends, 5 steps later, with the uninterrupted run's digest (the
+    same layout); the checkpoint restored onto one process, trained on the whole sequences,
+    ends within the layouts' rounding of it."""
     _spawn(2, cp_worker.context_resume, str(tmp_path))
-    got = torch.load(tmp_path / "resume.pt")
-    assert got["digests"][0] == got["digests"][1]
-    like = fx.TrainState.create(cp_worker.MODELS["gpt2"](0.1), fx.optim.adamw(1e-2))
-    one = fx.checkpoint.restore(tmp_path / "c", like=like)
-    step = fx.make_train_step(cp_worker.whole_loss)
-    for batch in cp_worker.batches(10)[5:]:
-        one, _ = step(one, batch)
-    for k, p in one.params.items():
-        torch.testing.assert_close(got["params"][k], p, rtol=0, atol=PARAMS)
+    uninterrupted, back = torch.load(tmp_path / "resume.pt")["runs"]
+    assert back["digest"] == uninterrupted["digest"]
+    one = _one_process_from(tmp_path / "c", "gpt2", 0.1, cp_worker.batches(10)[5:])
+    _close({"params": one}, None, uninterrupted["params"])
