@@ -35,7 +35,7 @@ parameters, gradients and compute (no mixed precision), no activation checkpoint
 Long sequences: ``fsdp_cp<C>`` and ``fsdp_tp_cp<C>`` add a context-parallel dimension of C
 ranks (fxtrain: ``fx.shard(state, mesh, context="cp")`` on ``(dp, cp)`` or ``(dp, cp, tp)``:
 each sequence of ``--seq`` tokens split over the C ranks, attention a ring over them; the
-parameters sharded over dp x cp, as one unit). FSDP2 has no row there: torch's
+parameters sharded over dp x cp, per block). FSDP2 has no row there: torch's
 ``context_parallel()`` rings SDPA's CUDA kernels only, so torchtitan's recipe does not run on
 this CPU.
 

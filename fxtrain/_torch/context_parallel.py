@@ -10,10 +10,19 @@ which passes the keys' and values' gradients around the ring the other way.
 Torch's ``context_parallel()`` runs that ring by dispatching SDPA's CUDA kernels (flash,
 efficient, cuDNN) on DTensors; on a CPU, SDPA's kernel is
 ``_scaled_dot_product_flash_attention_for_cpu``, which torch's dispatcher does not route to the
-ring. ``ring_attention`` calls the same ring functions with that kernel, inside one
-``autograd.Function``, so the wiring (chunks, ring, merge, backward) is torch's on any device
-that runs the CPU kernel. A CUDA tensor is refused by name: there, torch's kernels are the ones
-to ring, and fxtrain has not been measured on one.
+ring. ``ring_attention`` calls the same ring functions with that kernel, so the wiring
+(chunks, ring, merge, backward) is torch's on any device that runs the CPU kernel. A CUDA
+tensor is refused by name: there, torch's kernels are the ones to ring, and fxtrain has not
+been measured on one.
+
+The forward and the backward are two custom ops, ``fxtrain::ring_attention`` and
+``fxtrain::ring_attention_backward``, the second the first's gradient (``register_autograd``),
+each decomposed into the ring's collectives and kernels where a step is traced. As an
+``autograd.Function`` the ring's backward, traced, sat outside the step's backward region
+(Dynamo marks the ops of the ``torch.autograd.grad`` it traces, not a Function's own backward
+graph), which cut that region into one per attention layer; torch's remat of a per-block unit's
+gather takes one region only ("Detected 3 disjoint backward regions"), so per-block units were
+refused. As an op's gradient the backward runs inside the traced ``grad``.
 
 Checked on torch 2.13.0, 2.14.1 and 2.15.0. The ring functions are private
 (``torch.distributed.tensor.experimental._context_parallel._attention``, earlier
@@ -77,24 +86,87 @@ def _block_backward(*, grad_out: torch.Tensor, query: torch.Tensor, key: torch.T
     return dq, dk, dv
 
 
-class _Ring(torch.autograd.Function):
+def _group(name: str) -> Any:
+    """The process group named ``name`` (a custom op's schema takes its name)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+    return _resolve_process_group(name)
 
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: Any,
-                scale: float | None) -> torch.Tensor:
-        out, lse = _ring._templated_ring_attention(group, _SEQ, _block_forward, q, k, v,
-                                                   is_causal=True, scale=scale)[:2]
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.scale = group, scale
-        return out
 
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring._templated_ring_attention_backward(
-            ctx.group, _SEQ, _block_backward, grad.contiguous(), "grad_out", q, k, v, out, lse,
-            is_causal=True, scale=ctx.scale)[:3]
-        return dq, dk, dv, None, None
+@torch.library.custom_op("fxtrain::ring_attention", mutates_args=())
+def _ring_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: str,
+                  scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch's ring over the group named ``group``: the output and its log-sum-exp."""
+    return _unaliased(_ring_forward_composite(q, k, v, group, scale), (q, k, v))
+
+
+def _unaliased(outputs: tuple, inputs: tuple) -> tuple:
+    """``outputs`` with each that shares memory with an input or an output before it copied
+    (a custom op's outputs are new tensors; torch's ring may hand back views of one buffer)."""
+    seen = {t.untyped_storage().data_ptr() for t in inputs}
+    fresh = []
+    for t in outputs:
+        if t.untyped_storage().data_ptr() in seen:
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        fresh.append(t)
+    return tuple(fresh)
+
+
+def _ring_forward_composite(q, k, v, group, scale):
+    out, lse = _ring._templated_ring_attention(_group(group), _SEQ, _block_forward, q, k, v,
+                                               is_causal=True, scale=scale)[:2]
+    return out, lse
+
+
+@_ring_forward.register_fake
+def _(q, k, v, group, scale):
+    del k, v, group, scale
+    return torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("fxtrain::ring_attention_backward", mutates_args=())
+def _ring_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   out: torch.Tensor, lse: torch.Tensor, group: str,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Torch's ring backward: the keys' and values' gradients go around the other way."""
+    return _unaliased(_ring_backward_composite(grad, q, k, v, out, lse, group, scale),
+                      (grad, q, k, v, out, lse))
+
+
+def _ring_backward_composite(grad, q, k, v, out, lse, group, scale):
+    dq, dk, dv = _ring._templated_ring_attention_backward(
+        _group(group), _SEQ, _block_backward, grad.contiguous(), "grad_out", q, k, v, out, lse,
+        is_causal=True, scale=scale)[:3]
+    return dq, dk, dv
+
+
+@_ring_backward.register_fake
+def _(grad, q, k, v, out, lse, group, scale):
+    del grad, out, lse, group, scale
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _ring_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+    q, k, v, ctx.group, ctx.scale = inputs
+    ctx.save_for_backward(q, k, v, *output)
+
+
+def _ring_gradients(ctx: Any, grad: torch.Tensor, _lse_grad: Any) -> tuple:
+    dq, dk, dv = _ring_backward(grad, *ctx.saved_tensors, ctx.group, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+_ring_forward.register_autograd(_ring_gradients, setup_context=_ring_context)
+
+# What a traced step records of the two ops (below autograd, which keeps the backward above):
+# the ring's own collectives and kernels, as fxtrain::all_gather_shard's gather
+# (fxtrain._torch.collectives): Inductor orders collectives it sees by the program, and the
+# step's backward regions hold the backward's ops, so a unit's gathers recomputed in the
+# backward (per-block units) sit in one region with the ring's.
+_DECOMPOSED = torch.library.Library("fxtrain", "FRAGMENT")
+_DECOMPOSED.impl("ring_attention", _ring_forward_composite, "CompositeImplicitAutograd")
+_DECOMPOSED.impl("ring_attention_backward", _ring_backward_composite,
+                 "CompositeImplicitAutograd")
 
 
 def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, group: Any, *,
@@ -123,7 +195,8 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
                          f"{key.shape[1]} and the values {value.shape[1]}; the keys' and values' "
                          "heads must be equal and divide the query's")
     require("context parallelism (ring attention)", 2, 13)
-    return _Ring.apply(query, key.contiguous(), value.contiguous(), group, scale)
+    return _ring_forward(query, key.contiguous(), value.contiguous(), group.group_name,
+                         scale)[0]
 
 
 def all_gathered(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:

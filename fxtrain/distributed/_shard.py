@@ -216,11 +216,12 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         dimension whose ranks split every sequence (``(dp, cp)``, ``(dp, cp, tp)`` with a
         ``tp_plan``, ``(replicate, shard, cp)``; ``fx.sharding.mesh((2, 2, 2), ("dp", "cp",
         "tp"))``). Each rank of it takes a head and a tail chunk of each sequence of its
-        group's batch share (the step cuts the batch: a dict of ``input_ids``, ``labels``,
-        ``position_ids``; the loss reads ``shift_labels``), attention runs as a ring over it
-        (a transformers model's, causal), and the parameters shard over it with the dimension
-        before it, as one unit (``units="whole"``; per block is refused, not yet supported).
-        None (default): whole sequences on every rank.
+        group's batch share (the step cuts the batch: a dict of ``input_ids``, ``labels``
+        and, for packed documents, ``position_ids``; the loss reads ``shift_labels``, the
+        model takes ``position_ids`` and ``document_ids``), attention runs as a ring over it
+        (a transformers model's, causal; packed documents over every rank's keys and values,
+        masked), and the parameters shard over it with the dimension before it, per block
+        as without it (``units``). None (default): whole sequences on every rank.
 
     Returns:
       The sharded state: ``state.params[name]`` is a ``DTensor`` whose ``.to_local()`` is this
@@ -236,13 +237,6 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                              "pass the mesh, for example fx.sharding.mesh((2, 2), "
                              "('dp', 'cp'))")
         mesh, split = _context.laid_out(mesh, context, tp_plan, globals()["mesh"])
-        if units not in (None, "whole"):
-            raise ValueError(f"fx.shard(context={context!r}) shards the model whole (one unit), "
-                             f"not per block yet (units={units!r}): compiled, the ring "
-                             "attention's backward splits the step's backward into one "
-                             "region per layer, and torch 2.13 recomputes a gather in only "
-                             "one such region; leave units unset, or pass units='whole'")
-        units = "whole"
     new = _sharded(state, mesh, callbacks, units, param_dtype, reduce_dtype, tp_plan)
     if split is not None:
         from . import _context_attention  # torch's ring functions, imported when first used

@@ -49,6 +49,7 @@ def _check_against_one_process(report, model, dropout, packed, size=2, length=32
     losses, params = cp_worker.one_process(model, dropout, packed=packed, length=length)
     for mode, got in report.items():
         assert f"context=Context(dim='cp', size={size}" in got["layout"], mode
+        assert "units=()" not in got["layout"], got["layout"]  # per block, the default
         _close(got, losses, params)
         assert mode == "eager" or got["graphs"] == 1, got["graphs"]
 
