@@ -72,8 +72,11 @@ def _one_process_from(checkpoint, model, dropout, data):
     return one.params
 
 
-@pytest.mark.parametrize("model,dropout,packed", [("llama", 0.0, False), ("gpt2", 0.1, True)],
-                         ids=["llama", "gpt2-dropout-packed"])
+# The compat legs (torch 2.11, 2.15: not slow) run the ring's own test and the Llama's: the
+# ring op traced and trained per block on those torches; the rest runs on the pinned torch.
+@pytest.mark.parametrize("model,dropout,packed", [
+    ("llama", 0.0, False), pytest.param("gpt2", 0.1, True, marks=pytest.mark.slow)],
+    ids=["llama", "gpt2-dropout-packed"])
 def test_context_parallel_trains_as_one_process_on_the_whole_sequences(tmp_path, model,
                                                                       dropout, packed):
     """2 ranks, each sequence of 32 tokens in 4 chunks of 8 (a head and a tail per rank): 10
@@ -114,6 +117,7 @@ def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process
                                length=64)
 
 
+@pytest.mark.slow
 def test_a_context_parallel_checkpoint_resumes_exactly_and_on_one_process(tmp_path):
     """GPT-2 with dropout on 2 context-parallel ranks, through the ring: a run restored from
     its checkpoint after 5 steps ends, 5 steps later, with the uninterrupted run's digest (the
