@@ -204,8 +204,11 @@ def eight_ranks(out):
     checkpoint restored onto 2 x 2 x 2 and onto 4 x 2 x 1 (dp, cp), and compiled; GPT-2 (no
     tensor-parallel plan in transformers) with dropout through the ring of all 8 ranks (data
     ranks draw masks of their own, as data parallelism does, so dropout is compared with one
-    process on context ranks only), sequences of 64 tokens in 16 chunks of 4."""
+    process on context ranks only), sequences of 64 tokens in 16 chunks of 4; Llama through the
+    ring on HSDP x CP, 2 x 2 x 2 (replicate, shard, cp)."""
     context_resume(out, "llama", 0.0, packed=True,
                    layouts=(EIGHT, ((4, 2), ("dp", "cp"), None)))
     context_steps(out, "llama", ("compiled",), *EIGHT, packed=True, name="llama")
     context_steps(out, "gpt2", ("eager",), (8,), ("cp",), dropout=0.1, name="gpt2", length=64)
+    context_steps(out, "llama", ("eager",), (2, 2, 2), ("replicate", "shard", "cp"),
+                  name="hsdp")

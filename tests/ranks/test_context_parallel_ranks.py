@@ -98,7 +98,7 @@ def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process
     the uninterrupted run's digest, and on 4 x 2 x 1 (dp, cp) and on one process within the
     layouts' rounding of it. GPT-2 with dropout through a ring of 8: 16 chunks of 4 tokens
     (data ranks draw masks of their own, as data parallelism does: dropout equals one process's
-    on context ranks only)."""
+    on context ranks only). The Llama through the ring on HSDP x CP (replicate, shard, cp)."""
     _spawn(8, cp_worker.eight_ranks, str(tmp_path))
     losses, params = cp_worker.one_process("llama", packed=True)
     resumed = torch.load(tmp_path / "resume.pt")
@@ -115,6 +115,9 @@ def test_fsdp_by_context_by_tensor_parallel_on_eight_ranks_trains_as_one_process
     _check_against_one_process(torch.load(tmp_path / "llama.pt"), "llama", 0.0, True)
     _check_against_one_process(torch.load(tmp_path / "gpt2.pt"), "gpt2", 0.1, False, size=8,
                                length=64)
+    hsdp = torch.load(tmp_path / "hsdp.pt")
+    assert "DeviceMesh((replicate=2, shard_cp=4)" in hsdp["eager"]["layout"], hsdp
+    _check_against_one_process(hsdp, "llama", 0.0, False)
 
 
 @pytest.mark.slow
