@@ -237,11 +237,14 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
                              "pass the mesh, for example fx.sharding.mesh((2, 2), "
                              "('dp', 'cp'))")
         mesh, split = _context.laid_out(mesh, context, tp_plan, globals()["mesh"])
+        # the attention routed before the units are made (a copy of the skeleton: the step
+        # runs the module the units' install made, as without context parallelism; a copy
+        # made after it, on a simulated rank's fake tensors, corrupted the heap in 3 runs of 4)
+        from . import _context_attention  # torch's ring functions, imported when first used
+        state = state.replace(module=_context_attention.prepared(state.module, split))
     new = _sharded(state, mesh, callbacks, units, param_dtype, reduce_dtype, tp_plan)
     if split is not None:
-        from . import _context_attention  # torch's ring functions, imported when first used
-        new = new.replace(module=_context_attention.prepared(new.module, split),
-                          layout=new.layout.replace(context=split))
+        new = new.replace(layout=new.layout.replace(context=split))
     if offload is None:
         return new
     return new.replace(layout=new.layout.replace(offload=offload),
