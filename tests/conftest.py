@@ -42,6 +42,8 @@ sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.
 
 # a fixture several test files read (the 4-rank runs on a 2 x 2 mesh, once per run)
 from helpers_meshes import mesh_jobs  # noqa: E402, F401
+# and another (the rank jobs on the saved pretrained models, once per run)
+from helpers_pretrained import pretrained_jobs  # noqa: E402, F401
 
 
 _TORCH = os.path.dirname(torch.__file__) + os.sep
@@ -197,7 +199,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 SHARED = ("run_all", "distributed_jobs", "sharding_jobs", "simulated_rows", "sp_jobs",
           "mesh_jobs", "tp_jobs", "loss_jobs",
-          "resume_refs")
+          "resume_refs", "pretrained_jobs")
 """Fixtures made once per test run behind a lock (``helpers.once_per_run``)."""
 
 

@@ -7,35 +7,24 @@ peft loads (the one-rank checks: tests/unit/test_lora_shards.py)."""
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-import dist_worker
 import lora_worker
-from helpers import extra, once_per_run
-from helpers_distributed import free_port
+from helpers import extra
+from helpers_pretrained import saved_models
 
 transformers = extra("transformers")
 peft = extra("peft")
-import pretrained_worker  # noqa: E402  (after the extras' check)
-
-TWO = [("units", False), ("units", True), ("tp", True)]  # whole: tests/unit/test_lora_shards.py
-FOUR = [("hsdp", False), ("fsdp_tp", False)]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return once_per_run(tmp_path_factory, "pretrained_models", pretrained_worker.save_models)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,cases", [(2, TWO), (4, FOUR)], ids=["2ranks", "4ranks"])
-def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_path, saved,
-                                                                         world, cases):
-    folder = saved / "llama"
-    mp.spawn(dist_worker.spawned, nprocs=world,
-             args=(world, free_port(), lora_worker.lora_layouts,
-                   (str(tmp_path), str(folder), cases), {}))
-    report = torch.load(tmp_path / f"report{world}.pt")
+@pytest.mark.parametrize("world", [2, 4], ids=["2ranks", "4ranks"])
+def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(
+        tmp_path, tmp_path_factory, pretrained_jobs, world):
+    """The cases of helpers_pretrained.LORA (the whole layout: tests/unit/test_lora_shards.py),
+    run on the ranks in the launch ``pretrained_jobs`` shares."""
+    folder = saved_models(tmp_path_factory) / "llama"
+    ranks = pretrained_jobs / f"lora{world}"
+    report = torch.load(ranks / f"report{world}.pt")
     one_dir = tmp_path / "one"
     one_dir.mkdir()
     lora_worker.lora_layouts(str(one_dir), str(folder), [("units", False)])  # alone: whole
@@ -70,7 +59,7 @@ def test_lora_loaded_into_shards_trains_as_one_process_and_peft_loads_it(tmp_pat
             torch.testing.assert_close(got["whole"][k], one["whole"][k], rtol=0, atol=1.2e-5)
         # fx.save_adapter wrote what peft loads: its logits are those of the trained weights
         loaded = peft.PeftModel.from_pretrained(
-            transformers.AutoModelForCausalLM.from_pretrained(folder), tmp_path / key).eval()
+            transformers.AutoModelForCausalLM.from_pretrained(folder), ranks / key).eval()
         rebuilt = peft.get_peft_model(transformers.AutoModelForCausalLM.from_pretrained(folder),
                                       lora_worker._lora_config()).eval()
         rebuilt.load_state_dict(got["whole"], strict=False)

@@ -7,36 +7,23 @@ offload, and resume exactly (the one-process checks: tests/unit/test_offload.py)
 import json
 
 import pytest
-import torch.multiprocessing as mp
 
-import dist_worker
 import offload_worker
-from helpers import extra, once_per_run
-from helpers_distributed import free_port
+from helpers import extra
+from helpers_pretrained import OFFLOADED
 
 transformers = extra("transformers")
-import pretrained_worker  # noqa: E402  (after the extra's check)
-
-TWO = [("llama", "units", "adamw", False), ("llama_tied", "whole", "clipped", False),
-       ("llama", "units", "clipped", True), ("llama", "tp", "adamw", False)]
-FOUR = [("llama", "fsdp_tp", "adamw", False), ("llama_tied", "hsdp", "clipped", False)]
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    return once_per_run(tmp_path_factory, "pretrained_models", pretrained_worker.save_models)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,cases", [(2, TWO), (4, FOUR)], ids=["2ranks", "4ranks"])
-def test_offloaded_optimizer_state_trains_to_the_same_bits(tmp_path, saved, world, cases):
-    ckpt = tmp_path / "ckpt"
-    ckpt.mkdir()
-    mp.spawn(dist_worker.spawned, nprocs=world,
-             args=(world, free_port(), offload_worker.compared,
-                   (str(tmp_path), str(saved), cases, str(ckpt)), {}))
+@pytest.mark.parametrize("world", [2, 4], ids=["2ranks", "4ranks"])
+def test_offloaded_optimizer_state_trains_to_the_same_bits(pretrained_jobs, world):
+    """The cases of helpers_pretrained.OFFLOADED, run in the launch ``pretrained_jobs``
+    shares."""
+    cases = OFFLOADED[world]
     for rank in range(world):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        report = json.loads((pretrained_jobs / f"offloaded{world}" / f"rank{rank}.json")
+                            .read_text())
         assert len(report) == len(cases)
         for key, got in report.items():
             where = f"rank {rank}, {key}"
