@@ -108,6 +108,14 @@ class Tracker(TorchDispatchMode):
         from torch.distributed.tensor import DTensor
         if any(issubclass(t, DTensor) for t in types):
             return NotImplemented  # DTensor runs its local ops (and collectives) through us
+        if func.namespace == "fxtrain" and func._opname.startswith("ring_attention"):
+            # context parallelism's ring, a custom op: its collectives and temporaries through
+            # us, as a traced step records them (its decomposition)
+            TorchDispatchMode.__enter__(self)
+            try:
+                return func.decompose(*args, **(kwargs or {}))
+            finally:
+                TorchDispatchMode.__exit__(self, None, None, None)
         out = func(*args, **(kwargs or {}))
         kind = _collective(func)
         if kind:  # the gathered tensor (c10d's ops take it first), the reduced one
