@@ -151,19 +151,31 @@ def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, backend=TRACED)
         state, losses = trained(state, step, batches(steps, length=length, packed=packed))
-        report[mode] = {"losses": losses, "params": fx.sharding.gathered(state.params),
+        report[mode] = {"losses": losses, "eval": evaluated(state, length, packed),
+                        "params": fx.sharding.gathered(state.params),
                         "layout": repr(state.layout),
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if fx.distributed.rank() == 0:
         torch.save(report, f"{out}/{name}.pt")
 
 
+def evaluated(state, length=32, packed=False):
+    """``fx.evaluate``'s loss on this rank's data share of two held-out batches (a sharded
+    state's: its whole parameters on the model as it was, whole sequences)."""
+    share = fx.distributed.data_world_size(state) if state.layout.sharded else 1
+    at = fx.distributed.data_rank(state) if state.layout.sharded else 0
+    held_out = batches(12, length=length, packed=packed)[10:]
+    data = [{k: v.chunk(share)[at] for k, v in b.items()} for b in held_out]
+    return float(fx.evaluate(fx.make_eval_step(context_loss), state, data)["loss"])
+
+
 def one_process(model="llama", dropout=0.0, steps=10, packed=False, length=32):
-    """The reference: one process, whole sequences, the global batch."""
+    """The reference: one process, whole sequences, the global batch; its losses, parameters
+    and held-out loss."""
     state = fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2))
     data = batches(steps, length=length, packed=packed)
     state, losses = trained(state, fx.make_train_step(whole_loss), data)
-    return losses, state.params
+    return losses, state.params, evaluated(state, length, packed)
 
 
 def context_resume(out, model="gpt2", dropout=0.1, steps=(5, 5), packed=False,

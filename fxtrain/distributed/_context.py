@@ -105,7 +105,8 @@ def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
         del out["labels"]
     if "position_ids" in batch:
         positions = batch["position_ids"]
-        if positions.dim() != 2 or positions.shape[1] != length:
+        if positions.dim() != 2 or positions.shape[1] != length \
+                or positions.shape[0] not in (1, rows):
             raise ValueError(f"context parallelism: position_ids is {tuple(positions.shape)}, "
                              f"input_ids {tuple(ids.shape)}; each must be (batch, length)")
         out["position_ids"] = positions = positions.expand(rows, length)

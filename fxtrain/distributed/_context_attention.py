@@ -110,6 +110,8 @@ def prepared(module: nn.Module, context: Any) -> nn.Module:
         from transformers import AttentionInterface, PreTrainedModel
     except ImportError:
         PreTrainedModel = None  # noqa: N806
+    from .._torch.version import require
+    require("context parallelism (its ring and its gathered attention)", 2, 13)
     if PreTrainedModel is None or not isinstance(module, PreTrainedModel):
         raise ValueError(f"fx.shard(context=...): context parallelism runs a transformers "
                          f"model's attention (its attention interface) as a ring; "

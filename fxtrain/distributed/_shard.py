@@ -241,10 +241,11 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         # runs the module the units' install made, as without context parallelism; a copy
         # made after it, on a simulated rank's fake tensors, corrupted the heap in 3 runs of 4)
         from . import _context_attention  # torch's ring functions, imported when first used
-        state = state.replace(module=_context_attention.prepared(state.module, split))
+        original, state = state.module, state.replace(
+            module=_context_attention.prepared(state.module, split))
     new = _sharded(state, mesh, callbacks, units, param_dtype, reduce_dtype, tp_plan)
-    if split is not None:
-        new = new.replace(layout=new.layout.replace(context=split))
+    if split is not None:  # the skeleton as it was: what evaluation and export run whole
+        new = new.replace(layout=new.layout.replace(context=split, skeleton=original))
     if offload is None:
         return new
     return new.replace(layout=new.layout.replace(offload=offload),

@@ -76,13 +76,15 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
      "holds 'document_ids', the name context parallelism gives the documents"),
     ({**_batch(), "position_ids": torch.arange(6).expand(2, 6)}, ValueError,
      "position_ids is \\(2, 6\\), input_ids \\(2, 8\\)"),
+    ({**_batch(), "position_ids": torch.arange(8).expand(3, 8)}, ValueError,
+     "position_ids is \\(3, 8\\), input_ids \\(2, 8\\)"),
     ({**_batch(), "shift_labels": torch.zeros(2, 6)}, ValueError,
      "both labels and shift_labels"),
     ({"input_ids": torch.zeros(2, 8), "shift_labels": torch.zeros(2, 6)}, ValueError,
      "shift_labels is \\(2, 6\\), input_ids \\(2, 8\\)"),
     (_batch(length=6), ValueError, "a length of 6 is not a multiple of 4"),
 ], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "documents",
-        "positions' shape",
+        "positions' shape", "positions' rows",
         "two label keys, bad shape", "bad shape", "length"])
 def test_a_batch_it_cannot_cut_is_refused_by_name(batch, error, match):
     with pytest.raises(error, match=match):
