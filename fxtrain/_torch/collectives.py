@@ -34,6 +34,15 @@ def all_gather_single(tensor: torch.Tensor, gather_dim: int, group: Any) -> torc
     return gather(tensor, gather_dim, group)
 
 
+def all_gather_autograd(tensor: torch.Tensor, gather_dim: int, group: Any) -> torch.Tensor:
+    """``all_gather_single`` inside the autograd graph: the gradient of the result is
+    reduce-scattered (summed) back, each rank receiving its own slice's."""
+    funcol = _funcol()
+    gather = getattr(funcol, "all_gather_single_autograd", None) \
+        or funcol.all_gather_tensor_autograd  # < 2.13
+    return gather(tensor.contiguous(), gather_dim, group)
+
+
 def all_gather_into(output: torch.Tensor, mine: torch.Tensor, group: Any) -> Any:
     """Starts the all-gather of ``mine`` into ``output`` (rank by rank along dim 0) over the
     process group ``group``, returning its work to wait on (eager: c10d's own collective,

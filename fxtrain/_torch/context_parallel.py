@@ -33,9 +33,9 @@ gave gradients wrong by O(1).
 The backward kernel is called by position: torch's ring passes ``out=`` as a keyword, which
 Dynamo reads as an out-variant call and refuses.
 
-``all_gathered`` is the other wiring, for packed documents: every rank's keys and values
-gathered (functional collectives, differentiable: the backward reduce-scatters the gradients
-onto the ranks that hold them), as Llama 3's context parallelism does for document masks.
+The other wiring, for packed documents, needs no ring: every rank's keys and values gathered
+(``fxtrain._torch.collectives.all_gather_autograd``), as Llama 3's context parallelism does for
+document masks.
 """
 
 from __future__ import annotations
@@ -43,7 +43,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed._functional_collectives as _funcol
 
 from .version import require
 
@@ -198,11 +197,3 @@ def ring_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, 
     return _ring_forward(query, key.contiguous(), value.contiguous(), group.group_name,
                          scale)[0]
 
-
-def all_gathered(t: torch.Tensor, dim: int, group: Any) -> torch.Tensor:
-    """``t`` of every rank of ``group`` concatenated along ``dim`` in rank order, inside the
-    autograd graph: the gradient of the result is reduce-scattered back, each rank receiving
-    the sum over the ranks of its own slice's."""
-    gather = getattr(_funcol, "all_gather_single_autograd", None) \
-        or _funcol.all_gather_tensor_autograd  # torch before 2.13
-    return gather(t.contiguous(), dim, group)

@@ -12,7 +12,7 @@ for an implementation without a mask function, so the ring's causal rule is the 
 Packed documents (a batch's own ``position_ids``: ``fxtrain.distributed._context.sliced``
 adds the whole rows' ``document_ids``, which the model passes down to this function) run
 another wiring, Llama 3's context parallelism for document masks: every rank's keys and values
-are gathered (``fxtrain._torch.context_parallel.all_gathered``; the backward reduce-scatters
+are gathered (``fxtrain._torch.collectives.all_gather_autograd``; the backward reduce-scatters
 their gradients) and this rank's queries attend over them under the mask "same document, not
 after me", one SDPA call. It holds the whole sequence's keys and values and a boolean mask of
 ``local length x length`` per row, where the ring holds two chunks' at a time: the price of
@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._torch.context_parallel import all_gathered, ring_attention
+from .._torch.collectives import all_gather_autograd
+from .._torch.context_parallel import ring_attention
 from .._torch.modes import outside_dispatch_modes
 from .._torch.traced_errors import fail
 from ._context import slots
@@ -96,7 +97,7 @@ def _documents_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
     theirs = torch.cat([slots(length, size, r) for r in range(size)]).to(query.device)
     same = documents[:, mine, None] == documents[:, None, theirs]
     mask = same & (theirs[None, None, :] <= mine[None, :, None])
-    key, value = (all_gathered(t, 2, context.group) for t in (key, value))
+    key, value = (all_gather_autograd(t, 2, context.group) for t in (key, value))
     repeat = query.shape[1] // key.shape[1]  # grouped-query attention, as transformers repeats
     key, value = (t.repeat_interleave(repeat, dim=1) for t in (key, value))
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],
