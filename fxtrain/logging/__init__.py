@@ -3,6 +3,7 @@
 ``flush``, ``close``. ``Writer`` declares them as a protocol: any object with these methods is a
 writer (clu's included)."""
 
+from .comet import CometWriter as CometWriter
 from .compose import AsyncWriter as AsyncWriter
 from .compose import MultiWriter as MultiWriter
 from .console import ConsoleWriter as ConsoleWriter
@@ -13,11 +14,12 @@ from .jsonl import read_jsonl as read_jsonl
 from .media import Audio as Audio
 from .media import Captioned as Captioned
 from .mlflow import MlflowWriter as MlflowWriter
+from .neptune import NeptuneWriter as NeptuneWriter
 from .tensorboard import TensorBoardWriter as TensorBoardWriter
 from .values import Histogram as Histogram
 from .wandb import WandbWriter as WandbWriter
 from .writer import Writer as Writer
 
 __all__ = ["Writer", "TensorBoardWriter", "JsonlWriter", "ConsoleWriter", "WandbWriter",
-           "CsvWriter", "MlflowWriter", "MultiWriter", "AsyncWriter", "Histogram", "Audio",
-           "Captioned", "read_jsonl", "read_csv"]
+           "CsvWriter", "MlflowWriter", "CometWriter", "NeptuneWriter", "MultiWriter",
+           "AsyncWriter", "Histogram", "Audio", "Captioned", "read_jsonl", "read_csv"]

@@ -108,6 +108,27 @@ def check_writer(writer: Any, who: str, *methods: str) -> None:
                         "ConsoleWriter, or any clu MetricWriter)")
 
 
+def refuse_credentials(who: str, kwargs: Mapping[str, Any], names: tuple[str, ...],
+                       where: str) -> None:
+    """Raises a ValueError when ``kwargs`` (a tracking client's arguments) carry one of the
+    credentials ``names``: a key passed in code ends up in configs, notebooks and logs, so the
+    client reads it from ``where`` (its environment variable or config file) instead.
+
+    Examples:
+        >>> from fxtrain.logging.writer import refuse_credentials
+        >>> refuse_credentials("CometWriter", {"project_name": "p"}, ("api_key",), "COMET_API_KEY")
+        >>> refuse_credentials("CometWriter", {"api_key": "..."}, ("api_key",), "COMET_API_KEY")
+        Traceback (most recent call last):
+        ...
+        ValueError: CometWriter: do not pass api_key; set it in COMET_API_KEY, where the client
+        reads it (fxtrain never holds credentials)
+    """
+    given = sorted(set(kwargs) & set(names))
+    if given:
+        raise ValueError(f"{who}: do not pass {', '.join(given)}; set it in {where}, where the "
+                         "client reads it (fxtrain never holds credentials)")
+
+
 def takes_binned_histograms(writer: Any) -> bool:
     """Whether ``writer`` declares the ``binned_histograms`` capability.
 
