@@ -35,6 +35,13 @@ torch.set_num_threads(_THREADS)
 # wait, so two processes with two threads each on two cores run several times slower
 os.environ.setdefault("OMP_NUM_THREADS", str(_THREADS))
 
+# comet_ml, when imported (CometWriter's tests and doctest), would otherwise install its import
+# hook that patches modules imported after it (mlflow's and tensorboard's among them, in the
+# same worker) and, in one process of two, Sentry error reporting over the network
+for _name, _value in (("COMET_DISABLE_AUTO_LOGGING", "1"), ("COMET_ERROR_TRACKING_ENABLE", "false"),
+                      ("COMET_DISABLE_ANNOUNCEMENT", "1")):
+    os.environ.setdefault(_name, _value)
+
 # tensorboard's reader imports TensorFlow when it is installed (the clu extra installs it);
 # this module is tensorboard's own switch for its TensorFlow-free build. TensorFlow runs only
 # in the clu test, in a subprocess.

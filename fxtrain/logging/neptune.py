@@ -43,16 +43,19 @@ class NeptuneWriter:
     without a network, uploaded later with ``neptune sync``.
 
     Examples:
-        >>> import os, tempfile
+        >>> import os, pathlib, tempfile
         >>> tmp = tempfile.TemporaryDirectory()
         >>> os.environ["NEPTUNE_DATA_DIRECTORY"] = tmp.name
         >>> writer = fx.logging.NeptuneWriter("workspace/demo", mode="offline",
         ...                                   capture_hardware_metrics=False, git_ref=False)
+        [neptune] [info   ] Neptune initialized. Open in the app: offline/...
         >>> writer.write_scalars(10, {"loss": torch.tensor(0.25)})
-        >>> writer.write_hparams({"lr": 0.1, "layers": [64, 64]})
-        >>> writer.run["parameters/layers"].fetch()
-        '[64, 64]'
+        >>> writer.write_hparams({"lr": 0.1, "layers": [64, 64]})  # the list as '[64, 64]'
         >>> writer.close()
+        [neptune] [info   ] Shutting down background jobs, please wait a moment...
+        [neptune] [info   ] Done!
+        >>> [p.name.split("__")[0] for p in pathlib.Path(tmp.name, "offline").iterdir()]  # the run's queue
+        ['run']
         >>> del os.environ["NEPTUNE_DATA_DIRECTORY"]
         >>> tmp.cleanup()
     """

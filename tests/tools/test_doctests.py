@@ -27,6 +27,8 @@ FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
 NEEDS = {
     "fxtrain.metrics._torchmetrics.from_torchmetrics": "torchmetrics",
     "fxtrain.logging.wandb.WandbWriter": "wandb",
+    "fxtrain.logging.comet.CometWriter": "comet_ml",
+    "fxtrain.logging.neptune.NeptuneWriter": "neptune",
     "fxtrain.callbacks.hf.hf_callback": "transformers",
     "fxtrain.apps._pretrained.export_pretrained": "transformers",
     "fxtrain.apps._from_pretrained.from_pretrained": "transformers",
