@@ -46,7 +46,12 @@ def _items(key: str, value: Any, batch) -> list[tuple[str, Any, str | None]]:
 
 
 def _pil(image):
-    from PIL import Image
+    """A PIL image of ``[H, W, C]`` uint8: comet_ml rescales numpy images itself (and fails on
+    a constant one)."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise ImportError("writing images to Comet needs Pillow (pip install pillow)") from e
 
     return Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
 

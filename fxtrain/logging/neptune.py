@@ -3,11 +3,11 @@
 Each key is a field of the run at its own path (``train/loss`` is the field ``loss`` in the
 namespace ``train``): scalars are float series and texts string series, appended at their step;
 images are image series (a batch's items at ``key/0``, ``key/1``, ...), a caption as the image's
-description; videos (GIFs) and audio (WAVs) are files at ``key/step_<n>_<i>``;
-hyperparameters are the fields under ``parameters`` (values Neptune cannot hold, such as lists,
-as their strings). Neptune has no histogram type: histograms are skipped (TensorBoard keeps
-them). Neptune cuts a string series' entries at 1000 characters (with a warning), so a long
-text is best written as a file.
+description; videos (GIFs) and audio (WAVs) are files at ``key/step_<n>_<i>`` (a file field has
+no caption: a video's is dropped); hyperparameters are the fields under ``parameters`` (values
+Neptune cannot hold, such as lists, as their strings). Neptune has no histogram type:
+histograms are skipped (TensorBoard keeps them). Neptune cuts each entry of a string series at
+1000 characters (and warns), so a longer text is cut.
 
 Credentials stay with neptune: the API token comes from ``NEPTUNE_API_TOKEN`` (and the project
 from ``NEPTUNE_PROJECT`` where not given); an offline run needs none. The writer takes no token.
@@ -89,7 +89,8 @@ class NeptuneWriter:
                 caption_list(k, caption, len(batch))
             for i, (image, c) in enumerate(zip(batch, captions)):
                 self.run[k if len(batch) == 1 else f"{k}/{i}"].append(
-                    File.as_image(image[..., 0] if image.shape[-1] == 1 else image),
+                    File.as_image(image[..., 0] if image.shape[-1] == 1 else image,
+                                  autoscale=False),  # already uint8 in [0, 255]
                     step=int(step), description=c)
 
     def _file(self, key: str, step: int, i: int, data: bytes, extension: str) -> None:

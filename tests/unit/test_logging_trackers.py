@@ -97,6 +97,13 @@ def no_secret_in(directory):
                         assert SECRET.encode() not in archive.read(name), (path, name)
 
 
+def test_the_secret_check_finds_a_planted_key(tmp_path):
+    with zipfile.ZipFile(tmp_path / "archive.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("messages.json", f'{{"api_key": "{SECRET}"}}'.encode())
+    with pytest.raises(AssertionError, match="messages.json"):
+        no_secret_in(tmp_path)
+
+
 def write_every_kind(writer):
     writer.write_scalars(3, {"loss": torch.tensor(0.5), "train/accuracy": 0.75})
     writer.write_scalars(4, {"loss": np.float32(0.25)})
@@ -111,7 +118,7 @@ def write_every_kind(writer):
     writer.close()
 
 
-def test_comet_writer_offline_is_read_back_from_its_archive(comet, tmp_path, caplog):
+def test_comet_writer_offline_is_read_back_from_its_archive(comet, tmp_path, caplog, capfd):
     writer = fx.logging.CometWriter("fxtrain-test", **comet)
     assert isinstance(writer, fx.logging.Writer)
     write_every_kind(writer)
@@ -134,7 +141,7 @@ def test_comet_writer_offline_is_read_back_from_its_archive(comet, tmp_path, cap
     assert files[uploads[("audio", 4)]["file_path"]][:4] == b"RIFF"  # the WAV, copied in
     assert files[uploads[("video", 4)]["file_path"]][:3] == b"GIF"
     no_secret_in(tmp_path)
-    assert SECRET not in caplog.text
+    assert SECRET not in caplog.text + "".join(capfd.readouterr())
 
 
 def test_comet_writer_takes_binned_histograms(comet, tmp_path):
@@ -149,7 +156,8 @@ def test_comet_writer_takes_binned_histograms(comet, tmp_path):
     assert sorted(count for _, count in histogram["index_values"]) == [1, 3]  # by bin
 
 
-def test_neptune_writer_offline_is_read_back_from_its_operations(neptune, tmp_path, caplog):
+def test_neptune_writer_offline_is_read_back_from_its_operations(neptune, tmp_path, caplog,
+                                                               capfd):
     writer = fx.logging.NeptuneWriter("workspace/fxtrain-test", **neptune)
     assert isinstance(writer, fx.logging.Writer)
     write_every_kind(writer)
@@ -168,7 +176,7 @@ def test_neptune_writer_offline_is_read_back_from_its_operations(neptune, tmp_pa
     assert uploads == ["clip/step_4_0", "tone/step_4_0"]
     assert not [op for op in ops if op.path[0] in ("w", "binned")]  # no histograms in Neptune
     no_secret_in(tmp_path)
-    assert SECRET not in caplog.text
+    assert SECRET not in caplog.text + "".join(capfd.readouterr())
 
 
 @pytest.mark.parametrize("tracker", ["comet", "neptune"])
