@@ -54,7 +54,7 @@ class NeptuneWriter:
         >>> writer.close()
         [neptune] [info   ] Shutting down background jobs, please wait a moment...
         [neptune] [info   ] Done!
-        >>> [p.name.split("__")[0] for p in pathlib.Path(tmp.name, "offline").iterdir()]  # the run's queue
+        >>> [p.name.split("__")[0] for p in pathlib.Path(tmp.name, "offline").iterdir()]
         ['run']
         >>> del os.environ["NEPTUNE_DATA_DIRECTORY"]
         >>> tmp.cleanup()
