@@ -4,7 +4,7 @@ Callbacks that only do tensor maths (``early_stopping``, ``nan_guard``, ``grad_m
 ``swa``, ``loss_spike``, ``reduce_lr_on_plateau``) run inside the compiled step (``make_train_step(callbacks=...)``) or on
 the host (``fit(callbacks=...)``); those that do IO or read the clock run on the host only.
 The logging callbacks (``log_metrics``, ``log_eval_metrics``, ``log_hparams``, ``model_watch``,
-``log_media``, ``text_samples``) write to any ``fx.logging.Writer``, on rank 0 only.
+``log_media``, ``text_samples``, ``generation_eval``) write to any ``fx.logging.Writer``, on rank 0 only.
 """
 
 import warnings as _warnings
@@ -33,6 +33,9 @@ from .ema import ema as ema
 from .ema import with_ema_params as with_ema_params
 from .flops import count_step_flops as count_step_flops
 from .flops import device_peak_flops as device_peak_flops
+from .generation import generation_eval as generation_eval
+from .generation import generation_eval_step as generation_eval_step
+from .generation import sample_tokens as sample_tokens
 from .grad_monitor import grad_monitor as grad_monitor
 from .hf import hf_callback as hf_callback
 from .hparams import log_hparams as log_hparams
@@ -70,6 +73,7 @@ __all__ = [
     "throughput", "nan_guard", "reduce_lr_on_plateau", "progress_bar", "summary", "timer",
     "count_step_flops", "device_peak_flops", "system_monitor",
     "loss_spike", "swa", "with_swa_params", "update_bn",
+    "generation_eval", "generation_eval_step", "sample_tokens",
 ]
 
 # old names, kept for one release: (new home, its name there)
