@@ -142,7 +142,8 @@ def _encoded(encode: Encode, prompt: str, who: str) -> torch.Tensor:
                          "least one (a start-of-text token, if the tokenizer has one)")
     if ids.ndim != 1 or ids.is_floating_point() or ids.dtype == torch.bool:
         raise ValueError(f"{who}: encode({prompt!r}) gave {ids.dtype} of shape "
-                         f"{tuple(ids.shape)}; it must give a list of int token ids (or a 1-D tensor)")
+                         f"{tuple(ids.shape)}; it must give a list of int token ids (or a 1-D "
+                         "tensor)")
     return ids.to(torch.int64)
 
 
