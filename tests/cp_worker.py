@@ -115,10 +115,10 @@ def whole_loss(s, p, batch):
 
 def context_loss(s, p, batch):
     """A context-parallel rank: the labels shifted on the whole sequence (``shift_labels``),
-    the positions of its slice, and packed documents' ``document_ids`` passed to the model."""
+    the positions of its slice, and packed documents' ``document_mask`` passed to the model."""
     if "shift_labels" not in batch:
         return whole_loss(s, p, batch)
-    extra = {"document_ids": batch["document_ids"]} if "document_ids" in batch else {}
+    extra = {"document_mask": batch["document_mask"]} if "document_mask" in batch else {}
     logits = s.apply(p, input_ids=batch["input_ids"], position_ids=batch["position_ids"],
                      **extra).logits
     return fx.losses.causal_lm(logits, batch["shift_labels"], shift=False)
@@ -137,23 +137,40 @@ def trained(state, step, data):
 def context_steps(out, model="llama", modes=("eager",), shape=(2,), names=("cp",),
                   tp_plan=None, dropout=0.0, steps=10, packed=False, name="steps", length=32):
     """``model`` trained ``steps`` steps on a mesh with a context dimension ``"cp"``, once per
-    mode (``"eager"``, ``"compiled"``); rank 0 saves each run's losses, whole parameters, graph
-    count and the layout's printed form to ``out/<name>.pt``."""
+    mode (``"eager"``, ``"compiled"``, ``"checkpointed"``: eager with transformers' gradient
+    checkpointing, non-reentrant, on every layer); rank 0 saves each run's losses, whole
+    parameters, graph count, calls of the ring and the layout's printed form to
+    ``out/<name>.pt``."""
     from helpers import TRACED
+    from fxtrain.distributed import _context_attention
     mesh = fx.sharding.mesh(shape, names)
-    report = {}
+    report, ring, calls = {}, _context_attention.ring_attention, [0]
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return ring(*args, **kwargs)
+
     for mode in modes:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        state = fx.shard(fx.TrainState.create(MODELS[model](dropout), fx.optim.adamw(1e-2)),
+        module = MODELS[model](dropout)
+        if mode == "checkpointed":
+            module.gradient_checkpointing_enable({"use_reentrant": False})
+        state = fx.shard(fx.TrainState.create(module, fx.optim.adamw(1e-2)),
                          mesh, context="cp", tp_plan=tp_plan)
         step = fx.make_train_step(context_loss)
         if mode == "compiled":
             step = torch.compile(step, fullgraph=True, backend=TRACED)
-        state, losses = trained(state, step, batches(steps, length=length, packed=packed))
+        calls[0] = 0
+        if mode != "compiled":  # a counter traced would be a constant Dynamo guards on
+            _context_attention.ring_attention = counted
+        try:
+            state, losses = trained(state, step, batches(steps, length=length, packed=packed))
+        finally:
+            _context_attention.ring_attention = ring
         report[mode] = {"losses": losses, "eval": evaluated(state, length, packed),
                         "params": fx.sharding.gathered(state.params),
-                        "layout": repr(state.layout),
+                        "layout": repr(state.layout), "ring_calls": calls[0],
                         "graphs": torch._dynamo.utils.counters["stats"]["unique_graphs"]}
     if fx.distributed.rank() == 0:
         torch.save(report, f"{out}/{name}.pt")

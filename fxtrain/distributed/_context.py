@@ -15,11 +15,13 @@ load balance for causal attention, ``_HeadTailLoadBalancer``). ``slots`` gives t
   positions see each token's position in the whole sequence;
 - packed documents come as a batch's own ``position_ids``, restarting at each document's first
   token (transformers' packed format, ``DataCollatorWithFlattening``'s): they are cut as they
-  are, and ``document_ids``, each token's document over the whole row (transformers' rule: a
-  new document wherever a position is not the one before it plus one), is added whole. Given
-  to the model with the rest of the batch, it reaches the attention layers (transformers
-  passes a model's keyword arguments down to its attention), which then mask each document
-  from the others (``fxtrain.distributed._context_attention``).
+  are, and ``document_mask`` is added, once per step: for each of this rank's positions, the
+  whole row's positions it attends (same document, not after it; a new document wherever a
+  position is not the one before it plus one, transformers' rule), the keys in the order the
+  ranks' slices gather in. Given to the model with the rest of the batch, it reaches the
+  attention layers (transformers passes a model's keyword arguments down to its attention),
+  which all take that one tensor (``fxtrain.distributed._context_attention``): no layer
+  rebuilds it, and autograd saves it once for all of them.
 
 ``laid_out`` reads a mesh with a context dimension: the parameters shard over that dimension
 together with the one before it (torchtitan's ``dp_shard_cp``), so ``fx.shard`` lays them out
@@ -51,9 +53,11 @@ _REFUSED = {
                      "position_ids restarting at each document",
     "cu_seq_lens_k": "packed documents' boundaries in flash attention's form; give them as "
                      "position_ids restarting at each document",
-    "document_ids": "the name context parallelism gives the documents it reads from the "
-                    "batch's position_ids; give packed documents as position_ids restarting "
-                    "at each document",
+    "document_ids": "documents given by number; give packed documents as position_ids "
+                    "restarting at each document",
+    "document_mask": "the name context parallelism gives the mask it makes from the batch's "
+                     "position_ids; give packed documents as position_ids restarting at each "
+                     "document",
 }
 
 
@@ -77,6 +81,19 @@ def documents(positions: torch.Tensor) -> torch.Tensor:
     ``find_packed_sequence_indices``), numbered from 0 in each row."""
     before = torch.cat([positions[:, :1] - 1, positions[:, :-1]], dim=1)
     return (positions - before != 1).cumsum(1)
+
+
+def document_mask(positions: torch.Tensor, size: int, rank: int) -> torch.Tensor:
+    """What rank ``rank`` of ``size``'s positions attend in rows of packed ``positions``
+    ``(batch, length)``: ``(batch, length // size, length)``, true where the key is of the
+    query's document and not after it, the keys in the order the ranks' slices gather in
+    (rank 0's, then rank 1's, ...)."""
+    length = positions.shape[1]
+    ids = documents(positions)
+    mine = slots(length, size, rank).to(positions.device)
+    theirs = torch.cat([slots(length, size, r) for r in range(size)]).to(positions.device)
+    same = ids.index_select(1, mine)[:, :, None] == ids.index_select(1, theirs)[:, None, :]
+    return same & (theirs[None, None, :] <= mine[None, :, None])
 
 
 def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
@@ -110,7 +127,7 @@ def sliced(batch: Any, size: int, rank: int) -> dict[str, Any]:
             raise ValueError(f"context parallelism: position_ids is {tuple(positions.shape)}, "
                              f"input_ids {tuple(ids.shape)}; each must be (batch, length)")
         out["position_ids"] = positions = positions.expand(rows, length)
-        out["document_ids"] = documents(positions)
+        out["document_mask"] = document_mask(positions, size, rank)
     else:
         out["position_ids"] = torch.arange(length, device=ids.device).expand(rows, length)
     index = slots(length, size, rank).to(ids.device)

@@ -10,13 +10,14 @@ transformers' ``AttentionInterface`` once, as a static function; transformers bu
 for an implementation without a mask function, so the ring's causal rule is the only mask.
 
 Packed documents (a batch's own ``position_ids``: ``fxtrain.distributed._context.sliced``
-adds the whole rows' ``document_ids``, which the model passes down to this function) run
+adds ``document_mask``, made once per step, which the model passes down to this function) run
 another wiring, Llama 3's context parallelism for document masks: every rank's keys and values
 are gathered (``fxtrain._torch.collectives.all_gather_autograd``; the backward reduce-scatters
-their gradients) and this rank's queries attend over them under the mask "same document, not
-after me", one SDPA call. It holds the whole sequence's keys and values and a boolean mask of
-``local length x length`` per row, where the ring holds two chunks' at a time: the price of
-masks the ring's fixed causal blocks do not express.
+their gradients) and this rank's queries attend over them under that mask ("same document, not
+after me"), one SDPA call, the keys' heads grouped by SDPA (``enable_gqa``), not repeated. It
+holds one layer's whole-sequence keys and values at a time and the one boolean mask of
+``local length x length`` per row that every layer shares, where the ring holds two chunks'
+at a time: the price of masks the ring's fixed causal blocks do not express.
 
 What neither can run is refused by name when the step runs it: a mask given to the layer
 (padding), attention dropout, a sliding window, soft-capping, attention sinks, and attention
@@ -36,7 +37,6 @@ from .._torch.collectives import all_gather_autograd
 from .._torch.context_parallel import ring_attention
 from .._torch.modes import outside_dispatch_modes
 from .._torch.traced_errors import fail
-from ._context import slots
 
 NAME = "fxtrain_context"
 _ATTRIBUTE = "fxtrain_context"
@@ -69,9 +69,9 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         fail(ValueError, f"context parallelism runs causal attention as a ring over the "
                          f"ranks; {type(module).__name__} asks for {', '.join(refused)}, "
                          "which the ring cannot shard")
-    documents = kwargs.get("document_ids")
-    if documents is not None:  # its SDPA takes the keyed stream's key, as one process's does
-        out = _documents_attention(query, key, value, documents, context, scaling)
+    mask = kwargs.get("document_mask")
+    if mask is not None:  # its SDPA takes the keyed stream's key, as one process's does
+        out = _documents_attention(query, key, value, mask, context, scaling)
     else:
         out = ring_attention(query, key, value, context.group, scale=scaling)
         # In a step, F.scaled_dot_product_attention takes one key of the keyed stream (for its
@@ -83,25 +83,19 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _documents_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                         documents: torch.Tensor, context: Any,
+                         mask: torch.Tensor, context: Any,
                          scale: float | None) -> torch.Tensor:
-    """This rank's queries over every rank's keys and values, each token attending to the
-    tokens of its own document at or before it; ``documents`` ``(batch, length)``, the whole
-    rows' (``_context.sliced``)."""
-    size, length = context.size, query.shape[2] * context.size
-    if documents.shape != (query.shape[0], length):
-        fail(ValueError, f"context parallelism: document_ids is {tuple(documents.shape)}; the "
-                         f"attention's rows are ({query.shape[0]}, {length}) (batch, whole "
-                         "length): pass the batch's document_ids as fx.shard(context=...) cut it")
-    mine = slots(length, size, context.rank).to(query.device)
-    theirs = torch.cat([slots(length, size, r) for r in range(size)]).to(query.device)
-    same = documents[:, mine, None] == documents[:, None, theirs]
-    mask = same & (theirs[None, None, :] <= mine[None, :, None])
+    """This rank's queries over every rank's keys and values, under ``mask`` ``(batch, local
+    length, length)``, the keys in the gathered order (``_context.document_mask``)."""
+    length = query.shape[2] * context.size
+    if mask.shape != (query.shape[0], query.shape[2], length) or mask.dtype != torch.bool:
+        fail(ValueError, f"context parallelism: document_mask is {tuple(mask.shape)} "
+                         f"{mask.dtype}; the attention's is ({query.shape[0]}, {query.shape[2]}, "
+                         f"{length}) torch.bool (batch, this rank's length, whole length): pass "
+                         "the batch's document_mask as fx.shard(context=...) made it")
     key, value = (all_gather_autograd(t, 2, context.group) for t in (key, value))
-    repeat = query.shape[1] // key.shape[1]  # grouped-query attention, as transformers repeats
-    key, value = (t.repeat_interleave(repeat, dim=1) for t in (key, value))
     return F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None],
-                                          scale=scale)
+                                          scale=scale, enable_gqa=key.shape[1] != query.shape[1])
 
 
 def prepared(module: nn.Module, context: Any) -> nn.Module:

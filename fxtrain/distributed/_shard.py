@@ -218,7 +218,7 @@ def shard(state: Any, mesh: Any = None, *, callbacks: Sequence[Callable] = (),
         "tp"))``). Each rank of it takes a head and a tail chunk of each sequence of its
         group's batch share (the step cuts the batch: a dict of ``input_ids``, ``labels``
         and, for packed documents, ``position_ids``; the loss reads ``shift_labels``, the
-        model takes ``position_ids`` and ``document_ids``), attention runs as a ring over it
+        model takes ``position_ids`` and ``document_mask``), attention runs as a ring over it
         (a transformers model's, causal; packed documents over every rank's keys and values,
         masked), and the parameters shard over it with the dimension before it, per block
         as without it (``units``). None (default): whole sequences on every rank.

@@ -73,7 +73,9 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
      "both labels and shift_labels"),
     ({"labels": torch.zeros(2, 8)}, ValueError, "no input_ids \\(its keys: \\['labels'\\]\\)"),
     ({**_batch(), "document_ids": torch.zeros(2, 8)}, ValueError,
-     "holds 'document_ids', the name context parallelism gives the documents"),
+     "holds 'document_ids', documents given by number; give packed documents as position_ids"),
+    ({**_batch(), "document_mask": torch.ones(2, 4, 8, dtype=torch.bool)}, ValueError,
+     "holds 'document_mask', the name context parallelism gives the mask it makes"),
     ({**_batch(), "position_ids": torch.arange(6).expand(2, 6)}, ValueError,
      "position_ids is \\(2, 6\\), input_ids \\(2, 8\\)"),
     ({**_batch(), "position_ids": torch.arange(8).expand(3, 8)}, ValueError,
@@ -84,6 +86,7 @@ def test_a_batch_is_cut_as_one_process_reads_it_at_the_ranks_positions():
      "shift_labels is \\(2, 6\\), input_ids \\(2, 8\\)"),
     (_batch(length=6), ValueError, "a length of 6 is not a multiple of 4"),
 ], ids=["not a dict", "padding mask", "packed", "two label keys", "no ids", "documents",
+        "mask",
         "positions' shape", "positions' rows",
         "two label keys, bad shape", "bad shape", "length"])
 def test_a_batch_it_cannot_cut_is_refused_by_name(batch, error, match):
@@ -108,17 +111,24 @@ def test_packed_positions_number_their_documents_as_transformers_does(lengths):
     assert torch.equal(theirs if theirs is not None else torch.zeros_like(expected), expected)
 
 
-def test_packed_documents_are_cut_with_their_positions_and_numbered_whole():
+def test_packed_documents_are_cut_with_their_positions_and_masked_over_whole_rows():
     """A batch's own positions (two documents of 3 and 5 tokens, then one of 8) are cut as the
-    input ids are, and ``document_ids`` comes whole: the attention on every rank reads every
-    key's document."""
+    input ids are, and ``document_mask`` says, for each of the rank's positions, which of the
+    whole row's it attends, the keys in the order the ranks' slices gather in: the rule
+    written out per pair of positions."""
     batch = {**_batch(), "position_ids": torch.tensor([[0, 1, 2, 0, 1, 2, 3, 4],
                                                        list(range(8))])}
+    document = [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+    gathered = torch.cat([slots(8, 2, r) for r in range(2)]).tolist()
     for rank in range(2):
         cut = sliced(batch, 2, rank)
         index = slots(8, 2, rank)
         assert torch.equal(cut["position_ids"], batch["position_ids"][:, index])
-        assert cut["document_ids"].tolist() == [[0, 0, 0, 1, 1, 1, 1, 1], [0] * 8]
+        expected = [[[document[row][k] == document[row][q] and k <= q for k in gathered]
+                     for q in index.tolist()] for row in range(2)]
+        assert cut["document_mask"].dtype == torch.bool
+        assert cut["document_mask"].tolist() == expected
+        assert "document_ids" not in cut
 
 
 class _Mesh:
