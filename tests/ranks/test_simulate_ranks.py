@@ -90,6 +90,30 @@ def test_on_a_2d_mesh_an_eager_step_keeps_what_fsdp2_keeps(simulated_rows):
     assert fx["peak_bytes"] <= 1.02 * fsdp2["peak_bytes"], (fx, fsdp2)
 
 
+def test_the_simulated_ring_moves_every_layers_keys_and_values(simulated_rows):
+    """Issue 79: the simulation counts the ring's traffic (its Tracker runs the ring op through
+    its decomposition; as an opaque op the ring moved nothing, and the real ranks, measured by
+    the same Tracker, agreed). The context-parallel rank of 2 (fsdp_cp2) gathers what the data
+    rank of 2 (fsdp: the same parameters sharded over 2 ranks, the same units, so the same
+    parameter gathers at any length) gathers, plus the keys and values of every rank: torch's
+    ring rotates them by all-gather (``_AllGatherRotater``), once in each attention layer's
+    forward and once in its backward, each time ``cp x (k + v)`` of this rank's
+    ``CONTEXT_SEQ / cp`` tokens. The tiny Llama: 2 layers, 8 key and value heads of 16 dims, batch
+    1, float32: k + v = 2 x 8 x 1024 x 16 x 4 bytes = 1 MiB, times 2 ranks, 2 passes and 2
+    layers: 8 MiB (seen: 11,276,800 against 2,888,192). What the ring holds (the Tracker's
+    peak) is tests/tools/test_simulate_ring.py's."""
+    model = _simulate().MODELS["tiny"]
+    fsdp, context = simulated_rows[0], simulated_rows[3]
+    assert (fsdp["layout"], context["layout"], context["world"]) == ("fsdp", "fsdp_cp2", 2)
+    cp, layers, heads = 2, model["num_hidden_layers"], model["num_key_value_heads"]
+    head_dim = model["hidden_size"] // model["num_attention_heads"]
+    kv = 2 * context["batch"] * heads * (context["seq"] // cp) * head_dim * 4
+    ring = layers * 2 * cp * kv  # forward and backward
+    assert context["all_gather_bytes"] - fsdp["all_gather_bytes"] == ring == 8 * 2**20
+    # the same parameters' gradients reduced (the ring's go back by all-to-all, not counted)
+    assert context["reduce_scatter_bytes"] == fsdp["reduce_scatter_bytes"]
+
+
 def test_context_parallel_divides_a_ranks_activations_as_simulated(tmp_path, simulated_rows):
     """Context parallelism of 2 on 2 real gloo ranks and of 4 on 4 (a sequence of 2048 tokens:
     1024 and 512 a rank), each against its path with whole sequences on as many ranks (a
