@@ -39,6 +39,10 @@ parameters sharded over dp x cp, per block). FSDP2 has no row there: torch's
 ``context_parallel()`` rings SDPA's CUDA kernels only, so torchtitan's recipe does not run on
 this CPU.
 
+Activation checkpointing: a layout ending ``_remat`` (``fsdp_cp8_remat``) turns on
+transformers' gradient checkpointing (non-reentrant, every decoder layer), as a user of a
+transformers model does; fxtrain only, FSDP2's rows have none.
+
 Run: python benchmarks/simulate.py [--out P] [--smoke] (``--out P`` writes P.json and P.md).
     python benchmarks/simulate.py --seq 32768 --runs llama3-8b:fsdp_cp8:8 llama3-70b:fsdp_tp_cp4:256
 """
@@ -187,7 +191,7 @@ def _loss(logits, ids):
 VARIANTS = ("fxtrain", "fsdp2")
 
 
-_LAYOUT = re.compile(r"fsdp(_tp)?(?:_cp(\d+))?")
+_LAYOUT = re.compile(r"fsdp(_tp)?(?:_cp(\d+))?(_remat)?")
 
 
 def context_size(layout: str) -> int:
@@ -203,6 +207,13 @@ def _context(layout: str) -> bool:
 
 def _tp(layout: str) -> bool:
     return _LAYOUT.fullmatch(layout).group(1) is not None
+
+
+def _remat(layout: str) -> bool:
+    """Whether ``layout`` recomputes each decoder layer in the backward (``fsdp_cp8_remat``:
+    transformers' gradient checkpointing, non-reentrant, as a user of a transformers model
+    turns it on)."""
+    return _LAYOUT.fullmatch(layout).group(3) is not None
 
 
 def _mesh(layout: str, world: int):
@@ -230,6 +241,8 @@ def fxtrain(model_name: str, layout: str, mesh, mode):
     import fxtrain as fx
     with mode:
         model = transformers.LlamaForCausalLM(_config(model_name))
+        if _remat(layout):
+            model.gradient_checkpointing_enable({"use_reentrant": False})
         state = fx.TrainState.create(model, fx.optim.adamw(LR, weight_decay=WD))
         context = "cp" if _context(layout) else None
         state = fx.shard(state, mesh, tp_plan="auto" if _tp(layout) else None, context=context)
@@ -411,7 +424,8 @@ def _described(layout: str, world: int) -> str:
     context = _context(layout)
     names = ["FSDP"] + (["CP"] if context else []) + (["TP"] if tp > 1 else [])
     sizes = [world // (cp * tp)] + ([cp] if context else []) + ([tp] if tp > 1 else [])
-    return " x ".join(names) + ("" if len(sizes) == 1 else " " + "x".join(map(str, sizes)))
+    return " x ".join(names) + ("" if len(sizes) == 1 else " " + "x".join(map(str, sizes))) \
+        + (", each layer recomputed" if _remat(layout) else "")
 
 
 def _arguments(argv) -> argparse.Namespace:
@@ -443,7 +457,8 @@ def _run(parser: argparse.ArgumentParser, text: str) -> tuple[str, str, int]:
         parser.error(f"--runs {text!r}: model must be one of {', '.join(MODELS)}, got {model!r}")
     if _LAYOUT.fullmatch(layout) is None or context_size(layout) < 1:
         parser.error(f"--runs {text!r}: layout must be fsdp, fsdp_tp, fsdp_cp<C> or "
-                     f"fsdp_tp_cp<C> (C context-parallel ranks), got {layout!r}")
+                     f"fsdp_tp_cp<C> (C context-parallel ranks), each optionally ending "
+                     f"_remat (every layer recomputed), got {layout!r}")
     if not ranks.isdigit() or int(ranks) < 1:
         parser.error(f"--runs {text!r}: ranks must be a positive int, got {ranks!r}")
     group = (TP if _tp(layout) else 1) * context_size(layout)

@@ -50,3 +50,6 @@ def test_bad_runs_are_refused_by_name(capsys):
     assert simulate._arguments(["--runs", "tiny:fsdp_tp:16"]).parsed == [("tiny", "fsdp_tp", 16)]
     assert simulate._described("fsdp_tp_cp4", 256) == "FSDP x CP x TP 8x4x8"
     assert simulate._described("fsdp_cp8", 8) == "FSDP x CP 1x8"
+    assert simulate._described("fsdp_cp8_remat", 8) == "FSDP x CP 1x8, each layer recomputed"
+    assert simulate._arguments(["--runs", "tiny:fsdp_remat:2"]).parsed == \
+        [("tiny", "fsdp_remat", 2)]
