@@ -35,8 +35,9 @@ def test_bad_runs_are_refused_by_name(capsys):
     simulate = imported("simulate")
     for argv, message in [
             (["--runs", "tiny:fsdpp:8"], "layout must be fsdp, fsdp_tp, fsdp_cp<C> or "
-                                         "fsdp_tp_cp<C> (C context-parallel ranks), got "
-                                         "'fsdpp'"),
+                                         "fsdp_tp_cp<C> (C context-parallel ranks), each "
+                                         "optionally ending _remat (every layer recomputed), "
+                                         "got 'fsdpp'"),
             (["--runs", "tiny:fsdp_cp:8"], "got 'fsdp_cp'"),
             (["--runs", "tiny:fsdp_tp_cp4:16"], "fsdp_tp_cp4 takes a multiple of 32 ranks"),
             (["--runs", "tiny:fsdp"], "--runs takes model:layout:ranks"),
