@@ -20,7 +20,7 @@ from .. import struct
 from . import combinators
 from .combinators import every as every_n
 from .core import Callback, Control, NOTHING, callback_state, set_callback_state
-from .early_stopping import improvement, monitored_value
+from .early_stopping import check_monitor, improvement, monitored_value
 
 _SAVE = Control(save=True)
 
@@ -46,7 +46,8 @@ def checkpoint_policy(every: int | None = None, *, every_secs: float | None = No
         start of ``fit`` and from the last save of any kind (a periodic, best or final save
         restarts the clock, so a timed save never follows another save closely).
       monitor: an evaluation metric; each evaluation that improves it by more than
-        ``min_delta`` asks for a save (None: none).
+        ``min_delta`` asks for a save (None: none). With several evaluation sets it is
+        ``<set>/<metric>`` (``"val/loss"``), as in ``early_stopping``.
       mode: "min" or "max": which way ``monitor`` improves.
       min_delta: the smallest change that counts as an improvement.
       name: the key of its state in ``state.callbacks``.
@@ -135,14 +136,18 @@ def checkpoint_policy(every: int | None = None, *, every_secs: float | None = No
     def fn(state, event):
         if event.kind == "eval_end":
             return on_eval(state, event)
+        if event.kind == "train_begin" and monitor is not None:
+            check_monitor(name, monitor, event.metrics)
         if event.kind in ("train_begin", "checkpoint"):  # the clock starts (again)
-            timed.restart()
+            if timed is not None:
+                timed.restart()
             return state, NOTHING
         state, control = periodic.fn(state, event) if periodic is not None else (state, NOTHING)
         return state, (control | _SAVE) if timed is not None and timed.due() else control
 
     kinds = (("step_end",) if every or every_secs else ()) + (("eval_end",) if monitor else ()) \
-        + (("train_begin", "checkpoint") if every_secs is not None else ())
+        + (("train_begin",) if every_secs is not None or monitor else ()) \
+        + (("checkpoint",) if every_secs is not None else ())
     # period: on the host the fold calls it on step_end only at multiples of every (a timed
     # policy is called on every step_end, to read its clock)
     return Callback(name=name, init=init if monitor else None, fn=fn, kinds=kinds,

@@ -53,6 +53,34 @@ def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(metrics[monitor], dtype=torch.float64, device=device)
 
 
+def check_monitor(who: str, monitor: str, plan) -> None:
+    """At train_begin (``plan``: its metrics), refuses an evaluation ``monitor`` that names none
+    of the sets ``fit`` evaluates when ``eval_data`` is a dict of them (``plan["eval_sets"]``):
+    their metrics are ``<set>/<metric>``, so the monitor starts with a set's name.
+
+    Examples:
+        >>> from fxtrain.callbacks.early_stopping import check_monitor
+        >>> plan = {"eval_sets": ["val", "test"]}
+        >>> check_monitor("early_stopping", "test/loss", plan)  # fine
+        >>> check_monitor("early_stopping", "tst/loss", plan)
+        Traceback (most recent call last):
+        ...
+        ValueError: early_stopping: monitor 'tst/loss' names no evaluation set of fit's; fit
+        evaluates the sets ['val', 'test'], whose metrics are named '<set>/<metric>' (e.g.
+        'val/loss')
+    """
+    sets = (plan or {}).get("eval_sets")
+    if not sets or ("/" in monitor and monitor.split("/", 1)[0] in sets):
+        return
+    hint = ""
+    if monitor.startswith("eval/") and monitor.split("/")[1] in sets:
+        hint = (f"; the eval_end metrics have no 'eval/' (the writers add it): monitor "
+                f"{monitor.removeprefix('eval/')!r}")
+    raise ValueError(f"{who}: monitor {monitor!r} names no evaluation set of fit's; fit "
+                     f"evaluates the sets {list(sets)}, whose metrics are named "
+                     f"'<set>/<metric>' (e.g. '{sets[0]}/loss'){hint}")
+
+
 def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
                 min_delta: float) -> torch.Tensor:
     """Whether ``value`` beats ``best`` by more than ``min_delta`` (NaN never does), computed
@@ -117,7 +145,10 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
     """Stops after ``patience`` events in a row in which ``monitor`` did not improve.
 
     Args:
-      monitor: the metric to watch in the events' metrics.
+      monitor: the metric to watch in the events' metrics. With several evaluation sets
+        (``fit(..., eval_data={"val": ..., "test": ...})``) an evaluation metric is
+        ``<set>/<metric>`` (``"test/loss"``); ``fit`` refuses at train_begin a monitor that
+        names none of its sets. On epoch_end the evaluation's metrics are ``eval/<set>/<metric>``.
       patience: how many events in a row without improvement stop training.
       min_delta: the smallest change that counts as an improvement.
       mode: "min" (lower is better) or "max".
@@ -243,6 +274,8 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
 
     def fn(state, ev):
         if ev.kind == "train_begin":  # resumed from a run that had stopped: it stays stopped
+            if event == "eval_end":
+                check_monitor(name, monitor, ev.metrics)
             return state, Control(stop=callback_state(state, name).stopped)
         if ev.kind == "train_end":  # restore_best only: back to the best, if there was one
             es = callback_state(state, name)

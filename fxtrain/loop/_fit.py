@@ -75,8 +75,15 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       max_epochs: stop when this many epochs of ``data`` are done.
       eval_step: ``(state, batch) -> metrics``, run over ``eval_data`` every ``eval_every``
         steps (default: at each epoch end) and on ``control.evaluate``; batch metrics are
-        averaged on device.
-      eval_data: the evaluation batches, an iterable that can be read again for each evaluation.
+        averaged on device. With several evaluation sets, one step serves them all, or a dict
+        gives each set its own (its keys are ``eval_data``'s, in their order).
+      eval_data: the evaluation batches, an iterable that can be read again for each
+        evaluation; or several sets, a dict of them by name (``{"val": ..., "test": ...}``),
+        each evaluated at every evaluation, in the dict's order, into the one eval_end event:
+        its metrics are ``<set>/<metric>`` (``val/loss``; the writers' ``eval/val/loss``), and
+        a monitor names them so (``early_stopping("test/loss")``, ``best_metric="val/loss"``).
+        A set's name is a non-empty string without ``/``. Plain batches keep their metrics'
+        names (``loss``, written ``eval/loss``).
       eval_every: steps between evaluations.
       checkpoint: an ``fx.checkpoint.CheckpointManager`` (or an object with its ``save``,
         ``wait``, ``latest_step`` and ``restore``): training resumes from its latest checkpoint,
@@ -394,7 +401,10 @@ def _evaluate(plan: RunPlan, progress: Progress) -> None:
     if plan.per_eval_batch:
         def on_batch(metrics: dict) -> None:
             _emit(plan, progress, "eval_batch", metrics, callbacks=plan.per_eval_batch)
-    metrics = evaluate(plan.eval_step, progress.state, plan.eval_data, on_batch=on_batch)
+    metrics = {}
+    for name, eval_step, data in plan.evaluations:  # the sets in eval_data's order
+        got = evaluate(eval_step, progress.state, data, on_batch=on_batch)
+        metrics.update(got if name is None else {f"{name}/{k}": v for k, v in got.items()})
     progress.last_eval = progress.step, metrics
     progress.epoch_eval = metrics
     _emit(plan, progress, "eval_end", metrics)

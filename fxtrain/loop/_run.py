@@ -4,8 +4,10 @@ progress, where the run stands (the one mutable value of the loop, moved by ``fx
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import torch
 
 from ..data._batches import length_of
 from ..data._feed import Feed
@@ -26,6 +28,54 @@ def check_fit_args(*, max_steps: Any, max_epochs: Any, eval_step: Any, eval_data
         raise ValueError("fit: eval_step and eval_data go together; pass both or neither")
     if eval_every is not None and eval_step is None:
         raise ValueError("fit: eval_every needs eval_step and eval_data")
+    if isinstance(eval_data, Mapping):
+        _check_sets(eval_data)
+    if isinstance(eval_step, Mapping) and (not isinstance(eval_data, Mapping)
+                                           or list(eval_step) != list(eval_data)):
+        raise ValueError(f"fit: an eval_step dict gives each evaluation set its step, so its keys "
+                         f"must be eval_data's sets, in their order; got eval_step "
+                         f"{list(eval_step)} for eval_data "
+                         f"{list(eval_data) if isinstance(eval_data, Mapping) else 'batches'}")
+
+
+def _check_sets(eval_data: Mapping) -> None:
+    """Refuses an ``eval_data`` dict whose keys cannot name evaluation sets (``<set>/<metric>``)
+    or whose values are not batches."""
+    if not eval_data:
+        raise ValueError("fit: eval_data is an empty dict; give it at least one evaluation set "
+                         "({'val': batches}), or pass eval_data=None for no evaluation")
+    for name, data in eval_data.items():
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"fit: eval_data's keys name the evaluation sets and must be "
+                            f"non-empty strings; got {name!r} ({type(name).__name__})")
+        if "/" in name:
+            raise ValueError(f"fit: evaluation set {name!r} has a '/' in its name; its metrics "
+                             f"are named '<set>/<metric>', so a set's name has none (e.g. "
+                             f"{name.replace('/', '_')!r})")
+        if isinstance(data, Mapping | torch.Tensor) or data is None:
+            raise TypeError(f"fit: evaluation set {name!r} is {type(data).__name__}, not "
+                            "batches; eval_data={'val': batches, ...} maps each set's name to "
+                            "its batches (fx.data.Batches, a DataLoader or a list of batches)")
+
+
+def evaluations(eval_step: Any, eval_data: Any) -> tuple[tuple[str | None, Callable, Any], ...]:
+    """``fit``'s evaluations as ``(set, eval step, batches)``: one per set of an ``eval_data``
+    dict, in its order, or one unnamed (``None``) for plain batches; none without evaluation.
+
+    Examples:
+        >>> from fxtrain.loop._run import evaluations
+        >>> step = lambda state, batch: {"loss": batch.mean()}
+        >>> [name for name, _, _ in evaluations(step, {"val": [], "test": []})]
+        ['val', 'test']
+        >>> [name for name, _, _ in evaluations(step, [])]
+        [None]
+    """
+    if eval_data is None:
+        return ()
+    if not isinstance(eval_data, Mapping):
+        return ((None, eval_step, eval_data),)
+    return tuple((name, eval_step[name] if isinstance(eval_step, Mapping) else eval_step, data)
+                 for name, data in eval_data.items())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +92,8 @@ class RunPlan:
       max_steps, max_epochs, eval_every, sync_every: when the run stops, evaluates and reads
         its control flags.
       checkpoint: the ``CheckpointManager``, or None.
-      eval_step, eval_data: the evaluation, or None.
+      eval_step, eval_data: the evaluation, or None; ``eval_data`` a dict for several sets.
+      evaluations: ``(set, eval step, batches)`` per evaluation set (``evaluations``).
     """
 
     run_step: Callable
@@ -57,6 +108,7 @@ class RunPlan:
     checkpoint: Any
     eval_step: Callable | None
     eval_data: Any
+    evaluations: tuple = dataclasses.field(init=False)  # (set, eval step, batches) per set
     k: int = dataclasses.field(init=False)  # the steps one call takes (spec.steps_per_call)
     all_callbacks: tuple = dataclasses.field(init=False)  # in-step ones too: vetoes, reasons
     before_step: tuple = dataclasses.field(init=False)  # host callbacks of step_begin
@@ -68,7 +120,8 @@ class RunPlan:
             return tuple(cb for cb in self.callbacks
                          if isinstance(cb, Callback) and kind in cb.kinds)
 
-        derived = {"k": self.spec.steps_per_call,
+        derived = {"evaluations": evaluations(self.eval_step, self.eval_data),
+                   "k": self.spec.steps_per_call,
                    "all_callbacks": (*self.spec.in_step_callbacks, *self.callbacks),
                    "before_step": of("step_begin"), "per_eval_batch": of("eval_batch"),
                    "at_step_end": tuple(cb for cb in self.callbacks if takes_step_end(cb))}
@@ -88,11 +141,20 @@ class RunPlan:
         spec = self.spec
         return {"max_steps": self.max_steps, "max_epochs": self.max_epochs,
                 "steps_per_epoch": length_of(self.stream), "batch_size": self.stream.batch_size,
-                "eval_batches": None if self.eval_data is None else length_of(self.eval_data),
+                "eval_batches": self._eval_batches(),
                 "compiled": spec.compiled, "sync_every": self.sync_every,
                 "steps_per_call": spec.steps_per_call,
                 **({} if spec.precision == "32" else {"precision": spec.precision}),
-                **({"cuda_graphs": True} if spec.cuda_graphs else {})}
+                **({"cuda_graphs": True} if spec.cuda_graphs else {}),
+                **({"eval_sets": list(self.eval_data)} if isinstance(self.eval_data, Mapping)
+                   else {})}
+
+    def _eval_batches(self) -> int | None:
+        """The batches of one evaluation, over all its sets (None: some set has no length)."""
+        lengths = [length_of(data) for _, _, data in self.evaluations]
+        if not lengths or None in lengths:
+            return None
+        return sum(lengths)
 
 
 @dataclasses.dataclass(slots=True)
