@@ -53,9 +53,11 @@ class Event:
     eval_begin   before an evaluation; metrics None
     eval_batch   after each evaluation batch, with its metrics (``step`` the training step); host
                  only, and sent only to a ``Callback`` that names it in ``kinds``
-    eval_end     after an evaluation, with its metrics
+    eval_end     after an evaluation, with its metrics (``<set>/<name>`` when ``eval_data`` is a
+                 dict of sets: one event for all of them)
     epoch_end    at the end of an epoch, with the mean over its step_end events of each float
                  0-d training metric and, as ``eval/<name>``, the epoch's last evaluation
+                 (``eval/<set>/<name>`` with several sets)
     checkpoint   after a save; metrics ``{"step", "path"}``
     train_end    last; metrics ``{"reason": ...}`` (``"error"`` after an exception event)
     exception    when an error (not Ctrl-C) ends the run, before train_end: ``error`` holds it

@@ -24,7 +24,7 @@ import inspect
 import math
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,7 +95,9 @@ def run(model: str | None = None, data: str | None = None, loss: str = "cross_en
             reduce_dtype (dtypes by name: bfloat16), model_class (a transformers class name),
             offload ("optimizer": the optimizer state in host memory).
         data_args: keyword arguments of the data factory.
-        eval_data: the evaluation data factory's import path (None: no evaluation).
+        eval_data: the evaluation data factory's import path (None: no evaluation); it may
+            return a dict of evaluation sets by name (``{"val": batches, "test": batches}``,
+            written ``eval/<set>/<metric>``: ``fx.fit``'s eval_data).
         eval_data_args: keyword arguments of the evaluation data factory.
         optim: the optimizer and its schedule.
         max_steps: the step training ends at (counted over resumes).
@@ -531,22 +533,47 @@ def _built(reference: str, args: dict | None, where: str) -> Any:
 
 def _data(v: dict[str, Any], key: str) -> Any:
     """The batches the factory of ``key`` (data, eval_data) returns, refused in one line when
-    they are not batches (None, a number, a dict of arrays, whose keys fit would iterate)."""
-    from collections.abc import Mapping
-
-    from ..data._batches import as_stream
-
+    they are not batches (None, a number, a dict of arrays, whose keys fit would iterate); for
+    eval_data, a dict of evaluation sets of batches by name."""
     value = _built(v[key], v[f"{key}_args"], key)
-    if not isinstance(value, Mapping):
-        try:
-            as_stream(value)
-            return value
-        except TypeError:
-            pass
+    if key == "eval_data" and isinstance(value, Mapping) and value and all(
+            _batches(data, arrays=False) for data in value.values()):
+        return _sets(v, value)
+    if _batches(value):
+        return value
     what = "None" if value is None else type(value).__name__
     raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned {what}, "
                       "not batches: return fx.data.Batches(arrays, batch_size), a "
                       "(Stateful)DataLoader or an iterable of batches")
+
+
+def _batches(value: Any, arrays: bool = True) -> bool:
+    """Whether ``value`` is batches ``fit`` can read (not a dict of arrays, whose keys it would
+    iterate; with ``arrays=False`` not an array either: a dict of arrays is no set of sets)."""
+    import torch
+
+    from ..data._batches import as_stream
+
+    if isinstance(value, Mapping) or not arrays and isinstance(value, torch.Tensor):
+        return False
+    try:
+        as_stream(value)
+        return True
+    except TypeError:
+        return False
+
+
+def _sets(v: dict[str, Any], sets: Mapping) -> Mapping:
+    """An eval_data factory's evaluation sets, their names refused in one line as ``fit``
+    would refuse them."""
+    from ..loop._run import check_sets
+
+    try:
+        check_sets(sets)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"eval_data: {v['eval_data']} returned evaluation sets that "
+                          f"{str(e).removeprefix('fit: ')}") from e
+    return sets
 
 
 def _raised(e: BaseException) -> str:

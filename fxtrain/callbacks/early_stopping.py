@@ -53,10 +53,11 @@ def monitored_value(event, monitor: str, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(metrics[monitor], dtype=torch.float64, device=device)
 
 
-def check_monitor(who: str, monitor: str, plan) -> None:
+def check_monitor(who: str, monitor: str, plan, what: str = "monitor") -> None:
     """At train_begin (``plan``: its metrics), refuses an evaluation ``monitor`` that names none
     of the sets ``fit`` evaluates when ``eval_data`` is a dict of them (``plan["eval_sets"]``):
-    their metrics are ``<set>/<metric>``, so the monitor starts with a set's name.
+    their metrics are ``<set>/<metric>``, so the monitor starts with a set's name. ``what``:
+    the monitor's name in the error.
 
     Examples:
         >>> from fxtrain.callbacks.early_stopping import check_monitor
@@ -74,9 +75,9 @@ def check_monitor(who: str, monitor: str, plan) -> None:
         return
     hint = ""
     if monitor.startswith("eval/") and monitor.split("/")[1] in sets:
-        hint = (f"; the eval_end metrics have no 'eval/' (the writers add it): monitor "
+        hint = (f"; the eval_end metrics have no 'eval/' (the writers add it): {what} "
                 f"{monitor.removeprefix('eval/')!r}")
-    raise ValueError(f"{who}: monitor {monitor!r} names no evaluation set of fit's; fit "
+    raise ValueError(f"{who}: {what} {monitor!r} names no evaluation set of fit's; fit "
                      f"evaluates the sets {list(sets)}, whose metrics are named "
                      f"'<set>/<metric>' (e.g. '{sets[0]}/loss'){hint}")
 

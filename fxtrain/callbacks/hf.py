@@ -40,7 +40,8 @@ the Trainer's order:
 - on_prediction_step runs at eval_end (and predict_end), once per batch, before on_log: the
   callback does not take ``fit``'s per-batch eval_batch event, which would cost a host fold
   after every evaluation batch. The count of evaluation batches comes from
-  ``len(eval_data)``; data without a length gets none.
+  ``len(eval_data)`` (summed over the sets of an ``eval_data`` dict); data without a length
+  gets none.
 - on_init_end runs at the first train_begin, not when ``hf_callback`` is made (the hooks need
   the state).
 - An epoch's last step that saves: the Trainer calls on_save, then on_epoch_end; ``fit`` ends the

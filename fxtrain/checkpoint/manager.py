@@ -57,7 +57,8 @@ class CheckpointManager:
       keep_latest: how many of the newest checkpoints to keep (at least 1).
       keep_best: how many of the best checkpoints by ``best_metric`` to keep as well (of
         equal values the older ranks first; one without a finite value does not rank).
-      best_metric: the metric (a key of ``save``'s ``metrics``) that ranks checkpoints.
+      best_metric: the metric (a key of ``save``'s ``metrics``) that ranks checkpoints; from
+        ``fit``, an evaluation metric (``"loss"``, or ``"val/loss"`` with several sets).
       best_mode: "min" or "max": which way is better.
       async_save: write on a background thread; ``save`` returns once the arrays are captured.
       save_interval_steps: with it, ``save`` skips steps that are not a multiple of it unless

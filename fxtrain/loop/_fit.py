@@ -38,7 +38,8 @@ from ._flags import PendingFlags
 from .._memory import out_of_memory
 from ..callbacks.memory_snapshot import default_snapshot, explain
 from ..callbacks.progress import with_default_progress
-from ._run import Progress, RunPlan, check_fit_args
+from ..callbacks.early_stopping import check_monitor
+from ._run import Progress, RunPlan, check_fit_args, eval_sets
 from ..step._call import step_call, undo
 from ..metrics._means import Means
 from ._interrupts import held_in_steps, raise_held
@@ -213,6 +214,7 @@ def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, m
                          "step, but this step always donates its state (cuda_graphed), so the "
                          "step cannot be undone; pass the callback to make_train_step(..., "
                          "callbacks=[...]), where it skips inside the step")
+    _check_best_metric(checkpoint, eval_data)
     host_names = frozenset(cb.name for cb in callbacks if isinstance(cb, Callback) and cb.init)
     k, first = spec.steps_per_call, int(state.step)
     _k_steps.check_calls(k, first, max_steps, eval_every, stream, callbacks)
@@ -225,6 +227,18 @@ def _started(state: Any, train_step: Callable, data: Any, *, callbacks: tuple, m
     progress = Progress(state=state, step=first, epoch=int(state.data.epoch), feed=feed,
                         pending=PendingFlags(agree=distributed.world_size() > 1))
     return plan, progress, restored
+
+
+def _check_best_metric(checkpoint: Any, eval_data: Any) -> None:
+    """With several evaluation sets, a ``CheckpointManager``'s ``best_metric`` names one
+    (``val/loss``): the metrics saved with a checkpoint are the evaluation's."""
+    if eval_sets(eval_data) is None:
+        return
+    from ..checkpoint.manager import CheckpointManager  # only here: its import is not free
+
+    if isinstance(checkpoint, CheckpointManager) and checkpoint.best_metric:
+        check_monitor("fit", checkpoint.best_metric, {"eval_sets": eval_sets(eval_data)},
+                      "the checkpoint manager's best_metric")
 
 
 def _emit(plan: RunPlan, progress: Progress, kind: str, metrics: dict | None = None, *,

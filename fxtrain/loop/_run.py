@@ -29,7 +29,7 @@ def check_fit_args(*, max_steps: Any, max_epochs: Any, eval_step: Any, eval_data
     if eval_every is not None and eval_step is None:
         raise ValueError("fit: eval_every needs eval_step and eval_data")
     if isinstance(eval_data, Mapping):
-        _check_sets(eval_data)
+        check_sets(eval_data)
     if isinstance(eval_step, Mapping) and (not isinstance(eval_data, Mapping)
                                            or list(eval_step) != list(eval_data)):
         raise ValueError(f"fit: an eval_step dict gives each evaluation set its step, so its keys "
@@ -38,7 +38,7 @@ def check_fit_args(*, max_steps: Any, max_epochs: Any, eval_step: Any, eval_data
                          f"{list(eval_data) if isinstance(eval_data, Mapping) else 'batches'}")
 
 
-def _check_sets(eval_data: Mapping) -> None:
+def check_sets(eval_data: Mapping) -> None:
     """Refuses an ``eval_data`` dict whose keys cannot name evaluation sets (``<set>/<metric>``)
     or whose values are not batches."""
     if not eval_data:
@@ -56,6 +56,11 @@ def _check_sets(eval_data: Mapping) -> None:
             raise TypeError(f"fit: evaluation set {name!r} is {type(data).__name__}, not "
                             "batches; eval_data={'val': batches, ...} maps each set's name to "
                             "its batches (fx.data.Batches, a DataLoader or a list of batches)")
+
+
+def eval_sets(eval_data: Any) -> list[str] | None:
+    """The names of ``eval_data``'s evaluation sets when it is a dict of them, else None."""
+    return list(eval_data) if isinstance(eval_data, Mapping) else None
 
 
 def evaluations(eval_step: Any, eval_data: Any) -> tuple[tuple[str | None, Callable, Any], ...]:
@@ -146,8 +151,8 @@ class RunPlan:
                 "steps_per_call": spec.steps_per_call,
                 **({} if spec.precision == "32" else {"precision": spec.precision}),
                 **({"cuda_graphs": True} if spec.cuda_graphs else {}),
-                **({"eval_sets": list(self.eval_data)} if isinstance(self.eval_data, Mapping)
-                   else {})}
+                **({"eval_sets": eval_sets(self.eval_data)} if isinstance(self.eval_data,
+                                                                          Mapping) else {})}
 
     def _eval_batches(self) -> int | None:
         """The batches of one evaluation, over all its sets (None: some set has no length)."""

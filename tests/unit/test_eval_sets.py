@@ -13,6 +13,8 @@ from torch import nn
 
 import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager
+from fxtrain.cli import main
+from helpers_apps import _project
 from helpers_logging import read_tensorboard
 
 ONES = torch.ones(4, 1)
@@ -210,3 +212,26 @@ def test_an_eval_step_dict_needs_the_same_sets():
         fit({"val": TOWARD, "test": AWAY}, 1, eval_step={"val": step})
     with pytest.raises(ValueError, match=r"eval_step \['val'\] for eval_data batches"):
         fit(TOWARD, 1, eval_step={"val": step})
+
+
+def test_a_best_metric_naming_no_set_is_refused_before_training(tmp_path):
+    with CheckpointManager(tmp_path, keep_best=1, best_metric="loss") as m, \
+            pytest.raises(ValueError, match=r"fit: the checkpoint manager's best_metric 'loss' "
+                                            r"names no evaluation set.*\['val', 'test'\]"):
+        fit({"val": TOWARD, "test": AWAY}, 2, checkpoint=m)
+    assert m.all_steps() == []
+
+
+def test_the_cli_takes_a_dict_of_sets_from_its_eval_data_factory(tmp_path, capsys):
+    config = _project(tmp_path)
+    with open(tmp_path / "models.py", "a") as f:
+        f.write("\ndef sets():\n    return {'val': blobs(32, seed=1), 'test': blobs(32, seed=2)}\n"
+                "\ndef bad_sets():\n    return {'val/a': blobs(32, seed=1)}\n")
+    work = tmp_path / "run"
+    assert main(["train", str(config), "--workdir", str(work), "--eval_data",
+                 "./models.py:bad_sets", "--max_steps", "4"]) == 2
+    assert "evaluation set 'val/a' has a '/'" in capsys.readouterr().err
+    assert main(["train", str(config), "--workdir", str(work), "--eval_data", "./models.py:sets",
+                 "--eval_every", "4", "--max_steps", "4", "--checkpoint_every", "null"]) == 0
+    written = [line["values"] for line in fx.logging.read_jsonl(work / "metrics.jsonl")]
+    assert any({"eval/val/loss", "eval/test/loss"} <= set(values) for values in written)
