@@ -77,7 +77,7 @@ def fit(state: Any, train_step: Callable, data: Any, *, callbacks: Sequence[Call
       eval_step: ``(state, batch) -> metrics``, run over ``eval_data`` every ``eval_every``
         steps (default: at each epoch end) and on ``control.evaluate``; batch metrics are
         averaged on device. With several evaluation sets, one step serves them all, or a dict
-        gives each set its own (its keys are ``eval_data``'s, in their order).
+        gives each set its own (its keys are ``eval_data``'s).
       eval_data: the evaluation batches, an iterable that can be read again for each
         evaluation; or several sets, a dict of them by name (``{"val": ..., "test": ...}``),
         each evaluated at every evaluation, in the dict's order, into the one eval_end event:

@@ -31,9 +31,9 @@ def check_fit_args(*, max_steps: Any, max_epochs: Any, eval_step: Any, eval_data
     if isinstance(eval_data, Mapping):
         check_sets(eval_data)
     if isinstance(eval_step, Mapping) and (not isinstance(eval_data, Mapping)
-                                           or list(eval_step) != list(eval_data)):
+                                           or set(eval_step) != set(eval_data)):
         raise ValueError(f"fit: an eval_step dict gives each evaluation set its step, so its keys "
-                         f"must be eval_data's sets, in their order; got eval_step "
+                         f"must be eval_data's sets; got eval_step "
                          f"{list(eval_step)} for eval_data "
                          f"{list(eval_data) if isinstance(eval_data, Mapping) else 'batches'}")
 

@@ -118,8 +118,9 @@ def test_an_eval_step_per_set():
     double = fx.make_eval_step(lambda state, params, batch: {"loss2": 2 * mse(state, params,
                                                                             batch)})
     fit({"val": TOWARD, "test": AWAY}, 1, [record],
-        eval_step={"val": fx.make_eval_step(mse), "test": double})
+        eval_step={"test": double, "val": fx.make_eval_step(mse)})  # the sets run in eval_data's order
     val, test = expected_losses(1)
+    assert list(seen[0].metrics) == ["val/loss", "test/loss2"]
     assert {k: float(v) for k, v in seen[0].metrics.items()} == pytest.approx(
         {"val/loss": val, "test/loss2": 2 * test}, rel=1e-6)
 
