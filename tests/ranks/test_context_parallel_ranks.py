@@ -95,8 +95,8 @@ def test_context_parallel_trains_as_one_process_on_the_whole_sequences(tmp_path,
            packed=packed)
     report = torch.load(tmp_path / "steps.pt")
     _check_against_one_process(report, model, dropout, packed)
-    if model == "llama":  # 2 layers, 10 steps: a ring per layer in the forward (eager, whose
-        # Python runs each step), and again in the recompute when checkpointed
+    if model == "llama":  # 2 layers, 10 steps: the ring op run per layer in the forward
+        # (eager), and again in the recompute when checkpointed (not served from a cache)
         assert report["eager"]["ring_calls"] == 20, report["eager"]["ring_calls"]
         assert report["checkpointed"]["ring_calls"] == 40, report["checkpointed"]["ring_calls"]
 
