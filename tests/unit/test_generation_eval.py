@@ -230,6 +230,32 @@ def test_generation_scores_are_evaluation_metrics(tmp_path):
                      (6, {"eval/generation/score": 0.5})]
 
 
+def test_generations_are_one_set_of_several(tmp_path):
+    """Beside a held-out set, as docs/training-loop.md shows it: an eval_step dict gives the
+    generations their own step (name=None: the set names them), the writers show
+    eval/val/loss and eval/generation/score, and early stopping on the generations' score
+    stops while the held-out loss still falls."""
+    state, step, data = lm_run()
+    held_out = [next(iter(data))]
+    writer = fx.logging.JsonlWriter(tmp_path / "m.jsonl")
+    flat = lambda prompts, texts: {"score": 0.5}  # noqa: E731 - never improves
+    generated = fx.callbacks.generation_eval_step(encode, decode, flat, name=None,
+                                                  max_new_tokens=2)
+    final = fx.fit(state, step, data, max_steps=50, eval_every=2,
+                   eval_step={"val": fx.make_eval_step(lm_loss), "generation": generated},
+                   eval_data={"val": held_out, "generation": [PROMPTS]},
+                   callbacks=[fx.callbacks.early_stopping("generation/score", mode="max",
+                                                          patience=2),
+                              fx.callbacks.log_metrics(writer, every=2)])
+    writer.close()
+    assert int(final.step) == 6
+    evals = [line["values"] for line in fx.logging.read_jsonl(tmp_path / "m.jsonl")
+             if "eval/generation/score" in line["values"]]
+    assert [e["eval/generation/score"] for e in evals] == [0.5, 0.5, 0.5]
+    losses = [e["eval/val/loss"] for e in evals]
+    assert losses[2] < losses[0], losses
+
+
 def test_the_eval_step_and_the_callback_draw_the_same_samples():
     state, *_ = lm_run()
     seen = []
