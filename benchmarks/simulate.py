@@ -30,7 +30,8 @@ mesh((N/8, 8), ("dp", "tp")), tp_plan="auto")``; FSDP2: ``parallelize_module`` w
 on the "tp" dimension, then ``fully_shard`` over "dp", as torchtitan does). The model is
 transformers' ``LlamaForCausalLM`` from a config (SDPA attention, untied embeddings), float32
 parameters, gradients and compute (no mixed precision), no activation checkpointing, AdamW,
-``--batch`` sequences of ``--seq`` tokens per data replica, the cross-entropy of the next token.
+``--batch`` sequences of ``--seq`` tokens per data replica, the cross-entropy of the next token;
+attention is SDPA's causal path with no mask, as on real tensors (``_whole_sequences``).
 
 Long sequences: ``fsdp_cp<C>`` and ``fsdp_tp_cp<C>`` add a context-parallel dimension of C
 ranks (fxtrain: ``fx.shard(state, mesh, context="cp")`` on ``(dp, cp)`` or ``(dp, cp, tp)``:
@@ -51,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import math
@@ -319,14 +321,37 @@ def measure(run, held, tokens: tuple[int, int], vocab: int) -> dict:
             **{f"{k}_bytes": tracker.moved[k] for k in KINDS}}
 
 
+@contextlib.contextmanager
+def _whole_sequences():
+    """transformers' causal mask as an eager step on real tensors makes it: none. Without an
+    ``attention_mask``, transformers reads the positions (``find_packed_sequence_indices``) and,
+    finding one sequence a row, leaves SDPA its ``is_causal`` (no mask); on fake tensors it
+    cannot read them (``is_tracing`` counts a fake tensor as tracing), takes them for packed
+    documents and builds a ``batch x 1 x seq x seq`` mask, which SDPA turns to float and keeps
+    for the backward, a layer's each: quadratic in the tokens, and no real eager step's (the
+    tiny Llama on 2 ranks, 2048 tokens: 33.6 MB of an 83.8 MB peak, and 152.5 MB of
+    activations to the real ranks' 47.6). Every sequence here is one document (the model's own
+    positions, or context parallelism's slices of them), so the fake step is told so."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from transformers import masking_utils
+    find = masking_utils.find_packed_sequence_indices
+
+    def found(position_ids):
+        return None if isinstance(position_ids, FakeTensor) else find(position_ids)
+
+    masking_utils.find_packed_sequence_indices = found
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = find
+
+
 def simulate(model_name: str, layout: str, world: int, variant: str, batch: int, seq: int,
              fake: bool = True) -> dict:
     """This process's row as rank 0 of ``world``: ``variant`` ("fxtrain" or "fsdp2") training
     ``model_name`` laid out as ``layout``: a warm-up step, then a step of ``batch`` x ``seq``
     tokens and one of twice as many (the activations: the difference of their peaks).
     ``fake``: on fake tensors (else on real ones, in a real process group of ``world``)."""
-    import contextlib
-
     from torch._subclasses import fake_tensor
     # fxtrain: no fake scalar backed by a real one (its donation's copy_ into the state's
     # scalars ran on them for real, and crashed on the 2-D mesh); FSDP2's AdamW reads its step
@@ -337,7 +362,7 @@ def simulate(model_name: str, layout: str, world: int, variant: str, batch: int,
     mode = fake_tensor.FakeTensorMode(allow_non_fake_inputs=True) if fake else contextlib.nullcontext()
     held, run = (fxtrain if variant == "fxtrain" else fsdp2)(model_name, layout, mesh, mode)
     vocab = MODELS[model_name]["vocab_size"]
-    with mode:
+    with mode, _whole_sequences():
         run(torch.randint(0, vocab, (batch, seq)))  # FSDP2's AdamW makes its state here
         one = measure(run, held, (batch, seq), vocab)
         two = measure(run, held, (batch, 2 * seq), vocab)

@@ -68,14 +68,14 @@ def test_a_simulated_rank_holds_and_moves_what_a_real_one_does(tmp_path, simulat
     simulated = simulated_rows[0]
     assert real["params_bytes"] > 0 and real["all_gather_bytes"] > real["params_bytes"]
     assert {k: simulated[k] for k in EXACT} == {k: real[k] for k in EXACT}
-    # the tensors alive at the step's peak: the same ops make the same tensors, but a real
-    # group's collectives free their buffers at other times than the fake group's (measured:
-    # the real 2.5% over the simulated when a unit's gather copied its shards beside its
-    # buffer, the simulated 5.4% over the real, 0.5 MB, since they are gathered in place); the
-    # activations, a difference of two peaks, take that in (measured: the simulated 23% over
-    # the real at this tiny size, a few MiB)
-    assert simulated["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=0.08)
-    assert simulated["activation_bytes"] == pytest.approx(real["activation_bytes"], rel=0.3)
+    # the tensors alive at the step's peak, and the activations (a difference of two peaks):
+    # the same ops make the same tensors (measured equal to the byte, here and at 2048 tokens).
+    # The simulated were 5.4% and 29% over the real (0.5 MB and 1.6 MB; 67% and 3.2x at 2048
+    # tokens) while transformers, unable to read fake positions, took each sequence for packed
+    # documents and built a seq x seq causal mask that SDPA kept a layer's each, where a real
+    # step finds one sequence and passes SDPA is_causal (simulate._whole_sequences)
+    assert simulated["peak_bytes"] == pytest.approx(real["peak_bytes"], rel=1e-3)
+    assert simulated["activation_bytes"] == pytest.approx(real["activation_bytes"], rel=1e-3)
 
 
 def test_on_a_2d_mesh_an_eager_step_keeps_what_fsdp2_keeps(simulated_rows):
