@@ -229,7 +229,12 @@ def generation_eval(writer: Any, encode: Encode, decode: Decode, score: Score,
       score: ``score(prompts, completions) -> {metric: number}``.
       prompts: the prompts, the same at every evaluation.
       every: steps between generations; None (the default): after each evaluation.
-      max_new_tokens, temperature, top_k, eos_id, context, model_kwargs: ``sample_tokens``'.
+      max_new_tokens: the tokens sampled after each prompt, at most (``sample_tokens``').
+      temperature: 0 for greedy decoding, else the logits' divisor (``sample_tokens``').
+      top_k: sample among the k likeliest tokens only; None: all (``sample_tokens``').
+      eos_id: the token that ends a completion early; None: none (``sample_tokens``').
+      context: the most tokens the model is given; None: all (``sample_tokens``').
+      model_kwargs: more keyword arguments to the model (``sample_tokens``').
       write_samples: also write each prompt with its completion.
       name: the metrics' group and the callback's name.
 
