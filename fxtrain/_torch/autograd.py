@@ -18,9 +18,11 @@ Checked on torch 2.11.0, 2.13.0, 2.14.1 and 2.15.0.
   (private; what AOTAutograd asks), whether saved-tensor hooks are in force (an activation
   checkpointed region's, ``torch.autograd.graph.saved_tensors_hooks``). An eager sharded unit
   keeps its gathered parameters out of the backward with hooks of its own, which would hide
-  the tensors an outer region's hooks must see (``fxtrain.distributed._unit_gather``). No
-  public route. Run on 2.13.0; the same signature is in 2.11.0's and 2.15.0's stubs. Where the
-  function is missing it answers True, and the unit takes its checkpointed region, which nests.
+  the tensors an outer region's hooks must see; inside one it gathers without them
+  (``fxtrain.distributed._unit_gather``). No public route. Run on 2.13.0; the same signature
+  is in 2.11.0's and 2.15.0's stubs. Where the function is missing it answers None (this torch
+  cannot say), and the unit takes ``_units``' checkpointed region, which nests: correct, at the
+  memory of every output of the unit's forward kept for the backward.
 - Dynamo's settings that trace ``torch.autograd.grad`` and a checkpoint's side effects:
   ``fxtrain._torch.traced_settings``, on while a step is traced only.
 """
@@ -61,7 +63,8 @@ def engine_grads(value: torch.Tensor, inputs: list[torch.Tensor]) -> tuple:
                                 tuple(inputs), True, False)
 
 
-def saved_tensors_hooks_active() -> bool:
-    """Whether saved-tensor hooks are in force here (see the module)."""
+def saved_tensors_hooks_active() -> bool | None:
+    """Whether saved-tensor hooks are in force here; None where this torch cannot say (see the
+    module)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return True if top is None else top(True) is not None
+    return None if top is None else top(True) is not None

@@ -269,6 +269,11 @@ def generation_eval(writer: Any, encode: Encode, decode: Decode, score: Score,
                     eos_id=eos_id, context=context, model_kwargs=model_kwargs)
 
     def call(state, event):
+        if state.layout.sharded:  # rank 0 alone would wait in the model's first collective
+            raise ValueError(f"{who}: the state is sharded (fx.shard), so its model runs "
+                             "collectives every rank joins, and this callback generates on rank "
+                             "0 only; generate on every rank as an evaluation instead: fit(..., "
+                             "eval_step=fx.callbacks.generation_eval_step(...), eval_data=...)")
         texts = generate_texts(state, prompts, encode, decode, name=name, who=who, **decoding)
         scores = _checked_scores(score(list(prompts), texts), who)
         writer.write_scalars(event.step, {f"eval/{name}/{k}": v for k, v in scores.items()})

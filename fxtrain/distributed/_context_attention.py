@@ -69,6 +69,11 @@ def attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: 
         fail(ValueError, f"context parallelism runs causal attention as a ring over the "
                          f"ranks; {type(module).__name__} asks for {', '.join(refused)}, "
                          "which the ring cannot shard")
+    if query.device.type == "cuda":
+        raise NotImplementedError(
+            "context parallelism's attention (the ring, and the gathered keys of packed "
+            "documents) runs the CPU's SDPA kernel; on CUDA, torch's own context_parallel() "
+            "rings its flash and efficient kernels, which fxtrain has not been measured with yet")
     mask = kwargs.get("document_mask")
     if mask is not None:  # its SDPA takes the keyed stream's key, as one process's does
         out = _documents_attention(query, key, value, mask, context, scaling)

@@ -171,8 +171,9 @@ def applies(params: list[Any], gather: Any) -> bool:
     each ``Shard(0)``; or 2-D, ``gather.roles`` saying which dimension shards, at least one of
     them split over it), float8 weights only where no saved-tensor hooks are in force around it
     (an activation-checkpointed region: ``FLOAT8_GATHER_REGION``; inside one, ``run`` gathers
-    without hooks of its own). One mesh by equality, not identity: DTensor's cache of its ops' output specs
-    hands back an equal mesh object of an earlier op (seen after FSDP2 ran in the process).
+    without hooks of its own), and nowhere a torch cannot say whether hooks are in force. One
+    mesh by equality, not identity: DTensor's cache of its ops' output specs hands back an
+    equal mesh object of an earlier op (seen after FSDP2 ran in the process).
     Parameters of two dtypes and no ``gather.param_dtype`` (a bfloat16 model with a norm kept
     in float32) are gathered each on its own, in its own dtype: one buffer would hold them in
     one dtype (FSDP2 gathers such a group as bytes, but refuses its gradients' reduce-scatter)."""
@@ -187,7 +188,10 @@ def applies(params: list[Any], gather: Any) -> bool:
     else:
         laid_out = params[0].device_mesh.ndim == 2 and any(
             _meshes.shard_dim(p, gather.roles) is not None for p in params)
-    return laid_out and not (gather.float8 and saved_tensors_hooks_active())
+    hooks = saved_tensors_hooks_active()
+    if hooks is None or (hooks and gather.float8):  # _units' checkpointed region, which nests
+        return False
+    return laid_out
 
 
 def _along(params: list[Any], roles: Roles | None) -> tuple[Any, list[int | None]]:
@@ -233,7 +237,9 @@ def run(forward: Any, params: list[Any], planned: list[bool], gather: Any, bind:
     instead, nested in the outer one, the unit's cache kept every output of its forward, in the
     forward and again in the rerun: a 2-layer Llama of width 128, 2 gloo ranks, 2048 tokens,
     with transformers' gradient checkpointing: 75.0 MB of activations at the step's peak
-    against 47.6 without checkpointing, and an all-gather per parameter."""
+    against 47.6 without checkpointing, and an all-gather per parameter. Any saved-tensor
+    hooks count (``torch.autograd.graph.save_on_cpu`` too: the gathered parameters the forward
+    saves are then copied to the host with the activations, as an unsharded model's are)."""
     ready = ready or {}
     values: list[Any] = [ready.get(i) for i in range(len(params))]
     high = [i for i in range(len(params)) if i not in ready]

@@ -89,3 +89,23 @@ def test_a_cuda_tensor_is_refused_by_name_on_a_machine_without_one():
                 "fxtrain's ring attention runs the CPU's SDPA kernel; on CUDA, torch's own "
                 "context_parallel() rings its flash and efficient kernels")):
             ring_attention(q, q, q, torch.distributed.group.WORLD)
+
+
+def test_both_wirings_refuse_a_cuda_tensor_by_name():
+    """The attention function transformers calls refuses CUDA for both wirings: the ring's and
+    packed documents' gathered keys (whose SDPA with a mask and grouped keys has not run on a
+    GPU), before either runs."""
+    from types import SimpleNamespace
+
+    from fxtrain.distributed import _context_attention
+    from fxtrain.distributed._layout import Context
+    layer = SimpleNamespace(is_causal=True, fxtrain_context=Context(
+        dim="cp", size=1, rank=0, group=torch.distributed.group.WORLD))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        q = torch.empty(1, 4, 8, 16, device="cuda")
+        mask = torch.ones(1, 8, 8, dtype=torch.bool, device="cuda")
+        for extra_kwargs in ({}, {"document_mask": mask}):
+            with pytest.raises(NotImplementedError, match=re.escape(
+                    "context parallelism's attention (the ring, and the gathered keys of "
+                    "packed documents) runs the CPU's SDPA kernel; on CUDA")):
+                _context_attention.attention(layer, q, q, q, None, **extra_kwargs)

@@ -326,3 +326,16 @@ def test_bad_prompts_and_models_are_named():
         fx.callbacks.sample_tokens(flat, torch.tensor([0]), max_new_tokens=1)
     with pytest.raises(ValueError, match="needs a key"):
         fx.callbacks.sample_tokens(state, torch.tensor([0]), max_new_tokens=1, temperature=1.0)
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_a_sharded_state_is_refused_by_name():
+    """The callback generates on rank 0 alone; a sharded model's forward runs collectives every
+    rank joins, so rank 0 would wait forever: refused, naming the eval step that generates on
+    every rank."""
+    state, _, _ = lm_run()
+    sharded = fx.shard(state, fx.sharding.mesh())
+    cb = fx.callbacks.generation_eval(Texts(), encode, decode, starts_right, PROMPTS,
+                                      max_new_tokens=2)
+    with pytest.raises(ValueError, match="the state is sharded .*generation_eval_step"):
+        fx.callbacks.fold([cb], sharded, fx.Event("eval_end", 2))
