@@ -71,7 +71,7 @@ def check_monitor(who: str, monitor: str, plan, what: str = "monitor") -> None:
         'val/loss')
     """
     sets = (plan or {}).get("eval_sets")
-    if not sets or ("/" in monitor and monitor.split("/", 1)[0] in sets):
+    if not sets or not monitor or ("/" in monitor and monitor.split("/", 1)[0] in sets):
         return
     hint = ""
     if monitor.startswith("eval/") and monitor.split("/")[1] in sets:
@@ -80,6 +80,16 @@ def check_monitor(who: str, monitor: str, plan, what: str = "monitor") -> None:
     raise ValueError(f"{who}: {what} {monitor!r} names no evaluation set of fit's; fit "
                      f"evaluates the sets {list(sets)}, whose metrics are named "
                      f"'<set>/<metric>' (e.g. '{sets[0]}/loss'){hint}")
+
+
+def eval_end_name(monitor: str, event: str) -> str:
+    """The ``eval_end`` name ``monitor`` reads on ``event`` (``epoch_end`` carries the epoch's
+    last evaluation as ``eval/<name>``); the empty string, which no set check refuses, for a
+    monitor of training metrics."""
+    if event == "eval_end":
+        return monitor
+    return monitor.removeprefix("eval/") if event == "epoch_end" and \
+        monitor.startswith("eval/") else ""
 
 
 def improvement(value: torch.Tensor, best: torch.Tensor, mode: str,
@@ -275,8 +285,7 @@ def early_stopping(monitor: str = "loss", *, patience: int = 10, min_delta: floa
 
     def fn(state, ev):
         if ev.kind == "train_begin":  # resumed from a run that had stopped: it stays stopped
-            if event == "eval_end":
-                check_monitor(name, monitor, ev.metrics)
+            check_monitor(name, eval_end_name(monitor, event), ev.metrics)
             return state, Control(stop=callback_state(state, name).stopped)
         if ev.kind == "train_end":  # restore_best only: back to the best, if there was one
             es = callback_state(state, name)

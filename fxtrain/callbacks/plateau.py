@@ -14,7 +14,7 @@ import torch
 from .. import struct
 from ..optim.wrappers import injected_hyperparam, map_hyperparams
 from .core import Callback, NOTHING, callback_state, set_callback_state
-from .early_stopping import improvement, monitored_value
+from .early_stopping import eval_end_name, check_monitor, improvement, monitored_value
 
 
 @struct.dataclass
@@ -77,6 +77,9 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
                             zero, zero.clone(), zero.clone())
 
     def fn(state, ev):
+        if ev.kind == "train_begin":  # a monitor naming no evaluation set: refused at once
+            check_monitor("reduce_lr_on_plateau", eval_end_name(monitor, event), ev.metrics)
+            return state, NOTHING
         ps = callback_state(state, name)
         value = monitored_value(ev, monitor, ps.best.device)
         better = improvement(value, ps.best, mode, min_delta)
@@ -95,4 +98,4 @@ def reduce_lr_on_plateau(monitor: str = "loss", *, factor: float = 0.1, patience
         state = set_callback_state(state, name, new)
         return state, NOTHING
 
-    return Callback(name=name, init=init, fn=fn, kinds=(event,))
+    return Callback(name=name, init=init, fn=fn, kinds=("train_begin", event))

@@ -87,8 +87,11 @@ class NeptuneWriter:
             batch = image_batch(k, value)
             captions = [None] * len(batch) if caption is None else \
                 caption_list(k, caption, len(batch))
+            # a batch ([N, H, W, C], even of one) is a namespace of series, one image a series:
+            # a path cannot be both, so a batch of one keeps the batch's names
+            several = len(batch) > 1 or getattr(value, "ndim", 0) == 4
             for i, (image, c) in enumerate(zip(batch, captions)):
-                self.run[k if len(batch) == 1 else f"{k}/{i}"].append(
+                self.run[f"{k}/{i}" if several else k].append(
                     File.as_image(image[..., 0] if image.shape[-1] == 1 else image,
                                   autoscale=False),  # already uint8 in [0, 255]
                     step=int(step), description=c)

@@ -161,6 +161,28 @@ def test_a_monitor_naming_no_set_is_refused_before_training(monitor, said, make)
     assert seen == []
 
 
+def test_epoch_and_plateau_monitors_naming_no_set_are_refused_before_training():
+    """early_stopping on epoch_end reads the epoch's last evaluation as eval/<set>/<metric>,
+    and reduce_lr_on_plateau reads eval_end's names: both refused at train_begin when the set
+    is none of fit's; a training metric on epoch_end is not an evaluation's, and passes."""
+    seen, record = events(("step_end",))
+    with pytest.raises(ValueError, match=r"monitor 'tst/loss' names no evaluation set"):
+        fit({"val": TOWARD, "test": AWAY}, 4, [
+            fx.callbacks.early_stopping("eval/tst/loss", event="epoch_end"), record])
+    model = nn.Linear(1, 1, bias=False)
+    state = fx.TrainState.create(
+        model, fx.optim.inject_hyperparams(fx.optim.sgd)(learning_rate=0.1))
+    with pytest.raises(ValueError, match=r"reduce_lr_on_plateau: monitor 'loss' names no "
+                                         r"evaluation set.*\['val', 'test'\]"):
+        fx.fit(state, fx.make_train_step(mse), train_data(), max_steps=4,
+               eval_step=fx.make_eval_step(mse), eval_data={"val": TOWARD, "test": AWAY},
+               callbacks=[fx.callbacks.reduce_lr_on_plateau("loss"), record], progress=False)
+    assert seen == []
+    fit({"val": TOWARD, "test": AWAY}, 2, [
+        fx.callbacks.early_stopping("loss", event="epoch_end"),
+        fx.callbacks.early_stopping("eval/val/loss", event="epoch_end", name="es_val")])
+
+
 # ---- resume --------------------------------------------------------------------------------------
 
 def test_two_sets_resume_exactly(tmp_path):

@@ -179,6 +179,19 @@ def test_neptune_writer_offline_is_read_back_from_its_operations(neptune, tmp_pa
     assert SECRET not in caplog.text + "".join(capfd.readouterr())
 
 
+def test_neptune_writer_names_a_batch_of_images_by_index_at_any_size(neptune, tmp_path):
+    """A batch ([N, H, W, C]) is a namespace of series in Neptune, which cannot hold a series
+    at the same path: a batch of one is named as batches are, so a batch that grows keeps its
+    names."""
+    writer = fx.logging.NeptuneWriter("workspace/fxtrain-test", **neptune)
+    writer.write_images(1, {"batch": torch.rand(1, 8, 8, 1)})
+    writer.write_images(2, {"batch": torch.rand(2, 8, 8, 1)})
+    writer.close()
+    logged = sorted(("/".join(op.path), v.step) for op in neptune_operations(tmp_path / "neptune")
+                    if type(op).__name__ == "LogImages" for v in op.values)
+    assert logged == [("batch/0", 1), ("batch/0", 2), ("batch/1", 2)]
+
+
 @pytest.mark.parametrize("tracker", ["comet", "neptune"])
 def test_tracker_writers_inside_fit_through_multi_and_async_writers(tracker, request, tmp_path):
     kwargs = request.getfixturevalue(tracker)
