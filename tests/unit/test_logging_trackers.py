@@ -135,6 +135,9 @@ def test_comet_writer_offline_is_read_back_from_its_archive(comet, tmp_path, cap
                for kind, p in messages if kind == "file_upload"}
     assert set(uploads) == {("text-sample", 4), ("visualization", 4), ("video", 4), ("audio", 4),
                             ("histogram3d", 4)}  # "visualization": Comet's images
+    histograms = sorted(p["additional_params"]["fileName"] for kind, p in messages
+                        if kind == "file_upload" and p["upload_type"] == "histogram3d")
+    assert histograms == ["binned", "w"]  # one each (the uploads above are keyed by kind)
     assert uploads[("text-sample", 4)]["metadata"] == {"key": "note"}
     assert files[uploads[("text-sample", 4)]["file_path"]] == b"hello"
     assert uploads[("visualization", 4)]["metadata"] == {"caption": "a 3"}
