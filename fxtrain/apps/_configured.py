@@ -536,8 +536,15 @@ def _data(v: dict[str, Any], key: str) -> Any:
     they are not batches (None, a number, a dict of arrays, whose keys fit would iterate); for
     eval_data, a dict of evaluation sets of batches by name."""
     value = _built(v[key], v[f"{key}_args"], key)
-    if key == "eval_data" and isinstance(value, Mapping) and value and all(
-            _batches(data, arrays=False) for data in value.values()):
+    if key == "eval_data" and isinstance(value, Mapping) and value and not all(
+            _array(data) for data in value.values()):  # sets, not one set's dict of arrays
+        for name, data in value.items():
+            if not _batches(data, arrays=False):
+                what = "None" if data is None else type(data).__name__
+                raise ConfigError(f"eval_data: {v['eval_data']} returned evaluation sets, of "
+                                  f"which {name!r} is {what}, not batches: return each set as "
+                                  "fx.data.Batches(arrays, batch_size), a (Stateful)DataLoader "
+                                  "or an iterable of batches")
         return _sets(v, value)
     if _batches(value):
         return value
@@ -545,6 +552,11 @@ def _data(v: dict[str, Any], key: str) -> Any:
     raise ConfigError(f"{key}: {v[key]} with {key}_args {v[f'{key}_args'] or {}} returned {what}, "
                       "not batches: return fx.data.Batches(arrays, batch_size), a "
                       "(Stateful)DataLoader or an iterable of batches")
+
+
+def _array(value: Any) -> bool:
+    """Whether ``value`` is an array (a tensor, or anything with a shape and a dtype)."""
+    return hasattr(value, "shape") and hasattr(value, "dtype")
 
 
 def _batches(value: Any, arrays: bool = True) -> bool:
@@ -571,7 +583,7 @@ def _sets(v: dict[str, Any], sets: Mapping) -> Mapping:
     try:
         check_sets(sets)
     except (TypeError, ValueError) as e:
-        raise ConfigError(f"eval_data: {v['eval_data']} returned evaluation sets that "
+        raise ConfigError(f"eval_data: {v['eval_data']} returned evaluation sets: "
                           f"{str(e).removeprefix('fit: ')}") from e
     return sets
 

@@ -249,11 +249,16 @@ def test_the_cli_takes_a_dict_of_sets_from_its_eval_data_factory(tmp_path, capsy
     config = _project(tmp_path)
     with open(tmp_path / "models.py", "a") as f:
         f.write("\ndef sets():\n    return {'val': blobs(32, seed=1), 'test': blobs(32, seed=2)}\n"
-                "\ndef bad_sets():\n    return {'val/a': blobs(32, seed=1)}\n")
+                "\ndef bad_sets():\n    return {'val/a': blobs(32, seed=1)}\n"
+                "\ndef none_set():\n    return {'val': blobs(32, seed=1), 'test': None}\n")
     work = tmp_path / "run"
     assert main(["train", str(config), "--workdir", str(work), "--eval_data",
                  "./models.py:bad_sets", "--max_steps", "4"]) == 2
     assert "evaluation set 'val/a' has a '/'" in capsys.readouterr().err
+    assert main(["train", str(config), "--workdir", str(work), "--eval_data",
+                 "./models.py:none_set", "--max_steps", "4"]) == 2
+    assert "returned evaluation sets, of which 'test' is None, not batches" in \
+        capsys.readouterr().err
     assert main(["train", str(config), "--workdir", str(work), "--eval_data", "./models.py:sets",
                  "--eval_every", "4", "--max_steps", "4", "--checkpoint_every", "null"]) == 0
     written = [line["values"] for line in fx.logging.read_jsonl(work / "metrics.jsonl")]
