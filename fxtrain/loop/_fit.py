@@ -411,13 +411,18 @@ def _evaluate(plan: RunPlan, progress: Progress) -> None:
                       "fit has no eval_step and eval_data to run", stacklevel=3)
         return
     _emit(plan, progress, "eval_begin")
-    on_batch = None
-    if plan.per_eval_batch:
+    def batch_of(name: str | None):  # a set's batch metrics named as its eval_end metrics
+        if not plan.per_eval_batch:
+            return None
+
         def on_batch(metrics: dict) -> None:
-            _emit(plan, progress, "eval_batch", metrics, callbacks=plan.per_eval_batch)
+            named = metrics if name is None else {f"{name}/{k}": v for k, v in metrics.items()}
+            _emit(plan, progress, "eval_batch", named, callbacks=plan.per_eval_batch)
+        return on_batch
+
     metrics = {}
     for name, eval_step, data in plan.evaluations:  # the sets in eval_data's order
-        got = evaluate(eval_step, progress.state, data, on_batch=on_batch)
+        got = evaluate(eval_step, progress.state, data, on_batch=batch_of(name))
         metrics.update(got if name is None else {f"{name}/{k}": v for k, v in got.items()})
     progress.last_eval = progress.step, metrics
     progress.epoch_eval = metrics

@@ -74,6 +74,23 @@ def test_each_set_evaluates_at_every_boundary_into_one_event_named_by_set():
     assert {"eval/val/loss", "eval/test/loss"} <= set(epoch_end.metrics)
 
 
+def test_each_sets_batches_are_named_by_set():
+    """eval_batch events (for a callback that names them) carry their set's name, as its
+    eval_end metrics do; one set's keep the bare names."""
+    batches = []
+
+    def record(state, event):
+        batches.append(list(event.metrics))
+        return state, fx.Control()
+
+    cb = fx.callbacks.Callback("batches", None, record, kinds=("eval_batch",), host=True)
+    fit({"val": TOWARD, "test": AWAY}, 1, [cb])
+    assert batches == [["val/loss"], ["test/loss"]]
+    batches.clear()
+    fit(TOWARD, 1, [cb])
+    assert batches == [["loss"]]
+
+
 def test_one_set_keeps_its_names():
     seen, record = events()
     fit(TOWARD, 2, [record])
