@@ -22,17 +22,10 @@ from typing import Any
 from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, histogram_values, image_batch, scalar_values,
                      video_batch)
-from .writer import refuse_credentials
+from .writer import client, refuse_credentials
 
 _CREDENTIALS = ("api_key",)
 
-
-def _comet_ml():
-    try:
-        import comet_ml
-    except ImportError as e:
-        raise ImportError("CometWriter needs comet_ml: pip install 'fxtrain[comet]'") from e
-    return comet_ml
 
 
 def _items(key: str, value: Any, batch) -> list[tuple[str, Any, str | None]]:
@@ -90,7 +83,7 @@ class CometWriter:
         self._warned: set[str] = set()  # keys warned about as non-finite
         refuse_credentials("CometWriter", experiment_kwargs, _CREDENTIALS,
                            "COMET_API_KEY or Comet's config file (~/.comet.config)")
-        self._comet = _comet_ml()
+        self._comet = client("comet_ml", "CometWriter", "comet")
         if experiment is not None and (project_name is not None or experiment_kwargs):
             raise ValueError("CometWriter: pass either experiment= or the experiment's "
                              "arguments, not both")

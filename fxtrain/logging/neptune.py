@@ -20,17 +20,10 @@ from typing import Any
 
 from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import audio_batch, image_batch, scalar_values, video_batch
-from .writer import refuse_credentials
+from .writer import client, refuse_credentials
 
 _CREDENTIALS = ("api_token",)
 
-
-def _neptune():
-    try:
-        import neptune
-    except ImportError as e:
-        raise ImportError("NeptuneWriter needs neptune: pip install 'fxtrain[neptune]'") from e
-    return neptune
 
 
 class NeptuneWriter:
@@ -66,7 +59,7 @@ class NeptuneWriter:
                  **init_kwargs: Any):
         self._warned: set[str] = set()  # keys warned about as non-finite
         refuse_credentials("NeptuneWriter", init_kwargs, _CREDENTIALS, "NEPTUNE_API_TOKEN")
-        self._neptune = _neptune()
+        self._neptune = client("neptune", "NeptuneWriter", "neptune")
         if run is not None and (project is not None or init_kwargs):
             raise ValueError("NeptuneWriter: pass either run= or neptune.init_run's arguments, "
                              "not both")

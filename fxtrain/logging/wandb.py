@@ -9,14 +9,8 @@ from typing import Any
 from .media import caption_list, gif_bytes, uncaptioned, wav_bytes
 from .values import (Histogram, audio_batch, buckets, histogram_values, image_batch,
                      scalar_values, video_batch)
+from .writer import client
 
-
-def _wandb():
-    try:
-        import wandb
-    except ImportError as e:
-        raise ImportError("WandbWriter needs wandb: pip install 'fxtrain[wandb]'") from e
-    return wandb
 
 
 def _captioned(key: str, value: Any, batch) -> list[tuple[Any, str | None]]:
@@ -46,7 +40,7 @@ class WandbWriter:
     def __init__(self, project: str | None = None, *, run: Any = None, fps: int = 4,
                  **init_kwargs: Any):
         self._warned: set[str] = set()  # keys warned about as non-finite
-        self._wandb = _wandb()
+        self._wandb = client("wandb", "WandbWriter", "wandb")
         if run is not None and (project is not None or init_kwargs):
             raise ValueError("WandbWriter: pass either run= or wandb.init's arguments, not both")
         self._owned = run is None

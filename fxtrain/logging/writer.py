@@ -108,6 +108,17 @@ def check_writer(writer: Any, who: str, *methods: str) -> None:
                         "ConsoleWriter, or any clu MetricWriter)")
 
 
+def client(module: str, who: str, extra: str) -> Any:
+    """The tracker's client package ``module`` for the writer ``who``, imported when the writer
+    is made; a missing one is an ImportError naming the pip extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        raise ImportError(f"{who} needs {module}: pip install 'fxtrain[{extra}]'") from e
+
+
 def refuse_credentials(who: str, kwargs: Mapping[str, Any], names: tuple[str, ...],
                        where: str) -> None:
     """Raises a ValueError when ``kwargs`` (a tracking client's arguments) carry one of the
