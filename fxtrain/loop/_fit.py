@@ -411,19 +411,19 @@ def _evaluate(plan: RunPlan, progress: Progress) -> None:
                       "fit has no eval_step and eval_data to run", stacklevel=3)
         return
     _emit(plan, progress, "eval_begin")
-    def batch_of(name: str | None):  # a set's batch metrics named as its eval_end metrics
+    def named(name: str | None, metrics: dict) -> dict:  # a set's: <set>/<metric>
+        return metrics if name is None else {f"{name}/{k}": v for k, v in metrics.items()}
+
+    def batch_of(name: str | None):
         if not plan.per_eval_batch:
             return None
-
-        def on_batch(metrics: dict) -> None:
-            named = metrics if name is None else {f"{name}/{k}": v for k, v in metrics.items()}
-            _emit(plan, progress, "eval_batch", named, callbacks=plan.per_eval_batch)
-        return on_batch
+        return lambda metrics: _emit(plan, progress, "eval_batch", named(name, metrics),
+                                     callbacks=plan.per_eval_batch)
 
     metrics = {}
     for name, eval_step, data in plan.evaluations:  # the sets in eval_data's order
         got = evaluate(eval_step, progress.state, data, on_batch=batch_of(name))
-        metrics.update(got if name is None else {f"{name}/{k}": v for k, v in got.items()})
+        metrics.update(named(name, got))
     progress.last_eval = progress.step, metrics
     progress.epoch_eval = metrics
     _emit(plan, progress, "eval_end", metrics)
