@@ -53,7 +53,8 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
 
     Args:
       checkpoint: a checkpoint, a ``CheckpointManager``'s directory (its latest checkpoint, or
-        ``step``'s) or a run's workdir; sharded or not.
+        ``step``'s) or a run's workdir; sharded or not; on a disk, or at a URL in object
+        storage (``s3://bucket/run``: downloaded into a temporary folder first).
       directory: the folder to make; it must not exist, or be empty.
       step: which checkpoint of a directory (default: the latest).
       config: the model's config (a transformers ``PretrainedConfig``, a ``config.json`` or a
@@ -81,8 +82,13 @@ def export_pretrained(checkpoint: str | os.PathLike, directory: str | os.PathLik
         True
         >>> import shutil; shutil.rmtree(tmp)
     """
-    from ..checkpoint import inspect, layout, shards, store
+    from ..checkpoint import inspect, layout, remote, shards, store
     from ..checkpoint.files import fsync_path
+
+    if remote.is_url(checkpoint):
+        with remote.local_copy(checkpoint, step) as local:
+            return export_pretrained(local, directory, config=config,
+                                     max_shard_bytes=max_shard_bytes)
 
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) \
             or max_shard_bytes < 1:

@@ -219,10 +219,19 @@ def read_meta(path: Path) -> dict:
                          f"{describe_directory(path)})")
     file = path / TABLE if is_sharded_checkpoint(path) else path / META / JSON_ITEM
     try:
-        with open(file, encoding="utf-8") as f:
-            meta = json.load(f)
+        raw = file.read_bytes()
+    except Exception as e:
+        raise damaged(path, e, "its description (the fxtrain item)") from e
+    return parse_meta(path, raw)
+
+
+def parse_meta(path: Any, raw: bytes) -> dict:
+    """The description of the checkpoint at ``path`` from its JSON bytes, checked against its
+    seal (a ``DamagedCheckpointError`` when it cannot be read as written)."""
+    try:
+        meta = json.loads(raw.decode("utf-8"))
         if not isinstance(meta, dict) or "leaves" not in meta:
-            raise ValueError(f"{file.name} is not an fxtrain description")
+            raise ValueError("it is not an fxtrain description")
     except Exception as e:
         raise damaged(path, e, "its description (the fxtrain item)") from e
     check_seal(path, meta)

@@ -14,6 +14,8 @@ checkpoint for the checkpoints of a diverged run.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +26,7 @@ import torch
 
 from ..logging.numbers import is_number, read_floats
 from .. import distributed
-from . import bridge, layout, retention, shards, store
+from . import bridge, layout, remote, retention, shards, store
 
 
 def _floats(metrics: Mapping | None) -> dict[str, float]:
@@ -53,7 +55,10 @@ class CheckpointManager:
     """Saves and restores numbered checkpoints of a ``TrainState`` in ``directory``.
 
     Args:
-      directory: where the checkpoints go, one subdirectory per step (created on the first save).
+      directory: where the checkpoints go, one subdirectory per step (created on the first
+        save); or a URL in object storage (``s3://bucket/run``, any fsspec filesystem:
+        ``fxtrain.checkpoint.remote``), where each step becomes visible once all of it is
+        uploaded, with credentials from the provider's environment and configuration.
       keep_latest: how many of the newest checkpoints to keep (at least 1).
       keep_best: how many of the best checkpoints by ``best_metric`` to keep as well (of
         equal values the older ranks first; one without a finite value does not rank).
@@ -92,9 +97,14 @@ class CheckpointManager:
                  best_metric: str | None = None, best_mode: str = "min", async_save: bool = True,
                  save_interval_steps: int | None = None, metadata: Mapping | None = None):
         _check(keep_latest, keep_best, best_metric, best_mode, save_interval_steps)
-        self.directory = Path(directory).expanduser().absolute()
-        if self.directory.exists() and not self.directory.is_dir():
-            raise NotADirectoryError(f"checkpoint directory {self.directory} is a file")
+        self._store = remote.Store(directory) if remote.is_url(directory) else None
+        self._staging: Path | None = None  # a local folder each save to a store is written in
+        if self._store is not None:
+            self.directory: Path | remote.Url = self._store.url
+        else:
+            self.directory = Path(directory).expanduser().absolute()
+            if self.directory.exists() and not self.directory.is_dir():
+                raise NotADirectoryError(f"checkpoint directory {self.directory} is a file")
         self.keep_latest, self.keep_best = keep_latest, keep_best
         self.best_metric, self.best_mode = best_metric, best_mode
         self.async_save, self.save_interval_steps = async_save, save_interval_steps
@@ -134,6 +144,12 @@ class CheckpointManager:
     # -- saving ----------------------------------------------------------------------------
 
     def _writable(self) -> None:
+        if self._store is not None:
+            self._store.check_writable()
+            if self._staging is None:  # the first save: what saves cut off left goes
+                self._store.clear_uncommitted()
+                self._staging = Path(tempfile.mkdtemp(prefix="fxtrain-staging-"))
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -145,6 +161,10 @@ class CheckpointManager:
     def _write(self, step: int, arrays: dict, meta: dict) -> None:
         """Writes one checkpoint (orbax: a temporary name renamed into place), flushes it, and
         applies retention."""
+        if self._store is not None:
+            self._upload(step, arrays, meta)
+            self._retain(step)
+            return
         try:
             self._manager().save(step, args=store.composite(arrays, meta), force=True)
         except Exception as e:
@@ -161,12 +181,32 @@ class CheckpointManager:
                           f"failed: {e}") from e
         self._retain(step)
 
+    def _upload(self, step: int, arrays: dict, meta: dict) -> None:
+        """Writes one checkpoint in the staging folder, uploads it and commits it."""
+        folder = self._staging / str(step)
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            store.write(folder, arrays, meta)
+            self._store.save_folder(folder, step)
+        except Exception as e:
+            raise OSError(f"writing the checkpoint of step {step} to {self.directory} failed "
+                          f"(the older checkpoints are intact; what was uploaded of it is not a "
+                          f"checkpoint, and the next save deletes it): {type(e).__name__}: "
+                          f"{e}") from e
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    @property
+    def _where(self) -> Path | remote.Store:
+        """What retention and ranking read: the folder, or the store."""
+        return self._store if self._store is not None else self.directory
+
     def _retain(self, step: int) -> None:
         """Deletes the checkpoints neither among the latest ``keep_latest`` nor the best
         ``keep_best`` (``retention.prune``), after every save of either kind; warns when one
         cannot be deleted."""
         try:
-            errors = retention.prune(self.directory, keep_latest=self.keep_latest,
+            errors = retention.prune(self._where, keep_latest=self.keep_latest,
                                      keep_best=self.keep_best, metric=self.best_metric,
                                      mode=self.best_mode)
         except Exception as e:  # the new checkpoint is on disk whatever failed here
@@ -242,6 +282,8 @@ class CheckpointManager:
         if not distributed.rank_zero_then_broadcast(
                 lambda: self._admit(step), f"save the checkpoint in {self.directory}"):
             return False
+        if self._store is not None and self._staging is None:  # every rank stages its shards
+            self._staging = Path(tempfile.mkdtemp(prefix="fxtrain-staging-"))
         floats = _floats(metrics)
         values, meta = bridge.table(state)
         bad = bridge.nonfinite(values, meta)  # each rank its shards; any rank's holds for all
@@ -252,9 +294,11 @@ class CheckpointManager:
         meta = store.meta_for(state, meta, floats, self.metadata)
         if self.async_save and self._group is None and distributed.initialized():
             self._group = shards.background_group()  # every rank, at the same save
-        self._pending_shards = shards.write(self.directory / str(step), values, meta,
+        where = self.directory if self._store is None else self._staging
+        self._pending_shards = shards.write(where / str(step), values, meta,
                                             finish=lambda: self._retain(step),
-                                            background=self._group if self.async_save else None)
+                                            background=self._group if self.async_save else None,
+                                            store=self._store)
         return True
 
     def _refuse(self, step: int, bad: list[str]) -> None:
@@ -294,7 +338,7 @@ class CheckpointManager:
             # orbax (and jax) imported here, not on the writer: an import on another thread
             # while Dynamo iterates sys.modules (compiling) failed the compile with
             # 'dictionary changed size during iteration'
-            self._manager()
+            self._manager() if self._store is None else store.orbax()
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="fxtrain-checkpoint")
         self._pending = (step, self._writer.submit(self._write, *job))
         return True
@@ -321,6 +365,8 @@ class CheckpointManager:
 
     def all_steps(self) -> list[int]:
         """The steps of the finished checkpoints, oldest first."""
+        if self._store is not None:
+            return self._store.steps()
         return store.steps(self.directory)
 
     def latest_step(self) -> int | None:
@@ -333,7 +379,7 @@ class CheckpointManager:
         if not self.best_metric:
             raise ValueError("best_step needs a manager made with best_metric")
         self._wait_here()  # ranked as retention ranks them, after the save in flight
-        values, _ = retention.metric_values(self.directory, self.all_steps(), self.best_metric)
+        values, _ = retention.metric_values(self._where, self.all_steps(), self.best_metric)
         ranked = retention.best_first(values, self.best_mode)
         return ranked[0] if ranked else None
 
@@ -341,8 +387,27 @@ class CheckpointManager:
         self._wait_here()
         return layout.step_path(self.directory, step)
 
+    def _chosen(self, step: int | None) -> int:
+        """``step``, or the latest, checked to be a checkpoint in the store."""
+        self._wait_here()
+        found = self._store.steps()
+        if not found:
+            raise FileNotFoundError(f"no fxtrain checkpoints in {self.directory}")
+        if step is None:
+            return found[-1]
+        if step not in found:
+            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
+                                    f"available steps: {found}")
+        return step
+
+    def _downloaded(self, step: int | None):
+        """The checkpoint of ``step`` in the store, downloaded into a temporary folder."""
+        return remote.local_copy(self.directory, self._chosen(step))
+
     def info(self, step: int | None = None) -> dict:
         """The JSON description of a checkpoint: leaves, step, time, metrics, metadata."""
+        if self._store is not None:
+            return self._store.read_meta(self._chosen(step))
         return store.read_meta(self._step_path(step))
 
     def metrics(self, step: int) -> dict[str, float]:
@@ -368,9 +433,14 @@ class CheckpointManager:
         then each reads the same checkpoint.
         """
         self.wait()
-        path = self._step_path(step)
+        if self._store is not None:
+            step = self._chosen(step)
+        path = self.directory / str(step) if self._store is not None else self._step_path(step)
         try:
-            return _restore(path, like, only, cast)
+            if self._store is None:
+                return _restore(path, like, only, cast)
+            with self._downloaded(step) as local:
+                return _restore(local, like, only, cast, shown=path)
         except store.DamagedCheckpointError as e:
             others = [s for s in self.all_steps() if s != int(path.name)]
             raise store.DamagedCheckpointError(
@@ -383,13 +453,18 @@ class CheckpointManager:
         array and their checksums. Returns its description, or raises
         ``DamagedCheckpointError`` naming what failed."""
         self.wait()
+        if self._store is not None:
+            with self._downloaded(step) as local:
+                return store.verify(local)
         return store.verify(self._step_path(step))
 
     def set_aside(self, step: int) -> Path:
         """Renames the (damaged) checkpoint of ``step`` to ``<step>.damaged`` (kept for a look,
         no longer a checkpoint here), so the run can write that step again; returns the new path.
         Under torch.distributed every rank calls it; rank 0 renames."""
-        def rename() -> Path:
+        def rename() -> Path | remote.Url:
+            if self._store is not None:
+                return self._store.set_aside(step)
             old, new = self.directory / str(step), self.directory / f"{step}.damaged"
             n = 1
             while new.exists():
@@ -417,6 +492,9 @@ class CheckpointManager:
                 if distributed.initialized():
                     torch.distributed.destroy_process_group(self._group)
                 self._group = None
+            if self._staging is not None:
+                shutil.rmtree(self._staging, ignore_errors=True)
+                self._staging = None
 
     def __enter__(self) -> CheckpointManager:
         return self
@@ -450,6 +528,8 @@ def save(path: str | os.PathLike, state: Any, *, metrics: Mapping | None = None,
         new path, or use a CheckpointManager)
         >>> tmp.cleanup()
     """
+    if remote.is_url(path):
+        return _save_remote(remote.Url(str(path)), state, metrics, metadata)
     path = Path(path).expanduser().absolute()
 
     def check() -> None:
@@ -503,17 +583,54 @@ def restore(path: str | os.PathLike, like: Any, *, only: Sequence[str] | None = 
           shape of .params['weight']: checkpoint (1, 2), template (1, 3)
         >>> tmp.cleanup()
     """
+    if remote.is_url(path):
+        with remote.local_copy(path) as local:
+            return _restore(local, like, only, cast, shown=path)
     path = Path(path).expanduser().absolute()
     if path.is_dir() and not store.is_checkpoint(path):  # a manager's directory: its latest
         path = layout.step_path(path)
     return _restore(path, like, only, cast)
 
 
-def _restore(path: Path, like: Any, only, cast: bool) -> Any:
+def _save_remote(url: remote.Url, state: Any, metrics: Mapping | None,
+                 metadata: Mapping | None) -> remote.Url:
+    """``save`` to object storage: written in a local folder, uploaded, then committed."""
+    parent = remote.Store(url.text.rpartition("/")[0])
+
+    def check() -> None:
+        parent.check_writable()
+        if parent.fs.exists(parent._path(url.name)):
+            raise FileExistsError(f"{url} already exists; fx.checkpoint.save never overwrites "
+                                  "(choose a new path, or use a CheckpointManager)")
+
+    distributed.rank_zero_then_broadcast(check, f"save at {url}")
+    staging = Path(tempfile.mkdtemp(prefix="fxtrain-staging-"))
+    try:
+        if distributed.is_sharded(state):
+            values, meta = bridge.table(state)
+            shards.write(staging / url.name, values, store.meta_for(
+                state, meta, _floats(metrics), dict(metadata or {})), store=parent)
+            return url
+
+        def write() -> None:
+            arrays, meta = bridge.encode(state)
+            folder = staging / url.name
+            store.write(folder, arrays, store.meta_for(state, meta, _floats(metrics),
+                                                       dict(metadata or {})))
+            parent.save_folder(folder, url.name)
+
+        distributed.rank_zero_then_broadcast(write, f"save at {url}")
+        return url
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _restore(path: Path, like: Any, only, cast: bool, shown: Any = None) -> Any:
     """``restore`` of one checkpoint, for ``restore`` and ``CheckpointManager.restore``: its
-    warning points at their caller's line."""
+    warning points at their caller's line (naming ``shown``: where the checkpoint is, when
+    ``path`` is its downloaded copy)."""
     state, p = store.restore_from(path, like, only=only, cast=cast)
     if p.dropped:
-        warnings.warn(f"restoring {path}: dropped the saved state of callbacks that are no "
+        warnings.warn(f"restoring {shown or path}: dropped the saved state of callbacks that are no "
                       f"longer present: {', '.join(p.dropped)}", stacklevel=3)
     return state

@@ -3,7 +3,7 @@ however it was written (orbax's, or a sharded one of ``fxtrain.checkpoint.shards
 ``keep_latest`` together with the best ``keep_best`` by a metric, so the newest checkpoint is
 never deleted.
 
-It reads the directory as it is on disk each time, with no list kept in memory that a checkpoint
+It reads the directory as it is on disk (or in object storage: a ``remote.Store``) each time, with no list kept in memory that a checkpoint
 set aside (``<step>.damaged``, no longer a step) or deleted by hand would leave stale, so a
 deletion that failed is simply tried again by the next save.
 
@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import layout
+from .remote import Store
 
 
 def best_first(values: Mapping[int, float], mode: str) -> list[int]:
@@ -57,14 +58,32 @@ def kept(steps: Sequence[int], values: Mapping[int, float], *, keep_latest: int,
     return set(newest) | set(ranked[:keep_best])
 
 
-def metric_values(directory: Path, steps: Sequence[int],
+def _steps(directory: Path | Store) -> list[int]:
+    return directory.steps() if isinstance(directory, Store) else layout.steps(directory)
+
+
+def _read_meta(directory: Path | Store, step: int) -> dict:
+    if isinstance(directory, Store):
+        return directory.read_meta(step)
+    return layout.read_meta(directory / str(step))
+
+
+def _delete(directory: Path | Store, step: int) -> None:
+    if isinstance(directory, Store):
+        directory.clear(step)
+    else:
+        shutil.rmtree(directory / str(step))
+
+
+def metric_values(directory: Path | Store, steps: Sequence[int],
                   metric: str) -> tuple[dict[int, float], set[int]]:
-    """``metric`` of each checkpoint of ``steps`` in ``directory`` whose description holds a
-    finite one, and the steps whose description this process may not read."""
+    """``metric`` of each checkpoint of ``steps`` in ``directory`` (a folder, or a ``Store``)
+    whose description holds a finite one, and the steps whose description this process may
+    not read."""
     values, unread = {}, set()
     for step in steps:
         try:
-            value = layout.read_meta(directory / str(step)).get("metrics", {}).get(metric)
+            value = _read_meta(directory, step).get("metrics", {}).get(metric)
         except ValueError:  # damaged, or no longer a checkpoint: it does not rank
             continue
         except OSError:  # not readable here (or gone meanwhile): its metric is unknown
@@ -75,18 +94,18 @@ def metric_values(directory: Path, steps: Sequence[int],
     return values, unread
 
 
-def prune(directory: Path, *, keep_latest: int, keep_best: int, metric: str | None,
-          mode: str) -> list[OSError]:
+def prune(directory: Path | Store, *, keep_latest: int, keep_best: int, metric: str | None,
+          mode: str) -> list[Exception]:
     """Deletes the checkpoints in ``directory`` that ``kept`` does not keep; returns the
     errors of the deletions that failed (those checkpoints stay, for a later call)."""
-    steps = layout.steps(directory)
+    steps = _steps(directory)
     values, unread = metric_values(directory, steps, metric) if keep_best else ({}, set())
     keep = kept(steps, values, keep_latest=keep_latest, keep_best=keep_best, mode=mode) | unread
     errors = []
     for step in steps:
         if step not in keep:
             try:
-                shutil.rmtree(directory / str(step))
-            except OSError as e:
+                _delete(directory, step)
+            except Exception as e:  # noqa: BLE001 (a storage client's error: tried again later)
                 errors.append(e)
     return errors

@@ -128,6 +128,15 @@ def verify_files(path: Path, meta: dict) -> None:
         raise problem
 
 
+def _together(error: Exception | None) -> None:
+    """Raises on every rank the first rank's ``error`` (None where a rank's step succeeded):
+    a rank that raised alone would leave the others waiting in the next collective."""
+    if not _alone():
+        error = next((e for e in distributed.all_gather(error) if e is not None), None)
+    if error is not None:
+        raise error
+
+
 def background_group() -> Any:
     """A gloo group of its own for the collectives of saves written in the background, so they
     never interleave with the training's on the default group (every rank makes it, in the same
@@ -138,7 +147,7 @@ def background_group() -> Any:
 
 def write(path: Path, values: dict[str, Any], meta: dict,
           finish: Callable[[], None] | None = None,
-          background: Any = None) -> Callable[[], None] | None:
+          background: Any = None, store: Any = None) -> Callable[[], None] | None:
     """Writes the sharded checkpoint ``path`` from every rank (a collective).
 
     ``values``: this rank's leaves by key (``bridge.table``); ``meta``: the JSON table, written
@@ -150,9 +159,14 @@ def write(path: Path, values: dict[str, Any], meta: dict,
     this rank's files are checksummed on the writer's thread as soon as they are written, and
     the returned ``complete()``, called by every rank, waits for both, gathers the checksums
     and puts the checkpoint in place.
+
+    ``store``: a ``remote.Store`` to write to instead: ``path`` is then this rank's own local
+    staging folder (named by the step), each rank uploads the files it wrote as soon as they
+    are written, and rank 0 uploads the table and commits the step once every rank's are up.
     """
     import torch.distributed.checkpoint as dcp
     tmp = path.with_name(path.name + TMP)
+    target = path if store is None else store.url / path.name
 
     def start() -> None:
         if tmp.exists():  # left by a job killed while writing this checkpoint
@@ -160,7 +174,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
         (tmp / SHARDS).mkdir(parents=True)
 
     def failed(e: Exception) -> OSError:
-        return OSError(f"writing the sharded checkpoint {path} failed (the older checkpoints "
+        return OSError(f"writing the sharded checkpoint {target} failed (the older checkpoints "
                        f"are intact): {e}")
 
     def done(files: dict[str, list[int]]) -> None:
@@ -169,14 +183,42 @@ def write(path: Path, values: dict[str, Any], meta: dict,
                               "files": files}), f)
             f.flush()
             os.fsync(f.fileno())
-        fsync_path(tmp / SHARDS)
-        fsync_path(tmp)
-        os.rename(tmp, path)
-        fsync_path(path.parent)
+        if store is not None:  # the table, then the commit that makes the step visible
+            store.upload(tmp, path.name, [TABLE])
+            store.commit(path.name, {**{f"{SHARDS}/{n}": v for n, v in files.items()},
+                                     TABLE: [(tmp / TABLE).stat().st_size,
+                                             _file_crc(tmp / TABLE)]})
+        else:
+            fsync_path(tmp / SHARDS)
+            fsync_path(tmp)
+            os.rename(tmp, path)
+            fsync_path(path.parent)
         if finish is not None:
             finish()
 
-    distributed.rank_zero_then_broadcast(start, f"create {tmp}")
+    def uploaded(mine: dict[str, list[int]]) -> dict[str, list[int]]:
+        """This rank's files, uploaded when writing to a store."""
+        if store is not None:
+            store.upload(tmp, path.name, [f"{SHARDS}/{n}" for n in mine])
+        return mine
+
+    def finished(files: dict[str, list[int]]) -> None:
+        try:
+            distributed.rank_zero_then_broadcast(lambda: done(files),
+                                                 f"finish the sharded checkpoint {target}")
+        finally:
+            if store is not None:  # each rank's staging folder is its own
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    if store is None:
+        distributed.rank_zero_then_broadcast(start, f"create {tmp}")
+    else:  # every rank stages in its own folder
+        try:
+            start()
+            error = None
+        except OSError as e:
+            error = OSError(f"cannot create the staging folder {tmp}: {e}")
+        _together(error)
     writer = dcp.FileSystemWriter(tmp / SHARDS, sync_files=True)
     if background is None or _alone():
         try:
@@ -184,9 +226,13 @@ def write(path: Path, values: dict[str, Any], meta: dict,
                      no_dist=_alone())
         except Exception as e:
             raise failed(e) from e
-        files = _gathered(_own_checksums(tmp / SHARDS))
-        distributed.rank_zero_then_broadcast(lambda: done(files),
-                                             f"finish the sharded checkpoint {path}")
+        try:
+            mine = uploaded(_own_checksums(tmp / SHARDS))
+            error = None
+        except Exception as e:  # noqa: BLE001 (raised on every rank below)
+            mine, error = {}, failed(e)
+        _together(error)
+        finished(_gathered(mine))
         return None
     snapshot = {k: _stored(v).clone() for k, v in values.items()}  # a donating step's next
     future = dcp.async_save(snapshot, storage_writer=writer,  # write can't reach these
@@ -196,7 +242,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
     def checksum(written: Future) -> None:
         try:
             written.result()
-            mine.set_result(_own_checksums(tmp / SHARDS))
+            mine.set_result(uploaded(_own_checksums(tmp / SHARDS)))
         except BaseException as e:  # noqa: BLE001 (handed to complete, on the training thread)
             mine.set_exception(e)
 
@@ -204,12 +250,11 @@ def write(path: Path, values: dict[str, Any], meta: dict,
 
     def complete() -> None:
         try:
-            files = mine.result()
-        except Exception as e:
-            raise failed(e) from e
-        files = _gathered(files)
-        distributed.rank_zero_then_broadcast(lambda: done(files),
-                                             f"finish the sharded checkpoint {path}")
+            files, error = mine.result(), None
+        except Exception as e:  # noqa: BLE001 (raised on every rank below)
+            files, error = {}, failed(e)
+        _together(error)
+        finished(_gathered(files))
 
     return complete
 
