@@ -140,10 +140,26 @@ def run(model: str | None = None, data: str | None = None, loss: str = "cross_en
 
 def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
     """``run`` of the config ``values``: the final TrainState, and the line to print when a
-    nan_guard stopped the run at a non-finite step (None: it did not)."""
+    nan_guard stopped the run at a non-finite step (None: it did not). A workdir in object
+    storage is worked in through a local mirror (``_remote_workdir``)."""
     if isinstance(values["precision"], int) and not isinstance(values["precision"], bool):
         values = {**values, "precision": str(values["precision"])}  # YAML's 32 is an int
     _check(values)
+    from ..checkpoint.remote import is_url
+
+    if not is_url(values["workdir"]):
+        return _run_in(values, Path(values["workdir"]), None)
+    from ._remote_workdir import mirrored
+    from ._workdir import _command_line
+
+    url = str(values["workdir"]).rstrip("/")
+    with mirrored(url, _command_line()) as mirror:
+        return _run_in(values, mirror.local, mirror)
+
+
+def _run_in(values: dict[str, Any], root: Path, mirror: Any) -> tuple[Any, str | None]:
+    """``_run`` in the local folder ``root``: the workdir, or the mirror of one in object
+    storage (``mirror``), whose checkpoints go to its URL."""
     import torch
 
     from .. import _load_all, distributed
@@ -154,17 +170,22 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
     from ..loop._fit import fit
     from ..step._compile import compile as compile_step
     from ._nonfinite import watch
+    from ._remote_workdir import pushed
     from ._workdir import held
 
     _load_all()  # every pytree type registered before the step compiles (see fxtrain/__init__)
-    root, resume, compile = Path(values["workdir"]), values["resume"], values["compile"]
+    resume, compile = values["resume"], values["compile"]
     log_every, checkpoint_every = values["log_every"], values["checkpoint_every"]
-    record = _saved_config.record({**values, "workdir": str(root.resolve())})
+    saved_in = root / "checkpoints" if mirror is None else f"{mirror.url}/checkpoints"
+    shown = root if mirror is None else mirror.url  # what messages name: the workdir
+    record = _saved_config.record({**values, "workdir": str(root.resolve()) if mirror is None
+                                   else mirror.url})
     # checked, built, restored, then config.yaml and the logs written: a failure before leaves
     # the workdir as it was
     with held(root):
         latest = distributed.rank_zero_then_broadcast(
-            lambda: _admitted(root, record, resume, values["allow_changes"], values["keep"]),
+            lambda: _admitted(root, record, resume, values["allow_changes"], values["keep"],
+                              saved_in, mirror),
             "check the workdir")
         state, step, eval_step, batches, evaluation, extra = _parts(values)
         if compile == "precompiled":
@@ -182,7 +203,7 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
                 return
             kept = distributed.rank_zero_then_broadcast(
                 lambda: _saved_config.save(root, record, latest or 0), "write config.yaml")
-            _say(root, resume, latest, kept)
+            _say(root if mirror is None else mirror.url, resume, latest, kept)
             writer.writers = (TensorBoardWriter(root / "tensorboard"),
                               JsonlWriter(root / "metrics.jsonl"))
 
@@ -193,8 +214,8 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
                  cb.lr_monitor(log_every, writer=writer),
                  cb.throughput(log_every, writer=writer),
                  cb.log_eval_metrics(writer) if evaluation is not None else None, *extra,
-                 watcher]
-        checkpoints = CheckpointManager(root / "checkpoints", keep_latest=values["keep"])
+                 watcher, None if mirror is None else pushed(mirror)]
+        checkpoints = CheckpointManager(saved_in, keep_latest=values["keep"])
         try:
             state = fit(state, step, batches, max_steps=values["max_steps"],
                         max_epochs=values["max_epochs"], eval_step=eval_step,
@@ -207,7 +228,7 @@ def _run(values: dict[str, Any]) -> tuple[Any, str | None]:
             raise ConfigError(f"--resume: the checkpoint of step {latest} in "
                               f"{checkpoints.directory} cannot be restored into the model this "
                               f"config builds ({_first_problem(e)}); resume with the config it "
-                              f"was trained with ({root / _saved_config.NAME}), or give another "
+                              f"was trained with ({shown}/{_saved_config.NAME}), or give another "
                               "--workdir. Nothing was changed.") from e
         finally:
             writer.close()
@@ -220,14 +241,17 @@ def _nonfinite_line(values: dict[str, Any], stop: Any, checkpoints: Any) -> str:
     the latest checkpoint, ``fx.debug.find_nonfinite`` and the resume with other settings."""
     from ._nonfinite import message
 
-    root = Path(values["workdir"])
+    from ..checkpoint.remote import is_url
+
+    root = values["workdir"]
+    config = f"{str(root).rstrip('/')}/config.yaml" if is_url(root) else Path(root) / "config.yaml"
     change = ("--precision 32 --allow_changes precision" if values["precision"] != "32" else
               f"--optim.lr {values['optim'].lr / 10:g} --allow_changes optim.lr")
     latest = checkpoints.latest_step()
     where = "from it" if latest is not None else "from step 0"
     return message("fxtrain train", stop, checkpoints.directory, latest,
                    f"to go on {where} with other settings: fxtrain train "
-                   f"{root / 'config.yaml'} --resume true {change}")
+                   f"{config} --resume true {change}")
 
 
 def _parts(v: dict[str, Any]) -> tuple:
@@ -366,7 +390,10 @@ def _check(v: dict[str, Any]) -> None:
                           "out")
     if not str(v["workdir"]).strip():
         raise ConfigError("workdir: is empty; give the folder the run writes to")
-    if Path(v["workdir"]).exists() and not Path(v["workdir"]).is_dir():
+    from ..checkpoint.remote import is_url
+
+    if not is_url(v["workdir"]) and Path(v["workdir"]).exists() and \
+            not Path(v["workdir"]).is_dir():
         raise ConfigError(f"workdir: {v['workdir']} is a file, not a directory")
     from ..precision import PRECISIONS
 
@@ -400,15 +427,18 @@ def _check_optim(config: Optim, max_steps: int) -> None:
                           f"{config.clip_norm}")
 
 
-def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int) -> int | None:
+def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int, saved_in: Any,
+              mirror: Any = None) -> int | None:
     """Checks the workdir (under its lock) for this run: refuses another run's files, a run
-    without resume, and a resume with changes not allowed; the newest checkpoint's step."""
+    without resume, and a resume with changes not allowed; the newest checkpoint's step.
+    ``mirror``: the workdir is in object storage, and ``root`` its local mirror."""
     from . import _saved_config
     from ..checkpoint import CheckpointManager
     from ._workdir import LOCK_NAME
 
-    latest = CheckpointManager(root / "checkpoints", keep_latest=keep).latest_step()
-    where = f"workdir: {root}"
+    latest = CheckpointManager(saved_in, keep_latest=keep).latest_step()
+    shown = root if mirror is None else mirror.url  # what messages name: the workdir
+    where = f"workdir: {shown}"
     try:
         saved = _saved_config.read(root)
     except ValueError as e:
@@ -416,7 +446,8 @@ def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int) -> 
                           "another --workdir. Nothing was changed.") from e
     if saved is None and latest is None:
         others = sorted(p.name + "/" * p.is_dir() for p in root.iterdir()
-                        if not p.name.startswith(LOCK_NAME))
+                        if not p.name.startswith(LOCK_NAME)) if mirror is None else \
+            mirror.others()
         if others:
             raise ConfigError(f"{where} holds files of something else than a run of fxtrain "
                               f"train ({', '.join(others[:5])}{', ...' * (len(others) > 5)}; "
@@ -440,9 +471,9 @@ def _admitted(root: Path, record: dict, resume: bool, allow: Any, keep: int) -> 
     refused = _saved_config.not_allowed(_saved_config.changes(saved, record), allow)
     if refused:
         keys = ",".join(key for key, _, _ in refused)
-        raise ConfigError(f"--resume: the run in {root} was trained with another config: "
+        raise ConfigError(f"--resume: the run in {shown} was trained with another config: "
                           f"{_saved_config.describe(refused)}; resume with the config in "
-                          f"{root / _saved_config.NAME}, or allow the changes with "
+                          f"{shown}/{_saved_config.NAME}, or allow the changes with "
                           f"--allow_changes {keys} (config.yaml is then replaced, the old one "
                           "kept). Nothing was changed.")
     return latest
@@ -458,7 +489,7 @@ def _first_problem(error: Exception) -> str:
     return first + (f"; and {len(lines) - 1} more" if len(lines) > 1 else "")
 
 
-def _say(root: Path, resume: bool, latest: int | None, kept: Path | None) -> None:
+def _say(root: Path | str, resume: bool, latest: int | None, kept: Path | None) -> None:
     """What a resume changed, on rank 0."""
     from .. import distributed
 

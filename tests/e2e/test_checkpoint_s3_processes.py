@@ -4,9 +4,11 @@ the best checkpoint, checksums, a damaged step and fit's fallback), a run killed
 save and resumed exactly, and the server going away in the middle of a save.
 """
 
+import json
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -194,3 +196,74 @@ def test_a_run_killed_during_async_saves_to_s3_resumes_exactly(s3, tmp_path):
     assert "resuming from the checkpoint" in resumed.stdout
     digest = [line for line in resumed.stdout.splitlines() if line.startswith("digest")]
     assert digest == [line for line in whole.stdout.splitlines() if line.startswith("digest")]
+
+
+def test_fxtrain_train_with_a_workdir_in_s3_runs_refuses_and_resumes_as_a_local_one(
+        s3, tmp_path, capsys):
+    """``fxtrain train --workdir s3://...``: the checkpoints, config.yaml and the logs in the
+    bucket, the step-12 checkpoint equal to a local run's; a second run refused; a resume with
+    more steps appends to the logs it finds there."""
+    from fxtrain.cli import main
+    from helpers_apps import _project
+    config = _project(tmp_path)
+    url = f"{URL}/cli"
+    assert main(["train", str(config), "--workdir", str(tmp_path / "local")]) == 0
+    assert main(["train", str(config), "--workdir", url]) == 0
+    assert "done at step 12" in capsys.readouterr().out
+    names = {k.split("/", 2)[2].split("/")[0] for k in objects("cli")}
+    assert names == {"checkpoints", "config.yaml", "metrics.jsonl", "tensorboard"}
+    with CheckpointManager(f"{url}/checkpoints") as s, \
+            CheckpointManager(tmp_path / "local" / "checkpoints") as d:
+        assert s.all_steps() == d.all_steps() == [6, 12]
+        assert s.info(12)["leaves"] == d.info(12)["leaves"]  # the same values, bit for bit
+    import s3fs
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    steps = [json.loads(line)["step"] for line in
+             fs.cat_file(f"{BUCKET}/cli/metrics.jsonl").decode().splitlines()]
+    assert max(steps) == 12
+    assert main(["train", str(config), "--workdir", url]) == 2
+    assert f"workdir: {url} already holds a run (checkpoints up to step 12)" in \
+        capsys.readouterr().err
+    assert main(["train", str(config), "--workdir", url, "--resume", "true", "--max_steps",
+                 "18", "--allow_changes", "max_steps"]) == 0
+    assert "done at step 18" in capsys.readouterr().out
+    more = [json.loads(line)["step"] for line in
+            fs.cat_file(f"{BUCKET}/cli/metrics.jsonl").decode().splitlines()]
+    assert more[:len(steps)] == steps and max(more) == 18
+    assert any(k.endswith("config.12.yaml") for k in objects("cli"))  # the replaced config
+    assert not any(k.endswith(".fxtrain.lock") for k in objects("cli"))
+
+
+def test_fxtrain_train_killed_in_s3_leaves_its_lock_which_the_resume_takes_over(
+        s3, tmp_path, capsys):
+    """A run into an S3 workdir killed after its step-6 checkpoint: its lock object stays;
+    a second run while it lives is refused naming it; after the kill, the resume takes the
+    lock over and goes on from step 6."""
+    from fxtrain.cli import main
+    from helpers_apps import _project
+    config = _project(tmp_path)
+    url, gate = f"{URL}/killed", tmp_path / "gate"
+    args = ["train", str(config), "--workdir", url, "--data", "./models.py:gated",
+            "--data_args", f"{{gate: {gate}, after: 9}}"]
+    first = subprocess.Popen([sys.executable, "-m", "fxtrain", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / "gate.waiting").exists():
+            assert first.poll() is None and time.time() < deadline, first.communicate()
+            time.sleep(0.05)
+        assert main(args) == 2
+        assert f"the workdir {url} is in use by " in capsys.readouterr().err
+        first.kill()
+        first.communicate()
+    finally:
+        first.kill()
+        first.wait()
+    assert any(k.endswith(".fxtrain.lock") for k in objects("killed"))
+    gate.touch()
+    with pytest.warns(RuntimeWarning, match=f"took over the lock {url}/.fxtrain.lock"):
+        assert main([*args, "--resume", "true"]) == 0
+    out = capsys.readouterr().out
+    assert f"resuming from the checkpoint of step 6 in {url}/checkpoints" in out
+    assert "done at step 12" in out
+    assert CheckpointManager(f"{url}/checkpoints").all_steps() == [6, 12]
