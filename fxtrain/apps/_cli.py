@@ -62,7 +62,8 @@ def _parser(command: str | None) -> argparse.ArgumentParser:
                     "workdir, or one checkpoint): step, metrics, size on disk, age and status. "
                     "It reads their JSON descriptions only (no torch, no orbax), unless "
                     "--verify or --digest reads the arrays.")
-    inspect.add_argument("directory", help="a CheckpointManager's directory, or one checkpoint")
+    inspect.add_argument("directory", help="a CheckpointManager's directory, or one checkpoint "
+                                           "(or a URL in object storage: s3://bucket/run)")
     inspect.add_argument("--step", type=int, help="show this checkpoint's tree")
     inspect.add_argument("--digest", action="store_true",
                          help="print fx.tree_digest of the restored state")
@@ -162,13 +163,16 @@ def _inspect(directory: str, step: int | None, digest: bool, verify: bool = Fals
 
     from ..checkpoint import DamagedCheckpointError, UnreadableCheckpointError
     from ..checkpoint import inspect as ins
+    from ..checkpoint.remote import is_url
     console = Console(highlight=False)
     try:
-        paths = ins.checkpoint_paths(directory)
-    except OSError as e:
+        if is_url(directory):  # object storage: descriptions and sizes from the store
+            rows = ins.remote_summaries(directory, verify)
+        else:
+            rows = [ins.summary(p, verify) for p in ins.checkpoint_paths(directory)]
+    except (OSError, ImportError, ValueError) as e:
         print(f"fxtrain inspect: {e}", file=sys.stderr)
         return 1
-    rows = [ins.summary(p, verify) for p in paths]
     table = Table(title=f"checkpoints in {directory}")
     for column in ("step", "metrics", "size", "saved", "status"):
         table.add_column(column, justify="right" if column in ("step", "size") else "left")

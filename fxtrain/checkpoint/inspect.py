@@ -76,6 +76,44 @@ def summary(path: Path, verify: bool = False) -> dict[str, Any]:
             "unreadable": None}
 
 
+def remote_summaries(url: str, verify: bool = False) -> list[dict[str, Any]]:
+    """``summary`` of every checkpoint in object storage under ``url`` (a manager's directory,
+    or a run's workdir holding ``checkpoints``): each one's description, its size from its
+    commit; ``verify`` downloads and checks every file and array."""
+    from . import remote
+    where = remote.Store(url)
+    steps = where.steps()
+    if not steps:
+        inner = remote.Store(f"{where.url}/checkpoints")
+        where, steps = (inner, inner.steps()) if inner.steps() else (where, steps)
+    if not steps:
+        raise FileNotFoundError(f"no fxtrain checkpoints in {url}")
+    rows = []
+    for step in steps:
+        path = where.url / str(step)
+        try:
+            commit = where.commit_of(step)
+            size = sum(size for size, _ in commit["files"].values())
+            if verify:
+                from . import store  # every array read: torch, numpy and orbax
+                with remote.local_copy(where.url, step) as local:
+                    meta = store.verify(local)
+            else:
+                meta = where.read_meta(step)
+        except (layout.DamagedCheckpointError, layout.UnreadableCheckpointError) as e:
+            damaged = isinstance(e, layout.DamagedCheckpointError)
+            why = str(e).split(" is damaged: ", 1)[-1] if damaged else \
+                getattr(e, "what", str(e))
+            rows.append({"path": path, "step": step, "metrics": {}, "size": 0, "time": None,
+                         "meta": None, "damaged": why if damaged else None,
+                         "unreadable": None if damaged else why})
+            continue
+        rows.append({"path": path, "step": meta.get("step"), "metrics": meta.get("metrics", {}),
+                     "size": size, "time": meta.get("time"), "meta": meta, "damaged": None,
+                     "unreadable": None})
+    return rows
+
+
 def leaf_rows(meta: dict) -> list[tuple[str, str, str]]:
     """``(path, dtype, shape)`` for every leaf; Python values show their value.
 
@@ -122,8 +160,11 @@ def digest(path: Path) -> str:
         >>> tmp.cleanup()
     """
     from ..tree import digest_items, leaf_record
-    from . import bridge, store
+    from . import bridge, remote, store
 
+    if remote.is_url(path):
+        with remote.local_copy(path) as local:
+            return digest(local)
     meta, arrays = store.read_all(path)
     return digest_items(leaf_record(e["path"], bridge.leaf_value(arrays.get(e.get("key")), e))
                         for e in sorted(meta["leaves"], key=lambda e: e["path"]))

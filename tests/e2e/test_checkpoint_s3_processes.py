@@ -49,7 +49,7 @@ def run(directory, steps, **manager):
                       eval_data=[(X[:48], Y[:48])], eval_every=5)
 
 
-def test_a_manager_in_s3_saves_retains_ranks_and_restores_as_on_a_disk(s3, tmp_path):
+def test_a_manager_in_s3_saves_retains_ranks_and_restores_as_on_a_disk(s3, tmp_path, capsys):
     """Async saves every 5 steps with retention and a best checkpoint, in S3 and on a disk:
     the same steps kept, the same best, and restores bit-identical to the disk's."""
     kept = dict(keep_latest=2, keep_best=1, best_metric="loss", best_mode="max")
@@ -67,6 +67,10 @@ def test_a_manager_in_s3_saves_retains_ranks_and_restores_as_on_a_disk(s3, tmp_p
         assert m.verify(20)["step"] == 20
     assert fx.tree_digest(fx.checkpoint.restore(f"{URL}/life", template())) == \
         fx.tree_digest(end)
+    from fxtrain.cli import main
+    assert main(["inspect", f"{URL}/life", "--verify", "--digest"]) == 0
+    shown = capsys.readouterr().out
+    assert f"digest (step 20): {fx.tree_digest(end)}" in shown and shown.count("verified") == 3
     # only committed steps are there, each with its commit
     names = {key.split("/")[2] for key in objects("life")}
     assert names == {str(s) for s in m.all_steps()}
