@@ -17,7 +17,7 @@ import fxtrain as fx
 from fxtrain.checkpoint import CheckpointManager, DamagedCheckpointError
 from helpers import extra
 from helpers_checkpoint_damage import X, Y, batches, state, template
-from helpers_s3 import BUCKET, Relay, environment, make_bucket, objects, server
+from helpers_s3 import BUCKET, SECRET, Relay, environment, make_bucket, objects, server
 from helpers import xent
 
 URL = f"s3://{BUCKET}"
@@ -137,8 +137,9 @@ def test_the_server_gone_mid_save_is_one_clear_error_and_loses_nothing(endpoint,
         relay.cut_after(3, f"/{BUCKET}/gone/10/")
         assert m.save(later)  # handed to the writer thread
         with pytest.raises(OSError, match=rf"writing the checkpoint of step 10 to {URL}/gone "
-                                          r"failed \(the older checkpoints are intact"):
+                                          r"failed \(the older checkpoints are intact") as e:
             m.wait()
+        assert SECRET not in str(e.value)
         assert relay.cut.is_set()
         relay.restore()
         assert m.all_steps() == [5]
@@ -236,6 +237,11 @@ def test_fxtrain_train_with_a_workdir_in_s3_runs_refuses_and_resumes_as_a_local_
     assert more[:len(steps)] == steps and max(more) == 18
     assert any(k.endswith("config.12.yaml") for k in objects("cli"))  # the replaced config
     assert not any(k.endswith(".fxtrain.lock") for k in objects("cli"))
+    # the credentials came from the environment and were written nowhere
+    written = b"".join(fs.cat_file(k) for k in objects("cli") if "/checkpoints/" not in k)
+    shown = capsys.readouterr()
+    assert SECRET not in shown.out + shown.err and SECRET.encode() not in written
+    assert "AKIAFXTRAINTESTKEY" not in shown.out + shown.err
 
 
 def test_fxtrain_train_killed_in_s3_leaves_its_lock_which_the_resume_takes_over(
