@@ -18,8 +18,9 @@ step_end        on_pre_optimizer_step, on_optimizer_step, on_step_end, then on_l
                 step's metrics as floats every ``log_every`` optimizer steps or when the
                 callback set ``should_log``; on an accumulation micro-step, on_substep_end
 eval_end        on_prediction_step once per evaluation batch, on_log and on_evaluate with
-                ``{"eval_<name>": float}``; then ``best_metric`` is updated as the Trainer does
-                when ``metric_for_best_model`` is set
+                ``{"eval_<name>": float}`` (a set's ``val/loss`` as ``eval_val_loss``, the
+                Trainer's name for an ``eval_dataset`` dict); then ``best_metric`` is updated
+                as the Trainer does when ``metric_for_best_model`` is set
 epoch_end       on_epoch_end
 checkpoint      on_save
 train_end       on_epoch_end if the last epoch stopped part-way (the Trainer ends every epoch
@@ -77,7 +78,7 @@ from typing import Any
 
 from .combinators import periodic
 from .core import EVENT_KINDS, Callback, set_callback_state
-from .hf_hooks import Session, best_key, dispatch
+from .hf_hooks import Session, best_key, dispatch, trainer_key
 from .hf_views import training_arguments, transformers_module, views
 
 # the events the Trainer has hooks for (eval_end calls on_prediction_step once per batch itself)
@@ -100,7 +101,8 @@ def _check_best(args: Any, checkpoint: Any) -> None:
             f"with CheckpointManager(directory, keep_best=1, best_metric={name!r}, "
             f"best_mode={mode!r})")
     kept = (checkpoint.keep_best, checkpoint.best_metric, checkpoint.best_mode)
-    if kept[0] < 1 or kept[1:] != (name, mode):
+    ranked = (trainer_key(kept[1])[len("eval_"):] if kept[1] else None, kept[2])
+    if kept[0] < 1 or ranked != (name, mode):  # a set's "val/loss" is the Trainer's "val_loss"
         raise ValueError(
             f"hf_callback: load_best_model_at_end ranks checkpoints by {name!r} ({mode}), but "
             f"the CheckpointManager keeps keep_best={kept[0]} by best_metric={kept[1]!r} "

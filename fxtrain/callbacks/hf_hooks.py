@@ -35,10 +35,16 @@ _NO_OBJECTS = {"processing_class": None, "train_dataloader": None, "eval_dataloa
 _ABORTED = ("error", "interrupted")
 
 
+def trainer_key(name: str) -> str:
+    """An evaluation metric of fit's as the Trainer names it: ``loss`` -> ``eval_loss``, and
+    a set's ``val/loss`` -> ``eval_val_loss`` (the Trainer's ``eval_<dataset>_<metric>`` for
+    an ``eval_dataset`` dict)."""
+    return name if name.startswith("eval_") else "eval_" + name.replace("/", "_")
+
+
 def best_key(args: Any) -> str:
     """``metric_for_best_model`` as the evaluation reports it (``eval_<name>``)."""
-    key = args.metric_for_best_model
-    return key if key.startswith("eval_") else f"eval_{key}"
+    return trainer_key(args.metric_for_best_model)
 
 
 @dataclasses.dataclass
@@ -180,7 +186,7 @@ def _eval_end(s: Session, event) -> Control:
     for _ in range(s.eval_batches or 0):
         s.hook("on_prediction_step")
     values = read_floats(event.metrics or {})
-    metrics = {(k if k.startswith("eval_") else f"eval_{k}"): v for k, v in values.items()}
+    metrics = {trainer_key(k): v for k, v in values.items()}
     s.log(metrics)
     s.hook("on_evaluate", metrics=dict(metrics))
     _best_metric(s, metrics)

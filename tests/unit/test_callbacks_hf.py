@@ -566,3 +566,23 @@ def test_predict_calls_a_prediction_step_per_batch_then_on_predict():
                fx.data.Batches(x, 2, shuffle=False, drop_last=False),
                callbacks=[hf_callback(rec)])  # a state fit never ran with it: no hf state
     assert rec.seen == [("on_prediction_step", 0)] * 3 + [("on_predict", 0)]
+
+
+def test_several_evaluation_sets_are_named_as_the_trainer_names_an_eval_dataset_dict(tmp_path):
+    """fit's ``val/loss`` and ``test/loss`` reach the callback as the Trainer's
+    ``eval_val_loss`` and ``eval_test_loss``; ``metric_for_best_model="val_loss"`` ranks by the
+    val set, and load_best_model_at_end accepts the manager ranking by ``val/loss``."""
+    rec = Recorder()
+    cb = hf_callback(rec, args={"metric_for_best_model": "val_loss"})
+    state, _ = _begin(cb, _state(cb))
+    metrics = {"val/loss": torch.tensor(0.5), "test/loss": torch.tensor(0.75)}
+    state, _ = fold([cb], state, Event("eval_end", 2, 0, metrics))
+    assert rec.metrics == [{"eval_val_loss": 0.5, "eval_test_loss": 0.75}]
+    saved = fx.callbacks.callback_state(state, "hf_Recorder")["trainer_state"]
+    assert saved["best_metric"] == pytest.approx(0.5)
+    by_val = fx.checkpoint.CheckpointManager(tmp_path, keep_best=1, best_metric="val/loss")
+    hf_callback(Recorder(), args={**BEST, "metric_for_best_model": "val_loss"},
+                checkpoint=by_val)  # accepted
+    with pytest.raises(ValueError, match=r"ranks checkpoints by 'test_loss'"):
+        hf_callback(Recorder(), args={**BEST, "metric_for_best_model": "test_loss"},
+                    checkpoint=by_val)
