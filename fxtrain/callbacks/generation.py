@@ -32,7 +32,7 @@ from ..logging.writer import check_writer
 from .combinators import every as every_n
 from .combinators import rank_zero
 from .core import NOTHING, Callback
-from .media import inference
+from .media import inference, prompt_list
 
 Encode = Callable[[str], Any]  # a prompt -> its token ids (a list of ints or a 1-D tensor)
 Decode = Callable[[list[int]], str]
@@ -122,13 +122,6 @@ def _check_decoding(max_new_tokens: int, temperature: float, top_k: int | None) 
                          f"{temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
-
-
-def _prompt_list(prompts: Any, who: str) -> list[str]:
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"{who}: prompts must be a non-empty list of str, got {prompts!r}")
-    return prompts
 
 
 def _encoded(encode: Encode, prompt: str, who: str) -> torch.Tensor:
@@ -262,7 +255,7 @@ def generation_eval(writer: Any, encode: Encode, decode: Decode, score: Score,
         100 {'generation/samples/0': 'abcd', 'generation/samples/1': 'cde'}
     """
     who = "generation_eval"
-    prompts = _prompt_list(prompts, who)
+    prompts = prompt_list(prompts, who)
     _options(encode, decode, score, max_new_tokens, temperature, top_k, who)
     check_writer(writer, who, "write_scalars", *(("write_texts",) if write_samples else ()))
     decoding = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -318,7 +311,7 @@ def generation_eval_step(encode: Encode, decode: Decode, score: Score, *,
     group = name or "generation"
 
     def eval_step(state, prompts):
-        prompts = _prompt_list(prompts, who)
+        prompts = prompt_list(prompts, who)
         texts = generate_texts(state, prompts, encode, decode, name=group, who=who, **decoding)
         scores = _checked_scores(score(prompts, texts), who)
         return {f"{name}/{k}" if name else k: torch.tensor(v, dtype=torch.float64,

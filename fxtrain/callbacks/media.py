@@ -179,6 +179,14 @@ def log_media(writer: Any, fn: Callable[[Any], Mapping[str, Any]], every: int = 
     return rank_zero(every_n(every, Callback(name, None, call, kinds=("step_end",), host=True)))
 
 
+def prompt_list(prompts: Any, who: str) -> list[str]:
+    """``prompts`` (one str, or several) as a list, or a ValueError naming ``who``."""
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{who}: prompts must be a non-empty list of str, got {prompts!r}")
+    return prompts
+
+
 def text_samples(writer: Any, generate_fn: Callable[[Any, str], str], prompts: Sequence[str],
                  every: int = 500, *, prefix: str = "samples/",
                  name: str = "text_samples") -> Callback:
@@ -208,9 +216,7 @@ def text_samples(writer: Any, generate_fn: Callable[[Any, str], str], prompts: S
         >>> _ = fx.callbacks.fold([cb], state, fx.Event("step_end", 100))  # fx.fit sends these
         100 {'samples/0': '1 + 2 = 3.0', 'samples/1': '0.5 + 4 = 4.5'}
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"text_samples: prompts must be a non-empty list of str, got {prompts!r}")
+    prompts = prompt_list(prompts, "text_samples")
     if not callable(generate_fn):
         raise TypeError("text_samples: generate_fn must be callable generate_fn(state, prompt)")
     check_writer(writer, "text_samples", "write_texts")
