@@ -47,10 +47,7 @@ class LrFind:
     def plot(self, ax: Any = None, path: Any = None) -> Any:
         """The curve on a log-rate axis with the suggestion marked; a matplotlib figure
         (drawn on ``ax`` when given; saved to ``path`` when given)."""
-        import matplotlib
-
-        if ax is None:
-            matplotlib.use("Agg", force=False)
+        if ax is None:  # pyplot's backend as it is: a notebook's shows the figure
             import matplotlib.pyplot as plt
             fig, ax = plt.subplots(figsize=(5, 3.5))
         else:

@@ -40,6 +40,24 @@ def test_the_suggestion_trains_the_demo_mlp_and_the_range_blows_up(digits, tmp_p
     assert (tmp_path / "lr.png").stat().st_size > 0 and figure.axes[0].get_xscale() == "log"
 
 
+def test_the_plot_keeps_pyplots_backend():
+    """plot() draws with the backend in use: it switched to Agg once, and a notebook's inline
+    backend then never showed the figure (06_config_run's page had none)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+
+    before = matplotlib.get_backend()
+    found = fx.LrFind(lrs=[1e-3, 1e-2, 1e-1], losses=[2.0, 1.0, 3.0], raw_losses=[2.0, 1.0, 3.0],
+                      suggestion=1e-2, stopped_early=False)
+    plt.switch_backend("svg")
+    try:
+        figure = found.plot()
+        assert matplotlib.get_backend() == "svg"
+        plt.close(figure)
+    finally:
+        plt.switch_backend(before)
+
+
 def test_a_divergence_stops_the_test_early(digits):
     task, data = digits
     found = fx.lr_find(task.model, fx.optim.sgd, task.loss_fn, data, min_lr=1.0, max_lr=1e6,
