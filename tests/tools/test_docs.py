@@ -4,6 +4,7 @@ starts with the two commands, shows a figure the code made and holds an example 
 import base64
 import os
 import re
+import shutil
 import subprocess
 import sys
 from html import escape as html_escape
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
-from helpers import extra
+from helpers import extra, script_module
 from helpers_notebooks import run_checked, runner
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -210,3 +211,37 @@ def test_readme_shows_a_figure_the_code_made():
     page = (ROOT / "docs" / "notebooks.md").read_text("utf-8")
     assert f"]({FIGURE.relative_to(ROOT / 'docs')})" in page
 
+
+@pytest.mark.extended  # CI has no browser (and cannot install one)
+def test_a_notebook_page_in_a_headless_browser_shows_its_figure(tmp_path):
+    """scripts/screenshot_docs.py on the quickstart's page, from a strict build of the site with
+    that notebook executed (the other pages as committed: this test looks at one): the figure
+    loaded, lies within the window and is in the screenshot as the PNG it embeds. Planted: a
+    figure that does not load fails."""
+    extra("mkdocs")
+    extra("mkdocstrings_handlers.python")
+    extra("mkdocs_jupyter")
+    shot = script_module("screenshot_docs")
+    browser = shot.find_chromium()
+    if browser is None:
+        pytest.skip(f"no Chromium on PATH ({', '.join(shot.BROWSERS)}; Debian: apt-get install "
+                    "chromium)")
+    script = runner()
+    copies = tmp_path / "executed" / "notebooks"
+    copies.mkdir(parents=True)
+    for path in script.notebooks():
+        if path.name == script.FIGURE_NOTEBOOK:
+            nbformat.write(run_checked(path, tmp_path / "scratch"), copies / path.name)
+        else:
+            shutil.copy(path, copies / path.name)
+    built = script.build_site(tmp_path / "site", tmp_path / "executed")
+    assert built.returncode == 0, f"mkdocs build --strict failed:\n{built.stdout}\n{built.stderr}"
+    page = f"notebooks/{Path(script.FIGURE_NOTEBOOK).stem}"
+    report = shot.screenshot(tmp_path / "site", page, tmp_path / "shot.png", browser)
+    assert report["naturalWidth"] > 100 and report["difference"] <= shot.TOLERANCE, report
+    assert png_size((tmp_path / "shot.png").read_bytes()) == shot.WINDOW
+    html = tmp_path / "site" / page / "index.html"
+    html.write_text(re.sub(r'src="data:image/png;base64,[^"]+"',
+                           'src="data:image/png;base64,AAAA"', html.read_text("utf-8")), "utf-8")
+    with pytest.raises(RuntimeError, match="did not load"):
+        shot.screenshot(tmp_path / "site", page, tmp_path / "broken.png", browser)
