@@ -51,7 +51,10 @@ class Mirror:
         path = f"{self.root}/{LOCK_NAME}"
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": _now(),
                  "command": command, **_machine()}
-        self.store.check_writable()
+        try:
+            self.store.check_writable()
+        except OSError as e:
+            raise WorkdirLocked(f"--workdir {self.url}: {e}. Nothing was changed.") from e
         for _ in range(2):
             try:
                 with self.fs.open(path, "xb") as f:  # only if absent: the store's If-None-Match

@@ -229,6 +229,8 @@ def test_fxtrain_train_with_a_workdir_in_s3_runs_refuses_and_resumes_as_a_local_
     assert main(["train", str(config), "--workdir", url]) == 2
     assert f"workdir: {url} already holds a run (checkpoints up to step 12)" in \
         capsys.readouterr().err
+    assert main(["train", str(config), "--workdir", "s3://no-such-bucket/run"]) == 2
+    assert "the bucket no-such-bucket does not exist" in capsys.readouterr().err
     assert main(["train", str(config), "--workdir", url, "--resume", "true", "--max_steps",
                  "18", "--allow_changes", "max_steps"]) == 0
     assert "done at step 18" in capsys.readouterr().out
