@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import tempfile
+import zlib
 from pathlib import Path
+
+_CHUNK = 16 * 2**20  # bytes read at a time for a checksum
 
 
 def fsync_path(path: Path | str) -> None:
@@ -15,6 +18,15 @@ def fsync_path(path: Path | str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_crc(path: Path | str) -> int:
+    """The CRC-32 of a file's bytes, read a chunk at a time."""
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            crc = zlib.crc32(chunk, crc)
+    return crc
 
 
 def write_whole(path: Path, data: bytes) -> None:

@@ -1,6 +1,7 @@
-"""Flushing checkpoint files and directories to disk (what makes a rename into place durable):
-``fxtrain._files``'s, under the name the checkpoint modules and benchmarks use."""
+"""Checkpoint files on disk: flushing them and their directories (what makes a rename into place
+durable) and their CRC-32s, ``fxtrain._files``'s, under the name the checkpoint modules and
+benchmarks use."""
 
-from .._files import fsync_path
+from .._files import file_crc, fsync_path
 
-__all__ = ["fsync_path"]
+__all__ = ["file_crc", "fsync_path"]

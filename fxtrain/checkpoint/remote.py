@@ -27,12 +27,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .files import file_crc
 from .layout import (JSON_ITEM, META, TABLE, DamagedCheckpointError, UnreadableCheckpointError,
                      check_seal, damage, parse_meta, sealed, unreadable)
 
 COMMIT = "fxtrain-commit.json"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
-_CHUNK = 16 * 2**20
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs",
              "abfs": "adlfs"}
 
@@ -74,19 +74,11 @@ class Url:
         return hash(self.text)
 
 
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def file_table(folder: Path, names: list[str] | None = None) -> dict[str, list[int]]:
     """``{relative path: [size, crc32]}`` of the files under ``folder`` (or of ``names``)."""
     if names is None:
         names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-    return {n: [(folder / n).stat().st_size, _file_crc(folder / n)] for n in names}
+    return {n: [(folder / n).stat().st_size, file_crc(folder / n)] for n in names}
 
 
 def _filesystem(url: str) -> tuple[Any, str]:
@@ -260,7 +252,7 @@ class Store:
             if local.stat().st_size != size:
                 raise damage(where, f"its file {name} holds {local.stat().st_size} bytes, "
                                     f"{size} were written (truncated or altered)")
-            if _file_crc(local) != crc:
+            if file_crc(local) != crc:
                 raise damage(where, f"the bytes of its file {name} differ from what was "
                                     "written (CRC-32 mismatch)")
         return into

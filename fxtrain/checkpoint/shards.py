@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import warnings
-import zlib
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -35,14 +34,13 @@ import numpy as np
 import torch
 
 from .. import distributed
-from .files import fsync_path
+from .files import file_crc, fsync_path
 from .layout import (TABLE, UnreadableCheckpointError, check_readable, damage,  # noqa: F401
                      damaged, is_sharded_checkpoint, sealed)
 
 SHARDS, TMP = "shards", ".fxtrain-tmp"
 STORAGE = "torch.distributed.checkpoint"
 _RANK_FILE = re.compile(r"__(\d+)_\d+\.distcp")  # the files rank N writes; others: rank 0's
-_CHUNK = 16 * 2**20  # bytes read at a time for a checksum
 
 
 def _alone() -> bool:
@@ -61,14 +59,6 @@ def _stored(value: Any) -> torch.Tensor:
     return value.detach()
 
 
-def _file_crc(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-    return crc
-
-
 def _own_checksums(folder: Path) -> dict[str, list[int]]:
     """``{name: [size, crc32]}`` of the files of ``folder`` this rank wrote (all of them
     without a process group): each rank reads back its own files only."""
@@ -77,7 +67,7 @@ def _own_checksums(folder: Path) -> dict[str, list[int]]:
         return int(match.group(1)) if match else 0
 
     alone = _alone()
-    return {p.name: [p.stat().st_size, _file_crc(p)] for p in sorted(folder.iterdir())
+    return {p.name: [p.stat().st_size, file_crc(p)] for p in sorted(folder.iterdir())
             if p.is_file() and (alone or owner(p.name) == distributed.rank())}
 
 
@@ -105,7 +95,7 @@ def _check_files(path: Path, files: dict[str, list[int]] | None) -> Exception | 
                 return damage(path, f"its shard file {SHARDS}/{name} holds "
                                     f"{file.stat().st_size} bytes, {size} were written "
                                     "(truncated or altered)")
-            if _file_crc(file) != crc:
+            if file_crc(file) != crc:
                 return damage(path, f"the bytes of its shard file {SHARDS}/{name} differ from "
                                     "what was written (CRC-32 mismatch)")
     except UnreadableCheckpointError as e:
@@ -187,7 +177,7 @@ def write(path: Path, values: dict[str, Any], meta: dict,
             store.upload(tmp, path.name, [TABLE])
             store.commit(path.name, {**{f"{SHARDS}/{n}": v for n, v in files.items()},
                                      TABLE: [(tmp / TABLE).stat().st_size,
-                                             _file_crc(tmp / TABLE)]})
+                                             file_crc(tmp / TABLE)]})
         else:
             fsync_path(tmp / SHARDS)
             fsync_path(tmp)
