@@ -494,7 +494,7 @@ def sharded_saves(out, ckpt, restore_only="no", eio_rank="none"):
 
             def failing(path):
                 raise OSError(errno.EIO, "Input/output error", str(path))
-            shards._file_crc = failing
+            shards.file_crc = failing
         like = fx.shard(make().replace(data=data.init()))
         try:
             latest = fx.checkpoint.CheckpointManager(ckpt).restore(like=like)
