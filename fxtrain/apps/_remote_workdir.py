@@ -73,7 +73,7 @@ class Mirror:
                                     "Nothing was changed.") from None
             gone = _gone(held)
             if gone is None:
-                raise WorkdirLocked(_refusal(_Shown(f"{self.url}/{LOCK_NAME}"), held))
+                raise WorkdirLocked(_refusal(f"{self.url}/{LOCK_NAME}", held, self.url))
             self.fs.rm_file(path)
             warnings.warn(f"fxtrain: took over the lock {self.url}/{LOCK_NAME} of {_who(held)}, "
                           f"which {gone}; that run ended without releasing it", RuntimeWarning,
@@ -91,12 +91,12 @@ class Mirror:
 
     def others(self) -> list[str]:
         """The URL's entries that are not the workdir's own (another program's files)."""
-        names = self.store._listing(self.root)
+        names = self.store.listing()
         return sorted(n for n in names if n not in _SKIPPED and not _ours(n))
 
     def fetch(self) -> None:
         """Copies the workdir's files (not the checkpoints) from the URL into the mirror."""
-        for name in self.store._listing(self.root):
+        for name in self.store.listing():
             if name in _SKIPPED or not _ours(name):
                 continue
             source = f"{self.root}/{name}"
@@ -125,17 +125,6 @@ class Mirror:
                 continue
             self.fs.put_file(str(file), f"{self.root}/{relative}")
             self._sent[relative] = (stat.st_size, stat.st_mtime)
-
-
-class _Shown:
-    """A lock's location as ``_refusal`` names it (``path`` and ``path.parent``)."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.parent = text.rsplit("/", 1)[0]
-
-    def __str__(self) -> str:
-        return self.text
 
 
 def _ours(name: str) -> bool:

@@ -293,11 +293,13 @@ def _who(owner: dict) -> str:
             f"{owner.get('host')}, started {owner.get('started')})")
 
 
-def _refusal(path: Path, owner: dict) -> str:
+def _refusal(path: Path | str, owner: dict, workdir: Path | str | None = None) -> str:
+    """Why the lock ``path`` of ``workdir`` (default: its folder) refuses this run."""
+    workdir = path.parent if workdir is None else workdir
     here = owner.get("host") == socket.gethostname() and (
         "pid_namespace" not in owner or owner["pid_namespace"] == _machine().get("pid_namespace"))
     gone = ("if that process is gone, delete the lock file" if here else
             "if that run has ended (this machine cannot check another host's processes, or "
             "another container's), delete the lock file")
-    return (f"the workdir {path.parent} is in use by {_who(owner)}; wait for that run to end, "
+    return (f"the workdir {workdir} is in use by {_who(owner)}; wait for that run to end, "
             f"or give another workdir; {gone} {path}. Nothing was changed.")

@@ -188,12 +188,20 @@ def step_path(directory: Path, step: int | None = None) -> Path:
     if not found:
         raise FileNotFoundError(f"no fxtrain checkpoints in {directory} (it holds: "
                                 f"{describe_directory(directory)})")
+    return directory / str(chosen_step(found, step, directory))
+
+
+def chosen_step(found: list[int], step: int | None, where: Any) -> int:
+    """``step`` (None: the newest) among the steps ``found`` in ``where`` (a folder or a URL),
+    or a ``FileNotFoundError`` naming what there is."""
+    if not found:
+        raise FileNotFoundError(f"no fxtrain checkpoints in {where}")
     if step is None:
-        return directory / str(found[-1])
+        return found[-1]
     if step not in found:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; "
+        raise FileNotFoundError(f"no checkpoint of step {step} in {where}; "
                                 f"available steps: {found}")
-    return directory / str(step)
+    return step
 
 
 def describe_directory(path: Path) -> str:

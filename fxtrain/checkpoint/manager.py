@@ -185,7 +185,6 @@ class CheckpointManager:
         """Writes one checkpoint in the staging folder, uploads it and commits it."""
         folder = self._staging / str(step)
         try:
-            shutil.rmtree(folder, ignore_errors=True)
             store.write(folder, arrays, meta)
             self._store.save_folder(folder, step)
         except Exception as e:
@@ -390,19 +389,7 @@ class CheckpointManager:
     def _chosen(self, step: int | None) -> int:
         """``step``, or the latest, checked to be a checkpoint in the store."""
         self._wait_here()
-        found = self._store.steps()
-        if not found:
-            raise FileNotFoundError(f"no fxtrain checkpoints in {self.directory}")
-        if step is None:
-            return found[-1]
-        if step not in found:
-            raise FileNotFoundError(f"no checkpoint of step {step} in {self.directory}; "
-                                    f"available steps: {found}")
-        return step
-
-    def _downloaded(self, step: int | None):
-        """The checkpoint of ``step`` in the store, downloaded into a temporary folder."""
-        return remote.local_copy(self.directory, self._chosen(step))
+        return layout.chosen_step(self._store.steps(), step, self.directory)
 
     def info(self, step: int | None = None) -> dict:
         """The JSON description of a checkpoint: leaves, step, time, metrics, metadata."""
@@ -439,7 +426,7 @@ class CheckpointManager:
         try:
             if self._store is None:
                 return _restore(path, like, only, cast)
-            with self._downloaded(step) as local:
+            with remote.downloaded(self._store, step) as local:
                 return _restore(local, like, only, cast, shown=path)
         except store.DamagedCheckpointError as e:
             others = [s for s in self.all_steps() if s != int(path.name)]
@@ -454,7 +441,7 @@ class CheckpointManager:
         ``DamagedCheckpointError`` naming what failed."""
         self.wait()
         if self._store is not None:
-            with self._downloaded(step) as local:
+            with remote.downloaded(self._store, self._chosen(step)) as local:
                 return store.verify(local)
         return store.verify(self._step_path(step))
 
@@ -599,7 +586,7 @@ def _save_remote(url: remote.Url, state: Any, metrics: Mapping | None,
 
     def check() -> None:
         parent.check_writable()
-        if parent.fs.exists(parent._path(url.name)):
+        if parent.exists(url.name):
             raise FileExistsError(f"{url} already exists; fx.checkpoint.save never overwrites "
                                   "(choose a new path, or use a CheckpointManager)")
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from .files import file_crc
 from .layout import (JSON_ITEM, META, TABLE, DamagedCheckpointError, UnreadableCheckpointError,
-                     check_seal, damage, parse_meta, sealed, unreadable)
+                     check_seal, chosen_step, damage, parse_meta, sealed, unreadable)
 
 COMMIT = "fxtrain-commit.json"
 _SCHEME = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
@@ -108,9 +108,8 @@ def _filesystem(url: str) -> tuple[Any, str]:
 def _failure(url: Url, e: BaseException, what: str) -> OSError:
     """A storage operation that failed for the system's reasons (a server gone, no
     permission) as an ``UnreadableCheckpointError``: not damage, so nothing is set aside."""
-    error = unreadable(url, errno.EIO, f"{what} failed ({type(e).__name__}: "
-                                       f"{str(e).splitlines()[0] if str(e) else ''})")
-    return error
+    return unreadable(url, errno.EIO, f"{what} failed ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0] if str(e) else ''})")
 
 
 class Store:
@@ -125,12 +124,17 @@ class Store:
     def _path(self, *parts: Any) -> str:
         return "/".join([self.root, *map(str, parts)])
 
-    def _listing(self, path: str) -> list[str]:
-        self.fs.invalidate_cache(path)  # fsspec caches listings; another process may have saved
+    def listing(self) -> list[str]:
+        """The names directly under the store's URL, as they are now."""
+        self.fs.invalidate_cache(self.root)  # fsspec caches listings; another process may save
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(path, detail=False)]
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return []
+
+    def exists(self, name: str) -> bool:
+        """Whether anything is stored under ``<url>/<name>``."""
+        return self.fs.exists(self._path(name))
 
     def check_writable(self) -> None:
         """Raises naming the bucket when it does not exist (fxtrain creates no buckets)."""
@@ -148,7 +152,7 @@ class Store:
     def steps(self) -> list[int]:
         """The committed steps, oldest first."""
         try:
-            names = [n for n in self._listing(self.root) if n.isdigit()]
+            names = [n for n in self.listing() if n.isdigit()]
             committed = [int(n) for n in names if self.fs.exists(self._path(n, COMMIT))]
         except OSError:
             raise
@@ -158,7 +162,7 @@ class Store:
 
     def uncommitted(self) -> list[str]:
         """The step prefixes without a commit: saves cut off before they finished."""
-        names = [n for n in self._listing(self.root) if n.isdigit()]
+        names = [n for n in self.listing() if n.isdigit()]
         return [n for n in names if not self.fs.exists(self._path(n, COMMIT))]
 
     def commit_of(self, step: int | str) -> dict:
@@ -260,7 +264,7 @@ class Store:
     def set_aside(self, step: int) -> Url:
         """Moves the (damaged) checkpoint of ``step`` to ``<step>.damaged`` (no longer a step);
         returns where it went."""
-        names = set(self._listing(self.root))
+        names = set(self.listing())
         new, n = f"{step}.damaged", 1
         while new in names:
             n += 1
@@ -279,6 +283,15 @@ def local_copy(url: str | Url, step: int | None = None) -> Iterator[Path]:
     """The checkpoint at ``url`` (one checkpoint, or a manager's directory: its ``step``, by
     default the latest) downloaded into a temporary folder, removed afterwards."""
     store, name = _checkpoint_at(url, step)
+    with downloaded(store, name) as local:
+        yield local
+
+
+@contextlib.contextmanager
+def downloaded(store: Store, name: str | int) -> Iterator[Path]:
+    """The checkpoint ``name`` (a step, or ``save``'s name) of ``store`` downloaded into a
+    temporary folder, removed afterwards; its errors name it by its URL."""
+    name = str(name)
     tmp = Path(tempfile.mkdtemp(prefix="fxtrain-download-"))
     local = tmp / name
     try:
@@ -306,19 +319,11 @@ def _checkpoint_at(url: str | Url, step: int | None) -> tuple[Store, str]:
     parent, _, name = url.text.rpartition("/")
     if step is None and "://" in parent:
         store = Store(parent)
-        if store.fs.exists(store._path(name, COMMIT)):
+        if store.exists(f"{name}/{COMMIT}"):
             return store, name
     store = Store(url)
-    found = store.steps()
-    if not found:
-        raise FileNotFoundError(f"no fxtrain checkpoints in {url}")
-    if step is None:
-        return store, str(found[-1])
-    if step not in found:
-        raise FileNotFoundError(f"no checkpoint of step {step} in {url}; available steps: "
-                                f"{found}")
-    return store, str(step)
+    return store, str(chosen_step(store.steps(), step, url))
 
 
-__all__ = ["COMMIT", "DamagedCheckpointError", "Store", "Url", "file_table", "is_url",
-           "local_copy"]
+__all__ = ["COMMIT", "DamagedCheckpointError", "Store", "Url", "downloaded", "file_table",
+           "is_url", "local_copy"]
